@@ -1,0 +1,165 @@
+"""The Sketchy release on disk: categories, photos, sketches and the info/ lists.
+
+Layout (as downloaded and extracted):
+
+    ROOT/rendered_256x256/256x256/photo/tx_000000000000/<category>/n<synset>_<id>.jpg
+    ROOT/rendered_256x256/256x256/sketch/tx_000000000000/<category>/<photo id>-<k>.png
+    ROOT/info/stats.csv, testset.txt, invalid-{error,ambiguous,pose,context}.txt
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from sketch2real.cli import UserError
+
+RENDERED = Path("rendered_256x256") / "256x256"
+DEFAULT_AUGMENTATION = "tx_000000000000"  # the un-augmented photo/sketch pairs
+INVALID_KINDS = ("error", "ambiguous", "pose", "context")
+STATS_COLUMNS = [
+    "CategoryID", "Category", "ImageNetID", "SketchID", "Difficulty", "Stroke_Count",
+    "Error?", "Context?", "Ambiguous?", "WrongPose?",
+]
+
+# The 125 categories of the Sketchy database, as its folders name them.
+CATEGORIES = (
+    "airplane alarm_clock ant ape apple armor axe banana bat bear bee beetle bell bench bicycle blimp "
+    "bread butterfly cabin camel candle cannon car_(sedan) castle cat chair chicken church couch cow crab "
+    "crocodilian cup deer dog dolphin door duck elephant eyeglasses fan fish flower frog geyser giraffe "
+    "guitar hamburger hammer harp hat hedgehog helicopter hermit_crab horse hot-air_balloon hotdog "
+    "hourglass jack-o-lantern jellyfish kangaroo knife lion lizard lobster motorcycle mouse mushroom owl "
+    "parrot pear penguin piano pickup_truck pig pineapple pistol pizza pretzel rabbit raccoon racket ray "
+    "rhinoceros rifle rocket sailboat saw saxophone scissors scorpion sea_turtle seagull seal shark sheep "
+    "shoe skyscraper snail snake songbird spider spoon squirrel starfish strawberry swan sword table tank "
+    "teapot teddy_bear tiger tree trumpet turtle umbrella violin volcano wading_bird wheelchair windmill "
+    "window wine_bottle zebra"
+).split()
+
+_SKETCH_NAME = re.compile(r"^(?P<photo>.+)-(?P<k>\d+)$")
+
+
+def category_words(category: str) -> str:
+    """A folder name as words for prompts: `car_(sedan)` -> `car (sedan)`, `hot-air_balloon` -> `hot-air balloon`."""
+    return category.replace("_", " ")
+
+
+@dataclass(frozen=True)
+class SketchRecord:
+    """One sketch of the release and the photo it was drawn from."""
+
+    category: str
+    photo_id: str  # n<synset>_<id>
+    sketch_index: int  # k in <photo id>-<k>.png
+    sketch_path: str  # relative to the release root
+    photo_path: str  # relative to the release root
+
+    @property
+    def sketch_id(self) -> str:
+        return f"{self.photo_id}-{self.sketch_index}"
+
+    @property
+    def key(self) -> str:
+        """A unique, dot-free sample key (webdataset splits member names at the first dot)."""
+        return f"{self.category}/{self.sketch_id}".replace(".", "_")
+
+
+class SketchyRelease:
+    """Read access to an extracted Sketchy release rooted at `root`."""
+
+    def __init__(self, root: str | os.PathLike, augmentation: str = DEFAULT_AUGMENTATION, info_dir: str | None = None):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise UserError(f"Sketchy root not found: {self.root}")
+        self.photo_dir = self.root / RENDERED / "photo" / augmentation
+        self.sketch_dir = self.root / RENDERED / "sketch" / augmentation
+        self.info_dir = Path(info_dir) if info_dir else self.root / "info"
+        for needed in (self.photo_dir, self.sketch_dir, self.info_dir):
+            if not needed.is_dir():
+                raise UserError(
+                    f"{self.root} is not a Sketchy release: missing {needed.relative_to(self.root) if needed.is_relative_to(self.root) else needed} "
+                    f"(expected {RENDERED}/{{photo,sketch}}/{augmentation}/<category>/ and info/)"
+                )
+
+    @cached_property
+    def categories(self) -> list[str]:
+        """Category folder names found under sketch/, sorted."""
+        found = sorted(p.name for p in self.sketch_dir.iterdir() if p.is_dir())
+        if not found:
+            raise UserError(f"no category folders in {self.sketch_dir}")
+        return found
+
+    def photo_ids(self, category: str) -> list[str]:
+        """Sorted photo ids (file stems) of one category; an error if it has none."""
+        folder = self.photo_dir / category
+        ids = sorted(p.stem for p in folder.glob("*.jpg")) if folder.is_dir() else []
+        if not ids:
+            raise UserError(f"category {category!r} has no photos in {folder}")
+        return ids
+
+    def sketches(self) -> list[SketchRecord]:
+        """Every sketch whose photo exists, sorted by category, photo and index."""
+        records = []
+        for category in self.categories:
+            photos = set(self.photo_ids(category))
+            for path in sorted((self.sketch_dir / category).glob("*.png")):
+                match = _SKETCH_NAME.match(path.stem)
+                if not match or match["photo"] not in photos:
+                    continue  # a stray file, or a sketch of a missing photo
+                records.append(
+                    SketchRecord(
+                        category=category,
+                        photo_id=match["photo"],
+                        sketch_index=int(match["k"]),
+                        sketch_path=str(path.relative_to(self.root)),
+                        photo_path=str((self.photo_dir / category / f"{match['photo']}.jpg").relative_to(self.root)),
+                    )
+                )
+        records.sort(key=lambda r: (r.category, r.photo_id, r.sketch_index))
+        return records
+
+    def testset(self) -> list[tuple[str, str]]:
+        """(category, photo id) pairs listed in info/testset.txt (`category/photo.jpg` per line)."""
+        path = self.info_dir / "testset.txt"
+        if not path.is_file():
+            raise UserError(f"{path} not found: the Sketchy test split is defined by it")
+        pairs = []
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if not line:
+                continue
+            category, _, name = line.replace("\\", "/").rpartition("/")
+            pairs.append((category, Path(name).stem))
+        return pairs
+
+    def invalid(self, kind: str) -> set[str]:
+        """Sketch ids (`<photo id>-<k>`) flagged in info/invalid-<kind>.txt; empty if the file is absent."""
+        if kind not in INVALID_KINDS:
+            raise ValueError(f"unknown invalid list {kind!r}")
+        path = self.info_dir / f"invalid-{kind}.txt"
+        if not path.is_file():
+            return set()
+        ids = set()
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if line:
+                ids.add(Path(line.replace("\\", "/")).stem)  # tolerate category/ prefixes and extensions
+        return ids
+
+    def difficulty(self) -> dict[str, int]:
+        """Sketch id -> Difficulty from info/stats.csv (empty if absent)."""
+        path = self.info_dir / "stats.csv"
+        if not path.is_file():
+            return {}
+        result = {}
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                try:
+                    result[f"{row['ImageNetID']}-{int(row['SketchID'])}"] = int(row["Difficulty"])
+                except (KeyError, ValueError):
+                    continue
+        return result

@@ -1,0 +1,331 @@
+"""Tiny offline models, built from configs and saved locally, for tests and the demo.
+
+No network: the tiny Stable Diffusion uses the real CLIP BPE vocabulary that ships
+inside the open_clip_torch wheel, so prompts tokenize exactly as in SD 1.x.
+BLIP-2 and LLaVA get a small byte-level BPE trained here on a fixed text. The
+pytorch-fid Inception weight file is randomly initialised but structurally valid.
+
+CLI: `python -m sketch2real.tiny --output_dir DIR [--torch_home DIR]`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SD_DIRNAME = "tiny-sd"
+BLIP2_DIRNAME = "tiny-blip2"
+LLAVA_DIRNAME = "tiny-llava"
+FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable character table."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in chars)))
+
+
+def write_clip_vocabulary(out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """Convert open_clip's `bpe_simple_vocab_16e6.txt.gz` into CLIPTokenizer's vocab.json + merges.txt.
+
+    The construction is CLIP's own: 256 byte symbols, the same with `</w>`,
+    48,894 merges, then the two special tokens (49,408 entries in all).
+    """
+    import open_clip
+
+    bpe_file = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.open(bpe_file).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    symbols = list(_bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab_file, merges_file = out / "vocab.json", out / "merges.txt"
+    vocab_file.write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
+    merges_file.write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return vocab_file, merges_file
+
+
+def clip_tokenizer(work_dir: str | os.PathLike):
+    """A real SD 1.x CLIPTokenizer (49,408 tokens, max length 77) built offline."""
+    from transformers import CLIPTokenizer
+
+    vocab_file, merges_file = write_clip_vocabulary(work_dir)
+    return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=77, pad_token="<|endoftext|>")
+
+
+def build_tiny_sd(output_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Build and save a tiny StableDiffusionPipeline (SD 1.x layout, VAE factor 8) at `output_dir`."""
+    from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    out = Path(output_dir)
+    torch.manual_seed(seed)
+    tokenizer = clip_tokenizer(out / "_vocab")
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        layers_per_block=1,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+            projection_dim=32,
+        )
+    )
+    # The scheduler config of SD 1.x (steps_offset=1, scaled_linear betas).
+    scheduler = PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    DDPMScheduler.from_config(scheduler.config)  # the training scheduler must build from it
+    for tmp in (out / "_vocab").iterdir():
+        tmp.unlink()
+    (out / "_vocab").rmdir()
+    return out
+
+
+# A fixed text for the captioners' byte-level BPE: caption-like words and the study's prompts.
+_CAPTION_CORPUS = """
+a sketch of a cat. a drawing of a dog. a photo of a car. a hot air balloon in the sky. an airplane.
+a black and white line drawing of an apple. the subject is viewed from the side, from the front.
+what is drawn in this art sketch? provide a detailed description of the viewpoint and pose.
+question: answer: user: assistant: the sketch shows a simple outline of an object with a round body.
+""" * 4
+
+
+def _caption_tokenizer(special: list[str]):
+    """A byte-level BPE tokenizer (~600 tokens) trained offline on a fixed text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator([_CAPTION_CORPUS], trainer=trainer)
+    return tok
+
+
+def build_tiny_blip2(output_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Build and save a tiny BLIP-2 (OPT language model) with its processor."""
+    from transformers import (
+        Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor, OPTConfig,
+        PreTrainedTokenizerFast,
+    )
+
+    torch.manual_seed(seed)
+    raw = _caption_tokenizer(["<pad>", "</s>", "<unk>", "<image>"])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw, pad_token="<pad>", eos_token="</s>", bos_token="</s>", unk_token="<unk>"
+    )
+    tokenizer.padding_side = "left"
+    num_query_tokens = 4
+    text_config = OPTConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
+        max_position_embeddings=512, word_embed_proj_dim=32,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    config = Blip2Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8),
+        qformer_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, encoder_hidden_size=32, vocab_size=len(tokenizer)),
+        text_config=text_config.to_dict(),
+        num_query_tokens=num_query_tokens,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    model = Blip2ForConditionalGeneration(config).eval()
+    processor = Blip2Processor(
+        image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer, num_query_tokens=num_query_tokens
+    )
+    out = Path(output_dir)
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    return out
+
+
+def build_tiny_llava(output_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Build and save a tiny LLaVA-1.5 (CLIP vision tower, Llama text model) with its processor."""
+    from transformers import (
+        CLIPImageProcessor, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    torch.manual_seed(seed)
+    raw = _caption_tokenizer(["<unk>", "<s>", "</s>", "<image>", "<pad>"])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    tokenizer.padding_side = "left"
+    image_size, patch_size = 32, 8
+    config = LlavaConfig(
+        vision_config=dict(
+            model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, image_size=image_size, patch_size=patch_size, projection_dim=32,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        ).to_dict(),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    model = LlavaForConditionalGeneration(config).eval()
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+        ),
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # the CLS token, as in llava-1.5's own processor config
+    )
+    out = Path(output_dir)
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    return out
+
+
+def _calibrate_batch_norm(net: torch.nn.Module, seed: int) -> None:
+    """Set every BatchNorm's running statistics to those of one batch of varied images.
+
+    With PyTorch's default init the activations of a 90-layer random network
+    vanish (features ~1e-10, the same for every image); calibrated statistics
+    keep each layer's output normalised, so features differ between images.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.rand(8, 3, 299, 299, generator=generator)
+    ramps = torch.linspace(0, 1, 299).view(1, 1, 1, 299).expand(8, 3, 299, 299) * torch.rand(8, 3, 1, 1, generator=generator)
+    blocks = (torch.rand(8, 3, 8, 8, generator=generator)).repeat_interleave(38, 2).repeat_interleave(38, 3)[..., :299, :299]
+    images = torch.cat([noise, ramps, blocks]) * 2 - 1
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average: one batch gives exactly its statistics
+    net.train()
+    with torch.no_grad():
+        net(images)
+    net.eval()
+
+
+def write_fid_inception_weights(torch_home: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a randomly initialised, structurally exact pytorch-fid Inception file into `torch_home`.
+
+    pytorch-fid looks for `$TORCH_HOME/hub/checkpoints/pt_inception-2015-12-05-6726825d.pth`
+    and loads it without a hash check, so `InceptionV3()` then works offline.
+    """
+    from pytorch_fid import inception as fid_inception
+
+    torch.manual_seed(seed)
+    # Build the exact FID module tree, as pytorch-fid does before loading its weights.
+    net = fid_inception._inception_v3(num_classes=1008, aux_logits=False, weights=None)
+    net.Mixed_5b = fid_inception.FIDInceptionA(192, pool_features=32)
+    net.Mixed_5c = fid_inception.FIDInceptionA(256, pool_features=64)
+    net.Mixed_5d = fid_inception.FIDInceptionA(288, pool_features=64)
+    net.Mixed_6b = fid_inception.FIDInceptionC(768, channels_7x7=128)
+    net.Mixed_6c = fid_inception.FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6d = fid_inception.FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6e = fid_inception.FIDInceptionC(768, channels_7x7=192)
+    net.Mixed_7b = fid_inception.FIDInceptionE_1(1280)
+    net.Mixed_7c = fid_inception.FIDInceptionE_2(2048)
+    _calibrate_batch_norm(net, seed)
+    target = Path(torch_home) / "hub" / "checkpoints" / FID_WEIGHTS_NAME
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    torch.save(net.state_dict(), tmp)
+    os.replace(tmp, target)
+    return target
+
+
+@dataclass
+class TinyModels:
+    """Paths of the tiny models built by `build_all`."""
+
+    sd: Path
+    blip2: Path
+    llava: Path
+    torch_home: Path
+
+
+def build_all(output_dir: str | os.PathLike, torch_home: str | os.PathLike | None = None) -> TinyModels:
+    """Build every tiny model under `output_dir` (skipping those already saved)."""
+    out = Path(output_dir)
+    sd, blip2, llava = out / SD_DIRNAME, out / BLIP2_DIRNAME, out / LLAVA_DIRNAME
+    if not (sd / "model_index.json").exists():
+        build_tiny_sd(sd)
+    if not (blip2 / "config.json").exists():
+        build_tiny_blip2(blip2)
+    if not (llava / "config.json").exists():
+        build_tiny_llava(llava)
+    home = Path(torch_home) if torch_home else out / "torch_home"
+    if not (home / "hub" / "checkpoints" / FID_WEIGHTS_NAME).exists():
+        write_fid_inception_weights(home)
+    return TinyModels(sd=sd, blip2=blip2, llava=llava, torch_home=home)
+
+
+def main() -> None:
+    from sketch2real.cli import option, parse_options
+
+    @dataclass
+    class Options:
+        """Build the tiny offline models (SD, BLIP-2, LLaVA, FID Inception weights)."""
+
+        output_dir: str = option("tiny_models", help="folder that receives tiny-sd/, tiny-blip2/, tiny-llava/")
+        torch_home: str = option("", help="TORCH_HOME for the Inception weights (default: OUTPUT_DIR/torch_home)")
+
+    opts = parse_options(Options)
+    models = build_all(opts.output_dir, opts.torch_home or None)
+    for name, path in vars(models).items():
+        print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    main()
