@@ -112,7 +112,7 @@ class Pose:
     mirror: bool
 
     @classmethod
-    def random(cls, rng: random.Random) -> "Pose":
+    def random(cls, rng: random.Random) -> Pose:
         return cls(
             cx=rng.uniform(0.4, 0.6), cy=rng.uniform(0.4, 0.6), scale=rng.uniform(0.65, 0.95),
             angle=rng.uniform(-0.45, 0.45), mirror=rng.random() < 0.5,

@@ -141,7 +141,6 @@ question: answer: user: assistant: the sketch shows a simple outline of an objec
 def _caption_tokenizer(special: list[str]):
     """A byte-level BPE tokenizer (~600 tokens) trained offline on a fixed text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -156,7 +155,11 @@ def _caption_tokenizer(special: list[str]):
 def build_tiny_blip2(output_dir: str | os.PathLike, seed: int = 0) -> Path:
     """Build and save a tiny BLIP-2 (OPT language model) with its processor."""
     from transformers import (
-        Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor, OPTConfig,
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        BlipImageProcessor,
+        OPTConfig,
         PreTrainedTokenizerFast,
     )
 
@@ -192,7 +195,11 @@ def build_tiny_blip2(output_dir: str | os.PathLike, seed: int = 0) -> Path:
 def build_tiny_llava(output_dir: str | os.PathLike, seed: int = 0) -> Path:
     """Build and save a tiny LLaVA-1.5 (CLIP vision tower, Llama text model) with its processor."""
     from transformers import (
-        CLIPImageProcessor, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
+        CLIPImageProcessor,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
         PreTrainedTokenizerFast,
     )
 

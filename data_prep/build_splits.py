@@ -1,0 +1,37 @@
+"""Photo-level, leak-free, seeded train/val/test splits of a Sketchy release."""
+
+from dataclasses import dataclass
+
+from sketch2real.cli import option, parse_options, run_main
+from sketch2real.sketchy import DEFAULT_AUGMENTATION, SketchyRelease
+from sketch2real.splits import build_splits, format_report, warn_absent, write_splits
+
+
+@dataclass
+class Options:
+    """Split a Sketchy release by photo: test = info/testset.txt, val = a seeded fraction of the rest."""
+
+    sketchy_root: str = option(help="release root holding rendered_256x256/ and info/")
+    output_dir: str = option(help="folder for {train,val,test}.jsonl and report.{json,md}")
+    val_fraction: float = option(0.1, help="fraction of non-test photos per category held out for validation")
+    seed: int = option(0, help="seed of the validation draw: same seed, same files")
+    categories: list[str] = option([], help="only these categories (default: all)")
+    keep_invalid: list[str] = option([], help="invalid lists to keep: error ambiguous pose context (default: exclude all)")
+    augmentation: str = option(DEFAULT_AUGMENTATION, help="the tx_* folder to read")
+    info_dir: str = option("", help="info/ folder if not under the root")
+    strict_testset: bool = option(False, help="fail if testset.txt names photos absent from the release")
+
+
+def main() -> None:
+    opts = parse_options(Options)
+    release = SketchyRelease(opts.sketchy_root, opts.augmentation, opts.info_dir or None)
+    result = build_splits(release, opts.val_fraction, opts.seed, tuple(opts.keep_invalid), opts.categories or None,
+                          opts.strict_testset)
+    write_splits(result, opts.output_dir)
+    warn_absent(result.report)
+    print(format_report(result.report), end="")
+    print(f"splits written to {opts.output_dir}")
+
+
+if __name__ == "__main__":
+    run_main(main)

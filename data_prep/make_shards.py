@@ -1,0 +1,33 @@
+"""Write webdataset tar shards (sketch.png, photo.jpg, json) of the splits, in parallel and resumably."""
+
+from dataclasses import dataclass
+
+from sketch2real.cli import option, parse_options, run_main
+from sketch2real.shards import write_shards
+
+
+@dataclass
+class Options:
+    """Pack each split into {split}-NNNNNN.tar shards plus a {split}.json index of counts and keys."""
+
+    splits_dir: str = option(help="folder with {train,val,test}.jsonl from build_splits.py")
+    sketchy_root: str = option(help="the release root the splits were built from")
+    output_dir: str = option(help="folder for the shards and their indexes")
+    splits: list[str] = option(["train", "val", "test"], help="splits to write")
+    max_samples_per_shard: int = option(1000, help="samples per shard at most")
+    max_bytes_per_shard: int = option(0, help="bytes per shard at most (0: no byte limit)")
+    num_workers: int = option(1, help="processes writing shards in parallel")
+
+
+def main() -> None:
+    opts = parse_options(Options)
+    summary = write_shards(
+        opts.splits_dir, opts.sketchy_root, opts.output_dir, opts.splits,
+        opts.max_samples_per_shard, opts.max_bytes_per_shard, opts.num_workers,
+    )
+    for split, counts in summary.items():
+        print(f"{split}: {counts['samples']} samples in {counts['shards']} shard(s), {counts['written']} written now")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,443 @@
+"""Webdataset shards of paired sketch/photo/metadata, and the readers every script uses.
+
+Writing: `{split}-NNNNNN.tar` with members `<key>.sketch.png`, `<key>.photo.jpg`,
+`<key>.json` (plain webdataset; `webdataset.WebDataset` reads them too), plus
+`{split}.json` listing each shard's keys and categories. Shards are planned up
+front from the split rows (so parallel writers and re-runs agree), written to a
+temp file and renamed, and a finished shard is skipped on re-run.
+
+Reading:
+- `ShardStream` (iterable): splits one epoch across ranks and dataloader workers
+  at sample granularity, so R ranks x W workers see every sample exactly once;
+  every rank gets the same number of samples (short ranks are padded with
+  samples flagged `pad`), so every rank runs the same number of batches and DDP
+  never hangs. A corrupt image or truncated member becomes a `pad`+`corrupt`
+  sample with a warning, never a crash.
+- `ShardSamples` (map-style): random access by index, for trainers that sample
+  exact global batches (needed for exact resume and 1-vs-N-process equality).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import tarfile
+import warnings
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sketch2real.cli import UserError
+from sketch2real.io import atomic_path, read_jsonl, write_json
+
+IMAGE_FIELDS = {"sketch": "sketch.png", "photo": "photo.jpg"}
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def plan_shards(rows: Sequence[dict], root: Path, max_samples: int, max_bytes: int) -> list[list[dict]]:
+    """Group rows into shards of at most `max_samples` samples and (about) `max_bytes` bytes."""
+    if max_samples < 1:
+        raise UserError("--max_samples_per_shard must be at least 1")
+    shards: list[list[dict]] = []
+    current: list[dict] = []
+    size = 0
+    for row in rows:
+        row_bytes = (root / row["sketch_path"]).stat().st_size + (root / row["photo_path"]).stat().st_size
+        if current and (len(current) >= max_samples or (max_bytes > 0 and size + row_bytes > max_bytes)):
+            shards.append(current)
+            current, size = [], 0
+        current.append(row)
+        size += row_bytes
+    if current:
+        shards.append(current)
+    return shards
+
+
+def _fingerprint(rows: Sequence[dict]) -> str:
+    return hashlib.sha256("\n".join(json.dumps(r, sort_keys=True) for r in rows).encode()).hexdigest()[:16]
+
+
+def _metadata(row: dict) -> dict:
+    return {k: row.get(k) for k in ("key", "category", "photo_id", "sketch_index", "split", "difficulty", "flags")}
+
+
+def _write_one_shard(args: tuple[str, str, list[dict]]) -> str:
+    """Write one shard atomically; returns its file name. Runs in a worker process."""
+    import webdataset as wds
+
+    target, root, rows = args
+    root_path = Path(root)
+    with atomic_path(target) as tmp:
+        with wds.TarWriter(str(tmp)) as sink:
+            for row in rows:
+                sink.write({
+                    "__key__": row["key"],
+                    "sketch.png": (root_path / row["sketch_path"]).read_bytes(),
+                    "photo.jpg": (root_path / row["photo_path"]).read_bytes(),
+                    "json": json.dumps(_metadata(row), sort_keys=True).encode(),
+                })
+    return Path(target).name
+
+
+def write_shards(
+    splits_dir: str | os.PathLike,
+    sketchy_root: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    splits: Sequence[str] = ("train", "val", "test"),
+    max_samples: int = 1000,
+    max_bytes: int = 0,
+    num_workers: int = 1,
+    progress: bool = True,
+) -> dict[str, dict]:
+    """Write the shards of each split; returns {split: {"shards": n, "written": n, "samples": n}}."""
+    from tqdm import tqdm
+
+    splits_dir, root, out = Path(splits_dir), Path(sketchy_root), Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {}
+    for split in splits:
+        split_file = splits_dir / f"{split}.jsonl"
+        if not split_file.is_file():
+            raise UserError(f"{split_file} not found: run data_prep/build_splits.py first")
+        rows = read_jsonl(split_file)
+        for row in rows[:1]:
+            if not (root / row["sketch_path"]).is_file():
+                raise UserError(f"{root / row['sketch_path']} not found: is --sketchy_root the release these splits came from?")
+        plan = plan_shards(rows, root, max_samples, max_bytes)
+        done_file = out / f".{split}.done.json"
+        done = json.loads(done_file.read_text()) if done_file.is_file() else {}
+        jobs = []
+        entries = []
+        for i, shard_rows in enumerate(plan):
+            name = shard_name(split, i)
+            fingerprint = _fingerprint(shard_rows)
+            entries.append({
+                "name": name, "count": len(shard_rows), "fingerprint": fingerprint,
+                "keys": [r["key"] for r in shard_rows], "categories": [r["category"] for r in shard_rows],
+            })
+            if not ((out / name).is_file() and done.get(name) == fingerprint):
+                jobs.append((str(out / name), str(root), shard_rows))
+        # Shards of an older, longer plan would be read as part of this split: remove them.
+        for stale in out.glob(f"{split}-*.tar"):
+            if stale.name not in {e["name"] for e in entries}:
+                stale.unlink()
+        written = 0
+        with tqdm(total=len(jobs), desc=f"shards {split}", unit="shard", disable=not progress or not jobs) as bar:
+            if num_workers > 1 and len(jobs) > 1:
+                with ProcessPoolExecutor(num_workers) as pool:
+                    results = pool.map(_write_one_shard, jobs)
+                    for name in results:
+                        done[name] = next(e["fingerprint"] for e in entries if e["name"] == name)
+                        write_json(done_file, done)
+                        written += 1
+                        bar.update()
+            else:
+                for job in jobs:
+                    name = _write_one_shard(job)
+                    done[name] = next(e["fingerprint"] for e in entries if e["name"] == name)
+                    write_json(done_file, done)
+                    written += 1
+                    bar.update()
+        write_json(out / f"{split}.json", {"split": split, "total": len(rows), "shards": entries})
+        summary[split] = {"shards": len(plan), "written": written, "samples": len(rows)}
+    return summary
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """Where one sample lives: shard file, position in it, key, category."""
+
+    shard: str
+    position: int
+    key: str
+    category: str
+
+
+def load_index(shard_dir: str | os.PathLike, split: str) -> dict:
+    """The `{split}.json` index written by `write_shards`."""
+    path = Path(shard_dir) / f"{split}.json"
+    if not path.is_file():
+        raise UserError(f"no shard index {path}: run data_prep/make_shards.py first (or check --split)")
+    return json.loads(path.read_text())
+
+
+def sample_refs(shard_dir: str | os.PathLike, split: str, categories: Sequence[str] | None = None) -> list[SampleRef]:
+    """All samples of a split in shard order, optionally only some categories (unknown ones are an error)."""
+    index = load_index(shard_dir, split)
+    refs = [
+        SampleRef(entry["name"], pos, key, category)
+        for entry in index["shards"]
+        for pos, (key, category) in enumerate(zip(entry["keys"], entry["categories"]))
+    ]
+    if categories:
+        present = {r.category for r in refs}
+        unknown = [c for c in categories if c not in present]
+        if unknown:
+            raise UserError(f"unknown category {unknown[0]!r} in split {split!r}; it has: {', '.join(sorted(present))}")
+        wanted = set(categories)
+        refs = [r for r in refs if r.category in wanted]
+    return refs
+
+
+def decode_image(data: bytes, resolution: int | None, as_tensor: bool) -> Any:
+    """PNG/JPEG bytes -> RGB PIL image (resized to a square `resolution`) or a CHW float tensor in [-1, 1]."""
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    image = image.convert("RGB")
+    if resolution and image.size != (resolution, resolution):
+        image = image.resize((resolution, resolution), Image.BICUBIC)
+    if not as_tensor:
+        return image
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def _decode_sample(members: dict[str, bytes], fields: Sequence[str], resolution: int | None, as_tensor: bool) -> dict:
+    meta = json.loads(members["json"])
+    sample = {"key": meta["key"], "category": meta["category"], "meta": meta, "pad": False, "corrupt": False}
+    for field in fields:
+        sample[field] = decode_image(members[IMAGE_FIELDS[field]], resolution, as_tensor)
+    return sample
+
+
+def _blank_like(fields: Sequence[str], resolution: int | None, as_tensor: bool) -> dict:
+    side = resolution or 256
+    blank = torch.zeros(3, side, side) if as_tensor else Image.new("RGB", (side, side))
+    return {f: blank for f in fields}
+
+
+def _iter_shard_members(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Stream (key, {suffix: bytes}) groups from a tar; a truncated tar ends with a ReadError."""
+    current_key, members = None, {}
+    with tarfile.open(path, mode="r|") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            directory, _, base = info.name.rpartition("/")
+            stem, _, suffix = base.partition(".")
+            key = f"{directory}/{stem}" if directory else stem
+            if key != current_key:
+                if current_key is not None:
+                    yield current_key, members
+                current_key, members = key, {}
+            members[suffix] = tar.extractfile(info).read()
+    if current_key is not None:
+        yield current_key, members
+
+
+def _balanced_range(n: int, parts: int, index: int) -> tuple[int, int]:
+    return index * n // parts, (index + 1) * n // parts
+
+
+def default_rank_world() -> tuple[int, int]:
+    """(rank, world size) from torch.distributed, else from the launcher's environment."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """One pass over a split's shards, split exactly across ranks and dataloader workers.
+
+    Each yielded sample is a dict: key, category, meta, pad, corrupt, and the
+    requested image fields ("sketch", "photo") as tensors in [-1, 1] or PIL images.
+    Samples with `pad=True` exist only to even out ranks; skip them in outputs.
+    """
+
+    def __init__(
+        self,
+        shard_dir: str | os.PathLike,
+        split: str,
+        fields: Sequence[str] = ("sketch", "photo"),
+        resolution: int | None = None,
+        categories: Sequence[str] | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        shuffle: bool = False,
+        shuffle_buffer: int = 256,
+        seed: int = 0,
+        as_tensor: bool = True,
+        keys: Sequence[str] | None = None,
+    ):
+        unknown = [f for f in fields if f not in IMAGE_FIELDS]
+        if unknown:
+            raise UserError(f"unknown field {unknown[0]!r}; choose from {sorted(IMAGE_FIELDS)}")
+        self.shard_dir = Path(shard_dir)
+        self.refs = sample_refs(shard_dir, split, categories)
+        if keys is not None:
+            wanted = set(keys)
+            self.refs = [r for r in self.refs if r.key in wanted]
+        default_rank, default_world = default_rank_world()
+        self.rank = default_rank if rank is None else rank
+        self.world_size = default_world if world_size is None else world_size
+        self.fields, self.resolution, self.as_tensor = tuple(fields), resolution, as_tensor
+        self.shuffle, self.shuffle_buffer, self.seed = shuffle, shuffle_buffer, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Change the shuffle of the next pass (shard order and buffer), like DistributedSampler."""
+        self.epoch = epoch
+
+    @property
+    def samples_per_rank(self) -> int:
+        return math.ceil(len(self.refs) / self.world_size) if self.refs else 0
+
+    def __len__(self) -> int:
+        return self.samples_per_rank
+
+    def _rank_plan(self) -> list[tuple[SampleRef, bool]]:
+        """This rank's (sample, is_pad) list, all ranks equally long."""
+        refs = self.refs
+        if self.shuffle:
+            # Shuffle whole shards, keeping each sample's position: streaming stays sequential per shard.
+            order = sorted({r.shard for r in refs})
+            random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
+            rank_of_shard = {name: i for i, name in enumerate(order)}
+            refs = sorted(refs, key=lambda r: (rank_of_shard[r.shard], r.position))
+        start, end = _balanced_range(len(refs), self.world_size, self.rank)
+        plan = [(r, False) for r in refs[start:end]]
+        filler = refs[start] if start < len(refs) else (refs[0] if refs else None)
+        while filler is not None and len(plan) < self.samples_per_rank:
+            plan.append((filler, True))
+        return plan
+
+    def __iter__(self) -> Iterator[dict]:
+        worker = torch.utils.data.get_worker_info()
+        worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
+        plan = self._rank_plan()
+        start, end = _balanced_range(len(plan), num_workers, worker_id)
+        stream = self._read(plan[start:end])
+        if self.shuffle:
+            stream = self._buffer_shuffle(stream, random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{worker_id}"))
+        yield from stream
+
+    def _read(self, plan: list[tuple[SampleRef, bool]]) -> Iterator[dict]:
+        wanted: dict[str, dict[int, list[bool]]] = defaultdict(lambda: defaultdict(list))
+        shard_order: list[str] = []
+        for ref, is_pad in plan:
+            if ref.shard not in wanted:
+                shard_order.append(ref.shard)
+            wanted[ref.shard][ref.position].append(is_pad)
+        for shard in shard_order:
+            positions = wanted[shard]
+            remaining = sum(len(v) for v in positions.values())
+            try:
+                for position, (key, members) in enumerate(_iter_shard_members(self.shard_dir / shard)):
+                    if position not in positions:
+                        continue
+                    for is_pad in positions.pop(position):
+                        remaining -= 1
+                        yield self._make_sample(shard, key, members, is_pad)
+                    if remaining == 0:
+                        break
+            except (tarfile.TarError, OSError, EOFError) as err:
+                warnings.warn(f"{shard}: unreadable tar ({err}); its remaining samples are skipped", stacklevel=2)
+            for position, pads in positions.items():  # members never reached (truncated tar)
+                for _ in pads:
+                    yield self._corrupt(f"{shard}#{position}")
+
+    def _make_sample(self, shard: str, key: str, members: dict[str, bytes], is_pad: bool) -> dict:
+        try:
+            sample = _decode_sample(members, self.fields, self.resolution, self.as_tensor)
+        except Exception as err:  # a corrupt image must never stop a long job
+            warnings.warn(f"{shard}: sample {key!r} is corrupt ({type(err).__name__}: {err}); skipped", stacklevel=2)
+            return self._corrupt(key)
+        sample["pad"] = is_pad
+        return sample
+
+    def _corrupt(self, key: str) -> dict:
+        sample = {"key": key, "category": "", "meta": {}, "pad": True, "corrupt": True}
+        sample.update(_blank_like(self.fields, self.resolution, self.as_tensor))
+        return sample
+
+    def _buffer_shuffle(self, stream: Iterator[dict], rng: random.Random) -> Iterator[dict]:
+        buffer: list[dict] = []
+        for sample in stream:
+            buffer.append(sample)
+            if len(buffer) >= self.shuffle_buffer:
+                yield buffer.pop(rng.randrange(len(buffer)))
+        rng.shuffle(buffer)
+        yield from buffer
+
+
+def collate_samples(samples: list[dict]) -> dict:
+    """Stack tensors, keep everything else as lists (PIL images, strings, metadata)."""
+    batch: dict[str, Any] = {}
+    for name in samples[0]:
+        values = [s[name] for s in samples]
+        if isinstance(values[0], torch.Tensor):
+            batch[name] = torch.stack(values)
+        elif isinstance(values[0], bool):
+            batch[name] = torch.tensor(values)
+        else:
+            batch[name] = values
+    return batch
+
+
+def stream_loader(stream: ShardStream, batch_size: int, num_workers: int = 0) -> torch.utils.data.DataLoader:
+    """A DataLoader over a `ShardStream` with the collate that keeps PIL images and metadata."""
+    return torch.utils.data.DataLoader(
+        stream, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_samples,
+        persistent_workers=False, prefetch_factor=2 if num_workers else None,
+    )
+
+
+class ShardSamples(torch.utils.data.Dataset):
+    """Random access to a split's samples (optionally some categories, or given keys)."""
+
+    def __init__(
+        self,
+        shard_dir: str | os.PathLike,
+        split: str,
+        fields: Sequence[str] = ("sketch", "photo"),
+        resolution: int | None = None,
+        categories: Sequence[str] | None = None,
+        as_tensor: bool = True,
+    ):
+        self.shard_dir = Path(shard_dir)
+        self.refs = sample_refs(shard_dir, split, categories)
+        self.fields, self.resolution, self.as_tensor = tuple(fields), resolution, as_tensor
+        self._tars: dict[str, tarfile.TarFile] = {}
+        self._members: dict[str, dict[str, tarfile.TarInfo]] = {}
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def _member(self, shard: str, name: str) -> bytes:
+        if shard not in self._tars:
+            tar = tarfile.open(self.shard_dir / shard)
+            self._tars[shard] = tar
+            self._members[shard] = {m.name: m for m in tar.getmembers()}
+        return self._tars[shard].extractfile(self._members[shard][name]).read()
+
+    def __getitem__(self, index: int) -> dict:
+        ref = self.refs[index]
+        members = {"json": self._member(ref.shard, f"{ref.key}.json")}
+        for field in self.fields:
+            members[IMAGE_FIELDS[field]] = self._member(ref.shard, f"{ref.key}.{IMAGE_FIELDS[field]}")
+        return _decode_sample(members, self.fields, self.resolution, self.as_tensor)
+
+    def __getstate__(self) -> dict:  # open tar handles do not cross process boundaries
+        state = self.__dict__.copy()
+        state["_tars"], state["_members"] = {}, {}
+        return state

@@ -1,0 +1,164 @@
+"""Photo-level train/val/test splits of a Sketchy release: no sketch of a test photo is ever in train.
+
+The test split is the photos of info/testset.txt; validation is a seeded fraction
+of the remaining photos of each category; every sketch follows its photo.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sketch2real.cli import UserError
+from sketch2real.io import write_json, write_jsonl
+from sketch2real.sketchy import INVALID_KINDS, SketchyRelease
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class SplitResult:
+    """Rows per split and the report written beside them."""
+
+    rows: dict[str, list[dict]]
+    report: dict = field(default_factory=dict)
+
+
+def _photo_rng(seed: int, category: str) -> random.Random:
+    # Seeded per category, so adding a category never reshuffles the others.
+    digest = hashlib.sha256(f"{seed}:{category}".encode()).hexdigest()
+    return random.Random(int(digest[:16], 16))
+
+
+def build_splits(
+    release: SketchyRelease,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    keep_invalid: tuple[str, ...] = (),
+    categories: list[str] | None = None,
+    strict_testset: bool = False,
+) -> SplitResult:
+    """Assign every valid sketch of `release` to train, val or test by its photo.
+
+    `keep_invalid` names the invalid lists (error, ambiguous, pose, context) whose
+    sketches are kept. Test photos named in testset.txt but absent from the
+    release are reported (and are an error with `strict_testset`).
+    """
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"--val_fraction must be in [0, 1), got {val_fraction}")
+    unknown_kinds = sorted(set(keep_invalid) - set(INVALID_KINDS))
+    if unknown_kinds:
+        raise UserError(f"unknown invalid list(s) {unknown_kinds}; choose from {list(INVALID_KINDS)}")
+    all_categories = release.categories
+    if categories:
+        missing = sorted(set(categories) - set(all_categories))
+        if missing:
+            raise UserError(f"unknown category {missing[0]!r}; the release has: {', '.join(all_categories)}")
+    chosen = sorted(categories or all_categories)
+
+    photos = {c: release.photo_ids(c) for c in chosen}
+    test_photos: set[tuple[str, str]] = set()
+    absent_test = []
+    for category, photo_id in release.testset():
+        if category not in photos and category in all_categories:
+            continue  # a category the user left out
+        if category in photos and photo_id in photos[category]:
+            test_photos.add((category, photo_id))
+        elif category in photos or category not in all_categories:
+            absent_test.append(f"{category}/{photo_id}.jpg")
+    if absent_test and strict_testset:
+        raise UserError(f"testset.txt names {len(absent_test)} photo(s) absent from the release, e.g. {absent_test[0]}")
+
+    split_of_photo: dict[tuple[str, str], str] = {}
+    for category in chosen:
+        rest = [p for p in photos[category] if (category, p) not in test_photos]
+        rng = _photo_rng(seed, category)
+        rng.shuffle(rest)
+        n_val = round(len(rest) * val_fraction)
+        for i, photo_id in enumerate(rest):
+            split_of_photo[(category, photo_id)] = "val" if i < n_val else "train"
+        for photo_id in photos[category]:
+            if (category, photo_id) in test_photos:
+                split_of_photo[(category, photo_id)] = "test"
+
+    flags_of: dict[str, list[str]] = defaultdict(list)
+    for kind in INVALID_KINDS:
+        for sketch_id in release.invalid(kind):
+            flags_of[sketch_id].append(kind)
+    difficulty = release.difficulty()
+
+    rows: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    excluded: Counter = Counter()
+    per_category: dict[str, Counter] = {s: Counter() for s in SPLITS}
+    for record in release.sketches():
+        if record.category not in photos:
+            continue
+        flags = sorted(flags_of.get(record.sketch_id, []))
+        dropping = [f for f in flags if f not in keep_invalid]
+        if dropping:
+            for f in dropping:
+                excluded[f] += 1
+            excluded["sketches"] += 1
+            continue
+        split = split_of_photo[(record.category, record.photo_id)]
+        rows[split].append({
+            "key": record.key,
+            "category": record.category,
+            "photo_id": record.photo_id,
+            "sketch_index": record.sketch_index,
+            "sketch_path": record.sketch_path,
+            "photo_path": record.photo_path,
+            "flags": flags,
+            "difficulty": difficulty.get(record.sketch_id),
+            "split": split,
+        })
+        per_category[split][record.category] += 1
+
+    report = {
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "keep_invalid": sorted(keep_invalid),
+        "categories": chosen,
+        "sketches": {s: len(rows[s]) for s in SPLITS},
+        "photos": {s: len({(r["category"], r["photo_id"]) for r in rows[s]}) for s in SPLITS},
+        "per_category": {s: dict(sorted(per_category[s].items())) for s in SPLITS},
+        "excluded": dict(sorted(excluded.items())),
+        "testset_absent": sorted(absent_test),
+    }
+    return SplitResult(rows=rows, report=report)
+
+
+def write_splits(result: SplitResult, output_dir: str | Path) -> None:
+    """Write {train,val,test}.jsonl, report.json and report.md (atomically; byte-identical for equal input)."""
+    out = Path(output_dir)
+    for split in SPLITS:
+        write_jsonl(out / f"{split}.jsonl", result.rows[split])
+    write_json(out / "report.json", result.report)
+    (out / "report.md").write_text(format_report(result.report))
+
+
+def format_report(report: dict) -> str:
+    """The split report as a markdown table (sketches per split and category)."""
+    lines = ["| category | train | val | test |", "|---|---:|---:|---:|"]
+    for category in report["categories"]:
+        counts = [report["per_category"][s].get(category, 0) for s in SPLITS]
+        lines.append(f"| {category} | " + " | ".join(map(str, counts)) + " |")
+    lines.append("| **all sketches** | " + " | ".join(str(report["sketches"][s]) for s in SPLITS) + " |")
+    lines.append("| **photos** | " + " | ".join(str(report["photos"][s]) for s in SPLITS) + " |")
+    excluded = report["excluded"]
+    text = "\n".join(lines) + "\n\n"
+    text += f"Excluded sketches: {excluded.get('sketches', 0)} " + (
+        "(" + ", ".join(f"{k}: {v}" for k, v in excluded.items() if k != "sketches") + ")" if excluded else "") + "\n"
+    if report["testset_absent"]:
+        text += f"testset.txt names {len(report['testset_absent'])} photo(s) absent from the release (skipped).\n"
+    return text
+
+
+def warn_absent(report: dict) -> None:
+    if report["testset_absent"]:
+        print(f"warning: testset.txt names {len(report['testset_absent'])} absent photo(s), e.g. "
+              f"{report['testset_absent'][0]}; skipped (use --strict_testset to fail)", file=sys.stderr)

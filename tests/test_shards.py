@@ -1,0 +1,187 @@
+import json
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from sketch2real.cli import UserError
+from sketch2real.io import read_jsonl
+from sketch2real.shards import ShardSamples, ShardStream, load_index, stream_loader, write_shards
+
+from .conftest import run_script
+
+
+def _keys(loader) -> tuple[list[str], int, int]:
+    keys, batches, corrupt = [], 0, 0
+    for batch in loader:
+        batches += 1
+        corrupt += int(batch["corrupt"].sum())
+        keys += [k for k, pad in zip(batch["key"], batch["pad"].tolist()) if not pad]
+    return keys, batches, corrupt
+
+
+def test_round_trip_keeps_bytes_and_metadata(shard_dir, splits_dir, sketchy_root):
+    rows = {r["key"]: r for r in read_jsonl(splits_dir / "train.jsonl")}
+    index = load_index(shard_dir, "train")
+    assert index["total"] == len(rows) == sum(s["count"] for s in index["shards"])
+    assert all(s["count"] <= 16 for s in index["shards"])
+    seen = set()
+    for shard in index["shards"]:
+        with tarfile.open(shard_dir / shard["name"]) as tar:
+            for member in tar.getmembers():
+                key, _, suffix = member.name.rpartition("/")[2].partition(".")
+                key = f"{member.name.rpartition('/')[0]}/{key}"
+                data = tar.extractfile(member).read()
+                row = rows[key]
+                if suffix == "sketch.png":
+                    assert data == (sketchy_root / row["sketch_path"]).read_bytes()
+                elif suffix == "photo.jpg":
+                    assert data == (sketchy_root / row["photo_path"]).read_bytes()
+                else:
+                    meta = json.loads(data)
+                    assert meta["category"] == row["category"] and meta["split"] == "train"
+                seen.add(key)
+    assert seen == set(rows)
+
+
+def test_plain_webdataset_reads_the_shards(shard_dir):
+    import webdataset as wds
+
+    names = [str(shard_dir / s["name"]) for s in load_index(shard_dir, "val")["shards"]]
+    samples = list(wds.WebDataset(names, shardshuffle=False))
+    assert len(samples) == load_index(shard_dir, "val")["total"]
+    assert {"sketch.png", "photo.jpg", "json"} <= set(samples[0])
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_ranks_and_workers_cover_every_sample_once_with_equal_batches(shard_dir, shuffle):
+    total = load_index(shard_dir, "train")["total"]
+    world = 3 if total % 3 else 4  # an uneven split on purpose
+    assert total % world
+    all_keys, batch_counts = [], []
+    for rank in range(world):
+        stream = ShardStream(shard_dir, "train", resolution=16, rank=rank, world_size=world, shuffle=shuffle, seed=7)
+        keys, batches, _ = _keys(stream_loader(stream, batch_size=4, num_workers=2))
+        all_keys += keys
+        batch_counts.append(batches)
+    assert sorted(all_keys) == sorted(k for s in load_index(shard_dir, "train")["shards"] for k in s["keys"])
+    assert len(set(batch_counts)) == 1
+
+
+def test_two_ranks_two_workers(shard_dir):
+    keys = []
+    counts = []
+    for rank in range(2):
+        stream = ShardStream(shard_dir, "test", fields=("sketch",), resolution=16, rank=rank, world_size=2)
+        k, batches, _ = _keys(stream_loader(stream, batch_size=2, num_workers=2))
+        keys += k
+        counts.append(batches)
+    assert len(keys) == len(set(keys)) == load_index(shard_dir, "test")["total"]
+    assert counts[0] == counts[1]
+
+
+def test_category_filter_and_shuffle_seeding(shard_dir):
+    stream = ShardStream(shard_dir, "train", resolution=16, categories=["cat"], shuffle=True, seed=1, shuffle_buffer=8)
+    first = [s["key"] for s in stream]
+    assert first and all(k.startswith("cat/") for k in first)
+    assert first == [s["key"] for s in stream]
+    stream.set_epoch(1)
+    assert sorted(first) == sorted(s["key"] for s in stream)
+    with pytest.raises(UserError, match="unknown category 'unicorn'"):
+        ShardStream(shard_dir, "train", categories=["unicorn"])
+
+
+def test_decoded_images_are_tensors_in_range(shard_dir):
+    sample = next(iter(ShardStream(shard_dir, "val", resolution=32)))
+    assert sample["sketch"].shape == (3, 32, 32) and sample["photo"].shape == (3, 32, 32)
+    assert sample["sketch"].min() >= -1 and sample["sketch"].max() <= 1
+    assert sample["sketch"].max() == 1  # white paper
+    pil = next(iter(ShardStream(shard_dir, "val", fields=("photo",), as_tensor=False)))
+    assert pil["photo"].size == (64, 64) and "sketch" not in pil
+
+
+def test_random_access_matches_the_stream(shard_dir):
+    samples = ShardSamples(shard_dir, "val", resolution=16)
+    streamed = {s["key"]: s for s in ShardStream(shard_dir, "val", resolution=16)}
+    assert len(samples) == len(streamed)
+    for i in (0, len(samples) - 1):
+        item = samples[i]
+        assert torch.equal(item["sketch"], streamed[item["key"]]["sketch"])
+
+
+def _copy_shards(shard_dir: Path, target: Path) -> Path:
+    shutil.copytree(shard_dir, target)
+    return target
+
+
+def test_corrupt_sample_is_skipped_and_counted(shard_dir, tmp_path):
+    broken = _copy_shards(shard_dir, tmp_path / "shards")
+    name = load_index(broken, "val")["shards"][0]["name"]
+    # Rewrite one sketch member with garbage bytes of the same length.
+    with tarfile.open(broken / name) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    victim = next(m.name for m, _ in members if m.name.endswith(".sketch.png"))
+    with tarfile.open(broken / name, "w") as tar:
+        for member, data in members:
+            if member.name == victim:
+                data = b"\x00not a png" * 10
+                member.size = len(data)
+            import io
+
+            tar.addfile(member, io.BytesIO(data))
+    with pytest.warns(UserWarning, match="corrupt"):
+        keys, _, corrupt = _keys(stream_loader(ShardStream(broken, "val", resolution=16), batch_size=4))
+    assert corrupt == 1
+    assert len(keys) == load_index(broken, "val")["total"] - 1
+    assert victim.rsplit(".", 2)[0] not in keys
+
+
+def test_truncated_tar_is_skipped_not_fatal(shard_dir, tmp_path):
+    broken = _copy_shards(shard_dir, tmp_path / "shards")
+    name = load_index(broken, "test")["shards"][0]["name"]
+    data = (broken / name).read_bytes()
+    (broken / name).write_bytes(data[: len(data) // 2])
+    with pytest.warns(UserWarning):
+        keys, _, corrupt = _keys(stream_loader(ShardStream(broken, "test", resolution=16), batch_size=4))
+    total = load_index(broken, "test")["total"]
+    assert 0 < corrupt < total and len(keys) + corrupt == total
+
+
+def test_rerun_skips_finished_shards_and_rewrites_missing_or_partial(splits_dir, sketchy_root, tmp_path):
+    out = tmp_path / "shards"
+    first = write_shards(splits_dir, sketchy_root, out, ("train",), max_samples=16, progress=False)
+    assert first["train"]["written"] == first["train"]["shards"] > 1
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    again = write_shards(splits_dir, sketchy_root, out, ("train",), max_samples=16, progress=False)
+    assert again["train"]["written"] == 0
+    assert mtimes == {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    # A killed writer leaves a temp file and no final shard: that shard is written again.
+    (out / "train-000001.tar").rename(out / ".train-000001.tar.killed.tmp")
+    # A shard whose bytes were cut short is not "finished" either once the plan changes.
+    third = write_shards(splits_dir, sketchy_root, out, ("train",), max_samples=16, progress=False)
+    assert third["train"]["written"] == 1
+    # A different plan (smaller shards) rewrites everything and leaves no stale shard behind.
+    fourth = write_shards(splits_dir, sketchy_root, out, ("train",), max_samples=100, progress=False)
+    assert fourth["train"]["shards"] == 1 and sorted(p.name for p in out.glob("train-*.tar")) == ["train-000000.tar"]
+
+
+def test_parallel_writers_give_identical_shards(splits_dir, sketchy_root, tmp_path):
+    write_shards(splits_dir, sketchy_root, tmp_path / "one", ("train",), max_samples=8, num_workers=1, progress=False)
+    write_shards(splits_dir, sketchy_root, tmp_path / "two", ("train",), max_samples=8, num_workers=2, progress=False)
+    one = sorted((tmp_path / "one").glob("*.tar"))
+    assert len(one) > 2
+    for path in one:
+        with tarfile.open(path) as a, tarfile.open(tmp_path / "two" / path.name) as b:
+            assert [(m.name, a.extractfile(m).read()) for m in a.getmembers()] == [
+                (m.name, b.extractfile(m).read()) for m in b.getmembers()
+            ]
+
+
+def test_make_shards_cli_errors(tmp_path, sketchy_root):
+    proc = run_script("data_prep/make_shards.py", "--splits_dir", tmp_path, "--sketchy_root", sketchy_root,
+                      "--output_dir", tmp_path / "o", check=False)
+    assert proc.returncode == 2 and "build_splits.py first" in proc.stderr
+    assert not os.path.exists(tmp_path / "o" / "train.json")

@@ -1,0 +1,135 @@
+import csv
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sketch2real.cli import UserError
+from sketch2real.sketchy import INVALID_KINDS, STATS_COLUMNS, SketchyRelease
+from sketch2real.splits import build_splits, write_splits
+from sketch2real.synthetic import make_synthetic_sketchy
+
+from .conftest import run_script
+
+PHOTO = re.compile(r"^rendered_256x256/256x256/photo/tx_000000000000/[^/]+/n\d{8}_\d+\.jpg$")
+SKETCH = re.compile(r"^rendered_256x256/256x256/sketch/tx_000000000000/[^/]+/n\d{8}_\d+-\d+\.png$")
+
+
+def _tree_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def test_synthetic_layout_matches_the_release(sketchy_root):
+    files = [str(p.relative_to(sketchy_root)) for p in sketchy_root.rglob("*") if p.is_file()]
+    photos = [f for f in files if "/photo/" in f]
+    sketches = [f for f in files if "/sketch/" in f]
+    assert len(photos) == 5 * 8 and len(sketches) == 5 * 8 * 3
+    assert all(PHOTO.match(p) for p in photos) and all(SKETCH.match(s) for s in sketches)
+    categories = {Path(p).parent.name for p in photos}
+    assert {"car_(sedan)", "hot-air_balloon"} <= categories
+    for sketch in sketches:  # every sketch names an existing photo
+        stem = Path(sketch).stem.rsplit("-", 1)[0]
+        assert (sketchy_root / Path(sketch.replace("/sketch/", "/photo/")).parent / f"{stem}.jpg").is_file()
+    info = sketchy_root / "info"
+    with open(info / "stats.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == STATS_COLUMNS and len(rows) == len(sketches)
+    assert any(r["Category"] == "car (sedan)" for r in rows)
+    testset = (info / "testset.txt").read_text().split()
+    assert len(testset) == 10 and all(re.match(r"^[^/]+/n\d{8}_\d+\.jpg$", t) for t in testset)
+    flagged = sum(len((info / f"invalid-{k}.txt").read_text().split()) for k in INVALID_KINDS)
+    assert flagged > 0
+
+
+def test_synthetic_is_seeded(tmp_path):
+    make_synthetic_sketchy(tmp_path / "a", photos_per_category=2, sketches_per_photo=2, test_photos_per_category=1, size=32, seed=3)
+    make_synthetic_sketchy(tmp_path / "b", photos_per_category=2, sketches_per_photo=2, test_photos_per_category=1, size=32, seed=3)
+    make_synthetic_sketchy(tmp_path / "c", photos_per_category=2, sketches_per_photo=2, test_photos_per_category=1, size=32, seed=4)
+    assert _tree_digest(tmp_path / "a") == _tree_digest(tmp_path / "b") != _tree_digest(tmp_path / "c")
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 10_000), val_fraction=st.sampled_from([0.0, 0.1, 0.3, 0.5]))
+def test_no_photo_crosses_splits(sketchy_root, seed, val_fraction):
+    result = build_splits(SketchyRelease(sketchy_root), val_fraction=val_fraction, seed=seed)
+    photos = {s: {(r["category"], r["photo_id"]) for r in rows} for s, rows in result.rows.items()}
+    assert not photos["train"] & photos["test"]
+    assert not photos["train"] & photos["val"]
+    assert not photos["val"] & photos["test"]
+    testset = {tuple(line.split("/")) for line in (sketchy_root / "info/testset.txt").read_text().split()}
+    assert photos["test"] == {(c, Path(p).stem) for c, p in testset}
+    keys = [r["key"] for rows in result.rows.values() for r in rows]
+    assert len(keys) == len(set(keys))
+
+
+def test_invalid_sketches_are_excluded_unless_kept(sketchy_root):
+    release = SketchyRelease(sketchy_root)
+    flagged = set().union(*(release.invalid(k) for k in INVALID_KINDS))
+    result = build_splits(release)
+    kept_ids = {f"{r['photo_id']}-{r['sketch_index']}" for rows in result.rows.values() for r in rows}
+    assert flagged and not kept_ids & flagged
+    assert result.report["excluded"]["sketches"] == len(flagged)
+    assert sum(result.report["sketches"].values()) + len(flagged) == len(release.sketches())
+    with_pose = build_splits(release, keep_invalid=("pose",))
+    kept_pose = {f"{r['photo_id']}-{r['sketch_index']}" for rows in with_pose.rows.values() for r in rows} & flagged
+    assert kept_pose == release.invalid("pose") - set().union(*(release.invalid(k) for k in INVALID_KINDS if k != "pose"))
+
+
+def test_splits_are_byte_identical_for_a_seed(sketchy_root, tmp_path):
+    for name, seed in [("a", 5), ("b", 5), ("c", 6)]:
+        write_splits(build_splits(SketchyRelease(sketchy_root), val_fraction=0.3, seed=seed), tmp_path / name)
+    read = {n: [(tmp_path / n / f"{s}.jsonl").read_bytes() for s in ("train", "val", "test")] for n in "abc"}
+    assert read["a"] == read["b"]
+    assert read["a"][0] != read["c"][0]  # another seed moves photos between train and val
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert set(report["per_category"]["train"]) == set(report["categories"])
+
+
+def test_testset_naming_absent_photos_is_reported(sketchy_root, tmp_path):
+    import shutil
+
+    root = tmp_path / "release"
+    shutil.copytree(sketchy_root, root)
+    with open(root / "info/testset.txt", "a") as f:
+        f.write("cat/n09999999_1.jpg\n")
+    result = build_splits(SketchyRelease(root))
+    assert result.report["testset_absent"] == ["cat/n09999999_1.jpg"]
+    with pytest.raises(UserError, match="absent"):
+        build_splits(SketchyRelease(root), strict_testset=True)
+
+
+def test_category_without_photos_is_an_error(sketchy_root, tmp_path):
+    import shutil
+
+    root = tmp_path / "release"
+    shutil.copytree(sketchy_root, root)
+    shutil.rmtree(root / "rendered_256x256/256x256/photo/tx_000000000000/cat")
+    with pytest.raises(UserError, match="'cat' has no photos"):
+        build_splits(SketchyRelease(root))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--sketchy_root", "/nonexistent/sketchy"], "Sketchy root not found"),
+        (["--sketchy_root", "{tmp}"], "is not a Sketchy release"),
+        (["--sketchy_root", "{root}", "--categories", "zebra"], "unknown category 'zebra'"),
+        (["--sketchy_root", "{root}", "--keep_invalid", "blurry"], "unknown invalid list"),
+        (["--sketchy_root", "{root}", "--val_fraction", "1.5"], "--val_fraction must be in"),
+        (["--sketchy_root", "{root}", "--no_such_flag", "1"], "unrecognized arguments"),
+    ],
+)
+def test_build_splits_cli_errors_are_one_line(sketchy_root, tmp_path, args, message):
+    args = [a.format(tmp=tmp_path, root=sketchy_root) for a in args]
+    proc = run_script("data_prep/build_splits.py", *args, "--output_dir", tmp_path / "out", check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
