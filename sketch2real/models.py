@@ -1,0 +1,69 @@
+"""Loading Stable Diffusion components from a hub id or a local folder, with one-line errors."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sketch2real.cli import UserError
+
+
+
+def _is_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not Path(name).exists()
+
+
+def check_model_path(name_or_path: str, what: str = "model") -> None:
+    """Fail early, in one line, for a local path that does not exist."""
+    if not name_or_path:
+        raise UserError(f"no {what} given (--pretrained_model_name_or_path)")
+    if Path(name_or_path).exists():
+        return
+    if not _is_hub_id(name_or_path) or os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise UserError(f"{what} not found: {name_or_path} (give a local folder, or a hub id with network access)")
+
+
+def load(cls: Any, name_or_path: str, what: str = "model", **kwargs: Any) -> Any:
+    """`cls.from_pretrained(name_or_path, **kwargs)` with a one-line error for a missing model."""
+    check_model_path(name_or_path, what)
+    try:
+        return cls.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot load {what} from {name_or_path}: {first}") from err
+
+
+@dataclass
+class SDComponents:
+    """The parts of a Stable Diffusion 1.x/2.x checkpoint that training needs."""
+
+    tokenizer: Any
+    text_encoder: Any
+    vae: Any
+    unet: Any
+    noise_scheduler: Any
+
+
+def load_sd_components(name_or_path: str, revision: str | None = None, variant: str | None = None) -> SDComponents:
+    """Tokenizer, text encoder, VAE, UNet and a DDPM training scheduler from one SD checkpoint."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    common = {"revision": revision}
+    return SDComponents(
+        tokenizer=load(CLIPTokenizer, name_or_path, "tokenizer", subfolder="tokenizer", **common),
+        text_encoder=load(CLIPTextModel, name_or_path, "text encoder", subfolder="text_encoder", variant=variant, **common),
+        vae=load(AutoencoderKL, name_or_path, "VAE", subfolder="vae", variant=variant, **common),
+        unet=load(UNet2DConditionModel, name_or_path, "UNet", subfolder="unet", variant=variant, **common),
+        noise_scheduler=load(DDPMScheduler, name_or_path, "scheduler", subfolder="scheduler", **common),
+    )
+
+
+def dtype_for(mixed_precision: str) -> torch.dtype:
+    """The weight dtype of frozen modules for a `--mixed_precision` value."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)

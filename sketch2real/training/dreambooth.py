@@ -1,0 +1,330 @@
+"""DreamBooth on the shared loop: instance images from shards or a folder, prior preservation,
+optional text-encoder training (also under DeepSpeed), LoRA adapters."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sketch2real.cli import UserError, option
+from sketch2real.io import atomic_path
+from sketch2real.models import SDComponents, dtype_for, load_sd_components
+from sketch2real.training.accelerator import configure_attention
+from sketch2real.training.data import GlobalBatchSampler, load_folder_images, load_shard_images
+from sketch2real.training.diffusion import (
+    derive_seed, diffusion_loss, encode_latents, noisy_latents_and_target, step_noise, tokenize,
+)
+from sketch2real.training.options import TrainOptions
+from sketch2real.training.validation import heldout_denoising_loss, log_image, validation_mosaic
+
+logger = logging.getLogger("sketch2real")
+LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+
+
+@dataclass(kw_only=True)
+class DreamBoothOptions(TrainOptions):
+    """DreamBooth: bind a rare token to a few instance images (here: Sketchy sketches of one category)."""
+
+    instance_category: str = option("", help="Sketchy category whose images are the instance set (from --shard_dir)")
+    instance_image_type: str = option("sketch", help="sketch or photo: which image of each pair to learn")
+    instance_data_dir: str = option("", help="a folder of instance images instead of shards")
+    num_instance_images: int = option(0, help="seeded choice of this many instance images (0: all)")
+    instance_prompt: str = option("a sks sketch", help="prompt for instance images, e.g. 'a sks sketch of a cat'")
+    with_prior_preservation: bool = option(False, help="add the prior-preservation loss on generated class images")
+    class_prompt: str = option("", help="prompt of the class images, e.g. 'a sketch of a cat'")
+    class_data_dir: str = option("", help="folder of class images; missing ones are generated and kept for the next run")
+    num_class_images: int = option(100, help="class images used (generated if fewer exist)")
+    prior_loss_weight: float = option(1.0, help="weight of the prior-preservation loss")
+    sample_batch_size: int = option(4, help="batch size per device when generating class images")
+    class_inference_steps: int = option(25, help="denoising steps for generated class images")
+    train_text_encoder: bool = option(False, help="also train the full text encoder (works under DeepSpeed too)")
+    lora_rank: int = option(0, help="train LoRA adapters of this rank instead of full weights (0: full fine-tuning)")
+    lora_alpha: int = option(0, help="LoRA alpha (0: same as rank)")
+    cache_latents: bool = option(False, help="encode the instance images with the VAE once, not every step")
+
+    def check(self) -> None:
+        super().check()
+        if self.instance_image_type not in ("sketch", "photo"):
+            raise UserError(f"--instance_image_type must be sketch or photo, got {self.instance_image_type!r}")
+        if not self.instance_data_dir and not self.shard_dir:
+            raise UserError("give --shard_dir (with --instance_category) or --instance_data_dir")
+        if self.lora_rank < 0:
+            raise UserError("--lora_rank must be >= 0")
+        if self.lora_rank and self.train_text_encoder:
+            raise UserError("--lora_rank trains UNet adapters while --train_text_encoder trains the whole text encoder: "
+                            "choose one")
+        if self.with_prior_preservation and not (self.class_prompt and self.class_data_dir):
+            raise UserError("--with_prior_preservation needs --class_prompt and --class_data_dir")
+
+
+class DreamBoothModel(torch.nn.Module):
+    """The one module handed to accelerate/DeepSpeed: the UNet and, if trained, the text encoder.
+
+    Wrapping both in one module is what lets DeepSpeed train the text encoder too
+    (accelerate gives DeepSpeed a single model; see huggingface/diffusers#1815).
+    """
+
+    def __init__(self, unet, text_encoder=None):
+        super().__init__()
+        self.unet = unet
+        self.text_encoder = text_encoder
+
+    def forward(self, noisy_latents, timesteps, input_ids=None, encoder_hidden_states=None):
+        if self.text_encoder is not None:
+            encoder_hidden_states = self.text_encoder(input_ids)[0]
+        return self.unet(noisy_latents, timesteps, encoder_hidden_states).sample
+
+
+def ensure_class_images(accelerator, opts: DreamBoothOptions) -> None:
+    """Generate the missing class images, split across ranks, with per-image seeds (world-size independent)."""
+    from diffusers import StableDiffusionPipeline
+    from tqdm.auto import tqdm
+
+    from sketch2real.models import load
+    from sketch2real.training.data import IMAGE_SUFFIXES
+
+    folder = Path(opts.class_data_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    existing = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
+    deficit = opts.num_class_images - len(existing)
+    if deficit <= 0:
+        return
+    names = {p.name for p in existing}
+    missing, i = [], 0
+    while len(missing) < deficit:
+        if f"class-{i:05d}.png" not in names:
+            missing.append(i)
+        i += 1
+    mine = missing[accelerator.process_index :: accelerator.num_processes]
+    pipe = load(StableDiffusionPipeline, opts.pretrained_model_name_or_path, "model", safety_checker=None,
+                requires_safety_checker=False, torch_dtype=dtype_for(opts.mixed_precision), revision=opts.revision,
+                variant=opts.variant)
+    pipe.to(accelerator.device)
+    pipe.set_progress_bar_config(disable=True)
+    bar = tqdm(total=len(missing), desc="class images", disable=not accelerator.is_local_main_process)
+    for start in range(0, len(mine), opts.sample_batch_size):
+        batch = mine[start : start + opts.sample_batch_size]
+        generators = [torch.Generator().manual_seed(derive_seed(opts.seed, "class", opts.class_prompt, j)) for j in batch]
+        images = pipe([opts.class_prompt] * len(batch), height=opts.resolution, width=opts.resolution,
+                      num_inference_steps=opts.class_inference_steps, generator=generators).images
+        for j, image in zip(batch, images):
+            with atomic_path(folder / f"class-{j:05d}.png") as tmp:
+                image.save(tmp, format="PNG")
+        bar.update(len(batch) * accelerator.num_processes)
+    bar.close()
+    del pipe
+    accelerator.wait_for_everyone()
+
+
+class DreamBoothTask:
+    """DreamBooth's part of the loop: its model, its batches and loss, its outputs."""
+
+    def __init__(self, opts: DreamBoothOptions, accelerator, components: SDComponents | None = None):
+        self.opts, self.accelerator = opts, accelerator
+        device = accelerator.device
+        self.weight_dtype = dtype_for(opts.mixed_precision)
+        self.c = components or load_sd_components(opts.pretrained_model_name_or_path, opts.revision, opts.variant)
+        c = self.c
+        configure_attention(c.unet, opts, device)
+        c.vae.requires_grad_(False).to(device, self.weight_dtype)
+        c.text_encoder.requires_grad_(opts.train_text_encoder)
+        c.unet.requires_grad_(not opts.lora_rank)
+        if opts.lora_rank:
+            from peft import LoraConfig
+
+            c.unet.add_adapter(LoraConfig(r=opts.lora_rank, lora_alpha=opts.lora_alpha or opts.lora_rank,
+                                          init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+        if opts.gradient_checkpointing:
+            c.unet.enable_gradient_checkpointing()
+            if opts.train_text_encoder:
+                c.text_encoder.gradient_checkpointing_enable()
+        if not opts.train_text_encoder:
+            c.text_encoder.to(device, self.weight_dtype)
+        self.model = DreamBoothModel(c.unet, c.text_encoder if opts.train_text_encoder else None)
+
+        # Data: instance images (and class images) held in memory, indexed by a step-determined sampler.
+        if opts.instance_data_dir:
+            self.instance_images = load_folder_images(opts.instance_data_dir, opts.resolution, opts.num_instance_images)
+        else:
+            self.instance_images, _ = load_shard_images(opts.shard_dir, opts.split, opts.instance_category or None,
+                                                        opts.instance_image_type, opts.resolution, opts.num_instance_images, opts.seed)
+        logger.info("%d instance images", len(self.instance_images))
+        world, rank = accelerator.num_processes, accelerator.process_index
+        self.sampler = GlobalBatchSampler(len(self.instance_images), opts.train_batch_size, world, rank,
+                                          opts.gradient_accumulation_steps, opts.seed, "instance")
+        self.class_images = None
+        if opts.with_prior_preservation:
+            ensure_class_images(accelerator, opts)
+            self.class_images = load_folder_images(opts.class_data_dir, opts.resolution, opts.num_class_images)
+            self.class_sampler = GlobalBatchSampler(len(self.class_images), opts.train_batch_size, world, rank,
+                                                    opts.gradient_accumulation_steps, opts.seed, "class")
+        self.instance_ids = tokenize(c.tokenizer, [opts.instance_prompt]).to(device)
+        self.class_ids = tokenize(c.tokenizer, [opts.class_prompt]).to(device) if opts.with_prior_preservation else None
+        if not opts.train_text_encoder:
+            with torch.no_grad():
+                self.instance_states = c.text_encoder(self.instance_ids)[0]
+                self.class_states = c.text_encoder(self.class_ids)[0] if self.class_ids is not None else None
+        self.latent_shape = (c.vae.config.latent_channels, *(2 * [opts.resolution // 2 ** (len(c.vae.config.block_out_channels) - 1)]))
+        self.cached = self._cache_latents(self.instance_images) if opts.cache_latents else None
+        self.heldout_images = self._heldout_images()
+
+    # ---- data -------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _cache_latents(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        means, stds = [], []
+        for start in range(0, len(images), 8):
+            dist = self.c.vae.encode(images[start : start + 8].to(self.accelerator.device, self.weight_dtype)).latent_dist
+            means.append(dist.mean.float())
+            stds.append(dist.std.float())
+        return torch.cat(means), torch.cat(stds)
+
+    def _latents(self, images: torch.Tensor, indices: list[int], eps: torch.Tensor) -> torch.Tensor:
+        if self.cached is None:
+            return encode_latents(self.c.vae, images, eps)
+        mean, std = self.cached[0][indices], self.cached[1][indices]
+        return (mean + std * eps.to(mean.device)) * self.c.vae.config.scaling_factor
+
+    def _heldout_images(self) -> torch.Tensor | None:
+        opts = self.opts
+        if not opts.num_heldout_samples or not opts.shard_dir or not opts.instance_category:
+            return None
+        try:
+            images, _ = load_shard_images(opts.shard_dir, opts.validation_split, opts.instance_category,
+                                          opts.instance_image_type, opts.resolution, opts.num_heldout_samples, opts.seed)
+        except UserError:
+            return None  # no validation images of this category: the held-out loss is skipped
+        return images
+
+    def samples_per_step(self) -> int:
+        per_rank = self.opts.train_batch_size * (2 if self.class_images is not None else 1)
+        return per_rank * self.accelerator.num_processes * self.opts.gradient_accumulation_steps
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    # ---- loss -------------------------------------------------------------------------------------------------
+    def _part(self, model, sampler, images, step, micro, stream, ids, states, cached: bool):
+        opts, sched = self.opts, self.c.noise_scheduler
+        indices = sampler.rank_indices(step, micro)
+        draw = step_noise(opts.seed, step, micro, sampler.global_batch, sampler.rows, self.latent_shape,
+                          sched.config.num_train_timesteps, opts.noise_offset, stream)
+        batch = images[indices]
+        latents = self._latents(batch, indices, draw.latent_eps) if cached else encode_latents(self.c.vae, batch, draw.latent_eps)
+        noisy, target = noisy_latents_and_target(sched, latents, draw.noise, draw.timesteps)
+        n = len(indices)
+        if opts.train_text_encoder:
+            prediction = model(noisy, draw.timesteps.to(noisy.device), input_ids=ids.expand(n, -1))
+        else:
+            prediction = model(noisy, draw.timesteps.to(noisy.device), encoder_hidden_states=states.expand(n, -1, -1))
+        return diffusion_loss(prediction, target, draw.timesteps, sched, self.opts.snr_gamma).mean()
+
+    def loss(self, model, step: int, micro: int) -> torch.Tensor:
+        states = None if self.opts.train_text_encoder else self.instance_states
+        loss = self._part(model, self.sampler, self.instance_images, step, micro, "instance", self.instance_ids, states,
+                          self.cached is not None)
+        if self.class_images is not None:
+            class_states = None if self.opts.train_text_encoder else self.class_states
+            prior = self._part(model, self.class_sampler, self.class_images, step, micro, "class", self.class_ids,
+                               class_states, False)
+            loss = loss + self.opts.prior_loss_weight * prior
+        return loss
+
+    # ---- validation and outputs ---------------------------------------------------------------------------------
+    def _text_encoder(self, model):
+        unwrapped = self.accelerator.unwrap_model(model)
+        return unwrapped.text_encoder if unwrapped.text_encoder is not None else self.c.text_encoder
+
+    def predictor(self, model):
+        """(noisy, timesteps, prompts) -> prediction with the current weights, for held-out losses."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        text_encoder = self._text_encoder(model)
+
+        def predict(noisy, timesteps, prompts):
+            with self.accelerator.autocast():
+                states = text_encoder(tokenize(self.c.tokenizer, prompts).to(noisy.device))[0]
+                return unwrapped.unet(noisy, timesteps, states).sample
+
+        return predict
+
+    def pipeline(self, model):
+        from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+        unwrapped = self.accelerator.unwrap_model(model)
+        scheduler = PNDMScheduler.from_config(self.c.noise_scheduler.config, skip_prk_steps=True)
+        return StableDiffusionPipeline(vae=self.c.vae, text_encoder=self._text_encoder(model), tokenizer=self.c.tokenizer,
+                                       unet=unwrapped.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+
+    def validate(self, accelerator, model, step: int) -> dict[str, float]:
+        opts, logs = self.opts, {}
+        model.eval()
+        if self.heldout_images is not None:
+            prompts = [opts.instance_prompt] * len(self.heldout_images)
+            logs["heldout_loss"] = heldout_denoising_loss(self.predictor(model), self.c.vae, self.c.noise_scheduler,
+                                                          self.heldout_images, prompts, opts.seed)
+        prompts = opts.validation_prompt or [opts.instance_prompt]
+        if opts.num_validation_images:
+            with accelerator.autocast():
+                grid = validation_mosaic(self.pipeline(model), prompts, opts.num_validation_images, opts.seed, opts.resolution,
+                                         opts.validation_inference_steps, Path(opts.output_dir) / "validation" / "tmp.png")
+            if accelerator.is_main_process:
+                (Path(opts.output_dir) / "validation" / "tmp.png").replace(Path(opts.output_dir) / "validation" / f"step-{step:06d}.png")
+                log_image(accelerator, "validation", grid, step)
+        model.train()
+        return logs
+
+    def on_checkpoint(self, accelerator, model, step: int) -> None:
+        pass
+
+    def save_final(self, accelerator, model) -> None:
+        """LoRA: `pytorch_lora_weights.safetensors`; full: a diffusers pipeline at --output_dir."""
+        opts = self.opts
+        state = accelerator.get_state_dict(model)  # a collective under DeepSpeed: every rank calls it
+        if not accelerator.is_main_process:
+            accelerator.wait_for_everyone()
+            return
+        out = Path(opts.output_dir)
+        if opts.lora_rank:
+            from diffusers import StableDiffusionPipeline
+            from diffusers.utils import convert_state_dict_to_diffusers
+            from peft.utils import get_peft_model_state_dict
+
+            unet = accelerator.unwrap_model(model).unet
+            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+            StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers, safe_serialization=True)
+        else:
+            save_pipeline(opts, state, out)
+        accelerator.wait_for_everyone()
+
+
+def save_pipeline(opts: TrainOptions, state: dict[str, torch.Tensor], out: Path) -> None:
+    """Write base pipeline + trained weights (`unet.*`, `text_encoder.*` in `state`) at `out`.
+
+    Fresh modules are loaded from the base and given the consolidated state, which
+    works the same for DDP, ZeRO-2 and ZeRO-3. Files are written to a temp folder
+    and moved in with model_index.json last, so a half-saved pipeline never loads.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    from sketch2real.models import load
+
+    pipe = load(StableDiffusionPipeline, opts.pretrained_model_name_or_path, "model", safety_checker=None,
+                requires_safety_checker=False, revision=opts.revision, variant=opts.variant)
+    for name in ("unet", "text_encoder"):
+        part = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")}
+        if part:
+            getattr(pipe, name).load_state_dict({k: v.float() for k, v in part.items()})
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".pipeline-") as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        entries = sorted(Path(tmp).iterdir(), key=lambda p: p.name == "model_index.json")
+        for entry in entries:
+            target = out / entry.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            shutil.move(str(entry), str(target))

@@ -1,0 +1,182 @@
+"""The one training loop every trainer uses: accumulation, clipping, checkpoints, resume,
+preemption, NaN guard, validation, progress bar and a final summary.
+
+A trainer supplies a `Task`: the single module to train (DDP/DeepSpeed wrap it),
+its loss for a (step, micro-step), what to save, and what to validate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from sketch2real.cli import as_dict
+from sketch2real.io import write_json
+from sketch2real.training.checkpoints import PREEMPTED_EXIT_CODE, PreemptionFlag, resolve_resume, save_checkpoint
+
+logger = logging.getLogger("sketch2real")
+
+
+class Task(Protocol):
+    """What a trainer plugs into `train`."""
+
+    model: torch.nn.Module  # the module trained; replaced by its prepared (wrapped) version
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]: ...
+
+    def loss(self, model: torch.nn.Module, step: int, micro: int) -> torch.Tensor: ...
+
+    def samples_per_step(self) -> int: ...
+
+    def on_checkpoint(self, accelerator, model: torch.nn.Module, step: int) -> None: ...
+
+    def validate(self, accelerator, model: torch.nn.Module, step: int) -> dict[str, float]: ...
+
+    def save_final(self, accelerator, model: torch.nn.Module) -> None: ...
+
+
+class TrainState:
+    """The loop's own resumable state (model, optimizer, scheduler, RNG are saved by accelerate)."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step = int(state["step"])
+
+
+def make_optimizer(params: list[torch.nn.Parameter], opts, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (fused on CUDA) or bitsandbytes' 8-bit AdamW."""
+    kwargs = dict(lr=opts.learning_rate, betas=(opts.adam_beta1, opts.adam_beta2), weight_decay=opts.adam_weight_decay,
+                  eps=opts.adam_epsilon)
+    if opts.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, fused=device.type == "cuda", **kwargs)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _tracker_config(opts) -> dict[str, Any]:
+    return {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v)) for k, v in as_dict(opts).items()}
+
+
+def train(task: Task, opts, accelerator, project_name: str) -> int:
+    """Run the loop to `opts.max_train_steps`; returns the process exit status (0, 1 or 75)."""
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    out = Path(opts.output_dir)
+    if opts.scale_lr:
+        opts.learning_rate *= opts.gradient_accumulation_steps * opts.train_batch_size * accelerator.num_processes
+    params = task.trainable_parameters()
+    optimizer = make_optimizer(params, opts, accelerator.device)
+    # accelerate steps a prepared scheduler once per process: scale so the schedule is world-size independent.
+    lr_scheduler = get_scheduler(
+        opts.lr_scheduler, optimizer, num_warmup_steps=opts.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=opts.max_train_steps * accelerator.num_processes, num_cycles=opts.lr_num_cycles, power=opts.lr_power,
+    )
+    model, optimizer, lr_scheduler = accelerator.prepare(task.model, optimizer, lr_scheduler)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+
+    resume = resolve_resume(out, opts.resume_from_checkpoint)
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        logger.info("resumed from %s at step %d", resume, state.step)
+    elif opts.resume_from_checkpoint:
+        logger.info("no checkpoint in %s: starting from step 0", out)
+
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "run_config.json", as_dict(opts))
+        accelerator.init_trackers(project_name, config=_tracker_config(opts))
+    preempted = PreemptionFlag()
+    bar = tqdm(total=opts.max_train_steps, initial=state.step, desc=project_name, unit="step",
+               disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    start_time, start_step = time.perf_counter(), state.step
+    last_loss = math.nan
+    last_checkpoint = state.step if resume is not None else None
+    logs: dict[str, float] = {}
+    while state.step < opts.max_train_steps:
+        step = state.step
+        step_loss = 0.0
+        for micro in range(opts.gradient_accumulation_steps):
+            with accelerator.accumulate(model):
+                loss = task.loss(model, step, micro)
+                step_loss += loss.detach().float() / opts.gradient_accumulation_steps
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and opts.max_grad_norm:
+                    accelerator.clip_grad_norm_(params, opts.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=opts.set_grads_to_none)
+        # One collective per step: the mean loss, whether it is finite everywhere, and preemption anywhere.
+        flags = torch.tensor([float(step_loss), 0.0 if torch.isfinite(step_loss) else 1.0, 1.0 if preempted else 0.0],
+                             device=accelerator.device)
+        flags = accelerator.reduce(flags, reduction="sum")
+        mean_loss = flags[0].item() / accelerator.num_processes
+        if flags[1].item() > 0:
+            bar.close()
+            where = f"the last good checkpoint is {out / f'checkpoint-{last_checkpoint}'}" if last_checkpoint else "no checkpoint was saved yet"
+            if accelerator.is_main_process:
+                logger.error("loss is not finite at step %d: stopping; %s (try a lower --learning_rate, or bf16)", step + 1, where)
+            accelerator.end_training()
+            return 1
+        state.step = step + 1
+        last_loss = mean_loss
+        logs = {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0]}
+        elapsed = time.perf_counter() - start_time
+        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}", steps_s=f"{(state.step - start_step) / max(elapsed, 1e-9):.2f}")
+        bar.update()
+        if opts.validation_steps and state.step % opts.validation_steps == 0:
+            logs.update(task.validate(accelerator, model, state.step))
+        accelerator.log(logs, step=state.step)
+        if flags[2].item() > 0:
+            save_checkpoint(accelerator, out, state.step, opts.checkpoints_total_limit)
+            task.on_checkpoint(accelerator, model, state.step)
+            bar.close()
+            if accelerator.is_main_process:
+                logger.warning("preempted: checkpoint saved at step %d; rerun with --resume_from_checkpoint latest", state.step)
+            accelerator.end_training()
+            return PREEMPTED_EXIT_CODE
+        if opts.checkpointing_steps and state.step % opts.checkpointing_steps == 0 and state.step < opts.max_train_steps:
+            save_checkpoint(accelerator, out, state.step, opts.checkpoints_total_limit)
+            task.on_checkpoint(accelerator, model, state.step)
+            last_checkpoint = state.step
+    bar.close()
+    elapsed = time.perf_counter() - start_time
+    steps_done = state.step - start_step
+    final_logs = task.validate(accelerator, model, state.step) if opts.validation_steps and "heldout_loss" not in logs else {}
+    task.save_final(accelerator, model)
+    summary = {
+        "steps": state.step,
+        "steps_this_run": steps_done,
+        "final_loss": last_loss,
+        "samples_per_second": steps_done * task.samples_per_step() / elapsed if elapsed > 0 else 0.0,
+        "steps_per_second": steps_done / elapsed if elapsed > 0 else 0.0,
+        "peak_memory_mb": peak_memory_mb(accelerator.device),
+        "num_processes": accelerator.num_processes,
+        **{k: v for k, v in {**logs, **final_logs}.items() if k not in ("loss", "lr")},
+    }
+    if accelerator.is_main_process:
+        write_json(out / "metrics.json", summary)
+        print(f"done: {state.step} steps, final loss {last_loss:.4f}, {summary['samples_per_second']:.2f} samples/s, "
+              f"peak memory {summary['peak_memory_mb']:.0f} MiB -> {out}", flush=True)
+    accelerator.end_training()
+    return 0

@@ -1,0 +1,71 @@
+"""Validation: fixed-seed images for prompts (a mosaic), and a held-out denoising loss that is
+comparable across steps and runs (fixed samples, timesteps and noise)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sketch2real.mosaic import image_grid
+from sketch2real.training.diffusion import derive_seed, diffusion_loss, encode_latents, noisy_latents_and_target
+
+
+@torch.no_grad()
+def heldout_denoising_loss(
+    predict: Callable[[torch.Tensor, torch.Tensor, list[str]], torch.Tensor],
+    vae, noise_scheduler, images: torch.Tensor, prompts: Sequence[str], seed: int = 0, batch_size: int = 8,
+) -> float:
+    """Mean denoising MSE of `predict(noisy_latents, timesteps, prompts)` on fixed noise and timesteps.
+
+    The noise and timesteps of sample i depend only on (seed, i), so the value is
+    comparable between steps, stages and runs on the same held-out images.
+    """
+    generator = torch.Generator().manual_seed(derive_seed(seed, "heldout"))
+    n = images.shape[0]
+    latent_side = images.shape[-1] // (2 ** (len(vae.config.block_out_channels) - 1))
+    shape = (n, vae.config.latent_channels, latent_side, latent_side)
+    eps, noise = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=generator)
+    total = 0.0
+    for start in range(0, n, batch_size):
+        rows = slice(start, start + batch_size)
+        latents = encode_latents(vae, images[rows], eps[rows])
+        noisy, target = noisy_latents_and_target(noise_scheduler, latents, noise[rows], timesteps[rows])
+        prediction = predict(noisy, timesteps[rows].to(noisy.device), list(prompts[rows]))
+        total += diffusion_loss(prediction, target, timesteps[rows], noise_scheduler).sum().item()
+    return total / n
+
+
+@torch.no_grad()
+def validation_mosaic(pipeline, prompts: Sequence[str], num_images: int, seed: int, resolution: int,
+                      num_inference_steps: int, out_file: Path, extra: dict | None = None) -> Image.Image:
+    """One row per prompt, `num_images` fixed-seed images each; saved as PNG at `out_file`."""
+    pipeline.set_progress_bar_config(disable=True)
+    rows = []
+    for p, prompt in enumerate(prompts):
+        generators = [torch.Generator().manual_seed(derive_seed(seed, "validation", p, i)) for i in range(num_images)]
+        images = pipeline([prompt] * num_images, height=resolution, width=resolution, num_inference_steps=num_inference_steps,
+                          generator=generators, **(extra or {})).images
+        rows.append(images)
+    grid = image_grid(rows, cell=resolution)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_file.with_suffix(".tmp.png")
+    grid.save(tmp)
+    tmp.replace(out_file)
+    return grid
+
+
+def log_image(accelerator, tag: str, image, step: int) -> None:
+    """Send a PIL image to the tensorboard tracker, if there is one."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image(tag, np.asarray(image), step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({tag: [wandb.Image(image)]}, step=step)
+
