@@ -12,7 +12,6 @@ import torch
 from sketch2real.cli import UserError
 
 
-
 def _is_hub_id(name: str) -> bool:
     parts = name.split("/")
     return len(parts) == 2 and all(parts) and not Path(name).exists()

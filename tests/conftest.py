@@ -64,3 +64,39 @@ def shard_dir(splits_dir, sketchy_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards")
     write_shards(splits_dir, sketchy_root, out, max_samples=16, progress=False)
     return out
+
+
+def launch(script: str, *args: str, num_processes: int = 2, deepspeed_config: str | None = None, check: bool = True,
+           timeout: int = 600) -> subprocess.CompletedProcess:
+    """`accelerate launch` a repo script with real CPU processes (DDP over gloo, or DeepSpeed)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    if deepspeed_config:
+        head = ["--config_file", str(REPO / deepspeed_config), "--num_processes", str(num_processes), "--mixed_precision", "no"]
+    else:
+        head = ["--config_file", str(REPO / "accelerate_configs/cpu.yaml"), "--num_processes", str(num_processes)]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *head, str(REPO / script), *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def weights(folder) -> dict:
+    """All tensors of every safetensors file under `folder`, keyed by relative path + name."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    out = {}
+    for file in sorted(folder.rglob("*.safetensors")):
+        for name, tensor in load_file(file).items():
+            out[f"{file.relative_to(folder)}:{name}"] = tensor
+    return out
+
+
+def relative_difference(a: dict, b: dict, base: dict) -> float:
+    """||a - b|| / ||a - base|| over all shared tensors: how far two runs differ relative to what training changed."""
+    import torch
+
+    diff = torch.cat([(a[k].float() - b[k].float()).flatten() for k in a])
+    moved = torch.cat([(a[k].float() - base[k].float()).flatten() for k in a])
+    return float(diff.norm() / moved.norm())

@@ -17,7 +17,12 @@ from sketch2real.models import SDComponents, dtype_for, load_sd_components
 from sketch2real.training.accelerator import configure_attention
 from sketch2real.training.data import GlobalBatchSampler, load_folder_images, load_shard_images
 from sketch2real.training.diffusion import (
-    derive_seed, diffusion_loss, encode_latents, noisy_latents_and_target, step_noise, tokenize,
+    derive_seed,
+    diffusion_loss,
+    encode_latents,
+    noisy_latents_and_target,
+    step_noise,
+    tokenize,
 )
 from sketch2real.training.options import TrainOptions
 from sketch2real.training.validation import heldout_denoising_loss, log_image, validation_mosaic

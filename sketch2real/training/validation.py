@@ -3,8 +3,8 @@ comparable across steps and runs (fixed samples, timesteps and noise)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch

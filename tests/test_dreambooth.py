@@ -1,0 +1,171 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from .conftest import REPO, launch, relative_difference, run_script, weights
+
+
+@pytest.fixture
+def db_args(tiny_models, shard_dir):
+    return [
+        "--pretrained_model_name_or_path", tiny_models.sd, "--shard_dir", shard_dir, "--instance_category", "cat",
+        "--instance_prompt", "a sks sketch of a cat", "--resolution", "64", "--learning_rate", "1e-3",
+        "--validation_steps", "0", "--checkpointing_steps", "0", "--report_to", "none",
+    ]
+
+
+def _fixed_noise_loss(model_dir, tiny_models, shard_dir) -> float:
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from sketch2real.models import load_sd_components
+    from sketch2real.training.data import load_shard_images
+    from sketch2real.training.diffusion import tokenize
+    from sketch2real.training.validation import heldout_denoising_loss
+
+    c = load_sd_components(str(tiny_models.sd))
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+    images, _ = load_shard_images(str(shard_dir), "train", "cat", "sketch", 64)
+    states = c.text_encoder(tokenize(c.tokenizer, ["a sks sketch of a cat"]))[0]
+    scheduler = DDPMScheduler.from_pretrained(tiny_models.sd, subfolder="scheduler")
+
+    def predict(noisy, timesteps, prompts):
+        return unet(noisy, timesteps, states.expand(len(prompts), -1, -1)).sample
+
+    return heldout_denoising_loss(predict, c.vae, scheduler, images, ["a sks sketch of a cat"] * len(images), seed=123)
+
+
+def test_training_lowers_the_loss(db_args, tmp_path, tiny_models, shard_dir):
+    out = tmp_path / "db"
+    run_script("train/dreambooth.py", *db_args, "--output_dir", out, "--max_train_steps", "30", "--train_batch_size", "2")
+    before = _fixed_noise_loss(tiny_models.sd, tiny_models, shard_dir)
+    after = _fixed_noise_loss(out, tiny_models, shard_dir)
+    assert after < 0.8 * before, (before, after)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 30 and metrics["samples_per_second"] > 0
+    # The output is a plain diffusers pipeline.
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(out)
+    assert pipe.unet.config.sample_size == 8
+
+
+def test_resume_continues_exactly(db_args, tmp_path):
+    straight = tmp_path / "straight"
+    run_script("train/dreambooth.py", *db_args, "--output_dir", straight, "--max_train_steps", "6",
+               "--checkpointing_steps", "3", "--train_text_encoder")
+    assert (straight / "checkpoint-3").is_dir()
+    # Keep only the step-3 checkpoint, as if the job had been killed after it, and resume.
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    import shutil
+
+    shutil.copytree(straight / "checkpoint-3", resumed / "checkpoint-3")
+    proc = run_script("train/dreambooth.py", *db_args, "--output_dir", resumed, "--max_train_steps", "6",
+                      "--checkpointing_steps", "3", "--train_text_encoder", "--resume_from_checkpoint", "latest")
+    assert "resumed from" in proc.stderr
+    a, b = weights(straight / "unet"), weights(resumed / "unet")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a, b = weights(straight / "text_encoder"), weights(resumed / "text_encoder")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigusr1_saves_a_checkpoint_and_exits_for_requeue(db_args, tmp_path):
+    out = tmp_path / "preempted"
+    args = [*db_args, "--output_dir", out, "--max_train_steps", "400", "--checkpointing_steps", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "train/dreambooth.py"), *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "run_config.json").exists() and time.time() < deadline:  # training has started
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGUSR1)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 75, stderr[-2000:]
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and not list(out.glob("*.partial"))
+    step = int(checkpoints[0].name.split("-")[1])
+    assert 0 < step < 400
+    assert "preempted" in stderr
+    # The requeued job continues from it.
+    proc = run_script("train/dreambooth.py", *db_args, "--output_dir", out, "--max_train_steps", str(step + 2),
+                      "--resume_from_checkpoint", "latest")
+    assert json.loads((out / "metrics.json").read_text())["steps_this_run"] == 2
+
+
+def test_two_process_ddp_matches_one_process(db_args, tmp_path, tiny_models):
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_script("train/dreambooth.py", *db_args, "--output_dir", one, "--max_train_steps", "4", "--train_batch_size", "2")
+    proc = launch("train/dreambooth.py", *db_args, "--output_dir", two, "--max_train_steps", "4", "--train_batch_size", "1")
+    assert json.loads((two / "metrics.json").read_text())["num_processes"] == 2, proc.stderr[-2000:]
+    base = weights(tiny_models.sd / "unet")
+    assert relative_difference(weights(one / "unet"), weights(two / "unet"), base) < 1e-2
+
+
+def test_deepspeed_zero2_trains_text_encoder_and_saves_a_pipeline(db_args, tmp_path, tiny_models):
+    out = tmp_path / "ds"
+    launch("train/dreambooth.py", *db_args, "--output_dir", out, "--max_train_steps", "3", "--train_text_encoder",
+           deepspeed_config="accelerate_configs/deepspeed_zero2.yaml")
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(out)
+    trained = pipe.text_encoder.state_dict()
+    base = StableDiffusionPipeline.from_pretrained(tiny_models.sd).text_encoder.state_dict()
+    assert any(not torch.equal(trained[k], base[k]) for k in base)
+    assert json.loads((out / "metrics.json").read_text())["num_processes"] == 2
+
+
+def test_lora_weights_load_in_plain_diffusers_and_change_the_output(db_args, tmp_path, tiny_models):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "lora"
+    run_script("train/dreambooth.py", *db_args, "--output_dir", out, "--max_train_steps", "10", "--lora_rank", "4",
+               "--learning_rate", "1e-2")
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    assert not (out / "unet").exists()
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_models.sd)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(height=64, width=64, num_inference_steps=3, output_type="np")
+    before = pipe("a sks sketch of a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
+    pipe.load_lora_weights(out)
+    after = pipe("a sks sketch of a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert abs(before - after).max() > 1e-3
+
+
+def test_prior_preservation_generates_class_images_once(db_args, tmp_path):
+    class_dir = tmp_path / "class"
+    args = [*db_args, "--max_train_steps", "2", "--with_prior_preservation", "--class_prompt", "a sketch of a cat",
+            "--class_data_dir", class_dir, "--num_class_images", "3", "--class_inference_steps", "2"]
+    run_script("train/dreambooth.py", *args, "--output_dir", tmp_path / "a")
+    images = sorted(class_dir.glob("*.png"))
+    assert [p.name for p in images] == ["class-00000.png", "class-00001.png", "class-00002.png"]
+    mtimes = [p.stat().st_mtime_ns for p in images]
+    run_script("train/dreambooth.py", *args, "--output_dir", tmp_path / "b")
+    assert [p.stat().st_mtime_ns for p in sorted(class_dir.glob("*.png"))] == mtimes
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--instance_category", "unicorn"], "unknown category 'unicorn'"),
+        (["--pretrained_model_name_or_path", "/no/such/model"], "not found: /no/such/model"),
+        (["--lora_rank", "4", "--train_text_encoder"], "choose one"),
+        (["--enable_xformers_memory_efficient_attention"], "needs a CUDA device"),
+        (["--mixed_precision", "fp16"], "fp16 needs a CUDA device"),
+        (["--with_prior_preservation"], "needs --class_prompt"),
+        (["--resume_from_checkpoint", "checkpoint-99"], "checkpoint not found"),
+        (["--resolution", "60"], "multiple of 8"),
+    ],
+)
+def test_bad_flags_give_one_line_and_exit_2(db_args, tmp_path, extra, message):
+    proc = run_script("train/dreambooth.py", *db_args, "--output_dir", tmp_path / "x", "--max_train_steps", "1", *extra,
+                      check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert message in last and "Traceback" not in proc.stderr
