@@ -1,0 +1,132 @@
+"""Sequential-class DreamBooth: one category after another, each stage from the previous stage's
+weights, with forgetting measured as a stage x category table of held-out denoising losses."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from sketch2real.cli import UserError, option
+from sketch2real.io import write_json
+from sketch2real.sketchy import category_words
+from sketch2real.training.data import load_shard_images
+from sketch2real.training.dreambooth import DreamBoothOptions, DreamBoothTask
+from sketch2real.training.loop import train
+from sketch2real.training.validation import heldout_denoising_loss
+
+logger = logging.getLogger("sketch2real")
+
+
+@dataclass(kw_only=True)
+class SequentialOptions(DreamBoothOptions):
+    """DreamBooth on several categories in turn; --instance_prompt may use {category}."""
+
+    stages: list[str] = option([], help="categories in training order, e.g. cat,dog,helicopter,hamburger (commas or spaces)")
+    steps_per_stage: int = option(400, help="optimizer steps of each stage")
+
+    def stage_list(self) -> list[str]:
+        return [s for item in self.stages for s in item.split(",") if s]
+
+    def check(self) -> None:
+        if not self.stage_list():
+            raise UserError("--stages needs at least one category")
+        if not self.shard_dir:
+            raise UserError("--shard_dir is required: each stage's instance images and held-out images come from it")
+        if self.steps_per_stage < 1:
+            raise UserError("--steps_per_stage must be at least 1")
+        super().check()
+
+
+def reset_accelerator(accelerator) -> None:
+    """Forget the previous stage's prepared objects so that the next stage prepares and checkpoints only its own."""
+    accelerator.free_memory()
+    accelerator._custom_objects.clear()
+
+
+def stage_dir(output_dir: str, index: int, category: str) -> Path:
+    return Path(output_dir) / f"stage-{index + 1:02d}-{category}"
+
+
+def _heldout_losses(task: DreamBoothTask, model, opts: SequentialOptions, categories: list[str]) -> dict[str, float]:
+    losses = {}
+    model.eval()
+    for category in categories:
+        images, _ = load_shard_images(opts.shard_dir, opts.validation_split, category, opts.instance_image_type,
+                                      opts.resolution, opts.num_heldout_samples or 16, opts.seed)
+        prompt = opts.instance_prompt.format(category=category_words(category))
+        losses[category] = heldout_denoising_loss(task.predictor(model), task.c.vae, task.c.noise_scheduler, images,
+                                                  [prompt] * len(images), opts.seed)
+    model.train()
+    return losses
+
+
+def format_table(report: dict) -> str:
+    """Markdown: one row per stage (and the base model), one column per category; '—' where not yet trained."""
+    categories = report["categories"]
+    lines = ["| after stage | " + " | ".join(categories) + " |", "|---|" + "---:|" * len(categories)]
+    for row in report["rows"]:
+        cells = [f"{row['loss'][c]:.4f}" if c in row["loss"] else "—" for c in categories]
+        lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
+    if report.get("forgetting"):
+        lines.append("")
+        lines.append("Forgetting (final loss - loss right after the category's own stage; > 0 means forgotten): "
+                     + ", ".join(f"{c}: {v:+.4f}" for c, v in report["forgetting"].items()))
+    return "\n".join(lines) + "\n"
+
+
+def run_sequential(opts: SequentialOptions, accelerator) -> int:
+    """Train every stage not yet finished; write sequential_report.{json,md}. Returns an exit status."""
+    stages = opts.stage_list()
+    out = Path(opts.output_dir)
+    rows = []
+    previous = opts.pretrained_model_name_or_path
+    for index, category in enumerate(stages):
+        folder = stage_dir(opts.output_dir, index, category)
+        metrics_file = folder / "stage_metrics.json"
+        if metrics_file.is_file() and (folder / "model_index.json").is_file():
+            logger.info("stage %d (%s) already finished: %s", index + 1, category, folder)
+            rows.append(json.loads(metrics_file.read_text()))
+            previous = str(folder)
+            continue
+        stage_opts = dataclasses.replace(
+            opts, pretrained_model_name_or_path=previous, output_dir=str(folder), instance_category=category,
+            max_train_steps=opts.steps_per_stage, resume_from_checkpoint="latest",
+            instance_prompt=opts.instance_prompt.format(category=category_words(category)),
+            validation_prompt=[p.format(category=category_words(category)) for p in opts.validation_prompt],
+        )
+        if index == 0 and accelerator.is_main_process:
+            write_json(out / "run_config.json", dataclasses.asdict(opts))
+        task = DreamBoothTask(stage_opts, accelerator)
+        if index == 0 and not (out / "base_metrics.json").is_file():
+            base = {"name": "base", "loss": _heldout_losses(task, task.model, opts, stages)}
+            if accelerator.is_main_process:
+                write_json(out / "base_metrics.json", base)
+        status = train(task, stage_opts, accelerator, f"dreambooth_sequential/{category}")
+        if status != 0:
+            return status
+        row = {"name": f"{index + 1}: {category}", "stage": index + 1, "category": category,
+               "loss": _heldout_losses(task, task.model, opts, stages[: index + 1])}
+        if accelerator.is_main_process:
+            write_json(metrics_file, row)
+        rows.append(row)
+        previous = str(folder)
+        reset_accelerator(accelerator)
+        del task
+    base_file = out / "base_metrics.json"
+    base_row = [json.loads(base_file.read_text())] if base_file.is_file() else []
+    forgetting = {}
+    for index, category in enumerate(stages):
+        after_own = rows[index]["loss"].get(category)
+        final = rows[-1]["loss"].get(category)
+        if after_own is not None and final is not None:
+            forgetting[category] = final - after_own
+    report = {"stages": stages, "categories": list(dict.fromkeys(stages)), "rows": base_row + rows, "forgetting": forgetting}
+    if accelerator.is_main_process:
+        write_json(out / "sequential_report.json", report)
+        (out / "sequential_report.md").write_text(format_table(report))
+        print(format_table(report), end="")
+        print(f"sequential report: {out / 'sequential_report.md'}")
+    return 0

@@ -1,0 +1,38 @@
+import json
+
+from .conftest import run_script
+
+
+def test_sequential_writes_a_folder_per_stage_and_the_forgetting_table(tiny_models, shard_dir, tmp_path):
+    out = tmp_path / "seq"
+    args = ["--pretrained_model_name_or_path", tiny_models.sd, "--shard_dir", shard_dir, "--output_dir", out,
+            "--stages", "cat,apple", "--steps_per_stage", "4", "--resolution", "64", "--learning_rate", "1e-3",
+            "--validation_steps", "0", "--checkpointing_steps", "0", "--report_to", "none",
+            "--instance_prompt", "a {category} in the style of sks", "--num_heldout_samples", "4"]
+    run_script("train/dreambooth_sequential.py", *args)
+    stages = [out / "stage-01-cat", out / "stage-02-apple"]
+    assert all((s / "model_index.json").is_file() for s in stages)
+    assert json.loads((stages[0] / "run_config.json").read_text())["instance_prompt"] == "a cat in the style of sks"
+    # Stage 2 starts from stage 1's weights, not from the base model.
+    assert json.loads((stages[1] / "run_config.json").read_text())["pretrained_model_name_or_path"] == str(stages[0])
+    report = json.loads((out / "sequential_report.json").read_text())
+    assert [r["name"] for r in report["rows"]] == ["base", "1: cat", "2: apple"]
+    assert set(report["rows"][2]["loss"]) == {"cat", "apple"} and set(report["rows"][1]["loss"]) == {"cat"}
+    assert report["rows"][1]["loss"]["cat"] < report["rows"][0]["loss"]["cat"]  # stage 1 learned its category
+    assert abs(report["forgetting"]["cat"] - (report["rows"][2]["loss"]["cat"] - report["rows"][1]["loss"]["cat"])) < 1e-9
+    table = (out / "sequential_report.md").read_text()
+    assert "| 2: apple |" in table and "| base |" in table
+
+    # Resumable at stage: finished stages are skipped, an unfinished one is trained again.
+    mtime = (stages[0] / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    (stages[1] / "stage_metrics.json").unlink()
+    proc = run_script("train/dreambooth_sequential.py", *args)
+    assert "stage 1 (cat) already finished" in proc.stderr
+    assert (stages[0] / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == mtime
+    assert (stages[1] / "stage_metrics.json").is_file()
+
+
+def test_sequential_needs_stages(tiny_models, shard_dir, tmp_path):
+    proc = run_script("train/dreambooth_sequential.py", "--pretrained_model_name_or_path", tiny_models.sd,
+                      "--shard_dir", shard_dir, "--output_dir", tmp_path, check=False)
+    assert proc.returncode == 2 and "--stages needs at least one category" in proc.stderr
