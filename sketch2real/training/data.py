@@ -55,27 +55,49 @@ class GlobalBatchSampler:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-def load_shard_images(shard_dir: str, split: str, category: str | None, field: str, resolution: int,
-                      num_images: int = 0, seed: int = 0) -> tuple[torch.Tensor, list[dict]]:
-    """Decode (a seeded choice of `num_images` of) a split's images of one category into memory.
+class LazyImages:
+    """Images of a split decoded on demand by index (`images[[3, 7]]`, `images[0:8]`), for large training sets."""
 
-    Returns images [N, 3, R, R] in [-1, 1] and their metadata rows. Instance sets are
-    small (a few to a few hundred images), so holding them makes every step's batch
-    an index lookup: exact resume and world-size-independent batches for free.
+    def __init__(self, samples, field: str, positions: list[int]):
+        self.samples, self.field, self.positions = samples, field, positions
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if isinstance(index, slice):
+            index = list(range(len(self)))[index]
+        if isinstance(index, torch.Tensor):
+            index = index.tolist()
+        if isinstance(index, int):
+            return self.samples[self.positions[index]][self.field]
+        return torch.stack([self.samples[self.positions[i]][self.field] for i in index])
+
+
+def load_shard_images(shard_dir: str, split: str, category: str | list[str] | None, field: str, resolution: int,
+                      num_images: int = 0, seed: int = 0, in_memory: bool = True) -> tuple[torch.Tensor | LazyImages, list[dict]]:
+    """(A seeded choice of `num_images` of) a split's images of some categories, and their metadata.
+
+    Returns images [N, 3, R, R] in [-1, 1] (a tensor, or a `LazyImages` decoding on
+    demand when `in_memory` is False) and rows with each image's key and category.
+    Instance sets are small, so holding them makes every step's batch an index
+    lookup: exact resume and world-size-independent batches for free.
     """
     from sketch2real.cli import UserError
     from sketch2real.shards import ShardSamples
 
-    samples = ShardSamples(shard_dir, split, fields=(field,), resolution=resolution,
-                           categories=[category] if category else None)
+    categories = [category] if isinstance(category, str) else (category or None)
+    samples = ShardSamples(shard_dir, split, fields=(field,), resolution=resolution, categories=categories)
     if len(samples) == 0:
         raise UserError(f"no {field} images for category {category!r} in split {split!r} of {shard_dir}")
     chosen = list(range(len(samples)))
     if num_images and num_images < len(chosen):
         generator = torch.Generator().manual_seed(derive_seed(seed, "instances", category))
         chosen = sorted(torch.randperm(len(chosen), generator=generator)[:num_images].tolist())
-    items = [samples[i] for i in chosen]
-    return torch.stack([it[field] for it in items]), [it["meta"] for it in items]
+    metas = [{"key": samples.refs[i].key, "category": samples.refs[i].category} for i in chosen]
+    if not in_memory:
+        return LazyImages(samples, field, chosen), metas
+    return torch.stack([samples[i][field] for i in chosen]), metas
 
 
 def load_folder_images(folder: str, resolution: int, num_images: int = 0) -> torch.Tensor:

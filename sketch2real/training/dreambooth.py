@@ -13,19 +13,11 @@ import torch
 
 from sketch2real.cli import UserError, option
 from sketch2real.io import atomic_path
-from sketch2real.models import SDComponents, dtype_for, load_sd_components
-from sketch2real.training.accelerator import configure_attention
-from sketch2real.training.data import GlobalBatchSampler, load_folder_images, load_shard_images
-from sketch2real.training.diffusion import (
-    derive_seed,
-    diffusion_loss,
-    encode_latents,
-    noisy_latents_and_target,
-    step_noise,
-    tokenize,
-)
+from sketch2real.models import SDComponents, dtype_for
+from sketch2real.training.data import load_folder_images, load_shard_images
+from sketch2real.training.diffusion import derive_seed, tokenize
 from sketch2real.training.options import TrainOptions
-from sketch2real.training.validation import heldout_denoising_loss, log_image, validation_mosaic
+from sketch2real.training.task import DiffusionTask
 
 logger = logging.getLogger("sketch2real")
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
@@ -126,17 +118,12 @@ def ensure_class_images(accelerator, opts: DreamBoothOptions) -> None:
     accelerator.wait_for_everyone()
 
 
-class DreamBoothTask:
+class DreamBoothTask(DiffusionTask):
     """DreamBooth's part of the loop: its model, its batches and loss, its outputs."""
 
     def __init__(self, opts: DreamBoothOptions, accelerator, components: SDComponents | None = None):
-        self.opts, self.accelerator = opts, accelerator
-        device = accelerator.device
-        self.weight_dtype = dtype_for(opts.mixed_precision)
-        self.c = components or load_sd_components(opts.pretrained_model_name_or_path, opts.revision, opts.variant)
-        c = self.c
-        configure_attention(c.unet, opts, device)
-        c.vae.requires_grad_(False).to(device, self.weight_dtype)
+        super().__init__(opts, accelerator, components)
+        c, device = self.c, accelerator.device
         c.text_encoder.requires_grad_(opts.train_text_encoder)
         c.unet.requires_grad_(not opts.lora_rank)
         if opts.lora_rank:
@@ -159,26 +146,22 @@ class DreamBoothTask:
             self.instance_images, _ = load_shard_images(opts.shard_dir, opts.split, opts.instance_category or None,
                                                         opts.instance_image_type, opts.resolution, opts.num_instance_images, opts.seed)
         logger.info("%d instance images", len(self.instance_images))
-        world, rank = accelerator.num_processes, accelerator.process_index
-        self.sampler = GlobalBatchSampler(len(self.instance_images), opts.train_batch_size, world, rank,
-                                          opts.gradient_accumulation_steps, opts.seed, "instance")
+        self.instance_sampler = self.sampler(len(self.instance_images), "instance")
         self.class_images = None
         if opts.with_prior_preservation:
             ensure_class_images(accelerator, opts)
             self.class_images = load_folder_images(opts.class_data_dir, opts.resolution, opts.num_class_images)
-            self.class_sampler = GlobalBatchSampler(len(self.class_images), opts.train_batch_size, world, rank,
-                                                    opts.gradient_accumulation_steps, opts.seed, "class")
+            self.class_sampler = self.sampler(len(self.class_images), "class")
         self.instance_ids = tokenize(c.tokenizer, [opts.instance_prompt]).to(device)
         self.class_ids = tokenize(c.tokenizer, [opts.class_prompt]).to(device) if opts.with_prior_preservation else None
         if not opts.train_text_encoder:
             with torch.no_grad():
                 self.instance_states = c.text_encoder(self.instance_ids)[0]
                 self.class_states = c.text_encoder(self.class_ids)[0] if self.class_ids is not None else None
-        self.latent_shape = (c.vae.config.latent_channels, *(2 * [opts.resolution // 2 ** (len(c.vae.config.block_out_channels) - 1)]))
         self.cached = self._cache_latents(self.instance_images) if opts.cache_latents else None
         self.heldout_images = self._heldout_images()
+        self.heldout_prompts = [opts.instance_prompt] * (len(self.heldout_images) if self.heldout_images is not None else 0)
 
-    # ---- data -------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def _cache_latents(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         means, stds = [], []
@@ -188,9 +171,7 @@ class DreamBoothTask:
             stds.append(dist.std.float())
         return torch.cat(means), torch.cat(stds)
 
-    def _latents(self, images: torch.Tensor, indices: list[int], eps: torch.Tensor) -> torch.Tensor:
-        if self.cached is None:
-            return encode_latents(self.c.vae, images, eps)
+    def _cached_latents(self, indices: list[int], eps: torch.Tensor) -> torch.Tensor:
         mean, std = self.cached[0][indices], self.cached[1][indices]
         return (mean + std * eps.to(mean.device)) * self.c.vae.config.scaling_factor
 
@@ -206,85 +187,37 @@ class DreamBoothTask:
         return images
 
     def samples_per_step(self) -> int:
-        per_rank = self.opts.train_batch_size * (2 if self.class_images is not None else 1)
-        return per_rank * self.accelerator.num_processes * self.opts.gradient_accumulation_steps
+        return super().samples_per_step() * (2 if self.class_images is not None else 1)
 
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
-
-    # ---- loss -------------------------------------------------------------------------------------------------
-    def _part(self, model, sampler, images, step, micro, stream, ids, states, cached: bool):
-        opts, sched = self.opts, self.c.noise_scheduler
-        indices = sampler.rank_indices(step, micro)
-        draw = step_noise(opts.seed, step, micro, sampler.global_batch, sampler.rows, self.latent_shape,
-                          sched.config.num_train_timesteps, opts.noise_offset, stream)
-        batch = images[indices]
-        latents = self._latents(batch, indices, draw.latent_eps) if cached else encode_latents(self.c.vae, batch, draw.latent_eps)
-        noisy, target = noisy_latents_and_target(sched, latents, draw.noise, draw.timesteps)
-        n = len(indices)
-        if opts.train_text_encoder:
-            prediction = model(noisy, draw.timesteps.to(noisy.device), input_ids=ids.expand(n, -1))
+    def _part(self, model, sampler, images, step, micro, stream, ids, states, latents_fn=None):
+        _, noisy, target, timesteps = self.noisy_batch(images, sampler, step, micro, stream, latents_fn)
+        n = noisy.shape[0]
+        if self.opts.train_text_encoder:
+            prediction = model(noisy, timesteps, input_ids=ids.expand(n, -1))
         else:
-            prediction = model(noisy, draw.timesteps.to(noisy.device), encoder_hidden_states=states.expand(n, -1, -1))
-        return diffusion_loss(prediction, target, draw.timesteps, sched, self.opts.snr_gamma).mean()
+            prediction = model(noisy, timesteps, encoder_hidden_states=states.expand(n, -1, -1))
+        return self.loss_of(prediction, target, timesteps)
 
     def loss(self, model, step: int, micro: int) -> torch.Tensor:
-        states = None if self.opts.train_text_encoder else self.instance_states
-        loss = self._part(model, self.sampler, self.instance_images, step, micro, "instance", self.instance_ids, states,
-                          self.cached is not None)
+        frozen_text = not self.opts.train_text_encoder
+        loss = self._part(model, self.instance_sampler, self.instance_images, step, micro, "instance", self.instance_ids,
+                          self.instance_states if frozen_text else None,
+                          self._cached_latents if self.cached is not None else None)
         if self.class_images is not None:
-            class_states = None if self.opts.train_text_encoder else self.class_states
             prior = self._part(model, self.class_sampler, self.class_images, step, micro, "class", self.class_ids,
-                               class_states, False)
+                               self.class_states if frozen_text else None)
             loss = loss + self.opts.prior_loss_weight * prior
         return loss
 
-    # ---- validation and outputs ---------------------------------------------------------------------------------
-    def _text_encoder(self, model):
+    def unet_of(self, model):
+        return self.accelerator.unwrap_model(model).unet
+
+    def text_encoder_of(self, model):
         unwrapped = self.accelerator.unwrap_model(model)
         return unwrapped.text_encoder if unwrapped.text_encoder is not None else self.c.text_encoder
 
-    def predictor(self, model):
-        """(noisy, timesteps, prompts) -> prediction with the current weights, for held-out losses."""
-        unwrapped = self.accelerator.unwrap_model(model)
-        text_encoder = self._text_encoder(model)
-
-        def predict(noisy, timesteps, prompts):
-            with self.accelerator.autocast():
-                states = text_encoder(tokenize(self.c.tokenizer, prompts).to(noisy.device))[0]
-                return unwrapped.unet(noisy, timesteps, states).sample
-
-        return predict
-
-    def pipeline(self, model):
-        from diffusers import PNDMScheduler, StableDiffusionPipeline
-
-        unwrapped = self.accelerator.unwrap_model(model)
-        scheduler = PNDMScheduler.from_config(self.c.noise_scheduler.config, skip_prk_steps=True)
-        return StableDiffusionPipeline(vae=self.c.vae, text_encoder=self._text_encoder(model), tokenizer=self.c.tokenizer,
-                                       unet=unwrapped.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-
-    def validate(self, accelerator, model, step: int) -> dict[str, float]:
-        opts, logs = self.opts, {}
-        model.eval()
-        if self.heldout_images is not None:
-            prompts = [opts.instance_prompt] * len(self.heldout_images)
-            logs["heldout_loss"] = heldout_denoising_loss(self.predictor(model), self.c.vae, self.c.noise_scheduler,
-                                                          self.heldout_images, prompts, opts.seed)
-        prompts = opts.validation_prompt or [opts.instance_prompt]
-        if opts.num_validation_images:
-            with accelerator.autocast():
-                grid = validation_mosaic(self.pipeline(model), prompts, opts.num_validation_images, opts.seed, opts.resolution,
-                                         opts.validation_inference_steps, Path(opts.output_dir) / "validation" / "tmp.png")
-            if accelerator.is_main_process:
-                (Path(opts.output_dir) / "validation" / "tmp.png").replace(Path(opts.output_dir) / "validation" / f"step-{step:06d}.png")
-                log_image(accelerator, "validation", grid, step)
-        model.train()
-        return logs
-
-    def on_checkpoint(self, accelerator, model, step: int) -> None:
-        pass
+    def validation_prompts(self) -> list[str]:
+        return list(self.opts.validation_prompt) or [self.opts.instance_prompt]
 
     def save_final(self, accelerator, model) -> None:
         """LoRA: `pytorch_lora_weights.safetensors`; full: a diffusers pipeline at --output_dir."""
@@ -299,8 +232,7 @@ class DreamBoothTask:
             from diffusers.utils import convert_state_dict_to_diffusers
             from peft.utils import get_peft_model_state_dict
 
-            unet = accelerator.unwrap_model(model).unet
-            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet_of(model)))
             StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers, safe_serialization=True)
         else:
             save_pipeline(opts, state, out)

@@ -1,0 +1,119 @@
+"""What DreamBooth, Textual Inversion and ControlNet share on top of the loop: the frozen parts,
+the step's noisy latents, validation (held-out loss + mosaic) and the inference pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from sketch2real.models import SDComponents, dtype_for, load_sd_components
+from sketch2real.training.accelerator import configure_attention
+from sketch2real.training.data import GlobalBatchSampler
+from sketch2real.training.diffusion import diffusion_loss, encode_latents, noisy_latents_and_target, step_noise, tokenize
+from sketch2real.training.validation import heldout_denoising_loss, log_image, validation_mosaic
+
+
+class DiffusionTask:
+    """Base of the trainers' tasks. Subclasses set `self.model` and say where the UNet and text encoder live."""
+
+    model: torch.nn.Module
+    heldout_images: torch.Tensor | None = None
+    heldout_prompts: list[str] = []
+
+    def __init__(self, opts, accelerator, components: SDComponents | None = None):
+        self.opts, self.accelerator = opts, accelerator
+        self.weight_dtype = dtype_for(opts.mixed_precision)
+        self.c = components or load_sd_components(opts.pretrained_model_name_or_path, opts.revision, opts.variant)
+        configure_attention(self.c.unet, opts, accelerator.device)
+        self.c.vae.requires_grad_(False).to(accelerator.device, self.weight_dtype)
+        side = opts.resolution // 2 ** (len(self.c.vae.config.block_out_channels) - 1)
+        self.latent_shape = (self.c.vae.config.latent_channels, side, side)
+
+    # ---- subclasses ---------------------------------------------------------------------------------------------
+    def unet_of(self, model):
+        return self.c.unet
+
+    def text_encoder_of(self, model):
+        return self.c.text_encoder
+
+    def prompt_transform(self, prompt: str) -> str:
+        return prompt
+
+    # ---- shared pieces ------------------------------------------------------------------------------------------
+    def sampler(self, size: int, stream: str) -> GlobalBatchSampler:
+        o = self.opts
+        return GlobalBatchSampler(size, o.train_batch_size, self.accelerator.num_processes, self.accelerator.process_index,
+                                  o.gradient_accumulation_steps, o.seed, stream)
+
+    def noisy_batch(self, images, sampler: GlobalBatchSampler, step: int, micro: int, stream: str, latents_fn=None):
+        """(indices, noisy latents, target, timesteps) of this rank's rows of the step's global batch."""
+        sched = self.c.noise_scheduler
+        indices = sampler.rank_indices(step, micro)
+        draw = step_noise(self.opts.seed, step, micro, sampler.global_batch, sampler.rows, self.latent_shape,
+                          sched.config.num_train_timesteps, self.opts.noise_offset, stream)
+        if latents_fn is not None:
+            latents = latents_fn(indices, draw.latent_eps)
+        else:
+            latents = encode_latents(self.c.vae, images[indices], draw.latent_eps)
+        noisy, target = noisy_latents_and_target(sched, latents, draw.noise, draw.timesteps)
+        return indices, noisy, target, draw.timesteps.to(noisy.device)
+
+    def loss_of(self, prediction, target, timesteps) -> torch.Tensor:
+        return diffusion_loss(prediction, target, timesteps, self.c.noise_scheduler, self.opts.snr_gamma).mean()
+
+    def encode_text(self, text_encoder, prompts: list[str]) -> torch.Tensor:
+        ids = tokenize(self.c.tokenizer, [self.prompt_transform(p) for p in prompts]).to(self.accelerator.device)
+        return text_encoder(ids)[0]
+
+    def samples_per_step(self) -> int:
+        o = self.opts
+        return o.train_batch_size * self.accelerator.num_processes * o.gradient_accumulation_steps
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def predictor(self, model):
+        """(noisy, timesteps, prompts) -> prediction with the current weights (held-out losses)."""
+        unet, text_encoder = self.unet_of(model), self.text_encoder_of(model)
+
+        def predict(noisy, timesteps, prompts):
+            with self.accelerator.autocast():
+                return unet(noisy, timesteps, self.encode_text(text_encoder, prompts)).sample
+
+        return predict
+
+    def pipeline(self, model):
+        from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+        scheduler = PNDMScheduler.from_config(self.c.noise_scheduler.config, skip_prk_steps=True)
+        return StableDiffusionPipeline(vae=self.c.vae, text_encoder=self.text_encoder_of(model), tokenizer=self.c.tokenizer,
+                                       unet=self.unet_of(model), scheduler=scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+
+    def validation_prompts(self) -> list[str]:
+        return list(self.opts.validation_prompt)
+
+    def validate(self, accelerator, model, step: int) -> dict[str, float]:
+        opts, logs = self.opts, {}
+        model.eval()
+        if self.heldout_images is not None:
+            logs["heldout_loss"] = heldout_denoising_loss(self.predictor(model), self.c.vae, self.c.noise_scheduler,
+                                                          self.heldout_images, self.heldout_prompts, opts.seed)
+        prompts = [self.prompt_transform(p) for p in self.validation_prompts()]
+        if opts.num_validation_images and prompts:
+            folder = Path(opts.output_dir) / "validation"
+            tmp = folder / f".rank{accelerator.process_index}.png"
+            with accelerator.autocast():
+                grid = validation_mosaic(self.pipeline(model), prompts, opts.num_validation_images, opts.seed,
+                                         opts.resolution, opts.validation_inference_steps, tmp)
+            if accelerator.is_main_process:
+                tmp.replace(folder / f"step-{step:06d}.png")
+                log_image(accelerator, "validation", grid, step)
+            else:
+                tmp.unlink(missing_ok=True)
+        model.train()
+        return logs
+
+    def on_checkpoint(self, accelerator, model, step: int) -> None:
+        pass
