@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,3 +68,19 @@ def load_sd_components(name_or_path: str, revision: str | None = None, variant: 
 def dtype_for(mixed_precision: str) -> torch.dtype:
     """The weight dtype of frozen modules for a `--mixed_precision` value."""
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def write_pipeline(pipe: Any, out: str | os.PathLike) -> None:
+    """`pipe.save_pretrained` into `out` so that a kill never leaves a pipeline that loads half-written.
+
+    Files go to a temp folder inside `out` and are moved in, model_index.json last.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".pipeline-") as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        for entry in sorted(Path(tmp).iterdir(), key=lambda p: p.name == "model_index.json"):
+            target = out / entry.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            shutil.move(str(entry), str(target))

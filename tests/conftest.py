@@ -69,10 +69,12 @@ def shard_dir(splits_dir, sketchy_root, tmp_path_factory) -> Path:
 def launch(script: str, *args: str, num_processes: int = 2, deepspeed_config: str | None = None, check: bool = True,
            timeout: int = 600) -> subprocess.CompletedProcess:
     """`accelerate launch` a repo script with real CPU processes (DDP over gloo, or DeepSpeed)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    if deepspeed_config:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if deepspeed_config:  # ACCELERATE_USE_CPU would silently turn DeepSpeed off
+        env.pop("ACCELERATE_USE_CPU", None)
         head = ["--config_file", str(REPO / deepspeed_config), "--num_processes", str(num_processes), "--mixed_precision", "no"]
     else:
+        env["ACCELERATE_USE_CPU"] = "1"
         head = ["--config_file", str(REPO / "accelerate_configs/cpu.yaml"), "--num_processes", str(num_processes)]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *head, str(REPO / script), *map(str, args)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)

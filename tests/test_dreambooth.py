@@ -111,14 +111,16 @@ def test_two_process_ddp_matches_one_process(db_args, tmp_path, tiny_models):
 def test_deepspeed_zero2_trains_text_encoder_and_saves_a_pipeline(db_args, tmp_path, tiny_models):
     out = tmp_path / "ds"
     launch("train/dreambooth.py", *db_args, "--output_dir", out, "--max_train_steps", "3", "--train_text_encoder",
-           deepspeed_config="accelerate_configs/deepspeed_zero2.yaml")
+           "--checkpointing_steps", "2", deepspeed_config="accelerate_configs/deepspeed_zero2.yaml")
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(out)
     trained = pipe.text_encoder.state_dict()
     base = StableDiffusionPipeline.from_pretrained(tiny_models.sd).text_encoder.state_dict()
     assert any(not torch.equal(trained[k], base[k]) for k in base)
-    assert json.loads((out / "metrics.json").read_text())["num_processes"] == 2
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_processes"] == 2 and metrics["distributed_type"] == "DEEPSPEED"
+    assert (out / "checkpoint-2" / "pytorch_model").is_dir()  # DeepSpeed's own sharded checkpoint
 
 
 def test_lora_weights_load_in_plain_diffusers_and_change_the_output(db_args, tmp_path, tiny_models):

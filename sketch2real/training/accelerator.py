@@ -34,7 +34,6 @@ def make_accelerator(opts, train_batch_size: int | None = None):
         log_with=report_to,
         project_config=ProjectConfiguration(project_dir=opts.output_dir, logging_dir=str(Path(opts.output_dir) / opts.logging_dir)),
         kwargs_handlers=kwargs_handlers,
-        cpu=on_cpu,
     )
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:

@@ -4,8 +4,6 @@ optional text-encoder training (also under DeepSpeed), LoRA adapters."""
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import torch
 
 from sketch2real.cli import UserError, option
 from sketch2real.io import atomic_path
-from sketch2real.models import SDComponents, dtype_for
+from sketch2real.models import SDComponents, dtype_for, load, write_pipeline
 from sketch2real.training.data import load_folder_images, load_shard_images
 from sketch2real.training.diffusion import derive_seed, tokenize
 from sketch2real.training.options import TrainOptions
@@ -82,7 +80,6 @@ def ensure_class_images(accelerator, opts: DreamBoothOptions) -> None:
     from diffusers import StableDiffusionPipeline
     from tqdm.auto import tqdm
 
-    from sketch2real.models import load
     from sketch2real.training.data import IMAGE_SUFFIXES
 
     folder = Path(opts.class_data_dir)
@@ -243,12 +240,9 @@ def save_pipeline(opts: TrainOptions, state: dict[str, torch.Tensor], out: Path)
     """Write base pipeline + trained weights (`unet.*`, `text_encoder.*` in `state`) at `out`.
 
     Fresh modules are loaded from the base and given the consolidated state, which
-    works the same for DDP, ZeRO-2 and ZeRO-3. Files are written to a temp folder
-    and moved in with model_index.json last, so a half-saved pipeline never loads.
+    works the same for DDP, ZeRO-2 and ZeRO-3.
     """
     from diffusers import StableDiffusionPipeline
-
-    from sketch2real.models import load
 
     pipe = load(StableDiffusionPipeline, opts.pretrained_model_name_or_path, "model", safety_checker=None,
                 requires_safety_checker=False, revision=opts.revision, variant=opts.variant)
@@ -256,12 +250,4 @@ def save_pipeline(opts: TrainOptions, state: dict[str, torch.Tensor], out: Path)
         part = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")}
         if part:
             getattr(pipe, name).load_state_dict({k: v.float() for k, v in part.items()})
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out, prefix=".pipeline-") as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        entries = sorted(Path(tmp).iterdir(), key=lambda p: p.name == "model_index.json")
-        for entry in entries:
-            target = out / entry.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            shutil.move(str(entry), str(target))
+    write_pipeline(pipe, out)

@@ -172,6 +172,7 @@ def train(task: Task, opts, accelerator, project_name: str) -> int:
         "steps_per_second": steps_done / elapsed if elapsed > 0 else 0.0,
         "peak_memory_mb": peak_memory_mb(accelerator.device),
         "num_processes": accelerator.num_processes,
+        "distributed_type": str(accelerator.distributed_type).split(".")[-1],
         **{k: v for k, v in {**logs, **final_logs}.items() if k not in ("loss", "lr")},
     }
     if accelerator.is_main_process:

@@ -1,0 +1,219 @@
+"""Textual Inversion: a new token (e.g. <sketch>) learns the Sketchy sketch style.
+
+Only the new embedding rows are parameters: the base token embedding stays a frozen
+module, and a small `new_rows` tensor is looked up for ids past the base vocabulary.
+No whole-matrix gradient, no restoring of old rows, and the optimizer (also under
+DDP and DeepSpeed) holds state for `num_vectors x hidden` numbers only.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from sketch2real.cli import UserError, option
+from sketch2real.io import atomic_path
+from sketch2real.models import SDComponents
+from sketch2real.sketchy import category_words
+from sketch2real.training.data import load_folder_images, load_shard_images
+from sketch2real.training.diffusion import derive_seed
+from sketch2real.training.options import TrainOptions
+from sketch2real.training.task import DiffusionTask
+
+logger = logging.getLogger("sketch2real")
+
+STYLE_TEMPLATES = [
+    "a {category} in the style of {token}",
+    "a drawing of a {category} in the style of {token}",
+    "a rendering of a {category} in the style of {token}",
+    "a picture of a {category} in the style of {token}",
+    "a {token} of a {category}",
+    "a simple {category}, {token}",
+]
+OBJECT_TEMPLATES = [
+    "a photo of a {token}",
+    "a rendering of a {token}",
+    "a close-up photo of a {token}",
+    "a drawing of the {token}",
+    "a good photo of a {token}",
+]
+
+
+@dataclass(kw_only=True)
+class TextualInversionOptions(TrainOptions):
+    """Textual Inversion: learn a placeholder token for the sketch style (or an object)."""
+
+    placeholder_token: str = option("<sketch>", help="the new token")
+    num_vectors: int = option(1, help="embedding vectors behind the token")
+    initializer_token: str = option("sketch", help="word(s) whose embeddings (averaged) start the new vectors")
+    learnable_property: str = option("style", help="style ('a {category} in the style of {token}') or object")
+    categories: list[str] = option([], help="only these categories from the shards (default: all)")
+    instance_image_type: str = option("sketch", help="sketch or photo")
+    train_data_dir: str = option("", help="a folder of training images instead of shards")
+    num_instance_images: int = option(0, help="seeded choice of this many training images (0: all)")
+    save_as_full_pipeline: bool = option(False, help="also save a full diffusers pipeline with the token added")
+    learning_rate: float = option(5e-4, help="initial learning rate (after warmup)")
+    adam_weight_decay: float = option(0.0, help="AdamW weight decay (0: keeps the embedding's norm)")
+
+    def check(self) -> None:
+        super().check()
+        if self.num_vectors < 1:
+            raise UserError(f"--num_vectors must be at least 1, got {self.num_vectors}")
+        if self.learnable_property not in ("style", "object"):
+            raise UserError(f"--learnable_property must be style or object, got {self.learnable_property!r}")
+        if self.instance_image_type not in ("sketch", "photo"):
+            raise UserError(f"--instance_image_type must be sketch or photo, got {self.instance_image_type!r}")
+        if not self.train_data_dir and not self.shard_dir:
+            raise UserError("give --shard_dir or --train_data_dir")
+
+
+class PlaceholderEmbedding(torch.nn.Module):
+    """A frozen base embedding plus trainable rows for the ids appended after it."""
+
+    def __init__(self, base: torch.nn.Embedding, initial_rows: torch.Tensor):
+        super().__init__()
+        self.base = base
+        self.base_size = base.num_embeddings
+        self.new_rows = torch.nn.Parameter(initial_rows.clone().float())
+
+    @property
+    def weight(self) -> torch.Tensor:  # what get_input_embeddings().weight readers expect
+        return torch.cat([self.base.weight, self.new_rows.to(self.base.weight.dtype)])
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        is_new = input_ids >= self.base_size
+        embedded = self.base(input_ids.clamp(max=self.base_size - 1))
+        new = self.new_rows.to(embedded.dtype)[(input_ids - self.base_size).clamp(min=0)]
+        return torch.where(is_new.unsqueeze(-1), new, embedded)
+
+
+def placeholder_tokens(token: str, num_vectors: int) -> list[str]:
+    """diffusers' naming for multi-vector tokens: <t>, <t>_1, <t>_2, ..."""
+    return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
+
+
+def initializer_ids(tokenizer, words: str) -> list[int]:
+    """Token ids of the initializer words; each word must be one token of the vocabulary."""
+    ids = []
+    for word in words.split():
+        pieces = tokenizer.tokenize(word)
+        if len(pieces) != 1:
+            raise UserError(f"initializer token {word!r} is not a single token of the vocabulary (it splits into "
+                            f"{' '.join(pieces)}); pick a common word, or several words")
+        ids.append(tokenizer.convert_tokens_to_ids(pieces[0]))
+    if not ids:
+        raise UserError("--initializer_token is empty")
+    return ids
+
+
+class TextualInversionTask(DiffusionTask):
+    """Textual Inversion's part of the loop."""
+
+    def __init__(self, opts: TextualInversionOptions, accelerator, components: SDComponents | None = None):
+        super().__init__(opts, accelerator, components)
+        c, device = self.c, accelerator.device
+        self.tokens = placeholder_tokens(opts.placeholder_token, opts.num_vectors)
+        vocab = c.tokenizer.get_vocab()
+        clash = [t for t in self.tokens if t in vocab or c.tokenizer.tokenize(t) == [t + "</w>"]]
+        if clash:
+            raise UserError(f"placeholder token {clash[0]!r} is already in the vocabulary; choose another --placeholder_token")
+        init = initializer_ids(c.tokenizer, opts.initializer_token)
+        c.tokenizer.add_tokens(self.tokens)
+        self.token_ids = c.tokenizer.convert_tokens_to_ids(self.tokens)
+        base = c.text_encoder.get_input_embeddings()
+        if self.token_ids[0] != base.num_embeddings:
+            raise UserError("the tokenizer and text encoder vocabularies differ in size; cannot append the placeholder")
+        start = base.weight.detach()[init].float().mean(0)
+        c.text_encoder.requires_grad_(False)
+        c.unet.requires_grad_(False).to(device, self.weight_dtype)
+        c.text_encoder.to(device, self.weight_dtype)
+        self.embedding = PlaceholderEmbedding(base, start.expand(opts.num_vectors, -1))
+        c.text_encoder.set_input_embeddings(self.embedding)
+        if opts.gradient_checkpointing:
+            c.unet.enable_gradient_checkpointing()
+            c.text_encoder.gradient_checkpointing_enable()
+        self.model = c.text_encoder  # DDP/DeepSpeed see one module whose only parameter needing grad is new_rows
+
+        if opts.train_data_dir:
+            self.images = load_folder_images(opts.train_data_dir, opts.resolution, opts.num_instance_images)
+            self.categories = [""] * len(self.images)
+        else:
+            self.images, metas = load_shard_images(opts.shard_dir, opts.split, opts.categories or None, opts.instance_image_type,
+                                                   opts.resolution, opts.num_instance_images, opts.seed, in_memory=False)
+            self.categories = [m["category"] for m in metas]
+        logger.info("%d training images", len(self.images))
+        self.data_sampler = self.sampler(len(self.images), "data")
+        self.heldout_images, self.heldout_prompts = self._heldout()
+
+    def _heldout(self) -> tuple[torch.Tensor | None, list[str]]:
+        opts = self.opts
+        if not opts.num_heldout_samples or not opts.shard_dir:
+            return None, []
+        try:
+            images, metas = load_shard_images(opts.shard_dir, opts.validation_split, opts.categories or None,
+                                              opts.instance_image_type, opts.resolution, opts.num_heldout_samples, opts.seed)
+        except UserError:
+            return None, []
+        return images, [self.prompt_for(m["category"], i) for i, m in enumerate(metas)]
+
+    def prompt_for(self, category: str, choice: int) -> str:
+        templates = STYLE_TEMPLATES if self.opts.learnable_property == "style" else OBJECT_TEMPLATES
+        template = templates[choice % len(templates)]
+        return template.format(category=category_words(category) if category else "thing", token=self.opts.placeholder_token)
+
+    def prompt_transform(self, prompt: str) -> str:
+        """Spell out a multi-vector token as diffusers' load_textual_inversion does: '<t>' -> '<t> <t>_1 ...'."""
+        return prompt.replace(self.opts.placeholder_token, " ".join(self.tokens)) if len(self.tokens) > 1 else prompt
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [self.embedding.new_rows]
+
+    def loss(self, model, step: int, micro: int) -> torch.Tensor:
+        indices, noisy, target, timesteps = self.noisy_batch(self.images, self.data_sampler, step, micro, "data")
+        prompts = [self.prompt_for(self.categories[i], derive_seed(self.opts.seed, "template", step, i)) for i in indices]
+        states = self.encode_text(model, prompts)
+        prediction = self.c.unet(noisy, timesteps, states).sample
+        return self.loss_of(prediction, target, timesteps)
+
+    def text_encoder_of(self, model):
+        return self.accelerator.unwrap_model(model)
+
+    def validation_prompts(self) -> list[str]:
+        if self.opts.validation_prompt:
+            return list(self.opts.validation_prompt)
+        categories = sorted(set(self.categories))[:2] or [""]
+        return [self.prompt_for(c, 0) for c in categories]
+
+    def learned_embeds(self) -> dict[str, torch.Tensor]:
+        """diffusers' format: {placeholder token: [num_vectors, hidden]} (load_textual_inversion reads it)."""
+        return {self.opts.placeholder_token: self.embedding.new_rows.detach().float().cpu().clone()}
+
+    def _write_embeds(self, name: str) -> None:
+        with atomic_path(Path(self.opts.output_dir) / name) as tmp:
+            save_file(self.learned_embeds(), str(tmp))
+
+    def on_checkpoint(self, accelerator, model, step: int) -> None:
+        if accelerator.is_main_process:
+            self._write_embeds(f"learned_embeds-steps-{step}.safetensors")
+
+    def save_final(self, accelerator, model) -> None:
+        if accelerator.is_main_process:
+            self._write_embeds("learned_embeds.safetensors")
+            if self.opts.save_as_full_pipeline:
+                self._save_pipeline()
+        accelerator.wait_for_everyone()
+
+    def _save_pipeline(self) -> None:
+        """Base pipeline with the token appended: every other weight and row is the base's, bit for bit."""
+        from diffusers import StableDiffusionPipeline
+
+        from sketch2real.models import load, write_pipeline
+
+        pipe = load(StableDiffusionPipeline, self.opts.pretrained_model_name_or_path, "model", safety_checker=None,
+                    requires_safety_checker=False, revision=self.opts.revision, variant=self.opts.variant)
+        pipe.load_textual_inversion(self.learned_embeds(), token=self.opts.placeholder_token)
+        write_pipeline(pipe, self.opts.output_dir)

@@ -1,0 +1,110 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from .conftest import launch, run_script
+
+
+@pytest.fixture
+def ti_args(tiny_models, shard_dir):
+    return ["--pretrained_model_name_or_path", tiny_models.sd, "--shard_dir", shard_dir, "--resolution", "64",
+            "--learning_rate", "5e-2", "--validation_steps", "0", "--checkpointing_steps", "0", "--report_to", "none"]
+
+
+def _style_loss(pipe, shard_dir) -> float:
+    from diffusers import DDPMScheduler
+
+    from sketch2real.training.data import load_shard_images
+    from sketch2real.training.diffusion import tokenize
+    from sketch2real.training.validation import heldout_denoising_loss
+
+    images, _ = load_shard_images(str(shard_dir), "train", "cat", "sketch", 64)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+
+    def predict(noisy, timesteps, prompts):
+        return pipe.unet(noisy, timesteps, pipe.text_encoder(tokenize(pipe.tokenizer, prompts))[0]).sample
+
+    with torch.no_grad():
+        return heldout_denoising_loss(predict, pipe.vae, scheduler, images, ["a cat in the style of <sketch>"] * len(images), seed=5)
+
+
+def test_only_the_new_rows_train_and_the_token_works_in_plain_diffusers(ti_args, tiny_models, shard_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "ti"
+    run_script("train/textual_inversion.py", *ti_args, "--output_dir", out, "--max_train_steps", "40",
+               "--train_batch_size", "4", "--categories", "cat", "--save_as_full_pipeline", "--checkpointing_steps", "20")
+    embeds = load_file(out / "learned_embeds.safetensors")
+    assert list(embeds) == ["<sketch>"] and embeds["<sketch>"].shape == (1, 32)
+    assert (out / "learned_embeds-steps-20.safetensors").is_file()
+
+    base = StableDiffusionPipeline.from_pretrained(tiny_models.sd)
+    full = StableDiffusionPipeline.from_pretrained(out)
+    vocab = len(base.tokenizer)
+    base_te, full_te = base.text_encoder.state_dict(), full.text_encoder.state_dict()
+    for name, tensor in base_te.items():
+        if tensor.shape[0] == vocab and "embed" in name:  # the token embedding: old rows bitwise equal, one row added
+            assert full_te[name].shape[0] == vocab + 1 and torch.equal(full_te[name][:vocab], tensor)
+            assert torch.equal(full_te[name][vocab], embeds["<sketch>"][0])
+        else:
+            assert torch.equal(full_te[name], tensor), name
+    for module in ("unet", "vae"):
+        a, b = getattr(base, module).state_dict(), getattr(full, module).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # Loaded into a plain pipeline, the token lowers the style loss compared with its initial value and changes images.
+    initial = base.text_encoder.get_input_embeddings().weight[base.tokenizer.convert_tokens_to_ids("sketch</w>")].detach()
+    start = StableDiffusionPipeline.from_pretrained(tiny_models.sd)
+    start.load_textual_inversion({"<sketch>": initial[None].clone()}, token="<sketch>")
+    trained = StableDiffusionPipeline.from_pretrained(tiny_models.sd)
+    trained.load_textual_inversion(out / "learned_embeds.safetensors")
+    assert _style_loss(trained, shard_dir) < _style_loss(start, shard_dir)
+    kwargs = dict(height=64, width=64, num_inference_steps=3, output_type="np", guidance_scale=7.5)
+    for pipe in (start, trained):
+        pipe.set_progress_bar_config(disable=True)
+    a = start("a cat in the style of <sketch>", generator=torch.Generator().manual_seed(0), **kwargs).images
+    b = trained("a cat in the style of <sketch>", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert abs(a - b).max() > 1e-4
+
+
+def test_multi_vector_resume_is_exact(ti_args, tmp_path):
+    import shutil
+
+    common = [*ti_args, "--max_train_steps", "6", "--checkpointing_steps", "3", "--num_vectors", "2"]
+    run_script("train/textual_inversion.py", *common, "--output_dir", tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    shutil.copytree(tmp_path / "a" / "checkpoint-3", tmp_path / "b" / "checkpoint-3")
+    run_script("train/textual_inversion.py", *common, "--output_dir", tmp_path / "b", "--resume_from_checkpoint", "latest")
+    a, b = load_file(tmp_path / "a" / "learned_embeds.safetensors"), load_file(tmp_path / "b" / "learned_embeds.safetensors")
+    assert a["<sketch>"].shape == (2, 32) and torch.equal(a["<sketch>"], b["<sketch>"])
+
+
+@pytest.mark.parametrize("deepspeed", [None, "accelerate_configs/deepspeed_zero2.yaml"])
+def test_two_processes_agree_with_one(ti_args, tmp_path, deepspeed):
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_script("train/textual_inversion.py", *ti_args, "--output_dir", one, "--max_train_steps", "4", "--train_batch_size", "2")
+    launch("train/textual_inversion.py", *ti_args, "--output_dir", two, "--max_train_steps", "4", "--train_batch_size", "1",
+           deepspeed_config=deepspeed)
+    metrics = json.loads((two / "metrics.json").read_text())
+    assert metrics["num_processes"] == 2
+    assert metrics["distributed_type"] == ("DEEPSPEED" if deepspeed else "MULTI_CPU")
+    a, b = load_file(one / "learned_embeds.safetensors")["<sketch>"], load_file(two / "learned_embeds.safetensors")["<sketch>"]
+    assert (a - b).norm() / a.norm() < 1e-3
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--placeholder_token", "cat"], "already in the vocabulary"),
+        (["--initializer_token", "qxzvw"], "is not a single token"),
+        (["--num_vectors", "0"], "--num_vectors must be at least 1"),
+        (["--learnable_property", "texture"], "--learnable_property must be"),
+        (["--categories", "unicorn"], "unknown category 'unicorn'"),
+    ],
+)
+def test_bad_flags(ti_args, tmp_path, extra, message):
+    proc = run_script("train/textual_inversion.py", *ti_args, "--output_dir", tmp_path, "--max_train_steps", "1", *extra,
+                      check=False)
+    assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1], proc.stderr[-1500:]

@@ -1,0 +1,17 @@
+"""Textual Inversion of the Sketchy sketch style: `accelerate launch train/textual_inversion.py --help`."""
+
+from sketch2real.cli import parse_options, run_main
+from sketch2real.training.accelerator import make_accelerator
+from sketch2real.training.loop import train
+from sketch2real.training.textual_inversion import TextualInversionOptions, TextualInversionTask
+
+
+def main() -> int:
+    opts = parse_options(TextualInversionOptions)
+    opts.check()
+    accelerator = make_accelerator(opts)
+    return train(TextualInversionTask(opts, accelerator), opts, accelerator, "textual_inversion")
+
+
+if __name__ == "__main__":
+    run_main(main)
