@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The whole pipeline on its embedded default: tiny offline models + a synthetic Sketchy release, on CPU.
+# Usage: bash scripts/demo.sh [OUTPUT_DIR]   (default: demo/)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-demo}
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export TORCH_HOME="$OUT/tiny_models/torch_home"
+PY=${PYTHON:-python3}
+COMMON_TRAIN=(--resolution 64 --report_to tensorboard --validation_inference_steps 10 --num_validation_images 2)
+step() { printf '\n== %s\n' "$*"; }
+
+step "tiny models"
+$PY -m sketch2real.tiny --output_dir "$OUT/tiny_models"
+SD="$OUT/tiny_models/tiny-sd"
+
+step "synthetic Sketchy release"
+$PY data_prep/make_synthetic_sketchy.py --output_dir "$OUT/sketchy" --categories airplane apple car_\(sedan\) cat hot-air_balloon \
+  --photos_per_category 10 --sketches_per_photo 3 --test_photos_per_category 2
+
+step "splits"
+$PY data_prep/build_splits.py --sketchy_root "$OUT/sketchy" --output_dir "$OUT/splits" --val_fraction 0.2 --seed 0
+
+step "shards"
+$PY data_prep/make_shards.py --splits_dir "$OUT/splits" --sketchy_root "$OUT/sketchy" --output_dir "$OUT/shards" \
+  --max_samples_per_shard 32 --num_workers 2
+
+step "DreamBooth (cat sketches)"
+$PY train/dreambooth.py --pretrained_model_name_or_path "$SD" --shard_dir "$OUT/shards" --instance_category cat \
+  --instance_prompt "a cat in the style of sks" --output_dir "$OUT/dreambooth_cat" --max_train_steps 60 \
+  --learning_rate 1e-3 --train_batch_size 4 --validation_steps 30 --checkpointing_steps 30 "${COMMON_TRAIN[@]}"
+
+step "sequential DreamBooth (cat, apple, airplane)"
+$PY train/dreambooth_sequential.py --pretrained_model_name_or_path "$SD" --shard_dir "$OUT/shards" \
+  --stages cat,apple,airplane --steps_per_stage 30 --instance_prompt "a {category} in the style of sks" \
+  --output_dir "$OUT/dreambooth_sequential" --learning_rate 1e-3 --train_batch_size 4 --validation_steps 0 \
+  --checkpointing_steps 0 "${COMMON_TRAIN[@]}"
+
+step "Textual Inversion (<sketch> style, all categories)"
+$PY train/textual_inversion.py --pretrained_model_name_or_path "$SD" --shard_dir "$OUT/shards" \
+  --placeholder_token "<sketch>" --initializer_token sketch --output_dir "$OUT/textual_inversion" --max_train_steps 60 \
+  --learning_rate 5e-2 --train_batch_size 4 --validation_steps 30 --checkpointing_steps 30 "${COMMON_TRAIN[@]}"
+
+step "reports"
+echo "split report:        $OUT/splits/report.md"
+echo "forgetting table:    $OUT/dreambooth_sequential/sequential_report.md"
+echo "validation mosaics:  $OUT/dreambooth_cat/validation/ $OUT/textual_inversion/validation/"
