@@ -1,0 +1,244 @@
+"""Batched, data-parallel, resumable image generation with seeds independent of the world size.
+
+Items (key, prompt, category, optional sketch key) are sorted by key and cut into
+batches *before* they are dealt to ranks, so a batch holds the same items on 1, 2
+or 8 processes; each image's generator is seeded from (global seed, key) only.
+Together these make the images bit-identical whatever the number of processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from sketch2real.cli import UserError
+from sketch2real.io import atomic_path, read_jsonl, write_jsonl
+from sketch2real.sketchy import category_words
+from sketch2real.training.diffusion import derive_seed
+
+SCHEDULERS = {
+    "pndm": "PNDMScheduler",
+    "ddim": "DDIMScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+TEMPLATE_FIELDS = {"category", "key", "caption"}
+
+
+@dataclass
+class Item:
+    """One image to generate."""
+
+    key: str
+    prompt: str
+    category: str = ""
+    sample_key: str = ""  # the Sketchy sample (sketch/photo pair) it belongs to, if any
+    extra: dict = field(default_factory=dict)
+
+
+def check_template(template: str) -> None:
+    """A prompt template may use {category}, {key} and {caption}; anything else is an error."""
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as err:
+        raise UserError(f"bad prompt template {template!r}: {err}") from err
+    unknown = sorted(n for n in names if n not in TEMPLATE_FIELDS)
+    if unknown:
+        allowed = ", ".join("{" + f + "}" for f in sorted(TEMPLATE_FIELDS))
+        raise UserError(f"prompt template names unknown field {{{unknown[0]}}}; use {allowed}")
+
+
+def items_from_template(template: str, shard_dir: str, split: str, categories: Sequence[str] | None,
+                        max_per_category: int = 0) -> list[Item]:
+    """One item per sample of a split: the template filled with the sample's category."""
+    from sketch2real.shards import sample_refs
+
+    check_template(template)
+    items, counts = [], {}
+    for ref in sample_refs(shard_dir, split, categories):
+        counts[ref.category] = counts.get(ref.category, 0) + 1
+        if max_per_category and counts[ref.category] > max_per_category:
+            continue
+        prompt = template.format(category=category_words(ref.category), key=ref.key, caption="")
+        items.append(Item(key=ref.key, prompt=prompt, category=ref.category, sample_key=ref.key))
+    return items
+
+
+def items_from_captions(path: str, prompt_ids: Sequence[str] | None, template: str = "{caption}") -> list[Item]:
+    """One item per caption row (key, category, prompt_id, caption) of a captioning JSONL."""
+    if not Path(path).is_file():
+        raise UserError(f"captions file not found: {path}")
+    check_template(template)
+    rows = read_jsonl(path)
+    wanted = set(prompt_ids or [])
+    items = []
+    for row in rows:
+        if wanted and str(row.get("prompt_id")) not in wanted:
+            continue
+        caption = row["caption"].strip()
+        prompt = template.format(caption=caption, category=category_words(row.get("category", "")), key=row["key"])
+        items.append(Item(key=f"{row['key']}/{row['prompt_id']}", prompt=prompt, category=row.get("category", ""),
+                          sample_key=row["key"], extra={"prompt_id": row["prompt_id"]}))
+    if not items:
+        raise UserError(f"no captions in {path}" + (f" for prompt ids {sorted(wanted)}" if wanted else ""))
+    return items
+
+
+def items_from_prompts(prompts: Iterable[str]) -> list[Item]:
+    return [Item(key=f"prompt-{i:04d}", prompt=p) for i, p in enumerate(prompts)]
+
+
+def expand(items: list[Item], num_images_per_prompt: int) -> list[Item]:
+    """Item -> `num_images_per_prompt` images, keyed `<key>/<i>` when more than one."""
+    if num_images_per_prompt == 1:
+        return items
+    return [Item(f"{it.key}/{i}", it.prompt, it.category, it.sample_key, {**it.extra, "image_index": i})
+            for it in items for i in range(num_images_per_prompt)]
+
+
+def image_path(output_dir: Path, key: str) -> Path:
+    return output_dir / "images" / f"{key}.png"
+
+
+def rank_batches(items: list[Item], batch_size: int, rank: int, world_size: int) -> list[list[Item]]:
+    """Batches of the sorted item list, dealt round-robin: batch contents do not depend on the world size."""
+    ordered = sorted(items, key=lambda it: it.key)
+    batches = [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+    return batches[rank::world_size]
+
+
+def finished_keys(output_dir: Path) -> set[str]:
+    """Keys with both an index row (merged or in a rank's part file) and an image on disk."""
+    rows = []
+    for file in [output_dir / "index.jsonl", *sorted(output_dir.glob("index.rank*.jsonl"))]:
+        if file.is_file():
+            rows += read_jsonl(file)
+    return {r["key"] for r in rows if image_path(output_dir, r["key"]).is_file()}
+
+
+def merge_index(output_dir: Path) -> list[dict]:
+    """Fold the ranks' part files into index.jsonl (sorted, one row per key) and remove them."""
+    by_key = {}
+    parts = sorted(output_dir.glob("index.rank*.jsonl"))
+    for file in [output_dir / "index.jsonl", *parts]:
+        if file.is_file():
+            for row in read_jsonl(file):
+                if image_path(output_dir, row["key"]).is_file():
+                    by_key[row["key"]] = row
+    rows = [by_key[k] for k in sorted(by_key)]
+    write_jsonl(output_dir / "index.jsonl", rows)
+    for file in parts:
+        file.unlink()
+    return rows
+
+
+def load_generation_pipeline(model: str, device: torch.device, dtype: torch.dtype, scheduler: str = "",
+                             textual_inversion: Sequence[str] = (), lora: str = "", lora_scale: float = 1.0,
+                             controlnet: str = "", safety_checker: bool = False, xformers: bool = False,
+                             compile_unet: bool = False, revision: str | None = None):
+    """A (ControlNet) Stable Diffusion pipeline with optional TI embeddings and LoRA fused in."""
+    import diffusers
+    from diffusers import StableDiffusionControlNetPipeline, StableDiffusionPipeline
+
+    from sketch2real.models import load
+
+    kwargs = {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
+    if controlnet:
+        net = load(diffusers.ControlNetModel, controlnet, "ControlNet", torch_dtype=dtype)
+        pipe = load(StableDiffusionControlNetPipeline, model, "model", controlnet=net, torch_dtype=dtype, revision=revision, **kwargs)
+    else:
+        pipe = load(StableDiffusionPipeline, model, "model", torch_dtype=dtype, revision=revision, **kwargs)
+    if scheduler:
+        if scheduler not in SCHEDULERS:
+            raise UserError(f"unknown scheduler {scheduler!r}; choose from {', '.join(SCHEDULERS)}")
+        pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
+    for file in textual_inversion:
+        if not Path(file).exists():
+            raise UserError(f"textual inversion embeddings not found: {file}")
+        pipe.load_textual_inversion(file)
+    if lora:
+        if not Path(lora).exists():
+            raise UserError(f"LoRA weights not found: {lora}")
+        pipe.load_lora_weights(lora)
+        pipe.fuse_lora(lora_scale=lora_scale)
+    pipe.to(device)
+    if xformers:
+        if device.type != "cuda":
+            raise UserError("--enable_xformers_memory_efficient_attention needs a CUDA device; SDPA is the default")
+        pipe.enable_xformers_memory_efficient_attention()
+    if compile_unet:
+        pipe.unet = torch.compile(pipe.unet)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate_batch(pipe, batch: list[Item], seed: int, settings: dict, conditioning: list[Image.Image] | None = None):
+    """Images for one batch; image i uses a generator seeded by (seed, key_i) only."""
+    generators = [torch.Generator().manual_seed(derive_seed(seed, it.key)) for it in batch]
+    extra = {"image": conditioning} if conditioning is not None else {}
+    negative = settings.get("negative_prompt") or None
+    return pipe(
+        [it.prompt for it in batch], negative_prompt=[negative] * len(batch) if negative else None,
+        height=settings["height"], width=settings["width"], num_inference_steps=settings["num_inference_steps"],
+        guidance_scale=settings["guidance_scale"], generator=generators, **extra,
+    ).images
+
+
+def write_image(output_dir: Path, key: str, image: Image.Image) -> None:
+    with atomic_path(image_path(output_dir, key)) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def append_rows(path: Path, rows: list[dict]) -> None:
+    """Append index rows and flush: a kill loses at most the batch being written."""
+    with open(path, "a") as f:
+        for row in rows:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_mosaics(output_dir: Path, rows: list[dict], shard_dir: str = "", split: str = "test", cell: int = 128,
+                  max_rows: int = 8) -> list[Path]:
+    """mosaics/<category>.png (sketch | generated | photo per row) and mosaics/overview.png (a row per category)."""
+    from sketch2real.mosaic import image_grid
+
+    samples, position = None, {}
+    if shard_dir:
+        from sketch2real.shards import ShardSamples
+
+        samples = ShardSamples(shard_dir, split, fields=("sketch", "photo"), as_tensor=False)
+        position = {ref.key: i for i, ref in enumerate(samples.refs)}
+    by_category: dict[str, list[dict]] = {}
+    for row in rows:
+        by_category.setdefault(row.get("category") or "prompts", []).append(row)
+    written = []
+    overview_rows, labels = [], []
+    for category, cat_rows in sorted(by_category.items()):
+        grid_rows = []
+        for row in cat_rows[:max_rows]:
+            generated = Image.open(image_path(output_dir, row["key"]))
+            pair = samples[position[row["sample_key"]]] if samples and row.get("sample_key") in position else None
+            grid_rows.append([pair["sketch"] if pair else None, generated, pair["photo"] if pair else None])
+        out = output_dir / "mosaics" / f"{category}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out) as tmp:
+            image_grid(grid_rows, cell).save(tmp, format="PNG")
+        written.append(out)
+        overview_rows.append([Image.open(image_path(output_dir, r["key"])) for r in cat_rows[:max_rows]])
+        labels.append(category)
+    if overview_rows:
+        out = output_dir / "mosaics" / "overview.png"
+        with atomic_path(out) as tmp:
+            image_grid(overview_rows, cell, labels=labels, label_width=96).save(tmp, format="PNG")
+        written.append(out)
+    return written

@@ -1,0 +1,130 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from PIL import Image
+
+from .conftest import REPO, launch, run_script
+
+
+@pytest.fixture
+def gen_args(tiny_models, shard_dir):
+    return ["--pretrained_model_name_or_path", tiny_models.sd, "--shard_dir", shard_dir, "--split", "test",
+            "--height", "64", "--width", "64", "--num_inference_steps", "3", "--max_per_category", "2",
+            "--prompt_template", "a photo of a {category}"]
+
+
+def _images(folder) -> dict[str, bytes]:
+    root = folder / "images"
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.png"))}
+
+
+def test_images_are_identical_on_one_and_two_processes(gen_args, tmp_path):
+    run_script("infer/generate.py", *gen_args, "--output_dir", tmp_path / "one", "--batch_size", "3")
+    launch("infer/generate.py", *gen_args, "--output_dir", tmp_path / "two", "--batch_size", "3")
+    one, two = _images(tmp_path / "one"), _images(tmp_path / "two")
+    assert len(one) == 10 and one == two
+    rows = [json.loads(line) for line in (tmp_path / "two" / "index.jsonl").read_text().splitlines()]
+    assert sorted(r["key"] for r in rows) == [k[:-4] for k in sorted(one)]
+    assert {"key", "category", "prompt", "seed", "model", "settings"} <= set(rows[0])
+    assert not list((tmp_path / "two").glob("index.rank*"))
+    # Another global seed gives other images.
+    run_script("infer/generate.py", *gen_args, "--output_dir", tmp_path / "seed1", "--batch_size", "3", "--seed", "1")
+    assert _images(tmp_path / "seed1") != one
+
+
+def test_mosaics_have_the_expected_size(gen_args, tmp_path):
+    run_script("infer/generate.py", *gen_args, "--output_dir", tmp_path, "--batch_size", "4")
+    cat = Image.open(tmp_path / "mosaics" / "cat.png")
+    assert cat.size == (3 * 64, 2 * 64)  # sketch | generated | photo, two items
+    overview = Image.open(tmp_path / "mosaics" / "overview.png")
+    assert overview.size == (96 + 2 * 64, 5 * 64)  # label column + 2 images, one row per category
+
+
+def test_resume_skips_finished_images_and_never_counts_a_partial_one(gen_args, tmp_path):
+    out = tmp_path / "gen"
+    run_script("infer/generate.py", *gen_args, "--output_dir", out, "--batch_size", "2")
+    reference = _images(out)
+    # Simulate a kill: one image lost, one row missing, a temp file left behind, index still in part files.
+    images = sorted((out / "images").rglob("*.png"))
+    images[0].unlink()
+    rows = (out / "index.jsonl").read_text().splitlines()
+    (out / "index.jsonl").write_text("\n".join(rows[:-1]) + "\n")
+    (images[1].parent / ".half.png.tmp").write_bytes(b"\x89PNG trunc")
+    mtimes = {p: p.stat().st_mtime_ns for p in images[2:]}
+    proc = run_script("infer/generate.py", *gen_args, "--output_dir", out, "--batch_size", "2")
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["missing"] == 0 and summary["images"] == 10
+    assert 0 < summary["generated_now"] <= 4  # only the batches holding the two lost items
+    assert _images(out) == reference
+    unchanged = [p for p in images[2:] if p.stat().st_mtime_ns == mtimes[p]]
+    assert len(unchanged) >= len(images) - 2 - 2
+    assert len((out / "index.jsonl").read_text().splitlines()) == 10
+
+
+def test_sigterm_mid_run_then_resume_completes(gen_args, tmp_path):
+    out = tmp_path / "gen"
+    args = gen_args
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "infer/generate.py"), *map(str, args), "--output_dir", str(out),
+                             "--batch_size", "1", "--num_inference_steps", "20"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out.exists() and list((out / "images").rglob("*.png"))):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    run_script("infer/generate.py", *args, "--output_dir", out, "--batch_size", "1", "--num_inference_steps", "20")
+    rows = (out / "index.jsonl").read_text().splitlines()
+    assert len(rows) == len({json.loads(r)["key"] for r in rows}) == 10
+    for path in (out / "images").rglob("*.png"):
+        Image.open(path).load()  # every image on disk is complete
+
+
+def test_textual_inversion_and_lora_change_the_images(gen_args, tmp_path, tiny_models):
+    import torch
+    from safetensors.torch import save_file
+
+    embeds = tmp_path / "learned_embeds.safetensors"
+    save_file({"<sketch>": torch.randn(1, 32, generator=torch.Generator().manual_seed(0)) * 5}, str(embeds))
+    args = [a if a != "a photo of a {category}" else "a {category} in the style of <sketch>" for a in gen_args]
+    run_script("infer/generate.py", *args, "--output_dir", tmp_path / "ti", "--textual_inversion", embeds)
+    plain = args[:-1] + ["a {category} in the style of"]
+    run_script("infer/generate.py", *plain, "--output_dir", tmp_path / "base")
+    assert _images(tmp_path / "ti").keys() == _images(tmp_path / "base").keys()
+    assert _images(tmp_path / "ti") != _images(tmp_path / "base")
+
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_models.sd, subfolder="unet")
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v"]))
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "lora", unet_lora_layers=convert_state_dict_to_diffusers(
+        get_peft_model_state_dict(unet)))
+    run_script("infer/generate.py", *plain, "--output_dir", tmp_path / "lora_out", "--lora", tmp_path / "lora")
+    assert _images(tmp_path / "lora_out") != _images(tmp_path / "base")
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--textual_inversion", "/no/embeds.safetensors"], "textual inversion embeddings not found"),
+        (["--prompt_template", "a {colour} {category}"], "unknown field {colour}"),
+        (["--captions", "/no/captions.jsonl", "--prompt_template", ""], "captions file not found"),
+        (["--scheduler", "magic"], "unknown scheduler 'magic'"),
+        (["--categories", "unicorn"], "unknown category 'unicorn'"),
+    ],
+)
+def test_bad_input(gen_args, tmp_path, extra, message):
+    proc = run_script("infer/generate.py", *gen_args, "--output_dir", tmp_path, *extra, check=False)
+    assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1], proc.stderr[-1500:]
