@@ -1,0 +1,215 @@
+"""Inception features exactly as pytorch-fid computes them, FID, unbiased KID, per category,
+cached reference statistics, pairing scores, and (optionally) CLIP score."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sketch2real.cli import UserError
+
+logger = logging.getLogger("sketch2real")
+VALID_DIMS = (64, 192, 768, 2048)
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
+
+
+@dataclass
+class ImageSet:
+    """Images to score: a name, each image's loader spec, id and category (and paired sample key)."""
+
+    name: str
+    sources: list  # Path, or (shard_dir, split, key, field)
+    ids: list[str]
+    categories: list[str]
+    sample_keys: list[str]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def folder_set(folder: str, name: str | None = None) -> ImageSet:
+    """A folder of images (recursive). With an index.jsonl (from infer/generate.py), categories come from it."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise UserError(f"image folder not found: {folder}")
+    index = root / "index.jsonl"
+    if index.is_file():
+        from sketch2real.io import read_jsonl
+
+        rows = [r for r in read_jsonl(index) if (root / r["image"]).is_file()]
+        rows.sort(key=lambda r: r["key"])
+        paths = [root / r["image"] for r in rows]
+        categories = [r.get("category", "") for r in rows]
+        keys = [r.get("sample_key", "") for r in rows]
+    else:
+        paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+        categories = [str(p.parent.relative_to(root)) if p.parent != root else "" for p in paths]
+        keys = [""] * len(paths)
+    if not paths:
+        raise UserError(f"no images in {folder}")
+    return ImageSet(name or root.name, paths, [str(p.relative_to(root)) for p in paths], categories, keys)
+
+
+def shard_set(shard_dir: str, split: str, field: str, categories: Sequence[str] | None = None) -> ImageSet:
+    """The sketches or photos of a split, read straight from the shards."""
+    from sketch2real.shards import sample_refs
+
+    refs = sample_refs(shard_dir, split, categories)
+    if not refs:
+        raise UserError(f"no samples in split {split!r} of {shard_dir}")
+    return ImageSet(f"{split} {field}s", [(shard_dir, split, r.key, field) for r in refs], [r.key for r in refs],
+                    [r.category for r in refs], [r.key for r in refs])
+
+
+def fingerprint(images: ImageSet, settings: dict) -> str:
+    """A key for cached statistics: the exact image contents (or shard rows) and the extraction settings."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    shard_prints: dict[tuple[str, str], dict] = {}
+    for source, image_id in zip(images.sources, images.ids):
+        if isinstance(source, Path):
+            digest.update(image_id.encode() + hashlib.sha1(source.read_bytes()).digest())
+        else:
+            shard_dir, split, key, field = source
+            if (shard_dir, split) not in shard_prints:
+                index = json.loads((Path(shard_dir) / f"{split}.json").read_text())
+                shard_prints[(shard_dir, split)] = {k: e["fingerprint"] for e in index["shards"] for k in e["keys"]}
+            digest.update(f"{key}:{field}:{shard_prints[(shard_dir, split)][key]}".encode())
+    return digest.hexdigest()[:24]
+
+
+class _Loader(torch.utils.data.Dataset):
+    """pytorch-fid's preprocessing: RGB, ToTensor in [0, 1], no resize (the network resizes to 299)."""
+
+    def __init__(self, sources: list, resize: int | None = None):
+        self.sources, self.resize = sources, resize
+        self._samples: dict = {}
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def _open(self, source) -> Image.Image:
+        if isinstance(source, Path):
+            return Image.open(source)
+        shard_dir, split, key, field = source
+        from sketch2real.shards import IMAGE_FIELDS, ShardSamples
+
+        if (shard_dir, split) not in self._samples:
+            samples = ShardSamples(shard_dir, split, fields=(field,), as_tensor=False)
+            self._samples[(shard_dir, split)] = (samples, {r.key: r for r in samples.refs})
+        samples, refs = self._samples[(shard_dir, split)]
+        ref = refs[key]
+        return Image.open(io.BytesIO(samples._member(ref.shard, f"{key}.{IMAGE_FIELDS[field]}")))
+
+    def __getitem__(self, i: int):
+        import torchvision.transforms.functional as TF
+
+        try:
+            image = self._open(self.sources[i]).convert("RGB")
+        except Exception as err:  # reported and skipped, never fatal
+            return torch.zeros(3, self.resize or 8, self.resize or 8), False, f"{self.sources[i]}: {err}"
+        if self.resize and image.size != (self.resize, self.resize):
+            image = image.resize((self.resize, self.resize), Image.BICUBIC)
+        return TF.to_tensor(image), True, ""
+
+
+def _collate(batch):
+    sizes = {tuple(t.shape) for t, ok, _ in batch if ok}
+    if len(sizes) > 1:
+        raise UserError(f"images of different sizes in one set ({sorted(sizes)[:2]}...): pass --resize")
+    side = next(iter(sizes)) if sizes else batch[0][0].shape
+    tensors = [t if ok else torch.zeros(side) for t, ok, _ in batch]
+    return torch.stack(tensors), torch.tensor([ok for _, ok, _ in batch]), [e for _, _, e in batch]
+
+
+def inception(dims: int, device: torch.device):
+    """pytorch-fid's InceptionV3 (its FID weights from TORCH_HOME), returning the `dims` features."""
+    from pytorch_fid.inception import InceptionV3
+
+    if dims not in VALID_DIMS:
+        raise UserError(f"--dims must be one of {VALID_DIMS}, got {dims}")
+    try:
+        return InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[dims]]).to(device).eval()
+    except Exception as err:
+        raise UserError(f"cannot load pytorch-fid's Inception weights (TORCH_HOME={os.environ.get('TORCH_HOME', '~/.cache/torch')}): "
+                        f"{str(err).splitlines()[0]}") from err
+
+
+@torch.no_grad()
+def extract_features(images: ImageSet, model, dims: int, device: torch.device, batch_size: int = 50, num_workers: int = 2,
+                     rank: int = 0, world_size: int = 1, resize: int | None = None, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Features of this rank's contiguous part of `images` (float64, as pytorch-fid) and a validity mask."""
+    from torch.nn.functional import adaptive_avg_pool2d
+    from tqdm.auto import tqdm
+
+    start, end = rank * len(images) // world_size, (rank + 1) * len(images) // world_size
+    loader = torch.utils.data.DataLoader(_Loader(images.sources[start:end], resize), batch_size=batch_size, shuffle=False,
+                                         num_workers=num_workers, collate_fn=_collate)
+    features, valid = np.empty((end - start, dims)), np.zeros(end - start, dtype=bool)
+    position = 0
+    for batch, ok, errors in tqdm(loader, desc=f"features {images.name}", unit="batch", disable=not progress):
+        prediction = model(batch.to(device))[0]
+        if prediction.size(2) != 1 or prediction.size(3) != 1:
+            prediction = adaptive_avg_pool2d(prediction, output_size=(1, 1))
+        n = batch.shape[0]
+        features[position : position + n] = prediction.squeeze(3).squeeze(2).cpu().numpy()
+        valid[position : position + n] = ok.numpy()
+        for error in errors:
+            if error:
+                warnings.warn(f"unreadable image skipped: {error}", stacklevel=2)
+        position += n
+    return features, valid
+
+
+def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return np.mean(features, axis=0), np.cov(features, rowvar=False)
+
+
+def fid_from_features(a: np.ndarray, b: np.ndarray) -> float:
+    """FID between two feature sets, with pytorch-fid's own Fréchet distance."""
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    return float(calculate_frechet_distance(*statistics(a), *statistics(b)))
+
+
+def kid(a: np.ndarray, b: np.ndarray, num_subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """Unbiased KID (cubic polynomial kernel MMD², Bińkowski et al. 2018): mean and std over random subsets."""
+    n = min(len(a), len(b), subset_size)
+    if n < 2:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    dims = a.shape[1]
+    values = []
+    for _ in range(num_subsets):
+        x = a[rng.choice(len(a), n, replace=False)]
+        y = b[rng.choice(len(b), n, replace=False)]
+        kxx = (x @ x.T / dims + 1) ** 3
+        kyy = (y @ y.T / dims + 1) ** 3
+        kxy = (x @ y.T / dims + 1) ** 3
+        mmd = (kxx.sum() - np.trace(kxx)) / (n * (n - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1)) - 2 * kxy.mean()
+        values.append(mmd)
+    return float(np.mean(values)), float(np.std(values))
+
+
+def pairing_score(generated: np.ndarray, references: np.ndarray, seed: int = 0) -> dict[str, float]:
+    """Mean cosine similarity of each generated image to its own reference, against a shuffled-pair baseline."""
+    def cosine(x, y):
+        return np.sum(x * y, axis=1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1) + 1e-12)
+
+    rng = np.random.default_rng(seed)
+    n = len(generated)
+    shift = rng.permutation(n)
+    fixed = shift == np.arange(n)  # a derangement: no image keeps its own reference
+    shift[fixed] = (shift[fixed] + 1) % n
+    matched, shuffled = cosine(generated, references).mean(), cosine(generated, references[shift]).mean()
+    return {"matched": float(matched), "shuffled": float(shuffled), "gain": float(matched - shuffled), "pairs": n}

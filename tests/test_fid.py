@@ -1,0 +1,126 @@
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from .conftest import launch, run_script
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, tiny_models):
+    root = tmp_path_factory.mktemp("fid")
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (root / name).mkdir()
+    for i in range(24):
+        Image.fromarray((rng.random((64, 64, 3)) * 255).astype("uint8")).save(root / "a" / f"{i:03d}.png")
+        dark = (rng.random((64, 64, 3)) * 120).astype("uint8")
+        dark[:, :32] = 200
+        Image.fromarray(dark).save(root / "b" / f"{i:03d}.png")
+    return root
+
+
+def _fid(args) -> dict:
+    return json.loads((args / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("dims", [64, 2048])
+def test_equals_pytorch_fid_cli(folders, tmp_path, dims, tiny_models):
+    cli = subprocess.run([sys.executable, "-m", "pytorch_fid", str(folders / "a"), str(folders / "b"), "--device", "cpu",
+                          "--dims", str(dims), "--batch-size", "50", "--num-workers", "0"],
+                         capture_output=True, text=True, check=True)
+    theirs = float(re.search(r"FID:\s+([0-9.eE+-]+)", cli.stdout)[1])
+    run_script("eval/fid.py", "--generated", folders / "a", "--reference_dir", folders / "b", "--output_dir", tmp_path,
+               "--dims", dims, "--no_cache", "--batch_size", "7")
+    ours = _fid(tmp_path)["sets"]["a"]["fid"]
+    assert abs(ours - theirs) < 1e-3, (ours, theirs)
+    assert theirs > 1  # the sets differ: a real comparison, not 0 == 0
+
+
+def test_identical_sets_score_zero_and_a_shifted_set_scores_higher(shard_dir, tmp_path, tiny_models):
+    from accelerate import PartialState
+
+    from sketch2real.evaluation import features_of
+    from sketch2real.metrics import fid_from_features, inception, kid, shard_set
+
+    class Opts:
+        dims, resize, batch_size, num_workers = 64, 0, 16, 0
+
+    state = PartialState()
+    model = inception(64, state.device)
+    photos_test = features_of(shard_set(shard_dir, "test", "photo"), model, Opts, state, None)[0]
+    photos_train = features_of(shard_set(shard_dir, "train", "photo"), model, Opts, state, None)[0]
+    sketches_test = features_of(shard_set(shard_dir, "test", "sketch"), model, Opts, state, None)[0]
+    assert abs(fid_from_features(photos_test, photos_test)) < 1e-3
+    assert abs(kid(photos_test, photos_test)[0]) < abs(kid(sketches_test, photos_test)[0])
+    near, far = fid_from_features(photos_train, photos_test), fid_from_features(sketches_test, photos_test)
+    assert near < far, (near, far)
+    assert kid(photos_train, photos_test)[0] < kid(sketches_test, photos_test)[0]
+
+
+def test_reference_cache_hit_and_invalidation(folders, tmp_path):
+    ref = tmp_path / "ref"
+    shutil.copytree(folders / "b", ref)
+    args = ["--generated", folders / "a", "--reference_dir", ref, "--dims", "64", "--cache_dir", tmp_path / "cache"]
+    run_script("eval/fid.py", *args, "--output_dir", tmp_path / "1")
+    run_script("eval/fid.py", *args, "--output_dir", tmp_path / "2")
+    first, second = _fid(tmp_path / "1"), _fid(tmp_path / "2")
+    assert not first["reference"]["cache_hit"] and second["reference"]["cache_hit"]
+    assert first["sets"]["a"]["fid"] == second["sets"]["a"]["fid"]
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
+    Image.new("RGB", (64, 64), "red").save(ref / "000.png")  # the set changed: statistics are recomputed
+    run_script("eval/fid.py", *args, "--output_dir", tmp_path / "3")
+    third = _fid(tmp_path / "3")
+    assert not third["reference"]["cache_hit"] and third["sets"]["a"]["fid"] != first["sets"]["a"]["fid"]
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
+
+
+def test_generated_folder_against_shards_per_category_two_processes(tiny_models, shard_dir, tmp_path):
+    gen = tmp_path / "gen"
+    run_script("infer/generate.py", "--pretrained_model_name_or_path", tiny_models.sd, "--shard_dir", shard_dir,
+               "--split", "test", "--height", "64", "--width", "64", "--num_inference_steps", "2",
+               "--prompt_template", "a photo of a {category}", "--output_dir", gen, "--batch_size", "8")
+    common = ["--generated", f"tiny={gen}", "--reference_shards", shard_dir, "--dims", "64", "--no_cache", "--batch_size", "4"]
+    run_script("eval/fid.py", *common, "--output_dir", tmp_path / "one")
+    launch("eval/fid.py", *common, "--output_dir", tmp_path / "two")
+    one, two = _fid(tmp_path / "one"), _fid(tmp_path / "two")
+    assert one["sets"]["tiny"]["fid"] == pytest.approx(two["sets"]["tiny"]["fid"], abs=1e-6)
+    per_category = one["sets"]["tiny"]["per_category"]
+    assert set(per_category) == {"airplane", "apple", "car_(sedan)", "cat", "hot-air_balloon"}
+    assert sum(c["n_generated"] for c in per_category.values()) == one["sets"]["tiny"]["n_generated"]
+    assert one["sets"]["tiny"]["pairing"]["pairs"] == one["reference"]["n"]
+    report = (tmp_path / "one" / "report.md").read_text()
+    assert "| tiny |" in report and "## tiny per category" in report and "Warning" in report
+    assert Image.open(tmp_path / "one" / "fid_per_category.png").size[0] > 300
+
+
+def test_unreadable_image_is_reported_and_skipped(folders, tmp_path):
+    gen = tmp_path / "gen"
+    shutil.copytree(folders / "a", gen)
+    (gen / "999.png").write_bytes(b"not an image")
+    proc = run_script("eval/fid.py", "--generated", gen, "--reference_dir", folders / "b", "--output_dir", tmp_path / "o",
+                      "--dims", "64", "--no_cache")
+    assert "unreadable image skipped" in proc.stderr and "999.png" in proc.stderr
+    result = _fid(tmp_path / "o")["sets"]["gen"]
+    assert result["unreadable"] == 1 and result["n_generated"] == 24
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--generated", "{empty}"], "no images in"),
+        (["--dims", "100"], "--dims must be one of"),
+        (["--generated", "/no/such/dir"], "image folder not found"),
+    ],
+)
+def test_bad_input(folders, tmp_path, extra, message):
+    (tmp_path / "empty").mkdir()
+    extra = [e.format(empty=tmp_path / "empty") for e in extra]
+    base = ["--generated", folders / "a"] if "--generated" not in extra else []
+    proc = run_script("eval/fid.py", *base, "--reference_dir", folders / "b", "--output_dir", tmp_path / "o", *extra, check=False)
+    assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1], proc.stderr[-1500:]
