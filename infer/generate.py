@@ -9,7 +9,6 @@ from pathlib import Path
 
 from sketch2real.cli import UserError, as_dict, option, parse_options, run_main
 from sketch2real.generation import (
-    append_rows,
     expand,
     finished_keys,
     generate_batch,
@@ -23,7 +22,7 @@ from sketch2real.generation import (
     write_image,
     write_mosaics,
 )
-from sketch2real.io import write_json
+from sketch2real.io import append_jsonl, write_json
 from sketch2real.models import dtype_for
 
 
@@ -130,7 +129,7 @@ def main() -> int:
             rows.append({"key": item.key, "category": item.category, "prompt": item.prompt, "sample_key": item.sample_key,
                          "seed": opts.seed, "image": str(image_path(out, item.key).relative_to(out)), **model,
                          "settings": settings, **item.extra})
-        append_rows(part, rows)
+        append_jsonl(part, rows)
         bar.update(len(batch))
         bar.set_postfix(img_s=f"{bar.n / (time.perf_counter() - start):.2f}")
     bar.close()

@@ -8,8 +8,6 @@ Together these make the images bit-identical whatever the number of processes.
 
 from __future__ import annotations
 
-import json
-import os
 import string
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +17,7 @@ import torch
 from PIL import Image
 
 from sketch2real.cli import UserError
-from sketch2real.io import atomic_path, read_jsonl, write_jsonl
+from sketch2real.io import atomic_path, merge_parts, read_jsonl, read_with_parts
 from sketch2real.sketchy import category_words
 from sketch2real.training.diffusion import derive_seed
 
@@ -118,27 +116,12 @@ def rank_batches(items: list[Item], batch_size: int, rank: int, world_size: int)
 
 def finished_keys(output_dir: Path) -> set[str]:
     """Keys with both an index row (merged or in a rank's part file) and an image on disk."""
-    rows = []
-    for file in [output_dir / "index.jsonl", *sorted(output_dir.glob("index.rank*.jsonl"))]:
-        if file.is_file():
-            rows += read_jsonl(file)
-    return {r["key"] for r in rows if image_path(output_dir, r["key"]).is_file()}
+    return {r["key"] for r in read_with_parts(output_dir, "index") if image_path(output_dir, r["key"]).is_file()}
 
 
 def merge_index(output_dir: Path) -> list[dict]:
-    """Fold the ranks' part files into index.jsonl (sorted, one row per key) and remove them."""
-    by_key = {}
-    parts = sorted(output_dir.glob("index.rank*.jsonl"))
-    for file in [output_dir / "index.jsonl", *parts]:
-        if file.is_file():
-            for row in read_jsonl(file):
-                if image_path(output_dir, row["key"]).is_file():
-                    by_key[row["key"]] = row
-    rows = [by_key[k] for k in sorted(by_key)]
-    write_jsonl(output_dir / "index.jsonl", rows)
-    for file in parts:
-        file.unlink()
-    return rows
+    """Fold the ranks' part files into index.jsonl (sorted, one row per key with an image) and remove them."""
+    return merge_parts(output_dir, "index", key=lambda r: r["key"], keep=lambda r: image_path(output_dir, r["key"]).is_file())
 
 
 def load_generation_pipeline(model: str, device: torch.device, dtype: torch.dtype, scheduler: str = "",
@@ -196,15 +179,6 @@ def generate_batch(pipe, batch: list[Item], seed: int, settings: dict, condition
 def write_image(output_dir: Path, key: str, image: Image.Image) -> None:
     with atomic_path(image_path(output_dir, key)) as tmp:
         image.save(tmp, format="PNG")
-
-
-def append_rows(path: Path, rows: list[dict]) -> None:
-    """Append index rows and flush: a kill loses at most the batch being written."""
-    with open(path, "a") as f:
-        for row in rows:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def write_mosaics(output_dir: Path, rows: list[dict], shard_dir: str = "", split: str = "test", cell: int = 128,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -62,4 +62,37 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
                 continue
+    return rows
+
+
+def append_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
+    """Append rows and fsync: a kill loses at most the rows being written (a torn last line is ignored on read)."""
+    with open(path, "a") as f:
+        for row in rows:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def part_files(folder: Path, stem: str) -> list[Path]:
+    """The per-rank part files `<stem>.rankNNN.jsonl` of a data-parallel job."""
+    return sorted(Path(folder).glob(f"{stem}.rank*.jsonl"))
+
+
+def read_with_parts(folder: Path, stem: str) -> list[dict]:
+    """Rows of `<stem>.jsonl` and of every rank's part file (what a killed job had written)."""
+    rows = []
+    for file in [Path(folder) / f"{stem}.jsonl", *part_files(folder, stem)]:
+        if file.is_file():
+            rows += read_jsonl(file)
+    return rows
+
+
+def merge_parts(folder: Path, stem: str, key: Callable[[dict], Any], keep: Callable[[dict], bool] = lambda row: True) -> list[dict]:
+    """Fold the part files into `<stem>.jsonl`: one row per key (the newest), sorted by key; parts removed."""
+    by_key = {key(row): row for row in read_with_parts(folder, stem) if keep(row)}
+    rows = [by_key[k] for k in sorted(by_key)]
+    write_jsonl(Path(folder) / f"{stem}.jsonl", rows)
+    for file in part_files(folder, stem):
+        file.unlink()
     return rows

@@ -1,0 +1,122 @@
+"""Batched, data-parallel captioning of sketches with BLIP-2 or LLaVA: `accelerate launch infer/caption.py --help`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sketch2real.captioning import finished_pairs, format_quality, load_captioner, merge_captions, quality_report, resolve_prompts
+from sketch2real.cli import UserError, as_dict, option, parse_options, run_main
+from sketch2real.io import append_jsonl, atomic_path, write_json
+from sketch2real.models import dtype_for
+
+
+@dataclass(kw_only=True)
+class Options:
+    """Caption every sketch of a split (or an image folder) with several prompts; resumable and data-parallel."""
+
+    model_name_or_path: str = option("", help="BLIP-2 or LLaVA checkpoint: hub id or folder (required)")
+    output_dir: str = option("", help="captions.jsonl and quality.{json,md} go here (required)")
+    shard_dir: str = option("", help="shards to caption")
+    split: str = option("test", help="split of --shard_dir")
+    categories: list[str] = option([], help="only these categories")
+    image_field: str = option("sketch", help="sketch or photo")
+    image_dir: str = option("", help="a folder of images instead of shards (category = subfolder)")
+    prompts: list[str] = option(["best"], help="'best' (study's top 3), 'all', prompt ids 1-10, or free text")
+    batch_size: int = option(8, help="images per batch per process (each with every prompt)")
+    max_new_tokens: int = option(100, help="caption length limit in tokens")
+    num_beams: int = option(1, help="beam search width (1: greedy, as in the study)")
+    mixed_precision: str = option("no", help="no, fp16 or bf16: the model's dtype")
+    load_in_8bit: bool = option(False, help="8-bit weights (bitsandbytes, CUDA)")
+    load_in_4bit: bool = option(False, help="4-bit weights (bitsandbytes, CUDA)")
+    trust_remote_code: bool = option(False, help="allow a checkpoint's own code to run")
+    num_workers: int = option(2, help="decoding workers per process")
+
+
+def _folder_items(folder: str, rank: int, world: int) -> list[dict]:
+    from PIL import Image
+
+    from sketch2real.training.data import IMAGE_SUFFIXES
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise UserError(f"image folder not found: {folder}")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise UserError(f"no images in {folder}")
+    mine = files[rank * len(files) // world : (rank + 1) * len(files) // world]
+    return [{"key": str(p.relative_to(root).with_suffix("")), "category": p.parent.name if p.parent != root else "",
+             "image": Image.open(p).convert("RGB"), "pad": False} for p in mine]
+
+
+def _batches(opts: Options, rank: int, world: int):
+    """This rank's batches: lists of {key, category, image, pad}. Bad input fails here, before any work."""
+    if opts.image_dir:
+        items = _folder_items(opts.image_dir, rank, world)
+        return [items[i : i + opts.batch_size] for i in range(0, len(items), opts.batch_size)]
+    from sketch2real.shards import ShardStream, stream_loader
+
+    stream = ShardStream(opts.shard_dir, opts.split, fields=(opts.image_field,), categories=opts.categories or None,
+                         rank=rank, world_size=world, as_tensor=False)
+    if len(stream.refs) == 0:
+        raise UserError(f"no samples to caption in split {opts.split!r} of {opts.shard_dir}")
+    return (
+        [{"key": k, "category": c, "image": im, "pad": bool(p)}
+         for k, c, im, p in zip(batch["key"], batch["category"], batch[opts.image_field], batch["pad"].tolist())]
+        for batch in stream_loader(stream, opts.batch_size, opts.num_workers)
+    )
+
+
+def main() -> int:
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    opts = parse_options(Options)
+    if not opts.model_name_or_path or not opts.output_dir:
+        raise UserError("--model_name_or_path and --output_dir are required")
+    if bool(opts.shard_dir) == bool(opts.image_dir):
+        raise UserError("give exactly one of --shard_dir or --image_dir")
+    prompts = resolve_prompts(opts.prompts)
+    state = PartialState()
+    captioner = load_captioner(opts.model_name_or_path, state.device, dtype_for(opts.mixed_precision), opts.load_in_8bit,
+                               opts.load_in_4bit, opts.trust_remote_code)
+    out = Path(opts.output_dir)
+    done = finished_pairs(out) if out.is_dir() else set()
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "caption_config.json", as_dict(opts))
+    state.wait_for_everyone()
+    part = out / f"captions.rank{state.process_index:03d}.jsonl"
+    settings = {"max_new_tokens": opts.max_new_tokens, "num_beams": opts.num_beams, "do_sample": False}
+    batches = _batches(opts, state.process_index, state.num_processes)
+    bar = tqdm(desc=f"caption [rank {state.process_index}]", unit="img", disable=not state.is_local_main_process)
+    start, count = time.perf_counter(), 0
+    for batch in batches:
+        pairs = [(item, pid) for item in batch if not item["pad"] for pid in prompts if (item["key"], pid) not in done]
+        if pairs:
+            captions, truncated = captioner.generate([item["image"] for item, _ in pairs], [prompts[pid] for _, pid in pairs],
+                                                     opts.max_new_tokens, opts.num_beams)
+            append_jsonl(part, [
+                {"key": item["key"], "category": item["category"], "prompt_id": pid, "prompt": prompts[pid], "caption": caption,
+                 "truncated": cut, "model": opts.model_name_or_path, "settings": settings}
+                for (item, pid), caption, cut in zip(pairs, captions, truncated)
+            ])
+        count += sum(not item["pad"] for item in batch)
+        bar.update(sum(not item["pad"] for item in batch))
+        bar.set_postfix(img_s=f"{count / (time.perf_counter() - start):.2f}")
+    bar.close()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        rows = merge_captions(out)
+        report = quality_report(rows)
+        write_json(out / "quality.json", report)
+        with atomic_path(out / "quality.md") as tmp:
+            tmp.write_text(format_quality(report))
+        print(format_quality(report), end="")
+        print(f"{len(rows)} captions in {out / 'captions.jsonl'}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,113 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from sketch2real.captioning import BEST, PROMPTS, category_names, hits_category, quality_report, resolve_prompts
+
+from .conftest import REPO, launch, run_script
+
+
+def _rows(folder):
+    return [json.loads(line) for line in (folder / "captions.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def cap_args(shard_dir):
+    return ["--shard_dir", shard_dir, "--split", "test", "--max_new_tokens", "6", "--batch_size", "4", "--num_workers", "0"]
+
+
+@pytest.mark.parametrize("family", ["blip2", "llava"])
+def test_every_sample_and_prompt_gets_a_row(family, tiny_models, cap_args, shard_dir, tmp_path):
+    from sketch2real.shards import load_index
+
+    out = tmp_path / family
+    run_script("infer/caption.py", "--model_name_or_path", getattr(tiny_models, family), *cap_args, "--output_dir", out,
+               "--prompts", "best", "1")
+    rows = _rows(out)
+    keys = [k for s in load_index(shard_dir, "test")["shards"] for k in s["keys"]]
+    assert {(r["key"], r["prompt_id"]) for r in rows} == {(k, p) for k in keys for p in [*BEST, "1"]}
+    assert len(rows) == len(keys) * 4
+    assert all(isinstance(r["caption"], str) and r["prompt"] == PROMPTS[r["prompt_id"]] for r in rows)
+    quality = json.loads((out / "quality.json").read_text())
+    assert set(quality) == {*BEST, "1"} and quality["1"]["samples"] == len(keys)
+    assert quality["1"]["truncation_rate"] == pytest.approx(sum(r["truncated"] for r in rows if r["prompt_id"] == "1") / len(keys))
+
+
+def test_two_processes_give_the_same_keys_without_duplicates(tiny_models, cap_args, tmp_path):
+    args = ["--model_name_or_path", tiny_models.blip2, *cap_args, "--prompts", "1", "2"]
+    run_script("infer/caption.py", *args, "--output_dir", tmp_path / "one")
+    launch("infer/caption.py", *args, "--output_dir", tmp_path / "two")
+    one, two = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+    pairs = [(r["key"], r["prompt_id"]) for r in two]
+    assert len(pairs) == len(set(pairs)) and set(pairs) == {(r["key"], r["prompt_id"]) for r in one}
+    assert {p: r["caption"] for p, r in zip(pairs, two)} == {(r["key"], r["prompt_id"]): r["caption"] for r in one}
+
+
+def test_killed_job_resumes_to_a_complete_duplicate_free_file(tiny_models, cap_args, tmp_path):
+    out = tmp_path / "cap"
+    args = ["--model_name_or_path", tiny_models.llava, *cap_args, "--prompts", "all", "--batch_size", "1",
+            "--max_new_tokens", "30", "--output_dir", out]
+    proc = subprocess.Popen([sys.executable, str(REPO / "infer/caption.py"), *map(str, args)],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    part = out / "captions.rank000.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (part.exists() and part.read_text().count("\n") >= 20):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    written_before = part.read_text().count("\n")
+    assert written_before >= 20 and not (out / "captions.jsonl").exists()
+    run_script("infer/caption.py", *args)
+    rows = _rows(out)
+    pairs = [(r["key"], r["prompt_id"]) for r in rows]
+    assert len(pairs) == len(set(pairs)) == 27 * len(PROMPTS)
+
+
+def test_hit_rate_normalises_awkward_names():
+    assert hits_category("A drawing of a car seen from the side.", "car_(sedan)")
+    assert hits_category("two sedans", "car_(sedan)")
+    assert hits_category("a hot air balloon over hills", "hot-air_balloon")
+    assert hits_category("A HOT-AIR BALLOON!", "hot-air_balloon")
+    assert hits_category("a carved jack o lantern", "jack-o-lantern")
+    assert hits_category("an alligator", "crocodilian")
+    assert not hits_category("a cartoon of a scar", "car_(sedan)")  # whole words only
+    assert not hits_category("a catalogue", "cat")
+    assert "car" in category_names("car_(sedan)") and "car sedan" in category_names("car_(sedan)")
+    report = quality_report([
+        {"prompt_id": "1", "prompt": "p", "caption": "a cat sitting", "category": "cat", "truncated": False},
+        {"prompt_id": "1", "prompt": "p", "caption": "a dog", "category": "cat", "truncated": True},
+    ])
+    assert report["1"]["hit_rate"] == 0.5 and report["1"]["mean_words"] == 2.5 and report["1"]["truncation_rate"] == 0.5
+
+
+def test_prompt_library():
+    assert list(resolve_prompts(["best"])) == BEST and len(resolve_prompts(["all"])) == 10
+    assert resolve_prompts(["3", "describe it"]) == {"3": PROMPTS["3"], "custom-1": "describe it"}
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--prompts", "42"], "unknown prompt id 42"),
+        (["--model_name_or_path", "{sd}/text_encoder"], "model family 'clip_text_model' not supported"),
+        (["--categories", "unicorn"], "unknown category 'unicorn'"),
+        (["--load_in_4bit"], "need a CUDA device"),
+    ],
+)
+def test_bad_input(tiny_models, cap_args, tmp_path, extra, message):
+    extra = [e.format(sd=tiny_models.sd) for e in extra]
+    model = [] if "--model_name_or_path" in extra else ["--model_name_or_path", tiny_models.blip2]
+    proc = run_script("infer/caption.py", *model, *cap_args, "--output_dir", tmp_path, *extra, check=False)
+    assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1], proc.stderr[-1500:]
+
+
+def test_empty_input_folder(tiny_models, tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = run_script("infer/caption.py", "--model_name_or_path", tiny_models.blip2, "--image_dir", tmp_path / "empty",
+                      "--output_dir", tmp_path / "o", check=False)
+    assert proc.returncode == 2 and "no images in" in proc.stderr
