@@ -15,7 +15,7 @@ lint: setup
 
 test: setup
 	$(PYTHON) -m ruff check .
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile tests
 
 demo: setup
 	bash scripts/demo.sh $(DEMO_DIR)

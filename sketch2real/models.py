@@ -70,15 +70,15 @@ def dtype_for(mixed_precision: str) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
-def write_pipeline(pipe: Any, out: str | os.PathLike) -> None:
-    """`pipe.save_pretrained` into `out` so that a kill never leaves a pipeline that loads half-written.
+def save_pretrained_atomic(obj: Any, out: str | os.PathLike) -> None:
+    """`obj.save_pretrained` (a pipeline or a model) into `out`; a kill never leaves one that loads half-written.
 
     Files go to a temp folder inside `out` and are moved in, model_index.json last.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out, prefix=".pipeline-") as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        obj.save_pretrained(tmp, safe_serialization=True)
         for entry in sorted(Path(tmp).iterdir(), key=lambda p: p.name == "model_index.json"):
             target = out / entry.name
             if target.is_dir():

@@ -16,6 +16,11 @@ os.environ.setdefault("DS_BUILD_OPS", "0")
 
 REPO = Path(__file__).resolve().parents[1]
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    torch.set_num_threads(1)  # two test workers on two cores: oversubscribed threads run many times slower
+
 
 def run_script(script: str, *args: str, env: dict | None = None, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run a repo script as a user would, capturing output."""
@@ -76,6 +81,12 @@ def launch(script: str, *args: str, num_processes: int = 2, deepspeed_config: st
     else:
         env["ACCELERATE_USE_CPU"] = "1"
         head = ["--config_file", str(REPO / "accelerate_configs/cpu.yaml"), "--num_processes", str(num_processes)]
+    import socket
+
+    with socket.socket() as sock:  # a free port: parallel test workers must not share the rendezvous port
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    head += ["--main_process_port", str(port)]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *head, str(REPO / script), *map(str, args)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if check and proc.returncode != 0:

@@ -11,7 +11,7 @@ import torch
 
 from sketch2real.cli import UserError, option
 from sketch2real.io import atomic_path
-from sketch2real.models import SDComponents, dtype_for, load, write_pipeline
+from sketch2real.models import SDComponents, dtype_for, load, save_pretrained_atomic
 from sketch2real.training.data import load_folder_images, load_shard_images
 from sketch2real.training.diffusion import derive_seed, tokenize
 from sketch2real.training.options import TrainOptions
@@ -250,4 +250,4 @@ def save_pipeline(opts: TrainOptions, state: dict[str, torch.Tensor], out: Path)
         part = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")}
         if part:
             getattr(pipe, name).load_state_dict({k: v.float() for k, v in part.items()})
-    write_pipeline(pipe, out)
+    save_pretrained_atomic(pipe, out)

@@ -96,6 +96,8 @@ def train(task: Task, opts, accelerator, project_name: str) -> int:
     accelerator.register_for_checkpointing(state)
 
     resume = resolve_resume(out, opts.resume_from_checkpoint)
+    if accelerator.is_main_process:
+        (out / "PREEMPTED").unlink(missing_ok=True)
     if resume is not None:
         accelerator.load_state(str(resume))
         logger.info("resumed from %s at step %d", resume, state.step)
@@ -152,6 +154,7 @@ def train(task: Task, opts, accelerator, project_name: str) -> int:
             task.on_checkpoint(accelerator, model, state.step)
             bar.close()
             if accelerator.is_main_process:
+                (out / "PREEMPTED").write_text(f"{state.step}\n")  # read by slurm/common.sh: requeue this job
                 logger.warning("preempted: checkpoint saved at step %d; rerun with --resume_from_checkpoint latest", state.step)
             accelerator.end_training()
             return PREEMPTED_EXIT_CODE

@@ -211,9 +211,9 @@ class TextualInversionTask(DiffusionTask):
         """Base pipeline with the token appended: every other weight and row is the base's, bit for bit."""
         from diffusers import StableDiffusionPipeline
 
-        from sketch2real.models import load, write_pipeline
+        from sketch2real.models import load, save_pretrained_atomic
 
         pipe = load(StableDiffusionPipeline, self.opts.pretrained_model_name_or_path, "model", safety_checker=None,
                     requires_safety_checker=False, revision=self.opts.revision, variant=self.opts.variant)
         pipe.load_textual_inversion(self.learned_embeds(), token=self.opts.placeholder_token)
-        write_pipeline(pipe, self.opts.output_dir)
+        save_pretrained_atomic(pipe, self.opts.output_dir)

@@ -1,0 +1,198 @@
+"""A ControlNet trained on Sketchy's pairs: the sketch conditions, its own photo is the target.
+
+The ControlNet starts as a copy of the base UNet's encoder (`ControlNetModel.from_unet`);
+the UNet, text encoder and VAE stay frozen in the weight dtype. The result is a plain
+diffusers ControlNet folder for `StableDiffusionControlNetPipeline`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sketch2real.cli import UserError, option
+from sketch2real.io import read_jsonl
+from sketch2real.models import SDComponents, load
+from sketch2real.sketchy import category_words
+from sketch2real.training.data import LazyImages
+from sketch2real.training.diffusion import derive_seed
+from sketch2real.training.options import TrainOptions
+from sketch2real.training.task import DiffusionTask
+from sketch2real.training.validation import heldout_denoising_loss, log_image
+
+logger = logging.getLogger("sketch2real")
+
+
+@dataclass(kw_only=True)
+class ControlNetOptions(TrainOptions):
+    """Train a sketch -> photo ControlNet on Sketchy's paired shards."""
+
+    controlnet_model_name_or_path: str = option("", help="start from this ControlNet instead of a copy of the UNet")
+    prompt_template: str = option("a photo of a {category}", help="prompt of each pair ({category})")
+    captions: str = option("", help="captions JSONL (infer/caption.py): use a sample's caption as its prompt")
+    caption_prompt_id: str = option("", help="which prompt id's captions to use (default: the first per sample)")
+    proportion_empty_prompts: float = option(0.0, help="fraction of prompts replaced by '' (helps guidance-free use)")
+    categories: list[str] = option([], help="only these categories (default: all)")
+    num_validation_sketches: int = option(4, help="held-out sketches in the validation mosaic (sketch | generated | photo)")
+    learning_rate: float = option(1e-5, help="initial learning rate (after warmup)")
+
+    def check(self) -> None:
+        super().check()
+        if not self.shard_dir:
+            raise UserError("--shard_dir is required: ControlNet trains on the sketch/photo pairs of the shards")
+        if not 0 <= self.proportion_empty_prompts <= 1:
+            raise UserError("--proportion_empty_prompts must be in [0, 1]")
+        if self.captions and not Path(self.captions).is_file():
+            raise UserError(f"captions file not found: {self.captions}")
+
+
+def _pairs(shard_dir: str, split: str, categories, resolution: int) -> tuple[LazyImages, LazyImages, list]:
+    from sketch2real.shards import ShardSamples
+
+    sketches = ShardSamples(shard_dir, split, fields=("sketch",), resolution=resolution, categories=categories)
+    photos = ShardSamples(shard_dir, split, fields=("photo",), resolution=resolution, categories=categories)
+    positions = list(range(len(sketches)))
+    return LazyImages(sketches, "sketch", positions), LazyImages(photos, "photo", positions), sketches.refs
+
+
+class ControlNetTask(DiffusionTask):
+    """ControlNet's part of the loop."""
+
+    def __init__(self, opts: ControlNetOptions, accelerator, components: SDComponents | None = None):
+        from diffusers import ControlNetModel
+
+        super().__init__(opts, accelerator, components)
+        c, device = self.c, accelerator.device
+        c.unet.requires_grad_(False).to(device, self.weight_dtype)
+        c.text_encoder.requires_grad_(False).to(device, self.weight_dtype)
+        if opts.controlnet_model_name_or_path:
+            controlnet = load(ControlNetModel, opts.controlnet_model_name_or_path, "ControlNet")
+        else:
+            controlnet = ControlNetModel.from_unet(c.unet.float())
+            c.unet.to(device, self.weight_dtype)
+        controlnet.train()
+        if opts.gradient_checkpointing:
+            controlnet.enable_gradient_checkpointing()
+            c.unet.enable_gradient_checkpointing()
+        self.model = controlnet
+        self.sketches, self.photos, refs = _pairs(opts.shard_dir, opts.split, opts.categories or None, opts.resolution)
+        self.keys, self.categories = [r.key for r in refs], [r.category for r in refs]
+        self.captions = self._captions()
+        logger.info("%d sketch/photo pairs", len(self.keys))
+        self.data_sampler = self.sampler(len(self.keys), "pairs")
+        self.heldout = self._heldout()
+
+    def _captions(self) -> dict[str, str]:
+        if not self.opts.captions:
+            return {}
+        captions: dict[str, str] = {}
+        for row in read_jsonl(self.opts.captions):
+            if self.opts.caption_prompt_id and str(row["prompt_id"]) != self.opts.caption_prompt_id:
+                continue
+            captions.setdefault(row["key"], row["caption"])
+        return captions
+
+    def prompt_for(self, key: str, category: str, step: int = -1) -> str:
+        o = self.opts
+        if step >= 0 and o.proportion_empty_prompts:
+            if derive_seed(o.seed, "empty", step, key) % 10_000 < o.proportion_empty_prompts * 10_000:
+                return ""
+        return self.captions.get(key) or o.prompt_template.format(category=category_words(category))
+
+    def _heldout(self):
+        o = self.opts
+        try:
+            sketches, photos, refs = _pairs(o.shard_dir, o.validation_split, o.categories or None, o.resolution)
+        except UserError:
+            return None
+        n = min(len(refs), max(o.num_heldout_samples, o.num_validation_sketches))
+        if n == 0:
+            return None
+        chosen = list(range(n))
+        return sketches[chosen], photos[chosen], [self.prompt_for(r.key, r.category) for r in refs[:n]]
+
+    def _predict(self, controlnet, noisy, timesteps, states, conditioning):
+        down, mid = controlnet(noisy, timesteps, encoder_hidden_states=states, controlnet_cond=conditioning, return_dict=False)
+        dtype = self.weight_dtype
+        return self.c.unet(noisy.to(dtype), timesteps, encoder_hidden_states=states.to(dtype),
+                           down_block_additional_residuals=[r.to(dtype) for r in down],
+                           mid_block_additional_residual=mid.to(dtype)).sample
+
+    @staticmethod
+    def _conditioning(sketches: torch.Tensor, device) -> torch.Tensor:
+        return ((sketches + 1) / 2).to(device)  # ControlNet conditioning images live in [0, 1]
+
+    def loss(self, model, step: int, micro: int) -> torch.Tensor:
+        indices, noisy, target, timesteps = self.noisy_batch(self.photos, self.data_sampler, step, micro, "pairs")
+        prompts = [self.prompt_for(self.keys[i], self.categories[i], step) for i in indices]
+        with torch.no_grad():
+            states = self.encode_text(self.c.text_encoder, prompts)
+        conditioning = self._conditioning(self.sketches[indices], noisy.device)
+        prediction = self._predict(model, noisy, timesteps, states, conditioning)
+        return self.loss_of(prediction, target, timesteps)
+
+    def validate(self, accelerator, model, step: int) -> dict[str, float]:
+        from diffusers import PNDMScheduler, StableDiffusionControlNetPipeline
+
+        from sketch2real.mosaic import image_grid
+
+        if self.heldout is None:
+            return {}
+        o, logs = self.opts, {}
+        sketches, photos, prompts = self.heldout
+        controlnet = accelerator.unwrap_model(model)
+        controlnet.eval()
+        if o.num_heldout_samples:
+            count = min(o.num_heldout_samples, len(prompts))
+            conditioning = self._conditioning(sketches[:count], accelerator.device)
+            position = {"start": 0}
+
+            def predict(noisy, timesteps, batch_prompts):
+                start = position["start"]
+                position["start"] += len(batch_prompts)
+                with accelerator.autocast():
+                    states = self.encode_text(self.c.text_encoder, batch_prompts)
+                    return self._predict(controlnet, noisy, timesteps, states, conditioning[start : start + len(batch_prompts)])
+
+            logs["heldout_loss"] = heldout_denoising_loss(predict, self.c.vae, self.c.noise_scheduler, photos[:count],
+                                                          prompts[:count], o.seed)
+        if o.num_validation_images and o.num_validation_sketches:
+            from torchvision.transforms.functional import to_pil_image
+
+            count = min(o.num_validation_sketches, len(prompts))
+            pipe = StableDiffusionControlNetPipeline(
+                vae=self.c.vae, text_encoder=self.c.text_encoder, tokenizer=self.c.tokenizer, unet=self.c.unet,
+                controlnet=controlnet, scheduler=PNDMScheduler.from_config(self.c.noise_scheduler.config, skip_prk_steps=True),
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            pipe.set_progress_bar_config(disable=True)
+            conditions = [to_pil_image((s + 1) / 2) for s in sketches[:count]]
+            generators = [torch.Generator().manual_seed(derive_seed(o.seed, "validation", i)) for i in range(count)]
+            with accelerator.autocast():
+                generated = pipe(prompts[:count], image=conditions, height=o.resolution, width=o.resolution,
+                                 num_inference_steps=o.validation_inference_steps, generator=generators).images
+            rows = [[c, g, to_pil_image((p + 1) / 2)] for c, g, p in zip(conditions, generated, photos[:count])]
+            grid = image_grid(rows, cell=o.resolution)
+            if accelerator.is_main_process:
+                from sketch2real.io import atomic_path
+
+                with atomic_path(Path(o.output_dir) / "validation" / f"step-{step:06d}.png") as tmp:
+                    grid.save(tmp, format="PNG")
+                log_image(accelerator, "validation", grid, step)
+        controlnet.train()
+        return logs
+
+    def save_final(self, accelerator, model) -> None:
+        """A diffusers ControlNet folder at --output_dir (config.json + diffusion_pytorch_model.safetensors)."""
+        from diffusers import ControlNetModel
+
+        from sketch2real.models import save_pretrained_atomic
+
+        state = accelerator.get_state_dict(model)  # a collective under DeepSpeed
+        if accelerator.is_main_process:
+            controlnet = ControlNetModel.from_config(accelerator.unwrap_model(model).config)
+            controlnet.load_state_dict({k: v.float() for k, v in state.items()})
+            save_pretrained_atomic(controlnet, self.opts.output_dir)
+        accelerator.wait_for_everyone()

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Shared by the sbatch scripts: find the repo, build the multi-node `accelerate launch`, requeue on preemption.
+# shellcheck shell=bash
+
+# sbatch runs a spooled copy of the script: the repo is where sbatch was called (or SKETCH2REAL_HOME).
+S2R_HOME=${SKETCH2REAL_HOME:-${SLURM_SUBMIT_DIR:-$(pwd)}}
+cd "$S2R_HOME" || exit 1
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-0} TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+PYTHON=${PYTHON:-python3}
+ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-accelerate_configs/multi_gpu.yaml}
+GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
+MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" 2>/dev/null | head -n 1 || echo localhost)}
+MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
+export MASTER_ADDR MASTER_PORT
+
+s2r_log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+
+# s2r_launch SCRIPT ARGS...: one `accelerate launch` per node through srun (machine rank = node id), see
+# launch_node.sh. On SIGUSR1 the trainers save a checkpoint, leave OUTPUT_DIR/PREEMPTED and exit 75.
+s2r_launch() {
+  export S2R_NUM_PROCESSES=$(( ${SLURM_NNODES:-1} * GPUS_PER_NODE )) ACCELERATE_CONFIG
+  s2r_log "launch: $1 on ${SLURM_NNODES:-1} node(s) x $GPUS_PER_NODE process(es), config $ACCELERATE_CONFIG"
+  if [ -n "${SLURM_JOB_ID:-}" ]; then
+    srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash slurm/launch_node.sh "$@"
+  else
+    bash slurm/launch_node.sh "$@"
+  fi
+}
+
+# s2r_finish OUTPUT_DIR STATUS: requeue the job if the trainer was preempted, else exit with STATUS.
+s2r_finish() {
+  local output_dir=$1 status=$2
+  if [ -f "$output_dir/PREEMPTED" ]; then
+    rm -f "$output_dir/PREEMPTED"
+    if [ -n "${SLURM_JOB_ID:-}" ]; then
+      s2r_log "preempted: checkpoint saved; requeueing job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0})"
+      scontrol requeue "$SLURM_JOB_ID"
+    fi
+    exit 0
+  fi
+  exit "$status"
+}

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# DreamBooth on one Sketchy category. Override any setting by environment, extra flags after the script:
+#   MODEL=... SHARDS=data/shards CATEGORY=cat OUTPUT=runs/dreambooth_cat sbatch slurm/dreambooth.sh --lora_rank 8
+#SBATCH --job-name=s2r-dreambooth
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=32
+#SBATCH --time=04:00:00
+#SBATCH --output=logs/%x-%j.out
+#SBATCH --signal=USR1@180
+#SBATCH --requeue
+set -euo pipefail
+# shellcheck source=slurm/common.sh
+source "${SKETCH2REAL_HOME:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"
+MODEL=${MODEL:-runwayml/stable-diffusion-v1-5}
+SHARDS=${SHARDS:-data/shards}
+CATEGORY=${CATEGORY:-cat}
+OUTPUT=${OUTPUT:-runs/dreambooth_${CATEGORY}}
+PROMPT=${PROMPT:-"a ${CATEGORY//_/ } in the style of sks"}
+STEPS=${STEPS:-400}
+RESOLUTION=${RESOLUTION:-512}
+PRECISION=${PRECISION:-bf16}
+status=0
+s2r_launch train/dreambooth.py --pretrained_model_name_or_path "$MODEL" --shard_dir "$SHARDS" \
+  --instance_category "$CATEGORY" --instance_prompt "$PROMPT" --output_dir "$OUTPUT" --max_train_steps "$STEPS" \
+  --resolution "$RESOLUTION" --mixed_precision "$PRECISION" --checkpointing_steps "${CHECKPOINT_STEPS:-100}" \
+  --resume_from_checkpoint latest "$@" || status=$?
+s2r_finish "$OUTPUT" "$status"

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Sequential-class DreamBooth (stages resume too): STAGES=cat,dog,helicopter,hamburger sbatch slurm/dreambooth_sequential.sh
+# Settings by environment (MODEL, SHARDS, OUTPUT, STEPS, PRECISION, ...); extra flags after the script name.
+#SBATCH --job-name=s2r-dreambooth_sequential
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=32
+#SBATCH --time=04:00:00
+#SBATCH --output=logs/%x-%j.out
+#SBATCH --signal=USR1@180
+#SBATCH --requeue
+set -euo pipefail
+# shellcheck source=slurm/common.sh
+source "${SKETCH2REAL_HOME:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"
+MODEL=${MODEL:-runwayml/stable-diffusion-v1-5}
+SHARDS=${SHARDS:-data/shards}
+OUTPUT=${OUTPUT:-runs/dreambooth_sequential}
+STEPS=${STEPS:-400}
+DEFAULT_PROMPT='a {category} in the style of sks'
+PROMPT=${PROMPT:-$DEFAULT_PROMPT}
+status=0
+s2r_launch train/dreambooth_sequential.py --pretrained_model_name_or_path "$MODEL" --shard_dir "$SHARDS" --output_dir "$OUTPUT" \
+  --stages "${STAGES:-cat,dog,helicopter,hamburger}" --steps_per_stage "$STEPS" --instance_prompt "$PROMPT" --resolution "${RESOLUTION:-512}" --mixed_precision "${PRECISION:-bf16}" \
+  --checkpointing_steps "${CHECKPOINT_STEPS:-100}" --resume_from_checkpoint latest "$@" || status=$?
+s2r_finish "$OUTPUT" "$status"

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# FID/KID of generated folders against the test photos. GENERATED='base=runs/generated' sbatch slurm/fid.sh
+#SBATCH --job-name=s2r-fid
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=32
+#SBATCH --time=04:00:00
+#SBATCH --output=logs/%x-%j.out
+set -euo pipefail
+# shellcheck source=slurm/common.sh
+source "${SKETCH2REAL_HOME:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"
+# shellcheck disable=SC2086  # GENERATED holds several NAME=DIR words
+s2r_launch eval/fid.py --generated ${GENERATED:-runs/generated} --reference_shards "${SHARDS:-data/shards}" \
+  --reference_split "${SPLIT:-test}" --reference_field "${FIELD:-photo}" --output_dir "${OUTPUT:-runs/fid}" "$@"

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Images from captions, templates or prompts (resumable). MODEL=runs/dreambooth_cat sbatch slurm/generate.sh --prompt_template 'a {category} in the style of sks'
+#SBATCH --job-name=s2r-generate
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=32
+#SBATCH --time=04:00:00
+#SBATCH --output=logs/%x-%j.out
+set -euo pipefail
+# shellcheck source=slurm/common.sh
+source "${SKETCH2REAL_HOME:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"
+s2r_launch infer/generate.py --pretrained_model_name_or_path "${MODEL:-runwayml/stable-diffusion-v1-5}" \
+  --shard_dir "${SHARDS:-data/shards}" --split "${SPLIT:-test}" --output_dir "${OUTPUT:-runs/generated}" \
+  --mixed_precision "${PRECISION:-bf16}" "$@"

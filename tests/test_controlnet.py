@@ -1,0 +1,99 @@
+import json
+import shutil
+
+import pytest
+import torch
+
+from .conftest import launch, relative_difference, run_script, weights
+
+
+@pytest.fixture
+def cn_args(tiny_models, shard_dir):
+    return ["--pretrained_model_name_or_path", tiny_models.sd, "--shard_dir", shard_dir, "--resolution", "64",
+            "--learning_rate", "1e-3", "--validation_steps", "0", "--checkpointing_steps", "0", "--report_to", "none",
+            "--num_heldout_samples", "8"]
+
+
+def _conditioned_loss(controlnet_dir, tiny_models, shard_dir) -> float:
+    from diffusers import ControlNetModel
+
+    from sketch2real.models import load_sd_components
+    from sketch2real.training.controlnet import _pairs
+    from sketch2real.training.diffusion import tokenize
+    from sketch2real.training.validation import heldout_denoising_loss
+
+    c = load_sd_components(str(tiny_models.sd))
+    controlnet = ControlNetModel.from_pretrained(controlnet_dir) if controlnet_dir else ControlNetModel.from_unet(c.unet)
+    sketches, photos, refs = _pairs(str(shard_dir), "train", ["cat", "apple"], 64)
+    n = len(refs)
+    conditioning = (sketches[list(range(n))] + 1) / 2
+    states = c.text_encoder(tokenize(c.tokenizer, ["a photo"]))[0]
+    position = {"i": 0}
+
+    def predict(noisy, timesteps, prompts):
+        i = position["i"]
+        position["i"] += len(prompts)
+        s = states.expand(len(prompts), -1, -1)
+        down, mid = controlnet(noisy, timesteps, s, controlnet_cond=conditioning[i : i + len(prompts)], return_dict=False)
+        return c.unet(noisy, timesteps, s, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+
+    with torch.no_grad():
+        return heldout_denoising_loss(predict, c.vae, c.noise_scheduler, photos[list(range(n))], ["a photo"] * n, seed=3)
+
+
+def test_training_lowers_the_loss_and_the_controlnet_loads_in_diffusers(cn_args, tiny_models, shard_dir, tmp_path):
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+    from PIL import Image
+
+    out = tmp_path / "cn"
+    run_script("train/controlnet.py", *cn_args, "--output_dir", out, "--max_train_steps", "30", "--train_batch_size", "4",
+               "--categories", "cat", "apple", "--validation_steps", "30", "--num_validation_images", "1",
+               "--validation_inference_steps", "2", "--prompt_template", "a photo")
+    assert (out / "config.json").is_file() and (out / "validation" / "step-000030.png").is_file()
+    assert _conditioned_loss(out, tiny_models, shard_dir) < 0.9 * _conditioned_loss(None, tiny_models, shard_dir)
+    assert "heldout_loss" in json.loads((out / "metrics.json").read_text())
+
+    controlnet = ControlNetModel.from_pretrained(out)
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(tiny_models.sd, controlnet=controlnet, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    a, b = Image.new("RGB", (64, 64), "white"), Image.new("RGB", (64, 64), "white")
+    b.paste((0, 0, 0), (10, 10, 50, 50))
+    kwargs = dict(height=64, width=64, num_inference_steps=3, output_type="np")
+    out_a = pipe("a photo of a cat", image=a, generator=torch.Generator().manual_seed(0), **kwargs).images
+    out_b = pipe("a photo of a cat", image=b, generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert abs(out_a - out_b).max() > 1e-3  # the conditioning sketch changes the image
+
+
+def test_resume_is_exact_and_two_processes_agree(cn_args, tmp_path):
+    common = [*cn_args, "--max_train_steps", "4", "--categories", "cat", "--proportion_empty_prompts", "0.5"]
+    run_script("train/controlnet.py", *common, "--output_dir", tmp_path / "a", "--checkpointing_steps", "2",
+               "--train_batch_size", "2")
+    (tmp_path / "b").mkdir()
+    shutil.copytree(tmp_path / "a" / "checkpoint-2", tmp_path / "b" / "checkpoint-2")
+    run_script("train/controlnet.py", *common, "--output_dir", tmp_path / "b", "--checkpointing_steps", "2",
+               "--train_batch_size", "2", "--resume_from_checkpoint", "latest")
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert a and all(torch.equal(a[k], b[k]) for k in a)
+
+    launch("train/controlnet.py", *common, "--output_dir", tmp_path / "ddp", "--train_batch_size", "1")
+    from diffusers import ControlNetModel
+
+    from sketch2real.models import load_sd_components
+
+    base = {f"diffusion_pytorch_model.safetensors:{k}": v for k, v in ControlNetModel.from_unet(
+        load_sd_components(cn_args[1].__str__()).unet).state_dict().items()}
+    assert relative_difference(a, weights(tmp_path / "ddp"), base) < 1e-2
+
+
+def test_generation_with_controlnet_is_deterministic_across_processes(cn_args, tiny_models, shard_dir, tmp_path):
+    run_script("train/controlnet.py", *cn_args, "--output_dir", tmp_path / "cn", "--max_train_steps", "2", "--categories", "cat")
+    gen = ["--pretrained_model_name_or_path", tiny_models.sd, "--controlnet", tmp_path / "cn", "--shard_dir", shard_dir,
+           "--split", "test", "--prompt_template", "a photo of a {category}", "--height", "64", "--width", "64",
+           "--num_inference_steps", "2", "--max_per_category", "1", "--batch_size", "2"]
+    run_script("infer/generate.py", *gen, "--output_dir", tmp_path / "one")
+    launch("infer/generate.py", *gen, "--output_dir", tmp_path / "two")
+    one = {p.name: p.read_bytes() for p in (tmp_path / "one" / "images").rglob("*.png")}
+    two = {p.name: p.read_bytes() for p in (tmp_path / "two" / "images").rglob("*.png")}
+    assert len(one) == 5 and one == two
+    rows = [json.loads(line) for line in (tmp_path / "one" / "index.jsonl").read_text().splitlines()]
+    assert all(r["controlnet"] == str(tmp_path / "cn") and r["sample_key"] for r in rows)

@@ -1,0 +1,17 @@
+"""A sketch -> photo ControlNet on Sketchy's pairs: `accelerate launch train/controlnet.py --help`."""
+
+from sketch2real.cli import parse_options, run_main
+from sketch2real.training.accelerator import make_accelerator
+from sketch2real.training.controlnet import ControlNetOptions, ControlNetTask
+from sketch2real.training.loop import train
+
+
+def main() -> int:
+    opts = parse_options(ControlNetOptions)
+    opts.check()
+    accelerator = make_accelerator(opts)
+    return train(ControlNetTask(opts, accelerator), opts, accelerator, "controlnet")
+
+
+if __name__ == "__main__":
+    run_main(main)
