@@ -10,6 +10,7 @@
 #SBATCH --output=logs/%x-%j.out
 #SBATCH --signal=USR1@180
 #SBATCH --requeue
+#SBATCH --open-mode=append
 set -euo pipefail
 # shellcheck source=slurm/common.sh
 source "${SKETCH2REAL_HOME:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"

@@ -95,12 +95,12 @@ def launch(script: str, *args: str, num_processes: int = 2, deepspeed_config: st
 
 
 def weights(folder) -> dict:
-    """All tensors of every safetensors file under `folder`, keyed by relative path + name."""
+    """All tensors of the safetensors files in `folder` (not its subfolders), keyed by file + name."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
     out = {}
-    for file in sorted(folder.rglob("*.safetensors")):
+    for file in sorted(folder.glob("*.safetensors")):
         for name, tensor in load_file(file).items():
             out[f"{file.relative_to(folder)}:{name}"] = tensor
     return out

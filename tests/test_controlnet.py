@@ -18,12 +18,12 @@ def _conditioned_loss(controlnet_dir, tiny_models, shard_dir) -> float:
     from diffusers import ControlNetModel
 
     from sketch2real.models import load_sd_components
-    from sketch2real.training.controlnet import _pairs
+    from sketch2real.training.controlnet import _pairs, init_controlnet
     from sketch2real.training.diffusion import tokenize
     from sketch2real.training.validation import heldout_denoising_loss
 
     c = load_sd_components(str(tiny_models.sd))
-    controlnet = ControlNetModel.from_pretrained(controlnet_dir) if controlnet_dir else ControlNetModel.from_unet(c.unet)
+    controlnet = ControlNetModel.from_pretrained(controlnet_dir) if controlnet_dir else init_controlnet(c.unet, seed=0)
     sketches, photos, refs = _pairs(str(shard_dir), "train", ["cat", "apple"], 64)
     n = len(refs)
     conditioning = (sketches[list(range(n))] + 1) / 2
@@ -76,12 +76,11 @@ def test_resume_is_exact_and_two_processes_agree(cn_args, tmp_path):
     assert a and all(torch.equal(a[k], b[k]) for k in a)
 
     launch("train/controlnet.py", *common, "--output_dir", tmp_path / "ddp", "--train_batch_size", "1")
-    from diffusers import ControlNetModel
-
     from sketch2real.models import load_sd_components
+    from sketch2real.training.controlnet import init_controlnet
 
-    base = {f"diffusion_pytorch_model.safetensors:{k}": v for k, v in ControlNetModel.from_unet(
-        load_sd_components(cn_args[1].__str__()).unet).state_dict().items()}
+    start = init_controlnet(load_sd_components(str(cn_args[1])).unet, seed=0)
+    base = {f"diffusion_pytorch_model.safetensors:{k}": v for k, v in start.state_dict().items()}
     assert relative_difference(a, weights(tmp_path / "ddp"), base) < 1e-2
 
 

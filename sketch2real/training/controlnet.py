@@ -58,6 +58,16 @@ def _pairs(shard_dir: str, split: str, categories, resolution: int) -> tuple[Laz
     return LazyImages(sketches, "sketch", positions), LazyImages(photos, "photo", positions), sketches.refs
 
 
+def init_controlnet(unet, seed: int):
+    """`ControlNetModel.from_unet`, with its new (conditioning embedding) layers drawn from a seeded generator:
+    the same run gives the same start on any number of processes and after a restart."""
+    from diffusers import ControlNetModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, "controlnet-init"))
+        return ControlNetModel.from_unet(unet)
+
+
 class ControlNetTask(DiffusionTask):
     """ControlNet's part of the loop."""
 
@@ -71,7 +81,7 @@ class ControlNetTask(DiffusionTask):
         if opts.controlnet_model_name_or_path:
             controlnet = load(ControlNetModel, opts.controlnet_model_name_or_path, "ControlNet")
         else:
-            controlnet = ControlNetModel.from_unet(c.unet.float())
+            controlnet = init_controlnet(c.unet.float(), opts.seed)
             c.unet.to(device, self.weight_dtype)
         controlnet.train()
         if opts.gradient_checkpointing:

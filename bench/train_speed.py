@@ -1,0 +1,44 @@
+"""Steps/s, samples/s and peak memory of the trainers on the tiny model at 64 px (CPU here; GPU on a cluster).
+
+    python bench/train_speed.py [--steps 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from common import prepare, run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batch_size", type=int, default=4)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = prepare(tmp)
+        common = ["--pretrained_model_name_or_path", data["sd"], "--shard_dir", data["shards"], "--resolution", "64",
+                  "--max_train_steps", args.steps, "--train_batch_size", args.batch_size, "--validation_steps", "0",
+                  "--checkpointing_steps", "0", "--report_to", "none", "--num_heldout_samples", "0"]
+        runs = {
+            "dreambooth (full UNet)": ("train/dreambooth.py", ["--instance_category", "cat"]),
+            "dreambooth (LoRA r=4)": ("train/dreambooth.py", ["--instance_category", "cat", "--lora_rank", "4"]),
+            "dreambooth (+ text encoder)": ("train/dreambooth.py", ["--instance_category", "cat", "--train_text_encoder"]),
+            "textual inversion": ("train/textual_inversion.py", []),
+            "controlnet": ("train/controlnet.py", []),
+        }
+        print(f"tiny SD, 64 px, batch {args.batch_size}, {args.steps} steps, 1 CPU thread")
+        print(f"{'run':30s} {'steps/s':>8s} {'samples/s':>10s} {'peak MiB':>9s}")
+        for name, (script, extra) in runs.items():
+            out = tmp / name.replace(" ", "_")
+            run(script, *common, *extra, "--output_dir", out)
+            m = json.loads((out / "metrics.json").read_text())
+            print(f"{name:30s} {m['steps_per_second']:8.2f} {m['samples_per_second']:10.2f} {m['peak_memory_mb']:9.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# A real one-node Slurm cluster on localhost, for testing slurm/*.sh (as root; Debian's slurm-wlm + munge).
+# Usage: bash slurm/local_cluster.sh start DIR   |   bash slurm/local_cluster.sh stop DIR
+set -euo pipefail
+action=${1:?start or stop}
+dir=$(mkdir -p "${2:?scratch dir}" && cd "$2" && pwd)
+host=$(hostname -s)
+case "$action" in
+  start)
+    mkdir -p "$dir/state" "$dir/spool" "$dir/log" /etc/slurm
+    cat > /etc/slurm/slurm.conf <<CONF
+ClusterName=local
+SlurmctldHost=$host
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=cred_expire=10
+StateSaveLocation=$dir/state
+SlurmdSpoolDir=$dir/spool
+SlurmctldPidFile=$dir/slurmctld.pid
+SlurmdPidFile=$dir/slurmd.pid
+SlurmctldLogFile=$dir/log/slurmctld.log
+SlurmdLogFile=$dir/log/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+MpiDefault=none
+MinJobAge=5
+NodeName=$host CPUs=$(nproc) RealMemory=1000 State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+CONF
+    [ -f /etc/munge/munge.key ] || mungekey -c
+    install -d -o munge -g munge -m 755 /run/munge
+    pgrep -x munged >/dev/null || runuser -u munge -- /usr/sbin/munged
+    slurmctld
+    slurmd
+    for _ in $(seq 1 50); do
+      if sinfo -h -o %t 2>/dev/null | grep -qE '^(idle|mix|alloc)'; then echo "slurm up: $(sinfo -h)"; exit 0; fi
+      sleep 0.2
+    done
+    echo "slurm did not come up; see $dir/log" >&2; exit 1 ;;
+  stop)
+    for pid_file in "$dir/slurmd.pid" "$dir/slurmctld.pid"; do
+      if [ -f "$pid_file" ]; then kill "$(cat "$pid_file")" 2>/dev/null || true; fi
+    done ;;
+  *) echo "usage: $0 start|stop DIR" >&2; exit 2 ;;
+esac
