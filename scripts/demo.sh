@@ -41,7 +41,37 @@ $PY train/textual_inversion.py --pretrained_model_name_or_path "$SD" --shard_dir
   --placeholder_token "<sketch>" --initializer_token sketch --output_dir "$OUT/textual_inversion" --max_train_steps 60 \
   --learning_rate 5e-2 --train_batch_size 4 --validation_steps 30 --checkpointing_steps 30 "${COMMON_TRAIN[@]}"
 
+step "ControlNet (sketch -> photo)"
+$PY train/controlnet.py --pretrained_model_name_or_path "$SD" --shard_dir "$OUT/shards" --output_dir "$OUT/controlnet" \
+  --max_train_steps 60 --learning_rate 1e-3 --train_batch_size 4 --validation_steps 60 --checkpointing_steps 30 \
+  --num_validation_sketches 4 "${COMMON_TRAIN[@]}"
+
+step "captions of the test sketches (tiny LLaVA and BLIP-2)"
+$PY infer/caption.py --model_name_or_path "$OUT/tiny_models/tiny-llava" --shard_dir "$OUT/shards" --split test \
+  --prompts best --max_new_tokens 20 --output_dir "$OUT/captions_llava"
+$PY infer/caption.py --model_name_or_path "$OUT/tiny_models/tiny-blip2" --shard_dir "$OUT/shards" --split test \
+  --prompts 1 --max_new_tokens 20 --output_dir "$OUT/captions_blip2"
+
+step "generation: captions (base), DreamBooth, Textual Inversion, ControlNet"
+GEN=(--shard_dir "$OUT/shards" --split test --height 64 --width 64 --num_inference_steps 20 --batch_size 8)
+$PY infer/generate.py --pretrained_model_name_or_path "$SD" --captions "$OUT/captions_llava/captions.jsonl" \
+  --prompt_ids 5 "${GEN[@]}" --output_dir "$OUT/gen_captions"
+$PY infer/generate.py --pretrained_model_name_or_path "$OUT/dreambooth_cat" \
+  --prompt_template "a {category} in the style of sks" "${GEN[@]}" --output_dir "$OUT/gen_dreambooth"
+$PY infer/generate.py --pretrained_model_name_or_path "$SD" --textual_inversion "$OUT/textual_inversion/learned_embeds.safetensors" \
+  --prompt_template "a {category} in the style of <sketch>" "${GEN[@]}" --output_dir "$OUT/gen_textual_inversion"
+$PY infer/generate.py --pretrained_model_name_or_path "$SD" --controlnet "$OUT/controlnet" \
+  --prompt_template "a photo of a {category}" "${GEN[@]}" --output_dir "$OUT/gen_controlnet"
+
+step "FID / KID against the test photos"
+$PY eval/fid.py --generated "captions=$OUT/gen_captions" "dreambooth=$OUT/gen_dreambooth" \
+  "textual_inversion=$OUT/gen_textual_inversion" "controlnet=$OUT/gen_controlnet" \
+  --reference_shards "$OUT/shards" --reference_split test --reference_field photo --dims 64 \
+  --cache_dir "$OUT/fid_cache" --output_dir "$OUT/fid"
+
 step "reports"
-echo "split report:        $OUT/splits/report.md"
-echo "forgetting table:    $OUT/dreambooth_sequential/sequential_report.md"
-echo "validation mosaics:  $OUT/dreambooth_cat/validation/ $OUT/textual_inversion/validation/"
+echo "split report:          $OUT/splits/report.md"
+echo "metrics table:         $OUT/fid/report.md (chart: $OUT/fid/fid_per_category.png)"
+echo "forgetting table:      $OUT/dreambooth_sequential/sequential_report.md"
+echo "caption quality:       $OUT/captions_llava/quality.md, $OUT/captions_blip2/quality.md"
+echo "mosaics:               $OUT/gen_*/mosaics/ (sketch | generated | photo), $OUT/*/validation/"
