@@ -7,7 +7,11 @@ S2R_HOME=${SKETCH2REAL_HOME:-${SLURM_SUBMIT_DIR:-$(pwd)}}
 cd "$S2R_HOME" || exit 1
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-0} TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 PYTHON=${PYTHON:-python3}
-ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-accelerate_configs/multi_gpu.yaml}
+if [ "${SLURM_NNODES:-1}" -gt 1 ]; then
+  ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-accelerate_configs/multi_node.yaml}
+else
+  ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-accelerate_configs/multi_gpu.yaml}
+fi
 GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
 MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" 2>/dev/null | head -n 1 || echo localhost)}
 MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}

@@ -171,3 +171,23 @@ def test_bad_flags_give_one_line_and_exit_2(db_args, tmp_path, extra, message):
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert message in last and "Traceback" not in proc.stderr
+
+
+def test_non_finite_loss_stops_with_a_clear_message(db_args, tmp_path):
+    # An infinite noise offset makes the very first loss infinite.
+    proc = run_script("train/dreambooth.py", *db_args, "--output_dir", tmp_path / "nan", "--max_train_steps", "5",
+                      "--noise_offset", "1e39", check=False)
+    assert proc.returncode == 1
+    assert "loss is not finite at step 1" in proc.stderr and "no checkpoint was saved yet" in proc.stderr
+    assert not (tmp_path / "nan" / "model_index.json").exists()
+
+
+def test_8bit_adam_and_cached_latents(db_args, tmp_path, tiny_models):
+    plain, cached = tmp_path / "plain", tmp_path / "cached"
+    common = [*db_args, "--max_train_steps", "3", "--use_8bit_adam"]
+    run_script("train/dreambooth.py", *common, "--output_dir", plain)
+    run_script("train/dreambooth.py", *common, "--output_dir", cached, "--cache_latents")
+    base = weights(tiny_models.sd / "unet")
+    a, b = weights(plain / "unet"), weights(cached / "unet")
+    assert any(not torch.equal(a[k], base[k]) for k in a)  # 8-bit AdamW trained
+    assert relative_difference(a, b, base) < 1e-2  # cached latents give the same training
