@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def main() -> None:
             "textual inversion": ("train/textual_inversion.py", []),
             "controlnet": ("train/controlnet.py", []),
         }
-        print(f"tiny SD, 64 px, batch {args.batch_size}, {args.steps} steps, 1 CPU thread")
+        print(f"tiny SD, 64 px, batch {args.batch_size}, {args.steps} steps, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'all')}")
         print(f"{'run':30s} {'steps/s':>8s} {'samples/s':>10s} {'peak MiB':>9s}")
         for name, (script, extra) in runs.items():
             out = tmp / name.replace(" ", "_")

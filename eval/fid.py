@@ -27,6 +27,7 @@ class Options:
     seed: int = option(0, help="seed of KID's subsets and the pairing baseline")
     cache_dir: str = option("", help="reference-statistics cache (default: ~/.cache/sketch2real/fid)")
     no_cache: bool = option(False, help="do not read or write cached reference statistics")
+    clip_model_name_or_path: str = option("", help="also report the CLIP score of each image against its prompt (index.jsonl)")
 
 
 def main() -> int:

@@ -11,6 +11,7 @@ import numpy as np
 from sketch2real.io import atomic_path, write_json
 from sketch2real.metrics import (
     ImageSet,
+    clip_score,
     extract_features,
     fid_from_features,
     fingerprint,
@@ -85,11 +86,11 @@ def format_report(report: dict) -> str:
         return "—" if value is None else f"{value:.{digits}f}"
 
     lines = [f"# FID / KID against {report['reference']['name']} ({report['reference']['n']} images, {report['dims']} dims)", "",
-             "| generated set | images | FID | KID ×10³ (± std) | pairing gain |", "|---|---:|---:|---:|---:|"]
+             "| generated set | images | FID | KID ×10³ (± std) | pairing gain | CLIP score |", "|---|---:|---:|---:|---:|---:|"]
     for name, r in report["sets"].items():
         kid_text = "—" if r["kid_mean"] is None else f"{1000 * r['kid_mean']:.2f} ± {1000 * r['kid_std']:.2f}"
         pairing = fmt(r["pairing"]["gain"], 4) if "pairing" in r else "—"
-        lines.append(f"| {name} | {r['n_generated']} | {fmt(r['fid'])} | {kid_text} | {pairing} |")
+        lines.append(f"| {name} | {r['n_generated']} | {fmt(r['fid'])} | {kid_text} | {pairing} | {fmt(r.get('clip_score'))} |")
     for name, r in report["sets"].items():
         if r.get("warning"):
             lines += ["", f"Warning ({name}): {r['warning']}"]
@@ -137,6 +138,9 @@ def run_fid(opts, generated_sets: list[ImageSet], reference: ImageSet, state) ->
         if state.is_main_process:
             report["sets"][images.name] = evaluate_set(images.name, images, features, valid, reference, ref_features,
                                                        ref_valid, opts.dims, opts.seed)
+            if opts.clip_model_name_or_path and images.prompts:
+                report["sets"][images.name]["clip_score"] = clip_score(images.sources, images.prompts,
+                                                                       opts.clip_model_name_or_path, state.device)
     if not state.is_main_process:
         return None
     out = Path(opts.output_dir)

@@ -33,6 +33,7 @@ class ImageSet:
     ids: list[str]
     categories: list[str]
     sample_keys: list[str]
+    prompts: list[str] | None = None  # the prompt of each generated image (from index.jsonl)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -52,13 +53,15 @@ def folder_set(folder: str, name: str | None = None) -> ImageSet:
         paths = [root / r["image"] for r in rows]
         categories = [r.get("category", "") for r in rows]
         keys = [r.get("sample_key", "") for r in rows]
+        prompts = [r.get("prompt", "") for r in rows]
     else:
+        prompts = None
         paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
         categories = [str(p.parent.relative_to(root)) if p.parent != root else "" for p in paths]
         keys = [""] * len(paths)
     if not paths:
         raise UserError(f"no images in {folder}")
-    return ImageSet(name or root.name, paths, [str(p.relative_to(root)) for p in paths], categories, keys)
+    return ImageSet(name or root.name, paths, [str(p.relative_to(root)) for p in paths], categories, keys, prompts)
 
 
 def shard_set(shard_dir: str, split: str, field: str, categories: Sequence[str] | None = None) -> ImageSet:
@@ -215,3 +218,27 @@ def pairing_score(generated: np.ndarray, references: np.ndarray, seed: int = 0) 
     shift[fixed] = (shift[fixed] + 1) % n
     matched, shuffled = cosine(generated, references).mean(), cosine(generated, references[shift]).mean()
     return {"matched": float(matched), "shuffled": float(shuffled), "gain": float(matched - shuffled), "pairs": n}
+
+
+@torch.no_grad()
+def clip_score(paths: Sequence[Path], prompts: Sequence[str], model_name_or_path: str, device: torch.device,
+               batch_size: int = 32) -> float:
+    """Mean of 100 x max(cos(image, prompt), 0) over the images (Hessel et al., 2021; torchmetrics' convention)."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    from sketch2real.models import load
+
+    model = load(CLIPModel, model_name_or_path, "CLIP model").to(device).eval()
+    processor = load(CLIPProcessor, model_name_or_path, "CLIP processor")
+    scores = []
+    for start in range(0, len(paths), batch_size):
+        images = [Image.open(p).convert("RGB") for p in paths[start : start + batch_size]]
+        inputs = processor(text=list(prompts[start : start + batch_size]), images=images, return_tensors="pt",
+                           padding=True, truncation=True).to(device)
+        image = model.get_image_features(pixel_values=inputs["pixel_values"])
+        text = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        image = image.pooler_output if hasattr(image, "pooler_output") else image
+        text = text.pooler_output if hasattr(text, "pooler_output") else text
+        cosine = torch.nn.functional.cosine_similarity(image, text)
+        scores += (100 * cosine.clamp(min=0)).tolist()
+    return float(np.mean(scores))

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 SD_DIRNAME = "tiny-sd"
+CLIP_DIRNAME = "tiny-clip"
 BLIP2_DIRNAME = "tiny-blip2"
 LLAVA_DIRNAME = "tiny-llava"
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -263,6 +264,31 @@ def _calibrate_batch_norm(net: torch.nn.Module, seed: int) -> None:
     net.eval()
 
 
+def build_tiny_clip(output_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Build and save a tiny CLIPModel + CLIPProcessor (real CLIP vocabulary), for CLIP-score tests."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    out = Path(output_dir)
+    torch.manual_seed(seed)
+    tokenizer = clip_tokenizer(out / "_vocab")
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                         num_hidden_layers=2, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                         pad_token_id=49407),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+                           image_size=32, patch_size=8),
+        projection_dim=32,
+    )
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}), tokenizer=tokenizer)
+    CLIPModel(config).save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    for tmp in (out / "_vocab").iterdir():
+        tmp.unlink()
+    (out / "_vocab").rmdir()
+    return out
+
+
 def write_fid_inception_weights(torch_home: str | os.PathLike, seed: int = 0) -> Path:
     """Write a randomly initialised, structurally exact pytorch-fid Inception file into `torch_home`.
 
@@ -297,6 +323,7 @@ class TinyModels:
     """Paths of the tiny models built by `build_all`."""
 
     sd: Path
+    clip: Path
     blip2: Path
     llava: Path
     torch_home: Path
@@ -305,9 +332,11 @@ class TinyModels:
 def build_all(output_dir: str | os.PathLike, torch_home: str | os.PathLike | None = None) -> TinyModels:
     """Build every tiny model under `output_dir` (skipping those already saved)."""
     out = Path(output_dir)
-    sd, blip2, llava = out / SD_DIRNAME, out / BLIP2_DIRNAME, out / LLAVA_DIRNAME
+    sd, clip, blip2, llava = out / SD_DIRNAME, out / CLIP_DIRNAME, out / BLIP2_DIRNAME, out / LLAVA_DIRNAME
     if not (sd / "model_index.json").exists():
         build_tiny_sd(sd)
+    if not (clip / "config.json").exists():
+        build_tiny_clip(clip)
     if not (blip2 / "config.json").exists():
         build_tiny_blip2(blip2)
     if not (llava / "config.json").exists():
@@ -315,7 +344,7 @@ def build_all(output_dir: str | os.PathLike, torch_home: str | os.PathLike | Non
     home = Path(torch_home) if torch_home else out / "torch_home"
     if not (home / "hub" / "checkpoints" / FID_WEIGHTS_NAME).exists():
         write_fid_inception_weights(home)
-    return TinyModels(sd=sd, blip2=blip2, llava=llava, torch_home=home)
+    return TinyModels(sd=sd, clip=clip, blip2=blip2, llava=llava, torch_home=home)
 
 
 def main() -> None:

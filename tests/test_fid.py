@@ -124,3 +124,27 @@ def test_bad_input(folders, tmp_path, extra, message):
     base = ["--generated", folders / "a"] if "--generated" not in extra else []
     proc = run_script("eval/fid.py", *base, "--reference_dir", folders / "b", "--output_dir", tmp_path / "o", *extra, check=False)
     assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1], proc.stderr[-1500:]
+
+
+def test_clip_score_matches_clip_logits(tiny_models, shard_dir, tmp_path):
+    import torch
+    from transformers import CLIPModel, CLIPProcessor
+
+    from sketch2real.metrics import clip_score
+
+    gen = tmp_path / "gen"
+    run_script("infer/generate.py", "--pretrained_model_name_or_path", tiny_models.sd, "--shard_dir", shard_dir,
+               "--split", "test", "--height", "64", "--width", "64", "--num_inference_steps", "2", "--max_per_category", "1",
+               "--prompt_template", "a photo of a {category}", "--output_dir", gen)
+    run_script("eval/fid.py", "--generated", f"g={gen}", "--reference_shards", shard_dir, "--dims", "64", "--no_cache",
+               "--output_dir", tmp_path / "o", "--clip_model_name_or_path", tiny_models.clip)
+    reported = _fid(tmp_path / "o")["sets"]["g"]["clip_score"]
+    rows = [json.loads(line) for line in (gen / "index.jsonl").read_text().splitlines()]
+    model, processor = CLIPModel.from_pretrained(tiny_models.clip), CLIPProcessor.from_pretrained(tiny_models.clip)
+    images = [Image.open(gen / r["image"]).convert("RGB") for r in rows]
+    with torch.no_grad():
+        out = model(**processor(text=[r["prompt"] for r in rows], images=images, return_tensors="pt", padding=True))
+    cosine = out.logits_per_image.diagonal() / model.logit_scale.exp()
+    assert reported == pytest.approx(float((100 * cosine.clamp(min=0)).mean()), abs=1e-4)
+    assert reported == pytest.approx(clip_score([gen / r["image"] for r in rows], [r["prompt"] for r in rows],
+                                                str(tiny_models.clip), torch.device("cpu")), abs=1e-6)
