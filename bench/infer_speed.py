@@ -7,6 +7,7 @@ on the same 200 images (both FID values printed side by side).
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -55,7 +56,7 @@ def main() -> None:
                 Image.fromarray((rng.random((64, 64, 3)) * (255 if name == "a" else 160)).astype("uint8")).save(tmp / name / f"{i}.png")
         ours_s = timed(lambda: run("eval/fid.py", "--generated", tmp / "a", "--reference_dir", tmp / "b", "--output_dir",
                                    tmp / "fid", "--no_cache", "--num_workers", "2"))
-        ours = float(re.search(r"FID ([0-9.]+)", (tmp / "fid" / "report.md").read_text().replace("| a | 200 | ", "FID "))[1])
+        ours = json.loads((tmp / "fid" / "metrics.json").read_text())["sets"]["a"]["fid"]
         start = time.perf_counter()
         cli = subprocess.run([sys.executable, "-m", "pytorch_fid", str(tmp / "a"), str(tmp / "b"), "--device", "cpu",
                               "--num-workers", "2"], capture_output=True, text=True, check=True)

@@ -191,3 +191,15 @@ def test_8bit_adam_and_cached_latents(db_args, tmp_path, tiny_models):
     a, b = weights(plain / "unet"), weights(cached / "unet")
     assert any(not torch.equal(a[k], base[k]) for k in a)  # 8-bit AdamW trained
     assert relative_difference(a, b, base) < 1e-2  # cached latents give the same training
+
+
+def test_deepspeed_zero3_trains_and_consolidates_the_same_weights(db_args, tmp_path, tiny_models):
+    one, zero3 = tmp_path / "one", tmp_path / "zero3"
+    common = [*db_args, "--max_train_steps", "3", "--train_text_encoder"]
+    run_script("train/dreambooth.py", *common, "--output_dir", one, "--train_batch_size", "2")
+    launch("train/dreambooth.py", *common, "--output_dir", zero3, "--train_batch_size", "1",
+           deepspeed_config="accelerate_configs/deepspeed_zero3.yaml")
+    assert json.loads((zero3 / "metrics.json").read_text())["distributed_type"] == "DEEPSPEED"
+    for part in ("unet", "text_encoder"):
+        base = weights(tiny_models.sd / part)
+        assert relative_difference(weights(one / part), weights(zero3 / part), base) < 1e-2, part

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -62,3 +64,24 @@ def configure_attention(unet, opts, device: torch.device) -> None:
 
 def is_deepspeed(accelerator) -> bool:
     return accelerator.state.deepspeed_plugin is not None
+
+
+@contextmanager
+def zero3_init_disabled(accelerator) -> Iterator[None]:
+    """A context in which `from_pretrained` builds whole modules even under ZeRO-3.
+
+    Under ZeRO-3, transformers' from_pretrained partitions parameters while loading
+    (a collective, via the config accelerate registers): frozen modules used outside
+    DeepSpeed, and loads done by rank 0 alone (saving), must not do that.
+    """
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        yield
+        return
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()

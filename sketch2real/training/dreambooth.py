@@ -12,6 +12,7 @@ import torch
 from sketch2real.cli import UserError, option
 from sketch2real.io import atomic_path
 from sketch2real.models import SDComponents, dtype_for, load, save_pretrained_atomic
+from sketch2real.training.accelerator import zero3_init_disabled
 from sketch2real.training.data import load_folder_images, load_shard_images
 from sketch2real.training.diffusion import derive_seed, tokenize
 from sketch2real.training.options import TrainOptions
@@ -95,9 +96,10 @@ def ensure_class_images(accelerator, opts: DreamBoothOptions) -> None:
             missing.append(i)
         i += 1
     mine = missing[accelerator.process_index :: accelerator.num_processes]
-    pipe = load(StableDiffusionPipeline, opts.pretrained_model_name_or_path, "model", safety_checker=None,
-                requires_safety_checker=False, torch_dtype=dtype_for(opts.mixed_precision), revision=opts.revision,
-                variant=opts.variant)
+    with zero3_init_disabled(accelerator):
+        pipe = load(StableDiffusionPipeline, opts.pretrained_model_name_or_path, "model", safety_checker=None,
+                    requires_safety_checker=False, torch_dtype=dtype_for(opts.mixed_precision), revision=opts.revision,
+                    variant=opts.variant)
     pipe.to(accelerator.device)
     pipe.set_progress_bar_config(disable=True)
     bar = tqdm(total=len(missing), desc="class images", disable=not accelerator.is_local_main_process)
@@ -232,7 +234,8 @@ class DreamBoothTask(DiffusionTask):
             layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet_of(model)))
             StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers, safe_serialization=True)
         else:
-            save_pipeline(opts, state, out)
+            with zero3_init_disabled(accelerator):
+                save_pipeline(opts, state, out)
         accelerator.wait_for_everyone()
 
 

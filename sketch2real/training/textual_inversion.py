@@ -19,6 +19,7 @@ from sketch2real.cli import UserError, option
 from sketch2real.io import atomic_path
 from sketch2real.models import SDComponents
 from sketch2real.sketchy import category_words
+from sketch2real.training.accelerator import zero3_init_disabled
 from sketch2real.training.data import load_folder_images, load_shard_images
 from sketch2real.training.diffusion import derive_seed
 from sketch2real.training.options import TrainOptions
@@ -204,7 +205,8 @@ class TextualInversionTask(DiffusionTask):
         if accelerator.is_main_process:
             self._write_embeds("learned_embeds.safetensors")
             if self.opts.save_as_full_pipeline:
-                self._save_pipeline()
+                with zero3_init_disabled(accelerator):
+                    self._save_pipeline()
         accelerator.wait_for_everyone()
 
     def _save_pipeline(self) -> None:
