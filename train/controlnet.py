@@ -1,7 +1,7 @@
 """A sketch -> photo ControlNet on Sketchy's pairs: `accelerate launch train/controlnet.py --help`."""
 
 from sketch2real.cli import parse_options, run_main
-from sketch2real.training.accelerator import make_accelerator
+from sketch2real.training.accelerator import training_session
 from sketch2real.training.controlnet import ControlNetOptions, ControlNetTask
 from sketch2real.training.loop import train
 
@@ -9,8 +9,8 @@ from sketch2real.training.loop import train
 def main() -> int:
     opts = parse_options(ControlNetOptions)
     opts.check()
-    accelerator = make_accelerator(opts)
-    return train(ControlNetTask(opts, accelerator), opts, accelerator, "controlnet")
+    with training_session(opts) as accelerator:
+        return train(ControlNetTask(opts, accelerator), opts, accelerator, "controlnet")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """DreamBooth on Sketchy shards: `accelerate launch train/dreambooth.py --help`."""
 
 from sketch2real.cli import parse_options, run_main
-from sketch2real.training.accelerator import make_accelerator
+from sketch2real.training.accelerator import training_session
 from sketch2real.training.dreambooth import DreamBoothOptions, DreamBoothTask
 from sketch2real.training.loop import train
 
@@ -9,9 +9,9 @@ from sketch2real.training.loop import train
 def main() -> int:
     opts = parse_options(DreamBoothOptions)
     opts.check()
-    accelerator = make_accelerator(opts)
-    task = DreamBoothTask(opts, accelerator)
-    return train(task, opts, accelerator, "dreambooth")
+    with training_session(opts) as accelerator:
+        task = DreamBoothTask(opts, accelerator)
+        return train(task, opts, accelerator, "dreambooth")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Textual Inversion of the Sketchy sketch style: `accelerate launch train/textual_inversion.py --help`."""
 
 from sketch2real.cli import parse_options, run_main
-from sketch2real.training.accelerator import make_accelerator
+from sketch2real.training.accelerator import training_session
 from sketch2real.training.loop import train
 from sketch2real.training.textual_inversion import TextualInversionOptions, TextualInversionTask
 
@@ -9,8 +9,8 @@ from sketch2real.training.textual_inversion import TextualInversionOptions, Text
 def main() -> int:
     opts = parse_options(TextualInversionOptions)
     opts.check()
-    accelerator = make_accelerator(opts)
-    return train(TextualInversionTask(opts, accelerator), opts, accelerator, "textual_inversion")
+    with training_session(opts) as accelerator:
+        return train(TextualInversionTask(opts, accelerator), opts, accelerator, "textual_inversion")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Accelerator setup: precision, gloo on CPU, trackers, DeepSpeed batch size, attention backend."""
+"""Accelerator setup (precision, gloo on CPU, trackers, DeepSpeed batch size), the casting rule for
+modules of mixed dtypes, and reading trained weights out of DDP/DeepSpeed (ZeRO-2/3) alike."""
 
 from __future__ import annotations
 
@@ -15,28 +16,49 @@ from sketch2real.cli import UserError
 logger = logging.getLogger("sketch2real")
 
 
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+def requested_precision(opts) -> str:
+    """`--mixed_precision` if given, else what accelerate was configured with (config file,
+    `accelerate launch --mixed_precision`, ACCELERATE_MIXED_PRECISION), else "no" — as diffusers' scripts do."""
+    return opts.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+
+
 def make_accelerator(opts, train_batch_size: int | None = None):
     """An `accelerate.Accelerator` for `opts` (a TrainOptions), usable on CUDA clusters and on CPU.
 
     On CPU the process group uses gloo, so DDP and DeepSpeed run with several CPU
-    processes (tests). fp16 needs CUDA; bf16 autocast works on both.
+    processes (tests). fp16 needs CUDA; bf16 works on both. `opts.mixed_precision`
+    is set to the precision actually used, so run_config.json records it.
     """
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
-    on_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
-    if on_cpu and opts.mixed_precision == "fp16":
-        raise UserError("--mixed_precision fp16 needs a CUDA device; use bf16 or no on CPU")
+    cpu_forced = _env_true("ACCELERATE_USE_CPU")
+    if cpu_forced and _env_true("ACCELERATE_USE_DEEPSPEED"):
+        raise UserError("a DeepSpeed config was given with ACCELERATE_USE_CPU set, which silently turns DeepSpeed off: "
+                        "unset ACCELERATE_USE_CPU (DeepSpeed runs on CPU without it)")
+    on_cpu = not torch.cuda.is_available() or cpu_forced
+    precision = requested_precision(opts)
+    if precision not in ("no", "fp16", "bf16"):
+        raise UserError(f"mixed precision must be no, fp16 or bf16, got {precision!r}")
+    if on_cpu and precision == "fp16":
+        raise UserError("mixed precision fp16 needs a CUDA device; use bf16 or no on CPU")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     kwargs_handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu and distributed else []
     report_to = None if opts.report_to == "none" else opts.report_to
     accelerator = Accelerator(
-        mixed_precision=opts.mixed_precision,
+        mixed_precision=opts.mixed_precision,  # None: accelerate's own setting
         gradient_accumulation_steps=opts.gradient_accumulation_steps,
         log_with=report_to,
         project_config=ProjectConfiguration(project_dir=opts.output_dir, logging_dir=str(Path(opts.output_dir) / opts.logging_dir)),
         kwargs_handlers=kwargs_handlers,
     )
+    opts.mixed_precision = accelerator.mixed_precision  # under DeepSpeed: what its config enables
+    if on_cpu and opts.mixed_precision == "fp16":
+        raise UserError("mixed precision fp16 (from the DeepSpeed config) needs a CUDA device; use bf16 or no on CPU")
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:
         # No DataLoader goes through prepare(): DeepSpeed cannot infer its micro batch size.
@@ -47,7 +69,44 @@ def make_accelerator(opts, train_batch_size: int | None = None):
     if opts.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    _checkpoint_only_trained_weights(accelerator)
     return accelerator
+
+
+@contextmanager
+def training_session(opts) -> Iterator:
+    """`make_accelerator(opts)`, ended (trackers finished, process group destroyed) once, when the script is done."""
+    accelerator = make_accelerator(opts)
+    try:
+        yield accelerator
+    finally:
+        accelerator.end_training()
+
+
+def finish_trackers(accelerator) -> None:
+    """End this run's trackers but keep the process group (sequential stages run several loops)."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    accelerator.trackers.clear()
+
+
+def _checkpoint_only_trained_weights(accelerator) -> None:
+    """Checkpoints hold what training changes (trained weights, optimizer, scheduler, RNG), not frozen weights
+    that the base model already has: a LoRA or TI checkpoint is megabytes, not a second copy of the UNet."""
+
+    def drop_frozen(models, weights, output_dir) -> None:
+        for i, (model, state) in enumerate(zip(models, weights)):
+            frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+            weights[i] = {k: v for k, v in state.items() if k not in frozen}
+
+    accelerator.register_save_state_pre_hook(drop_frozen)
+
+
+def checkpoint_kwargs(accelerator, saving: bool) -> dict:
+    """Keyword arguments of `save_state`/`load_state` that go with `_checkpoint_only_trained_weights`."""
+    if is_deepspeed(accelerator):
+        return {"exclude_frozen_parameters": True} if saving else {"load_module_strict": False}
+    return {} if saving else {"strict": False}
 
 
 def configure_attention(unet, opts, device: torch.device) -> None:
@@ -59,11 +118,72 @@ def configure_attention(unet, opts, device: torch.device) -> None:
         try:
             unet.enable_xformers_memory_efficient_attention()
         except Exception as err:  # xformers missing or built for another torch
-            raise UserError(f"xformers attention unavailable: {str(err).splitlines()[0]}") from err
+            raise UserError(f"xformers attention unavailable: {str(err).splitlines()[0]} "
+                            "(install the xformers release built for your torch, see README)") from err
 
 
 def is_deepspeed(accelerator) -> bool:
     return accelerator.state.deepspeed_plugin is not None
+
+
+def module_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype of a module's floating-point parameters (what DeepSpeed or `.to(weight_dtype)` made them)."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _cast_floats(value, dtype: torch.dtype):
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() and value.dtype != dtype else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cast_floats(v, dtype) for v in value)
+    return value
+
+
+def cast_denoiser_inputs(denoiser: torch.nn.Module) -> None:
+    """Cast every floating input of a UNet or ControlNet to its parameters' dtype on entry, in training,
+    held-out losses and validation pipelines alike; the timestep (2nd argument) stays as given.
+
+    The rule that makes every precision and launcher work: DDP/1-process AMP keeps trained
+    weights in fp32 (autocast computes in bf16/fp16), frozen modules sit in the weight dtype
+    and see no autocast outside a prepared forward, and DeepSpeed casts its whole module to
+    bf16/fp16 without autocast (it casts only positional inputs, only with fp16 auto_cast).
+    Timesteps keep full precision: bf16 cannot even hold 999.
+    """
+
+    def hook(module, args, kwargs):
+        dtype = module_dtype(module)
+        args = tuple(a if i == 1 else _cast_floats(a, dtype) for i, a in enumerate(args))
+        kwargs = {k: v if k == "timestep" else _cast_floats(v, dtype) for k, v in kwargs.items()}
+        return args, kwargs
+
+    denoiser.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def trained_state_dict(accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """fp32 CPU copies of the trained parameters of a prepared `model`, named as in the unwrapped module.
+
+    Under DeepSpeed these are the optimizer's fp32 master weights, gathered from every rank
+    (ZeRO-2 and ZeRO-3 alike, also for parameters ZeRO-3 partitioned), so a saved LoRA, TI
+    row or fine-tuned model is what a 1-process run saves. A collective under DeepSpeed:
+    every rank must call it.
+    """
+    unwrapped = accelerator.unwrap_model(model)
+    state = {}
+    for name, param in unwrapped.named_parameters():
+        if not param.requires_grad:
+            continue
+        tensor = None
+        if is_deepspeed(accelerator):
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            tensor = safe_get_full_fp32_param(param)
+        if tensor is None:
+            tensor = param.detach()
+        state[name] = tensor.float().cpu().clone()
+    return state
 
 
 @contextmanager

@@ -10,6 +10,7 @@ import signal
 from pathlib import Path
 
 from sketch2real.cli import UserError
+from sketch2real.training.accelerator import checkpoint_kwargs
 
 logger = logging.getLogger("sketch2real")
 
@@ -48,7 +49,7 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, total
     if accelerator.is_main_process and partial.exists():
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
+    accelerator.save_state(str(partial), **checkpoint_kwargs(accelerator, saving=True))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():
@@ -60,6 +61,11 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, total
         logger.info("saved checkpoint %s", final)
     accelerator.wait_for_everyone()
     return final
+
+
+def load_checkpoint(accelerator, folder: Path) -> None:
+    """Restore a checkpoint of `save_checkpoint` (frozen weights come from the base model, not the checkpoint)."""
+    accelerator.load_state(str(folder), **checkpoint_kwargs(accelerator, saving=False))
 
 
 class PreemptionFlag:

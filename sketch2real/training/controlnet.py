@@ -17,6 +17,7 @@ from sketch2real.cli import UserError, option
 from sketch2real.io import read_jsonl
 from sketch2real.models import SDComponents, load
 from sketch2real.sketchy import category_words
+from sketch2real.training.accelerator import cast_denoiser_inputs, trained_state_dict
 from sketch2real.training.data import LazyImages
 from sketch2real.training.diffusion import derive_seed
 from sketch2real.training.options import TrainOptions
@@ -76,14 +77,14 @@ class ControlNetTask(DiffusionTask):
 
         super().__init__(opts, accelerator, components)
         c, device = self.c, accelerator.device
-        c.unet.requires_grad_(False).to(device, self.weight_dtype)
-        c.text_encoder.requires_grad_(False).to(device, self.weight_dtype)
         if opts.controlnet_model_name_or_path:
             controlnet = load(ControlNetModel, opts.controlnet_model_name_or_path, "ControlNet")
-        else:
-            controlnet = init_controlnet(c.unet.float(), opts.seed)
-            c.unet.to(device, self.weight_dtype)
+        else:  # from the UNet's full-precision weights, before the frozen UNet is cast to the weight dtype
+            controlnet = init_controlnet(c.unet, opts.seed)
+        c.unet.requires_grad_(False).to(device, self.weight_dtype)
+        c.text_encoder.requires_grad_(False).to(device, self.weight_dtype)
         controlnet.train()
+        cast_denoiser_inputs(controlnet)
         if opts.gradient_checkpointing:
             controlnet.enable_gradient_checkpointing()
             c.unet.enable_gradient_checkpointing()
@@ -126,10 +127,8 @@ class ControlNetTask(DiffusionTask):
 
     def _predict(self, controlnet, noisy, timesteps, states, conditioning):
         down, mid = controlnet(noisy, timesteps, encoder_hidden_states=states, controlnet_cond=conditioning, return_dict=False)
-        dtype = self.weight_dtype
-        return self.c.unet(noisy.to(dtype), timesteps, encoder_hidden_states=states.to(dtype),
-                           down_block_additional_residuals=[r.to(dtype) for r in down],
-                           mid_block_additional_residual=mid.to(dtype)).sample
+        return self.c.unet(noisy, timesteps, encoder_hidden_states=states, down_block_additional_residuals=down,
+                           mid_block_additional_residual=mid).sample
 
     @staticmethod
     def _conditioning(sketches: torch.Tensor, device) -> torch.Tensor:
@@ -200,9 +199,9 @@ class ControlNetTask(DiffusionTask):
 
         from sketch2real.models import save_pretrained_atomic
 
-        state = accelerator.get_state_dict(model)  # a collective under DeepSpeed
+        state = trained_state_dict(accelerator, model)  # fp32 master weights; a collective under DeepSpeed
         if accelerator.is_main_process:
             controlnet = ControlNetModel.from_config(accelerator.unwrap_model(model).config)
-            controlnet.load_state_dict({k: v.float() for k, v in state.items()})
+            controlnet.load_state_dict(state)
             save_pretrained_atomic(controlnet, self.opts.output_dir)
         accelerator.wait_for_everyone()

@@ -12,7 +12,7 @@ import torch
 from sketch2real.cli import UserError, option
 from sketch2real.io import atomic_path
 from sketch2real.models import SDComponents, dtype_for, load, save_pretrained_atomic
-from sketch2real.training.accelerator import zero3_init_disabled
+from sketch2real.training.accelerator import trained_state_dict, zero3_init_disabled
 from sketch2real.training.data import load_folder_images, load_shard_images
 from sketch2real.training.diffusion import derive_seed, tokenize
 from sketch2real.training.options import TrainOptions
@@ -76,25 +76,38 @@ class DreamBoothModel(torch.nn.Module):
         return self.unet(noisy_latents, timesteps, encoder_hidden_states).sample
 
 
+def missing_class_images(folder: Path, count: int) -> list[int]:
+    """Indices i of `class-{i:05d}.png` to generate so that `folder` holds `count` class images."""
+    from sketch2real.training.data import IMAGE_SUFFIXES
+
+    existing = {p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES} if folder.is_dir() else set()
+    missing, i = [], 0
+    while len(missing) < count - len(existing):
+        if f"class-{i:05d}.png" not in existing:
+            missing.append(i)
+        i += 1
+    return missing
+
+
 def ensure_class_images(accelerator, opts: DreamBoothOptions) -> None:
-    """Generate the missing class images, split across ranks, with per-image seeds (world-size independent)."""
+    """Generate the missing class images, split across ranks, with per-image seeds (world-size independent).
+
+    Rank 0 lists the folder once, after every rank has arrived, and shares the list: ranks
+    that listed it at their own time could see different files and split the work differently.
+    """
+    from accelerate.utils import broadcast_object_list
     from diffusers import StableDiffusionPipeline
     from tqdm.auto import tqdm
 
-    from sketch2real.training.data import IMAGE_SUFFIXES
-
     folder = Path(opts.class_data_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    existing = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
-    deficit = opts.num_class_images - len(existing)
-    if deficit <= 0:
+    accelerator.wait_for_everyone()
+    missing = missing_class_images(folder, opts.num_class_images) if accelerator.is_main_process else None
+    missing = broadcast_object_list([missing])[0]
+    if not missing:
         return
-    names = {p.name for p in existing}
-    missing, i = [], 0
-    while len(missing) < deficit:
-        if f"class-{i:05d}.png" not in names:
-            missing.append(i)
-        i += 1
+    if accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        logger.info("generating %d class images in %s", len(missing), folder)
     mine = missing[accelerator.process_index :: accelerator.num_processes]
     with zero3_init_disabled(accelerator):
         pipe = load(StableDiffusionPipeline, opts.pretrained_model_name_or_path, "model", safety_checker=None,
@@ -103,6 +116,7 @@ def ensure_class_images(accelerator, opts: DreamBoothOptions) -> None:
     pipe.to(accelerator.device)
     pipe.set_progress_bar_config(disable=True)
     bar = tqdm(total=len(missing), desc="class images", disable=not accelerator.is_local_main_process)
+    accelerator.wait_for_everyone()  # the folder exists before any rank writes into it
     for start in range(0, len(mine), opts.sample_batch_size):
         batch = mine[start : start + opts.sample_batch_size]
         generators = [torch.Generator().manual_seed(derive_seed(opts.seed, "class", opts.class_prompt, j)) for j in batch]
@@ -126,10 +140,13 @@ class DreamBoothTask(DiffusionTask):
         c.text_encoder.requires_grad_(opts.train_text_encoder)
         c.unet.requires_grad_(not opts.lora_rank)
         if opts.lora_rank:
+            from diffusers.training_utils import cast_training_params
             from peft import LoraConfig
 
+            c.unet.to(device, self.weight_dtype)  # the frozen base in the weight dtype, the adapters in fp32
             c.unet.add_adapter(LoraConfig(r=opts.lora_rank, lora_alpha=opts.lora_alpha or opts.lora_rank,
                                           init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+            cast_training_params(c.unet, torch.float32)
         if opts.gradient_checkpointing:
             c.unet.enable_gradient_checkpointing()
             if opts.train_text_encoder:
@@ -221,29 +238,29 @@ class DreamBoothTask(DiffusionTask):
     def save_final(self, accelerator, model) -> None:
         """LoRA: `pytorch_lora_weights.safetensors`; full: a diffusers pipeline at --output_dir."""
         opts = self.opts
-        state = accelerator.get_state_dict(model)  # a collective under DeepSpeed: every rank calls it
-        if not accelerator.is_main_process:
-            accelerator.wait_for_everyone()
-            return
-        out = Path(opts.output_dir)
-        if opts.lora_rank:
-            from diffusers import StableDiffusionPipeline
-            from diffusers.utils import convert_state_dict_to_diffusers
-            from peft.utils import get_peft_model_state_dict
+        state = trained_state_dict(accelerator, model)  # fp32 master weights; a collective under DeepSpeed
+        if accelerator.is_main_process:
+            out = Path(opts.output_dir)
+            if opts.lora_rank:
+                from diffusers import StableDiffusionPipeline
+                from diffusers.utils import convert_state_dict_to_diffusers
+                from peft.utils import get_peft_model_state_dict
 
-            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet_of(model)))
-            StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers, safe_serialization=True)
-        else:
-            with zero3_init_disabled(accelerator):
-                save_pipeline(opts, state, out)
+                unet_state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
+                layers = get_peft_model_state_dict(self.unet_of(model), state_dict=unet_state)
+                StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=convert_state_dict_to_diffusers(layers),
+                                                          safe_serialization=True)
+            else:
+                with zero3_init_disabled(accelerator):
+                    save_pipeline(opts, state, out)
         accelerator.wait_for_everyone()
 
 
 def save_pipeline(opts: TrainOptions, state: dict[str, torch.Tensor], out: Path) -> None:
     """Write base pipeline + trained weights (`unet.*`, `text_encoder.*` in `state`) at `out`.
 
-    Fresh modules are loaded from the base and given the consolidated state, which
-    works the same for DDP, ZeRO-2 and ZeRO-3.
+    Fresh modules are loaded from the base and given the trained weights, which
+    works the same for 1 process, DDP, ZeRO-2 and ZeRO-3.
     """
     from diffusers import StableDiffusionPipeline
 
@@ -252,5 +269,7 @@ def save_pipeline(opts: TrainOptions, state: dict[str, torch.Tensor], out: Path)
     for name in ("unet", "text_encoder"):
         part = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")}
         if part:
-            getattr(pipe, name).load_state_dict({k: v.float() for k, v in part.items()})
+            unexpected = getattr(pipe, name).load_state_dict(part, strict=False).unexpected_keys
+            if unexpected:
+                raise RuntimeError(f"trained {name} weights do not fit the base model: {unexpected[:3]}")
     save_pretrained_atomic(pipe, out)

@@ -19,7 +19,14 @@ import torch
 
 from sketch2real.cli import as_dict
 from sketch2real.io import write_json
-from sketch2real.training.checkpoints import PREEMPTED_EXIT_CODE, PreemptionFlag, resolve_resume, save_checkpoint
+from sketch2real.training.accelerator import finish_trackers
+from sketch2real.training.checkpoints import (
+    PREEMPTED_EXIT_CODE,
+    PreemptionFlag,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
 
 logger = logging.getLogger("sketch2real")
 
@@ -77,7 +84,11 @@ def _tracker_config(opts) -> dict[str, Any]:
 
 
 def train(task: Task, opts, accelerator, project_name: str) -> int:
-    """Run the loop to `opts.max_train_steps`; returns the process exit status (0, 1 or 75)."""
+    """Run the loop to `opts.max_train_steps`; returns the process exit status (0, 1 or 75).
+
+    Ends this run's trackers, not the process group: the caller owns the accelerator
+    (sequential DreamBooth runs one loop per stage on the same one).
+    """
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
@@ -99,7 +110,7 @@ def train(task: Task, opts, accelerator, project_name: str) -> int:
     if accelerator.is_main_process:
         (out / "PREEMPTED").unlink(missing_ok=True)
     if resume is not None:
-        accelerator.load_state(str(resume))
+        load_checkpoint(accelerator, resume)
         logger.info("resumed from %s at step %d", resume, state.step)
     elif opts.resume_from_checkpoint:
         logger.info("no checkpoint in %s: starting from step 0", out)
@@ -138,7 +149,7 @@ def train(task: Task, opts, accelerator, project_name: str) -> int:
             where = f"the last good checkpoint is {out / f'checkpoint-{last_checkpoint}'}" if last_checkpoint else "no checkpoint was saved yet"
             if accelerator.is_main_process:
                 logger.error("loss is not finite at step %d: stopping; %s (try a lower --learning_rate, or bf16)", step + 1, where)
-            accelerator.end_training()
+            finish_trackers(accelerator)
             return 1
         state.step = step + 1
         last_loss = mean_loss
@@ -156,7 +167,7 @@ def train(task: Task, opts, accelerator, project_name: str) -> int:
             if accelerator.is_main_process:
                 (out / "PREEMPTED").write_text(f"{state.step}\n")  # read by slurm/common.sh: requeue this job
                 logger.warning("preempted: checkpoint saved at step %d; rerun with --resume_from_checkpoint latest", state.step)
-            accelerator.end_training()
+            finish_trackers(accelerator)
             return PREEMPTED_EXIT_CODE
         if opts.checkpointing_steps and state.step % opts.checkpointing_steps == 0 and state.step < opts.max_train_steps:
             save_checkpoint(accelerator, out, state.step, opts.checkpoints_total_limit)
@@ -176,11 +187,12 @@ def train(task: Task, opts, accelerator, project_name: str) -> int:
         "peak_memory_mb": peak_memory_mb(accelerator.device),
         "num_processes": accelerator.num_processes,
         "distributed_type": str(accelerator.distributed_type).split(".")[-1],
+        "mixed_precision": accelerator.mixed_precision,
         **{k: v for k, v in {**logs, **final_logs}.items() if k not in ("loss", "lr")},
     }
     if accelerator.is_main_process:
         write_json(out / "metrics.json", summary)
         print(f"done: {state.step} steps, final loss {last_loss:.4f}, {summary['samples_per_second']:.2f} samples/s, "
               f"peak memory {summary['peak_memory_mb']:.0f} MiB -> {out}", flush=True)
-    accelerator.end_training()
+    finish_trackers(accelerator)
     return 0

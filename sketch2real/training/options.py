@@ -35,7 +35,8 @@ class TrainOptions:
     adam_weight_decay: float = option(1e-2, help="AdamW weight decay")
     adam_epsilon: float = option(1e-8, help="AdamW epsilon")
     max_grad_norm: float = option(1.0, help="gradient clipping norm (0: off)")
-    mixed_precision: str = option("no", help="no, fp16 or bf16 (fp16 needs CUDA)")
+    mixed_precision: str | None = option(None, help="no, fp16 or bf16 (fp16 needs CUDA); default: accelerate's setting "
+                                         "(config file, accelerate launch --mixed_precision, ACCELERATE_MIXED_PRECISION), else no")
     allow_tf32: bool = option(False, help="allow TF32 matmuls on Ampere and newer GPUs")
     gradient_checkpointing: bool = option(False, help="recompute activations in backward to save memory")
     enable_xformers_memory_efficient_attention: bool = option(False, help="xformers attention (CUDA only; SDPA is the default)")
@@ -43,7 +44,7 @@ class TrainOptions:
     snr_gamma: float = option(0.0, help="Min-SNR loss weighting gamma (0: off; 5.0 is the paper's value)")
     noise_offset: float = option(0.0, help="offset noise scale (0: off; ~0.05-0.1 helps very dark/bright images)")
     checkpointing_steps: int = option(500, help="save a resumable checkpoint every N steps (0: only at preemption)")
-    checkpoints_total_limit: int | None = option(None, help="keep at most this many checkpoints")
+    checkpoints_total_limit: int | None = option(3, help="keep at most this many checkpoints (0: keep all)")
     resume_from_checkpoint: str | None = option(None, help="'latest' or a checkpoint folder")
     validation_steps: int = option(100, help="run validation every N steps (0: off)")
     validation_prompt: list[str] = option([], help="prompts for validation images (one mosaic row each)")
@@ -59,10 +60,12 @@ class TrainOptions:
             raise UserError("--pretrained_model_name_or_path is required")
         if not self.output_dir:
             raise UserError("--output_dir is required")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
+        if self.mixed_precision not in (None, "no", "fp16", "bf16"):
             raise UserError(f"--mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
         if self.resolution % 8:
             raise UserError(f"--resolution must be a multiple of 8, got {self.resolution}")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 0:
+            raise UserError("--checkpoints_total_limit must be >= 0 (0: keep all)")
         for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be at least 1")

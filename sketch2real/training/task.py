@@ -8,9 +8,15 @@ from pathlib import Path
 import torch
 
 from sketch2real.models import SDComponents, dtype_for, load_sd_components
-from sketch2real.training.accelerator import configure_attention, zero3_init_disabled
+from sketch2real.training.accelerator import cast_denoiser_inputs, configure_attention, zero3_init_disabled
 from sketch2real.training.data import GlobalBatchSampler
-from sketch2real.training.diffusion import diffusion_loss, encode_latents, noisy_latents_and_target, step_noise, tokenize
+from sketch2real.training.diffusion import (
+    diffusion_loss,
+    encode_latents,
+    noisy_latents_and_target,
+    step_noise,
+    tokenize,
+)
 from sketch2real.training.validation import heldout_denoising_loss, log_image, validation_mosaic
 
 
@@ -27,6 +33,7 @@ class DiffusionTask:
         with zero3_init_disabled(accelerator):
             self.c = components or load_sd_components(opts.pretrained_model_name_or_path, opts.revision, opts.variant)
         configure_attention(self.c.unet, opts, accelerator.device)
+        cast_denoiser_inputs(self.c.unet)
         self.c.vae.requires_grad_(False).to(accelerator.device, self.weight_dtype)
         side = opts.resolution // 2 ** (len(self.c.vae.config.block_out_channels) - 1)
         self.latent_shape = (self.c.vae.config.latent_channels, side, side)

@@ -19,7 +19,7 @@ from sketch2real.cli import UserError, option
 from sketch2real.io import atomic_path
 from sketch2real.models import SDComponents
 from sketch2real.sketchy import category_words
-from sketch2real.training.accelerator import zero3_init_disabled
+from sketch2real.training.accelerator import trained_state_dict, zero3_init_disabled
 from sketch2real.training.data import load_folder_images, load_shard_images
 from sketch2real.training.diffusion import derive_seed
 from sketch2real.training.options import TrainOptions
@@ -189,27 +189,34 @@ class TextualInversionTask(DiffusionTask):
         categories = sorted(set(self.categories))[:2] or [""]
         return [self.prompt_for(c, 0) for c in categories]
 
-    def learned_embeds(self) -> dict[str, torch.Tensor]:
-        """diffusers' format: {placeholder token: [num_vectors, hidden]} (load_textual_inversion reads it)."""
-        return {self.opts.placeholder_token: self.embedding.new_rows.detach().float().cpu().clone()}
+    def learned_embeds(self, accelerator, model) -> dict[str, torch.Tensor]:
+        """diffusers' format: {placeholder token: [num_vectors, hidden]} in fp32 (load_textual_inversion reads it).
 
-    def _write_embeds(self, name: str) -> None:
+        The rows are the optimizer's fp32 master weights, gathered under ZeRO-3: a collective
+        under DeepSpeed, so every rank calls it.
+        """
+        (rows,) = trained_state_dict(accelerator, model).values()
+        return {self.opts.placeholder_token: rows}
+
+    def _write_embeds(self, embeds: dict[str, torch.Tensor], name: str) -> None:
         with atomic_path(Path(self.opts.output_dir) / name) as tmp:
-            save_file(self.learned_embeds(), str(tmp))
+            save_file(embeds, str(tmp))
 
     def on_checkpoint(self, accelerator, model, step: int) -> None:
+        embeds = self.learned_embeds(accelerator, model)
         if accelerator.is_main_process:
-            self._write_embeds(f"learned_embeds-steps-{step}.safetensors")
+            self._write_embeds(embeds, f"learned_embeds-steps-{step}.safetensors")
 
     def save_final(self, accelerator, model) -> None:
+        embeds = self.learned_embeds(accelerator, model)
         if accelerator.is_main_process:
-            self._write_embeds("learned_embeds.safetensors")
+            self._write_embeds(embeds, "learned_embeds.safetensors")
             if self.opts.save_as_full_pipeline:
                 with zero3_init_disabled(accelerator):
-                    self._save_pipeline()
+                    self._save_pipeline(embeds)
         accelerator.wait_for_everyone()
 
-    def _save_pipeline(self) -> None:
+    def _save_pipeline(self, embeds: dict[str, torch.Tensor]) -> None:
         """Base pipeline with the token appended: every other weight and row is the base's, bit for bit."""
         from diffusers import StableDiffusionPipeline
 
@@ -217,5 +224,5 @@ class TextualInversionTask(DiffusionTask):
 
         pipe = load(StableDiffusionPipeline, self.opts.pretrained_model_name_or_path, "model", safety_checker=None,
                     requires_safety_checker=False, revision=self.opts.revision, variant=self.opts.variant)
-        pipe.load_textual_inversion(self.learned_embeds(), token=self.opts.placeholder_token)
+        pipe.load_textual_inversion(embeds, token=self.opts.placeholder_token)
         save_pretrained_atomic(pipe, self.opts.output_dir)
