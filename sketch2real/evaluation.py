@@ -126,23 +126,27 @@ def bar_chart(report: dict, out_file: Path) -> None:
 
 
 def run_fid(opts, generated_sets: list[ImageSet], reference: ImageSet, state) -> dict | None:
-    """Score every generated set against the reference; rank 0 writes metrics.json, report.md, fid_per_category.png."""
+    """Score every generated set against the reference; rank 0 writes metrics.json, report.md, fid_per_category.png.
+
+    Every collective (feature extraction and gathering, for the reference and every set) happens
+    first, on all ranks; then rank 0 scores alone with no collective left. Scoring (per-category
+    Fréchet distances, CLIP score) takes minutes on the full Sketchy: other ranks must not be
+    waiting in a gather meanwhile, past NCCL's timeout.
+    """
     model = inception(opts.dims, state.device)
     cache_dir = Path(opts.cache_dir) if opts.cache_dir else (default_cache_dir() if not opts.no_cache else None)
     ref_features, ref_valid, hit = features_of(reference, model, opts, state, cache_dir)
-    if state.is_main_process:
-        logger.info("reference statistics %s", "loaded from cache" if hit else "computed")
-    report = {"dims": opts.dims, "reference": {"name": reference.name, "n": int(ref_valid.sum()), "cache_hit": hit}, "sets": {}}
-    for images in generated_sets:
-        features, valid, _ = features_of(images, model, opts, state, None)
-        if state.is_main_process:
-            report["sets"][images.name] = evaluate_set(images.name, images, features, valid, reference, ref_features,
-                                                       ref_valid, opts.dims, opts.seed)
-            if opts.clip_model_name_or_path and images.prompts:
-                report["sets"][images.name]["clip_score"] = clip_score(images.sources, images.prompts,
-                                                                       opts.clip_model_name_or_path, state.device)
+    extracted = [(images, *features_of(images, model, opts, state, None)[:2]) for images in generated_sets]
     if not state.is_main_process:
         return None
+    logger.info("reference statistics %s", "loaded from cache" if hit else "computed")
+    report = {"dims": opts.dims, "reference": {"name": reference.name, "n": int(ref_valid.sum()), "cache_hit": hit}, "sets": {}}
+    for images, features, valid in extracted:
+        report["sets"][images.name] = evaluate_set(images.name, images, features, valid, reference, ref_features,
+                                                   ref_valid, opts.dims, opts.seed)
+        if opts.clip_model_name_or_path and images.prompts:
+            report["sets"][images.name]["clip_score"] = clip_score(images.sources, images.prompts,
+                                                                   opts.clip_model_name_or_path, state.device)
     out = Path(opts.output_dir)
     write_json(out / "metrics.json", report)
     with atomic_path(out / "report.md") as tmp:

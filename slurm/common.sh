@@ -13,7 +13,9 @@ else
   ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-accelerate_configs/multi_gpu.yaml}
 fi
 GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
-MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" 2>/dev/null | head -n 1 || echo localhost)}
+# sed, not head: head closes the pipe early, scontrol dies of SIGPIPE, and under pipefail the address was garbled.
+MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" 2>/dev/null | sed -n 1p || true)}
+MASTER_ADDR=${MASTER_ADDR:-localhost}
 MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
 export MASTER_ADDR MASTER_PORT
 
@@ -25,7 +27,10 @@ s2r_launch() {
   export S2R_NUM_PROCESSES=$(( ${SLURM_NNODES:-1} * GPUS_PER_NODE )) ACCELERATE_CONFIG
   s2r_log "launch: $1 on ${SLURM_NNODES:-1} node(s) x $GPUS_PER_NODE process(es), config $ACCELERATE_CONFIG"
   if [ -n "${SLURM_JOB_ID:-}" ]; then
-    srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash slurm/launch_node.sh "$@"
+    # Since Slurm 22.05 srun does not inherit --cpus-per-task: give each node's launcher the job's CPUs
+    # (data workers, tokenizers), or every rank shares one core.
+    srun --kill-on-bad-exit=1 --ntasks-per-node=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} \
+      bash slurm/launch_node.sh "$@"
   else
     bash slurm/launch_node.sh "$@"
   fi

@@ -21,10 +21,10 @@ OUTPUT=${OUTPUT:-runs/dreambooth_${CATEGORY}}
 PROMPT=${PROMPT:-"a ${CATEGORY//_/ } in the style of sks"}
 STEPS=${STEPS:-400}
 RESOLUTION=${RESOLUTION:-512}
-PRECISION=${PRECISION:-bf16}
+
 status=0
 s2r_launch train/dreambooth.py --pretrained_model_name_or_path "$MODEL" --shard_dir "$SHARDS" \
   --instance_category "$CATEGORY" --instance_prompt "$PROMPT" --output_dir "$OUTPUT" --max_train_steps "$STEPS" \
-  --resolution "$RESOLUTION" --mixed_precision "$PRECISION" --checkpointing_steps "${CHECKPOINT_STEPS:-100}" \
+  --resolution "$RESOLUTION" ${PRECISION:+--mixed_precision "$PRECISION"} --checkpointing_steps "${CHECKPOINT_STEPS:-100}" \
   --resume_from_checkpoint latest "$@" || status=$?
 s2r_finish "$OUTPUT" "$status"

@@ -85,11 +85,15 @@ def test_generated_folder_against_shards_per_category_two_processes(tiny_models,
     run_script("infer/generate.py", "--pretrained_model_name_or_path", tiny_models.sd, "--shard_dir", shard_dir,
                "--split", "test", "--height", "64", "--width", "64", "--num_inference_steps", "2",
                "--prompt_template", "a photo of a {category}", "--output_dir", gen, "--batch_size", "8")
-    common = ["--generated", f"tiny={gen}", "--reference_shards", shard_dir, "--dims", "64", "--no_cache", "--batch_size", "4"]
+    common = ["--generated", f"tiny={gen}", f"again={gen}", f"third={gen}", "--reference_shards",
+              shard_dir, "--dims", "64", "--no_cache", "--batch_size", "4"]
     run_script("eval/fid.py", *common, "--output_dir", tmp_path / "one")
-    launch("eval/fid.py", *common, "--output_dir", tmp_path / "two")
+    launch("eval/fid.py", *common, "--output_dir", tmp_path / "two")  # several sets: all gathered before rank 0 scores
     one, two = _fid(tmp_path / "one"), _fid(tmp_path / "two")
-    assert one["sets"]["tiny"]["fid"] == pytest.approx(two["sets"]["tiny"]["fid"], abs=1e-6)
+    assert list(two["sets"]) == ["tiny", "again", "third"]
+    for name in two["sets"]:
+        assert one["sets"][name]["fid"] == pytest.approx(two["sets"][name]["fid"], abs=1e-6)
+        assert one["sets"][name]["per_category"].keys() == two["sets"][name]["per_category"].keys()
     per_category = one["sets"]["tiny"]["per_category"]
     assert set(per_category) == {"airplane", "apple", "car_(sedan)", "cat", "hot-air_balloon"}
     assert sum(c["n_generated"] for c in per_category.values()) == one["sets"]["tiny"]["n_generated"]
@@ -148,3 +152,30 @@ def test_clip_score_matches_clip_logits(tiny_models, shard_dir, tmp_path):
     assert reported == pytest.approx(float((100 * cosine.clamp(min=0)).mean()), abs=1e-4)
     assert reported == pytest.approx(clip_score([gen / r["image"] for r in rows], [r["prompt"] for r in rows],
                                                 str(tiny_models.clip), torch.device("cpu")), abs=1e-6)
+
+
+def test_rank_zero_scores_only_after_every_collective(monkeypatch, tmp_path):
+    """No collective may wait behind rank-0-only scoring (per-category FID, CLIP score): past NCCL's timeout."""
+    from types import SimpleNamespace
+
+    import sketch2real.evaluation as evaluation
+
+    events = []
+    monkeypatch.setattr(evaluation, "inception", lambda dims, device: None)
+    monkeypatch.setattr(evaluation, "features_of", lambda images, *a: (events.append(("gather", images.name)),
+                                                                        np.zeros((2, 4)), np.ones(2, bool), False)[1:])
+    monkeypatch.setattr(evaluation, "evaluate_set", lambda name, *a: events.append(("score", name)) or {})
+    monkeypatch.setattr(evaluation, "clip_score", lambda *a: events.append(("clip", None)) or 0.0)
+    monkeypatch.setattr(evaluation, "write_json", lambda *a: None)
+    monkeypatch.setattr(evaluation, "format_report", lambda report: "")
+    monkeypatch.setattr(evaluation, "bar_chart", lambda *a: None)
+    sets = [SimpleNamespace(name=n, prompts=["p"], sources=[]) for n in ("a", "b", "c")]
+    opts = SimpleNamespace(dims=4, cache_dir="", no_cache=True, seed=0, clip_model_name_or_path="clip", output_dir=str(tmp_path))
+    reference = SimpleNamespace(name="ref")
+    for rank in (0, 1):
+        events.clear()
+        state = SimpleNamespace(device="cpu", is_main_process=rank == 0)
+        evaluation.run_fid(opts, sets, reference, state)
+        kinds = [kind for kind, _ in events]
+        assert kinds[:4] == ["gather"] * 4 and "gather" not in kinds[4:]
+        assert kinds[4:] == (["score", "clip"] * 3 if rank == 0 else [])

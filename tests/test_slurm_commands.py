@@ -1,0 +1,76 @@
+"""The command lines slurm/*.sh build for a 2-node allocation (no Slurm needed: srun, scontrol and accelerate
+are stand-ins that record what they are given), then read by accelerate's own launcher as it would on each node."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO
+
+FAKE_SRUN = """#!/usr/bin/env bash
+echo "$*" > "$FAKE_LOG/srun.args"
+while [ "$1" != bash ]; do shift; done
+for node in 0 1; do SLURM_NODEID=$node SLURM_PROCID=$node "$@" || exit $?; done
+"""
+FAKE_ACCELERATE = """#!/usr/bin/env bash
+printf '%s\\n' "$@" > "$FAKE_LOG/accelerate.node$SLURM_NODEID.args"
+"""
+FAKE_SCONTROL = """#!/usr/bin/env bash
+[ "$1 $2" = "show hostnames" ] && printf 'gpu-node-a\\ngpu-node-b\\n'
+"""
+
+
+def _two_node_job(tmp_path: Path, script: str, config: str, *args: str) -> tuple[str, list[list[str]]]:
+    bin_dir, log = tmp_path / "bin", tmp_path / "log"
+    bin_dir.mkdir()
+    log.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("accelerate", FAKE_ACCELERATE), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_LOG": str(log), "SLURM_JOB_ID": "4242",
+           "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "gpu-node-[a-b]", "SLURM_CPUS_PER_TASK": "32",
+           "SLURM_GPUS_ON_NODE": "8", "ACCELERATE_CONFIG": config, "SKETCH2REAL_HOME": str(REPO)}
+    for name in ("MASTER_ADDR", "MASTER_PORT", "PRECISION"):
+        env.pop(name, None)
+    proc = subprocess.run(["bash", f"slurm/{script}", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    nodes = [(log / f"accelerate.node{n}.args").read_text().splitlines() for n in (0, 1)]
+    return (log / "srun.args").read_text().strip(), nodes
+
+
+def _accelerate_plan(argv: list[str]):
+    """What `accelerate launch argv` does on that node: accelerate's own parsing, config and DeepSpeed planning."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+    assert argv[0] == "launch"
+    args, defaults, _ = _validate_launch_command(launch_command_parser().parse_args(argv[1:]))
+    args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config) if defaults else ""
+    cmd, env = prepare_deepspeed_cmd_env(args)
+    return args, cmd, env
+
+
+@pytest.mark.parametrize("config", ["accelerate_configs/deepspeed_zero2.yaml", "accelerate_configs/deepspeed_zero3.yaml"])
+def test_deepspeed_across_two_nodes_launches_through_srun(tmp_path, config):
+    srun, nodes = _two_node_job(tmp_path, "dreambooth.sh", config, "--train_text_encoder")
+    # One launcher per node, each with the job's CPUs (srun no longer inherits --cpus-per-task since Slurm 22.05).
+    assert srun.startswith("--kill-on-bad-exit=1 --ntasks-per-node=1 --cpus-per-task=32 bash slurm/launch_node.sh train/dreambooth.py")
+    for rank, argv in enumerate(nodes):
+        assert argv[-1] == "--train_text_encoder" and "--mixed_precision" not in argv  # precision: the config's bf16
+        args, cmd, env = _accelerate_plan(argv)
+        assert args.use_deepspeed and args.deepspeed_multinode_launcher == "standard"
+        assert cmd is None  # torch.distributed.run on this node, not the `deepspeed` runner over pdsh/ssh
+        assert (args.nnodes, args.node_rank, args.nproc_per_node) == ("2", rank, "8")
+        endpoint = f"{args.master_addr}:{args.master_port}" if hasattr(args, "master_addr") else args.rdzv_endpoint
+        assert endpoint == f"gpu-node-a:{20000 + 4242}"  # the job's first node, a port from the job id
+        assert env["ACCELERATE_MIXED_PRECISION"] == "bf16"
+
+
+def test_ddp_across_two_nodes(tmp_path):
+    _, nodes = _two_node_job(tmp_path, "textual_inversion.sh", "accelerate_configs/multi_node.yaml")
+    for rank, argv in enumerate(nodes):
+        i = argv.index
+        assert argv[i("--num_machines") + 1] == "2" and argv[i("--num_processes") + 1] == "16"
+        assert argv[i("--machine_rank") + 1] == str(rank) and argv[i("--main_process_ip") + 1] == "gpu-node-a"
