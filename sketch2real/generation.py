@@ -132,7 +132,7 @@ def load_generation_pipeline(model: str, device: torch.device, dtype: torch.dtyp
     import diffusers
     from diffusers import StableDiffusionControlNetPipeline, StableDiffusionPipeline
 
-    from sketch2real.models import load
+    from sketch2real.models import enable_xformers, load
 
     kwargs = {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
     if controlnet:
@@ -155,9 +155,7 @@ def load_generation_pipeline(model: str, device: torch.device, dtype: torch.dtyp
         pipe.fuse_lora(lora_scale=lora_scale)
     pipe.to(device)
     if xformers:
-        if device.type != "cuda":
-            raise UserError("--enable_xformers_memory_efficient_attention needs a CUDA device; SDPA is the default")
-        pipe.enable_xformers_memory_efficient_attention()
+        enable_xformers(pipe, device)
     if compile_unet:
         pipe.unet = torch.compile(pipe.unet)
     pipe.set_progress_bar_config(disable=True)

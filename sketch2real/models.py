@@ -65,6 +65,19 @@ def load_sd_components(name_or_path: str, revision: str | None = None, variant: 
     )
 
 
+def enable_xformers(model: Any, device: torch.device) -> None:
+    """xformers attention for a UNet or pipeline, or one clear line why not (off CUDA, not installed, or
+    built for another torch: each xformers release is built for one torch version; see README)."""
+    if device.type != "cuda":
+        raise UserError("--enable_xformers_memory_efficient_attention needs a CUDA device (xformers has no CPU kernels); "
+                        "leave it off to use PyTorch SDPA, the default")
+    try:
+        model.enable_xformers_memory_efficient_attention()
+    except Exception as err:  # missing, or its C++/CUDA extensions built for another torch
+        raise UserError(f"xformers attention unavailable: {str(err).strip().splitlines()[0]} "
+                        "(install the xformers release built for your torch, see README; SDPA is the default)") from err
+
+
 def dtype_for(mixed_precision: str) -> torch.dtype:
     """The weight dtype of frozen modules for a `--mixed_precision` value."""
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)

@@ -68,51 +68,54 @@ def clip_tokenizer(work_dir: str | os.PathLike):
     return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=77, pad_token="<|endoftext|>")
 
 
-def build_tiny_sd(output_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Build and save a tiny StableDiffusionPipeline (SD 1.x layout, VAE factor 8) at `output_dir`."""
+# Stable Diffusion shapes: "tiny" for tests; "sd15" is SD 1.5's architecture (UNet ~860M parameters, CLIP ViT-L/14
+# text encoder, the SD VAE) for throughput and memory figures; "sd15_small" keeps SD 1.5's block structure
+# (4 levels, 2 layers per block, cross-attention in 3) at reduced width, for CPU benches.
+SD_SIZES: dict[str, dict[str, dict]] = {
+    "tiny": {
+        "unet": dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
+                     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                     cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8),
+        "vae": dict(block_out_channels=(8, 16, 16, 16), norm_num_groups=8, sample_size=64, layers_per_block=1),
+        "text": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, projection_dim=32),
+    },
+    "sd15": {
+        "unet": dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+                     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                     cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32),
+        "vae": dict(block_out_channels=(128, 256, 512, 512), norm_num_groups=32, sample_size=512, layers_per_block=2),
+        "text": dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                     projection_dim=768, hidden_act="quick_gelu"),
+    },
+    "sd15_small": {
+        "unet": dict(sample_size=16, block_out_channels=(32, 64, 128, 128), layers_per_block=2,
+                     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                     cross_attention_dim=128, attention_head_dim=8, norm_num_groups=32),
+        "vae": dict(block_out_channels=(32, 64, 128, 128), norm_num_groups=32, sample_size=128, layers_per_block=2),
+        "text": dict(hidden_size=128, intermediate_size=512, num_attention_heads=4, num_hidden_layers=4,
+                     projection_dim=128, hidden_act="quick_gelu"),
+    },
+}
+
+
+def build_sd(output_dir: str | os.PathLike, size: str = "tiny", seed: int = 0) -> Path:
+    """Build and save a StableDiffusionPipeline of `size` (SD_SIZES) with random weights and the real CLIP
+    vocabulary, in the SD 1.x layout (VAE factor 8, SD's scheduler), at `output_dir`; no download."""
     from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    shapes = SD_SIZES[size]
     out = Path(output_dir)
     torch.manual_seed(seed)
     tokenizer = clip_tokenizer(out / "_vocab")
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-        layers_per_block=1,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=tokenizer.vocab_size,
-            hidden_size=32,
-            intermediate_size=64,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-            projection_dim=32,
-        )
-    )
+    unet = UNet2DConditionModel(in_channels=4, out_channels=4, **shapes["unet"])
+    levels = len(shapes["vae"]["block_out_channels"])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * levels,
+                        up_block_types=("UpDecoderBlock2D",) * levels, **shapes["vae"])
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=77, bos_token_id=49406,
+                                                eos_token_id=49407, pad_token_id=49407, **shapes["text"]))
     # The scheduler config of SD 1.x (steps_offset=1, scaled_linear betas).
     scheduler = PNDMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
@@ -128,6 +131,11 @@ def build_tiny_sd(output_dir: str | os.PathLike, seed: int = 0) -> Path:
         tmp.unlink()
     (out / "_vocab").rmdir()
     return out
+
+
+def build_tiny_sd(output_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """The tiny StableDiffusionPipeline of the tests and the demo."""
+    return build_sd(output_dir, "tiny", seed)
 
 
 # A fixed text for the captioners' byte-level BPE: caption-like words and the study's prompts.
@@ -356,8 +364,15 @@ def main() -> None:
 
         output_dir: str = option("tiny_models", help="folder that receives tiny-sd/, tiny-blip2/, tiny-llava/")
         torch_home: str = option("", help="TORCH_HOME for the Inception weights (default: OUTPUT_DIR/torch_home)")
+        size: str = option("tiny", help="tiny: every tiny model; sd15 or sd15_small: only a Stable Diffusion of that "
+                                        "architecture with random weights, at OUTPUT_DIR/<size>-random")
 
     opts = parse_options(Options)
+    if opts.size != "tiny":
+        if opts.size not in SD_SIZES:
+            raise SystemExit(f"--size must be one of {', '.join(SD_SIZES)}, got {opts.size!r}")
+        print(f"sd: {build_sd(Path(opts.output_dir) / f'{opts.size}-random', opts.size)}")
+        return
     models = build_all(opts.output_dir, opts.torch_home or None)
     for name, path in vars(models).items():
         print(f"{name}: {path}")

@@ -72,15 +72,20 @@ def shard_dir(splits_dir, sketchy_root, tmp_path_factory) -> Path:
 
 
 def launch(script: str, *args: str, num_processes: int = 2, deepspeed_config: str | None = None, check: bool = True,
-           timeout: int = 600) -> subprocess.CompletedProcess:
-    """`accelerate launch` a repo script with real CPU processes (DDP over gloo, or DeepSpeed)."""
+           timeout: int = 600, accelerate_precision: str | None = "no") -> subprocess.CompletedProcess:
+    """`accelerate launch` a repo script with real CPU processes (DDP over gloo, or DeepSpeed).
+
+    `accelerate_precision` is `accelerate launch --mixed_precision` (None: the config file's own setting).
+    """
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if deepspeed_config:  # ACCELERATE_USE_CPU would silently turn DeepSpeed off
         env.pop("ACCELERATE_USE_CPU", None)
-        head = ["--config_file", str(REPO / deepspeed_config), "--num_processes", str(num_processes), "--mixed_precision", "no"]
+        head = ["--config_file", str(REPO / deepspeed_config), "--num_processes", str(num_processes)]
     else:
         env["ACCELERATE_USE_CPU"] = "1"
         head = ["--config_file", str(REPO / "accelerate_configs/cpu.yaml"), "--num_processes", str(num_processes)]
+    if accelerate_precision:
+        head += ["--mixed_precision", accelerate_precision]
     import socket
 
     with socket.socket() as sock:  # a free port: parallel test workers must not share the rendezvous port
@@ -88,7 +93,7 @@ def launch(script: str, *args: str, num_processes: int = 2, deepspeed_config: st
         port = sock.getsockname()[1]
     head += ["--main_process_port", str(port)]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *head, str(REPO / script), *map(str, args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
@@ -113,3 +118,36 @@ def relative_difference(a: dict, b: dict, base: dict) -> float:
     diff = torch.cat([(a[k].float() - b[k].float()).flatten() for k in a])
     moved = torch.cat([(a[k].float() - base[k].float()).flatten() for k in a])
     return float(diff.norm() / moved.norm())
+
+
+# The configurations users run: 1 process, DDP with 2 processes, DeepSpeed ZeRO-2 and ZeRO-3 with 2 processes
+# (the project's own configs), and ZeRO-3 partitioning even the tiniest parameters (a DeepSpeed JSON config file).
+LAUNCHERS = ["1", "ddp", "zero2", "zero3"]
+DEEPSPEED_CONFIGS = {"zero2": "accelerate_configs/deepspeed_zero2.yaml", "zero3": "accelerate_configs/deepspeed_zero3.yaml",
+                     "zero3_partitioned": "tests/configs/zero3_partitioned.yaml"}
+
+
+def train_in(launcher: str, script: str, *args, out: Path, precision: str = "bf16", run_dir: str = "") -> dict:
+    """Run a trainer as users run it and check what every run must show; returns its metrics.json.
+
+    1 process and DDP get `--mixed_precision` on the command line; DeepSpeed runs take it from the
+    config (bf16), as `--mixed_precision` left out must follow accelerate. `run_dir`: where the run's
+    metrics are, inside `out` (sequential DreamBooth: a stage's folder).
+    """
+    import json
+    import math
+
+    if launcher == "1":
+        proc = run_script(script, *args, "--output_dir", out, "--mixed_precision", precision)
+    elif launcher == "ddp":
+        proc = launch(script, *args, "--output_dir", out, "--mixed_precision", precision)
+    else:
+        assert precision == "bf16", "the DeepSpeed configs set bf16"
+        proc = launch(script, *args, "--output_dir", out, deepspeed_config=DEEPSPEED_CONFIGS[launcher], accelerate_precision=None)
+    metrics = json.loads((out / run_dir / "metrics.json").read_text())
+    assert metrics["mixed_precision"] == precision, proc.stderr[-2000:]
+    assert metrics["num_processes"] == (1 if launcher == "1" else 2)
+    assert metrics["distributed_type"] == {"1": "NO", "ddp": "MULTI_CPU"}.get(launcher, "DEEPSPEED")
+    assert math.isfinite(metrics["final_loss"])
+    assert json.loads((out / run_dir / "run_config.json").read_text())["mixed_precision"] == precision
+    return metrics

@@ -4,7 +4,7 @@ import shutil
 import pytest
 import torch
 
-from .conftest import launch, relative_difference, run_script, weights
+from .conftest import LAUNCHERS, launch, relative_difference, run_script, train_in, weights
 
 
 @pytest.fixture
@@ -96,3 +96,49 @@ def test_generation_with_controlnet_is_deterministic_across_processes(cn_args, t
     assert len(one) == 5 and one == two
     rows = [json.loads(line) for line in (tmp_path / "one" / "index.jsonl").read_text().splitlines()]
     assert all(r["controlnet"] == str(tmp_path / "cn") and r["sample_key"] for r in rows)
+
+
+_one_process: dict = {}
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_bf16_matrix(launcher, cn_args, tmp_path, tmp_path_factory):
+    from diffusers import ControlNetModel
+
+    from sketch2real.models import load_sd_components
+    from sketch2real.training.controlnet import init_controlnet
+
+    common = [*cn_args, "--max_train_steps", "2", "--checkpointing_steps", "1", "--validation_steps", "2",
+              "--num_validation_images", "1", "--validation_inference_steps", "2", "--num_heldout_samples", "2",
+              "--num_validation_sketches", "1", "--categories", "cat"]
+    if "one" not in _one_process:
+        _one_process["one"] = tmp_path_factory.mktemp("cn-1") / "out"
+        train_in("1", "train/controlnet.py", *common, "--train_batch_size", "2", out=_one_process["one"])
+    one = _one_process["one"]
+    out = one if launcher == "1" else tmp_path / "out"
+    if launcher != "1":
+        train_in(launcher, "train/controlnet.py", *common, "--train_batch_size", "1", out=out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["heldout_loss"] == metrics["heldout_loss"] and (out / "validation" / "step-000002.png").is_file()
+    assert ControlNetModel.from_pretrained(out).dtype == torch.float32  # fp32 master weights, also from DeepSpeed
+    start = init_controlnet(load_sd_components(str(cn_args[1])).unet, seed=0)
+    base = {f"diffusion_pytorch_model.safetensors:{k}": v for k, v in start.state_dict().items()}
+    assert relative_difference(weights(one), weights(out), base) < 0.05
+
+
+def test_controlnet_starts_from_the_full_precision_unet(cn_args, tmp_path):
+    """Not from bf16-rounded weights: the frozen UNet is cast only after the ControlNet is copied from it."""
+    from types import SimpleNamespace
+
+    from sketch2real.models import load_sd_components
+    from sketch2real.training.controlnet import ControlNetOptions, ControlNetTask, init_controlnet
+
+    opts = ControlNetOptions(pretrained_model_name_or_path=str(cn_args[1]), shard_dir=str(cn_args[3]), output_dir=str(tmp_path),
+                             resolution=64, mixed_precision="bf16", categories=["cat"], num_heldout_samples=0)
+    accelerator = SimpleNamespace(device=torch.device("cpu"), state=SimpleNamespace(deepspeed_plugin=None),
+                                  num_processes=1, process_index=0)
+    task = ControlNetTask(opts, accelerator)
+    assert task.c.unet.dtype == torch.bfloat16
+    expected = init_controlnet(load_sd_components(str(cn_args[1])).unet, seed=0).state_dict()
+    got = task.model.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in expected.items())

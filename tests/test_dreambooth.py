@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from .conftest import REPO, launch, relative_difference, run_script, weights
+from .conftest import LAUNCHERS, REPO, launch, relative_difference, run_script, train_in, weights
 
 
 @pytest.fixture
@@ -152,6 +152,27 @@ def test_prior_preservation_generates_class_images_once(db_args, tmp_path):
     assert [p.stat().st_mtime_ns for p in sorted(class_dir.glob("*.png"))] == mtimes
 
 
+def test_class_images_are_listed_once_and_split_across_two_processes(db_args, tmp_path):
+    """A half-filled class folder, 2 processes: exactly --num_class_images, the missing ones generated once each,
+    the same images as one process makes (per-image seeds), the existing ones untouched."""
+    common = [*db_args, "--max_train_steps", "1", "--with_prior_preservation", "--class_prompt", "a sketch of a cat",
+              "--num_class_images", "5", "--class_inference_steps", "2", "--sample_batch_size", "1"]
+    run_script("train/dreambooth.py", *common, "--class_data_dir", tmp_path / "ref", "--output_dir", tmp_path / "a")
+    folder = tmp_path / "class"
+    folder.mkdir()
+    for name in ("class-00001.png", "class-00003.png"):
+        (folder / name).write_bytes((tmp_path / "ref" / name).read_bytes())
+    (folder / "my-own.png").write_bytes((tmp_path / "ref" / "class-00004.png").read_bytes())
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    proc = launch("train/dreambooth.py", *common, "--class_data_dir", folder, "--output_dir", tmp_path / "b")
+    assert proc.stderr.count("generating 2 class images") == 1
+    names = sorted(p.name for p in folder.glob("*.png"))
+    assert names == ["class-00000.png", "class-00001.png", "class-00002.png", "class-00003.png", "my-own.png"]
+    assert all(folder.joinpath(n).stat().st_mtime_ns == t for n, t in before.items())
+    for name in ("class-00000.png", "class-00002.png"):
+        assert (folder / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -203,3 +224,58 @@ def test_deepspeed_zero3_trains_and_consolidates_the_same_weights(db_args, tmp_p
     for part in ("unet", "text_encoder"):
         base = weights(tiny_models.sd / part)
         assert relative_difference(weights(one / part), weights(zero3 / part), base) < 1e-2, part
+
+
+# ---- the configurations users run: bf16 x {1 process, DDP, ZeRO-2, ZeRO-3} -------------------------------------------
+
+MATRIX = ["--max_train_steps", "2", "--checkpointing_steps", "1", "--validation_steps", "2", "--num_validation_images", "1",
+          "--validation_inference_steps", "2", "--num_heldout_samples", "2"]
+VARIANTS = {
+    "unet": [],  # full UNet fine-tuning, frozen text encoder in bf16
+    "text_encoder_prior": ["--train_text_encoder", "--with_prior_preservation", "--class_prompt", "a sketch of a cat",
+                           "--num_class_images", "2", "--class_inference_steps", "2"],
+    "lora": ["--lora_rank", "4", "--learning_rate", "1e-2"],
+}
+_bf16_one_process: dict = {}
+
+
+def _bf16_run(launcher, variant, db_args, tmp_path, tmp_path_factory):
+    """Train `variant` under `launcher` (the 1-process run is shared: it is every 2-process run's reference)."""
+    if launcher == "1" and variant in _bf16_one_process:
+        return _bf16_one_process[variant]
+    out = (tmp_path_factory.mktemp(f"db-{variant}-1") if launcher == "1" else tmp_path) / "out"
+    extra = [*VARIANTS[variant], "--class_data_dir", out.parent / "class"] if "prior" in variant else VARIANTS[variant]
+    metrics = train_in(launcher, "train/dreambooth.py", *db_args, *MATRIX, *extra, "--train_batch_size",
+                       2 if launcher == "1" else 1, out=out)
+    if launcher == "1":
+        _bf16_one_process[variant] = (out, metrics)
+    return out, metrics
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_bf16_matrix(launcher, variant, db_args, tmp_path, tmp_path_factory, tiny_models):
+    from diffusers import StableDiffusionPipeline
+
+    out, metrics = _bf16_run(launcher, variant, db_args, tmp_path, tmp_path_factory)
+    one, _ = _bf16_run("1", variant, db_args, tmp_path, tmp_path_factory)
+    assert metrics["steps"] == 2 and metrics["heldout_loss"] == metrics["heldout_loss"]  # finite, not NaN
+    assert (out / "validation" / "step-000002.png").is_file() and (out / "checkpoint-1").is_dir()
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_models.sd)
+    if variant == "lora":
+        pipe.load_lora_weights(out)  # plain diffusers loads it
+        a, b = weights(one), weights(out)
+        assert {v.dtype for v in b.values()} == {torch.float32}  # fp32 adapters, also from DeepSpeed's bf16 module
+        moved = {k: v for k, v in a.items() if "lora_B" in k or "lora.up" in k}  # zero at init: all of it is training
+        assert moved and relative_difference(moved, b, {k: torch.zeros_like(v) for k, v in moved.items()}) < 0.05
+        if launcher in ("1", "ddp"):  # the checkpoint holds the adapters, not a second copy of the UNet
+            saved = weights(out / "checkpoint-1")
+            assert saved and all("lora" in k for k in saved), [k for k in saved if "lora" not in k][:3]
+    else:
+        trained = StableDiffusionPipeline.from_pretrained(out)
+        base = weights(tiny_models.sd / "unet")
+        assert relative_difference(weights(one / "unet"), weights(out / "unet"), base) < 0.05
+        if variant == "text_encoder_prior":
+            te = trained.text_encoder.state_dict()
+            assert any(not torch.equal(te[k], v) for k, v in pipe.text_encoder.state_dict().items())
+            assert sorted(p.name for p in (out.parent / "class").glob("*.png")) == ["class-00000.png", "class-00001.png"]

@@ -1,6 +1,8 @@
 import json
 
-from .conftest import run_script
+import pytest
+
+from .conftest import LAUNCHERS, launch, run_script, train_in
 
 
 def test_sequential_writes_a_folder_per_stage_and_the_forgetting_table(tiny_models, shard_dir, tmp_path):
@@ -36,3 +38,28 @@ def test_sequential_needs_stages(tiny_models, shard_dir, tmp_path):
     proc = run_script("train/dreambooth_sequential.py", "--pretrained_model_name_or_path", tiny_models.sd,
                       "--shard_dir", shard_dir, "--output_dir", tmp_path, check=False)
     assert proc.returncode == 2 and "--stages needs at least one category" in proc.stderr
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_bf16_matrix_and_resume_at_a_stage(launcher, tiny_models, shard_dir, tmp_path):
+    """The process group lives for the whole script: stage 2 runs with 2 processes (it died there before)."""
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "seq"
+    args = ["--pretrained_model_name_or_path", tiny_models.sd, "--shard_dir", shard_dir, "--stages", "cat,apple",
+            "--steps_per_stage", "2", "--resolution", "64", "--learning_rate", "1e-3", "--checkpointing_steps", "1",
+            "--validation_steps", "2", "--num_validation_images", "1", "--validation_inference_steps", "2",
+            "--report_to", "none", "--instance_prompt", "a {category} in the style of sks", "--num_heldout_samples", "2",
+            "--train_batch_size", "2" if launcher == "1" else "1"]
+    train_in(launcher, "train/dreambooth_sequential.py", *args, out=out, run_dir="stage-02-apple")
+    report = json.loads((out / "sequential_report.json").read_text())
+    assert [r["name"] for r in report["rows"]] == ["base", "1: cat", "2: apple"]
+    assert all(v == v for r in report["rows"] for v in r["loss"].values())  # finite held-out losses
+    for stage in ("stage-01-cat", "stage-02-apple"):
+        StableDiffusionPipeline.from_pretrained(out / stage)
+        assert (out / stage / "validation" / "step-000002.png").is_file()
+    if launcher == "ddp":  # resume at a stage with 2 processes: stage 1 skipped, stage 2 resumed from its checkpoint
+        (out / "stage-02-apple" / "stage_metrics.json").unlink()
+        proc = launch("train/dreambooth_sequential.py", *args, "--output_dir", out, "--mixed_precision", "bf16")
+        assert "stage 1 (cat) already finished" in proc.stderr and "resumed from" in proc.stderr
+        assert (out / "stage-02-apple" / "stage_metrics.json").is_file()

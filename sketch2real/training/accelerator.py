@@ -110,16 +110,11 @@ def checkpoint_kwargs(accelerator, saving: bool) -> dict:
 
 
 def configure_attention(unet, opts, device: torch.device) -> None:
-    """SDPA (diffusers' default) or xformers, which fails clearly off CUDA."""
+    """SDPA (diffusers' default) or, with --enable_xformers_memory_efficient_attention, xformers (CUDA only)."""
     if opts.enable_xformers_memory_efficient_attention:
-        if device.type != "cuda":
-            raise UserError("--enable_xformers_memory_efficient_attention needs a CUDA device (xformers has no CPU kernels); "
-                            "leave it off to use PyTorch SDPA")
-        try:
-            unet.enable_xformers_memory_efficient_attention()
-        except Exception as err:  # xformers missing or built for another torch
-            raise UserError(f"xformers attention unavailable: {str(err).splitlines()[0]} "
-                            "(install the xformers release built for your torch, see README)") from err
+        from sketch2real.models import enable_xformers
+
+        enable_xformers(unet, device)
 
 
 def is_deepspeed(accelerator) -> bool:
