@@ -151,3 +151,32 @@ def train_in(launcher: str, script: str, *args, out: Path, precision: str = "bf1
     assert math.isfinite(metrics["final_loss"])
     assert json.loads((out / run_dir / "run_config.json").read_text())["mixed_precision"] == precision
     return metrics
+
+
+_reference_runs: dict[str, Path] = {}
+
+
+def reference_run(key: str, tmp_path_factory, script: str, *args, precision: str = "bf16") -> Path:
+    """A 1-process run made once per test session (a matrix's reference): its output folder."""
+    if key not in _reference_runs:
+        out = tmp_path_factory.mktemp(key) / "out"
+        train_in("1", script, *args, out=out, precision=precision)
+        _reference_runs[key] = out
+    return _reference_runs[key]
+
+
+# Matrix runs use Adam with a large epsilon: updates are then proportional to gradients, so bf16 rounding of tiny
+# gradients moves weights by tiny amounts (with the default 1e-8, Adam turns them into +-lr steps of random sign
+# and the comparison drowns in noise). Sharp enough to have caught ZeRO-2/3 starting from bf16-rounded weights.
+SHARP_ADAM = ["--adam_epsilon", "1e-2"]
+
+
+def assert_agrees_within_bf16(one: dict, two: dict, one_fp32: dict, base: dict) -> None:
+    """A 2-process bf16 run is as close to the 1-process bf16 run as bf16 rounding itself moves a run.
+
+    The scale is measured (1-process bf16 vs fp32), not guessed; a wrong batch, a missing gradient sync or
+    rounded starting weights move weights by about as much as training moved them, far above it.
+    """
+    noise = relative_difference(one_fp32, one, base)
+    difference = relative_difference(one, two, base)
+    assert difference <= max(0.05, 2 * noise), f"2 processes vs 1: {difference:.4f}; bf16 vs fp32 (1 process): {noise:.4f}"

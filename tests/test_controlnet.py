@@ -4,7 +4,17 @@ import shutil
 import pytest
 import torch
 
-from .conftest import LAUNCHERS, launch, relative_difference, run_script, train_in, weights
+from .conftest import (
+    LAUNCHERS,
+    SHARP_ADAM,
+    assert_agrees_within_bf16,
+    launch,
+    reference_run,
+    relative_difference,
+    run_script,
+    train_in,
+    weights,
+)
 
 
 @pytest.fixture
@@ -98,9 +108,6 @@ def test_generation_with_controlnet_is_deterministic_across_processes(cn_args, t
     assert all(r["controlnet"] == str(tmp_path / "cn") and r["sample_key"] for r in rows)
 
 
-_one_process: dict = {}
-
-
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_bf16_matrix(launcher, cn_args, tmp_path, tmp_path_factory):
     from diffusers import ControlNetModel
@@ -108,13 +115,11 @@ def test_bf16_matrix(launcher, cn_args, tmp_path, tmp_path_factory):
     from sketch2real.models import load_sd_components
     from sketch2real.training.controlnet import init_controlnet
 
-    common = [*cn_args, "--max_train_steps", "2", "--checkpointing_steps", "1", "--validation_steps", "2",
+    common = [*cn_args, *SHARP_ADAM, "--max_train_steps", "2", "--checkpointing_steps", "1", "--validation_steps", "2",
               "--num_validation_images", "1", "--validation_inference_steps", "2", "--num_heldout_samples", "2",
               "--num_validation_sketches", "1", "--categories", "cat"]
-    if "one" not in _one_process:
-        _one_process["one"] = tmp_path_factory.mktemp("cn-1") / "out"
-        train_in("1", "train/controlnet.py", *common, "--train_batch_size", "2", out=_one_process["one"])
-    one = _one_process["one"]
+    one, one_fp32 = (reference_run(f"cn-{p}", tmp_path_factory, "train/controlnet.py", *common, "--train_batch_size", "2",
+                                   precision=p) for p in ("bf16", "no"))
     out = one if launcher == "1" else tmp_path / "out"
     if launcher != "1":
         train_in(launcher, "train/controlnet.py", *common, "--train_batch_size", "1", out=out)
@@ -123,7 +128,7 @@ def test_bf16_matrix(launcher, cn_args, tmp_path, tmp_path_factory):
     assert ControlNetModel.from_pretrained(out).dtype == torch.float32  # fp32 master weights, also from DeepSpeed
     start = init_controlnet(load_sd_components(str(cn_args[1])).unet, seed=0)
     base = {f"diffusion_pytorch_model.safetensors:{k}": v for k, v in start.state_dict().items()}
-    assert relative_difference(weights(one), weights(out), base) < 0.05
+    assert_agrees_within_bf16(weights(one), weights(out), weights(one_fp32), base)
 
 
 def test_controlnet_starts_from_the_full_precision_unet(cn_args, tmp_path):

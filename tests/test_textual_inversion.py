@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import LAUNCHERS, launch, run_script, train_in
+from .conftest import LAUNCHERS, SHARP_ADAM, assert_agrees_within_bf16, launch, reference_run, run_script, train_in
 
 
 @pytest.fixture
@@ -110,21 +110,16 @@ def test_bad_flags(ti_args, tmp_path, extra, message):
     assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1], proc.stderr[-1500:]
 
 
-_one_process: dict = {}
-
-
 @pytest.mark.parametrize("launcher", [*LAUNCHERS, "zero3_partitioned"])
 def test_bf16_matrix(launcher, ti_args, tiny_models, tmp_path, tmp_path_factory):
     """bf16 under every launcher; ZeRO-3 with even the new rows partitioned saves the gathered fp32 rows."""
     from diffusers import StableDiffusionPipeline
 
-    common = [*ti_args, "--max_train_steps", "2", "--checkpointing_steps", "1", "--validation_steps", "2",
+    common = [*ti_args, *SHARP_ADAM, "--max_train_steps", "2", "--checkpointing_steps", "1", "--validation_steps", "2",
               "--num_validation_images", "1", "--validation_inference_steps", "2", "--num_heldout_samples", "2",
               "--categories", "cat", "apple"]
-    if "one" not in _one_process:
-        _one_process["one"] = tmp_path_factory.mktemp("ti-1") / "out"
-        train_in("1", "train/textual_inversion.py", *common, "--train_batch_size", "2", out=_one_process["one"])
-    one = _one_process["one"]
+    one, one_fp32 = (reference_run(f"ti-{p}", tmp_path_factory, "train/textual_inversion.py", *common, "--train_batch_size", "2",
+                                   precision=p) for p in ("bf16", "no"))
     out = one if launcher == "1" else tmp_path / "out"
     if launcher != "1":
         train_in(launcher, "train/textual_inversion.py", *common, "--train_batch_size", "1", out=out)
@@ -136,5 +131,5 @@ def test_bf16_matrix(launcher, ti_args, tiny_models, tmp_path, tmp_path_factory)
     pipe = StableDiffusionPipeline.from_pretrained(tiny_models.sd)
     initial = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids("sketch</w>")].detach()
     pipe.load_textual_inversion(out / "learned_embeds.safetensors")
-    reference = load_file(one / "learned_embeds.safetensors")["<sketch>"]
-    assert (rows - reference).norm() / (reference - initial).norm() < 0.05
+    embeds = [{"rows": load_file(run / "learned_embeds.safetensors")["<sketch>"]} for run in (one, one_fp32)]
+    assert_agrees_within_bf16(embeds[0], {"rows": rows}, embeds[1], {"rows": initial[None]})

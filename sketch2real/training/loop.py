@@ -19,7 +19,7 @@ import torch
 
 from sketch2real.cli import as_dict
 from sketch2real.io import write_json
-from sketch2real.training.accelerator import finish_trackers
+from sketch2real.training.accelerator import finish_trackers, fp32_trained_weights, restore_fp32_masters
 from sketch2real.training.checkpoints import (
     PREEMPTED_EXIT_CODE,
     PreemptionFlag,
@@ -102,7 +102,10 @@ def train(task: Task, opts, accelerator, project_name: str) -> int:
         opts.lr_scheduler, optimizer, num_warmup_steps=opts.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=opts.max_train_steps * accelerator.num_processes, num_cycles=opts.lr_num_cycles, power=opts.lr_power,
     )
+    initial = fp32_trained_weights(task.model)
     model, optimizer, lr_scheduler = accelerator.prepare(task.model, optimizer, lr_scheduler)
+    restore_fp32_masters(accelerator, model, initial)
+    del initial
     state = TrainState()
     accelerator.register_for_checkpointing(state)
 
