@@ -179,3 +179,18 @@ def test_rank_zero_scores_only_after_every_collective(monkeypatch, tmp_path):
         kinds = [kind for kind, _ in events]
         assert kinds[:4] == ["gather"] * 4 and "gather" not in kinds[4:]
         assert kinds[4:] == (["score", "clip"] * 3 if rank == 0 else [])
+
+
+@pytest.mark.parametrize("dims, n_a, n_b", [(64, 40, 30), (64, 300, 200), (256, 100, 300), (256, 400, 50)])
+def test_fast_frechet_distance_equals_pytorch_fids(dims, n_a, n_b):
+    """Fewer images than dimensions (Gram-matrix path) and more (eigendecomposition path): pytorch-fid's value."""
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    from sketch2real.metrics import fid_from_features, statistics
+
+    rng = np.random.default_rng(dims + n_a)
+    a = rng.standard_normal((n_a, dims)).astype(np.float32) ** 2
+    b = (rng.standard_normal((n_b, dims)) * 1.2 + 0.3).astype(np.float32) ** 2
+    theirs = calculate_frechet_distance(*statistics(a), *statistics(b))
+    assert fid_from_features(a, b) == pytest.approx(theirs, rel=1e-6)
+    assert fid_from_features(a, a) == pytest.approx(0, abs=1e-6 * theirs)
