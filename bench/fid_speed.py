@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch_size", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--channels_last", action="store_true", help="also time eval/fid.py --channels_last")
     args = parser.parse_args()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     with tempfile.TemporaryDirectory() as tmp:
@@ -74,9 +75,13 @@ def main() -> None:
         ours_cmd = [sys.executable, REPO / "eval/fid.py", "--reference_dir", reference, "--dims", args.dims, "--no_cache",
                     "--batch_size", args.batch_size, "--output_dir", tmp / "ours", "--generated",
                     *[f"{g.name}={g}" for g in generated]]
-        ours_times, theirs_times, theirs_values = [], [], {}
+        ours_times, fast_times, theirs_times, theirs_values, fast_values = [], [], [], {}, {}
         for _ in range(args.repeats):  # alternating: ours, then pytorch-fid once per set
             ours_times.append(timed(ours_cmd, env)[0])
+            ours_values = {n: r["fid"] for n, r in json.loads((tmp / "ours" / "metrics.json").read_text())["sets"].items()}
+            if args.channels_last:
+                fast_times.append(timed([*ours_cmd, "--channels_last"], env)[0])
+                fast_values = {n: r["fid"] for n, r in json.loads((tmp / "ours" / "metrics.json").read_text())["sets"].items()}
             total = 0.0
             for g in generated:
                 seconds, proc = timed([sys.executable, "-m", "pytorch_fid", g, reference, "--dims", args.dims, "--device",
@@ -84,16 +89,21 @@ def main() -> None:
                 total += seconds
                 theirs_values[g.name] = float(re.search(r"FID:\s+([0-9.eE+-]+)", proc.stdout)[1])
             theirs_times.append(total)
-        ours_values = {name: r["fid"] for name, r in json.loads((tmp / "ours" / "metrics.json").read_text())["sets"].items()}
     ours_s, theirs_s = min(ours_times), min(theirs_times)
     print(f"{args.sets} generated sets x {args.images} images vs one reference of {args.images}, {args.dims} dims, "
           f"{args.device}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'all')}, best of {args.repeats}")
     print("| tool | wall s | speed vs pytorch-fid |\n|---|---:|---:|")
     print(f"| `python -m pytorch_fid`, once per set | {theirs_s:.1f} | 1.00x |")
     print(f"| `eval/fid.py`, one job (+ KID) | {ours_s:.1f} | {theirs_s / ours_s:.2f}x |")
-    print("\n| set | pytorch-fid | eval/fid.py | relative difference |\n|---|---:|---:|---:|")
+    if fast_times:
+        print(f"| `eval/fid.py --channels_last` | {min(fast_times):.1f} | {theirs_s / min(fast_times):.2f}x |")
+    print("\n| set | pytorch-fid | eval/fid.py | relative difference | --channels_last | relative difference |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, theirs in theirs_values.items():
-        print(f"| {name} | {theirs:.6f} | {ours_values[name]:.6f} | {abs(ours_values[name] - theirs) / abs(theirs):.1e} |")
+        fast = fast_values.get(name)
+        fast_cells = f"{fast:.6f} | {abs(fast - theirs) / abs(theirs):.1e}" if fast is not None else "— | —"
+        print(f"| {name} | {theirs:.6f} | {ours_values[name]:.6f} | {abs(ours_values[name] - theirs) / abs(theirs):.1e} | "
+              f"{fast_cells} |")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ class Options:
     seed: int = option(0, help="seed of KID's subsets and the pairing baseline")
     cache_dir: str = option("", help="reference-statistics cache (default: ~/.cache/sketch2real/fid)")
     no_cache: bool = option(False, help="do not read or write cached reference statistics")
+    channels_last: bool = option(False, help="channels-last Inception: ~1.5x faster, FID equal to pytorch-fid's only to "
+                                              "~1e-6 relative (off: identical features)")
     clip_model_name_or_path: str = option("", help="also report the CLIP score of each image against its prompt (index.jsonl)")
 
 

@@ -31,14 +31,15 @@ def features_of(images: ImageSet, model, opts, state, cache_dir: Path | None) ->
     """All ranks extract their part; rank 0 gets (features, valid mask, cache hit). Cached sets skip extraction."""
     from accelerate.utils import gather_object
 
-    settings = {"dims": opts.dims, "resize": opts.resize, "model": "pytorch-fid-inception-v3"}
+    settings = {"dims": opts.dims, "resize": opts.resize, "model": "pytorch-fid-inception-v3",
+                **({"channels_last": True} if opts.channels_last else {})}
     cache_file = cache_dir / f"{fingerprint(images, settings)}.npz" if cache_dir else None
     if cache_file is not None and cache_file.is_file():
         data = np.load(cache_file)
         return data["features"], data["valid"], True
     features, valid = extract_features(images, model, opts.dims, state.device, opts.batch_size, opts.num_workers,
                                        state.process_index, state.num_processes, opts.resize or None,
-                                       progress=state.is_local_main_process)
+                                       progress=state.is_local_main_process, channels_last=opts.channels_last)
     parts = gather_object([(features, valid)]) if state.num_processes > 1 else [(features, valid)]
     features = np.concatenate([p[0] for p in parts])
     valid = np.concatenate([p[1] for p in parts])
@@ -133,7 +134,7 @@ def run_fid(opts, generated_sets: list[ImageSet], reference: ImageSet, state) ->
     Fréchet distances, CLIP score) takes minutes on the full Sketchy: other ranks must not be
     waiting in a gather meanwhile, past NCCL's timeout.
     """
-    model = inception(opts.dims, state.device)
+    model = inception(opts.dims, state.device, opts.channels_last)
     cache_dir = Path(opts.cache_dir) if opts.cache_dir else (default_cache_dir() if not opts.no_cache else None)
     ref_features, ref_valid, hit = features_of(reference, model, opts, state, cache_dir)
     extracted = [(images, *features_of(images, model, opts, state, None)[:2]) for images in generated_sets]

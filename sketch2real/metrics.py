@@ -135,33 +135,40 @@ def _collate(batch):
     return torch.stack(tensors), torch.tensor([ok for _, ok, _ in batch]), [e for _, _, e in batch]
 
 
-def inception(dims: int, device: torch.device):
-    """pytorch-fid's InceptionV3 (its FID weights from TORCH_HOME), returning the `dims` features."""
+def inception(dims: int, device: torch.device, channels_last: bool = False):
+    """pytorch-fid's InceptionV3 (its FID weights from TORCH_HOME), returning the `dims` features.
+
+    `channels_last`: ~1.5x faster convolutions (oneDNN, cuDNN), features equal only to float rounding
+    (FID within ~1e-6 relative of pytorch-fid's instead of equal); off by default.
+    """
     from pytorch_fid.inception import InceptionV3
 
     if dims not in VALID_DIMS:
         raise UserError(f"--dims must be one of {VALID_DIMS}, got {dims}")
     try:
-        return InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[dims]]).to(device).eval()
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        return InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[dims]]).to(device, memory_format=layout).eval()
     except Exception as err:
         raise UserError(f"cannot load pytorch-fid's Inception weights (TORCH_HOME={os.environ.get('TORCH_HOME', '~/.cache/torch')}): "
                         f"{str(err).splitlines()[0]}") from err
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def extract_features(images: ImageSet, model, dims: int, device: torch.device, batch_size: int = 50, num_workers: int = 2,
-                     rank: int = 0, world_size: int = 1, resize: int | None = None, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                     rank: int = 0, world_size: int = 1, resize: int | None = None, progress: bool = True,
+                     channels_last: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Features of this rank's contiguous part of `images` (float64, as pytorch-fid) and a validity mask."""
     from torch.nn.functional import adaptive_avg_pool2d
     from tqdm.auto import tqdm
 
     start, end = rank * len(images) // world_size, (rank + 1) * len(images) // world_size
     loader = torch.utils.data.DataLoader(_Loader(images.sources[start:end], resize), batch_size=batch_size, shuffle=False,
-                                         num_workers=num_workers, collate_fn=_collate)
+                                         num_workers=num_workers, collate_fn=_collate, pin_memory=device.type == "cuda")
     features, valid = np.empty((end - start, dims)), np.zeros(end - start, dtype=bool)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     position = 0
     for batch, ok, errors in tqdm(loader, desc=f"features {images.name}", unit="batch", disable=not progress):
-        prediction = model(batch.to(device))[0]
+        prediction = model(batch.to(device, non_blocking=True, memory_format=layout))[0]
         if prediction.size(2) != 1 or prediction.size(3) != 1:
             prediction = adaptive_avg_pool2d(prediction, output_size=(1, 1))
         n = batch.shape[0]

@@ -49,7 +49,7 @@ def test_identical_sets_score_zero_and_a_shifted_set_scores_higher(shard_dir, tm
     from sketch2real.metrics import fid_from_features, inception, kid, shard_set
 
     class Opts:
-        dims, resize, batch_size, num_workers = 64, 0, 16, 0
+        dims, resize, batch_size, num_workers, channels_last = 64, 0, 16, 0, False
 
     state = PartialState()
     model = inception(64, state.device)
@@ -161,7 +161,7 @@ def test_rank_zero_scores_only_after_every_collective(monkeypatch, tmp_path):
     import sketch2real.evaluation as evaluation
 
     events = []
-    monkeypatch.setattr(evaluation, "inception", lambda dims, device: None)
+    monkeypatch.setattr(evaluation, "inception", lambda *a: None)
     monkeypatch.setattr(evaluation, "features_of", lambda images, *a: (events.append(("gather", images.name)),
                                                                         np.zeros((2, 4)), np.ones(2, bool), False)[1:])
     monkeypatch.setattr(evaluation, "evaluate_set", lambda name, *a: events.append(("score", name)) or {})
