@@ -170,7 +170,8 @@ def test_rank_zero_scores_only_after_every_collective(monkeypatch, tmp_path):
     monkeypatch.setattr(evaluation, "format_report", lambda report: "")
     monkeypatch.setattr(evaluation, "bar_chart", lambda *a: None)
     sets = [SimpleNamespace(name=n, prompts=["p"], sources=[]) for n in ("a", "b", "c")]
-    opts = SimpleNamespace(dims=4, cache_dir="", no_cache=True, seed=0, clip_model_name_or_path="clip", output_dir=str(tmp_path))
+    opts = SimpleNamespace(dims=4, cache_dir="", no_cache=True, seed=0, clip_model_name_or_path="clip", output_dir=str(tmp_path),
+                           channels_last=False)
     reference = SimpleNamespace(name="ref")
     for rank in (0, 1):
         events.clear()
