@@ -41,7 +41,6 @@ class DreamBoothOptions(TrainOptions):
     train_text_encoder: bool = option(False, help="also train the full text encoder (works under DeepSpeed too)")
     lora_rank: int = option(0, help="train LoRA adapters of this rank instead of full weights (0: full fine-tuning)")
     lora_alpha: int = option(0, help="LoRA alpha (0: same as rank)")
-    cache_latents: bool = option(False, help="encode the instance images with the VAE once, not every step")
 
     def check(self) -> None:
         super().check()
@@ -174,22 +173,8 @@ class DreamBoothTask(DiffusionTask):
             with torch.no_grad():
                 self.instance_states = c.text_encoder(self.instance_ids)[0]
                 self.class_states = c.text_encoder(self.class_ids)[0] if self.class_ids is not None else None
-        self.cached = self._cache_latents(self.instance_images) if opts.cache_latents else None
         self.heldout_images = self._heldout_images()
         self.heldout_prompts = [opts.instance_prompt] * (len(self.heldout_images) if self.heldout_images is not None else 0)
-
-    @torch.no_grad()
-    def _cache_latents(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        means, stds = [], []
-        for start in range(0, len(images), 8):
-            dist = self.c.vae.encode(images[start : start + 8].to(self.accelerator.device, self.weight_dtype)).latent_dist
-            means.append(dist.mean.float())
-            stds.append(dist.std.float())
-        return torch.cat(means), torch.cat(stds)
-
-    def _cached_latents(self, indices: list[int], eps: torch.Tensor) -> torch.Tensor:
-        mean, std = self.cached[0][indices], self.cached[1][indices]
-        return (mean + std * eps.to(mean.device)) * self.c.vae.config.scaling_factor
 
     def _heldout_images(self) -> torch.Tensor | None:
         opts = self.opts
@@ -205,8 +190,8 @@ class DreamBoothTask(DiffusionTask):
     def samples_per_step(self) -> int:
         return super().samples_per_step() * (2 if self.class_images is not None else 1)
 
-    def _part(self, model, sampler, images, step, micro, stream, ids, states, latents_fn=None):
-        _, noisy, target, timesteps = self.noisy_batch(images, sampler, step, micro, stream, latents_fn)
+    def _part(self, model, sampler, images, step, micro, stream, ids, states):
+        _, noisy, target, timesteps = self.noisy_batch(images, sampler, step, micro, stream)
         n = noisy.shape[0]
         if self.opts.train_text_encoder:
             prediction = model(noisy, timesteps, input_ids=ids.expand(n, -1))
@@ -217,8 +202,7 @@ class DreamBoothTask(DiffusionTask):
     def loss(self, model, step: int, micro: int) -> torch.Tensor:
         frozen_text = not self.opts.train_text_encoder
         loss = self._part(model, self.instance_sampler, self.instance_images, step, micro, "instance", self.instance_ids,
-                          self.instance_states if frozen_text else None,
-                          self._cached_latents if self.cached is not None else None)
+                          self.instance_states if frozen_text else None)
         if self.class_images is not None:
             prior = self._part(model, self.class_sampler, self.class_images, step, micro, "class", self.class_ids,
                                self.class_states if frozen_text else None)

@@ -63,14 +63,14 @@ class TrainState:
 
 
 def make_optimizer(params: list[torch.nn.Parameter], opts, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW (fused on CUDA) or bitsandbytes' 8-bit AdamW."""
+    """AdamW (fused: one kernel for all parameters, on CUDA and CPU) or bitsandbytes' 8-bit AdamW."""
     kwargs = dict(lr=opts.learning_rate, betas=(opts.adam_beta1, opts.adam_beta2), weight_decay=opts.adam_weight_decay,
                   eps=opts.adam_epsilon)
     if opts.use_8bit_adam:
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, fused=device.type == "cuda", **kwargs)
+    return torch.optim.AdamW(params, fused=device.type in ("cuda", "cpu"), **kwargs)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -145,9 +145,9 @@ def train(task: Task, opts, accelerator, project_name: str) -> int:
         # One collective per step: the mean loss, whether it is finite everywhere, and preemption anywhere.
         flags = torch.tensor([float(step_loss), 0.0 if torch.isfinite(step_loss) else 1.0, 1.0 if preempted else 0.0],
                              device=accelerator.device)
-        flags = accelerator.reduce(flags, reduction="sum")
-        mean_loss = flags[0].item() / accelerator.num_processes
-        if flags[1].item() > 0:
+        flags = accelerator.reduce(flags, reduction="sum").tolist()  # the step's one host sync
+        mean_loss = flags[0] / accelerator.num_processes
+        if flags[1] > 0:
             bar.close()
             where = f"the last good checkpoint is {out / f'checkpoint-{last_checkpoint}'}" if last_checkpoint else "no checkpoint was saved yet"
             if accelerator.is_main_process:
@@ -163,7 +163,7 @@ def train(task: Task, opts, accelerator, project_name: str) -> int:
         if opts.validation_steps and state.step % opts.validation_steps == 0:
             logs.update(task.validate(accelerator, model, state.step))
         accelerator.log(logs, step=state.step)
-        if flags[2].item() > 0:
+        if flags[2] > 0:
             save_checkpoint(accelerator, out, state.step, opts.checkpoints_total_limit)
             task.on_checkpoint(accelerator, model, state.step)
             bar.close()

@@ -41,6 +41,8 @@ class TrainOptions:
     gradient_checkpointing: bool = option(False, help="recompute activations in backward to save memory")
     enable_xformers_memory_efficient_attention: bool = option(False, help="xformers attention (CUDA only; SDPA is the default)")
     set_grads_to_none: bool = option(True, help="free gradients between steps instead of zeroing them")
+    cache_latents: bool = option(True, help="encode each training image with the VAE once per run, not every step (same "
+                                            "training: the posterior is sampled with each step's noise); off: --cache_latents false")
     snr_gamma: float = option(0.0, help="Min-SNR loss weighting gamma (0: off; 5.0 is the paper's value)")
     noise_offset: float = option(0.0, help="offset noise scale (0: off; ~0.05-0.1 helps very dark/bright images)")
     checkpointing_steps: int = option(500, help="save a resumable checkpoint every N steps (0: only at preemption)")
