@@ -32,3 +32,4 @@ bench: setup
 	$(PYTHON) bench/shard_reader.py
 	$(PYTHON) bench/train_speed.py
 	$(PYTHON) bench/infer_speed.py
+	$(PYTHON) bench/fid_speed.py

@@ -1,9 +1,9 @@
 """The diffusion training objective, with noise that depends on the step and not on the world size.
 
-Every random draw of a training step (VAE sample, noise, timesteps) is made for the
-whole global batch from a generator seeded by (seed, step, micro-step), and each
-rank takes its rows: 1, 2 or 8 processes then see exactly the same numbers, and a
-resumed run sees the same numbers as an uninterrupted one.
+Every random draw of a training step (VAE sample, noise, timestep) of global batch row r is made by a
+generator seeded by (seed, stream, step, micro-step, r), on the rank's device: each rank draws only its
+own rows, and 1, 2 or 8 processes see exactly the same numbers; a resumed run sees the same numbers
+as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -31,17 +31,19 @@ class StepNoise:
 
 def step_noise(
     seed: int, step: int, micro: int, global_batch: int, rows: slice, latent_shape: tuple[int, ...],
-    num_train_timesteps: int, noise_offset: float = 0.0, stream: str = "instance",
+    num_train_timesteps: int, noise_offset: float = 0.0, stream: str = "instance", device: torch.device | str = "cpu",
 ) -> StepNoise:
-    """Draw the global batch's noise on CPU from a step-derived generator, keep `rows`."""
-    generator = torch.Generator().manual_seed(derive_seed(seed, stream, step, micro))
-    shape = (global_batch, *latent_shape)
-    latent_eps = torch.randn(shape, generator=generator)
-    noise = torch.randn(shape, generator=generator)
-    if noise_offset:
-        noise = noise + noise_offset * torch.randn((global_batch, latent_shape[0], 1, 1), generator=generator)
-    timesteps = torch.randint(0, num_train_timesteps, (global_batch,), generator=generator)
-    return StepNoise(latent_eps[rows], noise[rows], timesteps[rows])
+    """This rank's `rows` of the step's global batch of random numbers, each row from its own generator on `device`."""
+    eps, noise, timesteps = [], [], []
+    for row in range(rows.start, min(rows.stop, global_batch)):
+        generator = torch.Generator(device).manual_seed(derive_seed(seed, stream, step, micro, row))
+        eps.append(torch.randn(latent_shape, generator=generator, device=device))
+        row_noise = torch.randn(latent_shape, generator=generator, device=device)
+        if noise_offset:
+            row_noise = row_noise + noise_offset * torch.randn((latent_shape[0], 1, 1), generator=generator, device=device)
+        noise.append(row_noise)
+        timesteps.append(torch.randint(0, num_train_timesteps, (1,), generator=generator, device=device))
+    return StepNoise(torch.stack(eps), torch.stack(noise), torch.cat(timesteps))
 
 
 def encode_latents(vae, images: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:

@@ -95,7 +95,7 @@ class DiffusionTask:
         sched = self.c.noise_scheduler
         indices = sampler.rank_indices(step, micro)
         draw = step_noise(self.opts.seed, step, micro, sampler.global_batch, sampler.rows, self.latent_shape,
-                          sched.config.num_train_timesteps, self.opts.noise_offset, stream)
+                          sched.config.num_train_timesteps, self.opts.noise_offset, stream, self.accelerator.device)
         if self.opts.cache_latents:
             if stream not in self.posteriors:
                 self.posteriors[stream] = PosteriorCache(self.c.vae, images, self.accelerator.device)
