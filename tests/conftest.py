@@ -165,6 +165,18 @@ def reference_run(key: str, tmp_path_factory, script: str, *args, precision: str
     return _reference_runs[key]
 
 
+def run_matrix_case(launcher: str, name: str, script: str, args: list, tmp_path: Path, tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(this launcher's output folder, the 1-process bf16 run's, the 1-process fp32 run's), all with a global batch
+    of 2; the 1-process runs are made once per session and shared by the launchers."""
+    one, one_fp32 = (reference_run(f"{name}-{precision}", tmp_path_factory, script, *args, "--train_batch_size", "2",
+                                   precision=precision) for precision in ("bf16", "no"))
+    if launcher == "1":
+        return one, one, one_fp32
+    out = tmp_path / "out"
+    train_in(launcher, script, *args, "--train_batch_size", "1", out=out)
+    return out, one, one_fp32
+
+
 # Matrix runs use Adam with a large epsilon: updates are then proportional to gradients, so bf16 rounding of tiny
 # gradients moves weights by tiny amounts (with the default 1e-8, Adam turns them into +-lr steps of random sign
 # and the comparison drowns in noise). Sharp enough to have caught ZeRO-2/3 starting from bf16-rounded weights.

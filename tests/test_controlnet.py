@@ -9,10 +9,9 @@ from .conftest import (
     SHARP_ADAM,
     assert_agrees_within_bf16,
     launch,
-    reference_run,
     relative_difference,
+    run_matrix_case,
     run_script,
-    train_in,
     weights,
 )
 
@@ -118,11 +117,7 @@ def test_bf16_matrix(launcher, cn_args, tmp_path, tmp_path_factory):
     common = [*cn_args, *SHARP_ADAM, "--max_train_steps", "2", "--checkpointing_steps", "1", "--validation_steps", "2",
               "--num_validation_images", "1", "--validation_inference_steps", "2", "--num_heldout_samples", "2",
               "--num_validation_sketches", "1", "--categories", "cat"]
-    one, one_fp32 = (reference_run(f"cn-{p}", tmp_path_factory, "train/controlnet.py", *common, "--train_batch_size", "2",
-                                   precision=p) for p in ("bf16", "no"))
-    out = one if launcher == "1" else tmp_path / "out"
-    if launcher != "1":
-        train_in(launcher, "train/controlnet.py", *common, "--train_batch_size", "1", out=out)
+    out, one, one_fp32 = run_matrix_case(launcher, "cn", "train/controlnet.py", common, tmp_path, tmp_path_factory)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["heldout_loss"] == metrics["heldout_loss"] and (out / "validation" / "step-000002.png").is_file()
     assert ControlNetModel.from_pretrained(out).dtype == torch.float32  # fp32 master weights, also from DeepSpeed

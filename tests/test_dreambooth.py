@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,10 +15,9 @@ from .conftest import (
     SHARP_ADAM,
     assert_agrees_within_bf16,
     launch,
-    reference_run,
     relative_difference,
+    run_matrix_case,
     run_script,
-    train_in,
     weights,
 )
 
@@ -260,9 +260,6 @@ VARIANTS = {
                            "--num_class_images", "2", "--class_inference_steps", "2"],
     "lora": ["--lora_rank", "4", "--learning_rate", "1e-2"],
 }
-def _matrix_args(variant, db_args, class_dir, launcher) -> list:
-    extra = [*VARIANTS[variant], "--class_data_dir", class_dir] if "prior" in variant else VARIANTS[variant]
-    return [*db_args, *MATRIX, *extra, "--train_batch_size", 2 if launcher == "1" else 1]
 
 
 @pytest.mark.parametrize("launcher, variant", [(launcher, variant) for launcher in LAUNCHERS for variant in VARIANTS]
@@ -270,16 +267,10 @@ def _matrix_args(variant, db_args, class_dir, launcher) -> list:
 def test_bf16_matrix(launcher, variant, db_args, tmp_path, tmp_path_factory, tiny_models):
     from diffusers import StableDiffusionPipeline
 
-    def reference(precision):
-        key = f"db-{variant}-{precision}"
-        return reference_run(key, tmp_path_factory, "train/dreambooth.py",
-                             *_matrix_args(variant, db_args, tmp_path_factory.getbasetemp() / "db-class", "1"),
-                             precision=precision)
-
-    one, one_fp32 = reference("bf16"), reference("no")
-    out = one if launcher == "1" else tmp_path / "out"
-    if launcher != "1":
-        train_in(launcher, "train/dreambooth.py", *_matrix_args(variant, db_args, tmp_path / "class", launcher), out=out)
+    class_dir = tmp_path / "class"  # prior preservation: the 1-process runs keep the folder of the test that made them
+    extra = [*VARIANTS[variant], "--class_data_dir", class_dir] if "prior" in variant else VARIANTS[variant]
+    out, one, one_fp32 = run_matrix_case(launcher, f"db-{variant}", "train/dreambooth.py", [*db_args, *MATRIX, *extra],
+                                         tmp_path, tmp_path_factory)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 2 and metrics["heldout_loss"] == metrics["heldout_loss"]  # finite, not NaN
     assert (out / "validation" / "step-000002.png").is_file() and (out / "checkpoint-1").is_dir()
@@ -302,5 +293,5 @@ def test_bf16_matrix(launcher, variant, db_args, tmp_path, tmp_path_factory, tin
         if variant == "text_encoder_prior":
             te = trained.text_encoder.state_dict()
             assert any(not torch.equal(te[k], v) for k, v in pipe.text_encoder.state_dict().items())
-            class_dir = tmp_path / "class" if launcher != "1" else tmp_path_factory.getbasetemp() / "db-class"
+            class_dir = Path(json.loads((out / "run_config.json").read_text())["class_data_dir"])
             assert sorted(p.name for p in class_dir.glob("*.png")) == ["class-00000.png", "class-00001.png"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import LAUNCHERS, SHARP_ADAM, assert_agrees_within_bf16, launch, reference_run, run_script, train_in
+from .conftest import LAUNCHERS, SHARP_ADAM, assert_agrees_within_bf16, launch, run_matrix_case, run_script
 
 
 @pytest.fixture
@@ -118,11 +118,7 @@ def test_bf16_matrix(launcher, ti_args, tiny_models, tmp_path, tmp_path_factory)
     common = [*ti_args, *SHARP_ADAM, "--max_train_steps", "2", "--checkpointing_steps", "1", "--validation_steps", "2",
               "--num_validation_images", "1", "--validation_inference_steps", "2", "--num_heldout_samples", "2",
               "--categories", "cat", "apple"]
-    one, one_fp32 = (reference_run(f"ti-{p}", tmp_path_factory, "train/textual_inversion.py", *common, "--train_batch_size", "2",
-                                   precision=p) for p in ("bf16", "no"))
-    out = one if launcher == "1" else tmp_path / "out"
-    if launcher != "1":
-        train_in(launcher, "train/textual_inversion.py", *common, "--train_batch_size", "1", out=out)
+    out, one, one_fp32 = run_matrix_case(launcher, "ti", "train/textual_inversion.py", common, tmp_path, tmp_path_factory)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["heldout_loss"] == metrics["heldout_loss"] and (out / "validation" / "step-000002.png").is_file()
     rows = load_file(out / "learned_embeds.safetensors")["<sketch>"]
