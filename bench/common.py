@@ -34,3 +34,41 @@ def run(script: str, *args, launch_processes: int = 0) -> subprocess.CompletedPr
     else:
         cmd = [sys.executable, str(REPO / script)]
     return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, env=env, check=True)
+
+
+# Dense bf16 peak of common training GPUs, FLOP/s (vendor figures, no sparsity).
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A6000": 155e12, "L4": 121e12}
+
+
+def device_peak_flops() -> float | None:
+    """The CUDA device's dense bf16 peak, or None (CPU, or a GPU not in PEAK_BF16)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK_BF16.items() if key in name), None)
+
+
+def model_flops_per_sample(model_dir: Path, resolution: int, text_encoder: bool = False, controlnet: bool = False) -> float:
+    """Model FLOPs of one training sample: 3 x the forward FLOPs (forward + backward) of what runs every step
+    (the UNet, and the ControlNet or a trained text encoder), counted by torch on meta tensors (no compute);
+    the VAE encoder is left out (posteriors are cached)."""
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet_config = UNet2DConditionModel.load_config(model_dir, subfolder="unet")
+    text_config = CLIPTextConfig.from_pretrained(model_dir, subfolder="text_encoder")
+    side = resolution // 8
+    with torch.device("meta"), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        unet = UNet2DConditionModel.from_config(unet_config)
+        latents, timestep = torch.randn(1, 4, side, side), torch.tensor([500])
+        states = torch.randn(1, text_config.max_position_embeddings, text_config.hidden_size)
+        unet(latents, timestep, states)
+        if controlnet:
+            ControlNetModel.from_unet(unet)(latents, timestep, states, controlnet_cond=torch.randn(1, 3, resolution, resolution))
+        if text_encoder:
+            CLIPTextModel(text_config)(torch.zeros(1, text_config.max_position_embeddings, dtype=torch.long))
+    return 3.0 * counter.get_total_flops()

@@ -1,4 +1,5 @@
-"""Steps/s, samples/s and peak memory of the trainers on the tiny model at 64 px (CPU here; GPU on a cluster).
+"""Steps/s, samples/s, peak memory, model FLOPs per sample and MFU (on a known GPU) of the trainers on the tiny
+model at 64 px (CPU here; GPU on a cluster).
 
     python bench/train_speed.py [--steps 40]
 """
@@ -11,7 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from common import prepare, run
+from common import device_peak_flops, model_flops_per_sample, prepare, run
 
 
 def main() -> None:
@@ -33,12 +34,17 @@ def main() -> None:
             "controlnet": ("train/controlnet.py", []),
         }
         print(f"tiny SD, 64 px, batch {args.batch_size}, {args.steps} steps, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'all')}")
-        print(f"{'run':30s} {'steps/s':>8s} {'samples/s':>10s} {'peak MiB':>9s}")
+        peak = device_peak_flops()
+        print(f"{'run':30s} {'steps/s':>8s} {'samples/s':>10s} {'peak MiB':>9s} {'GFLOP/sample':>13s} {'MFU':>6s}")
         for name, (script, extra) in runs.items():
             out = tmp / name.replace(" ", "_")
             run(script, *common, *extra, "--output_dir", out)
             m = json.loads((out / "metrics.json").read_text())
-            print(f"{name:30s} {m['steps_per_second']:8.2f} {m['samples_per_second']:10.2f} {m['peak_memory_mb']:9.0f}")
+            flops = model_flops_per_sample(data["sd"], 64, text_encoder="text encoder" in name or "textual" in name,
+                                           controlnet="controlnet" in name)
+            mfu = f"{m['samples_per_second'] * flops / peak:6.1%}" if peak else "   n/a"  # no known peak on CPU
+            print(f"{name:30s} {m['steps_per_second']:8.2f} {m['samples_per_second']:10.2f} {m['peak_memory_mb']:9.0f} "
+                  f"{flops / 1e9:13.3f} {mfu}")
 
 
 if __name__ == "__main__":
