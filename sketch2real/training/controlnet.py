@@ -139,7 +139,7 @@ class ControlNetTask(DiffusionTask):
         prompts = [self.prompt_for(self.keys[i], self.categories[i], step) for i in indices]
         with torch.no_grad():
             states = self.encode_text(self.c.text_encoder, prompts)
-        conditioning = self._conditioning(self.sketches[indices], noisy.device)
+        conditioning = self._conditioning(self.step_rows("sketches", self.sketches, self.data_sampler, step, micro), noisy.device)
         prediction = self._predict(model, noisy, timesteps, states, conditioning)
         return self.loss_of(prediction, target, timesteps)
 

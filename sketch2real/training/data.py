@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +52,84 @@ class GlobalBatchSampler:
 
     def rank_indices(self, step: int, micro: int) -> list[int]:
         return self.global_indices(step, micro)[self.rows]
+
+    def rank_indices_between(self, first: int, end: int) -> list[int]:
+        """Sorted distinct indices this rank reads in global batches first..end-1 (batch k = step * accumulation + micro)."""
+        positions = (torch.arange(first, end)[:, None] * self.global_batch + self.rows.start
+                     + torch.arange(self.per_device_batch)).flatten()
+        epochs = positions // self.size
+        seen: set[int] = set()
+        for epoch in epochs.unique().tolist():
+            seen.update(self._permutation(epoch)[positions[epochs == epoch] % self.size].tolist())
+            if len(seen) == self.size:
+                break
+        return sorted(seen)
+
+
+def default_num_workers(local_processes: int) -> int:
+    """DataLoader workers per training process: up to 4 of the CPU cores left after one per process."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(4, cpus // max(local_processes, 1) - 1))
+
+
+class _Rows(torch.utils.data.Dataset):
+    """Item k: (k, source[indices_of(k)]), decoded in whichever process reads it."""
+
+    def __init__(self, source, indices_of):
+        self.source, self.indices_of = source, indices_of
+
+    def __getitem__(self, k: int) -> tuple[int, torch.Tensor]:
+        return k, self.source[self.indices_of(k)]
+
+
+def prefetched(source, keys: list[int], indices_of, num_workers: int, pin_memory: bool):
+    """Yield (key, source[indices_of(key)]) for `keys` in order, decoded ahead in `num_workers` DataLoader workers.
+
+    Decoding is deterministic, so what is yielded does not depend on the number of workers.
+    In-memory tensors are indexed in this process: there is nothing to decode.
+    """
+    if isinstance(source, torch.Tensor):
+        num_workers = 0
+    loader = torch.utils.data.DataLoader(_Rows(source, indices_of), batch_size=None, sampler=keys, num_workers=num_workers,
+                                         pin_memory=pin_memory, prefetch_factor=4 if num_workers else None)
+    yield from loader
+
+
+class StepLoader:
+    """This rank's rows of each global batch of a sampler, decoded ahead of the step by DataLoader workers.
+
+    Batch k (= step * accumulation + micro) is exactly `source[sampler.rank_indices(step, micro)]`, so exact
+    resume and world-size-independent batches are unchanged. Batches are read in order from the first one
+    asked for (where a resumed run starts); asking out of order restarts the workers there.
+    """
+
+    def __init__(self, source, sampler: GlobalBatchSampler, max_train_steps: int, num_workers: int, pin_memory: bool):
+        self.source, self.sampler, self.num_workers, self.pin_memory = source, sampler, num_workers, pin_memory
+        self.end = max_train_steps * sampler.accumulation
+        self._batches, self._next = None, -1
+        self.wait_seconds = 0.0  # time the training process spent waiting for (or decoding) batches
+
+    def _indices(self, k: int) -> list[int]:
+        return self.sampler.rank_indices(*divmod(k, self.sampler.accumulation))
+
+    def batch(self, step: int, micro: int) -> torch.Tensor:
+        k = step * self.sampler.accumulation + micro
+        start = time.perf_counter()
+        if k != self._next or k >= self.end:
+            self.close()
+            self._batches = prefetched(self.source, list(range(k, max(self.end, k + 1))), self._indices,
+                                       self.num_workers, self.pin_memory)
+        key, images = next(self._batches)
+        self.wait_seconds += time.perf_counter() - start
+        assert key == k, (key, k)
+        self._next = k + 1
+        return images
+
+    def close(self) -> None:
+        """Stop the workers (also when garbage-collected)."""
+        if self._batches is not None:
+            self._batches.close()
+            self._batches = None
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")

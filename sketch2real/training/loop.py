@@ -48,6 +48,8 @@ class Task(Protocol):
 
     def save_final(self, accelerator, model: torch.nn.Module) -> None: ...
 
+    def data_wait_seconds(self) -> float: ...
+
 
 class TrainState:
     """The loop's own resumable state (model, optimizer, scheduler, RNG are saved by accelerate)."""
@@ -188,6 +190,7 @@ def train(task: Task, opts, accelerator, project_name: str) -> int:
         "samples_per_second": steps_done * task.samples_per_step() / elapsed if elapsed > 0 else 0.0,
         "steps_per_second": steps_done / elapsed if elapsed > 0 else 0.0,
         "peak_memory_mb": peak_memory_mb(accelerator.device),
+        "data_wait_seconds_per_step": task.data_wait_seconds() / steps_done if steps_done else 0.0,
         "num_processes": accelerator.num_processes,
         "distributed_type": str(accelerator.distributed_type).split(".")[-1],
         "mixed_precision": accelerator.mixed_precision,

@@ -43,6 +43,8 @@ class TrainOptions:
     set_grads_to_none: bool = option(True, help="free gradients between steps instead of zeroing them")
     cache_latents: bool = option(True, help="encode each training image with the VAE once per run, not every step (same "
                                             "training: the posterior is sampled with each step's noise); off: --cache_latents false")
+    dataloader_num_workers: int | None = option(None, help="processes per trainer decoding images ahead of the step (0: in "
+                                                "the trainer; default: up to 4 of the CPU cores left after one per process)")
     snr_gamma: float = option(0.0, help="Min-SNR loss weighting gamma (0: off; 5.0 is the paper's value)")
     noise_offset: float = option(0.0, help="offset noise scale (0: off; ~0.05-0.1 helps very dark/bright images)")
     checkpointing_steps: int = option(500, help="save a resumable checkpoint every N steps (0: only at preemption)")
@@ -71,5 +73,7 @@ class TrainOptions:
         for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be at least 1")
+        if self.dataloader_num_workers is not None and self.dataloader_num_workers < 0:
+            raise UserError("--dataloader_num_workers must be >= 0")
         if self.report_to not in ("tensorboard", "wandb", "all", "none"):
             raise UserError(f"--report_to must be tensorboard, wandb, all or none, got {self.report_to!r}")
