@@ -33,3 +33,4 @@ bench: setup
 	$(PYTHON) bench/train_speed.py
 	$(PYTHON) bench/infer_speed.py
 	$(PYTHON) bench/fid_speed.py
+	$(PYTHON) bench/data_path.py
