@@ -53,10 +53,14 @@ def main() -> int:
     if report is not None:
         for name, result in report["sets"].items():
             fid = "—" if result["fid"] is None else f"{result['fid']:.3f}"
-            kid_mean = "—" if result["kid_mean"] is None else f"{result['kid_mean']:.5f}"
+            kid_mean = "—" if result["kid_mean"] is None else (f"{result['kid_mean']:.5f} [{result['kid_ci95'][0]:.5f}, "
+                                                              f"{result['kid_ci95'][1]:.5f}]")
             print(f"{name}: FID {fid}  KID {kid_mean}  ({result['n_generated']} vs {report['reference']['n']} images)")
             if result.get("warning"):
                 print(f"warning: {result['warning']}")
+        for d in report["differences"]:
+            print(f"KID({d['a']}) - KID({d['b']}): {d['kid_difference']:+.5f} [{d['kid_difference_ci95'][0]:+.5f}, "
+                  f"{d['kid_difference_ci95'][1]:+.5f}] {d['verdict']}")
         print(f"report: {opts.output_dir}/report.md")
     return 0
 

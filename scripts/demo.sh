@@ -10,13 +10,13 @@ PY=${PYTHON:-python3}
 COMMON_TRAIN=(--resolution 64 --report_to tensorboard --validation_inference_steps 10 --num_validation_images 2)
 step() { printf '\n== %s\n' "$*"; }
 
-step "tiny models"
-$PY -m sketch2real.tiny --output_dir "$OUT/tiny_models"
-SD="$OUT/tiny_models/tiny-sd"
+step "tiny models, and the tiny base trained on a synthetic Sketchy (~4 min the first time; cached)"
+$PY -m sketch2real.tiny --output_dir "$OUT/tiny_models" --pretrain
+SD="$OUT/tiny_models/tiny-sd-trained"
 
 step "synthetic Sketchy release"
 $PY data_prep/make_synthetic_sketchy.py --output_dir "$OUT/sketchy" --categories airplane apple car_\(sedan\) cat hot-air_balloon \
-  --photos_per_category 10 --sketches_per_photo 3 --test_photos_per_category 2
+  --photos_per_category 12 --sketches_per_photo 3 --test_photos_per_category 4
 
 step "splits"
 $PY data_prep/build_splits.py --sketchy_root "$OUT/sketchy" --output_dir "$OUT/splits" --val_fraction 0.2 --seed 0
@@ -27,13 +27,13 @@ $PY data_prep/make_shards.py --splits_dir "$OUT/splits" --sketchy_root "$OUT/ske
 
 step "DreamBooth (cat sketches)"
 $PY train/dreambooth.py --pretrained_model_name_or_path "$SD" --shard_dir "$OUT/shards" --instance_category cat \
-  --instance_prompt "a cat in the style of sks" --output_dir "$OUT/dreambooth_cat" --max_train_steps 60 \
-  --learning_rate 1e-3 --train_batch_size 4 --validation_steps 30 --checkpointing_steps 30 "${COMMON_TRAIN[@]}"
+  --instance_prompt "a cat in the style of sks" --output_dir "$OUT/dreambooth_cat" --max_train_steps 100 \
+  --learning_rate 1e-3 --train_batch_size 4 --validation_steps 50 --checkpointing_steps 50 "${COMMON_TRAIN[@]}"
 
 step "sequential DreamBooth (cat, apple, airplane)"
 $PY train/dreambooth_sequential.py --pretrained_model_name_or_path "$SD" --shard_dir "$OUT/shards" \
-  --stages cat,apple,airplane --steps_per_stage 30 --instance_prompt "a {category} in the style of sks" \
-  --output_dir "$OUT/dreambooth_sequential" --learning_rate 1e-3 --train_batch_size 4 --validation_steps 0 \
+  --stages cat,apple,airplane --steps_per_stage 60 --instance_prompt "a {category} in the style of sks" \
+  --output_dir "$OUT/dreambooth_sequential" --learning_rate 2e-3 --train_batch_size 4 --validation_steps 0 \
   --checkpointing_steps 0 "${COMMON_TRAIN[@]}"
 
 step "Textual Inversion (<sketch> style, all categories)"
@@ -41,10 +41,10 @@ $PY train/textual_inversion.py --pretrained_model_name_or_path "$SD" --shard_dir
   --placeholder_token "<sketch>" --initializer_token sketch --output_dir "$OUT/textual_inversion" --max_train_steps 60 \
   --learning_rate 5e-2 --train_batch_size 4 --validation_steps 30 --checkpointing_steps 30 "${COMMON_TRAIN[@]}"
 
-step "ControlNet (sketch -> photo)"
+step "ControlNet (sketch -> photo; half the prompts empty, so the sketch must carry the image)"
 $PY train/controlnet.py --pretrained_model_name_or_path "$SD" --shard_dir "$OUT/shards" --output_dir "$OUT/controlnet" \
-  --max_train_steps 60 --learning_rate 1e-3 --train_batch_size 4 --validation_steps 60 --checkpointing_steps 30 \
-  --num_validation_sketches 4 "${COMMON_TRAIN[@]}"
+  --max_train_steps 600 --learning_rate 1e-3 --train_batch_size 8 --proportion_empty_prompts 0.5 --validation_steps 600 \
+  --checkpointing_steps 300 --num_validation_sketches 4 "${COMMON_TRAIN[@]}"
 
 step "captions of the test sketches (tiny LLaVA and BLIP-2)"
 $PY infer/caption.py --model_name_or_path "$OUT/tiny_models/tiny-llava" --shard_dir "$OUT/shards" --split test \
@@ -52,26 +52,35 @@ $PY infer/caption.py --model_name_or_path "$OUT/tiny_models/tiny-llava" --shard_
 $PY infer/caption.py --model_name_or_path "$OUT/tiny_models/tiny-blip2" --shard_dir "$OUT/shards" --split test \
   --prompts 1 --max_new_tokens 20 --output_dir "$OUT/captions_blip2"
 
-step "generation: captions (base), DreamBooth, Textual Inversion, ControlNet"
-GEN=(--shard_dir "$OUT/shards" --split test --height 64 --width 64 --num_inference_steps 20 --batch_size 8)
-$PY infer/generate.py --pretrained_model_name_or_path "$SD" --captions "$OUT/captions_llava/captions.jsonl" \
-  --prompt_ids 5 "${GEN[@]}" --output_dir "$OUT/gen_captions"
-$PY infer/generate.py --pretrained_model_name_or_path "$OUT/dreambooth_cat" \
-  --prompt_template "a {category} in the style of sks" "${GEN[@]}" --output_dir "$OUT/gen_dreambooth"
+step "generation: base model, DreamBooth, Textual Inversion, ControlNet, captions"
+GEN=(--shard_dir "$OUT/shards" --split test --height 64 --width 64 --num_inference_steps 20 --guidance_scale 4 --batch_size 16)
+$PY infer/generate.py --pretrained_model_name_or_path "$SD" --prompt_template "a {category}" --categories cat \
+  --num_images_per_prompt 2 "${GEN[@]}" --output_dir "$OUT/gen_base_cat"
+$PY infer/generate.py --pretrained_model_name_or_path "$OUT/dreambooth_cat" --prompt_template "a {category} in the style of sks" \
+  --categories cat --num_images_per_prompt 2 "${GEN[@]}" --output_dir "$OUT/gen_dreambooth"
+$PY infer/generate.py --pretrained_model_name_or_path "$SD" --prompt_template "a {category}" "${GEN[@]}" --output_dir "$OUT/gen_base"
 $PY infer/generate.py --pretrained_model_name_or_path "$SD" --textual_inversion "$OUT/textual_inversion/learned_embeds.safetensors" \
   --prompt_template "a {category} in the style of <sketch>" "${GEN[@]}" --output_dir "$OUT/gen_textual_inversion"
+$PY infer/generate.py --pretrained_model_name_or_path "$SD" --prompt_template "a photo of a {category}" "${GEN[@]}" \
+  --output_dir "$OUT/gen_base_photo"
 $PY infer/generate.py --pretrained_model_name_or_path "$SD" --controlnet "$OUT/controlnet" \
   --prompt_template "a photo of a {category}" "${GEN[@]}" --output_dir "$OUT/gen_controlnet"
+$PY infer/generate.py --pretrained_model_name_or_path "$SD" --captions "$OUT/captions_llava/captions.jsonl" \
+  --prompt_ids 5 "${GEN[@]}" --output_dir "$OUT/gen_captions"
 
-step "FID / KID against the test photos"
-$PY eval/fid.py --generated "captions=$OUT/gen_captions" "dreambooth=$OUT/gen_dreambooth" \
-  "textual_inversion=$OUT/gen_textual_inversion" "controlnet=$OUT/gen_controlnet" \
-  --reference_shards "$OUT/shards" --reference_split test --reference_field photo --dims 64 \
-  --cache_dir "$OUT/fid_cache" --output_dir "$OUT/fid"
+step "evaluation: FID / KID with 95% intervals, set against set"
+EVAL=(--reference_shards "$OUT/shards" --reference_split test --dims 64 --cache_dir "$OUT/fid_cache")
+$PY eval/fid.py --generated "base=$OUT/gen_base_cat" "dreambooth=$OUT/gen_dreambooth" --reference_field sketch \
+  --categories cat "${EVAL[@]}" --output_dir "$OUT/eval_dreambooth"
+$PY eval/fid.py --generated "base=$OUT/gen_base" "textual_inversion=$OUT/gen_textual_inversion" --reference_field sketch \
+  "${EVAL[@]}" --output_dir "$OUT/eval_textual_inversion"
+$PY eval/fid.py --generated "base=$OUT/gen_base_photo" "controlnet=$OUT/gen_controlnet" "captions=$OUT/gen_captions" \
+  --reference_field photo "${EVAL[@]}" --output_dir "$OUT/eval_photos"
 
-step "reports"
+step "report"
+$PY scripts/demo_report.py "$OUT"
 echo "split report:          $OUT/splits/report.md"
-echo "metrics table:         $OUT/fid/report.md (chart: $OUT/fid/fid_per_category.png)"
+echo "metric tables:         $OUT/eval_*/report.md (charts: $OUT/eval_*/fid_per_category.png)"
 echo "forgetting table:      $OUT/dreambooth_sequential/sequential_report.md"
 echo "caption quality:       $OUT/captions_llava/quality.md, $OUT/captions_blip2/quality.md"
 echo "mosaics:               $OUT/gen_*/mosaics/ (sketch | generated | photo), $OUT/*/validation/"

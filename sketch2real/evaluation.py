@@ -17,7 +17,10 @@ from sketch2real.metrics import (
     fingerprint,
     inception,
     kid,
+    kid_difference,
     pairing_score,
+    thumbnails,
+    verdict,
 )
 
 logger = logging.getLogger("sketch2real")
@@ -55,8 +58,9 @@ def score(generated: np.ndarray, reference: np.ndarray, dims: int, seed: int) ->
     if len(generated) < 2 or len(reference) < 2:
         return {"n_generated": len(generated), "n_reference": len(reference), "fid": None, "kid_mean": None, "kid_std": None}
     kid_mean, kid_std = kid(generated, reference, seed=seed)
+    # KID's subsets give the spread of the estimate: mean ± 1.96 std (a conservative interval: subsets are half-size).
     return {"n_generated": len(generated), "n_reference": len(reference), "fid": fid_from_features(generated, reference),
-            "kid_mean": kid_mean, "kid_std": kid_std}
+            "kid_mean": kid_mean, "kid_std": kid_std, "kid_ci95": [kid_mean - 1.96 * kid_std, kid_mean + 1.96 * kid_std]}
 
 
 def evaluate_set(name: str, images: ImageSet, features: np.ndarray, valid: np.ndarray, reference: ImageSet,
@@ -73,7 +77,12 @@ def evaluate_set(name: str, images: ImageSet, features: np.ndarray, valid: np.nd
     pairs = [(i, ref_position[k]) for i, k in enumerate(images.sample_keys) if k in ref_position and valid[i]]
     if len(pairs) >= 2:
         gi, ri = zip(*pairs)
-        result["pairing"] = pairing_score(features[list(gi)], ref_features[list(ri)], seed)
+        categories = [reference.categories[i] for i in ri]  # deranged within a category: pose beyond category
+        result["pairing"] = pairing_score(features[list(gi)], ref_features[list(ri)], seed, categories)
+        result["pairing_gain"], result["pairing_gain_ci95"] = result["pairing"]["gain"], result["pairing"]["gain_ci95"]
+        pixels = pairing_score(thumbnails([images.sources[i] for i in gi]), thumbnails([reference.sources[i] for i in ri]),
+                               seed, categories)
+        result["pixel_pairing_gain"], result["pixel_pairing_gain_ci95"] = pixels["gain"], pixels["gain_ci95"]
     if 0 < len(features[valid]) < dims:
         lower = ", or --dims 64/192" if dims > 192 else ""
         result["warning"] = (f"only {len(features[valid])} images for {dims}-dim features: FID is dominated by its bias; "
@@ -81,17 +90,48 @@ def evaluate_set(name: str, images: ImageSet, features: np.ndarray, valid: np.nd
     return result
 
 
+def set_differences(extracted: list, ref_features: np.ndarray, seed: int) -> list[dict]:
+    """KID(a) - KID(b) against the reference for every pair of sets, with its 95% interval and a verdict."""
+    rows = []
+    for i, (a, fa, va) in enumerate(extracted):
+        for b, fb, vb in extracted[i + 1 :]:
+            if va.sum() < 4 or vb.sum() < 4:
+                continue
+            d = kid_difference(fa[va], fb[vb], ref_features, seed)
+            rows.append({"a": a.name, "b": b.name, **d, "verdict": verdict(d["kid_difference_ci95"])})
+    return rows
+
+
 def format_report(report: dict) -> str:
-    """Markdown: one row per generated set (the study's FID table), then per-category tables."""
+    """Markdown: one row per generated set (the study's FID table), then per-category tables.
+
+    Pairing gain: how much closer each generated image is to its own sample's reference than to another
+    sample's (cosine, Inception features); pixel pairing gain: the same on grey 16x16 thumbnails (where shapes are).
+    """
     def fmt(value, digits=2):
         return "—" if value is None else f"{value:.{digits}f}"
 
     lines = [f"# FID / KID against {report['reference']['name']} ({report['reference']['n']} images, {report['dims']} dims)", "",
-             "| generated set | images | FID | KID ×10³ (± std) | pairing gain | CLIP score |", "|---|---:|---:|---:|---:|---:|"]
+             "| generated set | images | FID | KID ×10³ [95% CI] | pairing gain [95% CI] | pixel pairing gain [95% CI] | CLIP score |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+
+    def interval(value, ci, scale=1.0, digits=2):
+        return "—" if value is None else f"{scale * value:.{digits}f} [{scale * ci[0]:.{digits}f}, {scale * ci[1]:.{digits}f}]"
+
     for name, r in report["sets"].items():
-        kid_text = "—" if r["kid_mean"] is None else f"{1000 * r['kid_mean']:.2f} ± {1000 * r['kid_std']:.2f}"
-        pairing = fmt(r["pairing"]["gain"], 4) if "pairing" in r else "—"
-        lines.append(f"| {name} | {r['n_generated']} | {fmt(r['fid'])} | {kid_text} | {pairing} | {fmt(r.get('clip_score'))} |")
+        kid_text = interval(r["kid_mean"], r["kid_ci95"], 1000)
+        pairings = ["—", "—"]
+        if "pairing" in r:
+            pairings = [interval(r[f"{k}_gain"], r[f"{k}_gain_ci95"], digits=4) + f" ({verdict(r[f'{k}_gain_ci95'])})"
+                        for k in ("pairing", "pixel_pairing")]
+        lines.append(f"| {name} | {r['n_generated']} | {fmt(r['fid'])} | {kid_text} | {' | '.join(pairings)} | "
+                     f"{fmt(r.get('clip_score'))} |")
+    if report.get("differences"):
+        lines += ["", "## Which sets are closer to the reference", "",
+                  "KID(a) − KID(b), ×10³, with a 95% interval (half-sampling of both sets and the reference); negative: a is closer.",
+                  "", "| a | b | KID(a) − KID(b) ×10³ [95% CI] | |", "|---|---|---:|---|"]
+        for d in report["differences"]:
+            lines.append(f"| {d['a']} | {d['b']} | {interval(d['kid_difference'], d['kid_difference_ci95'], 1000)} | {d['verdict']} |")
     for name, r in report["sets"].items():
         if r.get("warning"):
             lines += ["", f"Warning ({name}): {r['warning']}"]
@@ -148,6 +188,7 @@ def run_fid(opts, generated_sets: list[ImageSet], reference: ImageSet, state) ->
         if opts.clip_model_name_or_path and images.prompts:
             report["sets"][images.name]["clip_score"] = clip_score(images.sources, images.prompts,
                                                                    opts.clip_model_name_or_path, state.device)
+    report["differences"] = set_differences(extracted, ref_features[ref_valid], opts.seed)
     out = Path(opts.output_dir)
     write_json(out / "metrics.json", report)
     with atomic_path(out / "report.md") as tmp:

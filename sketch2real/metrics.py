@@ -126,6 +126,17 @@ class _Loader(torch.utils.data.Dataset):
         return TF.to_tensor(image), True, ""
 
 
+def thumbnails(sources: Sequence, side: int = 16) -> np.ndarray:
+    """Each image as a grey side x side thumbnail (box filter), flattened and centred: a feature space that keeps
+    where things are, for pairing scores (pooled network features are nearly translation invariant)."""
+    loader = _Loader(list(sources))
+    rows = []
+    for source in loader.sources:
+        array = np.asarray(loader._open(source).convert("L").resize((side, side), Image.BOX), dtype=np.float64).ravel()
+        rows.append(array - array.mean())
+    return np.stack(rows)
+
+
 def _collate(batch):
     sizes = {tuple(t.shape) for t, ok, _ in batch if ok}
     if len(sizes) > 1:
@@ -241,18 +252,75 @@ def kid(a: np.ndarray, b: np.ndarray, num_subsets: int = 100, subset_size: int =
     return float(np.mean(values)), float(np.std(values))
 
 
-def pairing_score(generated: np.ndarray, references: np.ndarray, seed: int = 0) -> dict[str, float]:
-    """Mean cosine similarity of each generated image to its own reference, against a shuffled-pair baseline."""
+def mean_ci95(values: np.ndarray, seed: int = 0, resamples: int = 2000) -> list[float]:
+    """95% percentile-bootstrap interval of the mean of per-item values (items resampled with replacement)."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) < 2:
+        return [float("nan"), float("nan")]
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (resamples, len(values)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return [float(low), float(high)]
+
+
+def verdict(ci95: Sequence[float]) -> str:
+    """'significant' when a 95% interval of a difference excludes 0, else 'not distinguishable'."""
+    low, high = ci95
+    return "significant" if (low > 0 or high < 0) else "not distinguishable"
+
+
+def mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
+    """KID's statistic on whole sets: unbiased MMD² with the cubic polynomial kernel (x·y/d + 1)³."""
+    dims = x.shape[1]
+    kxx, kyy, kxy = (x @ x.T / dims + 1) ** 3, (y @ y.T / dims + 1) ** 3, (x @ y.T / dims + 1) ** 3
+    n, m = len(x), len(y)
+    return float((kxx.sum() - np.trace(kxx)) / (n * (n - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean())
+
+
+def kid_difference(a: np.ndarray, b: np.ndarray, reference: np.ndarray, seed: int = 0, rounds: int = 500) -> dict:
+    """KID(a, reference) - KID(b, reference) on whole sets, with a 95% interval by half-sampling: each round
+    scores random halves (drawn without replacement, so the unbiased statistic stays unbiased); an MMD²
+    estimate's variance goes as 1/n, so the whole-set std is the halves' std / √2 (normal interval)."""
+    rng = np.random.default_rng(seed)
+    difference = mmd2_unbiased(a, reference) - mmd2_unbiased(b, reference)
+
+    def half(x: np.ndarray) -> np.ndarray:
+        return x[rng.choice(len(x), max(2, len(x) // 2), replace=False)]
+
+    halves = [mmd2_unbiased(half(a), r) - mmd2_unbiased(half(b), r) for r in (half(reference) for _ in range(rounds))]
+    margin = 1.96 * float(np.std(halves) / np.sqrt(2))
+    return {"kid_difference": difference, "kid_difference_ci95": [difference - margin, difference + margin]}
+
+
+def pairing_score(generated: np.ndarray, references: np.ndarray, seed: int = 0, groups: Sequence[str] | None = None) -> dict:
+    """Mean cosine similarity of each generated image to its own reference, against a deranged-pair baseline;
+    the gain's 95% interval bootstraps over pairs.
+
+    With `groups` (each pair's category) the baseline pairs an image with another reference of its own
+    category, so the gain measures following the sample (pose, shape) beyond getting the category right;
+    pairs alone in their group are left out.
+    """
     def cosine(x, y):
         return np.sum(x * y, axis=1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1) + 1e-12)
 
     rng = np.random.default_rng(seed)
     n = len(generated)
-    shift = rng.permutation(n)
-    fixed = shift == np.arange(n)  # a derangement: no image keeps its own reference
-    shift[fixed] = (shift[fixed] + 1) % n
-    matched, shuffled = cosine(generated, references).mean(), cosine(generated, references[shift]).mean()
-    return {"matched": float(matched), "shuffled": float(shuffled), "gain": float(matched - shuffled), "pairs": n}
+    labels = np.asarray(groups if groups is not None else [""] * n)
+    shift, kept = np.arange(n), np.zeros(n, dtype=bool)
+    for label in sorted(set(labels.tolist())):
+        members = np.flatnonzero(labels == label)
+        if len(members) < 2:
+            continue
+        order = rng.permutation(len(members))
+        fixed = order == np.arange(len(members))  # a derangement: no image keeps its own reference
+        order[fixed] = (order[fixed] + 1) % len(members)
+        shift[members], kept[members] = members[order], True
+    matched, shuffled = cosine(generated, references)[kept], cosine(generated, references[shift])[kept]
+    gains = matched - shuffled
+    if not kept.any():
+        return {"matched": float("nan"), "shuffled": float("nan"), "gain": float("nan"), "gain_ci95": [float("nan")] * 2, "pairs": 0}
+    return {"matched": float(matched.mean()), "shuffled": float(shuffled.mean()), "gain": float(gains.mean()),
+            "gain_ci95": mean_ci95(gains, seed), "pairs": int(kept.sum())}
 
 
 @torch.no_grad()

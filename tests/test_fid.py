@@ -97,7 +97,16 @@ def test_generated_folder_against_shards_per_category_two_processes(tiny_models,
     per_category = one["sets"]["tiny"]["per_category"]
     assert set(per_category) == {"airplane", "apple", "car_(sedan)", "cat", "hot-air_balloon"}
     assert sum(c["n_generated"] for c in per_category.values()) == one["sets"]["tiny"]["n_generated"]
-    assert one["sets"]["tiny"]["pairing"]["pairs"] == one["reference"]["n"]
+    tiny = one["sets"]["tiny"]
+    assert tiny["pairing"]["pairs"] == one["reference"]["n"]
+    # metrics.json contract: KID and the pairing gain with their 95% intervals, per set and per category
+    assert tiny["kid_ci95"][0] < tiny["kid_mean"] < tiny["kid_ci95"][1]
+    assert tiny["kid_ci95"] == pytest.approx([tiny["kid_mean"] - 1.96 * tiny["kid_std"], tiny["kid_mean"] + 1.96 * tiny["kid_std"]])
+    assert tiny["pairing_gain_ci95"][0] <= tiny["pairing_gain"] <= tiny["pairing_gain_ci95"][1]
+    assert all(len(c["kid_ci95"]) == 2 for c in per_category.values() if c["kid_mean"] is not None)
+    # identical sets: every difference is exactly 0 and not distinguishable
+    assert len(one["differences"]) == 3
+    assert all(d["kid_difference"] == 0 and d["verdict"] == "not distinguishable" for d in one["differences"])
     report = (tmp_path / "one" / "report.md").read_text()
     assert "| tiny |" in report and "## tiny per category" in report and "Warning" in report
     assert Image.open(tmp_path / "one" / "fid_per_category.png").size[0] > 300
@@ -195,3 +204,32 @@ def test_fast_frechet_distance_equals_pytorch_fids(dims, n_a, n_b):
     theirs = calculate_frechet_distance(*statistics(a), *statistics(b))
     assert fid_from_features(a, b) == pytest.approx(theirs, rel=1e-6)
     assert fid_from_features(a, a) == pytest.approx(0, abs=1e-6 * theirs)
+
+
+def test_intervals_say_which_differences_are_distinguishable():
+    from sketch2real.metrics import kid_difference, mean_ci95, mmd2_unbiased, pairing_score, verdict
+
+    x, y = np.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]]), np.array([[0.0, 0.0], [2.0, 1.0]])
+    k = lambda u, v: (u @ v / 2 + 1) ** 3  # noqa: E731  KID's kernel, written out
+    by_hand = (sum(k(x[i], x[j]) for i in range(3) for j in range(3) if i != j) / 6 + 2 * k(y[0], y[1]) / 2
+               - 2 * sum(k(a, b) for a in x for b in y) / 6)
+    assert mmd2_unbiased(x, y) == pytest.approx(by_hand)
+
+    rng = np.random.default_rng(0)
+    reference, a, b = rng.normal(size=(80, 16)), rng.normal(size=(60, 16)), rng.normal(size=(60, 16))
+    shifted = rng.normal(size=(60, 16)) + 0.7
+    same = kid_difference(a, b, reference)
+    assert same["kid_difference_ci95"][0] < 0 < same["kid_difference_ci95"][1]
+    assert verdict(same["kid_difference_ci95"]) == "not distinguishable"
+    worse = kid_difference(shifted, a, reference)
+    assert worse["kid_difference"] == pytest.approx(mmd2_unbiased(shifted, reference) - mmd2_unbiased(a, reference))
+    assert worse["kid_difference_ci95"][0] > 0 and verdict(worse["kid_difference_ci95"]) == "significant"
+
+    values = rng.normal(1.0, 1.0, 400)
+    low, high = mean_ci95(values)
+    assert low < values.mean() < high and high - low == pytest.approx(2 * 1.96 / 20, rel=0.15)
+
+    paired = pairing_score(a + 0.3 * rng.normal(size=a.shape), a)  # each image near its own reference
+    assert paired["gain_ci95"][0] > 0
+    unpaired = pairing_score(b, a)
+    assert unpaired["gain_ci95"][0] < 0 < unpaired["gain_ci95"][1]

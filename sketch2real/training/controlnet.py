@@ -8,6 +8,7 @@ diffusers ControlNet folder for `StableDiffusionControlNetPipeline`.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,14 +60,16 @@ def _pairs(shard_dir: str, split: str, categories, resolution: int) -> tuple[Laz
     return LazyImages(sketches, "sketch", positions), LazyImages(photos, "photo", positions), sketches.refs
 
 
-def init_controlnet(unet, seed: int):
+def init_controlnet(unet, seed: int, vae_scale_factor: int = 8):
     """`ControlNetModel.from_unet`, with its new (conditioning embedding) layers drawn from a seeded generator:
-    the same run gives the same start on any number of processes and after a restart."""
+    the same run gives the same start on any number of processes and after a restart. The conditioning
+    embedding downsamples the image by the VAE's factor (diffusers' default channels for 8)."""
     from diffusers import ControlNetModel
 
+    levels = int(math.log2(vae_scale_factor)) + 1
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "controlnet-init"))
-        return ControlNetModel.from_unet(unet)
+        return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 96, 256)[:levels])
 
 
 class ControlNetTask(DiffusionTask):
@@ -80,7 +83,7 @@ class ControlNetTask(DiffusionTask):
         if opts.controlnet_model_name_or_path:
             controlnet = load(ControlNetModel, opts.controlnet_model_name_or_path, "ControlNet")
         else:  # from the UNet's full-precision weights, before the frozen UNet is cast to the weight dtype
-            controlnet = init_controlnet(c.unet, opts.seed)
+            controlnet = init_controlnet(c.unet, opts.seed, 2 ** (len(c.vae.config.block_out_channels) - 1))
         c.unet.requires_grad_(False).to(device, self.weight_dtype)
         c.text_encoder.requires_grad_(False).to(device, self.weight_dtype)
         controlnet.train()

@@ -9,13 +9,16 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from sketch2real.cli import UserError, option
 from sketch2real.io import write_json
+from sketch2real.metrics import mean_ci95, verdict
 from sketch2real.sketchy import category_words
 from sketch2real.training.data import load_shard_images
 from sketch2real.training.dreambooth import DreamBoothOptions, DreamBoothTask
 from sketch2real.training.loop import train
-from sketch2real.training.validation import heldout_denoising_loss
+from sketch2real.training.validation import heldout_denoising_losses
 
 logger = logging.getLogger("sketch2real")
 
@@ -50,17 +53,22 @@ def stage_dir(output_dir: str, index: int, category: str) -> Path:
     return Path(output_dir) / f"stage-{index + 1:02d}-{category}"
 
 
-def _heldout_losses(task: DreamBoothTask, model, opts: SequentialOptions, categories: list[str]) -> dict[str, float]:
+def _heldout_losses(task: DreamBoothTask, model, opts: SequentialOptions, categories: list[str]) -> dict[str, list[float]]:
+    """Each category's per-sample held-out losses (the same samples, noise and timesteps for every model)."""
     losses = {}
     model.eval()
     for category in categories:
         images, _ = load_shard_images(opts.shard_dir, opts.validation_split, category, opts.instance_image_type,
                                       opts.resolution, opts.num_heldout_samples or 16, opts.seed)
         prompt = opts.instance_prompt.format(category=category_words(category))
-        losses[category] = heldout_denoising_loss(task.predictor(model), task.c.vae, task.c.noise_scheduler, images,
-                                                  [prompt] * len(images), opts.seed)
+        losses[category] = heldout_denoising_losses(task.predictor(model), task.c.vae, task.c.noise_scheduler, images,
+                                                    [prompt] * len(images), opts.seed).tolist()
     model.train()
     return losses
+
+
+def _row(name: str, sample_losses: dict[str, list[float]]) -> dict:
+    return {"name": name, "loss": {c: float(np.mean(v)) for c, v in sample_losses.items()}, "sample_losses": sample_losses}
 
 
 def format_table(report: dict) -> str:
@@ -71,9 +79,12 @@ def format_table(report: dict) -> str:
         cells = [f"{row['loss'][c]:.4f}" if c in row["loss"] else "—" for c in categories]
         lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
     if report.get("forgetting"):
-        lines.append("")
-        lines.append("Forgetting (final loss - loss right after the category's own stage; > 0 means forgotten): "
-                     + ", ".join(f"{c}: {v:+.4f}" for c, v in report["forgetting"].items()))
+        lines += ["", "Forgetting: final loss − loss right after the category's own stage (> 0: forgotten), with a 95%",
+                  "interval from a bootstrap over the held-out samples (paired: same samples, noise and timesteps).", "",
+                  "| category | forgetting [95% CI] | |", "|---|---:|---|"]
+        for c, v in report["forgetting"].items():
+            low, high = report["forgetting_ci95"][c]
+            lines.append(f"| {c} | {v:+.4f} [{low:+.4f}, {high:+.4f}] | {verdict([low, high])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -101,14 +112,14 @@ def run_sequential(opts: SequentialOptions, accelerator) -> int:
             write_json(out / "run_config.json", dataclasses.asdict(opts))
         task = DreamBoothTask(stage_opts, accelerator)
         if index == 0 and not (out / "base_metrics.json").is_file():
-            base = {"name": "base", "loss": _heldout_losses(task, task.model, opts, stages)}
+            base = _row("base", _heldout_losses(task, task.model, opts, stages))
             if accelerator.is_main_process:
                 write_json(out / "base_metrics.json", base)
         status = train(task, stage_opts, accelerator, f"dreambooth_sequential/{category}")
         if status != 0:
             return status
-        row = {"name": f"{index + 1}: {category}", "stage": index + 1, "category": category,
-               "loss": _heldout_losses(task, task.model, opts, stages[: index + 1])}
+        row = {**_row(f"{index + 1}: {category}", _heldout_losses(task, task.model, opts, stages[: index + 1])),
+               "stage": index + 1, "category": category}
         if accelerator.is_main_process:
             write_json(metrics_file, row)
         rows.append(row)
@@ -117,13 +128,15 @@ def run_sequential(opts: SequentialOptions, accelerator) -> int:
         del task
     base_file = out / "base_metrics.json"
     base_row = [json.loads(base_file.read_text())] if base_file.is_file() else []
-    forgetting = {}
-    for index, category in enumerate(stages):
-        after_own = rows[index]["loss"].get(category)
-        final = rows[-1]["loss"].get(category)
+    forgetting, forgetting_ci95 = {}, {}
+    for index, category in enumerate(stages[:-1]):  # the last stage's forgetting is 0 by definition
+        after_own = rows[index]["sample_losses"].get(category)
+        final = rows[-1]["sample_losses"].get(category)
         if after_own is not None and final is not None:
-            forgetting[category] = final - after_own
-    report = {"stages": stages, "categories": list(dict.fromkeys(stages)), "rows": base_row + rows, "forgetting": forgetting}
+            paired = np.asarray(final) - np.asarray(after_own)
+            forgetting[category], forgetting_ci95[category] = float(paired.mean()), mean_ci95(paired, opts.seed)
+    report = {"stages": stages, "categories": list(dict.fromkeys(stages)), "rows": base_row + rows, "forgetting": forgetting,
+              "forgetting_ci95": forgetting_ci95}
     if accelerator.is_main_process:
         write_json(out / "sequential_report.json", report)
         (out / "sequential_report.md").write_text(format_table(report))

@@ -14,7 +14,6 @@ from sketch2real.mosaic import image_grid
 from sketch2real.training.diffusion import derive_seed, diffusion_loss, encode_latents, noisy_latents_and_target
 
 
-@torch.no_grad()
 def heldout_denoising_loss(
     predict: Callable[[torch.Tensor, torch.Tensor, list[str]], torch.Tensor],
     vae, noise_scheduler, images: torch.Tensor, prompts: Sequence[str], seed: int = 0, batch_size: int = 8,
@@ -24,20 +23,30 @@ def heldout_denoising_loss(
     The noise and timesteps of sample i depend only on (seed, i), so the value is
     comparable between steps, stages and runs on the same held-out images.
     """
+    return float(heldout_denoising_losses(predict, vae, noise_scheduler, images, prompts, seed, batch_size).mean())
+
+
+@torch.no_grad()
+def heldout_denoising_losses(
+    predict: Callable[[torch.Tensor, torch.Tensor, list[str]], torch.Tensor],
+    vae, noise_scheduler, images: torch.Tensor, prompts: Sequence[str], seed: int = 0, batch_size: int = 8,
+) -> np.ndarray:
+    """Each held-out sample's denoising MSE (`heldout_denoising_loss` is their mean): paired across models,
+    so differences between models get intervals from a bootstrap over samples."""
     generator = torch.Generator().manual_seed(derive_seed(seed, "heldout"))
     n = images.shape[0]
     latent_side = images.shape[-1] // (2 ** (len(vae.config.block_out_channels) - 1))
     shape = (n, vae.config.latent_channels, latent_side, latent_side)
     eps, noise = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=generator)
-    total = 0.0
+    losses = []
     for start in range(0, n, batch_size):
         rows = slice(start, start + batch_size)
         latents = encode_latents(vae, images[rows], eps[rows])
         noisy, target = noisy_latents_and_target(noise_scheduler, latents, noise[rows], timesteps[rows])
         prediction = predict(noisy, timesteps[rows].to(noisy.device), list(prompts[rows]))
-        total += diffusion_loss(prediction, target, timesteps[rows], noise_scheduler).sum().item()
-    return total / n
+        losses += diffusion_loss(prediction, target, timesteps[rows], noise_scheduler).float().cpu().tolist()
+    return np.asarray(losses)
 
 
 @torch.no_grad()
