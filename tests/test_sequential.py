@@ -25,7 +25,7 @@ def test_sequential_writes_a_folder_per_stage_and_the_forgetting_table(tiny_mode
     assert set(report["forgetting"]) == {"cat"}  # the last stage cannot have forgotten anything yet
     # the interval is a bootstrap over the same held-out samples before and after: it holds the paired mean
     paired = [b - a for a, b in zip(report["rows"][1]["sample_losses"]["cat"], report["rows"][2]["sample_losses"]["cat"])]
-    assert len(paired) == 4 and abs(sum(paired) / 4 - report["forgetting"]["cat"]) < 1e-9
+    assert len(paired) >= 2 and abs(sum(paired) / len(paired) - report["forgetting"]["cat"]) < 1e-9
     low, high = report["forgetting_ci95"]["cat"]
     assert min(paired) <= low <= report["forgetting"]["cat"] <= high <= max(paired)
     table = (out / "sequential_report.md").read_text()
