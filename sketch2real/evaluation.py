@@ -106,7 +106,8 @@ def format_report(report: dict) -> str:
     """Markdown: one row per generated set (the study's FID table), then per-category tables.
 
     Pairing gain: how much closer each generated image is to its own sample's reference than to another
-    sample's (cosine, Inception features); pixel pairing gain: the same on grey 16x16 thumbnails (where shapes are).
+    reference of its category (cosine, Inception features); pixel pairing gain: the same on grey 16x16
+    thumbnails (where shapes are).
     """
     def fmt(value, digits=2):
         return "—" if value is None else f"{value:.{digits}f}"

@@ -231,6 +231,14 @@ def fid_from_features(a: np.ndarray, b: np.ndarray) -> float:
                  - 2 * nuclear_norm / scale)
 
 
+def mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
+    """KID's statistic on whole sets: unbiased MMD² with the cubic polynomial kernel (x·y/d + 1)³."""
+    dims = x.shape[1]
+    kxx, kyy, kxy = (x @ x.T / dims + 1) ** 3, (y @ y.T / dims + 1) ** 3, (x @ y.T / dims + 1) ** 3
+    n, m = len(x), len(y)
+    return float((kxx.sum() - np.trace(kxx)) / (n * (n - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean())
+
+
 def kid(a: np.ndarray, b: np.ndarray, num_subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
     """Unbiased KID (cubic polynomial kernel MMD², Bińkowski et al. 2018): mean and std over random subsets."""
     n = min(len(a), len(b), subset_size)
@@ -239,16 +247,8 @@ def kid(a: np.ndarray, b: np.ndarray, num_subsets: int = 100, subset_size: int =
     if n < 2:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    dims = a.shape[1]
-    values = []
-    for _ in range(num_subsets):
-        x = a[rng.choice(len(a), n, replace=False)]
-        y = b[rng.choice(len(b), n, replace=False)]
-        kxx = (x @ x.T / dims + 1) ** 3
-        kyy = (y @ y.T / dims + 1) ** 3
-        kxy = (x @ y.T / dims + 1) ** 3
-        mmd = (kxx.sum() - np.trace(kxx)) / (n * (n - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1)) - 2 * kxy.mean()
-        values.append(mmd)
+    values = [mmd2_unbiased(a[rng.choice(len(a), n, replace=False)], b[rng.choice(len(b), n, replace=False)])
+              for _ in range(num_subsets)]
     return float(np.mean(values)), float(np.std(values))
 
 
@@ -267,14 +267,6 @@ def verdict(ci95: Sequence[float]) -> str:
     """'significant' when a 95% interval of a difference excludes 0, else 'not distinguishable'."""
     low, high = ci95
     return "significant" if (low > 0 or high < 0) else "not distinguishable"
-
-
-def mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
-    """KID's statistic on whole sets: unbiased MMD² with the cubic polynomial kernel (x·y/d + 1)³."""
-    dims = x.shape[1]
-    kxx, kyy, kxy = (x @ x.T / dims + 1) ** 3, (y @ y.T / dims + 1) ** 3, (x @ y.T / dims + 1) ** 3
-    n, m = len(x), len(y)
-    return float((kxx.sum() - np.trace(kxx)) / (n * (n - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean())
 
 
 def kid_difference(a: np.ndarray, b: np.ndarray, reference: np.ndarray, seed: int = 0, rounds: int = 500) -> dict:
@@ -315,10 +307,10 @@ def pairing_score(generated: np.ndarray, references: np.ndarray, seed: int = 0, 
         fixed = order == np.arange(len(members))  # a derangement: no image keeps its own reference
         order[fixed] = (order[fixed] + 1) % len(members)
         shift[members], kept[members] = members[order], True
-    matched, shuffled = cosine(generated, references)[kept], cosine(generated, references[shift])[kept]
-    gains = matched - shuffled
     if not kept.any():
         return {"matched": float("nan"), "shuffled": float("nan"), "gain": float("nan"), "gain_ci95": [float("nan")] * 2, "pairs": 0}
+    matched, shuffled = cosine(generated, references)[kept], cosine(generated, references[shift])[kept]
+    gains = matched - shuffled
     return {"matched": float(matched.mean()), "shuffled": float(shuffled.mean()), "gain": float(gains.mean()),
             "gain_ci95": mean_ci95(gains, seed), "pairs": int(kept.sum())}
 

@@ -46,7 +46,7 @@ class PosteriorCache:
         """Encode the chunks holding `indices` that are not cached yet."""
         from tqdm.auto import tqdm
 
-        chunks = sorted({i // self.CHUNK for i in indices} - {i // self.CHUNK for i in self.mean})
+        chunks = sorted({i // self.CHUNK for i in indices if i not in self.mean})  # chunks are cached whole
         decoded = prefetched(self.images, chunks, self._positions, num_workers, pin_memory)
         for chunk, images in tqdm(decoded, total=len(chunks), desc="caching latents", unit="chunk",
                                   disable=not progress or len(chunks) < 2, dynamic_ncols=True):
