@@ -24,6 +24,7 @@ from sketch2real.generation import (
 )
 from sketch2real.io import append_jsonl, write_json
 from sketch2real.models import dtype_for
+from sketch2real.sketchy import sketch_condition
 
 
 @dataclass(kw_only=True)
@@ -120,7 +121,7 @@ def main() -> int:
     bar = tqdm(total=todo, desc=f"generate [rank {state.process_index}]", unit="img", disable=not state.is_local_main_process)
     start = time.perf_counter()
     for batch in batches:
-        conditioning = [sketches[position[it.sample_key]]["sketch"] for it in batch] if sketches else None
+        conditioning = [sketch_condition(sketches[position[it.sample_key]]["sketch"]) for it in batch] if sketches else None
         images = generate_batch(pipe, batch, opts.seed, settings, conditioning)
         rows = []
         for item, image in zip(batch, images):

@@ -43,8 +43,8 @@ $PY train/textual_inversion.py --pretrained_model_name_or_path "$SD" --shard_dir
 
 step "ControlNet (sketch -> photo; half the prompts empty, so the sketch must carry the image)"
 $PY train/controlnet.py --pretrained_model_name_or_path "$SD" --shard_dir "$OUT/shards" --output_dir "$OUT/controlnet" \
-  --max_train_steps 600 --learning_rate 1e-3 --train_batch_size 8 --proportion_empty_prompts 0.5 --validation_steps 600 \
-  --checkpointing_steps 300 --num_validation_sketches 4 "${COMMON_TRAIN[@]}"
+  --max_train_steps 400 --learning_rate 5e-3 --train_batch_size 8 --proportion_empty_prompts 0.5 --validation_steps 400 \
+  --checkpointing_steps 200 --num_validation_sketches 4 --num_heldout_samples 32 "${COMMON_TRAIN[@]}"
 
 step "captions of the test sketches (tiny LLaVA and BLIP-2)"
 $PY infer/caption.py --model_name_or_path "$OUT/tiny_models/tiny-llava" --shard_dir "$OUT/shards" --split test \

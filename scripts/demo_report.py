@@ -37,10 +37,15 @@ def main() -> None:
               f"{pretrain['heldout_reconstruction_l1']:.3f}.", "",
               "| effect | measure | value [95% CI] | verdict |", "|---|---|---:|---|"]
 
+    controlnet = _load(out / "controlnet" / "metrics.json")
+    if "conditioning_gain" in controlnet:
+        gain, (low, high) = controlnet["conditioning_gain"], controlnet["conditioning_gain_ci95"]
+        lines.append(f"| ControlNet uses its sketch | held-out denoising loss with a sketch of another photo of the category "
+                     f"− with its own sketch | {gain:+.5f} [{low:+.5f}, {high:+.5f}] | {verdict([low, high])} |")
     photos = _load(out / "eval_photos" / "metrics.json")["sets"]["controlnet"]
     gain, (low, high) = photos["pixel_pairing_gain"], photos["pixel_pairing_gain_ci95"]
     lines.append(f"| ControlNet follows its sketch | pixel pairing gain: similarity to its own photo − to another photo "
-                 f"of its category (grey 16x16 thumbnails) | {gain:+.4f} [{low:+.4f}, {high:+.4f}] | {verdict([low, high])} |")
+                 f"of its category (grey 16x16 thumbnails of the generated images) | {gain:+.4f} [{low:+.4f}, {high:+.4f}] | {verdict([low, high])} |")
     for name, folder, what in (("dreambooth", "eval_dreambooth", "DreamBooth 'a cat in the style of sks' vs base 'a cat'"),
                                ("textual_inversion", "eval_textual_inversion",
                                 "Textual Inversion 'a {category} in the style of <sketch>' vs base 'a {category}'")):

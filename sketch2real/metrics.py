@@ -9,7 +9,7 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,14 +94,16 @@ def fingerprint(images: ImageSet, settings: dict) -> str:
 class _Loader(torch.utils.data.Dataset):
     """pytorch-fid's preprocessing: RGB, ToTensor in [0, 1], no resize (the network resizes to 299)."""
 
-    def __init__(self, sources: list, resize: int | None = None):
-        self.sources, self.resize = sources, resize
+    def __init__(self, sources: list, resize: int | None = None, clean_resize: bool = False):
+        self.sources, self.resize, self.clean_resize = sources, resize, clean_resize
         self._samples: dict = {}
 
     def __len__(self) -> int:
         return len(self.sources)
 
     def _open(self, source) -> Image.Image:
+        if isinstance(source, Image.Image):
+            return source
         if isinstance(source, Path):
             return Image.open(source)
         shard_dir, split, key, field = source
@@ -123,16 +125,35 @@ class _Loader(torch.utils.data.Dataset):
             return torch.zeros(3, self.resize or 8, self.resize or 8), False, f"{self.sources[i]}: {err}"
         if self.resize and image.size != (self.resize, self.resize):
             image = image.resize((self.resize, self.resize), Image.BICUBIC)
+        if self.clean_resize:
+            return clean_resize(image, INCEPTION_SIDE), True, ""
         return TF.to_tensor(image), True, ""
+
+
+INCEPTION_SIDE = 299
+
+
+def clean_resize(image: Image.Image, side: int) -> torch.Tensor:
+    """clean-fid's resize (Parmar et al. 2022): each channel as float32 through PIL's anti-aliased bicubic filter,
+    no rounding to uint8; a [0, 1] CHW tensor. (pytorch-fid lets the network resize bilinearly, without
+    anti-aliasing, which aliases downscaled images and shifts FID.)"""
+    channels = [np.asarray(Image.fromarray(np.asarray(image, dtype=np.float32)[..., c], mode="F").resize(
+        (side, side), Image.BICUBIC), dtype=np.float32) for c in range(3)]
+    return torch.from_numpy(np.stack(channels) / 255.0).clamp(0, 1)
+
+
+def open_images(sources: Sequence) -> list[Image.Image]:
+    """An ImageSet's sources (files, shard rows, or PIL images) decoded as RGB images."""
+    loader = _Loader(list(sources))
+    return [loader._open(source).convert("RGB") for source in loader.sources]
 
 
 def thumbnails(sources: Sequence, side: int = 16) -> np.ndarray:
     """Each image as a grey side x side thumbnail (box filter), flattened and centred: a feature space that keeps
     where things are, for pairing scores (pooled network features are nearly translation invariant)."""
-    loader = _Loader(list(sources))
     rows = []
-    for source in loader.sources:
-        array = np.asarray(loader._open(source).convert("L").resize((side, side), Image.BOX), dtype=np.float64).ravel()
+    for image in open_images(sources):
+        array = np.asarray(image.convert("L").resize((side, side), Image.BOX), dtype=np.float64).ravel()
         rows.append(array - array.mean())
     return np.stack(rows)
 
@@ -167,13 +188,13 @@ def inception(dims: int, device: torch.device, channels_last: bool = False):
 @torch.inference_mode()
 def extract_features(images: ImageSet, model, dims: int, device: torch.device, batch_size: int = 50, num_workers: int = 2,
                      rank: int = 0, world_size: int = 1, resize: int | None = None, progress: bool = True,
-                     channels_last: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                     channels_last: bool = False, clean_resize: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Features of this rank's contiguous part of `images` (float64, as pytorch-fid) and a validity mask."""
     from torch.nn.functional import adaptive_avg_pool2d
     from tqdm.auto import tqdm
 
     start, end = rank * len(images) // world_size, (rank + 1) * len(images) // world_size
-    loader = torch.utils.data.DataLoader(_Loader(images.sources[start:end], resize), batch_size=batch_size, shuffle=False,
+    loader = torch.utils.data.DataLoader(_Loader(images.sources[start:end], resize, clean_resize), batch_size=batch_size, shuffle=False,
                                          num_workers=num_workers, collate_fn=_collate, pin_memory=device.type == "cuda")
     features, valid = np.empty((end - start, dims)), np.zeros(end - start, dtype=bool)
     layout = torch.channels_last if channels_last else torch.contiguous_format
@@ -263,6 +284,64 @@ def mean_ci95(values: np.ndarray, seed: int = 0, resamples: int = 2000) -> list[
     return [float(low), float(high)]
 
 
+def bootstrap_ci95(statistic: Callable[[np.ndarray, np.ndarray], float], a: np.ndarray, b: np.ndarray, seed: int = 0,
+                   resamples: int = 100) -> list[float]:
+    """95% percentile-bootstrap interval of a set-vs-set statistic: both sets' images resampled with replacement."""
+    if len(a) < 2 or len(b) < 2 or resamples < 2:
+        return [float("nan"), float("nan")]
+    rng = np.random.default_rng(seed)
+    values = [statistic(a[rng.integers(0, len(a), len(a))], b[rng.integers(0, len(b), len(b))]) for _ in range(resamples)]
+    low, high = np.percentile(values, [2.5, 97.5])
+    return [float(low), float(high)]
+
+
+CMMD_SIGMA, CMMD_SCALE = 10.0, 1000.0
+
+
+def cmmd(x: np.ndarray, y: np.ndarray, sigma: float = CMMD_SIGMA, scale: float = CMMD_SCALE) -> float:
+    """CMMD (Jayasumana et al. 2024) as its reference code computes it: scale x MMD² with the Gaussian kernel
+    exp(-|u - v|² / 2σ²) on (L2-normalised) CLIP embeddings, every pair averaged (the diagonal included, so
+    a set against itself scores exactly 0)."""
+    gamma = 1 / (2 * sigma**2)
+
+    def mean_kernel(u: np.ndarray, v: np.ndarray) -> float:
+        squared = (u * u).sum(1)[:, None] + (v * v).sum(1)[None, :] - 2 * u @ v.T
+        return float(np.exp(-gamma * np.clip(squared, 0, None)).mean())
+
+    return scale * (mean_kernel(x, x) + mean_kernel(y, y) - 2 * mean_kernel(x, y))
+
+
+def _distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sqrt(np.clip((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T, 0, None))
+
+
+def prdc(real: np.ndarray, fake: np.ndarray, k: int = 5) -> dict:
+    """Precision and recall (Kynkäänniemi et al. 2019), density and coverage (Naeem et al. 2020) with k-NN balls:
+    a real image's ball reaches its k-th nearest other real image (a fake one's, for recall, among fakes).
+
+    Returns each metric and its per-image values (`*_items`: per fake image for precision and density, per
+    real image for recall and coverage), whose means they are, for bootstrap intervals.
+    """
+    real_fake = _distances(real, fake)
+    real_radius = np.sort(_distances(real, real), axis=1)[:, min(k, len(real) - 1)]  # column 0 is the image itself
+    fake_radius = np.sort(_distances(fake, fake), axis=1)[:, min(k, len(fake) - 1)]
+    inside = real_fake < real_radius[:, None]  # fake j inside real i's ball
+    items = {
+        "precision": inside.any(axis=0).astype(np.float64),
+        "recall": (real_fake < fake_radius[None, :]).any(axis=1).astype(np.float64),
+        "density": inside.sum(axis=0) / k,
+        "coverage": (real_fake.min(axis=1) < real_radius).astype(np.float64),
+    }
+    return {**{name: float(v.mean()) for name, v in items.items()}, **{f"{name}_items": v for name, v in items.items()}}
+
+
+def zero_shot_correct(image_embeddings: np.ndarray, categories: Sequence[str], class_embeddings: np.ndarray,
+                      class_names: Sequence[str]) -> np.ndarray:
+    """1.0 where an image's nearest class embedding (cosine) is its own category, else 0.0."""
+    predicted = np.asarray(class_names)[np.argmax(image_embeddings @ class_embeddings.T, axis=1)]
+    return (predicted == np.asarray(categories)).astype(np.float64)
+
+
 def verdict(ci95: Sequence[float]) -> str:
     """'significant' when a 95% interval of a difference excludes 0, else 'not distinguishable'."""
     low, high = ci95
@@ -284,29 +363,35 @@ def kid_difference(a: np.ndarray, b: np.ndarray, reference: np.ndarray, seed: in
     return {"kid_difference": difference, "kid_difference_ci95": [difference - margin, difference + margin]}
 
 
-def pairing_score(generated: np.ndarray, references: np.ndarray, seed: int = 0, groups: Sequence[str] | None = None) -> dict:
-    """Mean cosine similarity of each generated image to its own reference, against a deranged-pair baseline;
-    the gain's 95% interval bootstraps over pairs.
+def partners_within(groups: Sequence[str], rng: np.random.Generator, sources: Sequence[str] | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded random partner for each item among the items of its group that come from another source (another
+    photo: Sketchy's sketches of one photo share its pose); (partner index, has a partner). Items without a
+    candidate keep themselves and are marked False. Without `sources` every other item of the group counts."""
+    labels = np.asarray(groups)
+    origins = np.asarray(sources) if sources is not None else np.arange(len(labels))
+    partner, kept = np.arange(len(labels)), np.zeros(len(labels), dtype=bool)
+    for i in range(len(labels)):
+        candidates = np.flatnonzero((labels == labels[i]) & (origins != origins[i]))
+        if len(candidates):
+            partner[i], kept[i] = rng.choice(candidates), True
+    return partner, kept
 
-    With `groups` (each pair's category) the baseline pairs an image with another reference of its own
-    category, so the gain measures following the sample (pose, shape) beyond getting the category right;
-    pairs alone in their group are left out.
+
+def pairing_score(generated: np.ndarray, references: np.ndarray, seed: int = 0, groups: Sequence[str] | None = None,
+                  sources: Sequence[str] | None = None) -> dict:
+    """Mean cosine similarity of each generated image to its own reference, against a baseline that pairs it with a
+    random other reference; the gain's 95% interval bootstraps over pairs.
+
+    With `groups` (each pair's category) the other reference is of its own category, so the gain measures
+    following the sample (pose, shape) beyond getting the category right; with `sources` (each pair's photo) it
+    is of another photo. Pairs without such a partner are left out.
     """
     def cosine(x, y):
         return np.sum(x * y, axis=1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1) + 1e-12)
 
-    rng = np.random.default_rng(seed)
-    n = len(generated)
-    labels = np.asarray(groups if groups is not None else [""] * n)
-    shift, kept = np.arange(n), np.zeros(n, dtype=bool)
-    for label in sorted(set(labels.tolist())):
-        members = np.flatnonzero(labels == label)
-        if len(members) < 2:
-            continue
-        order = rng.permutation(len(members))
-        fixed = order == np.arange(len(members))  # a derangement: no image keeps its own reference
-        order[fixed] = (order[fixed] + 1) % len(members)
-        shift[members], kept[members] = members[order], True
+    groups = groups if groups is not None else [""] * len(generated)
+    shift, kept = partners_within(groups, np.random.default_rng(seed), sources)
     if not kept.any():
         return {"matched": float("nan"), "shuffled": float("nan"), "gain": float("nan"), "gain_ci95": [float("nan")] * 2, "pairs": 0}
     matched, shuffled = cosine(generated, references)[kept], cosine(generated, references[shift])[kept]
@@ -316,9 +401,10 @@ def pairing_score(generated: np.ndarray, references: np.ndarray, seed: int = 0, 
 
 
 @torch.no_grad()
-def clip_score(paths: Sequence[Path], prompts: Sequence[str], model_name_or_path: str, device: torch.device,
-               batch_size: int = 32) -> float:
-    """Mean of 100 x max(cos(image, prompt), 0) over the images (Hessel et al., 2021; torchmetrics' convention)."""
+def clip_scores(paths: Sequence[Path], prompts: Sequence[str], model_name_or_path: str, device: torch.device,
+                batch_size: int = 32) -> np.ndarray:
+    """Each image's CLIP score, 100 x max(cos(image, prompt), 0) (Hessel et al., 2021; torchmetrics' convention:
+    the set's CLIP score is their mean)."""
     from transformers import CLIPModel, CLIPProcessor
 
     from sketch2real.models import load
@@ -336,4 +422,4 @@ def clip_score(paths: Sequence[Path], prompts: Sequence[str], model_name_or_path
         text = text.pooler_output if hasattr(text, "pooler_output") else text
         cosine = torch.nn.functional.cosine_similarity(image, text)
         scores += (100 * cosine.clamp(min=0)).tolist()
-    return float(np.mean(scores))
+    return np.asarray(scores, dtype=np.float64)

@@ -21,6 +21,7 @@ import torch
 
 SD_DIRNAME = "tiny-sd"
 CLIP_DIRNAME = "tiny-clip"
+DINOV2_DIRNAME = "tiny-dinov2"
 BLIP2_DIRNAME = "tiny-blip2"
 LLAVA_DIRNAME = "tiny-llava"
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -298,6 +299,19 @@ def build_tiny_clip(output_dir: str | os.PathLike, seed: int = 0) -> Path:
     return out
 
 
+def build_tiny_dinov2(output_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Build and save a tiny DINOv2 (ViT, 32 px, random weights) + its image processor, for FD-DINOv2/PRDC tests."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    out = Path(output_dir)
+    torch.manual_seed(seed)
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2, image_size=32, patch_size=8)
+    Dinov2Model(config).save_pretrained(out, safe_serialization=True)
+    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_convert_rgb=True,
+                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(out)
+    return out
+
+
 def write_fid_inception_weights(torch_home: str | os.PathLike, seed: int = 0) -> Path:
     """Write a randomly initialised, structurally exact pytorch-fid Inception file into `torch_home`.
 
@@ -333,6 +347,7 @@ class TinyModels:
 
     sd: Path
     clip: Path
+    dinov2: Path
     blip2: Path
     llava: Path
     torch_home: Path
@@ -346,6 +361,9 @@ def build_all(output_dir: str | os.PathLike, torch_home: str | os.PathLike | Non
         build_tiny_sd(sd)
     if not (clip / "config.json").exists():
         build_tiny_clip(clip)
+    dinov2 = out / DINOV2_DIRNAME
+    if not (dinov2 / "config.json").exists():
+        build_tiny_dinov2(dinov2)
     if not (blip2 / "config.json").exists():
         build_tiny_blip2(blip2)
     if not (llava / "config.json").exists():
@@ -353,7 +371,7 @@ def build_all(output_dir: str | os.PathLike, torch_home: str | os.PathLike | Non
     home = Path(torch_home) if torch_home else out / "torch_home"
     if not (home / "hub" / "checkpoints" / FID_WEIGHTS_NAME).exists():
         write_fid_inception_weights(home)
-    return TinyModels(sd=sd, clip=clip, blip2=blip2, llava=llava, torch_home=home)
+    return TinyModels(sd=sd, clip=clip, dinov2=dinov2, blip2=blip2, llava=llava, torch_home=home)
 
 
 def main() -> None:
@@ -361,7 +379,7 @@ def main() -> None:
 
     @dataclass
     class Options:
-        """Build the tiny offline models (SD, BLIP-2, LLaVA, FID Inception weights)."""
+        """Build the tiny offline models (SD, CLIP, DINOv2, BLIP-2, LLaVA, FID Inception weights)."""
 
         output_dir: str = option("tiny_models", help="folder that receives tiny-sd/, tiny-blip2/, tiny-llava/")
         torch_home: str = option("", help="TORCH_HOME for the Inception weights (default: OUTPUT_DIR/torch_home)")

@@ -27,6 +27,7 @@ def _conditioned_loss(controlnet_dir, tiny_models, shard_dir) -> float:
     from diffusers import ControlNetModel
 
     from sketch2real.models import load_sd_components
+    from sketch2real.sketchy import sketch_condition
     from sketch2real.training.controlnet import _pairs, init_controlnet
     from sketch2real.training.diffusion import tokenize
     from sketch2real.training.validation import heldout_denoising_loss
@@ -35,7 +36,7 @@ def _conditioned_loss(controlnet_dir, tiny_models, shard_dir) -> float:
     controlnet = ControlNetModel.from_pretrained(controlnet_dir) if controlnet_dir else init_controlnet(c.unet, seed=0)
     sketches, photos, refs = _pairs(str(shard_dir), "train", ["cat", "apple"], 64)
     n = len(refs)
-    conditioning = (sketches[list(range(n))] + 1) / 2
+    conditioning = sketch_condition(sketches[list(range(n))])
     states = c.text_encoder(tokenize(c.tokenizer, ["a photo"]))[0]
     position = {"i": 0}
 

@@ -46,16 +46,14 @@ def test_identical_sets_score_zero_and_a_shifted_set_scores_higher(shard_dir, tm
     from accelerate import PartialState
 
     from sketch2real.evaluation import features_of
-    from sketch2real.metrics import fid_from_features, inception, kid, shard_set
-
-    class Opts:
-        dims, resize, batch_size, num_workers, channels_last = 64, 0, 16, 0, False
+    from sketch2real.extractors import inception_extractor
+    from sketch2real.metrics import fid_from_features, kid, shard_set
 
     state = PartialState()
-    model = inception(64, state.device)
-    photos_test = features_of(shard_set(shard_dir, "test", "photo"), model, Opts, state, None)[0]
-    photos_train = features_of(shard_set(shard_dir, "train", "photo"), model, Opts, state, None)[0]
-    sketches_test = features_of(shard_set(shard_dir, "test", "sketch"), model, Opts, state, None)[0]
+    model = inception_extractor(64, state.device, batch_size=16, num_workers=0)
+    photos_test = features_of(shard_set(shard_dir, "test", "photo"), model, state, None)[0]
+    photos_train = features_of(shard_set(shard_dir, "train", "photo"), model, state, None)[0]
+    sketches_test = features_of(shard_set(shard_dir, "test", "sketch"), model, state, None)[0]
     assert abs(fid_from_features(photos_test, photos_test)) < 1e-3
     assert abs(kid(photos_test, photos_test)[0]) < abs(kid(sketches_test, photos_test)[0])
     near, far = fid_from_features(photos_train, photos_test), fid_from_features(sketches_test, photos_test)
@@ -143,7 +141,7 @@ def test_clip_score_matches_clip_logits(tiny_models, shard_dir, tmp_path):
     import torch
     from transformers import CLIPModel, CLIPProcessor
 
-    from sketch2real.metrics import clip_score
+    from sketch2real.metrics import clip_scores
 
     gen = tmp_path / "gen"
     run_script("infer/generate.py", "--pretrained_model_name_or_path", tiny_models.sd, "--shard_dir", shard_dir,
@@ -159,8 +157,8 @@ def test_clip_score_matches_clip_logits(tiny_models, shard_dir, tmp_path):
         out = model(**processor(text=[r["prompt"] for r in rows], images=images, return_tensors="pt", padding=True))
     cosine = out.logits_per_image.diagonal() / model.logit_scale.exp()
     assert reported == pytest.approx(float((100 * cosine.clamp(min=0)).mean()), abs=1e-4)
-    assert reported == pytest.approx(clip_score([gen / r["image"] for r in rows], [r["prompt"] for r in rows],
-                                                str(tiny_models.clip), torch.device("cpu")), abs=1e-6)
+    assert reported == pytest.approx(clip_scores([gen / r["image"] for r in rows], [r["prompt"] for r in rows],
+                                                 str(tiny_models.clip), torch.device("cpu")).mean(), abs=1e-6)
 
 
 def test_rank_zero_scores_only_after_every_collective(monkeypatch, tmp_path):
@@ -170,18 +168,22 @@ def test_rank_zero_scores_only_after_every_collective(monkeypatch, tmp_path):
     import sketch2real.evaluation as evaluation
 
     events = []
-    monkeypatch.setattr(evaluation, "inception", lambda *a: None)
+    import sketch2real.extractors as extractors
+
+    monkeypatch.setattr(extractors, "inception_extractor", lambda *a: None)
     monkeypatch.setattr(evaluation, "features_of", lambda images, *a: (events.append(("gather", images.name)),
                                                                         np.zeros((2, 4)), np.ones(2, bool), False)[1:])
     monkeypatch.setattr(evaluation, "evaluate_set", lambda name, *a: events.append(("score", name)) or {})
-    monkeypatch.setattr(evaluation, "clip_score", lambda *a: events.append(("clip", None)) or 0.0)
+    monkeypatch.setattr(evaluation, "clip_scores", lambda *a: events.append(("clip", None)) or np.zeros(2))
     monkeypatch.setattr(evaluation, "write_json", lambda *a: None)
     monkeypatch.setattr(evaluation, "format_report", lambda report: "")
     monkeypatch.setattr(evaluation, "bar_chart", lambda *a: None)
-    sets = [SimpleNamespace(name=n, prompts=["p"], sources=[]) for n in ("a", "b", "c")]
+    from sketch2real.metrics import ImageSet
+
+    sets = [ImageSet(n, [], [], [], [], prompts=["p"]) for n in ("a", "b", "c")]
     opts = SimpleNamespace(dims=4, cache_dir="", no_cache=True, seed=0, clip_model_name_or_path="clip", output_dir=str(tmp_path),
-                           channels_last=False)
-    reference = SimpleNamespace(name="ref")
+                           channels_last=False, batch_size=2, num_workers=0, resize=0)
+    reference = ImageSet("ref", [], [], [], [])
     for rank in (0, 1):
         events.clear()
         state = SimpleNamespace(device="cpu", is_main_process=rank == 0)
@@ -233,3 +235,119 @@ def test_intervals_say_which_differences_are_distinguishable():
     assert paired["gain_ci95"][0] > 0
     unpaired = pairing_score(b, a)
     assert unpaired["gain_ci95"][0] < 0 < unpaired["gain_ci95"][1]
+
+
+def test_cmmd_is_its_formula_and_zero_for_identical_sets():
+    from sketch2real.metrics import cmmd
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(7, 5)), rng.normal(1.0, 2.0, size=(9, 5))
+
+    def k(u, v):
+        return np.exp(-np.sum((u - v) ** 2) / (2 * 10.0**2))
+
+    def mean_k(a, b):
+        return np.mean([[k(u, v) for v in b] for u in a])
+
+    assert cmmd(x, y) == pytest.approx(1000 * (mean_k(x, x) + mean_k(y, y) - 2 * mean_k(x, y)), rel=1e-9)
+    assert abs(cmmd(x, x)) < 1e-9 and cmmd(x, y) > 1e-3
+
+
+def test_prdc_on_hand_made_points():
+    """Reals on a line 1 apart (k=1: every ball has radius 1); one fake near the first two reals, one far away."""
+    from sketch2real.metrics import prdc
+
+    real = np.array([[0.0, 0], [1, 0], [2, 0], [3, 0]])
+    fake = np.array([[0.5, 0], [10, 0]])
+    values = prdc(real, fake, k=1)
+    assert values["precision"] == 0.5  # the far fake is in no real ball
+    assert values["density"] == 1.0  # the near fake is in two balls, the far one in none: (2 + 0) / 2 / k
+    assert values["coverage"] == 0.5  # reals 0 and 1 have a fake inside their ball, 2 and 3 do not
+    assert values["recall"] == 1.0  # the fakes' balls (radius 9.5) hold every real
+    assert values["precision_items"].tolist() == [1.0, 0.0] and values["coverage_items"].tolist() == [1, 1, 0, 0]
+
+
+def test_frechet_distance_is_the_formula_in_one_dimension():
+    """FD of two 1-D Gaussians is (mu1 - mu2)^2 + (sigma1 - sigma2)^2 (with the sets' own statistics)."""
+    from sketch2real.metrics import fid_from_features
+
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(0, 1, (500, 1)), rng.normal(2, 3, (400, 1))
+    expected = (a.mean() - b.mean()) ** 2 + (a.std(ddof=1) - b.std(ddof=1)) ** 2
+    assert fid_from_features(a, b) == pytest.approx(expected, rel=1e-9)
+
+
+def test_zero_shot_accuracy_on_hand_made_embeddings():
+    from sketch2real.metrics import zero_shot_correct
+
+    classes = np.eye(3)
+    images = np.array([[0.9, 0.1, 0], [0, 0.2, 0.8], [0.6, 0.5, 0]])
+    assert zero_shot_correct(images, ["cat", "dog", "dog"], classes, ["cat", "car", "dog"]).tolist() == [1.0, 1.0, 0.0]
+
+
+def _photo_folders(shard_dir, root):
+    """The test photos as files, and a blurred copy of them (a degraded set)."""
+    from PIL import ImageFilter
+
+    from sketch2real.metrics import open_images, shard_set
+
+    photos = shard_set(str(shard_dir), "test", "photo")
+    for name in ("same", "blurred"):
+        (root / name).mkdir()
+    rows = []
+    for i, (image, category) in enumerate(zip(open_images(photos.sources), photos.categories)):
+        image.save(root / "same" / f"{i:03d}.png")
+        image.filter(ImageFilter.GaussianBlur(4)).save(root / "blurred" / f"{i:03d}.png")
+        rows.append(json.dumps({"key": f"{i:03d}", "image": f"{i:03d}.png", "category": category,
+                                "prompt": f"a photo of a {category}"}))
+    for name in ("same", "blurred"):
+        (root / name / "index.jsonl").write_text("\n".join(rows) + "\n")
+
+
+def test_every_metric_with_intervals_per_set_and_category_identical_and_degraded(tiny_models, shard_dir, tmp_path):
+    _photo_folders(shard_dir, tmp_path)
+    run_script("eval/fid.py", "--generated", f"same={tmp_path / 'same'}", f"blurred={tmp_path / 'blurred'}",
+               "--reference_shards", shard_dir, "--reference_field", "photo", "--metrics", "fd_dinov2", "cmmd", "prdc",
+               "clip_accuracy", "clip_score", "--dinov2_model_name_or_path", tiny_models.dinov2,
+               "--clip_model_name_or_path", tiny_models.clip, "--cache_dir", tmp_path / "cache", "--output_dir", tmp_path / "o",
+               "--bootstrap_resamples", "20")
+    report = _fid(tmp_path / "o")
+    same, blurred = report["sets"]["same"], report["sets"]["blurred"]
+    assert abs(same["fd_dinov2"]) < 1e-3 and abs(same["cmmd"]) < 1e-3
+    assert same["precision"] == same["recall"] == same["coverage"] == 1.0
+    assert blurred["fd_dinov2"] > 0.01 and blurred["cmmd"] > 1e-3  # a degraded copy scores worse than the set itself
+    assert all(blurred[m] <= same[m] for m in ("precision", "recall", "coverage"))
+    for metric in ("fd_dinov2", "cmmd", "precision", "recall", "density", "coverage", "clip_accuracy", "clip_score"):
+        low, high = same[f"{metric}_ci95"]
+        assert low <= high, metric
+    for category, values in same["per_category"].items():
+        assert {"fd_dinov2_ci95", "cmmd_ci95", "precision_ci95", "clip_accuracy_ci95"} <= set(values), category
+    assert 0.0 <= same["clip_accuracy"] <= 1.0 and "fid" not in same
+    assert report["reference"]["cache_hits"] == {"clip": False, "dinov2": False}
+    text = (tmp_path / "o" / "report.md").read_text()
+    assert "Beyond Inception" in text and "FD-DINOv2" in text and "CMMD" in text
+    run_script("eval/fid.py", "--generated", f"same={tmp_path / 'same'}", "--reference_shards", shard_dir, "--metrics",
+               "fd_dinov2", "--dinov2_model_name_or_path", tiny_models.dinov2, "--cache_dir", tmp_path / "cache",
+               "--output_dir", tmp_path / "again")
+    assert _fid(tmp_path / "again")["reference"]["cache_hits"] == {"dinov2": True}
+
+
+def test_clean_resize_is_named_and_changes_inception_features(folders, tmp_path, tiny_models):
+    from sketch2real.metrics import clean_resize
+
+    image = Image.open(next((folders / "a").glob("*.png"))).convert("RGB")
+    resized = clean_resize(image, 299)
+    channel = Image.fromarray(np.asarray(image, np.float32)[..., 1], mode="F").resize((299, 299), Image.BICUBIC)
+    assert resized.shape == (3, 299, 299) and np.allclose(resized[1].numpy(), np.clip(np.asarray(channel) / 255, 0, 1))
+    for name, extra in (("plain", []), ("clean", ["--clean_resize"])):
+        run_script("eval/fid.py", "--generated", folders / "a", "--reference_dir", folders / "b", "--dims", "64", "--no_cache",
+                   "--output_dir", tmp_path / name, *extra)
+    plain, clean = _fid(tmp_path / "plain"), _fid(tmp_path / "clean")
+    assert "clean-fid" in clean["resize"] and "clean-fid" in (tmp_path / "clean" / "report.md").read_text()
+    assert "pytorch-fid" in plain["resize"] and abs(plain["sets"]["a"]["fid"] - clean["sets"]["a"]["fid"]) > 1e-6
+
+
+def test_unknown_metric_is_a_one_line_error(folders, tmp_path):
+    result = run_script("eval/fid.py", "--generated", folders / "a", "--reference_dir", folders / "b", "--metrics", "fid", "is",
+                        "--output_dir", tmp_path, check=False)
+    assert result.returncode != 0 and "--metrics: unknown is" in result.stderr

@@ -12,18 +12,19 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from sketch2real.cli import UserError, option
 from sketch2real.io import read_jsonl
 from sketch2real.models import SDComponents, load
-from sketch2real.sketchy import category_words
+from sketch2real.sketchy import category_words, photo_key, sketch_condition
 from sketch2real.training.accelerator import cast_denoiser_inputs, trained_state_dict
 from sketch2real.training.data import LazyImages
 from sketch2real.training.diffusion import derive_seed
 from sketch2real.training.options import TrainOptions
 from sketch2real.training.task import DiffusionTask
-from sketch2real.training.validation import heldout_denoising_loss, log_image
+from sketch2real.training.validation import heldout_denoising_losses, log_image
 
 logger = logging.getLogger("sketch2real")
 
@@ -125,8 +126,10 @@ class ControlNetTask(DiffusionTask):
         n = min(len(refs), max(o.num_heldout_samples, o.num_validation_sketches))
         if n == 0:
             return None
-        chosen = list(range(n))
-        return sketches[chosen], photos[chosen], [self.prompt_for(r.key, r.category) for r in refs[:n]]
+        # spread over the split (sorted by category), so that every category has pairs to derange
+        chosen = sorted({round(i * (len(refs) - 1) / max(1, n - 1)) for i in range(n)})
+        return (sketches[chosen], photos[chosen], [self.prompt_for(refs[i].key, refs[i].category) for i in chosen],
+                [refs[i].category for i in chosen], [photo_key(refs[i].key) for i in chosen])
 
     def _predict(self, controlnet, noisy, timesteps, states, conditioning):
         down, mid = controlnet(noisy, timesteps, encoder_hidden_states=states, controlnet_cond=conditioning, return_dict=False)
@@ -135,7 +138,7 @@ class ControlNetTask(DiffusionTask):
 
     @staticmethod
     def _conditioning(sketches: torch.Tensor, device) -> torch.Tensor:
-        return ((sketches + 1) / 2).to(device)  # ControlNet conditioning images live in [0, 1]
+        return sketch_condition(sketches).to(device)
 
     def loss(self, model, step: int, micro: int) -> torch.Tensor:
         indices, noisy, target, timesteps = self.noisy_batch(self.photos, self.data_sampler, step, micro, "pairs")
@@ -146,31 +149,46 @@ class ControlNetTask(DiffusionTask):
         prediction = self._predict(model, noisy, timesteps, states, conditioning)
         return self.loss_of(prediction, target, timesteps)
 
-    def validate(self, accelerator, model, step: int) -> dict[str, float]:
+    def heldout_losses(self, accelerator, controlnet, sketches: torch.Tensor, photos: torch.Tensor,
+                       prompts: list[str]) -> np.ndarray:
+        """Each held-out photo's denoising loss with `sketches` as the ControlNet's conditioning."""
+        conditioning = self._conditioning(sketches, accelerator.device)
+        position = {"start": 0}
+
+        def predict(noisy, timesteps, batch_prompts):
+            start = position["start"]
+            position["start"] += len(batch_prompts)
+            with accelerator.autocast():
+                states = self.encode_text(self.c.text_encoder, batch_prompts)
+                return self._predict(controlnet, noisy, timesteps, states, conditioning[start : start + len(batch_prompts)])
+
+        return heldout_denoising_losses(predict, self.c.vae, self.c.noise_scheduler, photos, prompts, self.opts.seed)
+
+    def validate(self, accelerator, model, step: int) -> dict:
+        """Held-out loss, and the conditioning gain: each held-out photo's loss with a sketch of another photo of its
+        category minus with its own sketch, with a 95% bootstrap interval. Above 0 once the ControlNet follows its sketch
+        (ControlNets start ignoring it and pick it up suddenly, Zhang et al. 2023: this says when)."""
         from diffusers import PNDMScheduler, StableDiffusionControlNetPipeline
 
+        from sketch2real.metrics import mean_ci95, partners_within
         from sketch2real.mosaic import image_grid
 
         if self.heldout is None:
             return {}
         o, logs = self.opts, {}
-        sketches, photos, prompts = self.heldout
+        sketches, photos, prompts, categories, photo_keys = self.heldout
         controlnet = accelerator.unwrap_model(model)
         controlnet.eval()
         if o.num_heldout_samples:
             count = min(o.num_heldout_samples, len(prompts))
-            conditioning = self._conditioning(sketches[:count], accelerator.device)
-            position = {"start": 0}
-
-            def predict(noisy, timesteps, batch_prompts):
-                start = position["start"]
-                position["start"] += len(batch_prompts)
-                with accelerator.autocast():
-                    states = self.encode_text(self.c.text_encoder, batch_prompts)
-                    return self._predict(controlnet, noisy, timesteps, states, conditioning[start : start + len(batch_prompts)])
-
-            logs["heldout_loss"] = heldout_denoising_loss(predict, self.c.vae, self.c.noise_scheduler, photos[:count],
-                                                          prompts[:count], o.seed)
+            own = self.heldout_losses(accelerator, controlnet, sketches[:count], photos[:count], prompts[:count])
+            logs["heldout_loss"] = float(own.mean())
+            other, kept = partners_within(categories[:count], np.random.default_rng(o.seed), photo_keys[:count])
+            if kept.any():
+                deranged = self.heldout_losses(accelerator, controlnet, sketches[:count][other], photos[:count], prompts[:count])
+                gains = (deranged - own)[kept]
+                logs["conditioning_gain"] = float(gains.mean())
+                logs["conditioning_gain_ci95"] = mean_ci95(gains, o.seed)
         if o.num_validation_images and o.num_validation_sketches:
             from torchvision.transforms.functional import to_pil_image
 
@@ -180,12 +198,13 @@ class ControlNetTask(DiffusionTask):
                 controlnet=controlnet, scheduler=PNDMScheduler.from_config(self.c.noise_scheduler.config, skip_prk_steps=True),
                 safety_checker=None, feature_extractor=None, requires_safety_checker=False)
             pipe.set_progress_bar_config(disable=True)
-            conditions = [to_pil_image((s + 1) / 2) for s in sketches[:count]]
+            sketch_images = [to_pil_image((s + 1) / 2) for s in sketches[:count]]
             generators = [torch.Generator().manual_seed(derive_seed(o.seed, "validation", i)) for i in range(count)]
             with accelerator.autocast():
-                generated = pipe(prompts[:count], image=conditions, height=o.resolution, width=o.resolution,
-                                 num_inference_steps=o.validation_inference_steps, generator=generators).images
-            rows = [[c, g, to_pil_image((p + 1) / 2)] for c, g, p in zip(conditions, generated, photos[:count])]
+                generated = pipe(prompts[:count], image=[sketch_condition(s) for s in sketch_images], height=o.resolution,
+                                 width=o.resolution, num_inference_steps=o.validation_inference_steps,
+                                 generator=generators).images
+            rows = [[s, g, to_pil_image((p + 1) / 2)] for s, g, p in zip(sketch_images, generated, photos[:count])]
             grid = image_grid(rows, cell=o.resolution)
             if accelerator.is_main_process:
                 from sketch2real.io import atomic_path
