@@ -54,25 +54,27 @@ def features_of(images: ImageSet, extractor, state, cache_dir: Path | None) -> t
     return features, valid, False
 
 
-def score(generated: np.ndarray, reference: np.ndarray, dims: int, seed: int) -> dict:
+def score(generated: np.ndarray, reference: np.ndarray, dims: int, seed: int, resamples: int = 100) -> dict:
+    """FID with a bootstrap interval (both sets resampled), and KID with its subsets' interval."""
     if len(generated) < 2 or len(reference) < 2:
         return {"n_generated": len(generated), "n_reference": len(reference), "fid": None, "kid_mean": None, "kid_std": None}
     kid_mean, kid_std = kid(generated, reference, seed=seed)
     # KID's subsets give the spread of the estimate: mean ± 1.96 std (a conservative interval: subsets are half-size).
     return {"n_generated": len(generated), "n_reference": len(reference), "fid": fid_from_features(generated, reference),
+            "fid_ci95": bootstrap_ci95(fid_from_features, generated, reference, seed, resamples),
             "kid_mean": kid_mean, "kid_std": kid_std, "kid_ci95": [kid_mean - 1.96 * kid_std, kid_mean + 1.96 * kid_std]}
 
 
 def evaluate_set(name: str, images: ImageSet, features: np.ndarray, valid: np.ndarray, reference: ImageSet,
-                 ref_features: np.ndarray, ref_valid: np.ndarray, dims: int, seed: int) -> dict:
+                 ref_features: np.ndarray, ref_valid: np.ndarray, dims: int, seed: int, resamples: int = 100) -> dict:
     """Overall and per-category FID/KID, and the pairing score where images name their sample."""
     gen_cats, ref_cats = np.array(images.categories), np.array(reference.categories)
-    result = score(features[valid], ref_features[ref_valid], dims, seed)
+    result = score(features[valid], ref_features[ref_valid], dims, seed, resamples)
     result["unreadable"] = int((~valid).sum())
     result["per_category"] = {}
     for category in sorted(set(images.categories) & set(reference.categories)):
         g, r = valid & (gen_cats == category), ref_valid & (ref_cats == category)
-        result["per_category"][category] = score(features[g], ref_features[r], dims, seed)
+        result["per_category"][category] = score(features[g], ref_features[r], dims, seed, resamples)
     ref_position = {k: i for i, k in enumerate(reference.sample_keys) if k}
     pairs = [(i, ref_position[k]) for i, k in enumerate(images.sample_keys) if k in ref_position and valid[i]]
     if len(pairs) >= 2:
@@ -127,18 +129,18 @@ def format_report(report: dict) -> str:
     sets = report["sets"]
     inception = any("fid" in r for r in sets.values())
     lines = [f"# Evaluation against {report['reference']['name']} ({report['reference']['n']} images)", "",
-             f"Inception resize: {report.get('resize', 'pytorch-fid')}; 95% intervals: KID from its subsets, distances "
-             "by bootstrap over both sets' images, per-image metrics by bootstrap over images.", ""]
+             f"Inception resize: {report.get('resize', 'pytorch-fid')}; 95% intervals: KID from its subsets, FID and the "
+             "other distances by bootstrap over both sets' images, per-image metrics by bootstrap over images.", ""]
     if inception:
         lines += [f"## FID / KID ({report['dims']} dims)", "",
-                  "| generated set | images | FID | KID ×10³ [95% CI] | pairing gain [95% CI] | pixel pairing gain [95% CI] |",
+                  "| generated set | images | FID [95% CI] | KID ×10³ [95% CI] | pairing gain [95% CI] | pixel pairing gain [95% CI] |",
                   "|---|---:|---:|---:|---:|---:|"]
         for name, r in sets.items():
             pairings = ["—", "—"]
             if "pairing" in r:
                 pairings = [_interval(r[f"{k}_gain"], r[f"{k}_gain_ci95"], digits=4) + f" ({verdict(r[f'{k}_gain_ci95'])})"
                             for k in ("pairing", "pixel_pairing")]
-            fid = "—" if r.get("fid") is None else f"{r['fid']:.2f}"
+            fid = _interval(r.get("fid"), r.get("fid_ci95"))
             lines.append(f"| {name} | {r['n_generated']} | {fid} | {_interval(r['kid_mean'], r['kid_ci95'], 1000)} | "
                          f"{' | '.join(pairings)} |")
     present = [m for m in BEYOND_INCEPTION if any(r.get(m[0]) is not None for r in sets.values())]
@@ -164,12 +166,14 @@ def format_report(report: dict) -> str:
     for name, r in sets.items():
         if r.get("warning"):
             lines += ["", f"Warning ({name}): {r['warning']}"]
-        columns = ([("n_generated", "images", 1.0, 0), ("fid", "FID", 1.0, 2), ("kid_mean", "KID ×10³", 1000.0, 2)] if inception else [])
+        columns = ([("n_generated", "images", 1.0, 0), ("fid", "FID", 1.0, 2), ("kid_mean", "KID ×10³", 1000.0, 2)]
+                   if inception else [])
         columns += [m for m in present if m[0] != "clip_score"]
         lines += ["", f"## {name} per category", "", "| category | " + " | ".join(c[1] for c in columns) + " |",
                   "|---|" + "---:|" * len(columns)]
         for category, c in r.get("per_category", {}).items():
-            cells = [_interval(c.get(k), None if k in ("n_generated", "fid", "kid_mean") else c.get(f"{k}_ci95"), scale, digits)
+            cells = [_interval(c.get(k), None if k == "n_generated" else c.get({"kid_mean": "kid_ci95"}.get(k, f"{k}_ci95")),
+                               scale, digits)
                      for k, _, scale, digits in columns]
             lines.append(f"| {category} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -304,7 +308,8 @@ def run_fid(opts, generated_sets: list[ImageSet], reference: ImageSet, state) ->
             features, valid = sets_of["inception"][index]
             ref_features, ref_valid = reference_of["inception"]
             report["reference"]["n"] = int(ref_valid.sum())
-            result = evaluate_set(images.name, images, features, valid, reference, ref_features, ref_valid, opts.dims, opts.seed)
+            result = evaluate_set(images.name, images, features, valid, reference, ref_features, ref_valid, opts.dims, opts.seed,
+                                  getattr(opts, "bootstrap_resamples", 100))
             extracted.append((images, features, valid))
         if set(extractors) - {"inception"}:
             beyond = _scores_beyond_inception(metrics, images, reference, {n: sets_of[n][index] for n in sets_of},

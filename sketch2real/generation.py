@@ -128,18 +128,15 @@ def load_generation_pipeline(model: str, device: torch.device, dtype: torch.dtyp
                              textual_inversion: Sequence[str] = (), lora: str = "", lora_scale: float = 1.0,
                              controlnet: str = "", safety_checker: bool = False, xformers: bool = False,
                              compile_unet: bool = False, revision: str | None = None):
-    """A (ControlNet) Stable Diffusion pipeline with optional TI embeddings and LoRA fused in."""
+    """A (ControlNet) pipeline of the model's family (SD 1.x/2.x or SDXL) with optional TI embeddings and LoRA fused in."""
     import diffusers
-    from diffusers import StableDiffusionControlNetPipeline, StableDiffusionPipeline
 
-    from sketch2real.models import enable_xformers, load
+    from sketch2real.family import family_of, load_pipeline
+    from sketch2real.models import check_model_path, enable_xformers, load
 
-    kwargs = {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
-    if controlnet:
-        net = load(diffusers.ControlNetModel, controlnet, "ControlNet", torch_dtype=dtype)
-        pipe = load(StableDiffusionControlNetPipeline, model, "model", controlnet=net, torch_dtype=dtype, revision=revision, **kwargs)
-    else:
-        pipe = load(StableDiffusionPipeline, model, "model", torch_dtype=dtype, revision=revision, **kwargs)
+    check_model_path(model)
+    net = load(diffusers.ControlNetModel, controlnet, "ControlNet", torch_dtype=dtype) if controlnet else None
+    pipe = load_pipeline(family_of(model, revision), model, net, safety_checker, torch_dtype=dtype, revision=revision)
     if scheduler:
         if scheduler not in SCHEDULERS:
             raise UserError(f"unknown scheduler {scheduler!r}; choose from {', '.join(SCHEDULERS)}")
@@ -165,7 +162,9 @@ def load_generation_pipeline(model: str, device: torch.device, dtype: torch.dtyp
 def generate_batch(pipe, batch: list[Item], seed: int, settings: dict, conditioning: list[Image.Image] | None = None):
     """Images for one batch; image i uses a generator seeded by (seed, key_i) only."""
     generators = [torch.Generator().manual_seed(derive_seed(seed, it.key)) for it in batch]
-    extra = {"image": conditioning} if conditioning is not None else {}
+    from sketch2real.family import generation_kwargs
+
+    extra = {**generation_kwargs(pipe), **({"image": conditioning} if conditioning is not None else {})}
     negative = settings.get("negative_prompt") or None
     return pipe(
         [it.prompt for it in batch], negative_prompt=[negative] * len(batch) if negative else None,

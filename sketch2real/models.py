@@ -41,25 +41,48 @@ def load(cls: Any, name_or_path: str, what: str = "model", **kwargs: Any) -> Any
 
 @dataclass
 class SDComponents:
-    """The parts of a Stable Diffusion 1.x/2.x checkpoint that training needs."""
+    """The parts of a Stable Diffusion checkpoint that training needs (SDXL: two tokenizers and text encoders)."""
 
     tokenizer: Any
     text_encoder: Any
     vae: Any
     unet: Any
     noise_scheduler: Any
+    family: Any = None  # sketch2real.family.Family; SD when None
+    tokenizer_2: Any = None
+    text_encoder_2: Any = None
+
+    @property
+    def tokenizers(self) -> list:
+        return [t for t in (self.tokenizer, self.tokenizer_2) if t is not None]
+
+    @property
+    def text_encoders(self) -> list:
+        return [t for t in (self.text_encoder, self.text_encoder_2) if t is not None]
 
 
-def load_sd_components(name_or_path: str, revision: str | None = None, variant: str | None = None) -> SDComponents:
-    """Tokenizer, text encoder, VAE, UNet and a DDPM training scheduler from one SD checkpoint."""
+def load_sd_components(name_or_path: str, revision: str | None = None, variant: str | None = None,
+                       vae_name_or_path: str = "") -> SDComponents:
+    """Tokenizers, text encoders, VAE, UNet and a DDPM training scheduler from one checkpoint of any family
+    (`vae_name_or_path`: another VAE, e.g. an fp16-safe one for SDXL)."""
+    import transformers
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
+    from sketch2real.family import family_of
+
+    check_model_path(name_or_path)
+    family = family_of(name_or_path, revision)
     common = {"revision": revision}
+    parts: dict[str, Any] = {}
+    for tokenizer, encoder, encoder_class in zip(family.tokenizers, family.text_encoders, family.text_encoder_classes):
+        parts[tokenizer] = load(CLIPTokenizer, name_or_path, "tokenizer", subfolder=tokenizer, **common)
+        parts[encoder] = load(getattr(transformers, encoder_class), name_or_path, "text encoder", subfolder=encoder,
+                              variant=variant, **common)
+    vae = (load(AutoencoderKL, vae_name_or_path, "VAE") if vae_name_or_path
+           else load(AutoencoderKL, name_or_path, "VAE", subfolder="vae", variant=variant, **common))
     return SDComponents(
-        tokenizer=load(CLIPTokenizer, name_or_path, "tokenizer", subfolder="tokenizer", **common),
-        text_encoder=load(CLIPTextModel, name_or_path, "text encoder", subfolder="text_encoder", variant=variant, **common),
-        vae=load(AutoencoderKL, name_or_path, "VAE", subfolder="vae", variant=variant, **common),
+        vae=vae, family=family, **parts,
         unet=load(UNet2DConditionModel, name_or_path, "UNet", subfolder="unet", variant=variant, **common),
         noise_scheduler=load(DDPMScheduler, name_or_path, "scheduler", subfolder="scheduler", **common),
     )

@@ -22,6 +22,7 @@ import torch
 SD_DIRNAME = "tiny-sd"
 CLIP_DIRNAME = "tiny-clip"
 DINOV2_DIRNAME = "tiny-dinov2"
+SDXL_DIRNAME = "tiny-sdxl"
 BLIP2_DIRNAME = "tiny-blip2"
 LLAVA_DIRNAME = "tiny-llava"
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -99,14 +100,49 @@ SD_SIZES: dict[str, dict[str, dict]] = {
         "text": dict(hidden_size=128, intermediate_size=512, num_attention_heads=4, num_hidden_layers=4,
                      projection_dim=128, hidden_act="quick_gelu"),
     },
+    # SDXL: two text encoders (CLIP ViT-L and OpenCLIP bigG, penultimate states concatenated: 2048), the
+    # "text_time" addition embedding (pooled bigG 1280 + 6 time ids x 256 = 2816), no attention at the first level.
+    "sdxl": {
+        "unet": dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                     transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+                     addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+                     cross_attention_dim=2048, norm_num_groups=32),
+        "vae": dict(block_out_channels=(128, 256, 512, 512), norm_num_groups=32, sample_size=1024, layers_per_block=2,
+                    scaling_factor=0.13025),
+        "text": dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                     projection_dim=768, hidden_act="quick_gelu"),
+        "text_2": dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+                       projection_dim=1280, hidden_act="gelu"),
+    },
+    "tiny_sdxl": {
+        "unet": dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
+                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                     transformer_layers_per_block=(1, 1), attention_head_dim=(2, 4), use_linear_projection=True,
+                     addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
+                     cross_attention_dim=64, norm_num_groups=8),
+        "vae": dict(block_out_channels=(8, 16, 16, 16), norm_num_groups=8, sample_size=64, layers_per_block=1),
+        "text": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, projection_dim=32),
+        "text_2": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, projection_dim=32),
+    },
 }
 
 
 def build_sd(output_dir: str | os.PathLike, size: str = "tiny", seed: int = 0) -> Path:
-    """Build and save a StableDiffusionPipeline of `size` (SD_SIZES) with random weights and the real CLIP
-    vocabulary, in the SD 1.x layout (VAE factor 8, SD's scheduler), at `output_dir`; no download."""
-    from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    """Build and save a pipeline of `size` (SD_SIZES) with random weights and the real CLIP vocabulary, at
+    `output_dir`, no download: a StableDiffusionPipeline in the SD 1.x layout (VAE factor 8, SD's scheduler),
+    or a StableDiffusionXLPipeline for the sizes with a second text encoder."""
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        EulerDiscreteScheduler,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     shapes = SD_SIZES[size]
     out = Path(output_dir)
@@ -116,23 +152,33 @@ def build_sd(output_dir: str | os.PathLike, size: str = "tiny", seed: int = 0) -
     levels = len(shapes["vae"]["block_out_channels"])
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * levels,
                         up_block_types=("UpDecoderBlock2D",) * levels, **shapes["vae"])
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=77, bos_token_id=49406,
-                                                eos_token_id=49407, pad_token_id=49407, **shapes["text"]))
-    # The scheduler config of SD 1.x (steps_offset=1, scaled_linear betas).
-    scheduler = PNDMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    text = dict(vocab_size=tokenizer.vocab_size, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                pad_token_id=49407)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text, **shapes["text"]))
+    betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1)
+    if "text_2" in shapes:  # SDXL: its Euler scheduler, a second (projected) encoder with the same vocabulary
+        scheduler = EulerDiscreteScheduler(**betas, timestep_spacing="leading")
+        pipe = StableDiffusionXLPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler, tokenizer_2=tokenizer,
+            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text, **shapes["text_2"])),
+        )
+    else:  # the scheduler config of SD 1.x (steps_offset=1, scaled_linear betas)
+        scheduler = PNDMScheduler(**betas, skip_prk_steps=True, set_alpha_to_one=False)
+        pipe = StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
     pipe.save_pretrained(out, safe_serialization=True)
     DDPMScheduler.from_config(scheduler.config)  # the training scheduler must build from it
     for tmp in (out / "_vocab").iterdir():
         tmp.unlink()
     (out / "_vocab").rmdir()
     return out
+
+
+def build_tiny_sdxl(output_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """The tiny StableDiffusionXLPipeline of the tests (two text encoders, addition embedding)."""
+    return build_sd(output_dir, "tiny_sdxl", seed)
 
 
 def build_tiny_sd(output_dir: str | os.PathLike, seed: int = 0) -> Path:
@@ -346,6 +392,7 @@ class TinyModels:
     """Paths of the tiny models built by `build_all`."""
 
     sd: Path
+    sdxl: Path
     clip: Path
     dinov2: Path
     blip2: Path
@@ -361,7 +408,9 @@ def build_all(output_dir: str | os.PathLike, torch_home: str | os.PathLike | Non
         build_tiny_sd(sd)
     if not (clip / "config.json").exists():
         build_tiny_clip(clip)
-    dinov2 = out / DINOV2_DIRNAME
+    dinov2, sdxl = out / DINOV2_DIRNAME, out / SDXL_DIRNAME
+    if not (sdxl / "model_index.json").exists():
+        build_tiny_sdxl(sdxl)
     if not (dinov2 / "config.json").exists():
         build_tiny_dinov2(dinov2)
     if not (blip2 / "config.json").exists():
@@ -371,7 +420,7 @@ def build_all(output_dir: str | os.PathLike, torch_home: str | os.PathLike | Non
     home = Path(torch_home) if torch_home else out / "torch_home"
     if not (home / "hub" / "checkpoints" / FID_WEIGHTS_NAME).exists():
         write_fid_inception_weights(home)
-    return TinyModels(sd=sd, clip=clip, dinov2=dinov2, blip2=blip2, llava=llava, torch_home=home)
+    return TinyModels(sd=sd, sdxl=sdxl, clip=clip, dinov2=dinov2, blip2=blip2, llava=llava, torch_home=home)
 
 
 def main() -> None:
@@ -383,8 +432,8 @@ def main() -> None:
 
         output_dir: str = option("tiny_models", help="folder that receives tiny-sd/, tiny-blip2/, tiny-llava/")
         torch_home: str = option("", help="TORCH_HOME for the Inception weights (default: OUTPUT_DIR/torch_home)")
-        size: str = option("tiny", help="tiny: every tiny model; sd15 or sd15_small: only a Stable Diffusion of that "
-                                        "architecture with random weights, at OUTPUT_DIR/<size>-random")
+        size: str = option("tiny", help="tiny: every tiny model; sd15, sd15_small or sdxl: only a Stable Diffusion of "
+                                        "that architecture with random weights, at OUTPUT_DIR/<size>-random")
         pretrain: bool = option(False, help="also train the tiny base on a synthetic Sketchy (~4 min on 2 cores, cached) "
                                             "at OUTPUT_DIR/tiny-sd-trained")
 

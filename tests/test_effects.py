@@ -49,31 +49,41 @@ def test_a_controlnet_trained_for_a_few_dozen_steps_follows_its_sketch(trained_b
     assert metrics["conditioning_gain"] > 0 and metrics["conditioning_gain_ci95"][0] > 0, metrics
 
 
-def test_dreambooth_moves_generated_images_toward_its_instance_sketches(trained_base, shard_dir, tmp_path):
-    """'a cat in the style of sks' after DreamBooth on cat sketches is closer to the held-out cat sketches than the
-    base model's images for the same prompt and seeds (RGB 16x16 thumbnails; per-image mean distance, 95% interval)."""
-    from diffusers import StableDiffusionPipeline
-    from PIL import Image
+def test_dreambooth_moves_the_model_toward_its_instance_sketches(trained_base, shard_dir, tmp_path):
+    """After DreamBooth on cat sketches, 'a cat in the style of sks' denoises the held-out (test) cat sketches better
+    than the base model does: per-sketch losses on the same noise and timesteps, paired, with a 95% interval.
 
-    from sketch2real.metrics import mean_ci95, open_images, shard_set
+    (Distances of generated images were tried here: on this short base their sign flipped with the thread count,
+    which changes 10-step sampling trajectories; the demo measures generated images on its longer-trained base.)"""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
 
-    def rgb_thumbnails(images) -> np.ndarray:
-        return np.stack([np.asarray(im.convert("RGB").resize((16, 16), Image.BOX), np.float64).ravel() / 255 for im in images])
+    from sketch2real.metrics import mean_ci95
+    from sketch2real.training.data import load_shard_images
+    from sketch2real.training.diffusion import tokenize
+    from sketch2real.training.validation import heldout_denoising_losses
 
     prompt = "a cat in the style of sks"
     out = tmp_path / "db"
     run_script("train/dreambooth.py", "--pretrained_model_name_or_path", trained_base, "--shard_dir", shard_dir,
                "--instance_category", "cat", "--instance_prompt", prompt, "--output_dir", out, "--resolution", "64",
-               "--max_train_steps", "200", "--learning_rate", "1e-3", "--train_batch_size", "4", "--validation_steps", "0",
+               "--max_train_steps", "100", "--learning_rate", "1e-3", "--train_batch_size", "4", "--validation_steps", "0",
                "--checkpointing_steps", "0", "--report_to", "none")
-    sketches = rgb_thumbnails(open_images(shard_set(str(shard_dir), "test", "sketch", ["cat"]).sources))
+    sketches, _ = load_shard_images(str(shard_dir), "test", "cat", "sketch", 64)
+    sketches = sketches.repeat(4, 1, 1, 1)  # each held-out sketch at 4 noise levels: the timestep dominates the spread
 
-    def distances(model) -> np.ndarray:
+    def losses(model) -> np.ndarray:
         pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
-        pipe.set_progress_bar_config(disable=True)
-        generators = [torch.Generator().manual_seed(i) for i in range(16)]
-        images = pipe([prompt] * 16, num_inference_steps=10, guidance_scale=4, generator=generators, height=64, width=64).images
-        return np.linalg.norm(rgb_thumbnails(images)[:, None] - sketches[None], axis=2).mean(1)
+        with torch.no_grad():
+            states = pipe.text_encoder(tokenize(pipe.tokenizer, [prompt]))[0]
 
-    closer = distances(out) - distances(trained_base)
-    assert np.mean(closer) < 0 and mean_ci95(closer)[1] < 0, (np.mean(closer), mean_ci95(closer))
+        def predict(noisy, timesteps, prompts):
+            return pipe.unet(noisy, timesteps, states.expand(len(prompts), -1, -1)).sample
+
+        return heldout_denoising_losses(predict, pipe.vae, DDPMScheduler.from_config(pipe.scheduler.config), sketches,
+                                        [prompt] * len(sketches), seed=0)
+
+    base = losses(trained_base)
+    change = losses(out) - base
+    # Significant, and large: weight decay alone (a run whose loss is zeroed) moves it by a consistent -0.15%;
+    # 100 DreamBooth steps by about -25%.
+    assert mean_ci95(change)[1] < 0 and change.mean() < -0.05 * base.mean(), (change.mean(), mean_ci95(change), base.mean())

@@ -84,13 +84,15 @@ def test_generated_folder_against_shards_per_category_two_processes(tiny_models,
                "--split", "test", "--height", "64", "--width", "64", "--num_inference_steps", "2",
                "--prompt_template", "a photo of a {category}", "--output_dir", gen, "--batch_size", "8")
     common = ["--generated", f"tiny={gen}", f"again={gen}", f"third={gen}", "--reference_shards",
-              shard_dir, "--dims", "64", "--no_cache", "--batch_size", "4"]
+              shard_dir, "--dims", "64", "--no_cache", "--batch_size", "4", "--metrics", "fid", "kid", "fd_dinov2", "cmmd",
+              "--dinov2_model_name_or_path", tiny_models.dinov2, "--clip_model_name_or_path", tiny_models.clip]
     run_script("eval/fid.py", *common, "--output_dir", tmp_path / "one")
     launch("eval/fid.py", *common, "--output_dir", tmp_path / "two")  # several sets: all gathered before rank 0 scores
     one, two = _fid(tmp_path / "one"), _fid(tmp_path / "two")
     assert set(two["sets"]) == {"tiny", "again", "third"}
     for name in two["sets"]:
-        assert one["sets"][name]["fid"] == pytest.approx(two["sets"][name]["fid"], abs=1e-6)
+        for metric in ("fid", "fd_dinov2", "cmmd"):  # every extractor's features gathered from both ranks in order
+            assert one["sets"][name][metric] == pytest.approx(two["sets"][name][metric], abs=1e-6), metric
         assert one["sets"][name]["per_category"].keys() == two["sets"][name]["per_category"].keys()
     per_category = one["sets"]["tiny"]["per_category"]
     assert set(per_category) == {"airplane", "apple", "car_(sedan)", "cat", "hot-air_balloon"}
@@ -99,6 +101,7 @@ def test_generated_folder_against_shards_per_category_two_processes(tiny_models,
     assert tiny["pairing"]["pairs"] == one["reference"]["n"]
     # metrics.json contract: KID and the pairing gain with their 95% intervals, per set and per category
     assert tiny["kid_ci95"][0] < tiny["kid_mean"] < tiny["kid_ci95"][1]
+    assert tiny["fid_ci95"][0] <= tiny["fid_ci95"][1] and all(len(c["fid_ci95"]) == 2 for c in per_category.values())
     assert tiny["kid_ci95"] == pytest.approx([tiny["kid_mean"] - 1.96 * tiny["kid_std"], tiny["kid_mean"] + 1.96 * tiny["kid_std"]])
     assert tiny["pairing_gain_ci95"][0] <= tiny["pairing_gain"] <= tiny["pairing_gain_ci95"][1]
     assert all(len(c["kid_ci95"]) == 2 for c in per_category.values() if c["kid_mean"] is not None)

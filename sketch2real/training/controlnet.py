@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from sketch2real.cli import UserError, option
+from sketch2real.family import Conditioning, assemble_pipeline
 from sketch2real.io import read_jsonl
 from sketch2real.models import SDComponents, load
 from sketch2real.sketchy import category_words, photo_key, sketch_condition
@@ -86,7 +87,8 @@ class ControlNetTask(DiffusionTask):
         else:  # from the UNet's full-precision weights, before the frozen UNet is cast to the weight dtype
             controlnet = init_controlnet(c.unet, opts.seed, 2 ** (len(c.vae.config.block_out_channels) - 1))
         c.unet.requires_grad_(False).to(device, self.weight_dtype)
-        c.text_encoder.requires_grad_(False).to(device, self.weight_dtype)
+        for encoder in c.text_encoders:
+            encoder.requires_grad_(False).to(device, self.weight_dtype)
         controlnet.train()
         cast_denoiser_inputs(controlnet)
         if opts.gradient_checkpointing:
@@ -131,10 +133,10 @@ class ControlNetTask(DiffusionTask):
         return (sketches[chosen], photos[chosen], [self.prompt_for(refs[i].key, refs[i].category) for i in chosen],
                 [refs[i].category for i in chosen], [photo_key(refs[i].key) for i in chosen])
 
-    def _predict(self, controlnet, noisy, timesteps, states, conditioning):
-        down, mid = controlnet(noisy, timesteps, encoder_hidden_states=states, controlnet_cond=conditioning, return_dict=False)
-        return self.c.unet(noisy, timesteps, encoder_hidden_states=states, down_block_additional_residuals=down,
-                           mid_block_additional_residual=mid).sample
+    def _predict(self, controlnet, noisy, timesteps, text: Conditioning, conditioning):
+        down, mid = controlnet(noisy, timesteps, controlnet_cond=conditioning, return_dict=False, **text.unet_kwargs())
+        return self.c.unet(noisy, timesteps, down_block_additional_residuals=down, mid_block_additional_residual=mid,
+                           **text.unet_kwargs()).sample
 
     @staticmethod
     def _conditioning(sketches: torch.Tensor, device) -> torch.Tensor:
@@ -144,9 +146,9 @@ class ControlNetTask(DiffusionTask):
         indices, noisy, target, timesteps = self.noisy_batch(self.photos, self.data_sampler, step, micro, "pairs")
         prompts = [self.prompt_for(self.keys[i], self.categories[i], step) for i in indices]
         with torch.no_grad():
-            states = self.encode_text(self.c.text_encoder, prompts)
+            text = self.condition(prompts)
         conditioning = self._conditioning(self.step_rows("sketches", self.sketches, self.data_sampler, step, micro), noisy.device)
-        prediction = self._predict(model, noisy, timesteps, states, conditioning)
+        prediction = self._predict(model, noisy, timesteps, text, conditioning)
         return self.loss_of(prediction, target, timesteps)
 
     def heldout_losses(self, accelerator, controlnet, sketches: torch.Tensor, photos: torch.Tensor,
@@ -159,8 +161,8 @@ class ControlNetTask(DiffusionTask):
             start = position["start"]
             position["start"] += len(batch_prompts)
             with accelerator.autocast():
-                states = self.encode_text(self.c.text_encoder, batch_prompts)
-                return self._predict(controlnet, noisy, timesteps, states, conditioning[start : start + len(batch_prompts)])
+                text = self.condition(batch_prompts)
+                return self._predict(controlnet, noisy, timesteps, text, conditioning[start : start + len(batch_prompts)])
 
         return heldout_denoising_losses(predict, self.c.vae, self.c.noise_scheduler, photos, prompts, self.opts.seed)
 
@@ -168,7 +170,7 @@ class ControlNetTask(DiffusionTask):
         """Held-out loss, and the conditioning gain: each held-out photo's loss with a sketch of another photo of its
         category minus with its own sketch, with a 95% bootstrap interval. Above 0 once the ControlNet follows its sketch
         (ControlNets start ignoring it and pick it up suddenly, Zhang et al. 2023: this says when)."""
-        from diffusers import PNDMScheduler, StableDiffusionControlNetPipeline
+        from diffusers import PNDMScheduler
 
         from sketch2real.metrics import mean_ci95, partners_within
         from sketch2real.mosaic import image_grid
@@ -193,10 +195,8 @@ class ControlNetTask(DiffusionTask):
             from torchvision.transforms.functional import to_pil_image
 
             count = min(o.num_validation_sketches, len(prompts))
-            pipe = StableDiffusionControlNetPipeline(
-                vae=self.c.vae, text_encoder=self.c.text_encoder, tokenizer=self.c.tokenizer, unet=self.c.unet,
-                controlnet=controlnet, scheduler=PNDMScheduler.from_config(self.c.noise_scheduler.config, skip_prk_steps=True),
-                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            scheduler = PNDMScheduler.from_config(self.c.noise_scheduler.config, skip_prk_steps=True)
+            pipe = assemble_pipeline(self.c, self.c.unet, self.c.text_encoder, scheduler, controlnet)
             pipe.set_progress_bar_config(disable=True)
             sketch_images = [to_pil_image((s + 1) / 2) for s in sketches[:count]]
             generators = [torch.Generator().manual_seed(derive_seed(o.seed, "validation", i)) for i in range(count)]

@@ -10,11 +10,12 @@ from pathlib import Path
 import torch
 
 from sketch2real.cli import UserError, option
+from sketch2real.family import load_pipeline, pipeline_class
 from sketch2real.io import atomic_path
-from sketch2real.models import SDComponents, dtype_for, load, save_pretrained_atomic
+from sketch2real.models import SDComponents, dtype_for, save_pretrained_atomic
 from sketch2real.training.accelerator import trained_state_dict, zero3_init_disabled
 from sketch2real.training.data import load_folder_images, load_shard_images
-from sketch2real.training.diffusion import derive_seed, tokenize
+from sketch2real.training.diffusion import derive_seed
 from sketch2real.training.options import TrainOptions
 from sketch2real.training.task import DiffusionTask
 
@@ -69,10 +70,10 @@ class DreamBoothModel(torch.nn.Module):
         self.unet = unet
         self.text_encoder = text_encoder
 
-    def forward(self, noisy_latents, timesteps, input_ids=None, encoder_hidden_states=None):
+    def forward(self, noisy_latents, timesteps, input_ids=None, encoder_hidden_states=None, added_cond_kwargs=None):
         if self.text_encoder is not None:
             encoder_hidden_states = self.text_encoder(input_ids)[0]
-        return self.unet(noisy_latents, timesteps, encoder_hidden_states).sample
+        return self.unet(noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs).sample
 
 
 def missing_class_images(folder: Path, count: int) -> list[int]:
@@ -95,8 +96,9 @@ def ensure_class_images(accelerator, opts: DreamBoothOptions) -> None:
     that listed it at their own time could see different files and split the work differently.
     """
     from accelerate.utils import broadcast_object_list
-    from diffusers import StableDiffusionPipeline
     from tqdm.auto import tqdm
+
+    from sketch2real.family import family_of
 
     folder = Path(opts.class_data_dir)
     accelerator.wait_for_everyone()
@@ -109,9 +111,8 @@ def ensure_class_images(accelerator, opts: DreamBoothOptions) -> None:
         logger.info("generating %d class images in %s", len(missing), folder)
     mine = missing[accelerator.process_index :: accelerator.num_processes]
     with zero3_init_disabled(accelerator):
-        pipe = load(StableDiffusionPipeline, opts.pretrained_model_name_or_path, "model", safety_checker=None,
-                    requires_safety_checker=False, torch_dtype=dtype_for(opts.mixed_precision), revision=opts.revision,
-                    variant=opts.variant)
+        pipe = load_pipeline(family_of(opts.pretrained_model_name_or_path, opts.revision), opts.pretrained_model_name_or_path,
+                             torch_dtype=dtype_for(opts.mixed_precision), revision=opts.revision, variant=opts.variant)
     pipe.to(accelerator.device)
     pipe.set_progress_bar_config(disable=True)
     bar = tqdm(total=len(missing), desc="class images", disable=not accelerator.is_local_main_process)
@@ -136,7 +137,11 @@ class DreamBoothTask(DiffusionTask):
     def __init__(self, opts: DreamBoothOptions, accelerator, components: SDComponents | None = None):
         super().__init__(opts, accelerator, components)
         c, device = self.c, accelerator.device
-        c.text_encoder.requires_grad_(opts.train_text_encoder)
+        if opts.train_text_encoder and self.family.pooled:
+            raise UserError(f"--train_text_encoder on {self.family.name} (both text encoders) is not built yet; "
+                            "train the UNet (full or --lora_rank) with frozen text encoders")
+        for encoder in c.text_encoders:
+            encoder.requires_grad_(opts.train_text_encoder)
         c.unet.requires_grad_(not opts.lora_rank)
         if opts.lora_rank:
             from diffusers.training_utils import cast_training_params
@@ -151,7 +156,8 @@ class DreamBoothTask(DiffusionTask):
             if opts.train_text_encoder:
                 c.text_encoder.gradient_checkpointing_enable()
         if not opts.train_text_encoder:
-            c.text_encoder.to(device, self.weight_dtype)
+            for encoder in c.text_encoders:
+                encoder.to(device, self.weight_dtype)
         self.model = DreamBoothModel(c.unet, c.text_encoder if opts.train_text_encoder else None)
 
         # Data: instance images (and class images) held in memory, indexed by a step-determined sampler.
@@ -167,12 +173,12 @@ class DreamBoothTask(DiffusionTask):
             ensure_class_images(accelerator, opts)
             self.class_images = load_folder_images(opts.class_data_dir, opts.resolution, opts.num_class_images)
             self.class_sampler = self.sampler(len(self.class_images), "class")
-        self.instance_ids = tokenize(c.tokenizer, [opts.instance_prompt]).to(device)
-        self.class_ids = tokenize(c.tokenizer, [opts.class_prompt]).to(device) if opts.with_prior_preservation else None
+        self.instance_ids = self.prompt_ids([opts.instance_prompt])[0]
+        self.class_ids = self.prompt_ids([opts.class_prompt])[0] if opts.with_prior_preservation else None
         if not opts.train_text_encoder:
             with torch.no_grad():
-                self.instance_states = c.text_encoder(self.instance_ids)[0]
-                self.class_states = c.text_encoder(self.class_ids)[0] if self.class_ids is not None else None
+                self.instance_states = self.condition([opts.instance_prompt])
+                self.class_states = self.condition([opts.class_prompt]) if self.class_ids is not None else None
         self.heldout_images = self._heldout_images()
         self.heldout_prompts = [opts.instance_prompt] * (len(self.heldout_images) if self.heldout_images is not None else 0)
 
@@ -196,7 +202,7 @@ class DreamBoothTask(DiffusionTask):
         if self.opts.train_text_encoder:
             prediction = model(noisy, timesteps, input_ids=ids.expand(n, -1))
         else:
-            prediction = model(noisy, timesteps, encoder_hidden_states=states.expand(n, -1, -1))
+            prediction = model(noisy, timesteps, **states.expand(n).unet_kwargs())
         return self.loss_of(prediction, target, timesteps)
 
     def loss(self, model, step: int, micro: int) -> torch.Tensor:
@@ -226,14 +232,13 @@ class DreamBoothTask(DiffusionTask):
         if accelerator.is_main_process:
             out = Path(opts.output_dir)
             if opts.lora_rank:
-                from diffusers import StableDiffusionPipeline
                 from diffusers.utils import convert_state_dict_to_diffusers
                 from peft.utils import get_peft_model_state_dict
 
                 unet_state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
                 layers = get_peft_model_state_dict(self.unet_of(model), state_dict=unet_state)
-                StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=convert_state_dict_to_diffusers(layers),
-                                                          safe_serialization=True)
+                pipeline_class(self.family).save_lora_weights(out, unet_lora_layers=convert_state_dict_to_diffusers(layers),
+                                                              safe_serialization=True)
             else:
                 with zero3_init_disabled(accelerator):
                     save_pipeline(opts, state, out)
@@ -246,10 +251,10 @@ def save_pipeline(opts: TrainOptions, state: dict[str, torch.Tensor], out: Path)
     Fresh modules are loaded from the base and given the trained weights, which
     works the same for 1 process, DDP, ZeRO-2 and ZeRO-3.
     """
-    from diffusers import StableDiffusionPipeline
+    from sketch2real.family import family_of
 
-    pipe = load(StableDiffusionPipeline, opts.pretrained_model_name_or_path, "model", safety_checker=None,
-                requires_safety_checker=False, revision=opts.revision, variant=opts.variant)
+    pipe = load_pipeline(family_of(opts.pretrained_model_name_or_path, opts.revision), opts.pretrained_model_name_or_path,
+                         revision=opts.revision, variant=opts.variant)
     for name in ("unet", "text_encoder"):
         part = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")}
         if part:

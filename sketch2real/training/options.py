@@ -11,8 +11,11 @@ from sketch2real.cli import UserError, option
 class TrainOptions:
     """Shared trainer options (model, data, optimisation, precision, checkpoints, validation)."""
 
-    pretrained_model_name_or_path: str = option("", help="base Stable Diffusion model: hub id or local folder (required)")
+    pretrained_model_name_or_path: str = option("", help="base model, SD 1.x/2.x or SDXL (read from its model_index.json): "
+                                                         "hub id or local folder (required)")
     revision: str | None = option(None, help="model revision on the hub")
+    pretrained_vae_model_name_or_path: str = option("", help="another VAE (e.g. madebyollin/sdxl-vae-fp16-fix: SDXL's own "
+                                                             "VAE overflows in fp16)")
     variant: str | None = option(None, help="weight variant, e.g. fp16")
     output_dir: str = option("", help="where checkpoints, logs and the trained model go (required)")
     seed: int = option(0, help="global seed: data order, noise and validation images derive from it")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from sketch2real.family import SD, SKETCHY_SIZE, Conditioning, assemble_pipeline, encode_prompt_ids
 from sketch2real.models import SDComponents, dtype_for, load_sd_components
 from sketch2real.training.accelerator import cast_denoiser_inputs, configure_attention, zero3_init_disabled
 from sketch2real.training.data import GlobalBatchSampler, StepLoader, default_num_workers, prefetched
@@ -73,7 +74,9 @@ class DiffusionTask:
         self.opts, self.accelerator = opts, accelerator
         self.weight_dtype = dtype_for(opts.mixed_precision)
         with zero3_init_disabled(accelerator):
-            self.c = components or load_sd_components(opts.pretrained_model_name_or_path, opts.revision, opts.variant)
+            self.c = components or load_sd_components(opts.pretrained_model_name_or_path, opts.revision, opts.variant,
+                                                      opts.pretrained_vae_model_name_or_path)
+        self.family = self.c.family or SD
         configure_attention(self.c.unet, opts, accelerator.device)
         cast_denoiser_inputs(self.c.unet)
         self.c.vae.requires_grad_(False).to(accelerator.device, self.weight_dtype)
@@ -136,9 +139,16 @@ class DiffusionTask:
     def loss_of(self, prediction, target, timesteps) -> torch.Tensor:
         return diffusion_loss(prediction, target, timesteps, self.c.noise_scheduler, self.opts.snr_gamma).mean()
 
-    def encode_text(self, text_encoder, prompts: list[str]) -> torch.Tensor:
-        ids = tokenize(self.c.tokenizer, [self.prompt_transform(p) for p in prompts]).to(self.accelerator.device)
-        return text_encoder(ids)[0]
+    def prompt_ids(self, prompts: list[str]) -> list[torch.Tensor]:
+        """Token ids of the prompts, one tensor per tokenizer of the family."""
+        prompts = [self.prompt_transform(p) for p in prompts]
+        return [tokenize(tokenizer, prompts).to(self.accelerator.device) for tokenizer in self.c.tokenizers]
+
+    def condition(self, prompts: list[str], text_encoder=None) -> Conditioning:
+        """Prompts -> the UNet's conditioning (`sketch2real.family`); `text_encoder` stands in for the first
+        encoder (one being trained, or with Textual Inversion's rows)."""
+        encoders = [text_encoder or self.c.text_encoder, *self.c.text_encoders[1:]]
+        return encode_prompt_ids(self.family, encoders, self.prompt_ids(prompts), self.opts.resolution, SKETCHY_SIZE)
 
     def samples_per_step(self) -> int:
         o = self.opts
@@ -153,17 +163,16 @@ class DiffusionTask:
 
         def predict(noisy, timesteps, prompts):
             with self.accelerator.autocast():
-                return unet(noisy, timesteps, self.encode_text(text_encoder, prompts)).sample
+                return unet(noisy, timesteps, **self.condition(prompts, text_encoder).unet_kwargs()).sample
 
         return predict
 
     def pipeline(self, model):
-        from diffusers import PNDMScheduler, StableDiffusionPipeline
+        """A generation pipeline of the model's family with the current weights (validation images)."""
+        from diffusers import PNDMScheduler
 
         scheduler = PNDMScheduler.from_config(self.c.noise_scheduler.config, skip_prk_steps=True)
-        return StableDiffusionPipeline(vae=self.c.vae, text_encoder=self.text_encoder_of(model), tokenizer=self.c.tokenizer,
-                                       unet=self.unet_of(model), scheduler=scheduler, safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
+        return assemble_pipeline(self.c, self.unet_of(model), self.text_encoder_of(model), scheduler)
 
     def validation_prompts(self) -> list[str]:
         return list(self.opts.validation_prompt)

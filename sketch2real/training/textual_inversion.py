@@ -117,6 +117,9 @@ class TextualInversionTask(DiffusionTask):
     def __init__(self, opts: TextualInversionOptions, accelerator, components: SDComponents | None = None):
         super().__init__(opts, accelerator, components)
         c, device = self.c, accelerator.device
+        if self.family.pooled:
+            raise UserError(f"Textual Inversion on {self.family.name} (a token in both text encoders) is not built yet; "
+                            "use DreamBooth (LoRA or full) on SDXL")
         self.tokens = placeholder_tokens(opts.placeholder_token, opts.num_vectors)
         vocab = c.tokenizer.get_vocab()
         clash = [t for t in self.tokens if t in vocab or c.tokenizer.tokenize(t) == [t + "</w>"]]
@@ -176,8 +179,7 @@ class TextualInversionTask(DiffusionTask):
     def loss(self, model, step: int, micro: int) -> torch.Tensor:
         indices, noisy, target, timesteps = self.noisy_batch(self.images, self.data_sampler, step, micro, "data")
         prompts = [self.prompt_for(self.categories[i], derive_seed(self.opts.seed, "template", step, i)) for i in indices]
-        states = self.encode_text(model, prompts)
-        prediction = self.c.unet(noisy, timesteps, states).sample
+        prediction = self.c.unet(noisy, timesteps, **self.condition(prompts, model).unet_kwargs()).sample
         return self.loss_of(prediction, target, timesteps)
 
     def text_encoder_of(self, model):

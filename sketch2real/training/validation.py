@@ -53,12 +53,15 @@ def heldout_denoising_losses(
 def validation_mosaic(pipeline, prompts: Sequence[str], num_images: int, seed: int, resolution: int,
                       num_inference_steps: int, out_file: Path, extra: dict | None = None) -> Image.Image:
     """One row per prompt, `num_images` fixed-seed images each; saved as PNG at `out_file`."""
+    from sketch2real.family import generation_kwargs
+
     pipeline.set_progress_bar_config(disable=True)
+    extra = {**generation_kwargs(pipeline), **(extra or {})}
     rows = []
     for p, prompt in enumerate(prompts):
         generators = [torch.Generator().manual_seed(derive_seed(seed, "validation", p, i)) for i in range(num_images)]
         images = pipeline([prompt] * num_images, height=resolution, width=resolution, num_inference_steps=num_inference_steps,
-                          generator=generators, **(extra or {})).images
+                          generator=generators, **extra).images
         rows.append(images)
     grid = image_grid(rows, cell=resolution)
     out_file.parent.mkdir(parents=True, exist_ok=True)

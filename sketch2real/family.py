@@ -1,0 +1,136 @@
+"""The one place that knows how Stable Diffusion families differ: SD 1.x/2.x and SDXL.
+
+The family is read from the model (`model_index.json`'s pipeline class), never from a flag. It says which
+tokenizers and text encoders there are, how prompts become the UNet's conditioning (SDXL: the penultimate
+hidden states of both encoders side by side, the second encoder's pooled embedding, and the
+micro-conditioning time ids), and which diffusers pipeline classes load and generate. Trainers and scripts
+call this and never branch on the family themselves.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sketch2real.cli import UserError
+
+SKETCHY_SIZE = (256, 256)  # every Sketchy photo and sketch (rendered_256x256): SDXL's original_size
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between families, as names diffusers understands."""
+
+    name: str
+    pipeline: str  # text-to-image pipeline class
+    controlnet_pipeline: str
+    text_encoders: tuple[str, ...]  # component names, in the order their states are concatenated
+    tokenizers: tuple[str, ...]
+    text_encoder_classes: tuple[str, ...]  # transformers classes
+
+    @property
+    def pooled(self) -> bool:
+        """Whether the UNet also takes a pooled text embedding and time ids (SDXL's added conditioning)."""
+        return len(self.text_encoders) > 1
+
+
+SD = Family("sd", "StableDiffusionPipeline", "StableDiffusionControlNetPipeline", ("text_encoder",), ("tokenizer",),
+            ("CLIPTextModel",))
+SDXL = Family("sdxl", "StableDiffusionXLPipeline", "StableDiffusionXLControlNetPipeline", ("text_encoder", "text_encoder_2"),
+              ("tokenizer", "tokenizer_2"), ("CLIPTextModel", "CLIPTextModelWithProjection"))
+
+
+def family_of(name_or_path: str, revision: str | None = None) -> Family:
+    """The family of a diffusers pipeline folder or hub id, from its `model_index.json`."""
+    local = Path(name_or_path) / "model_index.json"
+    try:
+        if local.is_file():
+            index = json.loads(local.read_text())
+        else:
+            from huggingface_hub import hf_hub_download
+
+            index = json.loads(Path(hf_hub_download(name_or_path, "model_index.json", revision=revision)).read_text())
+    except Exception as err:  # not a pipeline, offline without a cache, a typo
+        raise UserError(f"cannot read the model index of {name_or_path}: {str(err).strip().splitlines()[0]}") from err
+    class_name = index.get("_class_name", "")
+    return SDXL if "XL" in class_name else SD
+
+
+def pipeline_class(family: Family, controlnet: bool = False):
+    """The diffusers pipeline class that generates with this family (with a ControlNet, if asked)."""
+    import diffusers
+
+    return getattr(diffusers, family.controlnet_pipeline if controlnet else family.pipeline)
+
+
+@dataclass
+class Conditioning:
+    """The UNet's (and a ControlNet's) text conditioning for a batch."""
+
+    states: torch.Tensor
+    added: dict[str, torch.Tensor] | None = None  # SDXL: text_embeds (pooled) and time_ids
+
+    def unet_kwargs(self) -> dict:
+        return {"encoder_hidden_states": self.states, "added_cond_kwargs": self.added}
+
+    def expand(self, n: int) -> Conditioning:
+        """A batch-1 conditioning repeated n times."""
+        added = {k: v.expand(n, *v.shape[1:]) for k, v in self.added.items()} if self.added else None
+        return Conditioning(self.states.expand(n, *self.states.shape[1:]), added)
+
+
+def time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int], target_size: tuple[int, int]) -> torch.Tensor:
+    """SDXL's micro-conditioning: (original h, w, crop top, left, target h, w) as one row."""
+    return torch.tensor([[*original_size, *crop_top_left, *target_size]], dtype=torch.float32)
+
+
+def encode_prompt_ids(family: Family, text_encoders: list, ids: list[torch.Tensor], resolution: int,
+                      source_size: tuple[int, int]) -> Conditioning:
+    """Token ids (one tensor per tokenizer) -> the UNet's conditioning for this family.
+
+    SDXL: images were resized from `source_size` (Sketchy's 256 px) to `resolution`, uncropped; the same
+    ids are given at generation (`generation_kwargs`)."""
+    if not family.pooled:
+        return Conditioning(text_encoders[0](ids[0])[0])
+    states, pooled = [], None
+    for encoder, encoder_ids in zip(text_encoders, ids):
+        output = encoder(encoder_ids, output_hidden_states=True)
+        states.append(output.hidden_states[-2])
+        pooled = output[0]  # the last encoder's projected pooled embedding
+    batch = ids[0].shape[0]
+    times = time_ids(source_size, (0, 0), (resolution, resolution)).to(pooled.device, pooled.dtype).expand(batch, -1)
+    return Conditioning(torch.cat(states, dim=-1), {"text_embeds": pooled, "time_ids": times})
+
+
+def load_pipeline(family: Family, name_or_path: str, controlnet=None, safety_checker: bool = False, **kwargs):
+    """`from_pretrained` of the family's pipeline (with a ControlNet, if given), one-line errors; SD's safety
+    checker only if asked (it blackens sketches)."""
+    from sketch2real.models import load
+
+    if not family.pooled and not safety_checker:
+        kwargs = {"safety_checker": None, "requires_safety_checker": False, **kwargs}
+    if controlnet is not None:
+        kwargs["controlnet"] = controlnet
+    return load(pipeline_class(family, controlnet is not None), name_or_path, "model", **kwargs)
+
+
+def assemble_pipeline(components, unet, text_encoder, scheduler, controlnet=None):
+    """A generation pipeline of the components' family around the given (trained) UNet and first text encoder."""
+    family = components.family or SD
+    parts = {"vae": components.vae, "unet": unet, "scheduler": scheduler, "text_encoder": text_encoder,
+             "tokenizer": components.tokenizer, **({"controlnet": controlnet} if controlnet is not None else {})}
+    if family.pooled:
+        parts.update(text_encoder_2=components.text_encoder_2, tokenizer_2=components.tokenizer_2)
+    else:
+        parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return pipeline_class(family, controlnet is not None)(**parts)
+
+
+def generation_kwargs(pipe, source_size: tuple[int, int] = SKETCHY_SIZE) -> dict:
+    """Call arguments for a loaded pipeline that match training's conditioning (SDXL: the sources' original size,
+    uncropped)."""
+    pooled = getattr(pipe, "text_encoder_2", None) is not None
+    return {"original_size": source_size, "crops_coords_top_left": (0, 0)} if pooled else {}
