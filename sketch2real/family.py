@@ -129,8 +129,50 @@ def assemble_pipeline(components, unet, text_encoder, scheduler, controlnet=None
     return pipeline_class(family, controlnet is not None)(**parts)
 
 
+class TextEncoders(torch.nn.Module):
+    """A family's text encoders as one module, token ids (one tensor per tokenizer) in, conditioning out as a tuple
+    (states, and for SDXL pooled embedding and time ids): what DDP/DeepSpeed wrap when the encoders train."""
+
+    def __init__(self, family: Family, encoders: list, resolution: int, source_size: tuple[int, int] = SKETCHY_SIZE):
+        super().__init__()
+        self.family, self.resolution, self.source_size = family, resolution, source_size
+        self.encoders = torch.nn.ModuleList(encoders)
+
+    def forward(self, ids: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        cond = encode_prompt_ids(self.family, list(self.encoders), ids, self.resolution, self.source_size)
+        return (cond.states, cond.added["text_embeds"], cond.added["time_ids"]) if cond.added else (cond.states,)
+
+    @staticmethod
+    def conditioning(output: tuple[torch.Tensor, ...]) -> Conditioning:
+        """The forward's tuple as the UNet's conditioning."""
+        return Conditioning(output[0], {"text_embeds": output[1], "time_ids": output[2]} if len(output) > 1 else None)
+
+
 def generation_kwargs(pipe, source_size: tuple[int, int] = SKETCHY_SIZE) -> dict:
     """Call arguments for a loaded pipeline that match training's conditioning (SDXL: the sources' original size,
     uncropped)."""
     pooled = getattr(pipe, "text_encoder_2", None) is not None
     return {"original_size": source_size, "crops_coords_top_left": (0, 0)} if pooled else {}
+
+
+def load_textual_inversion(pipe, file: str) -> None:
+    """Load a Textual Inversion file into a pipeline of either family.
+
+    SD 1.x/2.x: diffusers' format ({token: vectors}). SDXL: the community format with `clip_l` and `clip_g`
+    tensors, one per text encoder (A1111, kohya); the token is the file's `token` metadata, else its name as
+    A1111 uses it. An SD 1.x file given to SDXL is refused: it would fit the first encoder only.
+    """
+    if getattr(pipe, "text_encoder_2", None) is None:
+        pipe.load_textual_inversion(file)
+        return
+    from safetensors import safe_open
+
+    with safe_open(file, "pt") as f:
+        keys, metadata = set(f.keys()), f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in keys & {"clip_l", "clip_g"}}
+    if set(tensors) != {"clip_l", "clip_g"}:
+        raise UserError(f"{file} holds {', '.join(sorted(keys)) or 'nothing'}: an SD 1.x embedding; an SDXL model needs "
+                        "'clip_l' and 'clip_g' tensors (one per text encoder)")
+    token = metadata.get("token") or Path(file).stem
+    pipe.load_textual_inversion(tensors["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(tensors["clip_g"], token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)

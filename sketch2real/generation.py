@@ -131,7 +131,7 @@ def load_generation_pipeline(model: str, device: torch.device, dtype: torch.dtyp
     """A (ControlNet) pipeline of the model's family (SD 1.x/2.x or SDXL) with optional TI embeddings and LoRA fused in."""
     import diffusers
 
-    from sketch2real.family import family_of, load_pipeline
+    from sketch2real.family import family_of, load_pipeline, load_textual_inversion
     from sketch2real.models import check_model_path, enable_xformers, load
 
     check_model_path(model)
@@ -144,7 +144,11 @@ def load_generation_pipeline(model: str, device: torch.device, dtype: torch.dtyp
     for file in textual_inversion:
         if not Path(file).exists():
             raise UserError(f"textual inversion embeddings not found: {file}")
-        pipe.load_textual_inversion(file)
+        try:
+            load_textual_inversion(pipe, file)
+        except (ValueError, KeyError, RuntimeError) as err:  # e.g. an SD 1.x embedding given to SDXL: other widths
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"cannot load textual inversion embeddings {file} into {model}: {first}") from err
     if lora:
         if not Path(lora).exists():
             raise UserError(f"LoRA weights not found: {lora}")

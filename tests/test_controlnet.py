@@ -143,3 +143,38 @@ def test_controlnet_starts_from_the_full_precision_unet(cn_args, tmp_path):
     expected = init_controlnet(load_sd_components(str(cn_args[1])).unet, seed=0).state_dict()
     got = task.model.state_dict()
     assert all(torch.equal(got[k], v) for k, v in expected.items())
+
+
+def test_sdxl_controlnet_in_bf16_loads_in_the_sdxl_pipeline_and_generates_from_sketches(tiny_models, shard_dir, tmp_path):
+    """The family comes from the model: the same script trains a ControlNet from an SDXL UNet (added conditioning
+    passed to both), and infer/generate.py conditions SDXL on the sketches."""
+    import json as json_lib
+
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+    from PIL import Image
+
+    out = tmp_path / "cn"
+    run_script("train/controlnet.py", "--pretrained_model_name_or_path", tiny_models.sdxl, "--shard_dir", shard_dir,
+               "--resolution", "64", "--learning_rate", "1e-2", "--max_train_steps", "3", "--train_batch_size", "2",
+               "--validation_steps", "3", "--num_validation_images", "1", "--validation_inference_steps", "2",
+               "--num_heldout_samples", "4", "--checkpointing_steps", "0", "--report_to", "none", "--categories", "cat",
+               "--output_dir", out, "--mixed_precision", "bf16")
+    metrics = json_lib.loads((out / "metrics.json").read_text())
+    assert metrics["mixed_precision"] == "bf16" and metrics["heldout_loss"] == metrics["heldout_loss"]
+    assert (out / "validation" / "step-000003.png").is_file()
+    controlnet = ControlNetModel.from_pretrained(out)
+    assert controlnet.config.addition_embed_type == "text_time"  # a copy of the SDXL UNet's encoder
+    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(tiny_models.sdxl, controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    a, b = Image.new("RGB", (64, 64), "black"), Image.new("RGB", (64, 64), "black")
+    b.paste((255, 255, 255), (10, 10, 50, 50))
+    kwargs = dict(height=64, width=64, num_inference_steps=2, output_type="np", controlnet_conditioning_scale=50.0)
+    out_a = pipe("a photo of a cat", image=a, generator=torch.Generator().manual_seed(0), **kwargs).images
+    out_b = pipe("a photo of a cat", image=b, generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert abs(out_a - out_b).max() > 1e-4, abs(out_a - out_b).max()  # the sketch reaches the image
+    gen = tmp_path / "gen"
+    run_script("infer/generate.py", "--pretrained_model_name_or_path", tiny_models.sdxl, "--controlnet", out, "--shard_dir",
+               shard_dir, "--split", "test", "--categories", "cat", "--height", "64", "--width", "64",
+               "--num_inference_steps", "2", "--prompt_template", "a photo of a {category}", "--output_dir", gen)
+    rows = [json_lib.loads(line) for line in (gen / "index.jsonl").read_text().splitlines()]
+    assert rows and all((gen / r["image"]).is_file() for r in rows)

@@ -128,3 +128,31 @@ def test_textual_inversion_and_lora_change_the_images(gen_args, tmp_path, tiny_m
 def test_bad_input(gen_args, tmp_path, extra, message):
     proc = run_script("infer/generate.py", *gen_args, "--output_dir", tmp_path, *extra, check=False)
     assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1], proc.stderr[-1500:]
+
+
+def test_sdxl_loads_two_encoder_embeddings_and_refuses_an_sd1_file_in_one_line(tiny_models, shard_dir, tmp_path):
+    """SDXL embeddings are {clip_l, clip_g} (A1111/kohya's format), the token from the metadata or the file name;
+    an SD 1.x file, which would fit the first encoder only, is one line and exit 2."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sketch2real.generation import load_generation_pipeline
+
+    sd1, sdxl = tmp_path / "sd1.safetensors", tmp_path / "zqsketch.safetensors"
+    save_file({"<pencil>": torch.randn(1, 32)}, str(sd1))
+    save_file({"clip_l": torch.randn(2, 32), "clip_g": torch.randn(2, 32)}, str(sdxl))
+    pipe = load_generation_pipeline(str(tiny_models.sdxl), torch.device("cpu"), torch.float32, textual_inversion=[str(sdxl)])
+    for tokenizer, encoder, key in ((pipe.tokenizer, pipe.text_encoder, "clip_l"), (pipe.tokenizer_2, pipe.text_encoder_2, "clip_g")):
+        ids = tokenizer.convert_tokens_to_ids(["zqsketch", "zqsketch_1"])
+        rows = encoder.get_input_embeddings().weight[ids]
+        assert torch.equal(rows, load_file_tensor(sdxl, key)), key
+    result = run_script("infer/generate.py", "--pretrained_model_name_or_path", tiny_models.sdxl, "--textual_inversion", sd1,
+                        "--shard_dir", shard_dir, "--split", "test", "--prompt_template", "a {category}", "--height", "64",
+                        "--width", "64", "--output_dir", tmp_path / "gen", check=False)
+    assert result.returncode == 2 and "an SD 1.x embedding" in result.stderr and "Traceback" not in result.stderr
+
+
+def load_file_tensor(path, key):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))[key]

@@ -46,13 +46,14 @@ def test_sequential_needs_stages(tiny_models, shard_dir, tmp_path):
     assert proc.returncode == 2 and "--stages needs at least one category" in proc.stderr
 
 
-@pytest.mark.parametrize("launcher", LAUNCHERS)
-def test_bf16_matrix_and_resume_at_a_stage(launcher, tiny_models, shard_dir, tmp_path):
-    """The process group lives for the whole script: stage 2 runs with 2 processes (it died there before)."""
-    from diffusers import StableDiffusionPipeline
+@pytest.mark.parametrize("launcher, family", [(launcher, "sd") for launcher in LAUNCHERS] + [("ddp", "sdxl")])
+def test_bf16_matrix_and_resume_at_a_stage(launcher, family, tiny_models, shard_dir, tmp_path):
+    """The process group lives for the whole script: stage 2 runs with 2 processes (it died there before); SDXL too."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     out = tmp_path / "seq"
-    args = ["--pretrained_model_name_or_path", tiny_models.sd, "--shard_dir", shard_dir, "--stages", "cat,apple",
+    model, pipeline = (tiny_models.sdxl, StableDiffusionXLPipeline) if family == "sdxl" else (tiny_models.sd, StableDiffusionPipeline)
+    args = ["--pretrained_model_name_or_path", model, "--shard_dir", shard_dir, "--stages", "cat,apple",
             "--steps_per_stage", "2", "--resolution", "64", "--learning_rate", "1e-3", "--checkpointing_steps", "1",
             "--validation_steps", "2", "--num_validation_images", "1", "--validation_inference_steps", "2",
             "--report_to", "none", "--instance_prompt", "a {category} in the style of sks", "--num_heldout_samples", "2",
@@ -62,7 +63,7 @@ def test_bf16_matrix_and_resume_at_a_stage(launcher, tiny_models, shard_dir, tmp
     assert [r["name"] for r in report["rows"]] == ["base", "1: cat", "2: apple"]
     assert all(v == v for r in report["rows"] for v in r["loss"].values())  # finite held-out losses
     for stage in ("stage-01-cat", "stage-02-apple"):
-        StableDiffusionPipeline.from_pretrained(out / stage)
+        pipeline.from_pretrained(out / stage)
         assert (out / stage / "validation" / "step-000002.png").is_file()
     if launcher == "ddp":  # resume at a stage with 2 processes: stage 1 skipped, stage 2 resumed from its checkpoint
         (out / "stage-02-apple" / "stage_metrics.json").unlink()

@@ -129,3 +129,35 @@ def test_bf16_matrix(launcher, ti_args, tiny_models, tmp_path, tmp_path_factory)
     pipe.load_textual_inversion(out / "learned_embeds.safetensors")
     embeds = [{"rows": load_file(run / "learned_embeds.safetensors")["<sketch>"]} for run in (one, one_fp32)]
     assert_agrees_within_bf16(embeds[0], {"rows": rows}, embeds[1], {"rows": initial[None]})
+
+
+@pytest.mark.parametrize("launcher", ["1", "ddp"])
+def test_sdxl_token_in_both_encoders_loads_as_diffusers_documents(launcher, tiny_models, shard_dir, tmp_path, tmp_path_factory):
+    """SDXL: the token gets rows in both text encoders; saved as one file with clip_l and clip_g (the format that
+    diffusers' documentation loads with two load_textual_inversion calls, and A1111/kohya read); 2 processes agree."""
+    from diffusers import StableDiffusionXLPipeline
+
+    args = ["--pretrained_model_name_or_path", tiny_models.sdxl, "--shard_dir", shard_dir, "--resolution", "64",
+            "--learning_rate", "5e-2", "--report_to", "none", "--categories", "cat", "apple", *SHARP_ADAM,
+            "--max_train_steps", "2", "--checkpointing_steps", "1", "--validation_steps", "2", "--num_validation_images", "1",
+            "--validation_inference_steps", "2", "--num_heldout_samples", "2", "--num_vectors", "2"]
+    out, one, one_fp32 = run_matrix_case(launcher, "ti-sdxl", "train/textual_inversion.py", args, tmp_path, tmp_path_factory)
+    saved = load_file(out / "learned_embeds.safetensors")
+    assert set(saved) == {"clip_l", "clip_g"} and all(v.shape == (2, 32) and v.dtype == torch.float32 for v in saved.values())
+    assert set(load_file(out / "learned_embeds-steps-1.safetensors")) == {"clip_l", "clip_g"}
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_models.sdxl)
+    initial = {key: encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids("sketch</w>")].detach()[None]
+               for key, tokenizer, encoder in (("clip_l", pipe.tokenizer, pipe.text_encoder),
+                                               ("clip_g", pipe.tokenizer_2, pipe.text_encoder_2))}
+    pipe.load_textual_inversion(saved["clip_l"], token="<sketch>", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(saved["clip_g"], token="<sketch>", text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+    for key, tokenizer, encoder in (("clip_l", pipe.tokenizer, pipe.text_encoder), ("clip_g", pipe.tokenizer_2, pipe.text_encoder_2)):
+        rows = encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(["<sketch>", "<sketch>_1"])]
+        assert torch.equal(rows, saved[key])
+        assert not torch.allclose(saved[key], initial[key].expand(2, -1))  # both encoders' rows trained
+        reference, reference32 = (load_file(run / "learned_embeds.safetensors")[key] for run in (one, one_fp32))
+        assert_agrees_within_bf16({"rows": reference}, {"rows": saved[key]}, {"rows": reference32},
+                                  {"rows": initial[key].expand(2, -1)})
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a cat in the style of <sketch>", height=64, width=64, num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 64, 64, 3)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from sketch2real.family import SD, SKETCHY_SIZE, Conditioning, assemble_pipeline, encode_prompt_ids
+from sketch2real.family import SD, SKETCHY_SIZE, Conditioning, TextEncoders, assemble_pipeline, encode_prompt_ids
 from sketch2real.models import SDComponents, dtype_for, load_sd_components
 from sketch2real.training.accelerator import cast_denoiser_inputs, configure_attention, zero3_init_disabled
 from sketch2real.training.data import GlobalBatchSampler, StepLoader, default_num_workers, prefetched
@@ -145,10 +145,13 @@ class DiffusionTask:
         return [tokenize(tokenizer, prompts).to(self.accelerator.device) for tokenizer in self.c.tokenizers]
 
     def condition(self, prompts: list[str], text_encoder=None) -> Conditioning:
-        """Prompts -> the UNet's conditioning (`sketch2real.family`); `text_encoder` stands in for the first
-        encoder (one being trained, or with Textual Inversion's rows)."""
+        """Prompts -> the UNet's conditioning (`sketch2real.family`). `text_encoder` stands in for the first encoder
+        (one being trained, or with Textual Inversion's rows), or is a (wrapped) `TextEncoders` holding them all."""
+        ids = self.prompt_ids(prompts)
+        if text_encoder is not None and isinstance(self.accelerator.unwrap_model(text_encoder), TextEncoders):
+            return TextEncoders.conditioning(text_encoder(ids))
         encoders = [text_encoder or self.c.text_encoder, *self.c.text_encoders[1:]]
-        return encode_prompt_ids(self.family, encoders, self.prompt_ids(prompts), self.opts.resolution, SKETCHY_SIZE)
+        return encode_prompt_ids(self.family, encoders, ids, self.opts.resolution, SKETCHY_SIZE)
 
     def samples_per_step(self) -> int:
         o = self.opts

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from sketch2real.cli import UserError, option
+from sketch2real.family import TextEncoders
 from sketch2real.io import atomic_path
 from sketch2real.models import SDComponents
 from sketch2real.sketchy import category_words
@@ -117,30 +118,19 @@ class TextualInversionTask(DiffusionTask):
     def __init__(self, opts: TextualInversionOptions, accelerator, components: SDComponents | None = None):
         super().__init__(opts, accelerator, components)
         c, device = self.c, accelerator.device
-        if self.family.pooled:
-            raise UserError(f"Textual Inversion on {self.family.name} (a token in both text encoders) is not built yet; "
-                            "use DreamBooth (LoRA or full) on SDXL")
         self.tokens = placeholder_tokens(opts.placeholder_token, opts.num_vectors)
-        vocab = c.tokenizer.get_vocab()
-        clash = [t for t in self.tokens if t in vocab or c.tokenizer.tokenize(t) == [t + "</w>"]]
-        if clash:
-            raise UserError(f"placeholder token {clash[0]!r} is already in the vocabulary; choose another --placeholder_token")
-        init = initializer_ids(c.tokenizer, opts.initializer_token)
-        c.tokenizer.add_tokens(self.tokens)
-        self.token_ids = c.tokenizer.convert_tokens_to_ids(self.tokens)
-        base = c.text_encoder.get_input_embeddings()
-        if self.token_ids[0] != base.num_embeddings:
-            raise UserError("the tokenizer and text encoder vocabularies differ in size; cannot append the placeholder")
-        start = base.weight.detach()[init].float().mean(0)
-        c.text_encoder.requires_grad_(False)
+        # The token goes into every tokenizer and text encoder of the family (SDXL: both), each with its own rows.
+        self.embeddings = [self._add_token(tokenizer, encoder) for tokenizer, encoder in zip(c.tokenizers, c.text_encoders)]
         c.unet.requires_grad_(False).to(device, self.weight_dtype)
-        c.text_encoder.to(device, self.weight_dtype)
-        self.embedding = PlaceholderEmbedding(base, start.expand(opts.num_vectors, -1))
-        c.text_encoder.set_input_embeddings(self.embedding)
+        for encoder in c.text_encoders:
+            encoder.to(device, self.weight_dtype)
+            if opts.gradient_checkpointing:
+                encoder.gradient_checkpointing_enable()
         if opts.gradient_checkpointing:
             c.unet.enable_gradient_checkpointing()
-            c.text_encoder.gradient_checkpointing_enable()
-        self.model = c.text_encoder  # DDP/DeepSpeed see one module whose only parameter needing grad is new_rows
+        # DDP/DeepSpeed see one module whose only parameters needing grad are the new rows
+        self.model = (TextEncoders(self.family, c.text_encoders, opts.resolution) if len(c.text_encoders) > 1
+                      else c.text_encoder)
 
         if opts.train_data_dir:
             self.images = load_folder_images(opts.train_data_dir, opts.resolution, opts.num_instance_images)
@@ -152,6 +142,24 @@ class TextualInversionTask(DiffusionTask):
         logger.info("%d training images", len(self.images))
         self.data_sampler = self.sampler(len(self.images), "data")
         self.heldout_images, self.heldout_prompts = self._heldout()
+
+    def _add_token(self, tokenizer, text_encoder) -> PlaceholderEmbedding:
+        """Append the placeholder token(s) to one tokenizer and give its encoder trainable rows for them."""
+        vocab = tokenizer.get_vocab()
+        clash = [t for t in self.tokens if t in vocab or tokenizer.tokenize(t) == [t + "</w>"]]
+        if clash:
+            raise UserError(f"placeholder token {clash[0]!r} is already in the vocabulary; choose another --placeholder_token")
+        init = initializer_ids(tokenizer, self.opts.initializer_token)
+        tokenizer.add_tokens(self.tokens)
+        token_ids = tokenizer.convert_tokens_to_ids(self.tokens)
+        base = text_encoder.get_input_embeddings()
+        if token_ids[0] != base.num_embeddings:
+            raise UserError("the tokenizer and text encoder vocabularies differ in size; cannot append the placeholder")
+        start = base.weight.detach()[init].float().mean(0)
+        text_encoder.requires_grad_(False)
+        embedding = PlaceholderEmbedding(base, start.expand(self.opts.num_vectors, -1))
+        text_encoder.set_input_embeddings(embedding)
+        return embedding
 
     def _heldout(self) -> tuple[torch.Tensor | None, list[str]]:
         opts = self.opts
@@ -174,7 +182,7 @@ class TextualInversionTask(DiffusionTask):
         return prompt.replace(self.opts.placeholder_token, " ".join(self.tokens)) if len(self.tokens) > 1 else prompt
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [self.embedding.new_rows]
+        return [embedding.new_rows for embedding in self.embeddings]
 
     def loss(self, model, step: int, micro: int) -> torch.Tensor:
         indices, noisy, target, timesteps = self.noisy_batch(self.images, self.data_sampler, step, micro, "data")
@@ -183,7 +191,8 @@ class TextualInversionTask(DiffusionTask):
         return self.loss_of(prediction, target, timesteps)
 
     def text_encoder_of(self, model):
-        return self.accelerator.unwrap_model(model)
+        unwrapped = self.accelerator.unwrap_model(model)
+        return unwrapped.encoders[0] if isinstance(unwrapped, TextEncoders) else unwrapped
 
     def validation_prompts(self) -> list[str]:
         if self.opts.validation_prompt:
@@ -192,17 +201,21 @@ class TextualInversionTask(DiffusionTask):
         return [self.prompt_for(c, 0) for c in categories]
 
     def learned_embeds(self, accelerator, model) -> dict[str, torch.Tensor]:
-        """diffusers' format: {placeholder token: [num_vectors, hidden]} in fp32 (load_textual_inversion reads it).
+        """In fp32: SD 1.x/2.x, diffusers' format {placeholder token: [num_vectors, hidden]}; SDXL, the community format
+        {"clip_l": ..., "clip_g": ...} (the token goes in the file's metadata; `sketch2real.family.load_textual_inversion`
+        and A1111/kohya read it).
 
         The rows are the optimizer's fp32 master weights, gathered under ZeRO-3: a collective
         under DeepSpeed, so every rank calls it.
         """
-        (rows,) = trained_state_dict(accelerator, model).values()
-        return {self.opts.placeholder_token: rows}
+        rows = list(trained_state_dict(accelerator, model).values())  # in encoder order
+        if len(rows) == 1:
+            return {self.opts.placeholder_token: rows[0]}
+        return dict(zip(("clip_l", "clip_g"), rows))
 
     def _write_embeds(self, embeds: dict[str, torch.Tensor], name: str) -> None:
         with atomic_path(Path(self.opts.output_dir) / name) as tmp:
-            save_file(embeds, str(tmp))
+            save_file(embeds, str(tmp), metadata={"token": self.opts.placeholder_token})
 
     def on_checkpoint(self, accelerator, model, step: int) -> None:
         embeds = self.learned_embeds(accelerator, model)
@@ -220,11 +233,10 @@ class TextualInversionTask(DiffusionTask):
 
     def _save_pipeline(self, embeds: dict[str, torch.Tensor]) -> None:
         """Base pipeline with the token appended: every other weight and row is the base's, bit for bit."""
-        from diffusers import StableDiffusionPipeline
+        from sketch2real.family import load_pipeline, load_textual_inversion
+        from sketch2real.models import save_pretrained_atomic
 
-        from sketch2real.models import load, save_pretrained_atomic
-
-        pipe = load(StableDiffusionPipeline, self.opts.pretrained_model_name_or_path, "model", safety_checker=None,
-                    requires_safety_checker=False, revision=self.opts.revision, variant=self.opts.variant)
-        pipe.load_textual_inversion(embeds, token=self.opts.placeholder_token)
+        pipe = load_pipeline(self.family, self.opts.pretrained_model_name_or_path, revision=self.opts.revision,
+                             variant=self.opts.variant)
+        load_textual_inversion(pipe, str(Path(self.opts.output_dir) / "learned_embeds.safetensors"))
         save_pretrained_atomic(pipe, self.opts.output_dir)
