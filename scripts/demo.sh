@@ -10,7 +10,7 @@ PY=${PYTHON:-python3}
 COMMON_TRAIN=(--resolution 64 --report_to tensorboard --validation_inference_steps 10 --num_validation_images 2)
 step() { printf '\n== %s\n' "$*"; }
 
-step "tiny models, and the tiny base trained on a synthetic Sketchy (~4 min the first time; cached)"
+step "tiny models, and the tiny base trained on a synthetic Sketchy (~6 min the first time; cached)"
 $PY -m sketch2real.tiny --output_dir "$OUT/tiny_models" --pretrain
 SD="$OUT/tiny_models/tiny-sd-trained"
 
