@@ -275,14 +275,14 @@ def run_fid(opts, generated_sets: list[ImageSet], reference: ImageSet, state) ->
     """
     from sketch2real.extractors import DEFAULT_CLIP, DEFAULT_DINOV2, clip_extractor, dinov2_extractor, inception_extractor
 
-    metrics = set(getattr(opts, "metrics", None) or ("fid", "kid"))
+    metrics = set(opts.metrics)
     clip_path = opts.clip_model_name_or_path or DEFAULT_CLIP
     extractors = {}
     if metrics & {"fid", "kid"}:
         extractors["inception"] = inception_extractor(opts.dims, state.device, opts.batch_size, opts.num_workers, opts.resize,
-                                                      getattr(opts, "clean_resize", False), opts.channels_last)
+                                                      opts.clean_resize, opts.channels_last)
     if metrics & {"fd_dinov2", "prdc"}:
-        extractors["dinov2"] = dinov2_extractor(getattr(opts, "dinov2_model_name_or_path", "") or DEFAULT_DINOV2,
+        extractors["dinov2"] = dinov2_extractor(opts.dinov2_model_name_or_path or DEFAULT_DINOV2,
                                                 state.device, opts.batch_size, opts.num_workers)
     if metrics & {"cmmd", "clip_accuracy"}:
         extractors["clip"] = clip_extractor(clip_path, state.device, opts.batch_size, opts.num_workers)
@@ -295,7 +295,7 @@ def run_fid(opts, generated_sets: list[ImageSet], reference: ImageSet, state) ->
     if not state.is_main_process:
         return None
     report = {"dims": opts.dims, "metrics": sorted(metrics),
-              "resize": "clean-fid (PIL bicubic, anti-aliased, to 299)" if getattr(opts, "clean_resize", False)
+              "resize": "clean-fid (PIL bicubic, anti-aliased, to 299)" if opts.clean_resize
               else "pytorch-fid (the network's bilinear resize to 299)",
               "reference": {"name": reference.name, "n": len(reference), "cache_hit": all(hits.values()), "cache_hits": hits},
               "sets": {}}
@@ -309,7 +309,7 @@ def run_fid(opts, generated_sets: list[ImageSet], reference: ImageSet, state) ->
             ref_features, ref_valid = reference_of["inception"]
             report["reference"]["n"] = int(ref_valid.sum())
             result = evaluate_set(images.name, images, features, valid, reference, ref_features, ref_valid, opts.dims, opts.seed,
-                                  getattr(opts, "bootstrap_resamples", 100))
+                                  opts.bootstrap_resamples)
             extracted.append((images, features, valid))
         if set(extractors) - {"inception"}:
             beyond = _scores_beyond_inception(metrics, images, reference, {n: sets_of[n][index] for n in sets_of},

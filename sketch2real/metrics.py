@@ -102,8 +102,6 @@ class _Loader(torch.utils.data.Dataset):
         return len(self.sources)
 
     def _open(self, source) -> Image.Image:
-        if isinstance(source, Image.Image):
-            return source
         if isinstance(source, Path):
             return Image.open(source)
         shard_dir, split, key, field = source
@@ -143,7 +141,7 @@ def clean_resize(image: Image.Image, side: int) -> torch.Tensor:
 
 
 def open_images(sources: Sequence) -> list[Image.Image]:
-    """An ImageSet's sources (files, shard rows, or PIL images) decoded as RGB images."""
+    """An ImageSet's sources (files or shard rows) decoded as RGB images."""
     loader = _Loader(list(sources))
     return [loader._open(source).convert("RGB") for source in loader.sources]
 
