@@ -131,16 +131,36 @@ def assemble_pipeline(components, unet, text_encoder, scheduler, controlnet=None
 
 class TextEncoders(torch.nn.Module):
     """A family's text encoders as one module, token ids (one tensor per tokenizer) in, conditioning out as a tuple
-    (states, and for SDXL pooled embedding and time ids): what DDP/DeepSpeed wrap when the encoders train."""
+    (states, and for SDXL pooled embedding and time ids): what DDP/DeepSpeed wrap when the encoders train.
+
+    Encoders are held by their pipeline component names (`encoders.text_encoder_2.*`), so trained weights map
+    back onto a pipeline by name."""
 
     def __init__(self, family: Family, encoders: list, resolution: int, source_size: tuple[int, int] = SKETCHY_SIZE):
         super().__init__()
         self.family, self.resolution, self.source_size = family, resolution, source_size
-        self.encoders = torch.nn.ModuleList(encoders)
+        self.encoders = torch.nn.ModuleDict(dict(zip(family.text_encoders, encoders)))
 
     def forward(self, ids: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        cond = encode_prompt_ids(self.family, list(self.encoders), ids, self.resolution, self.source_size)
+        cond = encode_prompt_ids(self.family, list(self.encoders.values()), ids, self.resolution, self.source_size)
         return (cond.states, cond.added["text_embeds"], cond.added["time_ids"]) if cond.added else (cond.states,)
+
+    def train_what_conditions(self) -> None:
+        """Make every weight that shapes the conditioning trainable, and only those.
+
+        SDXL reads the penultimate layer of each encoder and the pooled embedding of the last one only, so the
+        other encoders' last layer and final norm never get a gradient. Left trainable, one process skips them
+        while DeepSpeed applies weight decay to their zero gradients (the runs part ways), and DDP's reducer
+        waits for their gradients.
+        """
+        encoders = list(self.encoders.values())
+        for encoder in encoders:
+            encoder.requires_grad_(True)
+        if self.family.pooled:
+            for encoder in encoders[:-1]:
+                transformer = getattr(encoder, "text_model", encoder)  # transformers < 5 nests it
+                transformer.encoder.layers[-1].requires_grad_(False)
+                transformer.final_layer_norm.requires_grad_(False)
 
     @staticmethod
     def conditioning(output: tuple[torch.Tensor, ...]) -> Conditioning:

@@ -67,24 +67,27 @@ def test_training_lowers_the_loss(db_args, tmp_path, tiny_models, shard_dir):
     assert pipe.unet.config.sample_size == 8
 
 
-def test_resume_continues_exactly(db_args, tmp_path):
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_resume_continues_exactly(family, db_args, tmp_path, tiny_models):
+    """Killed after a checkpoint and resumed: bit-identical weights, UNet and text encoders (SDXL: both)."""
+    import shutil
+
+    args = [*db_args, "--pretrained_model_name_or_path", getattr(tiny_models, family), "--max_train_steps", "6",
+            "--checkpointing_steps", "3", "--train_text_encoder"]
     straight = tmp_path / "straight"
-    run_script("train/dreambooth.py", *db_args, "--output_dir", straight, "--max_train_steps", "6",
-               "--checkpointing_steps", "3", "--train_text_encoder")
+    run_script("train/dreambooth.py", *args, "--output_dir", straight)
     assert (straight / "checkpoint-3").is_dir()
     # Keep only the step-3 checkpoint, as if the job had been killed after it, and resume.
     resumed = tmp_path / "resumed"
     resumed.mkdir()
-    import shutil
-
     shutil.copytree(straight / "checkpoint-3", resumed / "checkpoint-3")
-    proc = run_script("train/dreambooth.py", *db_args, "--output_dir", resumed, "--max_train_steps", "6",
-                      "--checkpointing_steps", "3", "--train_text_encoder", "--resume_from_checkpoint", "latest")
+    proc = run_script("train/dreambooth.py", *args, "--output_dir", resumed, "--resume_from_checkpoint", "latest")
     assert "resumed from" in proc.stderr
-    a, b = weights(straight / "unet"), weights(resumed / "unet")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    a, b = weights(straight / "text_encoder"), weights(resumed / "text_encoder")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    parts = ["unet", "text_encoder", "text_encoder_2"] if family == "sdxl" else ["unet", "text_encoder"]
+    for part in parts:
+        a, b, base = weights(straight / part), weights(resumed / part), weights(getattr(tiny_models, family) / part)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+        assert any(not torch.equal(a[k], base[k]) for k in a), part  # it trained
 
 
 def test_sigusr1_saves_a_checkpoint_and_exits_for_requeue(db_args, tmp_path):
@@ -300,7 +303,8 @@ def test_bf16_matrix(launcher, variant, db_args, tmp_path, tmp_path_factory, tin
 
 # ---- SDXL, read from the model: the same loop, the same guarantees --------------------------------------------------
 
-SDXL_CASES = [("1", "unet"), ("zero3", "unet"), ("1", "lora"), ("zero2", "lora")]  # DDP: TI and sequential tests
+SDXL_CASES = [("1", "unet"), ("zero3", "unet"), ("1", "lora"), ("zero2", "lora"),  # DDP: TI and sequential tests
+              ("zero2", "text_encoder_prior")]  # both text encoders trained by DeepSpeed, SDXL class images
 
 
 @pytest.mark.parametrize("launcher, variant", SDXL_CASES)
@@ -309,9 +313,10 @@ def test_sdxl_bf16(launcher, variant, tiny_models, shard_dir, tmp_path, tmp_path
     StableDiffusionXLPipeline, and 2 processes agree with 1 as on SD 1.x."""
     from diffusers import StableDiffusionXLPipeline
 
+    extra = [*VARIANTS[variant], "--class_data_dir", tmp_path / "class"] if "prior" in variant else VARIANTS[variant]
     args = ["--pretrained_model_name_or_path", tiny_models.sdxl, "--shard_dir", shard_dir, "--instance_category", "cat",
             "--instance_prompt", "a sks sketch of a cat", "--resolution", "64", "--learning_rate", "1e-3", "--report_to",
-            "none", *MATRIX, *VARIANTS[variant]]
+            "none", *MATRIX, *extra]
     out, one, one_fp32 = run_matrix_case(launcher, f"sdxl-{variant}", "train/dreambooth.py", args, tmp_path, tmp_path_factory)
     assert (out / "validation" / "step-000002.png").is_file()
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_models.sdxl)
@@ -322,16 +327,16 @@ def test_sdxl_bf16(launcher, variant, tiny_models, shard_dir, tmp_path, tmp_path
         assert_agrees_within_bf16(a, b, a32, {k: torch.zeros_like(v) for k, v in a.items()})
     else:
         pipe = StableDiffusionXLPipeline.from_pretrained(out)
-        assert_agrees_within_bf16(weights(one / "unet"), weights(out / "unet"), weights(one_fp32 / "unet"),
-                                  weights(tiny_models.sdxl / "unet"))
+        for part in ("unet", "text_encoder", "text_encoder_2") if "text_encoder" in variant else ("unet",):
+            base = weights(tiny_models.sdxl / part)
+            assert_agrees_within_bf16(weights(one / part), weights(out / part), weights(one_fp32 / part), base)
+            trained = weights(out / part)
+            # every weight that shapes the conditioning trains; the first encoder's last layer and final norm
+            # (SDXL reads its penultimate layer) stay the base's
+            frozen = {k for k in base if part == "text_encoder" and (".layers.1." in k or "final_layer_norm" in k)}
+            assert frozen or part != "text_encoder"
+            assert all(torch.equal(trained[k], base[k]) == (k in frozen) for k in base if k.endswith("weight")), part
     pipe.set_progress_bar_config(disable=True)
     image = pipe("a sks sketch of a cat", height=64, width=64, num_inference_steps=2, original_size=(256, 256),
                  generator=torch.Generator().manual_seed(0), output_type="np").images
     assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
-
-
-def test_sdxl_text_encoder_training_is_refused_in_one_line(tiny_models, shard_dir, tmp_path):
-    result = run_script("train/dreambooth.py", "--pretrained_model_name_or_path", tiny_models.sdxl, "--shard_dir", shard_dir,
-                        "--instance_category", "cat", "--output_dir", tmp_path, "--train_text_encoder", "--max_train_steps", "1",
-                        check=False)
-    assert result.returncode == 2 and "--train_text_encoder on sdxl" in result.stderr

@@ -131,7 +131,7 @@ def test_bf16_matrix(launcher, ti_args, tiny_models, tmp_path, tmp_path_factory)
     assert_agrees_within_bf16(embeds[0], {"rows": rows}, embeds[1], {"rows": initial[None]})
 
 
-@pytest.mark.parametrize("launcher", ["1", "ddp"])
+@pytest.mark.parametrize("launcher", ["1", "ddp", "zero3"])
 def test_sdxl_token_in_both_encoders_loads_as_diffusers_documents(launcher, tiny_models, shard_dir, tmp_path, tmp_path_factory):
     """SDXL: the token gets rows in both text encoders; saved as one file with clip_l and clip_g (the format that
     diffusers' documentation loads with two load_textual_inversion calls, and A1111/kohya read); 2 processes agree."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from sketch2real.cli import UserError, option
-from sketch2real.family import load_pipeline, pipeline_class
+from sketch2real.family import Conditioning, TextEncoders, family_of, load_pipeline, pipeline_class
 from sketch2real.io import atomic_path
 from sketch2real.models import SDComponents, dtype_for, save_pretrained_atomic
 from sketch2real.training.accelerator import trained_state_dict, zero3_init_disabled
@@ -39,7 +39,7 @@ class DreamBoothOptions(TrainOptions):
     prior_loss_weight: float = option(1.0, help="weight of the prior-preservation loss")
     sample_batch_size: int = option(4, help="batch size per device when generating class images")
     class_inference_steps: int = option(25, help="denoising steps for generated class images")
-    train_text_encoder: bool = option(False, help="also train the full text encoder (works under DeepSpeed too)")
+    train_text_encoder: bool = option(False, help="also train the full text encoder(s) (SDXL: both; works under DeepSpeed too)")
     lora_rank: int = option(0, help="train LoRA adapters of this rank instead of full weights (0: full fine-tuning)")
     lora_alpha: int = option(0, help="LoRA alpha (0: same as rank)")
 
@@ -59,21 +59,22 @@ class DreamBoothOptions(TrainOptions):
 
 
 class DreamBoothModel(torch.nn.Module):
-    """The one module handed to accelerate/DeepSpeed: the UNet and, if trained, the text encoder.
+    """The one module handed to accelerate/DeepSpeed: the UNet and, if trained, the text encoders.
 
-    Wrapping both in one module is what lets DeepSpeed train the text encoder too
+    Wrapping them in one module is what lets DeepSpeed train the text encoders too
     (accelerate gives DeepSpeed a single model; see huggingface/diffusers#1815).
     """
 
-    def __init__(self, unet, text_encoder=None):
+    def __init__(self, unet, text_encoders: TextEncoders | None = None):
         super().__init__()
         self.unet = unet
-        self.text_encoder = text_encoder
+        self.text_encoders = text_encoders
 
-    def forward(self, noisy_latents, timesteps, input_ids=None, encoder_hidden_states=None, added_cond_kwargs=None):
-        if self.text_encoder is not None:
-            encoder_hidden_states = self.text_encoder(input_ids)[0]
-        return self.unet(noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs).sample
+    def forward(self, noisy_latents, timesteps, input_ids: list[torch.Tensor] | None = None,
+                conditioning: Conditioning | None = None):
+        if self.text_encoders is not None:
+            conditioning = TextEncoders.conditioning(self.text_encoders(input_ids))
+        return self.unet(noisy_latents, timesteps, **conditioning.unet_kwargs()).sample
 
 
 def missing_class_images(folder: Path, count: int) -> list[int]:
@@ -97,8 +98,6 @@ def ensure_class_images(accelerator, opts: DreamBoothOptions) -> None:
     """
     from accelerate.utils import broadcast_object_list
     from tqdm.auto import tqdm
-
-    from sketch2real.family import family_of
 
     folder = Path(opts.class_data_dir)
     accelerator.wait_for_everyone()
@@ -137,11 +136,10 @@ class DreamBoothTask(DiffusionTask):
     def __init__(self, opts: DreamBoothOptions, accelerator, components: SDComponents | None = None):
         super().__init__(opts, accelerator, components)
         c, device = self.c, accelerator.device
-        if opts.train_text_encoder and self.family.pooled:
-            raise UserError(f"--train_text_encoder on {self.family.name} (both text encoders) is not built yet; "
-                            "train the UNet (full or --lora_rank) with frozen text encoders")
-        for encoder in c.text_encoders:
-            encoder.requires_grad_(opts.train_text_encoder)
+        text_encoders = TextEncoders(self.family, c.text_encoders, opts.resolution)
+        text_encoders.requires_grad_(False)
+        if opts.train_text_encoder:
+            text_encoders.train_what_conditions()
         c.unet.requires_grad_(not opts.lora_rank)
         if opts.lora_rank:
             from diffusers.training_utils import cast_training_params
@@ -154,11 +152,12 @@ class DreamBoothTask(DiffusionTask):
         if opts.gradient_checkpointing:
             c.unet.enable_gradient_checkpointing()
             if opts.train_text_encoder:
-                c.text_encoder.gradient_checkpointing_enable()
+                for encoder in c.text_encoders:
+                    encoder.gradient_checkpointing_enable()
         if not opts.train_text_encoder:
             for encoder in c.text_encoders:
                 encoder.to(device, self.weight_dtype)
-        self.model = DreamBoothModel(c.unet, c.text_encoder if opts.train_text_encoder else None)
+        self.model = DreamBoothModel(c.unet, text_encoders if opts.train_text_encoder else None)
 
         # Data: instance images (and class images) held in memory, indexed by a step-determined sampler.
         if opts.instance_data_dir:
@@ -173,8 +172,8 @@ class DreamBoothTask(DiffusionTask):
             ensure_class_images(accelerator, opts)
             self.class_images = load_folder_images(opts.class_data_dir, opts.resolution, opts.num_class_images)
             self.class_sampler = self.sampler(len(self.class_images), "class")
-        self.instance_ids = self.prompt_ids([opts.instance_prompt])[0]
-        self.class_ids = self.prompt_ids([opts.class_prompt])[0] if opts.with_prior_preservation else None
+        self.instance_ids = self.prompt_ids([opts.instance_prompt])
+        self.class_ids = self.prompt_ids([opts.class_prompt]) if opts.with_prior_preservation else None
         if not opts.train_text_encoder:
             with torch.no_grad():
                 self.instance_states = self.condition([opts.instance_prompt])
@@ -200,9 +199,9 @@ class DreamBoothTask(DiffusionTask):
         _, noisy, target, timesteps = self.noisy_batch(images, sampler, step, micro, stream)
         n = noisy.shape[0]
         if self.opts.train_text_encoder:
-            prediction = model(noisy, timesteps, input_ids=ids.expand(n, -1))
+            prediction = model(noisy, timesteps, input_ids=[i.expand(n, -1) for i in ids])
         else:
-            prediction = model(noisy, timesteps, **states.expand(n).unet_kwargs())
+            prediction = model(noisy, timesteps, conditioning=states.expand(n))
         return self.loss_of(prediction, target, timesteps)
 
     def loss(self, model, step: int, micro: int) -> torch.Tensor:
@@ -219,8 +218,10 @@ class DreamBoothTask(DiffusionTask):
         return self.accelerator.unwrap_model(model).unet
 
     def text_encoder_of(self, model):
-        unwrapped = self.accelerator.unwrap_model(model)
-        return unwrapped.text_encoder if unwrapped.text_encoder is not None else self.c.text_encoder
+        # the trained first encoder (the pipeline and `condition` take the others from the components: the same
+        # module objects that DDP/DeepSpeed train in place)
+        trained = self.accelerator.unwrap_model(model).text_encoders
+        return trained.encoders["text_encoder"] if trained is not None else self.c.text_encoder
 
     def validation_prompts(self) -> list[str]:
         return list(self.opts.validation_prompt) or [self.opts.instance_prompt]
@@ -246,17 +247,16 @@ class DreamBoothTask(DiffusionTask):
 
 
 def save_pipeline(opts: TrainOptions, state: dict[str, torch.Tensor], out: Path) -> None:
-    """Write base pipeline + trained weights (`unet.*`, `text_encoder.*` in `state`) at `out`.
+    """Write base pipeline + trained weights (`unet.*`, `text_encoders.encoders.<component>.*` in `state`) at `out`.
 
     Fresh modules are loaded from the base and given the trained weights, which
     works the same for 1 process, DDP, ZeRO-2 and ZeRO-3.
     """
-    from sketch2real.family import family_of
-
-    pipe = load_pipeline(family_of(opts.pretrained_model_name_or_path, opts.revision), opts.pretrained_model_name_or_path,
-                         revision=opts.revision, variant=opts.variant)
-    for name in ("unet", "text_encoder"):
-        part = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")}
+    family = family_of(opts.pretrained_model_name_or_path, opts.revision)
+    pipe = load_pipeline(family, opts.pretrained_model_name_or_path, revision=opts.revision, variant=opts.variant)
+    prefixes = {"unet": "unet.", **{name: f"text_encoders.encoders.{name}." for name in family.text_encoders}}
+    for name, prefix in prefixes.items():
+        part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if part:
             unexpected = getattr(pipe, name).load_state_dict(part, strict=False).unexpected_keys
             if unexpected:

@@ -192,7 +192,7 @@ class TextualInversionTask(DiffusionTask):
 
     def text_encoder_of(self, model):
         unwrapped = self.accelerator.unwrap_model(model)
-        return unwrapped.encoders[0] if isinstance(unwrapped, TextEncoders) else unwrapped
+        return unwrapped.encoders["text_encoder"] if isinstance(unwrapped, TextEncoders) else unwrapped
 
     def validation_prompts(self) -> list[str]:
         if self.opts.validation_prompt:
