@@ -1,7 +1,7 @@
 """Peak memory of one training step of each trainer at full size (SD 1.5's architecture, random weights) with the
 memory recipes, bf16, batch 1, 256 px by default. On CPU it is the process's peak RSS; on CUDA, peak allocated.
 
-    python bench/memory_full_size.py [--resolution 256] [--work_dir /tmp/s2r-mem]
+    python bench/memory_full_size.py [--resolution 256] [--work_dir /tmp/s2r-mem] [--size sdxl] [--only LoRA]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ RUNS = {
     "DreamBooth, UNet + text encoder, 8-bit AdamW + checkpointing": ("train/dreambooth.py", ["--train_text_encoder", "--use_8bit_adam",
                                                                                          "--gradient_checkpointing"]),
     "DreamBooth, LoRA r=8": ("train/dreambooth.py", ["--lora_rank", "8"]),
+    "DreamBooth, LoRA r=8 + gradient checkpointing": ("train/dreambooth.py", ["--lora_rank", "8", "--gradient_checkpointing"]),
     "Textual Inversion": ("train/textual_inversion.py", []),
     "ControlNet, 8-bit AdamW + gradient checkpointing": ("train/controlnet.py", ["--use_8bit_adam", "--gradient_checkpointing"]),
 }
@@ -30,7 +31,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--work_dir", default="/tmp/s2r-mem")
-    parser.add_argument("--size", default="sd15")
+    parser.add_argument("--size", default="sd15", help="sd15 or sdxl (python -m sketch2real.tiny --size)")
+    parser.add_argument("--only", nargs="*", default=[], help="run only the recipes whose name contains one of these")
     args = parser.parse_args()
     work = Path(args.work_dir)
     model, shards = prepare(work, args.resolution, args.size)
@@ -38,6 +40,8 @@ def main() -> None:
     print(f"{args.size} architecture, random weights, bf16, batch 1, {args.resolution} px, 1 step")
     print("| trainer and recipe | peak memory GiB | s/step |\n|---|---:|---:|")
     for name, (script, extra) in RUNS.items():
+        if args.only and not any(word in name for word in args.only):
+            continue
         out = work / "runs" / name.split(",")[0].replace(" ", "_") / str(abs(hash(name)) % 10**6)
         cmd = [sys.executable, REPO / script, "--pretrained_model_name_or_path", model, "--shard_dir", shards, "--output_dir", out,
                "--resolution", args.resolution, "--train_batch_size", "1", "--max_train_steps", "1", "--mixed_precision", "bf16",

@@ -156,3 +156,25 @@ def load_file_tensor(path, key):
     from safetensors.torch import load_file
 
     return load_file(str(path))[key]
+
+
+def test_sdxl_captions_to_images_to_scores_unchanged_for_the_user(tiny_models, shard_dir, tmp_path):
+    """Captioning -> generation -> FID job with an SDXL model and the SD 1.x commands: the captions are the prompts,
+    2 processes draw the same images as 1, and the FID job scores them per category."""
+    captions = tmp_path / "captions"
+    run_script("infer/caption.py", "--model_name_or_path", tiny_models.blip2, "--shard_dir", shard_dir, "--split", "test",
+               "--prompts", "1", "--max_new_tokens", "6", "--batch_size", "4", "--num_workers", "0", "--output_dir", captions)
+    gen = ["--pretrained_model_name_or_path", tiny_models.sdxl, "--captions", captions / "captions.jsonl", "--height", "64",
+           "--width", "64", "--num_inference_steps", "2", "--batch_size", "3"]
+    run_script("infer/generate.py", *gen, "--output_dir", tmp_path / "one")
+    launch("infer/generate.py", *gen, "--output_dir", tmp_path / "two")
+    one = _images(tmp_path / "one")
+    caption_rows = [json.loads(line) for line in (captions / "captions.jsonl").read_text().splitlines()]
+    assert len(one) == len(caption_rows) and one == _images(tmp_path / "two")
+    rows = [json.loads(line) for line in (tmp_path / "one" / "index.jsonl").read_text().splitlines()]
+    assert sorted(r["prompt"] for r in rows) == sorted(r["caption"].strip() for r in caption_rows)
+    run_script("eval/fid.py", "--generated", f"sdxl={tmp_path / 'one'}", "--reference_shards", shard_dir, "--dims", "64",
+               "--no_cache", "--batch_size", "4", "--metrics", "fid", "kid", "--output_dir", tmp_path / "scores")
+    scores = json.loads((tmp_path / "scores" / "metrics.json").read_text())["sets"]["sdxl"]
+    assert scores["n_generated"] == len(rows) and scores["fid"] == scores["fid"]
+    assert set(scores["per_category"]) == {r["category"] for r in caption_rows}
