@@ -2,8 +2,8 @@
 
 from dataclasses import dataclass
 
-from sketch2real.cli import option, parse_options, run_main
-from sketch2real.sketchy import DEFAULT_AUGMENTATION, SketchyRelease
+from sketch2real.cli import check_output_dir, option, parse_options, run_main
+from sketch2real.sketchy import DEFAULT_AUGMENTATION, INVALID_KINDS, SketchyRelease
 from sketch2real.splits import build_splits, format_report, warn_absent, write_splits
 
 
@@ -13,10 +13,12 @@ class Options:
 
     sketchy_root: str = option(help="release root holding rendered_256x256/ and info/")
     output_dir: str = option(help="folder for {train,val,test}.jsonl and report.{json,md}")
-    val_fraction: float = option(0.1, help="fraction of non-test photos per category held out for validation")
-    seed: int = option(0, help="seed of the validation draw: same seed, same files")
+    val_fraction: float = option(0.1, help="fraction of non-test photos per category held out for validation",
+                                 min=0, max_exclusive=1)
+    seed: int = option(0, help="seed of the validation draw: same seed, same files", min=0)
     categories: list[str] = option([], help="only these categories (default: all)")
-    keep_invalid: list[str] = option([], help="invalid lists to keep: error ambiguous pose context (default: exclude all)")
+    keep_invalid: list[str] = option([], help="invalid lists to keep (default: exclude all)", choices=INVALID_KINDS,
+                                     noun="invalid list")
     augmentation: str = option(DEFAULT_AUGMENTATION, help="the tx_* folder to read")
     info_dir: str = option("", help="info/ folder if not under the root")
     strict_testset: bool = option(False, help="fail if testset.txt names photos absent from the release")
@@ -27,6 +29,7 @@ def main() -> None:
     release = SketchyRelease(opts.sketchy_root, opts.augmentation, opts.info_dir or None)
     result = build_splits(release, opts.val_fraction, opts.seed, tuple(opts.keep_invalid), opts.categories or None,
                           opts.strict_testset)
+    check_output_dir(opts.output_dir)
     write_splits(result, opts.output_dir)
     warn_absent(result.report)
     print(format_report(result.report), end="")

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from sketch2real.cli import option, parse_options, run_main
+from sketch2real.cli import UserError, check_output_dir, option, parse_options, run_main
 from sketch2real.shards import write_shards
 
 
@@ -14,13 +14,16 @@ class Options:
     sketchy_root: str = option(help="the release root the splits were built from")
     output_dir: str = option(help="folder for the shards and their indexes")
     splits: list[str] = option(["train", "val", "test"], help="splits to write")
-    max_samples_per_shard: int = option(1000, help="samples per shard at most")
-    max_bytes_per_shard: int = option(0, help="bytes per shard at most (0: no byte limit)")
-    num_workers: int = option(1, help="processes writing shards in parallel")
+    max_samples_per_shard: int = option(1000, help="samples per shard at most", min=1)
+    max_bytes_per_shard: int = option(0, help="bytes per shard at most (0: no byte limit)", min=0)
+    num_workers: int = option(1, help="processes writing shards in parallel", min=1)
 
 
 def main() -> None:
     opts = parse_options(Options)
+    if not opts.splits:
+        raise UserError("--splits: give at least one split to write")
+    check_output_dir(opts.output_dir)
     summary = write_shards(
         opts.splits_dir, opts.sketchy_root, opts.output_dir, opts.splits,
         opts.max_samples_per_shard, opts.max_bytes_per_shard, opts.num_workers,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sketch2real.captioning import finished_pairs, format_quality, load_captioner, merge_captions, quality_report, resolve_prompts
-from sketch2real.cli import UserError, as_dict, option, parse_options, run_main
+from sketch2real.cli import UserError, as_dict, check_output_dir, option, parse_options, run_main
 from sketch2real.io import append_jsonl, atomic_path, write_json
 from sketch2real.models import dtype_for
 
@@ -18,26 +18,33 @@ class Options:
 
     model_name_or_path: str = option("", help="BLIP-2 or LLaVA checkpoint: hub id or folder (required)")
     output_dir: str = option("", help="captions.jsonl and quality.{json,md} go here (required)")
+    ddp_timeout: int = option(7200, help="seconds a process waits for the others (e.g. behind rank 0's final merge) "
+                              "before the job fails", min=1)
     shard_dir: str = option("", help="shards to caption")
     split: str = option("test", help="split of --shard_dir")
     categories: list[str] = option([], help="only these categories")
-    image_field: str = option("sketch", help="sketch or photo")
+    image_field: str = option("sketch", help="sketch or photo", choices=("sketch", "photo"), noun="image field")
     image_dir: str = option("", help="a folder of images instead of shards (category = subfolder)")
     prompts: list[str] = option(["best"], help="'best' (study's top 3), 'all', prompt ids 1-10, or free text")
-    batch_size: int = option(8, help="images per batch per process (each with every prompt)")
-    max_new_tokens: int = option(100, help="caption length limit in tokens")
-    num_beams: int = option(1, help="beam search width (1: greedy, as in the study)")
-    mixed_precision: str = option("no", help="no, fp16 or bf16: the model's dtype")
+    batch_size: int = option(8, help="images per batch per process (each with every prompt)", min=1)
+    max_new_tokens: int = option(100, help="caption length limit in tokens", min=1)
+    num_beams: int = option(1, help="beam search width (1: greedy, as in the study)", min=1)
+    mixed_precision: str = option("no", help="no, fp16 or bf16: the model's dtype", choices=("no", "fp16", "bf16"))
     load_in_8bit: bool = option(False, help="8-bit weights (bitsandbytes, CUDA)")
     load_in_4bit: bool = option(False, help="4-bit weights (bitsandbytes, CUDA)")
     trust_remote_code: bool = option(False, help="allow a checkpoint's own code to run")
-    num_workers: int = option(2, help="decoding workers per process")
+    num_workers: int = option(2, help="decoding workers per process (0: in the main process)", min=0)
 
 
 def _folder_items(folder: str, rank: int, world: int) -> list[dict]:
-    from PIL import Image
+    from sketch2real.shards import IMAGE_SUFFIXES, CorruptSample, corrupt_samples, open_image
 
-    from sketch2real.training.data import IMAGE_SUFFIXES
+    def read(path: Path):
+        try:
+            return open_image(path)
+        except CorruptSample as err:
+            corrupt_samples.record(err)
+            return None
 
     root = Path(folder)
     if not root.is_dir():
@@ -46,8 +53,9 @@ def _folder_items(folder: str, rank: int, world: int) -> list[dict]:
     if not files:
         raise UserError(f"no images in {folder}")
     mine = files[rank * len(files) // world : (rank + 1) * len(files) // world]
-    return [{"key": str(p.relative_to(root).with_suffix("")), "category": p.parent.name if p.parent != root else "",
-             "image": Image.open(p).convert("RGB"), "pad": False} for p in mine]
+    items = [{"key": str(p.relative_to(root).with_suffix("")), "category": p.parent.name if p.parent != root else "",
+              "image": read(p)} for p in mine]
+    return [{**item, "pad": item["image"] is None} for item in items]
 
 
 def _batches(opts: Options, rank: int, world: int):
@@ -69,16 +77,19 @@ def _batches(opts: Options, rank: int, world: int):
 
 
 def main() -> int:
-    from accelerate import PartialState
     from tqdm.auto import tqdm
+
+    from sketch2real.training.accelerator import check_shared_folder, distributed_state
 
     opts = parse_options(Options)
     if not opts.model_name_or_path or not opts.output_dir:
         raise UserError("--model_name_or_path and --output_dir are required")
     if bool(opts.shard_dir) == bool(opts.image_dir):
         raise UserError("give exactly one of --shard_dir or --image_dir")
+    check_output_dir(opts.output_dir)
     prompts = resolve_prompts(opts.prompts)
-    state = PartialState()
+    state = distributed_state(opts.ddp_timeout)
+    check_shared_folder(state, opts.output_dir)
     captioner = load_captioner(opts.model_name_or_path, state.device, dtype_for(opts.mixed_precision), opts.load_in_8bit,
                                opts.load_in_4bit, opts.trust_remote_code)
     out = Path(opts.output_dir)
@@ -106,15 +117,25 @@ def main() -> int:
         bar.update(sum(not item["pad"] for item in batch))
         bar.set_postfix(img_s=f"{count / (time.perf_counter() - start):.2f}")
     bar.close()
-    state.wait_for_everyone()
+    from accelerate.utils import gather_object
+
+    from sketch2real.shards import corrupt_samples
+
+    corrupt: dict[str, str] = {}
+    for entries in gather_object([corrupt_samples.entries]) if state.num_processes > 1 else [corrupt_samples.entries]:
+        corrupt.update(entries)
     if state.is_main_process:
         rows = merge_captions(out)
         report = quality_report(rows)
+        write_json(out / "metrics.json", {"captions": len(rows), "corrupt_samples": corrupt_samples.summary(corrupt),
+                                          "num_processes": state.num_processes})
         write_json(out / "quality.json", report)
         with atomic_path(out / "quality.md") as tmp:
             tmp.write_text(format_quality(report))
         print(format_quality(report), end="")
         print(f"{len(rows)} captions in {out / 'captions.jsonl'}")
+        if corrupt:
+            print(f"{len(corrupt)} corrupt images skipped, not captioned (listed in {out / 'metrics.json'})")
     return 0
 
 

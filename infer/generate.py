@@ -7,8 +7,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sketch2real.cli import UserError, as_dict, option, parse_options, run_main
+from sketch2real.cli import UserError, as_dict, check_output_dir, option, parse_options, run_main
 from sketch2real.generation import (
+    SCHEDULERS,
     expand,
     finished_keys,
     generate_batch,
@@ -24,6 +25,7 @@ from sketch2real.generation import (
 )
 from sketch2real.io import append_jsonl, write_json
 from sketch2real.models import dtype_for
+from sketch2real.shards import CorruptSample, ShardSamples, corrupt_samples
 from sketch2real.sketchy import sketch_condition
 
 
@@ -34,9 +36,11 @@ class Options:
     pretrained_model_name_or_path: str = option("", help="base model or a DreamBooth output: hub id or folder (required)")
     revision: str | None = option(None, help="model revision on the hub")
     output_dir: str = option("", help="images/, index.jsonl and mosaics/ go here (required)")
+    ddp_timeout: int = option(7200, help="seconds a process waits for the others (e.g. behind rank 0's final merge) "
+                              "before the job fails", min=1)
     textual_inversion: list[str] = option([], help="learned_embeds.safetensors file(s) to load")
     lora: str = option("", help="folder or file of LoRA weights (pytorch_lora_weights.safetensors)")
-    lora_scale: float = option(1.0, help="LoRA strength")
+    lora_scale: float = option(1.0, help="LoRA strength (0: off)", min=0)
     controlnet: str = option("", help="a trained ControlNet folder: each item is conditioned on its sketch")
     captions: str = option("", help="captions JSONL from infer/caption.py (one image per row)")
     prompt_ids: list[str] = option([], help="only these prompt ids of --captions")
@@ -45,21 +49,21 @@ class Options:
     shard_dir: str = option("", help="shards (for --prompt_template items, mosaics and --controlnet sketches)")
     split: str = option("test", help="split whose samples the template covers")
     categories: list[str] = option([], help="only these categories")
-    max_per_category: int = option(0, help="at most this many samples per category (0: all)")
-    num_images_per_prompt: int = option(1, help="images per item")
+    max_per_category: int = option(0, help="at most this many samples per category (0: all)", min=0)
+    num_images_per_prompt: int = option(1, help="images per item", min=1)
     negative_prompt: str = option("", help="negative prompt")
-    scheduler: str = option("", help="pndm, ddim, dpm++, euler, euler_a, unipc (default: the model's)")
-    num_inference_steps: int = option(50, help="denoising steps")
-    guidance_scale: float = option(7.5, help="classifier-free guidance scale")
-    height: int = option(512, help="image height")
-    width: int = option(512, help="image width")
-    batch_size: int = option(8, help="images per batch per process")
-    seed: int = option(0, help="global seed: each image's seed derives from it and the item's key only")
-    mixed_precision: str = option("no", help="no, fp16 or bf16 (fp16 needs CUDA)")
+    scheduler: str = option("", help="sampling scheduler ('': the model's own)", choices=("", *SCHEDULERS))
+    num_inference_steps: int = option(50, help="denoising steps", min=1)
+    guidance_scale: float = option(7.5, help="classifier-free guidance scale (<= 1: no guidance)", min=0)
+    height: int = option(512, help="image height in pixels", min=8, multiple_of=8)
+    width: int = option(512, help="image width in pixels", min=8, multiple_of=8)
+    batch_size: int = option(8, help="images per batch per process", min=1)
+    seed: int = option(0, help="global seed: each image's seed derives from it and the item's key only", min=0)
+    mixed_precision: str = option("no", help="no, fp16 or bf16 (fp16 needs CUDA)", choices=("no", "fp16", "bf16"))
     safety_checker: bool = option(False, help="run the safety checker (off by default: it blackens sketches)")
     enable_xformers_memory_efficient_attention: bool = option(False, help="xformers attention (CUDA only)")
     torch_compile: bool = option(False, help="torch.compile the UNet")
-    mosaic_rows: int = option(8, help="rows per category mosaic")
+    mosaic_rows: int = option(8, help="rows per category mosaic", min=1)
 
 
 def build_items(opts: Options):
@@ -82,19 +86,39 @@ def build_items(opts: Options):
     return expand(items, opts.num_images_per_prompt)
 
 
+def readable_sketch(sketches: ShardSamples, index: int) -> bool:
+    """Whether a ControlNet conditioning sketch decodes (a corrupt one is counted and its images left out)."""
+    try:
+        sketches.read(index)
+    except CorruptSample as err:
+        corrupt_samples.record(err, "its images are not generated")
+        return False
+    return True
+
+
 def main() -> int:
-    from accelerate import PartialState
     from tqdm.auto import tqdm
+
+    from sketch2real.training.accelerator import check_shared_folder, distributed_state
 
     opts = parse_options(Options)
     if not opts.pretrained_model_name_or_path or not opts.output_dir:
         raise UserError("--pretrained_model_name_or_path and --output_dir are required")
     items = build_items(opts)
-    state = PartialState()
+    check_output_dir(opts.output_dir)
+    for item in items:  # every key is checked before any image is written
+        image_path(Path(opts.output_dir), item.key)
+    state = distributed_state(opts.ddp_timeout)
+    check_shared_folder(state, opts.output_dir)
     if state.device.type != "cuda" and opts.mixed_precision == "fp16":
         raise UserError("--mixed_precision fp16 needs a CUDA device; use bf16 or no on CPU")
     out = Path(opts.output_dir)
     done = finished_keys(out) if out.is_dir() else set()
+    sketches = None
+    if opts.controlnet:
+        sketches = ShardSamples(opts.shard_dir, opts.split, fields=("sketch",), resolution=opts.height, as_tensor=False)
+        position = {ref.key: i for i, ref in enumerate(sketches.refs)}
+        items = [it for it in items if readable_sketch(sketches, position[it.sample_key])]  # the same list on every rank
     batches = [b for b in rank_batches(items, opts.batch_size, state.process_index, state.num_processes)
                if any(it.key not in done for it in b)]
     pipe = load_generation_pipeline(
@@ -106,12 +130,6 @@ def main() -> int:
                                               "scheduler", "lora_scale")}
     model = {"model": opts.pretrained_model_name_or_path, "textual_inversion": opts.textual_inversion, "lora": opts.lora,
              "controlnet": opts.controlnet}
-    sketches = None
-    if opts.controlnet:
-        from sketch2real.shards import ShardSamples
-
-        sketches = ShardSamples(opts.shard_dir, opts.split, fields=("sketch",), resolution=opts.height, as_tensor=False)
-        position = {ref.key: i for i, ref in enumerate(sketches.refs)}
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "generate_config.json", as_dict(opts))
@@ -139,8 +157,11 @@ def main() -> int:
         rows = merge_index(out)
         missing = len({it.key for it in items} - {r["key"] for r in rows})
         mosaics = write_mosaics(out, rows, opts.shard_dir, opts.split, cell=min(opts.height, 256), max_rows=opts.mosaic_rows)
-        print(json.dumps({"images": len(rows), "generated_now": todo, "missing": missing,
-                          "index": str(out / "index.jsonl"), "mosaics": [str(m) for m in mosaics]}))
+        summary = {"images": len(rows), "generated_now": todo, "missing": missing, "index": str(out / "index.jsonl"),
+                   "mosaics": [str(m) for m in mosaics], "corrupt_samples": corrupt_samples.summary(),
+                   "num_processes": state.num_processes}
+        write_json(out / "metrics.json", summary)
+        print(json.dumps(summary))
     return 0
 
 

@@ -1,9 +1,14 @@
 """Options as dataclasses, flags named as in diffusers' examples, and one-line errors.
 
 Every entry script declares a dataclass of options; `parse_options` turns it into
-an argparse parser (help text from field metadata), lets `--config FILE`
-(YAML or JSON) set the same fields, and `run_main` turns a `UserError` into one
-line on stderr and exit status 2 instead of a traceback.
+an argparse parser (help text, ranges and choices from field metadata), lets
+`--config FILE` (YAML or JSON) set the same fields through the very same parser,
+and `run_main` turns a `UserError` into one line on stderr and exit status 2
+instead of a traceback.
+
+Ranges and choices are declared once per option, e.g. `option(512, help=..., min=8,
+multiple_of=8)`, shown in `--help`, and checked by `option_problem` for flags and
+config values alike.
 """
 
 from __future__ import annotations
@@ -11,8 +16,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
+import re
 import sys
+import tempfile
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -21,15 +29,29 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 EXIT_USAGE = 2
+RANGE_KEYS = ("min", "min_exclusive", "max", "max_exclusive", "multiple_of", "choices")
 
 
 class UserError(Exception):
     """A mistake in the user's input: reported as one line, exit status 2."""
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
-    """A dataclass field with a help text; lists get `default_factory` automatically."""
-    meta = {"help": help}
+def option(default: Any = dataclasses.MISSING, help: str = "", *, min: float | None = None,
+           min_exclusive: float | None = None, max: float | None = None, max_exclusive: float | None = None,
+           multiple_of: int | None = None, choices: typing.Sequence[Any] | None = None, noun: str | None = None,
+           **kwargs: Any) -> Any:
+    """A dataclass field with a help text and, for numbers and fixed sets of values, its allowed values.
+
+    `min`/`max`: inclusive bounds; `min_exclusive`/`max_exclusive`: strict bounds (a float
+    with any bound must also be finite); `multiple_of`: e.g. 8 for pixel sizes; `choices`:
+    the allowed values; `noun`: how an unknown choice is named ("unknown {noun} 'x'",
+    default: the option's name). For list options each element is checked.
+    Lists get `default_factory` automatically.
+    """
+    meta: dict[str, Any] = {"help": help}
+    given = {"min": min, "min_exclusive": min_exclusive, "max": max, "max_exclusive": max_exclusive,
+             "multiple_of": multiple_of, "choices": tuple(choices) if choices is not None else None, "noun": noun}
+    meta.update({k: v for k, v in given.items() if v is not None})
     if isinstance(default, (list, dict)):
         value = default
         return dataclasses.field(default_factory=lambda: type(value)(value), metadata=meta, **kwargs)
@@ -47,6 +69,10 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def _is_optional(tp: Any) -> bool:
+    return type(None) in typing.get_args(tp)
+
+
 def _parse_bool(text: str) -> bool:
     lowered = text.lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -56,9 +82,107 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+def _show(value: Any) -> str:
+    """A bound or choice as written in help and errors: 8, 0.5, 'text' (quoted only when empty)."""
+    return "''" if value == "" else str(value)
+
+
+def _interval(meta: typing.Mapping[str, Any]) -> str:
+    """The declared bounds in words: 'in [0, 1)', '>= 8', '> 0', '<= 10' ('' if none)."""
+    low = meta.get("min", meta.get("min_exclusive"))
+    high = meta.get("max", meta.get("max_exclusive"))
+    if low is not None and high is not None:
+        return f"in {'[' if 'min' in meta else '('}{_show(low)}, {_show(high)}{']' if 'max' in meta else ')'}"
+    if low is not None:
+        return f"{'>=' if 'min' in meta else '>'} {_show(low)}"
+    if high is not None:
+        return f"{'<=' if 'max' in meta else '<'} {_show(high)}"
+    return ""
+
+
+def describe_range(meta: typing.Mapping[str, Any], many: bool = False) -> str:
+    """The allowed values of an option in words, e.g. '>= 8, multiple of 8' or 'in [0, 1)' ('' if unrestricted);
+    `many`: a list option, whose every element is checked."""
+    parts = [_interval(meta)] if _interval(meta) else []
+    if "multiple_of" in meta:
+        parts.append(f"multiple of {meta['multiple_of']}")
+    if "choices" in meta:
+        parts.append(("any of " if many else "one of ") + ", ".join(_show(c) for c in meta["choices"]))
+    return ("each " if many and parts and "choices" not in meta else "") + ", ".join(parts)
+
+
+def _value_problem(name: str, meta: typing.Mapping[str, Any], value: Any) -> str | None:
+    """Why one (scalar) value is outside option `name`'s declared range, or None."""
+    if "choices" in meta:
+        if value not in meta["choices"]:
+            noun = meta.get("noun", name.replace("_", " "))
+            return f"unknown {noun} {value!r}: --{name} must be one of {', '.join(_show(c) for c in meta['choices'])}"
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    has_range = any(k in meta for k in ("min", "min_exclusive", "max", "max_exclusive"))
+    if isinstance(value, float) and has_range and not math.isfinite(value):
+        return f"--{name} must be a finite number {_interval(meta)}, got {value!r}"
+    low_ok = ("min" not in meta or value >= meta["min"]) and ("min_exclusive" not in meta or value > meta["min_exclusive"])
+    high_ok = ("max" not in meta or value <= meta["max"]) and ("max_exclusive" not in meta or value < meta["max_exclusive"])
+    if not (low_ok and high_ok):
+        words = {">=": "at least", ">": "greater than", "<=": "at most", "<": "less than"}
+        interval = _interval(meta)
+        op, _, bound = interval.partition(" ")
+        return f"--{name} must be {interval if op == 'in' else words[op] + ' ' + bound}, got {value!r}"
+    if "multiple_of" in meta and value % meta["multiple_of"]:
+        return f"--{name} must be a multiple of {meta['multiple_of']}, got {value!r}"
+    return None
+
+
+def option_problem(field: dataclasses.Field, value: Any) -> str | None:
+    """Why `value` is outside the range/choices declared in `field`'s metadata (one line), or None.
+
+    None is always accepted (Optional fields); for lists every element is checked.
+    """
+    if value is None:
+        return None
+    for item in value if isinstance(value, (list, tuple)) else [value]:
+        problem = _value_problem(field.name, field.metadata, item)
+        if problem:
+            return problem
+    return None
+
+
+def check_option_values(options: Any, names: typing.Iterable[str] | None = None) -> None:
+    """Raise a one-line `UserError` for the first option (of `names`, default: all) outside its declared range."""
+    wanted = None if names is None else set(names)
+    for field in dataclasses.fields(options):
+        if wanted is None or field.name in wanted:
+            problem = option_problem(field, getattr(options, field.name))
+            if problem:
+                raise UserError(problem)
+
+
+def one_line(text: str) -> str:
+    """`text` with line breaks and other unprintable characters escaped (argparse echoes raw arguments)."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
+class _ParseError(Exception):
+    pass
+
+
 class _Parser(argparse.ArgumentParser):
+    raise_errors = False  # True: parsing a config file's values, whose errors must name the file
+
     def error(self, message: str) -> typing.NoReturn:  # one line, exit 2
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+        if self.raise_errors:
+            raise _ParseError(one_line(message))
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)}\n")
+
+
+def _default_of(field: dataclasses.Field) -> Any:
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return field.default_factory()  # type: ignore[misc]
+    return dataclasses.MISSING
 
 
 def build_parser(cls: type, description: str | None = None) -> argparse.ArgumentParser:
@@ -67,24 +191,26 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
         description=description or (cls.__doc__ or "").strip(),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--config", default=None, help="YAML or JSON file setting any of these options")
+    parser.add_argument("--config", default=None,
+                        help="YAML or JSON file of option: value pairs, read exactly like the flags (lists as lists, "
+                             "null for optional options); flags given on the command line win")
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
         scalar, is_list = _base_type(hints[field.name])
-        default = field.default if field.default is not dataclasses.MISSING else (
-            field.default_factory() if field.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
-        )
         kwargs: dict[str, Any] = {"help": field.metadata.get("help", ""), "default": argparse.SUPPRESS}
         if scalar is bool and not is_list:
             kwargs.update(nargs="?", const=True, type=_parse_bool, metavar="BOOL")
         else:
             kwargs["type"] = scalar if scalar in (int, float, str) else str
             if is_list:
-                kwargs["nargs"] = "+"
-        if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-            kwargs["help"] += " (required)"
+                kwargs["nargs"] = "*"
+        default = _default_of(field)
+        allowed = describe_range(field.metadata, many=is_list).replace("%", "%%")
+        if default is dataclasses.MISSING:
+            kwargs["help"] += f" (required{'; ' + allowed if allowed else ''})"
         else:
-            kwargs["help"] += f" [default: {default}]"
+            shown = str(default).replace("%", "%%")
+            kwargs["help"] += f" [default: {shown}{'; ' + allowed if allowed else ''}]"
         parser.add_argument(f"--{field.name}", **kwargs)
     return parser
 
@@ -93,42 +219,152 @@ def _load_config(path: str) -> dict[str, Any]:
     file = Path(path)
     if not file.is_file():
         raise UserError(f"config file not found: {path}")
-    text = file.read_text()
-    if file.suffix in (".yaml", ".yml"):
-        import yaml
+    try:
+        text = file.read_text()
+        if file.suffix in (".yaml", ".yml"):
+            import yaml
 
-        data = yaml.safe_load(text) or {}
-    else:
-        data = json.loads(text)
+            class Loader(yaml.SafeLoader):
+                """Booleans are only true/false (YAML 1.2): `mixed_precision: no` is the text 'no', as the flag is."""
+
+            bool_tag = "tag:yaml.org,2002:bool"
+            Loader.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag != bool_tag]
+                                              for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+            Loader.add_implicit_resolver(bool_tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+            try:
+                data = yaml.load(text, Loader=Loader)  # a SafeLoader
+            except yaml.YAMLError as err:
+                raise ValueError(" ".join(str(err).split())) from err
+        else:
+            data = json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise UserError(one_line(f"cannot read config file {path}: {' '.join(str(err).split())}")) from err
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a mapping of option names to values")
-    return data
+    return {str(k): v for k, v in data.items()}
+
+
+def _token(value: Any) -> str:
+    """A config scalar as the command-line text that would give it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)  # round-trips; nan and inf too (then rejected by the range check)
+    return str(value)
+
+
+def _config_argvs(name: str, value: Any, is_list: bool, optional: bool, path: str) -> list[list[str]] | None:
+    """The command-line tokens of one config entry: one argv per list element (None: the value null)."""
+    where = f"option {name} in config file {path}"
+    if value is None:
+        if not optional:
+            raise UserError(f"{where}: null is not allowed (only for options whose default is None)")
+        return None
+    if isinstance(value, dict):
+        raise UserError(f"{where}: expected {'a list' if is_list else 'a single value'}, got a mapping")
+    if isinstance(value, (list, tuple)):
+        if not is_list:
+            raise UserError(f"{where}: expected a single value, got a list")
+        items = list(value)
+    else:
+        items = [value]  # a scalar given for a list option: a one-element list
+    argvs = []
+    for item in items:
+        if item is None or isinstance(item, (dict, list, tuple)):
+            raise UserError(f"{where}: list elements must be single values, got {type(item).__name__}")
+        try:
+            argvs.append([f"--{name}={_token(item)}"])  # `=`: a value starting with '-' stays a value
+        except ValueError as err:  # e.g. an integer too long to print
+            raise UserError(f"{where}: {err}") from err
+    if is_list and not argvs:
+        argvs.append([f"--{name}"])  # an empty list
+    return argvs
+
+
+def _config_values(parser: argparse.ArgumentParser, cls: type, path: str) -> dict[str, Any]:
+    """A config file's values, each converted by `parser` exactly as the same text given as a flag."""
+    loaded = _load_config(path)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(loaded) - set(fields))
+    if unknown:
+        raise UserError(one_line(f"unknown option(s) in {path}: {', '.join(unknown)}"))
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    parser.raise_errors = True  # type: ignore[attr-defined]
+    try:
+        for name, raw in loaded.items():
+            _, is_list = _base_type(hints[name])
+            argvs = _config_argvs(name, raw, is_list, _is_optional(hints[name]), path)
+            if argvs is None:
+                values[name] = None
+                continue
+            parsed = []
+            for argv in argvs:
+                try:
+                    parsed.append(vars(parser.parse_args(argv))[name])
+                except _ParseError as err:
+                    raise UserError(f"{err} (option {name} in config file {path})") from None
+            values[name] = [x for part in parsed for x in part] if is_list else parsed[0]
+    finally:
+        parser.raise_errors = False  # type: ignore[attr-defined]
+    return values
 
 
 def parse_options(cls: type[T], argv: list[str] | None = None, description: str | None = None) -> T:
     """Parse `argv` (default: sys.argv) into an instance of dataclass `cls`.
 
-    Precedence: command-line flags, then `--config` file, then field defaults.
+    Precedence: command-line flags, then `--config` file, then field defaults. Config
+    values go through the same parser as flags (a scalar for a list option is a
+    one-element list, `null` only for Optional options), then every given value, from
+    either source, is checked against its declared range (`option_problem`).
+    Errors: argparse's one line and SystemExit(2) for bad flags; a one-line `UserError`
+    (naming the file and option) for config values and for values out of range.
     """
     parser = build_parser(cls, description)
     namespace = vars(parser.parse_args(argv))
-    values: dict[str, Any] = {}
     config = namespace.pop("config", None)
-    names = {f.name for f in dataclasses.fields(cls)}
-    if config:
-        loaded = _load_config(config)
-        unknown = sorted(set(loaded) - names)
-        if unknown:
-            raise UserError(f"unknown option(s) in {config}: {', '.join(unknown)}")
-        values.update(loaded)
+    values = _config_values(parser, cls, config) if config else {}
+    from_config = set(values) - set(namespace)
     values.update(namespace)
-    missing = [
-        f.name for f in dataclasses.fields(cls)
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in values
-    ]
+    fields = dataclasses.fields(cls)
+    missing = [f.name for f in fields if _default_of(f) is dataclasses.MISSING and f.name not in values]
     if missing:
         raise UserError("missing required option(s): " + ", ".join(f"--{m}" for m in missing))
+    for field in fields:
+        if field.name in values:  # given values only: defaults are declared in range
+            problem = option_problem(field, values[field.name])
+            if problem:
+                raise UserError(problem + (f" (in config file {config})" if field.name in from_config else ""))
     return cls(**values)
+
+
+def check_output_dir(path: str | os.PathLike, flag: str = "--output_dir") -> Path:
+    """Create output folder `path` (parents too) and make sure files can be written in it; returns it.
+
+    One-line `UserError`s: empty path; the path, or one of its parents, is a file; the folder
+    cannot be created (permissions, read-only file system); or a file cannot be created in it.
+    Writability is tested by creating and removing a temporary file, since permission bits
+    do not stop root (and os.access says yes on a read-only mount).
+    """
+    if not str(path):
+        raise UserError(f"{flag} is required")
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{flag} {path} exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        reason = "a parent is a file" if isinstance(err, (FileExistsError, NotADirectoryError)) else err.strerror or err
+        raise UserError(f"{flag} {path}: cannot create the folder ({reason})") from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise UserError(f"{flag} {path} is not writable ({err.strerror or err})") from None
+    return out
 
 
 def run_main(main: Callable[[], Any]) -> None:
@@ -137,7 +373,7 @@ def run_main(main: Callable[[], Any]) -> None:
         result = main()
     except UserError as err:
         prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "sketch2real"
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(str(err))}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -2,25 +2,38 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from sketch2real.io import atomic_path, write_json
 from sketch2real.metrics import (
+    KID_CI95_METHOD,
     ImageSet,
-    bootstrap_ci95,
+    LinearProbe,
+    clip_score_of,
     clip_scores,
     cmmd,
+    cmmd_ci95,
     fid_from_features,
     fingerprint,
+    fit_linear_probe,
+    frechet_ci95,
     kid,
+    kid_ci95,
     kid_difference,
     mean_ci95,
     pairing_score,
     prdc,
+    prototype_similarity,
+    prototype_similarity_ci95,
+    reference_kernel_rows,
+    shard_set,
     thumbnails,
     verdict,
     zero_shot_correct,
@@ -36,10 +49,15 @@ def default_cache_dir() -> Path:
 
 def features_of(images: ImageSet, extractor, state, cache_dir: Path | None) -> tuple[np.ndarray, np.ndarray, bool]:
     """All ranks extract their part; rank 0 gets (features, valid mask, cache hit). Cached sets skip extraction."""
-    from accelerate.utils import gather_object
+    from accelerate.utils import broadcast_object_list, gather_object
 
     cache_file = cache_dir / f"{fingerprint(images, extractor.settings)}.npz" if cache_dir else None
-    if cache_file is not None and cache_file.is_file():
+    hit = [cache_file is not None and cache_file.is_file()]
+    if state.num_processes > 1:  # rank 0's view decides: ranks with another view would take other collectives
+        broadcast_object_list(hit)
+    if hit[0]:
+        if not state.is_main_process:
+            return np.empty((0, 0)), np.empty(0, dtype=bool), True
         data = np.load(cache_file)
         return data["features"], data["valid"], True
     features, valid = extractor.extract(images, state.process_index, state.num_processes, state.is_local_main_process)
@@ -54,29 +72,49 @@ def features_of(images: ImageSet, extractor, state, cache_dir: Path | None) -> t
     return features, valid, False
 
 
-def score(generated: np.ndarray, reference: np.ndarray, dims: int, seed: int, resamples: int = 100) -> dict:
-    """FID with a bootstrap interval (both sets resampled), and KID with its subsets' interval."""
+def with_interval(name: str, interval: dict) -> dict:
+    """metrics.json keys of a `frechet_ci95` or `cmmd_ci95` result: `<name>_ci95`, and `<name>_ci95_method` or, where no interval
+    is honest, `<name>_ci95_reason`."""
+    out = {f"{name}_ci95": interval["ci95"]}
+    out[f"{name}_ci95_method" if interval["ci95"] is not None else f"{name}_ci95_reason"] = interval.get("method",
+                                                                                                   interval.get("reason"))
+    return out
+
+
+def score(generated: np.ndarray, reference: np.ndarray, dims: int, seed: int, resamples: int = 100,
+          reference_rows: np.ndarray | None = None) -> dict:
+    """FID with its basic-bootstrap interval where one is honest, and KID: the whole-set unbiased value with its
+    jackknife interval (`kid`, `kid_ci95`) beside torch-fidelity's mean and std over subsets (`kid_mean`, `kid_std`).
+    `reference_rows`: `reference_kernel_rows(reference)`, shared by every set scored against the whole reference."""
     if len(generated) < 2 or len(reference) < 2:
-        return {"n_generated": len(generated), "n_reference": len(reference), "fid": None, "kid_mean": None, "kid_std": None}
+        return {"n_generated": len(generated), "n_reference": len(reference), "fid": None, "kid": None, "kid_mean": None,
+                "kid_std": None}
     kid_mean, kid_std = kid(generated, reference, seed=seed)
-    # KID's subsets give the spread of the estimate: mean ± 1.96 std (a conservative interval: subsets are half-size).
-    return {"n_generated": len(generated), "n_reference": len(reference), "fid": fid_from_features(generated, reference),
-            "fid_ci95": bootstrap_ci95(fid_from_features, generated, reference, seed, resamples),
-            "kid_mean": kid_mean, "kid_std": kid_std, "kid_ci95": [kid_mean - 1.96 * kid_std, kid_mean + 1.96 * kid_std]}
+    fid = fid_from_features(generated, reference)
+    result = {"n_generated": len(generated), "n_reference": len(reference), "fid": fid,
+              **with_interval("fid", frechet_ci95(generated, reference, seed, resamples, fid)),
+              "kid_mean": kid_mean, "kid_std": kid_std}
+    whole = kid_ci95(generated, reference, b_rows=reference_rows)
+    if whole is None:
+        return {**result, "kid": None, "kid_ci95": None, "kid_ci95_reason": "no interval from fewer than 3 images"}
+    value, se, ci = whole
+    return {**result, "kid": value, "kid_se": se, "kid_ci95": ci, "kid_ci95_method": KID_CI95_METHOD}
 
 
 def evaluate_set(name: str, images: ImageSet, features: np.ndarray, valid: np.ndarray, reference: ImageSet,
-                 ref_features: np.ndarray, ref_valid: np.ndarray, dims: int, seed: int, resamples: int = 100) -> dict:
+                 ref_features: np.ndarray, ref_valid: np.ndarray, dims: int, seed: int, resamples: int = 100,
+                 reference_rows: np.ndarray | None = None) -> dict:
     """Overall and per-category FID/KID, and the pairing score where images name their sample."""
     gen_cats, ref_cats = np.array(images.categories), np.array(reference.categories)
-    result = score(features[valid], ref_features[ref_valid], dims, seed, resamples)
+    result = score(features[valid], ref_features[ref_valid], dims, seed, resamples, reference_rows)
     result["unreadable"] = int((~valid).sum())
     result["per_category"] = {}
     for category in sorted(set(images.categories) & set(reference.categories)):
         g, r = valid & (gen_cats == category), ref_valid & (ref_cats == category)
         result["per_category"][category] = score(features[g], ref_features[r], dims, seed, resamples)
     ref_position = {k: i for i, k in enumerate(reference.sample_keys) if k}
-    pairs = [(i, ref_position[k]) for i, k in enumerate(images.sample_keys) if k in ref_position and valid[i]]
+    pairs = [(i, ref_position[k]) for i, k in enumerate(images.sample_keys)
+             if k in ref_position and valid[i] and ref_valid[ref_position[k]]]
     if len(pairs) >= 2:
         gi, ri = zip(*pairs)
         # the baseline partner: another photo of the same category (pose beyond category)
@@ -93,21 +131,23 @@ def evaluate_set(name: str, images: ImageSet, features: np.ndarray, valid: np.nd
     return result
 
 
-def set_differences(extracted: list, ref_features: np.ndarray, seed: int) -> list[dict]:
+def set_differences(extracted: list, ref_features: np.ndarray, reference_rows: np.ndarray | None = None) -> list[dict]:
     """KID(a) - KID(b) against the reference for every pair of sets, with its 95% interval and a verdict."""
     rows = []
+    reference_rows = reference_kernel_rows(ref_features) if reference_rows is None else reference_rows
     for i, (a, fa, va) in enumerate(extracted):
         for b, fb, vb in extracted[i + 1 :]:
             if va.sum() < 4 or vb.sum() < 4:
                 continue
-            d = kid_difference(fa[va], fb[vb], ref_features, seed)
+            d = kid_difference(fa[va], fb[vb], ref_features, reference_rows=reference_rows)
             rows.append({"a": a.name, "b": b.name, **d, "verdict": verdict(d["kid_difference_ci95"])})
     return rows
 
 
 BEYOND_INCEPTION = (("fd_dinov2", "FD-DINOv2", 1.0, 2), ("cmmd", "CMMD", 1.0, 3), ("precision", "precision", 1.0, 3),
                     ("recall", "recall", 1.0, 3), ("density", "density", 1.0, 3), ("coverage", "coverage", 1.0, 3),
-                    ("clip_accuracy", "CLIP accuracy", 1.0, 3), ("clip_score", "CLIP score", 1.0, 2))
+                    ("clip_accuracy", "CLIP accuracy", 1.0, 3), ("clip_score", "CLIP score", 1.0, 2),
+                    ("sketchiness", "sketchiness", 1.0, 3), ("csd", "CSD style", 1.0, 3))
 
 
 def _interval(value, ci, scale: float = 1.0, digits: int = 2) -> str:
@@ -116,6 +156,32 @@ def _interval(value, ci, scale: float = 1.0, digits: int = 2) -> str:
     if not ci:
         return f"{scale * value:.{digits}f}"
     return f"{scale * value:.{digits}f} [{scale * ci[0]:.{digits}f}, {scale * ci[1]:.{digits}f}]"
+
+
+def _style_section(report: dict) -> list[str]:
+    """report.md's answer to the study's question: a verdict per set where the intervals allow one, and the chart."""
+    lines = ["", "## Style and content: did it learn the sketch style, and keep the content?", ""]
+    probe = report.get("sketchiness_probe")
+    if probe:
+        lines += [f"Sketchiness: a logistic-regression probe on {probe['features']} features ({probe['model']}), fitted on "
+                  f"{probe['n_train'] // 2} sketch/photo pairs of split {probe['split']!r} of {probe['shards']}; held-out "
+                  f"accuracy {probe['heldout_accuracy']:.3f} ({probe['n_heldout']} images of photos it never saw). Each "
+                  "image's probability of being a sketch; style verdict: the 95% interval of the mean above or below 0.5.", ""]
+    if "csd" in report["metrics"]:
+        lines += ["CSD (Somepalli et al. 2024): each image's cosine to the reference's style prototype (the normalised "
+                  "mean of its normalised CSD style embeddings); no absolute threshold, compare sets.", ""]
+    lines += ["Content kept: CLIP zero-shot category accuracy; verdict against chance (1 / number of categories).", "",
+              f"![style vs content]({STYLE_CHART})", "",
+              "| generated set | sketchiness [95% CI] | CSD [95% CI] | CLIP accuracy [95% CI] | sketch style? | content kept? | answer |",
+              "|---|---:|---:|---:|---|---|---|"]
+    anchor = report["reference"]
+    for name, r in [(f"reference ({anchor['name']})", anchor), *report["sets"].items()]:
+        v = report["style_content"].get(name, {"style": "", "content": "", "answer": "(the reference itself)"})
+        lines.append(f"| {name} | {_interval(r.get('sketchiness'), r.get('sketchiness_ci95'), digits=3)} | "
+                     f"{_interval(r.get('csd'), r.get('csd_ci95'), digits=3)} | "
+                     f"{_interval(r.get('clip_accuracy'), r.get('clip_accuracy_ci95'), digits=3)} | {v['style']} | "
+                     f"{v['content']} | {v['answer']} |")
+    return lines
 
 
 def format_report(report: dict) -> str:
@@ -129,8 +195,12 @@ def format_report(report: dict) -> str:
     sets = report["sets"]
     inception = any("fid" in r for r in sets.values())
     lines = [f"# Evaluation against {report['reference']['name']} ({report['reference']['n']} images)", "",
-             f"Inception resize: {report.get('resize', 'pytorch-fid')}; 95% intervals: KID from its subsets, FID and the "
-             "other distances by bootstrap over both sets' images, per-image metrics by bootstrap over images.", ""]
+             f"Inception resize: {report.get('resize', 'pytorch-fid')}; 95% intervals: KID (whole sets, unbiased) normal "
+             "with a jackknife standard error, and CMMD likewise around its unbiased estimate (its reported value keeps "
+             "the reference code's biased one); FID and FD-DINOv2, biased upwards at finite sizes, by a basic bootstrap "
+             "over both sets' images (reflected about the estimate, which corrects the bias; none with fewer than 2 "
+             "images per feature dimension, where no interval is honest); per-image metrics by bootstrap over images. "
+             "Coverage measured in tests/test_intervals.py (README).", ""]
     if inception:
         lines += [f"## FID / KID ({report['dims']} dims)", "",
                   "| generated set | images | FID [95% CI] | KID ×10³ [95% CI] | pairing gain [95% CI] | pixel pairing gain [95% CI] |",
@@ -140,9 +210,11 @@ def format_report(report: dict) -> str:
             if "pairing" in r:
                 pairings = [_interval(r[f"{k}_gain"], r[f"{k}_gain_ci95"], digits=4) + f" ({verdict(r[f'{k}_gain_ci95'])})"
                             for k in ("pairing", "pixel_pairing")]
-            fid = _interval(r.get("fid"), r.get("fid_ci95"))
-            lines.append(f"| {name} | {r['n_generated']} | {fid} | {_interval(r['kid_mean'], r['kid_ci95'], 1000)} | "
+            fid = _interval(r.get("fid"), r.get("fid_ci95")) + (" (no interval)" if r.get("fid_ci95_reason") else "")
+            lines.append(f"| {name} | {r['n_generated']} | {fid} | {_interval(r.get('kid'), r.get('kid_ci95'), 1000)} | "
                          f"{' | '.join(pairings)} |")
+        reasons = [f"FID interval of {name}: {r['fid_ci95_reason']}." for name, r in sets.items() if r.get("fid_ci95_reason")]
+        lines += ["", *reasons] if reasons else []
     present = [m for m in BEYOND_INCEPTION if any(r.get(m[0]) is not None for r in sets.values())]
     if present:
         lines += ["", "## Beyond Inception", "", "| generated set | " + " | ".join(m[1] for m in present) + " |",
@@ -150,13 +222,18 @@ def format_report(report: dict) -> str:
         for name, r in sets.items():
             lines.append(f"| {name} | " + " | ".join(_interval(r.get(k), r.get(f"{k}_ci95"), scale, digits)
                                                      for k, _, scale, digits in present) + " |")
+        lines += [f"\n{label} interval of {name}: {r[f'{key}_ci95_reason']}." for name, r in sets.items()
+                  for key, label, _, _ in present if r.get(f"{key}_ci95_reason")]
+    if report.get("style_content"):
+        lines += _style_section(report)
     distinct = [(a, b, label) for i, a in enumerate(sets) for b in list(sets)[i + 1 :] for key, label, _, _ in present
                 if sets[a].get(f"{key}_ci95") and sets[b].get(f"{key}_ci95")
                 and (sets[a][f"{key}_ci95"][1] < sets[b][f"{key}_ci95"][0] or sets[b][f"{key}_ci95"][1] < sets[a][f"{key}_ci95"][0])]
     if report.get("differences") or (present and len(sets) > 1):
         lines += ["", "## Which sets are distinguishable", ""]
     if report.get("differences"):
-        lines += ["KID(a) − KID(b), ×10³, with a 95% interval (half-sampling of both sets and the reference); negative: a is closer.",
+        lines += ["KID(a) − KID(b), ×10³, with a 95% interval (normal, jackknife over both sets and the reference); "
+                  "negative: a is closer.",
                   "", "| a | b | KID(a) − KID(b) ×10³ [95% CI] | |", "|---|---|---:|---|"]
         for d in report["differences"]:
             lines.append(f"| {d['a']} | {d['b']} | {_interval(d['kid_difference'], d['kid_difference_ci95'], 1000)} | {d['verdict']} |")
@@ -166,14 +243,13 @@ def format_report(report: dict) -> str:
     for name, r in sets.items():
         if r.get("warning"):
             lines += ["", f"Warning ({name}): {r['warning']}"]
-        columns = ([("n_generated", "images", 1.0, 0), ("fid", "FID", 1.0, 2), ("kid_mean", "KID ×10³", 1000.0, 2)]
+        columns = ([("n_generated", "images", 1.0, 0), ("fid", "FID", 1.0, 2), ("kid", "KID ×10³", 1000.0, 2)]
                    if inception else [])
         columns += [m for m in present if m[0] != "clip_score"]
         lines += ["", f"## {name} per category", "", "| category | " + " | ".join(c[1] for c in columns) + " |",
                   "|---|" + "---:|" * len(columns)]
         for category, c in r.get("per_category", {}).items():
-            cells = [_interval(c.get(k), None if k == "n_generated" else c.get({"kid_mean": "kid_ci95"}.get(k, f"{k}_ci95")),
-                               scale, digits)
+            cells = [_interval(c.get(k), None if k == "n_generated" else c.get(f"{k}_ci95"), scale, digits)
                      for k, _, scale, digits in columns]
             lines.append(f"| {category} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -190,7 +266,7 @@ def bar_chart(report: dict, out_file: Path) -> None:
     categories = sorted({c for r in report["sets"].values() for c in r["per_category"]})
     fig, axes = plt.subplots(1, 2, figsize=(max(6, 1.2 * len(categories) * max(1, len(sets)) / 2 + 3), 4))
     width = 0.8 / max(1, len(sets))
-    for axis, metric, title in ((axes[0], "fid", "FID"), (axes[1], "kid_mean", "KID")):
+    for axis, metric, title in ((axes[0], "fid", "FID"), (axes[1], "kid", "KID")):
         for i, name in enumerate(sets):
             values = [report["sets"][name]["per_category"].get(c, {}).get(metric) or 0.0 for c in categories]
             axis.bar(np.arange(len(categories)) + i * width, values, width, label=name)
@@ -203,20 +279,98 @@ def bar_chart(report: dict, out_file: Path) -> None:
     plt.close(fig)
 
 
-METRICS = ("fid", "kid", "fd_dinov2", "cmmd", "prdc", "clip_score", "clip_accuracy")
+METRICS = ("fid", "kid", "fd_dinov2", "cmmd", "prdc", "clip_score", "clip_accuracy", "csd", "sketchiness")
+STYLE_METRICS = {"csd", "sketchiness"}
+STYLE_CHART = "style_content.png"
+
+
+def style_content_verdict(result: dict, num_classes: int) -> dict:
+    """The study's question for one set, answered only where the 95% intervals allow: did it learn the sketch style
+    (sketchiness: the probe's mean probability of "sketch", against its decision point 0.5), and did it keep the
+    content (CLIP zero-shot category accuracy, against chance 1/K)?"""
+    def side(ci, point: float, above: str, below: str, neither: str) -> str:
+        if not ci or ci[0] != ci[0]:
+            return "—"
+        shifted = verdict([ci[0] - point, ci[1] - point])
+        return neither if shifted == "not distinguishable" else (above if ci[0] > point else below)
+
+    chance = 1 / num_classes if num_classes else float("nan")
+    style = side(result.get("sketchiness_ci95"), 0.5, "yes", "no (photo-like)", "undecided (interval spans 0.5)")
+    content = side(result.get("clip_accuracy_ci95"), chance, "yes (above chance)", "no (below chance)",
+                   f"not shown (interval includes chance, {chance:.2f})")
+    style_says = {"yes": "learned the sketch style", "no": "did not learn the sketch style", "undecided": "style undecided"}
+    content_says = {"yes": "kept the content", "no": "lost the content", "not": "content not shown above chance"}
+    first = (style.split(" ")[0], content.split(" ")[0])
+    answer = "; ".join(says[word] for says, word in zip((style_says, content_says), first) if word in says) or "—"
+    if "undecided" in first or "not" in first:
+        answer += " (more images would narrow the intervals)"
+    return {"style": style, "content": content, "answer": answer, "chance": chance}
+
+
+def style_content_chart(report: dict, out_file: Path) -> list[dict]:
+    """Style (x: sketchiness, and CSD in a second panel when both are measured) against content kept (y: CLIP
+    category accuracy), a point per set plus the reference, both 95% intervals as whiskers. Returns the points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [("reference: " + report["reference"]["name"], report["reference"], "s")] + [
+        (name, r, "o") for name, r in report["sets"].items()]
+    axes_keys = [(k, label) for k, label in (("sketchiness", "sketchiness (probe: P(sketch))"),
+                                             ("csd", "CSD style similarity to the reference")) if k in report["metrics"]]
+    fig, axes = plt.subplots(1, len(axes_keys), figsize=(5.5 * len(axes_keys), 4.5), squeeze=False)
+    points = []
+    for axis, (key, label) in zip(axes[0], axes_keys):
+        for name, r, marker in rows:
+            x, y = r.get(key), r.get("clip_accuracy")
+            if x is None or y is None:
+                continue
+            xci, yci = r.get(f"{key}_ci95") or [x, x], r.get("clip_accuracy_ci95") or [y, y]
+            axis.errorbar(x, y, xerr=[[max(x - xci[0], 0)], [max(xci[1] - x, 0)]], yerr=[[max(y - yci[0], 0)], [max(yci[1] - y, 0)]],
+                          fmt=marker, capsize=3, label=name)
+            points.append({"panel": key, "name": name, "x": x, "y": y})
+        if key == "sketchiness":
+            axis.axvline(0.5, color="grey", lw=0.8, ls="--")
+        chance = next((v["chance"] for v in report.get("style_content", {}).values()), None)
+        if chance == chance and chance is not None:
+            axis.axhline(chance, color="grey", lw=0.8, ls=":")
+        axis.set_xlabel(label)
+        axis.set_ylabel("content kept: CLIP category accuracy")
+        axis.set_title("style vs content (95% intervals)")
+    axes[0][0].legend(fontsize="small")
+    fig.tight_layout()
+    with atomic_path(out_file) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return points
 CLIP_PROMPTS = ("a photo of a {category}", "a sketch of a {category}")
 
 
+@dataclass
+class Style:
+    """What the style metrics score against: the sketchiness probe (on `probe_features`, an extractor's name) and
+    the reference's CSD embeddings (one style prototype for the set and for each of its categories)."""
+
+    probe: LinearProbe | None = None
+    probe_features: str = "clip"
+    csd_reference: np.ndarray | None = None
+
+
 def extra_scores(metrics: set[str], features: dict, ref_features: dict, categories: np.ndarray,
-                 class_embeddings: np.ndarray | None, class_names: list[str], seed: int, resamples: int) -> dict:
-    """FD-DINOv2, CMMD, PRDC and CLIP category accuracy of one set (or one category of it), each with its 95% interval:
-    a bootstrap over both sets' images for the set-vs-set distances, over per-image values for the others."""
+                 class_embeddings: np.ndarray | None, class_names: list[str], seed: int, resamples: int,
+                 style: Style | None = None) -> dict:
+    """FD-DINOv2, CMMD, PRDC, CLIP category accuracy, sketchiness and CSD of one set (or one category of it), each with
+    its 95% interval: a basic bootstrap over both sets' images for FD-DINOv2 (none where it would not be honest, with
+    the reason), the unbiased MMD² ± 1.96 jackknife standard errors for CMMD, a bootstrap over per-image values
+    for the others."""
     result: dict = {}
     if "fd_dinov2" in metrics:
         g, r = features["dinov2"], ref_features["dinov2"]
         ok = len(g) >= 2 and len(r) >= 2
         result["fd_dinov2"] = fid_from_features(g, r) if ok else None
-        result["fd_dinov2_ci95"] = bootstrap_ci95(fid_from_features, g, r, seed, resamples) if ok else None
+        result.update(with_interval("fd_dinov2", frechet_ci95(g, r, seed, resamples, result["fd_dinov2"])) if ok
+                      else {"fd_dinov2_ci95": None})
     if "prdc" in metrics:
         g, r = features["dinov2"], ref_features["dinov2"]
         if len(g) >= 2 and len(r) >= 2:
@@ -227,10 +381,16 @@ def extra_scores(metrics: set[str], features: dict, ref_features: dict, categori
         g, r = features["clip"], ref_features["clip"]
         ok = len(g) >= 1 and len(r) >= 1
         result["cmmd"] = cmmd(g, r) if ok else None
-        result["cmmd_ci95"] = bootstrap_ci95(cmmd, g, r, seed, resamples) if ok else None
+        result.update(with_interval("cmmd", cmmd_ci95(g, r)) if ok else {"cmmd_ci95": None})
     if "clip_accuracy" in metrics and class_embeddings is not None and len(features["clip"]):
         correct = zero_shot_correct(features["clip"], categories, class_embeddings, class_names)
         result["clip_accuracy"], result["clip_accuracy_ci95"] = float(correct.mean()), mean_ci95(correct, seed)
+    if style is not None and style.probe is not None and len(features[style.probe_features]):
+        sketchy = style.probe.probability(features[style.probe_features])
+        result["sketchiness"], result["sketchiness_ci95"] = float(sketchy.mean()), mean_ci95(sketchy, seed)
+    if style is not None and style.csd_reference is not None and len(features["csd"]):
+        result["csd"] = float(prototype_similarity(features["csd"], style.csd_reference).mean())
+        result["csd_ci95"] = prototype_similarity_ci95(features["csd"], style.csd_reference, seed)
     return result
 
 
@@ -247,7 +407,7 @@ def _class_embeddings(clip, class_names: list[str]) -> np.ndarray:
 
 
 def _scores_beyond_inception(metrics: set[str], images: ImageSet, reference: ImageSet, features: dict, ref_features: dict,
-                             class_embeddings: np.ndarray | None, class_names: list[str], opts) -> dict:
+                             class_embeddings: np.ndarray | None, class_names: list[str], opts, style: Style | None = None) -> dict:
     """`extra_scores` for the whole set and for each category ({extractor: (features, valid)} in, per-image rows)."""
     names = [n for n in features if n != "inception"]
     categories = np.asarray(images.categories, dtype=object)
@@ -257,12 +417,90 @@ def _scores_beyond_inception(metrics: set[str], images: ImageSet, reference: Ima
         valid = features[names[0]][1] & where
         return extra_scores(metrics, {n: features[n][0][features[n][1] & where] for n in names},
                             {n: ref_features[n][0][ref_features[n][1] & ref_where] for n in names}, categories[valid],
-                            class_embeddings, class_names, opts.seed, opts.bootstrap_resamples)
+                            class_embeddings, class_names, opts.seed, opts.bootstrap_resamples, style)
 
     result = scores(np.ones(len(images), bool), np.ones(len(reference), bool))
     result["per_category"] = {category: scores(categories == category, ref_categories == category)
                               for category in sorted(set(images.categories) & set(reference.categories) - {None, ""})}
     return result
+
+
+PROBE_HELDOUT = 0.2  # the fraction of the probe's photos (with their sketches) held out for its accuracy
+
+
+def _subset(images: ImageSet, rows: list[int], name: str, field: str | None = None) -> ImageSet:
+    """Rows of a shard ImageSet, optionally reading another field of the same samples (a sketch's photo)."""
+    sources = [(s[0], s[1], s[2], field or s[3]) for s in (images.sources[i] for i in rows)]
+    return ImageSet(name, sources, [images.ids[i] for i in rows], [images.categories[i] for i in rows],
+                    [images.sample_keys[i] for i in rows])
+
+
+def probe_images(shard_dir: str, split: str, samples: int, seed: int) -> tuple[ImageSet, ImageSet]:
+    """The sketchiness probe's data: for up to `samples` photos of a split (seeded), one of its sketches (its first
+    key) and the photo itself, as two aligned ImageSets (paired: the probe cannot tell them apart by content)."""
+    sketches = shard_set(shard_dir, split, "sketch")
+    first: dict[str, int] = {}
+    for i, key in enumerate(sketches.sample_keys):
+        first.setdefault(photo_key(key), i)
+    rows = sorted(first.values())
+    chosen = sorted(np.random.default_rng(seed).choice(rows, min(samples, len(rows)), replace=False).tolist())
+    return _subset(sketches, chosen, "probe sketches"), _subset(sketches, chosen, "probe photos", "photo")
+
+
+def fit_sketchiness_probe(sketch_features: np.ndarray, photo_features: np.ndarray, seed: int) -> LinearProbe:
+    """Logistic regression sketch (1) vs photo (0) on pairs; `PROBE_HELDOUT` of the pairs (photo and its sketch
+    together, so no photo is on both sides) held out for its accuracy."""
+    order = np.random.default_rng(seed).permutation(len(sketch_features))
+    held, train = order[: max(1, round(PROBE_HELDOUT * len(order)))], order[max(1, round(PROBE_HELDOUT * len(order))) :]
+    probe = fit_linear_probe(np.concatenate([sketch_features[train], photo_features[train]]),
+                             np.r_[np.ones(len(train)), np.zeros(len(train))])
+    right = np.r_[probe.probability(sketch_features[held]) > 0.5, probe.probability(photo_features[held]) <= 0.5]
+    probe.heldout_accuracy, probe.n_heldout = float(right.mean()), len(right)
+    return probe
+
+
+def sketchiness_probe(opts, extractor, state, cache_dir: Path | None) -> tuple[LinearProbe | None, dict]:
+    """The probe of `--probe_shards`/`--probe_split` on `extractor`'s features, from the cache when fitted before
+    (keyed by the probe images and the extractor's settings, as reference statistics are); collective: every
+    rank extracts its part, rank 0 fits. (probe on rank 0, its description for metrics.json)."""
+    shard_dir = opts.probe_shards or opts.reference_shards
+    sketches, photos = probe_images(shard_dir, opts.probe_split, opts.probe_samples, opts.seed)
+    settings = {**extractor.settings, "probe": "logistic, l2 1e-2, standardised", "heldout": PROBE_HELDOUT, "seed": opts.seed}
+    key = hashlib.sha256(json.dumps([fingerprint(sketches, settings), fingerprint(photos, settings)]).encode()).hexdigest()[:24]
+    about = {"features": extractor.name, "model": extractor.settings.get("model", ""), "shards": str(shard_dir),
+             "split": opts.probe_split}
+    cache_file = cache_dir / f"probe-{key}.npz" if cache_dir else None
+    if cache_file is not None and cache_file.is_file():
+        probe = LinearProbe.load(cache_file)
+        hit = True
+    else:
+        hit = False
+        (s_features, s_valid, _), (p_features, p_valid, _) = (features_of(x, extractor, state, None) for x in (sketches, photos))
+        if not state.is_main_process:
+            return None, {}
+        both = s_valid & p_valid
+        if both.sum() < 10:
+            from sketch2real.cli import UserError
+
+            raise UserError(f"sketchiness: only {int(both.sum())} readable sketch/photo pairs in split {opts.probe_split!r} "
+                            f"of {shard_dir}; the probe needs at least 10")
+        probe = fit_sketchiness_probe(s_features[both], p_features[both], opts.seed)
+        if cache_file is not None:
+            probe.save(cache_file, **about)
+    if state.is_main_process:
+        probe.save(Path(opts.output_dir) / "sketchiness_probe.npz", **about)  # reusable: `LinearProbe.load`
+    return probe, {**about, "n_train": probe.n_train, "n_heldout": probe.n_heldout, "heldout_accuracy": probe.heldout_accuracy,
+                   "cache_hit": hit}
+
+
+def _unreadable(reference: ImageSet, generated_sets: list[ImageSet], reference_of: dict, sets_of: dict) -> dict:
+    """`corrupt_samples` of metrics.json: every image some extractor could not read (skipped in every score)."""
+    keys: set[str] = set()
+    for name, (_, valid) in reference_of.items():
+        keys |= {f"{reference.name}:{reference.ids[i]}" for i in np.flatnonzero(~valid)}
+        for images, (_, set_valid) in zip(generated_sets, sets_of[name]):
+            keys |= {f"{images.name}:{images.ids[i]}" for i in np.flatnonzero(~set_valid)}
+    return {"count": len(keys), "keys": sorted(keys)}
 
 
 def run_fid(opts, generated_sets: list[ImageSet], reference: ImageSet, state) -> dict | None:
@@ -273,34 +511,71 @@ def run_fid(opts, generated_sets: list[ImageSet], reference: ImageSet, state) ->
     (per-category Fréchet distances, bootstraps, CLIP score) takes minutes on the full Sketchy: other
     ranks must not be waiting in a gather meanwhile, past NCCL's timeout.
     """
-    from sketch2real.extractors import DEFAULT_CLIP, DEFAULT_DINOV2, clip_extractor, dinov2_extractor, inception_extractor
+    from sketch2real.extractors import (
+        DEFAULT_CLIP,
+        DEFAULT_CSD,
+        DEFAULT_DINOV2,
+        clip_extractor,
+        csd_extractor,
+        dinov2_extractor,
+        inception_extractor,
+    )
 
     metrics = set(opts.metrics)
+    if metrics & STYLE_METRICS:
+        metrics.add("clip_accuracy")  # content kept, reported beside style
+    if "sketchiness" in metrics and not (opts.probe_shards or opts.reference_shards):
+        from sketch2real.cli import UserError
+
+        raise UserError("--metrics sketchiness fits its probe on paired sketches and photos: give --probe_shards (or "
+                        "--reference_shards)")
     clip_path = opts.clip_model_name_or_path or DEFAULT_CLIP
     extractors = {}
     if metrics & {"fid", "kid"}:
         extractors["inception"] = inception_extractor(opts.dims, state.device, opts.batch_size, opts.num_workers, opts.resize,
                                                       opts.clean_resize, opts.channels_last)
-    if metrics & {"fd_dinov2", "prdc"}:
+    if metrics & {"fd_dinov2", "prdc"} or ("sketchiness" in metrics and opts.probe_features == "dinov2"):
         extractors["dinov2"] = dinov2_extractor(opts.dinov2_model_name_or_path or DEFAULT_DINOV2,
                                                 state.device, opts.batch_size, opts.num_workers)
     if metrics & {"cmmd", "clip_accuracy"}:
         extractors["clip"] = clip_extractor(clip_path, state.device, opts.batch_size, opts.num_workers)
+    if "csd" in metrics:
+        extractors["csd"] = csd_extractor(opts.csd_model_name_or_path or DEFAULT_CSD, state.device, opts.batch_size,
+                                          opts.num_workers)
     cache_dir = Path(opts.cache_dir) if opts.cache_dir else (default_cache_dir() if not opts.no_cache else None)
     reference_of, sets_of, hits = {}, {}, {}
     for name, extractor in extractors.items():
         features, valid, hits[name] = features_of(reference, extractor, state, cache_dir)
         reference_of[name] = (features, valid)
         sets_of[name] = [features_of(images, extractor, state, None)[:2] for images in generated_sets]
+    style = None
+    if metrics & STYLE_METRICS:
+        style = Style(probe_features=opts.probe_features)
+        if "sketchiness" in metrics:
+            style.probe, probe_about = sketchiness_probe(opts, extractors[opts.probe_features], state, cache_dir)
     if not state.is_main_process:
         return None
-    report = {"dims": opts.dims, "metrics": sorted(metrics),
+    report = {"dims": opts.dims, "metrics": sorted(metrics), "num_processes": state.num_processes,
               "resize": "clean-fid (PIL bicubic, anti-aliased, to 299)" if opts.clean_resize
               else "pytorch-fid (the network's bilinear resize to 299)",
               "reference": {"name": reference.name, "n": len(reference), "cache_hit": all(hits.values()), "cache_hits": hits},
               "sets": {}}
     class_names = sorted(set(reference.categories) - {None, ""})
     class_embeddings = _class_embeddings(extractors["clip"], class_names) if "clip_accuracy" in metrics and class_names else None
+    if style is not None:
+        if "csd" in metrics:
+            style.csd_reference = reference_of["csd"][0][reference_of["csd"][1]]
+        if "sketchiness" in metrics:
+            report["sketchiness_probe"] = probe_about
+        # the reference itself as an anchor of the style-content chart
+        report["reference"].update(_scores_beyond_inception(metrics & (STYLE_METRICS | {"clip_accuracy"}), reference,
+                                                            reference, reference_of, reference_of, class_embeddings,
+                                                            class_names, opts, style))
+        report["reference"].pop("per_category", None)
+    reference_rows = None
+    if "inception" in extractors:
+        ref_features, ref_valid = reference_of["inception"]
+        reference_rows = reference_kernel_rows(ref_features[ref_valid])  # shared by every set's KID and difference
     extracted = []
     for index, images in enumerate(generated_sets):
         result: dict = {"n_generated": len(images)}
@@ -309,21 +584,26 @@ def run_fid(opts, generated_sets: list[ImageSet], reference: ImageSet, state) ->
             ref_features, ref_valid = reference_of["inception"]
             report["reference"]["n"] = int(ref_valid.sum())
             result = evaluate_set(images.name, images, features, valid, reference, ref_features, ref_valid, opts.dims, opts.seed,
-                                  opts.bootstrap_resamples)
+                                  opts.bootstrap_resamples, reference_rows)
             extracted.append((images, features, valid))
         if set(extractors) - {"inception"}:
             beyond = _scores_beyond_inception(metrics, images, reference, {n: sets_of[n][index] for n in sets_of},
-                                              reference_of, class_embeddings, class_names, opts)
+                                              reference_of, class_embeddings, class_names, opts, style)
             for category, values in beyond.pop("per_category").items():
                 result.setdefault("per_category", {}).setdefault(category, {}).update(values)
             result.update(beyond)
         if (opts.clip_model_name_or_path or "clip_score" in metrics) and images.prompts:
             values = clip_scores(images.sources, images.prompts, clip_path, state.device)
-            result["clip_score"], result["clip_score_ci95"] = float(values.mean()), mean_ci95(values, opts.seed)
+            result["clip_score"], result["clip_score_ci95"] = clip_score_of(values, opts.seed)
         report["sets"][images.name] = result
+    report["corrupt_samples"] = _unreadable(reference, generated_sets, reference_of, sets_of)
     if extracted:
-        report["differences"] = set_differences(extracted, reference_of["inception"][0][reference_of["inception"][1]], opts.seed)
+        report["differences"] = set_differences(extracted, reference_of["inception"][0][reference_of["inception"][1]],
+                                                reference_rows)
     out = Path(opts.output_dir)
+    if style is not None:
+        report["style_content"] = {name: style_content_verdict(r, len(class_names)) for name, r in report["sets"].items()}
+        report["style_content_chart"] = style_content_chart(report, out / STYLE_CHART)
     write_json(out / "metrics.json", report)
     with atomic_path(out / "report.md") as tmp:
         tmp.write_text(format_report(report))

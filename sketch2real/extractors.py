@@ -1,17 +1,20 @@
 """Feature extractors for evaluation, one interface for all: pytorch-fid's Inception (FID, KID, pairing), DINOv2
-(FD-DINOv2 and PRDC, Stein et al. 2023) and CLIP image embeddings (CMMD, Jayasumana et al. 2024; zero-shot
-category accuracy). Each extracts the contiguous part of an ImageSet that belongs to one rank; its `settings`
-key the feature cache."""
+(FD-DINOv2 and PRDC, Stein et al. 2023), CLIP image embeddings (CMMD, Jayasumana et al. 2024; zero-shot
+category accuracy; the sketchiness probe) and CSD style embeddings (Somepalli et al. 2024). Each extracts the
+contiguous part of an ImageSet that belongs to one rank; its `settings` key the feature cache."""
 
 from __future__ import annotations
 
+import pickle
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from sketch2real.cli import UserError
 from sketch2real.metrics import ImageSet, _Loader, extract_features, inception
 
 DEFAULT_DINOV2 = "facebook/dinov2-large"  # ViT-L/14, the network of dgm-eval's FD-DINOv2
@@ -139,3 +142,149 @@ def clip_text_embeddings(extractor: Extractor, prompts: list[str]) -> np.ndarray
     output = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
     output = output.pooler_output if hasattr(output, "pooler_output") else output
     return torch.nn.functional.normalize(output, dim=-1).float().cpu().numpy().astype(np.float64)
+
+
+# ---- CSD: style embeddings (Somepalli et al. 2024, "Measuring Style Similarity in Diffusion Models") ----------------
+DEFAULT_CSD = "tomg-group-umd/CSD-ViT-L"  # MIT; a CLIP ViT-L/14 image tower + a style projection, trained for style
+CSD_FILES = ("model.safetensors", "pytorch_model.bin", "checkpoint.pth")  # tried in this order in a folder or hub repo
+VISION_PREFIX = "vision_model."  # converted names, placed under the vision tower's own prefix when loading
+
+
+class CSDStyle(torch.nn.Module):
+    """CSD's style branch: a CLIP vision transformer's pooled feature (its final layer norm of the class token, the
+    projection dropped) times CSD's style projection, L2-normalised. The content branch is not needed here."""
+
+    def __init__(self, vision_config, style_dim: int):
+        from transformers import CLIPVisionModel
+
+        super().__init__()
+        self.vision = CLIPVisionModel(vision_config)
+        self.style = torch.nn.Parameter(torch.zeros(vision_config.hidden_size, style_dim))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        feature = self.vision(pixel_values=pixel_values).pooler_output
+        return torch.nn.functional.normalize(feature @ self.style, dim=-1)
+
+
+def csd_state_dict_to_transformers(state: dict[str, torch.Tensor], vision: str) -> dict[str, torch.Tensor]:
+    """CSD's checkpoint keys (OpenAI CLIP's visual tower under `backbone.`, `last_layer_style`; any `module.` prefix
+    of DataParallel stripped) -> transformers' CLIP vision transformer names (under `vision`, the prefix of
+    `CSDStyle`'s vision tower, which differs between transformers versions) and `style`. The fused attention input
+    projection of OpenAI's layout is split into query, key and value, in that order."""
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    renamed = {"backbone.class_embedding": f"{vision}embeddings.class_embedding",
+               "backbone.positional_embedding": f"{vision}embeddings.position_embedding.weight",
+               "backbone.conv1.weight": f"{vision}embeddings.patch_embedding.weight", "last_layer_style": "style"}
+    parts = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj", "mlp.c_fc": "mlp.fc1",
+             "mlp.c_proj": "mlp.fc2"}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key in renamed:
+            out[renamed[key]] = value
+        elif key.startswith(("backbone.ln_pre.", "backbone.ln_post.")):
+            norm, field = key.split(".")[1:]
+            out[f"{vision}{'pre_layrnorm' if norm == 'ln_pre' else 'post_layernorm'}.{field}"] = value
+        elif key.startswith("backbone.transformer.resblocks."):
+            layer, rest = key.removeprefix("backbone.transformer.resblocks.").split(".", 1)
+            prefix = f"{vision}encoder.layers.{layer}."
+            if rest.startswith("attn.in_proj_"):
+                field = "weight" if rest.endswith("weight") else "bias"
+                for name, chunk in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
+                    out[f"{prefix}self_attn.{name}.{field}"] = chunk
+            else:
+                module, field = rest.rsplit(".", 1)
+                out[f"{prefix}{parts[module]}.{field}"] = value
+        # backbone.proj (CLIP's own projection; CSD drops it) and last_layer_content (CSD's content branch): unused
+    return out
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint file's tensors: safetensors, or `torch.load(weights_only=True)` admitting numpy scalars and dtypes
+    (plain data some checkpoints carry beside their weights), never arbitrary pickled objects."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    from accelerate.utils.other import TORCH_SAFE_GLOBALS
+
+    core = getattr(np, "_core", None) or np.core
+    data_globals = [*TORCH_SAFE_GLOBALS, core.multiarray.scalar,
+                    *(type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool"))]
+    with torch.serialization.safe_globals(data_globals):
+        checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
+    for key in ("model_state_dict", "state_dict"):  # CSD's training script nests the weights
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+    return {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
+
+
+def _csd_files(name_or_path: str) -> tuple[Path, dict]:
+    """(weights file, config.json contents or {}) of a CSD checkpoint file, folder or hub repo."""
+    import json
+
+    from sketch2real.models import check_model_path
+
+    check_model_path(name_or_path, "CSD model")
+    path = Path(name_or_path)
+    if path.is_file():
+        config_file = path.parent / "config.json"
+        return path, json.loads(config_file.read_text()) if config_file.is_file() else {}
+    if path.is_dir():
+        found = next((path / f for f in CSD_FILES if (path / f).is_file()), None)
+        if found is None:
+            raise UserError(f"no CSD weights in {name_or_path} (looked for {', '.join(CSD_FILES)})")
+        return found, json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    from huggingface_hub import hf_hub_download, list_repo_files
+
+    files = set(list_repo_files(name_or_path))
+    weights = next((f for f in CSD_FILES if f in files), None)
+    if weights is None:
+        raise UserError(f"no CSD weights in the hub repo {name_or_path} (looked for {', '.join(CSD_FILES)})")
+    config = json.loads(Path(hf_hub_download(name_or_path, "config.json")).read_text()) if "config.json" in files else {}
+    return Path(hf_hub_download(name_or_path, weights)), config
+
+
+def load_csd(name_or_path: str) -> tuple[CSDStyle, int]:
+    """CSD's style model from a checkpoint file, a folder or a hub id, and its input size in pixels.
+
+    The architecture is read off the weights (width and patch from the patch embedding, depth from the blocks, input
+    size from the position embeddings); heads from `vision_heads` in config.json, else OpenAI's rule width / 64.
+    """
+    from transformers import CLIPVisionConfig
+
+    file, config = _csd_files(name_or_path)
+    try:
+        vision = VISION_PREFIX
+        state = csd_state_dict_to_transformers(_read_state_dict(file), vision)
+        patch = state[f"{vision}embeddings.patch_embedding.weight"]
+        width, patch_size = patch.shape[0], patch.shape[-1]
+        layers = len({k.removeprefix(f"{vision}encoder.layers.").split(".")[0] for k in state
+                      if k.startswith(f"{vision}encoder.layers.")})
+        side = patch_size * round((state[f"{vision}embeddings.position_embedding.weight"].shape[0] - 1) ** 0.5)
+        vision_config = CLIPVisionConfig(hidden_size=width, intermediate_size=state[f"{vision}encoder.layers.0.mlp.fc1.weight"].shape[0],
+                                         num_hidden_layers=layers, num_attention_heads=config.get("vision_heads", width // 64),
+                                         image_size=side, patch_size=patch_size, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+        model = CSDStyle(vision_config, state["style"].shape[1])
+        actual = next(k for k in model.state_dict() if k.endswith("embeddings.class_embedding")).removesuffix(
+            "embeddings.class_embedding")
+        model.load_state_dict({actual + k.removeprefix(vision) if k.startswith(vision) else k: v for k, v in state.items()},
+                              strict=True)
+    except (KeyError, RuntimeError, ValueError, OSError, pickle.UnpicklingError) as err:  # refused pickles included
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot load a CSD model from {name_or_path}: {first[:300]}") from err
+    return model.eval(), side
+
+
+def csd_extractor(model_name_or_path: str, device: torch.device, batch_size: int, num_workers: int) -> Extractor:
+    """CSD style embeddings (normalised), images as CSD's evaluation prepares them: bicubic resize of the short side
+    and centre crop to the model's input size, CLIP's mean and std."""
+    from transformers import CLIPImageProcessor
+
+    model, side = load_csd(model_name_or_path)
+    model = model.to(device)
+    processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+
+    def extract(images: ImageSet, rank: int, world_size: int, progress: bool):
+        return extract_processed(images, processor, model, device, batch_size, num_workers, rank, world_size, "CSD", progress)
+
+    return Extractor("csd", {"model": model_name_or_path, "features": "csd-style"}, extract)

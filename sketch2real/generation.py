@@ -9,15 +9,17 @@ Together these make the images bit-identical whatever the number of processes.
 from __future__ import annotations
 
 import string
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 from PIL import Image
 
 from sketch2real.cli import UserError
-from sketch2real.io import atomic_path, merge_parts, read_jsonl, read_with_parts
+from sketch2real.io import atomic_path, key_path, merge_parts, read_jsonl, read_with_parts
+from sketch2real.shards import CorruptSample, corrupt_samples, open_image
 from sketch2real.sketchy import category_words
 from sketch2real.training.diffusion import derive_seed
 
@@ -103,8 +105,12 @@ def expand(items: list[Item], num_images_per_prompt: int) -> list[Item]:
             for it in items for i in range(num_images_per_prompt)]
 
 
+T = TypeVar("T")
+
+
 def image_path(output_dir: Path, key: str) -> Path:
-    return output_dir / "images" / f"{key}.png"
+    """images/<key>.png; a key that could leave the folder (`..`, absolute, NUL) is refused (`key_path`)."""
+    return key_path(Path(output_dir) / "images", key, ".png")
 
 
 def rank_batches(items: list[Item], batch_size: int, rank: int, world_size: int) -> list[list[Item]]:
@@ -182,6 +188,15 @@ def write_image(output_dir: Path, key: str, image: Image.Image) -> None:
         image.save(tmp, format="PNG")
 
 
+def _readable(read: Callable[[Any], T], what: Any) -> T | None:
+    """`read(what)`, or None (an empty mosaic cell) for a corrupt image, counted in `corrupt_samples`."""
+    try:
+        return read(what)
+    except CorruptSample as err:
+        corrupt_samples.record(err, "left out of the mosaic")
+        return None
+
+
 def write_mosaics(output_dir: Path, rows: list[dict], shard_dir: str = "", split: str = "test", cell: int = 128,
                   max_rows: int = 8) -> list[Path]:
     """mosaics/<category>.png (sketch | generated | photo per row) and mosaics/overview.png (a row per category)."""
@@ -201,15 +216,15 @@ def write_mosaics(output_dir: Path, rows: list[dict], shard_dir: str = "", split
     for category, cat_rows in sorted(by_category.items()):
         grid_rows = []
         for row in cat_rows[:max_rows]:
-            generated = Image.open(image_path(output_dir, row["key"]))
-            pair = samples[position[row["sample_key"]]] if samples and row.get("sample_key") in position else None
-            grid_rows.append([pair["sketch"] if pair else None, generated, pair["photo"] if pair else None])
-        out = output_dir / "mosaics" / f"{category}.png"
+            pair = _readable(samples.read, position[row["sample_key"]]) if samples and row.get("sample_key") in position else None
+            grid_rows.append([pair["sketch"] if pair else None, _readable(open_image, image_path(output_dir, row["key"])),
+                              pair["photo"] if pair else None])
+        out = key_path(output_dir / "mosaics", category.replace("/", "_"), ".png")
         out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(out) as tmp:
             image_grid(grid_rows, cell).save(tmp, format="PNG")
         written.append(out)
-        overview_rows.append([Image.open(image_path(output_dir, r["key"])) for r in cat_rows[:max_rows]])
+        overview_rows.append([_readable(open_image, image_path(output_dir, r["key"])) for r in cat_rows[:max_rows]])
         labels.append(category)
     if overview_rows:
         out = output_dir / "mosaics" / "overview.png"

@@ -10,6 +10,28 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from sketch2real.cli import UserError
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def umask_modes(path: str | os.PathLike) -> None:
+    """Give a tree made by `tempfile` (0700 folders, 0600 files) the modes the umask gives to ordinary writes."""
+    mask = current_umask()
+    root = Path(path)
+    os.chmod(root, (0o777 if root.is_dir() else 0o666) & ~mask)
+    if root.is_dir():
+        for folder, dirs, files in os.walk(root):
+            for name in dirs:
+                os.chmod(os.path.join(folder, name), 0o777 & ~mask)
+            for name in files:
+                os.chmod(os.path.join(folder, name), 0o666 & ~mask)
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -18,6 +40,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600: the file gets the mode open() would give it
     try:
         yield Path(tmp)
         os.replace(tmp, final)
@@ -96,3 +119,17 @@ def merge_parts(folder: Path, stem: str, key: Callable[[dict], Any], keep: Calla
     for file in part_files(folder, stem):
         file.unlink()
     return rows
+
+
+def key_path(folder: str | os.PathLike, key: str, suffix: str = "") -> Path:
+    """`folder/<key><suffix>` for a key that comes from data (Sketchy's keys are `category/name`).
+
+    Keys never leave their folder: an empty, absolute or NUL-holding key, a backslash, or a `.`/`..`/empty
+    path component is refused in one line (a crafted captions row or shard must not write elsewhere).
+    """
+    parts = key.split("/") if isinstance(key, str) else []
+    if (not parts or "\0" in key or "\\" in key or key.startswith("/")
+            or any(part in ("", ".", "..") for part in parts)):
+        raise UserError(f"refusing key {key!r}: a key from data must be a relative name without '..', "
+                        "empty parts, backslashes or NUL")
+    return Path(folder).joinpath(*parts[:-1], parts[-1] + suffix)

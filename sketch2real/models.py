@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from sketch2real.cli import UserError
+from sketch2real.io import umask_modes
 
 
 def _is_hub_id(name: str) -> bool:
@@ -115,6 +116,7 @@ def save_pretrained_atomic(obj: Any, out: str | os.PathLike) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out, prefix=".pipeline-") as tmp:
         obj.save_pretrained(tmp, safe_serialization=True)
+        umask_modes(tmp)
         for entry in sorted(Path(tmp).iterdir(), key=lambda p: p.name == "model_index.json"):
             target = out / entry.name
             if target.is_dir():

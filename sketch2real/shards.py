@@ -22,17 +22,18 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import random
 import tarfile
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -42,6 +43,9 @@ from sketch2real.cli import UserError
 from sketch2real.io import atomic_path, read_jsonl, write_json
 
 IMAGE_FIELDS = {"sketch": "sketch.png", "photo": "photo.jpg"}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".pgm", ".ppm")  # image files in folders
+logger = logging.getLogger("sketch2real")
+T = TypeVar("T")
 
 
 def shard_name(split: str, index: int) -> str:
@@ -199,11 +203,85 @@ def sample_refs(shard_dir: str | os.PathLike, split: str, categories: Sequence[s
     return refs
 
 
-def decode_image(data: bytes, resolution: int | None, as_tensor: bool) -> Any:
-    """PNG/JPEG bytes -> RGB PIL image (resized to a square `resolution`) or a CHW float tensor in [-1, 1]."""
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    image = image.convert("RGB")
+MAX_IMAGE_PIXELS = 40_000_000  # 6,300 x 6,300: far above Sketchy's 256 x 256; a decompression bomb stops here
+
+
+class CorruptSample(Exception):
+    """A sample that cannot be read: an undecodable, empty or oversized image, or a member missing from its shard."""
+
+    def __init__(self, where: str, reason: str):
+        super().__init__(f"{where}: {reason}")
+        self.where, self.reason = where, reason
+
+
+class CorruptLog:
+    """The corrupt samples this process met, warned about once each (one line naming shard and key).
+
+    DataLoader workers hand theirs to the training process with each batch (`drain` there, `merge` here),
+    and jobs report `summary()` in their metrics.json as `corrupt_samples`.
+    """
+
+    def __init__(self) -> None:
+        self.entries: dict[str, str] = {}
+        self._new: dict[str, str] = {}
+
+    def record(self, error: CorruptSample, action: str = "skipped") -> None:
+        if error.where not in self.entries:
+            logger.warning("corrupt sample %s (%s): %s", error.where, error.reason, action)
+        self.entries[error.where] = self._new[error.where] = error.reason
+
+    def drain(self) -> dict[str, str]:
+        """Entries recorded since the last drain (what a worker passes on)."""
+        new, self._new = self._new, {}
+        return new
+
+    def merge(self, entries: dict[str, str]) -> None:
+        self.entries.update(entries)
+
+    def summary(self, entries: dict[str, str] | None = None) -> dict:
+        entries = self.entries if entries is None else entries
+        return {"count": len(entries), "keys": sorted(entries)}
+
+
+corrupt_samples = CorruptLog()
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB, with transparency composited on white (a transparent sketch is black strokes on white, not all black)
+    and 16-bit greyscale scaled to 8 bits (PIL's own conversion clips it to white)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if array.max(initial=0) > 255 else 255.0
+        image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def decode_image(data: bytes, resolution: int | None, as_tensor: bool, where: str = "image") -> Any:
+    """PNG/JPEG bytes -> RGB PIL image (resized to a square `resolution`) or a CHW float tensor in [-1, 1].
+
+    The one decoder of the project: every failure (empty or truncated bytes, an unknown format, more than
+    `MAX_IMAGE_PIXELS` pixels) is a `CorruptSample` naming `where`, never a PIL traceback.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise CorruptSample(where, f"{image.width}x{image.height} pixels, over the limit of {MAX_IMAGE_PIXELS:,}")
+            image.load()
+            image = to_rgb(image)
+    except CorruptSample:
+        raise
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+        raise CorruptSample(where, f"over the limit of {MAX_IMAGE_PIXELS:,} pixels ({err})") from None
+    except Exception as err:  # PIL raises many types for bad bytes; any of them means this image is unusable
+        raise CorruptSample(where, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'undecodable'}") from None
     if resolution and image.size != (resolution, resolution):
         image = image.resize((resolution, resolution), Image.BICUBIC)
     if not as_tensor:
@@ -212,12 +290,44 @@ def decode_image(data: bytes, resolution: int | None, as_tensor: bool) -> Any:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def _decode_sample(members: dict[str, bytes], fields: Sequence[str], resolution: int | None, as_tensor: bool) -> dict:
-    meta = json.loads(members["json"])
-    sample = {"key": meta["key"], "category": meta["category"], "meta": meta, "pad": False, "corrupt": False}
+def open_image(path: str | os.PathLike, resolution: int | None = None, as_tensor: bool = False) -> Any:
+    """An image file through `decode_image` (a `CorruptSample` naming the file when it cannot be read)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise CorruptSample(str(path), f"{type(err).__name__}: {err.strerror or err}") from None
+    return decode_image(data, resolution, as_tensor, str(path))
+
+
+def _decode_sample(members: dict[str, bytes], fields: Sequence[str], resolution: int | None, as_tensor: bool,
+                   where: str) -> dict:
+    try:
+        meta = json.loads(members["json"])
+        sample = {"key": meta["key"], "category": meta["category"], "meta": meta, "pad": False, "corrupt": False}
+    except (KeyError, ValueError, TypeError) as err:
+        raise CorruptSample(where, f"metadata unreadable ({type(err).__name__}: {err})") from None
     for field in fields:
-        sample[field] = decode_image(members[IMAGE_FIELDS[field]], resolution, as_tensor)
+        if IMAGE_FIELDS[field] not in members:
+            raise CorruptSample(where, f"no {IMAGE_FIELDS[field]} member")
+        try:
+            sample[field] = decode_image(members[IMAGE_FIELDS[field]], resolution, as_tensor, where)
+        except CorruptSample as err:
+            raise CorruptSample(where, f"{field}: {err.reason}") from None
     return sample
+
+
+def read_or_substitute(read: Callable[[int], T], positions: Sequence[int], k: int) -> T:
+    """`read(positions[k])`, or where that sample is corrupt the next readable one in `positions` (wrapping round).
+
+    The one substitution rule of every trainer: which sample stands in depends only on the run's own ordered
+    set, so a batch is still a function of the step (exact resume, the same batches on any number of processes).
+    """
+    for offset in range(len(positions)):
+        try:
+            return read(positions[(k + offset) % len(positions)])
+        except CorruptSample as err:
+            corrupt_samples.record(err, "replaced by the next readable sample")
+    raise UserError(f"every one of the {len(positions)} samples is corrupt (see the warnings above)")
 
 
 def _blank_like(fields: Sequence[str], resolution: int | None, as_tensor: bool) -> dict:
@@ -333,11 +443,13 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def _read(self, plan: list[tuple[SampleRef, bool]]) -> Iterator[dict]:
         wanted: dict[str, dict[int, list[bool]]] = defaultdict(lambda: defaultdict(list))
+        ref_at: dict[tuple[str, int], SampleRef] = {}
         shard_order: list[str] = []
         for ref, is_pad in plan:
             if ref.shard not in wanted:
                 shard_order.append(ref.shard)
             wanted[ref.shard][ref.position].append(is_pad)
+            ref_at[ref.shard, ref.position] = ref
         for shard in shard_order:
             positions = wanted[shard]
             remaining = sum(len(v) for v in positions.values())
@@ -347,26 +459,28 @@ class ShardStream(torch.utils.data.IterableDataset):
                         continue
                     for is_pad in positions.pop(position):
                         remaining -= 1
-                        yield self._make_sample(shard, key, members, is_pad)
+                        yield self._make_sample(f"{shard}:{key}", members, is_pad)
                     if remaining == 0:
                         break
             except (tarfile.TarError, OSError, EOFError) as err:
-                warnings.warn(f"{shard}: unreadable tar ({err}); its remaining samples are skipped", stacklevel=2)
+                logger.warning("%s: unreadable tar (%s); its remaining samples are skipped", shard, err)
             for position, pads in positions.items():  # members never reached (truncated tar)
+                where = f"{shard}:{ref_at[shard, position].key}"
+                corrupt_samples.record(CorruptSample(where, "missing from a truncated shard"))
                 for _ in pads:
-                    yield self._corrupt(f"{shard}#{position}")
+                    yield self._corrupt(where)
 
-    def _make_sample(self, shard: str, key: str, members: dict[str, bytes], is_pad: bool) -> dict:
+    def _make_sample(self, where: str, members: dict[str, bytes], is_pad: bool) -> dict:
         try:
-            sample = _decode_sample(members, self.fields, self.resolution, self.as_tensor)
-        except Exception as err:  # a corrupt image must never stop a long job
-            warnings.warn(f"{shard}: sample {key!r} is corrupt ({type(err).__name__}: {err}); skipped", stacklevel=2)
-            return self._corrupt(key)
+            sample = _decode_sample(members, self.fields, self.resolution, self.as_tensor, where)
+        except CorruptSample as err:  # a corrupt image must never stop a long job
+            corrupt_samples.record(err)
+            return self._corrupt(where)
         sample["pad"] = is_pad
         return sample
 
-    def _corrupt(self, key: str) -> dict:
-        sample = {"key": key, "category": "", "meta": {}, "pad": True, "corrupt": True}
+    def _corrupt(self, where: str) -> dict:
+        sample = {"key": where.partition(":")[2], "category": "", "meta": {}, "pad": True, "corrupt": True}
         sample.update(_blank_like(self.fields, self.resolution, self.as_tensor))
         return sample
 
@@ -402,8 +516,28 @@ def stream_loader(stream: ShardStream, batch_size: int, num_workers: int = 0) ->
     )
 
 
+def _member_offsets(path: Path) -> tuple[dict[str, tuple[int, int]], str]:
+    """{member name: (data offset, size)} of a tar, read up to where it breaks off; and why it did ("" if intact)."""
+    offsets: dict[str, tuple[int, int]] = {}
+    try:
+        size = path.stat().st_size
+        with tarfile.open(path, mode="r|") as tar:
+            for info in tar:
+                if info.isfile() and info.offset_data + info.size <= size:
+                    offsets[info.name] = (info.offset_data, info.size)
+    except (tarfile.TarError, OSError, EOFError) as err:
+        return offsets, f"{type(err).__name__}: {err}"
+    return offsets, ""
+
+
 class ShardSamples(torch.utils.data.Dataset):
-    """Random access to a split's samples (optionally some categories, or given keys)."""
+    """Random access to a split's samples (optionally some categories), decoded by `decode_image`.
+
+    `read(i)` raises `CorruptSample` for a sample that cannot be read (any of its `fields` undecodable, or
+    missing from a truncated shard); readers choose what to do with it (trainers: `read_or_substitute`).
+    `read(i, only)` decodes just the fields in `only` once the whole sample has been checked in this process:
+    two views of one pair (ControlNet's sketch and photo) agree on which samples are corrupt.
+    """
 
     def __init__(
         self,
@@ -417,27 +551,52 @@ class ShardSamples(torch.utils.data.Dataset):
         self.shard_dir = Path(shard_dir)
         self.refs = sample_refs(shard_dir, split, categories)
         self.fields, self.resolution, self.as_tensor = tuple(fields), resolution, as_tensor
-        self._tars: dict[str, tarfile.TarFile] = {}
-        self._members: dict[str, dict[str, tarfile.TarInfo]] = {}
+        self._offsets: dict[str, tuple[dict[str, tuple[int, int]], str]] = {}
+        self._checked: dict[int, CorruptSample | None] = {}
 
     def __len__(self) -> int:
         return len(self.refs)
 
-    def _member(self, shard: str, name: str) -> bytes:
-        if shard not in self._tars:
-            tar = tarfile.open(self.shard_dir / shard)
-            self._tars[shard] = tar
-            self._members[shard] = {m.name: m for m in tar.getmembers()}
-        return self._tars[shard].extractfile(self._members[shard][name]).read()
+    def _member(self, shard: str, name: str, where: str) -> bytes:
+        if shard not in self._offsets:
+            self._offsets[shard] = _member_offsets(self.shard_dir / shard)
+        offsets, broken = self._offsets[shard]
+        if name not in offsets:
+            raise CorruptSample(where, f"{name} missing from the shard ({broken or 'not in the tar'})")
+        offset, size = offsets[name]
+        try:
+            with open(self.shard_dir / shard, "rb") as f:
+                f.seek(offset)
+                data = f.read(size)
+        except OSError as err:
+            raise CorruptSample(where, f"{type(err).__name__}: {err}") from None
+        if len(data) != size:
+            raise CorruptSample(where, f"{name} cut short in the shard")
+        return data
+
+    def where(self, index: int) -> str:
+        ref = self.refs[index]
+        return f"{ref.shard}:{ref.key}"
+
+    def read(self, index: int, only: Sequence[str] | None = None) -> dict:
+        """Sample `index` with its image fields (all, or `only` once the sample is known to be readable)."""
+        if index in self._checked:
+            if self._checked[index] is not None:
+                raise self._checked[index]
+            fields = tuple(only) if only is not None else self.fields
+        else:
+            fields = self.fields
+        ref, where = self.refs[index], self.where(index)
+        try:
+            members = {"json": self._member(ref.shard, f"{ref.key}.json", where)}
+            for field in fields:
+                members[IMAGE_FIELDS[field]] = self._member(ref.shard, f"{ref.key}.{IMAGE_FIELDS[field]}", where)
+            sample = _decode_sample(members, fields, self.resolution, self.as_tensor, where)
+        except CorruptSample as err:
+            self._checked[index] = err
+            raise
+        self._checked[index] = None
+        return sample
 
     def __getitem__(self, index: int) -> dict:
-        ref = self.refs[index]
-        members = {"json": self._member(ref.shard, f"{ref.key}.json")}
-        for field in self.fields:
-            members[IMAGE_FIELDS[field]] = self._member(ref.shard, f"{ref.key}.{IMAGE_FIELDS[field]}")
-        return _decode_sample(members, self.fields, self.resolution, self.as_tensor)
-
-    def __getstate__(self) -> dict:  # open tar handles do not cross process boundaries
-        state = self.__dict__.copy()
-        state["_tars"], state["_members"] = {}, {}
-        return state
+        return self.read(index)

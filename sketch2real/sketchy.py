@@ -141,6 +141,12 @@ class SketchyRelease:
                     )
                 )
         records.sort(key=lambda r: (r.category, r.photo_id, r.sketch_index))
+        seen: dict[str, SketchRecord] = {}
+        for record in records:  # keys replace dots: `a.b-1.png` and `a_b-1.png` would be one sample, used twice
+            other = seen.setdefault(record.key, record)
+            if other is not record:
+                raise UserError(f"{other.sketch_path} and {record.sketch_path} give the same sample key {record.key!r}: "
+                                "rename one of them")
         return records
 
     def testset(self) -> list[tuple[str, str]]:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from sketch2real.cli import check_output_dir, option, parse_options, run_main
+
 SD_DIRNAME = "tiny-sd"
 CLIP_DIRNAME = "tiny-clip"
 DINOV2_DIRNAME = "tiny-dinov2"
@@ -423,24 +425,22 @@ def build_all(output_dir: str | os.PathLike, torch_home: str | os.PathLike | Non
     return TinyModels(sd=sd, sdxl=sdxl, clip=clip, dinov2=dinov2, blip2=blip2, llava=llava, torch_home=home)
 
 
+@dataclass
+class Options:
+    """Build the tiny offline models (SD, CLIP, DINOv2, BLIP-2, LLaVA, FID Inception weights)."""
+
+    output_dir: str = option("tiny_models", help="folder that receives tiny-sd/, tiny-blip2/, tiny-llava/")
+    torch_home: str = option("", help="TORCH_HOME for the Inception weights (default: OUTPUT_DIR/torch_home)")
+    size: str = option("tiny", help="tiny: every tiny model; any other: only a Stable Diffusion of that architecture with "
+                                    "random weights, at OUTPUT_DIR/<size>-random", choices=tuple(SD_SIZES))
+    pretrain: bool = option(False, help="also train the tiny base on a synthetic Sketchy (~4 min on 2 cores, cached) "
+                                        "at OUTPUT_DIR/tiny-sd-trained")
+
+
 def main() -> None:
-    from sketch2real.cli import option, parse_options
-
-    @dataclass
-    class Options:
-        """Build the tiny offline models (SD, CLIP, DINOv2, BLIP-2, LLaVA, FID Inception weights)."""
-
-        output_dir: str = option("tiny_models", help="folder that receives tiny-sd/, tiny-blip2/, tiny-llava/")
-        torch_home: str = option("", help="TORCH_HOME for the Inception weights (default: OUTPUT_DIR/torch_home)")
-        size: str = option("tiny", help="tiny: every tiny model; sd15, sd15_small or sdxl: only a Stable Diffusion of "
-                                        "that architecture with random weights, at OUTPUT_DIR/<size>-random")
-        pretrain: bool = option(False, help="also train the tiny base on a synthetic Sketchy (~4 min on 2 cores, cached) "
-                                            "at OUTPUT_DIR/tiny-sd-trained")
-
     opts = parse_options(Options)
+    check_output_dir(opts.output_dir)
     if opts.size != "tiny":
-        if opts.size not in SD_SIZES:
-            raise SystemExit(f"--size must be one of {', '.join(SD_SIZES)}, got {opts.size!r}")
         print(f"sd: {build_sd(Path(opts.output_dir) / f'{opts.size}-random', opts.size)}")
         return
     models = build_all(opts.output_dir, opts.torch_home or None)
@@ -456,4 +456,29 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
+
+
+CSD_DIRNAME = "tiny-csd"
+
+
+def build_tiny_csd(output_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """A tiny CSD (random weights) in the released checkpoint's layout, for style-metric tests: an OpenAI-layout CLIP
+    vision transformer under `backbone.` (open_clip's, 32 px, patch 8, width 32, 2 blocks, QuickGELU, its
+    projection dropped as CSD drops it) with `last_layer_style` and `last_layer_content` (32 -> 16), as
+    `model.safetensors`, and a config.json naming its heads (the real ViT-L follows OpenAI's width / 64)."""
+    from open_clip.transformer import QuickGELU, VisionTransformer
+    from safetensors.torch import save_file
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    width, style_dim = 32, 16
+    backbone = VisionTransformer(image_size=32, patch_size=8, width=width, layers=2, heads=4, mlp_ratio=2.0,
+                                 output_dim=style_dim, act_layer=QuickGELU)
+    state = {f"backbone.{k}": v.detach().clone() for k, v in backbone.state_dict().items() if k != "proj"}
+    for head in ("last_layer_style", "last_layer_content"):  # CSD initialises both from CLIP's projection
+        state[head] = width**-0.5 * torch.randn(width, style_dim)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps({"name": "csd-tiny", "content_proj_head": "default", "vision_heads": 4}))
+    return out

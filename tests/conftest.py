@@ -149,6 +149,8 @@ def train_in(launcher: str, script: str, *args, out: Path, precision: str = "bf1
     assert metrics["num_processes"] == (1 if launcher == "1" else 2)
     assert metrics["distributed_type"] == {"1": "NO", "ddp": "MULTI_CPU"}.get(launcher, "DEEPSPEED")
     assert math.isfinite(metrics["final_loss"])
+    # "trained weights stay fp32": what the optimizer updates and its moments, on every launcher and precision
+    assert metrics["optimizer_dtypes"] == {"parameters": ["torch.float32"], "state": ["torch.float32"]}, metrics["optimizer_dtypes"]
     assert json.loads((out / run_dir / "run_config.json").read_text())["mixed_precision"] == precision
     return metrics
 

@@ -43,6 +43,7 @@ def test_two_processes_give_the_same_keys_without_duplicates(tiny_models, cap_ar
     run_script("infer/caption.py", *args, "--output_dir", tmp_path / "one")
     launch("infer/caption.py", *args, "--output_dir", tmp_path / "two")
     one, two = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["num_processes"] == 2  # really data-parallel
     pairs = [(r["key"], r["prompt_id"]) for r in two]
     assert len(pairs) == len(set(pairs)) and set(pairs) == {(r["key"], r["prompt_id"]) for r in one}
     assert {p: r["caption"] for p, r in zip(pairs, two)} == {(r["key"], r["prompt_id"]): r["caption"] for r in one}

@@ -89,6 +89,7 @@ def test_generated_folder_against_shards_per_category_two_processes(tiny_models,
     run_script("eval/fid.py", *common, "--output_dir", tmp_path / "one")
     launch("eval/fid.py", *common, "--output_dir", tmp_path / "two")  # several sets: all gathered before rank 0 scores
     one, two = _fid(tmp_path / "one"), _fid(tmp_path / "two")
+    assert two["num_processes"] == 2  # really data-parallel
     assert set(two["sets"]) == {"tiny", "again", "third"}
     for name in two["sets"]:
         for metric in ("fid", "fd_dinov2", "cmmd"):  # every extractor's features gathered from both ranks in order
@@ -119,7 +120,8 @@ def test_unreadable_image_is_reported_and_skipped(folders, tmp_path):
     (gen / "999.png").write_bytes(b"not an image")
     proc = run_script("eval/fid.py", "--generated", gen, "--reference_dir", folders / "b", "--output_dir", tmp_path / "o",
                       "--dims", "64", "--no_cache")
-    assert "unreadable image skipped" in proc.stderr and "999.png" in proc.stderr
+    assert "corrupt sample" in proc.stderr and "999.png" in proc.stderr
+    assert _fid(tmp_path / "o")["corrupt_samples"] == {"count": 1, "keys": ["gen:999.png"]}
     result = _fid(tmp_path / "o")["sets"]["gen"]
     assert result["unreadable"] == 1 and result["n_generated"] == 24
 
@@ -355,3 +357,23 @@ def test_unknown_metric_is_a_one_line_error(folders, tmp_path):
     result = run_script("eval/fid.py", "--generated", folders / "a", "--reference_dir", folders / "b", "--metrics", "fid", "is",
                         "--output_dir", tmp_path, check=False)
     assert result.returncode != 0 and "--metrics: unknown is" in result.stderr
+
+
+def test_mmd_is_computed_in_blocks_with_the_dense_value():
+    """KID's MMD² at full Sketchy scale must not build n x n matrices: the blockwise sum equals the whole-matrix
+    formula, and its peak memory stays a fraction of one dense kernel matrix."""
+    import tracemalloc
+
+    from sketch2real.metrics import mmd2_unbiased
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(3000, 16)), rng.normal(size=(2500, 16)) + 0.2
+    kxx, kyy, kxy = (x @ x.T / 16 + 1) ** 3, (y @ y.T / 16 + 1) ** 3, (x @ y.T / 16 + 1) ** 3
+    dense = ((kxx.sum() - np.trace(kxx)) / (3000 * 2999) + (kyy.sum() - np.trace(kyy)) / (2500 * 2499) - 2 * kxy.mean())
+    del kxx, kyy, kxy
+    tracemalloc.start()
+    blocked = mmd2_unbiased(x, y, block=200)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert blocked == pytest.approx(dense, rel=1e-12, abs=1e-12)
+    assert peak < 3000 * 3000 * 8 / 4, f"peak {peak / 2**20:.1f} MiB: a dense kernel matrix was built"

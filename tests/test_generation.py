@@ -28,6 +28,7 @@ def test_images_are_identical_on_one_and_two_processes(gen_args, tmp_path):
     launch("infer/generate.py", *gen_args, "--output_dir", tmp_path / "two", "--batch_size", "3")
     one, two = _images(tmp_path / "one"), _images(tmp_path / "two")
     assert len(one) == 10 and one == two
+    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["num_processes"] == 2  # really data-parallel
     rows = [json.loads(line) for line in (tmp_path / "two" / "index.jsonl").read_text().splitlines()]
     assert sorted(r["key"] for r in rows) == [k[:-4] for k in sorted(one)]
     assert {"key", "category", "prompt", "seed", "model", "settings"} <= set(rows[0])

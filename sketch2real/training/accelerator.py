@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 
-from sketch2real.cli import UserError
+from sketch2real.cli import UserError, check_output_dir
 
 logger = logging.getLogger("sketch2real")
 
@@ -46,8 +48,10 @@ def make_accelerator(opts, train_batch_size: int | None = None):
         raise UserError(f"mixed precision must be no, fp16 or bf16, got {precision!r}")
     if on_cpu and precision == "fp16":
         raise UserError("mixed precision fp16 needs a CUDA device; use bf16 or no on CPU")
+    check_output_dir(opts.output_dir)  # every trainer's first use of it: a file or an unwritable folder is one line
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    kwargs_handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu and distributed else []
+    group = {"backend": "gloo"} if on_cpu and distributed else {}
+    kwargs_handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=opts.ddp_timeout), **group)]
     report_to = None if opts.report_to == "none" else opts.report_to
     accelerator = Accelerator(
         mixed_precision=opts.mixed_precision,  # None: accelerate's own setting
@@ -61,24 +65,75 @@ def make_accelerator(opts, train_batch_size: int | None = None):
         raise UserError("mixed precision fp16 (from the DeepSpeed config) needs a CUDA device; use bf16 or no on CPU")
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:
-        # No DataLoader goes through prepare(): DeepSpeed cannot infer its micro batch size.
-        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = train_batch_size or opts.train_batch_size
-        plugin.deepspeed_config["gradient_accumulation_steps"] = opts.gradient_accumulation_steps
-        if opts.max_grad_norm:
-            plugin.deepspeed_config["gradient_clipping"] = opts.max_grad_norm
+        plugin.deepspeed_config.update(deepspeed_settings(opts, train_batch_size))
     if opts.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO if accelerator.is_main_process else logging.WARNING)
     _checkpoint_only_trained_weights(accelerator)
+    check_shared_folder(accelerator, opts.output_dir)
     return accelerator
+
+
+def deepspeed_settings(opts, train_batch_size: int | None = None) -> dict:
+    """What the trainer's options set in the DeepSpeed config: the micro batch (no DataLoader goes through
+    prepare(), so DeepSpeed cannot infer it), accumulation, and clipping (0 turns DeepSpeed's off too: the
+    shipped configs clip at 1.0)."""
+    return {"train_micro_batch_size_per_gpu": train_batch_size or opts.train_batch_size,
+            "gradient_accumulation_steps": opts.gradient_accumulation_steps,
+            "gradient_clipping": float(opts.max_grad_norm)}
+
+
+def check_shared_folder(state, folder: str | os.PathLike, flag: str = "--output_dir") -> None:
+    """One line on every process when `folder` is not one folder for all of them (node-local disks on a
+    multi-node job): rank 0 leaves a token file there, every rank looks for it. `state`: an Accelerator or a
+    PartialState. Checkpoints, PREEMPTED and the outputs assume a folder every rank sees."""
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    if state.num_processes == 1:
+        return
+    token = [f".shared-check-{uuid.uuid4().hex}" if state.is_main_process else None]
+    broadcast_object_list(token)
+    path = Path(folder) / token[0]
+    if state.is_main_process:
+        path.write_text("")
+    state.wait_for_everyone()
+    blind = [rank for rank, sees in enumerate(gather_object([path.exists()])) if not sees]
+    state.wait_for_everyone()
+    if state.is_main_process:
+        path.unlink(missing_ok=True)
+    if blind:
+        raise UserError(f"{flag} {folder} is not shared: process(es) {blind} do not see what process 0 writes there "
+                        "(a node-local disk?); use a folder on storage every node mounts")
+
+
+def distributed_state(timeout_seconds: int):
+    """accelerate's `PartialState` for the inference scripts, with the collective timeout of `--ddp_timeout`.
+
+    Without a GPU (or with ACCELERATE_USE_CPU) it must be told `cpu=True`, as `Accelerator` is: otherwise each of
+    N launched processes believes it is alone (rank 0 of 1) and does all the work.
+    """
+    from accelerate import PartialState
+
+    cpu = _env_true("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+    return PartialState(cpu=cpu, timeout=timedelta(seconds=timeout_seconds))
 
 
 @contextmanager
 def training_session(opts) -> Iterator:
-    """`make_accelerator(opts)`, ended (trackers finished, process group destroyed) once, when the script is done."""
+    """`make_accelerator(opts)`, ended (trackers finished, process group destroyed) once, when the script is done.
+
+    SIGUSR1/SIGTERM are caught from here on; a long phase that stops for them (`Preempted`: latent caching,
+    class-image generation) leaves PREEMPTED and ends the process with status 75, so Slurm requeues the job.
+    """
+    from sketch2real.training.preemption import PREEMPTED_EXIT_CODE, Preempted, mark_preempted, preemption
+
+    preemption.install()
     accelerator = make_accelerator(opts)
     try:
         yield accelerator
+    except Preempted as stop:
+        mark_preempted(accelerator, opts.output_dir, f"stopped before the next checkpoint ({stop})")
+        raise SystemExit(PREEMPTED_EXIT_CODE) from None
     finally:
         accelerator.end_training()
 
@@ -163,7 +218,7 @@ def trained_state_dict(accelerator, model: torch.nn.Module) -> dict[str, torch.T
     Under DeepSpeed these are the optimizer's fp32 master weights, gathered from every rank
     (ZeRO-2 and ZeRO-3 alike, also for parameters ZeRO-3 partitioned), so a saved LoRA, TI
     row or fine-tuned model is what a 1-process run saves. A collective under DeepSpeed:
-    every rank must call it.
+    every rank must call it. Only rank 0 gets the copies (the others: {}), as only rank 0 writes.
     """
     unwrapped = accelerator.unwrap_model(model)
     state = {}
@@ -174,7 +229,9 @@ def trained_state_dict(accelerator, model: torch.nn.Module) -> dict[str, torch.T
         if is_deepspeed(accelerator):
             from deepspeed.utils import safe_get_full_fp32_param
 
-            tensor = safe_get_full_fp32_param(param)
+            tensor = safe_get_full_fp32_param(param)  # every rank takes part in the gather
+        if not accelerator.is_main_process:
+            continue  # only rank 0 writes: no full copy on the others (a full SDXL UNet is 10 GB per rank)
         if tensor is None:
             tensor = param.detach()
         state[name] = tensor.float().cpu().clone()

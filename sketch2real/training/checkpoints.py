@@ -1,21 +1,61 @@
-"""Resumable checkpoints (atomic, pruned), `--resume_from_checkpoint latest`, and Slurm preemption."""
+"""Resumable checkpoints that cannot run code and cannot mix runs.
+
+A checkpoint folder `checkpoint-<step>` holds accelerate's (or DeepSpeed's) state, `train_state.json` (the step and
+the run's fingerprint) and, written last, `manifest.json` (every file and its size). Before a resume every candidate
+is verified: manifest complete, safetensors headers readable, and every pickle-based file made only of plain data
+(no global that `torch.load(weights_only=True)` would refuse); the newest intact checkpoint of *this* run is used.
+Rank 0 decides from its view of the filesystem and tells the others, so all ranks take the same path.
+"""
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
 import logging
 import os
 import re
 import shutil
-import signal
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from sketch2real.cli import UserError
-from sketch2real.training.accelerator import checkpoint_kwargs
+from sketch2real.io import write_json
+from sketch2real.training.accelerator import checkpoint_kwargs, is_deepspeed
 
 logger = logging.getLogger("sketch2real")
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; slurm/*.sh requeue the job on it
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+TRAIN_STATE, MANIFEST = "train_state.json", "manifest.json"
+PICKLE_SUFFIXES = (".pkl", ".bin", ".pt", ".pth")
+# Options that change how a run executes or reports, not what it computes: a resume may change them.
+RUNTIME_OPTIONS = frozenset({
+    "output_dir", "resume_from_checkpoint", "checkpointing_steps", "checkpoints_total_limit", "validation_steps",
+    "validation_prompt", "num_validation_images", "validation_inference_steps", "num_heldout_samples",
+    "num_validation_sketches", "report_to", "logging_dir", "dataloader_num_workers", "gradient_checkpointing",
+    "enable_xformers_memory_efficient_attention", "allow_tf32", "set_grads_to_none", "cache_latents",
+    "mixed_precision", "train_batch_size", "max_train_steps", "sample_batch_size", "save_as_full_pipeline",
+    "class_data_dir", "hub_token", "ddp_timeout", "latent_cache_dir",
+})
+CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")
+
+
+def run_fingerprint(opts, num_processes: int) -> dict[str, Any]:
+    """What defines a run (model, data, seed, global batch, schedule...), not how it is launched: a checkpoint
+    resumes under any launcher layout with the same global batch. `max_train_steps` counts only where the
+    learning-rate schedule depends on it (so a constant-LR run may be extended)."""
+    from sketch2real.cli import as_dict
+
+    choices = {k: v for k, v in as_dict(opts).items() if k not in RUNTIME_OPTIONS}
+    choices["global_batch_size"] = opts.train_batch_size * num_processes
+    if opts.lr_scheduler not in CONSTANT_SCHEDULES:
+        choices["max_train_steps"] = opts.max_train_steps
+    index = Path(opts.shard_dir) / f"{opts.split}.json" if getattr(opts, "shard_dir", "") else None
+    if index is not None and index.is_file():
+        choices["data"] = hashlib.sha256(index.read_bytes()).hexdigest()[:16]
+    return json.loads(json.dumps(choices, sort_keys=True, default=str))
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -27,57 +67,227 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def resolve_resume(output_dir: str | os.PathLike, resume: str | None) -> Path | None:
-    """The checkpoint folder to resume from: None (fresh start), 'latest', or a path."""
-    if not resume:
+def read_train_state(folder: Path) -> dict | None:
+    try:
+        state = json.loads((folder / TRAIN_STATE).read_text())
+        return state if isinstance(state, dict) and isinstance(state.get("step"), int) else None
+    except (OSError, ValueError):
         return None
-    if resume == "latest":
-        found = list_checkpoints(output_dir)
-        return found[-1][1] if found else None
-    path = Path(resume)
-    if not path.is_dir():
-        path = Path(output_dir) / resume
-    if not path.is_dir():
-        raise UserError(f"checkpoint not found: {resume}")
-    return path
 
 
-def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, total_limit: int | None) -> Path:
-    """Save a full training state as `checkpoint-<step>`; a kill mid-save leaves only a `.partial` folder."""
+def _allowed_globals() -> set[str]:
+    """The plain-data globals accelerate itself admits with weights_only=True (numpy arrays in RNG states)."""
+    from accelerate.utils.other import TORCH_SAFE_GLOBALS
+
+    return {f"{g.__module__}.{g.__qualname__}" for g in TORCH_SAFE_GLOBALS} | {
+        "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype",
+        "_codecs.encode", "codecs.encode",
+    }
+
+
+def unsafe_globals(path: Path) -> list[str]:
+    """Globals a pickle-based file would import on load beyond plain data; ["not a torch checkpoint"] if unreadable."""
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception as err:  # not a torch zip file: a raw pickle, cut short, or garbage
+        return [f"unreadable as a torch file ({type(err).__name__})"]
+    allowed = _allowed_globals()
+    return [g for g in found if g not in allowed and not g.startswith("numpy.dtypes.")]
+
+
+def verify_checkpoint(folder: Path) -> str:
+    """Why `folder` must not be resumed from, or "" when it is intact and holds only data."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return f"no readable {MANIFEST} (cut short while saving, or written by an older version)"
+    if read_train_state(folder) is None:
+        return f"no readable {TRAIN_STATE}"
+    listed = set(manifest.get("files", {}))
+    for name, size in manifest.get("files", {}).items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = str(path.relative_to(folder))
+        if name.startswith("custom_checkpoint_"):
+            return f"{name}: accelerate would unpickle it with weights_only=False; refused"
+        if path.suffix in PICKLE_SUFFIXES:
+            if name not in listed:
+                return f"{name} was not written by the run (not in {MANIFEST}); refused"
+            unsafe = unsafe_globals(path)
+            if unsafe:
+                return f"{name} would run code on load ({', '.join(unsafe[:3])}); refused"
+        elif path.suffix == ".safetensors":
+            try:
+                from safetensors import safe_open
+
+                with safe_open(str(path), framework="pt") as f:
+                    f.keys()
+            except Exception as err:
+                return f"{name} is not a readable safetensors file ({type(err).__name__})"
+    return ""
+
+
+def launch_of(accelerator) -> dict:
+    """How a run is launched, as far as its checkpoints care: DeepSpeed's are partitioned per process."""
+    return {"num_processes": accelerator.num_processes, "deepspeed": is_deepspeed(accelerator)}
+
+
+def launch_problem(saved: dict | None, now: dict) -> str:
+    """Why a checkpoint saved under launch `saved` cannot resume under `now` ("" if it can). DDP and 1-process
+    checkpoints hold whole tensors and resume on any number of processes (the schedule and the data order
+    are functions of global steps); DeepSpeed ZeRO's are partitioned by process."""
+    if not saved or saved == now:
+        return ""
+    if saved["deepspeed"] != now["deepspeed"]:
+        kind = "with DeepSpeed" if saved["deepspeed"] else "without DeepSpeed"
+        return f"it was saved {kind}: resume it with the same kind of launcher (accelerate config)"
+    if saved["deepspeed"] and saved["num_processes"] != now["num_processes"]:
+        return (f"it is a DeepSpeed ZeRO checkpoint of {saved['num_processes']} processes and this run has "
+                f"{now['num_processes']}: resume on {saved['num_processes']} processes, or convert it with DeepSpeed's "
+                "ds_to_universal.py and set checkpoint.load_universal in the DeepSpeed config")
+    return ""
+
+
+def _differences(mine: dict, theirs: dict) -> str:
+    keys = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    return ", ".join(f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} now" for k in keys[:4]) + (" ..." if len(keys) > 4 else "")
+
+
+def _decide_resume(output_dir: Path, resume: str | None, fingerprint: dict, launch: dict) -> tuple[str | None, str | None]:
+    """(checkpoint to resume from or None, one-line error or None); rank 0 runs it."""
+    path, error = _choose_checkpoint(output_dir, resume, fingerprint)
+    if path is not None:
+        problem = launch_problem(read_train_state(Path(path)).get("launch"), launch)
+        if problem:
+            return None, f"cannot resume from {path}: {problem}"
+    return path, error
+
+
+def _choose_checkpoint(output_dir: Path, resume: str | None, fingerprint: dict) -> tuple[str | None, str | None]:
+    own, foreign = [], []
+    for step, folder in list_checkpoints(output_dir):
+        state = read_train_state(folder)
+        if state is not None and state.get("fingerprint") not in (None, fingerprint):
+            foreign.append((folder, state["fingerprint"]))
+        else:
+            own.append((step, folder))
+    if foreign:
+        folder, theirs = foreign[-1]
+        return None, (f"{output_dir} holds checkpoints of another run ({folder.name}: {_differences(fingerprint, theirs)}): "
+                      "use another --output_dir, or remove them to start over")
+    if not resume:
+        return None, None
+    if resume != "latest":
+        path = Path(resume) if Path(resume).is_dir() else output_dir / resume
+        if not path.is_dir():
+            return None, f"checkpoint not found: {resume}"
+        problem = verify_checkpoint(path)
+        if problem:
+            return None, f"checkpoint {path} cannot be resumed: {problem}"
+        return str(path), None
+    for _, folder in reversed(own):
+        problem = verify_checkpoint(folder)
+        if not problem:
+            return str(folder), None
+        logger.warning("%s is not intact (%s): trying the previous checkpoint", folder, problem)
+    return None, None
+
+
+def resolve_resume(accelerator, output_dir: str | os.PathLike, resume: str | None, fingerprint: dict) -> Path | None:
+    """The checkpoint to resume from (None: a fresh start), decided by rank 0 for all ranks.
+
+    'latest' is the newest intact checkpoint of this run (older ones are tried in turn, with a warning);
+    a folder holding another run's checkpoints is refused in one line naming what differs.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    decision = [_decide_resume(Path(output_dir), resume, fingerprint, launch_of(accelerator))
+                if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(decision)
+    path, error = decision[0]
+    if error:
+        raise UserError(error)
+    return Path(path) if path else None
+
+
+def _any_failed(accelerator, failed: bool) -> bool:
+    if accelerator.num_processes == 1:
+        return failed
+    flag = torch.tensor([1.0 if failed else 0.0], device=accelerator.device)
+    return accelerator.reduce(flag, reduction="sum").item() > 0
+
+
+def _is_no_space(err: BaseException) -> bool:
+    text = str(err)
+    return (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in text \
+        or "file write failed" in text or "inline_container" in text
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+
+
+def _save_failed(out: Path, partial: Path, step: int, err: BaseException | None) -> UserError:
+    """The one-line error of a failed save (the `.partial` folder is removed, older checkpoints kept)."""
+    previous = list_checkpoints(out)
+    needed = max(_folder_bytes(previous[-1][1]) if previous else 0, _folder_bytes(partial))
+    shutil.rmtree(partial, ignore_errors=True)
+    free = shutil.disk_usage(out).free if out.is_dir() else 0
+    if err is not None and not _is_no_space(err):
+        return UserError(f"saving checkpoint-{step} in {out} failed ({type(err).__name__}: {str(err).splitlines()[0]}); "
+                         "earlier checkpoints are kept")
+    return UserError(f"no space left in {out} to save checkpoint-{step} (about {needed / 2**30:.2f} GiB needed, "
+                     f"{free / 2**30:.2f} GiB free): free space or use another --output_dir; earlier checkpoints are kept")
+
+
+def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, total_limit: int | None,
+                    fingerprint: dict) -> Path:
+    """Save a full training state as `checkpoint-<step>`; a kill mid-save leaves only a `.partial` folder.
+
+    A full disk (on any rank) is one line on every rank and no `.partial` folder. Pruning keeps the newest
+    `total_limit` checkpoints of this run (never the one just written, never another run's).
+    """
     out = Path(output_dir)
     final, partial = out / f"checkpoint-{step}", out / f"checkpoint-{step}.partial"
     if accelerator.is_main_process and partial.exists():
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial), **checkpoint_kwargs(accelerator, saving=True))
-    accelerator.wait_for_everyone()
+    error: BaseException | None = None
+    try:
+        accelerator.save_state(str(partial), **checkpoint_kwargs(accelerator, saving=True))
+    except (OSError, RuntimeError) as err:
+        error = err
+    if accelerator.is_main_process and error is None:
+        try:
+            write_json(partial / TRAIN_STATE, {"step": step, "fingerprint": fingerprint, "launch": launch_of(accelerator)})
+            files = {str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()}
+            write_json(partial / MANIFEST, {"step": step, "files": files})  # last: its presence means complete
+        except OSError as err:
+            error = err
+    if _any_failed(accelerator, error is not None):
+        failure = _save_failed(out, partial, step, error) if accelerator.is_main_process else None
+        accelerator.wait_for_everyone()
+        raise failure or UserError(f"saving checkpoint-{step} in {out} failed on another process (see its message)")
     if accelerator.is_main_process:
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)
         if total_limit:
-            for _, old in list_checkpoints(out)[:-total_limit]:
+            mine = [folder for _, folder in list_checkpoints(out)
+                    if folder != final and (read_train_state(folder) or {}).get("fingerprint") == fingerprint]
+            for old in mine[: max(0, len(mine) - (total_limit - 1))]:
                 shutil.rmtree(old, ignore_errors=True)
         logger.info("saved checkpoint %s", final)
     accelerator.wait_for_everyone()
     return final
 
 
-def load_checkpoint(accelerator, folder: Path) -> None:
-    """Restore a checkpoint of `save_checkpoint` (frozen weights come from the base model, not the checkpoint)."""
+def load_checkpoint(accelerator, folder: Path) -> int:
+    """Restore a verified checkpoint of `save_checkpoint`; returns its step. Frozen weights come from the base model."""
     accelerator.load_state(str(folder), **checkpoint_kwargs(accelerator, saving=False))
-
-
-class PreemptionFlag:
-    """Set by SIGUSR1/SIGTERM (Slurm's warning before a time limit or preemption)."""
-
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)):
-        self.raised: int | None = None
-        for sig in signals:
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002
-        self.raised = signum
-
-    def __bool__(self) -> bool:
-        return self.raised is not None
+    return int(read_train_state(folder)["step"])

@@ -24,6 +24,7 @@ from sketch2real.training.accelerator import cast_denoiser_inputs, trained_state
 from sketch2real.training.data import LazyImages
 from sketch2real.training.diffusion import derive_seed
 from sketch2real.training.options import TrainOptions
+from sketch2real.training.preemption import preemption
 from sketch2real.training.task import DiffusionTask
 from sketch2real.training.validation import heldout_denoising_losses, log_image
 
@@ -38,17 +39,17 @@ class ControlNetOptions(TrainOptions):
     prompt_template: str = option("a photo of a {category}", help="prompt of each pair ({category})")
     captions: str = option("", help="captions JSONL (infer/caption.py): use a sample's caption as its prompt")
     caption_prompt_id: str = option("", help="which prompt id's captions to use (default: the first per sample)")
-    proportion_empty_prompts: float = option(0.0, help="fraction of prompts replaced by '' (helps guidance-free use)")
+    proportion_empty_prompts: float = option(0.0, help="fraction of prompts replaced by '' (helps guidance-free use)",
+                                             min=0, max=1)
     categories: list[str] = option([], help="only these categories (default: all)")
-    num_validation_sketches: int = option(4, help="held-out sketches in the validation mosaic (sketch | generated | photo)")
-    learning_rate: float = option(1e-5, help="initial learning rate (after warmup)")
+    num_validation_sketches: int = option(4, help="held-out sketches in the validation mosaic (sketch | generated | photo; "
+                                                  "0: no mosaic)", min=0)
+    learning_rate: float = option(1e-5, help="initial learning rate (after warmup)", min_exclusive=0)
 
     def check(self) -> None:
         super().check()
         if not self.shard_dir:
             raise UserError("--shard_dir is required: ControlNet trains on the sketch/photo pairs of the shards")
-        if not 0 <= self.proportion_empty_prompts <= 1:
-            raise UserError("--proportion_empty_prompts must be in [0, 1]")
         if self.captions and not Path(self.captions).is_file():
             raise UserError(f"captions file not found: {self.captions}")
 
@@ -56,10 +57,10 @@ class ControlNetOptions(TrainOptions):
 def _pairs(shard_dir: str, split: str, categories, resolution: int) -> tuple[LazyImages, LazyImages, list]:
     from sketch2real.shards import ShardSamples
 
-    sketches = ShardSamples(shard_dir, split, fields=("sketch",), resolution=resolution, categories=categories)
-    photos = ShardSamples(shard_dir, split, fields=("photo",), resolution=resolution, categories=categories)
-    positions = list(range(len(sketches)))
-    return LazyImages(sketches, "sketch", positions), LazyImages(photos, "photo", positions), sketches.refs
+    # one reader for both views: a pair with either image corrupt is replaced whole, in both
+    pairs = ShardSamples(shard_dir, split, fields=("sketch", "photo"), resolution=resolution, categories=categories)
+    positions = list(range(len(pairs)))
+    return LazyImages(pairs, "sketch", positions), LazyImages(pairs, "photo", positions), pairs.refs
 
 
 def init_controlnet(unet, seed: int, vae_scale_factor: int = 8):
@@ -177,6 +178,7 @@ class ControlNetTask(DiffusionTask):
 
         if self.heldout is None:
             return {}
+        preemption.check(accelerator)
         o, logs = self.opts, {}
         sketches, photos, prompts, categories, photo_keys = self.heldout
         controlnet = accelerator.unwrap_model(model)
@@ -191,6 +193,7 @@ class ControlNetTask(DiffusionTask):
                 gains = (deranged - own)[kept]
                 logs["conditioning_gain"] = float(gains.mean())
                 logs["conditioning_gain_ci95"] = mean_ci95(gains, o.seed)
+        preemption.check(accelerator)
         if o.num_validation_images and o.num_validation_sketches:
             from torchvision.transforms.functional import to_pil_image
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 
+from sketch2real.cli import UserError
+from sketch2real.shards import IMAGE_SUFFIXES, ShardSamples, corrupt_samples, open_image, read_or_substitute
 from sketch2real.training.diffusion import derive_seed
 
 
@@ -55,8 +60,14 @@ class GlobalBatchSampler:
 
     def rank_indices_between(self, first: int, end: int) -> list[int]:
         """Sorted distinct indices this rank reads in global batches first..end-1 (batch k = step * accumulation + micro)."""
-        positions = (torch.arange(first, end)[:, None] * self.global_batch + self.rows.start
-                     + torch.arange(self.per_device_batch)).flatten()
+        return self._indices_between(first, end, self.rows.start, self.per_device_batch)
+
+    def global_indices_between(self, first: int, end: int) -> list[int]:
+        """Sorted distinct indices any rank reads in global batches first..end-1."""
+        return self._indices_between(first, end, 0, self.global_batch)
+
+    def _indices_between(self, first: int, end: int, row: int, rows: int) -> list[int]:
+        positions = (torch.arange(first, end)[:, None] * self.global_batch + row + torch.arange(rows)).flatten()
         epochs = positions // self.size
         seen: set[int] = set()
         for epoch in epochs.unique().tolist():
@@ -73,26 +84,28 @@ def default_num_workers(local_processes: int) -> int:
 
 
 class _Rows(torch.utils.data.Dataset):
-    """Item k: (k, source[indices_of(k)]), decoded in whichever process reads it."""
+    """Item k: (k, source[indices_of(k)], the corrupt samples met), decoded in whichever process reads it."""
 
     def __init__(self, source, indices_of):
         self.source, self.indices_of = source, indices_of
 
-    def __getitem__(self, k: int) -> tuple[int, torch.Tensor]:
-        return k, self.source[self.indices_of(k)]
+    def __getitem__(self, k: int) -> tuple[int, torch.Tensor, dict[str, str]]:
+        return k, self.source[self.indices_of(k)], corrupt_samples.drain()
 
 
 def prefetched(source, keys: list[int], indices_of, num_workers: int, pin_memory: bool):
     """Yield (key, source[indices_of(key)]) for `keys` in order, decoded ahead in `num_workers` DataLoader workers.
 
-    Decoding is deterministic, so what is yielded does not depend on the number of workers.
-    In-memory tensors are indexed in this process: there is nothing to decode.
+    Decoding is deterministic, so what is yielded does not depend on the number of workers; the corrupt samples
+    the workers met join this process's `corrupt_samples`. In-memory tensors are indexed in this process.
     """
     if isinstance(source, torch.Tensor):
         num_workers = 0
     loader = torch.utils.data.DataLoader(_Rows(source, indices_of), batch_size=None, sampler=keys, num_workers=num_workers,
                                          pin_memory=pin_memory, prefetch_factor=4 if num_workers else None)
-    yield from loader
+    for key, images, corrupt in loader:
+        corrupt_samples.merge(corrupt)
+        yield key, images
 
 
 class StepLoader:
@@ -132,11 +145,11 @@ class StepLoader:
             self._batches = None
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
 class LazyImages:
-    """Images of a split decoded on demand by index (`images[[3, 7]]`, `images[0:8]`), for large training sets."""
+    """Images of a split decoded on demand by index (`images[[3, 7]]`, `images[0:8]`), for large training sets.
+
+    Item k is sample `positions[k]`, or where it is corrupt the next readable one (`read_or_substitute`).
+    """
 
     def __init__(self, samples, field: str, positions: list[int]):
         self.samples, self.field, self.positions = samples, field, positions
@@ -144,14 +157,31 @@ class LazyImages:
     def __len__(self) -> int:
         return len(self.positions)
 
+    def identity(self) -> str:
+        """What the items are (shards' files as stat'ed, keys in order, field, resolution): a cache's key."""
+        samples = self.samples
+        shards = sorted({samples.refs[p].shard for p in self.positions})
+        stats = [f"{name}:{(samples.shard_dir / name).stat().st_size}:{(samples.shard_dir / name).stat().st_mtime_ns}"
+                 for name in shards]
+        keys = hashlib.sha256("\n".join(samples.where(p) for p in self.positions).encode()).hexdigest()
+        return (f"{samples.shard_dir.resolve()}|{self.field}|{','.join(samples.fields)}|{samples.resolution}|{keys}|"
+                + ",".join(stats))
+
+    def where(self, k: int) -> str:
+        """`shard:key` of item k (for messages)."""
+        return self.samples.where(self.positions[k])
+
+    def _one(self, k: int) -> torch.Tensor:
+        return read_or_substitute(lambda p: self.samples.read(p, (self.field,))[self.field], self.positions, k)
+
     def __getitem__(self, index) -> torch.Tensor:
         if isinstance(index, slice):
             index = list(range(len(self)))[index]
         if isinstance(index, torch.Tensor):
             index = index.tolist()
         if isinstance(index, int):
-            return self.samples[self.positions[index]][self.field]
-        return torch.stack([self.samples[self.positions[i]][self.field] for i in index])
+            return self._one(index)
+        return torch.stack([self._one(k) for k in index])
 
 
 def load_shard_images(shard_dir: str, split: str, category: str | list[str] | None, field: str, resolution: int,
@@ -161,11 +191,9 @@ def load_shard_images(shard_dir: str, split: str, category: str | list[str] | No
     Returns images [N, 3, R, R] in [-1, 1] (a tensor, or a `LazyImages` decoding on
     demand when `in_memory` is False) and rows with each image's key and category.
     Instance sets are small, so holding them makes every step's batch an index
-    lookup: exact resume and world-size-independent batches for free.
+    lookup: exact resume and world-size-independent batches for free. A corrupt image
+    is replaced by the next readable one of the set (`read_or_substitute`).
     """
-    from sketch2real.cli import UserError
-    from sketch2real.shards import ShardSamples
-
     categories = [category] if isinstance(category, str) else (category or None)
     samples = ShardSamples(shard_dir, split, fields=(field,), resolution=resolution, categories=categories)
     if len(samples) == 0:
@@ -175,31 +203,35 @@ def load_shard_images(shard_dir: str, split: str, category: str | list[str] | No
         generator = torch.Generator().manual_seed(derive_seed(seed, "instances", category))
         chosen = sorted(torch.randperm(len(chosen), generator=generator)[:num_images].tolist())
     metas = [{"key": samples.refs[i].key, "category": samples.refs[i].category} for i in chosen]
-    if not in_memory:
-        return LazyImages(samples, field, chosen), metas
-    return torch.stack([samples[i][field] for i in chosen]), metas
+    images = LazyImages(samples, field, chosen)
+    return (images[:] if in_memory else images), metas
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """The image files of a folder (`IMAGE_SUFFIXES`, any case), sorted by name."""
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def load_folder_images(folder: str, resolution: int, num_images: int = 0) -> torch.Tensor:
-    """Every image in `folder` (sorted by name), resized and center-cropped, as [N, 3, R, R] in [-1, 1]."""
-    from pathlib import Path
+    """Every image in `folder` (sorted by name), resized and center-cropped, as [N, 3, R, R] in [-1, 1].
 
-    import numpy as np
+    A corrupt file is replaced by the next readable one (`read_or_substitute`), counted in `corrupt_samples`.
+    """
     from PIL import Image, ImageOps
-
-    from sketch2real.cli import UserError
 
     path = Path(folder)
     if not path.is_dir():
         raise UserError(f"image folder not found: {folder}")
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = image_files(path)
     if num_images:
         files = files[:num_images]
     if not files:
         raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
-    tensors = []
-    for file in files:
-        image = ImageOps.fit(Image.open(file).convert("RGB"), (resolution, resolution), Image.BICUBIC)
+
+    def read(i: int) -> torch.Tensor:
+        image = ImageOps.fit(open_image(files[i]), (resolution, resolution), Image.BICUBIC)
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-        tensors.append(torch.from_numpy(array).permute(2, 0, 1))
-    return torch.stack(tensors)
+        return torch.from_numpy(array).permute(2, 0, 1)
+
+    positions = list(range(len(files)))
+    return torch.stack([read_or_substitute(read, positions, k) for k in positions])

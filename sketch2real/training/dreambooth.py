@@ -11,12 +11,13 @@ import torch
 
 from sketch2real.cli import UserError, option
 from sketch2real.family import Conditioning, TextEncoders, family_of, load_pipeline, pipeline_class
-from sketch2real.io import atomic_path
+from sketch2real.io import atomic_path, umask_modes
 from sketch2real.models import SDComponents, dtype_for, save_pretrained_atomic
 from sketch2real.training.accelerator import trained_state_dict, zero3_init_disabled
 from sketch2real.training.data import load_folder_images, load_shard_images
 from sketch2real.training.diffusion import derive_seed
 from sketch2real.training.options import TrainOptions
+from sketch2real.training.preemption import preemption
 from sketch2real.training.task import DiffusionTask
 
 logger = logging.getLogger("sketch2real")
@@ -28,29 +29,26 @@ class DreamBoothOptions(TrainOptions):
     """DreamBooth: bind a rare token to a few instance images (here: Sketchy sketches of one category)."""
 
     instance_category: str = option("", help="Sketchy category whose images are the instance set (from --shard_dir)")
-    instance_image_type: str = option("sketch", help="sketch or photo: which image of each pair to learn")
+    instance_image_type: str = option("sketch", help="sketch or photo: which image of each pair to learn",
+                                      choices=("sketch", "photo"), noun="image type")
     instance_data_dir: str = option("", help="a folder of instance images instead of shards")
-    num_instance_images: int = option(0, help="seeded choice of this many instance images (0: all)")
+    num_instance_images: int = option(0, help="seeded choice of this many instance images (0: all)", min=0)
     instance_prompt: str = option("a sks sketch", help="prompt for instance images, e.g. 'a sks sketch of a cat'")
     with_prior_preservation: bool = option(False, help="add the prior-preservation loss on generated class images")
     class_prompt: str = option("", help="prompt of the class images, e.g. 'a sketch of a cat'")
     class_data_dir: str = option("", help="folder of class images; missing ones are generated and kept for the next run")
-    num_class_images: int = option(100, help="class images used (generated if fewer exist)")
-    prior_loss_weight: float = option(1.0, help="weight of the prior-preservation loss")
-    sample_batch_size: int = option(4, help="batch size per device when generating class images")
-    class_inference_steps: int = option(25, help="denoising steps for generated class images")
+    num_class_images: int = option(100, help="class images used (generated if fewer exist)", min=1)
+    prior_loss_weight: float = option(1.0, help="weight of the prior-preservation loss", min=0)
+    sample_batch_size: int = option(4, help="batch size per device when generating class images", min=1)
+    class_inference_steps: int = option(25, help="denoising steps for generated class images", min=1)
     train_text_encoder: bool = option(False, help="also train the full text encoder(s) (SDXL: both; works under DeepSpeed too)")
-    lora_rank: int = option(0, help="train LoRA adapters of this rank instead of full weights (0: full fine-tuning)")
-    lora_alpha: int = option(0, help="LoRA alpha (0: same as rank)")
+    lora_rank: int = option(0, help="train LoRA adapters of this rank instead of full weights (0: full fine-tuning)", min=0)
+    lora_alpha: int = option(0, help="LoRA alpha (0: same as rank)", min=0)
 
     def check(self) -> None:
         super().check()
-        if self.instance_image_type not in ("sketch", "photo"):
-            raise UserError(f"--instance_image_type must be sketch or photo, got {self.instance_image_type!r}")
         if not self.instance_data_dir and not self.shard_dir:
             raise UserError("give --shard_dir (with --instance_category) or --instance_data_dir")
-        if self.lora_rank < 0:
-            raise UserError("--lora_rank must be >= 0")
         if self.lora_rank and self.train_text_encoder:
             raise UserError("--lora_rank trains UNet adapters while --train_text_encoder trains the whole text encoder: "
                             "choose one")
@@ -117,6 +115,7 @@ def ensure_class_images(accelerator, opts: DreamBoothOptions) -> None:
     bar = tqdm(total=len(missing), desc="class images", disable=not accelerator.is_local_main_process)
     accelerator.wait_for_everyone()  # the folder exists before any rank writes into it
     for start in range(0, len(mine), opts.sample_batch_size):
+        preemption.check()  # the images written so far are kept: a requeued job generates only the rest
         batch = mine[start : start + opts.sample_batch_size]
         generators = [torch.Generator().manual_seed(derive_seed(opts.seed, "class", opts.class_prompt, j)) for j in batch]
         images = pipe([opts.class_prompt] * len(batch), height=opts.resolution, width=opts.resolution,
@@ -163,8 +162,10 @@ class DreamBoothTask(DiffusionTask):
         if opts.instance_data_dir:
             self.instance_images = load_folder_images(opts.instance_data_dir, opts.resolution, opts.num_instance_images)
         else:
-            self.instance_images, _ = load_shard_images(opts.shard_dir, opts.split, opts.instance_category or None,
-                                                        opts.instance_image_type, opts.resolution, opts.num_instance_images, opts.seed)
+            self.instance_images, metas = load_shard_images(opts.shard_dir, opts.split, opts.instance_category or None,
+                                                            opts.instance_image_type, opts.resolution, opts.num_instance_images,
+                                                            opts.seed)
+            self.image_names["instance"] = [m["key"] for m in metas]
         logger.info("%d instance images", len(self.instance_images))
         self.instance_sampler = self.sampler(len(self.instance_images), "instance")
         self.class_images = None
@@ -240,6 +241,7 @@ class DreamBoothTask(DiffusionTask):
                 layers = get_peft_model_state_dict(self.unet_of(model), state_dict=unet_state)
                 pipeline_class(self.family).save_lora_weights(out, unet_lora_layers=convert_state_dict_to_diffusers(layers),
                                                               safe_serialization=True)
+                umask_modes(out / "pytorch_lora_weights.safetensors")  # diffusers writes it 0600 through a temp file
             else:
                 with zero3_init_disabled(accelerator):
                     save_pipeline(opts, state, out)

@@ -19,14 +19,10 @@ import torch
 
 from sketch2real.cli import as_dict
 from sketch2real.io import write_json
+from sketch2real.shards import corrupt_samples
 from sketch2real.training.accelerator import finish_trackers, fp32_trained_weights, restore_fp32_masters
-from sketch2real.training.checkpoints import (
-    PREEMPTED_EXIT_CODE,
-    PreemptionFlag,
-    load_checkpoint,
-    resolve_resume,
-    save_checkpoint,
-)
+from sketch2real.training.checkpoints import load_checkpoint, resolve_resume, run_fingerprint, save_checkpoint
+from sketch2real.training.preemption import PREEMPTED_EXIT_CODE, Preempted, mark_preempted, preemption
 
 logger = logging.getLogger("sketch2real")
 
@@ -50,18 +46,37 @@ class Task(Protocol):
 
     def data_wait_seconds(self) -> float: ...
 
+    def cache_stats(self) -> dict: ...
+
 
 class TrainState:
-    """The loop's own resumable state (model, optimizer, scheduler, RNG are saved by accelerate)."""
+    """The loop's own resumable state, saved as JSON in each checkpoint (model, optimizer, scheduler and RNG are
+    saved by accelerate; nothing of ours is a pickle)."""
 
     def __init__(self) -> None:
         self.step = 0
 
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.step = int(state["step"])
+def optimizer_dtypes(optimizer) -> dict[str, list[str]]:
+    """Dtypes of what the optimizer updates and of its state (AdamW's moments): the innermost torch optimizer's,
+    under accelerate's and DeepSpeed's wrappers (DeepSpeed's are its fp32 master partitions)."""
+    inner = optimizer
+    while hasattr(inner, "optimizer"):
+        inner = inner.optimizer
+    params = {str(p.dtype) for group in inner.param_groups for p in group["params"]}
+    state = {str(v.dtype) for s in inner.state.values() for v in s.values()
+             if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() > 0}
+    return {"parameters": sorted(params), "state": sorted(state)}
+
+
+def gathered_corrupt_samples(accelerator) -> dict:
+    """`corrupt_samples` of metrics.json: every process's corrupt samples (a collective)."""
+    from accelerate.utils import gather_object
+
+    entries: dict[str, str] = {}
+    for part in gather_object([corrupt_samples.entries]) if accelerator.num_processes > 1 else [corrupt_samples.entries]:
+        entries.update(part)
+    return corrupt_samples.summary(entries)
 
 
 def make_optimizer(params: list[torch.nn.Parameter], opts, device: torch.device) -> torch.optim.Optimizer:
@@ -85,6 +100,16 @@ def _tracker_config(opts) -> dict[str, Any]:
     return {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v)) for k, v in as_dict(opts).items()}
 
 
+def _stop_preempted(accelerator, task: Task, model, out: Path, step: int, opts, fingerprint: dict, bar) -> int:
+    """Checkpoint at `step` on every process, leave PREEMPTED for slurm/common.sh, return exit status 75."""
+    save_checkpoint(accelerator, out, step, opts.checkpoints_total_limit, fingerprint)
+    task.on_checkpoint(accelerator, model, step)
+    bar.close()
+    mark_preempted(accelerator, out, f"checkpoint saved at step {step}")
+    finish_trackers(accelerator)
+    return PREEMPTED_EXIT_CODE
+
+
 def train(task: Task, opts, accelerator, project_name: str) -> int:
     """Run the loop to `opts.max_train_steps`; returns the process exit status (0, 1 or 75).
 
@@ -99,23 +124,24 @@ def train(task: Task, opts, accelerator, project_name: str) -> int:
         opts.learning_rate *= opts.gradient_accumulation_steps * opts.train_batch_size * accelerator.num_processes
     params = task.trainable_parameters()
     optimizer = make_optimizer(params, opts, accelerator.device)
-    # accelerate steps a prepared scheduler once per process: scale so the schedule is world-size independent.
-    lr_scheduler = get_scheduler(
-        opts.lr_scheduler, optimizer, num_warmup_steps=opts.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=opts.max_train_steps * accelerator.num_processes, num_cycles=opts.lr_num_cycles, power=opts.lr_power,
-    )
+    # The schedule is a function of global optimizer steps: stepped here once per optimizer step, not prepared
+    # (accelerate would step it once per process and checkpoint that count), and fast-forwarded on resume, so a
+    # checkpoint resumes on any number of processes with the same learning rates.
+    lr_scheduler = get_scheduler(opts.lr_scheduler, optimizer, num_warmup_steps=opts.lr_warmup_steps,
+                                 num_training_steps=opts.max_train_steps, num_cycles=opts.lr_num_cycles, power=opts.lr_power)
     initial = fp32_trained_weights(task.model)
-    model, optimizer, lr_scheduler = accelerator.prepare(task.model, optimizer, lr_scheduler)
+    model, optimizer = accelerator.prepare(task.model, optimizer)
     restore_fp32_masters(accelerator, model, initial)
     del initial
     state = TrainState()
-    accelerator.register_for_checkpointing(state)
-
-    resume = resolve_resume(out, opts.resume_from_checkpoint)
+    fingerprint = run_fingerprint(opts, accelerator.num_processes)
+    resume = resolve_resume(accelerator, out, opts.resume_from_checkpoint, fingerprint)
     if accelerator.is_main_process:
         (out / "PREEMPTED").unlink(missing_ok=True)
     if resume is not None:
-        load_checkpoint(accelerator, resume)
+        state.step = load_checkpoint(accelerator, resume)
+        for _ in range(state.step):
+            lr_scheduler.step()
         logger.info("resumed from %s at step %d", resume, state.step)
     elif opts.resume_from_checkpoint:
         logger.info("no checkpoint in %s: starting from step 0", out)
@@ -124,7 +150,6 @@ def train(task: Task, opts, accelerator, project_name: str) -> int:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "run_config.json", as_dict(opts))
         accelerator.init_trackers(project_name, config=_tracker_config(opts))
-    preempted = PreemptionFlag()
     bar = tqdm(total=opts.max_train_steps, initial=state.step, desc=project_name, unit="step",
                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     start_time, start_step = time.perf_counter(), state.step
@@ -133,7 +158,7 @@ def train(task: Task, opts, accelerator, project_name: str) -> int:
     logs: dict[str, float] = {}
     while state.step < opts.max_train_steps:
         step = state.step
-        step_loss = 0.0
+        step_loss = torch.zeros((), device=accelerator.device)
         for micro in range(opts.gradient_accumulation_steps):
             with accelerator.accumulate(model):
                 loss = task.loss(model, step, micro)
@@ -142,12 +167,14 @@ def train(task: Task, opts, accelerator, project_name: str) -> int:
                 if accelerator.sync_gradients and opts.max_grad_norm:
                     accelerator.clip_grad_norm_(params, opts.max_grad_norm)
                 optimizer.step()
-                lr_scheduler.step()
+                if accelerator.sync_gradients:
+                    lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=opts.set_grads_to_none)
         # One collective per step: the mean loss, whether it is finite everywhere, and preemption anywhere.
-        flags = torch.tensor([float(step_loss), 0.0 if torch.isfinite(step_loss) else 1.0, 1.0 if preempted else 0.0],
-                             device=accelerator.device)
-        flags = accelerator.reduce(flags, reduction="sum").tolist()  # the step's one host sync
+        # Built on the device (no float() of a device tensor): the reduce's .tolist() is the step's one host sync.
+        flags = torch.stack([step_loss, (~torch.isfinite(step_loss)).float(),
+                             torch.full((), 1.0 if preemption else 0.0, device=accelerator.device)])
+        flags = accelerator.reduce(flags, reduction="sum").tolist()
         mean_loss = flags[0] / accelerator.num_processes
         if flags[1] > 0:
             bar.close()
@@ -162,26 +189,28 @@ def train(task: Task, opts, accelerator, project_name: str) -> int:
         elapsed = time.perf_counter() - start_time
         bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}", steps_s=f"{(state.step - start_step) / max(elapsed, 1e-9):.2f}")
         bar.update()
+        stop = flags[2] > 0
         if opts.validation_steps and state.step % opts.validation_steps == 0:
-            logs.update(task.validate(accelerator, model, state.step))
+            try:
+                logs.update(task.validate(accelerator, model, state.step))
+            except Preempted:  # raised on every process together (a collective check)
+                model.train()
+                stop = True
         accelerator.log(logs, step=state.step)
-        if flags[2] > 0:
-            save_checkpoint(accelerator, out, state.step, opts.checkpoints_total_limit)
-            task.on_checkpoint(accelerator, model, state.step)
-            bar.close()
-            if accelerator.is_main_process:
-                (out / "PREEMPTED").write_text(f"{state.step}\n")  # read by slurm/common.sh: requeue this job
-                logger.warning("preempted: checkpoint saved at step %d; rerun with --resume_from_checkpoint latest", state.step)
-            finish_trackers(accelerator)
-            return PREEMPTED_EXIT_CODE
+        if stop:
+            return _stop_preempted(accelerator, task, model, out, state.step, opts, fingerprint, bar)
         if opts.checkpointing_steps and state.step % opts.checkpointing_steps == 0 and state.step < opts.max_train_steps:
-            save_checkpoint(accelerator, out, state.step, opts.checkpoints_total_limit)
+            save_checkpoint(accelerator, out, state.step, opts.checkpoints_total_limit, fingerprint)
             task.on_checkpoint(accelerator, model, state.step)
             last_checkpoint = state.step
     bar.close()
-    elapsed = time.perf_counter() - start_time
+    cache = task.cache_stats()
+    elapsed = time.perf_counter() - start_time - cache["seconds"]  # the one-off latent cache is reported apart
     steps_done = state.step - start_step
-    final_logs = task.validate(accelerator, model, state.step) if opts.validation_steps and "heldout_loss" not in logs else {}
+    try:
+        final_logs = task.validate(accelerator, model, state.step) if opts.validation_steps and "heldout_loss" not in logs else {}
+    except Preempted:
+        return _stop_preempted(accelerator, task, model, out, state.step, opts, fingerprint, bar)
     task.save_final(accelerator, model)
     summary = {
         "steps": state.step,
@@ -194,6 +223,10 @@ def train(task: Task, opts, accelerator, project_name: str) -> int:
         "num_processes": accelerator.num_processes,
         "distributed_type": str(accelerator.distributed_type).split(".")[-1],
         "mixed_precision": accelerator.mixed_precision,
+        "optimizer_dtypes": optimizer_dtypes(optimizer),
+        "final_lr": lr_scheduler.get_last_lr()[0],
+        "latent_cache": cache,
+        "corrupt_samples": gathered_corrupt_samples(accelerator),
         **{k: v for k, v in {**logs, **final_logs}.items() if k not in ("loss", "lr")},
     }
     if accelerator.is_main_process:

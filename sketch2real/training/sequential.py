@@ -18,6 +18,7 @@ from sketch2real.sketchy import category_words
 from sketch2real.training.data import load_shard_images
 from sketch2real.training.dreambooth import DreamBoothOptions, DreamBoothTask
 from sketch2real.training.loop import train
+from sketch2real.training.preemption import PREEMPTED_EXIT_CODE, mark_preempted
 from sketch2real.training.validation import heldout_denoising_losses
 
 logger = logging.getLogger("sketch2real")
@@ -28,7 +29,7 @@ class SequentialOptions(DreamBoothOptions):
     """DreamBooth on several categories in turn; --instance_prompt may use {category}."""
 
     stages: list[str] = option([], help="categories in training order, e.g. cat,dog,helicopter,hamburger (commas or spaces)")
-    steps_per_stage: int = option(400, help="optimizer steps of each stage")
+    steps_per_stage: int = option(400, help="optimizer steps of each stage", min=1)
 
     def stage_list(self) -> list[str]:
         return [s for item in self.stages for s in item.split(",") if s]
@@ -38,8 +39,6 @@ class SequentialOptions(DreamBoothOptions):
             raise UserError("--stages needs at least one category")
         if not self.shard_dir:
             raise UserError("--shard_dir is required: each stage's instance images and held-out images come from it")
-        if self.steps_per_stage < 1:
-            raise UserError("--steps_per_stage must be at least 1")
         super().check()
 
 
@@ -90,6 +89,8 @@ def format_table(report: dict) -> str:
 
 def run_sequential(opts: SequentialOptions, accelerator) -> int:
     """Train every stage not yet finished; write sequential_report.{json,md}. Returns an exit status."""
+    from accelerate.utils import broadcast_object_list
+
     stages = opts.stage_list()
     out = Path(opts.output_dir)
     rows = []
@@ -97,7 +98,10 @@ def run_sequential(opts: SequentialOptions, accelerator) -> int:
     for index, category in enumerate(stages):
         folder = stage_dir(opts.output_dir, index, category)
         metrics_file = folder / "stage_metrics.json"
-        if metrics_file.is_file() and (folder / "model_index.json").is_file():
+        finished = [metrics_file.is_file() and (folder / "model_index.json").is_file()]
+        if accelerator.num_processes > 1:  # rank 0's view decides for all: the others follow the same path
+            broadcast_object_list(finished)
+        if finished[0]:
             logger.info("stage %d (%s) already finished: %s", index + 1, category, folder)
             rows.append(json.loads(metrics_file.read_text()))
             previous = str(folder)
@@ -116,6 +120,8 @@ def run_sequential(opts: SequentialOptions, accelerator) -> int:
             if accelerator.is_main_process:
                 write_json(out / "base_metrics.json", base)
         status = train(task, stage_opts, accelerator, f"dreambooth_sequential/{category}")
+        if status == PREEMPTED_EXIT_CODE:  # slurm/common.sh looks for PREEMPTED in the job's --output_dir
+            mark_preempted(accelerator, out, f"stage {index + 1} ({category}) checkpointed")
         if status != 0:
             return status
         row = {**_row(f"{index + 1}: {category}", _heldout_losses(task, task.model, opts, stages[: index + 1])),

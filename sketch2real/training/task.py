@@ -4,6 +4,7 @@ the step's noisy latents, validation (held-out loss + mosaic) and the inference 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ import torch
 from sketch2real.family import SD, SKETCHY_SIZE, Conditioning, TextEncoders, assemble_pipeline, encode_prompt_ids
 from sketch2real.models import SDComponents, dtype_for, load_sd_components
 from sketch2real.training.accelerator import cast_denoiser_inputs, configure_attention, zero3_init_disabled
-from sketch2real.training.data import GlobalBatchSampler, StepLoader, default_num_workers, prefetched
+from sketch2real.training.data import GlobalBatchSampler, LazyImages, StepLoader, default_num_workers, prefetched
 from sketch2real.training.diffusion import (
     diffusion_loss,
     encode_latents,
@@ -19,7 +20,18 @@ from sketch2real.training.diffusion import (
     step_noise,
     tokenize,
 )
+from sketch2real.training.latent_store import LatentStore, check_finite_posterior
+from sketch2real.training.preemption import preemption
 from sketch2real.training.validation import heldout_denoising_loss, log_image, validation_mosaic
+
+
+def vae_dtype(vae, weight_dtype: torch.dtype) -> torch.dtype:
+    """The VAE's dtype: the weight dtype, except fp32 under fp16 for a VAE not known to be fp16-safe (its config's
+    `force_upcast`, true for SDXL's own VAE, which overflows to NaN in fp16; false for madebyollin/sdxl-vae-fp16-fix),
+    as diffusers' SDXL scripts keep it. bf16 has fp32's range: no overflow."""
+    if weight_dtype == torch.float16 and getattr(vae.config, "force_upcast", True):
+        return torch.float32
+    return weight_dtype
 
 
 class PosteriorCache:
@@ -34,8 +46,8 @@ class PosteriorCache:
 
     CHUNK = 8
 
-    def __init__(self, vae, images, device: torch.device):
-        self.vae, self.images, self.device = vae, images, device
+    def __init__(self, vae, images, device: torch.device, names: list[str] | None = None):
+        self.vae, self.images, self.device, self.names = vae, images, device, names
         self.mean: dict[int, torch.Tensor] = {}
         self.std: dict[int, torch.Tensor] = {}
 
@@ -51,7 +63,9 @@ class PosteriorCache:
         decoded = prefetched(self.images, chunks, self._positions, num_workers, pin_memory)
         for chunk, images in tqdm(decoded, total=len(chunks), desc="caching latents", unit="chunk",
                                   disable=not progress or len(chunks) < 2, dynamic_ncols=True):
+            preemption.check()  # hours at full scale: a signal stops it within a chunk
             dist = self.vae.encode(images.to(self.device, self.vae.dtype, non_blocking=True)).latent_dist
+            check_finite_posterior(dist, self._positions(chunk), self.images, self.names)
             for j, i in enumerate(self._positions(chunk)):
                 self.mean[i], self.std[i] = dist.mean[j].float().cpu(), dist.std[j].float().cpu()
 
@@ -79,10 +93,12 @@ class DiffusionTask:
         self.family = self.c.family or SD
         configure_attention(self.c.unet, opts, accelerator.device)
         cast_denoiser_inputs(self.c.unet)
-        self.c.vae.requires_grad_(False).to(accelerator.device, self.weight_dtype)
+        self.c.vae.requires_grad_(False).to(accelerator.device, vae_dtype(self.c.vae, self.weight_dtype))
         side = opts.resolution // 2 ** (len(self.c.vae.config.block_out_channels) - 1)
         self.latent_shape = (self.c.vae.config.latent_channels, side, side)
-        self.posteriors: dict[str, PosteriorCache] = {}
+        self.posteriors: dict[str, PosteriorCache | LatentStore] = {}
+        self.cache_seconds = 0.0  # one-off VAE passes, kept out of samples/s
+        self.image_names: dict[str, list[str]] = {}  # per stream, for messages about in-memory images
         self.loaders: dict[str, StepLoader] = {}
         self.num_workers = (opts.dataloader_num_workers if opts.dataloader_num_workers is not None
                             else default_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))))
@@ -110,6 +126,11 @@ class DiffusionTask:
             self.loaders[name] = StepLoader(images, sampler, self.opts.max_train_steps, self.num_workers, self.pin_memory)
         return self.loaders[name].batch(step, micro).to(self.accelerator.device, non_blocking=True)
 
+    def cache_stats(self) -> dict:
+        """`latent_cache` of metrics.json: seconds spent building caches, and each on-disk store's figures."""
+        return {"seconds": self.cache_seconds,
+                "stores": {k: v.stats for k, v in self.posteriors.items() if isinstance(v, LatentStore)}}
+
     def data_wait_seconds(self) -> float:
         """Time the training steps spent waiting for decoded images."""
         return sum(loader.wait_seconds for loader in self.loaders.values())
@@ -117,8 +138,9 @@ class DiffusionTask:
     def noisy_batch(self, images, sampler: GlobalBatchSampler, step: int, micro: int, stream: str):
         """(indices, noisy latents, target, timesteps) of this rank's rows of the step's global batch.
 
-        With --cache_latents (the default) the posteriors of every image this rank reads from here to the
-        end of the run are computed on the first call (`PosteriorCache`).
+        With --cache_latents (the default) the posteriors of every image read from here to the end of the run
+        are computed on the first call: a large (lazily decoded) set into the on-disk `LatentStore`, encoded by
+        all ranks together; a small in-memory set into this rank's `PosteriorCache`.
         """
         sched = self.c.noise_scheduler
         indices = sampler.rank_indices(step, micro)
@@ -126,10 +148,20 @@ class DiffusionTask:
                           sched.config.num_train_timesteps, self.opts.noise_offset, stream, self.accelerator.device)
         if self.opts.cache_latents:
             if stream not in self.posteriors:
-                cache = self.posteriors[stream] = PosteriorCache(self.c.vae, images, self.accelerator.device)
-                first = step * sampler.accumulation + micro
-                cache.encode(sampler.rank_indices_between(first, self.opts.max_train_steps * sampler.accumulation),
-                             self.num_workers, self.pin_memory, progress=self.accelerator.is_local_main_process)
+                started = time.perf_counter()
+                first, end = step * sampler.accumulation + micro, self.opts.max_train_steps * sampler.accumulation
+                progress = self.accelerator.is_local_main_process
+                if isinstance(images, LazyImages):
+                    store = LatentStore(self.opts.latent_cache_dir or Path(self.opts.output_dir) / "latent_cache",
+                                        self.c.vae, images, self.accelerator.device)
+                    store.build(self.accelerator, sampler.global_indices_between(first, end), self.num_workers,
+                                self.pin_memory, progress)
+                    self.posteriors[stream] = store
+                else:
+                    cache = self.posteriors[stream] = PosteriorCache(self.c.vae, images, self.accelerator.device,
+                                                                     self.image_names.get(stream))
+                    cache.encode(sampler.rank_indices_between(first, end), self.num_workers, self.pin_memory, progress)
+                self.cache_seconds += time.perf_counter() - started
             latents = self.posteriors[stream].latents(indices, draw.latent_eps)
         else:
             latents = encode_latents(self.c.vae, self.step_rows(stream, images, sampler, step, micro), draw.latent_eps)
@@ -181,18 +213,23 @@ class DiffusionTask:
         return list(self.opts.validation_prompt)
 
     def validate(self, accelerator, model, step: int) -> dict[str, float]:
+        """Held-out loss and a mosaic; a preemption signal stops it between pieces, on every process together."""
         opts, logs = self.opts, {}
+        stop_if_preempted = lambda: preemption.check(accelerator)  # noqa: E731
+        stop_if_preempted()
         model.eval()
         if self.heldout_images is not None:
             logs["heldout_loss"] = heldout_denoising_loss(self.predictor(model), self.c.vae, self.c.noise_scheduler,
                                                           self.heldout_images, self.heldout_prompts, opts.seed)
+            stop_if_preempted()
         prompts = [self.prompt_transform(p) for p in self.validation_prompts()]
         if opts.num_validation_images and prompts:
             folder = Path(opts.output_dir) / "validation"
             tmp = folder / f".rank{accelerator.process_index}.png"
             with accelerator.autocast():
                 grid = validation_mosaic(self.pipeline(model), prompts, opts.num_validation_images, opts.seed,
-                                         opts.resolution, opts.validation_inference_steps, tmp)
+                                         opts.resolution, opts.validation_inference_steps, tmp,
+                                         between_prompts=stop_if_preempted)
             if accelerator.is_main_process:
                 tmp.replace(folder / f"step-{step:06d}.png")
                 log_image(accelerator, "validation", grid, step)

@@ -50,25 +50,20 @@ class TextualInversionOptions(TrainOptions):
     """Textual Inversion: learn a placeholder token for the sketch style (or an object)."""
 
     placeholder_token: str = option("<sketch>", help="the new token")
-    num_vectors: int = option(1, help="embedding vectors behind the token")
+    num_vectors: int = option(1, help="embedding vectors behind the token", min=1)
     initializer_token: str = option("sketch", help="word(s) whose embeddings (averaged) start the new vectors")
-    learnable_property: str = option("style", help="style ('a {category} in the style of {token}') or object")
+    learnable_property: str = option("style", help="style ('a {category} in the style of {token}') or object",
+                                     choices=("style", "object"))
     categories: list[str] = option([], help="only these categories from the shards (default: all)")
-    instance_image_type: str = option("sketch", help="sketch or photo")
+    instance_image_type: str = option("sketch", help="sketch or photo", choices=("sketch", "photo"), noun="image type")
     train_data_dir: str = option("", help="a folder of training images instead of shards")
-    num_instance_images: int = option(0, help="seeded choice of this many training images (0: all)")
+    num_instance_images: int = option(0, help="seeded choice of this many training images (0: all)", min=0)
     save_as_full_pipeline: bool = option(False, help="also save a full diffusers pipeline with the token added")
-    learning_rate: float = option(5e-4, help="initial learning rate (after warmup)")
-    adam_weight_decay: float = option(0.0, help="AdamW weight decay (0: keeps the embedding's norm)")
+    learning_rate: float = option(5e-4, help="initial learning rate (after warmup)", min_exclusive=0)
+    adam_weight_decay: float = option(0.0, help="AdamW weight decay (0: keeps the embedding's norm)", min=0)
 
     def check(self) -> None:
         super().check()
-        if self.num_vectors < 1:
-            raise UserError(f"--num_vectors must be at least 1, got {self.num_vectors}")
-        if self.learnable_property not in ("style", "object"):
-            raise UserError(f"--learnable_property must be style or object, got {self.learnable_property!r}")
-        if self.instance_image_type not in ("sketch", "photo"):
-            raise UserError(f"--instance_image_type must be sketch or photo, got {self.instance_image_type!r}")
         if not self.train_data_dir and not self.shard_dir:
             raise UserError("give --shard_dir or --train_data_dir")
 
@@ -126,6 +121,8 @@ class TextualInversionTask(DiffusionTask):
             encoder.to(device, self.weight_dtype)
             if opts.gradient_checkpointing:
                 encoder.gradient_checkpointing_enable()
+        for embedding in self.embeddings:  # the cast above took the trained rows along: they train in fp32
+            embedding.new_rows.data = embedding.new_rows.data.float()
         if opts.gradient_checkpointing:
             c.unet.enable_gradient_checkpointing()
         # DDP/DeepSpeed see one module whose only parameters needing grad are the new rows

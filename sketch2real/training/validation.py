@@ -51,8 +51,10 @@ def heldout_denoising_losses(
 
 @torch.no_grad()
 def validation_mosaic(pipeline, prompts: Sequence[str], num_images: int, seed: int, resolution: int,
-                      num_inference_steps: int, out_file: Path, extra: dict | None = None) -> Image.Image:
-    """One row per prompt, `num_images` fixed-seed images each; saved as PNG at `out_file`."""
+                      num_inference_steps: int, out_file: Path, extra: dict | None = None,
+                      between_prompts: Callable[[], None] | None = None) -> Image.Image:
+    """One row per prompt, `num_images` fixed-seed images each; saved as PNG at `out_file`.
+    `between_prompts` runs after each row (the preemption check)."""
     from sketch2real.family import generation_kwargs
 
     pipeline.set_progress_bar_config(disable=True)
@@ -63,6 +65,8 @@ def validation_mosaic(pipeline, prompts: Sequence[str], num_images: int, seed: i
         images = pipeline([prompt] * num_images, height=resolution, width=resolution, num_inference_steps=num_inference_steps,
                           generator=generators, **extra).images
         rows.append(images)
+        if between_prompts is not None:
+            between_prompts()
     grid = image_grid(rows, cell=resolution)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_suffix(".tmp.png")

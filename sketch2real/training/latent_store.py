@@ -1,0 +1,132 @@
+"""VAE posteriors of a whole training set on disk: encoded once, by all ranks together, shared and reused.
+
+The set is cut into blocks of `BLOCK` images; each block is one `.npy` file of (mean, std) in float16, written
+atomically by whichever rank encoded it, and read back memory-mapped, so a rank holds O(batch) of it in memory,
+not O(dataset). The folder is named by a fingerprint of the VAE (config and weights), the resolution and the images:
+a later run on the same data and VAE (or a requeued one, or another trainer) finds the blocks already there. A
+preemption signal stops encoding between chunks; finished blocks stay. Images are encoded in chunks of `CHUNK`
+whatever rank does it, so a posterior never depends on the number of processes: exact resume and 1-vs-N equality
+hold as with the in-memory cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sketch2real.cli import UserError
+from sketch2real.io import atomic_path, write_json
+from sketch2real.training.data import LazyImages, prefetched
+from sketch2real.training.preemption import preemption
+
+logger = logging.getLogger("sketch2real")
+
+CHUNK = 8  # images per VAE call: the same chunks on any number of processes
+BLOCK = 64  # images per file
+STORE_DTYPE = np.float16  # half the bytes of fp32; cached training agrees with uncached (tests/test_dreambooth.py)
+
+
+def check_finite_posterior(dist, positions: list[int], images, names: list[str] | None = None) -> None:
+    """One line naming the first image whose VAE posterior is not finite (an fp16 overflow, or a broken VAE):
+    caught before it enters a cache, where the NaN guard would meet it again after every resume."""
+    bad = ~(torch.isfinite(dist.mean).flatten(1).all(1) & torch.isfinite(dist.std).flatten(1).all(1))
+    if bad.any():
+        k = positions[int(bad.nonzero()[0])]
+        name = images.where(k) if isinstance(images, LazyImages) else (names[k] if names else f"image {k} of the set")
+        raise UserError(f"the VAE gives a non-finite latent for {name} (VAE dtype {dist.mean.dtype}): a VAE that "
+                        "overflows in fp16 needs fp32 or bf16 (or an fp16-safe VAE via --pretrained_vae_model_name_or_path)")
+
+
+def vae_fingerprint(vae) -> str:
+    """Config and a checksum of every weight of the VAE: another VAE (or another VAE dtype) gets another store."""
+    digest = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    digest.update(str(vae.dtype).encode())
+    with torch.no_grad():
+        for name, param in vae.state_dict().items():
+            digest.update(f"{name}:{tuple(param.shape)}:{float(param.double().abs().sum()):.17g}".encode())
+    return digest.hexdigest()[:16]
+
+
+class LatentStore:
+    """(mean, std) of each image of a `LazyImages` set, in block files under `folder/<fingerprint>/`."""
+
+    def __init__(self, root: str | Path, vae, images: LazyImages, device: torch.device, block: int = BLOCK):
+        assert block % CHUNK == 0, "a block holds whole chunks"
+        self.vae, self.images, self.device, self.block = vae, images, device, block
+        key = hashlib.sha256(f"{vae_fingerprint(vae)}|{images.identity()}|{block}|{CHUNK}|{STORE_DTYPE.__name__}".encode())
+        self.folder = Path(root) / key.hexdigest()[:24]
+        self._blocks: dict[int, np.ndarray] = {}
+        self.stats = {"folder": str(self.folder), "images": len(images), "blocks_encoded_here": 0, "blocks_reused": 0,
+                      "build_seconds": 0.0}
+
+    def _block_file(self, block: int) -> Path:
+        return self.folder / f"block-{block:06d}.npy"
+
+    def _positions(self, chunk: int) -> list[int]:
+        return list(range(chunk * CHUNK, min((chunk + 1) * CHUNK, len(self.images))))
+
+    @torch.no_grad()
+    def build(self, accelerator, needed: list[int], num_workers: int, pin_memory: bool, progress: bool) -> None:
+        """Encode the missing blocks holding `needed` (all ranks' indices), dealt round-robin to the ranks.
+
+        Rank 0 lists what is missing and tells the others (one view of the filesystem for all). A collective:
+        every rank calls it; the blocks are all there when it returns.
+        """
+        from accelerate.utils import broadcast_object_list
+        from tqdm.auto import tqdm
+
+        start = time.perf_counter()
+        wanted = sorted({i // self.block for i in needed})
+        missing = [None]
+        if accelerator.is_main_process:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            write_json(self.folder / "store.json", {"images": len(self.images), "block": self.block, "chunk": CHUNK,
+                                                    "dtype": STORE_DTYPE.__name__, "source": self.images.identity()[:500]})
+            missing = [[b for b in wanted if not self._block_file(b).is_file()]]
+        if accelerator.num_processes > 1:
+            broadcast_object_list(missing)
+        missing_blocks = missing[0]
+        mine = missing_blocks[accelerator.process_index :: accelerator.num_processes]
+        chunks = [c for b in mine
+                  for c in range(b * self.block // CHUNK, math.ceil(min((b + 1) * self.block, len(self.images)) / CHUNK))]
+        decoded = prefetched(self.images, chunks, self._positions, num_workers, pin_memory)
+        parts: dict[int, list[np.ndarray]] = {}
+        bar = tqdm(total=len(chunks), desc="caching latents", unit="chunk", disable=not progress or not chunks,
+                   dynamic_ncols=True)
+        for chunk, images in decoded:
+            preemption.check()  # finished blocks stay on disk: a requeued job encodes only the rest
+            dist = self.vae.encode(images.to(self.device, self.vae.dtype, non_blocking=True)).latent_dist
+            check_finite_posterior(dist, self._positions(chunk), self.images)
+            pair = torch.stack([dist.mean.float(), dist.std.float()], dim=1).cpu().numpy().astype(STORE_DTYPE)
+            block = chunk * CHUNK // self.block
+            parts.setdefault(block, []).append(pair)
+            bar.update()
+            if sum(len(p) for p in parts[block]) == min(self.block, len(self.images) - block * self.block):
+                with atomic_path(self._block_file(block)) as tmp:
+                    with open(tmp, "wb") as f:
+                        np.save(f, np.concatenate(parts.pop(block)))
+                self.stats["blocks_encoded_here"] += 1
+        bar.close()
+        accelerator.wait_for_everyone()  # every block exists from here on (--ddp_timeout bounds the wait)
+        self.stats["blocks_reused"] = len(wanted) - len(missing_blocks)
+        self.stats["build_seconds"] = time.perf_counter() - start
+        logger.info("latent cache %s: %d blocks encoded (%d here), %d reused", self.folder, len(missing_blocks),
+                    self.stats["blocks_encoded_here"], self.stats["blocks_reused"])
+
+    def _block(self, block: int) -> np.ndarray:
+        if block not in self._blocks:
+            self._blocks[block] = np.load(self._block_file(block), mmap_mode="r")
+        return self._blocks[block]
+
+    def latents(self, indices: list[int], eps: torch.Tensor) -> torch.Tensor:
+        """Scaled latents of `indices` for this step's posterior noise `eps` (as `encode_latents` gives)."""
+        rows = np.stack([self._block(i // self.block)[i % self.block] for i in indices]).astype(np.float32)
+        pair = torch.from_numpy(rows).to(self.device)
+        return (pair[:, 0] + pair[:, 1] * eps.to(self.device)) * self.vae.config.scaling_factor

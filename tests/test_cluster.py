@@ -1,0 +1,214 @@
+"""What a real cluster at full scale meets and a 1-process CPU run hides: collective timeouts, folders that are not
+shared, resume on another number of processes, DeepSpeed settings, fp16 VAEs, srun's exit handling."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from .conftest import REPO, launch, relative_difference, run_script, weights
+
+
+@pytest.mark.parametrize("mode", ["timeout-train", "timeout-infer"])
+def test_ddp_timeout_reaches_every_process_group(mode, tmp_path):
+    """--ddp_timeout 3: a rank 45 s late at a barrier fails the job in seconds (torch's default would wait)."""
+    start = time.time()
+    proc = launch("tests/probes/collectives.py", mode, tmp_path, check=False, timeout=120)
+    elapsed = time.time() - start
+    assert proc.returncode != 0 and "barrier passed" not in proc.stdout, proc.stderr[-2000:]
+    assert elapsed < 40, f"{elapsed:.0f} s: the timeout did not reach the process group"
+
+
+def test_a_folder_that_is_not_shared_is_one_line_on_every_rank(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out-rank1").mkdir()
+    proc = launch("tests/probes/collectives.py", "shared", tmp_path / "out", check=False, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.count("is not shared: process(es) [1] do not see") == 2, proc.stderr[-2000:]  # one line each
+    same = launch("tests/probes/collectives.py", "shared", tmp_path / "out-rank1", check=False, timeout=120)
+    assert same.returncode != 0  # rank 1 looks in out-rank1-rank1: not there either (the check is real)
+    (tmp_path / "out-rank1-rank1").symlink_to(tmp_path / "out-rank1")
+    assert launch("tests/probes/collectives.py", "shared", tmp_path / "out-rank1", check=False, timeout=120).returncode == 0
+
+
+def test_max_grad_norm_zero_turns_deepspeeds_clipping_off():
+    from sketch2real.training.accelerator import deepspeed_settings
+    from sketch2real.training.options import TrainOptions
+
+    settings = deepspeed_settings(TrainOptions(max_grad_norm=0.0, train_batch_size=3, gradient_accumulation_steps=2))
+    assert settings == {"train_micro_batch_size_per_gpu": 3, "gradient_accumulation_steps": 2, "gradient_clipping": 0.0}
+    config = {"gradient_clipping": 1.0}  # what the shipped ZeRO configs say
+    config.update(deepspeed_settings(TrainOptions(max_grad_norm=0.0)))
+    assert config["gradient_clipping"] == 0.0
+
+
+@pytest.mark.parametrize("before, after", [(1, 2), (2, 1)])
+def test_resume_on_another_number_of_processes(before, after, tiny_models, shard_dir, tmp_path):
+    """A DDP checkpoint of N processes resumes on M with the same global batch: the same learning rates (a cosine
+    schedule) and the same batches from the resume step on, so the weights end as an uninterrupted run's."""
+    args = ["--pretrained_model_name_or_path", tiny_models.sd, "--shard_dir", shard_dir, "--instance_category", "cat",
+            "--instance_prompt", "a sks sketch of a cat", "--resolution", "32", "--learning_rate", "1e-3",
+            "--lr_scheduler", "cosine", "--lr_warmup_steps", "1", "--lora_rank", "4", "--validation_steps", "0",
+            "--report_to", "none", "--max_train_steps", "6", "--checkpointing_steps", "3", "--num_heldout_samples", "0"]
+
+    def run(processes: int, out: Path, *extra):
+        batch = str(2 // processes)
+        if processes == 1:
+            return run_script("train/dreambooth.py", *args, "--output_dir", out, "--train_batch_size", batch, *extra)
+        return launch("train/dreambooth.py", *args, "--output_dir", out, "--train_batch_size", batch, *extra)
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(before, straight)
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-3", resumed / "checkpoint-3")
+    proc = run(after, resumed, "--resume_from_checkpoint", "latest")
+    assert "resumed from" in proc.stderr
+    a, b = json.loads((straight / "metrics.json").read_text()), json.loads((resumed / "metrics.json").read_text())
+    assert b["num_processes"] == after and b["steps_this_run"] == 3
+    assert b["final_lr"] == a["final_lr"]
+    base = {k: torch.zeros_like(v) for k, v in weights(straight).items()}  # LoRA's up matrices start at 0
+    assert relative_difference(weights(straight), weights(resumed), base) < 1e-2
+
+
+def test_a_deepspeed_checkpoint_on_another_world_size_is_refused_in_one_line(tmp_path):
+    from sketch2real.training.checkpoints import MANIFEST, TRAIN_STATE, _decide_resume, launch_problem
+
+    assert launch_problem({"num_processes": 2, "deepspeed": False}, {"num_processes": 4, "deepspeed": False}) == ""
+    problem = launch_problem({"num_processes": 2, "deepspeed": True}, {"num_processes": 1, "deepspeed": True})
+    assert "ds_to_universal.py" in problem and "resume on 2 processes" in problem
+    assert "with DeepSpeed" in launch_problem({"num_processes": 2, "deepspeed": True}, {"num_processes": 2, "deepspeed": False})
+    folder = tmp_path / "checkpoint-5"
+    folder.mkdir()
+    (folder / TRAIN_STATE).write_text(json.dumps({"step": 5, "fingerprint": {"a": 1},
+                                                  "launch": {"num_processes": 8, "deepspeed": True}}))
+    (folder / MANIFEST).write_text(json.dumps({"step": 5, "files": {TRAIN_STATE: (folder / TRAIN_STATE).stat().st_size}}))
+    path, error = _decide_resume(tmp_path, "latest", {"a": 1}, {"num_processes": 4, "deepspeed": True})
+    assert path is None and "DeepSpeed ZeRO checkpoint of 8 processes" in error and "\n" not in error
+    path, error = _decide_resume(tmp_path, "latest", {"a": 1}, {"num_processes": 8, "deepspeed": True})
+    assert path == str(folder) and error is None
+
+
+def test_the_vae_stays_fp32_under_fp16_unless_it_is_fp16_safe():
+    from types import SimpleNamespace
+
+    from sketch2real.training.task import vae_dtype
+
+    sdxl, fixed, old = (SimpleNamespace(config=SimpleNamespace(force_upcast=True)),
+                        SimpleNamespace(config=SimpleNamespace(force_upcast=False)), SimpleNamespace(config=SimpleNamespace()))
+    assert vae_dtype(sdxl, torch.float16) == torch.float32 and vae_dtype(old, torch.float16) == torch.float32
+    assert vae_dtype(fixed, torch.float16) == torch.float16
+    assert vae_dtype(sdxl, torch.bfloat16) == torch.bfloat16 and vae_dtype(sdxl, torch.float32) == torch.float32
+
+
+def test_a_non_finite_posterior_is_one_line_naming_the_image(tiny_models, shard_dir, tmp_path):
+    """A VAE that overflows (here: NaN weights) stops the run before the cache, naming the image; not a NaN loss
+    at step 1 that a resume meets again."""
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "broken-vae-model"
+    shutil.copytree(tiny_models.sd, model)
+    file = next((model / "vae").glob("*.safetensors"))
+    state = load_file(file)
+    name = next(k for k in state if k.startswith("encoder.conv_in.weight"))
+    state[name] = torch.full_like(state[name], float("nan"))
+    save_file(state, file)
+    proc = run_script("train/dreambooth.py", "--pretrained_model_name_or_path", model, "--shard_dir", shard_dir,
+                      "--instance_category", "cat", "--resolution", "32", "--max_train_steps", "2", "--report_to", "none",
+                      "--validation_steps", "0", "--num_heldout_samples", "0", "--output_dir", tmp_path / "out", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "the VAE gives a non-finite latent for cat/" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_trained_weights_are_copied_on_rank_zero_only():
+    from types import SimpleNamespace
+
+    from sketch2real.training.accelerator import trained_state_dict
+
+    module = torch.nn.Linear(3, 2)
+
+    def accelerator(main: bool):
+        return SimpleNamespace(is_main_process=main, unwrap_model=lambda m: m, state=SimpleNamespace(deepspeed_plugin=None))
+
+    assert trained_state_dict(accelerator(False), module) == {}
+    copy = trained_state_dict(accelerator(True), module)
+    assert set(copy) == {"weight", "bias"} and torch.equal(copy["weight"], module.weight.detach())
+
+
+@pytest.mark.parametrize("trainer_status, srun_sees", [(75, 0), (3, 3), (0, 0)])
+def test_a_preempted_node_does_not_make_srun_kill_the_others(trainer_status, srun_sees, tmp_path):
+    """slurm/launch_node.sh reports a trainer's exit 75 (PREEMPTED written, checkpoint saved) as success to srun,
+    whose --kill-on-bad-exit would otherwise kill the other nodes' tasks; other failures pass through."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "accelerate").write_text(f"#!/bin/sh\nexit {trainer_status}\n")
+    (fake / "accelerate").chmod(0o755)
+    proc = subprocess.run(["bash", str(REPO / "slurm/launch_node.sh"), "train/dreambooth.py"], cwd=REPO,
+                          env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "ACCELERATE_CONFIG": "x.yaml"})
+    assert proc.returncode == srun_sees
+
+
+def test_the_latent_store_is_encoded_once_kept_through_a_signal_and_reused(tiny_models, shard_dir, tmp_path, monkeypatch):
+    """A signal mid-encoding keeps the finished blocks; the next build encodes only the rest and ends with blocks
+    byte-identical to one uninterrupted build; a third build (a later run) encodes nothing; latents read back
+    equal the VAE's posterior to fp16 precision."""
+    from types import SimpleNamespace
+
+    from sketch2real.models import load_sd_components
+    from sketch2real.shards import ShardSamples
+    from sketch2real.training.data import LazyImages
+    from sketch2real.training.diffusion import encode_latents
+    from sketch2real.training.latent_store import LatentStore
+    from sketch2real.training.preemption import Preempted, preemption
+
+    vae = load_sd_components(str(tiny_models.sd)).vae
+    samples = ShardSamples(shard_dir, "train", fields=("photo",), resolution=32)
+    images = LazyImages(samples, "photo", list(range(len(samples))))
+    assert len(images) > 48
+    solo = SimpleNamespace(is_main_process=True, num_processes=1, process_index=0, wait_for_everyone=lambda: None)
+    everything = list(range(len(images)))
+
+    straight = LatentStore(tmp_path / "straight", vae, images, torch.device("cpu"), block=16)
+    straight.build(solo, everything, 0, False, False)
+    assert straight.stats["blocks_encoded_here"] == -(-len(images) // 16)
+
+    calls = {"n": 0}
+
+    def check_after_five(accelerator=None):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise Preempted("signal")
+
+    store = LatentStore(tmp_path / "cut", vae, images, torch.device("cpu"), block=16)
+    monkeypatch.setattr(preemption, "check", check_after_five)
+    with pytest.raises(Preempted):
+        store.build(solo, everything, 0, False, False)
+    monkeypatch.undo()
+    kept = {p.name: p.stat().st_mtime_ns for p in store.folder.glob("block-*.npy")}
+    assert len(kept) == 2  # chunks 0-3 made blocks 0 and 1; chunk 4 was in block 2 when the signal came
+    again = LatentStore(tmp_path / "cut", vae, images, torch.device("cpu"), block=16)
+    again.build(solo, everything, 0, False, False)
+    assert again.stats["blocks_reused"] == 2 and again.stats["blocks_encoded_here"] == straight.stats["blocks_encoded_here"] - 2
+    assert all(p.stat().st_mtime_ns == kept[p.name] for p in again.folder.glob("block-*.npy") if p.name in kept)
+    for a, b in zip(sorted(straight.folder.glob("block-*.npy")), sorted(again.folder.glob("block-*.npy"))):
+        assert a.read_bytes() == b.read_bytes()
+    later = LatentStore(tmp_path / "cut", vae, images, torch.device("cpu"), block=16)
+    later.build(solo, everything, 0, False, False)
+    assert later.stats["blocks_encoded_here"] == 0 and later.folder == again.folder
+
+    with torch.no_grad():
+        shape = vae.encode(images[[0]]).latent_dist.mean.shape[1:]
+    eps = torch.randn(3, *shape, generator=torch.Generator().manual_seed(0))
+    expected = encode_latents(vae, images[[0, 17, 40]], eps)
+    assert torch.allclose(later.latents([0, 17, 40], eps), expected, rtol=2e-3, atol=2e-3)
+    other_vae = load_sd_components(str(tiny_models.sd)).vae
+    with torch.no_grad():
+        next(other_vae.parameters()).add_(1.0)
+    assert LatentStore(tmp_path / "cut", other_vae, images, torch.device("cpu"), block=16).folder != later.folder

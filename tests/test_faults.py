@@ -1,0 +1,417 @@
+"""Every README promise about bad data and bad luck, tried: a corpus of bad shards through every job, planted
+pickles and truncated files in checkpoints, another run's checkpoints, a full disk, hostile keys, the umask,
+and signals during the long phases before training."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from .conftest import REPO, launch, relative_difference, run_script, weights
+
+CATEGORY = "cat"
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _bomb() -> bytes:
+    """A small PNG that declares 12,000 x 12,000 pixels (144M, over the limit): a decompression bomb."""
+    return _png(Image.new("1", (12_000, 12_000)))
+
+
+def _transparent_sketch() -> bytes:
+    """Black strokes on a fully transparent background (what many drawing tools export)."""
+    array = np.zeros((64, 64, 4), dtype=np.uint8)
+    array[20:44, 30:34, 3] = 255  # an opaque black bar; everything else RGBA (0, 0, 0, 0)
+    return _png(Image.fromarray(array, mode="RGBA"))
+
+
+def _cmyk_jpeg() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("CMYK", (64, 64), (200, 0, 0, 0)).save(buffer, format="JPEG")  # cyan
+    return buffer.getvalue()
+
+
+def _sixteen_bit() -> bytes:
+    array = np.full((64, 64), 32768, dtype=np.uint16)  # mid grey in 16 bits
+    return _png(Image.fromarray(array))
+
+
+def _rewrite(shard: Path, replace: dict[str, bytes]) -> None:
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shard, "w") as tar:
+        for member, data in members:
+            data = replace.get(member.name, data)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+
+
+@pytest.fixture(scope="session")
+def bad_shards(shard_dir, tmp_path_factory) -> tuple[Path, set[str], dict[str, str]]:
+    """(shards with bad cat samples in train, the `shard:key` set a cat trainer must report, readable oddities).
+
+    Corrupt bytes, a zero-byte image and a bomb in one shard; the cat sample at the end of another shard cut off
+    by truncating the tar; plus a transparent sketch, a CMYK photo and a 16-bit sketch, which are not corrupt.
+    """
+    from sketch2real.shards import load_index
+
+    root = tmp_path_factory.mktemp("bad") / "shards"
+    shutil.copytree(shard_dir, root)
+    entries = [e for e in load_index(root, "train")["shards"] if CATEGORY in e["categories"]]
+    cat_keys = [(e["name"], k) for e in entries for k, c in zip(e["keys"], e["categories"]) if c == CATEGORY]
+    assert len(cat_keys) >= 8 and len(entries) >= 2, "the synthetic release changed: adapt the corpus"
+    (_, garbage), (_, empty), (_, bomb), (_, transparent), (_, cmyk), (_, deep) = cat_keys[:6]
+    first = {n for n, _ in cat_keys[:6]}
+    for name in first:
+        replace = {}
+        for shard, key in cat_keys[:6]:
+            if shard != name:
+                continue
+            replace.update({
+                garbage: {f"{key}.sketch.png": b"\x89PNG not really" * 7},
+                empty: {f"{key}.sketch.png": b""},
+                bomb: {f"{key}.sketch.png": _bomb()},
+                transparent: {f"{key}.sketch.png": _transparent_sketch()},
+                cmyk: {f"{key}.photo.jpg": _cmyk_jpeg()},
+                deep: {f"{key}.sketch.png": _sixteen_bit()},
+            }[key])
+        _rewrite(root / name, replace)
+    expected = {f"{shard}:{key}" for shard, key in cat_keys[:3]}
+    # Truncate the last shard holding cats in the middle of its last cat sample's photo.
+    last_shard, last_key = cat_keys[-1]
+    assert last_shard not in first
+    with tarfile.open(root / last_shard) as tar:
+        infos = tar.getmembers()
+    cut = next(i for i in infos if i.name == f"{last_key}.photo.jpg").offset_data + 10
+    lost = {i.name.split(".")[0] for i in infos if i.offset_data + i.size > cut}
+    data = (root / last_shard).read_bytes()
+    (root / last_shard).write_bytes(data[:cut])
+    expected |= {f"{last_shard}:{k}" for s, k in cat_keys if s == last_shard and k in lost}
+    return root, expected, {"transparent": transparent, "cmyk": cmyk, "deep": deep}
+
+
+def test_the_one_decoder(bad_shards):
+    """Transparency on white, CMYK and 16 bits decoded right; bad bytes, empty files and bombs are `CorruptSample`s
+    naming where they are; a truncated shard's lost members are corrupt, the rest readable."""
+    from sketch2real.shards import CorruptSample, ShardSamples, decode_image
+
+    transparent = np.asarray(decode_image(_transparent_sketch(), None, False))
+    assert transparent[0, 0].tolist() == [255, 255, 255] and transparent[30, 31].tolist() == [0, 0, 0]
+    assert np.asarray(decode_image(_sixteen_bit(), None, False))[0, 0].tolist() == [128, 128, 128]
+    cyan = np.asarray(decode_image(_cmyk_jpeg(), None, False))[0, 0]
+    assert cyan[0] < 100 < cyan[1] and cyan[2] > 100
+    for data, reason in [(b"", "UnidentifiedImageError"), (b"\x89PNG junk", "UnidentifiedImageError"), (_bomb(), "over the limit")]:
+        with pytest.raises(CorruptSample, match=reason) as error:
+            decode_image(data, 64, True, "shard-0.tar:cat/x")
+        assert error.value.where == "shard-0.tar:cat/x" and "\n" not in str(error.value)
+    root, expected, _ = bad_shards
+    samples = ShardSamples(root, "train", categories=[CATEGORY], resolution=16)
+    bad = set()
+    for i in range(len(samples)):
+        try:
+            samples.read(i)
+        except CorruptSample as err:
+            bad.add(err.where)
+    assert bad == expected
+
+
+def test_trainers_skip_and_count_corrupt_samples_and_resume_exactly(bad_shards, tiny_models, tmp_path):
+    """DreamBooth on the bad corpus: runs, reports exactly the corrupt keys, and the substitution is a function of
+    the step: a resume across it is bit-identical, and 2 DDP processes agree with 1."""
+    root, expected, _ = bad_shards
+    args = ["--pretrained_model_name_or_path", tiny_models.sd, "--shard_dir", root, "--instance_category", CATEGORY,
+            "--instance_prompt", "a sks sketch of a cat", "--resolution", "32", "--learning_rate", "1e-3",
+            "--validation_steps", "0", "--report_to", "none", "--max_train_steps", "4", "--num_heldout_samples", "0"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    proc = run_script("train/dreambooth.py", *args, "--output_dir", straight, "--checkpointing_steps", "2",
+                      "--train_batch_size", "2")
+    metrics = json.loads((straight / "metrics.json").read_text())
+    assert set(metrics["corrupt_samples"]["keys"]) == expected and metrics["corrupt_samples"]["count"] == len(expected)
+    assert "Traceback" not in proc.stderr
+    assert all(f"corrupt sample {where} (" in proc.stderr for where in expected)  # one line each, shard and key
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+    run_script("train/dreambooth.py", *args, "--output_dir", resumed, "--checkpointing_steps", "2", "--train_batch_size", "2",
+               "--resume_from_checkpoint", "latest")
+    a, b = weights(straight / "unet"), weights(resumed / "unet")
+    assert a and all(torch.equal(a[k], b[k]) for k in a)
+    two = tmp_path / "two"
+    launch("train/dreambooth.py", *args, "--output_dir", two, "--train_batch_size", "1")
+    assert set(json.loads((two / "metrics.json").read_text())["corrupt_samples"]["keys"]) == expected
+    assert relative_difference(a, weights(two / "unet"), weights(tiny_models.sd / "unet")) < 1e-2
+
+
+def test_controlnet_pairs_with_a_corrupt_half_are_replaced_whole_in_workers(bad_shards, tiny_models, tmp_path):
+    """ControlNet reads sketch and photo through DataLoader workers: the corrupt pairs met in the workers reach
+    metrics.json, and the run is the same with 0 and 2 workers."""
+    root, expected, _ = bad_shards
+    args = ["--pretrained_model_name_or_path", tiny_models.sd, "--shard_dir", root, "--categories", CATEGORY,
+            "--resolution", "32", "--learning_rate", "1e-3", "--validation_steps", "0", "--checkpointing_steps", "0",
+            "--report_to", "none", "--max_train_steps", "6", "--train_batch_size", "4", "--num_heldout_samples", "0",
+            "--cache_latents", "false"]
+    runs = {}
+    for workers in ("0", "2"):
+        out = tmp_path / f"w{workers}"
+        run_script("train/controlnet.py", *args, "--output_dir", out, "--dataloader_num_workers", workers)
+        runs[workers] = weights(out)
+        assert set(json.loads((out / "metrics.json").read_text())["corrupt_samples"]["keys"]) == expected
+    assert all(torch.equal(runs["0"][k], runs["2"][k]) for k in runs["0"])
+
+
+def test_eval_generate_and_caption_finish_and_count(bad_shards, tiny_models, tmp_path):
+    """Eval scores around unreadable references (pairing included) and writes metrics.json; generation's mosaics
+    leave a corrupt sketch's cell empty and exit 0; captioning a truncated shard says how many it skipped."""
+    root, expected, _ = bad_shards
+    gen = tmp_path / "gen"
+    run_script("infer/generate.py", "--pretrained_model_name_or_path", tiny_models.sd, "--shard_dir", root, "--split", "train",
+               "--categories", CATEGORY, "--height", "32", "--width", "32", "--num_inference_steps", "2",
+               "--prompt_template", "a photo of a {category}", "--output_dir", gen, "--batch_size", "8")
+    generated = json.loads((gen / "metrics.json").read_text())
+    assert (gen / "mosaics" / "overview.png").is_file()
+    assert set(generated["corrupt_samples"]["keys"]) <= expected and generated["corrupt_samples"]["count"] >= 1
+    run_script("eval/fid.py", "--generated", f"gen={gen}", "--reference_shards", root, "--reference_split", "train",
+               "--reference_field", "sketch", "--categories", CATEGORY, "--dims", "64", "--no_cache", "--batch_size", "4",
+               "--output_dir", tmp_path / "fid")
+    report = json.loads((tmp_path / "fid" / "metrics.json").read_text())
+    reference_name = report["reference"]["name"]
+    assert {k.split(":", 1)[1] for k in report["corrupt_samples"]["keys"]} == {w.split(":", 1)[1] for w in expected}
+    assert all(k.startswith(f"{reference_name}:") for k in report["corrupt_samples"]["keys"])
+    corrupt_keys = {w.split(":", 1)[1] for w in expected}
+    rows = [json.loads(line) for line in (gen / "index.jsonl").read_text().splitlines()]
+    assert report["sets"]["gen"]["pairing"]["pairs"] == sum(r["sample_key"] not in corrupt_keys for r in rows)
+    proc = run_script("infer/caption.py", "--model_name_or_path", tiny_models.blip2, "--shard_dir", root, "--split", "train",
+                      "--categories", CATEGORY, "--max_new_tokens", "4", "--batch_size", "4", "--num_workers", "0",
+                      "--prompts", "1", "--output_dir", tmp_path / "cap")
+    captioned = {json.loads(line)["key"] for line in (tmp_path / "cap" / "captions.jsonl").read_text().splitlines()}
+    counted = json.loads((tmp_path / "cap" / "metrics.json").read_text())["corrupt_samples"]
+    assert set(counted["keys"]) == expected and f"{len(expected)} corrupt images skipped" in proc.stdout
+    assert not captioned & {w.split(":", 1)[1] for w in expected}
+
+
+def test_colliding_keys_in_a_release_are_one_line(tmp_path):
+    from sketch2real.synthetic import make_synthetic_sketchy
+
+    root = tmp_path / "sketchy"
+    make_synthetic_sketchy(root, photos_per_category=2, sketches_per_photo=1, size=32, seed=0)
+    photos = sorted((root / "rendered_256x256/256x256/photo/tx_000000000000/cat").glob("*.jpg"))
+    sketch_dir = root / "rendered_256x256/256x256/sketch/tx_000000000000/cat"
+    stem = photos[0].stem
+    assert "_" in stem, stem
+    dotted = stem.replace("_", ".", 1)  # `a.b` and `a_b` become one key
+    shutil.copy(photos[0], photos[0].with_name(f"{dotted}.jpg"))
+    shutil.copy(next(sketch_dir.glob(f"{stem}-*.png")), sketch_dir / f"{dotted}-1.png")
+    proc = run_script("data_prep/build_splits.py", "--sketchy_root", root, "--output_dir", tmp_path / "splits", check=False)
+    assert proc.returncode == 2 and "give the same sample key" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------------------- checkpoints
+
+
+@pytest.fixture(scope="module")
+def checkpointed(tiny_models, shard_dir, tmp_path_factory) -> tuple[list, Path]:
+    """A 6-step LoRA DreamBooth run with checkpoints at 2 and 4 (its args, its folder)."""
+    args = ["--pretrained_model_name_or_path", tiny_models.sd, "--shard_dir", shard_dir, "--instance_category", CATEGORY,
+            "--instance_prompt", "a sks sketch of a cat", "--resolution", "32", "--learning_rate", "1e-3", "--lora_rank", "4",
+            "--validation_steps", "0", "--report_to", "none", "--max_train_steps", "6", "--checkpointing_steps", "2",
+            "--num_heldout_samples", "0", "--lr_scheduler", "cosine"]
+    out = tmp_path_factory.mktemp("ckpt") / "straight"
+    run_script("train/dreambooth.py", *args, "--output_dir", out)
+    return args, out
+
+
+def _resume_with(args, straight: Path, tmp_path: Path, damage) -> subprocess.CompletedProcess:
+    out = tmp_path / "resumed"
+    out.mkdir()
+    for name in ("checkpoint-2", "checkpoint-4"):
+        shutil.copytree(straight / name, out / name)
+    damage(out / "checkpoint-4")
+    proc = run_script("train/dreambooth.py", *args, "--output_dir", out, "--resume_from_checkpoint", "latest")
+    assert "resumed from" in proc.stderr and "checkpoint-2" in proc.stderr.split("resumed from")[1].splitlines()[0]
+    a, b = weights(straight), weights(out)
+    assert a and all(torch.equal(a[k], b[k]) for k in a)  # fell back, and ended bit-identical to the straight run
+    return proc
+
+
+def test_a_planted_pickle_never_runs(checkpointed, tmp_path):
+    args, straight = checkpointed
+    marker = tmp_path / "PWNED"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    def plant(folder: Path) -> None:
+        torch.save({"step": Payload()}, folder / "custom_checkpoint_0.pkl")
+        rng = next(folder.glob("random_states_*.pkl"))
+        size = rng.stat().st_size
+        torch.save({"state": Payload()}, rng)  # a listed file replaced: unsafe globals inside
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest["files"][rng.name] = rng.stat().st_size  # even with a forged manifest
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        assert size
+
+    proc = _resume_with(args, straight, tmp_path, plant)
+    assert not marker.exists()
+    assert "refused" in proc.stderr
+
+
+def test_a_truncated_newest_checkpoint_falls_back(checkpointed, tmp_path):
+    args, straight = checkpointed
+
+    def truncate(folder: Path) -> None:
+        victim = max((p for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json"), key=lambda p: p.stat().st_size)
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+
+    proc = _resume_with(args, straight, tmp_path, truncate)
+    assert "is not intact" in proc.stderr
+
+
+def test_another_runs_checkpoints_stop_a_fresh_run_and_pruning_keeps_own(checkpointed, tmp_path):
+    args, straight = checkpointed
+    out = tmp_path / "shared"
+    out.mkdir()
+    shutil.copytree(straight / "checkpoint-4", out / "checkpoint-4")
+    proc = run_script("train/dreambooth.py", *args, "--output_dir", out, "--seed", "7", check=False)
+    assert proc.returncode == 2 and "holds checkpoints of another run" in proc.stderr and "seed: 0 there, 7 now" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    # The same run started afresh: its own older checkpoints are its own; pruning never removes the one just saved.
+    run_script("train/dreambooth.py", *args, "--output_dir", out, "--checkpoints_total_limit", "1")
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_partial_folder(tmp_path):
+    """save_state failing with ENOSPC: one line naming the folder and the space, `.partial` removed, older kept."""
+    import errno
+
+    from sketch2real.cli import UserError
+    from sketch2real.training.checkpoints import save_checkpoint
+
+    class FullDisk:
+        is_main_process, num_processes, state = True, 1, type("S", (), {"deepspeed_plugin": None})()
+
+        def wait_for_everyone(self):
+            pass
+
+        def save_state(self, folder, **kwargs):
+            Path(folder).mkdir(parents=True)
+            (Path(folder) / "model.safetensors").write_bytes(b"x" * 1000)
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    (tmp_path / "checkpoint-1").mkdir()
+    (tmp_path / "checkpoint-1" / "model.safetensors").write_bytes(b"y" * 4096)
+    with pytest.raises(UserError) as error:
+        save_checkpoint(FullDisk(), tmp_path, 2, 3, {})
+    message = str(error.value)
+    assert "no space left in" in message and str(tmp_path) in message and "GiB needed" in message and "\n" not in message
+    assert not (tmp_path / "checkpoint-2.partial").exists() and (tmp_path / "checkpoint-1").is_dir()
+
+
+# ------------------------------------------------------------------------------------------- keys, umask, signals
+
+
+def test_keys_from_data_never_leave_their_folder(tiny_models, tmp_path):
+    captions = tmp_path / "captions.jsonl"
+    rows = [{"key": "cat/ok_1-1", "caption": "a cat", "category": "cat", "prompt_id": 1},
+            {"key": "../../escaped", "caption": "a cat", "category": "cat", "prompt_id": 1}]
+    captions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "deep" / "gen"
+    proc = run_script("infer/generate.py", "--pretrained_model_name_or_path", tiny_models.sd, "--captions", captions,
+                      "--height", "32", "--width", "32", "--num_inference_steps", "1", "--output_dir", out, check=False)
+    assert proc.returncode == 2 and "refusing key '../../escaped" in proc.stderr and "Traceback" not in proc.stderr
+    assert not list(tmp_path.rglob("escaped*")) and not (out / "images").exists()
+    from sketch2real.cli import UserError
+    from sketch2real.io import key_path
+
+    for key in ["/etc/passwd", "a/../../b", "a\x00b", "", "a//b", "..", "a\\b"]:
+        with pytest.raises(UserError):
+            key_path(tmp_path, key, ".png")
+    assert key_path(tmp_path, "cat/n1_2-3", ".png") == tmp_path / "cat" / "n1_2-3.png"
+
+
+def test_outputs_respect_the_umask(checkpointed, tmp_path):
+    """Under umask 022 the atomic writer, saved pipelines and trained safetensors are 0644 (folders 0755)."""
+    from sketch2real.io import write_json
+    from sketch2real.models import save_pretrained_atomic
+
+    previous = os.umask(0o022)
+    try:
+        write_json(tmp_path / "m.json", {"a": 1})
+        from diffusers import UNet2DModel
+
+        save_pretrained_atomic(UNet2DModel(sample_size=8, block_out_channels=(8,), down_block_types=("DownBlock2D",),
+                                           up_block_types=("UpBlock2D",), norm_num_groups=4, layers_per_block=1), tmp_path / "model")
+    finally:
+        os.umask(previous)
+    _, straight = checkpointed  # trained under the test process's umask (022 here, as on clusters)
+    files = [tmp_path / "m.json", *(tmp_path / "model").rglob("*.safetensors"), straight / "pytorch_lora_weights.safetensors",
+             straight / "metrics.json", straight / "run_config.json"]
+    assert len(files) >= 5
+    assert {oct(p.stat().st_mode & 0o777) for p in files} == {"0o644"}, {p.name: oct(p.stat().st_mode & 0o777) for p in files}
+
+
+def _signal_when(cmd: list[str], ready, sig: int, timeout: float = 180) -> tuple[subprocess.Popen, float, str]:
+    """Start `cmd`, send `sig` once `ready()` holds; (process, seconds from signal to exit, stderr)."""
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + timeout
+    while not ready() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    proc.send_signal(sig)
+    sent = time.time()
+    _, stderr = proc.communicate(timeout=120)
+    return proc, time.time() - sent, stderr
+
+
+def test_signal_during_class_image_generation_requeues_and_keeps_images(tiny_models, shard_dir, tmp_path):
+    out, classes = tmp_path / "db", tmp_path / "classes"
+    cmd = [sys.executable, str(REPO / "train/dreambooth.py"), "--pretrained_model_name_or_path", str(tiny_models.sd),
+           "--shard_dir", str(shard_dir), "--instance_category", CATEGORY, "--resolution", "32", "--report_to", "none",
+           "--max_train_steps", "2", "--with_prior_preservation", "--class_prompt", "a sketch of a cat",
+           "--class_data_dir", str(classes), "--num_class_images", "60", "--sample_batch_size", "1",
+           "--class_inference_steps", "10", "--output_dir", str(out)]
+    proc, seconds, stderr = _signal_when(cmd, lambda: len(list(classes.glob("class-*.png"))) >= 2, signal.SIGUSR1)
+    assert proc.returncode == 75, stderr[-3000:]
+    assert (out / "PREEMPTED").is_file() and "preempted" in stderr and seconds < 30
+    kept = len(list(classes.glob("class-*.png")))
+    assert 2 <= kept < 60 and not list(out.glob("checkpoint-*"))
+
+
+def test_signal_during_latent_caching_requeues_before_training(tiny_models, shard_dir, tmp_path):
+    out = tmp_path / "cn"
+    cmd = [sys.executable, str(REPO / "train/controlnet.py"), "--pretrained_model_name_or_path", str(tiny_models.sd),
+           "--shard_dir", str(shard_dir), "--resolution", "64", "--report_to", "none", "--validation_steps", "0",
+           "--max_train_steps", "400", "--train_batch_size", "8", "--dataloader_num_workers", "0",
+           "--num_heldout_samples", "0", "--output_dir", str(out)]
+    log = tmp_path / "stderr.txt"
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=open(log, "w"), text=True)
+    deadline = time.time() + 180
+    while "caching latents" not in (log.read_text() if log.exists() else "") and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    sent = time.time()
+    proc.wait(timeout=120)
+    stderr = log.read_text()
+    assert proc.returncode == 75, stderr[-3000:]
+    assert time.time() - sent < 30 and (out / "PREEMPTED").is_file()
+    assert not list(out.glob("checkpoint-*")) and not (out / "metrics.json").exists()  # stopped before step 1

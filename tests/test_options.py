@@ -1,0 +1,445 @@
+"""Options of every script: config files parsed exactly like flags, declared ranges and choices, one-line errors,
+usable output folders. Fast and in-process: no model is loaded."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import io
+import json
+import math
+import os
+import re
+import sys
+import typing
+from functools import cache
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from sketch2real.cli import (
+    RANGE_KEYS,
+    UserError,
+    _base_type,
+    _is_optional,
+    build_parser,
+    check_option_values,
+    check_output_dir,
+    option_problem,
+    parse_options,
+    run_main,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = ("infer/caption.py", "infer/generate.py", "eval/fid.py", "data_prep/build_splits.py", "data_prep/make_shards.py",
+           "data_prep/make_synthetic_sketchy.py")
+CLASSES = ("TrainOptions", "DreamBoothOptions", "TextualInversionOptions", "SequentialOptions", "ControlNetOptions",
+           "tiny", *SCRIPTS)
+
+
+def _script(rel: str):
+    """A script under infer/, eval/ or data_prep/ imported from its path (its `main` is not run)."""
+    name = "s2r_script_" + re.sub(r"\W", "_", rel[:-3])
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / rel)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while the class is built
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@cache
+def options_class(key: str) -> type:
+    if key in SCRIPTS:
+        return _script(key).Options
+    if key == "tiny":
+        from sketch2real.tiny import Options
+
+        return Options
+    from sketch2real.training import controlnet, dreambooth, options, sequential, textual_inversion
+
+    return {"TrainOptions": options.TrainOptions, "DreamBoothOptions": dreambooth.DreamBoothOptions,
+            "TextualInversionOptions": textual_inversion.TextualInversionOptions,
+            "SequentialOptions": sequential.SequentialOptions, "ControlNetOptions": controlnet.ControlNetOptions}[key]
+
+
+@cache
+def _field_kinds(cls: type) -> dict[str, tuple[dataclasses.Field, type, bool, bool]]:
+    """name -> (field, scalar type, is_list, is_optional)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: (f, *_base_type(hints[f.name]), _is_optional(hints[f.name])) for f in dataclasses.fields(cls)}
+
+
+def _required_argv(cls: type, skip: str = "") -> list[str]:
+    """Flags giving every option without a default (all of them strings) a value, except `skip`."""
+    argv = []
+    for f in dataclasses.fields(cls):
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name != skip:
+            argv += [f"--{f.name}", "placeholder"]
+    return argv
+
+
+def _text(value) -> str:
+    """A value as a user types it on the command line."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _argv_tokens(value) -> list[str]:
+    if isinstance(value, list):
+        return [_text(v) for v in value]
+    return [_text(value)]
+
+
+@dataclasses.dataclass
+class Outcome:
+    value: typing.Any = None
+    error: str | None = None  # one-line message (argparse's stderr or the UserError)
+    kind: str = ""  # "exit" (SystemExit 2) or "user" (UserError)
+
+
+def _parse(cls: type, argv: list[str], name: str) -> Outcome:
+    """Parse; any exception other than SystemExit(2) or UserError fails the test (it propagates)."""
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            opts = parse_options(cls, argv)
+    except SystemExit as stop:
+        assert stop.code == 2, (argv, stop.code, stderr.getvalue())
+        lines = stderr.getvalue().splitlines()
+        assert len(lines) == 1, (argv, stderr.getvalue())
+        return Outcome(error=lines[0], kind="exit")
+    except UserError as err:
+        assert len(str(err).splitlines()) == 1, (argv, str(err))
+        return Outcome(error=str(err), kind="user")
+    return Outcome(value=getattr(opts, name))
+
+
+def _via_argv(cls: type, name: str, value) -> Outcome:
+    return _parse(cls, [*_required_argv(cls), f"--{name}", *_argv_tokens(value)], name)
+
+
+def _via_config(cls: type, name: str, value, folder: Path, fmt: str = "json") -> tuple[Outcome, Path]:
+    file = folder / f"options.{fmt}"
+    data = {name: value}
+    file.write_text(json.dumps(data) if fmt == "json" else yaml.safe_dump(data))
+    return _parse(cls, [*_required_argv(cls, skip=name), "--config", str(file)], name), file
+
+
+def _assert_well_typed(cls: type, name: str, outcome: Outcome) -> None:
+    """A parsed value has the field's type and lies in its declared range."""
+    field, scalar, is_list, optional = _field_kinds(cls)[name]
+    value = outcome.value
+    if value is None:
+        assert optional, (name, value)
+        return
+    items = value if is_list else [value]
+    assert isinstance(value, list) == is_list, (name, value)
+    assert all(type(v) is scalar for v in items), (name, value)
+    assert option_problem(field, value) is None, (name, value)
+
+
+def _check_config_outcome(cls: type, name: str, outcome: Outcome, file: Path) -> None:
+    if outcome.error is None:
+        _assert_well_typed(cls, name, outcome)
+    else:  # a config file's mistakes name the file and the option, in one line
+        assert outcome.kind == "user", outcome
+        assert name in outcome.error and str(file) in outcome.error, outcome.error
+
+
+def _check_argv_outcome(cls: type, name: str, outcome: Outcome) -> None:
+    if outcome.error is None:
+        _assert_well_typed(cls, name, outcome)
+    elif outcome.kind == "user":  # parsed, but outside the declared range
+        assert f"--{name}" in outcome.error, outcome.error
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_parser_per_class():
+    """Thousands of parses below: build each class's parser once (`build_parser` is a pure function of the class;
+    `parse_options` still uses the one parser for flags and config values)."""
+    import sketch2real.cli as cli
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cli, "build_parser", cache(cli.build_parser))
+        yield
+
+
+# --- (a) config values behave as flags ---------------------------------------------------------------------------
+
+
+def _db():
+    return options_class("DreamBoothOptions")
+
+
+def test_config_values_are_converted_like_flags(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text('use_8bit_adam: "false"\ncache_latents: "false"\nscale_lr: "yes"\nvalidation_prompt: a cat\n'
+                      "learning_rate: 1e-4\ncheckpoints_total_limit: null\ninstance_prompt: -x sketch\nmixed_precision: no\n"
+                      "allow_tf32: on\n")
+    opts = parse_options(_db(), ["--config", str(config)])
+    assert opts.use_8bit_adam is False and opts.cache_latents is False and opts.scale_lr is True and opts.allow_tf32 is True
+    assert opts.mixed_precision == "no"  # YAML 1.1 would read `no` as false
+    assert opts.validation_prompt == ["a cat"]  # a scalar for a list option: one element, not five letters
+    assert opts.learning_rate == 1e-4 and isinstance(opts.learning_rate, float)  # YAML reads 1e-4 as a string
+    assert opts.checkpoints_total_limit is None and opts.instance_prompt == "-x sketch"
+    flags = parse_options(_db(), ["--use_8bit_adam", "false", "--cache_latents", "false", "--scale_lr", "yes",
+                                  "--validation_prompt", "a cat", "--learning_rate", "1e-4", "--instance_prompt=-x sketch",
+                                  "--mixed_precision", "no", "--allow_tf32", "on"])
+    assert {k: v for k, v in dataclasses.asdict(flags).items() if k != "checkpoints_total_limit"} == \
+           {k: v for k, v in dataclasses.asdict(opts).items() if k != "checkpoints_total_limit"}
+
+
+def test_command_line_flags_override_the_config(tmp_path):
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"max_train_steps": 3, "validation_prompt": ["a", "b"], "cache_latents": False}))
+    opts = parse_options(_db(), ["--config", str(config), "--max_train_steps", "5", "--cache_latents"])
+    assert opts.max_train_steps == 5 and opts.validation_prompt == ["a", "b"] and opts.cache_latents is True
+    assert parse_options(_db(), ["--validation_prompt", "a", "b"]).validation_prompt == ["a", "b"]
+
+
+def test_bad_config_value_exits_2_with_one_line_naming_option_and_file(tmp_path, monkeypatch, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text('max_train_steps: "two"\n')
+    monkeypatch.setattr(sys, "argv", ["dreambooth.py", "--config", str(config)])
+    with pytest.raises(SystemExit) as stop:
+        run_main(lambda: parse_options(_db()))
+    assert stop.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and "max_train_steps" in lines[0] and str(config) in lines[0] and "'two'" in lines[0], lines
+
+
+@pytest.mark.parametrize("content, words", [
+    ("resolution: {a: 1}\n", ["resolution", "mapping"]),
+    ("resolution: [64, 128]\n", ["resolution", "a list"]),
+    ("use_8bit_adam: [true]\n", ["use_8bit_adam", "a list"]),
+    ("resolution: null\n", ["resolution", "null"]),
+    ("validation_prompt: [a, [b]]\n", ["validation_prompt"]),
+    ("validation_prompt: {a: b}\n", ["validation_prompt", "mapping"]),
+    ("use_8bit_adam: maybe\n", ["use_8bit_adam", "'maybe'"]),
+    ("checkpointing_steps: -1\n", ["--checkpointing_steps", "at least 0"]),
+    ("learning_rate: .nan\n", ["--learning_rate", "finite"]),
+    ("lr_scheduler: bogus\n", ["--lr_scheduler", "'bogus'"]),
+    ("no_such_option: 1\n", ["no_such_option"]),
+    ('"two\\nlines": 1\n', ["two\\nlines"]),
+    ("resolution: [unclosed\n", ["cannot read"]),
+    ("- just\n- a list\n", ["mapping"]),
+])
+def test_config_mistakes_are_one_line_user_errors(tmp_path, content, words):
+    config = tmp_path / "run.yaml"
+    config.write_text(content)
+    with pytest.raises(UserError) as err:
+        parse_options(_db(), ["--config", str(config)])
+    message = str(err.value)
+    assert len(message.splitlines()) == 1 and str(config) in message and all(w in message for w in words), message
+
+
+# --- ranges and choices: declared for every numeric option, checked for flags and config alike --------------------
+
+
+def test_every_script_is_covered():
+    """Every entry script's options class is in CLASSES (so the properties below cover it)."""
+    found = {str(p.relative_to(REPO)) for d in ("infer", "eval", "data_prep") for p in (REPO / d).glob("*.py")
+             if "parse_options(" in p.read_text()}
+    assert found == set(SCRIPTS)
+    trainers = {p.name for p in (REPO / "train").glob("*.py") if "parse_options(" in p.read_text()}
+    assert trainers == {"dreambooth.py", "dreambooth_sequential.py", "textual_inversion.py", "controlnet.py"}
+
+
+@pytest.mark.parametrize("key", CLASSES)
+def test_every_numeric_option_declares_a_range_and_defaults_lie_in_it(key):
+    cls = options_class(key)
+    for name, (field, scalar, _, _) in _field_kinds(cls).items():
+        if scalar in (int, float):
+            assert any(k in field.metadata for k in RANGE_KEYS), f"{key}: --{name} has no range"
+    check_option_values(cls(**{f.name: "placeholder" for f in dataclasses.fields(cls)
+                               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}))
+
+
+def _out_of_range(field: dataclasses.Field, scalar: type) -> list:
+    """Values of the right type that the field's declared range rejects."""
+    meta, bad = field.metadata, []
+    if "choices" in meta:
+        bad.append("not-a-choice" if scalar is str else max(meta["choices"]) + 1)
+    if "min" in meta:
+        bad.append(meta["min"] - (1 if scalar is int else 0.5))
+    if "min_exclusive" in meta:
+        bad.append(scalar(meta["min_exclusive"]))
+    if "max" in meta:
+        bad.append(meta["max"] + 1)
+    if "max_exclusive" in meta:
+        bad.append(scalar(meta["max_exclusive"]))
+    if "multiple_of" in meta:
+        bad.append(max(meta.get("min", 0), meta["multiple_of"]) + 1)
+    if scalar is float and any(k in meta for k in ("min", "min_exclusive", "max", "max_exclusive")):
+        bad += [math.nan, math.inf]
+    return bad
+
+
+@pytest.mark.parametrize("key", CLASSES)
+def test_out_of_range_values_are_rejected_naming_the_option(key, tmp_path):
+    cls = options_class(key)
+    checked = 0
+    for name, (field, scalar, is_list, _) in _field_kinds(cls).items():
+        for value in _out_of_range(field, scalar):
+            given = [value] if is_list else value
+            by_flag = _via_argv(cls, name, given)
+            by_config, file = _via_config(cls, name, given, tmp_path)
+            assert by_flag.kind == "user" and f"--{name}" in by_flag.error, (name, value, by_flag)
+            assert by_config.kind == "user" and f"--{name}" in by_config.error and str(file) in by_config.error, by_config
+            checked += 1
+    assert checked or key == "tiny" or not any(s in (int, float) for _, s, _, _ in _field_kinds(cls).values())
+
+
+HOSTILE = ["", "garbage", "--x", "nan", "-1", "１２", "9" * 5000, "line\nbreak", {"a": 1}, [1, "b\x0cc"], [], [None], None,
+           math.nan, -math.inf, -1, 10**30, -0.5, True]
+
+
+@pytest.mark.parametrize("key", CLASSES)
+def test_every_option_survives_hostile_values(key, tmp_path):
+    """Each option x each hostile value, as a flag and in a (JSON or YAML) config: parsed and well typed, or one line.
+    Options inherited unchanged from another class in CLASSES are swept there."""
+    cls = options_class(key)
+    inherited = {id(f) for base in cls.__mro__[1:] if dataclasses.is_dataclass(base) for f in dataclasses.fields(base)}
+    for name, (field, *_) in _field_kinds(cls).items():
+        if id(field) in inherited:
+            continue
+        for i, value in enumerate(HOSTILE):
+            _check_argv_outcome(cls, name, _via_argv(cls, name, value))
+            outcome, file = _via_config(cls, name, value, tmp_path, "json" if i % 2 else "yaml")
+            _check_config_outcome(cls, name, outcome, file)
+
+
+_scalars = st.one_of(
+    st.text(max_size=12), st.integers(min_value=-10**20, max_value=10**20), st.floats(), st.booleans(), st.none(),
+    st.sampled_from(["nan", "inf", "-inf", "0", "-0", "1_000", " 7 ", "true", "off", "", "--x", "-1.5", "1e-3", "８"]),
+)
+_values = st.one_of(_scalars, st.lists(_scalars, max_size=3), st.dictionaries(st.text(max_size=4), _scalars, max_size=2))
+PROPERTY = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.mark.parametrize("key", CLASSES)
+@PROPERTY
+@given(data=st.data(), value=_values, fmt=st.sampled_from(["json", "yaml"]))
+def test_property_any_value_parses_or_fails_in_one_line(key, tmp_path, data, value, fmt):
+    cls = options_class(key)
+    name = data.draw(st.sampled_from(sorted(_field_kinds(cls))), label="option")
+    _check_argv_outcome(cls, name, _via_argv(cls, name, value))
+    outcome, file = _via_config(cls, name, value, tmp_path, fmt)
+    _check_config_outcome(cls, name, outcome, file)
+
+
+def _argv_safe(token: str) -> bool:
+    """argparse reads a token starting with '-' as a flag unless it looks like a negative number."""
+    return not token.startswith("-") or re.fullmatch(r"-\d+|-\d*\.\d+", token) is not None
+
+
+_typed = st.one_of(st.text(max_size=10), st.integers(min_value=-10**12, max_value=10**12), st.floats(allow_nan=False),
+                   st.booleans(), st.sampled_from(["yes", "0", "1.5", "64", "sketch", "cosine", "fp16", ""]))
+
+
+@pytest.mark.parametrize("key", CLASSES)
+@PROPERTY
+@given(data=st.data())
+def test_property_config_gives_what_the_same_flags_give(key, tmp_path, data):
+    """A value typed as a flag and written in a config file: the same option value, or both rejected."""
+    cls = options_class(key)
+    name = data.draw(st.sampled_from(sorted(_field_kinds(cls))), label="option")
+    _, _, is_list, _ = _field_kinds(cls)[name]
+    value = data.draw(st.lists(_typed, max_size=3) if is_list else _typed, label="value")
+    assume(all(_argv_safe(t) for t in _argv_tokens(value)))
+    by_flag = _via_argv(cls, name, value)
+    by_config, _ = _via_config(cls, name, value, tmp_path, data.draw(st.sampled_from(["json", "yaml"])))
+    assert (by_flag.error is None) == (by_config.error is None), (name, value, by_flag, by_config)
+    assert by_flag.value == by_config.value, (name, value, by_flag, by_config)
+
+
+def test_cross_option_checks_stay_in_check():
+    """get_scheduler's polynomial schedule decays to 1e-7 and raises ValueError for a learning rate at or below it."""
+    base = ["--pretrained_model_name_or_path", "m", "--output_dir", "o", "--lr_scheduler", "polynomial"]
+    with pytest.raises(UserError, match="--learning_rate must be larger"):
+        parse_options(options_class("TrainOptions"), [*base, "--learning_rate", "1e-8"]).check()
+    parse_options(options_class("TrainOptions"), [*base, "--learning_rate", "1e-6"]).check()
+
+
+# --- (c) --help shows the ranges -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key, expected", [
+    ("DreamBoothOptions", ["--resolution RESOLUTION training resolution in pixels [default: 512; >= 8, multiple of 8]",
+                           "[default: 5e-06; > 0]", "[default: 500; >= 0]", "AdamW beta2 [default: 0.999; in [0, 1)]",
+                           "one of linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup",
+                           "[default: tensorboard; one of tensorboard, wandb, all, none]"]),
+    ("infer/generate.py", ["image height in pixels [default: 512; >= 8, multiple of 8]", "denoising steps [default: 50; >= 1]",
+                           "one of '', pndm, ddim, dpm++, euler, euler_a, unipc", "[default: 7.5; >= 0]"]),
+    ("eval/fid.py", ["[default: 2048; one of 64, 192, 768, 2048]", "[default: ['fid', 'kid']; any of fid, kid"]),
+    ("data_prep/build_splits.py", ["[default: 0.1; in [0, 1)]", "any of error, ambiguous, pose, context"]),
+])
+def test_help_shows_ranges_and_choices(key, expected):
+    text = " ".join(build_parser(options_class(key)).format_help().split())
+    for piece in expected:
+        assert piece in text, piece
+
+
+# --- (d) output folders --------------------------------------------------------------------------------------------
+
+
+def test_output_dir_is_created_with_its_parents(tmp_path):
+    assert check_output_dir(str(tmp_path / "a" / "b")) == tmp_path / "a" / "b"
+    assert (tmp_path / "a" / "b").is_dir() and not list((tmp_path / "a" / "b").iterdir())  # the probe file is gone
+
+
+@pytest.mark.parametrize("where, words", [("file", "exists and is not a folder"), ("file/sub", "cannot create the folder"),
+                                          ("", "is required")])
+def test_unusable_output_dir_is_one_line(tmp_path, where, words):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError) as err:
+        check_output_dir(str(tmp_path / where) if where else "", "--out")
+    assert len(str(err.value).splitlines()) == 1 and words in str(err.value) and "--out" in str(err.value), str(err.value)
+
+
+def test_unwritable_output_dir_is_one_line(tmp_path, monkeypatch):
+    """Root writes through permission bits, so the write probe is made to fail as on a read-only mount."""
+    import sketch2real.cli as cli
+
+    def refuse(**kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(cli.tempfile, "mkstemp", refuse)
+    with pytest.raises(UserError, match=r"^--output_dir .* is not writable \(Read-only file system\)$"):
+        check_output_dir(str(tmp_path / "out"))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permission bits")
+def test_read_only_output_dir_is_one_line(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir(mode=0o500)
+    with pytest.raises(UserError, match="is not writable"):
+        check_output_dir(str(folder))
+
+
+@pytest.mark.parametrize("rel, extra", [("data_prep/make_synthetic_sketchy.py", []),
+                                        ("data_prep/make_shards.py", ["--splits_dir", "s", "--sketchy_root", "r"])])
+def test_script_with_a_file_as_output_dir_exits_2_in_one_line(tmp_path, monkeypatch, capsys, rel, extra):
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setattr(sys, "argv", [rel, *extra, "--output_dir", str(tmp_path / "file")])
+    with pytest.raises(SystemExit) as stop:
+        run_main(_script(rel).main)
+    lines = capsys.readouterr().err.splitlines()
+    assert stop.value.code == 2 and len(lines) == 1 and "--output_dir" in lines[0] and "not a folder" in lines[0], lines
+
+
+def test_trainers_check_the_output_dir_before_anything_else(tmp_path, monkeypatch):
+    from sketch2real.training.accelerator import make_accelerator
+
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    (tmp_path / "file").write_text("x")
+    opts = parse_options(_db(), ["--pretrained_model_name_or_path", "m", "--output_dir", str(tmp_path / "file" / "run"),
+                                 "--shard_dir", "s", "--mixed_precision", "no"])
+    with pytest.raises(UserError, match="--output_dir .*cannot create the folder"):
+        make_accelerator(opts)

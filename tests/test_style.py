@@ -1,0 +1,215 @@
+"""Style measured: the sketchiness probe, CSD style similarity, content kept beside them, the style-content chart and
+verdicts, on tiny models and the synthetic Sketchy (grey strokes on white vs coloured shapes on tinted backgrounds)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from .conftest import run_script
+
+
+@pytest.fixture(scope="module")
+def tiny_csd(tmp_path_factory):
+    from sketch2real.tiny import build_tiny_csd
+
+    return build_tiny_csd(tmp_path_factory.mktemp("tiny-csd"))
+
+
+@pytest.fixture(scope="module")
+def test_folders(shard_dir, tmp_path_factory):
+    """The test split's photos and its sketches as generated folders (index.jsonl with categories)."""
+    from sketch2real.metrics import open_images, shard_set
+
+    root = tmp_path_factory.mktemp("style-sets")
+    for field in ("photo", "sketch"):
+        images = shard_set(str(shard_dir), "test", field)
+        folder = root / field
+        folder.mkdir()
+        rows = []
+        for i, (image, category) in enumerate(zip(open_images(images.sources), images.categories)):
+            image.save(folder / f"{i:03d}.png")
+            rows.append(json.dumps({"key": f"{i:03d}", "image": f"{i:03d}.png", "category": category}))
+        (folder / "index.jsonl").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def _metrics(folder) -> dict:
+    return json.loads((folder / "metrics.json").read_text())
+
+
+def test_style_metrics_end_to_end(tiny_models, tiny_csd, shard_dir, test_folders, tmp_path):
+    """Reference: the val sketches; generated: the test photos and the test sketches. The probe (fitted on the train
+    split's pairs) must call the sketches sketches and the photos photos; CSD must put the sketches nearer the
+    sketch prototype; every number is where metrics.json promises it, the chart has a point per set and the
+    reference, the probe is cached, and the reported CSD and sketchiness equal a computation by hand."""
+    from accelerate import PartialState
+
+    from sketch2real.evaluation import features_of
+    from sketch2real.extractors import clip_extractor, csd_extractor
+    from sketch2real.metrics import LinearProbe, folder_set, shard_set
+
+    args = ["--generated", f"photos={test_folders / 'photo'}", f"sketches={test_folders / 'sketch'}", "--reference_shards",
+            shard_dir, "--reference_split", "val", "--reference_field", "sketch", "--metrics", "sketchiness", "csd",
+            "--clip_model_name_or_path", tiny_models.clip, "--csd_model_name_or_path", tiny_csd, "--cache_dir",
+            tmp_path / "cache", "--batch_size", "8", "--num_workers", "0"]
+    proc = run_script("eval/fid.py", *args, "--output_dir", tmp_path / "one")
+    report = _metrics(tmp_path / "one")
+    photos, sketches = report["sets"]["photos"], report["sets"]["sketches"]
+
+    # style: the probe separates the synthetic sketches from the photos, with room to spare
+    probe = report["sketchiness_probe"]
+    assert probe["heldout_accuracy"] >= 0.9 and probe["n_heldout"] >= 6 and probe["n_train"] >= 20, probe
+    assert probe["split"] == "train" and probe["features"] == "clip" and probe["cache_hit"] is False
+    assert sketches["sketchiness"] - photos["sketchiness"] > 0.5, (sketches["sketchiness"], photos["sketchiness"])
+    assert photos["sketchiness_ci95"][1] < sketches["sketchiness_ci95"][0]
+    assert sketches["csd"] > photos["csd"]
+    assert report["style_content"]["sketches"]["style"] == "yes"
+    assert report["style_content"]["photos"]["style"] == "no (photo-like)"
+
+    # metrics.json schema: value and interval per set, per category, and for the reference (the chart's anchor)
+    for result in (photos, sketches, report["reference"]):
+        for key in ("sketchiness", "csd", "clip_accuracy"):
+            low, high = result[f"{key}_ci95"]
+            assert low <= result[key] <= high or key == "csd", (key, result[key], low, high)  # CSD's is bias-corrected
+    categories = set(shard_set(str(shard_dir), "val", "sketch").categories) & set(folder_set(str(test_folders / "photo")).categories)
+    assert categories and set(photos["per_category"]) == categories
+    for values in photos["per_category"].values():
+        assert {"sketchiness", "sketchiness_ci95", "csd", "csd_ci95", "clip_accuracy", "clip_accuracy_ci95"} <= set(values)
+    assert set(report["style_content"]) == {"photos", "sketches"}
+    assert all({"style", "content", "answer"} <= set(v) for v in report["style_content"].values())
+    assert "clip_accuracy" in report["metrics"]  # content kept comes with style
+
+    # the chart: both panels, a point for the reference and each set
+    chart = tmp_path / "one" / "style_content.png"
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and chart.stat().st_size > 5000
+    points = report["style_content_chart"]
+    assert len(points) == 2 * 3 and {p["panel"] for p in points} == {"sketchiness", "csd"}
+    assert sorted(p["name"] for p in points if p["panel"] == "csd") == sorted(["photos", "sketches", "reference: val sketchs"])
+    text = (tmp_path / "one" / "report.md").read_text()
+    assert "did it learn the sketch style, and keep the content?" in text and "style_content.png" in text
+    assert "learned the sketch style" in proc.stdout
+
+    # the numbers by hand: CSD = mean cosine to the normalised mean of the normalised reference embeddings;
+    # sketchiness = mean probability of the saved probe on CLIP features
+    state = PartialState()
+    reference = shard_set(str(shard_dir), "val", "sketch")
+    sets = {name: folder_set(str(test_folders / field)) for name, field in (("photos", "photo"), ("sketches", "sketch"))}
+    csd = csd_extractor(str(tiny_csd), state.device, 8, 0)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    prototype = unit(unit(features_of(reference, csd, state, None)[0]).mean(0))
+    clip = clip_extractor(str(tiny_models.clip), state.device, 8, 0)
+    saved = LinearProbe.load(tmp_path / "one" / "sketchiness_probe.npz")
+    for name, images in sets.items():
+        style = features_of(images, csd, state, None)[0]
+        assert report["sets"][name]["csd"] == pytest.approx(float(np.mean(unit(style) @ prototype)), abs=1e-6)
+        assert report["sets"][name]["sketchiness"] == pytest.approx(
+            float(saved.probability(features_of(images, clip, state, None)[0]).mean()), abs=1e-6)
+
+    # fitted once: a second run reads the probe from the cache and gives the same numbers
+    run_script("eval/fid.py", *args, "--output_dir", tmp_path / "two")
+    again = _metrics(tmp_path / "two")
+    assert again["sketchiness_probe"]["cache_hit"] is True
+    assert again["sets"]["photos"]["sketchiness"] == photos["sketchiness"]
+    assert len(list((tmp_path / "cache").glob("probe-*.npz"))) == 1
+
+
+def test_prototype_similarity_is_cosine_to_the_normalised_mean():
+    from sketch2real.metrics import prototype_similarity, prototype_similarity_ci95, style_prototype
+
+    reference = np.array([[3.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    by_hand = np.array([1.0, 0.0]) + np.array([0.0, 1.0]) + np.array([1.0, 1.0]) / np.sqrt(2)
+    by_hand /= np.linalg.norm(by_hand)
+    assert style_prototype(reference) == pytest.approx(by_hand)
+    generated = np.array([[2.0, 0.0], [0.0, -5.0]])
+    assert prototype_similarity(generated, reference) == pytest.approx([by_hand[0], -by_hand[1]])
+    rng = np.random.default_rng(0)
+    near, far = rng.normal([5, 0], 1, (50, 2)), rng.normal([0, 5], 1, (50, 2))
+    low, high = prototype_similarity_ci95(near, near)
+    assert low <= prototype_similarity(near, near).mean() + 1e-3 and high > low
+    assert prototype_similarity_ci95(far, near)[1] < low  # another style: clearly lower, intervals apart
+
+
+def _open_clip_twin(state: dict) -> torch.nn.Module:
+    """The tiny CSD's backbone as open_clip builds OpenAI's vision transformer: an independent implementation."""
+    from open_clip.transformer import QuickGELU, VisionTransformer
+
+    twin = VisionTransformer(image_size=32, patch_size=8, width=32, layers=2, heads=4, mlp_ratio=2.0, output_dim=16,
+                             act_layer=QuickGELU)
+    twin.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}, strict=False)
+    twin.proj = None  # CSD drops CLIP's projection and applies its style head instead
+    return twin.eval()
+
+
+def test_csd_loads_the_released_layout_and_matches_an_independent_implementation(tiny_csd, tmp_path):
+    """Our CSD (transformers' CLIP vision model + style head, converted from OpenAI's key layout) gives the style
+    embeddings open_clip's OpenAI-layout transformer gives with the same weights; the released checkpoint's format (a
+    torch file, `module.` prefixes, weights nested under model_state_dict beside numpy scalars) loads with
+    weights_only=True, and a file that would import code on load is refused in one line."""
+    import argparse
+
+    from safetensors.torch import load_file
+
+    from sketch2real.cli import UserError
+    from sketch2real.extractors import load_csd
+
+    state = load_file(str(tiny_csd / "model.safetensors"))
+    pixels = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(_open_clip_twin(state)(pixels) @ state["last_layer_style"], dim=-1)
+        model, side = load_csd(str(tiny_csd))
+        assert side == 32
+        assert torch.allclose(model(pixels), expected, atol=1e-5), (model(pixels) - expected).abs().max()
+        released = tmp_path / "released"
+        released.mkdir()
+        (released / "config.json").write_text((tiny_csd / "config.json").read_text())
+        torch.save({"model_state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": np.int64(7),
+                    "best_score": np.float64(0.5)}, released / "pytorch_model.bin")
+        assert torch.allclose(load_csd(str(released))[0](pixels), expected, atol=1e-5)
+        assert torch.allclose(load_csd(str(released / "pytorch_model.bin"))[0](pixels), expected, atol=1e-5)
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    torch.save({"model_state_dict": state, "args": argparse.Namespace(lr=1)}, planted / "checkpoint.pth")  # imports code
+    with pytest.raises(UserError, match="cannot load a CSD model"):
+        load_csd(str(planted))
+    with pytest.raises(UserError, match="no CSD weights"):
+        load_csd(str(tmp_path))
+
+
+def test_linear_probe_solves_its_penalised_problem_and_separates():
+    from sketch2real.metrics import fit_linear_probe
+
+    rng = np.random.default_rng(0)
+    x = np.r_[rng.normal(0.5, 1.0, (200, 8)), rng.normal(-0.5, 1.0, (200, 8))] * rng.uniform(0.1, 10, 8)
+    y = np.r_[np.ones(200), np.zeros(200)]
+    probe = fit_linear_probe(x, y, l2=1e-2)
+    design = (x - probe.mean) / probe.scale
+    p = probe.probability(x)
+    assert np.abs(design.T @ (p - y) / len(y) + 1e-2 * probe.weights).max() < 1e-8  # the optimum: gradient 0
+    assert abs(np.mean(p - y)) < 1e-8  # unpenalised bias: probabilities average to the base rate
+    assert np.mean((p > 0.5) == (y == 1)) > 0.85
+    separable = fit_linear_probe(np.r_[np.full((5, 2), 1.0), np.full((5, 2), -1.0)], np.r_[np.ones(5), np.zeros(5)])
+    assert np.all(np.isfinite(separable.weights)) and separable.probability(np.array([[1.0, 1.0]]))[0] > 0.9
+
+
+@pytest.mark.parametrize("sketchiness, accuracy, style, content", [
+    ([0.7, 0.9], [0.5, 0.8], "yes", "yes (above chance)"),
+    ([0.1, 0.3], [0.5, 0.8], "no (photo-like)", "yes (above chance)"),
+    ([0.4, 0.6], [0.1, 0.3], "undecided (interval spans 0.5)", "not shown (interval includes chance, 0.20)"),
+    ([0.7, 0.9], [0.0, 0.1], "yes", "no (below chance)"),
+])
+def test_style_content_verdicts_only_where_the_intervals_allow(sketchiness, accuracy, style, content):
+    from sketch2real.evaluation import style_content_verdict
+
+    result = style_content_verdict({"sketchiness_ci95": sketchiness, "clip_accuracy_ci95": accuracy}, num_classes=5)
+    assert (result["style"], result["content"]) == (style, content)
+    assert ("more images" in result["answer"]) == ("undecided" in style or "not shown" in content)
+
+
+def test_sketchiness_needs_paired_shards(test_folders, tmp_path):
+    proc = run_script("eval/fid.py", "--generated", test_folders / "photo", "--reference_dir", test_folders / "sketch",
+                      "--metrics", "sketchiness", "--output_dir", tmp_path / "o", check=False)
+    assert proc.returncode == 2 and "--probe_shards" in proc.stderr.strip().splitlines()[-1], proc.stderr[-800:]
