@@ -32,6 +32,13 @@ TRAINERS = {
     "textual inversion": ("train/textual_inversion.py", ["--learning_rate", "5e-4"]),
     "controlnet": ("train/controlnet.py", ["--gradient_checkpointing"]),
 }
+# SDXL in fp16 with SDXL's own VAE (force_upcast: kept fp32, or it overflows to NaN) and TI in fp16 (its rows train
+# in fp32 under GradScaler): the rows that confirm on a GPU what a CPU cannot run.
+SDXL_TRAINERS = {
+    "sdxl dreambooth (LoRA r=8)": ("train/dreambooth.py", ["--instance_category", "cat", "--lora_rank", "8",
+                                                           "--learning_rate", "1e-4", "--gradient_checkpointing"]),
+    "sdxl textual inversion": ("train/textual_inversion.py", ["--learning_rate", "5e-4", "--gradient_checkpointing"]),
+}
 
 
 def xformers_status() -> str:
@@ -90,6 +97,7 @@ def main() -> int:
     parser.add_argument("--work_dir", default="/tmp/s2r-gpu")
     parser.add_argument("--only", default="", help="run only trainers whose name contains this")
     parser.add_argument("--size", default="sd15", help="sd15 (the acceptance), or sd15_small to try the script on CPU")
+    parser.add_argument("--skip_sdxl", action="store_true", help="leave out the SDXL fp16 rows (full SDXL architecture)")
     args = parser.parse_args()
     import torch
 
@@ -104,7 +112,11 @@ def main() -> int:
     rows, failures = [], 0
     print(f"{torch.cuda.get_device_name() if cuda else 'CPU'} | torch {torch.__version__} | {args.size} architecture, random weights | "
           f"{args.resolution} px, batch 1, {args.steps} steps", flush=True)
-    for name, (script, extra) in TRAINERS.items():
+    runs = [(name, script, extra, model) for name, (script, extra) in TRAINERS.items()]
+    if cuda and not args.skip_sdxl:
+        sdxl, _ = prepare(work, args.resolution, "sdxl")
+        runs += [(name, script, extra, sdxl) for name, (script, extra) in SDXL_TRAINERS.items()]
+    for name, script, extra, model in runs:
         if args.only and args.only not in name:
             continue
         for precision in ("bf16", "fp16"):
@@ -138,6 +150,11 @@ def main() -> int:
                     continue
                 m = json.loads(metrics_file.read_text())
                 finite = math.isfinite(m["final_loss"])
+                fp32_training = m.get("optimizer_dtypes", {}).get("state") in (["torch.float32"], [])
+                vae = m.get("latent_cache", {}).get("vae_dtype", "")
+                if not fp32_training or (precision == "fp16" and "sdxl" in name and vae != "torch.float32"):
+                    finite = False
+                    print(f"FAIL {label}: optimizer {m.get('optimizer_dtypes')}, VAE {vae}", flush=True)
                 try:
                     check_output(name, out)
                     loads = "loads"

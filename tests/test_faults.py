@@ -176,6 +176,17 @@ def test_controlnet_pairs_with_a_corrupt_half_are_replaced_whole_in_workers(bad_
     assert all(torch.equal(runs["0"][k], runs["2"][k]) for k in runs["0"])
 
 
+def test_textual_inversion_counts_the_corrupt_samples_it_met(bad_shards, tiny_models, tmp_path):
+    root, expected, _ = bad_shards
+    out = tmp_path / "ti"
+    run_script("train/textual_inversion.py", "--pretrained_model_name_or_path", tiny_models.sd, "--shard_dir", root,
+               "--categories", CATEGORY, "--resolution", "32", "--learning_rate", "5e-2", "--validation_steps", "0",
+               "--checkpointing_steps", "0", "--report_to", "none", "--max_train_steps", "2", "--num_heldout_samples", "0",
+               "--output_dir", out)
+    assert set(json.loads((out / "metrics.json").read_text())["corrupt_samples"]["keys"]) == expected
+    assert (out / "learned_embeds.safetensors").is_file()
+
+
 def test_eval_generate_and_caption_finish_and_count(bad_shards, tiny_models, tmp_path):
     """Eval scores around unreadable references (pairing included) and writes metrics.json; generation's mosaics
     leave a corrupt sketch's cell empty and exit 0; captioning a truncated shard says how many it skipped."""

@@ -128,7 +128,7 @@ class DiffusionTask:
 
     def cache_stats(self) -> dict:
         """`latent_cache` of metrics.json: seconds spent building caches, and each on-disk store's figures."""
-        return {"seconds": self.cache_seconds,
+        return {"seconds": self.cache_seconds, "vae_dtype": str(self.c.vae.dtype),
                 "stores": {k: v.stats for k, v in self.posteriors.items() if isinstance(v, LatentStore)}}
 
     def data_wait_seconds(self) -> float:
