@@ -73,8 +73,8 @@ def features_of(images: ImageSet, extractor, state, cache_dir: Path | None) -> t
 
 
 def with_interval(name: str, interval: dict) -> dict:
-    """metrics.json keys of a `frechet_ci95` or `cmmd_ci95` result: `<name>_ci95`, and `<name>_ci95_method` or, where no interval
-    is honest, `<name>_ci95_reason`."""
+    """metrics.json keys of a `frechet_ci95` or `cmmd_ci95` result: `<name>_ci95`, and `<name>_ci95_method` or, where
+    no interval is honest, `<name>_ci95_reason`."""
     out = {f"{name}_ci95": interval["ci95"]}
     out[f"{name}_ci95_method" if interval["ci95"] is not None else f"{name}_ci95_reason"] = interval.get("method",
                                                                                                    interval.get("reason"))
@@ -463,6 +463,8 @@ def sketchiness_probe(opts, extractor, state, cache_dir: Path | None) -> tuple[L
     """The probe of `--probe_shards`/`--probe_split` on `extractor`'s features, from the cache when fitted before
     (keyed by the probe images and the extractor's settings, as reference statistics are); collective: every
     rank extracts its part, rank 0 fits. (probe on rank 0, its description for metrics.json)."""
+    from accelerate.utils import broadcast_object_list
+
     shard_dir = opts.probe_shards or opts.reference_shards
     sketches, photos = probe_images(shard_dir, opts.probe_split, opts.probe_samples, opts.seed)
     settings = {**extractor.settings, "probe": "logistic, l2 1e-2, standardised", "heldout": PROBE_HELDOUT, "seed": opts.seed}
@@ -470,11 +472,15 @@ def sketchiness_probe(opts, extractor, state, cache_dir: Path | None) -> tuple[L
     about = {"features": extractor.name, "model": extractor.settings.get("model", ""), "shards": str(shard_dir),
              "split": opts.probe_split}
     cache_file = cache_dir / f"probe-{key}.npz" if cache_dir else None
-    if cache_file is not None and cache_file.is_file():
+    found = [cache_file is not None and cache_file.is_file()]
+    if state.num_processes > 1:  # rank 0's view decides, as in `features_of`: every rank takes the same collectives
+        broadcast_object_list(found)
+    hit = found[0]
+    if hit:
+        if not state.is_main_process:
+            return None, {}
         probe = LinearProbe.load(cache_file)
-        hit = True
     else:
-        hit = False
         (s_features, s_valid, _), (p_features, p_valid, _) = (features_of(x, extractor, state, None) for x in (sketches, photos))
         if not state.is_main_process:
             return None, {}
@@ -487,8 +493,7 @@ def sketchiness_probe(opts, extractor, state, cache_dir: Path | None) -> tuple[L
         probe = fit_sketchiness_probe(s_features[both], p_features[both], opts.seed)
         if cache_file is not None:
             probe.save(cache_file, **about)
-    if state.is_main_process:
-        probe.save(Path(opts.output_dir) / "sketchiness_probe.npz", **about)  # reusable: `LinearProbe.load`
+    probe.save(Path(opts.output_dir) / "sketchiness_probe.npz", **about)  # reusable: `LinearProbe.load`
     return probe, {**about, "n_train": probe.n_train, "n_heldout": probe.n_heldout, "heldout_accuracy": probe.heldout_accuracy,
                    "cache_hit": hit}
 
@@ -529,6 +534,12 @@ def run_fid(opts, generated_sets: list[ImageSet], reference: ImageSet, state) ->
 
         raise UserError("--metrics sketchiness fits its probe on paired sketches and photos: give --probe_shards (or "
                         "--reference_shards)")
+    if ("sketchiness" in metrics and (opts.probe_shards or opts.reference_shards) == opts.reference_shards
+            and opts.probe_split == opts.reference_split):
+        from sketch2real.cli import UserError
+
+        raise UserError(f"--probe_split {opts.probe_split} is the reference's own split: fit the probe on another one "
+                        "(default: train)")
     clip_path = opts.clip_model_name_or_path or DEFAULT_CLIP
     extractors = {}
     if metrics & {"fid", "kid"}:
@@ -567,11 +578,13 @@ def run_fid(opts, generated_sets: list[ImageSet], reference: ImageSet, state) ->
             style.csd_reference = reference_of["csd"][0][reference_of["csd"][1]]
         if "sketchiness" in metrics:
             report["sketchiness_probe"] = probe_about
-        # the reference itself as an anchor of the style-content chart
-        report["reference"].update(_scores_beyond_inception(metrics & (STYLE_METRICS | {"clip_accuracy"}), reference,
-                                                            reference, reference_of, reference_of, class_embeddings,
-                                                            class_names, opts, style))
-        report["reference"].pop("per_category", None)
+        # the reference itself as an anchor of the style-content chart (the whole set only)
+        names = [n for n in reference_of if n != "inception"]
+        own = {n: reference_of[n][0][reference_of[n][1]] for n in names}
+        report["reference"].update(extra_scores(
+            metrics & (STYLE_METRICS | {"clip_accuracy"}), own, own,
+            np.asarray(reference.categories, dtype=object)[reference_of[names[0]][1]], class_embeddings, class_names,
+            opts.seed, opts.bootstrap_resamples, style))
     reference_rows = None
     if "inception" in extractors:
         ref_features, ref_valid = reference_of["inception"]

@@ -248,15 +248,22 @@ def fid_from_features(a: np.ndarray, b: np.ndarray) -> float:
 KERNEL_BLOCK = 2048  # rows of a kernel block: 2048 x 75k float64 is 1.2 GB, where the whole matrix would be 45 GB
 
 
+def cubic_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """KID's kernel (x·y/d + 1)³ of every row of `x` with every row of `y`, computed in place: one block in
+    memory, not four temporaries."""
+    kernel = x @ y.T
+    kernel /= x.shape[1]
+    kernel += 1
+    kernel **= 3
+    return kernel
+
+
 def cubic_kernel_sum(x: np.ndarray, y: np.ndarray, skip_diagonal: bool = False, block: int = KERNEL_BLOCK) -> float:
     """Σ (x·y/d + 1)³ over all pairs of rows (less the diagonal when `x` is `y`), a block of rows at a time:
     memory O(block · len(y)), not O(len(x) · len(y)). One block gives the same sum as the whole matrix."""
-    dims, total = x.shape[1], 0.0
+    total = 0.0
     for start in range(0, len(x), block):
-        kernel = x[start : start + block] @ y.T
-        kernel /= dims  # in place: one block in memory, not four temporaries
-        kernel += 1
-        kernel **= 3
+        kernel = cubic_kernel(x[start : start + block], y)
         total += kernel.sum()
         if skip_diagonal:
             total -= np.trace(kernel[:, start : start + block])
@@ -268,15 +275,6 @@ def mmd2_unbiased(x: np.ndarray, y: np.ndarray, block: int = KERNEL_BLOCK) -> fl
     n, m = len(x), len(y)
     return (cubic_kernel_sum(x, x, True, block) / (n * (n - 1)) + cubic_kernel_sum(y, y, True, block) / (m * (m - 1))
             - 2 * cubic_kernel_sum(x, y, False, block) / (n * m))
-
-
-def cubic_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """KID's kernel (x·y/d + 1)³ of every row of `x` with every row of `y`, computed in place."""
-    kernel = x @ y.T
-    kernel /= x.shape[1]
-    kernel += 1
-    kernel **= 3
-    return kernel
 
 
 def kernel_row_sums(x: np.ndarray, y: np.ndarray, kernel: Callable[[np.ndarray, np.ndarray], np.ndarray] = cubic_kernel,
@@ -507,10 +505,14 @@ def prototype_similarity_ci95(generated: np.ndarray, reference: np.ndarray, seed
         return [float("nan"), float("nan")]
     rng = np.random.default_rng(seed)
     value = float((g @ style_prototype(r)).mean())
-    prototypes = _unit(r[rng.integers(0, len(r), (resamples, len(r)))].mean(1))  # (resamples, dims)
-    rows = rng.integers(0, len(g), (resamples, len(g)))
-    values = np.einsum("bnd,bd->b", g[rows], prototypes) / len(g)
-    low, high = np.percentile(values, [2.5, 97.5])
+    values = []
+    for start in range(0, resamples, 100):  # a resample as counts per image: memory O(100 x n), not O(resamples x n x d)
+        size = min(100, resamples - start)
+        g_counts = rng.multinomial(len(g), np.full(len(g), 1 / len(g)), size=size)
+        r_counts = rng.multinomial(len(r), np.full(len(r), 1 / len(r)), size=size)
+        prototypes = _unit(r_counts @ r)  # the resampled reference's prototype (the mean's scale does not matter)
+        values.append(np.einsum("bd,bd->b", g_counts @ g / len(g), prototypes))
+    low, high = np.percentile(np.concatenate(values), [2.5, 97.5])
     return [float(2 * value - high), float(2 * value - low)]
 
 

@@ -13,9 +13,15 @@ else
   ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-accelerate_configs/multi_gpu.yaml}
 fi
 GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
+# The rendezvous address: the first node's NodeAddr, what Slurm itself reaches it by (compute nodes need not resolve
+# each other's names; torch retries an unresolvable name forever), else its name.
 # sed, not head: head closes the pipe early, scontrol dies of SIGPIPE, and under pipefail the address was garbled.
-MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" 2>/dev/null | sed -n 1p || true)}
-MASTER_ADDR=${MASTER_ADDR:-localhost}
+if [ -z "${MASTER_ADDR:-}" ]; then
+  S2R_FIRST_NODE=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" 2>/dev/null | sed -n 1p || true)
+  MASTER_ADDR=$(scontrol show node "${S2R_FIRST_NODE:-localhost}" 2>/dev/null | grep -o 'NodeAddr=[^ ]*' | sed -n 1p | cut -d= -f2 || true)
+  MASTER_ADDR=${MASTER_ADDR:-${S2R_FIRST_NODE:-localhost}}
+fi
+# A port of the job's own: two jobs on one node must not share a rendezvous port.
 MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
 export MASTER_ADDR MASTER_PORT
 
@@ -25,6 +31,10 @@ s2r_log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 # launch_node.sh. On SIGUSR1 the trainers save a checkpoint, leave OUTPUT_DIR/PREEMPTED and exit 75.
 s2r_launch() {
   export S2R_NUM_PROCESSES=$(( ${SLURM_NNODES:-1} * GPUS_PER_NODE )) ACCELERATE_CONFIG
+  if ! getent hosts "$MASTER_ADDR" >/dev/null; then  # one line now, not a rendezvous that retries without end
+    s2r_log "error: the rendezvous address $MASTER_ADDR does not resolve on $(hostname -s); set MASTER_ADDR to an address the nodes reach"
+    return 2
+  fi
   s2r_log "launch: $1 on ${SLURM_NNODES:-1} node(s) x $GPUS_PER_NODE process(es), config $ACCELERATE_CONFIG"
   if [ -n "${SLURM_JOB_ID:-}" ]; then
     # Since Slurm 22.05 srun does not inherit --cpus-per-task: give each node's launcher the job's CPUs

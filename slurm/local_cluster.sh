@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# A real one-node Slurm cluster on localhost, for testing slurm/*.sh (as root; Debian's slurm-wlm + munge).
-# Usage: bash slurm/local_cluster.sh start DIR   |   bash slurm/local_cluster.sh stop DIR
+# A real Slurm cluster on localhost, for testing slurm/*.sh (as root; Debian's slurm-wlm + munge).
+# Usage: bash slurm/local_cluster.sh start DIR    one node, /etc/slurm/slurm.conf
+#        bash slurm/local_cluster.sh start2 DIR   two nodes n1 (127.0.0.1) and n2 (127.0.0.2): two slurmd on this host
+#                                                 (Debian's Slurm has multiple-slurmd support), DIR/slurm.conf: clients
+#                                                 need SLURM_CONF=DIR/slurm.conf; ports apart from the one-node cluster's
+#        bash slurm/local_cluster.sh stop DIR
 set -euo pipefail
 action=${1:?start or stop}
 dir=$(mkdir -p "${2:?scratch dir}" && cd "$2" && pwd)
@@ -44,9 +48,51 @@ CONF
       sleep 0.2
     done
     echo "slurm did not come up; see $dir/log" >&2; exit 1 ;;
+  start2)
+    mkdir -p "$dir/state" "$dir/spool" "$dir/log"
+    cat > "$dir/slurm.conf" <<CONF
+ClusterName=local2
+SlurmctldHost=$host
+SlurmctldPort=16817
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=cred_expire=10
+StateSaveLocation=$dir/state
+SlurmdSpoolDir=$dir/spool/%n
+SlurmctldPidFile=$dir/slurmctld.pid
+SlurmdPidFile=$dir/slurmd-%n.pid
+SlurmctldLogFile=$dir/log/slurmctld.log
+SlurmdLogFile=$dir/log/slurmd-%n.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+MpiDefault=none
+MinJobAge=5
+NodeName=n1 NodeHostname=$host NodeAddr=127.0.0.1 Port=17001 CPUs=2 RealMemory=1000 State=UNKNOWN
+NodeName=n2 NodeHostname=$host NodeAddr=127.0.0.2 Port=17002 CPUs=2 RealMemory=1000 State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+CONF
+    export SLURM_CONF="$dir/slurm.conf"
+    [ -f /etc/munge/munge.key ] || mungekey -c
+    install -d -o munge -g munge -m 755 /run/munge
+    pgrep -x munged >/dev/null || runuser -u munge -- /usr/sbin/munged
+    slurmctld
+    slurmd -N n1
+    slurmd -N n2
+    for _ in $(seq 1 100); do
+      if [ "$(sinfo -h -N -t idle -o %N 2>/dev/null | sort -u | wc -l)" = 2 ]; then echo "slurm up: $(sinfo -h)"; exit 0; fi
+      sleep 0.2
+    done
+    echo "slurm did not come up; see $dir/log" >&2; exit 1 ;;
   stop)
-    for pid_file in "$dir/slurmd.pid" "$dir/slurmctld.pid"; do
+    for pid_file in "$dir"/slurmd*.pid "$dir/slurmctld.pid"; do
       if [ -f "$pid_file" ]; then kill "$(cat "$pid_file")" 2>/dev/null || true; fi
     done ;;
-  *) echo "usage: $0 start|stop DIR" >&2; exit 2 ;;
+  *) echo "usage: $0 start|start2|stop DIR" >&2; exit 2 ;;
 esac

@@ -101,11 +101,13 @@ def test_generated_folder_against_shards_per_category_two_processes(tiny_models,
     tiny = one["sets"]["tiny"]
     assert tiny["pairing"]["pairs"] == one["reference"]["n"]
     # metrics.json contract: KID and the pairing gain with their 95% intervals, per set and per category
-    assert tiny["kid_ci95"][0] < tiny["kid_mean"] < tiny["kid_ci95"][1]
-    assert tiny["fid_ci95"][0] <= tiny["fid_ci95"][1] and all(len(c["fid_ci95"]) == 2 for c in per_category.values())
-    assert tiny["kid_ci95"] == pytest.approx([tiny["kid_mean"] - 1.96 * tiny["kid_std"], tiny["kid_mean"] + 1.96 * tiny["kid_std"]])
+    assert tiny["kid_ci95"][0] <= max(tiny["kid"], 0.0) <= tiny["kid_ci95"][1] and "jackknife" in tiny["kid_ci95_method"]
+    assert tiny["kid_ci95"][1] == pytest.approx(max(0.0, tiny["kid"] + 1.96 * tiny["kid_se"]))
+    # 64-dim features of a few dozen images: no honest FID interval (tests/test_intervals.py), and the reason says so
+    assert tiny["fid_ci95"] is None and "no honest interval" in tiny["fid_ci95_reason"] and "KID" in tiny["fid_ci95_reason"]
+    assert all(c["fid_ci95"] is None and c["fid_ci95_reason"] for c in per_category.values())
     assert tiny["pairing_gain_ci95"][0] <= tiny["pairing_gain"] <= tiny["pairing_gain_ci95"][1]
-    assert all(len(c["kid_ci95"]) == 2 for c in per_category.values() if c["kid_mean"] is not None)
+    assert all(len(c["kid_ci95"]) == 2 for c in per_category.values() if c["kid"] is not None)
     # identical sets: every difference is exactly 0 and not distinguishable
     assert len(one["differences"]) == 3
     assert all(d["kid_difference"] == 0 and d["verdict"] == "not distinguishable" for d in one["differences"])
@@ -146,7 +148,7 @@ def test_clip_score_matches_clip_logits(tiny_models, shard_dir, tmp_path):
     import torch
     from transformers import CLIPModel, CLIPProcessor
 
-    from sketch2real.metrics import clip_scores
+    from sketch2real.metrics import clip_score_of, clip_scores
 
     gen = tmp_path / "gen"
     run_script("infer/generate.py", "--pretrained_model_name_or_path", tiny_models.sd, "--shard_dir", shard_dir,
@@ -161,9 +163,9 @@ def test_clip_score_matches_clip_logits(tiny_models, shard_dir, tmp_path):
     with torch.no_grad():
         out = model(**processor(text=[r["prompt"] for r in rows], images=images, return_tensors="pt", padding=True))
     cosine = out.logits_per_image.diagonal() / model.logit_scale.exp()
-    assert reported == pytest.approx(float((100 * cosine.clamp(min=0)).mean()), abs=1e-4)
-    assert reported == pytest.approx(clip_scores([gen / r["image"] for r in rows], [r["prompt"] for r in rows],
-                                                 str(tiny_models.clip), torch.device("cpu")).mean(), abs=1e-6)
+    assert reported == pytest.approx(max(float((100 * cosine).mean()), 0.0), abs=1e-4)  # torchmetrics: the mean, clamped
+    assert reported == pytest.approx(clip_score_of(clip_scores([gen / r["image"] for r in rows], [r["prompt"] for r in rows],
+                                                               str(tiny_models.clip), torch.device("cpu")))[0], abs=1e-6)
 
 
 def test_rank_zero_scores_only_after_every_collective(monkeypatch, tmp_path):
@@ -192,7 +194,7 @@ def test_rank_zero_scores_only_after_every_collective(monkeypatch, tmp_path):
     reference = ImageSet("ref", [], [], [], [])
     for rank in (0, 1):
         events.clear()
-        state = SimpleNamespace(device="cpu", is_main_process=rank == 0)
+        state = SimpleNamespace(device="cpu", is_main_process=rank == 0, num_processes=1, process_index=rank)
         evaluation.run_fid(opts, sets, reference, state)
         kinds = [kind for kind, _ in events]
         assert kinds[:4] == ["gather"] * 4 and "gather" not in kinds[4:]
@@ -323,7 +325,9 @@ def test_every_metric_with_intervals_per_set_and_category_identical_and_degraded
     assert same["precision"] == same["recall"] == same["coverage"] == 1.0
     assert blurred["fd_dinov2"] > 0.01 and blurred["cmmd"] > 1e-3  # a degraded copy scores worse than the set itself
     assert all(blurred[m] <= same[m] for m in ("precision", "recall", "coverage"))
-    for metric in ("fd_dinov2", "cmmd", "precision", "recall", "density", "coverage", "clip_accuracy", "clip_score"):
+    # 32-dim DINOv2 features of fewer than 64 images: no honest FD-DINOv2 interval, and the reason says so
+    assert same["fd_dinov2_ci95"] is None and "no honest interval" in same["fd_dinov2_ci95_reason"]
+    for metric in ("cmmd", "precision", "recall", "density", "coverage", "clip_accuracy", "clip_score"):
         low, high = same[f"{metric}_ci95"]
         assert low <= high, metric
     for category, values in same["per_category"].items():
@@ -356,7 +360,7 @@ def test_clean_resize_is_named_and_changes_inception_features(folders, tmp_path,
 def test_unknown_metric_is_a_one_line_error(folders, tmp_path):
     result = run_script("eval/fid.py", "--generated", folders / "a", "--reference_dir", folders / "b", "--metrics", "fid", "is",
                         "--output_dir", tmp_path, check=False)
-    assert result.returncode != 0 and "--metrics: unknown is" in result.stderr
+    assert result.returncode != 0 and "unknown metric 'is'" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 def test_mmd_is_computed_in_blocks_with_the_dense_value():

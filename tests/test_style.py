@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from .conftest import run_script
+from .conftest import launch, run_script
 
 
 @pytest.fixture(scope="module")
@@ -109,9 +109,18 @@ def test_style_metrics_end_to_end(tiny_models, tiny_csd, shard_dir, test_folders
         assert report["sets"][name]["sketchiness"] == pytest.approx(
             float(saved.probability(features_of(images, clip, state, None)[0]).mean()), abs=1e-6)
 
-    # fitted once: a second run reads the probe from the cache and gives the same numbers
-    run_script("eval/fid.py", *args, "--output_dir", tmp_path / "two")
-    again = _metrics(tmp_path / "two")
+    # 2 processes (probe images extracted data-parallel, gathered in order) give the same numbers
+    two_args = [a if a != tmp_path / "cache" else tmp_path / "cache-two" for a in args]
+    launch("eval/fid.py", *two_args, "--output_dir", tmp_path / "two")
+    two = _metrics(tmp_path / "two")
+    assert two["sketchiness_probe"]["cache_hit"] is False
+    for name in ("photos", "sketches"):
+        for key in ("sketchiness", "csd", "clip_accuracy"):
+            assert two["sets"][name][key] == pytest.approx(report["sets"][name][key], abs=1e-6), (name, key)
+
+    # fitted once: another run reads the probe from the cache and gives the same numbers
+    run_script("eval/fid.py", *args, "--output_dir", tmp_path / "again")
+    again = _metrics(tmp_path / "again")
     assert again["sketchiness_probe"]["cache_hit"] is True
     assert again["sets"]["photos"]["sketchiness"] == photos["sketchiness"]
     assert len(list((tmp_path / "cache").glob("probe-*.npz"))) == 1

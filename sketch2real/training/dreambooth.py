@@ -145,8 +145,10 @@ class DreamBoothTask(DiffusionTask):
             from peft import LoraConfig
 
             c.unet.to(device, self.weight_dtype)  # the frozen base in the weight dtype, the adapters in fp32
-            c.unet.add_adapter(LoraConfig(r=opts.lora_rank, lora_alpha=opts.lora_alpha or opts.lora_rank,
-                                          init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+            with torch.random.fork_rng(devices=[]):  # the adapters' start is a function of --seed, on every launcher
+                torch.manual_seed(derive_seed(opts.seed, "lora-init"))
+                c.unet.add_adapter(LoraConfig(r=opts.lora_rank, lora_alpha=opts.lora_alpha or opts.lora_rank,
+                                              init_lora_weights="gaussian", target_modules=LORA_TARGETS))
             cast_training_params(c.unet, torch.float32)
         if opts.gradient_checkpointing:
             c.unet.enable_gradient_checkpointing()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import resource
 import time
 from pathlib import Path
@@ -221,6 +222,7 @@ def train(task: Task, opts, accelerator, project_name: str) -> int:
         "peak_memory_mb": peak_memory_mb(accelerator.device),
         "data_wait_seconds_per_step": task.data_wait_seconds() / steps_done if steps_done else 0.0,
         "num_processes": accelerator.num_processes,
+        "num_nodes": accelerator.num_processes // int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)),
         "distributed_type": str(accelerator.distributed_type).split(".")[-1],
         "mixed_precision": accelerator.mixed_precision,
         "optimizer_dtypes": optimizer_dtypes(optimizer),

@@ -1,0 +1,189 @@
+"""slurm/*.sh on a real two-node Slurm (two slurmd on this host, n1 = 127.0.0.1 and n2 = 127.0.0.2, one process per
+node over gloo; ../shared/notes/slurm-two-nodes.md): training across nodes equals one node, preemption across nodes
+requeues and resumes exactly, a node that dies ends the job in seconds and the job resumes (on one node too), and
+data-parallel generation across nodes gives the bytes of one node."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO, launch, relative_difference, run_script, weights
+
+pytestmark = pytest.mark.skipif(shutil.which("slurmctld") is None or os.geteuid() != 0,
+                                reason="needs root and Debian's slurmctld/slurmd/munge (make slurm-deps)")
+
+CPU_FLAGS = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
+STEPS = 120
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """The environment that reaches the two-node cluster (SLURM_CONF in a scratch folder), started and stopped here."""
+    scratch = tmp_path_factory.mktemp("slurm2")
+    subprocess.run(["bash", str(REPO / "slurm/local_cluster.sh"), "start2", str(scratch)], check=True, timeout=60)
+    env = {**os.environ, "SLURM_CONF": str(scratch / "slurm.conf"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "ACCELERATE_USE_CPU": "1", "ACCELERATE_CONFIG": "accelerate_configs/cpu.yaml", "GPUS_PER_NODE": "1",
+           "PRECISION": "no", "RESOLUTION": "32"}
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    yield env
+    subprocess.run(["bash", str(REPO / "slurm/local_cluster.sh"), "stop", str(scratch)], timeout=30)
+
+
+def _log(tmp_path: Path, stem: str) -> str:
+    return "".join(p.read_text() for p in sorted(tmp_path.glob(f"{stem}-*.out")))
+
+
+def _db_env(cluster, tiny_models, shard_dir, out: Path, **extra) -> dict:
+    return {**cluster, "MODEL": str(tiny_models.sd), "SHARDS": str(shard_dir), "OUTPUT": str(out), "STEPS": str(STEPS),
+            "CHECKPOINT_STEPS": "30", "CATEGORY": "cat", **extra}
+
+
+DB_FLAGS = ["--lora_rank", "4", "--learning_rate", "1e-3", "--validation_steps", "0", "--report_to", "none",
+            "--num_heldout_samples", "0", "--train_batch_size", "1"]
+
+
+def _sbatch(env: dict, tmp_path: Path, stem: str, script: str, *args: str, flags=CPU_FLAGS, timeout: int = 600):
+    return subprocess.run(["sbatch", "--wait", *flags, f"--output={tmp_path}/{stem}-%j.out", script, *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def two_node_run(cluster, tiny_models, shard_dir, tmp_path_factory) -> Path:
+    """DreamBooth LoRA trained by `sbatch --nodes 2 slurm/dreambooth.sh` (the uninterrupted reference)."""
+    tmp = tmp_path_factory.mktemp("two-node-db")
+    out = tmp / "db"
+    proc = _sbatch(_db_env(cluster, tiny_models, shard_dir, out), tmp, "db", "slurm/dreambooth.sh", *DB_FLAGS)
+    assert proc.returncode == 0, _log(tmp, "db")[-4000:]
+    return out
+
+
+def test_training_across_two_nodes_equals_one_node(two_node_run, tiny_models, shard_dir, tmp_path):
+    metrics = json.loads((two_node_run / "metrics.json").read_text())
+    assert metrics["num_processes"] == 2 and metrics["num_nodes"] == 2 and metrics["steps"] == STEPS
+    assert (two_node_run / "pytorch_lora_weights.safetensors").is_file() and list(two_node_run.glob("checkpoint-*"))
+    one_node = tmp_path / "one-node"
+    launch("train/dreambooth.py", "--pretrained_model_name_or_path", tiny_models.sd, "--shard_dir", shard_dir,
+           "--instance_category", "cat", "--instance_prompt", "a cat in the style of sks", "--resolution", "32",
+           "--max_train_steps", str(STEPS), "--checkpointing_steps", "30", "--mixed_precision", "no", *DB_FLAGS,
+           "--output_dir", one_node)
+    assert json.loads((one_node / "metrics.json").read_text())["num_nodes"] == 1
+    a, b = weights(two_node_run), weights(one_node)
+    assert relative_difference(a, b, {k: v * 0 for k, v in a.items()}) < 1e-2
+
+
+def test_deepspeed_zero2_across_two_nodes(cluster, tiny_models, shard_dir, two_node_run, tmp_path):
+    out = tmp_path / "zero2"
+    env = _db_env(cluster, tiny_models, shard_dir, out, ACCELERATE_CONFIG="accelerate_configs/deepspeed_zero2.yaml",
+                  PRECISION="bf16")
+    env.pop("ACCELERATE_USE_CPU")  # it would silently turn DeepSpeed off
+    proc = _sbatch(env, tmp_path, "zero2", "slurm/dreambooth.sh", *DB_FLAGS)
+    assert proc.returncode == 0, _log(tmp_path, "zero2")[-4000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["distributed_type"] == "DEEPSPEED" and metrics["num_nodes"] == 2 and metrics["steps"] == STEPS
+    a, b = weights(two_node_run), weights(out)
+    assert relative_difference(a, b, {k: v * 0 for k, v in a.items()}) < 0.05  # bf16 against fp32
+
+
+def _trainer_pids(node_id: int) -> list[int]:
+    """PIDs of the DreamBooth trainers Slurm started on node n{node_id + 1} (both nodes are this host)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(arg.endswith(b"train/dreambooth.py") for arg in cmdline) and f"SLURM_NODEID={node_id}".encode() in environ \
+                and b"RANK=" + str(node_id).encode() in environ:
+            pids.append(int(proc.name))
+    return pids
+
+
+def _start(env, tmp_path, stem, *args) -> tuple[subprocess.Popen, str]:
+    sbatch = subprocess.Popen(["sbatch", "--wait", "--parsable", *CPU_FLAGS, f"--output={tmp_path}/{stem}-%j.out",
+                               "slurm/dreambooth.sh", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    return sbatch, sbatch.stdout.readline().strip().split(";")[0]
+
+
+def _wait_for(condition, seconds: float = 240) -> None:
+    deadline = time.time() + seconds
+    while not condition() and time.time() < deadline:
+        time.sleep(0.2)
+    assert condition()
+
+
+def test_preemption_across_nodes_requeues_and_resumes_exactly(cluster, tiny_models, shard_dir, two_node_run, tmp_path):
+    out = tmp_path / "db"
+    sbatch, job = _start(_db_env(cluster, tiny_models, shard_dir, out, CHECKPOINT_STEPS="0"), tmp_path, "pre", *DB_FLAGS)
+    _wait_for(lambda: (out / "run_config.json").is_file())
+    time.sleep(3)
+    subprocess.run(["scancel", "--signal=USR1", job], check=True, env=cluster)
+    sbatch.wait(timeout=600)
+    log = _log(tmp_path, "pre")
+    assert sbatch.returncode == 0, log[-4000:]
+    assert "preempted: checkpoint saved" in log and "requeueing job" in log and "resumed from" in log
+    step = int(next(out.glob("checkpoint-*")).name.split("-")[1])
+    assert 0 < step < STEPS and json.loads((out / "metrics.json").read_text())["steps"] == STEPS
+    a, b = weights(two_node_run), weights(out)
+    assert all((a[k] == b[k]).all() for k in a)  # the same two-node run, interrupted: bit-identical
+
+
+def test_a_dead_node_ends_the_job_in_seconds_and_it_resumes_on_one_node(cluster, tiny_models, shard_dir, two_node_run,
+                                                                       tmp_path):
+    out = tmp_path / "db"
+    env = _db_env(cluster, tiny_models, shard_dir, out)
+    sbatch, job = _start(env, tmp_path, "dead", *DB_FLAGS)
+    _wait_for(lambda: (out / "checkpoint-30").is_dir())
+    victims = _trainer_pids(1)
+    assert victims, "no trainer of node n2 found"
+    os.kill(victims[0], signal.SIGKILL)
+    killed = time.time()
+    sbatch.wait(timeout=120)
+    assert time.time() - killed < 30 and sbatch.returncode != 0  # no hang: the job failed at once
+    assert not (out / "metrics.json").exists()
+    # Requeued on one node, one process with the same global batch: resumes from the last checkpoint of two.
+    one = _sbatch(env, tmp_path, "again", "slurm/dreambooth.sh", *DB_FLAGS, "--train_batch_size", "2",
+                  flags=["--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=2", "--time=10"])
+    log = _log(tmp_path, "again")
+    assert one.returncode == 0, log[-4000:]
+    assert "resumed from" in log
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_nodes"] == 1 and metrics["num_processes"] == 1
+    assert metrics["steps"] == STEPS and metrics["steps_this_run"] < STEPS
+    a, b = weights(two_node_run), weights(out)
+    assert relative_difference(a, b, {k: v * 0 for k, v in a.items()}) < 1e-2
+
+
+def test_generation_and_captions_across_two_nodes_are_the_bytes_of_one(cluster, tiny_models, shard_dir, tmp_path):
+    env = {**cluster, "MODEL": str(tiny_models.sd), "SHARDS": str(shard_dir), "OUTPUT": str(tmp_path / "gen2")}
+    gen_flags = ["--split", "test", "--height", "32", "--width", "32", "--num_inference_steps", "2", "--max_per_category",
+                 "2", "--prompt_template", "a photo of a {category}", "--batch_size", "3", "--mixed_precision", "no"]
+    proc = _sbatch(env, tmp_path, "gen", "slurm/generate.sh", *gen_flags)
+    assert proc.returncode == 0, _log(tmp_path, "gen")[-4000:]
+    run_script("infer/generate.py", "--pretrained_model_name_or_path", tiny_models.sd, "--shard_dir", shard_dir,
+               *gen_flags, "--output_dir", tmp_path / "gen1")
+    two = {p.relative_to(tmp_path / "gen2"): p.read_bytes() for p in sorted((tmp_path / "gen2" / "images").rglob("*.png"))}
+    one = {p.relative_to(tmp_path / "gen1"): p.read_bytes() for p in sorted((tmp_path / "gen1" / "images").rglob("*.png"))}
+    assert len(one) == 10 and one == two
+    assert json.loads((tmp_path / "gen2" / "metrics.json").read_text())["num_processes"] == 2
+
+    env = {**cluster, "MODEL": str(tiny_models.blip2), "SHARDS": str(shard_dir), "OUTPUT": str(tmp_path / "cap2")}
+    cap_flags = ["--split", "test", "--max_new_tokens", "4", "--batch_size", "4", "--num_workers", "0", "--prompts", "1"]
+    proc = _sbatch(env, tmp_path, "cap", "slurm/caption.sh", *cap_flags)
+    assert proc.returncode == 0, _log(tmp_path, "cap")[-4000:]
+    run_script("infer/caption.py", "--model_name_or_path", tiny_models.blip2, "--shard_dir", shard_dir, *cap_flags,
+               "--output_dir", tmp_path / "cap1")
+    assert (tmp_path / "cap1" / "captions.jsonl").read_bytes() == (tmp_path / "cap2" / "captions.jsonl").read_bytes()
+    assert json.loads((tmp_path / "cap2" / "metrics.json").read_text())["num_processes"] == 2
