@@ -31,7 +31,8 @@ s2r_log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 # launch_node.sh. On SIGUSR1 the trainers save a checkpoint, leave OUTPUT_DIR/PREEMPTED and exit 75.
 s2r_launch() {
   export S2R_NUM_PROCESSES=$(( ${SLURM_NNODES:-1} * GPUS_PER_NODE )) ACCELERATE_CONFIG
-  if ! getent hosts "$MASTER_ADDR" >/dev/null; then  # one line now, not a rendezvous that retries without end
+  # A name that does not resolve: one line now, not a rendezvous that retries without end (numeric addresses pass).
+  if ! [[ $MASTER_ADDR =~ ^[0-9.]+$ || $MASTER_ADDR == *:* ]] && ! getent hosts "$MASTER_ADDR" >/dev/null; then
     s2r_log "error: the rendezvous address $MASTER_ADDR does not resolve on $(hostname -s); set MASTER_ADDR to an address the nodes reach"
     return 2
   fi

@@ -19,6 +19,7 @@ printf '%s\\n' "$@" > "$FAKE_LOG/accelerate.node$SLURM_NODEID.args"
 """
 FAKE_SCONTROL = """#!/usr/bin/env bash
 [ "$1 $2" = "show hostnames" ] && printf 'gpu-node-a\\ngpu-node-b\\n'
+[ "$1 $2" = "show node" ] && echo "NodeName=$3 Arch=x86_64 CoresPerSocket=8 NodeAddr=10.1.2.$([ "$3" = gpu-node-a ] && echo 3 || echo 4) NodeHostName=$3"
 """
 
 
@@ -64,7 +65,7 @@ def test_deepspeed_across_two_nodes_launches_through_srun(tmp_path, config):
         assert cmd is None  # torch.distributed.run on this node, not the `deepspeed` runner over pdsh/ssh
         assert (args.nnodes, args.node_rank, args.nproc_per_node) == ("2", rank, "8")
         endpoint = f"{args.master_addr}:{args.master_port}" if hasattr(args, "master_addr") else args.rdzv_endpoint
-        assert endpoint == f"gpu-node-a:{20000 + 4242}"  # the job's first node, a port from the job id
+        assert endpoint == f"10.1.2.3:{20000 + 4242}"  # the job's first node's NodeAddr, a port from the job id
         assert env["ACCELERATE_MIXED_PRECISION"] == "bf16"
 
 
@@ -73,4 +74,4 @@ def test_ddp_across_two_nodes(tmp_path):
     for rank, argv in enumerate(nodes):
         i = argv.index
         assert argv[i("--num_machines") + 1] == "2" and argv[i("--num_processes") + 1] == "16"
-        assert argv[i("--machine_rank") + 1] == str(rank) and argv[i("--main_process_ip") + 1] == "gpu-node-a"
+        assert argv[i("--machine_rank") + 1] == str(rank) and argv[i("--main_process_ip") + 1] == "10.1.2.3"

@@ -64,7 +64,8 @@ def optimizer_dtypes(optimizer) -> dict[str, list[str]]:
     inner = optimizer
     while hasattr(inner, "optimizer"):
         inner = inner.optimizer
-    params = {str(p.dtype) for group in inner.param_groups for p in group["params"]}
+    # the state's keys too: ZeRO-3 keeps its fp32 partitions there and leaves param_groups empty between steps
+    params = {str(p.dtype) for group in inner.param_groups for p in group["params"]} | {str(p.dtype) for p in inner.state}
     state = {str(v.dtype) for s in inner.state.values() for v in s.values()
              if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() > 0}
     return {"parameters": sorted(params), "state": sorted(state)}
