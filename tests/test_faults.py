@@ -245,7 +245,11 @@ def checkpointed(tiny_models, shard_dir, tmp_path_factory) -> tuple[list, Path]:
             "--validation_steps", "0", "--report_to", "none", "--max_train_steps", "6", "--checkpointing_steps", "2",
             "--num_heldout_samples", "0", "--lr_scheduler", "cosine"]
     out = tmp_path_factory.mktemp("ckpt") / "straight"
-    run_script("train/dreambooth.py", *args, "--output_dir", out)
+    previous = os.umask(0o022)  # a group-shared project's umask: the trained files' modes are checked against it
+    try:
+        run_script("train/dreambooth.py", *args, "--output_dir", out)
+    finally:
+        os.umask(previous)
     return args, out
 
 
@@ -372,7 +376,7 @@ def test_outputs_respect_the_umask(checkpointed, tmp_path):
                                            up_block_types=("UpBlock2D",), norm_num_groups=4, layers_per_block=1), tmp_path / "model")
     finally:
         os.umask(previous)
-    _, straight = checkpointed  # trained under the test process's umask (022 here, as on clusters)
+    _, straight = checkpointed  # trained under umask 022
     files = [tmp_path / "m.json", *(tmp_path / "model").rglob("*.safetensors"), straight / "pytorch_lora_weights.safetensors",
              straight / "metrics.json", straight / "run_config.json"]
     assert len(files) >= 5
