@@ -18,12 +18,12 @@ from .conftest import REPO, launch, relative_difference, run_script, weights
 
 @pytest.mark.parametrize("mode", ["timeout-train", "timeout-infer"])
 def test_ddp_timeout_reaches_every_process_group(mode, tmp_path):
-    """--ddp_timeout 3: a rank 45 s late at a barrier fails the job in seconds (torch's default would wait)."""
+    """--ddp_timeout 3: a rank 90 s late at a barrier fails the job in seconds (torch's default would wait)."""
     start = time.time()
-    proc = launch("tests/probes/collectives.py", mode, tmp_path, check=False, timeout=120)
+    proc = launch("tests/probes/collectives.py", mode, tmp_path, check=False, timeout=240)
     elapsed = time.time() - start
     assert proc.returncode != 0 and "barrier passed" not in proc.stdout, proc.stderr[-2000:]
-    assert elapsed < 40, f"{elapsed:.0f} s: the timeout did not reach the process group"
+    assert elapsed < 75, f"{elapsed:.0f} s: the timeout did not reach the process group"
 
 
 def test_a_folder_that_is_not_shared_is_one_line_on_every_rank(tmp_path):

@@ -1,6 +1,6 @@
 """Two-process probes of what the process group promises (run under `accelerate launch`, see tests/test_cluster.py).
 
-timeout-train / timeout-infer: rank 1 reaches a barrier 45 s late; with a 3 s --ddp_timeout rank 0 must give up.
+timeout-train / timeout-infer: rank 1 reaches a barrier 90 s late; with a 3 s --ddp_timeout rank 0 must give up.
 shared: rank 1 is given another folder than rank 0 (a node-local disk): both must stop with one line.
 """
 
@@ -25,7 +25,7 @@ def main() -> int:
         check_shared_folder(state, folder if state.process_index == 0 else f"{folder}-rank1")
         return 0
     if state.process_index == 1:
-        time.sleep(45)
+        time.sleep(90)
     state.wait_for_everyone()
     print("barrier passed", flush=True)
     return 0
