@@ -117,13 +117,9 @@ def main() -> int:
         bar.update(sum(not item["pad"] for item in batch))
         bar.set_postfix(img_s=f"{count / (time.perf_counter() - start):.2f}")
     bar.close()
-    from accelerate.utils import gather_object
-
     from sketch2real.shards import corrupt_samples
 
-    corrupt: dict[str, str] = {}
-    for entries in gather_object([corrupt_samples.entries]) if state.num_processes > 1 else [corrupt_samples.entries]:
-        corrupt.update(entries)
+    corrupt = corrupt_samples.gathered(state)  # a collective: also every rank's wait for the others' part files
     if state.is_main_process:
         rows = merge_captions(out)
         report = quality_report(rows)

@@ -242,6 +242,17 @@ class CorruptLog:
         entries = self.entries if entries is None else entries
         return {"count": len(entries), "keys": sorted(entries)}
 
+    def gathered(self, state) -> dict[str, str]:
+        """Every process's entries (a collective: every rank calls it; `state` an Accelerator or PartialState)."""
+        if state.num_processes == 1:
+            return dict(self.entries)
+        from accelerate.utils import gather_object
+
+        entries: dict[str, str] = {}
+        for part in gather_object([self.entries]):
+            entries.update(part)
+        return entries
+
 
 corrupt_samples = CorruptLog()
 

@@ -71,16 +71,6 @@ def optimizer_dtypes(optimizer) -> dict[str, list[str]]:
     return {"parameters": sorted(params), "state": sorted(state)}
 
 
-def gathered_corrupt_samples(accelerator) -> dict:
-    """`corrupt_samples` of metrics.json: every process's corrupt samples (a collective)."""
-    from accelerate.utils import gather_object
-
-    entries: dict[str, str] = {}
-    for part in gather_object([corrupt_samples.entries]) if accelerator.num_processes > 1 else [corrupt_samples.entries]:
-        entries.update(part)
-    return corrupt_samples.summary(entries)
-
-
 def make_optimizer(params: list[torch.nn.Parameter], opts, device: torch.device) -> torch.optim.Optimizer:
     """AdamW (fused: one kernel for all parameters, on CUDA and CPU) or bitsandbytes' 8-bit AdamW."""
     kwargs = dict(lr=opts.learning_rate, betas=(opts.adam_beta1, opts.adam_beta2), weight_decay=opts.adam_weight_decay,
@@ -229,7 +219,7 @@ def train(task: Task, opts, accelerator, project_name: str) -> int:
         "optimizer_dtypes": optimizer_dtypes(optimizer),
         "final_lr": lr_scheduler.get_last_lr()[0],
         "latent_cache": cache,
-        "corrupt_samples": gathered_corrupt_samples(accelerator),
+        "corrupt_samples": corrupt_samples.summary(corrupt_samples.gathered(accelerator)),
         **{k: v for k, v in {**logs, **final_logs}.items() if k not in ("loss", "lr")},
     }
     if accelerator.is_main_process:
