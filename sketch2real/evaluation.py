@@ -394,7 +394,7 @@ def extra_scores(metrics: set[str], features: dict, ref_features: dict, categori
     return result
 
 
-def _class_embeddings(clip, class_names: list[str]) -> np.ndarray:
+def zero_shot_classifier(clip, class_names: list[str]) -> np.ndarray:
     """Each category's zero-shot classifier: the mean of its prompts' normalised CLIP text embeddings."""
     from sketch2real.extractors import clip_text_embeddings
 
@@ -459,18 +459,19 @@ def fit_sketchiness_probe(sketch_features: np.ndarray, photo_features: np.ndarra
     return probe
 
 
-def sketchiness_probe(opts, extractor, state, cache_dir: Path | None) -> tuple[LinearProbe | None, dict]:
-    """The probe of `--probe_shards`/`--probe_split` on `extractor`'s features, from the cache when fitted before
-    (keyed by the probe images and the extractor's settings, as reference statistics are); collective: every
-    rank extracts its part, rank 0 fits. (probe on rank 0, its description for metrics.json)."""
+def sketchiness_probe(shard_dir: str, split: str, samples: int, seed: int, extractor, state, cache_dir: Path | None,
+                      output_dir: str | Path) -> tuple[LinearProbe | None, dict]:
+    """The probe of a split's paired sketches and photos on `extractor`'s features, from the cache when fitted before
+    (keyed by the probe images and the extractor's settings, as reference statistics are), saved reusable as
+    `output_dir/sketchiness_probe.npz` (`LinearProbe.load`). Collective: every rank extracts its part, rank 0 fits.
+    (probe on rank 0 and None elsewhere, its description for metrics.json)."""
     from accelerate.utils import broadcast_object_list
 
-    shard_dir = opts.probe_shards or opts.reference_shards
-    sketches, photos = probe_images(shard_dir, opts.probe_split, opts.probe_samples, opts.seed)
-    settings = {**extractor.settings, "probe": "logistic, l2 1e-2, standardised", "heldout": PROBE_HELDOUT, "seed": opts.seed}
+    sketches, photos = probe_images(shard_dir, split, samples, seed)
+    settings = {**extractor.settings, "probe": "logistic, l2 1e-2, standardised", "heldout": PROBE_HELDOUT, "seed": seed}
     key = hashlib.sha256(json.dumps([fingerprint(sketches, settings), fingerprint(photos, settings)]).encode()).hexdigest()[:24]
     about = {"features": extractor.name, "model": extractor.settings.get("model", ""), "shards": str(shard_dir),
-             "split": opts.probe_split}
+             "split": split}
     cache_file = cache_dir / f"probe-{key}.npz" if cache_dir else None
     found = [cache_file is not None and cache_file.is_file()]
     if state.num_processes > 1:  # rank 0's view decides, as in `features_of`: every rank takes the same collectives
@@ -488,12 +489,12 @@ def sketchiness_probe(opts, extractor, state, cache_dir: Path | None) -> tuple[L
         if both.sum() < 10:
             from sketch2real.cli import UserError
 
-            raise UserError(f"sketchiness: only {int(both.sum())} readable sketch/photo pairs in split {opts.probe_split!r} "
+            raise UserError(f"sketchiness: only {int(both.sum())} readable sketch/photo pairs in split {split!r} "
                             f"of {shard_dir}; the probe needs at least 10")
-        probe = fit_sketchiness_probe(s_features[both], p_features[both], opts.seed)
+        probe = fit_sketchiness_probe(s_features[both], p_features[both], seed)
         if cache_file is not None:
             probe.save(cache_file, **about)
-    probe.save(Path(opts.output_dir) / "sketchiness_probe.npz", **about)  # reusable: `LinearProbe.load`
+    probe.save(Path(output_dir) / "sketchiness_probe.npz", **about)
     return probe, {**about, "n_train": probe.n_train, "n_heldout": probe.n_heldout, "heldout_accuracy": probe.heldout_accuracy,
                    "cache_hit": hit}
 
@@ -563,7 +564,9 @@ def run_fid(opts, generated_sets: list[ImageSet], reference: ImageSet, state) ->
     if metrics & STYLE_METRICS:
         style = Style(probe_features=opts.probe_features)
         if "sketchiness" in metrics:
-            style.probe, probe_about = sketchiness_probe(opts, extractors[opts.probe_features], state, cache_dir)
+            style.probe, probe_about = sketchiness_probe(opts.probe_shards or opts.reference_shards, opts.probe_split,
+                                                          opts.probe_samples, opts.seed, extractors[opts.probe_features],
+                                                          state, cache_dir, opts.output_dir)
     if not state.is_main_process:
         return None
     report = {"dims": opts.dims, "metrics": sorted(metrics), "num_processes": state.num_processes,
@@ -572,7 +575,7 @@ def run_fid(opts, generated_sets: list[ImageSet], reference: ImageSet, state) ->
               "reference": {"name": reference.name, "n": len(reference), "cache_hit": all(hits.values()), "cache_hits": hits},
               "sets": {}}
     class_names = sorted(set(reference.categories) - {None, ""})
-    class_embeddings = _class_embeddings(extractors["clip"], class_names) if "clip_accuracy" in metrics and class_names else None
+    class_embeddings = zero_shot_classifier(extractors["clip"], class_names) if "clip_accuracy" in metrics and class_names else None
     if style is not None:
         if "csd" in metrics:
             style.csd_reference = reference_of["csd"][0][reference_of["csd"][1]]

@@ -27,7 +27,7 @@ class ImageSet:
     """Images to score: a name, each image's loader spec, id and category (and paired sample key)."""
 
     name: str
-    sources: list  # Path, or (shard_dir, split, key, field)
+    sources: list  # Path, (shard_dir, split, key, field), or a PIL image
     ids: list[str]
     categories: list[str]
     sample_keys: list[str]
@@ -100,7 +100,10 @@ class _Loader(torch.utils.data.Dataset):
         return len(self.sources)
 
     def _open(self, source) -> Image.Image:
-        """An RGB image through the project's one decoder (`CorruptSample` when unreadable)."""
+        """An RGB image through the project's one decoder (`CorruptSample` when unreadable); images in memory as
+        they are (validation images during training)."""
+        if isinstance(source, Image.Image):
+            return source.convert("RGB")
         if isinstance(source, Path):
             return open_image(source)
         shard_dir, split, key, field = source

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from .conftest import launch, run_script
 
@@ -222,3 +223,41 @@ def test_sketchiness_needs_paired_shards(test_folders, tmp_path):
     proc = run_script("eval/fid.py", "--generated", test_folders / "photo", "--reference_dir", test_folders / "sketch",
                       "--metrics", "sketchiness", "--output_dir", tmp_path / "o", check=False)
     assert proc.returncode == 2 and "--probe_shards" in proc.stderr.strip().splitlines()[-1], proc.stderr[-800:]
+
+
+def test_validation_logs_the_style_arriving(tiny_models, shard_dir, tmp_path):
+    """`--validation_clip_model_name_or_path`: every validation logs its images' sketchiness and content accuracy
+    (to `validation_log.jsonl`, the tracker and metrics.json), and the values are those of the saved probe and the
+    zero-shot classifier applied by hand to the cells of that step's mosaic."""
+    from accelerate import PartialState
+
+    from sketch2real.evaluation import zero_shot_classifier
+    from sketch2real.extractors import clip_extractor
+    from sketch2real.metrics import ImageSet, LinearProbe, shard_set, zero_shot_correct
+
+    out, resolution, per_prompt = tmp_path / "db", 32, 2
+    prompts = ["a sks sketch of a cat", "a photo of a cat"]
+    run_script("train/dreambooth.py", "--pretrained_model_name_or_path", tiny_models.sd, "--shard_dir", shard_dir,
+               "--instance_category", "cat", "--instance_prompt", prompts[0], "--resolution", str(resolution),
+               "--max_train_steps", "4", "--validation_steps", "2", "--validation_prompt", *prompts,
+               "--num_validation_images", str(per_prompt), "--validation_inference_steps", "2", "--num_heldout_samples",
+               "0", "--validation_clip_model_name_or_path", tiny_models.clip, "--checkpointing_steps", "0",
+               "--report_to", "none", "--output_dir", out)
+    log = [json.loads(line) for line in (out / "validation_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [2, 4]
+    metrics = _metrics(out)
+    assert metrics["validation_sketchiness"] == log[-1]["validation_sketchiness"]
+    assert metrics["validation_content_accuracy"] == log[-1]["validation_content_accuracy"]
+
+    mosaic = Image.open(out / "validation" / "step-000004.png").convert("RGB")
+    cells = [mosaic.crop((x * resolution, y * resolution, (x + 1) * resolution, (y + 1) * resolution))
+             for y in range(len(prompts)) for x in range(per_prompt)]
+    ids = [str(i) for i in range(len(cells))]
+    clip = clip_extractor(str(tiny_models.clip), PartialState(cpu=True).device, 8, 0)
+    features, valid = clip.extract(ImageSet("cells", cells, ids, ["cat"] * len(cells), ids), 0, 1, False)
+    assert valid.all()
+    probe = LinearProbe.load(out / "sketchiness_probe.npz")
+    assert log[-1]["validation_sketchiness"] == pytest.approx(float(probe.probability(features).mean()), abs=1e-6)
+    names = sorted(set(shard_set(str(shard_dir), "train", "sketch").categories))
+    correct = zero_shot_correct(features, ["cat"] * len(cells), zero_shot_classifier(clip, names), names)
+    assert log[-1]["validation_content_accuracy"] == pytest.approx(float(correct.mean()), abs=1e-9)

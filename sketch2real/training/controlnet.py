@@ -207,6 +207,7 @@ class ControlNetTask(DiffusionTask):
                 generated = pipe(prompts[:count], image=[sketch_condition(s) for s in sketch_images], height=o.resolution,
                                  width=o.resolution, num_inference_steps=o.validation_inference_steps,
                                  generator=generators).images
+            logs.update(self.style_scores(generated, list(categories[:count])))
             rows = [[s, g, to_pil_image((p + 1) / 2)] for s, g, p in zip(sketch_images, generated, photos[:count])]
             grid = image_grid(rows, cell=o.resolution)
             if accelerator.is_main_process:

@@ -229,6 +229,9 @@ class DreamBoothTask(DiffusionTask):
     def validation_prompts(self) -> list[str]:
         return list(self.opts.validation_prompt) or [self.opts.instance_prompt]
 
+    def validation_categories(self) -> list[str | None]:
+        return [self.opts.instance_category or None] * len(self.validation_prompts())
+
     def save_final(self, accelerator, model) -> None:
         """LoRA: `pytorch_lora_weights.safetensors`; full: a diffusers pipeline at --output_dir."""
         opts = self.opts

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import torch
 
 from sketch2real.cli import as_dict
-from sketch2real.io import write_json
+from sketch2real.io import append_jsonl, write_json
 from sketch2real.shards import corrupt_samples
 from sketch2real.training.accelerator import finish_trackers, fp32_trained_weights, restore_fp32_masters
 from sketch2real.training.checkpoints import load_checkpoint, resolve_resume, run_fingerprint, save_checkpoint
@@ -148,6 +148,7 @@ def train(task: Task, opts, accelerator, project_name: str) -> int:
     last_loss = math.nan
     last_checkpoint = state.step if resume is not None else None
     logs: dict[str, float] = {}
+    validated_at = None  # the step of the last validation: the end validates unless it was just done
     while state.step < opts.max_train_steps:
         step = state.step
         step_loss = torch.zeros((), device=accelerator.device)
@@ -184,10 +185,15 @@ def train(task: Task, opts, accelerator, project_name: str) -> int:
         stop = flags[2] > 0
         if opts.validation_steps and state.step % opts.validation_steps == 0:
             try:
-                logs.update(task.validate(accelerator, model, state.step))
+                validated = task.validate(accelerator, model, state.step)
             except Preempted:  # raised on every process together (a collective check)
                 model.train()
                 stop = True
+            else:
+                logs.update(validated)
+                validated_at = state.step
+                if accelerator.is_main_process and validated:  # the style arriving, without a tracker too
+                    append_jsonl(out / "validation_log.jsonl", [{"step": state.step, **validated}])
         accelerator.log(logs, step=state.step)
         if stop:
             return _stop_preempted(accelerator, task, model, out, state.step, opts, fingerprint, bar)
@@ -200,9 +206,11 @@ def train(task: Task, opts, accelerator, project_name: str) -> int:
     elapsed = time.perf_counter() - start_time - cache["seconds"]  # the one-off latent cache is reported apart
     steps_done = state.step - start_step
     try:
-        final_logs = task.validate(accelerator, model, state.step) if opts.validation_steps and "heldout_loss" not in logs else {}
+        final_logs = task.validate(accelerator, model, state.step) if opts.validation_steps and validated_at != state.step else {}
     except Preempted:
         return _stop_preempted(accelerator, task, model, out, state.step, opts, fingerprint, bar)
+    if accelerator.is_main_process and final_logs:
+        append_jsonl(out / "validation_log.jsonl", [{"step": state.step, **final_logs}])
     task.save_final(accelerator, model)
     summary = {
         "steps": state.step,

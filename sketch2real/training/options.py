@@ -69,6 +69,11 @@ class TrainOptions:
     num_validation_images: int = option(2, help="images per validation prompt (0: no validation images)", min=0)
     validation_inference_steps: int = option(25, help="denoising steps of validation images", min=1)
     num_heldout_samples: int = option(16, help="validation-split samples in the held-out denoising loss (0: off)", min=0)
+    validation_clip_model_name_or_path: str = option("", help="CLIP model (hub id or path): every validation also "
+                                                     "logs its images' sketchiness (a linear probe fitted on --shard_dir's "
+                                                     "train split, sketches vs photos) and content accuracy (zero-shot "
+                                                     "category), as eval/fid.py scores them; empty: off")
+    validation_probe_samples: int = option(200, help="sketch/photo pairs the sketchiness probe is fitted on", min=10)
     ddp_timeout: int = option(7200, help="seconds a process waits in a collective before the job fails (torch's NCCL "
                               "default, 600, is shorter than rank 0 saving a full SDXL checkpoint)", min=1)
     report_to: str = option("tensorboard", help="experiment tracker", choices=("tensorboard", "wandb", "all", "none"),
@@ -85,3 +90,6 @@ class TrainOptions:
         if self.lr_scheduler == "polynomial" and self.learning_rate <= POLYNOMIAL_LR_END:
             raise UserError(f"--lr_scheduler polynomial decays to {POLYNOMIAL_LR_END}: --learning_rate must be larger, "
                             f"got {self.learning_rate}")
+        if self.validation_clip_model_name_or_path and not self.shard_dir:
+            raise UserError("--validation_clip_model_name_or_path fits its sketchiness probe on --shard_dir's train split: "
+                            "give --shard_dir")

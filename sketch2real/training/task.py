@@ -227,16 +227,35 @@ class DiffusionTask:
             folder = Path(opts.output_dir) / "validation"
             tmp = folder / f".rank{accelerator.process_index}.png"
             with accelerator.autocast():
-                grid = validation_mosaic(self.pipeline(model), prompts, opts.num_validation_images, opts.seed,
-                                         opts.resolution, opts.validation_inference_steps, tmp,
-                                         between_prompts=stop_if_preempted)
+                grid, rows = validation_mosaic(self.pipeline(model), prompts, opts.num_validation_images, opts.seed,
+                                               opts.resolution, opts.validation_inference_steps, tmp,
+                                               between_prompts=stop_if_preempted)
             if accelerator.is_main_process:
                 tmp.replace(folder / f"step-{step:06d}.png")
                 log_image(accelerator, "validation", grid, step)
             else:
                 tmp.unlink(missing_ok=True)
+            categories = self.validation_categories()
+            logs.update(self.style_scores([image for row in rows for image in row],
+                                          [c for c, row in zip(categories, rows) for _ in row]))
         model.train()
         return logs
+
+    def validation_categories(self) -> list[str | None]:
+        """The category each validation prompt asks for (None: not known; no content accuracy for its images)."""
+        return [None] * len(self.validation_prompts())
+
+    def style_scores(self, images: list, categories: list[str | None]) -> dict[str, float]:
+        """Sketchiness and content accuracy of validation images (`--validation_clip_model_name_or_path`), on the
+        main process; every process calls it (fitting the probe is a collective, the first time)."""
+        opts = self.opts
+        if not opts.validation_clip_model_name_or_path:
+            return {}
+        from sketch2real.training.style_monitor import style_monitor
+
+        monitor = style_monitor(opts.validation_clip_model_name_or_path, opts.shard_dir, opts.validation_probe_samples,
+                                opts.seed, self.accelerator, opts.output_dir)
+        return monitor.score(images, categories) if monitor is not None else {}
 
     def on_checkpoint(self, accelerator, model, step: int) -> None:
         pass

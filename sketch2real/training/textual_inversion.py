@@ -191,11 +191,18 @@ class TextualInversionTask(DiffusionTask):
         unwrapped = self.accelerator.unwrap_model(model)
         return unwrapped.encoders["text_encoder"] if isinstance(unwrapped, TextEncoders) else unwrapped
 
+    def _validation_categories(self) -> list[str]:
+        return sorted(set(self.categories))[:2] or [""]
+
     def validation_prompts(self) -> list[str]:
         if self.opts.validation_prompt:
             return list(self.opts.validation_prompt)
-        categories = sorted(set(self.categories))[:2] or [""]
-        return [self.prompt_for(c, 0) for c in categories]
+        return [self.prompt_for(c, 0) for c in self._validation_categories()]
+
+    def validation_categories(self) -> list[str | None]:
+        if self.opts.validation_prompt:
+            return super().validation_categories()
+        return [c or None for c in self._validation_categories()]
 
     def learned_embeds(self, accelerator, model) -> dict[str, torch.Tensor]:
         """In fp32: SD 1.x/2.x, diffusers' format {placeholder token: [num_vectors, hidden]}; SDXL, the community format

@@ -52,8 +52,8 @@ def heldout_denoising_losses(
 @torch.no_grad()
 def validation_mosaic(pipeline, prompts: Sequence[str], num_images: int, seed: int, resolution: int,
                       num_inference_steps: int, out_file: Path, extra: dict | None = None,
-                      between_prompts: Callable[[], None] | None = None) -> Image.Image:
-    """One row per prompt, `num_images` fixed-seed images each; saved as PNG at `out_file`.
+                      between_prompts: Callable[[], None] | None = None) -> tuple[Image.Image, list[list[Image.Image]]]:
+    """One row per prompt, `num_images` fixed-seed images each; saved as PNG at `out_file`; (the mosaic, its rows).
     `between_prompts` runs after each row (the preemption check)."""
     from sketch2real.family import generation_kwargs
 
@@ -72,7 +72,7 @@ def validation_mosaic(pipeline, prompts: Sequence[str], num_images: int, seed: i
     tmp = out_file.with_suffix(".tmp.png")
     grid.save(tmp)
     tmp.replace(out_file)
-    return grid
+    return grid, rows
 
 
 def log_image(accelerator, tag: str, image, step: int) -> None:
