@@ -33,7 +33,7 @@ from sketch2real.sketchy import sketch_condition
 class Options:
     """Generate images for every item (caption, template x split sample, or prompt), resumably and data-parallel."""
 
-    pretrained_model_name_or_path: str = option("", help="base model or a DreamBooth output: hub id or folder (required)")
+    pretrained_model_name_or_path: str = option("", help="base model or a DreamBooth output (a pipeline, or LoRA weights on their base): hub id or folder (required)")
     revision: str | None = option(None, help="model revision on the hub")
     output_dir: str = option("", help="images/, index.jsonl and mosaics/ go here (required)")
     ddp_timeout: int = option(7200, help="seconds a process waits for the others (e.g. behind rank 0's final merge) "

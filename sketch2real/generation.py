@@ -8,6 +8,8 @@ Together these make the images bit-identical whatever the number of processes.
 
 from __future__ import annotations
 
+import json
+import logging
 import string
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +24,8 @@ from sketch2real.io import atomic_path, key_path, merge_parts, read_jsonl, read_
 from sketch2real.shards import CorruptSample, corrupt_samples, open_image
 from sketch2real.sketchy import category_words
 from sketch2real.training.diffusion import derive_seed
+
+logger = logging.getLogger("sketch2real")
 
 SCHEDULERS = {
     "pndm": "PNDMScheduler",
@@ -130,6 +134,23 @@ def merge_index(output_dir: Path) -> list[dict]:
     return merge_parts(output_dir, "index", key=lambda r: r["key"], keep=lambda r: image_path(output_dir, r["key"]).is_file())
 
 
+def base_of_lora_output(model: str, lora: str) -> tuple[str, str]:
+    """(model, lora) to load, where `model` may be a LoRA training output (LoRA weights and run_config.json, no
+    pipeline): its base model with the folder's LoRA, so `MODEL=runs/dreambooth_cat` works for LoRA and full runs alike."""
+    folder = Path(model)
+    if not (folder / "pytorch_lora_weights.safetensors").is_file() or (folder / "model_index.json").is_file():
+        return model, lora
+    if lora:
+        raise UserError(f"{model} holds LoRA weights, not a pipeline, and --lora is given too: give the base model")
+    config = folder / "run_config.json"
+    base = json.loads(config.read_text()).get("pretrained_model_name_or_path") if config.is_file() else None
+    if not base:
+        raise UserError(f"{model} holds LoRA weights, not a pipeline: give its base model as --pretrained_model_name_or_path "
+                        "and this folder as --lora")
+    logger.info("%s holds LoRA weights: loading them into their base model %s", model, base)
+    return base, model
+
+
 def load_generation_pipeline(model: str, device: torch.device, dtype: torch.dtype, scheduler: str = "",
                              textual_inversion: Sequence[str] = (), lora: str = "", lora_scale: float = 1.0,
                              controlnet: str = "", safety_checker: bool = False, xformers: bool = False,
@@ -140,6 +161,7 @@ def load_generation_pipeline(model: str, device: torch.device, dtype: torch.dtyp
     from sketch2real.family import family_of, load_pipeline, load_textual_inversion
     from sketch2real.models import check_model_path, enable_xformers, load
 
+    model, lora = base_of_lora_output(model, lora)
     check_model_path(model)
     net = load(diffusers.ControlNetModel, controlnet, "ControlNet", torch_dtype=dtype) if controlnet else None
     pipe = load_pipeline(family_of(model, revision), model, net, safety_checker, torch_dtype=dtype, revision=revision)

@@ -1,46 +1,85 @@
 #!/usr/bin/env bash
 # Submit the whole chain with --dependency=afterok and print the job ids:
-# data_prep -> {dreambooth, dreambooth_sequential, textual_inversion, controlnet, caption}
-#   -> generate (base, DreamBooth, TI, ControlNet) -> fid.
-# Usage (from the repo root): SKETCHY=/data/sketchy bash slurm/pipeline.sh [extra sbatch flags, e.g. --partition gpu]
+# data_prep -> {dreambooth, dreambooth_sequential, textual_inversion, controlnet, captions}
+#   -> generate (one set per method) -> fid.
+# Usage (from the repo root): SKETCHY=/data/sketchy bash slurm/pipeline.sh [sbatch flags for every job, e.g.
+#   --partition gpu --nodes 2]
+#   STAGES="dreambooth captions"  only these methods (default: all five), each with its generation, then one fid
+#   CONFIGS=dir                   dir/JOB.yaml (JOB: dreambooth, dreambooth_sequential, textual_inversion,
+#                                 controlnet, caption, generate, fid) passed as --config to that job's script
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p logs
 DATA=${DATA:-data}
 RUNS=${RUNS:-runs}
 MODEL=${MODEL:-runwayml/stable-diffusion-v1-5}
+STAGES=${STAGES:-dreambooth dreambooth_sequential textual_inversion controlnet captions}
 export DATA MODEL SHARDS="$DATA/shards"
 
 submit() {  # submit [--dependency ...] SCRIPT: prints the job id
   sbatch --parsable "$@" | cut -d';' -f1
 }
 after() { echo "--dependency=afterok:$(IFS=:; echo "$*")"; }
+wanted() { [[ " $STAGES " == *" $1 "* ]]; }
+config() {  # config JOB: the --config flag of JOB's script, when CONFIGS has one
+  if [ -n "${CONFIGS:-}" ] && [ -f "$CONFIGS/$1.yaml" ]; then printf -- '--config\n%s\n' "$CONFIGS/$1.yaml"; fi
+}
+# Read into arrays: a CONFIGS path with spaces stays one word.
+mapfile -t gen_config < <(config generate)
 
-prep=$(submit "$@" slurm/data_prep.sh)
-dreambooth=$(OUTPUT=$RUNS/dreambooth_cat submit "$@" "$(after "$prep")" slurm/dreambooth.sh)
-sequential=$(OUTPUT=$RUNS/dreambooth_sequential submit "$@" "$(after "$prep")" slurm/dreambooth_sequential.sh)
-ti=$(OUTPUT=$RUNS/textual_inversion submit "$@" "$(after "$prep")" slurm/textual_inversion.sh)
-controlnet=$(OUTPUT=$RUNS/controlnet submit "$@" "$(after "$prep")" slurm/controlnet.sh)
-caption=$(OUTPUT=$RUNS/captions submit "$@" "$(after "$prep")" slurm/caption.sh)
-gen_base=$(OUTPUT=$RUNS/gen_captions submit "$@" "$(after "$caption")" slurm/generate.sh --captions "$RUNS/captions/captions.jsonl")
-gen_db=$(MODEL=$RUNS/dreambooth_cat OUTPUT=$RUNS/gen_dreambooth submit "$@" "$(after "$dreambooth")" slurm/generate.sh \
-  --prompt_template "a {category} in the style of sks")
-gen_ti=$(OUTPUT=$RUNS/gen_textual_inversion submit "$@" "$(after "$ti")" slurm/generate.sh \
-  --textual_inversion "$RUNS/textual_inversion/learned_embeds.safetensors" --prompt_template "a {category} in the style of <sketch>")
-gen_cn=$(OUTPUT=$RUNS/gen_controlnet submit "$@" "$(after "$controlnet")" slurm/generate.sh \
-  --controlnet "$RUNS/controlnet" --prompt_template "a photo of a {category}")
-GENERATED="captions=$RUNS/gen_captions dreambooth=$RUNS/gen_dreambooth textual_inversion=$RUNS/gen_textual_inversion controlnet=$RUNS/gen_controlnet"
-fid=$(GENERATED=$GENERATED OUTPUT=$RUNS/fid submit "$@" "$(after "$gen_base" "$gen_db" "$gen_ti" "$gen_cn")" slurm/fid.sh)
-cat <<IDS
-data_prep            $prep
-dreambooth           $dreambooth
-dreambooth_sequential $sequential
-textual_inversion    $ti
-controlnet           $controlnet
-caption              $caption
-generate (captions)  $gen_base
-generate (dreambooth) $gen_db
-generate (TI)        $gen_ti
-generate (controlnet) $gen_cn
-fid                  $fid   -> $RUNS/fid/report.md
-IDS
+sbatch_flags=("$@")
+prep=$(submit "${sbatch_flags[@]}" slurm/data_prep.sh)
+ids=("data_prep            $prep")
+generations=() generated=""
+generate() {  # generate NAME AFTER_JOB [ENV=VALUE ...] -- FLAGS...: a generation job after AFTER_JOB
+  local name=$1 dependency=$2
+  shift 2
+  local envs=()
+  while [ "$1" != "--" ]; do envs+=("$1"); shift; done
+  shift
+  local job
+  job=$(env "${envs[@]}" OUTPUT="$RUNS/gen_$name" sbatch --parsable "${sbatch_flags[@]}" "$(after "$dependency")" \
+    slurm/generate.sh "${gen_config[@]}" "$@" | cut -d';' -f1)
+  generations+=("$job")
+  generated+=" $name=$RUNS/gen_$name"
+  ids+=("generate ($name)    $job")
+}
+if wanted dreambooth; then
+  mapfile -t job_config < <(config dreambooth)
+  job=$(OUTPUT=$RUNS/dreambooth_cat submit "${sbatch_flags[@]}" "$(after "$prep")" slurm/dreambooth.sh "${job_config[@]}")
+  ids+=("dreambooth           $job")
+  generate dreambooth "$job" MODEL="$RUNS/dreambooth_cat" -- --prompt_template "a {category} in the style of sks"
+fi
+if wanted dreambooth_sequential; then
+  mapfile -t job_config < <(config dreambooth_sequential)
+  job=$(OUTPUT=$RUNS/dreambooth_sequential submit "${sbatch_flags[@]}" "$(after "$prep")" slurm/dreambooth_sequential.sh \
+    "${job_config[@]}")
+  ids+=("dreambooth_sequential $job")
+fi
+if wanted textual_inversion; then
+  mapfile -t job_config < <(config textual_inversion)
+  job=$(OUTPUT=$RUNS/textual_inversion submit "${sbatch_flags[@]}" "$(after "$prep")" slurm/textual_inversion.sh \
+    "${job_config[@]}")
+  ids+=("textual_inversion    $job")
+  generate textual_inversion "$job" -- --textual_inversion "$RUNS/textual_inversion/learned_embeds.safetensors" \
+    --prompt_template "a {category} in the style of <sketch>"
+fi
+if wanted controlnet; then
+  mapfile -t job_config < <(config controlnet)
+  job=$(OUTPUT=$RUNS/controlnet submit "${sbatch_flags[@]}" "$(after "$prep")" slurm/controlnet.sh "${job_config[@]}")
+  ids+=("controlnet           $job")
+  generate controlnet "$job" -- --controlnet "$RUNS/controlnet" --prompt_template "a photo of a {category}"
+fi
+if wanted captions; then
+  mapfile -t job_config < <(config caption)
+  job=$(OUTPUT=$RUNS/captions submit "${sbatch_flags[@]}" "$(after "$prep")" slurm/caption.sh "${job_config[@]}")
+  ids+=("caption              $job")
+  generate captions "$job" -- --captions "$RUNS/captions/captions.jsonl"
+fi
+if [ ${#generations[@]} -gt 0 ]; then
+  mapfile -t job_config < <(config fid)
+  job=$(GENERATED=${generated# } OUTPUT=$RUNS/fid submit "${sbatch_flags[@]}" "$(after "${generations[@]}")" slurm/fid.sh \
+    "${job_config[@]}")
+  ids+=("fid                  $job   -> $RUNS/fid/report.md")
+fi
+printf '%s\n' "${ids[@]}"

@@ -179,3 +179,24 @@ def test_sdxl_captions_to_images_to_scores_unchanged_for_the_user(tiny_models, s
     scores = json.loads((tmp_path / "scores" / "metrics.json").read_text())["sets"]["sdxl"]
     assert scores["n_generated"] == len(rows) and scores["fid"] == scores["fid"]
     assert set(scores["per_category"]) == {r["category"] for r in caption_rows}
+
+
+def test_a_lora_training_output_is_a_model(tmp_path):
+    """A DreamBooth LoRA output folder given as the model loads its base model (from run_config.json) with the
+    folder's LoRA; a pipeline folder is itself; LoRA weights without a base to find are one line."""
+    import json
+
+    from sketch2real.cli import UserError
+    from sketch2real.generation import base_of_lora_output
+
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match="give its base model"):
+        base_of_lora_output(str(lora), "")
+    (lora / "run_config.json").write_text(json.dumps({"pretrained_model_name_or_path": "/models/base"}))
+    assert base_of_lora_output(str(lora), "") == ("/models/base", str(lora))
+    with pytest.raises(UserError, match="--lora is given too"):
+        base_of_lora_output(str(lora), "/other")
+    (lora / "model_index.json").write_text("{}")  # a full pipeline that also kept LoRA weights: the pipeline
+    assert base_of_lora_output(str(lora), "/other") == (str(lora), "/other")

@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from .conftest import REPO, launch, relative_difference, run_script, weights
+from .conftest import REPO, relative_difference, run_script, weights
 
 pytestmark = pytest.mark.skipif(shutil.which("slurmctld") is None or os.geteuid() != 0,
                                 reason="needs root and Debian's slurmctld/slurmd/munge (make slurm-deps)")
@@ -66,18 +67,12 @@ def two_node_run(cluster, tiny_models, shard_dir, tmp_path_factory) -> Path:
     return out
 
 
-def test_training_across_two_nodes_equals_one_node(two_node_run, tiny_models, shard_dir, tmp_path):
+def test_training_across_two_nodes_records_nodes_and_saves(two_node_run):
+    """(Equality with one node, to the bit, is the pipeline test's.)"""
     metrics = json.loads((two_node_run / "metrics.json").read_text())
     assert metrics["num_processes"] == 2 and metrics["num_nodes"] == 2 and metrics["steps"] == STEPS
+    assert json.loads((two_node_run / "run_config.json").read_text())["max_train_steps"] == STEPS
     assert (two_node_run / "pytorch_lora_weights.safetensors").is_file() and list(two_node_run.glob("checkpoint-*"))
-    one_node = tmp_path / "one-node"
-    launch("train/dreambooth.py", "--pretrained_model_name_or_path", tiny_models.sd, "--shard_dir", shard_dir,
-           "--instance_category", "cat", "--instance_prompt", "a cat in the style of sks", "--resolution", "32",
-           "--max_train_steps", str(STEPS), "--checkpointing_steps", "30", "--mixed_precision", "no", *DB_FLAGS,
-           "--output_dir", one_node)
-    assert json.loads((one_node / "metrics.json").read_text())["num_nodes"] == 1
-    a, b = weights(two_node_run), weights(one_node)
-    assert relative_difference(a, b, {k: v * 0 for k, v in a.items()}) < 1e-2
 
 
 def test_deepspeed_zero2_across_two_nodes(cluster, tiny_models, shard_dir, two_node_run, tmp_path):
@@ -187,3 +182,68 @@ def test_generation_and_captions_across_two_nodes_are_the_bytes_of_one(cluster, 
                "--output_dir", tmp_path / "cap1")
     assert (tmp_path / "cap1" / "captions.jsonl").read_bytes() == (tmp_path / "cap2" / "captions.jsonl").read_bytes()
     assert json.loads((tmp_path / "cap2" / "metrics.json").read_text())["num_processes"] == 2
+
+
+PIPELINE_CONFIGS = {
+    "dreambooth": {"lora_rank": 4, "learning_rate": 1e-3, "validation_steps": 0, "report_to": "none",
+                   "num_heldout_samples": 0, "train_batch_size": 1},
+    "generate": {"height": 32, "width": 32, "num_inference_steps": 2, "max_per_category": 2, "batch_size": 3},
+    "fid": {"dims": 64, "no_cache": True, "batch_size": 8, "num_workers": 0, "bootstrap_resamples": 10},
+}
+
+
+def _pipeline(cluster, tiny_models, sketchy_root, root: Path, flags: list[str], **extra: str) -> dict:
+    """`slurm/pipeline.sh` (data prep -> DreamBooth -> generation -> FID) with `flags` for every job; its fid
+    metrics.json once every job has left the queue (a failed job: its log)."""
+    import yaml
+
+    configs = root / "configs"
+    configs.mkdir(parents=True)
+    for job, values in PIPELINE_CONFIGS.items():
+        (configs / f"{job}.yaml").write_text(yaml.safe_dump(values))
+    env = {**cluster, "SKETCHY": str(sketchy_root), "DATA": str(root / "data"), "RUNS": str(root / "runs"),
+           "MODEL": str(tiny_models.sd), "STAGES": "dreambooth", "CONFIGS": str(configs), "STEPS": "12",
+           "CHECKPOINT_STEPS": "6", "TORCH_HOME": str(tiny_models.torch_home), **extra}
+    submitted = subprocess.run(["bash", "slurm/pipeline.sh", *flags, f"--output={root}/job-%j.out"], cwd=REPO, env=env,
+                               capture_output=True, text=True, timeout=120, check=True).stdout
+    jobs = [word for line in submitted.splitlines() for word in line.split() if word.isdigit()]
+    assert len(jobs) == 4, submitted  # data_prep, dreambooth, its generation, fid
+
+    def queued() -> list[str]:
+        return subprocess.run(["squeue", "-h", "-o", "%i %T %r", "-j", ",".join(jobs)], env=env, capture_output=True,
+                              text=True).stdout.splitlines()
+
+    deadline = time.time() + 900
+    try:
+        while (waiting := queued()) and time.time() < deadline:
+            assert not any("DependencyNeverSatisfied" in line for line in waiting), _log(root, "job")[-6000:]
+            time.sleep(1)
+        assert not waiting, waiting
+    finally:  # a failed chain leaves its dependants pending forever
+        subprocess.run(["scancel", *jobs], env=env, capture_output=True)
+    metrics = root / "runs" / "fid" / "metrics.json"
+    assert metrics.is_file(), _log(root, "job")[-6000:]
+    return json.loads(metrics.read_text())
+
+
+def test_the_pipeline_on_two_nodes_ends_with_the_metrics_of_one_node(cluster, tiny_models, sketchy_root, tmp_path):
+    """The whole chain, every job on two nodes (one process each), against every job on one node (two processes):
+    the same splits and shards, trained weights, image bytes and metrics."""
+    two = _pipeline(cluster, tiny_models, sketchy_root, tmp_path / "two", CPU_FLAGS)
+    one = _pipeline(cluster, tiny_models, sketchy_root, tmp_path / "one",
+                    ["--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=2", "--time=10"],
+                    GPUS_PER_NODE="2")
+    runs = {name: tmp_path / name / "runs" for name in ("one", "two")}
+    trained = {name: json.loads((r / "dreambooth_cat" / "metrics.json").read_text()) for name, r in runs.items()}
+    assert (trained["two"]["num_nodes"], trained["one"]["num_nodes"]) == (2, 1)
+    assert trained["two"]["num_processes"] == trained["one"]["num_processes"] == 2
+    for name in ("train.json", "test.json"):
+        assert (tmp_path / "two" / "data" / "shards" / name).read_bytes() == (tmp_path / "one" / "data" / "shards" / name).read_bytes()
+    a, b = weights(runs["two"] / "dreambooth_cat"), weights(runs["one"] / "dreambooth_cat")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # two ranks either way: the same sums
+    images = {name: {p.relative_to(r): p.read_bytes() for p in (r / "gen_dreambooth" / "images").rglob("*.png")}
+              for name, r in runs.items()}
+    assert len(images["two"]) == 10 and images["two"] == images["one"]
+    assert two["num_processes"] == one["num_processes"] == 2
+    assert two["sets"]["dreambooth"]["n_generated"] == 10 and two["sets"]["dreambooth"]["fid"] > 0
+    assert two["sets"] == one["sets"] and two.get("differences") == one.get("differences")
