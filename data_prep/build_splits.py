@@ -7,7 +7,7 @@ from sketch2real.sketchy import DEFAULT_AUGMENTATION, INVALID_KINDS, SketchyRele
 from sketch2real.splits import build_splits, format_report, warn_absent, write_splits
 
 
-@dataclass
+@dataclass(frozen=True)
 class Options:
     """Split a Sketchy release by photo: test = info/testset.txt, val = a seeded fraction of the rest."""
 

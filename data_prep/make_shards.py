@@ -6,7 +6,7 @@ from sketch2real.cli import UserError, check_output_dir, option, parse_options, 
 from sketch2real.shards import write_shards
 
 
-@dataclass
+@dataclass(frozen=True)
 class Options:
     """Pack each split into {split}-NNNNNN.tar shards plus a {split}.json index of counts and keys."""
 

@@ -6,7 +6,7 @@ from sketch2real.cli import UserError, check_output_dir, option, parse_options, 
 from sketch2real.synthetic import DEFAULT_CATEGORIES, make_synthetic_sketchy
 
 
-@dataclass
+@dataclass(frozen=True)
 class Options:
     """Write a synthetic Sketchy release in the real layout."""
 

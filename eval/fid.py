@@ -11,7 +11,7 @@ from sketch2real.extractors import DEFAULT_CLIP, DEFAULT_CSD, DEFAULT_DINOV2
 from sketch2real.metrics import VALID_DIMS, folder_set, shard_set
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class Options:
     """Score generated image folders against test photos/sketches from the shards, or against any folder."""
 

@@ -12,7 +12,7 @@ from sketch2real.io import append_jsonl, atomic_path, write_json
 from sketch2real.models import dtype_for
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class Options:
     """Caption every sketch of a split (or an image folder) with several prompts; resumable and data-parallel."""
 

@@ -29,7 +29,7 @@ from sketch2real.shards import CorruptSample, ShardSamples, corrupt_samples
 from sketch2real.sketchy import sketch_condition
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class Options:
     """Generate images for every item (caption, template x split sample, or prompt), resumably and data-parallel."""
 

@@ -1,15 +1,17 @@
-"""The one place that knows how Stable Diffusion families differ: SD 1.x/2.x and SDXL.
+"""The one place that knows how model families differ: SD 1.x/2.x and SDXL, entries of `FAMILIES`.
 
-The family is read from the model (`model_index.json`'s pipeline class), never from a flag. It says which
-tokenizers and text encoders there are, how prompts become the UNet's conditioning (SDXL: the penultimate
-hidden states of both encoders side by side, the second encoder's pooled embedding, and the
-micro-conditioning time ids), and which diffusers pipeline classes load and generate. Trainers and scripts
-call this and never branch on the family themselves.
+The family is read from the model (`model_index.json`'s pipeline class, or a loaded pipeline's class), never from a
+flag. It says which tokenizers and text encoders there are, how prompts become the UNet's conditioning (SDXL: the
+penultimate hidden states of both encoders side by side, the second encoder's pooled embedding, and the
+micro-conditioning time ids), how a Textual Inversion file holds its rows, and which diffusers pipeline classes
+load and generate. Trainers and scripts ask it and never branch on the family themselves; a new family is one
+`Family` entry (and, where its conditioning differs, the functions here that read its fields).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,17 +32,37 @@ class Family:
     text_encoders: tuple[str, ...]  # component names, in the order their states are concatenated
     tokenizers: tuple[str, ...]
     text_encoder_classes: tuple[str, ...]  # transformers classes
+    pooled: bool  # the UNet also takes the last encoder's pooled embedding and time ids (SDXL's added conditioning)
+    embedding_keys: tuple[str, ...] | None  # Textual Inversion file: one tensor per encoder (None: {token: rows})
+    pipeline_classes: str  # a regular expression of the model_index.json `_class_name`s of this family
+    safety_checker: bool  # its pipelines have a safety checker component (off unless asked: it blackens sketches)
 
-    @property
-    def pooled(self) -> bool:
-        """Whether the UNet also takes a pooled text embedding and time ids (SDXL's added conditioning)."""
-        return len(self.text_encoders) > 1
+    def learned_embeds(self, token: str, rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Trained Textual Inversion rows (one tensor per text encoder, in order) as this family's file holds them."""
+        return dict(zip(self.embedding_keys, rows)) if self.embedding_keys else {token: rows[0]}
+
+    def generation_kwargs(self, source_size: tuple[int, int] = SKETCHY_SIZE) -> dict:
+        """Pipeline call arguments matching training's conditioning (SDXL: the sources' original size, uncropped)."""
+        return {"original_size": source_size, "crops_coords_top_left": (0, 0)} if self.pooled else {}
 
 
 SD = Family("sd", "StableDiffusionPipeline", "StableDiffusionControlNetPipeline", ("text_encoder",), ("tokenizer",),
-            ("CLIPTextModel",))
+            ("CLIPTextModel",), pooled=False, embedding_keys=None, safety_checker=True,
+            pipeline_classes=r"StableDiffusion(ControlNet|Img2Img|Inpaint|InstructPix2Pix)?Pipeline")
 SDXL = Family("sdxl", "StableDiffusionXLPipeline", "StableDiffusionXLControlNetPipeline", ("text_encoder", "text_encoder_2"),
-              ("tokenizer", "tokenizer_2"), ("CLIPTextModel", "CLIPTextModelWithProjection"))
+              ("tokenizer", "tokenizer_2"), ("CLIPTextModel", "CLIPTextModelWithProjection"), pooled=True,
+              embedding_keys=("clip_l", "clip_g"), safety_checker=False, pipeline_classes=r"StableDiffusionXL(ControlNet|Img2Img|Inpaint)?Pipeline")
+FAMILIES: dict[str, Family] = {family.name: family for family in (SD, SDXL)}  # the registry: a new family is an entry
+
+
+def family_of_class(class_name: str, where: str = "") -> Family:
+    """The registered family whose pipelines include `class_name`; one line naming what is supported otherwise."""
+    for family in FAMILIES.values():
+        if re.fullmatch(family.pipeline_classes, class_name):
+            return family
+    supported = ", ".join(f"{f.name} ({f.pipeline})" for f in FAMILIES.values())
+    raise UserError(f"{where or 'the model'} is a {class_name or 'pipeline of unknown class'}: not a family sketch2real "
+                    f"trains ({supported})")
 
 
 def family_of(name_or_path: str, revision: str | None = None) -> Family:
@@ -55,8 +77,12 @@ def family_of(name_or_path: str, revision: str | None = None) -> Family:
             index = json.loads(Path(hf_hub_download(name_or_path, "model_index.json", revision=revision)).read_text())
     except Exception as err:  # not a pipeline, offline without a cache, a typo
         raise UserError(f"cannot read the model index of {name_or_path}: {str(err).strip().splitlines()[0]}") from err
-    class_name = index.get("_class_name", "")
-    return SDXL if "XL" in class_name else SD
+    return family_of_class(index.get("_class_name", ""), name_or_path)
+
+
+def family_of_pipeline(pipe) -> Family:
+    """The family of a loaded pipeline, from its class."""
+    return family_of_class(type(pipe).__name__)
 
 
 def pipeline_class(family: Family, controlnet: bool = False):
@@ -105,30 +131,6 @@ def encode_prompt_ids(family: Family, text_encoders: list, ids: list[torch.Tenso
     return Conditioning(torch.cat(states, dim=-1), {"text_embeds": pooled, "time_ids": times})
 
 
-def load_pipeline(family: Family, name_or_path: str, controlnet=None, safety_checker: bool = False, **kwargs):
-    """`from_pretrained` of the family's pipeline (with a ControlNet, if given), one-line errors; SD's safety
-    checker only if asked (it blackens sketches)."""
-    from sketch2real.models import load
-
-    if not family.pooled and not safety_checker:
-        kwargs = {"safety_checker": None, "requires_safety_checker": False, **kwargs}
-    if controlnet is not None:
-        kwargs["controlnet"] = controlnet
-    return load(pipeline_class(family, controlnet is not None), name_or_path, "model", **kwargs)
-
-
-def assemble_pipeline(components, unet, text_encoder, scheduler, controlnet=None):
-    """A generation pipeline of the components' family around the given (trained) UNet and first text encoder."""
-    family = components.family or SD
-    parts = {"vae": components.vae, "unet": unet, "scheduler": scheduler, "text_encoder": text_encoder,
-             "tokenizer": components.tokenizer, **({"controlnet": controlnet} if controlnet is not None else {})}
-    if family.pooled:
-        parts.update(text_encoder_2=components.text_encoder_2, tokenizer_2=components.tokenizer_2)
-    else:
-        parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    return pipeline_class(family, controlnet is not None)(**parts)
-
-
 class TextEncoders(torch.nn.Module):
     """A family's text encoders as one module, token ids (one tensor per tokenizer) in, conditioning out as a tuple
     (states, and for SDXL pooled embedding and time ids): what DDP/DeepSpeed wrap when the encoders train.
@@ -169,30 +171,32 @@ class TextEncoders(torch.nn.Module):
 
 
 def generation_kwargs(pipe, source_size: tuple[int, int] = SKETCHY_SIZE) -> dict:
-    """Call arguments for a loaded pipeline that match training's conditioning (SDXL: the sources' original size,
-    uncropped)."""
-    pooled = getattr(pipe, "text_encoder_2", None) is not None
-    return {"original_size": source_size, "crops_coords_top_left": (0, 0)} if pooled else {}
+    """Call arguments for a loaded pipeline that match training's conditioning (`Family.generation_kwargs`)."""
+    return family_of_pipeline(pipe).generation_kwargs(source_size)
 
 
 def load_textual_inversion(pipe, file: str) -> None:
-    """Load a Textual Inversion file into a pipeline of either family.
+    """Load a Textual Inversion file into a pipeline of any family.
 
-    SD 1.x/2.x: diffusers' format ({token: vectors}). SDXL: the community format with `clip_l` and `clip_g`
-    tensors, one per text encoder (A1111, kohya); the token is the file's `token` metadata, else its name as
-    A1111 uses it. An SD 1.x file given to SDXL is refused: it would fit the first encoder only.
+    One embedding for the family's one encoder: diffusers' format ({token: vectors}). Several encoders: the
+    community format with one tensor per encoder (SDXL's `clip_l` and `clip_g`: A1111, kohya); the token is the
+    file's `token` metadata, else its name as A1111 uses it. A file holding other tensors is refused (an SD 1.x
+    embedding given to SDXL would fit the first encoder only).
     """
-    if getattr(pipe, "text_encoder_2", None) is None:
+    family = family_of_pipeline(pipe)
+    if not family.embedding_keys:
         pipe.load_textual_inversion(file)
         return
     from safetensors import safe_open
 
     with safe_open(file, "pt") as f:
         keys, metadata = set(f.keys()), f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in keys & {"clip_l", "clip_g"}}
-    if set(tensors) != {"clip_l", "clip_g"}:
-        raise UserError(f"{file} holds {', '.join(sorted(keys)) or 'nothing'}: an SD 1.x embedding; an SDXL model needs "
-                        "'clip_l' and 'clip_g' tensors (one per text encoder)")
+        tensors = {k: f.get_tensor(k) for k in keys & set(family.embedding_keys)}
+    if set(tensors) != set(family.embedding_keys):
+        raise UserError(f"{file} holds {', '.join(sorted(keys)) or 'nothing'}: not a {family.name} embedding (an SD 1.x "
+                        f"embedding holds one tensor named by its token); a {family.name} model needs {' and '.join(repr(k) for k in family.embedding_keys)} tensors "
+                        "(one per text encoder)")
     token = metadata.get("token") or Path(file).stem
-    pipe.load_textual_inversion(tensors["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
-    pipe.load_textual_inversion(tensors["clip_g"], token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+    for key, encoder, tokenizer in zip(family.embedding_keys, family.text_encoders, family.tokenizers):
+        pipe.load_textual_inversion(tensors[key], token=token, text_encoder=getattr(pipe, encoder),
+                                    tokenizer=getattr(pipe, tokenizer))

@@ -158,8 +158,8 @@ def load_generation_pipeline(model: str, device: torch.device, dtype: torch.dtyp
     """A (ControlNet) pipeline of the model's family (SD 1.x/2.x or SDXL) with optional TI embeddings and LoRA fused in."""
     import diffusers
 
-    from sketch2real.family import family_of, load_pipeline, load_textual_inversion
-    from sketch2real.models import check_model_path, enable_xformers, load
+    from sketch2real.family import family_of, load_textual_inversion
+    from sketch2real.models import check_model_path, enable_xformers, load, load_pipeline
 
     model, lora = base_of_lora_output(model, lora)
     check_model_path(model)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from sketch2real.cli import UserError
+from sketch2real.family import Family, family_of, pipeline_class
 from sketch2real.io import umask_modes
 
 
@@ -42,24 +43,25 @@ def load(cls: Any, name_or_path: str, what: str = "model", **kwargs: Any) -> Any
 
 @dataclass
 class SDComponents:
-    """The parts of a Stable Diffusion checkpoint that training needs (SDXL: two tokenizers and text encoders)."""
+    """The parts of a Stable Diffusion checkpoint that training needs; `family` names its text encoders and
+    tokenizers (SDXL: two of each)."""
 
+    family: Family
     tokenizer: Any
     text_encoder: Any
     vae: Any
     unet: Any
     noise_scheduler: Any
-    family: Any = None  # sketch2real.family.Family; SD when None
     tokenizer_2: Any = None
     text_encoder_2: Any = None
 
     @property
     def tokenizers(self) -> list:
-        return [t for t in (self.tokenizer, self.tokenizer_2) if t is not None]
+        return [getattr(self, name) for name in self.family.tokenizers]
 
     @property
     def text_encoders(self) -> list:
-        return [t for t in (self.text_encoder, self.text_encoder_2) if t is not None]
+        return [getattr(self, name) for name in self.family.text_encoders]
 
 
 def load_sd_components(name_or_path: str, revision: str | None = None, variant: str | None = None,
@@ -69,8 +71,6 @@ def load_sd_components(name_or_path: str, revision: str | None = None, variant: 
     import transformers
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTokenizer
-
-    from sketch2real.family import family_of
 
     check_model_path(name_or_path)
     family = family_of(name_or_path, revision)
@@ -87,6 +87,27 @@ def load_sd_components(name_or_path: str, revision: str | None = None, variant: 
         unet=load(UNet2DConditionModel, name_or_path, "UNet", subfolder="unet", variant=variant, **common),
         noise_scheduler=load(DDPMScheduler, name_or_path, "scheduler", subfolder="scheduler", **common),
     )
+
+
+def load_pipeline(family: Family, name_or_path: str, controlnet=None, safety_checker: bool = False, **kwargs):
+    """`from_pretrained` of the family's pipeline (with a ControlNet, if given), one-line errors; SD's safety
+    checker only if asked (it blackens sketches)."""
+    if family.safety_checker and not safety_checker:
+        kwargs = {"safety_checker": None, "requires_safety_checker": False, **kwargs}
+    if controlnet is not None:
+        kwargs["controlnet"] = controlnet
+    return load(pipeline_class(family, controlnet is not None), name_or_path, "model", **kwargs)
+
+
+def assemble_pipeline(components, unet, text_encoder, scheduler, controlnet=None):
+    """A generation pipeline of the components' family around the given (trained) UNet and first text encoder."""
+    family = components.family
+    parts = {"vae": components.vae, "unet": unet, "scheduler": scheduler,
+             **{name: getattr(components, name) for name in (*family.text_encoders, *family.tokenizers)},
+             "text_encoder": text_encoder, **({"controlnet": controlnet} if controlnet is not None else {})}
+    if family.safety_checker:
+        parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return pipeline_class(family, controlnet is not None)(**parts)
 
 
 def enable_xformers(model: Any, device: torch.device) -> None:

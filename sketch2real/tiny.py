@@ -425,7 +425,7 @@ def build_all(output_dir: str | os.PathLike, torch_home: str | os.PathLike | Non
     return TinyModels(sd=sd, sdxl=sdxl, clip=clip, dinov2=dinov2, blip2=blip2, llava=llava, torch_home=home)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Options:
     """Build the tiny offline models (SD, CLIP, DINOv2, BLIP-2, LLaVA, FID Inception weights)."""
 

@@ -443,3 +443,24 @@ def test_trainers_check_the_output_dir_before_anything_else(tmp_path, monkeypatc
                                  "--shard_dir", "s", "--mixed_precision", "no"])
     with pytest.raises(UserError, match="--output_dir .*cannot create the folder"):
         make_accelerator(opts)
+
+
+@pytest.mark.parametrize("key", CLASSES)
+def test_options_are_frozen_after_parsing(key):
+    """Derived values (the precision used, the scaled learning rate) are returned, never written back."""
+    cls = options_class(key)
+    assert cls.__dataclass_params__.frozen, key
+    opts = cls(**{f.name: "placeholder" for f in dataclasses.fields(cls)
+                  if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.output_dir = "elsewhere"
+
+
+def test_the_learning_rate_is_scaled_by_the_global_batch_and_returned():
+    from sketch2real.training.loop import effective_learning_rate
+
+    opts = parse_options(_db(), ["--learning_rate", "1e-4", "--scale_lr", "--train_batch_size", "3",
+                                 "--gradient_accumulation_steps", "2", "--pretrained_model_name_or_path", "m",
+                                 "--output_dir", "o"])
+    assert effective_learning_rate(opts, 4) == pytest.approx(1e-4 * 3 * 2 * 4) and opts.learning_rate == 1e-4
+    assert effective_learning_rate(dataclasses.replace(opts, scale_lr=False), 4) == 1e-4

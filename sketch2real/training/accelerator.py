@@ -32,8 +32,8 @@ def make_accelerator(opts, train_batch_size: int | None = None):
     """An `accelerate.Accelerator` for `opts` (a TrainOptions), usable on CUDA clusters and on CPU.
 
     On CPU the process group uses gloo, so DDP and DeepSpeed run with several CPU
-    processes (tests). fp16 needs CUDA; bf16 works on both. `opts.mixed_precision`
-    is set to the precision actually used, so run_config.json records it.
+    processes (tests). fp16 needs CUDA; bf16 works on both. The precision actually used (under DeepSpeed: what its
+    config enables) is `accelerator.mixed_precision`; `opts` is left as parsed.
     """
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
@@ -60,8 +60,7 @@ def make_accelerator(opts, train_batch_size: int | None = None):
         project_config=ProjectConfiguration(project_dir=opts.output_dir, logging_dir=str(Path(opts.output_dir) / opts.logging_dir)),
         kwargs_handlers=kwargs_handlers,
     )
-    opts.mixed_precision = accelerator.mixed_precision  # under DeepSpeed: what its config enables
-    if on_cpu and opts.mixed_precision == "fp16":
+    if on_cpu and accelerator.mixed_precision == "fp16":
         raise UserError("mixed precision fp16 (from the DeepSpeed config) needs a CUDA device; use bf16 or no on CPU")
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:

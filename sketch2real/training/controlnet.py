@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from sketch2real.cli import UserError, option
-from sketch2real.family import Conditioning, assemble_pipeline
+from sketch2real.family import Conditioning
 from sketch2real.io import read_jsonl
-from sketch2real.models import SDComponents, load
+from sketch2real.models import SDComponents, assemble_pipeline, load
 from sketch2real.sketchy import category_words, photo_key, sketch_condition
 from sketch2real.training.accelerator import cast_denoiser_inputs, trained_state_dict
 from sketch2real.training.data import LazyImages
@@ -31,7 +31,7 @@ from sketch2real.training.validation import heldout_denoising_losses, log_image
 logger = logging.getLogger("sketch2real")
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class ControlNetOptions(TrainOptions):
     """Train a sketch -> photo ControlNet on Sketchy's paired shards."""
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 
 from sketch2real.cli import UserError, option
-from sketch2real.family import Conditioning, TextEncoders, family_of, load_pipeline, pipeline_class
+from sketch2real.family import Conditioning, TextEncoders, family_of, pipeline_class
 from sketch2real.io import atomic_path, umask_modes
-from sketch2real.models import SDComponents, dtype_for, save_pretrained_atomic
+from sketch2real.models import SDComponents, dtype_for, load_pipeline, save_pretrained_atomic
 from sketch2real.training.accelerator import trained_state_dict, zero3_init_disabled
 from sketch2real.training.data import load_folder_images, load_shard_images
 from sketch2real.training.diffusion import derive_seed
@@ -24,7 +24,7 @@ logger = logging.getLogger("sketch2real")
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class DreamBoothOptions(TrainOptions):
     """DreamBooth: bind a rare token to a few instance images (here: Sketchy sketches of one category)."""
 
@@ -109,7 +109,7 @@ def ensure_class_images(accelerator, opts: DreamBoothOptions) -> None:
     mine = missing[accelerator.process_index :: accelerator.num_processes]
     with zero3_init_disabled(accelerator):
         pipe = load_pipeline(family_of(opts.pretrained_model_name_or_path, opts.revision), opts.pretrained_model_name_or_path,
-                             torch_dtype=dtype_for(opts.mixed_precision), revision=opts.revision, variant=opts.variant)
+                             torch_dtype=dtype_for(accelerator.mixed_precision), revision=opts.revision, variant=opts.variant)
     pipe.to(accelerator.device)
     pipe.set_progress_bar_config(disable=True)
     bar = tqdm(total=len(missing), desc="class images", disable=not accelerator.is_local_main_process)

@@ -71,9 +71,15 @@ def optimizer_dtypes(optimizer) -> dict[str, list[str]]:
     return {"parameters": sorted(params), "state": sorted(state)}
 
 
-def make_optimizer(params: list[torch.nn.Parameter], opts, device: torch.device) -> torch.optim.Optimizer:
+def effective_learning_rate(opts, num_processes: int) -> float:
+    """`--learning_rate`, times the global batch (accumulation x per-device batch x processes) with `--scale_lr`."""
+    scale = opts.gradient_accumulation_steps * opts.train_batch_size * num_processes if opts.scale_lr else 1
+    return opts.learning_rate * scale
+
+
+def make_optimizer(params: list[torch.nn.Parameter], opts, device: torch.device, learning_rate: float) -> torch.optim.Optimizer:
     """AdamW (fused: one kernel for all parameters, on CUDA and CPU) or bitsandbytes' 8-bit AdamW."""
-    kwargs = dict(lr=opts.learning_rate, betas=(opts.adam_beta1, opts.adam_beta2), weight_decay=opts.adam_weight_decay,
+    kwargs = dict(lr=learning_rate, betas=(opts.adam_beta1, opts.adam_beta2), weight_decay=opts.adam_weight_decay,
                   eps=opts.adam_epsilon)
     if opts.use_8bit_adam:
         import bitsandbytes as bnb
@@ -112,10 +118,9 @@ def train(task: Task, opts, accelerator, project_name: str) -> int:
     from tqdm.auto import tqdm
 
     out = Path(opts.output_dir)
-    if opts.scale_lr:
-        opts.learning_rate *= opts.gradient_accumulation_steps * opts.train_batch_size * accelerator.num_processes
+    learning_rate = effective_learning_rate(opts, accelerator.num_processes)
     params = task.trainable_parameters()
-    optimizer = make_optimizer(params, opts, accelerator.device)
+    optimizer = make_optimizer(params, opts, accelerator.device, learning_rate)
     # The schedule is a function of global optimizer steps: stepped here once per optimizer step, not prepared
     # (accelerate would step it once per process and checkpoint that count), and fast-forwarded on resume, so a
     # checkpoint resumes on any number of processes with the same learning rates.
@@ -140,7 +145,9 @@ def train(task: Task, opts, accelerator, project_name: str) -> int:
 
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "run_config.json", as_dict(opts))
+        # the options as given (a --config for a rerun), and what they resolved to here
+        write_json(out / "run_config.json", {**as_dict(opts), "mixed_precision": accelerator.mixed_precision,
+                                             "effective_learning_rate": learning_rate})
         accelerator.init_trackers(project_name, config=_tracker_config(opts))
     bar = tqdm(total=opts.max_train_steps, initial=state.step, desc=project_name, unit="step",
                disable=not accelerator.is_local_main_process, dynamic_ncols=True)

@@ -12,7 +12,7 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 POLYNOMIAL_LR_END = 1e-7  # get_scheduler's default end of the polynomial schedule: the learning rate must exceed it
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class TrainOptions:
     """Shared trainer options (model, data, optimisation, precision, checkpoints, validation)."""
 

@@ -24,7 +24,7 @@ from sketch2real.training.validation import heldout_denoising_losses
 logger = logging.getLogger("sketch2real")
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class SequentialOptions(DreamBoothOptions):
     """DreamBooth on several categories in turn; --instance_prompt may use {category}."""
 

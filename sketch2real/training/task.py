@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from sketch2real.family import SD, SKETCHY_SIZE, Conditioning, TextEncoders, assemble_pipeline, encode_prompt_ids
-from sketch2real.models import SDComponents, dtype_for, load_sd_components
+from sketch2real.family import SKETCHY_SIZE, Conditioning, TextEncoders, encode_prompt_ids
+from sketch2real.models import SDComponents, assemble_pipeline, dtype_for, load_sd_components
 from sketch2real.training.accelerator import cast_denoiser_inputs, configure_attention, zero3_init_disabled
 from sketch2real.training.data import GlobalBatchSampler, LazyImages, StepLoader, default_num_workers, prefetched
 from sketch2real.training.diffusion import (
@@ -86,11 +86,11 @@ class DiffusionTask:
 
     def __init__(self, opts, accelerator, components: SDComponents | None = None):
         self.opts, self.accelerator = opts, accelerator
-        self.weight_dtype = dtype_for(opts.mixed_precision)
+        self.weight_dtype = dtype_for(accelerator.mixed_precision)
         with zero3_init_disabled(accelerator):
             self.c = components or load_sd_components(opts.pretrained_model_name_or_path, opts.revision, opts.variant,
                                                       opts.pretrained_vae_model_name_or_path)
-        self.family = self.c.family or SD
+        self.family = self.c.family
         configure_attention(self.c.unet, opts, accelerator.device)
         cast_denoiser_inputs(self.c.unet)
         self.c.vae.requires_grad_(False).to(accelerator.device, vae_dtype(self.c.vae, self.weight_dtype))

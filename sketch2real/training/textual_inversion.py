@@ -45,7 +45,7 @@ OBJECT_TEMPLATES = [
 ]
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class TextualInversionOptions(TrainOptions):
     """Textual Inversion: learn a placeholder token for the sketch style (or an object)."""
 
@@ -126,8 +126,7 @@ class TextualInversionTask(DiffusionTask):
         if opts.gradient_checkpointing:
             c.unet.enable_gradient_checkpointing()
         # DDP/DeepSpeed see one module whose only parameters needing grad are the new rows
-        self.model = (TextEncoders(self.family, c.text_encoders, opts.resolution) if len(c.text_encoders) > 1
-                      else c.text_encoder)
+        self.model = TextEncoders(self.family, c.text_encoders, opts.resolution)
 
         if opts.train_data_dir:
             self.images = load_folder_images(opts.train_data_dir, opts.resolution, opts.num_instance_images)
@@ -188,8 +187,7 @@ class TextualInversionTask(DiffusionTask):
         return self.loss_of(prediction, target, timesteps)
 
     def text_encoder_of(self, model):
-        unwrapped = self.accelerator.unwrap_model(model)
-        return unwrapped.encoders["text_encoder"] if isinstance(unwrapped, TextEncoders) else unwrapped
+        return self.accelerator.unwrap_model(model).encoders["text_encoder"]
 
     def _validation_categories(self) -> list[str]:
         return sorted(set(self.categories))[:2] or [""]
@@ -213,9 +211,7 @@ class TextualInversionTask(DiffusionTask):
         under DeepSpeed, so every rank calls it.
         """
         rows = list(trained_state_dict(accelerator, model).values())  # in encoder order
-        if len(rows) == 1:
-            return {self.opts.placeholder_token: rows[0]}
-        return dict(zip(("clip_l", "clip_g"), rows))
+        return self.family.learned_embeds(self.opts.placeholder_token, rows)
 
     def _write_embeds(self, embeds: dict[str, torch.Tensor], name: str) -> None:
         with atomic_path(Path(self.opts.output_dir) / name) as tmp:
@@ -237,8 +233,8 @@ class TextualInversionTask(DiffusionTask):
 
     def _save_pipeline(self, embeds: dict[str, torch.Tensor]) -> None:
         """Base pipeline with the token appended: every other weight and row is the base's, bit for bit."""
-        from sketch2real.family import load_pipeline, load_textual_inversion
-        from sketch2real.models import save_pretrained_atomic
+        from sketch2real.family import load_textual_inversion
+        from sketch2real.models import load_pipeline, save_pretrained_atomic
 
         pipe = load_pipeline(self.family, self.opts.pretrained_model_name_or_path, revision=self.opts.revision,
                              variant=self.opts.variant)

@@ -1,0 +1,37 @@
+"""The family registry: the one switch between model families."""
+
+import json
+
+import pytest
+import torch
+
+from sketch2real.cli import UserError
+from sketch2real.family import FAMILIES, SD, SDXL, family_of, family_of_class
+
+
+@pytest.mark.parametrize("class_name, family", [
+    ("StableDiffusionPipeline", SD), ("StableDiffusionInpaintPipeline", SD), ("StableDiffusionXLPipeline", SDXL),
+    ("StableDiffusionXLImg2ImgPipeline", SDXL), ("StableDiffusionXLControlNetPipeline", SDXL),
+])
+def test_pipeline_classes_map_to_their_family(class_name, family):
+    assert family_of_class(class_name) is family
+
+
+@pytest.mark.parametrize("class_name", ["StableDiffusion3Pipeline", "FluxPipeline", ""])
+def test_a_model_of_another_family_is_refused_in_one_line_naming_the_supported_ones(tmp_path, class_name):
+    """(Before the registry, anything not 'XL' was trained as SD 1.x.)"""
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
+    with pytest.raises(UserError) as err:
+        family_of(str(tmp_path))
+    message = str(err.value)
+    assert "\n" not in message and str(tmp_path) in message
+    assert all(f"{f.name} ({f.pipeline})" in message for f in FAMILIES.values())
+
+
+def test_textual_inversion_files_take_the_family_format():
+    rows = [torch.zeros(2, 8), torch.ones(2, 16)]
+    assert SD.learned_embeds("<s>", rows[:1]).keys() == {"<s>"}
+    embeds = SDXL.learned_embeds("<s>", rows)
+    assert list(embeds) == ["clip_l", "clip_g"] and embeds["clip_g"] is rows[1]
+    assert SDXL.generation_kwargs() == {"original_size": (256, 256), "crops_coords_top_left": (0, 0)}
+    assert SD.generation_kwargs() == {}
