@@ -15,7 +15,7 @@ def prepare(root: Path, photos_per_category: int = 8) -> dict[str, Path]:
     from sketch2real.sketchy import SketchyRelease
     from sketch2real.splits import build_splits, write_splits
     from sketch2real.synthetic import make_synthetic_sketchy
-    from sketch2real.tiny import build_all
+    from sketch2real.testing.tiny import build_all
 
     models = build_all(root / "tiny")
     os.environ["TORCH_HOME"] = str(models.torch_home)

@@ -75,7 +75,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         from sketch2real.synthetic import make_synthetic_sketchy
-        from sketch2real.tiny import build_sd
+        from sketch2real.testing.tiny import build_sd
 
         model = build_sd(tmp / "model", args.size)
         make_synthetic_sketchy(tmp / "sketchy", categories=["cat"], photos_per_category=5, sketches_per_photo=3,

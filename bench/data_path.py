@@ -62,7 +62,7 @@ def main() -> None:
         from sketch2real.sketchy import SketchyRelease
         from sketch2real.splits import build_splits, write_splits
         from sketch2real.synthetic import make_synthetic_sketchy
-        from sketch2real.tiny import build_all
+        from sketch2real.testing.tiny import build_all
 
         root = Path(tmp)
         models = build_all(root / "tiny")

@@ -67,7 +67,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if "TORCH_HOME" not in env:  # offline: a valid random pytorch-fid Inception file, for both tools
-            from sketch2real.tiny import write_fid_inception_weights
+            from sketch2real.testing.tiny import write_fid_inception_weights
 
             write_fid_inception_weights(tmp / "torch_home")
             env["TORCH_HOME"] = str(tmp / "torch_home")

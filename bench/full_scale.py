@@ -394,7 +394,7 @@ def main() -> None:
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2 threads on 2 busy cores ran the tiny VAE 15x slower
     from sketch2real.sketchy import CATEGORIES
-    from sketch2real.tiny import build_all
+    from sketch2real.testing.tiny import build_all
 
     started = time.perf_counter()
     out = Path(args.output_dir or tempfile.mkdtemp(prefix="s2r-full-scale-"))

@@ -59,7 +59,7 @@ def prepare(work: Path, resolution: int, size: str) -> tuple[Path, Path]:
     from sketch2real.sketchy import SketchyRelease
     from sketch2real.splits import build_splits, write_splits
     from sketch2real.synthetic import make_synthetic_sketchy
-    from sketch2real.tiny import build_sd
+    from sketch2real.testing.tiny import build_sd
 
     model = work / f"{size}-random"
     if not (model / "model_index.json").is_file():

@@ -31,7 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--work_dir", default="/tmp/s2r-mem")
-    parser.add_argument("--size", default="sd15", help="sd15 or sdxl (python -m sketch2real.tiny --size)")
+    parser.add_argument("--size", default="sd15", help="sd15 or sdxl (python -m sketch2real.testing.build --size)")
     parser.add_argument("--only", nargs="*", default=[], help="run only the recipes whose name contains one of these")
     args = parser.parse_args()
     work = Path(args.work_dir)

@@ -40,7 +40,7 @@ def measure_step(size: str, resolution: int) -> dict[str, float]:
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
-    from sketch2real.tiny import SD_SIZES
+    from sketch2real.testing.tiny import SD_SIZES
     from sketch2real.training.dreambooth import LORA_TARGETS
 
     shapes = SD_SIZES[size]["unet"]
@@ -80,7 +80,7 @@ def parameter_counts(size: str) -> dict[str, int]:
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from sketch2real.tiny import SD_SIZES
+    from sketch2real.testing.tiny import SD_SIZES
 
     shapes = SD_SIZES[size]
     with torch.device("meta"):

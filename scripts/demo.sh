@@ -11,7 +11,7 @@ COMMON_TRAIN=(--resolution 64 --report_to tensorboard --validation_inference_ste
 step() { printf '\n== %s\n' "$*"; }
 
 step "tiny models, and the tiny base trained on a synthetic Sketchy (~6 min the first time; cached)"
-$PY -m sketch2real.tiny --output_dir "$OUT/tiny_models" --pretrain
+$PY -m sketch2real.testing.build --output_dir "$OUT/tiny_models" --pretrain
 SD="$OUT/tiny_models/tiny-sd-trained"
 
 step "synthetic Sketchy release"

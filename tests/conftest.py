@@ -35,7 +35,7 @@ def run_script(script: str, *args: str, env: dict | None = None, check: bool = T
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    from sketch2real.tiny import build_all
+    from sketch2real.testing.tiny import build_all
 
     out = tmp_path_factory.mktemp("tiny")
     models = build_all(out)

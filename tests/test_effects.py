@@ -1,4 +1,4 @@
-"""Real effects on the tiny base that has learned (sketch2real.pretrain), trained once per test session,
+"""Real effects on the tiny base that has learned (sketch2real.testing.pretrain), trained once per test session,
 shorter than the demo's (~1.5 min on one worker): it beats random weights on held-out data and follows its
 prompt; a ControlNet trained on it follows its sketch; DreamBooth moves its images toward the instance set."""
 
@@ -13,7 +13,7 @@ from .conftest import run_script
 
 @pytest.fixture(scope="session")
 def trained_base(tmp_path_factory):
-    from sketch2real.pretrain import PretrainSettings, pretrain_tiny_sd
+    from sketch2real.testing.pretrain import PretrainSettings, pretrain_tiny_sd
 
     settings = PretrainSettings(photos_per_category=24, vae_steps=200, unet_steps=400)
     return pretrain_tiny_sd(tmp_path_factory.mktemp("pretrained") / "tiny-sd-trained", settings, progress=False)

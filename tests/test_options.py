@@ -57,7 +57,7 @@ def options_class(key: str) -> type:
     if key in SCRIPTS:
         return _script(key).Options
     if key == "tiny":
-        from sketch2real.tiny import Options
+        from sketch2real.testing.build import Options
 
         return Options
     from sketch2real.training import controlnet, dreambooth, options, sequential, textual_inversion

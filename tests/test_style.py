@@ -15,7 +15,7 @@ from .conftest import launch, run_script
 
 @pytest.fixture(scope="module")
 def tiny_csd(tmp_path_factory):
-    from sketch2real.tiny import build_tiny_csd
+    from sketch2real.testing.tiny import build_tiny_csd
 
     return build_tiny_csd(tmp_path_factory.mktemp("tiny-csd"))
 

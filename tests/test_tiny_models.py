@@ -3,7 +3,7 @@ from PIL import Image
 
 
 def test_tokenizer_is_real_clip_vocabulary(tmp_path):
-    from sketch2real.tiny import clip_tokenizer
+    from sketch2real.testing.tiny import clip_tokenizer
 
     tokenizer = clip_tokenizer(tmp_path)
     assert len(tokenizer) == 49408

@@ -6,7 +6,7 @@ text-to-image on those latents (epsilon prediction, 10% empty prompts so classif
 The result is an ordinary diffusers `StableDiffusionPipeline` folder. Seeded; a rerun with the same settings
 finds `pretrain.json` and returns at once.
 
-CLI: `python -m sketch2real.tiny --pretrain --output_dir DIR` writes DIR/tiny-sd-trained.
+CLI: `python -m sketch2real.testing.build --pretrain --output_dir DIR` writes DIR/tiny-sd-trained.
 """
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ from pathlib import Path
 import torch
 
 from sketch2real.synthetic import DEFAULT_CATEGORIES
+from sketch2real.testing.tiny import build_text_encoder, build_unet, build_vae, clip_tokenizer
 
 logger = logging.getLogger("sketch2real")
 
 PRETRAINED_DIRNAME = "tiny-sd-trained"
+SHAPES = "tiny_trained"  # its entry of sketch2real.testing.tiny.SD_SIZES
 
 
 @dataclass
@@ -79,13 +81,11 @@ def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
 
 def pretrain_tiny_sd(output_dir: str | Path, settings: PretrainSettings | None = None, progress: bool = True) -> Path:
     """Train the tiny base (VAE, then UNet + text encoder) and save it at `output_dir`; cached by settings."""
-    from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDPMScheduler, PNDMScheduler, StableDiffusionPipeline
     from tqdm.auto import tqdm
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     from sketch2real.io import write_json
     from sketch2real.models import save_pretrained_atomic
-    from sketch2real.tiny import clip_tokenizer
     from sketch2real.training.diffusion import diffusion_loss, tokenize
 
     settings = settings or PretrainSettings()
@@ -104,9 +104,7 @@ def pretrain_tiny_sd(output_dir: str | Path, settings: PretrainSettings | None =
     held, train = order[:n_holdout], order[n_holdout:]
 
     # 1. The VAE: reconstruction (L1) + a small KL, then the scaling factor that gives unit-variance latents.
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
-                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                        layers_per_block=1, norm_num_groups=8, sample_size=settings.resolution)
+    vae = build_vae(SHAPES, sample_size=settings.resolution)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.vae_learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.vae_learning_rate, total_steps=settings.vae_steps,
                                                    pct_start=0.05)
@@ -131,14 +129,8 @@ def pretrain_tiny_sd(output_dir: str | Path, settings: PretrainSettings | None =
 
     # 2. UNet + text encoder on the latents (epsilon prediction, SD 1.x's noise schedule).
     side = settings.resolution // 4
-    # Text conditioning at the 8x8 level only: attention over 256 tokens would double the step time on a CPU.
-    unet = UNet2DConditionModel(sample_size=side, in_channels=4, out_channels=4, block_out_channels=(32, 64),
-                                layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-                                attention_head_dim=8, norm_num_groups=16)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=77, hidden_size=32,
-                                                intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
-                                                projection_dim=32, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+    unet = build_unet(SHAPES, sample_size=side)
+    text_encoder = build_text_encoder(SHAPES, tokenizer)
     scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                               skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
     noise_scheduler = DDPMScheduler.from_config(scheduler.config)

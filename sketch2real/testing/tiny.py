@@ -5,8 +5,8 @@ inside the open_clip_torch wheel, so prompts tokenize exactly as in SD 1.x.
 BLIP-2 and LLaVA get a small byte-level BPE trained here on a fixed text. The
 pytorch-fid Inception weight file is randomly initialised but structurally valid.
 
-CLI: `python -m sketch2real.tiny --output_dir DIR [--torch_home DIR] [--pretrain]`; `--pretrain` also trains the
-tiny base that has learned something (`sketch2real.pretrain`), for the demo and the tests of real effects.
+Every Stable Diffusion here, the trained tiny base's included, is built from one table of shapes, `SD_SIZES`.
+CLI: `python -m sketch2real.testing.build`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from sketch2real.cli import check_output_dir, option, parse_options, run_main
 
 SD_DIRNAME = "tiny-sd"
 CLIP_DIRNAME = "tiny-clip"
@@ -118,6 +116,15 @@ SD_SIZES: dict[str, dict[str, dict]] = {
         "text_2": dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
                        projection_dim=1280, hidden_act="gelu"),
     },
+    # the tiny base that learns (sketch2real.testing.pretrain): VAE factor 4 (16x16x4 latents at 64 px), text
+    # conditioning at the 8x8 level only (attention over 256 tokens would double a CPU step)
+    "tiny_trained": {
+        "unet": dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
+                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                     cross_attention_dim=32, attention_head_dim=8, norm_num_groups=16),
+        "vae": dict(block_out_channels=(16, 32, 32), norm_num_groups=8, sample_size=64, layers_per_block=1),
+        "text": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, projection_dim=32),
+    },
     "tiny_sdxl": {
         "unet": dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -131,38 +138,57 @@ SD_SIZES: dict[str, dict[str, dict]] = {
 }
 
 
+def build_vae(size: str, **overrides):
+    """The `SD_SIZES[size]` VAE (random weights)."""
+    from diffusers import AutoencoderKL
+
+    shapes = {**SD_SIZES[size]["vae"], **overrides}
+    levels = len(shapes["block_out_channels"])
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * levels,
+                         up_block_types=("UpDecoderBlock2D",) * levels, **shapes)
+
+
+def build_unet(size: str, **overrides):
+    """The `SD_SIZES[size]` UNet (random weights)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(in_channels=4, out_channels=4, **{**SD_SIZES[size]["unet"], **overrides})
+
+
+def build_text_encoder(size: str, tokenizer, which: str = "text"):
+    """The `SD_SIZES[size]` CLIP text encoder `which` ("text", or SDXL's projected "text_2") for `tokenizer`."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=77, bos_token_id=49406,
+                            eos_token_id=49407, pad_token_id=49407, **SD_SIZES[size][which])
+    return (CLIPTextModelWithProjection if which == "text_2" else CLIPTextModel)(config)
+
+
 def build_sd(output_dir: str | os.PathLike, size: str = "tiny", seed: int = 0) -> Path:
     """Build and save a pipeline of `size` (SD_SIZES) with random weights and the real CLIP vocabulary, at
     `output_dir`, no download: a StableDiffusionPipeline in the SD 1.x layout (VAE factor 8, SD's scheduler),
     or a StableDiffusionXLPipeline for the sizes with a second text encoder."""
     from diffusers import (
-        AutoencoderKL,
         DDPMScheduler,
         EulerDiscreteScheduler,
         PNDMScheduler,
         StableDiffusionPipeline,
         StableDiffusionXLPipeline,
-        UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     shapes = SD_SIZES[size]
     out = Path(output_dir)
     torch.manual_seed(seed)
     tokenizer = clip_tokenizer(out / "_vocab")
-    unet = UNet2DConditionModel(in_channels=4, out_channels=4, **shapes["unet"])
-    levels = len(shapes["vae"]["block_out_channels"])
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * levels,
-                        up_block_types=("UpDecoderBlock2D",) * levels, **shapes["vae"])
-    text = dict(vocab_size=tokenizer.vocab_size, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
-                pad_token_id=49407)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text, **shapes["text"]))
+    unet = build_unet(size)
+    vae = build_vae(size)
+    text_encoder = build_text_encoder(size, tokenizer)
     betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1)
     if "text_2" in shapes:  # SDXL: its Euler scheduler, a second (projected) encoder with the same vocabulary
         scheduler = EulerDiscreteScheduler(**betas, timestep_spacing="leading")
         pipe = StableDiffusionXLPipeline(
             vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler, tokenizer_2=tokenizer,
-            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text, **shapes["text_2"])),
+            text_encoder_2=build_text_encoder(size, tokenizer, "text_2"),
         )
     else:  # the scheduler config of SD 1.x (steps_offset=1, scaled_linear betas)
         scheduler = PNDMScheduler(**betas, skip_prk_steps=True, set_alpha_to_one=False)
@@ -423,40 +449,6 @@ def build_all(output_dir: str | os.PathLike, torch_home: str | os.PathLike | Non
     if not (home / "hub" / "checkpoints" / FID_WEIGHTS_NAME).exists():
         write_fid_inception_weights(home)
     return TinyModels(sd=sd, sdxl=sdxl, clip=clip, dinov2=dinov2, blip2=blip2, llava=llava, torch_home=home)
-
-
-@dataclass(frozen=True)
-class Options:
-    """Build the tiny offline models (SD, CLIP, DINOv2, BLIP-2, LLaVA, FID Inception weights)."""
-
-    output_dir: str = option("tiny_models", help="folder that receives tiny-sd/, tiny-blip2/, tiny-llava/")
-    torch_home: str = option("", help="TORCH_HOME for the Inception weights (default: OUTPUT_DIR/torch_home)")
-    size: str = option("tiny", help="tiny: every tiny model; any other: only a Stable Diffusion of that architecture with "
-                                    "random weights, at OUTPUT_DIR/<size>-random", choices=tuple(SD_SIZES))
-    pretrain: bool = option(False, help="also train the tiny base on a synthetic Sketchy (~4 min on 2 cores, cached) "
-                                        "at OUTPUT_DIR/tiny-sd-trained")
-
-
-def main() -> None:
-    opts = parse_options(Options)
-    check_output_dir(opts.output_dir)
-    if opts.size != "tiny":
-        print(f"sd: {build_sd(Path(opts.output_dir) / f'{opts.size}-random', opts.size)}")
-        return
-    models = build_all(opts.output_dir, opts.torch_home or None)
-    for name, path in vars(models).items():
-        print(f"{name}: {path}")
-    if opts.pretrain:
-        import logging
-
-        from sketch2real.pretrain import PRETRAINED_DIRNAME, pretrain_tiny_sd
-
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
-        print(f"sd_trained: {pretrain_tiny_sd(Path(opts.output_dir) / PRETRAINED_DIRNAME)}")
-
-
-if __name__ == "__main__":
-    run_main(main)
 
 
 CSD_DIRNAME = "tiny-csd"
