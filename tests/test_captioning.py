@@ -9,7 +9,7 @@ import pytest
 
 from sketch2real.captioning import BEST, PROMPTS, category_names, hits_category, quality_report, resolve_prompts
 
-from .conftest import REPO, launch, run_script
+from .helpers import REPO, launch, run_script
 
 
 def _rows(folder):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import REPO, launch, relative_difference, run_script, weights
+from .helpers import REPO, launch, relative_difference, run_script, weights
 
 
 @pytest.mark.parametrize("mode", ["timeout-train", "timeout-infer"])

@@ -4,7 +4,7 @@ import shutil
 import pytest
 import torch
 
-from .conftest import (
+from .helpers import (
     LAUNCHERS,
     SHARP_ADAM,
     assert_agrees_within_bf16,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from .conftest import (
+from .helpers import (
     LAUNCHERS,
     REPO,
     SHARP_ADAM,

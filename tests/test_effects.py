@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from .conftest import run_script
+from .helpers import run_script
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from .conftest import REPO, launch, relative_difference, run_script, weights
+from .helpers import REPO, launch, relative_difference, run_script, weights
 
 CATEGORY = "cat"
 

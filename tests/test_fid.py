@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .conftest import launch, run_script
+from .helpers import launch, run_script
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import time
 import pytest
 from PIL import Image
 
-from .conftest import REPO, launch, run_script
+from .helpers import REPO, launch, run_script
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from .conftest import LAUNCHERS, launch, run_script, train_in
+from .helpers import LAUNCHERS, launch, run_script, train_in
 
 
 def test_sequential_writes_a_folder_per_stage_and_the_forgetting_table(tiny_models, shard_dir, tmp_path):

@@ -11,7 +11,7 @@ from sketch2real.cli import UserError
 from sketch2real.io import read_jsonl
 from sketch2real.shards import ShardSamples, ShardStream, load_index, stream_loader, write_shards
 
-from .conftest import run_script
+from .helpers import run_script
 
 
 def _keys(loader) -> tuple[list[str], int, int]:

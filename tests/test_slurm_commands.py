@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO
+from .helpers import REPO
 
 FAKE_SRUN = """#!/usr/bin/env bash
 echo "$*" > "$FAKE_LOG/srun.args"

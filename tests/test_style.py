@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from .conftest import launch, run_script
+from .helpers import launch, run_script
 
 
 @pytest.fixture(scope="module")

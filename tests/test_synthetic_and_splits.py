@@ -13,7 +13,7 @@ from sketch2real.sketchy import INVALID_KINDS, STATS_COLUMNS, SketchyRelease
 from sketch2real.splits import build_splits, write_splits
 from sketch2real.synthetic import make_synthetic_sketchy
 
-from .conftest import run_script
+from .helpers import run_script
 
 PHOTO = re.compile(r"^rendered_256x256/256x256/photo/tx_000000000000/[^/]+/n\d{8}_\d+\.jpg$")
 SKETCH = re.compile(r"^rendered_256x256/256x256/sketch/tx_000000000000/[^/]+/n\d{8}_\d+-\d+\.png$")

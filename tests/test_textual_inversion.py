@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import LAUNCHERS, SHARP_ADAM, assert_agrees_within_bf16, launch, run_matrix_case, run_script
+from .helpers import LAUNCHERS, SHARP_ADAM, assert_agrees_within_bf16, launch, run_matrix_case, run_script
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import REPO, relative_difference, run_script, weights
+from .helpers import REPO, relative_difference, run_script, weights
 
 pytestmark = pytest.mark.skipif(shutil.which("slurmctld") is None or os.geteuid() != 0,
                                 reason="needs root and Debian's slurmctld/slurmd/munge (make slurm-deps)")

@@ -1,0 +1,147 @@
+"""What the tests share beyond fixtures: running scripts as users do (one process, `accelerate launch` with DDP
+or DeepSpeed), reading trained weights, and the launcher matrix's checks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_script(script: str, *args: str, env: dict | None = None, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a repo script as a user would, capturing output."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / script), *map(str, args)], capture_output=True, text=True, env=full_env, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def launch(script: str, *args: str, num_processes: int = 2, deepspeed_config: str | None = None, check: bool = True,
+           timeout: int = 600, accelerate_precision: str | None = "no") -> subprocess.CompletedProcess:
+    """`accelerate launch` a repo script with real CPU processes (DDP over gloo, or DeepSpeed).
+
+    `accelerate_precision` is `accelerate launch --mixed_precision` (None: the config file's own setting).
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if deepspeed_config:  # ACCELERATE_USE_CPU would silently turn DeepSpeed off
+        env.pop("ACCELERATE_USE_CPU", None)
+        head = ["--config_file", str(REPO / deepspeed_config), "--num_processes", str(num_processes)]
+    else:
+        env["ACCELERATE_USE_CPU"] = "1"
+        head = ["--config_file", str(REPO / "accelerate_configs/cpu.yaml"), "--num_processes", str(num_processes)]
+    if accelerate_precision:
+        head += ["--mixed_precision", accelerate_precision]
+    import socket
+
+    with socket.socket() as sock:  # a free port: parallel test workers must not share the rendezvous port
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    head += ["--main_process_port", str(port)]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *head, str(REPO / script), *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def weights(folder) -> dict:
+    """All tensors of the safetensors files in `folder` (not its subfolders), keyed by file + name."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        for name, tensor in load_file(file).items():
+            out[f"{file.relative_to(folder)}:{name}"] = tensor
+    return out
+
+
+def relative_difference(a: dict, b: dict, base: dict) -> float:
+    """||a - b|| / ||a - base|| over all shared tensors: how far two runs differ relative to what training changed."""
+    import torch
+
+    diff = torch.cat([(a[k].float() - b[k].float()).flatten() for k in a])
+    moved = torch.cat([(a[k].float() - base[k].float()).flatten() for k in a])
+    return float(diff.norm() / moved.norm())
+
+
+# The configurations users run: 1 process, DDP with 2 processes, DeepSpeed ZeRO-2 and ZeRO-3 with 2 processes
+# (the project's own configs), and ZeRO-3 partitioning even the tiniest parameters (a DeepSpeed JSON config file).
+LAUNCHERS = ["1", "ddp", "zero2", "zero3"]
+DEEPSPEED_CONFIGS = {"zero2": "accelerate_configs/deepspeed_zero2.yaml", "zero3": "accelerate_configs/deepspeed_zero3.yaml",
+                     "zero3_partitioned": "tests/configs/zero3_partitioned.yaml"}
+
+
+def train_in(launcher: str, script: str, *args, out: Path, precision: str = "bf16", run_dir: str = "") -> dict:
+    """Run a trainer as users run it and check what every run must show; returns its metrics.json.
+
+    1 process and DDP get `--mixed_precision` on the command line; DeepSpeed runs take it from the
+    config (bf16), as `--mixed_precision` left out must follow accelerate. `run_dir`: where the run's
+    metrics are, inside `out` (sequential DreamBooth: a stage's folder).
+    """
+    import json
+    import math
+
+    if launcher == "1":
+        proc = run_script(script, *args, "--output_dir", out, "--mixed_precision", precision)
+    elif launcher == "ddp":
+        proc = launch(script, *args, "--output_dir", out, "--mixed_precision", precision)
+    else:
+        assert precision == "bf16", "the DeepSpeed configs set bf16"
+        proc = launch(script, *args, "--output_dir", out, deepspeed_config=DEEPSPEED_CONFIGS[launcher], accelerate_precision=None)
+    metrics = json.loads((out / run_dir / "metrics.json").read_text())
+    assert metrics["mixed_precision"] == precision, proc.stderr[-2000:]
+    assert metrics["num_processes"] == (1 if launcher == "1" else 2)
+    assert metrics["distributed_type"] == {"1": "NO", "ddp": "MULTI_CPU"}.get(launcher, "DEEPSPEED")
+    assert math.isfinite(metrics["final_loss"])
+    # "trained weights stay fp32": what the optimizer updates and its moments, on every launcher and precision
+    assert metrics["optimizer_dtypes"] == {"parameters": ["torch.float32"], "state": ["torch.float32"]}, metrics["optimizer_dtypes"]
+    assert json.loads((out / run_dir / "run_config.json").read_text())["mixed_precision"] == precision
+    return metrics
+
+
+_reference_runs: dict[str, Path] = {}
+
+
+def reference_run(key: str, tmp_path_factory, script: str, *args, precision: str = "bf16") -> Path:
+    """A 1-process run made once per test session (a matrix's reference): its output folder."""
+    if key not in _reference_runs:
+        out = tmp_path_factory.mktemp(key) / "out"
+        train_in("1", script, *args, out=out, precision=precision)
+        _reference_runs[key] = out
+    return _reference_runs[key]
+
+
+def run_matrix_case(launcher: str, name: str, script: str, args: list, tmp_path: Path, tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(this launcher's output folder, the 1-process bf16 run's, the 1-process fp32 run's), all with a global batch
+    of 2; the 1-process runs are made once per session and shared by the launchers."""
+    one, one_fp32 = (reference_run(f"{name}-{precision}", tmp_path_factory, script, *args, "--train_batch_size", "2",
+                                   precision=precision) for precision in ("bf16", "no"))
+    if launcher == "1":
+        return one, one, one_fp32
+    out = tmp_path / "out"
+    train_in(launcher, script, *args, "--train_batch_size", "1", out=out)
+    return out, one, one_fp32
+
+
+# Matrix runs use Adam with a large epsilon: updates are then proportional to gradients, so bf16 rounding of tiny
+# gradients moves weights by tiny amounts (with the default 1e-8, Adam turns them into +-lr steps of random sign
+# and the comparison drowns in noise). Sharp enough to have caught ZeRO-2/3 starting from bf16-rounded weights.
+SHARP_ADAM = ["--adam_epsilon", "1e-2"]
+
+
+def assert_agrees_within_bf16(one: dict, two: dict, one_fp32: dict, base: dict) -> None:
+    """A 2-process bf16 run is as close to the 1-process bf16 run as bf16 rounding itself moves a run.
+
+    The scale is measured (1-process bf16 vs fp32), not guessed; a wrong batch, a missing gradient sync or
+    rounded starting weights move weights by about as much as training moved them, far above it.
+    """
+    noise = relative_difference(one_fp32, one, base)
+    difference = relative_difference(one, two, base)
+    assert difference <= max(0.05, 2 * noise), f"2 processes vs 1: {difference:.4f}; bf16 vs fp32 (1 process): {noise:.4f}"
