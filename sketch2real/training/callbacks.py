@@ -1,0 +1,201 @@
+"""The side concerns of the training loop, one small class each (as mosaicml/diffusion's `callbacks/`): the NaN
+guard, validation, tracker logging, checkpointing with preemption, and the run summary.
+
+The loop (`sketch2real.training.loop.train`) calls every callback's `after_step` in order after each optimizer
+step; one that returns an exit status ends the run with it. After the last step it calls `before_save` (which may
+also end the run), the task saves its artifacts, then `after_save`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sketch2real.io import append_jsonl, write_json
+from sketch2real.shards import corrupt_samples
+from sketch2real.training.accelerator import finish_trackers
+from sketch2real.training.checkpoints import save_checkpoint
+from sketch2real.training.preemption import PREEMPTED_EXIT_CODE, Preempted, mark_preempted
+
+logger = logging.getLogger("sketch2real")
+
+
+@dataclass
+class Run:
+    """What callbacks see of a run: its parts, where it is, and this step's logs."""
+
+    task: Any
+    opts: Any
+    accelerator: Any
+    model: torch.nn.Module  # the prepared (wrapped) model
+    optimizer: Any
+    lr_scheduler: Any
+    out: Path
+    fingerprint: dict
+    bar: Any
+    step: int
+    start_step: int
+    last_checkpoint: int | None  # the last step saved (None: none yet)
+    start_time: float = field(default_factory=time.perf_counter)
+    end_time: float | None = None  # when the last step ended (throughput excludes the final validation and saving)
+    last_loss: float = math.nan
+    step_finite: bool = True  # this step's loss was finite on every process
+    preempted: bool = False  # a preemption signal reached some process (one collective decides, for all)
+    logs: dict[str, Any] = field(default_factory=dict)  # this step's: loss, lr, validation
+
+    def stop_preempted(self) -> int:
+        """Checkpoint at this step on every process, leave PREEMPTED for slurm/common.sh, return exit status 75."""
+        save_checkpoint(self.accelerator, self.out, self.step, self.opts.checkpoints_total_limit, self.fingerprint)
+        self.task.on_checkpoint(self.accelerator, self.model, self.step)
+        self.bar.close()
+        mark_preempted(self.accelerator, self.out, f"checkpoint saved at step {self.step}")
+        finish_trackers(self.accelerator)
+        return PREEMPTED_EXIT_CODE
+
+
+class Callback:
+    """One side concern of the loop. Each hook may return an exit status to end the run with it."""
+
+    def after_step(self, run: Run) -> int | None:
+        return None
+
+    def before_save(self, run: Run) -> int | None:
+        return None
+
+    def after_save(self, run: Run) -> None:
+        return None
+
+
+class NanGuard(Callback):
+    """A non-finite loss on any process stops the run with status 1, naming the last good checkpoint."""
+
+    def after_step(self, run: Run) -> int | None:
+        if run.step_finite:
+            return None
+        run.bar.close()
+        where = (f"the last good checkpoint is {run.out / f'checkpoint-{run.last_checkpoint}'}" if run.last_checkpoint
+                 else "no checkpoint was saved yet")
+        if run.accelerator.is_main_process:
+            logger.error("loss is not finite at step %d: stopping; %s (try a lower --learning_rate, or bf16)", run.step, where)
+        finish_trackers(run.accelerator)
+        return 1
+
+
+class Validation(Callback):
+    """`task.validate` every `--validation_steps` and at the end (unless the last step just did), its values into
+    the step's logs and `validation_log.jsonl`; a preemption during validation stops at the next checkpoint."""
+
+    def __init__(self) -> None:
+        self.validated_at: int | None = None
+
+    def _validate(self, run: Run) -> bool:
+        """False: preempted (raised on every process together: a collective check)."""
+        try:
+            validated = run.task.validate(run.accelerator, run.model, run.step)
+        except Preempted:
+            run.model.train()
+            return False
+        run.logs.update(validated)
+        self.validated_at = run.step
+        if run.accelerator.is_main_process and validated:  # the style arriving, without a tracker too
+            append_jsonl(run.out / "validation_log.jsonl", [{"step": run.step, **validated}])
+        return True
+
+    def after_step(self, run: Run) -> int | None:
+        every = run.opts.validation_steps
+        if every and run.step % every == 0 and not self._validate(run):
+            run.preempted = True
+        return None
+
+    def before_save(self, run: Run) -> int | None:
+        if run.opts.validation_steps and self.validated_at != run.step and not self._validate(run):
+            return run.stop_preempted()
+        return None
+
+
+class TrackerLog(Callback):
+    """The step's logs to the experiment tracker."""
+
+    def after_step(self, run: Run) -> int | None:
+        run.accelerator.log(run.logs, step=run.step)
+        return None
+
+
+class Checkpointing(Callback):
+    """A checkpoint every `--checkpointing_steps` (not at the last step: the run saves its artifacts), and at once
+    when preempted, then exit 75 for the requeue."""
+
+    def after_step(self, run: Run) -> int | None:
+        if run.preempted:
+            return run.stop_preempted()
+        every = run.opts.checkpointing_steps
+        if every and run.step % every == 0 and run.step < run.opts.max_train_steps:
+            save_checkpoint(run.accelerator, run.out, run.step, run.opts.checkpoints_total_limit, run.fingerprint)
+            run.task.on_checkpoint(run.accelerator, run.model, run.step)
+            run.last_checkpoint = run.step
+        return None
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def optimizer_dtypes(optimizer) -> dict[str, list[str]]:
+    """Dtypes of what the optimizer updates and of its state (AdamW's moments): the innermost torch optimizer's,
+    under accelerate's and DeepSpeed's wrappers (DeepSpeed's are its fp32 master partitions)."""
+    inner = optimizer
+    while hasattr(inner, "optimizer"):
+        inner = inner.optimizer
+    # the state's keys too: ZeRO-3 keeps its fp32 partitions there and leaves param_groups empty between steps
+    params = {str(p.dtype) for group in inner.param_groups for p in group["params"]} | {str(p.dtype) for p in inner.state}
+    state = {str(v.dtype) for s in inner.state.values() for v in s.values()
+             if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() > 0}
+    return {"parameters": sorted(params), "state": sorted(state)}
+
+
+class RunSummary(Callback):
+    """`metrics.json` (throughput without the one-off latent cache, memory, precision, optimizer dtypes, final LR,
+    corrupt samples, the last validation) and a one-line summary."""
+
+    def after_save(self, run: Run) -> None:
+        accelerator, task = run.accelerator, run.task
+        cache = task.cache_stats()
+        elapsed = (run.end_time or time.perf_counter()) - run.start_time - cache["seconds"]  # the one-off latent cache is reported apart
+        steps_done = run.step - run.start_step
+        summary = {
+            "steps": run.step,
+            "steps_this_run": steps_done,
+            "final_loss": run.last_loss,
+            "samples_per_second": steps_done * task.samples_per_step() / elapsed if elapsed > 0 else 0.0,
+            "steps_per_second": steps_done / elapsed if elapsed > 0 else 0.0,
+            "peak_memory_mb": peak_memory_mb(accelerator.device),
+            "data_wait_seconds_per_step": task.data_wait_seconds() / steps_done if steps_done else 0.0,
+            "num_processes": accelerator.num_processes,
+            "num_nodes": accelerator.num_processes // int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)),
+            "distributed_type": str(accelerator.distributed_type).split(".")[-1],
+            "mixed_precision": accelerator.mixed_precision,
+            "optimizer_dtypes": optimizer_dtypes(run.optimizer),
+            "final_lr": run.lr_scheduler.get_last_lr()[0],
+            "latent_cache": cache,
+            "corrupt_samples": corrupt_samples.summary(corrupt_samples.gathered(accelerator)),
+            **{k: v for k, v in run.logs.items() if k not in ("loss", "lr")},
+        }
+        if accelerator.is_main_process:
+            write_json(run.out / "metrics.json", summary)
+            print(f"done: {run.step} steps, final loss {run.last_loss:.4f}, {summary['samples_per_second']:.2f} samples/s, "
+                  f"peak memory {summary['peak_memory_mb']:.0f} MiB -> {run.out}", flush=True)
+
+
+def default_callbacks() -> list[Callback]:
+    """In this order: a NaN stops before anything is saved; validation's values reach the tracker; checkpoints last."""
+    return [NanGuard(), Validation(), TrackerLog(), Checkpointing(), RunSummary()]
