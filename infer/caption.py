@@ -3,37 +3,13 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
+from sketch2real.captioning import CaptionOptions as Options
 from sketch2real.captioning import finished_pairs, format_quality, load_captioner, merge_captions, quality_report, resolve_prompts
-from sketch2real.cli import UserError, as_dict, check_output_dir, option, parse_options, run_main
+from sketch2real.cli import UserError, as_dict, parse_options, run_main
 from sketch2real.io import append_jsonl, atomic_path, write_json
 from sketch2real.models import dtype_for
-
-
-@dataclass(kw_only=True, frozen=True)
-class Options:
-    """Caption every sketch of a split (or an image folder) with several prompts; resumable and data-parallel."""
-
-    model_name_or_path: str = option("", help="BLIP-2 or LLaVA checkpoint: hub id or folder (required)")
-    output_dir: str = option("", help="captions.jsonl and quality.{json,md} go here (required)")
-    ddp_timeout: int = option(7200, help="seconds a process waits for the others (e.g. behind rank 0's final merge) "
-                              "before the job fails", min=1)
-    shard_dir: str = option("", help="shards to caption")
-    split: str = option("test", help="split of --shard_dir")
-    categories: list[str] = option([], help="only these categories")
-    image_field: str = option("sketch", help="sketch or photo", choices=("sketch", "photo"), noun="image field")
-    image_dir: str = option("", help="a folder of images instead of shards (category = subfolder)")
-    prompts: list[str] = option(["best"], help="'best' (study's top 3), 'all', prompt ids 1-10, or free text")
-    batch_size: int = option(8, help="images per batch per process (each with every prompt)", min=1)
-    max_new_tokens: int = option(100, help="caption length limit in tokens", min=1)
-    num_beams: int = option(1, help="beam search width (1: greedy, as in the study)", min=1)
-    mixed_precision: str = option("no", help="no, fp16 or bf16: the model's dtype", choices=("no", "fp16", "bf16"))
-    load_in_8bit: bool = option(False, help="8-bit weights (bitsandbytes, CUDA)")
-    load_in_4bit: bool = option(False, help="4-bit weights (bitsandbytes, CUDA)")
-    trust_remote_code: bool = option(False, help="allow a checkpoint's own code to run")
-    num_workers: int = option(2, help="decoding workers per process (0: in the main process)", min=0)
 
 
 def _folder_items(folder: str, rank: int, world: int) -> list[dict]:
@@ -82,11 +58,7 @@ def main() -> int:
     from sketch2real.training.accelerator import check_shared_folder, distributed_state
 
     opts = parse_options(Options)
-    if not opts.model_name_or_path or not opts.output_dir:
-        raise UserError("--model_name_or_path and --output_dir are required")
-    if bool(opts.shard_dir) == bool(opts.image_dir):
-        raise UserError("give exactly one of --shard_dir or --image_dir")
-    check_output_dir(opts.output_dir)
+    opts.check()
     prompts = resolve_prompts(opts.prompts)
     state = distributed_state(opts.ddp_timeout)
     check_shared_folder(state, opts.output_dir)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from sketch2real.cli import UserError
+from sketch2real.cli import UserError, check_output_dir, option
 from sketch2real.io import merge_parts, read_with_parts
 
 # The ten prompts of the original study (../shared/seed/STUDY-NOTES.md), with its ids.
@@ -196,3 +196,35 @@ def finished_pairs(output_dir: Path) -> set[tuple[str, str]]:
 def merge_captions(output_dir: Path) -> list[dict]:
     """Fold the ranks' part files into captions.jsonl (sorted by key and prompt, one row per pair)."""
     return merge_parts(output_dir, "captions", key=lambda r: (r["key"], str(r["prompt_id"])))
+
+
+@dataclass(kw_only=True, frozen=True)
+class CaptionOptions:
+    """Caption every sketch of a split (or an image folder) with several prompts; resumable and data-parallel."""
+
+    model_name_or_path: str = option("", help="BLIP-2 or LLaVA checkpoint: hub id or folder (required)")
+    output_dir: str = option("", help="captions.jsonl and quality.{json,md} go here (required)")
+    ddp_timeout: int = option(7200, help="seconds a process waits for the others (e.g. behind rank 0's final merge) "
+                              "before the job fails", min=1)
+    shard_dir: str = option("", help="shards to caption")
+    split: str = option("test", help="split of --shard_dir")
+    categories: list[str] = option([], help="only these categories")
+    image_field: str = option("sketch", help="sketch or photo", choices=("sketch", "photo"), noun="image field")
+    image_dir: str = option("", help="a folder of images instead of shards (category = subfolder)")
+    prompts: list[str] = option(["best"], help="'best' (study's top 3), 'all', prompt ids 1-10, or free text")
+    batch_size: int = option(8, help="images per batch per process (each with every prompt)", min=1)
+    max_new_tokens: int = option(100, help="caption length limit in tokens", min=1)
+    num_beams: int = option(1, help="beam search width (1: greedy, as in the study)", min=1)
+    mixed_precision: str = option("no", help="no, fp16 or bf16: the model's dtype", choices=("no", "fp16", "bf16"))
+    load_in_8bit: bool = option(False, help="8-bit weights (bitsandbytes, CUDA)")
+    load_in_4bit: bool = option(False, help="4-bit weights (bitsandbytes, CUDA)")
+    trust_remote_code: bool = option(False, help="allow a checkpoint's own code to run")
+    num_workers: int = option(2, help="decoding workers per process (0: in the main process)", min=0)
+
+    def check(self) -> None:
+        """One-line errors for missing or inconsistent values (ranges and choices are checked by `parse_options`)."""
+        if not self.model_name_or_path or not self.output_dir:
+            raise UserError("--model_name_or_path and --output_dir are required")
+        if bool(self.shard_dir) == bool(self.image_dir):
+            raise UserError("give exactly one of --shard_dir or --image_dir")
+        check_output_dir(self.output_dir)

@@ -11,9 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
+from sketch2real.cli import UserError, check_output_dir, option
+from sketch2real.extractors import DEFAULT_CLIP, DEFAULT_CSD, DEFAULT_DINOV2
 from sketch2real.io import atomic_path, write_json
 from sketch2real.metrics import (
     KID_CI95_METHOD,
+    VALID_DIMS,
     ImageSet,
     LinearProbe,
     clip_score_of,
@@ -487,8 +490,6 @@ def sketchiness_probe(shard_dir: str, split: str, samples: int, seed: int, extra
             return None, {}
         both = s_valid & p_valid
         if both.sum() < 10:
-            from sketch2real.cli import UserError
-
             raise UserError(f"sketchiness: only {int(both.sum())} readable sketch/photo pairs in split {split!r} "
                             f"of {shard_dir}; the probe needs at least 10")
         probe = fit_sketchiness_probe(s_features[both], p_features[both], seed)
@@ -509,7 +510,60 @@ def _unreadable(reference: ImageSet, generated_sets: list[ImageSet], reference_o
     return {"count": len(keys), "keys": sorted(keys)}
 
 
-def run_fid(opts, generated_sets: list[ImageSet], reference: ImageSet, state) -> dict | None:
+@dataclass(kw_only=True, frozen=True)
+class EvalOptions:
+    """Score generated image folders against test photos/sketches from the shards, or against any folder."""
+
+    generated: list[str] = option([], help="generated folders, each DIR or NAME=DIR (index.jsonl gives categories)")
+    reference_dir: str = option("", help="a reference image folder")
+    reference_shards: str = option("", help="shard folder whose split gives the reference images")
+    reference_split: str = option("test", help="split of --reference_shards")
+    reference_field: str = option("photo", help="photo or sketch", choices=("photo", "sketch"), noun="reference field")
+    categories: list[str] = option([], help="only these categories of the reference shards")
+    output_dir: str = option("", help="metrics.json, report.md and fid_per_category.png go here (required)")
+    ddp_timeout: int = option(7200, help="seconds a process waits for the others (e.g. behind rank 0's final merge) "
+                              "before the job fails", min=1)
+    dims: int = option(2048, help="Inception feature size", choices=VALID_DIMS, noun="Inception feature size")
+    batch_size: int = option(50, help="images per batch per process", min=1)
+    num_workers: int = option(2, help="decoding workers per process (0: in the main process)", min=0)
+    resize: int = option(0, help="resize every image to this square size first (0: keep; the network resizes to 299)", min=0)
+    seed: int = option(0, help="seed of KID's subsets and the pairing baseline", min=0)
+    cache_dir: str = option("", help="reference-statistics cache (default: ~/.cache/sketch2real/fid)")
+    no_cache: bool = option(False, help="do not read or write cached reference statistics")
+    channels_last: bool = option(False, help="channels-last Inception: ~1.5x faster, FID equal to pytorch-fid's only to "
+                                              "~1e-6 relative (off: identical features)")
+    clip_model_name_or_path: str = option("", help="CLIP for cmmd, clip_accuracy and clip_score (default "
+                                                   f"{DEFAULT_CLIP}); given alone, also reports the CLIP score")
+    metrics: list[str] = option(["fid", "kid"], help="metrics to compute (fid and kid also give the pairing scores and "
+                                                     "set-vs-set KID differences; csd and sketchiness, the style metrics, "
+                                                     "add clip_accuracy, the content kept, and a style-content chart)",
+                                choices=METRICS, noun="metric")
+    dinov2_model_name_or_path: str = option("", help=f"DINOv2 for fd_dinov2 and prdc (default {DEFAULT_DINOV2})")
+    clean_resize: bool = option(False, help="clean-fid's resize: PIL's anti-aliased bicubic to 299 on float pixels before "
+                                            "Inception, instead of pytorch-fid's bilinear resize in the network")
+    bootstrap_resamples: int = option(100, help="resamples of the bootstrap intervals of FID and FD-DINOv2", min=2)
+    csd_model_name_or_path: str = option("", help=f"CSD style model for csd: hub id, folder or checkpoint file (.safetensors, "
+                                                  f"or a torch file read with weights_only=True; default {DEFAULT_CSD})")
+    probe_shards: str = option("", help="shards whose paired sketches and photos fit the sketchiness probe (default: "
+                                        "--reference_shards)")
+    probe_split: str = option("train", help="split of --probe_shards the probe is fitted on (never the reference's)")
+    probe_features: str = option("clip", help="features of the sketchiness probe", choices=("clip", "dinov2"),
+                                 noun="probe features")
+    probe_samples: int = option(1000, help="photos (each with one of its sketches) drawn for the probe; a fifth held out "
+                                           "for its accuracy", min=10)
+
+    def check(self) -> None:
+        """One-line errors for missing or inconsistent values (ranges and choices are checked by `parse_options`)."""
+        if not self.generated or not self.output_dir:
+            raise UserError("--generated and --output_dir are required")
+        if bool(self.reference_dir) == bool(self.reference_shards):
+            raise UserError("give exactly one of --reference_dir or --reference_shards")
+        if not self.metrics:
+            raise UserError(f"--metrics: none given; choose from {', '.join(METRICS)}")
+        check_output_dir(self.output_dir)
+
+
+def run_fid(opts: EvalOptions, generated_sets: list[ImageSet], reference: ImageSet, state) -> dict | None:
     """Score every generated set against the reference; rank 0 writes metrics.json, report.md, fid_per_category.png.
 
     Every collective (feature extraction and gathering, for the reference and every set, for every
@@ -531,14 +585,10 @@ def run_fid(opts, generated_sets: list[ImageSet], reference: ImageSet, state) ->
     if metrics & STYLE_METRICS:
         metrics.add("clip_accuracy")  # content kept, reported beside style
     if "sketchiness" in metrics and not (opts.probe_shards or opts.reference_shards):
-        from sketch2real.cli import UserError
-
         raise UserError("--metrics sketchiness fits its probe on paired sketches and photos: give --probe_shards (or "
                         "--reference_shards)")
     if ("sketchiness" in metrics and (opts.probe_shards or opts.reference_shards) == opts.reference_shards
             and opts.probe_split == opts.reference_split):
-        from sketch2real.cli import UserError
-
         raise UserError(f"--probe_split {opts.probe_split} is the reference's own split: fit the probe on another one "
                         "(default: train)")
     clip_path = opts.clip_model_name_or_path or DEFAULT_CLIP

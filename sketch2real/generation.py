@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import torch
 from PIL import Image
 
-from sketch2real.cli import UserError
+from sketch2real.cli import UserError, check_output_dir, option
 from sketch2real.io import atomic_path, key_path, merge_parts, read_jsonl, read_with_parts
 from sketch2real.shards import CorruptSample, corrupt_samples, open_image
 from sketch2real.sketchy import category_words
@@ -254,3 +254,68 @@ def write_mosaics(output_dir: Path, rows: list[dict], shard_dir: str = "", split
             image_grid(overview_rows, cell, labels=labels, label_width=96).save(tmp, format="PNG")
         written.append(out)
     return written
+
+
+@dataclass(kw_only=True, frozen=True)
+class GenerateOptions:
+    """Generate images for every item (caption, template x split sample, or prompt), resumably and data-parallel."""
+
+    pretrained_model_name_or_path: str = option("", help="base model or a DreamBooth output (a pipeline, or LoRA weights on their base): hub id or folder (required)")
+    revision: str | None = option(None, help="model revision on the hub")
+    output_dir: str = option("", help="images/, index.jsonl and mosaics/ go here (required)")
+    ddp_timeout: int = option(7200, help="seconds a process waits for the others (e.g. behind rank 0's final merge) "
+                              "before the job fails", min=1)
+    textual_inversion: list[str] = option([], help="learned_embeds.safetensors file(s) to load")
+    lora: str = option("", help="folder or file of LoRA weights (pytorch_lora_weights.safetensors)")
+    lora_scale: float = option(1.0, help="LoRA strength (0: off)", min=0)
+    controlnet: str = option("", help="a trained ControlNet folder: each item is conditioned on its sketch")
+    captions: str = option("", help="captions JSONL from infer/caption.py (one image per row)")
+    prompt_ids: list[str] = option([], help="only these prompt ids of --captions")
+    prompt_template: str = option("", help="template over the samples of --split: {category}, {key}, {caption}")
+    prompts: list[str] = option([], help="plain prompts")
+    shard_dir: str = option("", help="shards (for --prompt_template items, mosaics and --controlnet sketches)")
+    split: str = option("test", help="split whose samples the template covers")
+    categories: list[str] = option([], help="only these categories")
+    max_per_category: int = option(0, help="at most this many samples per category (0: all)", min=0)
+    num_images_per_prompt: int = option(1, help="images per item", min=1)
+    negative_prompt: str = option("", help="negative prompt")
+    scheduler: str = option("", help="sampling scheduler ('': the model's own)", choices=("", *SCHEDULERS))
+    num_inference_steps: int = option(50, help="denoising steps", min=1)
+    guidance_scale: float = option(7.5, help="classifier-free guidance scale (<= 1: no guidance)", min=0)
+    height: int = option(512, help="image height in pixels", min=8, multiple_of=8)
+    width: int = option(512, help="image width in pixels", min=8, multiple_of=8)
+    batch_size: int = option(8, help="images per batch per process", min=1)
+    seed: int = option(0, help="global seed: each image's seed derives from it and the item's key only", min=0)
+    mixed_precision: str = option("no", help="no, fp16 or bf16 (fp16 needs CUDA)", choices=("no", "fp16", "bf16"))
+    safety_checker: bool = option(False, help="run the safety checker (off by default: it blackens sketches)")
+    enable_xformers_memory_efficient_attention: bool = option(False, help="xformers attention (CUDA only)")
+    torch_compile: bool = option(False, help="torch.compile the UNet")
+    mosaic_rows: int = option(8, help="rows per category mosaic", min=1)
+
+    def check(self) -> None:
+        """One-line errors for missing values (ranges and choices are checked by `parse_options`)."""
+        if not self.pretrained_model_name_or_path or not self.output_dir:
+            raise UserError("--pretrained_model_name_or_path and --output_dir are required")
+        check_output_dir(self.output_dir)
+
+
+
+def build_items(opts: GenerateOptions) -> list[Item]:
+    """The items the options ask for (each image's prompt, key, category and sample), repeated per image."""
+    sources = [bool(opts.captions), bool(opts.prompt_template and not opts.captions), bool(opts.prompts)]
+    if sum(sources) != 1:
+        raise UserError("give exactly one of --captions, --prompt_template (with --shard_dir) or --prompts")
+    if opts.captions:
+        items = items_from_captions(opts.captions, opts.prompt_ids, opts.prompt_template or "{caption}")
+        if opts.categories:
+            items = [it for it in items if it.category in set(opts.categories)]
+    elif opts.prompt_template:
+        if not opts.shard_dir:
+            raise UserError("--prompt_template needs --shard_dir")
+        items = items_from_template(opts.prompt_template, opts.shard_dir, opts.split, opts.categories or None,
+                                    opts.max_per_category)
+    else:
+        items = items_from_prompts(opts.prompts)
+    if opts.controlnet and not all(it.sample_key for it in items):
+        raise UserError("--controlnet conditions each image on its sketch: use --prompt_template or --captions with --shard_dir")
+    return expand(items, opts.num_images_per_prompt)
