@@ -210,8 +210,8 @@ class TextualInversionTask(DiffusionTask):
         The rows are the optimizer's fp32 master weights, gathered under ZeRO-3: a collective
         under DeepSpeed, so every rank calls it.
         """
-        rows = list(trained_state_dict(accelerator, model).values())  # in encoder order
-        return self.family.learned_embeds(self.opts.placeholder_token, rows)
+        rows = list(trained_state_dict(accelerator, model).values())  # in encoder order; empty off the main process
+        return self.family.learned_embeds(self.opts.placeholder_token, rows) if rows else {}
 
     def _write_embeds(self, embeds: dict[str, torch.Tensor], name: str) -> None:
         with atomic_path(Path(self.opts.output_dir) / name) as tmp:
