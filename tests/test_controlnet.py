@@ -137,7 +137,7 @@ def test_controlnet_starts_from_the_full_precision_unet(cn_args, tmp_path):
     opts = ControlNetOptions(pretrained_model_name_or_path=str(cn_args[1]), shard_dir=str(cn_args[3]), output_dir=str(tmp_path),
                              resolution=64, mixed_precision="bf16", categories=["cat"], num_heldout_samples=0)
     accelerator = SimpleNamespace(device=torch.device("cpu"), state=SimpleNamespace(deepspeed_plugin=None),
-                                  num_processes=1, process_index=0)
+                                  num_processes=1, process_index=0, mixed_precision="bf16")  # the precision in use
     task = ControlNetTask(opts, accelerator)
     assert task.c.unet.dtype == torch.bfloat16
     expected = init_controlnet(load_sd_components(str(cn_args[1])).unet, seed=0).state_dict()
