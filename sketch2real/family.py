@@ -1,11 +1,11 @@
-"""The one place that knows how model families differ: SD 1.x/2.x and SDXL, entries of `FAMILIES`.
+"""The one place that knows how model families differ: SD 1.x/2.x, SDXL and SD3, entries of `FAMILIES`.
 
 The family is read from the model (`model_index.json`'s pipeline class, or a loaded pipeline's class), never from a
-flag. It says which tokenizers and text encoders there are, how prompts become the UNet's conditioning (SDXL: the
-penultimate hidden states of both encoders side by side, the second encoder's pooled embedding, and the
-micro-conditioning time ids), how a Textual Inversion file holds its rows, and which diffusers pipeline classes
-load and generate. Trainers and scripts ask it and never branch on the family themselves; a new family is one
-`Family` entry (and, where its conditioning differs, the functions here that read its fields).
+flag. It says which tokenizers, text encoders and denoiser there are, how prompts become the denoiser's conditioning
+(`Family.encode`), how the denoiser (with a ControlNet) is called (`Family.predict`), which training scheduler (hence
+objective: denoising or flow matching) and validation sampler it uses, how a Textual Inversion file holds its rows,
+and which diffusers pipeline classes load and generate. Trainers and scripts ask it and never branch on the family
+themselves; a new family is one `FAMILIES` entry (a `Family` subclass where its conditioning or call differs).
 """
 
 from __future__ import annotations
@@ -22,9 +22,32 @@ from sketch2real.cli import UserError
 SKETCHY_SIZE = (256, 256)  # every Sketchy photo and sketch (rendered_256x256): SDXL's original_size
 
 
+@dataclass
+class Conditioning:
+    """The denoiser's (and a ControlNet's) text conditioning for a batch: the sequence states, and where the family
+    has them the pooled embedding (SDXL, SD3) and SDXL's micro-conditioning time ids."""
+
+    states: torch.Tensor
+    pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+    def as_tuple(self) -> tuple[torch.Tensor, ...]:
+        """The tensors present, in order (what a wrapped `TextEncoders` returns)."""
+        return tuple(t for t in (self.states, self.pooled, self.time_ids) if t is not None)
+
+    @staticmethod
+    def from_tuple(parts: tuple[torch.Tensor, ...]) -> Conditioning:
+        return Conditioning(*parts)
+
+    def expand(self, n: int) -> Conditioning:
+        """A batch-1 conditioning repeated n times."""
+        return Conditioning(*(t.expand(n, *t.shape[1:]) for t in self.as_tuple()))
+
+
 @dataclass(frozen=True)
 class Family:
-    """What differs between families, as names diffusers understands."""
+    """What differs between families, as names diffusers understands. This base is a UNet family (SD 1.x/2.x,
+    SDXL); other denoisers subclass it and override `encode` and `predict`."""
 
     name: str
     pipeline: str  # text-to-image pipeline class
@@ -32,10 +55,27 @@ class Family:
     text_encoders: tuple[str, ...]  # component names, in the order their states are concatenated
     tokenizers: tuple[str, ...]
     text_encoder_classes: tuple[str, ...]  # transformers classes
-    pooled: bool  # the UNet also takes the last encoder's pooled embedding and time ids (SDXL's added conditioning)
+    pooled: bool  # the denoiser also takes a pooled text embedding (SDXL: the last encoder's, with time ids)
     embedding_keys: tuple[str, ...] | None  # Textual Inversion file: one tensor per encoder (None: {token: rows})
     pipeline_classes: str  # a regular expression of the model_index.json `_class_name`s of this family
     safety_checker: bool  # its pipelines have a safety checker component (off unless asked: it blackens sketches)
+    tokenizer_classes: tuple[str, ...] = ("CLIPTokenizer",)  # transformers classes, one per tokenizer
+    denoiser: str = "unet"  # the denoiser's component name
+    denoiser_class: str = "UNet2DConditionModel"
+    training_scheduler: str = "DDPMScheduler"  # its class decides the objective (`training.diffusion.objective_for`)
+    lora_layers_argument: str = "unet_lora_layers"  # of the pipeline's save_lora_weights
+    # encoders read at their penultimate layer whose pooled output is not used: their last layer gets no gradient
+    unused_last_layer: tuple[str, ...] = ()
+    trainers: tuple[str, ...] = ("dreambooth", "textual_inversion", "controlnet")  # what sketch2real trains on it
+
+    def require(self, trainer: str) -> None:
+        """One line when `trainer` is not built for this family yet."""
+        if trainer not in self.trainers:
+            raise UserError(f"{trainer} is not built for {self.name} models yet (it trains: {', '.join(self.trainers)})")
+
+    def __post_init__(self):
+        counts = {len(self.tokenizers), len(self.tokenizer_classes), len(self.text_encoders), len(self.text_encoder_classes)}
+        assert len(counts) == 1, f"{self.name}: one class per tokenizer and text encoder"
 
     def learned_embeds(self, token: str, rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Trained Textual Inversion rows (one tensor per text encoder, in order) as this family's file holds them."""
@@ -45,14 +85,101 @@ class Family:
         """Pipeline call arguments matching training's conditioning (SDXL: the sources' original size, uncropped)."""
         return {"original_size": source_size, "crops_coords_top_left": (0, 0)} if self.pooled else {}
 
+    def max_length(self, tokenizer) -> int:
+        """Token ids per prompt for `tokenizer` (CLIP's 77)."""
+        return tokenizer.model_max_length
+
+    def encode(self, text_encoders: list, ids: list[torch.Tensor], resolution: int,
+               source_size: tuple[int, int] = SKETCHY_SIZE) -> Conditioning:
+        """Token ids (one tensor per tokenizer) -> the denoiser's conditioning.
+
+        SD: the encoder's last hidden states. SDXL: the penultimate states of both encoders side by side, the last
+        encoder's projected pooled embedding, and time ids saying that images were resized from `source_size`
+        (Sketchy's 256 px) to `resolution`, uncropped; the same ids are given at generation (`generation_kwargs`)."""
+        if not self.pooled:
+            return Conditioning(text_encoders[0](ids[0])[0])
+        states, pooled = [], None
+        for encoder, encoder_ids in zip(text_encoders, ids):
+            output = encoder(encoder_ids, output_hidden_states=True)
+            states.append(output.hidden_states[-2])
+            pooled = output[0]  # the last encoder's projected pooled embedding
+        batch = ids[0].shape[0]
+        times = time_ids(source_size, (0, 0), (resolution, resolution)).to(pooled.device, pooled.dtype).expand(batch, -1)
+        return Conditioning(torch.cat(states, dim=-1), pooled, times)
+
+    def predict(self, denoiser, noisy: torch.Tensor, timesteps: torch.Tensor, text: Conditioning, controlnet=None,
+                control_image: torch.Tensor | None = None) -> torch.Tensor:
+        """The denoiser's prediction for `noisy` at `timesteps` (with a ControlNet and its conditioning image)."""
+        kwargs = {"encoder_hidden_states": text.states,
+                  "added_cond_kwargs": {"text_embeds": text.pooled, "time_ids": text.time_ids} if self.pooled else None}
+        if controlnet is not None:
+            down, mid = controlnet(noisy, timesteps, controlnet_cond=control_image, return_dict=False, **kwargs)
+            kwargs.update(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+        return denoiser(noisy, timesteps, **kwargs).sample
+
+    def validation_scheduler(self, training_scheduler):
+        """The sampler of validation images, from the training scheduler's config (SD's PNDM)."""
+        from diffusers import PNDMScheduler
+
+        return PNDMScheduler.from_config(training_scheduler.config, skip_prk_steps=True)
+
+
+@dataclass(frozen=True)
+class SD3Family(Family):
+    """SD3 / SD3.5 (MM-DiT `SD3Transformer2DModel`, flow matching): CLIP-L and CLIP-G penultimate states side by side,
+    zero-padded to T5's width and followed by T5-XXL's states in the sequence; both CLIPs' pooled embeddings
+    concatenated; prompts of `MAX_SEQUENCE_LENGTH` T5 tokens (as diffusers' SD3 DreamBooth script's default)."""
+
+    MAX_SEQUENCE_LENGTH = 77
+
+    def generation_kwargs(self, source_size: tuple[int, int] = SKETCHY_SIZE) -> dict:
+        return {"max_sequence_length": self.MAX_SEQUENCE_LENGTH}
+
+    def max_length(self, tokenizer) -> int:
+        return min(tokenizer.model_max_length, self.MAX_SEQUENCE_LENGTH)
+
+    def encode(self, text_encoders: list, ids: list[torch.Tensor], resolution: int,
+               source_size: tuple[int, int] = SKETCHY_SIZE) -> Conditioning:
+        *clips, t5 = text_encoders
+        states, pooled = [], []
+        for encoder, encoder_ids in zip(clips, ids):
+            output = encoder(encoder_ids, output_hidden_states=True)
+            states.append(output.hidden_states[-2])
+            pooled.append(output[0])
+        t5_states = t5(ids[-1])[0]
+        clip_states = torch.cat(states, dim=-1)
+        clip_states = torch.nn.functional.pad(clip_states, (0, t5_states.shape[-1] - clip_states.shape[-1]))
+        return Conditioning(torch.cat([clip_states, t5_states.to(clip_states.dtype)], dim=-2), torch.cat(pooled, dim=-1))
+
+    def predict(self, denoiser, noisy, timesteps, text, controlnet=None, control_image=None):
+        if controlnet is not None:
+            raise NotImplementedError("ControlNet training for SD3 is not built yet")
+        return denoiser(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=text.states,
+                        pooled_projections=text.pooled).sample
+
+    def validation_scheduler(self, training_scheduler):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(training_scheduler.config)
+
 
 SD = Family("sd", "StableDiffusionPipeline", "StableDiffusionControlNetPipeline", ("text_encoder",), ("tokenizer",),
             ("CLIPTextModel",), pooled=False, embedding_keys=None, safety_checker=True,
             pipeline_classes=r"StableDiffusion(ControlNet|Img2Img|Inpaint|InstructPix2Pix)?Pipeline")
 SDXL = Family("sdxl", "StableDiffusionXLPipeline", "StableDiffusionXLControlNetPipeline", ("text_encoder", "text_encoder_2"),
               ("tokenizer", "tokenizer_2"), ("CLIPTextModel", "CLIPTextModelWithProjection"), pooled=True,
-              embedding_keys=("clip_l", "clip_g"), safety_checker=False, pipeline_classes=r"StableDiffusionXL(ControlNet|Img2Img|Inpaint)?Pipeline")
-FAMILIES: dict[str, Family] = {family.name: family for family in (SD, SDXL)}  # the registry: a new family is an entry
+              embedding_keys=("clip_l", "clip_g"), safety_checker=False, unused_last_layer=("text_encoder",),
+              tokenizer_classes=("CLIPTokenizer", "CLIPTokenizer"),
+              pipeline_classes=r"StableDiffusionXL(ControlNet|Img2Img|Inpaint)?Pipeline")
+SD3 = SD3Family("sd3", "StableDiffusion3Pipeline", "StableDiffusion3ControlNetPipeline",
+                ("text_encoder", "text_encoder_2", "text_encoder_3"), ("tokenizer", "tokenizer_2", "tokenizer_3"),
+                ("CLIPTextModelWithProjection", "CLIPTextModelWithProjection", "T5EncoderModel"), pooled=True,
+                embedding_keys=("clip_l", "clip_g"), safety_checker=False,
+                tokenizer_classes=("CLIPTokenizer", "CLIPTokenizer", "T5TokenizerFast"), denoiser="transformer",
+                denoiser_class="SD3Transformer2DModel", training_scheduler="FlowMatchEulerDiscreteScheduler",
+                lora_layers_argument="transformer_lora_layers", trainers=("dreambooth",),
+                pipeline_classes=r"StableDiffusion3(ControlNet|Img2Img|Inpaint)?Pipeline")
+FAMILIES: dict[str, Family] = {family.name: family for family in (SD, SDXL, SD3)}  # the registry: a new family is an entry
 
 
 def family_of_class(class_name: str, where: str = "") -> Family:
@@ -92,43 +219,9 @@ def pipeline_class(family: Family, controlnet: bool = False):
     return getattr(diffusers, family.controlnet_pipeline if controlnet else family.pipeline)
 
 
-@dataclass
-class Conditioning:
-    """The UNet's (and a ControlNet's) text conditioning for a batch."""
-
-    states: torch.Tensor
-    added: dict[str, torch.Tensor] | None = None  # SDXL: text_embeds (pooled) and time_ids
-
-    def unet_kwargs(self) -> dict:
-        return {"encoder_hidden_states": self.states, "added_cond_kwargs": self.added}
-
-    def expand(self, n: int) -> Conditioning:
-        """A batch-1 conditioning repeated n times."""
-        added = {k: v.expand(n, *v.shape[1:]) for k, v in self.added.items()} if self.added else None
-        return Conditioning(self.states.expand(n, *self.states.shape[1:]), added)
-
-
 def time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int], target_size: tuple[int, int]) -> torch.Tensor:
     """SDXL's micro-conditioning: (original h, w, crop top, left, target h, w) as one row."""
     return torch.tensor([[*original_size, *crop_top_left, *target_size]], dtype=torch.float32)
-
-
-def encode_prompt_ids(family: Family, text_encoders: list, ids: list[torch.Tensor], resolution: int,
-                      source_size: tuple[int, int]) -> Conditioning:
-    """Token ids (one tensor per tokenizer) -> the UNet's conditioning for this family.
-
-    SDXL: images were resized from `source_size` (Sketchy's 256 px) to `resolution`, uncropped; the same
-    ids are given at generation (`generation_kwargs`)."""
-    if not family.pooled:
-        return Conditioning(text_encoders[0](ids[0])[0])
-    states, pooled = [], None
-    for encoder, encoder_ids in zip(text_encoders, ids):
-        output = encoder(encoder_ids, output_hidden_states=True)
-        states.append(output.hidden_states[-2])
-        pooled = output[0]  # the last encoder's projected pooled embedding
-    batch = ids[0].shape[0]
-    times = time_ids(source_size, (0, 0), (resolution, resolution)).to(pooled.device, pooled.dtype).expand(batch, -1)
-    return Conditioning(torch.cat(states, dim=-1), {"text_embeds": pooled, "time_ids": times})
 
 
 class TextEncoders(torch.nn.Module):
@@ -144,8 +237,7 @@ class TextEncoders(torch.nn.Module):
         self.encoders = torch.nn.ModuleDict(dict(zip(family.text_encoders, encoders)))
 
     def forward(self, ids: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        cond = encode_prompt_ids(self.family, list(self.encoders.values()), ids, self.resolution, self.source_size)
-        return (cond.states, cond.added["text_embeds"], cond.added["time_ids"]) if cond.added else (cond.states,)
+        return self.family.encode(list(self.encoders.values()), ids, self.resolution, self.source_size).as_tuple()
 
     def train_what_conditions(self) -> None:
         """Make every weight that shapes the conditioning trainable, and only those.
@@ -155,19 +247,12 @@ class TextEncoders(torch.nn.Module):
         while DeepSpeed applies weight decay to their zero gradients (the runs part ways), and DDP's reducer
         waits for their gradients.
         """
-        encoders = list(self.encoders.values())
-        for encoder in encoders:
+        for name, encoder in self.encoders.items():
             encoder.requires_grad_(True)
-        if self.family.pooled:
-            for encoder in encoders[:-1]:
+            if name in self.family.unused_last_layer:
                 transformer = getattr(encoder, "text_model", encoder)  # transformers < 5 nests it
                 transformer.encoder.layers[-1].requires_grad_(False)
                 transformer.final_layer_norm.requires_grad_(False)
-
-    @staticmethod
-    def conditioning(output: tuple[torch.Tensor, ...]) -> Conditioning:
-        """The forward's tuple as the UNet's conditioning."""
-        return Conditioning(output[0], {"text_embeds": output[1], "time_ids": output[2]} if len(output) > 1 else None)
 
 
 def generation_kwargs(pipe, source_size: tuple[int, int] = SKETCHY_SIZE) -> dict:

@@ -154,8 +154,8 @@ def base_of_lora_output(model: str, lora: str) -> tuple[str, str]:
 def load_generation_pipeline(model: str, device: torch.device, dtype: torch.dtype, scheduler: str = "",
                              textual_inversion: Sequence[str] = (), lora: str = "", lora_scale: float = 1.0,
                              controlnet: str = "", safety_checker: bool = False, xformers: bool = False,
-                             compile_unet: bool = False, revision: str | None = None):
-    """A (ControlNet) pipeline of the model's family (SD 1.x/2.x or SDXL) with optional TI embeddings and LoRA fused in."""
+                             compile_denoiser: bool = False, revision: str | None = None):
+    """A (ControlNet) pipeline of the model's family (SD 1.x/2.x, SDXL, SD3) with optional TI embeddings and LoRA fused in."""
     import diffusers
 
     from sketch2real.family import family_of, load_textual_inversion
@@ -164,7 +164,8 @@ def load_generation_pipeline(model: str, device: torch.device, dtype: torch.dtyp
     model, lora = base_of_lora_output(model, lora)
     check_model_path(model)
     net = load(diffusers.ControlNetModel, controlnet, "ControlNet", torch_dtype=dtype) if controlnet else None
-    pipe = load_pipeline(family_of(model, revision), model, net, safety_checker, torch_dtype=dtype, revision=revision)
+    family = family_of(model, revision)
+    pipe = load_pipeline(family, model, net, safety_checker, torch_dtype=dtype, revision=revision)
     if scheduler:
         if scheduler not in SCHEDULERS:
             raise UserError(f"unknown scheduler {scheduler!r}; choose from {', '.join(SCHEDULERS)}")
@@ -185,8 +186,8 @@ def load_generation_pipeline(model: str, device: torch.device, dtype: torch.dtyp
     pipe.to(device)
     if xformers:
         enable_xformers(pipe, device)
-    if compile_unet:
-        pipe.unet = torch.compile(pipe.unet)
+    if compile_denoiser:
+        setattr(pipe, family.denoiser, torch.compile(getattr(pipe, family.denoiser)))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -289,7 +290,7 @@ class GenerateOptions:
     mixed_precision: str = option("no", help="no, fp16 or bf16 (fp16 needs CUDA)", choices=("no", "fp16", "bf16"))
     safety_checker: bool = option(False, help="run the safety checker (off by default: it blackens sketches)")
     enable_xformers_memory_efficient_attention: bool = option(False, help="xformers attention (CUDA only)")
-    torch_compile: bool = option(False, help="torch.compile the UNet")
+    torch_compile: bool = option(False, help="torch.compile the denoiser (UNet or transformer)")
     mosaic_rows: int = option(8, help="rows per category mosaic", min=1)
 
     def check(self) -> None:

@@ -43,17 +43,19 @@ def load(cls: Any, name_or_path: str, what: str = "model", **kwargs: Any) -> Any
 
 @dataclass
 class SDComponents:
-    """The parts of a Stable Diffusion checkpoint that training needs; `family` names its text encoders and
-    tokenizers (SDXL: two of each)."""
+    """The parts of a diffusion checkpoint that training needs; `family` names its text encoders and tokenizers
+    (SDXL: two of each; SD3: three) and its denoiser (a UNet, or SD3's transformer)."""
 
     family: Family
     tokenizer: Any
     text_encoder: Any
     vae: Any
-    unet: Any
-    noise_scheduler: Any
+    denoiser: Any
+    noise_scheduler: Any  # the training scheduler (DDPM, or flow matching)
     tokenizer_2: Any = None
     text_encoder_2: Any = None
+    tokenizer_3: Any = None
+    text_encoder_3: Any = None
 
     @property
     def tokenizers(self) -> list:
@@ -66,26 +68,30 @@ class SDComponents:
 
 def load_sd_components(name_or_path: str, revision: str | None = None, variant: str | None = None,
                        vae_name_or_path: str = "") -> SDComponents:
-    """Tokenizers, text encoders, VAE, UNet and a DDPM training scheduler from one checkpoint of any family
+    """Tokenizers, text encoders, VAE, denoiser and the training scheduler from one checkpoint of any family
     (`vae_name_or_path`: another VAE, e.g. an fp16-safe one for SDXL)."""
+    import diffusers
     import transformers
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTokenizer
+    from diffusers import AutoencoderKL
 
     check_model_path(name_or_path)
     family = family_of(name_or_path, revision)
     common = {"revision": revision}
     parts: dict[str, Any] = {}
-    for tokenizer, encoder, encoder_class in zip(family.tokenizers, family.text_encoders, family.text_encoder_classes):
-        parts[tokenizer] = load(CLIPTokenizer, name_or_path, "tokenizer", subfolder=tokenizer, **common)
+    for tokenizer, tokenizer_class, encoder, encoder_class in zip(family.tokenizers, family.tokenizer_classes,
+                                                                  family.text_encoders, family.text_encoder_classes):
+        parts[tokenizer] = load(getattr(transformers, tokenizer_class), name_or_path, "tokenizer", subfolder=tokenizer,
+                                **common)
         parts[encoder] = load(getattr(transformers, encoder_class), name_or_path, "text encoder", subfolder=encoder,
                               variant=variant, **common)
     vae = (load(AutoencoderKL, vae_name_or_path, "VAE") if vae_name_or_path
            else load(AutoencoderKL, name_or_path, "VAE", subfolder="vae", variant=variant, **common))
     return SDComponents(
         vae=vae, family=family, **parts,
-        unet=load(UNet2DConditionModel, name_or_path, "UNet", subfolder="unet", variant=variant, **common),
-        noise_scheduler=load(DDPMScheduler, name_or_path, "scheduler", subfolder="scheduler", **common),
+        denoiser=load(getattr(diffusers, family.denoiser_class), name_or_path, family.denoiser, subfolder=family.denoiser,
+                      variant=variant, **common),
+        noise_scheduler=load(getattr(diffusers, family.training_scheduler), name_or_path, "scheduler",
+                             subfolder="scheduler", **common),
     )
 
 
@@ -99,10 +105,10 @@ def load_pipeline(family: Family, name_or_path: str, controlnet=None, safety_che
     return load(pipeline_class(family, controlnet is not None), name_or_path, "model", **kwargs)
 
 
-def assemble_pipeline(components, unet, text_encoder, scheduler, controlnet=None):
-    """A generation pipeline of the components' family around the given (trained) UNet and first text encoder."""
+def assemble_pipeline(components, denoiser, text_encoder, scheduler, controlnet=None):
+    """A generation pipeline of the components' family around the given (trained) denoiser and first text encoder."""
     family = components.family
-    parts = {"vae": components.vae, "unet": unet, "scheduler": scheduler,
+    parts = {"vae": components.vae, family.denoiser: denoiser, "scheduler": scheduler,
              **{name: getattr(components, name) for name in (*family.text_encoders, *family.tokenizers)},
              "text_encoder": text_encoder, **({"controlnet": controlnet} if controlnet is not None else {})}
     if family.safety_checker:

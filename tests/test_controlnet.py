@@ -29,11 +29,11 @@ def _conditioned_loss(controlnet_dir, tiny_models, shard_dir) -> float:
     from sketch2real.models import load_sd_components
     from sketch2real.sketchy import sketch_condition
     from sketch2real.training.controlnet import _pairs, init_controlnet
-    from sketch2real.training.diffusion import tokenize
+    from sketch2real.training.diffusion import DenoisingObjective, tokenize
     from sketch2real.training.validation import heldout_denoising_loss
 
     c = load_sd_components(str(tiny_models.sd))
-    controlnet = ControlNetModel.from_pretrained(controlnet_dir) if controlnet_dir else init_controlnet(c.unet, seed=0)
+    controlnet = ControlNetModel.from_pretrained(controlnet_dir) if controlnet_dir else init_controlnet(c.denoiser, seed=0)
     sketches, photos, refs = _pairs(str(shard_dir), "train", ["cat", "apple"], 64)
     n = len(refs)
     conditioning = sketch_condition(sketches[list(range(n))])
@@ -45,10 +45,10 @@ def _conditioned_loss(controlnet_dir, tiny_models, shard_dir) -> float:
         position["i"] += len(prompts)
         s = states.expand(len(prompts), -1, -1)
         down, mid = controlnet(noisy, timesteps, s, controlnet_cond=conditioning[i : i + len(prompts)], return_dict=False)
-        return c.unet(noisy, timesteps, s, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+        return c.denoiser(noisy, timesteps, s, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
 
     with torch.no_grad():
-        return heldout_denoising_loss(predict, c.vae, c.noise_scheduler, photos[list(range(n))], ["a photo"] * n, seed=3)
+        return heldout_denoising_loss(predict, c.vae, DenoisingObjective(c.noise_scheduler), photos[list(range(n))], ["a photo"] * n, seed=3)
 
 
 def test_training_lowers_the_loss_and_the_controlnet_loads_in_diffusers(cn_args, tiny_models, shard_dir, tmp_path):
@@ -89,7 +89,7 @@ def test_resume_is_exact_with_any_number_of_loader_workers_and_two_processes_agr
     from sketch2real.models import load_sd_components
     from sketch2real.training.controlnet import init_controlnet
 
-    start = init_controlnet(load_sd_components(str(cn_args[1])).unet, seed=0)
+    start = init_controlnet(load_sd_components(str(cn_args[1])).denoiser, seed=0)
     base = {f"diffusion_pytorch_model.safetensors:{k}": v for k, v in start.state_dict().items()}
     assert relative_difference(a, weights(tmp_path / "ddp"), base) < 1e-2
 
@@ -122,7 +122,7 @@ def test_bf16_matrix(launcher, cn_args, tmp_path, tmp_path_factory):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["heldout_loss"] == metrics["heldout_loss"] and (out / "validation" / "step-000002.png").is_file()
     assert ControlNetModel.from_pretrained(out).dtype == torch.float32  # fp32 master weights, also from DeepSpeed
-    start = init_controlnet(load_sd_components(str(cn_args[1])).unet, seed=0)
+    start = init_controlnet(load_sd_components(str(cn_args[1])).denoiser, seed=0)
     base = {f"diffusion_pytorch_model.safetensors:{k}": v for k, v in start.state_dict().items()}
     assert_agrees_within_bf16(weights(one), weights(out), weights(one_fp32), base)
 
@@ -139,8 +139,8 @@ def test_controlnet_starts_from_the_full_precision_unet(cn_args, tmp_path):
     accelerator = SimpleNamespace(device=torch.device("cpu"), state=SimpleNamespace(deepspeed_plugin=None),
                                   num_processes=1, process_index=0, mixed_precision="bf16")  # the precision in use
     task = ControlNetTask(opts, accelerator)
-    assert task.c.unet.dtype == torch.bfloat16
-    expected = init_controlnet(load_sd_components(str(cn_args[1])).unet, seed=0).state_dict()
+    assert task.c.denoiser.dtype == torch.bfloat16
+    expected = init_controlnet(load_sd_components(str(cn_args[1])).denoiser, seed=0).state_dict()
     got = task.model.state_dict()
     assert all(torch.equal(got[k], v) for k, v in expected.items())
 
@@ -166,7 +166,7 @@ def test_sdxl_controlnet_in_bf16_loads_in_the_sdxl_pipeline_and_generates_from_s
     metrics = json_lib.loads((out / "metrics.json").read_text())
     assert metrics["heldout_loss"] == metrics["heldout_loss"] and (out / "validation" / "step-000003.png").is_file()
     if launcher != "1":
-        start = init_controlnet(load_sd_components(str(tiny_models.sdxl)).unet, seed=0)
+        start = init_controlnet(load_sd_components(str(tiny_models.sdxl)).denoiser, seed=0)
         base = {f"diffusion_pytorch_model.safetensors:{k}": v for k, v in start.state_dict().items()}
         assert_agrees_within_bf16(weights(one), weights(out), weights(one_fp32), base)
         return

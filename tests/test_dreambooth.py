@@ -37,7 +37,7 @@ def _fixed_noise_loss(model_dir, tiny_models, shard_dir) -> float:
 
     from sketch2real.models import load_sd_components
     from sketch2real.training.data import load_shard_images
-    from sketch2real.training.diffusion import tokenize
+    from sketch2real.training.diffusion import DenoisingObjective, tokenize
     from sketch2real.training.validation import heldout_denoising_loss
 
     c = load_sd_components(str(tiny_models.sd))
@@ -49,7 +49,7 @@ def _fixed_noise_loss(model_dir, tiny_models, shard_dir) -> float:
     def predict(noisy, timesteps, prompts):
         return unet(noisy, timesteps, states.expand(len(prompts), -1, -1)).sample
 
-    return heldout_denoising_loss(predict, c.vae, scheduler, images, ["a sks sketch of a cat"] * len(images), seed=123)
+    return heldout_denoising_loss(predict, c.vae, DenoisingObjective(scheduler), images, ["a sks sketch of a cat"] * len(images), seed=123)
 
 
 def test_training_lowers_the_loss(db_args, tmp_path, tiny_models, shard_dir):

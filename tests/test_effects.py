@@ -59,7 +59,7 @@ def test_dreambooth_moves_the_model_toward_its_instance_sketches(trained_base, s
 
     from sketch2real.metrics import mean_ci95
     from sketch2real.training.data import load_shard_images
-    from sketch2real.training.diffusion import tokenize
+    from sketch2real.training.diffusion import DenoisingObjective, tokenize
     from sketch2real.training.validation import heldout_denoising_losses
 
     prompt = "a cat in the style of sks"
@@ -79,7 +79,7 @@ def test_dreambooth_moves_the_model_toward_its_instance_sketches(trained_base, s
         def predict(noisy, timesteps, prompts):
             return pipe.unet(noisy, timesteps, states.expand(len(prompts), -1, -1)).sample
 
-        return heldout_denoising_losses(predict, pipe.vae, DDPMScheduler.from_config(pipe.scheduler.config), sketches,
+        return heldout_denoising_losses(predict, pipe.vae, DenoisingObjective(DDPMScheduler.from_config(pipe.scheduler.config)), sketches,
                                         [prompt] * len(sketches), seed=0)
 
     base = losses(trained_base)

@@ -46,13 +46,25 @@ def test_sequential_needs_stages(tiny_models, shard_dir, tmp_path):
     assert proc.returncode == 2 and "--stages needs at least one category" in proc.stderr
 
 
-@pytest.mark.parametrize("launcher, family", [(launcher, "sd") for launcher in LAUNCHERS] + [("ddp", "sdxl")])
+def test_sequential_lora_is_refused_before_training(tiny_models, shard_dir, tmp_path):
+    """(It trained stage 1 and then failed reading the LoRA folder as stage 2's base model.)"""
+    proc = run_script("train/dreambooth_sequential.py", "--pretrained_model_name_or_path", tiny_models.sd,
+                      "--shard_dir", shard_dir, "--output_dir", tmp_path, "--stages", "cat,apple", "--lora_rank", "4",
+                      check=False)
+    assert proc.returncode == 2 and "--lora_rank is not supported yet" in proc.stderr
+    assert not (tmp_path / "stage-01-cat").exists()
+
+
+@pytest.mark.parametrize("launcher, family", [(launcher, "sd") for launcher in LAUNCHERS] + [("ddp", "sdxl"), ("1", "sd3")])
 def test_bf16_matrix_and_resume_at_a_stage(launcher, family, tiny_models, shard_dir, tmp_path):
-    """The process group lives for the whole script: stage 2 runs with 2 processes (it died there before); SDXL too."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    """The process group lives for the whole script: stage 2 runs with 2 processes (it died there before); SDXL and
+    SD3 too."""
+    import diffusers
+
+    from sketch2real.family import FAMILIES
 
     out = tmp_path / "seq"
-    model, pipeline = (tiny_models.sdxl, StableDiffusionXLPipeline) if family == "sdxl" else (tiny_models.sd, StableDiffusionPipeline)
+    model, pipeline = getattr(tiny_models, family), getattr(diffusers, FAMILIES[family].pipeline)
     args = ["--pretrained_model_name_or_path", model, "--shard_dir", shard_dir, "--stages", "cat,apple",
             "--steps_per_stage", "2", "--resolution", "64", "--learning_rate", "1e-3", "--checkpointing_steps", "1",
             "--validation_steps", "2", "--num_validation_images", "1", "--validation_inference_steps", "2",

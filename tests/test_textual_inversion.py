@@ -17,7 +17,7 @@ def _style_loss(pipe, shard_dir) -> float:
     from diffusers import DDPMScheduler
 
     from sketch2real.training.data import load_shard_images
-    from sketch2real.training.diffusion import tokenize
+    from sketch2real.training.diffusion import DenoisingObjective, tokenize
     from sketch2real.training.validation import heldout_denoising_loss
 
     images, _ = load_shard_images(str(shard_dir), "train", "cat", "sketch", 64)
@@ -27,7 +27,7 @@ def _style_loss(pipe, shard_dir) -> float:
         return pipe.unet(noisy, timesteps, pipe.text_encoder(tokenize(pipe.tokenizer, prompts))[0]).sample
 
     with torch.no_grad():
-        return heldout_denoising_loss(predict, pipe.vae, scheduler, images, ["a cat in the style of <sketch>"] * len(images), seed=5)
+        return heldout_denoising_loss(predict, pipe.vae, DenoisingObjective(scheduler), images, ["a cat in the style of <sketch>"] * len(images), seed=5)
 
 
 def test_only_the_new_rows_train_and_the_token_works_in_plain_diffusers(ti_args, tiny_models, shard_dir, tmp_path):

@@ -86,7 +86,7 @@ def pretrain_tiny_sd(output_dir: str | Path, settings: PretrainSettings | None =
 
     from sketch2real.io import write_json
     from sketch2real.models import save_pretrained_atomic
-    from sketch2real.training.diffusion import diffusion_loss, tokenize
+    from sketch2real.training.diffusion import DenoisingObjective, tokenize
 
     settings = settings or PretrainSettings()
     out = Path(output_dir)
@@ -146,7 +146,7 @@ def pretrain_tiny_sd(output_dir: str | Path, settings: PretrainSettings | None =
             dropped = torch.rand(len(rows), generator=g) < settings.empty_prompt_fraction
             prompt_ids = torch.where(dropped[:, None], empty, prompt_ids)
         prediction = unet(noise_scheduler.add_noise(x0, noise, t), t, text_encoder(prompt_ids)[0]).sample
-        return diffusion_loss(prediction, noise, t, noise_scheduler, snr_gamma).mean()
+        return DenoisingObjective(noise_scheduler, snr_gamma).loss(prediction, noise, t).mean()
 
     def heldout_loss() -> float:
         with torch.no_grad():

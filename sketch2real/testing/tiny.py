@@ -2,7 +2,7 @@
 
 No network: the tiny Stable Diffusion uses the real CLIP BPE vocabulary that ships
 inside the open_clip_torch wheel, so prompts tokenize exactly as in SD 1.x.
-BLIP-2 and LLaVA get a small byte-level BPE trained here on a fixed text. The
+BLIP-2 and LLaVA get a small byte-level BPE trained here on a fixed text, SD3's T5 a unigram vocabulary of its words. The
 pytorch-fid Inception weight file is randomly initialised but structurally valid.
 
 Every Stable Diffusion here, the trained tiny base's included, is built from one table of shapes, `SD_SIZES`.
@@ -14,6 +14,8 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,7 @@ SD_DIRNAME = "tiny-sd"
 CLIP_DIRNAME = "tiny-clip"
 DINOV2_DIRNAME = "tiny-dinov2"
 SDXL_DIRNAME = "tiny-sdxl"
+SD3_DIRNAME = "tiny-sd3"
 BLIP2_DIRNAME = "tiny-blip2"
 LLAVA_DIRNAME = "tiny-llava"
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -125,6 +128,20 @@ SD_SIZES: dict[str, dict[str, dict]] = {
         "vae": dict(block_out_channels=(16, 32, 32), norm_num_groups=8, sample_size=64, layers_per_block=1),
         "text": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, projection_dim=32),
     },
+    # SD3: CLIP-L and CLIP-G (both projected; penultimate states side by side, zero-padded to T5's width, then T5's
+    # states in the sequence; pooled 32 + 32 = 64), a 16-channel VAE with SD3's shift and scale, an MM-DiT.
+    "tiny_sd3": {
+        "transformer": dict(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+                            num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32,
+                            pooled_projection_dim=64, pos_embed_max_size=16),
+        "vae": dict(block_out_channels=(8, 16, 16, 16), norm_num_groups=8, sample_size=64, layers_per_block=1,
+                    latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                    use_post_quant_conv=False),
+        "text": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, projection_dim=32),
+        "text_2": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, projection_dim=32),
+        "t5": dict(d_model=64, d_ff=64, d_kv=16, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                   feed_forward_proj="gated-gelu"),
+    },
     "tiny_sdxl": {
         "unet": dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -142,9 +159,9 @@ def build_vae(size: str, **overrides):
     """The `SD_SIZES[size]` VAE (random weights)."""
     from diffusers import AutoencoderKL
 
-    shapes = {**SD_SIZES[size]["vae"], **overrides}
+    shapes = {"latent_channels": 4, **SD_SIZES[size]["vae"], **overrides}
     levels = len(shapes["block_out_channels"])
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * levels,
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * levels,
                          up_block_types=("UpDecoderBlock2D",) * levels, **shapes)
 
 
@@ -155,13 +172,54 @@ def build_unet(size: str, **overrides):
     return UNet2DConditionModel(in_channels=4, out_channels=4, **{**SD_SIZES[size]["unet"], **overrides})
 
 
-def build_text_encoder(size: str, tokenizer, which: str = "text"):
-    """The `SD_SIZES[size]` CLIP text encoder `which` ("text", or SDXL's projected "text_2") for `tokenizer`."""
+def build_text_encoder(size: str, tokenizer, which: str = "text", projected: bool | None = None):
+    """The `SD_SIZES[size]` CLIP text encoder `which` ("text", or SDXL's projected "text_2") for `tokenizer`
+    (`projected`: with the text projection; default: for "text_2")."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=77, bos_token_id=49406,
                             eos_token_id=49407, pad_token_id=49407, **SD_SIZES[size][which])
-    return (CLIPTextModelWithProjection if which == "text_2" else CLIPTextModel)(config)
+    projected = which == "text_2" if projected is None else projected
+    return (CLIPTextModelWithProjection if projected else CLIPTextModel)(config)
+
+
+def t5_tokenizer():
+    """A T5 tokenizer (unigram over words of the study's prompts, and single characters: any text encodes) built
+    offline."""
+    import string
+
+    from transformers import T5Tokenizer
+
+    from sketch2real.synthetic import DEFAULT_CATEGORIES
+
+    words = sorted(set(re.findall(r"[a-z]+", (_CAPTION_CORPUS + " ".join(DEFAULT_CATEGORIES)).lower())))
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
+    vocab += [("▁" + w, -2.0) for w in words] + [(c, -5.0) for c in string.ascii_lowercase + string.digits + "<>_-.,'"]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+def build_sd3(output_dir: str | os.PathLike, size: str = "tiny_sd3", seed: int = 0) -> Path:
+    """Build and save a StableDiffusion3Pipeline of `size` (SD_SIZES) with random weights, the real CLIP vocabulary
+    and an offline T5 tokenizer, at `output_dir`, no download."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import T5Config, T5EncoderModel
+
+    shapes = SD_SIZES[size]
+    out = Path(output_dir)
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_3 = clip_tokenizer(out / "_vocab"), t5_tokenizer()
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_3), pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+                                 **shapes["t5"]))
+    pipe = StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(**shapes["transformer"]), vae=build_vae(size),
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        text_encoder=build_text_encoder(size, tokenizer, "text", projected=True), tokenizer=tokenizer,
+        text_encoder_2=build_text_encoder(size, tokenizer, "text_2"), tokenizer_2=tokenizer,
+        text_encoder_3=t5, tokenizer_3=tokenizer_3,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    shutil.rmtree(out / "_vocab")
+    return out
 
 
 def build_sd(output_dir: str | os.PathLike, size: str = "tiny", seed: int = 0) -> Path:
@@ -421,6 +479,7 @@ class TinyModels:
 
     sd: Path
     sdxl: Path
+    sd3: Path
     clip: Path
     dinov2: Path
     blip2: Path
@@ -439,6 +498,9 @@ def build_all(output_dir: str | os.PathLike, torch_home: str | os.PathLike | Non
     dinov2, sdxl = out / DINOV2_DIRNAME, out / SDXL_DIRNAME
     if not (sdxl / "model_index.json").exists():
         build_tiny_sdxl(sdxl)
+    sd3 = out / SD3_DIRNAME
+    if not (sd3 / "model_index.json").exists():
+        build_sd3(sd3)
     if not (dinov2 / "config.json").exists():
         build_tiny_dinov2(dinov2)
     if not (blip2 / "config.json").exists():
@@ -448,7 +510,7 @@ def build_all(output_dir: str | os.PathLike, torch_home: str | os.PathLike | Non
     home = Path(torch_home) if torch_home else out / "torch_home"
     if not (home / "hub" / "checkpoints" / FID_WEIGHTS_NAME).exists():
         write_fid_inception_weights(home)
-    return TinyModels(sd=sd, sdxl=sdxl, clip=clip, dinov2=dinov2, blip2=blip2, llava=llava, torch_home=home)
+    return TinyModels(sd=sd, sdxl=sdxl, sd3=sd3, clip=clip, dinov2=dinov2, blip2=blip2, llava=llava, torch_home=home)
 
 
 CSD_DIRNAME = "tiny-csd"

@@ -16,16 +16,15 @@ import numpy as np
 import torch
 
 from sketch2real.cli import UserError, option
-from sketch2real.family import Conditioning
 from sketch2real.io import read_jsonl
 from sketch2real.models import SDComponents, assemble_pipeline, load
 from sketch2real.sketchy import category_words, photo_key, sketch_condition
-from sketch2real.training.accelerator import cast_denoiser_inputs, trained_state_dict
+from sketch2real.training.accelerator import cast_denoiser_inputs
 from sketch2real.training.data import LazyImages
 from sketch2real.training.diffusion import derive_seed
 from sketch2real.training.options import TrainOptions
 from sketch2real.training.preemption import preemption
-from sketch2real.training.task import DiffusionTask
+from sketch2real.training.task import DiffusionTask, HeldOut
 from sketch2real.training.validation import heldout_denoising_losses, log_image
 
 logger = logging.getLogger("sketch2real")
@@ -82,25 +81,26 @@ class ControlNetTask(DiffusionTask):
         from diffusers import ControlNetModel
 
         super().__init__(opts, accelerator, components)
+        self.family.require("controlnet")
         c, device = self.c, accelerator.device
         if opts.controlnet_model_name_or_path:
             controlnet = load(ControlNetModel, opts.controlnet_model_name_or_path, "ControlNet")
         else:  # from the UNet's full-precision weights, before the frozen UNet is cast to the weight dtype
-            controlnet = init_controlnet(c.unet, opts.seed, 2 ** (len(c.vae.config.block_out_channels) - 1))
-        c.unet.requires_grad_(False).to(device, self.weight_dtype)
+            controlnet = init_controlnet(c.denoiser, opts.seed, 2 ** (len(c.vae.config.block_out_channels) - 1))
+        c.denoiser.requires_grad_(False).to(device, self.weight_dtype)
         for encoder in c.text_encoders:
             encoder.requires_grad_(False).to(device, self.weight_dtype)
         controlnet.train()
         cast_denoiser_inputs(controlnet)
         if opts.gradient_checkpointing:
             controlnet.enable_gradient_checkpointing()
-            c.unet.enable_gradient_checkpointing()
+            c.denoiser.enable_gradient_checkpointing()
         self.model = controlnet
-        self.sketches, self.photos, refs = _pairs(opts.shard_dir, opts.split, opts.categories or None, opts.resolution)
+        self.sketches, photos, refs = _pairs(opts.shard_dir, opts.split, opts.categories or None, opts.resolution)
         self.keys, self.categories = [r.key for r in refs], [r.category for r in refs]
         self.captions = self._captions()
         logger.info("%d sketch/photo pairs", len(self.keys))
-        self.data_sampler = self.sampler(len(self.keys), "pairs")
+        self.pairs = self.stream("pairs", photos)  # the photos are denoised; their sketches are read alongside
         self.heldout = self._heldout()
 
     def _captions(self) -> dict[str, str]:
@@ -120,7 +120,7 @@ class ControlNetTask(DiffusionTask):
                 return ""
         return self.captions.get(key) or o.prompt_template.format(category=category_words(category))
 
-    def _heldout(self):
+    def _heldout(self) -> HeldOut | None:
         o = self.opts
         try:
             sketches, photos, refs = _pairs(o.shard_dir, o.validation_split, o.categories or None, o.resolution)
@@ -131,26 +131,21 @@ class ControlNetTask(DiffusionTask):
             return None
         # spread over the split (sorted by category), so that every category has pairs to derange
         chosen = sorted({round(i * (len(refs) - 1) / max(1, n - 1)) for i in range(n)})
-        return (sketches[chosen], photos[chosen], [self.prompt_for(refs[i].key, refs[i].category) for i in chosen],
-                [refs[i].category for i in chosen], [photo_key(refs[i].key) for i in chosen])
-
-    def _predict(self, controlnet, noisy, timesteps, text: Conditioning, conditioning):
-        down, mid = controlnet(noisy, timesteps, controlnet_cond=conditioning, return_dict=False, **text.unet_kwargs())
-        return self.c.unet(noisy, timesteps, down_block_additional_residuals=down, mid_block_additional_residual=mid,
-                           **text.unet_kwargs()).sample
+        return HeldOut(photos[chosen], [self.prompt_for(refs[i].key, refs[i].category) for i in chosen],
+                       [refs[i].category for i in chosen], [photo_key(refs[i].key) for i in chosen], sketches[chosen])
 
     @staticmethod
     def _conditioning(sketches: torch.Tensor, device) -> torch.Tensor:
         return sketch_condition(sketches).to(device)
 
     def loss(self, model, step: int, micro: int) -> torch.Tensor:
-        indices, noisy, target, timesteps = self.noisy_batch(self.photos, self.data_sampler, step, micro, "pairs")
-        prompts = [self.prompt_for(self.keys[i], self.categories[i], step) for i in indices]
+        batch = self.pairs.batch(step, micro)
+        prompts = [self.prompt_for(self.keys[i], self.categories[i], step) for i in batch.indices]
         with torch.no_grad():
             text = self.condition(prompts)
-        conditioning = self._conditioning(self.step_rows("sketches", self.sketches, self.data_sampler, step, micro), noisy.device)
-        prediction = self._predict(model, noisy, timesteps, text, conditioning)
-        return self.loss_of(prediction, target, timesteps)
+        sketches = self._conditioning(self.pairs.rows(step, micro, self.sketches), batch.noisy.device)
+        prediction = self.predict(self.c.denoiser, batch, text, controlnet=model, control_image=sketches)
+        return self.loss_of(batch, prediction)
 
     def heldout_losses(self, accelerator, controlnet, sketches: torch.Tensor, photos: torch.Tensor,
                        prompts: list[str]) -> np.ndarray:
@@ -162,17 +157,15 @@ class ControlNetTask(DiffusionTask):
             start = position["start"]
             position["start"] += len(batch_prompts)
             with accelerator.autocast():
-                text = self.condition(batch_prompts)
-                return self._predict(controlnet, noisy, timesteps, text, conditioning[start : start + len(batch_prompts)])
+                return self.family.predict(self.c.denoiser, noisy, timesteps, self.condition(batch_prompts), controlnet,
+                                           conditioning[start : start + len(batch_prompts)])
 
-        return heldout_denoising_losses(predict, self.c.vae, self.c.noise_scheduler, photos, prompts, self.opts.seed)
+        return heldout_denoising_losses(predict, self.c.vae, self.objective, photos, prompts, self.opts.seed)
 
     def validate(self, accelerator, model, step: int) -> dict:
         """Held-out loss, and the conditioning gain: each held-out photo's loss with a sketch of another photo of its
         category minus with its own sketch, with a 95% bootstrap interval. Above 0 once the ControlNet follows its sketch
         (ControlNets start ignoring it and pick it up suddenly, Zhang et al. 2023: this says when)."""
-        from diffusers import PNDMScheduler
-
         from sketch2real.metrics import mean_ci95, partners_within
         from sketch2real.mosaic import image_grid
 
@@ -180,7 +173,8 @@ class ControlNetTask(DiffusionTask):
             return {}
         preemption.check(accelerator)
         o, logs = self.opts, {}
-        sketches, photos, prompts, categories, photo_keys = self.heldout
+        h = self.heldout
+        sketches, photos, prompts, categories, photo_keys = h.conditions, h.images, h.prompts, h.categories, h.keys
         controlnet = accelerator.unwrap_model(model)
         controlnet.eval()
         if o.num_heldout_samples:
@@ -198,8 +192,8 @@ class ControlNetTask(DiffusionTask):
             from torchvision.transforms.functional import to_pil_image
 
             count = min(o.num_validation_sketches, len(prompts))
-            scheduler = PNDMScheduler.from_config(self.c.noise_scheduler.config, skip_prk_steps=True)
-            pipe = assemble_pipeline(self.c, self.c.unet, self.c.text_encoder, scheduler, controlnet)
+            scheduler = self.family.validation_scheduler(self.c.noise_scheduler)
+            pipe = assemble_pipeline(self.c, self.c.denoiser, self.c.text_encoder, scheduler, controlnet)
             pipe.set_progress_bar_config(disable=True)
             sketch_images = [to_pil_image((s + 1) / 2) for s in sketches[:count]]
             generators = [torch.Generator().manual_seed(derive_seed(o.seed, "validation", i)) for i in range(count)]
@@ -225,9 +219,9 @@ class ControlNetTask(DiffusionTask):
 
         from sketch2real.models import save_pretrained_atomic
 
-        state = trained_state_dict(accelerator, model)  # fp32 master weights; a collective under DeepSpeed
-        if accelerator.is_main_process:
+        def write(state: dict[str, torch.Tensor]) -> None:  # the fp32 master weights
             controlnet = ControlNetModel.from_config(accelerator.unwrap_model(model).config)
             controlnet.load_state_dict(state)
             save_pretrained_atomic(controlnet, self.opts.output_dir)
-        accelerator.wait_for_everyone()
+
+        self.write_on_main(model, write)

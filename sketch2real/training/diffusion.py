@@ -1,4 +1,4 @@
-"""The diffusion training objective, with noise that depends on the step and not on the world size.
+"""The training objectives (denoising, flow matching), with noise that depends on the step and not on the world size.
 
 Every random draw of a training step (VAE sample, noise, timestep) of global batch row r is made by a
 generator seeded by (seed, stream, step, micro-step, r), on the rank's device: each rank draws only its
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ class StepNoise:
 
 def step_noise(
     seed: int, step: int, micro: int, global_batch: int, rows: slice, latent_shape: tuple[int, ...],
-    num_train_timesteps: int, noise_offset: float = 0.0, stream: str = "instance", device: torch.device | str = "cpu",
+    objective: Objective, noise_offset: float = 0.0, stream: str = "instance", device: torch.device | str = "cpu",
 ) -> StepNoise:
     """This rank's `rows` of the step's global batch of random numbers, each row from its own generator on `device`."""
     eps, noise, timesteps = [], [], []
@@ -42,8 +43,15 @@ def step_noise(
         if noise_offset:
             row_noise = row_noise + noise_offset * torch.randn((latent_shape[0], 1, 1), generator=generator, device=device)
         noise.append(row_noise)
-        timesteps.append(torch.randint(0, num_train_timesteps, (1,), generator=generator, device=device))
+        timesteps.append(objective.draw_timesteps(1, generator, device))
     return StepNoise(torch.stack(eps), torch.stack(noise), torch.cat(timesteps))
+
+
+def scaled_latents(vae, raw: torch.Tensor) -> torch.Tensor:
+    """Raw VAE latents -> the denoiser's latent space: (z - shift) * scale, the shift being the config's
+    `shift_factor` (SD3/FLUX's 16-channel VAE; none for SD's)."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (raw - shift) * vae.config.scaling_factor
 
 
 def encode_latents(vae, images: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -51,45 +59,102 @@ def encode_latents(vae, images: torch.Tensor, eps: torch.Tensor) -> torch.Tensor
     with torch.no_grad():
         dist = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
         latents = dist.mean + dist.std * eps.to(dist.mean.device, dist.mean.dtype)
-    return (latents * vae.config.scaling_factor).float()
+    return scaled_latents(vae, latents).float()
 
 
-def noisy_latents_and_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
-    """(noisy latents, regression target) for the scheduler's prediction type."""
-    noise = noise.to(latents.device, latents.dtype)
-    timesteps = timesteps.to(latents.device)
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    kind = noise_scheduler.config.prediction_type
-    if kind == "epsilon":
-        target = noise
-    elif kind == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
+class Objective(Protocol):
+    """What a training objective decides: how timesteps are drawn, what the denoiser sees and regresses, the loss."""
+
+    def draw_timesteps(self, count: int, generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
+        """`count` training timesteps from `generator` (the denoiser's timestep values)."""
+
+    def noisy_and_target(self, latents: torch.Tensor, noise: torch.Tensor,
+                         timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the denoiser's input, its regression target)."""
+
+    def loss(self, prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss, shape [B]."""
+
+
+@dataclass(frozen=True)
+class DenoisingObjective:
+    """DDPM training (SD 1.x/2.x, SDXL): integer timesteps drawn uniformly, the scheduler's noise, the epsilon or
+    v target of its `prediction_type`; with `snr_gamma`, Min-SNR weighting (Hang et al., 2023)."""
+
+    scheduler: Any  # a DDPMScheduler
+    snr_gamma: float = 0.0
+
+    def draw_timesteps(self, count: int, generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
+        return torch.randint(0, self.scheduler.config.num_train_timesteps, (count,), generator=generator, device=device)
+
+    def noisy_and_target(self, latents, noise, timesteps):
+        noise, timesteps = noise.to(latents.device, latents.dtype), timesteps.to(latents.device)
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        kind = self.scheduler.config.prediction_type
+        if kind == "epsilon":
+            return noisy, noise
+        if kind == "v_prediction":
+            return noisy, self.scheduler.get_velocity(latents, noise, timesteps)
         raise ValueError(f"unsupported prediction type {kind!r}")
-    return noisy, target
+
+    def loss(self, prediction, target, timesteps):
+        per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none")
+        per_sample = per_sample.mean(dim=tuple(range(1, per_sample.ndim)))
+        if self.snr_gamma:
+            from diffusers.training_utils import compute_snr
+
+            snr = compute_snr(self.scheduler, timesteps.to(prediction.device))
+            clamped = torch.clamp(snr, max=self.snr_gamma)
+            weight = clamped / (snr + 1) if self.scheduler.config.prediction_type == "v_prediction" else clamped / snr
+            per_sample = per_sample * weight
+        return per_sample
 
 
-def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, noise_scheduler,
-                   snr_gamma: float = 0.0) -> torch.Tensor:
-    """Per-sample MSE (shape [B]); with `snr_gamma`, Min-SNR weighted (Hang et al., 2023)."""
-    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if snr_gamma:
-        from diffusers.training_utils import compute_snr
+class FlowMatchingObjective:
+    """Rectified flow (SD3, FLUX): noisy = (1 - σ)·x + σ·noise, velocity target noise - x; σ drawn by diffusers'
+    `compute_density_for_timestep_sampling` (logit_normal, mode, uniform) on the scheduler's (shifted) grid and the loss
+    weighted by `compute_loss_weighting_for_sd3` (sigma_sqrt, cosmap, none), as diffusers' SD3/FLUX scripts."""
 
-        snr = compute_snr(noise_scheduler, timesteps.to(prediction.device))
-        weight = torch.clamp(snr, max=snr_gamma) / snr
-        if noise_scheduler.config.prediction_type == "v_prediction":
-            weight = torch.clamp(snr, max=snr_gamma) / (snr + 1)
-        per_sample = per_sample * weight
-    return per_sample
+    def __init__(self, scheduler, weighting_scheme: str = "none", logit_mean: float = 0.0, logit_std: float = 1.0,
+                 mode_scale: float = 1.29):
+        self.scheduler, self.weighting_scheme = scheduler, weighting_scheme
+        self.logit_mean, self.logit_std, self.mode_scale = logit_mean, logit_std, mode_scale
+        # the training grid (num_train_timesteps values, high to low, shifted as the model was trained), copied:
+        # a pipeline's set_timesteps on the same scheduler would replace it by an inference grid
+        self.grid = scheduler.timesteps.clone().float()
+
+    def draw_timesteps(self, count: int, generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        u = compute_density_for_timestep_sampling(self.weighting_scheme, count, self.logit_mean, self.logit_std,
+                                                  self.mode_scale, device=device, generator=generator)
+        indices = (u * len(self.grid)).long().clamp(max=len(self.grid) - 1).cpu()
+        return self.grid[indices].to(device)
+
+    def sigmas(self, timesteps: torch.Tensor) -> torch.Tensor:
+        return timesteps.float() / self.scheduler.config.num_train_timesteps
+
+    def noisy_and_target(self, latents, noise, timesteps):
+        noise = noise.to(latents.device, latents.dtype)
+        sigma = self.sigmas(timesteps.to(latents.device)).to(latents.dtype).view(-1, *[1] * (latents.ndim - 1))
+        return (1 - sigma) * latents + sigma * noise, noise - latents
+
+    def loss(self, prediction, target, timesteps):
+        from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+        weight = compute_loss_weighting_for_sd3(self.weighting_scheme, self.sigmas(timesteps.to(prediction.device)))
+        squared = (prediction.float() - target.float()) ** 2
+        return (weight.float().view(-1, *[1] * (squared.ndim - 1)) * squared).flatten(1).mean(1)
 
 
-def encode_prompts(tokenizer, text_encoder, prompts: list[str], device: torch.device) -> torch.Tensor:
-    """CLIP hidden states of the prompts (padded to the tokenizer's max length, as SD does)."""
-    ids = tokenize(tokenizer, prompts).to(device)
-    return text_encoder(ids)[0]
+def objective_for(scheduler, opts) -> Objective:
+    """The objective of a training scheduler (the family's: `Family.training_scheduler`), configured by `opts`."""
+    if type(scheduler).__name__ == "FlowMatchEulerDiscreteScheduler":
+        return FlowMatchingObjective(scheduler, opts.weighting_scheme, opts.logit_mean, opts.logit_std, opts.mode_scale)
+    return DenoisingObjective(scheduler, opts.snr_gamma)
 
 
-def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
-    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+def tokenize(tokenizer, prompts: list[str], max_length: int | None = None) -> torch.Tensor:
+    """Token ids padded to `max_length` (default: the tokenizer's, CLIP's 77), as the pipelines pad them."""
+    return tokenizer(prompts, padding="max_length", max_length=max_length or tokenizer.model_max_length, truncation=True,
                      return_tensors="pt").input_ids

@@ -10,15 +10,15 @@ from pathlib import Path
 import torch
 
 from sketch2real.cli import UserError, option
-from sketch2real.family import Conditioning, TextEncoders, family_of, pipeline_class
+from sketch2real.family import Conditioning, Family, TextEncoders, family_of, pipeline_class
 from sketch2real.io import atomic_path, umask_modes
 from sketch2real.models import SDComponents, dtype_for, load_pipeline, save_pretrained_atomic
-from sketch2real.training.accelerator import trained_state_dict, zero3_init_disabled
+from sketch2real.training.accelerator import zero3_init_disabled
 from sketch2real.training.data import load_folder_images, load_shard_images
 from sketch2real.training.diffusion import derive_seed
 from sketch2real.training.options import TrainOptions
 from sketch2real.training.preemption import preemption
-from sketch2real.training.task import DiffusionTask
+from sketch2real.training.task import DiffusionTask, HeldOut
 
 logger = logging.getLogger("sketch2real")
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
@@ -57,22 +57,23 @@ class DreamBoothOptions(TrainOptions):
 
 
 class DreamBoothModel(torch.nn.Module):
-    """The one module handed to accelerate/DeepSpeed: the UNet and, if trained, the text encoders.
+    """The one module handed to accelerate/DeepSpeed: the denoiser and, if trained, the text encoders.
 
     Wrapping them in one module is what lets DeepSpeed train the text encoders too
     (accelerate gives DeepSpeed a single model; see huggingface/diffusers#1815).
     """
 
-    def __init__(self, unet, text_encoders: TextEncoders | None = None):
+    def __init__(self, family: Family, denoiser, text_encoders: TextEncoders | None = None):
         super().__init__()
-        self.unet = unet
+        self.family = family
+        self.denoiser = denoiser
         self.text_encoders = text_encoders
 
     def forward(self, noisy_latents, timesteps, input_ids: list[torch.Tensor] | None = None,
                 conditioning: Conditioning | None = None):
         if self.text_encoders is not None:
-            conditioning = TextEncoders.conditioning(self.text_encoders(input_ids))
-        return self.unet(noisy_latents, timesteps, **conditioning.unet_kwargs()).sample
+            conditioning = Conditioning.from_tuple(self.text_encoders(input_ids))
+        return self.family.predict(self.denoiser, noisy_latents, timesteps, conditioning)
 
 
 def missing_class_images(folder: Path, count: int) -> list[int]:
@@ -139,52 +140,49 @@ class DreamBoothTask(DiffusionTask):
         text_encoders.requires_grad_(False)
         if opts.train_text_encoder:
             text_encoders.train_what_conditions()
-        c.unet.requires_grad_(not opts.lora_rank)
+        c.denoiser.requires_grad_(not opts.lora_rank)
         if opts.lora_rank:
             from diffusers.training_utils import cast_training_params
             from peft import LoraConfig
 
-            c.unet.to(device, self.weight_dtype)  # the frozen base in the weight dtype, the adapters in fp32
+            c.denoiser.to(device, self.weight_dtype)  # the frozen base in the weight dtype, the adapters in fp32
             with torch.random.fork_rng(devices=[]):  # the adapters' start is a function of --seed, on every launcher
                 torch.manual_seed(derive_seed(opts.seed, "lora-init"))
-                c.unet.add_adapter(LoraConfig(r=opts.lora_rank, lora_alpha=opts.lora_alpha or opts.lora_rank,
-                                              init_lora_weights="gaussian", target_modules=LORA_TARGETS))
-            cast_training_params(c.unet, torch.float32)
+                c.denoiser.add_adapter(LoraConfig(r=opts.lora_rank, lora_alpha=opts.lora_alpha or opts.lora_rank,
+                                                  init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+            cast_training_params(c.denoiser, torch.float32)
         if opts.gradient_checkpointing:
-            c.unet.enable_gradient_checkpointing()
+            c.denoiser.enable_gradient_checkpointing()
             if opts.train_text_encoder:
                 for encoder in c.text_encoders:
                     encoder.gradient_checkpointing_enable()
         if not opts.train_text_encoder:
             for encoder in c.text_encoders:
                 encoder.to(device, self.weight_dtype)
-        self.model = DreamBoothModel(c.unet, text_encoders if opts.train_text_encoder else None)
+        self.model = DreamBoothModel(self.family, c.denoiser, text_encoders if opts.train_text_encoder else None)
 
         # Data: instance images (and class images) held in memory, indexed by a step-determined sampler.
+        names = None
         if opts.instance_data_dir:
-            self.instance_images = load_folder_images(opts.instance_data_dir, opts.resolution, opts.num_instance_images)
+            instance_images = load_folder_images(opts.instance_data_dir, opts.resolution, opts.num_instance_images)
         else:
-            self.instance_images, metas = load_shard_images(opts.shard_dir, opts.split, opts.instance_category or None,
-                                                            opts.instance_image_type, opts.resolution, opts.num_instance_images,
-                                                            opts.seed)
-            self.image_names["instance"] = [m["key"] for m in metas]
-        logger.info("%d instance images", len(self.instance_images))
-        self.instance_sampler = self.sampler(len(self.instance_images), "instance")
-        self.class_images = None
+            instance_images, metas = load_shard_images(opts.shard_dir, opts.split, opts.instance_category or None,
+                                                       opts.instance_image_type, opts.resolution, opts.num_instance_images,
+                                                       opts.seed)
+            names = [m["key"] for m in metas]
+        logger.info("%d instance images", len(instance_images))
+        self.parts = [(self.stream("instance", instance_images, names), opts.instance_prompt, 1.0)]
         if opts.with_prior_preservation:
             ensure_class_images(accelerator, opts)
-            self.class_images = load_folder_images(opts.class_data_dir, opts.resolution, opts.num_class_images)
-            self.class_sampler = self.sampler(len(self.class_images), "class")
-        self.instance_ids = self.prompt_ids([opts.instance_prompt])
-        self.class_ids = self.prompt_ids([opts.class_prompt]) if opts.with_prior_preservation else None
-        if not opts.train_text_encoder:
-            with torch.no_grad():
-                self.instance_states = self.condition([opts.instance_prompt])
-                self.class_states = self.condition([opts.class_prompt]) if self.class_ids is not None else None
-        self.heldout_images = self._heldout_images()
-        self.heldout_prompts = [opts.instance_prompt] * (len(self.heldout_images) if self.heldout_images is not None else 0)
+            class_images = load_folder_images(opts.class_data_dir, opts.resolution, opts.num_class_images)
+            self.parts.append((self.stream("class", class_images), opts.class_prompt, opts.prior_loss_weight))
+        # each part's prompt: token ids when the text encoders train, else its conditioning, computed once
+        with torch.no_grad():
+            self.prompts = {prompt: (self.prompt_ids([prompt]) if opts.train_text_encoder else self.condition([prompt]))
+                            for _, prompt, _ in self.parts}
+        self.heldout = self._heldout()
 
-    def _heldout_images(self) -> torch.Tensor | None:
+    def _heldout(self) -> HeldOut | None:
         opts = self.opts
         if not opts.num_heldout_samples or not opts.shard_dir or not opts.instance_category:
             return None
@@ -193,32 +191,23 @@ class DreamBoothTask(DiffusionTask):
                                           opts.instance_image_type, opts.resolution, opts.num_heldout_samples, opts.seed)
         except UserError:
             return None  # no validation images of this category: the held-out loss is skipped
-        return images
-
-    def samples_per_step(self) -> int:
-        return super().samples_per_step() * (2 if self.class_images is not None else 1)
-
-    def _part(self, model, sampler, images, step, micro, stream, ids, states):
-        _, noisy, target, timesteps = self.noisy_batch(images, sampler, step, micro, stream)
-        n = noisy.shape[0]
-        if self.opts.train_text_encoder:
-            prediction = model(noisy, timesteps, input_ids=[i.expand(n, -1) for i in ids])
-        else:
-            prediction = model(noisy, timesteps, conditioning=states.expand(n))
-        return self.loss_of(prediction, target, timesteps)
+        return HeldOut(images, [opts.instance_prompt] * len(images))
 
     def loss(self, model, step: int, micro: int) -> torch.Tensor:
-        frozen_text = not self.opts.train_text_encoder
-        loss = self._part(model, self.instance_sampler, self.instance_images, step, micro, "instance", self.instance_ids,
-                          self.instance_states if frozen_text else None)
-        if self.class_images is not None:
-            prior = self._part(model, self.class_sampler, self.class_images, step, micro, "class", self.class_ids,
-                               self.class_states if frozen_text else None)
-            loss = loss + self.opts.prior_loss_weight * prior
+        """The instance loss, plus the weighted prior-preservation loss on class images."""
+        loss = 0.0
+        for stream, prompt, weight in self.parts:
+            batch = stream.batch(step, micro)
+            n, text = batch.noisy.shape[0], self.prompts[prompt]
+            if self.opts.train_text_encoder:
+                prediction = model(batch.noisy, batch.timesteps, input_ids=[i.expand(n, -1) for i in text])
+            else:
+                prediction = model(batch.noisy, batch.timesteps, conditioning=text.expand(n))
+            loss = loss + weight * self.loss_of(batch, prediction)
         return loss
 
-    def unet_of(self, model):
-        return self.accelerator.unwrap_model(model).unet
+    def denoiser_of(self, model):
+        return self.accelerator.unwrap_model(model).denoiser
 
     def text_encoder_of(self, model):
         # the trained first encoder (the pipeline and `condition` take the others from the components: the same
@@ -234,34 +223,34 @@ class DreamBoothTask(DiffusionTask):
 
     def save_final(self, accelerator, model) -> None:
         """LoRA: `pytorch_lora_weights.safetensors`; full: a diffusers pipeline at --output_dir."""
-        opts = self.opts
-        state = trained_state_dict(accelerator, model)  # fp32 master weights; a collective under DeepSpeed
-        if accelerator.is_main_process:
-            out = Path(opts.output_dir)
+        opts, out = self.opts, Path(self.opts.output_dir)
+
+        def write(state: dict[str, torch.Tensor]) -> None:  # the fp32 master weights
             if opts.lora_rank:
                 from diffusers.utils import convert_state_dict_to_diffusers
                 from peft.utils import get_peft_model_state_dict
 
-                unet_state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
-                layers = get_peft_model_state_dict(self.unet_of(model), state_dict=unet_state)
-                pipeline_class(self.family).save_lora_weights(out, unet_lora_layers=convert_state_dict_to_diffusers(layers),
-                                                              safe_serialization=True)
+                denoiser_state = {k[len("denoiser."):]: v for k, v in state.items() if k.startswith("denoiser.")}
+                layers = get_peft_model_state_dict(self.denoiser_of(model), state_dict=denoiser_state)
+                pipeline_class(self.family).save_lora_weights(
+                    out, **{self.family.lora_layers_argument: convert_state_dict_to_diffusers(layers)},
+                    safe_serialization=True)
                 umask_modes(out / "pytorch_lora_weights.safetensors")  # diffusers writes it 0600 through a temp file
             else:
-                with zero3_init_disabled(accelerator):
-                    save_pipeline(opts, state, out)
-        accelerator.wait_for_everyone()
+                save_pipeline(opts, state, out)
+
+        self.write_on_main(model, write)
 
 
 def save_pipeline(opts: TrainOptions, state: dict[str, torch.Tensor], out: Path) -> None:
-    """Write base pipeline + trained weights (`unet.*`, `text_encoders.encoders.<component>.*` in `state`) at `out`.
+    """Write base pipeline + trained weights (`denoiser.*`, `text_encoders.encoders.<component>.*` in `state`) at `out`.
 
     Fresh modules are loaded from the base and given the trained weights, which
     works the same for 1 process, DDP, ZeRO-2 and ZeRO-3.
     """
     family = family_of(opts.pretrained_model_name_or_path, opts.revision)
     pipe = load_pipeline(family, opts.pretrained_model_name_or_path, revision=opts.revision, variant=opts.variant)
-    prefixes = {"unet": "unet.", **{name: f"text_encoders.encoders.{name}." for name in family.text_encoders}}
+    prefixes = {family.denoiser: "denoiser.", **{name: f"text_encoders.encoders.{name}." for name in family.text_encoders}}
     for name, prefix in prefixes.items():
         part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if part:

@@ -24,6 +24,7 @@ import torch
 from sketch2real.cli import UserError
 from sketch2real.io import atomic_path, write_json
 from sketch2real.training.data import LazyImages, prefetched
+from sketch2real.training.diffusion import scaled_latents
 from sketch2real.training.preemption import preemption
 
 logger = logging.getLogger("sketch2real")
@@ -129,4 +130,4 @@ class LatentStore:
         """Scaled latents of `indices` for this step's posterior noise `eps` (as `encode_latents` gives)."""
         rows = np.stack([self._block(i // self.block)[i % self.block] for i in indices]).astype(np.float32)
         pair = torch.from_numpy(rows).to(self.device)
-        return (pair[:, 0] + pair[:, 1] * eps.to(self.device)) * self.vae.config.scaling_factor
+        return scaled_latents(self.vae, pair[:, 0] + pair[:, 1] * eps.to(self.device))

@@ -29,7 +29,7 @@ logger = logging.getLogger("sketch2real")
 class Task(Protocol):
     """What a trainer plugs into `train`."""
 
-    model: torch.nn.Module  # the module trained; replaced by its prepared (wrapped) version
+    model: torch.nn.Module  # the module trained (unwrapped); the loop passes its prepared version to every hook
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]: ...
 
@@ -42,6 +42,8 @@ class Task(Protocol):
     def validate(self, accelerator, model: torch.nn.Module, step: int) -> dict[str, float]: ...
 
     def save_final(self, accelerator, model: torch.nn.Module) -> None: ...
+
+    def prepare_data(self, start_step: int) -> None: ...
 
     def data_wait_seconds(self) -> float: ...
 
@@ -111,6 +113,7 @@ def train(task: Task, opts, accelerator, project_name: str, callbacks: list[Call
         write_json(out / "run_config.json", {**as_dict(opts), "mixed_precision": accelerator.mixed_precision,
                                              "effective_learning_rate": learning_rate})
         accelerator.init_trackers(project_name, config=_tracker_config(opts))
+    task.prepare_data(step)  # latent caches, before the clock: their time is reported apart
     bar = tqdm(total=opts.max_train_steps, initial=step, desc=project_name, unit="step",
                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     run = Run(task, opts, accelerator, model, optimizer, lr_scheduler, out, fingerprint, bar, step=step, start_step=step,

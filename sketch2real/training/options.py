@@ -60,6 +60,13 @@ class TrainOptions:
                                                 "the trainer; default: up to 4 of the CPU cores left after one per process)",
                                                 min=0)
     snr_gamma: float = option(0.0, help="Min-SNR loss weighting gamma (0: off; 5.0 is the paper's value)", min=0)
+    weighting_scheme: str = option("none", help="flow-matching families (SD3): timestep density and loss weighting, as "
+                                   "diffusers' SD3/FLUX scripts (logit_normal, mode: density; sigma_sqrt, cosmap: weighting; "
+                                   "none: uniform, unweighted)",
+                                   choices=("sigma_sqrt", "logit_normal", "mode", "cosmap", "none"), noun="weighting scheme")
+    logit_mean: float = option(0.0, help="mean of the logit_normal timestep density")
+    logit_std: float = option(1.0, help="standard deviation of the logit_normal timestep density", min_exclusive=0)
+    mode_scale: float = option(1.29, help="scale of the mode timestep density")
     noise_offset: float = option(0.0, help="offset noise scale (0: off; ~0.05-0.1 helps very dark/bright images)", min=0)
     checkpointing_steps: int = option(500, help="save a resumable checkpoint every N steps (0: only at preemption)", min=0)
     checkpoints_total_limit: int | None = option(3, help="keep at most this many checkpoints (0: keep all)", min=0)

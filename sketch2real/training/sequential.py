@@ -39,6 +39,9 @@ class SequentialOptions(DreamBoothOptions):
             raise UserError("--stages needs at least one category")
         if not self.shard_dir:
             raise UserError("--shard_dir is required: each stage's instance images and held-out images come from it")
+        if self.lora_rank:  # each stage starts from the previous stage's saved pipeline
+            raise UserError("sequential DreamBooth trains full weights stage after stage: --lora_rank is not supported "
+                            "yet (train LoRA per category with train/dreambooth.py)")
         super().check()
 
 
@@ -60,7 +63,7 @@ def _heldout_losses(task: DreamBoothTask, model, opts: SequentialOptions, catego
         images, _ = load_shard_images(opts.shard_dir, opts.validation_split, category, opts.instance_image_type,
                                       opts.resolution, opts.num_heldout_samples or 16, opts.seed)
         prompt = opts.instance_prompt.format(category=category_words(category))
-        losses[category] = heldout_denoising_losses(task.predictor(model), task.c.vae, task.c.noise_scheduler, images,
+        losses[category] = heldout_denoising_losses(task.predictor(model), task.c.vae, task.objective, images,
                                                     [prompt] * len(images), opts.seed).tolist()
     model.train()
     return losses

@@ -20,11 +20,10 @@ from sketch2real.family import TextEncoders
 from sketch2real.io import atomic_path
 from sketch2real.models import SDComponents
 from sketch2real.sketchy import category_words
-from sketch2real.training.accelerator import trained_state_dict, zero3_init_disabled
 from sketch2real.training.data import load_folder_images, load_shard_images
 from sketch2real.training.diffusion import derive_seed
 from sketch2real.training.options import TrainOptions
-from sketch2real.training.task import DiffusionTask
+from sketch2real.training.task import DiffusionTask, HeldOut
 
 logger = logging.getLogger("sketch2real")
 
@@ -112,11 +111,12 @@ class TextualInversionTask(DiffusionTask):
 
     def __init__(self, opts: TextualInversionOptions, accelerator, components: SDComponents | None = None):
         super().__init__(opts, accelerator, components)
+        self.family.require("textual_inversion")
         c, device = self.c, accelerator.device
         self.tokens = placeholder_tokens(opts.placeholder_token, opts.num_vectors)
         # The token goes into every tokenizer and text encoder of the family (SDXL: both), each with its own rows.
         self.embeddings = [self._add_token(tokenizer, encoder) for tokenizer, encoder in zip(c.tokenizers, c.text_encoders)]
-        c.unet.requires_grad_(False).to(device, self.weight_dtype)
+        c.denoiser.requires_grad_(False).to(device, self.weight_dtype)
         for encoder in c.text_encoders:
             encoder.to(device, self.weight_dtype)
             if opts.gradient_checkpointing:
@@ -124,20 +124,20 @@ class TextualInversionTask(DiffusionTask):
         for embedding in self.embeddings:  # the cast above took the trained rows along: they train in fp32
             embedding.new_rows.data = embedding.new_rows.data.float()
         if opts.gradient_checkpointing:
-            c.unet.enable_gradient_checkpointing()
+            c.denoiser.enable_gradient_checkpointing()
         # DDP/DeepSpeed see one module whose only parameters needing grad are the new rows
         self.model = TextEncoders(self.family, c.text_encoders, opts.resolution)
 
         if opts.train_data_dir:
-            self.images = load_folder_images(opts.train_data_dir, opts.resolution, opts.num_instance_images)
-            self.categories = [""] * len(self.images)
+            images = load_folder_images(opts.train_data_dir, opts.resolution, opts.num_instance_images)
+            self.categories = [""] * len(images)
         else:
-            self.images, metas = load_shard_images(opts.shard_dir, opts.split, opts.categories or None, opts.instance_image_type,
-                                                   opts.resolution, opts.num_instance_images, opts.seed, in_memory=False)
+            images, metas = load_shard_images(opts.shard_dir, opts.split, opts.categories or None, opts.instance_image_type,
+                                              opts.resolution, opts.num_instance_images, opts.seed, in_memory=False)
             self.categories = [m["category"] for m in metas]
-        logger.info("%d training images", len(self.images))
-        self.data_sampler = self.sampler(len(self.images), "data")
-        self.heldout_images, self.heldout_prompts = self._heldout()
+        logger.info("%d training images", len(images))
+        self.data = self.stream("data", images)
+        self.heldout = self._heldout()
 
     def _add_token(self, tokenizer, text_encoder) -> PlaceholderEmbedding:
         """Append the placeholder token(s) to one tokenizer and give its encoder trainable rows for them."""
@@ -157,16 +157,16 @@ class TextualInversionTask(DiffusionTask):
         text_encoder.set_input_embeddings(embedding)
         return embedding
 
-    def _heldout(self) -> tuple[torch.Tensor | None, list[str]]:
+    def _heldout(self) -> HeldOut | None:
         opts = self.opts
         if not opts.num_heldout_samples or not opts.shard_dir:
-            return None, []
+            return None
         try:
             images, metas = load_shard_images(opts.shard_dir, opts.validation_split, opts.categories or None,
                                               opts.instance_image_type, opts.resolution, opts.num_heldout_samples, opts.seed)
         except UserError:
-            return None, []
-        return images, [self.prompt_for(m["category"], i) for i, m in enumerate(metas)]
+            return None
+        return HeldOut(images, [self.prompt_for(m["category"], i) for i, m in enumerate(metas)])
 
     def prompt_for(self, category: str, choice: int) -> str:
         templates = STYLE_TEMPLATES if self.opts.learnable_property == "style" else OBJECT_TEMPLATES
@@ -181,10 +181,10 @@ class TextualInversionTask(DiffusionTask):
         return [embedding.new_rows for embedding in self.embeddings]
 
     def loss(self, model, step: int, micro: int) -> torch.Tensor:
-        indices, noisy, target, timesteps = self.noisy_batch(self.images, self.data_sampler, step, micro, "data")
-        prompts = [self.prompt_for(self.categories[i], derive_seed(self.opts.seed, "template", step, i)) for i in indices]
-        prediction = self.c.unet(noisy, timesteps, **self.condition(prompts, model).unet_kwargs()).sample
-        return self.loss_of(prediction, target, timesteps)
+        batch = self.data.batch(step, micro)
+        prompts = [self.prompt_for(self.categories[i], derive_seed(self.opts.seed, "template", step, i))
+                   for i in batch.indices]
+        return self.loss_of(batch, self.predict(self.c.denoiser, batch, self.condition(prompts, model)))
 
     def text_encoder_of(self, model):
         return self.accelerator.unwrap_model(model).encoders["text_encoder"]
@@ -202,36 +202,27 @@ class TextualInversionTask(DiffusionTask):
             return super().validation_categories()
         return [c or None for c in self._validation_categories()]
 
-    def learned_embeds(self, accelerator, model) -> dict[str, torch.Tensor]:
-        """In fp32: SD 1.x/2.x, diffusers' format {placeholder token: [num_vectors, hidden]}; SDXL, the community format
-        {"clip_l": ..., "clip_g": ...} (the token goes in the file's metadata; `sketch2real.family.load_textual_inversion`
-        and A1111/kohya read it).
-
-        The rows are the optimizer's fp32 master weights, gathered under ZeRO-3: a collective
-        under DeepSpeed, so every rank calls it.
-        """
-        rows = list(trained_state_dict(accelerator, model).values())  # in encoder order; empty off the main process
-        return self.family.learned_embeds(self.opts.placeholder_token, rows) if rows else {}
-
-    def _write_embeds(self, embeds: dict[str, torch.Tensor], name: str) -> None:
+    def _write_embeds(self, state: dict[str, torch.Tensor], name: str) -> None:
+        """The trained rows (the optimizer's fp32 master weights, in encoder order) in the family's file format: SD
+        1.x/2.x, diffusers' {placeholder token: [num_vectors, hidden]}; SDXL, the community format {"clip_l": ...,
+        "clip_g": ...} (the token goes in the file's metadata; `sketch2real.family.load_textual_inversion` and
+        A1111/kohya read it)."""
+        embeds = self.family.learned_embeds(self.opts.placeholder_token, list(state.values()))
         with atomic_path(Path(self.opts.output_dir) / name) as tmp:
             save_file(embeds, str(tmp), metadata={"token": self.opts.placeholder_token})
 
     def on_checkpoint(self, accelerator, model, step: int) -> None:
-        embeds = self.learned_embeds(accelerator, model)
-        if accelerator.is_main_process:
-            self._write_embeds(embeds, f"learned_embeds-steps-{step}.safetensors")
+        self.write_on_main(model, lambda state: self._write_embeds(state, f"learned_embeds-steps-{step}.safetensors"))
 
     def save_final(self, accelerator, model) -> None:
-        embeds = self.learned_embeds(accelerator, model)
-        if accelerator.is_main_process:
-            self._write_embeds(embeds, "learned_embeds.safetensors")
+        def write(state: dict[str, torch.Tensor]) -> None:
+            self._write_embeds(state, "learned_embeds.safetensors")
             if self.opts.save_as_full_pipeline:
-                with zero3_init_disabled(accelerator):
-                    self._save_pipeline(embeds)
-        accelerator.wait_for_everyone()
+                self._save_pipeline()
 
-    def _save_pipeline(self, embeds: dict[str, torch.Tensor]) -> None:
+        self.write_on_main(model, write)
+
+    def _save_pipeline(self) -> None:
         """Base pipeline with the token appended: every other weight and row is the base's, bit for bit."""
         from sketch2real.family import load_textual_inversion
         from sketch2real.models import load_pipeline, save_pretrained_atomic

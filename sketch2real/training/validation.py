@@ -11,25 +11,25 @@ import torch
 from PIL import Image
 
 from sketch2real.mosaic import image_grid
-from sketch2real.training.diffusion import derive_seed, diffusion_loss, encode_latents, noisy_latents_and_target
+from sketch2real.training.diffusion import Objective, derive_seed, encode_latents
 
 
 def heldout_denoising_loss(
     predict: Callable[[torch.Tensor, torch.Tensor, list[str]], torch.Tensor],
-    vae, noise_scheduler, images: torch.Tensor, prompts: Sequence[str], seed: int = 0, batch_size: int = 8,
+    vae, objective: Objective, images: torch.Tensor, prompts: Sequence[str], seed: int = 0, batch_size: int = 8,
 ) -> float:
-    """Mean denoising MSE of `predict(noisy_latents, timesteps, prompts)` on fixed noise and timesteps.
+    """Mean denoising loss (the `objective`'s) of `predict(noisy_latents, timesteps, prompts)` on fixed noise and timesteps.
 
     The noise and timesteps of sample i depend only on (seed, i), so the value is
     comparable between steps, stages and runs on the same held-out images.
     """
-    return float(heldout_denoising_losses(predict, vae, noise_scheduler, images, prompts, seed, batch_size).mean())
+    return float(heldout_denoising_losses(predict, vae, objective, images, prompts, seed, batch_size).mean())
 
 
 @torch.no_grad()
 def heldout_denoising_losses(
     predict: Callable[[torch.Tensor, torch.Tensor, list[str]], torch.Tensor],
-    vae, noise_scheduler, images: torch.Tensor, prompts: Sequence[str], seed: int = 0, batch_size: int = 8,
+    vae, objective: Objective, images: torch.Tensor, prompts: Sequence[str], seed: int = 0, batch_size: int = 8,
 ) -> np.ndarray:
     """Each held-out sample's denoising MSE (`heldout_denoising_loss` is their mean): paired across models,
     so differences between models get intervals from a bootstrap over samples."""
@@ -38,14 +38,14 @@ def heldout_denoising_losses(
     latent_side = images.shape[-1] // (2 ** (len(vae.config.block_out_channels) - 1))
     shape = (n, vae.config.latent_channels, latent_side, latent_side)
     eps, noise = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=generator)
+    timesteps = objective.draw_timesteps(n, generator)
     losses = []
     for start in range(0, n, batch_size):
         rows = slice(start, start + batch_size)
         latents = encode_latents(vae, images[rows], eps[rows])
-        noisy, target = noisy_latents_and_target(noise_scheduler, latents, noise[rows], timesteps[rows])
+        noisy, target = objective.noisy_and_target(latents, noise[rows], timesteps[rows])
         prediction = predict(noisy, timesteps[rows].to(noisy.device), list(prompts[rows]))
-        losses += diffusion_loss(prediction, target, timesteps[rows], noise_scheduler).float().cpu().tolist()
+        losses += objective.loss(prediction, target, timesteps[rows]).float().cpu().tolist()
     return np.asarray(losses)
 
 
