@@ -1,4 +1,4 @@
-"""The one place that knows how model families differ: SD 1.x/2.x, SDXL and SD3, entries of `FAMILIES`.
+"""The one place that knows how model families differ: SD 1.x/2.x, SDXL, SD3 and FLUX.1, entries of `FAMILIES`.
 
 The family is read from the model (`model_index.json`'s pipeline class, or a loaded pipeline's class), never from a
 flag. It says which tokenizers, text encoders and denoiser there are, how prompts become the denoiser's conditioning
@@ -108,8 +108,9 @@ class Family:
         return Conditioning(torch.cat(states, dim=-1), pooled, times)
 
     def predict(self, denoiser, noisy: torch.Tensor, timesteps: torch.Tensor, text: Conditioning, controlnet=None,
-                control_image: torch.Tensor | None = None) -> torch.Tensor:
-        """The denoiser's prediction for `noisy` at `timesteps` (with a ControlNet and its conditioning image)."""
+                control_image: torch.Tensor | None = None, guidance: float | None = None) -> torch.Tensor:
+        """The denoiser's prediction for `noisy` at `timesteps` (with a ControlNet and its conditioning image;
+        `guidance`: what a guidance-distilled denoiser, FLUX.1 [dev], is told)."""
         kwargs = {"encoder_hidden_states": text.states,
                   "added_cond_kwargs": {"text_embeds": text.pooled, "time_ids": text.time_ids} if self.pooled else None}
         if controlnet is not None:
@@ -151,11 +152,54 @@ class SD3Family(Family):
         clip_states = torch.nn.functional.pad(clip_states, (0, t5_states.shape[-1] - clip_states.shape[-1]))
         return Conditioning(torch.cat([clip_states, t5_states.to(clip_states.dtype)], dim=-2), torch.cat(pooled, dim=-1))
 
-    def predict(self, denoiser, noisy, timesteps, text, controlnet=None, control_image=None):
+    def predict(self, denoiser, noisy, timesteps, text, controlnet=None, control_image=None, guidance=None):
         if controlnet is not None:
             raise NotImplementedError("ControlNet training for SD3 is not built yet")
         return denoiser(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=text.states,
                         pooled_projections=text.pooled).sample
+
+    def validation_scheduler(self, training_scheduler):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(training_scheduler.config)
+
+
+@dataclass(frozen=True)
+class FluxFamily(Family):
+    """FLUX.1 (`FluxTransformer2DModel`, flow matching): CLIP-L's pooled embedding and T5-XXL's states (512 tokens, as
+    diffusers' FLUX pipeline and scripts); latents packed 2x2 into a sequence with position ids, the timestep given as
+    t / 1000, and for the guidance-distilled [dev] the guidance value (`--guidance_scale`)."""
+
+    MAX_SEQUENCE_LENGTH = 512
+
+    def generation_kwargs(self, source_size: tuple[int, int] = SKETCHY_SIZE) -> dict:
+        return {"max_sequence_length": self.MAX_SEQUENCE_LENGTH}
+
+    def max_length(self, tokenizer) -> int:
+        return self.MAX_SEQUENCE_LENGTH if "T5" in type(tokenizer).__name__ else tokenizer.model_max_length
+
+    def encode(self, text_encoders: list, ids: list[torch.Tensor], resolution: int,
+               source_size: tuple[int, int] = SKETCHY_SIZE) -> Conditioning:
+        clip, t5 = text_encoders
+        pooled = clip(ids[0], output_hidden_states=False).pooler_output
+        return Conditioning(t5(ids[1])[0], pooled)
+
+    def predict(self, denoiser, noisy, timesteps, text, controlnet=None, control_image=None, guidance=None):
+        from diffusers import FluxPipeline
+
+        if controlnet is not None:
+            raise NotImplementedError("ControlNet training for FLUX is not built yet")
+        b, c, h, w = noisy.shape
+        packed = FluxPipeline._pack_latents(noisy, b, c, h, w)
+        image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, noisy.dtype)
+        text_ids = torch.zeros(text.states.shape[1], 3, device=noisy.device, dtype=noisy.dtype)
+        if denoiser.config.guidance_embeds:
+            guidance = torch.full((b,), 1.0 if guidance is None else guidance, device=noisy.device)
+        else:
+            guidance = None
+        out = denoiser(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance, pooled_projections=text.pooled,
+                       encoder_hidden_states=text.states, txt_ids=text_ids, img_ids=image_ids).sample
+        return FluxPipeline._unpack_latents(out, h, w, 1)
 
     def validation_scheduler(self, training_scheduler):
         from diffusers import FlowMatchEulerDiscreteScheduler
@@ -179,7 +223,13 @@ SD3 = SD3Family("sd3", "StableDiffusion3Pipeline", "StableDiffusion3ControlNetPi
                 denoiser_class="SD3Transformer2DModel", training_scheduler="FlowMatchEulerDiscreteScheduler",
                 lora_layers_argument="transformer_lora_layers", trainers=("dreambooth",),
                 pipeline_classes=r"StableDiffusion3(ControlNet|Img2Img|Inpaint)?Pipeline")
-FAMILIES: dict[str, Family] = {family.name: family for family in (SD, SDXL, SD3)}  # the registry: a new family is an entry
+FLUX = FluxFamily("flux", "FluxPipeline", "FluxControlNetPipeline", ("text_encoder", "text_encoder_2"),
+                  ("tokenizer", "tokenizer_2"), ("CLIPTextModel", "T5EncoderModel"), pooled=True, embedding_keys=("clip_l",),
+                  safety_checker=False, tokenizer_classes=("CLIPTokenizer", "T5TokenizerFast"), denoiser="transformer",
+                  denoiser_class="FluxTransformer2DModel", training_scheduler="FlowMatchEulerDiscreteScheduler",
+                  lora_layers_argument="transformer_lora_layers", trainers=("dreambooth",),
+                  pipeline_classes=r"Flux(ControlNet|Img2Img|Inpaint)?Pipeline")
+FAMILIES: dict[str, Family] = {family.name: family for family in (SD, SDXL, SD3, FLUX)}  # the registry: a new family is an entry
 
 
 def family_of_class(class_name: str, where: str = "") -> Family:

@@ -26,6 +26,7 @@ CLIP_DIRNAME = "tiny-clip"
 DINOV2_DIRNAME = "tiny-dinov2"
 SDXL_DIRNAME = "tiny-sdxl"
 SD3_DIRNAME = "tiny-sd3"
+FLUX_DIRNAME = "tiny-flux"
 BLIP2_DIRNAME = "tiny-blip2"
 LLAVA_DIRNAME = "tiny-llava"
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -142,6 +143,19 @@ SD_SIZES: dict[str, dict[str, dict]] = {
         "t5": dict(d_model=64, d_ff=64, d_kv=16, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
                    feed_forward_proj="gated-gelu"),
     },
+    # FLUX.1: CLIP-L's pooled embedding (32) and T5's states (64), a 16-channel VAE with FLUX's shift and scale (8x8
+    # latents at 64 px, packed 2x2: 16 tokens of 64), double- and single-stream blocks, guidance embedding ([dev]).
+    "tiny_flux": {
+        "transformer": dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                            num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True,
+                            axes_dims_rope=(4, 6, 6)),
+        "vae": dict(block_out_channels=(8, 16, 16, 16), norm_num_groups=8, sample_size=64, layers_per_block=1,
+                    latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                    use_post_quant_conv=False),
+        "text": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, projection_dim=32),
+        "t5": dict(d_model=64, d_ff=64, d_kv=16, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                   feed_forward_proj="gated-gelu"),
+    },
     "tiny_sdxl": {
         "unet": dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -198,25 +212,46 @@ def t5_tokenizer():
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
 
 
-def build_sd3(output_dir: str | os.PathLike, size: str = "tiny_sd3", seed: int = 0) -> Path:
-    """Build and save a StableDiffusion3Pipeline of `size` (SD_SIZES) with random weights, the real CLIP vocabulary
-    and an offline T5 tokenizer, at `output_dir`, no download."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+def build_t5(size: str, tokenizer):
+    """The `SD_SIZES[size]` T5 encoder for `tokenizer` (random weights)."""
     from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+                                   **SD_SIZES[size]["t5"]))
+
+
+def build_flow_matching(output_dir: str | os.PathLike, size: str, seed: int = 0) -> Path:
+    """Build and save an SD3 (`tiny_sd3`) or FLUX.1 (`tiny_flux`) pipeline of `size` (SD_SIZES) with random weights,
+    the real CLIP vocabulary and an offline T5 tokenizer, at `output_dir`, no download."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
 
     shapes = SD_SIZES[size]
     out = Path(output_dir)
     torch.manual_seed(seed)
-    tokenizer, tokenizer_3 = clip_tokenizer(out / "_vocab"), t5_tokenizer()
-    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_3), pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-                                 **shapes["t5"]))
-    pipe = StableDiffusion3Pipeline(
-        transformer=SD3Transformer2DModel(**shapes["transformer"]), vae=build_vae(size),
-        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
-        text_encoder=build_text_encoder(size, tokenizer, "text", projected=True), tokenizer=tokenizer,
-        text_encoder_2=build_text_encoder(size, tokenizer, "text_2"), tokenizer_2=tokenizer,
-        text_encoder_3=t5, tokenizer_3=tokenizer_3,
-    )
+    clip, t5_tokens = clip_tokenizer(out / "_vocab"), t5_tokenizer()
+    if "text_2" in shapes:  # SD3: two projected CLIPs, then T5
+        pipe = StableDiffusion3Pipeline(
+            transformer=SD3Transformer2DModel(**shapes["transformer"]), vae=build_vae(size),
+            scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+            text_encoder=build_text_encoder(size, clip, "text", projected=True), tokenizer=clip,
+            text_encoder_2=build_text_encoder(size, clip, "text_2"), tokenizer_2=clip,
+            text_encoder_3=build_t5(size, t5_tokens), tokenizer_3=t5_tokens,
+        )
+    else:  # FLUX.1: CLIP-L (pooled), then T5; the resolution-dependent shift of FLUX.1 [dev]'s scheduler
+        pipe = FluxPipeline(
+            transformer=FluxTransformer2DModel(**shapes["transformer"]), vae=build_vae(size),
+            scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                      base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                      max_image_seq_len=4096),
+            text_encoder=build_text_encoder(size, clip), tokenizer=clip,
+            text_encoder_2=build_t5(size, t5_tokens), tokenizer_2=t5_tokens,
+        )
     pipe.save_pretrained(out, safe_serialization=True)
     shutil.rmtree(out / "_vocab")
     return out
@@ -480,6 +515,7 @@ class TinyModels:
     sd: Path
     sdxl: Path
     sd3: Path
+    flux: Path
     clip: Path
     dinov2: Path
     blip2: Path
@@ -498,9 +534,11 @@ def build_all(output_dir: str | os.PathLike, torch_home: str | os.PathLike | Non
     dinov2, sdxl = out / DINOV2_DIRNAME, out / SDXL_DIRNAME
     if not (sdxl / "model_index.json").exists():
         build_tiny_sdxl(sdxl)
-    sd3 = out / SD3_DIRNAME
+    sd3, flux = out / SD3_DIRNAME, out / FLUX_DIRNAME
     if not (sd3 / "model_index.json").exists():
-        build_sd3(sd3)
+        build_flow_matching(sd3, "tiny_sd3")
+    if not (flux / "model_index.json").exists():
+        build_flow_matching(flux, "tiny_flux")
     if not (dinov2 / "config.json").exists():
         build_tiny_dinov2(dinov2)
     if not (blip2 / "config.json").exists():
@@ -510,7 +548,7 @@ def build_all(output_dir: str | os.PathLike, torch_home: str | os.PathLike | Non
     home = Path(torch_home) if torch_home else out / "torch_home"
     if not (home / "hub" / "checkpoints" / FID_WEIGHTS_NAME).exists():
         write_fid_inception_weights(home)
-    return TinyModels(sd=sd, sdxl=sdxl, sd3=sd3, clip=clip, dinov2=dinov2, blip2=blip2, llava=llava, torch_home=home)
+    return TinyModels(sd=sd, sdxl=sdxl, sd3=sd3, flux=flux, clip=clip, dinov2=dinov2, blip2=blip2, llava=llava, torch_home=home)
 
 
 CSD_DIRNAME = "tiny-csd"

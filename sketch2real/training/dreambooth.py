@@ -63,9 +63,9 @@ class DreamBoothModel(torch.nn.Module):
     (accelerate gives DeepSpeed a single model; see huggingface/diffusers#1815).
     """
 
-    def __init__(self, family: Family, denoiser, text_encoders: TextEncoders | None = None):
+    def __init__(self, family: Family, denoiser, text_encoders: TextEncoders | None = None, guidance: float | None = None):
         super().__init__()
-        self.family = family
+        self.family, self.guidance = family, guidance
         self.denoiser = denoiser
         self.text_encoders = text_encoders
 
@@ -73,7 +73,7 @@ class DreamBoothModel(torch.nn.Module):
                 conditioning: Conditioning | None = None):
         if self.text_encoders is not None:
             conditioning = Conditioning.from_tuple(self.text_encoders(input_ids))
-        return self.family.predict(self.denoiser, noisy_latents, timesteps, conditioning)
+        return self.family.predict(self.denoiser, noisy_latents, timesteps, conditioning, guidance=self.guidance)
 
 
 def missing_class_images(folder: Path, count: int) -> list[int]:
@@ -159,7 +159,8 @@ class DreamBoothTask(DiffusionTask):
         if not opts.train_text_encoder:
             for encoder in c.text_encoders:
                 encoder.to(device, self.weight_dtype)
-        self.model = DreamBoothModel(self.family, c.denoiser, text_encoders if opts.train_text_encoder else None)
+        self.model = DreamBoothModel(self.family, c.denoiser, text_encoders if opts.train_text_encoder else None,
+                                     opts.guidance_scale)
 
         # Data: instance images (and class images) held in memory, indexed by a step-determined sampler.
         names = None

@@ -67,6 +67,8 @@ class TrainOptions:
     logit_mean: float = option(0.0, help="mean of the logit_normal timestep density")
     logit_std: float = option(1.0, help="standard deviation of the logit_normal timestep density", min_exclusive=0)
     mode_scale: float = option(1.29, help="scale of the mode timestep density")
+    guidance_scale: float = option(3.5, help="guidance-distilled models (FLUX.1 [dev]): the guidance value the transformer "
+                                   "is given in training, as diffusers' FLUX scripts (ignored by other models)", min=0)
     noise_offset: float = option(0.0, help="offset noise scale (0: off; ~0.05-0.1 helps very dark/bright images)", min=0)
     checkpointing_steps: int = option(500, help="save a resumable checkpoint every N steps (0: only at preemption)", min=0)
     checkpoints_total_limit: int | None = option(3, help="keep at most this many checkpoints (0: keep all)", min=0)

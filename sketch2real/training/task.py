@@ -112,7 +112,8 @@ class DiffusionTask:
 
     def predict(self, denoiser, batch: NoisyBatch, text: Conditioning, **control) -> torch.Tensor:
         """The family's denoiser call on a batch (`control`: a ControlNet and its conditioning image)."""
-        return self.family.predict(denoiser, batch.noisy, batch.timesteps, text, **control)
+        return self.family.predict(denoiser, batch.noisy, batch.timesteps, text, guidance=self.opts.guidance_scale,
+                                   **control)
 
     def loss_of(self, batch: NoisyBatch, prediction: torch.Tensor) -> torch.Tensor:
         return self.objective.loss(prediction, batch.target, batch.timesteps).mean()
@@ -144,7 +145,8 @@ class DiffusionTask:
 
         def predict(noisy, timesteps, prompts):
             with self.accelerator.autocast():
-                return self.family.predict(denoiser, noisy, timesteps, self.condition(prompts, text_encoder))
+                return self.family.predict(denoiser, noisy, timesteps, self.condition(prompts, text_encoder),
+                                           guidance=self.opts.guidance_scale)
 
         return predict
 
