@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from sketch2real.cli import UserError, as_dict, parse_options, run_main
+from sketch2real.family import family_of_pipeline
 from sketch2real.generation import GenerateOptions as Options
 from sketch2real.generation import (
     build_items,
@@ -65,6 +66,8 @@ def main() -> int:
     )
     settings = {k: getattr(opts, k) for k in ("height", "width", "num_inference_steps", "guidance_scale", "negative_prompt",
                                               "scheduler", "lora_scale")}
+    if opts.guidance_scale is None:
+        settings["guidance_scale"] = family_of_pipeline(pipe).guidance_scale
     model = {"model": opts.pretrained_model_name_or_path, "textual_inversion": opts.textual_inversion, "lora": opts.lora,
              "controlnet": opts.controlnet}
     if state.is_main_process:

@@ -67,6 +67,7 @@ class Family:
     # encoders read at their penultimate layer whose pooled output is not used: their last layer gets no gradient
     unused_last_layer: tuple[str, ...] = ()
     trainers: tuple[str, ...] = ("dreambooth", "textual_inversion", "controlnet")  # what sketch2real trains on it
+    guidance_scale: float = 7.5  # generation's default guidance (classifier-free; FLUX.1 [dev]: the embedded value)
 
     def require(self, trainer: str) -> None:
         """One line when `trainer` is not built for this family yet."""
@@ -221,13 +222,13 @@ SD3 = SD3Family("sd3", "StableDiffusion3Pipeline", "StableDiffusion3ControlNetPi
                 embedding_keys=("clip_l", "clip_g"), safety_checker=False,
                 tokenizer_classes=("CLIPTokenizer", "CLIPTokenizer", "T5TokenizerFast"), denoiser="transformer",
                 denoiser_class="SD3Transformer2DModel", training_scheduler="FlowMatchEulerDiscreteScheduler",
-                lora_layers_argument="transformer_lora_layers", trainers=("dreambooth",),
+                lora_layers_argument="transformer_lora_layers", trainers=("dreambooth",), guidance_scale=7.0,
                 pipeline_classes=r"StableDiffusion3(ControlNet|Img2Img|Inpaint)?Pipeline")
 FLUX = FluxFamily("flux", "FluxPipeline", "FluxControlNetPipeline", ("text_encoder", "text_encoder_2"),
                   ("tokenizer", "tokenizer_2"), ("CLIPTextModel", "T5EncoderModel"), pooled=True, embedding_keys=("clip_l",),
                   safety_checker=False, tokenizer_classes=("CLIPTokenizer", "T5TokenizerFast"), denoiser="transformer",
                   denoiser_class="FluxTransformer2DModel", training_scheduler="FlowMatchEulerDiscreteScheduler",
-                  lora_layers_argument="transformer_lora_layers", trainers=("dreambooth",),
+                  lora_layers_argument="transformer_lora_layers", trainers=("dreambooth",), guidance_scale=3.5,
                   pipeline_classes=r"Flux(ControlNet|Img2Img|Inpaint)?Pipeline")
 FAMILIES: dict[str, Family] = {family.name: family for family in (SD, SDXL, SD3, FLUX)}  # the registry: a new family is an entry
 

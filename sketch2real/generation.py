@@ -282,7 +282,9 @@ class GenerateOptions:
     negative_prompt: str = option("", help="negative prompt")
     scheduler: str = option("", help="sampling scheduler ('': the model's own)", choices=("", *SCHEDULERS))
     num_inference_steps: int = option(50, help="denoising steps", min=1)
-    guidance_scale: float = option(7.5, help="classifier-free guidance scale (<= 1: no guidance)", min=0)
+    guidance_scale: float | None = option(None, help="guidance scale (classifier-free, <= 1: none; FLUX.1 [dev]: the "
+                                          "embedded guidance); default: the family's (SD, SDXL 7.5; SD3 7.0; FLUX.1 3.5)",
+                                          min=0)
     height: int = option(512, help="image height in pixels", min=8, multiple_of=8)
     width: int = option(512, help="image width in pixels", min=8, multiple_of=8)
     batch_size: int = option(8, help="images per batch per process", min=1)

@@ -155,6 +155,10 @@ def test_flow_resume_continues_exactly_and_two_processes_match_one(family, shard
                "--output_dir", tmp_path / "images", "--height", "64", "--width", "64", "--num_inference_steps", "2",
                "--num_images_per_prompt", "2")
     assert len(list((tmp_path / "images" / "images").rglob("*.png"))) == 2
+    from sketch2real.family import FAMILIES  # without --guidance_scale: the family's own (FLUX.1 [dev]'s 3.5)
+
+    rows = [json.loads(line) for line in (tmp_path / "images" / "index.jsonl").read_text().splitlines()]
+    assert {r["settings"]["guidance_scale"] for r in rows} == {FAMILIES[family].guidance_scale}
 
 
 @pytest.mark.parametrize("script, extra", [

@@ -23,9 +23,8 @@ from sketch2real.training.accelerator import cast_denoiser_inputs
 from sketch2real.training.data import LazyImages
 from sketch2real.training.diffusion import derive_seed
 from sketch2real.training.options import TrainOptions
-from sketch2real.training.preemption import preemption
 from sketch2real.training.task import DiffusionTask, HeldOut
-from sketch2real.training.validation import heldout_denoising_losses, log_image
+from sketch2real.training.validation import heldout_denoising_losses
 
 logger = logging.getLogger("sketch2real")
 
@@ -77,11 +76,12 @@ def init_controlnet(unet, seed: int, vae_scale_factor: int = 8):
 class ControlNetTask(DiffusionTask):
     """ControlNet's part of the loop."""
 
+    trainer = "controlnet"
+
     def __init__(self, opts: ControlNetOptions, accelerator, components: SDComponents | None = None):
         from diffusers import ControlNetModel
 
         super().__init__(opts, accelerator, components)
-        self.family.require("controlnet")
         c, device = self.c, accelerator.device
         if opts.controlnet_model_name_or_path:
             controlnet = load(ControlNetModel, opts.controlnet_model_name_or_path, "ControlNet")
@@ -162,56 +162,44 @@ class ControlNetTask(DiffusionTask):
 
         return heldout_denoising_losses(predict, self.c.vae, self.objective, photos, prompts, self.opts.seed)
 
-    def validate(self, accelerator, model, step: int) -> dict:
+    def heldout_metrics(self, model) -> dict:
         """Held-out loss, and the conditioning gain: each held-out photo's loss with a sketch of another photo of its
         category minus with its own sketch, with a 95% bootstrap interval. Above 0 once the ControlNet follows its sketch
         (ControlNets start ignoring it and pick it up suddenly, Zhang et al. 2023: this says when)."""
         from sketch2real.metrics import mean_ci95, partners_within
-        from sketch2real.mosaic import image_grid
 
-        if self.heldout is None:
-            return {}
-        preemption.check(accelerator)
-        o, logs = self.opts, {}
-        h = self.heldout
-        sketches, photos, prompts, categories, photo_keys = h.conditions, h.images, h.prompts, h.categories, h.keys
-        controlnet = accelerator.unwrap_model(model)
-        controlnet.eval()
-        if o.num_heldout_samples:
-            count = min(o.num_heldout_samples, len(prompts))
-            own = self.heldout_losses(accelerator, controlnet, sketches[:count], photos[:count], prompts[:count])
-            logs["heldout_loss"] = float(own.mean())
-            other, kept = partners_within(categories[:count], np.random.default_rng(o.seed), photo_keys[:count])
-            if kept.any():
-                deranged = self.heldout_losses(accelerator, controlnet, sketches[:count][other], photos[:count], prompts[:count])
-                gains = (deranged - own)[kept]
-                logs["conditioning_gain"] = float(gains.mean())
-                logs["conditioning_gain_ci95"] = mean_ci95(gains, o.seed)
-        preemption.check(accelerator)
-        if o.num_validation_images and o.num_validation_sketches:
-            from torchvision.transforms.functional import to_pil_image
-
-            count = min(o.num_validation_sketches, len(prompts))
-            scheduler = self.family.validation_scheduler(self.c.noise_scheduler)
-            pipe = assemble_pipeline(self.c, self.c.denoiser, self.c.text_encoder, scheduler, controlnet)
-            pipe.set_progress_bar_config(disable=True)
-            sketch_images = [to_pil_image((s + 1) / 2) for s in sketches[:count]]
-            generators = [torch.Generator().manual_seed(derive_seed(o.seed, "validation", i)) for i in range(count)]
-            with accelerator.autocast():
-                generated = pipe(prompts[:count], image=[sketch_condition(s) for s in sketch_images], height=o.resolution,
-                                 width=o.resolution, num_inference_steps=o.validation_inference_steps,
-                                 generator=generators).images
-            logs.update(self.style_scores(generated, list(categories[:count])))
-            rows = [[s, g, to_pil_image((p + 1) / 2)] for s, g, p in zip(sketch_images, generated, photos[:count])]
-            grid = image_grid(rows, cell=o.resolution)
-            if accelerator.is_main_process:
-                from sketch2real.io import atomic_path
-
-                with atomic_path(Path(o.output_dir) / "validation" / f"step-{step:06d}.png") as tmp:
-                    grid.save(tmp, format="PNG")
-                log_image(accelerator, "validation", grid, step)
-        controlnet.train()
+        o, h, logs = self.opts, self.heldout, {}
+        if not o.num_heldout_samples:
+            return logs
+        controlnet, count = self.accelerator.unwrap_model(model), min(o.num_heldout_samples, len(h))
+        sketches, photos, prompts = h.conditions[:count], h.images[:count], h.prompts[:count]
+        own = self.heldout_losses(self.accelerator, controlnet, sketches, photos, prompts)
+        logs["heldout_loss"] = float(own.mean())
+        other, kept = partners_within(h.categories[:count], np.random.default_rng(o.seed), h.keys[:count])
+        if kept.any():
+            deranged = self.heldout_losses(self.accelerator, controlnet, sketches[other], photos, prompts)
+            gains = (deranged - own)[kept]
+            logs["conditioning_gain"] = float(gains.mean())
+            logs["conditioning_gain_ci95"] = mean_ci95(gains, o.seed)
         return logs
+
+    def validation_images(self, model, between=None):
+        """Rows (held-out sketch | generated from it | its photo) for `--num_validation_sketches` held-out pairs."""
+        from torchvision.transforms.functional import to_pil_image
+
+        o, h = self.opts, self.heldout
+        count = min(o.num_validation_sketches, len(h)) if h is not None else 0
+        if not count:
+            return [], [], []
+        scheduler = self.family.validation_scheduler(self.c.noise_scheduler)
+        pipe = assemble_pipeline(self.c, self.c.denoiser, self.c.text_encoder, scheduler, self.accelerator.unwrap_model(model))
+        pipe.set_progress_bar_config(disable=True)
+        sketches = [to_pil_image((s + 1) / 2) for s in h.conditions[:count]]
+        generators = [torch.Generator().manual_seed(derive_seed(o.seed, "validation", i)) for i in range(count)]
+        generated = pipe(h.prompts[:count], image=[sketch_condition(s) for s in sketches], height=o.resolution,
+                         width=o.resolution, num_inference_steps=o.validation_inference_steps, generator=generators).images
+        rows = [[s, g, to_pil_image((p + 1) / 2)] for s, g, p in zip(sketches, generated, h.images[:count])]
+        return rows, generated, list(h.categories[:count])
 
     def save_final(self, accelerator, model) -> None:
         """A diffusers ControlNet folder at --output_dir (config.json + diffusion_pytorch_model.safetensors)."""

@@ -128,7 +128,7 @@ class FlowMatchingObjective:
 
         u = compute_density_for_timestep_sampling(self.weighting_scheme, count, self.logit_mean, self.logit_std,
                                                   self.mode_scale, device=device, generator=generator)
-        indices = (u * len(self.grid)).long().clamp(max=len(self.grid) - 1).cpu()
+        indices = (u * len(self.grid)).long().clamp(0, len(self.grid) - 1).cpu()
         return self.grid[indices].to(device)
 
     def sigmas(self, timesteps: torch.Tensor) -> torch.Tensor:

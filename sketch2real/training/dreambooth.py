@@ -133,6 +133,8 @@ def ensure_class_images(accelerator, opts: DreamBoothOptions) -> None:
 class DreamBoothTask(DiffusionTask):
     """DreamBooth's part of the loop: its model, its batches and loss, its outputs."""
 
+    trainer = "dreambooth"
+
     def __init__(self, opts: DreamBoothOptions, accelerator, components: SDComponents | None = None):
         super().__init__(opts, accelerator, components)
         c, device = self.c, accelerator.device

@@ -64,9 +64,9 @@ class TrainOptions:
                                    "diffusers' SD3/FLUX scripts (logit_normal, mode: density; sigma_sqrt, cosmap: weighting; "
                                    "none: uniform, unweighted)",
                                    choices=("sigma_sqrt", "logit_normal", "mode", "cosmap", "none"), noun="weighting scheme")
-    logit_mean: float = option(0.0, help="mean of the logit_normal timestep density")
+    logit_mean: float = option(0.0, help="mean of the logit_normal timestep density", min=-10, max=10)
     logit_std: float = option(1.0, help="standard deviation of the logit_normal timestep density", min_exclusive=0)
-    mode_scale: float = option(1.29, help="scale of the mode timestep density")
+    mode_scale: float = option(1.29, help="scale of the mode timestep density", min=0, max=2)
     guidance_scale: float = option(3.5, help="guidance-distilled models (FLUX.1 [dev]): the guidance value the transformer "
                                    "is given in training, as diffusers' FLUX scripts (ignored by other models)", min=0)
     noise_offset: float = option(0.0, help="offset noise scale (0: off; ~0.05-0.1 helps very dark/bright images)", min=0)

@@ -12,12 +12,11 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from sketch2real.family import SKETCHY_SIZE, Conditioning, TextEncoders
-from sketch2real.models import SDComponents, assemble_pipeline, dtype_for, load_sd_components
+from sketch2real.family import SKETCHY_SIZE, Conditioning, TextEncoders, family_of
+from sketch2real.models import SDComponents, assemble_pipeline, check_model_path, dtype_for, load_sd_components
 from sketch2real.training.accelerator import (
     cast_denoiser_inputs,
     configure_attention,
@@ -28,7 +27,7 @@ from sketch2real.training.data import default_num_workers
 from sketch2real.training.diffusion import objective_for, tokenize
 from sketch2real.training.preemption import preemption
 from sketch2real.training.stream import DiffusionStream, NoisyBatch, StreamSetup
-from sketch2real.training.validation import heldout_denoising_loss, log_image, validation_mosaic
+from sketch2real.training.validation import generate_rows, heldout_denoising_loss, save_mosaic
 
 
 def vae_dtype(vae, weight_dtype: torch.dtype) -> torch.dtype:
@@ -60,9 +59,15 @@ class DiffusionTask:
 
     model: torch.nn.Module
     heldout: HeldOut | None = None
+    trainer: str  # the name `Family.trainers` lists where this trainer is built for a family
 
     def __init__(self, opts, accelerator, components: SDComponents | None = None):
         self.opts, self.accelerator = opts, accelerator
+        # refused in one line before any weight is loaded (a 12B transformer takes minutes)
+        if components is None:
+            check_model_path(opts.pretrained_model_name_or_path)
+        (components.family if components else family_of(opts.pretrained_model_name_or_path, opts.revision)).require(
+            self.trainer)
         self.weight_dtype = dtype_for(accelerator.mixed_precision)
         with zero3_init_disabled(accelerator):
             self.c = components or load_sd_components(opts.pretrained_model_name_or_path, opts.revision, opts.variant,
@@ -159,33 +164,38 @@ class DiffusionTask:
         return list(self.opts.validation_prompt)
 
     def validate(self, accelerator, model, step: int) -> dict[str, float]:
-        """Held-out loss and a mosaic; a preemption signal stops it between pieces, on every process together."""
-        opts, logs = self.opts, {}
+        """Held-out metrics, then validation images (a mosaic, and their style scores); a preemption signal stops it
+        between pieces, on every process together. Trainers differ in `heldout_metrics` and `validation_images`."""
         stop_if_preempted = lambda: preemption.check(accelerator)  # noqa: E731
         stop_if_preempted()
         model.eval()
-        if self.heldout is not None:
-            logs["heldout_loss"] = heldout_denoising_loss(self.predictor(model), self.c.vae, self.objective,
-                                                          self.heldout.images, self.heldout.prompts, opts.seed)
-            stop_if_preempted()
-        prompts = [self.prompt_transform(p) for p in self.validation_prompts()]
-        if opts.num_validation_images and prompts:
-            folder = Path(opts.output_dir) / "validation"
-            tmp = folder / f".rank{accelerator.process_index}.png"
+        logs = self.heldout_metrics(model) if self.heldout is not None else {}
+        stop_if_preempted()
+        if self.opts.num_validation_images:
             with accelerator.autocast():
-                grid, rows = validation_mosaic(self.pipeline(model), prompts, opts.num_validation_images, opts.seed,
-                                               opts.resolution, opts.validation_inference_steps, tmp,
-                                               between_prompts=stop_if_preempted)
-            if accelerator.is_main_process:
-                tmp.replace(folder / f"step-{step:06d}.png")
-                log_image(accelerator, "validation", grid, step)
-            else:
-                tmp.unlink(missing_ok=True)
-            categories = self.validation_categories()
-            logs.update(self.style_scores([image for row in rows for image in row],
-                                          [c for c, row in zip(categories, rows) for _ in row]))
+                rows, images, categories = self.validation_images(model, between=stop_if_preempted)
+            if rows:
+                save_mosaic(accelerator, rows, self.opts.resolution, self.opts.output_dir, step)
+                logs.update(self.style_scores(images, categories))
         model.train()
         return logs
+
+    def heldout_metrics(self, model) -> dict[str, float]:
+        """The held-out denoising loss (fixed samples, noise and timesteps: comparable across steps and runs)."""
+        return {"heldout_loss": heldout_denoising_loss(self.predictor(model), self.c.vae, self.objective,
+                                                       self.heldout.images, self.heldout.prompts, self.opts.seed)}
+
+    def validation_images(self, model, between=None) -> tuple[list[list], list, list[str | None]]:
+        """(mosaic rows, the generated images, the category each asks for): `--num_validation_images` fixed-seed
+        images per validation prompt."""
+        o = self.opts
+        prompts = [self.prompt_transform(p) for p in self.validation_prompts()]
+        if not prompts:
+            return [], [], []
+        rows = generate_rows(self.pipeline(model), prompts, o.num_validation_images, o.seed, o.resolution,
+                             o.validation_inference_steps, between_prompts=between)
+        categories = [c for c, row in zip(self.validation_categories(), rows) for _ in row]
+        return rows, [image for row in rows for image in row], categories
 
     def validation_categories(self) -> list[str | None]:
         """The category each validation prompt asks for (None: not known; no content accuracy for its images)."""

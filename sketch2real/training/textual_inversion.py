@@ -109,9 +109,10 @@ def initializer_ids(tokenizer, words: str) -> list[int]:
 class TextualInversionTask(DiffusionTask):
     """Textual Inversion's part of the loop."""
 
+    trainer = "textual_inversion"
+
     def __init__(self, opts: TextualInversionOptions, accelerator, components: SDComponents | None = None):
         super().__init__(opts, accelerator, components)
-        self.family.require("textual_inversion")
         c, device = self.c, accelerator.device
         self.tokens = placeholder_tokens(opts.placeholder_token, opts.num_vectors)
         # The token goes into every tokenizer and text encoder of the family (SDXL: both), each with its own rows.

@@ -50,11 +50,11 @@ def heldout_denoising_losses(
 
 
 @torch.no_grad()
-def validation_mosaic(pipeline, prompts: Sequence[str], num_images: int, seed: int, resolution: int,
-                      num_inference_steps: int, out_file: Path, extra: dict | None = None,
-                      between_prompts: Callable[[], None] | None = None) -> tuple[Image.Image, list[list[Image.Image]]]:
-    """One row per prompt, `num_images` fixed-seed images each; saved as PNG at `out_file`; (the mosaic, its rows).
-    `between_prompts` runs after each row (the preemption check)."""
+def generate_rows(pipeline, prompts: Sequence[str], num_images: int, seed: int, resolution: int,
+                  num_inference_steps: int, extra: dict | None = None,
+                  between_prompts: Callable[[], None] | None = None) -> list[list[Image.Image]]:
+    """One row per prompt, `num_images` fixed-seed images each. `between_prompts` runs after each row (the preemption
+    check)."""
     from sketch2real.family import generation_kwargs
 
     pipeline.set_progress_bar_config(disable=True)
@@ -62,17 +62,23 @@ def validation_mosaic(pipeline, prompts: Sequence[str], num_images: int, seed: i
     rows = []
     for p, prompt in enumerate(prompts):
         generators = [torch.Generator().manual_seed(derive_seed(seed, "validation", p, i)) for i in range(num_images)]
-        images = pipeline([prompt] * num_images, height=resolution, width=resolution, num_inference_steps=num_inference_steps,
-                          generator=generators, **extra).images
-        rows.append(images)
+        rows.append(pipeline([prompt] * num_images, height=resolution, width=resolution,
+                             num_inference_steps=num_inference_steps, generator=generators, **extra).images)
         if between_prompts is not None:
             between_prompts()
-    grid = image_grid(rows, cell=resolution)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_suffix(".tmp.png")
-    grid.save(tmp)
-    tmp.replace(out_file)
-    return grid, rows
+    return rows
+
+
+def save_mosaic(accelerator, rows: list[list[Image.Image]], cell: int, output_dir: str | Path, step: int) -> None:
+    """The validation mosaic of `rows` at `output_dir/validation/step-NNNNNN.png` (written atomically by the main
+    process) and on the tracker."""
+    if accelerator.is_main_process:
+        from sketch2real.io import atomic_path
+
+        grid = image_grid(rows, cell=cell)
+        with atomic_path(Path(output_dir) / "validation" / f"step-{step:06d}.png") as tmp:
+            grid.save(tmp, format="PNG")
+        log_image(accelerator, "validation", grid, step)
 
 
 def log_image(accelerator, tag: str, image, step: int) -> None:
