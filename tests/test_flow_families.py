@@ -166,7 +166,13 @@ def test_flow_resume_continues_exactly_and_two_processes_match_one(family, shard
     ("train/controlnet.py", []),
 ])
 def test_trainers_not_built_for_sd3_say_so_in_one_line(script, extra, tiny_models, shard_dir, tmp_path):
-    args = ["--pretrained_model_name_or_path", tiny_models.sd3, "--shard_dir", shard_dir, "--resolution", "64"]
+    """Before any weight is loaded: a folder holding only SD3's model_index.json gets the same line."""
+    import shutil
+
+    model = tmp_path / "index-only"
+    model.mkdir()
+    shutil.copy(tiny_models.sd3 / "model_index.json", model)
+    args = ["--pretrained_model_name_or_path", model, "--shard_dir", shard_dir, "--resolution", "64"]
     proc = run_script(script, *args, *extra, "--output_dir", tmp_path / "out", "--max_train_steps", "1", check=False)
     assert proc.returncode == 2 and "not built for sd3 models yet" in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
