@@ -3,20 +3,64 @@ or DeepSpeed), reading trained weights, and the launcher matrix's checks."""
 
 from __future__ import annotations
 
+import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+class _ForkServer:
+    """One `tests.forkserver` per test process (see there): scripts start by fork with everything imported."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.lock = threading.Lock()
+
+    def run(self, argv: list[str], env: dict, cwd: str, timeout: float) -> subprocess.CompletedProcess:
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = subprocess.Popen([sys.executable, "-m", "tests.forkserver"], cwd=REPO, stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, bufsize=0,  # unbuffered: select() sees every line
+                                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+        with tempfile.TemporaryDirectory() as scratch:
+            out, err = Path(scratch, "stdout"), Path(scratch, "stderr")
+            request = {"argv": argv, "env": env, "cwd": cwd, "stdout": str(out), "stderr": str(err)}
+            self.proc.stdin.write(json.dumps(request).encode() + b"\n")
+            pid = json.loads(self.proc.stdout.readline())["pid"]
+            timed_out = not select.select([self.proc.stdout], [], [], timeout)[0]
+            if timed_out:
+                os.killpg(pid, signal.SIGKILL)
+            returncode = json.loads(self.proc.stdout.readline())["returncode"]
+            stdout, stderr = (file.read_text(errors="replace") for file in (out, err))
+        if timed_out:
+            raise subprocess.TimeoutExpired([sys.executable, *argv], timeout, stdout, stderr)
+        return subprocess.CompletedProcess([sys.executable, *argv], returncode, stdout, stderr)
+
+
+_fork_server = _ForkServer()
+
+
+def _python(argv: list[str], env: dict, timeout: float, cwd: str) -> subprocess.CompletedProcess:
+    """`python *argv`, output captured: forked from the test process's fork server unless SKETCH2REAL_TEST_FORK=0
+    (or another call from this process is running)."""
+    if os.environ.get("SKETCH2REAL_TEST_FORK", "1") != "0" and _fork_server.lock.acquire(blocking=False):
+        try:
+            return _fork_server.run(argv, env, cwd, timeout)
+        finally:
+            _fork_server.lock.release()
+    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd)
+
+
 def run_script(script: str, *args: str, env: dict | None = None, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run a repo script as a user would, capturing output."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.run(
-        [sys.executable, str(REPO / script), *map(str, args)], capture_output=True, text=True, env=full_env, timeout=timeout
-    )
+    proc = _python([str(REPO / script), *map(str, args)], env=full_env, timeout=timeout, cwd=os.getcwd())
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
@@ -43,8 +87,8 @@ def launch(script: str, *args: str, num_processes: int = 2, deepspeed_config: st
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     head += ["--main_process_port", str(port)]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *head, str(REPO / script), *map(str, args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
+    proc = _python(["-m", "accelerate.commands.launch", *head, str(REPO / script), *map(str, args)], env=env,
+                   timeout=timeout, cwd=str(REPO))
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
