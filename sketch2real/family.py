@@ -11,6 +11,7 @@ themselves; a new family is one `FAMILIES` entry (a `Family` subclass where its 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,11 @@ class Conditioning:
     @staticmethod
     def from_tuple(parts: tuple[torch.Tensor, ...]) -> Conditioning:
         return Conditioning(*parts)
+
+    @staticmethod
+    def cat(parts: list[Conditioning]) -> Conditioning:
+        """Conditionings of several batches as one batch."""
+        return Conditioning(*(torch.cat(tensors) for tensors in zip(*(part.as_tuple() for part in parts))))
 
     def expand(self, n: int) -> Conditioning:
         """A batch-1 conditioning repeated n times."""
@@ -68,6 +74,8 @@ class Family:
     unused_last_layer: tuple[str, ...] = ()
     trainers: tuple[str, ...] = ("dreambooth", "textual_inversion", "controlnet")  # what sketch2real trains on it
     guidance_scale: float = 7.5  # generation's default guidance (classifier-free; FLUX.1 [dev]: the embedded value)
+    controlnet_class: str = "ControlNetModel"
+    control_image_argument: str = "image"  # what the ControlNet pipeline calls its conditioning image
 
     def require(self, trainer: str) -> None:
         """One line when `trainer` is not built for this family yet."""
@@ -77,6 +85,12 @@ class Family:
     def __post_init__(self):
         counts = {len(self.tokenizers), len(self.tokenizer_classes), len(self.text_encoders), len(self.text_encoder_classes)}
         assert len(counts) == 1, f"{self.name}: one class per tokenizer and text encoder"
+
+    @property
+    def embedding_encoders(self) -> int:
+        """How many text encoders, the first ones, learn Textual Inversion rows: one per file tensor (SD3 and FLUX.1:
+        the CLIPs, pivotal-tuning style; T5 reads the token's spelling, frozen)."""
+        return len(self.embedding_keys) if self.embedding_keys else 1
 
     def learned_embeds(self, token: str, rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Trained Textual Inversion rows (one tensor per text encoder, in order) as this family's file holds them."""
@@ -125,17 +139,60 @@ class Family:
 
         return PNDMScheduler.from_config(training_scheduler.config, skip_prk_steps=True)
 
+    def new_controlnet(self, denoiser, vae_scale_factor: int = 8):
+        """A ControlNet starting as a copy of the denoiser's encoder (`ControlNetModel.from_unet`); its conditioning
+        embedding downsamples the image by the VAE's factor (diffusers' default channels for 8). Random parts are
+        drawn from torch's global generator: seed it first."""
+        from diffusers import ControlNetModel
+
+        levels = int(math.log2(vae_scale_factor)) + 1
+        return ControlNetModel.from_unet(denoiser, conditioning_embedding_out_channels=(16, 32, 96, 256)[:levels])
+
+    def control_input(self, vae, conditions: torch.Tensor, controlnet=None) -> torch.Tensor:
+        """What the ControlNet takes for condition images in [0, 1], as its pipeline prepares them (a UNet
+        ControlNet: the pixels themselves)."""
+        return conditions
+
+
+def _config(model):
+    """A model's diffusers config through a DDP wrapper."""
+    return getattr(model, "module", model).config
+
 
 @dataclass(frozen=True)
-class SD3Family(Family):
-    """SD3 / SD3.5 (MM-DiT `SD3Transformer2DModel`, flow matching): CLIP-L and CLIP-G penultimate states side by side,
-    zero-padded to T5's width and followed by T5-XXL's states in the sequence; both CLIPs' pooled embeddings
-    concatenated; prompts of `MAX_SEQUENCE_LENGTH` T5 tokens (as diffusers' SD3 DreamBooth script's default)."""
+class FlowMatchingFamily(Family):
+    """What the MM-DiT families share: flow matching with an Euler sampler, prompts of `MAX_SEQUENCE_LENGTH` T5
+    tokens, and ControlNets conditioned on the VAE latents of the condition image."""
 
     MAX_SEQUENCE_LENGTH = 77
+    controlnet_class: str = "SD3ControlNetModel"
+    control_image_argument: str = "control_image"
 
     def generation_kwargs(self, source_size: tuple[int, int] = SKETCHY_SIZE) -> dict:
         return {"max_sequence_length": self.MAX_SEQUENCE_LENGTH}
+
+    def validation_scheduler(self, training_scheduler):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(training_scheduler.config)
+
+    def control_input(self, vae, conditions: torch.Tensor, controlnet=None) -> torch.Tensor:
+        """The condition images' VAE latents, (z - shift) * scale as for the denoised images. The pipelines sample
+        the posterior; training takes its mean (deterministic; the posterior's spread is far below the latents')."""
+        with torch.no_grad():
+            raw = vae.encode((2 * conditions - 1).to(vae.device, vae.dtype)).latent_dist.mode()
+        return ((raw - self.control_shift(vae, controlnet)) * vae.config.scaling_factor).float()
+
+    def control_shift(self, vae, controlnet) -> float:
+        return vae.config.shift_factor or 0.0
+
+
+@dataclass(frozen=True)
+class SD3Family(FlowMatchingFamily):
+    """SD3 / SD3.5 (MM-DiT `SD3Transformer2DModel`, flow matching): CLIP-L and CLIP-G penultimate states side by side,
+    zero-padded to T5's width and followed by T5-XXL's states in the sequence; both CLIPs' pooled embeddings
+    concatenated; prompts of `MAX_SEQUENCE_LENGTH` T5 tokens (as diffusers' SD3 DreamBooth script's default).
+    Its ControlNet (`SD3ControlNetModel`) is called as `StableDiffusion3ControlNetPipeline` calls it."""
 
     def max_length(self, tokenizer) -> int:
         return min(tokenizer.model_max_length, self.MAX_SEQUENCE_LENGTH)
@@ -154,27 +211,44 @@ class SD3Family(Family):
         return Conditioning(torch.cat([clip_states, t5_states.to(clip_states.dtype)], dim=-2), torch.cat(pooled, dim=-1))
 
     def predict(self, denoiser, noisy, timesteps, text, controlnet=None, control_image=None, guidance=None):
+        kwargs = {"hidden_states": noisy, "timestep": timesteps, "encoder_hidden_states": text.states,
+                  "pooled_projections": text.pooled}
         if controlnet is not None:
-            raise NotImplementedError("ControlNet training for SD3 is not built yet")
-        return denoiser(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=text.states,
-                        pooled_projections=text.pooled).sample
+            config = _config(controlnet)  # InstantX's SD3 ControlNets: zero pooled input; SD3.5's: no text states
+            kwargs["block_controlnet_hidden_states"] = controlnet(
+                hidden_states=noisy, timestep=timesteps, controlnet_cond=control_image,
+                encoder_hidden_states=text.states if config.joint_attention_dim is not None else None,
+                pooled_projections=torch.zeros_like(text.pooled) if config.force_zeros_for_pooled_projection else text.pooled,
+                return_dict=False)[0]
+        return denoiser(**kwargs).sample
 
-    def validation_scheduler(self, training_scheduler):
-        from diffusers import FlowMatchEulerDiscreteScheduler
+    def new_controlnet(self, denoiser, vae_scale_factor: int = 8):
+        """`SD3ControlNetModel.from_transformer` (12 blocks as diffusers' default, fewer for a shallower transformer:
+        never its last, which has no context output), taking the pooled prompt and the shifted latents as diffusers'
+        SD3 ControlNet script trains it (its config says so to the pipeline)."""
+        from diffusers import SD3ControlNetModel
 
-        return FlowMatchEulerDiscreteScheduler.from_config(training_scheduler.config)
+        controlnet = SD3ControlNetModel.from_transformer(denoiser, num_layers=min(12, denoiser.config.num_layers - 1),
+                                                         num_extra_conditioning_channels=0)
+        controlnet.register_to_config(force_zeros_for_pooled_projection=False)
+        return controlnet
+
+    def control_shift(self, vae, controlnet) -> float:
+        # the pipeline leaves the shift out for ControlNets trained on zero pooled projections (InstantX's)
+        if controlnet is not None and _config(controlnet).force_zeros_for_pooled_projection:
+            return 0.0
+        return vae.config.shift_factor or 0.0
 
 
 @dataclass(frozen=True)
-class FluxFamily(Family):
+class FluxFamily(FlowMatchingFamily):
     """FLUX.1 (`FluxTransformer2DModel`, flow matching): CLIP-L's pooled embedding and T5-XXL's states (512 tokens, as
     diffusers' FLUX pipeline and scripts); latents packed 2x2 into a sequence with position ids, the timestep given as
-    t / 1000, and for the guidance-distilled [dev] the guidance value (`--guidance_scale`)."""
+    t / 1000, and for the guidance-distilled [dev] the guidance value (`--guidance_scale`). Its ControlNet
+    (`FluxControlNetModel`) takes the packed latents of the condition image, as `FluxControlNetPipeline` gives them."""
 
     MAX_SEQUENCE_LENGTH = 512
-
-    def generation_kwargs(self, source_size: tuple[int, int] = SKETCHY_SIZE) -> dict:
-        return {"max_sequence_length": self.MAX_SEQUENCE_LENGTH}
+    controlnet_class: str = "FluxControlNetModel"
 
     def max_length(self, tokenizer) -> int:
         return self.MAX_SEQUENCE_LENGTH if "T5" in type(tokenizer).__name__ else tokenizer.model_max_length
@@ -188,24 +262,32 @@ class FluxFamily(Family):
     def predict(self, denoiser, noisy, timesteps, text, controlnet=None, control_image=None, guidance=None):
         from diffusers import FluxPipeline
 
-        if controlnet is not None:
-            raise NotImplementedError("ControlNet training for FLUX is not built yet")
         b, c, h, w = noisy.shape
         packed = FluxPipeline._pack_latents(noisy, b, c, h, w)
         image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, noisy.dtype)
         text_ids = torch.zeros(text.states.shape[1], 3, device=noisy.device, dtype=noisy.dtype)
-        if denoiser.config.guidance_embeds:
-            guidance = torch.full((b,), 1.0 if guidance is None else guidance, device=noisy.device)
-        else:
-            guidance = None
-        out = denoiser(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance, pooled_projections=text.pooled,
-                       encoder_hidden_states=text.states, txt_ids=text_ids, img_ids=image_ids).sample
+        value = torch.full((b,), 1.0 if guidance is None else guidance, device=noisy.device)
+        common = {"timestep": timesteps / 1000, "pooled_projections": text.pooled, "encoder_hidden_states": text.states,
+                  "txt_ids": text_ids, "img_ids": image_ids, "return_dict": False}
+        blocks = {}
+        if controlnet is not None:
+            control = FluxPipeline._pack_latents(control_image, b, c, h, w)
+            blocks["controlnet_block_samples"], blocks["controlnet_single_block_samples"] = controlnet(
+                hidden_states=packed, controlnet_cond=control,
+                guidance=value if _config(controlnet).guidance_embeds else None, **common)
+        out = denoiser(hidden_states=packed, guidance=value if _config(denoiser).guidance_embeds else None, **common,
+                       **blocks)[0]
         return FluxPipeline._unpack_latents(out, h, w, 1)
 
-    def validation_scheduler(self, training_scheduler):
-        from diffusers import FlowMatchEulerDiscreteScheduler
+    def new_controlnet(self, denoiser, vae_scale_factor: int = 8):
+        """`FluxControlNetModel.from_transformer` with diffusers' FLUX ControlNet script's default depth (4 double,
+        10 single blocks; fewer if the transformer has fewer)."""
+        from diffusers import FluxControlNetModel
 
-        return FlowMatchEulerDiscreteScheduler.from_config(training_scheduler.config)
+        config = denoiser.config
+        return FluxControlNetModel.from_transformer(
+            denoiser, num_layers=min(4, config.num_layers), num_single_layers=min(10, config.num_single_layers),
+            attention_head_dim=config.attention_head_dim, num_attention_heads=config.num_attention_heads)
 
 
 SD = Family("sd", "StableDiffusionPipeline", "StableDiffusionControlNetPipeline", ("text_encoder",), ("tokenizer",),
@@ -222,13 +304,15 @@ SD3 = SD3Family("sd3", "StableDiffusion3Pipeline", "StableDiffusion3ControlNetPi
                 embedding_keys=("clip_l", "clip_g"), safety_checker=False,
                 tokenizer_classes=("CLIPTokenizer", "CLIPTokenizer", "T5TokenizerFast"), denoiser="transformer",
                 denoiser_class="SD3Transformer2DModel", training_scheduler="FlowMatchEulerDiscreteScheduler",
-                lora_layers_argument="transformer_lora_layers", trainers=("dreambooth",), guidance_scale=7.0,
+                lora_layers_argument="transformer_lora_layers", trainers=("dreambooth", "textual_inversion", "controlnet"),
+                guidance_scale=7.0,
                 pipeline_classes=r"StableDiffusion3(ControlNet|Img2Img|Inpaint)?Pipeline")
 FLUX = FluxFamily("flux", "FluxPipeline", "FluxControlNetPipeline", ("text_encoder", "text_encoder_2"),
                   ("tokenizer", "tokenizer_2"), ("CLIPTextModel", "T5EncoderModel"), pooled=True, embedding_keys=("clip_l",),
                   safety_checker=False, tokenizer_classes=("CLIPTokenizer", "T5TokenizerFast"), denoiser="transformer",
                   denoiser_class="FluxTransformer2DModel", training_scheduler="FlowMatchEulerDiscreteScheduler",
-                  lora_layers_argument="transformer_lora_layers", trainers=("dreambooth",), guidance_scale=3.5,
+                  lora_layers_argument="transformer_lora_layers", trainers=("dreambooth", "textual_inversion", "controlnet"),
+                  guidance_scale=3.5,
                   pipeline_classes=r"Flux(ControlNet|Img2Img|Inpaint)?Pipeline")
 FAMILIES: dict[str, Family] = {family.name: family for family in (SD, SDXL, SD3, FLUX)}  # the registry: a new family is an entry
 
@@ -334,5 +418,27 @@ def load_textual_inversion(pipe, file: str) -> None:
                         "(one per text encoder)")
     token = metadata.get("token") or Path(file).stem
     for key, encoder, tokenizer in zip(family.embedding_keys, family.text_encoders, family.tokenizers):
-        pipe.load_textual_inversion(tensors[key], token=token, text_encoder=getattr(pipe, encoder),
-                                    tokenizer=getattr(pipe, tokenizer))
+        if hasattr(pipe, "load_textual_inversion"):
+            pipe.load_textual_inversion(tensors[key], token=token, text_encoder=getattr(pipe, encoder),
+                                        tokenizer=getattr(pipe, tokenizer))
+        else:  # SD3's pipelines have no loader: the same rows under diffusers' token names (<t>, <t>_1, ...)
+            append_token_rows(getattr(pipe, tokenizer), getattr(pipe, encoder), token, tensors[key])
+
+
+def placeholder_tokens(token: str, num_vectors: int) -> list[str]:
+    """diffusers' naming for multi-vector tokens: <t>, <t>_1, <t>_2, ..."""
+    return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
+
+
+def append_token_rows(tokenizer, text_encoder, token: str, rows: torch.Tensor) -> None:
+    """Add `token` (diffusers' names <t>, <t>_1, ... for several rows) to a tokenizer and its encoder's embedding
+    with the given rows. Multi-vector prompts must then spell every name out (a pipeline without diffusers'
+    Textual Inversion loader does not expand them)."""
+    rows = rows.reshape(-1, rows.shape[-1])
+    names = placeholder_tokens(token, len(rows))
+    if tokenizer.add_tokens(names) != len(names):
+        raise UserError(f"token {token!r} is already in the vocabulary of {type(text_encoder).__name__}")
+    text_encoder.resize_token_embeddings(len(tokenizer))
+    embedding = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        embedding[tokenizer.convert_tokens_to_ids(names)] = rows.to(embedding.device, embedding.dtype)

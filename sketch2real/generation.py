@@ -155,7 +155,8 @@ def load_generation_pipeline(model: str, device: torch.device, dtype: torch.dtyp
                              textual_inversion: Sequence[str] = (), lora: str = "", lora_scale: float = 1.0,
                              controlnet: str = "", safety_checker: bool = False, xformers: bool = False,
                              compile_denoiser: bool = False, revision: str | None = None):
-    """A (ControlNet) pipeline of the model's family (SD 1.x/2.x, SDXL, SD3) with optional TI embeddings and LoRA fused in."""
+    """A (ControlNet) pipeline of the model's family (SD 1.x/2.x, SDXL, SD3, FLUX.1) with optional TI embeddings and
+    LoRA fused in."""
     import diffusers
 
     from sketch2real.family import family_of, load_textual_inversion
@@ -163,8 +164,8 @@ def load_generation_pipeline(model: str, device: torch.device, dtype: torch.dtyp
 
     model, lora = base_of_lora_output(model, lora)
     check_model_path(model)
-    net = load(diffusers.ControlNetModel, controlnet, "ControlNet", torch_dtype=dtype) if controlnet else None
     family = family_of(model, revision)
+    net = load(getattr(diffusers, family.controlnet_class), controlnet, "ControlNet", torch_dtype=dtype) if controlnet else None
     pipe = load_pipeline(family, model, net, safety_checker, torch_dtype=dtype, revision=revision)
     if scheduler:
         if scheduler not in SCHEDULERS:
@@ -195,9 +196,10 @@ def load_generation_pipeline(model: str, device: torch.device, dtype: torch.dtyp
 def generate_batch(pipe, batch: list[Item], seed: int, settings: dict, conditioning: list[Image.Image] | None = None):
     """Images for one batch; image i uses a generator seeded by (seed, key_i) only."""
     generators = [torch.Generator().manual_seed(derive_seed(seed, it.key)) for it in batch]
-    from sketch2real.family import generation_kwargs
+    from sketch2real.family import family_of_pipeline
 
-    extra = {**generation_kwargs(pipe), **({"image": conditioning} if conditioning is not None else {})}
+    family = family_of_pipeline(pipe)
+    extra = {**family.generation_kwargs(), **({family.control_image_argument: conditioning} if conditioning is not None else {})}
     negative = settings.get("negative_prompt") or None
     return pipe(
         [it.prompt for it in batch], negative_prompt=[negative] * len(batch) if negative else None,

@@ -66,6 +66,25 @@ class SDComponents:
         return [getattr(self, name) for name in self.family.text_encoders]
 
 
+def load_text_encoders(family: Family, name_or_path: str, revision: str | None = None,
+                       variant: str | None = None) -> list:
+    """The family's text encoders of a checkpoint, in `family.text_encoders` order."""
+    import transformers
+
+    return [load(getattr(transformers, encoder_class), name_or_path, "text encoder", subfolder=encoder,
+                 revision=revision, variant=variant)
+            for encoder, encoder_class in zip(family.text_encoders, family.text_encoder_classes)]
+
+
+def free_device_memory() -> None:
+    """Return freed tensors' memory to the device (after dropping modules)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def load_sd_components(name_or_path: str, revision: str | None = None, variant: str | None = None,
                        vae_name_or_path: str = "") -> SDComponents:
     """Tokenizers, text encoders, VAE, denoiser and the training scheduler from one checkpoint of any family
@@ -77,13 +96,10 @@ def load_sd_components(name_or_path: str, revision: str | None = None, variant: 
     check_model_path(name_or_path)
     family = family_of(name_or_path, revision)
     common = {"revision": revision}
-    parts: dict[str, Any] = {}
-    for tokenizer, tokenizer_class, encoder, encoder_class in zip(family.tokenizers, family.tokenizer_classes,
-                                                                  family.text_encoders, family.text_encoder_classes):
+    parts: dict[str, Any] = dict(zip(family.text_encoders, load_text_encoders(family, name_or_path, revision, variant)))
+    for tokenizer, tokenizer_class in zip(family.tokenizers, family.tokenizer_classes):
         parts[tokenizer] = load(getattr(transformers, tokenizer_class), name_or_path, "tokenizer", subfolder=tokenizer,
                                 **common)
-        parts[encoder] = load(getattr(transformers, encoder_class), name_or_path, "text encoder", subfolder=encoder,
-                              variant=variant, **common)
     vae = (load(AutoencoderKL, vae_name_or_path, "VAE") if vae_name_or_path
            else load(AutoencoderKL, name_or_path, "VAE", subfolder="vae", variant=variant, **common))
     return SDComponents(

@@ -609,5 +609,20 @@ class ShardSamples(torch.utils.data.Dataset):
         self._checked[index] = None
         return sample
 
+    def member_size(self, index: int, field: str) -> int:
+        """Bytes of sample `index`'s image `field` in its shard (-1 where the shard lost it)."""
+        ref = self.refs[index]
+        if ref.shard not in self._offsets:
+            self._offsets[ref.shard] = _member_offsets(self.shard_dir / ref.shard)
+        return self._offsets[ref.shard][0].get(f"{ref.key}.{IMAGE_FIELDS[field]}", (0, -1))[1]
+
+    def read_field(self, index: int, field: str):
+        """Field `field` of sample `index` decoded alone: whether the sample's other images are readable is not
+        asked (nor recorded); `CorruptSample` only if this one is not."""
+        ref, where = self.refs[index], self.where(index)
+        members = {"json": self._member(ref.shard, f"{ref.key}.json", where),
+                   IMAGE_FIELDS[field]: self._member(ref.shard, f"{ref.key}.{IMAGE_FIELDS[field]}", where)}
+        return _decode_sample(members, (field,), self.resolution, self.as_tensor, where)[field]
+
     def __getitem__(self, index: int) -> dict:
         return self.read(index)

@@ -430,3 +430,45 @@ def test_signal_during_latent_caching_requeues_before_training(tiny_models, shar
     assert proc.returncode == 75, stderr[-3000:]
     assert time.time() - sent < 30 and (out / "PREEMPTED").is_file()
     assert not list(out.glob("checkpoint-*")) and not (out / "metrics.json").exists()  # stopped before step 1
+
+
+def test_pair_photos_are_stored_once_and_a_corrupt_pair_reads_its_substitutes_photo(bad_shards, shard_dir, tiny_models,
+                                                                                    tmp_path):
+    """ControlNet's on-disk latent store holds each photo once (the pairs of one photo share one row), and every pair's
+    cached latent is the one the uncached path encodes for it: a pair whose sketch is corrupt stands for the next
+    readable pair whole, photo included, and a pair carrying another copy of its photo (here a CMYK one) gets its
+    own row, as without the cache."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from sketch2real.models import load_sd_components
+    from sketch2real.shards import ShardSamples
+    from sketch2real.sketchy import photo_key
+    from sketch2real.training.data import LazyImages
+    from sketch2real.training.diffusion import encode_latents
+    from sketch2real.training.latent_store import LatentStore
+
+    vae = load_sd_components(str(tiny_models.sd)).vae
+    solo = SimpleNamespace(is_main_process=True, num_processes=1, process_index=0, wait_for_everyone=lambda: None)
+    stores = {}
+    for name, root in (("clean", shard_dir), ("bad", bad_shards[0])):
+        pairs = ShardSamples(root, "train", fields=("sketch", "photo"), resolution=32, categories=[CATEGORY])
+        photos = LazyImages(pairs, "photo", list(range(len(pairs))))
+        store = LatentStore(tmp_path / name, vae, photos, torch.device("cpu"), block=16)
+        store.build(solo, list(range(len(photos))), 0, False, False)
+        stores[name] = (store, pairs, photos)
+    store, pairs, photos = stores["clean"]
+    unique = len({photo_key(ref.key) for ref in pairs.refs})
+    assert store.stats["unique_images"] == unique < len(photos)
+    assert sum(len(np.load(f)) for f in store.folder.glob("block-*.npy")) == unique  # rows stored: one per photo
+
+    store, pairs, photos = stores["bad"]
+    items = list(range(len(photos)))
+    corrupt = [k for k in items if pairs.where(k) in bad_shards[1]]
+    assert any(store.item_slot[k] != store.own_slot[k] for k in corrupt)  # some corrupt pair reads another photo
+    with torch.no_grad():
+        shape = vae.encode(photos[[0]]).latent_dist.mean.shape[1:]
+    eps = torch.randn(len(items), *shape, generator=torch.Generator().manual_seed(0))
+    uncached = encode_latents(vae, photos[items], eps)  # each pair as the trainer reads it uncached
+    assert torch.allclose(store.latents(items, eps), uncached, rtol=2e-3, atol=2e-3)

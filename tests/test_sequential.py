@@ -46,13 +46,37 @@ def test_sequential_needs_stages(tiny_models, shard_dir, tmp_path):
     assert proc.returncode == 2 and "--stages needs at least one category" in proc.stderr
 
 
-def test_sequential_lora_is_refused_before_training(tiny_models, shard_dir, tmp_path):
-    """(It trained stage 1 and then failed reading the LoRA folder as stage 2's base model.)"""
-    proc = run_script("train/dreambooth_sequential.py", "--pretrained_model_name_or_path", tiny_models.sd,
-                      "--shard_dir", shard_dir, "--output_dir", tmp_path, "--stages", "cat,apple", "--lora_rank", "4",
-                      check=False)
-    assert proc.returncode == 2 and "--lora_rank is not supported yet" in proc.stderr
-    assert not (tmp_path / "stage-01-cat").exists()
+def test_sequential_lora_continues_the_same_adapters_stage_after_stage(tiny_models, shard_dir, tmp_path):
+    """With --lora_rank each stage trains the previous stage's adapters on the base model: stage 2's LoRA is bit for bit
+    what train/dreambooth.py gives from stage 1's folder (--initial_lora), and not what a fresh start gives; a LoRA of
+    another rank is refused in one line."""
+    import torch
+
+    from .helpers import weights
+
+    out = tmp_path / "seq"
+    common = ["--pretrained_model_name_or_path", tiny_models.sd, "--shard_dir", shard_dir, "--resolution", "64",
+              "--learning_rate", "1e-2", "--validation_steps", "0", "--checkpointing_steps", "0", "--report_to", "none",
+              "--num_heldout_samples", "2", "--lora_rank", "4"]
+    run_script("train/dreambooth_sequential.py", *common, "--output_dir", out, "--stages", "cat,apple",
+               "--steps_per_stage", "3", "--instance_prompt", "a {category} in the style of sks")
+    stages = [out / "stage-01-cat", out / "stage-02-apple"]
+    assert all((s / "pytorch_lora_weights.safetensors").is_file() for s in stages)
+    config = json.loads((stages[1] / "run_config.json").read_text())
+    assert config["initial_lora"] == str(stages[0]) and config["pretrained_model_name_or_path"] == str(tiny_models.sd)
+    report = json.loads((out / "sequential_report.json").read_text())
+    assert [r["name"] for r in report["rows"]] == ["base", "1: cat", "2: apple"] and set(report["forgetting"]) == {"cat"}
+
+    alone = ["--instance_category", "apple", "--instance_prompt", "a apple in the style of sks", "--max_train_steps", "3"]
+    run_script("train/dreambooth.py", *common, *alone, "--output_dir", tmp_path / "continued", "--initial_lora", stages[0])
+    run_script("train/dreambooth.py", *common, *alone, "--output_dir", tmp_path / "fresh")
+    sequential, continued, fresh = (weights(p) for p in (stages[1], tmp_path / "continued", tmp_path / "fresh"))
+    assert sequential.keys() == continued.keys() and all(torch.equal(sequential[k], continued[k]) for k in sequential)
+    assert any(not torch.equal(sequential[k], fresh[k]) for k in sequential)
+
+    proc = run_script("train/dreambooth.py", *common[:-1], "8", *alone, "--output_dir", tmp_path / "rank8",
+                      "--initial_lora", stages[0], check=False)
+    assert proc.returncode == 2 and "does not fit" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("launcher, family", [(launcher, "sd") for launcher in LAUNCHERS] + [("ddp", "sdxl"), ("1", "sd3")])

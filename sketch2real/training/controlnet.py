@@ -1,14 +1,13 @@
 """A ControlNet trained on Sketchy's pairs: the sketch conditions, its own photo is the target.
 
-The ControlNet starts as a copy of the base UNet's encoder (`ControlNetModel.from_unet`);
-the UNet, text encoder and VAE stay frozen in the weight dtype. The result is a plain
-diffusers ControlNet folder for `StableDiffusionControlNetPipeline`.
+The ControlNet starts as a copy of the base denoiser's first blocks (`Family.new_controlnet`: SD/SDXL's
+`ControlNetModel.from_unet`, SD3's and FLUX.1's `from_transformer`); the denoiser, text encoders and VAE stay frozen
+in the weight dtype. The result is a plain diffusers ControlNet folder for the family's ControlNet pipeline.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from sketch2real.cli import UserError, option
+from sketch2real.family import FAMILIES, Family
 from sketch2real.io import read_jsonl
 from sketch2real.models import SDComponents, assemble_pipeline, load
 from sketch2real.sketchy import category_words, photo_key, sketch_condition
@@ -61,16 +61,12 @@ def _pairs(shard_dir: str, split: str, categories, resolution: int) -> tuple[Laz
     return LazyImages(pairs, "sketch", positions), LazyImages(pairs, "photo", positions), pairs.refs
 
 
-def init_controlnet(unet, seed: int, vae_scale_factor: int = 8):
-    """`ControlNetModel.from_unet`, with its new (conditioning embedding) layers drawn from a seeded generator:
-    the same run gives the same start on any number of processes and after a restart. The conditioning
-    embedding downsamples the image by the VAE's factor (diffusers' default channels for 8)."""
-    from diffusers import ControlNetModel
-
-    levels = int(math.log2(vae_scale_factor)) + 1
+def init_controlnet(denoiser, seed: int, vae_scale_factor: int = 8, family: Family = FAMILIES["sd"]):
+    """The family's new ControlNet (a copy of the denoiser's first blocks, `Family.new_controlnet`), its new layers
+    drawn from a seeded generator: the same run gives the same start on any number of processes and after a restart."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "controlnet-init"))
-        return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 96, 256)[:levels])
+        return family.new_controlnet(denoiser, vae_scale_factor)
 
 
 class ControlNetTask(DiffusionTask):
@@ -79,14 +75,16 @@ class ControlNetTask(DiffusionTask):
     trainer = "controlnet"
 
     def __init__(self, opts: ControlNetOptions, accelerator, components: SDComponents | None = None):
-        from diffusers import ControlNetModel
+        import diffusers
 
         super().__init__(opts, accelerator, components)
         c, device = self.c, accelerator.device
         if opts.controlnet_model_name_or_path:
-            controlnet = load(ControlNetModel, opts.controlnet_model_name_or_path, "ControlNet")
-        else:  # from the UNet's full-precision weights, before the frozen UNet is cast to the weight dtype
-            controlnet = init_controlnet(c.denoiser, opts.seed, 2 ** (len(c.vae.config.block_out_channels) - 1))
+            controlnet = load(getattr(diffusers, self.family.controlnet_class), opts.controlnet_model_name_or_path,
+                              "ControlNet")
+        else:  # from the denoiser's full-precision weights, before the frozen denoiser is cast to the weight dtype
+            controlnet = init_controlnet(c.denoiser, opts.seed, 2 ** (len(c.vae.config.block_out_channels) - 1),
+                                         self.family)
         c.denoiser.requires_grad_(False).to(device, self.weight_dtype)
         for encoder in c.text_encoders:
             encoder.requires_grad_(False).to(device, self.weight_dtype)
@@ -134,23 +132,23 @@ class ControlNetTask(DiffusionTask):
         return HeldOut(photos[chosen], [self.prompt_for(refs[i].key, refs[i].category) for i in chosen],
                        [refs[i].category for i in chosen], [photo_key(refs[i].key) for i in chosen], sketches[chosen])
 
-    @staticmethod
-    def _conditioning(sketches: torch.Tensor, device) -> torch.Tensor:
-        return sketch_condition(sketches).to(device)
+    def _conditioning(self, sketches: torch.Tensor, controlnet) -> torch.Tensor:
+        """The ControlNet's input for sketches in [-1, 1] (`Family.control_input`: pixels, or VAE latents)."""
+        return self.family.control_input(self.c.vae, sketch_condition(sketches).to(self.accelerator.device), controlnet)
 
     def loss(self, model, step: int, micro: int) -> torch.Tensor:
         batch = self.pairs.batch(step, micro)
         prompts = [self.prompt_for(self.keys[i], self.categories[i], step) for i in batch.indices]
         with torch.no_grad():
             text = self.condition(prompts)
-        sketches = self._conditioning(self.pairs.rows(step, micro, self.sketches), batch.noisy.device)
+        sketches = self._conditioning(self.pairs.rows(step, micro, self.sketches), model)
         prediction = self.predict(self.c.denoiser, batch, text, controlnet=model, control_image=sketches)
         return self.loss_of(batch, prediction)
 
     def heldout_losses(self, accelerator, controlnet, sketches: torch.Tensor, photos: torch.Tensor,
                        prompts: list[str]) -> np.ndarray:
         """Each held-out photo's denoising loss with `sketches` as the ControlNet's conditioning."""
-        conditioning = self._conditioning(sketches, accelerator.device)
+        conditioning = self._conditioning(sketches, controlnet)
         position = {"start": 0}
 
         def predict(noisy, timesteps, batch_prompts):
@@ -196,20 +194,24 @@ class ControlNetTask(DiffusionTask):
         pipe.set_progress_bar_config(disable=True)
         sketches = [to_pil_image((s + 1) / 2) for s in h.conditions[:count]]
         generators = [torch.Generator().manual_seed(derive_seed(o.seed, "validation", i)) for i in range(count)]
-        generated = pipe(h.prompts[:count], image=[sketch_condition(s) for s in sketches], height=o.resolution,
-                         width=o.resolution, num_inference_steps=o.validation_inference_steps, generator=generators).images
+        control = {self.family.control_image_argument: [sketch_condition(s) for s in sketches]}
+        generated = pipe(h.prompts[:count], height=o.resolution, width=o.resolution, generator=generators,
+                         num_inference_steps=o.validation_inference_steps, **control,
+                         **self.family.generation_kwargs()).images
         rows = [[s, g, to_pil_image((p + 1) / 2)] for s, g, p in zip(sketches, generated, h.images[:count])]
         return rows, generated, list(h.categories[:count])
 
     def save_final(self, accelerator, model) -> None:
         """A diffusers ControlNet folder at --output_dir (config.json + diffusion_pytorch_model.safetensors)."""
-        from diffusers import ControlNetModel
-
         from sketch2real.models import save_pretrained_atomic
 
         def write(state: dict[str, torch.Tensor]) -> None:  # the fp32 master weights
-            controlnet = ControlNetModel.from_config(accelerator.unwrap_model(model).config)
-            controlnet.load_state_dict(state)
+            trained = accelerator.unwrap_model(model)
+            controlnet = type(trained).from_config(trained.config)
+            # the trained weights are the parameters; buffers (SD3's fixed sin-cos position table) come with the config
+            missing = set(controlnet.load_state_dict(state, strict=False).missing_keys)
+            if missing - {name for name, _ in controlnet.named_buffers()}:
+                raise RuntimeError(f"trained ControlNet weights lack {sorted(missing)[:3]}")
             save_pretrained_atomic(controlnet, self.opts.output_dir)
 
         self.write_on_main(model, write)

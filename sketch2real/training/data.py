@@ -12,7 +12,14 @@ import numpy as np
 import torch
 
 from sketch2real.cli import UserError
-from sketch2real.shards import IMAGE_SUFFIXES, ShardSamples, corrupt_samples, open_image, read_or_substitute
+from sketch2real.shards import (
+    IMAGE_SUFFIXES,
+    CorruptSample,
+    ShardSamples,
+    corrupt_samples,
+    open_image,
+    read_or_substitute,
+)
 from sketch2real.training.diffusion import derive_seed
 
 
@@ -170,6 +177,33 @@ class LazyImages:
     def where(self, k: int) -> str:
         """`shard:key` of item k (for messages)."""
         return self.samples.where(self.positions[k])
+
+    def content_keys(self) -> list[str]:
+        """A name per item for the image it holds (its own, before any substitution): items of one name hold one
+        image. The photo of a sketch/photo pair is named by its photo and its bytes' length (the copies a photo's ~6
+        pairs carry are one file; a copy that differs is its own image); every other image by its sample."""
+        from sketch2real.sketchy import photo_key
+
+        refs, samples = self.samples.refs, self.samples
+        if self.field == "photo" and len(samples.fields) > 1:
+            return [f"photo:{photo_key(refs[p].key)}:{samples.member_size(p, 'photo')}" for p in self.positions]
+        return [f"{self.field}:{samples.where(p)}" for p in self.positions]
+
+    def stands_for(self, k: int) -> int:
+        """The item whose sample item k reads: k, or where its sample is corrupt (any image of it) the next
+        readable one, as `self[k]` substitutes."""
+        item_of = {p: i for i, p in enumerate(self.positions)}
+        return item_of[read_or_substitute(lambda p: (self.samples.read(p), p)[1], self.positions, k)]
+
+    def read_alone(self, candidates: list[int]) -> torch.Tensor | None:
+        """The first of the `candidates` (items holding one image) whose image decodes, read without its sample's
+        other images; None if none does."""
+        for k in candidates:
+            try:
+                return self.samples.read_field(self.positions[k], self.field)
+            except CorruptSample:
+                continue
+        return None
 
     def _one(self, k: int) -> torch.Tensor:
         return read_or_substitute(lambda p: self.samples.read(p, (self.field,))[self.field], self.positions, k)

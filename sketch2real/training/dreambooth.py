@@ -44,6 +44,8 @@ class DreamBoothOptions(TrainOptions):
     train_text_encoder: bool = option(False, help="also train the full text encoder(s) (SDXL: both; works under DeepSpeed too)")
     lora_rank: int = option(0, help="train LoRA adapters of this rank instead of full weights (0: full fine-tuning)", min=0)
     lora_alpha: int = option(0, help="LoRA alpha (0: same as rank)", min=0)
+    initial_lora: str = option("", help="start the LoRA adapters from this LoRA folder (a run's output with "
+                                        "pytorch_lora_weights.safetensors) instead of a fresh start; with --lora_rank")
 
     def check(self) -> None:
         super().check()
@@ -52,6 +54,10 @@ class DreamBoothOptions(TrainOptions):
         if self.lora_rank and self.train_text_encoder:
             raise UserError("--lora_rank trains UNet adapters while --train_text_encoder trains the whole text encoder: "
                             "choose one")
+        if self.initial_lora and not self.lora_rank:
+            raise UserError("--initial_lora continues LoRA adapters: give --lora_rank (the rank it was trained with)")
+        if self.initial_lora and not (Path(self.initial_lora) / "pytorch_lora_weights.safetensors").is_file():
+            raise UserError(f"--initial_lora {self.initial_lora}: no pytorch_lora_weights.safetensors there")
         if self.with_prior_preservation and not (self.class_prompt and self.class_data_dir):
             raise UserError("--with_prior_preservation needs --class_prompt and --class_data_dir")
 
@@ -152,6 +158,8 @@ class DreamBoothTask(DiffusionTask):
                 torch.manual_seed(derive_seed(opts.seed, "lora-init"))
                 c.denoiser.add_adapter(LoraConfig(r=opts.lora_rank, lora_alpha=opts.lora_alpha or opts.lora_rank,
                                                   init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+            if opts.initial_lora:
+                load_lora_adapters(self.family, c.denoiser, opts.initial_lora)
             cast_training_params(c.denoiser, torch.float32)
         if opts.gradient_checkpointing:
             c.denoiser.enable_gradient_checkpointing()
@@ -179,11 +187,15 @@ class DreamBoothTask(DiffusionTask):
             ensure_class_images(accelerator, opts)
             class_images = load_folder_images(opts.class_data_dir, opts.resolution, opts.num_class_images)
             self.parts.append((self.stream("class", class_images), opts.class_prompt, opts.prior_loss_weight))
-        # each part's prompt: token ids when the text encoders train, else its conditioning, computed once
+        self.heldout = self._heldout()
+        # each part's prompt: token ids when the text encoders train; else its conditioning, computed once, with the
+        # held-out prompts', before the frozen encoders are released
+        prompts = [prompt for _, prompt, _ in self.parts]
+        if not opts.train_text_encoder:
+            self.release_text_encoders(prompts + (self.heldout.prompts if self.heldout is not None else []))
         with torch.no_grad():
             self.prompts = {prompt: (self.prompt_ids([prompt]) if opts.train_text_encoder else self.condition([prompt]))
-                            for _, prompt, _ in self.parts}
-        self.heldout = self._heldout()
+                            for prompt in prompts}
 
     def _heldout(self) -> HeldOut | None:
         opts = self.opts
@@ -243,6 +255,27 @@ class DreamBoothTask(DiffusionTask):
                 save_pipeline(opts, state, out)
 
         self.write_on_main(model, write)
+
+
+def load_lora_adapters(family: Family, denoiser, folder: str) -> None:
+    """Set the denoiser's (freshly added) LoRA adapters to the weights of a saved LoRA folder, as diffusers' scripts
+    resume theirs; one line when they do not fit (another rank, another base)."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft import set_peft_model_state_dict
+
+    prefix = f"{family.denoiser}."
+    saved = pipeline_class(family).lora_state_dict(folder)
+    saved = saved[0] if isinstance(saved, tuple) else saved  # SD's loader also returns the network alphas
+    state = convert_unet_state_dict_to_peft({k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)})
+    try:
+        result = set_peft_model_state_dict(denoiser, state, adapter_name="default")
+    except RuntimeError as err:  # a shape mismatch: another --lora_rank
+        raise UserError(f"--initial_lora {folder} does not fit these adapters: {str(err).strip().splitlines()[-1]} "
+                        "(use the --lora_rank it was trained with)") from err
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if not state or missing or result.unexpected_keys:
+        raise UserError(f"--initial_lora {folder} does not fit this model's {family.denoiser} adapters "
+                        f"({len(state)} saved tensors, {len(missing)} adapters missing)")
 
 
 def save_pipeline(opts: TrainOptions, state: dict[str, torch.Tensor], out: Path) -> None:

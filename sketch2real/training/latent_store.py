@@ -1,6 +1,7 @@
 """VAE posteriors of a whole training set on disk: encoded once, by all ranks together, shared and reused.
 
-The set is cut into blocks of `BLOCK` images; each block is one `.npy` file of (mean, std) in float16, written
+Each distinct image is stored once (ControlNet's pairs: each photo, not each of its ~6 pairs). The images are cut
+into blocks of `BLOCK`; each block is one `.npy` file of (mean, std) in float16, written
 atomically by whichever rank encoded it, and read back memory-mapped, so a rank holds O(batch) of it in memory,
 not O(dataset). The folder is named by a fingerprint of the VAE (config and weights), the resolution and the images:
 a later run on the same data and VAE (or a requeued one, or another trainer) finds the blocks already there. A
@@ -55,27 +56,95 @@ def vae_fingerprint(vae) -> str:
     return digest.hexdigest()[:16]
 
 
+class _SlotImages:
+    """Slot s of a store with shared images: the image its items hold, read alone (a blank where none decodes:
+    such a slot is never read, its items all being corrupt pairs that stand for others)."""
+
+    def __init__(self, images: LazyImages, members: list[list[int]]):
+        self.images, self.members = images, members
+
+    def __getitem__(self, slots: list[int]) -> torch.Tensor:
+        side = self.images.samples.resolution
+        rows = [self.images.read_alone(self.members[s]) for s in slots]
+        return torch.stack([r if r is not None else torch.zeros(3, side, side) for r in rows])
+
+
+class _StandsFor:
+    """Items -> the items they stand for (`LazyImages.stands_for`), found where it is read (DataLoader workers)."""
+
+    def __init__(self, images: LazyImages):
+        self.images = images
+
+    def __getitem__(self, items: list[int]) -> torch.Tensor:
+        return torch.tensor([self.images.stands_for(k) for k in items])
+
+
 class LatentStore:
-    """(mean, std) of each image of a `LazyImages` set, in block files under `folder/<fingerprint>/`."""
+    """(mean, std) of each image of a `LazyImages` set, in block files under `folder/<fingerprint>/`.
+
+    One row per distinct image (a slot): ControlNet's pairs name their photo, shared by its ~6 sketches, so the
+    whole of Sketchy is 12,500 photos encoded and stored, not 75,471. Items map to slots through the sample they
+    read: a pair with a corrupt image stands for the next readable one whole (sketch and photo), so before encoding
+    the ranks find which items do (`_resolve`, reading the samples once); a slot's image is read alone.
+    """
 
     def __init__(self, root: str | Path, vae, images: LazyImages, device: torch.device, block: int = BLOCK):
         assert block % CHUNK == 0, "a block holds whole chunks"
         self.vae, self.images, self.device, self.block = vae, images, device, block
-        key = hashlib.sha256(f"{vae_fingerprint(vae)}|{images.identity()}|{block}|{CHUNK}|{STORE_DTYPE.__name__}".encode())
+        slot_of: dict[str, int] = {}
+        self.members: list[list[int]] = []  # the items holding each slot's image
+        own = []
+        for k, name in enumerate(images.content_keys()):
+            slot = slot_of.setdefault(name, len(slot_of))
+            if slot == len(self.members):
+                self.members.append([])
+            self.members[slot].append(k)
+            own.append(slot)
+        self.own_slot = np.asarray(own, dtype=np.int64)
+        self.shared = len(self.members) < len(images)
+        # item -> slot it reads; with shared images known for the items resolved by `build`
+        self.item_slot = np.full(len(images), -1, dtype=np.int64) if self.shared else self.own_slot
+        self.slot_images = _SlotImages(images, self.members) if self.shared else images
+        layout = f"{block}|{CHUNK}|{STORE_DTYPE.__name__}" + ("|shared-images" if self.shared else "")
+        key = hashlib.sha256(f"{vae_fingerprint(vae)}|{images.identity()}|{layout}".encode())
         self.folder = Path(root) / key.hexdigest()[:24]
         self._blocks: dict[int, np.ndarray] = {}
-        self.stats = {"folder": str(self.folder), "images": len(images), "blocks_encoded_here": 0, "blocks_reused": 0,
-                      "build_seconds": 0.0}
+        self.stats = {"folder": str(self.folder), "images": len(images), "unique_images": len(self.members),
+                      "blocks_encoded_here": 0, "blocks_reused": 0, "build_seconds": 0.0}
 
     def _block_file(self, block: int) -> Path:
         return self.folder / f"block-{block:06d}.npy"
 
     def _positions(self, chunk: int) -> list[int]:
-        return list(range(chunk * CHUNK, min((chunk + 1) * CHUNK, len(self.images))))
+        return list(range(chunk * CHUNK, min((chunk + 1) * CHUNK, len(self.members))))
+
+    def _resolve(self, accelerator, needed: list[int], num_workers: int, pin_memory: bool, progress: bool) -> None:
+        """The slot each needed item reads: that of the item it stands for (itself unless its sample is corrupt),
+        found by all ranks together, each reading its share of the samples (a collective)."""
+        from accelerate.utils import gather_object
+        from tqdm.auto import tqdm
+
+        items = sorted(set(needed))
+        mine = items[accelerator.process_index :: accelerator.num_processes]
+        self._batches = [mine[i : i + CHUNK] for i in range(0, len(mine), CHUNK)]
+        found: dict[int, int] = {}
+        for batch, stands_for in tqdm(prefetched(_StandsFor(self.images), list(range(len(self._batches))), self._batch,
+                                                 num_workers, pin_memory),
+                                      total=len(self._batches), desc="checking pairs", unit="chunk", dynamic_ncols=True,
+                                      disable=not progress or len(self._batches) < 2):
+            preemption.check()
+            found.update(zip(self._batches[batch], stands_for.tolist()))
+        if accelerator.num_processes > 1:
+            found = {k: v for part in gather_object([found]) for k, v in part.items()}
+        for k, j in found.items():
+            self.item_slot[k] = self.own_slot[j]
+
+    def _batch(self, index: int) -> list[int]:
+        return self._batches[index]
 
     @torch.no_grad()
     def build(self, accelerator, needed: list[int], num_workers: int, pin_memory: bool, progress: bool) -> None:
-        """Encode the missing blocks holding `needed` (all ranks' indices), dealt round-robin to the ranks.
+        """Encode the missing blocks holding `needed` (all ranks' item indices), dealt round-robin to the ranks.
 
         Rank 0 lists what is missing and tells the others (one view of the filesystem for all). A collective:
         every rank calls it; the blocks are all there when it returns.
@@ -84,32 +153,35 @@ class LatentStore:
         from tqdm.auto import tqdm
 
         start = time.perf_counter()
-        wanted = sorted({i // self.block for i in needed})
+        if self.shared:
+            self._resolve(accelerator, needed, num_workers, pin_memory, progress)
+        wanted = sorted({int(self.item_slot[i]) // self.block for i in needed})
         missing = [None]
         if accelerator.is_main_process:
             self.folder.mkdir(parents=True, exist_ok=True)
-            write_json(self.folder / "store.json", {"images": len(self.images), "block": self.block, "chunk": CHUNK,
-                                                    "dtype": STORE_DTYPE.__name__, "source": self.images.identity()[:500]})
+            write_json(self.folder / "store.json", {"images": len(self.images), "unique_images": len(self.members),
+                                                    "block": self.block, "chunk": CHUNK, "dtype": STORE_DTYPE.__name__,
+                                                    "source": self.images.identity()[:500]})
             missing = [[b for b in wanted if not self._block_file(b).is_file()]]
         if accelerator.num_processes > 1:
             broadcast_object_list(missing)
         missing_blocks = missing[0]
         mine = missing_blocks[accelerator.process_index :: accelerator.num_processes]
-        chunks = [c for b in mine
-                  for c in range(b * self.block // CHUNK, math.ceil(min((b + 1) * self.block, len(self.images)) / CHUNK))]
-        decoded = prefetched(self.images, chunks, self._positions, num_workers, pin_memory)
+        slots = len(self.members)
+        chunks = [c for b in mine for c in range(b * self.block // CHUNK, math.ceil(min((b + 1) * self.block, slots) / CHUNK))]
+        decoded = prefetched(self.slot_images, chunks, self._positions, num_workers, pin_memory)
         parts: dict[int, list[np.ndarray]] = {}
         bar = tqdm(total=len(chunks), desc="caching latents", unit="chunk", disable=not progress or not chunks,
                    dynamic_ncols=True)
         for chunk, images in decoded:
             preemption.check()  # finished blocks stay on disk: a requeued job encodes only the rest
             dist = self.vae.encode(images.to(self.device, self.vae.dtype, non_blocking=True)).latent_dist
-            check_finite_posterior(dist, self._positions(chunk), self.images)
+            check_finite_posterior(dist, [self.members[s][0] for s in self._positions(chunk)], self.images)
             pair = torch.stack([dist.mean.float(), dist.std.float()], dim=1).cpu().numpy().astype(STORE_DTYPE)
             block = chunk * CHUNK // self.block
             parts.setdefault(block, []).append(pair)
             bar.update()
-            if sum(len(p) for p in parts[block]) == min(self.block, len(self.images) - block * self.block):
+            if sum(len(p) for p in parts[block]) == min(self.block, slots - block * self.block):
                 with atomic_path(self._block_file(block)) as tmp:
                     with open(tmp, "wb") as f:
                         np.save(f, np.concatenate(parts.pop(block)))
@@ -127,7 +199,9 @@ class LatentStore:
         return self._blocks[block]
 
     def latents(self, indices: list[int], eps: torch.Tensor) -> torch.Tensor:
-        """Scaled latents of `indices` for this step's posterior noise `eps` (as `encode_latents` gives)."""
-        rows = np.stack([self._block(i // self.block)[i % self.block] for i in indices]).astype(np.float32)
+        """Scaled latents of `indices` (items) for this step's posterior noise `eps` (as `encode_latents` gives)."""
+        slots = [int(self.item_slot[i]) for i in indices]
+        assert min(slots) >= 0, "items outside the built range: build() covers every item a run reads"
+        rows = np.stack([self._block(s // self.block)[s % self.block] for s in slots]).astype(np.float32)
         pair = torch.from_numpy(rows).to(self.device)
         return scaled_latents(self.vae, pair[:, 0] + pair[:, 1] * eps.to(self.device))

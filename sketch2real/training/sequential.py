@@ -1,5 +1,6 @@
 """Sequential-class DreamBooth: one category after another, each stage from the previous stage's
-weights, with forgetting measured as a stage x category table of held-out denoising losses."""
+weights (full weights, or the same LoRA adapters continued), with forgetting measured as a stage x category table
+of held-out denoising losses."""
 
 from __future__ import annotations
 
@@ -39,9 +40,6 @@ class SequentialOptions(DreamBoothOptions):
             raise UserError("--stages needs at least one category")
         if not self.shard_dir:
             raise UserError("--shard_dir is required: each stage's instance images and held-out images come from it")
-        if self.lora_rank:  # each stage starts from the previous stage's saved pipeline
-            raise UserError("sequential DreamBooth trains full weights stage after stage: --lora_rank is not supported "
-                            "yet (train LoRA per category with train/dreambooth.py)")
         super().check()
 
 
@@ -101,7 +99,8 @@ def run_sequential(opts: SequentialOptions, accelerator) -> int:
     for index, category in enumerate(stages):
         folder = stage_dir(opts.output_dir, index, category)
         metrics_file = folder / "stage_metrics.json"
-        finished = [metrics_file.is_file() and (folder / "model_index.json").is_file()]
+        saved = folder / ("pytorch_lora_weights.safetensors" if opts.lora_rank else "model_index.json")
+        finished = [metrics_file.is_file() and saved.is_file()]
         if accelerator.num_processes > 1:  # rank 0's view decides for all: the others follow the same path
             broadcast_object_list(finished)
         if finished[0]:
@@ -109,8 +108,12 @@ def run_sequential(opts: SequentialOptions, accelerator) -> int:
             rows.append(json.loads(metrics_file.read_text()))
             previous = str(folder)
             continue
+        # full weights: the stage's base is the previous stage's pipeline; LoRA: the base model, with the adapters
+        # continuing from the previous stage's
+        start = {"initial_lora": opts.initial_lora if index == 0 else previous} if opts.lora_rank else {
+            "pretrained_model_name_or_path": previous}
         stage_opts = dataclasses.replace(
-            opts, pretrained_model_name_or_path=previous, output_dir=str(folder), instance_category=category,
+            opts, **start, output_dir=str(folder), instance_category=category,
             max_train_steps=opts.steps_per_stage, resume_from_checkpoint="latest",
             instance_prompt=opts.instance_prompt.format(category=category_words(category)),
             validation_prompt=[p.format(category=category_words(category)) for p in opts.validation_prompt],

@@ -11,12 +11,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from sketch2real.family import SKETCHY_SIZE, Conditioning, TextEncoders, family_of
-from sketch2real.models import SDComponents, assemble_pipeline, check_model_path, dtype_for, load_sd_components
+from sketch2real.models import (
+    SDComponents,
+    assemble_pipeline,
+    check_model_path,
+    dtype_for,
+    free_device_memory,
+    load_sd_components,
+    load_text_encoders,
+)
 from sketch2real.training.accelerator import (
     cast_denoiser_inputs,
     configure_attention,
@@ -59,6 +68,7 @@ class DiffusionTask:
 
     model: torch.nn.Module
     heldout: HeldOut | None = None
+    frozen_conditions: dict[str, Conditioning] | None = None  # prompt -> conditioning, once the encoders are released
     trainer: str  # the name `Family.trainers` lists where this trainer is built for a family
 
     def __init__(self, opts, accelerator, components: SDComponents | None = None):
@@ -131,12 +141,52 @@ class DiffusionTask:
 
     def condition(self, prompts: list[str], text_encoder=None) -> Conditioning:
         """Prompts -> the UNet's conditioning (`sketch2real.family`). `text_encoder` stands in for the first encoder
-        (one being trained, or with Textual Inversion's rows), or is a (wrapped) `TextEncoders` holding them all."""
+        (one being trained, or with Textual Inversion's rows), or is a (wrapped) `TextEncoders` holding them all.
+        Once the frozen encoders are released, from the cache of their conditionings."""
+        if text_encoder is None and self.frozen_conditions is not None:
+            missing = list(dict.fromkeys(p for p in prompts if p not in self.frozen_conditions))
+            if missing:  # a prompt not encoded before the release (sequential stages' categories)
+                with self.resident_text_encoders(), torch.no_grad():
+                    self.frozen_conditions.update({p: self._encode([p]) for p in missing})
+            return Conditioning.cat([self.frozen_conditions[p] for p in prompts])
+        return self._encode(prompts, text_encoder)
+
+    def _encode(self, prompts: list[str], text_encoder=None) -> Conditioning:
         ids = self.prompt_ids(prompts)
         if text_encoder is not None and isinstance(self.accelerator.unwrap_model(text_encoder), TextEncoders):
             return Conditioning.from_tuple(text_encoder(ids))
         encoders = [text_encoder or self.c.text_encoder, *self.c.text_encoders[1:]]
         return self.family.encode(encoders, ids, self.opts.resolution, SKETCHY_SIZE)
+
+    def release_text_encoders(self, prompts: list[str]) -> None:
+        """Encode `prompts` (each alone) with the frozen text encoders, then free the encoders: T5-XXL alone is 4.7B
+        parameters (9.5 GB in bf16) that training would otherwise hold for nothing. Conditionings then come from this
+        cache; what needs the encoders again (validation images, a new prompt) loads them for that moment, as
+        diffusers' SD3/FLUX scripts reload theirs for validation."""
+        with torch.no_grad():
+            cache = {p: self._encode([p]) for p in dict.fromkeys(prompts)}
+        self.frozen_conditions = cache
+        for name in self.family.text_encoders:
+            setattr(self.c, name, None)
+        free_device_memory()
+
+    @contextmanager
+    def resident_text_encoders(self):
+        """The frozen text encoders on the device in the weight dtype for the block (loaded again if released)."""
+        if self.frozen_conditions is None:
+            yield
+            return
+        o = self.opts
+        with zero3_init_disabled(self.accelerator):
+            for name, encoder in zip(self.family.text_encoders, load_text_encoders(
+                    self.family, o.pretrained_model_name_or_path, o.revision, o.variant)):
+                setattr(self.c, name, encoder.requires_grad_(False).to(self.accelerator.device, self.weight_dtype))
+        try:
+            yield
+        finally:
+            for name in self.family.text_encoders:
+                setattr(self.c, name, None)
+            free_device_memory()
 
     def samples_per_step(self) -> int:
         return sum(stream.sampler.global_batch for stream in self.streams.values()) * self.opts.gradient_accumulation_steps
@@ -172,7 +222,7 @@ class DiffusionTask:
         logs = self.heldout_metrics(model) if self.heldout is not None else {}
         stop_if_preempted()
         if self.opts.num_validation_images:
-            with accelerator.autocast():
+            with accelerator.autocast(), self.resident_text_encoders():
                 rows, images, categories = self.validation_images(model, between=stop_if_preempted)
             if rows:
                 save_mosaic(accelerator, rows, self.opts.resolution, self.opts.output_dir, step)

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from sketch2real.cli import UserError, option
-from sketch2real.family import TextEncoders
+from sketch2real.family import TextEncoders, placeholder_tokens
 from sketch2real.io import atomic_path
 from sketch2real.models import SDComponents
 from sketch2real.sketchy import category_words
@@ -87,11 +87,6 @@ class PlaceholderEmbedding(torch.nn.Module):
         return torch.where(is_new.unsqueeze(-1), new, embedded)
 
 
-def placeholder_tokens(token: str, num_vectors: int) -> list[str]:
-    """diffusers' naming for multi-vector tokens: <t>, <t>_1, <t>_2, ..."""
-    return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
-
-
 def initializer_ids(tokenizer, words: str) -> list[int]:
     """Token ids of the initializer words; each word must be one token of the vocabulary."""
     ids = []
@@ -115,8 +110,12 @@ class TextualInversionTask(DiffusionTask):
         super().__init__(opts, accelerator, components)
         c, device = self.c, accelerator.device
         self.tokens = placeholder_tokens(opts.placeholder_token, opts.num_vectors)
-        # The token goes into every tokenizer and text encoder of the family (SDXL: both), each with its own rows.
-        self.embeddings = [self._add_token(tokenizer, encoder) for tokenizer, encoder in zip(c.tokenizers, c.text_encoders)]
+        # The token goes into the family's embedding encoders (SDXL: both; SD3: both CLIPs; FLUX.1: CLIP-L), each with
+        # its own rows; a T5 reads the token's spelling, frozen.
+        for encoder in c.text_encoders:  # T5 included: frozen, no gradient anywhere but in the new rows
+            encoder.requires_grad_(False)
+        encoders = list(zip(c.tokenizers, c.text_encoders))[: self.family.embedding_encoders]
+        self.embeddings = [self._add_token(tokenizer, encoder) for tokenizer, encoder in encoders]
         c.denoiser.requires_grad_(False).to(device, self.weight_dtype)
         for encoder in c.text_encoders:
             encoder.to(device, self.weight_dtype)
