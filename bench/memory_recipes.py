@@ -8,11 +8,24 @@ activations and temporaries. A GPU adds allocator fragmentation and CUDA context
 measures the real thing when a GPU is at hand.
 
     python bench/memory_recipes.py --size sdxl --resolution 1024     # ~4 min and ~8 GiB RAM on 2 cores
+
+FLUX.1 [dev] (`--size flux`, LoRA r=16 on the trainer's targets, gradient checkpointing, 512 and 1024 px): its 12B
+transformer is 22 GiB in bf16, more than a 24 GiB CPU box holds, and bf16 matmuls on a CPU without native bf16 (AVX2
+only) run at ~1 GFLOP/s, so the step runs on fake tensors (`FakeTensorMode`: real shapes, dtypes and kernel choice, no
+storage, no arithmetic) under the same MemTracker, which then tracks the same bytes as with real tensors (`--real`
+checks it). Parameters are counted on the meta device. The step's memory beyond the frozen weights is measured at full
+width and reduced depth, (double, single) blocks in FLUX_FIT_DEPTHS, fit as a + b_d * double + b_s * single,
+extrapolated to 19 + 38 blocks and, with fake tensors, also measured at full depth (the tables use that measurement; the
+fit shows how close the extrapolation comes).
+
+    python bench/memory_recipes.py --size flux                       # 512 and 1024 px; ~2 min, ~1 GiB RAM
+    python bench/memory_recipes.py --size flux --real --resolution 64 --text_tokens 16 --depths 1,1   # real, ~2 min
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
@@ -24,13 +37,21 @@ def count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _tracker():
-    """MemTracker that does not hook frozen parameters (it tries to, and fails, on tensors without grad)."""
+def _tracker(peak_only: bool = False):
+    """MemTracker that does not hook frozen parameters (it tries to, and fails, on tensors without grad). `peak_only`:
+    keep the global peak only, not every module's (a pass over all modules at every op: quadratic in depth)."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
     class FrozenAware(MemTracker):
         def _track_module_params_and_buffers(self, module, install_grad_hooks=True):  # noqa: ARG002
             return super()._track_module_params_and_buffers(module, install_grad_hooks=False)
+
+        def _update_peak_stats(self, peak_state) -> None:
+            if not peak_only:
+                return super()._update_peak_stats(peak_state)
+            for device, snap in self._curr_mem_snap.items():
+                if self._peak_mem.get(device, 0) < snap["Total"]:
+                    self._peak_mem[device], self._peak_mem_snap[device] = snap["Total"], dict(snap)
 
     return FrozenAware()
 
@@ -95,11 +116,9 @@ def parameter_counts(size: str) -> dict[str, int]:
             "controlnet": count(controlnet)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="sdxl", help="sd15 or sdxl")
-    parser.add_argument("--resolution", type=int, default=1024)
-    args = parser.parse_args()
+def report_sd(args: argparse.Namespace) -> None:
+    """The Stable Diffusion (sd15, sdxl) recipes: one measured UNet LoRA step at `args.resolution` (1024 if not given)."""
+    args.resolution = args.resolution or 1024
     n = parameter_counts(args.size)
     step = measure_step(args.size, args.resolution)
     act = step["step_rest"] - 8 * step["lora_params"]  # activations and temporaries (less the adapters and their grads)
@@ -128,5 +147,205 @@ def main() -> None:
         print(f"| {name} | {states / GIB:.1f} | {frozen_rest / GIB:.1f} | {act / GIB:.1f} | {total / GIB:.1f} | {fits} |")
 
 
+# ---- FLUX.1 [dev] ---------------------------------------------------------------------------------------------------
+# black-forest-labs/FLUX.1-dev's configs: transformer, text_encoder (CLIP-L), text_encoder_2 (T5-XXL encoder), vae
+FLUX_TRANSFORMER = {"patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
+                    "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768,
+                    "guidance_embeds": True, "axes_dims_rope": (16, 56, 56)}
+FLUX_CLIP = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+             "num_attention_heads": 12, "max_position_embeddings": 77, "projection_dim": 768, "hidden_act": "quick_gelu"}
+FLUX_T5 = {"vocab_size": 32128, "d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24,
+           "feed_forward_proj": "gated-gelu", "relative_attention_num_buckets": 32}
+FLUX_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 16, "block_out_channels": (128, 256, 512, 512),
+            "layers_per_block": 2, "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
+            "use_quant_conv": False, "use_post_quant_conv": False}
+FLUX_LORA_RANK = 16
+FLUX_TEXT_TOKENS = 512  # T5 tokens, as FluxFamily.MAX_SEQUENCE_LENGTH
+FLUX_FIT_DEPTHS = ((1, 1), (2, 1), (1, 2), (2, 2))  # (double, single) blocks measured for the depth fit
+GPUS = 8  # the ZeRO-3 recipes' data-parallel size
+CARDS_GB = (24, 40, 80)
+HEADROOM = 2 * GIB  # CUDA context and allocator fragmentation, left free on every card
+
+
+def flux_transformer(double: int, single: int, meta: bool) -> torch.nn.Module:
+    """FLUX.1 [dev]'s transformer at full width with `double` and `single` blocks, set up as the DreamBooth trainer does
+    for LoRA: frozen base in bf16, adapters (r=16, LORA_TARGETS) in fp32, gradient checkpointing on. Random weights, or
+    parameters on the meta device (`meta`)."""
+    from diffusers import FluxTransformer2DModel
+    from peft import LoraConfig
+
+    from sketch2real.training.dreambooth import LORA_TARGETS
+
+    torch.manual_seed(0)
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        torch.set_default_dtype(torch.bfloat16)  # the frozen base built directly in bf16, as training holds it
+        try:
+            model = FluxTransformer2DModel(**{**FLUX_TRANSFORMER, "num_layers": double, "num_single_layers": single})
+        finally:
+            torch.set_default_dtype(torch.float32)
+        model.requires_grad_(False)
+        model.add_adapter(LoraConfig(r=FLUX_LORA_RANK, lora_alpha=FLUX_LORA_RANK, init_lora_weights="gaussian",
+                                     target_modules=LORA_TARGETS))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # adapters in fp32, as the trainer casts them
+    model.enable_gradient_checkpointing()
+    return model.train()
+
+
+def fake_tensors(module: torch.nn.Module) -> torch.nn.Module:
+    """Replace `module`'s (meta) parameters and buffers by CPU tensors of the active `FakeTensorMode`, same shapes,
+    dtypes and requires_grad."""
+    for sub in module.modules():
+        for name, p in list(sub.named_parameters(recurse=False)):
+            setattr(sub, name, torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="cpu"), p.requires_grad))
+        for name, b in list(sub.named_buffers(recurse=False)):
+            setattr(sub, name, torch.empty(b.shape, dtype=b.dtype, device="cpu"))
+    return module
+
+
+def flux_inputs(resolution: int, text_tokens: int) -> dict:
+    """The transformer's arguments for a batch of 1 as `FluxFamily.predict` builds them: the 16-channel latents
+    (resolution / 8) packed 2x2 into (resolution / 16)^2 tokens with their position ids, T5 states of `text_tokens`
+    tokens, CLIP's pooled embedding, t / 1000 and the guidance value, in bf16 as the trainer's encoders give them."""
+    from diffusers import FluxPipeline
+
+    side, width = resolution // 8, FLUX_TRANSFORMER["joint_attention_dim"]
+    noisy = torch.randn(1, 16, side, side, dtype=torch.bfloat16)
+    return {"hidden_states": FluxPipeline._pack_latents(noisy, 1, 16, side, side),
+            "img_ids": FluxPipeline._prepare_latent_image_ids(1, side // 2, side // 2, noisy.device, noisy.dtype),
+            "encoder_hidden_states": torch.randn(1, text_tokens, width, dtype=torch.bfloat16),
+            "txt_ids": torch.zeros(text_tokens, 3, dtype=torch.bfloat16),
+            "pooled_projections": torch.randn(1, FLUX_TRANSFORMER["pooled_projection_dim"], dtype=torch.bfloat16),
+            "timestep": torch.full((1,), 0.5), "guidance": torch.full((1,), 3.5), "return_dict": False}
+
+
+def measure_flux_step(double: int, single: int, resolution: int, text_tokens: int, real: bool) -> dict[str, float]:
+    """Peak tracked bytes of one bf16 LoRA step (forward, loss, backward) of a (double, single)-block FLUX.1
+    transformer; `rest`: the peak beyond the frozen weights (adapters, their gradients, activations, temporaries)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    start = time.perf_counter()
+    model = flux_transformer(double, single, meta=not real)
+    with contextlib.nullcontext() if real else FakeTensorMode():
+        if not real:
+            fake_tensors(model)
+        inputs = flux_inputs(resolution, text_tokens)
+        tracker = _tracker(peak_only=True)
+        tracker.track_external(model)
+        with tracker, torch.autocast("cpu", torch.bfloat16):
+            model(**inputs)[0].float().pow(2).mean().backward()
+    peak = next(iter(tracker.get_tracker_snapshot("peak").values()))["Total"]
+    frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    return {"peak": peak, "rest": peak - frozen, "seconds": time.perf_counter() - start}
+
+
+def fit_depth(rests: dict[tuple[int, int], float]) -> tuple[float, float, float]:
+    """Least-squares (a, b_d, b_s) of rest = a + b_d * double + b_s * single over the measured (double, single) points."""
+    rows = torch.tensor([[1.0, d, s] for d, s in rests], dtype=torch.float64)
+    values = torch.tensor(list(rests.values()), dtype=torch.float64)[:, None]
+    a, b_d, b_s = torch.linalg.lstsq(rows, values).solution.flatten().tolist()
+    return a, b_d, b_s
+
+
+def flux_parameter_counts() -> dict[str, int]:
+    """Exact parameter counts of FLUX.1 [dev]'s parts, built on the meta device: the transformer's frozen base, its
+    LoRA adapters, its largest module (what ZeRO-3 gathers at once), CLIP-L, the T5-XXL encoder and the VAE."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    transformer = flux_transformer(FLUX_TRANSFORMER["num_layers"], FLUX_TRANSFORMER["num_single_layers"], meta=True)
+    with torch.device("meta"):
+        clip = CLIPTextModel(CLIPTextConfig(**FLUX_CLIP))
+        t5 = T5EncoderModel(T5Config(**FLUX_T5))
+        vae = AutoencoderKL(**FLUX_VAE)
+    lora = sum(p.numel() for p in transformer.parameters() if p.requires_grad)
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in transformer.modules())
+    return {"transformer": count(transformer) - lora, "lora": lora, "largest_layer": largest, "clip": count(clip),
+            "t5": count(t5), "vae": count(vae)}
+
+
+def flux_recipes(n: dict[str, int], rest: float) -> dict[str, tuple[float, float]]:
+    """(model states, activations) bytes per GPU of each FLUX.1 recipe, text encoders and VAE aside: the transformer's
+    states from the counts, and the measured step beyond the frozen weights (`rest`) less the fp32 adapters it holds."""
+    base, lora, largest = n["transformer"], n["lora"], n["largest_layer"]
+    act = rest - 4 * lora  # activations and temporaries
+    # trained bytes per parameter: fp32 weight 4 + fp32 grad 4 + AdamW 8 (8-bit AdamW: 2). DeepSpeed ZeRO-3 (bf16)
+    # partitions over the GPUs the 18 bytes of its own estimate (bf16 weight 2, fp32 grad 4, fp32 master 4, Adam 8) and the
+    # frozen bf16 weights (2), and gathers one module at a time (its bf16 weights, and for full training their grads).
+    # Without zero.Init (the trainer loads whole modules: zero3_init_disabled) DeepSpeed moves the whole bf16 module to
+    # every GPU before partitioning it: the setup row.
+    return {
+        "(a) LoRA r=16, 1 GPU, AdamW": (2 * base + 16 * lora, act),
+        "(b) LoRA r=16, 1 GPU, 8-bit AdamW": (2 * base + 10 * lora, act),
+        f"(c) LoRA r=16, ZeRO-3 over {GPUS} GPUs": (2 * base / GPUS + 18 * lora / GPUS + 2 * largest, act),
+        f"(d) full transformer, ZeRO-3 over {GPUS} GPUs": (18 * base / GPUS + 4 * largest, act),
+        "(c), (d) setup: whole bf16 transformer on each GPU before ZeRO-3 partitions it": (2 * base, 0.0),
+    }
+
+
+def smallest_card(total: float) -> str:
+    """The smallest of CARDS_GB (taken as GiB) that holds `total` bytes and HEADROOM."""
+    return next((f"{card} GB" for card in CARDS_GB if total + HEADROOM <= card * GIB), f"> {CARDS_GB[-1]} GB")
+
+
+def report_flux(args: argparse.Namespace) -> None:
+    """FLUX.1 [dev] LoRA recipes: counts, the measured depth points, the fit, and one table per resolution."""
+    n = flux_parameter_counts()
+    depths = [tuple(int(x) for x in d.split(",")) for d in args.depths] if args.depths else FLUX_FIT_DEPTHS
+    full = (FLUX_TRANSFORMER["num_layers"], FLUX_TRANSFORMER["num_single_layers"])
+    kind = "real bf16 tensors, random weights" if args.real else "fake tensors"
+    print(f"FLUX.1 [dev], batch 1, bf16, LoRA r={FLUX_LORA_RANK} on the trainer's LORA_TARGETS, gradient checkpointing: "
+          f"transformer {n['transformer'] / 1e9:.3f}B (bf16 {2 * n['transformer'] / GIB:.1f} GiB), LoRA "
+          f"{n['lora'] / 1e6:.2f}M, largest module {n['largest_layer'] / 1e6:.1f}M, T5-XXL encoder {n['t5'] / 1e9:.3f}B, "
+          f"CLIP-L {n['clip'] / 1e6:.0f}M, VAE {n['vae'] / 1e6:.1f}M parameters; {args.text_tokens} T5 tokens")
+    encoders = {"T5 resident": 2 * (n["t5"] + n["clip"] + n["vae"]), "T5 dropped": 2 * (n["clip"] + n["vae"])}
+    for resolution in [args.resolution] if args.resolution else [512, 1024]:
+        tokens = (resolution // 16) ** 2
+        rests = {}
+        for d, s in depths:
+            step = measure_flux_step(d, s, resolution, args.text_tokens, args.real)
+            rests[d, s] = step["rest"]
+            print(f"{resolution} px ({tokens} + {args.text_tokens} tokens), {d} double + {s} single blocks ({kind}, "
+                  f"{step['seconds']:.0f} s): peak {step['peak'] / GIB:.3f} GiB, beyond the frozen weights "
+                  f"{step['rest'] / GIB:.3f} GiB", flush=True)
+        extrapolated = None
+        if len(rests) >= 3:
+            a, b_d, b_s = fit_depth(rests)
+            extrapolated = a + b_d * full[0] + b_s * full[1]
+            worst = max(abs(a + b_d * d + b_s * s - r) for (d, s), r in rests.items())
+            print(f"fit: rest = {a / GIB:.3f} + {b_d / GIB:.4f} * double + {b_s / GIB:.4f} * single GiB (largest residual "
+                  f"{worst / 2**20:.1f} MiB) -> {extrapolated / GIB:.3f} GiB at {full[0]} + {full[1]} blocks")
+        rest = extrapolated
+        if not args.real:  # the whole depth, too, costs nothing with fake tensors
+            step = measure_flux_step(*full, resolution, args.text_tokens, real=False)
+            rest = step["rest"]
+            print(f"measured at {full[0]} + {full[1]} blocks ({step['seconds']:.0f} s): peak {step['peak'] / GIB:.2f} GiB, "
+                  f"beyond the frozen weights {rest / GIB:.3f} GiB", flush=True)
+        if rest is None:
+            continue  # too few points to extrapolate from
+        print(f"\n{resolution} px | states GiB | activations GiB | + T5, CLIP, VAE | total GiB | fits | + CLIP, VAE "
+              "(T5 dropped) | total GiB | fits |\n|---|---:|---:|---:|---:|---|---:|---:|---|")
+        for name, (states, act) in flux_recipes(n, rest).items():
+            cells = " | ".join(f"{e / GIB:.1f} | {(states + act + e) / GIB:.1f} | {smallest_card(states + act + e)}"
+                               for e in encoders.values())
+            print(f"| {name} | {states / GIB:.1f} | {act / GIB:.1f} | {cells} |")
+        print(flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="sdxl", help="sd15, sdxl or flux (FLUX.1 [dev])")
+    parser.add_argument("--resolution", type=int, default=None, help="px (default: 1024; flux: both 512 and 1024)")
+    parser.add_argument("--text_tokens", type=int, default=FLUX_TEXT_TOKENS, help="flux: T5 tokens of the prompt")
+    parser.add_argument("--depths", nargs="*", default=None, metavar="DOUBLE,SINGLE",
+                        help="flux: the reduced depths measured for the fit (default: 1,1 2,1 1,2 2,2)")
+    parser.add_argument("--real", action="store_true", help="flux: real bf16 tensors with random weights instead of fake "
+                        "ones (full width: ~0.9 GiB of weights per double + single block pair; slow on a CPU without native bf16)")
+    args = parser.parse_args()
+    (report_flux if args.size == "flux" else report_sd)(args)
+
+
 if __name__ == "__main__":
     main()
+
