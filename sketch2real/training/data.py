@@ -192,8 +192,15 @@ class LazyImages:
     def stands_for(self, k: int) -> int:
         """The item whose sample item k reads: k, or where its sample is corrupt (any image of it) the next
         readable one, as `self[k]` substitutes."""
-        item_of = {p: i for i, p in enumerate(self.positions)}
-        return item_of[read_or_substitute(lambda p: (self.samples.read(p), p)[1], self.positions, k)]
+        offset = [0]
+
+        def read(p: int) -> int:  # counts the positions tried: the item is k plus the substitutions skipped
+            offset[0] += 1
+            self.samples.read(p)
+            return p
+
+        read_or_substitute(read, self.positions, k)
+        return (k + offset[0] - 1) % len(self.positions)
 
     def read_alone(self, candidates: list[int]) -> torch.Tensor | None:
         """The first of the `candidates` (items holding one image) whose image decodes, read without its sample's
