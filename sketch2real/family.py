@@ -1,8 +1,9 @@
-"""The one place that knows how model families differ: SD 1.x/2.x, SDXL, SD3 and FLUX.1, entries of `FAMILIES`.
+"""The one place that knows how model families differ: SD 1.x/2.x, SDXL, SD3, FLUX.1 and FLUX.2 [klein], entries of
+`FAMILIES`.
 
 The family is read from the model (`model_index.json`'s pipeline class, or a loaded pipeline's class), never from a
-flag. It says which tokenizers, text encoders and denoiser there are, how prompts become the denoiser's conditioning
-(`Family.encode`), how the denoiser (with a ControlNet) is called (`Family.predict`), which training scheduler (hence
+flag. It says which tokenizers, text encoders, VAE and denoiser there are, how prompts become token inputs and these the
+denoiser's conditioning (`Family.tokenize`, `Family.encode`), which layers LoRA adapts, how the denoiser (with a ControlNet) is called (`Family.predict`), which training scheduler (hence
 objective: denoising or flow matching) and validation sampler it uses, how a Textual Inversion file holds its rows,
 and which diffusers pipeline classes load and generate. Trainers and scripts ask it and never branch on the family
 themselves; a new family is one `FAMILIES` entry (a `Family` subclass where its conditioning or call differs).
@@ -26,7 +27,7 @@ SKETCHY_SIZE = (256, 256)  # every Sketchy photo and sketch (rendered_256x256): 
 @dataclass
 class Conditioning:
     """The denoiser's (and a ControlNet's) text conditioning for a batch: the sequence states, and where the family
-    has them the pooled embedding (SDXL, SD3) and SDXL's micro-conditioning time ids."""
+    has them the pooled embedding (SDXL, SD3, FLUX.1) and SDXL's micro-conditioning time ids."""
 
     states: torch.Tensor
     pooled: torch.Tensor | None = None
@@ -76,6 +77,11 @@ class Family:
     guidance_scale: float = 7.5  # generation's default guidance (classifier-free; FLUX.1 [dev]: the embedded value)
     controlnet_class: str = "ControlNetModel"
     control_image_argument: str = "image"  # what the ControlNet pipeline calls its conditioning image
+    vae_class: str = "AutoencoderKL"
+    lora_layers: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0")  # the denoiser's layers LoRA adapts
+    # its text encoders can be trained whole (--train_text_encoder): every weight they have shapes the conditioning,
+    # but for `unused_last_layer`
+    text_encoder_training: bool = True
 
     def require(self, trainer: str) -> None:
         """One line when `trainer` is not built for this family yet."""
@@ -103,6 +109,23 @@ class Family:
     def max_length(self, tokenizer) -> int:
         """Token ids per prompt for `tokenizer` (CLIP's 77)."""
         return tokenizer.model_max_length
+
+    def tokenize(self, tokenizers: list, prompts: list[str]) -> list[torch.Tensor]:
+        """Prompts -> what `encode` reads: one tensor per tokenizer, the token ids padded as the pipelines pad them."""
+        from sketch2real.training.diffusion import tokenize
+
+        return [tokenize(tokenizer, prompts, self.max_length(tokenizer)) for tokenizer in tokenizers]
+
+    def lora_targets(self, denoiser) -> list[str]:
+        """peft `target_modules` of the denoiser's LoRA adapters (diffusers' scripts' defaults)."""
+        return list(self.lora_layers)
+
+    def lora_file_layers(self, peft_layers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The denoiser's adapter weights (peft's names) as this family's LoRA file names them: diffusers' names
+        (`lora.down`/`lora.up`) for a UNet, as diffusers' SD scripts write them."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        return convert_state_dict_to_diffusers(peft_layers)
 
     def encode(self, text_encoders: list, ids: list[torch.Tensor], resolution: int,
                source_size: tuple[int, int] = SKETCHY_SIZE) -> Conditioning:
@@ -170,6 +193,11 @@ class FlowMatchingFamily(Family):
 
     def generation_kwargs(self, source_size: tuple[int, int] = SKETCHY_SIZE) -> dict:
         return {"max_sequence_length": self.MAX_SEQUENCE_LENGTH}
+
+    def lora_file_layers(self, peft_layers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """peft's names, as diffusers' SD3/FLUX scripts write them (FLUX.2's loader reads no other: converted
+        names of the double blocks' adapters were dropped on loading, without an error)."""
+        return peft_layers
 
     def validation_scheduler(self, training_scheduler):
         from diffusers import FlowMatchEulerDiscreteScheduler
@@ -290,6 +318,57 @@ class FluxFamily(FlowMatchingFamily):
             attention_head_dim=config.attention_head_dim, num_attention_heads=config.num_attention_heads)
 
 
+@dataclass(frozen=True)
+class Flux2KleinFamily(FlowMatchingFamily):
+    """FLUX.2 [klein] (`Flux2Transformer2DModel`, flow matching; 4B/9B): one Qwen3 text encoder, each prompt put through
+    its chat template (no thinking) and read at layers `TEXT_LAYERS`, stacked side by side (no pooled embedding);
+    512 tokens with their attention mask, as `Flux2KleinPipeline` encodes them. Its VAE's latents are normalised by
+    the VAE's batch-norm statistics per channel of 2x2 patches (`training.diffusion.scaled_latents`); here they stay
+    in the VAE's layout, and `predict` patchifies and packs them into a sequence with 4-D (t, h, w, l) position ids.
+    The step-distilled models take no guidance value (`guidance_embeds` false)."""
+
+    MAX_SEQUENCE_LENGTH = 512
+    TEXT_LAYERS = (9, 18, 27)  # the pipeline's `text_encoder_out_layers`
+
+    def tokenize(self, tokenizers: list, prompts: list[str]) -> list[torch.Tensor]:
+        """The chat-templated prompts' ids and attention mask, stacked: [batch, 2, 512] (Qwen's padded positions
+        read the mask)."""
+        (tokenizer,) = tokenizers
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                               add_generation_prompt=True, enable_thinking=False) for prompt in prompts]
+        tokens = tokenizer(texts, padding="max_length", truncation=True, max_length=self.MAX_SEQUENCE_LENGTH,
+                           return_tensors="pt")
+        return [torch.stack([tokens.input_ids, tokens.attention_mask], dim=1)]
+
+    def encode(self, text_encoders: list, ids: list[torch.Tensor], resolution: int,
+               source_size: tuple[int, int] = SKETCHY_SIZE) -> Conditioning:
+        (encoder,), (tokens,) = text_encoders, ids
+        language_model = getattr(encoder, "model", encoder)  # the decoder stack: its LM head's logits are not needed
+        output = language_model(input_ids=tokens[:, 0], attention_mask=tokens[:, 1], output_hidden_states=True,
+                                use_cache=False)
+        return Conditioning(torch.stack([output.hidden_states[k] for k in self.TEXT_LAYERS], dim=2).flatten(2))
+
+    def predict(self, denoiser, noisy, timesteps, text, controlnet=None, control_image=None, guidance=None):
+        from diffusers import Flux2Pipeline
+
+        b, c, h, w = noisy.shape
+        patches = Flux2Pipeline._patchify_latents(noisy)
+        value = None
+        if _config(denoiser).guidance_embeds:  # FLUX.2 [dev]-style guidance distillation
+            value = torch.full((b,), 1.0 if guidance is None else guidance, device=noisy.device)
+        out = denoiser(hidden_states=Flux2Pipeline._pack_latents(patches), encoder_hidden_states=text.states,
+                       timestep=timesteps / 1000, guidance=value,
+                       img_ids=Flux2Pipeline._prepare_latent_ids(patches).to(noisy.device),
+                       txt_ids=Flux2Pipeline._prepare_text_ids(text.states).to(noisy.device), return_dict=False)[0]
+        return Flux2Pipeline._unpatchify_latents(out.transpose(1, 2).reshape(b, 4 * c, h // 2, w // 2))
+
+    def lora_targets(self, denoiser) -> list[str]:
+        """As diffusers' FLUX.2 [klein] script: the double blocks' attention, the single blocks' fused QKV-MLP input
+        and their attention output."""
+        singles = _config(denoiser).num_single_layers
+        return [*self.lora_layers, "to_qkv_mlp_proj", *(f"single_transformer_blocks.{i}.attn.to_out" for i in range(singles))]
+
+
 SD = Family("sd", "StableDiffusionPipeline", "StableDiffusionControlNetPipeline", ("text_encoder",), ("tokenizer",),
             ("CLIPTextModel",), pooled=False, embedding_keys=None, safety_checker=True,
             pipeline_classes=r"StableDiffusion(ControlNet|Img2Img|Inpaint|InstructPix2Pix)?Pipeline")
@@ -314,7 +393,14 @@ FLUX = FluxFamily("flux", "FluxPipeline", "FluxControlNetPipeline", ("text_encod
                   lora_layers_argument="transformer_lora_layers", trainers=("dreambooth", "textual_inversion", "controlnet"),
                   guidance_scale=3.5,
                   pipeline_classes=r"Flux(ControlNet|Img2Img|Inpaint)?Pipeline")
-FAMILIES: dict[str, Family] = {family.name: family for family in (SD, SDXL, SD3, FLUX)}  # the registry: a new family is an entry
+FLUX2_KLEIN = Flux2KleinFamily("flux2-klein", "Flux2KleinPipeline", "", ("text_encoder",), ("tokenizer",),
+                               ("Qwen3ForCausalLM",), pooled=False, embedding_keys=None, safety_checker=False,
+                               tokenizer_classes=("Qwen2TokenizerFast",), denoiser="transformer",
+                               denoiser_class="Flux2Transformer2DModel", vae_class="AutoencoderKLFlux2",
+                               training_scheduler="FlowMatchEulerDiscreteScheduler",
+                               lora_layers_argument="transformer_lora_layers", trainers=("dreambooth",),
+                               guidance_scale=4.0, text_encoder_training=False, pipeline_classes=r"Flux2KleinPipeline")
+FAMILIES: dict[str, Family] = {family.name: family for family in (SD, SDXL, SD3, FLUX, FLUX2_KLEIN)}  # the registry: a new family is an entry
 
 
 def family_of_class(class_name: str, where: str = "") -> Family:

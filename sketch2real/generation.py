@@ -155,7 +155,7 @@ def load_generation_pipeline(model: str, device: torch.device, dtype: torch.dtyp
                              textual_inversion: Sequence[str] = (), lora: str = "", lora_scale: float = 1.0,
                              controlnet: str = "", safety_checker: bool = False, xformers: bool = False,
                              compile_denoiser: bool = False, revision: str | None = None):
-    """A (ControlNet) pipeline of the model's family (SD 1.x/2.x, SDXL, SD3, FLUX.1) with optional TI embeddings and
+    """A (ControlNet) pipeline of the model's family (SD 1.x/2.x, SDXL, SD3, FLUX.1, FLUX.2 [klein]) with optional TI embeddings and
     LoRA fused in."""
     import diffusers
 
@@ -201,8 +201,14 @@ def generate_batch(pipe, batch: list[Item], seed: int, settings: dict, condition
     family = family_of_pipeline(pipe)
     extra = {**family.generation_kwargs(), **({family.control_image_argument: conditioning} if conditioning is not None else {})}
     negative = settings.get("negative_prompt") or None
+    if negative:
+        import inspect
+
+        if "negative_prompt" not in inspect.signature(pipe.__call__).parameters:
+            raise UserError(f"--negative_prompt: {type(pipe).__name__} takes no negative prompt")
+        extra["negative_prompt"] = [negative] * len(batch)
     return pipe(
-        [it.prompt for it in batch], negative_prompt=[negative] * len(batch) if negative else None,
+        prompt=[it.prompt for it in batch],
         height=settings["height"], width=settings["width"], num_inference_steps=settings["num_inference_steps"],
         guidance_scale=settings["guidance_scale"], generator=generators, **extra,
     ).images

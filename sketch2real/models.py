@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,13 +67,15 @@ class SDComponents:
         return [getattr(self, name) for name in self.family.text_encoders]
 
 
-def load_text_encoders(family: Family, name_or_path: str, revision: str | None = None,
-                       variant: str | None = None) -> list:
-    """The family's text encoders of a checkpoint, in `family.text_encoders` order."""
+def load_text_encoders(family: Family, name_or_path: str, revision: str | None = None, variant: str | None = None,
+                       torch_dtype: torch.dtype | None = None, keep_full_precision: Collection[str] = ()) -> list:
+    """The family's text encoders of a checkpoint, in `family.text_encoders` order, in `torch_dtype` (as stored if
+    None) but those named in `keep_full_precision`, loaded in fp32."""
     import transformers
 
     return [load(getattr(transformers, encoder_class), name_or_path, "text encoder", subfolder=encoder,
-                 revision=revision, variant=variant)
+                 revision=revision, variant=variant,
+                 **({} if torch_dtype is None or encoder in keep_full_precision else {"torch_dtype": torch_dtype}))
             for encoder, encoder_class in zip(family.text_encoders, family.text_encoder_classes)]
 
 
@@ -86,26 +89,33 @@ def free_device_memory() -> None:
 
 
 def load_sd_components(name_or_path: str, revision: str | None = None, variant: str | None = None,
-                       vae_name_or_path: str = "") -> SDComponents:
+                       vae_name_or_path: str = "", frozen_dtype: torch.dtype | None = None,
+                       keep_full_precision: Collection[str] = ()) -> SDComponents:
     """Tokenizers, text encoders, VAE, denoiser and the training scheduler from one checkpoint of any family
-    (`vae_name_or_path`: another VAE, e.g. an fp16-safe one for SDXL)."""
+    (`vae_name_or_path`: another VAE, e.g. an fp16-safe one for SDXL).
+
+    `frozen_dtype`: the text encoders and the denoiser are loaded straight in this dtype, but those named in
+    `keep_full_precision` (component names; "denoiser" for the family's), which are loaded in fp32: what trains, or
+    what trained weights start from. A frozen part is then never held in fp32 on the host (FLUX.1's transformer and
+    T5 are 62 GiB in fp32, per process, before a cast)."""
     import diffusers
     import transformers
-    from diffusers import AutoencoderKL
-
     check_model_path(name_or_path)
     family = family_of(name_or_path, revision)
     common = {"revision": revision}
-    parts: dict[str, Any] = dict(zip(family.text_encoders, load_text_encoders(family, name_or_path, revision, variant)))
+    parts: dict[str, Any] = dict(zip(family.text_encoders, load_text_encoders(
+        family, name_or_path, revision, variant, frozen_dtype, keep_full_precision)))
+    denoiser_dtype = {} if frozen_dtype is None or "denoiser" in keep_full_precision else {"torch_dtype": frozen_dtype}
     for tokenizer, tokenizer_class in zip(family.tokenizers, family.tokenizer_classes):
         parts[tokenizer] = load(getattr(transformers, tokenizer_class), name_or_path, "tokenizer", subfolder=tokenizer,
                                 **common)
-    vae = (load(AutoencoderKL, vae_name_or_path, "VAE") if vae_name_or_path
-           else load(AutoencoderKL, name_or_path, "VAE", subfolder="vae", variant=variant, **common))
+    vae_class = getattr(diffusers, family.vae_class)
+    vae = (load(vae_class, vae_name_or_path, "VAE") if vae_name_or_path
+           else load(vae_class, name_or_path, "VAE", subfolder="vae", variant=variant, **common))
     return SDComponents(
         vae=vae, family=family, **parts,
         denoiser=load(getattr(diffusers, family.denoiser_class), name_or_path, family.denoiser, subfolder=family.denoiser,
-                      variant=variant, **common),
+                      variant=variant, **denoiser_dtype, **common),
         noise_scheduler=load(getattr(diffusers, family.training_scheduler), name_or_path, "scheduler",
                              subfolder="scheduler", **common),
     )

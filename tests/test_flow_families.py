@@ -1,5 +1,6 @@
-"""The flow-matching families, read from the model: SD3 (an MM-DiT, three text encoders) and FLUX.1 (packed latents,
-CLIP pooled + T5, guidance embedding), both with a 16-channel VAE with a shift; the same scripts, loop and guarantees
+"""The flow-matching families, read from the model: SD3 (an MM-DiT, three text encoders), FLUX.1 (packed latents,
+CLIP pooled + T5, guidance embedding), both with a 16-channel VAE with a shift, and FLUX.2 [klein] (a chat-templated
+Qwen3 read at three layers, a VAE normalised by batch-norm statistics of 2x2 patches); the same scripts, loop and guarantees
 as SD 1.x and SDXL. The objective is checked against the formulas of diffusers' SD3/FLUX scripts, and the family's
 conditioning and denoiser call against the pipelines' own; DreamBooth runs the bf16 launcher matrix, resumes exactly,
 and its outputs load in plain diffusers."""
@@ -10,6 +11,11 @@ import pytest
 import torch
 
 from .helpers import LAUNCHERS, SHARP_ADAM, assert_agrees_within_bf16, run_matrix_case, run_script, weights
+
+
+def tiny(tiny_models, family: str):
+    """The tiny model of a family (`FAMILIES` name)."""
+    return getattr(tiny_models, family.replace("-", "_"))
 
 
 def db_args(model, shard_dir) -> list:
@@ -31,6 +37,7 @@ def test_training_conditions_and_denoises_as_the_pipeline_generates(family, tiny
     pipe = getattr(diffusers, f.pipeline).from_pretrained(getattr(tiny_models, family))
     prompt = "a sks sketch of a cat"
     ids = [tokenize(getattr(pipe, name), [prompt], f.max_length(getattr(pipe, name))) for name in f.tokenizers]
+    assert all(torch.equal(a, b) for a, b in zip(ids, f.tokenize([getattr(pipe, name) for name in f.tokenizers], [prompt])))
     with torch.no_grad():
         text = f.encode([getattr(pipe, name) for name in f.text_encoders], ids, 64)
         if family == "sd3":
@@ -51,6 +58,35 @@ def test_training_conditions_and_denoises_as_the_pipeline_generates(family, tiny
                        height=64, width=64, **f.generation_kwargs()).images
             out = diffusers.FluxPipeline._unpack_latents(out, 8, 8, 1)
     torch.testing.assert_close(out, noise - velocity)
+
+
+def test_flux2_klein_trains_as_its_pipeline_generates(tiny_models):
+    """FLUX.2 [klein]: `Family.tokenize` + `encode` give `Flux2KleinPipeline.encode_prompt`'s embeddings (chat template,
+    attention mask, layers 9/18/27); the training latents are the pipeline's (the VAE's batch-norm statistics per
+    patch channel); one Euler step from pure noise with `Family.predict`'s velocity is the pipeline's own."""
+    from diffusers import Flux2KleinPipeline, Flux2Pipeline
+
+    from sketch2real.family import FAMILIES
+    from sketch2real.training.diffusion import scaled_latents
+
+    f, prompt = FAMILIES["flux2-klein"], "a sks sketch of a cat"
+    pipe = Flux2KleinPipeline.from_pretrained(tiny_models.flux2_klein)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        text = f.encode([pipe.text_encoder], f.tokenize([pipe.tokenizer], [prompt]), 64)
+        states, _ = pipe.encode_prompt(prompt, **f.generation_kwargs())
+        assert torch.equal(text.states, states)
+
+        image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+        raw = pipe.vae.encode(image).latent_dist.mode()
+        torch.testing.assert_close(Flux2Pipeline._patchify_latents(scaled_latents(pipe.vae, raw)),
+                                   pipe._encode_vae_image(image, generator=None))
+
+        noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        velocity = f.predict(pipe.transformer, noise, torch.tensor([1000.0]), text)
+        out = pipe(prompt=prompt, latents=Flux2Pipeline._patchify_latents(noise), num_inference_steps=1, height=64,
+                   width=64, output_type="latent", **f.generation_kwargs()).images  # step-distilled: no guidance
+    torch.testing.assert_close(scaled_latents(pipe.vae, out), noise - velocity)
 
 
 @pytest.mark.parametrize("scheme", ["logit_normal", "mode", "none", "sigma_sqrt", "cosmap"])
@@ -88,19 +124,20 @@ def test_flow_matching_follows_diffusers_sd3_formulas(tiny_models, scheme):
 FLOW_MATRIX = [*SHARP_ADAM, "--max_train_steps", "2", "--checkpointing_steps", "1", "--validation_steps", "2",
                "--num_validation_images", "1", "--validation_inference_steps", "2", "--num_heldout_samples", "2",
                "--learning_rate", "1e-2", "--weighting_scheme", "logit_normal"]
-FLOW_CASES = [(family, launcher, "lora") for family in ("sd3", "flux") for launcher in LAUNCHERS] + [
+FLOW_CASES = [(family, launcher, "lora") for family in ("sd3", "flux", "flux2-klein") for launcher in LAUNCHERS] + [
     ("sd3", "1", "full"), ("sd3", "zero3", "full")]  # SD3.5 Medium's full fine-tuning
 
 
 @pytest.mark.parametrize("family, launcher, variant", FLOW_CASES)
 def test_flow_dreambooth_bf16(family, launcher, variant, tiny_models, shard_dir, tmp_path, tmp_path_factory):
-    """DreamBooth on a tiny SD3 and FLUX.1: LoRA on every launcher (and SD3's full transformer), fp32 trained weights,
-    2 processes agreeing with 1 as on SD 1.x, outputs that load in the plain diffusers pipeline (+ load_lora_weights)."""
+    """DreamBooth on a tiny SD3, FLUX.1 and FLUX.2 [klein]: LoRA on every launcher (and SD3's full transformer), fp32
+    trained weights, 2 processes agreeing with 1 as on SD 1.x, outputs that load in the plain diffusers pipeline
+    (`load_lora_weights` sets every trained adapter to its saved value)."""
     import diffusers
 
     from sketch2real.family import FAMILIES
 
-    model, pipeline = getattr(tiny_models, family), getattr(diffusers, FAMILIES[family].pipeline)
+    model, pipeline = tiny(tiny_models, family), getattr(diffusers, FAMILIES[family].pipeline)
     extra = ["--lora_rank", "4"] if variant == "lora" else []
     out, one, one_fp32 = run_matrix_case(launcher, f"{family}-{variant}", "train/dreambooth.py",
                                          [*db_args(model, shard_dir), *FLOW_MATRIX, *extra], tmp_path, tmp_path_factory)
@@ -110,11 +147,14 @@ def test_flow_dreambooth_bf16(family, launcher, variant, tiny_models, shard_dir,
     if variant == "lora":
         pipe = pipeline.from_pretrained(model)
         pipe.load_lora_weights(out)
-        a, b, a32 = ({k: v for k, v in weights(run).items() if "lora_B" in k or "lora.up" in k}
+        a, b, a32 = ({k: v for k, v in weights(run).items() if "lora_B" in k}
                      for run in (one, out, one_fp32))
         assert a and {v.dtype for v in b.values()} == {torch.float32} and a.keys() == b.keys()
         assert all(k.startswith("pytorch_lora_weights.safetensors:transformer.") for k in b)
         assert_agrees_within_bf16(a, b, a32, {k: torch.zeros_like(v) for k, v in a.items()})
+        loaded = {f"pytorch_lora_weights.safetensors:transformer.{name.replace('.default_0', '')}": value
+                  for name, value in pipe.transformer.named_parameters() if "lora_B" in name}
+        assert loaded.keys() == b.keys() and all(torch.equal(loaded[k], b[k].to(loaded[k].dtype)) for k in b)
     else:
         pipe = pipeline.from_pretrained(out)
         base = weights(model / "transformer")
@@ -122,12 +162,12 @@ def test_flow_dreambooth_bf16(family, launcher, variant, tiny_models, shard_dir,
         assert {v.dtype for v in trained.values()} == {torch.float32}
         assert_agrees_within_bf16(weights(one / "transformer"), trained, weights(one_fp32 / "transformer"), base)
     pipe.set_progress_bar_config(disable=True)
-    image = pipe("a sks sketch of a cat", height=64, width=64, num_inference_steps=2,
+    image = pipe(prompt="a sks sketch of a cat", height=64, width=64, num_inference_steps=2,
                  **FAMILIES[family].generation_kwargs(), output_type="np").images[0]
     assert image.shape == (64, 64, 3)
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "flux2-klein"])
 def test_flow_resume_continues_exactly_and_two_processes_match_one(family, shard_dir, tmp_path, tiny_models):
     """Killed after a checkpoint and resumed: bit-identical adapters; and 2 DDP processes (fp32) give the 1-process
     adapters (the same global batches, noise and flow-matching timesteps); the LoRA folder generates as a model."""
@@ -135,7 +175,7 @@ def test_flow_resume_continues_exactly_and_two_processes_match_one(family, shard
 
     from .helpers import launch, relative_difference
 
-    args = [*db_args(getattr(tiny_models, family), shard_dir), "--max_train_steps", "4", "--checkpointing_steps", "2",
+    args = [*db_args(tiny(tiny_models, family), shard_dir), "--max_train_steps", "4", "--checkpointing_steps", "2",
             "--lora_rank", "4", "--learning_rate", "1e-2", "--weighting_scheme", "logit_normal", "--validation_steps", "0"]
     straight, resumed, two = tmp_path / "straight", tmp_path / "resumed", tmp_path / "two"
     run_script("train/dreambooth.py", *args, "--output_dir", straight, "--train_batch_size", "2")
@@ -146,7 +186,7 @@ def test_flow_resume_continues_exactly_and_two_processes_match_one(family, shard
     assert "resumed from" in proc.stderr
     a, b = weights(straight), weights(resumed)
     assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k or "lora.up" in k)  # it trained
+    assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)  # it trained
     launch("train/dreambooth.py", *args, "--output_dir", two, "--train_batch_size", "1")
     zeros = {k: torch.zeros_like(v) for k, v in a.items()}
     assert relative_difference(a, weights(two), zeros) < 1e-4
@@ -375,3 +415,50 @@ def test_frozen_text_encoders_are_released_after_encoding_and_come_back_for_vali
     import numpy as np
 
     assert np.array_equal(np.asarray(rows[0][0]), np.asarray(kept[0][0]))
+
+
+class _Loaded(Exception):
+    """Stops a trainer right after its components are loaded."""
+
+
+@pytest.mark.parametrize("trainer, extra, full_precision", [
+    ("dreambooth", {"lora_rank": 4}, set()),
+    ("dreambooth", {}, {"transformer"}),
+    ("controlnet", {}, {"transformer"}),
+    ("textual_inversion", {}, {"text_encoder"}),
+])
+def test_frozen_parts_are_loaded_in_the_weight_dtype_never_in_fp32(trainer, extra, full_precision, tiny_models, shard_dir,
+                                                                    tmp_path, monkeypatch):
+    """A bf16 run loads FLUX.1's frozen parts (T5, and the transformer under LoRA) straight in bf16: as they come out of
+    `from_pretrained`, before any cast, no weight but the model's own keep-in-fp32 modules (T5's `wo`) is fp32. What
+    trains or seeds trained weights is loaded in fp32: the full transformer, the transformer a new ControlNet copies,
+    the CLIP whose rows Textual Inversion extends."""
+    from types import SimpleNamespace
+
+    from sketch2real.training import controlnet, dreambooth, task, textual_inversion
+
+    modules = {"dreambooth": (dreambooth.DreamBoothOptions, dreambooth.DreamBoothTask, {"instance_category": "cat"}),
+               "controlnet": (controlnet.ControlNetOptions, controlnet.ControlNetTask, {}),
+               "textual_inversion": (textual_inversion.TextualInversionOptions, textual_inversion.TextualInversionTask, {})}
+    options, task_class, needed = modules[trainer]
+    loaded = {}
+
+    def load_and_stop(*args, **kwargs):
+        components = load_sd_components(*args, **kwargs)
+        for name in ("transformer", *components.family.text_encoders):
+            model = getattr(components, "denoiser" if name == "transformer" else name)
+            kept = getattr(model, "_keep_in_fp32_modules", None) or []
+            loaded[name] = {p.dtype for n, p in model.named_parameters() if not any(k in n.split(".") for k in kept)}
+        raise _Loaded
+
+    load_sd_components = task.load_sd_components
+    monkeypatch.setattr(task, "load_sd_components", load_and_stop)
+    opts = options(pretrained_model_name_or_path=str(tiny_models.flux), shard_dir=str(shard_dir), output_dir=str(tmp_path),
+                   resolution=64, mixed_precision="bf16", **needed, **extra)
+    accelerator = SimpleNamespace(device=torch.device("cpu"), state=SimpleNamespace(deepspeed_plugin=None),
+                                  num_processes=1, process_index=0, mixed_precision="bf16")
+    with pytest.raises(_Loaded):
+        task_class(opts, accelerator)
+    assert loaded.keys() == {"transformer", "text_encoder", "text_encoder_2"}
+    for name, dtypes in loaded.items():
+        assert dtypes == ({torch.float32} if name in full_precision else {torch.bfloat16}), name

@@ -79,27 +79,31 @@ def test_sequential_lora_continues_the_same_adapters_stage_after_stage(tiny_mode
     assert proc.returncode == 2 and "does not fit" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
-@pytest.mark.parametrize("launcher, family", [(launcher, "sd") for launcher in LAUNCHERS] + [("ddp", "sdxl"), ("1", "sd3")])
-def test_bf16_matrix_and_resume_at_a_stage(launcher, family, tiny_models, shard_dir, tmp_path):
+@pytest.mark.parametrize("launcher, family, lora", [(launcher, "sd", False) for launcher in LAUNCHERS]
+                         + [("ddp", "sdxl", False), ("1", "sd3", False), ("zero2", "flux2-klein", True)])
+def test_bf16_matrix_and_resume_at_a_stage(launcher, family, lora, tiny_models, shard_dir, tmp_path):
     """The process group lives for the whole script: stage 2 runs with 2 processes (it died there before); SDXL and
-    SD3 too."""
+    SD3 too, and LoRA stages (FLUX.2 [klein] under ZeRO-2) whose adapters load in the plain pipeline."""
     import diffusers
 
     from sketch2real.family import FAMILIES
 
     out = tmp_path / "seq"
-    model, pipeline = getattr(tiny_models, family), getattr(diffusers, FAMILIES[family].pipeline)
+    model, pipeline = getattr(tiny_models, family.replace("-", "_")), getattr(diffusers, FAMILIES[family].pipeline)
     args = ["--pretrained_model_name_or_path", model, "--shard_dir", shard_dir, "--stages", "cat,apple",
             "--steps_per_stage", "2", "--resolution", "64", "--learning_rate", "1e-3", "--checkpointing_steps", "1",
             "--validation_steps", "2", "--num_validation_images", "1", "--validation_inference_steps", "2",
             "--report_to", "none", "--instance_prompt", "a {category} in the style of sks", "--num_heldout_samples", "2",
-            "--train_batch_size", "2" if launcher == "1" else "1"]
+            "--train_batch_size", "2" if launcher == "1" else "1", *(["--lora_rank", "4"] if lora else [])]
     train_in(launcher, "train/dreambooth_sequential.py", *args, out=out, run_dir="stage-02-apple")
     report = json.loads((out / "sequential_report.json").read_text())
     assert [r["name"] for r in report["rows"]] == ["base", "1: cat", "2: apple"]
     assert all(v == v for r in report["rows"] for v in r["loss"].values())  # finite held-out losses
     for stage in ("stage-01-cat", "stage-02-apple"):
-        pipeline.from_pretrained(out / stage)
+        if lora:
+            pipeline.from_pretrained(model).load_lora_weights(out / stage)
+        else:
+            pipeline.from_pretrained(out / stage)
         assert (out / stage / "validation" / "step-000002.png").is_file()
     if launcher == "ddp":  # resume at a stage with 2 processes: stage 1 skipped, stage 2 resumed from its checkpoint
         (out / "stage-02-apple" / "stage_metrics.json").unlink()

@@ -2,7 +2,8 @@
 
 No network: the tiny Stable Diffusion uses the real CLIP BPE vocabulary that ships
 inside the open_clip_torch wheel, so prompts tokenize exactly as in SD 1.x.
-BLIP-2 and LLaVA get a small byte-level BPE trained here on a fixed text, SD3's T5 a unigram vocabulary of its words. The
+BLIP-2, LLaVA and FLUX.2 [klein]'s Qwen3 get a small byte-level BPE trained here on a fixed text (Qwen3's with its chat
+template), SD3's T5 a unigram vocabulary of its words. The
 pytorch-fid Inception weight file is randomly initialised but structurally valid.
 
 Every Stable Diffusion here, the trained tiny base's included, is built from one table of shapes, `SD_SIZES`.
@@ -27,6 +28,7 @@ DINOV2_DIRNAME = "tiny-dinov2"
 SDXL_DIRNAME = "tiny-sdxl"
 SD3_DIRNAME = "tiny-sd3"
 FLUX_DIRNAME = "tiny-flux"
+FLUX2_KLEIN_DIRNAME = "tiny-flux2-klein"
 BLIP2_DIRNAME = "tiny-blip2"
 LLAVA_DIRNAME = "tiny-llava"
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -156,6 +158,17 @@ SD_SIZES: dict[str, dict[str, dict]] = {
         "t5": dict(d_model=64, d_ff=64, d_kv=16, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
                    feed_forward_proj="gated-gelu"),
     },
+    # FLUX.2 [klein]: a Qwen3 deep enough for the pipeline's layers 9/18/27 (3 x 16 = 48 wide states), a 4-channel VAE
+    # with batch-norm statistics (8x8 latents at 64 px, 2x2 patches: 16 tokens of 16), step-distilled (no guidance).
+    "tiny_flux2_klein": {
+        "transformer": dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                            num_attention_heads=2, joint_attention_dim=48, timestep_guidance_channels=32,
+                            axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False),
+        "vae": dict(block_out_channels=(8, 16, 16, 16), norm_num_groups=8, sample_size=64, layers_per_block=1,
+                    latent_channels=4, use_quant_conv=False, use_post_quant_conv=False),
+        "qwen3": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=28, num_attention_heads=2,
+                      num_key_value_heads=2, head_dim=8, max_position_embeddings=1024),
+    },
     "tiny_sdxl": {
         "unet": dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -255,6 +268,51 @@ def build_flow_matching(output_dir: str | os.PathLike, size: str, seed: int = 0)
     pipe.save_pretrained(out, safe_serialization=True)
     shutil.rmtree(out / "_vocab")
     return out
+
+
+QWEN3_CHAT_TEMPLATE = (  # Qwen3's template for user turns and the generation prompt, thinking switched off
+    "{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}")
+
+
+def qwen3_tokenizer():
+    """A Qwen2 tokenizer (byte-level BPE trained offline, Qwen's special tokens and Qwen3's chat template)."""
+    from transformers import Qwen2TokenizerFast
+
+    tokens = _caption_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"])
+    tokenizer = Qwen2TokenizerFast(tokenizer_object=tokens, pad_token="<|endoftext|>", eos_token="<|im_end|>",
+                                   unk_token=None, bos_token=None)
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_flux2_klein(output_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Build and save a FLUX.2 [klein] pipeline (`tiny_flux2_klein`: random weights, its VAE's batch-norm statistics
+    drawn away from 0 and 1 so that the normalisation shows) at `output_dir`, no download."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    shapes = SD_SIZES["tiny_flux2_klein"]
+    torch.manual_seed(seed)
+    tokenizer = qwen3_tokenizer()
+    levels = len(shapes["vae"]["block_out_channels"])
+    vae = AutoencoderKLFlux2(down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+                             **shapes["vae"])
+    vae.bn.running_mean.copy_(0.3 * torch.randn_like(vae.bn.running_mean))
+    vae.bn.running_var.copy_(0.5 + torch.rand_like(vae.bn.running_var))
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                                eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
+                                                **shapes["qwen3"]))
+    pipe = Flux2KleinPipeline(
+        transformer=Flux2Transformer2DModel(**shapes["transformer"]), vae=vae, text_encoder=text_encoder,
+        tokenizer=tokenizer, is_distilled=True,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                  base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                  max_image_seq_len=4096))
+    pipe.save_pretrained(output_dir, safe_serialization=True)
+    return Path(output_dir)
 
 
 def build_sd(output_dir: str | os.PathLike, size: str = "tiny", seed: int = 0) -> Path:
@@ -516,6 +574,7 @@ class TinyModels:
     sdxl: Path
     sd3: Path
     flux: Path
+    flux2_klein: Path
     clip: Path
     dinov2: Path
     blip2: Path
@@ -539,6 +598,9 @@ def build_all(output_dir: str | os.PathLike, torch_home: str | os.PathLike | Non
         build_flow_matching(sd3, "tiny_sd3")
     if not (flux / "model_index.json").exists():
         build_flow_matching(flux, "tiny_flux")
+    flux2_klein = out / FLUX2_KLEIN_DIRNAME
+    if not (flux2_klein / "model_index.json").exists():
+        build_flux2_klein(flux2_klein)
     if not (dinov2 / "config.json").exists():
         build_tiny_dinov2(dinov2)
     if not (blip2 / "config.json").exists():
@@ -548,7 +610,7 @@ def build_all(output_dir: str | os.PathLike, torch_home: str | os.PathLike | Non
     home = Path(torch_home) if torch_home else out / "torch_home"
     if not (home / "hub" / "checkpoints" / FID_WEIGHTS_NAME).exists():
         write_fid_inception_weights(home)
-    return TinyModels(sd=sd, sdxl=sdxl, sd3=sd3, flux=flux, clip=clip, dinov2=dinov2, blip2=blip2, llava=llava, torch_home=home)
+    return TinyModels(sd=sd, sdxl=sdxl, sd3=sd3, flux=flux, flux2_klein=flux2_klein, clip=clip, dinov2=dinov2, blip2=blip2, llava=llava, torch_home=home)
 
 
 CSD_DIRNAME = "tiny-csd"

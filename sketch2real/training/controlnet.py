@@ -74,6 +74,9 @@ class ControlNetTask(DiffusionTask):
 
     trainer = "controlnet"
 
+    def full_precision_components(self, family: Family) -> set[str]:
+        return set() if self.opts.controlnet_model_name_or_path else {"denoiser"}  # a new ControlNet copies it
+
     def __init__(self, opts: ControlNetOptions, accelerator, components: SDComponents | None = None):
         import diffusers
 

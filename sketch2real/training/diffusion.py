@@ -49,7 +49,16 @@ def step_noise(
 
 def scaled_latents(vae, raw: torch.Tensor) -> torch.Tensor:
     """Raw VAE latents -> the denoiser's latent space: (z - shift) * scale, the shift being the config's
-    `shift_factor` (SD3/FLUX's 16-channel VAE; none for SD's)."""
+    `shift_factor` (SD3/FLUX.1's 16-channel VAE; none for SD's). FLUX.2's VAE (`AutoencoderKLFlux2`) normalises by
+    its batch-norm running statistics per channel of 2x2 patches instead, as its pipelines do; the result stays in
+    the VAE's layout (the family's `predict` patchifies)."""
+    statistics = getattr(vae, "bn", None)
+    if statistics is not None:
+        from diffusers import Flux2Pipeline
+
+        mean = statistics.running_mean.view(1, -1, 1, 1).to(raw.device, raw.dtype)
+        std = torch.sqrt(statistics.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(raw.device, raw.dtype)
+        return Flux2Pipeline._unpatchify_latents((Flux2Pipeline._patchify_latents(raw) - mean) / std)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (raw - shift) * vae.config.scaling_factor
 

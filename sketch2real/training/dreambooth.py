@@ -21,7 +21,6 @@ from sketch2real.training.preemption import preemption
 from sketch2real.training.task import DiffusionTask, HeldOut
 
 logger = logging.getLogger("sketch2real")
-LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -125,7 +124,7 @@ def ensure_class_images(accelerator, opts: DreamBoothOptions) -> None:
         preemption.check()  # the images written so far are kept: a requeued job generates only the rest
         batch = mine[start : start + opts.sample_batch_size]
         generators = [torch.Generator().manual_seed(derive_seed(opts.seed, "class", opts.class_prompt, j)) for j in batch]
-        images = pipe([opts.class_prompt] * len(batch), height=opts.resolution, width=opts.resolution,
+        images = pipe(prompt=[opts.class_prompt] * len(batch), height=opts.resolution, width=opts.resolution,
                       num_inference_steps=opts.class_inference_steps, generator=generators).images
         for j, image in zip(batch, images):
             with atomic_path(folder / f"class-{j:05d}.png") as tmp:
@@ -141,9 +140,16 @@ class DreamBoothTask(DiffusionTask):
 
     trainer = "dreambooth"
 
+    def full_precision_components(self, family: Family) -> set[str]:
+        opts = self.opts  # LoRA: the whole base is frozen (the adapters are added in fp32)
+        return set() if opts.lora_rank else {"denoiser", *(family.text_encoders if opts.train_text_encoder else ())}
+
     def __init__(self, opts: DreamBoothOptions, accelerator, components: SDComponents | None = None):
         super().__init__(opts, accelerator, components)
         c, device = self.c, accelerator.device
+        if opts.train_text_encoder and not self.family.text_encoder_training:
+            raise UserError(f"--train_text_encoder is not built for {self.family.name} models (its text encoder is read "
+                            "at inner layers: train the denoiser, or LoRA adapters)")
         text_encoders = TextEncoders(self.family, c.text_encoders, opts.resolution)
         text_encoders.requires_grad_(False)
         if opts.train_text_encoder:
@@ -157,7 +163,7 @@ class DreamBoothTask(DiffusionTask):
             with torch.random.fork_rng(devices=[]):  # the adapters' start is a function of --seed, on every launcher
                 torch.manual_seed(derive_seed(opts.seed, "lora-init"))
                 c.denoiser.add_adapter(LoraConfig(r=opts.lora_rank, lora_alpha=opts.lora_alpha or opts.lora_rank,
-                                                  init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+                                                  init_lora_weights="gaussian", target_modules=self.family.lora_targets(c.denoiser)))
             if opts.initial_lora:
                 load_lora_adapters(self.family, c.denoiser, opts.initial_lora)
             cast_training_params(c.denoiser, torch.float32)
@@ -242,13 +248,12 @@ class DreamBoothTask(DiffusionTask):
 
         def write(state: dict[str, torch.Tensor]) -> None:  # the fp32 master weights
             if opts.lora_rank:
-                from diffusers.utils import convert_state_dict_to_diffusers
                 from peft.utils import get_peft_model_state_dict
 
                 denoiser_state = {k[len("denoiser."):]: v for k, v in state.items() if k.startswith("denoiser.")}
                 layers = get_peft_model_state_dict(self.denoiser_of(model), state_dict=denoiser_state)
                 pipeline_class(self.family).save_lora_weights(
-                    out, **{self.family.lora_layers_argument: convert_state_dict_to_diffusers(layers)},
+                    out, **{self.family.lora_layers_argument: self.family.lora_file_layers(layers)},
                     safe_serialization=True)
                 umask_modes(out / "pytorch_lora_weights.safetensors")  # diffusers writes it 0600 through a temp file
             else:

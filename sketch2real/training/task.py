@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sketch2real.family import SKETCHY_SIZE, Conditioning, TextEncoders, family_of
+from sketch2real.family import SKETCHY_SIZE, Conditioning, Family, TextEncoders, family_of
 from sketch2real.models import (
     SDComponents,
     assemble_pipeline,
@@ -33,7 +33,7 @@ from sketch2real.training.accelerator import (
     zero3_init_disabled,
 )
 from sketch2real.training.data import default_num_workers
-from sketch2real.training.diffusion import objective_for, tokenize
+from sketch2real.training.diffusion import objective_for
 from sketch2real.training.preemption import preemption
 from sketch2real.training.stream import DiffusionStream, NoisyBatch, StreamSetup
 from sketch2real.training.validation import generate_rows, heldout_denoising_loss, save_mosaic
@@ -76,12 +76,13 @@ class DiffusionTask:
         # refused in one line before any weight is loaded (a 12B transformer takes minutes)
         if components is None:
             check_model_path(opts.pretrained_model_name_or_path)
-        (components.family if components else family_of(opts.pretrained_model_name_or_path, opts.revision)).require(
-            self.trainer)
+        family = components.family if components else family_of(opts.pretrained_model_name_or_path, opts.revision)
+        family.require(self.trainer)
         self.weight_dtype = dtype_for(accelerator.mixed_precision)
         with zero3_init_disabled(accelerator):
-            self.c = components or load_sd_components(opts.pretrained_model_name_or_path, opts.revision, opts.variant,
-                                                      opts.pretrained_vae_model_name_or_path)
+            self.c = components or load_sd_components(
+                opts.pretrained_model_name_or_path, opts.revision, opts.variant, opts.pretrained_vae_model_name_or_path,
+                frozen_dtype=self.weight_dtype, keep_full_precision=self.full_precision_components(family))
         self.family = self.c.family
         configure_attention(self.c.denoiser, opts, accelerator.device)
         cast_denoiser_inputs(self.c.denoiser)
@@ -96,6 +97,11 @@ class DiffusionTask:
         self.streams: dict[str, DiffusionStream] = {}
 
     # ---- subclasses ---------------------------------------------------------------------------------------------
+    def full_precision_components(self, family: Family) -> set[str]:
+        """Components loaded in fp32 (what trains, or what trained weights are copied from; "denoiser" for the
+        family's); the others are loaded straight in the weight dtype."""
+        return {"denoiser", *family.text_encoders}
+
     def denoiser_of(self, model):
         return self.c.denoiser
 
@@ -136,8 +142,7 @@ class DiffusionTask:
     def prompt_ids(self, prompts: list[str]) -> list[torch.Tensor]:
         """Token ids of the prompts, one tensor per tokenizer of the family."""
         prompts = [self.prompt_transform(p) for p in prompts]
-        return [tokenize(tokenizer, prompts, self.family.max_length(tokenizer)).to(self.accelerator.device)
-                for tokenizer in self.c.tokenizers]
+        return [ids.to(self.accelerator.device) for ids in self.family.tokenize(self.c.tokenizers, prompts)]
 
     def condition(self, prompts: list[str], text_encoder=None) -> Conditioning:
         """Prompts -> the UNet's conditioning (`sketch2real.family`). `text_encoder` stands in for the first encoder
@@ -179,7 +184,7 @@ class DiffusionTask:
         o = self.opts
         with zero3_init_disabled(self.accelerator):
             for name, encoder in zip(self.family.text_encoders, load_text_encoders(
-                    self.family, o.pretrained_model_name_or_path, o.revision, o.variant)):
+                    self.family, o.pretrained_model_name_or_path, o.revision, o.variant, self.weight_dtype)):
                 setattr(self.c, name, encoder.requires_grad_(False).to(self.accelerator.device, self.weight_dtype))
         try:
             yield

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from sketch2real.cli import UserError, option
-from sketch2real.family import TextEncoders, placeholder_tokens
+from sketch2real.family import Family, TextEncoders, placeholder_tokens
 from sketch2real.io import atomic_path
 from sketch2real.models import SDComponents
 from sketch2real.sketchy import category_words
@@ -105,6 +105,9 @@ class TextualInversionTask(DiffusionTask):
     """Textual Inversion's part of the loop."""
 
     trainer = "textual_inversion"
+
+    def full_precision_components(self, family: Family) -> set[str]:
+        return set(family.text_encoders[: family.embedding_encoders])  # the new rows start from their embeddings
 
     def __init__(self, opts: TextualInversionOptions, accelerator, components: SDComponents | None = None):
         super().__init__(opts, accelerator, components)

@@ -62,7 +62,7 @@ def generate_rows(pipeline, prompts: Sequence[str], num_images: int, seed: int, 
     rows = []
     for p, prompt in enumerate(prompts):
         generators = [torch.Generator().manual_seed(derive_seed(seed, "validation", p, i)) for i in range(num_images)]
-        rows.append(pipeline([prompt] * num_images, height=resolution, width=resolution,
+        rows.append(pipeline(prompt=[prompt] * num_images, height=resolution, width=resolution,
                              num_inference_steps=num_inference_steps, generator=generators, **extra).images)
         if between_prompts is not None:
             between_prompts()
