@@ -9,17 +9,20 @@ measures the real thing when a GPU is at hand.
 
     python bench/memory_recipes.py --size sdxl --resolution 1024     # ~4 min and ~8 GiB RAM on 2 cores
 
-FLUX.1 [dev] (`--size flux`, LoRA r=16 on the trainer's targets, gradient checkpointing, 512 and 1024 px): its 12B
+FLUX.1 [dev] (`--size flux`) and FLUX.2 [klein] 4B (`--size klein`), LoRA r=16 on the family's `lora_targets`,
+gradient checkpointing, 512 and 1024 px, the transformer called as the family's `predict` calls it: FLUX.1's 12B
 transformer is 22 GiB in bf16, more than a 24 GiB CPU box holds, and bf16 matmuls on a CPU without native bf16 (AVX2
 only) run at ~1 GFLOP/s, so the step runs on fake tensors (`FakeTensorMode`: real shapes, dtypes and kernel choice, no
 storage, no arithmetic) under the same MemTracker, which then tracks the same bytes as with real tensors (`--real`
 checks it). Parameters are counted on the meta device. The step's memory beyond the frozen weights is measured at full
-width and reduced depth, (double, single) blocks in FLUX_FIT_DEPTHS, fit as a + b_d * double + b_s * single,
-extrapolated to 19 + 38 blocks and, with fake tensors, also measured at full depth (the tables use that measurement; the
-fit shows how close the extrapolation comes).
+width and reduced depth, (double, single) blocks in FIT_DEPTHS, fit as a + b_d * double + b_s * single, extrapolated
+to the full depth (FLUX.1 19 + 38, klein 5 + 20 blocks) and, with fake tensors, also measured at full depth (the tables
+use that measurement; the fit shows how close the extrapolation comes).
 
     python bench/memory_recipes.py --size flux                       # 512 and 1024 px; ~2 min, ~1 GiB RAM
     python bench/memory_recipes.py --size flux --real --resolution 64 --text_tokens 16 --depths 1,1   # real, ~2 min
+    python bench/memory_recipes.py --size klein                      # 512 and 1024 px; ~25 s, ~1 GiB RAM
+    python bench/memory_recipes.py --size klein --real --resolution 64 --text_tokens 16 --depths 1,1  # real, ~30 s
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -61,8 +67,8 @@ def measure_step(size: str, resolution: int) -> dict[str, float]:
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
+    from sketch2real.family import FAMILIES
     from sketch2real.testing.tiny import SD_SIZES
-    from sketch2real.training.dreambooth import LORA_TARGETS
 
     shapes = SD_SIZES[size]["unet"]
     torch.manual_seed(0)
@@ -70,7 +76,8 @@ def measure_step(size: str, resolution: int) -> dict[str, float]:
     unet = UNet2DConditionModel(in_channels=4, out_channels=4, **shapes)
     torch.set_default_dtype(torch.float32)
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    targets = FAMILIES["sdxl" if size == "sdxl" else "sd"].lora_targets(unet)
+    unet.add_adapter(LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian", target_modules=targets))
     for p in unet.parameters():
         if p.requires_grad:
             p.data = p.data.float()  # adapters in fp32, as the trainer casts them
@@ -147,7 +154,7 @@ def report_sd(args: argparse.Namespace) -> None:
         print(f"| {name} | {states / GIB:.1f} | {frozen_rest / GIB:.1f} | {act / GIB:.1f} | {total / GIB:.1f} | {fits} |")
 
 
-# ---- FLUX.1 [dev] ---------------------------------------------------------------------------------------------------
+# ---- flow-matching transformers: FLUX.1 [dev] 12B, FLUX.2 [klein] 4B --------------------------------------------------
 # black-forest-labs/FLUX.1-dev's configs: transformer, text_encoder (CLIP-L), text_encoder_2 (T5-XXL encoder), vae
 FLUX_TRANSFORMER = {"patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
                     "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768,
@@ -159,49 +166,39 @@ FLUX_T5 = {"vocab_size": 32128, "d_model": 4096, "d_ff": 10240, "d_kv": 64, "num
 FLUX_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 16, "block_out_channels": (128, 256, 512, 512),
             "layers_per_block": 2, "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
             "use_quant_conv": False, "use_post_quant_conv": False}
-FLUX_LORA_RANK = 16
-FLUX_TEXT_TOKENS = 512  # T5 tokens, as FluxFamily.MAX_SEQUENCE_LENGTH
-FLUX_FIT_DEPTHS = ((1, 1), (2, 1), (1, 2), (2, 2))  # (double, single) blocks measured for the depth fit
+# black-forest-labs/FLUX.2-klein-4B's configs: transformer, text_encoder (Qwen3-4B); its vae is AutoencoderKLFlux2's defaults
+KLEIN_TRANSFORMER = {"patch_size": 1, "in_channels": 128, "num_layers": 5, "num_single_layers": 20, "attention_head_dim": 128,
+                     "num_attention_heads": 24, "joint_attention_dim": 7680, "timestep_guidance_channels": 256,
+                     "mlp_ratio": 3.0, "axes_dims_rope": (32, 32, 32, 32), "rope_theta": 2000, "guidance_embeds": False}
+KLEIN_QWEN3 = {"vocab_size": 151936, "hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36,
+               "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "tie_word_embeddings": True,
+               "max_position_embeddings": 40960}
+KLEIN_LATENT_CHANNELS = 32  # AutoencoderKLFlux2's latent_channels; `predict` patchifies them 2x2 into the transformer's 128
+LORA_RANK = 16
+FIT_DEPTHS = ((1, 1), (2, 1), (1, 2), (2, 2))  # (double, single) blocks measured for the depth fit
 GPUS = 8  # the ZeRO-3 recipes' data-parallel size
 CARDS_GB = (24, 40, 80)
 HEADROOM = 2 * GIB  # CUDA context and allocator fragmentation, left free on every card
 
 
-def flux_transformer(double: int, single: int, meta: bool) -> torch.nn.Module:
-    """FLUX.1 [dev]'s transformer at full width with `double` and `single` blocks, set up as the DreamBooth trainer does
-    for LoRA: frozen base in bf16, adapters (r=16, LORA_TARGETS) in fp32, gradient checkpointing on. Random weights, or
-    parameters on the meta device (`meta`)."""
-    from diffusers import FluxTransformer2DModel
-    from peft import LoraConfig
+def flux_frozen_parts() -> dict[str, torch.nn.Module]:
+    """FLUX.1 [dev]'s frozen parts beside the transformer, on the meta device (T5, which DreamBooth releases, first)."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from sketch2real.training.dreambooth import LORA_TARGETS
-
-    torch.manual_seed(0)
-    with torch.device("meta") if meta else contextlib.nullcontext():
-        torch.set_default_dtype(torch.bfloat16)  # the frozen base built directly in bf16, as training holds it
-        try:
-            model = FluxTransformer2DModel(**{**FLUX_TRANSFORMER, "num_layers": double, "num_single_layers": single})
-        finally:
-            torch.set_default_dtype(torch.float32)
-        model.requires_grad_(False)
-        model.add_adapter(LoraConfig(r=FLUX_LORA_RANK, lora_alpha=FLUX_LORA_RANK, init_lora_weights="gaussian",
-                                     target_modules=LORA_TARGETS))
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()  # adapters in fp32, as the trainer casts them
-    model.enable_gradient_checkpointing()
-    return model.train()
+    with torch.device("meta"):
+        return {"T5-XXL encoder": T5EncoderModel(T5Config(**FLUX_T5)), "CLIP-L": CLIPTextModel(CLIPTextConfig(**FLUX_CLIP)),
+                "VAE": AutoencoderKL(**FLUX_VAE)}
 
 
-def fake_tensors(module: torch.nn.Module) -> torch.nn.Module:
-    """Replace `module`'s (meta) parameters and buffers by CPU tensors of the active `FakeTensorMode`, same shapes,
-    dtypes and requires_grad."""
-    for sub in module.modules():
-        for name, p in list(sub.named_parameters(recurse=False)):
-            setattr(sub, name, torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="cpu"), p.requires_grad))
-        for name, b in list(sub.named_buffers(recurse=False)):
-            setattr(sub, name, torch.empty(b.shape, dtype=b.dtype, device="cpu"))
-    return module
+def klein_frozen_parts() -> dict[str, torch.nn.Module]:
+    """FLUX.2 [klein] 4B's frozen parts beside the transformer, on the meta device (Qwen3, which DreamBooth releases,
+    first; its LM head is tied to the embedding, counted once)."""
+    from diffusers import AutoencoderKLFlux2
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    with torch.device("meta"):
+        return {"Qwen3-4B": Qwen3ForCausalLM(Qwen3Config(**KLEIN_QWEN3)), "VAE": AutoencoderKLFlux2()}
 
 
 def flux_inputs(resolution: int, text_tokens: int) -> dict:
@@ -220,23 +217,111 @@ def flux_inputs(resolution: int, text_tokens: int) -> dict:
             "timestep": torch.full((1,), 0.5), "guidance": torch.full((1,), 3.5), "return_dict": False}
 
 
-def measure_flux_step(double: int, single: int, resolution: int, text_tokens: int, real: bool) -> dict[str, float]:
-    """Peak tracked bytes of one bf16 LoRA step (forward, loss, backward) of a (double, single)-block FLUX.1
-    transformer; `rest`: the peak beyond the frozen weights (adapters, their gradients, activations, temporaries)."""
+def flux_forward(transformer: torch.nn.Module, resolution: int, text_tokens: int) -> torch.Tensor:
+    """FLUX.1's prediction for a batch of 1 (`flux_inputs`)."""
+    return transformer(**flux_inputs(resolution, text_tokens))[0]
+
+
+def klein_forward(transformer: torch.nn.Module, resolution: int, text_tokens: int) -> torch.Tensor:
+    """FLUX.2 [klein]'s prediction for a batch of 1 through the trainer's own `Flux2KleinFamily.predict` (patchify,
+    pack, latent and text position ids, t / 1000, no guidance): 32-channel latents (resolution / 8), Qwen3's states
+    of layers 9, 18, 27 side by side (`text_tokens` x 7680), in bf16 as the trainer's encoder gives them."""
+    from sketch2real.family import FAMILIES, Conditioning
+
+    side, width = resolution // 8, KLEIN_TRANSFORMER["joint_attention_dim"]
+    noisy = torch.randn(1, KLEIN_LATENT_CHANNELS, side, side, dtype=torch.bfloat16)
+    states = torch.randn(1, text_tokens, width, dtype=torch.bfloat16)
+    return FAMILIES["flux2-klein"].predict(transformer, noisy, torch.full((1,), 500.0), Conditioning(states))
+
+
+@dataclass(frozen=True)
+class FlowModel:
+    """What a `--size` of a flow-matching transformer measures: its transformer (diffusers class and config), its
+    family (LoRA targets, prompt tokens), its other frozen parts and how the trainer calls the transformer."""
+
+    title: str
+    family: str  # the `sketch2real.family.FAMILIES` entry
+    transformer_class: str
+    transformer: dict[str, Any]
+    frozen_parts: Callable[[], dict[str, torch.nn.Module]]  # on the meta device; the first is released by DreamBooth
+    released: str  # the short name of that first part, for the columns
+    forward: Callable[[torch.nn.Module, int, int], torch.Tensor]  # (transformer, resolution, text tokens) -> prediction
+
+    @property
+    def depth(self) -> tuple[int, int]:
+        """The full model's (double, single) blocks."""
+        return self.transformer["num_layers"], self.transformer["num_single_layers"]
+
+    @property
+    def text_tokens(self) -> int:
+        from sketch2real.family import FAMILIES
+
+        return FAMILIES[self.family].MAX_SEQUENCE_LENGTH
+
+
+FLOW_MODELS = {
+    "flux": FlowModel("FLUX.1 [dev]", "flux", "FluxTransformer2DModel", FLUX_TRANSFORMER, flux_frozen_parts, "T5",
+                      flux_forward),
+    "klein": FlowModel("FLUX.2 [klein] 4B", "flux2-klein", "Flux2Transformer2DModel", KLEIN_TRANSFORMER,
+                       klein_frozen_parts, "Qwen3", klein_forward),
+}
+
+
+def flow_transformer(model: FlowModel, double: int, single: int, meta: bool) -> torch.nn.Module:
+    """`model`'s transformer at full width with `double` and `single` blocks, set up as the DreamBooth trainer does
+    for LoRA: frozen base in bf16, adapters (r=16, the family's `lora_targets`) in fp32, gradient checkpointing on.
+    Random weights, or parameters on the meta device (`meta`)."""
+    import diffusers
+    from peft import LoraConfig
+
+    from sketch2real.family import FAMILIES
+
+    torch.manual_seed(0)
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        torch.set_default_dtype(torch.bfloat16)  # the frozen base built directly in bf16, as training holds it
+        try:
+            transformer = getattr(diffusers, model.transformer_class)(
+                **{**model.transformer, "num_layers": double, "num_single_layers": single})
+        finally:
+            torch.set_default_dtype(torch.float32)
+        transformer.requires_grad_(False)
+        transformer.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian",
+                                           target_modules=FAMILIES[model.family].lora_targets(transformer)))
+    for p in transformer.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # adapters in fp32, as the trainer casts them
+    transformer.enable_gradient_checkpointing()
+    return transformer.train()
+
+
+def fake_tensors(module: torch.nn.Module) -> torch.nn.Module:
+    """Replace `module`'s (meta) parameters and buffers by CPU tensors of the active `FakeTensorMode`, same shapes,
+    dtypes and requires_grad."""
+    for sub in module.modules():
+        for name, p in list(sub.named_parameters(recurse=False)):
+            setattr(sub, name, torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="cpu"), p.requires_grad))
+        for name, b in list(sub.named_buffers(recurse=False)):
+            setattr(sub, name, torch.empty(b.shape, dtype=b.dtype, device="cpu"))
+    return module
+
+
+def measure_flow_step(model: FlowModel, double: int, single: int, resolution: int, text_tokens: int,
+                      real: bool) -> dict[str, float]:
+    """Peak tracked bytes of one bf16 LoRA step (forward, loss, backward) of `model`'s transformer with (double,
+    single) blocks; `rest`: the peak beyond the frozen weights (adapters, their gradients, activations, temporaries)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     start = time.perf_counter()
-    model = flux_transformer(double, single, meta=not real)
+    transformer = flow_transformer(model, double, single, meta=not real)
     with contextlib.nullcontext() if real else FakeTensorMode():
         if not real:
-            fake_tensors(model)
-        inputs = flux_inputs(resolution, text_tokens)
+            fake_tensors(transformer)
         tracker = _tracker(peak_only=True)
-        tracker.track_external(model)
+        tracker.track_external(transformer)
         with tracker, torch.autocast("cpu", torch.bfloat16):
-            model(**inputs)[0].float().pow(2).mean().backward()
+            model.forward(transformer, resolution, text_tokens).float().pow(2).mean().backward()
     peak = next(iter(tracker.get_tracker_snapshot("peak").values()))["Total"]
-    frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    frozen = sum(p.numel() * p.element_size() for p in transformer.parameters() if not p.requires_grad)
     return {"peak": peak, "rest": peak - frozen, "seconds": time.perf_counter() - start}
 
 
@@ -248,26 +333,20 @@ def fit_depth(rests: dict[tuple[int, int], float]) -> tuple[float, float, float]
     return a, b_d, b_s
 
 
-def flux_parameter_counts() -> dict[str, int]:
-    """Exact parameter counts of FLUX.1 [dev]'s parts, built on the meta device: the transformer's frozen base, its
-    LoRA adapters, its largest module (what ZeRO-3 gathers at once), CLIP-L, the T5-XXL encoder and the VAE."""
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    transformer = flux_transformer(FLUX_TRANSFORMER["num_layers"], FLUX_TRANSFORMER["num_single_layers"], meta=True)
-    with torch.device("meta"):
-        clip = CLIPTextModel(CLIPTextConfig(**FLUX_CLIP))
-        t5 = T5EncoderModel(T5Config(**FLUX_T5))
-        vae = AutoencoderKL(**FLUX_VAE)
+def flow_parameter_counts(model: FlowModel) -> tuple[dict[str, int], dict[str, int]]:
+    """Exact parameter counts, built on the meta device: the transformer's frozen base, its LoRA adapters and its
+    largest module (what ZeRO-3 gathers at once); and each other frozen part (text encoders, VAE) by name."""
+    transformer = flow_transformer(model, *model.depth, meta=True)
     lora = sum(p.numel() for p in transformer.parameters() if p.requires_grad)
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in transformer.modules())
-    return {"transformer": count(transformer) - lora, "lora": lora, "largest_layer": largest, "clip": count(clip),
-            "t5": count(t5), "vae": count(vae)}
+    parts = {name: count(part) for name, part in model.frozen_parts().items()}
+    return {"transformer": count(transformer) - lora, "lora": lora, "largest_layer": largest}, parts
 
 
-def flux_recipes(n: dict[str, int], rest: float) -> dict[str, tuple[float, float]]:
-    """(model states, activations) bytes per GPU of each FLUX.1 recipe, text encoders and VAE aside: the transformer's
-    states from the counts, and the measured step beyond the frozen weights (`rest`) less the fp32 adapters it holds."""
+def flow_recipes(n: dict[str, int], rest: float) -> dict[str, tuple[float, float]]:
+    """(model states, activations) bytes per GPU of each LoRA / full recipe, text encoders and VAE aside: the
+    transformer's states from the counts, and the measured step beyond the frozen weights (`rest`) less the fp32
+    adapters it holds."""
     base, lora, largest = n["transformer"], n["lora"], n["largest_layer"]
     act = rest - 4 * lora  # activations and temporaries
     # trained bytes per parameter: fp32 weight 4 + fp32 grad 4 + AdamW 8 (8-bit AdamW: 2). DeepSpeed ZeRO-3 (bf16)
@@ -276,9 +355,9 @@ def flux_recipes(n: dict[str, int], rest: float) -> dict[str, tuple[float, float
     # Without zero.Init (the trainer loads whole modules: zero3_init_disabled) DeepSpeed moves the whole bf16 module to
     # every GPU before partitioning it: the setup row.
     return {
-        "(a) LoRA r=16, 1 GPU, AdamW": (2 * base + 16 * lora, act),
-        "(b) LoRA r=16, 1 GPU, 8-bit AdamW": (2 * base + 10 * lora, act),
-        f"(c) LoRA r=16, ZeRO-3 over {GPUS} GPUs": (2 * base / GPUS + 18 * lora / GPUS + 2 * largest, act),
+        f"(a) LoRA r={LORA_RANK}, 1 GPU, AdamW": (2 * base + 16 * lora, act),
+        f"(b) LoRA r={LORA_RANK}, 1 GPU, 8-bit AdamW": (2 * base + 10 * lora, act),
+        f"(c) LoRA r={LORA_RANK}, ZeRO-3 over {GPUS} GPUs": (2 * base / GPUS + 18 * lora / GPUS + 2 * largest, act),
         f"(d) full transformer, ZeRO-3 over {GPUS} GPUs": (18 * base / GPUS + 4 * largest, act),
         "(c), (d) setup: whole bf16 transformer on each GPU before ZeRO-3 partitions it": (2 * base, 0.0),
     }
@@ -289,26 +368,33 @@ def smallest_card(total: float) -> str:
     return next((f"{card} GB" for card in CARDS_GB if total + HEADROOM <= card * GIB), f"> {CARDS_GB[-1]} GB")
 
 
-def report_flux(args: argparse.Namespace) -> None:
-    """FLUX.1 [dev] LoRA recipes: counts, the measured depth points, the fit, and one table per resolution."""
-    n = flux_parameter_counts()
-    depths = [tuple(int(x) for x in d.split(",")) for d in args.depths] if args.depths else FLUX_FIT_DEPTHS
-    full = (FLUX_TRANSFORMER["num_layers"], FLUX_TRANSFORMER["num_single_layers"])
+def _amount(parameters: int) -> str:
+    return f"{parameters / 1e9:.3f}B" if parameters >= 1e9 else f"{parameters / 1e6:.1f}M"
+
+
+def report_flow(args: argparse.Namespace) -> None:
+    """A flow transformer's LoRA recipes (`--size flux` or `klein`): counts, the measured depth points, the fit, and
+    one table per resolution."""
+    model = FLOW_MODELS[args.size]
+    n, parts = flow_parameter_counts(model)
+    depths = [tuple(int(x) for x in d.split(",")) for d in args.depths] if args.depths else FIT_DEPTHS
+    full, tokens_text = model.depth, args.text_tokens or model.text_tokens
     kind = "real bf16 tensors, random weights" if args.real else "fake tensors"
-    print(f"FLUX.1 [dev], batch 1, bf16, LoRA r={FLUX_LORA_RANK} on the trainer's LORA_TARGETS, gradient checkpointing: "
-          f"transformer {n['transformer'] / 1e9:.3f}B (bf16 {2 * n['transformer'] / GIB:.1f} GiB), LoRA "
-          f"{n['lora'] / 1e6:.2f}M, largest module {n['largest_layer'] / 1e6:.1f}M, T5-XXL encoder {n['t5'] / 1e9:.3f}B, "
-          f"CLIP-L {n['clip'] / 1e6:.0f}M, VAE {n['vae'] / 1e6:.1f}M parameters; {args.text_tokens} T5 tokens")
-    encoders = {"T5 resident": 2 * (n["t5"] + n["clip"] + n["vae"]), "T5 dropped": 2 * (n["clip"] + n["vae"])}
+    print(f"{model.title}, batch 1, bf16, LoRA r={LORA_RANK} on the family's lora_targets, gradient checkpointing: "
+          f"transformer {_amount(n['transformer'])} (bf16 {2 * n['transformer'] / GIB:.1f} GiB), LoRA {_amount(n['lora'])}, "
+          f"largest module {_amount(n['largest_layer'])}, " + ", ".join(f"{k} {_amount(v)}" for k, v in parts.items())
+          + f" parameters; {tokens_text} text tokens")
+    kept = list(parts)[1:]  # what stays once the first part (the big text encoder) is released
+    encoders = {f"{model.released} resident": 2 * sum(parts.values()), f"{model.released} released": 2 * sum(parts[k] for k in kept)}
     for resolution in [args.resolution] if args.resolution else [512, 1024]:
         tokens = (resolution // 16) ** 2
         rests = {}
         for d, s in depths:
-            step = measure_flux_step(d, s, resolution, args.text_tokens, args.real)
+            step = measure_flow_step(model, d, s, resolution, tokens_text, args.real)
             rests[d, s] = step["rest"]
-            print(f"{resolution} px ({tokens} + {args.text_tokens} tokens), {d} double + {s} single blocks ({kind}, "
+            print(f"{resolution} px ({tokens} + {tokens_text} tokens), {d} double + {s} single blocks ({kind}, "
                   f"{step['seconds']:.0f} s): peak {step['peak'] / GIB:.3f} GiB, beyond the frozen weights "
-                  f"{step['rest'] / GIB:.3f} GiB", flush=True)
+                  f"{step['rest'] / GIB:.3f} GiB ({step['rest']:.0f} B)", flush=True)
         extrapolated = None
         if len(rests) >= 3:
             a, b_d, b_s = fit_depth(rests)
@@ -318,15 +404,15 @@ def report_flux(args: argparse.Namespace) -> None:
                   f"{worst / 2**20:.1f} MiB) -> {extrapolated / GIB:.3f} GiB at {full[0]} + {full[1]} blocks")
         rest = extrapolated
         if not args.real:  # the whole depth, too, costs nothing with fake tensors
-            step = measure_flux_step(*full, resolution, args.text_tokens, real=False)
+            step = measure_flow_step(model, *full, resolution, tokens_text, real=False)
             rest = step["rest"]
             print(f"measured at {full[0]} + {full[1]} blocks ({step['seconds']:.0f} s): peak {step['peak'] / GIB:.2f} GiB, "
                   f"beyond the frozen weights {rest / GIB:.3f} GiB", flush=True)
         if rest is None:
             continue  # too few points to extrapolate from
-        print(f"\n{resolution} px | states GiB | activations GiB | + T5, CLIP, VAE | total GiB | fits | + CLIP, VAE "
-              "(T5 dropped) | total GiB | fits |\n|---|---:|---:|---:|---:|---|---:|---:|---|")
-        for name, (states, act) in flux_recipes(n, rest).items():
+        print(f"\n{resolution} px | states GiB | activations GiB | + {', '.join(parts)} | total GiB | fits | "
+              f"+ {', '.join(kept)} ({model.released} released) | total GiB | fits |\n|---|---:|---:|---:|---:|---|---:|---:|---|")
+        for name, (states, act) in flow_recipes(n, rest).items():
             cells = " | ".join(f"{e / GIB:.1f} | {(states + act + e) / GIB:.1f} | {smallest_card(states + act + e)}"
                                for e in encoders.values())
             print(f"| {name} | {states / GIB:.1f} | {act / GIB:.1f} | {cells} |")
@@ -335,15 +421,17 @@ def report_flux(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="sdxl", help="sd15, sdxl or flux (FLUX.1 [dev])")
-    parser.add_argument("--resolution", type=int, default=None, help="px (default: 1024; flux: both 512 and 1024)")
-    parser.add_argument("--text_tokens", type=int, default=FLUX_TEXT_TOKENS, help="flux: T5 tokens of the prompt")
+    parser.add_argument("--size", default="sdxl", help="sd15, sdxl, flux (FLUX.1 [dev]) or klein (FLUX.2 [klein] 4B)")
+    parser.add_argument("--resolution", type=int, default=None, help="px (default: 1024; flux, klein: both 512 and 1024)")
+    parser.add_argument("--text_tokens", type=int, default=None,
+                        help="flux, klein: text tokens of the prompt (default: the family's MAX_SEQUENCE_LENGTH, 512)")
     parser.add_argument("--depths", nargs="*", default=None, metavar="DOUBLE,SINGLE",
-                        help="flux: the reduced depths measured for the fit (default: 1,1 2,1 1,2 2,2)")
-    parser.add_argument("--real", action="store_true", help="flux: real bf16 tensors with random weights instead of fake "
-                        "ones (full width: ~0.9 GiB of weights per double + single block pair; slow on a CPU without native bf16)")
+                        help="flux, klein: the reduced depths measured for the fit (default: 1,1 2,1 1,2 2,2)")
+    parser.add_argument("--real", action="store_true", help="flux, klein: real bf16 tensors with random weights instead "
+                        "of fake ones (full width: ~0.9 GiB (flux) or ~0.7 GiB (klein) of weights per double + single block "
+                        "pair; slow on a CPU without native bf16)")
     args = parser.parse_args()
-    (report_flux if args.size == "flux" else report_sd)(args)
+    (report_flow if args.size in FLOW_MODELS else report_sd)(args)
 
 
 if __name__ == "__main__":

@@ -6,18 +6,19 @@ import pytest
 import torch
 
 from sketch2real.cli import UserError
-from sketch2real.family import FAMILIES, SD, SDXL, family_of, family_of_class
+from sketch2real.family import FAMILIES, FLUX2_KLEIN, SD, SDXL, family_of, family_of_class
 
 
 @pytest.mark.parametrize("class_name, family", [
     ("StableDiffusionPipeline", SD), ("StableDiffusionInpaintPipeline", SD), ("StableDiffusionXLPipeline", SDXL),
     ("StableDiffusionXLImg2ImgPipeline", SDXL), ("StableDiffusionXLControlNetPipeline", SDXL),
+    ("Flux2KleinPipeline", FLUX2_KLEIN),
 ])
 def test_pipeline_classes_map_to_their_family(class_name, family):
     assert family_of_class(class_name) is family
 
 
-@pytest.mark.parametrize("class_name", ["QwenImagePipeline", "Flux2KleinPipeline", ""])
+@pytest.mark.parametrize("class_name", ["QwenImagePipeline", "Flux2Pipeline", ""])
 def test_a_model_of_another_family_is_refused_in_one_line_naming_the_supported_ones(tmp_path, class_name):
     """(Before the registry, anything not 'XL' was trained as SD 1.x.)"""
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": class_name}))

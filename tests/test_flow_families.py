@@ -125,7 +125,7 @@ FLOW_MATRIX = [*SHARP_ADAM, "--max_train_steps", "2", "--checkpointing_steps", "
                "--num_validation_images", "1", "--validation_inference_steps", "2", "--num_heldout_samples", "2",
                "--learning_rate", "1e-2", "--weighting_scheme", "logit_normal"]
 FLOW_CASES = [(family, launcher, "lora") for family in ("sd3", "flux", "flux2-klein") for launcher in LAUNCHERS] + [
-    ("sd3", "1", "full"), ("sd3", "zero3", "full")]  # SD3.5 Medium's full fine-tuning
+    ("sd3", "1", "full"), ("sd3", "zero3", "full"), ("flux2-klein", "1", "full")]  # SD3.5 Medium's full fine-tuning
 
 
 @pytest.mark.parametrize("family, launcher, variant", FLOW_CASES)
@@ -462,3 +462,46 @@ def test_frozen_parts_are_loaded_in_the_weight_dtype_never_in_fp32(trainer, extr
     assert loaded.keys() == {"transformer", "text_encoder", "text_encoder_2"}
     for name, dtypes in loaded.items():
         assert dtypes == ({torch.float32} if name in full_precision else {torch.bfloat16}), name
+
+
+@pytest.mark.parametrize("captions", [False, True])
+def test_controlnet_frees_the_text_encoders_when_its_prompts_are_one_per_category(captions, tiny_models, shard_dir,
+                                                                                 tmp_path):
+    """ControlNet's prompts are one per category (and "") unless captions are given: they are encoded once and the
+    encoders freed, T5 included (its conditionings are then the encoders' own); with per-sample captions (75k distinct
+    prompts at full scale) the encoders stay."""
+    import gc
+    import weakref
+    from types import SimpleNamespace
+
+    from sketch2real.family import FAMILIES
+    from sketch2real.models import load_sd_components
+    from sketch2real.training.controlnet import ControlNetOptions, ControlNetTask
+
+    model, f = str(tiny_models.flux), FAMILIES["flux"]
+    file = tmp_path / "captions.jsonl"
+    file.write_text(json.dumps({"key": "no-such-pair", "prompt_id": "0", "caption": "a drawing"}) + "\n")
+    opts = ControlNetOptions(pretrained_model_name_or_path=model, shard_dir=str(shard_dir), output_dir=str(tmp_path),
+                             resolution=64, mixed_precision="bf16", num_heldout_samples=2, proportion_empty_prompts=0.5,
+                             captions=str(file) if captions else "")
+    accelerator = SimpleNamespace(device=torch.device("cpu"), state=SimpleNamespace(deepspeed_plugin=None),
+                                  num_processes=1, process_index=0, mixed_precision="bf16", is_main_process=True,
+                                  unwrap_model=lambda m: m)
+    components = load_sd_components(model)
+    t5 = weakref.ref(components.text_encoder_2)
+    task = ControlNetTask(opts, accelerator, components)
+    gc.collect()
+    if captions:
+        assert t5() is not None
+        return
+    assert t5() is None and all(e is None for e in task.c.text_encoders)
+    prompts = sorted({task.prompt_for(key, category, step) for key, category in zip(task.keys, task.categories)
+                      for step in range(4)})
+    assert "" in prompts and len(prompts) == len(set(task.categories)) + 1
+    assert set(prompts) <= set(task.frozen_conditions)  # every training prompt was encoded before the release
+    encoders = [e.to(torch.bfloat16) for e in load_sd_components(model).text_encoders]
+    with torch.no_grad():
+        for prompt in prompts:
+            expected = f.encode(encoders, f.tokenize(components.tokenizers, [prompt]), 64)
+            got = task.condition([prompt])
+            assert torch.equal(got.states, expected.states) and torch.equal(got.pooled, expected.pooled), prompt

@@ -19,7 +19,8 @@ class Options:
     output_dir: str = option("tiny_models", help="folder that receives tiny-sd/, tiny-blip2/, tiny-llava/")
     torch_home: str = option("", help="TORCH_HOME for the Inception weights (default: OUTPUT_DIR/torch_home)")
     size: str = option("tiny", help="tiny: every tiny model; any other: only a Stable Diffusion of that architecture with "
-                                    "random weights, at OUTPUT_DIR/<size>-random", choices=tuple(SD_SIZES))
+                                    "random weights, at OUTPUT_DIR/<size>-random",
+                      choices=tuple(size for size, parts in SD_SIZES.items() if "unet" in parts))
     pretrain: bool = option(False, help="also train the tiny base on a synthetic Sketchy (~4 min on 2 cores, cached) "
                                         "at OUTPUT_DIR/tiny-sd-trained")
 

@@ -103,6 +103,10 @@ class ControlNetTask(DiffusionTask):
         logger.info("%d sketch/photo pairs", len(self.keys))
         self.pairs = self.stream("pairs", photos)  # the photos are denoised; their sketches are read alongside
         self.heldout = self._heldout()
+        if not self.captions:  # one prompt per category (and ""): encoded once, then the encoders (T5-XXL) are freed
+            prompts = sorted({self.prompt_for("", category) for category in set(self.categories)})
+            self.release_text_encoders(prompts + [""] * bool(opts.proportion_empty_prompts)
+                                       + (self.heldout.prompts if self.heldout is not None else []))
 
     def _captions(self) -> dict[str, str]:
         if not self.opts.captions:
