@@ -352,14 +352,15 @@ def flow_recipes(n: dict[str, int], rest: float) -> dict[str, tuple[float, float
     # trained bytes per parameter: fp32 weight 4 + fp32 grad 4 + AdamW 8 (8-bit AdamW: 2). DeepSpeed ZeRO-3 (bf16)
     # partitions over the GPUs the 18 bytes of its own estimate (bf16 weight 2, fp32 grad 4, fp32 master 4, Adam 8) and the
     # frozen bf16 weights (2), and gathers one module at a time (its bf16 weights, and for full training their grads).
-    # Without zero.Init (the trainer loads whole modules: zero3_init_disabled) DeepSpeed moves the whole bf16 module to
-    # every GPU before partitioning it: the setup row.
+    # The trainer loads whole modules on the host (zero3_init_disabled) and shards them before DeepSpeed sees them,
+    # one parameter at a time (`training.accelerator.partition_before_prepare`): the setup row. Handed whole,
+    # DeepSpeed would move the whole bf16 transformer to every GPU first (2 * base bytes: 22.2 GiB for FLUX.1).
     return {
         f"(a) LoRA r={LORA_RANK}, 1 GPU, AdamW": (2 * base + 16 * lora, act),
         f"(b) LoRA r={LORA_RANK}, 1 GPU, 8-bit AdamW": (2 * base + 10 * lora, act),
         f"(c) LoRA r={LORA_RANK}, ZeRO-3 over {GPUS} GPUs": (2 * base / GPUS + 18 * lora / GPUS + 2 * largest, act),
         f"(d) full transformer, ZeRO-3 over {GPUS} GPUs": (18 * base / GPUS + 4 * largest, act),
-        "(c), (d) setup: whole bf16 transformer on each GPU before ZeRO-3 partitions it": (2 * base, 0.0),
+        "(c), (d) setup: the shards, and one parameter whole at a time": (2 * base / GPUS + 2 * largest, 0.0),
     }
 
 

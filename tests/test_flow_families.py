@@ -10,7 +10,16 @@ import json
 import pytest
 import torch
 
-from .helpers import LAUNCHERS, SHARP_ADAM, assert_agrees_within_bf16, run_matrix_case, run_script, weights
+from .helpers import (
+    DEEPSPEED_CONFIGS,
+    LAUNCHERS,
+    REPO,
+    SHARP_ADAM,
+    assert_agrees_within_bf16,
+    run_matrix_case,
+    run_script,
+    weights,
+)
 
 
 def tiny(tiny_models, family: str):
@@ -505,3 +514,36 @@ def test_controlnet_frees_the_text_encoders_when_its_prompts_are_one_per_categor
             expected = f.encode(encoders, f.tokenize(components.tokenizers, [prompt]), 64)
             got = task.condition([prompt])
             assert torch.equal(got.states, expected.states) and torch.equal(got.pooled, expected.pooled), prompt
+
+
+def test_zero3_gets_a_model_already_sharded_so_no_rank_holds_it_whole(tiny_models, shard_dir, tmp_path):
+    """Under ZeRO-3 the trained model reaches DeepSpeed already sharded, one parameter at a time: when DeepSpeed's
+    engine is handed it, no rank holds any parameter whole (DeepSpeed would move a whole module to each device before
+    partitioning it: FLUX.1's 22 GiB transformer on every GPU at start-up). The run trains on (the matrix tests check
+    what it trains)."""
+    from .helpers import launch
+
+    report = tmp_path / "startup"
+    out = tmp_path / "out"
+    launch("tests/probes/zero3_startup.py", report, REPO / "train/dreambooth.py",
+           *db_args(tiny_models.flux, shard_dir), "--max_train_steps", "1", "--lora_rank", "4", "--validation_steps", "0",
+           "--train_batch_size", "1", "--output_dir", out, deepspeed_config=DEEPSPEED_CONFIGS["zero3"],
+           accelerate_precision=None)
+    ranks = [json.loads((tmp_path / f"startup.rank{r}.json").read_text()) for r in (0, 1)]
+    for seen in ranks:
+        assert seen["elements"] > 0 and seen["partitioned"] == seen["parameters"]
+        assert seen["held_whole"] == 0, seen
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_what_klein_does_not_train_is_refused_in_one_line(tiny_models, shard_dir, tmp_path):
+    """FLUX.2 [klein]: --train_text_encoder (Qwen3 is read at inner layers) and Textual Inversion are refused in one
+    line with exit status 2, before training."""
+    model = tiny_models.flux2_klein
+    proc = run_script("train/dreambooth.py", *db_args(model, shard_dir), "--train_text_encoder", "--output_dir",
+                      tmp_path / "db", check=False)
+    assert proc.returncode == 2 and "--train_text_encoder is not built for flux2-klein" in proc.stderr
+    proc = run_script("train/textual_inversion.py", "--pretrained_model_name_or_path", model, "--shard_dir", shard_dir,
+                      "--resolution", "64", "--output_dir", tmp_path / "ti", check=False)
+    assert proc.returncode == 2 and "textual_inversion is not built for flux2-klein" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout

@@ -259,6 +259,38 @@ def restore_fp32_masters(accelerator, model: torch.nn.Module, values: dict[str, 
             safe_set_full_fp32_param(param, values[name].to(accelerator.device))
 
 
+def partition_before_prepare(accelerator, model: torch.nn.Module) -> None:
+    """Under ZeRO-3, shard `model`'s parameters across the ranks before `prepare`, one parameter at a time.
+
+    DeepSpeed given a whole module first moves all of it to each rank's device, then partitions it: FLUX.1's bf16
+    transformer (22 GiB) on every GPU at start-up, which keeps ZeRO-3 off 24 GB cards though its step needs 5 GiB.
+    Partitioned here (`zero.Init(module=...)`: each parameter moved, broadcast from rank 0, cut to this rank's shard),
+    DeepSpeed takes the module as one built under `zero.Init` and moves nothing whole. Parameters are first cast to
+    the mixed-precision dtype, as DeepSpeed casts them (buffers keep theirs and go to the device, as DeepSpeed moves
+    them); the fp32 masters are restored from the exact starting weights after `prepare` (`restore_fp32_masters`).
+    """
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None or plugin.zero_stage != 3:
+        return
+    import copy
+
+    import deepspeed
+
+    if accelerator.mixed_precision in ("bf16", "fp16"):
+        from sketch2real.models import dtype_for
+
+        for param in model.parameters():
+            param.data = param.data.to(dtype_for(accelerator.mixed_precision))
+    for buffer in model.buffers():
+        buffer.data = buffer.data.to(accelerator.device)
+    config = copy.deepcopy(plugin.deepspeed_config)  # as accelerate hands it to zero.Init: no "auto" batch sizes
+    config["train_micro_batch_size_per_gpu"] = config.get("train_micro_batch_size_per_gpu", 1)
+    config.pop("train_batch_size", None)
+    # F.linear stays torch's: zero.Init would otherwise replace it process-wide (frozen encoders, pipelines)
+    config.setdefault("zero_optimization", {})["memory_efficient_linear"] = False
+    deepspeed.zero.Init(module=model, config_dict_or_path=config)
+
+
 @contextmanager
 def zero3_init_disabled(accelerator) -> Iterator[None]:
     """A context in which `from_pretrained` builds whole modules even under ZeRO-3.

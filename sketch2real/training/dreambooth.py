@@ -159,7 +159,8 @@ class DreamBoothTask(DiffusionTask):
             from diffusers.training_utils import cast_training_params
             from peft import LoraConfig
 
-            c.denoiser.to(device, self.weight_dtype)  # the frozen base in the weight dtype, the adapters in fp32
+            # the frozen base in the weight dtype, the adapters in fp32; `prepare` places it (ZeRO-3: a shard per rank)
+            c.denoiser.to(self.weight_dtype)
             with torch.random.fork_rng(devices=[]):  # the adapters' start is a function of --seed, on every launcher
                 torch.manual_seed(derive_seed(opts.seed, "lora-init"))
                 c.denoiser.add_adapter(LoraConfig(r=opts.lora_rank, lora_alpha=opts.lora_alpha or opts.lora_rank,

@@ -18,7 +18,12 @@ import torch
 
 from sketch2real.cli import as_dict
 from sketch2real.io import write_json
-from sketch2real.training.accelerator import finish_trackers, fp32_trained_weights, restore_fp32_masters
+from sketch2real.training.accelerator import (
+    finish_trackers,
+    fp32_trained_weights,
+    partition_before_prepare,
+    restore_fp32_masters,
+)
 from sketch2real.training.callbacks import Callback, Run, default_callbacks
 from sketch2real.training.checkpoints import load_checkpoint, resolve_resume, run_fingerprint
 from sketch2real.training.preemption import preemption
@@ -91,6 +96,7 @@ def train(task: Task, opts, accelerator, project_name: str, callbacks: list[Call
     lr_scheduler = get_scheduler(opts.lr_scheduler, optimizer, num_warmup_steps=opts.lr_warmup_steps,
                                  num_training_steps=opts.max_train_steps, num_cycles=opts.lr_num_cycles, power=opts.lr_power)
     initial = fp32_trained_weights(task.model)
+    partition_before_prepare(accelerator, task.model)
     model, optimizer = accelerator.prepare(task.model, optimizer)
     restore_fp32_masters(accelerator, model, initial)
     del initial

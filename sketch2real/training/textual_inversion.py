@@ -120,8 +120,8 @@ class TextualInversionTask(DiffusionTask):
         encoders = list(zip(c.tokenizers, c.text_encoders))[: self.family.embedding_encoders]
         self.embeddings = [self._add_token(tokenizer, encoder) for tokenizer, encoder in encoders]
         c.denoiser.requires_grad_(False).to(device, self.weight_dtype)
-        for encoder in c.text_encoders:
-            encoder.to(device, self.weight_dtype)
+        for encoder in c.text_encoders:  # placed by `prepare` (ZeRO-3: a shard per rank, never the whole T5)
+            encoder.to(self.weight_dtype)
             if opts.gradient_checkpointing:
                 encoder.gradient_checkpointing_enable()
         for embedding in self.embeddings:  # the cast above took the trained rows along: they train in fp32
