@@ -189,3 +189,14 @@ def assert_agrees_within_bf16(one: dict, two: dict, one_fp32: dict, base: dict) 
     noise = relative_difference(one_fp32, one, base)
     difference = relative_difference(one, two, base)
     assert difference <= max(0.05, 2 * noise), f"2 processes vs 1: {difference:.4f}; bf16 vs fp32 (1 process): {noise:.4f}"
+
+
+def in_process_accelerator(mixed_precision: str = "bf16"):
+    """What a trainer's task reads of an accelerator, for building tasks in the test process: one CPU process."""
+    from types import SimpleNamespace
+
+    import torch
+
+    return SimpleNamespace(device=torch.device("cpu"), state=SimpleNamespace(deepspeed_plugin=None), num_processes=1,
+                           process_index=0, mixed_precision=mixed_precision, is_main_process=True,
+                           unwrap_model=lambda model: model)

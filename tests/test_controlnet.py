@@ -8,6 +8,7 @@ from .helpers import (
     LAUNCHERS,
     SHARP_ADAM,
     assert_agrees_within_bf16,
+    in_process_accelerator,
     launch,
     relative_difference,
     run_matrix_case,
@@ -129,15 +130,13 @@ def test_bf16_matrix(launcher, cn_args, tmp_path, tmp_path_factory):
 
 def test_controlnet_starts_from_the_full_precision_unet(cn_args, tmp_path):
     """Not from bf16-rounded weights: the frozen UNet is cast only after the ControlNet is copied from it."""
-    from types import SimpleNamespace
 
     from sketch2real.models import load_sd_components
     from sketch2real.training.controlnet import ControlNetOptions, ControlNetTask, init_controlnet
 
     opts = ControlNetOptions(pretrained_model_name_or_path=str(cn_args[1]), shard_dir=str(cn_args[3]), output_dir=str(tmp_path),
                              resolution=64, mixed_precision="bf16", categories=["cat"], num_heldout_samples=0)
-    accelerator = SimpleNamespace(device=torch.device("cpu"), state=SimpleNamespace(deepspeed_plugin=None),
-                                  num_processes=1, process_index=0, mixed_precision="bf16")  # the precision in use
+    accelerator = in_process_accelerator("bf16")  # the precision in use
     task = ControlNetTask(opts, accelerator)
     assert task.c.denoiser.dtype == torch.bfloat16
     expected = init_controlnet(load_sd_components(str(cn_args[1])).denoiser, seed=0).state_dict()

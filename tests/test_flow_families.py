@@ -16,6 +16,7 @@ from .helpers import (
     REPO,
     SHARP_ADAM,
     assert_agrees_within_bf16,
+    in_process_accelerator,
     run_matrix_case,
     run_script,
     weights,
@@ -215,7 +216,6 @@ def test_a_trainer_not_built_for_a_family_says_so_before_loading_weights(tiny_mo
     trainers, gets the one line (not a loading error)."""
     import dataclasses
     import shutil
-    from types import SimpleNamespace
 
     from sketch2real.cli import UserError
     from sketch2real.family import FAMILIES
@@ -227,8 +227,7 @@ def test_a_trainer_not_built_for_a_family_says_so_before_loading_weights(tiny_mo
     monkeypatch.setitem(FAMILIES, "sd3", dataclasses.replace(FAMILIES["sd3"], trainers=("dreambooth",)))
     opts = ControlNetOptions(pretrained_model_name_or_path=str(model), shard_dir=str(shard_dir), output_dir=str(tmp_path),
                              resolution=64)
-    accelerator = SimpleNamespace(device=torch.device("cpu"), state=SimpleNamespace(deepspeed_plugin=None),
-                                  num_processes=1, process_index=0, mixed_precision="no")
+    accelerator = in_process_accelerator("no")
     with pytest.raises(UserError, match="controlnet is not built for sd3 models yet"):
         ControlNetTask(opts, accelerator)
 
@@ -376,7 +375,6 @@ def test_frozen_text_encoders_are_released_after_encoding_and_come_back_for_vali
     loaded for that moment, and validation images (encoders loaded again) equal a pipeline that never released them."""
     import gc
     import weakref
-    from types import SimpleNamespace
 
     from sketch2real.family import FAMILIES
     from sketch2real.models import assemble_pipeline, load_sd_components
@@ -388,9 +386,7 @@ def test_frozen_text_encoders_are_released_after_encoding_and_come_back_for_vali
                              instance_category="cat", instance_prompt="a sks sketch of a cat", resolution=64,
                              mixed_precision="bf16", lora_rank=4, num_heldout_samples=2, num_validation_images=1,
                              validation_inference_steps=2)
-    accelerator = SimpleNamespace(device=torch.device("cpu"), state=SimpleNamespace(deepspeed_plugin=None),
-                                  num_processes=1, process_index=0, mixed_precision="bf16", is_main_process=True,
-                                  unwrap_model=lambda m: m)
+    accelerator = in_process_accelerator("bf16")
     components = load_sd_components(model)
     t5 = weakref.ref(components.text_encoder_2)
     task = DreamBoothTask(opts, accelerator, components)
@@ -442,7 +438,6 @@ def test_frozen_parts_are_loaded_in_the_weight_dtype_never_in_fp32(trainer, extr
     `from_pretrained`, before any cast, no weight but the model's own keep-in-fp32 modules (T5's `wo`) is fp32. What
     trains or seeds trained weights is loaded in fp32: the full transformer, the transformer a new ControlNet copies,
     the CLIP whose rows Textual Inversion extends."""
-    from types import SimpleNamespace
 
     from sketch2real.training import controlnet, dreambooth, task, textual_inversion
 
@@ -464,8 +459,7 @@ def test_frozen_parts_are_loaded_in_the_weight_dtype_never_in_fp32(trainer, extr
     monkeypatch.setattr(task, "load_sd_components", load_and_stop)
     opts = options(pretrained_model_name_or_path=str(tiny_models.flux), shard_dir=str(shard_dir), output_dir=str(tmp_path),
                    resolution=64, mixed_precision="bf16", **needed, **extra)
-    accelerator = SimpleNamespace(device=torch.device("cpu"), state=SimpleNamespace(deepspeed_plugin=None),
-                                  num_processes=1, process_index=0, mixed_precision="bf16")
+    accelerator = in_process_accelerator("bf16")
     with pytest.raises(_Loaded):
         task_class(opts, accelerator)
     assert loaded.keys() == {"transformer", "text_encoder", "text_encoder_2"}
@@ -481,7 +475,6 @@ def test_controlnet_frees_the_text_encoders_when_its_prompts_are_one_per_categor
     prompts at full scale) the encoders stay."""
     import gc
     import weakref
-    from types import SimpleNamespace
 
     from sketch2real.family import FAMILIES
     from sketch2real.models import load_sd_components
@@ -493,9 +486,7 @@ def test_controlnet_frees_the_text_encoders_when_its_prompts_are_one_per_categor
     opts = ControlNetOptions(pretrained_model_name_or_path=model, shard_dir=str(shard_dir), output_dir=str(tmp_path),
                              resolution=64, mixed_precision="bf16", num_heldout_samples=2, proportion_empty_prompts=0.5,
                              captions=str(file) if captions else "")
-    accelerator = SimpleNamespace(device=torch.device("cpu"), state=SimpleNamespace(deepspeed_plugin=None),
-                                  num_processes=1, process_index=0, mixed_precision="bf16", is_main_process=True,
-                                  unwrap_model=lambda m: m)
+    accelerator = in_process_accelerator("bf16")
     components = load_sd_components(model)
     t5 = weakref.ref(components.text_encoder_2)
     task = ControlNetTask(opts, accelerator, components)
