@@ -78,6 +78,9 @@ class Family:
     controlnet_class: str = "ControlNetModel"
     control_image_argument: str = "image"  # what the ControlNet pipeline calls its conditioning image
     vae_class: str = "AutoencoderKL"
+    # the encoder after the `embedding_keys` ones that may also learn Textual Inversion rows (SD3/FLUX.1's T5:
+    # --enable_t5_ti), and its file key
+    optional_embedding_key: str | None = None
     lora_layers: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0")  # the denoiser's layers LoRA adapts
     # its text encoders can be trained whole (--train_text_encoder): every weight they have shapes the conditioning,
     # but for `unused_last_layer`
@@ -92,15 +95,20 @@ class Family:
         counts = {len(self.tokenizers), len(self.tokenizer_classes), len(self.text_encoders), len(self.text_encoder_classes)}
         assert len(counts) == 1, f"{self.name}: one class per tokenizer and text encoder"
 
-    @property
-    def embedding_encoders(self) -> int:
+    def learned_embedding_keys(self, optional: bool = False) -> tuple[str, ...]:
+        """The Textual Inversion file's tensor names, one per encoder that learns rows (the first encoders, in
+        order); `optional`: with the optional one's (T5's "t5", as diffusers' advanced FLUX script names it)."""
+        keys = self.embedding_keys or ()
+        return (*keys, self.optional_embedding_key) if optional and self.optional_embedding_key else keys
+
+    def embedding_encoders(self, optional: bool = False) -> int:
         """How many text encoders, the first ones, learn Textual Inversion rows: one per file tensor (SD3 and FLUX.1:
-        the CLIPs, pivotal-tuning style; T5 reads the token's spelling, frozen)."""
-        return len(self.embedding_keys) if self.embedding_keys else 1
+        the CLIPs, pivotal-tuning style, and T5 if `optional`; else T5 reads the token's spelling, frozen)."""
+        return len(self.learned_embedding_keys(optional)) if self.embedding_keys else 1
 
     def learned_embeds(self, token: str, rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Trained Textual Inversion rows (one tensor per text encoder, in order) as this family's file holds them."""
-        return dict(zip(self.embedding_keys, rows)) if self.embedding_keys else {token: rows[0]}
+        return dict(zip(self.learned_embedding_keys(optional=True), rows)) if self.embedding_keys else {token: rows[0]}
 
     def generation_kwargs(self, source_size: tuple[int, int] = SKETCHY_SIZE) -> dict:
         """Pipeline call arguments matching training's conditioning (SDXL: the sources' original size, uncropped)."""
@@ -380,7 +388,7 @@ SDXL = Family("sdxl", "StableDiffusionXLPipeline", "StableDiffusionXLControlNetP
 SD3 = SD3Family("sd3", "StableDiffusion3Pipeline", "StableDiffusion3ControlNetPipeline",
                 ("text_encoder", "text_encoder_2", "text_encoder_3"), ("tokenizer", "tokenizer_2", "tokenizer_3"),
                 ("CLIPTextModelWithProjection", "CLIPTextModelWithProjection", "T5EncoderModel"), pooled=True,
-                embedding_keys=("clip_l", "clip_g"), safety_checker=False,
+                embedding_keys=("clip_l", "clip_g"), optional_embedding_key="t5", safety_checker=False,
                 tokenizer_classes=("CLIPTokenizer", "CLIPTokenizer", "T5TokenizerFast"), denoiser="transformer",
                 denoiser_class="SD3Transformer2DModel", training_scheduler="FlowMatchEulerDiscreteScheduler",
                 lora_layers_argument="transformer_lora_layers", trainers=("dreambooth", "textual_inversion", "controlnet"),
@@ -388,7 +396,8 @@ SD3 = SD3Family("sd3", "StableDiffusion3Pipeline", "StableDiffusion3ControlNetPi
                 pipeline_classes=r"StableDiffusion3(ControlNet|Img2Img|Inpaint)?Pipeline")
 FLUX = FluxFamily("flux", "FluxPipeline", "FluxControlNetPipeline", ("text_encoder", "text_encoder_2"),
                   ("tokenizer", "tokenizer_2"), ("CLIPTextModel", "T5EncoderModel"), pooled=True, embedding_keys=("clip_l",),
-                  safety_checker=False, tokenizer_classes=("CLIPTokenizer", "T5TokenizerFast"), denoiser="transformer",
+                  optional_embedding_key="t5", safety_checker=False, tokenizer_classes=("CLIPTokenizer", "T5TokenizerFast"),
+                  denoiser="transformer",
                   denoiser_class="FluxTransformer2DModel", training_scheduler="FlowMatchEulerDiscreteScheduler",
                   lora_layers_argument="transformer_lora_layers", trainers=("dreambooth", "textual_inversion", "controlnet"),
                   guidance_scale=3.5,
@@ -497,13 +506,14 @@ def load_textual_inversion(pipe, file: str) -> None:
 
     with safe_open(file, "pt") as f:
         keys, metadata = set(f.keys()), f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in keys & set(family.embedding_keys)}
-    if set(tensors) != set(family.embedding_keys):
+        tensors = {k: f.get_tensor(k) for k in keys & set(family.learned_embedding_keys(optional=True))}
+    if not set(family.embedding_keys) <= set(tensors):
         raise UserError(f"{file} holds {', '.join(sorted(keys)) or 'nothing'}: not a {family.name} embedding (an SD 1.x "
                         f"embedding holds one tensor named by its token); a {family.name} model needs {' and '.join(repr(k) for k in family.embedding_keys)} tensors "
                         "(one per text encoder)")
     token = metadata.get("token") or Path(file).stem
-    for key, encoder, tokenizer in zip(family.embedding_keys, family.text_encoders, family.tokenizers):
+    learned = family.learned_embedding_keys(optional=family.optional_embedding_key in tensors)  # T5's rows, if any
+    for key, encoder, tokenizer in zip(learned, family.text_encoders, family.tokenizers):
         if hasattr(pipe, "load_textual_inversion"):
             pipe.load_textual_inversion(tensors[key], token=token, text_encoder=getattr(pipe, encoder),
                                         tokenizer=getattr(pipe, tokenizer))

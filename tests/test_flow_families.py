@@ -315,19 +315,22 @@ def test_flow_controlnet_bf16_two_processes_agree_and_it_generates_from_sketches
     assert rows and all((gen / r["image"]).is_file() and r["controlnet"] == str(out) for r in rows)
 
 
-@pytest.mark.parametrize("family, launcher", [("sd3", "zero3"), ("flux", "ddp")])
-def test_flow_textual_inversion_trains_clip_rows_in_fp32_and_loads(family, launcher, tiny_models, shard_dir, tmp_path,
+@pytest.mark.parametrize("family, launcher, t5", [("sd3", "zero3", False), ("flux", "ddp", True)])
+def test_flow_textual_inversion_trains_clip_rows_in_fp32_and_loads(family, launcher, t5, tiny_models, shard_dir, tmp_path,
                                                                   tmp_path_factory):
-    """Pivotal embeddings: the token gets fp32 rows in each CLIP encoder (SD3: clip_l and clip_g; FLUX.1: clip_l) and
-    none in T5; 2 processes agree with 1; the saved pipeline is the base plus those rows, bit for bit, and the file
-    loads into a plain pipeline through `load_textual_inversion` and changes its images."""
+    """Pivotal embeddings: the token gets fp32 rows in each CLIP encoder (SD3: clip_l and clip_g; FLUX.1: clip_l) and,
+    with --enable_t5_ti, in T5 (whose 28 rows no token reaches are dropped first, as diffusers' loader drops them);
+    2 processes agree with 1; the saved pipeline is the base plus those rows, bit for bit, and the file loads into a
+    plain pipeline through `load_textual_inversion` and changes its images."""
     import diffusers
     from safetensors.torch import load_file
 
     from sketch2real.family import FAMILIES, load_textual_inversion
+    from sketch2real.training.textual_inversion import initializer_ids
 
     f, model = FAMILIES[family], getattr(tiny_models, family)
-    args = ["--pretrained_model_name_or_path", model, "--shard_dir", shard_dir, "--resolution", "64", "--categories",
+    keys, learning = f.learned_embedding_keys(t5), f.embedding_encoders(t5)
+    args = [*(["--enable_t5_ti"] if t5 else []), "--pretrained_model_name_or_path", model, "--shard_dir", shard_dir, "--resolution", "64", "--categories",
             "cat", "--learning_rate", "5e-2", "--max_train_steps", "2", *SHARP_ADAM, "--validation_steps", "2",
             "--num_validation_images", "1", "--validation_inference_steps", "2", "--num_heldout_samples", "2",
             "--checkpointing_steps", "0", "--report_to", "none", "--save_as_full_pipeline"]
@@ -336,28 +339,29 @@ def test_flow_textual_inversion_trains_clip_rows_in_fp32_and_loads(family, launc
     embeds = load_file(out / "learned_embeds.safetensors")
     pipeline = getattr(diffusers, f.pipeline)
     base = pipeline.from_pretrained(model)
-    encoders = [getattr(base, name) for name in f.text_encoders[: f.embedding_encoders]]
-    assert sorted(embeds) == sorted(f.embedding_keys)
-    assert [tuple(embeds[k].shape) for k in f.embedding_keys] == [(1, e.config.hidden_size) for e in encoders]
+    encoders = [getattr(base, name) for name in f.text_encoders[:learning]]
+    assert sorted(embeds) == sorted(keys)
+    assert [tuple(embeds[k].shape) for k in keys] == [(1, e.get_input_embeddings().embedding_dim) for e in encoders]
     assert {v.dtype for v in embeds.values()} == {torch.float32}
     starts = {}
-    for key, name, encoder in zip(f.embedding_keys, f.tokenizers, encoders):
-        sketch_id = getattr(base, name).convert_tokens_to_ids("sketch</w>")
+    for key, name, encoder in zip(keys, f.tokenizers, encoders):
+        sketch_id = initializer_ids(getattr(base, name), "sketch")[0]
         starts[key] = encoder.get_input_embeddings().weight[sketch_id][None].detach()
-    rows = [{k: load_file(run / "learned_embeds.safetensors")[k] for k in f.embedding_keys} for run in (one, out, one_fp32)]
+    rows = [{k: load_file(run / "learned_embeds.safetensors")[k] for k in keys} for run in (one, out, one_fp32)]
     assert_agrees_within_bf16(*rows, starts)
 
     full = pipeline.from_pretrained(out)
-    for name in f.text_encoders:  # the CLIPs: one row appended, the trained one; T5 and the rest: the base's
+    for name in f.text_encoders:  # the learning encoders: their reachable rows and the trained one; the rest: the base's
         a, b = getattr(base, name).state_dict(), getattr(full, name).state_dict()
         for key, tensor in a.items():
             if b[key].shape != tensor.shape:
-                assert name in f.text_encoders[: f.embedding_encoders] and torch.equal(b[key][:-1], tensor)
-                assert torch.equal(b[key][-1], embeds[f.embedding_keys[f.text_encoders.index(name)]][0])
+                reachable = len(getattr(base, f.tokenizers[f.text_encoders.index(name)]))
+                assert name in f.text_encoders[:learning] and torch.equal(b[key][:-1], tensor[:reachable])
+                assert torch.equal(b[key][-1], embeds[keys[f.text_encoders.index(name)]][0])
             else:
                 assert torch.equal(b[key], tensor), (name, key)
-    for i, name in enumerate(f.tokenizers):  # the token in the CLIP tokenizers only
-        assert len(getattr(full, name)) == len(getattr(base, name)) + (i < f.embedding_encoders), name
+    for i, name in enumerate(f.tokenizers):  # the token in the learning encoders' tokenizers only
+        assert len(getattr(full, name)) == len(getattr(base, name)) + (i < learning), name
 
     trained = pipeline.from_pretrained(model)
     load_textual_inversion(trained, str(out / "learned_embeds.safetensors"))
@@ -527,9 +531,9 @@ def test_zero3_gets_a_model_already_sharded_so_no_rank_holds_it_whole(tiny_model
     assert (out / "pytorch_lora_weights.safetensors").is_file()
 
 
-def test_what_klein_does_not_train_is_refused_in_one_line(tiny_models, shard_dir, tmp_path):
-    """FLUX.2 [klein]: --train_text_encoder (Qwen3 is read at inner layers) and Textual Inversion are refused in one
-    line with exit status 2, before training."""
+def test_what_a_family_does_not_have_is_refused_in_one_line(tiny_models, shard_dir, tmp_path):
+    """FLUX.2 [klein]: --train_text_encoder (Qwen3 is read at inner layers) and Textual Inversion; SD 1.x:
+    --enable_t5_ti. Refused in one line with exit status 2, before training."""
     model = tiny_models.flux2_klein
     proc = run_script("train/dreambooth.py", *db_args(model, shard_dir), "--train_text_encoder", "--output_dir",
                       tmp_path / "db", check=False)
@@ -538,3 +542,6 @@ def test_what_klein_does_not_train_is_refused_in_one_line(tiny_models, shard_dir
                       "--resolution", "64", "--output_dir", tmp_path / "ti", check=False)
     assert proc.returncode == 2 and "textual_inversion is not built for flux2-klein" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
+    proc = run_script("train/textual_inversion.py", "--pretrained_model_name_or_path", tiny_models.sd, "--shard_dir",
+                      shard_dir, "--resolution", "64", "--enable_t5_ti", "--output_dir", tmp_path / "ti-sd", check=False)
+    assert proc.returncode == 2 and "--enable_t5_ti: a sd model has no T5 encoder" in proc.stderr

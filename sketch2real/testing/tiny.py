@@ -226,10 +226,11 @@ def t5_tokenizer():
 
 
 def build_t5(size: str, tokenizer):
-    """The `SD_SIZES[size]` T5 encoder for `tokenizer` (random weights)."""
+    """The `SD_SIZES[size]` T5 encoder for `tokenizer` (random weights), with 28 embedding rows no token reaches, as
+    T5 v1.1 has (32,128 rows for 32,100 tokens)."""
     from transformers import T5Config, T5EncoderModel
 
-    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer) + 28, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
                                    **SD_SIZES[size]["t5"]))
 
 

@@ -140,6 +140,11 @@ class DreamBoothTask(DiffusionTask):
 
     trainer = "dreambooth"
 
+    def refuse(self, family: Family) -> None:
+        if self.opts.train_text_encoder and not family.text_encoder_training:
+            raise UserError(f"--train_text_encoder is not built for {family.name} models (its text encoder is read "
+                            "at inner layers: train the denoiser, or LoRA adapters)")
+
     def full_precision_components(self, family: Family) -> set[str]:
         opts = self.opts  # LoRA: the whole base is frozen (the adapters are added in fp32)
         return set() if opts.lora_rank else {"denoiser", *(family.text_encoders if opts.train_text_encoder else ())}
@@ -147,9 +152,6 @@ class DreamBoothTask(DiffusionTask):
     def __init__(self, opts: DreamBoothOptions, accelerator, components: SDComponents | None = None):
         super().__init__(opts, accelerator, components)
         c, device = self.c, accelerator.device
-        if opts.train_text_encoder and not self.family.text_encoder_training:
-            raise UserError(f"--train_text_encoder is not built for {self.family.name} models (its text encoder is read "
-                            "at inner layers: train the denoiser, or LoRA adapters)")
         text_encoders = TextEncoders(self.family, c.text_encoders, opts.resolution)
         text_encoders.requires_grad_(False)
         if opts.train_text_encoder:

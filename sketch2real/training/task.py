@@ -78,6 +78,7 @@ class DiffusionTask:
             check_model_path(opts.pretrained_model_name_or_path)
         family = components.family if components else family_of(opts.pretrained_model_name_or_path, opts.revision)
         family.require(self.trainer)
+        self.refuse(family)
         self.weight_dtype = dtype_for(accelerator.mixed_precision)
         with zero3_init_disabled(accelerator):
             self.c = components or load_sd_components(
@@ -97,6 +98,9 @@ class DiffusionTask:
         self.streams: dict[str, DiffusionStream] = {}
 
     # ---- subclasses ---------------------------------------------------------------------------------------------
+    def refuse(self, family: Family) -> None:
+        """One line (a `UserError`) for what these options ask that `family` does not have, before any weight loads."""
+
     def full_precision_components(self, family: Family) -> set[str]:
         """Components loaded in fp32 (what trains, or what trained weights are copied from; "denoiser" for the
         family's); the others are loaded straight in the weight dtype."""

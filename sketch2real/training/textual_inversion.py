@@ -58,6 +58,8 @@ class TextualInversionOptions(TrainOptions):
     train_data_dir: str = option("", help="a folder of training images instead of shards")
     num_instance_images: int = option(0, help="seeded choice of this many training images (0: all)", min=0)
     save_as_full_pipeline: bool = option(False, help="also save a full diffusers pipeline with the token added")
+    enable_t5_ti: bool = option(False, help="also learn the token's rows in T5 (SD3, FLUX.1: the file's 't5' tensor, as "
+                                            "diffusers' advanced FLUX script); without it T5 reads the token's spelling")
     learning_rate: float = option(5e-4, help="initial learning rate (after warmup)", min_exclusive=0)
     adam_weight_decay: float = option(0.0, help="AdamW weight decay (0: keeps the embedding's norm)", min=0)
 
@@ -106,18 +108,23 @@ class TextualInversionTask(DiffusionTask):
 
     trainer = "textual_inversion"
 
+    def refuse(self, family: Family) -> None:
+        if self.opts.enable_t5_ti and not family.optional_embedding_key:
+            raise UserError(f"--enable_t5_ti: a {family.name} model has no T5 encoder")
+
     def full_precision_components(self, family: Family) -> set[str]:
-        return set(family.text_encoders[: family.embedding_encoders])  # the new rows start from their embeddings
+        # the new rows start from their encoders' embeddings
+        return set(family.text_encoders[: family.embedding_encoders(self.opts.enable_t5_ti)])
 
     def __init__(self, opts: TextualInversionOptions, accelerator, components: SDComponents | None = None):
         super().__init__(opts, accelerator, components)
         c, device = self.c, accelerator.device
         self.tokens = placeholder_tokens(opts.placeholder_token, opts.num_vectors)
-        # The token goes into the family's embedding encoders (SDXL: both; SD3: both CLIPs; FLUX.1: CLIP-L), each with
-        # its own rows; a T5 reads the token's spelling, frozen.
+        # The token goes into the family's embedding encoders (SDXL: both; SD3: both CLIPs; FLUX.1: CLIP-L; and T5 with
+        # --enable_t5_ti), each with its own rows; otherwise a T5 reads the token's spelling, frozen.
         for encoder in c.text_encoders:  # T5 included: frozen, no gradient anywhere but in the new rows
             encoder.requires_grad_(False)
-        encoders = list(zip(c.tokenizers, c.text_encoders))[: self.family.embedding_encoders]
+        encoders = list(zip(c.tokenizers, c.text_encoders))[: self.family.embedding_encoders(opts.enable_t5_ti)]
         self.embeddings = [self._add_token(tokenizer, encoder) for tokenizer, encoder in encoders]
         c.denoiser.requires_grad_(False).to(device, self.weight_dtype)
         for encoder in c.text_encoders:  # placed by `prepare` (ZeRO-3: a shard per rank, never the whole T5)
@@ -149,6 +156,8 @@ class TextualInversionTask(DiffusionTask):
         if clash:
             raise UserError(f"placeholder token {clash[0]!r} is already in the vocabulary; choose another --placeholder_token")
         init = initializer_ids(tokenizer, self.opts.initializer_token)
+        if text_encoder.get_input_embeddings().num_embeddings > len(tokenizer):  # T5: 32128 rows for 32100 tokens
+            text_encoder.resize_token_embeddings(len(tokenizer))  # drop rows no id reaches, as diffusers' loader does
         tokenizer.add_tokens(self.tokens)
         token_ids = tokenizer.convert_tokens_to_ids(self.tokens)
         base = text_encoder.get_input_embeddings()
