@@ -472,3 +472,16 @@ def test_pair_photos_are_stored_once_and_a_corrupt_pair_reads_its_substitutes_ph
     eps = torch.randn(len(items), *shape, generator=torch.Generator().manual_seed(0))
     uncached = encode_latents(vae, photos[items], eps)  # each pair as the trainer reads it uncached
     assert torch.allclose(store.latents(items, eps), uncached, rtol=2e-3, atol=2e-3)
+
+    # a restart (a new store on the same folder) reads no pair again: the resolution is kept with the blocks
+    def unread(*args):
+        raise AssertionError("a resolved pair was read again")
+
+    again = LatentStore(tmp_path / "bad", vae, photos, torch.device("cpu"), block=16)
+    original, LazyImages.stands_for = LazyImages.stands_for, unread
+    try:
+        again.build(solo, items, 0, False, False)
+    finally:
+        LazyImages.stands_for = original
+    assert np.array_equal(again.item_slot, store.item_slot) and again.stats["blocks_encoded_here"] == 0
+    assert torch.equal(again.latents(items, eps), store.latents(items, eps))

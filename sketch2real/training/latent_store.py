@@ -120,11 +120,22 @@ class LatentStore:
 
     def _resolve(self, accelerator, needed: list[int], num_workers: int, pin_memory: bool, progress: bool) -> None:
         """The slot each needed item reads: that of the item it stands for (itself unless its sample is corrupt),
-        found by all ranks together, each reading its share of the samples (a collective)."""
-        from accelerate.utils import gather_object
+        found by all ranks together, each reading its share of the samples (a collective).
+
+        What was found is kept in the store (`resolved.npy`, the item -> slot map; the folder's key names the shards'
+        contents), so a restart (a requeued job) reads only the items no earlier run resolved."""
+        from accelerate.utils import broadcast_object_list, gather_object
         from tqdm.auto import tqdm
 
-        items = sorted(set(needed))
+        saved = self.folder / "resolved.npy"
+        known = [np.load(saved) if accelerator.is_main_process and saved.is_file() else None]
+        if accelerator.num_processes > 1:
+            broadcast_object_list(known)  # rank 0's view: every rank then resolves the same items
+        if known[0] is not None and len(known[0]) == len(self.item_slot):
+            self.item_slot = known[0].copy()
+        items = sorted(i for i in set(needed) if self.item_slot[i] < 0)
+        if not items:
+            return
         mine = items[accelerator.process_index :: accelerator.num_processes]
         self._batches = [mine[i : i + CHUNK] for i in range(0, len(mine), CHUNK)]
         found: dict[int, int] = {}
@@ -138,6 +149,11 @@ class LatentStore:
             found = {k: v for part in gather_object([found]) for k, v in part.items()}
         for k, j in found.items():
             self.item_slot[k] = self.own_slot[j]
+        if accelerator.is_main_process:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with atomic_path(saved) as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, self.item_slot)
 
     def _batch(self, index: int) -> list[int]:
         return self._batches[index]
