@@ -2,10 +2,11 @@
 `FAMILIES`.
 
 The family is read from the model (`model_index.json`'s pipeline class, or a loaded pipeline's class), never from a
-flag. It says which tokenizers, text encoders, VAE and denoiser there are, how prompts become token inputs and these the
-denoiser's conditioning (`Family.tokenize`, `Family.encode`), which layers LoRA adapts, how the denoiser (with a ControlNet) is called (`Family.predict`), which training scheduler (hence
-objective: denoising or flow matching) and validation sampler it uses, how a Textual Inversion file holds its rows,
-and which diffusers pipeline classes load and generate. Trainers and scripts ask it and never branch on the family
+flag. It says which tokenizers, text encoders, VAE and denoiser there are, how prompts become token inputs and these
+the denoiser's conditioning (`Family.tokenize`, `Family.encode`), which layers LoRA adapts, how the denoiser (with a
+ControlNet) is called (`Family.predict`), which training scheduler (hence objective: denoising or flow matching) and
+validation sampler it uses, how a Textual Inversion file holds its rows, and which diffusers pipeline classes load and
+generate. Trainers and scripts ask it and never branch on the family
 themselves; a new family is one `FAMILIES` entry (a `Family` subclass where its conditioning or call differs).
 """
 
