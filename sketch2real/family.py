@@ -86,6 +86,7 @@ class Family:
     # its text encoders can be trained whole (--train_text_encoder): every weight they have shapes the conditioning,
     # but for `unused_last_layer`
     text_encoder_training: bool = True
+    fp16: bool = True  # trains in fp16 (the flow families are bf16 models: T5 and the MM-DiTs overflow in fp16)
 
     def require(self, trainer: str) -> None:
         """One line when `trainer` is not built for this family yet."""
@@ -194,9 +195,11 @@ def _config(model):
 @dataclass(frozen=True)
 class FlowMatchingFamily(Family):
     """What the MM-DiT families share: flow matching with an Euler sampler, prompts of `MAX_SEQUENCE_LENGTH` T5
-    tokens, and ControlNets conditioned on the VAE latents of the condition image."""
+    tokens, ControlNets conditioned on the VAE latents of the condition image, and bf16 (released in bf16; T5's
+    activations overflow fp16)."""
 
     MAX_SEQUENCE_LENGTH = 77
+    fp16: bool = False
     controlnet_class: str = "SD3ControlNetModel"
     control_image_argument: str = "control_image"
 

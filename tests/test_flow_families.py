@@ -545,3 +545,28 @@ def test_what_a_family_does_not_have_is_refused_in_one_line(tiny_models, shard_d
     proc = run_script("train/textual_inversion.py", "--pretrained_model_name_or_path", tiny_models.sd, "--shard_dir",
                       shard_dir, "--resolution", "64", "--enable_t5_ti", "--output_dir", tmp_path / "ti-sd", check=False)
     assert proc.returncode == 2 and "--enable_t5_ti: a sd model has no T5 encoder" in proc.stderr
+
+
+@pytest.mark.parametrize("trainer", ["dreambooth", "controlnet", "textual_inversion"])
+def test_fp16_on_a_bf16_family_is_refused_in_one_line_before_loading(trainer, tiny_models, shard_dir, tmp_path):
+    """The flow families are bf16 models (T5 and the MM-DiTs overflow fp16): every trainer refuses fp16 in one line,
+    before any weight is read (the folder holds FLUX.1's model_index.json only); SD 1.x still trains in fp16."""
+    import shutil
+
+    from sketch2real.cli import UserError
+    from sketch2real.family import FAMILIES
+    from sketch2real.training import controlnet, dreambooth, textual_inversion
+
+    model = tmp_path / "index-only"
+    model.mkdir()
+    shutil.copy(tiny_models.flux / "model_index.json", model)
+    options, task_class, needed = {
+        "dreambooth": (dreambooth.DreamBoothOptions, dreambooth.DreamBoothTask, {"instance_category": "cat"}),
+        "controlnet": (controlnet.ControlNetOptions, controlnet.ControlNetTask, {}),
+        "textual_inversion": (textual_inversion.TextualInversionOptions, textual_inversion.TextualInversionTask, {}),
+    }[trainer]
+    opts = options(pretrained_model_name_or_path=str(model), shard_dir=str(shard_dir), output_dir=str(tmp_path / "out"),
+                   resolution=64, **needed)
+    with pytest.raises(UserError, match="flux models train in bf16, not fp16"):
+        task_class(opts, in_process_accelerator("fp16"))
+    assert FAMILIES["sd"].fp16 and not any(FAMILIES[f].fp16 for f in ("sd3", "flux", "flux2-klein"))

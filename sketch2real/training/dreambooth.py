@@ -141,6 +141,7 @@ class DreamBoothTask(DiffusionTask):
     trainer = "dreambooth"
 
     def refuse(self, family: Family) -> None:
+        super().refuse(family)
         if self.opts.train_text_encoder and not family.text_encoder_training:
             raise UserError(f"--train_text_encoder is not built for {family.name} models (its text encoder is read "
                             "at inner layers: train the denoiser, or LoRA adapters)")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sketch2real.cli import UserError
 from sketch2real.family import SKETCHY_SIZE, Conditioning, Family, TextEncoders, family_of
 from sketch2real.models import (
     SDComponents,
@@ -100,6 +101,9 @@ class DiffusionTask:
     # ---- subclasses ---------------------------------------------------------------------------------------------
     def refuse(self, family: Family) -> None:
         """One line (a `UserError`) for what these options ask that `family` does not have, before any weight loads."""
+        if self.accelerator.mixed_precision == "fp16" and not family.fp16:
+            raise UserError(f"{family.name} models train in bf16, not fp16 (their activations overflow fp16): use "
+                            "--mixed_precision bf16")
 
     def full_precision_components(self, family: Family) -> set[str]:
         """Components loaded in fp32 (what trains, or what trained weights are copied from; "denoiser" for the

@@ -109,6 +109,7 @@ class TextualInversionTask(DiffusionTask):
     trainer = "textual_inversion"
 
     def refuse(self, family: Family) -> None:
+        super().refuse(family)
         if self.opts.enable_t5_ti and not family.optional_embedding_key:
             raise UserError(f"--enable_t5_ti: a {family.name} model has no T5 encoder")
 
