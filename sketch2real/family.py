@@ -87,6 +87,7 @@ class Family:
     # but for `unused_last_layer`
     text_encoder_training: bool = True
     fp16: bool = True  # trains in fp16 (the flow families are bf16 models: T5 and the MM-DiTs overflow in fp16)
+    resolution_multiple: int = 8  # the VAE's downsampling (the MM-DiTs' 2x2 patches: 16)
 
     def require(self, trainer: str) -> None:
         """One line when `trainer` is not built for this family yet."""
@@ -200,6 +201,7 @@ class FlowMatchingFamily(Family):
 
     MAX_SEQUENCE_LENGTH = 77
     fp16: bool = False
+    resolution_multiple: int = 16
     controlnet_class: str = "SD3ControlNetModel"
     control_image_argument: str = "control_image"
 
@@ -428,6 +430,18 @@ def family_of_class(class_name: str, where: str = "") -> Family:
 
 def family_of(name_or_path: str, revision: str | None = None) -> Family:
     """The family of a diffusers pipeline folder or hub id, from its `model_index.json`."""
+    return family_of_class(model_index(name_or_path, revision).get("_class_name", ""), name_or_path)
+
+
+def pipeline_settings(name_or_path: str, revision: str | None = None) -> dict:
+    """The pipeline's own settings in its `model_index.json` (not components), e.g. FLUX.2 [klein]'s `is_distilled`:
+    a pipeline assembled from components must be given them, or it behaves as another model."""
+    return {k: v for k, v in model_index(name_or_path, revision).items()
+            if not k.startswith("_") and not (isinstance(v, list) and len(v) == 2)}
+
+
+def model_index(name_or_path: str, revision: str | None = None) -> dict:
+    """A diffusers pipeline's `model_index.json` (folder or hub id); one line when it cannot be read."""
     local = Path(name_or_path) / "model_index.json"
     try:
         if local.is_file():
@@ -438,7 +452,7 @@ def family_of(name_or_path: str, revision: str | None = None) -> Family:
             index = json.loads(Path(hf_hub_download(name_or_path, "model_index.json", revision=revision)).read_text())
     except Exception as err:  # not a pipeline, offline without a cache, a typo
         raise UserError(f"cannot read the model index of {name_or_path}: {str(err).strip().splitlines()[0]}") from err
-    return family_of_class(index.get("_class_name", ""), name_or_path)
+    return index
 
 
 def family_of_pipeline(pipe) -> Family:

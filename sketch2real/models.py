@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import tempfile
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from sketch2real.cli import UserError
-from sketch2real.family import Family, family_of, pipeline_class
+from sketch2real.family import Family, family_of, pipeline_class, pipeline_settings
 from sketch2real.io import umask_modes
 
 
@@ -53,6 +54,7 @@ class SDComponents:
     vae: Any
     denoiser: Any
     noise_scheduler: Any  # the training scheduler (DDPM, or flow matching)
+    settings: dict = field(default_factory=dict)  # the pipeline's own settings (`family.pipeline_settings`)
     tokenizer_2: Any = None
     text_encoder_2: Any = None
     tokenizer_3: Any = None
@@ -69,13 +71,14 @@ class SDComponents:
 
 def load_text_encoders(family: Family, name_or_path: str, revision: str | None = None, variant: str | None = None,
                        torch_dtype: torch.dtype | None = None, keep_full_precision: Collection[str] = ()) -> list:
-    """The family's text encoders of a checkpoint, in `family.text_encoders` order, in `torch_dtype` (as stored if
-    None) but those named in `keep_full_precision`, loaded in fp32."""
+    """The family's text encoders of a checkpoint, in `family.text_encoders` order, in `torch_dtype` (default fp32)
+    but those named in `keep_full_precision`, in fp32 whatever the checkpoint stores (transformers would otherwise
+    keep a bf16 checkpoint's dtype)."""
     import transformers
 
     return [load(getattr(transformers, encoder_class), name_or_path, "text encoder", subfolder=encoder,
                  revision=revision, variant=variant,
-                 **({} if torch_dtype is None or encoder in keep_full_precision else {"torch_dtype": torch_dtype}))
+                 torch_dtype=torch_dtype if torch_dtype is not None and encoder not in keep_full_precision else torch.float32)
             for encoder, encoder_class in zip(family.text_encoders, family.text_encoder_classes)]
 
 
@@ -105,7 +108,7 @@ def load_sd_components(name_or_path: str, revision: str | None = None, variant: 
     common = {"revision": revision}
     parts: dict[str, Any] = dict(zip(family.text_encoders, load_text_encoders(
         family, name_or_path, revision, variant, frozen_dtype, keep_full_precision)))
-    denoiser_dtype = {} if frozen_dtype is None or "denoiser" in keep_full_precision else {"torch_dtype": frozen_dtype}
+    denoiser_dtype = torch.float32 if frozen_dtype is None or "denoiser" in keep_full_precision else frozen_dtype
     for tokenizer, tokenizer_class in zip(family.tokenizers, family.tokenizer_classes):
         parts[tokenizer] = load(getattr(transformers, tokenizer_class), name_or_path, "tokenizer", subfolder=tokenizer,
                                 **common)
@@ -113,9 +116,9 @@ def load_sd_components(name_or_path: str, revision: str | None = None, variant: 
     vae = (load(vae_class, vae_name_or_path, "VAE") if vae_name_or_path
            else load(vae_class, name_or_path, "VAE", subfolder="vae", variant=variant, **common))
     return SDComponents(
-        vae=vae, family=family, **parts,
+        vae=vae, family=family, **parts, settings=pipeline_settings(name_or_path, revision),
         denoiser=load(getattr(diffusers, family.denoiser_class), name_or_path, family.denoiser, subfolder=family.denoiser,
-                      variant=variant, **denoiser_dtype, **common),
+                      variant=variant, torch_dtype=denoiser_dtype, **common),
         noise_scheduler=load(getattr(diffusers, family.training_scheduler), name_or_path, "scheduler",
                              subfolder="scheduler", **common),
     )
@@ -139,7 +142,10 @@ def assemble_pipeline(components, denoiser, text_encoder, scheduler, controlnet=
              "text_encoder": text_encoder, **({"controlnet": controlnet} if controlnet is not None else {})}
     if family.safety_checker:
         parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    return pipeline_class(family, controlnet is not None)(**parts)
+    cls = pipeline_class(family, controlnet is not None)
+    accepted = inspect.signature(cls.__init__).parameters
+    settings = {k: v for k, v in components.settings.items() if k in accepted and k not in parts}
+    return cls(**parts, **settings)
 
 
 def enable_xformers(model: Any, device: torch.device) -> None:

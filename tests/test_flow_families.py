@@ -98,6 +98,18 @@ def test_flux2_klein_trains_as_its_pipeline_generates(tiny_models):
                    width=64, output_type="latent", **f.generation_kwargs()).images  # step-distilled: no guidance
     torch.testing.assert_close(scaled_latents(pipe.vae, out), noise - velocity)
 
+    # validation's pipeline, assembled from the trainer's components, is the same step-distilled model (no
+    # classifier-free guidance at the family's guidance scale), not a base model's
+    from sketch2real.models import assemble_pipeline, load_sd_components
+
+    c = load_sd_components(str(tiny_models.flux2_klein))
+    assembled = assemble_pipeline(c, c.denoiser, c.text_encoder, f.validation_scheduler(c.noise_scheduler))
+    assembled.set_progress_bar_config(disable=True)
+    kwargs = dict(prompt=prompt, height=64, width=64, num_inference_steps=2, guidance_scale=f.guidance_scale,
+                  output_type="np", **f.generation_kwargs())
+    images = [p(generator=torch.Generator().manual_seed(0), **kwargs).images for p in (assembled, pipe)]
+    assert assembled.config.is_distilled and (images[0] == images[1]).all()
+
 
 @pytest.mark.parametrize("scheme", ["logit_normal", "mode", "none", "sigma_sqrt", "cosmap"])
 def test_flow_matching_follows_diffusers_sd3_formulas(tiny_models, scheme):
@@ -430,6 +442,23 @@ class _Loaded(Exception):
     """Stops a trainer right after its components are loaded."""
 
 
+def bf16_checkpoint(model, out):
+    """A copy of a pipeline folder whose text encoders and denoiser are stored in bf16, as FLUX.1's are."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model, out)
+    for part in ("text_encoder", "text_encoder_2", "transformer"):
+        for file in (out / part).glob("*.safetensors"):
+            save_file({k: v.to(torch.bfloat16) for k, v in load_file(file).items()}, file, metadata={"format": "pt"})
+        if part.startswith("text_encoder"):  # transformers' configs say their stored dtype
+            config = json.loads((out / part / "config.json").read_text())
+            config.update({"dtype": "bfloat16", "torch_dtype": "bfloat16"})
+            (out / part / "config.json").write_text(json.dumps(config))
+    return out
+
+
 @pytest.mark.parametrize("trainer, extra, full_precision", [
     ("dreambooth", {"lora_rank": 4}, set()),
     ("dreambooth", {}, {"transformer"}),
@@ -440,8 +469,8 @@ def test_frozen_parts_are_loaded_in_the_weight_dtype_never_in_fp32(trainer, extr
                                                                     tmp_path, monkeypatch):
     """A bf16 run loads FLUX.1's frozen parts (T5, and the transformer under LoRA) straight in bf16: as they come out of
     `from_pretrained`, before any cast, no weight but the model's own keep-in-fp32 modules (T5's `wo`) is fp32. What
-    trains or seeds trained weights is loaded in fp32: the full transformer, the transformer a new ControlNet copies,
-    the CLIP whose rows Textual Inversion extends."""
+    trains or seeds trained weights is loaded in fp32, even from a checkpoint stored in bf16 as FLUX.1's is: the full
+    transformer, the transformer a new ControlNet copies, the CLIP whose rows Textual Inversion extends."""
 
     from sketch2real.training import controlnet, dreambooth, task, textual_inversion
 
@@ -461,8 +490,9 @@ def test_frozen_parts_are_loaded_in_the_weight_dtype_never_in_fp32(trainer, extr
 
     load_sd_components = task.load_sd_components
     monkeypatch.setattr(task, "load_sd_components", load_and_stop)
-    opts = options(pretrained_model_name_or_path=str(tiny_models.flux), shard_dir=str(shard_dir), output_dir=str(tmp_path),
-                   resolution=64, mixed_precision="bf16", **needed, **extra)
+    opts = options(pretrained_model_name_or_path=str(bf16_checkpoint(tiny_models.flux, tmp_path / "flux")),
+                   shard_dir=str(shard_dir), output_dir=str(tmp_path), resolution=64, mixed_precision="bf16", **needed,
+                   **extra)
     accelerator = in_process_accelerator("bf16")
     with pytest.raises(_Loaded):
         task_class(opts, accelerator)
@@ -550,7 +580,9 @@ def test_what_a_family_does_not_have_is_refused_in_one_line(tiny_models, shard_d
 @pytest.mark.parametrize("trainer", ["dreambooth", "controlnet", "textual_inversion"])
 def test_fp16_on_a_bf16_family_is_refused_in_one_line_before_loading(trainer, tiny_models, shard_dir, tmp_path):
     """The flow families are bf16 models (T5 and the MM-DiTs overflow fp16): every trainer refuses fp16 in one line,
-    before any weight is read (the folder holds FLUX.1's model_index.json only); SD 1.x still trains in fp16."""
+    before any weight is read (the folder holds FLUX.1's model_index.json only); SD 1.x still trains in fp16. So is a
+    resolution the 2x2 patches do not divide."""
+    import dataclasses
     import shutil
 
     from sketch2real.cli import UserError
@@ -570,3 +602,6 @@ def test_fp16_on_a_bf16_family_is_refused_in_one_line_before_loading(trainer, ti
     with pytest.raises(UserError, match="flux models train in bf16, not fp16"):
         task_class(opts, in_process_accelerator("fp16"))
     assert FAMILIES["sd"].fp16 and not any(FAMILIES[f].fp16 for f in ("sd3", "flux", "flux2-klein"))
+    # and a resolution whose latents cannot be cut into 2x2 patches (a multiple of 8, not of 16)
+    with pytest.raises(UserError, match="--resolution 72: flux models take a multiple of 16"):
+        task_class(dataclasses.replace(opts, resolution=72), in_process_accelerator("bf16"))

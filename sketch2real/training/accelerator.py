@@ -288,7 +288,11 @@ def partition_before_prepare(accelerator, model: torch.nn.Module) -> None:
     config.pop("train_batch_size", None)
     # F.linear stays torch's: zero.Init would otherwise replace it process-wide (frozen encoders, pipelines)
     config.setdefault("zero_optimization", {})["memory_efficient_linear"] = False
-    deepspeed.zero.Init(module=model, config_dict_or_path=config)
+    from deepspeed.utils import groups
+
+    # ZeRO++'s secondary partition group, once made (a later sequential stage), is reused as the engine reuses it
+    deepspeed.zero.Init(module=model, config_dict_or_path=config,
+                        zero_param_parallel_group=groups._get_zero_param_intra_parallel_group())
 
 
 @contextmanager

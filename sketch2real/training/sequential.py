@@ -122,6 +122,7 @@ def run_sequential(opts: SequentialOptions, accelerator) -> int:
             write_json(out / "run_config.json", dataclasses.asdict(opts))
         task = DreamBoothTask(stage_opts, accelerator)
         if index == 0 and not (out / "base_metrics.json").is_file():
+            task.model.to(accelerator.device)  # `prepare` has not placed it yet (VAE latents are on the device)
             base = _row("base", _heldout_losses(task, task.model, opts, stages))
             if accelerator.is_main_process:
                 write_json(out / "base_metrics.json", base)

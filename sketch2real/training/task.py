@@ -104,6 +104,9 @@ class DiffusionTask:
         if self.accelerator.mixed_precision == "fp16" and not family.fp16:
             raise UserError(f"{family.name} models train in bf16, not fp16 (their activations overflow fp16): use "
                             "--mixed_precision bf16")
+        if self.opts.resolution % family.resolution_multiple:
+            raise UserError(f"--resolution {self.opts.resolution}: {family.name} models take a multiple of "
+                            f"{family.resolution_multiple} (their latents are cut into 2x2 patches)")
 
     def full_precision_components(self, family: Family) -> set[str]:
         """Components loaded in fp32 (what trains, or what trained weights are copied from; "denoiser" for the
