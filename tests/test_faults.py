@@ -485,3 +485,13 @@ def test_pair_photos_are_stored_once_and_a_corrupt_pair_reads_its_substitutes_ph
         LazyImages.stands_for = original
     assert np.array_equal(again.item_slot, store.item_slot) and again.stats["blocks_encoded_here"] == 0
     assert torch.equal(again.latents(items, eps), store.latents(items, eps))
+
+    # a damaged or crafted map (garbage bytes; a slot past the store's rows) is not trusted: the pairs are read again
+    resolved = again.folder / "resolved.npy"
+    for damage in (lambda: resolved.write_bytes(b"\x93NUMPY garbage"),
+                   lambda: np.save(resolved, np.full(len(items), len(again.members), dtype=np.int64))):
+        damage()
+        fresh = LatentStore(tmp_path / "bad", vae, photos, torch.device("cpu"), block=16)
+        fresh.build(solo, items, 0, False, False)
+        assert np.array_equal(fresh.item_slot, store.item_slot)
+        assert torch.equal(fresh.latents(items, eps), store.latents(items, eps))

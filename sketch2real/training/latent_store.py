@@ -128,11 +128,11 @@ class LatentStore:
         from tqdm.auto import tqdm
 
         saved = self.folder / "resolved.npy"
-        known = [np.load(saved) if accelerator.is_main_process and saved.is_file() else None]
+        known = [self._saved_resolution(saved) if accelerator.is_main_process else None]
         if accelerator.num_processes > 1:
             broadcast_object_list(known)  # rank 0's view: every rank then resolves the same items
-        if known[0] is not None and len(known[0]) == len(self.item_slot):
-            self.item_slot = known[0].copy()
+        if known[0] is not None:
+            self.item_slot = known[0]
         items = sorted(i for i in set(needed) if self.item_slot[i] < 0)
         if not items:
             return
@@ -154,6 +154,22 @@ class LatentStore:
             with atomic_path(saved) as tmp:
                 with open(tmp, "wb") as f:
                     np.save(f, self.item_slot)
+
+    def _saved_resolution(self, path: Path) -> np.ndarray | None:
+        """The item -> slot map an earlier run kept, if it is one for this set (else, damaged or not ours: None, and
+        the pairs are read again)."""
+        if not path.is_file():
+            return None
+        try:
+            known = np.load(path)  # no pickles: allow_pickle stays off
+        except (OSError, ValueError, EOFError) as err:
+            logger.warning("ignoring %s (%s): the pairs are read again", path, err)
+            return None
+        if (known.shape != self.item_slot.shape or known.dtype.kind != "i" or known.min(initial=0) < -1
+                or known.max(initial=-1) >= len(self.members)):
+            logger.warning("ignoring %s: not an item -> slot map of this set; the pairs are read again", path)
+            return None
+        return known.astype(np.int64)
 
     def _batch(self, index: int) -> list[int]:
         return self._batches[index]
