@@ -433,11 +433,10 @@ def family_of(name_or_path: str, revision: str | None = None) -> Family:
     return family_of_class(model_index(name_or_path, revision).get("_class_name", ""), name_or_path)
 
 
-def pipeline_settings(name_or_path: str, revision: str | None = None) -> dict:
-    """The pipeline's own settings in its `model_index.json` (not components), e.g. FLUX.2 [klein]'s `is_distilled`:
+def pipeline_settings(index: dict) -> dict:
+    """The pipeline's own settings in a `model_index.json` (not components), e.g. FLUX.2 [klein]'s `is_distilled`:
     a pipeline assembled from components must be given them, or it behaves as another model."""
-    return {k: v for k, v in model_index(name_or_path, revision).items()
-            if not k.startswith("_") and not (isinstance(v, list) and len(v) == 2)}
+    return {k: v for k, v in index.items() if not k.startswith("_") and not (isinstance(v, list) and len(v) == 2)}
 
 
 def model_index(name_or_path: str, revision: str | None = None) -> dict:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from sketch2real.cli import UserError
-from sketch2real.family import Family, family_of, pipeline_class, pipeline_settings
+from sketch2real.family import Family, family_of_class, model_index, pipeline_class, pipeline_settings
 from sketch2real.io import umask_modes
 
 
@@ -104,7 +104,8 @@ def load_sd_components(name_or_path: str, revision: str | None = None, variant: 
     import diffusers
     import transformers
     check_model_path(name_or_path)
-    family = family_of(name_or_path, revision)
+    index = model_index(name_or_path, revision)
+    family = family_of_class(index.get("_class_name", ""), name_or_path)
     common = {"revision": revision}
     parts: dict[str, Any] = dict(zip(family.text_encoders, load_text_encoders(
         family, name_or_path, revision, variant, frozen_dtype, keep_full_precision)))
@@ -116,7 +117,7 @@ def load_sd_components(name_or_path: str, revision: str | None = None, variant: 
     vae = (load(vae_class, vae_name_or_path, "VAE") if vae_name_or_path
            else load(vae_class, name_or_path, "VAE", subfolder="vae", variant=variant, **common))
     return SDComponents(
-        vae=vae, family=family, **parts, settings=pipeline_settings(name_or_path, revision),
+        vae=vae, family=family, **parts, settings=pipeline_settings(index),
         denoiser=load(getattr(diffusers, family.denoiser_class), name_or_path, family.denoiser, subfolder=family.denoiser,
                       variant=variant, torch_dtype=denoiser_dtype, **common),
         noise_scheduler=load(getattr(diffusers, family.training_scheduler), name_or_path, "scheduler",
