@@ -127,8 +127,15 @@ class Family:
 
         return [tokenize(tokenizer, prompts, self.max_length(tokenizer)) for tokenizer in tokenizers]
 
+    @property
+    def lora_metadata_argument(self) -> str:
+        """save_lora_weights' argument for the denoiser adapter's settings (rank, alpha, targets), kept in the file."""
+        return self.lora_layers_argument.replace("_lora_layers", "_lora_adapter_metadata")
+
     def lora_targets(self, denoiser) -> list[str]:
-        """peft `target_modules` of the denoiser's LoRA adapters (diffusers' scripts' defaults)."""
+        """peft `target_modules` of the denoiser's LoRA adapters: the attention projections `to_q/k/v/out.0` (diffusers'
+        SD and SDXL scripts' defaults; for SD3 and FLUX.1 a subset of diffusers' scripts' defaults, which also adapt the
+        text stream's `add_*_proj`/`to_add_out`, and FLUX.1's feed-forwards)."""
         return list(self.lora_layers)
 
     def lora_file_layers(self, peft_layers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -138,21 +138,42 @@ def test_deepspeed_zero2_trains_text_encoder_and_saves_a_pipeline(db_args, tmp_p
     assert (out / "checkpoint-2" / "pytorch_model").is_dir()  # DeepSpeed's own sharded checkpoint
 
 
-def test_lora_weights_load_in_plain_diffusers_and_change_the_output(db_args, tmp_path, tiny_models):
-    from diffusers import StableDiffusionPipeline
+def test_lora_with_alpha_not_rank_reloads_identically_in_plain_diffusers_and_generation(db_args, tmp_path, tiny_models):
+    """alpha 16 at rank 4: plain diffusers' load_lora_weights and infer/generate.py's loader give the UNet the trainer
+    had (base + adapters at alpha/rank = 4); without the saved metadata diffusers reloads alpha = rank."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft import LoraConfig, set_peft_model_state_dict
+
+    from sketch2real.generation import load_generation_pipeline
 
     out = tmp_path / "lora"
     run_script("train/dreambooth.py", *db_args, "--output_dir", out, "--max_train_steps", "10", "--lora_rank", "4",
-               "--learning_rate", "1e-2")
-    assert (out / "pytorch_lora_weights.safetensors").is_file()
+               "--lora_alpha", "16", "--learning_rate", "1e-2")
     assert not (out / "unet").exists()
+    saved = StableDiffusionPipeline.lora_state_dict(out)[0]
+    trained = UNet2DConditionModel.from_pretrained(tiny_models.sd, subfolder="unet")
+    trained.add_adapter(LoraConfig(r=4, lora_alpha=16, target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    result = set_peft_model_state_dict(trained, convert_unet_state_dict_to_peft(
+        {k[len("unet."):]: v for k, v in saved.items()}), adapter_name="default")
+    assert not [k for k in result.missing_keys if "lora_" in k] and not result.unexpected_keys
+    generator = torch.Generator().manual_seed(0)
+    latents, timesteps, states = torch.randn(2, 4, 16, 16, generator=generator), torch.tensor([10, 500]), \
+        torch.randn(2, 77, 32, generator=generator)
+
+    def output(unet) -> torch.Tensor:
+        with torch.no_grad():
+            return unet(latents, timesteps, states).sample
+
+    base = StableDiffusionPipeline.from_pretrained(tiny_models.sd).unet
     pipe = StableDiffusionPipeline.from_pretrained(tiny_models.sd)
-    pipe.set_progress_bar_config(disable=True)
-    kwargs = dict(height=64, width=64, num_inference_steps=3, output_type="np")
-    before = pipe("a sks sketch of a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
     pipe.load_lora_weights(out)
-    after = pipe("a sks sketch of a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
-    assert abs(before - after).max() > 1e-3
+    assert pipe.unet.peft_config["default_0"].lora_alpha == 16 and pipe.unet.peft_config["default_0"].r == 4
+    expected = output(trained)
+    assert (expected - output(base)).abs().max() > 1e-3  # the adapters do something
+    torch.testing.assert_close(output(pipe.unet), expected, rtol=1e-5, atol=1e-5)
+    generation = load_generation_pipeline(str(out), torch.device("cpu"), torch.float32)  # fused, as generate/FID use it
+    torch.testing.assert_close(output(generation.unet), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_prior_preservation_generates_class_images_once(db_args, tmp_path):

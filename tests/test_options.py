@@ -372,7 +372,7 @@ def test_cross_option_checks_stay_in_check():
 
 @pytest.mark.parametrize("key, expected", [
     ("DreamBoothOptions", ["--resolution RESOLUTION training resolution in pixels [default: 512; >= 8, multiple of 8]",
-                           "[default: 5e-06; > 0]", "[default: 500; >= 0]", "AdamW beta2 [default: 0.999; in [0, 1)]",
+                           "default 5e-6, or 1e-4 with --lora_rank", "[default: 500; >= 0]", "AdamW beta2 [default: 0.999; in [0, 1)]",
                            "one of linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup",
                            "[default: tensorboard; one of tensorboard, wandb, all, none]"]),
     ("infer/generate.py", ["image height in pixels [default: 512; >= 8, multiple of 8]", "denoising steps [default: 50; >= 1]",
@@ -464,3 +464,12 @@ def test_the_learning_rate_is_scaled_by_the_global_batch_and_returned():
                                  "--output_dir", "o"])
     assert effective_learning_rate(opts, 4) == pytest.approx(1e-4 * 3 * 2 * 4) and opts.learning_rate == 1e-4
     assert effective_learning_rate(dataclasses.replace(opts, scale_lr=False), 4) == 1e-4
+
+
+def test_dreambooth_learning_rate_default_fits_lora_and_full_weights():
+    """diffusers' defaults: 5e-6 for full DreamBooth, 1e-4 for its LoRA script; a given rate or a config's wins."""
+    base = ["--pretrained_model_name_or_path", "m", "--output_dir", "o"]
+    assert parse_options(_db(), base).learning_rate == 5e-6
+    assert parse_options(_db(), [*base, "--lora_rank", "8"]).learning_rate == 1e-4
+    assert parse_options(_db(), [*base, "--lora_rank", "8", "--learning_rate", "3e-4"]).learning_rate == 3e-4
+    assert "1e-4 with --lora_rank" in _db().__dataclass_fields__["learning_rate"].metadata["help"]

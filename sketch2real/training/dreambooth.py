@@ -21,6 +21,7 @@ from sketch2real.training.preemption import preemption
 from sketch2real.training.task import DiffusionTask, HeldOut
 
 logger = logging.getLogger("sketch2real")
+FULL_LR, LORA_LR = 5e-6, 1e-4  # diffusers' DreamBooth and DreamBooth LoRA scripts' defaults
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -42,9 +43,17 @@ class DreamBoothOptions(TrainOptions):
     class_inference_steps: int = option(25, help="denoising steps for generated class images", min=1)
     train_text_encoder: bool = option(False, help="also train the full text encoder(s) (SDXL: both; works under DeepSpeed too)")
     lora_rank: int = option(0, help="train LoRA adapters of this rank instead of full weights (0: full fine-tuning)", min=0)
-    lora_alpha: int = option(0, help="LoRA alpha (0: same as rank)", min=0)
+    lora_alpha: int = option(0, help="LoRA alpha (0: same as rank); saved in the file's adapter metadata, so plain "
+                                     "diffusers' load_lora_weights reloads the same strength", min=0)
+    learning_rate: float | None = option(None, help="initial learning rate (after warmup); default 5e-6, or 1e-4 with "
+                                                    "--lora_rank (diffusers' DreamBooth and DreamBooth LoRA defaults)",
+                                         min_exclusive=0)
     initial_lora: str = option("", help="start the LoRA adapters from this LoRA folder (a run's output with "
                                         "pytorch_lora_weights.safetensors) instead of a fresh start; with --lora_rank")
+
+    def __post_init__(self) -> None:
+        if self.learning_rate is None:  # frozen: the default depends on --lora_rank
+            object.__setattr__(self, "learning_rate", LORA_LR if self.lora_rank else FULL_LR)
 
     def check(self) -> None:
         super().check()
@@ -256,8 +265,13 @@ class DreamBoothTask(DiffusionTask):
 
                 denoiser_state = {k[len("denoiser."):]: v for k, v in state.items() if k.startswith("denoiser.")}
                 layers = get_peft_model_state_dict(self.denoiser_of(model), state_dict=denoiser_state)
+                # The adapter's settings (alpha above all) go into the file's metadata, where diffusers' loader
+                # reads them; without them it reloads alpha = rank.
+                metadata = {k: sorted(v) if isinstance(v, set) else v  # a set's order varies run to run
+                            for k, v in self.denoiser_of(model).peft_config["default"].to_dict().items()}
                 pipeline_class(self.family).save_lora_weights(
-                    out, **{self.family.lora_layers_argument: self.family.lora_file_layers(layers)},
+                    out, **{self.family.lora_layers_argument: self.family.lora_file_layers(layers),
+                            self.family.lora_metadata_argument: metadata},
                     safe_serialization=True)
                 umask_modes(out / "pytorch_lora_weights.safetensors")  # diffusers writes it 0600 through a temp file
             else:

@@ -16,7 +16,8 @@ POLYNOMIAL_LR_END = 1e-7  # get_scheduler's default end of the polynomial schedu
 class TrainOptions:
     """Shared trainer options (model, data, optimisation, precision, checkpoints, validation)."""
 
-    pretrained_model_name_or_path: str = option("", help="base model, SD 1.x/2.x or SDXL (read from its model_index.json): "
+    pretrained_model_name_or_path: str = option("", help="base model: SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1 or FLUX.2 [klein] "
+                                                         "(the family is read from its model_index.json): "
                                                          "hub id or local folder (required)")
     revision: str | None = option(None, help="model revision on the hub")
     pretrained_vae_model_name_or_path: str = option("", help="another VAE (e.g. madebyollin/sdxl-vae-fp16-fix: SDXL's own "
@@ -60,7 +61,7 @@ class TrainOptions:
                                                 "the trainer; default: up to 4 of the CPU cores left after one per process)",
                                                 min=0)
     snr_gamma: float = option(0.0, help="Min-SNR loss weighting gamma (0: off; 5.0 is the paper's value)", min=0)
-    weighting_scheme: str = option("none", help="flow-matching families (SD3): timestep density and loss weighting, as "
+    weighting_scheme: str = option("none", help="flow-matching families (SD3, FLUX.1, FLUX.2 [klein]): timestep density and loss weighting, as "
                                    "diffusers' SD3/FLUX scripts (logit_normal, mode: density; sigma_sqrt, cosmap: weighting; "
                                    "none: uniform, unweighted)",
                                    choices=("sigma_sqrt", "logit_normal", "mode", "cosmap", "none"), noun="weighting scheme")
