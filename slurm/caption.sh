@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Captions of the test sketches (resumable: a rerun captions only what is missing). MODEL=llava-hf/llava-1.5-7b-hf sbatch slurm/caption.sh
+# Captions of the test sketches (resumable: a rerun captions only what is missing). CAPTION_MODEL=llava-hf/llava-1.5-7b-hf sbatch slurm/caption.sh
+# CAPTION_MODEL, not MODEL: MODEL is the diffusion model of the other jobs (slurm/pipeline.sh exports it).
 #SBATCH --job-name=s2r-caption
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -10,5 +11,5 @@
 set -euo pipefail
 # shellcheck source=slurm/common.sh
 source "${SKETCH2REAL_HOME:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"
-s2r_launch infer/caption.py --model_name_or_path "${MODEL:-llava-hf/llava-1.5-7b-hf}" --shard_dir "${SHARDS:-data/shards}" \
+s2r_launch infer/caption.py --model_name_or_path "${CAPTION_MODEL:-llava-hf/llava-1.5-7b-hf}" --shard_dir "${SHARDS:-data/shards}" \
   --split "${SPLIT:-test}" --output_dir "${OUTPUT:-runs/captions}" --prompts "${PROMPTS:-best}" --mixed_precision "${PRECISION:-bf16}" "$@"

@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # Submit the whole chain with --dependency=afterok and print the job ids:
 # data_prep -> {dreambooth, dreambooth_sequential, textual_inversion, controlnet, captions}
-#   -> generate (one set per method) -> fid.
+#   -> generate (one set per method) -> fid (the style sets against the test sketches, as the study scored them:
+#   RUNS/fid) and fid_controlnet (the ControlNet's photos against the test photos: RUNS/fid_controlnet).
 # Usage (from the repo root): SKETCHY=/data/sketchy bash slurm/pipeline.sh [sbatch flags for every job, e.g.
 #   --partition gpu --nodes 2]
 #   STAGES="dreambooth captions"  only these methods (default: all five), each with its generation, then one fid
 #   CONFIGS=dir                   dir/JOB.yaml (JOB: dreambooth, dreambooth_sequential, textual_inversion,
 #                                 controlnet, caption, generate, fid) passed as --config to that job's script
+#   MODEL, CAPTION_MODEL, CATEGORIES, ...: each job script's own settings (see its header), passed on by sbatch
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p logs
 DATA=${DATA:-data}
 RUNS=${RUNS:-runs}
-MODEL=${MODEL:-runwayml/stable-diffusion-v1-5}
+MODEL=${MODEL:-$S2R_DEFAULT_MODEL}
 STAGES=${STAGES:-dreambooth dreambooth_sequential textual_inversion controlnet captions}
 export DATA MODEL SHARDS="$DATA/shards"
 
@@ -30,7 +32,7 @@ mapfile -t gen_config < <(config generate)
 sbatch_flags=("$@")
 prep=$(submit "${sbatch_flags[@]}" slurm/data_prep.sh)
 ids=("data_prep            $prep")
-generations=() generated=""
+generations=() generated="" controlnet_generation=""
 generate() {  # generate NAME AFTER_JOB [ENV=VALUE ...] -- FLAGS...: a generation job after AFTER_JOB
   local name=$1 dependency=$2
   shift 2
@@ -40,8 +42,12 @@ generate() {  # generate NAME AFTER_JOB [ENV=VALUE ...] -- FLAGS...: a generatio
   local job
   job=$(env "${envs[@]}" OUTPUT="$RUNS/gen_$name" sbatch --parsable "${sbatch_flags[@]}" "$(after "$dependency")" \
     slurm/generate.sh "${gen_config[@]}" "$@" | cut -d';' -f1)
-  generations+=("$job")
-  generated+=" $name=$RUNS/gen_$name"
+  if [ "$name" = controlnet ]; then
+    controlnet_generation=$job  # photos: scored against the test photos, in a job of its own
+  else
+    generations+=("$job")
+    generated+=" $name=$RUNS/gen_$name"
+  fi
   ids+=("generate ($name)    $job")
 }
 if wanted dreambooth; then
@@ -76,10 +82,15 @@ if wanted captions; then
   ids+=("caption              $job")
   generate captions "$job" -- --captions "$RUNS/captions/captions.jsonl"
 fi
+mapfile -t job_config < <(config fid)
 if [ ${#generations[@]} -gt 0 ]; then
-  mapfile -t job_config < <(config fid)
-  job=$(GENERATED=${generated# } OUTPUT=$RUNS/fid submit "${sbatch_flags[@]}" "$(after "${generations[@]}")" slurm/fid.sh \
-    "${job_config[@]}")
+  job=$(GENERATED=${generated# } FIELD=sketch OUTPUT=$RUNS/fid submit "${sbatch_flags[@]}" "$(after "${generations[@]}")" \
+    slurm/fid.sh "${job_config[@]}")
   ids+=("fid                  $job   -> $RUNS/fid/report.md")
+fi
+if [ -n "$controlnet_generation" ]; then
+  job=$(GENERATED="controlnet=$RUNS/gen_controlnet" FIELD=photo OUTPUT=$RUNS/fid_controlnet submit "${sbatch_flags[@]}" \
+    "$(after "$controlnet_generation")" slurm/fid.sh "${job_config[@]}")
+  ids+=("fid_controlnet       $job   -> $RUNS/fid_controlnet/report.md")
 fi
 printf '%s\n' "${ids[@]}"

@@ -14,7 +14,7 @@
 set -euo pipefail
 # shellcheck source=slurm/common.sh
 source "${SKETCH2REAL_HOME:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"
-MODEL=${MODEL:-runwayml/stable-diffusion-v1-5}
+MODEL=${MODEL:-$S2R_DEFAULT_MODEL}
 SHARDS=${SHARDS:-data/shards}
 OUTPUT=${OUTPUT:-runs/textual_inversion}
 STEPS=${STEPS:-3000}

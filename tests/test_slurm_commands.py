@@ -25,7 +25,7 @@ FAKE_SCONTROL = """#!/usr/bin/env bash
 
 def _two_node_job(tmp_path: Path, script: str, config: str, *args: str) -> tuple[str, list[list[str]]]:
     bin_dir, log = tmp_path / "bin", tmp_path / "log"
-    bin_dir.mkdir()
+    bin_dir.mkdir(parents=True)
     log.mkdir()
     for name, text in (("srun", FAKE_SRUN), ("accelerate", FAKE_ACCELERATE), ("scontrol", FAKE_SCONTROL)):
         (bin_dir / name).write_text(text)
@@ -75,3 +75,52 @@ def test_ddp_across_two_nodes(tmp_path):
         i = argv.index
         assert argv[i("--num_machines") + 1] == "2" and argv[i("--num_processes") + 1] == "16"
         assert argv[i("--machine_rank") + 1] == str(rank) and argv[i("--main_process_ip") + 1] == "10.1.2.3"
+
+
+def _flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def test_one_meaning_per_variable_stages_models_categories(tmp_path, monkeypatch):
+    """STAGES is pipeline.sh's list of methods (sbatch passes it on to every job): the sequential job trains its own
+    CATEGORIES; the captioning job reads CAPTION_MODEL, not the diffusion MODEL pipeline.sh passes on."""
+    monkeypatch.setenv("STAGES", "dreambooth dreambooth_sequential")
+    monkeypatch.setenv("MODEL", "/models/sd")
+    _, nodes = _two_node_job(tmp_path / "a", "dreambooth_sequential.sh", "accelerate_configs/multi_node.yaml")
+    assert _flag(nodes[0], "--stages") == "cat,dog,helicopter,hamburger"
+    monkeypatch.setenv("CATEGORIES", "cat,apple")
+    _, nodes = _two_node_job(tmp_path / "b", "dreambooth_sequential.sh", "accelerate_configs/multi_node.yaml")
+    assert _flag(nodes[0], "--stages") == "cat,apple" and _flag(nodes[0], "--pretrained_model_name_or_path") == "/models/sd"
+    _, nodes = _two_node_job(tmp_path / "c", "caption.sh", "accelerate_configs/multi_node.yaml")
+    assert _flag(nodes[0], "--model_name_or_path") == "llava-hf/llava-1.5-7b-hf"
+    monkeypatch.setenv("CAPTION_MODEL", "/models/blip2")
+    _, nodes = _two_node_job(tmp_path / "d", "caption.sh", "accelerate_configs/multi_node.yaml")
+    assert _flag(nodes[0], "--model_name_or_path") == "/models/blip2"
+
+
+REMOVED_MODEL_IDS = ("runwayml/stable-diffusion-v1-5", "CompVis/stable-diffusion-v1-4")  # gone from the hub
+
+
+@pytest.mark.parametrize("script", ["dreambooth.sh", "dreambooth_sequential.sh", "textual_inversion.sh", "controlnet.sh",
+                                    "generate.sh"])
+def test_the_default_base_model_is_one_the_hub_still_has(tmp_path, monkeypatch, script):
+    monkeypatch.delenv("MODEL", raising=False)
+    _, nodes = _two_node_job(tmp_path, script, "accelerate_configs/multi_node.yaml")
+    assert _flag(nodes[0], "--pretrained_model_name_or_path") == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+def test_no_file_names_a_model_removed_from_the_hub():
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    named = [path for path in tracked if path != "tests/test_slurm_commands.py" and (REPO / path).is_file()
+             and any(old in (REPO / path).read_text(errors="replace") for old in REMOVED_MODEL_IDS)]
+    assert not named
+
+
+def test_every_log_folder_the_scripts_name_is_in_a_fresh_clone():
+    """Slurm opens `#SBATCH --output` before the script runs and makes no folder: the folder ships with the repo."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    folders = {os.path.dirname(path) for path in tracked}
+    for script in sorted((REPO / "slurm").glob("*.sh")):
+        for line in script.read_text().splitlines():
+            if line.startswith("#SBATCH --output="):
+                assert os.path.dirname(line.split("=", 1)[1]) in folders, (script.name, line)

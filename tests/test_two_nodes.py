@@ -174,7 +174,7 @@ def test_generation_and_captions_across_two_nodes_are_the_bytes_of_one(cluster, 
     assert len(one) == 10 and one == two
     assert json.loads((tmp_path / "gen2" / "metrics.json").read_text())["num_processes"] == 2
 
-    env = {**cluster, "MODEL": str(tiny_models.blip2), "SHARDS": str(shard_dir), "OUTPUT": str(tmp_path / "cap2")}
+    env = {**cluster, "CAPTION_MODEL": str(tiny_models.blip2), "SHARDS": str(shard_dir), "OUTPUT": str(tmp_path / "cap2")}
     cap_flags = ["--split", "test", "--max_new_tokens", "4", "--batch_size", "4", "--num_workers", "0", "--prompts", "1"]
     proc = _sbatch(env, tmp_path, "cap", "slurm/caption.sh", *cap_flags)
     assert proc.returncode == 0, _log(tmp_path, "cap")[-4000:]
