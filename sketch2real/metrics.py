@@ -69,7 +69,8 @@ def shard_set(shard_dir: str, split: str, field: str, categories: Sequence[str] 
     refs = sample_refs(shard_dir, split, categories)
     if not refs:
         raise UserError(f"no samples in split {split!r} of {shard_dir}")
-    return ImageSet(f"{split} {field}s", [(shard_dir, split, r.key, field) for r in refs], [r.key for r in refs],
+    plural = {"sketch": "sketches"}.get(field, f"{field}s")
+    return ImageSet(f"{split} {plural}", [(shard_dir, split, r.key, field) for r in refs], [r.key for r in refs],
                     [r.category for r in refs], [r.key for r in refs])
 
 

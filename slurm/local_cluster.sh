@@ -9,6 +9,9 @@ set -euo pipefail
 action=${1:?start or stop}
 dir=$(mkdir -p "${2:?scratch dir}" && cd "$2" && pwd)
 host=$(hostname -s)
+# Nodes are declared as the GPU nodes the scripts ask for (32 CPUs each: their own --cpus-per-task fits, so README
+# commands run as written); config_overrides lets slurmd declare more CPUs than this host has. The partition is
+# named gpu, as in the README's examples. GPUs: SBATCH_GPUS_PER_NODE=0 (the README's CPU form).
 common_settings() {  # what both clusters' slurm.conf say
   cat <<'CONF'
 ProctrackType=proctrack/linuxproc
@@ -21,6 +24,7 @@ SelectTypeParameters=CR_Core
 ReturnToService=2
 MpiDefault=none
 MinJobAge=5
+SlurmdParameters=config_overrides
 CONF
 }
 case "$action" in
@@ -40,8 +44,8 @@ SlurmdPidFile=$dir/slurmd.pid
 SlurmctldLogFile=$dir/log/slurmctld.log
 SlurmdLogFile=$dir/log/slurmd.log
 $(common_settings)
-NodeName=$host CPUs=$(nproc) RealMemory=1000 State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+NodeName=$host CPUs=32 RealMemory=1000 State=UNKNOWN
+PartitionName=gpu Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONF
     [ -f /etc/munge/munge.key ] || mungekey -c
     install -d -o munge -g munge -m 755 /run/munge
@@ -70,9 +74,9 @@ SlurmdPidFile=$dir/slurmd-%n.pid
 SlurmctldLogFile=$dir/log/slurmctld.log
 SlurmdLogFile=$dir/log/slurmd-%n.log
 $(common_settings)
-NodeName=n1 NodeHostname=$host NodeAddr=127.0.0.1 Port=17001 CPUs=2 RealMemory=1000 State=UNKNOWN
-NodeName=n2 NodeHostname=$host NodeAddr=127.0.0.2 Port=17002 CPUs=2 RealMemory=1000 State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+NodeName=n1 NodeHostname=$host NodeAddr=127.0.0.1 Port=17001 CPUs=32 RealMemory=1000 State=UNKNOWN
+NodeName=n2 NodeHostname=$host NodeAddr=127.0.0.2 Port=17002 CPUs=32 RealMemory=1000 State=UNKNOWN
+PartitionName=gpu Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONF
     export SLURM_CONF="$dir/slurm.conf"
     [ -f /etc/munge/munge.key ] || mungekey -c

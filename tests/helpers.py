@@ -200,3 +200,103 @@ def in_process_accelerator(mixed_precision: str = "bf16"):
     return SimpleNamespace(device=torch.device("cpu"), state=SimpleNamespace(deepspeed_plugin=None), num_processes=1,
                            process_index=0, mixed_precision=mixed_precision, is_main_process=True,
                            unwrap_model=lambda model: model)
+
+
+def pause_at_step(env: dict, step: int, marker: Path) -> dict:
+    """`env` with tests/probes/pause: every trainer process writes `marker`.rank<R> at `step` and waits there for a
+    preemption signal (a test signals on that event, never after a sleep that races the run's end)."""
+    path = os.pathsep.join(p for p in (str(REPO / "tests/probes/pause"), env.get("PYTHONPATH", "")) if p)
+    return {**env, "PYTHONPATH": path, "S2R_PROBE_PAUSE_AT_STEP": str(step), "S2R_PROBE_PAUSE_FILE": str(marker)}
+
+
+def fresh_clone(dest: Path) -> Path:
+    """The repository's tracked files at `dest`, as `git clone` gives them (no logs, data or runs of this checkout);
+    commands run there as a user runs them from a new clone."""
+    import shutil
+
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout.split(b"\0")
+    for name in filter(None, (t.decode() for t in tracked)):
+        if (REPO / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    return dest
+
+
+def readme_blocks() -> list[str]:
+    """Every ```bash block of README.md, in order."""
+    import re
+
+    return re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+
+
+def readme_block(containing: str) -> str:
+    """The one README bash block holding `containing`."""
+    found = [b for b in readme_blocks() if containing in b]
+    assert len(found) == 1, f"{len(found)} README blocks hold {containing!r}"
+    return found[0]
+
+
+def readme_cpu_env(tiny_models, **extra: str) -> dict:
+    """What the README says to set to run its commands on CPU-only Slurm nodes (README: "Without GPUs"), with the
+    tiny models as MODEL and CAPTION_MODEL."""
+    env = {**os.environ, "SBATCH_GPUS_PER_NODE": "0", "GPUS_PER_NODE": "2", "ACCELERATE_USE_CPU": "1",
+           "ACCELERATE_CONFIG": "accelerate_configs/cpu.yaml", "OMP_NUM_THREADS": "1", "PRECISION": "no",
+           "HF_HUB_OFFLINE": "1", "MODEL": str(tiny_models.sd), "CAPTION_MODEL": str(tiny_models.llava),
+           "TORCH_HOME": str(tiny_models.torch_home), **extra}
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    return env
+
+
+def run_readme_command(command: str, cwd: Path, env: dict, **substitutions: str) -> str:
+    """`command` (a README line) run by bash in `cwd` with each placeholder the README names replaced; its stdout."""
+    for placeholder, value in substitutions.items():
+        assert placeholder in command, (placeholder, command)
+        command = command.replace(placeholder, value)
+    proc = subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def wait_for_jobs(jobs: list[str], env: dict, logs: Path, seconds: float = 1200) -> None:
+    """Until every Slurm job of `jobs` has left the queue; a dependency that can never be met fails with the logs."""
+    import time
+
+    def queued() -> list[str]:
+        return subprocess.run(["squeue", "-h", "-o", "%i %T %r", "-j", ",".join(jobs)], env=env, capture_output=True,
+                              text=True).stdout.splitlines()
+
+    def tail() -> str:
+        return "".join(p.read_text(errors="replace") for p in sorted(logs.glob("*.out")))[-6000:]
+
+    deadline = time.time() + seconds
+    try:
+        while (waiting := queued()) and time.time() < deadline:
+            assert not any("DependencyNeverSatisfied" in line for line in waiting), tail()
+            time.sleep(1)
+        assert not waiting, (waiting, tail())
+    finally:  # a failed chain leaves its dependants pending forever
+        subprocess.run(["scancel", *jobs], env=env, capture_output=True)
+
+
+# The per-job settings the README's pipeline runs with on the tiny models (CONFIGS=dir: dir/JOB.yaml)
+TINY_PIPELINE_CONFIGS = {
+    "dreambooth": {"lora_rank": 4, "learning_rate": 1e-3, "validation_steps": 0, "report_to": "none",
+                   "num_heldout_samples": 0, "train_batch_size": 1},
+    "dreambooth_sequential": {"learning_rate": 1e-3, "validation_steps": 0, "report_to": "none",
+                              "num_heldout_samples": 2, "train_batch_size": 1},
+    "textual_inversion": {"validation_steps": 0, "report_to": "none", "num_heldout_samples": 0},
+    "controlnet": {"validation_steps": 0, "report_to": "none", "num_heldout_samples": 0, "train_batch_size": 1},
+    "caption": {"max_new_tokens": 4, "batch_size": 4, "num_workers": 0},
+    "generate": {"height": 32, "width": 32, "num_inference_steps": 2, "max_per_category": 2, "batch_size": 3},
+    "fid": {"dims": 64, "no_cache": True, "batch_size": 8, "num_workers": 0, "bootstrap_resamples": 10},
+}
+
+
+def write_configs(folder: Path, configs: dict) -> Path:
+    import yaml
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for job, values in configs.items():
+        (folder / f"{job}.yaml").write_text(yaml.safe_dump(values))
+    return folder

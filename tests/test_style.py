@@ -89,7 +89,7 @@ def test_style_metrics_end_to_end(tiny_models, tiny_csd, shard_dir, test_folders
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and chart.stat().st_size > 5000
     points = report["style_content_chart"]
     assert len(points) == 2 * 3 and {p["panel"] for p in points} == {"sketchiness", "csd"}
-    assert sorted(p["name"] for p in points if p["panel"] == "csd") == sorted(["photos", "sketches", "reference: val sketchs"])
+    assert sorted(p["name"] for p in points if p["panel"] == "csd") == sorted(["photos", "sketches", "reference: val sketches"])
     text = (tmp_path / "one" / "report.md").read_text()
     assert "did it learn the sketch style, and keep the content?" in text and "style_content.png" in text
     assert "learned the sketch style" in proc.stdout

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .helpers import REPO, relative_difference, run_script, weights
+from .helpers import REPO, pause_at_step, relative_difference, run_script, weights
 
 pytestmark = pytest.mark.skipif(shutil.which("slurmctld") is None or os.geteuid() != 0,
                                 reason="needs root and Debian's slurmctld/slurmd/munge (make slurm-deps)")
@@ -121,16 +121,17 @@ def _wait_for(condition, seconds: float = 240) -> None:
 
 def test_preemption_across_nodes_requeues_and_resumes_exactly(cluster, tiny_models, shard_dir, two_node_run, tmp_path):
     out = tmp_path / "db"
-    sbatch, job = _start(_db_env(cluster, tiny_models, shard_dir, out, CHECKPOINT_STEPS="0"), tmp_path, "pre", *DB_FLAGS)
-    _wait_for(lambda: (out / "run_config.json").is_file())
-    time.sleep(3)
+    marker = tmp_path / "paused"
+    env = pause_at_step(_db_env(cluster, tiny_models, shard_dir, out, CHECKPOINT_STEPS="0"), 40, marker)
+    sbatch, job = _start(env, tmp_path, "pre", *DB_FLAGS)
+    _wait_for(lambda: all(Path(f"{marker}.rank{r}").is_file() for r in (0, 1)))  # both nodes' trainers hold at step 40
     subprocess.run(["scancel", "--signal=USR1", job], check=True, env=cluster)
     sbatch.wait(timeout=600)
     log = _log(tmp_path, "pre")
     assert sbatch.returncode == 0, log[-4000:]
     assert "preempted: checkpoint saved" in log and "requeueing job" in log and "resumed from" in log
     step = int(next(out.glob("checkpoint-*")).name.split("-")[1])
-    assert 0 < step < STEPS and json.loads((out / "metrics.json").read_text())["steps"] == STEPS
+    assert step == 41 and json.loads((out / "metrics.json").read_text())["steps"] == STEPS
     a, b = weights(two_node_run), weights(out)
     assert all((a[k] == b[k]).all() for k in a)  # the same two-node run, interrupted: bit-identical
 
