@@ -121,3 +121,30 @@ def test_the_readme_pipeline_as_written_ends_in_its_reports(slurm, tiny_models, 
     assert len(jobs) == 12, submitted
     wait_for_jobs(jobs, env, repo / "logs")
     check_pipeline_reports(repo, jobs)
+
+
+STUDY_ROWS = {"llava-4", "llava-5", "llava-8", "dreambooth-sks-cat", "dreambooth-cat-style-sks", "dreambooth-sequential",
+              "textual-inversion-cat", "textual-inversion-all"}
+
+
+def test_the_readme_study_reproduction_as_written_scores_every_row(slurm, tiny_models, shard_dir, tmp_path):
+    """README: `bash slurm/reproduce_study.sh --partition gpu` after data prep (SHARDS: the shards), from a fresh clone:
+    every row of the study's table scored against the test sketches at 2048 dims, each row as the study made it."""
+    repo = fresh_clone(tmp_path / "clone")
+    env = readme_pipeline_env(tiny_models, tmp_path / "configs", SHARDS=str(shard_dir), CATEGORIES="apple,airplane")
+    submitted = run_readme_command(readme_block("bash slurm/reproduce_study.sh").strip(), repo, env)
+    jobs = [word for line in submitted.splitlines() for word in line.split() if word.isdigit()]
+    assert len(jobs) == 15, submitted
+    wait_for_jobs(jobs, env, repo / "logs")
+    study = repo / "runs" / "study"
+    scores = json.loads((study / "fid" / "metrics.json").read_text())
+    assert set(scores["sets"]) == STUDY_ROWS and scores["dims"] == 2048 and scores["reference"]["name"] == "test sketches"
+    assert all(row["fid"] > 0 and row["n_generated"] > 0 for row in scores["sets"].values())
+    config = {row: json.loads((study / f"dreambooth_{row}" / "run_config.json").read_text()) for row in ("sks-cat", "cat-style-sks")}
+    assert config["sks-cat"]["instance_prompt"] == "a photo of a sks cat" and config["sks-cat"]["num_instance_images"] == 3
+    assert config["cat-style-sks"]["instance_prompt"] == "a cat in the style of sks"
+    assert json.loads((study / "textual_inversion_cat" / "run_config.json").read_text())["categories"] == ["cat"]
+    prompts = {json.loads(line)["prompt"] for line in (study / "gen_dreambooth-sequential" / "index.jsonl").read_text().splitlines()}
+    assert "a picture of a cat in the style of sks" in prompts
+    assert sorted(p.name for p in (study / "dreambooth_sequential").glob("stage-*")) == ["stage-01-apple", "stage-02-airplane"]
+    assert {json.loads(line)["prompt_id"] for line in (study / "captions" / "captions.jsonl").read_text().splitlines()} == {"4", "5", "8"}

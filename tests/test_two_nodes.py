@@ -16,7 +16,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from .helpers import REPO, pause_at_step, relative_difference, run_script, weights
+from .helpers import (
+    REPO,
+    fresh_clone,
+    pause_at_step,
+    readme_block,
+    relative_difference,
+    run_readme_command,
+    run_script,
+    wait_for_jobs,
+    weights,
+)
+from .test_slurm import check_pipeline_reports
 
 pytestmark = pytest.mark.skipif(shutil.which("slurmctld") is None or os.geteuid() != 0,
                                 reason="needs root and Debian's slurmctld/slurmd/munge (make slurm-deps)")
@@ -185,55 +196,33 @@ def test_generation_and_captions_across_two_nodes_are_the_bytes_of_one(cluster, 
     assert json.loads((tmp_path / "cap2" / "metrics.json").read_text())["num_processes"] == 2
 
 
-PIPELINE_CONFIGS = {
-    "dreambooth": {"lora_rank": 4, "learning_rate": 1e-3, "validation_steps": 0, "report_to": "none",
-                   "num_heldout_samples": 0, "train_batch_size": 1},
-    "generate": {"height": 32, "width": 32, "num_inference_steps": 2, "max_per_category": 2, "batch_size": 3},
-    "fid": {"dims": 64, "no_cache": True, "batch_size": 8, "num_workers": 0, "bootstrap_resamples": 10},
-}
+def _pipeline(cluster, tiny_models, sketchy_root, root: Path, flags: list[str], stages: str | None, **extra: str) -> list[str]:
+    """The README's `SKETCHY=/data/sketchy bash slurm/pipeline.sh --partition gpu --account myproj` from a fresh clone at
+    `root`, with `flags` for every job (STAGES: `stages`, None for the default, every method); its job ids, once
+    every job has left the queue."""
+    from .test_slurm import readme_pipeline_env
 
-
-def _pipeline(cluster, tiny_models, sketchy_root, root: Path, flags: list[str], **extra: str) -> dict:
-    """`slurm/pipeline.sh` (data prep -> DreamBooth -> generation -> FID) with `flags` for every job; its fid
-    metrics.json once every job has left the queue (a failed job: its log)."""
-    import yaml
-
-    configs = root / "configs"
-    configs.mkdir(parents=True)
-    for job, values in PIPELINE_CONFIGS.items():
-        (configs / f"{job}.yaml").write_text(yaml.safe_dump(values))
-    env = {**cluster, "SKETCHY": str(sketchy_root), "DATA": str(root / "data"), "RUNS": str(root / "runs"),
-           "MODEL": str(tiny_models.sd), "STAGES": "dreambooth", "CONFIGS": str(configs), "STEPS": "12",
-           "CHECKPOINT_STEPS": "6", "TORCH_HOME": str(tiny_models.torch_home), **extra}
-    submitted = subprocess.run(["bash", "slurm/pipeline.sh", *flags, f"--output={root}/job-%j.out"], cwd=REPO, env=env,
-                               capture_output=True, text=True, timeout=120, check=True).stdout
+    repo = fresh_clone(root)
+    env = {**readme_pipeline_env(tiny_models, root / "configs"), **cluster, "SKETCHY": str(sketchy_root), **extra}
+    if stages:
+        env["STAGES"] = stages
+    command = readme_block("bash slurm/pipeline.sh").strip() + " " + " ".join(flags)
+    submitted = run_readme_command(command, repo, env, **{"/data/sketchy": str(sketchy_root)})
     jobs = [word for line in submitted.splitlines() for word in line.split() if word.isdigit()]
-    assert len(jobs) == 4, submitted  # data_prep, dreambooth, its generation, fid
-
-    def queued() -> list[str]:
-        return subprocess.run(["squeue", "-h", "-o", "%i %T %r", "-j", ",".join(jobs)], env=env, capture_output=True,
-                              text=True).stdout.splitlines()
-
-    deadline = time.time() + 900
-    try:
-        while (waiting := queued()) and time.time() < deadline:
-            assert not any("DependencyNeverSatisfied" in line for line in waiting), _log(root, "job")[-6000:]
-            time.sleep(1)
-        assert not waiting, waiting
-    finally:  # a failed chain leaves its dependants pending forever
-        subprocess.run(["scancel", *jobs], env=env, capture_output=True)
-    metrics = root / "runs" / "fid" / "metrics.json"
-    assert metrics.is_file(), _log(root, "job")[-6000:]
-    return json.loads(metrics.read_text())
+    wait_for_jobs(jobs, env, repo / "logs")
+    return jobs
 
 
 def test_the_pipeline_on_two_nodes_ends_with_the_metrics_of_one_node(cluster, tiny_models, sketchy_root, tmp_path):
-    """The whole chain, every job on two nodes (one process each), against every job on one node (two processes):
-    the same splits and shards, trained weights, image bytes and metrics."""
-    two = _pipeline(cluster, tiny_models, sketchy_root, tmp_path / "two", CPU_FLAGS)
-    one = _pipeline(cluster, tiny_models, sketchy_root, tmp_path / "one",
-                    ["--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=2", "--time=10"],
-                    GPUS_PER_NODE="2")
+    """The README's whole chain with its default STAGES, every job on two nodes (one process each), ends in its reports;
+    its DreamBooth part against the same chain on one node (two processes): the same splits and shards, trained
+    weights, image bytes and scores."""
+    jobs = _pipeline(cluster, tiny_models, sketchy_root, tmp_path / "two", CPU_FLAGS, None)
+    assert len(jobs) == 12
+    check_pipeline_reports(tmp_path / "two", jobs)
+    _pipeline(cluster, tiny_models, sketchy_root, tmp_path / "one",
+              ["--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=2", "--time=10"],
+              "dreambooth", GPUS_PER_NODE="2")
     runs = {name: tmp_path / name / "runs" for name in ("one", "two")}
     trained = {name: json.loads((r / "dreambooth_cat" / "metrics.json").read_text()) for name, r in runs.items()}
     assert (trained["two"]["num_nodes"], trained["one"]["num_nodes"]) == (2, 1)
@@ -245,6 +234,8 @@ def test_the_pipeline_on_two_nodes_ends_with_the_metrics_of_one_node(cluster, ti
     images = {name: {p.relative_to(r): p.read_bytes() for p in (r / "gen_dreambooth" / "images").rglob("*.png")}
               for name, r in runs.items()}
     assert len(images["two"]) == 10 and images["two"] == images["one"]
-    assert two["num_processes"] == one["num_processes"] == 2
-    assert two["sets"]["dreambooth"]["n_generated"] == 10 and two["sets"]["dreambooth"]["fid"] > 0
-    assert two["sets"] == one["sets"] and two.get("differences") == one.get("differences")
+    scores = {name: json.loads((r / "fid" / "metrics.json").read_text()) for name, r in runs.items()}
+    assert scores["two"]["num_processes"] == scores["one"]["num_processes"] == 2
+    assert scores["two"]["reference"]["name"] == scores["one"]["reference"]["name"] == "test sketches"
+    for key in ("fid", "kid", "n_generated"):
+        assert scores["two"]["sets"]["dreambooth"][key] == scores["one"]["sets"]["dreambooth"][key]

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The original study's FID table (../shared/seed/STUDY-NOTES.md), every row, submitted as one chain with
+# --dependency=afterok; prints the job ids. Scored against the test sketches, as the study scored.
+#   rows: LLaVA captions with prompts 4, 5 and 8; DreamBooth on 3 cat sketches "a photo of a sks cat" and
+#   "a cat in the style of sks"; sequential DreamBooth dog -> helicopter -> hamburger (3 sketches each);
+#   Textual Inversion on cat sketches and on all categories.
+# Usage (from the repo root, after slurm/data_prep.sh): bash slurm/reproduce_study.sh [sbatch flags for every job]
+#   RUNS=runs/study (default)   where every row's model, images and the report go (RUNS/fid/report.md)
+#   MODEL, CAPTION_MODEL, STEPS, RESOLUTION, CONFIGS=dir (dir/JOB.yaml, as slurm/pipeline.sh) ...: the job scripts'
+#   CATEGORY, CATEGORIES: the study's cat and dog,helicopter,hamburger
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p logs
+RUNS=${RUNS:-runs/study}
+CATEGORY=${CATEGORY:-cat}
+CATEGORIES=${CATEGORIES:-dog,helicopter,hamburger}
+export SHARDS=${SHARDS:-data/shards}
+flags=("$@")
+ids=() generations=() generated=""
+
+config() {  # config JOB: the --config flag of JOB's script, when CONFIGS has one
+  if [ -n "${CONFIGS:-}" ] && [ -f "$CONFIGS/$1.yaml" ]; then printf -- '--config\n%s\n' "$CONFIGS/$1.yaml"; fi
+}
+submit() {  # submit NAME [ENV=VALUE ...] -- SBATCH_ARGS...: prints nothing, records the job id in $job
+  local name=$1 envs=()
+  shift
+  while [ "$1" != "--" ]; do envs+=("$1"); shift; done
+  shift
+  job=$(env "${envs[@]}" sbatch --parsable "${flags[@]}" "$@" | cut -d';' -f1)
+  ids+=("$(printf '%-28s %s' "$name" "$job")")
+}
+mapfile -t gen_config < <(config generate)
+generate() {  # generate ROW AFTER_JOB [ENV=VALUE ...] -- FLAGS...: the row's images, after AFTER_JOB
+  local row=$1 after=$2
+  shift 2
+  local envs=()
+  while [ "$1" != "--" ]; do envs+=("$1"); shift; done
+  shift
+  submit "generate ($row)" "${envs[@]}" OUTPUT="$RUNS/gen_$row" -- --dependency="afterok:$after" slurm/generate.sh \
+    "${gen_config[@]}" "$@"
+  generations+=("$job")
+  generated+=" $row=$RUNS/gen_$row"
+}
+label=${CATEGORY//_/ }
+study_template="a picture of a {category} in the style of sks"  # how the study prompted its DreamBooth models
+
+mapfile -t job_config < <(config caption)
+submit caption OUTPUT="$RUNS/captions" -- slurm/caption.sh --prompts 4 5 8 "${job_config[@]}"
+captions=$job
+for prompt in 4 5 8; do
+  generate "llava-$prompt" "$captions" -- --captions "$RUNS/captions/captions.jsonl" --prompt_ids "$prompt"
+done
+
+mapfile -t job_config < <(config dreambooth)
+for row in "sks-$CATEGORY" "$CATEGORY-style-sks"; do
+  if [ "$row" = "sks-$CATEGORY" ]; then prompt="a photo of a sks $label"; else prompt="a $label in the style of sks"; fi
+  submit "dreambooth ($row)" CATEGORY="$CATEGORY" PROMPT="$prompt" OUTPUT="$RUNS/dreambooth_$row" -- \
+    slurm/dreambooth.sh --num_instance_images 3 "${job_config[@]}"
+  generate "dreambooth-$row" "$job" MODEL="$RUNS/dreambooth_$row" -- --prompt_template "$study_template"
+done
+
+mapfile -t job_config < <(config dreambooth_sequential)
+submit "dreambooth_sequential" CATEGORIES="$CATEGORIES" OUTPUT="$RUNS/dreambooth_sequential" \
+  PROMPT="a photo of a {category} in the style of sks" -- slurm/dreambooth_sequential.sh --num_instance_images 3 \
+  "${job_config[@]}"
+IFS=, read -r -a stages <<< "$CATEGORIES"
+last=$(printf 'stage-%02d-%s' "${#stages[@]}" "${stages[-1]}")
+generate "dreambooth-sequential" "$job" MODEL="$RUNS/dreambooth_sequential/$last" -- --prompt_template "$study_template"
+
+mapfile -t job_config < <(config textual_inversion)
+for row in "$CATEGORY" all; do
+  categories=()
+  if [ "$row" != all ]; then categories=(--categories "$CATEGORY"); fi
+  submit "textual_inversion ($row)" OUTPUT="$RUNS/textual_inversion_$row" -- slurm/textual_inversion.sh \
+    "${categories[@]}" "${job_config[@]}"
+  generate "textual-inversion-$row" "$job" -- --textual_inversion "$RUNS/textual_inversion_$row/learned_embeds.safetensors" \
+    --prompt_template "a {category} in the style of <sketch>"
+done
+
+mapfile -t job_config < <(config fid)
+submit fid GENERATED="${generated# }" FIELD=sketch OUTPUT="$RUNS/fid" -- \
+  --dependency="afterok:$(IFS=:; echo "${generations[*]}")" slurm/fid.sh --dims 2048 "${job_config[@]}"
+ids+=("  -> $RUNS/fid/report.md")
+printf '%s\n' "${ids[@]}"

@@ -1,0 +1,68 @@
+"""Every command block of README.md is run by a test as written, or says here why not yet: a new block without an
+entry fails, an entry naming a test that does not exist fails, and an entry whose block left the README fails."""
+
+from __future__ import annotations
+
+import ast
+import os
+import shlex
+from types import SimpleNamespace
+
+from .helpers import REPO, readme_block, readme_blocks, readme_cpu_env
+
+# A block's first line -> the tests that run it ("file.py::test"), or the reason it is not run on CI yet.
+RUN_BY = {
+    "make demo": ["not run by the suite: make test is .ci/run itself; make demo takes ~10 min on 2 cores (run by hand)"],
+    "pip install torch torchvision --index-url": ["not run: needs PyTorch's CUDA index (no network on CI); the "
+                                                  "requirements line is make setup's, which .ci/run runs"],
+    "SKETCHY=/data/sketchy bash slurm/pipeline.sh": [
+        "test_slurm.py::test_the_readme_pipeline_as_written_ends_in_its_reports",
+        "test_two_nodes.py::test_the_pipeline_on_two_nodes_ends_with_the_metrics_of_one_node"],
+    "export SBATCH_GPUS_PER_NODE=0": ["test_readme.py::test_the_cpu_form_is_what_the_slurm_tests_run_with"],
+    "accelerate launch --config_file accelerate_configs/multi_gpu.yaml": [
+        "not run as written yet: 400 steps at 512 px with 8-bit Adam; the same trainer and flags run at 64 px in "
+        "tests/test_dreambooth.py"],
+    "nice -n 10 python bench/full_scale.py": ["not run: a 17-minute benchmark (its figures are the README's table)"],
+    "XL=stabilityai/stable-diffusion-xl-base-1.0": ["not run as written yet: 1024 px on CPU; SDXL trainers run at 32-64 px "
+                                                    "in tests/test_dreambooth.py and tests/test_textual_inversion.py"],
+    "MODEL=stabilityai/stable-diffusion-3.5-medium": ["not run as written yet; the flow families' trainers run in "
+                                                      "tests/test_flow_families.py"],
+    "bash slurm/reproduce_study.sh": ["test_slurm.py::test_the_readme_study_reproduction_as_written_scores_every_row"],
+    "GENERATED='llava-4=runs/study/gen_llava-4": ["not run as written yet: its DINOv2/CLIP hub ids; every metric runs on "
+                                                  "tiny extractors in tests/test_fid.py and tests/test_style.py"],
+}
+
+
+def _entry(block: str) -> str | None:
+    matches = [key for key in RUN_BY if block.lstrip().startswith(key)]
+    return matches[0] if len(matches) == 1 else None
+
+
+def test_every_readme_block_has_a_run_or_a_reason():
+    blocks = readme_blocks()
+    missing = [b.splitlines()[0] for b in blocks if _entry(b) is None]
+    assert not missing, f"README blocks with no entry in RUN_BY: {missing}"
+    stale = set(RUN_BY) - {_entry(b) for b in blocks}
+    assert not stale, f"RUN_BY entries whose block left the README: {stale}"
+
+
+def test_every_named_test_exists():
+    for runs in RUN_BY.values():
+        for run in runs:
+            if "::" not in run:
+                assert run.startswith("not run"), run
+                continue
+            path, name = run.split("::")
+            tree = ast.parse((REPO / "tests" / path).read_text())
+            assert name in {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}, run
+
+
+def test_the_cpu_form_is_what_the_slurm_tests_run_with():
+    """The README's "Without GPUs" variables are exactly what the tests' Slurm runs set (beyond the models)."""
+    words = shlex.split(readme_block("export SBATCH_GPUS_PER_NODE=0").replace("\\\n", " "))
+    assert words[0] == "export"
+    documented = dict(word.split("=", 1) for word in words[1:])
+    env = readme_cpu_env(SimpleNamespace(sd="tiny-sd", llava="tiny-llava", torch_home="torch_home"))
+    assert {k: env[k] for k in documented} == documented
+    added = {k for k in env if env[k] != os.environ.get(k)} - set(documented)
+    assert added <= {"MODEL", "CAPTION_MODEL", "TORCH_HOME", "HF_HUB_OFFLINE"}, added
