@@ -87,8 +87,9 @@ def test_preempted_training_job_requeues_and_resumes(slurm, tiny_models, shard_d
 
 def readme_pipeline_env(tiny_models, configs: Path, **extra: str) -> dict:
     """The README's CPU form with the tiny models; the pipeline's documented settings sized for them."""
-    env = readme_cpu_env(tiny_models, CATEGORIES="cat,apple", STEPS="6", CHECKPOINT_STEPS="3", RESOLUTION="32",
-                         CONFIGS=str(write_configs(configs, TINY_PIPELINE_CONFIGS)), **extra)
+    settings = {"CATEGORIES": "cat,apple", "STEPS": "6", "CHECKPOINT_STEPS": "3", "RESOLUTION": "32",
+                "CONFIGS": str(write_configs(configs, TINY_PIPELINE_CONFIGS)), **extra}
+    env = readme_cpu_env(tiny_models, **settings)
     env.pop("STAGES", None)  # the default: every method
     return env
 
@@ -131,7 +132,8 @@ def test_the_readme_study_reproduction_as_written_scores_every_row(slurm, tiny_m
     """README: `bash slurm/reproduce_study.sh --partition gpu` after data prep (SHARDS: the shards), from a fresh clone:
     every row of the study's table scored against the test sketches at 2048 dims, each row as the study made it."""
     repo = fresh_clone(tmp_path / "clone")
-    env = readme_pipeline_env(tiny_models, tmp_path / "configs", SHARDS=str(shard_dir), CATEGORIES="apple,airplane")
+    env = readme_pipeline_env(tiny_models, tmp_path / "configs", SHARDS=str(shard_dir), CATEGORIES="apple,airplane",
+                              GPUS_PER_NODE="1")  # one process a job: 15 jobs of start-up on 2 cores
     submitted = run_readme_command(readme_block("bash slurm/reproduce_study.sh").strip(), repo, env)
     jobs = [word for line in submitted.splitlines() for word in line.split() if word.isdigit()]
     assert len(jobs) == 15, submitted
