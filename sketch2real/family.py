@@ -87,6 +87,7 @@ class Family:
     # but for `unused_last_layer`
     text_encoder_training: bool = True
     fp16: bool = True  # trains in fp16 (the flow families are bf16 models: T5 and the MM-DiTs overflow in fp16)
+    comfyui_lora: bool = True  # its LoRA can also be written in kohya's key format (`comfyui_lora_layers`)
     resolution_multiple: int = 8  # the VAE's downsampling (the MM-DiTs' 2x2 patches: 16)
 
     def require(self, trainer: str) -> None:
@@ -126,6 +127,14 @@ class Family:
         from sketch2real.training.diffusion import tokenize
 
         return [tokenize(tokenizer, prompts, self.max_length(tokenizer)) for tokenizer in tokenizers]
+
+    def comfyui_lora_layers(self, peft_layers: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+        """The UNet's adapters in kohya's names (`lora_unet_<module>.lora_down/lora_up.weight` and `.alpha`), the file
+        A1111, ComfyUI and kohya's scripts read; alpha as trained (diffusers' converter writes alpha = rank)."""
+        from diffusers.utils import convert_state_dict_to_kohya
+
+        kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in peft_layers.items()})
+        return {k: torch.tensor(float(alpha)) if k.endswith(".alpha") else v for k, v in kohya.items()}
 
     @property
     def lora_metadata_argument(self) -> str:
@@ -208,6 +217,7 @@ class FlowMatchingFamily(Family):
 
     MAX_SEQUENCE_LENGTH = 77
     fp16: bool = False
+    comfyui_lora: bool = False  # kohya's names for MM-DiTs follow the original checkpoints' modules, not built
     resolution_multiple: int = 16
     controlnet_class: str = "SD3ControlNetModel"
     control_image_argument: str = "control_image"

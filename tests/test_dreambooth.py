@@ -140,7 +140,8 @@ def test_deepspeed_zero2_trains_text_encoder_and_saves_a_pipeline(db_args, tmp_p
 
 def test_lora_with_alpha_not_rank_reloads_identically_in_plain_diffusers_and_generation(db_args, tmp_path, tiny_models):
     """alpha 16 at rank 4: plain diffusers' load_lora_weights and infer/generate.py's loader give the UNet the trainer
-    had (base + adapters at alpha/rank = 4); without the saved metadata diffusers reloads alpha = rank."""
+    had (base + adapters at alpha/rank = 4); without the saved metadata diffusers reloads alpha = rank. The kohya/ComfyUI
+    file (--lora_format comfyui), read back by diffusers' kohya converter, gives the same UNet."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft import LoraConfig, set_peft_model_state_dict
@@ -149,7 +150,7 @@ def test_lora_with_alpha_not_rank_reloads_identically_in_plain_diffusers_and_gen
 
     out = tmp_path / "lora"
     run_script("train/dreambooth.py", *db_args, "--output_dir", out, "--max_train_steps", "10", "--lora_rank", "4",
-               "--lora_alpha", "16", "--learning_rate", "1e-2")
+               "--lora_alpha", "16", "--learning_rate", "1e-2", "--lora_format", "comfyui")
     assert not (out / "unet").exists()
     saved = StableDiffusionPipeline.lora_state_dict(out)[0]
     trained = UNet2DConditionModel.from_pretrained(tiny_models.sd, subfolder="unet")
@@ -174,6 +175,17 @@ def test_lora_with_alpha_not_rank_reloads_identically_in_plain_diffusers_and_gen
     torch.testing.assert_close(output(pipe.unet), expected, rtol=1e-5, atol=1e-5)
     generation = load_generation_pipeline(str(out), torch.device("cpu"), torch.float32)  # fused, as generate/FID use it
     torch.testing.assert_close(output(generation.unet), expected, rtol=1e-5, atol=1e-5)
+
+    from safetensors import safe_open
+
+    comfyui = out / "pytorch_lora_weights_comfyui.safetensors"
+    with safe_open(comfyui, "pt") as f:
+        keys = set(f.keys())
+        assert f.get_tensor("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha").item() == 16
+    assert len(keys) == 3 * sum(1 for k in saved if "lora.down" in k)  # down, up and alpha of every adapter
+    kohya = StableDiffusionPipeline.from_pretrained(tiny_models.sd)
+    kohya.load_lora_weights(out, weight_name=comfyui.name)  # diffusers' converter from kohya's names
+    torch.testing.assert_close(output(kohya.unet), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_prior_preservation_generates_class_images_once(db_args, tmp_path):

@@ -48,6 +48,10 @@ class DreamBoothOptions(TrainOptions):
     learning_rate: float | None = option(None, help="initial learning rate (after warmup); default 5e-6, or 1e-4 with "
                                                     "--lora_rank (diffusers' DreamBooth and DreamBooth LoRA defaults)",
                                          min_exclusive=0)
+    lora_format: str = option("diffusers", help="LoRA file format: diffusers (pytorch_lora_weights.safetensors); comfyui: "
+                                                "also pytorch_lora_weights_comfyui.safetensors in kohya's key format, for "
+                                                "A1111, ComfyUI and kohya's scripts (SD 1.x, SDXL)",
+                              choices=("diffusers", "comfyui"), noun="LoRA format")
     initial_lora: str = option("", help="start the LoRA adapters from this LoRA folder (a run's output with "
                                         "pytorch_lora_weights.safetensors) instead of a fresh start; with --lora_rank")
 
@@ -62,6 +66,8 @@ class DreamBoothOptions(TrainOptions):
         if self.lora_rank and self.train_text_encoder:
             raise UserError("--lora_rank trains UNet adapters while --train_text_encoder trains the whole text encoder: "
                             "choose one")
+        if self.lora_format != "diffusers" and not self.lora_rank:
+            raise UserError(f"--lora_format {self.lora_format} is the format of LoRA files: give --lora_rank")
         if self.initial_lora and not self.lora_rank:
             raise UserError("--initial_lora continues LoRA adapters: give --lora_rank (the rank it was trained with)")
         if self.initial_lora and not (Path(self.initial_lora) / "pytorch_lora_weights.safetensors").is_file():
@@ -151,6 +157,9 @@ class DreamBoothTask(DiffusionTask):
 
     def refuse(self, family: Family) -> None:
         super().refuse(family)
+        if self.opts.lora_format == "comfyui" and not family.comfyui_lora:
+            raise UserError(f"--lora_format comfyui is built for SD 1.x and SDXL UNets, not {family.name} models "
+                            "(their diffusers file loads in ComfyUI's diffusers loader)")
         if self.opts.train_text_encoder and not family.text_encoder_training:
             raise UserError(f"--train_text_encoder is not built for {family.name} models (its text encoder is read "
                             "at inner layers: train the denoiser, or LoRA adapters)")
@@ -274,6 +283,15 @@ class DreamBoothTask(DiffusionTask):
                             self.family.lora_metadata_argument: metadata},
                     safe_serialization=True)
                 umask_modes(out / "pytorch_lora_weights.safetensors")  # diffusers writes it 0600 through a temp file
+                if opts.lora_format == "comfyui":
+                    from safetensors.torch import save_file
+
+                    alpha = metadata["lora_alpha"]
+                    kohya = self.family.comfyui_lora_layers(layers, alpha)
+                    with atomic_path(out / "pytorch_lora_weights_comfyui.safetensors") as tmp:
+                        save_file({k: v.contiguous() for k, v in kohya.items()}, tmp, metadata={
+                            "format": "pt", "ss_network_module": "networks.lora", "ss_network_dim": str(opts.lora_rank),
+                            "ss_network_alpha": str(alpha)})
             else:
                 save_pipeline(opts, state, out)
 
