@@ -6,7 +6,7 @@ from __future__ import annotations
 from sketch2real.cli import parse_options, run_main
 from sketch2real.evaluation import BEYOND_INCEPTION, run_fid
 from sketch2real.evaluation import EvalOptions as Options
-from sketch2real.metrics import folder_set, shard_set
+from sketch2real.metrics import drawn_samples, folder_set, of_samples, shard_set
 
 
 def main() -> int:
@@ -20,6 +20,9 @@ def main() -> int:
         sets.append(folder_set(folder, name or None))
     reference = (folder_set(opts.reference_dir) if opts.reference_dir
                  else shard_set(opts.reference_shards, opts.reference_split, opts.reference_field, opts.categories or None))
+    if opts.max_samples:
+        drawn = drawn_samples(reference, opts.max_samples, opts.seed)
+        reference, sets = of_samples(reference, drawn), [of_samples(s, drawn) for s in sets]
     state = distributed_state(opts.ddp_timeout)
     check_shared_folder(state, opts.output_dir)
     report = run_fid(opts, sets, reference, state)

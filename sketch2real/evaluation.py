@@ -527,7 +527,10 @@ class EvalOptions:
     batch_size: int = option(50, help="images per batch per process", min=1)
     num_workers: int = option(2, help="decoding workers per process (0: in the main process)", min=0)
     resize: int = option(0, help="resize every image to this square size first (0: keep; the network resizes to 299)", min=0)
-    seed: int = option(0, help="seed of KID's subsets and the pairing baseline", min=0)
+    seed: int = option(0, help="seed of KID's subsets, the pairing baseline and the --max_samples draw", min=0)
+    max_samples: int = option(0, help="score only this many of the reference's samples, drawn by --seed, and the generated "
+                                      "images of those samples (the original study's protocol: 100 sketches); 0: all",
+                              min=0)
     cache_dir: str = option("", help="reference-statistics cache (default: ~/.cache/sketch2real/fid)")
     no_cache: bool = option(False, help="do not read or write cached reference statistics")
     channels_last: bool = option(False, help="channels-last Inception: ~1.5x faster, FID equal to pytorch-fid's only to "

@@ -62,6 +62,28 @@ def folder_set(folder: str, name: str | None = None) -> ImageSet:
     return ImageSet(name or root.name, paths, [str(p.relative_to(root)) for p in paths], categories, keys, prompts)
 
 
+def drawn_samples(reference: ImageSet, count: int, seed: int) -> set[str]:
+    """`count` of the reference's sample keys drawn without replacement by `seed` alone (a fixed evaluation sample,
+    the same in every job that asks: the study scored 100 sketches)."""
+    keys = sorted(set(reference.sample_keys) - {""})
+    if count > len(keys):
+        raise UserError(f"--max_samples {count}: the reference has {len(keys)} samples")
+    return {keys[i] for i in np.random.default_rng(seed).choice(len(keys), count, replace=False)}
+
+
+def of_samples(images: ImageSet, keys: set[str]) -> ImageSet:
+    """The images of `images` whose sample is one of `keys` (generated images name theirs in index.jsonl)."""
+    if not any(images.sample_keys):
+        raise UserError(f"{images.name}: its images do not name their samples (no sample_key in index.jsonl), so "
+                        "--max_samples cannot choose among them")
+    rows = [i for i, key in enumerate(images.sample_keys) if key in keys]
+    if not rows:
+        raise UserError(f"{images.name}: no image of the {len(keys)} drawn samples")
+    pick = lambda values: None if values is None else [values[i] for i in rows]  # noqa: E731
+    return ImageSet(images.name, pick(images.sources), pick(images.ids), pick(images.categories), pick(images.sample_keys),
+                    pick(images.prompts))
+
+
 def shard_set(shard_dir: str, split: str, field: str, categories: Sequence[str] | None = None) -> ImageSet:
     """The sketches or photos of a split, read straight from the shards."""
     from sketch2real.shards import sample_refs

@@ -253,6 +253,7 @@ def run_readme_command(command: str, cwd: Path, env: dict, **substitutions: str)
     for placeholder, value in substitutions.items():
         assert placeholder in command, (placeholder, command)
         command = command.replace(placeholder, value)
+    env = {**env, "PYTHONPATH": str(cwd)}  # the clone's library, as its own `pip install -e .` would give (sbatch passes it on)
     proc = subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout

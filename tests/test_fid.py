@@ -381,3 +381,27 @@ def test_mmd_is_computed_in_blocks_with_the_dense_value():
     tracemalloc.stop()
     assert blocked == pytest.approx(dense, rel=1e-12, abs=1e-12)
     assert peak < 3000 * 3000 * 8 / 4, f"peak {peak / 2**20:.1f} MiB: a dense kernel matrix was built"
+
+
+def test_max_samples_scores_the_same_drawn_samples_on_both_sides(tiny_models, shard_dir, tmp_path):
+    """The study's protocol (--max_samples 100: a seeded draw of the reference's samples, and the generated images of
+    those samples): a folder holding the test sketches themselves scores FID 0 against the drawn sketches."""
+    from sketch2real.metrics import drawn_samples, open_images, shard_set
+
+    sketches = shard_set(str(shard_dir), "test", "sketch")
+    folder = tmp_path / "sketches"
+    folder.mkdir()
+    rows = []
+    for i, (image, category, key) in enumerate(zip(open_images(sketches.sources), sketches.categories, sketches.sample_keys)):
+        image.save(folder / f"{i:03d}.png")
+        rows.append(json.dumps({"key": f"{i:03d}", "image": f"{i:03d}.png", "category": category, "sample_key": key}))
+    (folder / "index.jsonl").write_text("\n".join(rows) + "\n")
+    common = ["--generated", f"same={folder}", "--reference_shards", shard_dir, "--reference_field", "sketch", "--dims",
+              "64", "--no_cache", "--batch_size", "8", "--max_samples", "6"]
+    run_script("eval/fid.py", *common, "--output_dir", tmp_path / "a")
+    scores = _fid(tmp_path / "a")
+    assert scores["reference"]["n"] == scores["sets"]["same"]["n_generated"] == 6 < len(sketches)
+    assert abs(scores["sets"]["same"]["fid"]) < 1e-3  # the same six samples on both sides
+    assert drawn_samples(sketches, 6, 0) == drawn_samples(sketches, 6, 0) != drawn_samples(sketches, 6, 1)
+    proc = run_script("eval/fid.py", *common[:-1], str(len(sketches) + 1), "--output_dir", tmp_path / "b", check=False)
+    assert proc.returncode == 2 and "the reference has" in proc.stderr

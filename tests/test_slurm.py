@@ -133,15 +133,18 @@ def test_the_readme_study_reproduction_as_written_scores_every_row(slurm, tiny_m
     every row of the study's table scored against the test sketches at 2048 dims, each row as the study made it."""
     repo = fresh_clone(tmp_path / "clone")
     env = readme_pipeline_env(tiny_models, tmp_path / "configs", SHARDS=str(shard_dir), CATEGORIES="apple,airplane",
-                              GPUS_PER_NODE="1")  # one process a job: 15 jobs of start-up on 2 cores
+                              GPUS_PER_NODE="1", STUDY_SAMPLES="6")  # one process a job: 15 jobs of start-up on 2 cores
     submitted = run_readme_command(readme_block("bash slurm/reproduce_study.sh").strip(), repo, env)
     jobs = [word for line in submitted.splitlines() for word in line.split() if word.isdigit()]
-    assert len(jobs) == 15, submitted
+    assert len(jobs) == 16, submitted
     wait_for_jobs(jobs, env, repo / "logs")
     study = repo / "runs" / "study"
     scores = json.loads((study / "fid" / "metrics.json").read_text())
     assert set(scores["sets"]) == STUDY_ROWS and scores["dims"] == 2048 and scores["reference"]["name"] == "test sketches"
     assert all(row["fid"] > 0 and row["n_generated"] > 0 for row in scores["sets"].values())
+    protocol = json.loads((study / "fid_protocol" / "metrics.json").read_text())  # STUDY_SAMPLES drawn sketches
+    assert set(protocol["sets"]) == STUDY_ROWS and protocol["dims"] == 2048 and protocol["reference"]["n"] == 6
+    assert protocol["sets"]["dreambooth-sks-cat"]["n_generated"] == 6
     config = {row: json.loads((study / f"dreambooth_{row}" / "run_config.json").read_text()) for row in ("sks-cat", "cat-style-sks")}
     assert config["sks-cat"]["instance_prompt"] == "a photo of a sks cat" and config["sks-cat"]["num_instance_images"] == 3
     assert config["cat-style-sks"]["instance_prompt"] == "a cat in the style of sks"
