@@ -133,7 +133,9 @@ def test_the_readme_study_reproduction_as_written_scores_every_row(slurm, tiny_m
     every row of the study's table scored against the test sketches at 2048 dims, each row as the study made it."""
     repo = fresh_clone(tmp_path / "clone")
     env = readme_pipeline_env(tiny_models, tmp_path / "configs", SHARDS=str(shard_dir), CATEGORIES="apple,airplane",
-                              GPUS_PER_NODE="1", STUDY_SAMPLES="6")  # one process a job: 15 jobs of start-up on 2 cores
+                              GPUS_PER_NODE="1", STUDY_SAMPLES="6")  # one process a job: 16 jobs of start-up on 2 cores
+    every_sample = {k: v for k, v in TINY_PIPELINE_CONFIGS["generate"].items() if k != "max_per_category"}
+    write_configs(tmp_path / "configs", {"generate": every_sample})  # each row: an image per test sample, as the study
     submitted = run_readme_command(readme_block("bash slurm/reproduce_study.sh").strip(), repo, env)
     jobs = [word for line in submitted.splitlines() for word in line.split() if word.isdigit()]
     assert len(jobs) == 16, submitted
@@ -144,7 +146,7 @@ def test_the_readme_study_reproduction_as_written_scores_every_row(slurm, tiny_m
     assert all(row["fid"] > 0 and row["n_generated"] > 0 for row in scores["sets"].values())
     protocol = json.loads((study / "fid_protocol" / "metrics.json").read_text())  # STUDY_SAMPLES drawn sketches
     assert set(protocol["sets"]) == STUDY_ROWS and protocol["dims"] == 2048 and protocol["reference"]["n"] == 6
-    assert protocol["sets"]["dreambooth-sks-cat"]["n_generated"] == 6
+    assert all(row["n_generated"] == 6 for row in protocol["sets"].values())  # the drawn samples' images, every row
     config = {row: json.loads((study / f"dreambooth_{row}" / "run_config.json").read_text()) for row in ("sks-cat", "cat-style-sks")}
     assert config["sks-cat"]["instance_prompt"] == "a photo of a sks cat" and config["sks-cat"]["num_instance_images"] == 3
     assert config["cat-style-sks"]["instance_prompt"] == "a cat in the style of sks"
