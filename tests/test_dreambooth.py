@@ -16,6 +16,7 @@ from .helpers import (
     SHARP_ADAM,
     assert_agrees_within_bf16,
     launch,
+    pause_at_step,
     relative_difference,
     run_matrix_case,
     run_script,
@@ -93,20 +94,20 @@ def test_resume_continues_exactly(family, db_args, tmp_path, tiny_models):
 def test_sigusr1_saves_a_checkpoint_and_exits_for_requeue(db_args, tmp_path):
     out = tmp_path / "preempted"
     args = [*db_args, "--output_dir", out, "--max_train_steps", "400", "--checkpointing_steps", "0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    marker = tmp_path / "paused"
+    env = pause_at_step({**os.environ, "OMP_NUM_THREADS": "1"}, 50, marker)  # the trainer holds at step 50
     proc = subprocess.Popen([sys.executable, str(REPO / "train/dreambooth.py"), *map(str, args)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not (out / "run_config.json").exists() and time.time() < deadline:  # training has started
+    while not Path(f"{marker}.rank0").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
-    time.sleep(1.0)
     proc.send_signal(signal.SIGUSR1)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 75, stderr[-2000:]
     checkpoints = sorted(out.glob("checkpoint-*"))
     assert len(checkpoints) == 1 and not list(out.glob("*.partial"))
     step = int(checkpoints[0].name.split("-")[1])
-    assert 0 < step < 400
+    assert step == 51  # the step after the signal
     assert "preempted" in stderr
     # The requeued job continues from it.
     proc = run_script("train/dreambooth.py", *db_args, "--output_dir", out, "--max_train_steps", str(step + 2),
