@@ -5,7 +5,6 @@
 # sbatch runs a spooled copy of the script: the repo is where sbatch was called (or SKETCH2REAL_HOME).
 S2R_HOME=${SKETCH2REAL_HOME:-${SLURM_SUBMIT_DIR:-$(pwd)}}
 cd "$S2R_HOME" || exit 1
-mkdir -p logs  # the scripts' --output folder (kept in the repo: Slurm opens the log before any line here runs)
 # The base model of every job unless MODEL is set: SD 1.5's maintained copy (runwayml's was removed from the hub).
 export S2R_DEFAULT_MODEL=stable-diffusion-v1-5/stable-diffusion-v1-5
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-0} TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1

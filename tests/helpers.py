@@ -280,10 +280,10 @@ def wait_for_jobs(jobs: list[str], env: dict, logs: Path, seconds: float = 1200)
         subprocess.run(["scancel", *jobs], env=env, capture_output=True)
 
 
-# The per-job settings the README's pipeline runs with on the tiny models (CONFIGS=dir: dir/JOB.yaml)
+# The per-job settings the README's pipeline runs with on the tiny models (CONFIGS=dir: dir/JOB.yaml): what each job
+# does is the scripts' default (full DreamBooth at its default learning rate...); only its size and side outputs change
 TINY_PIPELINE_CONFIGS = {
-    "dreambooth": {"lora_rank": 4, "learning_rate": 1e-3, "validation_steps": 0, "report_to": "none",
-                   "num_heldout_samples": 0, "train_batch_size": 1},
+    "dreambooth": {"validation_steps": 0, "report_to": "none", "num_heldout_samples": 0, "train_batch_size": 1},
     "dreambooth_sequential": {"learning_rate": 1e-3, "validation_steps": 0, "report_to": "none",
                               "num_heldout_samples": 2, "train_batch_size": 1},
     "textual_inversion": {"validation_steps": 0, "report_to": "none", "num_heldout_samples": 0},
