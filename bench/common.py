@@ -50,6 +50,51 @@ def device_peak_flops() -> float | None:
     return next((peak for key, peak in PEAK_BF16.items() if key in name), None)
 
 
+def training_flops_per_sample(model_dir: Path, resolution: int, trains: str = "unet", controlnet: bool = False) -> float:
+    """FLOPs of one training sample's forward and backward as they run, counted by torch (FlopCounterMode) on meta
+    tensors (no compute, any size): the UNet (SD 1.x or SDXL) with gradients for its weights (`trains="unet"`), for
+    LoRA adapters only ("lora": the backward computes activation gradients and the adapters'), or for the text
+    encoder's token embedding only ("embeddings": Textual Inversion; the text encoder's forward and backward count
+    too); with `controlnet`, a ControlNet made from the UNet, trained, and the UNet frozen. The VAE is left out
+    (latents are cached); recomputation by gradient checkpointing is not counted (model FLOPs)."""
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sketch2real.family import FAMILIES
+
+    unet_config = UNet2DConditionModel.load_config(model_dir, subfolder="unet")
+    text_config = CLIPTextConfig.from_pretrained(model_dir, subfolder="text_encoder")
+    side, tokens = resolution // 8, text_config.max_position_embeddings
+    with torch.device("meta"), FlopCounterMode(display=False) as counter:
+        unet = UNet2DConditionModel.from_config(unet_config).requires_grad_(trains == "unet" and not controlnet)
+        if trains == "lora":
+            from peft import LoraConfig
+
+            unet.add_adapter(LoraConfig(r=8, target_modules=FAMILIES["sd"].lora_targets(unet)))
+        states = torch.randn(1, tokens, unet_config["cross_attention_dim"])
+        if trains == "embeddings":
+            encoder = CLIPTextModel(text_config).requires_grad_(False)
+            encoder.get_input_embeddings().weight.requires_grad_(True)
+            hidden = encoder(torch.zeros(1, tokens, dtype=torch.long))[0]
+            states = hidden.repeat(1, 1, unet_config["cross_attention_dim"] // hidden.shape[-1])  # SDXL: 2 encoders wide
+        added = {}
+        if unet_config.get("addition_embed_type") == "text_time":
+            pooled = unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config["addition_time_embed_dim"]
+            added = {"added_cond_kwargs": {"text_embeds": torch.randn(1, pooled), "time_ids": torch.randn(1, 6)}}
+        latents, timestep = torch.randn(1, 4, side, side), torch.tensor([500])
+        control = {}
+        if controlnet:
+            net = ControlNetModel.from_unet(unet).requires_grad_(True)
+            down, mid = net(latents, timestep, states, controlnet_cond=torch.randn(1, 3, resolution, resolution),
+                            return_dict=False, **added)
+            control = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+        out = unet(latents, timestep, states, return_dict=False, **added, **control)[0]
+        out.float().pow(2).mean().backward()
+    return float(counter.get_total_flops())
+
+
 def model_flops_per_sample(model_dir: Path, resolution: int, text_encoder: bool = False, controlnet: bool = False) -> float:
     """Model FLOPs of one training sample: 3 x the forward FLOPs (forward + backward) of what runs every step
     (the UNet, and the ControlNet or a trained text encoder), counted by torch on meta tensors (no compute);

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from sketch2real.cli import UserError
+from sketch2real.device import device_constant, to_device
 
 SKETCHY_SIZE = (256, 256)  # every Sketchy photo and sketch (rendered_256x256): SDXL's original_size
 
@@ -169,7 +170,8 @@ class Family:
             states.append(output.hidden_states[-2])
             pooled = output[0]  # the last encoder's projected pooled embedding
         batch = ids[0].shape[0]
-        times = time_ids(source_size, (0, 0), (resolution, resolution)).to(pooled.device, pooled.dtype).expand(batch, -1)
+        times = device_constant(time_ids, tuple(source_size), (0, 0), (resolution, resolution), device=pooled.device,
+                                dtype=pooled.dtype).expand(batch, -1)
         return Conditioning(torch.cat(states, dim=-1), pooled, times)
 
     def predict(self, denoiser, noisy: torch.Tensor, timesteps: torch.Tensor, text: Conditioning, controlnet=None,
@@ -323,7 +325,8 @@ class FluxFamily(FlowMatchingFamily):
 
         b, c, h, w = noisy.shape
         packed = FluxPipeline._pack_latents(noisy, b, c, h, w)
-        image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, noisy.dtype)
+        image_ids = device_constant(FluxPipeline._prepare_latent_image_ids, b, h // 2, w // 2, "cpu", torch.float32,
+                                    device=noisy.device, dtype=noisy.dtype)
         text_ids = torch.zeros(text.states.shape[1], 3, device=noisy.device, dtype=noisy.dtype)
         value = torch.full((b,), 1.0 if guidance is None else guidance, device=noisy.device)
         common = {"timestep": timesteps / 1000, "pooled_projections": text.pooled, "encoder_hidden_states": text.states,
@@ -389,8 +392,9 @@ class Flux2KleinFamily(FlowMatchingFamily):
             value = torch.full((b,), 1.0 if guidance is None else guidance, device=noisy.device)
         out = denoiser(hidden_states=Flux2Pipeline._pack_latents(patches), encoder_hidden_states=text.states,
                        timestep=timesteps / 1000, guidance=value,
-                       img_ids=Flux2Pipeline._prepare_latent_ids(patches).to(noisy.device),
-                       txt_ids=Flux2Pipeline._prepare_text_ids(text.states).to(noisy.device), return_dict=False)[0]
+                       img_ids=to_device(Flux2Pipeline._prepare_latent_ids(patches), noisy.device),
+                       txt_ids=to_device(Flux2Pipeline._prepare_text_ids(text.states), noisy.device),
+                       return_dict=False)[0]
         return Flux2Pipeline._unpatchify_latents(out.transpose(1, 2).reshape(b, 4 * c, h // 2, w // 2))
 
     def lora_targets(self, denoiser) -> list[str]:

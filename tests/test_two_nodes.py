@@ -142,7 +142,7 @@ def test_preemption_across_nodes_requeues_and_resumes_exactly(cluster, tiny_mode
     assert sbatch.returncode == 0, log[-4000:]
     assert "preempted: checkpoint saved" in log and "requeueing job" in log and "resumed from" in log
     step = int(next(out.glob("checkpoint-*")).name.split("-")[1])
-    assert step == 41 and json.loads((out / "metrics.json").read_text())["steps"] == STEPS
+    assert step == 50 and json.loads((out / "metrics.json").read_text())["steps"] == STEPS
     a, b = weights(two_node_run), weights(out)
     assert all((a[k] == b[k]).all() for k in a)  # the same two-node run, interrupted: bit-identical
 

@@ -171,6 +171,29 @@ def configure_attention(unet, opts, device: torch.device) -> None:
         enable_xformers(unet, device)
 
 
+def compile_in_place(modules: list[torch.nn.Module]) -> None:
+    """--torch_compile: compile each module in place (`Module.compile`: parameter names unchanged, so checkpoints and
+    saved weights read as eager's), by repeated block where diffusers declares them (`_repeated_blocks`: FLUX's 57
+    transformer blocks compile once per block type), else whole (a UNet, a ControlNet). Shapes are static: a step's
+    batch never changes shape, and a new shape would compile once more rather than switch to slower dynamic code."""
+    for module in modules:
+        if getattr(module, "_s2r_compiled", False):
+            continue  # a later stage of the same model (sequential DreamBooth)
+        if getattr(module, "_repeated_blocks", None):
+            module.compile_repeated_blocks(dynamic=False)
+        else:
+            module.compile(dynamic=False)
+        module._s2r_compiled = True
+
+
+@contextmanager
+def eager_mode() -> Iterator[None]:
+    """Compiled modules run eagerly in the block: validation, held-out losses and generation (eval mode, no grad,
+    other batch shapes) would otherwise compile graphs of their own between training steps."""
+    with torch.compiler.set_stance("force_eager"):
+        yield
+
+
 def is_deepspeed(accelerator) -> bool:
     return accelerator.state.deepspeed_plugin is not None
 

@@ -46,10 +46,27 @@ class Run:
     last_checkpoint: int | None  # the last step saved (None: none yet)
     start_time: float = field(default_factory=time.perf_counter)
     end_time: float | None = None  # when the last step ended (throughput excludes the final validation and saving)
-    last_loss: float = math.nan
-    step_finite: bool = True  # this step's loss was finite on every process
+    last_loss: float = math.nan  # the loss of the last step read back
+    step_finite: bool = True  # every loss since the last read was finite on every process
+    first_bad_step: int | None = None  # the first step whose loss was not finite (on any process)
+    host_reads: int = 0  # reads of device values by the loop (one per `reads_due` step)
+    timed_from: tuple[int, float] | None = None  # (step, time) of the first read: after warm-up and compilation
     preempted: bool = False  # a preemption signal reached some process (one collective decides, for all)
     logs: dict[str, Any] = field(default_factory=dict)  # this step's: loss, lr, validation
+
+    def mark_timing(self) -> None:
+        """Called by the loop right after a read of device values (the device has caught up): the first read starts
+        the steady-state clock, each later one moves its end."""
+        now = time.perf_counter()
+        if self.timed_from is None:
+            self.timed_from = (self.step, now)
+        self.end_time = now
+
+    def steady_steps_per_second(self) -> float | None:
+        """Steps per second between the first read and the last one (None: fewer than two reads)."""
+        if self.timed_from is None or self.end_time is None or self.step <= self.timed_from[0]:
+            return None
+        return (self.step - self.timed_from[0]) / (self.end_time - self.timed_from[1])
 
     def stop_preempted(self) -> int:
         """Checkpoint at this step on every process, leave PREEMPTED for slurm/common.sh, return exit status 75."""
@@ -84,7 +101,8 @@ class NanGuard(Callback):
         where = (f"the last good checkpoint is {run.out / f'checkpoint-{run.last_checkpoint}'}" if run.last_checkpoint
                  else "no checkpoint was saved yet")
         if run.accelerator.is_main_process:
-            logger.error("loss is not finite at step %d: stopping; %s (try a lower --learning_rate, or bf16)", run.step, where)
+            logger.error("loss is not finite at step %d: stopping at step %d; %s (try a lower --learning_rate, or bf16)",
+                         run.first_bad_step or run.step, run.step, where)
         finish_trackers(run.accelerator)
         return 1
 
@@ -122,10 +140,11 @@ class Validation(Callback):
 
 
 class TrackerLog(Callback):
-    """The step's logs to the experiment tracker."""
+    """The step's logs to the experiment tracker (steps where the loop read the loss back, or validated)."""
 
     def after_step(self, run: Run) -> int | None:
-        run.accelerator.log(run.logs, step=run.step)
+        if run.logs:
+            run.accelerator.log(run.logs, step=run.step)
         return None
 
 
@@ -170,14 +189,20 @@ class RunSummary(Callback):
     def after_save(self, run: Run) -> None:
         accelerator, task = run.accelerator, run.task
         cache = task.cache_stats()
-        elapsed = (run.end_time or time.perf_counter()) - run.start_time - cache["seconds"]  # the one-off latent cache is reported apart
+        elapsed = (run.end_time or time.perf_counter()) - run.start_time  # the clock starts after the latent cache
         steps_done = run.step - run.start_step
+        steady = run.steady_steps_per_second()
         summary = {
             "steps": run.step,
             "steps_this_run": steps_done,
             "final_loss": run.last_loss,
             "samples_per_second": steps_done * task.samples_per_step() / elapsed if elapsed > 0 else 0.0,
             "steps_per_second": steps_done / elapsed if elapsed > 0 else 0.0,
+            # after the first read of the loss (warm-up and compilation left out); None when read only once
+            "steady_steps_per_second": steady,
+            "steady_samples_per_second": steady * task.samples_per_step() if steady is not None else None,
+            "steady_from_step": run.timed_from[0] if run.timed_from else None,
+            "host_reads": run.host_reads,
             "peak_memory_mb": peak_memory_mb(accelerator.device),
             "data_wait_seconds_per_step": task.data_wait_seconds() / steps_done if steps_done else 0.0,
             "num_processes": accelerator.num_processes,

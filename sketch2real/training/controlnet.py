@@ -108,6 +108,9 @@ class ControlNetTask(DiffusionTask):
             self.release_text_encoders(prompts + [""] * bool(opts.proportion_empty_prompts)
                                        + (self.heldout.prompts if self.heldout is not None else []))
 
+    def compiled_modules(self) -> list[torch.nn.Module]:
+        return [self.c.denoiser, self.model]
+
     def _captions(self) -> dict[str, str]:
         if not self.opts.captions:
             return {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +39,7 @@ class GlobalBatchSampler:
     accumulation: int
     seed: int
     stream: str = "data"
+    _orders: dict[int, list[int]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def global_batch(self) -> int:
@@ -48,15 +49,19 @@ class GlobalBatchSampler:
         generator = torch.Generator().manual_seed(derive_seed(self.seed, self.stream, epoch))
         return torch.randperm(self.size, generator=generator)
 
+    def _order(self, epoch: int) -> list[int]:
+        """Epoch `epoch`'s permutation as a list, drawn once, not every step (the last two are kept: a global batch
+        usually spans at most two epochs)."""
+        if epoch not in self._orders:
+            if len(self._orders) >= 2:
+                self._orders.pop(next(iter(self._orders)))
+            self._orders[epoch] = self._permutation(epoch).tolist()
+        return self._orders[epoch]
+
     def global_indices(self, step: int, micro: int) -> list[int]:
         start = (step * self.accumulation + micro) * self.global_batch
-        indices, cache = [], {}
-        for position in range(start, start + self.global_batch):
-            epoch, offset = divmod(position, self.size)
-            if epoch not in cache:
-                cache[epoch] = self._permutation(epoch)
-            indices.append(int(cache[epoch][offset]))
-        return indices
+        return [self._order(epoch)[offset] for epoch, offset in
+                (divmod(position, self.size) for position in range(start, start + self.global_batch))]
 
     @property
     def rows(self) -> slice:

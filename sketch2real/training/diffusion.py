@@ -131,14 +131,21 @@ class FlowMatchingObjective:
         # the training grid (num_train_timesteps values, high to low, shifted as the model was trained), copied:
         # a pipeline's set_timesteps on the same scheduler would replace it by an inference grid
         self.grid = scheduler.timesteps.clone().float()
+        self._grids: dict[torch.device, torch.Tensor] = {}  # the grid copied to each device once
 
     def draw_timesteps(self, count: int, generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
         from diffusers.training_utils import compute_density_for_timestep_sampling
 
         u = compute_density_for_timestep_sampling(self.weighting_scheme, count, self.logit_mean, self.logit_std,
                                                   self.mode_scale, device=device, generator=generator)
-        indices = (u * len(self.grid)).long().clamp(0, len(self.grid) - 1).cpu()
-        return self.grid[indices].to(device)
+        indices = (u * len(self.grid)).long().clamp(0, len(self.grid) - 1)
+        return self._grid_on(indices.device)[indices].to(device)
+
+    def _grid_on(self, device: torch.device) -> torch.Tensor:
+        """The grid on `device`, copied there once (indexing it there reads nothing back to the host)."""
+        if device not in self._grids:
+            self._grids[device] = self.grid.to(device)
+        return self._grids[device]
 
     def sigmas(self, timesteps: torch.Tensor) -> torch.Tensor:
         return timesteps.float() / self.scheduler.config.num_train_timesteps

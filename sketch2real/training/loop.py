@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -50,6 +49,8 @@ class Task(Protocol):
 
     def prepare_data(self, start_step: int) -> None: ...
 
+    def compile(self) -> None: ...
+
     def data_wait_seconds(self) -> float: ...
 
     def cache_stats(self) -> dict: ...
@@ -70,6 +71,13 @@ def make_optimizer(params: list[torch.nn.Parameter], opts, device: torch.device,
 
         return bnb.optim.AdamW8bit(params, **kwargs)
     return torch.optim.AdamW(params, fused=device.type in ("cuda", "cpu"), **kwargs)
+
+
+def reads_due(step: int, opts) -> bool:
+    """Whether the loop reads the loss back at `step`: every `--logging_steps`, and before anything is saved or
+    validated (a checkpoint or validation step, the last step), so no non-finite weights are ever written."""
+    return step == opts.max_train_steps or any(every and step % every == 0 for every in
+                                               (opts.logging_steps, opts.checkpointing_steps, opts.validation_steps))
 
 
 def _tracker_config(opts) -> dict[str, Any]:
@@ -119,12 +127,21 @@ def train(task: Task, opts, accelerator, project_name: str, callbacks: list[Call
         write_json(out / "run_config.json", {**as_dict(opts), "mixed_precision": accelerator.mixed_precision,
                                              "effective_learning_rate": learning_rate})
         accelerator.init_trackers(project_name, config=_tracker_config(opts))
+    if opts.torch_compile:
+        task.compile()
     task.prepare_data(step)  # latent caches, before the clock: their time is reported apart
+    if accelerator.device.type == "cuda":  # the peak of training, not of the cache build (fp16: an fp32 VAE)
+        torch.cuda.reset_peak_memory_stats(accelerator.device)
     bar = tqdm(total=opts.max_train_steps, initial=step, desc=project_name, unit="step",
                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     run = Run(task, opts, accelerator, model, optimizer, lr_scheduler, out, fingerprint, bar, step=step, start_step=step,
               last_checkpoint=step if resume is not None else None)
     callbacks = default_callbacks() if callbacks is None else callbacks
+    # The step never waits for the host: the loss and its finiteness accumulate on the device and are read back
+    # (one collective, one host read) only at `reads_due` steps; the progress bar alone moves every step.
+    interval = torch.zeros(2, device=accelerator.device)  # [sum of the interval's step losses, non-finite steps]
+    first_bad = torch.full((), torch.inf, device=accelerator.device)  # this process's first non-finite step
+    interval_steps = 0
     while run.step < opts.max_train_steps:
         step_loss = torch.zeros((), device=accelerator.device)
         for micro in range(opts.gradient_accumulation_steps):
@@ -138,25 +155,35 @@ def train(task: Task, opts, accelerator, project_name: str, callbacks: list[Call
                 if accelerator.sync_gradients:
                     lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=opts.set_grads_to_none)
-        # One collective per step: the mean loss, whether it is finite everywhere, and preemption anywhere.
-        # Built on the device (no float() of a device tensor): the reduce's .tolist() is the step's one host sync.
-        flags = torch.stack([step_loss, (~torch.isfinite(step_loss)).float(),
-                             torch.full((), 1.0 if preemption else 0.0, device=accelerator.device)])
-        total_loss, not_finite, preempted = accelerator.reduce(flags, reduction="sum").tolist()
+        bad = ~torch.isfinite(step_loss)
+        interval += torch.stack([step_loss, bad.float()])
+        first_bad = torch.where(bad, torch.clamp(first_bad, max=run.step + 1), first_bad)
+        interval_steps += 1
         run.step += 1
-        run.step_finite, run.preempted = not_finite == 0, preempted > 0
-        if run.step_finite:
-            run.last_loss = total_loss / accelerator.num_processes
-            run.logs = {"loss": run.last_loss, "lr": lr_scheduler.get_last_lr()[0]}
-            rate = (run.step - run.start_step) / max(time.perf_counter() - run.start_time, 1e-9)
-            bar.set_postfix(loss=f"{run.last_loss:.4f}", lr=f"{run.logs['lr']:.2e}", steps_s=f"{rate:.2f}")
-            bar.update()
+        bar.update()
+        run.logs = {}
+        if reads_due(run.step, opts):
+            # one collective: the interval's losses and the last step's, finiteness everywhere, preemption anywhere
+            flags = torch.cat([interval, step_loss[None], torch.full((1,), 1.0 if preemption else 0.0,
+                                                                     device=accelerator.device)])
+            interval_sum, not_finite, last, preempted = accelerator.reduce(flags, reduction="sum").tolist()
+            run.host_reads += 1
+            run.step_finite, run.preempted = not_finite == 0, preempted > 0
+            if not run.step_finite:  # the failure path alone: which step went bad first, on any process
+                run.first_bad_step = int(accelerator.gather(first_bad[None]).min().item())
+            run.mark_timing()
+            if run.step_finite:
+                run.last_loss = last / accelerator.num_processes
+                run.logs = {"loss": interval_sum / accelerator.num_processes / interval_steps,
+                            "lr": lr_scheduler.get_last_lr()[0]}
+                bar.set_postfix(loss=f"{run.logs['loss']:.4f}", lr=f"{run.logs['lr']:.2e}", refresh=False)
+            interval.zero_()
+            interval_steps = 0
         for callback in callbacks:
             status = callback.after_step(run)
             if status is not None:
                 return status
     bar.close()
-    run.end_time = time.perf_counter()  # throughput counts the steps, not the final validation and saving
     for callback in callbacks:
         status = callback.before_save(run)
         if status is not None:

@@ -86,6 +86,11 @@ class TrainOptions:
     validation_probe_samples: int = option(200, help="sketch/photo pairs the sketchiness probe is fitted on", min=10)
     ddp_timeout: int = option(7200, help="seconds a process waits in a collective before the job fails (torch's NCCL "
                               "default, 600, is shorter than rank 0 saving a full SDXL checkpoint)", min=1)
+    logging_steps: int = option(10, help="every N steps: read the loss back from the device, check it is finite on every "
+                                "process, log it and look for a preemption signal (each read waits for the GPU: 1 "
+                                "makes every step wait)", min=1)
+    torch_compile: bool = option(False, help="compile the denoiser (and ControlNet) with torch.compile, block by "
+                                 "block (regional: one compile per block type); the first steps pay the compile")
     report_to: str = option("tensorboard", help="experiment tracker", choices=("tensorboard", "wandb", "all", "none"),
                             noun="tracker")
     logging_dir: str = option("logs", help="tracker folder, relative to --output_dir")

@@ -16,6 +16,7 @@ from sketch2real.cli import UserError, option
 from sketch2real.io import write_json
 from sketch2real.metrics import mean_ci95, verdict
 from sketch2real.sketchy import category_words
+from sketch2real.training.accelerator import eager_mode
 from sketch2real.training.data import load_shard_images
 from sketch2real.training.dreambooth import DreamBoothOptions, DreamBoothTask
 from sketch2real.training.loop import train
@@ -57,12 +58,13 @@ def _heldout_losses(task: DreamBoothTask, model, opts: SequentialOptions, catego
     """Each category's per-sample held-out losses (the same samples, noise and timesteps for every model)."""
     losses = {}
     model.eval()
-    for category in categories:
-        images, _ = load_shard_images(opts.shard_dir, opts.validation_split, category, opts.instance_image_type,
-                                      opts.resolution, opts.num_heldout_samples or 16, opts.seed)
-        prompt = opts.instance_prompt.format(category=category_words(category))
-        losses[category] = heldout_denoising_losses(task.predictor(model), task.c.vae, task.objective, images,
-                                                    [prompt] * len(images), opts.seed).tolist()
+    with eager_mode():
+        for category in categories:
+            images, _ = load_shard_images(opts.shard_dir, opts.validation_split, category, opts.instance_image_type,
+                                          opts.resolution, opts.num_heldout_samples or 16, opts.seed)
+            prompt = opts.instance_prompt.format(category=category_words(category))
+            losses[category] = heldout_denoising_losses(task.predictor(model), task.c.vae, task.objective, images,
+                                                        [prompt] * len(images), opts.seed).tolist()
     model.train()
     return losses
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from sketch2real.cli import UserError
+from sketch2real.device import to_device
 from sketch2real.family import SKETCHY_SIZE, Conditioning, Family, TextEncoders, family_of
 from sketch2real.models import (
     SDComponents,
@@ -29,7 +30,9 @@ from sketch2real.models import (
 )
 from sketch2real.training.accelerator import (
     cast_denoiser_inputs,
+    compile_in_place,
     configure_attention,
+    eager_mode,
     trained_state_dict,
     zero3_init_disabled,
 )
@@ -122,6 +125,15 @@ class DiffusionTask:
     def prompt_transform(self, prompt: str) -> str:
         return prompt
 
+    def compiled_modules(self) -> list[torch.nn.Module]:
+        """What --torch_compile compiles: the modules that run every step (the denoiser; ControlNet adds its own)."""
+        return [self.c.denoiser]
+
+    def compile(self) -> None:
+        """--torch_compile, called by the loop once the model is complete (LoRA adapters added) and before its
+        first step."""
+        compile_in_place(self.compiled_modules())
+
     # ---- shared pieces ------------------------------------------------------------------------------------------
     def stream(self, name: str, images, names: list[str] | None = None) -> DiffusionStream:
         """A data stream of this run over `images` (`names`: for messages about in-memory images)."""
@@ -153,7 +165,7 @@ class DiffusionTask:
     def prompt_ids(self, prompts: list[str]) -> list[torch.Tensor]:
         """Token ids of the prompts, one tensor per tokenizer of the family."""
         prompts = [self.prompt_transform(p) for p in prompts]
-        return [ids.to(self.accelerator.device) for ids in self.family.tokenize(self.c.tokenizers, prompts)]
+        return [to_device(ids, self.accelerator.device) for ids in self.family.tokenize(self.c.tokenizers, prompts)]
 
     def condition(self, prompts: list[str], text_encoder=None) -> Conditioning:
         """Prompts -> the UNet's conditioning (`sketch2real.family`). `text_encoder` stands in for the first encoder
@@ -235,14 +247,15 @@ class DiffusionTask:
         stop_if_preempted = lambda: preemption.check(accelerator)  # noqa: E731
         stop_if_preempted()
         model.eval()
-        logs = self.heldout_metrics(model) if self.heldout is not None else {}
-        stop_if_preempted()
-        if self.opts.num_validation_images:
-            with accelerator.autocast(), self.resident_text_encoders():
-                rows, images, categories = self.validation_images(model, between=stop_if_preempted)
-            if rows:
-                save_mosaic(accelerator, rows, self.opts.resolution, self.opts.output_dir, step)
-                logs.update(self.style_scores(images, categories))
+        with eager_mode():
+            logs = self.heldout_metrics(model) if self.heldout is not None else {}
+            stop_if_preempted()
+            if self.opts.num_validation_images:
+                with accelerator.autocast(), self.resident_text_encoders():
+                    rows, images, categories = self.validation_images(model, between=stop_if_preempted)
+                if rows:
+                    save_mosaic(accelerator, rows, self.opts.resolution, self.opts.output_dir, step)
+                    logs.update(self.style_scores(images, categories))
         model.train()
         return logs
 

@@ -22,7 +22,7 @@ if os.environ.get("S2R_PROBE_PAUSE_AT_STEP"):
             def after_step(self, run):
                 if run.step == at:
                     Path(f"{marker}.rank{run.accelerator.process_index}").write_text(str(at))
-                    while not preemption:  # the next step's collective tells every rank
+                    while not preemption:  # the next read's collective tells every rank
                         time.sleep(0.05)
                 return None
 

@@ -1,0 +1,211 @@
+"""The training step on one GPU, ours against diffusers' example script in the same run: ms/step, images/s, share of
+the chip (FLOPs counted by torch, not assumed), peak GiB; full-size architectures with random weights built on the
+spot (nothing is downloaded).
+
+    bash bench/gpu_speed.sh --diffusers_dir PATH [--size sd15] [--deadline 480] [--only TEXT] [--results FILE]
+
+PATH holds diffusers' `examples/dreambooth/train_dreambooth.py` (a huggingface/diffusers checkout, or a folder with
+that file; nothing of it is copied here). Ours: the per-step time after the first read of the loss (warm-up and
+compilation left out; `steady_steps_per_second` of metrics.json). Theirs, which reports no such figure: the wall-time
+difference of a short and a long run over the step difference (start-up, loading and saving cancel). Rows run in
+order of value and each is skipped, said so, when it would end past `--deadline` seconds from the start.
+`--size tiny` runs every row on the tiny test model at 64 px on CPU in a minute (tests/test_bench.py), so the
+script cannot rot; its figures mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common import PEAK_BF16, training_flops_per_sample
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = "a sks sketch of a cat"
+
+
+@dataclass(frozen=True)
+class Size:
+    model: str  # SD_SIZES name
+    resolution: int
+    steps: int  # of our runs (the first `logging` are warm-up)
+    logging: int
+    reference_steps: tuple[int, int]  # diffusers' short and long runs
+    seconds: dict[str, float] = field(default_factory=dict)  # a row's expected wall time (deadline planning)
+
+
+SIZES = {
+    "sd15": Size("sd15", 512, 60, 10, (10, 50), {"plain": 40, "compile": 150, "reference": 90, "sdxl": 240}),
+    "tiny": Size("tiny", 64, 6, 2, (2, 4), {"plain": 15, "compile": 60, "reference": 30, "sdxl": 30}),
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    script: str  # ours: train/...; "reference": diffusers' script
+    batch: int
+    args: tuple = ()
+    trains: str = "unet"  # what the FLOPs count (bench.common.training_flops_per_sample)
+    kind: str = "plain"  # plain, compile, reference, sdxl: the expected-time class
+    model: str = "sd"  # sd or sdxl
+    versus_reference: bool = False  # the reference trains the same (DreamBooth, full UNet): its ratio is shown
+
+
+def rows(size: str) -> list[Row]:
+    """The rows, most valuable first."""
+    db, ti = "train/dreambooth.py", "train/textual_inversion.py"
+    lora = ("--lora_rank", "8")
+    return [
+        Row("DreamBooth full UNet, bf16, batch 4 (defaults: latents cached)", db, 4, versus_reference=True),
+        Row("diffusers train_dreambooth.py, bf16, batch 4", "reference", 4, kind="reference"),
+        Row("DreamBooth full UNet, bf16, batch 4, --torch_compile", db, 4, ("--torch_compile",), kind="compile",
+            versus_reference=True),
+        Row("DreamBooth full UNet, bf16, batch 4, --cache_latents false", db, 4, ("--cache_latents", "false"),
+            versus_reference=True),
+        Row("DreamBooth full UNet, bf16, batch 32", db, 32),
+        Row("Textual Inversion, bf16, batch 4", ti, 4, trains="embeddings"),
+        Row("Textual Inversion, fp16, batch 4", ti, 4, ("--mixed_precision", "fp16"), trains="embeddings"),
+        Row("DreamBooth LoRA r=8, bf16, batch 4", db, 4, lora, trains="lora"),
+        Row("DreamBooth LoRA r=8, fp16, batch 4", db, 4, (*lora, "--mixed_precision", "fp16"), trains="lora"),
+        Row("DreamBooth full UNet, bf16, batch 32, --torch_compile", db, 32, ("--torch_compile",), kind="compile"),
+        Row("SDXL DreamBooth LoRA r=8, bf16, batch 4, 1024 px", db, 4, (*lora, "--gradient_checkpointing"), trains="lora",
+            kind="sdxl", model="sdxl"),
+    ]
+
+
+def prepare(work: Path, size: Size, model: str) -> tuple[Path, Path]:
+    """(the model with random weights, a folder of training images at the resolution), built once in `work`."""
+    from sketch2real.synthetic import make_synthetic_sketchy
+    from sketch2real.testing.tiny import build_sd
+
+    name = {"sd": size.model, "sdxl": "sdxl" if size.model == "sd15" else "tiny_sdxl"}[model]
+    resolution = size.resolution * (2 if model == "sdxl" and size.model == "sd15" else 1)
+    path = work / f"{name}-random"
+    if not (path / "model_index.json").is_file():
+        build_sd(path, name)
+    images = work / f"sketchy-{resolution}"
+    if not images.is_dir():
+        make_synthetic_sketchy(images, categories=["cat"], photos_per_category=8, sketches_per_photo=2,
+                               test_photos_per_category=0, size=resolution)
+    return path, next(images.glob("rendered_256x256/256x256/sketch/*/cat"))
+
+
+def ours(row: Row, model: Path, images: Path, resolution: int, size: Size, out: Path, env: dict) -> dict:
+    """Run one of our trainers; its metrics.json."""
+    data = (["--instance_data_dir", images, "--instance_prompt", PROMPT] if "dreambooth" in row.script else
+            ["--train_data_dir", images, "--placeholder_token", "<sketch>", "--initializer_token", "sketch"])
+    precision = [] if "--mixed_precision" in row.args else ["--mixed_precision", "bf16"]
+    cmd = [sys.executable, REPO / row.script, "--pretrained_model_name_or_path", model, *data, "--resolution", resolution,
+           "--train_batch_size", row.batch, "--max_train_steps", size.steps, "--logging_steps", size.logging,
+           "--output_dir", out, *precision, *row.args]
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}")
+    return json.loads((out / "metrics.json").read_text())
+
+
+def reference(script: Path, model: Path, images: Path, resolution: int, batch: int, steps: int, out: Path,
+              env: dict) -> float:
+    """Wall seconds of diffusers' DreamBooth script for `steps` steps with the same model, images, batch, bf16."""
+    cmd = [sys.executable, script, "--pretrained_model_name_or_path", model, "--instance_data_dir", images,
+           "--instance_prompt", PROMPT, "--resolution", resolution, "--train_batch_size", batch, "--max_train_steps",
+           steps, "--output_dir", out, "--seed", "0", "--mixed_precision", "bf16"]
+    start = time.perf_counter()
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError((proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1])
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--diffusers_dir", default="", help="folder with examples/dreambooth/train_dreambooth.py")
+    parser.add_argument("--size", default="sd15", choices=tuple(SIZES))
+    parser.add_argument("--work_dir", default="/tmp/s2r-gpu-speed")
+    parser.add_argument("--deadline", type=float, default=480, help="seconds: rows that would end later are skipped")
+    parser.add_argument("--only", default="", help="comma-separated: run only rows whose name contains one of these")
+    parser.add_argument("--results", default="", help="also append each row as a JSON line to this file")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if args.size != "tiny" and not cuda:
+        print("gpu_speed: no CUDA device (--size tiny runs the rows on CPU)", file=sys.stderr)
+        return 2
+    size = SIZES[args.size]
+    script = Path(args.diffusers_dir) / "examples/dreambooth/train_dreambooth.py" if args.diffusers_dir else None
+    if script is not None and not script.is_file():
+        script = Path(args.diffusers_dir) / "train_dreambooth.py"
+    work = Path(args.work_dir)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    device = torch.cuda.get_device_name() if cuda else "CPU"
+    peak = next((p for key, p in PEAK_BF16.items() if key in device), None)
+    print(f"{device} | torch {torch.__version__} | {size.model} architecture, random weights | {size.resolution} px | "
+          f"ours: {size.steps} steps, timed after step {size.logging}", flush=True)
+    table = []
+    baseline = {}  # batch -> reference ms/step
+    for row in rows(args.size):
+        if args.only and not any(part in row.name for part in args.only.split(",")):
+            continue
+        elapsed = time.perf_counter() - started
+        if elapsed + size.seconds[row.kind] > args.deadline:
+            table.append({"row": row.name, "note": f"skipped: past the deadline ({elapsed:.0f} s gone)"})
+            continue
+        if row.script == "reference" and script is None:
+            table.append({"row": row.name, "note": "skipped: no --diffusers_dir"})
+            continue
+        if "fp16" in row.args and not cuda:
+            table.append({"row": row.name, "note": "skipped: fp16 needs CUDA"})
+            continue
+        model, images = prepare(work, size, row.model)
+        resolution = size.resolution * (2 if row.model == "sdxl" and size.model == "sd15" else 1)
+        out = work / "runs" / f"{len(table):02d}"
+        result = {"row": row.name, "batch": row.batch, "started_s": round(elapsed, 1)}
+        try:
+            if row.script == "reference":
+                short, long = (reference(script, model, images, resolution, row.batch, n, out / str(n), env)
+                               for n in size.reference_steps)
+                ms = 1000 * (long - short) / (size.reference_steps[1] - size.reference_steps[0])
+                baseline[row.batch] = ms
+                result.update(ms_per_step=ms, method=f"wall({size.reference_steps[1]}) - wall({size.reference_steps[0]})")
+            else:
+                m = ours(row, model, images, resolution, size, out, env)
+                ms = 1000 / m["steady_steps_per_second"]
+                result.update(ms_per_step=ms, peak_gib=m["peak_memory_mb"] / 1024, final_loss=m["final_loss"],
+                              host_reads=m["host_reads"], method=f"steady after step {m['steady_from_step']}")
+            images_per_second = 1000 * row.batch / result["ms_per_step"]
+            flops = training_flops_per_sample(model, resolution, row.trains)
+            result.update(images_per_second=images_per_second, tflop_per_image=flops / 1e12,
+                          chip_share=images_per_second * flops / peak if peak else None)
+            if row.versus_reference and row.batch in baseline:
+                result["vs_diffusers"] = baseline[row.batch] / result["ms_per_step"]
+        except Exception as err:  # a row's failure is reported in its row; the others still run
+            result["note"] = f"FAILED: {str(err)[:160]}"
+        result["wall_s"] = round(time.perf_counter() - started - elapsed, 1)
+        table.append(result)
+        print(json.dumps(result), flush=True)
+        if args.results:
+            with open(args.results, "a") as f:
+                f.write(json.dumps(result) + "\n")
+    print("\n| run | ms/step | img/s | share of the chip | peak GiB | vs diffusers | note |\n|---|---:|---:|---:|---:|---:|---|")
+    for r in table:
+        share = f"{r['chip_share']:.1%}" if r.get("chip_share") is not None else ""
+        cells = [f"{r['ms_per_step']:.1f}" if "ms_per_step" in r else "", f"{r['images_per_second']:.1f}" if
+                 "images_per_second" in r else "", share, f"{r['peak_gib']:.1f}" if "peak_gib" in r else "",
+                 f"{r['vs_diffusers']:.2f}x" if "vs_diffusers" in r else "", r.get("note", r.get("method", ""))]
+        print(f"| {r['row']} | " + " | ".join(cells) + " |")
+    if peak:
+        print(f"share of the chip: counted FLOPs per image x img/s / {peak / 1e12:.0f} TFLOP/s (dense bf16, {device})")
+    return 1 if any(r.get("note", "").startswith("FAILED") for r in table) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
