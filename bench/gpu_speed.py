@@ -67,6 +67,8 @@ def rows(size: str) -> list[Row]:
         Row("diffusers train_dreambooth.py, bf16, batch 4", "reference", 4, kind="reference"),
         Row("DreamBooth full UNet, bf16, batch 4, --torch_compile", db, 4, ("--torch_compile",), kind="compile",
             versus_reference=True),
+        Row("DreamBooth full UNet, bf16, batch 4, --torch_compile --torch_compile_mode reduce-overhead", db, 4,
+            ("--torch_compile", "--torch_compile_mode", "reduce-overhead"), kind="compile", versus_reference=True),
         Row("DreamBooth full UNet, bf16, batch 4, --cache_latents false", db, 4, ("--cache_latents", "false"),
             versus_reference=True),
         Row("DreamBooth full UNet, bf16, batch 32", db, 32),

@@ -90,6 +90,9 @@ class Family:
     fp16: bool = True  # trains in fp16 (the flow families are bf16 models: T5 and the MM-DiTs overflow in fp16)
     comfyui_lora: bool = True  # its LoRA can also be written in kohya's key format (`comfyui_lora_layers`)
     resolution_multiple: int = 8  # the VAE's downsampling (the MM-DiTs' 2x2 patches: 16)
+    # --torch_compile by repeated block (diffusers' `_repeated_blocks`: FLUX's 57 blocks compile once per block type)
+    # rather than whole; a UNet compiles whole: its convolutions and norms between attention blocks are most launches
+    compile_regions: bool = False
 
     def require(self, trainer: str) -> None:
         """One line when `trainer` is not built for this family yet."""
@@ -427,14 +430,14 @@ FLUX = FluxFamily("flux", "FluxPipeline", "FluxControlNetPipeline", ("text_encod
                   denoiser="transformer",
                   denoiser_class="FluxTransformer2DModel", training_scheduler="FlowMatchEulerDiscreteScheduler",
                   lora_layers_argument="transformer_lora_layers", trainers=("dreambooth", "textual_inversion", "controlnet"),
-                  guidance_scale=3.5,
+                  guidance_scale=3.5, compile_regions=True,
                   pipeline_classes=r"Flux(ControlNet|Img2Img|Inpaint)?Pipeline")
 FLUX2_KLEIN = Flux2KleinFamily("flux2-klein", "Flux2KleinPipeline", "", ("text_encoder",), ("tokenizer",),
                                ("Qwen3ForCausalLM",), pooled=False, embedding_keys=None, safety_checker=False,
                                tokenizer_classes=("Qwen2TokenizerFast",), denoiser="transformer",
                                denoiser_class="Flux2Transformer2DModel", vae_class="AutoencoderKLFlux2",
                                training_scheduler="FlowMatchEulerDiscreteScheduler",
-                               lora_layers_argument="transformer_lora_layers", trainers=("dreambooth",),
+                               lora_layers_argument="transformer_lora_layers", trainers=("dreambooth",), compile_regions=True,
                                guidance_scale=4.0, text_encoder_training=False, pipeline_classes=r"Flux2KleinPipeline")
 FAMILIES: dict[str, Family] = {family.name: family for family in (SD, SDXL, SD3, FLUX, FLUX2_KLEIN)}  # the registry: a new family is an entry
 

@@ -143,6 +143,8 @@ def train(task: Task, opts, accelerator, project_name: str, callbacks: list[Call
     first_bad = torch.full((), torch.inf, device=accelerator.device)  # this process's first non-finite step
     interval_steps = 0
     while run.step < opts.max_train_steps:
+        if opts.torch_compile:  # a new iteration: CUDA graphs (reduce-overhead) may reuse the last one's buffers
+            torch.compiler.cudagraph_mark_step_begin()
         step_loss = torch.zeros((), device=accelerator.device)
         for micro in range(opts.gradient_accumulation_steps):
             with accelerator.accumulate(model):

@@ -89,8 +89,12 @@ class TrainOptions:
     logging_steps: int = option(10, help="every N steps: read the loss back from the device, check it is finite on every "
                                 "process, log it and look for a preemption signal (each read waits for the GPU: 1 "
                                 "makes every step wait)", min=1)
-    torch_compile: bool = option(False, help="compile the denoiser (and ControlNet) with torch.compile, block by "
-                                 "block (regional: one compile per block type); the first steps pay the compile")
+    torch_compile: bool = option(False, help="compile the denoiser (and ControlNet) with torch.compile (UNets whole; "
+                                 "FLUX by repeated block: one compile per block type); the first steps pay the compile")
+    torch_compile_mode: str = option("default", help="torch.compile's mode with --torch_compile (reduce-overhead: CUDA "
+                                     "graphs, for small batches where launching kernels is the bottleneck)",
+                                     choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                                     noun="compile mode")
     report_to: str = option("tensorboard", help="experiment tracker", choices=("tensorboard", "wandb", "all", "none"),
                             noun="tracker")
     logging_dir: str = option("logs", help="tracker folder, relative to --output_dir")

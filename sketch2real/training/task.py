@@ -132,7 +132,7 @@ class DiffusionTask:
     def compile(self) -> None:
         """--torch_compile, called by the loop once the model is complete (LoRA adapters added) and before its
         first step."""
-        compile_in_place(self.compiled_modules())
+        compile_in_place(self.compiled_modules(), self.family.compile_regions, self.opts.torch_compile_mode)
 
     # ---- shared pieces ------------------------------------------------------------------------------------------
     def stream(self, name: str, images, names: list[str] | None = None) -> DiffusionStream:
