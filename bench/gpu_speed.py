@@ -2,7 +2,7 @@
 the chip (FLOPs counted by torch, not assumed), peak GiB; full-size architectures with random weights built on the
 spot (nothing is downloaded).
 
-    bash bench/gpu_speed.sh --diffusers_dir PATH [--size sd15] [--deadline 480] [--only TEXT] [--results FILE]
+    bash bench/gpu_speed.sh --diffusers_dir PATH [--size sd15] [--deadline 480] [--only TEXT ...] [--results FILE]
 
 PATH holds diffusers' `examples/dreambooth/train_dreambooth.py` (a huggingface/diffusers checkout, or a folder with
 that file; nothing of it is copied here). Ours: the per-step time after the first read of the loss (warm-up and
@@ -132,7 +132,8 @@ def main() -> int:
     parser.add_argument("--size", default="sd15", choices=tuple(SIZES))
     parser.add_argument("--work_dir", default="/tmp/s2r-gpu-speed")
     parser.add_argument("--deadline", type=float, default=480, help="seconds: rows that would end later are skipped")
-    parser.add_argument("--only", default="", help="comma-separated: run only rows whose name contains one of these")
+    parser.add_argument("--only", action="append", default=[], help="run only rows whose name contains this (repeatable: "
+                        "rows matching any)")
     parser.add_argument("--results", default="", help="also append each row as a JSON line to this file")
     args = parser.parse_args()
     started = time.perf_counter()
@@ -155,7 +156,7 @@ def main() -> int:
     table = []
     baseline = {}  # batch -> reference ms/step
     for row in rows(args.size):
-        if args.only and not any(part in row.name for part in args.only.split(",")):
+        if args.only and not any(part in row.name for part in args.only):
             continue
         elapsed = time.perf_counter() - started
         if elapsed + size.seconds[row.kind] > args.deadline:

@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 import traceback
+from pathlib import Path
 
 PRELOAD = [
     "torch", "torch.distributed.run", "deepspeed", "accelerate", "accelerate.commands.launch", "peft", "transformers",
@@ -146,6 +147,15 @@ def _fork_ranks(args) -> None:
         raise RuntimeError(f"ChildFailedError: {args.training_script} failed on ranks (rank: exit code) {failures}")
 
 
+def _load_probes() -> None:
+    """A probe folder of the tests (tests/probes/*) on PYTHONPATH: its sitecustomize runs, as a new interpreter's
+    would (a forked child never runs `site` again)."""
+    for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+        probe = Path(entry) / "sitecustomize.py"
+        if entry and Path(entry).parent.name == "probes" and probe.is_file():
+            runpy.run_path(str(probe), run_name="sitecustomize")
+
+
 def _serve() -> None:
     protocol = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # imports' prints must not reach the protocol
@@ -164,6 +174,7 @@ def _serve() -> None:
             os.chdir(request["cwd"])
             os.environ.clear()
             os.environ.update(request["env"])
+            _load_probes()
             os._exit(_run(request["argv"]))
         protocol.write(json.dumps({"pid": pid}) + "\n")
         protocol.flush()

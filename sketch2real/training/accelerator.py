@@ -36,7 +36,7 @@ def make_accelerator(opts, train_batch_size: int | None = None):
     config enables) is `accelerator.mixed_precision`; `opts` is left as parsed.
     """
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
 
     cpu_forced = _env_true("ACCELERATE_USE_CPU")
     if cpu_forced and _env_true("ACCELERATE_USE_DEEPSPEED"):
@@ -51,7 +51,9 @@ def make_accelerator(opts, train_batch_size: int | None = None):
     check_output_dir(opts.output_dir)  # every trainer's first use of it: a file or an unwritable folder is one line
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     group = {"backend": "gloo"} if on_cpu and distributed else {}
-    kwargs_handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=opts.ddp_timeout), **group)]
+    # DDP's gradients as views of its reduction buckets: no second copy of every gradient (3.4 GB for SD 1.5's UNet)
+    kwargs_handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=opts.ddp_timeout), **group),
+                       DistributedDataParallelKwargs(gradient_as_bucket_view=True)]
     report_to = None if opts.report_to == "none" else opts.report_to
     accelerator = Accelerator(
         mixed_precision=opts.mixed_precision,  # None: accelerate's own setting
@@ -186,6 +188,13 @@ def compile_in_place(modules: list[torch.nn.Module], regions: bool, mode: str = 
         else:
             module.compile(**options)
         module._s2r_compiled = True
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has compiled in this process so far (a recompile adds one)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 @contextmanager

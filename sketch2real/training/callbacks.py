@@ -21,7 +21,7 @@ import torch
 
 from sketch2real.io import append_jsonl, write_json
 from sketch2real.shards import corrupt_samples
-from sketch2real.training.accelerator import finish_trackers
+from sketch2real.training.accelerator import compiled_graphs, finish_trackers
 from sketch2real.training.checkpoints import save_checkpoint
 from sketch2real.training.preemption import PREEMPTED_EXIT_CODE, Preempted, mark_preempted
 
@@ -51,6 +51,7 @@ class Run:
     first_bad_step: int | None = None  # the first step whose loss was not finite (on any process)
     host_reads: int = 0  # reads of device values by the loop (one per `reads_due` step)
     timed_from: tuple[int, float] | None = None  # (step, time) of the first read: after warm-up and compilation
+    graphs_at_first_read: int = 0  # graphs torch.compile had compiled by then
     preempted: bool = False  # a preemption signal reached some process (one collective decides, for all)
     logs: dict[str, Any] = field(default_factory=dict)  # this step's: loss, lr, validation
 
@@ -60,6 +61,7 @@ class Run:
         now = time.perf_counter()
         if self.timed_from is None:
             self.timed_from = (self.step, now)
+            self.graphs_at_first_read = compiled_graphs()
         self.end_time = now
 
     def steady_steps_per_second(self) -> float | None:
@@ -203,6 +205,9 @@ class RunSummary(Callback):
             "steady_samples_per_second": steady * task.samples_per_step() if steady is not None else None,
             "steady_from_step": run.timed_from[0] if run.timed_from else None,
             "host_reads": run.host_reads,
+            # --torch_compile: graphs compiled in all, and after the first read (recompiles: 0 when shapes are static)
+            "compiled_graphs": compiled_graphs(),
+            "graphs_compiled_after_first_read": compiled_graphs() - run.graphs_at_first_read if run.timed_from else None,
             "peak_memory_mb": peak_memory_mb(accelerator.device),
             "data_wait_seconds_per_step": task.data_wait_seconds() / steps_done if steps_done else 0.0,
             "num_processes": accelerator.num_processes,

@@ -127,6 +127,7 @@ def train(task: Task, opts, accelerator, project_name: str, callbacks: list[Call
         write_json(out / "run_config.json", {**as_dict(opts), "mixed_precision": accelerator.mixed_precision,
                                              "effective_learning_rate": learning_rate})
         accelerator.init_trackers(project_name, config=_tracker_config(opts))
+    model.train()  # as after every validation (`from_pretrained` gives eval mode: a compiled graph per mode otherwise)
     if opts.torch_compile:
         task.compile()
     task.prepare_data(step)  # latent caches, before the clock: their time is reported apart

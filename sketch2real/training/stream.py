@@ -47,6 +47,8 @@ class PosteriorCache:
         from tqdm.auto import tqdm
 
         chunks = sorted({i // self.CHUNK for i in indices if i not in self.mean})  # chunks are cached whole
+        if not chunks:  # every step once the cache is built: no DataLoader to start
+            return
         decoded = prefetched(self.images, chunks, self._positions, num_workers, pin_memory)
         for chunk, images in tqdm(decoded, total=len(chunks), desc="caching latents", unit="chunk",
                                   disable=not progress or len(chunks) < 2, dynamic_ncols=True):

@@ -1,0 +1,105 @@
+"""The training step as a GPU needs it, checked on CPU: it never reads a device value back to the host except once per
+logging interval, and --torch_compile trains as eager does, compiles nothing after warm-up, and resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from .helpers import REPO, relative_difference, run_script, weights
+
+PROBE = {"PYTHONPATH": str(REPO / "tests/probes/host_reads"),
+         # not counted: the batch sampler's permutations, drawn on the CPU and never leaving it (a list per epoch), and
+         # the latent cache's build before the first step (one-off, its reads follow the images it encodes)
+         "S2R_PROBE_HOST_READS_IGNORE": "GlobalBatchSampler.,DiffusionTask.prepare_data"}
+TRAINERS = {
+    "dreambooth": ("train/dreambooth.py", ["--instance_category", "cat", "--instance_prompt", "a sks sketch of a cat"]),
+    "textual_inversion": ("train/textual_inversion.py", []),
+    "controlnet": ("train/controlnet.py", []),
+}
+
+
+def _common(tiny_models, shard_dir) -> list:
+    return ["--pretrained_model_name_or_path", tiny_models.sd, "--shard_dir", shard_dir, "--resolution", "64",
+            "--validation_steps", "0", "--checkpointing_steps", "0", "--report_to", "none", "--num_heldout_samples", "0"]
+
+
+def _host_reads(script: str, args: list, out, steps: int, logging_steps: int) -> dict:
+    """The probe's count of a run."""
+    env = {**PROBE, "S2R_PROBE_HOST_READS": str(out) + ".reads.json"}
+    run_script(script, *args, "--output_dir", out, "--max_train_steps", steps, "--logging_steps", logging_steps,
+               "--train_batch_size", 2, env=env)
+    counted = json.loads((out.parent / (out.name + ".reads.json")).read_text())
+    assert json.loads((out / "metrics.json").read_text())["host_reads"] == -(-steps // logging_steps)
+    return counted
+
+
+@pytest.mark.parametrize("trainer", list(TRAINERS))
+def test_the_step_reads_device_values_only_once_per_logging_interval(trainer, tiny_models, shard_dir, tmp_path):
+    script, extra = TRAINERS[trainer]
+    args = [*_common(tiny_models, shard_dir), *extra]
+    # one logging interval of 2 steps, then one of 6: as many reads (the interval's one included)
+    short = _host_reads(script, args, tmp_path / "short", 2, 2)
+    long = _host_reads(script, args, tmp_path / "long", 6, 6)
+    assert long["reads"] == short["reads"], (short["sites"], long["sites"])
+    if trainer == "dreambooth":  # the count sees the loop's reads: every step's read is 5 more
+        every_step = _host_reads(script, args, tmp_path / "every", 6, 1)
+        assert every_step["reads"] == long["reads"] + 5, (long["sites"], every_step["sites"])
+
+
+def test_a_non_finite_loss_is_named_by_its_step_at_the_next_read(tiny_models, shard_dir, tmp_path):
+    # The loss turns infinite at step 1; the loop reads it back at step 4 (--logging_steps 4) and stops there.
+    script, extra = TRAINERS["dreambooth"]
+    proc = run_script(script, *_common(tiny_models, shard_dir), *extra, "--output_dir", tmp_path, "--max_train_steps", 8,
+                      "--logging_steps", 4, "--noise_offset", "1e39", check=False)
+    assert proc.returncode == 1
+    assert "loss is not finite at step 1: stopping at step 4" in proc.stderr
+
+
+def _compiled_args(tiny_models, shard_dir) -> list:
+    """DreamBooth in bf16 with a checkpoint at step 3 and a validation at step 4 (held-out loss and an image) between
+    compiled steps; the loss read every 2 steps."""
+    return [*_common(tiny_models, shard_dir), *TRAINERS["dreambooth"][1], "--mixed_precision", "bf16",
+            "--max_train_steps", 6, "--logging_steps", 2, "--checkpointing_steps", 3, "--validation_steps", 4,
+            "--num_heldout_samples", 2, "--validation_prompt", "a sks sketch of a cat", "--num_validation_images", 1,
+            "--validation_inference_steps", 2, "--train_batch_size", 2, "--learning_rate", "1e-3"]
+
+
+def test_torch_compile_trains_as_eager_compiles_nothing_after_warm_up_and_resumes_exactly(tiny_models, shard_dir,
+                                                                                        tmp_path):
+    args = _compiled_args(tiny_models, shard_dir)
+    eager, fp32, compiled, resumed = (tmp_path / name for name in ("eager", "fp32", "compiled", "resumed"))
+    run_script("train/dreambooth.py", *args, "--output_dir", eager)
+    run_script("train/dreambooth.py", *args, "--output_dir", fp32, "--mixed_precision", "no")
+    run_script("train/dreambooth.py", *args, "--output_dir", compiled, "--torch_compile")
+    e, c = (json.loads((d / "metrics.json").read_text()) for d in (eager, compiled))
+    assert c["compiled_graphs"] > 0 and e["compiled_graphs"] == 0
+    # the step, the checkpoint at 3 and the validation at 4 compile nothing after the first read (step 2)
+    assert c["steady_from_step"] == 2 and c["graphs_compiled_after_first_read"] == 0
+    # Compiled kernels round bf16 differently, not the training: the compiled run is as close to full precision as
+    # eager bf16 is (bf16's own noise on this run: eager bf16 against fp32), and not the same bytes as eager.
+    base, full = weights(tiny_models.sd / "unet"), weights(fp32 / "unet")
+    bf16_noise = relative_difference(weights(eager / "unet"), full, base)
+    compiled_noise = relative_difference(weights(compiled / "unet"), full, base)
+    assert compiled_noise <= 1.5 * bf16_noise, (compiled_noise, bf16_noise)
+    assert relative_difference(weights(compiled / "unet"), weights(eager / "unet"), base) > 0
+    assert c["final_loss"] == pytest.approx(e["final_loss"], rel=0.05)
+    # Resumed from the compiled run's checkpoint, compiled again: bit-identical to the run never interrupted.
+    resumed.mkdir()
+    shutil.copytree(compiled / "checkpoint-3", resumed / "checkpoint-3")
+    run_script("train/dreambooth.py", *args, "--output_dir", resumed, "--torch_compile", "--resume_from_checkpoint",
+               "latest")
+    a, b = weights(compiled / "unet"), weights(resumed / "unet")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    assert json.loads((resumed / "metrics.json").read_text())["steps_this_run"] == 3
+
+
+@pytest.mark.parametrize("trainer", ["textual_inversion", "controlnet"])
+def test_torch_compile_compiles_nothing_after_warm_up_in_every_trainer(trainer, tiny_models, shard_dir, tmp_path):
+    script, extra = TRAINERS[trainer]
+    run_script(script, *_common(tiny_models, shard_dir), *extra, "--output_dir", tmp_path, "--mixed_precision", "bf16",
+               "--max_train_steps", 4, "--logging_steps", 2, "--train_batch_size", 2, "--torch_compile")
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["compiled_graphs"] > 0 and metrics["graphs_compiled_after_first_read"] == 0
