@@ -2,7 +2,8 @@
 the chip (FLOPs counted by torch, not assumed), peak GiB; full-size architectures with random weights built on the
 spot (nothing is downloaded).
 
-    bash bench/gpu_speed.sh --diffusers_dir PATH [--size sd15] [--deadline 480] [--only TEXT ...] [--results FILE]
+    bash bench/gpu_speed.sh --diffusers_dir PATH [--size sd15] [--deadline 480] [--only TEXT ...] [--rounds N]
+                            [--results FILE]
 
 PATH holds diffusers' `examples/dreambooth/train_dreambooth.py` (a huggingface/diffusers checkout, or a folder with
 that file; nothing of it is copied here). Ours: the per-step time after the first read of the loss (warm-up and
@@ -16,6 +17,7 @@ script cannot rot; its figures mean nothing.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -126,6 +128,60 @@ def reference(script: Path, model: Path, images: Path, resolution: int, batch: i
     return time.perf_counter() - start
 
 
+def run_row(row: Row, round_: int, size: Size, work: Path, script: Path | None, env: dict, cuda: bool,
+            started: float, deadline: float, flops_of, peak: float | None, baseline: dict) -> dict:
+    """One row's run: its figures, or the note saying why it did not run or failed."""
+    elapsed = time.perf_counter() - started
+    result = {"row": row.name, "round": round_, "batch": row.batch, "started_s": round(elapsed, 1)}
+    if elapsed + size.seconds[row.kind] > deadline:
+        return {**result, "note": f"skipped: past the deadline ({elapsed:.0f} s gone)"}
+    if row.script == "reference" and script is None:
+        return {**result, "note": "skipped: no --diffusers_dir"}
+    if "fp16" in row.args and not cuda:
+        return {**result, "note": "skipped: fp16 needs CUDA"}
+    model, images = prepare(work, size, row.model)
+    resolution = size.resolution * (2 if row.model == "sdxl" and size.model == "sd15" else 1)
+    out = work / "runs" / f"{round_}-{abs(hash(row.name)) % 10**8}"
+    try:
+        if row.script == "reference":
+            short, long = (reference(script, model, images, resolution, row.batch, n, out / str(n), env)
+                           for n in size.reference_steps)
+            ms = 1000 * (long - short) / (size.reference_steps[1] - size.reference_steps[0])
+            baseline[row.batch] = ms
+            result.update(ms_per_step=ms, method=f"wall({size.reference_steps[1]}) - wall({size.reference_steps[0]})")
+        else:
+            m = ours(row, model, images, resolution, size, out, env)
+            result.update(ms_per_step=1000 / m["steady_steps_per_second"], peak_gib=m["peak_memory_mb"] / 1024,
+                          final_loss=m["final_loss"], host_reads=m["host_reads"],
+                          method=f"steady after step {m['steady_from_step']}")
+        images_per_second = 1000 * row.batch / result["ms_per_step"]
+        flops = flops_of(model, resolution, row.trains)
+        result.update(images_per_second=images_per_second, tflop_per_image=flops / 1e12,
+                      chip_share=images_per_second * flops / peak if peak else None)
+        if row.versus_reference and row.batch in baseline:
+            result["vs_diffusers"] = baseline[row.batch] / result["ms_per_step"]
+    except Exception as err:  # a row's failure is reported in its row; the others still run
+        result["note"] = f"FAILED: {str(err)[:160]}"
+    result["wall_s"] = round(time.perf_counter() - started - elapsed, 1)
+    return result
+
+
+def table_line(name: str, runs: list[dict]) -> str:
+    """A row of the table: the median round's figures (and the range when there were several), or the first note."""
+    done = sorted((r for r in runs if "ms_per_step" in r), key=lambda r: r["ms_per_step"])
+    if not done:
+        return f"| {name} |  |  |  |  |  | {runs[0].get('note', '')} |"
+    r = done[(len(done) - 1) // 2]
+    ratios = sorted(x["vs_diffusers"] for x in done if "vs_diffusers" in x)
+    note = r["method"] + (f"; median of {len(done)} rounds, {done[0]['ms_per_step']:.1f}-{done[-1]['ms_per_step']:.1f} "
+                          "ms" if len(done) > 1 else "")
+    cells = [f"{r['ms_per_step']:.1f}", f"{r['images_per_second']:.1f}",
+             f"{r['chip_share']:.1%}" if r.get("chip_share") is not None else "",
+             f"{max(x['peak_gib'] for x in done):.1f}" if "peak_gib" in r else "",
+             f"{ratios[(len(ratios) - 1) // 2]:.2f}x" if ratios else "", note]
+    return f"| {name} | " + " | ".join(cells) + " |"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--diffusers_dir", default="", help="folder with examples/dreambooth/train_dreambooth.py")
@@ -134,6 +190,8 @@ def main() -> int:
     parser.add_argument("--deadline", type=float, default=480, help="seconds: rows that would end later are skipped")
     parser.add_argument("--only", action="append", default=[], help="run only rows whose name contains this (repeatable: "
                         "rows matching any)")
+    parser.add_argument("--rounds", type=int, default=1, help="run the rows this many times, alternating (the table "
+                        "shows each row's median round and the range)")
     parser.add_argument("--results", default="", help="also append each row as a JSON line to this file")
     args = parser.parse_args()
     started = time.perf_counter()
@@ -153,61 +211,24 @@ def main() -> int:
     peak = next((p for key, p in PEAK_BF16.items() if key in device), None)
     print(f"{device} | torch {torch.__version__} | {size.model} architecture, random weights | {size.resolution} px | "
           f"ours: {size.steps} steps, timed after step {size.logging}", flush=True)
-    table = []
-    baseline = {}  # batch -> reference ms/step
-    for row in rows(args.size):
-        if args.only and not any(part in row.name for part in args.only):
-            continue
-        elapsed = time.perf_counter() - started
-        if elapsed + size.seconds[row.kind] > args.deadline:
-            table.append({"row": row.name, "note": f"skipped: past the deadline ({elapsed:.0f} s gone)"})
-            continue
-        if row.script == "reference" and script is None:
-            table.append({"row": row.name, "note": "skipped: no --diffusers_dir"})
-            continue
-        if "fp16" in row.args and not cuda:
-            table.append({"row": row.name, "note": "skipped: fp16 needs CUDA"})
-            continue
-        model, images = prepare(work, size, row.model)
-        resolution = size.resolution * (2 if row.model == "sdxl" and size.model == "sd15" else 1)
-        out = work / "runs" / f"{len(table):02d}"
-        result = {"row": row.name, "batch": row.batch, "started_s": round(elapsed, 1)}
-        try:
-            if row.script == "reference":
-                short, long = (reference(script, model, images, resolution, row.batch, n, out / str(n), env)
-                               for n in size.reference_steps)
-                ms = 1000 * (long - short) / (size.reference_steps[1] - size.reference_steps[0])
-                baseline[row.batch] = ms
-                result.update(ms_per_step=ms, method=f"wall({size.reference_steps[1]}) - wall({size.reference_steps[0]})")
-            else:
-                m = ours(row, model, images, resolution, size, out, env)
-                ms = 1000 / m["steady_steps_per_second"]
-                result.update(ms_per_step=ms, peak_gib=m["peak_memory_mb"] / 1024, final_loss=m["final_loss"],
-                              host_reads=m["host_reads"], method=f"steady after step {m['steady_from_step']}")
-            images_per_second = 1000 * row.batch / result["ms_per_step"]
-            flops = training_flops_per_sample(model, resolution, row.trains)
-            result.update(images_per_second=images_per_second, tflop_per_image=flops / 1e12,
-                          chip_share=images_per_second * flops / peak if peak else None)
-            if row.versus_reference and row.batch in baseline:
-                result["vs_diffusers"] = baseline[row.batch] / result["ms_per_step"]
-        except Exception as err:  # a row's failure is reported in its row; the others still run
-            result["note"] = f"FAILED: {str(err)[:160]}"
-        result["wall_s"] = round(time.perf_counter() - started - elapsed, 1)
-        table.append(result)
-        print(json.dumps(result), flush=True)
-        if args.results:
-            with open(args.results, "a") as f:
-                f.write(json.dumps(result) + "\n")
+    results = []  # one per row and round
+    selected = [row for row in rows(args.size) if not args.only or any(part in row.name for part in args.only)]
+    flops_of = functools.cache(training_flops_per_sample)
+    for round_ in range(args.rounds):  # rows alternate: a drift of the machine meets every row alike
+        baseline = {}  # batch -> this round's reference ms/step
+        for row in selected:
+            result = run_row(row, round_, size, work, script, env, cuda, started, args.deadline, flops_of, peak, baseline)
+            results.append(result)
+            print(json.dumps(result), flush=True)
+            if args.results:
+                with open(args.results, "a") as f:
+                    f.write(json.dumps(result) + "\n")
     print("\n| run | ms/step | img/s | share of the chip | peak GiB | vs diffusers | note |\n|---|---:|---:|---:|---:|---:|---|")
-    for r in table:
-        share = f"{r['chip_share']:.1%}" if r.get("chip_share") is not None else ""
-        cells = [f"{r['ms_per_step']:.1f}" if "ms_per_step" in r else "", f"{r['images_per_second']:.1f}" if
-                 "images_per_second" in r else "", share, f"{r['peak_gib']:.1f}" if "peak_gib" in r else "",
-                 f"{r['vs_diffusers']:.2f}x" if "vs_diffusers" in r else "", r.get("note", r.get("method", ""))]
-        print(f"| {r['row']} | " + " | ".join(cells) + " |")
+    for row in selected:
+        print(table_line(row.name, [r for r in results if r["row"] == row.name]))
     if peak:
         print(f"share of the chip: counted FLOPs per image x img/s / {peak / 1e12:.0f} TFLOP/s (dense bf16, {device})")
-    return 1 if any(r.get("note", "").startswith("FAILED") for r in table) else 0
+    return 1 if any(r.get("note", "").startswith("FAILED") for r in results) else 0
 
 
 if __name__ == "__main__":

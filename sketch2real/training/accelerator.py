@@ -173,13 +173,15 @@ def configure_attention(unet, opts, device: torch.device) -> None:
         enable_xformers(unet, device)
 
 
-def compile_in_place(modules: list[torch.nn.Module], regions: bool, mode: str = "default") -> None:
+def compile_in_place(modules: list[torch.nn.Module], regions: bool, mode: str = "default",
+                     backend: str = "inductor") -> None:
     """--torch_compile: compile each module in place (`Module.compile`: parameter names unchanged, so checkpoints and
     saved weights read as eager's), whole, or with `regions` by repeated block where diffusers declares them
     (`_repeated_blocks`: one compile per block type; the family says which, `Family.compile_regions`). Shapes are
     static: a step's batch never changes shape, and a new shape compiles once more rather than switching to slower
-    dynamic code. `mode`: torch.compile's ("reduce-overhead": CUDA graphs, the host launches a step in a few calls)."""
-    options = dict(dynamic=False, mode=None if mode == "default" else mode)
+    dynamic code. `mode`, `backend`: torch.compile's ("reduce-overhead": CUDA graphs, the host launches a step in a few
+    calls)."""
+    options = dict(dynamic=False, backend=backend, mode=None if mode == "default" else mode)
     for module in modules:
         if getattr(module, "_s2r_compiled", False):
             continue  # a later stage of the same model (sequential DreamBooth)

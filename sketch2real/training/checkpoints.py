@@ -38,7 +38,7 @@ RUNTIME_OPTIONS = frozenset({
     "enable_xformers_memory_efficient_attention", "allow_tf32", "set_grads_to_none", "cache_latents",
     "mixed_precision", "train_batch_size", "max_train_steps", "sample_batch_size", "save_as_full_pipeline",
     "class_data_dir", "hub_token", "ddp_timeout", "latent_cache_dir", "validation_clip_model_name_or_path",
-    "validation_probe_samples", "logging_steps", "torch_compile", "torch_compile_mode",
+    "validation_probe_samples", "logging_steps", "torch_compile", "torch_compile_mode", "torch_compile_backend",
 })
 CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")
 

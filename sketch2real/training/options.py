@@ -95,6 +95,9 @@ class TrainOptions:
                                      "graphs, for small batches where launching kernels is the bottleneck)",
                                      choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
                                      noun="compile mode")
+    torch_compile_backend: str = option("inductor", help="torch.compile's backend with --torch_compile (aot_eager: "
+                                        "captures and checks the graphs without generating kernels, for debugging)",
+                                        choices=("inductor", "aot_eager", "eager", "cudagraphs"), noun="compile backend")
     report_to: str = option("tensorboard", help="experiment tracker", choices=("tensorboard", "wandb", "all", "none"),
                             noun="tracker")
     logging_dir: str = option("logs", help="tracker folder, relative to --output_dir")

@@ -132,7 +132,8 @@ class DiffusionTask:
     def compile(self) -> None:
         """--torch_compile, called by the loop once the model is complete (LoRA adapters added) and before its
         first step."""
-        compile_in_place(self.compiled_modules(), self.family.compile_regions, self.opts.torch_compile_mode)
+        o = self.opts
+        compile_in_place(self.compiled_modules(), self.family.compile_regions, o.torch_compile_mode, o.torch_compile_backend)
 
     # ---- shared pieces ------------------------------------------------------------------------------------------
     def stream(self, name: str, images, names: list[str] | None = None) -> DiffusionStream:
