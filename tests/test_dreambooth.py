@@ -115,6 +115,28 @@ def test_sigusr1_saves_a_checkpoint_and_exits_for_requeue(db_args, tmp_path):
     assert json.loads((out / "metrics.json").read_text())["steps_this_run"] == 2
 
 
+def test_caption_dropout_trains_dropped_images_on_the_empty_prompt_whatever_the_processes(db_args, tmp_path,
+                                                                                            tiny_models):
+    common = [*db_args, "--max_train_steps", "3"]
+    runs = {name: tmp_path / name for name in ("all", "empty", "half", "half_ddp", "none")}
+    run_script("train/dreambooth.py", *common, "--train_batch_size", "2", "--output_dir", runs["none"])
+    run_script("train/dreambooth.py", *common, "--train_batch_size", "2", "--caption_dropout_probability", "1",
+               "--output_dir", runs["all"])
+    run_script("train/dreambooth.py", *common, "--train_batch_size", "2", "--instance_prompt", "", "--output_dir",
+               runs["empty"])
+    run_script("train/dreambooth.py", *common, "--train_batch_size", "2", "--caption_dropout_probability", "0.5",
+               "--output_dir", runs["half"])
+    launch("train/dreambooth.py", *common, "--train_batch_size", "1", "--caption_dropout_probability", "0.5",
+           "--output_dir", runs["half_ddp"])
+    unet = {name: weights(out / "unet") for name, out in runs.items()}
+    # every image dropped: exactly the run whose prompt is empty
+    assert all(torch.equal(unet["all"][k], unet["empty"][k]) for k in unet["all"])
+    # half dropped (seeded per step and image): neither run with one prompt throughout, nor, on 2 processes, another draw
+    base = weights(tiny_models.sd / "unet")
+    assert min(relative_difference(unet["half"], unet[other], base) for other in ("empty", "none")) > 0.05
+    assert relative_difference(unet["half"], unet["half_ddp"], base) < 1e-2
+
+
 def test_two_process_ddp_matches_one_process(db_args, tmp_path, tiny_models):
     one, two = tmp_path / "one", tmp_path / "two"
     run_script("train/dreambooth.py", *db_args, "--output_dir", one, "--max_train_steps", "4", "--train_batch_size", "2")

@@ -21,7 +21,7 @@ from sketch2real.models import SDComponents, assemble_pipeline, load
 from sketch2real.sketchy import category_words, photo_key, sketch_condition
 from sketch2real.training.accelerator import cast_denoiser_inputs
 from sketch2real.training.data import LazyImages
-from sketch2real.training.diffusion import derive_seed
+from sketch2real.training.diffusion import derive_seed, drops_prompt
 from sketch2real.training.options import TrainOptions
 from sketch2real.training.task import DiffusionTask, HeldOut
 from sketch2real.training.validation import heldout_denoising_losses
@@ -123,9 +123,8 @@ class ControlNetTask(DiffusionTask):
 
     def prompt_for(self, key: str, category: str, step: int = -1) -> str:
         o = self.opts
-        if step >= 0 and o.proportion_empty_prompts:
-            if derive_seed(o.seed, "empty", step, key) % 10_000 < o.proportion_empty_prompts * 10_000:
-                return ""
+        if step >= 0 and drops_prompt(o.proportion_empty_prompts, o.seed, "empty", step, key):
+            return ""
         return self.captions.get(key) or o.prompt_template.format(category=category_words(category))
 
     def _heldout(self) -> HeldOut | None:

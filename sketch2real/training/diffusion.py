@@ -21,6 +21,13 @@ def derive_seed(*parts: object) -> int:
     return int(hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:15], 16)
 
 
+def drops_prompt(probability: float, *parts: object) -> bool:
+    """Whether the prompt of the sample named by `parts` (seed, step, sample...) is replaced by "" (caption dropout,
+    ControlNet's --proportion_empty_prompts): a function of those parts alone, on any number of processes and on
+    resume, and drawn on the host (nothing read back from the device)."""
+    return bool(probability) and derive_seed(*parts) % 10_000 < probability * 10_000
+
+
 @dataclass
 class StepNoise:
     """The random numbers of one micro-step, for this rank's rows of the global batch."""

@@ -15,7 +15,7 @@ from sketch2real.io import atomic_path, umask_modes
 from sketch2real.models import SDComponents, dtype_for, load_pipeline, save_pretrained_atomic
 from sketch2real.training.accelerator import zero3_init_disabled
 from sketch2real.training.data import load_folder_images, load_shard_images
-from sketch2real.training.diffusion import derive_seed
+from sketch2real.training.diffusion import derive_seed, drops_prompt
 from sketch2real.training.options import TrainOptions
 from sketch2real.training.preemption import preemption
 from sketch2real.training.task import DiffusionTask, HeldOut
@@ -54,6 +54,9 @@ class DreamBoothOptions(TrainOptions):
                               choices=("diffusers", "comfyui"), noun="LoRA format")
     initial_lora: str = option("", help="start the LoRA adapters from this LoRA folder (a run's output with "
                                         "pytorch_lora_weights.safetensors) instead of a fresh start; with --lora_rank")
+    caption_dropout_probability: float = option(0.0, help="probability that an instance image is trained with the empty "
+                                                "prompt instead of --instance_prompt (seeded per step and image; the "
+                                                "style then also arrives without its trigger)", min=0, max=1)
 
     def __post_init__(self) -> None:
         if self.learning_rate is None:  # frozen: the default depends on --lora_rank
@@ -218,7 +221,7 @@ class DreamBoothTask(DiffusionTask):
         self.heldout = self._heldout()
         # each part's prompt: token ids when the text encoders train; else its conditioning, computed once, with the
         # held-out prompts', before the frozen encoders are released
-        prompts = [prompt for _, prompt, _ in self.parts]
+        prompts = [prompt for _, prompt, _ in self.parts] + [""] * bool(opts.caption_dropout_probability)
         if not opts.train_text_encoder:
             self.release_text_encoders(prompts + (self.heldout.prompts if self.heldout is not None else []))
         with torch.no_grad():
@@ -241,13 +244,23 @@ class DreamBoothTask(DiffusionTask):
         loss = 0.0
         for stream, prompt, weight in self.parts:
             batch = stream.batch(step, micro)
-            n, text = batch.noisy.shape[0], self.prompts[prompt]
-            if self.opts.train_text_encoder:
-                prediction = model(batch.noisy, batch.timesteps, input_ids=[i.expand(n, -1) for i in text])
+            names = [self.row_prompt(stream.name, prompt, step, micro, i) for i in batch.indices]
+            n, rows = len(names), [self.prompts[name] for name in names]
+            same = len(set(names)) == 1  # one prompt for the batch: a view of it, no copy
+            if self.opts.train_text_encoder:  # token ids, one tensor per tokenizer
+                ids = [i.expand(n, -1) for i in rows[0]] if same else [torch.cat(parts) for parts in zip(*rows)]
+                prediction = model(batch.noisy, batch.timesteps, input_ids=ids)
             else:
-                prediction = model(batch.noisy, batch.timesteps, conditioning=text.expand(n))
+                text = rows[0].expand(n) if same else Conditioning.cat(rows)
+                prediction = model(batch.noisy, batch.timesteps, conditioning=text)
             loss = loss + weight * self.loss_of(batch, prediction)
         return loss
+
+    def row_prompt(self, stream: str, prompt: str, step: int, micro: int, index: int) -> str:
+        """The prompt an image of the batch is trained with: its part's, or "" by caption dropout (instance images)."""
+        dropped = stream == "instance" and drops_prompt(self.opts.caption_dropout_probability, self.opts.seed,
+                                                        "caption-dropout", step, micro, index)
+        return "" if dropped else prompt
 
     def denoiser_of(self, model):
         return self.accelerator.unwrap_model(model).denoiser
