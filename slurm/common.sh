@@ -23,8 +23,28 @@ if [ -z "${MASTER_ADDR:-}" ]; then
   MASTER_ADDR=$(scontrol show node "${S2R_FIRST_NODE:-localhost}" 2>/dev/null | grep -o 'NodeAddr=[^ ]*' | sed -n 1p | cut -d= -f2 || true)
   MASTER_ADDR=${MASTER_ADDR:-${S2R_FIRST_NODE:-localhost}}
 fi
-# A port of the job's own: two jobs on one node must not share a rendezvous port.
-MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
+# A port of the job's own: two jobs on one node must not share a rendezvous port. The batch script runs on the
+# first node, where the rendezvous listens: from the job's port, the first one free there (another program, or a
+# job of another cluster, may hold it).
+s2r_free_port() {
+  "$PYTHON" - "$1" <<'PY'
+import socket, sys
+first = int(sys.argv[1])
+for port in range(first, first + 200):
+    with socket.socket() as probe:
+        try:
+            probe.bind(("", port))
+        except OSError:
+            continue
+    print(port)
+    break
+else:
+    print(first)
+PY
+}
+if [ -z "${MASTER_PORT:-}" ]; then
+  MASTER_PORT=$(s2r_free_port $((20000 + ${SLURM_JOB_ID:-0} % 20000)))
+fi
 export MASTER_ADDR MASTER_PORT
 
 s2r_log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*"; }

@@ -61,6 +61,8 @@ CONF
     mkdir -p "$dir/state" "$dir/spool" "$dir/log"
     cat > "$dir/slurm.conf" <<CONF
 ClusterName=local2
+# Job ids apart from the one-node cluster's: both on one host, a job's rendezvous port follows its id.
+FirstJobId=5000
 SlurmctldHost=$host
 SlurmctldPort=16817
 SlurmUser=root

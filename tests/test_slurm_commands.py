@@ -2,6 +2,7 @@
 are stand-ins that record what they are given), then read by accelerate's own launcher as it would on each node."""
 
 import os
+import socket
 import subprocess
 from pathlib import Path
 
@@ -124,3 +125,22 @@ def test_every_log_folder_the_scripts_name_is_in_a_fresh_clone():
         for line in script.read_text().splitlines():
             if line.startswith("#SBATCH --output="):
                 assert os.path.dirname(line.split("=", 1)[1]) in folders, (script.name, line)
+
+
+def test_the_rendezvous_port_moves_past_one_already_taken_on_the_first_node():
+    """Two clusters on one host (or any program) may hold the port the job id gives: the job takes the next free one."""
+    job_id = 4243
+    env = {**os.environ, "SLURM_JOB_ID": str(job_id), "MASTER_ADDR": "127.0.0.1", "SKETCH2REAL_HOME": str(REPO)}
+    env.pop("MASTER_PORT", None)
+
+    def chosen_port() -> int:
+        proc = subprocess.run(["bash", "-c", "source slurm/common.sh && echo $MASTER_PORT"], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return int(proc.stdout.split()[-1])
+
+    assert chosen_port() == 20000 + job_id
+    with socket.socket() as held:
+        held.bind(("", 20000 + job_id))
+        held.listen()
+        assert chosen_port() == 20000 + job_id + 1
