@@ -137,6 +137,80 @@ def test_caption_dropout_trains_dropped_images_on_the_empty_prompt_whatever_the_
     assert relative_difference(unet["half"], unet["half_ddp"], base) < 1e-2
 
 
+def _category_captions(path: Path, shard_dir, shift: int) -> Path:
+    """A captions file giving each train sketch the prompt of the category `shift` places after its own."""
+    from sketch2real.shards import ShardSamples
+    from sketch2real.sketchy import category_words
+
+    refs = ShardSamples(str(shard_dir), "train", fields=("sketch",), resolution=64).refs
+    categories = sorted({r.category for r in refs})
+    rows = [{"key": r.key, "prompt_id": "4", "caption": "a sks sketch of a " + category_words(
+        categories[(categories.index(r.category) + shift) % len(categories)])} for r in refs]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_a_style_over_every_category_trains_each_image_with_its_categorys_prompt(db_args, tmp_path, tiny_models,
+                                                                                 shard_dir):
+    """{category} in --instance_prompt over every category (the shards read through the on-disk latent store): each
+    image trained with its own category's prompt. Captions that say the same (encoded with each batch, another path)
+    train the same weights; captions naming other categories train others."""
+    common = [*db_args, "--instance_category", "", "--instance_prompt", "a sks sketch of a {category}",
+              "--max_train_steps", "3", "--train_batch_size", "4"]
+    runs = {name: tmp_path / name for name in ("template", "captions", "wrong")}
+    run_script("train/dreambooth.py", *common, "--output_dir", runs["template"])
+    for name, shift in (("captions", 0), ("wrong", 1)):
+        run_script("train/dreambooth.py", *common, "--output_dir", runs[name], "--captions",
+                   _category_captions(tmp_path / f"{name}.jsonl", shard_dir, shift))
+    unet = {name: weights(out / "unet") for name, out in runs.items()}
+    base = weights(tiny_models.sd / "unet")
+    assert relative_difference(unet["template"], unet["captions"], base) < 1e-3
+    assert relative_difference(unet["template"], unet["wrong"], base) > 0.05
+    from sketch2real.shards import ShardSamples
+
+    store = json.loads((runs["template"] / "metrics.json").read_text())["latent_cache"]["stores"]["instance"]
+    every = ShardSamples(str(shard_dir), "train", fields=("sketch",), resolution=64)
+    assert store["images"] == len(every) and len({r.category for r in every.refs}) > 1  # all categories, in the store
+
+
+def test_prodigy_sets_its_own_step_resumes_exactly_and_sums_its_estimate_under_zero(db_args, tmp_path):
+    """--optimizer prodigy (learning rate 1.0 by default): its step-size estimate d grows from d0 as it trains; a run
+    resumed from a checkpoint ends with the same LoRA, bit for bit; under ZeRO its estimate is summed over the processes."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    at = db_args.index("--learning_rate")
+    args = [*db_args[:at], *db_args[at + 2:], "--max_train_steps", "9", "--checkpointing_steps", "4", "--lora_rank", "4",
+            "--optimizer", "prodigy", "--prodigy_use_bias_correction", "false"]  # the learning rate: Prodigy's default
+    straight, resumed, zero2 = tmp_path / "straight", tmp_path / "resumed", tmp_path / "zero2"
+    run_script("train/dreambooth.py", *args, "--train_batch_size", "2", "--output_dir", straight)
+    group, end = (torch.load(straight / f"checkpoint-{step}" / "optimizer.bin", weights_only=True)["param_groups"][0]
+                  for step in (4, 8))
+    assert group["lr"] == 1.0 and end["d"] > group["d"] >= group["d0"] and end["d"] > 2 * group["d0"]
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-4", resumed / "checkpoint-4")
+    run_script("train/dreambooth.py", *args, "--train_batch_size", "2", "--output_dir", resumed,
+               "--resume_from_checkpoint", "latest")
+    a, b = (load_file(out / "pytorch_lora_weights.safetensors") for out in (straight, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # ZeRO: each process steps its part of the state, so the estimate is summed over them (prodigyopt does it on
+    # CUDA only: here, one line)
+    from types import SimpleNamespace
+
+    from sketch2real.training.loop import make_optimizer
+    from sketch2real.training.options import TrainOptions
+
+    opts = TrainOptions(optimizer="prodigy", learning_rate=1.0)
+    sharded = make_optimizer([torch.nn.Parameter(torch.zeros(2))], opts, SimpleNamespace(type="cuda"), 1.0, sharded=True)
+    assert sharded.defaults["fsdp_in_use"] and not make_optimizer([torch.nn.Parameter(torch.zeros(2))], opts, torch.device(
+        "cpu"), 1.0).defaults["fsdp_in_use"]
+    proc = launch("train/dreambooth.py", *args, "--output_dir", zero2, deepspeed_config="accelerate_configs/"
+                  "deepspeed_zero2.yaml", check=False)
+    assert proc.returncode != 0 and "under DeepSpeed ZeRO needs CUDA devices" in proc.stderr
+
+
 def test_two_process_ddp_matches_one_process(db_args, tmp_path, tiny_models):
     one, two = tmp_path / "one", tmp_path / "two"
     run_script("train/dreambooth.py", *db_args, "--output_dir", one, "--max_train_steps", "4", "--train_batch_size", "2")
@@ -161,13 +235,34 @@ def test_deepspeed_zero2_trains_text_encoder_and_saves_a_pipeline(db_args, tmp_p
     assert (out / "checkpoint-2" / "pytorch_model").is_dir()  # DeepSpeed's own sharded checkpoint
 
 
+def _unet_output(unet) -> torch.Tensor:
+    """A UNet's prediction for fixed random inputs (tiny SD: 4 latent channels, 32-d text states)."""
+    generator = torch.Generator().manual_seed(0)
+    latents, states = torch.randn(2, 4, 16, 16, generator=generator), torch.randn(2, 77, 32, generator=generator)
+    with torch.no_grad():
+        return unet(latents, torch.tensor([10, 500]), states).sample
+
+
+def _unet_with_saved_adapters(base, folder, **lora) -> torch.nn.Module:
+    """The base UNet with the adapters of a LoRA folder loaded by peft directly, configured as trained (`lora`)."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft import LoraConfig, set_peft_model_state_dict
+
+    saved = StableDiffusionPipeline.lora_state_dict(folder)[0]
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    unet.add_adapter(LoraConfig(target_modules=["to_k", "to_q", "to_v", "to_out.0"], **lora))
+    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(
+        {k[len("unet."):]: v for k, v in saved.items()}), adapter_name="default")
+    assert not [k for k in result.missing_keys if "lora_" in k] and not result.unexpected_keys
+    return unet
+
+
 def test_lora_with_alpha_not_rank_reloads_identically_in_plain_diffusers_and_generation(db_args, tmp_path, tiny_models):
     """alpha 16 at rank 4: plain diffusers' load_lora_weights and infer/generate.py's loader give the UNet the trainer
     had (base + adapters at alpha/rank = 4); without the saved metadata diffusers reloads alpha = rank. The kohya/ComfyUI
     file (--lora_format comfyui), read back by diffusers' kohya converter, gives the same UNet."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-    from diffusers.utils import convert_unet_state_dict_to_peft
-    from peft import LoraConfig, set_peft_model_state_dict
+    from diffusers import StableDiffusionPipeline
 
     from sketch2real.generation import load_generation_pipeline
 
@@ -176,28 +271,15 @@ def test_lora_with_alpha_not_rank_reloads_identically_in_plain_diffusers_and_gen
                "--lora_alpha", "16", "--learning_rate", "1e-2", "--lora_format", "comfyui")
     assert not (out / "unet").exists()
     saved = StableDiffusionPipeline.lora_state_dict(out)[0]
-    trained = UNet2DConditionModel.from_pretrained(tiny_models.sd, subfolder="unet")
-    trained.add_adapter(LoraConfig(r=4, lora_alpha=16, target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
-    result = set_peft_model_state_dict(trained, convert_unet_state_dict_to_peft(
-        {k[len("unet."):]: v for k, v in saved.items()}), adapter_name="default")
-    assert not [k for k in result.missing_keys if "lora_" in k] and not result.unexpected_keys
-    generator = torch.Generator().manual_seed(0)
-    latents, timesteps, states = torch.randn(2, 4, 16, 16, generator=generator), torch.tensor([10, 500]), \
-        torch.randn(2, 77, 32, generator=generator)
-
-    def output(unet) -> torch.Tensor:
-        with torch.no_grad():
-            return unet(latents, timesteps, states).sample
-
+    expected = _unet_output(_unet_with_saved_adapters(tiny_models.sd, out, r=4, lora_alpha=16))
     base = StableDiffusionPipeline.from_pretrained(tiny_models.sd).unet
     pipe = StableDiffusionPipeline.from_pretrained(tiny_models.sd)
     pipe.load_lora_weights(out)
     assert pipe.unet.peft_config["default_0"].lora_alpha == 16 and pipe.unet.peft_config["default_0"].r == 4
-    expected = output(trained)
-    assert (expected - output(base)).abs().max() > 1e-3  # the adapters do something
-    torch.testing.assert_close(output(pipe.unet), expected, rtol=1e-5, atol=1e-5)
+    assert (expected - _unet_output(base)).abs().max() > 1e-3  # the adapters do something
+    torch.testing.assert_close(_unet_output(pipe.unet), expected, rtol=1e-5, atol=1e-5)
     generation = load_generation_pipeline(str(out), torch.device("cpu"), torch.float32)  # fused, as generate/FID use it
-    torch.testing.assert_close(output(generation.unet), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_unet_output(generation.unet), expected, rtol=1e-5, atol=1e-5)
 
     from safetensors import safe_open
 
@@ -208,7 +290,49 @@ def test_lora_with_alpha_not_rank_reloads_identically_in_plain_diffusers_and_gen
     assert len(keys) == 3 * sum(1 for k in saved if "lora.down" in k)  # down, up and alpha of every adapter
     kohya = StableDiffusionPipeline.from_pretrained(tiny_models.sd)
     kohya.load_lora_weights(out, weight_name=comfyui.name)  # diffusers' converter from kohya's names
-    torch.testing.assert_close(output(kohya.unet), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_unet_output(kohya.unet), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_dora_reloads_as_dora_in_plain_diffusers_and_generation(db_args, tmp_path, tiny_models):
+    """--use_dora: the file holds each adapted weight's learned magnitude, and plain diffusers (and generation's fused
+    loader) rebuild the trained UNet from it: the same output as peft's DoRA with those weights."""
+    from diffusers import StableDiffusionPipeline
+
+    from sketch2real.generation import load_generation_pipeline
+
+    out = tmp_path / "dora"
+    run_script("train/dreambooth.py", *db_args, "--output_dir", out, "--max_train_steps", "6", "--lora_rank", "4",
+               "--lora_alpha", "8", "--use_dora", "--learning_rate", "1e-2", "--validation_steps", "6",
+               "--num_validation_images", "1", "--validation_inference_steps", "2")
+    assert any("lora_magnitude_vector" in k for k in StableDiffusionPipeline.lora_state_dict(out)[0])
+    expected = _unet_output(_unet_with_saved_adapters(tiny_models.sd, out, r=4, lora_alpha=8, use_dora=True))
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_models.sd)
+    pipe.load_lora_weights(out)
+    assert pipe.unet.peft_config["default_0"].use_dora
+    torch.testing.assert_close(_unet_output(pipe.unet), expected, rtol=1e-5, atol=1e-5)
+    generation = load_generation_pipeline(str(out), torch.device("cpu"), torch.float32)
+    torch.testing.assert_close(_unet_output(generation.unet), expected, rtol=1e-5, atol=1e-5)
+    _assert_model_card(out)
+
+
+def _assert_model_card(out: Path) -> None:
+    """The run's README.md: hub metadata, its data and non-default settings, metrics.json's held-out loss with its
+    interval, the last mosaic."""
+    import re
+
+    from huggingface_hub import ModelCard
+
+    card = (out / "README.md").read_text()
+    data = ModelCard.load(out / "README.md").data
+    assert {"lora", "dora", "dreambooth"} <= set(data.tags) and data.library_name == "diffusers"
+    metrics = json.loads((out / "metrics.json").read_text())
+    low, high = metrics["heldout_loss_ci95"]
+    assert low <= metrics["heldout_loss"] <= high
+    assert f"| heldout_loss | {metrics['heldout_loss']:.4g} | [{low:.4g}, {high:.4g}] |" in card
+    assert "| lora_rank | 4 |" in card and "| use_dora | True |" in card and "| instance_category | `cat` |" in card
+    assert "| seed |" not in card  # at its default
+    mosaic = re.search(r"!\[validation images\]\((.+)\)", card).group(1)
+    assert (out / mosaic).is_file() and mosaic == "validation/step-000006.png"
 
 
 def test_prior_preservation_generates_class_images_once(db_args, tmp_path):
@@ -255,6 +379,10 @@ def test_class_images_are_listed_once_and_split_across_two_processes(db_args, tm
         (["--with_prior_preservation"], "needs --class_prompt"),
         (["--resume_from_checkpoint", "checkpoint-99"], "checkpoint not found"),
         (["--resolution", "60"], "multiple of 8"),
+        (["--optimizer", "prodigy", "--learning_rate", "1e-4"], "estimates its step size"),
+        (["--use_dora"], "give --lora_rank"),
+        (["--instance_prompt", "a {kind} sketch"], "only {category} can be filled in"),
+        (["--instance_data_dir", "/tmp", "--instance_prompt", "a {category}"], "need the shards' categories"),
     ],
 )
 def test_bad_flags_give_one_line_and_exit_2(db_args, tmp_path, extra, message):

@@ -211,6 +211,12 @@ def is_deepspeed(accelerator) -> bool:
     return accelerator.state.deepspeed_plugin is not None
 
 
+def optimizer_sharded(accelerator) -> bool:
+    """Whether each process steps only its own part of the optimizer state (DeepSpeed ZeRO over several processes)."""
+    plugin = accelerator.state.deepspeed_plugin
+    return plugin is not None and plugin.zero_stage >= 1 and accelerator.num_processes > 1
+
+
 def module_dtype(module: torch.nn.Module) -> torch.dtype:
     """The dtype of a module's floating-point parameters (what DeepSpeed or `.to(weight_dtype)` made them)."""
     for p in module.parameters():

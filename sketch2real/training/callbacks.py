@@ -1,5 +1,5 @@
 """The side concerns of the training loop, one small class each (as mosaicml/diffusion's `callbacks/`): the NaN
-guard, validation, tracker logging, checkpointing with preemption, and the run summary.
+guard, validation, tracker logging, checkpointing with preemption, the run summary and the model card.
 
 The loop (`sketch2real.training.loop.train`) calls every callback's `after_step` in order after each optimizer
 step; one that returns an exit status ends the run with it. After the last step it calls `before_save` (which may
@@ -19,10 +19,11 @@ from typing import Any
 
 import torch
 
-from sketch2real.io import append_jsonl, write_json
+from sketch2real.io import append_jsonl, atomic_open, write_json
 from sketch2real.shards import corrupt_samples
 from sketch2real.training.accelerator import compiled_graphs, finish_trackers
 from sketch2real.training.checkpoints import save_checkpoint
+from sketch2real.training.model_card import CARD, model_card
 from sketch2real.training.preemption import PREEMPTED_EXIT_CODE, Preempted, mark_preempted
 
 logger = logging.getLogger("sketch2real")
@@ -54,6 +55,7 @@ class Run:
     graphs_at_first_read: int = 0  # graphs torch.compile had compiled by then
     preempted: bool = False  # a preemption signal reached some process (one collective decides, for all)
     logs: dict[str, Any] = field(default_factory=dict)  # this step's: loss, lr, validation
+    summary: dict[str, Any] = field(default_factory=dict)  # metrics.json, once written
 
     def mark_timing(self) -> None:
         """Called by the loop right after a read of device values (the device has caught up): the first read starts
@@ -220,12 +222,24 @@ class RunSummary(Callback):
             "corrupt_samples": corrupt_samples.summary(corrupt_samples.gathered(accelerator)),
             **{k: v for k, v in run.logs.items() if k not in ("loss", "lr")},
         }
+        run.summary = summary
         if accelerator.is_main_process:
             write_json(run.out / "metrics.json", summary)
             print(f"done: {run.step} steps, final loss {run.last_loss:.4f}, {summary['samples_per_second']:.2f} samples/s, "
                   f"peak memory {summary['peak_memory_mb']:.0f} MiB -> {run.out}", flush=True)
 
 
+class ModelCard(Callback):
+    """`README.md` beside the trained model (`sketch2real.training.model_card`): base, data, settings, metrics with
+    intervals, the last mosaic, how to load it."""
+
+    def after_save(self, run: Run) -> None:
+        if run.accelerator.is_main_process:
+            with atomic_open(run.out / CARD) as f:
+                f.write(model_card(run.opts, run.task.trainer, run.summary, run.out))
+
+
 def default_callbacks() -> list[Callback]:
-    """In this order: a NaN stops before anything is saved; validation's values reach the tracker; checkpoints last."""
-    return [NanGuard(), Validation(), TrackerLog(), Checkpointing(), RunSummary()]
+    """In this order: a NaN stops before anything is saved; validation's values reach the tracker; checkpoints; the
+    summary before the card that shows it."""
+    return [NanGuard(), Validation(), TrackerLog(), Checkpointing(), RunSummary(), ModelCard()]

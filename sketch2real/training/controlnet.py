@@ -9,20 +9,19 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from sketch2real.cli import UserError, option
 from sketch2real.family import FAMILIES, Family
-from sketch2real.io import read_jsonl
 from sketch2real.models import SDComponents, assemble_pipeline, load
-from sketch2real.sketchy import category_words, photo_key, sketch_condition
+from sketch2real.sketchy import photo_key, sketch_condition
 from sketch2real.training.accelerator import cast_denoiser_inputs
 from sketch2real.training.data import LazyImages
 from sketch2real.training.diffusion import derive_seed, drops_prompt
 from sketch2real.training.options import TrainOptions
+from sketch2real.training.prompts import SamplePrompts, check_captions_file, check_prompt_template
 from sketch2real.training.task import DiffusionTask, HeldOut
 from sketch2real.training.validation import heldout_denoising_losses
 
@@ -48,8 +47,8 @@ class ControlNetOptions(TrainOptions):
         super().check()
         if not self.shard_dir:
             raise UserError("--shard_dir is required: ControlNet trains on the sketch/photo pairs of the shards")
-        if self.captions and not Path(self.captions).is_file():
-            raise UserError(f"captions file not found: {self.captions}")
+        check_captions_file(self.captions)
+        check_prompt_template(self.prompt_template, "--prompt_template")
 
 
 def _pairs(shard_dir: str, split: str, categories, resolution: int) -> tuple[LazyImages, LazyImages, list]:
@@ -99,11 +98,11 @@ class ControlNetTask(DiffusionTask):
         self.model = controlnet
         self.sketches, photos, refs = _pairs(opts.shard_dir, opts.split, opts.categories or None, opts.resolution)
         self.keys, self.categories = [r.key for r in refs], [r.category for r in refs]
-        self.captions = self._captions()
+        self.sample_prompts = SamplePrompts.load(opts.prompt_template, opts.captions, opts.caption_prompt_id)
         logger.info("%d sketch/photo pairs", len(self.keys))
         self.pairs = self.stream("pairs", photos)  # the photos are denoised; their sketches are read alongside
         self.heldout = self._heldout()
-        if not self.captions:  # one prompt per category (and ""): encoded once, then the encoders (T5-XXL) are freed
+        if self.sample_prompts.per_category:  # one prompt per category (and ""): encoded once, then the encoders (T5-XXL) are freed
             prompts = sorted({self.prompt_for("", category) for category in set(self.categories)})
             self.release_text_encoders(prompts + [""] * bool(opts.proportion_empty_prompts)
                                        + (self.heldout.prompts if self.heldout is not None else []))
@@ -111,21 +110,11 @@ class ControlNetTask(DiffusionTask):
     def compiled_modules(self) -> list[torch.nn.Module]:
         return [self.c.denoiser, self.model]
 
-    def _captions(self) -> dict[str, str]:
-        if not self.opts.captions:
-            return {}
-        captions: dict[str, str] = {}
-        for row in read_jsonl(self.opts.captions):
-            if self.opts.caption_prompt_id and str(row["prompt_id"]) != self.opts.caption_prompt_id:
-                continue
-            captions.setdefault(row["key"], row["caption"])
-        return captions
-
     def prompt_for(self, key: str, category: str, step: int = -1) -> str:
         o = self.opts
         if step >= 0 and drops_prompt(o.proportion_empty_prompts, o.seed, "empty", step, key):
             return ""
-        return self.captions.get(key) or o.prompt_template.format(category=category_words(category))
+        return self.sample_prompts(key, category)
 
     def _heldout(self) -> HeldOut | None:
         o = self.opts
@@ -181,7 +170,7 @@ class ControlNetTask(DiffusionTask):
         controlnet, count = self.accelerator.unwrap_model(model), min(o.num_heldout_samples, len(h))
         sketches, photos, prompts = h.conditions[:count], h.images[:count], h.prompts[:count]
         own = self.heldout_losses(self.accelerator, controlnet, sketches, photos, prompts)
-        logs["heldout_loss"] = float(own.mean())
+        logs["heldout_loss"], logs["heldout_loss_ci95"] = float(own.mean()), mean_ci95(own, o.seed)
         other, kept = partners_within(h.categories[:count], np.random.default_rng(o.seed), h.keys[:count])
         if kept.any():
             deranged = self.heldout_losses(self.accelerator, controlnet, sketches[other], photos, prompts)

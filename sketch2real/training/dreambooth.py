@@ -13,15 +13,18 @@ from sketch2real.cli import UserError, option
 from sketch2real.family import Conditioning, Family, TextEncoders, family_of, pipeline_class
 from sketch2real.io import atomic_path, umask_modes
 from sketch2real.models import SDComponents, dtype_for, load_pipeline, save_pretrained_atomic
+from sketch2real.sketchy import category_words
 from sketch2real.training.accelerator import zero3_init_disabled
 from sketch2real.training.data import load_folder_images, load_shard_images
 from sketch2real.training.diffusion import derive_seed, drops_prompt
 from sketch2real.training.options import TrainOptions
 from sketch2real.training.preemption import preemption
+from sketch2real.training.prompts import SamplePrompts, check_captions_file, check_prompt_template
 from sketch2real.training.task import DiffusionTask, HeldOut
 
 logger = logging.getLogger("sketch2real")
 FULL_LR, LORA_LR = 5e-6, 1e-4  # diffusers' DreamBooth and DreamBooth LoRA scripts' defaults
+PRODIGY_LR = 1.0  # Prodigy finds the step size; the learning rate scales it
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -33,7 +36,12 @@ class DreamBoothOptions(TrainOptions):
                                       choices=("sketch", "photo"), noun="image type")
     instance_data_dir: str = option("", help="a folder of instance images instead of shards")
     num_instance_images: int = option(0, help="seeded choice of this many instance images (0: all)", min=0)
-    instance_prompt: str = option("a sks sketch", help="prompt for instance images, e.g. 'a sks sketch of a cat'")
+    instance_prompt: str = option("a sks sketch", help="prompt for instance images, e.g. 'a sks sketch of a cat'; "
+                                  "{category}: each image's category ('a sks sketch of a {category}': a style over many "
+                                  "categories that keeps them apart)")
+    captions: str = option("", help="captions JSONL (infer/caption.py): an instance image's caption is its prompt "
+                                    "(images without one keep --instance_prompt)")
+    caption_prompt_id: str = option("", help="which prompt id's captions to use (default: the first per sample)")
     with_prior_preservation: bool = option(False, help="add the prior-preservation loss on generated class images")
     class_prompt: str = option("", help="prompt of the class images, e.g. 'a sketch of a cat'")
     class_data_dir: str = option("", help="folder of class images; missing ones are generated and kept for the next run")
@@ -46,8 +54,11 @@ class DreamBoothOptions(TrainOptions):
     lora_alpha: int = option(0, help="LoRA alpha (0: same as rank); saved in the file's adapter metadata, so plain "
                                      "diffusers' load_lora_weights reloads the same strength", min=0)
     learning_rate: float | None = option(None, help="initial learning rate (after warmup); default 5e-6, or 1e-4 with "
-                                                    "--lora_rank (diffusers' DreamBooth and DreamBooth LoRA defaults)",
+                                                    "--lora_rank (diffusers' DreamBooth and DreamBooth LoRA defaults), "
+                                                    "1.0 with --optimizer prodigy",
                                          min_exclusive=0)
+    use_dora: bool = option(False, help="DoRA: LoRA adapters that also learn each weight's magnitude (peft; saved with "
+                                        "the adapter settings, diffusers' load_lora_weights reloads it as DoRA)")
     lora_format: str = option("diffusers", help="LoRA file format: diffusers (pytorch_lora_weights.safetensors); comfyui: "
                                                 "also pytorch_lora_weights_comfyui.safetensors in kohya's key format, for "
                                                 "A1111, ComfyUI and kohya's scripts (SD 1.x, SDXL)",
@@ -60,17 +71,27 @@ class DreamBoothOptions(TrainOptions):
 
     def __post_init__(self) -> None:
         if self.learning_rate is None:  # frozen: the default depends on --lora_rank
-            object.__setattr__(self, "learning_rate", LORA_LR if self.lora_rank else FULL_LR)
+            default = PRODIGY_LR if self.optimizer == "prodigy" else LORA_LR if self.lora_rank else FULL_LR
+            object.__setattr__(self, "learning_rate", default)
 
     def check(self) -> None:
         super().check()
         if not self.instance_data_dir and not self.shard_dir:
             raise UserError("give --shard_dir (with --instance_category) or --instance_data_dir")
+        check_prompt_template(self.instance_prompt, "--instance_prompt")
+        check_captions_file(self.captions)
+        if self.instance_data_dir and ("{category}" in self.instance_prompt or self.captions):
+            raise UserError("{category} and --captions need the shards' categories and keys: give --shard_dir, "
+                            "not --instance_data_dir")
         if self.lora_rank and self.train_text_encoder:
             raise UserError("--lora_rank trains UNet adapters while --train_text_encoder trains the whole text encoder: "
                             "choose one")
         if self.lora_format != "diffusers" and not self.lora_rank:
             raise UserError(f"--lora_format {self.lora_format} is the format of LoRA files: give --lora_rank")
+        if self.use_dora and not self.lora_rank:
+            raise UserError("--use_dora is a kind of LoRA adapter: give --lora_rank")
+        if self.use_dora and self.lora_format == "comfyui":
+            raise UserError("--lora_format comfyui writes plain LoRA keys: a DoRA's magnitudes have no place there")
         if self.initial_lora and not self.lora_rank:
             raise UserError("--initial_lora continues LoRA adapters: give --lora_rank (the rank it was trained with)")
         if self.initial_lora and not (Path(self.initial_lora) / "pytorch_lora_weights.safetensors").is_file():
@@ -188,7 +209,8 @@ class DreamBoothTask(DiffusionTask):
             with torch.random.fork_rng(devices=[]):  # the adapters' start is a function of --seed, on every launcher
                 torch.manual_seed(derive_seed(opts.seed, "lora-init"))
                 c.denoiser.add_adapter(LoraConfig(r=opts.lora_rank, lora_alpha=opts.lora_alpha or opts.lora_rank,
-                                                  init_lora_weights="gaussian", target_modules=self.family.lora_targets(c.denoiser)))
+                                                  init_lora_weights="gaussian", use_dora=opts.use_dora,
+                                                  target_modules=self.family.lora_targets(c.denoiser)))
             if opts.initial_lora:
                 load_lora_adapters(self.family, c.denoiser, opts.initial_lora)
             cast_training_params(c.denoiser, torch.float32)
@@ -203,58 +225,77 @@ class DreamBoothTask(DiffusionTask):
         self.model = DreamBoothModel(self.family, c.denoiser, text_encoders if opts.train_text_encoder else None,
                                      opts.guidance_scale)
 
-        # Data: instance images (and class images) held in memory, indexed by a step-determined sampler.
-        names = None
+        # Data: a folder's instance images are held in memory; the shards' are read through the on-disk latent
+        # store (encoded once for all ranks, host memory of a batch: a style over all of Sketchy fits).
+        self.sample_prompts = SamplePrompts.load(opts.instance_prompt, opts.captions, opts.caption_prompt_id)
         if opts.instance_data_dir:
             instance_images = load_folder_images(opts.instance_data_dir, opts.resolution, opts.num_instance_images)
+            self.keys, self.categories = [""] * len(instance_images), [""] * len(instance_images)
         else:
             instance_images, metas = load_shard_images(opts.shard_dir, opts.split, opts.instance_category or None,
                                                        opts.instance_image_type, opts.resolution, opts.num_instance_images,
-                                                       opts.seed)
-            names = [m["key"] for m in metas]
+                                                       opts.seed, in_memory=False)
+            self.keys, self.categories = [m["key"] for m in metas], [m["category"] for m in metas]
         logger.info("%d instance images", len(instance_images))
-        self.parts = [(self.stream("instance", instance_images, names), opts.instance_prompt, 1.0)]
+        self.parts = [(self.stream("instance", instance_images), self._instance_prompt, 1.0)]
         if opts.with_prior_preservation:
             ensure_class_images(accelerator, opts)
             class_images = load_folder_images(opts.class_data_dir, opts.resolution, opts.num_class_images)
-            self.parts.append((self.stream("class", class_images), opts.class_prompt, opts.prior_loss_weight))
+            self.parts.append((self.stream("class", class_images), lambda _: opts.class_prompt, opts.prior_loss_weight))
         self.heldout = self._heldout()
-        # each part's prompt: token ids when the text encoders train; else its conditioning, computed once, with the
-        # held-out prompts', before the frozen encoders are released
-        prompts = [prompt for _, prompt, _ in self.parts] + [""] * bool(opts.caption_dropout_probability)
-        if not opts.train_text_encoder:
-            self.release_text_encoders(prompts + (self.heldout.prompts if self.heldout is not None else []))
-        with torch.no_grad():
-            self.prompts = {prompt: (self.prompt_ids([prompt]) if opts.train_text_encoder else self.condition([prompt]))
-                            for prompt in prompts}
+        # Prompts one per category (and the class prompt, ""): token ids when the text encoders train, else their
+        # conditioning, computed once with the held-out prompts' before the frozen encoders are released. Captions
+        # are too many to keep: encoded with each batch, the encoders stay.
+        self.prompts: dict[str, object] = {}
+        if self.sample_prompts.per_category:
+            prompts = sorted({self.sample_prompts("", c) for c in set(self.categories)}) + [opts.class_prompt] * \
+                bool(opts.with_prior_preservation) + [""] * bool(opts.caption_dropout_probability)
+            if not opts.train_text_encoder:
+                self.release_text_encoders(prompts + (self.heldout.prompts if self.heldout is not None else []))
+            with torch.no_grad():
+                self.prompts = {p: (self.prompt_ids([p]) if opts.train_text_encoder else self.condition([p]))
+                                for p in prompts}
+
+    def _instance_prompt(self, index: int) -> str:
+        return self.sample_prompts(self.keys[index], self.categories[index])
 
     def _heldout(self) -> HeldOut | None:
         opts = self.opts
-        if not opts.num_heldout_samples or not opts.shard_dir or not opts.instance_category:
+        if not opts.num_heldout_samples or not opts.shard_dir:
             return None
         try:
-            images, _ = load_shard_images(opts.shard_dir, opts.validation_split, opts.instance_category,
-                                          opts.instance_image_type, opts.resolution, opts.num_heldout_samples, opts.seed)
+            images, metas = load_shard_images(opts.shard_dir, opts.validation_split, opts.instance_category or None,
+                                              opts.instance_image_type, opts.resolution, opts.num_heldout_samples,
+                                              opts.seed)
         except UserError:
             return None  # no validation images of this category: the held-out loss is skipped
-        return HeldOut(images, [opts.instance_prompt] * len(images))
+        return HeldOut(images, [self.sample_prompts(m["key"], m["category"]) for m in metas])
 
     def loss(self, model, step: int, micro: int) -> torch.Tensor:
         """The instance loss, plus the weighted prior-preservation loss on class images."""
         loss = 0.0
-        for stream, prompt, weight in self.parts:
+        for stream, prompt_of, weight in self.parts:
             batch = stream.batch(step, micro)
-            names = [self.row_prompt(stream.name, prompt, step, micro, i) for i in batch.indices]
-            n, rows = len(names), [self.prompts[name] for name in names]
-            same = len(set(names)) == 1  # one prompt for the batch: a view of it, no copy
-            if self.opts.train_text_encoder:  # token ids, one tensor per tokenizer
-                ids = [i.expand(n, -1) for i in rows[0]] if same else [torch.cat(parts) for parts in zip(*rows)]
-                prediction = model(batch.noisy, batch.timesteps, input_ids=ids)
-            else:
-                text = rows[0].expand(n) if same else Conditioning.cat(rows)
-                prediction = model(batch.noisy, batch.timesteps, conditioning=text)
+            prompts = [self.row_prompt(stream.name, prompt_of(i), step, micro, i) for i in batch.indices]
+            prediction = model(batch.noisy, batch.timesteps, **self.text_inputs(prompts))
             loss = loss + weight * self.loss_of(batch, prediction)
         return loss
+
+    def text_inputs(self, prompts: list[str]) -> dict:
+        """The model's text input for a batch's prompts: token ids (one tensor per tokenizer) when the text encoders
+        train, else their conditioning; from the kept per-category set (a view when the batch shares one prompt),
+        or encoded now (captions)."""
+        tte = self.opts.train_text_encoder
+        if not all(p in self.prompts for p in prompts):
+            if tte:
+                return {"input_ids": self.prompt_ids(prompts)}
+            with torch.no_grad():
+                return {"conditioning": self.condition(prompts)}
+        n, rows = len(prompts), [self.prompts[p] for p in prompts]
+        same = len(set(prompts)) == 1
+        if tte:
+            return {"input_ids": [i.expand(n, -1) for i in rows[0]] if same else [torch.cat(p) for p in zip(*rows)]}
+        return {"conditioning": rows[0].expand(n) if same else Conditioning.cat(rows)}
 
     def row_prompt(self, stream: str, prompt: str, step: int, micro: int, index: int) -> str:
         """The prompt an image of the batch is trained with: its part's, or "" by caption dropout (instance images)."""
@@ -272,10 +313,16 @@ class DreamBoothTask(DiffusionTask):
         return trained.encoders["text_encoder"] if trained is not None else self.c.text_encoder
 
     def validation_prompts(self) -> list[str]:
-        return list(self.opts.validation_prompt) or [self.opts.instance_prompt]
+        """--validation_prompt, else the instance prompt of each validation category."""
+        if self.opts.validation_prompt:
+            return list(self.opts.validation_prompt)
+        return [self.opts.instance_prompt.format(category=category_words(c or "")) for c in self.validation_categories()]
 
     def validation_categories(self) -> list[str | None]:
-        return [self.opts.instance_category or None] * len(self.validation_prompts())
+        """The instance category; over many categories with a {category} prompt, the first four of the set."""
+        if self.opts.validation_prompt or "{category}" not in self.opts.instance_prompt or self.opts.instance_category:
+            return [self.opts.instance_category or None] * max(1, len(self.opts.validation_prompt))
+        return sorted(set(self.categories))[:4]
 
     def save_final(self, accelerator, model) -> None:
         """LoRA: `pytorch_lora_weights.safetensors`; full: a diffusers pipeline at --output_dir."""

@@ -15,11 +15,12 @@ from typing import Any, Protocol
 
 import torch
 
-from sketch2real.cli import as_dict
+from sketch2real.cli import UserError, as_dict
 from sketch2real.io import write_json
 from sketch2real.training.accelerator import (
     finish_trackers,
     fp32_trained_weights,
+    optimizer_sharded,
     partition_before_prepare,
     restore_fp32_masters,
 )
@@ -62,8 +63,24 @@ def effective_learning_rate(opts, num_processes: int) -> float:
     return opts.learning_rate * scale
 
 
-def make_optimizer(params: list[torch.nn.Parameter], opts, device: torch.device, learning_rate: float) -> torch.optim.Optimizer:
-    """AdamW (fused: one kernel for all parameters, on CUDA and CPU) or bitsandbytes' 8-bit AdamW."""
+def make_optimizer(params: list[torch.nn.Parameter], opts, device: torch.device, learning_rate: float,
+                   sharded: bool = False) -> torch.optim.Optimizer:
+    """AdamW (fused: one kernel for all parameters, on CUDA and CPU), bitsandbytes' 8-bit AdamW, or Prodigy.
+
+    `sharded`: each process steps only its part of the parameters (ZeRO): Prodigy then sums its step-size estimate
+    over the processes (its `fsdp_in_use`), or each would estimate its own.
+    """
+    if opts.optimizer == "prodigy":
+        from prodigyopt import Prodigy
+
+        if sharded and device.type != "cuda":  # prodigyopt sums its estimate through a tensor it puts on CUDA
+            raise UserError("--optimizer prodigy under DeepSpeed ZeRO needs CUDA devices (prodigyopt sums its "
+                            "step-size estimate over the processes on CUDA): use DDP here, or AdamW")
+
+        return Prodigy(params, lr=learning_rate, betas=(opts.adam_beta1, opts.adam_beta2), beta3=opts.prodigy_beta3,
+                       weight_decay=opts.adam_weight_decay, eps=opts.adam_epsilon, decouple=opts.prodigy_decouple,
+                       use_bias_correction=opts.prodigy_use_bias_correction,
+                       safeguard_warmup=opts.prodigy_safeguard_warmup, fsdp_in_use=sharded)
     kwargs = dict(lr=learning_rate, betas=(opts.adam_beta1, opts.adam_beta2), weight_decay=opts.adam_weight_decay,
                   eps=opts.adam_epsilon)
     if opts.use_8bit_adam:
@@ -97,7 +114,8 @@ def train(task: Task, opts, accelerator, project_name: str, callbacks: list[Call
     out = Path(opts.output_dir)
     learning_rate = effective_learning_rate(opts, accelerator.num_processes)
     params = task.trainable_parameters()
-    optimizer = make_optimizer(params, opts, accelerator.device, learning_rate)
+    optimizer = make_optimizer(params, opts, accelerator.device, learning_rate,
+                               sharded=optimizer_sharded(accelerator))
     # The schedule is a function of global optimizer steps: stepped here once per optimizer step, not prepared
     # (accelerate would step it once per process and checkpoint that count), and fast-forwarded on resume, so a
     # checkpoint resumes on any number of processes with the same learning rates.

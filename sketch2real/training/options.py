@@ -39,6 +39,13 @@ class TrainOptions:
     lr_warmup_steps: int = option(0, help="warmup steps of the learning-rate schedule", min=0)
     lr_num_cycles: int = option(1, help="cycles of cosine_with_restarts", min=1)
     lr_power: float = option(1.0, help="power of the polynomial schedule", min_exclusive=0)
+    optimizer: str = option("adamw", help="adamw, or prodigy (Prodigy estimates its own step size: --learning_rate "
+                                          "1.0 scales it; prodigyopt)", choices=("adamw", "prodigy"), noun="optimizer")
+    prodigy_beta3: float | None = option(None, help="Prodigy's beta3 for its step-size estimate (default: sqrt(beta2))",
+                                         min=0, max_exclusive=1)
+    prodigy_decouple: bool = option(True, help="Prodigy: AdamW-style decoupled weight decay")
+    prodigy_use_bias_correction: bool = option(True, help="Prodigy: Adam's bias correction")
+    prodigy_safeguard_warmup: bool = option(True, help="Prodigy: no step-size growth from warm-up's small steps")
     use_8bit_adam: bool = option(False, help="8-bit AdamW from bitsandbytes")
     adam_beta1: float = option(0.9, help="AdamW beta1", min=0, max_exclusive=1)
     adam_beta2: float = option(0.999, help="AdamW beta2", min=0, max_exclusive=1)
@@ -112,6 +119,11 @@ class TrainOptions:
         if self.lr_scheduler == "polynomial" and self.learning_rate <= POLYNOMIAL_LR_END:
             raise UserError(f"--lr_scheduler polynomial decays to {POLYNOMIAL_LR_END}: --learning_rate must be larger, "
                             f"got {self.learning_rate}")
+        if self.optimizer == "prodigy" and self.learning_rate < 0.1:
+            raise UserError(f"--optimizer prodigy estimates its step size; --learning_rate scales that estimate (1.0 as "
+                            f"Prodigy intends), got {self.learning_rate}")
+        if self.optimizer == "prodigy" and self.use_8bit_adam:
+            raise UserError("--use_8bit_adam is an AdamW: choose it or --optimizer prodigy")
         if self.validation_clip_model_name_or_path and not self.shard_dir:
             raise UserError("--validation_clip_model_name_or_path fits its sketchiness probe on --shard_dir's train split: "
                             "give --shard_dir")

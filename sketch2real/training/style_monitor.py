@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from sketch2real.extractors import Extractor
-from sketch2real.metrics import ImageSet, LinearProbe, zero_shot_correct
+from sketch2real.metrics import ImageSet, LinearProbe, mean_ci95, zero_shot_correct
 
 
 @dataclass
@@ -27,16 +27,18 @@ class StyleMonitor:
     def score(self, images: Sequence[Image.Image], categories: Sequence[str | None]) -> dict[str, float]:
         """`validation_sketchiness`: the images' mean probability of being a sketch; `validation_content_accuracy`:
         the fraction classified as their own category, over the images whose category is one of the release's
-        (absent when none is)."""
+        (absent when none is); each with its 95% bootstrap interval over the images (`_ci95`)."""
         ids = [str(i) for i in range(len(images))]
         features, _ = self.clip.extract(ImageSet("validation", list(images), ids, [c or "" for c in categories], ids), 0, 1,
                                         False)
-        result = {"validation_sketchiness": float(self.probe.probability(features).mean())}
+        sketchiness = self.probe.probability(features)
+        result = {"validation_sketchiness": float(sketchiness.mean()), "validation_sketchiness_ci95": mean_ci95(sketchiness)}
         known = [i for i, c in enumerate(categories) if c in self.class_names]
         if known:
             correct = zero_shot_correct(features[known], [categories[i] for i in known], self.class_embeddings,
                                         self.class_names)
             result["validation_content_accuracy"] = float(correct.mean())
+            result["validation_content_accuracy_ci95"] = mean_ci95(correct)
         return result
 
 

@@ -40,7 +40,7 @@ from sketch2real.training.data import default_num_workers
 from sketch2real.training.diffusion import objective_for
 from sketch2real.training.preemption import preemption
 from sketch2real.training.stream import DiffusionStream, NoisyBatch, StreamSetup
-from sketch2real.training.validation import generate_rows, heldout_denoising_loss, save_mosaic
+from sketch2real.training.validation import generate_rows, heldout_denoising_losses, save_mosaic
 
 
 def vae_dtype(vae, weight_dtype: torch.dtype) -> torch.dtype:
@@ -262,8 +262,11 @@ class DiffusionTask:
 
     def heldout_metrics(self, model) -> dict[str, float]:
         """The held-out denoising loss (fixed samples, noise and timesteps: comparable across steps and runs)."""
-        return {"heldout_loss": heldout_denoising_loss(self.predictor(model), self.c.vae, self.objective,
-                                                       self.heldout.images, self.heldout.prompts, self.opts.seed)}
+        from sketch2real.metrics import mean_ci95
+
+        losses = heldout_denoising_losses(self.predictor(model), self.c.vae, self.objective, self.heldout.images,
+                                          self.heldout.prompts, self.opts.seed)
+        return {"heldout_loss": float(losses.mean()), "heldout_loss_ci95": mean_ci95(losses, self.opts.seed)}
 
     def validation_images(self, model, between=None) -> tuple[list[list], list, list[str | None]]:
         """(mosaic rows, the generated images, the category each asks for): `--num_validation_images` fixed-seed

@@ -1,0 +1,99 @@
+"""The model card: `README.md` in a run's output folder, as the hub and a reader of the folder see it: the base model,
+the data, the settings that differ from the trainer's defaults, the metrics with their 95% intervals, the last
+validation mosaic, and how to load the result."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+from sketch2real.cli import as_dict
+from sketch2real.training.checkpoints import RUNTIME_OPTIONS
+
+CARD = "README.md"
+# metrics.json keys shown, in this order, with their `_ci95` where the run has one
+CARD_METRICS = ("heldout_loss", "validation_sketchiness", "validation_content_accuracy", "conditioning_gain",
+                "final_loss", "steps", "samples_per_second", "peak_memory_mb", "num_processes", "num_nodes",
+                "mixed_precision")
+DATA_OPTIONS = ("shard_dir", "split", "instance_category", "categories", "instance_image_type", "instance_data_dir",
+                "train_data_dir", "num_instance_images", "instance_prompt", "captions", "prompt_template",
+                "placeholder_token", "resolution")
+
+
+def output_kind(out: Path) -> str:
+    """What a run left in `out`: lora, embeddings, controlnet or pipeline (a full model)."""
+    if (out / "pytorch_lora_weights.safetensors").is_file():
+        return "lora"
+    if (out / "learned_embeds.safetensors").is_file():
+        return "embeddings"
+    if (out / "model_index.json").is_file():
+        return "pipeline"
+    return "controlnet"
+
+
+def changed_options(opts) -> dict[str, Any]:
+    """The options of a run that differ from its trainer's defaults (paths and how it ran left out)."""
+    changed = {}
+    for f in dataclasses.fields(opts):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        value = getattr(opts, f.name)
+        if f.name not in RUNTIME_OPTIONS and f.name not in DATA_OPTIONS and value != default and f.name != \
+                "pretrained_model_name_or_path":
+            changed[f.name] = value
+    return changed
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, float):
+        return "n/a" if math.isnan(value) else f"{value:.4g}"
+    return f"`{value}`" if isinstance(value, (str, list)) else str(value)
+
+
+def _interval(ci95: Any) -> str:
+    if not ci95 or any(v is None or (isinstance(v, float) and math.isnan(v)) for v in ci95):
+        return ""
+    return f"[{ci95[0]:.4g}, {ci95[1]:.4g}]"
+
+
+def usage(kind: str, base: str, out: Path) -> str:
+    """How to generate with the result: this project's command, and plain diffusers where it loads in one call."""
+    generate = {"lora": f"--pretrained_model_name_or_path {out}",
+                "embeddings": f"--pretrained_model_name_or_path {base} --textual_inversion {out}/learned_embeds.safetensors",
+                "pipeline": f"--pretrained_model_name_or_path {out}",
+                "controlnet": f"--pretrained_model_name_or_path {base} --controlnet {out} --shard_dir SHARDS"}[kind]
+    lines = ["```bash", f"python infer/generate.py {generate} --prompts 'a sketch of a cat' --output_dir generated", "```"]
+    diffusers = {"lora": [f"pipe = DiffusionPipeline.from_pretrained({base!r})", f"pipe.load_lora_weights({str(out)!r})"],
+                 "pipeline": [f"pipe = DiffusionPipeline.from_pretrained({str(out)!r})"]}.get(kind)
+    if diffusers:
+        lines += ["", "```python", "from diffusers import DiffusionPipeline", "", *diffusers, "```"]
+    return "\n".join(lines)
+
+
+def model_card(opts, trainer: str, summary: dict[str, Any], out: Path) -> str:
+    """The card's markdown (YAML front matter as the hub reads it)."""
+    from huggingface_hub import ModelCardData
+
+    base, kind = opts.pretrained_model_name_or_path, output_kind(out)
+    on_hub = not Path(base).exists()  # the hub's base_model field takes hub ids, not local paths
+    tags = ["sketch2real", "sketchy", trainer.replace("_", "-"), "text-to-image", "diffusers"] + \
+        (["lora"] + (["dora"] if getattr(opts, "use_dora", False) else []) if kind == "lora" else [])
+    front = ModelCardData(base_model=base if on_hub else None, library_name="diffusers", tags=tags).to_yaml()
+    options = as_dict(opts)
+    lines = [f"---\n{front}\n---", "", f"# {trainer.replace('_', ' ')} of {base} on Sketchy ({kind})", "",
+             f"Trained with sketch2real's `train/{trainer}.py` for {summary.get('steps')} steps on "
+             f"{summary.get('num_processes')} process(es), {summary.get('mixed_precision')} mixed precision.", "",
+             "## Data", "", "| option | value |", "|---|---|"]
+    lines += [f"| {k} | {_value(options[k])} |" for k in DATA_OPTIONS if options.get(k) not in (None, "", [], 0)]
+    lines += ["", "## Settings (those not at the trainer's defaults)", "", "| option | value |", "|---|---|"]
+    lines += [f"| {k} | {_value(v)} |" for k, v in changed_options(opts).items()] or ["| (all defaults) | |"]
+    lines += ["", "## Metrics (at the last step; 95% bootstrap intervals over the held-out samples or images)", "",
+              "| metric | value | 95% interval |", "|---|---:|---|"]
+    lines += [f"| {k} | {_value(summary[k])} | {_interval(summary.get(f'{k}_ci95'))} |" for k in CARD_METRICS
+              if summary.get(k) is not None]
+    mosaics = sorted((out / "validation").glob("step-*.png"))
+    if mosaics:
+        lines += ["", "## Samples (the last validation)", "", f"![validation images]({mosaics[-1].relative_to(out)})"]
+    lines += ["", "## Use", "", usage(kind, base, out), ""]
+    return "\n".join(lines)
