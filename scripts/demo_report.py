@@ -52,11 +52,27 @@ def main() -> None:
         value, (low, high) = _difference(_load(out / folder / "metrics.json"), name, "base")
         lines.append(f"| {what}: closer to the test sketches | KID(trained) − KID(base) (< 0: closer) "
                      f"| {value:+.3f} [{low:+.3f}, {high:+.3f}] | {verdict([low, high])} |")
+    value, (low, high) = _difference(_load(out / "eval_textual_inversion" / "metrics.json"), "style_lora", "base")
+    lines.append(f"| style LoRA (DoRA, every category) 'a {{category}} in the style of sks' vs base 'a {{category}}': "
+                 f"closer to the test sketches | KID(trained) − KID(base) (< 0: closer) | {value:+.3f} "
+                 f"[{low:+.3f}, {high:+.3f}] | {verdict([low, high])} |")
     sequential = _load(out / "dreambooth_sequential" / "sequential_report.json")
     for category, value in sequential["forgetting"].items():
         low, high = sequential["forgetting_ci95"][category]
         lines.append(f"| Sequential DreamBooth forgets {category} | held-out loss at the end − right after its stage "
                      f"| {value:+.4f} [{low:+.4f}, {high:+.4f}] | {verdict([low, high])} |")
+    lines += ["", "## Style and content (against the test sketches; 95% intervals over the images)", "",
+              "Sketchiness: a linear probe's mean probability that an image is a sketch (fitted on the train split's "
+              "sketches and photos); content: the share the zero-shot CLIP classifier gives its own category. The demo's "
+              "CLIP is a tiny model with random weights: its accuracy is chance for every set and says nothing here; "
+              "with real CLIP weights (eval/fid.py's default) it says whether the content was kept.", "",
+              "| generated set | sketchiness [95% CI] | content kept: CLIP accuracy [95% CI] |", "|---|---:|---:|"]
+    style_sets = _load(out / "eval_textual_inversion" / "metrics.json")["sets"]
+    for name in ("base", "textual_inversion", "style_lora"):
+        row = style_sets[name]
+        cells = [f"{row[k]:.3f} [{row[f'{k}_ci95'][0]:.3f}, {row[f'{k}_ci95'][1]:.3f}]" for k in ("sketchiness",
+                                                                                                "clip_accuracy")]
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
     print(text, end="")
