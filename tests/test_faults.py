@@ -313,6 +313,28 @@ def test_another_runs_checkpoints_stop_a_fresh_run_and_pruning_keeps_own(checkpo
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]
 
 
+def test_a_slower_rank_s_files_are_in_the_manifest_and_the_checkpoint_resumes(tiny_models, shard_dir, tmp_path,
+                                                                             monkeypatch):
+    """Rank 1 writes its random states only after rank 0's manifest appears (tests/probes/late_rank; a slow node on
+    shared storage): the manifest still lists them, since rank 0 lists the folder after every rank's files are written,
+    and a resume takes the checkpoint. (Without that collective: "random_states_1.pkl was not written by the run",
+    and a requeued job restarted from step 0: CI, two nodes.)"""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(REPO / "tests/probes/late_rank"),
+                                                                 os.environ.get("PYTHONPATH", "")) if p))
+    monkeypatch.setenv("S2R_PROBE_LATE_RANK", "1")
+    out = tmp_path / "db"
+    args = ["--pretrained_model_name_or_path", tiny_models.sd, "--shard_dir", shard_dir, "--instance_category", "cat",
+            "--resolution", "32", "--max_train_steps", "3", "--checkpointing_steps", "2", "--validation_steps", "0",
+            "--num_heldout_samples", "0", "--report_to", "none", "--lora_rank", "4", "--output_dir", out]
+    launch("train/dreambooth.py", *args)
+    listed = json.loads((out / "checkpoint-2" / "manifest.json").read_text())["files"]
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(listed)
+    monkeypatch.delenv("S2R_PROBE_LATE_RANK")
+    (out / "pytorch_lora_weights.safetensors").unlink(missing_ok=True)
+    proc = launch("train/dreambooth.py", *args, "--resume_from_checkpoint", "latest")
+    assert "resumed from" in proc.stderr
+
+
 def test_a_full_disk_is_one_line_and_leaves_no_partial_folder(tmp_path):
     """save_state failing with ENOSPC: one line naming the folder and the space, `.partial` removed, older kept."""
     import errno

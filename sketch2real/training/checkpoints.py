@@ -263,14 +263,17 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, total
         accelerator.save_state(str(partial), **checkpoint_kwargs(accelerator, saving=True))
     except (OSError, RuntimeError) as err:
         error = err
-    if accelerator.is_main_process and error is None:
+    # A collective: every rank has written its own files (random states, ZeRO shards) before rank 0 lists them in
+    # the manifest; without it a slower rank's file could land after the listing, and the checkpoint be refused.
+    failed = _any_failed(accelerator, error is not None)
+    if accelerator.is_main_process and not failed:
         try:
             write_json(partial / TRAIN_STATE, {"step": step, "fingerprint": fingerprint, "launch": launch_of(accelerator)})
             files = {str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()}
             write_json(partial / MANIFEST, {"step": step, "files": files})  # last: its presence means complete
         except OSError as err:
             error = err
-    if _any_failed(accelerator, error is not None):
+    if failed or _any_failed(accelerator, error is not None):
         failure = _save_failed(out, partial, step, error) if accelerator.is_main_process else None
         accelerator.wait_for_everyone()
         raise failure or UserError(f"saving checkpoint-{step} in {out} failed on another process (see its message)")
