@@ -211,6 +211,105 @@ def test_prodigy_sets_its_own_step_resumes_exactly_and_sums_its_estimate_under_z
     assert proc.returncode != 0 and "under DeepSpeed ZeRO needs CUDA devices" in proc.stderr
 
 
+def _ema_of(sequence: list[dict], decay: float) -> dict:
+    """The average --use_ema keeps of a sequence of per-step weights (diffusers' EMAModel's decay schedule)."""
+    average = {k: v.clone() for k, v in sequence[0].items()}
+    for update, trained in enumerate(sequence[1:], start=2):
+        decay_now = min(decay, update / (update + 9))
+        for name in average:
+            average[name] = decay_now * average[name] + (1 - decay_now) * trained[name]
+    return average
+
+
+def _lora_ups(folder) -> dict:
+    return {k: v for k, v in weights(folder).items() if "lora.up" in k}
+
+
+def test_ema_is_the_average_of_every_steps_weights_and_is_what_is_saved(db_args, tmp_path):
+    """--use_ema, 1 process, full UNet: the UNet saved at --output_dir is the moving average of the trained weights
+    of steps 1-4 (read from per-step checkpoints), the trained weights are in without_ema/, and each checkpoint holds
+    the average so far."""
+    out = tmp_path / "ema"
+    run_script("train/dreambooth.py", *db_args, "--output_dir", out, "--max_train_steps", "4", "--checkpointing_steps", "1",
+               "--checkpoints_total_limit", "0", "--use_ema", "--ema_decay", "0.9")
+    prefix = "model.safetensors:denoiser."
+    steps = [{k[len(prefix):]: v for k, v in weights(out / f"checkpoint-{s}").items() if k.startswith(prefix)}
+             for s in (1, 2, 3)]
+    unet = "diffusion_pytorch_model.safetensors:"
+    last = {k[len(unet):]: v for k, v in weights(out / "without_ema" / "unet").items()}
+    saved = {k[len(unet):]: v for k, v in weights(out / "unet").items()}
+    assert steps[0].keys() == last.keys() == saved.keys()
+    expected = _ema_of([*steps, last], 0.9)
+    assert all(torch.allclose(saved[k], expected[k], atol=1e-7, rtol=1e-6) for k in expected)
+    assert relative_difference(saved, last, steps[0]) > 0.1  # the average is not the last weights
+    in_checkpoint = weights(out / "checkpoint-3")
+    assert all(torch.allclose(in_checkpoint[f"ema.safetensors:denoiser.{k}"], v, atol=1e-7, rtol=1e-6)
+               for k, v in _ema_of(steps, 0.9).items())
+
+
+def test_validation_sees_the_ema_and_training_goes_on_from_the_trained_weights(tmp_path):
+    from sketch2real.training.callbacks import Run, Validation
+    from sketch2real.training.ema import EMAWeights
+
+    from .helpers import in_process_accelerator
+
+    model = torch.nn.Linear(3, 1)
+    start = model.weight.detach().clone()
+    ema = EMAWeights(in_process_accelerator("no"), model, None, decay=0.9)
+    ema.update(1)  # the first update starts the average at the weights
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(2)
+    trained = model.weight.detach().clone()
+
+    class Task:
+        def validate(self, accelerator, model, step):
+            return {"weight_sum": float(model.weight.detach().sum())}
+
+    run = Run(Task(), None, in_process_accelerator("no"), model, None, None, tmp_path, {}, None, step=2, start_step=0,
+              last_checkpoint=None, ema=ema)
+    Validation()._validate(run)
+    decay = 2 / 11
+    assert run.logs["weight_sum"] == pytest.approx(float((decay * start + (1 - decay) * trained).sum()), rel=1e-6)
+    assert torch.equal(model.weight, trained)
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_ema_under_zero_is_sharded_matches_one_process_and_resumes_exactly(zero, db_args, tmp_path):
+    """ZeRO-2/3 over 2 processes: each process averages its partition of the fp32 masters (the checkpoint holds two
+    shares, each smaller than the whole); validation and the saved LoRA see the same average as 1 process; ZeRO-2
+    resumed from a checkpoint saves the same LoRA, bit for bit."""
+    from safetensors.torch import load_file
+
+    plain_args = [*db_args, "--max_train_steps", "4", "--checkpointing_steps", "2", "--lora_rank", "4", "--learning_rate",
+                  "1e-2", "--validation_steps", "4", "--num_heldout_samples", "2", "--num_validation_images", "0"]
+    args = [*plain_args, "--use_ema", "--ema_decay", "0.9"]
+    one, sharded = tmp_path / "one", tmp_path / zero
+    run_script("train/dreambooth.py", *args, "--train_batch_size", "2", "--output_dir", one)
+    config = f"accelerate_configs/deepspeed_{zero}.yaml"
+    launch("train/dreambooth.py", *args, "--output_dir", sharded, deepspeed_config=config)
+    whole = sum(t.numel() for t in load_file(one / "checkpoint-2" / "ema.safetensors").values())
+    shares = [sum(t.numel() for t in load_file(sharded / "checkpoint-2" / f"ema-{r}.safetensors").values()) for r in (0, 1)]
+    assert all(share < 0.75 * whole for share in shares) and sum(shares) >= whole, (shares, whole)
+    a, b = _lora_ups(one), _lora_ups(sharded)
+    assert relative_difference(a, b, {k: torch.zeros_like(v) for k, v in a.items()}) < 1e-3
+    assert relative_difference(a, _lora_ups(one / "without_ema"), {k: torch.zeros_like(v) for k, v in a.items()}) > 0.05
+    plain = tmp_path / "plain"  # validation without the average: the held-out loss it would log
+    run_script("train/dreambooth.py", *plain_args, "--train_batch_size", "2", "--output_dir", plain)
+    losses = [json.loads((run / "metrics.json").read_text())["heldout_loss"] for run in (one, sharded, plain)]
+    assert abs(losses[0] - losses[1]) < 0.1 * abs(losses[0] - losses[2]), losses
+    if zero == "zero2":
+        import shutil
+
+        resumed = tmp_path / "resumed"
+        resumed.mkdir()
+        shutil.copytree(sharded / "checkpoint-2", resumed / "checkpoint-2")
+        launch("train/dreambooth.py", *args, "--output_dir", resumed, "--resume_from_checkpoint", "latest",
+               deepspeed_config=config)
+        c = _lora_ups(resumed)
+        assert b.keys() == c.keys() and all(torch.equal(b[k], c[k]) for k in b)
+
+
 def test_two_process_ddp_matches_one_process(db_args, tmp_path, tiny_models):
     one, two = tmp_path / "one", tmp_path / "two"
     run_script("train/dreambooth.py", *db_args, "--output_dir", one, "--max_train_steps", "4", "--train_batch_size", "2")

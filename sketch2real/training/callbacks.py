@@ -8,6 +8,7 @@ also end the run), the task saves its artifacts, then `after_save`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -56,6 +57,18 @@ class Run:
     preempted: bool = False  # a preemption signal reached some process (one collective decides, for all)
     logs: dict[str, Any] = field(default_factory=dict)  # this step's: loss, lr, validation
     summary: dict[str, Any] = field(default_factory=dict)  # metrics.json, once written
+    ema: Any = None  # `sketch2real.training.ema.EMAWeights` with --use_ema
+
+    def checkpoint(self) -> None:
+        """A checkpoint at this step (the EMA's share of every process in it), then the task's own files."""
+        save_checkpoint(self.accelerator, self.out, self.step, self.opts.checkpoints_total_limit, self.fingerprint,
+                        extra=self.ema.save if self.ema is not None else None)
+        self.task.on_checkpoint(self.accelerator, self.model, self.step)
+        self.last_checkpoint = self.step
+
+    def validation_weights(self):
+        """The weights validation sees: the EMA's with --use_ema (a collective under DeepSpeed), else the trained."""
+        return self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
 
     def mark_timing(self) -> None:
         """Called by the loop right after a read of device values (the device has caught up): the first read starts
@@ -74,8 +87,7 @@ class Run:
 
     def stop_preempted(self) -> int:
         """Checkpoint at this step on every process, leave PREEMPTED for slurm/common.sh, return exit status 75."""
-        save_checkpoint(self.accelerator, self.out, self.step, self.opts.checkpoints_total_limit, self.fingerprint)
-        self.task.on_checkpoint(self.accelerator, self.model, self.step)
+        self.checkpoint()
         self.bar.close()
         mark_preempted(self.accelerator, self.out, f"checkpoint saved at step {self.step}")
         finish_trackers(self.accelerator)
@@ -121,7 +133,8 @@ class Validation(Callback):
     def _validate(self, run: Run) -> bool:
         """False: preempted (raised on every process together: a collective check)."""
         try:
-            validated = run.task.validate(run.accelerator, run.model, run.step)
+            with run.validation_weights():
+                validated = run.task.validate(run.accelerator, run.model, run.step)
         except Preempted:
             run.model.train()
             return False
@@ -161,9 +174,7 @@ class Checkpointing(Callback):
             return run.stop_preempted()
         every = run.opts.checkpointing_steps
         if every and run.step % every == 0 and run.step < run.opts.max_train_steps:
-            save_checkpoint(run.accelerator, run.out, run.step, run.opts.checkpoints_total_limit, run.fingerprint)
-            run.task.on_checkpoint(run.accelerator, run.model, run.step)
-            run.last_checkpoint = run.step
+            run.checkpoint()
         return None
 
 

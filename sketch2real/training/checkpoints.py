@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -247,8 +248,9 @@ def _save_failed(out: Path, partial: Path, step: int, err: BaseException | None)
 
 
 def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, total_limit: int | None,
-                    fingerprint: dict) -> Path:
+                    fingerprint: dict, extra: Callable[[Path], None] | None = None) -> Path:
     """Save a full training state as `checkpoint-<step>`; a kill mid-save leaves only a `.partial` folder.
+    `extra(folder)`: what else each process writes into it (the EMA), before the manifest lists the files.
 
     A full disk (on any rank) is one line on every rank and no `.partial` folder. Pruning keeps the newest
     `total_limit` checkpoints of this run (never the one just written, never another run's).
@@ -261,6 +263,8 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, total
     error: BaseException | None = None
     try:
         accelerator.save_state(str(partial), **checkpoint_kwargs(accelerator, saving=True))
+        if extra is not None:
+            extra(partial)
     except (OSError, RuntimeError) as err:
         error = err
     # A collective: every rank has written its own files (random states, ZeRO shards) before rank 0 lists them in

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -199,8 +200,8 @@ class ControlNetTask(DiffusionTask):
         rows = [[s, g, to_pil_image((p + 1) / 2)] for s, g, p in zip(sketches, generated, h.images[:count])]
         return rows, generated, list(h.categories[:count])
 
-    def save_final(self, accelerator, model) -> None:
-        """A diffusers ControlNet folder at --output_dir (config.json + diffusion_pytorch_model.safetensors)."""
+    def save_final(self, accelerator, model, out: Path) -> None:
+        """A diffusers ControlNet folder in `out` (config.json + diffusion_pytorch_model.safetensors)."""
         from sketch2real.models import save_pretrained_atomic
 
         def write(state: dict[str, torch.Tensor]) -> None:  # the fp32 master weights
@@ -210,6 +211,6 @@ class ControlNetTask(DiffusionTask):
             missing = set(controlnet.load_state_dict(state, strict=False).missing_keys)
             if missing - {name for name, _ in controlnet.named_buffers()}:
                 raise RuntimeError(f"trained ControlNet weights lack {sorted(missing)[:3]}")
-            save_pretrained_atomic(controlnet, self.opts.output_dir)
+            save_pretrained_atomic(controlnet, out)
 
         self.write_on_main(model, write)

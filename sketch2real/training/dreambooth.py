@@ -324,9 +324,9 @@ class DreamBoothTask(DiffusionTask):
             return [self.opts.instance_category or None] * max(1, len(self.opts.validation_prompt))
         return sorted(set(self.categories))[:4]
 
-    def save_final(self, accelerator, model) -> None:
-        """LoRA: `pytorch_lora_weights.safetensors`; full: a diffusers pipeline at --output_dir."""
-        opts, out = self.opts, Path(self.opts.output_dir)
+    def save_final(self, accelerator, model, out: Path) -> None:
+        """LoRA: `pytorch_lora_weights.safetensors`; full: a diffusers pipeline, in `out`."""
+        opts = self.opts
 
         def write(state: dict[str, torch.Tensor]) -> None:  # the fp32 master weights
             if opts.lora_rank:

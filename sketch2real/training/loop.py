@@ -26,6 +26,7 @@ from sketch2real.training.accelerator import (
 )
 from sketch2real.training.callbacks import Callback, Run, default_callbacks
 from sketch2real.training.checkpoints import load_checkpoint, resolve_resume, run_fingerprint
+from sketch2real.training.ema import EMAWeights
 from sketch2real.training.preemption import preemption
 
 logger = logging.getLogger("sketch2real")
@@ -46,7 +47,7 @@ class Task(Protocol):
 
     def validate(self, accelerator, model: torch.nn.Module, step: int) -> dict[str, float]: ...
 
-    def save_final(self, accelerator, model: torch.nn.Module) -> None: ...
+    def save_final(self, accelerator, model: torch.nn.Module, out: Path) -> None: ...
 
     def prepare_data(self, start_step: int) -> None: ...
 
@@ -126,6 +127,7 @@ def train(task: Task, opts, accelerator, project_name: str, callbacks: list[Call
     model, optimizer = accelerator.prepare(task.model, optimizer)
     restore_fp32_masters(accelerator, model, initial)
     del initial
+    ema = EMAWeights(accelerator, model, optimizer, opts.ema_decay) if opts.use_ema else None
     fingerprint = run_fingerprint(opts, accelerator.num_processes)
     resume = resolve_resume(accelerator, out, opts.resume_from_checkpoint, fingerprint)
     if accelerator.is_main_process:
@@ -133,6 +135,8 @@ def train(task: Task, opts, accelerator, project_name: str, callbacks: list[Call
     step = 0
     if resume is not None:
         step = load_checkpoint(accelerator, resume)
+        if ema is not None:
+            ema.load(resume)
         for _ in range(step):
             lr_scheduler.step()
         logger.info("resumed from %s at step %d", resume, step)
@@ -154,7 +158,7 @@ def train(task: Task, opts, accelerator, project_name: str, callbacks: list[Call
     bar = tqdm(total=opts.max_train_steps, initial=step, desc=project_name, unit="step",
                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     run = Run(task, opts, accelerator, model, optimizer, lr_scheduler, out, fingerprint, bar, step=step, start_step=step,
-              last_checkpoint=step if resume is not None else None)
+              last_checkpoint=step if resume is not None else None, ema=ema)
     callbacks = default_callbacks() if callbacks is None else callbacks
     # The step never waits for the host: the loss and its finiteness accumulate on the device and are read back
     # (one collective, one host read) only at `reads_due` steps; the progress bar alone moves every step.
@@ -181,6 +185,8 @@ def train(task: Task, opts, accelerator, project_name: str, callbacks: list[Call
         first_bad = torch.where(bad, torch.clamp(first_bad, max=run.step + 1), first_bad)
         interval_steps += 1
         run.step += 1
+        if ema is not None:
+            ema.update(run.step)
         bar.update()
         run.logs = {}
         if reads_due(run.step, opts):
@@ -209,7 +215,12 @@ def train(task: Task, opts, accelerator, project_name: str, callbacks: list[Call
         status = callback.before_save(run)
         if status is not None:
             return status
-    task.save_final(accelerator, model)
+    if ema is None:
+        task.save_final(accelerator, model, out)
+    else:  # the trained weights beside, the average where a user loads the model from
+        task.save_final(accelerator, model, out / "without_ema")
+        with ema.swapped_in():
+            task.save_final(accelerator, model, out)
     for callback in callbacks:
         callback.after_save(run)
     finish_trackers(accelerator)

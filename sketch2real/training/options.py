@@ -47,6 +47,11 @@ class TrainOptions:
     prodigy_use_bias_correction: bool = option(True, help="Prodigy: Adam's bias correction")
     prodigy_safeguard_warmup: bool = option(True, help="Prodigy: no step-size growth from warm-up's small steps")
     use_8bit_adam: bool = option(False, help="8-bit AdamW from bitsandbytes")
+    use_ema: bool = option(False, help="keep an exponential moving average of the trained weights (fp32, sharded as the "
+                                       "optimizer's masters under ZeRO): validation uses it and --output_dir gets it, "
+                                       "the trained weights go to OUTPUT_DIR/without_ema")
+    ema_decay: float = option(0.9999, help="EMA decay; the k-th step averages with min(decay, k / (k + 9)), as diffusers' "
+                                           "EMAModel", min=0, max_exclusive=1)
     adam_beta1: float = option(0.9, help="AdamW beta1", min=0, max_exclusive=1)
     adam_beta2: float = option(0.999, help="AdamW beta2", min=0, max_exclusive=1)
     adam_weight_decay: float = option(1e-2, help="AdamW weight decay", min=0)

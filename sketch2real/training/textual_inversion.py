@@ -215,32 +215,33 @@ class TextualInversionTask(DiffusionTask):
             return super().validation_categories()
         return [c or None for c in self._validation_categories()]
 
-    def _write_embeds(self, state: dict[str, torch.Tensor], name: str) -> None:
+    def _write_embeds(self, state: dict[str, torch.Tensor], out: Path, name: str) -> None:
         """The trained rows (the optimizer's fp32 master weights, in encoder order) in the family's file format: SD
         1.x/2.x, diffusers' {placeholder token: [num_vectors, hidden]}; SDXL, the community format {"clip_l": ...,
         "clip_g": ...} (the token goes in the file's metadata; `sketch2real.family.load_textual_inversion` and
         A1111/kohya read it)."""
         embeds = self.family.learned_embeds(self.opts.placeholder_token, list(state.values()))
-        with atomic_path(Path(self.opts.output_dir) / name) as tmp:
+        with atomic_path(out / name) as tmp:
             save_file(embeds, str(tmp), metadata={"token": self.opts.placeholder_token})
 
     def on_checkpoint(self, accelerator, model, step: int) -> None:
-        self.write_on_main(model, lambda state: self._write_embeds(state, f"learned_embeds-steps-{step}.safetensors"))
+        self.write_on_main(model, lambda state: self._write_embeds(state, Path(self.opts.output_dir),
+                                                                   f"learned_embeds-steps-{step}.safetensors"))
 
-    def save_final(self, accelerator, model) -> None:
+    def save_final(self, accelerator, model, out: Path) -> None:
         def write(state: dict[str, torch.Tensor]) -> None:
-            self._write_embeds(state, "learned_embeds.safetensors")
+            self._write_embeds(state, out, "learned_embeds.safetensors")
             if self.opts.save_as_full_pipeline:
-                self._save_pipeline()
+                self._save_pipeline(out)
 
         self.write_on_main(model, write)
 
-    def _save_pipeline(self) -> None:
+    def _save_pipeline(self, out: Path) -> None:
         """Base pipeline with the token appended: every other weight and row is the base's, bit for bit."""
         from sketch2real.family import load_textual_inversion
         from sketch2real.models import load_pipeline, save_pretrained_atomic
 
         pipe = load_pipeline(self.family, self.opts.pretrained_model_name_or_path, revision=self.opts.revision,
                              variant=self.opts.variant)
-        load_textual_inversion(pipe, str(Path(self.opts.output_dir) / "learned_embeds.safetensors"))
-        save_pretrained_atomic(pipe, self.opts.output_dir)
+        load_textual_inversion(pipe, str(out / "learned_embeds.safetensors"))
+        save_pretrained_atomic(pipe, out)
