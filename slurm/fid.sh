@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # FID/KID of generated folders against the test photos. GENERATED='base=runs/generated' sbatch slurm/fid.sh
+# DINOV2_MODEL, CLIP_MODEL: the extractors of fd_dinov2/prdc and cmmd/clip_* (hub id or folder; default eval/fid.py's)
 #SBATCH --job-name=s2r-fid
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -10,6 +11,10 @@
 set -euo pipefail
 # shellcheck source=slurm/common.sh
 source "${SKETCH2REAL_HOME:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"
+EXTRACTORS=()
+[[ -n "${DINOV2_MODEL:-}" ]] && EXTRACTORS+=(--dinov2_model_name_or_path "$DINOV2_MODEL")
+[[ -n "${CLIP_MODEL:-}" ]] && EXTRACTORS+=(--clip_model_name_or_path "$CLIP_MODEL")
 # shellcheck disable=SC2086  # GENERATED holds several NAME=DIR words
 s2r_launch eval/fid.py --generated ${GENERATED:-runs/generated} --reference_shards "${SHARDS:-data/shards}" \
-  --reference_split "${SPLIT:-test}" --reference_field "${FIELD:-photo}" --output_dir "${OUTPUT:-runs/fid}" "$@"
+  --reference_split "${SPLIT:-test}" --reference_field "${FIELD:-photo}" --output_dir "${OUTPUT:-runs/fid}" \
+  "${EXTRACTORS[@]}" "$@"

@@ -28,8 +28,8 @@ RUN_BY = {
     "MODEL=stabilityai/stable-diffusion-3.5-medium": ["not run as written yet; the flow families' trainers run in "
                                                       "tests/test_flow_families.py"],
     "bash slurm/reproduce_study.sh": ["test_slurm.py::test_the_readme_study_reproduction_as_written_scores_every_row"],
-    "GENERATED='llava-4=runs/study/gen_llava-4": ["not run as written yet: its DINOv2/CLIP hub ids; every metric runs on "
-                                                  "tiny extractors in tests/test_fid.py and tests/test_style.py"],
+    "GENERATED='llava-4=runs/study/gen_llava-4": [
+        "test_slurm.py::test_the_readme_study_reproduction_as_written_scores_every_row"],
 }
 
 

@@ -155,3 +155,14 @@ def test_the_readme_study_reproduction_as_written_scores_every_row(slurm, tiny_m
     assert "a picture of a cat in the style of sks" in prompts
     assert sorted(p.name for p in (study / "dreambooth_sequential").glob("stage-*")) == ["stage-01-apple", "stage-02-airplane"]
     assert {json.loads(line)["prompt_id"] for line in (study / "captions" / "captions.jsonl").read_text().splitlines()} == {"4", "5", "8"}
+
+    # The full protocol, as written: every metric of two rows over the whole test split (the tiny extractors as the
+    # README's DINOV2_MODEL and CLIP_MODEL)
+    env = {**env, "DINOV2_MODEL": str(tiny_models.dinov2), "CLIP_MODEL": str(tiny_models.clip)}
+    submitted = run_readme_command(readme_block("GENERATED='llava-4=runs/study/gen_llava-4").strip(), repo, env)
+    wait_for_jobs([w for w in submitted.split() if w.isdigit()], env, repo / "logs")
+    full = json.loads((study / "fid_full" / "metrics.json").read_text())
+    assert set(full["sets"]) == {"llava-4", "dreambooth"} and full["reference"]["name"] == "test sketches"
+    assert full["reference"]["n"] == scores["reference"]["n"] > protocol["reference"]["n"]
+    metrics = ("fid", "kid", "fd_dinov2", "cmmd", "precision", "recall", "density", "coverage", "clip_score", "clip_accuracy")
+    assert all(row[m] == row[m] and f"{m}_ci95" in row for row in full["sets"].values() for m in metrics), full["sets"]
