@@ -53,9 +53,9 @@ def device_peak_flops() -> float | None:
 def training_flops_per_sample(model_dir: Path, resolution: int, trains: str = "unet", controlnet: bool = False) -> float:
     """FLOPs of one training sample's forward and backward as they run, counted by torch (FlopCounterMode) on meta
     tensors (no compute, any size): the UNet (SD 1.x or SDXL) with gradients for its weights (`trains="unet"`), for
-    LoRA adapters only ("lora": the backward computes activation gradients and the adapters'), or for the text
+    LoRA adapters only ("lora": the backward computes activation gradients and the adapters'), for the text
     encoder's token embedding only ("embeddings": Textual Inversion; the text encoder's forward and backward count
-    too); with `controlnet`, a ControlNet made from the UNet, trained, and the UNet frozen. The VAE is left out
+    too), or for the UNet and the whole text encoder ("unet_and_text_encoder": DreamBooth --train_text_encoder); with `controlnet`, a ControlNet made from the UNet, trained, and the UNet frozen. The VAE is left out
     (latents are cached); recomputation by gradient checkpointing is not counted (model FLOPs)."""
     import torch
     from diffusers import ControlNetModel, UNet2DConditionModel
@@ -68,14 +68,15 @@ def training_flops_per_sample(model_dir: Path, resolution: int, trains: str = "u
     text_config = CLIPTextConfig.from_pretrained(model_dir, subfolder="text_encoder")
     side, tokens = resolution // 8, text_config.max_position_embeddings
     with torch.device("meta"), FlopCounterMode(display=False) as counter:
-        unet = UNet2DConditionModel.from_config(unet_config).requires_grad_(trains == "unet" and not controlnet)
+        unet = UNet2DConditionModel.from_config(unet_config).requires_grad_(
+            trains in ("unet", "unet_and_text_encoder") and not controlnet)
         if trains == "lora":
             from peft import LoraConfig
 
             unet.add_adapter(LoraConfig(r=8, target_modules=FAMILIES["sd"].lora_targets(unet)))
         states = torch.randn(1, tokens, unet_config["cross_attention_dim"])
-        if trains == "embeddings":
-            encoder = CLIPTextModel(text_config).requires_grad_(False)
+        if trains in ("embeddings", "unet_and_text_encoder"):
+            encoder = CLIPTextModel(text_config).requires_grad_(trains == "unet_and_text_encoder")
             encoder.get_input_embeddings().weight.requires_grad_(True)
             hidden = encoder(torch.zeros(1, tokens, dtype=torch.long))[0]
             states = hidden.repeat(1, 1, unet_config["cross_attention_dim"] // hidden.shape[-1])  # SDXL: 2 encoders wide
@@ -93,27 +94,3 @@ def training_flops_per_sample(model_dir: Path, resolution: int, trains: str = "u
         out = unet(latents, timestep, states, return_dict=False, **added, **control)[0]
         out.float().pow(2).mean().backward()
     return float(counter.get_total_flops())
-
-
-def model_flops_per_sample(model_dir: Path, resolution: int, text_encoder: bool = False, controlnet: bool = False) -> float:
-    """Model FLOPs of one training sample: 3 x the forward FLOPs (forward + backward) of what runs every step
-    (the UNet, and the ControlNet or a trained text encoder), counted by torch on meta tensors (no compute);
-    the VAE encoder is left out (posteriors are cached)."""
-    import torch
-    from diffusers import ControlNetModel, UNet2DConditionModel
-    from torch.utils.flop_counter import FlopCounterMode
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    unet_config = UNet2DConditionModel.load_config(model_dir, subfolder="unet")
-    text_config = CLIPTextConfig.from_pretrained(model_dir, subfolder="text_encoder")
-    side = resolution // 8
-    with torch.device("meta"), torch.no_grad(), FlopCounterMode(display=False) as counter:
-        unet = UNet2DConditionModel.from_config(unet_config)
-        latents, timestep = torch.randn(1, 4, side, side), torch.tensor([500])
-        states = torch.randn(1, text_config.max_position_embeddings, text_config.hidden_size)
-        unet(latents, timestep, states)
-        if controlnet:
-            ControlNetModel.from_unet(unet)(latents, timestep, states, controlnet_cond=torch.randn(1, 3, resolution, resolution))
-        if text_encoder:
-            CLIPTextModel(text_config)(torch.zeros(1, text_config.max_position_embeddings, dtype=torch.long))
-    return 3.0 * counter.get_total_flops()

@@ -417,7 +417,9 @@ def main() -> None:
     if "latents" not in args.skip:
         results["latents"] = []
         for resolution in args.resolution:
-            for name, field in (("ControlNet (a photo per pair)", "photo"), ("TI (sketches)", "sketch")):
+            # a DreamBooth style over every category reads its sketches through the same store as TI
+            for name, field in (("ControlNet (a photo per pair)", "photo"),
+                                ("TI and a DreamBooth style over every category (sketches)", "sketch")):
                 print(f"latents: {name} at {resolution} px ...", flush=True)
                 result, _, rss = run_child("latents", {"shards": str(work / "shards"), "vae_dir": str(models.sd / "vae"),
                                                        "store_root": str(work / "latent_cache"), "resolution": resolution,

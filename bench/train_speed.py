@@ -12,7 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from common import device_peak_flops, model_flops_per_sample, prepare, run
+from common import device_peak_flops, prepare, run, training_flops_per_sample
 
 
 def main() -> None:
@@ -26,22 +26,22 @@ def main() -> None:
         common = ["--pretrained_model_name_or_path", data["sd"], "--shard_dir", data["shards"], "--resolution", "64",
                   "--max_train_steps", args.steps, "--train_batch_size", args.batch_size, "--validation_steps", "0",
                   "--checkpointing_steps", "0", "--report_to", "none", "--num_heldout_samples", "0"]
-        runs = {
-            "dreambooth (full UNet)": ("train/dreambooth.py", ["--instance_category", "cat"]),
-            "dreambooth (LoRA r=4)": ("train/dreambooth.py", ["--instance_category", "cat", "--lora_rank", "4"]),
-            "dreambooth (+ text encoder)": ("train/dreambooth.py", ["--instance_category", "cat", "--train_text_encoder"]),
-            "textual inversion": ("train/textual_inversion.py", []),
-            "controlnet": ("train/controlnet.py", []),
+        runs = {  # name: (script, flags, what trains: `training_flops_per_sample`'s `trains`)
+            "dreambooth (full UNet)": ("train/dreambooth.py", ["--instance_category", "cat"], "unet"),
+            "dreambooth (LoRA r=4)": ("train/dreambooth.py", ["--instance_category", "cat", "--lora_rank", "4"], "lora"),
+            "dreambooth (+ text encoder)": ("train/dreambooth.py", ["--instance_category", "cat", "--train_text_encoder"],
+                                            "unet_and_text_encoder"),
+            "textual inversion": ("train/textual_inversion.py", [], "embeddings"),
+            "controlnet": ("train/controlnet.py", [], "unet"),
         }
         print(f"tiny SD, 64 px, batch {args.batch_size}, {args.steps} steps, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'all')}")
         peak = device_peak_flops()
         print(f"{'run':30s} {'steps/s':>8s} {'samples/s':>10s} {'peak MiB':>9s} {'GFLOP/sample':>13s} {'MFU':>6s}")
-        for name, (script, extra) in runs.items():
+        for name, (script, extra, trains) in runs.items():
             out = tmp / name.replace(" ", "_")
             run(script, *common, *extra, "--output_dir", out)
             m = json.loads((out / "metrics.json").read_text())
-            flops = model_flops_per_sample(data["sd"], 64, text_encoder="text encoder" in name or "textual" in name,
-                                           controlnet="controlnet" in name)
+            flops = training_flops_per_sample(data["sd"], 64, trains, controlnet="controlnet" in name)
             mfu = f"{m['samples_per_second'] * flops / peak:6.1%}" if peak else "   n/a"  # no known peak on CPU
             print(f"{name:30s} {m['steps_per_second']:8.2f} {m['samples_per_second']:10.2f} {m['peak_memory_mb']:9.0f} "
                   f"{flops / 1e9:13.3f} {mfu}")

@@ -41,9 +41,9 @@ $PY train/textual_inversion.py --pretrained_model_name_or_path "$SD" --shard_dir
   --placeholder_token "<sketch>" --initializer_token sketch --output_dir "$OUT/textual_inversion" --max_train_steps 60 \
   --learning_rate 5e-2 --train_batch_size 4 --validation_steps 30 --checkpointing_steps 30 "${COMMON_TRAIN[@]}"
 
-step "style LoRA (DoRA) over every category ('a {category} in the style of sks', each image its category's prompt)"
+step "style LoRA (DoRA, EMA) over every category ('a {category} in the style of sks', each image its category's prompt)"
 $PY train/dreambooth.py --pretrained_model_name_or_path "$SD" --shard_dir "$OUT/shards" \
-  --instance_prompt "a {category} in the style of sks" --lora_rank 8 --use_dora --learning_rate 1e-2 \
+  --instance_prompt "a {category} in the style of sks" --lora_rank 8 --use_dora --use_ema --learning_rate 1e-2 \
   --caption_dropout_probability 0.1 --output_dir "$OUT/style_lora" --max_train_steps 150 --train_batch_size 8 \
   --validation_steps 150 --checkpointing_steps 0 "${COMMON_TRAIN[@]}"
 
@@ -58,7 +58,7 @@ $PY infer/caption.py --model_name_or_path "$OUT/tiny_models/tiny-llava" --shard_
 $PY infer/caption.py --model_name_or_path "$OUT/tiny_models/tiny-blip2" --shard_dir "$OUT/shards" --split test \
   --prompts 1 --max_new_tokens 20 --output_dir "$OUT/captions_blip2"
 
-step "generation: base model, DreamBooth, Textual Inversion, style LoRA, ControlNet, captions"
+step "generation: base model, DreamBooth, Textual Inversion, style LoRA (EMA and without), ControlNet, captions"
 GEN=(--shard_dir "$OUT/shards" --split test --height 64 --width 64 --num_inference_steps 20 --guidance_scale 4 --batch_size 16)
 $PY infer/generate.py --pretrained_model_name_or_path "$SD" --prompt_template "a {category}" --categories cat \
   --num_images_per_prompt 2 "${GEN[@]}" --output_dir "$OUT/gen_base_cat"
@@ -69,6 +69,8 @@ $PY infer/generate.py --pretrained_model_name_or_path "$SD" --textual_inversion 
   --prompt_template "a {category} in the style of <sketch>" "${GEN[@]}" --output_dir "$OUT/gen_textual_inversion"
 $PY infer/generate.py --pretrained_model_name_or_path "$OUT/style_lora" \
   --prompt_template "a {category} in the style of sks" "${GEN[@]}" --output_dir "$OUT/gen_style_lora"
+$PY infer/generate.py --pretrained_model_name_or_path "$OUT/style_lora/without_ema" \
+  --prompt_template "a {category} in the style of sks" "${GEN[@]}" --output_dir "$OUT/gen_style_lora_without_ema"
 $PY infer/generate.py --pretrained_model_name_or_path "$SD" --prompt_template "a photo of a {category}" "${GEN[@]}" \
   --output_dir "$OUT/gen_base_photo"
 $PY infer/generate.py --pretrained_model_name_or_path "$SD" --controlnet "$OUT/controlnet" \
@@ -81,8 +83,9 @@ EVAL=(--reference_shards "$OUT/shards" --reference_split test --dims 64 --cache_
 $PY eval/fid.py --generated "base=$OUT/gen_base_cat" "dreambooth=$OUT/gen_dreambooth" --reference_field sketch \
   --categories cat "${EVAL[@]}" --output_dir "$OUT/eval_dreambooth"
 $PY eval/fid.py --generated "base=$OUT/gen_base" "textual_inversion=$OUT/gen_textual_inversion" \
-  "style_lora=$OUT/gen_style_lora" --reference_field sketch --metrics fid kid sketchiness clip_accuracy \
-  --clip_model_name_or_path "$OUT/tiny_models/tiny-clip" "${EVAL[@]}" --output_dir "$OUT/eval_textual_inversion"
+  "style_lora=$OUT/gen_style_lora" "style_lora_without_ema=$OUT/gen_style_lora_without_ema" --reference_field sketch \
+  --metrics fid kid sketchiness csd clip_accuracy --clip_model_name_or_path "$OUT/tiny_models/tiny-clip" \
+  --csd_model_name_or_path "$OUT/tiny_models/tiny-csd" "${EVAL[@]}" --output_dir "$OUT/eval_textual_inversion"
 $PY eval/fid.py --generated "base=$OUT/gen_base_photo" "controlnet=$OUT/gen_controlnet" "captions=$OUT/gen_captions" \
   --reference_field photo "${EVAL[@]}" --output_dir "$OUT/eval_photos"
 

@@ -52,10 +52,16 @@ def main() -> None:
         value, (low, high) = _difference(_load(out / folder / "metrics.json"), name, "base")
         lines.append(f"| {what}: closer to the test sketches | KID(trained) − KID(base) (< 0: closer) "
                      f"| {value:+.3f} [{low:+.3f}, {high:+.3f}] | {verdict([low, high])} |")
-    value, (low, high) = _difference(_load(out / "eval_textual_inversion" / "metrics.json"), "style_lora", "base")
-    lines.append(f"| style LoRA (DoRA, every category) 'a {{category}} in the style of sks' vs base 'a {{category}}': "
-                 f"closer to the test sketches | KID(trained) − KID(base) (< 0: closer) | {value:+.3f} "
-                 f"[{low:+.3f}, {high:+.3f}] | {verdict([low, high])} |")
+    style_metrics = _load(out / "eval_textual_inversion" / "metrics.json")
+    for name, reference, what in (
+            ("style_lora", "base", "style LoRA (DoRA, EMA, every category) 'a {category} in the style of sks' vs base "
+                                   "'a {category}': closer to the test sketches"),
+            ("style_lora_without_ema", "base", "the same LoRA without its EMA vs base: closer to the test sketches"),
+            ("style_lora", "style_lora_without_ema", "the style LoRA's EMA vs its trained weights: closer to the test "
+                                                     "sketches")):
+        value, (low, high) = _difference(style_metrics, name, reference)
+        lines.append(f"| {what} | KID({name}) − KID({reference}) (< 0: closer) | {value:+.3f} [{low:+.3f}, {high:+.3f}] "
+                     f"| {verdict([low, high])} |")
     sequential = _load(out / "dreambooth_sequential" / "sequential_report.json")
     for category, value in sequential["forgetting"].items():
         low, high = sequential["forgetting_ci95"][category]
@@ -63,16 +69,17 @@ def main() -> None:
                      f"| {value:+.4f} [{low:+.4f}, {high:+.4f}] | {verdict([low, high])} |")
     lines += ["", "## Style and content (against the test sketches; 95% intervals over the images)", "",
               "Sketchiness: a linear probe's mean probability that an image is a sketch (fitted on the train split's "
-              "sketches and photos); content: the share the zero-shot CLIP classifier gives its own category. The demo's "
-              "CLIP is a tiny model with random weights: its accuracy is chance for every set and says nothing here; "
-              "with real CLIP weights (eval/fid.py's default) it says whether the content was kept.", "",
-              "| generated set | sketchiness [95% CI] | content kept: CLIP accuracy [95% CI] |", "|---|---:|---:|"]
-    style_sets = _load(out / "eval_textual_inversion" / "metrics.json")["sets"]
-    for name in ("base", "textual_inversion", "style_lora"):
-        row = style_sets[name]
-        cells = [f"{row[k]:.3f} [{row[f'{k}_ci95'][0]:.3f}, {row[f'{k}_ci95'][1]:.3f}]" for k in ("sketchiness",
-                                                                                                "clip_accuracy")]
-        lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+              "sketches and photos); CSD: style similarity to the test sketches (CSD's style head); content: the share "
+              "the zero-shot CLIP classifier gives its own category. The demo's CLIP and CSD are tiny models with random "
+              "weights: their columns are chance for every set and say nothing here; with real weights (eval/fid.py's "
+              "defaults) they say whether the style arrived and the content was kept.", "",
+              "| generated set | sketchiness [95% CI] | CSD style [95% CI] | content kept: CLIP accuracy [95% CI] |",
+              "|---|---:|---:|---:|"]
+    for name in ("base", "textual_inversion", "style_lora", "style_lora_without_ema"):
+        row = style_metrics["sets"][name]
+        cells = [f"{row[k]:.3f} [{row[f'{k}_ci95'][0]:.3f}, {row[f'{k}_ci95'][1]:.3f}]"
+                 for k in ("sketchiness", "csd", "clip_accuracy")]
+        lines.append(f"| {name} | {' | '.join(cells)} |")
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
     print(text, end="")

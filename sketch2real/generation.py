@@ -137,8 +137,11 @@ def merge_index(output_dir: Path) -> list[dict]:
 def base_of_lora_output(model: str, lora: str) -> tuple[str, str]:
     """(model, lora) to load, where `model` may be a LoRA training output (LoRA weights and run_config.json, no
     pipeline): its base model with the folder's LoRA, so `MODEL=runs/dreambooth_cat` works for LoRA and full runs alike."""
+    from sketch2real.lokr import LOKR_FILE
+
     folder = Path(model)
-    if not (folder / "pytorch_lora_weights.safetensors").is_file() or (folder / "model_index.json").is_file():
+    adapters = (folder / "pytorch_lora_weights.safetensors").is_file() or (folder / LOKR_FILE).is_file()
+    if not adapters or (folder / "model_index.json").is_file():
         return model, lora
     if lora:
         raise UserError(f"{model} holds LoRA weights, not a pipeline, and --lora is given too: give the base model")
@@ -182,8 +185,14 @@ def load_generation_pipeline(model: str, device: torch.device, dtype: torch.dtyp
     if lora:
         if not Path(lora).exists():
             raise UserError(f"LoRA weights not found: {lora}")
-        pipe.load_lora_weights(lora)
-        pipe.fuse_lora(lora_scale=lora_scale)
+        from sketch2real.lokr import LOKR_FILE, merge_lokr
+
+        lokr = Path(lora) / LOKR_FILE if Path(lora).is_dir() else Path(lora)
+        if lokr.name == LOKR_FILE and lokr.is_file():  # diffusers reads no LoKr file
+            merge_lokr(getattr(pipe, family.denoiser), lokr, lora_scale)
+        else:
+            pipe.load_lora_weights(lora)
+            pipe.fuse_lora(lora_scale=lora_scale)
     pipe.to(device)
     if xformers:
         enable_xformers(pipe, device)

@@ -414,6 +414,52 @@ def test_dora_reloads_as_dora_in_plain_diffusers_and_generation(db_args, tmp_pat
     _assert_model_card(out)
 
 
+@pytest.mark.parametrize("rank", [2, 4])  # the tiny UNet's factors: rank 2 stores w2 as a product, rank 4 both whole
+def test_a_lokr_file_applied_as_comfyui_applies_it_gives_the_peft_models_output(rank, tiny_models, tmp_path):
+    """The LoKr file, merged by ComfyUI's rule (alpha / rank only where a factor is a product), gives the UNet that
+    peft's LoKr adapters give (alpha != rank: a scale lost or doubled shows)."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoKrConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from sketch2real.lokr import merge_lokr, write_lokr
+
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    adapted = UNet2DConditionModel.from_pretrained(tiny_models.sd, subfolder="unet")
+    adapted.add_adapter(LoKrConfig(r=rank, alpha=3, target_modules=targets))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "lokr_" in name:
+                p.copy_(0.3 * torch.randn_like(p))  # every factor non-zero: the update is all there is to compare
+    file = write_lokr(tmp_path, get_peft_model_state_dict(adapted), 3, rank, targets)
+    saved = load_file(file)
+    assert any(k.endswith(".lokr_w2_a") for k in saved) == (rank == 2) and all(k.startswith("lora_unet_") for k in saved)
+    merged = UNet2DConditionModel.from_pretrained(tiny_models.sd, subfolder="unet")
+    assert merge_lokr(merged, file) == sum(1 for n, _ in merged.named_modules() if n.endswith(("to_q", "to_k", "to_v", "to_out.0")))
+    base = _unet_output(UNet2DConditionModel.from_pretrained(tiny_models.sd, subfolder="unet"))
+    expected, got = _unet_output(adapted), _unet_output(merged)
+    assert (expected - base).abs().max() > 0.05 and torch.allclose(got, expected, atol=1e-5)
+
+
+def test_lokr_trains_writes_its_file_and_generation_merges_it(db_args, tmp_path, tiny_models):
+    from sketch2real.generation import load_generation_pipeline
+
+    out = tmp_path / "lokr"
+    run_script("train/dreambooth.py", *db_args, "--output_dir", out, "--max_train_steps", "3", "--lora_rank", "4",
+               "--lora_type", "lokr", "--lora_alpha", "8")
+    assert not (out / "pytorch_lora_weights.safetensors").exists()
+    assert "lokr" in (out / "README.md").read_text().split("---")[1]  # the card's tags
+    pipe = load_generation_pipeline(str(out), torch.device("cpu"), torch.float32)
+    base = load_generation_pipeline(str(tiny_models.sd), torch.device("cpu"), torch.float32)
+    changed = [n for n, p in pipe.unet.named_parameters() if not torch.equal(p, base.unet.state_dict()[n])]
+    assert changed and all(n.rsplit(".", 2)[-2] in ("to_q", "to_k", "to_v", "0") for n in changed), changed[:4]
+    proc = run_script("train/dreambooth.py", *db_args, "--output_dir", tmp_path / "bad", "--lora_rank", "4", "--lora_type",
+                      "lokr", "--use_dora", check=False)
+    assert proc.returncode == 2 and "--lora_type lokr: not with --use_dora" in proc.stderr
+
+
 def _assert_model_card(out: Path) -> None:
     """The run's README.md: hub metadata, its data and non-default settings, metrics.json's held-out loss with its
     interval, the last mosaic."""

@@ -25,6 +25,7 @@ import torch
 SD_DIRNAME = "tiny-sd"
 CLIP_DIRNAME = "tiny-clip"
 DINOV2_DIRNAME = "tiny-dinov2"
+CSD_DIRNAME = "tiny-csd"
 SDXL_DIRNAME = "tiny-sdxl"
 SD3_DIRNAME = "tiny-sd3"
 FLUX_DIRNAME = "tiny-flux"
@@ -580,6 +581,7 @@ class TinyModels:
     dinov2: Path
     blip2: Path
     llava: Path
+    csd: Path
     torch_home: Path
 
 
@@ -608,13 +610,14 @@ def build_all(output_dir: str | os.PathLike, torch_home: str | os.PathLike | Non
         build_tiny_blip2(blip2)
     if not (llava / "config.json").exists():
         build_tiny_llava(llava)
+    csd = out / CSD_DIRNAME
+    if not (csd / "model.safetensors").exists():
+        build_tiny_csd(csd)
     home = Path(torch_home) if torch_home else out / "torch_home"
     if not (home / "hub" / "checkpoints" / FID_WEIGHTS_NAME).exists():
         write_fid_inception_weights(home)
-    return TinyModels(sd=sd, sdxl=sdxl, sd3=sd3, flux=flux, flux2_klein=flux2_klein, clip=clip, dinov2=dinov2, blip2=blip2, llava=llava, torch_home=home)
-
-
-CSD_DIRNAME = "tiny-csd"
+    return TinyModels(sd=sd, sdxl=sdxl, sd3=sd3, flux=flux, flux2_klein=flux2_klein, clip=clip, dinov2=dinov2, blip2=blip2, llava=llava,
+                      csd=csd, torch_home=home)
 
 
 def build_tiny_csd(output_dir: str | os.PathLike, seed: int = 0) -> Path:

@@ -59,6 +59,10 @@ class DreamBoothOptions(TrainOptions):
                                          min_exclusive=0)
     use_dora: bool = option(False, help="DoRA: LoRA adapters that also learn each weight's magnitude (peft; saved with "
                                         "the adapter settings, diffusers' load_lora_weights reloads it as DoRA)")
+    lora_type: str = option("lora", help="kind of adapter with --lora_rank: lora, or lokr (LoKr: Kronecker-product "
+                                         "updates, peft's; written as pytorch_lokr_weights.safetensors in LyCORIS' names, "
+                                         "which ComfyUI, A1111 and kohya's scripts read and generation merges; SD 1.x, SDXL)",
+                            choices=("lora", "lokr"), noun="adapter type")
     lora_format: str = option("diffusers", help="LoRA file format: diffusers (pytorch_lora_weights.safetensors); comfyui: "
                                                 "also pytorch_lora_weights_comfyui.safetensors in kohya's key format, for "
                                                 "A1111, ComfyUI and kohya's scripts (SD 1.x, SDXL)",
@@ -92,6 +96,11 @@ class DreamBoothOptions(TrainOptions):
             raise UserError("--use_dora is a kind of LoRA adapter: give --lora_rank")
         if self.use_dora and self.lora_format == "comfyui":
             raise UserError("--lora_format comfyui writes plain LoRA keys: a DoRA's magnitudes have no place there")
+        if self.lora_type == "lokr" and (self.use_dora or self.initial_lora or self.lora_format != "diffusers"):
+            raise UserError("--lora_type lokr: not with --use_dora, --initial_lora or --lora_format comfyui (its one file "
+                            "is already in the format ComfyUI reads)")
+        if self.lora_type == "lokr" and not self.lora_rank:
+            raise UserError("--lora_type lokr sets the kind of adapter: give --lora_rank")
         if self.initial_lora and not self.lora_rank:
             raise UserError("--initial_lora continues LoRA adapters: give --lora_rank (the rank it was trained with)")
         if self.initial_lora and not (Path(self.initial_lora) / "pytorch_lora_weights.safetensors").is_file():
@@ -181,6 +190,8 @@ class DreamBoothTask(DiffusionTask):
 
     def refuse(self, family: Family) -> None:
         super().refuse(family)
+        if self.opts.lora_type == "lokr" and not family.comfyui_lora:
+            raise UserError(f"--lora_type lokr is built for SD 1.x and SDXL UNets, not {family.name} models")
         if self.opts.lora_format == "comfyui" and not family.comfyui_lora:
             raise UserError(f"--lora_format comfyui is built for SD 1.x and SDXL UNets, not {family.name} models "
                             "(their diffusers file loads in ComfyUI's diffusers loader)")
@@ -202,15 +213,17 @@ class DreamBoothTask(DiffusionTask):
         c.denoiser.requires_grad_(not opts.lora_rank)
         if opts.lora_rank:
             from diffusers.training_utils import cast_training_params
-            from peft import LoraConfig
+            from peft import LoKrConfig, LoraConfig
 
             # the frozen base in the weight dtype, the adapters in fp32; `prepare` places it (ZeRO-3: a shard per rank)
             c.denoiser.to(self.weight_dtype)
+            targets, alpha = self.family.lora_targets(c.denoiser), opts.lora_alpha or opts.lora_rank
+            adapter = (LoKrConfig(r=opts.lora_rank, alpha=alpha, target_modules=targets) if opts.lora_type == "lokr" else
+                       LoraConfig(r=opts.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian", use_dora=opts.use_dora,
+                                  target_modules=targets))
             with torch.random.fork_rng(devices=[]):  # the adapters' start is a function of --seed, on every launcher
                 torch.manual_seed(derive_seed(opts.seed, "lora-init"))
-                c.denoiser.add_adapter(LoraConfig(r=opts.lora_rank, lora_alpha=opts.lora_alpha or opts.lora_rank,
-                                                  init_lora_weights="gaussian", use_dora=opts.use_dora,
-                                                  target_modules=self.family.lora_targets(c.denoiser)))
+                c.denoiser.add_adapter(adapter)
             if opts.initial_lora:
                 load_lora_adapters(self.family, c.denoiser, opts.initial_lora)
             cast_training_params(c.denoiser, torch.float32)
@@ -334,6 +347,12 @@ class DreamBoothTask(DiffusionTask):
 
                 denoiser_state = {k[len("denoiser."):]: v for k, v in state.items() if k.startswith("denoiser.")}
                 layers = get_peft_model_state_dict(self.denoiser_of(model), state_dict=denoiser_state)
+                if opts.lora_type == "lokr":
+                    from sketch2real.lokr import write_lokr
+
+                    config = self.denoiser_of(model).peft_config["default"]
+                    write_lokr(out, layers, config.alpha, config.r, sorted(config.target_modules))
+                    return
                 # The adapter's settings (alpha above all) go into the file's metadata, where diffusers' loader
                 # reads them; without them it reloads alpha = rank.
                 metadata = {k: sorted(v) if isinstance(v, set) else v  # a set's order varies run to run

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -219,6 +220,8 @@ def train(task: Task, opts, accelerator, project_name: str, callbacks: list[Call
         task.save_final(accelerator, model, out)
     else:  # the trained weights beside, the average where a user loads the model from
         task.save_final(accelerator, model, out / "without_ema")
+        if accelerator.is_main_process:  # a folder generation takes alone (a LoRA's base model is read from it)
+            shutil.copy2(out / "run_config.json", out / "without_ema" / "run_config.json")
         with ema.swapped_in():
             task.save_final(accelerator, model, out)
     for callback in callbacks:

@@ -23,9 +23,11 @@ DATA_OPTIONS = ("shard_dir", "split", "instance_category", "categories", "instan
 
 
 def output_kind(out: Path) -> str:
-    """What a run left in `out`: lora, embeddings, controlnet or pipeline (a full model)."""
+    """What a run left in `out`: lora, lokr, embeddings, controlnet or pipeline (a full model)."""
     if (out / "pytorch_lora_weights.safetensors").is_file():
         return "lora"
+    if (out / "pytorch_lokr_weights.safetensors").is_file():
+        return "lokr"
     if (out / "learned_embeds.safetensors").is_file():
         return "embeddings"
     if (out / "model_index.json").is_file():
@@ -59,7 +61,7 @@ def _interval(ci95: Any) -> str:
 
 def usage(kind: str, base: str, out: Path) -> str:
     """How to generate with the result: this project's command, and plain diffusers where it loads in one call."""
-    generate = {"lora": f"--pretrained_model_name_or_path {out}",
+    generate = {"lora": f"--pretrained_model_name_or_path {out}", "lokr": f"--pretrained_model_name_or_path {out}",
                 "embeddings": f"--pretrained_model_name_or_path {base} --textual_inversion {out}/learned_embeds.safetensors",
                 "pipeline": f"--pretrained_model_name_or_path {out}",
                 "controlnet": f"--pretrained_model_name_or_path {base} --controlnet {out} --shard_dir SHARDS"}[kind]
@@ -78,7 +80,8 @@ def model_card(opts, trainer: str, summary: dict[str, Any], out: Path) -> str:
     base, kind = opts.pretrained_model_name_or_path, output_kind(out)
     on_hub = not Path(base).exists()  # the hub's base_model field takes hub ids, not local paths
     tags = ["sketch2real", "sketchy", trainer.replace("_", "-"), "text-to-image", "diffusers"] + \
-        (["lora"] + (["dora"] if getattr(opts, "use_dora", False) else []) if kind == "lora" else [])
+        (["lora"] + (["dora"] if getattr(opts, "use_dora", False) else []) if kind == "lora" else []) + \
+        (["lycoris", "lokr"] if kind == "lokr" else [])
     front = ModelCardData(base_model=base if on_hub else None, library_name="diffusers", tags=tags).to_yaml()
     options = as_dict(opts)
     lines = [f"---\n{front}\n---", "", f"# {trainer.replace('_', ' ')} of {base} on Sketchy ({kind})", "",
