@@ -166,6 +166,8 @@ def load_generation_pipeline(model: str, device: torch.device, dtype: torch.dtyp
     from sketch2real.models import check_model_path, enable_xformers, load, load_pipeline
 
     model, lora = base_of_lora_output(model, lora)
+    if lora and (Path(lora) / "learned_embeds.safetensors").is_file():  # pivotal tuning: its tokens beside the LoRA
+        textual_inversion = [*textual_inversion, str(Path(lora) / "learned_embeds.safetensors")]
     check_model_path(model)
     family = family_of(model, revision)
     net = load(getattr(diffusers, family.controlnet_class), controlnet, "ControlNet", torch_dtype=dtype) if controlnet else None

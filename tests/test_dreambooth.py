@@ -460,6 +460,46 @@ def test_lokr_trains_writes_its_file_and_generation_merges_it(db_args, tmp_path,
     assert proc.returncode == 2 and "--lora_type lokr: not with --use_dora" in proc.stderr
 
 
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_pivotal_tuning_trains_new_tokens_with_the_lora_and_generation_loads_both(family, tiny_models, shard_dir,
+                                                                                  tmp_path):
+    """--train_text_encoder_ti: the tokens behind TOK learn rows in every embedding encoder (SDXL: both) while the LoRA
+    trains; learned_embeds.safetensors beside the LoRA, and generation loads both from the one folder."""
+    from safetensors.torch import load_file
+
+    from sketch2real.generation import load_generation_pipeline
+
+    model = getattr(tiny_models, family)
+    out = tmp_path / "pivotal"
+    run_script("train/dreambooth.py", "--pretrained_model_name_or_path", model, "--shard_dir", shard_dir,
+               "--instance_category", "cat", "--instance_prompt", "a TOK sketch of a cat", "--resolution", "64",
+               "--learning_rate", "1e-2", "--report_to", "none", "--checkpointing_steps", "0", "--max_train_steps", "4",
+               "--lora_rank", "4", "--train_text_encoder_ti", "--initializer_concept", "sketch", "--validation_steps", "4",
+               "--num_validation_images", "1", "--validation_inference_steps", "2", "--output_dir", out)
+    rows = load_file(out / "learned_embeds.safetensors")
+    assert set(rows) == ({"<s0>"} if family == "sd" else {"clip_l", "clip_g"})
+    pipe = load_generation_pipeline(str(out), torch.device("cpu"), torch.float32)
+    base = load_generation_pipeline(str(model), torch.device("cpu"), torch.float32)
+    encoders = [("text_encoder", "tokenizer", "<s0>")] if family == "sd" else [
+        ("text_encoder", "tokenizer", "clip_l"), ("text_encoder_2", "tokenizer_2", "clip_g")]
+    for encoder, tokenizer, key in encoders:
+        saved = rows[key]
+        ids = getattr(pipe, tokenizer).convert_tokens_to_ids(["<s0>", "<s0>_1"])
+        loaded = getattr(pipe, encoder).get_input_embeddings().weight[ids]
+        assert saved.shape[0] == 2 and torch.equal(loaded, saved), encoder
+        sketch = getattr(base, tokenizer).convert_tokens_to_ids(getattr(base, tokenizer).tokenize("sketch"))[0]
+        start = getattr(base, encoder).get_input_embeddings().weight[sketch]  # where both rows started
+        assert (saved - start).abs().amax(dim=1).min() > 1e-3, encoder  # each row trained
+    unet = {k.replace(".base_layer", ""): v for k, v in pipe.unet.state_dict().items() if "lora_" not in k}
+    base_unet = base.unet.state_dict()
+    assert unet.keys() == base_unet.keys() and any(not torch.equal(unet[k], base_unet[k]) for k in base_unet)  # fused
+    assert "load_textual_inversion" in (out / "README.md").read_text()
+    bad = run_script("train/dreambooth.py", "--pretrained_model_name_or_path", model, "--shard_dir", shard_dir,
+                     "--instance_prompt", "a sks sketch", "--lora_rank", "4", "--train_text_encoder_ti", "--output_dir",
+                     tmp_path / "bad", check=False)
+    assert bad.returncode == 2 and "does not contain --token_abstraction 'TOK'" in bad.stderr
+
+
 def _assert_model_card(out: Path) -> None:
     """The run's README.md: hub metadata, its data and non-default settings, metrics.json's held-out loss with its
     interval, the last mosaic."""

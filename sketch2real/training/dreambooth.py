@@ -4,13 +4,14 @@ optional text-encoder training (also under DeepSpeed), LoRA adapters."""
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from sketch2real.cli import UserError, option
-from sketch2real.family import Conditioning, Family, TextEncoders, family_of, pipeline_class
+from sketch2real.family import Conditioning, Family, TextEncoders, family_of, pipeline_class, placeholder_tokens
 from sketch2real.io import atomic_path, umask_modes
 from sketch2real.models import SDComponents, dtype_for, load_pipeline, save_pretrained_atomic
 from sketch2real.sketchy import category_words
@@ -21,8 +22,10 @@ from sketch2real.training.options import TrainOptions
 from sketch2real.training.preemption import preemption
 from sketch2real.training.prompts import SamplePrompts, check_captions_file, check_prompt_template
 from sketch2real.training.task import DiffusionTask, HeldOut
+from sketch2real.training.textual_inversion import add_placeholder_tokens, write_learned_embeds
 
 logger = logging.getLogger("sketch2real")
+PIVOTAL_TOKEN = "<s0>"  # the new tokens of pivotal tuning, as diffusers' advanced scripts name them: <s0>, <s0>_1, ...
 FULL_LR, LORA_LR = 5e-6, 1e-4  # diffusers' DreamBooth and DreamBooth LoRA scripts' defaults
 PRODIGY_LR = 1.0  # Prodigy finds the step size; the learning rate scales it
 
@@ -67,6 +70,16 @@ class DreamBoothOptions(TrainOptions):
                                                 "also pytorch_lora_weights_comfyui.safetensors in kohya's key format, for "
                                                 "A1111, ComfyUI and kohya's scripts (SD 1.x, SDXL)",
                               choices=("diffusers", "comfyui"), noun="LoRA format")
+    train_text_encoder_ti: bool = option(False, help="pivotal tuning (diffusers' advanced scripts): new tokens learn their "
+                                         "embeddings in every embedding encoder together with the LoRA; --token_abstraction "
+                                         "in the prompts stands for them; saved as learned_embeds.safetensors (token <s0>) "
+                                         "beside the LoRA, and generation loads both")
+    token_abstraction: str = option("TOK", help="with --train_text_encoder_ti: the word in --instance_prompt (and "
+                                                "--validation_prompt) that the new tokens replace")
+    num_new_tokens_per_abstraction: int = option(2, help="with --train_text_encoder_ti: new tokens (embedding vectors) "
+                                                         "behind the abstraction", min=1)
+    initializer_concept: str = option("", help="with --train_text_encoder_ti: word(s) whose embeddings (averaged) start "
+                                               "the new tokens (default: random, at the embedding's spread)")
     initial_lora: str = option("", help="start the LoRA adapters from this LoRA folder (a run's output with "
                                         "pytorch_lora_weights.safetensors) instead of a fresh start; with --lora_rank")
     caption_dropout_probability: float = option(0.0, help="probability that an instance image is trained with the empty "
@@ -99,6 +112,11 @@ class DreamBoothOptions(TrainOptions):
         if self.lora_type == "lokr" and (self.use_dora or self.initial_lora or self.lora_format != "diffusers"):
             raise UserError("--lora_type lokr: not with --use_dora, --initial_lora or --lora_format comfyui (its one file "
                             "is already in the format ComfyUI reads)")
+        if self.train_text_encoder_ti and not (self.lora_rank and self.lora_type == "lora"):
+            raise UserError("--train_text_encoder_ti trains new tokens together with LoRA adapters: give --lora_rank")
+        if self.train_text_encoder_ti and not re.search(rf"\b{re.escape(self.token_abstraction)}\b", self.instance_prompt):
+            raise UserError(f"--train_text_encoder_ti: --instance_prompt {self.instance_prompt!r} does not contain "
+                            f"--token_abstraction {self.token_abstraction!r}, which the new tokens stand for")
         if self.lora_type == "lokr" and not self.lora_rank:
             raise UserError("--lora_type lokr sets the kind of adapter: give --lora_rank")
         if self.initial_lora and not self.lora_rank:
@@ -206,10 +224,18 @@ class DreamBoothTask(DiffusionTask):
     def __init__(self, opts: DreamBoothOptions, accelerator, components: SDComponents | None = None):
         super().__init__(opts, accelerator, components)
         c, device = self.c, accelerator.device
+        # the text encoders are part of the trained model when they train whole, or learn new tokens' rows
+        self.trains_text = opts.train_text_encoder or opts.train_text_encoder_ti
         text_encoders = TextEncoders(self.family, c.text_encoders, opts.resolution)
         text_encoders.requires_grad_(False)
         if opts.train_text_encoder:
             text_encoders.train_what_conditions()
+        self.new_tokens, self.embeddings = [], []
+        if opts.train_text_encoder_ti:  # pivotal tuning: the family's embedding encoders each get the tokens' rows
+            self.new_tokens = placeholder_tokens(PIVOTAL_TOKEN, opts.num_new_tokens_per_abstraction)
+            self.embeddings = [add_placeholder_tokens(tokenizer, encoder, self.new_tokens, opts.initializer_concept,
+                                                      opts.seed, "--token_abstraction") for tokenizer, encoder in
+                               list(zip(c.tokenizers, c.text_encoders))[: self.family.embedding_encoders()]]
         c.denoiser.requires_grad_(not opts.lora_rank)
         if opts.lora_rank:
             from diffusers.training_utils import cast_training_params
@@ -233,9 +259,11 @@ class DreamBoothTask(DiffusionTask):
                 for encoder in c.text_encoders:
                     encoder.gradient_checkpointing_enable()
         if not opts.train_text_encoder:
-            for encoder in c.text_encoders:
-                encoder.to(device, self.weight_dtype)
-        self.model = DreamBoothModel(self.family, c.denoiser, text_encoders if opts.train_text_encoder else None,
+            for encoder in c.text_encoders:  # frozen (pivotal: but for the new rows, placed by `prepare`)
+                encoder.to(self.weight_dtype) if opts.train_text_encoder_ti else encoder.to(device, self.weight_dtype)
+        for embedding in self.embeddings:  # the cast took the new rows along: they train in fp32
+            embedding.new_rows.data = embedding.new_rows.data.float()
+        self.model = DreamBoothModel(self.family, c.denoiser, text_encoders if self.trains_text else None,
                                      opts.guidance_scale)
 
         # Data: a folder's instance images are held in memory; the shards' are read through the on-disk latent
@@ -263,11 +291,10 @@ class DreamBoothTask(DiffusionTask):
         if self.sample_prompts.per_category:
             prompts = sorted({self.sample_prompts("", c) for c in set(self.categories)}) + [opts.class_prompt] * \
                 bool(opts.with_prior_preservation) + [""] * bool(opts.caption_dropout_probability)
-            if not opts.train_text_encoder:
+            if not self.trains_text:
                 self.release_text_encoders(prompts + (self.heldout.prompts if self.heldout is not None else []))
             with torch.no_grad():
-                self.prompts = {p: (self.prompt_ids([p]) if opts.train_text_encoder else self.condition([p]))
-                                for p in prompts}
+                self.prompts = {p: (self.prompt_ids([p]) if self.trains_text else self.condition([p])) for p in prompts}
 
     def _instance_prompt(self, index: int) -> str:
         return self.sample_prompts(self.keys[index], self.categories[index])
@@ -298,7 +325,7 @@ class DreamBoothTask(DiffusionTask):
         """The model's text input for a batch's prompts: token ids (one tensor per tokenizer) when the text encoders
         train, else their conditioning; from the kept per-category set (a view when the batch shares one prompt),
         or encoded now (captions)."""
-        tte = self.opts.train_text_encoder
+        tte = self.trains_text
         if not all(p in self.prompts for p in prompts):
             if tte:
                 return {"input_ids": self.prompt_ids(prompts)}
@@ -315,6 +342,13 @@ class DreamBoothTask(DiffusionTask):
         dropped = stream == "instance" and drops_prompt(self.opts.caption_dropout_probability, self.opts.seed,
                                                         "caption-dropout", step, micro, index)
         return "" if dropped else prompt
+
+    def prompt_transform(self, prompt: str) -> str:
+        """Pivotal tuning: --token_abstraction becomes the new tokens, each spelt out (`<s0> <s0>_1`), as diffusers'
+        Textual Inversion loader expands `<s0>` at generation."""
+        if not self.new_tokens:
+            return prompt
+        return re.sub(rf"\b{re.escape(self.opts.token_abstraction)}\b", " ".join(self.new_tokens), prompt)
 
     def denoiser_of(self, model):
         return self.accelerator.unwrap_model(model).denoiser
@@ -347,6 +381,10 @@ class DreamBoothTask(DiffusionTask):
 
                 denoiser_state = {k[len("denoiser."):]: v for k, v in state.items() if k.startswith("denoiser.")}
                 layers = get_peft_model_state_dict(self.denoiser_of(model), state_dict=denoiser_state)
+                if self.new_tokens:  # pivotal tuning: the tokens' rows (encoder order) in Textual Inversion's file
+                    write_learned_embeds(self.family, PIVOTAL_TOKEN, [v for k, v in state.items()
+                                                                       if k.endswith(".new_rows")],
+                                         out / "learned_embeds.safetensors")
                 if opts.lora_type == "lokr":
                     from sketch2real.lokr import write_lokr
 

@@ -66,10 +66,15 @@ def usage(kind: str, base: str, out: Path) -> str:
                 "pipeline": f"--pretrained_model_name_or_path {out}",
                 "controlnet": f"--pretrained_model_name_or_path {base} --controlnet {out} --shard_dir SHARDS"}[kind]
     lines = ["```bash", f"python infer/generate.py {generate} --prompts 'a sketch of a cat' --output_dir generated", "```"]
-    diffusers = {"lora": [f"pipe = DiffusionPipeline.from_pretrained({base!r})", f"pipe.load_lora_weights({str(out)!r})"],
+    pivotal = [f"load_textual_inversion(pipe, {str(out / 'learned_embeds.safetensors')!r})  # the tokens trained with "
+               "the LoRA: prompts say <s0>"] if (out / "learned_embeds.safetensors").is_file() else []
+    diffusers = {"lora": [f"pipe = DiffusionPipeline.from_pretrained({base!r})", f"pipe.load_lora_weights({str(out)!r})",
+                          *pivotal],
                  "pipeline": [f"pipe = DiffusionPipeline.from_pretrained({str(out)!r})"]}.get(kind)
     if diffusers:
-        lines += ["", "```python", "from diffusers import DiffusionPipeline", "", *diffusers, "```"]
+        imports = ["from diffusers import DiffusionPipeline"] + (["from sketch2real.family import load_textual_inversion"]
+                                                                 if pivotal and kind == "lora" else [])
+        lines += ["", "```python", *imports, "", *diffusers, "```"]
     return "\n".join(lines)
 
 

@@ -103,6 +103,44 @@ def initializer_ids(tokenizer, words: str) -> list[int]:
     return ids
 
 
+def add_placeholder_tokens(tokenizer, text_encoder, tokens: list[str], initializer: str, seed: int,
+                           flag: str) -> PlaceholderEmbedding:
+    """Append `tokens` to one tokenizer and give its encoder trainable fp32 rows for them (`PlaceholderEmbedding`),
+    starting from the mean embedding of the `initializer` words, or with "" from random rows at the embedding's
+    spread (seeded; diffusers' pivotal-tuning start). `flag`: the option that named the tokens, for messages."""
+    vocab = tokenizer.get_vocab()
+    clash = [t for t in tokens if t in vocab or tokenizer.tokenize(t) == [t + "</w>"]]
+    if clash:
+        raise UserError(f"token {clash[0]!r} is already in the vocabulary; choose another {flag}")
+    init = initializer_ids(tokenizer, initializer) if initializer else None
+    if text_encoder.get_input_embeddings().num_embeddings > len(tokenizer):  # T5: 32128 rows for 32100 tokens
+        text_encoder.resize_token_embeddings(len(tokenizer))  # drop rows no id reaches, as diffusers' loader does
+    tokenizer.add_tokens(tokens)
+    token_ids = tokenizer.convert_tokens_to_ids(tokens)
+    base = text_encoder.get_input_embeddings()
+    if token_ids[0] != base.num_embeddings:
+        raise UserError("the tokenizer and text encoder vocabularies differ in size; cannot append the new tokens")
+    weight = base.weight.detach().float()
+    if init is not None:
+        start = weight[init].mean(0).expand(len(tokens), -1)
+    else:
+        generator = torch.Generator().manual_seed(derive_seed(seed, "new-token-rows", len(tokenizer)))
+        start = torch.randn(len(tokens), weight.shape[1], generator=generator) * weight.std().cpu()
+    text_encoder.requires_grad_(False)
+    embedding = PlaceholderEmbedding(base, start.to(weight.device))
+    text_encoder.set_input_embeddings(embedding)
+    return embedding
+
+
+def write_learned_embeds(family: Family, token: str, rows: list[torch.Tensor], path: Path) -> None:
+    """Trained rows (the optimizer's fp32 master weights, in encoder order) in the family's Textual Inversion file
+    format: SD 1.x/2.x, diffusers' {token: [num_vectors, hidden]}; SDXL, the community format {"clip_l": ...,
+    "clip_g": ...} (the token goes in the file's metadata; `sketch2real.family.load_textual_inversion` and A1111/kohya
+    read it)."""
+    with atomic_path(path) as tmp:
+        save_file(family.learned_embeds(token, rows), str(tmp), metadata={"token": token})
+
+
 class TextualInversionTask(DiffusionTask):
     """Textual Inversion's part of the loop."""
 
@@ -126,7 +164,8 @@ class TextualInversionTask(DiffusionTask):
         for encoder in c.text_encoders:  # T5 included: frozen, no gradient anywhere but in the new rows
             encoder.requires_grad_(False)
         encoders = list(zip(c.tokenizers, c.text_encoders))[: self.family.embedding_encoders(opts.enable_t5_ti)]
-        self.embeddings = [self._add_token(tokenizer, encoder) for tokenizer, encoder in encoders]
+        self.embeddings = [add_placeholder_tokens(tokenizer, encoder, self.tokens, opts.initializer_token, opts.seed,
+                                                  "--placeholder_token") for tokenizer, encoder in encoders]
         c.denoiser.requires_grad_(False).to(device, self.weight_dtype)
         for encoder in c.text_encoders:  # placed by `prepare` (ZeRO-3: a shard per rank, never the whole T5)
             encoder.to(self.weight_dtype)
@@ -149,26 +188,6 @@ class TextualInversionTask(DiffusionTask):
         logger.info("%d training images", len(images))
         self.data = self.stream("data", images)
         self.heldout = self._heldout()
-
-    def _add_token(self, tokenizer, text_encoder) -> PlaceholderEmbedding:
-        """Append the placeholder token(s) to one tokenizer and give its encoder trainable rows for them."""
-        vocab = tokenizer.get_vocab()
-        clash = [t for t in self.tokens if t in vocab or tokenizer.tokenize(t) == [t + "</w>"]]
-        if clash:
-            raise UserError(f"placeholder token {clash[0]!r} is already in the vocabulary; choose another --placeholder_token")
-        init = initializer_ids(tokenizer, self.opts.initializer_token)
-        if text_encoder.get_input_embeddings().num_embeddings > len(tokenizer):  # T5: 32128 rows for 32100 tokens
-            text_encoder.resize_token_embeddings(len(tokenizer))  # drop rows no id reaches, as diffusers' loader does
-        tokenizer.add_tokens(self.tokens)
-        token_ids = tokenizer.convert_tokens_to_ids(self.tokens)
-        base = text_encoder.get_input_embeddings()
-        if token_ids[0] != base.num_embeddings:
-            raise UserError("the tokenizer and text encoder vocabularies differ in size; cannot append the placeholder")
-        start = base.weight.detach()[init].float().mean(0)
-        text_encoder.requires_grad_(False)
-        embedding = PlaceholderEmbedding(base, start.expand(self.opts.num_vectors, -1))
-        text_encoder.set_input_embeddings(embedding)
-        return embedding
 
     def _heldout(self) -> HeldOut | None:
         opts = self.opts
@@ -216,13 +235,7 @@ class TextualInversionTask(DiffusionTask):
         return [c or None for c in self._validation_categories()]
 
     def _write_embeds(self, state: dict[str, torch.Tensor], out: Path, name: str) -> None:
-        """The trained rows (the optimizer's fp32 master weights, in encoder order) in the family's file format: SD
-        1.x/2.x, diffusers' {placeholder token: [num_vectors, hidden]}; SDXL, the community format {"clip_l": ...,
-        "clip_g": ...} (the token goes in the file's metadata; `sketch2real.family.load_textual_inversion` and
-        A1111/kohya read it)."""
-        embeds = self.family.learned_embeds(self.opts.placeholder_token, list(state.values()))
-        with atomic_path(out / name) as tmp:
-            save_file(embeds, str(tmp), metadata={"token": self.opts.placeholder_token})
+        write_learned_embeds(self.family, self.opts.placeholder_token, list(state.values()), out / name)
 
     def on_checkpoint(self, accelerator, model, step: int) -> None:
         self.write_on_main(model, lambda state: self._write_embeds(state, Path(self.opts.output_dir),
