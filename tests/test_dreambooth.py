@@ -171,6 +171,42 @@ def test_a_style_over_every_category_trains_each_image_with_its_categorys_prompt
     store = json.loads((runs["template"] / "metrics.json").read_text())["latent_cache"]["stores"]["instance"]
     every = ShardSamples(str(shard_dir), "train", fields=("sketch",), resolution=64)
     assert store["images"] == len(every) and len({r.category for r in every.refs}) > 1  # all categories, in the store
+    # the captions' conditionings came from the on-disk text store (one per distinct caption), not the encoders
+    text = json.loads((runs["captions"] / "metrics.json").read_text())["latent_cache"]["text_store"]
+    assert text["prompts"] == len({r.category for r in every.refs}) and text["blocks_encoded_here"] == 1
+
+
+def test_the_text_store_gives_back_each_prompts_conditioning_bit_for_bit_and_is_reused(tmp_path):
+    """bf16 conditionings (with a pooled embedding) over two blocks: each prompt's rows exactly, whatever the batch;
+    a second build (a requeued job, a later run) encodes nothing."""
+    from types import SimpleNamespace
+
+    from sketch2real.family import Conditioning
+    from sketch2real.training.text_store import BLOCK, TextStore
+
+    calls = []
+
+    def encode(prompts: list[str]) -> Conditioning:
+        calls.append(len(prompts))
+        seeds = torch.tensor([sum(map(ord, p)) for p in prompts], dtype=torch.float32)
+        return Conditioning((seeds[:, None, None] * torch.linspace(0.1, 7.3, 12).view(1, 3, 4)).bfloat16(),
+                            torch.sin(seeds)[:, None].expand(-1, 5).bfloat16())
+
+    accelerator = SimpleNamespace(is_main_process=True, num_processes=1, process_index=0, wait_for_everyone=lambda: None)
+    prompts = [f"a sks sketch, caption {i}" for i in range(BLOCK + 44)]
+    store = TextStore(tmp_path, prompts + prompts[:3], "model|bf16|64")  # duplicates are stored once
+    store.build(accelerator, encode)
+    assert store.stats["prompts"] == len(prompts) and store.stats["blocks_encoded_here"] == 2
+    batch = [prompts[-1], prompts[5], prompts[-1]]
+    got, expected = store(batch, torch.device("cpu")), encode(batch)
+    assert got.states.dtype == torch.bfloat16 and torch.equal(got.states, expected.states)
+    assert torch.equal(got.pooled, expected.pooled) and got.time_ids is None
+    calls.clear()
+    again = TextStore(tmp_path, list(reversed(prompts)), "model|bf16|64")
+    again.build(accelerator, encode)
+    assert not calls and again.stats["blocks_reused"] == 2 and torch.equal(again(batch, torch.device("cpu")).states,
+                                                                           expected.states)
+    assert TextStore(tmp_path, prompts, "other model|bf16|64").folder != store.folder
 
 
 def test_prodigy_sets_its_own_step_resumes_exactly_and_sums_its_estimate_under_zero(db_args, tmp_path):

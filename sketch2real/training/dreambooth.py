@@ -22,6 +22,7 @@ from sketch2real.training.options import TrainOptions
 from sketch2real.training.preemption import preemption
 from sketch2real.training.prompts import SamplePrompts, check_captions_file, check_prompt_template
 from sketch2real.training.task import DiffusionTask, HeldOut
+from sketch2real.training.text_store import TextStore
 from sketch2real.training.textual_inversion import add_placeholder_tokens, write_learned_embeds
 
 logger = logging.getLogger("sketch2real")
@@ -295,6 +296,25 @@ class DreamBoothTask(DiffusionTask):
                 self.release_text_encoders(prompts + (self.heldout.prompts if self.heldout is not None else []))
             with torch.no_grad():
                 self.prompts = {p: (self.prompt_ids([p]) if self.trains_text else self.condition([p])) for p in prompts}
+        # Captions with frozen encoders: too many to keep in memory, each encoded once into an on-disk store (all
+        # ranks together, before the clock: `prepare_data`), after which the encoders are released.
+        self.text_store: TextStore | None = None
+        if not self.sample_prompts.per_category and not self.trains_text:
+            extra = [opts.class_prompt] * bool(opts.with_prior_preservation) + [""] * bool(opts.caption_dropout_probability)
+            identity = "|".join(map(str, (opts.pretrained_model_name_or_path, opts.revision, opts.variant, self.family.name,
+                                          self.weight_dtype, opts.resolution)))
+            self.text_store = TextStore(opts.latent_cache_dir or Path(opts.output_dir) / "latent_cache",
+                                        [*map(self.sample_prompts, self.keys, self.categories), *extra], identity)
+
+    def prepare_data(self, start_step: int) -> None:
+        super().prepare_data(start_step)
+        if self.text_store is not None and self.frozen_conditions is None:
+            self.text_store.build(self.accelerator, self._encode)
+            self.release_text_encoders(self.heldout.prompts if self.heldout is not None else [])
+
+    def cache_stats(self) -> dict:
+        stats = super().cache_stats()
+        return {**stats, "text_store": self.text_store.stats} if self.text_store is not None else stats
 
     def _instance_prompt(self, index: int) -> str:
         return self.sample_prompts(self.keys[index], self.categories[index])
@@ -329,6 +349,8 @@ class DreamBoothTask(DiffusionTask):
         if not all(p in self.prompts for p in prompts):
             if tte:
                 return {"input_ids": self.prompt_ids(prompts)}
+            if self.text_store is not None:
+                return {"conditioning": self.text_store(prompts, self.accelerator.device)}
             with torch.no_grad():
                 return {"conditioning": self.condition(prompts)}
         n, rows = len(prompts), [self.prompts[p] for p in prompts]

@@ -1,0 +1,102 @@
+"""Text conditionings of a run's prompts on disk, where the text encoders are frozen: a style run with a caption per
+image (75,471 at full Sketchy) encodes each distinct prompt once, all ranks together, and then trains without the
+encoders (FLUX.1's T5-XXL alone is 9.5 GB in bf16).
+
+The distinct prompts are cut into blocks of `BLOCK`; each block is one `.npy` file per conditioning tensor (states,
+and where the family has them the pooled embedding and time ids), written atomically by whichever rank encoded it and
+read back memory-mapped (host memory of a batch). Values are stored bit for bit in the encoders' dtype (bf16 as its
+16-bit pattern): training from the store is training from the encoders. The folder is named by the model, the
+encoders' dtype, the resolution and the prompts, so a requeued job or a later run on the same captions finds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sketch2real.family import Conditioning
+from sketch2real.io import atomic_path, write_json
+from sketch2real.training.preemption import preemption
+
+logger = logging.getLogger("sketch2real")
+
+BLOCK = 256  # prompts per file
+ENCODE_BATCH = 32  # prompts per encoder call: the same calls on any number of processes
+_AS_BITS = {torch.bfloat16: torch.int16}  # dtypes numpy lacks, stored as their bit patterns
+
+
+class TextStore:
+    """The conditioning of each of `prompts` (distinct, in a fixed order), in block files under `root/<key>/`."""
+
+    def __init__(self, root: str | Path, prompts: list[str], identity: str):
+        self.prompts = sorted(set(prompts))
+        self.row = {p: i for i, p in enumerate(self.prompts)}
+        digest = hashlib.sha256(identity.encode())
+        for prompt in self.prompts:
+            digest.update(prompt.encode() + b"\0")
+        self.folder = Path(root) / f"text-{digest.hexdigest()[:24]}"
+        self.fields: int | None = None
+        self.dtype: torch.dtype | None = None
+        self._blocks: dict[tuple[int, int], np.ndarray] = {}
+        self.stats = {"folder": str(self.folder), "prompts": len(self.prompts), "blocks_encoded_here": 0,
+                      "blocks_reused": 0}
+
+    def _file(self, block: int, field: int) -> Path:
+        return self.folder / f"block-{block:06d}.{field}.npy"
+
+    def _blocks_total(self) -> int:
+        return -(-len(self.prompts) // BLOCK)
+
+    @torch.no_grad()
+    def build(self, accelerator, encode: Callable[[list[str]], Conditioning]) -> None:
+        """Encode the missing blocks, dealt round-robin to the ranks (rank 0 lists what is missing for all). A
+        collective: every rank calls it; every block is there when it returns."""
+        from accelerate.utils import broadcast_object_list
+
+        missing = [None]
+        if accelerator.is_main_process:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            missing = [[b for b in range(self._blocks_total()) if not (self.folder / f"block-{b:06d}.done").is_file()]]
+        if accelerator.num_processes > 1:
+            broadcast_object_list(missing)
+        for block in missing[0][accelerator.process_index :: accelerator.num_processes]:
+            preemption.check()  # finished blocks stay: a requeued job encodes only the rest
+            prompts = self.prompts[block * BLOCK : (block + 1) * BLOCK]
+            parts = [encode(prompts[i : i + ENCODE_BATCH]).as_tuple() for i in range(0, len(prompts), ENCODE_BATCH)]
+            for field, tensors in enumerate(zip(*parts)):
+                values = torch.cat(tensors).cpu()
+                bits = values.view(_AS_BITS[values.dtype]) if values.dtype in _AS_BITS else values
+                with atomic_path(self._file(block, field)) as tmp, open(tmp, "wb") as f:
+                    np.save(f, bits.numpy())
+            meta = {"fields": len(parts[0]), "dtype": str(parts[0][0].dtype).removeprefix("torch.")}
+            with atomic_path(self.folder / f"block-{block:06d}.done") as tmp:  # last: the block is complete
+                Path(tmp).write_text(json.dumps(meta))
+            self.stats["blocks_encoded_here"] += 1
+        accelerator.wait_for_everyone()
+        self.stats["blocks_reused"] = self._blocks_total() - len(missing[0])
+        meta = json.loads((self.folder / "block-000000.done").read_text()) if self.prompts else {"fields": 0}
+        self.fields, self.dtype = meta["fields"], getattr(torch, meta.get("dtype", "float32"))
+        if accelerator.is_main_process:
+            write_json(self.folder / "store.json", {"prompts": len(self.prompts), "block": BLOCK, **meta})
+        logger.info("text store %s: %d prompts, %d blocks encoded (%d here), %d reused", self.folder, len(self.prompts),
+                    len(missing[0]), self.stats["blocks_encoded_here"], self.stats["blocks_reused"])
+
+    def _block(self, block: int, field: int) -> np.ndarray:
+        if (block, field) not in self._blocks:
+            self._blocks[block, field] = np.load(self._file(block, field), mmap_mode="r")
+        return self._blocks[block, field]
+
+    def __call__(self, prompts: list[str], device: torch.device) -> Conditioning:
+        """The stored conditioning of a batch's prompts (each one of the store's), on `device`."""
+        rows = [self.row[p] for p in prompts]
+        tensors = []
+        for field in range(self.fields or 0):
+            values = torch.from_numpy(np.stack([self._block(r // BLOCK, field)[r % BLOCK] for r in rows]))
+            tensors.append((values.view(self.dtype) if self.dtype in _AS_BITS else values).to(device))
+        return Conditioning.from_tuple(tuple(tensors))
