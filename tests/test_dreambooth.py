@@ -496,7 +496,7 @@ def test_lokr_trains_writes_its_file_and_generation_merges_it(db_args, tmp_path,
     assert proc.returncode == 2 and "--lora_type lokr: not with --use_dora" in proc.stderr
 
 
-@pytest.mark.parametrize("family", ["sd", "sdxl"])
+@pytest.mark.parametrize("family", ["sd", "sdxl", "flux"])
 def test_pivotal_tuning_trains_new_tokens_with_the_lora_and_generation_loads_both(family, tiny_models, shard_dir,
                                                                                   tmp_path):
     """--train_text_encoder_ti: the tokens behind TOK learn rows in every embedding encoder (SDXL: both) while the LoRA
@@ -513,11 +513,11 @@ def test_pivotal_tuning_trains_new_tokens_with_the_lora_and_generation_loads_bot
                "--lora_rank", "4", "--train_text_encoder_ti", "--initializer_concept", "sketch", "--validation_steps", "4",
                "--num_validation_images", "1", "--validation_inference_steps", "2", "--output_dir", out)
     rows = load_file(out / "learned_embeds.safetensors")
-    assert set(rows) == ({"<s0>"} if family == "sd" else {"clip_l", "clip_g"})
+    encoders = {"sd": [("text_encoder", "tokenizer", "<s0>")], "flux": [("text_encoder", "tokenizer", "clip_l")],
+                "sdxl": [("text_encoder", "tokenizer", "clip_l"), ("text_encoder_2", "tokenizer_2", "clip_g")]}[family]
+    assert set(rows) == {key for _, _, key in encoders}  # FLUX.1: CLIP-L's rows; its T5 reads the tokens' spelling
     pipe = load_generation_pipeline(str(out), torch.device("cpu"), torch.float32)
     base = load_generation_pipeline(str(model), torch.device("cpu"), torch.float32)
-    encoders = [("text_encoder", "tokenizer", "<s0>")] if family == "sd" else [
-        ("text_encoder", "tokenizer", "clip_l"), ("text_encoder_2", "tokenizer_2", "clip_g")]
     for encoder, tokenizer, key in encoders:
         saved = rows[key]
         ids = getattr(pipe, tokenizer).convert_tokens_to_ids(["<s0>", "<s0>_1"])
@@ -526,8 +526,9 @@ def test_pivotal_tuning_trains_new_tokens_with_the_lora_and_generation_loads_bot
         sketch = getattr(base, tokenizer).convert_tokens_to_ids(getattr(base, tokenizer).tokenize("sketch"))[0]
         start = getattr(base, encoder).get_input_embeddings().weight[sketch]  # where both rows started
         assert (saved - start).abs().amax(dim=1).min() > 1e-3, encoder  # each row trained
-    unet = {k.replace(".base_layer", ""): v for k, v in pipe.unet.state_dict().items() if "lora_" not in k}
-    base_unet = base.unet.state_dict()
+    denoiser = "transformer" if family == "flux" else "unet"
+    unet = {k.replace(".base_layer", ""): v for k, v in getattr(pipe, denoiser).state_dict().items() if "lora_" not in k}
+    base_unet = getattr(base, denoiser).state_dict()
     assert unet.keys() == base_unet.keys() and any(not torch.equal(unet[k], base_unet[k]) for k in base_unet)  # fused
     assert "load_textual_inversion" in (out / "README.md").read_text()
     bad = run_script("train/dreambooth.py", "--pretrained_model_name_or_path", model, "--shard_dir", shard_dir,
