@@ -75,8 +75,8 @@ def merge_lokr(denoiser: torch.nn.Module, file: str | Path, scale: float = 1.0) 
     from safetensors.torch import load_file
 
     modules = {PREFIX + name.replace(".", "_"): module for name, module in denoiser.named_modules()}
-    state = load_file(str(file))
-    for name, factors in _by_module(state).items():
+    modules_in_file = _by_module(load_file(str(file)))
+    for name, factors in modules_in_file.items():
         module = modules.get(name)
         if module is None or not hasattr(module, "weight"):
             raise UserError(f"{file}: {name} is not a module of this model's {type(denoiser).__name__} (another base?)")
@@ -87,4 +87,4 @@ def merge_lokr(denoiser: torch.nn.Module, file: str | Path, scale: float = 1.0) 
         module_scale = alpha / rank if alpha is not None and rank is not None else 1.0
         delta = torch.kron(w1, w2).reshape(module.weight.shape) * (module_scale * scale)
         module.weight += delta.to(module.weight.device, module.weight.dtype)
-    return len(_by_module(state))
+    return len(modules_in_file)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sketch2real.cli import as_dict
+from sketch2real.lokr import LOKR_FILE
 from sketch2real.training.checkpoints import RUNTIME_OPTIONS
 
 CARD = "README.md"
@@ -26,7 +27,7 @@ def output_kind(out: Path) -> str:
     """What a run left in `out`: lora, lokr, embeddings, controlnet or pipeline (a full model)."""
     if (out / "pytorch_lora_weights.safetensors").is_file():
         return "lora"
-    if (out / "pytorch_lokr_weights.safetensors").is_file():
+    if (out / LOKR_FILE).is_file():
         return "lokr"
     if (out / "learned_embeds.safetensors").is_file():
         return "embeddings"
