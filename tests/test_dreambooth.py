@@ -208,6 +208,16 @@ def test_the_text_store_gives_back_each_prompts_conditioning_bit_for_bit_and_is_
                                                                            expected.states)
     assert TextStore(tmp_path, prompts, "other model|bf16|64").folder != store.folder
 
+    # A damaged block (a file cut short, a foreign file of the wrong rows) is encoded again, never read as conditioning
+    np.save(store.folder / "block-000001.0.npy", np.zeros((3, 3, 4), np.int16))
+    (store.folder / "block-000000.1.npy").write_bytes((store.folder / "block-000000.1.npy").read_bytes()[:200])
+    calls.clear()
+    repaired = TextStore(tmp_path, prompts, "model|bf16|64")
+    repaired.build(accelerator, encode)
+    assert repaired.stats["blocks_encoded_here"] == 2 and sum(calls) == len(prompts)
+    got = repaired(batch, torch.device("cpu"))
+    assert torch.equal(got.states, expected.states) and torch.equal(got.pooled, expected.pooled)
+
 
 def test_prodigy_sets_its_own_step_resumes_exactly_and_sums_its_estimate_under_zero(db_args, tmp_path):
     """--optimizer prodigy (learning rate 1.0 by default): its step-size estimate d grows from d0 as it trains; a run

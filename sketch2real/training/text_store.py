@@ -53,6 +53,26 @@ class TextStore:
     def _blocks_total(self) -> int:
         return -(-len(self.prompts) // BLOCK)
 
+    def _complete(self, block: int) -> bool:
+        """Whether `block` is on disk whole: its marker, and a file per field holding a row per prompt in the marker's
+        dtype (a damaged or foreign block is encoded again, not read as conditioning)."""
+        marker = self.folder / f"block-{block:06d}.done"
+        if not marker.is_file():
+            return False
+        rows = len(self.prompts[block * BLOCK : (block + 1) * BLOCK])
+        try:
+            meta = json.loads(marker.read_text())
+            dtype = getattr(torch, meta["dtype"])
+            stored = np.dtype(str(_AS_BITS.get(dtype, dtype)).removeprefix("torch."))
+            for field in range(meta["fields"]):
+                values = np.load(self._file(block, field), mmap_mode="r")  # the header only; no pickles
+                if values.shape[:1] != (rows,) or values.dtype != stored:
+                    raise ValueError(f"field {field}: {values.shape} {values.dtype}, expected {rows} rows of {stored}")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError) as err:
+            logger.warning("text store %s: block %d is damaged (%s); encoding it again", self.folder, block, err)
+            return False
+        return True
+
     @torch.no_grad()
     def build(self, accelerator, encode: Callable[[list[str]], Conditioning]) -> None:
         """Encode the missing blocks, dealt round-robin to the ranks (rank 0 lists what is missing for all). A
@@ -62,7 +82,7 @@ class TextStore:
         missing = [None]
         if accelerator.is_main_process:
             self.folder.mkdir(parents=True, exist_ok=True)
-            missing = [[b for b in range(self._blocks_total()) if not (self.folder / f"block-{b:06d}.done").is_file()]]
+            missing = [[b for b in range(self._blocks_total()) if not self._complete(b)]]
         if accelerator.num_processes > 1:
             broadcast_object_list(missing)
         for block in missing[0][accelerator.process_index :: accelerator.num_processes]:
