@@ -21,7 +21,7 @@ class Options:
     size: str = option("tiny", help="tiny: every tiny model; any other: only a Stable Diffusion of that architecture with "
                                     "random weights, at OUTPUT_DIR/<size>-random",
                       choices=tuple(size for size, parts in SD_SIZES.items() if "unet" in parts))
-    pretrain: bool = option(False, help="also train the tiny base on a synthetic Sketchy (~4 min on 2 cores, cached) "
+    pretrain: bool = option(False, help="also train the tiny base on a synthetic Sketchy (~6 min on 2 cores, cached) "
                                         "at OUTPUT_DIR/tiny-sd-trained")
 
 

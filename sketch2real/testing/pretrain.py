@@ -39,7 +39,7 @@ class PretrainSettings:
     photos_per_category: int = 48
     sketches_per_photo: int = 2
     vae_steps: int = 400
-    unet_steps: int = 1500
+    unet_steps: int = 1000
     batch_size: int = 32
     vae_batch_size: int = 16
     vae_learning_rate: float = 2e-3
