@@ -12,7 +12,7 @@ from .helpers import REPO, readme_block, readme_blocks, readme_cpu_env
 
 # A block's first line -> the tests that run it ("file.py::test"), or the reason it is not run on CI yet.
 RUN_BY = {
-    "make demo": ["not run by the suite: make test is .ci/run itself; make demo takes ~15-17 min on 2 cores the first time, ~6 min with the tiny base cached (run by hand; its table is in the README)"],
+    "make demo": ["not run by the suite: make test is .ci/run itself; make demo takes ~10 min on 2 cores the first time, ~3.5 min with the tiny base cached (run by hand; its table is in the README)"],
     "pip install torch torchvision --index-url": ["not run: needs PyTorch's CUDA index (no network on CI); the "
                                                   "requirements line is make setup's, which .ci/run runs"],
     "SKETCHY=/data/sketchy bash slurm/pipeline.sh": [
@@ -23,10 +23,11 @@ RUN_BY = {
         "not run as written yet: 400 steps at 512 px with 8-bit Adam; the same trainer and flags run at 64 px in "
         "tests/test_dreambooth.py"],
     "nice -n 10 python bench/full_scale.py": ["not run: a 17-minute benchmark (its figures are the README's table)"],
-    "XL=stabilityai/stable-diffusion-xl-base-1.0": ["not run as written yet: 1024 px on CPU; SDXL trainers run at 32-64 px "
+    "XL=stabilityai/stable-diffusion-xl-base-1.0": ["not run as written yet: 1024 px on CPU (the generation job alone "
+                                                    "draws every test sample at 1024 px); SDXL trainers run at 32-64 px "
                                                     "in tests/test_dreambooth.py and tests/test_textual_inversion.py"],
-    "MODEL=stabilityai/stable-diffusion-3.5-medium": ["not run as written yet; the flow families' trainers run in "
-                                                      "tests/test_flow_families.py"],
+    "MODEL=stabilityai/stable-diffusion-3.5-medium": [
+        "test_slurm.py::test_the_readme_flow_family_block_as_written_trains_a_rank_16_lora_of_each_family"],
     "bash slurm/reproduce_study.sh": ["test_slurm.py::test_the_readme_study_reproduction_as_written_scores_every_row"],
     "GENERATED='llava-4=runs/study/gen_llava-4": [
         "test_slurm.py::test_the_readme_study_reproduction_as_written_scores_every_row"],

@@ -124,6 +124,33 @@ def test_the_readme_pipeline_as_written_ends_in_its_reports(slurm, tiny_models, 
     check_pipeline_reports(repo, jobs)
 
 
+def test_the_readme_flow_family_block_as_written_trains_a_rank_16_lora_of_each_family(slurm, tiny_models, shard_dir,
+                                                                                      tmp_path):
+    """README: the SD3.5 / FLUX.1 / FLUX.2 [klein] block as written, from a fresh clone, in the CPU form: the hub ids
+    are the one substitution (by the tiny models of those families), STEPS (a documented variable) short. Each job
+    trains its family at 512 px into its own folder, and saves a rank-16 LoRA its pipeline class loads."""
+    from safetensors import safe_open
+
+    repo = fresh_clone(tmp_path / "clone")
+    env = readme_cpu_env(tiny_models, SHARDS=str(shard_dir), STEPS="2")
+    models = {"stabilityai/stable-diffusion-3.5-medium": tiny_models.sd3, "black-forest-labs/FLUX.1-dev": tiny_models.flux,
+              "black-forest-labs/FLUX.2-klein-base-4B": tiny_models.flux2_klein}
+    submitted = run_readme_command(readme_block("MODEL=stabilityai/stable-diffusion-3.5-medium").strip(), repo, env,
+                                   **{hub_id: str(path) for hub_id, path in models.items()})
+    jobs = [word for line in submitted.splitlines() for word in line.split() if word.isdigit()]
+    assert len(jobs) == 3, submitted
+    wait_for_jobs(jobs, env, repo / "logs")
+    for output, model in zip(("sd35_cat", "flux_cat", "klein_cat"), models.values()):
+        run = repo / "runs" / output
+        config = json.loads((run / "run_config.json").read_text())
+        assert (config["pretrained_model_name_or_path"], config["resolution"], config["lora_rank"]) == (str(model), 512, 16)
+        assert config["instance_category"] == "cat" and config["max_train_steps"] == 2
+        with safe_open(run / "pytorch_lora_weights.safetensors", "pt") as f:
+            ranks = {f.get_slice(k).get_shape()[0] for k in f.keys() if "lora_A" in k}
+        assert ranks == {16}, (output, ranks)
+    assert json.loads((repo / "runs/sd35_cat/run_config.json").read_text())["weighting_scheme"] == "logit_normal"
+
+
 STUDY_ROWS = {"llava-4", "llava-5", "llava-8", "dreambooth-sks-cat", "dreambooth-cat-style-sks", "dreambooth-sequential",
               "textual-inversion-cat", "textual-inversion-all"}
 

@@ -137,7 +137,7 @@ SD_SIZES: dict[str, dict[str, dict]] = {
     "tiny_sd3": {
         "transformer": dict(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
                             num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32,
-                            pooled_projection_dim=64, pos_embed_max_size=16),
+                            pooled_projection_dim=64, pos_embed_max_size=32),  # 512 px: 32 patches a side
         "vae": dict(block_out_channels=(8, 16, 16, 16), norm_num_groups=8, sample_size=64, layers_per_block=1,
                     latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
                     use_post_quant_conv=False),
