@@ -89,6 +89,8 @@ class Family:
     text_encoder_training: bool = True
     fp16: bool = True  # trains in fp16 (the flow families are bf16 models: T5 and the MM-DiTs overflow in fp16)
     comfyui_lora: bool = True  # its LoRA can also be written in kohya's key format (`comfyui_lora_layers`)
+    # the module-name prefix of its LoKr file (`sketch2real.lokr`): LyCORIS' kohya names for UNets; None: LoKr not built
+    lokr_prefix: str | None = "lora_unet_"
     resolution_multiple: int = 8  # the VAE's downsampling (the MM-DiTs' 2x2 patches: 16)
     # --torch_compile by repeated block (diffusers' `_repeated_blocks`: FLUX's 57 blocks compile once per block type)
     # rather than whole; a UNet compiles whole: its convolutions and norms between attention blocks are most launches
@@ -223,6 +225,8 @@ class FlowMatchingFamily(Family):
     MAX_SEQUENCE_LENGTH = 77
     fp16: bool = False
     comfyui_lora: bool = False  # kohya's names for MM-DiTs follow the original checkpoints' modules, not built
+    # SimpleTuner's LyCORIS names (diffusers' module path, "." as "_"), which ComfyUI reads for SD3 and FLUX.1
+    lokr_prefix: str | None = "lycoris_"
     resolution_multiple: int = 16
     controlnet_class: str = "SD3ControlNetModel"
     control_image_argument: str = "control_image"
@@ -366,6 +370,7 @@ class Flux2KleinFamily(FlowMatchingFamily):
 
     MAX_SEQUENCE_LENGTH = 512
     TEXT_LAYERS = (9, 18, 27)  # the pipeline's `text_encoder_out_layers`
+    lokr_prefix: str | None = None  # ComfyUI's reading of FLUX.2 LyCORIS files not established
 
     def tokenize(self, tokenizers: list, prompts: list[str]) -> list[torch.Tensor]:
         """The chat-templated prompts' ids and attention mask, stacked: [batch, 2, 512] (Qwen's padded positions

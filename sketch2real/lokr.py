@@ -1,5 +1,7 @@
-"""LoKr adapters in the file format the LoKr ecosystem reads (LyCORIS' kohya-style names: ComfyUI, A1111, kohya's
-scripts), written from peft's adapters and merged back into a UNet for generation.
+"""LoKr adapters in the file format the LoKr ecosystem reads, written from peft's adapters and merged back into a
+denoiser for generation. Module names: LyCORIS' kohya-style `lora_unet_<module>` for UNets (ComfyUI, A1111, kohya's
+scripts), SimpleTuner's `lycoris_<module>` for SD3 and FLUX.1 transformers (ComfyUI); the family says which
+(`Family.lokr_prefix`), and `<module>` is diffusers' module path with "." as "_".
 
 A module's update is kron(w1, w2) times a scale, each factor stored whole (`lokr_w1`) or as a low-rank product
 (`lokr_w1_a @ lokr_w1_b`). peft scales every module by alpha / rank; the readers scale by alpha / rank only where a
@@ -17,7 +19,7 @@ import torch
 from sketch2real.cli import UserError
 
 LOKR_FILE = "pytorch_lokr_weights.safetensors"
-PREFIX = "lora_unet_"  # kohya's names of a UNet's modules: diffusers' module path with "." as "_"
+PREFIXES = ("lora_unet_", "lycoris_")  # the names' prefixes generation reads (ComfyUI reads both for a UNet)
 FACTORS = ("lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b")
 
 
@@ -29,15 +31,16 @@ def _by_module(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tens
     return modules
 
 
-def lycoris_layers(peft_layers: dict[str, torch.Tensor], alpha: float, rank: int) -> dict[str, torch.Tensor]:
-    """peft's LoKr weights of a UNet (`<module>.lokr_w1`...: `get_peft_model_state_dict`'s names) in LyCORIS' names,
-    with `.alpha` per module."""
+def lycoris_layers(peft_layers: dict[str, torch.Tensor], alpha: float, rank: int,
+                   prefix: str = "lora_unet_") -> dict[str, torch.Tensor]:
+    """peft's LoKr weights of a denoiser (`<module>.lokr_w1`...: `get_peft_model_state_dict`'s names) in LyCORIS'
+    names (`prefix` + module), with `.alpha` per module."""
     out = {}
     for module, factors in _by_module(peft_layers).items():
         unknown = set(factors) - set(FACTORS)
         if unknown:
             raise ValueError(f"{module}: LoKr factors {sorted(unknown)} have no place in the file (Tucker/conv LoKr)")
-        name = PREFIX + module.replace(".", "_")
+        name = prefix + module.replace(".", "_")
         decomposed = "lokr_w1_a" in factors or "lokr_w2_a" in factors
         for factor, value in factors.items():
             scale = alpha / rank if factor == "lokr_w1" and not decomposed else 1.0
@@ -46,7 +49,8 @@ def lycoris_layers(peft_layers: dict[str, torch.Tensor], alpha: float, rank: int
     return out
 
 
-def write_lokr(folder: Path, peft_layers: dict[str, torch.Tensor], alpha: float, rank: int, targets: list[str]) -> Path:
+def write_lokr(folder: Path, peft_layers: dict[str, torch.Tensor], alpha: float, rank: int, targets: list[str],
+               prefix: str = "lora_unet_") -> Path:
     """`folder/pytorch_lokr_weights.safetensors` with kohya's metadata (what LyCORIS writes: its module and settings)."""
     from safetensors.torch import save_file
 
@@ -54,7 +58,7 @@ def write_lokr(folder: Path, peft_layers: dict[str, torch.Tensor], alpha: float,
 
     path = folder / LOKR_FILE
     with atomic_path(path) as tmp:
-        save_file(lycoris_layers(peft_layers, alpha, rank), str(tmp), metadata={
+        save_file(lycoris_layers(peft_layers, alpha, rank, prefix), str(tmp), metadata={
             "format": "pt", "ss_network_module": "lycoris.kohya", "ss_network_dim": str(rank),
             "ss_network_alpha": str(alpha), "ss_network_args": json.dumps({"algo": "lokr", "targets": targets})})
     return path
@@ -70,11 +74,11 @@ def _factor(factors: dict[str, torch.Tensor], which: str) -> tuple[torch.Tensor,
 
 @torch.no_grad()
 def merge_lokr(denoiser: torch.nn.Module, file: str | Path, scale: float = 1.0) -> int:
-    """Add a LoKr file's updates (times `scale`) to a UNet's weights, as ComfyUI applies them; returns the modules
-    changed. A module the UNet does not have is one line (another base model)."""
+    """Add a LoKr file's updates (times `scale`) to a denoiser's weights, as ComfyUI applies them; returns the
+    modules changed. A module the denoiser does not have is one line (another base model)."""
     from safetensors.torch import load_file
 
-    modules = {PREFIX + name.replace(".", "_"): module for name, module in denoiser.named_modules()}
+    modules = {prefix + name.replace(".", "_"): module for name, module in denoiser.named_modules() for prefix in PREFIXES}
     modules_in_file = _by_module(load_file(str(file)))
     for name, factors in modules_in_file.items():
         module = modules.get(name)

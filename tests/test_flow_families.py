@@ -608,3 +608,58 @@ def test_fp16_on_a_bf16_family_is_refused_in_one_line_before_loading(trainer, ti
     if trainer == "dreambooth":  # kohya's key format is built for the UNet families only
         with pytest.raises(UserError, match="--lora_format comfyui is built for SD 1.x and SDXL UNets, not flux"):
             task_class(dataclasses.replace(opts, lora_rank=4, lora_format="comfyui"), in_process_accelerator("bf16"))
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_flow_lokr_writes_simpletuner_names_that_merge_to_peft_s_update(family, tiny_models, shard_dir, tmp_path):
+    """--lora_type lokr on the MM-DiTs: the file names each module as SimpleTuner's LyCORIS files do
+    (`lycoris_<diffusers module path with _>`, which ComfyUI maps for SD3 and FLUX.1), merging it by ComfyUI's rule
+    gives each module peft's own LoKr update (alpha != rank), and generation merges a trained file into exactly the
+    adapted layers. FLUX.2 [klein] is refused in one line."""
+    from peft import LoKrConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from sketch2real.family import FAMILIES
+    from sketch2real.generation import load_generation_pipeline
+    from sketch2real.lokr import merge_lokr, write_lokr
+    from sketch2real.models import load_sd_components
+
+    model = tiny(tiny_models, family)
+    targets = FAMILIES[family].lora_targets(load_sd_components(str(model)).denoiser)
+
+    def transformer():
+        return load_sd_components(str(model)).denoiser
+
+    adapted = transformer()
+    adapted.add_adapter(LoKrConfig(r=4, alpha=3, target_modules=targets))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "lokr_" in name:
+                p.copy_(0.3 * torch.randn_like(p))
+    file = write_lokr(tmp_path, get_peft_model_state_dict(adapted), 3, 4, targets, FAMILIES[family].lokr_prefix)
+    assert all(k.startswith(("lycoris_transformer_blocks_", "lycoris_single_transformer_blocks_")) for k in load_file(file))
+    merged, base = transformer(), transformer().state_dict()
+    changed = merge_lokr(merged, file)
+    deltas = {name: module.get_delta_weight("default") for name, module in adapted.named_modules()
+              if hasattr(module, "get_delta_weight") and hasattr(module, "lokr_w1")}
+    assert changed == len(deltas) > 0
+    for name, delta in deltas.items():
+        got = merged.get_submodule(name).weight - base[f"{name}.weight"]
+        assert delta.abs().max() > 1e-3 and torch.allclose(got, delta, atol=1e-6), name
+
+    out = tmp_path / "trained"
+    run_script("train/dreambooth.py", *db_args(model, shard_dir), "--output_dir", out, "--max_train_steps", "2",
+               "--lora_rank", "4", "--lora_type", "lokr", "--learning_rate", "1e-2", "--validation_steps", "0",
+               "--checkpointing_steps", "0")
+    assert all(k.startswith("lycoris_") for k in load_file(out / "pytorch_lokr_weights.safetensors"))
+    pipe = load_generation_pipeline(str(out), torch.device("cpu"), torch.float32)
+    base_pipe = load_generation_pipeline(str(model), torch.device("cpu"), torch.float32)
+    reference = base_pipe.transformer.state_dict()
+    moved = {n.removesuffix(".weight") for n, p in pipe.transformer.named_parameters() if not torch.equal(p, reference[n])}
+    assert moved and moved <= set(deltas), sorted(moved - set(deltas))[:4]
+    if family == "flux":
+        proc = run_script("train/dreambooth.py", *db_args(tiny_models.flux2_klein, shard_dir), "--output_dir",
+                          tmp_path / "klein", "--lora_rank", "4", "--lora_type", "lokr", check=False)
+        assert proc.returncode == 2 and "--lora_type lokr is built for" in proc.stderr

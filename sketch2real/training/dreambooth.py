@@ -65,7 +65,8 @@ class DreamBoothOptions(TrainOptions):
                                         "the adapter settings, diffusers' load_lora_weights reloads it as DoRA)")
     lora_type: str = option("lora", help="kind of adapter with --lora_rank: lora, or lokr (LoKr: Kronecker-product "
                                          "updates, peft's; written as pytorch_lokr_weights.safetensors in LyCORIS' names, "
-                                         "which ComfyUI, A1111 and kohya's scripts read and generation merges; SD 1.x, SDXL)",
+                                         "which ComfyUI reads (A1111 and kohya's scripts too for SD 1.x/SDXL) and "
+                                         "generation merges; SD 1.x, SDXL, SD3, FLUX.1)",
                             choices=("lora", "lokr"), noun="adapter type")
     lora_format: str = option("diffusers", help="LoRA file format: diffusers (pytorch_lora_weights.safetensors); comfyui: "
                                                 "also pytorch_lora_weights_comfyui.safetensors in kohya's key format, for "
@@ -209,8 +210,8 @@ class DreamBoothTask(DiffusionTask):
 
     def refuse(self, family: Family) -> None:
         super().refuse(family)
-        if self.opts.lora_type == "lokr" and not family.comfyui_lora:
-            raise UserError(f"--lora_type lokr is built for SD 1.x and SDXL UNets, not {family.name} models")
+        if self.opts.lora_type == "lokr" and family.lokr_prefix is None:
+            raise UserError(f"--lora_type lokr is built for SD 1.x, SDXL, SD3 and FLUX.1, not {family.name} models")
         if self.opts.lora_format == "comfyui" and not family.comfyui_lora:
             raise UserError(f"--lora_format comfyui is built for SD 1.x and SDXL UNets, not {family.name} models "
                             "(their diffusers file loads in ComfyUI's diffusers loader)")
@@ -411,7 +412,7 @@ class DreamBoothTask(DiffusionTask):
                     from sketch2real.lokr import write_lokr
 
                     config = self.denoiser_of(model).peft_config["default"]
-                    write_lokr(out, layers, config.alpha, config.r, sorted(config.target_modules))
+                    write_lokr(out, layers, config.alpha, config.r, sorted(config.target_modules), self.family.lokr_prefix)
                     return
                 # The adapter's settings (alpha above all) go into the file's metadata, where diffusers' loader
                 # reads them; without them it reloads alpha = rank.
