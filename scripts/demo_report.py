@@ -58,7 +58,8 @@ def main() -> None:
                                    "'a {category}': closer to the test sketches"),
             ("style_lora_without_ema", "base", "the same LoRA without its EMA vs base: closer to the test sketches"),
             ("style_lora", "style_lora_without_ema", "the style LoRA's EMA vs its trained weights: closer to the test "
-                                                     "sketches")):
+                                                     "sketches"),
+            ("style_lora", "textual_inversion", "the style LoRA vs Textual Inversion: closer to the test sketches")):
         value, (low, high) = _difference(style_metrics, name, reference)
         lines.append(f"| {what} | KID({name}) − KID({reference}) (< 0: closer) | {value:+.3f} [{low:+.3f}, {high:+.3f}] "
                      f"| {verdict([low, high])} |")
