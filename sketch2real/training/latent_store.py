@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +80,17 @@ class _StandsFor:
 
     def __getitem__(self, items: list[int]) -> torch.Tensor:
         return torch.tensor([self.images.stands_for(k) for k in items])
+
+
+def deal_missing_blocks(accelerator, blocks: list[int], complete: Callable[[int], bool]) -> tuple[list[int], list[int]]:
+    """(the blocks of `blocks` not `complete` on disk, this rank's share of them). Rank 0 looks and tells the others
+    (one view of the filesystem for all); the share is round-robin. A collective: every rank calls it."""
+    from accelerate.utils import broadcast_object_list
+
+    missing = [[b for b in blocks if not complete(b)] if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(missing)
+    return missing[0], missing[0][accelerator.process_index :: accelerator.num_processes]
 
 
 class LatentStore:
@@ -183,24 +195,18 @@ class LatentStore:
         Rank 0 lists what is missing and tells the others (one view of the filesystem for all). A collective:
         every rank calls it; the blocks are all there when it returns.
         """
-        from accelerate.utils import broadcast_object_list
         from tqdm.auto import tqdm
 
         start = time.perf_counter()
         if self.shared:
             self._resolve(accelerator, needed, num_workers, pin_memory, progress)
         wanted = sorted({int(self.item_slot[i]) // self.block for i in needed})
-        missing = [None]
         if accelerator.is_main_process:
             self.folder.mkdir(parents=True, exist_ok=True)
             write_json(self.folder / "store.json", {"images": len(self.images), "unique_images": len(self.members),
                                                     "block": self.block, "chunk": CHUNK, "dtype": STORE_DTYPE.__name__,
                                                     "source": self.images.identity()[:500]})
-            missing = [[b for b in wanted if not self._block_file(b).is_file()]]
-        if accelerator.num_processes > 1:
-            broadcast_object_list(missing)
-        missing_blocks = missing[0]
-        mine = missing_blocks[accelerator.process_index :: accelerator.num_processes]
+        missing_blocks, mine = deal_missing_blocks(accelerator, wanted, lambda b: self._block_file(b).is_file())
         slots = len(self.members)
         chunks = [c for b in mine for c in range(b * self.block // CHUNK, math.ceil(min((b + 1) * self.block, slots) / CHUNK))]
         decoded = prefetched(self.slot_images, chunks, self._positions, num_workers, pin_memory)

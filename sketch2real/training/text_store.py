@@ -22,6 +22,7 @@ import torch
 
 from sketch2real.family import Conditioning
 from sketch2real.io import atomic_path, write_json
+from sketch2real.training.latent_store import deal_missing_blocks
 from sketch2real.training.preemption import preemption
 
 logger = logging.getLogger("sketch2real")
@@ -77,15 +78,10 @@ class TextStore:
     def build(self, accelerator, encode: Callable[[list[str]], Conditioning]) -> None:
         """Encode the missing blocks, dealt round-robin to the ranks (rank 0 lists what is missing for all). A
         collective: every rank calls it; every block is there when it returns."""
-        from accelerate.utils import broadcast_object_list
-
-        missing = [None]
         if accelerator.is_main_process:
             self.folder.mkdir(parents=True, exist_ok=True)
-            missing = [[b for b in range(self._blocks_total()) if not self._complete(b)]]
-        if accelerator.num_processes > 1:
-            broadcast_object_list(missing)
-        for block in missing[0][accelerator.process_index :: accelerator.num_processes]:
+        missing, mine = deal_missing_blocks(accelerator, list(range(self._blocks_total())), self._complete)
+        for block in mine:
             preemption.check()  # finished blocks stay: a requeued job encodes only the rest
             prompts = self.prompts[block * BLOCK : (block + 1) * BLOCK]
             parts = [encode(prompts[i : i + ENCODE_BATCH]).as_tuple() for i in range(0, len(prompts), ENCODE_BATCH)]
@@ -99,13 +95,13 @@ class TextStore:
                 Path(tmp).write_text(json.dumps(meta))
             self.stats["blocks_encoded_here"] += 1
         accelerator.wait_for_everyone()
-        self.stats["blocks_reused"] = self._blocks_total() - len(missing[0])
+        self.stats["blocks_reused"] = self._blocks_total() - len(missing)
         meta = json.loads((self.folder / "block-000000.done").read_text()) if self.prompts else {"fields": 0}
         self.fields, self.dtype = meta["fields"], getattr(torch, meta.get("dtype", "float32"))
         if accelerator.is_main_process:
             write_json(self.folder / "store.json", {"prompts": len(self.prompts), "block": BLOCK, **meta})
         logger.info("text store %s: %d prompts, %d blocks encoded (%d here), %d reused", self.folder, len(self.prompts),
-                    len(missing[0]), self.stats["blocks_encoded_here"], self.stats["blocks_reused"])
+                    len(missing), self.stats["blocks_encoded_here"], self.stats["blocks_reused"])
 
     def _block(self, block: int, field: int) -> np.ndarray:
         if (block, field) not in self._blocks:
