@@ -25,7 +25,10 @@ def main() -> int:
         reference, sets = of_samples(reference, drawn), [of_samples(s, drawn) for s in sets]
     state = distributed_state(opts.ddp_timeout)
     check_shared_folder(state, opts.output_dir)
-    report = run_fid(opts, sets, reference, state)
+    # CLIP accuracy chooses among every category of the split, also where --categories keeps only some
+    classes = shard_set(opts.reference_shards, opts.reference_split, opts.reference_field).categories if (
+        opts.categories and opts.reference_shards) else None
+    report = run_fid(opts, sets, reference, state, classes)
     if report is not None:
         for name, result in report["sets"].items():
             parts = []

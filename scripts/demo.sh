@@ -117,14 +117,15 @@ start gen_controlnet "$PY" infer/generate.py --pretrained_model_name_or_path "$S
 # Evaluation: FID / KID with 95% intervals, set against set
 EVAL=(--reference_shards "$OUT/shards" --reference_split test --dims 64 --cache_dir "$OUT/fid_cache")
 after gen_base_cat gen_dreambooth
+STYLE=(--metrics fid kid sketchiness csd clip_accuracy --clip_model_name_or_path "$OUT/tiny_models/tiny-clip"
+  --csd_model_name_or_path "$OUT/tiny_models/tiny-csd")
 start eval_dreambooth "$PY" eval/fid.py --generated "base=$OUT/gen_base_cat" "dreambooth=$OUT/gen_dreambooth" \
-  --reference_field sketch --categories cat "${EVAL[@]}" --output_dir "$OUT/eval_dreambooth"
+  --reference_field sketch --categories cat "${STYLE[@]}" "${EVAL[@]}" --output_dir "$OUT/eval_dreambooth"
 after gen_base gen_textual_inversion gen_style_lora gen_style_lora_without_ema
 start eval_textual_inversion "$PY" eval/fid.py --generated "base=$OUT/gen_base" \
   "textual_inversion=$OUT/gen_textual_inversion" "style_lora=$OUT/gen_style_lora" \
-  "style_lora_without_ema=$OUT/gen_style_lora_without_ema" --reference_field sketch \
-  --metrics fid kid sketchiness csd clip_accuracy --clip_model_name_or_path "$OUT/tiny_models/tiny-clip" \
-  --csd_model_name_or_path "$OUT/tiny_models/tiny-csd" "${EVAL[@]}" --output_dir "$OUT/eval_textual_inversion"
+  "style_lora_without_ema=$OUT/gen_style_lora_without_ema" --reference_field sketch "${STYLE[@]}" "${EVAL[@]}" \
+  --output_dir "$OUT/eval_textual_inversion"
 after gen_base_photo gen_controlnet gen_captions
 start eval_photos "$PY" eval/fid.py --generated "base=$OUT/gen_base_photo" "controlnet=$OUT/gen_controlnet" \
   "captions=$OUT/gen_captions" --reference_field photo "${EVAL[@]}" --output_dir "$OUT/eval_photos"

@@ -76,11 +76,15 @@ def main() -> None:
               "defaults) they say whether the style arrived and the content was kept.", "",
               "| generated set | sketchiness [95% CI] | CSD style [95% CI] | content kept: CLIP accuracy [95% CI] |",
               "|---|---:|---:|---:|"]
-    for name in ("base", "textual_inversion", "style_lora", "style_lora_without_ema"):
-        row = style_metrics["sets"][name]
+    cat_metrics = _load(out / "eval_dreambooth" / "metrics.json")  # DreamBooth is a cat run: against the cat sketches
+    for label, metrics, name in (("base", style_metrics, "base"), ("textual_inversion", style_metrics, "textual_inversion"),
+                                 ("style_lora", style_metrics, "style_lora"),
+                                 ("style_lora_without_ema", style_metrics, "style_lora_without_ema"),
+                                 ("base, cat only", cat_metrics, "base"), ("dreambooth (cat)", cat_metrics, "dreambooth")):
+        row = metrics["sets"][name]
         cells = [f"{row[k]:.3f} [{row[f'{k}_ci95'][0]:.3f}, {row[f'{k}_ci95'][1]:.3f}]"
                  for k in ("sketchiness", "csd", "clip_accuracy")]
-        lines.append(f"| {name} | {' | '.join(cells)} |")
+        lines.append(f"| {label} | {' | '.join(cells)} |")
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
     print(text, end="")

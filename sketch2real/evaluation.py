@@ -566,8 +566,11 @@ class EvalOptions:
         check_output_dir(self.output_dir)
 
 
-def run_fid(opts: EvalOptions, generated_sets: list[ImageSet], reference: ImageSet, state) -> dict | None:
+def run_fid(opts: EvalOptions, generated_sets: list[ImageSet], reference: ImageSet, state,
+            class_names: list[str] | None = None) -> dict | None:
     """Score every generated set against the reference; rank 0 writes metrics.json, report.md, fid_per_category.png.
+    `class_names`: the categories CLIP accuracy chooses among (default: the reference's; a reference cut to some
+    categories should still be classified among all of its release's, or one category is trivially right).
 
     Every collective (feature extraction and gathering, for the reference and every set, for every
     extractor) happens first, on all ranks; then rank 0 scores alone with no collective left. Scoring
@@ -627,7 +630,8 @@ def run_fid(opts: EvalOptions, generated_sets: list[ImageSet], reference: ImageS
               else "pytorch-fid (the network's bilinear resize to 299)",
               "reference": {"name": reference.name, "n": len(reference), "cache_hit": all(hits.values()), "cache_hits": hits},
               "sets": {}}
-    class_names = sorted(set(reference.categories) - {None, ""})
+    class_names = sorted(set(class_names or reference.categories) - {None, ""})
+    report["clip_accuracy_classes"] = len(class_names)
     class_embeddings = zero_shot_classifier(extractors["clip"], class_names) if "clip_accuracy" in metrics and class_names else None
     if style is not None:
         if "csd" in metrics:

@@ -342,6 +342,22 @@ def test_every_metric_with_intervals_per_set_and_category_identical_and_degraded
     assert _fid(tmp_path / "again")["reference"]["cache_hits"] == {"dinov2": True}
 
 
+def test_clip_accuracy_chooses_among_every_category_where_the_reference_keeps_one(tiny_models, shard_dir, tmp_path):
+    """--categories cat: the zero-shot classifier still chooses among every category of the split (among one, each
+    image is right and the content verdict says nothing), and chance is one in that many."""
+    from sketch2real.metrics import shard_set
+
+    _photo_folders(shard_dir, tmp_path)
+    run_script("eval/fid.py", "--generated", f"same={tmp_path / 'same'}", "--reference_shards", shard_dir,
+               "--reference_field", "photo", "--categories", "cat", "--metrics", "clip_accuracy", "sketchiness",
+               "--clip_model_name_or_path", tiny_models.clip, "--no_cache", "--output_dir", tmp_path / "o",
+               "--bootstrap_resamples", "10")
+    report = _fid(tmp_path / "o")
+    every = len(set(shard_set(str(shard_dir), "test", "photo").categories))
+    assert every > 1 and report["clip_accuracy_classes"] == every
+    assert report["style_content"]["same"]["chance"] == 1 / every
+
+
 def test_clean_resize_is_named_and_changes_inception_features(folders, tmp_path, tiny_models):
     from sketch2real.metrics import clean_resize
 
