@@ -23,7 +23,7 @@ lint: setup
 
 test: setup slurm-deps
 	$(PYTHON) -m ruff check .
-	$(PYTHON) -m pytest -q -n 2 --dist loadfile --durations=30 tests
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=30 tests
 
 demo: setup
 	bash scripts/demo.sh $(DEMO_DIR)

@@ -19,6 +19,16 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
     torch.set_num_threads(1)  # two test workers on two cores: oversubscribed threads run many times slower
 
+# The Slurm chains are the suite's longest files, and a one-process chain leaves a core idle between and inside its
+# jobs: they go first (one to each worker), so that the other files fill those gaps, rather than a chain running alone
+# at the end. xdist hands out files in collection order only with --no-loadscope-reorder (the Makefile's); by
+# default it sorts them by their number of tests, which put these few-test files last.
+FIRST = ("test_slurm.py", "test_two_nodes.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.path.name not in FIRST)  # stable: the rest keep their order
+
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
