@@ -1,9 +1,10 @@
-"""The command lines slurm/*.sh build for a 2-node allocation (no Slurm needed: srun, scontrol and accelerate
-are stand-ins that record what they are given), then read by accelerate's own launcher as it would on each node."""
+"""The command lines slurm/*.sh build for a 2-node allocation (no Slurm needed: srun, scontrol and accelerate's
+launcher are stand-ins that record what they are given), then read by accelerate's own launcher as it would on each node."""
 
 import os
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,12 @@ echo "$*" > "$FAKE_LOG/srun.args"
 while [ "$1" != bash ]; do shift; done
 for node in 0 1; do SLURM_NODEID=$node SLURM_PROCID=$node "$@" || exit $?; done
 """
-FAKE_ACCELERATE = """#!/usr/bin/env bash
-printf '%s\\n' "$@" > "$FAKE_LOG/accelerate.node$SLURM_NODEID.args"
+# python3 records `-m accelerate.commands.launch ARGS` as `launch ARGS` and runs everything else for real.
+FAKE_PYTHON = f"""#!/usr/bin/env bash
+if [ "$1 $2" = "-m accelerate.commands.launch" ]; then
+  shift 2; printf '%s\\n' launch "$@" > "$FAKE_LOG/accelerate.node$SLURM_NODEID.args"; exit 0
+fi
+exec {sys.executable} "$@"
 """
 FAKE_SCONTROL = """#!/usr/bin/env bash
 [ "$1 $2" = "show hostnames" ] && printf 'gpu-node-a\\ngpu-node-b\\n'
@@ -28,7 +33,7 @@ def _two_node_job(tmp_path: Path, script: str, config: str, *args: str) -> tuple
     bin_dir, log = tmp_path / "bin", tmp_path / "log"
     bin_dir.mkdir(parents=True)
     log.mkdir()
-    for name, text in (("srun", FAKE_SRUN), ("accelerate", FAKE_ACCELERATE), ("scontrol", FAKE_SCONTROL)):
+    for name, text in (("srun", FAKE_SRUN), ("python3", FAKE_PYTHON), ("scontrol", FAKE_SCONTROL)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_LOG": str(log), "SLURM_JOB_ID": "4242",
