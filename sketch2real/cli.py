@@ -367,10 +367,26 @@ def check_output_dir(path: str | os.PathLike, flag: str = "--output_dir") -> Pat
     return out
 
 
+def leave_process_group() -> None:
+    """Wait for every rank, then destroy the process group (where the script made one and left it).
+
+    A rank that exits while another still works (rank 0 writing the report) leaves gloo's threads to interpreter
+    shutdown, where they abort the process at random (SIGABRT, "terminate called without an active exception"),
+    and the launcher then kills rank 0 before it has written anything.
+    """
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def run_main(main: Callable[[], Any]) -> None:
-    """Run an entry point: a `UserError` becomes one stderr line and exit status 2."""
+    """Run an entry point: a `UserError` becomes one stderr line and exit status 2; after a normal return every rank
+    leaves the process group together (`leave_process_group`)."""
     try:
         result = main()
+        if result in (0, None):
+            leave_process_group()
     except UserError as err:
         prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "sketch2real"
         print(f"{prog}: error: {one_line(str(err))}", file=sys.stderr)

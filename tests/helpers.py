@@ -301,3 +301,29 @@ def write_configs(folder: Path, configs: dict) -> Path:
     for job, values in configs.items():
         (folder / f"{job}.yaml").write_text(yaml.safe_dump(values))
     return folder
+
+
+def readme_pipeline_env(tiny_models, configs: Path, **extra: str) -> dict:
+    """The README's CPU form with the tiny models; the pipeline's documented settings sized for them."""
+    settings = {"CATEGORIES": "cat,apple", "STEPS": "6", "CHECKPOINT_STEPS": "3", "RESOLUTION": "32",
+                "CONFIGS": str(write_configs(configs, TINY_PIPELINE_CONFIGS)), **extra}
+    env = readme_cpu_env(tiny_models, **settings)
+    env.pop("STAGES", None)  # the default: every method
+    return env
+
+
+def check_pipeline_reports(repo: Path, jobs: list[str]) -> None:
+    """What the README's pipeline promises: the style sets scored against the test sketches (the study's reference),
+    the ControlNet's photos against the test photos, the sequential report, one log per job in logs/."""
+    runs = repo / "runs"
+    style = json.loads((runs / "fid" / "metrics.json").read_text())
+    assert set(style["sets"]) == {"dreambooth", "textual_inversion", "captions"}
+    assert style["reference"]["name"] == "test sketches" and style["sets"]["dreambooth"]["n_generated"] == 10
+    assert style["sets"]["textual_inversion"]["n_generated"] == 10 and style["sets"]["captions"]["n_generated"] > 0
+    photos = json.loads((runs / "fid_controlnet" / "metrics.json").read_text())
+    assert set(photos["sets"]) == {"controlnet"} and photos["reference"]["name"] == "test photos"
+    assert "dreambooth" in (runs / "fid" / "report.md").read_text() and (runs / "fid_controlnet" / "report.md").is_file()
+    assert [p.name[len("stage-00-"):] for p in sorted((runs / "dreambooth_sequential").glob("stage-*"))] == ["cat", "apple"]
+    assert (runs / "dreambooth_sequential" / "sequential_report.md").is_file()
+    logs = sorted((repo / "logs").glob("*.out"))
+    assert sorted(p.stem.rsplit("-", 1)[1] for p in logs) == sorted(jobs)  # the scripts' own --output, in the clone

@@ -473,3 +473,21 @@ def test_dreambooth_learning_rate_default_fits_lora_and_full_weights():
     assert parse_options(_db(), [*base, "--lora_rank", "8"]).learning_rate == 1e-4
     assert parse_options(_db(), [*base, "--lora_rank", "8", "--learning_rate", "3e-4"]).learning_rate == 3e-4
     assert "1e-4 with --lora_rank" in _db().__dataclass_fields__["learning_rate"].metadata["help"]
+
+
+def test_a_normal_return_leaves_the_process_group_after_a_barrier(tmp_path, monkeypatch):
+    """Every script's ranks leave together: a rank that exited while rank 0 still wrote its report aborted in gloo's
+    teardown (eval/fid.py, infer/*.py made a group and never destroyed it)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    calls = []
+    barrier = dist.barrier
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: (calls.append("barrier"), barrier(*a, **k)))
+    try:
+        with pytest.raises(SystemExit) as stop:
+            run_main(lambda: 0)
+        assert stop.value.code == 0 and calls == ["barrier"] and not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -16,7 +16,7 @@ RUN_BY = {
     "pip install torch torchvision --index-url": ["not run: needs PyTorch's CUDA index (no network on CI); the "
                                                   "requirements line is make setup's, which .ci/run runs"],
     "SKETCHY=/data/sketchy bash slurm/pipeline.sh": [
-        "test_slurm.py::test_the_readme_pipeline_as_written_ends_in_its_reports",
+        "test_two_nodes.py::test_the_readme_pipeline_as_written_ends_in_its_reports",
         "test_two_nodes.py::test_the_pipeline_on_two_nodes_ends_with_the_metrics_of_one_node"],
     "export SBATCH_GPUS_PER_NODE=0": ["test_readme.py::test_the_cpu_form_is_what_the_slurm_tests_run_with"],
     "accelerate launch --config_file accelerate_configs/multi_gpu.yaml": [

@@ -16,6 +16,7 @@ from .helpers import (
     pause_at_step,
     readme_block,
     readme_cpu_env,
+    readme_pipeline_env,
     run_readme_command,
     wait_for_jobs,
     write_configs,
@@ -83,45 +84,6 @@ def test_preempted_training_job_requeues_and_resumes(slurm, tiny_models, shard_d
     assert int(checkpoint.name.split("-")[1]) == 110  # the next read after the signal (--logging_steps 10)
     assert (out / "model_index.json").is_file() and not (out / "PREEMPTED").exists()
     assert '"steps": 300' in (out / "metrics.json").read_text()
-
-
-def readme_pipeline_env(tiny_models, configs: Path, **extra: str) -> dict:
-    """The README's CPU form with the tiny models; the pipeline's documented settings sized for them."""
-    settings = {"CATEGORIES": "cat,apple", "STEPS": "6", "CHECKPOINT_STEPS": "3", "RESOLUTION": "32",
-                "CONFIGS": str(write_configs(configs, TINY_PIPELINE_CONFIGS)), **extra}
-    env = readme_cpu_env(tiny_models, **settings)
-    env.pop("STAGES", None)  # the default: every method
-    return env
-
-
-def check_pipeline_reports(repo: Path, jobs: list[str]) -> None:
-    """What the README's pipeline promises: the style sets scored against the test sketches (the study's reference),
-    the ControlNet's photos against the test photos, the sequential report, one log per job in logs/."""
-    runs = repo / "runs"
-    style = json.loads((runs / "fid" / "metrics.json").read_text())
-    assert set(style["sets"]) == {"dreambooth", "textual_inversion", "captions"}
-    assert style["reference"]["name"] == "test sketches" and style["sets"]["dreambooth"]["n_generated"] == 10
-    assert style["sets"]["textual_inversion"]["n_generated"] == 10 and style["sets"]["captions"]["n_generated"] > 0
-    photos = json.loads((runs / "fid_controlnet" / "metrics.json").read_text())
-    assert set(photos["sets"]) == {"controlnet"} and photos["reference"]["name"] == "test photos"
-    assert "dreambooth" in (runs / "fid" / "report.md").read_text() and (runs / "fid_controlnet" / "report.md").is_file()
-    assert [p.name[len("stage-00-"):] for p in sorted((runs / "dreambooth_sequential").glob("stage-*"))] == ["cat", "apple"]
-    assert (runs / "dreambooth_sequential" / "sequential_report.md").is_file()
-    logs = sorted((repo / "logs").glob("*.out"))
-    assert sorted(p.stem.rsplit("-", 1)[1] for p in logs) == sorted(jobs)  # the scripts' own --output, in the clone
-
-
-def test_the_readme_pipeline_as_written_ends_in_its_reports(slurm, tiny_models, sketchy_root, tmp_path):
-    """README: `SKETCHY=/data/sketchy bash slurm/pipeline.sh --partition gpu --account myproj`, from a fresh clone,
-    default STAGES (every method), the CPU form; the path of the data is the one substitution."""
-    repo = fresh_clone(tmp_path / "clone")
-    env = readme_pipeline_env(tiny_models, tmp_path / "configs")
-    submitted = run_readme_command(readme_block("bash slurm/pipeline.sh").strip(), repo, env,
-                                   **{"/data/sketchy": str(sketchy_root)})
-    jobs = [word for line in submitted.splitlines() for word in line.split() if word.isdigit()]
-    assert len(jobs) == 12, submitted
-    wait_for_jobs(jobs, env, repo / "logs")
-    check_pipeline_reports(repo, jobs)
 
 
 def test_the_readme_flow_family_block_as_written_trains_a_rank_16_lora_of_each_family(slurm, tiny_models, shard_dir,

@@ -1,7 +1,8 @@
 """slurm/*.sh on a real two-node Slurm (two slurmd on this host, n1 = 127.0.0.1 and n2 = 127.0.0.2, one process per
 node over gloo; ../shared/notes/slurm-two-nodes.md): training across nodes equals one node, preemption across nodes
 requeues and resumes exactly, a node that dies ends the job in seconds and the job resumes (on one node too), and
-data-parallel generation across nodes gives the bytes of one node."""
+data-parallel generation across nodes gives the bytes of one node; the README's pipeline as written (each job on one
+node) ends in its reports, and the same pipeline with every job on two nodes ends with the same metrics."""
 
 from __future__ import annotations
 
@@ -18,16 +19,17 @@ import torch
 
 from .helpers import (
     REPO,
+    check_pipeline_reports,
     fresh_clone,
     pause_at_step,
     readme_block,
+    readme_pipeline_env,
     relative_difference,
     run_readme_command,
     run_script,
     wait_for_jobs,
     weights,
 )
-from .test_slurm import check_pipeline_reports
 
 pytestmark = pytest.mark.skipif(shutil.which("slurmctld") is None or os.geteuid() != 0,
                                 reason="needs root and Debian's slurmctld/slurmd/munge (make slurm-deps)")
@@ -196,39 +198,54 @@ def test_generation_and_captions_across_two_nodes_are_the_bytes_of_one(cluster, 
     assert json.loads((tmp_path / "cap2" / "metrics.json").read_text())["num_processes"] == 2
 
 
-def _pipeline(cluster, tiny_models, sketchy_root, root: Path, flags: list[str], stages: str | None, **extra: str) -> list[str]:
+def _pipeline(cluster, tiny_models, sketchy_root, root: Path, flags: list[str], **extra: str) -> list[str]:
     """The README's `SKETCHY=/data/sketchy bash slurm/pipeline.sh --partition gpu --account myproj` from a fresh clone at
-    `root`, with `flags` for every job (STAGES: `stages`, None for the default, every method); its job ids, once
-    every job has left the queue."""
-    from .test_slurm import readme_pipeline_env
-
+    `root` in the README's CPU form on this cluster, default STAGES (every method), with `flags` added to every job's
+    sbatch; its job ids, once every job has left the queue."""
     repo = fresh_clone(root)
-    env = {**readme_pipeline_env(tiny_models, root / "configs"), **cluster, "SKETCHY": str(sketchy_root), **extra}
-    if stages:
-        env["STAGES"] = stages
-    command = readme_block("bash slurm/pipeline.sh").strip() + " " + " ".join(flags)
+    env = {**readme_pipeline_env(tiny_models, root / "configs"), "SLURM_CONF": cluster["SLURM_CONF"], **extra}
+    command = readme_block("bash slurm/pipeline.sh").strip() + "".join(f" {flag}" for flag in flags)
     submitted = run_readme_command(command, repo, env, **{"/data/sketchy": str(sketchy_root)})
     jobs = [word for line in submitted.splitlines() for word in line.split() if word.isdigit()]
+    assert len(jobs) == 12, submitted
     wait_for_jobs(jobs, env, repo / "logs")
     return jobs
 
 
-def test_the_pipeline_on_two_nodes_ends_with_the_metrics_of_one_node(cluster, tiny_models, sketchy_root, tmp_path):
+@pytest.fixture(scope="module")
+def readme_pipeline(cluster, tiny_models, sketchy_root, tmp_path_factory) -> tuple[Path, list[str]]:
+    """The README's pipeline command exactly as written (the data path its one substitution): every job on one node, as
+    the scripts' own #SBATCH lines ask, with the CPU form's two processes (GPUS_PER_NODE=2); its clone and job ids.
+    Run on this cluster's first node so that it is also the one-node reference of the two-node run below."""
+    root = tmp_path_factory.mktemp("readme-pipeline")
+    # n2 drained: the jobs queue on n1 one at a time, as on a one-node cluster. One-node jobs running at once on n1 and
+    # n2 are two slurmd on one host with one hostname: there, Slurm mixed up their steps (a step's completion reported
+    # for a job not yet started, a rank killed as it exited, n2's CPUs left allocated so that nothing ran again).
+    node = ["scontrol", "update", "nodename=n2"]
+    subprocess.run([*node, "state=drain", "reason=one-node run"], env=cluster, check=True, timeout=30)
+    try:
+        return root, _pipeline(cluster, tiny_models, sketchy_root, root, [])
+    finally:
+        subprocess.run([*node, "state=resume"], env=cluster, check=True, timeout=30)
+
+
+def test_the_readme_pipeline_as_written_ends_in_its_reports(readme_pipeline):
+    check_pipeline_reports(*readme_pipeline)
+
+
+def test_the_pipeline_on_two_nodes_ends_with_the_metrics_of_one_node(cluster, tiny_models, sketchy_root, readme_pipeline,
+                                                                     tmp_path):
     """The README's whole chain with its default STAGES, every job on two nodes (one process each), ends in its reports;
-    its DreamBooth part against the same chain on one node (two processes): the same splits and shards, trained
+    its DreamBooth part against the README's run on one node (two processes): the same splits and shards, trained
     weights, image bytes and scores."""
-    jobs = _pipeline(cluster, tiny_models, sketchy_root, tmp_path / "two", CPU_FLAGS, None)
-    assert len(jobs) == 12
+    jobs = _pipeline(cluster, tiny_models, sketchy_root, tmp_path / "two", CPU_FLAGS, GPUS_PER_NODE="1")
     check_pipeline_reports(tmp_path / "two", jobs)
-    _pipeline(cluster, tiny_models, sketchy_root, tmp_path / "one",
-              ["--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=2", "--time=10"],
-              "dreambooth", GPUS_PER_NODE="2")
-    runs = {name: tmp_path / name / "runs" for name in ("one", "two")}
+    runs = {"one": readme_pipeline[0] / "runs", "two": tmp_path / "two" / "runs"}
     trained = {name: json.loads((r / "dreambooth_cat" / "metrics.json").read_text()) for name, r in runs.items()}
     assert (trained["two"]["num_nodes"], trained["one"]["num_nodes"]) == (2, 1)
     assert trained["two"]["num_processes"] == trained["one"]["num_processes"] == 2
     for name in ("train.json", "test.json"):
-        assert (tmp_path / "two" / "data" / "shards" / name).read_bytes() == (tmp_path / "one" / "data" / "shards" / name).read_bytes()
+        assert (runs["two"].parent / "data" / "shards" / name).read_bytes() == (runs["one"].parent / "data" / "shards" / name).read_bytes()
     a, b = weights(runs["two"] / "dreambooth_cat" / "unet"), weights(runs["one"] / "dreambooth_cat" / "unet")  # full UNet
     assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # two ranks either way: the same sums
     images = {name: {p.relative_to(r): p.read_bytes() for p in (r / "gen_dreambooth" / "images").rglob("*.png")}

@@ -135,6 +135,8 @@ def training_session(opts) -> Iterator:
     except Preempted as stop:
         mark_preempted(accelerator, opts.output_dir, f"stopped before the next checkpoint ({stop})")
         raise SystemExit(PREEMPTED_EXIT_CODE) from None
+    else:
+        accelerator.wait_for_everyone()  # no rank leaves while another still saves (see cli.leave_process_group)
     finally:
         accelerator.end_training()
 
