@@ -149,10 +149,11 @@ def test_a_preempted_node_does_not_make_srun_kill_the_others(trainer_status, sru
     whose --kill-on-bad-exit would otherwise kill the other nodes' tasks; other failures pass through."""
     fake = tmp_path / "bin"
     fake.mkdir()
-    (fake / "accelerate").write_text(f"#!/bin/sh\nexit {trainer_status}\n")
-    (fake / "accelerate").chmod(0o755)
+    launcher = fake / "python3"  # the interpreter that runs accelerate's launcher, exiting as the trainer did
+    launcher.write_text(f"#!/bin/sh\nexit {trainer_status}\n")
+    launcher.chmod(0o755)
     proc = subprocess.run(["bash", str(REPO / "slurm/launch_node.sh"), "train/dreambooth.py"], cwd=REPO,
-                          env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "ACCELERATE_CONFIG": "x.yaml"})
+                          env={**os.environ, "PYTHON": str(launcher), "ACCELERATE_CONFIG": "x.yaml"})
     assert proc.returncode == srun_sees
 
 

@@ -1,11 +1,11 @@
-"""slurm/*.sh against a real one-node Slurm on localhost (started here; .ci/run installs slurm-wlm and munge)."""
+"""slurm/*.sh against a real one-node Slurm on localhost (started here; .ci/run installs slurm-wlm and munge): the
+README's flow-family block and the study's reproduction as written. The README's pipeline, the data prep job and
+preemption run on the two-node cluster (tests/test_two_nodes.py), on one node and on two."""
 
 import json
 import os
 import shutil
 import subprocess
-import time
-from pathlib import Path
 
 import pytest
 
@@ -13,7 +13,6 @@ from .helpers import (
     REPO,
     TINY_PIPELINE_CONFIGS,
     fresh_clone,
-    pause_at_step,
     readme_block,
     readme_cpu_env,
     readme_pipeline_env,
@@ -43,47 +42,6 @@ def slurm(tmp_path_factory):
     yield scratch
     if not already:
         subprocess.run(["bash", str(REPO / "slurm/local_cluster.sh"), "stop", str(scratch)], timeout=30)
-
-
-def _cpu_env(tmp_path, **extra) -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PRECISION": "no", "RESOLUTION": "64",
-            "ACCELERATE_CONFIG": "accelerate_configs/single_gpu.yaml", "GPUS_PER_NODE": "1", **extra}
-
-
-CPU_FLAGS = ["--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
-
-
-def test_data_prep_job(slurm, sketchy_root, tmp_path):
-    env = _cpu_env(tmp_path, SKETCHY=str(sketchy_root), DATA=str(tmp_path / "data"))
-    proc = subprocess.run(["sbatch", "--wait", *CPU_FLAGS, f"--output={tmp_path}/prep-%j.out", "slurm/data_prep.sh",
-                           "--max_samples_per_shard", "20"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    log = "".join(p.read_text() for p in tmp_path.glob("prep-*.out"))
-    assert proc.returncode == 0, log[-3000:]
-    assert (tmp_path / "data/splits/train.jsonl").is_file() and (tmp_path / "data/shards/train.json").is_file()
-    assert "train:" in log
-
-
-def test_preempted_training_job_requeues_and_resumes(slurm, tiny_models, shard_dir, tmp_path):
-    out = tmp_path / "db"
-    marker = tmp_path / "paused"
-    env = pause_at_step(_cpu_env(tmp_path, MODEL=str(tiny_models.sd), SHARDS=str(shard_dir), OUTPUT=str(out), STEPS="300",
-                                 CHECKPOINT_STEPS="0", CATEGORY="cat"), 100, marker)
-    sbatch = subprocess.Popen(["sbatch", "--wait", "--parsable", *CPU_FLAGS, f"--output={tmp_path}/db-%j.out",
-                               "slurm/dreambooth.sh", "--validation_steps", "0", "--report_to", "none"],
-                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    job = sbatch.stdout.readline().strip().split(";")[0]
-    deadline = time.time() + 180
-    while time.time() < deadline and not Path(f"{marker}.rank0").is_file():  # the trainer holds at step 100
-        time.sleep(0.5)
-    subprocess.run(["scancel", "--signal=USR1", job], check=True)
-    sbatch.wait(timeout=600)
-    log = "".join(p.read_text() for p in tmp_path.glob("db-*.out"))
-    assert sbatch.returncode == 0, log[-4000:]
-    assert "preempted: checkpoint saved" in log and "requeueing job" in log and "resumed from" in log
-    checkpoint = next(out.glob("checkpoint-*"))
-    assert int(checkpoint.name.split("-")[1]) == 110  # the next read after the signal (--logging_steps 10)
-    assert (out / "model_index.json").is_file() and not (out / "PREEMPTED").exists()
-    assert '"steps": 300' in (out / "metrics.json").read_text()
 
 
 def test_the_readme_flow_family_block_as_written_trains_a_rank_16_lora_of_each_family(slurm, tiny_models, shard_dir,
