@@ -1,8 +1,9 @@
 """slurm/*.sh on a real two-node Slurm (two slurmd on this host, n1 = 127.0.0.1 and n2 = 127.0.0.2, one process per
 node over gloo; ../shared/notes/slurm-two-nodes.md): training across nodes equals one node, preemption across nodes
-requeues and resumes exactly, a node that dies ends the job in seconds and the job resumes (on one node too), and
-data-parallel generation across nodes gives the bytes of one node; the README's pipeline as written (each job on one
-node) ends in its reports, and the same pipeline with every job on two nodes ends with the same metrics."""
+requeues and resumes exactly, a node that dies ends the job in seconds and the job resumes (on one node too); the
+README's pipeline as written (each job on one node) ends in its reports, and the same pipeline with every job on two
+nodes ends with the same weights, captions, image bytes and scores (data-parallel captioning and generation across
+nodes give the bytes of one node)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ from .helpers import (
     readme_pipeline_env,
     relative_difference,
     run_readme_command,
-    run_script,
     wait_for_jobs,
     weights,
 )
@@ -175,29 +175,6 @@ def test_a_dead_node_ends_the_job_in_seconds_and_it_resumes_on_one_node(cluster,
     assert relative_difference(a, b, {k: v * 0 for k, v in a.items()}) < 1e-2
 
 
-def test_generation_and_captions_across_two_nodes_are_the_bytes_of_one(cluster, tiny_models, shard_dir, tmp_path):
-    env = {**cluster, "MODEL": str(tiny_models.sd), "SHARDS": str(shard_dir), "OUTPUT": str(tmp_path / "gen2")}
-    gen_flags = ["--split", "test", "--height", "32", "--width", "32", "--num_inference_steps", "2", "--max_per_category",
-                 "2", "--prompt_template", "a photo of a {category}", "--batch_size", "3", "--mixed_precision", "no"]
-    proc = _sbatch(env, tmp_path, "gen", "slurm/generate.sh", *gen_flags)
-    assert proc.returncode == 0, _log(tmp_path, "gen")[-4000:]
-    run_script("infer/generate.py", "--pretrained_model_name_or_path", tiny_models.sd, "--shard_dir", shard_dir,
-               *gen_flags, "--output_dir", tmp_path / "gen1")
-    two = {p.relative_to(tmp_path / "gen2"): p.read_bytes() for p in sorted((tmp_path / "gen2" / "images").rglob("*.png"))}
-    one = {p.relative_to(tmp_path / "gen1"): p.read_bytes() for p in sorted((tmp_path / "gen1" / "images").rglob("*.png"))}
-    assert len(one) == 10 and one == two
-    assert json.loads((tmp_path / "gen2" / "metrics.json").read_text())["num_processes"] == 2
-
-    env = {**cluster, "CAPTION_MODEL": str(tiny_models.blip2), "SHARDS": str(shard_dir), "OUTPUT": str(tmp_path / "cap2")}
-    cap_flags = ["--split", "test", "--max_new_tokens", "4", "--batch_size", "4", "--num_workers", "0", "--prompts", "1"]
-    proc = _sbatch(env, tmp_path, "cap", "slurm/caption.sh", *cap_flags)
-    assert proc.returncode == 0, _log(tmp_path, "cap")[-4000:]
-    run_script("infer/caption.py", "--model_name_or_path", tiny_models.blip2, "--shard_dir", shard_dir, *cap_flags,
-               "--output_dir", tmp_path / "cap1")
-    assert (tmp_path / "cap1" / "captions.jsonl").read_bytes() == (tmp_path / "cap2" / "captions.jsonl").read_bytes()
-    assert json.loads((tmp_path / "cap2" / "metrics.json").read_text())["num_processes"] == 2
-
-
 def _pipeline(cluster, tiny_models, sketchy_root, root: Path, flags: list[str], **extra: str) -> list[str]:
     """The README's `SKETCHY=/data/sketchy bash slurm/pipeline.sh --partition gpu --account myproj` from a fresh clone at
     `root` in the README's CPU form on this cluster, default STAGES (every method), with `flags` added to every job's
@@ -237,7 +214,7 @@ def test_the_pipeline_on_two_nodes_ends_with_the_metrics_of_one_node(cluster, ti
                                                                      tmp_path):
     """The README's whole chain with its default STAGES, every job on two nodes (one process each), ends in its reports;
     its DreamBooth part against the README's run on one node (two processes): the same splits and shards, trained
-    weights, image bytes and scores."""
+    weights, captions, image bytes and scores."""
     jobs = _pipeline(cluster, tiny_models, sketchy_root, tmp_path / "two", CPU_FLAGS, GPUS_PER_NODE="1")
     check_pipeline_reports(tmp_path / "two", jobs)
     runs = {"one": readme_pipeline[0] / "runs", "two": tmp_path / "two" / "runs"}
@@ -251,6 +228,9 @@ def test_the_pipeline_on_two_nodes_ends_with_the_metrics_of_one_node(cluster, ti
     images = {name: {p.relative_to(r): p.read_bytes() for p in (r / "gen_dreambooth" / "images").rglob("*.png")}
               for name, r in runs.items()}
     assert len(images["two"]) == 10 and images["two"] == images["one"]
+    captions = {name: (r / "captions" / "captions.jsonl").read_bytes() for name, r in runs.items()}
+    assert captions["two"] and captions["two"] == captions["one"]
+    assert json.loads((runs["two"] / "captions" / "metrics.json").read_text())["num_processes"] == 2
     scores = {name: json.loads((r / "fid" / "metrics.json").read_text()) for name, r in runs.items()}
     assert scores["two"]["num_processes"] == scores["one"]["num_processes"] == 2
     assert scores["two"]["reference"]["name"] == scores["one"]["reference"]["name"] == "test sketches"
