@@ -655,6 +655,7 @@ def test_8bit_adam_and_cached_latents(db_args, tmp_path, tiny_models):
     base = weights(tiny_models.sd / "unet")
     a, b = weights(plain / "unet"), weights(cached / "unet")
     assert any(not torch.equal(a[k], base[k]) for k in a)  # 8-bit AdamW trained
+    assert "torch.uint8" in json.loads((plain / "metrics.json").read_text())["optimizer_dtypes"]["state"]  # its moments
     assert relative_difference(a, b, base) < 1e-2  # cached latents give the same training
 
 

@@ -4,11 +4,14 @@ entry fails, an entry naming a test that does not exist fails, and an entry whos
 from __future__ import annotations
 
 import ast
+import json
 import os
 import shlex
 from types import SimpleNamespace
 
-from .helpers import REPO, readme_block, readme_blocks, readme_cpu_env
+import torch
+
+from .helpers import REPO, fresh_clone, readme_block, readme_blocks, readme_cpu_env, run_readme_command, weights
 
 # A block's first line -> the tests that run it ("file.py::test"), or the reason it is not run on CI yet.
 RUN_BY = {
@@ -20,8 +23,7 @@ RUN_BY = {
         "test_two_nodes.py::test_the_pipeline_on_two_nodes_ends_with_the_metrics_of_one_node"],
     "export SBATCH_GPUS_PER_NODE=0": ["test_readme.py::test_the_cpu_form_is_what_the_slurm_tests_run_with"],
     "accelerate launch --config_file accelerate_configs/multi_gpu.yaml": [
-        "not run as written yet: 400 steps at 512 px with 8-bit Adam; the same trainer and flags run at 64 px in "
-        "tests/test_dreambooth.py"],
+        "test_readme.py::test_the_readme_accelerate_block_runs_in_its_cpu_form_two_bf16_processes_with_8bit_adamw"],
     "nice -n 10 python bench/full_scale.py": ["not run: a 17-minute benchmark (its figures are the README's table)"],
     "XL=stabilityai/stable-diffusion-xl-base-1.0": ["not run as written yet: 1024 px on CPU (the generation job alone "
                                                     "draws every test sample at 1024 px); SDXL trainers run at 32-64 px "
@@ -67,3 +69,29 @@ def test_the_cpu_form_is_what_the_slurm_tests_run_with():
     assert {k: env[k] for k in documented} == documented
     added = {k for k in env if env[k] != os.environ.get(k)} - set(documented)
     assert added <= {"MODEL", "CAPTION_MODEL", "TORCH_HOME", "HF_HUB_OFFLINE"}, added
+
+
+def test_the_readme_accelerate_block_runs_in_its_cpu_form_two_bf16_processes_with_8bit_adamw(tiny_models, shard_dir,
+                                                                                            tmp_path):
+    """README: the `accelerate launch` block from a fresh clone, in the CPU form the README gives (`--num_processes 2`,
+    no other variable), on the tiny model and shards at 64 px for 2 steps: its GPU config runs two gloo processes,
+    in bf16, with 8-bit AdamW, and saves a pipeline plain diffusers loads."""
+    from diffusers import StableDiffusionPipeline
+
+    repo = fresh_clone(tmp_path / "clone")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("ACCELERATE_USE_CPU", None)
+    run_readme_command(readme_block("accelerate launch --config_file accelerate_configs/multi_gpu.yaml").strip(), repo, env,
+                       **{"multi_gpu.yaml": "multi_gpu.yaml --num_processes 2", "data/shards": str(shard_dir),
+                          "stable-diffusion-v1-5/stable-diffusion-v1-5": str(tiny_models.sd),
+                          "--resolution 512": "--resolution 64", "--max_train_steps 400": "--max_train_steps 2"})
+    out = repo / "runs" / "dreambooth_cat"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["num_processes"], metrics["distributed_type"], metrics["mixed_precision"], metrics["steps"]) == \
+        (2, "MULTI_CPU", "bf16", 2)
+    assert "torch.uint8" in metrics["optimizer_dtypes"]["state"]  # 8-bit AdamW's moments
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["gradient_checkpointing"] and config["train_batch_size"] == 2 and config["learning_rate"] == 5e-6
+    StableDiffusionPipeline.from_pretrained(out)
+    base, trained = weights(tiny_models.sd / "unet"), weights(out / "unet")
+    assert any(not torch.equal(trained[k], base[k]) for k in base)

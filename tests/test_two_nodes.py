@@ -44,9 +44,8 @@ def cluster(tmp_path_factory):
     scratch = tmp_path_factory.mktemp("slurm2")
     subprocess.run(["bash", str(REPO / "slurm/local_cluster.sh"), "start2", str(scratch)], check=True, timeout=60)
     env = {**os.environ, "SLURM_CONF": str(scratch / "slurm.conf"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "ACCELERATE_USE_CPU": "1", "ACCELERATE_CONFIG": "accelerate_configs/cpu.yaml", "GPUS_PER_NODE": "1",
-           "PRECISION": "no", "RESOLUTION": "32"}
-    for name in ("MASTER_ADDR", "MASTER_PORT"):
+           "ACCELERATE_CONFIG": "accelerate_configs/cpu.yaml", "GPUS_PER_NODE": "1", "PRECISION": "no", "RESOLUTION": "32"}
+    for name in ("MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU"):  # the README's CPU form: no GPU, no variable
         env.pop(name, None)
     yield env
     subprocess.run(["bash", str(REPO / "slurm/local_cluster.sh"), "stop", str(scratch)], timeout=30)
@@ -92,7 +91,6 @@ def test_deepspeed_zero2_across_two_nodes(cluster, tiny_models, shard_dir, two_n
     out = tmp_path / "zero2"
     env = _db_env(cluster, tiny_models, shard_dir, out, ACCELERATE_CONFIG="accelerate_configs/deepspeed_zero2.yaml",
                   PRECISION="bf16")
-    env.pop("ACCELERATE_USE_CPU")  # it would silently turn DeepSpeed off
     proc = _sbatch(env, tmp_path, "zero2", "slurm/dreambooth.sh", *DB_FLAGS)
     assert proc.returncode == 0, _log(tmp_path, "zero2")[-4000:]
     metrics = json.loads((out / "metrics.json").read_text())

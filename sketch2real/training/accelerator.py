@@ -39,7 +39,8 @@ def make_accelerator(opts, train_batch_size: int | None = None):
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
 
     cpu_forced = _env_true("ACCELERATE_USE_CPU")
-    if cpu_forced and _env_true("ACCELERATE_USE_DEEPSPEED"):
+    deepspeed = _env_true("ACCELERATE_USE_DEEPSPEED")
+    if cpu_forced and deepspeed:
         raise UserError("a DeepSpeed config was given with ACCELERATE_USE_CPU set, which silently turns DeepSpeed off: "
                         "unset ACCELERATE_USE_CPU (DeepSpeed runs on CPU without it)")
     on_cpu = not torch.cuda.is_available() or cpu_forced
@@ -56,6 +57,9 @@ def make_accelerator(opts, train_batch_size: int | None = None):
                        DistributedDataParallelKwargs(gradient_as_bucket_view=True)]
     report_to = None if opts.report_to == "none" else opts.report_to
     accelerator = Accelerator(
+        # told, as ACCELERATE_USE_CPU would tell it: on a machine without GPUs a GPU config's processes (torchrun's
+        # LOCAL_RANK) find no backend and each runs alone; not under DeepSpeed, which `cpu` turns off
+        cpu=on_cpu and not deepspeed,
         mixed_precision=opts.mixed_precision,  # None: accelerate's own setting
         gradient_accumulation_steps=opts.gradient_accumulation_steps,
         log_with=report_to,

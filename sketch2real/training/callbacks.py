@@ -185,15 +185,15 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def optimizer_dtypes(optimizer) -> dict[str, list[str]]:
-    """Dtypes of what the optimizer updates and of its state (AdamW's moments): the innermost torch optimizer's,
-    under accelerate's and DeepSpeed's wrappers (DeepSpeed's are its fp32 master partitions)."""
+    """Dtypes of what the optimizer updates and of its state (AdamW's moments; uint8 for 8-bit AdamW): the innermost
+    torch optimizer's, under accelerate's and DeepSpeed's wrappers (DeepSpeed's are its fp32 master partitions)."""
     inner = optimizer
     while hasattr(inner, "optimizer"):
         inner = inner.optimizer
     # the state's keys too: ZeRO-3 keeps its fp32 partitions there and leaves param_groups empty between steps
     params = {str(p.dtype) for group in inner.param_groups for p in group["params"]} | {str(p.dtype) for p in inner.state}
-    state = {str(v.dtype) for s in inner.state.values() for v in s.values()
-             if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() > 0}
+    # every non-scalar state tensor: 8-bit AdamW's moments are uint8 (with fp32 quantile maps and block scales)
+    state = {str(v.dtype) for s in inner.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
     return {"parameters": sorted(params), "state": sorted(state)}
 
 
