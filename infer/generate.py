@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from sketch2real.cli import UserError, as_dict, parse_options, run_main
-from sketch2real.family import family_of_pipeline
+from sketch2real.family import family_of_pipeline, native_size
 from sketch2real.generation import GenerateOptions as Options
 from sketch2real.generation import (
     build_items,
@@ -52,13 +52,6 @@ def main() -> int:
         raise UserError("--mixed_precision fp16 needs a CUDA device; use bf16 or no on CPU")
     out = Path(opts.output_dir)
     done = finished_keys(out) if out.is_dir() else set()
-    sketches = None
-    if opts.controlnet:
-        sketches = ShardSamples(opts.shard_dir, opts.split, fields=("sketch",), resolution=opts.height, as_tensor=False)
-        position = {ref.key: i for i, ref in enumerate(sketches.refs)}
-        items = [it for it in items if readable_sketch(sketches, position[it.sample_key])]  # the same list on every rank
-    batches = [b for b in rank_batches(items, opts.batch_size, state.process_index, state.num_processes)
-               if any(it.key not in done for it in b)]
     pipe = load_generation_pipeline(
         opts.pretrained_model_name_or_path, state.device, dtype_for(opts.mixed_precision), opts.scheduler,
         opts.textual_inversion, opts.lora, opts.lora_scale, opts.controlnet, opts.safety_checker,
@@ -68,6 +61,15 @@ def main() -> int:
                                               "scheduler", "lora_scale")}
     if opts.guidance_scale is None:
         settings["guidance_scale"] = family_of_pipeline(pipe).guidance_scale
+    for side in ("height", "width"):  # what the index records: the size the images have
+        settings[side] = settings[side] or native_size(pipe)
+    sketches = None
+    if opts.controlnet:
+        sketches = ShardSamples(opts.shard_dir, opts.split, fields=("sketch",), resolution=settings["height"], as_tensor=False)
+        position = {ref.key: i for i, ref in enumerate(sketches.refs)}
+        items = [it for it in items if readable_sketch(sketches, position[it.sample_key])]  # the same list on every rank
+    batches = [b for b in rank_batches(items, opts.batch_size, state.process_index, state.num_processes)
+               if any(it.key not in done for it in b)]
     model = {"model": opts.pretrained_model_name_or_path, "textual_inversion": opts.textual_inversion, "lora": opts.lora,
              "controlnet": opts.controlnet}
     if state.is_main_process:
@@ -96,7 +98,7 @@ def main() -> int:
     if state.is_main_process:
         rows = merge_index(out)
         missing = len({it.key for it in items} - {r["key"] for r in rows})
-        mosaics = write_mosaics(out, rows, opts.shard_dir, opts.split, cell=min(opts.height, 256), max_rows=opts.mosaic_rows)
+        mosaics = write_mosaics(out, rows, opts.shard_dir, opts.split, cell=min(settings["height"], 256), max_rows=opts.mosaic_rows)
         summary = {"images": len(rows), "generated_now": todo, "missing": missing, "index": str(out / "index.jsonl"),
                    "mosaics": [str(m) for m in mosaics], "corrupt_samples": corrupt_samples.summary(),
                    "num_processes": state.num_processes}

@@ -488,6 +488,13 @@ def family_of_pipeline(pipe) -> Family:
     return family_of_class(type(pipe).__name__)
 
 
+def native_size(pipe) -> int:
+    """The side in pixels a loaded pipeline generates at when given none: its denoiser's sample size (SD 1.x, SDXL,
+    SD3: the config's; FLUX: a fixed 128) times the VAE's downsampling, as each diffusers pipeline computes it."""
+    latent = getattr(pipe, "default_sample_size", None) or pipe.unet.config.sample_size
+    return int(latent * pipe.vae_scale_factor)
+
+
 def pipeline_class(family: Family, controlnet: bool = False):
     """The diffusers pipeline class that generates with this family (with a ControlNet, if asked)."""
     import diffusers

@@ -304,8 +304,9 @@ class GenerateOptions:
     guidance_scale: float | None = option(None, help="guidance scale (classifier-free, <= 1: none; FLUX.1 [dev]: the "
                                           "embedded guidance); default: the family's (SD, SDXL 7.5; SD3 7.0; FLUX.1 3.5)",
                                           min=0)
-    height: int = option(512, help="image height in pixels", min=8, multiple_of=8)
-    width: int = option(512, help="image width in pixels", min=8, multiple_of=8)
+    height: int | None = option(None, help="image height in pixels; default: the model's own, as its diffusers pipeline "
+                                "has it (SD 1.5 512, SDXL/SD3/FLUX 1024)", min=8, multiple_of=8)
+    width: int | None = option(None, help="image width in pixels; default: the model's own", min=8, multiple_of=8)
     batch_size: int = option(8, help="images per batch per process", min=1)
     seed: int = option(0, help="global seed: each image's seed derives from it and the item's key only", min=0)
     mixed_precision: str = option("no", help="no, fp16 or bf16 (fp16 needs CUDA)", choices=("no", "fp16", "bf16"))

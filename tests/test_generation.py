@@ -200,3 +200,25 @@ def test_a_lora_training_output_is_a_model(tmp_path):
         base_of_lora_output(str(lora), "/other")
     (lora / "model_index.json").write_text("{}")  # a full pipeline that also kept LoRA weights: the pipeline
     assert base_of_lora_output(str(lora), "/other") == (str(lora), "/other")
+
+
+@pytest.mark.parametrize("model", ["sd", "sdxl"])
+def test_without_a_size_images_have_the_size_the_models_own_pipeline_draws(model, tiny_models, tmp_path):
+    """No --height/--width: the model's own size, as plain diffusers draws it (a copy whose UNet says sample_size 6:
+    48 px), recorded in the index."""
+    import shutil
+
+    from diffusers import DiffusionPipeline
+
+    copy = tmp_path / "model"
+    shutil.copytree(getattr(tiny_models, model), copy)
+    config = json.loads((copy / "unet" / "config.json").read_text())
+    (copy / "unet" / "config.json").write_text(json.dumps({**config, "sample_size": 6}))
+    run_script("infer/generate.py", "--pretrained_model_name_or_path", copy, "--prompts", "a cat", "--num_inference_steps",
+               "1", "--output_dir", tmp_path / "gen")
+    ours = Image.open(next((tmp_path / "gen" / "images").rglob("*.png"))).size
+    pipe = DiffusionPipeline.from_pretrained(copy)
+    pipe.set_progress_bar_config(disable=True)
+    assert ours == pipe("a cat", num_inference_steps=1).images[0].size == (48, 48)
+    settings = json.loads((tmp_path / "gen" / "index.jsonl").read_text().splitlines()[0])["settings"]
+    assert (settings["height"], settings["width"]) == (48, 48)

@@ -25,9 +25,8 @@ RUN_BY = {
     "accelerate launch --config_file accelerate_configs/multi_gpu.yaml": [
         "test_readme.py::test_the_readme_accelerate_block_runs_in_its_cpu_form_two_bf16_processes_with_8bit_adamw"],
     "nice -n 10 python bench/full_scale.py": ["not run: a 17-minute benchmark (its figures are the README's table)"],
-    "XL=stabilityai/stable-diffusion-xl-base-1.0": ["not run as written yet: 1024 px on CPU (the generation job alone "
-                                                    "draws every test sample at 1024 px); SDXL trainers run at 32-64 px "
-                                                    "in tests/test_dreambooth.py and tests/test_textual_inversion.py"],
+    "XL=stabilityai/stable-diffusion-xl-base-1.0": [
+        "test_slurm.py::test_the_readme_sdxl_block_in_its_cpu_form_trains_each_method_and_generates_after_the_lora"],
     "MODEL=stabilityai/stable-diffusion-3.5-medium": [
         "test_slurm.py::test_the_readme_flow_family_block_as_written_trains_a_rank_16_lora_of_each_family"],
     "bash slurm/reproduce_study.sh": ["test_slurm.py::test_the_readme_study_reproduction_as_written_scores_every_row"],

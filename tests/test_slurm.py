@@ -1,5 +1,5 @@
 """slurm/*.sh against a real one-node Slurm on localhost (started here; .ci/run installs slurm-wlm and munge): the
-README's flow-family block and the study's reproduction as written. The README's pipeline, the data prep job and
+README's flow-family block and the study's reproduction as written, its SDXL block in its CPU form. The README's pipeline, the data prep job and
 preemption run on the two-node cluster (tests/test_two_nodes.py), on one node and on two."""
 
 import json
@@ -69,6 +69,40 @@ def test_the_readme_flow_family_block_as_written_trains_a_rank_16_lora_of_each_f
             ranks = {f.get_slice(k).get_shape()[0] for k in f.keys() if "lora_A" in k}
         assert ranks == {16}, (output, ranks)
     assert json.loads((repo / "runs/sd35_cat/run_config.json").read_text())["weighting_scheme"] == "logit_normal"
+
+
+def test_the_readme_sdxl_block_in_its_cpu_form_trains_each_method_and_generates_after_the_lora(slurm, tiny_models,
+                                                                                              shard_dir, tmp_path):
+    """README: the SDXL block from a fresh clone, in the CPU form the README gives for it: the hub ids by the tiny
+    SDXL and its VAE, 64 px for 1024 (a tiny SDXL job at 1024 px takes ~90 s on 2 cores), STEPS short. The LoRA, the
+    full UNet under DeepSpeed ZeRO-2 (its line as written: no variable turns DeepSpeed off), TI in both encoders,
+    ControlNet, and the generation that waits for the LoRA job."""
+    from diffusers import ControlNetModel, StableDiffusionXLPipeline
+    from safetensors import safe_open
+
+    repo = fresh_clone(tmp_path / "clone")
+    env = readme_cpu_env(tiny_models, SHARDS=str(shard_dir), STEPS="2")
+    vae = tiny_models.sdxl / "vae"
+    submitted = run_readme_command(readme_block("XL=stabilityai/stable-diffusion-xl-base-1.0").strip(), repo, env,
+                                   **{"stabilityai/stable-diffusion-xl-base-1.0": str(tiny_models.sdxl),
+                                      "madebyollin/sdxl-vae-fp16-fix": str(vae), "--resolution 1024": "--resolution 64"})
+    jobs = subprocess.run(["squeue", "-h", "-o", "%i"], env=env, capture_output=True, text=True).stdout.split()
+    assert len(jobs) == 5 and all(j in jobs for j in submitted.split() if j.isdigit()), (jobs, submitted)
+    wait_for_jobs(jobs, env, repo / "logs")
+    runs = repo / "runs"
+    lora = json.loads((runs / "xl_lora_cat" / "run_config.json").read_text())
+    assert (lora["lora_rank"], lora["resolution"], lora["pretrained_vae_model_name_or_path"]) == (16, 64, str(vae))
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_models.sdxl)
+    pipe.load_lora_weights(runs / "xl_lora_cat")  # plain diffusers loads it
+    full = json.loads((runs / "xl_cat" / "metrics.json").read_text())
+    assert full["distributed_type"] == "DEEPSPEED" and full["num_processes"] == 2 and full["steps"] == 2
+    assert json.loads((runs / "xl_cat" / "run_config.json").read_text())["gradient_checkpointing"]
+    StableDiffusionXLPipeline.from_pretrained(runs / "xl_cat")
+    with safe_open(runs / "xl_ti" / "learned_embeds.safetensors", "pt") as f:
+        assert set(f.keys()) == {"clip_l", "clip_g"}
+    ControlNetModel.from_pretrained(runs / "xl_controlnet")
+    generated = [json.loads(line) for line in (runs / "gen_xl_lora" / "index.jsonl").read_text().splitlines()]
+    assert generated and all(r["prompt"].endswith(" in the style of sks") for r in generated)
 
 
 STUDY_ROWS = {"llava-4", "llava-5", "llava-8", "dreambooth-sks-cat", "dreambooth-cat-style-sks", "dreambooth-sequential",
