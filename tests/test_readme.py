@@ -15,7 +15,8 @@ from .helpers import REPO, fresh_clone, readme_block, readme_blocks, readme_cpu_
 
 # A block's first line -> the tests that run it ("file.py::test"), or the reason it is not run on CI yet.
 RUN_BY = {
-    "make demo": ["not run by the suite: make test is .ci/run itself; make demo takes ~10 min on 2 cores the first time, ~3.5 min with the tiny base cached (run by hand; its table is in the README)"],
+    "make demo": ["not run by the suite: make test is .ci/run itself; make demo takes ~10 min on 2 cores the first time "
+                  "(9.3 min from a fresh clone, run by hand; its table is in the README), ~3.5 min with the tiny base cached"],
     "pip install torch torchvision --index-url": ["not run: needs PyTorch's CUDA index (no network on CI); the "
                                                   "requirements line is make setup's, which .ci/run runs"],
     "SKETCHY=/data/sketchy bash slurm/pipeline.sh": [
