@@ -239,10 +239,11 @@ def readme_block(containing: str) -> str:
 def readme_cpu_env(tiny_models, **extra: str) -> dict:
     """What the README says to set to run its commands on CPU-only Slurm nodes (README: "Without GPUs"), with the
     tiny models as MODEL and CAPTION_MODEL."""
-    env = {**os.environ, "SBATCH_GPUS_PER_NODE": "0", "GPUS_PER_NODE": "2", "ACCELERATE_CONFIG": "accelerate_configs/cpu.yaml",
-           "OMP_NUM_THREADS": "1", "PRECISION": "no", "HF_HUB_OFFLINE": "1", "MODEL": str(tiny_models.sd), "CAPTION_MODEL": str(tiny_models.llava),
+    env = {**os.environ, "SBATCH_GPUS_PER_NODE": "0", "GPUS_PER_NODE": "2",
+           "ACCELERATE_CONFIG": "accelerate_configs/cpu.yaml", "OMP_NUM_THREADS": "1", "PRECISION": "no",
+           "HF_HUB_OFFLINE": "1", "MODEL": str(tiny_models.sd), "CAPTION_MODEL": str(tiny_models.llava),
            "TORCH_HOME": str(tiny_models.torch_home), **extra}
-    for name in ("MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU"):
+    for name in ("MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU"):  # no GPU is enough: the README sets neither
         env.pop(name, None)
     return env
 

@@ -1,6 +1,6 @@
 """slurm/*.sh against a real one-node Slurm on localhost (started here; .ci/run installs slurm-wlm and munge): the
-README's flow-family block and the study's reproduction as written, its SDXL block in its CPU form. The README's pipeline, the data prep job and
-preemption run on the two-node cluster (tests/test_two_nodes.py), on one node and on two."""
+README's flow-family block and the study's reproduction as written, its SDXL block in its CPU form. The README's
+pipeline, the data prep job and preemption run on the two-node cluster (tests/test_two_nodes.py), on one node and on two."""
 
 import json
 import os
