@@ -26,8 +26,18 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 FIRST = ("test_slurm.py", "test_two_nodes.py")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-slow", action="store_true",
+                     help="also run the tests marked slow: README commands that take 10+ minutes alone (make demo)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.path.name not in FIRST)  # stable: the rest keep their order
+    if not config.getoption("--run-slow"):
+        skip = pytest.mark.skip(reason="slow: a README command of 10+ minutes, run alone with --run-slow")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

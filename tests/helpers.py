@@ -248,13 +248,13 @@ def readme_cpu_env(tiny_models, **extra: str) -> dict:
     return env
 
 
-def run_readme_command(command: str, cwd: Path, env: dict, **substitutions: str) -> str:
+def run_readme_command(command: str, cwd: Path, env: dict, timeout: int = 300, **substitutions: str) -> str:
     """`command` (a README line) run by bash in `cwd` with each placeholder the README names replaced; its stdout."""
     for placeholder, value in substitutions.items():
         assert placeholder in command, (placeholder, command)
         command = command.replace(placeholder, value)
     env = {**env, "PYTHONPATH": str(cwd)}  # the clone's library, as its own `pip install -e .` would give (sbatch passes it on)
-    proc = subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 

@@ -9,14 +9,15 @@ import os
 import shlex
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from .helpers import REPO, fresh_clone, readme_block, readme_blocks, readme_cpu_env, run_readme_command, weights
 
 # A block's first line -> the tests that run it ("file.py::test"), or the reason it is not run on CI yet.
 RUN_BY = {
-    "make demo": ["not run by the suite: make test is .ci/run itself; make demo takes ~10 min on 2 cores the first time "
-                  "(9.3 min from a fresh clone, run by hand; its table is in the README), ~3.5 min with the tiny base cached"],
+    "make demo": ["test_readme.py::test_make_demo_from_a_fresh_clone_prints_the_readme_s_table"],  # slow: --run-slow
+    # (make test is .ci/run itself)
     "pip install torch torchvision --index-url": ["not run: needs PyTorch's CUDA index (no network on CI); the "
                                                   "requirements line is make setup's, which .ci/run runs"],
     "SKETCHY=/data/sketchy bash slurm/pipeline.sh": [
@@ -25,7 +26,8 @@ RUN_BY = {
     "export SBATCH_GPUS_PER_NODE=0": ["test_readme.py::test_the_cpu_form_is_what_the_slurm_tests_run_with"],
     "accelerate launch --config_file accelerate_configs/multi_gpu.yaml": [
         "test_readme.py::test_the_readme_accelerate_block_runs_in_its_cpu_form_two_bf16_processes_with_8bit_adamw"],
-    "nice -n 10 python bench/full_scale.py": ["not run: a 17-minute benchmark (its figures are the README's table)"],
+    "nice -n 10 python bench/full_scale.py": [  # slow: --run-slow
+        "test_readme.py::test_the_full_scale_bench_as_written_gives_the_readme_s_rows_and_sizes"],
     "XL=stabilityai/stable-diffusion-xl-base-1.0": [
         "test_slurm.py::test_the_readme_sdxl_block_in_its_cpu_form_trains_each_method_and_generates_after_the_lora"],
     "MODEL=stabilityai/stable-diffusion-3.5-medium": [
@@ -95,3 +97,110 @@ def test_the_readme_accelerate_block_runs_in_its_cpu_form_two_bf16_processes_wit
     StableDiffusionPipeline.from_pretrained(out)
     base, trained = weights(tiny_models.sd / "unet"), weights(out / "unet")
     assert any(not torch.equal(trained[k], base[k]) for k in base)
+
+
+# The README's demo table: a row's start -> the demo report's effect row (its start; None: no KID difference) and
+# its style row.
+DEMO_ROWS = {"base (`a {category}`)": (None, "base"),
+             "Textual Inversion": ("Textual Inversion", "textual_inversion"),
+             "style LoRA, DoRA, EMA weights": ("style LoRA (DoRA, EMA", "style_lora"),
+             "style LoRA, DoRA, trained weights": ("the same LoRA without its EMA", "style_lora_without_ema"),
+             "base, cat only": (None, "base, cat only"),
+             "DreamBooth, cat": ("DreamBooth", "dreambooth (cat)")}
+# What the README's prose after the table says -> the report's effect row.
+DEMO_PROSE = {r"EMA vs trained weights: KID (\S+ \[\S+, \S+\])": "the style LoRA's EMA vs its trained weights",
+              r"KID (\S+ \[\S+, \S+\]) against TI's images": "the style LoRA vs Textual Inversion"}
+
+
+def _estimate(text: str) -> tuple[float, float, float]:
+    """`-2.2 [-5.5, +1.1]` (either minus sign) -> (value, low, high)."""
+    import re
+
+    found = re.fullmatch(r"\s*([-+]?[\d.]+) \[([-+]?[\d.]+), ([-+]?[\d.]+)\]\s*", text.replace("−", "-"))
+    assert found, text
+    return tuple(float(x) for x in found.groups())
+
+
+def _table(text: str, header: str) -> list[list[str]]:
+    """The cells of the markdown table whose header line starts with `header`."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    return rows
+
+
+def _agrees(readme: str, report: str, verdict: str | None = None) -> bool:
+    """The README's figure lies in the report's 95% interval, and says "significant" exactly where the report does."""
+    value, low, high = _estimate(readme)
+    _, report_low, report_high = _estimate(report)
+    inside = report_low <= value <= report_high
+    return inside and (verdict is None or (verdict == "significant") == (low > 0 or high < 0))
+
+
+@pytest.mark.slow
+def test_make_demo_from_a_fresh_clone_prints_the_readme_s_table(tmp_path):
+    """README: `make demo` as written, from a fresh clone (it installs what is missing: the clone's package, put back
+    after), ends in demo/report.md, and every figure of the README's demo table and its prose lies in the report's 95%
+    interval, with the same verdict (significant or not distinguishable)."""
+    import subprocess
+    import sys
+
+    repo = fresh_clone(tmp_path / "clone")
+    command = readme_block("make demo").splitlines()[0]
+    assert command.startswith("make demo ")
+    try:
+        run_readme_command(command, repo, {**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=1800)
+    finally:  # make setup installed the clone's package: this checkout's again
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", str(REPO)],
+                       check=True, capture_output=True)
+    disagree = demo_disagreements((repo / "demo" / "report.md").read_text(), (REPO / "README.md").read_text())
+    assert not disagree, disagree
+
+
+def demo_disagreements(report: str, readme: str) -> list[tuple]:
+    """The README's demo figures (table and prose) that the demo's report.md does not back: outside its 95% interval,
+    or with another verdict."""
+    import re
+
+    effects = {row[0]: (row[2], row[3]) for row in _table(report, "| effect |")}
+    styles = {row[0]: row[1:] for row in _table(report, "| generated set | sketchiness")}
+    rows = _table(readme, "| generated set (prompt) |")
+    assert len(rows) == len(DEMO_ROWS)
+    disagree = []
+    for label, kid, *style in rows:
+        effect, style_row = next(v for k, v in DEMO_ROWS.items() if label.startswith(k))
+        if effect is not None:
+            value, verdict = next(v for k, v in effects.items() if k.startswith(effect))
+            disagree += [] if _agrees(kid, value, verdict) else [(label, kid, value, verdict)]
+        disagree += [(label, a, b) for a, b in zip(style, styles[style_row]) if not _agrees(a, b)]
+    for pattern, effect in DEMO_PROSE.items():
+        value, verdict = next(v for k, v in effects.items() if k.startswith(effect))
+        readme_figure = re.search(pattern, readme).group(1)
+        disagree += [] if _agrees(readme_figure, value, verdict) else [(effect, readme_figure, value, verdict)]
+    return disagree
+
+
+def full_scale_disagreements(bench_table: str, readme: str) -> list:
+    """Where the README's full-scale table is not the bench's: other rows, or other figures wherever they are sizes and
+    counts of the seeded release (times and RSS vary run to run)."""
+    measured = {row[0]: row[1:] for row in _table(bench_table, "| figure |")}
+    written = {row[0]: row[1:] for row in _table(readme, "| figure | measured here |")}
+    if list(measured) != list(written):
+        return [("rows", list(measured), list(written))]
+    sizes = [row for row in written if any(word in row for word in ("bytes", "on disk", "would hold", "fp32 cache"))]
+    assert len(sizes) >= 10, sizes
+    return [(row, measured[row], written[row]) for row in sizes if measured[row] != written[row]]
+
+
+@pytest.mark.slow
+def test_the_full_scale_bench_as_written_gives_the_readme_s_rows_and_sizes(tmp_path):
+    """README: `bench/full_scale.py` as written (its output folder in tmp): the README's table has the bench's rows
+    and, wherever they are sizes and counts, its figures."""
+    command = readme_block("python bench/full_scale.py").strip()
+    run_readme_command(command, REPO, {**os.environ}, timeout=3600, **{"/tmp/s2r-fs-020": str(tmp_path / "fs")})
+    disagree = full_scale_disagreements((tmp_path / "fs" / "full_scale.md").read_text(), (REPO / "README.md").read_text())
+    assert not disagree, disagree
