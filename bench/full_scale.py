@@ -111,7 +111,9 @@ def latent_child(shards: str, vae_dir: str, store_root: str, resolution: int, fi
     latents = store.latents([0, 1, len(images) // 2, len(images) - 1], eps)  # read back, memory-mapped
     on_disk = folder_bytes(store.folder, "block-*.npy")
     first = np.load(store._block_file(0), mmap_mode="r")
-    return {"images": len(images), "seconds": seconds, "bytes_on_disk": on_disk, "bytes_per_image": on_disk / len(images),
+    stored = store.stats["unique_images"]  # ControlNet's pairs name their photo: each photo is encoded once
+    return {"images": len(images), "stored_images": stored, "seconds": seconds, "bytes_on_disk": on_disk,
+            "bytes_per_image": on_disk / stored,
             "numbers_per_image": int(np.prod(first.shape[1:])), "latent_shape": list(latents.shape[1:]),
             "rss_before_mib": rss_before / MIB, "peak_rss_mib": peak / MIB, "peak_growth_mib": (peak - rss_before) / MIB,
             "num_workers": num_workers, "vae_factor": 2 ** (len(vae.config.block_out_channels) - 1)}
@@ -284,14 +286,16 @@ def table(results: dict) -> list[str]:
                   linear)]
     for entry in results.get("latents", []):
         r = entry["result"]
-        n_full = r["images"] * f
-        label = f"latent store, {entry['set']}, {entry['resolution']} px ({r['images']:,} images here)"
+        n_full, stored_full = r["images"] * f, r["stored_images"] * f
+        here = (f"{r['images']:,} images here" if r["stored_images"] == r["images"] else
+                f"{r['images']:,} pairs, {r['stored_images']:,} distinct photos here")
+        label = f"latent store, {entry['set']}, {entry['resolution']} px ({here})"
         alone = r["seconds"] * f
         rows += [(f"{label}: encode time", human_seconds(r["seconds"]),
                   f"{human_seconds(alone / RANKS)} ({human_seconds(alone)} as 1 process)",
                   f"{human_seconds(alone / RANKS)} (ranks in parallel)", f"{linear}; blocks dealt to the ranks"),
-                 (f"{label}: on disk", f"{human_bytes(r['bytes_on_disk'])} ({r['bytes_per_image']:.0f} B/image)",
-                  "reads the shared copy", human_bytes(r["bytes_per_image"] * n_full) + " (one copy)", linear),
+                 (f"{label}: on disk", f"{human_bytes(r['bytes_on_disk'])} ({r['bytes_per_image']:.0f} B/stored image)",
+                  "reads the shared copy", human_bytes(r["bytes_per_image"] * stored_full) + " (one copy)", linear),
                  (f"{label}: process peak RSS (growth while building)",
                   f"{r['peak_rss_mib']:.0f} MiB (+{r['peak_growth_mib']:.0f})", f"~{r['peak_rss_mib']:.0f} MiB",
                   f"~{r['peak_rss_mib'] * RANKS / 1024:.1f} GiB", "O(batch): measured, not scaled"),
@@ -301,7 +305,7 @@ def table(results: dict) -> list[str]:
     for entry in results.get("latent_projection", []):
         res, n_full, disk, old = entry["resolution"], entry["images"], entry["store_bytes"], entry["old_bytes_per_rank"]
         rows += [(f"latent store, {entry['set']}, {res} px, SD VAE: on disk", "—",
-                  f"encodes {n_full / RANKS:,.0f} images", f"{human_bytes(disk)} (one copy)",
+                  f"encodes {entry['stored_images'] / RANKS:,.0f} images", f"{human_bytes(disk)} (one copy)",
                   f"{entry['bytes_per_number']:.3f} B per latent number (measured) x 2 x 4 x {res // 8}²"),
                  (f"old in-memory fp32 cache, {entry['set']}, {res} px", "—",
                   f"{human_bytes(old)}, encodes {n_full:,.0f}", human_bytes(old * RANKS), "2 x 4 x (res/8)² x 4 B per rank")]
@@ -359,12 +363,13 @@ def latent_projection(latents: list[dict], factor: float) -> list[dict]:
         if entry["resolution"] != min(e["resolution"] for e in latents):
             continue
         r = entry["result"]
-        per_number = r["bytes_on_disk"] / (r["images"] * r["numbers_per_image"])
+        per_number = r["bytes_on_disk"] / (r["stored_images"] * r["numbers_per_image"])
         for res in (512, 1024):
             numbers = 2 * 4 * (res // 8) ** 2
-            n_full = r["images"] * factor
-            out.append({"set": entry["set"], "resolution": res, "images": n_full, "bytes_per_number": per_number,
-                        "store_bytes": n_full * numbers * per_number, "old_bytes_per_rank": n_full * numbers * 4})
+            n_full, stored_full = r["images"] * factor, r["stored_images"] * factor
+            out.append({"set": entry["set"], "resolution": res, "images": n_full, "stored_images": stored_full,
+                        "bytes_per_number": per_number, "store_bytes": stored_full * numbers * per_number,
+                        "old_bytes_per_rank": n_full * numbers * 4})
     return out
 
 
