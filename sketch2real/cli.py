@@ -380,21 +380,51 @@ def leave_process_group() -> None:
         dist.destroy_process_group()
 
 
+def exit_now(code: int | str | None) -> typing.NoReturn:
+    """End the process with `code` as `sys.exit(code)` would, after what an exit does for the script's data (non-daemon
+    threads joined, atexit handlers run: logging, trackers, DataLoader workers; stdout and stderr flushed), but
+    without the interpreter's finalization: tearing down torch's, diffusers' and transformers' objects took ~1.6 s of
+    CPU per process after the script's last line (a tiny generation job: 9.0 s of CPU in all), on every rank of
+    every job."""
+    import atexit
+    import threading
+
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    try:
+        threading._shutdown()  # what the interpreter does first at exit: wait for non-daemon threads
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe or stream: nothing more can reach it
+                pass
+        os._exit(code or 0)
+
+
 def run_main(main: Callable[[], Any]) -> None:
     """Run an entry point: a `UserError` becomes one stderr line and exit status 2; after a normal return every rank
-    leaves the process group together (`leave_process_group`)."""
+    leaves the process group together (`leave_process_group`). A script's own `main` (run as `__main__`) then ends its
+    process by `exit_now`; any other callable gets the `SystemExit`."""
     try:
-        result = main()
-        if result in (0, None):
-            leave_process_group()
-    except UserError as err:
-        prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "sketch2real"
-        print(f"{prog}: error: {one_line(str(err))}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(result if isinstance(result, int) else 0)
+        try:
+            result = main()
+            if result in (0, None):
+                leave_process_group()
+        except UserError as err:
+            prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "sketch2real"
+            print(f"{prog}: error: {one_line(str(err))}", file=sys.stderr)
+            sys.exit(EXIT_USAGE)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+        sys.exit(result if isinstance(result, int) else 0)
+    except SystemExit as stop:
+        if getattr(main, "__module__", None) != "__main__":
+            raise
+        exit_now(stop.code)
 
 
 def as_dict(options: Any) -> dict[str, Any]:

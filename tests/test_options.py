@@ -491,3 +491,40 @@ def test_a_normal_return_leaves_the_process_group_after_a_barrier(tmp_path, monk
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+ENTRY_SCRIPT = '''
+import atexit, sys
+from sketch2real.cli import UserError, run_main
+
+class Finalized:
+    def __del__(self):
+        print("finalized", flush=True)
+
+KEEP = Finalized()  # a module global: only the interpreter's finalization destroys it
+atexit.register(lambda: print("atexit ran", flush=True))
+
+def main():
+    sys.stdout.write("last line, still buffered;")
+    if sys.argv[1] == "user-error":
+        raise UserError("no such folder")
+    return int(sys.argv[1])
+
+if __name__ == "__main__":
+    run_main(main)
+'''
+
+
+@pytest.mark.parametrize("argument, code", [("0", 0), ("3", 3), ("user-error", 2)])
+def test_a_script_ends_after_its_exit_work_without_the_interpreter_s_finalization(argument, code, tmp_path):
+    """A script's process ends with its exit status, its atexit handlers run and its output flushed, but without
+    tearing down every object first (~1.6 s of CPU per process after torch, diffusers and transformers)."""
+    import subprocess
+
+    script = tmp_path / "entry.py"
+    script.write_text(ENTRY_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), argument], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == code, proc.stderr
+    assert proc.stdout == "last line, still buffered;atexit ran\n", proc.stdout  # no "finalized"
+    assert proc.stderr == ("entry.py: error: no such folder\n" if code == 2 else "")
