@@ -5,6 +5,7 @@ engine is handed the model, how many of its parameter elements does this rank ho
 whole is moved to the device whole before it is partitioned)? Written to REPORT.rank<N>.json.
 """
 
+import atexit
 import json
 import os
 import runpy
@@ -26,12 +27,14 @@ def main() -> None:
         return configure(self, model)
 
     DeepSpeedEngine._configure_distributed_model = spy
-    sys.argv = [script, *args]
-    try:
-        runpy.run_path(script, run_name="__main__")
-    finally:
+
+    def write_report() -> None:
         with open(f"{report}.rank{os.environ.get('RANK', '0')}.json", "w") as f:
             json.dump(seen, f)
+
+    atexit.register(write_report)  # the script ends its process itself (sketch2real.cli.exit_now) after atexit
+    sys.argv = [script, *args]
+    runpy.run_path(script, run_name="__main__")
 
 
 if __name__ == "__main__":
