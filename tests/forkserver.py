@@ -13,15 +13,14 @@ Run as `python -m tests.forkserver` (by `tests.helpers`): one JSON request per s
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import runpy
 import signal
 import sys
-import threading
 import time
 import traceback
+import typing
 from pathlib import Path
 
 PRELOAD = [
@@ -59,17 +58,12 @@ def _preload() -> None:
                 pass
 
 
-def _exit_code(exc: SystemExit) -> int:
-    if exc.code is None:
-        return 0
-    if isinstance(exc.code, int):
-        return exc.code
-    print(exc.code, file=sys.stderr)
-    return 1
+def _run(argv: list[str]) -> typing.NoReturn:
+    """Run `argv` as `python *argv` would in this (forked) process, then end it as a script ends its own
+    (`sketch2real.cli.exit_now`: non-daemon threads, atexit handlers, flushed output)."""
+    from sketch2real.cli import exit_now
 
-
-def _run(argv: list[str]) -> int:
-    """Run `argv` as `python *argv` would in this (forked) process; its exit code, after interpreter-exit work."""
+    code: int | str | None = 0
     try:
         if argv[0] == "-m":
             sys.argv = [argv[1], *argv[2:]]
@@ -82,24 +76,12 @@ def _run(argv: list[str]) -> int:
             sys.argv = list(argv)
             sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))
             runpy.run_path(argv[0], run_name="__main__")
-        code = 0
     except SystemExit as exc:
-        code = _exit_code(exc)
+        code = exc.code
     except BaseException:
         traceback.print_exc()
         code = 1
-    # What a normal interpreter exit does before it ends: wait for non-daemon threads, run atexit handlers.
-    try:
-        threading._shutdown()
-        atexit._run_exitfuncs()
-    except BaseException:
-        traceback.print_exc()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:
-            pass
-    return code
+    exit_now(code)
 
 
 def _fork_ranks(args) -> None:
@@ -121,7 +103,7 @@ def _fork_ranks(args) -> None:
                 "TORCHELASTIC_MAX_RESTARTS": "0", "TORCHELASTIC_RUN_ID": "none", "TORCHELASTIC_USE_AGENT_STORE": "False",
             })
             sys.stdout.reconfigure(line_buffering=True)  # torchrun starts workers with `python -u`
-            os._exit(_run([args.training_script, *args.training_script_args]))
+            _run([args.training_script, *args.training_script_args])
         children[pid] = rank
     failures: dict[int, int] = {}
     deadline = None
@@ -175,7 +157,7 @@ def _serve() -> None:
             os.environ.clear()
             os.environ.update(request["env"])
             _load_probes()
-            os._exit(_run(request["argv"]))
+            _run(request["argv"])
         protocol.write(json.dumps({"pid": pid}) + "\n")
         protocol.flush()
         _, status = os.waitpid(pid, 0)
