@@ -294,8 +294,8 @@ def test_ema_is_the_average_of_every_steps_weights_and_is_what_is_saved(db_args,
 
 
 def test_validation_sees_the_ema_and_training_goes_on_from_the_trained_weights(tmp_path):
+    from sketch2real.training.averages import EMAWeights
     from sketch2real.training.callbacks import Run, Validation
-    from sketch2real.training.ema import EMAWeights
 
     from .helpers import in_process_accelerator
 
@@ -313,11 +313,114 @@ def test_validation_sees_the_ema_and_training_goes_on_from_the_trained_weights(t
             return {"weight_sum": float(model.weight.detach().sum())}
 
     run = Run(Task(), None, in_process_accelerator("no"), model, None, None, tmp_path, {}, None, step=2, start_step=0,
-              last_checkpoint=None, ema=ema)
+              last_checkpoint=None, averaged=ema)
     Validation()._validate(run)
     decay = 2 / 11
     assert run.logs["weight_sum"] == pytest.approx(float((decay * start + (1 - decay) * trained).sum()), rel=1e-6)
     assert torch.equal(model.weight, trained)
+
+
+def test_schedule_free_validates_its_average_and_steps_on_from_its_exact_iterate(tmp_path):
+    """--optimizer adamw_schedulefree: validation sees x, the weights schedulefree's own eval() gives; the step after
+    it is the step of an optimizer never switched (y back bit for bit); the logged learning rate is its warm-up's."""
+    import copy
+
+    from diffusers.optimization import get_scheduler
+
+    from sketch2real.training.averages import averaged_weights
+    from sketch2real.training.callbacks import Run, Validation
+    from sketch2real.training.loop import make_optimizer
+    from sketch2real.training.options import TrainOptions
+
+    from .helpers import in_process_accelerator
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opts = TrainOptions(pretrained_model_name_or_path="m", output_dir=str(tmp_path), optimizer="adamw_schedulefree",
+                        learning_rate=0.1, lr_warmup_steps=2)
+    optimizer = make_optimizer(list(model.parameters()), opts, torch.device("cpu"), opts.learning_rate)
+    average = averaged_weights(opts, in_process_accelerator("no"), model, optimizer)
+    inputs = torch.randn(4, 4, 3)
+
+    def step(model, optimizer, i):
+        model(inputs[i]).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    class Task:
+        def validate(self, accelerator, model, step):
+            self.seen = [p.detach().clone() for p in model.parameters()]
+            return {}
+
+    task = Task()
+    run = Run(task, opts, in_process_accelerator("no"), model, optimizer, get_scheduler("constant", optimizer), tmp_path,
+              {}, None, step=1, start_step=0, last_checkpoint=None, averaged=average)
+    step(model, optimizer, 0)
+    assert run.learning_rate() == pytest.approx(0.05)  # step 1 of a 2-step warm-up
+    for i in (1, 2):
+        step(model, optimizer, i)
+    trained = [p.detach().clone() for p in model.parameters()]
+    untouched = copy.deepcopy((model, optimizer))
+    evaluated = copy.deepcopy((model, optimizer))
+    evaluated[1].eval()
+    Validation()._validate(run)
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(task.seen, evaluated[0].parameters()))
+    assert min((a - b).abs().max() for a, b in zip(task.seen, trained)) > 1e-3  # x is not y
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), trained))
+    step(model, optimizer, 3)
+    step(*untouched, 3)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), untouched[0].parameters()))
+
+
+def test_schedule_free_under_zero2_saves_the_one_process_average_and_resumes_exactly(db_args, tmp_path):
+    """ZeRO-2 over 2 processes: the saved LoRA is the 1-process average (each process computes x on its partition);
+    a run resumed from a checkpoint (its optimizer's step count, warm-up and average weights with it) saves the same
+    LoRA, bit for bit."""
+    import shutil
+
+    args = [*db_args, "--max_train_steps", "4", "--checkpointing_steps", "2", "--lora_rank", "4", "--learning_rate",
+            "1e-2", "--optimizer", "adamw_schedulefree", "--lr_warmup_steps", "3"]
+    one, sharded, resumed = tmp_path / "one", tmp_path / "zero2", tmp_path / "resumed"
+    run_script("train/dreambooth.py", *args, "--train_batch_size", "2", "--output_dir", one)
+    config = "accelerate_configs/deepspeed_zero2.yaml"
+    launch("train/dreambooth.py", *args, "--output_dir", sharded, deepspeed_config=config)
+    a, b = _lora_ups(one), _lora_ups(sharded)
+    assert relative_difference(a, b, {k: torch.zeros_like(v) for k, v in a.items()}) < 1e-3
+    resumed.mkdir()
+    shutil.copytree(sharded / "checkpoint-2", resumed / "checkpoint-2")
+    launch("train/dreambooth.py", *args, "--output_dir", resumed, "--resume_from_checkpoint", "latest",
+           deepspeed_config=config)
+    assert json.loads((resumed / "metrics.json").read_text())["steps_this_run"] == 2  # DeepSpeed's checkpoint resumed
+    c = _lora_ups(resumed)
+    assert b.keys() == c.keys() and all(torch.equal(b[k], c[k]) for k in b)
+
+
+def test_optimizers_that_count_steps_per_call_refuse_a_zero3_split_and_schedule_free_refuses_a_schedule(tmp_path):
+    """ZeRO-3 steps its torch optimizer once per sub-group: Prodigy's and schedule-free's step counts would advance
+    once per sub-group. Schedule-free takes no decaying schedule and no EMA on top of its own average."""
+    from types import SimpleNamespace
+
+    from sketch2real.cli import UserError
+    from sketch2real.training.loop import check_step_counting, make_optimizer
+    from sketch2real.training.options import TrainOptions
+
+    base = dict(pretrained_model_name_or_path="m", output_dir=str(tmp_path))
+    for name, lr in (("adamw_schedulefree", 1e-3), ("prodigy", 1.0), ("adamw", 1e-3)):
+        opts = TrainOptions(**base, optimizer=name, learning_rate=lr)
+        inner = make_optimizer([torch.nn.Parameter(torch.zeros(2))], opts, torch.device("cpu"), lr)
+        for sub_groups in (1, 3):
+            wrapped = SimpleNamespace(optimizer=SimpleNamespace(  # accelerate's wrapper over DeepSpeed's ZeRO-3
+                sub_group_to_group_id=dict.fromkeys(range(sub_groups), 0), optimizer=inner))
+            if sub_groups > 1 and name != "adamw":
+                with pytest.raises(UserError, match="once per sub-group"):
+                    check_step_counting(None, wrapped)
+            else:
+                check_step_counting(None, wrapped)
+    for extra, message in (({"lr_scheduler": "cosine"}, "replaces the learning-rate schedule"),
+                           ({"use_ema": True}, "drop --use_ema"), ({"use_8bit_adam": True}, "is an AdamW")):
+        with pytest.raises(UserError, match=message):
+            TrainOptions(**base, optimizer="adamw_schedulefree", **extra).check()
+    TrainOptions(**base, optimizer="adamw_schedulefree", lr_scheduler="constant_with_warmup").check()
 
 
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
@@ -352,6 +455,7 @@ def test_ema_under_zero_is_sharded_matches_one_process_and_resumes_exactly(zero,
         shutil.copytree(sharded / "checkpoint-2", resumed / "checkpoint-2")
         launch("train/dreambooth.py", *args, "--output_dir", resumed, "--resume_from_checkpoint", "latest",
                deepspeed_config=config)
+        assert json.loads((resumed / "metrics.json").read_text())["steps_this_run"] == 2  # it resumed, not restarted
         c = _lora_ups(resumed)
         assert b.keys() == c.keys() and all(torch.equal(b[k], c[k]) for k in b)
 

@@ -217,6 +217,13 @@ def is_deepspeed(accelerator) -> bool:
     return accelerator.state.deepspeed_plugin is not None
 
 
+def innermost_optimizer(optimizer):
+    """The torch optimizer under accelerate's and DeepSpeed's wrappers (DeepSpeed's steps its fp32 master partitions)."""
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
 def optimizer_sharded(accelerator) -> bool:
     """Whether each process steps only its own part of the optimizer state (DeepSpeed ZeRO over several processes)."""
     plugin = accelerator.state.deepspeed_plugin

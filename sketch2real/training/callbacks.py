@@ -22,7 +22,7 @@ import torch
 
 from sketch2real.io import append_jsonl, atomic_open, write_json
 from sketch2real.shards import corrupt_samples
-from sketch2real.training.accelerator import compiled_graphs, finish_trackers
+from sketch2real.training.accelerator import compiled_graphs, finish_trackers, innermost_optimizer
 from sketch2real.training.checkpoints import save_checkpoint
 from sketch2real.training.model_card import CARD, model_card
 from sketch2real.training.preemption import PREEMPTED_EXIT_CODE, Preempted, mark_preempted
@@ -57,18 +57,24 @@ class Run:
     preempted: bool = False  # a preemption signal reached some process (one collective decides, for all)
     logs: dict[str, Any] = field(default_factory=dict)  # this step's: loss, lr, validation
     summary: dict[str, Any] = field(default_factory=dict)  # metrics.json, once written
-    ema: Any = None  # `sketch2real.training.ema.EMAWeights` with --use_ema
+    # the average validated and saved (`sketch2real.training.averages`: --use_ema's, schedule-free's; None: none)
+    averaged: Any = None
 
     def checkpoint(self) -> None:
         """A checkpoint at this step (the EMA's share of every process in it), then the task's own files."""
         save_checkpoint(self.accelerator, self.out, self.step, self.opts.checkpoints_total_limit, self.fingerprint,
-                        extra=self.ema.save if self.ema is not None else None)
+                        extra=self.averaged.save if self.averaged is not None else None)
         self.task.on_checkpoint(self.accelerator, self.model, self.step)
         self.last_checkpoint = self.step
 
-    def validation_weights(self):
-        """The weights validation sees: the EMA's with --use_ema (a collective under DeepSpeed), else the trained."""
-        return self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
+    def evaluation_weights(self):
+        """The weights validation sees and the final save writes: the average with --use_ema or schedule-free AdamW (a
+        collective under DeepSpeed), else the trained ones."""
+        return self.averaged.swapped_in() if self.averaged is not None else contextlib.nullcontext()
+
+    def learning_rate(self) -> float:
+        """The last step's learning rate: the schedule's, or schedule-free AdamW's own warm-up (its `scheduled_lr`)."""
+        return self.optimizer.param_groups[0].get("scheduled_lr", self.lr_scheduler.get_last_lr()[0])
 
     def mark_timing(self) -> None:
         """Called by the loop right after a read of device values (the device has caught up): the first read starts
@@ -133,7 +139,7 @@ class Validation(Callback):
     def _validate(self, run: Run) -> bool:
         """False: preempted (raised on every process together: a collective check)."""
         try:
-            with run.validation_weights():
+            with run.evaluation_weights():
                 validated = run.task.validate(run.accelerator, run.model, run.step)
         except Preempted:
             run.model.train()
@@ -187,9 +193,7 @@ def peak_memory_mb(device: torch.device) -> float:
 def optimizer_dtypes(optimizer) -> dict[str, list[str]]:
     """Dtypes of what the optimizer updates and of its state (AdamW's moments; uint8 for 8-bit AdamW): the innermost
     torch optimizer's, under accelerate's and DeepSpeed's wrappers (DeepSpeed's are its fp32 master partitions)."""
-    inner = optimizer
-    while hasattr(inner, "optimizer"):
-        inner = inner.optimizer
+    inner = innermost_optimizer(optimizer)
     # the state's keys too: ZeRO-3 keeps its fp32 partitions there and leaves param_groups empty between steps
     params = {str(p.dtype) for group in inner.param_groups for p in group["params"]} | {str(p.dtype) for p in inner.state}
     # every non-scalar state tensor: 8-bit AdamW's moments are uint8 (with fp32 quantile maps and block scales)
@@ -228,7 +232,7 @@ class RunSummary(Callback):
             "distributed_type": str(accelerator.distributed_type).split(".")[-1],
             "mixed_precision": accelerator.mixed_precision,
             "optimizer_dtypes": optimizer_dtypes(run.optimizer),
-            "final_lr": run.lr_scheduler.get_last_lr()[0],
+            "final_lr": run.learning_rate(),
             "latent_cache": cache,
             "corrupt_samples": corrupt_samples.summary(corrupt_samples.gathered(accelerator)),
             **{k: v for k, v in run.logs.items() if k not in ("loss", "lr")},

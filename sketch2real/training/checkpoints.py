@@ -77,11 +77,21 @@ def read_train_state(folder: Path) -> dict | None:
         return None
 
 
+# The classes DeepSpeed pickles into every ZeRO optimizer file (its loss scaler, ZeRO stage, and ZeRO-1/2's parameter
+# slice map): plain data, rebuilt without code of their own (no __reduce__ or __setstate__). Refusing them refused
+# every DeepSpeed checkpoint, and a requeued DeepSpeed job started over from step 0.
+DEEPSPEED_CHECKPOINT_GLOBALS = {
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address",
+}
+
+
 def _allowed_globals() -> set[str]:
-    """The plain-data globals accelerate itself admits with weights_only=True (numpy arrays in RNG states)."""
+    """The plain-data globals accelerate itself admits with weights_only=True (numpy arrays in RNG states), and
+    DeepSpeed's checkpoint classes."""
     from accelerate.utils.other import TORCH_SAFE_GLOBALS
 
-    return {f"{g.__module__}.{g.__qualname__}" for g in TORCH_SAFE_GLOBALS} | {
+    return {f"{g.__module__}.{g.__qualname__}" for g in TORCH_SAFE_GLOBALS} | DEEPSPEED_CHECKPOINT_GLOBALS | {
         "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype",
         "_codecs.encode", "codecs.encode",
     }

@@ -21,13 +21,14 @@ from sketch2real.io import write_json
 from sketch2real.training.accelerator import (
     finish_trackers,
     fp32_trained_weights,
+    innermost_optimizer,
     optimizer_sharded,
     partition_before_prepare,
     restore_fp32_masters,
 )
+from sketch2real.training.averages import averaged_weights
 from sketch2real.training.callbacks import Callback, Run, default_callbacks
 from sketch2real.training.checkpoints import load_checkpoint, resolve_resume, run_fingerprint
-from sketch2real.training.ema import EMAWeights
 from sketch2real.training.preemption import preemption
 
 logger = logging.getLogger("sketch2real")
@@ -67,11 +68,18 @@ def effective_learning_rate(opts, num_processes: int) -> float:
 
 def make_optimizer(params: list[torch.nn.Parameter], opts, device: torch.device, learning_rate: float,
                    sharded: bool = False) -> torch.optim.Optimizer:
-    """AdamW (fused: one kernel for all parameters, on CUDA and CPU), bitsandbytes' 8-bit AdamW, or Prodigy.
+    """AdamW (fused: one kernel for all parameters, on CUDA and CPU), bitsandbytes' 8-bit AdamW, Prodigy, or
+    schedule-free AdamW (its own linear warm-up over --lr_warmup_steps; the schedule stays constant).
 
     `sharded`: each process steps only its part of the parameters (ZeRO): Prodigy then sums its step-size estimate
     over the processes (its `fsdp_in_use`), or each would estimate its own.
     """
+    if opts.optimizer == "adamw_schedulefree":
+        from schedulefree import AdamWScheduleFree
+
+        return AdamWScheduleFree(params, lr=learning_rate, betas=(opts.adam_beta1, opts.adam_beta2),
+                                 eps=opts.adam_epsilon, weight_decay=opts.adam_weight_decay,
+                                 warmup_steps=opts.lr_warmup_steps)
     if opts.optimizer == "prodigy":
         from prodigyopt import Prodigy
 
@@ -90,6 +98,22 @@ def make_optimizer(params: list[torch.nn.Parameter], opts, device: torch.device,
 
         return bnb.optim.AdamW8bit(params, **kwargs)
     return torch.optim.AdamW(params, fused=device.type in ("cuda", "cpu"), **kwargs)
+
+
+def check_step_counting(accelerator, optimizer) -> None:
+    """One-line error where ZeRO-3 would make an optimizer that counts its steps in its parameter groups (Prodigy,
+    schedule-free AdamW: their `k` drives warm-up, bias correction and the average's weights) count each step several
+    times. ZeRO-3 calls the torch optimizer once per sub-group (`sub_group_size` elements, 1e9 by default: a full SDXL
+    UNet is three), and each call counts a step in every group."""
+    inner = innermost_optimizer(optimizer)
+    wrapper = optimizer
+    while wrapper is not None and not hasattr(wrapper, "sub_group_to_group_id"):
+        wrapper = getattr(wrapper, "optimizer", None)
+    if wrapper is None or "k" not in inner.defaults or len(wrapper.sub_group_to_group_id) <= 1:
+        return
+    raise UserError(f"{type(inner).__name__} counts its steps per call, and ZeRO-3 calls it once per sub-group "
+                    f"({len(wrapper.sub_group_to_group_id)} here): raise zero_optimization.sub_group_size above the "
+                    f"trained parameter count in a DeepSpeed config file (deepspeed_config_file), or use ZeRO-2")
 
 
 def reads_due(step: int, opts) -> bool:
@@ -123,12 +147,15 @@ def train(task: Task, opts, accelerator, project_name: str, callbacks: list[Call
     # checkpoint resumes on any number of processes with the same learning rates.
     lr_scheduler = get_scheduler(opts.lr_scheduler, optimizer, num_warmup_steps=opts.lr_warmup_steps,
                                  num_training_steps=opts.max_train_steps, num_cycles=opts.lr_num_cycles, power=opts.lr_power)
+    if opts.optimizer == "adamw_schedulefree":  # it warms up itself; a schedule on top would warm up twice
+        lr_scheduler = get_scheduler("constant", optimizer)
     initial = fp32_trained_weights(task.model)
     partition_before_prepare(accelerator, task.model)
     model, optimizer = accelerator.prepare(task.model, optimizer)
     restore_fp32_masters(accelerator, model, initial)
     del initial
-    ema = EMAWeights(accelerator, model, optimizer, opts.ema_decay) if opts.use_ema else None
+    check_step_counting(accelerator, optimizer)
+    averaged = averaged_weights(opts, accelerator, model, optimizer)
     fingerprint = run_fingerprint(opts, accelerator.num_processes)
     resume = resolve_resume(accelerator, out, opts.resume_from_checkpoint, fingerprint)
     if accelerator.is_main_process:
@@ -136,8 +163,8 @@ def train(task: Task, opts, accelerator, project_name: str, callbacks: list[Call
     step = 0
     if resume is not None:
         step = load_checkpoint(accelerator, resume)
-        if ema is not None:
-            ema.load(resume)
+        if averaged is not None:
+            averaged.load(resume)
         for _ in range(step):
             lr_scheduler.step()
         logger.info("resumed from %s at step %d", resume, step)
@@ -159,7 +186,7 @@ def train(task: Task, opts, accelerator, project_name: str, callbacks: list[Call
     bar = tqdm(total=opts.max_train_steps, initial=step, desc=project_name, unit="step",
                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     run = Run(task, opts, accelerator, model, optimizer, lr_scheduler, out, fingerprint, bar, step=step, start_step=step,
-              last_checkpoint=step if resume is not None else None, ema=ema)
+              last_checkpoint=step if resume is not None else None, averaged=averaged)
     callbacks = default_callbacks() if callbacks is None else callbacks
     # The step never waits for the host: the loss and its finiteness accumulate on the device and are read back
     # (one collective, one host read) only at `reads_due` steps; the progress bar alone moves every step.
@@ -186,8 +213,8 @@ def train(task: Task, opts, accelerator, project_name: str, callbacks: list[Call
         first_bad = torch.where(bad, torch.clamp(first_bad, max=run.step + 1), first_bad)
         interval_steps += 1
         run.step += 1
-        if ema is not None:
-            ema.update(run.step)
+        if averaged is not None:
+            averaged.update(run.step)
         bar.update()
         run.logs = {}
         if reads_due(run.step, opts):
@@ -203,7 +230,7 @@ def train(task: Task, opts, accelerator, project_name: str, callbacks: list[Call
             if run.step_finite:
                 run.last_loss = last / accelerator.num_processes
                 run.logs = {"loss": interval_sum / accelerator.num_processes / interval_steps,
-                            "lr": lr_scheduler.get_last_lr()[0]}
+                            "lr": run.learning_rate()}
                 bar.set_postfix(loss=f"{run.logs['loss']:.4f}", lr=f"{run.logs['lr']:.2e}", refresh=False)
             interval.zero_()
             interval_steps = 0
@@ -216,14 +243,13 @@ def train(task: Task, opts, accelerator, project_name: str, callbacks: list[Call
         status = callback.before_save(run)
         if status is not None:
             return status
-    if ema is None:
-        task.save_final(accelerator, model, out)
-    else:  # the trained weights beside, the average where a user loads the model from
-        task.save_final(accelerator, model, out / "without_ema")
+    trained_folder = averaged.trained_folder if averaged is not None else None
+    if trained_folder:  # the trained weights beside, the average where a user loads the model from
+        task.save_final(accelerator, model, out / trained_folder)
         if accelerator.is_main_process:  # a folder generation takes alone (a LoRA's base model is read from it)
-            shutil.copy2(out / "run_config.json", out / "without_ema" / "run_config.json")
-        with ema.swapped_in():
-            task.save_final(accelerator, model, out)
+            shutil.copy2(out / "run_config.json", out / trained_folder / "run_config.json")
+    with run.evaluation_weights():
+        task.save_final(accelerator, model, out)
     for callback in callbacks:
         callback.after_save(run)
     finish_trackers(accelerator)

@@ -39,8 +39,11 @@ class TrainOptions:
     lr_warmup_steps: int = option(0, help="warmup steps of the learning-rate schedule", min=0)
     lr_num_cycles: int = option(1, help="cycles of cosine_with_restarts", min=1)
     lr_power: float = option(1.0, help="power of the polynomial schedule", min_exclusive=0)
-    optimizer: str = option("adamw", help="adamw, or prodigy (Prodigy estimates its own step size: --learning_rate "
-                                          "1.0 scales it; prodigyopt)", choices=("adamw", "prodigy"), noun="optimizer")
+    optimizer: str = option("adamw", help="adamw; prodigy (Prodigy estimates its own step size: --learning_rate 1.0 "
+                                          "scales it; prodigyopt); or adamw_schedulefree (schedule-free AdamW: no "
+                                          "schedule, validation and the saved model use its average, --lr_warmup_steps "
+                                          "is its warm-up; schedulefree)",
+                            choices=("adamw", "prodigy", "adamw_schedulefree"), noun="optimizer")
     prodigy_beta3: float | None = option(None, help="Prodigy's beta3 for its step-size estimate (default: sqrt(beta2))",
                                          min=0, max_exclusive=1)
     prodigy_decouple: bool = option(True, help="Prodigy: AdamW-style decoupled weight decay")
@@ -127,8 +130,16 @@ class TrainOptions:
         if self.optimizer == "prodigy" and self.learning_rate < 0.1:
             raise UserError(f"--optimizer prodigy estimates its step size; --learning_rate scales that estimate (1.0 as "
                             f"Prodigy intends), got {self.learning_rate}")
-        if self.optimizer == "prodigy" and self.use_8bit_adam:
-            raise UserError("--use_8bit_adam is an AdamW: choose it or --optimizer prodigy")
+        if self.optimizer != "adamw" and self.use_8bit_adam:
+            raise UserError(f"--use_8bit_adam is an AdamW: choose it or --optimizer {self.optimizer}")
+        if self.optimizer == "adamw_schedulefree":
+            if self.lr_scheduler not in ("constant", "constant_with_warmup"):
+                raise UserError(f"--optimizer adamw_schedulefree replaces the learning-rate schedule (its average "
+                                f"does what a decay would): --lr_scheduler constant, not {self.lr_scheduler} "
+                                f"(--lr_warmup_steps is its warm-up)")
+            if self.use_ema:
+                raise UserError("--optimizer adamw_schedulefree already validates and saves an average of its "
+                                "iterates: drop --use_ema")
         if self.validation_clip_model_name_or_path and not self.shard_dir:
             raise UserError("--validation_clip_model_name_or_path fits its sketchiness probe on --shard_dir's train split: "
                             "give --shard_dir")
