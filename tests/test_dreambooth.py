@@ -336,9 +336,11 @@ def test_schedule_free_validates_its_average_and_steps_on_from_its_exact_iterate
 
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
+    unused = torch.nn.Parameter(torch.ones(2))  # trained, but no gradient ever reaches it: it stays y
     opts = TrainOptions(pretrained_model_name_or_path="m", output_dir=str(tmp_path), optimizer="adamw_schedulefree",
                         learning_rate=0.1, lr_warmup_steps=2)
-    optimizer = make_optimizer(list(model.parameters()), opts, torch.device("cpu"), opts.learning_rate)
+    optimizer = make_optimizer([*model.parameters(), unused], opts, torch.device("cpu"), opts.learning_rate)
+    model.register_parameter("unused", unused)
     average = averaged_weights(opts, in_process_accelerator("no"), model, optimizer)
     inputs = torch.randn(4, 4, 3)
 
@@ -365,11 +367,15 @@ def test_schedule_free_validates_its_average_and_steps_on_from_its_exact_iterate
     evaluated[1].eval()
     Validation()._validate(run)
     assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(task.seen, evaluated[0].parameters()))
-    assert min((a - b).abs().max() for a, b in zip(task.seen, trained)) > 1e-3  # x is not y
+    assert min((a - b).abs().max() for a, b in zip(task.seen[:2], trained[:2])) > 1e-3  # x is not y
+    assert torch.equal(task.seen[2], trained[2])  # where no gradient reached, x = y
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), trained))
     step(model, optimizer, 3)
     step(*untouched, 3)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), untouched[0].parameters()))
+    untouched[1].eval()
+    average.install()  # the end of a run: the model in memory is the one saved (x), as a sequential stage measures it
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(model.parameters(), untouched[0].parameters()))
 
 
 def test_schedule_free_under_zero2_saves_the_one_process_average_and_resumes_exactly(db_args, tmp_path):
@@ -400,8 +406,10 @@ def test_optimizers_that_count_steps_per_call_refuse_a_zero3_split_and_schedule_
     once per sub-group. Schedule-free takes no decaying schedule and no EMA on top of its own average."""
     from types import SimpleNamespace
 
+    from schedulefree import AdamWScheduleFree
+
     from sketch2real.cli import UserError
-    from sketch2real.training.loop import check_step_counting, make_optimizer
+    from sketch2real.training.loop import check_optimizer_kept, check_step_counting, make_optimizer
     from sketch2real.training.options import TrainOptions
 
     base = dict(pretrained_model_name_or_path="m", output_dir=str(tmp_path))
@@ -416,6 +424,11 @@ def test_optimizers_that_count_steps_per_call_refuse_a_zero3_split_and_schedule_
                     check_step_counting(None, wrapped)
             else:
                 check_step_counting(None, wrapped)
+    # DeepSpeed's optimizer offload: accelerate swaps the optimizer for DeepSpeed's CPU Adam (AdamW only for AdamW)
+    offloaded = SimpleNamespace(optimizer=SimpleNamespace(optimizer=type("DeepSpeedCPUAdam", (), {})()))
+    check_optimizer_kept(TrainOptions(**base), torch.optim.AdamW, offloaded)
+    with pytest.raises(UserError, match="replaced --optimizer adamw_schedulefree"):
+        check_optimizer_kept(TrainOptions(**base, optimizer="adamw_schedulefree"), AdamWScheduleFree, offloaded)
     for extra, message in (({"lr_scheduler": "cosine"}, "replaces the learning-rate schedule"),
                            ({"use_ema": True}, "drop --use_ema"), ({"use_8bit_adam": True}, "is an AdamW")):
         with pytest.raises(UserError, match=message):

@@ -300,6 +300,19 @@ def test_a_truncated_newest_checkpoint_falls_back(checkpointed, tmp_path):
     assert "is not intact" in proc.stderr
 
 
+def test_no_resumable_checkpoint_stops_a_resume_in_one_line(checkpointed, tmp_path):
+    """Every checkpoint damaged: the resume stops (exit 2) rather than train from step 0 beside them."""
+    args, straight = checkpointed
+    out = tmp_path / "resumed"
+    out.mkdir()
+    for name in ("checkpoint-2", "checkpoint-4"):
+        shutil.copytree(straight / name, out / name)
+        (out / name / "manifest.json").unlink()
+    proc = run_script("train/dreambooth.py", *args, "--output_dir", out, "--resume_from_checkpoint", "latest", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "none of the 2 checkpoints" in proc.stderr.strip().splitlines()[-1] and not (out / "metrics.json").exists()
+
+
 def test_another_runs_checkpoints_stop_a_fresh_run_and_pruning_keeps_own(checkpointed, tmp_path):
     args, straight = checkpointed
     out = tmp_path / "shared"

@@ -26,8 +26,8 @@ from sketch2real.training.accelerator import innermost_optimizer, is_deepspeed
 
 # DeepSpeed's optimizers, and the attribute holding this process's fp32 master partitions (one flat tensor per group)
 _MASTER_PARTITIONS = ("single_partition_of_fp32_groups",  # ZeRO-1/2
-                      "fp32_partitioned_groups_flat",  # ZeRO-3
-                      "fp32_groups_flat_partition")  # DeepSpeed's bf16 optimizer (ZeRO-0)
+                      "fp32_partitioned_groups_flat",  # ZeRO-3 (its optimizer's groups are empty between steps)
+                      "fp32_groups_flat_partition")  # DeepSpeed's bf16 optimizer (ZeRO-1 with fp32 gradient accumulation)
 
 
 def ema_decay(base: float, update: int) -> float:
@@ -41,12 +41,13 @@ def _master_partitions(optimizer) -> list[torch.Tensor]:
         for name in _MASTER_PARTITIONS:
             groups = getattr(inner, name, None)
             if groups is not None:
-                if any(g is None for g in groups):
+                if any(g is None or g.numel() == 0 for g in groups):  # ZeRO-3 NVMe: empty placeholders
                     raise UserError("averaged weights (--use_ema, schedule-free) are kept beside the fp32 master "
                                     "weights in memory: not with DeepSpeed's NVMe offload of the optimizer")
                 return list(groups)
         inner = getattr(inner, "optimizer", None)
-    raise RuntimeError(f"no fp32 master partitions found in DeepSpeed's optimizer ({type(optimizer).__name__})")
+    # ZeRO-0 (DeepSpeed's fp16 optimizer, or none): the torch optimizer steps the masters in its groups
+    return [p for group in innermost_optimizer(optimizer).param_groups for p in group["params"]]
 
 
 class MasterWeights:
@@ -68,14 +69,15 @@ class MasterWeights:
         """`values` in place of the masters for the block (on every process: a collective under DeepSpeed), the masters
         back, bit for bit, after it."""
         kept = [m.detach().clone() for m in self.tensors]
-        self._set(values)
+        self.set(values)
         try:
             yield
         finally:
-            self._set(kept)
+            self.set(kept)
 
     @torch.no_grad()
-    def _set(self, values: list[torch.Tensor]) -> None:
+    def set(self, values: list[torch.Tensor]) -> None:
+        """`values` into the masters (a collective under DeepSpeed)."""
         for master, value in zip(self.tensors, values):
             master.copy_(value)
         if self.deepspeed:
@@ -150,6 +152,10 @@ class EMAWeights:
         DeepSpeed), the trained weights back after it."""
         return self.masters.replaced_by(self.average)
 
+    def install(self) -> None:
+        """The average in place of the trained weights for good (at the end: the model in memory is the one saved)."""
+        self.masters.set(self.average)
+
 
 class ScheduleFreeAverage:
     """Schedule-free AdamW's x, the weighted average of its iterates that it evaluates at: the optimizer steps y (an
@@ -176,15 +182,21 @@ class ScheduleFreeAverage:
 
     @torch.no_grad()
     def average(self) -> list[torch.Tensor]:
-        """x on this process (its partitions under ZeRO); before the first step, y (= x = z)."""
-        if self.optimizer.param_groups[0]["k"] == 0:
-            return [y.detach().clone() for y in self.masters.tensors]
-        beta1 = self.optimizer.defaults["betas"][0]
-        return [y.detach().lerp(self.optimizer.state[y]["z"].to(y.device), 1 - 1 / beta1) for y in self.masters.tensors]
+        """x on this process (its partitions under ZeRO); y (= x = z) where no step reached it yet."""
+        zs = [self.optimizer.state.get(y, {}).get("z") for y in self.masters.tensors]
+        if self.optimizer.param_groups[0]["k"] > 0 and all(z is None for z in zs):
+            raise RuntimeError("schedule-free: the optimizer's state holds none of the weights it steps")
+        beta1 = self.optimizer.param_groups[0]["betas"][0]
+        return [y.detach().clone() if z is None else y.detach().lerp(z.to(y.device), 1 - 1 / beta1)
+                for y, z in zip(self.masters.tensors, zs)]
 
     def swapped_in(self):
         """x in place of y for the block (on every process: a collective under DeepSpeed), y back after it."""
         return self.masters.replaced_by(self.average())
+
+    def install(self) -> None:
+        """x in place of y for good (at the end: the model in memory is the one saved)."""
+        self.masters.set(self.average())
 
 
 def averaged_weights(opts, accelerator, model: torch.nn.Module, optimizer) -> EMAWeights | ScheduleFreeAverage | None:

@@ -201,11 +201,16 @@ def _choose_checkpoint(output_dir: Path, resume: str | None, fingerprint: dict) 
         if problem:
             return None, f"checkpoint {path} cannot be resumed: {problem}"
         return str(path), None
+    problems = []
     for _, folder in reversed(own):
         problem = verify_checkpoint(folder)
         if not problem:
             return str(folder), None
         logger.warning("%s is not intact (%s): trying the previous checkpoint", folder, problem)
+        problems.append(f"{folder.name}: {problem}")
+    if problems:  # a requeued job must not silently start over (and later prune) a run it cannot read
+        return None, (f"none of the {len(problems)} checkpoints in {output_dir} can be resumed ({problems[0]}): "
+                      "remove them to start over")
     return None, None
 
 

@@ -100,11 +100,25 @@ def make_optimizer(params: list[torch.nn.Parameter], opts, device: torch.device,
     return torch.optim.AdamW(params, fused=device.type in ("cuda", "cpu"), **kwargs)
 
 
+def check_optimizer_kept(opts, built: type, prepared) -> None:
+    """One-line error where `prepare` replaced the optimizer: with DeepSpeed's optimizer offload, accelerate swaps any
+    client optimizer for DeepSpeed's CPU Adam (unless the config sets zero_force_ds_cpu_optimizer: false), which is
+    AdamW for torch's AdamW, and silently something else for Prodigy, schedule-free or 8-bit AdamW."""
+    inner = type(innermost_optimizer(prepared))
+    if inner is built or (built is torch.optim.AdamW and inner.__name__ == "DeepSpeedCPUAdam"):
+        return
+    chosen = "--use_8bit_adam" if opts.use_8bit_adam else f"--optimizer {opts.optimizer}"
+    raise UserError(f"DeepSpeed's optimizer offload replaced {chosen} ({built.__name__}) with {inner.__name__}: set "
+                    f"zero_force_ds_cpu_optimizer: false in a DeepSpeed config file (deepspeed_config_file) to keep it, "
+                    f"or use --optimizer adamw")
+
+
 def check_step_counting(accelerator, optimizer) -> None:
     """One-line error where ZeRO-3 would make an optimizer that counts its steps in its parameter groups (Prodigy,
     schedule-free AdamW: their `k` drives warm-up, bias correction and the average's weights) count each step several
-    times. ZeRO-3 calls the torch optimizer once per sub-group (`sub_group_size` elements, 1e9 by default: a full SDXL
-    UNet is three), and each call counts a step in every group."""
+    times. ZeRO-3 calls the torch optimizer once per sub-group (up to `sub_group_size` elements of a process's
+    partition, 1e9 by default: a full SDXL UNet over fewer than three processes), and each call counts a step in
+    every group."""
     inner = innermost_optimizer(optimizer)
     wrapper = optimizer
     while wrapper is not None and not hasattr(wrapper, "sub_group_to_group_id"):
@@ -151,7 +165,9 @@ def train(task: Task, opts, accelerator, project_name: str, callbacks: list[Call
         lr_scheduler = get_scheduler("constant", optimizer)
     initial = fp32_trained_weights(task.model)
     partition_before_prepare(accelerator, task.model)
+    built = type(optimizer)
     model, optimizer = accelerator.prepare(task.model, optimizer)
+    check_optimizer_kept(opts, built, optimizer)
     restore_fp32_masters(accelerator, model, initial)
     del initial
     check_step_counting(accelerator, optimizer)
@@ -243,13 +259,14 @@ def train(task: Task, opts, accelerator, project_name: str, callbacks: list[Call
         status = callback.before_save(run)
         if status is not None:
             return status
-    trained_folder = averaged.trained_folder if averaged is not None else None
-    if trained_folder:  # the trained weights beside, the average where a user loads the model from
-        task.save_final(accelerator, model, out / trained_folder)
-        if accelerator.is_main_process:  # a folder generation takes alone (a LoRA's base model is read from it)
-            shutil.copy2(out / "run_config.json", out / trained_folder / "run_config.json")
-    with run.evaluation_weights():
-        task.save_final(accelerator, model, out)
+    if averaged is not None:
+        if averaged.trained_folder:  # the trained weights beside, the average where a user loads the model from
+            task.save_final(accelerator, model, out / averaged.trained_folder)
+            if accelerator.is_main_process:  # a folder generation takes alone (a LoRA's base model is read from it)
+                shutil.copy2(out / "run_config.json", out / averaged.trained_folder / "run_config.json")
+        averaged.install()  # for good: the model in memory is the one saved (a sequential stage measures it)
+        run.averaged = None
+    task.save_final(accelerator, model, out)
     for callback in callbacks:
         callback.after_save(run)
     finish_trackers(accelerator)
