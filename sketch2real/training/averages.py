@@ -117,10 +117,6 @@ class EMAWeights:
         masters = [m if m.dtype == torch.float32 else m.float() for m in self.masters.tensors]
         torch._foreach_lerp_(self.average, masters, weight)
 
-    def numel(self) -> int:
-        """Elements this process averages (the share it holds)."""
-        return sum(a.numel() for a in self.average)
-
     # ---- checkpoints --------------------------------------------------------------------------------------------
     def file_name(self) -> str:
         """DeepSpeed: each process's partition (a ZeRO checkpoint resumes on as many processes); otherwise whole

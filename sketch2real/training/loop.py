@@ -113,7 +113,7 @@ def check_optimizer_kept(opts, built: type, prepared) -> None:
                     f"or use --optimizer adamw")
 
 
-def check_step_counting(accelerator, optimizer) -> None:
+def check_step_counting(optimizer) -> None:
     """One-line error where ZeRO-3 would make an optimizer that counts its steps in its parameter groups (Prodigy,
     schedule-free AdamW: their `k` drives warm-up, bias correction and the average's weights) count each step several
     times. ZeRO-3 calls the torch optimizer once per sub-group (up to `sub_group_size` elements of a process's
@@ -159,10 +159,10 @@ def train(task: Task, opts, accelerator, project_name: str, callbacks: list[Call
     # The schedule is a function of global optimizer steps: stepped here once per optimizer step, not prepared
     # (accelerate would step it once per process and checkpoint that count), and fast-forwarded on resume, so a
     # checkpoint resumes on any number of processes with the same learning rates.
-    lr_scheduler = get_scheduler(opts.lr_scheduler, optimizer, num_warmup_steps=opts.lr_warmup_steps,
+    # schedule-free AdamW warms up itself (--lr_warmup_steps): a schedule on top would warm up twice
+    schedule = "constant" if opts.optimizer == "adamw_schedulefree" else opts.lr_scheduler
+    lr_scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=opts.lr_warmup_steps,
                                  num_training_steps=opts.max_train_steps, num_cycles=opts.lr_num_cycles, power=opts.lr_power)
-    if opts.optimizer == "adamw_schedulefree":  # it warms up itself; a schedule on top would warm up twice
-        lr_scheduler = get_scheduler("constant", optimizer)
     initial = fp32_trained_weights(task.model)
     partition_before_prepare(accelerator, task.model)
     built = type(optimizer)
@@ -170,7 +170,7 @@ def train(task: Task, opts, accelerator, project_name: str, callbacks: list[Call
     check_optimizer_kept(opts, built, optimizer)
     restore_fp32_masters(accelerator, model, initial)
     del initial
-    check_step_counting(accelerator, optimizer)
+    check_step_counting(optimizer)
     averaged = averaged_weights(opts, accelerator, model, optimizer)
     fingerprint = run_fingerprint(opts, accelerator.num_processes)
     resume = resolve_resume(accelerator, out, opts.resume_from_checkpoint, fingerprint)
