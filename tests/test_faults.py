@@ -289,6 +289,24 @@ def test_a_planted_pickle_never_runs(checkpointed, tmp_path):
     assert "refused" in proc.stderr
 
 
+def test_deepspeed_s_own_checkpoint_classes_pass_the_verifier_and_code_beside_them_does_not(tmp_path):
+    """DeepSpeed pickles its loss scaler (fp16's dynamic one too, with a dtype), ZeRO stage and slice map into every
+    optimizer file: admitted (else every DeepSpeed resume starts over); a callable beside them is still refused."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    from sketch2real.training.checkpoints import unsafe_globals
+
+    state = {"loss_scaler": LossScaler(1), "dynamic": DynamicLossScaler(2 ** 16, 1000, 1, 2, False),
+             "zero_stage": ZeroStageEnum(2), "param_slice_mappings": [{"w": fragment_address(numel=4, start=0)}],
+             "exp_avg": torch.zeros(4)}
+    torch.save(state, tmp_path / "optim_states.pt")
+    assert unsafe_globals(tmp_path / "optim_states.pt") == []
+    torch.save({**state, "hook": os.system}, tmp_path / "planted.pt")
+    assert unsafe_globals(tmp_path / "planted.pt") == ["posix.system"]
+
+
 def test_a_truncated_newest_checkpoint_falls_back(checkpointed, tmp_path):
     args, straight = checkpointed
 
