@@ -38,12 +38,22 @@ def commands(diffusers: Path, model: Path, images: Path, out: Path, resolution: 
     """Per workload: (ours, theirs) command builders taking (steps, output folder)."""
     py = sys.executable
     shared = ["--pretrained_model_name_or_path", model, "--resolution", resolution, "--train_batch_size", batch, "--seed", "0"]
+    prior = ["--with_prior_preservation", "--class_data_dir", images, "--class_prompt", "a sketch of a cat",
+             "--num_class_images", len(list(images.iterdir()))]
     return {
         "DreamBooth": (
             lambda n, o: [py, REPO / "train/dreambooth.py", *shared, "--instance_data_dir", images, "--instance_prompt",
                           "a sks sketch of a cat", "--max_train_steps", n, "--output_dir", o, "--validation_steps", "0"],
             lambda n, o: [py, diffusers / "examples/dreambooth/train_dreambooth.py", *shared, "--instance_data_dir", images,
                           "--instance_prompt", "a sks sketch of a cat", "--max_train_steps", n, "--output_dir", o],
+        ),
+        # class images already there (the images themselves): neither script generates any inside the clock
+        "DreamBooth, prior preservation": (
+            lambda n, o: [py, REPO / "train/dreambooth.py", *shared, "--instance_data_dir", images, "--instance_prompt",
+                          "a sks sketch of a cat", "--max_train_steps", n, "--output_dir", o, "--validation_steps", "0",
+                          *prior],
+            lambda n, o: [py, diffusers / "examples/dreambooth/train_dreambooth.py", *shared, "--instance_data_dir", images,
+                          "--instance_prompt", "a sks sketch of a cat", "--max_train_steps", n, "--output_dir", o, *prior],
         ),
         "Textual Inversion": (
             lambda n, o: [py, REPO / "train/textual_inversion.py", *shared, "--train_data_dir", images, "--placeholder_token",

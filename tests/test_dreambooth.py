@@ -699,6 +699,47 @@ def test_prior_preservation_generates_class_images_once(db_args, tmp_path):
     assert [p.stat().st_mtime_ns for p in sorted(class_dir.glob("*.png"))] == mtimes
 
 
+def test_prior_preservation_is_one_denoiser_call_weighing_each_part_as_its_own_loss():
+    """Instance and class rows go through the denoiser together (one call: half the kernel launches of a step), and the
+    loss is the instance loss plus --prior_loss_weight times the class loss, each row with its own prompt and timestep
+    (Min-SNR weights follow the timesteps)."""
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler
+
+    from sketch2real.family import Conditioning
+    from sketch2real.training.diffusion import DenoisingObjective
+    from sketch2real.training.dreambooth import DreamBoothTask
+    from sketch2real.training.stream import NoisyBatch
+    from sketch2real.training.task import DiffusionTask
+
+    g = torch.Generator().manual_seed(0)
+    rows = lambda n: NoisyBatch(list(range(n)), torch.randn(n, 4, 8, 8, generator=g),  # noqa: E731
+                                torch.randn(n, 4, 8, 8, generator=g), torch.randint(0, 1000, (n,), generator=g))
+    instance, klass = rows(3), rows(2)
+    prompts = {"instance": "a sks sketch of a cat", "class": "a sketch of a cat"}
+    kernel = torch.randn(4, 4, 3, 3, generator=g)
+    calls = []
+
+    def model(noisy, timesteps, conditioning):  # each row scaled by its prompt and timestep: rows must stay in place
+        calls.append(len(noisy))
+        scale = conditioning.states[:, :, None, None] + timesteps[:, None, None, None] / 1000
+        return torch.nn.functional.conv2d(noisy, kernel, padding=1) * scale
+
+    task = SimpleNamespace(
+        parts=[(SimpleNamespace(name=name, batch=lambda step, micro, b=b: b), lambda i, n=name: prompts[n], weight)
+               for name, b, weight in (("instance", instance, 1.0), ("class", klass, 0.7))],
+        row_prompt=lambda stream, prompt, step, micro, i: prompt,
+        text_inputs=lambda ps: {"conditioning": Conditioning(torch.tensor([[len(p) / 10] for p in ps]))},
+        objective=DenoisingObjective(DDPMScheduler(), snr_gamma=5.0))
+    task.loss_of = lambda batch, prediction: DiffusionTask.loss_of(task, batch, prediction)
+    loss = DreamBoothTask.loss(task, model, step=0, micro=0)
+    assert calls == [5]
+    apart = [task.loss_of(b, model(b.noisy, b.timesteps, **task.text_inputs([prompts[n]] * len(b.noisy))))
+             for n, b in (("instance", instance), ("class", klass))]
+    torch.testing.assert_close(loss, apart[0] + 0.7 * apart[1])
+
+
 def test_class_images_are_listed_once_and_split_across_two_processes(db_args, tmp_path):
     """A half-filled class folder, 2 processes: exactly --num_class_images, the missing ones generated once each,
     the same images as one process makes (per-image seeds), the existing ones untouched."""
