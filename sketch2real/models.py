@@ -23,14 +23,29 @@ def _is_hub_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not Path(name).exists()
 
 
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether the hub cache holds a snapshot of `repo_id` (downloaded before, e.g. on a login node)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(repo_id, local_files_only=True)
+    except OSError:  # LocalEntryNotFoundError
+        return False
+    return True
+
+
 def check_model_path(name_or_path: str, what: str = "model") -> None:
-    """Fail early, in one line, for a local path that does not exist."""
+    """Fail early, in one line, for a local path that does not exist, or a hub id that offline (HF_HUB_OFFLINE=1,
+    as on compute nodes without network) is not in the hub cache."""
     if not name_or_path:
         raise UserError(f"no {what} given (--pretrained_model_name_or_path)")
     if Path(name_or_path).exists():
         return
-    if not _is_hub_id(name_or_path) or os.environ.get("HF_HUB_OFFLINE") == "1":
+    if not _is_hub_id(name_or_path):
         raise UserError(f"{what} not found: {name_or_path} (give a local folder, or a hub id with network access)")
+    if os.environ.get("HF_HUB_OFFLINE") == "1" and not _in_hub_cache(name_or_path):
+        raise UserError(f"{what} not found: {name_or_path} is not in the hub cache and HF_HUB_OFFLINE=1 (download it "
+                        f"first where there is network: `hf download {name_or_path}`; or give a local folder)")
 
 
 def load(cls: Any, name_or_path: str, what: str = "model", **kwargs: Any) -> Any:

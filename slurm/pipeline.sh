@@ -14,9 +14,9 @@ cd "$(dirname "$0")/.."
 mkdir -p logs
 DATA=${DATA:-data}
 RUNS=${RUNS:-runs}
-MODEL=${MODEL:-$S2R_DEFAULT_MODEL}
 STAGES=${STAGES:-dreambooth dreambooth_sequential textual_inversion controlnet captions}
-export DATA MODEL SHARDS="$DATA/shards"
+# MODEL, when set, reaches every job through the environment; unset, each job loads its default (slurm/common.sh)
+export DATA SHARDS="$DATA/shards"
 
 submit() {  # submit [--dependency ...] SCRIPT: prints the job id
   sbatch --parsable "$@" | cut -d';' -f1
@@ -52,9 +52,10 @@ generate() {  # generate NAME AFTER_JOB [ENV=VALUE ...] -- FLAGS...: a generatio
 }
 if wanted dreambooth; then
   mapfile -t job_config < <(config dreambooth)
-  job=$(OUTPUT=$RUNS/dreambooth_cat submit "${sbatch_flags[@]}" "$(after "$prep")" slurm/dreambooth.sh "${job_config[@]}")
+  dreambooth_output=$RUNS/dreambooth_${CATEGORY:-cat}  # slurm/dreambooth.sh's category
+  job=$(OUTPUT=$dreambooth_output submit "${sbatch_flags[@]}" "$(after "$prep")" slurm/dreambooth.sh "${job_config[@]}")
   ids+=("dreambooth           $job")
-  generate dreambooth "$job" MODEL="$RUNS/dreambooth_cat" -- --prompt_template "a {category} in the style of sks"
+  generate dreambooth "$job" MODEL="$dreambooth_output" -- --prompt_template "a {category} in the style of sks"
 fi
 if wanted dreambooth_sequential; then
   mapfile -t job_config < <(config dreambooth_sequential)

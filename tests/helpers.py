@@ -236,15 +236,38 @@ def readme_block(containing: str) -> str:
     return found[0]
 
 
+# The hub ids the Slurm jobs load when MODEL and CAPTION_MODEL are not set (slurm/common.sh, slurm/caption.sh) -> the
+# tiny model standing in for each in `hub_cache_of_defaults`.
+DEFAULT_MODEL_IDS = {"stable-diffusion-v1-5/stable-diffusion-v1-5": "sd", "llava-hf/llava-1.5-7b-hf": "llava"}
+
+
+def hub_cache_of_defaults(tiny_models) -> Path:
+    """A Hugging Face hub cache (for HF_HUB_CACHE) holding the tiny models under the default hub ids, as a user's cache
+    holds what the hub gave: offline, the README's commands load their default models by id, as written."""
+    revision = "0" * 40
+    cache = Path(tiny_models.sd).parent / "hub"
+    for repo_id, name in DEFAULT_MODEL_IDS.items():
+        folder = cache / f"models--{repo_id.replace('/', '--')}"
+        snapshot = folder / "snapshots" / revision
+        if not snapshot.exists():
+            snapshot.parent.mkdir(parents=True, exist_ok=True)
+            snapshot.symlink_to(Path(getattr(tiny_models, name)).resolve(), target_is_directory=True)
+            (folder / "refs").mkdir(exist_ok=True)
+            (folder / "refs" / "main").write_text(revision)
+    return cache
+
+
 def readme_cpu_env(tiny_models, **extra: str) -> dict:
-    """What the README says to set to run its commands on CPU-only Slurm nodes (README: "Without GPUs"), with the
-    tiny models as MODEL and CAPTION_MODEL."""
+    """What the README says to set to run its commands on CPU-only Slurm nodes (README: "Without GPUs"); MODEL and
+    CAPTION_MODEL unset, as a user leaves them: the jobs load their default hub ids, the tiny models in the hub cache."""
     env = {**os.environ, "SBATCH_GPUS_PER_NODE": "0", "GPUS_PER_NODE": "2",
            "ACCELERATE_CONFIG": "accelerate_configs/cpu.yaml", "OMP_NUM_THREADS": "1", "PRECISION": "no",
-           "HF_HUB_OFFLINE": "1", "MODEL": str(tiny_models.sd), "CAPTION_MODEL": str(tiny_models.llava),
+           "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache_of_defaults(tiny_models)),
            "TORCH_HOME": str(tiny_models.torch_home), **extra}
-    for name in ("MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU"):  # no GPU is enough: the README sets neither
-        env.pop(name, None)
+    # no GPU is enough: the README sets none of these; the models are the defaults
+    for name in ("MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU", "MODEL", "CAPTION_MODEL"):
+        if name not in extra:
+            env.pop(name, None)
     return env
 
 
@@ -261,6 +284,7 @@ def run_readme_command(command: str, cwd: Path, env: dict, timeout: int = 300, *
 
 def wait_for_jobs(jobs: list[str], env: dict, logs: Path, seconds: float = 1200) -> None:
     """Until every Slurm job of `jobs` has left the queue; a dependency that can never be met fails with the logs."""
+    import re
     import time
 
     def queued() -> list[str]:
@@ -270,10 +294,21 @@ def wait_for_jobs(jobs: list[str], env: dict, logs: Path, seconds: float = 1200)
     def tail() -> str:
         return "".join(p.read_text(errors="replace") for p in sorted(logs.glob("*.out")))[-6000:]
 
-    deadline = time.time() + seconds
+    def leaked_allocation() -> bool:
+        """Slurm 22.05 on this test cluster once logged `step_partial_comp: ... invalid` for a finished job's step and
+        kept its CPUs allocated on an idle node: the pending jobs waited on Resources forever."""
+        nodes = subprocess.run(["scontrol", "-o", "show", "node"], env=env, capture_output=True, text=True).stdout
+        return any(re.search(r"\bCPUAlloc=[1-9]", line) and re.search(r"\bState=IDLE ", line)
+                   for line in nodes.splitlines())
+
+    deadline, stuck = time.time() + seconds, 0
     try:
         while (waiting := queued()) and time.time() < deadline:
             assert not any("DependencyNeverSatisfied" in line for line in waiting), tail()
+            stuck = stuck + 1 if all(" PENDING " in line for line in waiting) and leaked_allocation() else 0
+            if stuck == 3:  # reconfigure rebuilds each node's allocation from the jobs that run (none)
+                subprocess.run(["scontrol", "reconfigure"], env=env, capture_output=True)
+                stuck = 0
             time.sleep(1)
         assert not waiting, (waiting, tail())
     finally:  # a failed chain leaves its dependants pending forever

@@ -528,3 +528,26 @@ def test_a_script_ends_after_its_exit_work_without_the_interpreter_s_finalizatio
     assert proc.returncode == code, proc.stderr
     assert proc.stdout == "last line, still buffered;atexit ran\n", proc.stdout  # no "finalized"
     assert proc.stderr == ("entry.py: error: no such folder\n" if code == 2 else "")
+
+
+def test_offline_a_hub_id_loads_from_the_hub_cache_and_one_not_there_stops_in_one_line(tmp_path, monkeypatch):
+    """Compute nodes without network run with HF_HUB_OFFLINE=1 and a cache filled on a login node: a cached hub id
+    passes the early check (it used to be refused, as any hub id offline); an id the cache lacks is one line."""
+    from huggingface_hub import constants
+
+    from sketch2real.cli import UserError
+    from sketch2real.models import check_model_path
+
+    revision = "1" * 40
+    repo = tmp_path / "models--stable-diffusion-v1-5--stable-diffusion-v1-5"
+    (repo / "snapshots" / revision).mkdir(parents=True)
+    (repo / "snapshots" / revision / "model_index.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    check_model_path("stable-diffusion-v1-5/stable-diffusion-v1-5")
+    with pytest.raises(UserError, match=r"someone/elsewhere is not in the hub cache and HF_HUB_OFFLINE=1"):
+        check_model_path("someone/elsewhere")
+    with pytest.raises(UserError, match="not found: /no/such/folder"):
+        check_model_path("/no/such/folder")

@@ -7,7 +7,6 @@ import ast
 import json
 import os
 import shlex
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -62,15 +61,17 @@ def test_every_named_test_exists():
             assert name in {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}, run
 
 
-def test_the_cpu_form_is_what_the_slurm_tests_run_with():
-    """The README's "Without GPUs" variables are exactly what the tests' Slurm runs set (beyond the models)."""
+def test_the_cpu_form_is_what_the_slurm_tests_run_with(tiny_models):
+    """The README's "Without GPUs" variables are exactly what the tests' Slurm runs set (beyond where the models are:
+    the default hub ids' cache and Inception's weights, offline); the models are the defaults."""
     words = shlex.split(readme_block("export SBATCH_GPUS_PER_NODE=0").replace("\\\n", " "))
     assert words[0] == "export"
     documented = dict(word.split("=", 1) for word in words[1:])
-    env = readme_cpu_env(SimpleNamespace(sd="tiny-sd", llava="tiny-llava", torch_home="torch_home"))
+    env = readme_cpu_env(tiny_models)
     assert {k: env[k] for k in documented} == documented
     added = {k for k in env if env[k] != os.environ.get(k)} - set(documented)
-    assert added <= {"MODEL", "CAPTION_MODEL", "TORCH_HOME", "HF_HUB_OFFLINE"}, added
+    assert added <= {"HF_HUB_CACHE", "TORCH_HOME", "HF_HUB_OFFLINE"}, added
+    assert "MODEL" not in env and "CAPTION_MODEL" not in env
 
 
 def test_the_readme_accelerate_block_runs_in_its_cpu_form_two_bf16_processes_with_8bit_adamw(tiny_models, shard_dir,
@@ -84,7 +85,7 @@ def test_the_readme_accelerate_block_runs_in_its_cpu_form_two_bf16_processes_wit
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     env.pop("ACCELERATE_USE_CPU", None)
     run_readme_command(readme_block("accelerate launch --config_file accelerate_configs/multi_gpu.yaml").strip(), repo, env,
-                       **{"multi_gpu.yaml": "multi_gpu.yaml --num_processes 2", "data/shards": str(shard_dir),
+                       **{"--num_processes 8": "--num_processes 2", "data/shards": str(shard_dir),
                           "stable-diffusion-v1-5/stable-diffusion-v1-5": str(tiny_models.sd),
                           "--resolution 512": "--resolution 64", "--max_train_steps 400": "--max_train_steps 2"})
     out = repo / "runs" / "dreambooth_cat"
@@ -204,3 +205,36 @@ def test_the_full_scale_bench_as_written_gives_the_readme_s_rows_and_sizes(tmp_p
     run_readme_command(command, REPO, {**os.environ}, timeout=3600, **{"/tmp/s2r-fs-020": str(tmp_path / "fs")})
     disagree = full_scale_disagreements((tmp_path / "fs" / "full_scale.md").read_text(), (REPO / "README.md").read_text())
     assert not disagree, disagree
+
+
+def _script_default(script: str, variable: str) -> str | None:
+    """`value` of the script's `${VARIABLE:-value}`, if it has one."""
+    import re
+
+    found = re.search(r"\$\{" + variable + r":-((?:\$\{\w+\}|[^}\"\s])+)\}", (REPO / script).read_text())
+    return found.group(1) if found else None
+
+
+def test_the_step_by_step_table_reads_only_what_an_earlier_row_writes():
+    """README "Or step by step": each job writes where its "writes" cell says (OUTPUT as given, else the script's
+    default), and every `runs/...` a job reads (a model, embeddings, generated sets) is an earlier job's output. The
+    table once scored folders no row wrote."""
+    import re
+
+    rows = _table((REPO / "README.md").read_text(), "| job | command | writes |")
+    assert len(rows) >= 8
+    outputs: set[str] = set()
+    for job, command, writes in rows:
+        words = shlex.split(command.strip("`").split("` (")[0].strip("`"))
+        env = dict(w.split("=", 1) for w in words[: words.index("sbatch")])
+        script = next(w for w in words if w.startswith("slurm/"))
+        output = env.get("OUTPUT") or _script_default(script, "OUTPUT")
+        if output is None:  # data prep: DATA's folders
+            continue
+        for variable in re.findall(r"\$\{(\w+)\}", output):
+            output = output.replace(f"${{{variable}}}", env.get(variable) or _script_default(script, variable))
+        written = re.findall(r"runs/[\w./<>-]+", writes)
+        assert written and all(w.startswith(output + "/") or w == output for w in written), (job, output, written)
+        read = {"/".join(path.split("/")[:2]) for path in re.findall(r"runs/[\w./-]+", command)} - {output}
+        assert read <= outputs, (job, read - outputs)
+        outputs.add(output)
