@@ -11,7 +11,16 @@ import shlex
 import pytest
 import torch
 
-from .helpers import REPO, fresh_clone, readme_block, readme_blocks, readme_cpu_env, run_readme_command, weights
+from .helpers import (
+    REPO,
+    fresh_clone,
+    hub_cache_of_defaults,
+    readme_block,
+    readme_blocks,
+    readme_cpu_env,
+    run_readme_command,
+    weights,
+)
 
 # A block's first line -> the tests that run it ("file.py::test"), or the reason it is not run on CI yet.
 RUN_BY = {
@@ -77,16 +86,15 @@ def test_the_cpu_form_is_what_the_slurm_tests_run_with(tiny_models):
 def test_the_readme_accelerate_block_runs_in_its_cpu_form_two_bf16_processes_with_8bit_adamw(tiny_models, shard_dir,
                                                                                             tmp_path):
     """README: the `accelerate launch` block from a fresh clone, in the CPU form the README gives (`--num_processes 2`,
-    no other variable), on the tiny model and shards at 64 px for 2 steps: its GPU config runs two gloo processes,
-    in bf16, with 8-bit AdamW, and saves a pipeline plain diffusers loads."""
+    no other variable), its hub id as written (the tiny model in the hub cache), on the shards at 64 px for 2 steps:
+    its GPU config runs two gloo processes, in bf16, with 8-bit AdamW, and saves a pipeline plain diffusers loads."""
     from diffusers import StableDiffusionPipeline
 
     repo = fresh_clone(tmp_path / "clone")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache_of_defaults(tiny_models))}
     env.pop("ACCELERATE_USE_CPU", None)
     run_readme_command(readme_block("accelerate launch --config_file accelerate_configs/multi_gpu.yaml").strip(), repo, env,
                        **{"--num_processes 8": "--num_processes 2", "data/shards": str(shard_dir),
-                          "stable-diffusion-v1-5/stable-diffusion-v1-5": str(tiny_models.sd),
                           "--resolution 512": "--resolution 64", "--max_train_steps 400": "--max_train_steps 2"})
     out = repo / "runs" / "dreambooth_cat"
     metrics = json.loads((out / "metrics.json").read_text())
