@@ -236,9 +236,10 @@ def readme_block(containing: str) -> str:
     return found[0]
 
 
-# The hub ids the Slurm jobs load when MODEL and CAPTION_MODEL are not set (slurm/common.sh, slurm/caption.sh) -> the
+# The hub ids the jobs load by default (the README's: MODEL, CAPTION_MODEL, DINOV2_MODEL and CLIP_MODEL unset) -> the
 # tiny model standing in for each in `hub_cache_of_defaults`.
-DEFAULT_MODEL_IDS = {"stable-diffusion-v1-5/stable-diffusion-v1-5": "sd", "llava-hf/llava-1.5-7b-hf": "llava"}
+DEFAULT_MODEL_IDS = {"stable-diffusion-v1-5/stable-diffusion-v1-5": "sd", "llava-hf/llava-1.5-7b-hf": "llava",
+                     "facebook/dinov2-large": "dinov2", "openai/clip-vit-large-patch14-336": "clip"}
 
 
 def hub_cache_of_defaults(tiny_models) -> Path:
@@ -265,7 +266,7 @@ def readme_cpu_env(tiny_models, **extra: str) -> dict:
            "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache_of_defaults(tiny_models)),
            "TORCH_HOME": str(tiny_models.torch_home), **extra}
     # no GPU is enough: the README sets none of these; the models are the defaults
-    for name in ("MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU", "MODEL", "CAPTION_MODEL"):
+    for name in ("MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU", "MODEL", "CAPTION_MODEL", "DINOV2_MODEL", "CLIP_MODEL"):
         if name not in extra:
             env.pop(name, None)
     return env
