@@ -162,15 +162,17 @@ def reference_run(key: str, tmp_path_factory, script: str, *args, precision: str
     return _reference_runs[key]
 
 
-def run_matrix_case(launcher: str, name: str, script: str, args: list, tmp_path: Path, tmp_path_factory) -> tuple[Path, Path, Path]:
+def run_matrix_case(launcher: str, name: str, script: str, args: list, tmp_path: Path, tmp_path_factory,
+                    launcher_args: tuple = ()) -> tuple[Path, Path, Path]:
     """(this launcher's output folder, the 1-process bf16 run's, the 1-process fp32 run's), all with a global batch
-    of 2; the 1-process runs are made once per session and shared by the launchers."""
+    of 2; the 1-process runs are made once per session and shared by the launchers. `launcher_args`: flags of the
+    launcher's run only."""
     one, one_fp32 = (reference_run(f"{name}-{precision}", tmp_path_factory, script, *args, "--train_batch_size", "2",
                                    precision=precision) for precision in ("bf16", "no"))
     if launcher == "1":
         return one, one, one_fp32
     out = tmp_path / "out"
-    train_in(launcher, script, *args, "--train_batch_size", "1", out=out)
+    train_in(launcher, script, *args, *launcher_args, "--train_batch_size", "1", out=out)
     return out, one, one_fp32
 
 

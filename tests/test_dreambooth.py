@@ -846,6 +846,9 @@ VARIANTS = {
 }
 
 
+COMPILED_ARGS = ("--torch_compile", "--torch_compile_backend", "aot_eager")
+
+
 @pytest.mark.parametrize("launcher, variant", [(launcher, variant) for launcher in LAUNCHERS for variant in VARIANTS]
                          + [("zero3_partitioned", "lora")])  # ZeRO-3 partitioning even the adapters: saved gathered
 def test_bf16_matrix(launcher, variant, db_args, tmp_path, tmp_path_factory, tiny_models):
@@ -853,10 +856,16 @@ def test_bf16_matrix(launcher, variant, db_args, tmp_path, tmp_path_factory, tin
 
     class_dir = tmp_path / "class"  # prior preservation: the 1-process runs keep the folder of the test that made them
     extra = [*VARIANTS[variant], "--class_data_dir", class_dir] if "prior" in variant else VARIANTS[variant]
+    # The LoRA's DDP and ZeRO-2 runs compiled (--torch_compile; aot_eager: dynamo's graphs and their recompiles,
+    # without inductor's minutes of C++ on a CPU), compared with the eager 1-process run. ZeRO-3 warms up over two
+    # steps: tests/test_step.py.
+    compiled = launcher in ("ddp", "zero2") and variant == "lora"
     out, one, one_fp32 = run_matrix_case(launcher, f"db-{variant}", "train/dreambooth.py", [*db_args, *MATRIX, *extra],
-                                         tmp_path, tmp_path_factory)
+                                         tmp_path, tmp_path_factory, launcher_args=COMPILED_ARGS if compiled else ())
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 2 and metrics["heldout_loss"] == metrics["heldout_loss"]  # finite, not NaN
+    if compiled:  # the checkpoint at step 1 and the validation at 2 between compiled steps recompile nothing
+        assert metrics["compiled_graphs"] > 0 and metrics["graphs_compiled_after_first_read"] == 0, metrics
     assert (out / "validation" / "step-000002.png").is_file() and (out / "checkpoint-1").is_dir()
     pipe = StableDiffusionPipeline.from_pretrained(tiny_models.sd)
     if variant.startswith("lora"):
