@@ -857,8 +857,8 @@ def test_bf16_matrix(launcher, variant, db_args, tmp_path, tmp_path_factory, tin
     class_dir = tmp_path / "class"  # prior preservation: the 1-process runs keep the folder of the test that made them
     extra = [*VARIANTS[variant], "--class_data_dir", class_dir] if "prior" in variant else VARIANTS[variant]
     # The LoRA's DDP and ZeRO-2 runs compiled (--torch_compile; aot_eager: dynamo's graphs and their recompiles,
-    # without inductor's minutes of C++ on a CPU), compared with the eager 1-process run. ZeRO-3 warms up over two
-    # steps: tests/test_step.py.
+    # without inductor's minutes of C++ on a CPU), compared with the eager 1-process run. Not ZeRO-3: its hooks,
+    # traced into the graphs, still compile a few at step 2 (README), after this run's first read at step 1.
     compiled = launcher in ("ddp", "zero2") and variant == "lora"
     out, one, one_fp32 = run_matrix_case(launcher, f"db-{variant}", "train/dreambooth.py", [*db_args, *MATRIX, *extra],
                                          tmp_path, tmp_path_factory, launcher_args=COMPILED_ARGS if compiled else ())
