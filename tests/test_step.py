@@ -118,4 +118,3 @@ def test_torch_compile_compiles_nothing_after_warm_up_in_every_trainer(trainer, 
                "--num_heldout_samples", 2)  # a checkpoint and a held-out loss between compiled steps
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["compiled_graphs"] > 0 and metrics["graphs_compiled_after_first_read"] == 0
-
