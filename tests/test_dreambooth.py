@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -521,6 +522,34 @@ def _unet_with_saved_adapters(base, folder, **lora) -> torch.nn.Module:
         {k[len("unet."):]: v for k, v in saved.items()}), adapter_name="default")
     assert not [k for k in result.missing_keys if "lora_" in k] and not result.unexpected_keys
     return unet
+
+
+def test_a_full_save_from_an_fp16_variant_with_another_vae_holds_that_vae_in_fp32(db_args, tmp_path, tiny_models):
+    """`--variant fp16 --pretrained_vae_model_name_or_path VAE`: the saved pipeline holds the VAE the run validated
+    with (not the base's), every component in fp32 (an fp16 text encoder beside the fp32 UNet stops plain diffusers
+    at the first prompt), and plain diffusers generates from it."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_models.sd, base)
+    for name, module in StableDiffusionPipeline.from_pretrained(base).components.items():
+        if isinstance(module, torch.nn.Module):
+            module.to(torch.float16).save_pretrained(base / name, variant="fp16")
+    vae = AutoencoderKL.from_pretrained(tiny_models.sd, subfolder="vae")
+    with torch.no_grad():
+        for parameter in vae.parameters():
+            parameter.mul_(1.5)
+    vae.save_pretrained(tmp_path / "vae")
+    out = tmp_path / "db"
+    run_script("train/dreambooth.py", *db_args, "--output_dir", out, "--max_train_steps", "1",
+               "--pretrained_model_name_or_path", base, "--variant", "fp16",
+               "--pretrained_vae_model_name_or_path", tmp_path / "vae")
+    saved = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+    assert {name: module.dtype for name, module in saved.components.items() if isinstance(module, torch.nn.Module)} == \
+        dict.fromkeys(("unet", "text_encoder", "vae"), torch.float32)
+    custom = vae.state_dict()
+    assert all(torch.equal(saved.vae.state_dict()[k], custom[k]) for k in custom)
+    saved(prompt="a cat", num_inference_steps=1, height=64, width=64, output_type="np")
 
 
 def test_lora_with_alpha_not_rank_reloads_identically_in_plain_diffusers_and_generation(db_args, tmp_path, tiny_models):

@@ -13,7 +13,7 @@ import torch
 from sketch2real.cli import UserError, option
 from sketch2real.family import Conditioning, Family, TextEncoders, family_of, pipeline_class, placeholder_tokens
 from sketch2real.io import atomic_path, umask_modes
-from sketch2real.models import SDComponents, dtype_for, load_pipeline, save_pretrained_atomic
+from sketch2real.models import SDComponents, dtype_for, load_base_pipeline, save_pretrained_atomic
 from sketch2real.sketchy import category_words
 from sketch2real.training.accelerator import zero3_init_disabled
 from sketch2real.training.data import load_folder_images, load_shard_images
@@ -182,8 +182,9 @@ def ensure_class_images(accelerator, opts: DreamBoothOptions) -> None:
         logger.info("generating %d class images in %s", len(missing), folder)
     mine = missing[accelerator.process_index :: accelerator.num_processes]
     with zero3_init_disabled(accelerator):
-        pipe = load_pipeline(family_of(opts.pretrained_model_name_or_path, opts.revision), opts.pretrained_model_name_or_path,
-                             torch_dtype=dtype_for(accelerator.mixed_precision), revision=opts.revision, variant=opts.variant)
+        pipe = load_base_pipeline(family_of(opts.pretrained_model_name_or_path, opts.revision),
+                                  opts.pretrained_model_name_or_path, opts.revision, opts.variant,
+                                  opts.pretrained_vae_model_name_or_path, dtype_for(accelerator.mixed_precision))
     pipe.to(accelerator.device)
     pipe.set_progress_bar_config(disable=True)
     bar = tqdm(total=len(missing), desc="class images", disable=not accelerator.is_local_main_process)
@@ -468,7 +469,8 @@ def save_pipeline(opts: TrainOptions, state: dict[str, torch.Tensor], out: Path)
     works the same for 1 process, DDP, ZeRO-2 and ZeRO-3.
     """
     family = family_of(opts.pretrained_model_name_or_path, opts.revision)
-    pipe = load_pipeline(family, opts.pretrained_model_name_or_path, revision=opts.revision, variant=opts.variant)
+    pipe = load_base_pipeline(family, opts.pretrained_model_name_or_path, opts.revision, opts.variant,
+                              opts.pretrained_vae_model_name_or_path)
     prefixes = {family.denoiser: "denoiser.", **{name: f"text_encoders.encoders.{name}." for name in family.text_encoders}}
     for name, prefix in prefixes.items():
         part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}

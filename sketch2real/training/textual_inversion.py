@@ -252,9 +252,9 @@ class TextualInversionTask(DiffusionTask):
     def _save_pipeline(self, out: Path) -> None:
         """Base pipeline with the token appended: every other weight and row is the base's, bit for bit."""
         from sketch2real.family import load_textual_inversion
-        from sketch2real.models import load_pipeline, save_pretrained_atomic
+        from sketch2real.models import load_base_pipeline, save_pretrained_atomic
 
-        pipe = load_pipeline(self.family, self.opts.pretrained_model_name_or_path, revision=self.opts.revision,
-                             variant=self.opts.variant)
+        pipe = load_base_pipeline(self.family, self.opts.pretrained_model_name_or_path, self.opts.revision,
+                                  self.opts.variant, self.opts.pretrained_vae_model_name_or_path)
         load_textual_inversion(pipe, str(out / "learned_embeds.safetensors"))
         save_pretrained_atomic(pipe, out)
