@@ -48,8 +48,8 @@ def test_sequential_needs_stages(tiny_models, shard_dir, tmp_path):
 
 def test_sequential_lora_continues_the_same_adapters_stage_after_stage(tiny_models, shard_dir, tmp_path):
     """With --lora_rank each stage trains the previous stage's adapters on the base model: stage 2's LoRA is bit for bit
-    what train/dreambooth.py gives from stage 1's folder (--initial_lora), and not what a fresh start gives; a LoRA of
-    another rank is refused in one line."""
+    what train/dreambooth.py gives from stage 1's folder (--initial_lora, at the alpha saved in it, 16, without
+    --lora_alpha), and not what a fresh start gives; a LoRA of another rank or alpha is refused in one line."""
     import torch
 
     from .helpers import weights
@@ -59,7 +59,7 @@ def test_sequential_lora_continues_the_same_adapters_stage_after_stage(tiny_mode
               "--learning_rate", "1e-2", "--validation_steps", "0", "--checkpointing_steps", "0", "--report_to", "none",
               "--num_heldout_samples", "2", "--lora_rank", "4"]
     run_script("train/dreambooth_sequential.py", *common, "--output_dir", out, "--stages", "cat,apple",
-               "--steps_per_stage", "3", "--instance_prompt", "a {category} in the style of sks")
+               "--steps_per_stage", "3", "--instance_prompt", "a {category} in the style of sks", "--lora_alpha", "16")
     stages = [out / "stage-01-cat", out / "stage-02-apple"]
     assert all((s / "pytorch_lora_weights.safetensors").is_file() for s in stages)
     config = json.loads((stages[1] / "run_config.json").read_text())
@@ -77,6 +77,9 @@ def test_sequential_lora_continues_the_same_adapters_stage_after_stage(tiny_mode
     proc = run_script("train/dreambooth.py", *common[:-1], "8", *alone, "--output_dir", tmp_path / "rank8",
                       "--initial_lora", stages[0], check=False)
     assert proc.returncode == 2 and "does not fit" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    proc = run_script("train/dreambooth.py", *common, *alone, "--output_dir", tmp_path / "alpha8", "--lora_alpha", "8",
+                      "--initial_lora", stages[0], check=False)
+    assert proc.returncode == 2 and "trained with alpha 16, not --lora_alpha 8" in proc.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("launcher, family, lora", [(launcher, "sd", False) for launcher in LAUNCHERS]

@@ -3,6 +3,7 @@ optional text-encoder training (also under DeepSpeed), LoRA adapters."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -247,6 +248,8 @@ class DreamBoothTask(DiffusionTask):
             # the frozen base in the weight dtype, the adapters in fp32; `prepare` places it (ZeRO-3: a shard per rank)
             c.denoiser.to(self.weight_dtype)
             targets, alpha = self.family.lora_targets(c.denoiser), opts.lora_alpha or opts.lora_rank
+            if opts.initial_lora:  # continued at the strength it was trained with, not at alpha = rank
+                alpha = initial_lora_alpha(self.family, opts.initial_lora, opts.lora_alpha) or alpha
             adapter = (LoKrConfig(r=opts.lora_rank, alpha=alpha, target_modules=targets) if opts.lora_type == "lokr" else
                        LoraConfig(r=opts.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian", use_dora=opts.use_dora,
                                   target_modules=targets))
@@ -439,6 +442,21 @@ class DreamBoothTask(DiffusionTask):
                 save_pipeline(opts, state, out)
 
         self.write_on_main(model, write)
+
+
+def initial_lora_alpha(family: Family, folder: str, lora_alpha: float) -> float | None:
+    """The alpha a saved LoRA folder was trained with (the adapter settings diffusers keeps in the file; None in a
+    file without them); a different `--lora_alpha` given for it is refused in one line."""
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+    from safetensors import safe_open
+
+    with safe_open(Path(folder) / "pytorch_lora_weights.safetensors", "pt") as f:
+        settings = json.loads((f.metadata() or {}).get(LORA_ADAPTER_METADATA_KEY, "{}"))
+    saved = settings.get(f"{family.denoiser}.lora_alpha")
+    if saved is not None and lora_alpha and lora_alpha != saved:
+        raise UserError(f"--initial_lora {folder} was trained with alpha {saved:g}, not --lora_alpha {lora_alpha:g}: "
+                        "leave --lora_alpha out to continue it at its own")
+    return saved
 
 
 def load_lora_adapters(family: Family, denoiser, folder: str) -> None:
