@@ -339,6 +339,10 @@ def test_another_runs_checkpoints_stop_a_fresh_run_and_pruning_keeps_own(checkpo
     proc = run_script("train/dreambooth.py", *args, "--output_dir", out, "--seed", "7", check=False)
     assert proc.returncode == 2 and "holds checkpoints of another run" in proc.stderr and "seed: 0 there, 7 now" in proc.stderr
     assert "Traceback" not in proc.stderr
+    # another folder's checkpoint named by its path: the same check (it went on to a size-mismatch traceback)
+    proc = run_script("train/dreambooth.py", *args, "--output_dir", tmp_path / "elsewhere", "--seed", "7",
+                      "--resume_from_checkpoint", straight / "checkpoint-4", check=False)
+    assert proc.returncode == 2 and "is of another run (seed: 0 there, 7 now)" in proc.stderr.strip().splitlines()[-1]
     # The same run started afresh: its own older checkpoints are its own; pruning never removes the one just saved.
     run_script("train/dreambooth.py", *args, "--output_dir", out, "--checkpoints_total_limit", "1")
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]

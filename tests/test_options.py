@@ -177,6 +177,15 @@ def _db():
     return options_class("DreamBoothOptions")
 
 
+def test_a_resume_may_change_how_the_lora_file_is_written_not_what_is_trained():
+    from sketch2real.training.checkpoints import run_fingerprint
+
+    base = ["--pretrained_model_name_or_path", "m", "--instance_prompt", "p", "--lora_rank", "4"]
+    fingerprint = run_fingerprint(parse_options(_db(), base), 1)
+    assert run_fingerprint(parse_options(_db(), [*base, "--lora_format", "comfyui"]), 1) == fingerprint
+    assert run_fingerprint(parse_options(_db(), [*base, "--lora_alpha", "8"]), 1) != fingerprint
+
+
 def test_config_values_are_converted_like_flags(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text('use_8bit_adam: "false"\ncache_latents: "false"\nscale_lr: "yes"\nvalidation_prompt: a cat\n'

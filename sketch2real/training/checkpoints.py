@@ -40,6 +40,7 @@ RUNTIME_OPTIONS = frozenset({
     "mixed_precision", "train_batch_size", "max_train_steps", "sample_batch_size", "save_as_full_pipeline",
     "class_data_dir", "hub_token", "ddp_timeout", "latent_cache_dir", "validation_clip_model_name_or_path",
     "validation_probe_samples", "logging_steps", "torch_compile", "torch_compile_mode", "torch_compile_backend",
+    "lora_format",
 })
 CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")
 
@@ -200,6 +201,10 @@ def _choose_checkpoint(output_dir: Path, resume: str | None, fingerprint: dict) 
         problem = verify_checkpoint(path)
         if problem:
             return None, f"checkpoint {path} cannot be resumed: {problem}"
+        theirs = (read_train_state(path) or {}).get("fingerprint")
+        if theirs not in (None, fingerprint):  # another folder's checkpoint, as strictly as one of this folder's
+            return None, (f"checkpoint {path} is of another run ({_differences(fingerprint, theirs)}): resume it with "
+                          "the settings it was trained with")
         return str(path), None
     problems = []
     for _, folder in reversed(own):
