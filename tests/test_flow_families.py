@@ -605,6 +605,9 @@ def test_fp16_on_a_bf16_family_is_refused_in_one_line_before_loading(trainer, ti
     # and a resolution whose latents cannot be cut into 2x2 patches (a multiple of 8, not of 16)
     with pytest.raises(UserError, match="--resolution 72: flux models take a multiple of 16"):
         task_class(dataclasses.replace(opts, resolution=72), in_process_accelerator("bf16"))
+    # Min-SNR weighs denoising losses: silently dropped on a flow family before
+    with pytest.raises(UserError, match="--snr_gamma weighs denoising .* flux models train by flow matching"):
+        task_class(dataclasses.replace(opts, snr_gamma=5.0), in_process_accelerator("bf16"))
     if trainer == "dreambooth":  # kohya's key format is built for the UNet families only
         with pytest.raises(UserError, match="--lora_format comfyui is built for SD 1.x and SDXL UNets, not flux"):
             task_class(dataclasses.replace(opts, lora_rank=4, lora_format="comfyui"), in_process_accelerator("bf16"))

@@ -107,6 +107,13 @@ class DiffusionTask:
         if self.accelerator.mixed_precision == "fp16" and not family.fp16:
             raise UserError(f"{family.name} models train in bf16, not fp16 (their activations overflow fp16): use "
                             "--mixed_precision bf16")
+        flow = family.training_scheduler == "FlowMatchEulerDiscreteScheduler"  # the objective `objective_for` picks
+        if flow and self.opts.snr_gamma:
+            raise UserError(f"--snr_gamma weighs denoising (epsilon/v) losses; {family.name} models train by flow "
+                            "matching: use --weighting_scheme")
+        if not flow and self.opts.weighting_scheme != "none":
+            raise UserError(f"--weighting_scheme {self.opts.weighting_scheme} is for flow-matching families (SD3, FLUX); "
+                            f"{family.name} models: --snr_gamma")
         if self.opts.resolution % family.resolution_multiple:
             raise UserError(f"--resolution {self.opts.resolution}: {family.name} models take a multiple of "
                             f"{family.resolution_multiple} (their latents are cut into 2x2 patches)")
