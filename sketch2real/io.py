@@ -40,9 +40,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600: the file gets the mode open() would give it
+    mode = 0o666 & ~current_umask()  # mkstemp makes 0600: the file gets the mode open() would give it
+    os.chmod(tmp, mode)
     try:
         yield Path(tmp)
+        os.chmod(tmp, mode)  # a writer that replaces the file (safetensors' save_file) makes it 0600 again
         os.replace(tmp, final)
     finally:
         if os.path.exists(tmp):

@@ -420,13 +420,18 @@ def test_keys_from_data_never_leave_their_folder(tiny_models, tmp_path):
 
 
 def test_outputs_respect_the_umask(checkpointed, tmp_path):
-    """Under umask 022 the atomic writer, saved pipelines and trained safetensors are 0644 (folders 0755)."""
-    from sketch2real.io import write_json
+    """Under umask 022 the atomic writer, saved pipelines and trained safetensors are 0644 (folders 0755); so is
+    what safetensors' own writer puts at the atomic path (Textual Inversion's embeddings, the ComfyUI LoRA: 0600)."""
+    from safetensors.torch import save_file
+
+    from sketch2real.io import atomic_path, write_json
     from sketch2real.models import save_pretrained_atomic
 
     previous = os.umask(0o022)
     try:
         write_json(tmp_path / "m.json", {"a": 1})
+        with atomic_path(tmp_path / "embeds.safetensors") as tmp:
+            save_file({"x": torch.zeros(1)}, tmp)
         from diffusers import UNet2DModel
 
         save_pretrained_atomic(UNet2DModel(sample_size=8, block_out_channels=(8,), down_block_types=("DownBlock2D",),
@@ -434,7 +439,8 @@ def test_outputs_respect_the_umask(checkpointed, tmp_path):
     finally:
         os.umask(previous)
     _, straight = checkpointed  # trained under umask 022
-    files = [tmp_path / "m.json", *(tmp_path / "model").rglob("*.safetensors"), straight / "pytorch_lora_weights.safetensors",
+    files = [tmp_path / "m.json", tmp_path / "embeds.safetensors", *(tmp_path / "model").rglob("*.safetensors"),
+             straight / "pytorch_lora_weights.safetensors",
              straight / "metrics.json", straight / "run_config.json"]
     assert len(files) >= 5
     assert {oct(p.stat().st_mode & 0o777) for p in files} == {"0o644"}, {p.name: oct(p.stat().st_mode & 0o777) for p in files}
