@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import os
 import shutil
@@ -802,6 +803,8 @@ def test_class_images_are_listed_once_and_split_across_two_processes(db_args, tm
         (["--resume_from_checkpoint", "checkpoint-99"], "checkpoint not found"),
         (["--resolution", "60"], "multiple of 8"),
         (["--weighting_scheme", "logit_normal"], "is for flow-matching families (SD3, FLUX); sd models: --snr_gamma"),
+        pytest.param(["--report_to", "wandb"], "wandb is not installed (pip install wandb)",
+                     marks=pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb installed")),
         (["--optimizer", "prodigy", "--learning_rate", "1e-4"], "estimates its step size"),
         (["--use_dora"], "give --lora_rank"),
         (["--instance_prompt", "a {kind} sketch"], "only {category} can be filled in"),

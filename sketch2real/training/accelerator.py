@@ -35,6 +35,7 @@ def make_accelerator(opts, train_batch_size: int | None = None):
     processes (tests). fp16 needs CUDA; bf16 works on both. The precision actually used (under DeepSpeed: what its
     config enables) is `accelerator.mixed_precision`; `opts` is left as parsed.
     """
+    import accelerate.utils
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
 
@@ -56,6 +57,10 @@ def make_accelerator(opts, train_batch_size: int | None = None):
     kwargs_handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=opts.ddp_timeout), **group),
                        DistributedDataParallelKwargs(gradient_as_bucket_view=True)]
     report_to = None if opts.report_to == "none" else opts.report_to
+    if report_to in ("tensorboard", "wandb") and not getattr(accelerate.utils, f"is_{report_to}_available")():
+        # accelerate would only warn and log nowhere
+        raise UserError(f"--report_to {report_to}: {report_to} is not installed (pip install {report_to}), or use "
+                        "--report_to none")
     accelerator = Accelerator(
         # told, as ACCELERATE_USE_CPU would tell it: on a machine without GPUs a GPU config's processes (torchrun's
         # LOCAL_RANK) find no backend and each runs alone; not under DeepSpeed, which `cpu` turns off
