@@ -365,3 +365,34 @@ def check_pipeline_reports(repo: Path, jobs: list[str]) -> None:
     assert (runs / "dreambooth_sequential" / "sequential_report.md").is_file()
     logs = sorted((repo / "logs").glob("*.out"))
     assert sorted(p.stem.rsplit("-", 1)[1] for p in logs) == sorted(jobs)  # the scripts' own --output, in the clone
+
+
+def check_model_card_usage(out: Path, shard_dir: Path, tmp_path: Path) -> tuple[str, dict]:
+    """The model card's "Use" section as a reader takes it: its `infer/generate.py` command (SHARDS: `shard_dir`)
+    passes generate's own checks and asks for images; its python block runs (a sketch image at hand where it loads
+    one). (the prompt it generates from, the block's names)."""
+    import shlex
+
+    from PIL import Image
+
+    from sketch2real.cli import parse_options
+    from sketch2real.generation import GenerateOptions, build_items
+
+    use = (out / "README.md").read_text().split("## Use", 1)[1]
+    command = shlex.split(use.split("```bash\n", 1)[1].split("\n```", 1)[0].replace("SHARDS", str(shard_dir)))
+    assert command[:2] == ["python", "infer/generate.py"], command
+    opts = parse_options(GenerateOptions, command[2:])
+    opts.check()
+    assert build_items(opts)
+    code = use.split("```python\n", 1)[1].split("\n```", 1)[0]
+    folder = tmp_path / "card-reader"
+    folder.mkdir()
+    Image.new("RGB", (64, 64), "white").save(folder / "a sketch.png")
+    names: dict = {}
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        exec(code, names)  # noqa: S102  (the card's own lines, as a reader pastes them)
+    finally:
+        os.chdir(previous)
+    return (opts.prompts or [opts.prompt_template])[0], names

@@ -8,6 +8,7 @@ from .helpers import (
     LAUNCHERS,
     SHARP_ADAM,
     assert_agrees_within_bf16,
+    check_model_card_usage,
     in_process_accelerator,
     launch,
     relative_difference,
@@ -73,6 +74,8 @@ def test_training_lowers_the_loss_and_the_controlnet_loads_in_diffusers(cn_args,
     out_a = pipe("a photo of a cat", image=a, generator=torch.Generator().manual_seed(0), **kwargs).images
     out_b = pipe("a photo of a cat", image=b, generator=torch.Generator().manual_seed(0), **kwargs).images
     assert abs(out_a - out_b).max() > 1e-3  # the conditioning sketch changes the image
+    prompt, card = check_model_card_usage(out, shard_dir, tmp_path)  # the card's command and diffusers lines
+    assert prompt == "a photo" and card["image"].size == (64, 64)
 
 
 def test_resume_is_exact_with_any_number_of_loader_workers_and_two_processes_agree(cn_args, tmp_path):

@@ -17,6 +17,7 @@ from .helpers import (
     REPO,
     SHARP_ADAM,
     assert_agrees_within_bf16,
+    check_model_card_usage,
     launch,
     pause_at_step,
     relative_difference,
@@ -588,7 +589,7 @@ def test_lora_with_alpha_not_rank_reloads_identically_in_plain_diffusers_and_gen
     torch.testing.assert_close(_unet_output(kohya.unet), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_dora_reloads_as_dora_in_plain_diffusers_and_generation(db_args, tmp_path, tiny_models):
+def test_dora_reloads_as_dora_in_plain_diffusers_and_generation(db_args, tmp_path, tiny_models, shard_dir):
     """--use_dora: the file holds each adapted weight's learned magnitude, and plain diffusers (and generation's fused
     loader) rebuild the trained UNet from it: the same output as peft's DoRA with those weights."""
     from diffusers import StableDiffusionPipeline
@@ -608,6 +609,8 @@ def test_dora_reloads_as_dora_in_plain_diffusers_and_generation(db_args, tmp_pat
     generation = load_generation_pipeline(str(out), torch.device("cpu"), torch.float32)
     torch.testing.assert_close(_unet_output(generation.unet), expected, rtol=1e-5, atol=1e-5)
     _assert_model_card(out)
+    prompt, card = check_model_card_usage(out, shard_dir, tmp_path)  # the card's command and diffusers lines
+    assert prompt == "a sks sketch of a cat" and card["image"].size == (64, 64)
 
 
 @pytest.mark.parametrize("rank", [2, 4])  # the tiny UNet's factors: rank 2 stores w2 as a product, rank 4 both whole
@@ -690,7 +693,9 @@ def test_pivotal_tuning_trains_new_tokens_with_the_lora_and_generation_loads_bot
     unet = {k.replace(".base_layer", ""): v for k, v in getattr(pipe, denoiser).state_dict().items() if "lora_" not in k}
     base_unet = getattr(base, denoiser).state_dict()
     assert unet.keys() == base_unet.keys() and any(not torch.equal(unet[k], base_unet[k]) for k in base_unet)  # fused
-    assert "load_textual_inversion" in (out / "README.md").read_text()
+    if family != "flux":  # the card's lines load the tokens and prompt them by name (50 FLUX steps: too slow here)
+        prompt, card = check_model_card_usage(out, shard_dir, tmp_path)
+        assert prompt == "a <s0> sketch of a cat" and "load_textual_inversion" in (out / "README.md").read_text()
     bad = run_script("train/dreambooth.py", "--pretrained_model_name_or_path", model, "--shard_dir", shard_dir,
                      "--instance_prompt", "a sks sketch", "--lora_rank", "4", "--train_text_encoder_ti", "--output_dir",
                      tmp_path / "bad", check=False)

@@ -4,7 +4,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .helpers import LAUNCHERS, SHARP_ADAM, assert_agrees_within_bf16, launch, run_matrix_case, run_script
+from .helpers import (
+    LAUNCHERS,
+    SHARP_ADAM,
+    assert_agrees_within_bf16,
+    check_model_card_usage,
+    launch,
+    run_matrix_case,
+    run_script,
+)
 
 
 @pytest.fixture
@@ -53,6 +61,8 @@ def test_only_the_new_rows_train_and_the_token_works_in_plain_diffusers(ti_args,
     for module in ("unet", "vae"):
         a, b = getattr(base, module).state_dict(), getattr(full, module).state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a)
+    prompt, card = check_model_card_usage(out, shard_dir, tmp_path)  # the card's command and diffusers lines
+    assert "<sketch>" in prompt and card["image"].size == (64, 64)
 
     # Loaded into a plain pipeline, the token lowers the style loss compared with its initial value and changes images.
     initial = base.text_encoder.get_input_embeddings().weight[base.tokenizer.convert_tokens_to_ids("sketch</w>")].detach()

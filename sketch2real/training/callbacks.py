@@ -251,7 +251,8 @@ class ModelCard(Callback):
     def after_save(self, run: Run) -> None:
         if run.accelerator.is_main_process:
             with atomic_open(run.out / CARD) as f:
-                f.write(model_card(run.opts, run.task.trainer, run.summary, run.out))
+                f.write(model_card(run.opts, run.task.trainer, run.summary, run.out, run.task.family,
+                                   run.task.card_prompt()))
 
 
 def default_callbacks() -> list[Callback]:

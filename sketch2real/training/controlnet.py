@@ -111,6 +111,10 @@ class ControlNetTask(DiffusionTask):
     def compiled_modules(self) -> list[torch.nn.Module]:
         return [self.c.denoiser, self.model]
 
+    def card_prompt(self) -> str:
+        """Generation conditions each image on a test sketch: the template, filled per sketch's category."""
+        return self.opts.prompt_template
+
     def prompt_for(self, key: str, category: str, step: int = -1) -> str:
         o = self.opts
         if step >= 0 and drops_prompt(o.proportion_empty_prompts, o.seed, "empty", step, key):

@@ -394,6 +394,14 @@ class DreamBoothTask(DiffusionTask):
             return list(self.opts.validation_prompt)
         return [self.opts.instance_prompt.format(category=category_words(c or "")) for c in self.validation_categories()]
 
+    def card_prompt(self) -> str:
+        """Pivotal tuning: the new tokens by the name a user loads them under (`<s0>`; diffusers' loader spells out
+        the rest), not --token_abstraction."""
+        prompt = super().card_prompt()
+        if not self.new_tokens:
+            return prompt
+        return re.sub(rf"\b{re.escape(self.opts.token_abstraction)}\b", PIVOTAL_TOKEN, prompt)
+
     def validation_categories(self) -> list[str | None]:
         """The instance category; over many categories with a {category} prompt, the first four of the set."""
         if self.opts.validation_prompt or "{category}" not in self.opts.instance_prompt or self.opts.instance_category:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sketch2real.cli import as_dict
+from sketch2real.family import Family, pipeline_class
 from sketch2real.lokr import LOKR_FILE
 from sketch2real.training.checkpoints import RUNTIME_OPTIONS
 
@@ -60,27 +61,42 @@ def _interval(ci95: Any) -> str:
     return f"[{ci95[0]:.4g}, {ci95[1]:.4g}]"
 
 
-def usage(kind: str, base: str, out: Path) -> str:
-    """How to generate with the result: this project's command, and plain diffusers where it loads in one call."""
+def usage(kind: str, base: str, out: Path, prompt: str, family: Family) -> str:
+    """How to generate with the result, with a prompt that uses what was trained (`prompt`; ControlNet: its
+    template): this project's command, and the lines of plain diffusers (but for LoKr, which diffusers cannot load)."""
+    embeds = str(out / "learned_embeds.safetensors")
     generate = {"lora": f"--pretrained_model_name_or_path {out}", "lokr": f"--pretrained_model_name_or_path {out}",
-                "embeddings": f"--pretrained_model_name_or_path {base} --textual_inversion {out}/learned_embeds.safetensors",
+                "embeddings": f"--pretrained_model_name_or_path {base} --textual_inversion {embeds}",
                 "pipeline": f"--pretrained_model_name_or_path {out}",
                 "controlnet": f"--pretrained_model_name_or_path {base} --controlnet {out} --shard_dir SHARDS"}[kind]
-    lines = ["```bash", f"python infer/generate.py {generate} --prompts 'a sketch of a cat' --output_dir generated", "```"]
-    pivotal = [f"load_textual_inversion(pipe, {str(out / 'learned_embeds.safetensors')!r})  # the tokens trained with "
-               "the LoRA: prompts say <s0>"] if (out / "learned_embeds.safetensors").is_file() else []
-    diffusers = {"lora": [f"pipe = DiffusionPipeline.from_pretrained({base!r})", f"pipe.load_lora_weights({str(out)!r})",
-                          *pivotal],
-                 "pipeline": [f"pipe = DiffusionPipeline.from_pretrained({str(out)!r})"]}.get(kind)
-    if diffusers:
-        imports = ["from diffusers import DiffusionPipeline"] + (["from sketch2real.family import load_textual_inversion"]
-                                                                 if pivotal and kind == "lora" else [])
-        lines += ["", "```python", *imports, "", *diffusers, "```"]
-    return "\n".join(lines)
+    prompts = f"--prompt_template {prompt!r}" if kind == "controlnet" else f"--prompts {prompt!r}"
+    lines = ["```bash", f"python infer/generate.py {generate} {prompts} --output_dir generated", "```"]
+    tokens = kind == "embeddings" or (kind == "lora" and (out / "learned_embeds.safetensors").is_file())
+    imports, code = ["DiffusionPipeline"], [f"pipe = DiffusionPipeline.from_pretrained({base!r})"]
+    if kind == "pipeline":
+        code = [f"pipe = DiffusionPipeline.from_pretrained({str(out)!r})"]
+    elif kind == "lora":
+        code.append(f"pipe.load_lora_weights({str(out)!r})")
+    elif kind == "controlnet":
+        pipeline = pipeline_class(family, controlnet=True).__name__
+        imports = [family.controlnet_class, pipeline]
+        code = [f"controlnet = {family.controlnet_class}.from_pretrained({str(out)!r})",
+                f"pipe = {pipeline}.from_pretrained({base!r}, controlnet=controlnet)"]
+    elif kind != "embeddings":
+        return "\n".join(lines)
+    if tokens:  # the trained tokens' rows in each embedding encoder (SDXL: both), as the family's files name them
+        code.append(f"load_textual_inversion(pipe, {embeds!r})")
+    condition = f", {family.control_image_argument}=load_image('a sketch.png')" if kind == "controlnet" else ""
+    prompt_line = prompt.format(category="cat") if kind == "controlnet" else prompt
+    code.append(f"image = pipe({prompt_line!r}{condition}).images[0]")
+    header = [f"from diffusers import {', '.join(sorted(imports))}"]
+    header += ["from diffusers.utils import load_image"] if kind == "controlnet" else []
+    header += ["from sketch2real.family import load_textual_inversion"] if tokens else []
+    return "\n".join([*lines, "", "```python", *header, "", *code, "```"])
 
 
-def model_card(opts, trainer: str, summary: dict[str, Any], out: Path) -> str:
-    """The card's markdown (YAML front matter as the hub reads it)."""
+def model_card(opts, trainer: str, summary: dict[str, Any], out: Path, family: Family, prompt: str) -> str:
+    """The card's markdown (YAML front matter as the hub reads it); `prompt`: one that uses what was trained."""
     from huggingface_hub import ModelCardData
 
     base, kind = opts.pretrained_model_name_or_path, output_kind(out)
@@ -104,5 +120,5 @@ def model_card(opts, trainer: str, summary: dict[str, Any], out: Path) -> str:
     mosaics = sorted((out / "validation").glob("step-*.png"))
     if mosaics:
         lines += ["", "## Samples (the last validation)", "", f"![validation images]({mosaics[-1].relative_to(out)})"]
-    lines += ["", "## Use", "", usage(kind, base, out), ""]
+    lines += ["", "## Use", "", usage(kind, base, out, prompt, family), ""]
     return "\n".join(lines)

@@ -249,6 +249,11 @@ class DiffusionTask:
     def validation_prompts(self) -> list[str]:
         return list(self.opts.validation_prompt)
 
+    def card_prompt(self) -> str:
+        """A prompt that uses what was trained, for the model card's "Use" section: the first validation prompt."""
+        prompts = self.validation_prompts()
+        return prompts[0] if prompts else "a sketch of a cat"
+
     def validate(self, accelerator, model, step: int) -> dict[str, float]:
         """Held-out metrics, then validation images (a mosaic, and their style scores); a preemption signal stops it
         between pieces, on every process together. Trainers differ in `heldout_metrics` and `validation_images`."""
