@@ -177,6 +177,20 @@ def _db():
     return options_class("DreamBoothOptions")
 
 
+@pytest.mark.parametrize("trainer, default", [("DreamBoothOptions", 5e-6), ("TextualInversionOptions", 5e-4),
+                                               ("ControlNetOptions", 1e-5)])
+def test_prodigy_without_a_learning_rate_gets_its_own_in_every_trainer(trainer, default):
+    """--optimizer prodigy alone: 1.0, which Prodigy's estimate is scaled by (TI and ControlNet refused their own
+    default before); each trainer's own default otherwise, and a given rate is kept."""
+    needed = ["--pretrained_model_name_or_path", "m", "--output_dir", "o", "--shard_dir", "s"]
+    needed += ["--instance_prompt", "p", "--instance_category", "cat"] if trainer == "DreamBoothOptions" else []
+    prodigy = parse_options(options_class(trainer), [*needed, "--optimizer", "prodigy"])
+    prodigy.check()
+    assert prodigy.learning_rate == 1.0
+    assert parse_options(options_class(trainer), needed).learning_rate == default
+    assert parse_options(options_class(trainer), [*needed, "--learning_rate", "0.5", "--optimizer", "prodigy"]).learning_rate == 0.5
+
+
 def test_a_resume_may_change_how_the_lora_file_is_written_not_what_is_trained():
     from sketch2real.training.checkpoints import run_fingerprint
 

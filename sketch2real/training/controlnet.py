@@ -42,7 +42,11 @@ class ControlNetOptions(TrainOptions):
     categories: list[str] = option([], help="only these categories (default: all)")
     num_validation_sketches: int = option(4, help="held-out sketches in the validation mosaic (sketch | generated | photo; "
                                                   "0: no mosaic)", min=0)
-    learning_rate: float = option(1e-5, help="initial learning rate (after warmup)", min_exclusive=0)
+    learning_rate: float | None = option(None, help="initial learning rate (after warmup); default 1e-5, 1.0 with "
+                                                    "--optimizer prodigy", min_exclusive=0)
+
+    def default_learning_rate(self) -> float:
+        return 1e-5
 
     def check(self) -> None:
         super().check()

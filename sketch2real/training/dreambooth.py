@@ -29,7 +29,6 @@ from sketch2real.training.textual_inversion import add_placeholder_tokens, write
 logger = logging.getLogger("sketch2real")
 PIVOTAL_TOKEN = "<s0>"  # the new tokens of pivotal tuning, as diffusers' advanced scripts name them: <s0>, <s0>_1, ...
 FULL_LR, LORA_LR = 5e-6, 1e-4  # diffusers' DreamBooth and DreamBooth LoRA scripts' defaults
-PRODIGY_LR = 1.0  # Prodigy finds the step size; the learning rate scales it
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -89,10 +88,8 @@ class DreamBoothOptions(TrainOptions):
                                                 "prompt instead of --instance_prompt (seeded per step and image; the "
                                                 "style then also arrives without its trigger)", min=0, max=1)
 
-    def __post_init__(self) -> None:
-        if self.learning_rate is None:  # frozen: the default depends on --lora_rank
-            default = PRODIGY_LR if self.optimizer == "prodigy" else LORA_LR if self.lora_rank else FULL_LR
-            object.__setattr__(self, "learning_rate", default)
+    def default_learning_rate(self) -> float:
+        return LORA_LR if self.lora_rank else FULL_LR
 
     def check(self) -> None:
         super().check()

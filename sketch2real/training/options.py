@@ -11,6 +11,8 @@ from sketch2real.cli import UserError, option
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 POLYNOMIAL_LR_END = 1e-7  # get_scheduler's default end of the polynomial schedule: the learning rate must exceed it
 
+PRODIGY_LR = 1.0  # Prodigy finds the step size; the learning rate scales it
+
 
 @dataclass(kw_only=True, frozen=True)
 class TrainOptions:
@@ -32,7 +34,9 @@ class TrainOptions:
     train_batch_size: int = option(1, help="batch size per device", min=1)
     max_train_steps: int = option(400, help="optimizer steps to train", min=1)
     gradient_accumulation_steps: int = option(1, help="micro-batches per optimizer step", min=1)
-    learning_rate: float = option(5e-6, help="initial learning rate (after warmup)", min_exclusive=0)
+    learning_rate: float | None = option(None, help="initial learning rate (after warmup); default: the trainer's "
+                                                    "(`default_learning_rate`), 1.0 with --optimizer prodigy",
+                                         min_exclusive=0)
     scale_lr: bool = option(False, help="multiply the learning rate by devices x batch x accumulation")
     lr_scheduler: str = option("constant", help="learning-rate schedule (diffusers' get_scheduler)", choices=LR_SCHEDULERS,
                                noun="learning-rate scheduler")
@@ -116,6 +120,15 @@ class TrainOptions:
     report_to: str = option("tensorboard", help="experiment tracker", choices=("tensorboard", "wandb", "all", "none"),
                             noun="tracker")
     logging_dir: str = option("logs", help="tracker folder, relative to --output_dir")
+
+    def __post_init__(self) -> None:
+        if self.learning_rate is None:  # frozen: a default that depends on other options
+            learning_rate = PRODIGY_LR if self.optimizer == "prodigy" else self.default_learning_rate()
+            object.__setattr__(self, "learning_rate", learning_rate)
+
+    def default_learning_rate(self) -> float:
+        """The trainer's learning rate when --learning_rate is not given (and the optimizer is not Prodigy)."""
+        return 5e-6
 
     def check(self) -> None:
         """One-line errors for missing or inconsistent values (ranges and choices are declared on the options, and

@@ -60,8 +60,12 @@ class TextualInversionOptions(TrainOptions):
     save_as_full_pipeline: bool = option(False, help="also save a full diffusers pipeline with the token added")
     enable_t5_ti: bool = option(False, help="also learn the token's rows in T5 (SD3, FLUX.1: the file's 't5' tensor, as "
                                             "diffusers' advanced FLUX script); without it T5 reads the token's spelling")
-    learning_rate: float = option(5e-4, help="initial learning rate (after warmup)", min_exclusive=0)
+    learning_rate: float | None = option(None, help="initial learning rate (after warmup); default 5e-4, 1.0 with "
+                                                    "--optimizer prodigy", min_exclusive=0)
     adam_weight_decay: float = option(0.0, help="AdamW weight decay (0: keeps the embedding's norm)", min=0)
+
+    def default_learning_rate(self) -> float:
+        return 5e-4
 
     def check(self) -> None:
         super().check()
