@@ -191,6 +191,17 @@ def test_prodigy_without_a_learning_rate_gets_its_own_in_every_trainer(trainer, 
     assert parse_options(options_class(trainer), [*needed, "--learning_rate", "0.5", "--optimizer", "prodigy"]).learning_rate == 0.5
 
 
+def test_a_lora_run_into_a_folder_holding_a_full_pipeline_is_refused(tmp_path):
+    """Generation loads a folder's model_index.json first: a LoRA saved beside an earlier full fine-tune would never
+    be used."""
+    (tmp_path / "model_index.json").write_text("{}")
+    args = ["--pretrained_model_name_or_path", "m", "--instance_prompt", "p", "--instance_category", "cat",
+            "--shard_dir", "s", "--output_dir", str(tmp_path)]
+    parse_options(_db(), args).check()  # a full fine-tune may overwrite it
+    with pytest.raises(UserError, match="holds a full pipeline .* generation would load it, not the LoRA"):
+        parse_options(_db(), [*args, "--lora_rank", "4"]).check()
+
+
 def test_a_resume_may_change_how_the_lora_file_is_written_not_what_is_trained():
     from sketch2real.training.checkpoints import run_fingerprint
 

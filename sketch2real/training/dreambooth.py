@@ -119,6 +119,9 @@ class DreamBoothOptions(TrainOptions):
                             f"--token_abstraction {self.token_abstraction!r}, which the new tokens stand for")
         if self.lora_type == "lokr" and not self.lora_rank:
             raise UserError("--lora_type lokr sets the kind of adapter: give --lora_rank")
+        if self.lora_rank and (Path(self.output_dir) / "model_index.json").is_file():  # left by a full fine-tune
+            raise UserError(f"{self.output_dir} holds a full pipeline (model_index.json): generation would load it, not "
+                            "the LoRA saved beside it; use another --output_dir, or remove it")
         if self.initial_lora and not self.lora_rank:
             raise UserError("--initial_lora continues LoRA adapters: give --lora_rank (the rank it was trained with)")
         if self.initial_lora and not (Path(self.initial_lora) / "pytorch_lora_weights.safetensors").is_file():
