@@ -5,8 +5,16 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from sketch2real.captioning import (
+    CONFIG,
+    format_quality,
+    load_captioner,
+    merge_captions,
+    quality_report,
+    resolve_prompts,
+    resumable_pairs,
+)
 from sketch2real.captioning import CaptionOptions as Options
-from sketch2real.captioning import finished_pairs, format_quality, load_captioner, merge_captions, quality_report, resolve_prompts
 from sketch2real.cli import UserError, as_dict, parse_options, run_main
 from sketch2real.io import append_jsonl, atomic_path, write_json
 from sketch2real.models import dtype_for
@@ -62,13 +70,13 @@ def main() -> int:
     prompts = resolve_prompts(opts.prompts)
     state = distributed_state(opts.ddp_timeout)
     check_shared_folder(state, opts.output_dir)
+    out = Path(opts.output_dir)
+    done = resumable_pairs(out, as_dict(opts))  # another run's captions are refused here, before the model loads
     captioner = load_captioner(opts.model_name_or_path, state.device, dtype_for(opts.mixed_precision), opts.load_in_8bit,
                                opts.load_in_4bit, opts.trust_remote_code)
-    out = Path(opts.output_dir)
-    done = finished_pairs(out) if out.is_dir() else set()
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "caption_config.json", as_dict(opts))
+        write_json(out / CONFIG, as_dict(opts))
     state.wait_for_everyone()
     part = out / f"captions.rank{state.process_index:03d}.jsonl"
     settings = {"max_new_tokens": opts.max_new_tokens, "num_beams": opts.num_beams, "do_sample": False}

@@ -8,18 +8,19 @@ from pathlib import Path
 
 from sketch2real.cli import UserError, as_dict, parse_options, run_main
 from sketch2real.family import family_of_pipeline, native_size
-from sketch2real.generation import GenerateOptions as Options
 from sketch2real.generation import (
+    CONFIG,
     build_items,
-    finished_keys,
     generate_batch,
     image_path,
     load_generation_pipeline,
     merge_index,
     rank_batches,
+    resumable_keys,
     write_image,
     write_mosaics,
 )
+from sketch2real.generation import GenerateOptions as Options
 from sketch2real.io import append_jsonl, write_json
 from sketch2real.models import dtype_for
 from sketch2real.shards import CorruptSample, ShardSamples, corrupt_samples
@@ -51,7 +52,7 @@ def main() -> int:
     if state.device.type != "cuda" and opts.mixed_precision == "fp16":
         raise UserError("--mixed_precision fp16 needs a CUDA device; use bf16 or no on CPU")
     out = Path(opts.output_dir)
-    done = finished_keys(out) if out.is_dir() else set()
+    done = resumable_keys(out, as_dict(opts), items)  # another run's images are refused here, before any model loads
     pipe = load_generation_pipeline(
         opts.pretrained_model_name_or_path, state.device, dtype_for(opts.mixed_precision), opts.scheduler,
         opts.textual_inversion, opts.lora, opts.lora_scale, opts.controlnet, opts.safety_checker,
@@ -74,7 +75,7 @@ def main() -> int:
              "controlnet": opts.controlnet}
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "generate_config.json", as_dict(opts))
+        write_json(out / CONFIG, as_dict(opts))
     state.wait_for_everyone()
     part = out / f"index.rank{state.process_index:03d}.jsonl"
     todo = sum(len(b) for b in batches)

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from sketch2real.cli import UserError, check_output_dir, option
-from sketch2real.io import merge_parts, read_with_parts
+from sketch2real.cli import UserError, as_dict, check_output_dir, option
+from sketch2real.io import check_same_settings, merge_parts, read_with_parts
 
 # The ten prompts of the original study (../shared/seed/STUDY-NOTES.md), with its ids.
 PROMPTS: dict[str, str] = {
@@ -191,6 +192,32 @@ def load_captioner(name_or_path: str, device: torch.device, dtype: torch.dtype, 
 
 def finished_pairs(output_dir: Path) -> set[tuple[str, str]]:
     return {(r["key"], str(r["prompt_id"])) for r in read_with_parts(output_dir, "captions")}
+
+
+CONFIG = "caption_config.json"
+# Options that change how a job runs, not what a caption says: a resume may change them (the precision among them,
+# as for the trainers; 8/4-bit weights are other weights and count).
+RUNTIME_OPTIONS = frozenset({"output_dir", "ddp_timeout", "batch_size", "num_workers", "mixed_precision",
+                             "trust_remote_code"})
+# Options that only choose which samples are captioned: a resume with more draws the missing ones beside the others.
+SELECTION_OPTIONS = frozenset({"categories"})
+
+
+def caption_settings(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a captioning job's options (`as_dict`) that determines its captions (model, prompts, length, beams,
+    the images): all but RUNTIME_OPTIONS and SELECTION_OPTIONS, an option the job did not save counting as its default."""
+    defaults = as_dict(CaptionOptions())
+    return {k: options.get(k, v) for k, v in defaults.items() if k not in RUNTIME_OPTIONS | SELECTION_OPTIONS}
+
+
+def resumable_pairs(output_dir: Path, options: Mapping[str, Any]) -> set[tuple[str, str]]:
+    """The (key, prompt id) pairs already captioned in `output_dir`, provided they were captioned under these
+    settings: a folder whose caption_config.json has other `caption_settings` is refused in one line (a resume would
+    keep another model's captions beside a config naming this one). No config (an older version's folder): resumed."""
+    done = finished_pairs(output_dir) if output_dir.is_dir() else set()
+    if done:
+        check_same_settings(output_dir, CONFIG, options, caption_settings, "captions")
+    return done
 
 
 def merge_captions(output_dir: Path) -> list[dict]:

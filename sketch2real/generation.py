@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import string
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,8 +21,17 @@ from typing import Any, TypeVar
 import torch
 from PIL import Image
 
-from sketch2real.cli import UserError, check_output_dir, option
-from sketch2real.io import atomic_path, key_path, merge_parts, read_jsonl, read_with_parts
+from sketch2real.cli import UserError, as_dict, check_output_dir, option
+from sketch2real.io import (
+    atomic_path,
+    check_same_settings,
+    differences,
+    key_path,
+    merge_parts,
+    read_jsonl,
+    read_with_parts,
+    refuse_other_settings,
+)
 from sketch2real.shards import CorruptSample, corrupt_samples, open_image
 from sketch2real.sketchy import category_words
 from sketch2real.training.diffusion import derive_seed
@@ -124,9 +135,52 @@ def rank_batches(items: list[Item], batch_size: int, rank: int, world_size: int)
     return batches[rank::world_size]
 
 
+def finished_rows(output_dir: Path) -> dict[str, dict]:
+    """Index rows (merged or in a rank's part file; the newest of a key) of the keys with an image on disk."""
+    return {r["key"]: r for r in read_with_parts(output_dir, "index") if image_path(output_dir, r["key"]).is_file()}
+
+
 def finished_keys(output_dir: Path) -> set[str]:
     """Keys with both an index row (merged or in a rank's part file) and an image on disk."""
-    return {r["key"] for r in read_with_parts(output_dir, "index") if image_path(output_dir, r["key"]).is_file()}
+    return set(finished_rows(output_dir))
+
+
+CONFIG = "generate_config.json"
+# Options that change how a job runs or reports, not what an image shows: a resume may change them (as the trainers'
+# RUNTIME_OPTIONS, the precision and the attention kernels among them).
+RUNTIME_OPTIONS = frozenset({"output_dir", "ddp_timeout", "batch_size", "mixed_precision", "torch_compile",
+                             "enable_xformers_memory_efficient_attention", "mosaic_rows"})
+# Options that only choose which items are drawn: an image's key, prompt and seed are its item's own (the seed derives
+# from the key), so a resume with a larger choice draws the missing images beside the others.
+SELECTION_OPTIONS = frozenset({"categories", "max_per_category", "prompt_ids"})
+
+
+def image_settings(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a generation job's options (`as_dict`) that determines its images: all but RUNTIME_OPTIONS and
+    SELECTION_OPTIONS, an option the job did not save counting as its default; the shards only where the prompts
+    (a template over a split) or the ControlNet's sketches come from them, not where only the mosaics do."""
+    defaults = as_dict(GenerateOptions())
+    settings = {k: options.get(k, v) for k, v in defaults.items() if k not in RUNTIME_OPTIONS | SELECTION_OPTIONS}
+    if not (settings["controlnet"] or (settings["prompt_template"] and not settings["captions"])):
+        del settings["shard_dir"], settings["split"]
+    return settings
+
+
+def resumable_keys(output_dir: Path, options: Mapping[str, Any], items: Sequence[Item]) -> set[str]:
+    """The keys already drawn in `output_dir` (`finished_keys`), provided they were drawn under these settings.
+
+    A folder whose generate_config.json has other `image_settings`, or where a drawn key had another prompt (a
+    captions file captioned again under the same name), is refused in one line: a resume would keep images of
+    other settings beside a config describing these. A folder without the config (an older version's) resumes.
+    """
+    rows = finished_rows(output_dir) if output_dir.is_dir() else {}
+    if not rows or check_same_settings(output_dir, CONFIG, options, image_settings, "images") is None:
+        return set(rows)
+    prompts = {it.key: it.prompt for it in items}
+    changed = sorted(k for k, row in rows.items() if k in prompts and row.get("prompt") != prompts[k])
+    refuse_other_settings(output_dir, "images", differences({f"prompt of {k}": prompts[k] for k in changed},
+                                                            {f"prompt of {k}": rows[k].get("prompt") for k in changed}))
+    return set(rows)
 
 
 def merge_index(output_dir: Path) -> list[dict]:
@@ -152,6 +206,42 @@ def base_of_lora_output(model: str, lora: str) -> tuple[str, str]:
                         "and this folder as --lora")
     logger.info("%s holds LoRA weights: loading them into their base model %s", model, base)
     return base, model
+
+
+_SIZE_MISMATCH = re.compile(r"size mismatch for (\S+?): copying a param with shape torch\.Size\((\[.*?\])\) from checkpoint, "
+                            r"the shape in current model is torch\.Size\((\[.*?\])\)")
+
+
+def lora_problem(lora: str, model: str, err: Exception) -> str | None:
+    """The one-line error of LoRA (or LoKr) weights that cannot be loaded into `model`; None for an error that is not
+    the weights' (out of memory: its traceback stays)."""
+    text = str(err).strip()
+    match = _SIZE_MISMATCH.search(text)
+    if match:  # name the module, not peft's parameter of the adapter inside it
+        module = re.sub(r"\.lora_[AB](\.[^.]+)?\.weight$", "", match[1])
+        return (f"--lora {lora} does not fit the base model {model} (size mismatch in {module}: {match[2]} in the LoRA, "
+                f"{match[3]} in the model: trained for another architecture?)")
+    first = text.splitlines()[0] if text else type(err).__name__
+    if "is invalid for input of size" in text:  # a LoKr update that cannot take the shape of the model's weight
+        return f"--lora {lora} does not fit the base model {model} ({first}: trained for another architecture?)"
+    if isinstance(err, RuntimeError):
+        return None
+    return f"cannot load LoRA weights {lora} into {model}: {first}"
+
+
+@contextmanager
+def _without_adapter_error_log() -> Iterator[None]:
+    """Leave out diffusers' multi-line log of an adapter that failed to load: the error is raised anyway, and
+    `lora_problem` words it in one line."""
+    def keep(record: logging.LogRecord) -> bool:
+        return "was unsuccessful with the following error" not in record.getMessage()
+
+    peft_logger = logging.getLogger("diffusers.loaders.peft")
+    peft_logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        peft_logger.removeFilter(keep)
 
 
 def load_generation_pipeline(model: str, device: torch.device, dtype: torch.dtype, scheduler: str = "",
@@ -190,11 +280,18 @@ def load_generation_pipeline(model: str, device: torch.device, dtype: torch.dtyp
         from sketch2real.lokr import LOKR_FILE, merge_lokr
 
         lokr = Path(lora) / LOKR_FILE if Path(lora).is_dir() else Path(lora)
-        if lokr.name == LOKR_FILE and lokr.is_file():  # diffusers reads no LoKr file
-            merge_lokr(getattr(pipe, family.denoiser), lokr, lora_scale)
-        else:
-            pipe.load_lora_weights(lora)
-            pipe.fuse_lora(lora_scale=lora_scale)
+        try:
+            if lokr.name == LOKR_FILE and lokr.is_file():  # diffusers reads no LoKr file
+                merge_lokr(getattr(pipe, family.denoiser), lokr, lora_scale)
+            else:
+                with _without_adapter_error_log():
+                    pipe.load_lora_weights(lora)
+                pipe.fuse_lora(lora_scale=lora_scale)
+        except (ValueError, KeyError, RuntimeError) as err:  # e.g. an SDXL LoRA given to SD 1.5: other widths
+            problem = lora_problem(lora, model, err)
+            if problem is None:
+                raise
+            raise UserError(problem) from err
     pipe.to(device)
     if xformers:
         enable_xformers(pipe, device)

@@ -1,11 +1,12 @@
-"""Atomic file writes: a crash or a kill never leaves a half-written file behind a final name."""
+"""Atomic file writes: a crash or a kill never leaves a half-written file behind a final name; and the resume rule of
+the data-parallel jobs that add to a folder (captioning, generation): only outputs of the same settings are kept."""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -135,3 +136,38 @@ def key_path(folder: str | os.PathLike, key: str, suffix: str = "") -> Path:
         raise UserError(f"refusing key {key!r}: a key from data must be a relative name without '..', "
                         "empty parts, backslashes or NUL")
     return Path(folder).joinpath(*parts[:-1], parts[-1] + suffix)
+
+
+def differences(mine: Mapping[str, Any], theirs: Mapping[str, Any], limit: int = 4) -> str:
+    """`name: <theirs> there, <mine> now` for each name whose values differ, sorted (the first `limit`, then ' ...');
+    "" when none do. The wording of every refusal of another run's outputs (checkpoints, images, captions)."""
+    keys = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    return ", ".join(f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} now" for k in keys[:limit]) + (" ..." if len(keys) > limit else "")
+
+
+def read_saved_options(path: str | os.PathLike) -> dict | None:
+    """The options a job saved (its `*_config.json`), or None where there is none to read (an older version's folder)."""
+    try:
+        saved = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
+def check_same_settings(folder: str | os.PathLike, config: str, now: Mapping[str, Any],
+                        settings: Callable[[Mapping[str, Any]], dict], what: str) -> dict | None:
+    """Refuse, in one line, to add to `folder` when the options saved in its `config` file made its outputs (`what`:
+    images, captions) under other settings than `now`. `settings(options)` is the part of a job's options that
+    determines its outputs (not how it runs, nor which samples it covers). Returns the saved options; None (and
+    nothing refused) where there is no readable config."""
+    saved = read_saved_options(Path(folder) / config)
+    if saved is not None:
+        mine, theirs = (json.loads(json.dumps(settings(o), sort_keys=True, default=str)) for o in (now, saved))  # tuples: lists
+        refuse_other_settings(folder, what, differences(mine, theirs))
+    return saved
+
+
+def refuse_other_settings(folder: str | os.PathLike, what: str, difference: str) -> None:
+    """The one-line refusal of a resume into a folder of other settings (`difference` as `differences` words it)."""
+    if difference:
+        raise UserError(f"{folder} holds {what} of other settings ({difference}): use another --output_dir or remove it")

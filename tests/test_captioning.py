@@ -69,6 +69,37 @@ def test_killed_job_resumes_to_a_complete_duplicate_free_file(tiny_models, cap_a
     assert len(pairs) == len(set(pairs)) == 27 * len(PROMPTS)
 
 
+def test_a_rerun_with_another_model_is_refused_and_one_with_other_batches_or_categories_continues(tiny_models, cap_args,
+                                                                                                    tmp_path):
+    """Captions resume only under the settings that wrote them (caption_config.json): another model or length limit
+    stops in one line before any model loads and leaves the folder as it was; another batch size or more categories
+    continues and captions only the missing samples. An older run's folder (no config) resumes."""
+    out = tmp_path / "cap"
+    args = ["--model_name_or_path", tiny_models.blip2, *cap_args, "--prompts", "1", "--output_dir", out]
+    run_script("infer/caption.py", *args, "--categories", "cat")
+    first = _rows(out)
+    assert first and {r["category"] for r in first} == {"cat"}
+    # A sentinel: a sample captioned again would replace its row (the newest row of a pair wins the merge).
+    (out / "captions.jsonl").write_text("".join(json.dumps({**r, "caption": "KEPT"}) + "\n" for r in first))
+    kept = {name: (out / name).read_bytes() for name in ("captions.jsonl", "caption_config.json")}
+    for extra, difference in [
+        (["--model_name_or_path", tiny_models.llava], f"model_name_or_path: '{tiny_models.blip2}' there, '{tiny_models.llava}' now"),
+        (["--max_new_tokens", "7"], "max_new_tokens: 6 there, 7 now"),
+    ]:
+        proc = run_script("infer/caption.py", *args, "--categories", "cat", *extra, check=False)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2 and f"{out} holds captions of other settings ({difference})" in last, proc.stderr[-1500:]
+        assert "Traceback" not in proc.stderr and all((out / name).read_bytes() == data for name, data in kept.items())
+    run_script("infer/caption.py", *args, "--categories", "cat", "airplane", "--batch_size", "3")
+    rows = _rows(out)
+    assert {r["key"]: r["caption"] for r in rows if r["category"] == "cat"} == {r["key"]: "KEPT" for r in first}
+    airplanes = [r for r in rows if r["category"] == "airplane"]
+    assert airplanes and len(rows) == len(first) + len(airplanes) and "KEPT" not in {r["caption"] for r in airplanes}
+    (out / "caption_config.json").unlink()  # a folder of an older version: resumed as before
+    run_script("infer/caption.py", *args, "--categories", "cat", "--max_new_tokens", "7")
+    assert {r["key"]: r["caption"] for r in _rows(out) if r["category"] == "cat"} == {r["key"]: "KEPT" for r in first}
+
+
 def test_hit_rate_normalises_awkward_names():
     assert hits_category("A drawing of a car seen from the side.", "car_(sedan)")
     assert hits_category("two sedans", "car_(sedan)")

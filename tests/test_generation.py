@@ -67,6 +67,64 @@ def test_resume_skips_finished_images_and_never_counts_a_partial_one(gen_args, t
     assert len((out / "index.jsonl").read_text().splitlines()) == 10
 
 
+def test_a_rerun_with_other_settings_is_refused_and_one_with_another_batch_or_limit_continues(gen_args, tmp_path):
+    """Images resume only under the settings that drew them (generate_config.json): another prompt template or seed
+    stops in one line before any model loads and leaves the folder as it was; another batch size or a larger
+    --max_per_category continues and draws only the missing images. An older run's folder (no config) resumes."""
+    out = tmp_path / "gen"
+    args = [*gen_args, "--num_inference_steps", "1", "--output_dir", out]
+    run_script("infer/generate.py", *args, "--max_per_category", "1", "--batch_size", "2")
+    first = _images(out)
+    kept = {name: (out / name).read_bytes() for name in ("generate_config.json", "index.jsonl")}
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")}
+    assert len(first) == 5
+    for extra, difference in [
+        (["--prompt_template", "a drawing of a {category}"],
+         "prompt_template: 'a photo of a {category}' there, 'a drawing of a {category}' now"),
+        (["--seed", "1"], "seed: 0 there, 1 now"),
+    ]:
+        proc = run_script("infer/generate.py", *args, "--max_per_category", "1", *extra, check=False)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2 and f"{out} holds images of other settings ({difference})" in last, proc.stderr[-1500:]
+        assert "Traceback" not in proc.stderr and "Loading pipeline components" not in proc.stderr  # stopped before loading
+        assert _images(out) == first and all((out / name).read_bytes() == data for name, data in kept.items())
+    proc = run_script("infer/generate.py", *args, "--max_per_category", "2", "--batch_size", "3")
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    now = _images(out)
+    assert summary["images"] == len(now) == 10 and summary["missing"] == 0
+    assert {key: now[key] for key in first} == first
+    assert all(path.stat().st_mtime_ns == mtime for path, mtime in mtimes.items())  # the first five were not drawn again
+    (out / "generate_config.json").unlink()  # a folder of an older version: resumed as before
+    proc = run_script("infer/generate.py", *args, "--max_per_category", "2", "--seed", "1")
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["generated_now"] == 0 and _images(out) == now
+
+
+def test_a_rerun_whose_prompts_changed_is_refused(tiny_models, tmp_path):
+    """Other --prompts, or a captions file captioned again under the same path, is one line naming the prompt that
+    differs; the first images stay."""
+    base = ["--pretrained_model_name_or_path", tiny_models.sd, "--height", "32", "--width", "32", "--num_inference_steps",
+            "1"]
+    out = tmp_path / "prompts"
+    run_script("infer/generate.py", *base, "--prompts", "a cat", "--output_dir", out)
+    first = _images(out)
+    proc = run_script("infer/generate.py", *base, "--prompts", "a dog", "--output_dir", out, check=False)
+    assert proc.returncode == 2, proc.stderr[-1500:]
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        f"{out} holds images of other settings (prompts: ['a cat'] there, ['a dog'] now): use another --output_dir or remove it")
+    assert _images(out) == first and json.loads((out / "generate_config.json").read_text())["prompts"] == ["a cat"]
+    captions, out = tmp_path / "captions.jsonl", tmp_path / "captions"
+    rows = [{"key": "cat/n1-1", "caption": "a cat", "category": "cat", "prompt_id": "1"},
+            {"key": "cat/n2-1", "caption": "a cat sitting", "category": "cat", "prompt_id": "1"}]
+    captions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_script("infer/generate.py", *base, "--captions", captions, "--output_dir", out)
+    rows[1]["caption"] = "a dog"
+    captions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = run_script("infer/generate.py", *base, "--captions", captions, "--output_dir", out, check=False)
+    assert proc.returncode == 2, proc.stderr[-1500:]
+    assert f"{out} holds images of other settings (prompt of cat/n2-1/1: 'a cat sitting' there, 'a dog' now)" in \
+        proc.stderr.strip().splitlines()[-1]
+
+
 def test_sigterm_mid_run_then_resume_completes(gen_args, tmp_path):
     out = tmp_path / "gen"
     args = gen_args
@@ -86,6 +144,24 @@ def test_sigterm_mid_run_then_resume_completes(gen_args, tmp_path):
         Image.open(path).load()  # every image on disk is complete
 
 
+def _random_lora(model, folder) -> None:
+    """A UNet LoRA of `model` (to_q/to_k/to_v, rank 4) whose up weights are random, so it changes the images."""
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v"]))
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=convert_state_dict_to_diffusers(
+        get_peft_model_state_dict(unet)))
+
+
 def test_textual_inversion_and_lora_change_the_images(gen_args, tmp_path, tiny_models):
     import torch
     from safetensors.torch import save_file
@@ -99,21 +175,22 @@ def test_textual_inversion_and_lora_change_the_images(gen_args, tmp_path, tiny_m
     assert _images(tmp_path / "ti").keys() == _images(tmp_path / "base").keys()
     assert _images(tmp_path / "ti") != _images(tmp_path / "base")
 
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    unet = UNet2DConditionModel.from_pretrained(tiny_models.sd, subfolder="unet")
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v"]))
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
-    StableDiffusionPipeline.save_lora_weights(tmp_path / "lora", unet_lora_layers=convert_state_dict_to_diffusers(
-        get_peft_model_state_dict(unet)))
+    _random_lora(tiny_models.sd, tmp_path / "lora")
     run_script("infer/generate.py", *plain, "--output_dir", tmp_path / "lora_out", "--lora", tmp_path / "lora")
     assert _images(tmp_path / "lora_out") != _images(tmp_path / "base")
+
+
+def test_a_lora_of_another_architecture_is_one_line(tiny_models, tmp_path):
+    """An SDXL LoRA given to an SD 1.x base (slurm/generate.sh's default MODEL): one line naming both, exit 2."""
+    _random_lora(tiny_models.sdxl, tmp_path / "sdxl_lora")
+    proc = run_script("infer/generate.py", "--pretrained_model_name_or_path", tiny_models.sd, "--lora", tmp_path / "sdxl_lora",
+                      "--prompts", "a cat", "--height", "32", "--width", "32", "--num_inference_steps", "1", "--output_dir",
+                      tmp_path / "gen", check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"--lora {tmp_path / 'sdxl_lora'} does not fit the base model {tiny_models.sd} (size mismatch in " in last
+    assert "Traceback" not in proc.stderr and [line for line in proc.stderr.splitlines() if "size mismatch" in line] == [last]
+    assert not list((tmp_path / "gen").rglob("*.png"))
 
 
 @pytest.mark.parametrize(

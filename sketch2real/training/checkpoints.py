@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from sketch2real.cli import UserError
-from sketch2real.io import write_json
+from sketch2real.io import differences, write_json
 from sketch2real.training.accelerator import checkpoint_kwargs, is_deepspeed
 
 logger = logging.getLogger("sketch2real")
@@ -165,11 +165,6 @@ def launch_problem(saved: dict | None, now: dict) -> str:
     return ""
 
 
-def _differences(mine: dict, theirs: dict) -> str:
-    keys = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-    return ", ".join(f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} now" for k in keys[:4]) + (" ..." if len(keys) > 4 else "")
-
-
 def _decide_resume(output_dir: Path, resume: str | None, fingerprint: dict, launch: dict) -> tuple[str | None, str | None]:
     """(checkpoint to resume from or None, one-line error or None); rank 0 runs it."""
     path, error = _choose_checkpoint(output_dir, resume, fingerprint)
@@ -190,7 +185,7 @@ def _choose_checkpoint(output_dir: Path, resume: str | None, fingerprint: dict) 
             own.append((step, folder))
     if foreign:
         folder, theirs = foreign[-1]
-        return None, (f"{output_dir} holds checkpoints of another run ({folder.name}: {_differences(fingerprint, theirs)}): "
+        return None, (f"{output_dir} holds checkpoints of another run ({folder.name}: {differences(fingerprint, theirs)}): "
                       "use another --output_dir, or remove them to start over")
     if not resume:
         return None, None
@@ -203,7 +198,7 @@ def _choose_checkpoint(output_dir: Path, resume: str | None, fingerprint: dict) 
             return None, f"checkpoint {path} cannot be resumed: {problem}"
         theirs = (read_train_state(path) or {}).get("fingerprint")
         if theirs not in (None, fingerprint):  # another folder's checkpoint, as strictly as one of this folder's
-            return None, (f"checkpoint {path} is of another run ({_differences(fingerprint, theirs)}): resume it with "
+            return None, (f"checkpoint {path} is of another run ({differences(fingerprint, theirs)}): resume it with "
                           "the settings it was trained with")
         return str(path), None
     problems = []
