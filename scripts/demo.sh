@@ -4,6 +4,8 @@
 # Steps that do not depend on each other run side by side, DEMO_JOBS at a time (default 2), each with its share of
 # the cores; each step's output goes to OUTPUT_DIR/logs/<step>.log.
 set -euo pipefail
+# bash before 4.4 (RHEL/CentOS 7) calls an empty array unbound under -u: this script expands possibly empty ones
+((BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] >= 404)) || set +u
 cd "$(dirname "$0")/.."
 OUT=${1:-demo}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false

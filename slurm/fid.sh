@@ -9,6 +9,8 @@
 #SBATCH --time=04:00:00
 #SBATCH --output=logs/%x-%j.out
 set -euo pipefail
+# bash before 4.4 (RHEL/CentOS 7) calls an empty array unbound under -u: this script expands possibly empty ones
+((BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] >= 404)) || set +u
 # shellcheck source=slurm/common.sh
 source "${SKETCH2REAL_HOME:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"
 EXTRACTORS=()

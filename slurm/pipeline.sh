@@ -10,6 +10,8 @@
 #                                 controlnet, caption, generate, fid) passed as --config to that job's script
 #   MODEL, CAPTION_MODEL, CATEGORIES, ...: each job script's own settings (see its header), passed on by sbatch
 set -euo pipefail
+# bash before 4.4 (RHEL/CentOS 7) calls an empty array unbound under -u: this script expands possibly empty ones
+((BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] >= 404)) || set +u
 cd "$(dirname "$0")/.."
 mkdir -p logs
 DATA=${DATA:-data}

@@ -11,6 +11,8 @@
 #   MODEL, CAPTION_MODEL, STEPS, RESOLUTION, CONFIGS=dir (dir/JOB.yaml, as slurm/pipeline.sh) ...: the job scripts'
 #   CATEGORY, CATEGORIES: the study's cat and dog,helicopter,hamburger; STUDY_SAMPLES: its 100 evaluation sketches
 set -euo pipefail
+# bash before 4.4 (RHEL/CentOS 7) calls an empty array unbound under -u: this script expands possibly empty ones
+((BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] >= 404)) || set +u
 cd "$(dirname "$0")/.."
 mkdir -p logs
 RUNS=${RUNS:-runs/study}

@@ -149,3 +149,19 @@ def test_the_rendezvous_port_moves_past_one_already_taken_on_the_first_node():
         held.bind(("", 20000 + job_id))
         held.listen()
         assert chosen_port() == 20000 + job_id + 1
+
+
+def test_scripts_that_expand_arrays_drop_set_u_on_bash_before_4_4():
+    """bash before 4.4 (RHEL/CentOS 7 login and compute nodes) calls an empty array unbound under `set -u` (the FID
+    job with no extractor set, the pipeline with no sbatch flags): every script expanding an array drops -u there.
+    The bash here is newer, so the rule is checked in the text."""
+    import re
+
+    guard = "((BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] >= 404)) || set +u"
+    scripts = [p for p in [*sorted((REPO / "slurm").glob("*.sh")), REPO / "scripts/demo.sh"]
+               if re.search(r"\$\{!?\w+\[@\]", p.read_text()) and p.name != "local_cluster.sh"]
+    assert {p.name for p in scripts} >= {"fid.sh", "pipeline.sh", "reproduce_study.sh", "demo.sh"}
+    for script in scripts:
+        lines = script.read_text().splitlines()
+        strict = lines.index("set -euo pipefail")
+        assert guard in lines[strict + 1 : strict + 3], script.name
