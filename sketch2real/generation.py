@@ -200,6 +200,8 @@ def base_of_lora_output(model: str, lora: str) -> tuple[str, str]:
     if lora:
         raise UserError(f"{model} holds LoRA weights, not a pipeline, and --lora is given too: give the base model")
     config = folder / "run_config.json"
+    if not config.is_file() and re.fullmatch(r"checkpoint-\d+", folder.name):  # a LoRA run's checkpoint: its run's
+        config = folder.parent / "run_config.json"
     base = json.loads(config.read_text()).get("pretrained_model_name_or_path") if config.is_file() else None
     if not base:
         raise UserError(f"{model} holds LoRA weights, not a pipeline: give its base model as --pretrained_model_name_or_path "

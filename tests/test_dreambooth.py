@@ -296,6 +296,26 @@ def test_ema_is_the_average_of_every_steps_weights_and_is_what_is_saved(db_args,
                for k, v in _ema_of(steps, 0.9).items())
 
 
+def test_with_ema_a_lora_checkpoint_holds_the_average_as_the_final_save(db_args, tmp_path):
+    """--use_ema with LoRA: the LoRA file in checkpoint-N is the average at step N (the one the checkpoint holds for
+    a resume), as the final save writes the average, not the trained weights of that step."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    out = tmp_path / "ema-lora"
+    run_script("train/dreambooth.py", *db_args, "--output_dir", out, "--max_train_steps", "3", "--checkpointing_steps", "2",
+               "--lora_rank", "4", "--learning_rate", "1e-2", "--use_ema", "--ema_decay", "0.5")
+    folder = out / "checkpoint-2"
+    saved = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in
+                                             StableDiffusionPipeline.lora_state_dict(folder)[0].items()})
+    state = weights(folder)
+    average, trained = ({k.removeprefix(f"{file}:denoiser.").replace(".default", ""): v for k, v in state.items()
+                         if k.startswith(f"{file}:denoiser.") and ".lora_" in k}
+                        for file in ("ema.safetensors", "model.safetensors"))
+    assert saved.keys() == average.keys() and all(torch.equal(saved[k], average[k]) for k in saved)
+    assert any(not torch.equal(trained[k], average[k]) for k in average)
+
+
 def test_validation_sees_the_ema_and_training_goes_on_from_the_trained_weights(tmp_path):
     from sketch2real.training.averages import EMAWeights
     from sketch2real.training.callbacks import Run, Validation

@@ -318,6 +318,29 @@ def test_a_truncated_newest_checkpoint_falls_back(checkpointed, tmp_path):
     assert "is not intact" in proc.stderr
 
 
+def test_a_lora_checkpoint_holds_the_step_s_adapters_as_diffusers_loads_them(checkpointed, tiny_models):
+    """Each checkpoint of a LoRA run holds pytorch_lora_weights.safetensors, as diffusers' DreamBooth LoRA checkpoints
+    do: the step's trained adapters (those its training state holds), loaded by plain diffusers and, with the run's
+    base found through the run's folder, by generation; the checkpoint still resumes."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    from sketch2real.generation import base_of_lora_output
+    from sketch2real.training.checkpoints import verify_checkpoint
+
+    _, straight = checkpointed
+    folder = straight / "checkpoint-4"
+    saved = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in
+                                             StableDiffusionPipeline.lora_state_dict(folder)[0].items()})
+    trained = {k.removeprefix("model.safetensors:denoiser.").replace(".default", ""): v
+               for k, v in weights(folder).items() if k.startswith("model.safetensors:denoiser.") and ".lora_" in k}
+    assert saved and saved.keys() == trained.keys() and all(torch.equal(saved[k], trained[k]) for k in saved)
+    final = StableDiffusionPipeline.lora_state_dict(straight)[0]
+    assert any(not torch.equal(final[k], v) for k, v in StableDiffusionPipeline.lora_state_dict(folder)[0].items())
+    assert base_of_lora_output(str(folder), "") == (str(tiny_models.sd), str(folder))
+    assert verify_checkpoint(folder) == ""
+
+
 def test_no_resumable_checkpoint_stops_a_resume_in_one_line(checkpointed, tmp_path):
     """Every checkpoint damaged: the resume stops (exit 2) rather than train from step 0 beside them."""
     args, straight = checkpointed

@@ -61,10 +61,11 @@ class Run:
     averaged: Any = None
 
     def checkpoint(self) -> None:
-        """A checkpoint at this step (the EMA's share of every process in it), then the task's own files."""
+        """A checkpoint at this step (the EMA's share of every process in it), then the task's own files of it."""
         save_checkpoint(self.accelerator, self.out, self.step, self.opts.checkpoints_total_limit, self.fingerprint,
                         extra=self.averaged.save if self.averaged is not None else None)
-        self.task.on_checkpoint(self.accelerator, self.model, self.step)
+        with self.evaluation_weights():  # the task's files of the step (TI's embeddings, a LoRA) as a final save's
+            self.task.on_checkpoint(self.accelerator, self.model, self.step)
         self.last_checkpoint = self.step
 
     def evaluation_weights(self):

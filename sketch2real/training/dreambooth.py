@@ -408,6 +408,13 @@ class DreamBoothTask(DiffusionTask):
             return [self.opts.instance_category or None] * max(1, len(self.opts.validation_prompt))
         return sorted(set(self.categories))[:4]
 
+    def on_checkpoint(self, accelerator, model, step: int) -> None:
+        """A LoRA run's checkpoint also holds its adapters as the final save writes them (the average with --use_ema):
+        `load_lora_weights("checkpoint-N")` in plain diffusers, as diffusers' DreamBooth LoRA checkpoints, or
+        `infer/generate.py --pretrained_model_name_or_path OUT/checkpoint-N`; steps are compared without a resume."""
+        if self.opts.lora_rank:
+            self.save_final(accelerator, model, Path(self.opts.output_dir) / f"checkpoint-{step}")
+
     def save_final(self, accelerator, model, out: Path) -> None:
         """LoRA: `pytorch_lora_weights.safetensors`; full: a diffusers pipeline, in `out`."""
         opts = self.opts
