@@ -63,7 +63,7 @@ def plan_shards(rows: Sequence[dict], root: Path, max_samples: int, max_bytes: i
     current: list[dict] = []
     size = 0
     for row in rows:
-        row_bytes = (root / row["sketch_path"]).stat().st_size + (root / row["photo_path"]).stat().st_size
+        row_bytes = sum(size for _, size in _source_files(row, root))
         if current and (len(current) >= max_samples or (max_bytes > 0 and size + row_bytes > max_bytes)):
             shards.append(current)
             current, size = [], 0
@@ -74,8 +74,27 @@ def plan_shards(rows: Sequence[dict], root: Path, max_samples: int, max_bytes: i
     return shards
 
 
-def _fingerprint(rows: Sequence[dict]) -> str:
-    return hashlib.sha256("\n".join(json.dumps(r, sort_keys=True) for r in rows).encode()).hexdigest()[:16]
+def _source_files(row: dict, root: Path) -> list[tuple[Path, int]]:
+    """A row's sketch and photo in the release, with their sizes."""
+    return [(root / row[field], (root / row[field]).stat().st_size) for field in ("sketch_path", "photo_path")]
+
+
+def _check_sources(rows: Sequence[dict], root: Path, split: str) -> None:
+    """One line when files of the split are missing from the release (a partial copy, another release)."""
+    missing = [root / row[field] for row in rows for field in ("sketch_path", "photo_path") if not (root / row[field]).is_file()]
+    if missing:
+        raise UserError(f"{len(missing)} file(s) of split {split} are not in --sketchy_root {root} (first: {missing[0]}): "
+                        "is it the whole release these splits came from?")
+
+
+def _fingerprint(rows: Sequence[dict], root: Path) -> str:
+    """Of a shard's rows and of its files' bytes: a shard is written again when a source image changed under its
+    name (a fixed or resized copy of the release), and so is every cache keyed on it (FID reference statistics)."""
+    digest = hashlib.sha256("\n".join(json.dumps(r, sort_keys=True) for r in rows).encode())
+    for row in rows:
+        for path, _ in _source_files(row, root):
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()[:16]
 
 
 def _metadata(row: dict) -> dict:
@@ -121,9 +140,7 @@ def write_shards(
         if not split_file.is_file():
             raise UserError(f"{split_file} not found: run data_prep/build_splits.py first")
         rows = read_jsonl(split_file)
-        for row in rows[:1]:
-            if not (root / row["sketch_path"]).is_file():
-                raise UserError(f"{root / row['sketch_path']} not found: is --sketchy_root the release these splits came from?")
+        _check_sources(rows, root, split)
         plan = plan_shards(rows, root, max_samples, max_bytes)
         done_file = out / f".{split}.done.json"
         done = json.loads(done_file.read_text()) if done_file.is_file() else {}
@@ -131,7 +148,7 @@ def write_shards(
         entries = []
         for i, shard_rows in enumerate(plan):
             name = shard_name(split, i)
-            fingerprint = _fingerprint(shard_rows)
+            fingerprint = _fingerprint(shard_rows, root)
             entries.append({
                 "name": name, "count": len(shard_rows), "fingerprint": fingerprint,
                 "keys": [r["key"] for r in shard_rows], "categories": [r["category"] for r in shard_rows],

@@ -168,6 +168,32 @@ def test_rerun_skips_finished_shards_and_rewrites_missing_or_partial(splits_dir,
     assert fourth["train"]["shards"] == 1 and sorted(p.name for p in out.glob("train-*.tar")) == ["train-000000.tar"]
 
 
+def test_a_source_image_changed_under_its_name_is_written_again_and_missing_files_are_one_line(splits_dir,
+                                                                                                sketchy_root, tmp_path):
+    """A fixed or resized copy of the release keeps its file names: a rerun writes the shards whose images changed
+    (their index fingerprint, the FID reference cache's key, changes with them), no other. A partial copy of the
+    release stops in one line counting what is missing, before any shard is written."""
+    from PIL import Image
+
+    root = tmp_path / "release"
+    shutil.copytree(sketchy_root, root)
+    out = tmp_path / "shards"
+    write_shards(splits_dir, root, out, ("train",), max_samples=16, progress=False)
+    before = {e["name"]: e["fingerprint"] for e in load_index(out, "train")["shards"]}
+    row = read_jsonl(splits_dir / "train.jsonl")[20]  # in the second shard
+    Image.new("RGB", (64, 64), "red").save(root / row["photo_path"], format="JPEG")
+    again = write_shards(splits_dir, root, out, ("train",), max_samples=16, progress=False)
+    after = {e["name"]: e["fingerprint"] for e in load_index(out, "train")["shards"]}
+    assert again["train"]["written"] == 1 and {n for n in before if before[n] != after[n]} == {"train-000001.tar"}
+    with tarfile.open(out / "train-000001.tar") as tar:
+        assert tar.extractfile(f"{row['key']}.photo.jpg").read() == (root / row["photo_path"]).read_bytes()
+
+    shutil.rmtree((root / row["photo_path"]).parent)  # a category's photos not copied
+    with pytest.raises(UserError, match=r"^\d+ file\(s\) of split train are not in --sketchy_root .* \(first: "):
+        write_shards(splits_dir, root, tmp_path / "partial", ("train",), max_samples=16, progress=False)
+    assert not (tmp_path / "partial").exists() or not list((tmp_path / "partial").glob("*.tar"))
+
+
 def test_parallel_writers_give_identical_shards(splits_dir, sketchy_root, tmp_path):
     write_shards(splits_dir, sketchy_root, tmp_path / "one", ("train",), max_samples=8, num_workers=1, progress=False)
     write_shards(splits_dir, sketchy_root, tmp_path / "two", ("train",), max_samples=8, num_workers=2, progress=False)
