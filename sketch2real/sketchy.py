@@ -109,35 +109,57 @@ class SketchyRelease:
     @cached_property
     def categories(self) -> list[str]:
         """Category folder names found under sketch/, sorted."""
-        found = sorted(p.name for p in self.sketch_dir.iterdir() if p.is_dir())
+        found = sorted(p.name for p in self.sketch_dir.iterdir() if p.is_dir() and not p.name.startswith("."))  # .ipynb_checkpoints
         if not found:
             raise UserError(f"no category folders in {self.sketch_dir}")
         return found
 
+    def photo_files(self, category: str) -> dict[str, str]:
+        """Photo id (file stem) -> file name of one category's photos (.jpg, also .JPG/.jpeg as a re-saved copy has)."""
+        folder = self.photo_dir / category
+        files = {p.stem: p.name for p in sorted(folder.iterdir()) if p.suffix.lower() in (".jpg", ".jpeg")} \
+            if folder.is_dir() else {}
+        return files
+
+    def sketch_files(self, category: str) -> list[Path]:
+        """The .png files of one category's sketch folder, sorted."""
+        return sorted((self.sketch_dir / category).glob("*.png"))
+
     def photo_ids(self, category: str) -> list[str]:
         """Sorted photo ids (file stems) of one category; an error if it has none."""
-        folder = self.photo_dir / category
-        ids = sorted(p.stem for p in folder.glob("*.jpg")) if folder.is_dir() else []
+        ids = sorted(self.photo_files(category))
         if not ids:
-            raise UserError(f"category {category!r} has no photos in {folder}")
+            raise UserError(f"category {category!r} has no photos in {self.photo_dir / category}")
         return ids
 
-    def sketches(self) -> list[SketchRecord]:
-        """Every sketch whose photo exists, sorted by category, photo and index."""
-        records = []
+    def sketches(self, categories: list[str] | None = None) -> list[SketchRecord]:
+        """Every sketch (of `categories`, default all) whose photo exists, sorted by category, photo and index;
+        `sketches_without_photo` counts the others."""
+        return [r for r in self._scan[0] if categories is None or r.category in categories]
+
+    def sketches_without_photo(self, categories: list[str] | None = None) -> list[str]:
+        """Sketch files (release-relative) named for a photo the release does not have."""
+        return [p for c, p in self._scan[1] if categories is None or c in categories]
+
+    @cached_property
+    def _scan(self) -> tuple[list[SketchRecord], list[tuple[str, str]]]:
+        records, orphans = [], []
         for category in self.categories:
-            photos = set(self.photo_ids(category))
-            for path in sorted((self.sketch_dir / category).glob("*.png")):
+            photos = self.photo_files(category)
+            for path in self.sketch_files(category):
                 match = _SKETCH_NAME.match(path.stem)
-                if not match or match["photo"] not in photos:
-                    continue  # a stray file, or a sketch of a missing photo
+                if not match:
+                    continue  # a stray file
+                if match["photo"] not in photos:
+                    orphans.append((category, str(path.relative_to(self.root))))
+                    continue
                 records.append(
                     SketchRecord(
                         category=category,
                         photo_id=match["photo"],
                         sketch_index=int(match["k"]),
                         sketch_path=str(path.relative_to(self.root)),
-                        photo_path=str((self.photo_dir / category / f"{match['photo']}.jpg").relative_to(self.root)),
+                        photo_path=str((self.photo_dir / category / photos[match["photo"]]).relative_to(self.root)),
                     )
                 )
         records.sort(key=lambda r: (r.category, r.photo_id, r.sketch_index))
@@ -147,7 +169,7 @@ class SketchyRelease:
             if other is not record:
                 raise UserError(f"{other.sketch_path} and {record.sketch_path} give the same sample key {record.key!r}: "
                                 "rename one of them")
-        return records
+        return records, orphans
 
     def testset(self) -> list[tuple[str, str]]:
         """(category, photo id) pairs listed in info/testset.txt (`category/photo.jpg` per line)."""

@@ -7,6 +7,7 @@ of the remaining photos of each category; every sketch follows its photo.
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 import sys
 from collections import Counter, defaultdict
@@ -16,6 +17,8 @@ from pathlib import Path
 from sketch2real.cli import UserError
 from sketch2real.io import write_json, write_jsonl
 from sketch2real.sketchy import INVALID_KINDS, SketchyRelease
+
+logger = logging.getLogger("sketch2real")
 
 SPLITS = ("train", "val", "test")
 
@@ -59,6 +62,12 @@ def build_splits(
         if missing:
             raise UserError(f"unknown category {missing[0]!r}; the release has: {', '.join(all_categories)}")
     chosen = sorted(categories or all_categories)
+    # an empty category folder (no photo, no sketch: a category removed from a copy) is skipped unless asked for by
+    # name; one with sketches but no photos stays an error (a copy cut short)
+    empty = [] if categories else [c for c in chosen if not release.photo_files(c) and not release.sketch_files(c)]
+    chosen = [c for c in chosen if c not in empty]
+    if empty:
+        logger.warning("skipping %d empty category folder(s): %s", len(empty), ", ".join(empty))
 
     photos = {c: release.photo_ids(c) for c in chosen}
     test_photos: set[tuple[str, str]] = set()
@@ -118,6 +127,11 @@ def build_splits(
         })
         per_category[split][record.category] += 1
 
+    orphans = release.sketches_without_photo(chosen)  # a sketch whose photo is missing from the copy
+    if orphans:
+        excluded["no photo"] += len(orphans)
+        excluded["sketches"] += len(orphans)
+        logger.warning("%d sketch(es) without their photo left out, e.g. %s", len(orphans), orphans[0])
     report = {
         "seed": seed,
         "val_fraction": val_fraction,
@@ -128,6 +142,7 @@ def build_splits(
         "per_category": {s: dict(sorted(per_category[s].items())) for s in SPLITS},
         "excluded": dict(sorted(excluded.items())),
         "testset_absent": sorted(absent_test),
+        "empty_categories": empty,
     }
     return SplitResult(rows=rows, report=report)
 

@@ -116,6 +116,34 @@ def test_category_without_photos_is_an_error(sketchy_root, tmp_path):
         build_splits(SketchyRelease(root))
 
 
+def test_a_users_copy_with_stray_folders_re_saved_and_missing_photos(sketchy_root, tmp_path):
+    """A copy as users have it: a notebook's hidden folder and an empty category folder are skipped (one warning), a
+    photo re-saved as .JPG is still its sketches' photo (the row names the real file), and a sketch whose photo is
+    missing is counted among the excluded ("no photo"), not dropped unseen."""
+    import shutil
+
+    base = build_splits(SketchyRelease(sketchy_root))
+    root = tmp_path / "release"
+    shutil.copytree(sketchy_root, root)
+    rendered = root / "rendered_256x256/256x256"
+    (rendered / "sketch/tx_000000000000/.ipynb_checkpoints").mkdir()
+    (rendered / "sketch/tx_000000000000/zebra").mkdir()  # a category removed from the copy: an empty folder left
+    (rendered / "photo/tx_000000000000/zebra").mkdir()
+    cat = [r for r in base.rows["train"] if r["category"] == "cat"]
+    resaved, lost = cat[0], next(r for r in cat if r["photo_id"] != cat[0]["photo_id"])
+    jpg = root / resaved["photo_path"]
+    jpg.rename(jpg.with_suffix(".JPG"))
+    (root / lost["photo_path"]).unlink()
+    result = build_splits(SketchyRelease(root))
+    rows = {r["key"]: r for split in result.rows.values() for r in split}
+    assert "zebra" not in result.report["categories"] and result.report["empty_categories"] == ["zebra"]
+    assert rows[resaved["key"]]["photo_path"] == resaved["photo_path"][:-4] + ".JPG"
+    drawn = len(list((rendered / "sketch/tx_000000000000/cat").glob(f"{lost['photo_id']}-*.png")))
+    kept = sum(r["photo_id"] == lost["photo_id"] for split in base.rows.values() for r in split if r["category"] == "cat")
+    assert lost["key"] not in rows and result.report["excluded"]["no photo"] == drawn >= kept > 0
+    assert len(rows) == sum(len(split) for split in base.rows.values()) - kept
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
