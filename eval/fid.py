@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 from sketch2real.cli import parse_options, run_main
-from sketch2real.evaluation import BEYOND_INCEPTION, run_fid
+from sketch2real.evaluation import BEYOND_INCEPTION, generated_sets, reference_set, run_fid
 from sketch2real.evaluation import EvalOptions as Options
-from sketch2real.metrics import drawn_samples, folder_set, of_samples, shard_set
+from sketch2real.metrics import drawn_samples, of_samples, shard_set
 
 
 def main() -> int:
@@ -14,12 +14,8 @@ def main() -> int:
 
     opts = parse_options(Options)
     opts.check()
-    sets = []
-    for entry in opts.generated:
-        name, _, folder = entry.rpartition("=")
-        sets.append(folder_set(folder, name or None))
-    reference = (folder_set(opts.reference_dir) if opts.reference_dir
-                 else shard_set(opts.reference_shards, opts.reference_split, opts.reference_field, opts.categories or None))
+    sets = generated_sets(opts.generated)
+    reference = reference_set(opts)
     if opts.max_samples:
         drawn = drawn_samples(reference, opts.max_samples, opts.seed)
         reference, sets = of_samples(reference, drawn), [of_samples(s, drawn) for s in sets]
@@ -43,13 +39,16 @@ def main() -> int:
                 if result.get(key) is not None:
                     ci = result.get(f"{key}_ci95")
                     parts.append(f"{label} {result[key]:.4f} " + (f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "(no interval)"))
-            print(f"{name}: {'  '.join(parts)}  ({result['n_generated']} vs {report['reference']['n']} images)")
+            print(f"{name}: {'  '.join(parts)}  ({result['n_generated']} vs {report['reference']['n']} images; {result['path']})")
             if result.get("warning"):
                 print(f"warning: {result['warning']}")
             if result.get("fid_ci95_reason"):
                 print(f"FID interval: {result['fid_ci95_reason']}")
             if name in report.get("style_content", {}):
                 print(f"  style and content: {report['style_content'][name]['answer']}")
+        if report.get("transparent_images"):
+            print(f"note: transparent images composited on white (pytorch-fid would make them black): "
+                  f"{', '.join(f'{label} ({n})' for label, n in report['transparent_images'].items())}")
         for d in report.get("differences", []):
             print(f"KID({d['a']}) - KID({d['b']}): {d['kid_difference']:+.5f} [{d['kid_difference_ci95'][0]:+.5f}, "
                   f"{d['kid_difference_ci95'][1]:+.5f}] {d['verdict']}")

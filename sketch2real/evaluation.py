@@ -26,7 +26,9 @@ from sketch2real.metrics import (
     fid_from_features,
     fingerprint,
     fit_linear_probe,
+    folder_set,
     frechet_ci95,
+    has_transparency,
     kid,
     kid_ci95,
     kid_difference,
@@ -50,8 +52,63 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sketch2real" / "fid"
 
 
+def parse_generated(entry: str) -> tuple[str | None, str]:
+    """One --generated word as (name or None, folder): NAME=DIR only where the text before the first '=' is a plain
+    name (no path separator), so runs/lr=1e-4 stays one folder; where the word itself is a folder and the text after
+    '=' is not, the word is that folder (lr=1e-4 in the working directory)."""
+    name, equals, folder = entry.partition("=")
+    if not (equals and name) or "/" in name or os.sep in name or (
+            not (folder and Path(folder).is_dir()) and Path(entry).is_dir()):
+        return None, entry
+    if not folder:
+        raise UserError(f"--generated {entry}: no folder after '=' (NAME=DIR)")
+    return name, folder
+
+
+def refuse_same_names(sets: list[ImageSet]) -> None:
+    """Two generated sets of one name would share one row of metrics.json and report.md (the second overwriting the
+    first) and be compared with themselves: a one-line refusal naming both."""
+    seen: dict[str, ImageSet] = {}
+    for images in sets:
+        if images.name in seen:
+            raise UserError(f"two generated sets are named {images.name!r} ({seen[images.name].path or '?'} and "
+                            f"{images.path or '?'}): give each its own name with NAME=DIR")
+        seen[images.name] = images
+
+
+def generated_sets(entries: list[str]) -> list[ImageSet]:
+    """--generated's folders as image sets, each named by NAME=DIR or its folder (`folder_name`), names unique."""
+    sets = [folder_set(folder, name) for name, folder in map(parse_generated, entries)]
+    refuse_same_names(sets)
+    return sets
+
+
+def check_shard_index(shard_dir: str, split: str, flag: str) -> None:
+    """A missing split index, named with eval/fid.py's own flag (shards.load_index's message says --split)."""
+    path = Path(shard_dir) / f"{split}.json"
+    if not path.is_file():
+        raise UserError(f"no shard index {path}: run data_prep/make_shards.py first (or check {flag})")
+
+
+def reference_set(opts: EvalOptions) -> ImageSet:
+    """The reference: --reference_dir, or --reference_split's --reference_field of --reference_shards."""
+    if opts.reference_dir:
+        return folder_set(opts.reference_dir)
+    check_shard_index(opts.reference_shards, opts.reference_split, "--reference_split")
+    return shard_set(opts.reference_shards, opts.reference_split, opts.reference_field, opts.categories or None)
+
+
+def check_readable(images: ImageSet, valid: np.ndarray) -> None:
+    """No image of the set could be read: a one-line error, before any report whose dashes would pass for a result
+    (the job's exit status is what a Slurm `afterok` chain goes on)."""
+    if len(images) and len(valid) == len(images) and not valid.any():
+        raise UserError(f"{images.name} ({images.path or 'in memory'}): none of its {len(images)} images could be read "
+                        "(see the corrupt-sample warnings above)")
+
+
 def features_of(images: ImageSet, extractor, state, cache_dir: Path | None) -> tuple[np.ndarray, np.ndarray, bool]:
-    """All ranks extract their part; rank 0 gets (features, valid mask, cache hit). Cached sets skip extraction."""
+    """All ranks extract their part; rank 0 gets (features, valid mask, cache hit). Cached sets skip extraction.
+    A set with no readable image is a `UserError` (on every rank: each holds the gathered mask), never cached."""
     from accelerate.utils import broadcast_object_list, gather_object
 
     cache_file = cache_dir / f"{fingerprint(images, extractor.settings)}.npz" if cache_dir else None
@@ -62,11 +119,13 @@ def features_of(images: ImageSet, extractor, state, cache_dir: Path | None) -> t
         if not state.is_main_process:
             return np.empty((0, 0)), np.empty(0, dtype=bool), True
         data = np.load(cache_file)
+        check_readable(images, data["valid"])  # a cache written before unreadable sets were refused
         return data["features"], data["valid"], True
     features, valid = extractor.extract(images, state.process_index, state.num_processes, state.is_local_main_process)
     parts = gather_object([(features, valid)]) if state.num_processes > 1 else [(features, valid)]
     features = np.concatenate([p[0] for p in parts])
     valid = np.concatenate([p[1] for p in parts])
+    check_readable(images, valid)
     if cache_file is not None and state.is_main_process:
         mu, sigma = np.mean(features[valid], axis=0), np.cov(features[valid], rowvar=False)
         with atomic_path(cache_file) as tmp:
@@ -204,6 +263,15 @@ def format_report(report: dict) -> str:
              "over both sets' images (reflected about the estimate, which corrects the bias; none with fewer than 2 "
              "images per feature dimension, where no interval is honest); per-image metrics by bootstrap over images. "
              "Coverage measured in tests/test_intervals.py (README).", ""]
+    # what was compared, so that a report read later (or beside another) says which folders it scored
+    lines += ["| compared | folder |", "|---|---|",
+              f"| reference: {report['reference']['name']} | `{report['reference'].get('path') or '—'}` |",
+              *(f"| {name} | `{r.get('path') or '—'}` |" for name, r in sets.items()), ""]
+    if report.get("transparent_images"):
+        counts = ", ".join(f"{label} ({n} images)" for label, n in report["transparent_images"].items())
+        lines += [f"Transparent images: {counts}. Their transparent pixels are composited on white, as sketches are "
+                  "drawn; pytorch-fid's convert('RGB') would make them black where their colour is 0, so its FID of "
+                  "these folders differs from this one.", ""]
     if inception:
         lines += [f"## FID / KID ({report['dims']} dims)", "",
                   "| generated set | images | FID [95% CI] | KID ×10³ [95% CI] | pairing gain [95% CI] | pixel pairing gain [95% CI] |",
@@ -435,7 +503,7 @@ def _subset(images: ImageSet, rows: list[int], name: str, field: str | None = No
     """Rows of a shard ImageSet, optionally reading another field of the same samples (a sketch's photo)."""
     sources = [(s[0], s[1], s[2], field or s[3]) for s in (images.sources[i] for i in rows)]
     return ImageSet(name, sources, [images.ids[i] for i in rows], [images.categories[i] for i in rows],
-                    [images.sample_keys[i] for i in rows])
+                    [images.sample_keys[i] for i in rows], path=images.path)
 
 
 def probe_images(shard_dir: str, split: str, samples: int, seed: int) -> tuple[ImageSet, ImageSet]:
@@ -514,7 +582,8 @@ def _unreadable(reference: ImageSet, generated_sets: list[ImageSet], reference_o
 class EvalOptions:
     """Score generated image folders against test photos/sketches from the shards, or against any folder."""
 
-    generated: list[str] = option([], help="generated folders, each DIR or NAME=DIR (index.jsonl gives categories)")
+    generated: list[str] = option([], help="generated folders, each NAME=DIR (NAME without '/') or DIR, named by its folder "
+                                          "(generate.py's images/ by its run folder); index.jsonl gives categories")
     reference_dir: str = option("", help="a reference image folder")
     reference_shards: str = option("", help="shard folder whose split gives the reference images")
     reference_split: str = option("test", help="split of --reference_shards")
@@ -587,6 +656,7 @@ def run_fid(opts: EvalOptions, generated_sets: list[ImageSet], reference: ImageS
         inception_extractor,
     )
 
+    refuse_same_names(generated_sets)  # also for callers that built the sets themselves
     metrics = set(opts.metrics)
     if metrics & STYLE_METRICS:
         metrics.add("clip_accuracy")  # content kept, reported beside style
@@ -597,6 +667,8 @@ def run_fid(opts: EvalOptions, generated_sets: list[ImageSet], reference: ImageS
             and opts.probe_split == opts.reference_split):
         raise UserError(f"--probe_split {opts.probe_split} is the reference's own split: fit the probe on another one "
                         "(default: train)")
+    if "sketchiness" in metrics:  # before any model loads or any reference feature is extracted
+        check_shard_index(opts.probe_shards or opts.reference_shards, opts.probe_split, "--probe_split")
     clip_path = opts.clip_model_name_or_path or DEFAULT_CLIP
     extractors = {}
     if metrics & {"fid", "kid"}:
@@ -628,8 +700,14 @@ def run_fid(opts: EvalOptions, generated_sets: list[ImageSet], reference: ImageS
     report = {"dims": opts.dims, "metrics": sorted(metrics), "num_processes": state.num_processes,
               "resize": "clean-fid (PIL bicubic, anti-aliased, to 299)" if opts.clean_resize
               else "pytorch-fid (the network's bilinear resize to 299)",
-              "reference": {"name": reference.name, "n": len(reference), "cache_hit": all(hits.values()), "cache_hits": hits},
+              "reference": {"name": reference.name, "path": reference.path, "n": len(reference),
+                            "cache_hit": all(hits.values()), "cache_hits": hits},
               "sets": {}}
+    transparent = {label: n for label, images in [(f"reference: {reference.name}", reference),
+                                                  *((g.name, g) for g in generated_sets)]
+                   if (n := sum(map(has_transparency, images.sources)))}
+    if transparent:  # only then: most runs' metrics.json stay as they were
+        report["transparent_images"] = transparent
     class_names = sorted(set(class_names or reference.categories) - {None, ""})
     report["clip_accuracy_classes"] = len(class_names)
     class_embeddings = zero_shot_classifier(extractors["clip"], class_names) if "clip_accuracy" in metrics and class_names else None
@@ -668,7 +746,7 @@ def run_fid(opts: EvalOptions, generated_sets: list[ImageSet], reference: ImageS
         if (opts.clip_model_name_or_path or "clip_score" in metrics) and images.prompts:
             values = clip_scores(images.sources, images.prompts, clip_path, state.device)
             result["clip_score"], result["clip_score_ci95"] = clip_score_of(values, opts.seed)
-        report["sets"][images.name] = result
+        report["sets"][images.name] = {"path": images.path, **result}
     report["corrupt_samples"] = _unreadable(reference, generated_sets, reference_of, sets_of)
     if extracted:
         report["differences"] = set_differences(extracted, reference_of["inception"][0][reference_of["inception"][1]],

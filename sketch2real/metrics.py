@@ -32,15 +32,30 @@ class ImageSet:
     categories: list[str]
     sample_keys: list[str]
     prompts: list[str] | None = None  # the prompt of each generated image (from index.jsonl)
+    path: str = ""  # the resolved folder or shard directory, recorded in metrics.json and report.md
 
     def __len__(self) -> int:
         return len(self.ids)
 
 
+# What infer/generate.py writes beside its images/ (sketch2real.generation.CONFIG and the merged index)
+GENERATION_FILES = ("generate_config.json", "index.jsonl")
+
+
+def folder_name(root: Path) -> str:
+    """A bare folder's set name: the resolved folder's own name (`.` and `runs/x/` name themselves), or, for
+    infer/generate.py's images/ subfolder, its run folder's name (every run's images/ would share one name)."""
+    resolved = root.resolve()
+    if resolved.name == "images" and any((resolved.parent / f).is_file() for f in GENERATION_FILES):
+        return resolved.parent.name
+    return resolved.name or str(resolved)
+
+
 def folder_set(folder: str, name: str | None = None) -> ImageSet:
-    """A folder of images (recursive). With an index.jsonl (from infer/generate.py), categories come from it."""
+    """A folder of images (recursive), named `name` or by `folder_name`. With an index.jsonl (from
+    infer/generate.py), categories come from it."""
     root = Path(folder)
-    if not root.is_dir():
+    if not folder or not root.is_dir():
         raise UserError(f"image folder not found: {folder}")
     index = root / "index.jsonl"
     if index.is_file():
@@ -59,7 +74,8 @@ def folder_set(folder: str, name: str | None = None) -> ImageSet:
         keys = [""] * len(paths)
     if not paths:
         raise UserError(f"no images in {folder}")
-    return ImageSet(name or root.name, paths, [str(p.relative_to(root)) for p in paths], categories, keys, prompts)
+    return ImageSet(name or folder_name(root), paths, [str(p.relative_to(root)) for p in paths], categories, keys, prompts,
+                    str(root.resolve()))
 
 
 def drawn_samples(reference: ImageSet, count: int, seed: int) -> set[str]:
@@ -81,7 +97,7 @@ def of_samples(images: ImageSet, keys: set[str]) -> ImageSet:
         raise UserError(f"{images.name}: no image of the {len(keys)} drawn samples")
     pick = lambda values: None if values is None else [values[i] for i in rows]  # noqa: E731
     return ImageSet(images.name, pick(images.sources), pick(images.ids), pick(images.categories), pick(images.sample_keys),
-                    pick(images.prompts))
+                    pick(images.prompts), images.path)
 
 
 def shard_set(shard_dir: str, split: str, field: str, categories: Sequence[str] | None = None) -> ImageSet:
@@ -93,7 +109,7 @@ def shard_set(shard_dir: str, split: str, field: str, categories: Sequence[str] 
         raise UserError(f"no samples in split {split!r} of {shard_dir}")
     plural = {"sketch": "sketches"}.get(field, f"{field}s")
     return ImageSet(f"{split} {plural}", [(shard_dir, split, r.key, field) for r in refs], [r.key for r in refs],
-                    [r.category for r in refs], [r.key for r in refs])
+                    [r.category for r in refs], [r.key for r in refs], path=str(Path(shard_dir).resolve()))
 
 
 def fingerprint(images: ImageSet, settings: dict) -> str:
@@ -163,6 +179,22 @@ def clean_resize(image: Image.Image, side: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(channels) / 255.0).clamp(0, 1)
 
 
+# The modes that shards.to_rgb composites on white (pytorch-fid's convert('RGB') drops their alpha instead)
+TRANSPARENT_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def has_transparency(source) -> bool:
+    """Whether an image file has an alpha channel or a transparent palette (from its header, nothing decoded): where
+    scores differ from pytorch-fid's, which drops the alpha. Shard rows and unreadable files: False."""
+    if not isinstance(source, Path):
+        return False
+    try:
+        with Image.open(source) as image:
+            return image.mode in TRANSPARENT_MODES or (image.mode == "P" and "transparency" in image.info)
+    except Exception:  # PIL raises many types for bad files: unreadable ones are counted as corrupt elsewhere
+        return False
+
+
 def open_images(sources: Sequence) -> list[Image.Image]:
     """An ImageSet's sources (files or shard rows) decoded as RGB images."""
     loader = _Loader(list(sources))
@@ -220,16 +252,32 @@ def extract_features(images: ImageSet, model, dims: int, device: torch.device, b
     features, valid = np.empty((end - start, dims)), np.zeros(end - start, dtype=bool)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     position = 0
-    for batch, ok, errors in tqdm(loader, desc=f"features {images.name}", unit="batch", disable=not progress):
-        prediction = model(batch.to(device, non_blocking=True, memory_format=layout))[0]
-        if prediction.size(2) != 1 or prediction.size(3) != 1:
-            prediction = adaptive_avg_pool2d(prediction, output_size=(1, 1))
-        n = batch.shape[0]
-        features[position : position + n] = prediction.squeeze(3).squeeze(2).cpu().numpy()
-        valid[position : position + n] = ok.numpy()
-        corrupt_samples.merge({where: "unreadable" for where in errors if where})  # warned in the worker
-        position += n
+    try:
+        for batch, ok, errors in tqdm(loader, desc=f"features {images.name}", unit="batch", disable=not progress):
+            prediction = model(batch.to(device, non_blocking=True, memory_format=layout))[0]
+            if prediction.size(2) != 1 or prediction.size(3) != 1:
+                prediction = adaptive_avg_pool2d(prediction, output_size=(1, 1))
+            n = batch.shape[0]
+            features[position : position + n] = prediction.squeeze(3).squeeze(2).cpu().numpy()
+            valid[position : position + n] = ok.numpy()
+            corrupt_samples.merge({where: "unreadable" for where in errors if where})  # warned in the worker
+            position += n
+    except UserError as err:
+        original = worker_error(err)
+        if original is err:
+            raise
+        raise original from None
     return features, valid
+
+
+def worker_error(err: UserError) -> UserError:
+    """The UserError a DataLoader worker raised (`_collate`'s sizes), as it was: torch re-raises it in the main process
+    with the worker's whole traceback for a message ("Caught UserError in DataLoader worker process 0. Original
+    Traceback ..."), which is no one-line error; its own message follows the traceback's last "<module>.<class>: "."""
+    text, marker = str(err), f"{type(err).__module__}.{type(err).__qualname__}: "
+    if "in DataLoader worker process" not in text or marker not in text:
+        return err
+    return UserError(text.rsplit(marker, 1)[1].strip())
 
 
 def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -198,7 +198,7 @@ def load_index(shard_dir: str | os.PathLike, split: str) -> dict:
     """The `{split}.json` index written by `write_shards`."""
     path = Path(shard_dir) / f"{split}.json"
     if not path.is_file():
-        raise UserError(f"no shard index {path}: run data_prep/make_shards.py first (or check --split)")
+        raise UserError(f"no shard index {path}: run data_prep/make_shards.py first (or check the split name)")
     return json.loads(path.read_text())
 
 

@@ -1,8 +1,10 @@
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -421,3 +423,154 @@ def test_max_samples_scores_the_same_drawn_samples_on_both_sides(tiny_models, sh
     assert drawn_samples(sketches, 6, 0) == drawn_samples(sketches, 6, 0) != drawn_samples(sketches, 6, 1)
     proc = run_script("eval/fid.py", *common[:-1], str(len(sketches) + 1), "--output_dir", tmp_path / "b", check=False)
     assert proc.returncode == 2 and "the reference has" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def inception_home(tmp_path_factory) -> str:
+    """pytorch-fid's Inception file (random weights) in TORCH_HOME, without building every other tiny model: these
+    tests score with Inception alone. Kept for the session, as `tiny_models` keeps its own."""
+    from sketch2real.testing.tiny import FID_WEIGHTS_NAME, write_fid_inception_weights
+
+    home = os.environ.get("TORCH_HOME")
+    if not (home and (Path(home) / "hub" / "checkpoints" / FID_WEIGHTS_NAME).is_file()):
+        home = str(tmp_path_factory.mktemp("torch_home"))
+        write_fid_inception_weights(home)
+        os.environ["TORCH_HOME"] = home
+    return home
+
+
+def _image_folder(folder: Path, count: int, seed: int, size: tuple[int, int] = (64, 64), alpha: bool = False) -> Path:
+    """`count` random PNGs; with `alpha` RGBA whose left half is transparent and black (white once composited on
+    white, black under pytorch-fid's convert('RGB'))."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        pixels = (rng.random((size[1], size[0], 4 if alpha else 3)) * 255).astype("uint8")
+        if alpha:
+            pixels[..., 3] = 255
+            pixels[:, : size[0] // 2] = 0
+        Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def audit_folders(tmp_path_factory, inception_home) -> Path:
+    """A reference folder; two generate.py outputs (images/ beside generate_config.json or index.jsonl); two plain
+    folders both named images; a folder with '=' in its name; unreadable, mixed-size and transparent sets."""
+    root = tmp_path_factory.mktemp("audit")
+    _image_folder(root / "ref", 8, 1)
+    for name, seed, marker in (("gen_db", 2, "generate_config.json"), ("gen_ti", 3, "index.jsonl")):
+        _image_folder(root / "runs" / name / "images", 6, seed)
+        (root / "runs" / name / marker).write_text("{}\n" if marker.endswith(".json") else "")
+    for name in ("a", "b"):
+        _image_folder(root / "plain" / name / "images", 4, 4)
+    _image_folder(root / "x" / "lr=1e-4", 6, 5)
+    (root / "zero").mkdir()
+    for i in range(5):
+        (root / "zero" / f"{i}.png").write_bytes(b"")
+    _image_folder(root / "mixed", 4, 6)
+    _image_folder(root / "mixed_extra", 1, 7, size=(48, 32))
+    shutil.move(root / "mixed_extra" / "000.png", root / "mixed" / "zz.png")
+    _image_folder(root / "rgba", 6, 8, alpha=True)
+    return root
+
+
+def _refused(proc: subprocess.CompletedProcess) -> str:
+    """A one-line refusal: exit status 2, no traceback; its message, stderr's last line."""
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def test_bare_folders_are_named_by_their_resolved_path_and_same_names_are_refused(audit_folders, tmp_path, monkeypatch):
+    from sketch2real.metrics import folder_set
+
+    runs = audit_folders / "runs"
+    assert folder_set(str(runs / "gen_db" / "images")).name == "gen_db"  # generate.py's images/: the run's name
+    assert folder_set(str(runs / "gen_ti" / "images")).name == "gen_ti"
+    monkeypatch.chdir(audit_folders / "plain" / "a" / "images")
+    assert folder_set(".").name == "images"  # a plain folder called images keeps its name, never ""
+    monkeypatch.chdir(tmp_path)
+    plain = [audit_folders / "plain" / name / "images" for name in ("a", "b")]
+    line = _refused(run_script("eval/fid.py", "--generated", *plain, "--reference_dir", audit_folders / "ref", "--dims",
+                               "64", "--no_cache", "--output_dir", tmp_path / "o", check=False))
+    assert "'images'" in line and str(plain[0]) in line and str(plain[1]) in line and "NAME=DIR" in line, line
+    assert not (tmp_path / "o" / "metrics.json").exists()
+
+
+def test_equals_sign_in_a_folder_path_is_part_of_the_folder(audit_folders, tmp_path, monkeypatch):
+    folder = audit_folders / "x" / "lr=1e-4"
+    run_script("eval/fid.py", "--generated", folder, f"db={folder}", "--reference_dir", audit_folders / "ref", "--dims",
+               "64", "--no_cache", "--output_dir", tmp_path / "o")
+    sets = _fid(tmp_path / "o")["sets"]
+    assert set(sets) == {"lr=1e-4", "db"} and sets["db"]["fid"] == sets["lr=1e-4"]["fid"]
+    assert sets["db"]["path"] == sets["lr=1e-4"]["path"] == str(folder)
+
+    from sketch2real.cli import UserError
+    from sketch2real.evaluation import parse_generated
+
+    monkeypatch.chdir(audit_folders / "x")
+    # a plain name before '=' names the set; where only the whole word is a folder, it is that folder
+    assert [parse_generated(word) for word in ("lr=1e-4", "run=lr=1e-4", "./lr=1e-4", "=lr=1e-4")] == [
+        (None, "lr=1e-4"), ("run", "lr=1e-4"), (None, "./lr=1e-4"), (None, "=lr=1e-4")]
+    with pytest.raises(UserError, match="no folder after '='"):
+        parse_generated("db=")  # never the working directory by accident
+
+
+def test_images_of_different_sizes_are_one_line_whatever_the_workers(audit_folders, tmp_path):
+    for workers in (0, 2):
+        line = _refused(run_script("eval/fid.py", "--generated", audit_folders / "mixed", "--reference_dir",
+                                   audit_folders / "ref", "--dims", "64", "--no_cache", "--num_workers", workers,
+                                   "--output_dir", tmp_path / str(workers), check=False))
+        assert line == "fid.py: error: images of different sizes in one set ([(3, 32, 48), (3, 64, 64)]...): pass --resize"
+
+
+def test_a_set_or_reference_with_no_readable_image_stops_before_any_report(audit_folders, tmp_path):
+    common = ["--dims", "64", "--no_cache"]
+    line = _refused(run_script("eval/fid.py", "--generated", audit_folders / "zero", "--reference_dir",
+                               audit_folders / "ref", *common, "--output_dir", tmp_path / "gen", check=False))
+    assert "zero" in line and "none of its 5 images could be read" in line, line
+    line = _refused(run_script("eval/fid.py", "--generated", audit_folders / "runs" / "gen_db" / "images",
+                               "--reference_dir", audit_folders / "zero", *common, "--output_dir", tmp_path / "ref",
+                               check=False))
+    assert "zero" in line and "none of its 5 images could be read" in line, line
+    for out in ("gen", "ref"):
+        assert not (tmp_path / out / "metrics.json").exists() and not (tmp_path / out / "report.md").exists()
+
+
+def test_metrics_and_report_record_what_was_compared(audit_folders, tmp_path):
+    runs = audit_folders / "runs"
+    run_script("eval/fid.py", "--generated", runs / "gen_db" / "images", runs / "gen_ti" / "images", "--reference_dir",
+               audit_folders / "ref", "--dims", "64", "--no_cache", "--output_dir", tmp_path)
+    report = _fid(tmp_path)
+    assert set(report["sets"]) == {"gen_db", "gen_ti"}
+    assert [(d["a"], d["b"]) for d in report["differences"]] == [("gen_db", "gen_ti")]
+    assert report["reference"]["path"] == str(audit_folders / "ref")
+    text = (tmp_path / "report.md").read_text()
+    assert str(audit_folders / "ref") in text
+    for name in ("gen_db", "gen_ti"):
+        assert report["sets"][name]["path"] == str(runs / name / "images")
+        assert f"| {name} | `{runs / name / 'images'}` |" in text
+
+
+def test_transparent_images_are_noted_where_pytorch_fid_would_differ(audit_folders, tmp_path):
+    run_script("eval/fid.py", "--generated", audit_folders / "rgba", audit_folders / "runs" / "gen_db" / "images",
+               "--reference_dir", audit_folders / "ref", "--dims", "64", "--no_cache", "--output_dir", tmp_path / "o")
+    report = _fid(tmp_path / "o")
+    assert report["transparent_images"] == {"rgba": 6}  # the opaque set and reference are not named
+    text = (tmp_path / "o" / "report.md").read_text()
+    assert "composited on white" in text and "convert('RGB')" in text and "rgba (6 images)" in text
+    run_script("eval/fid.py", "--generated", audit_folders / "runs" / "gen_db" / "images", "--reference_dir",
+               audit_folders / "ref", "--dims", "64", "--no_cache", "--output_dir", tmp_path / "opaque")
+    assert "transparent_images" not in _fid(tmp_path / "opaque")
+    assert "composited on white" not in (tmp_path / "opaque" / "report.md").read_text()
+
+
+def test_missing_shard_index_names_eval_fids_own_flags(audit_folders, tmp_path):
+    (tmp_path / "shards").mkdir()
+    base = ["--generated", audit_folders / "rgba", "--output_dir", tmp_path / "o", "--dims", "64", "--no_cache"]
+    line = _refused(run_script("eval/fid.py", *base, "--reference_shards", tmp_path / "shards", "--reference_split",
+                               "nosuch", check=False))
+    assert "nosuch.json" in line and "--reference_split" in line and "--split)" not in line, line
+    line = _refused(run_script("eval/fid.py", *base, "--reference_dir", audit_folders / "ref", "--metrics", "sketchiness",
+                               "--probe_shards", tmp_path / "shards", "--probe_split", "nosuch", check=False))
+    assert "nosuch.json" in line and "--probe_split" in line, line
