@@ -95,6 +95,9 @@ class Family:
     # --torch_compile by repeated block (diffusers' `_repeated_blocks`: FLUX's 57 blocks compile once per block type)
     # rather than whole; a UNet compiles whole: its convolutions and norms between attention blocks are most launches
     compile_regions: bool = False
+    # --resolution when not given: diffusers' training scripts' default for the family (SDXL's 1024, its native size;
+    # 512 for the others: SD3's and FLUX's scripts too, where 1024 would take 4x the activations)
+    training_resolution: int = 512
 
     def require(self, trainer: str) -> None:
         """One line when `trainer` is not built for this family yet."""
@@ -418,7 +421,7 @@ SD = Family("sd", "StableDiffusionPipeline", "StableDiffusionControlNetPipeline"
 SDXL = Family("sdxl", "StableDiffusionXLPipeline", "StableDiffusionXLControlNetPipeline", ("text_encoder", "text_encoder_2"),
               ("tokenizer", "tokenizer_2"), ("CLIPTextModel", "CLIPTextModelWithProjection"), pooled=True,
               embedding_keys=("clip_l", "clip_g"), safety_checker=False, unused_last_layer=("text_encoder",),
-              tokenizer_classes=("CLIPTokenizer", "CLIPTokenizer"),
+              tokenizer_classes=("CLIPTokenizer", "CLIPTokenizer"), training_resolution=1024,
               pipeline_classes=r"StableDiffusionXL(ControlNet|Img2Img|Inpaint)?Pipeline")
 SD3 = SD3Family("sd3", "StableDiffusion3Pipeline", "StableDiffusion3ControlNetPipeline",
                 ("text_encoder", "text_encoder_2", "text_encoder_3"), ("tokenizer", "tokenizer_2", "tokenizer_3"),

@@ -252,7 +252,7 @@ def test_bad_config_value_exits_2_with_one_line_naming_option_and_file(tmp_path,
     ("resolution: {a: 1}\n", ["resolution", "mapping"]),
     ("resolution: [64, 128]\n", ["resolution", "a list"]),
     ("use_8bit_adam: [true]\n", ["use_8bit_adam", "a list"]),
-    ("resolution: null\n", ["resolution", "null"]),
+    ("train_batch_size: null\n", ["train_batch_size", "null"]),
     ("validation_prompt: [a, [b]]\n", ["validation_prompt"]),
     ("validation_prompt: {a: b}\n", ["validation_prompt", "mapping"]),
     ("use_8bit_adam: maybe\n", ["use_8bit_adam", "'maybe'"]),
@@ -405,7 +405,7 @@ def test_cross_option_checks_stay_in_check():
 
 
 @pytest.mark.parametrize("key, expected", [
-    ("DreamBoothOptions", ["--resolution RESOLUTION training resolution in pixels [default: 512; >= 8, multiple of 8]",
+    ("DreamBoothOptions", ["SD3, FLUX: 512) [default: None; >= 8, multiple of 8]",
                            "default 5e-6, or 1e-4 with --lora_rank", "[default: 500; >= 0]", "AdamW beta2 [default: 0.999; in [0, 1)]",
                            "one of linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup",
                            "[default: tensorboard; one of tensorboard, wandb, all, none]"]),
@@ -585,3 +585,18 @@ def test_offline_a_hub_id_loads_from_the_hub_cache_and_one_not_there_stops_in_on
         check_model_path("someone/elsewhere")
     with pytest.raises(UserError, match="not found: /no/such/folder"):
         check_model_path("/no/such/folder")
+
+
+def test_the_default_resolution_is_the_family_s_as_diffusers_scripts(tiny_models):
+    """SDXL trains at 1024 px when --resolution is not given (diffusers' SDXL scripts' default: at 512 it learns a size
+    it does not generate at), SD 1.x and the flow families at 512; a given value or a config's wins, in every trainer."""
+    from sketch2real.training.controlnet import ControlNetOptions
+    from sketch2real.training.sequential import SequentialOptions
+    from sketch2real.training.textual_inversion import TextualInversionOptions
+
+    for cls in (_db(), SequentialOptions, TextualInversionOptions, ControlNetOptions):
+        for model, side in ((tiny_models.sdxl, 1024), (tiny_models.sd, 512), (tiny_models.flux, 512)):
+            base = ["--pretrained_model_name_or_path", str(model), "--output_dir", "o"]
+            assert parse_options(cls, base).resolution == side, (cls, model)
+            assert parse_options(cls, [*base, "--resolution", "64"]).resolution == 64
+    assert "SDXL: 1024" in _db().__dataclass_fields__["resolution"].metadata["help"]

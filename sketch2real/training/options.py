@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 from sketch2real.cli import UserError, option
@@ -30,7 +31,8 @@ class TrainOptions:
     shard_dir: str = option("", help="folder of webdataset shards from data_prep/make_shards.py")
     split: str = option("train", help="shard split to train on")
     validation_split: str = option("val", help="shard split for the held-out denoising loss")
-    resolution: int = option(512, help="training resolution in pixels", min=8, multiple_of=8)
+    resolution: int | None = option(None, help="training resolution in pixels; default: the family's, as diffusers' "
+                                               "scripts (SDXL: 1024; SD 1.x/2.x, SD3, FLUX: 512)", min=8, multiple_of=8)
     train_batch_size: int = option(1, help="batch size per device", min=1)
     max_train_steps: int = option(400, help="optimizer steps to train", min=1)
     gradient_accumulation_steps: int = option(1, help="micro-batches per optimizer step", min=1)
@@ -125,6 +127,13 @@ class TrainOptions:
         if self.learning_rate is None:  # frozen: a default that depends on other options
             learning_rate = PRODIGY_LR if self.optimizer == "prodigy" else self.default_learning_rate()
             object.__setattr__(self, "learning_rate", learning_rate)
+        if self.resolution is None and self.pretrained_model_name_or_path:
+            from sketch2real.family import family_of
+
+            # a model that cannot be read is left to the task, which says so in one line before any weight loads
+            with contextlib.suppress(UserError):
+                family = family_of(self.pretrained_model_name_or_path, self.revision)
+                object.__setattr__(self, "resolution", family.training_resolution)
 
     def default_learning_rate(self) -> float:
         """The trainer's learning rate when --learning_rate is not given (and the optimizer is not Prodigy)."""
