@@ -22,6 +22,6 @@ DEFAULT_PROMPT_TEMPLATE='a photo of a {category}'
 PROMPT_TEMPLATE=${PROMPT_TEMPLATE:-$DEFAULT_PROMPT_TEMPLATE}
 status=0
 s2r_launch train/controlnet.py --pretrained_model_name_or_path "$MODEL" --shard_dir "$SHARDS" --output_dir "$OUTPUT" \
-  --prompt_template "$PROMPT_TEMPLATE" --max_train_steps "$STEPS" --resolution "${RESOLUTION:-512}" ${PRECISION:+--mixed_precision "$PRECISION"} \
+  --prompt_template "$PROMPT_TEMPLATE" --max_train_steps "$STEPS" ${RESOLUTION:+--resolution "$RESOLUTION"} ${PRECISION:+--mixed_precision "$PRECISION"} \
   --checkpointing_steps "${CHECKPOINT_STEPS:-100}" --resume_from_checkpoint latest "$@" || status=$?
 s2r_finish "$OUTPUT" "$status"

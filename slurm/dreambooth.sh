@@ -20,11 +20,10 @@ CATEGORY=${CATEGORY:-cat}
 OUTPUT=${OUTPUT:-runs/dreambooth_${CATEGORY}}
 PROMPT=${PROMPT:-"a ${CATEGORY//_/ } in the style of sks"}
 STEPS=${STEPS:-400}
-RESOLUTION=${RESOLUTION:-512}
 
 status=0
 s2r_launch train/dreambooth.py --pretrained_model_name_or_path "$MODEL" --shard_dir "$SHARDS" \
   --instance_category "$CATEGORY" --instance_prompt "$PROMPT" --output_dir "$OUTPUT" --max_train_steps "$STEPS" \
-  --resolution "$RESOLUTION" ${PRECISION:+--mixed_precision "$PRECISION"} --checkpointing_steps "${CHECKPOINT_STEPS:-100}" \
+  ${RESOLUTION:+--resolution "$RESOLUTION"} ${PRECISION:+--mixed_precision "$PRECISION"} --checkpointing_steps "${CHECKPOINT_STEPS:-100}" \
   --resume_from_checkpoint latest "$@" || status=$?
 s2r_finish "$OUTPUT" "$status"

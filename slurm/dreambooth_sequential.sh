@@ -23,6 +23,6 @@ DEFAULT_PROMPT='a {category} in the style of sks'
 PROMPT=${PROMPT:-$DEFAULT_PROMPT}
 status=0
 s2r_launch train/dreambooth_sequential.py --pretrained_model_name_or_path "$MODEL" --shard_dir "$SHARDS" --output_dir "$OUTPUT" \
-  --stages "${CATEGORIES:-cat,dog,helicopter,hamburger}" --steps_per_stage "$STEPS" --instance_prompt "$PROMPT" --resolution "${RESOLUTION:-512}" ${PRECISION:+--mixed_precision "$PRECISION"} \
+  --stages "${CATEGORIES:-cat,dog,helicopter,hamburger}" --steps_per_stage "$STEPS" --instance_prompt "$PROMPT" ${RESOLUTION:+--resolution "$RESOLUTION"} ${PRECISION:+--mixed_precision "$PRECISION"} \
   --checkpointing_steps "${CHECKPOINT_STEPS:-100}" --resume_from_checkpoint latest "$@" || status=$?
 s2r_finish "$OUTPUT" "$status"

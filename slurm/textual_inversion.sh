@@ -20,6 +20,6 @@ OUTPUT=${OUTPUT:-runs/textual_inversion}
 STEPS=${STEPS:-3000}
 status=0
 s2r_launch train/textual_inversion.py --pretrained_model_name_or_path "$MODEL" --shard_dir "$SHARDS" --output_dir "$OUTPUT" \
-  --placeholder_token "${TOKEN:-<sketch>}" --initializer_token "${INIT:-sketch}" --max_train_steps "$STEPS" --resolution "${RESOLUTION:-512}" ${PRECISION:+--mixed_precision "$PRECISION"} \
+  --placeholder_token "${TOKEN:-<sketch>}" --initializer_token "${INIT:-sketch}" --max_train_steps "$STEPS" ${RESOLUTION:+--resolution "$RESOLUTION"} ${PRECISION:+--mixed_precision "$PRECISION"} \
   --checkpointing_steps "${CHECKPOINT_STEPS:-100}" --resume_from_checkpoint latest "$@" || status=$?
 s2r_finish "$OUTPUT" "$status"

@@ -104,6 +104,18 @@ def test_one_meaning_per_variable_stages_models_categories(tmp_path, monkeypatch
     assert _flag(nodes[0], "--model_name_or_path") == "/models/blip2"
 
 
+@pytest.mark.parametrize("script", ["dreambooth.sh", "dreambooth_sequential.sh", "textual_inversion.sh", "controlnet.sh"])
+def test_without_resolution_the_trainer_decides_so_a_config_or_the_family_s_default_counts(tmp_path, monkeypatch, script):
+    """A job given no RESOLUTION passes no --resolution: a CONFIGS yaml's `resolution` then counts (a flag would win
+    over it) and SDXL trains at its 1024 px; RESOLUTION still sets it."""
+    monkeypatch.delenv("RESOLUTION", raising=False)
+    _, nodes = _two_node_job(tmp_path / "a", script, "accelerate_configs/multi_node.yaml")
+    assert "--resolution" not in nodes[0]
+    monkeypatch.setenv("RESOLUTION", "768")
+    _, nodes = _two_node_job(tmp_path / "b", script, "accelerate_configs/multi_node.yaml")
+    assert _flag(nodes[0], "--resolution") == "768"
+
+
 REMOVED_MODEL_IDS = ("runwayml/stable-diffusion-v1-5", "CompVis/stable-diffusion-v1-4")  # gone from the hub
 
 
