@@ -193,7 +193,8 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
     )
     parser.add_argument("--config", default=None,
                         help="YAML or JSON file of option: value pairs, read exactly like the flags (lists as lists, "
-                             "null for optional options); flags given on the command line win")
+                             "null for optional options); its values stand where --config is: flags after it win, flags before it (a job "
+                             "script's defaults) give way")
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
         scalar, is_list = _base_type(hints[field.name])
@@ -312,10 +313,25 @@ def _config_values(parser: argparse.ArgumentParser, cls: type, path: str) -> dic
     return values
 
 
+def _config_position(parser: argparse.ArgumentParser, argv: list[str]) -> int:
+    """Index in `argv` of the last `--config` flag (`--config F`, `--config=F`, or an abbreviation argparse takes
+    for it), the one argparse uses."""
+    options = [o for action in parser._actions for o in action.option_strings]
+    at = None
+    for i, token in enumerate(argv):
+        name = token.split("=", 1)[0]
+        if name == "--config" or (name.startswith("--c") and [o for o in options if o.startswith(name)] == ["--config"]):
+            at = i
+    assert at is not None, argv  # argparse found a --config
+    return at
+
+
 def parse_options(cls: type[T], argv: list[str] | None = None, description: str | None = None) -> T:
     """Parse `argv` (default: sys.argv) into an instance of dataclass `cls`.
 
-    Precedence: command-line flags, then `--config` file, then field defaults. Config
+    Precedence: the last word on an option wins, the `--config` file's values standing where the flag is (argparse's
+    rule for a file of arguments): a job script's own flags before a user's `--config` give way to it, a user's
+    flags after it win; then field defaults. Config
     values go through the same parser as flags (a scalar for a list option is a
     one-element list, `null` only for Optional options), then every given value, from
     either source, is checked against its declared range (`option_problem`).
@@ -323,11 +339,18 @@ def parse_options(cls: type[T], argv: list[str] | None = None, description: str 
     (naming the file and option) for config values and for values out of range.
     """
     parser = build_parser(cls, description)
-    namespace = vars(parser.parse_args(argv))
-    config = namespace.pop("config", None)
-    values = _config_values(parser, cls, config) if config else {}
-    from_config = set(values) - set(namespace)
-    values.update(namespace)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    values = vars(parser.parse_args(argv))  # every flag checked, --help answered
+    config = values.pop("config", None)
+    from_config: set[str] = set()
+    if config:  # the file's values take its place in the command line: flags after it win over them, flags before not
+        at = _config_position(parser, argv)
+        before = vars(parser.parse_args(argv[:at]))
+        after = vars(parser.parse_args(argv[at + (1 if "=" in argv[at] else 2):]))
+        in_file = _config_values(parser, cls, config)
+        from_config = set(in_file) - set(after)
+        values = {**before, **in_file, **after}
+        values.pop("config", None)
     fields = dataclasses.fields(cls)
     missing = [f.name for f in fields if _default_of(f) is dataclasses.MISSING and f.name not in values]
     if missing:

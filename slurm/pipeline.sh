@@ -7,7 +7,8 @@
 #   --partition gpu --nodes 2]
 #   STAGES="dreambooth captions"  only these methods (default: all five), each with its generation, then one fid
 #   CONFIGS=dir                   dir/JOB.yaml (JOB: dreambooth, dreambooth_sequential, textual_inversion,
-#                                 controlnet, caption, generate, fid) passed as --config to that job's script
+#                                 controlnet, caption, generate, fid) passed as --config to that job's script:
+#                                 its values win over the script's variables and defaults (STEPS, PRECISION...)
 #   MODEL, CAPTION_MODEL, CATEGORIES, ...: each job script's own settings (see its header), passed on by sbatch
 set -euo pipefail
 # bash before 4.4 (RHEL/CentOS 7) calls an empty array unbound under -u: this script expands possibly empty ones

@@ -9,6 +9,7 @@
 # Usage (from the repo root, after slurm/data_prep.sh): bash slurm/reproduce_study.sh [sbatch flags for every job]
 #   RUNS=runs/study (default)   where every row's model, images and the report go (RUNS/fid/report.md)
 #   MODEL, CAPTION_MODEL, STEPS, RESOLUTION, CONFIGS=dir (dir/JOB.yaml, as slurm/pipeline.sh) ...: the job scripts'
+#   (a CONFIGS value wins over the job scripts' variables and defaults; the flags that define a row win over it)
 #   CATEGORY, CATEGORIES: the study's cat and dog,helicopter,hamburger; STUDY_SAMPLES: its 100 evaluation sketches
 set -euo pipefail
 # bash before 4.4 (RHEL/CentOS 7) calls an empty array unbound under -u: this script expands possibly empty ones
@@ -49,7 +50,7 @@ label=${CATEGORY//_/ }
 study_template="a picture of a {category} in the style of sks"  # how the study prompted its DreamBooth models
 
 mapfile -t job_config < <(config caption)
-submit caption OUTPUT="$RUNS/captions" -- slurm/caption.sh --prompts 4 5 8 "${job_config[@]}"
+submit caption OUTPUT="$RUNS/captions" -- slurm/caption.sh "${job_config[@]}" --prompts 4 5 8
 captions=$job
 for prompt in 4 5 8; do
   generate "llava-$prompt" "$captions" -- --captions "$RUNS/captions/captions.jsonl" --prompt_ids "$prompt"
@@ -59,14 +60,14 @@ mapfile -t job_config < <(config dreambooth)
 for row in "sks-$CATEGORY" "$CATEGORY-style-sks"; do
   if [ "$row" = "sks-$CATEGORY" ]; then prompt="a photo of a sks $label"; else prompt="a $label in the style of sks"; fi
   submit "dreambooth ($row)" CATEGORY="$CATEGORY" PROMPT="$prompt" OUTPUT="$RUNS/dreambooth_$row" -- \
-    slurm/dreambooth.sh --num_instance_images 3 "${job_config[@]}"
+    slurm/dreambooth.sh "${job_config[@]}" --num_instance_images 3
   generate "dreambooth-$row" "$job" MODEL="$RUNS/dreambooth_$row" -- --prompt_template "$study_template"
 done
 
 mapfile -t job_config < <(config dreambooth_sequential)
 submit "dreambooth_sequential" CATEGORIES="$CATEGORIES" OUTPUT="$RUNS/dreambooth_sequential" \
-  PROMPT="a photo of a {category} in the style of sks" -- slurm/dreambooth_sequential.sh --num_instance_images 3 \
-  "${job_config[@]}"
+  PROMPT="a photo of a {category} in the style of sks" -- slurm/dreambooth_sequential.sh "${job_config[@]}" \
+  --num_instance_images 3
 IFS=, read -r -a stages <<< "$CATEGORIES"
 last=$(printf 'stage-%02d-%s' "${#stages[@]}" "${stages[-1]}")
 generate "dreambooth-sequential" "$job" MODEL="$RUNS/dreambooth_sequential/$last" -- --prompt_template "$study_template"
@@ -76,16 +77,16 @@ for row in "$CATEGORY" all; do
   categories=()
   if [ "$row" != all ]; then categories=(--categories "$CATEGORY"); fi
   submit "textual_inversion ($row)" OUTPUT="$RUNS/textual_inversion_$row" -- slurm/textual_inversion.sh \
-    "${categories[@]}" "${job_config[@]}"
+    "${job_config[@]}" "${categories[@]}"
   generate "textual-inversion-$row" "$job" -- --textual_inversion "$RUNS/textual_inversion_$row/learned_embeds.safetensors" \
     --prompt_template "a {category} in the style of <sketch>"
 done
 
 mapfile -t job_config < <(config fid)
 submit fid GENERATED="${generated# }" FIELD=sketch OUTPUT="$RUNS/fid" -- \
-  --dependency="afterok:$(IFS=:; echo "${generations[*]}")" slurm/fid.sh --dims 2048 "${job_config[@]}"
+  --dependency="afterok:$(IFS=:; echo "${generations[*]}")" slurm/fid.sh "${job_config[@]}" --dims 2048
 after_all="afterok:$(IFS=:; echo "${generations[*]}")"
 submit "fid (study protocol)" GENERATED="${generated# }" FIELD=sketch OUTPUT="$RUNS/fid_protocol" -- \
-  --dependency="$after_all" slurm/fid.sh --dims 2048 --max_samples "${STUDY_SAMPLES:-100}" "${job_config[@]}"
+  --dependency="$after_all" slurm/fid.sh "${job_config[@]}" --dims 2048 --max_samples "${STUDY_SAMPLES:-100}"
 ids+=("  -> $RUNS/fid_protocol/report.md (the study's protocol), $RUNS/fid/report.md (the whole test split)")
 printf '%s\n' "${ids[@]}"

@@ -237,6 +237,22 @@ def test_command_line_flags_override_the_config(tmp_path):
     assert parse_options(_db(), ["--validation_prompt", "a", "b"]).validation_prompt == ["a", "b"]
 
 
+def test_a_job_script_s_flags_before_the_user_s_config_give_way_to_it(tmp_path):
+    """slurm/*.sh pass their defaults (--max_train_steps "$STEPS", ...) before the user's `--config` (CONFIGS, or
+    flags after the script): the file's values stand where --config is, as argparse reads a file of arguments, so
+    the config's max_train_steps counts (it was overridden by the script's 400) and a flag after it still wins."""
+    config = tmp_path / "dreambooth.yaml"
+    config.write_text("max_train_steps: 1000\nmixed_precision: fp16\n")
+    script = ["--max_train_steps", "400", "--mixed_precision", "bf16", "--seed", "3"]
+    for form in (["--config", str(config)], [f"--config={config}"], ["--conf", str(config)]):
+        opts = parse_options(_db(), [*script, *form])
+        assert (opts.max_train_steps, opts.mixed_precision, opts.seed) == (1000, "fp16", 3), form
+        assert parse_options(_db(), [*script, *form, "--max_train_steps", "7"]).max_train_steps == 7
+    with pytest.raises(UserError, match="in config file"):  # a bad value still names the file, wherever it stands
+        config.write_text("max_train_steps: 0\n")
+        parse_options(_db(), [*script, "--config", str(config)])
+
+
 def test_bad_config_value_exits_2_with_one_line_naming_option_and_file(tmp_path, monkeypatch, capsys):
     config = tmp_path / "run.yaml"
     config.write_text('max_train_steps: "two"\n')

@@ -116,6 +116,27 @@ def test_without_resolution_the_trainer_decides_so_a_config_or_the_family_s_defa
     assert _flag(nodes[0], "--resolution") == "768"
 
 
+@pytest.mark.parametrize("script, trainer", [("dreambooth.sh", "DreamBoothOptions"),
+                                             ("textual_inversion.sh", "TextualInversionOptions"),
+                                             ("controlnet.sh", "ControlNetOptions")])
+def test_a_config_given_to_a_job_script_wins_over_its_variables_and_defaults(tmp_path, monkeypatch, script, trainer):
+    """CONFIGS' dreambooth.yaml (or `--config` after the script) says max_train_steps 1000 and fp16: the trainer gets
+    them, not the script's STEPS and PRECISION; a flag after the config still wins."""
+    from sketch2real.cli import parse_options
+    from tests.test_options import options_class
+
+    config = tmp_path / "job.yaml"
+    config.write_text("max_train_steps: 1000\nmixed_precision: fp16\ncheckpointing_steps: 7\n")
+    monkeypatch.setenv("STEPS", "400")
+    monkeypatch.setenv("PRECISION", "bf16")
+    for extra, steps in (([], 1000), (["--max_train_steps", "9"], 9)):
+        _, nodes = _two_node_job(tmp_path / str(steps), script, "accelerate_configs/multi_node.yaml", "--config",
+                                 str(config), *extra)
+        argv = nodes[0][nodes[0].index(next(a for a in nodes[0] if a.startswith("train/"))) + 1:]
+        opts = parse_options(options_class(trainer), argv)
+        assert (opts.max_train_steps, opts.mixed_precision, opts.checkpointing_steps) == (steps, "fp16", 7)
+
+
 REMOVED_MODEL_IDS = ("runwayml/stable-diffusion-v1-5", "CompVis/stable-diffusion-v1-4")  # gone from the hub
 
 
