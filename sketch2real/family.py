@@ -137,18 +137,49 @@ class Family:
 
         return [tokenize(tokenizer, prompts, self.max_length(tokenizer)) for tokenizer in tokenizers]
 
-    def comfyui_lora_layers(self, peft_layers: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-        """The UNet's adapters in kohya's names (`lora_unet_<module>.lora_down/lora_up.weight` and `.alpha`), the file
-        A1111, ComfyUI and kohya's scripts read; alpha as trained (diffusers' converter writes alpha = rank)."""
+    def comfyui_lora_layers(self, peft_layers: dict[str, dict[str, torch.Tensor]], alpha: float) -> dict[str, torch.Tensor]:
+        """The adapters (peft's names, by component: `unet`, and the text encoders' with --train_text_encoder) in
+        kohya's names (`lora_unet_<module>.lora_down/lora_up.weight` and `.alpha`; SD's one encoder `lora_te_`, SDXL's
+        `lora_te1_`/`lora_te2_`), the file A1111, ComfyUI and kohya's scripts read; alpha as trained (diffusers'
+        converter writes alpha = rank)."""
         from diffusers.utils import convert_state_dict_to_kohya
 
-        kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in peft_layers.items()})
+        kohya = convert_state_dict_to_kohya({f"{component}.{k}": v for component, layers in peft_layers.items()
+                                             for k, v in layers.items()})
+        if len(self.text_encoders) == 1:  # the converter names SDXL's encoders; SD 1.x's one is kohya's lora_te_
+            kohya = {k.replace("lora_te1_", "lora_te_", 1): v for k, v in kohya.items()}
         return {k: torch.tensor(float(alpha)) if k.endswith(".alpha") else v for k, v in kohya.items()}
 
-    @property
-    def lora_metadata_argument(self) -> str:
-        """save_lora_weights' argument for the denoiser adapter's settings (rank, alpha, targets), kept in the file."""
-        return self.lora_layers_argument.replace("_lora_layers", "_lora_adapter_metadata")
+    def lora_text_encoders(self) -> tuple[str, ...]:
+        """The text encoders that get LoRA adapters with --lora_rank --train_text_encoder, as in diffusers' LoRA scripts:
+        the CLIP encoders (those that learn Textual Inversion rows); T5 stays frozen."""
+        return self.text_encoders[: self.embedding_encoders()]
+
+    def text_encoder_lora_targets(self, name: str, encoder) -> list[str]:
+        """peft `target_modules` of text encoder `name`'s adapters: its attention projections (diffusers' scripts'
+        q/k/v/out_proj), but in a last layer whose output the family never reads (`unused_last_layer`): no gradient
+        would reach them (DDP would wait for it)."""
+        names = [n for n, _ in encoder.named_modules() if n.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "out_proj")]
+        if name in self.unused_last_layer:
+            last = max(int(m.group(1)) for n in names if (m := re.search(r"\.layers\.(\d+)\.", n)))
+            names = [n for n in names if f".layers.{last}." not in n]
+        return names
+
+    @staticmethod
+    def encoder_checkpoint_names(encoder, layers: dict[str, torch.Tensor], saving: bool = True) -> dict[str, torch.Tensor]:
+        """A text encoder's adapter weights named as its checkpoints name its modules: transformers 5 flattened
+        CLIPTextModel (`encoder.layers.*`) where its checkpoints, transformers 4, kohya's and ComfyUI's LoRA names keep
+        `text_model.` (diffusers on transformers 5 loads either). `saving=False`: the file's names back onto `encoder`."""
+        if type(encoder).__name__ != "CLIPTextModel" or hasattr(encoder, "text_model"):
+            return layers
+        if saving:
+            return {f"text_model.{k}": v for k, v in layers.items()}
+        return {k.removeprefix("text_model."): v for k, v in layers.items()}
+
+    def lora_file_arguments(self, component: str) -> tuple[str, str]:
+        """save_lora_weights' arguments for a component's adapter weights and settings (rank, alpha, targets)."""
+        layers = self.lora_layers_argument if component == self.denoiser else f"{component}_lora_layers"
+        return layers, layers.replace("_lora_layers", "_lora_adapter_metadata")
 
     def lora_targets(self, denoiser) -> list[str]:
         """peft `target_modules` of the denoiser's LoRA adapters: the attention projections `to_q/k/v/out.0` (diffusers'

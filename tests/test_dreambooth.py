@@ -821,7 +821,8 @@ def test_class_images_are_listed_once_and_split_across_two_processes(db_args, tm
     [
         (["--instance_category", "unicorn"], "unknown category 'unicorn'"),
         (["--pretrained_model_name_or_path", "/no/such/model"], "not found: /no/such/model"),
-        (["--lora_rank", "4", "--train_text_encoder"], "choose one"),
+        (["--lora_rank", "4", "--train_text_encoder", "--train_text_encoder_ti", "--instance_prompt", "a TOK"], "choose one"),
+        (["--lora_rank", "4", "--train_text_encoder", "--lora_type", "lokr"], "needs --lora_type lora"),
         (["--enable_xformers_memory_efficient_attention"], "needs a CUDA device"),
         (["--mixed_precision", "fp16"], "fp16 needs a CUDA device"),
         (["--with_prior_preservation"], "needs --class_prompt"),
@@ -901,13 +902,15 @@ VARIANTS = {
     "lora": ["--lora_rank", "4", "--learning_rate", "1e-2"],
     # its averaged weights swapped into DeepSpeed's bf16 module for validation, and saved
     "lora_schedulefree": ["--lora_rank", "4", "--learning_rate", "1e-2", "--optimizer", "adamw_schedulefree"],
+    "lora_text_encoder": ["--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-2", "--train_text_encoder"],
 }
 
 
 COMPILED_ARGS = ("--torch_compile", "--torch_compile_backend", "aot_eager")
 
 
-@pytest.mark.parametrize("launcher, variant", [(launcher, variant) for launcher in LAUNCHERS for variant in VARIANTS]
+@pytest.mark.parametrize("launcher, variant", [(launcher, variant) for launcher in LAUNCHERS for variant in VARIANTS
+                                               if variant != "lora_text_encoder"]
                          + [("zero3_partitioned", "lora")])  # ZeRO-3 partitioning even the adapters: saved gathered
 def test_bf16_matrix(launcher, variant, db_args, tmp_path, tmp_path_factory, tiny_models):
     from diffusers import StableDiffusionPipeline
@@ -948,10 +951,48 @@ def test_bf16_matrix(launcher, variant, db_args, tmp_path, tmp_path_factory, tin
             assert sorted(p.name for p in class_dir.glob("*.png")) == ["class-00000.png", "class-00001.png"]
 
 
+def test_lora_with_train_text_encoder_adapts_the_encoder_and_plain_diffusers_reloads_it_at_its_alpha(db_args, tmp_path,
+                                                                                                     tiny_models):
+    """--lora_rank --train_text_encoder, as diffusers' LoRA scripts: adapters on the text encoder's attention train with
+    the UNet's, are saved beside them (diffusers' keys and kohya's `lora_te_`), reload in plain diffusers at their
+    alpha, and --initial_lora continues both (a run that would drop the encoder's is refused in one line)."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel
+
+    out, again = tmp_path / "te", tmp_path / "again"
+    common = [*db_args, "--lora_rank", "4", "--lora_alpha", "8", "--max_train_steps", "2", "--report_to", "none"]
+    run_script("train/dreambooth.py", *common, "--train_text_encoder", "--learning_rate", "1e-2", "--lora_format",
+               "comfyui", "--output_dir", out)
+    saved = load_file(out / "pytorch_lora_weights.safetensors")
+    assert any(k.startswith("unet.") for k in saved)
+    # named as the encoder's checkpoints and transformers 4 name its modules (transformers 5 dropped `text_model.`)
+    encoder_keys = [k for k in saved if k.startswith("text_encoder.")]
+    assert encoder_keys and all(k.startswith("text_encoder.text_model.encoder.layers.") for k in encoder_keys)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_models.sd, safety_checker=None)
+    ids = pipe.tokenizer(["a sks sketch of a cat"], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         return_tensors="pt").input_ids
+    base = CLIPTextModel.from_pretrained(tiny_models.sd / "text_encoder")(ids)[0]
+    pipe.load_lora_weights(out)
+    assert [c.lora_alpha for c in pipe.text_encoder.peft_config.values()] == [8]
+    assert not torch.allclose(pipe.text_encoder(ids)[0], base)  # the encoder's adapters trained
+    kohya = load_file(out / "pytorch_lora_weights_comfyui.safetensors")
+    encoder_alphas = {k: v for k, v in kohya.items() if k.startswith("lora_te_text_model_encoder_layers_") and k.endswith(".alpha")}
+    assert encoder_alphas and all(float(v) == 8 for v in encoder_alphas.values())
+
+    run_script("train/dreambooth.py", *common, "--train_text_encoder", "--learning_rate", "1e-30", "--max_train_steps",
+               "1", "--initial_lora", out, "--output_dir", again)  # a step that moves nothing: what was loaded is saved
+    continued = load_file(again / "pytorch_lora_weights.safetensors")
+    assert continued.keys() == saved.keys() and all(torch.allclose(continued[k], v, rtol=1e-6, atol=0) for k, v in saved.items())
+    proc = run_script("train/dreambooth.py", *common, "--initial_lora", out, "--output_dir", tmp_path / "drop", check=False)
+    assert proc.returncode == 2 and "also adapts text_encoder: give --train_text_encoder" in proc.stderr.strip().splitlines()[-1]
+
+
 # ---- SDXL, read from the model: the same loop, the same guarantees --------------------------------------------------
 
 SDXL_CASES = [("1", "unet"), ("zero3", "unet"), ("1", "lora"), ("zero2", "lora"),  # DDP: TI and sequential tests
-              ("zero2", "text_encoder_prior")]  # both text encoders trained by DeepSpeed, SDXL class images
+              ("zero2", "text_encoder_prior"),  # both text encoders trained by DeepSpeed, SDXL class images
+              ("ddp", "lora_text_encoder")]  # both encoders' adapters, none where DDP would wait for a gradient
 
 
 @pytest.mark.parametrize("launcher, variant", SDXL_CASES)
@@ -967,11 +1008,17 @@ def test_sdxl_bf16(launcher, variant, tiny_models, shard_dir, tmp_path, tmp_path
     out, one, one_fp32 = run_matrix_case(launcher, f"sdxl-{variant}", "train/dreambooth.py", args, tmp_path, tmp_path_factory)
     assert (out / "validation" / "step-000002.png").is_file()
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_models.sdxl)
-    if variant == "lora":
+    if variant.startswith("lora"):
         pipe.load_lora_weights(out)
-        a, b, a32 = ({k: v for k, v in weights(run).items() if "lora.up" in k} for run in (one, out, one_fp32))
+        a, b, a32 = ({k: v for k, v in weights(run).items() if "up.weight" in k} for run in (one, out, one_fp32))
         assert a and {v.dtype for v in b.values()} == {torch.float32}
         assert_agrees_within_bf16(a, b, a32, {k: torch.zeros_like(v) for k, v in a.items()})
+        encoders = {k.split(":")[1].split(".")[0] for k in b} - {"unet"}
+        assert encoders == ({"text_encoder", "text_encoder_2"} if "text_encoder" in variant else set())
+        # the first encoder's last layer (SDXL reads its penultimate) has no adapters: they would get no gradient
+        assert not [k for k in b if k.split(":")[1].startswith("text_encoder.") and ".layers.1." in k]
+        if encoders:
+            assert [c.lora_alpha for e in (pipe.text_encoder, pipe.text_encoder_2) for c in e.peft_config.values()] == [8, 8]
     else:
         pipe = StableDiffusionXLPipeline.from_pretrained(out)
         for part in ("unet", "text_encoder", "text_encoder_2") if "text_encoder" in variant else ("unet",):

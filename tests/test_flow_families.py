@@ -666,3 +666,24 @@ def test_flow_lokr_writes_simpletuner_names_that_merge_to_peft_s_update(family, 
         proc = run_script("train/dreambooth.py", *db_args(tiny_models.flux2_klein, shard_dir), "--output_dir",
                           tmp_path / "klein", "--lora_rank", "4", "--lora_type", "lokr", check=False)
         assert proc.returncode == 2 and "--lora_type lokr is built for" in proc.stderr
+
+
+@pytest.mark.parametrize("family, encoders", [("sd3", ["text_encoder", "text_encoder_2"]), ("flux", ["text_encoder"])])
+def test_lora_with_train_text_encoder_adapts_the_clip_encoders_and_diffusers_reloads_them(family, encoders, tiny_models,
+                                                                                         shard_dir, tmp_path):
+    """As diffusers' SD3 and FLUX.1 LoRA scripts: the CLIP encoders get adapters (T5 stays frozen), saved in peft's
+    names beside the transformer's; the family's pipeline loads them at their alpha."""
+    import diffusers
+    from safetensors.torch import load_file
+
+    from sketch2real.family import FAMILIES
+
+    model, out = tiny(tiny_models, family), tmp_path / "te"
+    run_script("train/dreambooth.py", *db_args(model, shard_dir), "--lora_rank", "4", "--lora_alpha", "8",
+               "--train_text_encoder", "--max_train_steps", "2", "--validation_steps", "0", "--checkpointing_steps", "0",
+               "--output_dir", out)
+    saved = load_file(out / "pytorch_lora_weights.safetensors")
+    assert sorted({k.split(".")[0] for k in saved}) == sorted([*encoders, "transformer"])
+    pipe = getattr(diffusers, FAMILIES[family].pipeline).from_pretrained(model)
+    pipe.load_lora_weights(out)
+    assert [c.lora_alpha for name in encoders for c in getattr(pipe, name).peft_config.values()] == [8] * len(encoders)

@@ -53,7 +53,9 @@ class DreamBoothOptions(TrainOptions):
     prior_loss_weight: float = option(1.0, help="weight of the prior-preservation loss", min=0)
     sample_batch_size: int = option(4, help="batch size per device when generating class images", min=1)
     class_inference_steps: int = option(25, help="denoising steps for generated class images", min=1)
-    train_text_encoder: bool = option(False, help="also train the full text encoder(s) (SDXL: both; works under DeepSpeed too)")
+    train_text_encoder: bool = option(False, help="also train the text encoder(s): whole, or with --lora_rank LoRA adapters "
+                                                  "on their attention, as diffusers' LoRA scripts (the CLIP encoders: SDXL "
+                                                  "and SD3 both, FLUX.1 its CLIP); under DeepSpeed too")
     lora_rank: int = option(0, help="train LoRA adapters of this rank instead of full weights (0: full fine-tuning)", min=0)
     lora_alpha: int = option(0, help="LoRA alpha (0: same as rank); saved in the file's adapter metadata, so plain "
                                      "diffusers' load_lora_weights reloads the same strength", min=0)
@@ -100,9 +102,11 @@ class DreamBoothOptions(TrainOptions):
         if self.instance_data_dir and ("{category}" in self.instance_prompt or self.captions):
             raise UserError("{category} and --captions need the shards' categories and keys: give --shard_dir, "
                             "not --instance_data_dir")
-        if self.lora_rank and self.train_text_encoder:
-            raise UserError("--lora_rank trains UNet adapters while --train_text_encoder trains the whole text encoder: "
-                            "choose one")
+        if self.train_text_encoder and self.train_text_encoder_ti:
+            raise UserError("--train_text_encoder_ti trains new tokens' rows, --train_text_encoder the encoders' "
+                            "adapters: choose one (as diffusers' advanced scripts)")
+        if self.train_text_encoder and self.lora_type == "lokr":
+            raise UserError("--lora_type lokr adapts the denoiser only: --train_text_encoder needs --lora_type lora")
         if self.lora_format != "diffusers" and not self.lora_rank:
             raise UserError(f"--lora_format {self.lora_format} is the format of LoRA files: give --lora_rank")
         if self.use_dora and not self.lora_rank:
@@ -232,7 +236,7 @@ class DreamBoothTask(DiffusionTask):
         self.trains_text = opts.train_text_encoder or opts.train_text_encoder_ti
         text_encoders = TextEncoders(self.family, c.text_encoders, opts.resolution)
         text_encoders.requires_grad_(False)
-        if opts.train_text_encoder:
+        if opts.train_text_encoder and not opts.lora_rank:
             text_encoders.train_what_conditions()
         self.new_tokens, self.embeddings = [], []
         if opts.train_text_encoder_ti:  # pivotal tuning: the family's embedding encoders each get the tokens' rows
@@ -247,18 +251,27 @@ class DreamBoothTask(DiffusionTask):
 
             # the frozen base in the weight dtype, the adapters in fp32; `prepare` places it (ZeRO-3: a shard per rank)
             c.denoiser.to(self.weight_dtype)
-            targets, alpha = self.family.lora_targets(c.denoiser), opts.lora_alpha or opts.lora_rank
+            alpha = opts.lora_alpha or opts.lora_rank
             if opts.initial_lora:  # continued at the strength it was trained with, not at alpha = rank
                 alpha = initial_lora_alpha(self.family, opts.initial_lora, opts.lora_alpha) or alpha
-            adapter = (LoKrConfig(r=opts.lora_rank, alpha=alpha, target_modules=targets) if opts.lora_type == "lokr" else
-                       LoraConfig(r=opts.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian", use_dora=opts.use_dora,
-                                  target_modules=targets))
-            with torch.random.fork_rng(devices=[]):  # the adapters' start is a function of --seed, on every launcher
-                torch.manual_seed(derive_seed(opts.seed, "lora-init"))
-                c.denoiser.add_adapter(adapter)
+
+            def adapter(targets: list[str]):
+                return (LoKrConfig(r=opts.lora_rank, alpha=alpha, target_modules=targets) if opts.lora_type == "lokr" else
+                        LoraConfig(r=opts.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                   use_dora=opts.use_dora, target_modules=targets))
+
+            # the adapted modules by component; the text encoders' as diffusers' LoRA scripts (their attention)
+            self.lora_modules = {self.family.denoiser: c.denoiser, **({name: text_encoders.encoders[name] for name in
+                                 self.family.lora_text_encoders()} if opts.train_text_encoder else {})}
+            for name, module in self.lora_modules.items():
+                targets = (self.family.lora_targets(module) if module is c.denoiser else
+                           self.family.text_encoder_lora_targets(name, module))
+                with torch.random.fork_rng(devices=[]):  # the adapters' start is a function of --seed, on every launcher
+                    torch.manual_seed(derive_seed(opts.seed, "lora-init", *([] if module is c.denoiser else [name])))
+                    module.add_adapter(adapter(targets))
+                cast_training_params(module, torch.float32)
             if opts.initial_lora:
-                load_lora_adapters(self.family, c.denoiser, opts.initial_lora)
-            cast_training_params(c.denoiser, torch.float32)
+                load_lora_adapters(self.family, self.lora_modules, opts.initial_lora)
         if opts.gradient_checkpointing:
             c.denoiser.enable_gradient_checkpointing()
             if opts.train_text_encoder:
@@ -423,8 +436,15 @@ class DreamBoothTask(DiffusionTask):
             if opts.lora_rank:
                 from peft.utils import get_peft_model_state_dict
 
-                denoiser_state = {k[len("denoiser."):]: v for k, v in state.items() if k.startswith("denoiser.")}
-                layers = get_peft_model_state_dict(self.denoiser_of(model), state_dict=denoiser_state)
+                # each adapted component's adapters (peft's names) from its part of the model's state
+                prefixes = {name: "denoiser." if name == self.family.denoiser else f"text_encoders.encoders.{name}."
+                            for name in self.lora_modules}
+                layers = {name: get_peft_model_state_dict(module, state_dict={
+                    k[len(prefixes[name]):]: v for k, v in state.items() if k.startswith(prefixes[name])})
+                    for name, module in self.lora_modules.items()}
+                layers = {name: part if name == self.family.denoiser else
+                          self.family.encoder_checkpoint_names(self.lora_modules[name], part)
+                          for name, part in layers.items()}
                 if self.new_tokens:  # pivotal tuning: the tokens' rows (encoder order) in Textual Inversion's file
                     write_learned_embeds(self.family, PIVOTAL_TOKEN, [v for k, v in state.items()
                                                                        if k.endswith(".new_rows")],
@@ -433,21 +453,23 @@ class DreamBoothTask(DiffusionTask):
                     from sketch2real.lokr import write_lokr
 
                     config = self.denoiser_of(model).peft_config["default"]
-                    write_lokr(out, layers, config.alpha, config.r, sorted(config.target_modules), self.family.lokr_prefix)
+                    write_lokr(out, layers[self.family.denoiser], config.alpha, config.r, sorted(config.target_modules),
+                               self.family.lokr_prefix)
                     return
-                # The adapter's settings (alpha above all) go into the file's metadata, where diffusers' loader
+                # Each adapter's settings (alpha above all) go into the file's metadata, where diffusers' loader
                 # reads them; without them it reloads alpha = rank.
-                metadata = {k: sorted(v) if isinstance(v, set) else v  # a set's order varies run to run
-                            for k, v in self.denoiser_of(model).peft_config["default"].to_dict().items()}
-                pipeline_class(self.family).save_lora_weights(
-                    out, **{self.family.lora_layers_argument: self.family.lora_file_layers(layers),
-                            self.family.lora_metadata_argument: metadata},
-                    safe_serialization=True)
+                arguments = {}
+                for name, module in self.lora_modules.items():
+                    layers_argument, metadata_argument = self.family.lora_file_arguments(name)
+                    arguments[layers_argument] = self.family.lora_file_layers(layers[name])
+                    arguments[metadata_argument] = {k: sorted(v) if isinstance(v, set) else v  # a set's order varies
+                                                    for k, v in module.peft_config["default"].to_dict().items()}
+                pipeline_class(self.family).save_lora_weights(out, **arguments, safe_serialization=True)
                 umask_modes(out / "pytorch_lora_weights.safetensors")  # diffusers writes it 0600 through a temp file
                 if opts.lora_format == "comfyui":
                     from safetensors.torch import save_file
 
-                    alpha = metadata["lora_alpha"]
+                    alpha = self.lora_modules[self.family.denoiser].peft_config["default"].lora_alpha
                     kohya = self.family.comfyui_lora_layers(layers, alpha)
                     with atomic_path(out / "pytorch_lora_weights_comfyui.safetensors") as tmp:
                         save_file({k: v.contiguous() for k, v in kohya.items()}, tmp, metadata={
@@ -474,25 +496,35 @@ def initial_lora_alpha(family: Family, folder: str, lora_alpha: float) -> float 
     return saved
 
 
-def load_lora_adapters(family: Family, denoiser, folder: str) -> None:
-    """Set the denoiser's (freshly added) LoRA adapters to the weights of a saved LoRA folder, as diffusers' scripts
-    resume theirs; one line when they do not fit (another rank, another base)."""
-    from diffusers.utils import convert_unet_state_dict_to_peft
+def load_lora_adapters(family: Family, modules: dict[str, torch.nn.Module], folder: str) -> None:
+    """Set the (freshly added) LoRA adapters of `modules` (by component: the denoiser, the text encoders) to the weights
+    of a saved LoRA folder, as diffusers' scripts resume theirs; one line when they do not fit (another rank, another
+    base, text encoder adapters that this run would drop). A text encoder the file has no adapters for starts fresh."""
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
     from peft import set_peft_model_state_dict
 
-    prefix = f"{family.denoiser}."
     saved = pipeline_class(family).lora_state_dict(folder)
     saved = saved[0] if isinstance(saved, tuple) else saved  # SD's loader also returns the network alphas
-    state = convert_unet_state_dict_to_peft({k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)})
-    try:
-        result = set_peft_model_state_dict(denoiser, state, adapter_name="default")
-    except RuntimeError as err:  # a shape mismatch: another --lora_rank
-        raise UserError(f"--initial_lora {folder} does not fit these adapters: {str(err).strip().splitlines()[-1]} "
-                        "(use the --lora_rank it was trained with)") from err
-    missing = [k for k in result.missing_keys if "lora_" in k]
-    if not state or missing or result.unexpected_keys:
-        raise UserError(f"--initial_lora {folder} does not fit this model's {family.denoiser} adapters "
-                        f"({len(state)} saved tensors, {len(missing)} adapters missing)")
+    components = {k.split(".", 1)[0] for k in saved}
+    if components - set(modules):
+        raise UserError(f"--initial_lora {folder} also adapts {', '.join(sorted(components - set(modules)))}: give "
+                        "--train_text_encoder to continue it whole")
+    for name, module in modules.items():
+        part = {k[len(name) + 1:]: v for k, v in saved.items() if k.startswith(f"{name}.")}
+        if not part and name != family.denoiser:
+            logger.info("--initial_lora %s has no %s adapters: they start fresh", folder, name)
+            continue
+        state = (convert_unet_state_dict_to_peft(part) if name == family.denoiser else family.encoder_checkpoint_names(
+                 module, convert_state_dict_to_peft(convert_state_dict_to_diffusers(part)), saving=False))
+        try:
+            result = set_peft_model_state_dict(module, state, adapter_name="default")
+        except RuntimeError as err:  # a shape mismatch: another --lora_rank
+            raise UserError(f"--initial_lora {folder} does not fit these adapters: {str(err).strip().splitlines()[-1]} "
+                            "(use the --lora_rank it was trained with)") from err
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        if not state or missing or result.unexpected_keys:
+            raise UserError(f"--initial_lora {folder} does not fit this model's {name} adapters "
+                            f"({len(state)} saved tensors, {len(missing)} adapters missing)")
 
 
 def save_pipeline(opts: TrainOptions, state: dict[str, torch.Tensor], out: Path) -> None:
