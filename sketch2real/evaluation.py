@@ -43,6 +43,7 @@ from sketch2real.metrics import (
     verdict,
     zero_shot_correct,
 )
+from sketch2real.shards import load_index
 from sketch2real.sketchy import category_words, photo_key
 
 logger = logging.getLogger("sketch2real")
@@ -83,18 +84,11 @@ def generated_sets(entries: list[str]) -> list[ImageSet]:
     return sets
 
 
-def check_shard_index(shard_dir: str, split: str, flag: str) -> None:
-    """A missing split index, named with eval/fid.py's own flag (shards.load_index's message says --split)."""
-    path = Path(shard_dir) / f"{split}.json"
-    if not path.is_file():
-        raise UserError(f"no shard index {path}: run data_prep/make_shards.py first (or check {flag})")
-
-
 def reference_set(opts: EvalOptions) -> ImageSet:
     """The reference: --reference_dir, or --reference_split's --reference_field of --reference_shards."""
     if opts.reference_dir:
         return folder_set(opts.reference_dir)
-    check_shard_index(opts.reference_shards, opts.reference_split, "--reference_split")
+    load_index(opts.reference_shards, opts.reference_split, "--reference_split")  # its own flag in the message
     return shard_set(opts.reference_shards, opts.reference_split, opts.reference_field, opts.categories or None)
 
 
@@ -668,7 +662,7 @@ def run_fid(opts: EvalOptions, generated_sets: list[ImageSet], reference: ImageS
         raise UserError(f"--probe_split {opts.probe_split} is the reference's own split: fit the probe on another one "
                         "(default: train)")
     if "sketchiness" in metrics:  # before any model loads or any reference feature is extracted
-        check_shard_index(opts.probe_shards or opts.reference_shards, opts.probe_split, "--probe_split")
+        load_index(opts.probe_shards or opts.reference_shards, opts.probe_split, "--probe_split")
     clip_path = opts.clip_model_name_or_path or DEFAULT_CLIP
     extractors = {}
     if metrics & {"fid", "kid"}:

@@ -194,11 +194,11 @@ class SampleRef:
     category: str
 
 
-def load_index(shard_dir: str | os.PathLike, split: str) -> dict:
-    """The `{split}.json` index written by `write_shards`."""
+def load_index(shard_dir: str | os.PathLike, split: str, flag: str = "the split name") -> dict:
+    """The `{split}.json` index written by `write_shards`; a missing one is one line naming `flag` (the caller's)."""
     path = Path(shard_dir) / f"{split}.json"
     if not path.is_file():
-        raise UserError(f"no shard index {path}: run data_prep/make_shards.py first (or check the split name)")
+        raise UserError(f"no shard index {path}: run data_prep/make_shards.py first (or check {flag})")
     return json.loads(path.read_text())
 
 
