@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from sketch2real.cli import UserError, as_dict, check_output_dir, option
+from sketch2real.cli import UserError, as_dict, check_output_dir, option, options_affecting
 from sketch2real.io import check_same_settings, merge_parts, read_with_parts
 
 # The ten prompts of the original study (../shared/seed/STUDY-NOTES.md), with its ids.
@@ -195,19 +195,13 @@ def finished_pairs(output_dir: Path) -> set[tuple[str, str]]:
 
 
 CONFIG = "caption_config.json"
-# Options that change how a job runs, not what a caption says: a resume may change them (the precision among them,
-# as for the trainers; 8/4-bit weights are other weights and count).
-RUNTIME_OPTIONS = frozenset({"output_dir", "ddp_timeout", "batch_size", "num_workers", "mixed_precision",
-                             "trust_remote_code"})
-# Options that only choose which samples are captioned: a resume with more draws the missing ones beside the others.
-SELECTION_OPTIONS = frozenset({"categories"})
-
-
 def caption_settings(options: Mapping[str, Any]) -> dict[str, Any]:
     """The part of a captioning job's options (`as_dict`) that determines its captions (model, prompts, length, beams,
-    the images): all but RUNTIME_OPTIONS and SELECTION_OPTIONS, an option the job did not save counting as its default."""
+    the images): those that affect the result (`option(affects=...)`: not how the job runs, nor which samples it
+    draws), an option the job did not save counting as its default."""
     defaults = as_dict(CaptionOptions())
-    return {k: options.get(k, v) for k, v in defaults.items() if k not in RUNTIME_OPTIONS | SELECTION_OPTIONS}
+    result = options_affecting(CaptionOptions, "result")
+    return {k: options.get(k, v) for k, v in defaults.items() if k in result}
 
 
 def resumable_pairs(output_dir: Path, options: Mapping[str, Any]) -> set[tuple[str, str]]:
@@ -230,23 +224,23 @@ class CaptionOptions:
     """Caption every sketch of a split (or an image folder) with several prompts; resumable and data-parallel."""
 
     model_name_or_path: str = option("", help="BLIP-2 or LLaVA checkpoint: hub id or folder (required)")
-    output_dir: str = option("", help="captions.jsonl and quality.{json,md} go here (required)")
+    output_dir: str = option("", help="captions.jsonl and quality.{json,md} go here (required)", affects="runtime")
     ddp_timeout: int = option(7200, help="seconds a process waits for the others (e.g. behind rank 0's final merge) "
-                              "before the job fails", min=1)
+                              "before the job fails", min=1, affects="runtime")
     shard_dir: str = option("", help="shards to caption")
     split: str = option("test", help="split of --shard_dir")
-    categories: list[str] = option([], help="only these categories")
+    categories: list[str] = option([], help="only these categories", affects="selection")
     image_field: str = option("sketch", help="sketch or photo", choices=("sketch", "photo"), noun="image field")
     image_dir: str = option("", help="a folder of images instead of shards (category = subfolder)")
     prompts: list[str] = option(["best"], help="'best' (study's top 3), 'all', prompt ids 1-10, or free text")
-    batch_size: int = option(8, help="images per batch per process (each with every prompt)", min=1)
+    batch_size: int = option(8, help="images per batch per process (each with every prompt)", min=1, affects="runtime")
     max_new_tokens: int = option(100, help="caption length limit in tokens", min=1)
     num_beams: int = option(1, help="beam search width (1: greedy, as in the study)", min=1)
-    mixed_precision: str = option("no", help="no, fp16 or bf16: the model's dtype", choices=("no", "fp16", "bf16"))
+    mixed_precision: str = option("no", help="no, fp16 or bf16: the model's dtype", choices=("no", "fp16", "bf16"), affects="runtime")
     load_in_8bit: bool = option(False, help="8-bit weights (bitsandbytes, CUDA)")
     load_in_4bit: bool = option(False, help="4-bit weights (bitsandbytes, CUDA)")
-    trust_remote_code: bool = option(False, help="allow a checkpoint's own code to run")
-    num_workers: int = option(2, help="decoding workers per process (0: in the main process)", min=0)
+    trust_remote_code: bool = option(False, help="allow a checkpoint's own code to run", affects="runtime")
+    num_workers: int = option(2, help="decoding workers per process (0: in the main process)", min=0, affects="runtime")
 
     def check(self) -> None:
         """One-line errors for missing or inconsistent values (ranges and choices are checked by `parse_options`)."""

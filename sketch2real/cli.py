@@ -36,19 +36,25 @@ class UserError(Exception):
     """A mistake in the user's input: reported as one line, exit status 2."""
 
 
+AFFECTS = ("result", "runtime", "selection")
+
+
 def option(default: Any = dataclasses.MISSING, help: str = "", *, min: float | None = None,
            min_exclusive: float | None = None, max: float | None = None, max_exclusive: float | None = None,
            multiple_of: int | None = None, choices: typing.Sequence[Any] | None = None, noun: str | None = None,
-           **kwargs: Any) -> Any:
+           affects: str = "result", **kwargs: Any) -> Any:
     """A dataclass field with a help text and, for numbers and fixed sets of values, its allowed values.
 
     `min`/`max`: inclusive bounds; `min_exclusive`/`max_exclusive`: strict bounds (a float
     with any bound must also be finite); `multiple_of`: e.g. 8 for pixel sizes; `choices`:
     the allowed values; `noun`: how an unknown choice is named ("unknown {noun} 'x'",
     default: the option's name). For list options each element is checked.
-    Lists get `default_factory` automatically.
+    Lists get `default_factory` automatically. `affects`: what the option changes (`options_affecting`): "result"
+    (what a job computes), "runtime" (how it runs or reports, not what it computes: a resume may change it) or
+    "selection" (which items a job draws, each item's result its own: a resume with more draws the rest).
     """
-    meta: dict[str, Any] = {"help": help}
+    assert affects in AFFECTS, affects
+    meta: dict[str, Any] = {"help": help, "affects": affects}
     given = {"min": min, "min_exclusive": min_exclusive, "max": max, "max_exclusive": max_exclusive,
              "multiple_of": multiple_of, "choices": tuple(choices) if choices is not None else None, "noun": noun}
     meta.update({k: v for k, v in given.items() if v is not None})
@@ -56,6 +62,11 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, min: float | N
         value = default
         return dataclasses.field(default_factory=lambda: type(value)(value), metadata=meta, **kwargs)
     return dataclasses.field(default=default, metadata=meta, **kwargs)
+
+
+def options_affecting(cls: type, affects: str) -> frozenset[str]:
+    """The names of the options of dataclass `cls` declared with `option(..., affects=affects)`."""
+    return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata.get("affects", "result") == affects)
 
 
 def _base_type(tp: Any) -> tuple[Any, bool]:

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import torch
 from PIL import Image
 
-from sketch2real.cli import UserError, as_dict, check_output_dir, option
+from sketch2real.cli import UserError, as_dict, check_output_dir, option, options_affecting
 from sketch2real.io import (
     atomic_path,
     check_same_settings,
@@ -146,21 +146,14 @@ def finished_keys(output_dir: Path) -> set[str]:
 
 
 CONFIG = "generate_config.json"
-# Options that change how a job runs or reports, not what an image shows: a resume may change them (as the trainers'
-# RUNTIME_OPTIONS, the precision and the attention kernels among them).
-RUNTIME_OPTIONS = frozenset({"output_dir", "ddp_timeout", "batch_size", "mixed_precision", "torch_compile",
-                             "enable_xformers_memory_efficient_attention", "mosaic_rows"})
-# Options that only choose which items are drawn: an image's key, prompt and seed are its item's own (the seed derives
-# from the key), so a resume with a larger choice draws the missing images beside the others.
-SELECTION_OPTIONS = frozenset({"categories", "max_per_category", "prompt_ids"})
-
-
 def image_settings(options: Mapping[str, Any]) -> dict[str, Any]:
-    """The part of a generation job's options (`as_dict`) that determines its images: all but RUNTIME_OPTIONS and
-    SELECTION_OPTIONS, an option the job did not save counting as its default; the shards only where the prompts
+    """The part of a generation job's options (`as_dict`) that determines its images: those that affect the result
+    (`option(affects=...)`: not how the job runs, nor which items it draws, an image's key, prompt and seed being
+    its item's own), an option the job did not save counting as its default; the shards only where the prompts
     (a template over a split) or the ControlNet's sketches come from them, not where only the mosaics do."""
     defaults = as_dict(GenerateOptions())
-    settings = {k: options.get(k, v) for k, v in defaults.items() if k not in RUNTIME_OPTIONS | SELECTION_OPTIONS}
+    result = options_affecting(GenerateOptions, "result")
+    settings = {k: options.get(k, v) for k, v in defaults.items() if k in result}
     if not (settings["controlnet"] or (settings["prompt_template"] and not settings["captions"])):
         del settings["shard_dir"], settings["split"]
     return settings
@@ -381,21 +374,21 @@ class GenerateOptions:
 
     pretrained_model_name_or_path: str = option("", help="base model or a DreamBooth output (a pipeline, or LoRA weights on their base): hub id or folder (required)")
     revision: str | None = option(None, help="model revision on the hub")
-    output_dir: str = option("", help="images/, index.jsonl and mosaics/ go here (required)")
+    output_dir: str = option("", help="images/, index.jsonl and mosaics/ go here (required)", affects="runtime")
     ddp_timeout: int = option(7200, help="seconds a process waits for the others (e.g. behind rank 0's final merge) "
-                              "before the job fails", min=1)
+                              "before the job fails", min=1, affects="runtime")
     textual_inversion: list[str] = option([], help="learned_embeds.safetensors file(s) to load")
     lora: str = option("", help="folder or file of LoRA weights (pytorch_lora_weights.safetensors)")
     lora_scale: float = option(1.0, help="LoRA strength (0: off)", min=0)
     controlnet: str = option("", help="a trained ControlNet folder: each item is conditioned on its sketch")
     captions: str = option("", help="captions JSONL from infer/caption.py (one image per row)")
-    prompt_ids: list[str] = option([], help="only these prompt ids of --captions")
+    prompt_ids: list[str] = option([], help="only these prompt ids of --captions", affects="selection")
     prompt_template: str = option("", help="template over the samples of --split: {category}, {key}, {caption}")
     prompts: list[str] = option([], help="plain prompts")
     shard_dir: str = option("", help="shards (for --prompt_template items, mosaics and --controlnet sketches)")
     split: str = option("test", help="split whose samples the template covers")
-    categories: list[str] = option([], help="only these categories")
-    max_per_category: int = option(0, help="at most this many samples per category (0: all)", min=0)
+    categories: list[str] = option([], help="only these categories", affects="selection")
+    max_per_category: int = option(0, help="at most this many samples per category (0: all)", min=0, affects="selection")
     num_images_per_prompt: int = option(1, help="images per item", min=1)
     negative_prompt: str = option("", help="negative prompt")
     scheduler: str = option("", help="sampling scheduler ('': the model's own)", choices=("", *SCHEDULERS))
@@ -406,13 +399,13 @@ class GenerateOptions:
     height: int | None = option(None, help="image height in pixels; default: the model's own, as its diffusers pipeline "
                                 "has it (SD 1.5 512, SDXL/SD3/FLUX 1024)", min=8, multiple_of=8)
     width: int | None = option(None, help="image width in pixels; default: the model's own", min=8, multiple_of=8)
-    batch_size: int = option(8, help="images per batch per process", min=1)
+    batch_size: int = option(8, help="images per batch per process", min=1, affects="runtime")
     seed: int = option(0, help="global seed: each image's seed derives from it and the item's key only", min=0)
-    mixed_precision: str = option("no", help="no, fp16 or bf16 (fp16 needs CUDA)", choices=("no", "fp16", "bf16"))
+    mixed_precision: str = option("no", help="no, fp16 or bf16 (fp16 needs CUDA)", choices=("no", "fp16", "bf16"), affects="runtime")
     safety_checker: bool = option(False, help="run the safety checker (off by default: it blackens sketches)")
-    enable_xformers_memory_efficient_attention: bool = option(False, help="xformers attention (CUDA only)")
-    torch_compile: bool = option(False, help="torch.compile the denoiser (UNet or transformer)")
-    mosaic_rows: int = option(8, help="rows per category mosaic", min=1)
+    enable_xformers_memory_efficient_attention: bool = option(False, help="xformers attention (CUDA only)", affects="runtime")
+    torch_compile: bool = option(False, help="torch.compile the denoiser (UNet or transformer)", affects="runtime")
+    mosaic_rows: int = option(8, help="rows per category mosaic", min=1, affects="runtime")
 
     def check(self) -> None:
         """One-line errors for missing values (ranges and choices are checked by `parse_options`)."""

@@ -31,17 +31,6 @@ logger = logging.getLogger("sketch2real")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 TRAIN_STATE, MANIFEST = "train_state.json", "manifest.json"
 PICKLE_SUFFIXES = (".pkl", ".bin", ".pt", ".pth")
-# Options that change how a run executes or reports, not what it computes: a resume may change them.
-RUNTIME_OPTIONS = frozenset({
-    "output_dir", "resume_from_checkpoint", "checkpointing_steps", "checkpoints_total_limit", "validation_steps",
-    "validation_prompt", "num_validation_images", "validation_inference_steps", "num_heldout_samples",
-    "num_validation_sketches", "report_to", "logging_dir", "dataloader_num_workers", "gradient_checkpointing",
-    "enable_xformers_memory_efficient_attention", "allow_tf32", "set_grads_to_none", "cache_latents",
-    "mixed_precision", "train_batch_size", "max_train_steps", "sample_batch_size", "save_as_full_pipeline",
-    "class_data_dir", "hub_token", "ddp_timeout", "latent_cache_dir", "validation_clip_model_name_or_path",
-    "validation_probe_samples", "logging_steps", "torch_compile", "torch_compile_mode", "torch_compile_backend",
-    "lora_format",
-})
 CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")
 
 
@@ -49,9 +38,11 @@ def run_fingerprint(opts, num_processes: int) -> dict[str, Any]:
     """What defines a run (model, data, seed, global batch, schedule...), not how it is launched: a checkpoint
     resumes under any launcher layout with the same global batch. `max_train_steps` counts only where the
     learning-rate schedule depends on it (so a constant-LR run may be extended)."""
-    from sketch2real.cli import as_dict
+    from sketch2real.cli import as_dict, options_affecting
 
-    choices = {k: v for k, v in as_dict(opts).items() if k not in RUNTIME_OPTIONS}
+    # how a run executes or reports is not what it computes: a resume may change those options
+    runtime = options_affecting(type(opts), "runtime")
+    choices = {k: v for k, v in as_dict(opts).items() if k not in runtime}
     choices["global_batch_size"] = opts.train_batch_size * num_processes
     if opts.lr_scheduler not in CONSTANT_SCHEDULES:
         choices["max_train_steps"] = opts.max_train_steps

@@ -41,7 +41,7 @@ class ControlNetOptions(TrainOptions):
                                              min=0, max=1)
     categories: list[str] = option([], help="only these categories (default: all)")
     num_validation_sketches: int = option(4, help="held-out sketches in the validation mosaic (sketch | generated | photo; "
-                                                  "0: no mosaic)", min=0)
+                                                  "0: no mosaic)", min=0, affects="runtime")
     learning_rate: float | None = option(None, help="initial learning rate (after warmup); default 1e-5, 1.0 with "
                                                     "--optimizer prodigy", min_exclusive=0)
 

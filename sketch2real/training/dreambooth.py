@@ -48,10 +48,10 @@ class DreamBoothOptions(TrainOptions):
     caption_prompt_id: str = option("", help="which prompt id's captions to use (default: the first per sample)")
     with_prior_preservation: bool = option(False, help="add the prior-preservation loss on generated class images")
     class_prompt: str = option("", help="prompt of the class images, e.g. 'a sketch of a cat'")
-    class_data_dir: str = option("", help="folder of class images; missing ones are generated and kept for the next run")
+    class_data_dir: str = option("", help="folder of class images; missing ones are generated and kept for the next run", affects="runtime")
     num_class_images: int = option(100, help="class images used (generated if fewer exist)", min=1)
     prior_loss_weight: float = option(1.0, help="weight of the prior-preservation loss", min=0)
-    sample_batch_size: int = option(4, help="batch size per device when generating class images", min=1)
+    sample_batch_size: int = option(4, help="batch size per device when generating class images", min=1, affects="runtime")
     class_inference_steps: int = option(25, help="denoising steps for generated class images", min=1)
     train_text_encoder: bool = option(False, help="also train the text encoder(s): whole, or with --lora_rank LoRA adapters "
                                                   "on their attention, as diffusers' LoRA scripts (the CLIP encoders: SDXL "
@@ -73,7 +73,7 @@ class DreamBoothOptions(TrainOptions):
     lora_format: str = option("diffusers", help="LoRA file format: diffusers (pytorch_lora_weights.safetensors); comfyui: "
                                                 "also pytorch_lora_weights_comfyui.safetensors in kohya's key format, for "
                                                 "A1111, ComfyUI and kohya's scripts (SD 1.x, SDXL)",
-                              choices=("diffusers", "comfyui"), noun="LoRA format")
+                              choices=("diffusers", "comfyui"), noun="LoRA format", affects="runtime")
     train_text_encoder_ti: bool = option(False, help="pivotal tuning (diffusers' advanced scripts): new tokens learn their "
                                          "embeddings in every embedding encoder together with the LoRA; --token_abstraction "
                                          "in the prompts stands for them; saved as learned_embeds.safetensors (token <s0>) "

@@ -9,10 +9,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from sketch2real.cli import as_dict
+from sketch2real.cli import as_dict, options_affecting
 from sketch2real.family import Family, pipeline_class
 from sketch2real.lokr import LOKR_FILE
-from sketch2real.training.checkpoints import RUNTIME_OPTIONS
 
 CARD = "README.md"
 # metrics.json keys shown, in this order, with their `_ci95` where the run has one
@@ -40,10 +39,11 @@ def output_kind(out: Path) -> str:
 def changed_options(opts) -> dict[str, Any]:
     """The options of a run that differ from its trainer's defaults (paths and how it ran left out)."""
     changed = {}
+    runtime = options_affecting(type(opts), "runtime")
     for f in dataclasses.fields(opts):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         value = getattr(opts, f.name)
-        if f.name not in RUNTIME_OPTIONS and f.name not in DATA_OPTIONS and value != default and f.name != \
+        if f.name not in runtime and f.name not in DATA_OPTIONS and value != default and f.name != \
                 "pretrained_model_name_or_path":
             changed[f.name] = value
     return changed

@@ -26,15 +26,15 @@ class TrainOptions:
     pretrained_vae_model_name_or_path: str = option("", help="another VAE (e.g. madebyollin/sdxl-vae-fp16-fix: SDXL's own "
                                                              "VAE overflows in fp16)")
     variant: str | None = option(None, help="weight variant, e.g. fp16")
-    output_dir: str = option("", help="where checkpoints, logs and the trained model go (required)")
+    output_dir: str = option("", help="where checkpoints, logs and the trained model go (required)", affects="runtime")
     seed: int = option(0, help="global seed: data order, noise and validation images derive from it", min=0)
     shard_dir: str = option("", help="folder of webdataset shards from data_prep/make_shards.py")
     split: str = option("train", help="shard split to train on")
     validation_split: str = option("val", help="shard split for the held-out denoising loss")
     resolution: int | None = option(None, help="training resolution in pixels; default: the family's, as diffusers' "
                                                "scripts (SDXL: 1024; SD 1.x/2.x, SD3, FLUX: 512)", min=8, multiple_of=8)
-    train_batch_size: int = option(1, help="batch size per device", min=1)
-    max_train_steps: int = option(400, help="optimizer steps to train", min=1)
+    train_batch_size: int = option(1, help="batch size per device", min=1, affects="runtime")
+    max_train_steps: int = option(400, help="optimizer steps to train", min=1, affects="runtime")
     gradient_accumulation_steps: int = option(1, help="micro-batches per optimizer step", min=1)
     learning_rate: float | None = option(None, help="initial learning rate (after warmup); default: the trainer's "
                                                     "(`default_learning_rate`), 1.0 with --optimizer prodigy",
@@ -68,19 +68,19 @@ class TrainOptions:
     max_grad_norm: float = option(1.0, help="gradient clipping norm (0: off)", min=0)
     mixed_precision: str | None = option(None, help="no, fp16 or bf16 (fp16 needs CUDA); default: accelerate's setting "
                                          "(config file, accelerate launch --mixed_precision, ACCELERATE_MIXED_PRECISION), else no",
-                                         choices=("no", "fp16", "bf16"))
-    allow_tf32: bool = option(False, help="allow TF32 matmuls on Ampere and newer GPUs")
-    gradient_checkpointing: bool = option(False, help="recompute activations in backward to save memory")
-    enable_xformers_memory_efficient_attention: bool = option(False, help="xformers attention (CUDA only; SDPA is the default)")
-    set_grads_to_none: bool = option(True, help="free gradients between steps instead of zeroing them")
+                                         choices=("no", "fp16", "bf16"), affects="runtime")
+    allow_tf32: bool = option(False, help="allow TF32 matmuls on Ampere and newer GPUs", affects="runtime")
+    gradient_checkpointing: bool = option(False, help="recompute activations in backward to save memory", affects="runtime")
+    enable_xformers_memory_efficient_attention: bool = option(False, help="xformers attention (CUDA only; SDPA is the default)", affects="runtime")
+    set_grads_to_none: bool = option(True, help="free gradients between steps instead of zeroing them", affects="runtime")
     cache_latents: bool = option(True, help="encode each training image with the VAE once per run, not every step (same "
-                                            "training: the posterior is sampled with each step's noise); off: --cache_latents false")
+                                            "training: the posterior is sampled with each step's noise); off: --cache_latents false", affects="runtime")
     latent_cache_dir: str = option("", help="folder of the on-disk latent cache of large training sets (TI, ControlNet): "
                                    "encoded once by all ranks, reused by later runs with the same VAE, resolution and "
-                                   "images; put it on storage every node sees (default: OUTPUT_DIR/latent_cache)")
+                                   "images; put it on storage every node sees (default: OUTPUT_DIR/latent_cache)", affects="runtime")
     dataloader_num_workers: int | None = option(None, help="processes per trainer decoding images ahead of the step (0: in "
                                                 "the trainer; default: up to 4 of the CPU cores left after one per process)",
-                                                min=0)
+                                                min=0, affects="runtime")
     snr_gamma: float = option(0.0, help="Min-SNR loss weighting gamma (0: off; 5.0 is the paper's value)", min=0)
     weighting_scheme: str = option("none", help="flow-matching families (SD3, FLUX.1, FLUX.2 [klein]): timestep density and loss weighting, as "
                                    "diffusers' SD3/FLUX scripts (logit_normal, mode: density; sigma_sqrt, cosmap: weighting; "
@@ -92,36 +92,36 @@ class TrainOptions:
     guidance_scale: float = option(3.5, help="guidance-distilled models (FLUX.1 [dev]): the guidance value the transformer "
                                    "is given in training, as diffusers' FLUX scripts (ignored by other models)", min=0)
     noise_offset: float = option(0.0, help="offset noise scale (0: off; ~0.05-0.1 helps very dark/bright images)", min=0)
-    checkpointing_steps: int = option(500, help="save a resumable checkpoint every N steps (0: only at preemption)", min=0)
-    checkpoints_total_limit: int | None = option(3, help="keep at most this many checkpoints (0: keep all)", min=0)
-    resume_from_checkpoint: str | None = option(None, help="'latest' or a checkpoint folder")
-    validation_steps: int = option(100, help="run validation every N steps (0: off)", min=0)
-    validation_prompt: list[str] = option([], help="prompts for validation images (one mosaic row each)")
-    num_validation_images: int = option(2, help="images per validation prompt (0: no validation images)", min=0)
-    validation_inference_steps: int = option(25, help="denoising steps of validation images", min=1)
-    num_heldout_samples: int = option(16, help="validation-split samples in the held-out denoising loss (0: off)", min=0)
+    checkpointing_steps: int = option(500, help="save a resumable checkpoint every N steps (0: only at preemption)", min=0, affects="runtime")
+    checkpoints_total_limit: int | None = option(3, help="keep at most this many checkpoints (0: keep all)", min=0, affects="runtime")
+    resume_from_checkpoint: str | None = option(None, help="'latest' or a checkpoint folder", affects="runtime")
+    validation_steps: int = option(100, help="run validation every N steps (0: off)", min=0, affects="runtime")
+    validation_prompt: list[str] = option([], help="prompts for validation images (one mosaic row each)", affects="runtime")
+    num_validation_images: int = option(2, help="images per validation prompt (0: no validation images)", min=0, affects="runtime")
+    validation_inference_steps: int = option(25, help="denoising steps of validation images", min=1, affects="runtime")
+    num_heldout_samples: int = option(16, help="validation-split samples in the held-out denoising loss (0: off)", min=0, affects="runtime")
     validation_clip_model_name_or_path: str = option("", help="CLIP model (hub id or path): every validation also "
                                                      "logs its images' sketchiness (a linear probe fitted on --shard_dir's "
                                                      "train split, sketches vs photos) and content accuracy (zero-shot "
-                                                     "category), as eval/fid.py scores them; empty: off")
-    validation_probe_samples: int = option(200, help="sketch/photo pairs the sketchiness probe is fitted on", min=10)
+                                                     "category), as eval/fid.py scores them; empty: off", affects="runtime")
+    validation_probe_samples: int = option(200, help="sketch/photo pairs the sketchiness probe is fitted on", min=10, affects="runtime")
     ddp_timeout: int = option(7200, help="seconds a process waits in a collective before the job fails (torch's NCCL "
-                              "default, 600, is shorter than rank 0 saving a full SDXL checkpoint)", min=1)
+                              "default, 600, is shorter than rank 0 saving a full SDXL checkpoint)", min=1, affects="runtime")
     logging_steps: int = option(10, help="every N steps: read the loss back from the device, check it is finite on every "
                                 "process, log it and look for a preemption signal (each read waits for the GPU: 1 "
-                                "makes every step wait)", min=1)
+                                "makes every step wait)", min=1, affects="runtime")
     torch_compile: bool = option(False, help="compile the denoiser (and ControlNet) with torch.compile (UNets whole; "
-                                 "FLUX by repeated block: one compile per block type); the first steps pay the compile")
+                                 "FLUX by repeated block: one compile per block type); the first steps pay the compile", affects="runtime")
     torch_compile_mode: str = option("default", help="torch.compile's mode with --torch_compile (reduce-overhead: CUDA "
                                      "graphs, for small batches where launching kernels is the bottleneck)",
                                      choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-                                     noun="compile mode")
+                                     noun="compile mode", affects="runtime")
     torch_compile_backend: str = option("inductor", help="torch.compile's backend with --torch_compile (aot_eager: "
                                         "captures and checks the graphs without generating kernels, for debugging)",
-                                        choices=("inductor", "aot_eager", "eager", "cudagraphs"), noun="compile backend")
+                                        choices=("inductor", "aot_eager", "eager", "cudagraphs"), noun="compile backend", affects="runtime")
     report_to: str = option("tensorboard", help="experiment tracker", choices=("tensorboard", "wandb", "all", "none"),
-                            noun="tracker")
-    logging_dir: str = option("logs", help="tracker folder, relative to --output_dir")
+                            noun="tracker", affects="runtime")
+    logging_dir: str = option("logs", help="tracker folder, relative to --output_dir", affects="runtime")
 
     def __post_init__(self) -> None:
         if self.learning_rate is None:  # frozen: a default that depends on other options
