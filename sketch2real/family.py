@@ -556,6 +556,15 @@ class TextEncoders(torch.nn.Module):
     def forward(self, ids: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         return self.family.encode(list(self.encoders.values()), ids, self.resolution, self.source_size).as_tuple()
 
+    def train(self, mode: bool = True) -> TextEncoders:
+        """Train mode for the encoders that train; a frozen one (SD3's and FLUX.1's T5 beside trained CLIP adapters or
+        rows) conditions as at generation: T5's dropout (0.1) would otherwise perturb every training step."""
+        super().train(mode)
+        for encoder in self.encoders.values():
+            if not any(p.requires_grad for p in encoder.parameters()):
+                encoder.eval()
+        return self
+
     def train_what_conditions(self) -> None:
         """Make every weight that shapes the conditioning trainable, and only those.
 

@@ -687,3 +687,24 @@ def test_lora_with_train_text_encoder_adapts_the_clip_encoders_and_diffusers_rel
     pipe = getattr(diffusers, FAMILIES[family].pipeline).from_pretrained(model)
     pipe.load_lora_weights(out)
     assert [c.lora_alpha for name in encoders for c in getattr(pipe, name).peft_config.values()] == [8] * len(encoders)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_frozen_t5_conditions_in_train_mode_as_at_generation(family, tiny_models):
+    """With the CLIP encoders training (their adapters, or pivotal rows), the frozen T5 sits in the trained module:
+    `model.train()` must leave it in eval mode, or its dropout (0.1) perturbs every step's conditioning."""
+    from transformers import AutoTokenizer
+
+    from sketch2real.family import FAMILIES, TextEncoders
+    from sketch2real.models import load_text_encoders
+
+    f, model = FAMILIES[family], tiny(tiny_models, family)
+    encoders = TextEncoders(f, load_text_encoders(f, str(model)), 64).requires_grad_(False)
+    encoders.encoders["text_encoder"].requires_grad_(True)
+    ids = f.tokenize([AutoTokenizer.from_pretrained(model, subfolder=name) for name in f.tokenizers], ["a sketch of a cat"])
+    assert encoders.encoders["text_encoder_3" if family == "sd3" else "text_encoder_2"].config.dropout_rate > 0
+    with torch.no_grad():
+        expected = encoders.eval()(ids)
+        trained = [encoders.train()(ids) for _ in range(2)]
+    assert encoders.encoders["text_encoder"].training
+    assert all(torch.equal(a, b) for run in trained for a, b in zip(run, expected))
