@@ -98,6 +98,9 @@ class Family:
     # --resolution when not given: diffusers' training scripts' default for the family (SDXL's 1024, its native size;
     # 512 for the others: SD3's and FLUX's scripts too, where 1024 would take 4x the activations)
     training_resolution: int = 512
+    # (learning rate, weight decay) of the text encoders' LoRA adapters in diffusers' LoRA script for the family, a
+    # parameter group of their own (SDXL, SD3, FLUX.1: --text_encoder_lr 5e-6); None: the denoiser's (SD 1.x's script)
+    text_encoder_lora_optimizer: tuple[float, float] | None = None
 
     def require(self, trainer: str) -> None:
         """One line when `trainer` is not built for this family yet."""
@@ -453,6 +456,7 @@ SDXL = Family("sdxl", "StableDiffusionXLPipeline", "StableDiffusionXLControlNetP
               ("tokenizer", "tokenizer_2"), ("CLIPTextModel", "CLIPTextModelWithProjection"), pooled=True,
               embedding_keys=("clip_l", "clip_g"), safety_checker=False, unused_last_layer=("text_encoder",),
               tokenizer_classes=("CLIPTokenizer", "CLIPTokenizer"), training_resolution=1024,
+              text_encoder_lora_optimizer=(5e-6, 1e-3),
               pipeline_classes=r"StableDiffusionXL(ControlNet|Img2Img|Inpaint)?Pipeline")
 SD3 = SD3Family("sd3", "StableDiffusion3Pipeline", "StableDiffusion3ControlNetPipeline",
                 ("text_encoder", "text_encoder_2", "text_encoder_3"), ("tokenizer", "tokenizer_2", "tokenizer_3"),
@@ -461,7 +465,7 @@ SD3 = SD3Family("sd3", "StableDiffusion3Pipeline", "StableDiffusion3ControlNetPi
                 tokenizer_classes=("CLIPTokenizer", "CLIPTokenizer", "T5TokenizerFast"), denoiser="transformer",
                 denoiser_class="SD3Transformer2DModel", training_scheduler="FlowMatchEulerDiscreteScheduler",
                 lora_layers_argument="transformer_lora_layers", trainers=("dreambooth", "textual_inversion", "controlnet"),
-                guidance_scale=7.0,
+                guidance_scale=7.0, text_encoder_lora_optimizer=(5e-6, 1e-3),
                 pipeline_classes=r"StableDiffusion3(ControlNet|Img2Img|Inpaint)?Pipeline")
 FLUX = FluxFamily("flux", "FluxPipeline", "FluxControlNetPipeline", ("text_encoder", "text_encoder_2"),
                   ("tokenizer", "tokenizer_2"), ("CLIPTextModel", "T5EncoderModel"), pooled=True, embedding_keys=("clip_l",),
@@ -469,7 +473,7 @@ FLUX = FluxFamily("flux", "FluxPipeline", "FluxControlNetPipeline", ("text_encod
                   denoiser="transformer",
                   denoiser_class="FluxTransformer2DModel", training_scheduler="FlowMatchEulerDiscreteScheduler",
                   lora_layers_argument="transformer_lora_layers", trainers=("dreambooth", "textual_inversion", "controlnet"),
-                  guidance_scale=3.5, compile_regions=True,
+                  guidance_scale=3.5, compile_regions=True, text_encoder_lora_optimizer=(5e-6, 1e-3),
                   pipeline_classes=r"Flux(ControlNet|Img2Img|Inpaint)?Pipeline")
 FLUX2_KLEIN = Flux2KleinFamily("flux2-klein", "Flux2KleinPipeline", "", ("text_encoder",), ("tokenizer",),
                                ("Qwen3ForCausalLM",), pooled=False, embedding_keys=None, safety_checker=False,

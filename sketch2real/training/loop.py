@@ -41,6 +41,8 @@ class Task(Protocol):
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]: ...
 
+    def param_groups(self) -> list[dict]: ...
+
     def loss(self, model: torch.nn.Module, step: int, micro: int) -> torch.Tensor: ...
 
     def samples_per_step(self) -> int: ...
@@ -66,7 +68,7 @@ def effective_learning_rate(opts, num_processes: int) -> float:
     return opts.learning_rate * scale
 
 
-def make_optimizer(params: list[torch.nn.Parameter], opts, device: torch.device, learning_rate: float,
+def make_optimizer(params: list[torch.nn.Parameter] | list[dict], opts, device: torch.device, learning_rate: float,
                    sharded: bool = False) -> torch.optim.Optimizer:
     """AdamW (fused: one kernel for all parameters, on CUDA and CPU), bitsandbytes' 8-bit AdamW, Prodigy, or
     schedule-free AdamW (its own linear warm-up over --lr_warmup_steps; the schedule stays constant).
@@ -153,9 +155,9 @@ def train(task: Task, opts, accelerator, project_name: str, callbacks: list[Call
 
     out = Path(opts.output_dir)
     learning_rate = effective_learning_rate(opts, accelerator.num_processes)
-    params = task.trainable_parameters()
-    optimizer = make_optimizer(params, opts, accelerator.device, learning_rate,
-                               sharded=optimizer_sharded(accelerator))
+    groups = task.param_groups()  # a group's own "lr"/"weight_decay" where it has them, else the options'
+    params = [p for group in groups for p in group["params"]]
+    optimizer = make_optimizer(groups, opts, accelerator.device, learning_rate, sharded=optimizer_sharded(accelerator))
     # The schedule is a function of global optimizer steps: stepped here once per optimizer step, not prepared
     # (accelerate would step it once per process and checkpoint that count), and fast-forwarded on resume, so a
     # checkpoint resumes on any number of processes with the same learning rates.

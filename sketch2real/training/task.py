@@ -230,6 +230,10 @@ class DiffusionTask:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    def param_groups(self) -> list[dict]:
+        """The optimizer's parameter groups: one, at the options' learning rate and weight decay."""
+        return [{"params": self.trainable_parameters()}]
+
     def predictor(self, model):
         """(noisy, timesteps, prompts) -> prediction with the current weights (held-out losses)."""
         denoiser, text_encoder = self.denoiser_of(model), self.text_encoder_of(model)
