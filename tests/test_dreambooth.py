@@ -962,11 +962,15 @@ def test_lora_with_train_text_encoder_adapts_the_encoder_and_plain_diffusers_rel
     from transformers import CLIPTextModel
 
     out, again = tmp_path / "te", tmp_path / "again"
-    common = [*db_args, "--lora_rank", "4", "--lora_alpha", "8", "--max_train_steps", "2", "--report_to", "none"]
+    common = [*db_args, "--lora_rank", "4", "--lora_alpha", "8", "--max_train_steps", "1", "--report_to", "none"]
     run_script("train/dreambooth.py", *common, "--train_text_encoder", "--learning_rate", "1e-2", "--lora_format",
                "comfyui", "--output_dir", out)
     saved = load_file(out / "pytorch_lora_weights.safetensors")
-    assert any(k.startswith("unet.") for k in saved)
+    # one AdamW step moves each weight by its rate (lr x sign): SD 1.x's encoder adapters learn at --learning_rate,
+    # as in its diffusers script (no --text_encoder_lr there; SDXL's: test_text_encoder_adapters_learn_at_...)
+    for part in ("unet", "text_encoder"):
+        moved = max(v.abs().max().item() for k, v in saved.items() if k.startswith(f"{part}.") and k.endswith(".up.weight"))
+        assert moved == pytest.approx(1e-2, rel=1e-3), part
     # named as the encoder's checkpoints and transformers 4 name its modules (transformers 5 dropped `text_model.`)
     encoder_keys = [k for k in saved if k.startswith("text_encoder.")]
     assert encoder_keys and all(k.startswith("text_encoder.text_model.encoder.layers.") for k in encoder_keys)
@@ -989,40 +993,38 @@ def test_lora_with_train_text_encoder_adapts_the_encoder_and_plain_diffusers_rel
     assert proc.returncode == 2 and "also adapts text_encoder: give --train_text_encoder" in proc.stderr.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize("family, encoder_lr", [("sdxl", 5e-6), ("sd", 1e-2)])
-def test_text_encoder_adapters_learn_at_diffusers_rate_for_the_family(family, encoder_lr, db_args, tiny_models,
-                                                                      tmp_path):
-    """One AdamW step moves each weight by its group's learning rate (the first step's update is lr x sign): the text
-    encoders' adapters (lora_B, from zero) by 5e-6 on SDXL (diffusers' --text_encoder_lr default there), by
-    --learning_rate on SD 1.x (its script has one rate), the UNet's by --learning_rate; --text_encoder_lr sets it.
-    A LoRA of diffusers' SDXL script (adapters on the first encoder's unread last layer too) continues."""
+def test_sdxl_text_encoder_adapters_learn_at_diffusers_rate_and_a_diffusers_lora_continues(db_args, tiny_models, tmp_path):
+    """One AdamW step moves each weight by its group's learning rate (the first step's update is lr x sign): SDXL's
+    text encoders' adapters (lora_B, from zero) by 5e-6 (diffusers' --text_encoder_lr default there), the UNet's by
+    --learning_rate; --text_encoder_lr sets it. A LoRA of diffusers' SDXL script (adapters on the first encoder's
+    unread last layer too) continues."""
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    args = [*db_args, "--pretrained_model_name_or_path", getattr(tiny_models, family), "--lora_rank", "4",
+    args = [*db_args, "--pretrained_model_name_or_path", tiny_models.sdxl, "--lora_rank", "4",
             "--train_text_encoder", "--learning_rate", "1e-2", "--max_train_steps", "1"]
-    for extra, expected in [([], encoder_lr)] + [(["--text_encoder_lr", "3e-4"], 3e-4)] * (family == "sdxl"):
+    for extra, expected in (([], 5e-6), (["--text_encoder_lr", "3e-4"], 3e-4)):
         out = tmp_path / str(expected)
         run_script("train/dreambooth.py", *args, *extra, "--output_dir", out)
         saved = load_file(out / "pytorch_lora_weights.safetensors")
         moved = {part: max(v.abs().max().item() for k, v in saved.items() if k.startswith(f"{part}.") and k.endswith(".up.weight"))
                  for part in ("unet", "text_encoder")}
         assert moved["unet"] == pytest.approx(1e-2, rel=1e-3) and moved["text_encoder"] == pytest.approx(expected, rel=1e-3)
-    if family == "sdxl":  # diffusers' SDXL script also adapts the first encoder's unread last layer: such a file continues
-        from diffusers import StableDiffusionXLPipeline
-        from safetensors import safe_open
 
-        with safe_open(out / "pytorch_lora_weights.safetensors", "pt") as f:
-            metadata = f.metadata()
-        extra = {k.replace(".layers.0.", ".layers.1."): torch.zeros_like(v) for k, v in saved.items()
-                 if k.startswith("text_encoder.") and ".layers.0." in k}
-        (tmp_path / "diffusers").mkdir()
-        save_file({**saved, **extra}, tmp_path / "diffusers" / "pytorch_lora_weights.safetensors", metadata=metadata)
-        StableDiffusionXLPipeline.from_pretrained(tiny_models.sdxl).load_lora_weights(tmp_path / "diffusers")
-        run_script("train/dreambooth.py", *args, "--learning_rate", "1e-30", "--text_encoder_lr", "1e-30", "--initial_lora",
-                   tmp_path / "diffusers", "--output_dir", tmp_path / "continued")
-        continued = load_file(tmp_path / "continued" / "pytorch_lora_weights.safetensors")
-        assert continued.keys() == saved.keys() and all(torch.allclose(continued[k], saved[k], rtol=1e-6, atol=1e-20)
-                                                        for k in saved)
+    # diffusers' SDXL script also adapts the first encoder's unread last layer: such a file continues
+    with safe_open(out / "pytorch_lora_weights.safetensors", "pt") as f:
+        metadata = f.metadata()
+    extra = {k.replace(".layers.0.", ".layers.1."): torch.zeros_like(v) for k, v in saved.items()
+             if k.startswith("text_encoder.") and ".layers.0." in k}
+    (tmp_path / "diffusers").mkdir()
+    save_file({**saved, **extra}, tmp_path / "diffusers" / "pytorch_lora_weights.safetensors", metadata=metadata)
+    StableDiffusionXLPipeline.from_pretrained(tiny_models.sdxl).load_lora_weights(tmp_path / "diffusers")
+    run_script("train/dreambooth.py", *args, "--learning_rate", "1e-30", "--text_encoder_lr", "1e-30", "--initial_lora",
+               tmp_path / "diffusers", "--output_dir", tmp_path / "continued")
+    continued = load_file(tmp_path / "continued" / "pytorch_lora_weights.safetensors")
+    assert continued.keys() == saved.keys() and all(torch.allclose(continued[k], saved[k], rtol=1e-6, atol=1e-20)
+                                                    for k in saved)
 
 
 # ---- SDXL, read from the model: the same loop, the same guarantees --------------------------------------------------
