@@ -738,6 +738,7 @@ def _assert_model_card(out: Path) -> None:
     assert f"| heldout_loss | {metrics['heldout_loss']:.4g} | [{low:.4g}, {high:.4g}] |" in card
     assert "| lora_rank | 4 |" in card and "| use_dora | True |" in card and "| instance_category | `cat` |" in card
     assert "| seed |" not in card  # at its default
+    assert "a global batch of 1 (1 per process x 1 accumulated) at learning rate 0.01 (adamw)" in card
     mosaic = re.search(r"!\[validation images\]\((.+)\)", card).group(1)
     assert (out / mosaic).is_file() and mosaic == "validation/step-000006.png"
 

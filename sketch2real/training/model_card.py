@@ -105,10 +105,15 @@ def model_card(opts, trainer: str, summary: dict[str, Any], out: Path, family: F
         (["lora"] + (["dora"] if getattr(opts, "use_dora", False) else []) if kind == "lora" else []) + \
         (["lycoris", "lokr"] if kind == "lokr" else [])
     front = ModelCardData(base_model=base if on_hub else None, library_name="diffusers", tags=tags).to_yaml()
-    options = as_dict(opts)
+    from sketch2real.training.loop import effective_learning_rate
+
+    options, processes = as_dict(opts), int(summary.get("num_processes") or 1)
+    batch = opts.train_batch_size * opts.gradient_accumulation_steps * processes  # what a step averages over
     lines = [f"---\n{front}\n---", "", f"# {trainer.replace('_', ' ')} of {base} on Sketchy ({kind})", "",
              f"Trained with sketch2real's `train/{trainer}.py` for {summary.get('steps')} steps on "
-             f"{summary.get('num_processes')} process(es), {summary.get('mixed_precision')} mixed precision.", "",
+             f"{processes} process(es), {summary.get('mixed_precision')} mixed precision, a global batch of {batch} "
+             f"({opts.train_batch_size} per process x {opts.gradient_accumulation_steps} accumulated) at learning rate "
+             f"{effective_learning_rate(opts, processes):.4g} ({opts.optimizer}).", "",
              "## Data", "", "| option | value |", "|---|---|"]
     lines += [f"| {k} | {_value(options[k])} |" for k in DATA_OPTIONS if options.get(k) not in (None, "", [], 0)]
     lines += ["", "## Settings (those not at the trainer's defaults)", "", "| option | value |", "|---|---|"]
