@@ -141,8 +141,17 @@ def key_path(folder: str | os.PathLike, key: str, suffix: str = "") -> Path:
 def differences(mine: Mapping[str, Any], theirs: Mapping[str, Any], limit: int = 4) -> str:
     """`name: <theirs> there, <mine> now` for each name whose values differ, sorted (the first `limit`, then ' ...');
     "" when none do. The wording of every refusal of another run's outputs (checkpoints, images, captions)."""
-    keys = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-    return ", ".join(f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} now" for k in keys[:limit]) + (" ..." if len(keys) > limit else "")
+    absent = _Absent()
+    keys = sorted(k for k in set(mine) | set(theirs) if mine.get(k, absent) != theirs.get(k, absent))
+    return ", ".join(f"{k}: {theirs.get(k, absent)!r} there, {mine.get(k, absent)!r} now"
+                     for k in keys[:limit]) + (" ..." if len(keys) > limit else "")
+
+
+class _Absent:
+    """An option one side does not have (another version's), shown as such rather than as None."""
+
+    def __repr__(self) -> str:
+        return "(absent)"
 
 
 def read_saved_options(path: str | os.PathLike) -> dict | None:

@@ -79,7 +79,7 @@ def test_resume_on_another_number_of_processes(before, after, tiny_models, shard
 
 
 def test_a_deepspeed_checkpoint_on_another_world_size_is_refused_in_one_line(tmp_path):
-    from sketch2real.training.checkpoints import MANIFEST, TRAIN_STATE, _decide_resume, launch_problem
+    from sketch2real.training.checkpoints import MANIFEST, TRAIN_STATE, RunFingerprint, _decide_resume, launch_problem
 
     assert launch_problem({"num_processes": 2, "deepspeed": False}, {"num_processes": 4, "deepspeed": False}) == ""
     problem = launch_problem({"num_processes": 2, "deepspeed": True}, {"num_processes": 1, "deepspeed": True})
@@ -90,9 +90,9 @@ def test_a_deepspeed_checkpoint_on_another_world_size_is_refused_in_one_line(tmp
     (folder / TRAIN_STATE).write_text(json.dumps({"step": 5, "fingerprint": {"a": 1},
                                                   "launch": {"num_processes": 8, "deepspeed": True}}))
     (folder / MANIFEST).write_text(json.dumps({"step": 5, "files": {TRAIN_STATE: (folder / TRAIN_STATE).stat().st_size}}))
-    path, error = _decide_resume(tmp_path, "latest", {"a": 1}, {"num_processes": 4, "deepspeed": True})
+    path, error = _decide_resume(tmp_path, "latest", RunFingerprint({"a": 1}, {}), {"num_processes": 4, "deepspeed": True})
     assert path is None and "DeepSpeed ZeRO checkpoint of 8 processes" in error and "\n" not in error
-    path, error = _decide_resume(tmp_path, "latest", {"a": 1}, {"num_processes": 8, "deepspeed": True})
+    path, error = _decide_resume(tmp_path, "latest", RunFingerprint({"a": 1}, {}), {"num_processes": 8, "deepspeed": True})
     assert path == str(folder) and error is None
 
 

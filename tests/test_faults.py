@@ -371,6 +371,31 @@ def test_another_runs_checkpoints_stop_a_fresh_run_and_pruning_keeps_own(checkpo
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]
 
 
+def test_a_checkpoint_of_an_older_version_without_a_new_option_resumes_where_it_is_at_its_default(checkpointed, tmp_path):
+    """A job requeued onto an upgraded checkout: its checkpoint's fingerprint lacks the options added since. At their
+    default they are the same run (it was refused as another run, with an empty explanation); given, they are not."""
+    args, straight = checkpointed
+
+    def older(name: str, dropped: str) -> Path:  # checkpoint-4 as a version without option `dropped` wrote it
+        folder = tmp_path / name / "checkpoint-4"
+        shutil.copytree(straight / "checkpoint-4", folder)
+        state = json.loads((folder / "train_state.json").read_text())
+        assert dropped in state["fingerprint"]
+        del state["fingerprint"][dropped]
+        (folder / "train_state.json").write_text(json.dumps(state))
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest["files"]["train_state.json"] = (folder / "train_state.json").stat().st_size
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        return folder.parent
+
+    out = older("upgraded", "text_encoder_lr")  # at its default (None) in this run
+    proc = run_script("train/dreambooth.py", *args, "--output_dir", out, "--resume_from_checkpoint", "latest")
+    assert "resumed from" in proc.stderr and (out / "pytorch_lora_weights.safetensors").is_file()
+    out = older("given", "learning_rate")  # the run gives it (1e-3): the old run's value is unknown
+    proc = run_script("train/dreambooth.py", *args, "--output_dir", out, "--resume_from_checkpoint", "latest", check=False)
+    assert proc.returncode == 2 and "learning_rate: (absent) there, 0.001 now" in proc.stderr.strip().splitlines()[-1]
+
+
 def test_a_slower_rank_s_files_are_in_the_manifest_and_the_checkpoint_resumes(tiny_models, shard_dir, tmp_path,
                                                                              monkeypatch):
     """Rank 1 writes its random states only after rank 0's manifest appears (tests/probes/late_rank; a slow node on
@@ -398,7 +423,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_folder(tmp_path):
     import errno
 
     from sketch2real.cli import UserError
-    from sketch2real.training.checkpoints import save_checkpoint
+    from sketch2real.training.checkpoints import RunFingerprint, save_checkpoint
 
     class FullDisk:
         is_main_process, num_processes, state = True, 1, type("S", (), {"deepspeed_plugin": None})()
@@ -414,7 +439,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_folder(tmp_path):
     (tmp_path / "checkpoint-1").mkdir()
     (tmp_path / "checkpoint-1" / "model.safetensors").write_bytes(b"y" * 4096)
     with pytest.raises(UserError) as error:
-        save_checkpoint(FullDisk(), tmp_path, 2, 3, {})
+        save_checkpoint(FullDisk(), tmp_path, 2, 3, RunFingerprint({}, {}))
     message = str(error.value)
     assert "no space left in" in message and str(tmp_path) in message and "GiB needed" in message and "\n" not in message
     assert not (tmp_path / "checkpoint-2.partial").exists() and (tmp_path / "checkpoint-1").is_dir()

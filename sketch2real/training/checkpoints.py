@@ -34,7 +34,36 @@ PICKLE_SUFFIXES = (".pkl", ".bin", ".pt", ".pth")
 CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")
 
 
-def run_fingerprint(opts, num_processes: int) -> dict[str, Any]:
+MISSING = object()  # an option a saved fingerprint does not have
+
+
+class RunFingerprint(dict):
+    """A run's fingerprint (`run_fingerprint`), which knows its options' defaults: a saved fingerprint without an
+    option (written by a version before the option existed) is of the same run where this one has it at its default,
+    so a job requeued onto an upgraded checkout resumes its checkpoints."""
+
+    def __init__(self, values: dict[str, Any], defaults: dict[str, Any]):
+        super().__init__(values)
+        self.defaults = defaults
+
+    def _completed(self, theirs: dict[str, Any]) -> dict[str, Any]:
+        return {**{k: v for k, v in self.items() if k not in theirs and self.defaults.get(k, MISSING) == v}, **theirs}
+
+    def matches(self, theirs: dict[str, Any] | None) -> bool:
+        """Whether a saved fingerprint (None: none saved, an older checkpoint) is of this run."""
+        return theirs is None or dict(self) == self._completed(theirs)
+
+    def differences(self, theirs: dict[str, Any]) -> str:
+        """What differs, in the wording of every refusal of another run's outputs (`io.differences`)."""
+        return differences(self, self._completed(theirs))
+
+
+
+def _normalized(values: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(values, sort_keys=True, default=str))  # as train_state.json reads back
+
+
+def run_fingerprint(opts, num_processes: int) -> RunFingerprint:
     """What defines a run (model, data, seed, global batch, schedule...), not how it is launched: a checkpoint
     resumes under any launcher layout with the same global batch. `max_train_steps` counts only where the
     learning-rate schedule depends on it (so a constant-LR run may be extended)."""
@@ -49,7 +78,7 @@ def run_fingerprint(opts, num_processes: int) -> dict[str, Any]:
     index = Path(opts.shard_dir) / f"{opts.split}.json" if getattr(opts, "shard_dir", "") else None
     if index is not None and index.is_file():
         choices["data"] = hashlib.sha256(index.read_bytes()).hexdigest()[:16]
-    return json.loads(json.dumps(choices, sort_keys=True, default=str))
+    return RunFingerprint(_normalized(choices), _normalized(as_dict(type(opts)())))
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -156,7 +185,7 @@ def launch_problem(saved: dict | None, now: dict) -> str:
     return ""
 
 
-def _decide_resume(output_dir: Path, resume: str | None, fingerprint: dict, launch: dict) -> tuple[str | None, str | None]:
+def _decide_resume(output_dir: Path, resume: str | None, fingerprint: RunFingerprint, launch: dict) -> tuple[str | None, str | None]:
     """(checkpoint to resume from or None, one-line error or None); rank 0 runs it."""
     path, error = _choose_checkpoint(output_dir, resume, fingerprint)
     if path is not None:
@@ -166,17 +195,17 @@ def _decide_resume(output_dir: Path, resume: str | None, fingerprint: dict, laun
     return path, error
 
 
-def _choose_checkpoint(output_dir: Path, resume: str | None, fingerprint: dict) -> tuple[str | None, str | None]:
+def _choose_checkpoint(output_dir: Path, resume: str | None, fingerprint: RunFingerprint) -> tuple[str | None, str | None]:
     own, foreign = [], []
     for step, folder in list_checkpoints(output_dir):
         state = read_train_state(folder)
-        if state is not None and state.get("fingerprint") not in (None, fingerprint):
+        if state is not None and not fingerprint.matches(state.get("fingerprint")):
             foreign.append((folder, state["fingerprint"]))
         else:
             own.append((step, folder))
     if foreign:
         folder, theirs = foreign[-1]
-        return None, (f"{output_dir} holds checkpoints of another run ({folder.name}: {differences(fingerprint, theirs)}): "
+        return None, (f"{output_dir} holds checkpoints of another run ({folder.name}: {fingerprint.differences(theirs)}): "
                       "use another --output_dir, or remove them to start over")
     if not resume:
         return None, None
@@ -188,8 +217,8 @@ def _choose_checkpoint(output_dir: Path, resume: str | None, fingerprint: dict) 
         if problem:
             return None, f"checkpoint {path} cannot be resumed: {problem}"
         theirs = (read_train_state(path) or {}).get("fingerprint")
-        if theirs not in (None, fingerprint):  # another folder's checkpoint, as strictly as one of this folder's
-            return None, (f"checkpoint {path} is of another run ({differences(fingerprint, theirs)}): resume it with "
+        if not fingerprint.matches(theirs):  # another folder's checkpoint, as strictly as one of this folder's
+            return None, (f"checkpoint {path} is of another run ({fingerprint.differences(theirs)}): resume it with "
                           "the settings it was trained with")
         return str(path), None
     problems = []
@@ -205,7 +234,7 @@ def _choose_checkpoint(output_dir: Path, resume: str | None, fingerprint: dict) 
     return None, None
 
 
-def resolve_resume(accelerator, output_dir: str | os.PathLike, resume: str | None, fingerprint: dict) -> Path | None:
+def resolve_resume(accelerator, output_dir: str | os.PathLike, resume: str | None, fingerprint: RunFingerprint) -> Path | None:
     """The checkpoint to resume from (None: a fresh start), decided by rank 0 for all ranks.
 
     'latest' is the newest intact checkpoint of this run (older ones are tried in turn, with a warning);
@@ -254,7 +283,7 @@ def _save_failed(out: Path, partial: Path, step: int, err: BaseException | None)
 
 
 def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, total_limit: int | None,
-                    fingerprint: dict, extra: Callable[[Path], None] | None = None) -> Path:
+                    fingerprint: RunFingerprint, extra: Callable[[Path], None] | None = None) -> Path:
     """Save a full training state as `checkpoint-<step>`; a kill mid-save leaves only a `.partial` folder.
     `extra(folder)`: what else each process writes into it (the EMA), before the manifest lists the files.
 
@@ -293,7 +322,7 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, total
         os.replace(partial, final)
         if total_limit:
             mine = [folder for _, folder in list_checkpoints(out)
-                    if folder != final and (read_train_state(folder) or {}).get("fingerprint") == fingerprint]
+                    if folder != final and fingerprint.matches((read_train_state(folder) or {}).get("fingerprint", {}))]
             for old in mine[: max(0, len(mine) - (total_limit - 1))]:
                 shutil.rmtree(old, ignore_errors=True)
         logger.info("saved checkpoint %s", final)
