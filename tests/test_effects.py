@@ -3,7 +3,6 @@ shorter than the demo's (~1.5 min on one worker): it beats random weights on hel
 prompt; a ControlNet trained on it follows its sketch; DreamBooth moves its images toward the instance set."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from .helpers import run_script
 def trained_base(tmp_path_factory):
     from sketch2real.testing.pretrain import PretrainSettings, pretrain_tiny_sd
 
-    settings = PretrainSettings(photos_per_category=24, vae_steps=int(os.environ.get("PT_VAE", 200)), unet_steps=int(os.environ.get("PT_UNET", 400)))
+    settings = PretrainSettings(photos_per_category=24, vae_steps=200, unet_steps=400)
     return pretrain_tiny_sd(tmp_path_factory.mktemp("pretrained") / "tiny-sd-trained", settings, progress=False)
 
 
