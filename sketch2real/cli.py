@@ -204,8 +204,8 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
     )
     parser.add_argument("--config", default=None,
                         help="YAML or JSON file of option: value pairs, read exactly like the flags (lists as lists, "
-                             "null for optional options); its values stand where --config is: flags after it win, flags before it (a job "
-                             "script's defaults) give way")
+                             "null for optional options); its values stand where --config is: flags after it win, "
+                             "flags before it (a job script's defaults) give way")
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
         scalar, is_list = _base_type(hints[field.name])

@@ -401,7 +401,8 @@ class GenerateOptions:
     width: int | None = option(None, help="image width in pixels; default: the model's own", min=8, multiple_of=8)
     batch_size: int = option(8, help="images per batch per process", min=1, affects="runtime")
     seed: int = option(0, help="global seed: each image's seed derives from it and the item's key only", min=0)
-    mixed_precision: str = option("no", help="no, fp16 or bf16 (fp16 needs CUDA)", choices=("no", "fp16", "bf16"), affects="runtime")
+    mixed_precision: str = option("no", help="no, fp16 or bf16 (fp16 needs CUDA)", choices=("no", "fp16", "bf16"),
+                                  affects="runtime")
     safety_checker: bool = option(False, help="run the safety checker (off by default: it blackens sketches)")
     enable_xformers_memory_efficient_attention: bool = option(False, help="xformers attention (CUDA only)", affects="runtime")
     torch_compile: bool = option(False, help="torch.compile the denoiser (UNet or transformer)", affects="runtime")

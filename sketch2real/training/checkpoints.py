@@ -185,7 +185,8 @@ def launch_problem(saved: dict | None, now: dict) -> str:
     return ""
 
 
-def _decide_resume(output_dir: Path, resume: str | None, fingerprint: RunFingerprint, launch: dict) -> tuple[str | None, str | None]:
+def _decide_resume(output_dir: Path, resume: str | None, fingerprint: RunFingerprint,
+                   launch: dict) -> tuple[str | None, str | None]:
     """(checkpoint to resume from or None, one-line error or None); rank 0 runs it."""
     path, error = _choose_checkpoint(output_dir, resume, fingerprint)
     if path is not None:

@@ -48,7 +48,8 @@ class DreamBoothOptions(TrainOptions):
     caption_prompt_id: str = option("", help="which prompt id's captions to use (default: the first per sample)")
     with_prior_preservation: bool = option(False, help="add the prior-preservation loss on generated class images")
     class_prompt: str = option("", help="prompt of the class images, e.g. 'a sketch of a cat'")
-    class_data_dir: str = option("", help="folder of class images; missing ones are generated and kept for the next run", affects="runtime")
+    class_data_dir: str = option("", help="folder of class images; missing ones are generated and kept for the next run",
+                                 affects="runtime")
     num_class_images: int = option(100, help="class images used (generated if fewer exist)", min=1)
     prior_loss_weight: float = option(1.0, help="weight of the prior-preservation loss", min=0)
     sample_batch_size: int = option(4, help="batch size per device when generating class images", min=1, affects="runtime")

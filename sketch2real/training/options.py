@@ -71,10 +71,12 @@ class TrainOptions:
                                          choices=("no", "fp16", "bf16"), affects="runtime")
     allow_tf32: bool = option(False, help="allow TF32 matmuls on Ampere and newer GPUs", affects="runtime")
     gradient_checkpointing: bool = option(False, help="recompute activations in backward to save memory", affects="runtime")
-    enable_xformers_memory_efficient_attention: bool = option(False, help="xformers attention (CUDA only; SDPA is the default)", affects="runtime")
+    enable_xformers_memory_efficient_attention: bool = option(False, help="xformers attention (CUDA only; SDPA is the default)",
+                                                              affects="runtime")
     set_grads_to_none: bool = option(True, help="free gradients between steps instead of zeroing them", affects="runtime")
     cache_latents: bool = option(True, help="encode each training image with the VAE once per run, not every step (same "
-                                            "training: the posterior is sampled with each step's noise); off: --cache_latents false", affects="runtime")
+                                            "training: the posterior is sampled with each step's noise); off: --cache_latents false",
+                                            affects="runtime")
     latent_cache_dir: str = option("", help="folder of the on-disk latent cache of large training sets (TI, ControlNet): "
                                    "encoded once by all ranks, reused by later runs with the same VAE, resolution and "
                                    "images; put it on storage every node sees (default: OUTPUT_DIR/latent_cache)", affects="runtime")
@@ -92,11 +94,14 @@ class TrainOptions:
     guidance_scale: float = option(3.5, help="guidance-distilled models (FLUX.1 [dev]): the guidance value the transformer "
                                    "is given in training, as diffusers' FLUX scripts (ignored by other models)", min=0)
     noise_offset: float = option(0.0, help="offset noise scale (0: off; ~0.05-0.1 helps very dark/bright images)", min=0)
-    checkpointing_steps: int = option(500, help="save a resumable checkpoint every N steps (0: only at preemption)", min=0, affects="runtime")
+    checkpointing_steps: int = option(500, help="save a resumable checkpoint every N steps (0: only at preemption)", min=0,
+                                      affects="runtime")
     checkpoints_total_limit: int | None = option(3, help="keep at most this many checkpoints (0: keep all)", min=0, affects="runtime")
     resume_from_checkpoint: str | None = option(None, help="'latest' or a checkpoint folder", affects="runtime")
-    validation_steps: int = option(100, help="run validation every N steps (0: off)", min=0, affects="runtime")
-    validation_prompt: list[str] = option([], help="prompts for validation images (one mosaic row each)", affects="runtime")
+    validation_steps: int = option(100, help="run validation every N steps (0: off)", min=0,
+                                   affects="runtime")
+    validation_prompt: list[str] = option([], help="prompts for validation images (one mosaic row each)",
+                                          affects="runtime")
     num_validation_images: int = option(2, help="images per validation prompt (0: no validation images)", min=0, affects="runtime")
     validation_inference_steps: int = option(25, help="denoising steps of validation images", min=1, affects="runtime")
     num_heldout_samples: int = option(16, help="validation-split samples in the held-out denoising loss (0: off)", min=0, affects="runtime")

@@ -57,7 +57,8 @@ class TextualInversionOptions(TrainOptions):
     instance_image_type: str = option("sketch", help="sketch or photo", choices=("sketch", "photo"), noun="image type")
     train_data_dir: str = option("", help="a folder of training images instead of shards")
     num_instance_images: int = option(0, help="seeded choice of this many training images (0: all)", min=0)
-    save_as_full_pipeline: bool = option(False, help="also save a full diffusers pipeline with the token added", affects="runtime")
+    save_as_full_pipeline: bool = option(False, help="also save a full diffusers pipeline with the token added",
+                                         affects="runtime")
     enable_t5_ti: bool = option(False, help="also learn the token's rows in T5 (SD3, FLUX.1: the file's 't5' tensor, as "
                                             "diffusers' advanced FLUX script); without it T5 reads the token's spelling")
     learning_rate: float | None = option(None, help="initial learning rate (after warmup); default 5e-4, 1.0 with "
