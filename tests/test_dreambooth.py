@@ -630,6 +630,14 @@ def test_dora_reloads_as_dora_in_plain_diffusers_and_generation(db_args, tmp_pat
     torch.testing.assert_close(_unet_output(generation.unet), expected, rtol=1e-5, atol=1e-5)
     _assert_model_card(out)
     prompt, card = check_model_card_usage(out, shard_dir, tmp_path)  # the card's command and diffusers lines
+    # the run's run_config.json is a --config that gives the same run (it held a value that is no option)
+    import dataclasses
+
+    from sketch2real.cli import parse_options
+    from sketch2real.training.dreambooth import DreamBoothOptions
+
+    rerun = parse_options(DreamBoothOptions, ["--config", str(out / "run_config.json")])
+    assert dataclasses.asdict(rerun) == {k: v for k, v in json.loads((out / "run_config.json").read_text()).items()}
     assert prompt == "a sks sketch of a cat" and card["image"].size == (64, 64)
 
 

@@ -234,6 +234,7 @@ class RunSummary(Callback):
             "mixed_precision": accelerator.mixed_precision,
             "optimizer_dtypes": optimizer_dtypes(run.optimizer),
             "final_lr": run.learning_rate(),
+            "effective_learning_rate": run.optimizer.param_groups[0].get("initial_lr", run.learning_rate()),
             "latent_cache": cache,
             "corrupt_samples": corrupt_samples.summary(corrupt_samples.gathered(accelerator)),
             **{k: v for k, v in run.logs.items() if k not in ("loss", "lr")},
