@@ -153,9 +153,9 @@ class Family:
             kohya = {k.replace("lora_te1_", "lora_te_", 1): v for k, v in kohya.items()}
         return {k: torch.tensor(float(alpha)) if k.endswith(".alpha") else v for k, v in kohya.items()}
 
-    def lora_text_encoders(self) -> tuple[str, ...]:
-        """The text encoders that get LoRA adapters with --lora_rank --train_text_encoder, as in diffusers' LoRA scripts:
-        the CLIP encoders (those that learn Textual Inversion rows); T5 stays frozen."""
+    def trained_text_encoders(self) -> tuple[str, ...]:
+        """The text encoders --train_text_encoder trains (whole, or with --lora_rank their LoRA adapters), as diffusers'
+        scripts: the CLIP encoders (those that learn Textual Inversion rows); SD3's and FLUX.1's T5 stays frozen."""
         return self.text_encoders[: self.embedding_encoders()]
 
     def text_encoder_lora_targets(self, name: str, encoder) -> list[str]:
@@ -572,12 +572,14 @@ class TextEncoders(torch.nn.Module):
     def train_what_conditions(self) -> None:
         """Make every weight that shapes the conditioning trainable, and only those.
 
+        The family's trained encoders only (`trained_text_encoders`: not SD3's and FLUX.1's T5, as diffusers' scripts).
         SDXL reads the penultimate layer of each encoder and the pooled embedding of the last one only, so the
         other encoders' last layer and final norm never get a gradient. Left trainable, one process skips them
         while DeepSpeed applies weight decay to their zero gradients (the runs part ways), and DDP's reducer
         waits for their gradients.
         """
-        for name, encoder in self.encoders.items():
+        for name in self.family.trained_text_encoders():
+            encoder = self.encoders[name]
             encoder.requires_grad_(True)
             if name in self.family.unused_last_layer:
                 transformer = getattr(encoder, "text_model", encoder)  # transformers < 5 nests it

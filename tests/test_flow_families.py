@@ -708,3 +708,20 @@ def test_a_frozen_t5_conditions_in_train_mode_as_at_generation(family, tiny_mode
         trained = [encoders.train()(ids) for _ in range(2)]
     assert encoders.encoders["text_encoder"].training
     assert all(torch.equal(a, b) for run in trained for a, b in zip(run, expected))
+
+
+@pytest.mark.parametrize("family, clips, t5", [("sd3", ["text_encoder", "text_encoder_2"], "text_encoder_3"),
+                                              ("flux", ["text_encoder"], "text_encoder_2")])
+def test_full_train_text_encoder_trains_the_clip_encoders_and_leaves_t5_as_it_was(family, clips, t5, tiny_models,
+                                                                                shard_dir, tmp_path):
+    """As diffusers' SD3 and FLUX.1 DreamBooth scripts: --train_text_encoder trains the CLIP encoders; T5 (4.7B
+    parameters at full size: its fp32 copy and Adam states would be 75 GB) stays frozen, and the saved pipeline holds
+    the base's T5."""
+    model, out = tiny(tiny_models, family), tmp_path / "full"
+    run_script("train/dreambooth.py", *db_args(model, shard_dir), "--train_text_encoder", "--learning_rate", "1e-3",
+               "--max_train_steps", "2", "--validation_steps", "0", "--checkpointing_steps", "0",
+               "--num_heldout_samples", "0", "--output_dir", out)
+    for name in [*clips, t5]:
+        base, trained = weights(model / name), weights(out / name)
+        changed = any(not torch.equal(base[k], trained[k]) for k in base)
+        assert changed == (name != t5), name

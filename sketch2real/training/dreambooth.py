@@ -239,7 +239,7 @@ class DreamBoothTask(DiffusionTask):
 
     def full_precision_components(self, family: Family) -> set[str]:
         opts = self.opts  # LoRA: the whole base is frozen (the adapters are added in fp32)
-        return set() if opts.lora_rank else {"denoiser", *(family.text_encoders if opts.train_text_encoder else ())}
+        return set() if opts.lora_rank else {"denoiser", *(family.trained_text_encoders() if opts.train_text_encoder else ())}
 
     def __init__(self, opts: DreamBoothOptions, accelerator, components: SDComponents | None = None):
         super().__init__(opts, accelerator, components)
@@ -274,7 +274,7 @@ class DreamBoothTask(DiffusionTask):
 
             # the adapted modules by component; the text encoders' as diffusers' LoRA scripts (their attention)
             self.lora_modules = {self.family.denoiser: c.denoiser, **({name: text_encoders.encoders[name] for name in
-                                 self.family.lora_text_encoders()} if opts.train_text_encoder else {})}
+                                 self.family.trained_text_encoders()} if opts.train_text_encoder else {})}
             for name, module in self.lora_modules.items():
                 targets = (self.family.lora_targets(module) if module is c.denoiser else
                            self.family.text_encoder_lora_targets(name, module))
