@@ -327,14 +327,16 @@ def _config_values(parser: argparse.ArgumentParser, cls: type, path: str) -> dic
 def _config_position(parser: argparse.ArgumentParser, argv: list[str]) -> int:
     """Index in `argv` of the last `--config` flag (`--config F`, `--config=F`, or an abbreviation argparse takes
     for it), the one argparse uses."""
+    at = [i for i, token in enumerate(argv) if _is_config_flag(parser, token)]
+    assert at, argv  # argparse found a --config
+    return at[-1]
+
+
+def _is_config_flag(parser: argparse.ArgumentParser, token: str) -> bool:
+    """`token` is `--config`, `--config=F`, or an abbreviation that argparse takes for it."""
+    name = token.split("=", 1)[0]
     options = [o for action in parser._actions for o in action.option_strings]
-    at = None
-    for i, token in enumerate(argv):
-        name = token.split("=", 1)[0]
-        if name == "--config" or (name.startswith("--c") and [o for o in options if o.startswith(name)] == ["--config"]):
-            at = i
-    assert at is not None, argv  # argparse found a --config
-    return at
+    return name == "--config" or (name.startswith("--c") and [o for o in options if o.startswith(name)] == ["--config"])
 
 
 def parse_options(cls: type[T], argv: list[str] | None = None, description: str | None = None) -> T:
@@ -354,6 +356,8 @@ def parse_options(cls: type[T], argv: list[str] | None = None, description: str 
     values = vars(parser.parse_args(argv))  # every flag checked, --help answered
     config = values.pop("config", None)
     from_config: set[str] = set()
+    if config and sum(_is_config_flag(parser, token) for token in argv) > 1:
+        raise UserError("--config is given more than once: give one file (put what differs in flags after it)")
     if config:  # the file's values take its place in the command line: flags after it win over them, flags before not
         at = _config_position(parser, argv)
         before = vars(parser.parse_args(argv[:at]))

@@ -21,7 +21,8 @@ STEPS=${STEPS:-20000}
 DEFAULT_PROMPT_TEMPLATE='a photo of a {category}'
 PROMPT_TEMPLATE=${PROMPT_TEMPLATE:-$DEFAULT_PROMPT_TEMPLATE}
 status=0
-s2r_launch train/controlnet.py --pretrained_model_name_or_path "$MODEL" --shard_dir "$SHARDS" --output_dir "$OUTPUT" \
+s2r_launch train/controlnet.py --pretrained_model_name_or_path "$MODEL" --shard_dir "$SHARDS" \
   --prompt_template "$PROMPT_TEMPLATE" --max_train_steps "$STEPS" ${RESOLUTION:+--resolution "$RESOLUTION"} ${PRECISION:+--mixed_precision "$PRECISION"} \
-  --checkpointing_steps "${CHECKPOINT_STEPS:-100}" --resume_from_checkpoint latest "$@" || status=$?
+  --checkpointing_steps "${CHECKPOINT_STEPS:-100}" "$@" --output_dir "$OUTPUT" --resume_from_checkpoint "${RESUME:-latest}" \
+  || status=$?
 s2r_finish "$OUTPUT" "$status"

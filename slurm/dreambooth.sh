@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # DreamBooth on one Sketchy category. Override any setting by environment, extra flags after the script:
 #   MODEL=... SHARDS=data/shards CATEGORY=cat OUTPUT=runs/dreambooth_cat sbatch slurm/dreambooth.sh --lora_rank 8
+#   (OUTPUT and RESUME=latest come after the flags: a --config among them sets the rest, not the job's folder)
 #SBATCH --job-name=s2r-dreambooth
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -23,7 +24,7 @@ STEPS=${STEPS:-400}
 
 status=0
 s2r_launch train/dreambooth.py --pretrained_model_name_or_path "$MODEL" --shard_dir "$SHARDS" \
-  --instance_category "$CATEGORY" --instance_prompt "$PROMPT" --output_dir "$OUTPUT" --max_train_steps "$STEPS" \
+  --instance_category "$CATEGORY" --instance_prompt "$PROMPT" --max_train_steps "$STEPS" \
   ${RESOLUTION:+--resolution "$RESOLUTION"} ${PRECISION:+--mixed_precision "$PRECISION"} --checkpointing_steps "${CHECKPOINT_STEPS:-100}" \
-  --resume_from_checkpoint latest "$@" || status=$?
+  "$@" --output_dir "$OUTPUT" --resume_from_checkpoint "${RESUME:-latest}" || status=$?
 s2r_finish "$OUTPUT" "$status"

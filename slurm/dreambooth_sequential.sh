@@ -22,7 +22,8 @@ STEPS=${STEPS:-400}
 DEFAULT_PROMPT='a {category} in the style of sks'
 PROMPT=${PROMPT:-$DEFAULT_PROMPT}
 status=0
-s2r_launch train/dreambooth_sequential.py --pretrained_model_name_or_path "$MODEL" --shard_dir "$SHARDS" --output_dir "$OUTPUT" \
+s2r_launch train/dreambooth_sequential.py --pretrained_model_name_or_path "$MODEL" --shard_dir "$SHARDS" \
   --stages "${CATEGORIES:-cat,dog,helicopter,hamburger}" --steps_per_stage "$STEPS" --instance_prompt "$PROMPT" ${RESOLUTION:+--resolution "$RESOLUTION"} ${PRECISION:+--mixed_precision "$PRECISION"} \
-  --checkpointing_steps "${CHECKPOINT_STEPS:-100}" --resume_from_checkpoint latest "$@" || status=$?
+  --checkpointing_steps "${CHECKPOINT_STEPS:-100}" "$@" --output_dir "$OUTPUT" --resume_from_checkpoint "${RESUME:-latest}" \
+  || status=$?
 s2r_finish "$OUTPUT" "$status"

@@ -18,5 +18,5 @@ EXTRACTORS=()
 [[ -n "${CLIP_MODEL:-}" ]] && EXTRACTORS+=(--clip_model_name_or_path "$CLIP_MODEL")
 # shellcheck disable=SC2086  # GENERATED holds several NAME=DIR words
 s2r_launch eval/fid.py --generated ${GENERATED:-runs/generated} --reference_shards "${SHARDS:-data/shards}" \
-  --reference_split "${SPLIT:-test}" --reference_field "${FIELD:-photo}" --output_dir "${OUTPUT:-runs/fid}" \
-  "${EXTRACTORS[@]}" "$@"
+  --reference_split "${SPLIT:-test}" --reference_field "${FIELD:-photo}" "${EXTRACTORS[@]}" "$@" \
+  --output_dir "${OUTPUT:-runs/fid}"

@@ -35,7 +35,7 @@ mapfile -t gen_config < <(config generate)
 sbatch_flags=("$@")
 prep=$(submit "${sbatch_flags[@]}" slurm/data_prep.sh)
 ids=("data_prep            $prep")
-generations=() generated="" controlnet_generation=""
+generations=() sets=() controlnet_generation=""
 generate() {  # generate NAME AFTER_JOB [ENV=VALUE ...] -- FLAGS...: a generation job after AFTER_JOB
   local name=$1 dependency=$2
   shift 2
@@ -49,7 +49,7 @@ generate() {  # generate NAME AFTER_JOB [ENV=VALUE ...] -- FLAGS...: a generatio
     controlnet_generation=$job  # photos: scored against the test photos, in a job of its own
   else
     generations+=("$job")
-    generated+=" $name=$RUNS/gen_$name"
+    sets+=("$name=$RUNS/gen_$name")
   fi
   ids+=("generate ($name)    $job")
 }
@@ -58,7 +58,8 @@ if wanted dreambooth; then
   dreambooth_output=$RUNS/dreambooth_${CATEGORY:-cat}  # slurm/dreambooth.sh's category
   job=$(OUTPUT=$dreambooth_output submit "${sbatch_flags[@]}" "$(after "$prep")" slurm/dreambooth.sh "${job_config[@]}")
   ids+=("dreambooth           $job")
-  generate dreambooth "$job" MODEL="$dreambooth_output" -- --prompt_template "a {category} in the style of sks"
+  generate dreambooth "$job" -- --pretrained_model_name_or_path "$dreambooth_output" \
+    --prompt_template "a {category} in the style of sks"
 fi
 if wanted dreambooth_sequential; then
   mapfile -t job_config < <(config dreambooth_sequential)
@@ -88,13 +89,13 @@ if wanted captions; then
 fi
 mapfile -t job_config < <(config fid)
 if [ ${#generations[@]} -gt 0 ]; then
-  job=$(GENERATED=${generated# } FIELD=sketch OUTPUT=$RUNS/fid submit "${sbatch_flags[@]}" "$(after "${generations[@]}")" \
-    slurm/fid.sh "${job_config[@]}")
+  job=$(OUTPUT=$RUNS/fid submit "${sbatch_flags[@]}" "$(after "${generations[@]}")" \
+    slurm/fid.sh "${job_config[@]}" --generated "${sets[@]}" --reference_field sketch)
   ids+=("fid                  $job   -> $RUNS/fid/report.md")
 fi
 if [ -n "$controlnet_generation" ]; then
-  job=$(GENERATED="controlnet=$RUNS/gen_controlnet" FIELD=photo OUTPUT=$RUNS/fid_controlnet submit "${sbatch_flags[@]}" \
-    "$(after "$controlnet_generation")" slurm/fid.sh "${job_config[@]}")
+  job=$(OUTPUT=$RUNS/fid_controlnet submit "${sbatch_flags[@]}" "$(after "$controlnet_generation")" \
+    slurm/fid.sh "${job_config[@]}" --generated "controlnet=$RUNS/gen_controlnet" --reference_field photo)
   ids+=("fid_controlnet       $job   -> $RUNS/fid_controlnet/report.md")
 fi
 printf '%s\n' "${ids[@]}"

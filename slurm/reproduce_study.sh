@@ -21,7 +21,7 @@ CATEGORY=${CATEGORY:-cat}
 CATEGORIES=${CATEGORIES:-dog,helicopter,hamburger}
 export SHARDS=${SHARDS:-data/shards}
 flags=("$@")
-ids=() generations=() generated=""
+ids=() generations=() sets=()
 
 config() {  # config JOB: the --config flag of JOB's script, when CONFIGS has one
   if [ -n "${CONFIGS:-}" ] && [ -f "$CONFIGS/$1.yaml" ]; then printf -- '--config\n%s\n' "$CONFIGS/$1.yaml"; fi
@@ -44,7 +44,7 @@ generate() {  # generate ROW AFTER_JOB [ENV=VALUE ...] -- FLAGS...: the row's im
   submit "generate ($row)" "${envs[@]}" OUTPUT="$RUNS/gen_$row" -- --dependency="afterok:$after" slurm/generate.sh \
     "${gen_config[@]}" "$@"
   generations+=("$job")
-  generated+=" $row=$RUNS/gen_$row"
+  sets+=("$row=$RUNS/gen_$row")
 }
 label=${CATEGORY//_/ }
 study_template="a picture of a {category} in the style of sks"  # how the study prompted its DreamBooth models
@@ -59,18 +59,20 @@ done
 mapfile -t job_config < <(config dreambooth)
 for row in "sks-$CATEGORY" "$CATEGORY-style-sks"; do
   if [ "$row" = "sks-$CATEGORY" ]; then prompt="a photo of a sks $label"; else prompt="a $label in the style of sks"; fi
-  submit "dreambooth ($row)" CATEGORY="$CATEGORY" PROMPT="$prompt" OUTPUT="$RUNS/dreambooth_$row" -- \
-    slurm/dreambooth.sh "${job_config[@]}" --num_instance_images 3
-  generate "dreambooth-$row" "$job" MODEL="$RUNS/dreambooth_$row" -- --prompt_template "$study_template"
+  submit "dreambooth ($row)" OUTPUT="$RUNS/dreambooth_$row" -- slurm/dreambooth.sh "${job_config[@]}" \
+    --num_instance_images 3 --instance_category "$CATEGORY" --instance_prompt "$prompt"
+  generate "dreambooth-$row" "$job" -- --pretrained_model_name_or_path "$RUNS/dreambooth_$row" \
+    --prompt_template "$study_template"
 done
 
 mapfile -t job_config < <(config dreambooth_sequential)
-submit "dreambooth_sequential" CATEGORIES="$CATEGORIES" OUTPUT="$RUNS/dreambooth_sequential" \
-  PROMPT="a photo of a {category} in the style of sks" -- slurm/dreambooth_sequential.sh "${job_config[@]}" \
-  --num_instance_images 3
+submit "dreambooth_sequential" OUTPUT="$RUNS/dreambooth_sequential" -- slurm/dreambooth_sequential.sh \
+  "${job_config[@]}" --num_instance_images 3 --stages "$CATEGORIES" \
+  --instance_prompt "a photo of a {category} in the style of sks"
 IFS=, read -r -a stages <<< "$CATEGORIES"
 last=$(printf 'stage-%02d-%s' "${#stages[@]}" "${stages[-1]}")
-generate "dreambooth-sequential" "$job" MODEL="$RUNS/dreambooth_sequential/$last" -- --prompt_template "$study_template"
+generate "dreambooth-sequential" "$job" -- --pretrained_model_name_or_path "$RUNS/dreambooth_sequential/$last" \
+  --prompt_template "$study_template"
 
 mapfile -t job_config < <(config textual_inversion)
 for row in "$CATEGORY" all; do
@@ -83,10 +85,10 @@ for row in "$CATEGORY" all; do
 done
 
 mapfile -t job_config < <(config fid)
-submit fid GENERATED="${generated# }" FIELD=sketch OUTPUT="$RUNS/fid" -- \
-  --dependency="afterok:$(IFS=:; echo "${generations[*]}")" slurm/fid.sh "${job_config[@]}" --dims 2048
+submit fid OUTPUT="$RUNS/fid" -- --dependency="afterok:$(IFS=:; echo "${generations[*]}")" slurm/fid.sh \
+  "${job_config[@]}" --dims 2048 --generated "${sets[@]}" --reference_field sketch
 after_all="afterok:$(IFS=:; echo "${generations[*]}")"
-submit "fid (study protocol)" GENERATED="${generated# }" FIELD=sketch OUTPUT="$RUNS/fid_protocol" -- \
-  --dependency="$after_all" slurm/fid.sh "${job_config[@]}" --dims 2048 --max_samples "${STUDY_SAMPLES:-100}"
+submit "fid (study protocol)" OUTPUT="$RUNS/fid_protocol" -- --dependency="$after_all" slurm/fid.sh \
+  "${job_config[@]}" --dims 2048 --max_samples "${STUDY_SAMPLES:-100}" --generated "${sets[@]}" --reference_field sketch
 ids+=("  -> $RUNS/fid_protocol/report.md (the study's protocol), $RUNS/fid/report.md (the whole test split)")
 printf '%s\n' "${ids[@]}"

@@ -19,7 +19,8 @@ SHARDS=${SHARDS:-data/shards}
 OUTPUT=${OUTPUT:-runs/textual_inversion}
 STEPS=${STEPS:-3000}
 status=0
-s2r_launch train/textual_inversion.py --pretrained_model_name_or_path "$MODEL" --shard_dir "$SHARDS" --output_dir "$OUTPUT" \
+s2r_launch train/textual_inversion.py --pretrained_model_name_or_path "$MODEL" --shard_dir "$SHARDS" \
   --placeholder_token "${TOKEN:-<sketch>}" --initializer_token "${INIT:-sketch}" --max_train_steps "$STEPS" ${RESOLUTION:+--resolution "$RESOLUTION"} ${PRECISION:+--mixed_precision "$PRECISION"} \
-  --checkpointing_steps "${CHECKPOINT_STEPS:-100}" --resume_from_checkpoint latest "$@" || status=$?
+  --checkpointing_steps "${CHECKPOINT_STEPS:-100}" "$@" --output_dir "$OUTPUT" --resume_from_checkpoint "${RESUME:-latest}" \
+  || status=$?
 s2r_finish "$OUTPUT" "$status"

@@ -248,6 +248,8 @@ def test_a_job_script_s_flags_before_the_user_s_config_give_way_to_it(tmp_path):
         opts = parse_options(_db(), [*script, *form])
         assert (opts.max_train_steps, opts.mixed_precision, opts.seed) == (1000, "fp16", 3), form
         assert parse_options(_db(), [*script, *form, "--max_train_steps", "7"]).max_train_steps == 7
+    with pytest.raises(UserError, match="more than once"):  # which one counts would be a guess: refused
+        parse_options(_db(), ["--config", str(config), "--max_train_steps", "5", "--config", str(config)])
     with pytest.raises(UserError, match="in config file"):  # a bad value still names the file, wherever it stands
         config.write_text("max_train_steps: 0\n")
         parse_options(_db(), [*script, "--config", str(config)])
@@ -616,3 +618,17 @@ def test_the_default_resolution_is_the_family_s_as_diffusers_scripts(tiny_models
             assert parse_options(cls, base).resolution == side, (cls, model)
             assert parse_options(cls, [*base, "--resolution", "64"]).resolution == 64
     assert "SDXL: 1024" in _db().__dataclass_fields__["resolution"].metadata["help"]
+
+
+def test_a_fingerprint_s_defaults_are_this_run_s(tiny_models):
+    """An option missing from an older checkpoint's fingerprint counts as the same run at its default: the default
+    this run would resolve (a LoRA's learning rate 1e-4, not full DreamBooth's 5e-6; SDXL's 1024 px), else a LoRA run
+    at its own default was refused and one given 5e-6 resumed a checkpoint trained at 1e-4."""
+    from sketch2real.training.checkpoints import run_fingerprint
+
+    base = ["--pretrained_model_name_or_path", str(tiny_models.sdxl), "--output_dir", "o", "--lora_rank", "4"]
+    at_defaults = run_fingerprint(parse_options(_db(), base), 1)
+    older = {k: v for k, v in at_defaults.items() if k not in ("learning_rate", "resolution")}
+    assert at_defaults.matches(older)
+    assert not run_fingerprint(parse_options(_db(), [*base, "--learning_rate", "5e-6"]), 1).matches(older)
+    assert not run_fingerprint(parse_options(_db(), [*base, "--resolution", "512"]), 1).matches(older)

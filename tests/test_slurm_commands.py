@@ -65,7 +65,8 @@ def test_deepspeed_across_two_nodes_launches_through_srun(tmp_path, config):
     # One launcher per node, each with the job's CPUs (srun no longer inherits --cpus-per-task since Slurm 22.05).
     assert srun.startswith("--kill-on-bad-exit=1 --ntasks-per-node=1 --cpus-per-task=32 bash slurm/launch_node.sh train/dreambooth.py")
     for rank, argv in enumerate(nodes):
-        assert argv[-1] == "--train_text_encoder" and "--mixed_precision" not in argv  # precision: the config's bf16
+        assert "--train_text_encoder" in argv and "--mixed_precision" not in argv  # precision: the config's bf16
+        assert argv[-4:] == ["--output_dir", "runs/dreambooth_cat", "--resume_from_checkpoint", "latest"]  # the job's own
         args, cmd, env = _accelerate_plan(argv)
         assert args.use_deepspeed and args.deepspeed_multinode_launcher == "standard"
         assert cmd is None  # torch.distributed.run on this node, not the `deepspeed` runner over pdsh/ssh
@@ -121,12 +122,16 @@ def test_without_resolution_the_trainer_decides_so_a_config_or_the_family_s_defa
                                              ("controlnet.sh", "ControlNetOptions")])
 def test_a_config_given_to_a_job_script_wins_over_its_variables_and_defaults(tmp_path, monkeypatch, script, trainer):
     """CONFIGS' dreambooth.yaml (or `--config` after the script) says max_train_steps 1000 and fp16: the trainer gets
-    them, not the script's STEPS and PRECISION; a flag after the config still wins."""
+    them, not the script's STEPS and PRECISION; a flag after the config still wins; the job's OUTPUT and resume stay
+    (Slurm's requeue and the PREEMPTED check read that folder)."""
     from sketch2real.cli import parse_options
     from tests.test_options import options_class
 
     config = tmp_path / "job.yaml"
-    config.write_text("max_train_steps: 1000\nmixed_precision: fp16\ncheckpointing_steps: 7\n")
+    # a run's run_config.json as the config: its folder and resume are not the job's (the job writes and resumes OUTPUT)
+    config.write_text("max_train_steps: 1000\nmixed_precision: fp16\ncheckpointing_steps: 7\noutput_dir: runs/old\n"
+                      "resume_from_checkpoint: null\n")
+    monkeypatch.setenv("OUTPUT", "runs/job")
     monkeypatch.setenv("STEPS", "400")
     monkeypatch.setenv("PRECISION", "bf16")
     for extra, steps in (([], 1000), (["--max_train_steps", "9"], 9)):
@@ -135,6 +140,7 @@ def test_a_config_given_to_a_job_script_wins_over_its_variables_and_defaults(tmp
         argv = nodes[0][nodes[0].index(next(a for a in nodes[0] if a.startswith("train/"))) + 1:]
         opts = parse_options(options_class(trainer), argv)
         assert (opts.max_train_steps, opts.mixed_precision, opts.checkpointing_steps) == (steps, "fp16", 7)
+        assert (opts.output_dir, opts.resume_from_checkpoint) == ("runs/job", "latest")
 
 
 REMOVED_MODEL_IDS = ("runwayml/stable-diffusion-v1-5", "CompVis/stable-diffusion-v1-4")  # gone from the hub

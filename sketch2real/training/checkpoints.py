@@ -78,7 +78,22 @@ def run_fingerprint(opts, num_processes: int) -> RunFingerprint:
     index = Path(opts.shard_dir) / f"{opts.split}.json" if getattr(opts, "shard_dir", "") else None
     if index is not None and index.is_file():
         choices["data"] = hashlib.sha256(index.read_bytes()).hexdigest()[:16]
-    return RunFingerprint(_normalized(choices), _normalized(as_dict(type(opts)())))
+    return RunFingerprint(_normalized(choices), _normalized(defaults_in_context(opts)))
+
+
+def defaults_in_context(opts) -> dict[str, Any]:
+    """Each option's default for this run: one resolved from other options (None declared: the learning rate from
+    --lora_rank and --optimizer, the resolution from the model's family) as this run would resolve it."""
+    import dataclasses
+
+    from sketch2real.cli import as_dict
+
+    defaults = {}
+    for field in dataclasses.fields(opts):
+        declared = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+        defaults[field.name] = (as_dict(dataclasses.replace(opts, **{field.name: None}))[field.name] if declared is None
+                                else declared)
+    return defaults
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
