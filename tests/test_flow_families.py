@@ -668,7 +668,7 @@ def test_flow_lokr_writes_simpletuner_names_that_merge_to_peft_s_update(family, 
         assert proc.returncode == 2 and "--lora_type lokr is built for" in proc.stderr
 
 
-@pytest.mark.parametrize("family, encoders", [("sd3", ["text_encoder", "text_encoder_2"]), ("flux", ["text_encoder"])])
+@pytest.mark.parametrize("family, encoders", [("sd3", ["text_encoder", "text_encoder_2"])])  # FLUX.1: the same code
 def test_lora_with_train_text_encoder_adapts_the_clip_encoders_and_diffusers_reloads_them(family, encoders, tiny_models,
                                                                                          shard_dir, tmp_path):
     """As diffusers' SD3 and FLUX.1 LoRA scripts: the CLIP encoders get adapters (T5 stays frozen), saved in peft's
@@ -710,8 +710,7 @@ def test_a_frozen_t5_conditions_in_train_mode_as_at_generation(family, tiny_mode
     assert all(torch.equal(a, b) for run in trained for a, b in zip(run, expected))
 
 
-@pytest.mark.parametrize("family, clips, t5", [("sd3", ["text_encoder", "text_encoder_2"], "text_encoder_3"),
-                                              ("flux", ["text_encoder"], "text_encoder_2")])
+@pytest.mark.parametrize("family, clips, t5", [("flux", ["text_encoder"], "text_encoder_2")])  # SD3: the same code
 def test_full_train_text_encoder_trains_the_clip_encoders_and_leaves_t5_as_it_was(family, clips, t5, tiny_models,
                                                                                 shard_dir, tmp_path):
     """As diffusers' SD3 and FLUX.1 DreamBooth scripts: --train_text_encoder trains the CLIP encoders; T5 (4.7B
