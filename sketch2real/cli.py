@@ -188,7 +188,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)}\n")
 
 
-def _default_of(field: dataclasses.Field) -> Any:
+def default_of(field: dataclasses.Field) -> Any:
+    """A field's declared default (a fresh one from its factory); `dataclasses.MISSING` for a required field."""
     if field.default is not dataclasses.MISSING:
         return field.default
     if field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
@@ -216,7 +217,7 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
             kwargs["type"] = scalar if scalar in (int, float, str) else str
             if is_list:
                 kwargs["nargs"] = "*"
-        default = _default_of(field)
+        default = default_of(field)
         allowed = describe_range(field.metadata, many=is_list).replace("%", "%%")
         if default is dataclasses.MISSING:
             kwargs["help"] += f" (required{'; ' + allowed if allowed else ''})"
@@ -367,7 +368,7 @@ def parse_options(cls: type[T], argv: list[str] | None = None, description: str 
         values = {**before, **in_file, **after}
         values.pop("config", None)
     fields = dataclasses.fields(cls)
-    missing = [f.name for f in fields if _default_of(f) is dataclasses.MISSING and f.name not in values]
+    missing = [f.name for f in fields if default_of(f) is dataclasses.MISSING and f.name not in values]
     if missing:
         raise UserError("missing required option(s): " + ", ".join(f"--{m}" for m in missing))
     for field in fields:

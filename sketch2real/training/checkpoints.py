@@ -86,11 +86,11 @@ def defaults_in_context(opts) -> dict[str, Any]:
     --lora_rank and --optimizer, the resolution from the model's family) as this run would resolve it."""
     import dataclasses
 
-    from sketch2real.cli import as_dict
+    from sketch2real.cli import as_dict, default_of
 
     defaults = {}
     for field in dataclasses.fields(opts):
-        declared = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+        declared = default_of(field)
         defaults[field.name] = (as_dict(dataclasses.replace(opts, **{field.name: None}))[field.name] if declared is None
                                 else declared)
     return defaults

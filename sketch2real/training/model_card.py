@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from sketch2real.cli import as_dict, options_affecting
+from sketch2real.cli import as_dict, default_of, options_affecting
 from sketch2real.family import Family, pipeline_class
 from sketch2real.lokr import LOKR_FILE
 
@@ -41,7 +41,7 @@ def changed_options(opts) -> dict[str, Any]:
     changed = {}
     runtime = options_affecting(type(opts), "runtime")
     for f in dataclasses.fields(opts):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        default = default_of(f)
         value = getattr(opts, f.name)
         if f.name not in runtime and f.name not in DATA_OPTIONS and value != default and f.name != \
                 "pretrained_model_name_or_path":
