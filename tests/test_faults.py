@@ -469,7 +469,8 @@ def test_keys_from_data_never_leave_their_folder(tiny_models, tmp_path):
 
 def test_outputs_respect_the_umask(checkpointed, tmp_path):
     """Under umask 022 the atomic writer, saved pipelines and trained safetensors are 0644 (folders 0755); so is
-    what safetensors' own writer puts at the atomic path (Textual Inversion's embeddings, the ComfyUI LoRA: 0600)."""
+    what safetensors' own writer puts at the atomic path (Textual Inversion's embeddings, the ComfyUI LoRA: 0600), and
+    every file of a checkpoint (accelerate's weights through safetensors: 0600)."""
     from safetensors.torch import save_file
 
     from sketch2real.io import atomic_path, write_json
@@ -489,8 +490,9 @@ def test_outputs_respect_the_umask(checkpointed, tmp_path):
     _, straight = checkpointed  # trained under umask 022
     files = [tmp_path / "m.json", tmp_path / "embeds.safetensors", *(tmp_path / "model").rglob("*.safetensors"),
              straight / "pytorch_lora_weights.safetensors",
-             straight / "metrics.json", straight / "run_config.json"]
-    assert len(files) >= 5
+             straight / "metrics.json", straight / "run_config.json",
+             *(p for p in (straight / "checkpoint-4").rglob("*") if p.is_file())]  # a colleague resumes or loads them
+    assert len(files) >= 10
     assert {oct(p.stat().st_mode & 0o777) for p in files} == {"0o644"}, {p.name: oct(p.stat().st_mode & 0o777) for p in files}
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from sketch2real.cli import UserError
-from sketch2real.io import differences, write_json
+from sketch2real.io import differences, umask_modes, write_json
 from sketch2real.training.accelerator import checkpoint_kwargs, is_deepspeed
 
 logger = logging.getLogger("sketch2real")
@@ -323,6 +323,7 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, total
     failed = _any_failed(accelerator, error is not None)
     if accelerator.is_main_process and not failed:
         try:
+            umask_modes(partial)  # safetensors' writer makes 0600 files: a group's colleague could not resume them
             write_json(partial / TRAIN_STATE, {"step": step, "fingerprint": fingerprint, "launch": launch_of(accelerator)})
             files = {str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()}
             write_json(partial / MANIFEST, {"step": step, "files": files})  # last: its presence means complete
