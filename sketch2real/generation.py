@@ -34,6 +34,7 @@ from sketch2real.io import (
 )
 from sketch2real.shards import CorruptSample, corrupt_samples, open_image
 from sketch2real.sketchy import category_words
+from sketch2real.training.checkpoints import TRAIN_STATE, checkpoint_weights, read_train_state
 from sketch2real.training.diffusion import derive_seed
 
 logger = logging.getLogger("sketch2real")
@@ -203,6 +204,15 @@ def base_of_lora_output(model: str, lora: str) -> tuple[str, str]:
     return base, model
 
 
+def full_run_checkpoint(model: str) -> Path | None:
+    """`model` as a full fine-tune's `checkpoint-N` (trained weights, no pipeline: `checkpoint_weights` reads them), or
+    None: `infer/generate.py --pretrained_model_name_or_path OUT/checkpoint-N` compares steps as a LoRA run's does."""
+    folder = Path(model)
+    if folder.is_dir() and (folder / TRAIN_STATE).is_file() and not (folder / "model_index.json").is_file():
+        return folder
+    return None
+
+
 _SIZE_MISMATCH = re.compile(r"size mismatch for (\S+?): copying a param with shape torch\.Size\((\[.*?\])\) from checkpoint, "
                             r"the shape in current model is torch\.Size\((\[.*?\])\)")
 
@@ -248,15 +258,27 @@ def load_generation_pipeline(model: str, device: torch.device, dtype: torch.dtyp
     import diffusers
 
     from sketch2real.family import family_of, load_textual_inversion
-    from sketch2real.models import check_model_path, enable_xformers, load, load_pipeline
+    from sketch2real.models import check_model_path, enable_xformers, load, load_base_pipeline, load_pipeline
 
     model, lora = base_of_lora_output(model, lora)
     if lora and (Path(lora) / "learned_embeds.safetensors").is_file():  # pivotal tuning: its tokens beside the LoRA
         textual_inversion = [*textual_inversion, str(Path(lora) / "learned_embeds.safetensors")]
+    checkpoint = full_run_checkpoint(model)
+    if checkpoint is not None:  # its base model, as the run loaded it, with the checkpoint's weights
+        run = read_train_state(checkpoint)["fingerprint"]
+        model, revision = run["pretrained_model_name_or_path"], run.get("revision")
+        logger.info("%s is a checkpoint of a full fine-tune: its trained weights in its base model %s", checkpoint, model)
     check_model_path(model)
     family = family_of(model, revision)
     net = load(getattr(diffusers, family.controlnet_class), controlnet, "ControlNet", torch_dtype=dtype) if controlnet else None
-    pipe = load_pipeline(family, model, net, safety_checker, torch_dtype=dtype, revision=revision)
+    if checkpoint is None:
+        pipe = load_pipeline(family, model, net, safety_checker, torch_dtype=dtype, revision=revision)
+    else:
+        from sketch2real.training.dreambooth import set_trained_weights
+
+        pipe = load_base_pipeline(family, model, revision, run.get("variant"), run.get("pretrained_vae_model_name_or_path"),
+                                  dtype, net, safety_checker)
+        set_trained_weights(pipe, family, checkpoint_weights(checkpoint))
     if scheduler:
         if scheduler not in SCHEDULERS:
             raise UserError(f"unknown scheduler {scheduler!r}; choose from {', '.join(SCHEDULERS)}")

@@ -151,17 +151,19 @@ def load_pipeline(family: Family, name_or_path: str, controlnet=None, safety_che
 
 
 def load_base_pipeline(family: Family, name_or_path: str, revision: str | None = None, variant: str | None = None,
-                       vae_name_or_path: str = "", torch_dtype: torch.dtype = torch.float32):
-    """The base pipeline of a run (its class images, the pipeline its trained weights are saved into): with the VAE
-    the run trains and validates with (`vae_name_or_path`), every component in `torch_dtype` whatever `variant`
-    holds: an fp16 variant's text encoder saved beside fp32 trained weights stops plain diffusers at the first
-    prompt ("mat1 and mat2 must have the same dtype")."""
+                       vae_name_or_path: str = "", torch_dtype: torch.dtype = torch.float32, controlnet=None,
+                       safety_checker: bool = False):
+    """The base pipeline of a run (its class images, the pipeline its trained weights are saved into or generate
+    from): with the VAE the run trains and validates with (`vae_name_or_path`), every component in `torch_dtype`
+    whatever `variant` holds: an fp16 variant's text encoder saved beside fp32 trained weights stops plain diffusers
+    at the first prompt ("mat1 and mat2 must have the same dtype")."""
     import diffusers
 
+    kwargs = {}
     if vae_name_or_path:
-        vae = load(getattr(diffusers, family.vae_class), vae_name_or_path, "VAE", torch_dtype=torch_dtype)
-        return load_pipeline(family, name_or_path, revision=revision, variant=variant, torch_dtype=torch_dtype, vae=vae)
-    return load_pipeline(family, name_or_path, revision=revision, variant=variant, torch_dtype=torch_dtype)
+        kwargs["vae"] = load(getattr(diffusers, family.vae_class), vae_name_or_path, "VAE", torch_dtype=torch_dtype)
+    return load_pipeline(family, name_or_path, controlnet, safety_checker, revision=revision, variant=variant,
+                         torch_dtype=torch_dtype, **kwargs)
 
 
 def assemble_pipeline(components, denoiser, text_encoder, scheduler, controlnet=None):

@@ -294,6 +294,21 @@ def test_ema_is_the_average_of_every_steps_weights_and_is_what_is_saved(db_args,
     in_checkpoint = weights(out / "checkpoint-3")
     assert all(torch.allclose(in_checkpoint[f"ema.safetensors:denoiser.{k}"], v, atol=1e-7, rtol=1e-6)
                for k, v in _ema_of(steps, 0.9).items())
+    # generation from checkpoint-3 (a full run's: no pipeline in it) uses the average, as a LoRA run's checkpoint does
+    from sketch2real.cli import UserError
+    from sketch2real.generation import load_generation_pipeline
+
+    unet = load_generation_pipeline(str(out / "checkpoint-3"), torch.device("cpu"), torch.float32).unet.state_dict()
+    assert all(torch.equal(unet[k], in_checkpoint[f"ema.safetensors:denoiser.{k}"]) for k in saved)
+    # under DeepSpeed each process's file holds a partition of the average: refused in one line, not the trained weights
+    sharded = tmp_path / "sharded" / "checkpoint-3"
+    shutil.copytree(out / "checkpoint-3", sharded)
+    (sharded / "ema.safetensors").rename(sharded / "ema-0.safetensors")
+    manifest = json.loads((sharded / "manifest.json").read_text())
+    manifest["files"]["ema-0.safetensors"] = manifest["files"].pop("ema.safetensors")
+    (sharded / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="EMA under DeepSpeed"):
+        load_generation_pipeline(str(sharded), torch.device("cpu"), torch.float32)
 
 
 def test_with_ema_a_lora_checkpoint_holds_the_average_as_the_final_save(db_args, tmp_path):
@@ -954,6 +969,19 @@ def test_bf16_matrix(launcher, variant, db_args, tmp_path, tmp_path_factory, tin
         part = "text_encoder" if variant == "text_encoder_prior" else "unet"
         assert_agrees_within_bf16(weights(one / part), weights(out / part), weights(one_fp32 / part),
                                   weights(tiny_models.sd / part))
+        # generation from checkpoint-1 (no pipeline in it; DeepSpeed's read by its own reader) has step 1's weights
+        from sketch2real.generation import load_generation_pipeline
+
+        prefix = "model.safetensors:" + ("denoiser." if part == "unet" else "text_encoders.encoders.text_encoder.")
+        at_step_1, at_step_1_fp32 = ({k[len(prefix):]: v for k, v in weights(run / "checkpoint-1").items()
+                                      if k.startswith(prefix)} for run in (one, one_fp32))
+        loaded = getattr(load_generation_pipeline(str(out / "checkpoint-1"), torch.device("cpu"), torch.float32),
+                         part).state_dict()
+        loaded = {k: loaded[k] for k in at_step_1}
+        assert_agrees_within_bf16(at_step_1, loaded, at_step_1_fp32,
+                                  {k: v for k, v in getattr(pipe, part).state_dict().items() if k in at_step_1})
+        if launcher == "1":
+            assert all(torch.equal(loaded[k], v) for k, v in at_step_1.items())
         if variant == "text_encoder_prior":
             te = trained.text_encoder.state_dict()
             assert any(not torch.equal(te[k], v) for k, v in pipe.text_encoder.state_dict().items())

@@ -9,6 +9,7 @@ Rank 0 decides from its view of the filesystem and tells the others, so all rank
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -16,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ logger = logging.getLogger("sketch2real")
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 TRAIN_STATE, MANIFEST = "train_state.json", "manifest.json"
+DEEPSPEED_TAG = "pytorch_model"  # the folder accelerate has DeepSpeed write the model and its ZeRO shards into
 PICKLE_SUFFIXES = (".pkl", ".bin", ".pt", ".pth")
 CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")
 
@@ -177,6 +180,30 @@ def verify_checkpoint(folder: Path) -> str:
             except Exception as err:
                 return f"{name} is not a readable safetensors file ({type(err).__name__})"
     return ""
+
+
+def checkpoint_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The weights a run validates and saves, at a checkpoint's step, read from its files: fp32, named as the trained
+    module's parameters; the --use_ema average where the checkpoint holds it whole (1 process, DDP), else the trained
+    weights, from accelerate's file or a DeepSpeed ZeRO-2/3 checkpoint (DeepSpeed's own reader). One line where an
+    average lives in per-process optimizer state (schedule-free AdamW's; the EMA under DeepSpeed)."""
+    from safetensors.torch import load_file
+
+    problem = verify_checkpoint(folder)
+    if problem:
+        raise UserError(f"cannot read {folder}: {problem}")
+    if read_train_state(folder)["fingerprint"].get("optimizer") == "adamw_schedulefree" or any(folder.glob("ema-*")):
+        raise UserError(f"{folder} keeps its averaged weights (schedule-free AdamW's, or the EMA under DeepSpeed) "
+                        "in each process's optimizer state: generate from the run's output, or from a LoRA run's checkpoint")
+    for name in ("ema.safetensors", "model.safetensors"):
+        if (folder / name).is_file():
+            return load_file(str(folder / name))
+    if (folder / DEEPSPEED_TAG).is_dir():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(sys.stderr):  # its progress lines
+            return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=DEEPSPEED_TAG)
+    raise UserError(f"{folder} holds no trained weights (neither accelerate's model.safetensors nor a DeepSpeed checkpoint)")
 
 
 def launch_of(accelerator) -> dict:

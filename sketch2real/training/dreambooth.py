@@ -571,11 +571,22 @@ def save_pipeline(opts: TrainOptions, state: dict[str, torch.Tensor], out: Path)
     family = family_of(opts.pretrained_model_name_or_path, opts.revision)
     pipe = load_base_pipeline(family, opts.pretrained_model_name_or_path, opts.revision, opts.variant,
                               opts.pretrained_vae_model_name_or_path)
+    set_trained_weights(pipe, family, state)
+    save_pretrained_atomic(pipe, out)
+
+
+def set_trained_weights(pipe, family: Family, state: dict[str, torch.Tensor]) -> None:
+    """Give a base pipeline's components the trained weights of a `DreamBoothModel` (`denoiser.*`,
+    `text_encoders.encoders.<component>.*` in `state`, the names its checkpoints and final save use)."""
     prefixes = {family.denoiser: "denoiser.", **{name: f"text_encoders.encoders.{name}." for name in family.text_encoders}}
+    found = False
     for name, prefix in prefixes.items():
         part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if part:
+            found = True
             unexpected = getattr(pipe, name).load_state_dict(part, strict=False).unexpected_keys
             if unexpected:
-                raise RuntimeError(f"trained {name} weights do not fit the base model: {unexpected[:3]}")
-    save_pretrained_atomic(pipe, out)
+                raise UserError(f"trained {name} weights do not fit the base model: {unexpected[:3]}")
+    if not found:
+        raise UserError(f"no trained {family.denoiser} or text encoder weights (names: {sorted(state)[:2]}): "
+                        "not a DreamBooth run's")
