@@ -104,7 +104,7 @@ def main() -> int:
         rows = merge_captions(out)
         report = quality_report(rows)
         write_json(out / "metrics.json", {"captions": len(rows), "corrupt_samples": corrupt_samples.summary(corrupt),
-                                          "num_processes": state.num_processes})
+                                          "num_processes": state.num_processes, "dtype": str(captioner.model.dtype)})
         write_json(out / "quality.json", report)
         with atomic_path(out / "quality.md") as tmp:
             tmp.write_text(format_quality(report))

@@ -102,7 +102,7 @@ def main() -> int:
         mosaics = write_mosaics(out, rows, opts.shard_dir, opts.split, cell=min(settings["height"], 256), max_rows=opts.mosaic_rows)
         summary = {"images": len(rows), "generated_now": todo, "missing": missing, "index": str(out / "index.jsonl"),
                    "mosaics": [str(m) for m in mosaics], "corrupt_samples": corrupt_samples.summary(),
-                   "num_processes": state.num_processes}
+                   "num_processes": state.num_processes, "dtype": str(getattr(pipe, family_of_pipeline(pipe).denoiser).dtype)}
         write_json(out / "metrics.json", summary)
         print(json.dumps(summary))
     return 0

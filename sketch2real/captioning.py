@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
-from sketch2real.cli import UserError, as_dict, check_output_dir, option, options_affecting
+from sketch2real.cli import PRECISION_HELP, UserError, as_dict, check_output_dir, option, options_affecting
 from sketch2real.io import check_same_settings, merge_parts, read_with_parts
+from sketch2real.models import requested_precision
 
 # The ten prompts of the original study (../shared/seed/STUDY-NOTES.md), with its ids.
 PROMPTS: dict[str, str] = {
@@ -236,8 +237,7 @@ class CaptionOptions:
     batch_size: int = option(8, help="images per batch per process (each with every prompt)", min=1, affects="runtime")
     max_new_tokens: int = option(100, help="caption length limit in tokens", min=1)
     num_beams: int = option(1, help="beam search width (1: greedy, as in the study)", min=1)
-    mixed_precision: str = option("no", help="no, fp16 or bf16: the model's dtype", choices=("no", "fp16", "bf16"),
-                                  affects="runtime")
+    mixed_precision: str | None = option(None, help=PRECISION_HELP, choices=("no", "fp16", "bf16"), affects="runtime")
     load_in_8bit: bool = option(False, help="8-bit weights (bitsandbytes, CUDA)")
     load_in_4bit: bool = option(False, help="4-bit weights (bitsandbytes, CUDA)")
     trust_remote_code: bool = option(False, help="allow a checkpoint's own code to run", affects="runtime")
@@ -250,3 +250,4 @@ class CaptionOptions:
         if bool(self.shard_dir) == bool(self.image_dir):
             raise UserError("give exactly one of --shard_dir or --image_dir")
         check_output_dir(self.output_dir)
+        object.__setattr__(self, "mixed_precision", requested_precision(self.mixed_precision))  # recorded as used (frozen)

@@ -31,6 +31,10 @@ T = TypeVar("T")
 EXIT_USAGE = 2
 RANGE_KEYS = ("min", "min_exclusive", "max", "max_exclusive", "multiple_of", "choices")
 
+# --mixed_precision of every script (trainers, generation, captioning): `models.requested_precision` resolves it
+PRECISION_HELP = ("no, fp16 or bf16 (fp16 needs CUDA); default: accelerate's setting (config file, accelerate launch "
+                  "--mixed_precision, ACCELERATE_MIXED_PRECISION), else no")
+
 
 class UserError(Exception):
     """A mistake in the user's input: reported as one line, exit status 2."""

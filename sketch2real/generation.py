@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import torch
 from PIL import Image
 
-from sketch2real.cli import UserError, as_dict, check_output_dir, option, options_affecting
+from sketch2real.cli import PRECISION_HELP, UserError, as_dict, check_output_dir, option, options_affecting
 from sketch2real.io import (
     atomic_path,
     check_same_settings,
@@ -32,6 +32,7 @@ from sketch2real.io import (
     read_with_parts,
     refuse_other_settings,
 )
+from sketch2real.models import requested_precision
 from sketch2real.shards import CorruptSample, corrupt_samples, open_image
 from sketch2real.sketchy import category_words
 from sketch2real.training.checkpoints import TRAIN_STATE, checkpoint_weights, read_train_state
@@ -423,8 +424,7 @@ class GenerateOptions:
     width: int | None = option(None, help="image width in pixels; default: the model's own", min=8, multiple_of=8)
     batch_size: int = option(8, help="images per batch per process", min=1, affects="runtime")
     seed: int = option(0, help="global seed: each image's seed derives from it and the item's key only", min=0)
-    mixed_precision: str = option("no", help="no, fp16 or bf16 (fp16 needs CUDA)", choices=("no", "fp16", "bf16"),
-                                  affects="runtime")
+    mixed_precision: str | None = option(None, help=PRECISION_HELP, choices=("no", "fp16", "bf16"), affects="runtime")
     safety_checker: bool = option(False, help="run the safety checker (off by default: it blackens sketches)")
     enable_xformers_memory_efficient_attention: bool = option(False, help="xformers attention (CUDA only)", affects="runtime")
     torch_compile: bool = option(False, help="torch.compile the denoiser (UNet or transformer)", affects="runtime")
@@ -435,6 +435,7 @@ class GenerateOptions:
         if not self.pretrained_model_name_or_path or not self.output_dir:
             raise UserError("--pretrained_model_name_or_path and --output_dir are required")
         check_output_dir(self.output_dir)
+        object.__setattr__(self, "mixed_precision", requested_precision(self.mixed_precision))  # recorded as used (frozen)
 
 
 

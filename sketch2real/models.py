@@ -193,6 +193,16 @@ def enable_xformers(model: Any, device: torch.device) -> None:
                         "(install the xformers release built for your torch, see README; SDPA is the default)") from err
 
 
+def requested_precision(mixed_precision: str | None) -> str:
+    """`--mixed_precision` if given, else what accelerate was configured with (config file, `accelerate launch
+    --mixed_precision`, ACCELERATE_MIXED_PRECISION), else "no" — as diffusers' scripts do; one line for another value.
+    Every script's rule: the trainers', generation's and captioning's."""
+    precision = mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if precision not in ("no", "fp16", "bf16"):
+        raise UserError(f"mixed precision must be no, fp16 or bf16, got {precision!r}")
+    return precision
+
+
 def dtype_for(mixed_precision: str) -> torch.dtype:
     """The weight dtype of frozen modules for a `--mixed_precision` value."""
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)

@@ -299,3 +299,18 @@ def test_without_a_size_images_have_the_size_the_models_own_pipeline_draws(model
     assert ours == pipe("a cat", num_inference_steps=1).images[0].size == (48, 48)
     settings = json.loads((tmp_path / "gen" / "index.jsonl").read_text().splitlines()[0])["settings"]
     assert (settings["height"], settings["width"]) == (48, 48)
+
+
+@pytest.mark.parametrize("script", ["infer/generate.py", "infer/caption.py"])
+def test_without_mixed_precision_the_scripts_follow_accelerate_as_the_trainers(script, gen_args, tiny_models, shard_dir,
+                                                                               tmp_path):
+    """`accelerate launch --mixed_precision bf16 infer/...` without the script's own flag runs the model in bf16 (it ran
+    fp32: twice the memory), as the trainers and diffusers' scripts follow accelerate; what ran is recorded."""
+    args = ([*gen_args, "--max_per_category", "1", "--num_inference_steps", "1", "--categories", "cat"]
+            if script == "infer/generate.py" else
+            ["--model_name_or_path", tiny_models.blip2, "--shard_dir", shard_dir, "--split", "test", "--max_new_tokens", "2",
+             "--categories", "cat", "--num_workers", "0"])
+    launch(script, *args, "--output_dir", tmp_path, num_processes=1, accelerate_precision="bf16")
+    assert json.loads((tmp_path / "metrics.json").read_text())["dtype"] == "torch.bfloat16"
+    config = "generate_config.json" if script == "infer/generate.py" else "caption_config.json"
+    assert json.loads((tmp_path / config).read_text())["mixed_precision"] == "bf16"

@@ -22,12 +22,6 @@ def _env_true(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true", "yes")
 
 
-def requested_precision(opts) -> str:
-    """`--mixed_precision` if given, else what accelerate was configured with (config file,
-    `accelerate launch --mixed_precision`, ACCELERATE_MIXED_PRECISION), else "no" — as diffusers' scripts do."""
-    return opts.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
-
-
 def make_accelerator(opts, train_batch_size: int | None = None):
     """An `accelerate.Accelerator` for `opts` (a TrainOptions), usable on CUDA clusters and on CPU.
 
@@ -45,9 +39,9 @@ def make_accelerator(opts, train_batch_size: int | None = None):
         raise UserError("a DeepSpeed config was given with ACCELERATE_USE_CPU set, which silently turns DeepSpeed off: "
                         "unset ACCELERATE_USE_CPU (DeepSpeed runs on CPU without it)")
     on_cpu = not torch.cuda.is_available() or cpu_forced
-    precision = requested_precision(opts)
-    if precision not in ("no", "fp16", "bf16"):
-        raise UserError(f"mixed precision must be no, fp16 or bf16, got {precision!r}")
+    from sketch2real.models import requested_precision
+
+    precision = requested_precision(opts.mixed_precision)
     if on_cpu and precision == "fp16":
         raise UserError("mixed precision fp16 needs a CUDA device; use bf16 or no on CPU")
     check_output_dir(opts.output_dir)  # every trainer's first use of it: a file or an unwritable folder is one line

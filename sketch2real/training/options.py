@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
-from sketch2real.cli import UserError, option
+from sketch2real.cli import PRECISION_HELP, UserError, option
 
 # diffusers.optimization.SchedulerType values get_scheduler can build from these options alone
 # (piecewise_constant also needs step rules, which no option gives).
@@ -66,9 +66,7 @@ class TrainOptions:
     adam_weight_decay: float = option(1e-2, help="AdamW weight decay", min=0)
     adam_epsilon: float = option(1e-8, help="AdamW epsilon", min_exclusive=0)
     max_grad_norm: float = option(1.0, help="gradient clipping norm (0: off)", min=0)
-    mixed_precision: str | None = option(None, help="no, fp16 or bf16 (fp16 needs CUDA); default: accelerate's setting "
-                                         "(config file, accelerate launch --mixed_precision, ACCELERATE_MIXED_PRECISION), else no",
-                                         choices=("no", "fp16", "bf16"), affects="runtime")
+    mixed_precision: str | None = option(None, help=PRECISION_HELP, choices=("no", "fp16", "bf16"), affects="runtime")
     allow_tf32: bool = option(False, help="allow TF32 matmuls on Ampere and newer GPUs", affects="runtime")
     gradient_checkpointing: bool = option(False, help="recompute activations in backward to save memory", affects="runtime")
     enable_xformers_memory_efficient_attention: bool = option(False, help="xformers attention (CUDA only; SDPA is the default)",
