@@ -26,6 +26,12 @@ from sketch2real.device import device_constant, to_device
 SKETCHY_SIZE = (256, 256)  # every Sketchy photo and sketch (rendered_256x256): SDXL's original_size
 
 
+NOISE_SAMPLERS = {"pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "dpm++": "DPMSolverMultistepScheduler",
+                  "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler",
+                  "unipc": "UniPCMultistepScheduler"}
+FLOW_SAMPLERS = {"euler": "FlowMatchEulerDiscreteScheduler"}
+
+
 @dataclass
 class Conditioning:
     """The denoiser's (and a ControlNet's) text conditioning for a batch: the sequence states, and where the family
@@ -101,6 +107,12 @@ class Family:
     # (learning rate, weight decay) of the text encoders' LoRA adapters in diffusers' LoRA script for the family, a
     # parameter group of their own (SDXL, SD3, FLUX.1: --text_encoder_lr 5e-6); None: the denoiser's (SD 1.x's script)
     text_encoder_lora_optimizer: tuple[float, float] | None = None
+
+    def samplers(self) -> dict[str, str]:
+        """Generation's `--scheduler` choices that fit the objective it was trained with, and their diffusers classes:
+        the noise-prediction samplers, or for a flow-matching family its pipelines' flow-matching Euler (built from
+        a flow config, the others sample noise on SD3 and stop FLUX.1 at its first step)."""
+        return FLOW_SAMPLERS if self.training_scheduler == "FlowMatchEulerDiscreteScheduler" else NOISE_SAMPLERS
 
     def require(self, trainer: str) -> None:
         """One line when `trainer` is not built for this family yet."""

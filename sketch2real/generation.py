@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from sketch2real.cli import PRECISION_HELP, UserError, as_dict, check_output_dir, option, options_affecting
+from sketch2real.family import NOISE_SAMPLERS
 from sketch2real.io import (
     atomic_path,
     check_same_settings,
@@ -40,14 +41,6 @@ from sketch2real.training.diffusion import derive_seed
 
 logger = logging.getLogger("sketch2real")
 
-SCHEDULERS = {
-    "pndm": "PNDMScheduler",
-    "ddim": "DDIMScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "unipc": "UniPCMultistepScheduler",
-}
 TEMPLATE_FIELDS = {"category", "key", "caption"}
 
 
@@ -271,6 +264,9 @@ def load_generation_pipeline(model: str, device: torch.device, dtype: torch.dtyp
         logger.info("%s is a checkpoint of a full fine-tune: its trained weights in its base model %s", checkpoint, model)
     check_model_path(model)
     family = family_of(model, revision)
+    if scheduler and scheduler not in family.samplers():  # before any weight loads
+        raise UserError(f"--scheduler {scheduler} does not fit {family.name} models, trained for another objective "
+                        f"(theirs: {', '.join(family.samplers())})")
     net = load(getattr(diffusers, family.controlnet_class), controlnet, "ControlNet", torch_dtype=dtype) if controlnet else None
     if checkpoint is None:
         pipe = load_pipeline(family, model, net, safety_checker, torch_dtype=dtype, revision=revision)
@@ -281,9 +277,7 @@ def load_generation_pipeline(model: str, device: torch.device, dtype: torch.dtyp
                                   dtype, net, safety_checker)
         set_trained_weights(pipe, family, checkpoint_weights(checkpoint))
     if scheduler:
-        if scheduler not in SCHEDULERS:
-            raise UserError(f"unknown scheduler {scheduler!r}; choose from {', '.join(SCHEDULERS)}")
-        pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
+        pipe.scheduler = getattr(diffusers, family.samplers()[scheduler]).from_config(pipe.scheduler.config)
     for file in textual_inversion:
         if not Path(file).exists():
             raise UserError(f"textual inversion embeddings not found: {file}")
@@ -414,7 +408,8 @@ class GenerateOptions:
     max_per_category: int = option(0, help="at most this many samples per category (0: all)", min=0, affects="selection")
     num_images_per_prompt: int = option(1, help="images per item", min=1)
     negative_prompt: str = option("", help="negative prompt")
-    scheduler: str = option("", help="sampling scheduler ('': the model's own)", choices=("", *SCHEDULERS))
+    scheduler: str = option("", help="sampling scheduler ('': the model's own; flow-matching families: euler only)",
+                            choices=("", *NOISE_SAMPLERS))
     num_inference_steps: int = option(50, help="denoising steps", min=1)
     guidance_scale: float | None = option(None, help="guidance scale (classifier-free, <= 1: none; FLUX.1 [dev]: the "
                                           "embedded guidance); default: the family's (SD, SDXL 7.5; SD3 7.0; FLUX.1 3.5)",
