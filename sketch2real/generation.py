@@ -12,7 +12,7 @@ import json
 import logging
 import re
 import string
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,32 +55,40 @@ class Item:
     extra: dict = field(default_factory=dict)
 
 
-def check_template(template: str) -> None:
-    """A prompt template may use {category}, {key} and {caption}; anything else is an error."""
+def check_template(template: str, fields: Collection[str] = TEMPLATE_FIELDS) -> None:
+    """A prompt template may use {category}, {key} and {caption} (`fields`); anything else is an error."""
     try:
         names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
     except ValueError as err:
         raise UserError(f"bad prompt template {template!r}: {err}") from err
-    unknown = sorted(n for n in names if n not in TEMPLATE_FIELDS)
+    if "caption" in names and "caption" not in fields:  # it would be filled with nothing
+        raise UserError("the prompt template's {caption} needs --captions (a captions file of infer/caption.py)")
+    unknown = sorted(n for n in names if n not in fields)
     if unknown:
-        allowed = ", ".join("{" + f + "}" for f in sorted(TEMPLATE_FIELDS))
+        allowed = ", ".join("{" + f + "}" for f in sorted(fields))
         raise UserError(f"prompt template names unknown field {{{unknown[0]}}}; use {allowed}")
 
 
-def items_from_template(template: str, shard_dir: str, split: str, categories: Sequence[str] | None,
-                        max_per_category: int = 0) -> list[Item]:
+def items_from_template(template: str, shard_dir: str, split: str, categories: Sequence[str] | None) -> list[Item]:
     """One item per sample of a split: the template filled with the sample's category."""
     from sketch2real.shards import sample_refs
 
-    check_template(template)
-    items, counts = [], {}
-    for ref in sample_refs(shard_dir, split, categories):
-        counts[ref.category] = counts.get(ref.category, 0) + 1
-        if max_per_category and counts[ref.category] > max_per_category:
-            continue
-        prompt = template.format(category=category_words(ref.category), key=ref.key, caption="")
-        items.append(Item(key=ref.key, prompt=prompt, category=ref.category, sample_key=ref.key))
-    return items
+    check_template(template, TEMPLATE_FIELDS - {"caption"})
+    return [Item(key=ref.key, prompt=template.format(category=category_words(ref.category), key=ref.key),
+                 category=ref.category, sample_key=ref.key) for ref in sample_refs(shard_dir, split, categories)]
+
+
+def first_samples_per_category(items: list[Item], limit: int, order: Sequence[str] | None = None) -> list[Item]:
+    """The items of the first `limit` samples of each category (`--max_per_category`), taken in `order` (sample keys:
+    the shards', so a captions set draws the same sketches as a template set), then in the items' own."""
+    category = {it.sample_key: it.category for it in items}
+    ordered = set(order or ())
+    chosen, counts = set(), {}
+    for key in [*(k for k in order or () if k in category), *(k for k in category if k not in ordered)]:
+        counts[category[key]] = counts.get(category[key], 0) + 1
+        if counts[category[key]] <= limit:
+            chosen.add(key)
+    return [it for it in items if it.sample_key in chosen]
 
 
 def items_from_captions(path: str, prompt_ids: Sequence[str] | None, template: str = "{caption}") -> list[Item]:
@@ -439,17 +447,29 @@ def build_items(opts: GenerateOptions) -> list[Item]:
     sources = [bool(opts.captions), bool(opts.prompt_template and not opts.captions), bool(opts.prompts)]
     if sum(sources) != 1:
         raise UserError("give exactly one of --captions, --prompt_template (with --shard_dir) or --prompts")
+    from sketch2real.shards import sample_refs
+
+    if opts.controlnet and not (opts.shard_dir and (opts.captions or opts.prompt_template)):
+        raise UserError("--controlnet conditions each image on its sketch: use --prompt_template or --captions with --shard_dir")
     if opts.captions:
         items = items_from_captions(opts.captions, opts.prompt_ids, opts.prompt_template or "{caption}")
         if opts.categories:
             items = [it for it in items if it.category in set(opts.categories)]
+            if not items:
+                raise UserError(f"no captions in {opts.captions} of --categories {' '.join(opts.categories)}")
     elif opts.prompt_template:
         if not opts.shard_dir:
             raise UserError("--prompt_template needs --shard_dir")
-        items = items_from_template(opts.prompt_template, opts.shard_dir, opts.split, opts.categories or None,
-                                    opts.max_per_category)
+        items = items_from_template(opts.prompt_template, opts.shard_dir, opts.split, opts.categories or None)
     else:
         items = items_from_prompts(opts.prompts)
-    if opts.controlnet and not all(it.sample_key for it in items):
-        raise UserError("--controlnet conditions each image on its sketch: use --prompt_template or --captions with --shard_dir")
+    of_samples = bool(items) and bool(items[0].sample_key)  # not free prompts
+    in_split = [ref.key for ref in sample_refs(opts.shard_dir, opts.split)] if opts.shard_dir and of_samples else None
+    if opts.controlnet and of_samples:  # each sketch is read from the split: all there, before any model loads
+        missing = sorted({it.sample_key for it in items} - set(in_split))
+        if missing:
+            raise UserError(f"{len(missing)} captioned sketches are not in split {opts.split!r} of {opts.shard_dir} (e.g. "
+                            f"{missing[0]}): captions of another split? (--split)")
+    if opts.max_per_category and of_samples:
+        items = first_samples_per_category(items, opts.max_per_category, in_split)
     return expand(items, opts.num_images_per_prompt)

@@ -314,3 +314,34 @@ def test_without_mixed_precision_the_scripts_follow_accelerate_as_the_trainers(s
     assert json.loads((tmp_path / "metrics.json").read_text())["dtype"] == "torch.bfloat16"
     config = "generate_config.json" if script == "infer/generate.py" else "caption_config.json"
     assert json.loads((tmp_path / config).read_text())["mixed_precision"] == "bf16"
+
+
+def test_a_captions_set_draws_the_template_sets_sketches_and_controlnet_checks_its_sketches_first(shard_dir, tmp_path):
+    """--max_per_category limits a --captions set too (it drew every captioned sketch), to the sketches a template set
+    draws (the shards' first of each category), so sets compare on the same sketches; --controlnet with captions of
+    another split, or without --shard_dir, and {caption} without --captions are one line before any model loads."""
+    from sketch2real.cli import UserError, parse_options
+    from sketch2real.generation import GenerateOptions, build_items
+    from sketch2real.shards import sample_refs
+
+    refs = sample_refs(shard_dir, "test")
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text("".join(json.dumps({"key": r.key, "category": r.category, "prompt_id": pid, "caption": f"a {pid}"})
+                                + "\n" for r in reversed(refs) for pid in ("1", "2")))  # not in the shards' order
+    common = ["--pretrained_model_name_or_path", "m", "--output_dir", str(tmp_path / "out"), "--shard_dir", str(shard_dir)]
+
+    def items(*args: str) -> list:
+        return build_items(parse_options(GenerateOptions, [*common, *args]))
+
+    template = items("--max_per_category", "1", "--prompt_template", "a {category}")
+    captioned = items("--max_per_category", "1", "--captions", str(captions))
+    categories = {r.category for r in refs}
+    assert len(template) == len(categories) and len(captioned) == 2 * len(categories)
+    assert {it.sample_key for it in captioned} == {it.sample_key for it in template}
+    with pytest.raises(UserError, match="needs --captions"):
+        items("--prompt_template", "a sketch, {caption}")
+    with pytest.raises(UserError, match=f"{len(refs)} captioned sketches are not in split 'val'"):
+        items("--captions", str(captions), "--controlnet", "cn", "--split", "val")
+    common = common[:-2]
+    with pytest.raises(UserError, match="with --shard_dir"):
+        items("--captions", str(captions), "--controlnet", "cn")
