@@ -56,7 +56,7 @@ def main() -> int:
     pipe = load_generation_pipeline(
         opts.pretrained_model_name_or_path, state.device, dtype_for(opts.mixed_precision), opts.scheduler,
         opts.textual_inversion, opts.lora, opts.lora_scale, opts.controlnet, opts.safety_checker,
-        opts.enable_xformers_memory_efficient_attention, opts.torch_compile, opts.revision,
+        opts.enable_xformers_memory_efficient_attention, opts.torch_compile, opts.revision, (opts.height, opts.width),
     )
     settings = {k: getattr(opts, k) for k in ("height", "width", "num_inference_steps", "guidance_scale", "negative_prompt",
                                               "scheduler", "lora_scale")}

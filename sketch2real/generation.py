@@ -254,9 +254,9 @@ def _without_adapter_error_log() -> Iterator[None]:
 def load_generation_pipeline(model: str, device: torch.device, dtype: torch.dtype, scheduler: str = "",
                              textual_inversion: Sequence[str] = (), lora: str = "", lora_scale: float = 1.0,
                              controlnet: str = "", safety_checker: bool = False, xformers: bool = False,
-                             compile_denoiser: bool = False, revision: str | None = None):
+                             compile_denoiser: bool = False, revision: str | None = None, sizes: Sequence[int | None] = ()):
     """A (ControlNet) pipeline of the model's family (SD 1.x/2.x, SDXL, SD3, FLUX.1, FLUX.2 [klein]) with optional TI embeddings and
-    LoRA fused in."""
+    LoRA fused in. `sizes`: the image sides asked for, checked against the family before any weight loads."""
     import diffusers
 
     from sketch2real.family import family_of, load_textual_inversion
@@ -272,6 +272,10 @@ def load_generation_pipeline(model: str, device: torch.device, dtype: torch.dtyp
         logger.info("%s is a checkpoint of a full fine-tune: its trained weights in its base model %s", checkpoint, model)
     check_model_path(model)
     family = family_of(model, revision)
+    bad = [side for side in sizes if side and side % family.resolution_multiple]
+    if bad:  # SD3 stopped with a traceback, FLUX.1 drew another size than the index recorded
+        raise UserError(f"--height/--width {bad[0]} is not a multiple of {family.resolution_multiple}, which {family.name} "
+                        "models need (the VAE's downsampling, x2 for the transformer's patches)")
     if scheduler and scheduler not in family.samplers():  # before any weight loads
         raise UserError(f"--scheduler {scheduler} does not fit {family.name} models, trained for another objective "
                         f"(theirs: {', '.join(family.samplers())})")
