@@ -20,7 +20,7 @@ from sketch2real.io import append_jsonl, atomic_path, write_json
 from sketch2real.models import dtype_for
 
 
-def _folder_items(folder: str, rank: int, world: int) -> list[dict]:
+def _folder_items(folder: str, rank: int, world: int, categories: list[str]) -> list[dict]:
     from sketch2real.shards import IMAGE_SUFFIXES, CorruptSample, corrupt_samples, open_image
 
     def read(path: Path):
@@ -36,6 +36,12 @@ def _folder_items(folder: str, rank: int, world: int) -> list[dict]:
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise UserError(f"no images in {folder}")
+    if categories:  # a category is an image's folder, as with shards: unknown ones are an error
+        present = {p.parent.name for p in files if p.parent != root}
+        unknown = [c for c in categories if c not in present]
+        if unknown:
+            raise UserError(f"unknown category {unknown[0]!r} in {folder}; its folders: {', '.join(sorted(present)) or 'none'}")
+        files = [p for p in files if p.parent != root and p.parent.name in categories]
     mine = files[rank * len(files) // world : (rank + 1) * len(files) // world]
     items = [{"key": str(p.relative_to(root).with_suffix("")), "category": p.parent.name if p.parent != root else "",
               "image": read(p)} for p in mine]
@@ -45,7 +51,7 @@ def _folder_items(folder: str, rank: int, world: int) -> list[dict]:
 def _batches(opts: Options, rank: int, world: int):
     """This rank's batches: lists of {key, category, image, pad}. Bad input fails here, before any work."""
     if opts.image_dir:
-        items = _folder_items(opts.image_dir, rank, world)
+        items = _folder_items(opts.image_dir, rank, world, opts.categories)
         return [items[i : i + opts.batch_size] for i in range(0, len(items), opts.batch_size)]
     from sketch2real.shards import ShardStream, stream_loader
 
@@ -72,6 +78,7 @@ def main() -> int:
     check_shared_folder(state, opts.output_dir)
     out = Path(opts.output_dir)
     done = resumable_pairs(out, as_dict(opts))  # another run's captions are refused here, before the model loads
+    batches = _batches(opts, state.process_index, state.num_processes)  # so are bad categories, folders, shards
     captioner = load_captioner(opts.model_name_or_path, state.device, dtype_for(opts.mixed_precision), opts.load_in_8bit,
                                opts.load_in_4bit, opts.trust_remote_code)
     if state.is_main_process:
@@ -80,7 +87,6 @@ def main() -> int:
     state.wait_for_everyone()
     part = out / f"captions.rank{state.process_index:03d}.jsonl"
     settings = {"max_new_tokens": opts.max_new_tokens, "num_beams": opts.num_beams, "do_sample": False}
-    batches = _batches(opts, state.process_index, state.num_processes)
     bar = tqdm(desc=f"caption [rank {state.process_index}]", unit="img", disable=not state.is_local_main_process)
     start, count = time.perf_counter(), 0
     for batch in batches:

@@ -143,3 +143,20 @@ def test_empty_input_folder(tiny_models, tmp_path):
     proc = run_script("infer/caption.py", "--model_name_or_path", tiny_models.blip2, "--image_dir", tmp_path / "empty",
                       "--output_dir", tmp_path / "o", check=False)
     assert proc.returncode == 2 and "no images in" in proc.stderr
+
+
+def test_an_image_folder_is_cut_to_the_categories_asked_for(tiny_models, tmp_path):
+    """--image_dir with --categories captions those categories' folders only (it captioned every folder), and an
+    unknown one is one line, as with shards."""
+    from PIL import Image
+
+    for category in ("cat", "dog"):
+        (tmp_path / "images" / category).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(tmp_path / "images" / category / f"{i}.png")
+    args = ["--model_name_or_path", tiny_models.blip2, "--image_dir", tmp_path / "images", "--prompts", "1",
+            "--max_new_tokens", "2", "--num_workers", "0"]
+    run_script("infer/caption.py", *args, "--categories", "cat", "--output_dir", tmp_path / "cat")
+    assert sorted(row["key"] for row in _rows(tmp_path / "cat")) == ["cat/0", "cat/1"]
+    proc = run_script("infer/caption.py", *args, "--categories", "cow", "--output_dir", tmp_path / "cow", check=False)
+    assert proc.returncode == 2 and "unknown category 'cow'" in proc.stderr.strip().splitlines()[-1]
