@@ -6,7 +6,7 @@ from __future__ import annotations
 from sketch2real.cli import parse_options, run_main
 from sketch2real.evaluation import BEYOND_INCEPTION, generated_sets, reference_set, run_fid
 from sketch2real.evaluation import EvalOptions as Options
-from sketch2real.metrics import drawn_samples, of_samples, shard_set
+from sketch2real.metrics import drawn_samples, of_categories, of_samples, shard_set
 
 
 def main() -> int:
@@ -16,6 +16,8 @@ def main() -> int:
     opts.check()
     sets = generated_sets(opts.generated)
     reference = reference_set(opts)
+    if opts.categories:  # every set cut as the reference is (scored against a reference of other categories before)
+        reference, sets = of_categories(reference, opts.categories), [of_categories(s, opts.categories) for s in sets]
     if opts.max_samples:
         drawn = drawn_samples(reference, opts.max_samples, opts.seed)
         reference, sets = of_samples(reference, drawn), [of_samples(s, drawn) for s in sets]

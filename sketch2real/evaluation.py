@@ -582,7 +582,7 @@ class EvalOptions:
     reference_shards: str = option("", help="shard folder whose split gives the reference images")
     reference_split: str = option("test", help="split of --reference_shards")
     reference_field: str = option("photo", help="photo or sketch", choices=("photo", "sketch"), noun="reference field")
-    categories: list[str] = option([], help="only these categories of the reference shards")
+    categories: list[str] = option([], help="only these categories, of the reference and of every generated set")
     output_dir: str = option("", help="metrics.json, report.md and fid_per_category.png go here (required)")
     ddp_timeout: int = option(7200, help="seconds a process waits for the others (e.g. behind rank 0's final merge) "
                               "before the job fails", min=1)

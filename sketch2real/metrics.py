@@ -95,6 +95,20 @@ def of_samples(images: ImageSet, keys: set[str]) -> ImageSet:
     rows = [i for i, key in enumerate(images.sample_keys) if key in keys]
     if not rows:
         raise UserError(f"{images.name}: no image of the {len(keys)} drawn samples")
+    return _rows_of(images, rows)
+
+
+def of_categories(images: ImageSet, categories: Sequence[str]) -> ImageSet:
+    """The images of `images` of these categories (generated images name theirs in index.jsonl; a plain folder's
+    are its subfolders): a set is scored against a reference cut to the same ones."""
+    rows = [i for i, category in enumerate(images.categories) if category in set(categories)]
+    if not rows:
+        raise UserError(f"{images.name} ({images.path}): no image of --categories {' '.join(categories)} (its categories: "
+                        f"{', '.join(sorted(set(images.categories) - {''})) or 'none named'})")
+    return _rows_of(images, rows)
+
+
+def _rows_of(images: ImageSet, rows: list[int]) -> ImageSet:
     pick = lambda values: None if values is None else [values[i] for i in rows]  # noqa: E731
     return ImageSet(images.name, pick(images.sources), pick(images.ids), pick(images.categories), pick(images.sample_keys),
                     pick(images.prompts), images.path)

@@ -346,7 +346,8 @@ def test_every_metric_with_intervals_per_set_and_category_identical_and_degraded
 
 def test_clip_accuracy_chooses_among_every_category_where_the_reference_keeps_one(tiny_models, shard_dir, tmp_path):
     """--categories cat: the zero-shot classifier still chooses among every category of the split (among one, each
-    image is right and the content verdict says nothing), and chance is one in that many."""
+    image is right and the content verdict says nothing), and chance is one in that many; the generated set is cut
+    to the cat images as the reference is (all its images were scored against the cat photos)."""
     from sketch2real.metrics import shard_set
 
     _photo_folders(shard_dir, tmp_path)
@@ -355,9 +356,12 @@ def test_clip_accuracy_chooses_among_every_category_where_the_reference_keeps_on
                "--clip_model_name_or_path", tiny_models.clip, "--no_cache", "--output_dir", tmp_path / "o",
                "--bootstrap_resamples", "10")
     report = _fid(tmp_path / "o")
-    every = len(set(shard_set(str(shard_dir), "test", "photo").categories))
+    photos = shard_set(str(shard_dir), "test", "photo")
+    every, every_image = len(set(photos.categories)), len(photos)
     assert every > 1 and report["clip_accuracy_classes"] == every
     assert report["style_content"]["same"]["chance"] == 1 / every
+    cats = shard_set(str(shard_dir), "test", "photo", ["cat"])
+    assert report["sets"]["same"]["n_generated"] == report["reference"]["n"] == len(cats) < every_image
 
 
 def test_clean_resize_is_named_and_changes_inception_features(folders, tmp_path, tiny_models):
