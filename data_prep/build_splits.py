@@ -24,8 +24,8 @@ class Options:
     strict_testset: bool = option(False, help="fail if testset.txt names photos absent from the release")
 
 
-def main() -> None:
-    opts = parse_options(Options)
+def main(argv: list[str] | None = None) -> None:
+    opts = parse_options(Options, argv)
     release = SketchyRelease(opts.sketchy_root, opts.augmentation, opts.info_dir or None)
     result = build_splits(release, opts.val_fraction, opts.seed, tuple(opts.keep_invalid), opts.categories or None,
                           opts.strict_testset)

@@ -19,8 +19,8 @@ class Options:
     num_workers: int = option(1, help="processes writing shards in parallel", min=1)
 
 
-def main() -> None:
-    opts = parse_options(Options)
+def main(argv: list[str] | None = None) -> None:
+    opts = parse_options(Options, argv)
     if not opts.splits:
         raise UserError("--splits: give at least one split to write")
     check_output_dir(opts.output_dir)

@@ -447,6 +447,27 @@ def exit_now(code: int | str | None) -> typing.NoReturn:
         os._exit(code or 0)
 
 
+def route_flags(argv: list[str], scripts: dict[str, type]) -> dict[str, list[str]]:
+    """One job's command line split among the scripts it runs (`scripts`: name -> options class): each `--flag` (by
+    its full name) with the values after it goes to every script whose options have it; one line for a flag that none
+    has, naming what each takes."""
+    taken = {name: {f"--{field.name}" for field in dataclasses.fields(cls)} for name, cls in scripts.items()}
+    routed: dict[str, list[str]] = {name: [] for name in scripts}
+    targets: list[str] = []
+    for token in argv:
+        if token.startswith("--"):
+            flag = token.split("=", 1)[0]
+            targets = [name for name, flags in taken.items() if flag in flags]
+            if not targets:
+                raise UserError(f"unknown option {flag}: " + "; ".join(f"{name} takes {' '.join(sorted(flags))}"
+                                                                       for name, flags in taken.items()))
+        elif not targets:
+            raise UserError(f"{token!r} is not the value of an option")
+        for name in targets:
+            routed[name].append(token)
+    return routed
+
+
 def run_main(main: Callable[[], Any]) -> None:
     """Run an entry point: a `UserError` becomes one stderr line and exit status 2; after a normal return every rank
     leaves the process group together (`leave_process_group`). A script's own `main` (run as `__main__`) then ends its

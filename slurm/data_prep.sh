@@ -11,7 +11,7 @@ set -euo pipefail
 source "${SKETCH2REAL_HOME:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"
 SKETCHY=${SKETCHY:-data/sketchy}
 DATA=${DATA:-data}
-"$PYTHON" data_prep/build_splits.py --sketchy_root "$SKETCHY" --output_dir "$DATA/splits" --seed "${SEED:-0}" \
-  --val_fraction "${VAL_FRACTION:-0.1}"
-"$PYTHON" data_prep/make_shards.py --splits_dir "$DATA/splits" --sketchy_root "$SKETCHY" --output_dir "$DATA/shards" \
-  --num_workers "${SLURM_CPUS_PER_TASK:-4}" --max_samples_per_shard "${SHARD_SIZE:-1000}" "$@"
+# extra flags go to the step that takes them: build_splits.py's (--categories, --keep_invalid...) or make_shards.py's
+"$PYTHON" data_prep/prepare.py --data_dir "$DATA" --sketchy_root "$SKETCHY" --seed "${SEED:-0}" \
+  --val_fraction "${VAL_FRACTION:-0.1}" --num_workers "${SLURM_CPUS_PER_TASK:-4}" --max_samples_per_shard "${SHARD_SIZE:-1000}" \
+  "$@"

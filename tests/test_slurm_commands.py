@@ -1,6 +1,7 @@
 """The command lines slurm/*.sh build for a 2-node allocation (no Slurm needed: srun, scontrol and accelerate's
 launcher are stand-ins that record what they are given), then read by accelerate's own launcher as it would on each node."""
 
+import json
 import os
 import socket
 import subprocess
@@ -204,3 +205,20 @@ def test_scripts_that_expand_arrays_drop_set_u_on_bash_before_4_4():
         lines = script.read_text().splitlines()
         strict = lines.index("set -euo pipefail")
         assert guard in lines[strict + 1 : strict + 3], script.name
+
+
+def test_data_prep_job_flags_reach_the_step_that_takes_them(sketchy_root, tmp_path):
+    """`sbatch slurm/data_prep.sh --categories cat apple --max_samples_per_shard 7`: the splits keep two categories
+    (build_splits.py's flag: make_shards.py refused it, so no split flag could be given) and the shards hold 7 samples
+    at most (make_shards.py's); a flag neither takes is one line, exit 2."""
+    env = {**os.environ, "SKETCHY": str(sketchy_root), "DATA": str(tmp_path / "data"), "SKETCH2REAL_HOME": str(REPO)}
+    run = lambda *flags: subprocess.run(["bash", "slurm/data_prep.sh", *flags], cwd=REPO, env=env, capture_output=True,  # noqa: E731
+                                        text=True, timeout=300)
+    proc = run("--categories", "cat", "apple", "--max_samples_per_shard", "7")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "data" / "splits" / "train.jsonl").read_text().splitlines()]
+    assert {row["category"] for row in rows} == {"cat", "apple"}
+    index = json.loads((tmp_path / "data" / "shards" / "train.json").read_text())
+    assert len(index["shards"]) > 1 and max(len(shard["keys"]) for shard in index["shards"]) == 7
+    proc = run("--categorie", "cat")
+    assert proc.returncode == 2 and "unknown option --categorie" in proc.stderr.strip().splitlines()[-1]
