@@ -34,9 +34,9 @@ def main() -> int:
                 fid = "—" if result["fid"] is None else f"{result['fid']:.3f}"
                 if result.get("fid_ci95"):
                     fid += f" [{result['fid_ci95'][0]:.3f}, {result['fid_ci95'][1]:.3f}]"
-                kid = "—" if result.get("kid") is None else (f"{result['kid']:.5f} [{result['kid_ci95'][0]:.5f}, "
-                                                             f"{result['kid_ci95'][1]:.5f}]")
-                parts.append(f"FID {fid}  KID {kid}")
+                kid = "—" if result.get("kid") is None else (f"{1e3 * result['kid']:.2f} [{1e3 * result['kid_ci95'][0]:.2f}, "
+                                                             f"{1e3 * result['kid_ci95'][1]:.2f}]")
+                parts.append(f"FID {fid}  KID x10^3 {kid}")  # as report.md and the README write it
             for key, label, _, _ in BEYOND_INCEPTION:
                 if result.get(key) is not None:
                     ci = result.get(f"{key}_ci95")
@@ -52,8 +52,9 @@ def main() -> int:
             print(f"note: transparent images composited on white (pytorch-fid would make them black): "
                   f"{', '.join(f'{label} ({n})' for label, n in report['transparent_images'].items())}")
         for d in report.get("differences", []):
-            print(f"KID({d['a']}) - KID({d['b']}): {d['kid_difference']:+.5f} [{d['kid_difference_ci95'][0]:+.5f}, "
-                  f"{d['kid_difference_ci95'][1]:+.5f}] {d['verdict']}")
+            low, high = d["kid_difference_ci95"]
+            print(f"KID({d['a']}) - KID({d['b']}) x10^3: {1e3 * d['kid_difference']:+.2f} [{1e3 * low:+.2f}, {1e3 * high:+.2f}] "
+                  f"{d['verdict']}")
         print(f"report: {opts.output_dir}/report.md")
     return 0
 

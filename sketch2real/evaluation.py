@@ -676,7 +676,7 @@ def run_fid(opts: EvalOptions, generated_sets: list[ImageSet], reference: ImageS
     if "csd" in metrics:
         extractors["csd"] = csd_extractor(opts.csd_model_name_or_path or DEFAULT_CSD, state.device, opts.batch_size,
                                           opts.num_workers)
-    cache_dir = Path(opts.cache_dir) if opts.cache_dir else (default_cache_dir() if not opts.no_cache else None)
+    cache_dir = None if opts.no_cache else Path(opts.cache_dir) if opts.cache_dir else default_cache_dir()
     reference_of, sets_of, hits = {}, {}, {}
     for name, extractor in extractors.items():
         features, valid, hits[name] = features_of(reference, extractor, state, cache_dir)

@@ -342,6 +342,10 @@ def test_every_metric_with_intervals_per_set_and_category_identical_and_degraded
                "fd_dinov2", "--dinov2_model_name_or_path", tiny_models.dinov2, "--cache_dir", tmp_path / "cache",
                "--output_dir", tmp_path / "again")
     assert _fid(tmp_path / "again")["reference"]["cache_hits"] == {"dinov2": True}
+    run_script("eval/fid.py", "--generated", f"same={tmp_path / 'same'}", "--reference_shards", shard_dir, "--metrics",
+               "fd_dinov2", "--dinov2_model_name_or_path", tiny_models.dinov2, "--cache_dir", tmp_path / "cache",
+               "--no_cache", "--output_dir", tmp_path / "uncached")  # --no_cache wins over a --cache_dir (it read it)
+    assert _fid(tmp_path / "uncached")["reference"]["cache_hits"] == {"dinov2": False}
 
 
 def test_clip_accuracy_chooses_among_every_category_where_the_reference_keeps_one(tiny_models, shard_dir, tmp_path):
