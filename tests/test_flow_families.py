@@ -727,19 +727,20 @@ def test_full_train_text_encoder_trains_the_clip_encoders_and_leaves_t5_as_it_wa
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_generation_samples_with_the_flow_objective_or_refuses_a_noise_sampler(family, tiny_models, tmp_path):
-    """--scheduler euler is the flow families' own flow-matching Euler (the same images as the pipeline's scheduler);
-    a noise-prediction sampler (dpm++: noise on SD3, a traceback on FLUX.1 at its first step) is one line, exit 2,
-    before anything is written; so is a size their patches cannot take."""
-    args = ["--pretrained_model_name_or_path", tiny(tiny_models, family), "--prompts", "a cat", "--num_inference_steps",
-            "2", "--height", "32", "--width", "32"]
-    refused = run_script("infer/generate.py", *args, "--scheduler", "dpm++", "--output_dir", tmp_path / "dpm", check=False)
-    assert refused.returncode == 2 and "--scheduler dpm++ does not fit" in refused.stderr.strip().splitlines()[-1]
-    assert not (tmp_path / "dpm" / "images").exists()
-    # a side of a multiple of 8, not of 16: SD3 stopped with a traceback, FLUX.1 drew 32 px and recorded 40
-    refused = run_script("infer/generate.py", *args, "--height", "40", "--output_dir", tmp_path / "40", check=False)
-    assert refused.returncode == 2 and "40 is not a multiple of 16" in refused.stderr.strip().splitlines()[-1]
-    for name, extra in (("own", []), ("euler", ["--scheduler", "euler"])):
-        run_script("infer/generate.py", *args, *extra, "--output_dir", tmp_path / name)
-    own, euler = (sorted((tmp_path / name / "images").rglob("*.png")) for name in ("own", "euler"))
-    assert own and [p.read_bytes() for p in own] == [p.read_bytes() for p in euler]
+def test_generation_samples_with_the_flow_objective_or_refuses_a_noise_sampler(family, tiny_models):
+    """--scheduler euler is the flow families' own flow-matching Euler (the pipeline's scheduler, its config unchanged);
+    a noise-prediction sampler (dpm++: noise on SD3, a traceback on FLUX.1 at its first step) is one line before any
+    weight loads; so is a size their patches cannot take (SD3: a traceback; FLUX.1 drew 32 px and recorded 40)."""
+    from diffusers import DiffusionPipeline
+
+    from sketch2real.cli import UserError
+    from sketch2real.generation import load_generation_pipeline
+
+    model, cpu = str(tiny(tiny_models, family)), torch.device("cpu")
+    with pytest.raises(UserError, match=f"--scheduler dpm\\+\\+ does not fit {family} models"):
+        load_generation_pipeline(model, cpu, torch.float32, scheduler="dpm++")
+    with pytest.raises(UserError, match="40 is not a multiple of 16"):
+        load_generation_pipeline(model, cpu, torch.float32, sizes=(40, 32))
+    own = DiffusionPipeline.from_pretrained(model).scheduler
+    euler = load_generation_pipeline(model, cpu, torch.float32, scheduler="euler").scheduler
+    assert type(euler) is type(own) and dict(euler.config) == dict(own.config)
