@@ -1,6 +1,7 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -76,6 +77,7 @@ def test_training_lowers_the_loss_and_the_controlnet_loads_in_diffusers(cn_args,
     assert abs(out_a - out_b).max() > 1e-3  # the conditioning sketch changes the image
     prompt, card = check_model_card_usage(out, shard_dir, tmp_path)  # the card's command and diffusers lines
     assert prompt == "a photo" and card["image"].size == (64, 64)
+    assert torch.from_numpy(np.asarray(card["sketch"])).max() == 0  # the white page inverted, black, as it trained
 
 
 def test_resume_is_exact_with_any_number_of_loader_workers_and_two_processes_agree(cn_args, tmp_path):

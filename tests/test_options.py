@@ -189,6 +189,11 @@ def test_prodigy_without_a_learning_rate_gets_its_own_in_every_trainer(trainer, 
     assert prodigy.learning_rate == 1.0
     assert parse_options(options_class(trainer), needed).learning_rate == default
     assert parse_options(options_class(trainer), [*needed, "--learning_rate", "0.5", "--optimizer", "prodigy"]).learning_rate == 0.5
+    # the model card's settings: a default resolved from other options is no change (every card listed the rate)
+    from sketch2real.training.model_card import changed_options
+
+    assert "learning_rate" not in changed_options(parse_options(options_class(trainer), needed))
+    assert changed_options(parse_options(options_class(trainer), [*needed, "--learning_rate", "0.5"]))["learning_rate"] == 0.5
 
 
 def test_a_lora_run_into_a_folder_holding_a_full_pipeline_is_refused(tmp_path):

@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from sketch2real.cli import as_dict, default_of, options_affecting
+from sketch2real.cli import as_dict, options_affecting
 from sketch2real.family import Family, pipeline_class
 from sketch2real.lokr import LOKR_FILE
 
@@ -38,10 +38,13 @@ def output_kind(out: Path) -> str:
 
 def changed_options(opts) -> dict[str, Any]:
     """The options of a run that differ from its trainer's defaults (paths and how it ran left out)."""
+    from sketch2real.training.checkpoints import defaults_in_context
+
     changed = {}
     runtime = options_affecting(type(opts), "runtime")
+    defaults = defaults_in_context(opts)  # a default resolved from other options (the learning rate) is a default
     for f in dataclasses.fields(opts):
-        default = default_of(f)
+        default = defaults[f.name]
         value = getattr(opts, f.name)
         if f.name not in runtime and f.name not in DATA_OPTIONS and value != default and f.name != \
                 "pretrained_model_name_or_path":
@@ -86,11 +89,14 @@ def usage(kind: str, base: str, out: Path, prompt: str, family: Family) -> str:
         return "\n".join(lines)
     if tokens:  # the trained tokens' rows in each embedding encoder (SDXL: both), as the family's files name them
         code.append(f"load_textual_inversion(pipe, {embeds!r})")
-    condition = f", {family.control_image_argument}=load_image('a sketch.png')" if kind == "controlnet" else ""
+    condition = f", {family.control_image_argument}=sketch" if kind == "controlnet" else ""
     prompt_line = prompt.format(category="cat") if kind == "controlnet" else prompt
+    if kind == "controlnet":  # as it trained (`sketchy.sketch_condition`): a Sketchy sketch is black strokes on white
+        code += ["# the sketch inverted, white strokes on black, as the ControlNet trained on it",
+                 "sketch = ImageOps.invert(load_image('a sketch.png').convert('RGB'))"]
     code.append(f"image = pipe({prompt_line!r}{condition}).images[0]")
     header = [f"from diffusers import {', '.join(sorted(imports))}"]
-    header += ["from diffusers.utils import load_image"] if kind == "controlnet" else []
+    header += ["from diffusers.utils import load_image", "from PIL import ImageOps"] if kind == "controlnet" else []
     header += ["from sketch2real.family import load_textual_inversion"] if tokens else []
     return "\n".join([*lines, "", "```python", *header, "", *code, "```"])
 
