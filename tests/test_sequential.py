@@ -38,6 +38,28 @@ def test_sequential_writes_a_folder_per_stage_and_the_forgetting_table(tiny_mode
     assert "stage 1 (cat) already finished" in proc.stderr
     assert (stages[0] / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == mtime
     assert (stages[1] / "stage_metrics.json").is_file()
+    # a rerun with another rate took the finished stages and their report as its own (exit 0)
+    at = args.index("--learning_rate")
+    proc = run_script("train/dreambooth_sequential.py", *args[:at], "--learning_rate", "1e-2", *args[at + 2:], check=False)
+    assert proc.returncode == 2 and "holds the stages of another run (learning_rate: 0.001 there, 0.01 now)" in proc.stderr
+
+
+def test_each_stage_starts_from_the_last_one_s_folder_with_its_category_s_class_images(tmp_path):
+    """Stage options: from stage 2 on, a full fine-tune loads the previous stage's folder, saved without the base's
+    --variant or --revision (stage 2 stopped: 'no file named model.fp16.safetensors'); a class prompt naming
+    {category} gets each stage's category and a class folder of its own (one unformatted set served every stage)."""
+    from sketch2real.cli import parse_options
+    from sketch2real.training.sequential import SequentialOptions, stage_options
+
+    opts = parse_options(SequentialOptions, [
+        "--pretrained_model_name_or_path", "base", "--variant", "fp16", "--revision", "main", "--shard_dir", "s",
+        "--output_dir", str(tmp_path), "--stages", "cat,apple", "--instance_prompt", "a {category} in the style of sks",
+        "--with_prior_preservation", "--class_prompt", "a sketch of a {category}", "--class_data_dir", "classes"])
+    first, second = stage_options(opts, 0, "cat", "base"), stage_options(opts, 1, "apple", str(tmp_path / "stage-01-cat"))
+    assert (first.pretrained_model_name_or_path, first.variant, first.revision) == ("base", "fp16", "main")
+    assert (second.pretrained_model_name_or_path, second.variant, second.revision) == (str(tmp_path / "stage-01-cat"), None, None)
+    assert (first.class_prompt, second.class_prompt) == ("a sketch of a cat", "a sketch of a apple")
+    assert (first.class_data_dir, second.class_data_dir) == ("classes/cat", "classes/apple")
 
 
 def test_sequential_needs_stages(tiny_models, shard_dir, tmp_path):

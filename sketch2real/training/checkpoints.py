@@ -70,11 +70,7 @@ def run_fingerprint(opts, num_processes: int) -> RunFingerprint:
     """What defines a run (model, data, seed, global batch, schedule...), not how it is launched: a checkpoint
     resumes under any launcher layout with the same global batch. `max_train_steps` counts only where the
     learning-rate schedule depends on it (so a constant-LR run may be extended)."""
-    from sketch2real.cli import as_dict, options_affecting
-
-    # how a run executes or reports is not what it computes: a resume may change those options
-    runtime = options_affecting(type(opts), "runtime")
-    choices = {k: v for k, v in as_dict(opts).items() if k not in runtime}
+    choices = dict(options_fingerprint(opts))
     choices["global_batch_size"] = opts.train_batch_size * num_processes
     if opts.lr_scheduler not in CONSTANT_SCHEDULES:
         choices["max_train_steps"] = opts.max_train_steps
@@ -82,6 +78,16 @@ def run_fingerprint(opts, num_processes: int) -> RunFingerprint:
     if index is not None and index.is_file():
         choices["data"] = hashlib.sha256(index.read_bytes()).hexdigest()[:16]
     return RunFingerprint(_normalized(choices), _normalized(defaults_in_context(opts)))
+
+
+def options_fingerprint(opts, ignored: frozenset[str] = frozenset()) -> RunFingerprint:
+    """The options that decide what a run computes (how it executes or reports, and `ignored`, left out: a resume may
+    change those), knowing their defaults (an option added since a saved run counts as the same where at its default)."""
+    from sketch2real.cli import as_dict, options_affecting
+
+    left_out = options_affecting(type(opts), "runtime") | ignored
+    return RunFingerprint(_normalized({k: v for k, v in as_dict(opts).items() if k not in left_out}),
+                          _normalized(defaults_in_context(opts)))
 
 
 def defaults_in_context(opts) -> dict[str, Any]:

@@ -39,9 +39,53 @@ class SequentialOptions(DreamBoothOptions):
     def check(self) -> None:
         if not self.stage_list():
             raise UserError("--stages needs at least one category")
+        if self.max_train_steps != DEFAULT_MAX_TRAIN_STEPS:
+            raise UserError("--max_train_steps is not used here: each stage trains --steps_per_stage steps")
         if not self.shard_dir:
             raise UserError("--shard_dir is required: each stage's instance images and held-out images come from it")
         super().check()
+
+
+DEFAULT_MAX_TRAIN_STEPS = 400  # DreamBoothOptions': what --steps_per_stage replaces
+
+
+def check_same_run(opts: SequentialOptions, out: Path) -> None:
+    """A rerun into a folder of finished stages takes them as its own only under the options that made them (more
+    stages may follow); with others (another prompt, rate, model...) it stops in one line naming what differs."""
+    from sketch2real.training.checkpoints import options_fingerprint
+
+    saved_file = out / "run_config.json"
+    if not saved_file.is_file():
+        return
+    saved = json.loads(saved_file.read_text())
+    now = options_fingerprint(opts, frozenset({"stages"}))
+    left_out = set(now.defaults) - set(now)  # how it ran, and the stages
+    theirs = {k: v for k, v in saved.items() if k not in left_out}
+    stages = [s for item in saved.get("stages", []) for s in item.split(",") if s]
+    differences = [] if now.matches(theirs) else [now.differences(theirs)]
+    if opts.stage_list()[: len(stages)] != stages:
+        differences.append(f"stages: {','.join(stages)} there, {','.join(opts.stage_list())} now")
+    if differences:
+        raise UserError(f"{out} holds the stages of another run ({'; '.join(differences)}): give another --output_dir "
+                        "(or the same options: more stages may follow)")
+
+
+def stage_options(opts: SequentialOptions, index: int, category: str, previous: str) -> SequentialOptions:
+    """Stage `index`'s options: its category's prompts, class images and steps; full weights start from the previous
+    stage's pipeline (a local folder saved without a variant or revision), LoRA from the base with the previous
+    stage's adapters."""
+    words = category_words(category)
+    start = {"initial_lora": opts.initial_lora if index == 0 else previous} if opts.lora_rank else {
+        "pretrained_model_name_or_path": previous, **({"variant": None, "revision": None} if index else {})}
+    per_category = "{category}" in opts.class_prompt  # each stage its own class images
+    return dataclasses.replace(
+        opts, **start, output_dir=str(stage_dir(opts.output_dir, index, category)), instance_category=category,
+        max_train_steps=opts.steps_per_stage, resume_from_checkpoint="latest",
+        instance_prompt=opts.instance_prompt.format(category=words),
+        validation_prompt=[p.format(category=words) for p in opts.validation_prompt],
+        class_prompt=opts.class_prompt.format(category=words),
+        class_data_dir=str(Path(opts.class_data_dir) / category) if per_category and opts.class_data_dir else opts.class_data_dir,
+    )
 
 
 def reset_accelerator(accelerator) -> None:
@@ -96,6 +140,7 @@ def run_sequential(opts: SequentialOptions, accelerator) -> int:
 
     stages = opts.stage_list()
     out = Path(opts.output_dir)
+    check_same_run(opts, out)
     rows = []
     previous = opts.pretrained_model_name_or_path
     for index, category in enumerate(stages):
@@ -110,16 +155,7 @@ def run_sequential(opts: SequentialOptions, accelerator) -> int:
             rows.append(json.loads(metrics_file.read_text()))
             previous = str(folder)
             continue
-        # full weights: the stage's base is the previous stage's pipeline; LoRA: the base model, with the adapters
-        # continuing from the previous stage's
-        start = {"initial_lora": opts.initial_lora if index == 0 else previous} if opts.lora_rank else {
-            "pretrained_model_name_or_path": previous}
-        stage_opts = dataclasses.replace(
-            opts, **start, output_dir=str(folder), instance_category=category,
-            max_train_steps=opts.steps_per_stage, resume_from_checkpoint="latest",
-            instance_prompt=opts.instance_prompt.format(category=category_words(category)),
-            validation_prompt=[p.format(category=category_words(category)) for p in opts.validation_prompt],
-        )
+        stage_opts = stage_options(opts, index, category, previous)
         if index == 0 and accelerator.is_main_process:
             write_json(out / "run_config.json", dataclasses.asdict(opts))
         task = DreamBoothTask(stage_opts, accelerator)
