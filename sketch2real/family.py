@@ -635,6 +635,23 @@ def load_textual_inversion(pipe, file: str) -> None:
             append_token_rows(getattr(pipe, tokenizer), getattr(pipe, encoder), token, tensors[key])
 
 
+def spell_out_tokens(pipe, prompt: str) -> str:
+    """`prompt` as a pipeline without diffusers' Textual Inversion loader (SD3's) must be given it: each loaded
+    multi-vector token spelt out (`<t>` -> `<t> <t>_1 ...`), as training spells it and diffusers' loader does in the
+    other pipelines (given those, the prompt is unchanged: they expand it themselves)."""
+    if hasattr(pipe, "maybe_convert_prompt") or getattr(pipe, "tokenizer", None) is None:
+        return prompt
+    added = set(pipe.tokenizer.get_added_vocab())
+    for token in sorted(added, key=len, reverse=True):
+        if f"{token}_1" not in added or f"{token}_1" in prompt:  # one vector, or spelt out already
+            continue
+        count = 1
+        while f"{token}_{count}" in added:
+            count += 1
+        prompt = prompt.replace(token, " ".join(placeholder_tokens(token, count)))
+    return prompt
+
+
 def placeholder_tokens(token: str, num_vectors: int) -> list[str]:
     """diffusers' naming for multi-vector tokens: <t>, <t>_1, <t>_2, ..."""
     return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]

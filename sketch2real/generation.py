@@ -328,7 +328,7 @@ def load_generation_pipeline(model: str, device: torch.device, dtype: torch.dtyp
 def generate_batch(pipe, batch: list[Item], seed: int, settings: dict, conditioning: list[Image.Image] | None = None):
     """Images for one batch; image i uses a generator seeded by (seed, key_i) only."""
     generators = [torch.Generator().manual_seed(derive_seed(seed, it.key)) for it in batch]
-    from sketch2real.family import family_of_pipeline
+    from sketch2real.family import family_of_pipeline, spell_out_tokens
 
     family = family_of_pipeline(pipe)
     extra = {**family.generation_kwargs(), **({family.control_image_argument: conditioning} if conditioning is not None else {})}
@@ -340,7 +340,7 @@ def generate_batch(pipe, batch: list[Item], seed: int, settings: dict, condition
             raise UserError(f"--negative_prompt: {type(pipe).__name__} takes no negative prompt")
         extra["negative_prompt"] = [negative] * len(batch)
     return pipe(
-        prompt=[it.prompt for it in batch],
+        prompt=[spell_out_tokens(pipe, it.prompt) for it in batch],
         height=settings["height"], width=settings["width"], num_inference_steps=settings["num_inference_steps"],
         guidance_scale=settings["guidance_scale"], generator=generators, **extra,
     ).images

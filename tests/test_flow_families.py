@@ -744,3 +744,29 @@ def test_generation_samples_with_the_flow_objective_or_refuses_a_noise_sampler(f
     own = DiffusionPipeline.from_pretrained(model).scheduler
     euler = load_generation_pipeline(model, cpu, torch.float32, scheduler="euler").scheduler
     assert type(euler) is type(own) and dict(euler.config) == dict(own.config)
+
+
+def test_sd3_generation_and_card_spell_out_multi_vector_tokens_as_training_does(tiny_models, tmp_path):
+    """SD3's pipelines have no Textual Inversion loader to expand `<s0>` into its rows' names: generation gave the
+    pipeline `a <s0> sketch` (half the trained rows) where training conditioned on `a <s0> <s0>_1 sketch`; it and
+    the model card's diffusers lines now spell it out (SD 1.x's pipeline, which expands it itself, gets it as is)."""
+    from types import SimpleNamespace
+
+    from diffusers import DiffusionPipeline
+
+    from sketch2real.family import SD3, append_token_rows
+    from sketch2real.generation import Item, generate_batch
+    from sketch2real.training.model_card import usage
+
+    settings = {"height": 32, "width": 32, "num_inference_steps": 1, "guidance_scale": 1.0}
+    for model, expected in ((tiny_models.sd3, "a <s0> <s0>_1 sketch of a cat"), (tiny_models.sd, "a <s0> sketch of a cat")):
+        pipe = DiffusionPipeline.from_pretrained(model)
+        append_token_rows(pipe.tokenizer, pipe.text_encoder, "<s0>", torch.zeros(2, pipe.text_encoder.config.hidden_size))
+        seen = {}
+        pipe.__class__ = type(type(pipe).__name__, (type(pipe),),  # the same pipeline, recording what it is given
+                              {"__call__": lambda self, seen=seen, **kwargs: seen.update(kwargs) or SimpleNamespace(images=[])})
+        generate_batch(pipe, [Item(key="k", prompt="a <s0> sketch of a cat")], 0, settings)
+        assert seen["prompt"] == [expected]
+    (tmp_path / "learned_embeds.safetensors").touch()
+    card = usage("lora", "base", tmp_path, "a <s0> sketch of a cat", SD3)
+    assert "pipe(spell_out_tokens(pipe, 'a <s0> sketch of a cat'))" in card and ", spell_out_tokens" in card

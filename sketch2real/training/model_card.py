@@ -94,10 +94,15 @@ def usage(kind: str, base: str, out: Path, prompt: str, family: Family) -> str:
     if kind == "controlnet":  # as it trained (`sketchy.sketch_condition`): a Sketchy sketch is black strokes on white
         code += ["# the sketch inverted, white strokes on black, as the ControlNet trained on it",
                  "sketch = ImageOps.invert(load_image('a sketch.png').convert('RGB'))"]
-    code.append(f"image = pipe({prompt_line!r}{condition}).images[0]")
+    prompt_code = repr(prompt_line)
+    if tokens and not hasattr(pipeline_class(family), "maybe_convert_prompt"):  # SD3: no loader to expand tokens
+        prompt_code = f"spell_out_tokens(pipe, {prompt_code})"
+    code.append(f"image = pipe({prompt_code}{condition}).images[0]")
     header = [f"from diffusers import {', '.join(sorted(imports))}"]
     header += ["from diffusers.utils import load_image", "from PIL import ImageOps"] if kind == "controlnet" else []
-    header += ["from sketch2real.family import load_textual_inversion"] if tokens else []
+    if tokens:
+        header.append("from sketch2real.family import load_textual_inversion" + (
+            ", spell_out_tokens" if "spell_out_tokens" in prompt_code else ""))
     return "\n".join([*lines, "", "```python", *header, "", *code, "```"])
 
 
