@@ -446,6 +446,24 @@ class GenerateOptions:
 
 
 
+def check_tokens_used(items: list[Item], textual_inversion: Sequence[str]) -> None:
+    """Each --textual_inversion file's token appears in some prompt: a prompt naming another token (a pipeline's
+    `<sketch>` beside a run's `TOKEN='<pencil>'`) drew the base model's images, scored as the method's. Files whose
+    token cannot be read from them (not safetensors) are left to the loader."""
+    from safetensors import safe_open
+
+    for file in textual_inversion:
+        try:
+            with safe_open(file, "pt") as f:
+                keys, token = list(f.keys()), (f.metadata() or {}).get("token")
+        except Exception:  # missing (the loader says so in one line) or another format
+            continue
+        tokens = [token] if token else keys if len(keys) == 1 and keys[0].startswith("<") else []
+        if tokens and not any(t in it.prompt for it in items for t in tokens):
+            raise UserError(f"no prompt uses the token of --textual_inversion {file} ({' or '.join(tokens)}): "
+                            f"e.g. {items[0].prompt!r}; name it in the prompt (template) or drop the embedding")
+
+
 def build_items(opts: GenerateOptions) -> list[Item]:
     """The items the options ask for (each image's prompt, key, category and sample), repeated per image."""
     sources = [bool(opts.captions), bool(opts.prompt_template and not opts.captions), bool(opts.prompts)]
@@ -476,4 +494,5 @@ def build_items(opts: GenerateOptions) -> list[Item]:
                             f"{missing[0]}): captions of another split? (--split)")
     if opts.max_per_category and of_samples:
         items = first_samples_per_category(items, opts.max_per_category, in_split)
+    check_tokens_used(items, opts.textual_inversion)
     return expand(items, opts.num_images_per_prompt)

@@ -12,5 +12,5 @@ set -euo pipefail
 # shellcheck source=slurm/common.sh
 source "${SKETCH2REAL_HOME:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"
 s2r_launch infer/caption.py --model_name_or_path "${CAPTION_MODEL:-llava-hf/llava-1.5-7b-hf}" --shard_dir "${SHARDS:-data/shards}" \
-  --split "${SPLIT:-test}" --prompts "${PROMPTS:-best}" --mixed_precision "${PRECISION:-bf16}" "$@" \
+  --split "${SPLIT:-test}" --prompts "${PROMPTS:-best}" ${PRECISION:+--mixed_precision "$PRECISION"} "$@" \
   --output_dir "${OUTPUT:-runs/captions}"

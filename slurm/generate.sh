@@ -11,5 +11,5 @@ set -euo pipefail
 # shellcheck source=slurm/common.sh
 source "${SKETCH2REAL_HOME:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"
 s2r_launch infer/generate.py --pretrained_model_name_or_path "${MODEL:-$S2R_DEFAULT_MODEL}" \
-  --shard_dir "${SHARDS:-data/shards}" --split "${SPLIT:-test}" --mixed_precision "${PRECISION:-bf16}" "$@" \
+  --shard_dir "${SHARDS:-data/shards}" --split "${SPLIT:-test}" ${PRECISION:+--mixed_precision "$PRECISION"} "$@" \
   --output_dir "${OUTPUT:-runs/generated}"

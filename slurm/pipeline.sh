@@ -73,7 +73,7 @@ if wanted textual_inversion; then
     "${job_config[@]}")
   ids+=("textual_inversion    $job")
   generate textual_inversion "$job" -- --textual_inversion "$RUNS/textual_inversion/learned_embeds.safetensors" \
-    --prompt_template "a {category} in the style of <sketch>"
+    --prompt_template "a {category} in the style of ${TOKEN:-<sketch>}"  # slurm/textual_inversion.sh's token
 fi
 if wanted controlnet; then
   mapfile -t job_config < <(config controlnet)

@@ -81,7 +81,7 @@ for row in "$CATEGORY" all; do
   submit "textual_inversion ($row)" OUTPUT="$RUNS/textual_inversion_$row" -- slurm/textual_inversion.sh \
     "${job_config[@]}" "${categories[@]}"
   generate "textual-inversion-$row" "$job" -- --textual_inversion "$RUNS/textual_inversion_$row/learned_embeds.safetensors" \
-    --prompt_template "a {category} in the style of <sketch>"
+    --prompt_template "a {category} in the style of ${TOKEN:-<sketch>}"
 done
 
 mapfile -t job_config < <(config fid)

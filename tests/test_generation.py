@@ -345,3 +345,21 @@ def test_a_captions_set_draws_the_template_sets_sketches_and_controlnet_checks_i
     common = common[:-2]
     with pytest.raises(UserError, match="with --shard_dir"):
         items("--captions", str(captions), "--controlnet", "cn")
+
+
+def test_an_embedding_whose_token_no_prompt_names_is_refused_before_loading(shard_dir, tmp_path):
+    """A pipeline run whose TI job learned `TOKEN='<pencil>'` generated from `... in the style of <sketch>`: the base
+    model's images, scored as Textual Inversion's. Refused in one line; the token in the template is accepted."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sketch2real.cli import UserError, parse_options
+    from sketch2real.generation import GenerateOptions, build_items
+
+    embeds = tmp_path / "learned_embeds.safetensors"
+    save_file({"clip_l": torch.zeros(1, 8), "clip_g": torch.zeros(1, 8)}, str(embeds), metadata={"token": "<pencil>"})
+    common = ["--pretrained_model_name_or_path", "m", "--output_dir", str(tmp_path / "out"), "--shard_dir", str(shard_dir),
+              "--textual_inversion", str(embeds)]
+    with pytest.raises(UserError, match="no prompt uses the token of --textual_inversion .* \\(<pencil>\\)"):
+        build_items(parse_options(GenerateOptions, [*common, "--prompt_template", "a {category} in the style of <sketch>"]))
+    assert build_items(parse_options(GenerateOptions, [*common, "--prompt_template", "a {category} in the style of <pencil>"]))
