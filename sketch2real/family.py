@@ -635,6 +635,22 @@ def load_textual_inversion(pipe, file: str) -> None:
             append_token_rows(getattr(pipe, tokenizer), getattr(pipe, encoder), token, tensors[key])
 
 
+# What a ControlNet shares with the denoiser it steers: the latent and text widths it is fed, the blocks whose outputs it
+# adds to (UNets), the attention layout (MM-DiTs); a ControlNet of another model fails only at its first forward.
+CONTROLNET_INTERFACE = ("in_channels", "cross_attention_dim", "block_out_channels", "addition_embed_type",
+                        "projection_class_embeddings_input_dim", "joint_attention_dim", "pooled_projection_dim",
+                        "attention_head_dim", "num_attention_heads", "patch_size")
+
+
+def controlnet_mismatch(controlnet, denoiser) -> str:
+    """How a ControlNet's config differs from its denoiser's where both name a setting of `CONTROLNET_INTERFACE`
+    ("" when it fits)."""
+    a, b = dict(controlnet.config), dict(denoiser.config)
+    norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+    return ", ".join(f"{k}: {a[k]} in the ControlNet, {b[k]} in the model" for k in CONTROLNET_INTERFACE
+                     if k in a and k in b and norm(a[k]) != norm(b[k]))
+
+
 def spell_out_tokens(pipe, prompt: str) -> str:
     """`prompt` as a pipeline without diffusers' Textual Inversion loader (SD3's) must be given it: each loaded
     multi-vector token spelt out (`<t>` -> `<t> <t>_1 ...`), as training spells it and diffusers' loader does in the

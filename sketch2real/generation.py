@@ -259,7 +259,7 @@ def load_generation_pipeline(model: str, device: torch.device, dtype: torch.dtyp
     LoRA fused in. `sizes`: the image sides asked for, checked against the family before any weight loads."""
     import diffusers
 
-    from sketch2real.family import family_of, load_textual_inversion
+    from sketch2real.family import controlnet_mismatch, family_of, load_textual_inversion
     from sketch2real.models import check_model_path, enable_xformers, load, load_base_pipeline, load_pipeline
 
     model, lora = base_of_lora_output(model, lora)
@@ -288,6 +288,9 @@ def load_generation_pipeline(model: str, device: torch.device, dtype: torch.dtyp
         pipe = load_base_pipeline(family, model, revision, run.get("variant"), run.get("pretrained_vae_model_name_or_path"),
                                   dtype, net, safety_checker)
         set_trained_weights(pipe, family, checkpoint_weights(checkpoint))
+    mismatch = controlnet_mismatch(net, getattr(pipe, family.denoiser)) if net is not None else ""
+    if mismatch:  # it would end in a traceback at the first image
+        raise UserError(f"--controlnet {controlnet} is not a ControlNet of {model} ({mismatch})")
     if scheduler:
         pipe.scheduler = getattr(diffusers, family.samplers()[scheduler]).from_config(pipe.scheduler.config)
     for file in textual_inversion:

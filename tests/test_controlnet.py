@@ -192,3 +192,26 @@ def test_sdxl_controlnet_in_bf16_loads_in_the_sdxl_pipeline_and_generates_from_s
                "--num_inference_steps", "2", "--prompt_template", "a photo of a {category}", "--output_dir", gen)
     rows = [json_lib.loads(line) for line in (gen / "index.jsonl").read_text().splitlines()]
     assert rows and all((gen / r["image"]).is_file() for r in rows)
+
+
+def test_a_controlnet_of_another_model_is_refused_in_one_line_and_one_of_this_model_trains_on(cn_args, tiny_models,
+                                                                                             tmp_path):
+    """--controlnet_model_name_or_path (and generation's --controlnet) with an SDXL ControlNet on SD 1.x: a traceback
+    at the first step, after the latent cache; now one line naming what differs. A ControlNet of the model trains on."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from sketch2real.cli import UserError
+    from sketch2real.generation import load_generation_pipeline
+
+    for name, model in (("sd", tiny_models.sd), ("sdxl", tiny_models.sdxl)):
+        ControlNetModel.from_unet(UNet2DConditionModel.from_pretrained(model / "unet")).save_pretrained(tmp_path / name)
+    common = [*cn_args, "--categories", "cat", "--max_train_steps", "1", "--num_heldout_samples", "0"]
+    proc = run_script("train/controlnet.py", *common, "--controlnet_model_name_or_path", tmp_path / "sdxl",
+                      "--output_dir", tmp_path / "refused", check=False)
+    assert proc.returncode == 2 and "is not a ControlNet of" in proc.stderr.strip().splitlines()[-1]
+    assert "cross_attention_dim" in proc.stderr and not (tmp_path / "refused" / "latent_cache").exists()
+    with pytest.raises(UserError, match="is not a ControlNet of .*addition_embed_type"):
+        load_generation_pipeline(str(tiny_models.sd), torch.device("cpu"), torch.float32, controlnet=str(tmp_path / "sdxl"))
+    run_script("train/controlnet.py", *common, "--controlnet_model_name_or_path", tmp_path / "sd",
+               "--output_dir", tmp_path / "continued")
+    assert (tmp_path / "continued" / "config.json").is_file()

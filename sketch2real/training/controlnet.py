@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from sketch2real.cli import UserError, option
-from sketch2real.family import FAMILIES, Family
+from sketch2real.family import FAMILIES, Family, controlnet_mismatch
 from sketch2real.models import SDComponents, assemble_pipeline, load
 from sketch2real.sketchy import photo_key, sketch_condition
 from sketch2real.training.accelerator import cast_denoiser_inputs
@@ -89,6 +89,10 @@ class ControlNetTask(DiffusionTask):
         if opts.controlnet_model_name_or_path:
             controlnet = load(getattr(diffusers, self.family.controlnet_class), opts.controlnet_model_name_or_path,
                               "ControlNet")
+            mismatch = controlnet_mismatch(controlnet, c.denoiser)
+            if mismatch:  # before the latent cache and the first step, where it would end in a traceback
+                raise UserError(f"--controlnet_model_name_or_path {opts.controlnet_model_name_or_path} is not a ControlNet "
+                                f"of {opts.pretrained_model_name_or_path} ({mismatch})")
         else:  # from the denoiser's full-precision weights, before the frozen denoiser is cast to the weight dtype
             controlnet = init_controlnet(c.denoiser, opts.seed, 2 ** (len(c.vae.config.block_out_channels) - 1),
                                          self.family)
