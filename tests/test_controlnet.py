@@ -215,3 +215,21 @@ def test_a_controlnet_of_another_model_is_refused_in_one_line_and_one_of_this_mo
     run_script("train/controlnet.py", *common, "--controlnet_model_name_or_path", tmp_path / "sd",
                "--output_dir", tmp_path / "continued")
     assert (tmp_path / "continued" / "config.json").is_file()
+
+
+def test_validation_takes_the_validation_prompt_and_images_per_sketch_as_diffusers_script(cn_args, tmp_path):
+    """--validation_prompt and --num_validation_images were ignored by ControlNet's validation (held-out prompts, one
+    image per sketch): now the prompt conditions each sketch's images (same seeds, other images) and each row holds
+    that many (sketch | images | photo)."""
+    import numpy as np
+    from PIL import Image
+
+    common = [*cn_args, "--categories", "cat", "--max_train_steps", "1", "--num_heldout_samples", "1", "--resolution", "32",
+              "--validation_steps", "1", "--num_validation_sketches", "1", "--validation_inference_steps", "2"]
+    run_script("train/controlnet.py", *common, "--num_validation_images", "1", "--output_dir", tmp_path / "own")
+    run_script("train/controlnet.py", *common, "--num_validation_images", "2", "--validation_prompt", "a photo of a dog",
+               "--output_dir", tmp_path / "asked")
+    own, asked = (np.asarray(Image.open(tmp_path / name / "validation" / "step-000001.png")) for name in ("own", "asked"))
+    assert own.shape[:2] == (32, 3 * 32) and asked.shape[:2] == (32, 4 * 32)
+    assert np.array_equal(own[:, :32], asked[:, :32]) and np.array_equal(own[:, -32:], asked[:, -32:])  # sketch, photo
+    assert not np.array_equal(own[:, 32:64], asked[:, 32:64])  # the first image's seed, another prompt

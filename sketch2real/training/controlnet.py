@@ -193,7 +193,9 @@ class ControlNetTask(DiffusionTask):
         return logs
 
     def validation_images(self, model, between=None):
-        """Rows (held-out sketch | generated from it | its photo) for `--num_validation_sketches` held-out pairs."""
+        """Rows (held-out sketch | `--num_validation_images` generated from it | its photo) for
+        `--num_validation_sketches` held-out pairs, prompted with their own prompts or, as diffusers' script, with
+        `--validation_prompt` (several: one per sketch in turn)."""
         from torchvision.transforms.functional import to_pil_image
 
         o, h = self.opts, self.heldout
@@ -203,14 +205,23 @@ class ControlNetTask(DiffusionTask):
         scheduler = self.family.validation_scheduler(self.c.noise_scheduler)
         pipe = assemble_pipeline(self.c, self.c.denoiser, self.c.text_encoder, scheduler, self.accelerator.unwrap_model(model))
         pipe.set_progress_bar_config(disable=True)
-        sketches = [to_pil_image((s + 1) / 2) for s in h.conditions[:count]]
-        generators = [torch.Generator().manual_seed(derive_seed(o.seed, "validation", i)) for i in range(count)]
-        control = {self.family.control_image_argument: [sketch_condition(s) for s in sketches]}
-        generated = pipe(h.prompts[:count], height=o.resolution, width=o.resolution, generator=generators,
-                         num_inference_steps=o.validation_inference_steps, **control,
-                         **self.family.generation_kwargs()).images
-        rows = [[s, g, to_pil_image((p + 1) / 2)] for s, g, p in zip(sketches, generated, h.images[:count])]
-        return rows, generated, list(h.categories[:count])
+        prompts = [o.validation_prompt[i % len(o.validation_prompt)] if o.validation_prompt else h.prompts[i]
+                   for i in range(count)]
+        rows, generated, n = [], [], o.num_validation_images
+        for i in range(count):
+            sketch = to_pil_image((h.conditions[i] + 1) / 2)
+            # image 0 of each sketch keeps the seed it had when there was one image per sketch
+            generators = [torch.Generator().manual_seed(derive_seed(o.seed, "validation", i, *([j] if j else [])))
+                          for j in range(n)]
+            images = pipe([prompts[i]] * n, height=o.resolution, width=o.resolution, generator=generators,
+                          num_inference_steps=o.validation_inference_steps,
+                          **{self.family.control_image_argument: [sketch_condition(sketch)] * n},
+                          **self.family.generation_kwargs()).images
+            rows.append([sketch, *images, to_pil_image((h.images[i] + 1) / 2)])
+            generated += images
+            if between is not None:
+                between()
+        return rows, generated, [c for c in h.categories[:count] for _ in range(n)]
 
     def save_final(self, accelerator, model, out: Path) -> None:
         """A diffusers ControlNet folder in `out` (config.json + diffusion_pytorch_model.safetensors)."""
