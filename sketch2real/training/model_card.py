@@ -85,8 +85,9 @@ def usage(kind: str, base: str, out: Path, prompt: str, family: Family) -> str:
         imports = [family.controlnet_class, pipeline]
         code = [f"controlnet = {family.controlnet_class}.from_pretrained({str(out)!r})",
                 f"pipe = {pipeline}.from_pretrained({base!r}, controlnet=controlnet)"]
-    elif kind != "embeddings":
-        return "\n".join(lines)
+    elif kind != "embeddings":  # LoKr: no diffusers loader reads it
+        return "\n".join([*lines, "", f"`{LOKR_FILE}` is in LyCORIS' names: ComfyUI, A1111 and kohya's scripts load it; "
+                          "diffusers' `load_lora_weights` reads no LoKr file (the command above merges it as ComfyUI does)."])
     if tokens:  # the trained tokens' rows in each embedding encoder (SDXL: both), as the family's files name them
         code.append(f"load_textual_inversion(pipe, {embeds!r})")
     condition = f", {family.control_image_argument}=sketch" if kind == "controlnet" else ""
