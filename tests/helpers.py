@@ -396,3 +396,18 @@ def check_model_card_usage(out: Path, shard_dir: Path, tmp_path: Path) -> tuple[
     finally:
         os.chdir(previous)
     return (opts.prompts or [opts.prompt_template])[0], names
+
+
+def import_script(rel: str):
+    """A script under infer/, eval/ or data_prep/ imported from its path (its `main` is not run)."""
+    import importlib.util
+    import re
+    import sys
+
+    name = "s2r_script_" + re.sub(r"\W", "_", rel[:-3])
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / rel)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while the class is built
+        spec.loader.exec_module(module)
+    return sys.modules[name]

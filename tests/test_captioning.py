@@ -9,7 +9,7 @@ import pytest
 
 from sketch2real.captioning import BEST, PROMPTS, category_names, hits_category, quality_report, resolve_prompts
 
-from .helpers import REPO, launch, run_script
+from .helpers import REPO, import_script, launch, run_script
 
 
 def _rows(folder):
@@ -145,18 +145,19 @@ def test_empty_input_folder(tiny_models, tmp_path):
     assert proc.returncode == 2 and "no images in" in proc.stderr
 
 
-def test_an_image_folder_is_cut_to_the_categories_asked_for(tiny_models, tmp_path):
+def test_an_image_folder_is_cut_to_the_categories_asked_for(tmp_path):
     """--image_dir with --categories captions those categories' folders only (it captioned every folder), and an
     unknown one is one line, as with shards."""
     from PIL import Image
 
+    from sketch2real.cli import UserError
+
     for category in ("cat", "dog"):
-        (tmp_path / "images" / category).mkdir(parents=True)
+        (tmp_path / category).mkdir()
         for i in range(2):
-            Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(tmp_path / "images" / category / f"{i}.png")
-    args = ["--model_name_or_path", tiny_models.blip2, "--image_dir", tmp_path / "images", "--prompts", "1",
-            "--max_new_tokens", "2", "--num_workers", "0"]
-    run_script("infer/caption.py", *args, "--categories", "cat", "--output_dir", tmp_path / "cat")
-    assert sorted(row["key"] for row in _rows(tmp_path / "cat")) == ["cat/0", "cat/1"]
-    proc = run_script("infer/caption.py", *args, "--categories", "cow", "--output_dir", tmp_path / "cow", check=False)
-    assert proc.returncode == 2 and "unknown category 'cow'" in proc.stderr.strip().splitlines()[-1]
+            Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(tmp_path / category / f"{i}.png")
+    folder_items = import_script("infer/caption.py")._folder_items
+    assert sorted(item["key"] for item in folder_items(str(tmp_path), 0, 1, ["cat"])) == ["cat/0", "cat/1"]
+    assert len(folder_items(str(tmp_path), 0, 1, [])) == 4
+    with pytest.raises(UserError, match="unknown category 'cow'"):
+        folder_items(str(tmp_path), 0, 1, ["cow"])

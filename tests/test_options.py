@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import io
 import json
 import math
@@ -34,6 +33,8 @@ from sketch2real.cli import (
     run_main,
 )
 
+from .helpers import import_script
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ("infer/caption.py", "infer/generate.py", "eval/fid.py", "data_prep/build_splits.py", "data_prep/make_shards.py",
            "data_prep/make_synthetic_sketchy.py")
@@ -41,21 +42,10 @@ CLASSES = ("TrainOptions", "DreamBoothOptions", "TextualInversionOptions", "Sequ
            "tiny", *SCRIPTS)
 
 
-def _script(rel: str):
-    """A script under infer/, eval/ or data_prep/ imported from its path (its `main` is not run)."""
-    name = "s2r_script_" + re.sub(r"\W", "_", rel[:-3])
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / rel)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up while the class is built
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 @cache
 def options_class(key: str) -> type:
     if key in SCRIPTS:
-        return _script(key).Options
+        return import_script(key).Options
     if key == "tiny":
         from sketch2real.testing.build import Options
 
@@ -486,7 +476,7 @@ def test_script_with_a_file_as_output_dir_exits_2_in_one_line(tmp_path, monkeypa
     (tmp_path / "file").write_text("x")
     monkeypatch.setattr(sys, "argv", [rel, *extra, "--output_dir", str(tmp_path / "file")])
     with pytest.raises(SystemExit) as stop:
-        run_main(_script(rel).main)
+        run_main(import_script(rel).main)
     lines = capsys.readouterr().err.splitlines()
     assert stop.value.code == 2 and len(lines) == 1 and "--output_dir" in lines[0] and "not a folder" in lines[0], lines
 
