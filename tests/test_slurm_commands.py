@@ -211,7 +211,8 @@ def test_data_prep_job_flags_reach_the_step_that_takes_them(sketchy_root, tmp_pa
     """`sbatch slurm/data_prep.sh --categories cat apple --max_samples_per_shard 7`: the splits keep two categories
     (build_splits.py's flag: make_shards.py refused it, so no split flag could be given) and the shards hold 7 samples
     at most (make_shards.py's); a flag neither takes is one line, exit 2."""
-    env = {**os.environ, "SKETCHY": str(sketchy_root), "DATA": str(tmp_path / "data"), "SKETCH2REAL_HOME": str(REPO)}
+    env = {**os.environ, "SKETCHY": str(sketchy_root), "DATA": str(tmp_path / "data"), "SKETCH2REAL_HOME": str(REPO),
+           "SLURM_CPUS_PER_TASK": "1", "MASTER_ADDR": "localhost"}  # one shard writer; no scontrol (no controller here)
     run = lambda *flags: subprocess.run(["bash", "slurm/data_prep.sh", *flags], cwd=REPO, env=env, capture_output=True,  # noqa: E731
                                         text=True, timeout=300)
     proc = run("--categories", "cat", "apple", "--max_samples_per_shard", "7")
