@@ -627,3 +627,19 @@ def test_a_fingerprint_s_defaults_are_this_run_s(tiny_models):
     assert at_defaults.matches(older)
     assert not run_fingerprint(parse_options(_db(), [*base, "--learning_rate", "5e-6"]), 1).matches(older)
     assert not run_fingerprint(parse_options(_db(), [*base, "--resolution", "512"]), 1).matches(older)
+
+
+def test_an_edited_captions_file_is_another_run_for_a_resume(tmp_path):
+    """The captions are a run's data: a checkpoint of a run whose captions file has since changed is not resumed as
+    this run's (it was); one saved before the file's content was recorded still is."""
+    from sketch2real.training.checkpoints import run_fingerprint
+
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text('{"key": "cat/a-1", "category": "cat", "prompt_id": "1", "caption": "a drawing of a cat"}\n')
+    opts = parse_options(_db(), ["--pretrained_model_name_or_path", "m", "--output_dir", "o", "--shard_dir", "s",
+                                 "--instance_prompt", "a sks sketch of a {category}", "--captions", str(captions)])
+    saved = dict(run_fingerprint(opts, 1))
+    captions.write_text(captions.read_text().replace("drawing", "photo"))
+    now = run_fingerprint(opts, 1)
+    assert not now.matches(saved) and "captions_data" in now.differences(saved)
+    assert now.matches({k: v for k, v in saved.items() if k != "captions_data"})

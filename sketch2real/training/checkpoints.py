@@ -77,7 +77,12 @@ def run_fingerprint(opts, num_processes: int) -> RunFingerprint:
     index = Path(opts.shard_dir) / f"{opts.split}.json" if getattr(opts, "shard_dir", "") else None
     if index is not None and index.is_file():
         choices["data"] = hashlib.sha256(index.read_bytes()).hexdigest()[:16]
-    return RunFingerprint(_normalized(choices), _normalized(defaults_in_context(opts)))
+    defaults = defaults_in_context(opts)
+    captions = Path(getattr(opts, "captions", "") or "")
+    if captions.is_file():  # the prompts are data too: an edited captions file is another run
+        choices["captions_data"] = defaults["captions_data"] = hashlib.sha256(captions.read_bytes()).hexdigest()[:16]
+        # (its own default: a checkpoint saved before it was recorded still resumes)
+    return RunFingerprint(_normalized(choices), _normalized(defaults))
 
 
 def options_fingerprint(opts, ignored: frozenset[str] = frozenset()) -> RunFingerprint:
