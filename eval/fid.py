@@ -16,6 +16,10 @@ def main() -> int:
     opts.check()
     sets = generated_sets(opts.generated)
     reference = reference_set(opts)
+    # CLIP accuracy chooses among every category of the reference, also where --categories or --max_samples keep only
+    # some (among the drawn ones alone, its accuracy and chance line would depend on the draw)
+    classes = shard_set(opts.reference_shards, opts.reference_split, opts.reference_field).categories if (
+        opts.categories and opts.reference_shards) else list(reference.categories)
     if opts.categories:  # every set cut as the reference is (scored against a reference of other categories before)
         reference, sets = of_categories(reference, opts.categories), [of_categories(s, opts.categories) for s in sets]
     if opts.max_samples:
@@ -23,9 +27,6 @@ def main() -> int:
         reference, sets = of_samples(reference, drawn), [of_samples(s, drawn) for s in sets]
     state = distributed_state(opts.ddp_timeout)
     check_shared_folder(state, opts.output_dir)
-    # CLIP accuracy chooses among every category of the split, also where --categories keeps only some
-    classes = shard_set(opts.reference_shards, opts.reference_split, opts.reference_field).categories if (
-        opts.categories and opts.reference_shards) else None
     report = run_fid(opts, sets, reference, state, classes)
     if report is not None:
         for name, result in report["sets"].items():

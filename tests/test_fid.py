@@ -424,9 +424,13 @@ def test_max_samples_scores_the_same_drawn_samples_on_both_sides(tiny_models, sh
     (folder / "index.jsonl").write_text("\n".join(rows) + "\n")
     common = ["--generated", f"same={folder}", "--reference_shards", shard_dir, "--reference_field", "sketch", "--dims",
               "64", "--no_cache", "--batch_size", "8", "--max_samples", "6"]
-    run_script("eval/fid.py", *common, "--output_dir", tmp_path / "a")
+    run_script("eval/fid.py", *common, "--metrics", "fid", "clip_accuracy", "--clip_model_name_or_path", tiny_models.clip,
+               "--output_dir", tmp_path / "a")
     scores = _fid(tmp_path / "a")
     assert scores["reference"]["n"] == scores["sets"]["same"]["n_generated"] == 6 < len(sketches)
+    # CLIP accuracy chooses among every category of the reference, not only among the drawn samples' (the draw's)
+    drawn = {c for c, k in zip(sketches.categories, sketches.sample_keys) if k in drawn_samples(sketches, 6, 0)}
+    assert scores["clip_accuracy_classes"] == len(set(sketches.categories)) > len(drawn)
     assert abs(scores["sets"]["same"]["fid"]) < 1e-3  # the same six samples on both sides
     assert drawn_samples(sketches, 6, 0) == drawn_samples(sketches, 6, 0) != drawn_samples(sketches, 6, 1)
     proc = run_script("eval/fid.py", *common[:-1], str(len(sketches) + 1), "--output_dir", tmp_path / "b", check=False)
