@@ -80,10 +80,11 @@ def test_closed_forms_agree_with_monte_carlo():
 
 
 # ---- FID (and FD-DINOv2): basic bootstrap, withheld below 2 images per dimension -------------------------------------
-@pytest.mark.parametrize("d, n, m, shift", [(16, 100, 100, 0.3), (16, 1000, 1000, 0.1), (16, 32, 32, 0.1)])
+@pytest.mark.parametrize("d, n, m, shift", [(16, 100, 100, 0.3), (16, 1000, 1000, 0.1), (16, 32, 32, 0.1),
+                                            (48, 288, 288, 0.1)])
 def test_frechet_interval_covers_the_population_distance(d, n, m, shift):
     """The issue's case (16 dims, 100 images: the estimate ~+100% above the truth; percentiles covered 0%), 1000
-    images, and the smallest size that gets an interval (2 images per dimension)."""
+    images, and the smallest sizes that get an interval (2 images per dimension at 16 dims, d²/8 at 48)."""
     from sketch2real.metrics import fid_from_features, frechet_ci95
 
     truth = frechet_distance_of_gaussians(*populations(d, shift, 0.2))
@@ -115,6 +116,14 @@ def test_frechet_interval_is_withheld_where_the_bootstrap_is_dishonest():
     assert withheld["ci95"] is None and "no honest interval" in withheld["reason"] and "KID" in withheld["reason"]
     assert frechet_ci95(*draw(np.random.default_rng(0), 31, 40, d, shift, 0.2))["ci95"] is None  # 31 < 2 x 16
     assert frechet_ci95(*draw(np.random.default_rng(0), 32, 40, d, shift, 0.2))["ci95"] is not None
+    # more dims need more than 2 per dim: at 64, 256 images (4 per dim) covered 80%, at 128 dims 512 covered 7%
+    d = 64
+    truth = frechet_distance_of_gaussians(*populations(d, shift, 0.2))
+    raw = coverage(lambda a, b, rep: bootstrap_ci95(fid_from_features, a, b, rep, 100), truth, 4 * d, 4 * d, d, shift, 0.2,
+                   reps=30)
+    print(f"FID d={d} n={4 * d}: raw basic bootstrap coverage {raw:.2f} (withheld)")
+    assert raw < 0.9 and frechet_ci95(*draw(np.random.default_rng(0), 4 * d, 4 * d, d, shift, 0.2))["ci95"] is None
+    assert frechet_ci95(*draw(np.random.default_rng(0), 512, 512, d, shift, 0.2))["ci95"] is not None
 
 
 # ---- KID and CMMD: the unbiased MMD² ± 1.96 jackknife standard errors -------------------------------------------------
