@@ -1110,3 +1110,32 @@ def test_sdxl_bf16(launcher, variant, tiny_models, shard_dir, tmp_path, tmp_path
     image = pipe("a sks sketch of a cat", height=64, width=64, num_inference_steps=2, original_size=(256, 256),
                  generator=torch.Generator().manual_seed(0), output_type="np").images
     assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+
+
+def test_category_in_validation_prompts_is_filled_in_and_a_class_prompt_naming_it_is_refused(db_args, tmp_path):
+    """{category} in --validation_prompt was drawn as literal text: a row per category of the run now (the instance
+    category, or the set's first four), the other prompts one row each; in --class_prompt (the class images' literal
+    prompt, braces and all) it is refused in one line (one class set; sequential DreamBooth fills it in per stage)."""
+    from types import SimpleNamespace
+
+    from sketch2real.cli import UserError, parse_options
+    from sketch2real.training.dreambooth import DreamBoothOptions, DreamBoothTask
+
+    def rows(*args: str, categories=("cat", "apple", "airplane", "car_(sedan)", "dog")) -> list:
+        opts = parse_options(DreamBoothOptions, ["--pretrained_model_name_or_path", "m", "--output_dir", "o",
+                                                 "--shard_dir", "s", *args])
+        opts.check()
+        return DreamBoothTask.validation_rows(SimpleNamespace(opts=opts, categories=list(categories)))
+
+    assert rows("--instance_prompt", "a sks sketch of a {category}", "--validation_prompt", "a sks sketch of a {category}",
+                "a sks drawing") == [("a sks sketch of a airplane", "airplane"), ("a sks sketch of a apple", "apple"),
+                                     ("a sks sketch of a car (sedan)", "car_(sedan)"), ("a sks sketch of a cat", "cat"),
+                                     ("a sks drawing", None)]
+    assert rows("--instance_prompt", "a sks sketch of a {category}", "--instance_category", "cat") == [
+        ("a sks sketch of a cat", "cat")]
+    with pytest.raises(UserError, match="--validation_prompt 'a {kind}': only {category}"):
+        rows("--instance_prompt", "a sks sketch", "--validation_prompt", "a {kind}")
+    proc = run_script("train/dreambooth.py", *db_args, "--with_prior_preservation", "--class_prompt", "a sketch of a {category}",
+                      "--class_data_dir", tmp_path / "class", "--output_dir", tmp_path / "out", check=False)
+    assert proc.returncode == 2 and "--class_prompt 'a sketch of a {category}'" in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "class").exists()

@@ -106,8 +106,11 @@ class DreamBoothOptions(TrainOptions):
         if not self.instance_data_dir and not self.shard_dir:
             raise UserError("give --shard_dir (with --instance_category) or --instance_data_dir")
         check_prompt_template(self.instance_prompt, "--instance_prompt")
+        for prompt in self.validation_prompt:
+            check_prompt_template(prompt, "--validation_prompt")
         check_captions_file(self.captions)
-        if self.instance_data_dir and ("{category}" in self.instance_prompt or self.captions):
+        if self.instance_data_dir and ("{category}" in " ".join([self.instance_prompt, *self.validation_prompt])
+                                       or self.captions):
             raise UserError("{category} and --captions need the shards' categories and keys: give --shard_dir, "
                             "not --instance_data_dir")
         if self.train_text_encoder and self.train_text_encoder_ti:
@@ -228,6 +231,9 @@ class DreamBoothTask(DiffusionTask):
 
     def refuse(self, family: Family) -> None:
         super().refuse(family)
+        if "{category}" in self.opts.class_prompt:  # it was the class images' literal prompt, braces and all
+            raise UserError(f"--class_prompt {self.opts.class_prompt!r}: prior preservation has one class set, so no "
+                            "{category} (sequential DreamBooth fills it in per stage); name the class")
         if self.opts.lora_type == "lokr" and family.lokr_prefix is None:
             raise UserError(f"--lora_type lokr is built for SD 1.x, SDXL, SD3 and FLUX.1, not {family.name} models")
         if self.opts.lora_format == "comfyui" and not family.comfyui_lora:
@@ -433,11 +439,21 @@ class DreamBoothTask(DiffusionTask):
         trained = self.accelerator.unwrap_model(model).text_encoders
         return trained.encoders["text_encoder"] if trained is not None else self.c.text_encoder
 
+    def validation_rows(self) -> list[tuple[str, str | None]]:
+        """(prompt, category) of each validation row: --validation_prompt's, else the instance prompt's; one naming
+        {category} gives a row per category of the run (the instance category, or the set's first four)."""
+        o = self.opts
+        categories = [o.instance_category] if o.instance_category else sorted(set(self.categories))[:4]
+        rows = []
+        for prompt in o.validation_prompt or [o.instance_prompt]:
+            if "{category}" in prompt:
+                rows += [(prompt.format(category=category_words(c)), c) for c in categories]
+            else:
+                rows.append((prompt, o.instance_category or None))
+        return rows
+
     def validation_prompts(self) -> list[str]:
-        """--validation_prompt, else the instance prompt of each validation category."""
-        if self.opts.validation_prompt:
-            return list(self.opts.validation_prompt)
-        return [self.opts.instance_prompt.format(category=category_words(c or "")) for c in self.validation_categories()]
+        return [prompt for prompt, _ in self.validation_rows()]
 
     def card_prompt(self) -> str:
         """Pivotal tuning: the new tokens by the name a user loads them under (`<s0>`; diffusers' loader spells out
@@ -448,10 +464,7 @@ class DreamBoothTask(DiffusionTask):
         return re.sub(rf"\b{re.escape(self.opts.token_abstraction)}\b", PIVOTAL_TOKEN, prompt)
 
     def validation_categories(self) -> list[str | None]:
-        """The instance category; over many categories with a {category} prompt, the first four of the set."""
-        if self.opts.validation_prompt or "{category}" not in self.opts.instance_prompt or self.opts.instance_category:
-            return [self.opts.instance_category or None] * max(1, len(self.opts.validation_prompt))
-        return sorted(set(self.categories))[:4]
+        return [category for _, category in self.validation_rows()]
 
     def on_checkpoint(self, accelerator, model, step: int) -> None:
         """A LoRA run's checkpoint also holds its adapters as the final save writes them (the average with --use_ema):
