@@ -776,6 +776,12 @@ def test_prior_preservation_generates_class_images_once(db_args, tmp_path):
     mtimes = [p.stat().st_mtime_ns for p in images]
     run_script("train/dreambooth.py", *args, "--output_dir", tmp_path / "b")
     assert [p.stat().st_mtime_ns for p in sorted(class_dir.glob("*.png"))] == mtimes
+    # another class in the same folder (a dog run beside the cat run) took the cat images as its prior
+    at = args.index("--class_prompt")
+    proc = run_script("train/dreambooth.py", *args[:at], "--class_prompt", "a sketch of a dog", *args[at + 2:],
+                      "--output_dir", tmp_path / "c", check=False)
+    assert proc.returncode == 2 and "holds class images made with other settings (class_prompt: 'a sketch of a cat' there, " \
+        "'a sketch of a dog' now)" in proc.stderr.strip().splitlines()[-1]
 
 
 def test_prior_preservation_is_one_denoiser_call_weighing_each_part_as_its_own_loss():

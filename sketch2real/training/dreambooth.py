@@ -13,7 +13,7 @@ import torch
 
 from sketch2real.cli import UserError, option
 from sketch2real.family import Conditioning, Family, TextEncoders, family_of, pipeline_class, placeholder_tokens
-from sketch2real.io import atomic_path, umask_modes
+from sketch2real.io import atomic_path, differences, umask_modes, write_json
 from sketch2real.models import SDComponents, dtype_for, load_base_pipeline, save_pretrained_atomic
 from sketch2real.sketchy import category_words
 from sketch2real.training.accelerator import zero3_init_disabled
@@ -182,6 +182,24 @@ def missing_class_images(folder: Path, count: int) -> list[int]:
     return missing
 
 
+CLASS_CONFIG = "class_config.json"  # the settings a --class_data_dir's images were generated with
+
+
+def class_images_problem(folder: Path, opts: DreamBoothOptions) -> str:
+    """Why a class folder's images are not this run's (another prompt, size, sampler steps or seed: reused on their
+    count alone before, e.g. a cat run's beside a dog run's), or "". A folder from before its settings were recorded,
+    or of images put there by hand, is taken as it is."""
+    settings = {k: getattr(opts, k) for k in ("class_prompt", "resolution", "class_inference_steps", "seed")}
+    config = folder / CLASS_CONFIG
+    if config.is_file():
+        saved = json.loads(config.read_text())
+        return differences(settings, saved) if saved != settings else ""
+    if not missing_class_images(folder, 1):  # images of unknown settings: the user's
+        return ""
+    write_json(config, settings)  # the first images are about to be generated with these
+    return ""
+
+
 def ensure_class_images(accelerator, opts: DreamBoothOptions) -> None:
     """Generate the missing class images, split across ranks, with per-image seeds (world-size independent).
 
@@ -193,8 +211,12 @@ def ensure_class_images(accelerator, opts: DreamBoothOptions) -> None:
 
     folder = Path(opts.class_data_dir)
     accelerator.wait_for_everyone()
+    problem = class_images_problem(folder, opts) if accelerator.is_main_process else None
     missing = missing_class_images(folder, opts.num_class_images) if accelerator.is_main_process else None
-    missing = broadcast_object_list([missing])[0]
+    problem, missing = broadcast_object_list([problem, missing])
+    if problem:
+        raise UserError(f"--class_data_dir {folder} holds class images made with other settings ({problem}): give "
+                        "another folder (or the same settings)")
     if not missing:
         return
     if accelerator.is_main_process:
