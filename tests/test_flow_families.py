@@ -516,7 +516,10 @@ def test_controlnet_frees_the_text_encoders_when_its_prompts_are_one_per_categor
 
     model, f = str(tiny_models.flux), FAMILIES["flux"]
     file = tmp_path / "captions.jsonl"
-    file.write_text(json.dumps({"key": "no-such-pair", "prompt_id": "0", "caption": "a drawing"}) + "\n")
+    from sketch2real.shards import sample_refs
+
+    key = sample_refs(shard_dir, "train")[0].key  # one pair captioned: per-sample prompts
+    file.write_text(json.dumps({"key": key, "prompt_id": "0", "caption": "a drawing"}) + "\n")
     opts = ControlNetOptions(pretrained_model_name_or_path=model, shard_dir=str(shard_dir), output_dir=str(tmp_path),
                              resolution=64, mixed_precision="bf16", num_heldout_samples=2, proportion_empty_prompts=0.5,
                              captions=str(file) if captions else "")

@@ -643,3 +643,20 @@ def test_an_edited_captions_file_is_another_run_for_a_resume(tmp_path):
     now = run_fingerprint(opts, 1)
     assert not now.matches(saved) and "captions_data" in now.differences(saved)
     assert now.matches({k: v for k, v in saved.items() if k != "captions_data"})
+
+
+def test_captions_that_reach_no_image_are_one_line_not_a_template_run(tmp_path):
+    """A mistyped --caption_prompt_id, captions of another split, or --caption_prompt_id without --captions trained
+    the template alone, silently; each is one line now."""
+    from sketch2real.training.prompts import SamplePrompts, check_captions_file
+
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text('{"key": "cat/a-1", "category": "cat", "prompt_id": "short", "caption": "a drawing of a cat"}\n')
+    with pytest.raises(UserError, match="no captions of --caption_prompt_id long in .* \\(its prompt ids: short\\)"):
+        SamplePrompts.load("a {category}", str(captions), "long")
+    prompts = SamplePrompts.load("a {category}", str(captions), "short")
+    prompts.check_covers(["cat/a-1", "cat/b-1"], "instance images")  # one of two: the other takes the template
+    with pytest.raises(UserError, match="none of the 2 instance images has a caption"):
+        prompts.check_covers(["dog/x-1", "dog/y-1"], "instance images")
+    with pytest.raises(UserError, match="--caption_prompt_id chooses among --captions' prompts"):
+        check_captions_file("", "short")

@@ -52,7 +52,7 @@ class ControlNetOptions(TrainOptions):
         super().check()
         if not self.shard_dir:
             raise UserError("--shard_dir is required: ControlNet trains on the sketch/photo pairs of the shards")
-        check_captions_file(self.captions)
+        check_captions_file(self.captions, self.caption_prompt_id)
         check_prompt_template(self.prompt_template, "--prompt_template")
 
 
@@ -108,6 +108,7 @@ class ControlNetTask(DiffusionTask):
         self.sketches, photos, refs = _pairs(opts.shard_dir, opts.split, opts.categories or None, opts.resolution)
         self.keys, self.categories = [r.key for r in refs], [r.category for r in refs]
         self.sample_prompts = SamplePrompts.load(opts.prompt_template, opts.captions, opts.caption_prompt_id)
+        self.sample_prompts.check_covers(self.keys, "sketch/photo pairs")
         logger.info("%d sketch/photo pairs", len(self.keys))
         self.pairs = self.stream("pairs", photos)  # the photos are denoised; their sketches are read alongside
         self.heldout = self._heldout()

@@ -108,7 +108,7 @@ class DreamBoothOptions(TrainOptions):
         check_prompt_template(self.instance_prompt, "--instance_prompt")
         for prompt in self.validation_prompt:
             check_prompt_template(prompt, "--validation_prompt")
-        check_captions_file(self.captions)
+        check_captions_file(self.captions, self.caption_prompt_id)
         if self.instance_data_dir and ("{category}" in " ".join([self.instance_prompt, *self.validation_prompt])
                                        or self.captions):
             raise UserError("{category} and --captions need the shards' categories and keys: give --shard_dir, "
@@ -337,6 +337,7 @@ class DreamBoothTask(DiffusionTask):
                                                        opts.seed, in_memory=False)
             self.keys, self.categories = [m["key"] for m in metas], [m["category"] for m in metas]
         logger.info("%d instance images", len(instance_images))
+        self.sample_prompts.check_covers(self.keys, "instance images")
         self.parts = [(self.stream("instance", instance_images), self._instance_prompt, 1.0)]
         if opts.with_prior_preservation:
             ensure_class_images(accelerator, opts)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sketch2real.cli import UserError
 from sketch2real.io import read_jsonl
 from sketch2real.sketchy import category_words
+
+logger = logging.getLogger("sketch2real")
 
 
 def check_prompt_template(template: str, flag: str) -> None:
@@ -18,9 +21,11 @@ def check_prompt_template(template: str, flag: str) -> None:
         raise UserError(f"{flag} {template!r}: only {{category}} can be filled in ({err!r})") from err
 
 
-def check_captions_file(path: str) -> None:
+def check_captions_file(path: str, prompt_id: str = "") -> None:
     if path and not Path(path).is_file():
         raise UserError(f"captions file not found: {path}")
+    if prompt_id and not path:
+        raise UserError("--caption_prompt_id chooses among --captions' prompts: give --captions")
 
 
 @dataclass(frozen=True)
@@ -36,11 +41,27 @@ class SamplePrompts:
         """`captions`: a JSONL of {key, prompt_id, caption} rows; `prompt_id`: which prompt's captions (default: each
         sample's first)."""
         by_key: dict[str, str] = {}
-        for row in read_jsonl(captions) if captions else []:
+        rows = read_jsonl(captions) if captions else []
+        for row in rows:
             if prompt_id and str(row["prompt_id"]) != prompt_id:
                 continue
             by_key.setdefault(row["key"], row["caption"])
+        if captions and not by_key:  # a mistyped id trained the template alone, silently
+            ids = sorted({str(row.get("prompt_id")) for row in rows})
+            raise UserError(f"no captions of --caption_prompt_id {prompt_id} in {captions} (its prompt ids: "
+                            f"{', '.join(ids) or 'none'})" if prompt_id else f"no captions in {captions}")
         return cls(template, by_key)
+
+    def check_covers(self, keys: list[str], what: str) -> None:
+        """With captions: one line where none of `keys` has one (captions of another split or data set: the
+        template alone would train), and how many do in the log."""
+        if not self.captions:
+            return
+        covered = sum(key in self.captions for key in keys)
+        if not covered:
+            raise UserError(f"none of the {len(keys)} {what} has a caption in --captions (first: {keys[0] if keys else '-'}, "
+                            f"theirs: {next(iter(self.captions))}): captions of another split?")
+        logger.info("captions for %d of %d %s (the others: the template)", covered, len(keys), what)
 
     def __call__(self, key: str, category: str) -> str:
         return self.captions.get(key) or self.template.format(category=category_words(category))
