@@ -170,7 +170,7 @@ class ControlNetTask(DiffusionTask):
                 return self.family.predict(self.c.denoiser, noisy, timesteps, self.condition(batch_prompts), controlnet,
                                            conditioning[start : start + len(batch_prompts)])
 
-        return heldout_denoising_losses(predict, self.c.vae, self.objective, photos, prompts, self.opts.seed)
+        return heldout_denoising_losses(predict, self.c.vae, self.objective.unweighted(), photos, prompts, self.opts.seed)
 
     def heldout_metrics(self, model) -> dict:
         """Held-out loss, and the conditioning gain: each held-out photo's loss with a sketch of another photo of its

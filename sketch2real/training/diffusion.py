@@ -91,6 +91,9 @@ class Objective(Protocol):
     def loss(self, prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """Per-sample loss, shape [B]."""
 
+    def unweighted(self) -> Objective:
+        """The same objective with uniform timesteps and no loss weighting (held-out losses comparable across runs)."""
+
 
 @dataclass(frozen=True)
 class DenoisingObjective:
@@ -102,6 +105,11 @@ class DenoisingObjective:
 
     def draw_timesteps(self, count: int, generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
         return torch.randint(0, self.scheduler.config.num_train_timesteps, (count,), generator=generator, device=device)
+
+    def unweighted(self) -> DenoisingObjective:
+        """The plain objective (uniform timesteps, unweighted MSE): what a held-out loss comparable across runs
+        measures, whatever --snr_gamma trained with."""
+        return DenoisingObjective(self.scheduler)
 
     def noisy_and_target(self, latents, noise, timesteps):
         noise, timesteps = noise.to(latents.device, latents.dtype), timesteps.to(latents.device)
@@ -147,6 +155,15 @@ class FlowMatchingObjective:
                                                   self.mode_scale, device=device, generator=generator)
         indices = (u * len(self.grid)).long().clamp(0, len(self.grid) - 1)
         return self._grid_on(indices.device)[indices].to(device)
+
+    def unweighted(self) -> FlowMatchingObjective:
+        """The plain objective (uniform timesteps, unweighted MSE): what a held-out loss comparable across runs
+        measures, whatever --weighting_scheme trained with."""
+        import copy
+
+        plain = copy.copy(self)  # the same training grid (the scheduler's may hold an inference grid by now)
+        plain.weighting_scheme = "none"
+        return plain
 
     def _grid_on(self, device: torch.device) -> torch.Tensor:
         """The grid on `device`, copied there once (indexing it there reads nothing back to the host)."""

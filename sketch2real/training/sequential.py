@@ -107,7 +107,7 @@ def _heldout_losses(task: DreamBoothTask, model, opts: SequentialOptions, catego
             images, _ = load_shard_images(opts.shard_dir, opts.validation_split, category, opts.instance_image_type,
                                           opts.resolution, opts.num_heldout_samples or 16, opts.seed)
             prompt = opts.instance_prompt.format(category=category_words(category))
-            losses[category] = heldout_denoising_losses(task.predictor(model), task.c.vae, task.objective, images,
+            losses[category] = heldout_denoising_losses(task.predictor(model), task.c.vae, task.objective.unweighted(), images,
                                                         [prompt] * len(images), opts.seed).tolist()
     model.train()
     return losses

@@ -280,7 +280,7 @@ class DiffusionTask:
         """The held-out denoising loss (fixed samples, noise and timesteps: comparable across steps and runs)."""
         from sketch2real.metrics import mean_ci95
 
-        losses = heldout_denoising_losses(self.predictor(model), self.c.vae, self.objective, self.heldout.images,
+        losses = heldout_denoising_losses(self.predictor(model), self.c.vae, self.objective.unweighted(), self.heldout.images,
                                           self.heldout.prompts, self.opts.seed)
         return {"heldout_loss": float(losses.mean()), "heldout_loss_ci95": mean_ci95(losses, self.opts.seed)}
 
