@@ -39,7 +39,8 @@ class DreamBoothOptions(TrainOptions):
     instance_image_type: str = option("sketch", help="sketch or photo: which image of each pair to learn",
                                       choices=("sketch", "photo"), noun="image type")
     instance_data_dir: str = option("", help="a folder of instance images instead of shards")
-    num_instance_images: int = option(0, help="seeded choice of this many instance images (0: all)", min=0)
+    num_instance_images: int = option(0, help="this many instance images (0: all): a seeded choice of the shards', "
+                                      "a folder's first by name", min=0)
     instance_prompt: str = option("a sks sketch", help="prompt for instance images, e.g. 'a sks sketch of a cat'; "
                                   "{category}: each image's category ('a sks sketch of a {category}': a style over many "
                                   "categories that keeps them apart)")
