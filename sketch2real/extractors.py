@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from sketch2real.cli import UserError
-from sketch2real.metrics import ImageSet, _Loader, extract_features, inception
+from sketch2real.metrics import ImageSet, _Loader, extract_features, inception, loader_batches
 
 DEFAULT_DINOV2 = "facebook/dinov2-large"  # ViT-L/14, the network of dgm-eval's FD-DINOv2
 DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"  # CMMD's CLIP (ViT-L/14 at 336 px)
@@ -64,15 +64,16 @@ def extract_processed(images: ImageSet, processor, embed: Callable[[torch.Tensor
                                          num_workers=num_workers, collate_fn=_collate_processed,
                                          pin_memory=device.type == "cuda")
     rows, valid = [], []
-    for pixels, ok, errors in tqdm(loader, desc=f"{name} {images.name}", unit="batch", disable=not progress):
-        for error in errors:
-            if error:
-                warnings.warn(f"unreadable image skipped: {error}", stacklevel=2)
-        if pixels is None:
-            rows.append(None)
-        else:
-            rows.append(embed(pixels.to(device, non_blocking=True)).float().cpu().numpy().astype(np.float64))
-        valid.append(ok.numpy())
+    with loader_batches(loader) as batches:
+        for pixels, ok, errors in tqdm(batches, desc=f"{name} {images.name}", unit="batch", disable=not progress):
+            for error in errors:
+                if error:
+                    warnings.warn(f"unreadable image skipped: {error}", stacklevel=2)
+            if pixels is None:
+                rows.append(None)
+            else:
+                rows.append(embed(pixels.to(device, non_blocking=True)).float().cpu().numpy().astype(np.float64))
+            valid.append(ok.numpy())
     dims = next((r.shape[1] for r in rows if r is not None), 1)
     features = [r if r is not None else np.zeros((len(v), dims)) for r, v in zip(rows, valid)]
     if not features:

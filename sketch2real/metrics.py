@@ -7,7 +7,8 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -225,6 +226,17 @@ def thumbnails(sources: Sequence, side: int = 16) -> np.ndarray:
     return np.stack(rows)
 
 
+@contextmanager
+def loader_batches(loader) -> Iterator:
+    """A DataLoader's batches whose workers stop when the block ends, an error included: left to the interpreter's
+    exit, their termination raises in torch's SIGCHLD handler, a traceback printed after a one-line error."""
+    batches = iter(loader)
+    try:
+        yield batches
+    finally:
+        getattr(batches, "_shutdown_workers", lambda: None)()  # what the iterator's __del__ would do, now
+
+
 def _collate(batch):
     sizes = {tuple(t.shape) for t, ok, _ in batch if ok}
     if len(sizes) > 1:
@@ -267,15 +279,16 @@ def extract_features(images: ImageSet, model, dims: int, device: torch.device, b
     layout = torch.channels_last if channels_last else torch.contiguous_format
     position = 0
     try:
-        for batch, ok, errors in tqdm(loader, desc=f"features {images.name}", unit="batch", disable=not progress):
-            prediction = model(batch.to(device, non_blocking=True, memory_format=layout))[0]
-            if prediction.size(2) != 1 or prediction.size(3) != 1:
-                prediction = adaptive_avg_pool2d(prediction, output_size=(1, 1))
-            n = batch.shape[0]
-            features[position : position + n] = prediction.squeeze(3).squeeze(2).cpu().numpy()
-            valid[position : position + n] = ok.numpy()
-            corrupt_samples.merge({where: "unreadable" for where in errors if where})  # warned in the worker
-            position += n
+        with loader_batches(loader) as batches:
+            for batch, ok, errors in tqdm(batches, desc=f"features {images.name}", unit="batch", disable=not progress):
+                prediction = model(batch.to(device, non_blocking=True, memory_format=layout))[0]
+                if prediction.size(2) != 1 or prediction.size(3) != 1:
+                    prediction = adaptive_avg_pool2d(prediction, output_size=(1, 1))
+                n = batch.shape[0]
+                features[position : position + n] = prediction.squeeze(3).squeeze(2).cpu().numpy()
+                valid[position : position + n] = ok.numpy()
+                corrupt_samples.merge({where: "unreadable" for where in errors if where})  # warned in the worker
+                position += n
     except UserError as err:
         original = worker_error(err)
         if original is err:

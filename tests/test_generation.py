@@ -225,7 +225,7 @@ def test_sdxl_loads_two_encoder_embeddings_and_refuses_an_sd1_file_in_one_line(t
         rows = encoder.get_input_embeddings().weight[ids]
         assert torch.equal(rows, load_file_tensor(sdxl, key)), key
     result = run_script("infer/generate.py", "--pretrained_model_name_or_path", tiny_models.sdxl, "--textual_inversion", sd1,
-                        "--shard_dir", shard_dir, "--split", "test", "--prompt_template", "a {category}", "--height", "64",
+                        "--shard_dir", shard_dir, "--split", "test", "--prompt_template", "a {category} <pencil>", "--height", "64",
                         "--width", "64", "--output_dir", tmp_path / "gen", check=False)
     assert result.returncode == 2 and "an SD 1.x embedding" in result.stderr and "Traceback" not in result.stderr
 
