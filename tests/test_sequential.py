@@ -60,6 +60,12 @@ def test_each_stage_starts_from_the_last_one_s_folder_with_its_category_s_class_
     assert (second.pretrained_model_name_or_path, second.variant, second.revision) == (str(tmp_path / "stage-01-cat"), None, None)
     assert (first.class_prompt, second.class_prompt) == ("a sketch of a cat", "a sketch of a apple")
     assert (first.class_data_dir, second.class_data_dir) == ("classes/cat", "classes/apple")
+    # --max_train_steps, which --steps_per_stage replaces, was ignored silently: refused
+    from sketch2real.cli import UserError
+
+    with pytest.raises(UserError, match="--max_train_steps is not used here"):
+        parse_options(SequentialOptions, ["--pretrained_model_name_or_path", "base", "--shard_dir", "s", "--output_dir",
+                                          str(tmp_path), "--stages", "cat", "--max_train_steps", "3"]).check()
 
 
 def test_sequential_needs_stages(tiny_models, shard_dir, tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sketch2real.cli import UserError, option
+from sketch2real.cli import UserError, default_of, option
 from sketch2real.io import write_json
 from sketch2real.metrics import mean_ci95, verdict
 from sketch2real.sketchy import category_words
@@ -39,14 +39,12 @@ class SequentialOptions(DreamBoothOptions):
     def check(self) -> None:
         if not self.stage_list():
             raise UserError("--stages needs at least one category")
-        if self.max_train_steps != DEFAULT_MAX_TRAIN_STEPS:
+        steps = next(f for f in dataclasses.fields(self) if f.name == "max_train_steps")
+        if self.max_train_steps != default_of(steps):  # given: --steps_per_stage replaces it
             raise UserError("--max_train_steps is not used here: each stage trains --steps_per_stage steps")
         if not self.shard_dir:
             raise UserError("--shard_dir is required: each stage's instance images and held-out images come from it")
         super().check()
-
-
-DEFAULT_MAX_TRAIN_STEPS = 400  # DreamBoothOptions': what --steps_per_stage replaces
 
 
 def check_same_run(opts: SequentialOptions, out: Path) -> None:
