@@ -35,6 +35,7 @@ from sketch2real.metrics import (
     mean_ci95,
     pairing_score,
     prdc,
+    proportion_ci95,
     prototype_similarity,
     prototype_similarity_ci95,
     reference_kernel_rows,
@@ -427,8 +428,8 @@ def extra_scores(metrics: set[str], features: dict, ref_features: dict, categori
                  style: Style | None = None) -> dict:
     """FD-DINOv2, CMMD, PRDC, CLIP category accuracy, sketchiness and CSD of one set (or one category of it), each with
     its 95% interval: a basic bootstrap over both sets' images for FD-DINOv2 (none where it would not be honest, with
-    the reason), the unbiased MMD² ± 1.96 jackknife standard errors for CMMD, a bootstrap over per-image values
-    for the others."""
+    the reason), the unbiased MMD² ± 1.96 jackknife standard errors for CMMD, Wilson's interval for shares of 0/1
+    outcomes (CLIP accuracy, precision, recall, coverage), a bootstrap over per-image values for the others."""
     result: dict = {}
     if "fd_dinov2" in metrics:
         g, r = features["dinov2"], ref_features["dinov2"]
@@ -440,8 +441,9 @@ def extra_scores(metrics: set[str], features: dict, ref_features: dict, categori
         g, r = features["dinov2"], ref_features["dinov2"]
         if len(g) >= 2 and len(r) >= 2:
             values = prdc(r, g)
-            for name in ("precision", "recall", "density", "coverage"):
-                result[name], result[f"{name}_ci95"] = values[name], mean_ci95(values[f"{name}_items"], seed)
+            for name in ("precision", "recall", "density", "coverage"):  # density counts balls; the others are 0/1
+                interval = mean_ci95(values[f"{name}_items"], seed) if name == "density" else proportion_ci95(values[f"{name}_items"])
+                result[name], result[f"{name}_ci95"] = values[name], interval
     if "cmmd" in metrics:
         g, r = features["clip"], ref_features["clip"]
         ok = len(g) >= 1 and len(r) >= 1
@@ -449,7 +451,7 @@ def extra_scores(metrics: set[str], features: dict, ref_features: dict, categori
         result.update(with_interval("cmmd", cmmd_ci95(g, r)) if ok else {"cmmd_ci95": None})
     if "clip_accuracy" in metrics and class_embeddings is not None and len(features["clip"]):
         correct = zero_shot_correct(features["clip"], categories, class_embeddings, class_names)
-        result["clip_accuracy"], result["clip_accuracy_ci95"] = float(correct.mean()), mean_ci95(correct, seed)
+        result["clip_accuracy"], result["clip_accuracy_ci95"] = float(correct.mean()), proportion_ci95(correct)
     if style is not None and style.probe is not None and len(features[style.probe_features]):
         sketchy = style.probe.probability(features[style.probe_features])
         result["sketchiness"], result["sketchiness_ci95"] = float(sketchy.mean()), mean_ci95(sketchy, seed)

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from sketch2real.extractors import Extractor
-from sketch2real.metrics import ImageSet, LinearProbe, mean_ci95, zero_shot_correct
+from sketch2real.metrics import ImageSet, LinearProbe, mean_ci95, proportion_ci95, zero_shot_correct
 
 
 @dataclass
@@ -38,7 +38,7 @@ class StyleMonitor:
             correct = zero_shot_correct(features[known], [categories[i] for i in known], self.class_embeddings,
                                         self.class_names)
             result["validation_content_accuracy"] = float(correct.mean())
-            result["validation_content_accuracy_ci95"] = mean_ci95(correct)
+            result["validation_content_accuracy_ci95"] = proportion_ci95(correct)
         return result
 
 
