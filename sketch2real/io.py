@@ -4,6 +4,7 @@ the data-parallel jobs that add to a folder (captioning, generation): only outpu
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -62,10 +63,22 @@ def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
             os.fsync(handle.fileno())
 
 
+def strict_json(data: Any) -> Any:
+    """`data` with every NaN or infinite float as None: JSON has no NaN (Python writes a bare `NaN` that jq, JavaScript
+    and strict parsers refuse); null is "no value" to all of them. numpy reads None back as nan (`dtype=float`)."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: strict_json(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [strict_json(v) for v in data]
+    return data
+
+
 def write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write `data` as indented, key-sorted JSON, atomically."""
+    """Write `data` as indented, key-sorted, strict JSON (`strict_json`), atomically."""
     with atomic_open(path) as f:
-        json.dump(data, f, indent=2, sort_keys=True)
+        json.dump(strict_json(data), f, indent=2, sort_keys=True, allow_nan=False)
         f.write("\n")
 
 

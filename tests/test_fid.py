@@ -27,8 +27,22 @@ def folders(tmp_path_factory, tiny_models):
     return root
 
 
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
 def _fid(args) -> dict:
-    return json.loads((args / "metrics.json").read_text())
+    """metrics.json, read by a strict parser (a bare NaN or Infinity fails, as in jq or JavaScript)."""
+    return json.loads((args / "metrics.json").read_text(), parse_constant=_refuse_constant)
+
+
+def test_metrics_files_are_strict_json_where_a_value_is_missing(tmp_path):
+    """An interval that cannot be computed (one image) is null, not NaN."""
+    from sketch2real.io import write_json
+    from sketch2real.metrics import mean_ci95
+
+    write_json(tmp_path / "metrics.json", {"clip_score_ci95": mean_ci95([0.3]), "kid": float("inf"), "n": 1, "ok": 0.5})
+    assert _fid(tmp_path) == {"clip_score_ci95": [None, None], "kid": None, "n": 1, "ok": 0.5}
 
 
 @pytest.mark.parametrize("dims", [64, 768])  # 2048 works the same; its 2048x2048 sqrtm costs a minute per run
@@ -113,6 +127,8 @@ def test_generated_folder_against_shards_per_category_two_processes(tiny_models,
     # identical sets: every difference is exactly 0 and not distinguishable
     assert len(one["differences"]) == 3
     assert all(d["kid_difference"] == 0 and d["verdict"] == "not distinguishable" for d in one["differences"])
+    # generate.py's sets pair the images of one item (index.jsonl key): every image here
+    assert [d["pairs"] for d in one["differences"]] == [tiny["n_generated"]] * 3 and "pairs" in one["differences"][0]["kid_difference_ci95_method"]
     report = (tmp_path / "one" / "report.md").read_text()
     assert "| tiny |" in report and "## tiny per category" in report and "Warning" in report
     assert Image.open(tmp_path / "one" / "fid_per_category.png").size[0] > 300
@@ -556,6 +572,7 @@ def test_metrics_and_report_record_what_was_compared(audit_folders, tmp_path):
     report = _fid(tmp_path)
     assert set(report["sets"]) == {"gen_db", "gen_ti"}
     assert [(d["a"], d["b"]) for d in report["differences"]] == [("gen_db", "gen_ti")]
+    assert report["differences"][0]["pairs"] == 0  # plain folders: equal file names are no evidence of a shared item
     assert report["reference"]["path"] == str(audit_folders / "ref")
     text = (tmp_path / "report.md").read_text()
     assert str(audit_folders / "ref") in text

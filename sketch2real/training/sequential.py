@@ -182,7 +182,7 @@ def run_sequential(opts: SequentialOptions, accelerator) -> int:
         after_own = rows[index]["sample_losses"].get(category)
         final = rows[-1]["sample_losses"].get(category)
         if after_own is not None and final is not None:
-            paired = np.asarray(final) - np.asarray(after_own)
+            paired = np.asarray(final, dtype=float) - np.asarray(after_own, dtype=float)  # null (a NaN loss) -> nan
             forgetting[category], forgetting_ci95[category] = float(paired.mean()), mean_ci95(paired, opts.seed)
     report = {"stages": stages, "categories": list(dict.fromkeys(stages)), "rows": base_row + rows, "forgetting": forgetting,
               "forgetting_ci95": forgetting_ci95}
