@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -495,6 +496,8 @@ FLUX2_KLEIN = Flux2KleinFamily("flux2-klein", "Flux2KleinPipeline", "", ("text_e
                                lora_layers_argument="transformer_lora_layers", trainers=("dreambooth",), compile_regions=True,
                                guidance_scale=4.0, text_encoder_training=False, pipeline_classes=r"Flux2KleinPipeline")
 FAMILIES: dict[str, Family] = {family.name: family for family in (SD, SDXL, SD3, FLUX, FLUX2_KLEIN)}  # the registry: a new family is an entry
+# the tensor names of per-encoder Textual Inversion files, whatever the family (a file of only these has no token key)
+ENCODER_EMBEDDING_KEYS = {key for family in FAMILIES.values() for key in family.learned_embedding_keys(optional=True)}
 
 
 def family_of_class(class_name: str, where: str = "") -> Family:
@@ -604,6 +607,21 @@ def generation_kwargs(pipe, source_size: tuple[int, int] = SKETCHY_SIZE) -> dict
     return family_of_pipeline(pipe).generation_kwargs(source_size)
 
 
+def embedding_file(file: str, keys_wanted: Iterable[str] = ()) -> tuple[set[str], str | None, dict]:
+    """What a Textual Inversion safetensors file holds: its tensor names, the token it is loaded under and the tensors
+    named in `keys_wanted`. The token: the file's `token` metadata; else a file of per-encoder tensors (`clip_l`,
+    `clip_g`, `t5`) goes by its file name, as A1111 loads it; else a one-tensor diffusers file by that tensor's name,
+    as diffusers loads it; else None (diffusers asks for one)."""
+    from safetensors import safe_open
+
+    with safe_open(file, "pt") as f:
+        keys, metadata = set(f.keys()), f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in keys & set(keys_wanted)}
+    per_encoder = keys and keys <= ENCODER_EMBEDDING_KEYS
+    token = metadata.get("token") or (Path(file).stem if per_encoder else next(iter(keys)) if len(keys) == 1 else None)
+    return keys, token, tensors
+
+
 def load_textual_inversion(pipe, file: str) -> None:
     """Load a Textual Inversion file into a pipeline of any family.
 
@@ -616,16 +634,11 @@ def load_textual_inversion(pipe, file: str) -> None:
     if not family.embedding_keys:
         pipe.load_textual_inversion(file)
         return
-    from safetensors import safe_open
-
-    with safe_open(file, "pt") as f:
-        keys, metadata = set(f.keys()), f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in keys & set(family.learned_embedding_keys(optional=True))}
+    keys, token, tensors = embedding_file(file, family.learned_embedding_keys(optional=True))
     if not set(family.embedding_keys) <= set(tensors):
         raise UserError(f"{file} holds {', '.join(sorted(keys)) or 'nothing'}: not a {family.name} embedding (an SD 1.x "
                         f"embedding holds one tensor named by its token); a {family.name} model needs {' and '.join(repr(k) for k in family.embedding_keys)} tensors "
                         "(one per text encoder)")
-    token = metadata.get("token") or Path(file).stem
     learned = family.learned_embedding_keys(optional=family.optional_embedding_key in tensors)  # T5's rows, if any
     for key, encoder, tokenizer in zip(learned, family.text_encoders, family.tokenizers):
         if hasattr(pipe, "load_textual_inversion"):

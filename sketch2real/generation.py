@@ -453,17 +453,15 @@ def check_tokens_used(items: list[Item], textual_inversion: Sequence[str]) -> No
     """Each --textual_inversion file's token appears in some prompt: a prompt naming another token (a pipeline's
     `<sketch>` beside a run's `TOKEN='<pencil>'`) drew the base model's images, scored as the method's. Files whose
     token cannot be read from them (not safetensors) are left to the loader."""
-    from safetensors import safe_open
+    from sketch2real.family import embedding_file
 
     for file in textual_inversion:
         try:
-            with safe_open(file, "pt") as f:
-                keys, token = list(f.keys()), (f.metadata() or {}).get("token")
+            token = embedding_file(file)[1]
         except Exception:  # missing (the loader says so in one line) or another format
             continue
-        tokens = [token] if token else keys if len(keys) == 1 and keys[0].startswith("<") else []
-        if tokens and not any(t in it.prompt for it in items for t in tokens):
-            raise UserError(f"no prompt uses the token of --textual_inversion {file} ({' or '.join(tokens)}): "
+        if token and not any(token in it.prompt for it in items):
+            raise UserError(f"no prompt uses the token of --textual_inversion {file} ({token}): "
                             f"e.g. {items[0].prompt!r}; name it in the prompt (template) or drop the embedding")
 
 

@@ -365,3 +365,10 @@ def test_an_embedding_whose_token_no_prompt_names_is_refused_before_loading(shar
     with pytest.raises(UserError, match="no prompt uses the token of --textual_inversion .* \\(<pencil>\\)"):
         build_items(parse_options(GenerateOptions, [*common, "--prompt_template", "a {category} in the style of <sketch>"]))
     assert build_items(parse_options(GenerateOptions, [*common, "--prompt_template", "a {category} in the style of <pencil>"]))
+    # the token as the loaders read it without metadata: a diffusers file's one key; per-encoder tensors: the file name
+    for name, tensors in (("learned_embeds", {"<pencil>": torch.zeros(1, 8)}),
+                          ("<pencil>", {"clip_l": torch.zeros(1, 8), "clip_g": torch.zeros(1, 8)})):
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"))
+        common[-1] = str(tmp_path / f"{name}.safetensors")
+        with pytest.raises(UserError, match="\\(<pencil>\\)"):
+            build_items(parse_options(GenerateOptions, [*common, "--prompt_template", "a {category} in the style of <sketch>"]))
