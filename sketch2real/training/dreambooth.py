@@ -186,19 +186,18 @@ def missing_class_images(folder: Path, count: int) -> list[int]:
 CLASS_CONFIG = "class_config.json"  # the settings a --class_data_dir's images were generated with
 
 
-def class_images_problem(folder: Path, opts: DreamBoothOptions) -> str:
+def class_image_settings(opts: DreamBoothOptions) -> dict:
+    """What a class folder's images depend on (recorded in its `class_config.json` when they are generated)."""
+    return {k: getattr(opts, k) for k in ("class_prompt", "resolution", "class_inference_steps", "seed")}
+
+
+def class_images_problem(folder: Path, settings: dict) -> str:
     """Why a class folder's images are not this run's (another prompt, size, sampler steps or seed: reused on their
     count alone before, e.g. a cat run's beside a dog run's), or "". A folder from before its settings were recorded,
     or of images put there by hand, is taken as it is."""
-    settings = {k: getattr(opts, k) for k in ("class_prompt", "resolution", "class_inference_steps", "seed")}
     config = folder / CLASS_CONFIG
-    if config.is_file():
-        saved = json.loads(config.read_text())
-        return differences(settings, saved) if saved != settings else ""
-    if not missing_class_images(folder, 1):  # images of unknown settings: the user's
-        return ""
-    write_json(config, settings)  # the first images are about to be generated with these
-    return ""
+    saved = json.loads(config.read_text()) if config.is_file() else settings
+    return differences(settings, saved) if saved != settings else ""
 
 
 def ensure_class_images(accelerator, opts: DreamBoothOptions) -> None:
@@ -212,7 +211,8 @@ def ensure_class_images(accelerator, opts: DreamBoothOptions) -> None:
 
     folder = Path(opts.class_data_dir)
     accelerator.wait_for_everyone()
-    problem = class_images_problem(folder, opts) if accelerator.is_main_process else None
+    settings = class_image_settings(opts)
+    problem = class_images_problem(folder, settings) if accelerator.is_main_process else None
     missing = missing_class_images(folder, opts.num_class_images) if accelerator.is_main_process else None
     problem, missing = broadcast_object_list([problem, missing])
     if problem:
@@ -222,6 +222,8 @@ def ensure_class_images(accelerator, opts: DreamBoothOptions) -> None:
         return
     if accelerator.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
+        if len(missing) == opts.num_class_images and not (folder / CLASS_CONFIG).is_file():  # an empty folder: ours
+            write_json(folder / CLASS_CONFIG, settings)
         logger.info("generating %d class images in %s", len(missing), folder)
     mine = missing[accelerator.process_index :: accelerator.num_processes]
     with zero3_init_disabled(accelerator):
