@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -468,6 +469,10 @@ def route_flags(argv: list[str], scripts: dict[str, type]) -> dict[str, list[str
     return routed
 
 
+FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a quota, a file-size limit
+EXIT_FULL_DISK = 1  # not the user's input (2): the same command succeeds once there is room
+
+
 def run_main(main: Callable[[], Any]) -> None:
     """Run an entry point: a `UserError` becomes one stderr line and exit status 2; after a normal return every rank
     leaves the process group together (`leave_process_group`). A script's own `main` (run as `__main__`) then ends its
@@ -484,6 +489,14 @@ def run_main(main: Callable[[], Any]) -> None:
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             sys.exit(130)
+        except OSError as err:
+            if err.errno not in FULL_DISK_ERRNOS:
+                raise
+            prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "sketch2real"
+            where = f" writing {err.filename}" if err.filename else ""
+            print(f"{prog}: error: {err.strerror or 'no space left'}{where}: free space (or raise the quota) and rerun",
+                  file=sys.stderr)
+            sys.exit(EXIT_FULL_DISK)
         sys.exit(result if isinstance(result, int) else 0)
     except SystemExit as stop:
         if getattr(main, "__module__", None) != "__main__":

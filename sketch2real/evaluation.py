@@ -123,7 +123,9 @@ def features_of(images: ImageSet, extractor, state, cache_dir: Path | None) -> t
     features = np.concatenate([p[0] for p in parts])
     valid = np.concatenate([p[1] for p in parts])
     check_readable(images, valid)
-    if cache_file is not None and state.is_main_process:
+    if cache_file is not None and state.is_main_process and not valid.all():  # its key cannot see a repaired copy
+        logger.info("%s: features not cached (%d unreadable images; read again next time)", images.name, (~valid).sum())
+    elif cache_file is not None and state.is_main_process:
         mu, sigma = np.mean(features[valid], axis=0), np.cov(features[valid], rowvar=False)
         with atomic_path(cache_file) as tmp:
             with open(tmp, "wb") as f:

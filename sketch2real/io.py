@@ -105,7 +105,16 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 
 def append_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
-    """Append rows and fsync: a kill loses at most the rows being written (a torn last line is ignored on read)."""
+    """Append rows and fsync: a kill loses at most the rows being written. A torn last line (a kill or a full disk
+    mid-write) is cut off first: a row appended to it would be lost with it on read."""
+    with open(path, "a+b") as f:
+        end = f.seek(0, os.SEEK_END)
+        if end:
+            f.seek(max(0, end - 1))
+            if f.read(1) != b"\n":
+                f.seek(0)
+                data = f.read()
+                f.truncate(data.rfind(b"\n") + 1)
     with open(path, "a") as f:
         for row in rows:
             f.write(json.dumps(row, sort_keys=True) + "\n")

@@ -782,6 +782,11 @@ def test_prior_preservation_generates_class_images_once(db_args, tmp_path):
                       "--output_dir", tmp_path / "c", check=False)
     assert proc.returncode == 2 and "holds class images made with other settings (class_prompt: 'a sketch of a cat' there, " \
         "'a sketch of a dog' now)" in proc.stderr.strip().splitlines()[-1]
+    # another model with the same prompt and size (SD 1.5 then 2.1-base; here a copy elsewhere) drew other priors
+    at = args.index("--pretrained_model_name_or_path")
+    other = shutil.copytree(args[at + 1], tmp_path / "other-model")
+    proc = run_script("train/dreambooth.py", *args[:at + 1], other, *args[at + 2:], "--output_dir", tmp_path / "d", check=False)
+    assert proc.returncode == 2 and f"model: '{Path(args[at + 1]).resolve()}' there, '{other}' now" in proc.stderr.strip().splitlines()[-1]
 
 
 def test_prior_preservation_is_one_denoiser_call_weighing_each_part_as_its_own_loss():

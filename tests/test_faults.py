@@ -199,9 +199,12 @@ def test_eval_generate_and_caption_finish_and_count(bad_shards, tiny_models, tmp
     assert (gen / "mosaics" / "overview.png").is_file()
     assert set(generated["corrupt_samples"]["keys"]) <= expected and generated["corrupt_samples"]["count"] >= 1
     run_script("eval/fid.py", "--generated", f"gen={gen}", "--reference_shards", root, "--reference_split", "train",
-               "--reference_field", "sketch", "--categories", CATEGORY, "--dims", "64", "--no_cache", "--batch_size", "4",
-               "--output_dir", tmp_path / "fid")
+               "--reference_field", "sketch", "--categories", CATEGORY, "--dims", "64", "--cache_dir", tmp_path / "cache",
+               "--batch_size", "4", "--output_dir", tmp_path / "fid")
     report = json.loads((tmp_path / "fid" / "metrics.json").read_text())
+    # the reference's features, read around unreadable images, are not cached: a repaired copy of the shards (same
+    # index, same cache key) was scored with the damaged read's features
+    assert not list((tmp_path / "cache").glob("*.npz")) and not report["reference"]["cache_hit"]
     reference_name = report["reference"]["name"]
     assert {k.split(":", 1)[1] for k in report["corrupt_samples"]["keys"]} == {w.split(":", 1)[1] for w in expected}
     assert all(k.startswith(f"{reference_name}:") for k in report["corrupt_samples"]["keys"])
@@ -465,6 +468,24 @@ def test_keys_from_data_never_leave_their_folder(tiny_models, tmp_path):
         with pytest.raises(UserError):
             key_path(tmp_path, key, ".png")
     assert key_path(tmp_path, "cat/n1_2-3", ".png") == tmp_path / "cat" / "n1_2-3.png"
+
+
+def test_a_full_disk_is_one_line_and_a_torn_row_is_cut_before_the_next(tiny_models, shard_dir, tmp_path):
+    """A file-size limit stands in for a full disk or quota: generation stops with one line and exit 1 (it was a
+    traceback). A row torn by such a stop (or a kill) was glued to the next append and both were lost on read."""
+    from sketch2real.io import append_jsonl, read_jsonl
+
+    command = [sys.executable, str(REPO / "infer/generate.py"), "--pretrained_model_name_or_path", str(tiny_models.sd),
+               "--shard_dir", str(shard_dir), "--split", "test", "--prompt_template", "a {category}", "--height", "32",
+               "--width", "32", "--num_inference_steps", "1", "--max_per_category", "1", "--output_dir", str(tmp_path / "gen")]
+    proc = subprocess.run(["bash", "-c", 'ulimit -f 1 && exec "$@"', "limited", *command], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].endswith("error: File too large: free space (or raise the quota) and rerun")
+    part = tmp_path / "index.rank000.jsonl"
+    part.write_text('{"key": "a"}\n{"key": "b", "ima')
+    append_jsonl(part, [{"key": "c"}])
+    assert read_jsonl(part) == [{"key": "a"}, {"key": "c"}]
 
 
 def test_outputs_respect_the_umask(checkpointed, tmp_path):

@@ -74,7 +74,9 @@ def stage_options(opts: SequentialOptions, index: int, category: str, previous: 
     stage's adapters."""
     words = category_words(category)
     start = {"initial_lora": opts.initial_lora if index == 0 else previous} if opts.lora_rank else {
-        "pretrained_model_name_or_path": previous, **({"variant": None, "revision": None} if index else {})}
+        "pretrained_model_name_or_path": previous, **({"variant": None, "revision": None} if index else {}),
+        # every stage's class images from the first stage's model: the prior the sequence preserves
+        "class_model_name_or_path": opts.class_model_name_or_path or (opts.pretrained_model_name_or_path if index else "")}
     per_category = "{category}" in opts.class_prompt  # each stage its own class images
     return dataclasses.replace(
         opts, **start, output_dir=str(stage_dir(opts.output_dir, index, category)), instance_category=category,
