@@ -47,7 +47,8 @@ def test_sequential_writes_a_folder_per_stage_and_the_forgetting_table(tiny_mode
 def test_each_stage_starts_from_the_last_one_s_folder_with_its_category_s_class_images(tmp_path):
     """Stage options: from stage 2 on, a full fine-tune loads the previous stage's folder, saved without the base's
     --variant or --revision (stage 2 stopped: 'no file named model.fp16.safetensors'); a class prompt naming
-    {category} gets each stage's category and a class folder of its own (one unformatted set served every stage)."""
+    {category} gets each stage's category and a class folder of its own (one unformatted set served every stage),
+    drawn by the base model."""
     from sketch2real.cli import parse_options
     from sketch2real.training.sequential import SequentialOptions, stage_options
 
@@ -60,6 +61,12 @@ def test_each_stage_starts_from_the_last_one_s_folder_with_its_category_s_class_
     assert (second.pretrained_model_name_or_path, second.variant, second.revision) == (str(tmp_path / "stage-01-cat"), None, None)
     assert (first.class_prompt, second.class_prompt) == ("a sketch of a cat", "a sketch of a apple")
     assert (first.class_data_dir, second.class_data_dir) == ("classes/cat", "classes/apple")
+    # every stage's class images come from the base (stage 2 drew them with stage 1's weights, or refused the shared
+    # folder: its record names the base); the same settings record for both stages
+    from sketch2real.training.dreambooth import class_image_settings, class_model
+
+    assert class_model(first) == ("base", "main", "fp16") and class_model(second)[0] == "base"
+    assert class_image_settings(first)["model"] == class_image_settings(second)["model"] == "base"
     # --max_train_steps, which --steps_per_stage replaces, was ignored silently: refused
     from sketch2real.cli import UserError
 
