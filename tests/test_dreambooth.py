@@ -556,7 +556,7 @@ def _unet_with_saved_adapters(base, folder, **lora) -> torch.nn.Module:
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
     unet.add_adapter(LoraConfig(target_modules=["to_k", "to_q", "to_v", "to_out.0"], **lora))
     result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(
-        {k[len("unet."):]: v for k, v in saved.items()}), adapter_name="default")
+        {k[len("unet."):]: v for k, v in saved.items() if k.startswith("unet.")}), adapter_name="default")
     assert not [k for k in result.missing_keys if "lora_" in k] and not result.unexpected_keys
     return unet
 
@@ -626,7 +626,8 @@ def test_lora_with_alpha_not_rank_reloads_identically_in_plain_diffusers_and_gen
 
 def test_dora_reloads_as_dora_in_plain_diffusers_and_generation(db_args, tmp_path, tiny_models, shard_dir):
     """--use_dora: the file holds each adapted weight's learned magnitude, and plain diffusers (and generation's fused
-    loader) rebuild the trained UNet from it: the same output as peft's DoRA with those weights."""
+    loader) rebuild the trained UNet from it: the same output as peft's DoRA with those weights; with the text
+    encoder's DoRA magnitudes too."""
     from diffusers import StableDiffusionPipeline
 
     from sketch2real.generation import load_generation_pipeline
@@ -634,12 +635,23 @@ def test_dora_reloads_as_dora_in_plain_diffusers_and_generation(db_args, tmp_pat
     out = tmp_path / "dora"
     run_script("train/dreambooth.py", *db_args, "--output_dir", out, "--max_train_steps", "6", "--lora_rank", "4",
                "--lora_alpha", "8", "--use_dora", "--learning_rate", "1e-2", "--validation_steps", "6",
-               "--num_validation_images", "1", "--validation_inference_steps", "2")
-    assert any("lora_magnitude_vector" in k for k in StableDiffusionPipeline.lora_state_dict(out)[0])
+               "--num_validation_images", "1", "--validation_inference_steps", "2", "--train_text_encoder",
+               "--text_encoder_lr", "1e-2")
+    saved = StableDiffusionPipeline.lora_state_dict(out)[0]
+    assert any("lora_magnitude_vector" in k for k in saved)
     expected = _unet_output(_unet_with_saved_adapters(tiny_models.sd, out, r=4, lora_alpha=8, use_dora=True))
     pipe = StableDiffusionPipeline.from_pretrained(tiny_models.sd)
     pipe.load_lora_weights(out)
     assert pipe.unet.peft_config["default_0"].use_dora
+    # the text encoder's trained magnitudes, not its base rows' norms (transformers' loader dropped peft's names)
+    magnitudes = {name: m.lora_magnitude_vector["default_0"].weight for name, m in pipe.text_encoder.named_modules()
+                  if hasattr(m, "lora_magnitude_vector") and "default_0" in m.lora_magnitude_vector}
+    assert len(magnitudes) == sum(1 for k in saved if k.startswith("text_encoder.") and "lora_magnitude_vector" in k) > 0
+    for name, magnitude in magnitudes.items():
+        trained = next(v for k, v in saved.items() if k.startswith("text_encoder.")  # the file says text_model.<name>
+                       and k.removesuffix(".weight").endswith(f".{name}.lora_magnitude_vector"))
+        base_norms = pipe.text_encoder.get_submodule(name).base_layer.weight.norm(dim=1)
+        assert torch.equal(magnitude.detach(), trained) and not torch.allclose(trained, base_norms, atol=1e-4), name
     torch.testing.assert_close(_unet_output(pipe.unet), expected, rtol=1e-5, atol=1e-5)
     generation = load_generation_pipeline(str(out), torch.device("cpu"), torch.float32)
     torch.testing.assert_close(_unet_output(generation.unet), expected, rtol=1e-5, atol=1e-5)

@@ -548,7 +548,8 @@ class DreamBoothTask(DiffusionTask):
                 arguments = {}
                 for name, module in self.lora_modules.items():
                     layers_argument, metadata_argument = self.family.lora_file_arguments(name)
-                    arguments[layers_argument] = self.family.lora_file_layers(layers[name])
+                    arguments[layers_argument] = (self.family.lora_file_layers(layers[name]) if name == self.family.denoiser
+                                                  else encoder_lora_file_layers(self.family.lora_file_layers(layers[name])))
                     arguments[metadata_argument] = {k: sorted(v) if isinstance(v, set) else v  # a set's order varies
                                                     for k, v in module.peft_config["default"].to_dict().items()}
                 pipeline_class(self.family).save_lora_weights(out, **arguments, safe_serialization=True)
@@ -581,6 +582,13 @@ def initial_lora_alpha(family: Family, folder: str, lora_alpha: float) -> float 
         raise UserError(f"--initial_lora {folder} was trained with alpha {saved:g}, not --lora_alpha {lora_alpha:g}: "
                         "leave --lora_alpha out to continue it at its own")
     return saved
+
+
+def encoder_lora_file_layers(layers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A text encoder's adapter weights as its loader reads them: a DoRA magnitude as `...lora_magnitude_vector.weight`.
+    transformers' adapter loader (behind diffusers' `load_lora_weights` for text encoders) matches only that name and
+    reset peft's `...lora_magnitude_vector` silently to the base weight's row norms: the trained magnitudes lost."""
+    return {f"{k}.weight" if k.endswith(".lora_magnitude_vector") else k: v for k, v in layers.items()}
 
 
 def load_lora_adapters(family: Family, modules: dict[str, torch.nn.Module], folder: str) -> None:
