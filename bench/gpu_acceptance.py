@@ -149,7 +149,7 @@ def main() -> int:
                     print(f"FAIL {label}\n{proc.stderr[-3000:]}", flush=True)
                     continue
                 m = json.loads(metrics_file.read_text())
-                finite = math.isfinite(m["final_loss"])
+                finite = m["final_loss"] is not None and math.isfinite(m["final_loss"])  # null: NaN
                 fp32_training = m.get("optimizer_dtypes", {}).get("state") in (["torch.float32"], [])
                 vae = m.get("latent_cache", {}).get("vae_dtype", "")
                 if not fp32_training or (precision == "fp16" and "sdxl" in name and vae != "torch.float32"):

@@ -471,6 +471,16 @@ def route_flags(argv: list[str], scripts: dict[str, type]) -> dict[str, list[str
 
 FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a quota, a file-size limit
 EXIT_FULL_DISK = 1  # not the user's input (2): the same command succeeds once there is room
+# how writers that are not Python's file objects say so: safetensors (Rust: "os error 28"), torch.save's zip writer
+FULL_DISK_WORDS = ("No space left", "Disk quota exceeded", "File too large", *(f"os error {e}" for e in FULL_DISK_ERRNOS),
+                   "file write failed", "inline_container")
+
+
+def is_full_disk(err: BaseException) -> bool:
+    """Whether an exception says the disk (or quota, or file-size limit) was full while writing."""
+    if isinstance(err, OSError) and err.errno in FULL_DISK_ERRNOS:
+        return True
+    return any(word in str(err) for word in FULL_DISK_WORDS)
 
 
 def run_main(main: Callable[[], Any]) -> None:
@@ -489,13 +499,13 @@ def run_main(main: Callable[[], Any]) -> None:
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             sys.exit(130)
-        except OSError as err:
-            if err.errno not in FULL_DISK_ERRNOS:
+        except Exception as err:
+            if not is_full_disk(err):
                 raise
             prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "sketch2real"
-            where = f" writing {err.filename}" if err.filename else ""
-            print(f"{prog}: error: {err.strerror or 'no space left'}{where}: free space (or raise the quota) and rerun",
-                  file=sys.stderr)
+            where = f" writing {err.filename}" if isinstance(err, OSError) and err.filename else ""
+            what = err.strerror if isinstance(err, OSError) and err.strerror else one_line(str(err))
+            print(f"{prog}: error: {what}{where}: free space (or raise the quota) and rerun", file=sys.stderr)
             sys.exit(EXIT_FULL_DISK)
         sys.exit(result if isinstance(result, int) else 0)
     except SystemExit as stop:

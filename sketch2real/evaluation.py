@@ -109,7 +109,7 @@ def features_of(images: ImageSet, extractor, state, cache_dir: Path | None) -> t
     from accelerate.utils import broadcast_object_list, gather_object
 
     cache_file = cache_dir / f"{fingerprint(images, extractor.settings)}.npz" if cache_dir else None
-    hit = [cache_file is not None and cache_file.is_file()]
+    hit = [cache_file is not None and cache_file.is_file() and bool(np.load(cache_file)["valid"].all())]  # see below
     if state.num_processes > 1:  # rank 0's view decides: ranks with another view would take other collectives
         broadcast_object_list(hit)
     if hit[0]:

@@ -632,7 +632,11 @@ def load_textual_inversion(pipe, file: str) -> None:
     """
     family = family_of_pipeline(pipe)
     if not family.embedding_keys:
-        pipe.load_textual_inversion(file)
+        try:  # the token `embedding_file` reads (generation's prompt check reads the same)
+            token = embedding_file(file)[1]
+        except Exception:  # not safetensors (A1111's .pt, diffusers' .bin): diffusers reads it as it does
+            token = None
+        pipe.load_textual_inversion(file, token=token)
         return
     keys, token, tensors = embedding_file(file, family.learned_embedding_keys(optional=True))
     if not set(family.embedding_keys) <= set(tensors):

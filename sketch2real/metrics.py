@@ -711,13 +711,20 @@ def kid_difference(a: np.ndarray, b: np.ndarray, reference: np.ndarray, block: i
     rr = reference_kernel_rows(reference, block) if reference_rows is None else reference_rows
     with_a, with_b = mmd2_leave_one_out(a, reference, yy=rr, block=block), mmd2_leave_one_out(b, reference, yy=rr, block=block)
     rows_a, rows_b = pairs if pairs is not None else (np.zeros(0, int), np.zeros(0, int))
+    # Each image's jackknife deviation within its own whole set (scaled as that set's jackknife), so a pair's unit is
+    # the difference of its two deviations and an image without a partner keeps its own: exact for sets that pair
+    # wholly or not at all, and no group of one or two images loses its share of the variance.
+    deviation_a, deviation_b = (np.sqrt((len(v) - 1) / len(v)) * (v - v.mean()) for v in (with_a.left_out[0], with_b.left_out[0]))
     alone_a, alone_b = np.setdiff1d(np.arange(len(a)), rows_a), np.setdiff1d(np.arange(len(b)), rows_b)
-    units = [with_a.left_out[0][rows_a] - with_b.left_out[0][rows_b], with_a.left_out[0][alone_a] - with_b.value,
-             with_a.value - with_b.left_out[0][alone_b], with_a.left_out[1] - with_b.left_out[1]]
-    jack = LeaveOneOut(with_a.value - with_b.value, [u for u in units if len(u)])
-    se = jack.standard_error()
-    p_value = math.erfc(abs(jack.value) / (se * math.sqrt(2))) if se > 0 else float(jack.value == 0)
-    return {"kid_difference": jack.value, "kid_difference_ci95": [jack.value - Z95 * se, jack.value + Z95 * se],
+    units = np.concatenate([deviation_a[rows_a] - deviation_b[rows_b], deviation_a[alone_a], deviation_b[alone_b]])
+    reference_term = LeaveOneOut(0.0, [with_a.left_out[1] - with_b.left_out[1]]).standard_error()
+    value = with_a.value - with_b.value
+    se = float(np.sqrt((units**2).sum() + reference_term**2))
+    if not math.isfinite(se):  # a NaN feature, or a set too small to leave an image out: no verdict either way
+        p_value = float("nan")
+    else:
+        p_value = math.erfc(abs(value) / (se * math.sqrt(2))) if se > 0 else float(value == 0)
+    return {"kid_difference": value, "kid_difference_ci95": [value - Z95 * se, value + Z95 * se],
             "kid_difference_se": se, "kid_difference_p": p_value, "pairs": len(rows_a),
             "kid_difference_ci95_method": KID_CI95_METHOD + (", pairs left out together" if len(rows_a) else "")}
 
@@ -732,6 +739,7 @@ def paired_rows(a_ids: Sequence[str], b_ids: Sequence[str]) -> tuple[np.ndarray,
 def holm_adjusted(p_values: Sequence[float]) -> list[float]:
     """Holm's step-down adjustment: a table of m comparisons is "significant" where its adjusted p < 0.05 keeps the
     chance of any false "significant" in the table at 5%, not 5% per row."""
+    p_values = [1.0 if math.isnan(p) else p for p in p_values]  # no p-value (no standard error): never "significant"
     order = np.argsort(p_values, kind="stable")
     adjusted, running = [0.0] * len(order), 0.0
     for rank, i in enumerate(order):

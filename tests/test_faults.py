@@ -482,6 +482,13 @@ def test_a_full_disk_is_one_line_and_a_torn_row_is_cut_before_the_next(tiny_mode
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1].endswith("error: File too large: free space (or raise the quota) and rerun")
+    # the trainers' writers are not Python file objects: safetensors raises its own error ("os error 27"), the same line
+    script = ("import torch; from safetensors.torch import save_file; from sketch2real.cli import run_main; "
+              f"run_main(lambda: save_file({{'w': torch.zeros(4096)}}, {str(tmp_path / 'w.safetensors')!r}))")
+    proc = subprocess.run(["bash", "-c", 'ulimit -f 1 && exec "$@"', "limited", sys.executable, "-c", script],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "(os error 27): free space (or raise the quota) and rerun" in proc.stderr.strip().splitlines()[-1]
     part = tmp_path / "index.rank000.jsonl"
     part.write_text('{"key": "a"}\n{"key": "b", "ima')
     append_jsonl(part, [{"key": "c"}])

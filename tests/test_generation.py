@@ -349,7 +349,7 @@ def test_a_captions_set_draws_the_template_sets_sketches_and_controlnet_checks_i
         items("--captions", str(captions), "--controlnet", "cn")
 
 
-def test_an_embedding_whose_token_no_prompt_names_is_refused_before_loading(shard_dir, tmp_path):
+def test_an_embedding_whose_token_no_prompt_names_is_refused_before_loading(shard_dir, tiny_models, tmp_path):
     """A pipeline run whose TI job learned `TOKEN='<pencil>'` generated from `... in the style of <sketch>`: the base
     model's images, scored as Textual Inversion's. Refused in one line; the token in the template is accepted."""
     import torch
@@ -365,6 +365,16 @@ def test_an_embedding_whose_token_no_prompt_names_is_refused_before_loading(shar
     with pytest.raises(UserError, match="no prompt uses the token of --textual_inversion .* \\(<pencil>\\)"):
         build_items(parse_options(GenerateOptions, [*common, "--prompt_template", "a {category} in the style of <sketch>"]))
     assert build_items(parse_options(GenerateOptions, [*common, "--prompt_template", "a {category} in the style of <pencil>"]))
+    # the loader registers the token the check reads: the metadata's, over the one key (diffusers alone took the key)
+    from diffusers import StableDiffusionPipeline
+
+    from sketch2real.family import load_textual_inversion
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_models.sd)
+    width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    save_file({"<sketch>": torch.zeros(1, width)}, str(tmp_path / "keyed.safetensors"), metadata={"token": "<pencil>"})
+    load_textual_inversion(pipe, str(tmp_path / "keyed.safetensors"))
+    assert "<pencil>" in pipe.tokenizer.get_added_vocab() and "<sketch>" not in pipe.tokenizer.get_added_vocab()
     # the token as the loaders read it without metadata: a diffusers file's one key; per-encoder tensors: the file name
     for name, tensors in (("learned_embeds", {"<pencil>": torch.zeros(1, 8)}),
                           ("<pencil>", {"clip_l": torch.zeros(1, 8), "clip_g": torch.zeros(1, 8)})):

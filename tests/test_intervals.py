@@ -189,28 +189,32 @@ def test_share_interval_covers_the_true_share_at_small_counts(n):
     assert proportion_ci95(np.ones(n))[0] < 1.0 and proportion_ci95(np.zeros(n))[1] > 0.0  # never [p, p]
 
 
-@pytest.mark.parametrize("shared", [0.8, 0.0])
-def test_paired_kid_difference_keeps_its_false_positive_rate_and_gains_power(shared):
+@pytest.mark.parametrize("shared, n, alone", [(0.8, 80, 0), (0.0, 80, 0), (0.9, 10, 1)])
+def test_paired_kid_difference_keeps_its_false_positive_rate_and_gains_power(shared, n, alone):
     """Two models' images of the same items share the sample (and seed): pair i of a and b has a common part of
     weight `shared`. Paired (left out together), "significant" stays at most ~5% where the true difference is 0,
-    and the interval narrows as far as the pairs share (as independent sets: the same width whatever they share)."""
+    and the interval narrows as far as the pairs share (as independent sets: the same width whatever they share).
+    `alone`: images of each set without a partner (unreadable in the other set): a group of one image had kept
+    none of its variance (8% false positives here, 9.4% in a longer simulation)."""
     from sketch2real.metrics import kid_difference, verdict
 
     rng = np.random.default_rng(1)
-    d, n, m, pairs = 8, 80, 80, (np.arange(80), np.arange(80))
+    d, m, pairs = 8, 80, (np.arange(n - alone), np.arange(n - alone))
     false_positives, width_ratios = 0, []
     for _ in range(REPETITIONS):
         common = rng.standard_normal((n, d))
         a = np.sqrt(shared) * common + np.sqrt(1 - shared) * rng.standard_normal((n, d))
         b = np.sqrt(shared) * common + np.sqrt(1 - shared) * rng.standard_normal((n, d))
+        b[n - alone :] = rng.standard_normal((alone, d))  # its partner in a is another image
         reference = rng.standard_normal((m, d)) + 0.5
         paired, apart = kid_difference(a, b, reference, pairs=pairs), kid_difference(a, b, reference)
         false_positives += verdict(paired["kid_difference_ci95"]) == "significant"
         width_ratios.append(paired["kid_difference_se"] / apart["kid_difference_se"])
     rate, ratio = false_positives / REPETITIONS, float(np.median(width_ratios))
-    print(f"\npaired KID difference, shared {shared}: false positives {rate:.3f}, width paired / apart {ratio:.2f}")
+    print(f"\npaired KID difference, shared {shared}, {alone} alone of {n}: false positives {rate:.3f}, "
+          f"width paired / apart {ratio:.2f}")
     assert rate <= 0.07, rate
-    assert ratio < 0.6 if shared else 0.9 < ratio < 1.1, ratio
+    assert ratio < 0.7 if shared else 0.9 < ratio < 1.1, ratio
 
 
 def test_holm_adjusts_a_table_of_comparisons():
@@ -219,6 +223,17 @@ def test_holm_adjusts_a_table_of_comparisons():
 
     assert holm_adjusted([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
     assert holm_adjusted([0.02]) == [0.02]
+    assert holm_adjusted([float("nan"), 0.01]) == [1.0, 0.02]  # no p-value: never "significant"
+
+
+def test_a_kid_difference_without_a_standard_error_is_no_verdict():
+    """Two reference images leave one out as nothing to compare: the standard error is NaN, and so is the p-value
+    (it was 0: "significant")."""
+    from sketch2real.metrics import kid_difference
+
+    rng = np.random.default_rng(0)
+    d = kid_difference(rng.standard_normal((6, 4)), rng.standard_normal((6, 4)) + 1, rng.standard_normal((2, 4)))
+    assert np.isnan(d["kid_difference_se"]) and np.isnan(d["kid_difference_p"])
 
 
 def test_kid_leave_one_out_values_are_the_statistic_without_that_image():

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -60,13 +61,17 @@ def test_each_stage_starts_from_the_last_one_s_folder_with_its_category_s_class_
     assert (first.pretrained_model_name_or_path, first.variant, first.revision) == ("base", "fp16", "main")
     assert (second.pretrained_model_name_or_path, second.variant, second.revision) == (str(tmp_path / "stage-01-cat"), None, None)
     assert (first.class_prompt, second.class_prompt) == ("a sketch of a cat", "a sketch of a apple")
-    assert (first.class_data_dir, second.class_data_dir) == ("classes/cat", "classes/apple")
-    # every stage's class images come from the base (stage 2 drew them with stage 1's weights, or refused the shared
-    # folder: its record names the base); the same settings record for both stages
-    from sketch2real.training.dreambooth import class_image_settings, class_model
+    # class images are drawn by the model a stage starts from, each folder by one model (it records it: a shared
+    # folder of the base's images was refused at stage 2): a full fine-tune's later stages get folders of their own
+    assert (first.class_data_dir, second.class_data_dir) == ("classes/cat", "classes/stage-02-apple")
+    from sketch2real.training.dreambooth import class_image_settings
 
-    assert class_model(first) == ("base", "main", "fp16") and class_model(second)[0] == "base"
-    assert class_image_settings(first)["model"] == class_image_settings(second)["model"] == "base"
+    assert class_image_settings(second)["model"] == str(tmp_path / "stage-01-cat")
+    shared = dataclasses.replace(opts, class_prompt="a sketch")
+    assert [stage_options(shared, i, c, "base").class_data_dir for i, c in enumerate(["cat", "apple"])] == [
+        "classes", "classes/stage-02-apple"]
+    lora = dataclasses.replace(shared, lora_rank=4)  # LoRA stages draw from the base: one folder serves them all
+    assert [stage_options(lora, i, c, "prev").class_data_dir for i, c in enumerate(["cat", "apple"])] == ["classes"] * 2
     # --max_train_steps, which --steps_per_stage replaces, was ignored silently: refused
     from sketch2real.cli import UserError
 
@@ -148,3 +153,11 @@ def test_bf16_matrix_and_resume_at_a_stage(launcher, family, lora, tiny_models, 
         proc = launch("train/dreambooth_sequential.py", *args, "--output_dir", out, "--mixed_precision", "bf16")
         assert "stage 1 (cat) already finished" in proc.stderr and "resumed from" in proc.stderr
         assert (out / "stage-02-apple" / "stage_metrics.json").is_file()
+
+
+def test_the_table_prints_a_loss_read_back_as_null():
+    """A NaN held-out loss is null in a stage's JSON (strict JSON); a rerun reads it back and printed a traceback."""
+    from sketch2real.training.sequential import format_table
+
+    table = format_table({"categories": ["cat", "dog"], "rows": [{"name": "1: cat", "loss": {"cat": None, "dog": 0.25}}]})
+    assert "| 1: cat | — | 0.2500 |" in table

@@ -10,7 +10,6 @@ Rank 0 decides from its view of the filesystem and tells the others, so all rank
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import logging
@@ -24,7 +23,7 @@ from typing import Any
 
 import torch
 
-from sketch2real.cli import UserError
+from sketch2real.cli import UserError, is_full_disk
 from sketch2real.io import differences, umask_modes, write_json
 from sketch2real.training.accelerator import checkpoint_kwargs, is_deepspeed
 
@@ -313,12 +312,6 @@ def _any_failed(accelerator, failed: bool) -> bool:
     return accelerator.reduce(flag, reduction="sum").item() > 0
 
 
-def _is_no_space(err: BaseException) -> bool:
-    text = str(err)
-    return (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in text \
-        or "file write failed" in text or "inline_container" in text
-
-
 def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
 
@@ -329,7 +322,7 @@ def _save_failed(out: Path, partial: Path, step: int, err: BaseException | None)
     needed = max(_folder_bytes(previous[-1][1]) if previous else 0, _folder_bytes(partial))
     shutil.rmtree(partial, ignore_errors=True)
     free = shutil.disk_usage(out).free if out.is_dir() else 0
-    if err is not None and not _is_no_space(err):
+    if err is not None and not is_full_disk(err):
         return UserError(f"saving checkpoint-{step} in {out} failed ({type(err).__name__}: {str(err).splitlines()[0]}); "
                          "earlier checkpoints are kept")
     return UserError(f"no space left in {out} to save checkpoint-{step} (about {needed / 2**30:.2f} GiB needed, "

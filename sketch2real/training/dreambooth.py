@@ -51,9 +51,6 @@ class DreamBoothOptions(TrainOptions):
     class_prompt: str = option("", help="prompt of the class images, e.g. 'a sketch of a cat'")
     class_data_dir: str = option("", help="folder of class images; missing ones are generated and kept for the next run",
                                  affects="runtime")
-    class_model_name_or_path: str = option("", help="the model that generates missing class images (default: "
-                                                    "--pretrained_model_name_or_path with its --revision and --variant; "
-                                                    "sequential DreamBooth: the first stage's model for every stage)")
     num_class_images: int = option(100, help="class images used (generated if fewer exist)", min=1)
     prior_loss_weight: float = option(1.0, help="weight of the prior-preservation loss", min=0)
     sample_batch_size: int = option(4, help="batch size per device when generating class images", min=1, affects="runtime")
@@ -189,19 +186,12 @@ def missing_class_images(folder: Path, count: int) -> list[int]:
 CLASS_CONFIG = "class_config.json"  # the settings a --class_data_dir's images were generated with
 
 
-def class_model(opts: DreamBoothOptions) -> tuple[str, str | None, str | None]:
-    """(model, revision, variant) that generates the class images."""
-    if opts.class_model_name_or_path:
-        return opts.class_model_name_or_path, None, None
-    return opts.pretrained_model_name_or_path, opts.revision, opts.variant
-
-
 def class_image_settings(opts: DreamBoothOptions) -> dict:
     """What a class folder's images depend on (recorded in its `class_config.json` when they are generated): the
-    prompt, size, steps, seed, and the model and VAE that draw them (a local folder by its absolute path)."""
-    model = class_model(opts)[0]
-    vae = opts.pretrained_vae_model_name_or_path or None
-    return {**{k: getattr(opts, k) for k in ("class_prompt", "resolution", "class_inference_steps", "seed")},
+    prompt, size, steps, seed, and the model (and revision) and VAE that draw them (a local folder by its absolute
+    path)."""
+    model, vae = opts.pretrained_model_name_or_path, opts.pretrained_vae_model_name_or_path or None
+    return {**{k: getattr(opts, k) for k in ("class_prompt", "resolution", "class_inference_steps", "seed", "revision")},
             "model": str(Path(model).resolve()) if Path(model).is_dir() else model,
             "vae": str(Path(vae).resolve()) if vae and Path(vae).is_dir() else vae}
 
@@ -243,8 +233,8 @@ def ensure_class_images(accelerator, opts: DreamBoothOptions) -> None:
         logger.info("generating %d class images in %s", len(missing), folder)
     mine = missing[accelerator.process_index :: accelerator.num_processes]
     with zero3_init_disabled(accelerator):
-        model, revision, variant = class_model(opts)
-        pipe = load_base_pipeline(family_of(model, revision), model, revision, variant,
+        pipe = load_base_pipeline(family_of(opts.pretrained_model_name_or_path, opts.revision),
+                                  opts.pretrained_model_name_or_path, opts.revision, opts.variant,
                                   opts.pretrained_vae_model_name_or_path, dtype_for(accelerator.mixed_precision))
     pipe.to(accelerator.device)
     pipe.set_progress_bar_config(disable=True)

@@ -71,20 +71,23 @@ def check_same_run(opts: SequentialOptions, out: Path) -> None:
 def stage_options(opts: SequentialOptions, index: int, category: str, previous: str) -> SequentialOptions:
     """Stage `index`'s options: its category's prompts, class images and steps; full weights start from the previous
     stage's pipeline (a local folder saved without a variant or revision), LoRA from the base with the previous
-    stage's adapters."""
+    stage's adapters. Class images are the model's the stage starts from (DreamBooth's prior): the base's in
+    `--class_data_dir` (`/<category>` with a {category} prompt), a full fine-tune's later stages' in
+    `--class_data_dir/stage-NN-<category>` (a folder records its model: another's images are refused)."""
     words = category_words(category)
     start = {"initial_lora": opts.initial_lora if index == 0 else previous} if opts.lora_rank else {
-        "pretrained_model_name_or_path": previous, **({"variant": None, "revision": None} if index else {}),
-        # every stage's class images from the first stage's model: the prior the sequence preserves
-        "class_model_name_or_path": opts.class_model_name_or_path or (opts.pretrained_model_name_or_path if index else "")}
+        "pretrained_model_name_or_path": previous, **({"variant": None, "revision": None} if index else {})}
     per_category = "{category}" in opts.class_prompt  # each stage its own class images
+    class_data_dir = str(Path(opts.class_data_dir) / category) if per_category and opts.class_data_dir else opts.class_data_dir
+    if class_data_dir and index and not opts.lora_rank:  # drawn by the model the stage starts from: its own folder
+        class_data_dir = str(Path(opts.class_data_dir) / stage_dir("", index, category).name)
     return dataclasses.replace(
         opts, **start, output_dir=str(stage_dir(opts.output_dir, index, category)), instance_category=category,
         max_train_steps=opts.steps_per_stage, resume_from_checkpoint="latest",
         instance_prompt=opts.instance_prompt.format(category=words),
         validation_prompt=[p.format(category=words) for p in opts.validation_prompt],
         class_prompt=opts.class_prompt.format(category=words),
-        class_data_dir=str(Path(opts.class_data_dir) / category) if per_category and opts.class_data_dir else opts.class_data_dir,
+        class_data_dir=class_data_dir,
     )
 
 
@@ -122,7 +125,8 @@ def format_table(report: dict) -> str:
     categories = report["categories"]
     lines = ["| after stage | " + " | ".join(categories) + " |", "|---|" + "---:|" * len(categories)]
     for row in report["rows"]:
-        cells = [f"{row['loss'][c]:.4f}" if c in row["loss"] else "—" for c in categories]
+        # None: a NaN loss read back from a stage's JSON (strict JSON has no NaN)
+        cells = [f"{row['loss'][c]:.4f}" if row["loss"].get(c) is not None else "—" for c in categories]
         lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
     if report.get("forgetting"):
         lines += ["", "Forgetting: final loss − loss right after the category's own stage (> 0: forgotten), with a 95%",
