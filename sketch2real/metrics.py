@@ -490,7 +490,8 @@ def proportion_ci95(outcomes: np.ndarray) -> list[float]:
     share, z2 = outcomes.mean(), Z95 * Z95
     centre = (share + z2 / (2 * n)) / (1 + z2 / n)
     half = Z95 / (1 + z2 / n) * np.sqrt(share * (1 - share) / n + z2 / (4 * n * n))
-    return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
+    low, high = (0.0 if share == 0 else centre - half), (1.0 if share == 1 else centre + half)  # exact, not 1e-17
+    return [float(max(0.0, low)), float(min(1.0, high))]
 
 
 def bootstrap_ci95(statistic: Callable[[np.ndarray, np.ndarray], float], a: np.ndarray, b: np.ndarray, seed: int = 0,
