@@ -18,6 +18,7 @@ from sketch2real.captioning import CaptionOptions as Options
 from sketch2real.cli import UserError, as_dict, parse_options, run_main
 from sketch2real.io import append_jsonl, atomic_path, write_json
 from sketch2real.models import dtype_for
+from sketch2real.training.preemption import PREEMPTED_EXIT_CODE, RERUN, clear_preempted, mark_preempted, preemption
 
 
 def _folder_items(folder: str, rank: int, world: int, categories: list[str]) -> list[dict]:
@@ -73,6 +74,7 @@ def main() -> int:
 
     opts = parse_options(Options)
     opts.check()
+    preemption.install()  # from here a signal (Slurm's warning) stops the job at the next batch
     prompts = resolve_prompts(opts.prompts)
     state = distributed_state(opts.ddp_timeout)
     check_shared_folder(state, opts.output_dir)
@@ -84,12 +86,17 @@ def main() -> int:
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / CONFIG, as_dict(opts))
+        clear_preempted(out)
     state.wait_for_everyone()
     part = out / f"captions.rank{state.process_index:03d}.jsonl"
     settings = {"max_new_tokens": opts.max_new_tokens, "num_beams": opts.num_beams, "do_sample": False}
     bar = tqdm(desc=f"caption [rank {state.process_index}]", unit="img", disable=not state.is_local_main_process)
     start, count = time.perf_counter(), 0
     for batch in batches:
+        if preemption:  # what is written stays; the requeued job skips it
+            bar.close()
+            mark_preempted(state, out, f"captioning stopped after {count} images", RERUN)
+            return PREEMPTED_EXIT_CODE
         pairs = [(item, pid) for item in batch if not item["pad"] for pid in prompts if (item["key"], pid) not in done]
         if pairs:
             captions, truncated = captioner.generate([item["image"] for item, _ in pairs], [prompts[pid] for _, pid in pairs],

@@ -25,6 +25,7 @@ from sketch2real.io import append_jsonl, write_json
 from sketch2real.models import dtype_for
 from sketch2real.shards import CorruptSample, ShardSamples, corrupt_samples
 from sketch2real.sketchy import sketch_condition
+from sketch2real.training.preemption import PREEMPTED_EXIT_CODE, RERUN, clear_preempted, mark_preempted, preemption
 
 
 def readable_sketch(sketches: ShardSamples, index: int) -> bool:
@@ -44,6 +45,7 @@ def main() -> int:
 
     opts = parse_options(Options)
     opts.check()
+    preemption.install()  # from here a signal (Slurm's warning) stops the job at the next batch
     items = build_items(opts)
     for item in items:  # every key is checked before any image is written
         image_path(Path(opts.output_dir), item.key)
@@ -76,12 +78,17 @@ def main() -> int:
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / CONFIG, as_dict(opts))
+        clear_preempted(out)
     state.wait_for_everyone()
     part = out / f"index.rank{state.process_index:03d}.jsonl"
     todo = sum(len(b) for b in batches)
     bar = tqdm(total=todo, desc=f"generate [rank {state.process_index}]", unit="img", disable=not state.is_local_main_process)
     start = time.perf_counter()
     for batch in batches:
+        if preemption:  # what is written stays; the requeued job skips it
+            bar.close()
+            mark_preempted(state, out, f"generation stopped after {bar.n} of {todo} images", RERUN)
+            return PREEMPTED_EXIT_CODE
         conditioning = [sketch_condition(sketches[position[it.sample_key]]["sketch"]) for it in batch] if sketches else None
         images = generate_batch(pipe, batch, opts.seed, settings, conditioning)
         rows = []

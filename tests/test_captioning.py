@@ -50,17 +50,27 @@ def test_two_processes_give_the_same_keys_without_duplicates(tiny_models, cap_ar
 
 
 def test_killed_job_resumes_to_a_complete_duplicate_free_file(tiny_models, cap_args, tmp_path):
+    """Slurm's warning (SIGUSR1) stops the job at a batch with PREEMPTED and exit 75 (slurm/caption.sh requeues it);
+    a SIGKILL after the rerun started leaves at most a torn row; the last rerun completes without duplicates."""
     out = tmp_path / "cap"
     args = ["--model_name_or_path", tiny_models.llava, *cap_args, "--prompts", "all", "--batch_size", "1",
             "--max_new_tokens", "30", "--output_dir", out]
-    proc = subprocess.Popen([sys.executable, str(REPO / "infer/caption.py"), *map(str, args)],
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     part = out / "captions.rank000.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (part.exists() and part.read_text().count("\n") >= 20):
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+
+    def start_and_signal_at(rows: int, sig: int) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, str(REPO / "infer/caption.py"), *map(str, args)],
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.time() + 120
+        while time.time() < deadline and not (part.exists() and part.read_text().count("\n") >= rows):
+            time.sleep(0.1)
+        proc.send_signal(sig)
+        proc.wait(timeout=120)
+        return proc
+
+    warned = start_and_signal_at(10, signal.SIGUSR1)
+    assert warned.returncode == 75 and "captioning stopped after" in (out / "PREEMPTED").read_text()
+    start_and_signal_at(20, signal.SIGKILL)
+    assert not (out / "PREEMPTED").exists()  # the rerun cleared it: that run was under way
     written_before = part.read_text().count("\n")
     assert written_before >= 20 and not (out / "captions.jsonl").exists()
     run_script("infer/caption.py", *args)

@@ -125,7 +125,7 @@ def test_a_rerun_whose_prompts_changed_is_refused(tiny_models, tmp_path):
         proc.stderr.strip().splitlines()[-1]
 
 
-def test_sigterm_mid_run_then_resume_completes(gen_args, tmp_path):
+def test_a_signal_mid_run_stops_for_requeue_and_the_rerun_completes(gen_args, tmp_path):
     out = tmp_path / "gen"
     args = gen_args
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -135,9 +135,12 @@ def test_sigterm_mid_run_then_resume_completes(gen_args, tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and not (out.exists() and list((out / "images").rglob("*.png"))):
         time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGUSR1)  # Slurm's warning before a time limit: stop at the batch, slurm/generate.sh requeues
     proc.wait(timeout=60)
+    assert proc.returncode == 75 and "generation stopped after" in (out / "PREEMPTED").read_text()
+    assert 0 < len(list((out / "images").rglob("*.png"))) < 10
     run_script("infer/generate.py", *args, "--output_dir", out, "--batch_size", "1", "--num_inference_steps", "20")
+    assert not (out / "PREEMPTED").exists()
     rows = (out / "index.jsonl").read_text().splitlines()
     assert len(rows) == len({json.loads(r)["key"] for r in rows}) == 10
     for path in (out / "images").rglob("*.png"):

@@ -3,6 +3,7 @@ launcher are stand-ins that record what they are given), then read by accelerate
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -223,3 +224,16 @@ def test_data_prep_job_flags_reach_the_step_that_takes_them(sketchy_root, tmp_pa
     assert len(index["shards"]) > 1 and max(len(shard["keys"]) for shard in index["shards"]) == 7
     proc = run("--categorie", "cat")
     assert proc.returncode == 2 and "unknown option --categorie" in proc.stderr.strip().splitlines()[-1]
+
+
+RESUMABLE_JOBS = ("dreambooth.sh", "dreambooth_sequential.sh", "textual_inversion.sh", "controlnet.sh", "generate.sh",
+                  "caption.sh")  # their programs stop at Slurm's signal with PREEMPTED and go on when rerun
+
+
+@pytest.mark.parametrize("script", RESUMABLE_JOBS)
+def test_a_resumable_job_asks_for_the_signal_and_requeues_on_preempted(script):
+    """Generation and captioning of the whole test split outlast a 4-hour limit: their jobs ended there (no signal,
+    no requeue) where the trainers' went on."""
+    text = (REPO / "slurm" / script).read_text()
+    assert {"#SBATCH --signal=USR1@180", "#SBATCH --requeue", "#SBATCH --open-mode=append"} <= set(text.splitlines())
+    assert re.search(r'^s2r_finish "\$OUTPUT" "\$status"$', text, re.M), script

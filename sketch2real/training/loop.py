@@ -29,7 +29,7 @@ from sketch2real.training.accelerator import (
 from sketch2real.training.averages import averaged_weights
 from sketch2real.training.callbacks import Callback, Run, default_callbacks
 from sketch2real.training.checkpoints import load_checkpoint, resolve_resume, run_fingerprint
-from sketch2real.training.preemption import preemption
+from sketch2real.training.preemption import clear_preempted, preemption
 
 logger = logging.getLogger("sketch2real")
 
@@ -177,7 +177,7 @@ def train(task: Task, opts, accelerator, project_name: str, callbacks: list[Call
     fingerprint = run_fingerprint(opts, accelerator.num_processes)
     resume = resolve_resume(accelerator, out, opts.resume_from_checkpoint, fingerprint)
     if accelerator.is_main_process:
-        (out / "PREEMPTED").unlink(missing_ok=True)
+        clear_preempted(out)
     step = 0
     if resume is not None:
         step = load_checkpoint(accelerator, resume)

@@ -1,5 +1,6 @@
 """Slurm preemption at any moment: SIGUSR1/SIGTERM set one process-wide flag, which the loop reads at each step
-and long phases (latent caching, class-image generation, validation) read between their pieces.
+and long phases (latent caching, class-image generation, validation) read between their pieces; generation and
+captioning read it between batches (they resume by skipping what is written).
 
 A phase that sees the flag raises `Preempted`; `training_session` turns that into PREEMPTED in --output_dir and
 exit status 75, which slurm/common.sh requeues. What a phase wrote so far (class images, checkpoints) is kept.
@@ -11,6 +12,7 @@ import logging
 import signal
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; slurm/*.sh requeue the job on it
+RERUN = "rerun the same command: it skips what is written"  # generation's and captioning's way on
 
 
 class Preempted(Exception):
@@ -52,7 +54,7 @@ class PreemptionFlag:
 preemption = PreemptionFlag()
 
 
-def mark_preempted(accelerator, output_dir, what: str) -> None:
+def mark_preempted(accelerator, output_dir, what: str, then: str = "rerun with --resume_from_checkpoint latest") -> None:
     """PREEMPTED in `output_dir` (read by slurm/common.sh: requeue the job), written by every process that stops,
     so that it exists before any of them exits (srun may kill the job's other tasks at the first exit); one
     warning line on rank 0."""
@@ -62,4 +64,11 @@ def mark_preempted(accelerator, output_dir, what: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "PREEMPTED").write_text(f"{what}\n")
     if accelerator.is_main_process:
-        logging.getLogger("sketch2real").warning("preempted: %s; rerun with --resume_from_checkpoint latest", what)
+        logging.getLogger("sketch2real").warning("preempted: %s; %s", what, then)
+
+
+def clear_preempted(output_dir) -> None:
+    """Remove a PREEMPTED left by an earlier stop (outside Slurm nothing else does): this run is under way."""
+    from pathlib import Path
+
+    (Path(output_dir) / "PREEMPTED").unlink(missing_ok=True)
