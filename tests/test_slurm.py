@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -109,9 +110,24 @@ STUDY_ROWS = {"llava-4", "llava-5", "llava-8", "dreambooth-sks-cat", "dreambooth
               "textual-inversion-cat", "textual-inversion-all"}
 
 
-def test_the_readme_study_reproduction_as_written_scores_every_row(slurm, tiny_models, shard_dir, tmp_path):
+@pytest.fixture(scope="module")
+def study_shards(sketchy_root, tmp_path_factory) -> Path:
+    """Shards of the study's categories only (cat, and apple and airplane for its sequence): 17 test sketches where
+    the five categories have 27, and every row's images and Inception features scale with them."""
+    from sketch2real.shards import write_shards
+    from sketch2real.sketchy import SketchyRelease
+    from sketch2real.splits import build_splits, write_splits
+
+    root = tmp_path_factory.mktemp("study")
+    write_splits(build_splits(SketchyRelease(sketchy_root), seed=0, categories=["cat", "apple", "airplane"]), root / "splits")
+    write_shards(root / "splits", sketchy_root, root / "shards", max_samples=16, progress=False)
+    return root / "shards"
+
+
+def test_the_readme_study_reproduction_as_written_scores_every_row(slurm, tiny_models, study_shards, tmp_path):
     """README: `bash slurm/reproduce_study.sh --partition gpu` after data prep (SHARDS: the shards), from a fresh clone:
     every row of the study's table scored against the test sketches at 2048 dims, each row as the study made it."""
+    shard_dir = study_shards
     repo = fresh_clone(tmp_path / "clone")
     env = readme_pipeline_env(tiny_models, tmp_path / "configs", SHARDS=str(shard_dir), CATEGORIES="apple,airplane",
                               GPUS_PER_NODE="1", STUDY_SAMPLES="6")  # one process a job: 16 jobs of start-up on 2 cores
