@@ -9,6 +9,12 @@ workers, and when one fails the others get SIGTERM, then SIGKILL, as torchrun do
 
 Run as `python -m tests.forkserver` (by `tests.helpers`): one JSON request per stdin line
 ({argv, env, cwd, stdout, stderr}), answered with {"pid"} at once and {"returncode"} at the end.
+
+Slurm jobs reach it through a Unix socket (`--serve SOCKET`, `tests.helpers.forked_python`): their `$PYTHON` is a
+shim running this file with `--client SOCKET ARGS...`, which hands the server its argv, environment, directory,
+ignored signals and its stdin/stdout/stderr themselves (the job's log), forwards every signal it gets to the forked
+process group (as Slurm signals every process of a step), and exits with its code; a killed client takes its job
+with it. Anything but a script or `-m accelerate.commands.launch` (`python - <<EOF`) runs in a real interpreter.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ from __future__ import annotations
 import json
 import os
 import runpy
+import select
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -68,10 +76,14 @@ def _run(argv: list[str]) -> typing.NoReturn:
         if argv[0] == "-m":
             sys.argv = [argv[1], *argv[2:]]
             if argv[1] == "accelerate.commands.launch":
+                import accelerate.commands.launch
                 import torch.distributed.run
 
                 torch.distributed.run.run = _fork_ranks
-            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+                accelerate.commands.launch.simple_launcher = _fork_simple
+                accelerate.commands.launch.main()  # its `__main__` (runpy warns of a module already imported)
+            else:
+                runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
         else:
             sys.argv = list(argv)
             sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))
@@ -84,27 +96,55 @@ def _run(argv: list[str]) -> typing.NoReturn:
     exit_now(code)
 
 
+def _fork_simple(args) -> None:
+    """accelerate's one-process launch (`simple_launcher`), by fork: the script runs with the environment accelerate
+    prepared, and a failure raises as the launcher's own `subprocess` call does."""
+    import subprocess
+
+    from accelerate.utils.launch import prepare_simple_launcher_cmd_env
+
+    command, env = prepare_simple_launcher_cmd_env(args)
+    assert command[0] == sys.executable, command  # no mpirun, no --no_python
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        os.environ.clear()
+        os.environ.update(env)
+        _run(command[1:])
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    if code != 0:
+        raise subprocess.CalledProcessError(returncode=code, cmd=command)
+
+
 def _fork_ranks(args) -> None:
-    """torchrun's single-node launch (`torch.distributed.run.run`), by fork: each rank gets the agent's environment
-    plus the variables torchrun sets per worker; the first failure stops the others (SIGTERM, SIGKILL after 30 s)."""
+    """torchrun's static launch (`torch.distributed.run.run`), by fork: each rank of this node gets the agent's
+    environment plus the variables torchrun sets per worker (global ranks from --node_rank, the rendezvous store on the
+    first node's rank 0); the first failure stops the others (SIGTERM, SIGKILL after 30 s)."""
     nproc = int(args.nproc_per_node)
-    assert str(args.nnodes) in ("1", "1:1"), "the fork launcher is single-node"
+    nnodes = int(str(args.nnodes).split(":")[-1])
+    node = int(args.node_rank)
+    assert nnodes == 1 or args.rdzv_backend == "static", "the fork launcher needs torchrun's static rendezvous"
+    endpoint = f"{args.master_addr or '127.0.0.1'}:{args.master_port}" if nnodes == 1 else args.rdzv_endpoint
+    address, port = endpoint.rsplit(":", 1)  # accelerate gives several nodes a --rdzv_endpoint
     children: dict[int, int] = {}
     sys.stdout.flush()
     sys.stderr.flush()
-    for rank in range(nproc):
+    for local in range(nproc):
         pid = os.fork()
         if pid == 0:
+            rank = node * nproc + local
             os.environ.update({
-                "RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0", "ROLE_RANK": str(rank),
-                "ROLE_NAME": "default", "LOCAL_WORLD_SIZE": str(nproc), "WORLD_SIZE": str(nproc),
-                "GROUP_WORLD_SIZE": "1", "ROLE_WORLD_SIZE": str(nproc), "MASTER_ADDR": args.master_addr or "127.0.0.1",
-                "MASTER_PORT": str(args.master_port), "TORCHELASTIC_RESTART_COUNT": "0",
+                "RANK": str(rank), "LOCAL_RANK": str(local), "GROUP_RANK": str(node), "ROLE_RANK": str(rank),
+                "ROLE_NAME": "default", "LOCAL_WORLD_SIZE": str(nproc), "WORLD_SIZE": str(nnodes * nproc),
+                "GROUP_WORLD_SIZE": str(nnodes), "ROLE_WORLD_SIZE": str(nnodes * nproc),
+                "MASTER_ADDR": address,
+                "MASTER_PORT": port, "TORCHELASTIC_RESTART_COUNT": "0",
                 "TORCHELASTIC_MAX_RESTARTS": "0", "TORCHELASTIC_RUN_ID": "none", "TORCHELASTIC_USE_AGENT_STORE": "False",
             })
             sys.stdout.reconfigure(line_buffering=True)  # torchrun starts workers with `python -u`
             _run([args.training_script, *args.training_script_args])
-        children[pid] = rank
+        children[pid] = node * nproc + local
     failures: dict[int, int] = {}
     deadline = None
     while children:
@@ -165,5 +205,97 @@ def _serve() -> None:
         protocol.flush()
 
 
+def _serve_socket(path: str) -> typing.NoReturn:
+    """Serve `--client` requests on the Unix socket `path`, each in a handler process of its own (jobs run at once)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(path)
+        server.listen(64)  # clients that come during the preload wait in the backlog
+        _preload()
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the handlers are reaped by the kernel
+        while True:
+            connection, _ = server.accept()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            if os.fork() == 0:
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                server.close()
+                _handle(connection)
+            connection.close()
+
+
+def _handle(connection: socket.socket) -> typing.NoReturn:
+    """Fork the client's command with its descriptors, environment and ignored signals; relay the signals it forwards;
+    answer its exit code. The client's connection closing (the client killed) kills the command's process group."""
+    data, fds, _, _ = socket.recv_fds(connection, 1 << 16, 3)
+    size = int.from_bytes(data[:8], "big")
+    while len(data) < 8 + size:
+        data += connection.recv(1 << 16)
+    request = json.loads(data[8:])
+    pid = os.fork()
+    if pid == 0:
+        connection.close()
+        os.setsid()
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+        for fd in fds:
+            if fd > 2:
+                os.close(fd)
+        for signum in request["ignored"]:
+            signal.signal(signum, signal.SIG_IGN)
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        _run(request["argv"])
+    for fd in fds:
+        os.close(fd)
+    done = os.pidfd_open(pid)
+    while done not in select.select([connection, done], [], [])[0]:
+        forwarded = connection.recv(64)
+        for signum in forwarded or [signal.SIGKILL]:  # nothing: the client is gone
+            try:
+                os.killpg(pid, signum)
+            except ProcessLookupError:
+                pass
+        if not forwarded:
+            break
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    try:
+        connection.sendall(str(code).encode())
+    except OSError:
+        pass
+    os._exit(0)
+
+
+FORWARDED = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGQUIT]
+
+
+def _client(path: str, argv: list[str]) -> typing.NoReturn:
+    """`python ARGS...` as a Slurm job runs it, by the server at `path` (see the module's text)."""
+    if not (argv[:2] == ["-m", "accelerate.commands.launch"] or (argv and argv[0].endswith(".py"))):
+        os.execv(sys.executable, [sys.executable, *argv])
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    for _ in range(600):  # the server binds its socket a moment after it starts
+        try:
+            connection.connect(path)
+            break
+        except (FileNotFoundError, ConnectionRefusedError):
+            time.sleep(0.1)
+    ignored = [int(s) for s in FORWARDED if signal.getsignal(s) == signal.SIG_IGN]
+    for signum in FORWARDED:
+        signal.signal(signum, lambda received, _: connection.send(bytes([received])))
+    request = json.dumps({"argv": argv, "env": dict(os.environ), "cwd": os.getcwd(), "ignored": ignored}).encode()
+    socket.send_fds(connection, [len(request).to_bytes(8, "big") + request], [0, 1, 2])
+    answer = b""
+    while chunk := connection.recv(64):
+        answer += chunk
+    code = int(answer)
+    os._exit(code if code >= 0 else 128 - code)
+
+
 if __name__ == "__main__":
-    _serve()
+    if sys.argv[1:2] == ["--serve"]:
+        _serve_socket(sys.argv[2])
+    elif sys.argv[1:2] == ["--client"]:
+        _client(sys.argv[2], sys.argv[3:])
+    else:
+        _serve()

@@ -3,6 +3,7 @@ or DeepSpeed), reading trained weights, and the launcher matrix's checks."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -272,6 +274,34 @@ def readme_cpu_env(tiny_models, **extra: str) -> dict:
         if name not in extra:
             env.pop(name, None)
     return env
+
+
+@contextlib.contextmanager
+def forked_python(env: dict, repo: Path) -> Iterator[dict]:
+    """`env` with PYTHON (what slurm/*.sh run) set to a `python3` whose scripts and `accelerate launch` are forked
+    from an interpreter that has imported torch, diffusers... from `repo` (tests.forkserver's socket mode): a Slurm
+    chain's jobs skip ~15 s of imports each. Everything else about the jobs is real: sbatch, dependencies, srun, the
+    scripts, accelerate's launch, their logs and exit codes. For chains, not for tests of signals or dying processes.
+    SKETCH2REAL_TEST_FORK=0 keeps real interpreters."""
+    if os.environ.get("SKETCH2REAL_TEST_FORK", "1") == "0":
+        yield env
+        return
+    scratch = Path(tempfile.mkdtemp(prefix="s2r-fork-"))  # short: a Unix socket's path has at most 107 bytes
+    socket_path, shim = scratch / "socket", scratch / "python3"
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "{repo}/tests/forkserver.py" --client "{socket_path}" "$@"\n')
+    shim.chmod(0o755)
+    env = {**env, "PYTHONPATH": str(repo)}  # the clone's library, as run_readme_command gives the jobs
+    with open(scratch / "server.log", "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "tests.forkserver", "--serve", str(socket_path)], cwd=repo,
+                                  env=env, stdout=log, stderr=log, start_new_session=True)
+    try:
+        yield {**env, "PYTHON": str(shim)}
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+        import shutil
+
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def run_readme_command(command: str, cwd: Path, env: dict, timeout: int = 300, **substitutions: str) -> str:

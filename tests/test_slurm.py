@@ -13,6 +13,7 @@ import pytest
 from .helpers import (
     REPO,
     TINY_PIPELINE_CONFIGS,
+    forked_python,
     fresh_clone,
     readme_block,
     readme_cpu_env,
@@ -56,11 +57,12 @@ def test_the_readme_flow_family_block_as_written_trains_a_rank_16_lora_of_each_f
     env = readme_cpu_env(tiny_models, SHARDS=str(shard_dir), STEPS="2", GPUS_PER_NODE="1")  # one process a job
     models = {"stabilityai/stable-diffusion-3.5-medium": tiny_models.sd3, "black-forest-labs/FLUX.1-dev": tiny_models.flux,
               "black-forest-labs/FLUX.2-klein-base-4B": tiny_models.flux2_klein}
-    submitted = run_readme_command(readme_block("MODEL=stabilityai/stable-diffusion-3.5-medium").strip(), repo, env,
-                                   **{hub_id: str(path) for hub_id, path in models.items()})
-    jobs = [word for line in submitted.splitlines() for word in line.split() if word.isdigit()]
-    assert len(jobs) == 3, submitted
-    wait_for_jobs(jobs, env, repo / "logs")
+    with forked_python(env, repo) as env:
+        submitted = run_readme_command(readme_block("MODEL=stabilityai/stable-diffusion-3.5-medium").strip(), repo, env,
+                                       **{hub_id: str(path) for hub_id, path in models.items()})
+        jobs = [word for line in submitted.splitlines() for word in line.split() if word.isdigit()]
+        assert len(jobs) == 3, submitted
+        wait_for_jobs(jobs, env, repo / "logs")
     for output, model in zip(("sd35_cat", "flux_cat", "klein_cat"), models.values()):
         run = repo / "runs" / output
         config = json.loads((run / "run_config.json").read_text())
@@ -84,12 +86,13 @@ def test_the_readme_sdxl_block_in_its_cpu_form_trains_each_method_and_generates_
     repo = fresh_clone(tmp_path / "clone")
     env = readme_cpu_env(tiny_models, SHARDS=str(shard_dir), STEPS="2", GPUS_PER_NODE="1")  # one process a job
     vae = tiny_models.sdxl / "vae"
-    submitted = run_readme_command(readme_block("XL=stabilityai/stable-diffusion-xl-base-1.0").strip(), repo, env,
-                                   **{"stabilityai/stable-diffusion-xl-base-1.0": str(tiny_models.sdxl),
-                                      "madebyollin/sdxl-vae-fp16-fix": str(vae), "--resolution 1024": "--resolution 64"})
-    jobs = subprocess.run(["squeue", "-h", "-o", "%i"], env=env, capture_output=True, text=True).stdout.split()
-    assert len(jobs) == 5 and all(j in jobs for j in submitted.split() if j.isdigit()), (jobs, submitted)
-    wait_for_jobs(jobs, env, repo / "logs")
+    with forked_python(env, repo) as env:
+        submitted = run_readme_command(readme_block("XL=stabilityai/stable-diffusion-xl-base-1.0").strip(), repo, env,
+                                       **{"stabilityai/stable-diffusion-xl-base-1.0": str(tiny_models.sdxl),
+                                          "madebyollin/sdxl-vae-fp16-fix": str(vae), "--resolution 1024": "--resolution 64"})
+        jobs = subprocess.run(["squeue", "-h", "-o", "%i"], env=env, capture_output=True, text=True).stdout.split()
+        assert len(jobs) == 5 and all(j in jobs for j in submitted.split() if j.isdigit()), (jobs, submitted)
+        wait_for_jobs(jobs, env, repo / "logs")
     runs = repo / "runs"
     lora = json.loads((runs / "xl_lora_cat" / "run_config.json").read_text())
     assert (lora["lora_rank"], lora["resolution"], lora["pretrained_vae_model_name_or_path"]) == (16, 64, str(vae))
@@ -133,10 +136,15 @@ def test_the_readme_study_reproduction_as_written_scores_every_row(slurm, tiny_m
                               GPUS_PER_NODE="1", STUDY_SAMPLES="6")  # one process a job: 16 jobs of start-up on 2 cores
     every_sample = {k: v for k, v in TINY_PIPELINE_CONFIGS["generate"].items() if k != "max_per_category"}
     write_configs(tmp_path / "configs", {"generate": every_sample})  # each row: an image per test sample, as the study
-    submitted = run_readme_command(readme_block("bash slurm/reproduce_study.sh").strip(), repo, env)
-    jobs = [word for line in submitted.splitlines() for word in line.split() if word.isdigit()]
-    assert len(jobs) == 16, submitted
-    wait_for_jobs(jobs, env, repo / "logs")
+    with forked_python(env, repo) as env:
+        submitted = run_readme_command(readme_block("bash slurm/reproduce_study.sh").strip(), repo, env)
+        jobs = [word for line in submitted.splitlines() for word in line.split() if word.isdigit()]
+        assert len(jobs) == 16, submitted
+        wait_for_jobs(jobs, env, repo / "logs")
+        # Then the full protocol, as written: every metric of two rows over the whole test split (DINOV2_MODEL and
+        # CLIP_MODEL unset: the default extractors' hub ids, the tiny ones in the hub cache)
+        submitted = run_readme_command(readme_block("GENERATED='llava-4=runs/study/gen_llava-4").strip(), repo, env)
+        wait_for_jobs([w for w in submitted.split() if w.isdigit()], env, repo / "logs")
     study = repo / "runs" / "study"
     scores = json.loads((study / "fid" / "metrics.json").read_text())
     assert set(scores["sets"]) == STUDY_ROWS and scores["dims"] == 2048 and scores["reference"]["name"] == "test sketches"
@@ -153,10 +161,7 @@ def test_the_readme_study_reproduction_as_written_scores_every_row(slurm, tiny_m
     assert sorted(p.name for p in (study / "dreambooth_sequential").glob("stage-*")) == ["stage-01-apple", "stage-02-airplane"]
     assert {json.loads(line)["prompt_id"] for line in (study / "captions" / "captions.jsonl").read_text().splitlines()} == {"4", "5", "8"}
 
-    # The full protocol, as written: every metric of two rows over the whole test split (DINOV2_MODEL and CLIP_MODEL
-    # unset: the default extractors' hub ids, the tiny ones in the hub cache)
-    submitted = run_readme_command(readme_block("GENERATED='llava-4=runs/study/gen_llava-4").strip(), repo, env)
-    wait_for_jobs([w for w in submitted.split() if w.isdigit()], env, repo / "logs")
+    # the full protocol: every metric of two rows over the whole test split
     full = json.loads((study / "fid_full" / "metrics.json").read_text())
     assert set(full["sets"]) == {"llava-4", "dreambooth"} and full["reference"]["name"] == "test sketches"
     assert full["reference"]["n"] == scores["reference"]["n"] > protocol["reference"]["n"]

@@ -21,6 +21,7 @@ import torch
 from .helpers import (
     REPO,
     check_pipeline_reports,
+    forked_python,
     fresh_clone,
     pause_at_step,
     readme_block,
@@ -181,10 +182,11 @@ def _pipeline(cluster, tiny_models, sketchy_root, root: Path, flags: list[str], 
     repo = fresh_clone(root)
     env = {**readme_pipeline_env(tiny_models, root / "configs"), "SLURM_CONF": cluster["SLURM_CONF"], **extra}
     command = readme_block("bash slurm/pipeline.sh").strip() + "".join(f" {flag}" for flag in flags)
-    submitted = run_readme_command(command, repo, env, **{"/data/sketchy": str(sketchy_root)})
-    jobs = [word for line in submitted.splitlines() for word in line.split() if word.isdigit()]
-    assert len(jobs) == jobs_expected, submitted
-    wait_for_jobs(jobs, env, repo / "logs")
+    with forked_python(env, repo) as env:
+        submitted = run_readme_command(command, repo, env, **{"/data/sketchy": str(sketchy_root)})
+        jobs = [word for line in submitted.splitlines() for word in line.split() if word.isdigit()]
+        assert len(jobs) == jobs_expected, submitted
+        wait_for_jobs(jobs, env, repo / "logs")
     return jobs
 
 
