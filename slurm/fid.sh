@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # FID/KID of generated folders against the test photos. GENERATED='base=runs/generated' sbatch slurm/fid.sh
+# Preempted, it is requeued and starts again (the reference's features are cached: --cache_dir).
 # DINOV2_MODEL, CLIP_MODEL: the extractors of fd_dinov2/prdc and cmmd/clip_* (hub id or folder; default eval/fid.py's)
 #SBATCH --job-name=s2r-fid
 #SBATCH --nodes=1
@@ -8,6 +9,8 @@
 #SBATCH --cpus-per-task=32
 #SBATCH --time=04:00:00
 #SBATCH --output=logs/%x-%j.out
+#SBATCH --requeue
+#SBATCH --open-mode=append
 set -euo pipefail
 # bash before 4.4 (RHEL/CentOS 7) calls an empty array unbound under -u: this script expands possibly empty ones
 ((BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] >= 404)) || set +u

@@ -12,6 +12,8 @@ host=$(hostname -s)
 # Nodes are declared as the GPU nodes the scripts ask for (32 CPUs each: their own --cpus-per-task fits, so README
 # commands run as written); config_overrides lets slurmd declare more CPUs than this host has. The partition is
 # named gpu, as in the README's examples. GPUs: SBATCH_GPUS_PER_NODE=0 (the README's CPU form).
+# A requeued job is eligible again after cred_expire + 1 s (11 s here) but started by the main scheduling loop's next
+# pass (every 60 s by default, the backfill's 30 s): each second here, so a preempted job's rerun starts in 11 s.
 common_settings() {  # what both clusters' slurm.conf say
   cat <<'CONF'
 ProctrackType=proctrack/linuxproc
@@ -19,6 +21,7 @@ TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 SchedulerType=sched/backfill
+SchedulerParameters=bf_interval=1,sched_interval=1
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2

@@ -237,3 +237,10 @@ def test_a_resumable_job_asks_for_the_signal_and_requeues_on_preempted(script):
     text = (REPO / "slurm" / script).read_text()
     assert {"#SBATCH --signal=USR1@180", "#SBATCH --requeue", "#SBATCH --open-mode=append"} <= set(text.splitlines())
     assert re.search(r'^s2r_finish "\$OUTPUT" "\$status"$', text, re.M), script
+
+
+def test_the_scoring_job_is_requeued_when_preempted():
+    """A preempted fid job was not requeued (nothing of the chain's last job ran again): it is, appending to its log,
+    and starts over (from the cached reference features)."""
+    text = (REPO / "slurm" / "fid.sh").read_text()
+    assert {"#SBATCH --requeue", "#SBATCH --open-mode=append"} <= set(text.splitlines())

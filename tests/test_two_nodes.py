@@ -75,7 +75,8 @@ def two_node_run(cluster, tiny_models, shard_dir, tmp_path_factory) -> Path:
     """DreamBooth LoRA trained by `sbatch --nodes 2 slurm/dreambooth.sh` (the uninterrupted reference)."""
     tmp = tmp_path_factory.mktemp("two-node-db")
     out = tmp / "db"
-    proc = _sbatch(_db_env(cluster, tiny_models, shard_dir, out), tmp, "db", "slurm/dreambooth.sh", *DB_FLAGS)
+    with forked_python(_db_env(cluster, tiny_models, shard_dir, out), REPO) as env:  # the preemption test's are real
+        proc = _sbatch(env, tmp, "db", "slurm/dreambooth.sh", *DB_FLAGS)
     assert proc.returncode == 0, _log(tmp, "db")[-4000:]
     return out
 
@@ -92,7 +93,8 @@ def test_deepspeed_zero2_across_two_nodes(cluster, tiny_models, shard_dir, two_n
     out = tmp_path / "zero2"
     env = _db_env(cluster, tiny_models, shard_dir, out, ACCELERATE_CONFIG="accelerate_configs/deepspeed_zero2.yaml",
                   PRECISION="bf16")
-    proc = _sbatch(env, tmp_path, "zero2", "slurm/dreambooth.sh", *DB_FLAGS)
+    with forked_python(env, REPO) as env:
+        proc = _sbatch(env, tmp_path, "zero2", "slurm/dreambooth.sh", *DB_FLAGS)
     assert proc.returncode == 0, _log(tmp_path, "zero2")[-4000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["distributed_type"] == "DEEPSPEED" and metrics["num_nodes"] == 2 and metrics["steps"] == STEPS
