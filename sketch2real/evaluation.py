@@ -109,13 +109,13 @@ def features_of(images: ImageSet, extractor, state, cache_dir: Path | None) -> t
     from accelerate.utils import broadcast_object_list, gather_object
 
     cache_file = cache_dir / f"{fingerprint(images, extractor.settings)}.npz" if cache_dir else None
-    hit = [cache_file is not None and cache_file.is_file() and bool(np.load(cache_file)["valid"].all())]  # see below
+    data = np.load(cache_file) if cache_file is not None and cache_file.is_file() else None
+    hit = [data is not None and bool(data["valid"].all())]  # a read around unreadable images is a miss: see below
     if state.num_processes > 1:  # rank 0's view decides: ranks with another view would take other collectives
         broadcast_object_list(hit)
     if hit[0]:
         if not state.is_main_process:
             return np.empty((0, 0)), np.empty(0, dtype=bool), True
-        data = np.load(cache_file)
         check_readable(images, data["valid"])  # a cache written before unreadable sets were refused
         return data["features"], data["valid"], True
     features, valid = extractor.extract(images, state.process_index, state.num_processes, state.is_local_main_process)

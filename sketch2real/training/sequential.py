@@ -77,10 +77,11 @@ def stage_options(opts: SequentialOptions, index: int, category: str, previous: 
     words = category_words(category)
     start = {"initial_lora": opts.initial_lora if index == 0 else previous} if opts.lora_rank else {
         "pretrained_model_name_or_path": previous, **({"variant": None, "revision": None} if index else {})}
-    per_category = "{category}" in opts.class_prompt  # each stage its own class images
-    class_data_dir = str(Path(opts.class_data_dir) / category) if per_category and opts.class_data_dir else opts.class_data_dir
+    class_data_dir = opts.class_data_dir
     if class_data_dir and index and not opts.lora_rank:  # drawn by the model the stage starts from: its own folder
         class_data_dir = str(Path(opts.class_data_dir) / stage_dir("", index, category).name)
+    elif class_data_dir and "{category}" in opts.class_prompt:  # the base's, each category its own
+        class_data_dir = str(Path(opts.class_data_dir) / category)
     return dataclasses.replace(
         opts, **start, output_dir=str(stage_dir(opts.output_dir, index, category)), instance_category=category,
         max_train_steps=opts.steps_per_stage, resume_from_checkpoint="latest",
