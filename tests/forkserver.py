@@ -121,11 +121,13 @@ def _fork_ranks(args) -> None:
     """torchrun's static launch (`torch.distributed.run.run`), by fork: each rank of this node gets the agent's
     environment plus the variables torchrun sets per worker (global ranks from --node_rank, the rendezvous store on the
     first node's rank 0); the first failure stops the others (SIGTERM, SIGKILL after 30 s)."""
+    from torch.distributed.run import get_rdzv_endpoint
+
     nproc = int(args.nproc_per_node)
     nnodes = int(str(args.nnodes).split(":")[-1])
     node = int(args.node_rank)
     assert nnodes == 1 or args.rdzv_backend == "static", "the fork launcher needs torchrun's static rendezvous"
-    endpoint = f"{args.master_addr or '127.0.0.1'}:{args.master_port}" if nnodes == 1 else args.rdzv_endpoint
+    endpoint = f"{args.master_addr or '127.0.0.1'}:{args.master_port}" if nnodes == 1 else get_rdzv_endpoint(args)
     address, port = endpoint.rsplit(":", 1)  # accelerate gives several nodes a --rdzv_endpoint
     children: dict[int, int] = {}
     sys.stdout.flush()
@@ -224,46 +226,75 @@ def _serve_socket(path: str) -> typing.NoReturn:
 
 
 def _handle(connection: socket.socket) -> typing.NoReturn:
-    """Fork the client's command with its descriptors, environment and ignored signals; relay the signals it forwards;
-    answer its exit code. The client's connection closing (the client killed) kills the command's process group."""
+    """Fork the client's command with its descriptors, environment, signal dispositions and output buffering; relay
+    the signals it forwards; answer its exit code. When the command ends, what is left of its process group is killed
+    (as Slurm ends a step's processes); the client's connection closing (the client killed) kills the group too."""
     data, fds, _, _ = socket.recv_fds(connection, 1 << 16, 3)
-    size = int.from_bytes(data[:8], "big")
-    while len(data) < 8 + size:
-        data += connection.recv(1 << 16)
-    request = json.loads(data[8:])
+    while len(data) < 8 or len(data) < 8 + int.from_bytes(data[:8], "big"):
+        chunk = connection.recv(1 << 16)
+        if not chunk:  # the client died before its request was whole
+            os._exit(0)
+        data += chunk
+    request = json.loads(data[8:8 + int.from_bytes(data[:8], "big")])
+    started_read, started_write = os.pipe()
     pid = os.fork()
     if pid == 0:
         connection.close()
-        os.setsid()
+        os.close(started_read)
+        for signum in FORWARDED:  # the client's dispositions, not the server's
+            ignored = signum in request["ignored"]
+            signal.signal(signum, signal.SIG_IGN if ignored else signal.default_int_handler
+                          if signum == signal.SIGINT else signal.SIG_DFL)
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
         for fd in fds:
             if fd > 2:
                 os.close(fd)
-        for signum in request["ignored"]:
-            signal.signal(signum, signal.SIG_IGN)
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
+        _std_streams(unbuffered=bool(os.environ.get("PYTHONUNBUFFERED")))
+        os.setsid()
+        os.close(started_write)  # the group exists: signals may come
         _run(request["argv"])
-    for fd in fds:
+    for fd in (*fds, started_write):
         os.close(fd)
+    os.read(started_read, 1)  # EOF once the child has its own group (or has died)
     done = os.pidfd_open(pid)
     while done not in select.select([connection, done], [], [])[0]:
         forwarded = connection.recv(64)
         for signum in forwarded or [signal.SIGKILL]:  # nothing: the client is gone
-            try:
-                os.killpg(pid, signum)
-            except ProcessLookupError:
-                pass
+            _kill_group(pid, signum)
         if not forwarded:
             break
+    _kill_group(pid, signal.SIGKILL)  # the leader has exited (a zombie until waited for: its group id is not reused)
     code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
     try:
         connection.sendall(str(code).encode())
     except OSError:
         pass
     os._exit(0)
+
+
+def _kill_group(pid: int, signum: int) -> None:
+    try:
+        os.killpg(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _std_streams(unbuffered: bool) -> None:
+    """New sys.stdout and sys.stderr on descriptors 1 and 2, buffered as a new interpreter would with this environment
+    (the server's were made for its own)."""
+    import io
+
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        raw = io.FileIO(fd, "w", closefd=False)
+        line = os.isatty(fd) or name == "stderr"
+        stream = io.TextIOWrapper(raw if unbuffered else io.BufferedWriter(raw), encoding="utf-8",
+                                  errors="backslashreplace" if name == "stderr" else "strict",
+                                  line_buffering=line and not unbuffered, write_through=unbuffered)
+        setattr(sys, name, stream)
 
 
 FORWARDED = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGQUIT]
@@ -273,6 +304,8 @@ def _client(path: str, argv: list[str]) -> typing.NoReturn:
     """`python ARGS...` as a Slurm job runs it, by the server at `path` (see the module's text)."""
     if not (argv[:2] == ["-m", "accelerate.commands.launch"] or (argv and argv[0].endswith(".py"))):
         os.execv(sys.executable, [sys.executable, *argv])
+    ignored = [int(s) for s in FORWARDED if signal.getsignal(s) == signal.SIG_IGN]
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)  # held until the request is sent, then forwarded
     connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     for _ in range(600):  # the server binds its socket a moment after it starts
         try:
@@ -280,11 +313,18 @@ def _client(path: str, argv: list[str]) -> typing.NoReturn:
             break
         except (FileNotFoundError, ConnectionRefusedError):
             time.sleep(0.1)
-    ignored = [int(s) for s in FORWARDED if signal.getsignal(s) == signal.SIG_IGN]
+
+    def forward(received: int, _frame) -> None:
+        try:
+            connection.send(bytes([received]))
+        except OSError:  # the job has ended and answered
+            pass
+
     for signum in FORWARDED:
-        signal.signal(signum, lambda received, _: connection.send(bytes([received])))
+        signal.signal(signum, forward)
     request = json.dumps({"argv": argv, "env": dict(os.environ), "cwd": os.getcwd(), "ignored": ignored}).encode()
     socket.send_fds(connection, [len(request).to_bytes(8, "big") + request], [0, 1, 2])
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
     answer = b""
     while chunk := connection.recv(64):
         answer += chunk
