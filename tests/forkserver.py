@@ -14,7 +14,9 @@ Slurm jobs reach it through a Unix socket (`--serve SOCKET`, `tests.helpers.fork
 shim running this file with `--client SOCKET ARGS...`, which hands the server its argv, environment, directory,
 ignored signals and its stdin/stdout/stderr themselves (the job's log), forwards every signal it gets to the forked
 process group (as Slurm signals every process of a step), and exits with its code; a killed client takes its job
-with it. Anything but a script or `-m accelerate.commands.launch` (`python - <<EOF`) runs in a real interpreter.
+with it, and what is left of a job's process group when its command ends is killed (as Slurm ends a step). A
+forked `accelerate launch` dies at SIGTERM at once (torchrun's agent would wait for its ranks): tests of signals
+keep real interpreters. Anything but a script or `-m accelerate.commands.launch` (`python - <<EOF`) runs in a real interpreter.
 """
 
 from __future__ import annotations
