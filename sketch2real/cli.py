@@ -47,21 +47,24 @@ AFFECTS = ("result", "runtime", "selection")
 def option(default: Any = dataclasses.MISSING, help: str = "", *, min: float | None = None,
            min_exclusive: float | None = None, max: float | None = None, max_exclusive: float | None = None,
            multiple_of: int | None = None, choices: typing.Sequence[Any] | None = None, noun: str | None = None,
-           affects: str = "result", **kwargs: Any) -> Any:
+           affects: str = "result", aliases: typing.Sequence[str] = (), case_insensitive: bool = False,
+           **kwargs: Any) -> Any:
     """A dataclass field with a help text and, for numbers and fixed sets of values, its allowed values.
 
     `min`/`max`: inclusive bounds; `min_exclusive`/`max_exclusive`: strict bounds (a float
     with any bound must also be finite); `multiple_of`: e.g. 8 for pixel sizes; `choices`:
     the allowed values; `noun`: how an unknown choice is named ("unknown {noun} 'x'",
     default: the option's name). For list options each element is checked.
-    Lists get `default_factory` automatically. `affects`: what the option changes (`options_affecting`): "result"
+    `aliases`: other flag names (another tool's, e.g. diffusers' `--rank`); `case_insensitive`: a text value is read in
+    lower case (`--optimizer AdamW`, as diffusers' scripts). Lists get `default_factory` automatically. `affects`: what the option changes (`options_affecting`): "result"
     (what a job computes), "runtime" (how it runs or reports, not what it computes: a resume may change it) or
     "selection" (which items a job draws, each item's result its own: a resume with more draws the rest).
     """
     assert affects in AFFECTS, affects
     meta: dict[str, Any] = {"help": help, "affects": affects}
     given = {"min": min, "min_exclusive": min_exclusive, "max": max, "max_exclusive": max_exclusive,
-             "multiple_of": multiple_of, "choices": tuple(choices) if choices is not None else None, "noun": noun}
+             "multiple_of": multiple_of, "choices": tuple(choices) if choices is not None else None, "noun": noun,
+             "aliases": tuple(aliases) or None, "case_insensitive": case_insensitive or None}
     meta.update({k: v for k, v in given.items() if v is not None})
     if isinstance(default, (list, dict)):
         value = default
@@ -220,6 +223,8 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
             kwargs.update(nargs="?", const=True, type=_parse_bool, metavar="BOOL")
         else:
             kwargs["type"] = scalar if scalar in (int, float, str) else str
+            if field.metadata.get("case_insensitive"):
+                kwargs["type"] = str.lower
             if is_list:
                 kwargs["nargs"] = "*"
         default = default_of(field)
@@ -229,7 +234,7 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
         else:
             shown = str(default).replace("%", "%%")
             kwargs["help"] += f" [default: {shown}{'; ' + allowed if allowed else ''}]"
-        parser.add_argument(f"--{field.name}", **kwargs)
+        parser.add_argument(f"--{field.name}", *(f"--{alias}" for alias in field.metadata.get("aliases", ())), **kwargs)
     return parser
 
 

@@ -108,6 +108,11 @@ class Family:
     # (learning rate, weight decay) of the text encoders' LoRA adapters in diffusers' LoRA script for the family, a
     # parameter group of their own (SDXL, SD3, FLUX.1: --text_encoder_lr 5e-6); None: the denoiser's (SD 1.x's script)
     text_encoder_lora_optimizer: tuple[float, float] | None = None
+    # DreamBooth's (learning rate, AdamW weight decay) when not given, full weights and LoRA: diffusers' DreamBooth
+    # scripts' defaults for the family (SD 1.x: train_dreambooth.py 5e-6 and train_dreambooth_lora.py 5e-4, both 1e-2;
+    # SDXL: its LoRA script's 1e-4 and 1e-4, no full script: train_dreambooth.py's; SD3, FLUX: 1e-4 and 1e-4 for both)
+    dreambooth_optimizer: tuple[float, float] = (5e-6, 1e-2)
+    dreambooth_lora_optimizer: tuple[float, float] = (5e-4, 1e-2)
 
     def samplers(self) -> dict[str, str]:
         """Generation's `--scheduler` choices that fit the objective it was trained with, and their diffusers classes:
@@ -462,6 +467,8 @@ class Flux2KleinFamily(FlowMatchingFamily):
         return [*self.lora_layers, "to_qkv_mlp_proj", *(f"single_transformer_blocks.{i}.attn.to_out" for i in range(singles))]
 
 
+# diffusers' SD3, FLUX.1 and FLUX.2 [klein] DreamBooth scripts (klein: LoRA only; FLUX.1's full script for full weights)
+FLOW_DREAMBOOTH_OPTIMIZERS = {"dreambooth_optimizer": (1e-4, 1e-4), "dreambooth_lora_optimizer": (1e-4, 1e-4)}
 SD = Family("sd", "StableDiffusionPipeline", "StableDiffusionControlNetPipeline", ("text_encoder",), ("tokenizer",),
             ("CLIPTextModel",), pooled=False, embedding_keys=None, safety_checker=True,
             pipeline_classes=r"StableDiffusion(ControlNet|Img2Img|Inpaint|InstructPix2Pix)?Pipeline")
@@ -469,7 +476,7 @@ SDXL = Family("sdxl", "StableDiffusionXLPipeline", "StableDiffusionXLControlNetP
               ("tokenizer", "tokenizer_2"), ("CLIPTextModel", "CLIPTextModelWithProjection"), pooled=True,
               embedding_keys=("clip_l", "clip_g"), safety_checker=False, unused_last_layer=("text_encoder",),
               tokenizer_classes=("CLIPTokenizer", "CLIPTokenizer"), training_resolution=1024,
-              text_encoder_lora_optimizer=(5e-6, 1e-3),
+              text_encoder_lora_optimizer=(5e-6, 1e-3), dreambooth_lora_optimizer=(1e-4, 1e-4),
               pipeline_classes=r"StableDiffusionXL(ControlNet|Img2Img|Inpaint)?Pipeline")
 SD3 = SD3Family("sd3", "StableDiffusion3Pipeline", "StableDiffusion3ControlNetPipeline",
                 ("text_encoder", "text_encoder_2", "text_encoder_3"), ("tokenizer", "tokenizer_2", "tokenizer_3"),
@@ -478,7 +485,7 @@ SD3 = SD3Family("sd3", "StableDiffusion3Pipeline", "StableDiffusion3ControlNetPi
                 tokenizer_classes=("CLIPTokenizer", "CLIPTokenizer", "T5TokenizerFast"), denoiser="transformer",
                 denoiser_class="SD3Transformer2DModel", training_scheduler="FlowMatchEulerDiscreteScheduler",
                 lora_layers_argument="transformer_lora_layers", trainers=("dreambooth", "textual_inversion", "controlnet"),
-                guidance_scale=7.0, text_encoder_lora_optimizer=(5e-6, 1e-3),
+                guidance_scale=7.0, text_encoder_lora_optimizer=(5e-6, 1e-3), **FLOW_DREAMBOOTH_OPTIMIZERS,
                 pipeline_classes=r"StableDiffusion3(ControlNet|Img2Img|Inpaint)?Pipeline")
 FLUX = FluxFamily("flux", "FluxPipeline", "FluxControlNetPipeline", ("text_encoder", "text_encoder_2"),
                   ("tokenizer", "tokenizer_2"), ("CLIPTextModel", "T5EncoderModel"), pooled=True, embedding_keys=("clip_l",),
@@ -487,6 +494,7 @@ FLUX = FluxFamily("flux", "FluxPipeline", "FluxControlNetPipeline", ("text_encod
                   denoiser_class="FluxTransformer2DModel", training_scheduler="FlowMatchEulerDiscreteScheduler",
                   lora_layers_argument="transformer_lora_layers", trainers=("dreambooth", "textual_inversion", "controlnet"),
                   guidance_scale=3.5, compile_regions=True, text_encoder_lora_optimizer=(5e-6, 1e-3),
+                  **FLOW_DREAMBOOTH_OPTIMIZERS,
                   pipeline_classes=r"Flux(ControlNet|Img2Img|Inpaint)?Pipeline")
 FLUX2_KLEIN = Flux2KleinFamily("flux2-klein", "Flux2KleinPipeline", "", ("text_encoder",), ("tokenizer",),
                                ("Qwen3ForCausalLM",), pooled=False, embedding_keys=None, safety_checker=False,
@@ -494,7 +502,8 @@ FLUX2_KLEIN = Flux2KleinFamily("flux2-klein", "Flux2KleinPipeline", "", ("text_e
                                denoiser_class="Flux2Transformer2DModel", vae_class="AutoencoderKLFlux2",
                                training_scheduler="FlowMatchEulerDiscreteScheduler",
                                lora_layers_argument="transformer_lora_layers", trainers=("dreambooth",), compile_regions=True,
-                               guidance_scale=4.0, text_encoder_training=False, pipeline_classes=r"Flux2KleinPipeline")
+                               guidance_scale=4.0, text_encoder_training=False, pipeline_classes=r"Flux2KleinPipeline",
+                               **FLOW_DREAMBOOTH_OPTIMIZERS)
 FAMILIES: dict[str, Family] = {family.name: family for family in (SD, SDXL, SD3, FLUX, FLUX2_KLEIN)}  # the registry: a new family is an entry
 # the tensor names of per-encoder Textual Inversion files, whatever the family (a file of only these has no token key)
 ENCODER_EMBEDDING_KEYS = {key for family in FAMILIES.values() for key in family.learned_embedding_keys(optional=True)}

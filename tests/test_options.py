@@ -419,7 +419,7 @@ def test_cross_option_checks_stay_in_check():
 
 @pytest.mark.parametrize("key, expected", [
     ("DreamBoothOptions", ["SD3, FLUX: 512) [default: None; >= 8, multiple of 8]",
-                           "default 5e-6, or 1e-4 with --lora_rank", "[default: 500; >= 0]", "AdamW beta2 [default: 0.999; in [0, 1)]",
+                           "with --lora_rank 5e-4 (SD 1.x/2.x) or 1e-4", "--lora_rank LORA_RANK, --rank LORA_RANK", "[default: 500; >= 0]", "AdamW beta2 [default: 0.999; in [0, 1)]",
                            "one of linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup",
                            "[default: tensorboard; one of tensorboard, wandb, all, none]"]),
     ("infer/generate.py", ["the model's own, as its diffusers pipeline has it (SD 1.5 512, SDXL/SD3/FLUX 1024) [default: None; >= 8, multiple of 8]", "denoising steps [default: 50; >= 1]",
@@ -513,13 +513,32 @@ def test_the_learning_rate_is_scaled_by_the_global_batch_and_returned():
     assert effective_learning_rate(dataclasses.replace(opts, scale_lr=False), 4) == 1e-4
 
 
-def test_dreambooth_learning_rate_default_fits_lora_and_full_weights():
-    """diffusers' defaults: 5e-6 for full DreamBooth, 1e-4 for its LoRA script; a given rate or a config's wins."""
-    base = ["--pretrained_model_name_or_path", "m", "--output_dir", "o"]
-    assert parse_options(_db(), base).learning_rate == 5e-6
-    assert parse_options(_db(), [*base, "--lora_rank", "8"]).learning_rate == 1e-4
-    assert parse_options(_db(), [*base, "--lora_rank", "8", "--learning_rate", "3e-4"]).learning_rate == 3e-4
-    assert "1e-4 with --lora_rank" in _db().__dataclass_fields__["learning_rate"].metadata["help"]
+def test_dreambooth_defaults_are_diffusers_scripts_for_the_family(tiny_models):
+    """A diffusers user's command line keeps its meaning: the learning rate and weight decay of diffusers' DreamBooth
+    script for the family and kind (SD 1.x: train_dreambooth.py 5e-6, train_dreambooth_lora.py 5e-4, both 1e-2; SDXL
+    LoRA 1e-4 and 1e-4; SD3 and FLUX 1e-4 and 1e-4), given values or a config's win; `--rank` is `--lora_rank`, and
+    `--optimizer AdamW` (diffusers' spelling) is adamw. A LoRA run at 1e-4 where diffusers' SD 1.x script trains at 5e-4
+    learned 5x slower than the script a user compared it with."""
+    from sketch2real.training.sequential import SequentialOptions
+
+    expected = {tiny_models.sd: ((5e-6, 1e-2), (5e-4, 1e-2)), tiny_models.sdxl: ((5e-6, 1e-2), (1e-4, 1e-4)),
+                tiny_models.sd3: ((1e-4, 1e-4), (1e-4, 1e-4)), tiny_models.flux: ((1e-4, 1e-4), (1e-4, 1e-4)),
+                tiny_models.flux2_klein: ((1e-4, 1e-4), (1e-4, 1e-4))}
+    for cls in (_db(), SequentialOptions):
+        for model, (full, lora) in expected.items():
+            base = ["--pretrained_model_name_or_path", str(model), "--output_dir", "o"]
+            opts = parse_options(cls, base)
+            assert (opts.learning_rate, opts.adam_weight_decay) == full, (cls, model)
+            for rank in ("--lora_rank", "--rank"):
+                opts = parse_options(cls, [*base, rank, "8"])
+                assert (opts.lora_rank, opts.learning_rate, opts.adam_weight_decay) == (8, *lora), (cls, model, rank)
+            opts = parse_options(cls, [*base, "--rank", "8", "--learning_rate", "3e-4", "--adam_weight_decay", "0"])
+            assert (opts.learning_rate, opts.adam_weight_decay) == (3e-4, 0)
+    assert [parse_options(_db(), ["--optimizer", name]).optimizer for name in ("AdamW", "Prodigy", "adamw")] == [
+        "adamw", "prodigy", "adamw"]
+    assert parse_options(_db(), ["--optimizer", "Prodigy"]).learning_rate == 1.0
+    with pytest.raises(UserError, match="unknown optimizer 'lion'"):
+        parse_options(_db(), ["--optimizer", "Lion"])
 
 
 def test_a_normal_return_leaves_the_process_group_after_a_barrier(tmp_path, monkeypatch):
@@ -623,9 +642,10 @@ def test_a_fingerprint_s_defaults_are_this_run_s(tiny_models):
 
     base = ["--pretrained_model_name_or_path", str(tiny_models.sdxl), "--output_dir", "o", "--lora_rank", "4"]
     at_defaults = run_fingerprint(parse_options(_db(), base), 1)
-    older = {k: v for k, v in at_defaults.items() if k not in ("learning_rate", "resolution")}
+    older = {k: v for k, v in at_defaults.items() if k not in ("learning_rate", "resolution", "adam_weight_decay")}
     assert at_defaults.matches(older)
     assert not run_fingerprint(parse_options(_db(), [*base, "--learning_rate", "5e-6"]), 1).matches(older)
+    assert not run_fingerprint(parse_options(_db(), [*base, "--adam_weight_decay", "1e-2"]), 1).matches(older)
     assert not run_fingerprint(parse_options(_db(), [*base, "--resolution", "512"]), 1).matches(older)
 
 

@@ -45,7 +45,7 @@ class ControlNetOptions(TrainOptions):
     learning_rate: float | None = option(None, help="initial learning rate (after warmup); default 1e-5, 1.0 with "
                                                     "--optimizer prodigy", min_exclusive=0)
 
-    def default_learning_rate(self) -> float:
+    def default_learning_rate(self, family: Family | None) -> float:
         return 1e-5
 
     def check(self) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from sketch2real.cli import UserError, option
-from sketch2real.family import Conditioning, Family, TextEncoders, family_of, pipeline_class, placeholder_tokens
+from sketch2real.family import FAMILIES, Conditioning, Family, TextEncoders, family_of, pipeline_class, placeholder_tokens
 from sketch2real.io import atomic_path, differences, umask_modes, write_json
 from sketch2real.models import SDComponents, dtype_for, load_base_pipeline, save_pretrained_atomic
 from sketch2real.sketchy import category_words
@@ -28,7 +28,6 @@ from sketch2real.training.textual_inversion import add_placeholder_tokens, write
 
 logger = logging.getLogger("sketch2real")
 PIVOTAL_TOKEN = "<s0>"  # the new tokens of pivotal tuning, as diffusers' advanced scripts name them: <s0>, <s0>_1, ...
-FULL_LR, LORA_LR = 5e-6, 1e-4  # diffusers' DreamBooth and DreamBooth LoRA scripts' defaults
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -58,13 +57,18 @@ class DreamBoothOptions(TrainOptions):
     train_text_encoder: bool = option(False, help="also train the text encoder(s): whole, or with --lora_rank LoRA adapters "
                                                   "on their attention, as diffusers' LoRA scripts (the CLIP encoders: SDXL "
                                                   "and SD3 both, FLUX.1 its CLIP); under DeepSpeed too")
-    lora_rank: int = option(0, help="train LoRA adapters of this rank instead of full weights (0: full fine-tuning)", min=0)
+    lora_rank: int = option(0, help="train LoRA adapters of this rank instead of full weights (0: full fine-tuning; "
+                                    "--rank: diffusers' LoRA scripts' name)", min=0, aliases=("rank",))
     lora_alpha: int = option(0, help="LoRA alpha (0: same as rank); saved in the file's adapter metadata, so plain "
                                      "diffusers' load_lora_weights reloads the same strength", min=0)
-    learning_rate: float | None = option(None, help="initial learning rate (after warmup); default 5e-6, or 1e-4 with "
-                                                    "--lora_rank (diffusers' DreamBooth and DreamBooth LoRA defaults), "
-                                                    "1.0 with --optimizer prodigy",
+    learning_rate: float | None = option(None, help="initial learning rate (after warmup); default: diffusers' DreamBooth "
+                                                    "scripts' for the model's family: full weights 5e-6 (SD 1.x/2.x, "
+                                                    "SDXL) or 1e-4 (SD3, FLUX); with --lora_rank 5e-4 (SD 1.x/2.x) or "
+                                                    "1e-4 (SDXL, SD3, FLUX); 1.0 with --optimizer prodigy",
                                          min_exclusive=0)
+    adam_weight_decay: float | None = option(None, help="AdamW weight decay; default: diffusers' DreamBooth scripts' for "
+                                                        "the model's family: 1e-2 (SD 1.x/2.x; SDXL full weights), 1e-4 "
+                                                        "(SDXL LoRA, SD3, FLUX)", min=0)
     use_dora: bool = option(False, help="DoRA: LoRA adapters that also learn each weight's magnitude (peft; saved with "
                                         "the adapter settings, diffusers' load_lora_weights reloads it as DoRA)")
     lora_type: str = option("lora", help="kind of adapter with --lora_rank: lora, or lokr (LoKr: Kronecker-product "
@@ -99,8 +103,15 @@ class DreamBoothOptions(TrainOptions):
                                                 "prompt instead of --instance_prompt (seeded per step and image; the "
                                                 "style then also arrives without its trigger)", min=0, max=1)
 
-    def default_learning_rate(self) -> float:
-        return LORA_LR if self.lora_rank else FULL_LR
+    def default_learning_rate(self, family: Family | None) -> float:
+        return self._default_optimizer(family)[0]
+
+    def default_weight_decay(self, family: Family | None) -> float:
+        return self._default_optimizer(family)[1]
+
+    def _default_optimizer(self, family: Family | None) -> tuple[float, float]:
+        family = family or FAMILIES["sd"]  # a model that cannot be read: the task refuses it before training
+        return family.dreambooth_lora_optimizer if self.lora_rank else family.dreambooth_optimizer
 
     def check(self) -> None:
         super().check()

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sketch2real.cli import PRECISION_HELP, UserError, option
+
+if TYPE_CHECKING:
+    from sketch2real.family import Family
 
 # diffusers.optimization.SchedulerType values get_scheduler can build from these options alone
 # (piecewise_constant also needs step rules, which no option gives).
@@ -49,7 +53,7 @@ class TrainOptions:
                                           "scales it; prodigyopt); or adamw_schedulefree (schedule-free AdamW: no "
                                           "schedule, validation and the saved model use its average, --lr_warmup_steps "
                                           "is its warm-up; schedulefree)",
-                            choices=("adamw", "prodigy", "adamw_schedulefree"), noun="optimizer")
+                            choices=("adamw", "prodigy", "adamw_schedulefree"), noun="optimizer", case_insensitive=True)
     prodigy_beta3: float | None = option(None, help="Prodigy's beta3 for its step-size estimate (default: sqrt(beta2))",
                                          min=0, max_exclusive=1)
     prodigy_decouple: bool = option(True, help="Prodigy: AdamW-style decoupled weight decay")
@@ -127,20 +131,30 @@ class TrainOptions:
     logging_dir: str = option("logs", help="tracker folder, relative to --output_dir", affects="runtime")
 
     def __post_init__(self) -> None:
-        if self.learning_rate is None:  # frozen: a default that depends on other options
-            learning_rate = PRODIGY_LR if self.optimizer == "prodigy" else self.default_learning_rate()
-            object.__setattr__(self, "learning_rate", learning_rate)
-        if self.resolution is None and self.pretrained_model_name_or_path:
+        # frozen: defaults that depend on other options and on the model's family, as diffusers' per-family scripts
+        family = None
+        if None in (self.resolution, self.learning_rate, self.adam_weight_decay) and self.pretrained_model_name_or_path:
             from sketch2real.family import family_of
 
             # a model that cannot be read is left to the task, which says so in one line before any weight loads
             with contextlib.suppress(UserError):
                 family = family_of(self.pretrained_model_name_or_path, self.revision)
-                object.__setattr__(self, "resolution", family.training_resolution)
+        if self.resolution is None and family is not None:
+            object.__setattr__(self, "resolution", family.training_resolution)
+        if self.learning_rate is None:
+            learning_rate = PRODIGY_LR if self.optimizer == "prodigy" else self.default_learning_rate(family)
+            object.__setattr__(self, "learning_rate", learning_rate)
+        if self.adam_weight_decay is None:
+            object.__setattr__(self, "adam_weight_decay", self.default_weight_decay(family))
 
-    def default_learning_rate(self) -> float:
-        """The trainer's learning rate when --learning_rate is not given (and the optimizer is not Prodigy)."""
+    def default_learning_rate(self, family: Family | None) -> float:
+        """The trainer's learning rate when --learning_rate is not given (and the optimizer is not Prodigy), for a
+        model of `family` (None: one that cannot be read, which the task will refuse)."""
         return 5e-6
+
+    def default_weight_decay(self, family: Family | None) -> float:
+        """The AdamW weight decay of a trainer that declares it None (resolved from the family) when not given."""
+        return 1e-2
 
     def check(self) -> None:
         """One-line errors for missing or inconsistent values (ranges and choices are declared on the options, and

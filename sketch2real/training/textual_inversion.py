@@ -65,7 +65,7 @@ class TextualInversionOptions(TrainOptions):
                                                     "--optimizer prodigy", min_exclusive=0)
     adam_weight_decay: float = option(0.0, help="AdamW weight decay (0: keeps the embedding's norm)", min=0)
 
-    def default_learning_rate(self) -> float:
+    def default_learning_rate(self, family: Family | None) -> float:
         return 5e-4
 
     def check(self) -> None:
