@@ -189,6 +189,36 @@ def test_flow_dreambooth_bf16(family, launcher, variant, tiny_models, shard_dir,
     assert image.shape == (64, 64, 3)
 
 
+# diffusers' FLUX.1 LoRA script's default targets: the text stream's attention and both feed-forwards too
+FLUX_SCRIPT_LAYERS = ("attn.to_k,attn.to_q,attn.to_v,attn.to_out.0,attn.add_k_proj,attn.add_q_proj,attn.add_v_proj,"
+                      "attn.to_add_out,ff.net.0.proj,ff.net.2,ff_context.net.0.proj,ff_context.net.2")
+
+
+def test_lora_layers_adapts_the_modules_named_as_diffusers_flux_script_does(tiny_models, shard_dir, tmp_path):
+    """--lora_layers (the SD3/FLUX scripts' flag) adapts exactly those modules, and plain diffusers reloads each of them
+    to its trained value; a name that matches no module is one line, naming the family's default."""
+    import diffusers
+
+    model, out = tiny_models.flux, tmp_path / "layers"
+    args = [*db_args(model, shard_dir), "--lora_rank", "4", "--learning_rate", "1e-2", "--max_train_steps", "2",
+            "--validation_steps", "0", "--checkpointing_steps", "0", "--num_heldout_samples", "0"]
+    run_script("train/dreambooth.py", *args, "--lora_layers", FLUX_SCRIPT_LAYERS, "--output_dir", out)
+    saved = {k.split(":")[1].removeprefix("transformer.").replace(".lora_B.weight", ""): v
+             for k, v in weights(out).items() if "lora_B" in k}
+    pipe = diffusers.FluxPipeline.from_pretrained(model)
+    adapted = {name for name, _ in pipe.transformer.named_modules()
+               if any(name.endswith(f".{layer}") for layer in FLUX_SCRIPT_LAYERS.split(","))}
+    assert set(saved) == adapted and any(".ff_context.net.2" in name for name in saved)
+    pipe.load_lora_weights(out)
+    loaded = {name.replace(".lora_B.default_0.weight", ""): value for name, value in pipe.transformer.named_parameters()
+              if "lora_B" in name}
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
+    proc = run_script("train/dreambooth.py", *args, "--lora_layers", "attn.to_k,attn.nope", "--output_dir",
+                      tmp_path / "unknown", check=False)
+    assert proc.returncode == 2 and "--lora_layers attn.to_k,attn.nope: attn.nope matches no module of this " \
+        "FluxTransformer2DModel (its default: to_k,to_q,to_v,to_out.0)" in proc.stderr.strip().splitlines()[-1]
+
+
 @pytest.mark.parametrize("family", ["sd3", "flux", "flux2-klein"])
 def test_flow_resume_continues_exactly_and_two_processes_match_one(family, shard_dir, tmp_path, tiny_models):
     """Killed after a checkpoint and resumed: bit-identical adapters; and 2 DDP processes (fp32) give the 1-process

@@ -80,6 +80,10 @@ class DreamBoothOptions(TrainOptions):
                                                 "also pytorch_lora_weights_comfyui.safetensors in kohya's key format, for "
                                                 "A1111, ComfyUI and kohya's scripts (SD 1.x, SDXL)",
                               choices=("diffusers", "comfyui"), noun="LoRA format", affects="runtime")
+    lora_layers: str = option("", help="with --lora_rank: the denoiser's modules to adapt, comma-separated names or name "
+                                       "endings as peft matches them, e.g. 'attn.to_k,attn.to_q,attn.to_v,attn.to_out.0,"
+                                       "ff.net.2' (diffusers' SD3/FLUX scripts' flag; default: the family's, the attention "
+                                       "projections); saved in the file's settings, which diffusers' loader reads")
     train_text_encoder_ti: bool = option(False, help="pivotal tuning (diffusers' advanced scripts): new tokens learn their "
                                          "embeddings in every embedding encoder together with the LoRA; --token_abstraction "
                                          "in the prompts stands for them; saved as learned_embeds.safetensors (token <s0>) "
@@ -136,6 +140,8 @@ class DreamBoothOptions(TrainOptions):
             raise UserError("--lora_type lokr adapts the denoiser only: --train_text_encoder needs --lora_type lora")
         if self.lora_format != "diffusers" and not self.lora_rank:
             raise UserError(f"--lora_format {self.lora_format} is the format of LoRA files: give --lora_rank")
+        if self.lora_layers and not self.lora_rank:
+            raise UserError("--lora_layers are the modules LoRA adapts: give --lora_rank")
         if self.use_dora and not self.lora_rank:
             raise UserError("--use_dora is a kind of LoRA adapter: give --lora_rank")
         if self.use_dora and self.lora_format == "comfyui":
@@ -324,7 +330,7 @@ class DreamBoothTask(DiffusionTask):
             self.lora_modules = {self.family.denoiser: c.denoiser, **({name: text_encoders.encoders[name] for name in
                                  self.family.trained_text_encoders()} if opts.train_text_encoder else {})}
             for name, module in self.lora_modules.items():
-                targets = (self.family.lora_targets(module) if module is c.denoiser else
+                targets = (denoiser_lora_targets(self.family, module, opts.lora_layers) if module is c.denoiser else
                            self.family.text_encoder_lora_targets(name, module))
                 with torch.random.fork_rng(devices=[]):  # the adapters' start is a function of --seed, on every launcher
                     torch.manual_seed(derive_seed(opts.seed, "lora-init", *([] if module is c.denoiser else [name])))
@@ -583,6 +589,20 @@ def initial_lora_alpha(family: Family, folder: str, lora_alpha: float) -> float 
         raise UserError(f"--initial_lora {folder} was trained with alpha {saved:g}, not --lora_alpha {lora_alpha:g}: "
                         "leave --lora_alpha out to continue it at its own")
     return saved
+
+
+def denoiser_lora_targets(family: Family, denoiser: torch.nn.Module, lora_layers: str = "") -> list[str]:
+    """peft `target_modules` of the denoiser's adapters: `--lora_layers` (comma-separated) or the family's; a name that
+    matches no module of this denoiser (peft's own rule: the whole name or its ending after a dot) is one line."""
+    if not lora_layers:
+        return family.lora_targets(denoiser)
+    targets = [name.strip() for name in lora_layers.split(",") if name.strip()]
+    names = [name for name, _ in denoiser.named_modules()]
+    unknown = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if unknown or not targets:
+        raise UserError(f"--lora_layers {lora_layers}: {', '.join(unknown) or 'no name'} matches no module of this "
+                        f"{family.denoiser_class} (its default: {','.join(family.lora_targets(denoiser))})")
+    return targets
 
 
 def encoder_lora_file_layers(layers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
