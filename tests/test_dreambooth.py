@@ -1158,6 +1158,18 @@ def test_sdxl_bf16(launcher, variant, tiny_models, shard_dir, tmp_path, tmp_path
     assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
 
 
+def test_validation_epochs_validate_every_n_passes_over_the_instance_images(db_args, tmp_path):
+    """--validation_epochs (diffusers' LoRA scripts' flag): 3 instance images at a batch of 1 are 3 steps a pass, so
+    every 2 passes is every 6 steps (and at the end, as always); the run's config records the steps it used."""
+    out = tmp_path / "epochs"
+    run_script("train/dreambooth.py", *db_args, "--output_dir", out, "--num_instance_images", "3", "--max_train_steps", "7",
+               "--validation_epochs", "2", "--num_heldout_samples", "2", "--num_validation_images", "0")
+    steps = [json.loads(line)["step"] for line in (out / "validation_log.jsonl").read_text().splitlines()]
+    assert steps == [6, 7]
+    config = json.loads((out / "run_config.json").read_text())
+    assert (config["validation_epochs"], config["validation_steps"]) == (2, 6)
+
+
 def test_category_in_validation_prompts_is_filled_in_and_a_class_prompt_naming_it_is_refused(db_args, tmp_path):
     """{category} in --validation_prompt was drawn as literal text: a row per category of the run now (the instance
     category, or the set's first four), the other prompts one row each; in --class_prompt (the class images' literal

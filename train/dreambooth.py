@@ -11,7 +11,7 @@ def main() -> int:
     opts.check()
     with training_session(opts) as accelerator:
         task = DreamBoothTask(opts, accelerator)
-        return train(task, opts, accelerator, "dreambooth")
+        return train(task, task.opts, accelerator, "dreambooth")  # its options as the data resolved them
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ optional text-encoder training (also under DeepSpeed), LoRA adapters."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -80,6 +81,9 @@ class DreamBoothOptions(TrainOptions):
                                                 "also pytorch_lora_weights_comfyui.safetensors in kohya's key format, for "
                                                 "A1111, ComfyUI and kohya's scripts (SD 1.x, SDXL)",
                               choices=("diffusers", "comfyui"), noun="LoRA format", affects="runtime")
+    validation_epochs: int = option(0, help="validate every N passes over the instance images instead of every "
+                                            "--validation_steps (diffusers' LoRA scripts' flag): N x ceil(instance images "
+                                            "/ (batch x processes x accumulation)) steps", min=0, affects="runtime")
     lora_layers: str = option("", help="with --lora_rank: the denoiser's modules to adapt, comma-separated names or name "
                                        "endings as peft matches them, e.g. 'attn.to_k,attn.to_q,attn.to_v,attn.to_out.0,"
                                        "ff.net.2' (diffusers' SD3/FLUX scripts' flag; default: the family's, the attention "
@@ -364,6 +368,11 @@ class DreamBoothTask(DiffusionTask):
             self.keys, self.categories = [m["key"] for m in metas], [m["category"] for m in metas]
         logger.info("%d instance images", len(instance_images))
         self.sample_prompts.check_covers(self.keys, "instance images")
+        if opts.validation_epochs:  # the loop validates every --validation_steps: this run's, in steps
+            per_step = opts.train_batch_size * accelerator.num_processes * opts.gradient_accumulation_steps
+            self.opts = opts = dataclasses.replace(
+                opts, validation_steps=opts.validation_epochs * -(-len(instance_images) // per_step))
+            logger.info("--validation_epochs %d: every %d steps", opts.validation_epochs, opts.validation_steps)
         self.parts = [(self.stream("instance", instance_images), self._instance_prompt, 1.0)]
         if opts.with_prior_preservation:
             ensure_class_images(accelerator, opts)

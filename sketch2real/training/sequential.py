@@ -169,7 +169,7 @@ def run_sequential(opts: SequentialOptions, accelerator) -> int:
             base = _row("base", _heldout_losses(task, task.model, opts, stages))
             if accelerator.is_main_process:
                 write_json(out / "base_metrics.json", base)
-        status = train(task, stage_opts, accelerator, f"dreambooth_sequential/{category}")
+        status = train(task, task.opts, accelerator, f"dreambooth_sequential/{category}")
         if status == PREEMPTED_EXIT_CODE:  # slurm/common.sh looks for PREEMPTED in the job's --output_dir
             mark_preempted(accelerator, out, f"stage {index + 1} ({category}) checkpointed")
         if status != 0:
