@@ -56,9 +56,10 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, min: float | N
     the allowed values; `noun`: how an unknown choice is named ("unknown {noun} 'x'",
     default: the option's name). For list options each element is checked.
     `aliases`: other flag names (another tool's, e.g. diffusers' `--rank`); `case_insensitive`: a text value is read in
-    lower case (`--optimizer AdamW`, as diffusers' scripts). Lists get `default_factory` automatically. `affects`: what the option changes (`options_affecting`): "result"
-    (what a job computes), "runtime" (how it runs or reports, not what it computes: a resume may change it) or
-    "selection" (which items a job draws, each item's result its own: a resume with more draws the rest).
+    lower case (`--optimizer AdamW`, as diffusers' scripts). Lists get `default_factory` automatically.
+    `affects`: what the option changes (`options_affecting`): "result" (what a job computes), "runtime" (how it runs
+    or reports, not what it computes: a resume may change it) or "selection" (which items a job draws, each item's
+    result its own: a resume with more draws the rest).
     """
     assert affects in AFFECTS, affects
     meta: dict[str, Any] = {"help": help, "affects": affects}

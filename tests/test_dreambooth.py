@@ -541,14 +541,14 @@ def test_deepspeed_zero2_trains_text_encoder_and_saves_a_pipeline(db_args, tmp_p
 def _base_row_norms(model, magnitudes: dict, dtype: torch.dtype = torch.float32) -> dict:
     """What each DoRA magnitude (`weights()` key of a LoRA file) starts from: its base weight's row norms (the weight
     in `dtype`, as the run holds it)."""
-    norms = {}
+    bases, norms = {}, {}
     for key in magnitudes:
         component, name = key.split(":")[1].split(".", 1)
-        layer = name.removesuffix(".weight").removesuffix(".lora_magnitude_vector")
-        # transformers saves a CLIP encoder's weights without its `text_model.`
-        base = next(v for k, v in weights(Path(model) / component).items()
-                    if f"{layer}.weight".removeprefix("text_model.") == k.split(":")[1].removeprefix("text_model."))
-        norms[key] = base.to(dtype).norm(dim=1).float()
+        if component not in bases:  # transformers saves a CLIP encoder's weights without its `text_model.`
+            bases[component] = {k.split(":")[1].removeprefix("text_model."): v
+                                for k, v in weights(Path(model) / component).items()}
+        layer = name.removesuffix(".weight").removesuffix(".lora_magnitude_vector").removeprefix("text_model.")
+        norms[key] = bases[component][f"{layer}.weight"].to(dtype).norm(dim=1).float()
     return norms
 
 
