@@ -98,6 +98,17 @@ def _run(argv: list[str]) -> typing.NoReturn:
     exit_now(code)
 
 
+def _environment(env: dict) -> None:
+    """This process's environment becomes `env`, as a new interpreter's would; huggingface_hub reads its variables
+    (HF_ENDPOINT, HF_HUB_OFFLINE, HF_TOKEN) once, at import: read again."""
+    import importlib
+
+    os.environ.clear()
+    os.environ.update(env)
+    if "huggingface_hub.constants" in sys.modules:
+        importlib.reload(sys.modules["huggingface_hub.constants"])
+
+
 def _fork_simple(args) -> None:
     """accelerate's one-process launch (`simple_launcher`), by fork: the script runs with the environment accelerate
     prepared, and a failure raises as the launcher's own `subprocess` call does."""
@@ -111,8 +122,7 @@ def _fork_simple(args) -> None:
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
-        os.environ.clear()
-        os.environ.update(env)
+        _environment(env)
         _run(command[1:])
     code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
     if code != 0:
@@ -198,8 +208,7 @@ def _serve() -> None:
             for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
                 os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
             os.chdir(request["cwd"])
-            os.environ.clear()
-            os.environ.update(request["env"])
+            _environment(request["env"])
             _load_probes()
             _run(request["argv"])
         protocol.write(json.dumps({"pid": pid}) + "\n")
@@ -253,8 +262,7 @@ def _handle(connection: socket.socket) -> typing.NoReturn:
             if fd > 2:
                 os.close(fd)
         os.chdir(request["cwd"])
-        os.environ.clear()
-        os.environ.update(request["env"])
+        _environment(request["env"])
         _std_streams(unbuffered=bool(os.environ.get("PYTHONUNBUFFERED")))
         os.setsid()
         os.close(started_write)  # the group exists: signals may come

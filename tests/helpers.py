@@ -441,3 +441,80 @@ def import_script(rel: str):
         sys.modules[name] = module  # dataclasses look their module up while the class is built
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+class FakeHub:
+    """A local stand-in for the Hugging Face Hub's API, as huggingface_hub's `create_repo` and `create_commit` call it:
+    repositories under the user `tester` (a request without a token is refused, as the hub refuses it), and commits
+    of regular files, written under `root/<namespace>/<name>/` (`commits` lists each one's repository and message;
+    `refuse_commits`: they fail).
+    Point a process at it with `env()`."""
+
+    user = "tester"
+
+    def __init__(self, root: Path) -> None:
+        import http.server
+
+        self.root, self.commits, self.repos = Path(root), [], set()
+        self.refuse_commits = False  # True: commits fail (a network down at the end of a run)
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # httpx keeps the connection
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                status, answer = hub.answer(self.path, body, self.headers.get("Authorization"))
+                data = json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def env(self, token: str | None = "hf_test") -> dict:
+        """The variables that send huggingface_hub's requests here (`token` None: not logged in)."""
+        return {"HF_ENDPOINT": self.url, "HF_HUB_OFFLINE": "0", "HF_TOKEN": token or "", "HF_HOME": str(self.root / "home")}
+
+    def answer(self, path: str, body: bytes, authorization: str | None) -> tuple[int, dict]:
+        import base64
+
+        if not authorization:
+            return 401, {"error": "Invalid username or password."}
+        if path == "/api/repos/create":
+            request = json.loads(body)
+            repo = f"{request.get('organization') or self.user}/{request['name']}"
+            exists = repo in self.repos
+            self.repos.add(repo)
+            return (409 if exists else 200), {"url": f"{self.url}/{repo}"}
+        if path == "/api/validate-yaml":
+            return 200, {}
+        parts = path.split("/")  # /api/models/<namespace>/<name>/<preupload|commit>/<revision>
+        repo = "/".join(parts[3:5])
+        if repo not in self.repos:
+            return 404, {"error": "Repository not found"}
+        if parts[5] == "preupload":
+            files = json.loads(body)["files"]
+            return 200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
+        if self.refuse_commits:
+            return 503, {"error": "Service Unavailable"}
+        lines = [json.loads(line) for line in body.splitlines() if line.strip()]
+        for line in lines[1:]:
+            assert line["key"] == "file", line
+            target = self.root / repo / line["value"]["path"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(base64.b64decode(line["value"]["content"]))
+        self.commits.append({"repo": repo, "message": lines[0]["value"]["summary"]})
+        return 200, {"commitUrl": f"{self.url}/{repo}/commit/{len(self.commits):040x}",
+                     "commitOid": f"{len(self.commits):040x}", "pullRequestUrl": None}
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

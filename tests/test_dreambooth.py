@@ -1,6 +1,7 @@
 import importlib.util
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from .helpers import (
     LAUNCHERS,
     REPO,
     SHARP_ADAM,
+    FakeHub,
     assert_agrees_within_bf16,
     check_model_card_usage,
     launch,
@@ -1197,3 +1199,54 @@ def test_category_in_validation_prompts_is_filled_in_and_a_class_prompt_naming_i
                       "--class_data_dir", tmp_path / "class", "--output_dir", tmp_path / "out", check=False)
     assert proc.returncode == 2 and "--class_prompt 'a sketch of a {category}'" in proc.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "class").exists()
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_push_to_hub_fails_before_training_without_login_and_uploads_the_model_without_resume_state(db_args, tmp_path):
+    """--push_to_hub as diffusers' scripts: the repository is created at the start (not logged in or offline: one line,
+    exit 2, before anything trains) and the output folder is one commit at the end, but its checkpoints and latent
+    cache (its TensorBoard logs, under --tracker_project_name, included); the card loads from the repository. A failed
+    upload keeps the model and names the command that retries it, and that command uploads the same files."""
+    hub = FakeHub(tmp_path / "hub")
+    lora = [*db_args, "--max_train_steps", "2", "--lora_rank", "4", "--checkpointing_steps", "1", "--push_to_hub"]
+    try:
+        for env, message in ((hub.env(token=None), "Invalid username or password"), ({"HF_HUB_OFFLINE": "1"}, "offline")):
+            out = tmp_path / "refused"
+            proc = run_script("train/dreambooth.py", *lora, "--output_dir", out, "--hub_model_id", "lab/style", env=env,
+                              check=False)
+            last = proc.stderr.strip().splitlines()[-1]
+            assert proc.returncode == 2 and "'lab/style'" in last and message in last and "hf auth login" in last, last
+            assert not (out / "run_config.json").exists() and not (out / "latent_cache").exists()
+
+        out = tmp_path / "sketch-lora"
+        run_script("train/dreambooth.py", *lora, "--output_dir", out, "--report_to", "tensorboard",
+                   "--tracker_project_name", "sketch-style", env=hub.env())
+        local = _files(out)
+        assert any(name.startswith("logs/sketch-style/events.out.tfevents") for name in local)  # the hub shows them
+        assert any(name.startswith("checkpoint-1/") for name in local) and any(
+            name.startswith("latent_cache/") for name in local)
+        kept = {name: data for name, data in local.items() if not name.startswith(("checkpoint-", "latent_cache/"))}
+        assert _files(hub.root / "tester/sketch-lora") == kept and "pytorch_lora_weights.safetensors" in kept
+        assert hub.commits == [{"repo": "tester/sketch-lora", "message": "End of training: 2 steps"}]
+        card = kept["README.md"].decode()
+        assert "pipe.load_lora_weights('tester/sketch-lora')" in card
+        assert "hf download tester/sketch-lora --local-dir sketch-lora" in card and str(out) not in card
+
+        hub.refuse_commits = True  # the network goes down during the training
+        out = tmp_path / "second"
+        proc = run_script("train/dreambooth.py", *lora, "--output_dir", out, env=hub.env(), check=False)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2 and "the upload to tester/second failed" in last, proc.stderr[-2000:]
+        assert (out / "pytorch_lora_weights.safetensors").is_file() and len(hub.commits) == 1
+        hub.refuse_commits = False
+        retry = shlex.split(last.split("`")[1])
+        assert retry[:2] == ["hf", "upload"]
+        subprocess.run([str(Path(sys.executable).with_name("hf")), *retry[1:]], check=True, capture_output=True,
+                       env={**os.environ, **hub.env()}, timeout=300)
+        assert _files(hub.root / "tester/second") == {
+            name: data for name, data in _files(out).items() if not name.startswith(("checkpoint-", "latent_cache/"))}
+    finally:
+        hub.close()

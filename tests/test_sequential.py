@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from .helpers import LAUNCHERS, launch, run_script, train_in
+from .helpers import LAUNCHERS, FakeHub, launch, run_script, train_in
 
 
 def test_sequential_writes_a_folder_per_stage_and_the_forgetting_table(tiny_models, shard_dir, tmp_path):
@@ -89,7 +89,8 @@ def test_sequential_needs_stages(tiny_models, shard_dir, tmp_path):
 def test_sequential_lora_continues_the_same_adapters_stage_after_stage(tiny_models, shard_dir, tmp_path):
     """With --lora_rank each stage trains the previous stage's adapters on the base model: stage 2's LoRA is bit for bit
     what train/dreambooth.py gives from stage 1's folder (--initial_lora, at the alpha saved in it, 16, without
-    --lora_alpha), and not what a fresh start gives; a LoRA of another rank or alpha is refused in one line."""
+    --lora_alpha), and not what a fresh start gives; a LoRA of another rank or alpha is refused in one line. With
+    --push_to_hub the run is one commit at the end, not one per stage."""
     import torch
 
     from .helpers import weights
@@ -98,8 +99,20 @@ def test_sequential_lora_continues_the_same_adapters_stage_after_stage(tiny_mode
     common = ["--pretrained_model_name_or_path", tiny_models.sd, "--shard_dir", shard_dir, "--resolution", "64",
               "--learning_rate", "1e-2", "--validation_steps", "0", "--checkpointing_steps", "0", "--report_to", "none",
               "--num_heldout_samples", "2", "--lora_rank", "4"]
-    run_script("train/dreambooth_sequential.py", *common, "--output_dir", out, "--stages", "cat,apple",
-               "--steps_per_stage", "3", "--instance_prompt", "a {category} in the style of sks", "--lora_alpha", "16")
+    hub = FakeHub(tmp_path / "hub")
+    try:
+        run_script("train/dreambooth_sequential.py", *common, "--output_dir", out, "--stages", "cat,apple",
+                   "--steps_per_stage", "3", "--instance_prompt", "a {category} in the style of sks", "--lora_alpha", "16",
+                   "--push_to_hub", "--hub_model_id", "lab/forgetting", env=hub.env())
+    finally:
+        hub.close()
+    # --push_to_hub: one commit of the run (stages and report) at the end, the stages' latent caches left out
+    assert hub.commits == [{"repo": "lab/forgetting", "message": "End of training: 2 stages"}]
+    local = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    pushed = {p.relative_to(hub.root / "lab/forgetting").as_posix(): p.read_bytes()
+              for p in (hub.root / "lab/forgetting").rglob("*") if p.is_file()}
+    assert any("/latent_cache/" in name for name in local)
+    assert pushed == {k: v for k, v in local.items() if "/latent_cache/" not in k} and "sequential_report.md" in pushed
     stages = [out / "stage-01-cat", out / "stage-02-apple"]
     assert all((s / "pytorch_lora_weights.safetensors").is_file() for s in stages)
     config = json.loads((stages[1] / "run_config.json").read_text())

@@ -129,10 +129,12 @@ def training_session(opts) -> Iterator:
     SIGUSR1/SIGTERM are caught from here on; a long phase that stops for them (`Preempted`: latent caching,
     class-image generation) leaves PREEMPTED and ends the process with status 75, so Slurm requeues the job.
     """
+    from sketch2real.training.hub import check_hub_repo
     from sketch2real.training.preemption import PREEMPTED_EXIT_CODE, Preempted, mark_preempted, preemption
 
     preemption.install()
     accelerator = make_accelerator(opts)
+    check_hub_repo(opts, accelerator)  # --push_to_hub: no login or network fails now, not after the training
     try:
         yield accelerator
     except Preempted as stop:

@@ -24,6 +24,7 @@ from sketch2real.io import append_jsonl, atomic_open, write_json
 from sketch2real.shards import corrupt_samples
 from sketch2real.training.accelerator import compiled_graphs, finish_trackers, innermost_optimizer
 from sketch2real.training.checkpoints import save_checkpoint
+from sketch2real.training.hub import hub_repo_id, push_output
 from sketch2real.training.model_card import CARD, model_card
 from sketch2real.training.preemption import PREEMPTED_EXIT_CODE, Preempted, mark_preempted
 
@@ -254,10 +255,19 @@ class ModelCard(Callback):
         if run.accelerator.is_main_process:
             with atomic_open(run.out / CARD) as f:
                 f.write(model_card(run.opts, run.task.trainer, run.summary, run.out, run.task.family,
-                                   run.task.card_prompt()))
+                                   run.task.card_prompt(), hub_repo_id(run.opts) if run.opts.push_to_hub else None))
+
+
+class PushToHub(Callback):
+    """With `--push_to_hub`: the output folder, card included, to the hub repository created at the start
+    (`sketch2real.training.hub`)."""
+
+    def after_save(self, run: Run) -> None:
+        if run.opts.push_to_hub:
+            push_output(run.accelerator, run.opts, run.out, f"End of training: {run.step} steps")
 
 
 def default_callbacks() -> list[Callback]:
     """In this order: a NaN stops before anything is saved; validation's values reach the tracker; checkpoints; the
-    summary before the card that shows it."""
-    return [NanGuard(), Validation(), TrackerLog(), Checkpointing(), RunSummary(), ModelCard()]
+    summary before the card that shows it; the upload of all of it."""
+    return [NanGuard(), Validation(), TrackerLog(), Checkpointing(), RunSummary(), ModelCard(), PushToHub()]

@@ -64,32 +64,39 @@ def _interval(ci95: Any) -> str:
     return f"[{ci95[0]:.4g}, {ci95[1]:.4g}]"
 
 
-def usage(kind: str, base: str, out: Path, prompt: str, family: Family) -> str:
+def usage(kind: str, base: str, out: Path, prompt: str, family: Family, repo_id: str | None = None) -> str:
     """How to generate with the result, with a prompt that uses what was trained (`prompt`; ControlNet: its
-    template): this project's command, and the lines of plain diffusers (but for LoKr, which diffusers cannot load)."""
+    template): this project's command, and the lines of plain diffusers (but for LoKr, which diffusers cannot load).
+    `repo_id`: the hub repository the result is pushed to, which the lines then load from."""
+    local = out
+    if repo_id:  # the command reads a local folder: the repository downloaded into one
+        out = Path(repo_id.split("/")[-1])
     embeds = str(out / "learned_embeds.safetensors")
     generate = {"lora": f"--pretrained_model_name_or_path {out}", "lokr": f"--pretrained_model_name_or_path {out}",
                 "embeddings": f"--pretrained_model_name_or_path {base} --textual_inversion {embeds}",
                 "pipeline": f"--pretrained_model_name_or_path {out}",
                 "controlnet": f"--pretrained_model_name_or_path {base} --controlnet {out} --shard_dir SHARDS"}[kind]
     prompts = f"--prompt_template {prompt!r}" if kind == "controlnet" else f"--prompts {prompt!r}"
-    lines = ["```bash", f"python infer/generate.py {generate} {prompts} --output_dir generated", "```"]
-    tokens = kind == "embeddings" or (kind == "lora" and (out / "learned_embeds.safetensors").is_file())
+    download = [f"hf download {repo_id} --local-dir {out}"] if repo_id else []
+    lines = ["```bash", *download, f"python infer/generate.py {generate} {prompts} --output_dir generated", "```"]
+    tokens = kind == "embeddings" or (kind == "lora" and (local / "learned_embeds.safetensors").is_file())
+    source = repo_id or str(out)  # diffusers' loaders take a hub id as they take a folder
     imports, code = ["DiffusionPipeline"], [f"pipe = DiffusionPipeline.from_pretrained({base!r})"]
     if kind == "pipeline":
-        code = [f"pipe = DiffusionPipeline.from_pretrained({str(out)!r})"]
+        code = [f"pipe = DiffusionPipeline.from_pretrained({source!r})"]
     elif kind == "lora":
-        code.append(f"pipe.load_lora_weights({str(out)!r})")
+        code.append(f"pipe.load_lora_weights({source!r})")
     elif kind == "controlnet":
         pipeline = pipeline_class(family, controlnet=True).__name__
         imports = [family.controlnet_class, pipeline]
-        code = [f"controlnet = {family.controlnet_class}.from_pretrained({str(out)!r})",
+        code = [f"controlnet = {family.controlnet_class}.from_pretrained({source!r})",
                 f"pipe = {pipeline}.from_pretrained({base!r}, controlnet=controlnet)"]
     elif kind != "embeddings":  # LoKr: no diffusers loader reads it
         return "\n".join([*lines, "", f"`{LOKR_FILE}` is in LyCORIS' names: ComfyUI, A1111 and kohya's scripts load it; "
                           "diffusers' `load_lora_weights` reads no LoKr file (the command above merges it as ComfyUI does)."])
     if tokens:  # the trained tokens' rows in each embedding encoder (SDXL: both), as the family's files name them
-        code.append(f"load_textual_inversion(pipe, {embeds!r})")
+        embeds_code = f"hf_hub_download({repo_id!r}, 'learned_embeds.safetensors')" if repo_id else repr(embeds)
+        code.append(f"load_textual_inversion(pipe, {embeds_code})")
     condition = f", {family.control_image_argument}=sketch" if kind == "controlnet" else ""
     prompt_line = prompt.format(category="cat") if kind == "controlnet" else prompt
     if kind == "controlnet":  # as it trained (`sketchy.sketch_condition`): a Sketchy sketch is black strokes on white
@@ -104,11 +111,14 @@ def usage(kind: str, base: str, out: Path, prompt: str, family: Family) -> str:
     if tokens:
         header.append("from sketch2real.family import load_textual_inversion" + (
             ", spell_out_tokens" if "spell_out_tokens" in prompt_code else ""))
+        header += ["from huggingface_hub import hf_hub_download"] if repo_id else []
     return "\n".join([*lines, "", "```python", *header, "", *code, "```"])
 
 
-def model_card(opts, trainer: str, summary: dict[str, Any], out: Path, family: Family, prompt: str) -> str:
-    """The card's markdown (YAML front matter as the hub reads it); `prompt`: one that uses what was trained."""
+def model_card(opts, trainer: str, summary: dict[str, Any], out: Path, family: Family, prompt: str,
+               repo_id: str | None = None) -> str:
+    """The card's markdown (YAML front matter as the hub reads it); `prompt`: one that uses what was trained;
+    `repo_id`: the hub repository it is pushed to (the lines of its use load from there)."""
     from huggingface_hub import ModelCardData
 
     base, kind = opts.pretrained_model_name_or_path, output_kind(out)
@@ -137,5 +147,5 @@ def model_card(opts, trainer: str, summary: dict[str, Any], out: Path, family: F
     mosaics = sorted((out / "validation").glob("step-*.png"))
     if mosaics:
         lines += ["", "## Samples (the last validation)", "", f"![validation images]({mosaics[-1].relative_to(out)})"]
-    lines += ["", "## Use", "", usage(kind, base, out, prompt, family), ""]
+    lines += ["", "## Use", "", usage(kind, base, out, prompt, family, repo_id), ""]
     return "\n".join(lines)

@@ -129,6 +129,13 @@ class TrainOptions:
     report_to: str = option("tensorboard", help="experiment tracker", choices=("tensorboard", "wandb", "all", "none"),
                             noun="tracker", affects="runtime")
     logging_dir: str = option("logs", help="tracker folder, relative to --output_dir", affects="runtime")
+    tracker_project_name: str = option("", help="the tracker's project (wandb's project, TensorBoard's run folder); "
+                                       "default: the trainer's name", affects="runtime")
+    push_to_hub: bool = option(False, help="upload the trained model (the output folder without checkpoints and "
+                               "caches) to the Hugging Face Hub at the end; the repository is created or found at the "
+                               "start, so a missing login fails at once (`hf auth login` or HF_TOKEN)", affects="runtime")
+    hub_model_id: str = option("", help="the hub repository with --push_to_hub: 'name' (under your user) or "
+                               "'organization/name'; default: the output folder's name", affects="runtime")
 
     def __post_init__(self) -> None:
         # frozen: defaults that depend on other options and on the model's family, as diffusers' per-family scripts

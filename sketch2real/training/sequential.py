@@ -19,6 +19,7 @@ from sketch2real.sketchy import category_words
 from sketch2real.training.accelerator import eager_mode
 from sketch2real.training.data import load_shard_images
 from sketch2real.training.dreambooth import DreamBoothOptions, DreamBoothTask
+from sketch2real.training.hub import push_output
 from sketch2real.training.loop import train
 from sketch2real.training.preemption import PREEMPTED_EXIT_CODE, mark_preempted
 from sketch2real.training.validation import heldout_denoising_losses
@@ -85,6 +86,7 @@ def stage_options(opts: SequentialOptions, index: int, category: str, previous: 
     return dataclasses.replace(
         opts, **start, output_dir=str(stage_dir(opts.output_dir, index, category)), instance_category=category,
         max_train_steps=opts.steps_per_stage, resume_from_checkpoint="latest",
+        push_to_hub=False,  # the run pushes its folder, stages and report, once at the end
         instance_prompt=opts.instance_prompt.format(category=words),
         validation_prompt=[p.format(category=words) for p in opts.validation_prompt],
         class_prompt=opts.class_prompt.format(category=words),
@@ -198,4 +200,6 @@ def run_sequential(opts: SequentialOptions, accelerator) -> int:
         (out / "sequential_report.md").write_text(format_table(report))
         print(format_table(report), end="")
         print(f"sequential report: {out / 'sequential_report.md'}")
+    if opts.push_to_hub:
+        push_output(accelerator, opts, out, f"End of training: {len(stages)} stages")
     return 0
