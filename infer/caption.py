@@ -17,7 +17,7 @@ from sketch2real.captioning import (
 from sketch2real.captioning import CaptionOptions as Options
 from sketch2real.cli import UserError, as_dict, parse_options, run_main
 from sketch2real.io import append_jsonl, atomic_path, write_json
-from sketch2real.models import dtype_for
+from sketch2real.models import check_precision_fits, dtype_for
 from sketch2real.training.preemption import PREEMPTED_EXIT_CODE, RERUN, clear_preempted, mark_preempted, preemption
 
 
@@ -78,6 +78,7 @@ def main() -> int:
     prompts = resolve_prompts(opts.prompts)
     state = distributed_state(opts.ddp_timeout)
     check_shared_folder(state, opts.output_dir)
+    check_precision_fits(opts.mixed_precision, state.device)
     out = Path(opts.output_dir)
     done = resumable_pairs(out, as_dict(opts))  # another run's captions are refused here, before the model loads
     batches = _batches(opts, state.process_index, state.num_processes)  # so are bad categories, folders, shards

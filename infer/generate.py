@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from sketch2real.cli import UserError, as_dict, parse_options, run_main
+from sketch2real.cli import as_dict, parse_options, run_main
 from sketch2real.family import family_of_pipeline, native_size
 from sketch2real.generation import (
     CONFIG,
@@ -22,7 +22,7 @@ from sketch2real.generation import (
 )
 from sketch2real.generation import GenerateOptions as Options
 from sketch2real.io import append_jsonl, write_json
-from sketch2real.models import dtype_for
+from sketch2real.models import check_precision_fits, dtype_for
 from sketch2real.shards import CorruptSample, ShardSamples, corrupt_samples
 from sketch2real.sketchy import sketch_condition
 from sketch2real.training.preemption import PREEMPTED_EXIT_CODE, RERUN, clear_preempted, mark_preempted, preemption
@@ -51,8 +51,7 @@ def main() -> int:
         image_path(Path(opts.output_dir), item.key)
     state = distributed_state(opts.ddp_timeout)
     check_shared_folder(state, opts.output_dir)
-    if state.device.type != "cuda" and opts.mixed_precision == "fp16":
-        raise UserError("--mixed_precision fp16 needs a CUDA device; use bf16 or no on CPU")
+    check_precision_fits(opts.mixed_precision, state.device)
     out = Path(opts.output_dir)
     done = resumable_keys(out, as_dict(opts), items)  # another run's images are refused here, before any model loads
     pipe = load_generation_pipeline(

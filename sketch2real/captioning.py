@@ -16,6 +16,9 @@ from sketch2real.cli import PRECISION_HELP, UserError, as_dict, check_output_dir
 from sketch2real.io import check_same_settings, merge_parts, read_with_parts
 from sketch2real.models import requested_precision
 
+# What readers of a captions file (generation's --captions, training's --captions) need of each row.
+CAPTION_FIELDS = ("key", "prompt_id", "caption")
+
 # The ten prompts of the original study (../shared/seed/STUDY-NOTES.md), with its ids.
 PROMPTS: dict[str, str] = {
     "1": "What is drawn in this art sketch?",

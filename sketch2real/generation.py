@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import torch
 from PIL import Image
 
+from sketch2real.captioning import CAPTION_FIELDS
 from sketch2real.cli import PRECISION_HELP, UserError, as_dict, check_output_dir, option, options_affecting
 from sketch2real.family import NOISE_SAMPLERS
 from sketch2real.io import (
@@ -96,7 +97,7 @@ def items_from_captions(path: str, prompt_ids: Sequence[str] | None, template: s
     if not Path(path).is_file():
         raise UserError(f"captions file not found: {path}")
     check_template(template)
-    rows = read_jsonl(path)
+    rows = read_jsonl(path, required=CAPTION_FIELDS)
     wanted = set(prompt_ids or [])
     items = []
     for row in rows:
@@ -202,8 +203,22 @@ def base_of_lora_output(model: str, lora: str) -> tuple[str, str]:
     if not base:
         raise UserError(f"{model} holds LoRA weights, not a pipeline: give its base model as --pretrained_model_name_or_path "
                         "and this folder as --lora")
+    check_recorded_base(base, config, model)
     logger.info("%s holds LoRA weights: loading them into their base model %s", model, base)
     return base, model
+
+
+def check_recorded_base(base: str, source: Path, folder: str) -> None:
+    """`check_model_path` of a base model a training run recorded (in `source`: run_config.json or its checkpoint's
+    state), whose error says where the path came from: a relative one is relative to where training ran."""
+    from sketch2real.models import check_model_path
+
+    try:
+        check_model_path(base)
+    except UserError as err:
+        raise UserError(f"{err}; it is the base model of {folder} as {source} records it (a path relative to where "
+                        "training ran? run from there, or give the base model and the adapters apart: "
+                        f"--pretrained_model_name_or_path BASE --lora {folder})") from None
 
 
 def full_run_checkpoint(model: str) -> Path | None:
@@ -233,7 +248,12 @@ def lora_problem(lora: str, model: str, err: Exception) -> str | None:
         return f"--lora {lora} does not fit the base model {model} ({first}: trained for another architecture?)"
     if isinstance(err, RuntimeError):
         return None
-    return f"cannot load LoRA weights {lora} into {model}: {first}"
+    return f"cannot load LoRA weights {lora} into {model}: {_clipped(first)}"
+
+
+def _clipped(text: str, limit: int = 200) -> str:
+    """A loader's message cut to one readable line (some print the tensor they refused)."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @contextmanager
@@ -263,12 +283,18 @@ def load_generation_pipeline(model: str, device: torch.device, dtype: torch.dtyp
     from sketch2real.models import check_model_path, enable_xformers, load, load_base_pipeline, load_pipeline
 
     model, lora = base_of_lora_output(model, lora)
+    for file in textual_inversion:  # before any weight loads
+        if not Path(file).exists():
+            raise UserError(f"textual inversion embeddings not found: {file}")
+    if lora and not Path(lora).exists():
+        raise UserError(f"LoRA weights not found: {lora}")
     if lora and (Path(lora) / "learned_embeds.safetensors").is_file():  # pivotal tuning: its tokens beside the LoRA
         textual_inversion = [*textual_inversion, str(Path(lora) / "learned_embeds.safetensors")]
     checkpoint = full_run_checkpoint(model)
     if checkpoint is not None:  # its base model, as the run loaded it, with the checkpoint's weights
         run = read_train_state(checkpoint)["fingerprint"]
         model, revision = run["pretrained_model_name_or_path"], run.get("revision")
+        check_recorded_base(model, checkpoint / TRAIN_STATE, str(checkpoint))
         logger.info("%s is a checkpoint of a full fine-tune: its trained weights in its base model %s", checkpoint, model)
     check_model_path(model)
     family = family_of(model, revision)
@@ -294,16 +320,12 @@ def load_generation_pipeline(model: str, device: torch.device, dtype: torch.dtyp
     if scheduler:
         pipe.scheduler = getattr(diffusers, family.samplers()[scheduler]).from_config(pipe.scheduler.config)
     for file in textual_inversion:
-        if not Path(file).exists():
-            raise UserError(f"textual inversion embeddings not found: {file}")
         try:
             load_textual_inversion(pipe, file)
-        except (ValueError, KeyError, RuntimeError) as err:  # e.g. an SD 1.x embedding given to SDXL: other widths
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise UserError(f"cannot load textual inversion embeddings {file} into {model}: {first}") from err
+        except (OSError, ValueError, KeyError, RuntimeError) as err:  # an SD 1.x embedding given to SDXL, not a file of
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__  # embeddings
+            raise UserError(f"cannot load textual inversion embeddings {file} into {model}: {_clipped(first)}") from err
     if lora:
-        if not Path(lora).exists():
-            raise UserError(f"LoRA weights not found: {lora}")
         from sketch2real.lokr import LOKR_FILE, merge_lokr
 
         lokr = Path(lora) / LOKR_FILE if Path(lora).is_dir() else Path(lora)
@@ -314,7 +336,7 @@ def load_generation_pipeline(model: str, device: torch.device, dtype: torch.dtyp
                 with _without_adapter_error_log():
                     pipe.load_lora_weights(lora)
                 pipe.fuse_lora(lora_scale=lora_scale)
-        except (ValueError, KeyError, RuntimeError) as err:  # e.g. an SDXL LoRA given to SD 1.5: other widths
+        except (OSError, ValueError, KeyError, RuntimeError) as err:  # an SDXL LoRA given to SD 1.5, no weights file
             problem = lora_problem(lora, model, err)
             if problem is None:
                 raise

@@ -7,7 +7,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -89,18 +89,25 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
             f.write(json.dumps(row, sort_keys=True) + "\n")
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Read a JSONL file; a truncated last line (a killed writer) is ignored."""
-    rows = []
+def read_jsonl(path: str | os.PathLike, required: Sequence[str] = ()) -> list[dict]:
+    """Read a JSONL file of objects; a truncated last line (a killed writer) is ignored. Any other line that is not
+    a JSON object, or lacks a key of `required`, is one line naming the file and the line (`UserError`): a corrupt
+    row is not dropped silently."""
     with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
+        lines = [(number, line.strip()) for number, line in enumerate(f, 1) if line.strip()]
+    rows = []
+    for index, (number, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            if index == len(lines) - 1:
                 continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+            raise UserError(f"{path}, line {number}: not a JSON row ({err.msg})") from None
+        missing = [key for key in required if key not in row] if isinstance(row, dict) else None
+        if missing is None or missing:
+            what = f"no {', '.join(missing)}" if missing else f"a {type(row).__name__}, not an object"
+            raise UserError(f"{path}, line {number}: {what} (rows need {', '.join(required) or 'to be objects'})")
+        rows.append(row)
     return rows
 
 

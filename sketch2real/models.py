@@ -203,6 +203,12 @@ def requested_precision(mixed_precision: str | None) -> str:
     return precision
 
 
+def check_precision_fits(mixed_precision: str, device: torch.device) -> None:
+    """fp16 inference without CUDA is one line (CPUs run fp16 matmuls slowly or not at all)."""
+    if device.type != "cuda" and mixed_precision == "fp16":
+        raise UserError("--mixed_precision fp16 needs a CUDA device; use bf16 or no on CPU")
+
+
 def dtype_for(mixed_precision: str) -> torch.dtype:
     """The weight dtype of frozen modules for a `--mixed_precision` value."""
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)

@@ -139,6 +139,7 @@ def test_prompt_library():
         (["--model_name_or_path", "{sd}/text_encoder"], "model family 'clip_text_model' not supported"),
         (["--categories", "unicorn"], "unknown category 'unicorn'"),
         (["--load_in_4bit"], "need a CUDA device"),
+        (["--mixed_precision", "fp16"], "fp16 needs a CUDA device"),  # as generation refuses it (README)
     ],
 )
 def test_bad_input(tiny_models, cap_args, tmp_path, extra, message):

@@ -274,8 +274,14 @@ def test_a_lora_training_output_is_a_model(tmp_path):
     (lora / "pytorch_lora_weights.safetensors").write_bytes(b"")
     with pytest.raises(UserError, match="give its base model"):
         base_of_lora_output(str(lora), "")
-    (lora / "run_config.json").write_text(json.dumps({"pretrained_model_name_or_path": "/models/base"}))
-    assert base_of_lora_output(str(lora), "") == ("/models/base", str(lora))
+    base = tmp_path / "models" / "base"
+    base.mkdir(parents=True)
+    (lora / "run_config.json").write_text(json.dumps({"pretrained_model_name_or_path": "models/base"}))
+    with pytest.raises(UserError, match=r"models/base .* as .*run_config.json records it \(a path relative to where "
+                                        r"training ran\?"):  # trained from elsewhere: relative to that folder
+        base_of_lora_output(str(lora), "")
+    (lora / "run_config.json").write_text(json.dumps({"pretrained_model_name_or_path": str(base)}))
+    assert base_of_lora_output(str(lora), "") == (str(base), str(lora))
     with pytest.raises(UserError, match="--lora is given too"):
         base_of_lora_output(str(lora), "/other")
     (lora / "model_index.json").write_text("{}")  # a full pipeline that also kept LoRA weights: the pipeline
@@ -385,3 +391,44 @@ def test_an_embedding_whose_token_no_prompt_names_is_refused_before_loading(shar
         common[-1] = str(tmp_path / f"{name}.safetensors")
         with pytest.raises(UserError, match="\\(<pencil>\\)"):
             build_items(parse_options(GenerateOptions, [*common, "--prompt_template", "a {category} in the style of <sketch>"]))
+
+
+def test_files_that_are_not_what_a_flag_takes_are_one_line_before_or_instead_of_a_traceback(gen_args, tiny_models,
+                                                                                                 tmp_path):
+    """A LoRA folder without weights, a file that is not embeddings, a model folder that is no pipeline (a ControlNet
+    output): one line and exit 2 (they were loaders' tracebacks, or a hub error about the network)."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    not_weights = tmp_path / "notes.json"
+    not_weights.write_text("{}")
+    controlnet = tmp_path / "controlnet"
+    controlnet.mkdir()
+    (controlnet / "config.json").write_text("{}")
+    cases = [(["--lora", empty], f"cannot load LoRA weights {empty} into"),
+             (["--textual_inversion", not_weights], f"cannot load textual inversion embeddings {not_weights} into"),
+             (["--pretrained_model_name_or_path", controlnet], "has no model_index.json: a single model (a ControlNet?")]
+    for extra, message in cases:
+        proc = run_script("infer/generate.py", *gen_args, "--output_dir", tmp_path / "gen", *extra, check=False)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2 and message in last and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_captions_row_without_its_fields_or_a_corrupt_line_is_one_line_not_a_lost_row(tmp_path):
+    """Generation's and training's --captions: a row missing key, prompt_id or caption, or a corrupt line before the
+    last, names the file and line (it was a KeyError, or the row dropped silently); a torn last line (a killed
+    captioning job) is still left out."""
+    from sketch2real.cli import UserError
+    from sketch2real.generation import items_from_captions
+    from sketch2real.training.prompts import SamplePrompts
+
+    good = '{"key": "cat/a", "category": "cat", "prompt_id": "1", "caption": "a cat"}'
+    path = tmp_path / "captions.jsonl"
+    for lines, message in (([good, '{"key": "cat/b", "prompt_id": "1"}'], "line 2: no caption"),
+                           ([good, '["cat/b", "1", "a cat"]', good], "line 2: a list, not an object"),
+                           ([good, '{"key": "cat/b", "prompt', good], "line 2: not a JSON row")):
+        path.write_text("\n".join(lines) + "\n")
+        for read in (lambda: items_from_captions(str(path), None), lambda: SamplePrompts.load("{category}", str(path))):
+            with pytest.raises(UserError, match=f"{path}, {message}"):
+                read()
+    path.write_text(good + '\n{"key": "cat/b", "prom')  # torn last line: the row being written when killed
+    assert [item.sample_key for item in items_from_captions(str(path), None)] == ["cat/a"]
