@@ -220,16 +220,30 @@ def test_a_controlnet_of_another_model_is_refused_in_one_line_and_one_of_this_mo
 def test_validation_takes_the_validation_prompt_and_images_per_sketch_as_diffusers_script(cn_args, tmp_path):
     """--validation_prompt and --num_validation_images were ignored by ControlNet's validation (held-out prompts, one
     image per sketch): now the prompt conditions each sketch's images (same seeds, other images) and each row holds
-    that many (sketch | images | photo)."""
+    that many (sketch | images | photo); --validation_image puts the user's sketch files in their place."""
     import numpy as np
     from PIL import Image
 
-    common = [*cn_args, "--categories", "cat", "--max_train_steps", "1", "--num_heldout_samples", "1", "--resolution", "32",
-              "--validation_steps", "1", "--num_validation_sketches", "1", "--validation_inference_steps", "2"]
+    common = [*cn_args, "--categories", "cat", "--max_train_steps", "2", "--num_heldout_samples", "1", "--resolution", "32",
+              "--validation_steps", "2", "--num_validation_sketches", "1", "--validation_inference_steps", "2",
+              "--learning_rate", "0.5"]  # 2 steps move the zero convolutions, the sketch embedding's last too
     run_script("train/controlnet.py", *common, "--num_validation_images", "1", "--output_dir", tmp_path / "own")
     run_script("train/controlnet.py", *common, "--num_validation_images", "2", "--validation_prompt", "a photo of a dog",
                "--output_dir", tmp_path / "asked")
-    own, asked = (np.asarray(Image.open(tmp_path / name / "validation" / "step-000001.png")) for name in ("own", "asked"))
+    own, asked = (np.asarray(Image.open(tmp_path / name / "validation" / "step-000002.png")) for name in ("own", "asked"))
     assert own.shape[:2] == (32, 3 * 32) and asked.shape[:2] == (32, 4 * 32)
     assert np.array_equal(own[:, :32], asked[:, :32]) and np.array_equal(own[:, -32:], asked[:, -32:])  # sketch, photo
     assert not np.array_equal(own[:, 32:64], asked[:, 32:64])  # the first image's seed, another prompt
+
+    # --validation_image (diffusers' flag): the user's sketch file in place of the held-out one, no photo beside it
+    drawn = Image.new("RGB", (32, 32), "white")
+    drawn.paste((0, 0, 0), (4, 14, 28, 18))  # a black stroke on white, as Sketchy draws
+    drawn.save(tmp_path / "stroke.png")
+    run_script("train/controlnet.py", *common, "--num_validation_images", "2", "--validation_prompt", "a photo of a dog",
+               "--validation_image", tmp_path / "stroke.png", "--output_dir", tmp_path / "file")
+    mosaic = np.asarray(Image.open(tmp_path / "file" / "validation" / "step-000002.png"))
+    assert mosaic.shape[:2] == (32, 3 * 32) and np.array_equal(mosaic[:, :32], np.asarray(drawn))
+    assert not np.array_equal(mosaic[:, 32:96], asked[:, 32:96])  # same prompt and seeds, another sketch
+    proc = run_script("train/controlnet.py", *common, "--validation_image", tmp_path / "stroke.png", tmp_path / "stroke.png",
+                      "--validation_prompt", "a", "b", "c", "--output_dir", tmp_path / "bad", check=False)
+    assert proc.returncode == 2 and "(got 2 images and 3 prompts)" in proc.stderr.strip().splitlines()[-1]

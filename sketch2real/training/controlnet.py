@@ -42,6 +42,10 @@ class ControlNetOptions(TrainOptions):
     categories: list[str] = option([], help="only these categories (default: all)")
     num_validation_sketches: int = option(4, help="held-out sketches in the validation mosaic (sketch | generated | photo; "
                                                   "0: no mosaic)", min=0, affects="runtime")
+    validation_image: list[str] = option([], help="sketch files for the validation mosaic instead of held-out sketches "
+                                         "(diffusers' flag): black strokes on white as Sketchy's, converted as training "
+                                         "converts its sketches; each with a --validation_prompt (one for all, or one "
+                                         "per image)", affects="runtime")
     learning_rate: float | None = option(None, help="initial learning rate (after warmup); default 1e-5, 1.0 with "
                                                     "--optimizer prodigy", min_exclusive=0)
 
@@ -54,6 +58,13 @@ class ControlNetOptions(TrainOptions):
             raise UserError("--shard_dir is required: ControlNet trains on the sketch/photo pairs of the shards")
         check_captions_file(self.captions, self.caption_prompt_id)
         check_prompt_template(self.prompt_template, "--prompt_template")
+        missing = [file for file in self.validation_image if not Path(file).is_file()]
+        if missing:
+            raise UserError(f"--validation_image {missing[0]}: no such file")
+        counts = len(self.validation_image), len(self.validation_prompt)
+        if self.validation_image and not (counts[1] and (1 in counts or counts[0] == counts[1])):
+            raise UserError(f"--validation_image needs --validation_prompt: one for all images, or one per image "
+                            f"(got {counts[0]} images and {counts[1]} prompts)")
 
 
 def _pairs(shard_dir: str, split: str, categories, resolution: int) -> tuple[LazyImages, LazyImages, list]:
@@ -196,11 +207,19 @@ class ControlNetTask(DiffusionTask):
     def validation_images(self, model, between=None):
         """Rows (held-out sketch | `--num_validation_images` generated from it | its photo) for
         `--num_validation_sketches` held-out pairs, prompted with their own prompts or, as diffusers' script, with
-        `--validation_prompt` (several: one per sketch in turn)."""
+        `--validation_prompt` (several: one per sketch in turn); with `--validation_image`, rows (sketch | images) of
+        those files, paired with the prompts as diffusers' script pairs them."""
         from torchvision.transforms.functional import to_pil_image
 
+        from sketch2real.shards import open_image
+
         o, h = self.opts, self.heldout
-        count = min(o.num_validation_sketches, len(h)) if h is not None else 0
+        if o.validation_image:  # the user's sketches: no photo to show beside them, no category to check
+            count = max(len(o.validation_image), len(o.validation_prompt))
+            sketches = [open_image(o.validation_image[i % len(o.validation_image)], o.resolution) for i in range(count)]
+        else:
+            count = min(o.num_validation_sketches, len(h)) if h is not None else 0
+            sketches = [to_pil_image((h.conditions[i] + 1) / 2) for i in range(count)]
         if not count:
             return [], [], []
         scheduler = self.family.validation_scheduler(self.c.noise_scheduler)
@@ -209,8 +228,7 @@ class ControlNetTask(DiffusionTask):
         prompts = [o.validation_prompt[i % len(o.validation_prompt)] if o.validation_prompt else h.prompts[i]
                    for i in range(count)]
         rows, generated, n = [], [], o.num_validation_images
-        for i in range(count):
-            sketch = to_pil_image((h.conditions[i] + 1) / 2)
+        for i, sketch in enumerate(sketches):
             # image 0 of each sketch keeps the seed it had when there was one image per sketch
             generators = [torch.Generator().manual_seed(derive_seed(o.seed, "validation", i, *([j] if j else [])))
                           for j in range(n)]
@@ -218,11 +236,12 @@ class ControlNetTask(DiffusionTask):
                           num_inference_steps=o.validation_inference_steps,
                           **{self.family.control_image_argument: [sketch_condition(sketch)] * n},
                           **self.family.generation_kwargs()).images
-            rows.append([sketch, *images, to_pil_image((h.images[i] + 1) / 2)])
+            rows.append([sketch, *images] + ([] if o.validation_image else [to_pil_image((h.images[i] + 1) / 2)]))
             generated += images
             if between is not None:
                 between()
-        return rows, generated, [c for c in h.categories[:count] for _ in range(n)]
+        categories = [None] * count if o.validation_image else h.categories[:count]
+        return rows, generated, [c for c in categories for _ in range(n)]
 
     def save_final(self, accelerator, model, out: Path) -> None:
         """A diffusers ControlNet folder in `out` (config.json + diffusion_pytorch_model.safetensors)."""
