@@ -300,6 +300,8 @@ def format_report(report: dict) -> str:
                                                      for k, _, scale, digits in present) + " |")
         lines += [f"\n{label} interval of {name}: {r[f'{key}_ci95_reason']}." for name, r in sets.items()
                   for key, label, _, _ in present if r.get(f"{key}_ci95_reason")]
+    lines += [f"\nNo {label} of {name}: {r[f'{key}_reason']}." for name, r in sets.items()  # asked for, not computed
+              for key, label, _, _ in BEYOND_INCEPTION if r.get(f"{key}_reason")]
     if report.get("style_content"):
         lines += _style_section(report)
     distinct = [(a, b, label) for i, a in enumerate(sets) for b in list(sets)[i + 1 :] for key, label, _, _ in present
@@ -362,6 +364,8 @@ def bar_chart(report: dict, out_file: Path) -> None:
 METRICS = ("fid", "kid", "fd_dinov2", "cmmd", "prdc", "clip_score", "clip_accuracy", "csd", "sketchiness")
 STYLE_METRICS = {"csd", "sketchiness"}
 STYLE_CHART = "style_content.png"
+NO_PROMPTS = ("its images name no prompt (an index.jsonl from infer/generate.py does: name the run folder or its "
+              "images/)")
 
 
 def style_content_verdict(result: dict, num_classes: int) -> dict:
@@ -528,6 +532,17 @@ def probe_images(shard_dir: str, split: str, samples: int, seed: int) -> tuple[I
     return _subset(sketches, chosen, "probe sketches"), _subset(sketches, chosen, "probe photos", "photo")
 
 
+PROBE_MIN_PAIRS = 10
+
+
+def check_probe_pairs(pairs: int, split: str, shard_dir: str, readable: str = "") -> None:
+    """The probe's minimum of sketch/photo pairs: checked on the split's pairs before any model loads or feature is
+    extracted (`run_fid`), and on the readable ones after the probe's extraction."""
+    if pairs < PROBE_MIN_PAIRS:
+        raise UserError(f"sketchiness: only {pairs} {readable}sketch/photo pairs in split {split!r} of {shard_dir}; the "
+                        f"probe needs at least {PROBE_MIN_PAIRS}")
+
+
 def fit_sketchiness_probe(sketch_features: np.ndarray, photo_features: np.ndarray, seed: int) -> LinearProbe:
     """Logistic regression sketch (1) vs photo (0) on pairs; `PROBE_HELDOUT` of the pairs (photo and its sketch
     together, so no photo is on both sides) held out for its accuracy."""
@@ -567,9 +582,7 @@ def sketchiness_probe(shard_dir: str, split: str, samples: int, seed: int, extra
         if not state.is_main_process:
             return None, {}
         both = s_valid & p_valid
-        if both.sum() < 10:
-            raise UserError(f"sketchiness: only {int(both.sum())} readable sketch/photo pairs in split {split!r} "
-                            f"of {shard_dir}; the probe needs at least 10")
+        check_probe_pairs(int(both.sum()), split, shard_dir, "readable ")
         probe = fit_sketchiness_probe(s_features[both], p_features[both], seed)
         if cache_file is not None:
             probe.save(cache_file, **about)
@@ -593,7 +606,7 @@ class EvalOptions:
     """Score generated image folders against test photos/sketches from the shards, or against any folder."""
 
     generated: list[str] = option([], help="generated folders, each NAME=DIR (NAME without '/') or DIR, named by its folder "
-                                          "(generate.py's images/ by its run folder); index.jsonl gives categories")
+                                          "(generate.py's images/ read as its run folder); index.jsonl gives categories")
     reference_dir: str = option("", help="a reference image folder")
     reference_shards: str = option("", help="shard folder whose split gives the reference images")
     reference_split: str = option("test", help="split of --reference_shards")
@@ -678,7 +691,13 @@ def run_fid(opts: EvalOptions, generated_sets: list[ImageSet], reference: ImageS
         raise UserError(f"--probe_split {opts.probe_split} is the reference's own split: fit the probe on another one "
                         "(default: train)")
     if "sketchiness" in metrics:  # before any model loads or any reference feature is extracted
-        load_index(opts.probe_shards or opts.reference_shards, opts.probe_split, "--probe_split")
+        probe_shards = opts.probe_shards or opts.reference_shards
+        load_index(probe_shards, opts.probe_split, "--probe_split")
+        pairs = len(probe_images(probe_shards, opts.probe_split, opts.probe_samples, opts.seed)[0])
+        check_probe_pairs(pairs, opts.probe_split, probe_shards)
+    no_prompts = [s.name for s in generated_sets if not s.prompts] if "clip_score" in metrics else []
+    if no_prompts:  # asked for, so never dropped silently: null with its reason in metrics.json
+        logger.warning("clip_score: no CLIP score for %s: %s", ", ".join(no_prompts), NO_PROMPTS)
     clip_path = opts.clip_model_name_or_path or DEFAULT_CLIP
     extractors = {}
     if metrics & {"fid", "kid"}:
@@ -756,6 +775,8 @@ def run_fid(opts: EvalOptions, generated_sets: list[ImageSet], reference: ImageS
         if (opts.clip_model_name_or_path or "clip_score" in metrics) and images.prompts:
             values = clip_scores(images.sources, images.prompts, clip_path, state.device)
             result["clip_score"], result["clip_score_ci95"] = clip_score_of(values, opts.seed)
+        elif images.name in no_prompts:
+            result.update(clip_score=None, clip_score_ci95=None, clip_score_reason=NO_PROMPTS)
         report["sets"][images.name] = {"path": images.path, **result}
     report["corrupt_samples"] = _unreadable(reference, generated_sets, reference_of, sets_of)
     if extracted:

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from sketch2real.cli import UserError
+from sketch2real.io import part_files
 from sketch2real.shards import IMAGE_SUFFIXES, CorruptSample, ShardSamples, corrupt_samples, open_image
 
 logger = logging.getLogger("sketch2real")
@@ -54,12 +55,27 @@ def folder_name(root: Path) -> str:
     return resolved.name or str(resolved)
 
 
+def generation_root(root: Path) -> Path:
+    """The folder to read: infer/generate.py's run folder where `root` is it or its images/ (scored from its
+    index.jsonl either way: the same pairs, categories and prompts), else `root`. An unfinished run (ranks' rows
+    not merged into index.jsonl, or PREEMPTED beside its generate_config.json) is refused in one line: read as a
+    plain folder, it scored the images drawn so far, with mosaics/ and `images/<category>` as categories."""
+    run = root.resolve().parent if root.resolve().name == "images" else root
+    found = [p.name for p in part_files(run, "index")[:1]]
+    found += ["PREEMPTED"] if (run / "PREEMPTED").is_file() and (run / "generate_config.json").is_file() else []
+    if found:
+        raise UserError(f"{run}: an unfinished infer/generate.py run ({' and '.join(found)}, its index not merged "
+                        "into index.jsonl): rerun the same infer/generate.py command (it resumes), then score it")
+    return run if (run / "index.jsonl").is_file() else root
+
+
 def folder_set(folder: str, name: str | None = None) -> ImageSet:
     """A folder of images (recursive), named `name` or by `folder_name`. With an index.jsonl (from
-    infer/generate.py), categories come from it."""
-    root = Path(folder)
-    if not folder or not root.is_dir():
+    infer/generate.py, also where `folder` is its images/: `generation_root`), categories, pairs and prompts come
+    from it."""
+    if not folder or not Path(folder).is_dir():
         raise UserError(f"image folder not found: {folder}")
+    root = generation_root(Path(folder))
     index = root / "index.jsonl"
     if index.is_file():
         from sketch2real.io import read_jsonl

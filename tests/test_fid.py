@@ -489,7 +489,8 @@ def audit_folders(tmp_path_factory, inception_home) -> Path:
     _image_folder(root / "ref", 8, 1)
     for name, seed, marker in (("gen_db", 2, "generate_config.json"), ("gen_ti", 3, "index.jsonl")):
         _image_folder(root / "runs" / name / "images", 6, seed)
-        (root / "runs" / name / marker).write_text("{}\n" if marker.endswith(".json") else "")
+        (root / "runs" / name / marker).write_text("{}\n" if marker.endswith(".json") else "".join(
+            json.dumps({"key": f"{i:03d}", "image": f"images/{i:03d}.png", "prompt": f"a photo {i}"}) + "\n" for i in range(6)))
     for name in ("a", "b"):
         _image_folder(root / "plain" / name / "images", 4, 4)
     _image_folder(root / "x" / "lr=1e-4", 6, 5)
@@ -576,9 +577,9 @@ def test_metrics_and_report_record_what_was_compared(audit_folders, tmp_path):
     assert report["reference"]["path"] == str(audit_folders / "ref")
     text = (tmp_path / "report.md").read_text()
     assert str(audit_folders / "ref") in text
-    for name in ("gen_db", "gen_ti"):
-        assert report["sets"][name]["path"] == str(runs / name / "images")
-        assert f"| {name} | `{runs / name / 'images'}` |" in text
+    for name, folder in (("gen_db", runs / "gen_db" / "images"), ("gen_ti", runs / "gen_ti")):  # gen_ti: its index's run
+        assert report["sets"][name]["path"] == str(folder)
+        assert f"| {name} | `{folder}` |" in text
 
 
 def test_transparent_images_are_noted_where_pytorch_fid_would_differ(audit_folders, tmp_path):
@@ -603,3 +604,58 @@ def test_missing_shard_index_names_eval_fids_own_flags(audit_folders, tmp_path):
     line = _refused(run_script("eval/fid.py", *base, "--reference_dir", audit_folders / "ref", "--metrics", "sketchiness",
                                "--probe_shards", tmp_path / "shards", "--probe_split", "nosuch", check=False))
     assert "nosuch.json" in line and "--probe_split" in line, line
+
+
+def test_a_generation_runs_images_folder_scores_as_the_run_and_clip_score_is_never_dropped(audit_folders, tmp_path, tiny_models):
+    """RUN/images reads RUN/index.jsonl: the same scores, pairs and prompts as RUN (as a plain folder it had no pairs
+    and no prompts, and --metrics clip_score was dropped without a word); a set without prompts gets clip_score null
+    with its reason, and a warning."""
+    from sketch2real.metrics import folder_set
+
+    run, plain = audit_folders / "runs" / "gen_ti", audit_folders / "runs" / "gen_db" / "images"
+    assert folder_set(str(run / "images")).prompts == folder_set(str(run)).prompts == [f"a photo {i}" for i in range(6)]
+    proc = run_script("eval/fid.py", "--generated", f"run={run}", f"img={run / 'images'}", f"plain={plain}",
+                      "--reference_dir", audit_folders / "ref", "--dims", "64", "--no_cache", "--metrics", "fid", "kid",
+                      "clip_score", "--clip_model_name_or_path", tiny_models.clip, "--output_dir", tmp_path)
+    report = _fid(tmp_path)
+    assert report["sets"]["img"] == report["sets"]["run"] and report["sets"]["run"]["clip_score"] is not None
+    same = next(d for d in report["differences"] if {d["a"], d["b"]} == {"run", "img"})
+    assert same["pairs"] == 6 and same["kid_difference"] == 0
+    assert report["sets"]["plain"]["clip_score"] is None and "no prompt" in report["sets"]["plain"]["clip_score_reason"]
+    assert "clip_score: no CLIP score for plain" in proc.stderr
+    assert "No CLIP score of plain: its images name no prompt" in (tmp_path / "report.md").read_text()
+
+
+def _unfinished_run(root: Path) -> Path:
+    """What a killed infer/generate.py leaves: images/<category>/, a rank's index part, mosaics/, no index.jsonl."""
+    _image_folder(root / "images" / "cat", 3, 9)
+    _image_folder(root / "mosaics", 1, 10)
+    (root / "generate_config.json").write_text("{}\n")
+    (root / "index.rank000.jsonl").write_text("".join(json.dumps({"key": f"cat/{i:03d}", "image": f"images/cat/{i:03d}.png",
+                                                                  "category": "cat"}) + "\n" for i in range(3)))
+    return root
+
+
+def test_an_unfinished_generation_run_is_refused(audit_folders, tmp_path):
+    from sketch2real.cli import UserError
+    from sketch2real.metrics import folder_set
+
+    run = _unfinished_run(tmp_path / "killed")
+    line = _refused(run_script("eval/fid.py", "--generated", run / "images", "--reference_dir", audit_folders / "ref",
+                               "--dims", "64", "--no_cache", "--output_dir", tmp_path / "o", check=False))
+    assert f"{run}: an unfinished infer/generate.py run (index.rank000.jsonl" in line, line
+    assert "rerun the same infer/generate.py command (it resumes)" in line and not (tmp_path / "o" / "metrics.json").exists()
+    (run / "index.rank000.jsonl").unlink()
+    (run / "PREEMPTED").write_text("generation stopped after 0 of 3 images\n")  # stopped before its first rows
+    with pytest.raises(UserError, match=r"unfinished infer/generate\.py run \(PREEMPTED"):
+        folder_set(str(run))
+
+
+def test_too_few_probe_pairs_stop_before_any_feature_is_extracted(folders, shard_dir, tiny_models, tmp_path):
+    """The split's 5 pairs are refused up front: no reference features extracted (none cached), not after every
+    extractor has run."""
+    line = _refused(run_script("eval/fid.py", "--generated", folders / "a", "--reference_shards", shard_dir, "--metrics",
+                               "fid", "sketchiness", "--probe_split", "val", "--clip_model_name_or_path", tiny_models.clip,
+                               "--dims", "64", "--cache_dir", tmp_path / "cache", "--output_dir", tmp_path / "o", check=False))
+    assert f"sketchiness: only 5 sketch/photo pairs in split 'val' of {shard_dir}; the probe needs at least 10" in line, line
+    assert not list((tmp_path / "cache").glob("*.npz"))
