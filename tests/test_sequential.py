@@ -113,6 +113,8 @@ def test_sequential_lora_continues_the_same_adapters_stage_after_stage(tiny_mode
               for p in (hub.root / "lab/forgetting").rglob("*") if p.is_file()}
     assert any("/latent_cache/" in name for name in local)
     assert pushed == {k: v for k, v in local.items() if "/latent_cache/" not in k} and "sequential_report.md" in pushed
+    card = pushed["README.md"].decode()  # what the hub shows of the run: the stages and the forgetting table
+    assert card.startswith("---\n") and "`stage-02-apple/`" in card and pushed["sequential_report.md"].decode() in card
     stages = [out / "stage-01-cat", out / "stage-02-apple"]
     assert all((s / "pytorch_lora_weights.safetensors").is_file() for s in stages)
     config = json.loads((stages[1] / "run_config.json").read_text())

@@ -115,18 +115,23 @@ def usage(kind: str, base: str, out: Path, prompt: str, family: Family, repo_id:
     return "\n".join([*lines, "", "```python", *header, "", *code, "```"])
 
 
+def front_matter(base: str, trainer: str, tags: list[str]) -> str:
+    """A card's YAML front matter, as the hub reads it: the base model (a hub id; a local path is left out), the
+    library and the tags."""
+    from huggingface_hub import ModelCardData
+
+    tags = ["sketch2real", "sketchy", trainer.replace("_", "-"), "text-to-image", "diffusers", *tags]
+    return ModelCardData(base_model=None if Path(base).exists() else base, library_name="diffusers", tags=tags).to_yaml()
+
+
 def model_card(opts, trainer: str, summary: dict[str, Any], out: Path, family: Family, prompt: str,
                repo_id: str | None = None) -> str:
     """The card's markdown (YAML front matter as the hub reads it); `prompt`: one that uses what was trained;
     `repo_id`: the hub repository it is pushed to (the lines of its use load from there)."""
-    from huggingface_hub import ModelCardData
 
     base, kind = opts.pretrained_model_name_or_path, output_kind(out)
-    on_hub = not Path(base).exists()  # the hub's base_model field takes hub ids, not local paths
-    tags = ["sketch2real", "sketchy", trainer.replace("_", "-"), "text-to-image", "diffusers"] + \
-        (["lora"] + (["dora"] if getattr(opts, "use_dora", False) else []) if kind == "lora" else []) + \
-        (["lycoris", "lokr"] if kind == "lokr" else [])
-    front = ModelCardData(base_model=base if on_hub else None, library_name="diffusers", tags=tags).to_yaml()
+    front = front_matter(base, trainer, (["lora"] + (["dora"] if getattr(opts, "use_dora", False) else []) if kind == "lora"
+                                         else []) + (["lycoris", "lokr"] if kind == "lokr" else []))
     from sketch2real.training.loop import effective_learning_rate
 
     options, processes = as_dict(opts), int(summary.get("num_processes") or 1)

@@ -21,6 +21,7 @@ from sketch2real.training.data import load_shard_images
 from sketch2real.training.dreambooth import DreamBoothOptions, DreamBoothTask
 from sketch2real.training.hub import push_output
 from sketch2real.training.loop import train
+from sketch2real.training.model_card import CARD, front_matter
 from sketch2real.training.preemption import PREEMPTED_EXIT_CODE, mark_preempted
 from sketch2real.training.validation import heldout_denoising_losses
 
@@ -123,6 +124,20 @@ def _row(name: str, sample_losses: dict[str, list[float]]) -> dict:
     return {"name": name, "loss": {c: float(np.mean(v)) for c, v in sample_losses.items()}, "sample_losses": sample_losses}
 
 
+def sequential_card(opts: SequentialOptions, report: dict) -> str:
+    """The run folder's card (`README.md`, what the hub shows of a pushed run): the stages, where each one's model
+    is, and the forgetting table."""
+    stages = report["stages"]
+    last = stage_dir("", len(stages) - 1, stages[-1]).name
+    return "\n".join([
+        f"---\n{front_matter(opts.pretrained_model_name_or_path, 'dreambooth_sequential', ['lora'] if opts.lora_rank else [])}\n---",
+        "", f"# Sequential DreamBooth of {opts.pretrained_model_name_or_path} on Sketchy", "",
+        f"Trained with sketch2real's `train/dreambooth_sequential.py`: {len(stages)} stages ({', '.join(stages)}), "
+        f"{opts.steps_per_stage} steps each, each stage from the one before. Each stage's model is in its folder "
+        f"(`stage-NN-<category>/`, with its own card); the last one, `{last}/`, has learned them all in turn.", "",
+        "## Held-out denoising loss of each category after each stage", "", format_table(report), ""])
+
+
 def format_table(report: dict) -> str:
     """Markdown: one row per stage (and the base model), one column per category; '—' where not yet trained."""
     categories = report["categories"]
@@ -198,6 +213,7 @@ def run_sequential(opts: SequentialOptions, accelerator) -> int:
     if accelerator.is_main_process:
         write_json(out / "sequential_report.json", report)
         (out / "sequential_report.md").write_text(format_table(report))
+        (out / CARD).write_text(sequential_card(opts, report))
         print(format_table(report), end="")
         print(f"sequential report: {out / 'sequential_report.md'}")
     if opts.push_to_hub:
