@@ -134,8 +134,8 @@ def training_session(opts) -> Iterator:
 
     preemption.install()
     accelerator = make_accelerator(opts)
-    check_hub_repo(opts, accelerator)  # --push_to_hub: no login or network fails now, not after the training
     try:
+        check_hub_repo(opts, accelerator)  # --push_to_hub: no login or network fails now, not after the training
         yield accelerator
     except Preempted as stop:
         mark_preempted(accelerator, opts.output_dir, f"stopped before the next checkpoint ({stop})")
