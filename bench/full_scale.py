@@ -51,18 +51,25 @@ EVAL_METRICS = ("fid", "kid", "fd_dinov2", "cmmd", "prdc", "clip_score", "clip_a
 # ----------------------------------------------------------------------------- measuring
 
 
+# Starts `cmd` and writes its peak RSS (KiB, descendants included) to a file. Linux keeps a process's RSS high-water
+# mark across fork and exec, so a step forked from this process (torch, the tiny models: ~500 MiB) would report at
+# least that much; forked from this small interpreter instead, it reports its own.
+_MEASURED = ("import os, subprocess, sys\nproc = subprocess.Popen(sys.argv[2:])\n_, status, usage = os.wait4(proc.pid, 0)\n"
+             "open(sys.argv[1], 'w').write(str(usage.ru_maxrss))\nsys.exit(os.waitstatus_to_exitcode(status))")
+
+
 def timed_child(cmd: list, log: Path, env: dict | None = None) -> tuple[float, int]:
     """Run `cmd`; (wall seconds, peak RSS in bytes of its largest process, descendants included). Exits on failure."""
     log.parent.mkdir(parents=True, exist_ok=True)
+    peak = log.with_name(log.name + ".peak_kib")
     start = time.perf_counter()
     with open(log, "w") as out:
-        proc = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+        returncode = subprocess.run([sys.executable, "-c", _MEASURED, peak, *map(str, cmd)], stdout=out, stderr=subprocess.STDOUT,
+                                    env=env).returncode
     seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(map(str, cmd))}\n{log.read_text()[-3000:]}")
-    return seconds, usage.ru_maxrss * 1024
+    if returncode != 0:
+        raise SystemExit(f"failed ({returncode}): {' '.join(map(str, cmd))}\n{log.read_text()[-3000:]}")
+    return seconds, int(peak.read_text()) * 1024
 
 
 def folder_bytes(folder: Path, pattern: str = "*") -> int:
@@ -344,8 +351,10 @@ def table(results: dict) -> list[str]:
 
 def report(results: dict) -> str:
     c = results["counts"]
-    head = (f"Synthetic Sketchy release at scale {results['scale']:.3f} ({c['categories']} categories, {c['photos']:,} "
-            f"photos, {c['sketches']:,} sketches, 256 px); figures that grow with the data projected x "
+    given = results["args"].get("sketchy_root")
+    release = f"The release at {given}" if given else "Synthetic Sketchy release (256 px)"
+    head = (f"{release} at scale {results['scale']:.3f} ({c['categories']} categories, {c['photos']:,} "
+            f"photos, {c['sketches']:,} sketches); figures that grow with the data projected x "
             f"{results['projection_factor']:.3f} to Sketchy's 75,471 sketches. Latent stores: the tiny SD's VAE (4 latent "
             f"channels, factor 8: SD's latent layout, so bytes per image match SD's VAE at the same resolution). CPU, "
             f"{os.cpu_count()} cores (shared), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; "

@@ -144,3 +144,19 @@ def test_the_heldout_loss_does_not_depend_on_the_training_weighting(tiny_models)
     assert heldout(DenoisingObjective(ddpm, snr_gamma=5.0)) == heldout(DenoisingObjective(ddpm))
     flow = FlowMatchEulerDiscreteScheduler()
     assert heldout(FlowMatchingObjective(flow, "logit_normal")) == heldout(FlowMatchingObjective(flow, "none"))
+
+
+def test_host_peak_memory_is_the_process_own_not_that_of_the_process_it_was_started_from():
+    """metrics.json's `peak_memory_mb` on the host: a trainer started by a large process (a bench, a launcher) reported
+    that process's peak (Linux keeps `ru_maxrss` across fork and exec); it is its own (VmHWM)."""
+    import subprocess
+    import sys
+
+    held = bytearray(1536 * 2**20)  # this process: 1.5 GiB, touched
+    held[::4096] = b"\x01" * len(held[::4096])
+    code = ("import resource, torch; from sketch2real.training.callbacks import peak_memory_mb; "
+            "print(peak_memory_mb(torch.device('cpu')), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    own, inherited = map(float, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                               check=True).stdout.split())
+    del held
+    assert inherited > 1536 and 50 < own < 1024, (own, inherited)

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import resource
 import time
 from dataclasses import dataclass, field
@@ -187,9 +188,14 @@ class Checkpointing(Callback):
 
 
 def peak_memory_mb(device: torch.device) -> float:
+    """The device's peak of allocated memory; on the host, this process's peak RSS since it started its program:
+    Linux's VmHWM (`ru_maxrss` keeps the peak of the process it was forked from: a trainer started by a large bench
+    or launcher reported that one's)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    status = Path("/proc/self/status")
+    found = re.search(r"VmHWM:\s+(\d+) kB", status.read_text()) if status.is_file() else None
+    return int(found[1]) / 1024 if found else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def optimizer_dtypes(optimizer) -> dict[str, list[str]]:
