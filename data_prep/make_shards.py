@@ -19,17 +19,23 @@ class Options:
     num_workers: int = option(1, help="processes writing shards in parallel", min=1)
 
 
-def main(argv: list[str] | None = None) -> None:
-    opts = parse_options(Options, argv)
+def check_options(opts: Options) -> Options:
+    """What the flags' own ranges cannot say (prepare.py checks it before its first step writes anything)."""
     if not opts.splits:
         raise UserError("--splits: give at least one split to write")
+    return opts
+
+
+def main(argv: list[str] | None = None) -> None:
+    opts = check_options(parse_options(Options, argv))
     check_output_dir(opts.output_dir)
     summary = write_shards(
         opts.splits_dir, opts.sketchy_root, opts.output_dir, opts.splits,
         opts.max_samples_per_shard, opts.max_bytes_per_shard, opts.num_workers,
     )
     for split, counts in summary.items():
-        print(f"{split}: {counts['samples']} samples in {counts['shards']} shard(s), {counts['written']} written now")
+        left_out = f", {counts['left_out']} left out (undecodable images: see {split}.json)" if counts["left_out"] else ""
+        print(f"{split}: {counts['samples']} samples in {counts['shards']} shard(s), {counts['written']} written now{left_out}")
 
 
 if __name__ == "__main__":

@@ -239,7 +239,7 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
     return parser
 
 
-def _load_config(path: str) -> dict[str, Any]:
+def load_config(path: str) -> dict[str, Any]:
     file = Path(path)
     if not file.is_file():
         raise UserError(f"config file not found: {path}")
@@ -309,7 +309,7 @@ def _config_argvs(name: str, value: Any, is_list: bool, optional: bool, path: st
 
 def _config_values(parser: argparse.ArgumentParser, cls: type, path: str) -> dict[str, Any]:
     """A config file's values, each converted by `parser` exactly as the same text given as a flag."""
-    loaded = _load_config(path)
+    loaded = load_config(path)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(loaded) - set(fields))
     if unknown:

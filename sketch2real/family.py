@@ -533,7 +533,11 @@ def pipeline_settings(index: dict) -> dict:
 def model_index(name_or_path: str, revision: str | None = None) -> dict:
     """A diffusers pipeline's `model_index.json` (folder or hub id); one line when it cannot be read."""
     local = Path(name_or_path) / "model_index.json"
-    if Path(name_or_path).is_dir() and not local.is_file():  # not a question for the hub
+    try:
+        folder = Path(name_or_path).is_dir()
+    except (OSError, ValueError):  # a name no file system takes (too long, a NUL): the hub's lookup says so below
+        folder = False
+    if folder and not local.is_file():  # not a question for the hub
         what = next((kind for file, kind in (("config.json", "a single model (a ControlNet? give it as --controlnet)"),
                                              ("learned_embeds.safetensors", "Textual Inversion embeddings (give them as --textual_inversion, with their base model)"))
                      if (Path(name_or_path) / file).is_file()), "no diffusers pipeline")

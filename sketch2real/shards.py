@@ -4,7 +4,9 @@ Writing: `{split}-NNNNNN.tar` with members `<key>.sketch.png`, `<key>.photo.jpg`
 `<key>.json` (plain webdataset; `webdataset.WebDataset` reads them too), plus
 `{split}.json` listing each shard's keys and categories. Shards are planned up
 front from the split rows (so parallel writers and re-runs agree), written to a
-temp file and renamed, and a finished shard is skipped on re-run.
+temp file and renamed, and a finished shard is skipped on re-run. Every image is
+decoded on the way in: a sample the readers could not decode is left out of its
+shard and listed in the index (`left_out`).
 
 Reading:
 - `ShardStream` (iterable): splits one epoch across ranks and dataloader workers
@@ -19,6 +21,7 @@ Reading:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -26,6 +29,7 @@ import logging
 import math
 import os
 import random
+import re
 import tarfile
 import warnings
 from collections import defaultdict
@@ -55,16 +59,43 @@ def shard_name(split: str, index: int) -> str:
 # ----------------------------------------------------------------------------- writing
 
 
+TAR_BLOCK = 512  # the unit of a tar: a header is one block (more for a long or non-ASCII name), content is padded to it
+# Members are written with these (webdataset's user and group): an integer mtime needs no PAX header, where the float
+# time.time() that webdataset puts by default took two more blocks per member, and shards are the same bytes on rerun.
+SHARD_MTIME, SHARD_OWNER = 0, "bigdata"
+
+
+def _tar_member_bytes(name: str, size: int) -> int:
+    """Bytes the member `name` of `size` bytes takes in a shard: its header(s), as tarfile writes them, and padded data."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uname, info.gname = size, SHARD_MTIME, 0o444, SHARD_OWNER, SHARD_OWNER
+    return len(info.tobuf(tarfile.DEFAULT_FORMAT, tarfile.ENCODING, "surrogateescape")) + -(-size // TAR_BLOCK) * TAR_BLOCK
+
+
+def _tar_file_bytes(member_bytes: int) -> int:
+    """Size of a tar file whose members take `member_bytes`: two zero blocks end it, and Python's tarfile pads the
+    whole to a multiple of its record size (10,240 bytes)."""
+    return -(-(member_bytes + 2 * TAR_BLOCK) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
+def _sample_tar_bytes(row: dict, root: Path) -> int:
+    """Bytes a row's three members (sketch, photo, metadata) take in a shard."""
+    sizes = [size for _, size in _source_files(row, root)] + [len(_metadata_bytes(row))]
+    return sum(_tar_member_bytes(f"{row['key']}.{suffix}", size)
+               for suffix, size in zip((IMAGE_FIELDS["sketch"], IMAGE_FIELDS["photo"], "json"), sizes))
+
+
 def plan_shards(rows: Sequence[dict], root: Path, max_samples: int, max_bytes: int) -> list[list[dict]]:
-    """Group rows into shards of at most `max_samples` samples and (about) `max_bytes` bytes."""
+    """Group rows into shards of at most `max_samples` samples and `max_bytes` bytes on disk (tar headers, padding and
+    end blocks counted; a sample over the limit alone gets a shard of its own)."""
     if max_samples < 1:
         raise UserError("--max_samples_per_shard must be at least 1")
     shards: list[list[dict]] = []
     current: list[dict] = []
     size = 0
     for row in rows:
-        row_bytes = sum(size for _, size in _source_files(row, root))
-        if current and (len(current) >= max_samples or (max_bytes > 0 and size + row_bytes > max_bytes)):
+        row_bytes = _sample_tar_bytes(row, root)
+        if current and (len(current) >= max_samples or (max_bytes > 0 and _tar_file_bytes(size + row_bytes) > max_bytes)):
             shards.append(current)
             current, size = [], 0
         current.append(row)
@@ -101,22 +132,56 @@ def _metadata(row: dict) -> dict:
     return {k: row.get(k) for k in ("key", "category", "photo_id", "sketch_index", "split", "difficulty", "flags")}
 
 
-def _write_one_shard(args: tuple[str, str, list[dict]]) -> str:
-    """Write one shard atomically; returns its file name. Runs in a worker process."""
+def _metadata_bytes(row: dict) -> bytes:
+    return json.dumps(_metadata(row), sort_keys=True).encode()
+
+
+@dataclass(frozen=True)
+class WrittenShard:
+    """What writing one shard gave: its file name, its size, and the samples left out ({key: why})."""
+
+    name: str
+    size: int
+    left_out: dict[str, str]
+
+
+def _write_one_shard(args: tuple[str, str, list[dict]]) -> WrittenShard:
+    """Write one shard atomically, leaving out every sample with an image the readers' `decode_image` cannot decode
+    (each source file decoded once: a photo's sketches share it). Runs in a worker process; the caller warns (in plan
+    order, whatever the number of workers)."""
     import webdataset as wds
 
     target, root, rows = args
-    root_path = Path(root)
+    root_path, name = Path(root), Path(target).name
+    left_out: dict[str, str] = {}
+    verdicts: dict[str, str] = {}  # source file -> why it cannot be decoded ("" if it can)
     with atomic_path(target) as tmp:
-        with wds.TarWriter(str(tmp)) as sink:
+        with wds.TarWriter(str(tmp), mtime=SHARD_MTIME, user=SHARD_OWNER, group=SHARD_OWNER) as sink:
             for row in rows:
-                sink.write({
-                    "__key__": row["key"],
-                    "sketch.png": (root_path / row["sketch_path"]).read_bytes(),
-                    "photo.jpg": (root_path / row["photo_path"]).read_bytes(),
-                    "json": json.dumps(_metadata(row), sort_keys=True).encode(),
-                })
-    return Path(target).name
+                members = {"__key__": row["key"], "json": _metadata_bytes(row)}
+                for field, source in (("sketch", row["sketch_path"]), ("photo", row["photo_path"])):
+                    members[IMAGE_FIELDS[field]] = data = (root_path / source).read_bytes()
+                    if source not in verdicts:
+                        try:
+                            decode_image(data, None, False, f"{name}:{row['key']}")
+                            verdicts[source] = ""
+                        except CorruptSample as err:
+                            verdicts[source] = f"{field}: {err.reason}"  # as the readers' `_decode_sample` says it
+                reasons = [verdicts[row["sketch_path"]], verdicts[row["photo_path"]]]
+                if any(reasons):
+                    left_out[row["key"]] = next(r for r in reasons if r)
+                    continue
+                sink.write(members)
+        size = tmp.stat().st_size
+    return WrittenShard(name, size, left_out)
+
+
+def _remove_leftover_temps(out: Path, split: str) -> None:
+    """Temp files of a killed writer of `split` (its shards, index and done file): never read, but never left."""
+    pattern = re.compile(rf"^(\.{re.escape(split)}-\d+\.tar|\.{re.escape(split)}\.json|\.\.{re.escape(split)}\.done\.json)\..*\.tmp$")
+    for path in out.iterdir():
+        if pattern.match(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
 
 
 def write_shards(
@@ -129,7 +194,12 @@ def write_shards(
     num_workers: int = 1,
     progress: bool = True,
 ) -> dict[str, dict]:
-    """Write the shards of each split; returns {split: {"shards": n, "written": n, "samples": n}}."""
+    """Write the shards of each split; returns {split: {"shards": n, "written": n, "samples": n, "left_out": n}}.
+
+    `samples` counts what the shards hold; `left_out` the rows whose images could not be decoded (one warning each,
+    and listed with why in the index). A shard is skipped on rerun only when its sources' fingerprint and its size on
+    disk are what its writer recorded. The split's index is removed before any of its shards is touched and written
+    last, so an interrupted run leaves no index naming shards it did not write."""
     from tqdm import tqdm
 
     splits_dir, root, out = Path(splits_dir), Path(sketchy_root), Path(output_dir)
@@ -144,41 +214,49 @@ def write_shards(
         plan = plan_shards(rows, root, max_samples, max_bytes)
         done_file = out / f".{split}.done.json"
         done = json.loads(done_file.read_text()) if done_file.is_file() else {}
-        jobs = []
-        entries = []
-        for i, shard_rows in enumerate(plan):
-            name = shard_name(split, i)
-            fingerprint = _fingerprint(shard_rows, root)
-            entries.append({
-                "name": name, "count": len(shard_rows), "fingerprint": fingerprint,
-                "keys": [r["key"] for r in shard_rows], "categories": [r["category"] for r in shard_rows],
-            })
-            if not ((out / name).is_file() and done.get(name) == fingerprint):
-                jobs.append((str(out / name), str(root), shard_rows))
-        # Shards of an older, longer plan would be read as part of this split: remove them.
-        for stale in out.glob(f"{split}-*.tar"):
-            if stale.name not in {e["name"] for e in entries}:
-                stale.unlink()
-        written = 0
-        with tqdm(total=len(jobs), desc=f"shards {split}", unit="shard", disable=not progress or not jobs) as bar:
-            if num_workers > 1 and len(jobs) > 1:
-                with ProcessPoolExecutor(num_workers) as pool:
-                    results = pool.map(_write_one_shard, jobs)
-                    for name in results:
-                        done[name] = next(e["fingerprint"] for e in entries if e["name"] == name)
-                        write_json(done_file, done)
-                        written += 1
-                        bar.update()
-            else:
-                for job in jobs:
-                    name = _write_one_shard(job)
-                    done[name] = next(e["fingerprint"] for e in entries if e["name"] == name)
-                    write_json(done_file, done)
-                    written += 1
-                    bar.update()
-        write_json(out / f"{split}.json", {"split": split, "total": len(rows), "shards": entries})
-        summary[split] = {"shards": len(plan), "written": written, "samples": len(rows)}
+        _remove_leftover_temps(out, split)
+        names = [shard_name(split, i) for i in range(len(plan))]
+        fingerprints = {name: _fingerprint(shard_rows, root) for name, shard_rows in zip(names, plan)}
+        jobs = [(str(out / name), str(root), shard_rows) for name, shard_rows in zip(names, plan)
+                if not _is_finished(out / name, done.get(name), fingerprints[name])]
+        ours = re.compile(rf"^{re.escape(split)}-\d{{6,}}\.tar$")  # not another split's (`train-extra-000000.tar`)
+        stale = [p for p in out.iterdir() if ours.match(p.name) and p.name not in fingerprints]
+        if jobs or stale:  # from here on the old index would name shards that are not (or no longer) its own
+            (out / f"{split}.json").unlink(missing_ok=True)
+        for path in stale:  # shards of an older, longer plan would be read as part of this split
+            path.unlink()
+
+        parallel = num_workers > 1 and len(jobs) > 1
+        with tqdm(total=len(jobs), desc=f"shards {split}", unit="shard", disable=not progress or not jobs) as bar, \
+                (ProcessPoolExecutor(num_workers) if parallel else contextlib.nullcontext()) as pool:
+            for shard in (pool.map if parallel else map)(_write_one_shard, jobs):  # in plan order either way
+                done[shard.name] = {"fingerprint": fingerprints[shard.name], "size": shard.size, "left_out": shard.left_out}
+                write_json(done_file, done)
+                for key, reason in shard.left_out.items():
+                    logger.warning("corrupt sample %s:%s (%s): left out of the shard", shard.name, key, reason)
+                bar.update()
+        entries, left_out = [], {}
+        for name, shard_rows in zip(names, plan):
+            dropped = done[name]["left_out"]
+            kept = [r for r in shard_rows if r["key"] not in dropped]
+            entries.append({"name": name, "count": len(kept), "fingerprint": fingerprints[name],
+                            "keys": [r["key"] for r in kept], "categories": [r["category"] for r in kept]})
+            left_out.update({key: f"{name}: {reason}" for key, reason in dropped.items()})
+        total = sum(e["count"] for e in entries)
+        write_json(out / f"{split}.json", {
+            "split": split, "total": total, "rows": len(rows), "shards": entries,
+            "left_out": {"count": len(left_out), "keys": sorted(left_out), "reasons": dict(sorted(left_out.items()))},
+        })
+        summary[split] = {"shards": len(plan), "written": len(jobs), "samples": total, "left_out": len(left_out)}
     return summary
+
+
+def _is_finished(path: Path, record: Any, fingerprint: str) -> bool:
+    """Whether the shard at `path` is the one its writer recorded (`record`, from the done file) for `fingerprint`:
+    same sources and the size it was written with (a shard cut short or overwritten on disk is written again)."""
+    if not isinstance(record, dict) or record.get("fingerprint") != fingerprint or not path.is_file():
+        return False  # an older done file's bare fingerprint: no size to check, so written again once
+    return path.stat().st_size == record.get("size")
 
 
 # ----------------------------------------------------------------------------- reading
@@ -220,6 +298,7 @@ def sample_refs(shard_dir: str | os.PathLike, split: str, categories: Sequence[s
     return refs
 
 
+_OBJECT_AT = re.compile(r" ?<[^<>]* at 0x[0-9a-fA-F]+>")  # PIL's `<_io.BytesIO object at 0x7f...>`
 MAX_IMAGE_PIXELS = 40_000_000  # 6,300 x 6,300: far above Sketchy's 256 x 256; a decompression bomb stops here
 
 
@@ -309,7 +388,8 @@ def decode_image(data: bytes, resolution: int | None, as_tensor: bool, where: st
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
         raise CorruptSample(where, f"over the limit of {MAX_IMAGE_PIXELS:,} pixels ({err})") from None
     except Exception as err:  # PIL raises many types for bad bytes; any of them means this image is unusable
-        raise CorruptSample(where, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'undecodable'}") from None
+        text = _OBJECT_AT.sub("", str(err).splitlines()[0]) if str(err) else "undecodable"  # the same words every run
+        raise CorruptSample(where, f"{type(err).__name__}: {text}") from None
     if resolution and image.size != (resolution, resolution):
         image = image.resize((resolution, resolution), Image.BICUBIC)
     if not as_tensor:

@@ -121,9 +121,16 @@ class SketchyRelease:
             if folder.is_dir() else {}
         return files
 
+    def photo_categories(self) -> list[str]:
+        """Category folder names found under photo/, sorted (hidden folders left out, as under sketch/)."""
+        return sorted(p.name for p in self.photo_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
     def sketch_files(self, category: str) -> list[Path]:
-        """The .png files of one category's sketch folder, sorted."""
-        return sorted((self.sketch_dir / category).glob("*.png"))
+        """The .png files (any case of the extension: `.PNG` from a re-saved copy; hidden ones, such as macOS's `._*`,
+        aside) of one category's sketch folder, sorted."""
+        folder = self.sketch_dir / category
+        return sorted(p for p in folder.iterdir() if p.suffix.lower() == ".png" and not p.name.startswith(".")
+                      and p.is_file()) if folder.is_dir() else []
 
     def photo_ids(self, category: str) -> list[str]:
         """Sorted photo ids (file stems) of one category; an error if it has none."""
@@ -141,15 +148,25 @@ class SketchyRelease:
         """Sketch files (release-relative) named for a photo the release does not have."""
         return [p for c, p in self._scan[1] if categories is None or c in categories]
 
+    def stray_files(self, categories: list[str] | None = None) -> list[str]:
+        """Files (release-relative, hidden ones aside) of the sketch folders not named like a sketch,
+        `<photo id>-<k>.png`: a copy's duplicate (`x-1 (1).png`), a note, a thumbnail database."""
+        return [p for c, p in self._scan[2] if categories is None or c in categories]
+
     @cached_property
-    def _scan(self) -> tuple[list[SketchRecord], list[tuple[str, str]]]:
-        records, orphans = [], []
+    def _scan(self) -> tuple[list[SketchRecord], list[tuple[str, str]], list[tuple[str, str]]]:
+        records, orphans, strays = [], [], []
         for category in self.categories:
             photos = self.photo_files(category)
-            for path in self.sketch_files(category):
+            sketches = self.sketch_files(category)
+            names = {p.name for p in sketches}
+            strays += [(category, str(p.relative_to(self.root))) for p in (self.sketch_dir / category).iterdir()
+                       if p.name not in names and not p.name.startswith(".") and p.is_file()]
+            for path in sketches:
                 match = _SKETCH_NAME.match(path.stem)
                 if not match:
-                    continue  # a stray file
+                    strays.append((category, str(path.relative_to(self.root))))
+                    continue
                 if match["photo"] not in photos:
                     orphans.append((category, str(path.relative_to(self.root))))
                     continue
@@ -169,7 +186,7 @@ class SketchyRelease:
             if other is not record:
                 raise UserError(f"{other.sketch_path} and {record.sketch_path} give the same sample key {record.key!r}: "
                                 "rename one of them")
-        return records, orphans
+        return records, orphans, sorted(strays)
 
     def testset(self) -> list[tuple[str, str]]:
         """(category, photo id) pairs listed in info/testset.txt (`category/photo.jpg` per line)."""
@@ -177,7 +194,7 @@ class SketchyRelease:
         if not path.is_file():
             raise UserError(f"{path} not found: the Sketchy test split is defined by it")
         pairs = []
-        for line in path.read_text().splitlines():
+        for line in path.read_text(encoding="utf-8-sig").splitlines():  # -sig: a BOM (Windows editors) is no part of a name
             line = line.strip()
             if not line:
                 continue
@@ -193,7 +210,7 @@ class SketchyRelease:
         if not path.is_file():
             return set()
         ids = set()
-        for line in path.read_text().splitlines():
+        for line in path.read_text(encoding="utf-8-sig").splitlines():
             line = line.strip()
             if line:
                 ids.add(Path(line.replace("\\", "/")).stem)  # tolerate category/ prefixes and extensions
@@ -205,7 +222,7 @@ class SketchyRelease:
         if not path.is_file():
             return {}
         result = {}
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             for row in csv.DictReader(f):
                 try:
                     result[f"{row['ImageNetID']}-{int(row['SketchID'])}"] = int(row["Difficulty"])

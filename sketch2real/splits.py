@@ -16,7 +16,7 @@ from pathlib import Path
 
 from sketch2real.cli import UserError
 from sketch2real.io import write_json, write_jsonl
-from sketch2real.sketchy import INVALID_KINDS, SketchyRelease
+from sketch2real.sketchy import CATEGORIES, INVALID_KINDS, SketchyRelease
 
 logger = logging.getLogger("sketch2real")
 
@@ -68,6 +68,14 @@ def build_splits(
     chosen = [c for c in chosen if c not in empty]
     if empty:
         logger.warning("skipping %d empty category folder(s): %s", len(empty), ", ".join(empty))
+    # A user's own categories are used, but said: a folder made by mistake (`Mystery (New)`) would be one.
+    unknown = [c for c in chosen if c not in CATEGORIES]
+    if unknown:
+        logger.warning("%d category folder(s) not among Sketchy's %d categories, used as categories: %s",
+                       len(unknown), len(CATEGORIES), ", ".join(unknown))
+    photo_only = [] if categories else sorted(set(release.photo_categories()) - set(all_categories))
+    if photo_only:
+        logger.warning("%d photo folder(s) with no sketch folder left out: %s", len(photo_only), ", ".join(photo_only))
 
     photos = {c: release.photo_ids(c) for c in chosen}
     test_photos: set[tuple[str, str]] = set()
@@ -127,6 +135,14 @@ def build_splits(
         })
         per_category[split][record.category] += 1
 
+    drawn = {(r.category, r.photo_id) for r in release.sketches(chosen)}
+    unsketched = [f"{c}/{p}" for c in chosen for p in photos[c] if (c, p) not in drawn]
+    if unsketched:
+        logger.warning("%d photo(s) without any sketch (in no split's rows), e.g. %s", len(unsketched), unsketched[0])
+    strays = release.stray_files(chosen)
+    if strays:
+        logger.warning("%d file(s) in the sketch folders not named like a sketch (<photo id>-<k>.png) left out, e.g. %s",
+                       len(strays), strays[0])
     orphans = release.sketches_without_photo(chosen)  # a sketch whose photo is missing from the copy
     if orphans:
         excluded["no photo"] += len(orphans)
@@ -143,6 +159,10 @@ def build_splits(
         "excluded": dict(sorted(excluded.items())),
         "testset_absent": sorted(absent_test),
         "empty_categories": empty,
+        "unknown_categories": unknown,
+        "photo_only_categories": photo_only,
+        "photos_without_sketches": len(unsketched),
+        "stray_files": len(strays),
     }
     return SplitResult(rows=rows, report=report)
 
@@ -168,6 +188,14 @@ def format_report(report: dict) -> str:
     text = "\n".join(lines) + "\n\n"
     text += f"Excluded sketches: {excluded.get('sketches', 0)} " + (
         "(" + ", ".join(f"{k}: {v}" for k, v in excluded.items() if k != "sketches") + ")" if excluded else "") + "\n"
+    notes = {"unknown_categories": "category folder(s) not among Sketchy's categories (used)",
+             "photo_only_categories": "photo folder(s) with no sketch folder (left out)",
+             "photos_without_sketches": "photo(s) without any sketch", "stray_files": "stray file(s) in the sketch folders"}
+    for name, words in notes.items():
+        count = report.get(name, 0)
+        count = len(count) if isinstance(count, list) else count
+        if count:
+            text += f"{count} {words}.\n"
     if report["testset_absent"]:
         text += f"testset.txt names {len(report['testset_absent'])} photo(s) absent from the release (skipped).\n"
     return text

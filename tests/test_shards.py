@@ -143,7 +143,9 @@ def test_truncated_tar_is_skipped_not_fatal(shard_dir, tmp_path, caplog):
     broken = _copy_shards(shard_dir, tmp_path / "shards")
     name = load_index(broken, "test")["shards"][0]["name"]
     data = (broken / name).read_bytes()
-    (broken / name).write_bytes(data[: len(data) // 2])
+    with tarfile.open(broken / name) as tar:  # cut inside a member's data (a cut between two reads as a short tar)
+        middle = tar.getmembers()[len(tar.getmembers()) // 2]
+    (broken / name).write_bytes(data[: middle.offset_data + middle.size // 2])
     keys, _, corrupt = _keys(stream_loader(ShardStream(broken, "test", resolution=16), batch_size=4))
     assert "unreadable tar" in caplog.text and "missing from a truncated shard" in caplog.text
     total = load_index(broken, "test")["total"]
@@ -163,9 +165,91 @@ def test_rerun_skips_finished_shards_and_rewrites_missing_or_partial(splits_dir,
     # A shard whose bytes were cut short is not "finished" either once the plan changes.
     third = write_shards(splits_dir, sketchy_root, out, ("train",), max_samples=16, progress=False)
     assert third["train"]["written"] == 1
+    # A shard cut short on disk (same sources, so the same fingerprint) is written again, whole.
+    whole = (out / "train-000000.tar").read_bytes()
+    (out / "train-000000.tar").write_bytes(whole[: len(whole) // 2])
+    cut = write_shards(splits_dir, sketchy_root, out, ("train",), max_samples=16, progress=False)
+    assert cut["train"]["written"] == 1 and len((out / "train-000000.tar").read_bytes()) == len(whole)
     # A different plan (smaller shards) rewrites everything and leaves no stale shard behind.
     fourth = write_shards(splits_dir, sketchy_root, out, ("train",), max_samples=100, progress=False)
     assert fourth["train"]["shards"] == 1 and sorted(p.name for p in out.glob("train-*.tar")) == ["train-000000.tar"]
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_an_interrupted_rerun_leaves_no_index_that_lies_and_no_temp_file(splits_dir, sketchy_root, tmp_path, monkeypatch):
+    """A rerun with other settings killed after rewriting some shards: the old index (which named the old shards'
+    keys) is gone, so readers stop in one line instead of reading wrong samples; a killed writer's temp files are
+    removed by the next run."""
+    import sketch2real.shards as shards
+
+    out = tmp_path / "shards"
+    write_shards(splits_dir, sketchy_root, out, ("train",), max_samples=16, progress=False)
+    real, calls = shards._write_one_shard, []
+
+    def killed_after_one(job):
+        calls.append(job)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return real(job)
+
+    monkeypatch.setattr(shards, "_write_one_shard", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(splits_dir, sketchy_root, out, ("train",), max_samples=5, progress=False)
+    assert len(calls) == 2 and not (out / "train.json").exists()
+    with pytest.raises(UserError, match="no shard index"):
+        ShardSamples(out, "train")
+    monkeypatch.undo()
+    for leftover in ("..train.done.json.k1ll3d.tmp", ".train-000002.tar.k1ll3d.tmp", ".train.json.k1ll3d.tmp"):
+        (out / leftover).write_bytes(b"half")
+    again = write_shards(splits_dir, sketchy_root, out, ("train",), max_samples=5, progress=False)
+    assert again["train"]["written"] == again["train"]["shards"] - 1  # the shard written before the kill is kept
+    assert [s["count"] for s in load_index(out, "train")["shards"]][:2] == [5, 5]
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_max_bytes_per_shard_holds_on_disk(splits_dir, sketchy_root, tmp_path):
+    """The limit counts what tar adds (a 512-byte header per member, padding to 512, the metadata member, the end
+    blocks and record padding): small images were 3-4x over it. A sample over the limit gets a shard of its own."""
+    out = tmp_path / "shards"
+    summary = write_shards(splits_dir, sketchy_root, out, ("train",), max_bytes=40_000, progress=False)
+    sizes = [p.stat().st_size for p in sorted(out.glob("train-*.tar"))]
+    assert summary["train"]["shards"] == len(sizes) > 2 and max(sizes) <= 40_000
+    assert max(sizes) > 40_000 - 2 * 10_240  # filled, not one sample each
+    tiny = write_shards(splits_dir, sketchy_root, tmp_path / "tiny", ("val",), max_bytes=1_000, progress=False)
+    assert tiny["val"]["shards"] == tiny["val"]["samples"]
+
+
+def test_undecodable_source_images_are_left_out_listed_and_warned(splits_dir, sketchy_root, tmp_path, caplog):
+    """A truncated JPEG, a zero-byte PNG and a 100-byte PNG in the release were packed as they were (and every reader
+    then met them): they are decoded on the way in, their samples left out of the shards with one warning line each
+    (shard and key), and listed in the index, whose counts are then those of the shards; any number of writers
+    leave out the same samples and write the same bytes."""
+    root = tmp_path / "release"
+    shutil.copytree(sketchy_root, root)
+    rows = read_jsonl(splits_dir / "train.jsonl")
+    photo = root / rows[0]["photo_path"]
+    photo.write_bytes(photo.read_bytes()[:-40])
+    (root / rows[20]["sketch_path"]).write_bytes(b"")
+    (root / rows[40]["sketch_path"]).write_bytes((root / rows[40]["sketch_path"]).read_bytes()[:100])
+    expected = {r["key"] for r in rows if r["photo_path"] == rows[0]["photo_path"]} | {rows[20]["key"], rows[40]["key"]}
+    caplog.clear()
+    summary = write_shards(splits_dir, root, tmp_path / "one", ("train",), max_samples=16, progress=False)
+    index = load_index(tmp_path / "one", "train")
+    assert summary["train"]["left_out"] == index["left_out"]["count"] == len(expected) >= 4
+    assert set(index["left_out"]["keys"]) == set(index["left_out"]["reasons"]) == expected
+    assert index["total"] == summary["train"]["samples"] == len(rows) - len(expected) == len(ShardSamples(tmp_path / "one", "train"))
+    assert index["rows"] == len(rows) and sum(s["count"] for s in index["shards"]) == index["total"]
+    warned = [r.getMessage() for r in caplog.records if "left out of the shard" in r.getMessage()]
+    assert len(warned) == len(expected)
+    for key, reason in index["left_out"]["reasons"].items():  # "train-00000N.tar: photo: OSError: ..."
+        shard, _, why = reason.partition(": ")
+        assert sum(w.startswith(f"corrupt sample {shard}:{key} ({why}") for w in warned) == 1
+    samples = ShardSamples(tmp_path / "one", "train", resolution=8)
+    assert {samples[i]["key"] for i in range(len(samples))} == {r["key"] for r in rows} - expected  # all readable
+    write_shards(splits_dir, root, tmp_path / "two", ("train",), max_samples=16, num_workers=2, progress=False)
+    assert load_index(tmp_path / "two", "train") == index
+    for shard in index["shards"]:
+        assert (tmp_path / "one" / shard["name"]).read_bytes() == (tmp_path / "two" / shard["name"]).read_bytes()
 
 
 def test_a_source_image_changed_under_its_name_is_written_again_and_missing_files_are_one_line(splits_dir,
@@ -211,3 +295,22 @@ def test_make_shards_cli_errors(tmp_path, sketchy_root):
                       "--output_dir", tmp_path / "o", check=False)
     assert proc.returncode == 2 and "build_splits.py first" in proc.stderr
     assert not os.path.exists(tmp_path / "o" / "train.json")
+
+
+def test_prepare_takes_config_and_data_dir_anywhere_and_checks_both_steps_first(sketchy_root, tmp_path):
+    """prepare.py refused `--config` (every script takes it), `--data_dir=X` and `--data_dir` not first; and with a bad
+    flag of the second step it wrote the splits before failing."""
+    proc = run_script("data_prep/prepare.py", "--sketchy_root", sketchy_root, "--num_workers", "0",
+                      "--data_dir", tmp_path / "bad", check=False)
+    assert proc.returncode == 2 and "--num_workers must be at least 1" in proc.stderr and not (tmp_path / "bad").exists()
+    config = tmp_path / "prep.yaml"
+    config.write_text("seed: 3\ncategories: [cat, apple]\nmax_samples_per_shard: 40\n")
+    run_script("data_prep/prepare.py", "--sketchy_root", sketchy_root, "--seed", "5", "--config", config,
+               f"--data_dir={tmp_path / 'data'}", "--max_samples_per_shard", "7")  # before the file: its value wins
+    report = json.loads((tmp_path / "data" / "splits" / "report.json").read_text())
+    assert report["seed"] == 3 and report["categories"] == ["apple", "cat"]
+    assert max(s["count"] for s in load_index(tmp_path / "data" / "shards", "train")["shards"]) == 7
+    config.write_text("seed: -1\n")
+    proc = run_script("data_prep/prepare.py", "--config", config, "--sketchy_root", sketchy_root, "--data_dir",
+                      tmp_path / "neg", check=False)
+    assert proc.returncode == 2 and f"--seed must be at least 0, got -1 (in config file {config})" in proc.stderr

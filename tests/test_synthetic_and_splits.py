@@ -161,3 +161,54 @@ def test_build_splits_cli_errors_are_one_line(sketchy_root, tmp_path, args, mess
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_bom_in_the_info_lists_changes_no_split(sketchy_root, tmp_path):
+    """Windows editors start a file with a UTF-8 BOM: read as part of the first name, it moved a test photo into
+    train/val (a leak) and kept a flagged sketch."""
+    import shutil
+
+    root = tmp_path / "release"
+    shutil.copytree(sketchy_root, root)
+    for name in ("testset.txt", *(f"invalid-{k}.txt" for k in INVALID_KINDS)):
+        path = root / "info" / name
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    clean, bom = build_splits(SketchyRelease(sketchy_root)), build_splits(SketchyRelease(root))
+    assert bom.rows == clean.rows and bom.report == clean.report and not bom.report["testset_absent"]
+
+
+def test_odd_files_and_folders_of_a_copy_are_used_or_counted_never_dropped_unseen(sketchy_root, tmp_path, caplog):
+    """A sketch saved as `.PNG` is a sketch; a file not named `<photo>-<k>.png`, a category folder that is not one of
+    Sketchy's, a photo folder with no sketch folder and a photo with no sketch are each one warning line and a count in
+    the report."""
+    import shutil
+
+    root = tmp_path / "release"
+    shutil.copytree(sketchy_root, root)
+    base = build_splits(SketchyRelease(sketchy_root))
+    rendered = root / "rendered_256x256/256x256"
+    row = base.rows["train"][0]
+    upper = root / row["sketch_path"]
+    upper.rename(upper.with_suffix(".PNG"))
+    shutil.copy(root / base.rows["train"][1]["sketch_path"], upper.parent / "x-1 (1).png")
+    (upper.parent / "notes.txt").write_text("mine")
+    shutil.copytree(rendered / "photo/tx_000000000000/cat", rendered / "photo/tx_000000000000/Mystery (New)")
+    shutil.copytree(rendered / "sketch/tx_000000000000/cat", rendered / "sketch/tx_000000000000/Mystery (New)")
+    shutil.copytree(rendered / "photo/tx_000000000000/cat", rendered / "photo/tx_000000000000/photo_only")
+    shutil.copy(root / row["photo_path"], rendered / "photo/tx_000000000000/apple/n07739125_99999.jpg")
+    caplog.clear()
+    result = build_splits(SketchyRelease(root))
+    rows = {r["key"]: r for split in result.rows.values() for r in split}
+    assert rows[row["key"]]["sketch_path"] == row["sketch_path"][:-4] + ".PNG"
+    report = result.report
+    assert "Mystery (New)" in report["categories"] and report["unknown_categories"] == ["Mystery (New)"]
+    assert report["photo_only_categories"] == ["photo_only"] and report["photos_without_sketches"] == 1
+    assert report["stray_files"] == 2
+    assert sum(report["sketches"].values()) == sum(base.report["sketches"].values()) + sum(
+        base.report["per_category"][s].get("cat", 0) for s in ("train", "val", "test"))
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    for words in ("not among Sketchy's 125 categories, used as categories: Mystery (New)",
+                  "1 photo folder(s) with no sketch folder left out: photo_only",
+                  "1 photo(s) without any sketch (in no split's rows), e.g. apple/n07739125_99999",
+                  "2 file(s) in the sketch folders not named like a sketch"):
+        assert sum(words in line for line in lines) == 1, (words, lines)
