@@ -75,7 +75,8 @@ def test_training_lowers_the_loss(db_args, tmp_path, tiny_models, shard_dir):
 
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
 def test_resume_continues_exactly(family, db_args, tmp_path, tiny_models):
-    """Killed after a checkpoint and resumed: bit-identical weights, UNet and text encoders (SDXL: both)."""
+    """Killed after a checkpoint and resumed: bit-identical weights, UNet and text encoders (SDXL: both); a resume past
+    a shorter --max_train_steps is one line (it was a traceback after rewriting run_config.json)."""
     import shutil
 
     args = [*db_args, "--pretrained_model_name_or_path", getattr(tiny_models, family), "--max_train_steps", "6",
@@ -94,6 +95,13 @@ def test_resume_continues_exactly(family, db_args, tmp_path, tiny_models):
         a, b, base = weights(straight / part), weights(resumed / part), weights(getattr(tiny_models, family) / part)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
         assert any(not torch.equal(a[k], base[k]) for k in a), part  # it trained
+    if family == "sd":  # resumed from a checkpoint past a shorter --max_train_steps: one line, the run's record kept
+        record = (resumed / "run_config.json").read_bytes()
+        proc = run_script("train/dreambooth.py", *args, "--output_dir", resumed, "--resume_from_checkpoint", "latest",
+                          "--max_train_steps", "2", check=False)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2 and "is at step 3, past --max_train_steps 2" in last, proc.stderr[-2000:]
+        assert (resumed / "run_config.json").read_bytes() == record
 
 
 def test_sigusr1_saves_a_checkpoint_and_exits_for_requeue(db_args, tmp_path):

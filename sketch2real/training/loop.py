@@ -181,6 +181,9 @@ def train(task: Task, opts, accelerator, project_name: str, callbacks: list[Call
     step = 0
     if resume is not None:
         step = load_checkpoint(accelerator, resume)
+        if step > opts.max_train_steps:  # its data order and schedule would run backwards (a traceback, before)
+            raise UserError(f"{resume} is at step {step}, past --max_train_steps {opts.max_train_steps}: give at least "
+                            f"{step}, or another --output_dir for a shorter run")
         if averaged is not None:
             averaged.load(resume)
         for _ in range(step):
