@@ -83,10 +83,11 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
-    """Write one JSON object per line (keys sorted, so equal data gives equal bytes), atomically."""
+    """Write one JSON object per line (keys sorted, so equal data gives equal bytes; strict JSON: a NaN is null),
+    atomically."""
     with atomic_open(path) as f:
         for row in rows:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
+            f.write(json.dumps(strict_json(row), sort_keys=True, allow_nan=False) + "\n")
 
 
 def read_jsonl(path: str | os.PathLike, required: Sequence[str] = ()) -> list[dict]:
@@ -113,7 +114,7 @@ def read_jsonl(path: str | os.PathLike, required: Sequence[str] = ()) -> list[di
 
 def append_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
     """Append rows and fsync: a kill loses at most the rows being written. A torn last line (a kill or a full disk
-    mid-write) is cut off first: a row appended to it would be lost with it on read."""
+    mid-write) is cut off first: a row appended to it would be lost with it on read. Strict JSON, as `write_jsonl`."""
     with open(path, "a+b") as f:
         end = f.seek(0, os.SEEK_END)
         if end:
@@ -124,7 +125,7 @@ def append_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
                 f.truncate(data.rfind(b"\n") + 1)
     with open(path, "a") as f:
         for row in rows:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
+            f.write(json.dumps(strict_json(row), sort_keys=True, allow_nan=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
 

@@ -37,12 +37,20 @@ def _fid(args) -> dict:
 
 
 def test_metrics_files_are_strict_json_where_a_value_is_missing(tmp_path):
-    """An interval that cannot be computed (one image) is null, not NaN."""
+    """An interval that cannot be computed (one image) is null, not NaN: in metrics.json and in JSONL logs."""
     from sketch2real.io import write_json
     from sketch2real.metrics import mean_ci95
 
     write_json(tmp_path / "metrics.json", {"clip_score_ci95": mean_ci95([0.3]), "kid": float("inf"), "n": 1, "ok": 0.5})
     assert _fid(tmp_path) == {"clip_score_ci95": [None, None], "kid": None, "n": 1, "ok": 0.5}
+    # JSONL too (validation_log.jsonl had `[NaN, NaN]` for an interval of one validation image)
+    from sketch2real.io import append_jsonl, write_jsonl
+
+    row = {"step": 2, "validation_sketchiness_ci95": mean_ci95([0.3])}
+    write_jsonl(tmp_path / "rows.jsonl", [row])
+    append_jsonl(tmp_path / "rows.jsonl", [row])
+    assert [json.loads(line, parse_constant=_refuse_constant) for line in (tmp_path / "rows.jsonl").read_text().splitlines()] \
+        == [{"step": 2, "validation_sketchiness_ci95": [None, None]}] * 2
 
 
 @pytest.mark.parametrize("dims", [64, 768])  # 2048 works the same; its 2048x2048 sqrtm costs a minute per run
