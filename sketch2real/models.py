@@ -128,9 +128,8 @@ def load_sd_components(name_or_path: str, revision: str | None = None, variant: 
     for tokenizer, tokenizer_class in zip(family.tokenizers, family.tokenizer_classes):
         parts[tokenizer] = load(getattr(transformers, tokenizer_class), name_or_path, "tokenizer", subfolder=tokenizer,
                                 **common)
-    vae_class = getattr(diffusers, family.vae_class)
-    vae = (load(vae_class, vae_name_or_path, "VAE") if vae_name_or_path
-           else load(vae_class, name_or_path, "VAE", subfolder="vae", variant=variant, **common))
+    vae = (load_other_vae(family, vae_name_or_path, name_or_path, revision) if vae_name_or_path
+           else load(getattr(diffusers, family.vae_class), name_or_path, "VAE", subfolder="vae", variant=variant, **common))
     return SDComponents(
         vae=vae, family=family, **parts, settings=pipeline_settings(index),
         denoiser=load(getattr(diffusers, family.denoiser_class), name_or_path, family.denoiser, subfolder=family.denoiser,
@@ -138,6 +137,20 @@ def load_sd_components(name_or_path: str, revision: str | None = None, variant: 
         noise_scheduler=load(getattr(diffusers, family.training_scheduler), name_or_path, "scheduler",
                              subfolder="scheduler", **common),
     )
+
+
+def load_other_vae(family: Family, vae_name_or_path: str, base: str, revision: str | None = None, **kwargs: Any):
+    """`--pretrained_vae_model_name_or_path` for `base` (e.g. an fp16-safe SDXL VAE); one of latents of another shape
+    than the base's own VAE (another family's) is one line, before training (it was a traceback at the first step)."""
+    import diffusers
+
+    vae_class = getattr(diffusers, family.vae_class)
+    vae = load(vae_class, vae_name_or_path, "VAE", **kwargs)
+    own = vae_class.load_config(base, subfolder="vae", revision=revision).get("latent_channels")
+    if vae.config.latent_channels != own:
+        raise UserError(f"--pretrained_vae_model_name_or_path {vae_name_or_path} makes {vae.config.latent_channels}-channel "
+                        f"latents, {base}'s own VAE {own}: a VAE of another model family")
+    return vae
 
 
 def load_pipeline(family: Family, name_or_path: str, controlnet=None, safety_checker: bool = False, **kwargs):
@@ -157,11 +170,10 @@ def load_base_pipeline(family: Family, name_or_path: str, revision: str | None =
     from): with the VAE the run trains and validates with (`vae_name_or_path`), every component in `torch_dtype`
     whatever `variant` holds: an fp16 variant's text encoder saved beside fp32 trained weights stops plain diffusers
     at the first prompt ("mat1 and mat2 must have the same dtype")."""
-    import diffusers
 
     kwargs = {}
     if vae_name_or_path:
-        kwargs["vae"] = load(getattr(diffusers, family.vae_class), vae_name_or_path, "VAE", torch_dtype=torch_dtype)
+        kwargs["vae"] = load_other_vae(family, vae_name_or_path, name_or_path, revision, torch_dtype=torch_dtype)
     return load_pipeline(family, name_or_path, controlnet, safety_checker, revision=revision, variant=variant,
                          torch_dtype=torch_dtype, **kwargs)
 

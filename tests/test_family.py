@@ -36,3 +36,13 @@ def test_textual_inversion_files_take_the_family_format():
     assert list(embeds) == ["clip_l", "clip_g"] and embeds["clip_g"] is rows[1]
     assert SDXL.generation_kwargs() == {"original_size": (256, 256), "crops_coords_top_left": (0, 0)}
     assert SD.generation_kwargs() == {}
+
+
+def test_a_vae_of_another_family_is_one_line_before_training(tiny_models):
+    """--pretrained_vae_model_name_or_path of an SD3 VAE (16 latent channels) for an SD model (4): one line naming both
+    (it was a convolution's traceback at the first step); the model's own VAE, given as another, loads."""
+    from sketch2real.models import load_other_vae
+
+    with pytest.raises(UserError, match=r"makes 16-channel latents, .*'s own VAE 4: a VAE of another model family"):
+        load_other_vae(SD, str(tiny_models.sd3 / "vae"), str(tiny_models.sd))
+    assert load_other_vae(SD, str(tiny_models.sd / "vae"), str(tiny_models.sd)).config.latent_channels == 4
