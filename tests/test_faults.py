@@ -636,3 +636,20 @@ def test_pair_photos_are_stored_once_and_a_corrupt_pair_reads_its_substitutes_ph
         fresh.build(solo, items, 0, False, False)
         assert np.array_equal(fresh.item_slot, store.item_slot)
         assert torch.equal(fresh.latents(items, eps), store.latents(items, eps))
+
+
+def test_an_output_folder_of_another_trainers_finished_run_is_refused(tiny_models, shard_dir, tmp_path):
+    """A ControlNet run into a finished DreamBooth run's folder wrote its files beside the pipeline and replaced its
+    card and metrics: a folder that loads as one model and is described as another. One line, nothing written."""
+    out = tmp_path / "dreambooth_cat"
+    run_script("train/textual_inversion.py", "--pretrained_model_name_or_path", tiny_models.sd, "--shard_dir", shard_dir,
+               "--output_dir", out, "--resolution", "32", "--max_train_steps", "1", "--validation_steps", "0",
+               "--checkpointing_steps", "0", "--report_to", "none", "--categories", "cat")
+    assert json.loads((out / "metrics.json").read_text())["trainer"] == "textual_inversion"
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    proc = run_script("train/controlnet.py", "--pretrained_model_name_or_path", tiny_models.sd, "--shard_dir", shard_dir,
+                      "--output_dir", out, "--resolution", "32", "--max_train_steps", "1", "--validation_steps", "0",
+                      "--checkpointing_steps", "0", "--report_to", "none", "--categories", "cat", check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and f"{out} holds a finished textual_inversion run" in last, proc.stderr[-2000:]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

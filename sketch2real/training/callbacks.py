@@ -220,6 +220,7 @@ class RunSummary(Callback):
         steps_done = run.step - run.start_step
         steady = run.steady_steps_per_second()
         summary = {
+            "trainer": task.trainer,
             "steps": run.step,
             "steps_this_run": steps_done,
             "final_loss": run.last_loss,

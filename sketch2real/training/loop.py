@@ -143,6 +143,16 @@ def _tracker_config(opts) -> dict[str, Any]:
     return {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v)) for k, v in as_dict(opts).items()}
 
 
+def check_same_trainer(out: Path, trainer: str) -> None:
+    """An output folder holding another trainer's finished run (its metrics.json) is refused in one line: a ControlNet
+    saved beside a DreamBooth pipeline made a folder that loads as one and is described as the other."""
+    summary = out / "metrics.json"
+    previous = json.loads(summary.read_text()).get("trainer") if summary.is_file() else None
+    if previous and previous != trainer:
+        raise UserError(f"--output_dir {out} holds a finished {previous} run (its metrics.json): this {trainer} run's files "
+                        "would mix with its files; give another --output_dir")
+
+
 def train(task: Task, opts, accelerator, project_name: str, callbacks: list[Callback] | None = None) -> int:
     """Run the loop to `opts.max_train_steps` with `callbacks` (default: `default_callbacks()`); returns the process
     exit status (0, 1 or 75).
@@ -154,6 +164,7 @@ def train(task: Task, opts, accelerator, project_name: str, callbacks: list[Call
     from tqdm.auto import tqdm
 
     out = Path(opts.output_dir)
+    check_same_trainer(out, task.trainer)
     learning_rate = effective_learning_rate(opts, accelerator.num_processes)
     groups = task.param_groups()  # a group's own "lr"/"weight_decay" where it has them, else the options'
     params = [p for group in groups for p in group["params"]]
