@@ -5,13 +5,21 @@
 # (an ignored signal survives exec and fork) so that only the Python trainers, which handle it, react to it.
 # A preempted trainer exits 75 after writing OUTPUT_DIR/PREEMPTED: reported to srun as success, so that
 # `srun --kill-on-bad-exit=1` does not kill the other nodes' tasks while they finish writing their checkpoint;
-# slurm/common.sh requeues the job from the PREEMPTED file.
+# slurm/common.sh requeues the job from the PREEMPTED file. accelerate's launchers turn a rank's 75 into 1 (torchrun's
+# ChildFailedError, or the one-process launcher's CalledProcessError), so PREEMPTED in the --output_dir decides.
 trap '' USR1
 status=0
 "${PYTHON:-python3}" -m accelerate.commands.launch --config_file "$ACCELERATE_CONFIG" --num_machines "${SLURM_NNODES:-1}" \
   --num_processes "${S2R_NUM_PROCESSES:-1}" --machine_rank "${SLURM_NODEID:-0}" \
   --main_process_ip "${MASTER_ADDR:-localhost}" --main_process_port "${MASTER_PORT:-29500}" "$@" || status=$?
-if [ "$status" -eq 75 ]; then
+output_dir=""
+previous=""
+for arg in "$@"; do  # the trainer's --output_dir (the last one given wins, as argparse reads it)
+  case $arg in --output_dir=*) output_dir=${arg#--output_dir=} ;; esac
+  if [ "$previous" = "--output_dir" ]; then output_dir=$arg; fi
+  previous=$arg
+done
+if [ "$status" -eq 75 ] || { [ "$status" -ne 0 ] && [ -n "$output_dir" ] && [ -f "$output_dir/PREEMPTED" ]; }; then
   exit 0
 fi
 exit "$status"

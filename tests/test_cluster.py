@@ -143,16 +143,21 @@ def test_trained_weights_are_copied_on_rank_zero_only():
     assert set(copy) == {"weight", "bias"} and torch.equal(copy["weight"], module.weight.detach())
 
 
-@pytest.mark.parametrize("trainer_status, srun_sees", [(75, 0), (3, 3), (0, 0)])
-def test_a_preempted_node_does_not_make_srun_kill_the_others(trainer_status, srun_sees, tmp_path):
-    """slurm/launch_node.sh reports a trainer's exit 75 (PREEMPTED written, checkpoint saved) as success to srun,
-    whose --kill-on-bad-exit would otherwise kill the other nodes' tasks; other failures pass through."""
+@pytest.mark.parametrize("launcher_status, preempted, srun_sees", [(1, True, 0), (75, True, 0), (1, False, 1),
+                                                                     (3, False, 3), (0, False, 0)])
+def test_a_preempted_node_does_not_make_srun_kill_the_others(launcher_status, preempted, srun_sees, tmp_path):
+    """slurm/launch_node.sh reports a preempted trainer (PREEMPTED written in its --output_dir, checkpoint saved) as
+    success to srun, whose --kill-on-bad-exit would otherwise kill the other nodes' tasks; other failures pass
+    through. accelerate's launchers exit 1 when a rank exits 75 (torchrun's ChildFailedError): 75 never reached it."""
     fake = tmp_path / "bin"
     fake.mkdir()
-    launcher = fake / "python3"  # the interpreter that runs accelerate's launcher, exiting as the trainer did
-    launcher.write_text(f"#!/bin/sh\nexit {trainer_status}\n")
+    out = tmp_path / "run"
+    launcher = fake / "python3"  # the interpreter that runs accelerate's launcher, exiting as it does
+    launcher.write_text(f"#!/bin/sh\n{'touch ' + str(out / 'PREEMPTED') if preempted else 'true'}\nexit {launcher_status}\n")
     launcher.chmod(0o755)
-    proc = subprocess.run(["bash", str(REPO / "slurm/launch_node.sh"), "train/dreambooth.py"], cwd=REPO,
+    out.mkdir()
+    proc = subprocess.run(["bash", str(REPO / "slurm/launch_node.sh"), "train/dreambooth.py", "--output_dir", "elsewhere",
+                           f"--output_dir={out}"], cwd=REPO,
                           env={**os.environ, "PYTHON": str(launcher), "ACCELERATE_CONFIG": "x.yaml"})
     assert proc.returncode == srun_sees
 
