@@ -247,3 +247,33 @@ def test_validation_takes_the_validation_prompt_and_images_per_sketch_as_diffuse
     proc = run_script("train/controlnet.py", *common, "--validation_image", tmp_path / "stroke.png", tmp_path / "stroke.png",
                       "--validation_prompt", "a", "b", "c", "--output_dir", tmp_path / "bad", check=False)
     assert proc.returncode == 2 and "(got 2 images and 3 prompts)" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_category_in_the_validation_prompt_is_each_held_out_sketchs_category(tmp_path):
+    """--validation_prompt 'a photo of a {category}' was drawn braces and all: each row's sketch's category now fills
+    it in (the prompts taken in turn, as diffusers' script); a misspelt field, or {category} with --validation_image
+    (the user's sketches have no category), is refused in one line."""
+    from sketch2real.cli import UserError, parse_options
+    from sketch2real.training.controlnet import ControlNetOptions, ControlNetTask
+    from sketch2real.training.task import HeldOut
+
+    (tmp_path / "s.png").touch()
+
+    def prompts(*args: str) -> list[str]:
+        opts = parse_options(ControlNetOptions, ["--pretrained_model_name_or_path", "m", "--output_dir", str(tmp_path),
+                                                 "--shard_dir", "s", *args])
+        opts.check()
+        bare = ControlNetTask.__new__(ControlNetTask)  # the rows' prompts need only the options and held-out pairs
+        bare.opts = opts
+        bare.heldout = HeldOut(torch.zeros(3, 3, 8, 8), ["p0", "p1", "p2"], ["cat", "car_(sedan)", "apple"])
+        return bare.validation_row_prompts(3)
+
+    assert prompts("--validation_prompt", "a photo of a {category}", "a dog") == [
+        "a photo of a cat", "a dog", "a photo of a apple"]
+    assert prompts("--validation_prompt", "a {category}") == ["a cat", "a car (sedan)", "a apple"]
+    assert prompts() == ["p0", "p1", "p2"]  # the sketches' own prompts
+    assert prompts("--validation_prompt", "a dog", "--validation_image", str(tmp_path / "s.png")) == ["a dog"] * 3
+    with pytest.raises(UserError, match=r"--validation_prompt 'a \{categroy\}': only \{category\} can be filled in"):
+        prompts("--validation_prompt", "a {categroy}")
+    with pytest.raises(UserError, match="--validation_image images have none"):
+        prompts("--validation_prompt", "a {category}", "--validation_image", str(tmp_path / "s.png"))

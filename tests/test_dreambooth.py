@@ -905,6 +905,7 @@ def test_class_images_are_listed_once_and_split_across_two_processes(db_args, tm
                      marks=pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb installed")),
         (["--optimizer", "prodigy", "--learning_rate", "1e-4"], "estimates its step size"),
         (["--use_dora"], "give --lora_rank"),
+        (["--lora_alpha", "8"], "--lora_alpha scales LoRA adapters: give --lora_rank"),
         (["--instance_prompt", "a {kind} sketch"], "only {category} can be filled in"),
         (["--instance_data_dir", "/tmp", "--instance_prompt", "a {category}"], "need the shards' categories"),
     ],
@@ -1207,6 +1208,25 @@ def test_category_in_validation_prompts_is_filled_in_and_a_class_prompt_naming_i
                       "--class_data_dir", tmp_path / "class", "--output_dir", tmp_path / "out", check=False)
     assert proc.returncode == 2 and "--class_prompt 'a sketch of a {category}'" in proc.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "class").exists()
+
+
+def test_class_image_flags_without_prior_preservation_are_warned_about_in_one_line(db_args, tmp_path, caplog):
+    """--class_prompt, --class_data_dir, --num_class_images, --prior_loss_weight... were ignored silently without
+    --with_prior_preservation: one warning line names those given (diffusers' scripts warn too), not an error."""
+    from sketch2real.cli import parse_options
+    from sketch2real.training.dreambooth import DreamBoothOptions
+
+    proc = run_script("train/dreambooth.py", *db_args, "--class_data_dir", tmp_path / "class", "--prior_loss_weight", "0.5",
+                      "--weighting_scheme", "logit_normal", "--output_dir", tmp_path / "x", check=False)  # refused later
+    assert proc.returncode == 2 and "is for flow-matching families" in proc.stderr.strip().splitlines()[-1]
+    assert "--class_data_dir, --prior_loss_weight: not used without --with_prior_preservation" in proc.stderr
+    base = ["--pretrained_model_name_or_path", "m", "--output_dir", str(tmp_path), "--shard_dir", "s"]
+    parse_options(DreamBoothOptions, [*base, "--with_prior_preservation", "--class_prompt", "a sketch", "--class_data_dir",
+                                      "c", "--num_class_images", "5"]).check()
+    parse_options(DreamBoothOptions, base).check()
+    assert "with_prior_preservation" not in caplog.text  # used, or not given: no warning
+    parse_options(DreamBoothOptions, [*base, "--num_class_images", "5"]).check()
+    assert "--num_class_images: not used without --with_prior_preservation" in caplog.text
 
 
 def _files(folder: Path) -> dict[str, bytes]:

@@ -176,3 +176,22 @@ def test_the_table_prints_a_loss_read_back_as_null():
 
     table = format_table({"categories": ["cat", "dog"], "rows": [{"name": "1: cat", "loss": {"cat": None, "dog": 0.25}}]})
     assert "| 1: cat | — | 0.2500 |" in table
+
+
+@pytest.mark.parametrize("stages, prompt, message", [
+    ("cat,apple", "a cat in the style of sks", "put {category} in --instance_prompt"),
+    ("cat,apple,cat", "a {category} in the style of sks", "cat is given twice"),
+])
+def test_stages_that_would_train_or_measure_the_same_thing_twice_are_refused(stages, prompt, message, tmp_path):
+    """Stages of several categories with a prompt without {category} trained every stage on the first one's prompt; a
+    category given twice had its forgetting measured against its own later stage: both refused in one line."""
+    from sketch2real.cli import UserError, parse_options
+    from sketch2real.training.sequential import SequentialOptions
+
+    def check(*args: str) -> None:
+        parse_options(SequentialOptions, ["--pretrained_model_name_or_path", "base", "--shard_dir", "s", "--output_dir",
+                                          str(tmp_path), *args]).check()
+
+    with pytest.raises(UserError, match=message.replace("{", r"\{").replace("}", r"\}")):
+        check("--stages", stages, "--instance_prompt", prompt)
+    check("--stages", "cat", "--instance_prompt", "a cat in the style of sks")  # one stage: no {category} needed

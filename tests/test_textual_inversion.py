@@ -171,3 +171,32 @@ def test_sdxl_token_in_both_encoders_loads_as_diffusers_documents(launcher, tiny
     pipe.set_progress_bar_config(disable=True)
     image = pipe("a cat in the style of <sketch>", height=64, width=64, num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 64, 64, 3)
+
+
+def test_category_in_the_validation_prompt_is_filled_in_per_category_and_the_card_prompt_too(tmp_path):
+    """--validation_prompt 'a {category} in the style of <sketch>' was drawn (and suggested by the model card) braces
+    and all: now a row per category of the run (the first four), as DreamBooth's; a misspelt field, or {category}
+    with --train_data_dir (images without categories), is refused in one line."""
+    from sketch2real.cli import UserError, parse_options
+    from sketch2real.training.textual_inversion import TextualInversionOptions, TextualInversionTask
+
+    def task(*args: str) -> TextualInversionTask:
+        opts = parse_options(TextualInversionOptions, ["--pretrained_model_name_or_path", "m", "--output_dir",
+                                                       str(tmp_path), "--shard_dir", "s", *args])
+        opts.check()
+        bare = TextualInversionTask.__new__(TextualInversionTask)  # the prompts need only the options and categories
+        bare.opts, bare.categories = opts, ["dog", "cat", "apple", "car_(sedan)", "airplane", "cat"]
+        return bare
+
+    filled = task("--validation_prompt", "a {category} in the style of <sketch>", "a <sketch>")
+    assert filled.validation_rows() == [
+        ("a airplane in the style of <sketch>", "airplane"), ("a apple in the style of <sketch>", "apple"),
+        ("a car (sedan) in the style of <sketch>", "car_(sedan)"), ("a cat in the style of <sketch>", "cat"),
+        ("a <sketch>", None)]
+    assert filled.card_prompt() == "a airplane in the style of <sketch>"
+    assert task().validation_rows() == [("a airplane in the style of <sketch>", "airplane"),
+                                        ("a apple in the style of <sketch>", "apple")]  # the templates' rows, as before
+    with pytest.raises(UserError, match=r"--validation_prompt 'a \{categroy\}': only \{category\} can be filled in"):
+        task("--validation_prompt", "a {categroy}")
+    with pytest.raises(UserError, match="--train_data_dir images have none"):
+        task("--train_data_dir", str(tmp_path), "--validation_prompt", "a {category}")

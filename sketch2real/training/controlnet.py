@@ -22,7 +22,13 @@ from sketch2real.training.accelerator import cast_denoiser_inputs
 from sketch2real.training.data import LazyImages
 from sketch2real.training.diffusion import derive_seed, drops_prompt
 from sketch2real.training.options import TrainOptions
-from sketch2real.training.prompts import SamplePrompts, check_captions_file, check_prompt_template
+from sketch2real.training.prompts import (
+    SamplePrompts,
+    check_captions_file,
+    check_prompt_template,
+    check_validation_prompts,
+    fill_category,
+)
 from sketch2real.training.task import DiffusionTask, HeldOut
 from sketch2real.training.validation import heldout_denoising_losses
 
@@ -58,6 +64,7 @@ class ControlNetOptions(TrainOptions):
             raise UserError("--shard_dir is required: ControlNet trains on the sketch/photo pairs of the shards")
         check_captions_file(self.captions, self.caption_prompt_id)
         check_prompt_template(self.prompt_template, "--prompt_template")
+        check_validation_prompts(self.validation_prompt, "--validation_image" if self.validation_image else "")
         missing = [file for file in self.validation_image if not Path(file).is_file()]
         if missing:
             raise UserError(f"--validation_image {missing[0]}: no such file")
@@ -225,8 +232,7 @@ class ControlNetTask(DiffusionTask):
         scheduler = self.family.validation_scheduler(self.c.noise_scheduler)
         pipe = assemble_pipeline(self.c, self.c.denoiser, self.c.text_encoder, scheduler, self.accelerator.unwrap_model(model))
         pipe.set_progress_bar_config(disable=True)
-        prompts = [o.validation_prompt[i % len(o.validation_prompt)] if o.validation_prompt else h.prompts[i]
-                   for i in range(count)]
+        prompts = self.validation_row_prompts(count)
         rows, generated, n = [], [], o.num_validation_images
         for i, sketch in enumerate(sketches):
             # image 0 of each sketch keeps the seed it had when there was one image per sketch
@@ -242,6 +248,15 @@ class ControlNetTask(DiffusionTask):
                 between()
         categories = [None] * count if o.validation_image else h.categories[:count]
         return rows, generated, [c for c in categories for _ in range(n)]
+
+    def validation_row_prompts(self, count: int) -> list[str]:
+        """The prompt of each of the first `count` validation rows: --validation_prompt's in turn, `{category}` filled
+        in with the row's held-out sketch's category (a --validation_image has none: refused), else the sketch's own."""
+        o, h = self.opts, self.heldout
+        if not o.validation_prompt:
+            return h.prompts[:count]
+        prompts = [o.validation_prompt[i % len(o.validation_prompt)] for i in range(count)]
+        return prompts if o.validation_image else [fill_category(p, c) for p, c in zip(prompts, h.categories)]
 
     def save_final(self, accelerator, model, out: Path) -> None:
         """A diffusers ControlNet folder in `out` (config.json + diffusion_pytorch_model.safetensors)."""

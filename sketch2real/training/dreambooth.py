@@ -12,23 +12,31 @@ from pathlib import Path
 
 import torch
 
-from sketch2real.cli import UserError, option
+from sketch2real.cli import UserError, default_of, option
 from sketch2real.family import FAMILIES, Conditioning, Family, TextEncoders, family_of, pipeline_class, placeholder_tokens
 from sketch2real.io import atomic_path, differences, umask_modes, write_json
 from sketch2real.models import SDComponents, dtype_for, load_base_pipeline, save_pretrained_atomic
-from sketch2real.sketchy import category_words
 from sketch2real.training.accelerator import zero3_init_disabled
 from sketch2real.training.data import load_folder_images, load_shard_images
 from sketch2real.training.diffusion import derive_seed, drops_prompt
 from sketch2real.training.options import TrainOptions
 from sketch2real.training.preemption import preemption
-from sketch2real.training.prompts import SamplePrompts, check_captions_file, check_prompt_template
+from sketch2real.training.prompts import (
+    SamplePrompts,
+    check_captions_file,
+    check_prompt_template,
+    check_validation_prompts,
+    validation_rows,
+)
 from sketch2real.training.task import DiffusionTask, HeldOut
 from sketch2real.training.text_store import TextStore
 from sketch2real.training.textual_inversion import add_placeholder_tokens, write_learned_embeds
 
 logger = logging.getLogger("sketch2real")
 PIVOTAL_TOKEN = "<s0>"  # the new tokens of pivotal tuning, as diffusers' advanced scripts name them: <s0>, <s0>_1, ...
+# what only prior preservation reads: given without --with_prior_preservation, a one-line warning
+CLASS_OPTIONS = ("class_prompt", "class_data_dir", "num_class_images", "prior_loss_weight", "sample_batch_size",
+                 "class_inference_steps")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -126,8 +134,7 @@ class DreamBoothOptions(TrainOptions):
         if not self.instance_data_dir and not self.shard_dir:
             raise UserError("give --shard_dir (with --instance_category) or --instance_data_dir")
         check_prompt_template(self.instance_prompt, "--instance_prompt")
-        for prompt in self.validation_prompt:
-            check_prompt_template(prompt, "--validation_prompt")
+        check_validation_prompts(self.validation_prompt)
         check_captions_file(self.captions, self.caption_prompt_id)
         if self.instance_data_dir and ("{category}" in " ".join([self.instance_prompt, *self.validation_prompt])
                                        or self.captions):
@@ -148,6 +155,8 @@ class DreamBoothOptions(TrainOptions):
             raise UserError("--lora_layers are the modules LoRA adapts: give --lora_rank")
         if self.use_dora and not self.lora_rank:
             raise UserError("--use_dora is a kind of LoRA adapter: give --lora_rank")
+        if self.lora_alpha and not self.lora_rank:
+            raise UserError("--lora_alpha scales LoRA adapters: give --lora_rank")
         if self.use_dora and self.lora_format == "comfyui":
             raise UserError("--lora_format comfyui writes plain LoRA keys: a DoRA's magnitudes have no place there")
         if self.lora_type == "lokr" and (self.use_dora or self.initial_lora or self.lora_format != "diffusers"):
@@ -169,6 +178,10 @@ class DreamBoothOptions(TrainOptions):
             raise UserError(f"--initial_lora {self.initial_lora}: no pytorch_lora_weights.safetensors there")
         if self.with_prior_preservation and not (self.class_prompt and self.class_data_dir):
             raise UserError("--with_prior_preservation needs --class_prompt and --class_data_dir")
+        unused = [f"--{f.name}" for f in dataclasses.fields(self)
+                  if f.name in CLASS_OPTIONS and getattr(self, f.name) != default_of(f)]
+        if unused and not self.with_prior_preservation:  # diffusers' scripts warn here too
+            logger.warning("%s: not used without --with_prior_preservation", ", ".join(unused))
 
 
 class DreamBoothModel(torch.nn.Module):
@@ -501,14 +514,8 @@ class DreamBoothTask(DiffusionTask):
         """(prompt, category) of each validation row: --validation_prompt's, else the instance prompt's; one naming
         {category} gives a row per category of the run (the instance category, or the set's first four)."""
         o = self.opts
-        categories = [o.instance_category] if o.instance_category else sorted(set(self.categories))[:4]
-        rows = []
-        for prompt in o.validation_prompt or [o.instance_prompt]:
-            if "{category}" in prompt:
-                rows += [(prompt.format(category=category_words(c)), c) for c in categories]
-            else:
-                rows.append((prompt, o.instance_category or None))
-        return rows
+        categories = [o.instance_category] if o.instance_category else self.categories
+        return validation_rows(o.validation_prompt or [o.instance_prompt], categories, o.instance_category or None)
 
     def validation_prompts(self) -> list[str]:
         return [prompt for prompt, _ in self.validation_rows()]

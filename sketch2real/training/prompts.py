@@ -12,6 +12,7 @@ from sketch2real.io import read_jsonl
 from sketch2real.sketchy import category_words
 
 logger = logging.getLogger("sketch2real")
+ROW_CATEGORIES = 4  # validation mosaic rows of a prompt naming {category}: one per category, this many at most
 
 
 def check_prompt_template(template: str, flag: str) -> None:
@@ -20,6 +21,31 @@ def check_prompt_template(template: str, flag: str) -> None:
         template.format(category="x")
     except (KeyError, IndexError, ValueError) as err:
         raise UserError(f"{flag} {template!r}: only {{category}} can be filled in ({err!r})") from err
+
+
+def check_validation_prompts(prompts: list[str], without: str = "") -> None:
+    """One line for a --validation_prompt that formats with something other than `{category}`, or that names
+    `{category}` where `without` (the flag of images that have no category: `--train_data_dir`...) is given."""
+    for prompt in prompts:
+        check_prompt_template(prompt, "--validation_prompt")
+        if without and "{category}" in prompt:
+            raise UserError(f"--validation_prompt {prompt!r}: {{category}} is filled in from the shards' categories; "
+                            f"{without} images have none: name what to draw")
+
+
+def fill_category(prompt: str, category: str) -> str:
+    """`prompt` with `{category}` as the category's words (`car_(sedan)` -> "car (sedan)"); one without, as it is."""
+    return prompt.format(category=category_words(category)) if "{category}" in prompt else prompt
+
+
+def validation_rows(prompts: list[str], categories: list[str], fixed: str | None = None) -> list[tuple[str, str | None]]:
+    """(prompt, category) of each validation mosaic row: a prompt naming `{category}` gives a row per category of the
+    run (the first `ROW_CATEGORIES` by name), filled in; another prompt one row, of category `fixed` (None: not known)."""
+    chosen = sorted(set(categories))[:ROW_CATEGORIES]
+    rows: list[tuple[str, str | None]] = []
+    for prompt in prompts:
+        rows += [(fill_category(prompt, c), c) for c in chosen] if "{category}" in prompt else [(prompt, fixed)]
+    return rows
 
 
 def check_captions_file(path: str, prompt_id: str = "") -> None:

@@ -39,8 +39,15 @@ class SequentialOptions(DreamBoothOptions):
         return [s for item in self.stages for s in item.split(",") if s]
 
     def check(self) -> None:
-        if not self.stage_list():
+        stages = self.stage_list()
+        if not stages:
             raise UserError("--stages needs at least one category")
+        twice = next((c for i, c in enumerate(stages) if c in stages[:i]), None)
+        if twice:  # its forgetting would be measured against its own later stage
+            raise UserError(f"--stages {','.join(stages)}: {twice} is given twice; give each category once")
+        if len(stages) > 1 and "{category}" not in self.instance_prompt:  # every stage would learn the same prompt
+            raise UserError(f"--instance_prompt {self.instance_prompt!r} is the same for every stage: put {{category}} "
+                            "in --instance_prompt (e.g. 'a {category} in the style of sks')")
         steps = next(f for f in dataclasses.fields(self) if f.name == "max_train_steps")
         if self.max_train_steps != default_of(steps):  # given: --steps_per_stage replaces it
             raise UserError("--max_train_steps is not used here: each stage trains --steps_per_stage steps")

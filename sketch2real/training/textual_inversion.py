@@ -23,6 +23,7 @@ from sketch2real.sketchy import category_words
 from sketch2real.training.data import load_folder_images, load_shard_images
 from sketch2real.training.diffusion import derive_seed
 from sketch2real.training.options import TrainOptions
+from sketch2real.training.prompts import check_validation_prompts, validation_rows
 from sketch2real.training.task import DiffusionTask, HeldOut
 
 logger = logging.getLogger("sketch2real")
@@ -72,6 +73,7 @@ class TextualInversionOptions(TrainOptions):
         super().check()
         if not self.train_data_dir and not self.shard_dir:
             raise UserError("give --shard_dir or --train_data_dir")
+        check_validation_prompts(self.validation_prompt, "--train_data_dir" if self.train_data_dir else "")
 
 
 class PlaceholderEmbedding(torch.nn.Module):
@@ -229,15 +231,18 @@ class TextualInversionTask(DiffusionTask):
     def _validation_categories(self) -> list[str]:
         return sorted(set(self.categories))[:2] or [""]
 
-    def validation_prompts(self) -> list[str]:
+    def validation_rows(self) -> list[tuple[str, str | None]]:
+        """(prompt, category) of each validation row: --validation_prompt's (one naming {category}: a row per category
+        of the run, the first four, as DreamBooth's), else the first template's, for two categories."""
         if self.opts.validation_prompt:
-            return list(self.opts.validation_prompt)
-        return [self.prompt_for(c, 0) for c in self._validation_categories()]
+            return validation_rows(self.opts.validation_prompt, self.categories)
+        return [(self.prompt_for(c, 0), c or None) for c in self._validation_categories()]
+
+    def validation_prompts(self) -> list[str]:
+        return [prompt for prompt, _ in self.validation_rows()]
 
     def validation_categories(self) -> list[str | None]:
-        if self.opts.validation_prompt:
-            return super().validation_categories()
-        return [c or None for c in self._validation_categories()]
+        return [category for _, category in self.validation_rows()]
 
     def _write_embeds(self, state: dict[str, torch.Tensor], out: Path, name: str) -> None:
         write_learned_embeds(self.family, self.opts.placeholder_token, list(state.values()), out / name)
