@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import string
+import warnings
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -258,15 +259,19 @@ def _clipped(text: str, limit: int = 200) -> str:
 
 @contextmanager
 def _without_adapter_error_log() -> Iterator[None]:
-    """Leave out diffusers' multi-line log of an adapter that failed to load: the error is raised anyway, and
-    `lora_problem` words it in one line."""
+    """Leave out diffusers' multi-line log of an adapter that failed to load, and peft's warnings about it (a
+    RuntimeWarning listing every module, 1.8k characters): the error is raised anyway, and `lora_problem` words it
+    in one line. The warnings of a load that succeeds (keys it did not use) are shown."""
     def keep(record: logging.LogRecord) -> bool:
         return "was unsuccessful with the following error" not in record.getMessage()
 
     peft_logger = logging.getLogger("diffusers.loaders.peft")
     peft_logger.addFilter(keep)
     try:
-        yield
+        with warnings.catch_warnings(record=True) as held:
+            yield
+        for caught in held:  # loaded: what peft said about it stands
+            warnings.warn_explicit(caught.message, caught.category, caught.filename, caught.lineno)
     finally:
         peft_logger.removeFilter(keep)
 
