@@ -293,7 +293,7 @@ def test_every_script_is_covered():
     """Every entry script's options class is in CLASSES (so the properties below cover it)."""
     found = {str(p.relative_to(REPO)) for d in ("infer", "eval", "data_prep") for p in (REPO / d).glob("*.py")
              if "parse_options(" in p.read_text()}
-    assert found == set(SCRIPTS)
+    assert found == {*SCRIPTS, "data_prep/prepare.py"}  # prepare.py parses with its two steps' classes, covered here
     trainers = {p.name for p in (REPO / "train").glob("*.py") if "parse_options(" in p.read_text()}
     assert trainers == {"dreambooth.py", "dreambooth_sequential.py", "textual_inversion.py", "controlnet.py"}
 
