@@ -572,6 +572,10 @@ class ShardStream(torch.utils.data.IterableDataset):
                         break
             except (tarfile.TarError, OSError, EOFError) as err:
                 logger.warning("%s: unreadable tar (%s); its remaining samples are skipped", shard, err)
+            else:
+                if positions:  # cut exactly between two members: a shorter tar that reads cleanly
+                    logger.warning("%s: ends before %d of its indexed samples (cut short?); they are skipped", shard,
+                                   len(positions))
             for position, pads in positions.items():  # members never reached (truncated tar)
                 where = f"{shard}:{ref_at[shard, position].key}"
                 corrupt_samples.record(CorruptSample(where, "missing from a truncated shard"))
