@@ -31,7 +31,6 @@ import argparse
 import hashlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -77,11 +76,6 @@ def folder_bytes(folder: Path, pattern: str = "*") -> int:
     return sum(p.lstat().st_size for p in folder.rglob(pattern) if p.is_file() and not p.is_symlink())
 
 
-def _vm(field: str) -> int:
-    """VmRSS / VmHWM of this process, bytes."""
-    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text())[1]) * 1024
-
-
 def _reset_peak_rss() -> None:
     """Start VmHWM afresh (Linux: clear_refs 5), so the next peak is the next step's own."""
     Path("/proc/self/clear_refs").write_text("5")
@@ -98,6 +92,7 @@ def latent_child(shards: str, vae_dir: str, store_root: str, resolution: int, fi
     from diffusers import AutoencoderKL
 
     from sketch2real.shards import ShardSamples
+    from sketch2real.training.callbacks import process_memory_bytes
     from sketch2real.training.data import LazyImages
     from sketch2real.training.latent_store import LatentStore
 
@@ -108,12 +103,12 @@ def latent_child(shards: str, vae_dir: str, store_root: str, resolution: int, fi
     accelerator = Accelerator(cpu=True)
     store = LatentStore(store_root, vae, images, accelerator.device)
     shutil.rmtree(store.folder, ignore_errors=True)  # encode everything here, reuse nothing
-    rss_before = _vm("VmRSS")
+    rss_before = process_memory_bytes("VmRSS")
     _reset_peak_rss()
     start = time.perf_counter()
     store.build(accelerator, list(range(len(images))), num_workers, False, progress=False)
     seconds = time.perf_counter() - start
-    peak = _vm("VmHWM")
+    peak = process_memory_bytes("VmHWM")
     eps = torch.randn(4, *store._block(0).shape[2:])
     latents = store.latents([0, 1, len(images) // 2, len(images) - 1], eps)  # read back, memory-mapped
     on_disk = folder_bytes(store.folder, "block-*.npy")
@@ -134,6 +129,7 @@ def kid_child(n: int, dims: int, full_max: int, check_n: int, seed: int) -> dict
     import numpy as np
 
     from sketch2real.metrics import KERNEL_BLOCK, cubic_kernel_row_sums, kid_difference
+    from sketch2real.training.callbacks import process_memory_bytes
 
     def features(count: int, shift: float, rng) -> np.ndarray:
         return rng.standard_normal((count, dims)) + shift
@@ -175,7 +171,7 @@ def kid_child(n: int, dims: int, full_max: int, check_n: int, seed: int) -> dict
         out["inputs_held"] = sum(x.nbytes for x in held) + ref.nbytes
         # kid_difference: the reference's own rows, then a-a, a-ref, b-b, b-ref: five n x n kernels, n / block blocks each
         out["projected_seconds"] = 5 * n / KERNEL_BLOCK * t_block
-    out["peak_rss_mib"] = _vm("VmHWM") / MIB
+    out["peak_rss_mib"] = process_memory_bytes("VmHWM") / MIB
     return out
 
 

@@ -193,9 +193,15 @@ def peak_memory_mb(device: torch.device) -> float:
     or launcher reported that one's)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = process_memory_bytes("VmHWM")
+    return peak / 2**20 if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def process_memory_bytes(field: str) -> int | None:
+    """This process's `field` of Linux's /proc/self/status (VmRSS: now; VmHWM: its peak), in bytes; None elsewhere."""
     status = Path("/proc/self/status")
-    found = re.search(r"VmHWM:\s+(\d+) kB", status.read_text()) if status.is_file() else None
-    return int(found[1]) / 1024 if found else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    found = re.search(rf"{field}:\s+(\d+) kB", status.read_text()) if status.is_file() else None
+    return int(found[1]) * 1024 if found else None
 
 
 def optimizer_dtypes(optimizer) -> dict[str, list[str]]:
