@@ -48,6 +48,7 @@ from sketch2real.metrics import (
 )
 from sketch2real.shards import load_index
 from sketch2real.sketchy import category_words, photo_key
+from sketch2real.training.accelerator import main_process_view
 
 logger = logging.getLogger("sketch2real")
 
@@ -106,14 +107,12 @@ def check_readable(images: ImageSet, valid: np.ndarray) -> None:
 def features_of(images: ImageSet, extractor, state, cache_dir: Path | None) -> tuple[np.ndarray, np.ndarray, bool]:
     """All ranks extract their part; rank 0 gets (features, valid mask, cache hit). Cached sets skip extraction.
     A set with no readable image is a `UserError` (on every rank: each holds the gathered mask), never cached."""
-    from accelerate.utils import broadcast_object_list, gather_object
+    from accelerate.utils import gather_object
 
     cache_file = cache_dir / f"{fingerprint(images, extractor.settings)}.npz" if cache_dir else None
     data = np.load(cache_file) if cache_file is not None and cache_file.is_file() else None
-    hit = [data is not None and bool(data["valid"].all())]  # a read around unreadable images is a miss: see below
-    if state.num_processes > 1:  # rank 0's view decides: ranks with another view would take other collectives
-        broadcast_object_list(hit)
-    if hit[0]:
+    # a read around unreadable images is a miss: see below
+    if main_process_view(state, lambda: data is not None and bool(data["valid"].all())):
         if not state.is_main_process:
             return np.empty((0, 0)), np.empty(0, dtype=bool), True
         check_readable(images, data["valid"])  # a cache written before unreadable sets were refused
@@ -561,18 +560,13 @@ def sketchiness_probe(shard_dir: str, split: str, samples: int, seed: int, extra
     (keyed by the probe images and the extractor's settings, as reference statistics are), saved reusable as
     `output_dir/sketchiness_probe.npz` (`LinearProbe.load`). Collective: every rank extracts its part, rank 0 fits.
     (probe on rank 0 and None elsewhere, its description for metrics.json)."""
-    from accelerate.utils import broadcast_object_list
-
     sketches, photos = probe_images(shard_dir, split, samples, seed)
     settings = {**extractor.settings, "probe": "logistic, l2 1e-2, standardised", "heldout": PROBE_HELDOUT, "seed": seed}
     key = hashlib.sha256(json.dumps([fingerprint(sketches, settings), fingerprint(photos, settings)]).encode()).hexdigest()[:24]
     about = {"features": extractor.name, "model": extractor.settings.get("model", ""), "shards": str(shard_dir),
              "split": split}
     cache_file = cache_dir / f"probe-{key}.npz" if cache_dir else None
-    found = [cache_file is not None and cache_file.is_file()]
-    if state.num_processes > 1:  # rank 0's view decides, as in `features_of`: every rank takes the same collectives
-        broadcast_object_list(found)
-    hit = found[0]
+    hit = main_process_view(state, lambda: cache_file is not None and cache_file.is_file())
     if hit:
         if not state.is_main_process:
             return None, {}

@@ -6,16 +6,18 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from sketch2real.cli import UserError, check_output_dir
 
 logger = logging.getLogger("sketch2real")
+T = TypeVar("T")
 
 
 def _env_true(name: str) -> bool:
@@ -85,6 +87,26 @@ def deepspeed_settings(opts, train_batch_size: int | None = None) -> dict:
     return {"train_micro_batch_size_per_gpu": train_batch_size or opts.train_batch_size,
             "gradient_accumulation_steps": opts.gradient_accumulation_steps,
             "gradient_clipping": float(opts.max_grad_norm)}
+
+
+def main_process_view(state, look: Callable[[], T]) -> T:
+    """`look()` run on the main process only, its result on every process (a collective; `state`: an Accelerator or
+    a PartialState). One view of the filesystem or the hub for all: ranks looking at their own time could see other
+    files and then take other collectives. A `UserError` it raises is raised on every process, so all stop with the
+    same line."""
+    from accelerate.utils import broadcast_object_list
+
+    result = [None, None]  # [value, error message]
+    if state.is_main_process:
+        try:
+            result[0] = look()
+        except UserError as err:
+            result[1] = str(err)
+    if state.num_processes > 1:
+        broadcast_object_list(result)
+    if result[1] is not None:
+        raise UserError(result[1])
+    return result[0]
 
 
 def check_shared_folder(state, folder: str | os.PathLike, flag: str = "--output_dir") -> None:

@@ -25,7 +25,7 @@ import torch
 
 from sketch2real.cli import UserError, is_full_disk
 from sketch2real.io import differences, umask_modes, write_json
-from sketch2real.training.accelerator import checkpoint_kwargs, is_deepspeed
+from sketch2real.training.accelerator import checkpoint_kwargs, is_deepspeed, main_process_view
 
 logger = logging.getLogger("sketch2real")
 
@@ -293,13 +293,8 @@ def resolve_resume(accelerator, output_dir: str | os.PathLike, resume: str | Non
     'latest' is the newest intact checkpoint of this run (older ones are tried in turn, with a warning);
     a folder holding another run's checkpoints is refused in one line naming what differs.
     """
-    from accelerate.utils import broadcast_object_list
-
-    decision = [_decide_resume(Path(output_dir), resume, fingerprint, launch_of(accelerator))
-                if accelerator.is_main_process else None]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(decision)
-    path, error = decision[0]
+    path, error = main_process_view(accelerator, lambda: _decide_resume(Path(output_dir), resume, fingerprint,
+                                                                        launch_of(accelerator)))
     if error:
         raise UserError(error)
     return Path(path) if path else None

@@ -16,7 +16,7 @@ from sketch2real.cli import UserError, default_of, option
 from sketch2real.family import FAMILIES, Conditioning, Family, TextEncoders, family_of, pipeline_class, placeholder_tokens
 from sketch2real.io import atomic_path, differences, umask_modes, write_json
 from sketch2real.models import SDComponents, dtype_for, load_base_pipeline, save_pretrained_atomic
-from sketch2real.training.accelerator import zero3_init_disabled
+from sketch2real.training.accelerator import main_process_view, zero3_init_disabled
 from sketch2real.training.data import load_folder_images, load_shard_images
 from sketch2real.training.diffusion import derive_seed, drops_prompt
 from sketch2real.training.options import TrainOptions
@@ -246,15 +246,13 @@ def ensure_class_images(accelerator, opts: DreamBoothOptions) -> None:
     Rank 0 lists the folder once, after every rank has arrived, and shares the list: ranks
     that listed it at their own time could see different files and split the work differently.
     """
-    from accelerate.utils import broadcast_object_list
     from tqdm.auto import tqdm
 
     folder = Path(opts.class_data_dir)
     accelerator.wait_for_everyone()
     settings = class_image_settings(opts)
-    problem = class_images_problem(folder, settings) if accelerator.is_main_process else None
-    missing = missing_class_images(folder, opts.num_class_images) if accelerator.is_main_process else None
-    problem, missing = broadcast_object_list([problem, missing])
+    problem, missing = main_process_view(accelerator, lambda: (class_images_problem(folder, settings),
+                                                               missing_class_images(folder, opts.num_class_images)))
     if problem:
         raise UserError(f"--class_data_dir {folder} holds class images made with other settings ({problem}): give "
                         "another folder (or the same settings)")

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 from sketch2real.cli import UserError
+from sketch2real.training.accelerator import main_process_view
 
 logger = logging.getLogger("sketch2real")
 
@@ -48,7 +49,7 @@ def check_hub_repo(opts, accelerator) -> None:
     """With `--push_to_hub`, the repository created or found now, before any weight loads: a missing login or no
     network is one line on every process at once."""
     if opts.push_to_hub:
-        _on_main_process(accelerator, lambda: hub_repo_id(opts))
+        main_process_view(accelerator, lambda: hub_repo_id(opts))
 
 
 def push_output(accelerator, opts, folder: Path, message: str) -> None:
@@ -68,24 +69,7 @@ def push_output(accelerator, opts, folder: Path, message: str) -> None:
                             f"{folder}: `hf upload {repo_id} {folder} {excluded}` retries it") from None
         logger.info("pushed %s to %s", folder, url)
 
-    _on_main_process(accelerator, push)
-
-
-def _on_main_process(accelerator, work):
-    """`work()` on the main process; its result, or its `UserError` raised, on every process."""
-    from accelerate.utils import broadcast_object_list
-
-    result = [None, None]  # [value, error message]
-    if accelerator.is_main_process:
-        try:
-            result[0] = work()
-        except UserError as err:
-            result[1] = str(err)
-    if accelerator.num_processes > 1:
-        broadcast_object_list(result)
-    if result[1]:
-        raise UserError(result[1])
-    return result[0]
+    main_process_view(accelerator, push)
 
 
 def _reason(err: Exception) -> str:

@@ -25,6 +25,7 @@ import torch
 
 from sketch2real.cli import UserError
 from sketch2real.io import atomic_path, write_json
+from sketch2real.training.accelerator import main_process_view
 from sketch2real.training.data import LazyImages, prefetched
 from sketch2real.training.diffusion import scaled_latents
 from sketch2real.training.preemption import preemption
@@ -85,12 +86,8 @@ class _StandsFor:
 def deal_missing_blocks(accelerator, blocks: list[int], complete: Callable[[int], bool]) -> tuple[list[int], list[int]]:
     """(the blocks of `blocks` not `complete` on disk, this rank's share of them). Rank 0 looks and tells the others
     (one view of the filesystem for all); the share is round-robin. A collective: every rank calls it."""
-    from accelerate.utils import broadcast_object_list
-
-    missing = [[b for b in blocks if not complete(b)] if accelerator.is_main_process else None]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(missing)
-    return missing[0], missing[0][accelerator.process_index :: accelerator.num_processes]
+    missing = main_process_view(accelerator, lambda: [b for b in blocks if not complete(b)])
+    return missing, missing[accelerator.process_index :: accelerator.num_processes]
 
 
 class LatentStore:
@@ -138,15 +135,13 @@ class LatentStore:
 
         What was found is kept in the store (`resolved.npy`, the item -> slot map; the folder's key names the shards'
         contents), so a restart (a requeued job) reads only the items no earlier run resolved."""
-        from accelerate.utils import broadcast_object_list, gather_object
+        from accelerate.utils import gather_object
         from tqdm.auto import tqdm
 
         saved = self.folder / "resolved.npy"
-        known = [self._saved_resolution(saved) if accelerator.is_main_process else None]
-        if accelerator.num_processes > 1:
-            broadcast_object_list(known)  # rank 0's view: every rank then resolves the same items
-        if known[0] is not None:
-            self.item_slot = known[0]
+        known = main_process_view(accelerator, lambda: self._saved_resolution(saved))  # every rank resolves the same items
+        if known is not None:
+            self.item_slot = known
         items = sorted(i for i in set(needed) if self.item_slot[i] < 0)
         if not items:
             return
