@@ -188,10 +188,20 @@ class _ParseError(Exception):
     pass
 
 
+def not_taken_advice(names: list[str], not_taken: dict[str, str]) -> str:
+    """What to give instead of each of `names` that another tool's scripts take and these do not (`not_taken`: the
+    options class's `FLAGS_NOT_TAKEN`), as '; --name: advice' (empty when none is known)."""
+    return "".join(f"; for --{name}: {not_taken[name]}" for name in dict.fromkeys(names) if name in not_taken)
+
+
 class _Parser(argparse.ArgumentParser):
     raise_errors = False  # True: parsing a config file's values, whose errors must name the file
+    not_taken: dict[str, str] = {}  # noqa: RUF012 - set per parser, read only
 
     def error(self, message: str) -> typing.NoReturn:  # one line, exit 2
+        if message.startswith("unrecognized arguments: "):  # a copied command's flag: say what to give instead
+            names = [token[2:].split("=")[0] for token in message.split()[2:] if token.startswith("--")]
+            message += not_taken_advice(names, self.not_taken)
         if self.raise_errors:
             raise _ParseError(one_line(message))
         self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)}\n")
@@ -212,6 +222,7 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
         description=description or (cls.__doc__ or "").strip(),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    parser.not_taken = getattr(cls, "FLAGS_NOT_TAKEN", {})
     parser.add_argument("--config", default=None,
                         help="YAML or JSON file of option: value pairs, read exactly like the flags (lists as lists, "
                              "null for optional options); its values stand where --config is: flags after it win, "
@@ -313,7 +324,8 @@ def _config_values(parser: argparse.ArgumentParser, cls: type, path: str) -> dic
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(loaded) - set(fields))
     if unknown:
-        raise UserError(one_line(f"unknown option(s) in {path}: {', '.join(unknown)}"))
+        raise UserError(one_line(f"unknown option(s) in {path}: {', '.join(unknown)}"
+                                 f"{not_taken_advice(unknown, getattr(cls, 'FLAGS_NOT_TAKEN', {}))}"))
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
     parser.raise_errors = True  # type: ignore[attr-defined]

@@ -286,6 +286,34 @@ def test_config_mistakes_are_one_line_user_errors(tmp_path, content, words):
     assert len(message.splitlines()) == 1 and str(config) in message and all(w in message for w in words), message
 
 
+TRAINERS = ("DreamBoothOptions", "TextualInversionOptions", "SequentialOptions", "ControlNetOptions")
+
+
+@pytest.mark.parametrize("key", TRAINERS)
+def test_a_diffusers_flag_not_taken_says_what_to_give_and_the_flag_it_names_exists(key, tmp_path):
+    """Every flag of diffusers' scripts that a trainer refuses says, in argparse's one line and for a config file's
+    unknown option alike, what to give instead; each flag that advice names is one this trainer takes."""
+    cls = options_class(key)
+    table = cls.FLAGS_NOT_TAKEN
+    taken = {f.name for f in dataclasses.fields(cls)} | {a for f in dataclasses.fields(cls) for a in f.metadata.get("aliases", ())}
+    assert "num_train_epochs" in table and not set(table) & taken  # a taken flag's advice would never be read
+    for name, advice in table.items():
+        named = set(re.findall(r"--(\w+)", advice))
+        assert named <= taken, (name, named - taken)
+        for argv in ([f"--{name}", "3"], [f"--{name}=x"]):
+            outcome = _parse(cls, argv, "seed")
+            assert outcome.kind == "exit" and outcome.error.endswith(f"for --{name}: {advice}"), outcome
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(f"{name}: 3\n")
+        outcome = _parse(cls, ["--config", str(config)], "seed")
+        assert outcome.kind == "user" and f"for --{name}: {advice}" in outcome.error, outcome
+    folder = {"DreamBoothOptions": "--instance_data_dir", "SequentialOptions": "--instance_data_dir",
+              "TextualInversionOptions": "--train_data_dir"}.get(key)
+    assert (f"own images: {folder} FOLDER" in table["dataset_name"]) if folder else ("own images" not in table["dataset_name"])
+    unknown = _parse(cls, ["--no_such_flag", "1"], "seed")
+    assert unknown.error.endswith("unrecognized arguments: --no_such_flag 1"), unknown  # nothing made up
+
+
 # --- ranges and choices: declared for every numeric option, checked for flags and config alike --------------------
 
 

@@ -9,6 +9,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -19,7 +20,7 @@ from sketch2real.models import SDComponents, dtype_for, load_base_pipeline, save
 from sketch2real.training.accelerator import main_process_view, zero3_init_disabled
 from sketch2real.training.data import load_folder_images, load_shard_images
 from sketch2real.training.diffusion import derive_seed, drops_prompt
-from sketch2real.training.options import TrainOptions
+from sketch2real.training.options import TrainOptions, flags_not_taken
 from sketch2real.training.preemption import preemption
 from sketch2real.training.prompts import (
     SamplePrompts,
@@ -42,6 +43,14 @@ CLASS_OPTIONS = ("class_prompt", "class_data_dir", "num_class_images", "prior_lo
 @dataclass(kw_only=True, frozen=True)
 class DreamBoothOptions(TrainOptions):
     """DreamBooth: bind a rare token to a few instance images (here: Sketchy sketches of one category)."""
+
+    FLAGS_NOT_TAKEN: ClassVar[dict[str, str]] = flags_not_taken(
+        "--instance_data_dir", "validation_epochs",
+        lora_blocks="give --lora_layers with the blocks' module names (e.g. transformer_blocks.12.attn.to_q)",
+        pre_compute_text_embeddings="not needed: with the text encoders frozen, prompts are encoded once and the "
+                                    "encoders freed",
+        prior_generation_precision="class images are generated in --mixed_precision's dtype",
+        output_kohya_format="give --lora_format comfyui (kohya's key names; SD 1.x, SDXL)")
 
     instance_category: str = option("", help="Sketchy category whose images are the instance set (from --shard_dir)")
     instance_image_type: str = option("sketch", help="sketch or photo: which image of each pair to learn",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from sketch2real.cli import PRECISION_HELP, UserError, option
 
@@ -18,10 +18,50 @@ POLYNOMIAL_LR_END = 1e-7  # get_scheduler's default end of the polynomial schedu
 
 PRODIGY_LR = 1.0  # Prodigy finds the step size; the learning rate scales it
 
+_SHARDS = "datasets are read from webdataset shards: give --shard_dir (data_prep/make_shards.py makes Sketchy's)"
+_STEPS = ("give --max_train_steps (optimizer steps; a pass over N images is ceil(N / (train_batch_size x processes "
+          "x gradient_accumulation_steps)) steps)")
+# diffusers' example scripts' flags a copied command may carry that the trainers do not take: what to give instead
+# (said after argparse's "unrecognized arguments", and for a config file's unknown options)
+
+
+def flags_not_taken(image_folder_flag: str, *taken: str, **trainer_own: str) -> dict[str, str]:
+    """`FLAGS_NOT_TAKEN` for a trainer: its dataset flags pointing also to its folder of images (`image_folder_flag`),
+    without the flags it takes (that one and `taken`), with the advice only its flags can give (`trainer_own`)."""
+    data = f"{_SHARDS}, or your own images: {image_folder_flag} FOLDER"
+    table = {**FLAGS_NOT_TAKEN, **{k: data for k, v in FLAGS_NOT_TAKEN.items() if v == _SHARDS}, **trainer_own}
+    return {k: v for k, v in table.items() if k not in (image_folder_flag[2:], *taken)}
+
+
+FLAGS_NOT_TAKEN = {
+    **dict.fromkeys(("dataset_name", "dataset_config_name", "image_column", "caption_column", "cache_dir",
+                     "conditioning_image_column", "jsonl_for_train", "max_train_samples", "train_data_dir",
+                     "instance_data_dir"), _SHARDS),
+    "num_train_epochs": _STEPS,
+    "repeats": _STEPS + " (repeats only lengthen diffusers' epochs)",
+    **dict.fromkeys(("center_crop", "random_flip", "image_interpolation_mode"),
+                    "no crops or flips: images are resized to --resolution whole (Sketchy's are square)"),
+    "tokenizer_name": "the tokenizers are read from --pretrained_model_name_or_path",
+    "hub_token": "log in with `hf auth login` or set HF_TOKEN (a token on the command line is visible on the node)",
+    "local_rank": "launch with `accelerate launch` (or slurm/*.sh), which gives each process its rank",
+    "offset_noise": "give --noise_offset 0.1 (the offset diffusers' train_dreambooth.py adds)",
+    "validation_epochs": "give --validation_steps",
+    "save_steps": "give --checkpointing_steps (each checkpoint can be resumed and converted)",
+    "no_safe_serialization": "weights are written as safetensors only",
+    "validation_scheduler": "validation samples with the model's own scheduler",
+    "enable_npu_flash_attention": "Ascend NPUs are not supported",
+    "max_sequence_length": "prompts are tokenized to diffusers' scripts' default lengths (SD3 77, FLUX.1 and FLUX.2 "
+                           "[klein] 512 tokens), the same at training, validation and generation",
+    **dict.fromkeys(("tokenizer_max_length", "text_encoder_use_attention_mask"),
+                    "a DeepFloyd IF setting; prompts are tokenized as each model's own pipeline tokenizes them"),
+}
+
 
 @dataclass(kw_only=True, frozen=True)
 class TrainOptions:
     """Shared trainer options (model, data, optimisation, precision, checkpoints, validation)."""
+
+    FLAGS_NOT_TAKEN: ClassVar[dict[str, str]] = FLAGS_NOT_TAKEN
 
     pretrained_model_name_or_path: str = option("", help="base model: SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1 or FLUX.2 [klein] "
                                                          "(the family is read from its model_index.json): "

@@ -9,6 +9,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -31,6 +32,10 @@ logger = logging.getLogger("sketch2real")
 @dataclass(kw_only=True, frozen=True)
 class SequentialOptions(DreamBoothOptions):
     """DreamBooth on several categories in turn; --instance_prompt may use {category}."""
+
+    FLAGS_NOT_TAKEN: ClassVar[dict[str, str]] = {
+        **DreamBoothOptions.FLAGS_NOT_TAKEN,
+        **dict.fromkeys(("num_train_epochs", "repeats"), "give --steps_per_stage (optimizer steps of each stage)")}
 
     stages: list[str] = option([], help="categories in training order, e.g. cat,dog,helicopter,hamburger (commas or spaces)")
     steps_per_stage: int = option(400, help="optimizer steps of each stage", min=1)

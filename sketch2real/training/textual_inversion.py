@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from safetensors.torch import save_file
@@ -22,7 +23,7 @@ from sketch2real.models import SDComponents
 from sketch2real.sketchy import category_words
 from sketch2real.training.data import load_folder_images, load_shard_images
 from sketch2real.training.diffusion import derive_seed
-from sketch2real.training.options import TrainOptions
+from sketch2real.training.options import TrainOptions, flags_not_taken
 from sketch2real.training.prompts import check_validation_prompts, validation_rows
 from sketch2real.training.task import DiffusionTask, HeldOut
 
@@ -48,6 +49,8 @@ OBJECT_TEMPLATES = [
 @dataclass(kw_only=True, frozen=True)
 class TextualInversionOptions(TrainOptions):
     """Textual Inversion: learn a placeholder token for the sketch style (or an object)."""
+
+    FLAGS_NOT_TAKEN: ClassVar[dict[str, str]] = flags_not_taken("--train_data_dir")
 
     placeholder_token: str = option("<sketch>", help="the new token")
     num_vectors: int = option(1, help="embedding vectors behind the token", min=1)
