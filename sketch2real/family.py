@@ -210,10 +210,13 @@ class Family:
 
     def lora_file_layers(self, peft_layers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The denoiser's adapter weights (peft's names) as this family's LoRA file names them: diffusers' names
-        (`lora.down`/`lora.up`) for a UNet, as diffusers' SD scripts write them."""
+        (`lora.down`/`lora.up`) for a UNet, as diffusers' SD scripts write them; peft's where a module has none
+        (`--lora_layers` beyond the attention projections: diffusers' loader reads a file of either kind, and
+        of a mix it dropped the converted names' adapters with only a warning)."""
         from diffusers.utils import convert_state_dict_to_diffusers
 
-        return convert_state_dict_to_diffusers(peft_layers)
+        converted = convert_state_dict_to_diffusers(peft_layers)
+        return dict(peft_layers) if any(".lora_A." in k or ".lora_B." in k for k in converted) else converted
 
     def encode(self, text_encoders: list, ids: list[torch.Tensor], resolution: int,
                source_size: tuple[int, int] = SKETCHY_SIZE) -> Conditioning:

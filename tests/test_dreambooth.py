@@ -570,7 +570,7 @@ def _unet_output(unet) -> torch.Tensor:
         return unet(latents, torch.tensor([10, 500]), states).sample
 
 
-def _unet_with_saved_adapters(base, folder, **lora) -> torch.nn.Module:
+def _unet_with_saved_adapters(base, folder, target_modules=("to_k", "to_q", "to_v", "to_out.0"), **lora) -> torch.nn.Module:
     """The base UNet with the adapters of a LoRA folder loaded by peft directly, configured as trained (`lora`)."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from diffusers.utils import convert_unet_state_dict_to_peft
@@ -578,7 +578,7 @@ def _unet_with_saved_adapters(base, folder, **lora) -> torch.nn.Module:
 
     saved = StableDiffusionPipeline.lora_state_dict(folder)[0]
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
-    unet.add_adapter(LoraConfig(target_modules=["to_k", "to_q", "to_v", "to_out.0"], **lora))
+    unet.add_adapter(LoraConfig(target_modules=list(target_modules), **lora))
     result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(
         {k[len("unet."):]: v for k, v in saved.items() if k.startswith("unet.")}), adapter_name="default")
     assert not [k for k in result.missing_keys if "lora_" in k] and not result.unexpected_keys
@@ -613,20 +613,25 @@ def test_a_full_save_from_an_fp16_variant_with_another_vae_holds_that_vae_in_fp3
     saved(prompt="a cat", num_inference_steps=1, height=64, width=64, output_type="np")
 
 
-def test_lora_with_alpha_not_rank_reloads_identically_in_plain_diffusers_and_generation(db_args, tmp_path, tiny_models):
+@pytest.mark.parametrize("layers", [None, "attn2.to_k,ff.net.2,proj_in"])
+def test_lora_with_alpha_not_rank_reloads_identically_in_plain_diffusers_and_generation(layers, db_args, tmp_path,
+                                                                                         tiny_models):
     """alpha 16 at rank 4: plain diffusers' load_lora_weights and infer/generate.py's loader give the UNet the trainer
     had (base + adapters at alpha/rank = 4); without the saved metadata diffusers reloads alpha = rank. The kohya/ComfyUI
-    file (--lora_format comfyui), read back by diffusers' kohya converter, gives the same UNet."""
+    file (--lora_format comfyui), read back by diffusers' kohya converter, gives the same UNet. Also with --lora_layers
+    adapting attention and other modules (a file of mixed names lost its attention adapters in diffusers' loader)."""
     from diffusers import StableDiffusionPipeline
 
     from sketch2real.generation import load_generation_pipeline
 
     out = tmp_path / "lora"
+    targets = {"target_modules": layers.split(",")} if layers else {}
     run_script("train/dreambooth.py", *db_args, "--output_dir", out, "--max_train_steps", "10", "--lora_rank", "4",
-               "--lora_alpha", "16", "--learning_rate", "1e-2", "--lora_format", "comfyui")
+               "--lora_alpha", "16", "--learning_rate", "1e-2", "--lora_format", "comfyui",
+               *(["--lora_layers", layers] if layers else []))
     assert not (out / "unet").exists()
     saved = StableDiffusionPipeline.lora_state_dict(out)[0]
-    expected = _unet_output(_unet_with_saved_adapters(tiny_models.sd, out, r=4, lora_alpha=16))
+    expected = _unet_output(_unet_with_saved_adapters(tiny_models.sd, out, r=4, lora_alpha=16, **targets))
     base = StableDiffusionPipeline.from_pretrained(tiny_models.sd).unet
     pipe = StableDiffusionPipeline.from_pretrained(tiny_models.sd)
     pipe.load_lora_weights(out)
@@ -641,8 +646,9 @@ def test_lora_with_alpha_not_rank_reloads_identically_in_plain_diffusers_and_gen
     comfyui = out / "pytorch_lora_weights_comfyui.safetensors"
     with safe_open(comfyui, "pt") as f:
         keys = set(f.keys())
-        assert f.get_tensor("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha").item() == 16
-    assert len(keys) == 3 * sum(1 for k in saved if "lora.down" in k)  # down, up and alpha of every adapter
+        alphas = {f.get_tensor(k).item() for k in keys if k.endswith(".alpha")}
+    adapters = sum(1 for k in saved if "lora.down" in k or "lora_A" in k)
+    assert alphas == {16} and len(keys) == 3 * adapters  # down, up and alpha of every adapter
     kohya = StableDiffusionPipeline.from_pretrained(tiny_models.sd)
     kohya.load_lora_weights(out, weight_name=comfyui.name)  # diffusers' converter from kohya's names
     torch.testing.assert_close(_unet_output(kohya.unet), expected, rtol=1e-5, atol=1e-5)
