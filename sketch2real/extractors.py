@@ -235,14 +235,28 @@ def _csd_files(name_or_path: str) -> tuple[Path, dict]:
         if found is None:
             raise UserError(f"no CSD weights in {name_or_path} (looked for {', '.join(CSD_FILES)})")
         return found, json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
-    from huggingface_hub import hf_hub_download, list_repo_files
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
-    files = set(list_repo_files(name_or_path))
-    weights = next((f for f in CSD_FILES if f in files), None)
+    unreachable = []
+
+    def fetched(filename: str) -> Path | None:  # each file asked for by name: offline, the hub cache answers
+        try:
+            return Path(hf_hub_download(name_or_path, filename))
+        except LocalEntryNotFoundError:  # not in the cache, and offline or no network
+            unreachable.append(filename)
+        except EntryNotFoundError:  # not in the repo
+            pass
+        except OSError as err:  # a gated or missing repo, an HTTP error
+            raise UserError(f"cannot load CSD model from {name_or_path}: {str(err).strip().splitlines()[0]}") from err
+        return None
+
+    weights = next((found for f in CSD_FILES if (found := fetched(f)) is not None), None)
     if weights is None:
-        raise UserError(f"no CSD weights in the hub repo {name_or_path} (looked for {', '.join(CSD_FILES)})")
-    config = json.loads(Path(hf_hub_download(name_or_path, "config.json")).read_text()) if "config.json" in files else {}
-    return Path(hf_hub_download(name_or_path, weights)), config
+        where = "the hub cache (the hub cannot be reached)" if unreachable else "the hub repo"
+        raise UserError(f"no CSD weights of {name_or_path} in {where} (looked for {', '.join(CSD_FILES)})")
+    config_file = fetched("config.json")
+    return weights, json.loads(config_file.read_text()) if config_file is not None else {}
 
 
 def load_csd(name_or_path: str) -> tuple[CSDStyle, int]:

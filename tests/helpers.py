@@ -243,7 +243,8 @@ def readme_block(containing: str) -> str:
 # The hub ids the jobs load by default (the README's: MODEL, CAPTION_MODEL, DINOV2_MODEL and CLIP_MODEL unset) -> the
 # tiny model standing in for each in `hub_cache_of_defaults`.
 DEFAULT_MODEL_IDS = {"stable-diffusion-v1-5/stable-diffusion-v1-5": "sd", "llava-hf/llava-1.5-7b-hf": "llava",
-                     "facebook/dinov2-large": "dinov2", "openai/clip-vit-large-patch14-336": "clip"}
+                     "facebook/dinov2-large": "dinov2", "openai/clip-vit-large-patch14-336": "clip",
+                     "tomg-group-umd/CSD-ViT-L": "csd"}
 
 
 def hub_cache_of_defaults(tiny_models) -> Path:

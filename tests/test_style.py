@@ -189,6 +189,27 @@ def test_csd_loads_the_released_layout_and_matches_an_independent_implementation
         load_csd(str(tmp_path))
 
 
+def test_the_default_csd_id_loads_offline_from_the_hub_cache(tiny_models, monkeypatch):
+    """`--metrics csd` without `--csd_model_name_or_path` on a compute node (HF_HUB_OFFLINE=1, the cache filled on a
+    login node) loads the default id from the cache, as the DINOv2 and CLIP defaults load (listing the repo's files
+    needed the network: a traceback); an id the cache lacks is one line."""
+    from huggingface_hub import constants
+
+    from sketch2real.cli import UserError
+    from sketch2real.extractors import DEFAULT_CSD, load_csd
+
+    from .helpers import hub_cache_of_defaults
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_cache_of_defaults(tiny_models)))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(load_csd(DEFAULT_CSD)[0](pixels), load_csd(str(tiny_models.csd))[0](pixels))
+    with pytest.raises(UserError, match="someone/csd is not in the hub cache and HF_HUB_OFFLINE=1"):
+        load_csd("someone/csd")
+
+
 def test_linear_probe_solves_its_penalised_problem_and_separates():
     from sketch2real.metrics import fit_linear_probe
 
