@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# One `accelerate launch` per node (srun starts it on each node), run as its module: the `accelerate` CLI imports
-# every subcommand first (`estimate` pulls in transformers, torchvision's models and timm), 3 s of CPU per node
-# per job before the launcher starts. SIGUSR1 is ignored by the launcher
+# One `accelerate launch` per node (srun starts it on each node), through sketch2real.launcher: accelerate's launch
+# command without the `accelerate` CLI (which imports every subcommand first: `estimate` pulls in transformers,
+# torchvision's models and timm, 3 s of CPU per node per job), ending with the trainer's own exit status (2 for a bad
+# input, 75 preempted) instead of torchrun's traceback and status 1. SIGUSR1 is ignored by the launcher
 # (an ignored signal survives exec and fork) so that only the Python trainers, which handle it, react to it.
 # A preempted trainer exits 75 after writing OUTPUT_DIR/PREEMPTED: reported to srun as success, so that
 # `srun --kill-on-bad-exit=1` does not kill the other nodes' tasks while they finish writing their checkpoint;
-# slurm/common.sh requeues the job from the PREEMPTED file. accelerate's launchers turn a rank's 75 into 1 (torchrun's
-# ChildFailedError, or the one-process launcher's CalledProcessError), so PREEMPTED in the --output_dir decides.
+# slurm/common.sh requeues the job from the PREEMPTED file (also when another rank's failure came first).
 trap '' USR1
 status=0
-"${PYTHON:-python3}" -m accelerate.commands.launch --config_file "$ACCELERATE_CONFIG" --num_machines "${SLURM_NNODES:-1}" \
+"${PYTHON:-python3}" -m sketch2real.launcher --config_file "$ACCELERATE_CONFIG" --num_machines "${SLURM_NNODES:-1}" \
   --num_processes "${S2R_NUM_PROCESSES:-1}" --machine_rank "${SLURM_NODEID:-0}" \
   --main_process_ip "${MASTER_ADDR:-localhost}" --main_process_port "${MASTER_PORT:-29500}" "$@" || status=$?
 output_dir=""

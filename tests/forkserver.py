@@ -16,11 +16,12 @@ ignored signals and its stdin/stdout/stderr themselves (the job's log), forwards
 process group (as Slurm signals every process of a step), and exits with its code; a killed client takes its job
 with it, and what is left of a job's process group when its command ends is killed (as Slurm ends a step). A
 forked `accelerate launch` dies at SIGTERM at once (torchrun's agent would wait for its ranks): tests of signals
-keep real interpreters. Anything but a script or `-m accelerate.commands.launch` (`python - <<EOF`) runs in a real interpreter.
+keep real interpreters. Anything but a script or a launcher module (`LAUNCHERS`; `python - <<EOF`) runs in a real interpreter.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import runpy
@@ -33,10 +34,11 @@ import traceback
 import typing
 from pathlib import Path
 
+LAUNCHERS = ("accelerate.commands.launch", "sketch2real.launcher")  # run with torchrun's agent replaced by forks
 PRELOAD = [
     "torch", "torch.distributed.run", "deepspeed", "accelerate", "accelerate.commands.launch", "peft", "transformers",
     "diffusers", "safetensors.torch", "webdataset", "pytorch_fid.inception", "scipy.linalg",
-    "sketch2real.cli", "sketch2real.training.loop", "sketch2real.training.dreambooth", "sketch2real.training.controlnet",
+    "sketch2real.cli", "sketch2real.launcher", "sketch2real.training.loop", "sketch2real.training.dreambooth", "sketch2real.training.controlnet",
     "sketch2real.training.textual_inversion", "sketch2real.training.sequential", "sketch2real.evaluation",
     "sketch2real.extractors", "sketch2real.generation", "sketch2real.captioning", "sketch2real.family",
 ]
@@ -77,13 +79,13 @@ def _run(argv: list[str]) -> typing.NoReturn:
     try:
         if argv[0] == "-m":
             sys.argv = [argv[1], *argv[2:]]
-            if argv[1] == "accelerate.commands.launch":
+            if argv[1] in LAUNCHERS:
                 import accelerate.commands.launch
                 import torch.distributed.run
 
                 torch.distributed.run.run = _fork_ranks
                 accelerate.commands.launch.simple_launcher = _fork_simple
-                accelerate.commands.launch.main()  # its `__main__` (runpy warns of a module already imported)
+                importlib.import_module(argv[1]).main()  # its `__main__` (runpy warns of a module already imported)
             else:
                 runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
         else:
@@ -179,8 +181,12 @@ def _fork_ranks(args) -> None:
                 os.kill(other, signal.SIGTERM)
             deadline = time.monotonic() + 30
         failures[rank] = code
-    if failures:
-        raise RuntimeError(f"ChildFailedError: {args.training_script} failed on ranks (rank: exit code) {failures}")
+    if failures:  # as torchrun's agent reports them, the first failure first
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+        raise ChildFailedError(args.training_script, {rank: ProcessFailure(local_rank=rank % nproc, pid=0, exitcode=code,
+                                                                           error_file="")
+                                                      for rank, code in failures.items()})
 
 
 def _load_probes() -> None:
@@ -312,7 +318,7 @@ FORWARDED = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signa
 
 def _client(path: str, argv: list[str]) -> typing.NoReturn:
     """`python ARGS...` as a Slurm job runs it, by the server at `path` (see the module's text)."""
-    if not (argv[:2] == ["-m", "accelerate.commands.launch"] or (argv and argv[0].endswith(".py"))):
+    if not ((argv[:1] == ["-m"] and argv[1:2][0] in LAUNCHERS) or (argv and argv[0].endswith(".py"))):
         os.execv(sys.executable, [sys.executable, *argv])
     ignored = [int(s) for s in FORWARDED if signal.getsignal(s) == signal.SIG_IGN]
     signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)  # held until the request is sent, then forwarded

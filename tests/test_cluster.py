@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -148,7 +149,8 @@ def test_trained_weights_are_copied_on_rank_zero_only():
 def test_a_preempted_node_does_not_make_srun_kill_the_others(launcher_status, preempted, srun_sees, tmp_path):
     """slurm/launch_node.sh reports a preempted trainer (PREEMPTED written in its --output_dir, checkpoint saved) as
     success to srun, whose --kill-on-bad-exit would otherwise kill the other nodes' tasks; other failures pass
-    through. accelerate's launchers exit 1 when a rank exits 75 (torchrun's ChildFailedError): 75 never reached it."""
+    through. (sketch2real.launcher passes a rank's 75 on; PREEMPTED decides too when another rank's failure came
+    first.)"""
     fake = tmp_path / "bin"
     fake.mkdir()
     out = tmp_path / "run"
@@ -160,6 +162,42 @@ def test_a_preempted_node_does_not_make_srun_kill_the_others(launcher_status, pr
                            f"--output_dir={out}"], cwd=REPO,
                           env={**os.environ, "PYTHON": str(launcher), "ACCELERATE_CONFIG": "x.yaml"})
     assert proc.returncode == srun_sees
+
+
+RANK_EXITS = """import os, signal, sys, time
+rank = int(os.environ["RANK"])
+what = sys.argv[1].split(",")[rank]
+if what == "kill":
+    os.kill(os.getpid(), signal.SIGKILL)
+if what == "wait":  # until torchrun's agent ends it (SIGTERM), after the other rank failed
+    time.sleep(600)
+sys.exit(int(what))
+"""
+
+
+@pytest.mark.parametrize("ranks, status, line", [
+    ("2,2", 2, None), ("75,75", 75, None), ("wait,kill", 137, "rank 1 on {host} was killed by SIGKILL"),
+    ("3,wait", 3, "rank 0 on {host} exited with status 3 (its error is above)")])
+def test_the_jobs_launcher_ends_with_the_ranks_own_status_and_no_torchrun_traceback(ranks, status, line, tmp_path):
+    """What slurm/launch_node.sh runs (real torchrun, two ranks): the job's status is the trainers' own (2: a bad
+    input, as a job's README claims; 75: preempted), not accelerate's 1, and torchrun's ~30-line ChildFailedError
+    traceback is gone: a rank that died without its own line (a signal, a crash) is named in one line."""
+    import socket
+
+    script = tmp_path / "ranks.py"
+    script.write_text(RANK_EXITS)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "sketch2real.launcher", "--config_file",
+                           str(REPO / "accelerate_configs/cpu.yaml"), "--num_processes", "2", "--main_process_port",
+                           str(port), str(script), ranks], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == status and "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, \
+        proc.stderr[-3000:]
+    ours = [x for x in proc.stderr.splitlines() if x.startswith("launcher: error: ")]
+    assert ours == ([f"launcher: error: {line.format(host=socket.gethostname())}" + (
+        " (often the out-of-memory killer)" if "SIGKILL" in line else "")] if line else []), proc.stderr[-3000:]
 
 
 def test_the_latent_store_is_encoded_once_kept_through_a_signal_and_reused(tiny_models, shard_dir, tmp_path, monkeypatch):

@@ -1,0 +1,66 @@
+"""`accelerate launch` as the Slurm jobs run it (`python -m sketch2real.launcher ARGS`, ARGS as accelerate's): the
+job ends with its trainer's own exit status and line, not torchrun's.
+
+accelerate's launchers end a failed run with a traceback of their own (torchrun's `ChildFailedError` block, ~30
+lines, or the one-process launcher's `CalledProcessError`) after the trainer's one-line error, and turn its status
+into 1: a bad input (2) read as a crash, and a preempted trainer's 75 was lost. Here the status is the ranks' own
+(2, 75, ...; a signal as the shell reports it, 128 + its number), and a rank that died without saying why (killed
+by a signal, a crash) is named in one line.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from sketch2real.cli import EXIT_USAGE
+from sketch2real.training.preemption import PREEMPTED_EXIT_CODE
+
+SAID_ITS_OWN = (EXIT_USAGE, PREEMPTED_EXIT_CODE)  # statuses whose trainer printed its own line
+
+
+def exit_status(code: int) -> int:
+    """A process's status as a shell reports it: a signal N (Python's -N) is 128 + N."""
+    return 128 - code if code < 0 else code
+
+
+def failure_line(rank: int, code: int) -> str:
+    """One line naming a rank (of this node: each node's launcher watches its own) that failed without a line of its
+    own."""
+    import socket
+
+    host = socket.gethostname()
+    if code < 0:
+        import signal
+
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " (often the out-of-memory killer)" if name == "SIGKILL" else ""
+        return f"launcher: error: rank {rank} on {host} was killed by {name}{hint}"
+    return f"launcher: error: rank {rank} on {host} exited with status {code} (its error is above)"
+
+
+def main() -> None:
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    args = launch_command_parser().parse_args()
+    try:
+        launch_command(args)
+    except subprocess.CalledProcessError as err:  # one process
+        if err.returncode not in SAID_ITS_OWN:
+            print(failure_line(0, err.returncode), file=sys.stderr)
+        sys.exit(exit_status(err.returncode))
+    except ChildFailedError as err:
+        rank, first = err.get_first_failure()
+        codes = {failure.exitcode for failure in err.failures.values()}
+        code = codes.pop() if len(codes) == 1 else first.exitcode  # ranks that agree; else the first to fail
+        if code not in SAID_ITS_OWN:
+            print(failure_line(rank, first.exitcode), file=sys.stderr)
+        sys.exit(exit_status(code))
+
+
+if __name__ == "__main__":
+    main()
