@@ -85,6 +85,8 @@ class Family:
     trainers: tuple[str, ...] = ("dreambooth", "textual_inversion", "controlnet")  # what sketch2real trains on it
     guidance_scale: float = 7.5  # generation's default guidance (classifier-free; FLUX.1 [dev]: the embedded value)
     controlnet_class: str = "ControlNetModel"
+    # some of its ControlNet's parameters get no gradient (DDP must be told, or it fails at the second step)
+    controlnet_has_unused_parameters: bool = False
     control_image_argument: str = "image"  # what the ControlNet pipeline calls its conditioning image
     vae_class: str = "AutoencoderKL"
     # the encoder after the `embedding_keys` ones that may also learn Textual Inversion rows (SD3/FLUX.1's T5:
@@ -287,6 +289,7 @@ class FlowMatchingFamily(Family):
     lokr_prefix: str | None = "lycoris_"
     resolution_multiple: int = 16
     controlnet_class: str = "SD3ControlNetModel"
+    controlnet_has_unused_parameters: bool = True  # its last block's text-stream output is dropped (as diffusers' script)
     control_image_argument: str = "control_image"
 
     def generation_kwargs(self, source_size: tuple[int, int] = SKETCHY_SIZE) -> dict:
@@ -357,6 +360,10 @@ class SD3Family(FlowMatchingFamily):
         controlnet = SD3ControlNetModel.from_transformer(denoiser, num_layers=min(12, denoiser.config.num_layers - 1),
                                                          num_extra_conditioning_channels=0)
         controlnet.register_to_config(force_zeros_for_pooled_projection=False)
+        # off the list of values left at their defaults, which from_config and from_pretrained read as the default's
+        # (True: a saved ControlNet the pipeline then ran on zero pooled prompts and unshifted latents)
+        defaults = [k for k in controlnet.config.get("_use_default_values", []) if k != "force_zeros_for_pooled_projection"]
+        controlnet.register_to_config(_use_default_values=defaults)
         return controlnet
 
     def control_shift(self, vae, controlnet) -> float:
