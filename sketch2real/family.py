@@ -534,6 +534,26 @@ def family_of(name_or_path: str, revision: str | None = None) -> Family:
     return family_of_class(model_index(name_or_path, revision).get("_class_name", ""), name_or_path)
 
 
+def recorded_family(folder: str | Path) -> Family | None:
+    """The family of the base model a training output (a LoRA folder) was trained on, as its `run_config.json`
+    records it; None where it records none or that model cannot be read here (a LoRA from elsewhere)."""
+    config = Path(folder) / "run_config.json"
+    try:
+        recorded = json.loads(config.read_text())
+        return family_of(recorded["pretrained_model_name_or_path"], recorded.get("revision"))
+    except (OSError, ValueError, KeyError, TypeError, UserError):
+        return None
+
+
+def check_lora_family(lora: str | Path, family: Family, flag: str, model: str) -> None:
+    """One line, before any weight loads, when the LoRA folder `lora` was trained on a model of another family than
+    `model`'s (diffusers loaded such a LoRA in part, or not at all, with only a warning)."""
+    theirs = recorded_family(lora) if Path(lora).is_dir() else None
+    if theirs is not None and theirs.name != family.name:
+        raise UserError(f"{flag} {lora} is a LoRA of a {theirs.name} model (its run_config.json), {model} is a "
+                        f"{family.name} model: give a base model of its family")
+
+
 def pipeline_settings(index: dict) -> dict:
     """The pipeline's own settings in a `model_index.json` (not components), e.g. FLUX.2 [klein]'s `is_distilled`:
     a pipeline assembled from components must be given them, or it behaves as another model."""

@@ -24,7 +24,7 @@ from PIL import Image
 
 from sketch2real.captioning import CAPTION_FIELDS
 from sketch2real.cli import PRECISION_HELP, UserError, as_dict, check_output_dir, option, options_affecting
-from sketch2real.family import NOISE_SAMPLERS
+from sketch2real.family import NOISE_SAMPLERS, check_lora_family
 from sketch2real.io import (
     atomic_path,
     check_same_settings,
@@ -307,6 +307,8 @@ def load_generation_pipeline(model: str, device: torch.device, dtype: torch.dtyp
     if bad:  # SD3 stopped with a traceback, FLUX.1 drew another size than the index recorded
         raise UserError(f"--height/--width {bad[0]} is not a multiple of {family.resolution_multiple}, which {family.name} "
                         "models need (the VAE's downsampling, x2 for the transformer's patches)")
+    if lora:
+        check_lora_family(lora, family, "--lora", model)
     if scheduler and scheduler not in family.samplers():  # before any weight loads
         raise UserError(f"--scheduler {scheduler} does not fit {family.name} models, trained for another objective "
                         f"(theirs: {', '.join(family.samplers())})")
@@ -340,6 +342,8 @@ def load_generation_pipeline(model: str, device: torch.device, dtype: torch.dtyp
             else:
                 with _without_adapter_error_log():
                     pipe.load_lora_weights(lora)
+                if not pipe.get_list_adapters():  # diffusers warns of keys that fit no module, and loads nothing
+                    raise UserError(f"--lora {lora}: none of its weights fit {model} (a LoRA of another model family?)")
                 pipe.fuse_lora(lora_scale=lora_scale)
         except (OSError, ValueError, KeyError, RuntimeError) as err:  # an SDXL LoRA given to SD 1.5, no weights file
             problem = lora_problem(lora, model, err)

@@ -1084,6 +1084,11 @@ def test_lora_with_train_text_encoder_adapts_the_encoder_and_plain_diffusers_rel
     assert continued.keys() == saved.keys() and all(torch.allclose(continued[k], v, rtol=1e-6, atol=0) for k, v in saved.items())
     proc = run_script("train/dreambooth.py", *common, "--initial_lora", out, "--output_dir", tmp_path / "drop", check=False)
     assert proc.returncode == 2 and "also adapts text_encoder: give --train_text_encoder" in proc.stderr.strip().splitlines()[-1]
+    proc = run_script("train/dreambooth.py", *common, "--initial_lora", out, "--pretrained_model_name_or_path",
+                      tiny_models.flux, "--output_dir", tmp_path / "flux", check=False)  # refused before weights load
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].endswith(
+        f"--initial_lora {out} is a LoRA of a sd model (its run_config.json), {tiny_models.flux} is a flux model: give a "
+        "base model of its family"), proc.stderr[-2000:]
 
 
 def test_sdxl_text_encoder_adapters_learn_at_diffusers_rate_and_a_diffusers_lora_continues(db_args, tiny_models, tmp_path):

@@ -196,6 +196,39 @@ def test_a_lora_of_another_architecture_is_one_line(tiny_models, tmp_path):
     assert not list((tmp_path / "gen").rglob("*.png"))
 
 
+def test_a_lora_of_another_family_is_one_line_before_any_weight_loads(tiny_models, tmp_path):
+    """A LoRA whose run_config.json records a base of another family (an SD LoRA given to FLUX.1): one line naming
+    both, before the base loads (diffusers loaded such LoRAs in part, or not at all, with only a warning, and the
+    images were the base's). A LoRA file none of whose weights fit the base (no run_config.json to tell): one line."""
+    import json
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import save_file
+
+    lora = tmp_path / "sd_lora"
+    _random_lora(tiny_models.sd, lora)
+    (lora / "run_config.json").write_text(json.dumps({"pretrained_model_name_or_path": str(tiny_models.sd)}))
+    common = ["--prompts", "a cat", "--height", "32", "--width", "32", "--num_inference_steps", "1"]
+    flux = tmp_path / "flux"
+    flux.mkdir()  # only its model index: the refusal comes before any weight would load
+    (flux / "model_index.json").write_text((Path(tiny_models.flux) / "model_index.json").read_text())
+    proc = run_script("infer/generate.py", "--pretrained_model_name_or_path", flux, "--lora", lora, *common,
+                      "--output_dir", tmp_path / "gen", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].endswith(
+        f"--lora {lora} is a LoRA of a sd model (its run_config.json), {flux} is a flux model: give a base model of its "
+        "family"), proc.stderr[-3000:]
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    save_file({"transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 8),
+               "transformer.single_transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(8, 4)},
+              str(foreign / "pytorch_lora_weights.safetensors"))
+    proc = run_script("infer/generate.py", "--pretrained_model_name_or_path", tiny_models.sd, "--lora", foreign, *common,
+                      "--output_dir", tmp_path / "gen2", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].endswith(
+        f"--lora {foreign}: none of its weights fit {tiny_models.sd} (a LoRA of another model family?)"), proc.stderr[-3000:]
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

@@ -14,7 +14,16 @@ from typing import ClassVar
 import torch
 
 from sketch2real.cli import UserError, default_of, option
-from sketch2real.family import FAMILIES, Conditioning, Family, TextEncoders, family_of, pipeline_class, placeholder_tokens
+from sketch2real.family import (
+    FAMILIES,
+    Conditioning,
+    Family,
+    TextEncoders,
+    check_lora_family,
+    family_of,
+    pipeline_class,
+    placeholder_tokens,
+)
 from sketch2real.io import atomic_path, differences, umask_modes, write_json
 from sketch2real.models import SDComponents, dtype_for, load_base_pipeline, save_pretrained_atomic
 from sketch2real.training.accelerator import main_process_view, zero3_init_disabled
@@ -185,6 +194,13 @@ class DreamBoothOptions(TrainOptions):
             raise UserError("--initial_lora continues LoRA adapters: give --lora_rank (the rank it was trained with)")
         if self.initial_lora and not (Path(self.initial_lora) / "pytorch_lora_weights.safetensors").is_file():
             raise UserError(f"--initial_lora {self.initial_lora}: no pytorch_lora_weights.safetensors there")
+        if self.initial_lora:
+            try:
+                family = family_of(self.pretrained_model_name_or_path, self.revision)
+            except UserError:  # a base that cannot be read: the task says so
+                family = None
+            if family is not None:
+                check_lora_family(self.initial_lora, family, "--initial_lora", self.pretrained_model_name_or_path)
         if self.with_prior_preservation and not (self.class_prompt and self.class_data_dir):
             raise UserError("--with_prior_preservation needs --class_prompt and --class_data_dir")
         unused = [f"--{f.name}" for f in dataclasses.fields(self)
