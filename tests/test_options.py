@@ -693,6 +693,33 @@ def test_an_edited_captions_file_is_another_run_for_a_resume(tmp_path):
     assert now.matches({k: v for k, v in saved.items() if k != "captions_data"})
 
 
+def test_shards_and_captions_copied_elsewhere_are_the_same_run_for_a_resume(tmp_path):
+    """Shards and captions are known by their contents: a job that copies them elsewhere (a node's local disk, a moved
+    project) resumes its checkpoints, also those saved when their paths were part of the fingerprint; other contents
+    are another run."""
+    import shutil
+
+    from sketch2real.training.checkpoints import run_fingerprint
+
+    shards, captions = tmp_path / "shards", tmp_path / "captions.jsonl"
+    shards.mkdir()
+    (shards / "train.json").write_text('{"total": 3}')
+    captions.write_text('{"key": "cat/a-1", "category": "cat", "prompt_id": "1", "caption": "a drawing of a cat"}\n')
+
+    def fingerprint(shard_dir, captions_file):
+        return run_fingerprint(parse_options(_db(), ["--pretrained_model_name_or_path", "m", "--output_dir", "o",
+                                                     "--shard_dir", str(shard_dir), "--captions", str(captions_file)]), 1)
+
+    saved = dict(fingerprint(shards, captions))
+    older = {**saved, "shard_dir": str(shards), "captions": str(captions)}  # as checkpoints recorded them before
+    shutil.copytree(shards, tmp_path / "local" / "shards")
+    shutil.copy(captions, tmp_path / "local" / "captions.jsonl")
+    moved = fingerprint(tmp_path / "local" / "shards", tmp_path / "local" / "captions.jsonl")
+    assert moved.matches(saved) and moved.matches(older)
+    (tmp_path / "local" / "shards" / "train.json").write_text('{"total": 4}')
+    assert not fingerprint(tmp_path / "local" / "shards", captions).matches(older)
+
+
 def test_captions_that_reach_no_image_are_one_line_not_a_template_run(tmp_path):
     """A mistyped --caption_prompt_id, captions of another split, or --caption_prompt_id without --captions trained
     the template alone, silently; each is one line now."""

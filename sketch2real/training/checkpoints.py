@@ -44,11 +44,13 @@ class RunFingerprint(dict):
     option (written by a version before the option existed) is of the same run where this one has it at its default,
     so a job requeued onto an upgraded checkout resumes its checkpoints."""
 
-    def __init__(self, values: dict[str, Any], defaults: dict[str, Any]):
+    def __init__(self, values: dict[str, Any], defaults: dict[str, Any], by_content: frozenset[str] = frozenset()):
         super().__init__(values)
         self.defaults = defaults
+        self.by_content = by_content  # path options whose contents are fingerprinted instead: where they are is no matter
 
     def _completed(self, theirs: dict[str, Any]) -> dict[str, Any]:
+        theirs = {k: v for k, v in theirs.items() if k not in self.by_content}
         return {**{k: v for k, v in self.items() if k not in theirs and self.defaults.get(k, MISSING) == v}, **theirs}
 
     def matches(self, theirs: dict[str, Any] | None) -> bool:
@@ -73,15 +75,19 @@ def run_fingerprint(opts, num_processes: int) -> RunFingerprint:
     choices["global_batch_size"] = opts.train_batch_size * num_processes
     if opts.lr_scheduler not in CONSTANT_SCHEDULES:
         choices["max_train_steps"] = opts.max_train_steps
+    by_content = set()  # shards and captions by what they hold: copied elsewhere (a node's local disk), the same run
     index = Path(opts.shard_dir) / f"{opts.split}.json" if getattr(opts, "shard_dir", "") else None
     if index is not None and index.is_file():
         choices["data"] = hashlib.sha256(index.read_bytes()).hexdigest()[:16]
+        by_content.add("shard_dir")
     defaults = defaults_in_context(opts)
     captions = Path(getattr(opts, "captions", "") or "")
     if captions.is_file():  # the prompts are data too: an edited captions file is another run
         choices["captions_data"] = defaults["captions_data"] = hashlib.sha256(captions.read_bytes()).hexdigest()[:16]
         # (its own default: a checkpoint saved before it was recorded still resumes)
-    return RunFingerprint(_normalized(choices), _normalized(defaults))
+        by_content.add("captions")
+    choices = {k: v for k, v in choices.items() if k not in by_content}
+    return RunFingerprint(_normalized(choices), _normalized(defaults), frozenset(by_content))
 
 
 def options_fingerprint(opts, ignored: frozenset[str] = frozenset()) -> RunFingerprint:
