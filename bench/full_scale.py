@@ -262,16 +262,14 @@ def eval_projection(small: dict, whole: dict, factor: float) -> float:
 # ----------------------------------------------------------------------------- report
 
 
-def human_bytes(n: float) -> str:
-    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / MIB:.1f} MiB"
-
-
 def human_seconds(s: float) -> str:
     return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.1f} min" if s >= 120 else f"{s:.1f} s"
 
 
 def table(results: dict) -> list[str]:
     """Rows of the report: figure | measured here | full Sketchy, per rank | full Sketchy, 8-GPU node | basis."""
+    from sketch2real.io import human_bytes
+
     f = results["projection_factor"]
     linear = f"x {f:.3f} (linear)" if abs(f - 1) > 1e-9 else "measured"
     rows = [("figure", "measured here", "full Sketchy, per rank", f"full Sketchy, {RANKS}-GPU node", "basis")]

@@ -168,6 +168,14 @@ def key_path(folder: str | os.PathLike, key: str, suffix: str = "") -> Path:
     return Path(folder).joinpath(*parts[:-1], parts[-1] + suffix)
 
 
+def human_bytes(n: float) -> str:
+    """A size as people read it: GiB, MiB or KiB, whichever keeps it above 1."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= size:
+            return f"{n / size:.{2 if unit == 'GiB' else 1}f} {unit}"
+    return f"{n / 2**10:.1f} KiB"
+
+
 def differences(mine: Mapping[str, Any], theirs: Mapping[str, Any], limit: int = 4) -> str:
     """`name: <theirs> there, <mine> now` for each name whose values differ, sorted (the first `limit`, then ' ...');
     "" when none do. The wording of every refusal of another run's outputs (checkpoints, images, captions)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -422,7 +423,9 @@ def test_a_slower_rank_s_files_are_in_the_manifest_and_the_checkpoint_resumes(ti
 
 
 def test_a_full_disk_is_one_line_and_leaves_no_partial_folder(tmp_path):
-    """save_state failing with ENOSPC: one line naming the folder and the space, `.partial` removed, older kept."""
+    """save_state failing with ENOSPC: one line naming the folder and the space (in units that show it: 4 KiB, not
+    "0.00 GiB"), `.partial` removed, older kept. The next save that succeeds removes what a kill mid-save left
+    (`checkpoint-N.partial`, never resumable: gigabytes each for a full fine-tune)."""
     import errno
 
     from sketch2real.cli import UserError
@@ -444,8 +447,19 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_folder(tmp_path):
     with pytest.raises(UserError) as error:
         save_checkpoint(FullDisk(), tmp_path, 2, 3, RunFingerprint({}, {}))
     message = str(error.value)
-    assert "no space left in" in message and str(tmp_path) in message and "GiB needed" in message and "\n" not in message
+    assert "no space left in" in message and str(tmp_path) in message and "\n" not in message
+    assert re.search(r"about 4\.0 KiB needed, \d+\.\d+ [GMK]iB free", message), message
     assert not (tmp_path / "checkpoint-2.partial").exists() and (tmp_path / "checkpoint-1").is_dir()
+
+    class Saves(FullDisk):
+        def save_state(self, folder, **kwargs):
+            Path(folder).mkdir(parents=True)
+            (Path(folder) / "model.safetensors").write_bytes(b"x" * 1000)
+
+    (tmp_path / "checkpoint-7.partial").mkdir()  # a kill mid-save
+    (tmp_path / "checkpoint-7.partial" / "model.safetensors").write_bytes(b"x" * 10)
+    save_checkpoint(Saves(), tmp_path, 3, 3, RunFingerprint({}, {}))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "checkpoint-3"]
 
 
 # ------------------------------------------------------------------------------------------- keys, umask, signals

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from sketch2real.cli import UserError, is_full_disk
-from sketch2real.io import differences, umask_modes, write_json
+from sketch2real.io import differences, human_bytes, umask_modes, write_json
 from sketch2real.training.accelerator import checkpoint_kwargs, is_deepspeed, main_process_view
 
 logger = logging.getLogger("sketch2real")
@@ -326,8 +326,8 @@ def _save_failed(out: Path, partial: Path, step: int, err: BaseException | None)
     if err is not None and not is_full_disk(err):
         return UserError(f"saving checkpoint-{step} in {out} failed ({type(err).__name__}: {str(err).splitlines()[0]}); "
                          "earlier checkpoints are kept")
-    return UserError(f"no space left in {out} to save checkpoint-{step} (about {needed / 2**30:.2f} GiB needed, "
-                     f"{free / 2**30:.2f} GiB free): free space or use another --output_dir; earlier checkpoints are kept")
+    return UserError(f"no space left in {out} to save checkpoint-{step} (about {human_bytes(needed)} needed, "
+                     f"{human_bytes(free)} free): free space or use another --output_dir; earlier checkpoints are kept")
 
 
 def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, total_limit: int | None,
@@ -369,6 +369,9 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, total
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)
+        for leftover in out.glob("checkpoint-*.partial"):  # a save cut short by a kill: never resumable
+            shutil.rmtree(leftover, ignore_errors=True)
+            logger.info("removed %s (a save that was cut short)", leftover)
         if total_limit:
             mine = [folder for _, folder in list_checkpoints(out)
                     if folder != final and fingerprint.matches((read_train_state(folder) or {}).get("fingerprint", {}))]
