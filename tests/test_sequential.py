@@ -165,9 +165,10 @@ def test_bf16_matrix_and_resume_at_a_stage(launcher, family, lora, tiny_models, 
         assert (out / stage / "validation" / "step-000002.png").is_file()
     if launcher == "ddp":  # resume at a stage with 2 processes: stage 1 skipped, stage 2 resumed from its checkpoint
         (out / "stage-02-apple" / "stage_metrics.json").unlink()
+        (out / "PREEMPTED").write_text("stage 2 (apple) checkpointed\n")  # as a stop in stage 2 leaves it
         proc = launch("train/dreambooth_sequential.py", *args, "--output_dir", out, "--mixed_precision", "bf16")
         assert "stage 1 (cat) already finished" in proc.stderr and "resumed from" in proc.stderr
-        assert (out / "stage-02-apple" / "stage_metrics.json").is_file()
+        assert (out / "stage-02-apple" / "stage_metrics.json").is_file() and not (out / "PREEMPTED").exists()
 
 
 def test_the_table_prints_a_loss_read_back_as_null():

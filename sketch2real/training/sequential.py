@@ -17,13 +17,13 @@ from sketch2real.cli import UserError, default_of, option
 from sketch2real.io import write_json
 from sketch2real.metrics import mean_ci95, verdict
 from sketch2real.sketchy import category_words
-from sketch2real.training.accelerator import eager_mode
+from sketch2real.training.accelerator import eager_mode, main_process_view
 from sketch2real.training.data import load_shard_images
 from sketch2real.training.dreambooth import DreamBoothOptions, DreamBoothTask
 from sketch2real.training.hub import push_output
 from sketch2real.training.loop import train
 from sketch2real.training.model_card import CARD, front_matter
-from sketch2real.training.preemption import PREEMPTED_EXIT_CODE, mark_preempted
+from sketch2real.training.preemption import PREEMPTED_EXIT_CODE, clear_preempted, mark_preempted
 from sketch2real.training.validation import heldout_denoising_losses
 
 logger = logging.getLogger("sketch2real")
@@ -170,21 +170,19 @@ def format_table(report: dict) -> str:
 
 def run_sequential(opts: SequentialOptions, accelerator) -> int:
     """Train every stage not yet finished; write sequential_report.{json,md}. Returns an exit status."""
-    from accelerate.utils import broadcast_object_list
-
     stages = opts.stage_list()
     out = Path(opts.output_dir)
     check_same_run(opts, out)
+    if accelerator.is_main_process:  # an earlier stop's (each stage clears its own): this run is under way
+        clear_preempted(out)
     rows = []
     previous = opts.pretrained_model_name_or_path
     for index, category in enumerate(stages):
         folder = stage_dir(opts.output_dir, index, category)
         metrics_file = folder / "stage_metrics.json"
         saved = folder / ("pytorch_lora_weights.safetensors" if opts.lora_rank else "model_index.json")
-        finished = [metrics_file.is_file() and saved.is_file()]
-        if accelerator.num_processes > 1:  # rank 0's view decides for all: the others follow the same path
-            broadcast_object_list(finished)
-        if finished[0]:
+        files = (metrics_file, saved)
+        if main_process_view(accelerator, lambda files=files: all(f.is_file() for f in files)):  # all take one path
             logger.info("stage %d (%s) already finished: %s", index + 1, category, folder)
             rows.append(json.loads(metrics_file.read_text()))
             previous = str(folder)
