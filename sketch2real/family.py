@@ -110,6 +110,9 @@ class Family:
     # (learning rate, weight decay) of the text encoders' LoRA adapters in diffusers' LoRA script for the family, a
     # parameter group of their own (SDXL, SD3, FLUX.1: --text_encoder_lr 5e-6); None: the denoiser's (SD 1.x's script)
     text_encoder_lora_optimizer: tuple[float, float] | None = None
+    # the same for the text encoders trained whole (SD3's and FLUX.1's full scripts: 5e-6, 1e-3); None: the
+    # denoiser's (train_dreambooth.py, one group)
+    text_encoder_optimizer: tuple[float, float] | None = None
     # DreamBooth's (learning rate, AdamW weight decay) when not given, full weights and LoRA: diffusers' DreamBooth
     # scripts' defaults for the family (SD 1.x: train_dreambooth.py 5e-6 and train_dreambooth_lora.py 5e-4, both 1e-2;
     # SDXL: its LoRA script's 1e-4 and 1e-4, no full script: train_dreambooth.py's; SD3, FLUX: 1e-4 and 1e-4 for both)
@@ -478,7 +481,9 @@ class Flux2KleinFamily(FlowMatchingFamily):
 
 
 # diffusers' SD3, FLUX.1 and FLUX.2 [klein] DreamBooth scripts (klein: LoRA only; FLUX.1's full script for full weights)
-FLOW_DREAMBOOTH_OPTIMIZERS = {"dreambooth_optimizer": (1e-4, 1e-4), "dreambooth_lora_optimizer": (1e-4, 1e-4)}
+# diffusers' SD3 and FLUX.1 DreamBooth scripts, full and LoRA: also their text encoders' own group (5e-6, 1e-3)
+FLOW_DREAMBOOTH_OPTIMIZERS = {"dreambooth_optimizer": (1e-4, 1e-4), "dreambooth_lora_optimizer": (1e-4, 1e-4),
+                              "text_encoder_optimizer": (5e-6, 1e-3)}
 SD = Family("sd", "StableDiffusionPipeline", "StableDiffusionControlNetPipeline", ("text_encoder",), ("tokenizer",),
             ("CLIPTextModel",), pooled=False, embedding_keys=None, safety_checker=True,
             pipeline_classes=r"StableDiffusion(ControlNet|Img2Img|Inpaint|InstructPix2Pix)?Pipeline")

@@ -1125,6 +1125,28 @@ def test_sdxl_text_encoder_adapters_learn_at_diffusers_rate_and_a_diffusers_lora
                                                     for k in saved)
 
 
+def test_whole_flow_text_encoders_learn_at_diffusers_full_script_rate(tiny_models, shard_dir, tmp_path):
+    """Full SD3 DreamBooth with --train_text_encoder: one AdamW step moves the transformer by --learning_rate and the
+    CLIP encoders by 5e-6 (diffusers' train_dreambooth_sd3.py's --text_encoder_lr; they moved at 1e-4 before), or by
+    --text_encoder_lr when given (it was refused without --lora_rank)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    base = StableDiffusion3Pipeline.from_pretrained(tiny_models.sd3)
+    args = ["--pretrained_model_name_or_path", tiny_models.sd3, "--shard_dir", shard_dir, "--instance_category", "cat",
+            "--resolution", "64", "--train_text_encoder", "--max_train_steps", "1", "--adam_weight_decay", "0",
+            "--validation_steps", "0", "--checkpointing_steps", "0", "--num_heldout_samples", "0", "--report_to", "none"]
+    for extra, expected in (([], 5e-6), (["--text_encoder_lr", "3e-4", "--adam_weight_decay_text_encoder", "0"], 3e-4)):
+        out = tmp_path / str(expected)
+        run_script("train/dreambooth.py", *args, *extra, "--output_dir", out)
+        trained = StableDiffusion3Pipeline.from_pretrained(out)
+        moved = {name: max((a - b).abs().max().item() for a, b in zip(getattr(trained, name).parameters(),
+                                                                        getattr(base, name).parameters()))
+                 for name in ("transformer", "text_encoder", "text_encoder_2")}
+        assert moved["transformer"] == pytest.approx(1e-4, rel=0.05), moved
+        assert moved["text_encoder"] == pytest.approx(expected, rel=0.05) and \
+            moved["text_encoder_2"] == pytest.approx(expected, rel=0.05), moved
+
+
 # ---- SDXL, read from the model: the same loop, the same guarantees --------------------------------------------------
 
 SDXL_CASES = [("1", "unet"), ("zero3", "unet"), ("1", "lora"),  # DDP: TI and sequential tests

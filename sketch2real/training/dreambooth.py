@@ -124,13 +124,13 @@ class DreamBoothOptions(TrainOptions):
                                                          "behind the abstraction", min=1)
     initializer_concept: str = option("", help="with --train_text_encoder_ti: word(s) whose embeddings (averaged) start "
                                                "the new tokens (default: random, at the embedding's spread)")
-    text_encoder_lr: float | None = option(None, help="with --lora_rank --train_text_encoder: the text encoders' adapters' "
-                                           "learning rate (not scaled by --scale_lr); default: diffusers' LoRA script's "
-                                           "for the family (SDXL, SD3, FLUX.1: 5e-6; SD 1.x: --learning_rate); "
-                                           "--learning_rate under Prodigy", min_exclusive=0)
-    adam_weight_decay_text_encoder: float | None = option(None, help="with --lora_rank --train_text_encoder: their weight "
-                                                          "decay; default: diffusers' (SDXL, SD3, FLUX.1: 1e-3; SD 1.x: "
-                                                          "--adam_weight_decay)", min=0)
+    text_encoder_lr: float | None = option(None, help="with --train_text_encoder: the text encoders' (or their adapters') "
+                                           "learning rate (not scaled by --scale_lr); default: diffusers' script's for "
+                                           "the family (adapters: SDXL, SD3, FLUX.1 5e-6; whole: SD3, FLUX.1 5e-6; "
+                                           "else --learning_rate); --learning_rate under Prodigy", min_exclusive=0)
+    adam_weight_decay_text_encoder: float | None = option(None, help="with --train_text_encoder: their weight decay; "
+                                                          "default: diffusers' (1e-3 where their learning rate is "
+                                                          "5e-6; else --adam_weight_decay)", min=0)
     initial_lora: str = option("", help="start the LoRA adapters from this LoRA folder (a run's output with "
                                         "pytorch_lora_weights.safetensors) instead of a fresh start; with --lora_rank")
     caption_dropout_probability: float = option(0.0, help="probability that an instance image is trained with the empty "
@@ -161,10 +161,9 @@ class DreamBoothOptions(TrainOptions):
         if self.train_text_encoder and self.train_text_encoder_ti:
             raise UserError("--train_text_encoder_ti trains new tokens' rows, --train_text_encoder the encoders' "
                             "adapters: choose one (as diffusers' advanced scripts)")
-        if (self.text_encoder_lr, self.adam_weight_decay_text_encoder) != (None, None) and not (
-                self.lora_rank and self.train_text_encoder):
-            raise UserError("--text_encoder_lr and --adam_weight_decay_text_encoder are for the text encoders' LoRA "
-                            "adapters: give --lora_rank and --train_text_encoder")
+        if (self.text_encoder_lr, self.adam_weight_decay_text_encoder) != (None, None) and not self.train_text_encoder:
+            raise UserError("--text_encoder_lr and --adam_weight_decay_text_encoder are for the text encoders (or their "
+                            "LoRA adapters): give --train_text_encoder")
         if self.train_text_encoder and self.lora_type == "lokr":
             raise UserError("--lora_type lokr adapts the denoiser only: --train_text_encoder needs --lora_type lora")
         if self.lora_format != "diffusers" and not self.lora_rank:
@@ -462,19 +461,23 @@ class DreamBoothTask(DiffusionTask):
         return HeldOut(images, [self.sample_prompts(m["key"], m["category"]) for m in metas])
 
     def param_groups(self) -> list[dict]:
-        """With text-encoder adapters, a group of their own at diffusers' settings for the family (SDXL, SD3, FLUX.1:
-        lr 5e-6, weight decay 1e-3; SD 1.x: the denoiser's), or --text_encoder_lr/--adam_weight_decay_text_encoder;
-        Prodigy estimates one step size: --learning_rate for both, as diffusers' scripts."""
-        opts, own = self.opts, self.family.text_encoder_lora_optimizer
-        if not (opts.lora_rank and opts.train_text_encoder):
+        """With --train_text_encoder, the text encoders (or their adapters) in a group of their own at diffusers'
+        settings for the family (adapters: SDXL, SD3, FLUX.1 lr 5e-6, weight decay 1e-3, SD 1.x the denoiser's;
+        whole encoders: SD3, FLUX.1 5e-6 and 1e-3, SD 1.x and SDXL the denoiser's), or --text_encoder_lr /
+        --adam_weight_decay_text_encoder; Prodigy estimates one step size: --learning_rate for both, as diffusers'
+        scripts."""
+        opts = self.opts
+        own = self.family.text_encoder_lora_optimizer if opts.lora_rank else self.family.text_encoder_optimizer
+        if not opts.train_text_encoder:
             return super().param_groups()
-        encoders = [p for name, module in self.lora_modules.items() if name != self.family.denoiser
-                    for p in module.parameters() if p.requires_grad]
-        ids = {id(p) for p in encoders}
-        group = {"params": encoders}
         lr = opts.text_encoder_lr if opts.text_encoder_lr is not None else own[0] if own else None
         decay = (opts.adam_weight_decay_text_encoder if opts.adam_weight_decay_text_encoder is not None else
                  own[1] if own else None)
+        if not opts.lora_rank and (lr, decay) == (None, None):  # one group, as train_dreambooth.py (and its checkpoints)
+            return super().param_groups()
+        encoders = [p for p in self.model.text_encoders.parameters() if p.requires_grad]
+        ids = {id(p) for p in encoders}
+        group = {"params": encoders}
         if lr is not None and opts.optimizer != "prodigy":
             group["lr"] = lr
         if decay is not None:
