@@ -44,6 +44,7 @@ def failure_line(rank: int, code: int) -> str:
 
 def main() -> None:
     from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = launch_command_parser().parse_args()
@@ -60,6 +61,10 @@ def main() -> None:
         if code not in SAID_ITS_OWN:
             print(failure_line(rank, first.exitcode), file=sys.stderr)
         sys.exit(exit_status(code))
+    except SignalException as err:  # torchrun's agent itself was signalled, and stopped the ranks with that signal
+        print(f"launcher: stopped by {err.sigval.name}: so were the ranks (a trainer that saved a checkpoint on it left "
+              "PREEMPTED in its --output_dir)", file=sys.stderr)
+        sys.exit(exit_status(-err.sigval))
 
 
 if __name__ == "__main__":
