@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -169,7 +170,8 @@ rank = int(os.environ["RANK"])
 what = sys.argv[1].split(",")[rank]
 if what == "kill":
     os.kill(os.getpid(), signal.SIGKILL)
-if what == "wait":  # until torchrun's agent ends it (SIGTERM), after the other rank failed
+if what == "wait":  # until torchrun's agent ends it (SIGTERM), after the other rank failed or the agent was signalled
+    open(f"{sys.argv[0]}.{rank}.started", "w").close()
     time.sleep(600)
 sys.exit(int(what))
 """
@@ -198,6 +200,29 @@ def test_the_jobs_launcher_ends_with_the_ranks_own_status_and_no_torchrun_traceb
     ours = [x for x in proc.stderr.splitlines() if x.startswith("launcher: error: ")]
     assert ours == ([f"launcher: error: {line.format(host=socket.gethostname())}" + (
         " (often the out-of-memory killer)" if "SIGKILL" in line else "")] if line else []), proc.stderr[-3000:]
+
+
+def test_a_signalled_launcher_ends_in_one_line_with_the_signal_s_status(tmp_path):
+    """SIGTERM to the launcher (scancel, a node's shutdown): torchrun's agent stops the ranks with it; the launcher ends
+    with 128 + 15 and one line, not torchrun's SignalException traceback and status 1."""
+    import socket
+
+    script = tmp_path / "ranks.py"
+    script.write_text(RANK_EXITS)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "sketch2real.launcher", "--config_file",
+                             str(REPO / "accelerate_configs/cpu.yaml"), "--num_processes", "2", "--main_process_port",
+                             str(port), str(script), "wait,wait"], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    started = [Path(f"{script}.{rank}.started") for rank in (0, 1)]
+    while not all(f.exists() for f in started) and proc.poll() is None:  # both ranks running: then the signal
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143 and "Traceback" not in stderr, stderr[-3000:]
+    assert "launcher: error: " not in stderr and "launcher: stopped by SIGTERM: so were the ranks" in stderr
 
 
 def test_the_latent_store_is_encoded_once_kept_through_a_signal_and_reused(tiny_models, shard_dir, tmp_path, monkeypatch):
