@@ -38,7 +38,22 @@ PRECISION_HELP = ("no, fp16 or bf16 (fp16 needs CUDA); default: accelerate's set
 
 
 class UserError(Exception):
-    """A mistake in the user's input: reported as one line, exit status 2."""
+    """A mistake in the user's input: reported as one line, exit status 2. `same_on_every_rank`: every process of a
+    launch raises it alike (rank 0 looked for all of them): only rank 0 says it, not each of a node's 8 GPUs."""
+
+    same_on_every_rank = False
+
+    @classmethod
+    def on_every_rank(cls, message: str) -> UserError:
+        """The error every process of a launch raises alike (from what they all share), said by rank 0 alone."""
+        error = cls(message)
+        error.same_on_every_rank = True
+        return error
+
+
+def on_other_rank() -> bool:
+    """Whether this is a launched process other than rank 0 (torchrun's RANK)."""
+    return os.environ.get("RANK", "0") not in ("", "0")
 
 
 AFFECTS = ("result", "runtime", "selection")
@@ -204,7 +219,8 @@ class _Parser(argparse.ArgumentParser):
             message += not_taken_advice(names, self.not_taken)
         if self.raise_errors:
             raise _ParseError(one_line(message))
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)}\n")
+        # the same command line on every rank: the same line, said once (by rank 0)
+        self.exit(EXIT_USAGE, None if on_other_rank() else f"{self.prog}: error: {one_line(message)}\n")
 
 
 def default_of(field: dataclasses.Field) -> Any:
@@ -512,7 +528,8 @@ def run_main(main: Callable[[], Any]) -> None:
                 leave_process_group()
         except UserError as err:
             prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "sketch2real"
-            print(f"{prog}: error: {one_line(str(err))}", file=sys.stderr)
+            if not (err.same_on_every_rank and on_other_rank()):
+                print(f"{prog}: error: {one_line(str(err))}", file=sys.stderr)
             sys.exit(EXIT_USAGE)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

@@ -105,7 +105,7 @@ def main_process_view(state, look: Callable[[], T]) -> T:
     if state.num_processes > 1:
         broadcast_object_list(result)
     if result[1] is not None:
-        raise UserError(result[1])
+        raise UserError.on_every_rank(result[1])
     return result[0]
 
 
@@ -127,8 +127,8 @@ def check_shared_folder(state, folder: str | os.PathLike, flag: str = "--output_
     state.wait_for_everyone()
     if state.is_main_process:
         path.unlink(missing_ok=True)
-    if blind:
-        raise UserError(f"{flag} {folder} is not shared: process(es) {blind} do not see what process 0 writes there "
+    if blind:  # every rank gathered the same list
+        raise UserError.on_every_rank(f"{flag} {folder} is not shared: process(es) {blind} do not see what process 0 writes there "
                         "(a node-local disk?); use a folder on storage every node mounts")
 
 

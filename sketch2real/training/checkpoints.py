@@ -299,10 +299,13 @@ def resolve_resume(accelerator, output_dir: str | os.PathLike, resume: str | Non
     'latest' is the newest intact checkpoint of this run (older ones are tried in turn, with a warning);
     a folder holding another run's checkpoints is refused in one line naming what differs.
     """
-    path, error = main_process_view(accelerator, lambda: _decide_resume(Path(output_dir), resume, fingerprint,
-                                                                        launch_of(accelerator)))
-    if error:
-        raise UserError(error)
+    def decide() -> Path | None:
+        path, error = _decide_resume(Path(output_dir), resume, fingerprint, launch_of(accelerator))
+        if error:
+            raise UserError(error)
+        return path
+
+    path = main_process_view(accelerator, decide)
     return Path(path) if path else None
 
 

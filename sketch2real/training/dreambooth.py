@@ -275,11 +275,15 @@ def ensure_class_images(accelerator, opts: DreamBoothOptions) -> None:
     folder = Path(opts.class_data_dir)
     accelerator.wait_for_everyone()
     settings = class_image_settings(opts)
-    problem, missing = main_process_view(accelerator, lambda: (class_images_problem(folder, settings),
-                                                               missing_class_images(folder, opts.num_class_images)))
-    if problem:
-        raise UserError(f"--class_data_dir {folder} holds class images made with other settings ({problem}): give "
-                        "another folder (or the same settings)")
+
+    def look() -> list[int]:
+        problem = class_images_problem(folder, settings)
+        if problem:
+            raise UserError(f"--class_data_dir {folder} holds class images made with other settings ({problem}): give "
+                            "another folder (or the same settings)")
+        return missing_class_images(folder, opts.num_class_images)
+
+    missing = main_process_view(accelerator, look)
     if not missing:
         return
     if accelerator.is_main_process:
