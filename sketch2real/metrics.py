@@ -114,6 +114,10 @@ def of_samples(images: ImageSet, keys: set[str]) -> ImageSet:
     rows = [i for i, key in enumerate(images.sample_keys) if key in keys]
     if not rows:
         raise UserError(f"{images.name}: no image of the {len(keys)} drawn samples")
+    found = len(keys & set(images.sample_keys))
+    if found < len(keys):  # scored on fewer samples than its neighbours in the table: said, not silent
+        logger.warning("%s: images of %d of the %d drawn samples only (the others were not generated): its scores are "
+                       "of those %d", images.name, found, len(keys), found)
     return _rows_of(images, rows)
 
 

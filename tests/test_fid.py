@@ -459,6 +459,12 @@ def test_max_samples_scores_the_same_drawn_samples_on_both_sides(tiny_models, sh
     assert drawn_samples(sketches, 6, 0) == drawn_samples(sketches, 6, 0) != drawn_samples(sketches, 6, 1)
     proc = run_script("eval/fid.py", *common[:-1], str(len(sketches) + 1), "--output_dir", tmp_path / "b", check=False)
     assert proc.returncode == 2 and "the reference has" in proc.stderr
+    # a set without images of some drawn samples is scored on fewer of them: said in one line, not silently
+    drawn = drawn_samples(sketches, 6, 0)
+    (folder / "index.jsonl").write_text("\n".join(r for r in rows if json.loads(r)["sample_key"] not in sorted(drawn)[:4]) + "\n")
+    proc = run_script("eval/fid.py", *common, "--metrics", "fid", "--output_dir", tmp_path / "c")
+    assert "same: images of 2 of the 6 drawn samples only (the others were not generated): its scores are of those 2" \
+        in proc.stderr and _fid(tmp_path / "c")["sets"]["same"]["n_generated"] == 2
 
 
 @pytest.fixture(scope="module")
