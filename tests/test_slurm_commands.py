@@ -18,9 +18,9 @@ echo "$*" > "$FAKE_LOG/srun.args"
 while [ "$1" != bash ]; do shift; done
 for node in 0 1; do SLURM_NODEID=$node SLURM_PROCID=$node "$@" || exit $?; done
 """
-# python3 records `-m accelerate.commands.launch ARGS` as `launch ARGS` and runs everything else for real.
+# python3 records `-m sketch2real.launcher ARGS` (accelerate launch's) as `launch ARGS` and runs everything else for real.
 FAKE_PYTHON = f"""#!/usr/bin/env bash
-if [ "$1 $2" = "-m accelerate.commands.launch" ]; then
+if [ "$1 $2" = "-m sketch2real.launcher" ]; then
   shift 2; printf '%s\\n' launch "$@" > "$FAKE_LOG/accelerate.node$SLURM_NODEID.args"; exit 0
 fi
 exec {sys.executable} "$@"
