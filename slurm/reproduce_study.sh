@@ -22,6 +22,23 @@ CATEGORIES=${CATEGORIES:-dog,helicopter,hamburger}
 export SHARDS=${SHARDS:-data/shards}
 flags=("$@")
 ids=() generations=() sets=()
+if [ -f "$SHARDS/train.json" ] && [ -f "$SHARDS/test.json" ]; then
+  # data prep done: a category typo or more evaluation sketches than the test split has stop here, in one line, not in
+  # the jobs that need them (the last of the chain, after every training)
+  "${PYTHON:-python3}" - "$SHARDS" "$CATEGORY" "$CATEGORIES" "${STUDY_SAMPLES:-100}" <<'EOF' || exit 2
+import json, sys
+shards, category, categories, samples = sys.argv[1], sys.argv[2], sys.argv[3].split(","), int(sys.argv[4])
+index = {split: json.load(open(f"{shards}/{split}.json")) for split in ("train", "test")}
+known = {c for shard in index["train"]["shards"] for c in shard["categories"]}
+unknown = [c for c in (category, *categories) if c not in known]
+if unknown:
+    sys.exit(f"reproduce_study.sh: error: {', '.join(unknown)}: no such category in {shards}'s train split "
+             "(CATEGORY, CATEGORIES; names as in Sketchy, e.g. car_(sedan))")
+if samples > index["test"]["total"]:
+    sys.exit(f"reproduce_study.sh: error: STUDY_SAMPLES={samples}: {shards}'s test split has "
+             f"{index['test']['total']} samples")
+EOF
+fi
 
 config() {  # config JOB: the --config flag of JOB's script, when CONFIGS has one
   if [ -n "${CONFIGS:-}" ] && [ -f "$CONFIGS/$1.yaml" ]; then printf -- '--config\n%s\n' "$CONFIGS/$1.yaml"; fi

@@ -244,3 +244,28 @@ def test_the_scoring_job_is_requeued_when_preempted():
     and starts over (from the cached reference features)."""
     text = (REPO / "slurm" / "fid.sh").read_text()
     assert {"#SBATCH --requeue", "#SBATCH --open-mode=append"} <= set(text.splitlines())
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"CATEGORY": "dgo"}, "dgo: no such category in {shards}'s train split"),
+    ({"STUDY_SAMPLES": "100"}, "STUDY_SAMPLES=100: {shards}'s test split has 27 samples")])
+def test_the_study_chain_checks_its_categories_and_samples_before_submitting(settings, message, tmp_path):
+    """After data prep, reproduce_study.sh refuses a category typo or more evaluation sketches than the test split
+    has in one line, before any job is submitted (the last job of the chain found it, after every training)."""
+    shards, bin_dir = tmp_path / "shards", tmp_path / "bin"
+    shards.mkdir()
+    bin_dir.mkdir()
+    (shards / "train.json").write_text(json.dumps({"shards": [{"categories": ["cat", "dog", "apple"]}], "total": 3}))
+    (shards / "test.json").write_text(json.dumps({"shards": [{"categories": ["cat"] * 27}], "total": 27}))
+    (bin_dir / "sbatch").write_text(f"#!/bin/sh\ntouch {tmp_path}/submitted\necho 1\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SHARDS": str(shards), "CATEGORIES": "dog,apple",
+           "STUDY_SAMPLES": "6", **settings}
+    proc = subprocess.run(["bash", "slurm/reproduce_study.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"reproduce_study.sh: error: {message.format(shards=shards)}" + (
+            " (CATEGORY, CATEGORIES; names as in Sketchy, e.g. car_(sedan))" if "category" in message else "")]
+    assert not (tmp_path / "submitted").exists()
+    proc = subprocess.run(["bash", "slurm/reproduce_study.sh"], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env={**env, "CATEGORY": "cat", "STUDY_SAMPLES": "6", "RUNS": str(tmp_path / "runs")})
+    assert proc.returncode == 0 and (tmp_path / "submitted").exists(), proc.stderr  # the same settings, fixed: submitted
