@@ -696,6 +696,11 @@ def test_dora_reloads_as_dora_in_plain_diffusers_and_generation(db_args, tmp_pat
     rerun = parse_options(DreamBoothOptions, ["--config", str(out / "run_config.json")])
     assert dataclasses.asdict(rerun) == {k: v for k, v in json.loads((out / "run_config.json").read_text()).items()}
     assert prompt == "a sks sketch of a cat" and card["image"].size == (64, 64)
+    # continued without --use_dora: the line says it is a DoRA (it said only "does not fit", 0 adapters missing)
+    proc = run_script("train/dreambooth.py", *db_args, "--output_dir", tmp_path / "plain", "--lora_rank", "4",
+                      "--lora_alpha", "8", "--train_text_encoder", "--initial_lora", out, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].endswith(
+        "it is a DoRA (magnitude vectors): give --use_dora"), proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("rank", [2, 4])  # the tiny UNet's factors: rank 2 stores w2 as a product, rank 4 both whole

@@ -688,8 +688,11 @@ def load_lora_adapters(family: Family, modules: dict[str, torch.nn.Module], fold
                             "(use the --lora_rank it was trained with)") from err
         missing = [k for k in result.missing_keys if "lora_" in k]
         if not state or missing or result.unexpected_keys:
+            dora = ("; it is a DoRA (magnitude vectors): give --use_dora" if any("lora_magnitude_vector" in k for k in
+                    result.unexpected_keys) else "; it is a plain LoRA (no magnitude vectors): leave out --use_dora"
+                    if any("lora_magnitude_vector" in k for k in missing) else "")
             raise UserError(f"--initial_lora {folder} does not fit this model's {name} adapters "
-                            f"({len(state)} saved tensors, {len(missing)} adapters missing)")
+                            f"({len(state)} saved tensors, {len(missing)} adapters missing){dora}")
 
 
 def save_pipeline(opts: TrainOptions, state: dict[str, torch.Tensor], out: Path) -> None:
