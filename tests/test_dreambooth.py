@@ -1316,3 +1316,20 @@ def test_push_to_hub_fails_before_training_without_login_and_uploads_the_model_w
             name: data for name, data in _files(out).items() if not name.startswith(("checkpoint-", "latent_cache/"))}
     finally:
         hub.close()
+
+
+def test_the_card_s_lines_load_the_run_s_vae_and_call_the_pipeline_as_training_conditioned(tmp_path):
+    """A run with another VAE (SDXL's fp16 fix) and SDXL's size conditioning: the card's diffusers lines load that
+    VAE and pass the original size training gave (they loaded the base's VAE and left SDXL at its default size); SD3's
+    prompts at the T5 length training used (77; the pipeline's default is 256)."""
+    from sketch2real.family import FAMILIES
+    from sketch2real.training.model_card import usage
+
+    card = usage("lora", "stabilityai/stable-diffusion-xl-base-1.0", tmp_path, "a sks sketch", FAMILIES["sdxl"],
+                 vae="madebyollin/sdxl-vae-fp16-fix")
+    assert "vae = AutoencoderKL.from_pretrained('madebyollin/sdxl-vae-fp16-fix')" in card
+    assert "DiffusionPipeline.from_pretrained('stabilityai/stable-diffusion-xl-base-1.0', vae=vae)" in card
+    assert "from diffusers import AutoencoderKL, DiffusionPipeline" in card
+    assert "image = pipe('a sks sketch', original_size=(256, 256), crops_coords_top_left=(0, 0)).images[0]" in card
+    sd3 = usage("lora", "stabilityai/stable-diffusion-3.5-medium", tmp_path, "a sks sketch", FAMILIES["sd3"])
+    assert "image = pipe('a sks sketch', max_sequence_length=77).images[0]" in sd3 and "vae" not in sd3

@@ -64,10 +64,11 @@ def _interval(ci95: Any) -> str:
     return f"[{ci95[0]:.4g}, {ci95[1]:.4g}]"
 
 
-def usage(kind: str, base: str, out: Path, prompt: str, family: Family, repo_id: str | None = None) -> str:
+def usage(kind: str, base: str, out: Path, prompt: str, family: Family, repo_id: str | None = None, vae: str = "") -> str:
     """How to generate with the result, with a prompt that uses what was trained (`prompt`; ControlNet: its
-    template): this project's command, and the lines of plain diffusers (but for LoKr, which diffusers cannot load).
-    `repo_id`: the hub repository the result is pushed to, which the lines then load from."""
+    template): this project's command, and the lines of plain diffusers (but for LoKr, which diffusers cannot load),
+    with the run's other VAE (`vae`) and the call arguments of the family's training conditioning (SDXL's original
+    size, SD3's prompt length). `repo_id`: the hub repository the result is pushed to, which the lines then load from."""
     local = out
     if repo_id:  # the command reads a local folder: the repository downloaded into one
         out = Path(repo_id.split("/")[-1])
@@ -81,7 +82,9 @@ def usage(kind: str, base: str, out: Path, prompt: str, family: Family, repo_id:
     lines = ["```bash", *download, f"python infer/generate.py {generate} {prompts} --output_dir generated", "```"]
     tokens = kind == "embeddings" or (kind == "lora" and (local / "learned_embeds.safetensors").is_file())
     source = repo_id or str(out)  # diffusers' loaders take a hub id as they take a folder
-    imports, code = ["DiffusionPipeline"], [f"pipe = DiffusionPipeline.from_pretrained({base!r})"]
+    # a base loaded beside the result gets the run's other VAE (a saved pipeline holds it already)
+    with_vae = ", vae=vae" if vae and kind != "pipeline" else ""
+    imports, code = ["DiffusionPipeline"], [f"pipe = DiffusionPipeline.from_pretrained({base!r}{with_vae})"]
     if kind == "pipeline":
         code = [f"pipe = DiffusionPipeline.from_pretrained({source!r})"]
     elif kind == "lora":
@@ -90,7 +93,7 @@ def usage(kind: str, base: str, out: Path, prompt: str, family: Family, repo_id:
         pipeline = pipeline_class(family, controlnet=True).__name__
         imports = [family.controlnet_class, pipeline]
         code = [f"controlnet = {family.controlnet_class}.from_pretrained({source!r})",
-                f"pipe = {pipeline}.from_pretrained({base!r}, controlnet=controlnet)"]
+                f"pipe = {pipeline}.from_pretrained({base!r}, controlnet=controlnet{with_vae})"]
     elif kind != "embeddings":  # LoKr: no diffusers loader reads it
         return "\n".join([*lines, "", f"`{LOKR_FILE}` is in LyCORIS' names: ComfyUI, A1111 and kohya's scripts load it; "
                           "diffusers' `load_lora_weights` reads no LoKr file (the command above merges it as ComfyUI does)."])
@@ -105,7 +108,11 @@ def usage(kind: str, base: str, out: Path, prompt: str, family: Family, repo_id:
     prompt_code = repr(prompt_line)
     if tokens and not hasattr(pipeline_class(family), "maybe_convert_prompt"):  # SD3: no loader to expand tokens
         prompt_code = f"spell_out_tokens(pipe, {prompt_code})"
-    code.append(f"image = pipe({prompt_code}{condition}).images[0]")
+    settings = "".join(f", {k}={v!r}" for k, v in family.generation_kwargs().items())  # as training conditioned it
+    code.append(f"image = pipe({prompt_code}{condition}{settings}).images[0]")
+    if with_vae:
+        imports.append("AutoencoderKL")
+        code.insert(0, f"vae = AutoencoderKL.from_pretrained({vae!r})")
     header = [f"from diffusers import {', '.join(sorted(imports))}"]
     header += ["from diffusers.utils import load_image", "from PIL import ImageOps"] if kind == "controlnet" else []
     if tokens:
@@ -152,5 +159,5 @@ def model_card(opts, trainer: str, summary: dict[str, Any], out: Path, family: F
     mosaics = sorted((out / "validation").glob("step-*.png"))
     if mosaics:
         lines += ["", "## Samples (the last validation)", "", f"![validation images]({mosaics[-1].relative_to(out)})"]
-    lines += ["", "## Use", "", usage(kind, base, out, prompt, family, repo_id), ""]
+    lines += ["", "## Use", "", usage(kind, base, out, prompt, family, repo_id, opts.pretrained_vae_model_name_or_path), ""]
     return "\n".join(lines)
