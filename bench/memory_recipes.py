@@ -138,7 +138,7 @@ def report_sd(args: argparse.Namespace) -> None:
         "LoRA r=8 + gradient checkpointing": 2 * u + 16 * step["lora_params"],
         "full UNet, AdamW + checkpointing": (16 + 2) * u,
         "full UNet, 8-bit AdamW + checkpointing": (10 + 2) * u,
-        "full UNet + both text encoders, 8-bit AdamW + checkpointing": (10 + 2) * (u + t) - 2 * t,
+        "full UNet + both text encoders, 8-bit AdamW + checkpointing": (10 + 2) * (u + t),
         "full UNet, ZeRO-2 over 8 GPUs + checkpointing": 2 * u + 18 * u / 8,
         "full UNet, ZeRO-2 optimizer offload to CPU + checkpointing": 2 * u,
         "ControlNet, 8-bit AdamW + checkpointing": 2 * u + (10 + 2) * c,
@@ -149,9 +149,10 @@ def report_sd(args: argparse.Namespace) -> None:
           f"activations and temporaries {act / GIB:.2f} GiB")
     print("| recipe | model states GiB | + frozen encoders/VAE | + activations | total GiB | fits |\n|---|---:|---:|---:|---:|---|")
     for name, states in recipes.items():
-        total = states + frozen_rest + act
+        frozen = 2 * n["vae"] if "text encoders" in name else frozen_rest  # trained encoders are in the states
+        total = states + frozen + act
         fits = next((f"{card} GB" for card in (24, 40, 80) if total / GIB < 0.92 * card), "> 80 GB")  # 8% for CUDA
-        print(f"| {name} | {states / GIB:.1f} | {frozen_rest / GIB:.1f} | {act / GIB:.1f} | {total / GIB:.1f} | {fits} |")
+        print(f"| {name} | {states / GIB:.1f} | {frozen / GIB:.1f} | {act / GIB:.1f} | {total / GIB:.1f} | {fits} |")
 
 
 # ---- flow-matching transformers: FLUX.1 [dev] 12B, FLUX.2 [klein] 4B --------------------------------------------------
