@@ -39,21 +39,22 @@ PRECISION_HELP = ("no, fp16 or bf16 (fp16 needs CUDA); default: accelerate's set
 
 class UserError(Exception):
     """A mistake in the user's input: reported as one line, exit status 2. `same_on_every_rank`: every process of a
-    launch raises it alike (rank 0 looked for all of them): only rank 0 says it, not each of a node's 8 GPUs."""
+    launch raises it alike (rank 0 looked for all of them): each node's first process says it, not each of its 8
+    GPUs (every node's log keeps it: srun may kill a node's tasks before rank 0 has printed)."""
 
     same_on_every_rank = False
 
     @classmethod
     def on_every_rank(cls, message: str) -> UserError:
-        """The error every process of a launch raises alike (from what they all share), said by rank 0 alone."""
+        """The error every process of a launch raises alike (from what they all share), said once per node."""
         error = cls(message)
         error.same_on_every_rank = True
         return error
 
 
 def on_other_rank() -> bool:
-    """Whether this is a launched process other than rank 0 (torchrun's RANK)."""
-    return os.environ.get("RANK", "0") not in ("", "0")
+    """Whether this is a launched process other than its node's first (torchrun's LOCAL_RANK)."""
+    return os.environ.get("LOCAL_RANK", "0") not in ("", "0")
 
 
 AFFECTS = ("result", "runtime", "selection")
@@ -219,7 +220,7 @@ class _Parser(argparse.ArgumentParser):
             message += not_taken_advice(names, self.not_taken)
         if self.raise_errors:
             raise _ParseError(one_line(message))
-        # the same command line on every rank: the same line, said once (by rank 0)
+        # the same command line on every rank: the same line, said once per node
         self.exit(EXIT_USAGE, None if on_other_rank() else f"{self.prog}: error: {one_line(message)}\n")
 
 

@@ -545,7 +545,15 @@ def recorded_family(folder: str | Path) -> Family | None:
     config = Path(folder) / "run_config.json"
     try:
         recorded = json.loads(config.read_text())
-        return family_of(recorded["pretrained_model_name_or_path"], recorded.get("revision"))
+        base, revision = recorded["pretrained_model_name_or_path"], recorded.get("revision")
+        if not Path(base).is_dir():  # a hub id: from the hub cache only (no network round trip for a check)
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(base, "model_index.json", revision=revision)
+            if not isinstance(cached, str):
+                return None
+            return family_of_class(json.loads(Path(cached).read_text()).get("_class_name", ""), base)
+        return family_of(base, revision)
     except (OSError, ValueError, KeyError, TypeError, UserError):
         return None
 

@@ -29,12 +29,13 @@ def test_ddp_timeout_reaches_every_process_group(mode, tmp_path):
     assert elapsed < 75, f"{elapsed:.0f} s: the timeout did not reach the process group"
 
 
-def test_a_folder_that_is_not_shared_is_one_line_on_every_rank(tmp_path):
+def test_a_folder_that_is_not_shared_is_one_line_on_every_node(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out-rank1").mkdir()
     proc = launch("tests/probes/collectives.py", "shared", tmp_path / "out", check=False, timeout=120)
     assert proc.returncode != 0
-    assert proc.stderr.count("is not shared: process(es) [1] do not see") == 2, proc.stderr[-2000:]  # one line each
+    # the same line on every rank: said once per node (a node's 8 GPUs printed it 8 times), here one
+    assert proc.stderr.count("is not shared: process(es) [1] do not see") == 1, proc.stderr[-2000:]
     same = launch("tests/probes/collectives.py", "shared", tmp_path / "out-rank1", check=False, timeout=120)
     assert same.returncode != 0  # rank 1 looks in out-rank1-rank1: not there either (the check is real)
     (tmp_path / "out-rank1-rank1").symlink_to(tmp_path / "out-rank1")

@@ -356,8 +356,8 @@ def test_no_resumable_checkpoint_stops_a_resume_in_one_line(checkpointed, tmp_pa
     proc = run_script("train/dreambooth.py", *args, "--output_dir", out, "--resume_from_checkpoint", "latest", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "none of the 2 checkpoints" in proc.stderr.strip().splitlines()[-1] and not (out / "metrics.json").exists()
-    # 2 processes (rank 0 decides for all; a global batch of 2: another run's): said once, not once per rank (8 lines
-    # on a node of 8 GPUs)
+    # 2 processes (rank 0 decides for all; a global batch of 2: another run's): said once per node, not once per rank
+    # (8 lines on a node of 8 GPUs)
     proc = launch("train/dreambooth.py", *args, "--output_dir", out, "--resume_from_checkpoint", "latest", check=False)
     said = [line for line in proc.stderr.splitlines() if "dreambooth.py: error: " in line]
     assert proc.returncode != 0 and len(said) == 1 and "holds checkpoints of another run" in said[0], proc.stderr[-3000:]

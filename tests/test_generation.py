@@ -218,6 +218,22 @@ def test_a_lora_of_another_family_is_one_line_before_any_weight_loads(tiny_model
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].endswith(
         f"--lora {lora} is a LoRA of a sd model (its run_config.json), {flux} is a flux model: give a base model of its "
         "family"), proc.stderr[-3000:]
+    # a LoRA whose base is a hub id: its family from the hub cache (no network round trip), else not checked
+    from huggingface_hub import constants
+
+    from sketch2real.family import recorded_family
+
+    from .helpers import hub_cache_of_defaults
+
+    (lora / "run_config.json").write_text(json.dumps({"pretrained_model_name_or_path": "stable-diffusion-v1-5/stable-diffusion-v1-5"}))
+    original = constants.HF_HUB_CACHE
+    constants.HF_HUB_CACHE = str(hub_cache_of_defaults(tiny_models))
+    try:
+        assert recorded_family(lora).name == "sd"
+        (lora / "run_config.json").write_text(json.dumps({"pretrained_model_name_or_path": "someone/not-cached"}))
+        assert recorded_family(lora) is None
+    finally:
+        constants.HF_HUB_CACHE = original
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     save_file({"transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 8),

@@ -718,6 +718,14 @@ def test_shards_and_captions_copied_elsewhere_are_the_same_run_for_a_resume(tmp_
     assert moved.matches(saved) and moved.matches(older)
     (tmp_path / "local" / "shards" / "train.json").write_text('{"total": 4}')
     assert not fingerprint(tmp_path / "local" / "shards", captions).matches(older)
+    # a run without captions is another run (its fingerprint: captions '' and no contents), and a checkpoint saved
+    # before captions were known by contents (the path alone) is this run's at that path only
+    without = dict(run_fingerprint(parse_options(_db(), ["--pretrained_model_name_or_path", "m", "--output_dir", "o",
+                                                         "--shard_dir", str(shards)]), 1))
+    assert without["captions"] == "" and not fingerprint(shards, captions).matches(without)
+    by_path = {k: v for k, v in older.items() if k != "captions_data"}
+    assert fingerprint(shards, captions).matches(by_path) and not moved.matches(by_path)
+    assert "captions: " in moved.differences(by_path)
 
 
 def test_captions_that_reach_no_image_are_one_line_not_a_template_run(tmp_path):

@@ -44,22 +44,34 @@ class RunFingerprint(dict):
     option (written by a version before the option existed) is of the same run where this one has it at its default,
     so a job requeued onto an upgraded checkout resumes its checkpoints."""
 
-    def __init__(self, values: dict[str, Any], defaults: dict[str, Any], by_content: frozenset[str] = frozenset()):
+    def __init__(self, values: dict[str, Any], defaults: dict[str, Any],
+                 by_content: dict[str, tuple[str, Any]] | None = None):
         super().__init__(values)
         self.defaults = defaults
-        self.by_content = by_content  # path options whose contents are fingerprinted instead: where they are is no matter
+        # path options known by their contents (option -> (the contents' key, this run's path)): where they are is no
+        # matter, against a fingerprint that knows them by contents too
+        self.by_content = by_content or {}
 
-    def _completed(self, theirs: dict[str, Any]) -> dict[str, Any]:
-        theirs = {k: v for k, v in theirs.items() if k not in self.by_content}
-        return {**{k: v for k, v in self.items() if k not in theirs and self.defaults.get(k, MISSING) == v}, **theirs}
+    def _sides(self, theirs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(this run, a saved one completed with this run's defaults), compared option by option."""
+        mine, theirs = dict(self), dict(theirs)
+        for option, (contents, path) in self.by_content.items():
+            if contents in theirs:
+                theirs.pop(option, None)
+            elif option in theirs:  # saved by path (no such contents then, or before they were recorded): by path
+                mine[option] = path
+        return mine, {**{k: v for k, v in mine.items() if k not in theirs and self.defaults.get(k, MISSING) == v}, **theirs}
 
     def matches(self, theirs: dict[str, Any] | None) -> bool:
         """Whether a saved fingerprint (None: none saved, an older checkpoint) is of this run."""
-        return theirs is None or dict(self) == self._completed(theirs)
+        if theirs is None:
+            return True
+        mine, theirs = self._sides(theirs)
+        return mine == theirs
 
     def differences(self, theirs: dict[str, Any]) -> str:
         """What differs, in the wording of every refusal of another run's outputs (`io.differences`)."""
-        return differences(self, self._completed(theirs))
+        return differences(*self._sides(theirs))
 
 
 
@@ -75,19 +87,19 @@ def run_fingerprint(opts, num_processes: int) -> RunFingerprint:
     choices["global_batch_size"] = opts.train_batch_size * num_processes
     if opts.lr_scheduler not in CONSTANT_SCHEDULES:
         choices["max_train_steps"] = opts.max_train_steps
-    by_content = set()  # shards and captions by what they hold: copied elsewhere (a node's local disk), the same run
+    by_content = {}  # shards and captions by what they hold: copied elsewhere (a node's local disk), the same run
     index = Path(opts.shard_dir) / f"{opts.split}.json" if getattr(opts, "shard_dir", "") else None
     if index is not None and index.is_file():
         choices["data"] = hashlib.sha256(index.read_bytes()).hexdigest()[:16]
-        by_content.add("shard_dir")
+        by_content["shard_dir"] = ("data", choices["shard_dir"])
     defaults = defaults_in_context(opts)
     captions = Path(getattr(opts, "captions", "") or "")
     if captions.is_file():  # the prompts are data too: an edited captions file is another run
         choices["captions_data"] = defaults["captions_data"] = hashlib.sha256(captions.read_bytes()).hexdigest()[:16]
         # (its own default: a checkpoint saved before it was recorded still resumes)
-        by_content.add("captions")
+        by_content["captions"] = ("captions_data", choices["captions"])
     choices = {k: v for k, v in choices.items() if k not in by_content}
-    return RunFingerprint(_normalized(choices), _normalized(defaults), frozenset(by_content))
+    return RunFingerprint(_normalized(choices), _normalized(defaults), _normalized(by_content))
 
 
 def options_fingerprint(opts, ignored: frozenset[str] = frozenset()) -> RunFingerprint:
@@ -373,8 +385,9 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, total
             shutil.rmtree(final)
         os.replace(partial, final)
         for leftover in out.glob("checkpoint-*.partial"):  # a save cut short by a kill: never resumable
-            shutil.rmtree(leftover, ignore_errors=True)
-            logger.info("removed %s (a save that was cut short)", leftover)
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+                logger.info("removed %s (a save that was cut short)", leftover)
         if total_limit:
             mine = [folder for _, folder in list_checkpoints(out)
                     if folder != final and fingerprint.matches((read_train_state(folder) or {}).get("fingerprint", {}))]
