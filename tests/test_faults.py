@@ -672,3 +672,24 @@ def test_an_output_folder_of_another_trainers_finished_run_is_refused(tiny_model
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and f"{out} holds a finished textual_inversion run" in last, proc.stderr[-2000:]
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_an_optimizer_state_of_other_parameter_groups_is_one_line(tmp_path):
+    """A checkpoint whose optimizer has other parameter groups than this version builds (a full SD3/FLUX.1 run with
+    --train_text_encoder saved before its encoders got a group of their own): torch's refusal, in one line."""
+    import torch
+
+    from sketch2real.cli import UserError
+    from sketch2real.training.checkpoints import load_checkpoint
+
+    saved = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))])
+    now = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.ones(2))]}, {"params": [torch.nn.Parameter(torch.ones(2))]}])
+
+    class Accelerator:
+        state = type("S", (), {"deepspeed_plugin": None})()
+
+        def load_state(self, folder, **kwargs):
+            now.load_state_dict(saved.state_dict())  # what accelerate does with the saved optimizer.bin
+
+    with pytest.raises(UserError, match=r"checkpoint-4 holds an optimizer state of other parameter groups .* start over"):
+        load_checkpoint(Accelerator(), tmp_path / "checkpoint-4")

@@ -400,5 +400,12 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, total
 
 def load_checkpoint(accelerator, folder: Path) -> int:
     """Restore a verified checkpoint of `save_checkpoint`; returns its step. Frozen weights come from the base model."""
-    accelerator.load_state(str(folder), **checkpoint_kwargs(accelerator, saving=False))
+    try:
+        accelerator.load_state(str(folder), **checkpoint_kwargs(accelerator, saving=False))
+    except ValueError as err:  # torch's optimizer: "... a different number of parameter groups" (or of parameters)
+        if "parameter group" not in str(err):
+            raise
+        raise UserError(f"{folder} holds an optimizer state of other parameter groups than this version makes (since "
+                        "full SD3/FLUX.1 text encoders train in a group of their own): resume it with the version that "
+                        "saved it, or start over in another --output_dir") from err
     return int(read_train_state(folder)["step"])
