@@ -339,6 +339,11 @@ def _config_values(parser: argparse.ArgumentParser, cls: type, path: str) -> dic
     """A config file's values, each converted by `parser` exactly as the same text given as a flag."""
     loaded = load_config(path)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    aliases = {alias: f.name for f in fields.values() for alias in f.metadata.get("aliases", ())}  # `rank: 4` too
+    twice = [alias for alias in loaded if alias in aliases and aliases[alias] in loaded]
+    if twice:
+        raise UserError(f"config file {path}: {twice[0]} and {aliases[twice[0]]} are one option: give one")
+    loaded = {aliases.get(k, k): v for k, v in loaded.items()}
     unknown = sorted(set(loaded) - set(fields))
     if unknown:
         raise UserError(one_line(f"unknown option(s) in {path}: {', '.join(unknown)}"

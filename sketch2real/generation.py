@@ -458,11 +458,13 @@ class GenerateOptions:
                             choices=("", *NOISE_SAMPLERS))
     num_inference_steps: int = option(50, help="denoising steps", min=1)
     guidance_scale: float | None = option(None, help="guidance scale (classifier-free, <= 1: none; FLUX.1 [dev]: the "
-                                          "embedded guidance); default: the family's (SD, SDXL 7.5; SD3 7.0; FLUX.1 3.5)",
+                                          "embedded guidance); default: the family's (SD, SDXL 7.5; SD3 7.0; FLUX.1 3.5; FLUX.2 [klein] 4.0)",
                                           min=0)
     height: int | None = option(None, help="image height in pixels; default: the model's own, as its diffusers pipeline "
-                                "has it (SD 1.5 512, SDXL/SD3/FLUX 1024)", min=8, multiple_of=8)
-    width: int | None = option(None, help="image width in pixels; default: the model's own", min=8, multiple_of=8)
+                                "has it (SD 1.5 512, SDXL/SD3/FLUX 1024); SD3 and FLUX take a multiple of 16", min=8,
+                                multiple_of=8)
+    width: int | None = option(None, help="image width in pixels; default: the model's own (SD3, FLUX: a multiple of "
+                               "16)", min=8, multiple_of=8)
     batch_size: int = option(8, help="images per batch per process", min=1, affects="runtime")
     seed: int = option(0, help="global seed: each image's seed derives from it and the item's key only", min=0)
     mixed_precision: str | None = option(None, help=PRECISION_HELP, choices=("no", "fp16", "bf16"), affects="runtime")

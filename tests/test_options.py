@@ -224,6 +224,17 @@ def test_config_values_are_converted_like_flags(tmp_path):
            {k: v for k, v in dataclasses.asdict(opts).items() if k != "checkpoints_total_limit"}
 
 
+def test_a_config_takes_an_option_s_alias_as_its_flag_does(tmp_path):
+    """`rank: 4` in a config file is --lora_rank, as `--rank 4` is (diffusers' name; it was an unknown option there);
+    the alias and the name both given are one line."""
+    config = tmp_path / "run.yaml"
+    config.write_text("rank: 4\n")
+    assert parse_options(_db(), ["--config", str(config)]).lora_rank == 4 == parse_options(_db(), ["--rank", "4"]).lora_rank
+    config.write_text("rank: 4\nlora_rank: 8\n")
+    with pytest.raises(UserError, match="rank and lora_rank are one option: give one"):
+        parse_options(_db(), ["--config", str(config)])
+
+
 def test_command_line_flags_override_the_config(tmp_path):
     config = tmp_path / "run.json"
     config.write_text(json.dumps({"max_train_steps": 3, "validation_prompt": ["a", "b"], "cache_latents": False}))

@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import re
 
 import pytest
 
@@ -196,3 +197,20 @@ def test_stages_that_would_train_or_measure_the_same_thing_twice_are_refused(sta
     with pytest.raises(UserError, match=message.replace("{", r"\{").replace("}", r"\}")):
         check("--stages", stages, "--instance_prompt", prompt)
     check("--stages", "cat", "--instance_prompt", "a cat in the style of sks")  # one stage: no {category} needed
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max_train_steps", "400"], "--max_train_steps is not used here"),  # at DreamBooth's default too (accepted before)
+    (["--instance_category", "dog"], "--instance_category is not used here"),
+    (["--resume_from_checkpoint", "out/checkpoint-2"], "give --resume_from_checkpoint latest")])
+def test_dreambooth_flags_each_stage_sets_itself_are_refused_when_given(flags, message, tmp_path):
+    """DreamBooth's options that each stage sets itself were replaced without a word when given (a --max_train_steps
+    at DreamBooth's default value was taken, --instance_category and a checkpoint path ignored): one line each."""
+    from sketch2real.cli import UserError, parse_options
+    from sketch2real.training.sequential import SequentialOptions
+
+    args = ["--pretrained_model_name_or_path", "base", "--shard_dir", "s", "--output_dir", str(tmp_path), "--stages",
+            "cat,apple", "--instance_prompt", "a {category} in the style of sks"]
+    with pytest.raises(UserError, match=re.escape(message)):
+        parse_options(SequentialOptions, [*args, *flags]).check()
+    parse_options(SequentialOptions, [*args, "--resume_from_checkpoint", "latest"]).check()

@@ -76,7 +76,8 @@ class TrainOptions:
     split: str = option("train", help="shard split to train on")
     validation_split: str = option("val", help="shard split for the held-out denoising loss")
     resolution: int | None = option(None, help="training resolution in pixels; default: the family's, as diffusers' "
-                                               "scripts (SDXL: 1024; SD 1.x/2.x, SD3, FLUX: 512)", min=8, multiple_of=8)
+                                               "scripts (SDXL: 1024; SD 1.x/2.x, SD3, FLUX: 512); SD3 and FLUX take "
+                                               "a multiple of 16", min=8, multiple_of=8)
     train_batch_size: int = option(1, help="batch size per device", min=1, affects="runtime")
     max_train_steps: int = option(400, help="optimizer steps to train", min=1, affects="runtime")
     gradient_accumulation_steps: int = option(1, help="micro-batches per optimizer step", min=1)
@@ -119,7 +120,8 @@ class TrainOptions:
     cache_latents: bool = option(True, help="encode each training image with the VAE once per run, not every step (same "
                                             "training: the posterior is sampled with each step's noise); off: --cache_latents false",
                                             affects="runtime")
-    latent_cache_dir: str = option("", help="folder of the on-disk latent cache of large training sets (TI, ControlNet): "
+    latent_cache_dir: str = option("", help="folder of the on-disk latent cache (and DreamBooth's stored prompt "
+                                   "encodings) of large training sets: "
                                    "encoded once by all ranks, reused by later runs with the same VAE, resolution and "
                                    "images; put it on storage every node sees (default: OUTPUT_DIR/latent_cache)", affects="runtime")
     dataloader_num_workers: int | None = option(None, help="processes per trainer decoding images ahead of the step (0: in "

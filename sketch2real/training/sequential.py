@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from sketch2real.cli import UserError, default_of, option
+from sketch2real.cli import UserError, option
 from sketch2real.io import write_json
 from sketch2real.metrics import mean_ci95, verdict
 from sketch2real.sketchy import category_words
@@ -37,6 +37,9 @@ class SequentialOptions(DreamBoothOptions):
         **DreamBoothOptions.FLAGS_NOT_TAKEN,
         **dict.fromkeys(("num_train_epochs", "repeats"), "give --steps_per_stage (optimizer steps of each stage)")}
 
+    # DreamBooth's options that each stage sets itself: given, they are refused (not silently replaced)
+    max_train_steps: int | None = option(None, help="not used: each stage trains --steps_per_stage steps", min=1,
+                                         affects="runtime")
     stages: list[str] = option([], help="categories in training order, e.g. cat,dog,helicopter,hamburger (commas or spaces)")
     steps_per_stage: int = option(400, help="optimizer steps of each stage", min=1)
 
@@ -53,9 +56,13 @@ class SequentialOptions(DreamBoothOptions):
         if len(stages) > 1 and "{category}" not in self.instance_prompt:  # every stage would learn the same prompt
             raise UserError(f"--instance_prompt {self.instance_prompt!r} is the same for every stage: put {{category}} "
                             "in --instance_prompt (e.g. 'a {category} in the style of sks')")
-        steps = next(f for f in dataclasses.fields(self) if f.name == "max_train_steps")
-        if self.max_train_steps != default_of(steps):  # given: --steps_per_stage replaces it
+        if self.max_train_steps is not None:  # given: --steps_per_stage replaces it
             raise UserError("--max_train_steps is not used here: each stage trains --steps_per_stage steps")
+        if self.instance_category:
+            raise UserError("--instance_category is not used here: each stage's category is the next of --stages")
+        if self.resume_from_checkpoint not in (None, "latest"):
+            raise UserError(f"--resume_from_checkpoint {self.resume_from_checkpoint}: sequential DreamBooth resumes "
+                            "its stages where they stopped: give --resume_from_checkpoint latest")
         if not self.shard_dir:
             raise UserError("--shard_dir is required: each stage's instance images and held-out images come from it")
         super().check()
