@@ -59,7 +59,9 @@ class DreamBoothOptions(TrainOptions):
         pre_compute_text_embeddings="not needed: with the text encoders frozen, prompts are encoded once and the "
                                     "encoders freed",
         prior_generation_precision="class images are generated in --mixed_precision's dtype",
-        output_kohya_format="give --lora_format comfyui (kohya's key names; SD 1.x, SDXL)")
+        output_kohya_format="give --lora_format comfyui (kohya's key names; SD 1.x, SDXL)",
+        lora_dropout="not taken: LoRA adapters train without dropout (diffusers' default, 0)",
+        train_text_encoder_frac="not taken: with --train_text_encoder the encoders (or their adapters) train every step")
 
     instance_category: str = option("", help="Sketchy category whose images are the instance set (from --shard_dir)")
     instance_image_type: str = option("sketch", help="sketch or photo: which image of each pair to learn",

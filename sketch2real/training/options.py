@@ -50,6 +50,7 @@ FLAGS_NOT_TAKEN = {
     "no_safe_serialization": "weights are written as safetensors only",
     "validation_scheduler": "validation samples with the model's own scheduler",
     "enable_npu_flash_attention": "Ascend NPUs are not supported",
+    "upcast_before_saving": "not needed: trained weights are saved in fp32 (the optimizer's master weights)",
     "max_sequence_length": "prompts are tokenized to diffusers' scripts' default lengths (SD3 77, FLUX.1 and FLUX.2 "
                            "[klein] 512 tokens), the same at training, validation and generation",
     **dict.fromkeys(("tokenizer_max_length", "text_encoder_use_attention_mask"),

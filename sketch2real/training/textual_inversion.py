@@ -50,7 +50,9 @@ OBJECT_TEMPLATES = [
 class TextualInversionOptions(TrainOptions):
     """Textual Inversion: learn a placeholder token for the sketch style (or an object)."""
 
-    FLAGS_NOT_TAKEN: ClassVar[dict[str, str]] = flags_not_taken("--train_data_dir")
+    FLAGS_NOT_TAKEN: ClassVar[dict[str, str]] = flags_not_taken(
+        "--train_data_dir", only_save_embeds="not needed: learned_embeds.safetensors is always written, the whole "
+                                             "pipeline only with --save_as_full_pipeline")
 
     placeholder_token: str = option("<sketch>", help="the new token")
     num_vectors: int = option(1, help="embedding vectors behind the token", min=1)
