@@ -806,4 +806,4 @@ def test_sd3_generation_and_card_spell_out_multi_vector_tokens_as_training_does(
         assert seen["prompt"] == [expected]
     (tmp_path / "learned_embeds.safetensors").touch()
     card = usage("lora", "base", tmp_path, "a <s0> sketch of a cat", SD3)
-    assert "pipe(spell_out_tokens(pipe, 'a <s0> sketch of a cat'))" in card and ", spell_out_tokens" in card
+    assert "pipe(spell_out_tokens(pipe, 'a <s0> sketch of a cat'), max_sequence_length=77)" in card and ", spell_out_tokens" in card

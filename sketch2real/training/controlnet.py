@@ -119,7 +119,7 @@ class ControlNetTask(DiffusionTask):
             encoder.requires_grad_(False).to(device, self.weight_dtype)
         controlnet.train()
         cast_denoiser_inputs(controlnet)
-        if self.family.controlnet_has_unused_parameters and accelerator.ddp_handler is not None:
+        if self.family.controlnet_has_unused_parameters and getattr(accelerator, "ddp_handler", None) is not None:
             accelerator.ddp_handler.find_unused_parameters = True  # read when `prepare` wraps it in DDP
         if opts.gradient_checkpointing:
             controlnet.enable_gradient_checkpointing()
