@@ -54,17 +54,18 @@ def _batches(opts: Options, rank: int, world: int):
     if opts.image_dir:
         items = _folder_items(opts.image_dir, rank, world, opts.categories)
         return [items[i : i + opts.batch_size] for i in range(0, len(items), opts.batch_size)]
-    from sketch2real.shards import ShardStream, stream_loader
+    from sketch2real.shards import ShardStream, corrupt_samples, stream_loader
 
     stream = ShardStream(opts.shard_dir, opts.split, fields=(opts.image_field,), categories=opts.categories or None,
                          rank=rank, world_size=world, as_tensor=False)
     if len(stream.refs) == 0:
         raise UserError(f"no samples to caption in split {opts.split!r} of {opts.shard_dir}")
-    return (
-        [{"key": k, "category": c, "image": im, "pad": bool(p)}
-         for k, c, im, p in zip(batch["key"], batch["category"], batch[opts.image_field], batch["pad"].tolist())]
-        for batch in stream_loader(stream, opts.batch_size, opts.num_workers)
-    )
+    def items(batch: dict) -> list[dict]:
+        corrupt_samples.merge(batch["corrupt_entries"])  # what the DataLoader workers met: counted in metrics.json
+        return [{"key": k, "category": c, "image": im, "pad": bool(p)}
+                for k, c, im, p in zip(batch["key"], batch["category"], batch[opts.image_field], batch["pad"].tolist())]
+
+    return (items(batch) for batch in stream_loader(stream, opts.batch_size, opts.num_workers))
 
 
 def main() -> int:

@@ -607,8 +607,9 @@ class ShardStream(torch.utils.data.IterableDataset):
 
 
 def collate_samples(samples: list[dict]) -> dict:
-    """Stack tensors, keep everything else as lists (PIL images, strings, metadata)."""
-    batch: dict[str, Any] = {}
+    """Stack tensors, keep everything else as lists (PIL images, strings, metadata); `corrupt_entries`: the corrupt
+    samples recorded since the last batch (in a DataLoader worker: its own record, which `merge` passes on)."""
+    batch: dict[str, Any] = {"corrupt_entries": corrupt_samples.drain()}
     for name in samples[0]:
         values = [s[name] for s in samples]
         if isinstance(values[0], torch.Tensor):
