@@ -43,6 +43,11 @@ def _folder_items(folder: str, rank: int, world: int, categories: list[str]) -> 
         if unknown:
             raise UserError(f"unknown category {unknown[0]!r} in {folder}; its folders: {', '.join(sorted(present)) or 'none'}")
         files = [p for p in files if p.parent != root and p.parent.name in categories]
+    stems: dict[Path, Path] = {}
+    for p in files:  # an image's key is its path without the suffix: two files of one name would share their captions
+        twin = stems.setdefault(p.with_suffix(""), p)
+        if twin != p:
+            raise UserError(f"{twin} and {p} would both be captioned as {p.relative_to(root).with_suffix('')}: rename one")
     mine = files[rank * len(files) // world : (rank + 1) * len(files) // world]
     items = [{"key": str(p.relative_to(root).with_suffix("")), "category": p.parent.name if p.parent != root else "",
               "image": read(p)} for p in mine]

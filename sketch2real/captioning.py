@@ -111,11 +111,11 @@ def quality_report(rows: list[dict]) -> dict[str, dict]:
         by_prompt[str(row["prompt_id"])].append(row)
     report = {}
     for prompt_id, group in sorted(by_prompt.items()):
-        n = len(group)
+        n, named = len(group), [r for r in group if r["category"]]  # a hit is only asked of images with a category
         report[prompt_id] = {
             "prompt": group[0]["prompt"],
             "samples": n,
-            "hit_rate": sum(hits_category(r["caption"], r["category"]) for r in group if r["category"]) / n,
+            "hit_rate": sum(hits_category(r["caption"], r["category"]) for r in named) / len(named) if named else None,
             "mean_words": sum(len(r["caption"].split()) for r in group) / n,
             "mean_chars": sum(len(r["caption"]) for r in group) / n,
             "truncation_rate": sum(bool(r.get("truncated")) for r in group) / n,
@@ -127,7 +127,8 @@ def format_quality(report: dict[str, dict]) -> str:
     lines = ["| prompt id | samples | category hit rate | mean words | mean chars | truncated | prompt |",
              "|---|---:|---:|---:|---:|---:|---|"]
     for prompt_id, r in report.items():
-        lines.append(f"| {prompt_id} | {r['samples']} | {r['hit_rate']:.2f} | {r['mean_words']:.1f} | {r['mean_chars']:.0f} | "
+        hit = "n/a" if r["hit_rate"] is None else f"{r['hit_rate']:.2f}"  # no image with a category (a flat folder)
+        lines.append(f"| {prompt_id} | {r['samples']} | {hit} | {r['mean_words']:.1f} | {r['mean_chars']:.0f} | "
                      f"{r['truncation_rate']:.2f} | {r['prompt'][:60]} |")
     return "\n".join(lines) + "\n"
 
@@ -252,5 +253,7 @@ class CaptionOptions:
             raise UserError("--model_name_or_path and --output_dir are required")
         if bool(self.shard_dir) == bool(self.image_dir):
             raise UserError("give exactly one of --shard_dir or --image_dir")
+        if self.load_in_8bit and self.load_in_4bit:
+            raise UserError("--load_in_8bit and --load_in_4bit: give one")
         check_output_dir(self.output_dir)
         object.__setattr__(self, "mixed_precision", requested_precision(self.mixed_precision))  # recorded as used (frozen)

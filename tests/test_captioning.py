@@ -7,7 +7,15 @@ import time
 
 import pytest
 
-from sketch2real.captioning import BEST, PROMPTS, category_names, hits_category, quality_report, resolve_prompts
+from sketch2real.captioning import (
+    BEST,
+    PROMPTS,
+    category_names,
+    format_quality,
+    hits_category,
+    quality_report,
+    resolve_prompts,
+)
 
 from .helpers import REPO, import_script, launch, run_script
 
@@ -125,6 +133,12 @@ def test_hit_rate_normalises_awkward_names():
         {"prompt_id": "1", "prompt": "p", "caption": "a dog", "category": "cat", "truncated": True},
     ])
     assert report["1"]["hit_rate"] == 0.5 and report["1"]["mean_words"] == 2.5 and report["1"]["truncation_rate"] == 0.5
+    # images without a category (an image folder's root) are not misses: the rate is over those with one
+    rows = [{"prompt_id": "1", "prompt": "p", "caption": "a cat", "category": "cat"},
+            {"prompt_id": "1", "prompt": "p", "caption": "a dog", "category": ""}]
+    assert quality_report(rows)["1"]["hit_rate"] == 1.0
+    flat = quality_report([{**row, "category": ""} for row in rows])
+    assert flat["1"]["hit_rate"] is None and "| 1 | 2 | n/a |" in format_quality(flat)
 
 
 def test_prompt_library():
@@ -139,6 +153,7 @@ def test_prompt_library():
         (["--model_name_or_path", "{sd}/text_encoder"], "model family 'clip_text_model' not supported"),
         (["--categories", "unicorn"], "unknown category 'unicorn'"),
         (["--load_in_4bit"], "need a CUDA device"),
+        (["--load_in_4bit", "--load_in_8bit"], "--load_in_8bit and --load_in_4bit: give one"),  # a traceback on CUDA
         (["--mixed_precision", "fp16"], "fp16 needs a CUDA device"),  # as generation refuses it (README)
     ],
 )
@@ -172,6 +187,10 @@ def test_an_image_folder_is_cut_to_the_categories_asked_for(tmp_path):
     assert len(folder_items(str(tmp_path), 0, 1, [])) == 4
     with pytest.raises(UserError, match="unknown category 'cow'"):
         folder_items(str(tmp_path), 0, 1, ["cow"])
+    # two files of one name: one key, and one image's captions were lost to the other's (a one-line refusal now)
+    Image.new("RGB", (32, 32)).save(tmp_path / "cat" / "0.jpg")
+    with pytest.raises(UserError, match=r"cat/0.jpg and .*cat/0.png would both be captioned as cat/0: rename one"):
+        folder_items(str(tmp_path), 0, 1, [])
 
 
 def test_corrupt_images_met_by_the_decoding_workers_are_counted(tiny_models, cap_args, shard_dir, tmp_path):
