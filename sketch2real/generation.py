@@ -110,6 +110,10 @@ def items_from_captions(path: str, prompt_ids: Sequence[str] | None, template: s
                           sample_key=row["key"], extra={"prompt_id": row["prompt_id"]}))
     if not items:
         raise UserError(f"no captions in {path}" + (f" for prompt ids {sorted(wanted)}" if wanted else ""))
+    absent = sorted(wanted - {str(row.get("prompt_id")) for row in rows})
+    if absent:  # the others' images only, without a word, before
+        raise UserError(f"--prompt_ids {' '.join(absent)}: no captions of {'that id' if len(absent) == 1 else 'those ids'} "
+                        f"in {path} (its ids: {' '.join(sorted({str(row.get('prompt_id')) for row in rows}))})")
     return items
 
 

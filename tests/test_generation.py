@@ -481,3 +481,6 @@ def test_a_captions_row_without_its_fields_or_a_corrupt_line_is_one_line_not_a_l
                 read()
     path.write_text(good + '\n{"key": "cat/b", "prom')  # torn last line: the row being written when killed
     assert [item.sample_key for item in items_from_captions(str(path), None)] == ["cat/a"]
+    # a prompt id the file lacks beside one it has: one line (the other's images only, silently, before)
+    with pytest.raises(UserError, match=r"--prompt_ids 9: no captions of that id in .* \(its ids: 1\)"):
+        items_from_captions(str(path), ["1", "9"])
