@@ -7,12 +7,14 @@ from pathlib import Path
 
 from sketch2real.captioning import (
     CONFIG,
+    SHARDS_DATA,
     format_quality,
     load_captioner,
     merge_captions,
     quality_report,
     resolve_prompts,
     resumable_pairs,
+    shards_data,
 )
 from sketch2real.captioning import CaptionOptions as Options
 from sketch2real.cli import UserError, as_dict, parse_options, run_main
@@ -86,13 +88,14 @@ def main() -> int:
     check_shared_folder(state, opts.output_dir)
     check_precision_fits(opts.mixed_precision, state.device)
     out = Path(opts.output_dir)
-    done = resumable_pairs(out, as_dict(opts))  # another run's captions are refused here, before the model loads
+    config = {**as_dict(opts), SHARDS_DATA: shards_data(opts.shard_dir, opts.split)}
+    done = resumable_pairs(out, config)  # another run's captions are refused here, before the model loads
     batches = _batches(opts, state.process_index, state.num_processes)  # so are bad categories, folders, shards
     captioner = load_captioner(opts.model_name_or_path, state.device, dtype_for(opts.mixed_precision), opts.load_in_8bit,
                                opts.load_in_4bit, opts.trust_remote_code)
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / CONFIG, as_dict(opts))
+        write_json(out / CONFIG, config)
         clear_preempted(out)
     state.wait_for_everyone()
     part = out / f"captions.rank{state.process_index:03d}.jsonl"

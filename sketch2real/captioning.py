@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from sketch2real.cli import PRECISION_HELP, UserError, as_dict, check_output_dir, option, options_affecting
-from sketch2real.io import check_same_settings, merge_parts, read_with_parts
+from sketch2real.io import check_same_settings, merge_parts, read_saved_options, read_with_parts
 from sketch2real.models import requested_precision
 
 # What readers of a captions file (generation's --captions, training's --captions) need of each row.
@@ -206,15 +206,33 @@ def caption_settings(options: Mapping[str, Any]) -> dict[str, Any]:
     draws), an option the job did not save counting as its default."""
     defaults = as_dict(CaptionOptions())
     result = options_affecting(CaptionOptions, "result")
-    return {k: options.get(k, v) for k, v in defaults.items() if k in result}
+    settings = {k: options.get(k, v) for k, v in defaults.items() if k in result}
+    if options.get(SHARDS_DATA):  # the shards by what they hold (their index): copied elsewhere the same, rebuilt not
+        settings["shard_dir"] = options[SHARDS_DATA]
+    return settings
+
+
+SHARDS_DATA = "shards_data"  # caption_config.json's key of the shard index's hash (beside the options)
+
+
+def shards_data(shard_dir: str, split: str) -> str:
+    """The hash of a split's shard index (each shard's key and image fingerprints): "" without one."""
+    import hashlib
+
+    index = Path(shard_dir) / f"{split}.json" if shard_dir else None
+    return hashlib.sha256(index.read_bytes()).hexdigest()[:16] if index is not None and index.is_file() else ""
 
 
 def resumable_pairs(output_dir: Path, options: Mapping[str, Any]) -> set[tuple[str, str]]:
     """The (key, prompt id) pairs already captioned in `output_dir`, provided they were captioned under these
     settings: a folder whose caption_config.json has other `caption_settings` is refused in one line (a resume would
-    keep another model's captions beside a config naming this one). No config (an older version's folder): resumed."""
+    keep another model's captions beside a config naming this one). No config (an older version's folder): resumed;
+    one saved before the shards were known by their index: compared by path."""
     done = finished_pairs(output_dir) if output_dir.is_dir() else set()
     if done:
+        saved = read_saved_options(output_dir / CONFIG)
+        if saved is not None and SHARDS_DATA not in saved:
+            options = {k: v for k, v in options.items() if k != SHARDS_DATA}
         check_same_settings(output_dir, CONFIG, options, caption_settings, "captions")
     return done
 

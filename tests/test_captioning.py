@@ -222,3 +222,32 @@ def test_corrupt_images_met_by_the_decoding_workers_are_counted(tiny_models, cap
     key = victim.rsplit(".", 2)[0]
     assert corrupt == {"count": 1, "keys": [f"{name}:{key}"]}
     assert key not in {r["key"] for r in _rows(tmp_path / "out")}
+
+
+def test_captions_resume_from_shards_copied_elsewhere_not_from_rebuilt_ones(tiny_models, cap_args, shard_dir, tmp_path):
+    """The shards are known by their index: a copy at another path (or the path with a trailing slash) continues the
+    captions; shards rebuilt at the same path (other images under the same keys) are refused in one line (their
+    old captions were kept silently beside the new images)."""
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(shard_dir, shards)
+    out = tmp_path / "cap"
+    args = ["--model_name_or_path", tiny_models.blip2, *[a for a in map(str, cap_args)], "--prompts", "1",
+            "--categories", "cat", "--output_dir", str(out)]
+    at = args.index("--shard_dir") + 1
+    args[at] = str(shards)
+    run_script("infer/caption.py", *args)
+    rows = _rows(out)
+    (out / "captions.jsonl").write_text("".join(json.dumps({**r, "caption": "KEPT"}) + "\n" for r in rows))
+    shutil.copytree(shards, tmp_path / "elsewhere")
+    for path in (str(tmp_path / "elsewhere"), f"{shards}/"):
+        args[at] = path
+        run_script("infer/caption.py", *args)
+        assert {r["caption"] for r in _rows(out)} == {"KEPT"}
+    index = json.loads((shards / "test.json").read_text())
+    index["shards"][0]["fingerprint"] = "0" * 16  # as make_shards writes a shard whose images changed
+    (shards / "test.json").write_text(json.dumps(index))
+    args[at] = str(shards)
+    proc = run_script("infer/caption.py", *args, check=False)
+    assert proc.returncode == 2 and f"{out} holds captions of other settings (shard_dir: " in proc.stderr, proc.stderr[-1500:]
