@@ -80,7 +80,8 @@ def resolve_prompts(choice: Sequence[str]) -> dict[str, str]:
         elif entry in PROMPTS:
             prompts[entry] = PROMPTS[entry]
         elif entry.isdigit():
-            raise UserError(f"unknown prompt id {entry}; the library has ids 1-{len(PROMPTS)} (or use best, all, or text)")
+            raise UserError.on_every_rank(f"unknown prompt id {entry}; the library has ids 1-{len(PROMPTS)} (or use best, "
+                                          "all, or text)")
         else:
             prompts[f"custom-{n}"] = entry
     return prompts

@@ -414,13 +414,16 @@ def parse_options(cls: type[T], argv: list[str] | None = None, description: str 
         values.pop("config", None)
     fields = dataclasses.fields(cls)
     missing = [f.name for f in fields if default_of(f) is dataclasses.MISSING and f.name not in values]
+    # what the command line alone decides is the same on every rank: said once per node (a file is each node's read)
+    error = UserError if config else UserError.on_every_rank
     if missing:
-        raise UserError("missing required option(s): " + ", ".join(f"--{m}" for m in missing))
+        raise error("missing required option(s): " + ", ".join(f"--{m}" for m in missing))
     for field in fields:
         if field.name in values:  # given values only: defaults are declared in range
             problem = option_problem(field, values[field.name])
             if problem:
-                raise UserError(problem + (f" (in config file {config})" if field.name in from_config else ""))
+                raise (UserError if field.name in from_config else error)(
+                    problem + (f" (in config file {config})" if field.name in from_config else ""))
     return cls(**values)
 
 

@@ -457,12 +457,12 @@ def test_cross_option_checks_stay_in_check():
 
 
 @pytest.mark.parametrize("key, expected", [
-    ("DreamBoothOptions", ["SD3, FLUX: 512) [default: None; >= 8, multiple of 8]",
+    ("DreamBoothOptions", ["SD3 and FLUX take a multiple of 16 [default: None; >= 8, multiple of 8]",
                            "with --lora_rank 5e-4 (SD 1.x/2.x) or 1e-4", "--lora_rank LORA_RANK, --rank LORA_RANK", "[default: 500; >= 0]", "AdamW beta2 [default: 0.999; in [0, 1)]",
                            "one of linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup",
                            "[default: tensorboard; one of tensorboard, wandb, all, none]"]),
-    ("infer/generate.py", ["the model's own, as its diffusers pipeline has it (SD 1.5 512, SDXL/SD3/FLUX 1024) [default: None; >= 8, multiple of 8]", "denoising steps [default: 50; >= 1]",
-                           "one of '', pndm, ddim, dpm++, euler, euler_a, unipc", "SD3 7.0; FLUX.1 3.5) [default: None; >= 0]"]),
+    ("infer/generate.py", ["(SD 1.5 512, SDXL/SD3/FLUX 1024); SD3 and FLUX take a multiple of 16 [default: None; >= 8, multiple of 8]", "denoising steps [default: 50; >= 1]",
+                           "one of '', pndm, ddim, dpm++, euler, euler_a, unipc", "FLUX.1 3.5; FLUX.2 [klein] 4.0) [default: None; >= 0]"]),
     ("eval/fid.py", ["[default: 2048; one of 64, 192, 768, 2048]", "[default: ['fid', 'kid']; any of fid, kid"]),
     ("data_prep/build_splits.py", ["[default: 0.1; in [0, 1)]", "any of error, ambiguous, pose, context"]),
 ])
