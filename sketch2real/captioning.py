@@ -208,6 +208,7 @@ def caption_settings(options: Mapping[str, Any]) -> dict[str, Any]:
     defaults = as_dict(CaptionOptions())
     result = options_affecting(CaptionOptions, "result")
     settings = {k: options.get(k, v) for k, v in defaults.items() if k in result}
+    settings["prompts"] = resolve_prompts(settings["prompts"])  # `best` and `4 5 8` are the same prompts
     if options.get(SHARDS_DATA):  # the shards by what they hold (their index): copied elsewhere the same, rebuilt not
         settings["shard_dir"] = options[SHARDS_DATA]
     return settings
