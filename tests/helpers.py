@@ -519,3 +519,24 @@ class FakeHub:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def corrupt_one_sketch(shard_dir: Path, split: str) -> tuple[str, str]:
+    """Rewrite one sketch member of `split`'s first shard (a copy: never the session's shards) as garbage of another
+    length, as a bad disk or a broken download leaves it; (the shard's name, the sample's key)."""
+    import io
+    import tarfile
+
+    from sketch2real.shards import load_index
+
+    name = load_index(shard_dir, split)["shards"][0]["name"]
+    with tarfile.open(shard_dir / name) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    victim = next(m.name for m, _ in members if m.name.endswith(".sketch.png"))
+    with tarfile.open(shard_dir / name, "w") as tar:
+        for member, data in members:
+            if member.name == victim:
+                data = b"\x00not a png" * 10
+                member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    return name, victim.rsplit(".", 2)[0]

@@ -204,30 +204,18 @@ def test_an_image_folder_is_cut_to_the_categories_asked_for(tmp_path):
 def test_corrupt_images_met_by_the_decoding_workers_are_counted(tiny_models, cap_args, shard_dir, tmp_path):
     """A corrupt sketch in the shards, decoded by DataLoader workers (the default 2): skipped, and counted in
     metrics.json with its key (the workers' record stayed in their processes: count 0, as if none were corrupt)."""
-    import io
     import shutil
-    import tarfile
 
-    from sketch2real.shards import load_index
+    from .helpers import corrupt_one_sketch
 
     broken = tmp_path / "shards"
     shutil.copytree(shard_dir, broken)
-    name = load_index(broken, "test")["shards"][0]["name"]
-    with tarfile.open(broken / name) as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-    victim = next(m.name for m, _ in members if m.name.endswith(".sketch.png"))
-    with tarfile.open(broken / name, "w") as tar:
-        for member, data in members:
-            if member.name == victim:
-                data = b"\x00not a png" * 10
-                member.size = len(data)
-            tar.addfile(member, io.BytesIO(data))
+    name, key = corrupt_one_sketch(broken, "test")
     args = [a if a != str(shard_dir) else str(broken) for a in map(str, cap_args)]
     args[args.index("--num_workers") + 1] = "2"
     run_script("infer/caption.py", "--model_name_or_path", tiny_models.blip2, *args, "--prompts", "1", "--output_dir",
                tmp_path / "out")
     corrupt = json.loads((tmp_path / "out" / "metrics.json").read_text())["corrupt_samples"]
-    key = victim.rsplit(".", 2)[0]
     assert corrupt == {"count": 1, "keys": [f"{name}:{key}"]}
     assert key not in {r["key"] for r in _rows(tmp_path / "out")}
 

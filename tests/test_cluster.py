@@ -178,6 +178,20 @@ sys.exit(int(what))
 """
 
 
+def _launch_ranks(tmp_path: Path, ranks: str, run=subprocess.run, **kwargs):
+    """`python -m sketch2real.launcher` (real torchrun, 2 CPU ranks, a free port) of `RANK_EXITS` with `ranks`."""
+    import socket
+
+    script = tmp_path / "ranks.py"
+    script.write_text(RANK_EXITS)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return run([sys.executable, "-m", "sketch2real.launcher", "--config_file", str(REPO / "accelerate_configs/cpu.yaml"),
+                "--num_processes", "2", "--main_process_port", str(port), str(script), ranks], text=True,
+               env={**os.environ, "OMP_NUM_THREADS": "1"}, **kwargs)
+
+
 @pytest.mark.parametrize("ranks, status, line", [
     ("2,2", 2, None), ("75,75", 75, None), ("wait,kill", 137, "rank 1 on {host} was killed by SIGKILL"),
     ("3,wait", 3, "rank 0 on {host} exited with status 3 (its error is above)")])
@@ -187,15 +201,7 @@ def test_the_jobs_launcher_ends_with_the_ranks_own_status_and_no_torchrun_traceb
     traceback is gone: a rank that died without its own line (a signal, a crash) is named in one line."""
     import socket
 
-    script = tmp_path / "ranks.py"
-    script.write_text(RANK_EXITS)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.run([sys.executable, "-m", "sketch2real.launcher", "--config_file",
-                           str(REPO / "accelerate_configs/cpu.yaml"), "--num_processes", "2", "--main_process_port",
-                           str(port), str(script), ranks], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = _launch_ranks(tmp_path, ranks, capture_output=True, timeout=300)
     assert proc.returncode == status and "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, \
         proc.stderr[-3000:]
     ours = [x for x in proc.stderr.splitlines() if x.startswith("launcher: error: ")]
@@ -206,18 +212,8 @@ def test_the_jobs_launcher_ends_with_the_ranks_own_status_and_no_torchrun_traceb
 def test_a_signalled_launcher_ends_in_one_line_with_the_signal_s_status(tmp_path):
     """SIGTERM to the launcher (scancel, a node's shutdown): torchrun's agent stops the ranks with it; the launcher ends
     with 128 + 15 and one line, not torchrun's SignalException traceback and status 1."""
-    import socket
-
-    script = tmp_path / "ranks.py"
-    script.write_text(RANK_EXITS)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "sketch2real.launcher", "--config_file",
-                             str(REPO / "accelerate_configs/cpu.yaml"), "--num_processes", "2", "--main_process_port",
-                             str(port), str(script), "wait,wait"], stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    started = [Path(f"{script}.{rank}.started") for rank in (0, 1)]
+    proc = _launch_ranks(tmp_path, "wait,wait", run=subprocess.Popen, stderr=subprocess.PIPE)
+    started = [tmp_path / f"ranks.py.{rank}.started" for rank in (0, 1)]
     while not all(f.exists() for f in started) and proc.poll() is None:  # both ranks running: then the signal
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)

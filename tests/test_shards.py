@@ -11,7 +11,7 @@ from sketch2real.cli import UserError
 from sketch2real.io import read_jsonl
 from sketch2real.shards import ShardSamples, ShardStream, load_index, stream_loader, write_shards
 
-from .helpers import run_script
+from .helpers import corrupt_one_sketch, run_script
 
 
 def _keys(loader) -> tuple[list[str], int, int]:
@@ -119,24 +119,12 @@ def _copy_shards(shard_dir: Path, target: Path) -> Path:
 
 def test_corrupt_sample_is_skipped_and_counted(shard_dir, tmp_path, caplog):
     broken = _copy_shards(shard_dir, tmp_path / "shards")
-    name = load_index(broken, "val")["shards"][0]["name"]
-    # Rewrite one sketch member with garbage bytes of the same length.
-    with tarfile.open(broken / name) as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-    victim = next(m.name for m, _ in members if m.name.endswith(".sketch.png"))
-    with tarfile.open(broken / name, "w") as tar:
-        for member, data in members:
-            if member.name == victim:
-                data = b"\x00not a png" * 10
-                member.size = len(data)
-            import io
-
-            tar.addfile(member, io.BytesIO(data))
+    name, key = corrupt_one_sketch(broken, "val")
     keys, _, corrupt = _keys(stream_loader(ShardStream(broken, "val", resolution=16), batch_size=4))
-    assert f"corrupt sample {name}:{victim.rsplit('.', 2)[0]} (sketch: " in caplog.text  # one line: shard, key, why
+    assert f"corrupt sample {name}:{key} (sketch: " in caplog.text  # one line: shard, key, why
     assert corrupt == 1
     assert len(keys) == load_index(broken, "val")["total"] - 1
-    assert victim.rsplit(".", 2)[0] not in keys
+    assert key not in keys
 
 
 @pytest.mark.parametrize("cut, said", [("inside", "unreadable tar"), ("between", "ends before")])
