@@ -257,7 +257,7 @@ class FlowModel:
     def text_tokens(self) -> int:
         from sketch2real.family import FAMILIES
 
-        return FAMILIES[self.family].MAX_SEQUENCE_LENGTH
+        return FAMILIES[self.family].max_sequence_length
 
 
 FLOW_MODELS = {
@@ -426,7 +426,7 @@ def main() -> None:
     parser.add_argument("--size", default="sdxl", help="sd15, sdxl, flux (FLUX.1 [dev]) or klein (FLUX.2 [klein] 4B)")
     parser.add_argument("--resolution", type=int, default=None, help="px (default: 1024; flux, klein: both 512 and 1024)")
     parser.add_argument("--text_tokens", type=int, default=None,
-                        help="flux, klein: text tokens of the prompt (default: the family's MAX_SEQUENCE_LENGTH, 512)")
+                        help="flux, klein: text tokens of the prompt (default: the family's max_sequence_length, 512)")
     parser.add_argument("--depths", nargs="*", default=None, metavar="DOUBLE,SINGLE",
                         help="flux, klein: the reduced depths measured for the fit (default: 1,1 2,1 1,2 2,2)")
     parser.add_argument("--real", action="store_true", help="flux, klein: real bf16 tensors with random weights instead "

@@ -17,6 +17,7 @@ from sketch2real.generation import (
     merge_index,
     rank_batches,
     resumable_keys,
+    trained_sequence_length,
     write_image,
     write_mosaics,
 )
@@ -54,13 +55,19 @@ def main() -> int:
     check_precision_fits(opts.mixed_precision, state.device)
     out = Path(opts.output_dir)
     done = resumable_keys(out, as_dict(opts), items)  # another run's images are refused here, before any model loads
+    # the prompts' length the model was trained with (SD3, FLUX: T5's), unless given
+    length = opts.max_sequence_length or trained_sequence_length([opts.pretrained_model_name_or_path, opts.lora,
+                                                                  opts.controlnet, *opts.textual_inversion])
     pipe = load_generation_pipeline(
         opts.pretrained_model_name_or_path, state.device, dtype_for(opts.mixed_precision), opts.scheduler,
         opts.textual_inversion, opts.lora, opts.lora_scale, opts.controlnet, opts.safety_checker,
         opts.enable_xformers_memory_efficient_attention, opts.torch_compile, opts.revision, (opts.height, opts.width),
+        length,
     )
     settings = {k: getattr(opts, k) for k in ("height", "width", "num_inference_steps", "guidance_scale", "negative_prompt",
                                               "scheduler", "lora_scale")}
+    if family_of_pipeline(pipe).max_sequence_length is not None:  # what the index records: the length used
+        settings["max_sequence_length"] = family_of_pipeline(pipe).with_max_sequence_length(length).max_sequence_length
     if opts.guidance_scale is None:
         settings["guidance_scale"] = family_of_pipeline(pipe).guidance_scale
     for side in ("height", "width"):  # what the index records: the size the images have

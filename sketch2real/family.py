@@ -12,6 +12,7 @@ themselves; a new family is one `FAMILIES` entry (a `Family` subclass where its 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -118,6 +119,19 @@ class Family:
     # SDXL: its LoRA script's 1e-4 and 1e-4, no full script: train_dreambooth.py's; SD3, FLUX: 1e-4 and 1e-4 for both)
     dreambooth_optimizer: tuple[float, float] = (5e-6, 1e-2)
     dreambooth_lora_optimizer: tuple[float, float] = (5e-4, 1e-2)
+    # prompt tokens of its long-prompt encoder (T5, Qwen3), the same at training, validation and generation
+    # (`with_max_sequence_length`: --max_sequence_length); None: CLIP encoders only, 77 tokens, not a setting
+    max_sequence_length: int | None = None
+
+    def with_max_sequence_length(self, length: int | None, flag: str = "--max_sequence_length") -> Family:
+        """This family with prompts of `length` tokens in its long-prompt encoder (None: its default, as diffusers'
+        scripts); one line for a family whose prompts are CLIP's 77 tokens only."""
+        if length is None or length == self.max_sequence_length:
+            return self
+        if self.max_sequence_length is None:
+            raise UserError(f"{flag} sets the T5/Qwen prompt length of SD3, FLUX.1 and FLUX.2 [klein]; {self.name} models "
+                            "read prompts of CLIP's 77 tokens only")
+        return dataclasses.replace(self, max_sequence_length=length)
 
     def samplers(self) -> dict[str, str]:
         """Generation's `--scheduler` choices that fit the objective it was trained with, and their diffusers classes:
@@ -156,6 +170,15 @@ class Family:
     def max_length(self, tokenizer) -> int:
         """Token ids per prompt for `tokenizer` (CLIP's 77)."""
         return tokenizer.model_max_length
+
+    def prompts_cut(self, tokenizers: list, prompts: list[str]) -> tuple[int, int]:
+        """(how many of `prompts` are longer than the family's last text encoder reads, its token limit): the ends it
+        never sees (SD, SDXL: CLIP's 77; SD3, FLUX: T5's `max_sequence_length`, where CLIP's own cut is expected;
+        FLUX.2 [klein]: Qwen's, its chat template's few tokens not counted)."""
+        tokenizer = tokenizers[-1]
+        limit = self.max_sequence_length or self.max_length(tokenizer)
+        lengths = (len(ids) for ids in tokenizer(prompts, truncation=False, verbose=False).input_ids)
+        return sum(n > limit for n in lengths), limit
 
     def tokenize(self, tokenizers: list, prompts: list[str]) -> list[torch.Tensor]:
         """Prompts -> what `encode` reads: one tensor per tokenizer, the token ids padded as the pipelines pad them."""
@@ -281,11 +304,11 @@ def _config(model):
 
 @dataclass(frozen=True)
 class FlowMatchingFamily(Family):
-    """What the MM-DiT families share: flow matching with an Euler sampler, prompts of `MAX_SEQUENCE_LENGTH` T5
+    """What the MM-DiT families share: flow matching with an Euler sampler, prompts of `max_sequence_length` T5
     tokens, ControlNets conditioned on the VAE latents of the condition image, and bf16 (released in bf16; T5's
     activations overflow fp16)."""
 
-    MAX_SEQUENCE_LENGTH = 77
+    max_sequence_length: int | None = 77  # diffusers' SD3 DreamBooth scripts' default
     fp16: bool = False
     comfyui_lora: bool = False  # kohya's names for MM-DiTs follow the original checkpoints' modules, not built
     # SimpleTuner's LyCORIS names (diffusers' module path, "." as "_"), which ComfyUI reads for SD3 and FLUX.1
@@ -296,7 +319,7 @@ class FlowMatchingFamily(Family):
     control_image_argument: str = "control_image"
 
     def generation_kwargs(self, source_size: tuple[int, int] = SKETCHY_SIZE) -> dict:
-        return {"max_sequence_length": self.MAX_SEQUENCE_LENGTH}
+        return {"max_sequence_length": self.max_sequence_length}
 
     def lora_file_layers(self, peft_layers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """peft's names, as diffusers' SD3/FLUX scripts write them (FLUX.2's loader reads no other: converted
@@ -323,11 +346,11 @@ class FlowMatchingFamily(Family):
 class SD3Family(FlowMatchingFamily):
     """SD3 / SD3.5 (MM-DiT `SD3Transformer2DModel`, flow matching): CLIP-L and CLIP-G penultimate states side by side,
     zero-padded to T5's width and followed by T5-XXL's states in the sequence; both CLIPs' pooled embeddings
-    concatenated; prompts of `MAX_SEQUENCE_LENGTH` T5 tokens (as diffusers' SD3 DreamBooth script's default).
+    concatenated; prompts of `max_sequence_length` T5 tokens (77: diffusers' SD3 DreamBooth script's default).
     Its ControlNet (`SD3ControlNetModel`) is called as `StableDiffusion3ControlNetPipeline` calls it."""
 
     def max_length(self, tokenizer) -> int:
-        return min(tokenizer.model_max_length, self.MAX_SEQUENCE_LENGTH)
+        return min(tokenizer.model_max_length, self.max_sequence_length)
 
     def encode(self, text_encoders: list, ids: list[torch.Tensor], resolution: int,
                source_size: tuple[int, int] = SKETCHY_SIZE) -> Conditioning:
@@ -378,16 +401,16 @@ class SD3Family(FlowMatchingFamily):
 
 @dataclass(frozen=True)
 class FluxFamily(FlowMatchingFamily):
-    """FLUX.1 (`FluxTransformer2DModel`, flow matching): CLIP-L's pooled embedding and T5-XXL's states (512 tokens, as
+    """FLUX.1 (`FluxTransformer2DModel`, flow matching): CLIP-L's pooled embedding and T5-XXL's states (512 tokens by default, as
     diffusers' FLUX pipeline and scripts); latents packed 2x2 into a sequence with position ids, the timestep given as
     t / 1000, and for the guidance-distilled [dev] the guidance value (`--guidance_scale`). Its ControlNet
     (`FluxControlNetModel`) takes the packed latents of the condition image, as `FluxControlNetPipeline` gives them."""
 
-    MAX_SEQUENCE_LENGTH = 512
+    max_sequence_length: int | None = 512  # diffusers' FLUX pipeline and scripts
     controlnet_class: str = "FluxControlNetModel"
 
     def max_length(self, tokenizer) -> int:
-        return self.MAX_SEQUENCE_LENGTH if "T5" in type(tokenizer).__name__ else tokenizer.model_max_length
+        return self.max_sequence_length if "T5" in type(tokenizer).__name__ else tokenizer.model_max_length
 
     def encode(self, text_encoders: list, ids: list[torch.Tensor], resolution: int,
                source_size: tuple[int, int] = SKETCHY_SIZE) -> Conditioning:
@@ -436,17 +459,17 @@ class Flux2KleinFamily(FlowMatchingFamily):
     in the VAE's layout, and `predict` patchifies and packs them into a sequence with 4-D (t, h, w, l) position ids.
     The step-distilled models take no guidance value (`guidance_embeds` false)."""
 
-    MAX_SEQUENCE_LENGTH = 512
+    max_sequence_length: int | None = 512  # Flux2KleinPipeline's
     TEXT_LAYERS = (9, 18, 27)  # the pipeline's `text_encoder_out_layers`
     lokr_prefix: str | None = None  # ComfyUI's reading of FLUX.2 LyCORIS files not established
 
     def tokenize(self, tokenizers: list, prompts: list[str]) -> list[torch.Tensor]:
-        """The chat-templated prompts' ids and attention mask, stacked: [batch, 2, 512] (Qwen's padded positions
+        """The chat-templated prompts' ids and attention mask, stacked: [batch, 2, max_sequence_length] (Qwen's padded positions
         read the mask)."""
         (tokenizer,) = tokenizers
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                add_generation_prompt=True, enable_thinking=False) for prompt in prompts]
-        tokens = tokenizer(texts, padding="max_length", truncation=True, max_length=self.MAX_SEQUENCE_LENGTH,
+        tokens = tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_sequence_length,
                            return_tensors="pt")
         return [torch.stack([tokens.input_ids, tokens.attention_mask], dim=1)]
 
@@ -661,11 +684,6 @@ class TextEncoders(torch.nn.Module):
                 transformer = getattr(encoder, "text_model", encoder)  # transformers < 5 nests it
                 transformer.encoder.layers[-1].requires_grad_(False)
                 transformer.final_layer_norm.requires_grad_(False)
-
-
-def generation_kwargs(pipe, source_size: tuple[int, int] = SKETCHY_SIZE) -> dict:
-    """Call arguments for a loaded pipeline that match training's conditioning (`Family.generation_kwargs`)."""
-    return family_of_pipeline(pipe).generation_kwargs(source_size)
 
 
 def embedding_file(file: str, keys_wanted: Iterable[str] = ()) -> tuple[set[str], str | None, dict]:

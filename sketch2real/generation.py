@@ -213,6 +213,30 @@ def base_of_lora_output(model: str, lora: str) -> tuple[str, str]:
     return base, model
 
 
+def trained_sequence_length(sources: Sequence[str]) -> int | None:
+    """The `--max_sequence_length` the training runs behind `sources` (a model or LoRA output folder, a checkpoint of
+    one, a ControlNet folder, an embeddings file) were given, from their `run_config.json`; None where none gave one.
+    One line when two differ: the prompts' length cannot match both."""
+    lengths: dict[int, str] = {}
+    for source in filter(None, sources):
+        if not Path(source).exists():  # a hub id: no run of ours
+            continue
+        folder = Path(source) if Path(source).is_dir() else Path(source).parent
+        config = next((f / "run_config.json" for f in (folder, folder.parent) if (f / "run_config.json").is_file()
+                       and (f == folder or re.fullmatch(r"checkpoint-\d+", folder.name))), None)
+        try:
+            length = json.loads(config.read_text()).get("max_sequence_length") if config else None
+        except (OSError, ValueError, AttributeError):  # not a training run's record
+            length = None
+        if isinstance(length, int):
+            lengths.setdefault(length, source)
+    if len(lengths) > 1:
+        named = ", ".join(f"{source} {length}" for length, source in lengths.items())
+        raise UserError(f"these were trained with prompts of different lengths ({named} tokens): give "
+                        "--max_sequence_length")
+    return next(iter(lengths), None)
+
+
 def check_recorded_base(base: str, source: Path, folder: str) -> None:
     """`check_model_path` of a base model a training run recorded (in `source`: run_config.json or its checkpoint's
     state), whose error says where the path came from: a relative one is relative to where training ran."""
@@ -283,9 +307,11 @@ def _without_adapter_error_log() -> Iterator[None]:
 def load_generation_pipeline(model: str, device: torch.device, dtype: torch.dtype, scheduler: str = "",
                              textual_inversion: Sequence[str] = (), lora: str = "", lora_scale: float = 1.0,
                              controlnet: str = "", safety_checker: bool = False, xformers: bool = False,
-                             compile_denoiser: bool = False, revision: str | None = None, sizes: Sequence[int | None] = ()):
+                             compile_denoiser: bool = False, revision: str | None = None, sizes: Sequence[int | None] = (),
+                             max_sequence_length: int | None = None):
     """A (ControlNet) pipeline of the model's family (SD 1.x/2.x, SDXL, SD3, FLUX.1, FLUX.2 [klein]) with optional TI embeddings and
-    LoRA fused in. `sizes`: the image sides asked for, checked against the family before any weight loads."""
+    LoRA fused in. `sizes`: the image sides asked for, and `max_sequence_length` the prompts' length, checked against
+    the family before any weight loads."""
     import diffusers
 
     from sketch2real.family import controlnet_mismatch, family_of, load_textual_inversion
@@ -311,6 +337,7 @@ def load_generation_pipeline(model: str, device: torch.device, dtype: torch.dtyp
     if bad:  # SD3 stopped with a traceback, FLUX.1 drew another size than the index recorded
         raise UserError(f"--height/--width {bad[0]} is not a multiple of {family.resolution_multiple}, which {family.name} "
                         "models need (the VAE's downsampling, x2 for the transformer's patches)")
+    family.with_max_sequence_length(max_sequence_length)
     if lora:
         check_lora_family(lora, family, "--lora", model)
     if scheduler and scheduler not in family.samplers():  # before any weight loads
@@ -368,7 +395,7 @@ def generate_batch(pipe, batch: list[Item], seed: int, settings: dict, condition
     generators = [torch.Generator().manual_seed(derive_seed(seed, it.key)) for it in batch]
     from sketch2real.family import family_of_pipeline, spell_out_tokens
 
-    family = family_of_pipeline(pipe)
+    family = family_of_pipeline(pipe).with_max_sequence_length(settings.get("max_sequence_length"))
     extra = {**family.generation_kwargs(), **({family.control_image_argument: conditioning} if conditioning is not None else {})}
     negative = settings.get("negative_prompt") or None
     if negative:
@@ -476,6 +503,10 @@ class GenerateOptions:
     enable_xformers_memory_efficient_attention: bool = option(False, help="xformers attention (CUDA only)", affects="runtime")
     torch_compile: bool = option(False, help="torch.compile the denoiser (UNet or transformer)", affects="runtime")
     mosaic_rows: int = option(8, help="rows per category mosaic", min=1, affects="runtime")
+    max_sequence_length: int | None = option(None, help="SD3, FLUX.1, FLUX.2 [klein]: prompt tokens of the T5/Qwen encoder "
+                                             "(diffusers' pipelines' argument); default: the length the trained model, "
+                                             "LoRA, ControlNet or embeddings were trained with (their run_config.json), "
+                                             "else diffusers' training scripts' (SD3 77, FLUX 512)", min=1, max=512)
 
     def check(self) -> None:
         """One-line errors for missing values (ranges and choices are checked by `parse_options`)."""

@@ -807,3 +807,102 @@ def test_sd3_generation_and_card_spell_out_multi_vector_tokens_as_training_does(
     (tmp_path / "learned_embeds.safetensors").touch()
     card = usage("lora", "base", tmp_path, "a <s0> sketch of a cat", SD3)
     assert "pipe(spell_out_tokens(pipe, 'a <s0> sketch of a cat'), max_sequence_length=77)" in card and ", spell_out_tokens" in card
+
+
+def test_max_sequence_length_conditions_training_and_validation_and_is_one_line_where_prompts_are_clip_s(
+        tiny_models, shard_dir, tmp_path):
+    """--max_sequence_length (diffusers' SD3/FLUX scripts' flag, for long prompts such as captions): T5's states in
+    the conditioning have that length (SD3: CLIP's 77 positions, then T5's), and validation images are the pipeline's
+    at that length (its default, 256, or training's 77, would draw others); SD 1.x (CLIP only) refuses it."""
+    import numpy as np
+    from diffusers import StableDiffusion3Pipeline
+
+    from sketch2real.cli import UserError
+    from sketch2real.family import FAMILIES
+    from sketch2real.models import load_sd_components
+    from sketch2real.training.dreambooth import DreamBoothOptions, DreamBoothTask
+    from sketch2real.training.validation import generate_rows
+
+    model = str(tiny_models.sd3)
+    opts = DreamBoothOptions(pretrained_model_name_or_path=model, shard_dir=str(shard_dir), output_dir=str(tmp_path),
+                             instance_category="cat", instance_prompt="a sks sketch of a cat", resolution=64,
+                             lora_rank=4, num_heldout_samples=0, num_validation_images=1, validation_inference_steps=2,
+                             max_sequence_length=96)
+    task = DreamBoothTask(opts, in_process_accelerator("no"), load_sd_components(model))
+    assert task.family.max_sequence_length == 96 and FAMILIES["sd3"].max_sequence_length == 77
+    assert task.condition(["a sks sketch of a cat"]).states.shape[1] == 77 + 96
+    with task.resident_text_encoders():
+        rows, _, _ = task.validation_images(task.model)
+    pipe = StableDiffusion3Pipeline.from_pretrained(model)
+    drawn = {length: np.asarray(generate_rows(pipe, ["a sks sketch of a cat"], 1, opts.seed, 64, 2,
+                                              {"max_sequence_length": length})[0][0]) for length in (96, 77)}
+    assert np.array_equal(np.asarray(rows[0][0]), drawn[96]) and not np.array_equal(drawn[96], drawn[77])
+    with pytest.raises(UserError, match="--max_sequence_length sets the T5/Qwen prompt length .* sd models read"):
+        DreamBoothTask(DreamBoothOptions(**{**opts.__dict__, "pretrained_model_name_or_path": str(tiny_models.sd)}),
+                       in_process_accelerator("no"))
+
+
+def test_a_run_s_max_sequence_length_reaches_its_card_and_generation_from_its_output(tiny_models, shard_dir, tmp_path):
+    """A LoRA trained with --max_sequence_length 96: its card's diffusers lines pass 96, and generation from its
+    output prompts at 96 (recorded in run_config.json; the index says so), the images of an explicit
+    --max_sequence_length 96 and not those of 77; SD 1.x refuses the flag in one line, before any weight loads."""
+    out = tmp_path / "lora"
+    run_script("train/dreambooth.py", *db_args(tiny_models.sd3, shard_dir), "--lora_rank", "4", "--max_train_steps",
+               "1", "--num_validation_images", "0", "--num_heldout_samples", "0", "--max_sequence_length", "96",
+               "--output_dir", out)
+    assert json.loads((out / "run_config.json").read_text())["max_sequence_length"] == 96
+    assert "max_sequence_length=96).images[0]" in (out / "README.md").read_text()
+    images = {}
+    for name, extra in (("recorded", []), ("96", ["--max_sequence_length", "96"]), ("77", ["--max_sequence_length", "77"])):
+        gen = tmp_path / f"gen-{name}"
+        run_script("infer/generate.py", "--pretrained_model_name_or_path", out, "--prompts", "a sks sketch of a cat",
+                   "--height", "32", "--width", "32", "--num_inference_steps", "2", "--output_dir", gen, *extra)
+        (row,) = [json.loads(line) for line in (gen / "index.jsonl").read_text().splitlines()]
+        assert row["settings"]["max_sequence_length"] == (77 if name == "77" else 96)
+        images[name] = (gen / row["image"]).read_bytes()
+    assert images["recorded"] == images["96"] != images["77"]
+    for script, args in (("train/dreambooth.py", [*db_args(tiny_models.sd, shard_dir), "--output_dir", tmp_path / "sd"]),
+                         ("infer/generate.py", ["--pretrained_model_name_or_path", tiny_models.sd, "--prompts", "a cat",
+                                                "--output_dir", tmp_path / "gen-sd"])):
+        proc = run_script(script, *args, "--max_sequence_length", "96", check=False)
+        assert proc.returncode == 2 and "sd models read prompts of CLIP's 77 tokens only" in proc.stderr.strip().splitlines()[-1]
+        assert "Traceback" not in proc.stderr
+
+
+def test_generation_reads_the_length_each_trained_part_recorded_and_refuses_two(tmp_path):
+    """The trained parts behind a generation (model or LoRA folder, a checkpoint of one, ControlNet, embeddings file)
+    say their run's --max_sequence_length; two that differ cannot both be matched: one line."""
+    from sketch2real.cli import UserError
+    from sketch2real.generation import trained_sequence_length
+
+    for name, length in (("lora", 96), ("controlnet", 128), ("ti", None)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "run_config.json").write_text(json.dumps({"max_sequence_length": length}))
+    (tmp_path / "lora" / "checkpoint-4").mkdir()
+    (tmp_path / "ti" / "learned_embeds.safetensors").touch()
+    embeds = str(tmp_path / "ti" / "learned_embeds.safetensors")
+    assert trained_sequence_length(["org/base-model", str(tmp_path / "lora" / "checkpoint-4"), "", embeds]) == 96
+    assert trained_sequence_length([str(tmp_path / "ti"), embeds]) is None
+    with pytest.raises(UserError, match="trained with prompts of different lengths .*lora 96, .*controlnet 128"):
+        trained_sequence_length([str(tmp_path / "lora"), str(tmp_path / "controlnet")])
+
+
+def test_captions_longer_than_the_text_encoder_reads_are_counted_in_a_warning(tiny_models, caplog):
+    """Captions (LLaVA's run long) past the family's last encoder's limit are counted in one warning that says what
+    reads more: SD's CLIP cuts at 77, SD3's T5 at 77 unless --max_sequence_length says more."""
+    import logging
+
+    from sketch2real.family import FAMILIES
+    from sketch2real.models import load_sd_components
+    from sketch2real.training.prompts import SamplePrompts
+
+    prompts = SamplePrompts("a {category}", {"k1": "a cat " * 45, "k2": "a cat", "k3": "a dog " * 45})
+    cases = [(FAMILIES["sd"], tiny_models.sd, "2 of 3 captions are longer than the 77 tokens", "CLIP reads no more"),
+             (FAMILIES["sd3"], tiny_models.sd3, "2 of 3 captions are longer than the 77 tokens", "--max_sequence_length"),
+             (FAMILIES["sd3"].with_max_sequence_length(128), tiny_models.sd3, None, None)]
+    for family, model, said, advice in cases:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="sketch2real"):
+            prompts.warn_cut(family, load_sd_components(str(model)).tokenizers)
+        warned = [r.getMessage() for r in caplog.records if "captions are longer" in r.getMessage()]
+        assert (warned == [] if said is None else len(warned) == 1 and said in warned[0] and advice in warned[0]), warned

@@ -51,8 +51,6 @@ FLAGS_NOT_TAKEN = {
     "validation_scheduler": "validation samples with the model's own scheduler",
     "enable_npu_flash_attention": "Ascend NPUs are not supported",
     "upcast_before_saving": "not needed: trained weights are saved in fp32 (the optimizer's master weights)",
-    "max_sequence_length": "prompts are tokenized to diffusers' scripts' default lengths (SD3 77, FLUX.1 and FLUX.2 "
-                           "[klein] 512 tokens), the same at training, validation and generation",
     **dict.fromkeys(("tokenizer_max_length", "text_encoder_use_attention_mask"),
                     "a DeepFloyd IF setting; prompts are tokenized as each model's own pipeline tokenizes them"),
 }
@@ -138,6 +136,10 @@ class TrainOptions:
     mode_scale: float = option(1.29, help="scale of the mode timestep density", min=0, max=2)
     guidance_scale: float = option(3.5, help="guidance-distilled models (FLUX.1 [dev]): the guidance value the transformer "
                                    "is given in training, as diffusers' FLUX scripts (ignored by other models)", min=0)
+    max_sequence_length: int | None = option(None, help="SD3, FLUX.1, FLUX.2 [klein]: prompt tokens of the T5/Qwen "
+                                             "encoder, at training, validation and (recorded in run_config.json) "
+                                             "generation; longer captions are cut there (default: diffusers' scripts': "
+                                             "SD3 77, FLUX 512; their pipelines take at most 512)", min=1, max=512)
     noise_offset: float = option(0.0, help="offset noise scale (0: off; ~0.05-0.1 helps very dark/bright images)", min=0)
     checkpointing_steps: int = option(500, help="save a resumable checkpoint every N steps (0: only at preemption)", min=0,
                                       affects="runtime")

@@ -90,6 +90,19 @@ class SamplePrompts:
                             f"theirs: {next(iter(self.captions))}): captions of another split?")
         logger.info("captions for %d of %d %s (the others: the template)", covered, len(keys), what)
 
+    def warn_cut(self, family, tokenizers: list) -> None:
+        """A warning where captions are longer than the family's text encoder reads (diffusers' pipelines cut them
+        the same way, with a warning per prompt): how many, and what reads more."""
+        if not self.captions:
+            return
+        captions = sorted(set(self.captions.values()))
+        cut, limit = family.prompts_cut(tokenizers, captions)
+        if cut:
+            more = ("--max_sequence_length (up to 512) reads more" if family.max_sequence_length is not None
+                    else "CLIP reads no more: shorter captions (infer/caption.py --max_new_tokens) keep their ends")
+            logger.warning("%d of %d captions are longer than the %d tokens the text encoder reads: their ends are cut; %s",
+                           cut, len(captions), limit, more)
+
     def __call__(self, key: str, category: str) -> str:
         return self.captions.get(key) or self.template.format(category=category_words(category))
 

@@ -81,6 +81,7 @@ class DiffusionTask:
         if components is None:
             check_model_path(opts.pretrained_model_name_or_path)
         family = components.family if components else family_of(opts.pretrained_model_name_or_path, opts.revision)
+        family = family.with_max_sequence_length(opts.max_sequence_length)
         family.require(self.trainer)
         self.refuse(family)
         self.weight_dtype = dtype_for(accelerator.mixed_precision)
@@ -88,7 +89,7 @@ class DiffusionTask:
             self.c = components or load_sd_components(
                 opts.pretrained_model_name_or_path, opts.revision, opts.variant, opts.pretrained_vae_model_name_or_path,
                 frozen_dtype=self.weight_dtype, keep_full_precision=self.full_precision_components(family))
-        self.family = self.c.family
+        self.c.family = self.family = family  # with the run's prompt length: tokenizing, validation, the card
         configure_attention(self.c.denoiser, opts, accelerator.device)
         cast_denoiser_inputs(self.c.denoiser)
         self.c.vae.requires_grad_(False).to(accelerator.device, vae_dtype(self.c.vae, self.weight_dtype))
@@ -292,7 +293,7 @@ class DiffusionTask:
         if not prompts:
             return [], [], []
         rows = generate_rows(self.pipeline(model), prompts, o.num_validation_images, o.seed, o.resolution,
-                             o.validation_inference_steps, between_prompts=between)
+                             o.validation_inference_steps, self.family.generation_kwargs(), between)
         categories = [c for c, row in zip(self.validation_categories(), rows) for _ in row]
         return rows, [image for row in rows for image in row], categories
 

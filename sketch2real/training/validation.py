@@ -53,12 +53,11 @@ def heldout_denoising_losses(
 def generate_rows(pipeline, prompts: Sequence[str], num_images: int, seed: int, resolution: int,
                   num_inference_steps: int, extra: dict | None = None,
                   between_prompts: Callable[[], None] | None = None) -> list[list[Image.Image]]:
-    """One row per prompt, `num_images` fixed-seed images each. `between_prompts` runs after each row (the preemption
+    """One row per prompt, `num_images` fixed-seed images each; `extra`: call arguments (the trained family's
+    `generation_kwargs`: its prompts' length, SDXL's time ids). `between_prompts` runs after each row (the preemption
     check)."""
-    from sketch2real.family import generation_kwargs
-
     pipeline.set_progress_bar_config(disable=True)
-    extra = {**generation_kwargs(pipeline), **(extra or {})}
+    extra = extra or {}
     rows = []
     for p, prompt in enumerate(prompts):
         generators = [torch.Generator().manual_seed(derive_seed(seed, "validation", p, i)) for i in range(num_images)]
