@@ -95,7 +95,13 @@ def test_resume_continues_exactly(family, db_args, tmp_path, tiny_models):
         a, b, base = weights(straight / part), weights(resumed / part), weights(getattr(tiny_models, family) / part)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
         assert any(not torch.equal(a[k], base[k]) for k in a), part  # it trained
-    if family == "sd":  # resumed from a checkpoint past a shorter --max_train_steps: one line, the run's record kept
+    if family == "sd":
+        # resubmitted once finished (a pipeline rerun after a later stage failed): nothing trains, nothing is rewritten
+        before = {p: p.read_bytes() for p in resumed.rglob("*") if p.is_file()}
+        proc = run_script("train/dreambooth.py", *args, "--output_dir", resumed, "--resume_from_checkpoint", "latest")
+        assert "holds this run's trained model (6 steps" in proc.stdout and "resumed from" not in proc.stderr
+        assert {p: p.read_bytes() for p in resumed.rglob("*") if p.is_file()} == before
+        # resumed from a checkpoint past a shorter --max_train_steps: one line, the run's record kept
         record = (resumed / "run_config.json").read_bytes()
         proc = run_script("train/dreambooth.py", *args, "--output_dir", resumed, "--resume_from_checkpoint", "latest",
                           "--max_train_steps", "2", check=False)

@@ -2,6 +2,7 @@
 
 from sketch2real.cli import parse_options, run_main
 from sketch2real.training.accelerator import training_session
+from sketch2real.training.checkpoints import finished_run
 from sketch2real.training.controlnet import ControlNetOptions, ControlNetTask
 from sketch2real.training.loop import train
 
@@ -10,6 +11,8 @@ def main() -> int:
     opts = parse_options(ControlNetOptions)
     opts.check()
     with training_session(opts) as accelerator:
+        if finished_run(accelerator, opts):  # a resubmitted job of a finished run
+            return 0
         return train(ControlNetTask(opts, accelerator), opts, accelerator, "controlnet")
 
 

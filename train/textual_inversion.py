@@ -2,6 +2,7 @@
 
 from sketch2real.cli import parse_options, run_main
 from sketch2real.training.accelerator import training_session
+from sketch2real.training.checkpoints import finished_run
 from sketch2real.training.loop import train
 from sketch2real.training.textual_inversion import TextualInversionOptions, TextualInversionTask
 
@@ -10,6 +11,8 @@ def main() -> int:
     opts = parse_options(TextualInversionOptions)
     opts.check()
     with training_session(opts) as accelerator:
+        if finished_run(accelerator, opts):  # a resubmitted job of a finished run
+            return 0
         return train(TextualInversionTask(opts, accelerator), opts, accelerator, "textual_inversion")
 
 

@@ -252,6 +252,7 @@ class RunSummary(Callback):
             "latent_cache": cache,
             "corrupt_samples": corrupt_samples.summary(corrupt_samples.gathered(accelerator)),
             **{k: v for k, v in run.logs.items() if k not in ("loss", "lr")},
+            "fingerprint": run.fingerprint,  # what a rerun with --resume_from_checkpoint latest finds finished
         }
         run.summary = summary
         if accelerator.is_main_process:

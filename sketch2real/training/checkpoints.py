@@ -305,6 +305,31 @@ def _choose_checkpoint(output_dir: Path, resume: str | None, fingerprint: RunFin
     return None, None
 
 
+def finished_run(accelerator, opts) -> bool:
+    """Whether `--resume_from_checkpoint latest` finds this run finished in `--output_dir`: its `metrics.json`, written
+    after the trained model, records this run's fingerprint at `--max_train_steps` (a resubmitted pipeline trained the
+    steps since the last checkpoint again and rewrote the outputs). Decided by rank 0 for all ranks, before any weight
+    loads; `--push_to_hub` trains and pushes as asked."""
+    if opts.resume_from_checkpoint != "latest" or getattr(opts, "push_to_hub", False):
+        return False
+    out = Path(opts.output_dir)
+    fingerprint = run_fingerprint(opts, accelerator.num_processes)
+
+    def decide() -> bool:
+        try:
+            summary = json.loads((out / "metrics.json").read_text())
+        except (OSError, ValueError):
+            return False
+        saved = summary.get("fingerprint") if isinstance(summary, dict) else None
+        return summary.get("steps") == opts.max_train_steps and saved is not None and fingerprint.matches(saved)
+
+    finished = main_process_view(accelerator, decide)
+    if finished and accelerator.is_main_process:
+        print(f"{out} holds this run's trained model ({opts.max_train_steps} steps, its metrics.json): nothing to train "
+              "(to train it again: another --output_dir, or without --resume_from_checkpoint)", flush=True)
+    return finished
+
+
 def resolve_resume(accelerator, output_dir: str | os.PathLike, resume: str | None, fingerprint: RunFingerprint) -> Path | None:
     """The checkpoint to resume from (None: a fresh start), decided by rank 0 for all ranks.
 
