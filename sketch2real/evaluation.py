@@ -467,8 +467,17 @@ def extra_scores(metrics: set[str], features: dict, ref_features: dict, categori
         result["cmmd"] = cmmd(g, r) if ok else None
         result.update(with_interval("cmmd", cmmd_ci95(g, r)) if ok else {"cmmd_ci95": None})
     if "clip_accuracy" in metrics and class_embeddings is not None and len(features["clip"]):
-        correct = zero_shot_correct(features["clip"], categories, class_embeddings, class_names)
-        result["clip_accuracy"], result["clip_accuracy_ci95"] = float(correct.mean()), proportion_ci95(correct)
+        # over the images that name a category of the classifier: one that names none cannot be right (a flat
+        # folder's scored 0, "lost the content")
+        known = np.isin(np.asarray(categories, dtype=object), np.asarray(class_names, dtype=object))
+        if known.any():
+            correct = zero_shot_correct(features["clip"][known], np.asarray(categories, dtype=object)[known],
+                                        class_embeddings, class_names)
+            result["clip_accuracy"], result["clip_accuracy_ci95"] = float(correct.mean()), proportion_ci95(correct)
+        else:
+            result.update(clip_accuracy=None, clip_accuracy_ci95=None, clip_accuracy_reason=(
+                "none of its images names a category of the reference (a folder without category subfolders or an "
+                "index?): the content it kept cannot be scored"))
     if style is not None and style.probe is not None and len(features[style.probe_features]):
         sketchy = style.probe.probability(features[style.probe_features])
         result["sketchiness"], result["sketchiness_ci95"] = float(sketchy.mean()), mean_ci95(sketchy, seed)

@@ -1246,6 +1246,11 @@ def test_category_in_validation_prompts_is_filled_in_and_a_class_prompt_naming_i
                                      ("a sks drawing", None)]
     assert rows("--instance_prompt", "a sks sketch of a {category}", "--instance_category", "cat") == [
         ("a sks sketch of a cat", "cat")]
+    # a prompt without {category} is of the instance category where it is the instance prompt or names the category
+    # (a sequential stage's prompts come filled in): "a photo of a dog" beside cat was scored as a cat
+    assert rows("--instance_prompt", "a sks sketch", "--instance_category", "cat", "--validation_prompt", "a sks sketch",
+                "a Cat in the style of sks", "a photo of a dog", "a caterpillar") == [
+        ("a sks sketch", "cat"), ("a Cat in the style of sks", "cat"), ("a photo of a dog", None), ("a caterpillar", None)]
     with pytest.raises(UserError, match="--validation_prompt 'a {kind}': only {category}"):
         rows("--instance_prompt", "a sks sketch", "--validation_prompt", "a {kind}")
     proc = run_script("train/dreambooth.py", *db_args, "--with_prior_preservation", "--class_prompt", "a sketch of a {category}",

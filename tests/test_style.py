@@ -285,3 +285,18 @@ def test_validation_logs_the_style_arriving(tiny_models, shard_dir, tmp_path):
     names = sorted(set(shard_set(str(shard_dir), "train", "sketch").categories))
     correct = zero_shot_correct(features, ["cat"] * len(cells), zero_shot_classifier(clip, names), names)
     assert log[-1]["validation_content_accuracy"] == pytest.approx(float(correct.mean()), abs=1e-9)
+
+
+def test_clip_accuracy_scores_the_images_that_name_a_category_and_none_of_a_flat_folder():
+    """Content kept is scored over the images whose category is a class: a flat folder (no categories) has no
+    accuracy and says why (it scored 0, "lost the content"); an image without one is left out, not counted wrong."""
+    from sketch2real.evaluation import extra_scores
+
+    classes = np.eye(2)  # cat, dog
+    clip = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])  # a cat, a dog, a dog
+    flat = extra_scores({"clip_accuracy"}, {"clip": clip}, {}, np.array(["", "", ""], dtype=object), classes,
+                        ["cat", "dog"], 0, 10)
+    assert flat["clip_accuracy"] is None and "none of its images names a category" in flat["clip_accuracy_reason"]
+    some = extra_scores({"clip_accuracy"}, {"clip": clip}, {}, np.array(["cat", "", "dog"], dtype=object), classes,
+                        ["cat", "dog"], 0, 10)
+    assert some["clip_accuracy"] == 1.0 and "clip_accuracy_reason" not in some

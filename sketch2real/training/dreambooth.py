@@ -550,7 +550,8 @@ class DreamBoothTask(DiffusionTask):
         {category} gives a row per category of the run (the instance category, or the set's first four)."""
         o = self.opts
         categories = [o.instance_category] if o.instance_category else self.categories
-        return validation_rows(o.validation_prompt or [o.instance_prompt], categories, o.instance_category or None)
+        return validation_rows(o.validation_prompt or [o.instance_prompt], categories, o.instance_category or None,
+                               [o.instance_prompt])
 
     def validation_prompts(self) -> list[str]:
         return [prompt for prompt, _ in self.validation_rows()]

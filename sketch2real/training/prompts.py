@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,13 +40,21 @@ def fill_category(prompt: str, category: str) -> str:
     return prompt.format(category=category_words(category)) if "{category}" in prompt else prompt
 
 
-def validation_rows(prompts: list[str], categories: list[str], fixed: str | None = None) -> list[tuple[str, str | None]]:
+def validation_rows(prompts: list[str], categories: list[str], fixed: str | None = None,
+                    own: Sequence[str] = ()) -> list[tuple[str, str | None]]:
     """(prompt, category) of each validation mosaic row: a prompt naming `{category}` gives a row per category of the
-    run (the first `ROW_CATEGORIES` by name), filled in; another prompt one row, of category `fixed` (None: not known)."""
+    run (the first `ROW_CATEGORIES` by name), filled in; another prompt one row, of category `fixed` where it is one of
+    `own` (DreamBooth's instance prompt: it draws what it trained on) or names `fixed`'s words, else None (not known:
+    `a photo of a dog` beside a cat's stage is no cat)."""
     chosen = sorted(set(categories))[:ROW_CATEGORIES]
     rows: list[tuple[str, str | None]] = []
     for prompt in prompts:
-        rows += [(fill_category(prompt, c), c) for c in chosen] if "{category}" in prompt else [(prompt, fixed)]
+        if "{category}" in prompt:
+            rows += [(fill_category(prompt, c), c) for c in chosen]
+            continue
+        named = fixed is not None and (prompt in own or re.search(rf"\b{re.escape(category_words(fixed))}\b", prompt,
+                                                                  re.IGNORECASE))
+        rows.append((prompt, fixed if named else None))
     return rows
 
 
