@@ -459,7 +459,7 @@ def extra_scores(metrics: set[str], features: dict, ref_features: dict, categori
         if len(g) >= 2 and len(r) >= 2:
             values = prdc(r, g)
             for name in ("precision", "recall", "density", "coverage"):  # density counts balls; the others are 0/1
-                interval = mean_ci95(values[f"{name}_items"], seed) if name == "density" else proportion_ci95(values[f"{name}_items"])
+                interval = mean_ci95(values[f"{name}_items"]) if name == "density" else proportion_ci95(values[f"{name}_items"])
                 result[name], result[f"{name}_ci95"] = values[name], interval
     if "cmmd" in metrics:
         g, r = features["clip"], ref_features["clip"]
@@ -480,7 +480,7 @@ def extra_scores(metrics: set[str], features: dict, ref_features: dict, categori
                 "index?): the content it kept cannot be scored"))
     if style is not None and style.probe is not None and len(features[style.probe_features]):
         sketchy = style.probe.probability(features[style.probe_features])
-        result["sketchiness"], result["sketchiness_ci95"] = float(sketchy.mean()), mean_ci95(sketchy, seed)
+        result["sketchiness"], result["sketchiness_ci95"] = float(sketchy.mean()), mean_ci95(sketchy)
     if style is not None and style.csd_reference is not None and len(features["csd"]):
         result["csd"] = float(prototype_similarity(features["csd"], style.csd_reference).mean())
         result["csd_ci95"] = prototype_similarity_ci95(features["csd"], style.csd_reference, seed)
@@ -777,7 +777,7 @@ def run_fid(opts: EvalOptions, generated_sets: list[ImageSet], reference: ImageS
             result.update(beyond)
         if (opts.clip_model_name_or_path or "clip_score" in metrics) and images.prompts:
             values = clip_scores(images.sources, images.prompts, clip_path, state.device)
-            result["clip_score"], result["clip_score_ci95"] = clip_score_of(values, opts.seed)
+            result["clip_score"], result["clip_score_ci95"] = clip_score_of(values)
         elif images.name in no_prompts:
             result.update(clip_score=None, clip_score_ci95=None, clip_score_reason=NO_PROMPTS)
         report["sets"][images.name] = {"path": images.path, **result}

@@ -660,11 +660,13 @@ class TextEncoders(torch.nn.Module):
         return self.family.encode(list(self.encoders.values()), ids, self.resolution, self.source_size).as_tuple()
 
     def train(self, mode: bool = True) -> TextEncoders:
-        """Train mode for the encoders that train; a frozen one (SD3's and FLUX.1's T5 beside trained CLIP adapters or
-        rows) conditions as at generation: T5's dropout (0.1) would otherwise perturb every training step."""
+        """Train mode for the encoders whose weights train; a frozen one (SD3's and FLUX.1's T5 beside trained CLIP
+        adapters or rows), or one learning only new token rows (Textual Inversion's `new_rows`: T5 with
+        --enable_t5_ti), conditions as at generation: T5's dropout (0.1) would otherwise perturb every training step,
+        from the global generator a resumed run cannot replay."""
         super().train(mode)
         for encoder in self.encoders.values():
-            if not any(p.requires_grad for p in encoder.parameters()):
+            if not any(p.requires_grad for name, p in encoder.named_parameters() if not name.endswith("new_rows")):
                 encoder.eval()
         return self
 

@@ -486,15 +486,20 @@ def kid(a: np.ndarray, b: np.ndarray, num_subsets: int = 100, subset_size: int =
     return float(np.mean(values)), float(np.std(values))
 
 
-def mean_ci95(values: np.ndarray, seed: int = 0, resamples: int = 2000) -> list[float]:
-    """95% percentile-bootstrap interval of the mean of per-item values (items resampled with replacement)."""
+def mean_ci95(values: np.ndarray) -> list[float]:
+    """Student's t 95% interval of the mean of per-item values (held-out losses, forgetting, sketchiness, CLIP score).
+
+    The percentile bootstrap it replaces covered 74% at 3 items and 84% at 5 (too narrow by a factor n/(n-1) and a
+    normal quantile for Student's): a forgetting of 3 held-out samples was "significant" one time in four
+    (tests/test_intervals.py measures both)."""
+    from scipy.stats import t
+
     values = np.asarray(values, dtype=np.float64)
-    if len(values) < 2:
+    n = len(values)
+    if n < 2:
         return [float("nan"), float("nan")]
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), (resamples, len(values)))].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return [float(low), float(high)]
+    mean, half = values.mean(), t.ppf(0.975, n - 1) * values.std(ddof=1) / np.sqrt(n)
+    return [float(mean - half), float(mean + half)]
 
 
 def proportion_ci95(outcomes: np.ndarray) -> list[float]:
@@ -803,7 +808,7 @@ def pairing_score(generated: np.ndarray, references: np.ndarray, seed: int = 0, 
     matched, shuffled = cosine(generated, references)[kept], cosine(generated, references[shift])[kept]
     gains = matched - shuffled
     return {"matched": float(matched.mean()), "shuffled": float(shuffled.mean()), "gain": float(gains.mean()),
-            "gain_ci95": mean_ci95(gains, seed), "pairs": int(kept.sum())}
+            "gain_ci95": mean_ci95(gains), "pairs": int(kept.sum())}
 
 
 @torch.no_grad()
@@ -835,13 +840,13 @@ def clip_scores(paths: Sequence[Path], prompts: Sequence[str], model_name_or_pat
     return scores
 
 
-def clip_score_of(values: np.ndarray, seed: int = 0) -> tuple[float, list[float]]:
+def clip_score_of(values: np.ndarray) -> tuple[float, list[float]]:
     """A set's CLIP score, max(mean of 100 x cos, 0) as torchmetrics' CLIPScore computes it (it clamps the mean, not
     each image: Hessel et al.'s max(·, 0) per image would lift sets of mostly unrelated images), and the 95%
-    bootstrap interval of that mean, clamped the same way."""
+    interval of that mean (`mean_ci95`), clamped the same way."""
     values = np.asarray(values, dtype=np.float64)
     values = values[np.isfinite(values)]
-    low, high = mean_ci95(values, seed)
+    low, high = mean_ci95(values)
     return float(max(values.mean(), 0.0)), [float(max(low, 0.0)), float(max(high, 0.0))]
 
 

@@ -189,6 +189,24 @@ def test_share_interval_covers_the_true_share_at_small_counts(n):
     assert proportion_ci95(np.ones(n))[0] < 1.0 and proportion_ci95(np.zeros(n))[1] > 0.0  # never [p, p]
 
 
+@pytest.mark.parametrize("n", [3, 5, 16])
+def test_mean_interval_covers_the_population_mean_at_small_counts(n):
+    """Held-out losses, a sequential stage's forgetting (a paired mean over its held-out samples), sketchiness: means
+    of per-item values, a few items each. Over 4,000 draws of n normal values the interval holds the mean 95% of the
+    time (the percentile bootstrap it replaced: 0.74 at n = 3, 0.84 at 5, 0.93 at 16), and over skewed values
+    (exponential, as losses are) at 16 items no worse than 0.90."""
+    from sketch2real.metrics import mean_ci95
+
+    rng = np.random.default_rng(n)
+    normal = np.mean([(lambda ci: ci[0] <= 0.0 <= ci[1])(mean_ci95(rng.standard_normal(n))) for _ in range(4000)])
+    print(f"\nmean interval n={n}: normal coverage {normal:.3f}")
+    assert 0.935 <= normal <= 0.965, normal
+    if n == 16:
+        skewed = np.mean([(lambda ci: ci[0] <= 1.0 <= ci[1])(mean_ci95(rng.exponential(size=n))) for _ in range(4000)])
+        print(f"mean interval n={n}: exponential coverage {skewed:.3f}")
+        assert skewed >= 0.90, skewed
+
+
 @pytest.mark.parametrize("shared, n, alone", [(0.8, 80, 0), (0.0, 80, 0), (0.9, 10, 1)])
 def test_paired_kid_difference_keeps_its_false_positive_rate_and_gains_power(shared, n, alone):
     """Two models' images of the same items share the sample (and seed): pair i of a and b has a common part of

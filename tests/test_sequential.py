@@ -2,6 +2,7 @@ import dataclasses
 import json
 import re
 
+import numpy as np
 import pytest
 
 from .helpers import LAUNCHERS, FakeHub, launch, run_script, train_in
@@ -25,11 +26,14 @@ def test_sequential_writes_a_folder_per_stage_and_the_forgetting_table(tiny_mode
     assert report["rows"][1]["loss"]["cat"] < report["rows"][0]["loss"]["cat"]  # stage 1 learned its category
     assert abs(report["forgetting"]["cat"] - (report["rows"][2]["loss"]["cat"] - report["rows"][1]["loss"]["cat"])) < 1e-9
     assert set(report["forgetting"]) == {"cat"}  # the last stage cannot have forgotten anything yet
-    # the interval is a bootstrap over the same held-out samples before and after: it holds the paired mean
+    # the interval is Student's over the same held-out samples before and after (paired): around the paired mean
     paired = [b - a for a, b in zip(report["rows"][1]["sample_losses"]["cat"], report["rows"][2]["sample_losses"]["cat"])]
     assert len(paired) >= 2 and abs(sum(paired) / len(paired) - report["forgetting"]["cat"]) < 1e-9
     low, high = report["forgetting_ci95"]["cat"]
-    assert min(paired) <= low < report["forgetting"]["cat"] < high <= max(paired)  # a real interval around the mean
+    from scipy.stats import t
+
+    half = t.ppf(0.975, len(paired) - 1) * float(np.std(paired, ddof=1)) / len(paired) ** 0.5
+    assert low == pytest.approx(report["forgetting"]["cat"] - half) and high == pytest.approx(report["forgetting"]["cat"] + half)
     table = (out / "sequential_report.md").read_text()
     assert "| 2: apple |" in table and "| base |" in table
 
@@ -44,6 +48,22 @@ def test_sequential_writes_a_folder_per_stage_and_the_forgetting_table(tiny_mode
     at = args.index("--learning_rate")
     proc = run_script("train/dreambooth_sequential.py", *args[:at], "--learning_rate", "1e-2", *args[at + 2:], check=False)
     assert proc.returncode == 2 and "holds the stages of another run (learning_rate: 0.001 there, 0.01 now)" in proc.stderr
+    # more stages follow ("commas or spaces"), and the folder's record says so: a rerun of fewer or other stages, or
+    # with the forgetting's held-out samples or the global batch changed, is refused (they were taken before)
+    at = args.index("--stages")
+    more = [*args[:at], "--stages", "cat, apple, airplane", *args[at + 2:]]
+    proc = run_script("train/dreambooth_sequential.py", *more)
+    assert "stage 2 (apple) already finished" in proc.stderr and (out / "stage-03-airplane" / "model_index.json").is_file()
+    assert json.loads((out / "sequential_report.json").read_text())["stages"] == ["cat", "apple", "airplane"]
+    for flags, said in ((["--stages", "cat,apple"], "stages: cat,apple,airplane there, cat,apple now"),
+                        (["--num_heldout_samples", "2"], "num_heldout_samples: 4 there, 2 now"),
+                        (["--train_batch_size", "2"], "global batch: 1 there, 2 now")):
+        proc = run_script("train/dreambooth_sequential.py", *more, *flags, check=False)
+        assert proc.returncode == 2 and said in proc.stderr.strip().splitlines()[-1], proc.stderr[-1500:]
+    # a category the shards lack: one line before anything is written
+    proc = run_script("train/dreambooth_sequential.py", *args[:at], "--stages", "cat,unicorn", *args[at + 2:],
+                      "--output_dir", tmp_path / "typo", check=False)
+    assert proc.returncode == 2 and "unknown category 'unicorn'" in proc.stderr and not any((tmp_path / "typo").iterdir())
 
 
 def test_each_stage_starts_from_the_last_one_s_folder_with_its_category_s_class_images(tmp_path):

@@ -364,7 +364,8 @@ def _save_failed(out: Path, partial: Path, step: int, err: BaseException | None)
     shutil.rmtree(partial, ignore_errors=True)
     free = shutil.disk_usage(out).free if out.is_dir() else 0
     if err is not None and not is_full_disk(err):
-        return UserError(f"saving checkpoint-{step} in {out} failed ({type(err).__name__}: {str(err).splitlines()[0]}); "
+        said = next((line.strip() for line in str(err).splitlines() if line.strip()), "no message")  # may start with "\n"
+        return UserError(f"saving checkpoint-{step} in {out} failed ({type(err).__name__}: {said}); "
                          "earlier checkpoints are kept")
     return UserError(f"no space left in {out} to save checkpoint-{step} (about {human_bytes(needed)} needed, "
                      f"{human_bytes(free)} free): free space or use another --output_dir; earlier checkpoints are kept")

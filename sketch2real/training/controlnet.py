@@ -205,13 +205,13 @@ class ControlNetTask(DiffusionTask):
         controlnet, count = self.accelerator.unwrap_model(model), min(o.num_heldout_samples, len(h))
         sketches, photos, prompts = h.conditions[:count], h.images[:count], h.prompts[:count]
         own = self.heldout_losses(self.accelerator, controlnet, sketches, photos, prompts)
-        logs["heldout_loss"], logs["heldout_loss_ci95"] = float(own.mean()), mean_ci95(own, o.seed)
+        logs["heldout_loss"], logs["heldout_loss_ci95"] = float(own.mean()), mean_ci95(own)
         other, kept = partners_within(h.categories[:count], np.random.default_rng(o.seed), h.keys[:count])
         if kept.any():
             deranged = self.heldout_losses(self.accelerator, controlnet, sketches[other], photos, prompts)
             gains = (deranged - own)[kept]
             logs["conditioning_gain"] = float(gains.mean())
-            logs["conditioning_gain_ci95"] = mean_ci95(gains, o.seed)
+            logs["conditioning_gain_ci95"] = mean_ci95(gains)
         return logs
 
     def validation_images(self, model, between=None):

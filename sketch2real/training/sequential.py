@@ -16,6 +16,7 @@ import numpy as np
 from sketch2real.cli import UserError, option
 from sketch2real.io import write_json
 from sketch2real.metrics import mean_ci95, verdict
+from sketch2real.shards import sample_refs
 from sketch2real.sketchy import category_words
 from sketch2real.training.accelerator import eager_mode, main_process_view
 from sketch2real.training.data import load_shard_images
@@ -44,7 +45,7 @@ class SequentialOptions(DreamBoothOptions):
     steps_per_stage: int = option(400, help="optimizer steps of each stage", min=1)
 
     def stage_list(self) -> list[str]:
-        return [s for item in self.stages for s in item.split(",") if s]
+        return [s.strip() for item in self.stages for s in item.split(",") if s.strip()]
 
     def check(self) -> None:
         stages = self.stage_list()
@@ -68,20 +69,28 @@ class SequentialOptions(DreamBoothOptions):
         super().check()
 
 
-def check_same_run(opts: SequentialOptions, out: Path) -> None:
-    """A rerun into a folder of finished stages takes them as its own only under the options that made them (more
-    stages may follow); with others (another prompt, rate, model...) it stops in one line naming what differs."""
+def check_same_run(opts: SequentialOptions, out: Path, global_batch_size: int) -> None:
+    """A rerun into a folder of stages, finished or checkpointed, takes them as its own only under the options that
+    made them (more stages may follow); with others (another prompt, rate, model, global batch, held-out samples: the
+    forgetting's...) or fewer stages it stops in one line naming what differs. A folder where no stage got that far
+    (a first run stopped by an error) takes any."""
     from sketch2real.training.checkpoints import options_fingerprint
 
     saved_file = out / "run_config.json"
-    if not saved_file.is_file():
+    if not saved_file.is_file() or not any(out.glob("stage-*/stage_metrics.json")) and not any(out.glob("stage-*/checkpoint-*")):
         return
     saved = json.loads(saved_file.read_text())
     now = options_fingerprint(opts, frozenset({"stages"}))
+    now["num_heldout_samples"] = opts.num_heldout_samples  # how it ran, but the samples every forgetting compares
     left_out = set(now.defaults) - set(now)  # how it ran, and the stages
     theirs = {k: v for k, v in saved.items() if k not in left_out}
-    stages = [s for item in saved.get("stages", []) for s in item.split(",") if s]
+    stages = [s.strip() for item in saved.get("stages", []) for s in item.split(",") if s.strip()]
     differences = [] if now.matches(theirs) else [now.differences(theirs)]
+    for summary in sorted(out.glob("stage-*/metrics.json"))[:1]:  # a finished stage's: its processes x batch per process
+        stage = json.loads((summary.parent / "run_config.json").read_text())
+        theirs_batch = stage.get("train_batch_size", 0) * json.loads(summary.read_text()).get("num_processes", 0)
+        if theirs_batch != global_batch_size:
+            differences.append(f"global batch: {theirs_batch} there, {global_batch_size} now")
     if opts.stage_list()[: len(stages)] != stages:
         differences.append(f"stages: {','.join(stages)} there, {','.join(opts.stage_list())} now")
     if differences:
@@ -179,9 +188,14 @@ def run_sequential(opts: SequentialOptions, accelerator) -> int:
     """Train every stage not yet finished; write sequential_report.{json,md}. Returns an exit status."""
     stages = opts.stage_list()
     out = Path(opts.output_dir)
-    check_same_run(opts, out)
+    for split in (opts.split, opts.validation_split):  # a category not there: one line before anything is written
+        sample_refs(opts.shard_dir, split, stages)
+    global_batch_size = opts.train_batch_size * accelerator.num_processes
+    check_same_run(opts, out, global_batch_size)
     if accelerator.is_main_process:  # an earlier stop's (each stage clears its own): this run is under way
         clear_preempted(out)
+        out.mkdir(parents=True, exist_ok=True)  # the run's stages as they are now: a later rerun continues these
+        write_json(out / "run_config.json", dataclasses.asdict(opts))
     rows = []
     previous = opts.pretrained_model_name_or_path
     for index, category in enumerate(stages):
@@ -195,8 +209,6 @@ def run_sequential(opts: SequentialOptions, accelerator) -> int:
             previous = str(folder)
             continue
         stage_opts = stage_options(opts, index, category, previous)
-        if index == 0 and accelerator.is_main_process:
-            write_json(out / "run_config.json", dataclasses.asdict(opts))
         task = DreamBoothTask(stage_opts, accelerator)
         if index == 0 and not (out / "base_metrics.json").is_file():
             task.model.to(accelerator.device)  # `prepare` has not placed it yet (VAE latents are on the device)
@@ -224,7 +236,7 @@ def run_sequential(opts: SequentialOptions, accelerator) -> int:
         final = rows[-1]["sample_losses"].get(category)
         if after_own is not None and final is not None:
             paired = np.asarray(final, dtype=float) - np.asarray(after_own, dtype=float)  # null (a NaN loss) -> nan
-            forgetting[category], forgetting_ci95[category] = float(paired.mean()), mean_ci95(paired, opts.seed)
+            forgetting[category], forgetting_ci95[category] = float(paired.mean()), mean_ci95(paired)
     report = {"stages": stages, "categories": list(dict.fromkeys(stages)), "rows": base_row + rows, "forgetting": forgetting,
               "forgetting_ci95": forgetting_ci95}
     if accelerator.is_main_process:

@@ -283,7 +283,7 @@ class DiffusionTask:
 
         losses = heldout_denoising_losses(self.predictor(model), self.c.vae, self.objective.unweighted(), self.heldout.images,
                                           self.heldout.prompts, self.opts.seed)
-        return {"heldout_loss": float(losses.mean()), "heldout_loss_ci95": mean_ci95(losses, self.opts.seed)}
+        return {"heldout_loss": float(losses.mean()), "heldout_loss_ci95": mean_ci95(losses)}
 
     def validation_images(self, model, between=None) -> tuple[list[list], list, list[str | None]]:
         """(mosaic rows, the generated images, the category each asks for): `--num_validation_images` fixed-seed
