@@ -200,3 +200,25 @@ def test_category_in_the_validation_prompt_is_filled_in_per_category_and_the_car
         task("--validation_prompt", "a {categroy}")
     with pytest.raises(UserError, match="--train_data_dir images have none"):
         task("--train_data_dir", str(tmp_path), "--validation_prompt", "a {category}")
+
+
+def test_validation_gives_the_pipeline_the_prompt_its_loader_expands_to_the_trained_one(tiny_models, tmp_path):
+    """A multi-vector token: training reads `<sketch> <sketch>_1 <sketch>_2`; a pipeline with diffusers' loader spells
+    the token out itself, so validation gives it `<sketch>` (spelt out first, every name was expanded again: the
+    mosaic drew a prompt never trained)."""
+    from diffusers import StableDiffusionPipeline
+
+    from sketch2real.cli import parse_options
+    from sketch2real.family import placeholder_tokens
+    from sketch2real.training.textual_inversion import TextualInversionOptions, TextualInversionTask
+
+    opts = parse_options(TextualInversionOptions, ["--pretrained_model_name_or_path", "m", "--output_dir", str(tmp_path),
+                                                   "--shard_dir", "s", "--num_vectors", "3"])
+    task = TextualInversionTask.__new__(TextualInversionTask)  # the prompts need only the options and tokens
+    task.opts, task.tokens = opts, placeholder_tokens("<sketch>", 3)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_models.sd)
+    pipe.load_textual_inversion(torch.zeros(3, pipe.text_encoder.config.hidden_size), token="<sketch>")
+    prompt = "a cat in the style of <sketch>"
+    trained = task.prompt_transform(prompt)
+    assert trained == "a cat in the style of <sketch> <sketch>_1 <sketch>_2"
+    assert pipe.maybe_convert_prompt(task.pipeline_prompt(pipe, prompt), pipe.tokenizer) == trained

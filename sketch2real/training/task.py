@@ -133,6 +133,10 @@ class DiffusionTask:
     def prompt_transform(self, prompt: str) -> str:
         return prompt
 
+    def pipeline_prompt(self, pipe, prompt: str) -> str:
+        """`prompt` as the validation pipeline must be given it to condition as training did."""
+        return self.prompt_transform(prompt)
+
     def compiled_modules(self) -> list[torch.nn.Module]:
         """What --torch_compile compiles: the modules that run every step (the denoiser; ControlNet adds its own)."""
         return [self.c.denoiser]
@@ -289,10 +293,11 @@ class DiffusionTask:
         """(mosaic rows, the generated images, the category each asks for): `--num_validation_images` fixed-seed
         images per validation prompt."""
         o = self.opts
-        prompts = [self.prompt_transform(p) for p in self.validation_prompts()]
-        if not prompts:
+        if not self.validation_prompts():
             return [], [], []
-        rows = generate_rows(self.pipeline(model), prompts, o.num_validation_images, o.seed, o.resolution,
+        pipe = self.pipeline(model)
+        prompts = [self.pipeline_prompt(pipe, p) for p in self.validation_prompts()]
+        rows = generate_rows(pipe, prompts, o.num_validation_images, o.seed, o.resolution,
                              o.validation_inference_steps, self.family.generation_kwargs(), between)
         categories = [c for c, row in zip(self.validation_categories(), rows) for _ in row]
         return rows, [image for row in rows for image in row], categories

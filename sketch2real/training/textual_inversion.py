@@ -221,6 +221,14 @@ class TextualInversionTask(DiffusionTask):
         """Spell out a multi-vector token as diffusers' load_textual_inversion does: '<t>' -> '<t> <t>_1 ...'."""
         return prompt.replace(self.opts.placeholder_token, " ".join(self.tokens)) if len(self.tokens) > 1 else prompt
 
+    def pipeline_prompt(self, pipe, prompt: str) -> str:
+        """The token as a user's pipeline is given it: diffusers' loader in the pipeline spells it out itself (spelt
+        out here first, it expanded every name again: validation drew a prompt never trained); SD3's, without one,
+        spelt out (`spell_out_tokens`)."""
+        from sketch2real.family import spell_out_tokens
+
+        return spell_out_tokens(pipe, prompt)
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [embedding.new_rows for embedding in self.embeddings]
 
