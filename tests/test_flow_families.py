@@ -926,3 +926,31 @@ def test_t5_textual_inversion_checkpoints_and_resumes_exactly(tiny_models, shard
     run_script("train/textual_inversion.py", *args, "--output_dir", resumed, "--resume_from_checkpoint", "latest")
     a, b = (load_file(run / "learned_embeds.safetensors") for run in (straight, resumed))
     assert sorted(a) == ["clip_l", "t5"] and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_flux_multi_vector_textual_inversion_conditions_as_the_pipeline_with_the_file_loaded(tiny_models, shard_dir,
+                                                                                              tmp_path):
+    """A multi-vector token on FLUX.1 without --enable_t5_ti: FluxPipeline's loader spells it out for CLIP only, T5
+    reads the prompt as written; training conditioned T5 on `<sketch> <sketch>_1`. Now the training conditioning is
+    the pipeline's `encode_prompt` with the run's file loaded, bit for bit."""
+    from diffusers import FluxPipeline
+
+    from sketch2real.family import FAMILIES, load_textual_inversion
+    from sketch2real.models import load_sd_components
+    from sketch2real.training.textual_inversion import TextualInversionOptions, TextualInversionTask, write_learned_embeds
+
+    model = str(tiny_models.flux)
+    opts = TextualInversionOptions(pretrained_model_name_or_path=model, shard_dir=str(shard_dir), output_dir=str(tmp_path),
+                                   resolution=64, num_vectors=2, categories=["cat"], num_heldout_samples=0,
+                                   num_validation_images=0)
+    task = TextualInversionTask(opts, in_process_accelerator("no"), load_sd_components(model))
+    prompt = "a cat in the style of <sketch>"
+    with torch.no_grad():
+        text = task.condition([prompt], task.model)
+    write_learned_embeds(FAMILIES["flux"], "<sketch>", [e.new_rows.detach() for e in task.embeddings],
+                         tmp_path / "learned_embeds.safetensors")
+    pipe = FluxPipeline.from_pretrained(model)
+    load_textual_inversion(pipe, str(tmp_path / "learned_embeds.safetensors"))
+    with torch.no_grad():
+        states, pooled, _ = pipe.encode_prompt(prompt, None, **FAMILIES["flux"].generation_kwargs())
+    assert torch.equal(text.pooled, pooled) and torch.equal(text.states, states)
