@@ -714,12 +714,20 @@ def load_textual_inversion(pipe, file: str) -> None:
     family = family_of_pipeline(pipe)
     if not family.embedding_keys:
         try:  # the token `embedding_file` reads (generation's prompt check reads the same)
-            token = embedding_file(file)[1]
+            keys, token, _ = embedding_file(file)
         except Exception:  # not safetensors (A1111's .pt, diffusers' .bin): diffusers reads it as it does
-            token = None
+            keys, token = set(), None
+        if keys and keys <= ENCODER_EMBEDDING_KEYS:  # diffusers' error printed the tensors
+            raise UserError(f"{file} holds {', '.join(sorted(keys))}: an embedding of a model with several text encoders "
+                            f"(SDXL, SD3, FLUX.1), not of a {family.name} model (one tensor named by its token)")
         pipe.load_textual_inversion(file, token=token)
         return
     keys, token, tensors = embedding_file(file, family.learned_embedding_keys(optional=True))
+    foreign = sorted(keys & ENCODER_EMBEDDING_KEYS - set(family.learned_embedding_keys(optional=True)))
+    if foreign:  # SD3's clip_g beside clip_l and t5, given to FLUX.1: its other rows loaded, silently
+        raise UserError(f"{file} holds {', '.join(repr(k) for k in foreign)}, for an encoder a {family.name} model does "
+                        f"not have: an embedding of another family (a {family.name} embedding holds "
+                        f"{' and '.join(repr(k) for k in family.learned_embedding_keys(optional=True))})")
     if not set(family.embedding_keys) <= set(tensors):
         raise UserError(f"{file} holds {', '.join(sorted(keys)) or 'nothing'}: not a {family.name} embedding (an SD 1.x "
                         f"embedding holds one tensor named by its token); a {family.name} model needs {' and '.join(repr(k) for k in family.embedding_keys)} tensors "

@@ -484,3 +484,25 @@ def test_a_captions_row_without_its_fields_or_a_corrupt_line_is_one_line_not_a_l
     # a prompt id the file lacks beside one it has: one line (the other's images only, silently, before)
     with pytest.raises(UserError, match=r"--prompt_ids 9: no captions of that id in .* \(its ids: 1\)"):
         items_from_captions(str(path), ["1", "9"])
+
+
+def test_an_embedding_of_another_family_is_one_line_not_its_tensors_or_a_partial_load(tiny_models, tmp_path):
+    """An SDXL/SD3 file (per-encoder tensors) given to SD 1.x: one line (diffusers' error printed the tensors); an SD3
+    file (clip_l, clip_g, t5) given to FLUX.1, which has no clip_g encoder: one line (its other rows loaded silently)."""
+    import torch
+    from diffusers import FluxPipeline, StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    from sketch2real.cli import UserError
+    from sketch2real.family import load_textual_inversion
+
+    sdxl, sd3 = tmp_path / "sdxl.safetensors", tmp_path / "sd3.safetensors"
+    save_file({"clip_l": torch.zeros(1, 8), "clip_g": torch.zeros(1, 8)}, str(sdxl), metadata={"token": "<s>"})
+    save_file({"clip_l": torch.zeros(1, 8), "clip_g": torch.zeros(1, 8), "t5": torch.zeros(1, 8)}, str(sd3),
+              metadata={"token": "<s>"})
+    with pytest.raises(UserError, match="holds clip_g, clip_l: an embedding of a model with several text encoders"):
+        load_textual_inversion(StableDiffusionPipeline.from_pretrained(tiny_models.sd), str(sdxl))
+    flux = FluxPipeline.from_pretrained(tiny_models.flux)
+    with pytest.raises(UserError, match="holds 'clip_g', for an encoder a flux model does not have"):
+        load_textual_inversion(flux, str(sd3))
+    assert "<s>" not in flux.tokenizer.get_added_vocab()
