@@ -748,6 +748,17 @@ CONTROLNET_INTERFACE = ("in_channels", "cross_attention_dim", "block_out_channel
                         "attention_head_dim", "num_attention_heads", "patch_size")
 
 
+def check_controlnet_class(path: str, family: Family, flag: str, model: str) -> None:
+    """One line, before it loads, for a ControlNet folder saved as another family's class (a FLUX ControlNet given to
+    an SD model loaded as SD's class, default weights and all, and was then said to differ in its defaults)."""
+    config = Path(path) / "config.json"
+    saved = json.loads(config.read_text()).get("_class_name") if config.is_file() else None
+    if saved and saved != family.controlnet_class:
+        owner = next((f.name for f in FAMILIES.values() if f.controlnet_class == saved), None)
+        raise UserError(f"{flag} {path} is a {saved}" + (f" (a {owner} ControlNet)" if owner else "") + f": {model} is a "
+                        f"{family.name} model, whose ControlNets are {family.controlnet_class}")
+
+
 def controlnet_mismatch(controlnet, denoiser) -> str:
     """How a ControlNet's config differs from its denoiser's where both name a setting of `CONTROLNET_INTERFACE`
     ("" when it fits)."""

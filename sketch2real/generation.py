@@ -314,7 +314,7 @@ def load_generation_pipeline(model: str, device: torch.device, dtype: torch.dtyp
     the family before any weight loads."""
     import diffusers
 
-    from sketch2real.family import controlnet_mismatch, family_of, load_textual_inversion
+    from sketch2real.family import check_controlnet_class, controlnet_mismatch, family_of, load_textual_inversion
     from sketch2real.models import check_model_path, enable_xformers, load, load_base_pipeline, load_pipeline
 
     model, lora = base_of_lora_output(model, lora)
@@ -343,6 +343,8 @@ def load_generation_pipeline(model: str, device: torch.device, dtype: torch.dtyp
     if scheduler and scheduler not in family.samplers():  # before any weight loads
         raise UserError(f"--scheduler {scheduler} does not fit {family.name} models, trained for another objective "
                         f"(theirs: {', '.join(family.samplers())})")
+    if controlnet:
+        check_controlnet_class(controlnet, family, "--controlnet", model)
     net = load(getattr(diffusers, family.controlnet_class), controlnet, "ControlNet", torch_dtype=dtype) if controlnet else None
     if checkpoint is None:
         pipe = load_pipeline(family, model, net, safety_checker, torch_dtype=dtype, revision=revision)

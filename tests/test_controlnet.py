@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 
 import numpy as np
@@ -212,6 +213,15 @@ def test_a_controlnet_of_another_model_is_refused_in_one_line_and_one_of_this_mo
     assert "cross_attention_dim" in proc.stderr and not (tmp_path / "refused" / "latent_cache").exists()
     with pytest.raises(UserError, match="is not a ControlNet of .*addition_embed_type"):
         load_generation_pipeline(str(tiny_models.sd), torch.device("cpu"), torch.float32, controlnet=str(tmp_path / "sdxl"))
+    # saved as another family's class (FLUX's): said so, before it loads as this family's class with default weights
+    (tmp_path / "flux").mkdir()
+    (tmp_path / "flux" / "config.json").write_text(json.dumps({"_class_name": "FluxControlNetModel"}))
+    said = "is a FluxControlNetModel \\(a flux ControlNet\\): .* is a sd model, whose ControlNets are ControlNetModel"
+    with pytest.raises(UserError, match=f"--controlnet .*{said}"):
+        load_generation_pipeline(str(tiny_models.sd), torch.device("cpu"), torch.float32, controlnet=str(tmp_path / "flux"))
+    proc = run_script("train/controlnet.py", *common, "--controlnet_model_name_or_path", tmp_path / "flux",
+                      "--output_dir", tmp_path / "refused-flux", check=False)
+    assert proc.returncode == 2 and re.search(said, proc.stderr.strip().splitlines()[-1]), proc.stderr[-1500:]
     run_script("train/controlnet.py", *common, "--controlnet_model_name_or_path", tmp_path / "sd",
                "--output_dir", tmp_path / "continued")
     assert (tmp_path / "continued" / "config.json").is_file()

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from sketch2real.cli import UserError, option
-from sketch2real.family import FAMILIES, Family, controlnet_mismatch
+from sketch2real.family import FAMILIES, Family, check_controlnet_class, controlnet_mismatch
 from sketch2real.models import SDComponents, assemble_pipeline, load
 from sketch2real.sketchy import photo_key, sketch_condition
 from sketch2real.training.accelerator import cast_denoiser_inputs
@@ -105,6 +105,8 @@ class ControlNetTask(DiffusionTask):
         super().__init__(opts, accelerator, components)
         c, device = self.c, accelerator.device
         if opts.controlnet_model_name_or_path:
+            check_controlnet_class(opts.controlnet_model_name_or_path, self.family, "--controlnet_model_name_or_path",
+                                   opts.pretrained_model_name_or_path)
             controlnet = load(getattr(diffusers, self.family.controlnet_class), opts.controlnet_model_name_or_path,
                               "ControlNet")
             mismatch = controlnet_mismatch(controlnet, c.denoiser)
