@@ -673,3 +673,14 @@ def test_too_few_probe_pairs_stop_before_any_feature_is_extracted(folders, shard
                                "--dims", "64", "--cache_dir", tmp_path / "cache", "--output_dir", tmp_path / "o", check=False))
     assert f"sketchiness: only 5 sketch/photo pairs in split 'val' of {shard_dir}; the probe needs at least 10" in line, line
     assert not list((tmp_path / "cache").glob("*.npz"))
+
+
+def test_the_probe_is_never_fitted_on_the_reference_s_own_split_however_the_folder_is_written(folders, shard_dir,
+                                                                                               tiny_models, tmp_path):
+    """--probe_shards naming the reference shards with a trailing slash and --probe_split the reference's split was
+    taken (the paths were compared as text): one line, before any feature is extracted."""
+    line = _refused(run_script("eval/fid.py", "--generated", folders / "a", "--reference_shards", shard_dir,
+                               "--reference_split", "test", "--probe_shards", f"{shard_dir}/", "--probe_split", "test",
+                               "--metrics", "sketchiness", "--clip_model_name_or_path", tiny_models.clip,
+                               "--output_dir", tmp_path / "o", check=False))
+    assert "--probe_split test is the reference's own split" in line, line

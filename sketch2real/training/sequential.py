@@ -66,6 +66,9 @@ class SequentialOptions(DreamBoothOptions):
                             "its stages where they stopped: give --resume_from_checkpoint latest")
         if not self.shard_dir:
             raise UserError("--shard_dir is required: each stage's instance images and held-out images come from it")
+        if self.num_heldout_samples < 2:  # 0 turned nothing off here: 16 were measured, silently
+            raise UserError(f"--num_heldout_samples {self.num_heldout_samples}: forgetting is measured on that many "
+                            "held-out samples per category; give at least 2 (for its interval)")
         super().check()
 
 
@@ -140,7 +143,7 @@ def _heldout_losses(task: DreamBoothTask, model, opts: SequentialOptions, catego
     with eager_mode():
         for category in categories:
             images, _ = load_shard_images(opts.shard_dir, opts.validation_split, category, opts.instance_image_type,
-                                          opts.resolution, opts.num_heldout_samples or 16, opts.seed)
+                                          opts.resolution, opts.num_heldout_samples, opts.seed)
             prompt = opts.instance_prompt.format(category=category_words(category))
             losses[category] = heldout_denoising_losses(task.predictor(model), task.c.vae, task.objective.unweighted(), images,
                                                         [prompt] * len(images), opts.seed).tolist()
