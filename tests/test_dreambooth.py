@@ -1344,3 +1344,28 @@ def test_the_card_s_lines_load_the_run_s_vae_and_call_the_pipeline_as_training_c
     assert "image = pipe('a sks sketch', original_size=(256, 256), crops_coords_top_left=(0, 0)).images[0]" in card
     sd3 = usage("lora", "stabilityai/stable-diffusion-3.5-medium", tmp_path, "a sks sketch", FAMILIES["sd3"])
     assert "image = pipe('a sks sketch', max_sequence_length=77).images[0]" in sd3 and "vae" not in sd3
+
+
+def test_a_resumed_run_s_validation_log_lists_each_step_once_and_a_fresh_one_drops_an_earlier_run_s(db_args, tmp_path):
+    """Killed after validating step 2 but before checkpointing it: the resumed run validates steps 2 and 3 again, and
+    validation_log.jsonl listed them twice (a plot of it zig-zagged). A run started afresh in the folder drops the
+    earlier run's lines and mosaics (the card showed the last one)."""
+    import shutil
+
+    args = [*db_args, "--max_train_steps", "3", "--checkpointing_steps", "1", "--validation_steps", "1",
+            "--num_validation_images", "1", "--validation_inference_steps", "1", "--num_heldout_samples", "2"]
+    straight = tmp_path / "straight"
+    run_script("train/dreambooth.py", *args, "--output_dir", straight)
+    steps = lambda out: [json.loads(line)["step"] for line in (out / "validation_log.jsonl").read_text().splitlines()]  # noqa: E731
+    assert steps(straight) == [1, 2, 3]
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    for name in ("checkpoint-1", "validation"):
+        shutil.copytree(straight / name, resumed / name)
+    shutil.copy(straight / "validation_log.jsonl", resumed)
+    run_script("train/dreambooth.py", *args, "--output_dir", resumed, "--resume_from_checkpoint", "latest")
+    assert steps(resumed) == [1, 2, 3]
+    run_script("train/dreambooth.py", *db_args, "--max_train_steps", "1", "--validation_steps", "1",
+               "--num_validation_images", "1", "--validation_inference_steps", "1", "--num_heldout_samples", "2",
+               "--output_dir", resumed)
+    assert steps(resumed) == [1] and sorted(p.name for p in (resumed / "validation").iterdir()) == ["step-000001.png"]

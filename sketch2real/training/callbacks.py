@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from sketch2real.io import append_jsonl, atomic_open, write_json
+from sketch2real.io import append_jsonl, atomic_open, read_jsonl, write_json, write_jsonl
 from sketch2real.shards import corrupt_samples
 from sketch2real.training.accelerator import compiled_graphs, finish_trackers, innermost_optimizer
 from sketch2real.training.checkpoints import save_checkpoint
@@ -106,6 +106,9 @@ class Run:
 class Callback:
     """One side concern of the loop. Each hook may return an exit status to end the run with it."""
 
+    def before_train(self, run: Run) -> None:
+        return None
+
     def after_step(self, run: Run) -> int | None:
         return None
 
@@ -138,6 +141,19 @@ class Validation(Callback):
 
     def __init__(self) -> None:
         self.validated_at: int | None = None
+
+    def before_train(self, run: Run) -> None:
+        """What validation wrote past the step the run starts from (a resume: the steps it trains again; a fresh
+        start: an earlier run's) goes: `validation_log.jsonl` listed those steps twice, and the card showed an
+        earlier run's mosaic."""
+        if not run.accelerator.is_main_process:
+            return
+        log = run.out / "validation_log.jsonl"
+        if log.is_file():
+            write_jsonl(log, [row for row in read_jsonl(log) if row.get("step", 0) <= run.step])
+        for mosaic in (run.out / "validation").glob("step-*.png"):
+            if (found := re.fullmatch(r"step-(\d+)\.png", mosaic.name)) and int(found[1]) > run.step:
+                mosaic.unlink()
 
     def _validate(self, run: Run) -> bool:
         """False: preempted (raised on every process together: a collective check)."""

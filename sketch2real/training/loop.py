@@ -219,6 +219,8 @@ def train(task: Task, opts, accelerator, project_name: str, callbacks: list[Call
     run = Run(task, opts, accelerator, model, optimizer, lr_scheduler, out, fingerprint, bar, step=step, start_step=step,
               last_checkpoint=step if resume is not None else None, averaged=averaged)
     callbacks = default_callbacks() if callbacks is None else callbacks
+    for callback in callbacks:
+        callback.before_train(run)
     # The step never waits for the host: the loss and its finiteness accumulate on the device and are read back
     # (one collective, one host read) only at `reads_due` steps; the progress bar alone moves every step.
     interval = torch.zeros(2, device=accelerator.device)  # [sum of the interval's step losses, non-finite steps]
