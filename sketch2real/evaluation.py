@@ -433,7 +433,8 @@ CLIP_PROMPTS = ("a photo of a {category}", "a sketch of a {category}")
 @dataclass
 class Style:
     """What the style metrics score against: the sketchiness probe (on `probe_features`, an extractor's name) and
-    the reference's CSD embeddings (one style prototype for the set and for each of its categories)."""
+    the reference's CSD embeddings (one style prototype, of the whole reference: a category's images are scored
+    against the same style, which no category owns)."""
 
     probe: LinearProbe | None = None
     probe_features: str = "clip"

@@ -196,6 +196,8 @@ def test_category_in_the_validation_prompt_is_filled_in_per_category_and_the_car
     assert filled.card_prompt() == "a airplane in the style of <sketch>"
     assert task().validation_rows() == [("a airplane in the style of <sketch>", "airplane"),
                                         ("a apple in the style of <sketch>", "apple")]  # the templates' rows, as before
+    # an object's token: one row (two rows drew the same prompt), of the run's category where it has one
+    assert task("--learnable_property", "object").validation_rows() == [("a photo of a <sketch>", None)]
     with pytest.raises(UserError, match=r"--validation_prompt 'a \{categroy\}': only \{category\} can be filled in"):
         task("--validation_prompt", "a {categroy}")
     with pytest.raises(UserError, match="--train_data_dir images have none"):

@@ -262,6 +262,9 @@ class TextualInversionTask(DiffusionTask):
         of the run, the first four, as DreamBooth's), else the first template's, for two categories."""
         if self.opts.validation_prompt:
             return validation_rows(self.opts.validation_prompt, self.categories)
+        if self.opts.learnable_property == "object":  # the token is the object: one row (two were the same prompt),
+            categories = sorted(set(self.categories) - {""})  # of the run's one category, if it has one
+            return [(self.prompt_for("", 0), categories[0] if len(categories) == 1 else None)]
         return [(self.prompt_for(c, 0), c or None) for c in self._validation_categories()]
 
     def validation_prompts(self) -> list[str]:
