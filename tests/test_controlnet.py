@@ -287,3 +287,17 @@ def test_category_in_the_validation_prompt_is_each_held_out_sketchs_category(tmp
         prompts("--validation_prompt", "a {categroy}")
     with pytest.raises(UserError, match="--validation_image images have none"):
         prompts("--validation_prompt", "a {category}", "--validation_image", str(tmp_path / "s.png"))
+
+
+def test_the_conditioning_gain_is_said_missing_once_where_no_held_out_sketch_has_a_partner(cn_args, tmp_path):
+    """The gain swaps in a sketch of another photo of the same category; the fixture's val split has one photo per
+    category (3 sketches of it): no gain, which was left out of the logs without a word. One warning now, not one per
+    validation; on the train split (several photos per category) the gain is there."""
+    common = [*cn_args, "--categories", "cat", "--max_train_steps", "2", "--validation_steps", "1",
+              "--num_validation_images", "0", "--num_heldout_samples", "3"]
+    proc = run_script("train/controlnet.py", *common, "--output_dir", tmp_path / "val")
+    assert proc.stderr.count("no conditioning gain: none of the 3 held-out sketches") == 1, proc.stderr[-2000:]
+    assert "conditioning_gain" not in json.loads((tmp_path / "val" / "metrics.json").read_text())
+    proc = run_script("train/controlnet.py", *common, "--validation_split", "train", "--output_dir", tmp_path / "train")
+    assert "no conditioning gain" not in proc.stderr
+    assert "conditioning_gain" in json.loads((tmp_path / "train" / "metrics.json").read_text())

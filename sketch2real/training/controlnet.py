@@ -197,7 +197,7 @@ class ControlNetTask(DiffusionTask):
 
     def heldout_metrics(self, model) -> dict:
         """Held-out loss, and the conditioning gain: each held-out photo's loss with a sketch of another photo of its
-        category minus with its own sketch, with a 95% bootstrap interval. Above 0 once the ControlNet follows its sketch
+        category minus with its own sketch, with a 95% interval. Above 0 once the ControlNet follows its sketch
         (ControlNets start ignoring it and pick it up suddenly, Zhang et al. 2023: this says when)."""
         from sketch2real.metrics import mean_ci95, partners_within
 
@@ -214,6 +214,11 @@ class ControlNetTask(DiffusionTask):
             gains = (deranged - own)[kept]
             logs["conditioning_gain"] = float(gains.mean())
             logs["conditioning_gain_ci95"] = mean_ci95(gains)
+        elif not getattr(self, "_no_gain_said", False) and self.accelerator.is_main_process:  # once, not per validation
+            self._no_gain_said = True
+            logger.warning("no conditioning gain: none of the %d held-out sketches has one of another photo of its "
+                           "category to swap in (more --num_heldout_samples, or a --validation_split with several "
+                           "photos per category)", count)
         return logs
 
     def validation_images(self, model, between=None):
