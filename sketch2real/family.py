@@ -350,7 +350,8 @@ class SD3Family(FlowMatchingFamily):
     Its ControlNet (`SD3ControlNetModel`) is called as `StableDiffusion3ControlNetPipeline` calls it."""
 
     def max_length(self, tokenizer) -> int:
-        return min(tokenizer.model_max_length, self.max_sequence_length)
+        # T5's the family's length; the CLIPs' their own 77 whatever it is, as StableDiffusion3Pipeline tokenizes
+        return self.max_sequence_length if "T5" in type(tokenizer).__name__ else tokenizer.model_max_length
 
     def encode(self, text_encoders: list, ids: list[torch.Tensor], resolution: int,
                source_size: tuple[int, int] = SKETCHY_SIZE) -> Conditioning:
@@ -663,11 +664,18 @@ class TextEncoders(torch.nn.Module):
         """Train mode for the encoders whose weights train; a frozen one (SD3's and FLUX.1's T5 beside trained CLIP
         adapters or rows), or one learning only new token rows (Textual Inversion's `new_rows`: T5 with
         --enable_t5_ti), conditions as at generation: T5's dropout (0.1) would otherwise perturb every training step,
-        from the global generator a resumed run cannot replay."""
+        from the global generator a resumed run cannot replay; the latter's layers stay in train mode alone, for
+        --gradient_checkpointing."""
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
         super().train(mode)
         for encoder in self.encoders.values():
-            if not any(p.requires_grad for name, p in encoder.named_parameters() if not name.endswith("new_rows")):
+            trained = [name for name, p in encoder.named_parameters() if p.requires_grad]
+            if all(name.endswith("new_rows") for name in trained):
                 encoder.eval()
+                for layer in encoder.modules():  # new rows learn through its layers: they keep checkpointing, which
+                    if trained and isinstance(layer, GradientCheckpointingLayer):  # transformers does in train mode
+                        layer.training = mode
         return self
 
     def train_what_conditions(self) -> None:

@@ -101,6 +101,13 @@ def test_resume_continues_exactly(family, db_args, tmp_path, tiny_models):
         proc = run_script("train/dreambooth.py", *args, "--output_dir", resumed, "--resume_from_checkpoint", "latest")
         assert "holds this run's trained model (6 steps" in proc.stdout and "resumed from" not in proc.stderr
         assert {p: p.read_bytes() for p in resumed.rglob("*") if p.is_file()} == before
+        proc = run_script("train/dreambooth.py", *args, "--output_dir", resumed, "--resume_from_checkpoint", "latest",
+                          "--logging_steps", "3")  # how the job runs: still finished
+        assert "holds this run's trained model" in proc.stdout
+        # an output the finished run did not write (another validation): trained again from its last checkpoint
+        proc = run_script("train/dreambooth.py", *args, "--output_dir", resumed, "--resume_from_checkpoint", "latest",
+                          "--validation_steps", "6", "--num_validation_images", "1", "--validation_inference_steps", "1")
+        assert "resumed from" in proc.stderr and (resumed / "validation" / "step-000006.png").is_file()
         # resumed from a checkpoint past a shorter --max_train_steps: one line, the run's record kept
         record = (resumed / "run_config.json").read_bytes()
         proc = run_script("train/dreambooth.py", *args, "--output_dir", resumed, "--resume_from_checkpoint", "latest",
@@ -1369,3 +1376,23 @@ def test_a_resumed_run_s_validation_log_lists_each_step_once_and_a_fresh_one_dro
                "--num_validation_images", "1", "--validation_inference_steps", "1", "--num_heldout_samples", "2",
                "--output_dir", resumed)
     assert steps(resumed) == [1] and sorted(p.name for p in (resumed / "validation").iterdir()) == ["step-000001.png"]
+
+
+def test_pivotal_validation_gives_the_pipeline_the_tokens_its_loader_expands_to_the_trained_ones(tiny_models, tmp_path):
+    """Pivotal tuning trains `a <s0> <s0>_1 sketch` for `a TOK sketch`; the validation pipeline, with diffusers'
+    loader, spells `<s0>` out itself: it is given `a <s0> sketch` (spelt out first, it drew `<s0> <s0>_1 <s0> <s0>_1_1`)."""
+    from types import SimpleNamespace
+
+    from diffusers import StableDiffusionPipeline
+
+    from sketch2real.family import placeholder_tokens
+    from sketch2real.training.dreambooth import PIVOTAL_TOKEN, DreamBoothTask
+
+    task = DreamBoothTask.__new__(DreamBoothTask)  # the prompts need only the options and the new tokens
+    task.opts, task.new_tokens = SimpleNamespace(token_abstraction="TOK"), placeholder_tokens(PIVOTAL_TOKEN, 2)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_models.sd)
+    pipe.load_textual_inversion(torch.zeros(2, pipe.text_encoder.config.hidden_size), token=PIVOTAL_TOKEN)
+    trained = task.prompt_transform("a TOK sketch")
+    assert trained == "a <s0> <s0>_1 sketch"
+    assert task.pipeline_prompt(pipe, "a TOK sketch") == "a <s0> sketch"
+    assert pipe.maybe_convert_prompt(task.pipeline_prompt(pipe, "a TOK sketch"), pipe.tokenizer) == trained

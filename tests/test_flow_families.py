@@ -954,3 +954,45 @@ def test_flux_multi_vector_textual_inversion_conditions_as_the_pipeline_with_the
     with torch.no_grad():
         states, pooled, _ = pipe.encode_prompt(prompt, None, **FAMILIES["flux"].generation_kwargs())
     assert torch.equal(text.pooled, pooled) and torch.equal(text.states, states)
+
+
+def test_sd3_prompts_shorter_than_clip_s_cut_t5_only_as_the_pipeline_does(tiny_models):
+    """--max_sequence_length below 77 on SD3: StableDiffusion3Pipeline gives its CLIPs 77 tokens whatever the length
+    and cuts T5 there; training cut the CLIPs too (other states, another pooled embedding)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from sketch2real.family import FAMILIES
+
+    f = FAMILIES["sd3"].with_max_sequence_length(16)
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_models.sd3)
+    prompt = "a sks sketch of a cat on a mat beside a dog under a tree in the rain"
+    with torch.no_grad():
+        text = f.encode([getattr(pipe, n) for n in f.text_encoders],
+                        f.tokenize([getattr(pipe, n) for n in f.tokenizers], [prompt]), 64)
+        states, _, pooled, _ = pipe.encode_prompt(prompt, None, None, do_classifier_free_guidance=False,
+                                                  **f.generation_kwargs())
+    assert text.states.shape[1] == 77 + 16 and torch.equal(text.states, states) and torch.equal(text.pooled, pooled)
+
+
+def test_t5_learning_token_rows_checkpoints_its_layers_without_dropout(tiny_models, shard_dir, tmp_path):
+    """An encoder learning only new token rows (T5 with --enable_t5_ti) conditions without dropout, as at generation,
+    but its layers stay in train mode, where transformers checkpoints them (--gradient_checkpointing was lost)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from sketch2real.models import load_sd_components
+    from sketch2real.training.textual_inversion import TextualInversionOptions, TextualInversionTask
+
+    model = str(tiny_models.flux)
+    opts = TextualInversionOptions(pretrained_model_name_or_path=model, shard_dir=str(shard_dir), output_dir=str(tmp_path),
+                                   resolution=64, enable_t5_ti=True, gradient_checkpointing=True, categories=["cat"],
+                                   num_heldout_samples=0, num_validation_images=0)
+    task = TextualInversionTask(opts, in_process_accelerator("no"), load_sd_components(model))
+    task.model.train()
+    for encoder in task.model.encoders.values():
+        layers = [m for m in encoder.modules() if isinstance(m, GradientCheckpointingLayer)]
+        dropouts = [m for m in encoder.modules() if isinstance(m, torch.nn.Dropout)]
+        assert layers and all(m.training and m.gradient_checkpointing for m in layers)
+        assert not any(m.training for m in dropouts) and not encoder.training
+    prompt = "a cat in the style of <sketch>"
+    first, second = (task.condition([prompt], task.model).states for _ in range(2))
+    assert torch.equal(first, second)  # no dropout

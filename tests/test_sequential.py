@@ -235,3 +235,19 @@ def test_dreambooth_flags_each_stage_sets_itself_are_refused_when_given(flags, m
     with pytest.raises(UserError, match=re.escape(message)):
         parse_options(SequentialOptions, [*args, *flags]).check()
     parse_options(SequentialOptions, [*args, "--resume_from_checkpoint", "latest"]).check()
+
+
+def test_a_first_run_stopped_before_any_stage_leaves_no_base_row_to_a_rerun(tiny_models, shard_dir, tmp_path):
+    """A first run that measured the base and then stopped (an error, a crash before stage 1's first checkpoint) left
+    base_metrics.json; a rerun with other options (it may: no stage to continue) took that base row as its own."""
+    out = tmp_path / "seq"
+    out.mkdir()
+    (out / "run_config.json").write_text(json.dumps({"stages": ["cat"], "pretrained_model_name_or_path": "another"}))
+    stale = {"name": "base", "loss": {"cat": 123.0}, "loss_ci95": {"cat": [1.0, 2.0]}, "sample_losses": {"cat": [123.0] * 2}}
+    (out / "base_metrics.json").write_text(json.dumps(stale))
+    run_script("train/dreambooth_sequential.py", "--pretrained_model_name_or_path", tiny_models.sd, "--shard_dir",
+               shard_dir, "--output_dir", out, "--stages", "cat", "--steps_per_stage", "1", "--resolution", "64",
+               "--validation_steps", "0", "--checkpointing_steps", "0", "--report_to", "none", "--num_heldout_samples", "2",
+               "--instance_prompt", "a {category} in the style of sks")
+    base = json.loads((out / "sequential_report.json").read_text())["rows"][0]
+    assert base["name"] == "base" and base["loss"]["cat"] != 123.0 and len(base["sample_losses"]["cat"]) == 2

@@ -24,7 +24,7 @@ import torch
 from sketch2real.io import append_jsonl, atomic_open, read_jsonl, write_json, write_jsonl
 from sketch2real.shards import corrupt_samples
 from sketch2real.training.accelerator import compiled_graphs, finish_trackers, innermost_optimizer
-from sketch2real.training.checkpoints import save_checkpoint
+from sketch2real.training.checkpoints import output_files, save_checkpoint
 from sketch2real.training.hub import hub_repo_id, push_output
 from sketch2real.training.model_card import CARD, model_card
 from sketch2real.training.preemption import PREEMPTED_EXIT_CODE, Preempted, mark_preempted
@@ -270,6 +270,8 @@ class RunSummary(Callback):
             **{k: v for k, v in run.logs.items() if k not in ("loss", "lr")},
             "fingerprint": run.fingerprint,  # what a rerun with --resume_from_checkpoint latest finds finished
         }
+        if accelerator.is_main_process:
+            summary["outputs"] = output_files(run.out)
         run.summary = summary
         if accelerator.is_main_process:
             write_json(run.out / "metrics.json", summary)

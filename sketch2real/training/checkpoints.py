@@ -305,23 +305,52 @@ def _choose_checkpoint(output_dir: Path, resume: str | None, fingerprint: RunFin
     return None, None
 
 
+# options of how a job runs, not of what it writes: a resubmitted job may change them and still find its run finished
+RERUN_ONLY = frozenset({"resume_from_checkpoint", "output_dir", "dataloader_num_workers", "logging_steps", "ddp_timeout",
+                        "checkpointing_steps", "checkpoints_total_limit", "torch_compile", "torch_compile_mode",
+                        "torch_compile_backend", "report_to", "logging_dir", "tracker_project_name", "push_to_hub",
+                        "hub_model_id", "train_batch_size"})
+
+
+def output_files(out: Path) -> dict[str, int]:
+    """The trained outputs in `out` (relative path -> bytes), as `metrics.json` records them: not checkpoints, caches,
+    logs and validation mosaics (which a resume rewrites), nor the summary and card written after it."""
+    def output(path: Path) -> bool:
+        first = path.relative_to(out).parts[0]
+        return not (first.startswith("checkpoint-") or first in ("latent_cache", "logs", "validation", "metrics.json",
+                                                                   "README.md", "PREEMPTED") or ".partial" in first)
+
+    return {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file() and output(p)}
+
+
 def finished_run(accelerator, opts) -> bool:
     """Whether `--resume_from_checkpoint latest` finds this run finished in `--output_dir`: its `metrics.json`, written
-    after the trained model, records this run's fingerprint at `--max_train_steps` (a resubmitted pipeline trained the
-    steps since the last checkpoint again and rewrote the outputs). Decided by rank 0 for all ranks, before any weight
-    loads; `--push_to_hub` trains and pushes as asked."""
+    after the trained model, records this run's fingerprint at `--max_train_steps` and the outputs that are still
+    there (`output_files`), its `run_config.json` the same options (but `RERUN_ONLY`'s), and its card is there (a resubmitted pipeline trained the steps since the last
+    checkpoint again and rewrote the outputs). Decided by rank 0 for all ranks, before any weight loads;
+    `--push_to_hub` trains and pushes as asked."""
     if opts.resume_from_checkpoint != "latest" or getattr(opts, "push_to_hub", False):
         return False
+    from sketch2real.cli import as_dict
+
     out = Path(opts.output_dir)
     fingerprint = run_fingerprint(opts, accelerator.num_processes)
+    # every option as the run recorded it, but those of how a job runs: another output format, precision or
+    # validation prompt asks for outputs the finished run did not write
+    now = _normalized({k: v for k, v in {**as_dict(opts), "mixed_precision": accelerator.mixed_precision}.items()
+                       if k not in RERUN_ONLY})
 
     def decide() -> bool:
         try:
             summary = json.loads((out / "metrics.json").read_text())
+            recorded = json.loads((out / "run_config.json").read_text())
         except (OSError, ValueError):
             return False
         saved = summary.get("fingerprint") if isinstance(summary, dict) else None
-        return summary.get("steps") == opts.max_train_steps and saved is not None and fingerprint.matches(saved)
+        return (summary.get("steps") == opts.max_train_steps and saved is not None and fingerprint.matches(saved)
+                and {k: v for k, v in recorded.items() if k not in RERUN_ONLY} == now
+                and (out / "README.md").is_file()  # the card: the last of its outputs
+                and bool(summary.get("outputs")) and output_files(out) == summary["outputs"])  # none removed or cut
 
     finished = main_process_view(accelerator, decide)
     if finished and accelerator.is_main_process:

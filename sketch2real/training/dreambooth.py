@@ -556,13 +556,15 @@ class DreamBoothTask(DiffusionTask):
     def validation_prompts(self) -> list[str]:
         return [prompt for prompt, _ in self.validation_rows()]
 
-    def card_prompt(self) -> str:
+    def user_prompt(self, prompt: str) -> str:
         """Pivotal tuning: the new tokens by the name a user loads them under (`<s0>`; diffusers' loader spells out
         the rest), not --token_abstraction."""
-        prompt = super().card_prompt()
         if not self.new_tokens:
             return prompt
         return re.sub(rf"\b{re.escape(self.opts.token_abstraction)}\b", PIVOTAL_TOKEN, prompt)
+
+    def card_prompt(self) -> str:
+        return self.user_prompt(super().card_prompt())
 
     def validation_categories(self) -> list[str | None]:
         return [category for _, category in self.validation_rows()]

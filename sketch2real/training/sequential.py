@@ -72,16 +72,16 @@ class SequentialOptions(DreamBoothOptions):
         super().check()
 
 
-def check_same_run(opts: SequentialOptions, out: Path, global_batch_size: int) -> None:
+def check_same_run(opts: SequentialOptions, out: Path, global_batch_size: int) -> bool:
     """A rerun into a folder of stages, finished or checkpointed, takes them as its own only under the options that
     made them (more stages may follow); with others (another prompt, rate, model, global batch, held-out samples: the
     forgetting's...) or fewer stages it stops in one line naming what differs. A folder where no stage got that far
-    (a first run stopped by an error) takes any."""
+    (a first run stopped by an error) takes any. Returns whether the folder holds stages to continue."""
     from sketch2real.training.checkpoints import options_fingerprint
 
     saved_file = out / "run_config.json"
     if not saved_file.is_file() or not any(out.glob("stage-*/stage_metrics.json")) and not any(out.glob("stage-*/checkpoint-*")):
-        return
+        return False
     saved = json.loads(saved_file.read_text())
     now = options_fingerprint(opts, frozenset({"stages"}))
     now["num_heldout_samples"] = opts.num_heldout_samples  # how it ran, but the samples every forgetting compares
@@ -96,9 +96,10 @@ def check_same_run(opts: SequentialOptions, out: Path, global_batch_size: int) -
             differences.append(f"global batch: {theirs_batch} there, {global_batch_size} now")
     if opts.stage_list()[: len(stages)] != stages:
         differences.append(f"stages: {','.join(stages)} there, {','.join(opts.stage_list())} now")
-    if differences:
-        raise UserError(f"{out} holds the stages of another run ({'; '.join(differences)}): give another --output_dir "
-                        "(or the same options: more stages may follow)")
+    if not differences:
+        return True
+    raise UserError(f"{out} holds the stages of another run ({'; '.join(differences)}): give another --output_dir "
+                    "(or the same options: more stages may follow)")
 
 
 def stage_options(opts: SequentialOptions, index: int, category: str, previous: str) -> SequentialOptions:
@@ -194,9 +195,11 @@ def run_sequential(opts: SequentialOptions, accelerator) -> int:
     for split in (opts.split, opts.validation_split):  # a category not there: one line before anything is written
         sample_refs(opts.shard_dir, split, stages)
     global_batch_size = opts.train_batch_size * accelerator.num_processes
-    check_same_run(opts, out, global_batch_size)
+    continues = check_same_run(opts, out, global_batch_size)
     if accelerator.is_main_process:  # an earlier stop's (each stage clears its own): this run is under way
         clear_preempted(out)
+        if not continues:  # an earlier start's base row, perhaps of another model, prompt or samples: measured anew
+            (out / "base_metrics.json").unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)  # the run's stages as they are now: a later rerun continues these
         write_json(out / "run_config.json", dataclasses.asdict(opts))
     rows = []

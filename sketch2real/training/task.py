@@ -133,9 +133,18 @@ class DiffusionTask:
     def prompt_transform(self, prompt: str) -> str:
         return prompt
 
+    def user_prompt(self, prompt: str) -> str:
+        """`prompt` as a user writes it for a pipeline with the run's new tokens loaded (Textual Inversion's `<t>`,
+        pivotal tuning's `<s0>`), where `prompt_transform` spells them out as training reads them."""
+        return prompt
+
     def pipeline_prompt(self, pipe, prompt: str) -> str:
-        """`prompt` as the validation pipeline must be given it to condition as training did."""
-        return self.prompt_transform(prompt)
+        """`prompt` as the validation pipeline must be given it to condition as training did: written as a user
+        writes it, which diffusers' loader in the pipeline spells out itself (spelt out here first, every name was
+        expanded again: validation drew a prompt never trained); SD3's pipelines, without one, spelt out here."""
+        from sketch2real.family import spell_out_tokens
+
+        return spell_out_tokens(pipe, self.user_prompt(prompt))
 
     def compiled_modules(self) -> list[torch.nn.Module]:
         """What --torch_compile compiles: the modules that run every step (the denoiser; ControlNet adds its own)."""
@@ -176,9 +185,21 @@ class DiffusionTask:
         return self.objective.loss(prediction, batch.target, batch.timesteps).mean()
 
     def prompt_ids(self, prompts: list[str]) -> list[torch.Tensor]:
-        """Token ids of the prompts, one tensor per tokenizer of the family."""
-        prompts = [self.prompt_transform(p) for p in prompts]
-        return [to_device(ids, self.accelerator.device) for ids in self.family.tokenize(self.c.tokenizers, prompts)]
+        """Token ids of the prompts, one tensor per tokenizer of the family, as its pipeline gives them: new tokens
+        (Textual Inversion, pivotal tuning) spelt out for the tokenizers that hold them, as diffusers' loader spells
+        them out there, and the prompt as a user writes it for the others (FLUX.1's T5 without its own rows read
+        `<t> <t>_1` in training, `<t>` at generation); SD3's pipelines, without a loader, get it spelt out for all."""
+        from sketch2real.family import pipeline_class
+
+        spelt = [self.prompt_transform(p) for p in prompts]
+        holding = len(getattr(self, "embeddings", ()))  # the first encoders got the new tokens
+        if not holding or not hasattr(pipeline_class(self.family), "maybe_convert_prompt"):
+            ids = self.family.tokenize(self.c.tokenizers, spelt)
+        else:
+            written = [self.user_prompt(p) for p in prompts]
+            ids = [self.family.tokenize([tokenizer], spelt if i < holding else written)[0]
+                   for i, tokenizer in enumerate(self.c.tokenizers)]
+        return [to_device(t, self.accelerator.device) for t in ids]
 
     def condition(self, prompts: list[str], text_encoder=None) -> Conditioning:
         """Prompts -> the UNet's conditioning (`sketch2real.family`). `text_encoder` stands in for the first encoder

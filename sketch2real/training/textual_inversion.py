@@ -17,8 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from sketch2real.cli import UserError, option
-from sketch2real.device import to_device
-from sketch2real.family import Family, TextEncoders, pipeline_class, placeholder_tokens
+from sketch2real.family import Family, TextEncoders, placeholder_tokens
 from sketch2real.io import atomic_path
 from sketch2real.models import SDComponents
 from sketch2real.sketchy import category_words
@@ -221,26 +220,6 @@ class TextualInversionTask(DiffusionTask):
     def prompt_transform(self, prompt: str) -> str:
         """Spell out a multi-vector token as diffusers' load_textual_inversion does: '<t>' -> '<t> <t>_1 ...'."""
         return prompt.replace(self.opts.placeholder_token, " ".join(self.tokens)) if len(self.tokens) > 1 else prompt
-
-    def prompt_ids(self, prompts: list[str]) -> list[torch.Tensor]:
-        """Token ids as the family's pipeline gives them: diffusers' loader spells the token out for the tokenizers
-        that hold it, and leaves the others' prompt as written (FLUX.1's T5 without --enable_t5_ti read `<t> <t>_1`
-        in training, `<t>` at generation); SD3's pipelines, without a loader, get it spelt out for every encoder."""
-        if len(self.tokens) == 1 or not hasattr(pipeline_class(self.family), "maybe_convert_prompt"):
-            return super().prompt_ids(prompts)
-        spelt = [self.prompt_transform(p) for p in prompts]
-        holding = len(self.embeddings)  # the first encoders' tokenizers got the tokens
-        ids = [self.family.tokenize([tokenizer], spelt if i < holding else prompts)[0]
-               for i, tokenizer in enumerate(self.c.tokenizers)]
-        return [to_device(t, self.accelerator.device) for t in ids]
-
-    def pipeline_prompt(self, pipe, prompt: str) -> str:
-        """The token as a user's pipeline is given it: diffusers' loader in the pipeline spells it out itself (spelt
-        out here first, it expanded every name again: validation drew a prompt never trained); SD3's, without one,
-        spelt out (`spell_out_tokens`)."""
-        from sketch2real.family import spell_out_tokens
-
-        return spell_out_tokens(pipe, prompt)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [embedding.new_rows for embedding in self.embeddings]
