@@ -265,7 +265,7 @@ def format_report(report: dict) -> str:
              "with a jackknife standard error, and CMMD likewise around its unbiased estimate (its reported value keeps "
              "the reference code's biased one); FID and FD-DINOv2, biased upwards at finite sizes, by a basic bootstrap "
              "over both sets' images (reflected about the estimate, which corrects the bias; none with fewer than 2 "
-             "images per feature dimension, where no interval is honest); per-image metrics by bootstrap over images. "
+             "images per feature dimension, where no interval is honest); per-image metrics by Student's t over images. "
              "Coverage measured in tests/test_intervals.py (README).", ""]
     # what was compared, so that a report read later (or beside another) says which folders it scored
     lines += ["| compared | folder |", "|---|---|",
@@ -447,7 +447,7 @@ def extra_scores(metrics: set[str], features: dict, ref_features: dict, categori
     """FD-DINOv2, CMMD, PRDC, CLIP category accuracy, sketchiness and CSD of one set (or one category of it), each with
     its 95% interval: a basic bootstrap over both sets' images for FD-DINOv2 (none where it would not be honest, with
     the reason), the unbiased MMD² ± 1.96 jackknife standard errors for CMMD, Wilson's interval for shares of 0/1
-    outcomes (CLIP accuracy, precision, recall, coverage), a bootstrap over per-image values for the others."""
+    outcomes (CLIP accuracy, precision, recall, coverage), Student's t over per-image values for the others."""
     result: dict = {}
     if "fd_dinov2" in metrics:
         g, r = features["dinov2"], ref_features["dinov2"]

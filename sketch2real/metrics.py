@@ -609,7 +609,7 @@ def prdc(real: np.ndarray, fake: np.ndarray, k: int = 5) -> dict:
     a real image's ball reaches its k-th nearest other real image (a fake one's, for recall, among fakes).
 
     Returns each metric and its per-image values (`*_items`: per fake image for precision and density, per
-    real image for recall and coverage), whose means they are, for bootstrap intervals.
+    real image for recall and coverage), whose means they are, for their intervals.
     """
     real_fake = _distances(real, fake)
     real_radius = np.sort(_distances(real, real), axis=1)[:, min(k, len(real) - 1)]  # column 0 is the image itself

@@ -903,7 +903,7 @@ def test_captions_longer_than_the_text_encoder_reads_are_counted_in_a_warning(ti
     for family, model, said, advice in cases:
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="sketch2real"):
-            prompts.warn_cut(family, load_sd_components(str(model)).tokenizers)
+            prompts.warn_cut(family, load_sd_components(str(model)).tokenizers, ["k1", "k2", "k3", "k4"])
         warned = [r.getMessage() for r in caplog.records if "captions are longer" in r.getMessage()]
         assert (warned == [] if said is None else len(warned) == 1 and said in warned[0] and advice in warned[0]), warned
 

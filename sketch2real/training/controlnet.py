@@ -131,7 +131,7 @@ class ControlNetTask(DiffusionTask):
         self.keys, self.categories = [r.key for r in refs], [r.category for r in refs]
         self.sample_prompts = SamplePrompts.load(opts.prompt_template, opts.captions, opts.caption_prompt_id)
         self.sample_prompts.check_covers(self.keys, "sketch/photo pairs")
-        self.sample_prompts.warn_cut(self.family, c.tokenizers)
+        self.sample_prompts.warn_cut(self.family, c.tokenizers, self.keys)
         logger.info("%d sketch/photo pairs", len(self.keys))
         self.pairs = self.stream("pairs", photos)  # the photos are denoised; their sketches are read alongside
         self.heldout = self._heldout()

@@ -409,7 +409,7 @@ class DreamBoothTask(DiffusionTask):
             self.keys, self.categories = [m["key"] for m in metas], [m["category"] for m in metas]
         logger.info("%d instance images", len(instance_images))
         self.sample_prompts.check_covers(self.keys, "instance images")
-        self.sample_prompts.warn_cut(self.family, self.c.tokenizers)
+        self.sample_prompts.warn_cut(self.family, self.c.tokenizers, self.keys)
         if opts.validation_epochs:  # the loop validates every --validation_steps: this run's, in steps
             per_step = opts.train_batch_size * accelerator.num_processes * opts.gradient_accumulation_steps
             self.opts = opts = dataclasses.replace(
@@ -439,7 +439,7 @@ class DreamBoothTask(DiffusionTask):
             extra = [opts.class_prompt] * bool(opts.with_prior_preservation) + [""] * bool(opts.caption_dropout_probability)
             identity = "|".join(map(str, (opts.pretrained_model_name_or_path, opts.revision, opts.variant, self.family.name,
                                           self.weight_dtype, opts.resolution)))
-            if self.family.max_sequence_length is not None:  # the T5/Qwen states' length
+            if self.family.max_sequence_length != FAMILIES[self.family.name].max_sequence_length:  # T5/Qwen's, given
                 identity += f"|tokens={self.family.max_sequence_length}"
             self.text_store = TextStore(opts.latent_cache_dir or Path(opts.output_dir) / "latent_cache",
                                         [*map(self.sample_prompts, self.keys, self.categories), *extra], identity)

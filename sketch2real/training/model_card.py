@@ -152,7 +152,7 @@ def model_card(opts, trainer: str, summary: dict[str, Any], out: Path, family: F
     lines += [f"| {k} | {_value(options[k])} |" for k in DATA_OPTIONS if options.get(k) not in (None, "", [], 0)]
     lines += ["", "## Settings (those not at the trainer's defaults)", "", "| option | value |", "|---|---|"]
     lines += [f"| {k} | {_value(v)} |" for k, v in changed_options(opts).items()] or ["| (all defaults) | |"]
-    lines += ["", "## Metrics (at the last step; 95% bootstrap intervals over the held-out samples or images)", "",
+    lines += ["", "## Metrics (at the last step; 95% intervals over the held-out samples or images)", "",
               "| metric | value | 95% interval |", "|---|---:|---|"]
     lines += [f"| {k} | {_value(summary[k])} | {_interval(summary.get(f'{k}_ci95'))} |" for k in CARD_METRICS
               if summary.get(k) is not None]

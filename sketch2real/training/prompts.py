@@ -100,12 +100,12 @@ class SamplePrompts:
                             f"theirs: {next(iter(self.captions))}): captions of another split?")
         logger.info("captions for %d of %d %s (the others: the template)", covered, len(keys), what)
 
-    def warn_cut(self, family, tokenizers: list) -> None:
-        """A warning where captions are longer than the family's text encoder reads (diffusers' pipelines cut them
-        the same way, with a warning per prompt): how many, and what reads more."""
-        if not self.captions:
+    def warn_cut(self, family, tokenizers: list, keys: list[str]) -> None:
+        """A warning where the captions of `keys` (the run's samples) are longer than the family's text encoder reads
+        (diffusers' pipelines cut them the same way, with a warning per prompt): how many, and what reads more."""
+        captions = sorted({self.captions[key] for key in keys if key in self.captions})
+        if not captions:
             return
-        captions = sorted(set(self.captions.values()))
         cut, limit = family.prompts_cut(tokenizers, captions)
         if cut:
             more = ("--max_sequence_length (up to 512) reads more" if family.max_sequence_length is not None

@@ -180,7 +180,7 @@ def format_table(report: dict) -> str:
         lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
     if report.get("forgetting"):
         lines += ["", "Forgetting: final loss − loss right after the category's own stage (> 0: forgotten), with a 95%",
-                  "interval from a bootstrap over the held-out samples (paired: same samples, noise and timesteps).", "",
+                  "interval: Student's t over the held-out samples (paired: same samples, noise and timesteps).", "",
                   "| category | forgetting [95% CI] | |", "|---|---:|---|"]
         for c, v in report["forgetting"].items():
             low, high = report["forgetting_ci95"][c]

@@ -27,7 +27,7 @@ class StyleMonitor:
     def score(self, images: Sequence[Image.Image], categories: Sequence[str | None]) -> dict[str, float]:
         """`validation_sketchiness`: the images' mean probability of being a sketch; `validation_content_accuracy`:
         the fraction classified as their own category, over the images whose category is one of the release's
-        (absent when none is); each with its 95% bootstrap interval over the images (`_ci95`)."""
+        (absent when none is); each with its 95% interval over the images (`_ci95`)."""
         ids = [str(i) for i in range(len(images))]
         features, _ = self.clip.extract(ImageSet("validation", list(images), ids, [c or "" for c in categories], ids), 0, 1,
                                         False)
