@@ -690,9 +690,8 @@ def run_fid(opts: EvalOptions, generated_sets: list[ImageSet], reference: ImageS
     if "sketchiness" in metrics and not (opts.probe_shards or opts.reference_shards):
         raise UserError("--metrics sketchiness fits its probe on paired sketches and photos: give --probe_shards (or "
                         "--reference_shards)")
-    same_shards = opts.reference_shards and Path(opts.probe_shards or opts.reference_shards).resolve() == Path(
-        opts.reference_shards).resolve()  # `dir/` and `dir` alike
-    if "sketchiness" in metrics and same_shards and opts.probe_split == opts.reference_split:
+    if ("sketchiness" in metrics and opts.reference_shards and opts.probe_split == opts.reference_split
+            and Path(opts.probe_shards or opts.reference_shards).resolve() == Path(opts.reference_shards).resolve()):
         raise UserError(f"--probe_split {opts.probe_split} is the reference's own split: fit the probe on another one "
                         "(default: train)")
     if "sketchiness" in metrics:  # before any model loads or any reference feature is extracted
