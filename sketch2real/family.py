@@ -645,6 +645,17 @@ def time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int], tar
     return torch.tensor([[*original_size, *crop_top_left, *target_size]], dtype=torch.float32)
 
 
+def _without_tied_aliases(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """A state dict of `module` with each tied parameter once, under its first name (T5's `shared` and
+    `encoder.embed_tokens`, one embedding): checkpoints' safetensors refused two names of one tensor (no Textual
+    Inversion checkpoint of T5 could be saved), and DeepSpeed, which drops frozen parameters by their first name only,
+    kept T5-XXL's whole embedding (263 MB) in every one. Loading the first name fills both."""
+    first = {name for name, _ in module.named_parameters()}
+    for name, _ in module.named_parameters(remove_duplicate=False):
+        if name not in first:
+            state_dict.pop(prefix + name, None)
+
+
 class TextEncoders(torch.nn.Module):
     """A family's text encoders as one module, token ids (one tensor per tokenizer) in, conditioning out as a tuple
     (states, and for SDXL pooled embedding and time ids): what DDP/DeepSpeed wrap when the encoders train.
@@ -656,6 +667,8 @@ class TextEncoders(torch.nn.Module):
         super().__init__()
         self.family, self.resolution, self.source_size = family, resolution, source_size
         self.encoders = torch.nn.ModuleDict(dict(zip(family.text_encoders, encoders)))
+        self.register_state_dict_post_hook(_without_tied_aliases)
+
 
     def forward(self, ids: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         return self.family.encode(list(self.encoders.values()), ids, self.resolution, self.source_size).as_tuple()

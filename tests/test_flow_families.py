@@ -996,3 +996,17 @@ def test_t5_learning_token_rows_checkpoints_its_layers_without_dropout(tiny_mode
     prompt = "a cat in the style of <sketch>"
     first, second = (task.condition([prompt], task.model).states for _ in range(2))
     assert torch.equal(first, second)  # no dropout
+
+
+def test_text_encoders_state_dict_holds_each_tied_parameter_once(tiny_models):
+    """T5's `shared` and `encoder.embed_tokens` are one embedding: the state dict (what every checkpoint saves, DDP's
+    and DeepSpeed's too) names it once, so safetensors saves it and DeepSpeed's frozen-parameter filter drops it."""
+    from sketch2real.family import FAMILIES, TextEncoders
+    from sketch2real.models import load_sd_components
+
+    c = load_sd_components(str(tiny_models.flux))
+    model = TextEncoders(FAMILIES["flux"], c.text_encoders, 64)
+    keys = set(model.state_dict())
+    assert "encoders.text_encoder_2.shared.weight" in keys
+    assert not any(k.startswith("encoders.text_encoder_2.encoder.embed_tokens.") for k in keys)
+    assert {name for name, _ in model.named_parameters()} <= keys  # every parameter, by its first name

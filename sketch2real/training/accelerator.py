@@ -181,11 +181,8 @@ def _checkpoint_only_trained_weights(accelerator) -> None:
 
     def drop_frozen(models, weights, output_dir) -> None:
         for i, (model, state) in enumerate(zip(models, weights)):
-            # a tied module's trained parameters (T5's `shared` and `encoder.embed_tokens`, one placeholder embedding)
-            # once, under their first name: safetensors refuses two names of one tensor (the load fills both)
-            trained = {name for name, p in model.named_parameters() if p.requires_grad}
-            parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}
-            weights[i] = {k: v for k, v in state.items() if k in trained or k not in parameters}
+            frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+            weights[i] = {k: v for k, v in state.items() if k not in frozen}
 
     accelerator.register_save_state_pre_hook(drop_frozen)
 
