@@ -54,7 +54,11 @@ def test_sequential_writes_a_folder_per_stage_and_the_forgetting_table(tiny_mode
     more = [*args[:at], "--stages", "cat, apple, airplane", *args[at + 2:]]
     proc = run_script("train/dreambooth_sequential.py", *more)
     assert "stage 2 (apple) already finished" in proc.stderr and (out / "stage-03-airplane" / "model_index.json").is_file()
-    assert json.loads((out / "sequential_report.json").read_text())["stages"] == ["cat", "apple", "airplane"]
+    extended = json.loads((out / "sequential_report.json").read_text())
+    assert extended["stages"] == ["cat", "apple", "airplane"]
+    # the base row measures the added category too (it showed "—"), and keeps what it had
+    assert set(extended["rows"][0]["loss"]) == {"cat", "apple", "airplane"}
+    assert extended["rows"][0]["sample_losses"]["cat"] == report["rows"][0]["sample_losses"]["cat"]
     for flags, said in ((["--stages", "cat,apple"], "stages: cat,apple,airplane there, cat,apple now"),
                         (["--num_heldout_samples", "2"], "num_heldout_samples: 4 there, 2 now"),
                         (["--train_batch_size", "2"], "global batch: 1 there, 2 now")):

@@ -152,6 +152,24 @@ def _heldout_losses(task: DreamBoothTask, model, opts: SequentialOptions, catego
     return losses
 
 
+def _unmeasured_by_base(out: Path, stages: list[str]) -> list[str]:
+    """The categories of `stages` the folder's base row has no held-out losses of (all, without a base row)."""
+    file = out / "base_metrics.json"
+    measured = json.loads(file.read_text())["sample_losses"] if file.is_file() else {}
+    return [category for category in stages if category not in measured]
+
+
+def _measure_base(task: DreamBoothTask, accelerator, opts: SequentialOptions, out: Path, categories: list[str]) -> None:
+    """The base model's held-out losses of `categories` (`task`: the first stage's, before it trains) into the base
+    row, beside those it has."""
+    task.model.to(accelerator.device)  # `prepare` has not placed it yet (VAE latents are on the device)
+    measured = _heldout_losses(task, task.model, opts, categories)
+    if accelerator.is_main_process:
+        file = out / "base_metrics.json"
+        earlier = json.loads(file.read_text())["sample_losses"] if file.is_file() else {}
+        write_json(file, _row("base", {**earlier, **measured}))
+
+
 def _row(name: str, sample_losses: dict[str, list[float]]) -> dict:
     return {"name": name, "loss": {c: float(np.mean(v)) for c, v in sample_losses.items()}, "sample_losses": sample_losses}
 
@@ -215,12 +233,14 @@ def run_sequential(opts: SequentialOptions, accelerator) -> int:
             previous = str(folder)
             continue
         stage_opts = stage_options(opts, index, category, previous)
+        missing = main_process_view(accelerator, lambda: _unmeasured_by_base(out, stages))
+        if missing and index:  # stages added since the base row was measured: the base model, once more
+            _measure_base(DreamBoothTask(stage_options(opts, 0, stages[0], opts.pretrained_model_name_or_path),
+                                         accelerator), accelerator, opts, out, missing)
+            reset_accelerator(accelerator)
         task = DreamBoothTask(stage_opts, accelerator)
-        if index == 0 and not (out / "base_metrics.json").is_file():
-            task.model.to(accelerator.device)  # `prepare` has not placed it yet (VAE latents are on the device)
-            base = _row("base", _heldout_losses(task, task.model, opts, stages))
-            if accelerator.is_main_process:
-                write_json(out / "base_metrics.json", base)
+        if missing and not index:
+            _measure_base(task, accelerator, opts, out, missing)
         status = train(task, task.opts, accelerator, f"dreambooth_sequential/{category}")
         if status == PREEMPTED_EXIT_CODE:  # slurm/common.sh looks for PREEMPTED in the job's --output_dir
             mark_preempted(accelerator, out, f"stage {index + 1} ({category}) checkpointed")
