@@ -66,8 +66,9 @@ def main() -> int:
     )
     settings = {k: getattr(opts, k) for k in ("height", "width", "num_inference_steps", "guidance_scale", "negative_prompt",
                                               "scheduler", "lora_scale")}
-    if family_of_pipeline(pipe).max_sequence_length is not None:  # what the index records: the length used
-        settings["max_sequence_length"] = family_of_pipeline(pipe).with_max_sequence_length(length).max_sequence_length
+    used = family_of_pipeline(pipe).with_max_sequence_length(length).max_sequence_length
+    if used is not None:  # what the index records: the length used
+        settings["max_sequence_length"] = used
     if opts.guidance_scale is None:
         settings["guidance_scale"] = family_of_pipeline(pipe).guidance_scale
     for side in ("height", "width"):  # what the index records: the size the images have

@@ -190,6 +190,14 @@ def merge_index(output_dir: Path) -> list[dict]:
     return merge_parts(output_dir, "index", key=lambda r: r["key"], keep=lambda r: image_path(output_dir, r["key"]).is_file())
 
 
+def run_config_of(folder: Path) -> Path | None:
+    """The `run_config.json` of a training output folder, or of the run a `checkpoint-N` folder is of; None: none."""
+    for config in (folder / "run_config.json", folder.parent / "run_config.json"):
+        if config.is_file() and (config.parent == folder or re.fullmatch(r"checkpoint-\d+", folder.name)):
+            return config
+    return None
+
+
 def base_of_lora_output(model: str, lora: str) -> tuple[str, str]:
     """(model, lora) to load, where `model` may be a LoRA training output (LoRA weights and run_config.json, no
     pipeline): its base model with the folder's LoRA, so `MODEL=runs/dreambooth_cat` works for LoRA and full runs alike."""
@@ -201,10 +209,8 @@ def base_of_lora_output(model: str, lora: str) -> tuple[str, str]:
         return model, lora
     if lora:
         raise UserError(f"{model} holds LoRA weights, not a pipeline, and --lora is given too: give the base model")
-    config = folder / "run_config.json"
-    if not config.is_file() and re.fullmatch(r"checkpoint-\d+", folder.name):  # a LoRA run's checkpoint: its run's
-        config = folder.parent / "run_config.json"
-    base = json.loads(config.read_text()).get("pretrained_model_name_or_path") if config.is_file() else None
+    config = run_config_of(folder)
+    base = json.loads(config.read_text()).get("pretrained_model_name_or_path") if config else None
     if not base:
         raise UserError(f"{model} holds LoRA weights, not a pipeline: give its base model as --pretrained_model_name_or_path "
                         "and this folder as --lora")
@@ -221,9 +227,7 @@ def trained_sequence_length(sources: Sequence[str]) -> int | None:
     for source in filter(None, sources):
         if not Path(source).exists():  # a hub id: no run of ours
             continue
-        folder = Path(source) if Path(source).is_dir() else Path(source).parent
-        config = next((f / "run_config.json" for f in (folder, folder.parent) if (f / "run_config.json").is_file()
-                       and (f == folder or re.fullmatch(r"checkpoint-\d+", folder.name))), None)
+        config = run_config_of(Path(source) if Path(source).is_dir() else Path(source).parent)
         try:
             length = json.loads(config.read_text()).get("max_sequence_length") if config else None
         except (OSError, ValueError, AttributeError):  # not a training run's record

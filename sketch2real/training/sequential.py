@@ -45,7 +45,7 @@ class SequentialOptions(DreamBoothOptions):
     steps_per_stage: int = option(400, help="optimizer steps of each stage", min=1)
 
     def stage_list(self) -> list[str]:
-        return [s.strip() for item in self.stages for s in item.split(",") if s.strip()]
+        return split_stages(self.stages)
 
     def check(self) -> None:
         stages = self.stage_list()
@@ -72,6 +72,11 @@ class SequentialOptions(DreamBoothOptions):
         super().check()
 
 
+def split_stages(items: list[str]) -> list[str]:
+    """--stages as categories: items of commas or spaces (`cat,dog`, `cat, dog`, `cat dog`)."""
+    return [s.strip() for item in items for s in item.split(",") if s.strip()]
+
+
 def check_same_run(opts: SequentialOptions, out: Path, global_batch_size: int) -> bool:
     """A rerun into a folder of stages, finished or checkpointed, takes them as its own only under the options that
     made them (more stages may follow); with others (another prompt, rate, model, global batch, held-out samples: the
@@ -87,7 +92,7 @@ def check_same_run(opts: SequentialOptions, out: Path, global_batch_size: int) -
     now["num_heldout_samples"] = opts.num_heldout_samples  # how it ran, but the samples every forgetting compares
     left_out = set(now.defaults) - set(now)  # how it ran, and the stages
     theirs = {k: v for k, v in saved.items() if k not in left_out}
-    stages = [s.strip() for item in saved.get("stages", []) for s in item.split(",") if s.strip()]
+    stages = split_stages(saved.get("stages", []))
     differences = [] if now.matches(theirs) else [now.differences(theirs)]
     for summary in sorted(out.glob("stage-*/metrics.json"))[:1]:  # a finished stage's: its processes x batch per process
         stage = json.loads((summary.parent / "run_config.json").read_text())
