@@ -246,3 +246,22 @@ def test_the_step_by_step_table_reads_only_what_an_earlier_row_writes():
         read = {"/".join(path.split("/")[:2]) for path in re.findall(r"runs/[\w./-]+", command)} - {output}
         assert read <= outputs, (job, read - outputs)
         outputs.add(output)
+
+
+def test_a_plain_pip_install_holds_every_module_of_the_package(tmp_path):
+    """`pip install .` (not -e) must hold every module: the demo and the benches run sketch2real.testing."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    source = tmp_path / "source"
+    shutil.copytree(REPO / "sketch2real", source / "sketch2real", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "requirements.txt"):
+        shutil.copy(REPO / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path / "dist"), str(source)], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    packaged = {name for name in zipfile.ZipFile(wheel).namelist() if name.endswith(".py")}
+    modules = {path.relative_to(source).as_posix() for path in (source / "sketch2real").rglob("*.py")}
+    assert modules - packaged == set()
