@@ -2,14 +2,16 @@
 the chip (FLOPs counted by torch, not assumed), peak GiB; full-size architectures with random weights built on the
 spot (nothing is downloaded).
 
-    bash bench/gpu_speed.sh --diffusers_dir PATH [--size sd15] [--deadline 480] [--only TEXT ...] [--rounds N]
+    bash bench/gpu_speed.sh --diffusers_dir PATH [--size sd15] [--deadline 480] [--only KEY ...] [--rounds N]
                             [--results FILE]
 
 PATH holds diffusers' `examples/dreambooth/train_dreambooth.py` (a huggingface/diffusers checkout, or a folder with
 that file; nothing of it is copied here). Ours: the per-step time after the first read of the loss (warm-up and
 compilation left out; `steady_steps_per_second` of metrics.json). Theirs, which reports no such figure: the wall-time
 difference of a short and a long run over the step difference (start-up, loading and saving cancel). Rows run in
-order of value and each is skipped, said so, when it would end past `--deadline` seconds from the start.
+order of value (or of the `--only` keys given) and each is skipped, said so, when it would end past `--deadline`
+seconds from the start; a row still running at the deadline is stopped and says so (the table is printed whatever
+happens). Validation is off in our runs, as in the reference's.
 `--size tiny` runs every row on the tiny test model at 64 px on CPU in a minute (tests/test_bench.py), so the
 script cannot rot; its figures mean nothing.
 """
@@ -40,16 +42,19 @@ class Size:
     logging: int
     reference_steps: tuple[int, int]  # diffusers' short and long runs
     seconds: dict[str, float] = field(default_factory=dict)  # a row's expected wall time (deadline planning)
+    build_seconds: float = 0  # building a model with random weights, added to the first row that uses it
 
 
 SIZES = {
-    "sd15": Size("sd15", 512, 60, 10, (10, 50), {"plain": 40, "compile": 150, "reference": 90, "sdxl": 240}),
-    "tiny": Size("tiny", 64, 6, 2, (2, 4), {"plain": 15, "compile": 60, "reference": 30, "sdxl": 30}),
+    # the reference's difference spans 100 steps: ~25 s at 250 ms/step, against the two runs' 30-40 s of start-up
+    "sd15": Size("sd15", 512, 60, 10, (10, 110), {"plain": 40, "compile": 150, "reference": 110, "sdxl": 240}, 30),
+    "tiny": Size("tiny", 64, 6, 2, (2, 4), {"plain": 15, "compile": 60, "reference": 30, "sdxl": 30}, 5),
 }
 
 
 @dataclass(frozen=True)
 class Row:
+    key: str  # what --only names
     name: str
     script: str  # ours: train/...; "reference": diffusers' script
     batch: int
@@ -65,23 +70,39 @@ def rows(size: str) -> list[Row]:
     db, ti = "train/dreambooth.py", "train/textual_inversion.py"
     lora = ("--lora_rank", "8")
     return [
-        Row("DreamBooth full UNet, bf16, batch 4 (defaults: latents cached)", db, 4, versus_reference=True),
-        Row("diffusers train_dreambooth.py, bf16, batch 4", "reference", 4, kind="reference"),
-        Row("DreamBooth full UNet, bf16, batch 4, --torch_compile", db, 4, ("--torch_compile",), kind="compile",
+        Row("defaults", "DreamBooth full UNet, bf16, batch 4 (defaults: latents cached)", db, 4, versus_reference=True),
+        Row("diffusers", "diffusers train_dreambooth.py, bf16, batch 4", "reference", 4, kind="reference"),
+        Row("compile", "DreamBooth full UNet, bf16, batch 4, --torch_compile", db, 4, ("--torch_compile",),
+            kind="compile", versus_reference=True),
+        Row("compile-cudagraphs", "DreamBooth full UNet, bf16, batch 4, --torch_compile --torch_compile_mode "
+            "reduce-overhead", db, 4, ("--torch_compile", "--torch_compile_mode", "reduce-overhead"), kind="compile",
             versus_reference=True),
-        Row("DreamBooth full UNet, bf16, batch 4, --torch_compile --torch_compile_mode reduce-overhead", db, 4,
-            ("--torch_compile", "--torch_compile_mode", "reduce-overhead"), kind="compile", versus_reference=True),
-        Row("DreamBooth full UNet, bf16, batch 4, --cache_latents false", db, 4, ("--cache_latents", "false"),
+        Row("uncached", "DreamBooth full UNet, bf16, batch 4, --cache_latents false", db, 4, ("--cache_latents", "false"),
             versus_reference=True),
-        Row("DreamBooth full UNet, bf16, batch 32", db, 32),
-        Row("Textual Inversion, bf16, batch 4", ti, 4, trains="embeddings"),
-        Row("Textual Inversion, fp16, batch 4", ti, 4, ("--mixed_precision", "fp16"), trains="embeddings"),
-        Row("DreamBooth LoRA r=8, bf16, batch 4", db, 4, lora, trains="lora"),
-        Row("DreamBooth LoRA r=8, fp16, batch 4", db, 4, (*lora, "--mixed_precision", "fp16"), trains="lora"),
-        Row("DreamBooth full UNet, bf16, batch 32, --torch_compile", db, 32, ("--torch_compile",), kind="compile"),
-        Row("SDXL DreamBooth LoRA r=8, bf16, batch 4, 1024 px", db, 4, (*lora, "--gradient_checkpointing"), trains="lora",
-            kind="sdxl", model="sdxl"),
+        Row("batch32", "DreamBooth full UNet, bf16, batch 32", db, 32),
+        Row("ti-bf16", "Textual Inversion, bf16, batch 4", ti, 4, trains="embeddings"),
+        Row("ti-fp16", "Textual Inversion, fp16, batch 4", ti, 4, ("--mixed_precision", "fp16"), trains="embeddings"),
+        Row("lora-bf16", "DreamBooth LoRA r=8, bf16, batch 4", db, 4, lora, trains="lora"),
+        Row("lora-fp16", "DreamBooth LoRA r=8, fp16, batch 4", db, 4, (*lora, "--mixed_precision", "fp16"), trains="lora"),
+        Row("batch32-compile", "DreamBooth full UNet, bf16, batch 32, --torch_compile", db, 32, ("--torch_compile",),
+            kind="compile"),
+        Row("sdxl-lora", "SDXL DreamBooth LoRA r=8, bf16, batch 4, 1024 px", db, 4, (*lora, "--gradient_checkpointing"),
+            trains="lora", kind="sdxl", model="sdxl"),
     ]
+
+
+def selected_rows(size: str, only: list[str]) -> list[Row]:
+    """The rows `--only` names by key, in its order (all rows, in order of value, without it); an unknown key: exit."""
+    keys = {row.key: row for row in rows(size)}
+    unknown = [key for key in only if key not in keys]
+    if unknown:
+        sys.exit(f"gpu_speed: no row {', '.join(unknown)} (rows: {', '.join(keys)})")
+    return [keys[key] for key in dict.fromkeys(only)] if only else list(keys.values())
+
+
+def model_name(size: Size, model: str) -> str:
+    """The SD_SIZES name of a row's model ("sd" or "sdxl") at this size."""
+    return {"sd": size.model, "sdxl": "sdxl" if size.model == "sd15" else "tiny_sdxl"}[model]
 
 
 def prepare(work: Path, size: Size, model: str) -> tuple[Path, Path]:
@@ -89,7 +110,7 @@ def prepare(work: Path, size: Size, model: str) -> tuple[Path, Path]:
     from sketch2real.synthetic import make_synthetic_sketchy
     from sketch2real.testing.tiny import build_sd
 
-    name = {"sd": size.model, "sdxl": "sdxl" if size.model == "sd15" else "tiny_sdxl"}[model]
+    name = model_name(size, model)
     resolution = size.resolution * (2 if model == "sdxl" and size.model == "sd15" else 1)
     path = work / f"{name}-random"
     if not (path / "model_index.json").is_file():
@@ -101,28 +122,28 @@ def prepare(work: Path, size: Size, model: str) -> tuple[Path, Path]:
     return path, next(images.glob("rendered_256x256/256x256/sketch/*/cat"))
 
 
-def ours(row: Row, model: Path, images: Path, resolution: int, size: Size, out: Path, env: dict) -> dict:
+def ours(row: Row, model: Path, images: Path, resolution: int, size: Size, out: Path, env: dict, timeout: float) -> dict:
     """Run one of our trainers; its metrics.json."""
     data = (["--instance_data_dir", images, "--instance_prompt", PROMPT] if "dreambooth" in row.script else
             ["--train_data_dir", images, "--placeholder_token", "<sketch>", "--initializer_token", "sketch"])
     precision = [] if "--mixed_precision" in row.args else ["--mixed_precision", "bf16"]
     cmd = [sys.executable, REPO / row.script, "--pretrained_model_name_or_path", model, *data, "--resolution", resolution,
            "--train_batch_size", row.batch, "--max_train_steps", size.steps, "--logging_steps", size.logging,
-           "--output_dir", out, *precision, *row.args]
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env)
+           "--output_dir", out, "--validation_steps", 0, *precision, *row.args]
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}")
     return json.loads((out / "metrics.json").read_text())
 
 
 def reference(script: Path, model: Path, images: Path, resolution: int, batch: int, steps: int, out: Path,
-              env: dict) -> float:
+              env: dict, timeout: float) -> float:
     """Wall seconds of diffusers' DreamBooth script for `steps` steps with the same model, images, batch, bf16."""
     cmd = [sys.executable, script, "--pretrained_model_name_or_path", model, "--instance_data_dir", images,
            "--instance_prompt", PROMPT, "--resolution", resolution, "--train_batch_size", batch, "--max_train_steps",
            steps, "--output_dir", out, "--seed", "0", "--mixed_precision", "bf16"]
     start = time.perf_counter()
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env)
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError((proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1])
     return time.perf_counter() - start
@@ -133,7 +154,8 @@ def run_row(row: Row, round_: int, size: Size, work: Path, script: Path | None, 
     """One row's run: its figures, or the note saying why it did not run or failed."""
     elapsed = time.perf_counter() - started
     result = {"row": row.name, "round": round_, "batch": row.batch, "started_s": round(elapsed, 1)}
-    if elapsed + size.seconds[row.kind] > deadline:
+    unbuilt = not (work / f"{model_name(size, row.model)}-random" / "model_index.json").is_file()
+    if elapsed + size.seconds[row.kind] + size.build_seconds * unbuilt > deadline:
         return {**result, "note": f"skipped: past the deadline ({elapsed:.0f} s gone)"}
     if row.script == "reference" and script is None:
         return {**result, "note": "skipped: no --diffusers_dir"}
@@ -142,24 +164,34 @@ def run_row(row: Row, round_: int, size: Size, work: Path, script: Path | None, 
     model, images = prepare(work, size, row.model)
     resolution = size.resolution * (2 if row.model == "sdxl" and size.model == "sd15" else 1)
     out = work / "runs" / f"{round_}-{abs(hash(row.name)) % 10**8}"
+    def timeout() -> float:  # what is left before the deadline: a row stopped there still leaves the table
+        return max(1.0, deadline - (time.perf_counter() - started))
+
     try:
         if row.script == "reference":
-            short, long = (reference(script, model, images, resolution, row.batch, n, out / str(n), env)
+            short, long = (reference(script, model, images, resolution, row.batch, n, out / str(n), env, timeout())
                            for n in size.reference_steps)
             ms = 1000 * (long - short) / (size.reference_steps[1] - size.reference_steps[0])
             baseline[row.batch] = ms
             result.update(ms_per_step=ms, method=f"wall({size.reference_steps[1]}) - wall({size.reference_steps[0]})")
         else:
-            m = ours(row, model, images, resolution, size, out, env)
+            m = ours(row, model, images, resolution, size, out, env, timeout())
             result.update(ms_per_step=1000 / m["steady_steps_per_second"], peak_gib=m["peak_memory_mb"] / 1024,
                           final_loss=m["final_loss"], host_reads=m["host_reads"],
                           method=f"steady after step {m['steady_from_step']}")
+            if "--torch_compile" in row.args:  # a recompile in the timed steps, or CUDA graphs inductor skipped
+                result.update(recompiles=m["graphs_compiled_after_first_read"], cudagraph_skips=m["cudagraph_skips"])
+                result["method"] += f"; {m['graphs_compiled_after_first_read']} recompiles after it"
+                if "reduce-overhead" in row.args:
+                    result["method"] += f", {m['cudagraph_skips']} CUDA-graph skips"
         images_per_second = 1000 * row.batch / result["ms_per_step"]
         flops = flops_of(model, resolution, row.trains)
         result.update(images_per_second=images_per_second, tflop_per_image=flops / 1e12,
                       chip_share=images_per_second * flops / peak if peak else None)
         if row.versus_reference and row.batch in baseline:
             result["vs_diffusers"] = baseline[row.batch] / result["ms_per_step"]
+    except subprocess.TimeoutExpired:
+        result["note"] = f"FAILED: stopped at the deadline ({deadline:.0f} s)"
     except Exception as err:  # a row's failure is reported in its row; the others still run
         result["note"] = f"FAILED: {str(err)[:160]}"
     result["wall_s"] = round(time.perf_counter() - started - elapsed, 1)
@@ -188,8 +220,8 @@ def main() -> int:
     parser.add_argument("--size", default="sd15", choices=tuple(SIZES))
     parser.add_argument("--work_dir", default="/tmp/s2r-gpu-speed")
     parser.add_argument("--deadline", type=float, default=480, help="seconds: rows that would end later are skipped")
-    parser.add_argument("--only", action="append", default=[], help="run only rows whose name contains this (repeatable: "
-                        "rows matching any)")
+    parser.add_argument("--only", action="append", default=[], help="run only this row, by key (repeatable: in the "
+                        "order given): " + ", ".join(row.key for row in rows("tiny")))
     parser.add_argument("--rounds", type=int, default=1, help="run the rows this many times, alternating (the table "
                         "shows each row's median round and the range)")
     parser.add_argument("--results", default="", help="also append each row as a JSON line to this file")
@@ -212,7 +244,7 @@ def main() -> int:
     print(f"{device} | torch {torch.__version__} | {size.model} architecture, random weights | {size.resolution} px | "
           f"ours: {size.steps} steps, timed after step {size.logging}", flush=True)
     results = []  # one per row and round
-    selected = [row for row in rows(args.size) if not args.only or any(part in row.name for part in args.only)]
+    selected = selected_rows(args.size, args.only)
     flops_of = functools.cache(training_flops_per_sample)
     for round_ in range(args.rounds):  # rows alternate: a drift of the machine meets every row alike
         baseline = {}  # batch -> this round's reference ms/step
@@ -227,7 +259,9 @@ def main() -> int:
     for row in selected:
         print(table_line(row.name, [r for r in results if r["row"] == row.name]))
     if peak:
-        print(f"share of the chip: counted FLOPs per image x img/s / {peak / 1e12:.0f} TFLOP/s (dense bf16, {device})")
+        print(f"share of the chip: counted FLOPs per image of what trains (the UNet, LoRA or embeddings' backward "
+              f"included; not the VAE encode of uncached rows and the reference) x img/s / {peak / 1e12:.0f} TFLOP/s "
+              f"(dense bf16, {device})")
     return 1 if any(r.get("note", "").startswith("FAILED") for r in results) else 0
 
 

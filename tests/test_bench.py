@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 from .helpers import REPO
 
@@ -13,7 +14,7 @@ from .helpers import REPO
 def test_the_gpu_speed_bench_runs_its_rows_and_says_why_it_skips_the_others(tmp_path):
     results = tmp_path / "rows.jsonl"
     proc = subprocess.run([sys.executable, str(REPO / "bench/gpu_speed.py"), "--size", "tiny", "--work_dir", tmp_path,
-                           "--only", "defaults", "--only", "diffusers", "--only", "fp16", "--rounds", "2",
+                           "--only", "diffusers", "--only", "defaults", "--only", "ti-fp16", "--rounds", "2",
                            "--results", results],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -31,3 +32,23 @@ def test_the_gpu_speed_bench_runs_its_rows_and_says_why_it_skips_the_others(tmp_
     assert "skipped: no --diffusers_dir" in table["diffusers train_dreambooth.py, bf16, batch 4"]
     assert "skipped: fp16 needs CUDA" in table["Textual Inversion, fp16, batch 4"]
     assert "DreamBooth full UNet, bf16, batch 32" not in table  # not asked for by --only
+    assert [r["row"] for r in rows[:3]] == ["diffusers train_dreambooth.py, bf16, batch 4", defaults,
+                                            "Textual Inversion, fp16, batch 4"]  # in --only's order
+    assert not list(tmp_path.glob("runs/*/validation"))  # validation off: the reference validates nothing either
+
+
+def test_the_gpu_speed_bench_refuses_an_unknown_row_and_stops_a_row_at_the_deadline(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "bench/gpu_speed.py"), "--size", "tiny", "--only", "fp16"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "no row fp16 (rows: defaults, diffusers," in proc.stderr
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import gpu_speed
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    size = gpu_speed.Size("tiny", 64, 6, 2, (2, 4), {"plain": 0}, 0)  # admitted whatever the clock says
+    row = gpu_speed.selected_rows("tiny", ["defaults"])[0]
+    started = time.perf_counter()
+    result = gpu_speed.run_row(row, 0, size, tmp_path, None, dict(os.environ), False, started, deadline=0.5,
+                               flops_of=None, peak=None, baseline={})
+    assert result["note"] == "FAILED: stopped at the deadline (0 s)" and "ms_per_step" not in result

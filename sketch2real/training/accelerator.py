@@ -228,6 +228,13 @@ def compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def cudagraph_skips() -> int:
+    """Graphs inductor left without CUDA graphs under `--torch_compile_mode reduce-overhead` (it says so only in logs)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])
+
+
 @contextmanager
 def eager_mode() -> Iterator[None]:
     """Compiled modules run eagerly in the block: validation, held-out losses and generation (eval mode, no grad,

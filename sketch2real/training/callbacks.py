@@ -23,7 +23,7 @@ import torch
 
 from sketch2real.io import append_jsonl, atomic_open, read_jsonl, write_json, write_jsonl
 from sketch2real.shards import corrupt_samples
-from sketch2real.training.accelerator import compiled_graphs, finish_trackers, innermost_optimizer
+from sketch2real.training.accelerator import compiled_graphs, cudagraph_skips, finish_trackers, innermost_optimizer
 from sketch2real.training.checkpoints import output_files, save_checkpoint
 from sketch2real.training.hub import hub_repo_id, push_output
 from sketch2real.training.model_card import CARD, model_card
@@ -256,6 +256,7 @@ class RunSummary(Callback):
             # --torch_compile: graphs compiled in all, and after the first read (recompiles: 0 when shapes are static)
             "compiled_graphs": compiled_graphs(),
             "graphs_compiled_after_first_read": compiled_graphs() - run.graphs_at_first_read if run.timed_from else None,
+            "cudagraph_skips": cudagraph_skips(),  # reduce-overhead: graphs inductor ran without CUDA graphs
             "peak_memory_mb": peak_memory_mb(accelerator.device),
             "data_wait_seconds_per_step": task.data_wait_seconds() / steps_done if steps_done else 0.0,
             "num_processes": accelerator.num_processes,
