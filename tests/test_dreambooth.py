@@ -799,6 +799,10 @@ def test_pivotal_tuning_trains_new_tokens_with_the_lora_and_generation_loads_bot
     if family != "flux":  # the card's lines load the tokens and prompt them by name (50 FLUX steps: too slow here)
         prompt, card = check_model_card_usage(out, shard_dir, tmp_path)
         assert prompt == "a <s0> sketch of a cat" and "load_textual_inversion" in (out / "README.md").read_text()
+        assert "sketch2real" not in (out / "README.md").read_text().split("```python", 1)[1]  # plain diffusers
+        for encoder, tokenizer, key in encoders:  # the card's pipeline holds the trained rows
+            ids = getattr(card["pipe"], tokenizer).convert_tokens_to_ids(["<s0>", "<s0>_1"])
+            assert torch.equal(getattr(card["pipe"], encoder).get_input_embeddings().weight[ids], rows[key]), encoder
     bad = run_script("train/dreambooth.py", "--pretrained_model_name_or_path", model, "--shard_dir", shard_dir,
                      "--instance_prompt", "a sks sketch", "--lora_rank", "4", "--train_text_encoder_ti", "--output_dir",
                      tmp_path / "bad", check=False)
@@ -1348,9 +1352,9 @@ def test_the_card_s_lines_load_the_run_s_vae_and_call_the_pipeline_as_training_c
     assert "vae = AutoencoderKL.from_pretrained('madebyollin/sdxl-vae-fp16-fix')" in card
     assert "DiffusionPipeline.from_pretrained('stabilityai/stable-diffusion-xl-base-1.0', vae=vae)" in card
     assert "from diffusers import AutoencoderKL, DiffusionPipeline" in card
-    assert "image = pipe('a sks sketch', original_size=(256, 256), crops_coords_top_left=(0, 0)).images[0]" in card
+    assert "image = pipe(prompt='a sks sketch', original_size=(256, 256), crops_coords_top_left=(0, 0)).images[0]" in card
     sd3 = usage("lora", "stabilityai/stable-diffusion-3.5-medium", tmp_path, "a sks sketch", FAMILIES["sd3"])
-    assert "image = pipe('a sks sketch', max_sequence_length=77).images[0]" in sd3 and "vae" not in sd3
+    assert "image = pipe(prompt='a sks sketch', max_sequence_length=77).images[0]" in sd3 and "vae" not in sd3
 
 
 def test_a_resumed_run_s_validation_log_lists_each_step_once_and_a_fresh_one_drops_an_earlier_run_s(db_args, tmp_path):

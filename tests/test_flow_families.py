@@ -16,6 +16,7 @@ from .helpers import (
     REPO,
     SHARP_ADAM,
     assert_agrees_within_bf16,
+    check_model_card_usage,
     in_process_accelerator,
     run_matrix_case,
     run_script,
@@ -187,6 +188,9 @@ def test_flow_dreambooth_bf16(family, launcher, variant, tiny_models, shard_dir,
     image = pipe(prompt="a sks sketch of a cat", height=64, width=64, num_inference_steps=2,
                  **FAMILIES[family].generation_kwargs(), output_type="np").images[0]
     assert image.shape == (64, 64, 3)
+    if launcher == "1":  # the card's diffusers lines, as a reader pastes them
+        prompt, card = check_model_card_usage(out, shard_dir, tmp_path)
+        assert prompt == "a sks sketch of a cat" and card["image"].size[0] > 0
 
 
 # diffusers' FLUX.1 LoRA script's default targets: the text stream's attention and both feed-forwards too
@@ -609,6 +613,9 @@ def test_what_a_family_does_not_have_is_refused_in_one_line(tiny_models, shard_d
                       "--resolution", "64", "--output_dir", tmp_path / "ti", check=False)
     assert proc.returncode == 2 and "textual_inversion is not built for flux2-klein" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
+    proc = run_script("train/dreambooth.py", *db_args(model, shard_dir), "--lora_rank", "4", "--train_text_encoder_ti",
+                      "--instance_prompt", "a TOK sketch of a cat", "--output_dir", tmp_path / "pivotal", check=False)
+    assert proc.returncode == 2 and "--train_text_encoder_ti is not built for flux2-klein" in proc.stderr
     proc = run_script("train/textual_inversion.py", "--pretrained_model_name_or_path", tiny_models.sd, "--shard_dir",
                       shard_dir, "--resolution", "64", "--enable_t5_ti", "--output_dir", tmp_path / "ti-sd", check=False)
     assert proc.returncode == 2 and "--enable_t5_ti: a sd model has no T5 encoder" in proc.stderr
@@ -806,7 +813,7 @@ def test_sd3_generation_and_card_spell_out_multi_vector_tokens_as_training_does(
         assert seen["prompt"] == [expected]
     (tmp_path / "learned_embeds.safetensors").touch()
     card = usage("lora", "base", tmp_path, "a <s0> sketch of a cat", SD3)
-    assert "pipe(spell_out_tokens(pipe, 'a <s0> sketch of a cat'), max_sequence_length=77)" in card and ", spell_out_tokens" in card
+    assert "pipe(prompt=spell_out_tokens(pipe, 'a <s0> sketch of a cat'), max_sequence_length=77)" in card and ", spell_out_tokens" in card
 
 
 def test_max_sequence_length_conditions_training_and_validation_and_is_one_line_where_prompts_are_clip_s(
@@ -954,6 +961,30 @@ def test_flux_multi_vector_textual_inversion_conditions_as_the_pipeline_with_the
     with torch.no_grad():
         states, pooled, _ = pipe.encode_prompt(prompt, None, **FAMILIES["flux"].generation_kwargs())
     assert torch.equal(text.pooled, pooled) and torch.equal(text.states, states)
+
+
+@pytest.mark.parametrize("t5", [False, True])
+def test_the_card_s_embedding_lines_load_flux_rows_with_diffusers_alone_as_the_project_s_loader(t5, tiny_models, tmp_path):
+    """The card loads a FLUX.1 Textual Inversion file (CLIP-L's rows, and T5's with --enable_t5_ti) with diffusers'
+    own loader, no sketch2real import: the encoders' rows equal those `load_textual_inversion` gives."""
+    from diffusers import FluxPipeline
+
+    from sketch2real.family import FAMILIES, load_textual_inversion
+    from sketch2real.training.model_card import embedding_lines
+    from sketch2real.training.textual_inversion import write_learned_embeds
+
+    model, file = str(tiny_models.flux), tmp_path / "learned_embeds.safetensors"
+    ours, theirs = FluxPipeline.from_pretrained(model), FluxPipeline.from_pretrained(model)
+    widths = [ours.text_encoder.config.hidden_size, *([ours.text_encoder_2.config.d_model] if t5 else [])]
+    write_learned_embeds(FAMILIES["flux"], "<sketch>", [torch.randn(2, w) for w in widths], file)
+    load_textual_inversion(ours, str(file))
+    imports, lines = embedding_lines(FAMILIES["flux"], file, repr(str(file)))
+    assert not any("sketch2real" in line for line in imports)
+    exec("\n".join([*imports, *lines]), {"pipe": theirs})  # noqa: S102  (the card's lines)
+    for encoder, tokenizer in [("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")][: len(widths)]:
+        rows = [getattr(p, encoder).get_input_embeddings().weight[getattr(p, tokenizer).convert_tokens_to_ids(
+            ["<sketch>", "<sketch>_1"])] for p in (ours, theirs)]
+        assert torch.equal(*rows) and rows[0].abs().sum() > 0, encoder
 
 
 def test_sd3_prompts_shorter_than_clip_s_cut_t5_only_as_the_pipeline_does(tiny_models):

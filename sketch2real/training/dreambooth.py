@@ -332,6 +332,9 @@ class DreamBoothTask(DiffusionTask):
         if self.opts.lora_format == "comfyui" and not family.comfyui_lora:
             raise UserError(f"--lora_format comfyui is built for SD 1.x and SDXL UNets, not {family.name} models "
                             "(their diffusers file loads in ComfyUI's diffusers loader)")
+        if self.opts.train_text_encoder_ti and "textual_inversion" not in family.trainers:
+            raise UserError(f"--train_text_encoder_ti is not built for {family.name} models (it learns token "
+                            "embeddings, as Textual Inversion, which is not built for them either)")
         if self.opts.train_text_encoder and not family.text_encoder_training:
             raise UserError(f"--train_text_encoder is not built for {family.name} models (its text encoder is read "
                             "at inner layers: train the denoiser, or LoRA adapters)")

@@ -99,7 +99,8 @@ def usage(kind: str, base: str, out: Path, prompt: str, family: Family, repo_id:
                           "diffusers' `load_lora_weights` reads no LoKr file (the command above merges it as ComfyUI does)."])
     if tokens:  # the trained tokens' rows in each embedding encoder (SDXL: both), as the family's files name them
         embeds_code = f"hf_hub_download({repo_id!r}, 'learned_embeds.safetensors')" if repo_id else repr(embeds)
-        code.append(f"load_textual_inversion(pipe, {embeds_code})")
+        embeds_imports, embeds_lines = embedding_lines(family, local / "learned_embeds.safetensors", embeds_code)
+        code += embeds_lines
     condition = f", {family.control_image_argument}=sketch" if kind == "controlnet" else ""
     prompt_line = prompt.format(category="cat") if kind == "controlnet" else prompt
     if kind == "controlnet":  # as it trained (`sketchy.sketch_condition`): a Sketchy sketch is black strokes on white
@@ -109,17 +110,38 @@ def usage(kind: str, base: str, out: Path, prompt: str, family: Family, repo_id:
     if tokens and not hasattr(pipeline_class(family), "maybe_convert_prompt"):  # SD3: no loader to expand tokens
         prompt_code = f"spell_out_tokens(pipe, {prompt_code})"
     settings = "".join(f", {k}={v!r}" for k, v in family.generation_kwargs().items())  # as training conditioned it
-    code.append(f"image = pipe({prompt_code}{condition}{settings}).images[0]")
+    # by name: FLUX.2 [klein]'s pipeline takes an image first
+    code.append(f"image = pipe(prompt={prompt_code}{condition}{settings}).images[0]")
     if with_vae:
         imports.append("AutoencoderKL")
         code.insert(0, f"vae = AutoencoderKL.from_pretrained({vae!r})")
     header = [f"from diffusers import {', '.join(sorted(imports))}"]
     header += ["from diffusers.utils import load_image", "from PIL import ImageOps"] if kind == "controlnet" else []
     if tokens:
-        header.append("from sketch2real.family import load_textual_inversion" + (
-            ", spell_out_tokens" if "spell_out_tokens" in prompt_code else ""))
+        if "spell_out_tokens" in prompt_code:  # SD3: no loader, so the project's loader is imported already
+            embeds_imports[-1] += ", spell_out_tokens"
+        header += embeds_imports
         header += ["from huggingface_hub import hf_hub_download"] if repo_id else []
     return "\n".join([*lines, "", "```python", *header, "", *code, "```"])
+
+
+def embedding_lines(family: Family, file: Path, file_code: str) -> tuple[list[str], list[str]]:
+    """(imports, lines) loading a run's `learned_embeds.safetensors` (`file`; `file_code`: how the lines name it) with
+    diffusers' own loader, as `sketch2real.family.load_textual_inversion` does: the file whole where the family has one
+    encoder, else each encoder's tensor into its encoder (SDXL: clip_l and clip_g; FLUX.1: CLIP, and T5 where the file
+    has its rows). SD3's pipelines have no loader: the project's function."""
+    if not hasattr(pipeline_class(family), "load_textual_inversion"):
+        return ["from sketch2real.family import load_textual_inversion"], [f"load_textual_inversion(pipe, {file_code})"]
+    if not family.embedding_keys:
+        return [], [f"pipe.load_textual_inversion({file_code})"]
+    from sketch2real.family import embedding_file
+
+    keys, token, _ = embedding_file(str(file))
+    learned = family.learned_embedding_keys(optional=family.optional_embedding_key in keys)
+    lines = [f"embeddings = load_file({file_code})"]
+    lines += [f"pipe.load_textual_inversion(embeddings[{key!r}], token={token!r}, text_encoder=pipe.{encoder}, "
+              f"tokenizer=pipe.{tokenizer})" for key, encoder, tokenizer in zip(learned, family.text_encoders, family.tokenizers)]
+    return ["from safetensors.torch import load_file"], lines
 
 
 def front_matter(base: str, trainer: str, tags: list[str]) -> str:
