@@ -113,7 +113,7 @@ def test_resume_continues_exactly(family, db_args, tmp_path, tiny_models):
         proc = run_script("train/dreambooth.py", *args, "--output_dir", resumed, "--resume_from_checkpoint", "latest",
                           "--max_train_steps", "2", check=False)
         last = proc.stderr.strip().splitlines()[-1]
-        assert proc.returncode == 2 and "is at step 3, past --max_train_steps 2" in last, proc.stderr[-2000:]
+        assert proc.returncode == 2 and "is at step 6, past --max_train_steps 2" in last, proc.stderr[-2000:]
         assert (resumed / "run_config.json").read_bytes() == record
 
 

@@ -243,7 +243,7 @@ def test_colliding_keys_in_a_release_are_one_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def checkpointed(tiny_models, shard_dir, tmp_path_factory) -> tuple[list, Path]:
-    """A 6-step LoRA DreamBooth run with checkpoints at 2 and 4 (its args, its folder)."""
+    """A 6-step LoRA DreamBooth run with checkpoints at 2, 4 and 6 (its args, its folder)."""
     args = ["--pretrained_model_name_or_path", tiny_models.sd, "--shard_dir", shard_dir, "--instance_category", CATEGORY,
             "--instance_prompt", "a sks sketch of a cat", "--resolution", "32", "--learning_rate", "1e-3", "--lora_rank", "4",
             "--validation_steps", "0", "--report_to", "none", "--max_train_steps", "6", "--checkpointing_steps", "2",
@@ -377,7 +377,23 @@ def test_another_runs_checkpoints_stop_a_fresh_run_and_pruning_keeps_own(checkpo
     assert proc.returncode == 2 and "is of another run (seed: 0 there, 7 now)" in proc.stderr.strip().splitlines()[-1]
     # The same run started afresh: its own older checkpoints are its own; pruning never removes the one just saved.
     run_script("train/dreambooth.py", *args, "--output_dir", out, "--checkpoints_total_limit", "1")
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6"]  # the last step's, as diffusers
+
+
+def test_a_finished_constant_lr_run_given_more_steps_continues_from_its_last_step_as_one_longer_run(checkpointed,
+                                                                                                      tmp_path):
+    """The last step is checkpointed, as diffusers' scripts do: a finished run extended with more steps continues from
+    its end (it went back to its last checkpoint before it) and equals one run of the longer length."""
+    args = [*checkpointed[0], "--lr_scheduler", "constant", "--max_train_steps", "4"]  # the later flags win
+    out, straight = tmp_path / "extended", tmp_path / "straight"
+    run_script("train/dreambooth.py", *args, "--output_dir", out)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    proc = run_script("train/dreambooth.py", *args, "--max_train_steps", "6", "--output_dir", out,
+                      "--resume_from_checkpoint", "latest")
+    assert "checkpoint-4" in proc.stderr.split("resumed from")[1].splitlines()[0]
+    run_script("train/dreambooth.py", *args, "--max_train_steps", "6", "--output_dir", straight)
+    a, b = weights(out), weights(straight)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_checkpoint_of_an_older_version_without_a_new_option_resumes_where_it_is_at_its_default(checkpointed, tmp_path):

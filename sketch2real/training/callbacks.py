@@ -191,14 +191,14 @@ class TrackerLog(Callback):
 
 
 class Checkpointing(Callback):
-    """A checkpoint every `--checkpointing_steps` (not at the last step: the run saves its artifacts), and at once
-    when preempted, then exit 75 for the requeue."""
+    """A checkpoint every `--checkpointing_steps` (the last step's too, as diffusers' scripts: a run extended with more
+    steps continues from there), and at once when preempted, then exit 75 for the requeue."""
 
     def after_step(self, run: Run) -> int | None:
         if run.preempted:
             return run.stop_preempted()
         every = run.opts.checkpointing_steps
-        if every and run.step % every == 0 and run.step < run.opts.max_train_steps:
+        if every and run.step % every == 0:
             run.checkpoint()
         return None
 
