@@ -6,6 +6,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,6 +68,8 @@ def training_flops_per_sample(model_dir: Path, resolution: int, trains: str = "u
 
     from sketch2real.family import FAMILIES
 
+    if (Path(model_dir) / "transformer").is_dir():
+        return flow_lora_flops_per_sample(Path(model_dir), resolution)
     unet_config = UNet2DConditionModel.load_config(model_dir, subfolder="unet")
     text_config = CLIPTextConfig.from_pretrained(model_dir, subfolder="text_encoder")
     side, tokens = resolution // 8, text_config.max_position_embeddings
@@ -92,5 +98,50 @@ def training_flops_per_sample(model_dir: Path, resolution: int, trains: str = "u
                             return_dict=False, **added)
             control = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
         out = unet(latents, timestep, states, return_dict=False, **added, **control)[0]
+        out.float().pow(2).mean().backward()
+    return float(counter.get_total_flops())
+
+
+def fake_tensors(module: torch.nn.Module) -> torch.nn.Module:
+    """Replace `module`'s (meta) parameters and buffers by CPU tensors of the active `FakeTensorMode`, same shapes,
+    dtypes and requires_grad."""
+    import torch
+
+    for sub in module.modules():
+        for name, p in list(sub.named_parameters(recurse=False)):
+            setattr(sub, name, torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="cpu"), p.requires_grad))
+        for name, b in list(sub.named_buffers(recurse=False)):
+            setattr(sub, name, torch.empty(b.shape, dtype=b.dtype, device="cpu"))
+    return module
+
+
+def flow_lora_flops_per_sample(model_dir: Path, resolution: int, rank: int = 16) -> float:
+    """FLOPs of one LoRA training sample's forward and backward through a flow-matching transformer (FLUX.1), as the
+    trainer calls it (the family's `predict`: latents packed, position ids, guidance), counted by torch on meta
+    tensors: the VAE's latents at `resolution`, the family's prompt length of text states, adapters of `rank` on its
+    LoRA layers. Model FLOPs: gradient checkpointing's recomputation is not counted."""
+    import diffusers
+    import torch
+    from peft import LoraConfig
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sketch2real.family import Conditioning, family_of
+
+    family = family_of(str(model_dir))
+    denoiser_class = getattr(diffusers, family.denoiser_class)
+    config = denoiser_class.load_config(model_dir, subfolder=family.denoiser)
+    vae = getattr(diffusers, family.vae_class).load_config(model_dir, subfolder="vae")
+    side, tokens = resolution // 8, family.max_sequence_length
+    with torch.device("meta"):
+        denoiser = denoiser_class.from_config(config).requires_grad_(False)
+        denoiser.add_adapter(LoraConfig(r=rank, target_modules=family.lora_targets(denoiser)))
+    # fake CPU tensors (shapes, no storage): `predict` makes position ids on the CPU, which meta inputs refuse
+    with FakeTensorMode(), FlopCounterMode(display=False) as counter:
+        fake_tensors(denoiser)
+        noisy = torch.randn(1, vae["latent_channels"], side, side)
+        pooled = torch.randn(1, config["pooled_projection_dim"]) if config.get("pooled_projection_dim") else None
+        text = Conditioning(torch.randn(1, tokens, config["joint_attention_dim"]), pooled)
+        out = family.predict(denoiser, noisy, torch.full((1,), 500.0), text, guidance=3.5)
         out.float().pow(2).mean().backward()
     return float(counter.get_total_flops())

@@ -90,7 +90,7 @@ def main() -> None:
         model = build_sd(tmp / "model", args.size)
         make_synthetic_sketchy(tmp / "sketchy", categories=["cat"], photos_per_category=5, sketches_per_photo=3,
                                test_photos_per_category=0, size=args.resolution)
-        images = tmp / "sketchy/rendered_256x256/256x256/sketch/tx_000000000000/cat"
+        images = tmp / "sketchy/256x256/sketch/tx_000000000000/cat"
         rows = []
         for name, (ours, theirs) in commands(diffusers, model, images, tmp, args.resolution, args.batch_size).items():
             if args.only and args.only not in name:

@@ -42,13 +42,16 @@ class Size:
     logging: int
     reference_steps: tuple[int, int]  # diffusers' short and long runs
     seconds: dict[str, float] = field(default_factory=dict)  # a row's expected wall time (deadline planning)
-    build_seconds: float = 0  # building a model with random weights, added to the first row that uses it
+    # building a model ("sd", "sdxl", "flux") with random weights, added to the first row that uses it
+    build_seconds: dict[str, float] = field(default_factory=dict)
 
 
 SIZES = {
     # the reference's difference spans 100 steps: ~25 s at 250 ms/step, against the two runs' 30-40 s of start-up
-    "sd15": Size("sd15", 512, 60, 10, (10, 110), {"plain": 40, "compile": 150, "reference": 110, "sdxl": 240}, 30),
-    "tiny": Size("tiny", 64, 6, 2, (2, 4), {"plain": 15, "compile": 60, "reference": 30, "sdxl": 30}, 5),
+    "sd15": Size("sd15", 512, 60, 10, (10, 110), {"plain": 40, "compile": 150, "reference": 110, "sdxl": 240, "flux": 150},
+                 {"sd": 30, "sdxl": 45, "flux": 100}),
+    "tiny": Size("tiny", 64, 6, 2, (2, 4), {"plain": 15, "compile": 60, "reference": 30, "sdxl": 30, "flux": 20},
+                 {"sd": 5, "sdxl": 5, "flux": 5}),
 }
 
 
@@ -60,8 +63,9 @@ class Row:
     batch: int
     args: tuple = ()
     trains: str = "unet"  # what the FLOPs count (bench.common.training_flops_per_sample)
-    kind: str = "plain"  # plain, compile, reference, sdxl: the expected-time class
-    model: str = "sd"  # sd or sdxl
+    kind: str = "plain"  # plain, compile, reference, sdxl, flux: the expected-time class
+    model: str = "sd"  # sd, sdxl or flux
+    recipe_gib: float | None = None  # the README's memory recipe for it (bench/memory_recipes.py), beside the peak
     versus_reference: bool = False  # the reference trains the same (DreamBooth, full UNet): its ratio is shown
 
 
@@ -88,6 +92,10 @@ def rows(size: str) -> list[Row]:
             kind="compile"),
         Row("sdxl-lora", "SDXL DreamBooth LoRA r=8, bf16, batch 4, 1024 px", db, 4, (*lora, "--gradient_checkpointing"),
             trains="lora", kind="sdxl", model="sdxl"),
+        # the README's recipe row "LoRA r=16, 1 GPU, AdamW", 512 px, T5 released (its prompts encoded once)
+        Row("flux-lora", "FLUX.1 [dev] DreamBooth LoRA r=16, bf16, batch 1, 512 px (T5 of 2 blocks: released once its "
+            "prompt is encoded)", db, 1, ("--lora_rank", "16", "--gradient_checkpointing"), trains="lora", kind="flux",
+            model="flux", recipe_gib=23.6),
     ]
 
 
@@ -101,25 +109,32 @@ def selected_rows(size: str, only: list[str]) -> list[Row]:
 
 
 def model_name(size: Size, model: str) -> str:
-    """The SD_SIZES name of a row's model ("sd" or "sdxl") at this size."""
-    return {"sd": size.model, "sdxl": "sdxl" if size.model == "sd15" else "tiny_sdxl"}[model]
+    """The SD_SIZES name of a row's model ("sd", "sdxl" or "flux") at this size."""
+    full = size.model == "sd15"
+    return {"sd": size.model, "sdxl": "sdxl" if full else "tiny_sdxl", "flux": "flux_dev" if full else "tiny_flux"}[model]
 
 
 def prepare(work: Path, size: Size, model: str) -> tuple[Path, Path]:
     """(the model with random weights, a folder of training images at the resolution), built once in `work`."""
     from sketch2real.synthetic import make_synthetic_sketchy
-    from sketch2real.testing.tiny import build_sd
+    from sketch2real.testing.tiny import build_flow_matching, build_sd
 
     name = model_name(size, model)
     resolution = size.resolution * (2 if model == "sdxl" and size.model == "sd15" else 1)
     path = work / f"{name}-random"
-    if not (path / "model_index.json").is_file():
+    if not (path / "model_index.json").is_file() and model == "flux":
+        import torch
+
+        full = name == "flux_dev"  # 12B: made on the GPU in bf16 (seconds); T5 cut to 2 blocks, as it is released
+        build_flow_matching(path, name, device="cuda" if full else None, dtype=torch.bfloat16 if full else None,
+                            t5_layers=2 if full else None)
+    elif not (path / "model_index.json").is_file():
         build_sd(path, name)
     images = work / f"sketchy-{resolution}"
     if not images.is_dir():
         make_synthetic_sketchy(images, categories=["cat"], photos_per_category=8, sketches_per_photo=2,
                                test_photos_per_category=0, size=resolution)
-    return path, next(images.glob("rendered_256x256/256x256/sketch/*/cat"))
+    return path, next(images.glob("256x256/sketch/*/cat"))
 
 
 def ours(row: Row, model: Path, images: Path, resolution: int, size: Size, out: Path, env: dict, timeout: float) -> dict:
@@ -154,8 +169,10 @@ def run_row(row: Row, round_: int, size: Size, work: Path, script: Path | None, 
     """One row's run: its figures, or the note saying why it did not run or failed."""
     elapsed = time.perf_counter() - started
     result = {"row": row.name, "round": round_, "batch": row.batch, "started_s": round(elapsed, 1)}
+    if row.recipe_gib is not None:
+        result["recipe_gib"] = row.recipe_gib
     unbuilt = not (work / f"{model_name(size, row.model)}-random" / "model_index.json").is_file()
-    if elapsed + size.seconds[row.kind] + size.build_seconds * unbuilt > deadline:
+    if elapsed + size.seconds[row.kind] + size.build_seconds[row.model] * unbuilt > deadline:
         return {**result, "note": f"skipped: past the deadline ({elapsed:.0f} s gone)"}
     if row.script == "reference" and script is None:
         return {**result, "note": "skipped: no --diffusers_dir"}
@@ -206,7 +223,8 @@ def table_line(name: str, runs: list[dict]) -> str:
     r = done[(len(done) - 1) // 2]
     ratios = sorted(x["vs_diffusers"] for x in done if "vs_diffusers" in x)
     note = r["method"] + (f"; median of {len(done)} rounds, {done[0]['ms_per_step']:.1f}-{done[-1]['ms_per_step']:.1f} "
-                          "ms" if len(done) > 1 else "")
+                          "ms" if len(done) > 1 else "") + (f"; the README's recipe: {r['recipe_gib']} GiB" if
+                                                          "recipe_gib" in r else "")
     cells = [f"{r['ms_per_step']:.1f}", f"{r['images_per_second']:.1f}",
              f"{r['chip_share']:.1%}" if r.get("chip_share") is not None else "",
              f"{max(x['peak_gib'] for x in done):.1f}" if "peak_gib" in r else "",

@@ -35,6 +35,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from common import fake_tensors
+
+from sketch2real.testing.tiny import SD_SIZES
 
 GIB = 2**30
 
@@ -68,8 +71,6 @@ def measure_step(size: str, resolution: int) -> dict[str, float]:
     from peft import LoraConfig
 
     from sketch2real.family import FAMILIES
-    from sketch2real.testing.tiny import SD_SIZES
-
     shapes = SD_SIZES[size]["unet"]
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)  # build the frozen base directly in bf16, as training holds it
@@ -107,8 +108,6 @@ def parameter_counts(size: str) -> dict[str, int]:
     """Parameters of the UNet, the other frozen parts (text encoders, VAE) and a ControlNet, built on the meta device."""
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from sketch2real.testing.tiny import SD_SIZES
 
     shapes = SD_SIZES[size]
     with torch.device("meta"):
@@ -157,16 +156,12 @@ def report_sd(args: argparse.Namespace) -> None:
 
 # ---- flow-matching transformers: FLUX.1 [dev] 12B, FLUX.2 [klein] 4B --------------------------------------------------
 # black-forest-labs/FLUX.1-dev's configs: transformer, text_encoder (CLIP-L), text_encoder_2 (T5-XXL encoder), vae
-FLUX_TRANSFORMER = {"patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
-                    "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768,
-                    "guidance_embeds": True, "axes_dims_rope": (16, 56, 56)}
-FLUX_CLIP = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-             "num_attention_heads": 12, "max_position_embeddings": 77, "projection_dim": 768, "hidden_act": "quick_gelu"}
-FLUX_T5 = {"vocab_size": 32128, "d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24,
-           "feed_forward_proj": "gated-gelu", "relative_attention_num_buckets": 32}
-FLUX_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 16, "block_out_channels": (128, 256, 512, 512),
-            "layers_per_block": 2, "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
-            "use_quant_conv": False, "use_post_quant_conv": False}
+# (the shapes are the library's SD_SIZES["flux_dev"], which bench/gpu_speed.py builds; the vocabularies are the models')
+FLUX_TRANSFORMER = SD_SIZES["flux_dev"]["transformer"]
+FLUX_CLIP = {"vocab_size": 49408, "max_position_embeddings": 77, **SD_SIZES["flux_dev"]["text"]}
+FLUX_T5 = {"vocab_size": 32128, **SD_SIZES["flux_dev"]["t5"]}
+FLUX_VAE = {"in_channels": 3, "out_channels": 3, "down_block_types": ("DownEncoderBlock2D",) * 4,
+            "up_block_types": ("UpDecoderBlock2D",) * 4, **SD_SIZES["flux_dev"]["vae"]}
 # black-forest-labs/FLUX.2-klein-4B's configs: transformer, text_encoder (Qwen3-4B); its vae is AutoencoderKLFlux2's defaults
 KLEIN_TRANSFORMER = {"patch_size": 1, "in_channels": 128, "num_layers": 5, "num_single_layers": 20, "attention_head_dim": 128,
                      "num_attention_heads": 24, "joint_attention_dim": 7680, "timestep_guidance_channels": 256,
@@ -293,17 +288,6 @@ def flow_transformer(model: FlowModel, double: int, single: int, meta: bool) -> 
             p.data = p.data.float()  # adapters in fp32, as the trainer casts them
     transformer.enable_gradient_checkpointing()
     return transformer.train()
-
-
-def fake_tensors(module: torch.nn.Module) -> torch.nn.Module:
-    """Replace `module`'s (meta) parameters and buffers by CPU tensors of the active `FakeTensorMode`, same shapes,
-    dtypes and requires_grad."""
-    for sub in module.modules():
-        for name, p in list(sub.named_parameters(recurse=False)):
-            setattr(sub, name, torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="cpu"), p.requires_grad))
-        for name, b in list(sub.named_buffers(recurse=False)):
-            setattr(sub, name, torch.empty(b.shape, dtype=b.dtype, device="cpu"))
-    return module
 
 
 def measure_flow_step(model: FlowModel, double: int, single: int, resolution: int, text_tokens: int,

@@ -1,4 +1,4 @@
-"""Write a synthetic Sketchy release (exact folder layout, info/ lists) for tests and the demo."""
+"""Write a synthetic Sketchy release (the real folder layout as its archives extract, info/ lists) for tests and the demo."""
 
 from dataclasses import dataclass
 
@@ -10,7 +10,7 @@ from sketch2real.synthetic import DEFAULT_CATEGORIES, make_synthetic_sketchy
 class Options:
     """Write a synthetic Sketchy release in the real layout."""
 
-    output_dir: str = option(help="release root to write (rendered_256x256/ and info/ go inside)")
+    output_dir: str = option(help="release root to write (256x256/ and info/ go inside)")
     categories: list[str] = option(list(DEFAULT_CATEGORIES), help="category folder names")
     photos_per_category: int = option(8, help="photos per category (ids are drawn from 99899 numbers)", min=1, max=99899)
     sketches_per_photo: int = option(3, help="sketches per photo", min=1)

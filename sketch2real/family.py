@@ -25,7 +25,7 @@ import torch
 from sketch2real.cli import UserError
 from sketch2real.device import device_constant, to_device
 
-SKETCHY_SIZE = (256, 256)  # every Sketchy photo and sketch (rendered_256x256): SDXL's original_size
+SKETCHY_SIZE = (256, 256)  # every Sketchy photo and sketch (256x256/): SDXL's original_size
 
 
 NOISE_SAMPLERS = {"pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "dpm++": "DPMSolverMultistepScheduler",

@@ -1,10 +1,15 @@
 """The Sketchy release on disk: categories, photos, sketches and the info/ lists.
 
-Layout (as downloaded and extracted):
+Layout (as downloaded and extracted: `rendered_256x256.7z` unpacks to `256x256/` and `README.txt`, the info archive
+to `info/`):
 
-    ROOT/rendered_256x256/256x256/photo/tx_000000000000/<category>/n<synset>_<id>.jpg
-    ROOT/rendered_256x256/256x256/sketch/tx_000000000000/<category>/<photo id>-<k>.png
+    ROOT/256x256/photo/tx_000000000000/<category>/n<synset>_<id>.jpg
+    ROOT/256x256/sketch/tx_000000000000/<category>/<photo id>-<k>.png
     ROOT/info/stats.csv, testset.txt, invalid-{error,ambiguous,pose,context}.txt
+
+`256x256/` may also sit in a `rendered_256x256/` folder (the archive extracted into a folder of its name), or be ROOT
+itself (then info/ beside it, or --info_dir). Photos come in 2 renderings and sketches in 6 (`tx_*` folders); only
+the un-augmented pair (tx_000000000000 of both) is pixel-aligned.
 """
 
 from __future__ import annotations
@@ -18,8 +23,15 @@ from pathlib import Path
 
 from sketch2real.cli import UserError
 
-RENDERED = Path("rendered_256x256") / "256x256"
+RENDERED = Path("256x256")  # as rendered_256x256.7z extracts (what the synthetic release writes)
+RENDERED_PLACES = (RENDERED, Path("rendered_256x256") / RENDERED, Path("."))  # where a release's 256x256/ is looked for
 DEFAULT_AUGMENTATION = "tx_000000000000"  # the un-augmented photo/sketch pairs
+# the release's renderings (its README.txt): photos non-uniformly scaled to 256x256 (tx_000000000000) or their bounding
+# box +10% (tx_000100000000); sketches as their photo's first rendering (tx_000000000000, the one pixel-aligned pair),
+# or centred and scaled to 78% (tx_000100000000), or centred on the photo's bounding box, scaled four ways
+PHOTO_AUGMENTATIONS = ("tx_000000000000", "tx_000100000000")
+SKETCH_AUGMENTATIONS = ("tx_000000000000", "tx_000100000000", "tx_000000000010", "tx_000000000110", "tx_000000001010",
+                        "tx_000000001110")
 INVALID_KINDS = ("error", "ambiguous", "pose", "context")
 STATS_COLUMNS = [
     "CategoryID", "Category", "ImageNetID", "SketchID", "Difficulty", "Stroke_Count",
@@ -92,19 +104,25 @@ class SketchRecord:
 class SketchyRelease:
     """Read access to an extracted Sketchy release rooted at `root`."""
 
-    def __init__(self, root: str | os.PathLike, augmentation: str = DEFAULT_AUGMENTATION, info_dir: str | None = None):
+    def __init__(self, root: str | os.PathLike, photo_augmentation: str = DEFAULT_AUGMENTATION,
+                 sketch_augmentation: str = DEFAULT_AUGMENTATION, info_dir: str | None = None):
         self.root = Path(root)
         if not self.root.is_dir():
             raise UserError(f"Sketchy root not found: {self.root}")
-        self.photo_dir = self.root / RENDERED / "photo" / augmentation
-        self.sketch_dir = self.root / RENDERED / "sketch" / augmentation
-        self.info_dir = Path(info_dir) if info_dir else self.root / "info"
+        rendered = next((self.root / place for place in RENDERED_PLACES
+                         if (self.root / place / "photo").is_dir() and (self.root / place / "sketch").is_dir()), None)
+        if rendered is None:
+            raise UserError(f"{self.root} is not a Sketchy release: no {RENDERED}/photo/ and {RENDERED}/sketch/ in it, nor "
+                            f"in rendered_256x256/ (extract rendered_256x256.7z into it: it holds {RENDERED}/)")
+        self.photo_dir = rendered / "photo" / photo_augmentation
+        self.sketch_dir = rendered / "sketch" / sketch_augmentation
+        info_beside = rendered == self.root and not (self.root / "info").is_dir()  # ROOT is 256x256/ itself
+        self.info_dir = Path(info_dir) if info_dir else (self.root.parent if info_beside else self.root) / "info"
         for needed in (self.photo_dir, self.sketch_dir, self.info_dir):
             if not needed.is_dir():
-                raise UserError(
-                    f"{self.root} is not a Sketchy release: missing {needed.relative_to(self.root) if needed.is_relative_to(self.root) else needed} "
-                    f"(expected {RENDERED}/{{photo,sketch}}/{augmentation}/<category>/ and info/)"
-                )
+                found = sorted(p.name for p in needed.parent.iterdir() if p.is_dir()) if needed.parent.is_dir() else []
+                raise UserError(f"{self.root} is not a Sketchy release: missing {needed}" + (
+                    f" (there: {', '.join(found)})" if found else " (give --info_dir)" if needed == self.info_dir else ""))
 
     @cached_property
     def categories(self) -> list[str]:
@@ -189,7 +207,8 @@ class SketchyRelease:
         return records, orphans, sorted(strays)
 
     def testset(self) -> list[tuple[str, str]]:
-        """(category, photo id) pairs listed in info/testset.txt (`category/photo.jpg` per line)."""
+        """(category, photo id) pairs listed in info/testset.txt (`category/photo.jpg` per line; a category spelt as
+        stats.csv spells it, `car (sedan)`, is read as its folder's `car_(sedan)`)."""
         path = self.info_dir / "testset.txt"
         if not path.is_file():
             raise UserError(f"{path} not found: the Sketchy test split is defined by it")
@@ -199,7 +218,7 @@ class SketchyRelease:
             if not line:
                 continue
             category, _, name = line.replace("\\", "/").rpartition("/")
-            pairs.append((category, Path(name).stem))
+            pairs.append((category.strip().replace(" ", "_"), Path(name).stem))
         return pairs
 
     def invalid(self, kind: str) -> set[str]:

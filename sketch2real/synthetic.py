@@ -1,4 +1,5 @@
-"""A synthetic Sketchy release in the exact layout of the real one, for tests and the demo.
+"""A synthetic Sketchy release in the layout of the real one as its archives extract (`256x256/`, `README.txt`,
+`info/`; the un-augmented tx_000000000000 renderings only), for tests and the demo.
 
 Each category is a distinct coloured shape; a photo draws it filled, in a seeded
 pose (position, scale, rotation, mirror), on a textured background; each of its
@@ -210,6 +211,7 @@ def make_synthetic_sketchy(
         writer.writerow(STATS_COLUMNS)
         writer.writerows(stats_rows)
     (info / "testset.txt").write_text("\n".join(sorted(testset)) + "\n")
+    (root / "README.txt").write_text("A synthetic Sketchy release (sketch2real.synthetic): shapes, not the real photos.\n")
     for kind, ids in invalid.items():
         (info / f"invalid-{kind}.txt").write_text("".join(f"{i}\n" for i in sorted(ids)))
     return {"categories": len(categories), "photos": n_photos, "sketches": n_sketches,

@@ -14,7 +14,7 @@ from .helpers import REPO
 def test_the_gpu_speed_bench_runs_its_rows_and_says_why_it_skips_the_others(tmp_path):
     results = tmp_path / "rows.jsonl"
     proc = subprocess.run([sys.executable, str(REPO / "bench/gpu_speed.py"), "--size", "tiny", "--work_dir", tmp_path,
-                           "--only", "diffusers", "--only", "defaults", "--only", "ti-fp16", "--rounds", "2",
+                           "--only", "diffusers", "--only", "defaults", "--only", "ti-fp16", "--only", "flux-lora", "--rounds", "2",
                            "--results", results],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -22,12 +22,14 @@ def test_the_gpu_speed_bench_runs_its_rows_and_says_why_it_skips_the_others(tmp_
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     ran = [r for r in rows if "ms_per_step" in r]
     defaults = "DreamBooth full UNet, bf16, batch 4 (defaults: latents cached)"
-    assert [(r["row"], r["round"]) for r in ran] == [(defaults, 0), (defaults, 1)]  # alternating rounds
+    flux = next(r["row"] for r in rows if r["row"].startswith("FLUX.1 [dev] DreamBooth LoRA r=16"))
+    assert [(r["row"], r["round"]) for r in ran] == [(defaults, 0), (flux, 0), (defaults, 1), (flux, 1)]  # alternating
     for ours in ran:
-        assert ours["ms_per_step"] > 0 and ours["images_per_second"] == 1000 * 4 / ours["ms_per_step"]
+        assert ours["ms_per_step"] > 0 and ours["images_per_second"] == 1000 * ours["batch"] / ours["ms_per_step"]
         assert ours["method"] == "steady after step 2" and ours["host_reads"] == 3  # steps 2, 4, 6
         assert ours["tflop_per_image"] > 0 and ours["chip_share"] is None  # no known peak on a CPU
-    median = sorted(r["ms_per_step"] for r in ran)[0]  # of two: the lower
+    assert [r["batch"] for r in ran] == [4, 1, 4, 1] and "the README's recipe: 23.6 GiB" in table[flux]
+    median = sorted(r["ms_per_step"] for r in ran if r["row"] == defaults)[0]  # of two: the lower
     assert f"| {median:.1f} |" in table[defaults] and "median of 2 rounds" in table[defaults]
     assert "skipped: no --diffusers_dir" in table["diffusers train_dreambooth.py, bf16, batch 4"]
     assert "skipped: fp16 needs CUDA" in table["Textual Inversion, fp16, batch 4"]
@@ -46,7 +48,7 @@ def test_the_gpu_speed_bench_refuses_an_unknown_row_and_stops_a_row_at_the_deadl
         import gpu_speed
     finally:
         sys.path.remove(str(REPO / "bench"))
-    size = gpu_speed.Size("tiny", 64, 6, 2, (2, 4), {"plain": 0}, 0)  # admitted whatever the clock says
+    size = gpu_speed.Size("tiny", 64, 6, 2, (2, 4), {"plain": 0}, {"sd": 0})  # admitted whatever the clock says
     row = gpu_speed.selected_rows("tiny", ["defaults"])[0]
     started = time.perf_counter()
     result = gpu_speed.run_row(row, 0, size, tmp_path, None, dict(os.environ), False, started, deadline=0.5,

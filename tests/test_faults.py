@@ -226,8 +226,8 @@ def test_colliding_keys_in_a_release_are_one_line(tmp_path):
 
     root = tmp_path / "sketchy"
     make_synthetic_sketchy(root, photos_per_category=2, sketches_per_photo=1, size=32, seed=0)
-    photos = sorted((root / "rendered_256x256/256x256/photo/tx_000000000000/cat").glob("*.jpg"))
-    sketch_dir = root / "rendered_256x256/256x256/sketch/tx_000000000000/cat"
+    photos = sorted((root / "256x256/photo/tx_000000000000/cat").glob("*.jpg"))
+    sketch_dir = root / "256x256/sketch/tx_000000000000/cat"
     stem = photos[0].stem
     assert "_" in stem, stem
     dotted = stem.replace("_", ".", 1)  # `a.b` and `a_b` become one key

@@ -15,8 +15,8 @@ from sketch2real.synthetic import make_synthetic_sketchy
 
 from .helpers import run_script
 
-PHOTO = re.compile(r"^rendered_256x256/256x256/photo/tx_000000000000/[^/]+/n\d{8}_\d+\.jpg$")
-SKETCH = re.compile(r"^rendered_256x256/256x256/sketch/tx_000000000000/[^/]+/n\d{8}_\d+-\d+\.png$")
+PHOTO = re.compile(r"^256x256/photo/tx_000000000000/[^/]+/n\d{8}_\d+\.jpg$")
+SKETCH = re.compile(r"^256x256/sketch/tx_000000000000/[^/]+/n\d{8}_\d+-\d+\.png$")
 
 
 def _tree_digest(root: Path) -> str:
@@ -111,7 +111,7 @@ def test_category_without_photos_is_an_error(sketchy_root, tmp_path):
 
     root = tmp_path / "release"
     shutil.copytree(sketchy_root, root)
-    shutil.rmtree(root / "rendered_256x256/256x256/photo/tx_000000000000/cat")
+    shutil.rmtree(root / "256x256/photo/tx_000000000000/cat")
     with pytest.raises(UserError, match="'cat' has no photos"):
         build_splits(SketchyRelease(root))
 
@@ -125,7 +125,7 @@ def test_a_users_copy_with_stray_folders_re_saved_and_missing_photos(sketchy_roo
     base = build_splits(SketchyRelease(sketchy_root))
     root = tmp_path / "release"
     shutil.copytree(sketchy_root, root)
-    rendered = root / "rendered_256x256/256x256"
+    rendered = root / "256x256"
     (rendered / "sketch/tx_000000000000/.ipynb_checkpoints").mkdir()
     (rendered / "sketch/tx_000000000000/zebra").mkdir()  # a category removed from the copy: an empty folder left
     (rendered / "photo/tx_000000000000/zebra").mkdir()
@@ -186,7 +186,7 @@ def test_odd_files_and_folders_of_a_copy_are_used_or_counted_never_dropped_unsee
     root = tmp_path / "release"
     shutil.copytree(sketchy_root, root)
     base = build_splits(SketchyRelease(sketchy_root))
-    rendered = root / "rendered_256x256/256x256"
+    rendered = root / "256x256"
     row = base.rows["train"][0]
     upper = root / row["sketch_path"]
     upper.rename(upper.with_suffix(".PNG"))
@@ -212,3 +212,71 @@ def test_odd_files_and_folders_of_a_copy_are_used_or_counted_never_dropped_unsee
                   "1 photo(s) without any sketch (in no split's rows), e.g. apple/n07739125_99999",
                   "2 file(s) in the sketch folders not named like a sketch"):
         assert sum(words in line for line in lines) == 1, (words, lines)
+
+
+@pytest.mark.parametrize("place", ["rendered_256x256/256x256", "root is 256x256"])
+def test_the_release_is_found_where_the_archive_extracted_it(place, sketchy_root, tmp_path):
+    """rendered_256x256.7z extracts to 256x256/ (what the synthetic release writes); extracted into a folder of its
+    name, or with 256x256/ itself given as the root (info/ beside it), the splits are the same photos and sketches."""
+    import shutil
+
+    clean = build_splits(SketchyRelease(sketchy_root))
+    copy = tmp_path / "copy"
+    shutil.copytree(sketchy_root, copy)
+    if place == "root is 256x256":
+        root = copy / "256x256"
+    else:
+        (copy / "rendered_256x256").mkdir()
+        (copy / "256x256").rename(copy / "rendered_256x256/256x256")
+        root = copy
+    moved = build_splits(SketchyRelease(root))
+    for split, rows in clean.rows.items():
+        assert [r["key"] for r in moved.rows[split]] == [r["key"] for r in rows], split
+        assert all((root / r["sketch_path"]).is_file() and (root / r["photo_path"]).is_file() for r in moved.rows[split])
+    shutil.rmtree(copy / "info")  # (the root's info/, or the one beside 256x256/)
+    with pytest.raises(UserError, match="missing .*info"):
+        SketchyRelease(root)
+    with pytest.raises(UserError, match="no 256x256/photo/ and 256x256/sketch/ in it, nor in rendered_256x256/"):
+        SketchyRelease(tmp_path)
+
+
+def test_the_sketch_rendering_is_chosen_apart_from_the_photo_s_and_unaligned_pairs_are_said(sketchy_root, tmp_path):
+    """Photos come in 2 renderings and sketches in 6: one --augmentation for both read photo tx_000100000000 (box
+    +10%) with sketch tx_000100000000 (re-centred at 78%), unaligned pairs, silently."""
+    import shutil
+
+    root = tmp_path / "release"
+    shutil.copytree(sketchy_root, root)
+    shutil.copytree(root / "256x256/sketch/tx_000000000000", root / "256x256/sketch/tx_000000000010")
+    proc = run_script("data_prep/build_splits.py", "--sketchy_root", root, "--sketch_augmentation", "tx_000000000010",
+                      "--output_dir", tmp_path / "splits")
+    assert "not pixel-aligned pairs" in proc.stderr
+    rows = [json.loads(line) for line in (tmp_path / "splits/train.jsonl").read_text().splitlines()]
+    assert rows and all(r["sketch_path"].startswith("256x256/sketch/tx_000000000010/") and
+                        r["photo_path"].startswith("256x256/photo/tx_000000000000/") for r in rows)
+    proc = run_script("data_prep/build_splits.py", "--sketchy_root", root, "--photo_augmentation", "tx_000000000010",
+                      "--output_dir", tmp_path / "bad", check=False)
+    assert proc.returncode == 2 and "--photo_augmentation" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_test_list_spelling_categories_otherwise_still_holds_its_photos_out_of_training(sketchy_root, tmp_path,
+                                                                                          caplog):
+    """stats.csv spells `car (sedan)`; a testset.txt written that way (or naming another folder) matched no photo and
+    sent the test photos to train, a leak. An invalid list in another format excluded nothing, unsaid."""
+    import shutil
+
+    root = tmp_path / "release"
+    shutil.copytree(sketchy_root, root)
+    testset = root / "info/testset.txt"
+    lines = testset.read_text().splitlines()
+    assert any(line.startswith("car_(sedan)/") for line in lines) and any(line.startswith("cat/") for line in lines)
+    testset.write_text("\n".join(line.replace("car_(sedan)/", "car (sedan)/").replace("cat/", "kitten/")
+                                 for line in lines) + "\n")
+    invalid = root / "info/invalid-pose.txt"
+    invalid.write_text("".join(f"{line.split('-')[0]},{line.split('-')[1]}\n" for line in invalid.read_text().split()))
+    clean = build_splits(SketchyRelease(sketchy_root), keep_invalid=("pose",))
+    caplog.clear()
+    result = build_splits(SketchyRelease(root), keep_invalid=("pose",))
+    assert [r["key"] for r in result.rows["test"]] == [r["key"] for r in clean.rows["test"]]
+    assert not result.report["testset_absent"]
+    assert "invalid-pose.txt: " in caplog.text and "name no sketch of the release" in caplog.text

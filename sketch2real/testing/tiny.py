@@ -159,6 +159,20 @@ SD_SIZES: dict[str, dict[str, dict]] = {
         "t5": dict(d_model=64, d_ff=64, d_kv=16, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
                    feed_forward_proj="gated-gelu"),
     },
+    # FLUX.1 [dev] at full size (black-forest-labs/FLUX.1-dev's configs: 11.9B transformer, CLIP-L, T5-XXL encoder, VAE):
+    # bench/gpu_speed.py builds it on the GPU (`build_flow_matching(device=, dtype=)`), bench/memory_recipes.py counts it
+    "flux_dev": {
+        "transformer": dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                            axes_dims_rope=(16, 56, 56)),
+        "vae": dict(block_out_channels=(128, 256, 512, 512), norm_num_groups=32, sample_size=1024, layers_per_block=2,
+                    latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                    use_post_quant_conv=False),
+        "text": dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                     projection_dim=768, hidden_act="quick_gelu"),
+        "t5": dict(d_model=4096, d_ff=10240, d_kv=64, num_layers=24, num_heads=64, relative_attention_num_buckets=32,
+                   feed_forward_proj="gated-gelu"),
+    },
     # FLUX.2 [klein]: a Qwen3 deep enough for the pipeline's layers 9/18/27 (3 x 16 = 48 wide states), a 4-channel VAE
     # with batch-norm statistics (8x8 latents at 64 px, 2x2 patches: 16 tokens of 16), step-distilled (no guidance).
     "tiny_flux2_klein": {
@@ -226,18 +240,41 @@ def t5_tokenizer():
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
 
 
-def build_t5(size: str, tokenizer):
+def build_t5(size: str, tokenizer, **overrides):
     """The `SD_SIZES[size]` T5 encoder for `tokenizer` (random weights), with 28 embedding rows no token reaches, as
     T5 v1.1 has (32,128 rows for 32,100 tokens)."""
     from transformers import T5Config, T5EncoderModel
 
     return T5EncoderModel(T5Config(vocab_size=len(tokenizer) + 28, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-                                   **SD_SIZES[size]["t5"]))
+                                   **{**SD_SIZES[size]["t5"], **overrides}))
 
 
-def build_flow_matching(output_dir: str | os.PathLike, size: str, seed: int = 0) -> Path:
-    """Build and save an SD3 (`tiny_sd3`) or FLUX.1 (`tiny_flux`) pipeline of `size` (SD_SIZES) with random weights,
-    the real CLIP vocabulary and an offline T5 tokenizer, at `output_dir`, no download."""
+def build_flow_matching(output_dir: str | os.PathLike, size: str, seed: int = 0, device: str | None = None,
+                        dtype: torch.dtype | None = None, t5_layers: int | None = None) -> Path:
+    """Build and save an SD3 (`tiny_sd3`) or FLUX.1 (`tiny_flux`, `flux_dev`) pipeline of `size` (SD_SIZES) with
+    random weights, the real CLIP vocabulary and an offline T5 tokenizer, at `output_dir`, no download. `device`,
+    `dtype`: where and in what the weights are made (FLUX.1 [dev]'s 12B on a GPU in bf16 take seconds; in fp32 on a
+    CPU, 48 GB and minutes); `t5_layers`: fewer T5 blocks than the size's (a trainer that releases T5 once its
+    prompts are encoded trains the same on fewer)."""
+    shapes = SD_SIZES[size]
+    out = Path(output_dir)
+    torch.manual_seed(seed)
+    clip, t5_tokens = clip_tokenizer(out / "_vocab"), t5_tokenizer()
+    t5 = {"num_layers": t5_layers} if t5_layers else {}
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or default_dtype)
+    try:
+        with torch.device(device or "cpu"):
+            pipe = _flow_pipeline(size, shapes, clip, t5_tokens, t5)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    pipe.save_pretrained(out, safe_serialization=True)
+    shutil.rmtree(out / "_vocab")
+    return out
+
+
+def _flow_pipeline(size: str, shapes: dict, clip, t5_tokens, t5: dict):
+    """`build_flow_matching`'s pipeline, made where and in what dtype it says."""
     from diffusers import (
         FlowMatchEulerDiscreteScheduler,
         FluxPipeline,
@@ -246,17 +283,13 @@ def build_flow_matching(output_dir: str | os.PathLike, size: str, seed: int = 0)
         StableDiffusion3Pipeline,
     )
 
-    shapes = SD_SIZES[size]
-    out = Path(output_dir)
-    torch.manual_seed(seed)
-    clip, t5_tokens = clip_tokenizer(out / "_vocab"), t5_tokenizer()
     if "text_2" in shapes:  # SD3: two projected CLIPs, then T5
         pipe = StableDiffusion3Pipeline(
             transformer=SD3Transformer2DModel(**shapes["transformer"]), vae=build_vae(size),
             scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
             text_encoder=build_text_encoder(size, clip, "text", projected=True), tokenizer=clip,
             text_encoder_2=build_text_encoder(size, clip, "text_2"), tokenizer_2=clip,
-            text_encoder_3=build_t5(size, t5_tokens), tokenizer_3=t5_tokens,
+            text_encoder_3=build_t5(size, t5_tokens, **t5), tokenizer_3=t5_tokens,
         )
     else:  # FLUX.1: CLIP-L (pooled), then T5; the resolution-dependent shift of FLUX.1 [dev]'s scheduler
         pipe = FluxPipeline(
@@ -265,11 +298,9 @@ def build_flow_matching(output_dir: str | os.PathLike, size: str, seed: int = 0)
                                                       base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                                                       max_image_seq_len=4096),
             text_encoder=build_text_encoder(size, clip), tokenizer=clip,
-            text_encoder_2=build_t5(size, t5_tokens), tokenizer_2=t5_tokens,
+            text_encoder_2=build_t5(size, t5_tokens, **t5), tokenizer_2=t5_tokens,
         )
-    pipe.save_pretrained(out, safe_serialization=True)
-    shutil.rmtree(out / "_vocab")
-    return out
+    return pipe
 
 
 QWEN3_CHAT_TEMPLATE = (  # Qwen3's template for user turns and the generation prompt, thinking switched off
