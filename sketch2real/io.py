@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -174,6 +175,14 @@ def human_bytes(n: float) -> str:
         if n >= size:
             return f"{n / size:.{2 if unit == 'GiB' else 1}f} {unit}"
     return f"{n / 2**10:.1f} KiB"
+
+
+def check_room(folder: str | os.PathLike, needed: int, what: str, hint: str = "") -> None:
+    """One line before writing when `needed` bytes will not fit on `folder`'s filesystem: a store that takes hours
+    to encode is not found too big at its end (a quota the filesystem does not report still fails as it comes)."""
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise UserError(f"{what} needs {human_bytes(needed)} in {folder}, which has {human_bytes(free)} free{hint}")
 
 
 def differences(mine: Mapping[str, Any], theirs: Mapping[str, Any], limit: int = 4) -> str:

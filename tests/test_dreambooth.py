@@ -240,9 +240,41 @@ def test_the_text_store_gives_back_each_prompts_conditioning_bit_for_bit_and_is_
     calls.clear()
     repaired = TextStore(tmp_path, prompts, "model|bf16|64")
     repaired.build(accelerator, encode)
-    assert repaired.stats["blocks_encoded_here"] == 2 and sum(calls) == len(prompts)
+    assert repaired.stats["blocks_encoded_here"] == 2 and sum(calls) == 1 + len(prompts)  # (1: its size measured)
     got = repaired(batch, torch.device("cpu"))
     assert torch.equal(got.states, expected.states) and torch.equal(got.pooled, expected.pooled)
+
+
+def test_a_text_store_that_will_not_fit_its_disk_stops_before_encoding_in_one_line(tmp_path, monkeypatch):
+    """FLUX.1's T5 states at 512 tokens are 4 MiB a caption: a whole-dataset captions run's store (~300 GiB) filled
+    the disk hours into encoding. Its size is known from one prompt: refused at once where it cannot fit."""
+    import shutil
+    from collections import namedtuple
+    from types import SimpleNamespace
+
+    from sketch2real.cli import UserError
+    from sketch2real.family import Conditioning
+    from sketch2real.training.text_store import TextStore
+
+    calls = []
+
+    def encode(prompts: list[str]) -> Conditioning:
+        calls.append(len(prompts))
+        return Conditioning(torch.zeros(len(prompts), 512, 4096, dtype=torch.bfloat16),
+                            torch.zeros(len(prompts), 768, dtype=torch.bfloat16))
+
+    accelerator = SimpleNamespace(is_main_process=True, num_processes=1, process_index=0, wait_for_everyone=lambda: None)
+    per_prompt = 512 * 4096 * 2 + 768 * 2
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(2**40, 0, 300 * per_prompt - 1))
+    store = TextStore(tmp_path, [f"caption {i}" for i in range(300)], "flux|bf16|512")
+    with pytest.raises(UserError, match=r"the text store of 300 prompts \(4\.0 MiB each\) needs 1\.17 GiB in .*--latent_cache_dir"):
+        store.build(accelerator, encode)
+    assert calls == [1] and not list(store.folder.glob("block-*"))  # one prompt measured, nothing stored
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(2**40, 0, 300 * per_prompt))
+    calls.clear()
+    store.build(accelerator, encode)
+    assert store.stats["blocks_encoded_here"] == 2 and sum(calls) == 301
 
 
 def test_prodigy_sets_its_own_step_resumes_exactly_and_sums_its_estimate_under_zero(db_args, tmp_path):

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from sketch2real.family import Conditioning
-from sketch2real.io import atomic_path, write_json
+from sketch2real.io import atomic_path, check_room, human_bytes, write_json
+from sketch2real.training.accelerator import main_process_view
 from sketch2real.training.latent_store import deal_missing_blocks
 from sketch2real.training.preemption import preemption
 
@@ -81,6 +82,15 @@ class TextStore:
         if accelerator.is_main_process:
             self.folder.mkdir(parents=True, exist_ok=True)
         missing, mine = deal_missing_blocks(accelerator, list(range(self._blocks_total())), self._complete)
+        if missing:  # its size first: at 512 T5 tokens a caption's states are 4 MiB, 75k captions 300 GiB
+            per_prompt = sum(t[0].numel() * t.element_size() for t in encode(self.prompts[:1]).as_tuple())
+            needed = per_prompt * sum(len(self.prompts[b * BLOCK : (b + 1) * BLOCK]) for b in missing)
+            logger.info("text store %s: %d prompts to encode, %s (%s each)", self.folder,
+                        needed // per_prompt, human_bytes(needed), human_bytes(per_prompt))
+            main_process_view(accelerator, lambda: check_room(
+                self.folder, needed, f"the text store of {len(self.prompts)} prompts ({human_bytes(per_prompt)} each)",
+                ": give --latent_cache_dir on a disk with room, or fewer prompt tokens (--max_sequence_length, where "
+                "the family has T5 or Qwen)"))
         for block in mine:
             preemption.check()  # finished blocks stay: a requeued job encodes only the rest
             prompts = self.prompts[block * BLOCK : (block + 1) * BLOCK]
