@@ -126,6 +126,7 @@ def flow_lora_flops_per_sample(model_dir: Path, resolution: int, rank: int = 16)
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
+    from sketch2real.device import device_constant
     from sketch2real.family import Conditioning, family_of
 
     family = family_of(str(model_dir))
@@ -136,12 +137,18 @@ def flow_lora_flops_per_sample(model_dir: Path, resolution: int, rank: int = 16)
     with torch.device("meta"):
         denoiser = denoiser_class.from_config(config).requires_grad_(False)
         denoiser.add_adapter(LoraConfig(r=rank, target_modules=family.lora_targets(denoiser)))
-    # fake CPU tensors (shapes, no storage): `predict` makes position ids on the CPU, which meta inputs refuse
-    with FakeTensorMode(), FlopCounterMode(display=False) as counter:
-        fake_tensors(denoiser)
-        noisy = torch.randn(1, vae["latent_channels"], side, side)
-        pooled = torch.randn(1, config["pooled_projection_dim"]) if config.get("pooled_projection_dim") else None
-        text = Conditioning(torch.randn(1, tokens, config["joint_attention_dim"]), pooled)
-        out = family.predict(denoiser, noisy, torch.full((1,), 500.0), text, guidance=3.5)
-        out.float().pow(2).mean().backward()
+    # fake CPU tensors (shapes, no storage): `predict` makes position ids on the CPU, which meta inputs refuse; its
+    # cached per-device constants are cleared on both sides (a fake one kept would fail the next real step, and a
+    # real one kept, this count)
+    device_constant.cache_clear()
+    try:
+        with FakeTensorMode(), FlopCounterMode(display=False) as counter:
+            fake_tensors(denoiser)
+            noisy = torch.randn(1, vae["latent_channels"], side, side)
+            pooled = torch.randn(1, config["pooled_projection_dim"]) if config.get("pooled_projection_dim") else None
+            text = Conditioning(torch.randn(1, tokens, config["joint_attention_dim"]), pooled)
+            out = family.predict(denoiser, noisy, torch.full((1,), 500.0), text, guidance=3.5)
+            out.float().pow(2).mean().backward()
+    finally:
+        device_constant.cache_clear()
     return float(counter.get_total_flops())

@@ -54,3 +54,25 @@ def test_the_gpu_speed_bench_refuses_an_unknown_row_and_stops_a_row_at_the_deadl
     result = gpu_speed.run_row(row, 0, size, tmp_path, None, dict(os.environ), False, started, deadline=0.5,
                                flops_of=None, peak=None, baseline={})
     assert result["note"] == "FAILED: stopped at the deadline (0 s)" and "ms_per_step" not in result
+
+
+def test_counting_flux_flops_leaves_the_process_able_to_count_again_and_to_train(tiny_models):
+    """The count runs FLUX.1's `predict` on fake tensors: its cached position ids must not outlive it (a fake one kept
+    failed the next real step, and the next count)."""
+    import torch
+
+    from sketch2real.family import FAMILIES, Conditioning
+    from sketch2real.models import load_sd_components
+
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from common import flow_lora_flops_per_sample
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    first = flow_lora_flops_per_sample(tiny_models.flux, 64)
+    assert first > 0 and flow_lora_flops_per_sample(tiny_models.flux, 64) == first
+    c = load_sd_components(str(tiny_models.flux))
+    config = c.denoiser.config
+    text = Conditioning(torch.randn(1, 8, config.joint_attention_dim), torch.randn(1, config.pooled_projection_dim))
+    out = FAMILIES["flux"].predict(c.denoiser, torch.randn(1, 16, 8, 8), torch.full((1,), 500.0), text, guidance=3.5)
+    assert out.shape == (1, 16, 8, 8) and torch.isfinite(out).all()

@@ -104,10 +104,15 @@ def test_resume_continues_exactly(family, db_args, tmp_path, tiny_models):
         proc = run_script("train/dreambooth.py", *args, "--output_dir", resumed, "--resume_from_checkpoint", "latest",
                           "--logging_steps", "3")  # how the job runs: still finished
         assert "holds this run's trained model" in proc.stdout
-        # an output the finished run did not write (another validation): trained again from its last checkpoint
+        # an output the finished run did not write (another validation): made from the last step's checkpoint, no
+        # step trained again; its metrics keep the loss the checkpoint read (they lost it: nan) and say no speed
+        finished = json.loads((resumed / "metrics.json").read_text())
         proc = run_script("train/dreambooth.py", *args, "--output_dir", resumed, "--resume_from_checkpoint", "latest",
                           "--validation_steps", "6", "--num_validation_images", "1", "--validation_inference_steps", "1")
         assert "resumed from" in proc.stderr and (resumed / "validation" / "step-000006.png").is_file()
+        redone = json.loads((resumed / "metrics.json").read_text())
+        assert redone["steps_this_run"] == 0 and redone["final_loss"] == finished["final_loss"] is not None
+        assert redone["samples_per_second"] is None and "no step trained here" in proc.stdout
         # resumed from a checkpoint past a shorter --max_train_steps: one line, the run's record kept
         record = (resumed / "run_config.json").read_bytes()
         proc = run_script("train/dreambooth.py", *args, "--output_dir", resumed, "--resume_from_checkpoint", "latest",

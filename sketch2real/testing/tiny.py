@@ -270,6 +270,9 @@ def build_flow_matching(output_dir: str | os.PathLike, size: str, seed: int = 0,
         torch.set_default_dtype(default_dtype)
     pipe.save_pretrained(out, safe_serialization=True)
     shutil.rmtree(out / "_vocab")
+    del pipe
+    if torch.device(device or "cpu").type == "cuda":  # the 12B's blocks back to the GPU (a trainer process runs next)
+        torch.cuda.empty_cache()
     return out
 
 

@@ -65,7 +65,8 @@ class Run:
     def checkpoint(self) -> None:
         """A checkpoint at this step (the EMA's share of every process in it), then the task's own files of it."""
         save_checkpoint(self.accelerator, self.out, self.step, self.opts.checkpoints_total_limit, self.fingerprint,
-                        extra=self.averaged.save if self.averaged is not None else None)
+                        extra=self.averaged.save if self.averaged is not None else None,
+                        state={"last_loss": self.last_loss})  # a resume at the last step trains nothing: its loss
         with self.evaluation_weights():  # the task's files of the step (TI's embeddings, a LoRA) as a final save's
             self.task.on_checkpoint(self.accelerator, self.model, self.step)
         self.last_checkpoint = self.step
@@ -246,8 +247,9 @@ class RunSummary(Callback):
             "steps": run.step,
             "steps_this_run": steps_done,
             "final_loss": run.last_loss,
-            "samples_per_second": steps_done * task.samples_per_step() / elapsed if elapsed > 0 else 0.0,
-            "steps_per_second": steps_done / elapsed if elapsed > 0 else 0.0,
+            # None where this run trained no step (resumed at the last step's checkpoint to redo an output)
+            "samples_per_second": steps_done * task.samples_per_step() / elapsed if steps_done and elapsed > 0 else None,
+            "steps_per_second": steps_done / elapsed if steps_done and elapsed > 0 else None,
             # after the first read of the loss (warm-up and compilation left out); None when read only once
             "steady_steps_per_second": steady,
             "steady_samples_per_second": steady * task.samples_per_step() if steady is not None else None,
@@ -276,7 +278,9 @@ class RunSummary(Callback):
         run.summary = summary
         if accelerator.is_main_process:
             write_json(run.out / "metrics.json", summary)
-            print(f"done: {run.step} steps, final loss {run.last_loss:.4f}, {summary['samples_per_second']:.2f} samples/s, "
+            speed = "no step trained here" if summary["samples_per_second"] is None else \
+                f"{summary['samples_per_second']:.2f} samples/s"
+            print(f"done: {run.step} steps, final loss {run.last_loss:.4f}, {speed}, "
                   f"peak memory {summary['peak_memory_mb']:.0f} MiB -> {run.out}", flush=True)
 
 

@@ -401,9 +401,11 @@ def _save_failed(out: Path, partial: Path, step: int, err: BaseException | None)
 
 
 def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, total_limit: int | None,
-                    fingerprint: RunFingerprint, extra: Callable[[Path], None] | None = None) -> Path:
+                    fingerprint: RunFingerprint, extra: Callable[[Path], None] | None = None,
+                    state: dict | None = None) -> Path:
     """Save a full training state as `checkpoint-<step>`; a kill mid-save leaves only a `.partial` folder.
-    `extra(folder)`: what else each process writes into it (the EMA), before the manifest lists the files.
+    `extra(folder)`: what else each process writes into it (the EMA), before the manifest lists the files; `state`:
+    values of the loop its train_state.json keeps beside the step (the last loss read).
 
     A full disk (on any rank) is one line on every rank and no `.partial` folder. Pruning keeps the newest
     `total_limit` checkpoints of this run (never the one just written, never another run's).
@@ -426,7 +428,8 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, total
     if accelerator.is_main_process and not failed:
         try:
             umask_modes(partial)  # safetensors' writer makes 0600 files: a group's colleague could not resume them
-            write_json(partial / TRAIN_STATE, {"step": step, "fingerprint": fingerprint, "launch": launch_of(accelerator)})
+            write_json(partial / TRAIN_STATE, {"step": step, "fingerprint": fingerprint, "launch": launch_of(accelerator),
+                                               **(state or {})})
             files = {str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()}
             write_json(partial / MANIFEST, {"step": step, "files": files})  # last: its presence means complete
         except OSError as err:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,7 +29,7 @@ from sketch2real.training.accelerator import (
 )
 from sketch2real.training.averages import averaged_weights
 from sketch2real.training.callbacks import Callback, Run, default_callbacks
-from sketch2real.training.checkpoints import load_checkpoint, resolve_resume, run_fingerprint
+from sketch2real.training.checkpoints import load_checkpoint, read_train_state, resolve_resume, run_fingerprint
 from sketch2real.training.preemption import clear_preempted, preemption
 
 logger = logging.getLogger("sketch2real")
@@ -218,6 +219,9 @@ def train(task: Task, opts, accelerator, project_name: str, callbacks: list[Call
                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     run = Run(task, opts, accelerator, model, optimizer, lr_scheduler, out, fingerprint, bar, step=step, start_step=step,
               last_checkpoint=step if resume is not None else None, averaged=averaged)
+    if resume is not None:  # the loss read at the checkpoint's step (an older checkpoint has none: nan)
+        saved_loss = (read_train_state(resume) or {}).get("last_loss")
+        run.last_loss = math.nan if saved_loss is None else float(saved_loss)
     callbacks = default_callbacks() if callbacks is None else callbacks
     for callback in callbacks:
         callback.before_train(run)
