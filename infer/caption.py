@@ -14,12 +14,12 @@ from sketch2real.captioning import (
     quality_report,
     resolve_prompts,
     resumable_pairs,
-    shards_data,
 )
 from sketch2real.captioning import CaptionOptions as Options
 from sketch2real.cli import UserError, as_dict, parse_options, run_main
 from sketch2real.io import append_jsonl, atomic_path, write_json
 from sketch2real.models import check_precision_fits, dtype_for
+from sketch2real.shards import shards_data
 from sketch2real.training.preemption import PREEMPTED_EXIT_CODE, RERUN, clear_preempted, mark_preempted, preemption
 
 

@@ -10,6 +10,8 @@ from sketch2real.cli import as_dict, parse_options, run_main
 from sketch2real.family import family_of_pipeline, native_size
 from sketch2real.generation import (
     CONFIG,
+    SHARDS_DATA,
+    WEIGHTS_DATA,
     build_items,
     generate_batch,
     image_path,
@@ -18,13 +20,14 @@ from sketch2real.generation import (
     rank_batches,
     resumable_keys,
     trained_sequence_length,
+    weights_data,
     write_image,
     write_mosaics,
 )
 from sketch2real.generation import GenerateOptions as Options
 from sketch2real.io import append_jsonl, write_json
 from sketch2real.models import check_precision_fits, dtype_for
-from sketch2real.shards import CorruptSample, ShardSamples, corrupt_samples
+from sketch2real.shards import CorruptSample, ShardSamples, corrupt_samples, shards_data
 from sketch2real.sketchy import sketch_condition
 from sketch2real.training.preemption import PREEMPTED_EXIT_CODE, RERUN, clear_preempted, mark_preempted, preemption
 
@@ -54,7 +57,9 @@ def main() -> int:
     check_shared_folder(state, opts.output_dir)
     check_precision_fits(opts.mixed_precision, state.device)
     out = Path(opts.output_dir)
-    done = resumable_keys(out, as_dict(opts), items)  # another run's images are refused here, before any model loads
+    # the options, and what the weights' paths and the shards hold (retrained or rebuilt in place: another run)
+    config = {**as_dict(opts), WEIGHTS_DATA: weights_data(opts), SHARDS_DATA: shards_data(opts.shard_dir, opts.split)}
+    done = resumable_keys(out, config, items)  # another run's images are refused here, before any model loads
     # the prompts' length the model was trained with (SD3, FLUX: T5's), unless given
     length = opts.max_sequence_length or trained_sequence_length([opts.pretrained_model_name_or_path, opts.lora,
                                                                   opts.controlnet, *opts.textual_inversion])
@@ -84,7 +89,7 @@ def main() -> int:
              "controlnet": opts.controlnet}
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / CONFIG, as_dict(opts))
+        write_json(out / CONFIG, config)
         clear_preempted(out)
     state.wait_for_everyone()
     part = out / f"index.rank{state.process_index:03d}.jsonl"

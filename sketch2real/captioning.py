@@ -217,14 +217,6 @@ def caption_settings(options: Mapping[str, Any]) -> dict[str, Any]:
 SHARDS_DATA = "shards_data"  # caption_config.json's key of the shard index's hash (beside the options)
 
 
-def shards_data(shard_dir: str, split: str) -> str:
-    """The hash of a split's shard index (each shard's key and image fingerprints): "" without one."""
-    import hashlib
-
-    index = Path(shard_dir) / f"{split}.json" if shard_dir else None
-    return hashlib.sha256(index.read_bytes()).hexdigest()[:16] if index is not None and index.is_file() else ""
-
-
 def resumable_pairs(output_dir: Path, options: Mapping[str, Any]) -> set[tuple[str, str]]:
     """The (key, prompt id) pairs already captioned in `output_dir`, provided they were captioned under these
     settings: a folder whose caption_config.json has other `caption_settings` is refused in one line (a resume would

@@ -32,6 +32,7 @@ from sketch2real.io import (
     key_path,
     merge_parts,
     read_jsonl,
+    read_saved_options,
     read_with_parts,
     refuse_other_settings,
 )
@@ -155,6 +156,41 @@ def finished_keys(output_dir: Path) -> set[str]:
 
 
 CONFIG = "generate_config.json"
+WEIGHTS_DATA = "weights_data"  # generate_config.json's key beside the options: what the weights' paths held
+SHARDS_DATA = "shards_data"  # and what the shards held (their index's hash)
+_WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".ckpt", ".pth")
+
+
+def weights_identity(path: str) -> str:
+    """What a model, LoRA, ControlNet or embeddings path holds, as a resumed generation compares it: a sketch2real
+    run's record (metrics.json's fingerprint, steps and outputs' sizes; a checkpoint's train_state.json), else its
+    weight files' names and sizes; a hub id (or "") as written. A run trained again in place has another."""
+    import hashlib
+
+    where = Path(path) if path else None
+    if where is None or not where.exists():
+        return path
+    folder = where if where.is_dir() else where.parent
+    for record, keys in ((folder / "metrics.json", ("fingerprint", "steps", "outputs")),
+                         (folder / TRAIN_STATE, ("fingerprint", "step"))):
+        saved = read_saved_options(record)
+        if saved is not None and saved.get("fingerprint") is not None:
+            held = {k: saved.get(k) for k in keys}
+            break
+    else:  # not ours (a downloaded or converted model): its weight files
+        files = [where] if where.is_file() else [f for f in sorted(folder.rglob("*")) if f.suffix in _WEIGHT_FILES and
+                                                 not f.relative_to(folder).parts[0].startswith(("checkpoint-", "validation"))]
+        held = {str(f.relative_to(folder)): f.stat().st_size for f in files}
+    return hashlib.sha256(json.dumps(held, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def weights_data(opts) -> dict[str, Any]:
+    """`weights_identity` of each trained part a generation loads (model, LoRA, ControlNet, embeddings)."""
+    return {"model": weights_identity(opts.pretrained_model_name_or_path), "lora": weights_identity(opts.lora),
+            "controlnet": weights_identity(opts.controlnet),
+            "textual_inversion": [weights_identity(p) for p in opts.textual_inversion]}
+
+
 def image_settings(options: Mapping[str, Any]) -> dict[str, Any]:
     """The part of a generation job's options (`as_dict`) that determines its images: those that affect the result
     (`option(affects=...)`: not how the job runs, nor which items it draws, an image's key, prompt and seed being
@@ -165,6 +201,10 @@ def image_settings(options: Mapping[str, Any]) -> dict[str, Any]:
     settings = {k: options.get(k, v) for k, v in defaults.items() if k in result}
     if not (settings["controlnet"] or (settings["prompt_template"] and not settings["captions"])):
         del settings["shard_dir"], settings["split"]
+    elif options.get(SHARDS_DATA):  # the shards by what they hold: rebuilt in place (another rendering), not the same
+        settings["shard_dir"] = options[SHARDS_DATA]
+    if options.get(WEIGHTS_DATA) is not None:  # a model or LoRA trained again at the same path is another
+        settings[WEIGHTS_DATA] = options[WEIGHTS_DATA]
     return settings
 
 
@@ -176,6 +216,9 @@ def resumable_keys(output_dir: Path, options: Mapping[str, Any], items: Sequence
     other settings beside a config describing these. A folder without the config (an older version's) resumes.
     """
     rows = finished_rows(output_dir) if output_dir.is_dir() else {}
+    saved = read_saved_options(output_dir / CONFIG) if rows else None
+    if saved is not None:  # a config saved before the weights and shards were known by what they hold: by path
+        options = {k: v for k, v in options.items() if k not in (WEIGHTS_DATA, SHARDS_DATA) or k in saved}
     if not rows or check_same_settings(output_dir, CONFIG, options, image_settings, "images") is None:
         return set(rows)
     prompts = {it.key: it.prompt for it in items}

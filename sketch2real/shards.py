@@ -52,6 +52,13 @@ logger = logging.getLogger("sketch2real")
 T = TypeVar("T")
 
 
+def shards_data(shard_dir: str, split: str) -> str:
+    """The hash of a split's shard index (each shard's key and image fingerprints): what the shards hold, wherever they
+    are copied; "" without one."""
+    index = Path(shard_dir) / f"{split}.json" if shard_dir else None
+    return hashlib.sha256(index.read_bytes()).hexdigest()[:16] if index is not None and index.is_file() else ""
+
+
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 

@@ -99,6 +99,32 @@ def test_a_rerun_with_other_settings_is_refused_and_one_with_another_batch_or_li
     assert json.loads(proc.stdout.strip().splitlines()[-1])["generated_now"] == 0 and _images(out) == now
 
 
+def test_a_rerun_after_the_model_was_trained_again_in_place_is_refused(tiny_models, tmp_path):
+    """A run folder trained again (more steps, other options) at the same path: the rerun kept the old model's images
+    (generated_now 0, no word) and eval scored them. Weights are known by what their path holds: a sketch2real run's
+    record, else its weight files' sizes."""
+    import shutil
+
+    model, out = tmp_path / "run", tmp_path / "gen"
+    shutil.copytree(tiny_models.sd, model)
+    (model / "metrics.json").write_text(json.dumps({"fingerprint": {"seed": 0}, "steps": 4, "outputs": {"unet": 1}}))
+    args = ["--pretrained_model_name_or_path", model, "--height", "32", "--width", "32", "--num_inference_steps", "1",
+            "--prompts", "a cat", "--output_dir", out]
+    run_script("infer/generate.py", *args)
+    first = _images(out)
+    (model / "metrics.json").write_text(json.dumps({"fingerprint": {"seed": 0}, "steps": 8, "outputs": {"unet": 1}}))
+    proc = run_script("infer/generate.py", *args, check=False)
+    assert proc.returncode == 2 and "holds images of other settings (weights_data: " in proc.stderr.strip().splitlines()[-1]
+    assert _images(out) == first
+    (model / "metrics.json").unlink()  # not a sketch2real run's: its weight files' sizes
+    proc = run_script("infer/generate.py", *args, check=False)
+    assert proc.returncode == 2 and "weights_data" in proc.stderr
+    config = json.loads((out / "generate_config.json").read_text())
+    del config["weights_data"]  # a config of a version before weights were known by content: compared by path
+    (out / "generate_config.json").write_text(json.dumps(config))
+    assert json.loads(run_script("infer/generate.py", *args).stdout.strip().splitlines()[-1])["generated_now"] == 0
+
+
 def test_a_rerun_whose_prompts_changed_is_refused(tiny_models, tmp_path):
     """Other --prompts, or a captions file captioned again under the same path, is one line naming the prompt that
     differs; the first images stay."""

@@ -25,6 +25,7 @@ import torch
 
 from sketch2real.cli import UserError, is_full_disk
 from sketch2real.io import differences, human_bytes, umask_modes, write_json
+from sketch2real.shards import shards_data
 from sketch2real.training.accelerator import checkpoint_kwargs, is_deepspeed, main_process_view
 
 logger = logging.getLogger("sketch2real")
@@ -88,9 +89,9 @@ def run_fingerprint(opts, num_processes: int) -> RunFingerprint:
     if opts.lr_scheduler not in CONSTANT_SCHEDULES:
         choices["max_train_steps"] = opts.max_train_steps
     by_content = {}  # shards and captions by what they hold: copied elsewhere (a node's local disk), the same run
-    index = Path(opts.shard_dir) / f"{opts.split}.json" if getattr(opts, "shard_dir", "") else None
-    if index is not None and index.is_file():
-        choices["data"] = hashlib.sha256(index.read_bytes()).hexdigest()[:16]
+    data = shards_data(getattr(opts, "shard_dir", ""), getattr(opts, "split", ""))
+    if data:
+        choices["data"] = data
         by_content["shard_dir"] = ("data", choices["shard_dir"])
     defaults = defaults_in_context(opts)
     captions = Path(getattr(opts, "captions", "") or "")
