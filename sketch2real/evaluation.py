@@ -163,8 +163,9 @@ def score(generated: np.ndarray, reference: np.ndarray, dims: int, seed: int, re
 
 def evaluate_set(name: str, images: ImageSet, features: np.ndarray, valid: np.ndarray, reference: ImageSet,
                  ref_features: np.ndarray, ref_valid: np.ndarray, dims: int, seed: int, resamples: int = 100,
-                 reference_rows: np.ndarray | None = None) -> dict:
-    """Overall and per-category FID/KID, and the pairing score where images name their sample."""
+                 reference_rows: np.ndarray | None = None, pairing_valid: np.ndarray | None = None) -> dict:
+    """Overall and per-category FID/KID over the reference's `ref_valid` rows, and the pairing score where images
+    name their sample, over its `pairing_valid` rows (default: the same; a photo reference's repeated photos too)."""
     gen_cats, ref_cats = np.array(images.categories), np.array(reference.categories)
     result = score(features[valid], ref_features[ref_valid], dims, seed, resamples, reference_rows)
     result["unreadable"] = int((~valid).sum())
@@ -172,9 +173,10 @@ def evaluate_set(name: str, images: ImageSet, features: np.ndarray, valid: np.nd
     for category in sorted(set(images.categories) & set(reference.categories)):
         g, r = valid & (gen_cats == category), ref_valid & (ref_cats == category)
         result["per_category"][category] = score(features[g], ref_features[r], dims, seed, resamples)
+    pairing_valid = ref_valid if pairing_valid is None else pairing_valid
     ref_position = {k: i for i, k in enumerate(reference.sample_keys) if k}
     pairs = [(i, ref_position[k]) for i, k in enumerate(images.sample_keys)
-             if k in ref_position and valid[i] and ref_valid[ref_position[k]]]
+             if k in ref_position and valid[i] and pairing_valid[ref_position[k]]]
     if len(pairs) >= 2:
         gi, ri = zip(*pairs)
         # the baseline partner: another photo of the same category (pose beyond category)
@@ -529,6 +531,21 @@ def _subset(images: ImageSet, rows: list[int], name: str, field: str | None = No
                     [images.sample_keys[i] for i in rows], path=images.path)
 
 
+def distinct_images(images: ImageSet) -> np.ndarray:
+    """Rows that are the first of their image: a split's photos read from the shards name each photo once per sketch
+    (a sample is a pair, ~6 per photo), so a reference of photos counts each photo once (FID, KID and the others are
+    of a distribution of images; repeated rows bias KID's unbiased term and narrow the intervals); all rows of any
+    other set. Pairing still reads every row: a generated image's own photo is its sample's."""
+    keep = np.ones(len(images), dtype=bool)
+    seen: set[tuple] = set()
+    for i, source in enumerate(images.sources):
+        if isinstance(source, tuple) and source[3] == "photo":
+            shard_dir, split, key, _ = source
+            keep[i] = (shard_dir, split, photo_key(key)) not in seen
+            seen.add((shard_dir, split, photo_key(key)))
+    return keep
+
+
 def probe_images(shard_dir: str, split: str, samples: int, seed: int) -> tuple[ImageSet, ImageSet]:
     """The sketchiness probe's data: for up to `samples` photos of a split (seeded), one of its sketches (its first
     key) and the photo itself, as two aligned ImageSets (paired: the probe cannot tell them apart by content)."""
@@ -716,10 +733,11 @@ def run_fid(opts: EvalOptions, generated_sets: list[ImageSet], reference: ImageS
         extractors["csd"] = csd_extractor(opts.csd_model_name_or_path or DEFAULT_CSD, state.device, opts.batch_size,
                                           opts.num_workers)
     cache_dir = None if opts.no_cache else Path(opts.cache_dir) if opts.cache_dir else default_cache_dir()
-    reference_of, sets_of, hits = {}, {}, {}
+    reference_of, sets_of, hits, readable_of = {}, {}, {}, {}
+    distinct = distinct_images(reference)
     for name, extractor in extractors.items():
         features, valid, hits[name] = features_of(reference, extractor, state, cache_dir)
-        reference_of[name] = (features, valid)
+        reference_of[name], readable_of[name] = (features, valid & distinct), valid  # scored: each image once
         sets_of[name] = [features_of(images, extractor, state, None)[:2] for images in generated_sets]
     style = None
     if metrics & STYLE_METRICS:
@@ -733,7 +751,7 @@ def run_fid(opts: EvalOptions, generated_sets: list[ImageSet], reference: ImageS
     report = {"dims": opts.dims, "metrics": sorted(metrics), "num_processes": state.num_processes,
               "resize": "clean-fid (PIL bicubic, anti-aliased, to 299)" if opts.clean_resize
               else "pytorch-fid (the network's bilinear resize to 299)",
-              "reference": {"name": reference.name, "path": reference.path, "n": len(reference),
+              "reference": {"name": reference.name, "path": reference.path, "n": int(distinct.sum()),
                             "cache_hit": all(hits.values()), "cache_hits": hits},
               "sets": {}}
     transparent = {label: n for label, images in [(f"reference: {reference.name}", reference),
@@ -768,7 +786,7 @@ def run_fid(opts: EvalOptions, generated_sets: list[ImageSet], reference: ImageS
             ref_features, ref_valid = reference_of["inception"]
             report["reference"]["n"] = int(ref_valid.sum())
             result = evaluate_set(images.name, images, features, valid, reference, ref_features, ref_valid, opts.dims, opts.seed,
-                                  opts.bootstrap_resamples, reference_rows)
+                                  opts.bootstrap_resamples, reference_rows, pairing_valid=readable_of["inception"])
             extracted.append((images, features, valid))
         if set(extractors) - {"inception"}:
             beyond = _scores_beyond_inception(metrics, images, reference, {n: sets_of[n][index] for n in sets_of},
@@ -782,7 +800,8 @@ def run_fid(opts: EvalOptions, generated_sets: list[ImageSet], reference: ImageS
         elif images.name in no_prompts:
             result.update(clip_score=None, clip_score_ci95=None, clip_score_reason=NO_PROMPTS)
         report["sets"][images.name] = {"path": images.path, **result}
-    report["corrupt_samples"] = _unreadable(reference, generated_sets, reference_of, sets_of)
+    report["corrupt_samples"] = _unreadable(reference, generated_sets, {n: (reference_of[n][0], readable_of[n])
+                                                                         for n in reference_of}, sets_of)
     if extracted:
         report["differences"] = set_differences(extracted, reference_of["inception"][0][reference_of["inception"][1]],
                                                 reference_rows)

@@ -123,7 +123,14 @@ def test_generated_folder_against_shards_per_category_two_processes(tiny_models,
     assert set(per_category) == {"airplane", "apple", "car_(sedan)", "cat", "hot-air_balloon"}
     assert sum(c["n_generated"] for c in per_category.values()) == one["sets"]["tiny"]["n_generated"]
     tiny = one["sets"]["tiny"]
-    assert tiny["pairing"]["pairs"] == one["reference"]["n"]
+    # the reference is the test photos, each once (a sample is a sketch/photo pair: it named a photo per sketch);
+    # pairing still pairs every generated image with its own sample's photo
+    from sketch2real.metrics import shard_set
+    from sketch2real.sketchy import photo_key
+
+    test_keys = shard_set(shard_dir, "test", "photo").sample_keys
+    assert one["reference"]["n"] == len({photo_key(k) for k in test_keys}) < len(test_keys)
+    assert tiny["pairing"]["pairs"] == tiny["n_generated"] == len(test_keys)
     # metrics.json contract: KID and the pairing gain with their 95% intervals, per set and per category
     assert tiny["kid_ci95"][0] <= max(tiny["kid"], 0.0) <= tiny["kid_ci95"][1] and "jackknife" in tiny["kid_ci95_method"]
     assert tiny["kid_ci95"][1] == pytest.approx(max(0.0, tiny["kid"] + 1.96 * tiny["kid_se"]))
@@ -206,7 +213,7 @@ def test_rank_zero_scores_only_after_every_collective(monkeypatch, tmp_path):
     monkeypatch.setattr(extractors, "inception_extractor", lambda *a: None)
     monkeypatch.setattr(evaluation, "features_of", lambda images, *a: (events.append(("gather", images.name)),
                                                                         np.zeros((2, 4)), np.ones(2, bool), False)[1:])
-    monkeypatch.setattr(evaluation, "evaluate_set", lambda name, *a: events.append(("score", name)) or {})
+    monkeypatch.setattr(evaluation, "evaluate_set", lambda name, *a, **k: events.append(("score", name)) or {})
     monkeypatch.setattr(evaluation, "clip_scores", lambda *a: events.append(("clip", None)) or np.zeros(2))
     monkeypatch.setattr(evaluation, "write_json", lambda *a: None)
     monkeypatch.setattr(evaluation, "format_report", lambda report: "")
@@ -217,7 +224,7 @@ def test_rank_zero_scores_only_after_every_collective(monkeypatch, tmp_path):
     opts = SimpleNamespace(dims=4, cache_dir="", no_cache=True, seed=0, clip_model_name_or_path="clip", output_dir=str(tmp_path),
                            channels_last=False, batch_size=2, num_workers=0, resize=0, metrics=["fid", "kid"],
                            clean_resize=False, dinov2_model_name_or_path="", bootstrap_resamples=10)
-    reference = ImageSet("ref", [], [], [], [])
+    reference = ImageSet("ref", [Path("a.png"), Path("b.png")], ["a", "b"], ["", ""], ["", ""])
     for rank in (0, 1):
         events.clear()
         state = SimpleNamespace(device="cpu", is_main_process=rank == 0, num_processes=1, process_index=rank)
@@ -320,16 +327,20 @@ def test_zero_shot_accuracy_on_hand_made_embeddings():
 
 
 def _photo_folders(shard_dir, root):
-    """The test photos as files, and a blurred copy of them (a degraded set)."""
+    """The test photos as files, each once as the reference holds them, and a blurred copy of them (a degraded set)."""
     from PIL import ImageFilter
 
+    from sketch2real.evaluation import distinct_images
     from sketch2real.metrics import open_images, shard_set
 
     photos = shard_set(str(shard_dir), "test", "photo")
+    distinct = distinct_images(photos)
+    sources = [s for s, keep in zip(photos.sources, distinct) if keep]
+    categories = [c for c, keep in zip(photos.categories, distinct) if keep]
     for name in ("same", "blurred"):
         (root / name).mkdir()
     rows = []
-    for i, (image, category) in enumerate(zip(open_images(photos.sources), photos.categories)):
+    for i, (image, category) in enumerate(zip(open_images(sources), categories)):
         image.save(root / "same" / f"{i:03d}.png")
         image.filter(ImageFilter.GaussianBlur(4)).save(root / "blurred" / f"{i:03d}.png")
         rows.append(json.dumps({"key": f"{i:03d}", "image": f"{i:03d}.png", "category": category,
@@ -388,8 +399,10 @@ def test_clip_accuracy_chooses_among_every_category_where_the_reference_keeps_on
     every, every_image = len(set(photos.categories)), len(photos)
     assert every > 1 and report["clip_accuracy_classes"] == every
     assert report["style_content"]["same"]["chance"] == 1 / every
-    cats = shard_set(str(shard_dir), "test", "photo", ["cat"])
-    assert report["sets"]["same"]["n_generated"] == report["reference"]["n"] == len(cats) < every_image
+    from sketch2real.evaluation import distinct_images
+
+    cats = shard_set(str(shard_dir), "test", "photo", ["cat"])  # each photo once
+    assert report["sets"]["same"]["n_generated"] == report["reference"]["n"] == distinct_images(cats).sum() < every_image
 
 
 def test_clean_resize_is_named_and_changes_inception_features(folders, tmp_path, tiny_models):
