@@ -107,6 +107,18 @@ def test_one_meaning_per_variable_stages_models_categories(tmp_path, monkeypatch
     assert _flag(nodes[0], "--model_name_or_path") == "/models/blip2"
 
 
+def test_category_all_trains_a_style_over_every_category(tmp_path, monkeypatch):
+    """README's "A style over every category": CATEGORY= still meant cat, and --instance_category was always given."""
+    monkeypatch.setenv("CATEGORY", "all")
+    _, nodes = _two_node_job(tmp_path, "dreambooth.sh", "accelerate_configs/multi_node.yaml")
+    assert "--instance_category" not in nodes[0] and _flag(nodes[0], "--instance_prompt") == "a sks sketch of a {category}"
+    assert _flag(nodes[0], "--output_dir") == "runs/dreambooth_style"
+    monkeypatch.setenv("CATEGORY", "car_(sedan)")
+    _, nodes = _two_node_job(tmp_path / "one", "dreambooth.sh", "accelerate_configs/multi_node.yaml")
+    assert _flag(nodes[0], "--instance_category") == "car_(sedan)"
+    assert _flag(nodes[0], "--instance_prompt") == "a car (sedan) in the style of sks"
+
+
 @pytest.mark.parametrize("script", ["dreambooth.sh", "dreambooth_sequential.sh", "textual_inversion.sh", "controlnet.sh"])
 def test_without_resolution_the_trainer_decides_so_a_config_or_the_family_s_default_counts(tmp_path, monkeypatch, script):
     """A job given no RESOLUTION passes no --resolution: a CONFIGS yaml's `resolution` then counts (a flag would win
