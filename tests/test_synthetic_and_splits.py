@@ -280,3 +280,16 @@ def test_a_test_list_spelling_categories_otherwise_still_holds_its_photos_out_of
     assert [r["key"] for r in result.rows["test"]] == [r["key"] for r in clean.rows["test"]]
     assert not result.report["testset_absent"]
     assert "invalid-pose.txt: " in caplog.text and "name no sketch of the release" in caplog.text
+
+
+def test_categories_left_without_a_val_photo_are_said(tmp_path, caplog):
+    """3 non-test photos at --val_fraction 0.1 round to none: the val split was empty, unsaid, and the trainers then
+    dropped their held-out loss silently."""
+    root = tmp_path / "release"
+    make_synthetic_sketchy(root, categories=["cat", "apple"], photos_per_category=5, sketches_per_photo=1,
+                           test_photos_per_category=2, size=32)
+    caplog.clear()
+    result = build_splits(SketchyRelease(root), val_fraction=0.1)
+    assert not result.rows["val"] and "2 of 2 categories have no val photo (--val_fraction 0.1" in caplog.text
+    caplog.clear()
+    assert build_splits(SketchyRelease(root), val_fraction=0.4).rows["val"] and "no val photo" not in caplog.text

@@ -29,7 +29,7 @@ from sketch2real.training.prompts import (
     check_validation_prompts,
     fill_category,
 )
-from sketch2real.training.task import DiffusionTask, HeldOut
+from sketch2real.training.task import DiffusionTask, HeldOut, no_heldout
 from sketch2real.training.validation import heldout_denoising_losses
 
 logger = logging.getLogger("sketch2real")
@@ -157,8 +157,8 @@ class ControlNetTask(DiffusionTask):
         o = self.opts
         try:
             sketches, photos, refs = _pairs(o.shard_dir, o.validation_split, o.categories or None, o.resolution)
-        except UserError:
-            return None
+        except UserError as err:
+            return no_heldout(err, o.validation_split)
         n = min(len(refs), max(o.num_heldout_samples, o.num_validation_sketches))
         if n == 0:
             return None

@@ -38,7 +38,7 @@ from sketch2real.training.prompts import (
     check_validation_prompts,
     validation_rows,
 )
-from sketch2real.training.task import DiffusionTask, HeldOut
+from sketch2real.training.task import DiffusionTask, HeldOut, no_heldout
 from sketch2real.training.text_store import TextStore
 from sketch2real.training.textual_inversion import add_placeholder_tokens, write_learned_embeds
 
@@ -468,8 +468,8 @@ class DreamBoothTask(DiffusionTask):
             images, metas = load_shard_images(opts.shard_dir, opts.validation_split, opts.instance_category or None,
                                               opts.instance_image_type, opts.resolution, opts.num_heldout_samples,
                                               opts.seed)
-        except UserError:
-            return None  # no validation images of this category: the held-out loss is skipped
+        except UserError as err:  # no validation images of this category: the held-out loss is skipped, said
+            return no_heldout(err, opts.validation_split)
         return HeldOut(images, [self.sample_prompts(m["key"], m["category"]) for m in metas])
 
     def param_groups(self) -> list[dict]:

@@ -9,6 +9,7 @@ and its **artifacts** (`save_final`, `on_checkpoint`, written through `write_on_
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -65,6 +66,12 @@ class HeldOut:
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+
+def no_heldout(err: UserError, split: str) -> None:
+    """Said, not silent: a run whose held-out samples cannot be read (an empty validation split: a small release's
+    --val_fraction rounds to no photo) has no held-out loss in metrics.json or its card."""
+    logging.getLogger("sketch2real").warning("no held-out loss: %s (--validation_split %s)", err, split)
 
 
 class DiffusionTask:

@@ -25,7 +25,7 @@ from sketch2real.training.data import load_folder_images, load_shard_images
 from sketch2real.training.diffusion import derive_seed
 from sketch2real.training.options import TrainOptions, flags_not_taken
 from sketch2real.training.prompts import check_validation_prompts, validation_rows
-from sketch2real.training.task import DiffusionTask, HeldOut
+from sketch2real.training.task import DiffusionTask, HeldOut, no_heldout
 
 logger = logging.getLogger("sketch2real")
 
@@ -208,8 +208,8 @@ class TextualInversionTask(DiffusionTask):
         try:
             images, metas = load_shard_images(opts.shard_dir, opts.validation_split, opts.categories or None,
                                               opts.instance_image_type, opts.resolution, opts.num_heldout_samples, opts.seed)
-        except UserError:
-            return None
+        except UserError as err:
+            return no_heldout(err, opts.validation_split)
         return HeldOut(images, [self.prompt_for(m["category"], i) for i, m in enumerate(metas)])
 
     def prompt_for(self, category: str, choice: int) -> str:
