@@ -799,6 +799,12 @@ def run_fid(opts: EvalOptions, generated_sets: list[ImageSet], reference: ImageS
             result["clip_score"], result["clip_score_ci95"] = clip_score_of(values)
         elif images.name in no_prompts:
             result.update(clip_score=None, clip_score_ci95=None, clip_score_reason=NO_PROMPTS)
+        held, wanted = set(images.categories) - {"", None}, set(reference.categories) - {"", None}
+        if held and wanted - held:  # a set of some categories against all: its overall scores mix in the others
+            note = (f"its images are of {len(held & wanted)} of the reference's {len(wanted)} categories (none of "
+                    f"{', '.join(sorted(wanted - held)[:4])}{' ...' if len(wanted - held) > 4 else ''}): its overall "
+                    "scores compare it with all of them; --categories scores the ones it has")
+            result["warning"] = f"{result['warning']}; {note}" if result.get("warning") else note
         report["sets"][images.name] = {"path": images.path, **result}
     report["corrupt_samples"] = _unreadable(reference, generated_sets, {n: (reference_of[n][0], readable_of[n])
                                                                          for n in reference_of}, sets_of)

@@ -383,6 +383,26 @@ def test_every_metric_with_intervals_per_set_and_category_identical_and_degraded
     assert _fid(tmp_path / "uncached")["reference"]["cache_hits"] == {"dinov2": False}
 
 
+def test_a_set_of_fewer_categories_than_the_reference_is_said(tiny_models, shard_dir, tmp_path):
+    """A generation of some categories scored against all of them: its overall scores mix in the missing ones."""
+    import shutil
+
+    _photo_folders(shard_dir, tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "same" / "index.jsonl").read_text().splitlines()]
+    (tmp_path / "cats").mkdir()
+    kept = [r for r in rows if r["category"] == "cat"]
+    for r in kept:
+        shutil.copy(tmp_path / "same" / r["image"], tmp_path / "cats" / r["image"])
+    (tmp_path / "cats" / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    run_script("eval/fid.py", "--generated", f"cats={tmp_path / 'cats'}", f"same={tmp_path / 'same'}", "--reference_shards",
+               shard_dir, "--reference_field", "photo", "--metrics", "clip_accuracy", "--clip_model_name_or_path",
+               tiny_models.clip, "--no_cache", "--output_dir", tmp_path / "o")
+    sets = _fid(tmp_path / "o")["sets"]
+    assert "its images are of 1 of the reference's 5 categories" in sets["cats"]["warning"]
+    assert "warning" not in sets["same"]
+    assert "Warning (cats): its images are of 1" in (tmp_path / "o" / "report.md").read_text()
+
+
 def test_clip_accuracy_chooses_among_every_category_where_the_reference_keeps_one(tiny_models, shard_dir, tmp_path):
     """--categories cat: the zero-shot classifier still chooses among every category of the split (among one, each
     image is right and the content verdict says nothing), and chance is one in that many; the generated set is cut
