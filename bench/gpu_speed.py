@@ -194,6 +194,7 @@ def run_row(row: Row, round_: int, size: Size, work: Path, script: Path | None, 
         else:
             m = ours(row, model, images, resolution, size, out, env, timeout())
             result.update(ms_per_step=1000 / m["steady_steps_per_second"], peak_gib=m["peak_memory_mb"] / 1024,
+                          cache_peak_gib=m["cache_peak_memory_mb"] / 1024,  # before training: fp16's fp32 VAE
                           final_loss=m["final_loss"], host_reads=m["host_reads"],
                           method=f"steady after step {m['steady_from_step']}")
             if "--torch_compile" in row.args:  # a recompile in the timed steps, or CUDA graphs inductor skipped

@@ -28,6 +28,7 @@ def test_the_gpu_speed_bench_runs_its_rows_and_says_why_it_skips_the_others(tmp_
         assert ours["ms_per_step"] > 0 and ours["images_per_second"] == 1000 * ours["batch"] / ours["ms_per_step"]
         assert ours["method"] == "steady after step 2" and ours["host_reads"] == 3  # steps 2, 4, 6
         assert ours["tflop_per_image"] > 0 and ours["chip_share"] is None  # no known peak on a CPU
+        assert ours["cache_peak_gib"] > 0  # the peak before training (the latent cache's build), reported apart
     assert [r["batch"] for r in ran] == [4, 1, 4, 1] and "the README's recipe: 23.6 GiB" in table[flux]
     median = sorted(r["ms_per_step"] for r in ran if r["row"] == defaults)[0]  # of two: the lower
     assert f"| {median:.1f} |" in table[defaults] and "median of 2 rounds" in table[defaults]

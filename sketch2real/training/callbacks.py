@@ -61,6 +61,7 @@ class Run:
     summary: dict[str, Any] = field(default_factory=dict)  # metrics.json, once written
     # the average validated and saved (`sketch2real.training.averages`: --use_ema's, schedule-free's; None: none)
     averaged: Any = None
+    cache_peak_memory_mb: float | None = None  # the peak before training: loading and the latent caches' build
 
     def checkpoint(self) -> None:
         """A checkpoint at this step (the EMA's share of every process in it), then the task's own files of it."""
@@ -260,6 +261,7 @@ class RunSummary(Callback):
             "graphs_compiled_after_first_read": compiled_graphs() - run.graphs_at_first_read if run.timed_from else None,
             "cudagraph_skips": cudagraph_skips(),  # reduce-overhead: graphs inductor ran without CUDA graphs
             "peak_memory_mb": peak_memory_mb(accelerator.device),
+            "cache_peak_memory_mb": run.cache_peak_memory_mb,
             "data_wait_seconds_per_step": task.data_wait_seconds() / steps_done if steps_done else 0.0,
             "num_processes": accelerator.num_processes,
             "num_nodes": accelerator.num_processes // int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)),

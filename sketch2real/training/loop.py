@@ -28,7 +28,7 @@ from sketch2real.training.accelerator import (
     restore_fp32_masters,
 )
 from sketch2real.training.averages import averaged_weights
-from sketch2real.training.callbacks import Callback, Run, default_callbacks
+from sketch2real.training.callbacks import Callback, Run, default_callbacks, peak_memory_mb
 from sketch2real.training.checkpoints import load_checkpoint, read_train_state, resolve_resume, run_fingerprint
 from sketch2real.training.preemption import clear_preempted, preemption
 
@@ -213,12 +213,13 @@ def train(task: Task, opts, accelerator, project_name: str, callbacks: list[Call
     if opts.torch_compile:
         task.compile()
     task.prepare_data(step)  # latent caches, before the clock: their time is reported apart
-    if accelerator.device.type == "cuda":  # the peak of training, not of the cache build (fp16: an fp32 VAE)
+    cache_peak = peak_memory_mb(accelerator.device)  # the run's peak so far: the caches' build (fp16: an fp32 VAE)
+    if accelerator.device.type == "cuda":  # the peak of training, not of the cache build
         torch.cuda.reset_peak_memory_stats(accelerator.device)
     bar = tqdm(total=opts.max_train_steps, initial=step, desc=project_name, unit="step",
                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     run = Run(task, opts, accelerator, model, optimizer, lr_scheduler, out, fingerprint, bar, step=step, start_step=step,
-              last_checkpoint=step if resume is not None else None, averaged=averaged)
+              last_checkpoint=step if resume is not None else None, averaged=averaged, cache_peak_memory_mb=cache_peak)
     if resume is not None:  # the loss read at the checkpoint's step (an older checkpoint has none: nan)
         saved_loss = (read_train_state(resume) or {}).get("last_loss")
         run.last_loss = math.nan if saved_loss is None else float(saved_loss)

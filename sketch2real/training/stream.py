@@ -16,7 +16,7 @@ import torch
 
 from sketch2real.training.data import GlobalBatchSampler, LazyImages, StepLoader, prefetched
 from sketch2real.training.diffusion import Objective, encode_latents, scaled_latents, step_noise
-from sketch2real.training.latent_store import LatentStore, check_finite_posterior
+from sketch2real.training.latent_store import LatentStore, check_finite_posterior, encode_posterior
 from sketch2real.training.preemption import preemption
 
 
@@ -53,7 +53,7 @@ class PosteriorCache:
         for chunk, images in tqdm(decoded, total=len(chunks), desc="caching latents", unit="chunk",
                                   disable=not progress or len(chunks) < 2, dynamic_ncols=True):
             preemption.check()  # hours at full scale: a signal stops it within a chunk
-            dist = self.vae.encode(images.to(self.device, self.vae.dtype, non_blocking=True)).latent_dist
+            dist = encode_posterior(self.vae, images, self.device)
             check_finite_posterior(dist, self._positions(chunk), self.images, self.names)
             mean, std = dist.mean.float(), dist.std.float()
             for j, i in enumerate(self._positions(chunk)):
