@@ -113,11 +113,6 @@ def build_splits(
         for photo_id in photos[category]:
             if (category, photo_id) in test_photos:
                 split_of_photo[(category, photo_id)] = "test"
-    no_val = [c for c in chosen if not any(split_of_photo[(c, p)] == "val" for p in photos[c])]
-    if val_fraction > 0 and no_val:  # the trainers' held-out loss and validation read it
-        logger.warning("%d of %d categories have no val photo (--val_fraction %g of their non-test photos rounds to "
-                       "none): %s", len(no_val), len(chosen), val_fraction, ", ".join(no_val[:8]) +
-                       (" ..." if len(no_val) > 8 else ""))
 
     flags_of: dict[str, list[str]] = defaultdict(list)
     known = {record.sketch_id for record in release.sketches()}
@@ -187,6 +182,11 @@ def build_splits(
         "photos_without_sketches": len(unsketched),
         "stray_files": len(strays),
     }
+    no_val = [c for c in chosen if not any(split_of_photo[(c, p)] == "val" for p in photos[c])]
+    if val_fraction > 0 and no_val:  # the trainers' held-out loss and validation read it
+        logger.warning("%d of %d categories have no val photo (--val_fraction %g of their non-test photos rounds to "
+                       "none): %s", len(no_val), len(chosen), val_fraction, ", ".join(no_val[:8]) +
+                       (" ..." if len(no_val) > 8 else ""))
     return SplitResult(rows=rows, report=report)
 
 

@@ -2,7 +2,7 @@
 # DreamBooth on one Sketchy category (CATEGORY=all: a style over every category of the shards, one prompt per
 # category). Override any setting by environment, extra flags after the script:
 #   MODEL=... SHARDS=data/shards CATEGORY=cat OUTPUT=runs/dreambooth_cat sbatch slurm/dreambooth.sh --lora_rank 8
-#   CATEGORY=all sbatch slurm/dreambooth.sh --lora_rank 16      # runs/dreambooth_style, 'a sks sketch of a {category}'
+#   CATEGORY=all sbatch slurm/dreambooth.sh --lora_rank 16      # runs/dreambooth_all, 'a sks sketch of a {category}'
 #   (OUTPUT and RESUME=latest come after the flags: a --config among them sets the rest, not the job's folder)
 #SBATCH --job-name=s2r-dreambooth
 #SBATCH --nodes=1
@@ -21,12 +21,11 @@ source "${SKETCH2REAL_HOME:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"
 MODEL=${MODEL:-$S2R_DEFAULT_MODEL}
 SHARDS=${SHARDS:-data/shards}
 CATEGORY=${CATEGORY:-cat}
+OUTPUT=${OUTPUT:-runs/dreambooth_${CATEGORY}}
 if [ "$CATEGORY" = all ]; then  # the whole split: each image prompted with its own category
-  OUTPUT=${OUTPUT:-runs/dreambooth_style}
   PROMPT=${PROMPT:-"a sks sketch of a {category}"}
   category_flags=()
 else
-  OUTPUT=${OUTPUT:-runs/dreambooth_${CATEGORY}}
   PROMPT=${PROMPT:-"a ${CATEGORY//_/ } in the style of sks"}
   category_flags=(--instance_category "$CATEGORY")
 fi

@@ -112,7 +112,7 @@ def test_category_all_trains_a_style_over_every_category(tmp_path, monkeypatch):
     monkeypatch.setenv("CATEGORY", "all")
     _, nodes = _two_node_job(tmp_path, "dreambooth.sh", "accelerate_configs/multi_node.yaml")
     assert "--instance_category" not in nodes[0] and _flag(nodes[0], "--instance_prompt") == "a sks sketch of a {category}"
-    assert _flag(nodes[0], "--output_dir") == "runs/dreambooth_style"
+    assert _flag(nodes[0], "--output_dir") == "runs/dreambooth_all"
     monkeypatch.setenv("CATEGORY", "car_(sedan)")
     _, nodes = _two_node_job(tmp_path / "one", "dreambooth.sh", "accelerate_configs/multi_node.yaml")
     assert _flag(nodes[0], "--instance_category") == "car_(sedan)"
