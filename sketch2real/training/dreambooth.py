@@ -88,8 +88,9 @@ class DreamBoothOptions(TrainOptions):
                                                   "and SD3 both, FLUX.1 its CLIP); under DeepSpeed too")
     lora_rank: int = option(0, help="train LoRA adapters of this rank instead of full weights (0: full fine-tuning; "
                                     "--rank: diffusers' LoRA scripts' name)", min=0, aliases=("rank",))
-    lora_alpha: int = option(0, help="LoRA alpha (0: same as rank); saved in the file's adapter metadata, so plain "
-                                     "diffusers' load_lora_weights reloads the same strength", min=0)
+    lora_alpha: float = option(0, help="LoRA alpha (0: same as rank; fractional as kohya's, e.g. 0.5); saved in the "
+                                       "file's adapter metadata, so plain diffusers' load_lora_weights reloads the "
+                                       "same strength", min=0)
     learning_rate: float | None = option(None, help="initial learning rate (after warmup); default: diffusers' DreamBooth "
                                                     "scripts' for the model's family: full weights 5e-6 (SD 1.x/2.x, "
                                                     "SDXL) or 1e-4 (SD3, FLUX); with --lora_rank 5e-4 (SD 1.x/2.x) or "
