@@ -58,8 +58,9 @@ if wanted dreambooth; then
   dreambooth_output=$RUNS/dreambooth_${CATEGORY:-cat}  # slurm/dreambooth.sh's category
   job=$(OUTPUT=$dreambooth_output submit "${sbatch_flags[@]}" "$(after "$prep")" slurm/dreambooth.sh "${job_config[@]}")
   ids+=("dreambooth           $job")
-  generate dreambooth "$job" -- --pretrained_model_name_or_path "$dreambooth_output" \
-    --prompt_template "a {category} in the style of sks"
+  template="a {category} in the style of sks"
+  if [ "${CATEGORY:-cat}" = all ]; then template="a sks sketch of a {category}"; fi  # slurm/dreambooth.sh's prompt for all
+  generate dreambooth "$job" -- --pretrained_model_name_or_path "$dreambooth_output" --prompt_template "$template"
 fi
 if wanted dreambooth_sequential; then
   mapfile -t job_config < <(config dreambooth_sequential)
