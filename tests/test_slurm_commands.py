@@ -281,3 +281,21 @@ def test_the_study_chain_checks_its_categories_and_samples_before_submitting(set
     proc = subprocess.run(["bash", "slurm/reproduce_study.sh"], cwd=REPO, capture_output=True, text=True, timeout=60,
                           env={**env, "CATEGORY": "cat", "STUDY_SAMPLES": "6", "RUNS": str(tmp_path / "runs")})
     assert proc.returncode == 0 and (tmp_path / "submitted").exists(), proc.stderr  # the same settings, fixed: submitted
+
+
+def test_the_pipeline_generates_a_style_over_every_category_with_the_prompt_it_trained(tmp_path):
+    """CATEGORY=all trains `a sks sketch of a {category}` (slurm/dreambooth.sh); the pipeline generated it with one
+    category's template, `a {category} in the style of sks`, a prompt never trained."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\necho "$OUTPUT $*" >> {tmp_path}/submitted\necho 7\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    for category, template in (("all", "a sks sketch of a {category}"), ("cat", "a {category} in the style of sks")):
+        (tmp_path / "submitted").unlink(missing_ok=True)
+        env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "STAGES": "dreambooth", "CATEGORY": category,
+               "RUNS": str(tmp_path / "runs"), "SKETCHY": str(tmp_path)}
+        proc = subprocess.run(["bash", "slurm/pipeline.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        generation = next(line for line in (tmp_path / "submitted").read_text().splitlines() if "slurm/generate.sh" in line)
+        assert f"--pretrained_model_name_or_path {tmp_path}/runs/dreambooth_{category}" in generation
+        assert generation.endswith(f"--prompt_template {template}"), generation
