@@ -279,3 +279,33 @@ def test_the_latent_store_is_encoded_once_kept_through_a_signal_and_reused(tiny_
     with torch.no_grad():
         next(other_vae.parameters()).add_(1.0)
     assert LatentStore(tmp_path / "cut", other_vae, images, torch.device("cpu"), block=16).folder != later.folder
+
+
+def test_a_latent_store_that_will_not_fit_its_disk_stops_before_encoding(tiny_models, shard_dir, tmp_path, monkeypatch):
+    """The store's size (2 x latent channels x side^2 x 2 bytes an image) against the disk's free space, before any
+    image is encoded: 13 GiB for a style over Sketchy's sketches at 1024 px found a full disk at its end."""
+    import shutil
+    from collections import namedtuple
+    from types import SimpleNamespace
+
+    from sketch2real.cli import UserError
+    from sketch2real.models import load_sd_components
+    from sketch2real.shards import ShardSamples
+    from sketch2real.training.data import LazyImages
+    from sketch2real.training.latent_store import LatentStore
+
+    vae = load_sd_components(str(tiny_models.sd)).vae
+    samples = ShardSamples(shard_dir, "train", fields=("photo",), resolution=32)
+    images = LazyImages(samples, "photo", list(range(len(samples))))
+    solo = SimpleNamespace(is_main_process=True, num_processes=1, process_index=0, wait_for_everyone=lambda: None)
+    side = 32 // 2 ** (len(vae.config.block_out_channels) - 1)
+    needed = len(images) * 2 * vae.config.latent_channels * side * side * 2
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(2**40, 0, needed - 1))
+    store = LatentStore(tmp_path, vae, images, torch.device("cpu"), block=16)
+    with pytest.raises(UserError, match=f"the latent store of {len(images)} images needs .* --latent_cache_dir"):
+        store.build(solo, list(range(len(images))), 0, False, False)
+    assert not list(store.folder.glob("block-*"))
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(2**40, 0, needed))
+    store.build(solo, list(range(len(images))), 0, False, False)
+    assert store.stats["blocks_encoded_here"] == -(-len(images) // 16)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from sketch2real.cli import UserError
-from sketch2real.io import atomic_path, write_json
+from sketch2real.io import atomic_path, check_room, write_json
 from sketch2real.training.accelerator import main_process_view
 from sketch2real.training.data import LazyImages, prefetched
 from sketch2real.training.diffusion import scaled_latents
@@ -219,6 +219,13 @@ class LatentStore:
                                                     "block": self.block, "chunk": CHUNK, "dtype": STORE_DTYPE.__name__,
                                                     "source": self.images.identity()[:500]})
         missing_blocks, mine = deal_missing_blocks(accelerator, wanted, lambda b: self._block_file(b).is_file())
+        if missing_blocks and self.images.samples.resolution:  # its size first (a style over Sketchy's sketches at 1024 px: 13 GiB), not at a full disk
+            side = self.images.samples.resolution // 2 ** (len(self.vae.config.block_out_channels) - 1)
+            per_image = 2 * self.vae.config.latent_channels * side * side * np.dtype(STORE_DTYPE).itemsize  # mean, std
+            images = sum(min(self.block, len(self.members) - b * self.block) for b in missing_blocks)
+            main_process_view(accelerator, lambda: check_room(self.folder, per_image * images, f"the latent store of "
+                                                              f"{images} images", ": give --latent_cache_dir on a disk "
+                                                              "with room"))
         slots = len(self.members)
         chunks = [c for b in mine for c in range(b * self.block // CHUNK, math.ceil(min((b + 1) * self.block, slots) / CHUNK))]
         decoded = prefetched(self.slot_images, chunks, self._positions, num_workers, pin_memory)
