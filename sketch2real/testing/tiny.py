@@ -81,6 +81,9 @@ def clip_tokenizer(work_dir: str | os.PathLike):
 # Stable Diffusion shapes: "tiny" for tests; "sd15" is SD 1.5's architecture (UNet ~860M parameters, CLIP ViT-L/14
 # text encoder, the SD VAE) for throughput and memory figures; "sd15_small" keeps SD 1.5's block structure
 # (4 levels, 2 layers per block, cross-attention in 3) at reduced width, for CPU benches.
+# FLUX.1's VAE latents at any size: 16 channels, its scale and shift, no quant convs (black-forest-labs/FLUX.1-dev)
+FLUX_VAE_LATENTS = dict(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                        use_post_quant_conv=False)
 SD_SIZES: dict[str, dict[str, dict]] = {
     "tiny": {
         "unet": dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
@@ -153,8 +156,7 @@ SD_SIZES: dict[str, dict[str, dict]] = {
                             num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True,
                             axes_dims_rope=(4, 6, 6)),
         "vae": dict(block_out_channels=(8, 16, 16, 16), norm_num_groups=8, sample_size=64, layers_per_block=1,
-                    latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
-                    use_post_quant_conv=False),
+                    **FLUX_VAE_LATENTS),
         "text": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, projection_dim=32),
         "t5": dict(d_model=64, d_ff=64, d_kv=16, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
                    feed_forward_proj="gated-gelu"),
@@ -166,8 +168,7 @@ SD_SIZES: dict[str, dict[str, dict]] = {
                             num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
                             axes_dims_rope=(16, 56, 56)),
         "vae": dict(block_out_channels=(128, 256, 512, 512), norm_num_groups=32, sample_size=1024, layers_per_block=2,
-                    latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
-                    use_post_quant_conv=False),
+                    **FLUX_VAE_LATENTS),
         "text": dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
                      projection_dim=768, hidden_act="quick_gelu"),
         "t5": dict(d_model=4096, d_ff=10240, d_kv=64, num_layers=24, num_heads=64, relative_attention_num_buckets=32,
