@@ -219,7 +219,8 @@ class LatentStore:
                                                     "block": self.block, "chunk": CHUNK, "dtype": STORE_DTYPE.__name__,
                                                     "source": self.images.identity()[:500]})
         missing_blocks, mine = deal_missing_blocks(accelerator, wanted, lambda b: self._block_file(b).is_file())
-        if missing_blocks and self.images.samples.resolution:  # its size first (a style over Sketchy's sketches at 1024 px: 13 GiB), not at a full disk
+        # its size first, not at a full disk (a style over Sketchy's sketches at 1024 px: 13 GiB)
+        if missing_blocks and self.images.samples.resolution:
             side = self.images.samples.resolution // 2 ** (len(self.vae.config.block_out_channels) - 1)
             per_image = 2 * self.vae.config.latent_channels * side * side * np.dtype(STORE_DTYPE).itemsize  # mean, std
             images = sum(min(self.block, len(self.members) - b * self.block) for b in missing_blocks)
