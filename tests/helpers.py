@@ -74,6 +74,17 @@ def launch(script: str, *args: str, num_processes: int = 2, deepspeed_config: st
 
     `accelerate_precision` is `accelerate launch --mixed_precision` (None: the config file's own setting).
     """
+    argv, env = launch_command(script, *args, num_processes=num_processes, deepspeed_config=deepspeed_config,
+                               accelerate_precision=accelerate_precision)
+    proc = _python(argv, env=env, timeout=timeout, cwd=str(REPO))
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def launch_command(script: str, *args: str, num_processes: int = 2, deepspeed_config: str | None = None,
+                   accelerate_precision: str | None = "no") -> tuple[list[str], dict]:
+    """`launch`'s `python` arguments and environment (for a test that runs it in the background)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if deepspeed_config:  # ACCELERATE_USE_CPU would silently turn DeepSpeed off
         env.pop("ACCELERATE_USE_CPU", None)
@@ -89,11 +100,7 @@ def launch(script: str, *args: str, num_processes: int = 2, deepspeed_config: st
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     head += ["--main_process_port", str(port)]
-    proc = _python(["-m", "accelerate.commands.launch", *head, str(REPO / script), *map(str, args)], env=env,
-                   timeout=timeout, cwd=str(REPO))
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return proc
+    return ["-m", "accelerate.commands.launch", *head, str(REPO / script), *map(str, args)], env
 
 
 def weights(folder) -> dict:
@@ -206,11 +213,13 @@ def in_process_accelerator(mixed_precision: str = "bf16"):
                            unwrap_model=lambda model: model)
 
 
-def pause_at_step(env: dict, step: int, marker: Path) -> dict:
-    """`env` with tests/probes/pause: every trainer process writes `marker`.rank<R> at `step` and waits there for a
-    preemption signal (a test signals on that event, never after a sleep that races the run's end)."""
+def pause_at_step(env: dict, step: int, marker: Path, run_name: str | None = None) -> dict:
+    """`env` with tests/probes/pause: every trainer process writes `marker`.rank<R> (its pid) at `step` and waits
+    there for a preemption signal (a test signals on that event, never after a sleep that races the run's end);
+    `run_name`: only in the run whose folder is named so (a sequential stage)."""
     path = os.pathsep.join(p for p in (str(REPO / "tests/probes/pause"), env.get("PYTHONPATH", "")) if p)
-    return {**env, "PYTHONPATH": path, "S2R_PROBE_PAUSE_AT_STEP": str(step), "S2R_PROBE_PAUSE_FILE": str(marker)}
+    return {**env, "PYTHONPATH": path, "S2R_PROBE_PAUSE_AT_STEP": str(step), "S2R_PROBE_PAUSE_FILE": str(marker),
+            **({"S2R_PROBE_PAUSE_RUN": run_name} if run_name else {})}
 
 
 def fresh_clone(dest: Path) -> Path:

@@ -1,11 +1,17 @@
 import dataclasses
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from .helpers import LAUNCHERS, FakeHub, launch, run_script, train_in
+from .helpers import LAUNCHERS, FakeHub, launch, launch_command, pause_at_step, run_script, train_in
 
 
 def test_sequential_writes_a_folder_per_stage_and_the_forgetting_table(tiny_models, shard_dir, tmp_path):
@@ -188,12 +194,27 @@ def test_bf16_matrix_and_resume_at_a_stage(launcher, family, lora, tiny_models, 
         else:
             pipeline.from_pretrained(out / stage)
         assert (out / stage / "validation" / "step-000002.png").is_file()
-    if launcher == "ddp":  # resume at a stage with 2 processes: stage 1 skipped, stage 2 resumed from its checkpoint
-        (out / "stage-02-apple" / "stage_metrics.json").unlink()
-        (out / "PREEMPTED").write_text("stage 2 (apple) checkpointed\n")  # as a stop in stage 2 leaves it
-        proc = launch("train/dreambooth_sequential.py", *args, "--output_dir", out, "--mixed_precision", "bf16")
-        assert "stage 1 (cat) already finished" in proc.stderr and "resumed from" in proc.stderr
-        assert (out / "stage-02-apple" / "stage_metrics.json").is_file() and not (out / "PREEMPTED").exists()
+    # a finished stage's checkpoints are removed (its model is saved; a rerun skips it)
+    assert not list(out.glob("stage-*/checkpoint-*")) and (out / "stage-02-apple" / "stage_metrics.json").is_file()
+    if launcher == "ddp":  # stopped in stage 3 with 2 processes: a rerun skips 1-2 and resumes 3 from its checkpoint
+        more = [*args, "--stages", "cat,apple,airplane", "--output_dir", out, "--mixed_precision", "bf16"]
+        argv, env = launch_command("train/dreambooth_sequential.py", *more)
+        marker = tmp_path / "paused"
+        proc = subprocess.Popen([sys.executable, *argv], env=pause_at_step(env, 1, marker, "stage-03-airplane"),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        ranks = [Path(f"{marker}.rank{r}") for r in (0, 1)]
+        while not all(f.is_file() and f.read_text() for f in ranks) and proc.poll() is None:
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        for rank in ranks:  # as Slurm signals every task
+            os.kill(int(rank.read_text()), signal.SIGUSR1)
+        _, stderr = proc.communicate(timeout=600)
+        stage = out / "stage-03-airplane"
+        assert (out / "PREEMPTED").is_file() and sorted(p.name for p in stage.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"], stderr[-3000:]
+        proc = launch("train/dreambooth_sequential.py", *more)
+        assert "stage 2 (apple) already finished" in proc.stderr and "resumed from" in proc.stderr
+        assert (stage / "stage_metrics.json").is_file() and not (out / "PREEMPTED").exists()
+        assert not list(stage.glob("checkpoint-*"))
 
 
 def test_the_table_prints_a_loss_read_back_as_null():

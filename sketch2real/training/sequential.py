@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -19,6 +20,7 @@ from sketch2real.metrics import mean_ci95, verdict
 from sketch2real.shards import sample_refs
 from sketch2real.sketchy import category_words
 from sketch2real.training.accelerator import eager_mode, main_process_view
+from sketch2real.training.checkpoints import list_checkpoints, options_fingerprint
 from sketch2real.training.data import load_shard_images
 from sketch2real.training.dreambooth import DreamBoothOptions, DreamBoothTask
 from sketch2real.training.hub import push_output
@@ -82,8 +84,6 @@ def check_same_run(opts: SequentialOptions, out: Path, global_batch_size: int) -
     made them (more stages may follow); with others (another prompt, rate, model, global batch, held-out samples: the
     forgetting's...) or fewer stages it stops in one line naming what differs. A folder where no stage got that far
     (a first run stopped by an error) takes any. Returns whether the folder holds stages to continue."""
-    from sketch2real.training.checkpoints import options_fingerprint
-
     saved_file = out / "run_config.json"
     if not saved_file.is_file() or not any(out.glob("stage-*/stage_metrics.json")) and not any(out.glob("stage-*/checkpoint-*")):
         return False
@@ -140,6 +140,14 @@ def reset_accelerator(accelerator) -> None:
 
 def stage_dir(output_dir: str, index: int, category: str) -> Path:
     return Path(output_dir) / f"stage-{index + 1:02d}-{category}"
+
+
+def _drop_checkpoints(folder: Path) -> None:
+    """Remove a finished stage's checkpoints: its model is saved beside them and a rerun skips the stage, so they only
+    took room (a full fine-tune's is weights and optimizer state, ~10 GB for SD 1.5, for each of up to 125 stages)."""
+    for _, checkpoint in list_checkpoints(folder):
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        logger.info("removed %s (its stage is finished)", checkpoint)
 
 
 def _heldout_losses(task: DreamBoothTask, model, opts: SequentialOptions, categories: list[str]) -> dict[str, list[float]]:
@@ -234,6 +242,8 @@ def run_sequential(opts: SequentialOptions, accelerator) -> int:
         files = (metrics_file, saved)
         if main_process_view(accelerator, lambda files=files: all(f.is_file() for f in files)):  # all take one path
             logger.info("stage %d (%s) already finished: %s", index + 1, category, folder)
+            if accelerator.is_main_process:  # a stop between its metrics and the removal left them
+                _drop_checkpoints(folder)
             rows.append(json.loads(metrics_file.read_text()))
             previous = str(folder)
             continue
@@ -255,6 +265,7 @@ def run_sequential(opts: SequentialOptions, accelerator) -> int:
                "stage": index + 1, "category": category}
         if accelerator.is_main_process:
             write_json(metrics_file, row)
+            _drop_checkpoints(folder)
         rows.append(row)
         previous = str(folder)
         reset_accelerator(accelerator)

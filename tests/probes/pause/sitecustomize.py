@@ -1,6 +1,6 @@
 """A probe for tests that signal a training run mid-way: with this folder on PYTHONPATH and S2R_PROBE_PAUSE_AT_STEP=N,
-S2R_PROBE_PAUSE_FILE=PATH, every trainer process writes PATH.rank<R> at step N and waits there until a preemption
-signal reaches it. The test signals once the file exists: an event, never a clock, so the run cannot end before the
+S2R_PROBE_PAUSE_FILE=PATH, every trainer process writes PATH.rank<R> (its pid) at step N and waits there until a
+preemption signal reaches it (S2R_PROBE_PAUSE_RUN=NAME: only in a run whose folder is named NAME, a sequential stage's). The test signals once the file exists: an event, never a clock, so the run cannot end before the
 signal arrives (tests/test_two_nodes.py, tests/test_slurm.py). A requeued run resumes past step N and never waits."""
 
 import os
@@ -17,11 +17,12 @@ if os.environ.get("S2R_PROBE_PAUSE_AT_STEP"):
         from sketch2real.training.preemption import preemption
 
         at, marker, make = int(os.environ["S2R_PROBE_PAUSE_AT_STEP"]), os.environ["S2R_PROBE_PAUSE_FILE"], callbacks.default_callbacks
+        run_name = os.environ.get("S2R_PROBE_PAUSE_RUN")
 
         class Pause(callbacks.Callback):
             def after_step(self, run):
-                if run.step == at:
-                    Path(f"{marker}.rank{run.accelerator.process_index}").write_text(str(at))
+                if run.step == at and run_name in (None, run.out.name):
+                    Path(f"{marker}.rank{run.accelerator.process_index}").write_text(str(os.getpid()))
                     while not preemption:  # the next read's collective tells every rank
                         time.sleep(0.05)
                 return None
