@@ -119,6 +119,7 @@ def features_of(images: ImageSet, extractor, state, cache_dir: Path | None) -> t
         return data["features"], data["valid"], True
     features, valid = extractor.extract(images, state.process_index, state.num_processes, state.is_local_main_process)
     parts = gather_object([(features, valid)]) if state.num_processes > 1 else [(features, valid)]
+    parts = [p for p in parts if len(p[1])] or parts[:1]  # a rank given no batch has no feature width to join
     features = np.concatenate([p[0] for p in parts])
     valid = np.concatenate([p[1] for p in parts])
     check_readable(images, valid)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from sketch2real.cli import UserError
-from sketch2real.metrics import ImageSet, _Loader, extract_features, inception, loader_batches
+from sketch2real.metrics import ImageSet, _Loader, extract_features, inception, loader_batches, rank_range
 
 DEFAULT_DINOV2 = "facebook/dinov2-large"  # ViT-L/14, the network of dgm-eval's FD-DINOv2
 DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"  # CMMD's CLIP (ViT-L/14 at 336 px)
@@ -56,10 +56,11 @@ def _collate_processed(batch):
 def extract_processed(images: ImageSet, processor, embed: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
                       batch_size: int, num_workers: int, rank: int, world_size: int, name: str,
                       progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """`embed(pixel_values)` for this rank's contiguous part of `images`, as float64, with a validity mask."""
+    """`embed(pixel_values)` for this rank's contiguous part of `images` (`rank_range`), as float64, with a validity
+    mask."""
     from tqdm.auto import tqdm
 
-    start, end = rank * len(images) // world_size, (rank + 1) * len(images) // world_size
+    start, end = rank_range(len(images), batch_size, rank, world_size)
     loader = torch.utils.data.DataLoader(_Processed(images.sources[start:end], processor), batch_size=batch_size,
                                          num_workers=num_workers, collate_fn=_collate_processed,
                                          pin_memory=device.type == "cuda")

@@ -286,15 +286,25 @@ def inception(dims: int, device: torch.device, channels_last: bool = False):
                         f"{str(err).splitlines()[0]}") from err
 
 
+def rank_range(count: int, batch_size: int, rank: int, world_size: int) -> tuple[int, int]:
+    """This rank's contiguous share of `count` images in whole batches: every batch holds the images one process
+    would batch together, so features do not depend on the number of processes (a batch's make-up moves a
+    convolution's last bits); a rank may get none."""
+    batches = -(-count // batch_size)
+    return (min(count, rank * batches // world_size * batch_size),
+            min(count, (rank + 1) * batches // world_size * batch_size))
+
+
 @torch.inference_mode()
 def extract_features(images: ImageSet, model, dims: int, device: torch.device, batch_size: int = 50, num_workers: int = 2,
                      rank: int = 0, world_size: int = 1, resize: int | None = None, progress: bool = True,
                      channels_last: bool = False, clean_resize: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Features of this rank's contiguous part of `images` (float64, as pytorch-fid) and a validity mask."""
+    """Features of this rank's contiguous part of `images` (`rank_range`; float64, as pytorch-fid) and a validity
+    mask."""
     from torch.nn.functional import adaptive_avg_pool2d
     from tqdm.auto import tqdm
 
-    start, end = rank * len(images) // world_size, (rank + 1) * len(images) // world_size
+    start, end = rank_range(len(images), batch_size, rank, world_size)
     loader = torch.utils.data.DataLoader(_Loader(images.sources[start:end], resize, clean_resize), batch_size=batch_size, shuffle=False,
                                          num_workers=num_workers, collate_fn=_collate, pin_memory=device.type == "cuda")
     features, valid = np.empty((end - start, dims)), np.zeros(end - start, dtype=bool)
