@@ -29,6 +29,7 @@ from sketch2real.io import append_jsonl, write_json
 from sketch2real.models import check_precision_fits, dtype_for
 from sketch2real.shards import CorruptSample, ShardSamples, corrupt_samples, shards_data
 from sketch2real.sketchy import sketch_condition
+from sketch2real.training.diffusion import derive_seed
 from sketch2real.training.preemption import PREEMPTED_EXIT_CODE, RERUN, clear_preempted, mark_preempted, preemption
 
 
@@ -94,6 +95,7 @@ def main() -> int:
     state.wait_for_everyone()
     part = out / f"index.rank{state.process_index:03d}.jsonl"
     todo = sum(len(b) for b in batches)
+    drawn_now = len({it.key for it in items} - done)  # by every rank
     bar = tqdm(total=todo, desc=f"generate [rank {state.process_index}]", unit="img", disable=not state.is_local_main_process)
     start = time.perf_counter()
     for batch in batches:
@@ -108,7 +110,7 @@ def main() -> int:
             if item.key not in done:
                 write_image(out, item.key, image)
             rows.append({"key": item.key, "category": item.category, "prompt": item.prompt, "sample_key": item.sample_key,
-                         "seed": opts.seed, "image": str(image_path(out, item.key).relative_to(out)), **model,
+                         "seed": opts.seed, "generator_seed": derive_seed(opts.seed, item.key), "image": str(image_path(out, item.key).relative_to(out)), **model,
                          "settings": settings, **item.extra})
         append_jsonl(part, rows)
         bar.update(len(batch))
@@ -119,7 +121,7 @@ def main() -> int:
         rows = merge_index(out)
         missing = len({it.key for it in items} - {r["key"] for r in rows})
         mosaics = write_mosaics(out, rows, opts.shard_dir, opts.split, cell=min(settings["height"], 256), max_rows=opts.mosaic_rows)
-        summary = {"images": len(rows), "generated_now": todo, "missing": missing, "index": str(out / "index.jsonl"),
+        summary = {"images": len(rows), "generated_now": drawn_now, "missing": missing, "index": str(out / "index.jsonl"),
                    "mosaics": [str(m) for m in mosaics], "corrupt_samples": corrupt_samples.summary(),
                    "num_processes": state.num_processes, "dtype": str(getattr(pipe, family_of_pipeline(pipe).denoiser).dtype)}
         write_json(out / "metrics.json", summary)

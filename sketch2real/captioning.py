@@ -253,7 +253,7 @@ class CaptionOptions:
     batch_size: int = option(8, help="images per batch per process (each with every prompt)", min=1, affects="runtime")
     max_new_tokens: int = option(100, help="caption length limit in tokens", min=1)
     num_beams: int = option(1, help="beam search width (1: greedy, as in the study)", min=1)
-    mixed_precision: str | None = option(None, help=PRECISION_HELP, choices=("no", "fp16", "bf16"), affects="runtime")
+    mixed_precision: str | None = option(None, help=PRECISION_HELP, choices=("no", "fp16", "bf16"))  # bf16 changes words
     load_in_8bit: bool = option(False, help="8-bit weights (bitsandbytes, CUDA)")
     load_in_4bit: bool = option(False, help="4-bit weights (bitsandbytes, CUDA)")
     trust_remote_code: bool = option(False, help="allow a checkpoint's own code to run", affects="runtime")

@@ -101,13 +101,18 @@ def items_from_captions(path: str, prompt_ids: Sequence[str] | None, template: s
     check_template(template)
     rows = read_jsonl(path, required=CAPTION_FIELDS)
     wanted = set(prompt_ids or [])
-    items = []
+    items, seen = [], set()
     for row in rows:
         if wanted and str(row.get("prompt_id")) not in wanted:
             continue
+        key = f"{row['key']}/{row['prompt_id']}"
+        if key in seen:  # one image per (key, prompt_id): a second caption would name an image drawn from the first
+            raise UserError(f"{path}: two captions of sample {row['key']} under prompt id {row['prompt_id']} (two "
+                            "captioning runs joined?): give each (key, prompt_id) once, e.g. another prompt_id per run")
+        seen.add(key)
         caption = row["caption"].strip()
         prompt = template.format(caption=caption, category=category_words(row.get("category", "")), key=row["key"])
-        items.append(Item(key=f"{row['key']}/{row['prompt_id']}", prompt=prompt, category=row.get("category", ""),
+        items.append(Item(key=key, prompt=prompt, category=row.get("category", ""),
                           sample_key=row["key"], extra={"prompt_id": row["prompt_id"]}))
     if not items:
         raise UserError(f"no captions in {path}" + (f" for prompt ids {sorted(wanted)}" if wanted else ""))
@@ -547,7 +552,7 @@ class GenerateOptions:
                                "16)", min=8, multiple_of=8)
     batch_size: int = option(8, help="images per batch per process", min=1, affects="runtime")
     seed: int = option(0, help="global seed: each image's seed derives from it and the item's key only", min=0)
-    mixed_precision: str | None = option(None, help=PRECISION_HELP, choices=("no", "fp16", "bf16"), affects="runtime")
+    mixed_precision: str | None = option(None, help=PRECISION_HELP, choices=("no", "fp16", "bf16"))  # bf16 moves pixels by levels
     safety_checker: bool = option(False, help="run the safety checker (off by default: it blackens sketches)")
     enable_xformers_memory_efficient_attention: bool = option(False, help="xformers attention (CUDA only)", affects="runtime")
     torch_compile: bool = option(False, help="torch.compile the denoiser (UNet or transformer)", affects="runtime")

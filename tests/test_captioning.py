@@ -103,6 +103,7 @@ def test_a_rerun_with_another_model_is_refused_and_one_with_other_batches_or_cat
     for extra, difference in [
         (["--model_name_or_path", tiny_models.llava], f"model_name_or_path: '{tiny_models.blip2}' there, '{tiny_models.llava}' now"),
         (["--max_new_tokens", "7"], "max_new_tokens: 6 there, 7 now"),
+        (["--mixed_precision", "bf16"], "mixed_precision: 'no' there, 'bf16' now"),  # other words, beside fp32's
     ]:
         proc = run_script("infer/caption.py", *args, "--categories", "cat", *extra, check=False)
         last = proc.stderr.strip().splitlines()[-1]

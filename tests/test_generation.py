@@ -23,15 +23,28 @@ def _images(folder) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.png"))}
 
 
-def test_images_are_identical_on_one_and_two_processes(gen_args, tmp_path):
+def test_images_are_identical_on_one_and_two_processes(gen_args, tmp_path, tiny_models):
     run_script("infer/generate.py", *gen_args, "--output_dir", tmp_path / "one", "--batch_size", "3")
     launch("infer/generate.py", *gen_args, "--output_dir", tmp_path / "two", "--batch_size", "3")
     one, two = _images(tmp_path / "one"), _images(tmp_path / "two")
     assert len(one) == 10 and one == two
-    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["num_processes"] == 2  # really data-parallel
+    summary = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert summary["num_processes"] == 2  # really data-parallel
+    assert summary["generated_now"] == 10  # every rank's images (it counted rank 0's)
     rows = [json.loads(line) for line in (tmp_path / "two" / "index.jsonl").read_text().splitlines()]
     assert sorted(r["key"] for r in rows) == [k[:-4] for k in sorted(one)]
-    assert {"key", "category", "prompt", "seed", "model", "settings"} <= set(rows[0])
+    assert {"key", "category", "prompt", "seed", "generator_seed", "model", "settings"} <= set(rows[0])
+    # a row's image again in plain diffusers: its generator_seed (not the job's --seed) draws it
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe, row = StableDiffusionPipeline.from_pretrained(tiny_models.sd), rows[0]
+    settings = {k: row["settings"][k] for k in ("height", "width", "num_inference_steps", "guidance_scale")}
+    drawn = np.asarray(Image.open(tmp_path / "two" / row["image"]), dtype=int)
+    for seed, same in ((row["generator_seed"], True), (row["seed"], False)):
+        image = pipe(prompt=row["prompt"], generator=torch.Generator().manual_seed(seed), **settings).images[0]
+        assert (np.abs(np.asarray(image, dtype=int) - drawn).max() <= 1) == same  # 1 level: drawn in a batch of 3
     assert not list((tmp_path / "two").glob("index.rank*"))
     # Another global seed gives other images.
     run_script("infer/generate.py", *gen_args, "--output_dir", tmp_path / "seed1", "--batch_size", "3", "--seed", "1")
@@ -82,6 +95,8 @@ def test_a_rerun_with_other_settings_is_refused_and_one_with_another_batch_or_li
         (["--prompt_template", "a drawing of a {category}"],
          "prompt_template: 'a photo of a {category}' there, 'a drawing of a {category}' now"),
         (["--seed", "1"], "seed: 0 there, 1 now"),
+        # a requeue under a bf16 accelerate config (slurm/generate.sh's): its images differ by up to 14 levels
+        (["--mixed_precision", "bf16"], "mixed_precision: 'no' there, 'bf16' now"),
     ]:
         proc = run_script("infer/generate.py", *args, "--max_per_category", "1", *extra, check=False)
         last = proc.stderr.strip().splitlines()[-1]
@@ -510,6 +525,11 @@ def test_a_captions_row_without_its_fields_or_a_corrupt_line_is_one_line_not_a_l
     # a prompt id the file lacks beside one it has: one line (the other's images only, silently, before)
     with pytest.raises(UserError, match=r"--prompt_ids 9: no captions of that id in .* \(its ids: 1\)"):
         items_from_captions(str(path), ["1", "9"])
+    # two captioning runs joined, both prompt id 1: one image per (key, prompt id), so which caption drew it depended
+    # on the batches (2 processes recorded the second caption beside the first one's image)
+    path.write_text("\n".join([good, good.replace('"a cat"', '"a small cat"')]) + "\n")
+    with pytest.raises(UserError, match=f"{path}: two captions of sample cat/a under prompt id 1"):
+        items_from_captions(str(path), None)
 
 
 def test_an_embedding_of_another_family_is_one_line_not_its_tensors_or_a_partial_load(tiny_models, tmp_path):
