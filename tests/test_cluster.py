@@ -86,8 +86,14 @@ def test_a_deepspeed_checkpoint_on_another_world_size_is_refused_in_one_line(tmp
 
     assert launch_problem({"num_processes": 2, "deepspeed": False}, {"num_processes": 4, "deepspeed": False}) == ""
     problem = launch_problem({"num_processes": 2, "deepspeed": True}, {"num_processes": 1, "deepspeed": True})
-    assert "ds_to_universal.py" in problem and "resume on 2 processes" in problem
+    assert "resume it on 2 processes" in problem
     assert "with DeepSpeed" in launch_problem({"num_processes": 2, "deepspeed": True}, {"num_processes": 2, "deepspeed": False})
+    # another ZeRO stage or optimizer offload on a requeue: one line (tracebacks on every rank before: DeepSpeed's
+    # checkpoint list assertion, CPU Adam's KeyError 'bias_correction' on torch AdamW's state)
+    zero2 = {"num_processes": 2, "deepspeed": True, "zero_stage": 2, "offload_optimizer": "none"}
+    assert "ZeRO stage 2 and this run has 3" in launch_problem(zero2, {**zero2, "zero_stage": 3})
+    assert "optimizer offload none and this run has cpu" in launch_problem(zero2, {**zero2, "offload_optimizer": "cpu"})
+    assert launch_problem({"num_processes": 2, "deepspeed": True}, zero2) == ""  # saved before they were recorded
     folder = tmp_path / "checkpoint-5"
     folder.mkdir()
     (folder / TRAIN_STATE).write_text(json.dumps({"step": 5, "fingerprint": {"a": 1},
@@ -97,6 +103,55 @@ def test_a_deepspeed_checkpoint_on_another_world_size_is_refused_in_one_line(tmp
     assert path is None and "DeepSpeed ZeRO checkpoint of 8 processes" in error and "\n" not in error
     path, error = _decide_resume(tmp_path, "latest", RunFingerprint({"a": 1}, {}), {"num_processes": 8, "deepspeed": True})
     assert path == str(folder) and error is None
+    # a DDP job requeued on fewer processes (slurm/common.sh keeps the per-process batch): the refusal names the
+    # --train_batch_size that keeps the global batch (it said only "remove them to start over")
+    (folder / TRAIN_STATE).write_text(json.dumps({"step": 5, "fingerprint": {"a": 1, "global_batch_size": 8}}))
+    ddp = {"num_processes": 2, "deepspeed": False}
+    _, error = _decide_resume(tmp_path, "latest", RunFingerprint({"a": 1, "global_batch_size": 2}, {}), ddp)
+    assert "global_batch_size: 8 there, 2 now" in error and "on 2 process(es) --train_batch_size 4 keeps its global batch of 8" in error
+    _, error = _decide_resume(tmp_path, "latest", RunFingerprint({"a": 1, "global_batch_size": 3}, {}), {**ddp, "num_processes": 3})
+    assert "its global batch of 8 needs a number of processes that divides it" in error
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"gradient_clipping": 0.5}, "sets gradient_clipping 0.5, the trainer's --max_grad_norm is 1: give --max_grad_norm 0.5"),
+    ({"gradient_accumulation_steps": 2}, "sets gradient_accumulation_steps 2, the trainer's --gradient_accumulation_steps is 1"),
+    ({"train_micro_batch_size_per_gpu": 4}, "sets train_micro_batch_size_per_gpu 4, the trainer's --train_batch_size is 1"),
+    ({"train_batch_size": 8}, "sets train_batch_size 8, the trainer's global batch is 2"),
+    ({"optimizer": {"type": "AdamW"}}, 'has a block "optimizer": the trainer makes its own \\(--optimizer'),
+    ({"scheduler": {"type": "WarmupLR"}}, 'has a block "scheduler": the trainer makes its own \\(--lr_scheduler'),
+    ({"bf16": {"enabled": True}}, "--mixed_precision no, but the DeepSpeed config .* enables bf16"),
+])
+def test_a_deepspeed_config_file_saying_otherwise_than_the_flags_is_one_line(config, message, tmp_path):
+    """A user's DeepSpeed JSON (accelerate's deepspeed_config_file): its values were silently replaced by the flags'
+    (clipping 0.5 trained as 1.0), its optimizer block was a traceback, its scheduler ran beside the trainer's."""
+    from sketch2real.cli import UserError
+    from sketch2real.training.accelerator import check_deepspeed_file
+
+    settings = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0}
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, **config}))
+    with pytest.raises(UserError, match=message):
+        check_deepspeed_file(str(path), settings, "no", 2)
+    # "auto", the same values, or --mixed_precision left to the config: taken
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_batch_size": "auto", "gradient_clipping": 1.0,
+                                "bf16": {"enabled": True}, "gradient_accumulation_steps": "auto"}))
+    check_deepspeed_file(str(path), settings, None, 2)
+    check_deepspeed_file(str(path), settings, "bf16", 2)
+
+
+def test_a_users_deepspeed_clipping_is_one_line_once_per_node_under_accelerate_launch(tiny_models, shard_dir, tmp_path):
+    """As a user launches it: accelerate's deepspeed_config_file pointing at their JSON, 2 processes on a node."""
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True},
+                                                  "gradient_clipping": 0.5}))
+    config = (REPO / "tests/configs/zero3_partitioned.yaml").read_text()
+    (tmp_path / "ds.yaml").write_text(config.replace("tests/configs/zero3_partitioned.json", str(tmp_path / "ds.json")))
+    proc = launch("train/dreambooth.py", "--pretrained_model_name_or_path", tiny_models.sd, "--shard_dir", shard_dir,
+                  "--instance_category", "cat", "--resolution", "64", "--max_train_steps", "1", "--report_to", "none",
+                  "--output_dir", tmp_path / "out", deepspeed_config=str(tmp_path / "ds.yaml"), accelerate_precision=None,
+                  check=False)
+    assert proc.returncode != 0 and not (tmp_path / "out" / "metrics.json").exists()
+    assert proc.stderr.count("sets gradient_clipping 0.5, the trainer's --max_grad_norm is 1: give --max_grad_norm 0.5") == 1
 
 
 def test_the_vae_stays_fp32_under_fp16_unless_it_is_fp16_safe():

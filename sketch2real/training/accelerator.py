@@ -38,14 +38,14 @@ def make_accelerator(opts, train_batch_size: int | None = None):
     cpu_forced = _env_true("ACCELERATE_USE_CPU")
     deepspeed = _env_true("ACCELERATE_USE_DEEPSPEED")
     if cpu_forced and deepspeed:
-        raise UserError("a DeepSpeed config was given with ACCELERATE_USE_CPU set, which silently turns DeepSpeed off: "
-                        "unset ACCELERATE_USE_CPU (DeepSpeed runs on CPU without it)")
+        raise UserError.on_every_rank("a DeepSpeed config was given with ACCELERATE_USE_CPU set, which silently turns "
+                                      "DeepSpeed off: unset ACCELERATE_USE_CPU (DeepSpeed runs on CPU without it)")
     on_cpu = not torch.cuda.is_available() or cpu_forced
     from sketch2real.models import requested_precision
 
     precision = requested_precision(opts.mixed_precision)
     if on_cpu and precision == "fp16":
-        raise UserError("mixed precision fp16 needs a CUDA device; use bf16 or no on CPU")
+        raise UserError.on_every_rank("mixed precision fp16 needs a CUDA device; use bf16 or no on CPU")
     check_output_dir(opts.output_dir)  # every trainer's first use of it: a file or an unwritable folder is one line
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     group = {"backend": "gloo"} if on_cpu and distributed else {}
@@ -68,10 +68,13 @@ def make_accelerator(opts, train_batch_size: int | None = None):
         kwargs_handlers=kwargs_handlers,
     )
     if on_cpu and accelerator.mixed_precision == "fp16":
-        raise UserError("mixed precision fp16 (from the DeepSpeed config) needs a CUDA device; use bf16 or no on CPU")
+        raise UserError.on_every_rank("mixed precision fp16 (from the DeepSpeed config) needs a CUDA device; use bf16 or no on CPU")
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:
-        plugin.deepspeed_config.update(deepspeed_settings(opts, train_batch_size))
+        settings = deepspeed_settings(opts, train_batch_size)
+        check_deepspeed_file(os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none"), settings, opts.mixed_precision,
+                             accelerator.num_processes)
+        plugin.deepspeed_config.update(settings)
     if opts.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO if accelerator.is_main_process else logging.WARNING)
@@ -87,6 +90,46 @@ def deepspeed_settings(opts, train_batch_size: int | None = None) -> dict:
     return {"train_micro_batch_size_per_gpu": train_batch_size or opts.train_batch_size,
             "gradient_accumulation_steps": opts.gradient_accumulation_steps,
             "gradient_clipping": float(opts.max_grad_norm)}
+
+
+# the DeepSpeed config's keys the trainer's flags set (`deepspeed_settings`)
+DEEPSPEED_FLAGS = {"train_micro_batch_size_per_gpu": "--train_batch_size",
+                   "gradient_accumulation_steps": "--gradient_accumulation_steps", "gradient_clipping": "--max_grad_norm"}
+
+
+def check_deepspeed_file(path: str, settings: dict, mixed_precision: str | None, num_processes: int) -> None:
+    """One line where a user's DeepSpeed config file (accelerate's `deepspeed_config_file`; "none": none) says
+    otherwise than the trainer, which decides batch, accumulation, clipping, precision, optimizer and schedule from its
+    flags (and records them in run_config.json): a value there other than "auto" was replaced silently, an "optimizer"
+    block was a traceback, a "scheduler" block ran beside the trainer's schedule (WarmupLR set step 1's rate to 0)."""
+    import json
+
+    try:
+        config = json.loads(Path(path).read_text()) if path != "none" else None
+    except (OSError, ValueError):  # accelerate read it already: what it says of it stands
+        config = None
+    if not isinstance(config, dict):
+        return
+    where = f"the DeepSpeed config {path}"
+    for key, flag in DEEPSPEED_FLAGS.items():
+        value = config.get(key, "auto")
+        if value != "auto" and float(value) != float(settings[key]):
+            raise UserError.on_every_rank(f"{where} sets {key} {value}, the trainer's {flag} is {settings[key]:g}: give "
+                                          f"{flag} {value}, or \"auto\" there (the flags decide; run_config.json records them)")
+    batch = settings["train_micro_batch_size_per_gpu"] * settings["gradient_accumulation_steps"] * num_processes
+    if config.get("train_batch_size", "auto") not in ("auto", batch):
+        raise UserError.on_every_rank(f"{where} sets train_batch_size {config['train_batch_size']}, the trainer's global "
+                                      f"batch is {batch} (--train_batch_size x --gradient_accumulation_steps x "
+                                      f"{num_processes} processes): set it to \"auto\"")
+    for block, flags in (("optimizer", "--optimizer, --learning_rate, --adam_*"),
+                         ("scheduler", "--lr_scheduler, --lr_warmup_steps")):
+        if block in config:
+            raise UserError.on_every_rank(f"{where} has a block \"{block}\": the trainer makes its own ({flags}); remove "
+                                          "it there")
+    enabled = [kind for kind in ("bf16", "fp16") if str((config.get(kind) or {}).get("enabled")).lower() == "true"]
+    if mixed_precision is not None and enabled and enabled != [mixed_precision]:
+        raise UserError.on_every_rank(f"--mixed_precision {mixed_precision}, but {where} enables {enabled[0]}: give "
+                                      f"--mixed_precision {enabled[0]}, or \"enabled\": \"auto\" there")
 
 
 def main_process_view(state, look: Callable[[], T]) -> T:

@@ -236,8 +236,14 @@ def checkpoint_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def launch_of(accelerator) -> dict:
-    """How a run is launched, as far as its checkpoints care: DeepSpeed's are partitioned per process."""
-    return {"num_processes": accelerator.num_processes, "deepspeed": is_deepspeed(accelerator)}
+    """How a run is launched, as far as its checkpoints care: DeepSpeed's are partitioned per process, by ZeRO stage,
+    and hold the optimizer that offload chose (DeepSpeed's CPU Adam, or the torch one)."""
+    launch = {"num_processes": accelerator.num_processes, "deepspeed": is_deepspeed(accelerator)}
+    if launch["deepspeed"]:
+        zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+        launch["zero_stage"] = int(zero.get("stage", 0))
+        launch["offload_optimizer"] = (zero.get("offload_optimizer") or {}).get("device", "none") or "none"
+    return launch
 
 
 def launch_problem(saved: dict | None, now: dict) -> str:
@@ -250,16 +256,19 @@ def launch_problem(saved: dict | None, now: dict) -> str:
         kind = "with DeepSpeed" if saved["deepspeed"] else "without DeepSpeed"
         return f"it was saved {kind}: resume it with the same kind of launcher (accelerate config)"
     if saved["deepspeed"] and saved["num_processes"] != now["num_processes"]:
-        return (f"it is a DeepSpeed ZeRO checkpoint of {saved['num_processes']} processes and this run has "
-                f"{now['num_processes']}: resume on {saved['num_processes']} processes, or convert it with DeepSpeed's "
-                "ds_to_universal.py and set checkpoint.load_universal in the DeepSpeed config")
+        return (f"it is a DeepSpeed ZeRO checkpoint of {saved['num_processes']} processes (partitioned by process) and "
+                f"this run has {now['num_processes']}: resume it on {saved['num_processes']} processes")
+    for key, what in (("zero_stage", "ZeRO stage"), ("offload_optimizer", "optimizer offload")):
+        if key in saved and saved[key] != now.get(key):  # (a checkpoint saved before they were recorded: not known)
+            return (f"it was saved with {what} {saved[key]} and this run has {now.get(key)}: resume it with the "
+                    "DeepSpeed config that saved it")
     return ""
 
 
 def _decide_resume(output_dir: Path, resume: str | None, fingerprint: RunFingerprint,
                    launch: dict) -> tuple[str | None, str | None]:
     """(checkpoint to resume from or None, one-line error or None); rank 0 runs it."""
-    path, error = _choose_checkpoint(output_dir, resume, fingerprint)
+    path, error = _choose_checkpoint(output_dir, resume, fingerprint, launch["num_processes"])
     if path is not None:
         problem = launch_problem(read_train_state(Path(path)).get("launch"), launch)
         if problem:
@@ -267,7 +276,19 @@ def _decide_resume(output_dir: Path, resume: str | None, fingerprint: RunFingerp
     return path, error
 
 
-def _choose_checkpoint(output_dir: Path, resume: str | None, fingerprint: RunFingerprint) -> tuple[str | None, str | None]:
+def _same_global_batch(theirs: dict, mine: dict, num_processes: int) -> str:
+    """How a run requeued on another number of processes gets back the global batch a checkpoint was trained with
+    ("" where that is not what differs)."""
+    batch = theirs.get("global_batch_size")
+    if not isinstance(batch, int) or batch == mine.get("global_batch_size"):
+        return ""
+    if batch % num_processes:
+        return f"its global batch of {batch} needs a number of processes that divides it, or "
+    return f"on {num_processes} process(es) --train_batch_size {batch // num_processes} keeps its global batch of {batch}; or "
+
+
+def _choose_checkpoint(output_dir: Path, resume: str | None, fingerprint: RunFingerprint,
+                       num_processes: int = 1) -> tuple[str | None, str | None]:
     own, foreign = [], []
     for step, folder in list_checkpoints(output_dir):
         state = read_train_state(folder)
@@ -278,7 +299,8 @@ def _choose_checkpoint(output_dir: Path, resume: str | None, fingerprint: RunFin
     if foreign:
         folder, theirs = foreign[-1]
         return None, (f"{output_dir} holds checkpoints of another run ({folder.name}: {fingerprint.differences(theirs)}): "
-                      "use another --output_dir, or remove them to start over")
+                      f"{_same_global_batch(theirs, fingerprint, num_processes)}use another --output_dir, or remove "
+                      "them to start over")
     if not resume:
         return None, None
     if resume != "latest":

@@ -111,7 +111,7 @@ def check_optimizer_kept(opts, built: type, prepared) -> None:
     if inner is built or (built is torch.optim.AdamW and inner.__name__ == "DeepSpeedCPUAdam"):
         return
     chosen = "--use_8bit_adam" if opts.use_8bit_adam else f"--optimizer {opts.optimizer}"
-    raise UserError(f"DeepSpeed's optimizer offload replaced {chosen} ({built.__name__}) with {inner.__name__}: set "
+    raise UserError.on_every_rank(f"DeepSpeed's optimizer offload replaced {chosen} ({built.__name__}) with {inner.__name__}: set "
                     f"zero_force_ds_cpu_optimizer: false in a DeepSpeed config file (deepspeed_config_file) to keep it, "
                     f"or use --optimizer adamw")
 
