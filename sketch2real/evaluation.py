@@ -119,8 +119,9 @@ def features_of(images: ImageSet, extractor, state, cache_dir: Path | None) -> t
         return data["features"], data["valid"], True
     features, valid = extractor.extract(images, state.process_index, state.num_processes, state.is_local_main_process)
     parts = gather_object([(features, valid)]) if state.num_processes > 1 else [(features, valid)]
-    parts = [p for p in parts if len(p[1])] or parts[:1]  # a rank given no batch has no feature width to join
-    features = np.concatenate([p[0] for p in parts])
+    # a rank given no batch, or only unreadable images, knows no feature width: its (zero) rows take the others'
+    width = max((p[0].shape[1] for p in parts if p[1].any()), default=1)
+    features = np.concatenate([p[0] if p[1].any() else np.zeros((len(p[1]), width)) for p in parts])
     valid = np.concatenate([p[1] for p in parts])
     check_readable(images, valid)
     if cache_file is not None and state.is_main_process and not valid.all():  # its key cannot see a repaired copy

@@ -35,6 +35,7 @@ from sketch2real.io import (
     read_saved_options,
     read_with_parts,
     refuse_other_settings,
+    write_jsonl,
 )
 from sketch2real.models import requested_precision
 from sketch2real.shards import CorruptSample, corrupt_samples, open_image
@@ -234,8 +235,15 @@ def resumable_keys(output_dir: Path, options: Mapping[str, Any], items: Sequence
 
 
 def merge_index(output_dir: Path) -> list[dict]:
-    """Fold the ranks' part files into index.jsonl (sorted, one row per key with an image) and remove them."""
-    return merge_parts(output_dir, "index", key=lambda r: r["key"], keep=lambda r: image_path(output_dir, r["key"]).is_file())
+    """Fold the ranks' part files into index.jsonl (sorted, one row per key with an image) and remove them. Rows
+    of a version that did not record `generator_seed` get it (the same derivation drew them)."""
+    rows = merge_parts(output_dir, "index", key=lambda r: r["key"], keep=lambda r: image_path(output_dir, r["key"]).is_file())
+    older = [row for row in rows if "generator_seed" not in row and isinstance(row.get("seed"), int)]
+    for row in older:
+        row["generator_seed"] = derive_seed(row["seed"], row["key"])
+    if older:
+        write_jsonl(Path(output_dir) / "index.jsonl", rows)
+    return rows
 
 
 def run_config_of(folder: Path) -> Path | None:

@@ -111,33 +111,51 @@ def test_a_deepspeed_checkpoint_on_another_world_size_is_refused_in_one_line(tmp
     assert "global_batch_size: 8 there, 2 now" in error and "on 2 process(es) --train_batch_size 4 keeps its global batch of 8" in error
     _, error = _decide_resume(tmp_path, "latest", RunFingerprint({"a": 1, "global_batch_size": 3}, {}), {**ddp, "num_processes": 3})
     assert "its global batch of 8 needs a number of processes that divides it" in error
+    # a ZeRO checkpoint resumes on its own count only: no hint that leads to a second refusal
+    (folder / TRAIN_STATE).write_text(json.dumps({"step": 5, "fingerprint": {"a": 1, "global_batch_size": 8},
+                                                  "launch": {"num_processes": 8, "deepspeed": True}}))
+    _, error = _decide_resume(tmp_path, "latest", RunFingerprint({"a": 1, "global_batch_size": 2}, {}),
+                              {"num_processes": 2, "deepspeed": True})
+    assert "it is a DeepSpeed ZeRO checkpoint of 8 processes: resume it on those" in error and "--train_batch_size" not in error
 
 
-@pytest.mark.parametrize("config, message", [
-    ({"gradient_clipping": 0.5}, "sets gradient_clipping 0.5, the trainer's --max_grad_norm is 1: give --max_grad_norm 0.5"),
-    ({"gradient_accumulation_steps": 2}, "sets gradient_accumulation_steps 2, the trainer's --gradient_accumulation_steps is 1"),
-    ({"train_micro_batch_size_per_gpu": 4}, "sets train_micro_batch_size_per_gpu 4, the trainer's --train_batch_size is 1"),
-    ({"train_batch_size": 8}, "sets train_batch_size 8, the trainer's global batch is 2"),
-    ({"optimizer": {"type": "AdamW"}}, 'has a block "optimizer": the trainer makes its own \\(--optimizer'),
-    ({"scheduler": {"type": "WarmupLR"}}, 'has a block "scheduler": the trainer makes its own \\(--lr_scheduler'),
-    ({"bf16": {"enabled": True}}, "--mixed_precision no, but the DeepSpeed config .* enables bf16"),
+@pytest.mark.parametrize("config, precision, message", [
+    ({"gradient_clipping": 0.5}, None, "sets gradient_clipping 0.5, the trainer's --max_grad_norm is 1: give --max_grad_norm 0.5"),
+    ({"gradient_accumulation_steps": 2}, None, "sets gradient_accumulation_steps 2, the trainer's --gradient_accumulation_steps is 1"),
+    ({"train_micro_batch_size_per_gpu": 4}, None, "sets train_micro_batch_size_per_gpu 4, the trainer's --train_batch_size is 1"),
+    ({"train_batch_size": 8}, None, "sets train_batch_size 8, the trainer's global batch is 2"),
+    ({"train_batch_size": "8"}, None, "sets train_batch_size 8, the trainer's global batch is 2"),
+    ({"optimizer": {"type": "AdamW"}}, None, 'has a block "optimizer": the trainer makes its own \\(--optimizer'),
+    ({"scheduler": {"type": "WarmupLR"}}, None, 'has a block "scheduler": the trainer makes its own \\(--lr_scheduler'),
+    ({"bf16": {"enabled": True}}, "no", "--mixed_precision no, but the DeepSpeed config .* enables bf16"),
+    ({"bf16": {"enabled": False}}, "bf16", "--mixed_precision bf16, but the DeepSpeed config .* turns bf16 off"),
+    ({"fp16": {"enabled": "true"}}, "bf16", "--mixed_precision bf16, but the DeepSpeed config .* enables fp16"),
 ])
-def test_a_deepspeed_config_file_saying_otherwise_than_the_flags_is_one_line(config, message, tmp_path):
+def test_a_deepspeed_config_saying_otherwise_than_the_flags_is_one_line(config, precision, message, tmp_path):
     """A user's DeepSpeed JSON (accelerate's deepspeed_config_file): its values were silently replaced by the flags'
-    (clipping 0.5 trained as 1.0), its optimizer block was a traceback, its scheduler ran beside the trainer's."""
+    (clipping 0.5 trained as 1.0), its optimizer block was a traceback, its scheduler ran beside the trainer's, bf16
+    turned off there trained fp32 under --mixed_precision bf16, fp16 there was accelerate's traceback."""
     from sketch2real.cli import UserError
-    from sketch2real.training.accelerator import check_deepspeed_file
+    from sketch2real.training.accelerator import check_deepspeed_config
 
     settings = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0}
     path = tmp_path / "ds.json"
+    env = {"ACCELERATE_DEEPSPEED_CONFIG_FILE": str(path), "ACCELERATE_MIXED_PRECISION": "no"}
     path.write_text(json.dumps({"zero_optimization": {"stage": 2}, **config}))
     with pytest.raises(UserError, match=message):
-        check_deepspeed_file(str(path), settings, "no", 2)
-    # "auto", the same values, or --mixed_precision left to the config: taken
-    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_batch_size": "auto", "gradient_clipping": 1.0,
-                                "bf16": {"enabled": True}, "gradient_accumulation_steps": "auto"}))
-    check_deepspeed_file(str(path), settings, None, 2)
-    check_deepspeed_file(str(path), settings, "bf16", 2)
+        check_deepspeed_config(env, settings, settings, precision, 2)
+    # "auto", null, the same values, or the precision left to the config: taken
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_batch_size": "auto", "gradient_clipping": 1,
+                                "bf16": {"enabled": True}, "gradient_accumulation_steps": None}))
+    for precision in (None, "bf16"):
+        check_deepspeed_config(env, settings, settings, precision, 2)
+    # the accelerate YAML's own deepspeed_config values: edited away from the shipped ones (the options' defaults)
+    # and not given as flags, one line; the shipped ones under other flags (--max_grad_norm 0): the flags'
+    yaml = {"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "2", "ACCELERATE_GRADIENT_CLIPPING": "1.0"}
+    with pytest.raises(UserError, match="the accelerate config sets deepspeed_config gradient_accumulation_steps 2, "
+                                        "the trainer's --gradient_accumulation_steps is 1: give --gradient_accumulation_steps 2"):
+        check_deepspeed_config(yaml, settings, settings, None, 2)
+    check_deepspeed_config(yaml, {**settings, "gradient_accumulation_steps": 2, "gradient_clipping": 0.0}, settings, None, 2)
 
 
 def test_a_users_deepspeed_clipping_is_one_line_once_per_node_under_accelerate_launch(tiny_models, shard_dir, tmp_path):

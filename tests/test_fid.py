@@ -107,20 +107,25 @@ def test_generated_folder_against_shards_per_category_two_processes(tiny_models,
     run_script("infer/generate.py", "--pretrained_model_name_or_path", tiny_models.sd, "--shard_dir", shard_dir,
                "--split", "test", "--height", "64", "--width", "64", "--num_inference_steps", "2",
                "--prompt_template", "a photo of a {category}", "--output_dir", gen, "--batch_size", "8")
-    few = tmp_path / "few"  # fewer images than a batch: one rank extracts none of them
-    few.mkdir()
-    for image in sorted((gen / "images").rglob("*.png"))[:5]:
-        shutil.copy(image, few / image.name)
-    common = ["--generated", f"tiny={gen}", f"again={gen}", f"few={few}", "--reference_shards",
+    few, broken = tmp_path / "few", tmp_path / "broken"  # fewer images than a batch: one rank extracts none of them;
+    few.mkdir()                                            # 16 and 3 unreadable: rank 1's are all unreadable
+    broken.mkdir()
+    for i, image in enumerate(sorted((gen / "images").rglob("*.png"))[:16]):
+        if i < 5:
+            shutil.copy(image, few / image.name)
+        shutil.copy(image, broken / f"{i:02d}.png")
+    for i in range(16, 19):
+        (broken / f"{i:02d}.png").write_bytes(b"\x89PNG cut short")
+    common = ["--generated", f"tiny={gen}", f"again={gen}", f"few={few}", f"broken={broken}", "--reference_shards",
               shard_dir, "--dims", "64", "--no_cache", "--batch_size", "16", "--metrics", "fid", "kid", "fd_dinov2", "cmmd",
               "--dinov2_model_name_or_path", tiny_models.dinov2, "--clip_model_name_or_path", tiny_models.clip]
     run_script("eval/fid.py", *common, "--output_dir", tmp_path / "one")
     # several sets: all gathered before rank 0 scores; 27 images in batches of 16 on 2 ranks, `few` all on rank 1
-    # (rank 0's empty part has no feature width)
+    # (rank 0's empty part has no feature width, nor rank 1's part of `broken`: unreadable images only)
     launch("eval/fid.py", *common, "--output_dir", tmp_path / "two")
     one, two = _fid(tmp_path / "one"), _fid(tmp_path / "two")
     assert two["num_processes"] == 2  # really data-parallel
-    assert set(two["sets"]) == {"tiny", "again", "few"}
+    assert set(two["sets"]) == {"tiny", "again", "few", "broken"} and two["sets"]["broken"]["n_generated"] == 16
     for name in two["sets"]:
         for metric in ("fid", "fd_dinov2", "cmmd"):  # every extractor's features gathered from both ranks in order
             assert one["sets"][name][metric] == two["sets"][name][metric], metric
@@ -146,7 +151,7 @@ def test_generated_folder_against_shards_per_category_two_processes(tiny_models,
     assert tiny["pairing_gain_ci95"][0] <= tiny["pairing_gain"] <= tiny["pairing_gain_ci95"][1]
     assert all(len(c["kid_ci95"]) == 2 for c in per_category.values() if c["kid"] is not None)
     # identical sets: the difference is exactly 0 and not distinguishable
-    assert len(one["differences"]) == 3
+    assert len(one["differences"]) == 6
     same = next(d for d in one["differences"] if {d["a"], d["b"]} == {"tiny", "again"})
     assert same["kid_difference"] == 0 and same["verdict"] == "not distinguishable"
     # generate.py's sets pair the images of one item (index.jsonl key): every image here

@@ -110,8 +110,15 @@ def test_a_rerun_with_other_settings_is_refused_and_one_with_another_batch_or_li
     assert {key: now[key] for key in first} == first
     assert all(path.stat().st_mtime_ns == mtime for path, mtime in mtimes.items())  # the first five were not drawn again
     (out / "generate_config.json").unlink()  # a folder of an older version: resumed as before
+    index = out / "index.jsonl"  # whose rows had no generator_seed: filled in (the same derivation drew them)
+    index.write_text("".join(json.dumps({k: v for k, v in json.loads(line).items() if k != "generator_seed"}) + "\n"
+                             for line in index.read_text().splitlines()))
     proc = run_script("infer/generate.py", *args, "--max_per_category", "2", "--seed", "1")
     assert json.loads(proc.stdout.strip().splitlines()[-1])["generated_now"] == 0 and _images(out) == now
+    from sketch2real.training.diffusion import derive_seed
+
+    rows = [json.loads(line) for line in index.read_text().splitlines()]
+    assert len(rows) == 10 and all(r["generator_seed"] == derive_seed(0, r["key"]) for r in rows)
 
 
 def test_a_rerun_after_the_model_was_trained_again_in_place_is_refused(tiny_models, tmp_path):

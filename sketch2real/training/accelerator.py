@@ -3,13 +3,15 @@ modules of mixed dtypes, and reading trained weights out of DDP/DeepSpeed (ZeRO-
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TypeVar
 
 import torch
@@ -47,7 +49,12 @@ def make_accelerator(opts, train_batch_size: int | None = None):
     if on_cpu and precision == "fp16":
         raise UserError.on_every_rank("mixed precision fp16 needs a CUDA device; use bf16 or no on CPU")
     check_output_dir(opts.output_dir)  # every trainer's first use of it: a file or an unwritable folder is one line
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    distributed = world_size > 1
+    settings = deepspeed_settings(opts, train_batch_size)
+    if deepspeed:  # before accelerate reads it: a precision it contradicts is accelerate's traceback there
+        defaults = deepspeed_settings(SimpleNamespace(**{f.name: f.default for f in dataclasses.fields(opts)}))
+        check_deepspeed_config(os.environ, settings, defaults, opts.mixed_precision, world_size)
     group = {"backend": "gloo"} if on_cpu and distributed else {}
     # DDP's gradients as views of its reduction buckets: no second copy of every gradient (3.4 GB for SD 1.5's UNet)
     kwargs_handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=opts.ddp_timeout), **group),
@@ -71,9 +78,6 @@ def make_accelerator(opts, train_batch_size: int | None = None):
         raise UserError.on_every_rank("mixed precision fp16 (from the DeepSpeed config) needs a CUDA device; use bf16 or no on CPU")
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:
-        settings = deepspeed_settings(opts, train_batch_size)
-        check_deepspeed_file(os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none"), settings, opts.mixed_precision,
-                             accelerator.num_processes)
         plugin.deepspeed_config.update(settings)
     if opts.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -92,32 +96,54 @@ def deepspeed_settings(opts, train_batch_size: int | None = None) -> dict:
             "gradient_clipping": float(opts.max_grad_norm)}
 
 
-# the DeepSpeed config's keys the trainer's flags set (`deepspeed_settings`)
+# the DeepSpeed config's keys the trainer's flags set (`deepspeed_settings`), and the accelerate config's (YAML) own
 DEEPSPEED_FLAGS = {"train_micro_batch_size_per_gpu": "--train_batch_size",
                    "gradient_accumulation_steps": "--gradient_accumulation_steps", "gradient_clipping": "--max_grad_norm"}
+YAML_DEEPSPEED_KEYS = {"gradient_accumulation_steps": "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
+                       "gradient_clipping": "ACCELERATE_GRADIENT_CLIPPING"}
 
 
-def check_deepspeed_file(path: str, settings: dict, mixed_precision: str | None, num_processes: int) -> None:
-    """One line where a user's DeepSpeed config file (accelerate's `deepspeed_config_file`; "none": none) says
-    otherwise than the trainer, which decides batch, accumulation, clipping, precision, optimizer and schedule from its
-    flags (and records them in run_config.json): a value there other than "auto" was replaced silently, an "optimizer"
-    block was a traceback, a "scheduler" block ran beside the trainer's schedule (WarmupLR set step 1's rate to 0)."""
+def _number(value) -> float | None:
+    """A config's number (None: "auto", absent, null, or not a number: DeepSpeed's to judge)."""
+    try:
+        return None if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def check_deepspeed_config(env: Mapping[str, str], settings: dict, defaults: dict, mixed_precision: str | None,
+                           num_processes: int) -> None:
+    """One line where the DeepSpeed setup says otherwise than the trainer, which decides batch, accumulation,
+    clipping, precision, optimizer and schedule from its flags (and records them in run_config.json).
+
+    `env`: the launch's environment (accelerate passes the YAML's `deepspeed_config` and a `deepspeed_config_file`
+    through it); `settings`: `deepspeed_settings` of this run, `defaults`: of the options' defaults (the shipped
+    YAMLs' accumulation 1 and clipping 1.0: only a YAML value edited away from them is the user's word). A user's JSON
+    value other than "auto" was replaced silently, an "optimizer" block was a traceback, a "scheduler" block ran beside
+    the trainer's schedule (WarmupLR set step 1's rate to 0), a precision it turns on or off won over the flag."""
     import json
 
+    path = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
     try:
-        config = json.loads(Path(path).read_text()) if path != "none" else None
-    except (OSError, ValueError):  # accelerate read it already: what it says of it stands
-        config = None
-    if not isinstance(config, dict):
-        return
+        config = json.loads(Path(path).read_text()) if path != "none" else {}
+    except (OSError, ValueError):  # accelerate reads it too: what it says of it stands
+        config = {}
+    config = config if isinstance(config, dict) else {}
     where = f"the DeepSpeed config {path}"
     for key, flag in DEEPSPEED_FLAGS.items():
-        value = config.get(key, "auto")
-        if value != "auto" and float(value) != float(settings[key]):
-            raise UserError.on_every_rank(f"{where} sets {key} {value}, the trainer's {flag} is {settings[key]:g}: give "
-                                          f"{flag} {value}, or \"auto\" there (the flags decide; run_config.json records them)")
+        if key in YAML_DEEPSPEED_KEYS and path == "none":
+            value = _number(env.get(YAML_DEEPSPEED_KEYS[key]))
+            if value is not None and value not in (settings[key], defaults[key]):
+                raise UserError.on_every_rank(
+                    f"the accelerate config sets deepspeed_config {key} {value:g}, the trainer's {flag} is "
+                    f"{settings[key]:g}: give {flag} {value:g} (the flags decide; run_config.json records them)")
+        value = _number(config.get(key))
+        if value is not None and value != float(settings[key]):
+            raise UserError.on_every_rank(f"{where} sets {key} {value:g}, the trainer's {flag} is {settings[key]:g}: "
+                                          f"give {flag} {value:g}, or \"auto\" there (the flags decide; "
+                                          "run_config.json records them)")
     batch = settings["train_micro_batch_size_per_gpu"] * settings["gradient_accumulation_steps"] * num_processes
-    if config.get("train_batch_size", "auto") not in ("auto", batch):
+    if _number(config.get("train_batch_size")) not in (None, batch):
         raise UserError.on_every_rank(f"{where} sets train_batch_size {config['train_batch_size']}, the trainer's global "
                                       f"batch is {batch} (--train_batch_size x --gradient_accumulation_steps x "
                                       f"{num_processes} processes): set it to \"auto\"")
@@ -126,10 +152,16 @@ def check_deepspeed_file(path: str, settings: dict, mixed_precision: str | None,
         if block in config:
             raise UserError.on_every_rank(f"{where} has a block \"{block}\": the trainer makes its own ({flags}); remove "
                                           "it there")
-    enabled = [kind for kind in ("bf16", "fp16") if str((config.get(kind) or {}).get("enabled")).lower() == "true"]
-    if mixed_precision is not None and enabled and enabled != [mixed_precision]:
-        raise UserError.on_every_rank(f"--mixed_precision {mixed_precision}, but {where} enables {enabled[0]}: give "
-                                      f"--mixed_precision {enabled[0]}, or \"enabled\": \"auto\" there")
+    said = {kind: str((config.get(kind) or {}).get("enabled", "auto")).lower() for kind in ("bf16", "fp16")}
+    on = [kind for kind, v in said.items() if v == "true"]
+    requested = mixed_precision or env.get("ACCELERATE_MIXED_PRECISION") or "no"
+    source = f"--mixed_precision {mixed_precision}" if mixed_precision else f"accelerate's mixed_precision {requested}"
+    if on and (requested not in ("no", on[0]) or mixed_precision == "no"):
+        raise UserError.on_every_rank(f"{source}, but {where} enables {on[0]}: give --mixed_precision {on[0]}, or "
+                                      "\"enabled\": \"auto\" there")
+    if said.get(requested) == "false":
+        raise UserError.on_every_rank(f"{source}, but {where} turns {requested} off (the run would be fp32): set its "
+                                      "\"enabled\" to \"auto\" there, or give --mixed_precision no")
 
 
 def main_process_view(state, look: Callable[[], T]) -> T:

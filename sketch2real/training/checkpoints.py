@@ -276,12 +276,14 @@ def _decide_resume(output_dir: Path, resume: str | None, fingerprint: RunFingerp
     return path, error
 
 
-def _same_global_batch(theirs: dict, mine: dict, num_processes: int) -> str:
+def _same_global_batch(theirs: dict, mine: dict, num_processes: int, launch: dict | None) -> str:
     """How a run requeued on another number of processes gets back the global batch a checkpoint was trained with
-    ("" where that is not what differs)."""
+    ("" where that is not what differs); `launch`: the checkpoint's (a ZeRO checkpoint resumes on its own count only)."""
     batch = theirs.get("global_batch_size")
     if not isinstance(batch, int) or batch == mine.get("global_batch_size"):
         return ""
+    if launch and launch.get("deepspeed") and launch.get("num_processes") != num_processes:
+        return f"it is a DeepSpeed ZeRO checkpoint of {launch['num_processes']} processes: resume it on those, or "
     if batch % num_processes:
         return f"its global batch of {batch} needs a number of processes that divides it, or "
     return f"on {num_processes} process(es) --train_batch_size {batch // num_processes} keeps its global batch of {batch}; or "
@@ -293,14 +295,15 @@ def _choose_checkpoint(output_dir: Path, resume: str | None, fingerprint: RunFin
     for step, folder in list_checkpoints(output_dir):
         state = read_train_state(folder)
         if state is not None and not fingerprint.matches(state.get("fingerprint")):
-            foreign.append((folder, state["fingerprint"]))
+            foreign.append((folder, state))
         else:
             own.append((step, folder))
     if foreign:
-        folder, theirs = foreign[-1]
+        folder, state = foreign[-1]
+        theirs = state["fingerprint"]
         return None, (f"{output_dir} holds checkpoints of another run ({folder.name}: {fingerprint.differences(theirs)}): "
-                      f"{_same_global_batch(theirs, fingerprint, num_processes)}use another --output_dir, or remove "
-                      "them to start over")
+                      f"{_same_global_batch(theirs, fingerprint, num_processes, state.get('launch'))}use another "
+                      "--output_dir, or remove them to start over")
     if not resume:
         return None, None
     if resume != "latest":
