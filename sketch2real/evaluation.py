@@ -739,7 +739,8 @@ def run_fid(opts: EvalOptions, generated_sets: list[ImageSet], reference: ImageS
     distinct = distinct_images(reference)
     for name, extractor in extractors.items():
         features, valid, hits[name] = features_of(reference, extractor, state, cache_dir)
-        reference_of[name], readable_of[name] = (features, valid & distinct), valid  # scored: each image once
+        # scored: each image once (rank 0's: the others hold no features where the cache answered)
+        reference_of[name], readable_of[name] = (features, valid & distinct if len(valid) else valid), valid
         sets_of[name] = [features_of(images, extractor, state, None)[:2] for images in generated_sets]
     style = None
     if metrics & STYLE_METRICS:
@@ -762,7 +763,8 @@ def run_fid(opts: EvalOptions, generated_sets: list[ImageSet], reference: ImageS
     if transparent:  # only then: most runs' metrics.json stay as they were
         report["transparent_images"] = transparent
     class_names = sorted(set(class_names or reference.categories) - {None, ""})
-    report["clip_accuracy_classes"] = len(class_names)
+    if "clip_accuracy" in metrics:
+        report["clip_accuracy_classes"] = len(class_names)
     class_embeddings = zero_shot_classifier(extractors["clip"], class_names) if "clip_accuracy" in metrics and class_names else None
     if style is not None:
         if "csd" in metrics:

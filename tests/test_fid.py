@@ -95,6 +95,10 @@ def test_reference_cache_hit_and_invalidation(folders, tmp_path):
     assert not first["reference"]["cache_hit"] and second["reference"]["cache_hit"]
     assert first["sets"]["a"]["fid"] == second["sets"]["a"]["fid"]
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
+    # on 2 processes too (the other rank holds no cached features: it crashed joining its empty mask)
+    launch("eval/fid.py", *args, "--output_dir", tmp_path / "ddp")
+    ddp = _fid(tmp_path / "ddp")
+    assert ddp["reference"]["cache_hit"] and ddp["num_processes"] == 2 and ddp["sets"]["a"]["fid"] == first["sets"]["a"]["fid"]
     Image.new("RGB", (64, 64), "red").save(ref / "000.png")  # the set changed: statistics are recomputed
     run_script("eval/fid.py", *args, "--output_dir", tmp_path / "3")
     third = _fid(tmp_path / "3")
