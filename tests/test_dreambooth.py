@@ -1348,9 +1348,15 @@ def test_push_to_hub_fails_before_training_without_login_and_uploads_the_model_w
 
         out = tmp_path / "sketch-lora"
         run_script("train/dreambooth.py", *lora, "--output_dir", out, "--report_to", "tensorboard",
-                   "--tracker_project_name", "sketch-style", env=hub.env())
+                   "--tracker_project_name", "sketch-style", "--validation_steps", "100", "--num_validation_images", "1",
+                   "--validation_inference_steps", "2", env=hub.env())
         local = _files(out)
         assert any(name.startswith("logs/sketch-style/events.out.tfevents") for name in local)  # the hub shows them
+        # the final validation's values reach TensorBoard too (they came after the last step's logs were sent), once
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(out / "logs" / "sketch-style")).Reload()
+        assert [e.step for e in events.Scalars("heldout_loss")] == [2] and [e.step for e in events.Scalars("loss")] == [1, 2]
         assert any(name.startswith("checkpoint-1/") for name in local) and any(
             name.startswith("latent_cache/") for name in local)
         kept = {name: data for name, data in local.items() if not name.startswith(("checkpoint-", "latent_cache/"))}

@@ -184,11 +184,23 @@ class Validation(Callback):
 
 
 class TrackerLog(Callback):
-    """The step's logs to the experiment tracker (steps where the loop read the loss back, or validated)."""
+    """The step's logs to the experiment tracker (steps where the loop read the loss back, or validated), and the
+    final validation's, which comes after the last step's were sent (`Validation.before_save`)."""
+
+    def __init__(self) -> None:
+        self.sent: tuple[int, set[str]] = (-1, set())  # the step and the names sent for it
 
     def after_step(self, run: Run) -> int | None:
         if run.logs:
             run.accelerator.log(run.logs, step=run.step)
+        self.sent = (run.step, set(run.logs))
+        return None
+
+    def before_save(self, run: Run) -> int | None:
+        step, names = self.sent
+        later = {k: v for k, v in run.logs.items() if step != run.step or k not in names}
+        if later:
+            run.accelerator.log(later, step=run.step)
         return None
 
 
