@@ -55,6 +55,11 @@ class Run:
     first_bad_step: int | None = None  # the first step whose loss was not finite (on any process)
     host_reads: int = 0  # reads of device values by the loop (one per `reads_due` step)
     timed_from: tuple[int, float] | None = None  # (step, time) of the first read: after warm-up and compilation
+    # seconds of validation and checkpoints inside the loop (throughput is training's): in all, and by the first and
+    # the last read
+    paused_seconds: float = 0.0
+    paused_at_first_read: float = 0.0
+    paused_at_end: float = 0.0
     graphs_at_first_read: int = 0  # graphs torch.compile had compiled by then
     preempted: bool = False  # a preemption signal reached some process (one collective decides, for all)
     logs: dict[str, Any] = field(default_factory=dict)  # this step's: loss, lr, validation
@@ -63,8 +68,21 @@ class Run:
     averaged: Any = None
     cache_peak_memory_mb: float | None = None  # the peak before training: loading and the latent caches' build
 
+    @contextlib.contextmanager
+    def paused(self):
+        """Time that is not training's: off the throughput's clock."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_seconds += time.perf_counter() - start
+
     def checkpoint(self) -> None:
         """A checkpoint at this step (the EMA's share of every process in it), then the task's own files of it."""
+        with self.paused():
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
         save_checkpoint(self.accelerator, self.out, self.step, self.opts.checkpoints_total_limit, self.fingerprint,
                         extra=self.averaged.save if self.averaged is not None else None,
                         state={"last_loss": self.last_loss})  # a resume at the last step trains nothing: its loss
@@ -88,13 +106,16 @@ class Run:
         if self.timed_from is None:
             self.timed_from = (self.step, now)
             self.graphs_at_first_read = compiled_graphs()
+            self.paused_at_first_read = self.paused_seconds
         self.end_time = now
+        self.paused_at_end = self.paused_seconds
 
     def steady_steps_per_second(self) -> float | None:
         """Steps per second between the first read and the last one (None: fewer than two reads)."""
         if self.timed_from is None or self.end_time is None or self.step <= self.timed_from[0]:
             return None
-        return (self.step - self.timed_from[0]) / (self.end_time - self.timed_from[1])
+        return (self.step - self.timed_from[0]) / (self.end_time - self.timed_from[1]
+                                                    - (self.paused_at_end - self.paused_at_first_read))
 
     def stop_preempted(self) -> int:
         """Checkpoint at this step on every process, leave PREEMPTED for slurm/common.sh, return exit status 75."""
@@ -160,7 +181,7 @@ class Validation(Callback):
     def _validate(self, run: Run) -> bool:
         """False: preempted (raised on every process together: a collective check)."""
         try:
-            with run.evaluation_weights():
+            with run.paused(), run.evaluation_weights():
                 validated = run.task.validate(run.accelerator, run.model, run.step)
         except Preempted:
             run.model.train()
@@ -252,7 +273,9 @@ class RunSummary(Callback):
     def after_save(self, run: Run) -> None:
         accelerator, task = run.accelerator, run.task
         cache = task.cache_stats()
-        elapsed = (run.end_time or time.perf_counter()) - run.start_time  # the clock starts after the latent cache
+        # the clock starts after the latent cache and stops at the last read; validation and checkpoints are not in it
+        elapsed = ((run.end_time or time.perf_counter()) - run.start_time
+                   - (run.paused_at_end if run.end_time else run.paused_seconds))
         steps_done = run.step - run.start_step
         steady = run.steady_steps_per_second()
         summary = {
@@ -267,6 +290,7 @@ class RunSummary(Callback):
             "steady_steps_per_second": steady,
             "steady_samples_per_second": steady * task.samples_per_step() if steady is not None else None,
             "steady_from_step": run.timed_from[0] if run.timed_from else None,
+            "validation_and_checkpoint_seconds": run.paused_seconds,  # inside the loop: not in the throughputs
             "host_reads": run.host_reads,
             # --torch_compile: graphs compiled in all, and after the first read (recompiles: 0 when shapes are static)
             "compiled_graphs": compiled_graphs(),
