@@ -144,6 +144,7 @@ def test_sigusr1_saves_a_checkpoint_and_exits_for_requeue(db_args, tmp_path):
     proc = run_script("train/dreambooth.py", *db_args, "--output_dir", out, "--max_train_steps", str(step + 2),
                       "--resume_from_checkpoint", "latest")
     assert json.loads((out / "metrics.json").read_text())["steps_this_run"] == 2
+    assert "lr_scheduler.step()" not in proc.stderr  # torch's warning at the schedule's fast-forward: on purpose
 
 
 def test_caption_dropout_trains_dropped_images_on_the_empty_prompt_whatever_the_processes(db_args, tmp_path,
@@ -981,6 +982,16 @@ def test_bad_flags_give_one_line_and_exit_2(db_args, tmp_path, extra, message):
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert message in last and "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb installed")
+def test_what_every_process_meets_alike_is_said_once_per_node(db_args, tmp_path):
+    """An unused class-image flag's warning and a missing tracker's error were printed by each of a node's processes
+    (8 lines on an 8-GPU node)."""
+    proc = launch("train/dreambooth.py", *db_args, "--output_dir", tmp_path / "x", "--max_train_steps", "1",
+                  "--class_data_dir", tmp_path / "class", "--report_to", "wandb", check=False)
+    assert proc.returncode != 0 and proc.stderr.count("wandb is not installed (pip install wandb)") == 1, proc.stderr[-2000:]
+    assert proc.stderr.count("--class_data_dir: not used without --with_prior_preservation") == 1
 
 
 @pytest.mark.parametrize("accelerate_flags, env, message", [

@@ -62,7 +62,7 @@ def make_accelerator(opts, train_batch_size: int | None = None):
     report_to = None if opts.report_to == "none" else opts.report_to
     if report_to in ("tensorboard", "wandb") and not getattr(accelerate.utils, f"is_{report_to}_available")():
         # accelerate would only warn and log nowhere
-        raise UserError(f"--report_to {report_to}: {report_to} is not installed (pip install {report_to}), or use "
+        raise UserError.on_every_rank(f"--report_to {report_to}: {report_to} is not installed (pip install {report_to}), or use "
                         "--report_to none")
     accelerator = Accelerator(
         # told, as ACCELERATE_USE_CPU would tell it: on a machine without GPUs a GPU config's processes (torchrun's

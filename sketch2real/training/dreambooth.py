@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from sketch2real.cli import UserError, default_of, option
+from sketch2real.cli import UserError, default_of, on_other_rank, option
 from sketch2real.family import (
     FAMILIES,
     Conditioning,
@@ -207,7 +207,7 @@ class DreamBoothOptions(TrainOptions):
             raise UserError("--with_prior_preservation needs --class_prompt and --class_data_dir")
         unused = [f"--{f.name}" for f in dataclasses.fields(self)
                   if f.name in CLASS_OPTIONS and getattr(self, f.name) != default_of(f)]
-        if unused and not self.with_prior_preservation:  # diffusers' scripts warn here too
+        if unused and not self.with_prior_preservation and not on_other_rank():  # diffusers' scripts warn here too
             logger.warning("%s: not used without --with_prior_preservation", ", ".join(unused))
 
 

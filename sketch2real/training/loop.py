@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -150,7 +151,7 @@ def check_same_trainer(out: Path, trainer: str) -> None:
     summary = out / "metrics.json"
     previous = json.loads(summary.read_text()).get("trainer") if summary.is_file() else None
     if previous and previous != trainer:
-        raise UserError(f"--output_dir {out} holds a finished {previous} run (its metrics.json): this {trainer} run's files "
+        raise UserError.on_every_rank(f"--output_dir {out} holds a finished {previous} run (its metrics.json): this {trainer} run's files "
                         "would mix with its files; give another --output_dir")
 
 
@@ -194,12 +195,14 @@ def train(task: Task, opts, accelerator, project_name: str, callbacks: list[Call
     if resume is not None:
         step = load_checkpoint(accelerator, resume)
         if step > opts.max_train_steps:  # its data order and schedule would run backwards (a traceback, before)
-            raise UserError(f"{resume} is at step {step}, past --max_train_steps {opts.max_train_steps}: give at least "
+            raise UserError.on_every_rank(f"{resume} is at step {step}, past --max_train_steps {opts.max_train_steps}: give at least "
                             f"{step}, or another --output_dir for a shorter run")
         if averaged is not None:
             averaged.load(resume)
-        for _ in range(step):
-            lr_scheduler.step()
+        with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": so it is, on purpose
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            for _ in range(step):
+                lr_scheduler.step()
         logger.info("resumed from %s at step %d", resume, step)
     elif opts.resume_from_checkpoint:
         logger.info("no checkpoint in %s: starting from step 0", out)
