@@ -299,3 +299,17 @@ def test_the_pipeline_generates_a_style_over_every_category_with_the_prompt_it_t
         generation = next(line for line in (tmp_path / "submitted").read_text().splitlines() if "slurm/generate.sh" in line)
         assert f"--pretrained_model_name_or_path {tmp_path}/runs/dreambooth_{category}" in generation
         assert generation.endswith(f"--prompt_template {template}"), generation
+
+
+def test_a_job_whose_log_is_a_file_redraws_its_progress_bars_every_30_seconds(tmp_path):
+    """In a job's log file tqdm's 0.1 s redraws made one line of ~300 KB of fragments over a 3,000-step run: every bar
+    of the job (tqdm reads TQDM_* at import) redraws every 30 s, unless the user set it; a terminal keeps tqdm's."""
+    env = {**os.environ, "SLURM_JOB_ID": "4243", "MASTER_ADDR": "127.0.0.1", "SKETCH2REAL_HOME": str(REPO)}
+    env.pop("TQDM_MININTERVAL", None)
+    show = ("source slurm/common.sh && python3 -c 'import os; from tqdm.auto import tqdm; "
+            "print(tqdm(total=1, file=open(os.devnull, \"w\")).mininterval)'")
+    for preset, expected in ((None, "30.0"), ("5", "5.0")):
+        with open(tmp_path / "job.out", "w") as log:  # stderr a file, as sbatch makes it
+            proc = subprocess.run(["bash", "-c", show], cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True,
+                                  env={**env, **({"TQDM_MININTERVAL": preset} if preset else {})}, timeout=60)
+        assert proc.stdout.split()[-1] == expected
