@@ -145,6 +145,8 @@ def test_sigusr1_saves_a_checkpoint_and_exits_for_requeue(db_args, tmp_path):
                       "--resume_from_checkpoint", "latest")
     assert json.loads((out / "metrics.json").read_text())["steps_this_run"] == 2
     assert "lr_scheduler.step()" not in proc.stderr  # torch's warning at the schedule's fast-forward: on purpose
+    # what runs, said before the first step
+    assert f"dreambooth: {db_args[1]}, steps {step} to {step + 2}, global batch 1 (1 x 1 processes x 1 accumulated), fp32" in proc.stderr
 
 
 def test_caption_dropout_trains_dropped_images_on_the_empty_prompt_whatever_the_processes(db_args, tmp_path,

@@ -219,6 +219,12 @@ def train(task: Task, opts, accelerator, project_name: str, callbacks: list[Call
     cache_peak = peak_memory_mb(accelerator.device)  # the run's peak so far: the caches' build (fp16: an fp32 VAE)
     if accelerator.device.type == "cuda":  # the peak of training, not of the cache build
         torch.cuda.reset_peak_memory_stats(accelerator.device)
+    # what will run, said before the first step (a job's log said it only at the end)
+    logger.info("%s: %s, steps %d to %d, global batch %d (%d x %d processes x %d accumulated), %s, lr %g -> %s",
+                project_name, opts.pretrained_model_name_or_path, step, opts.max_train_steps,
+                opts.train_batch_size * accelerator.num_processes * opts.gradient_accumulation_steps, opts.train_batch_size,
+                accelerator.num_processes, opts.gradient_accumulation_steps,
+                {"no": "fp32"}.get(accelerator.mixed_precision, accelerator.mixed_precision), learning_rate, out)
     bar = tqdm(total=opts.max_train_steps, initial=step, desc=project_name, unit="step",
                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     run = Run(task, opts, accelerator, model, optimizer, lr_scheduler, out, fingerprint, bar, step=step, start_step=step,
