@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .helpers import REPO, launch, relative_difference, run_script, weights
+from .helpers import DEEPSPEED_CONFIGS, REPO, launch, relative_difference, run_script, weights
 
 
 @pytest.mark.parametrize("mode", ["timeout-train", "timeout-infer"])
@@ -117,6 +117,21 @@ def test_a_deepspeed_checkpoint_on_another_world_size_is_refused_in_one_line(tmp
     _, error = _decide_resume(tmp_path, "latest", RunFingerprint({"a": 1, "global_batch_size": 2}, {}),
                               {"num_processes": 2, "deepspeed": True})
     assert "it is a DeepSpeed ZeRO checkpoint of 8 processes: resume it on those" in error and "--train_batch_size" not in error
+
+
+def test_a_zero_checkpoint_requeued_on_another_count_is_refused_before_the_model_loads(tiny_models, shard_dir, tmp_path):
+    """As a requeued job meets it: the refusal came after the model loaded and was prepared (minutes for FLUX)."""
+    out = tmp_path / "zero2"
+    args = ["train/dreambooth.py", "--pretrained_model_name_or_path", tiny_models.sd, "--shard_dir", shard_dir,
+            "--instance_category", "cat", "--resolution", "64", "--max_train_steps", "2", "--checkpointing_steps", "1",
+            "--report_to", "none", "--validation_steps", "0", "--lora_rank", "4", "--output_dir", out]
+    launch(*args, deepspeed_config=DEEPSPEED_CONFIGS["zero2"], accelerate_precision=None)
+    proc = launch(*args, "--max_train_steps", "3", "--resume_from_checkpoint", "latest", num_processes=1,
+                  deepspeed_config=DEEPSPEED_CONFIGS["zero2"], accelerate_precision=None, check=False)
+    said = [line for line in proc.stderr.splitlines() if "cannot resume from" in line]  # (torchrun's block follows)
+    assert proc.returncode != 0 and len(said) == 1, proc.stderr[-3000:]
+    assert "DeepSpeed ZeRO checkpoint of 2 processes" in said[0] and "resume it on 2" in said[0]
+    assert "Loading pipeline components" not in proc.stderr and "Loading weights" not in proc.stderr
 
 
 @pytest.mark.parametrize("config, precision, message", [

@@ -385,6 +385,27 @@ def finished_run(accelerator, opts) -> bool:
     return finished
 
 
+def check_resume_launch(accelerator, opts) -> None:
+    """Before any weight loads: one line where the checkpoint `--resume_from_checkpoint` names (latest: the newest)
+    was saved under a launch this one cannot resume (`launch_problem`: a ZeRO checkpoint of another process count,
+    stage or offload; DeepSpeed or not), not after minutes of loading a large model. `resolve_resume` chooses for good
+    after `prepare`."""
+    resume = opts.resume_from_checkpoint
+    if not resume:
+        return
+
+    def look() -> None:
+        out = Path(opts.output_dir)
+        found = [folder for _, folder in list_checkpoints(out)][-1:] if resume == "latest" else [
+            Path(resume) if Path(resume).is_dir() else out / resume]
+        state = read_train_state(found[0]) if found and found[0].is_dir() else None
+        problem = launch_problem((state or {}).get("launch"), launch_of(accelerator))
+        if problem:
+            raise UserError(f"cannot resume from {found[0]}: {problem}")
+
+    main_process_view(accelerator, look)
+
+
 def resolve_resume(accelerator, output_dir: str | os.PathLike, resume: str | None, fingerprint: RunFingerprint) -> Path | None:
     """The checkpoint to resume from (None: a fresh start), decided by rank 0 for all ranks.
 
