@@ -9,8 +9,12 @@ cd "$S2R_HOME" || exit 1
 export S2R_DEFAULT_MODEL=stable-diffusion-v1-5/stable-diffusion-v1-5
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-0} TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 # A job's log is a file: progress bars (every tqdm: tqdm reads TQDM_* at import) redrawn every 30 s, not every 0.1 s
-# (a 3,000-step run wrote one line of ~300 KB of fragments); the hub's download bars off
-if [ ! -t 2 ]; then export TQDM_MININTERVAL=${TQDM_MININTERVAL:-30} HF_HUB_DISABLE_PROGRESS_BARS=${HF_HUB_DISABLE_PROGRESS_BARS:-1}; fi
+# (a 3,000-step run wrote one line of ~300 KB of fragments; its monitor forces one every maxinterval, 10 s); the
+# hub's download bars off
+if [ ! -t 2 ]; then
+  export TQDM_MININTERVAL=${TQDM_MININTERVAL:-30} TQDM_MAXINTERVAL=${TQDM_MAXINTERVAL:-30}
+  export HF_HUB_DISABLE_PROGRESS_BARS=${HF_HUB_DISABLE_PROGRESS_BARS:-1}
+fi
 PYTHON=${PYTHON:-python3}
 if [ "${SLURM_NNODES:-1}" -gt 1 ]; then
   ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-accelerate_configs/multi_node.yaml}

@@ -126,6 +126,10 @@ def test_a_zero_checkpoint_requeued_on_another_count_is_refused_before_the_model
             "--instance_category", "cat", "--resolution", "64", "--max_train_steps", "2", "--checkpointing_steps", "1",
             "--report_to", "none", "--validation_steps", "0", "--lora_rank", "4", "--output_dir", out]
     launch(*args, deepspeed_config=DEEPSPEED_CONFIGS["zero2"], accelerate_precision=None)
+    # resubmitted as it finished, on 1 process with the same global batch: nothing to train (not refused)
+    proc = launch(*args, "--resume_from_checkpoint", "latest", "--train_batch_size", "2", num_processes=1,
+                  deepspeed_config=DEEPSPEED_CONFIGS["zero2"], accelerate_precision=None)
+    assert "holds this run's trained model (2 steps" in proc.stdout
     proc = launch(*args, "--max_train_steps", "3", "--resume_from_checkpoint", "latest", num_processes=1,
                   deepspeed_config=DEEPSPEED_CONFIGS["zero2"], accelerate_precision=None, check=False)
     said = [line for line in proc.stderr.splitlines() if "cannot resume from" in line]  # (torchrun's block follows)

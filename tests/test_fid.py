@@ -93,6 +93,7 @@ def test_reference_cache_hit_and_invalidation(folders, tmp_path):
     run_script("eval/fid.py", *args, "--output_dir", tmp_path / "2")
     first, second = _fid(tmp_path / "1"), _fid(tmp_path / "2")
     assert not first["reference"]["cache_hit"] and second["reference"]["cache_hit"]
+    assert "clip_accuracy_classes" not in first  # not asked for
     assert first["sets"]["a"]["fid"] == second["sets"]["a"]["fid"]
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
     # on 2 processes too (the other rank holds no cached features: it crashed joining its empty mask)

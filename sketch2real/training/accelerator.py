@@ -226,7 +226,6 @@ def training_session(opts) -> Iterator:
     SIGUSR1/SIGTERM are caught from here on; a long phase that stops for them (`Preempted`: latent caching,
     class-image generation) leaves PREEMPTED and ends the process with status 75, so Slurm requeues the job.
     """
-    from sketch2real.training.checkpoints import check_resume_launch
     from sketch2real.training.hub import check_hub_repo
     from sketch2real.training.preemption import PREEMPTED_EXIT_CODE, Preempted, mark_preempted, preemption
 
@@ -234,7 +233,6 @@ def training_session(opts) -> Iterator:
     accelerator = make_accelerator(opts)
     try:
         check_hub_repo(opts, accelerator)  # --push_to_hub: no login or network fails now, not after the training
-        check_resume_launch(accelerator, opts)  # a checkpoint of another launch: now, not after the model loads
         yield accelerator
     except Preempted as stop:
         mark_preempted(accelerator, opts.output_dir, f"stopped before the next checkpoint ({stop})")

@@ -220,7 +220,7 @@ class TrackerLog(Callback):
     def before_save(self, run: Run) -> int | None:
         step, names = self.sent
         later = {k: v for k, v in run.logs.items() if step != run.step or k not in names}
-        if later:
+        if later and run.step > run.start_step:  # (none trained here: the run that trained them sent them)
             run.accelerator.log(later, step=run.step)
         return None
 
@@ -290,7 +290,7 @@ class RunSummary(Callback):
             "steady_steps_per_second": steady,
             "steady_samples_per_second": steady * task.samples_per_step() if steady is not None else None,
             "steady_from_step": run.timed_from[0] if run.timed_from else None,
-            "validation_and_checkpoint_seconds": run.paused_seconds,  # inside the loop: not in the throughputs
+            "validation_and_checkpoint_seconds": run.paused_seconds,  # the final validation's too: not in throughputs
             "host_reads": run.host_reads,
             # --torch_compile: graphs compiled in all, and after the first read (recompiles: 0 when shapes are static)
             "compiled_graphs": compiled_graphs(),

@@ -386,22 +386,24 @@ def finished_run(accelerator, opts) -> bool:
 
 
 def check_resume_launch(accelerator, opts) -> None:
-    """Before any weight loads: one line where the checkpoint `--resume_from_checkpoint` names (latest: the newest)
-    was saved under a launch this one cannot resume (`launch_problem`: a ZeRO checkpoint of another process count,
-    stage or offload; DeepSpeed or not), not after minutes of loading a large model. `resolve_resume` chooses for good
-    after `prepare`."""
+    """Before any weight loads (and after `finished_run`, which takes a finished run under any launch): one line where
+    the checkpoint `--resume_from_checkpoint` names (latest: the newest intact one) was saved under a launch this one
+    cannot resume (`launch_problem`: a ZeRO checkpoint of another process count, stage or offload; DeepSpeed or not),
+    not after minutes of loading a large model. `resolve_resume` chooses for good after `prepare`."""
     resume = opts.resume_from_checkpoint
     if not resume:
         return
 
     def look() -> None:
         out = Path(opts.output_dir)
-        found = [folder for _, folder in list_checkpoints(out)][-1:] if resume == "latest" else [
-            Path(resume) if Path(resume).is_dir() else out / resume]
-        state = read_train_state(found[0]) if found and found[0].is_dir() else None
+        if resume == "latest":
+            found = next((folder for _, folder in reversed(list_checkpoints(out)) if not verify_checkpoint(folder)), None)
+        else:
+            found = Path(resume) if Path(resume).is_dir() else out / resume
+        state = read_train_state(found) if found is not None and found.is_dir() else None
         problem = launch_problem((state or {}).get("launch"), launch_of(accelerator))
         if problem:
-            raise UserError(f"cannot resume from {found[0]}: {problem}")
+            raise UserError(f"cannot resume from {found}: {problem}")
 
     main_process_view(accelerator, look)
 
