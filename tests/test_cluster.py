@@ -94,6 +94,19 @@ def test_a_deepspeed_checkpoint_on_another_world_size_is_refused_in_one_line(tmp
     assert "ZeRO stage 2 and this run has 3" in launch_problem(zero2, {**zero2, "zero_stage": 3})
     assert "optimizer offload none and this run has cpu" in launch_problem(zero2, {**zero2, "offload_optimizer": "cpu"})
     assert launch_problem({"num_processes": 2, "deepspeed": True}, zero2) == ""  # saved before they were recorded
+    # ... whose files still tell ZeRO-3 from the others (a requeue of such a ZeRO-2 checkpoint under the ZeRO-3 config
+    # was DeepSpeed's assertion on every rank)
+    from sketch2real.training.checkpoints import DEEPSPEED_TAG, recorded_launch
+
+    for name, files, stage, refused in (("z2", ["mp_rank_00_model_states.pt"], 3, "saved without ZeRO stage 3"),
+                                        ("z3", ["zero_pp_rank_0_mp_rank_00_model_states.pt"], 2, "saved with ZeRO stage 3"),
+                                        ("z2same", ["mp_rank_00_model_states.pt"], 2, "")):
+        (tmp_path / name / DEEPSPEED_TAG).mkdir(parents=True)
+        for file in files:
+            (tmp_path / name / DEEPSPEED_TAG / file).write_bytes(b"")
+        (tmp_path / name / TRAIN_STATE).write_text(json.dumps({"step": 2, "launch": {"num_processes": 2, "deepspeed": True}}))
+        problem = launch_problem(recorded_launch(tmp_path / name), {**zero2, "zero_stage": stage})
+        assert (refused in problem) if refused else problem == "", (name, problem)
     folder = tmp_path / "checkpoint-5"
     folder.mkdir()
     (folder / TRAIN_STATE).write_text(json.dumps({"step": 5, "fingerprint": {"a": 1},

@@ -141,7 +141,8 @@ def check_deepspeed_config(env: Mapping[str, str], settings: dict, defaults: dic
         if value is not None and value != float(settings[key]):
             raise UserError.on_every_rank(f"{where} sets {key} {value:g}, the trainer's {flag} is {settings[key]:g}: "
                                           f"give {flag} {value:g}, or \"auto\" there (the flags decide; "
-                                          "run_config.json records them)")
+                                          "run_config.json records them; checkpoints saved before this check trained "
+                                          "with the flag's: \"auto\" resumes them)")
     batch = settings["train_micro_batch_size_per_gpu"] * settings["gradient_accumulation_steps"] * num_processes
     if _number(config.get("train_batch_size")) not in (None, batch):
         raise UserError.on_every_rank(f"{where} sets train_batch_size {config['train_batch_size']}, the trainer's global "

@@ -246,6 +246,15 @@ def launch_of(accelerator) -> dict:
     return launch
 
 
+def recorded_launch(folder: Path) -> dict | None:
+    """A checkpoint's launch (`launch_of` as saved); one saved before the ZeRO stage was recorded tells stage 3 from
+    the others by its files (ZeRO-3 partitions the model states too: `zero_pp_rank_*_model_states.pt`)."""
+    launch = (read_train_state(folder) or {}).get("launch")
+    if isinstance(launch, dict) and launch.get("deepspeed") and "zero_stage" not in launch and (folder / DEEPSPEED_TAG).is_dir():
+        launch = {**launch, "zero3_layout": any((folder / DEEPSPEED_TAG).glob("zero_pp_rank_*_model_states.pt"))}
+    return launch
+
+
 def launch_problem(saved: dict | None, now: dict) -> str:
     """Why a checkpoint saved under launch `saved` cannot resume under `now` ("" if it can). DDP and 1-process
     checkpoints hold whole tensors and resume on any number of processes (the schedule and the data order
@@ -258,6 +267,9 @@ def launch_problem(saved: dict | None, now: dict) -> str:
     if saved["deepspeed"] and saved["num_processes"] != now["num_processes"]:
         return (f"it is a DeepSpeed ZeRO checkpoint of {saved['num_processes']} processes (partitioned by process) and "
                 f"this run has {now['num_processes']}: resume it on {saved['num_processes']} processes")
+    if "zero3_layout" in saved and saved["zero3_layout"] != (now.get("zero_stage") == 3):
+        return (f"it was saved {'with' if saved['zero3_layout'] else 'without'} ZeRO stage 3 and this run has stage "
+                f"{now.get('zero_stage')}: resume it with the DeepSpeed config that saved it")
     for key, what in (("zero_stage", "ZeRO stage"), ("offload_optimizer", "optimizer offload")):
         if key in saved and saved[key] != now.get(key):  # (a checkpoint saved before they were recorded: not known)
             return (f"it was saved with {what} {saved[key]} and this run has {now.get(key)}: resume it with the "
@@ -270,7 +282,7 @@ def _decide_resume(output_dir: Path, resume: str | None, fingerprint: RunFingerp
     """(checkpoint to resume from or None, one-line error or None); rank 0 runs it."""
     path, error = _choose_checkpoint(output_dir, resume, fingerprint, launch["num_processes"])
     if path is not None:
-        problem = launch_problem(read_train_state(Path(path)).get("launch"), launch)
+        problem = launch_problem(recorded_launch(Path(path)), launch)
         if problem:
             return None, f"cannot resume from {path}: {problem}"
     return path, error
@@ -400,8 +412,8 @@ def check_resume_launch(accelerator, opts) -> None:
             found = next((folder for _, folder in reversed(list_checkpoints(out)) if not verify_checkpoint(folder)), None)
         else:
             found = Path(resume) if Path(resume).is_dir() else out / resume
-        state = read_train_state(found) if found is not None and found.is_dir() else None
-        problem = launch_problem((state or {}).get("launch"), launch_of(accelerator))
+        problem = launch_problem(recorded_launch(found) if found is not None and found.is_dir() else None,
+                                 launch_of(accelerator))
         if problem:
             raise UserError(f"cannot resume from {found}: {problem}")
 
