@@ -164,6 +164,24 @@ def test_throughput_leaves_out_validation_and_checkpoints_inside_the_loop(monkey
     assert run.paused_seconds == 10.0 and run.paused_at_end == 10.0
 
 
+def test_the_final_validation_reaches_the_tracker_once():
+    """The final validation (before_save) came after the last step's logs were sent and never reached TensorBoard; a
+    run resumed at its last step (nothing trained here) must not send again what the run that trained it sent."""
+    from types import SimpleNamespace
+
+    from sketch2real.training.callbacks import TrackerLog
+
+    sent = []
+    accelerator = SimpleNamespace(log=lambda values, step: sent.append((step, dict(values))))
+    for start, expected in ((0, [(4, {"loss": 1.0}), (4, {"heldout_loss": 0.5})]), (4, [(4, {"loss": 1.0})])):
+        sent.clear()
+        run, tracker = SimpleNamespace(accelerator=accelerator, step=4, start_step=start, logs={"loss": 1.0}), TrackerLog()
+        tracker.after_step(run)
+        run.logs["heldout_loss"] = 0.5  # Validation.before_save
+        tracker.before_save(run)
+        assert sent == expected
+
+
 def test_host_peak_memory_is_the_process_own_not_that_of_the_process_it_was_started_from():
     """metrics.json's `peak_memory_mb` on the host: a trainer started by a large process (a bench, a launcher) reported
     that process's peak (Linux keeps `ru_maxrss` across fork and exec); it is its own (VmHWM)."""
