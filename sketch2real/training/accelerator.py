@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import torch
 
-from sketch2real.cli import UserError, check_output_dir
+from sketch2real.cli import UserError, check_output_dir, default_of
 
 logger = logging.getLogger("sketch2real")
 T = TypeVar("T")
@@ -53,7 +53,7 @@ def make_accelerator(opts, train_batch_size: int | None = None):
     distributed = world_size > 1
     settings = deepspeed_settings(opts, train_batch_size)
     if deepspeed:  # before accelerate reads it: a precision it contradicts is accelerate's traceback there
-        defaults = deepspeed_settings(SimpleNamespace(**{f.name: f.default for f in dataclasses.fields(opts)}))
+        defaults = deepspeed_settings(SimpleNamespace(**{f.name: default_of(f) for f in dataclasses.fields(opts)}))
         check_deepspeed_config(os.environ, settings, defaults, opts.mixed_precision, world_size)
     group = {"backend": "gloo"} if on_cpu and distributed else {}
     # DDP's gradients as views of its reduction buckets: no second copy of every gradient (3.4 GB for SD 1.5's UNet)
