@@ -1415,8 +1415,9 @@ def test_the_card_s_lines_load_the_run_s_vae_and_call_the_pipeline_as_training_c
 
 def test_a_resumed_run_s_validation_log_lists_each_step_once_and_a_fresh_one_drops_an_earlier_run_s(db_args, tmp_path):
     """Killed after validating step 2 but before checkpointing it: the resumed run validates steps 2 and 3 again, and
-    validation_log.jsonl listed them twice (a plot of it zig-zagged). A run started afresh in the folder drops the
-    earlier run's lines and mosaics (the card showed the last one)."""
+    validation_log.jsonl listed them twice (a plot of it zig-zagged). Preempted during a step's validation, the resumed
+    run validates that step first. A run started afresh in the folder drops the earlier run's lines and mosaics (the
+    card showed the last one)."""
     import shutil
 
     args = [*db_args, "--max_train_steps", "3", "--checkpointing_steps", "1", "--validation_steps", "1",
@@ -1432,6 +1433,17 @@ def test_a_resumed_run_s_validation_log_lists_each_step_once_and_a_fresh_one_dro
     shutil.copy(straight / "validation_log.jsonl", resumed)
     run_script("train/dreambooth.py", *args, "--output_dir", resumed, "--resume_from_checkpoint", "latest")
     assert steps(resumed) == [1, 2, 3]
+    # preempted during step 2's validation: checkpoint-2 saved, no row or mosaic of step 2. The resumed run validated
+    # from step 3 on, and step 2's point was lost for good; it is validated first now, as the straight run did
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(straight / "checkpoint-2", interrupted / "checkpoint-2")
+    (interrupted / "validation").mkdir()
+    shutil.copy(straight / "validation" / "step-000001.png", interrupted / "validation")
+    (interrupted / "validation_log.jsonl").write_text((straight / "validation_log.jsonl").read_text().splitlines()[0] + "\n")
+    run_script("train/dreambooth.py", *args, "--output_dir", interrupted, "--resume_from_checkpoint", "latest")
+    rows = lambda out: (out / "validation_log.jsonl").read_text().splitlines()  # noqa: E731
+    assert rows(interrupted) == rows(straight) and steps(interrupted) == [1, 2, 3]
+    assert (interrupted / "validation" / "step-000002.png").read_bytes() == (straight / "validation" / "step-000002.png").read_bytes()
     run_script("train/dreambooth.py", *db_args, "--max_train_steps", "1", "--validation_steps", "1",
                "--num_validation_images", "1", "--validation_inference_steps", "1", "--num_heldout_samples", "2",
                "--output_dir", resumed)

@@ -1,9 +1,9 @@
 """The side concerns of the training loop, one small class each (as mosaicml/diffusion's `callbacks/`): the NaN
 guard, validation, tracker logging, checkpointing with preemption, the run summary and the model card.
 
-The loop (`sketch2real.training.loop.train`) calls every callback's `after_step` in order after each optimizer
-step; one that returns an exit status ends the run with it. After the last step it calls `before_save` (which may
-also end the run), the task saves its artifacts, then `after_save`.
+The loop (`sketch2real.training.loop.train`) calls every callback's `before_train` before the first step and its
+`after_step` after each optimizer step, in order; one that returns an exit status ends the run with it. After the
+last step it calls `before_save` (which may also end the run), the task saves its artifacts, then `after_save`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,13 @@ import torch
 
 from sketch2real.io import append_jsonl, atomic_open, read_jsonl, write_json, write_jsonl
 from sketch2real.shards import corrupt_samples
-from sketch2real.training.accelerator import compiled_graphs, cudagraph_skips, finish_trackers, innermost_optimizer
+from sketch2real.training.accelerator import (
+    compiled_graphs,
+    cudagraph_skips,
+    finish_trackers,
+    innermost_optimizer,
+    main_process_view,
+)
 from sketch2real.training.checkpoints import output_files, save_checkpoint
 from sketch2real.training.hub import hub_repo_id, push_output
 from sketch2real.training.model_card import CARD, model_card
@@ -117,11 +123,13 @@ class Run:
         return (self.step - self.timed_from[0]) / (self.end_time - self.timed_from[1]
                                                     - (self.paused_at_end - self.paused_at_first_read))
 
-    def stop_preempted(self) -> int:
-        """Checkpoint at this step on every process, leave PREEMPTED for slurm/common.sh, return exit status 75."""
-        self.checkpoint()
+    def stop_preempted(self, save: bool = True) -> int:
+        """Checkpoint at this step on every process (`save`: False where the run resumed from this step's, unchanged),
+        leave PREEMPTED for slurm/common.sh, return exit status 75."""
+        if save:
+            self.checkpoint()
         self.bar.close()
-        mark_preempted(self.accelerator, self.out, f"checkpoint saved at step {self.step}")
+        mark_preempted(self.accelerator, self.out, f"checkpoint {'saved' if save else 'kept'} at step {self.step}")
         finish_trackers(self.accelerator)
         return PREEMPTED_EXIT_CODE
 
@@ -129,7 +137,7 @@ class Run:
 class Callback:
     """One side concern of the loop. Each hook may return an exit status to end the run with it."""
 
-    def before_train(self, run: Run) -> None:
+    def before_train(self, run: Run) -> int | None:
         return None
 
     def after_step(self, run: Run) -> int | None:
@@ -160,46 +168,61 @@ class NanGuard(Callback):
 
 class Validation(Callback):
     """`task.validate` every `--validation_steps` and at the end (unless the last step just did), its values into
-    the step's logs and `validation_log.jsonl`; a preemption during validation stops at the next checkpoint."""
+    the step's logs and `validation_log.jsonl`; a preemption during validation stops at the next checkpoint, and the
+    resumed run validates that step first."""
 
     def __init__(self) -> None:
         self.validated_at: int | None = None
 
-    def before_train(self, run: Run) -> None:
+    def before_train(self, run: Run) -> int | None:
         """What validation wrote past the step the run starts from (a resume: the steps it trains again; a fresh
         start: an earlier run's) goes: `validation_log.jsonl` listed those steps twice, and the card showed an
-        earlier run's mosaic."""
-        if not run.accelerator.is_main_process:
-            return
-        log = run.out / "validation_log.jsonl"
-        if log.is_file():
-            write_jsonl(log, [row for row in read_jsonl(log) if row.get("step", 0) <= run.step])
-        for mosaic in (run.out / "validation").glob("step-*.png"):
-            if (found := re.fullmatch(r"step-(\d+)\.png", mosaic.name)) and int(found[1]) > run.step:
-                mosaic.unlink()
+        earlier run's mosaic. A run resumed at a validation step that has neither a row nor a mosaic (a preemption
+        stopped its validation, then checkpointed) validates it now: its point was missing from the log for good."""
+        log, mosaics = run.out / "validation_log.jsonl", run.out / "validation"
+        if run.accelerator.is_main_process:
+            if log.is_file():
+                write_jsonl(log, [row for row in read_jsonl(log) if row.get("step", 0) <= run.step])
+            for mosaic in mosaics.glob("step-*.png"):
+                if (found := re.fullmatch(r"step-(\d+)\.png", mosaic.name)) and int(found[1]) > run.step:
+                    mosaic.unlink()
+        every = run.opts.validation_steps
+        if not (every and run.step and run.step % every == 0 and run.step < run.opts.max_train_steps):
+            return None  # (the last step's validation is `before_save`'s, done or not)
+        done = lambda: (mosaics / f"step-{run.step:06d}.png").is_file() or (  # noqa: E731
+            log.is_file() and any(row.get("step") == run.step for row in read_jsonl(log)))
+        if main_process_view(run.accelerator, done):
+            return None
+        validated = self._validate(run)
+        if validated is None:
+            return run.stop_preempted(save=False)  # the checkpoint it resumed from is this step's
+        if validated:
+            run.accelerator.log(validated, step=run.step)
+        return None
 
-    def _validate(self, run: Run) -> bool:
-        """False: preempted (raised on every process together: a collective check)."""
+    def _validate(self, run: Run) -> dict[str, float] | None:
+        """The step's validation values (also in `run.logs` and the log file); None: preempted (raised on every process
+        together: a collective check)."""
         try:
             with run.paused(), run.evaluation_weights():
                 validated = run.task.validate(run.accelerator, run.model, run.step)
         except Preempted:
             run.model.train()
-            return False
+            return None
         run.logs.update(validated)
         self.validated_at = run.step
         if run.accelerator.is_main_process and validated:  # the style arriving, without a tracker too
             append_jsonl(run.out / "validation_log.jsonl", [{"step": run.step, **validated}])
-        return True
+        return validated
 
     def after_step(self, run: Run) -> int | None:
         every = run.opts.validation_steps
-        if every and run.step % every == 0 and not self._validate(run):
+        if every and run.step % every == 0 and self._validate(run) is None:
             run.preempted = True
         return None
 
     def before_save(self, run: Run) -> int | None:
-        if run.opts.validation_steps and self.validated_at != run.step and not self._validate(run):
+        if run.opts.validation_steps and self.validated_at != run.step and self._validate(run) is None:
             return run.stop_preempted()
         return None
 

@@ -234,7 +234,9 @@ def train(task: Task, opts, accelerator, project_name: str, callbacks: list[Call
         run.last_loss = math.nan if saved_loss is None else float(saved_loss)
     callbacks = default_callbacks() if callbacks is None else callbacks
     for callback in callbacks:
-        callback.before_train(run)
+        status = callback.before_train(run)
+        if status is not None:
+            return status
     # The step never waits for the host: the loss and its finiteness accumulate on the device and are read back
     # (one collective, one host read) only at `reads_due` steps; the progress bar alone moves every step.
     interval = torch.zeros(2, device=accelerator.device)  # [sum of the interval's step losses, non-finite steps]
