@@ -130,6 +130,12 @@ def test_a_deepspeed_checkpoint_on_another_world_size_is_refused_in_one_line(tmp
     _, error = _decide_resume(tmp_path, "latest", RunFingerprint({"a": 1, "global_batch_size": 2}, {}),
                               {"num_processes": 2, "deepspeed": True})
     assert "it is a DeepSpeed ZeRO checkpoint of 8 processes: resume it on those" in error and "--train_batch_size" not in error
+    # a cosine run given more steps: the refusal says why it is another run (it named the count only)
+    (folder / TRAIN_STATE).write_text(json.dumps({"step": 5, "fingerprint": {"lr_scheduler": "cosine", "max_train_steps": 5}}))
+    _, error = _decide_resume(tmp_path, "latest", RunFingerprint({"lr_scheduler": "cosine", "max_train_steps": 9}, {}), ddp)
+    assert "max_train_steps: 5 there, 9 now): --lr_scheduler cosine spreads its learning rates over --max_train_steps" in error
+    _, error = _decide_resume(tmp_path, "latest", RunFingerprint({"lr_scheduler": "constant"}, {}), ddp)
+    assert "lr_scheduler: 'cosine' there, 'constant' now" in error and "spreads" not in error
 
 
 def test_a_zero_checkpoint_requeued_on_another_count_is_refused_before_the_model_loads(tiny_models, shard_dir, tmp_path):
@@ -145,9 +151,9 @@ def test_a_zero_checkpoint_requeued_on_another_count_is_refused_before_the_model
     assert "holds this run's trained model (2 steps" in proc.stdout
     proc = launch(*args, "--max_train_steps", "3", "--resume_from_checkpoint", "latest", num_processes=1,
                   deepspeed_config=DEEPSPEED_CONFIGS["zero2"], accelerate_precision=None, check=False)
-    said = [line for line in proc.stderr.splitlines() if "cannot resume from" in line]  # (torchrun's block follows)
+    said = [line for line in proc.stderr.splitlines() if "dreambooth.py: error:" in line]  # (torchrun's block follows)
     assert proc.returncode != 0 and len(said) == 1, proc.stderr[-3000:]
-    assert "DeepSpeed ZeRO checkpoint of 2 processes" in said[0] and "resume it on 2" in said[0]
+    assert "it is a DeepSpeed ZeRO checkpoint of 2 processes: resume it on those" in said[0]
     assert "Loading pipeline components" not in proc.stderr and "Loading weights" not in proc.stderr
 
 

@@ -278,9 +278,10 @@ def launch_problem(saved: dict | None, now: dict) -> str:
 
 
 def _decide_resume(output_dir: Path, resume: str | None, fingerprint: RunFingerprint,
-                   launch: dict) -> tuple[str | None, str | None]:
-    """(checkpoint to resume from or None, one-line error or None); rank 0 runs it."""
-    path, error = _choose_checkpoint(output_dir, resume, fingerprint, launch["num_processes"])
+                   launch: dict, quiet: bool = False) -> tuple[str | None, str | None]:
+    """(checkpoint to resume from or None, one-line error or None); rank 0 runs it. `quiet`: no warning for a damaged
+    checkpoint passed over (an early look; the decision itself says it)."""
+    path, error = _choose_checkpoint(output_dir, resume, fingerprint, launch["num_processes"], quiet)
     if path is not None:
         problem = launch_problem(recorded_launch(Path(path)), launch)
         if problem:
@@ -301,8 +302,18 @@ def _same_global_batch(theirs: dict, mine: dict, num_processes: int, launch: dic
     return f"on {num_processes} process(es) --train_batch_size {batch // num_processes} keeps its global batch of {batch}; or "
 
 
+def _longer_schedule(fingerprint: RunFingerprint, theirs: dict) -> str:
+    """Why a run given another --max_train_steps is another run where it is ("" where not): its schedule spreads the
+    learning rates over the steps (a constant one continues, and its fingerprint leaves the count out)."""
+    mine, saved = fingerprint._sides(theirs)
+    if "max_train_steps" not in mine or saved.get("max_train_steps", mine["max_train_steps"]) == mine["max_train_steps"]:
+        return ""
+    return (f"--lr_scheduler {mine.get('lr_scheduler')} spreads its learning rates over --max_train_steps, so those "
+            "checkpoints are of a run with other rates (a constant schedule's run continues); ")
+
+
 def _choose_checkpoint(output_dir: Path, resume: str | None, fingerprint: RunFingerprint,
-                       num_processes: int = 1) -> tuple[str | None, str | None]:
+                       num_processes: int = 1, quiet: bool = False) -> tuple[str | None, str | None]:
     own, foreign = [], []
     for step, folder in list_checkpoints(output_dir):
         state = read_train_state(folder)
@@ -314,7 +325,8 @@ def _choose_checkpoint(output_dir: Path, resume: str | None, fingerprint: RunFin
         folder, state = foreign[-1]
         theirs = state["fingerprint"]
         return None, (f"{output_dir} holds checkpoints of another run ({folder.name}: {fingerprint.differences(theirs)}): "
-                      f"{_same_global_batch(theirs, fingerprint, num_processes, state.get('launch'))}use another "
+                      f"{_same_global_batch(theirs, fingerprint, num_processes, state.get('launch'))}"
+                      f"{_longer_schedule(fingerprint, theirs)}use another "
                       "--output_dir, or remove them to start over")
     if not resume:
         return None, None
@@ -327,15 +339,16 @@ def _choose_checkpoint(output_dir: Path, resume: str | None, fingerprint: RunFin
             return None, f"checkpoint {path} cannot be resumed: {problem}"
         theirs = (read_train_state(path) or {}).get("fingerprint")
         if not fingerprint.matches(theirs):  # another folder's checkpoint, as strictly as one of this folder's
-            return None, (f"checkpoint {path} is of another run ({fingerprint.differences(theirs)}): resume it with "
-                          "the settings it was trained with")
+            return None, (f"checkpoint {path} is of another run ({fingerprint.differences(theirs)}): "
+                          f"{_longer_schedule(fingerprint, theirs)}resume it with the settings it was trained with")
         return str(path), None
     problems = []
     for _, folder in reversed(own):
         problem = verify_checkpoint(folder)
         if not problem:
             return str(folder), None
-        logger.warning("%s is not intact (%s): trying the previous checkpoint", folder, problem)
+        if not quiet:
+            logger.warning("%s is not intact (%s): trying the previous checkpoint", folder, problem)
         problems.append(f"{folder.name}: {problem}")
     if problems:  # a requeued job must not silently start over (and later prune) a run it cannot read
         return None, (f"none of the {len(problems)} checkpoints in {output_dir} can be resumed ({problems[0]}): "
@@ -397,25 +410,18 @@ def finished_run(accelerator, opts) -> bool:
     return finished
 
 
-def check_resume_launch(accelerator, opts) -> None:
-    """Before any weight loads (and after `finished_run`, which takes a finished run under any launch): one line where
-    the checkpoint `--resume_from_checkpoint` names (latest: the newest intact one) was saved under a launch this one
-    cannot resume (`launch_problem`: a ZeRO checkpoint of another process count, stage or offload; DeepSpeed or not),
-    not after minutes of loading a large model. `resolve_resume` chooses for good after `prepare`."""
-    resume = opts.resume_from_checkpoint
-    if not resume:
-        return
+def check_resume(accelerator, opts) -> None:
+    """Before any weight loads (and after `finished_run`, which takes a finished run under any launch), the refusals
+    `resolve_resume` would make after loading and `prepare` (minutes for a large model): another run's checkpoints in
+    `--output_dir`, a `--resume_from_checkpoint` of another run, none resumable, or one saved under a launch this one
+    cannot resume (`launch_problem`). `resolve_resume` chooses for good after `prepare`."""
+    fingerprint = run_fingerprint(opts, accelerator.num_processes)
 
     def look() -> None:
-        out = Path(opts.output_dir)
-        if resume == "latest":
-            found = next((folder for _, folder in reversed(list_checkpoints(out)) if not verify_checkpoint(folder)), None)
-        else:
-            found = Path(resume) if Path(resume).is_dir() else out / resume
-        problem = launch_problem(recorded_launch(found) if found is not None and found.is_dir() else None,
-                                 launch_of(accelerator))
-        if problem:
-            raise UserError(f"cannot resume from {found}: {problem}")
+        _, error = _decide_resume(Path(opts.output_dir), opts.resume_from_checkpoint, fingerprint, launch_of(accelerator),
+                                  quiet=True)
+        if error:
+            raise UserError(error)
 
     main_process_view(accelerator, look)
 
