@@ -177,7 +177,7 @@ def load_captioner(name_or_path: str, device: torch.device, dtype: torch.dtype, 
     family = {"blip-2": "blip-2", "llava": "llava"}.get(config.model_type)
     if family is None:
         raise UserError(f"model family {config.model_type!r} not supported: use a BLIP-2 or LLaVA checkpoint")
-    kwargs: dict = {"torch_dtype": dtype, "trust_remote_code": trust_remote_code}
+    kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if load_in_8bit or load_in_4bit:
         if device.type != "cuda":
             raise UserError("--load_in_8bit/--load_in_4bit need a CUDA device (bitsandbytes quantized inference)")

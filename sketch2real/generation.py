@@ -405,9 +405,9 @@ def load_generation_pipeline(model: str, device: torch.device, dtype: torch.dtyp
                         f"(theirs: {', '.join(family.samplers())})")
     if controlnet:
         check_controlnet_class(controlnet, family, "--controlnet", model)
-    net = load(getattr(diffusers, family.controlnet_class), controlnet, "ControlNet", torch_dtype=dtype) if controlnet else None
+    net = load(getattr(diffusers, family.controlnet_class), controlnet, "ControlNet", dtype=dtype) if controlnet else None
     if checkpoint is None:
-        pipe = load_pipeline(family, model, net, safety_checker, torch_dtype=dtype, revision=revision)
+        pipe = load_pipeline(family, model, net, safety_checker, dtype=dtype, revision=revision)
     else:
         from sketch2real.training.dreambooth import set_trained_weights
 

@@ -49,7 +49,8 @@ def check_model_path(name_or_path: str, what: str = "model") -> None:
 
 
 def load(cls: Any, name_or_path: str, what: str = "model", **kwargs: Any) -> Any:
-    """`cls.from_pretrained(name_or_path, **kwargs)` with a one-line error for a missing model."""
+    """`cls.from_pretrained(name_or_path, **kwargs)` with a one-line error for a missing model. A precision is
+    `dtype=` (diffusers >= 0.40 and transformers >= 4.56; diffusers warns at every `torch_dtype=`)."""
     check_model_path(name_or_path, what)
     try:
         return cls.from_pretrained(name_or_path, **kwargs)
@@ -93,7 +94,7 @@ def load_text_encoders(family: Family, name_or_path: str, revision: str | None =
 
     return [load(getattr(transformers, encoder_class), name_or_path, "text encoder", subfolder=encoder,
                  revision=revision, variant=variant,
-                 torch_dtype=torch_dtype if torch_dtype is not None and encoder not in keep_full_precision else torch.float32)
+                 dtype=torch_dtype if torch_dtype is not None and encoder not in keep_full_precision else torch.float32)
             for encoder, encoder_class in zip(family.text_encoders, family.text_encoder_classes)]
 
 
@@ -133,7 +134,7 @@ def load_sd_components(name_or_path: str, revision: str | None = None, variant: 
     return SDComponents(
         vae=vae, family=family, **parts, settings=pipeline_settings(index),
         denoiser=load(getattr(diffusers, family.denoiser_class), name_or_path, family.denoiser, subfolder=family.denoiser,
-                      variant=variant, torch_dtype=denoiser_dtype, **common),
+                      variant=variant, dtype=denoiser_dtype, **common),
         noise_scheduler=load(getattr(diffusers, family.training_scheduler), name_or_path, "scheduler",
                              subfolder="scheduler", **common),
     )
@@ -173,9 +174,9 @@ def load_base_pipeline(family: Family, name_or_path: str, revision: str | None =
 
     kwargs = {}
     if vae_name_or_path:
-        kwargs["vae"] = load_other_vae(family, vae_name_or_path, name_or_path, revision, torch_dtype=torch_dtype)
+        kwargs["vae"] = load_other_vae(family, vae_name_or_path, name_or_path, revision, dtype=torch_dtype)
     return load_pipeline(family, name_or_path, controlnet, safety_checker, revision=revision, variant=variant,
-                         torch_dtype=torch_dtype, **kwargs)
+                         dtype=torch_dtype, **kwargs)
 
 
 def assemble_pipeline(components, denoiser, text_encoder, scheduler, controlnet=None):

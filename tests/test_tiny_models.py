@@ -26,6 +26,27 @@ def test_tiny_sd_loads_offline_and_generates(tiny_models):
     assert (a == b).all() and not (a == c).all()
 
 
+def test_models_load_in_the_asked_precision_without_a_deprecation_warning(tiny_models):
+    """`torch_dtype=` printed diffusers' FutureWarning at every load (each generation and eval process's log); `dtype=`
+    (diffusers >= 0.40, transformers >= 4.56) loads every part in the asked precision without one."""
+    import warnings
+
+    from sketch2real.captioning import load_captioner
+    from sketch2real.family import family_of
+    from sketch2real.models import load_base_pipeline, load_sd_components
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        pipe = load_base_pipeline(family_of(str(tiny_models.sd)), str(tiny_models.sd), torch_dtype=torch.bfloat16,
+                                  vae_name_or_path=str(tiny_models.sd / "vae"))
+        parts = load_sd_components(str(tiny_models.sd), frozen_dtype=torch.float16, keep_full_precision=("denoiser",))
+        captioner = load_captioner(str(tiny_models.blip2), torch.device("cpu"), torch.bfloat16)
+    assert {p.dtype for m in (pipe.unet, pipe.vae, pipe.text_encoder) for p in m.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in parts.text_encoder.parameters()} == {torch.float16}
+    assert {p.dtype for p in parts.denoiser.parameters()} == {torch.float32}
+    assert {p.dtype for p in captioner.model.parameters()} == {torch.bfloat16}
+
+
 def test_tiny_captioners_generate(tiny_models):
     from transformers import AutoProcessor, Blip2ForConditionalGeneration, LlavaForConditionalGeneration
 
