@@ -81,6 +81,11 @@ def category_words(category: str) -> str:
     return category.replace("_", " ")
 
 
+def with_article(words: str) -> str:
+    """`words` after their indefinite article, by the first letter: `an airplane`, `a cat`."""
+    return f"{'an' if words[:1].lower() in 'aeiou' else 'a'} {words}"
+
+
 @dataclass(frozen=True)
 class SketchRecord:
     """One sketch of the release and the photo it was drawn from."""

@@ -194,8 +194,10 @@ def test_category_in_the_validation_prompt_is_filled_in_per_category_and_the_car
         ("a car (sedan) in the style of <sketch>", "car_(sedan)"), ("a cat in the style of <sketch>", "cat"),
         ("a <sketch>", None)]
     assert filled.card_prompt() == "a airplane in the style of <sketch>"
-    assert task().validation_rows() == [("a airplane in the style of <sketch>", "airplane"),
-                                        ("a apple in the style of <sketch>", "apple")]  # the templates' rows, as before
+    # the templates' rows, with their articles (the training prompts were "a airplane", "a apple")
+    assert task().validation_rows() == [("an airplane in the style of <sketch>", "airplane"),
+                                        ("an apple in the style of <sketch>", "apple")]
+    assert task().prompt_for("cat", 4) == "a <sketch> of a cat" and task().prompt_for("owl", 1).startswith("a drawing of an owl")
     # an object's token: one row (two rows drew the same prompt), of the run's category where it has one
     assert task("--learnable_property", "object").validation_rows() == [("a photo of a <sketch>", None)]
     with pytest.raises(UserError, match=r"--validation_prompt 'a \{categroy\}': only \{category\} can be filled in"):

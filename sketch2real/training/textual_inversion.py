@@ -20,7 +20,7 @@ from sketch2real.cli import UserError, option
 from sketch2real.family import Family, TextEncoders, placeholder_tokens
 from sketch2real.io import atomic_path
 from sketch2real.models import SDComponents
-from sketch2real.sketchy import category_words
+from sketch2real.sketchy import category_words, with_article
 from sketch2real.training.data import load_folder_images, load_shard_images
 from sketch2real.training.diffusion import derive_seed
 from sketch2real.training.options import TrainOptions, flags_not_taken
@@ -29,12 +29,12 @@ from sketch2real.training.task import DiffusionTask, HeldOut, no_heldout
 
 logger = logging.getLogger("sketch2real")
 
-STYLE_TEMPLATES = [
-    "a {category} in the style of {token}",
-    "a drawing of a {category} in the style of {token}",
-    "a rendering of a {category} in the style of {token}",
-    "a picture of a {category} in the style of {token}",
-    "a {token} of a {category}",
+STYLE_TEMPLATES = [  # {a_category}: the words with their article ("an airplane", "a cat")
+    "{a_category} in the style of {token}",
+    "a drawing of {a_category} in the style of {token}",
+    "a rendering of {a_category} in the style of {token}",
+    "a picture of {a_category} in the style of {token}",
+    "a {token} of {a_category}",
     "a simple {category}, {token}",
 ]
 OBJECT_TEMPLATES = [
@@ -215,7 +215,8 @@ class TextualInversionTask(DiffusionTask):
     def prompt_for(self, category: str, choice: int) -> str:
         templates = STYLE_TEMPLATES if self.opts.learnable_property == "style" else OBJECT_TEMPLATES
         template = templates[choice % len(templates)]
-        return template.format(category=category_words(category) if category else "thing", token=self.opts.placeholder_token)
+        words = category_words(category) if category else "thing"
+        return template.format(category=words, a_category=with_article(words), token=self.opts.placeholder_token)
 
     def prompt_transform(self, prompt: str) -> str:
         """Spell out a multi-vector token as diffusers' load_textual_inversion does: '<t>' -> '<t> <t>_1 ...'."""
