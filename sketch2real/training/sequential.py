@@ -20,7 +20,7 @@ from sketch2real.metrics import mean_ci95, verdict
 from sketch2real.shards import sample_refs
 from sketch2real.sketchy import category_words
 from sketch2real.training.accelerator import eager_mode, main_process_view
-from sketch2real.training.checkpoints import list_checkpoints, options_fingerprint
+from sketch2real.training.checkpoints import check_resume, list_checkpoints, options_fingerprint
 from sketch2real.training.data import load_shard_images
 from sketch2real.training.dreambooth import DreamBoothOptions, DreamBoothTask
 from sketch2real.training.hub import push_output
@@ -248,6 +248,7 @@ def run_sequential(opts: SequentialOptions, accelerator) -> int:
             previous = str(folder)
             continue
         stage_opts = stage_options(opts, index, category, previous)
+        check_resume(accelerator, stage_opts)  # its checkpoints of another launch: now, not after the model loads
         missing = main_process_view(accelerator, lambda: _unmeasured_by_base(out, stages))
         if missing and index:  # stages added since the base row was measured: the base model, once more
             _measure_base(DreamBoothTask(stage_options(opts, 0, stages[0], opts.pretrained_model_name_or_path),
