@@ -843,6 +843,18 @@ def test_pivotal_tuning_trains_new_tokens_with_the_lora_and_generation_loads_bot
         for encoder, tokenizer, key in encoders:  # the card's pipeline holds the trained rows
             ids = getattr(card["pipe"], tokenizer).convert_tokens_to_ids(["<s0>", "<s0>_1"])
             assert torch.equal(getattr(card["pipe"], encoder).get_input_embeddings().weight[ids], rows[key]), encoder
+    if family != "flux":  # --initial_lora (each sequential stage) continues the tokens' rows too: they started afresh
+        again = ["--pretrained_model_name_or_path", model, "--shard_dir", shard_dir, "--instance_category", "cat",
+                 "--instance_prompt", "a TOK sketch of a cat", "--resolution", "64", "--report_to", "none",
+                 "--checkpointing_steps", "0", "--validation_steps", "0", "--max_train_steps", "1", "--lora_rank", "4",
+                 "--train_text_encoder_ti", "--initializer_concept", "sketch", "--initial_lora", out]
+        run_script("train/dreambooth.py", *again, "--learning_rate", "1e-30", "--output_dir", tmp_path / "continued")
+        continued = load_file(tmp_path / "continued" / "learned_embeds.safetensors")
+        assert all(torch.allclose(continued[key], rows[key], atol=1e-6) for _, _, key in encoders)
+        if family == "sd":
+            proc = run_script("train/dreambooth.py", *again, "--num_new_tokens_per_abstraction", "3", "--output_dir",
+                              tmp_path / "three", check=False)
+            assert proc.returncode == 2 and "its learned tokens (learned_embeds.safetensors: 2 x" in proc.stderr
     bad = run_script("train/dreambooth.py", "--pretrained_model_name_or_path", model, "--shard_dir", shard_dir,
                      "--instance_prompt", "a sks sketch", "--lora_rank", "4", "--train_text_encoder_ti", "--output_dir",
                      tmp_path / "bad", check=False)

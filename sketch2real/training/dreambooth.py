@@ -20,6 +20,7 @@ from sketch2real.family import (
     Family,
     TextEncoders,
     check_lora_family,
+    embedding_file,
     family_of,
     pipeline_class,
     placeholder_tokens,
@@ -359,6 +360,8 @@ class DreamBoothTask(DiffusionTask):
             self.embeddings = [add_placeholder_tokens(tokenizer, encoder, self.new_tokens, opts.initializer_concept,
                                                       opts.seed, "--token_abstraction") for tokenizer, encoder in
                                list(zip(c.tokenizers, c.text_encoders))[: self.family.embedding_encoders()]]
+            if opts.initial_lora:  # the tokens carry on with the LoRA (a sequential stage: they restarted each stage)
+                continue_pivotal_rows(self.family, self.embeddings, opts.initial_lora)
         c.denoiser.requires_grad_(not opts.lora_rank)
         if opts.lora_rank:
             from diffusers.training_utils import cast_training_params
@@ -647,6 +650,23 @@ def initial_lora_alpha(family: Family, folder: str, lora_alpha: float) -> float 
         raise UserError(f"--initial_lora {folder} was trained with alpha {saved:g}, not --lora_alpha {lora_alpha:g}: "
                         "leave --lora_alpha out to continue it at its own")
     return saved
+
+
+def continue_pivotal_rows(family: Family, embeddings: list, folder: str) -> None:
+    """Start pivotal tuning's new rows (`embeddings`, one per embedding encoder) from those a LoRA folder's run learned
+    (its `learned_embeds.safetensors`; none there: they start afresh); rows of another count or width are one line."""
+    path = Path(folder) / "learned_embeds.safetensors"
+    if not path.is_file():
+        return
+    names = family.learned_embedding_keys() or (PIVOTAL_TOKEN,)  # (SD 1.x: one tensor named by the token)
+    _, _, tensors = embedding_file(str(path), names)
+    for embedding, rows in zip(embeddings, [tensors.get(name) for name in names]):
+        if rows is None or rows.shape != embedding.new_rows.shape:
+            raise UserError(f"--initial_lora {folder}: its learned tokens ({path.name}: "
+                            f"{'none' if rows is None else ' x '.join(map(str, rows.shape))}) do not fit this run's "
+                            f"({' x '.join(map(str, embedding.new_rows.shape))}: --num_new_tokens_per_abstraction)")
+        with torch.no_grad():
+            embedding.new_rows.copy_(rows.to(embedding.new_rows))
 
 
 def denoiser_lora_targets(family: Family, denoiser: torch.nn.Module, lora_layers: str = "") -> list[str]:
