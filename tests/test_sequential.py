@@ -248,7 +248,8 @@ def test_stages_that_would_train_or_measure_the_same_thing_twice_are_refused(sta
     (["--max_train_steps", "400"], "--max_train_steps is not used here"),  # at DreamBooth's default too (accepted before)
     (["--instance_category", "dog"], "--instance_category is not used here"),
     (["--resume_from_checkpoint", "out/checkpoint-2"], "give --resume_from_checkpoint latest"),
-    (["--num_heldout_samples", "0"], "forgetting is measured on that many held-out samples")])  # 16 were, silently
+    (["--num_heldout_samples", "0"], "forgetting is measured on that many held-out samples"),  # 16 were, silently
+    (["--lora_rank", "2", "--lora_type", "lokr"], "cannot continue the previous stage's LoKr")])  # stage 2's traceback
 def test_dreambooth_flags_each_stage_sets_itself_are_refused_when_given(flags, message, tmp_path):
     """DreamBooth's options that each stage sets itself were replaced without a word when given (a --max_train_steps
     at DreamBooth's default value was taken, --instance_category and a checkpoint path ignored): one line each."""

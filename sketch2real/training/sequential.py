@@ -68,6 +68,9 @@ class SequentialOptions(DreamBoothOptions):
                             "its stages where they stopped: give --resume_from_checkpoint latest")
         if not self.shard_dir:
             raise UserError("--shard_dir is required: each stage's instance images and held-out images come from it")
+        if self.lora_type == "lokr" and len(stages) > 1:  # stage 2 stopped with a traceback (no LoRA file to load)
+            raise UserError("--lora_type lokr: a stage cannot continue the previous stage's LoKr (--initial_lora takes "
+                            "LoRA adapters): use --lora_type lora, or full fine-tuning")
         if self.num_heldout_samples < 2:  # 0 turned nothing off here: 16 were measured, silently
             raise UserError(f"--num_heldout_samples {self.num_heldout_samples}: forgetting is measured on that many "
                             "held-out samples per category; give at least 2 (for its interval)")
