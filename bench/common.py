@@ -54,7 +54,8 @@ def device_peak_flops() -> float | None:
     return next((peak for key, peak in PEAK_BF16.items() if key in name), None)
 
 
-def training_flops_per_sample(model_dir: Path, resolution: int, trains: str = "unet", controlnet: bool = False) -> float:
+def training_flops_per_sample(model_dir: Path, resolution: int, trains: str = "unet", controlnet: bool = False,
+                              lora_rank: int = 8) -> float:
     """FLOPs of one training sample's forward and backward as they run, counted by torch (FlopCounterMode) on meta
     tensors (no compute, any size): the UNet (SD 1.x or SDXL) with gradients for its weights (`trains="unet"`), for
     LoRA adapters only ("lora": the backward computes activation gradients and the adapters'), for the text
@@ -79,7 +80,7 @@ def training_flops_per_sample(model_dir: Path, resolution: int, trains: str = "u
         if trains == "lora":
             from peft import LoraConfig
 
-            unet.add_adapter(LoraConfig(r=8, target_modules=FAMILIES["sd"].lora_targets(unet)))
+            unet.add_adapter(LoraConfig(r=lora_rank, target_modules=FAMILIES["sd"].lora_targets(unet)))
         states = torch.randn(1, tokens, unet_config["cross_attention_dim"])
         if trains in ("embeddings", "unet_and_text_encoder"):
             encoder = CLIPTextModel(text_config).requires_grad_(trains == "unet_and_text_encoder")
@@ -124,6 +125,7 @@ def flow_lora_flops_per_sample(model_dir: Path, resolution: int, rank: int = 16)
     import torch
     from peft import LoraConfig
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     from sketch2real.device import device_constant
@@ -141,8 +143,8 @@ def flow_lora_flops_per_sample(model_dir: Path, resolution: int, rank: int = 16)
     # cached per-device constants are cleared on both sides (a fake one kept would fail the next real step, and a
     # real one kept, this count)
     device_constant.cache_clear()
-    try:
-        with FakeTensorMode(), FlopCounterMode(display=False) as counter:
+    try:  # SDPA's math kernel: on CPU its flash kernel is one op FlopCounterMode does not count (attention left out)
+        with FakeTensorMode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
             fake_tensors(denoiser)
             noisy = torch.randn(1, vae["latent_channels"], side, side)
             pooled = torch.randn(1, config["pooled_projection_dim"]) if config.get("pooled_projection_dim") else None

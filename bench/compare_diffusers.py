@@ -69,7 +69,8 @@ def commands(diffusers: Path, model: Path, images: Path, out: Path, resolution: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--diffusers_dir", required=True, help="a huggingface/diffusers checkout (has examples/)")
-    parser.add_argument("--size", default="tiny", help="tiny, or sd15_small (SD 1.5's block structure at reduced width)")
+    parser.add_argument("--size", default="tiny", choices=("tiny", "sd15_small"),
+                        help="tiny, or sd15_small (SD 1.5's block structure at reduced width)")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--short", type=int, default=10)
@@ -97,10 +98,14 @@ def main() -> None:
                 continue
             best: dict[str, list[float]] = {"ours": [], "theirs": []}
             walls: dict[str, list[float]] = {"ours": [], "theirs": []}
+            workload = "".join(c if c.isalnum() else "_" for c in name.lower())
             for pair in range(args.pairs):
                 for who, build in (("ours", ours), ("theirs", theirs)):
-                    short_cpu, short_wall = cpu_seconds_of(build(args.short, tmp / f"{who}-{pair}-s"), env)
-                    long_cpu, _ = cpu_seconds_of(build(args.long, tmp / f"{who}-{pair}-l"), env)
+                    # a folder per run: a trainer refuses another trainer's finished folder, and a workload must
+                    # not start from another's latent cache
+                    runs = tmp / "runs" / workload
+                    short_cpu, short_wall = cpu_seconds_of(build(args.short, runs / f"{who}-{pair}-s"), env)
+                    long_cpu, _ = cpu_seconds_of(build(args.long, runs / f"{who}-{pair}-l"), env)
                     best[who].append((long_cpu - short_cpu) / (args.long - args.short))
                     walls[who].append(short_wall)
             o, t = min(best["ours"]), min(best["theirs"])

@@ -165,7 +165,7 @@ def reference(script: Path, model: Path, images: Path, resolution: int, batch: i
 
 
 def run_row(row: Row, round_: int, size: Size, work: Path, script: Path | None, env: dict, cuda: bool,
-            started: float, deadline: float, flops_of, peak: float | None, baseline: dict) -> dict:
+            started: float, deadline: float, flops_of, peak: float | None) -> dict:
     """One row's run: its figures, or the note saying why it did not run or failed."""
     elapsed = time.perf_counter() - started
     result = {"row": row.name, "round": round_, "batch": row.batch, "started_s": round(elapsed, 1)}
@@ -189,7 +189,6 @@ def run_row(row: Row, round_: int, size: Size, work: Path, script: Path | None, 
             short, long = (reference(script, model, images, resolution, row.batch, n, out / str(n), env, timeout())
                            for n in size.reference_steps)
             ms = 1000 * (long - short) / (size.reference_steps[1] - size.reference_steps[0])
-            baseline[row.batch] = ms
             result.update(ms_per_step=ms, method=f"wall({size.reference_steps[1]}) - wall({size.reference_steps[0]})")
         else:
             m = ours(row, model, images, resolution, size, out, env, timeout())
@@ -206,14 +205,23 @@ def run_row(row: Row, round_: int, size: Size, work: Path, script: Path | None, 
         flops = flops_of(model, resolution, row.trains)
         result.update(images_per_second=images_per_second, tflop_per_image=flops / 1e12,
                       chip_share=images_per_second * flops / peak if peak else None)
-        if row.versus_reference and row.batch in baseline:
-            result["vs_diffusers"] = baseline[row.batch] / result["ms_per_step"]
     except subprocess.TimeoutExpired:
         result["note"] = f"FAILED: stopped at the deadline ({deadline:.0f} s)"
     except Exception as err:  # a row's failure is reported in its row; the others still run
         result["note"] = f"FAILED: {str(err)[:160]}"
     result["wall_s"] = round(time.perf_counter() - started - elapsed, 1)
     return result
+
+
+def fill_reference_ratios(results: list[dict], selected: list[Row]) -> None:
+    """`vs_diffusers` of each comparable row against the reference run of its round and batch, wherever in the round
+    that ran (the first row, the defaults, runs before it: its ratio was never computed)."""
+    compared = {row.name for row in selected if row.versus_reference}
+    references = {row.name for row in selected if row.script == "reference"}
+    ms = {(r["round"], r["batch"]): r["ms_per_step"] for r in results if r["row"] in references and "ms_per_step" in r}
+    for r in results:
+        if r["row"] in compared and "ms_per_step" in r and (r["round"], r["batch"]) in ms:
+            r["vs_diffusers"] = ms[r["round"], r["batch"]] / r["ms_per_step"]
 
 
 def table_line(name: str, runs: list[dict]) -> str:
@@ -266,14 +274,14 @@ def main() -> int:
     selected = selected_rows(args.size, args.only)
     flops_of = functools.cache(training_flops_per_sample)
     for round_ in range(args.rounds):  # rows alternate: a drift of the machine meets every row alike
-        baseline = {}  # batch -> this round's reference ms/step
         for row in selected:
-            result = run_row(row, round_, size, work, script, env, cuda, started, args.deadline, flops_of, peak, baseline)
+            result = run_row(row, round_, size, work, script, env, cuda, started, args.deadline, flops_of, peak)
             results.append(result)
             print(json.dumps(result), flush=True)
             if args.results:
                 with open(args.results, "a") as f:
                     f.write(json.dumps(result) + "\n")
+    fill_reference_ratios(results, selected)
     print("\n| run | ms/step | img/s | share of the chip | peak GiB | vs diffusers | note |\n|---|---:|---:|---:|---:|---:|---|")
     for row in selected:
         print(table_line(row.name, [r for r in results if r["row"] == row.name]))

@@ -41,7 +41,7 @@ def main() -> None:
             out = tmp / name.replace(" ", "_")
             run(script, *common, *extra, "--output_dir", out)
             m = json.loads((out / "metrics.json").read_text())
-            flops = training_flops_per_sample(data["sd"], 64, trains, controlnet="controlnet" in name)
+            flops = training_flops_per_sample(data["sd"], 64, trains, controlnet="controlnet" in name, lora_rank=4)
             mfu = f"{m['samples_per_second'] * flops / peak:6.1%}" if peak else "   n/a"  # no known peak on CPU
             print(f"{name:30s} {m['steps_per_second']:8.2f} {m['samples_per_second']:10.2f} {m['peak_memory_mb']:9.0f} "
                   f"{flops / 1e9:13.3f} {mfu}")

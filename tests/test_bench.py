@@ -53,8 +53,18 @@ def test_the_gpu_speed_bench_refuses_an_unknown_row_and_stops_a_row_at_the_deadl
     row = gpu_speed.selected_rows("tiny", ["defaults"])[0]
     started = time.perf_counter()
     result = gpu_speed.run_row(row, 0, size, tmp_path, None, dict(os.environ), False, started, deadline=0.5,
-                               flops_of=None, peak=None, baseline={})
+                               flops_of=None, peak=None)
     assert result["note"] == "FAILED: stopped at the deadline (0 s)" and "ms_per_step" not in result
+    # the ratio to diffusers' script of its round and batch, for a row that ran before the reference in its round (the
+    # defaults row, first in every default run, never had one)
+    selected = gpu_speed.selected_rows("tiny", ["defaults", "diffusers", "lora-bf16"])
+    defaults, reference, lora = (r.name for r in selected)
+    results = [{"row": row, "round": round_, "batch": 4, "ms_per_step": ms, "images_per_second": 4000 / ms, "method": ""}
+               for row, round_, ms in ((defaults, 0, 50.0), (reference, 0, 150.0), (lora, 0, 30.0), (defaults, 1, 60.0))]
+    gpu_speed.fill_reference_ratios(results, selected)
+    assert results[0]["vs_diffusers"] == 3.0 and "vs_diffusers" not in results[3]  # round 1 has no reference run
+    assert "vs_diffusers" not in results[2]  # LoRA trains other weights than the reference: no ratio
+    assert "| 3.00x |" in gpu_speed.table_line(defaults, [results[0], results[3]])
 
 
 def test_counting_flux_flops_leaves_the_process_able_to_count_again_and_to_train(tiny_models):
@@ -73,6 +83,11 @@ def test_counting_flux_flops_leaves_the_process_able_to_count_again_and_to_train
     first = flow_lora_flops_per_sample(tiny_models.flux, 64)
     assert first > 0 and flow_lora_flops_per_sample(tiny_models.flux, 64) == first
     c = load_sd_components(str(tiny_models.flux))
+    # attention counted: QK^T and AV over image and text tokens in every block, forward and the backward's two (on CPU
+    # SDPA's flash kernel is an op the counter skips: the count was 61 MFLOP, below attention's own 214)
+    config, tokens = c.denoiser.config, (64 // 8 // 2) ** 2 + FAMILIES["flux"].max_sequence_length
+    width, blocks = config.num_attention_heads * config.attention_head_dim, config.num_layers + config.num_single_layers
+    assert first >= 3 * 2 * (2 * tokens**2 * width) * blocks
     config = c.denoiser.config
     text = Conditioning(torch.randn(1, 8, config.joint_attention_dim), torch.randn(1, config.pooled_projection_dim))
     out = FAMILIES["flux"].predict(c.denoiser, torch.randn(1, 16, 8, 8), torch.full((1,), 500.0), text, guidance=3.5)
