@@ -1425,6 +1425,26 @@ def test_the_card_s_lines_load_the_run_s_vae_and_call_the_pipeline_as_training_c
     assert "image = pipe(prompt='a sks sketch', max_sequence_length=77).images[0]" in sd3 and "vae" not in sd3
 
 
+def test_a_run_of_other_settings_into_a_folder_leaves_no_earlier_weight_file_the_card_or_generation_would_load(
+        db_args, tmp_path):
+    """A full fine-tune saved where a LoRA run (ComfyUI copy, EMA) had finished kept the LoRA files: the card (titled
+    "lora") and generation loaded the base model with the old LoRA. Its weight files are removed once the new run's
+    are saved; a user's own file stays."""
+    from sketch2real.training.model_card import output_kind
+
+    out = tmp_path / "out"
+    lora = [*db_args, "--max_train_steps", "1", "--lora_rank", "2", "--output_dir", out]
+    run_script("train/dreambooth.py", *lora, "--lora_format", "comfyui", "--use_ema")
+    earlier = {"pytorch_lora_weights.safetensors", "pytorch_lora_weights_comfyui.safetensors",
+               "without_ema/pytorch_lora_weights.safetensors"}
+    assert earlier <= set(json.loads((out / "metrics.json").read_text())["outputs"])
+    (out / "notes.txt").write_text("mine")
+    proc = run_script("train/dreambooth.py", *db_args, "--max_train_steps", "1", "--output_dir", out)
+    assert not any((out / name).exists() for name in earlier) and not (out / "without_ema").exists()
+    assert (out / "notes.txt").read_text() == "mine" and "removed 5 weight file(s)" in proc.stderr  # without_ema/ whole
+    assert output_kind(out) == "pipeline" and not earlier & set(json.loads((out / "metrics.json").read_text())["outputs"])
+
+
 def test_a_resumed_run_s_validation_log_lists_each_step_once_and_a_fresh_one_drops_an_earlier_run_s(db_args, tmp_path):
     """Killed after validating step 2 but before checkpointing it: the resumed run validates steps 2 and 3 again, and
     validation_log.jsonl listed them twice (a plot of it zig-zagged). Preempted during a step's validation, the resumed

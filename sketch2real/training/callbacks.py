@@ -9,6 +9,8 @@ last step it calls `before_save` (which may also end the run), the task saves it
 from __future__ import annotations
 
 import contextlib
+import fnmatch
+import json
 import logging
 import math
 import os
@@ -289,6 +291,55 @@ def optimizer_dtypes(optimizer) -> dict[str, list[str]]:
     return {"parameters": sorted(params), "state": sorted(state)}
 
 
+# The weight files that tell what an output folder holds (the card and generation read a folder by them) and the
+# EMA run's trained weights beside the average: what an earlier run of other settings leaves behind misleads both.
+MODEL_FILES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_comfyui.safetensors",
+               "pytorch_lokr_weights.safetensors", "learned_embeds.safetensors", "learned_embeds-steps-*.safetensors",
+               "without_ema/*")
+
+
+class EarlierOutputs(Callback):
+    """Weight files (`MODEL_FILES`) an earlier finished run of other settings left in `--output_dir` (its metrics.json
+    lists them) that this run did not write again are removed once this run's are saved: a full fine-tune saved where
+    a LoRA run was kept the LoRA file, and the card and generation loaded the base model with that old LoRA."""
+
+    def __init__(self) -> None:
+        self.earlier: dict[str, tuple] = {}  # an earlier run's weight file -> its (inode, size, mtime) then
+
+    def before_train(self, run: Run) -> int | None:
+        if not run.accelerator.is_main_process:
+            return None
+        try:
+            summary = json.loads((run.out / "metrics.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(summary, dict) or run.fingerprint.matches(summary.get("fingerprint")):
+            return None  # none, or this run's own (continued, or its outputs made again)
+        for name in summary.get("outputs") or {}:
+            if any(fnmatch.fnmatch(name, pattern) for pattern in MODEL_FILES) and (run.out / name).is_file():
+                self.earlier[name] = _identity(run.out / name)
+        return None
+
+    def after_save(self, run: Run) -> None:
+        left = [name for name, seen in self.earlier.items() if (run.out / name).is_file()
+                and _identity(run.out / name) == seen]
+        for name in left:
+            (run.out / name).unlink()
+            folder = (run.out / name).parent
+            if folder != run.out:
+                with contextlib.suppress(OSError):  # without_ema/, once empty
+                    folder.rmdir()
+        if left:
+            logger.info("removed %d weight file(s) an earlier run of other settings left in %s: %s", len(left), run.out,
+                        ", ".join(left))
+
+
+def _identity(path: Path) -> tuple:
+    """What changes when a file is written again (a rewrite in place or a new file renamed over it)."""
+    st = path.stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 class RunSummary(Callback):
     """`metrics.json` (throughput without the one-off latent cache, memory, precision, optimizer dtypes, final LR,
     corrupt samples, the last validation) and a one-line summary."""
@@ -366,6 +417,7 @@ class PushToHub(Callback):
 
 
 def default_callbacks() -> list[Callback]:
-    """In this order: a NaN stops before anything is saved; validation's values reach the tracker; checkpoints; the
-    summary before the card that shows it; the upload of all of it."""
-    return [NanGuard(), Validation(), TrackerLog(), Checkpointing(), RunSummary(), ModelCard(), PushToHub()]
+    """In this order: a NaN stops before anything is saved; validation's values reach the tracker; checkpoints; an
+    earlier run's weight files gone before the summary lists the outputs and the card shows them; the upload of all."""
+    return [NanGuard(), Validation(), TrackerLog(), Checkpointing(), EarlierOutputs(), RunSummary(), ModelCard(),
+            PushToHub()]
