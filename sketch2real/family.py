@@ -167,6 +167,12 @@ class Family:
         """Pipeline call arguments matching training's conditioning (SDXL: the sources' original size, uncropped)."""
         return {"original_size": source_size, "crops_coords_top_left": (0, 0)} if self.pooled else {}
 
+    def pipeline_call_defaults(self) -> dict:
+        """`generation_kwargs` and generation's default guidance: what validation and the model card's lines call the
+        pipeline with, so they draw what `infer/generate.py` draws (pipelines' own defaults differ: SDXL's 5.0, FLUX.1
+        ControlNet's 7.0)."""
+        return {"guidance_scale": self.guidance_scale, **self.generation_kwargs()}
+
     def max_length(self, tokenizer) -> int:
         """Token ids per prompt for `tokenizer` (CLIP's 77)."""
         return tokenizer.model_max_length

@@ -1420,9 +1420,12 @@ def test_the_card_s_lines_load_the_run_s_vae_and_call_the_pipeline_as_training_c
     assert "vae = AutoencoderKL.from_pretrained('madebyollin/sdxl-vae-fp16-fix')" in card
     assert "DiffusionPipeline.from_pretrained('stabilityai/stable-diffusion-xl-base-1.0', vae=vae)" in card
     assert "from diffusers import AutoencoderKL, DiffusionPipeline" in card
-    assert "image = pipe(prompt='a sks sketch', original_size=(256, 256), crops_coords_top_left=(0, 0)).images[0]" in card
+    # generate.py's guidance, not the pipeline's default (SDXL's 5.0 drew another image than generate.py's line)
+    assert "image = pipe(prompt='a sks sketch', guidance_scale=7.5, original_size=(256, 256), crops_coords_top_left=(0, 0)).images[0]" in card
     sd3 = usage("lora", "stabilityai/stable-diffusion-3.5-medium", tmp_path, "a sks sketch", FAMILIES["sd3"])
-    assert "image = pipe(prompt='a sks sketch', max_sequence_length=77).images[0]" in sd3 and "vae" not in sd3
+    assert "image = pipe(prompt='a sks sketch', guidance_scale=7.0, max_sequence_length=77).images[0]" in sd3 and "vae" not in sd3
+    klein = usage("lora", "black-forest-labs/FLUX.2-klein-4B", tmp_path, "a sks sketch", FAMILIES["flux2-klein"], vae="my/vae")
+    assert "vae = AutoencoderKLFlux2.from_pretrained('my/vae')" in klein and "import AutoencoderKLFlux2, " in klein
 
 
 def test_a_run_of_other_settings_into_a_folder_leaves_no_earlier_weight_file_the_card_or_generation_would_load(

@@ -251,7 +251,7 @@ class ControlNetTask(DiffusionTask):
             images = pipe([prompts[i]] * n, height=o.resolution, width=o.resolution, generator=generators,
                           num_inference_steps=o.validation_inference_steps,
                           **{self.family.control_image_argument: [sketch_condition(sketch)] * n},
-                          **self.family.generation_kwargs()).images
+                          **self.family.pipeline_call_defaults()).images
             rows.append([sketch, *images] + ([] if o.validation_image else [to_pil_image((h.images[i] + 1) / 2)]))
             generated += images
             if between is not None:

@@ -109,12 +109,13 @@ def usage(kind: str, base: str, out: Path, prompt: str, family: Family, repo_id:
     prompt_code = repr(prompt_line)
     if tokens and not hasattr(pipeline_class(family), "maybe_convert_prompt"):  # SD3: no loader to expand tokens
         prompt_code = f"spell_out_tokens(pipe, {prompt_code})"
-    settings = "".join(f", {k}={v!r}" for k, v in family.generation_kwargs().items())  # as training conditioned it
+    # generate.py's guidance and the conditioning training used (SDXL's sizes): the image generate.py draws
+    settings = "".join(f", {k}={v!r}" for k, v in family.pipeline_call_defaults().items())
     # by name: FLUX.2 [klein]'s pipeline takes an image first
     code.append(f"image = pipe(prompt={prompt_code}{condition}{settings}).images[0]")
-    if with_vae:
-        imports.append("AutoencoderKL")
-        code.insert(0, f"vae = AutoencoderKL.from_pretrained({vae!r})")
+    if with_vae:  # the family's VAE class (FLUX.2 [klein]'s is not AutoencoderKL: its pipeline failed at the first call)
+        imports.append(family.vae_class)
+        code.insert(0, f"vae = {family.vae_class}.from_pretrained({vae!r})")
     header = [f"from diffusers import {', '.join(sorted(imports))}"]
     header += ["from diffusers.utils import load_image", "from PIL import ImageOps"] if kind == "controlnet" else []
     if tokens:

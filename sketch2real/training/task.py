@@ -326,7 +326,7 @@ class DiffusionTask:
         pipe = self.pipeline(model)
         prompts = [self.pipeline_prompt(pipe, p) for p in self.validation_prompts()]
         rows = generate_rows(pipe, prompts, o.num_validation_images, o.seed, o.resolution,
-                             o.validation_inference_steps, self.family.generation_kwargs(), between)
+                             o.validation_inference_steps, self.family.pipeline_call_defaults(), between)
         categories = [c for c, row in zip(self.validation_categories(), rows) for _ in row]
         return rows, [image for row in rows for image in row], categories
 
