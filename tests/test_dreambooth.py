@@ -855,6 +855,10 @@ def test_pivotal_tuning_trains_new_tokens_with_the_lora_and_generation_loads_bot
             proc = run_script("train/dreambooth.py", *again, "--num_new_tokens_per_abstraction", "3", "--output_dir",
                               tmp_path / "three", check=False)
             assert proc.returncode == 2 and "its learned tokens (learned_embeds.safetensors: 2 x" in proc.stderr
+            # captions without TOK replace the prompt that has it: the new rows never trained, silently
+            proc = run_script("train/dreambooth.py", *again, "--captions", _category_captions(tmp_path / "c.jsonl", shard_dir, 0),
+                              "--output_dir", tmp_path / "captions", check=False)
+            assert proc.returncode == 2 and "no prompt of the instance images has --token_abstraction 'TOK'" in proc.stderr
     bad = run_script("train/dreambooth.py", "--pretrained_model_name_or_path", model, "--shard_dir", shard_dir,
                      "--instance_prompt", "a sks sketch", "--lora_rank", "4", "--train_text_encoder_ti", "--output_dir",
                      tmp_path / "bad", check=False)

@@ -416,6 +416,12 @@ class DreamBoothTask(DiffusionTask):
             self.keys, self.categories = [m["key"] for m in metas], [m["category"] for m in metas]
         logger.info("%d instance images", len(instance_images))
         self.sample_prompts.check_covers(self.keys, "instance images")
+        token = re.compile(rf"\b{re.escape(opts.token_abstraction)}\b")
+        if opts.train_text_encoder_ti and not any(token.search(self.sample_prompts(k, c)) for k, c in
+                                                  zip(self.keys, self.categories)):  # the new rows would never train
+            raise UserError(f"--train_text_encoder_ti: no prompt of the instance images has --token_abstraction "
+                            f"{opts.token_abstraction!r} (their --captions replace --instance_prompt): put it in the "
+                            "captions, or leave --captions out")
         self.sample_prompts.warn_cut(self.family, self.c.tokenizers, self.keys)
         if opts.validation_epochs:  # the loop validates every --validation_steps: this run's, in steps
             per_step = opts.train_batch_size * accelerator.num_processes * opts.gradient_accumulation_steps
