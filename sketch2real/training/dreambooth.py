@@ -165,6 +165,9 @@ class DreamBoothOptions(TrainOptions):
         if self.train_text_encoder and self.train_text_encoder_ti:
             raise UserError("--train_text_encoder_ti trains new tokens' rows, --train_text_encoder the encoders' "
                             "adapters: choose one (as diffusers' advanced scripts)")
+        if self.text_encoder_lr is not None and self.optimizer == "prodigy":  # dropped without a word, shown in the card
+            raise UserError("--text_encoder_lr: Prodigy estimates one step size for every group (the text encoders' "
+                            "too, scaled by --learning_rate): leave it out, or use --optimizer adamw")
         if (self.text_encoder_lr, self.adam_weight_decay_text_encoder) != (None, None) and not self.train_text_encoder:
             raise UserError("--text_encoder_lr and --adam_weight_decay_text_encoder are for the text encoders (or their "
                             "LoRA adapters): give --train_text_encoder")

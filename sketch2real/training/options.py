@@ -221,6 +221,9 @@ class TrainOptions:
         if self.optimizer == "prodigy" and self.learning_rate < 0.1:
             raise UserError(f"--optimizer prodigy estimates its step size; --learning_rate scales that estimate (1.0 as "
                             f"Prodigy intends), got {self.learning_rate}")
+        if self.lr_scheduler == "constant" and self.lr_warmup_steps and self.optimizer != "adamw_schedulefree":
+            raise UserError(f"--lr_warmup_steps {self.lr_warmup_steps} does nothing under --lr_scheduler constant (its "
+                            "rate is constant from step 1): give --lr_scheduler constant_with_warmup, or leave it out")
         if self.optimizer != "adamw" and self.use_8bit_adam:
             raise UserError(f"--use_8bit_adam is an AdamW: choose it or --optimizer {self.optimizer}")
         if self.optimizer == "adamw_schedulefree":
