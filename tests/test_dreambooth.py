@@ -989,6 +989,7 @@ def test_class_images_are_listed_once_and_split_across_two_processes(db_args, tm
                      marks=pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb installed")),
         (["--optimizer", "prodigy", "--learning_rate", "1e-4"], "estimates its step size"),
         (["--lr_warmup_steps", "3"], "does nothing under --lr_scheduler constant"),  # diffusers' constant: ignored
+        (["--shard_dir", "", "--instance_data_dir", "/tmp"], "--instance_category choose shard images"),
         (["--optimizer", "prodigy", "--learning_rate", "1", "--train_text_encoder", "--text_encoder_lr", "1e-6"],
          "Prodigy estimates one step size"),
         (["--use_dora"], "give --lora_rank"),

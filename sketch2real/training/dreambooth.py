@@ -162,6 +162,11 @@ class DreamBoothOptions(TrainOptions):
                                        or self.captions):
             raise UserError("{category} and --captions need the shards' categories and keys: give --shard_dir, "
                             "not --instance_data_dir")
+        shard_only = [flag for flag, given in (("--instance_category", self.instance_category),
+                                               ("--instance_image_type", self.instance_image_type != "sketch")) if given]
+        if self.instance_data_dir and not self.shard_dir and shard_only:  # accepted, did nothing, named in the card
+            raise UserError(f"{' and '.join(shard_only)} choose shard images: with --instance_data_dir alone they do "
+                            "nothing (with --shard_dir they choose the held-out images)")
         if self.train_text_encoder and self.train_text_encoder_ti:
             raise UserError("--train_text_encoder_ti trains new tokens' rows, --train_text_encoder the encoders' "
                             "adapters: choose one (as diffusers' advanced scripts)")

@@ -79,6 +79,11 @@ class TextualInversionOptions(TrainOptions):
         if not self.train_data_dir and not self.shard_dir:
             raise UserError("give --shard_dir or --train_data_dir")
         check_validation_prompts(self.validation_prompt, "--train_data_dir" if self.train_data_dir else "")
+        shard_only = [flag for flag, given in (("--categories", self.categories),
+                                               ("--instance_image_type", self.instance_image_type != "sketch")) if given]
+        if self.train_data_dir and not self.shard_dir and shard_only:  # accepted, did nothing, named in the card
+            raise UserError(f"{' and '.join(shard_only)} choose shard images: with --train_data_dir alone they do "
+                            "nothing (with --shard_dir they choose the held-out images)")
 
 
 class PlaceholderEmbedding(torch.nn.Module):
