@@ -51,6 +51,7 @@ FLAGS_NOT_TAKEN = {
     "validation_scheduler": "validation samples with the model's own scheduler",
     "enable_npu_flash_attention": "Ascend NPUs are not supported",
     "upcast_before_saving": "not needed: trained weights are saved in fp32 (the optimizer's master weights)",
+    "input_perturbation": "not supported (train_text_to_image.py's noise perturbation); --noise_offset is taken",
     **dict.fromkeys(("tokenizer_max_length", "text_encoder_use_attention_mask"),
                     "a DeepFloyd IF setting; prompts are tokenized as each model's own pipeline tokenizes them"),
 }
