@@ -40,18 +40,24 @@ def run(script: str, *args, launch_processes: int = 0) -> subprocess.CompletedPr
     return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, env=env, check=True)
 
 
-# Dense bf16 peak of common training GPUs, FLOP/s (vendor figures, no sparsity).
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A6000": 155e12, "L4": 121e12}
+# Dense bf16 peak of common training GPUs, FLOP/s (vendor figures, no sparsity); the first name found in the device's
+# name as whole words counts, so the variants come before their family (an H100 PCIe is not an SXM H100).
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12,
+             "L40": 181e12, "A6000": 155e12, "L4": 121e12}
+
+
+def peak_bf16(device_name: str) -> float | None:
+    """The dense bf16 peak of a GPU by its name (`torch.cuda.get_device_name`), or None for one not in PEAK_BF16."""
+    import re
+
+    return next((peak for key, peak in PEAK_BF16.items() if re.search(rf"\b{re.escape(key)}\b", device_name)), None)
 
 
 def device_peak_flops() -> float | None:
     """The CUDA device's dense bf16 peak, or None (CPU, or a GPU not in PEAK_BF16)."""
     import torch
 
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((peak for key, peak in PEAK_BF16.items() if key in name), None)
+    return peak_bf16(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
 
 
 def training_flops_per_sample(model_dir: Path, resolution: int, trains: str = "unet", controlnet: bool = False,

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import PEAK_BF16, training_flops_per_sample
+from common import peak_bf16, training_flops_per_sample
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "a sks sketch of a cat"
@@ -264,10 +264,14 @@ def main() -> int:
     script = Path(args.diffusers_dir) / "examples/dreambooth/train_dreambooth.py" if args.diffusers_dir else None
     if script is not None and not script.is_file():
         script = Path(args.diffusers_dir) / "train_dreambooth.py"
+    if script is not None and not script.is_file():  # before any row spends GPU time (it failed at the reference row)
+        print(f"gpu_speed: --diffusers_dir {args.diffusers_dir} holds neither examples/dreambooth/train_dreambooth.py "
+              "nor train_dreambooth.py", file=sys.stderr)
+        return 2
     work = Path(args.work_dir)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     device = torch.cuda.get_device_name() if cuda else "CPU"
-    peak = next((p for key, p in PEAK_BF16.items() if key in device), None)
+    peak = peak_bf16(device)
     print(f"{device} | torch {torch.__version__} | {size.model} architecture, random weights | {size.resolution} px | "
           f"ours: {size.steps} steps, timed after step {size.logging}", flush=True)
     results = []  # one per row and round

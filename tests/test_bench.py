@@ -44,6 +44,9 @@ def test_the_gpu_speed_bench_refuses_an_unknown_row_and_stops_a_row_at_the_deadl
     proc = subprocess.run([sys.executable, str(REPO / "bench/gpu_speed.py"), "--size", "tiny", "--only", "fp16"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "no row fp16 (rows: defaults, diffusers," in proc.stderr
+    proc = subprocess.run([sys.executable, str(REPO / "bench/gpu_speed.py"), "--size", "tiny", "--diffusers_dir",
+                           str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "holds neither examples/dreambooth/train_dreambooth.py" in proc.stderr
     sys.path.insert(0, str(REPO / "bench"))
     try:
         import gpu_speed
@@ -57,6 +60,11 @@ def test_the_gpu_speed_bench_refuses_an_unknown_row_and_stops_a_row_at_the_deadl
     assert result["note"] == "FAILED: stopped at the deadline (0 s)" and "ms_per_step" not in result
     # the ratio to diffusers' script of its round and batch, for a row that ran before the reference in its round (the
     # defaults row, first in every default run, never had one)
+    from common import peak_bf16
+
+    names = ("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200", "NVIDIA L40", "NVIDIA L4",
+             "NVIDIA L40S", "NVIDIA A100-SXM4-80GB", "Tesla V100-SXM2-32GB")
+    assert [peak_bf16(n) for n in names] == [989e12, 756e12, 835e12, 989e12, 181e12, 121e12, 362e12, 312e12, None]
     selected = gpu_speed.selected_rows("tiny", ["defaults", "diffusers", "lora-bf16"])
     defaults, reference, lora = (r.name for r in selected)
     results = [{"row": row, "round": round_, "batch": 4, "ms_per_step": ms, "images_per_second": 4000 / ms, "method": ""}
