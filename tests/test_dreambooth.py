@@ -988,10 +988,6 @@ def test_class_images_are_listed_once_and_split_across_two_processes(db_args, tm
         pytest.param(["--report_to", "wandb"], "wandb is not installed (pip install wandb)",
                      marks=pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb installed")),
         (["--optimizer", "prodigy", "--learning_rate", "1e-4"], "estimates its step size"),
-        (["--lr_warmup_steps", "3"], "does nothing under --lr_scheduler constant"),  # diffusers' constant: ignored
-        (["--shard_dir", "", "--instance_data_dir", "/tmp"], "--instance_category choose shard images"),
-        (["--optimizer", "prodigy", "--learning_rate", "1", "--train_text_encoder", "--text_encoder_lr", "1e-6"],
-         "Prodigy estimates one step size"),
         (["--use_dora"], "give --lora_rank"),
         (["--lora_alpha", "8"], "--lora_alpha scales LoRA adapters: give --lora_rank"),
         (["--instance_prompt", "a {kind} sketch"], "only {category} can be filled in"),

@@ -754,3 +754,32 @@ def test_captions_that_reach_no_image_are_one_line_not_a_template_run(tmp_path):
         prompts.check_covers(["dog/x-1", "dog/y-1"], "instance images")
     with pytest.raises(UserError, match="--caption_prompt_id chooses among --captions' prompts"):
         check_captions_file("", "short")
+
+
+def test_flags_that_do_nothing_in_their_company_are_named_in_a_warning(caplog):
+    """Accepted and silently ignored before (the card even listed them): --lr_warmup_steps under a constant schedule
+    (diffusers' ignores it), --text_encoder_lr under Prodigy, shard flags beside a folder of images and no shards. A
+    warning, not a refusal: a run trained with them still resumes with the same flags."""
+    from sketch2real.cli import parse_options
+    from sketch2real.training.dreambooth import DreamBoothOptions
+    from sketch2real.training.textual_inversion import TextualInversionOptions
+
+    base = ["--pretrained_model_name_or_path", "m", "--output_dir", "o"]
+    for cls, args, said in (
+            (DreamBoothOptions, ["--shard_dir", "s", "--lr_warmup_steps", "3"],
+             "--lr_warmup_steps 3 does nothing under --lr_scheduler constant"),
+            (DreamBoothOptions, ["--shard_dir", "s", "--optimizer", "prodigy", "--train_text_encoder",
+                                 "--text_encoder_lr", "1e-6"], "--text_encoder_lr is not used: Prodigy"),
+            (DreamBoothOptions, ["--instance_data_dir", "d", "--instance_category", "cat"], "--instance_category: not used"),
+            (TextualInversionOptions, ["--train_data_dir", "d", "--categories", "cat", "--instance_image_type", "photo"],
+             "--categories and --instance_image_type: not used")):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="sketch2real"):
+            parse_options(cls, [*base, *args]).check()
+        assert said in caplog.text, (args, caplog.text)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sketch2real"):  # where they do something: no word
+        parse_options(DreamBoothOptions, [*base, "--shard_dir", "s", "--lr_warmup_steps", "3", "--lr_scheduler",
+                                          "constant_with_warmup", "--instance_data_dir", "d", "--instance_category",
+                                          "cat"]).check()
+    assert "not used" not in caplog.text and "does nothing" not in caplog.text

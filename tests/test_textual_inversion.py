@@ -204,9 +204,6 @@ def test_category_in_the_validation_prompt_is_filled_in_per_category_and_the_car
         task("--validation_prompt", "a {categroy}")
     with pytest.raises(UserError, match="--train_data_dir images have none"):
         task("--train_data_dir", str(tmp_path), "--validation_prompt", "a {category}")
-    # shard flags beside a folder of images and no shards: accepted, they did nothing, and the card named them
-    with pytest.raises(UserError, match="--categories and --instance_image_type choose shard images"):
-        task("--shard_dir", "", "--train_data_dir", str(tmp_path), "--categories", "cat", "--instance_image_type", "photo")
 
 
 def test_validation_gives_the_pipeline_the_prompt_its_loader_expands_to_the_trained_one(tiny_models, tmp_path):

@@ -164,15 +164,15 @@ class DreamBoothOptions(TrainOptions):
                             "not --instance_data_dir")
         shard_only = [flag for flag, given in (("--instance_category", self.instance_category),
                                                ("--instance_image_type", self.instance_image_type != "sketch")) if given]
-        if self.instance_data_dir and not self.shard_dir and shard_only:  # accepted, did nothing, named in the card
-            raise UserError(f"{' and '.join(shard_only)} choose shard images: with --instance_data_dir alone they do "
-                            "nothing (with --shard_dir they choose the held-out images)")
+        if self.instance_data_dir and not self.shard_dir and shard_only and not on_other_rank():  # was silent
+            logger.warning("%s: not used (they choose shard images; with --instance_data_dir and --shard_dir, the "
+                           "held-out ones)", " and ".join(shard_only))
         if self.train_text_encoder and self.train_text_encoder_ti:
             raise UserError("--train_text_encoder_ti trains new tokens' rows, --train_text_encoder the encoders' "
                             "adapters: choose one (as diffusers' advanced scripts)")
-        if self.text_encoder_lr is not None and self.optimizer == "prodigy":  # dropped without a word, shown in the card
-            raise UserError("--text_encoder_lr: Prodigy estimates one step size for every group (the text encoders' "
-                            "too, scaled by --learning_rate): leave it out, or use --optimizer adamw")
+        if self.text_encoder_lr is not None and self.optimizer == "prodigy" and not on_other_rank():  # was silent
+            logger.warning("--text_encoder_lr is not used: Prodigy estimates one step size for every group (the text "
+                           "encoders' too, scaled by --learning_rate)")
         if (self.text_encoder_lr, self.adam_weight_decay_text_encoder) != (None, None) and not self.train_text_encoder:
             raise UserError("--text_encoder_lr and --adam_weight_decay_text_encoder are for the text encoders (or their "
                             "LoRA adapters): give --train_text_encoder")

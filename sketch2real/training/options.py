@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from sketch2real.cli import PRECISION_HELP, UserError, option
+from sketch2real.cli import PRECISION_HELP, UserError, on_other_rank, option
 
 if TYPE_CHECKING:
     from sketch2real.family import Family
+
+logger = logging.getLogger("sketch2real")
 
 # diffusers.optimization.SchedulerType values get_scheduler can build from these options alone
 # (piecewise_constant also needs step rules, which no option gives).
@@ -222,9 +225,10 @@ class TrainOptions:
         if self.optimizer == "prodigy" and self.learning_rate < 0.1:
             raise UserError(f"--optimizer prodigy estimates its step size; --learning_rate scales that estimate (1.0 as "
                             f"Prodigy intends), got {self.learning_rate}")
-        if self.lr_scheduler == "constant" and self.lr_warmup_steps and self.optimizer != "adamw_schedulefree":
-            raise UserError(f"--lr_warmup_steps {self.lr_warmup_steps} does nothing under --lr_scheduler constant (its "
-                            "rate is constant from step 1): give --lr_scheduler constant_with_warmup, or leave it out")
+        if (self.lr_scheduler == "constant" and self.lr_warmup_steps and self.optimizer != "adamw_schedulefree"
+                and not on_other_rank()):  # a warning: a run trained so still resumes with the flag
+            logger.warning("--lr_warmup_steps %d does nothing under --lr_scheduler constant (its rate is constant from "
+                           "step 1): give --lr_scheduler constant_with_warmup", self.lr_warmup_steps)
         if self.optimizer != "adamw" and self.use_8bit_adam:
             raise UserError(f"--use_8bit_adam is an AdamW: choose it or --optimizer {self.optimizer}")
         if self.optimizer == "adamw_schedulefree":

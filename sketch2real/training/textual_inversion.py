@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 from safetensors.torch import save_file
 
-from sketch2real.cli import UserError, option
+from sketch2real.cli import UserError, on_other_rank, option
 from sketch2real.family import Family, TextEncoders, placeholder_tokens
 from sketch2real.io import atomic_path
 from sketch2real.models import SDComponents
@@ -81,9 +81,9 @@ class TextualInversionOptions(TrainOptions):
         check_validation_prompts(self.validation_prompt, "--train_data_dir" if self.train_data_dir else "")
         shard_only = [flag for flag, given in (("--categories", self.categories),
                                                ("--instance_image_type", self.instance_image_type != "sketch")) if given]
-        if self.train_data_dir and not self.shard_dir and shard_only:  # accepted, did nothing, named in the card
-            raise UserError(f"{' and '.join(shard_only)} choose shard images: with --train_data_dir alone they do "
-                            "nothing (with --shard_dir they choose the held-out images)")
+        if self.train_data_dir and not self.shard_dir and shard_only and not on_other_rank():  # was silent
+            logger.warning("%s: not used (they choose shard images; with --train_data_dir and --shard_dir, the "
+                           "held-out ones)", " and ".join(shard_only))
 
 
 class PlaceholderEmbedding(torch.nn.Module):
