@@ -1448,8 +1448,9 @@ def test_a_run_of_other_settings_into_a_folder_leaves_no_earlier_weight_file_the
     (out / "notes.txt").write_text("mine")
     proc = run_script("train/dreambooth.py", *db_args, "--max_train_steps", "1", "--output_dir", out)
     assert not any((out / name).exists() for name in earlier) and not (out / "without_ema").exists()
-    assert (out / "notes.txt").read_text() == "mine" and "removed 5 weight file(s)" in proc.stderr  # without_ema/ whole
+    assert (out / "notes.txt").read_text() == "mine" and "removed 5 file(s) of the weights" in proc.stderr  # without_ema/ whole
     assert output_kind(out) == "pipeline" and not earlier & set(json.loads((out / "metrics.json").read_text())["outputs"])
+    assert not (out / ".earlier_outputs.json").exists()  # what this run saw at its start (a resume reads it): done
 
 
 def test_a_resumed_run_s_validation_log_lists_each_step_once_and_a_fresh_one_drops_an_earlier_run_s(db_args, tmp_path):

@@ -301,43 +301,58 @@ MODEL_FILES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_comfyui
 class EarlierOutputs(Callback):
     """Weight files (`MODEL_FILES`) an earlier finished run of other settings left in `--output_dir` (its metrics.json
     lists them) that this run did not write again are removed once this run's are saved: a full fine-tune saved where
-    a LoRA run was kept the LoRA file, and the card and generation loaded the base model with that old LoRA."""
+    a LoRA run was kept the LoRA file, and the card and generation loaded the base model with that old LoRA. What they
+    were when this run started is kept in `EARLIER` until then, so a resumed run tells them from its own files."""
+
+    EARLIER = ".earlier_outputs.json"  # an earlier run's weight files -> their (inode, size, mtime) at this run's start
 
     def __init__(self) -> None:
-        self.earlier: dict[str, tuple] = {}  # an earlier run's weight file -> its (inode, size, mtime) then
+        self.earlier: dict[str, list] = {}
 
     def before_train(self, run: Run) -> int | None:
         if not run.accelerator.is_main_process:
             return None
+        record = run.out / self.EARLIER
+        if run.start_step:  # resumed: what this run saw at its start (none: none to remove)
+            with contextlib.suppress(OSError, ValueError):
+                self.earlier = json.loads(record.read_text())
+            return None
         try:
             summary = json.loads((run.out / "metrics.json").read_text())
         except (OSError, ValueError):
-            return None
-        if not isinstance(summary, dict) or run.fingerprint.matches(summary.get("fingerprint")):
-            return None  # none, or this run's own (continued, or its outputs made again)
-        for name in summary.get("outputs") or {}:
-            if any(fnmatch.fnmatch(name, pattern) for pattern in MODEL_FILES) and (run.out / name).is_file():
-                self.earlier[name] = _identity(run.out / name)
+            summary = None
+        if isinstance(summary, dict) and not run.fingerprint.matches(summary.get("fingerprint")):
+            self.earlier = {name: _identity(run.out / name) for name in summary.get("outputs") or {}
+                            if any(fnmatch.fnmatch(name, pattern) for pattern in MODEL_FILES) and (run.out / name).is_file()}
+        if self.earlier:
+            write_json(record, self.earlier)
+        else:
+            record.unlink(missing_ok=True)
         return None
 
     def after_save(self, run: Run) -> None:
+        if not run.accelerator.is_main_process:
+            return
         left = [name for name, seen in self.earlier.items() if (run.out / name).is_file()
                 and _identity(run.out / name) == seen]
         for name in left:
             (run.out / name).unlink()
+        for name in sorted(left, key=lambda n: -n.count("/")):  # their folders (without_ema/...), deepest first, once empty
             folder = (run.out / name).parent
-            if folder != run.out:
-                with contextlib.suppress(OSError):  # without_ema/, once empty
+            while folder != run.out:
+                with contextlib.suppress(OSError):
                     folder.rmdir()
+                folder = folder.parent
+        (run.out / self.EARLIER).unlink(missing_ok=True)
         if left:
-            logger.info("removed %d weight file(s) an earlier run of other settings left in %s: %s", len(left), run.out,
-                        ", ".join(left))
+            logger.info("removed %d file(s) of the weights an earlier run of other settings left in %s: %s", len(left),
+                        run.out, ", ".join(left))
 
 
-def _identity(path: Path) -> tuple:
+def _identity(path: Path) -> list:
     """What changes when a file is written again (a rewrite in place or a new file renamed over it)."""
     st = path.stat()
-    return st.st_ino, st.st_size, st.st_mtime_ns
+    return [st.st_ino, st.st_size, st.st_mtime_ns]  # (a list: as the record reads back)
 
 
 class RunSummary(Callback):
