@@ -119,6 +119,7 @@ def test_resume_continues_exactly(family, db_args, tmp_path, tiny_models):
                           "--max_train_steps", "2", check=False)
         last = proc.stderr.strip().splitlines()[-1]
         assert proc.returncode == 2 and "is at step 6, past --max_train_steps 2" in last, proc.stderr[-2000:]
+        assert "Loading weights" not in proc.stderr  # before the model loads (after loading and `prepare`, before)
         assert (resumed / "run_config.json").read_bytes() == record
 
 

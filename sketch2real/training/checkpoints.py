@@ -410,18 +410,28 @@ def finished_run(accelerator, opts) -> bool:
     return finished
 
 
+def past_the_end(checkpoint: str | os.PathLike, step: int, max_train_steps: int) -> str:
+    """The refusal of a checkpoint past `--max_train_steps`: its data order and schedule would run backwards."""
+    return (f"{checkpoint} is at step {step}, past --max_train_steps {max_train_steps}: give at least {step}, or another "
+            "--output_dir for a shorter run")
+
+
 def check_resume(accelerator, opts) -> None:
     """Before any weight loads (and after `finished_run`, which takes a finished run under any launch), the refusals
     `resolve_resume` would make after loading and `prepare` (minutes for a large model): another run's checkpoints in
     `--output_dir`, a `--resume_from_checkpoint` of another run, none resumable, or one saved under a launch this one
-    cannot resume (`launch_problem`). `resolve_resume` chooses for good after `prepare`."""
+    cannot resume (`launch_problem`), or one past `--max_train_steps`. `resolve_resume` chooses for good after
+    `prepare`."""
     fingerprint = run_fingerprint(opts, accelerator.num_processes)
 
     def look() -> None:
-        _, error = _decide_resume(Path(opts.output_dir), opts.resume_from_checkpoint, fingerprint, launch_of(accelerator),
-                                  quiet=True)
+        path, error = _decide_resume(Path(opts.output_dir), opts.resume_from_checkpoint, fingerprint,
+                                     launch_of(accelerator), quiet=True)
         if error:
             raise UserError(error)
+        step = (read_train_state(Path(path)) or {}).get("step") if path else None
+        if isinstance(step, int) and step > opts.max_train_steps:  # (a constant schedule's count is no fingerprint's)
+            raise UserError(past_the_end(path, step, opts.max_train_steps))
 
     main_process_view(accelerator, look)
 

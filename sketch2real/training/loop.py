@@ -30,7 +30,13 @@ from sketch2real.training.accelerator import (
 )
 from sketch2real.training.averages import averaged_weights
 from sketch2real.training.callbacks import Callback, Run, default_callbacks, peak_memory_mb
-from sketch2real.training.checkpoints import load_checkpoint, read_train_state, resolve_resume, run_fingerprint
+from sketch2real.training.checkpoints import (
+    load_checkpoint,
+    past_the_end,
+    read_train_state,
+    resolve_resume,
+    run_fingerprint,
+)
 from sketch2real.training.preemption import clear_preempted, preemption
 
 logger = logging.getLogger("sketch2real")
@@ -195,8 +201,7 @@ def train(task: Task, opts, accelerator, project_name: str, callbacks: list[Call
     if resume is not None:
         step = load_checkpoint(accelerator, resume)
         if step > opts.max_train_steps:  # its data order and schedule would run backwards (a traceback, before)
-            raise UserError.on_every_rank(f"{resume} is at step {step}, past --max_train_steps {opts.max_train_steps}: give at least "
-                            f"{step}, or another --output_dir for a shorter run")
+            raise UserError.on_every_rank(past_the_end(resume, step, opts.max_train_steps))
         if averaged is not None:
             averaged.load(resume)
         with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": so it is, on purpose
