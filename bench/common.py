@@ -42,7 +42,7 @@ def run(script: str, *args, launch_processes: int = 0) -> subprocess.CompletedPr
 
 # Dense bf16 peak of common training GPUs, FLOP/s (vendor figures, no sparsity); the first name found in the device's
 # name as whole words counts, so the variants come before their family (an H100 PCIe is not an SXM H100).
-PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12,
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200 NVL": 835e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12,
              "L40": 181e12, "A6000": 155e12, "L4": 121e12}
 
 

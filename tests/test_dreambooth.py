@@ -1474,6 +1474,9 @@ def test_a_resumed_run_s_validation_log_lists_each_step_once_and_a_fresh_one_dro
     shutil.copy(straight / "validation_log.jsonl", resumed)
     run_script("train/dreambooth.py", *args, "--output_dir", resumed, "--resume_from_checkpoint", "latest")
     assert steps(resumed) == [1, 2, 3]
+    (resumed / "metrics.json").unlink()  # killed after its last checkpoint and validation, before the final save:
+    run_script("train/dreambooth.py", *args, "--output_dir", resumed, "--resume_from_checkpoint", "latest")
+    assert steps(resumed) == [1, 2, 3]  # the last step validated again, listed once (twice before)
     # preempted during step 2's validation: checkpoint-2 saved, no row or mosaic of step 2. The resumed run validated
     # from step 3 on, and step 2's point was lost for good; it is validated first now, as the straight run did
     interrupted = tmp_path / "interrupted"

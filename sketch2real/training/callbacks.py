@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from sketch2real.io import append_jsonl, atomic_open, read_jsonl, write_json, write_jsonl
+from sketch2real.io import atomic_open, read_jsonl, write_json, write_jsonl
 from sketch2real.shards import corrupt_samples
 from sketch2real.training.accelerator import (
     compiled_graphs,
@@ -214,7 +214,9 @@ class Validation(Callback):
         run.logs.update(validated)
         self.validated_at = run.step
         if run.accelerator.is_main_process and validated:  # the style arriving, without a tracker too
-            append_jsonl(run.out / "validation_log.jsonl", [{"step": run.step, **validated}])
+            log = run.out / "validation_log.jsonl"  # a step once (a resume at the last step validates it again)
+            rows = [row for row in read_jsonl(log) if row.get("step") != run.step] if log.is_file() else []
+            write_jsonl(log, [*rows, {"step": run.step, **validated}])
         return validated
 
     def after_step(self, run: Run) -> int | None:
