@@ -813,7 +813,7 @@ def test_sd3_generation_and_card_spell_out_multi_vector_tokens_as_training_does(
         assert seen["prompt"] == [expected]
     (tmp_path / "learned_embeds.safetensors").touch()
     card = usage("lora", "base", tmp_path, "a <s0> sketch of a cat", SD3)
-    assert "pipe(prompt=spell_out_tokens(pipe, 'a <s0> sketch of a cat'), max_sequence_length=77)" in card and ", spell_out_tokens" in card
+    assert "pipe(prompt=spell_out_tokens(pipe, 'a <s0> sketch of a cat'), guidance_scale=7.0, max_sequence_length=77)" in card and ", spell_out_tokens" in card
 
 
 def test_max_sequence_length_conditions_training_and_validation_and_is_one_line_where_prompts_are_clip_s(
