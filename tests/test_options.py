@@ -772,7 +772,10 @@ def test_flags_that_do_nothing_in_their_company_are_named_in_a_warning(caplog):
                                  "--text_encoder_lr", "1e-6"], "--text_encoder_lr is not used: Prodigy"),
             (DreamBoothOptions, ["--instance_data_dir", "d", "--instance_category", "cat"], "--instance_category: not used"),
             (TextualInversionOptions, ["--train_data_dir", "d", "--categories", "cat", "--instance_image_type", "photo"],
-             "--categories and --instance_image_type: not used")):
+             "--categories and --instance_image_type: not used"),
+            (DreamBoothOptions, ["--shard_dir", "s", "--ema_decay", "0.99", "--prodigy_beta3", "0.9", "--logit_mean", "1"],
+             "--prodigy_beta3: not used without --optimizer prodigy; --ema_decay: not used without --use_ema; --logit_mean: "
+             "not used without --weighting_scheme logit_normal")):
         caplog.clear()
         with caplog.at_level("WARNING", logger="sketch2real"):
             parse_options(cls, [*base, *args]).check()
@@ -781,5 +784,5 @@ def test_flags_that_do_nothing_in_their_company_are_named_in_a_warning(caplog):
     with caplog.at_level("WARNING", logger="sketch2real"):  # where they do something: no word
         parse_options(DreamBoothOptions, [*base, "--shard_dir", "s", "--lr_warmup_steps", "3", "--lr_scheduler",
                                           "constant_with_warmup", "--instance_data_dir", "d", "--instance_category",
-                                          "cat"]).check()
+                                          "cat", "--use_ema", "--ema_decay", "0.99"]).check()
     assert "not used" not in caplog.text and "does nothing" not in caplog.text

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from sketch2real.cli import PRECISION_HELP, UserError, on_other_rank, option
+from sketch2real.cli import PRECISION_HELP, UserError, default_of, on_other_rank, option
 
 if TYPE_CHECKING:
     from sketch2real.family import Family
@@ -229,6 +230,17 @@ class TrainOptions:
                 and not on_other_rank()):  # a warning: a run trained so still resumes with the flag
             logger.warning("--lr_warmup_steps %d does nothing under --lr_scheduler constant (its rate is constant from "
                            "step 1): give --lr_scheduler constant_with_warmup", self.lr_warmup_steps)
+        # given away from their defaults without what they tune: said (they were ignored without a word)
+        needs = {"ema_decay": ("--use_ema", self.use_ema),
+                 **dict.fromkeys(("logit_mean", "logit_std"), ("--weighting_scheme logit_normal",
+                                                               self.weighting_scheme == "logit_normal")),
+                 "mode_scale": ("--weighting_scheme mode", self.weighting_scheme == "mode"),
+                 **{f.name: ("--optimizer prodigy", self.optimizer == "prodigy") for f in dataclasses.fields(self)
+                    if f.name.startswith("prodigy_")}}
+        unused = [f"--{f.name}: not used without {needs[f.name][0]}" for f in dataclasses.fields(self)
+                  if f.name in needs and not needs[f.name][1] and getattr(self, f.name) != default_of(f)]
+        if unused and not on_other_rank():
+            logger.warning("; ".join(unused))
         if self.optimizer != "adamw" and self.use_8bit_adam:
             raise UserError(f"--use_8bit_adam is an AdamW: choose it or --optimizer {self.optimizer}")
         if self.optimizer == "adamw_schedulefree":
