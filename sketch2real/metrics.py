@@ -80,15 +80,15 @@ def folder_set(folder: str, name: str | None = None) -> ImageSet:
     if index.is_file():
         from sketch2real.io import read_jsonl
 
-        rows = [r for r in read_jsonl(index) if (root / r["image"]).is_file()]
-        rows.sort(key=lambda r: r["key"])
+        rows = sorted(read_jsonl(index), key=lambda r: r["key"])  # one lost on disk is counted unreadable, not dropped
         paths = [root / r["image"] for r in rows]
         categories = [r.get("category", "") for r in rows]
         keys = [r.get("sample_key", "") for r in rows]
         prompts = [r.get("prompt", "") for r in rows]
     else:
         prompts = None
-        paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+        paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES  # .ipynb_checkpoints/ aside
+                       and not any(part.startswith(".") for part in p.relative_to(root).parts))
         categories = [str(p.parent.relative_to(root)) if p.parent != root else "" for p in paths]
         keys = [""] * len(paths)
     if not paths:

@@ -41,7 +41,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from sketch2real.cli import UserError
 from sketch2real.io import atomic_path, read_jsonl, write_json
@@ -377,7 +377,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def decode_image(data: bytes, resolution: int | None, as_tensor: bool, where: str = "image") -> Any:
-    """PNG/JPEG bytes -> RGB PIL image (resized to a square `resolution`) or a CHW float tensor in [-1, 1].
+    """PNG/JPEG bytes -> RGB PIL image, upright by its EXIF orientation and resized to a square `resolution`, or a
+    CHW float tensor in [-1, 1].
 
     The one decoder of the project: every failure (empty or truncated bytes, an unknown format, more than
     `MAX_IMAGE_PIXELS` pixels) is a `CorruptSample` naming `where`, never a PIL traceback.
@@ -389,6 +390,7 @@ def decode_image(data: bytes, resolution: int | None, as_tensor: bool, where: st
             if image.width * image.height > MAX_IMAGE_PIXELS:
                 raise CorruptSample(where, f"{image.width}x{image.height} pixels, over the limit of {MAX_IMAGE_PIXELS:,}")
             image.load()
+            ImageOps.exif_transpose(image, in_place=True)  # a phone's photo upright, as diffusers' load_image reads it
             image = to_rgb(image)
     except CorruptSample:
         raise

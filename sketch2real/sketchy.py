@@ -140,8 +140,8 @@ class SketchyRelease:
     def photo_files(self, category: str) -> dict[str, str]:
         """Photo id (file stem) -> file name of one category's photos (.jpg, also .JPG/.jpeg as a re-saved copy has)."""
         folder = self.photo_dir / category
-        files = {p.stem: p.name for p in sorted(folder.iterdir()) if p.suffix.lower() in (".jpg", ".jpeg")} \
-            if folder.is_dir() else {}
+        files = {p.stem: p.name for p in sorted(folder.iterdir()) if p.suffix.lower() in (".jpg", ".jpeg")
+                 and not p.name.startswith(".")} if folder.is_dir() else {}  # macOS's ._* twins, as for sketches
         return files
 
     def photo_categories(self) -> list[str]:

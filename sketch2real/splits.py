@@ -113,6 +113,22 @@ def build_splits(
         for photo_id in photos[category]:
             if (category, photo_id) in test_photos:
                 split_of_photo[(category, photo_id)] = "test"
+    # One photo in two category folders (a copy filed twice) would be in two splits, a leak: every copy takes one
+    # split, the test one where a copy is a test photo, else its first category's.
+    folders_of: dict[str, list[str]] = defaultdict(list)
+    for category in chosen:
+        for photo_id in photos[category]:
+            folders_of[photo_id].append(category)
+    shared = {photo_id: folders for photo_id, folders in folders_of.items() if len(folders) > 1}
+    for photo_id, folders in shared.items():
+        splits = [split_of_photo[(c, photo_id)] for c in folders]
+        split = "test" if "test" in splits else splits[0]
+        for category in folders:
+            split_of_photo[(category, photo_id)] = split
+    if shared:
+        photo_id, folders = next(iter(shared.items()))
+        logger.warning("%d photo id(s) in more than one category folder (e.g. %s in %s): each kept in one split, the "
+                       "test split where one copy is a test photo", len(shared), photo_id, " and ".join(folders))
 
     flags_of: dict[str, list[str]] = defaultdict(list)
     known = {record.sketch_id for record in release.sketches()}
@@ -181,6 +197,7 @@ def build_splits(
         "photo_only_categories": photo_only,
         "photos_without_sketches": len(unsketched),
         "stray_files": len(strays),
+        "photos_in_several_categories": len(shared),
     }
     no_val = [c for c in chosen if not any(split_of_photo[(c, p)] == "val" for p in photos[c])]
     if val_fraction > 0 and no_val:  # the trainers' held-out loss and validation read it
@@ -213,7 +230,8 @@ def format_report(report: dict) -> str:
         "(" + ", ".join(f"{k}: {v}" for k, v in excluded.items() if k != "sketches") + ")" if excluded else "") + "\n"
     notes = {"unknown_categories": "category folder(s) not among Sketchy's categories (used)",
              "photo_only_categories": "photo folder(s) with no sketch folder (left out)",
-             "photos_without_sketches": "photo(s) without any sketch", "stray_files": "stray file(s) in the sketch folders"}
+             "photos_without_sketches": "photo(s) without any sketch", "stray_files": "stray file(s) in the sketch folders",
+             "photos_in_several_categories": "photo id(s) in more than one category folder (each in one split)"}
     for name, words in notes.items():
         count = report.get(name, 0)
         count = len(count) if isinstance(count, list) else count

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from .helpers import (
+    DEEPSPEED_CONFIGS,
     LAUNCHERS,
     REPO,
     SHARP_ADAM,
@@ -1493,6 +1494,29 @@ def test_a_resumed_run_s_validation_log_lists_each_step_once_and_a_fresh_one_dro
                "--output_dir", resumed)
     assert steps(resumed) == [1] and sorted(p.name for p in (resumed / "validation").iterdir()) == ["step-000001.png"]
 
+
+
+def test_under_zero3_a_step_preempted_in_its_validation_is_validated_on_resume_and_an_earlier_lora_is_removed(
+        db_args, tmp_path):
+    """The two behaviours above on 2 processes under ZeRO-3 (parameters partitioned across ranks): the resumed run
+    validates checkpoint-1's step before training on, with the rows and mosaic of the run never interrupted, and the
+    run into a folder where a LoRA run finished removes that run's weight file once (rank 0), without a race."""
+    args = [*db_args, "--max_train_steps", "2", "--checkpointing_steps", "1", "--validation_steps", "1",
+            "--num_validation_images", "1", "--validation_inference_steps", "1", "--num_heldout_samples", "2",
+            "--train_batch_size", "1"]
+    zero3 = dict(deepspeed_config=DEEPSPEED_CONFIGS["zero3"], accelerate_precision=None)
+    straight = tmp_path / "straight"
+    run_script("train/dreambooth.py", *db_args, "--max_train_steps", "1", "--lora_rank", "2", "--output_dir", straight)
+    launch("train/dreambooth.py", *args, "--output_dir", straight, **zero3)
+    assert not (straight / "pytorch_lora_weights.safetensors").exists() and (straight / "unet").is_dir()
+    rows = lambda out: (out / "validation_log.jsonl").read_text().splitlines()  # noqa: E731
+    assert [json.loads(row)["step"] for row in rows(straight)] == [1, 2]
+    interrupted = tmp_path / "interrupted"  # preempted during step 1's validation: its checkpoint saved, no row
+    shutil.copytree(straight / "checkpoint-1", interrupted / "checkpoint-1")
+    launch("train/dreambooth.py", *args, "--output_dir", interrupted, "--resume_from_checkpoint", "latest", **zero3)
+    assert rows(interrupted) == rows(straight)
+    for step in ("step-000001.png", "step-000002.png"):
+        assert (interrupted / "validation" / step).read_bytes() == (straight / "validation" / step).read_bytes()
 
 def test_pivotal_validation_gives_the_pipeline_the_tokens_its_loader_expands_to_the_trained_ones(tiny_models, tmp_path):
     """Pivotal tuning trains `a <s0> <s0>_1 sketch` for `a TOK sketch`; the validation pipeline, with diffusers'

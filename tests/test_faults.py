@@ -55,6 +55,17 @@ def _sixteen_bit() -> bytes:
     return _png(Image.fromarray(array))
 
 
+def _phone_jpeg() -> bytes:
+    """A phone's photo: an upright 48 x 32 image (red top-left quarter) stored sideways with EXIF orientation 6."""
+    upright = Image.new("RGB", (48, 32), (0, 0, 255))
+    upright.paste((255, 0, 0), (0, 0, 24, 16))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    buffer = io.BytesIO()
+    upright.transpose(Image.Transpose.ROTATE_90).save(buffer, format="JPEG", quality=95, exif=exif)
+    return buffer.getvalue()
+
+
 def _rewrite(shard: Path, replace: dict[str, bytes]) -> None:
     with tarfile.open(shard) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
@@ -119,6 +130,8 @@ def test_the_one_decoder(bad_shards):
     assert np.asarray(decode_image(_sixteen_bit(), None, False))[0, 0].tolist() == [128, 128, 128]
     cyan = np.asarray(decode_image(_cmyk_jpeg(), None, False))[0, 0]
     assert cyan[0] < 100 < cyan[1] and cyan[2] > 100
+    phone = decode_image(_phone_jpeg(), None, False)  # upright, as diffusers' load_image reads it (it trained sideways)
+    assert phone.size == (48, 32) and np.asarray(phone)[2, 2, 0] > 200 and np.asarray(phone)[29, 45, 2] > 200
     for data, reason in [(b"", "UnidentifiedImageError"), (b"\x89PNG junk", "UnidentifiedImageError"), (_bomb(), "over the limit")]:
         with pytest.raises(CorruptSample, match=reason) as error:
             decode_image(data, 64, True, "shard-0.tar:cat/x")
@@ -133,6 +146,31 @@ def test_the_one_decoder(bad_shards):
             bad.add(err.where)
     assert bad == expected
 
+
+def test_an_instance_folder_leaves_out_hidden_and_unreadable_files_and_shard_photos_count_once(shard_dir, tmp_path):
+    """A folder copied through a Mac has `._*` twins; a download cut short leaves a broken file. Each was "replaced
+    by the next readable sample": a neighbour weighted twice, and `--num_instance_images 3` of `._a`, `._b`, `._c`
+    stopped the run ("every one is corrupt") beside good images. Photos of pair shards were taken once per sketch."""
+    from sketch2real.shards import corrupt_samples
+    from sketch2real.training.data import load_folder_images, load_shard_images
+
+    folder = tmp_path / "instances"
+    folder.mkdir()
+    colours = {"a.png": (255, 0, 0), "c.png": (0, 255, 0), "d.png": (0, 0, 255)}
+    for name, colour in colours.items():
+        Image.new("RGB", (40, 40), colour).save(folder / name)
+        (folder / f"._{name}").write_bytes(b"\x00\x05\x16\x07 resource fork")
+    (folder / "b.png").write_bytes(b"")
+    (folder / "e.jpg").write_bytes(_phone_jpeg()[:200])  # cut short
+    images = load_folder_images(str(folder), 8)
+    means = [tuple(round(float(v), 2) for v in image.mean((1, 2))) for image in images]
+    assert means == [(1.0, -1.0, -1.0), (-1.0, 1.0, -1.0), (-1.0, -1.0, 1.0)]  # a, c, d: each once
+    assert {str(folder / "b.png"), str(folder / "e.jpg")} <= set(corrupt_samples.summary()["keys"])
+    assert len(load_folder_images(str(folder), 8, num_images=2)) == 2
+    photos, metas = load_shard_images(str(shard_dir), "train", "cat", "photo", 16)
+    sketches, _ = load_shard_images(str(shard_dir), "train", "cat", "sketch", 16)
+    distinct = {m["key"].rsplit("-", 1)[0] for m in metas}
+    assert len(photos) == len(distinct) < len(sketches)
 
 def test_trainers_skip_and_count_corrupt_samples_and_resume_exactly(bad_shards, tiny_models, tmp_path):
     """DreamBooth on the bad corpus: runs, reports exactly the corrupt keys, and the substitution is a function of

@@ -717,6 +717,26 @@ def test_a_generation_runs_images_folder_scores_as_the_run_and_clip_score_is_nev
     assert "No CLIP score of plain: its images name no prompt" in (tmp_path / "report.md").read_text()
 
 
+def test_an_image_lost_from_a_generation_run_is_counted_and_a_hidden_folder_is_not_a_category(audit_folders, tmp_path):
+    """An image listed in index.jsonl but gone from disk (a partial rsync) was dropped without a word: n_generated
+    fell and no count said why. A notebook's `.ipynb_checkpoints/` in a plain folder was scored as a category."""
+    from sketch2real.metrics import folder_set
+
+    run = tmp_path / "run"
+    shutil.copytree(audit_folders / "runs" / "gen_ti", run)
+    lost = json.loads((run / "index.jsonl").read_text().splitlines()[2])["image"]
+    (run / lost).unlink()
+    run_script("eval/fid.py", "--generated", run, "--reference_dir", audit_folders / "ref", "--dims", "64", "--no_cache",
+               "--metrics", "fid", "--output_dir", tmp_path / "o")
+    report = _fid(tmp_path / "o")
+    assert report["sets"]["run"]["n_generated"] == 5 and report["sets"]["run"]["unreadable"] == 1  # scored, and lost
+    assert report["corrupt_samples"]["keys"] == [f"run:{lost}"]
+    plain = tmp_path / "plain"
+    _image_folder(plain / "cat", 2, 1)
+    _image_folder(plain / "cat" / ".ipynb_checkpoints", 2, 1)
+    images = folder_set(str(plain))
+    assert len(images) == 2 and set(images.categories) == {"cat"}
+
 def _unfinished_run(root: Path) -> Path:
     """What a killed infer/generate.py leaves: images/<category>/, a rank's index part, mosaics/, no index.jsonl."""
     _image_folder(root / "images" / "cat", 3, 9)

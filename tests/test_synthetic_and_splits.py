@@ -144,6 +144,27 @@ def test_a_users_copy_with_stray_folders_re_saved_and_missing_photos(sketchy_roo
     assert len(rows) == sum(len(split) for split in base.rows.values()) - kept
 
 
+
+def test_a_mac_s_twin_files_and_a_photo_filed_in_two_categories_change_no_split_and_leak_nothing(sketchy_root, tmp_path):
+    """A copy through a Mac (exFAT, SMB) has a `._<name>` twin of every file: read as photos, they took val slots
+    (4 categories had no val sketch) and changed the seeded splits. A test photo filed again in another category
+    (its sketches too) went to train there: the same photo in test and train."""
+    import shutil
+
+    base = build_splits(SketchyRelease(sketchy_root))
+    root = tmp_path / "release"
+    shutil.copytree(sketchy_root, root)
+    for file in [p for p in (root / "256x256").rglob("*") if p.is_file()]:
+        (file.parent / f"._{file.name}").write_bytes(b"\x00\x05\x16\x07 resource fork")
+    assert build_splits(SketchyRelease(root)).rows == base.rows
+    test_photo = next(r for r in base.rows["test"] if r["category"] == "cat")
+    for kind, pattern in (("photo", f"{test_photo['photo_id']}.jpg"), ("sketch", f"{test_photo['photo_id']}-*.png")):
+        for file in (root / f"256x256/{kind}/tx_000000000000/cat").glob(pattern):
+            shutil.copy(file, root / f"256x256/{kind}/tx_000000000000/apple" / file.name)
+    result = build_splits(SketchyRelease(root))
+    splits_of = {split for split, rows in result.rows.items() for r in rows if r["photo_id"] == test_photo["photo_id"]}
+    assert splits_of == {"test"} and result.report["photos_in_several_categories"] == 1
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -234,9 +234,9 @@ def load_shard_images(shard_dir: str, split: str, category: str | list[str] | No
                       num_images: int = 0, seed: int = 0, in_memory: bool = True) -> tuple[torch.Tensor | LazyImages, list[dict]]:
     """(A seeded choice of `num_images` of) a split's images of some categories, and their metadata.
 
-    Returns images [N, 3, R, R] in [-1, 1] (a tensor, or a `LazyImages` decoding on
-    demand when `in_memory` is False) and rows with each image's key and category.
-    Instance sets are small, so holding them makes every step's batch an index
+    Photos are each taken once (a photo is in each of its sketches' pairs). Returns images [N, 3, R, R] in [-1, 1]
+    (a tensor, or a `LazyImages` decoding on demand when `in_memory` is False) and rows with each image's key and
+    category. Instance sets are small, so holding them makes every step's batch an index
     lookup: exact resume and world-size-independent batches for free. A corrupt image
     is replaced by the next readable one of the set (`read_or_substitute`).
     """
@@ -245,23 +245,30 @@ def load_shard_images(shard_dir: str, split: str, category: str | list[str] | No
     if len(samples) == 0:
         raise UserError(f"no {field} images for category {category!r} in split {split!r} of {shard_dir}")
     chosen = list(range(len(samples)))
+    if field == "photo":  # each of a photo's ~6 pairs carries it: each photo once (its first pair), not per sketch
+        from sketch2real.sketchy import photo_key
+
+        chosen = sorted({photo_key(samples.refs[i].key): i for i in reversed(chosen)}.values())
     if num_images and num_images < len(chosen):
         generator = torch.Generator().manual_seed(derive_seed(seed, "instances", category))
-        chosen = sorted(torch.randperm(len(chosen), generator=generator)[:num_images].tolist())
+        chosen = sorted(chosen[j] for j in torch.randperm(len(chosen), generator=generator)[:num_images].tolist())
     metas = [{"key": samples.refs[i].key, "category": samples.refs[i].category} for i in chosen]
     images = LazyImages(samples, field, chosen)
     return (images[:] if in_memory else images), metas
 
 
 def image_files(folder: str | Path) -> list[Path]:
-    """The image files of a folder (`IMAGE_SUFFIXES`, any case), sorted by name."""
-    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    """The image files of a folder (`IMAGE_SUFFIXES`, any case; hidden ones, such as macOS's `._*` twins, aside),
+    sorted by name."""
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
 
 
 def load_folder_images(folder: str, resolution: int, num_images: int = 0) -> torch.Tensor:
-    """Every image in `folder` (sorted by name), resized and center-cropped, as [N, 3, R, R] in [-1, 1].
+    """The first `num_images` (default all) readable images in `folder` (sorted by name), resized and
+    center-cropped, as [N, 3, R, R] in [-1, 1].
 
-    A corrupt file is replaced by the next readable one (`read_or_substitute`), counted in `corrupt_samples`.
+    A corrupt file is left out, warned about and counted in `corrupt_samples` (the set is held in memory: nothing
+    needs a stand-in to stay aligned, and a stand-in would weight its neighbour twice).
     """
     from PIL import Image, ImageOps
 
@@ -269,15 +276,19 @@ def load_folder_images(folder: str, resolution: int, num_images: int = 0) -> tor
     if not path.is_dir():
         raise UserError(f"image folder not found: {folder}")
     files = image_files(path)
-    if num_images:
-        files = files[:num_images]
     if not files:
         raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
-
-    def read(i: int) -> torch.Tensor:
-        image = ImageOps.fit(open_image(files[i]), (resolution, resolution), Image.BICUBIC)
+    images = []
+    for file in files:
+        try:
+            image = ImageOps.fit(open_image(file), (resolution, resolution), Image.BICUBIC)
+        except CorruptSample as err:
+            corrupt_samples.record(err, "left out")
+            continue
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-        return torch.from_numpy(array).permute(2, 0, 1)
-
-    positions = list(range(len(files)))
-    return torch.stack([read_or_substitute(read, positions, k) for k in positions])
+        images.append(torch.from_numpy(array).permute(2, 0, 1))
+        if len(images) == num_images:
+            break
+    if not images:
+        raise UserError(f"none of the {len(files)} images in {folder} can be read (see the warnings above)")
+    return torch.stack(images)
