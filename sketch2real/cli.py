@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import errno
 import json
+import logging
 import math
 import os
 import re
@@ -526,10 +527,36 @@ def is_full_disk(err: BaseException) -> bool:
     return any(word in str(err) for word in FULL_DISK_WORDS)
 
 
+class _AboveProgressBars(logging.StreamHandler):
+    """Log lines through `tqdm.write`: it clears the progress bar, writes the line and draws the bar again below (a
+    warning written mid-bar landed on the bar's own line, in a terminal and in a Slurm log alike)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
+def log_to_stderr(level: int = logging.WARNING, fmt: str = "%(message)s") -> None:
+    """The root logger's one handler: stderr, above any progress bar. The default is what Python prints with no
+    handler at all (warnings and errors, their message alone); trainers log INFO on the main process. Handlers set
+    otherwise (a test's capture, the user's own configuration) are left as they are."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _AboveProgressBars)]:
+        root.removeHandler(handler)
+    if not root.handlers:
+        logging.basicConfig(format=fmt, level=level, handlers=[_AboveProgressBars(sys.stderr)])
+
+
 def run_main(main: Callable[[], Any]) -> None:
     """Run an entry point: a `UserError` becomes one stderr line and exit status 2; after a normal return every rank
     leaves the process group together (`leave_process_group`). A script's own `main` (run as `__main__`) then ends its
     process by `exit_now`; any other callable gets the `SystemExit`."""
+    if not logging.getLogger().handlers:
+        log_to_stderr()
     try:
         try:
             result = main()

@@ -6,7 +6,6 @@ contiguous part of an ImageSet that belongs to one rank; its `settings` key the 
 from __future__ import annotations
 
 import pickle
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 
 from sketch2real.cli import UserError
 from sketch2real.metrics import ImageSet, _Loader, extract_features, inception, loader_batches, rank_range
+from sketch2real.shards import CorruptSample, corrupt_samples
 
 DEFAULT_DINOV2 = "facebook/dinov2-large"  # ViT-L/14, the network of dgm-eval's FD-DINOv2
 DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"  # CMMD's CLIP (ViT-L/14 at 336 px)
@@ -41,8 +41,9 @@ class _Processed(_Loader):
     def __getitem__(self, i: int):
         try:
             image = self._open(self.sources[i]).convert("RGB")
-        except Exception as err:  # reported and skipped, never fatal
-            return None, False, f"{self.sources[i]}: {err}"
+        except CorruptSample as err:  # counted and skipped, never fatal; warned once per file, not per extractor
+            corrupt_samples.record(err)
+            return None, False, err.where
         return self.processor(images=image, return_tensors="pt")["pixel_values"][0], True, ""
 
 
@@ -67,9 +68,7 @@ def extract_processed(images: ImageSet, processor, embed: Callable[[torch.Tensor
     rows, valid = [], []
     with loader_batches(loader) as batches:
         for pixels, ok, errors in tqdm(batches, desc=f"{name} {images.name}", unit="batch", disable=not progress):
-            for error in errors:
-                if error:
-                    warnings.warn(f"unreadable image skipped: {error}", stacklevel=2)
+            corrupt_samples.merge({where: "unreadable" for where in errors if where})  # warned in the worker
             if pixels is None:
                 rows.append(None)
             else:

@@ -6,12 +6,19 @@ lines, or the one-process launcher's `CalledProcessError`) after the trainer's o
 into 1: a bad input (2) read as a crash, and a preempted trainer's 75 was lost. Here the status is the ranks' own
 (2, 75, ...; a signal as the shell reports it, 128 + its number), and a rank that died without saying why (killed
 by a signal, a crash) is named in one line.
+
+75 (preempted: slurm/common.sh requeues the job) only where the job was asked to stop: every rank stopped on a signal
+and left PREEMPTED, or the launcher itself was signalled (Slurm's SIGTERM) and its ranks left PREEMPTED. Where a rank
+failed first (a crash, the out-of-memory killer), torchrun stops the others with SIGTERM, which they take for a
+preemption and leave PREEMPTED: the job failed with the first rank's status, and a requeue would fail again, without
+end.
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 from sketch2real.cli import EXIT_USAGE
 from sketch2real.training.preemption import PREEMPTED_EXIT_CODE
@@ -42,6 +49,17 @@ def failure_line(rank: int, code: int) -> str:
     return f"launcher: error: rank {rank} on {host} exited with status {code} (its error is above)"
 
 
+def output_dir_of(script_args: list[str]) -> str:
+    """The trainer's --output_dir among its arguments (the last one given wins, as argparse reads it), or ""."""
+    found = ""
+    for previous, arg in zip(["", *script_args], script_args):
+        if arg.startswith("--output_dir="):
+            found = arg.split("=", 1)[1]
+        elif previous == "--output_dir":
+            found = arg
+    return found
+
+
 def main() -> None:
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -62,9 +80,11 @@ def main() -> None:
             print(failure_line(rank, first.exitcode), file=sys.stderr)
         sys.exit(exit_status(code))
     except SignalException as err:  # torchrun's agent itself was signalled, and stopped the ranks with that signal
-        print(f"launcher: stopped by {err.sigval.name}: so were the ranks (a trainer that saved a checkpoint on it left "
-              "PREEMPTED in its --output_dir)", file=sys.stderr)
-        sys.exit(exit_status(-err.sigval))
+        output_dir = output_dir_of(args.training_script_args)
+        preempted = bool(output_dir) and (Path(output_dir) / "PREEMPTED").is_file()
+        print(f"launcher: stopped by {err.sigval.name}: so were the ranks" + (
+            f" (they saved their work: {output_dir}/PREEMPTED)" if preempted else ""), file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT_CODE if preempted else exit_status(-err.sigval))
 
 
 if __name__ == "__main__":

@@ -76,9 +76,16 @@ s2r_launch() {
   fi
 }
 
-# s2r_finish OUTPUT_DIR STATUS: requeue the job if the trainer was preempted, else exit with STATUS.
+# s2r_finish OUTPUT_DIR STATUS: requeue the job if the trainer was preempted, else exit with STATUS. A failure
+# (STATUS not 0) is never requeued, PREEMPTED or not: ranks stopped after another rank's crash leave one, and the
+# same crash (a full disk, out of memory) would come back at every requeue.
 s2r_finish() {
   local output_dir=$1 status=$2
+  if [ -f "$output_dir/PREEMPTED" ] && [ "$status" -ne 0 ]; then
+    rm -f "$output_dir/PREEMPTED"
+    s2r_log "failed with status $status (the ranks stopped after it left PREEMPTED): not requeued; rerun once fixed: it resumes"
+    exit "$status"
+  fi
   if [ -f "$output_dir/PREEMPTED" ]; then
     rm -f "$output_dir/PREEMPTED"
     if [ -n "${SLURM_JOB_ID:-}" ]; then

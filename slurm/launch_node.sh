@@ -4,22 +4,16 @@
 # torchvision's models and timm, 3 s of CPU per node per job), ending with the trainer's own exit status (2 for a bad
 # input, 75 preempted) instead of torchrun's traceback and status 1. SIGUSR1 is ignored by the launcher
 # (an ignored signal survives exec and fork) so that only the Python trainers, which handle it, react to it.
-# A preempted trainer exits 75 after writing OUTPUT_DIR/PREEMPTED: reported to srun as success, so that
-# `srun --kill-on-bad-exit=1` does not kill the other nodes' tasks while they finish writing their checkpoint;
-# slurm/common.sh requeues the job from the PREEMPTED file (also when another rank's failure came first).
+# A preempted job's launcher exits 75 (its ranks stopped on a signal and left OUTPUT_DIR/PREEMPTED): reported to srun
+# as success, so that `srun --kill-on-bad-exit=1` does not kill the other nodes' tasks while they finish writing their
+# checkpoint; slurm/common.sh requeues the job from the PREEMPTED file. Any other failure passes through, also where
+# the ranks stopped after it left PREEMPTED (sketch2real.launcher: a rank's crash first is the job's failure).
 trap '' USR1
 status=0
 "${PYTHON:-python3}" -m sketch2real.launcher --config_file "$ACCELERATE_CONFIG" --num_machines "${SLURM_NNODES:-1}" \
   --num_processes "${S2R_NUM_PROCESSES:-1}" --machine_rank "${SLURM_NODEID:-0}" \
   --main_process_ip "${MASTER_ADDR:-localhost}" --main_process_port "${MASTER_PORT:-29500}" "$@" || status=$?
-output_dir=""
-previous=""
-for arg in "$@"; do  # the trainer's --output_dir (the last one given wins, as argparse reads it)
-  case $arg in --output_dir=*) output_dir=${arg#--output_dir=} ;; esac
-  if [ "$previous" = "--output_dir" ]; then output_dir=$arg; fi
-  previous=$arg
-done
-if [ "$status" -eq 75 ] || { [ "$status" -ne 0 ] && [ -n "$output_dir" ] && [ -f "$output_dir/PREEMPTED" ]; }; then
+if [ "$status" -eq 75 ]; then
   exit 0
 fi
 exit "$status"

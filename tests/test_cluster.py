@@ -257,13 +257,12 @@ def test_trained_weights_are_copied_on_rank_zero_only():
     assert set(copy) == {"weight", "bias"} and torch.equal(copy["weight"], module.weight.detach())
 
 
-@pytest.mark.parametrize("launcher_status, preempted, srun_sees", [(1, True, 0), (75, True, 0), (1, False, 1),
-                                                                     (3, False, 3), (0, False, 0)])
+@pytest.mark.parametrize("launcher_status, preempted, srun_sees", [(1, True, 1), (137, True, 137), (75, True, 0),
+                                                                     (1, False, 1), (3, False, 3), (0, False, 0)])
 def test_a_preempted_node_does_not_make_srun_kill_the_others(launcher_status, preempted, srun_sees, tmp_path):
-    """slurm/launch_node.sh reports a preempted trainer (PREEMPTED written in its --output_dir, checkpoint saved) as
+    """slurm/launch_node.sh reports a preempted launcher (75: its ranks stopped on a signal and left PREEMPTED) as
     success to srun, whose --kill-on-bad-exit would otherwise kill the other nodes' tasks; other failures pass
-    through. (sketch2real.launcher passes a rank's 75 on; PREEMPTED decides too when another rank's failure came
-    first.)"""
+    through, also beside a PREEMPTED that ranks stopped by torchrun after a crash left (it was success: requeued)."""
     fake = tmp_path / "bin"
     fake.mkdir()
     out = tmp_path / "run"
@@ -282,6 +281,17 @@ rank = int(os.environ["RANK"])
 what = sys.argv[1].split(",")[rank]
 if what == "kill":
     os.kill(os.getpid(), signal.SIGKILL)
+if what == "term75":  # a trainer: SIGTERM is a preemption, PREEMPTED in --output_dir and 75
+    def stop(signum, frame):
+        open(os.path.join(sys.argv[3], "PREEMPTED"), "w").close()
+        sys.exit(75)
+    signal.signal(signal.SIGTERM, stop)
+    open(f"{sys.argv[0]}.{rank}.started", "w").close()
+    time.sleep(600)
+if what == "crash":  # once the other rank runs: a crash of its own (a full disk, CUDA out of memory)
+    while not os.path.exists(f"{sys.argv[0]}.{1 - rank}.started"):
+        time.sleep(0.05)
+    sys.exit(1)
 if what == "wait":  # until torchrun's agent ends it (SIGTERM), after the other rank failed or the agent was signalled
     open(f"{sys.argv[0]}.{rank}.started", "w").close()
     time.sleep(600)
@@ -290,7 +300,8 @@ sys.exit(int(what))
 
 
 def _launch_ranks(tmp_path: Path, ranks: str, run=subprocess.run, **kwargs):
-    """`python -m sketch2real.launcher` (real torchrun, 2 CPU ranks, a free port) of `RANK_EXITS` with `ranks`."""
+    """`python -m sketch2real.launcher` (real torchrun, 2 CPU ranks, a free port) of `RANK_EXITS` with `ranks`, and
+    `--output_dir tmp_path`."""
     import socket
 
     script = tmp_path / "ranks.py"
@@ -299,7 +310,8 @@ def _launch_ranks(tmp_path: Path, ranks: str, run=subprocess.run, **kwargs):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     return run([sys.executable, "-m", "sketch2real.launcher", "--config_file", str(REPO / "accelerate_configs/cpu.yaml"),
-                "--num_processes", "2", "--main_process_port", str(port), str(script), ranks], text=True,
+                "--num_processes", "2", "--main_process_port", str(port), str(script), ranks, "--output_dir",
+                str(tmp_path)], text=True,
                env={**os.environ, "OMP_NUM_THREADS": "1"}, **kwargs)
 
 
@@ -331,6 +343,35 @@ def test_a_signalled_launcher_ends_in_one_line_with_the_signal_s_status(tmp_path
     stderr = proc.communicate(timeout=120)[1]
     assert proc.returncode == 143 and "Traceback" not in stderr, stderr[-3000:]
     assert "launcher: error: " not in stderr and "launcher: stopped by SIGTERM: so were the ranks" in stderr
+    # trainers that took the signal for a preemption (Slurm's SIGTERM) and left PREEMPTED: the job is preempted
+    for started in [tmp_path / f"ranks.py.{rank}.started" for rank in (0, 1)]:
+        started.unlink()
+    proc = _launch_ranks(tmp_path, "term75,term75", run=subprocess.Popen, stderr=subprocess.PIPE)
+    while not all((tmp_path / f"ranks.py.{rank}.started").exists() for rank in (0, 1)) and proc.poll() is None:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 75 and f"they saved their work: {tmp_path}/PREEMPTED" in stderr, stderr[-3000:]
+
+
+def test_a_rank_s_crash_fails_the_job_where_the_ranks_torchrun_stopped_after_it_left_preempted(tmp_path):
+    """Rank 1 crashes (a full disk, out of memory); torchrun stops rank 0 with SIGTERM, which a trainer takes for
+    Slurm's and leaves PREEMPTED. The job was reported a success and requeued, to crash again without end: it
+    now fails with the crash's status, and the PREEMPTED left is not a requeue."""
+    proc = _launch_ranks(tmp_path, "term75,crash", capture_output=True, timeout=300)
+    assert (tmp_path / "PREEMPTED").is_file()  # the case: rank 0 stopped as if preempted
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/scontrol.calls\n")
+    (fake / "scontrol").chmod(0o755)
+    finish = subprocess.run(["bash", "-c", f'source slurm/common.sh; s2r_finish {tmp_path} 1'], cwd=REPO, text=True,
+                            capture_output=True, env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}",
+                                                      "SLURM_JOB_ID": "4242", "MASTER_ADDR": "localhost",
+                                                      "MASTER_PORT": "29500"})
+    assert finish.returncode == 1 and "not requeued" in finish.stdout, finish.stdout + finish.stderr
+    calls = (tmp_path / "scontrol.calls").read_text() if (tmp_path / "scontrol.calls").exists() else ""
+    assert "requeue" not in calls and not (tmp_path / "PREEMPTED").exists()
 
 
 def test_the_latent_store_is_encoded_once_kept_through_a_signal_and_reused(tiny_models, shard_dir, tmp_path, monkeypatch):

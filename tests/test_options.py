@@ -786,3 +786,28 @@ def test_flags_that_do_nothing_in_their_company_are_named_in_a_warning(caplog):
                                           "constant_with_warmup", "--instance_data_dir", "d", "--instance_category",
                                           "cat", "--use_ema", "--ema_decay", "0.99"]).check()
     assert "not used" not in caplog.text and "does nothing" not in caplog.text
+
+
+def test_a_log_line_written_while_a_progress_bar_runs_is_a_line_of_its_own():
+    """A corrupt-sample warning met mid-epoch was written after the bar's text, on the bar's line: in a terminal and
+    in a Slurm log the bar then ran on from the warning's end."""
+    import io
+    import logging
+
+    from tqdm import tqdm
+
+    from sketch2real.cli import _AboveProgressBars
+
+    stream, logger = io.StringIO(), logging.getLogger("sketch2real.test_bar")
+    handler = _AboveProgressBars(stream)
+    logger.addHandler(handler)
+    try:
+        with tqdm(total=3, file=stream, mininterval=0, ascii=True) as bar:
+            bar.update(1)
+            logger.warning("corrupt sample shard-0.tar:cat/x (empty): skipped")
+            bar.update(2)
+    finally:
+        logger.removeHandler(handler)
+    shown = [line.rsplit("\r", 1)[-1] for line in stream.getvalue().split("\n")]  # what a terminal shows of each line
+    assert "corrupt sample shard-0.tar:cat/x (empty): skipped" in shown
+    assert [line for line in shown if line.strip()][-1].startswith("100%")  # the bar drawn again, below it

@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import torch
 
-from sketch2real.cli import UserError, check_output_dir, default_of
+from sketch2real.cli import UserError, check_output_dir, default_of, log_to_stderr
 
 logger = logging.getLogger("sketch2real")
 T = TypeVar("T")
@@ -81,7 +81,7 @@ def make_accelerator(opts, train_batch_size: int | None = None):
         plugin.deepspeed_config.update(settings)
     if opts.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    log_to_stderr(logging.INFO if accelerator.is_main_process else logging.WARNING, "%(asctime)s %(levelname)s %(message)s")
     _checkpoint_only_trained_weights(accelerator)
     check_shared_folder(accelerator, opts.output_dir)
     return accelerator
