@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -31,6 +32,8 @@ from sketch2real.shards import CorruptSample, ShardSamples, corrupt_samples, sha
 from sketch2real.sketchy import sketch_condition
 from sketch2real.training.diffusion import derive_seed
 from sketch2real.training.preemption import PREEMPTED_EXIT_CODE, RERUN, clear_preempted, mark_preempted, preemption
+
+logger = logging.getLogger("sketch2real")
 
 
 def readable_sketch(sketches: ShardSamples, index: int) -> bool:
@@ -98,10 +101,12 @@ def main() -> int:
     drawn_now = len({it.key for it in items} - done)  # by every rank
     bar = tqdm(total=todo, desc=f"generate [rank {state.process_index}]", unit="img", disable=not state.is_local_main_process)
     start = time.perf_counter()
-    for batch in batches:
+    for position, batch in enumerate(batches):
         if preemption:  # what is written stays; the requeued job skips it
             bar.close()
-            mark_preempted(state, out, f"generation stopped after {bar.n} of {todo} images", RERUN)
+            drawn_here = sum(len(b) for b in batches[:position])  # (not the bar's count: only rank 0's bar counts)
+            mark_preempted(state, out, f"generation stopped: rank {state.process_index} after {drawn_here} of its {todo} "
+                           "images", RERUN)
             return PREEMPTED_EXIT_CODE
         conditioning = [sketch_condition(sketches[position[it.sample_key]]["sketch"]) for it in batch] if sketches else None
         images = generate_batch(pipe, batch, opts.seed, settings, conditioning)
@@ -120,8 +125,14 @@ def main() -> int:
     if state.is_main_process:
         rows = merge_index(out)
         missing = len({it.key for it in items} - {r["key"] for r in rows})
+        beyond = len({r["key"] for r in rows} - {it.key for it in items})
+        if beyond:  # an earlier run's of the same settings with more items: the folder (and eval of it) holds them
+            logger.warning("%s holds %d image(s) beyond this run's %d (an earlier run's of the same settings, with other "
+                           "--categories/--max_samples): index.jsonl lists them and eval/fid.py scores them; give this "
+                           "subset another --output_dir to score it alone", out, beyond, len(items))
         mosaics = write_mosaics(out, rows, opts.shard_dir, opts.split, cell=min(settings["height"], 256), max_rows=opts.mosaic_rows)
-        summary = {"images": len(rows), "generated_now": drawn_now, "missing": missing, "index": str(out / "index.jsonl"),
+        summary = {"images": len(rows), "generated_now": drawn_now, "missing": missing, "beyond_this_run": beyond,
+                   "index": str(out / "index.jsonl"),
                    "mosaics": [str(m) for m in mosaics], "corrupt_samples": corrupt_samples.summary(),
                    "num_processes": state.num_processes, "dtype": str(getattr(pipe, family_of_pipeline(pipe).denoiser).dtype)}
         write_json(out / "metrics.json", summary)

@@ -162,15 +162,32 @@ def finished_keys(output_dir: Path) -> set[str]:
 
 
 CONFIG = "generate_config.json"
-WEIGHTS_DATA = "weights_data"  # generate_config.json's key beside the options: what the weights' paths held
+# generate_config.json's key beside the options: what the weights' paths held (named anew when what it records
+# changed: "weights_data" had a file's size alone, and a config of it compares the weights by path)
+WEIGHTS_DATA = "weights_content"
 SHARDS_DATA = "shards_data"  # and what the shards held (their index's hash)
 _WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".ckpt", ".pth")
+
+
+def _sampled_hash(file: Path, window: int = 1 << 20) -> str:
+    """sha256 of `window` bytes at the start, middle and end of `file` (the whole of a small one): milliseconds for a
+    10 GB checkpoint, and retrained weights differ in each window (a safetensors header alone is the first few KB)."""
+    import hashlib
+
+    digest, size = hashlib.sha256(), file.stat().st_size
+    with open(file, "rb") as f:
+        for start in sorted({0, max(0, size // 2 - window // 2), max(0, size - window)}):
+            f.seek(start)
+            digest.update(f.read(window))
+    return digest.hexdigest()[:16]
 
 
 def weights_identity(path: str) -> str:
     """What a model, LoRA, ControlNet or embeddings path holds, as a resumed generation compares it: a sketch2real
     run's record (metrics.json's fingerprint, steps and outputs' sizes; a checkpoint's train_state.json), else its
-    weight files' names and sizes; a hub id (or "") as written. A run trained again in place has another."""
+    weight files' names, sizes and a hash of 1 MiB at their start, middle and end (weights trained again keep their
+    size: sizes alone let a resume draw the rest with other weights); a hub id (or "") as written. A run trained
+    again in place has another; a copy elsewhere is the same."""
     import hashlib
 
     where = Path(path) if path else None
@@ -186,7 +203,7 @@ def weights_identity(path: str) -> str:
     else:  # not ours (a downloaded or converted model): its weight files
         files = [where] if where.is_file() else [f for f in sorted(folder.rglob("*")) if f.suffix in _WEIGHT_FILES and
                                                  not f.relative_to(folder).parts[0].startswith(("checkpoint-", "validation"))]
-        held = {str(f.relative_to(folder)): f.stat().st_size for f in files}
+        held = {str(f.relative_to(folder)): [f.stat().st_size, _sampled_hash(f)] for f in files}
     return hashlib.sha256(json.dumps(held, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -109,6 +109,9 @@ def test_a_rerun_with_other_settings_is_refused_and_one_with_another_batch_or_li
     assert summary["images"] == len(now) == 10 and summary["missing"] == 0
     assert {key: now[key] for key in first} == first
     assert all(path.stat().st_mtime_ns == mtime for path, mtime in mtimes.items())  # the first five were not drawn again
+    proc = run_script("infer/generate.py", *args, "--max_per_category", "1")  # a smaller limit: the folder holds more
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["beyond_this_run"] == 5
+    assert f"{out} holds 5 image(s) beyond this run's 5" in proc.stderr and _images(out) == now
     (out / "generate_config.json").unlink()  # a folder of an older version: resumed as before
     index = out / "index.jsonl"  # whose rows had no generator_seed: filled in (the same derivation drew them)
     index.write_text("".join(json.dumps({k: v for k, v in json.loads(line).items() if k != "generator_seed"}) + "\n"
@@ -136,15 +139,25 @@ def test_a_rerun_after_the_model_was_trained_again_in_place_is_refused(tiny_mode
     first = _images(out)
     (model / "metrics.json").write_text(json.dumps({"fingerprint": {"seed": 0}, "steps": 8, "outputs": {"unet": 1}}))
     proc = run_script("infer/generate.py", *args, check=False)
-    assert proc.returncode == 2 and "holds images of other settings (weights_data: " in proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "holds images of other settings (weights_content: " in proc.stderr.strip().splitlines()[-1]
     assert _images(out) == first
-    (model / "metrics.json").unlink()  # not a sketch2real run's: its weight files' sizes
+    (model / "metrics.json").unlink()  # not a sketch2real run's: its weight files' sizes and sampled contents
     proc = run_script("infer/generate.py", *args, check=False)
-    assert proc.returncode == 2 and "weights_data" in proc.stderr
+    assert proc.returncode == 2 and "weights_content" in proc.stderr
     config = json.loads((out / "generate_config.json").read_text())
-    del config["weights_data"]  # a config of a version before weights were known by content: compared by path
+    del config["weights_content"]  # a config of a version before weights were known by content: compared by path
+    config["weights_data"] = {"model": "sizes alone"}  # or by their sizes: by path too
     (out / "generate_config.json").write_text(json.dumps(config))
     assert json.loads(run_script("infer/generate.py", *args).stdout.strip().splitlines()[-1])["generated_now"] == 0
+    # a model that is not sketch2real's, trained again in place: the same files, the same sizes, other weights
+    shutil.rmtree(out)
+    run_script("infer/generate.py", *args)
+    unet = model / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(unet.read_bytes())
+    data[-8:] = bytes(8)  # the last weight's last bytes: another value, the same size
+    unet.write_bytes(bytes(data))
+    proc = run_script("infer/generate.py", *args, check=False)
+    assert proc.returncode == 2 and "weights_content" in proc.stderr
 
 
 def test_a_rerun_whose_prompts_changed_is_refused(tiny_models, tmp_path):
@@ -185,7 +198,7 @@ def test_a_signal_mid_run_stops_for_requeue_and_the_rerun_completes(gen_args, tm
         time.sleep(0.1)
     proc.send_signal(signal.SIGUSR1)  # Slurm's warning before a time limit: stop at the batch, slurm/generate.sh requeues
     proc.wait(timeout=60)
-    assert proc.returncode == 75 and "generation stopped after" in (out / "PREEMPTED").read_text()
+    assert proc.returncode == 75 and "generation stopped: rank 0 after" in (out / "PREEMPTED").read_text()
     assert 0 < len(list((out / "images").rglob("*.png"))) < 10
     run_script("infer/generate.py", *args, "--output_dir", out, "--batch_size", "1", "--num_inference_steps", "20")
     assert not (out / "PREEMPTED").exists()
