@@ -283,9 +283,14 @@ class Family:
         return denoiser(noisy, timesteps, **kwargs).sample
 
     def validation_scheduler(self, training_scheduler):
-        """The sampler of validation images, from the training scheduler's config (SD's PNDM)."""
-        from diffusers import PNDMScheduler
+        """The sampler of validation images, from the training scheduler's config (SD's PNDM); a zero-terminal-SNR
+        model's DDIM with its rescaled betas and trailing timesteps (PNDM has no `rescale_betas_zero_snr`: it drew
+        from a schedule the model was not trained on)."""
+        from diffusers import DDIMScheduler, PNDMScheduler
 
+        if training_scheduler.config.get("rescale_betas_zero_snr"):
+            return DDIMScheduler.from_config(training_scheduler.config, rescale_betas_zero_snr=True,
+                                             timestep_spacing="trailing")
         return PNDMScheduler.from_config(training_scheduler.config, skip_prk_steps=True)
 
     def new_controlnet(self, denoiser, vae_scale_factor: int = 8):

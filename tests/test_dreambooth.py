@@ -854,6 +854,14 @@ def test_pivotal_tuning_trains_new_tokens_with_the_lora_and_generation_loads_bot
         continued = load_file(tmp_path / "continued" / "learned_embeds.safetensors")
         assert all(torch.allclose(continued[key], rows[key], atol=1e-6) for _, _, key in encoders)
         if family == "sd":
+            # the rows at --text_encoder_lr (diffusers' advanced scripts': 5e-6), the LoRA at --learning_rate
+            apart = tmp_path / "apart"
+            run_script("train/dreambooth.py", *again, "--learning_rate", "1e-2", "--text_encoder_lr", "1e-30",
+                       "--output_dir", apart)
+            assert all(torch.allclose(load_file(apart / "learned_embeds.safetensors")[key], rows[key], atol=1e-6)
+                       for _, _, key in encoders)
+            lora, moved = (load_file(d / "pytorch_lora_weights.safetensors") for d in (out, apart))
+            assert any(not torch.allclose(lora[k], moved[k]) for k in lora)
             proc = run_script("train/dreambooth.py", *again, "--num_new_tokens_per_abstraction", "3", "--output_dir",
                               tmp_path / "three", check=False)
             assert proc.returncode == 2 and "its learned tokens (learned_embeds.safetensors: 2 x" in proc.stderr
@@ -910,6 +918,33 @@ def test_prior_preservation_generates_class_images_once(db_args, tmp_path):
     proc = run_script("train/dreambooth.py", *args[:at + 1], other, *args[at + 2:], "--output_dir", tmp_path / "d", check=False)
     assert proc.returncode == 2 and f"model: '{Path(args[at + 1]).resolve()}' there, '{other}' now" in proc.stderr.strip().splitlines()[-1]
 
+
+def test_sdxl_class_images_are_drawn_with_the_conditioning_their_rows_train_with(tiny_models, shard_dir, tmp_path):
+    """Class rows train with SDXL's 256 px source size (Sketchy's): the class images were drawn at the pipeline's
+    own (R, R), and the prior loss taught that a 256 px source looks like the base model's sharp R px output."""
+    from diffusers import StableDiffusionXLPipeline
+    from PIL import Image
+
+    from sketch2real.training.diffusion import derive_seed
+
+    classes, prompt = tmp_path / "classes", "a sketch of a cat"
+    run_script("train/dreambooth.py", "--pretrained_model_name_or_path", tiny_models.sdxl, "--shard_dir", shard_dir,
+               "--instance_category", "cat", "--instance_prompt", "a sks sketch of a cat", "--resolution", "64",
+               "--max_train_steps", "1", "--with_prior_preservation", "--class_prompt", prompt, "--num_class_images", "1",
+               "--class_inference_steps", "2", "--class_data_dir", classes, "--validation_steps", "0",
+               "--checkpointing_steps", "0", "--report_to", "none", "--mixed_precision", "no", "--output_dir",
+               tmp_path / "out")
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_models.sdxl)
+    pipe.set_progress_bar_config(disable=True)
+
+    def draw(**conditioning) -> np.ndarray:
+        generator = torch.Generator().manual_seed(derive_seed(0, "class", prompt, 0))
+        return np.asarray(pipe(prompt=[prompt], height=64, width=64, num_inference_steps=2, generator=[generator],
+                               **conditioning).images[0])
+
+    saved = np.asarray(Image.open(classes / "class-00000.png"))
+    assert np.array_equal(saved, draw(original_size=(256, 256), crops_coords_top_left=(0, 0)))
+    assert not np.array_equal(saved, draw())
 
 def test_prior_preservation_is_one_denoiser_call_weighing_each_part_as_its_own_loss():
     """Instance and class rows go through the denoiser together (one call: half the kernel launches of a step), and the
@@ -980,7 +1015,7 @@ def test_class_images_are_listed_once_and_split_across_two_processes(db_args, tm
         (["--pretrained_model_name_or_path", "/no/such/model"], "not found: /no/such/model"),
         (["--lora_rank", "4", "--train_text_encoder", "--train_text_encoder_ti", "--instance_prompt", "a TOK"], "choose one"),
         (["--lora_rank", "4", "--train_text_encoder", "--lora_type", "lokr"], "needs --lora_type lora"),
-        (["--lora_rank", "4", "--text_encoder_lr", "1e-5"], "give --train_text_encoder"),
+        (["--lora_rank", "4", "--text_encoder_lr", "1e-5"], "give --train_text_encoder or --train_text_encoder_ti"),
         (["--enable_xformers_memory_efficient_attention"], "needs a CUDA device"),
         (["--mixed_precision", "fp16"], "fp16 needs a CUDA device"),
         (["--with_prior_preservation"], "needs --class_prompt"),

@@ -46,3 +46,17 @@ def test_a_vae_of_another_family_is_one_line_before_training(tiny_models):
     with pytest.raises(UserError, match=r"makes 16-channel latents, .*'s own VAE 4: a VAE of another model family"):
         load_other_vae(SD, str(tiny_models.sd3 / "vae"), str(tiny_models.sd))
     assert load_other_vae(SD, str(tiny_models.sd / "vae"), str(tiny_models.sd)).config.latent_channels == 4
+
+
+def test_a_zero_terminal_snr_model_validates_on_the_schedule_it_trains_on():
+    """PNDM has no `rescale_betas_zero_snr`: a zero-SNR v-prediction model's validation images were drawn from the
+    plain schedule (its last alpha-bar 0.0047, not 0)."""
+    from diffusers import DDPMScheduler
+
+    plain = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    zero = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, rescale_betas_zero_snr=True,
+                         prediction_type="v_prediction")
+    assert zero.alphas_cumprod[-1] == 0
+    validation = SD.validation_scheduler(zero)
+    assert torch.allclose(validation.alphas_cumprod, zero.alphas_cumprod) and validation.config.timestep_spacing == "trailing"
+    assert type(SD.validation_scheduler(plain)).__name__ == "PNDMScheduler"

@@ -131,8 +131,10 @@ class DreamBoothOptions(TrainOptions):
     text_encoder_lr: float | None = option(None, help="with --train_text_encoder: the text encoders' (or their adapters') "
                                            "learning rate (not scaled by --scale_lr); default: diffusers' script's for "
                                            "the family (adapters: SDXL, SD3, FLUX.1 5e-6; whole: SD3, FLUX.1 5e-6; "
-                                           "else --learning_rate); --learning_rate under Prodigy", min_exclusive=0)
-    adam_weight_decay_text_encoder: float | None = option(None, help="with --train_text_encoder: their weight decay; "
+                                           "else --learning_rate); --learning_rate under Prodigy. With "
+                                           "--train_text_encoder_ti: the new tokens' rows' (default --learning_rate; "
+                                           "diffusers' advanced scripts 5e-6)", min_exclusive=0)
+    adam_weight_decay_text_encoder: float | None = option(None, help="with --train_text_encoder(_ti): their weight decay; "
                                                           "default: diffusers' (1e-3 where their learning rate is "
                                                           "5e-6; else --adam_weight_decay)", min=0)
     initial_lora: str = option("", help="start the LoRA adapters from this LoRA folder (a run's output with "
@@ -173,9 +175,11 @@ class DreamBoothOptions(TrainOptions):
         if self.text_encoder_lr is not None and self.optimizer == "prodigy" and not on_other_rank():  # was silent
             logger.warning("--text_encoder_lr is not used: Prodigy estimates one step size for every group (the text "
                            "encoders' too, scaled by --learning_rate)")
-        if (self.text_encoder_lr, self.adam_weight_decay_text_encoder) != (None, None) and not self.train_text_encoder:
+        if (self.text_encoder_lr, self.adam_weight_decay_text_encoder) != (None, None) and not (
+                self.train_text_encoder or self.train_text_encoder_ti):
             raise UserError("--text_encoder_lr and --adam_weight_decay_text_encoder are for the text encoders (or their "
-                            "LoRA adapters): give --train_text_encoder")
+                            "LoRA adapters, or pivotal tuning's new token rows): give --train_text_encoder or "
+                            "--train_text_encoder_ti")
         if self.train_text_encoder and self.lora_type == "lokr":
             raise UserError("--lora_type lokr adapts the denoiser only: --train_text_encoder needs --lora_type lora")
         if self.lora_format != "diffusers" and not self.lora_rank:
@@ -286,7 +290,12 @@ def ensure_class_images(accelerator, opts: DreamBoothOptions) -> None:
 
     folder = Path(opts.class_data_dir)
     accelerator.wait_for_everyone()
-    settings = class_image_settings(opts)
+    family = family_of(opts.pretrained_model_name_or_path, opts.revision).with_max_sequence_length(
+        opts.max_sequence_length)
+    # drawn with the conditioning the class rows train with (SDXL: the 256 px sources' size, not the pipeline's own
+    # height x width; SD3: as many T5 tokens): else the prior loss taught "a 256 px source looks like a sharp R px one"
+    conditioning = json.loads(json.dumps(family.generation_kwargs()))
+    settings = {**class_image_settings(opts), "conditioning": conditioning}
 
     def look() -> list[int]:
         problem = class_images_problem(folder, settings)
@@ -305,8 +314,7 @@ def ensure_class_images(accelerator, opts: DreamBoothOptions) -> None:
         logger.info("generating %d class images in %s", len(missing), folder)
     mine = missing[accelerator.process_index :: accelerator.num_processes]
     with zero3_init_disabled(accelerator):
-        pipe = load_base_pipeline(family_of(opts.pretrained_model_name_or_path, opts.revision),
-                                  opts.pretrained_model_name_or_path, opts.revision, opts.variant,
+        pipe = load_base_pipeline(family, opts.pretrained_model_name_or_path, opts.revision, opts.variant,
                                   opts.pretrained_vae_model_name_or_path, dtype_for(accelerator.mixed_precision))
     pipe.to(accelerator.device)
     pipe.set_progress_bar_config(disable=True)
@@ -317,7 +325,8 @@ def ensure_class_images(accelerator, opts: DreamBoothOptions) -> None:
         batch = mine[start : start + opts.sample_batch_size]
         generators = [torch.Generator().manual_seed(derive_seed(opts.seed, "class", opts.class_prompt, j)) for j in batch]
         images = pipe(prompt=[opts.class_prompt] * len(batch), height=opts.resolution, width=opts.resolution,
-                      num_inference_steps=opts.class_inference_steps, generator=generators).images
+                      num_inference_steps=opts.class_inference_steps, generator=generators,
+                      **family.generation_kwargs()).images
         for j, image in zip(batch, images):
             with atomic_path(folder / f"class-{j:05d}.png") as tmp:
                 image.save(tmp, format="PNG")
@@ -495,9 +504,13 @@ class DreamBoothTask(DiffusionTask):
         settings for the family (adapters: SDXL, SD3, FLUX.1 lr 5e-6, weight decay 1e-3, SD 1.x the denoiser's;
         whole encoders: SD3, FLUX.1 5e-6 and 1e-3, SD 1.x and SDXL the denoiser's), or --text_encoder_lr /
         --adam_weight_decay_text_encoder; Prodigy estimates one step size: --learning_rate for both, as diffusers'
-        scripts."""
+        scripts. With --train_text_encoder_ti, those two flags put the new token rows in a group of their own (else
+        they train at --learning_rate)."""
         opts = self.opts
         own = self.family.text_encoder_lora_optimizer if opts.lora_rank else self.family.text_encoder_optimizer
+        if opts.train_text_encoder_ti and (opts.text_encoder_lr, opts.adam_weight_decay_text_encoder) != (None, None):
+            return self._param_groups_apart([e.new_rows for e in self.embeddings], opts.text_encoder_lr,
+                                            opts.adam_weight_decay_text_encoder)
         if not opts.train_text_encoder:
             return super().param_groups()
         lr = opts.text_encoder_lr if opts.text_encoder_lr is not None else own[0] if own else None
@@ -505,10 +518,13 @@ class DreamBoothTask(DiffusionTask):
                  own[1] if own else None)
         if not opts.lora_rank and (lr, decay) == (None, None):  # one group, as train_dreambooth.py (and its checkpoints)
             return super().param_groups()
-        encoders = [p for p in self.model.text_encoders.parameters() if p.requires_grad]
-        ids = {id(p) for p in encoders}
-        group = {"params": encoders}
-        if lr is not None and opts.optimizer != "prodigy":
+        return self._param_groups_apart([p for p in self.model.text_encoders.parameters() if p.requires_grad], lr, decay)
+
+    def _param_groups_apart(self, params: list, lr: float | None, decay: float | None) -> list[dict]:
+        """The trainable parameters in two groups: `params` at `lr` and `decay` (None: the optimizer's), the rest."""
+        ids = {id(p) for p in params}
+        group = {"params": params}
+        if lr is not None and self.opts.optimizer != "prodigy":
             group["lr"] = lr
         if decay is not None:
             group["weight_decay"] = decay
