@@ -811,9 +811,23 @@ def test_sd3_generation_and_card_spell_out_multi_vector_tokens_as_training_does(
                               {"__call__": lambda self, seen=seen, **kwargs: seen.update(kwargs) or SimpleNamespace(images=[])})
         generate_batch(pipe, [Item(key="k", prompt="a <s0> sketch of a cat")], 0, settings)
         assert seen["prompt"] == [expected]
-    (tmp_path / "learned_embeds.safetensors").touch()
-    card = usage("lora", "base", tmp_path, "a <s0> sketch of a cat", SD3)
-    assert "pipe(prompt=spell_out_tokens(pipe, 'a <s0> sketch of a cat'), guidance_scale=7.0, max_sequence_length=77)" in card and ", spell_out_tokens" in card
+    # the card's lines, plain diffusers and transformers (they imported sketch2real's loader): run as a reader runs them
+    from sketch2real.training.textual_inversion import write_learned_embeds
+
+    base = DiffusionPipeline.from_pretrained(tiny_models.sd3)
+    rows = [torch.randn(2, encoder.get_input_embeddings().weight.shape[1], generator=torch.Generator().manual_seed(i))
+            for i, encoder in enumerate((base.text_encoder, base.text_encoder_2))]
+    write_learned_embeds(SD3, "<s0>", rows, tmp_path / "learned_embeds.safetensors")
+    card = usage("embeddings", str(tiny_models.sd3), tmp_path, "a <s0> sketch of a cat", SD3)
+    code = card.split("```python\n", 1)[1].split("\n```", 1)[0]
+    assert "sketch2real" not in code
+    assert "pipe(prompt='a <s0> <s0>_1 sketch of a cat', guidance_scale=7.0, max_sequence_length=77)" in code
+    names: dict = {}
+    exec(code.replace("max_sequence_length=77)", "max_sequence_length=77, num_inference_steps=1)"), names)  # noqa: S102
+    for (tokenizer, encoder), trained in zip(((names["pipe"].tokenizer, names["pipe"].text_encoder),
+                                              (names["pipe"].tokenizer_2, names["pipe"].text_encoder_2)), rows):
+        ids = tokenizer.convert_tokens_to_ids(["<s0>", "<s0>_1"])
+        assert torch.equal(encoder.get_input_embeddings().weight[ids], trained)
 
 
 def test_max_sequence_length_conditions_training_and_validation_and_is_one_line_where_prompts_are_clip_s(

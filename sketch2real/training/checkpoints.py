@@ -53,7 +53,7 @@ class RunFingerprint(dict):
         # matter, against a fingerprint that knows them by contents too
         self.by_content = by_content or {}
 
-    def _sides(self, theirs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    def sides(self, theirs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """(this run, a saved one completed with this run's defaults), compared option by option."""
         mine, theirs = dict(self), dict(theirs)
         for option, (contents, path) in self.by_content.items():
@@ -67,12 +67,12 @@ class RunFingerprint(dict):
         """Whether a saved fingerprint (None: none saved, an older checkpoint) is of this run."""
         if theirs is None:
             return True
-        mine, theirs = self._sides(theirs)
+        mine, theirs = self.sides(theirs)
         return mine == theirs
 
     def differences(self, theirs: dict[str, Any]) -> str:
         """What differs, in the wording of every refusal of another run's outputs (`io.differences`)."""
-        return differences(*self._sides(theirs))
+        return differences(*self.sides(theirs))
 
 
 
@@ -305,7 +305,7 @@ def _same_global_batch(theirs: dict, mine: dict, num_processes: int, launch: dic
 def _longer_schedule(fingerprint: RunFingerprint, theirs: dict) -> str:
     """Why a run given another --max_train_steps is another run where it is ("" where not): its schedule spreads the
     learning rates over the steps (a constant one continues, and its fingerprint leaves the count out)."""
-    mine, saved = fingerprint._sides(theirs)
+    mine, saved = fingerprint.sides(theirs)
     if "max_train_steps" not in mine or saved.get("max_train_steps", mine["max_train_steps"]) == mine["max_train_steps"]:
         return ""
     return (f"--lr_scheduler {mine.get('lr_scheduler')} spreads its learning rates over --max_train_steps, so those "

@@ -106,9 +106,7 @@ def usage(kind: str, base: str, out: Path, prompt: str, family: Family, repo_id:
     if kind == "controlnet":  # as it trained (`sketchy.sketch_condition`): a Sketchy sketch is black strokes on white
         code += ["# the sketch inverted, white strokes on black, as the ControlNet trained on it",
                  "sketch = ImageOps.invert(load_image('a sketch.png').convert('RGB'))"]
-    prompt_code = repr(prompt_line)
-    if tokens and not hasattr(pipeline_class(family), "maybe_convert_prompt"):  # SD3: no loader to expand tokens
-        prompt_code = f"spell_out_tokens(pipe, {prompt_code})"
+    prompt_code = repr(spelled_prompt(family, local / "learned_embeds.safetensors", prompt_line) if tokens else prompt_line)
     # generate.py's guidance and the conditioning training used (SDXL's sizes): the image generate.py draws
     settings = "".join(f", {k}={v!r}" for k, v in family.pipeline_call_defaults().items())
     # by name: FLUX.2 [klein]'s pipeline takes an image first
@@ -119,8 +117,6 @@ def usage(kind: str, base: str, out: Path, prompt: str, family: Family, repo_id:
     header = [f"from diffusers import {', '.join(sorted(imports))}"]
     header += ["from diffusers.utils import load_image", "from PIL import ImageOps"] if kind == "controlnet" else []
     if tokens:
-        if "spell_out_tokens" in prompt_code:  # SD3: no loader, so the project's loader is imported already
-            embeds_imports[-1] += ", spell_out_tokens"
         header += embeds_imports
         header += ["from huggingface_hub import hf_hub_download"] if repo_id else []
     return "\n".join([*lines, "", "```python", *header, "", *code, "```"])
@@ -130,19 +126,42 @@ def embedding_lines(family: Family, file: Path, file_code: str) -> tuple[list[st
     """(imports, lines) loading a run's `learned_embeds.safetensors` (`file`; `file_code`: how the lines name it) with
     diffusers' own loader, as `sketch2real.family.load_textual_inversion` does: the file whole where the family has one
     encoder, else each encoder's tensor into its encoder (SDXL: clip_l and clip_g; FLUX.1: CLIP, and T5 where the file
-    has its rows). SD3's pipelines have no loader: the project's function."""
-    if not hasattr(pipeline_class(family), "load_textual_inversion"):
-        return ["from sketch2real.family import load_textual_inversion"], [f"load_textual_inversion(pipe, {file_code})"]
+    has its rows). SD3's pipelines have no loader: the rows are added to each tokenizer and encoder by transformers'
+    own calls, under diffusers' names (`spelled_prompt` spells them out in the prompt)."""
     if not family.embedding_keys:
         return [], [f"pipe.load_textual_inversion({file_code})"]
-    from sketch2real.family import embedding_file
+    from sketch2real.family import embedding_file, placeholder_tokens
 
-    keys, token, _ = embedding_file(str(file))
+    keys, token, tensors = embedding_file(str(file), family.learned_embedding_keys(optional=True))
     learned = family.learned_embedding_keys(optional=family.optional_embedding_key in keys)
     lines = [f"embeddings = load_file({file_code})"]
-    lines += [f"pipe.load_textual_inversion(embeddings[{key!r}], token={token!r}, text_encoder=pipe.{encoder}, "
-              f"tokenizer=pipe.{tokenizer})" for key, encoder, tokenizer in zip(learned, family.text_encoders, family.tokenizers)]
+    if hasattr(pipeline_class(family), "load_textual_inversion"):
+        lines += [f"pipe.load_textual_inversion(embeddings[{key!r}], token={token!r}, text_encoder=pipe.{encoder}, "
+                  f"tokenizer=pipe.{tokenizer})" for key, encoder, tokenizer in zip(learned, family.text_encoders, family.tokenizers)]
+        return ["from safetensors.torch import load_file"], lines
+    names = placeholder_tokens(token, tensors[learned[0]].reshape(-1, tensors[learned[0]].shape[-1]).shape[0])
+    pairs = ", ".join(f"({key!r}, pipe.{tokenizer}, pipe.{encoder})"
+                      for key, encoder, tokenizer in zip(learned, family.text_encoders, family.tokenizers))
+    lines += [f"tokens = {names!r}  # each row its own token, spelt out in the prompt (SD3's pipelines expand none)",
+              f"for key, tokenizer, encoder in [{pairs}]:",
+              "    tokenizer.add_tokens(tokens)",
+              "    encoder.resize_token_embeddings(len(tokenizer))",
+              "    rows = encoder.get_input_embeddings().weight.data",
+              "    rows[tokenizer.convert_tokens_to_ids(tokens)] = embeddings[key].reshape(len(tokens), -1).to(rows.dtype)"]
     return ["from safetensors.torch import load_file"], lines
+
+
+def spelled_prompt(family: Family, file: Path, prompt: str) -> str:
+    """`prompt` with a multi-vector token spelt out (`<s0>` -> `<s0> <s0>_1`) where the family's pipelines have no
+    Textual Inversion loader to expand it (SD3), as training spelt it; else as it is."""
+    if hasattr(pipeline_class(family), "maybe_convert_prompt") or not family.embedding_keys:
+        return prompt
+    from sketch2real.family import embedding_file, placeholder_tokens
+
+    key = family.learned_embedding_keys()[0]
+    _, token, tensors = embedding_file(str(file), [key])
+    rows = tensors[key].reshape(-1, tensors[key].shape[-1]).shape[0]
+    return prompt.replace(token, " ".join(placeholder_tokens(token, rows))) if rows > 1 else prompt
 
 
 def front_matter(base: str, trainer: str, tags: list[str]) -> str:
