@@ -217,3 +217,25 @@ def test_a_vae_kept_in_fp32_encodes_half_a_chunk_at_a_time_to_the_same_posterior
         assert seen == calls and got.mean.dtype == dtype
         assert torch.allclose(got.mean.float(), whole.mean.float(), atol=1e-5 if dtype == torch.float32 else 2e-2)
         assert torch.allclose(got.std.float(), whole.std.float(), atol=1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_a_step_the_fp16_loss_scaler_skipped_moves_neither_the_schedule_nor_the_average():
+    """fp16's GradScaler skips a step with inf/NaN gradients; the schedule (stepped here, not prepared) still advanced
+    and the EMA averaged the unchanged weights, where diffusers' prepared scheduler skips it. (fp16 needs CUDA: the
+    accelerator's report of the skip is given here.)"""
+    from types import SimpleNamespace
+
+    import torch
+
+    from sketch2real.training.loop import optimizer_step
+
+    weight = torch.nn.Parameter(torch.ones(1))
+    optimizer = torch.optim.SGD([weight], lr=1.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
+    weight.grad = torch.ones(1)
+    skipped = SimpleNamespace(sync_gradients=True, optimizer_step_was_skipped=True)
+    assert optimizer_step(skipped, optimizer, schedule) is False and schedule.last_epoch == 0
+    taken = SimpleNamespace(sync_gradients=True, optimizer_step_was_skipped=False)
+    assert optimizer_step(taken, optimizer, schedule) is True and schedule.last_epoch == 1
+    accumulating = SimpleNamespace(sync_gradients=False, optimizer_step_was_skipped=False)
+    assert optimizer_step(accumulating, optimizer, schedule) is False and schedule.last_epoch == 1

@@ -161,6 +161,17 @@ def check_same_trainer(out: Path, trainer: str) -> None:
                         "would mix with its files; give another --output_dir")
 
 
+
+def optimizer_step(accelerator, optimizer, lr_scheduler) -> bool:
+    """The optimizer's step, and the schedule's once per optimizer step; whether the weights moved. A step fp16's
+    loss scaler skipped (inf/NaN gradients; DeepSpeed's overflow) moves neither the schedule nor the EMA, as
+    diffusers' prepared scheduler skips it (the scaler reads its scale back every step anyway: no extra host read)."""
+    optimizer.step()
+    if not accelerator.sync_gradients or accelerator.optimizer_step_was_skipped:
+        return False
+    lr_scheduler.step()
+    return True
+
 def train(task: Task, opts, accelerator, project_name: str, callbacks: list[Callback] | None = None) -> int:
     """Run the loop to `opts.max_train_steps` with `callbacks` (default: `default_callbacks()`); returns the process
     exit status (0, 1 or 75).
@@ -258,16 +269,14 @@ def train(task: Task, opts, accelerator, project_name: str, callbacks: list[Call
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and opts.max_grad_norm:
                     accelerator.clip_grad_norm_(params, opts.max_grad_norm)
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    lr_scheduler.step()
+                stepped = optimizer_step(accelerator, optimizer, lr_scheduler)
                 optimizer.zero_grad(set_to_none=opts.set_grads_to_none)
         bad = ~torch.isfinite(step_loss)
         interval += torch.stack([step_loss, bad.float()])
         first_bad = torch.where(bad, torch.clamp(first_bad, max=run.step + 1), first_bad)
         interval_steps += 1
         run.step += 1
-        if averaged is not None:
+        if averaged is not None and stepped:
             averaged.update(run.step)
         bar.update()
         run.logs = {}
