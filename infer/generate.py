@@ -101,10 +101,10 @@ def main() -> int:
     drawn_now = len({it.key for it in items} - done)  # by every rank
     bar = tqdm(total=todo, desc=f"generate [rank {state.process_index}]", unit="img", disable=not state.is_local_main_process)
     start = time.perf_counter()
-    for position, batch in enumerate(batches):
+    for done_batches, batch in enumerate(batches):
         if preemption:  # what is written stays; the requeued job skips it
             bar.close()
-            drawn_here = sum(len(b) for b in batches[:position])  # (not the bar's count: only rank 0's bar counts)
+            drawn_here = sum(len(b) for b in batches[:done_batches])  # (not the bar's: only rank 0's counts)
             mark_preempted(state, out, f"generation stopped: rank {state.process_index} after {drawn_here} of its {todo} "
                            "images", RERUN)
             return PREEMPTED_EXIT_CODE

@@ -551,6 +551,32 @@ def log_to_stderr(level: int = logging.WARNING, fmt: str = "%(message)s") -> Non
         logging.basicConfig(format=fmt, level=level, handlers=[_AboveProgressBars(sys.stderr)])
 
 
+def output_dir_of(script_args: list[str]) -> str:
+    """The --output_dir among a script's arguments (the last one given wins, as argparse reads it), or ""."""
+    found = ""
+    for previous, arg in zip(["", *script_args], script_args):
+        if arg.startswith("--output_dir="):
+            found = arg.split("=", 1)[1]
+        elif previous == "--output_dir":
+            found = arg
+    return found
+
+
+def stopped_after_a_signal(err: BaseException) -> bool:
+    """Whether a failure came after a preemption signal (Slurm's): the ranks that stopped on it first broke a
+    collective this rank was in (a barrier after its share of latent caching, class images, generation). The rank
+    then stops as preempted, leaving PREEMPTED in --output_dir for the job's requeue (its failure read as a crash
+    failed a preempted job). A failure before any signal is the job's own: no requeue would mend it."""
+    from sketch2real.training.preemption import preemption
+
+    output_dir = output_dir_of(sys.argv[1:])
+    if not preemption or not output_dir:
+        return False
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(output_dir) / "PREEMPTED").write_text(f"stopped on signal {preemption.raised}, then: {one_line(str(err))}\n")
+    return True
+
+
 def run_main(main: Callable[[], Any]) -> None:
     """Run an entry point: a `UserError` becomes one stderr line and exit status 2; after a normal return every rank
     leaves the process group together (`leave_process_group`). A script's own `main` (run as `__main__`) then ends its
@@ -571,6 +597,13 @@ def run_main(main: Callable[[], Any]) -> None:
             print("interrupted", file=sys.stderr)
             sys.exit(130)
         except Exception as err:
+            if not is_full_disk(err) and stopped_after_a_signal(err):
+                from sketch2real.training.preemption import PREEMPTED_EXIT_CODE
+
+                prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "sketch2real"
+                print(f"{prog}: stopped on a preemption signal ({type(err).__name__} after it: {one_line(str(err))})",
+                      file=sys.stderr)
+                sys.exit(PREEMPTED_EXIT_CODE)
             if not is_full_disk(err):
                 raise
             prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "sketch2real"

@@ -16,11 +16,12 @@ end.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from sketch2real.cli import EXIT_USAGE
+from sketch2real.cli import EXIT_USAGE, output_dir_of
 from sketch2real.training.preemption import PREEMPTED_EXIT_CODE
 
 SAID_ITS_OWN = (EXIT_USAGE, PREEMPTED_EXIT_CODE)  # statuses whose trainer printed its own line
@@ -49,23 +50,16 @@ def failure_line(rank: int, code: int) -> str:
     return f"launcher: error: rank {rank} on {host} exited with status {code} (its error is above)"
 
 
-def output_dir_of(script_args: list[str]) -> str:
-    """The trainer's --output_dir among its arguments (the last one given wins, as argparse reads it), or ""."""
-    found = ""
-    for previous, arg in zip(["", *script_args], script_args):
-        if arg.startswith("--output_dir="):
-            found = arg.split("=", 1)[1]
-        elif previous == "--output_dir":
-            found = arg
-    return found
-
-
 def main() -> None:
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = launch_command_parser().parse_args()
+    # One process (accelerate's simple launcher): SIGTERM to every process of a Slurm step would end this waiting
+    # parent at once, and the step with it, while the trainer saves its checkpoint: wait for the trainer's own status.
+    # (A handler, not SIG_IGN, which the trainer would inherit; torchrun installs its own for several processes.)
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
         launch_command(args)
     except subprocess.CalledProcessError as err:  # one process

@@ -9,6 +9,10 @@
 # checkpoint; slurm/common.sh requeues the job from the PREEMPTED file. Any other failure passes through, also where
 # the ranks stopped after it left PREEMPTED (sketch2real.launcher: a rank's crash first is the job's failure).
 trap '' USR1
+# SIGTERM (Slurm's at a preemption, to every process of the step) is the launcher's and the trainers' to handle: this
+# shell waits for the launcher's status ("trap ':'" is not inherited, unlike an ignored signal), else it died at once
+# and srun reported 143 while the trainers were still saving.
+trap ':' TERM
 status=0
 "${PYTHON:-python3}" -m sketch2real.launcher --config_file "$ACCELERATE_CONFIG" --num_machines "${SLURM_NNODES:-1}" \
   --num_processes "${S2R_NUM_PROCESSES:-1}" --machine_rank "${SLURM_NODEID:-0}" \

@@ -461,3 +461,69 @@ def test_a_latent_store_that_will_not_fit_its_disk_stops_before_encoding(tiny_mo
     monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(2**40, 0, needed))
     store.build(solo, list(range(len(images))), 0, False, False)
     assert store.stats["blocks_encoded_here"] == -(-len(images) // 16)
+
+
+SIGNALLED_THEN = """import os, signal, sys, time
+from sketch2real.cli import run_main
+from sketch2real.training.preemption import preemption
+
+def main():
+    preemption.install()
+    if sys.argv[1] == "signal":
+        os.kill(os.getpid(), signal.SIGUSR1)  # Slurm's warning reached this rank
+    raise RuntimeError("Connection closed by peer")  # then the barrier the stopped ranks left broke
+
+run_main(main)
+"""
+
+
+@pytest.mark.parametrize("signalled", [True, False])
+def test_a_rank_that_fails_after_a_preemption_signal_stops_as_preempted(signalled, tmp_path):
+    """On two nodes, a node whose ranks had finished their share of a phase waits in its barrier when Slurm's signal
+    comes; the other node's ranks stop (75) and the barrier breaks: that rank's failure (1) failed the preempted
+    job. After a signal it is a preemption (PREEMPTED, 75); before any, a failure as before."""
+    script, out = tmp_path / "rank.py", tmp_path / "run"
+    script.write_text(SIGNALLED_THEN)
+    proc = subprocess.run([sys.executable, str(script), "signal" if signalled else "none", "--output_dir", str(out)],
+                          capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    if signalled:
+        assert proc.returncode == 75 and (out / "PREEMPTED").is_file(), proc.stderr[-2000:]
+        assert "stopped on a preemption signal (RuntimeError after it: Connection closed by peer)" in proc.stderr
+    else:
+        assert proc.returncode == 1 and "Traceback" in proc.stderr and not out.exists()
+
+
+@pytest.mark.parametrize("config", ["torchrun", "simple"])
+def test_sigterm_to_every_process_of_the_step_leaves_the_launcher_s_status_to_srun(config, tmp_path):
+    """Slurm's SIGTERM at a preemption reaches every process of the step: slurm/launch_node.sh's shell died of it
+    (srun saw 143, no requeue) while its trainers still saved; the one-process launcher (accelerate's simple one, for
+    a config without distribution) died too. Both now wait, and the trainer's 75 reaches srun as success."""
+    accelerate_config = REPO / "accelerate_configs/cpu.yaml"  # torchrun's agent, also for one process
+    if config == "simple":
+        accelerate_config = tmp_path / "one.yaml"
+        accelerate_config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nuse_cpu: true\n"
+                                     "num_machines: 1\nnum_processes: 1\nmixed_precision: 'no'\n")
+    script, out = tmp_path / "trainer.py", tmp_path / "run"
+    out.mkdir()
+    script.write_text("import os, signal, sys, time\n"
+                      "def stop(signum, frame):\n"
+                      "    time.sleep(1)  # saving its checkpoint\n"
+                      f"    open({str(out / 'PREEMPTED')!r}, 'w').close()\n"
+                      "    sys.exit(75)\n"
+                      "signal.signal(signal.SIGTERM, stop)\n"
+                      f"open({str(tmp_path / 'started')!r}, 'w').close()\n"
+                      "time.sleep(600)\n")
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(["bash", str(REPO / "slurm/launch_node.sh"), str(script), "--output_dir", str(out)], cwd=REPO,
+                            env={**os.environ, "ACCELERATE_CONFIG": str(accelerate_config),
+                                 "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"},
+                            start_new_session=True, stderr=subprocess.PIPE, text=True)
+    while not (tmp_path / "started").exists() and proc.poll() is None:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGTERM)  # as slurmstepd signals the step: every process of it
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 0 and (out / "PREEMPTED").is_file(), stderr[-3000:]

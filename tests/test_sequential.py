@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from .helpers import LAUNCHERS, FakeHub, launch, launch_command, pause_at_step, run_script, train_in
@@ -35,11 +34,9 @@ def test_sequential_writes_a_folder_per_stage_and_the_forgetting_table(tiny_mode
     # the interval is Student's over the same held-out samples before and after (paired): around the paired mean
     paired = [b - a for a, b in zip(report["rows"][1]["sample_losses"]["cat"], report["rows"][2]["sample_losses"]["cat"])]
     assert len(paired) >= 2 and abs(sum(paired) / len(paired) - report["forgetting"]["cat"]) < 1e-9
-    low, high = report["forgetting_ci95"]["cat"]
-    from scipy.stats import t
-
-    half = t.ppf(0.975, len(paired) - 1) * float(np.std(paired, ddof=1)) / len(paired) ** 0.5
-    assert low == pytest.approx(report["forgetting"]["cat"] - half) and high == pytest.approx(report["forgetting"]["cat"] + half)
+    # clustered by photo: the validation split has one photo of cat here (3 sketches), so no interval can be had
+    # (as independent items it gave one that reached no other photo)
+    assert report["forgetting_ci95"]["cat"] == [None, None]
     table = (out / "sequential_report.md").read_text()
     assert "| 2: apple |" in table and "| base |" in table
 

@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from sketch2real.cli import check_output_dir, option, parse_options, run_main
+from sketch2real.cli import check_output_dir, log_to_stderr, option, parse_options, run_main
 from sketch2real.testing.pretrain import PRETRAINED_DIRNAME, pretrain_tiny_sd
 from sketch2real.testing.tiny import SD_SIZES, build_all, build_sd
 
@@ -35,7 +35,7 @@ def main() -> None:
     for name, path in vars(models).items():
         print(f"{name}: {path}")
     if opts.pretrain:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        log_to_stderr(logging.INFO)  # its progress and result lines (run_main's default shows warnings only)
         print(f"sd_trained: {pretrain_tiny_sd(Path(opts.output_dir) / PRETRAINED_DIRNAME)}")
 
 

@@ -207,13 +207,13 @@ class ControlNetTask(DiffusionTask):
         controlnet, count = self.accelerator.unwrap_model(model), min(o.num_heldout_samples, len(h))
         sketches, photos, prompts = h.conditions[:count], h.images[:count], h.prompts[:count]
         own = self.heldout_losses(self.accelerator, controlnet, sketches, photos, prompts)
-        logs["heldout_loss"], logs["heldout_loss_ci95"] = float(own.mean()), mean_ci95(own)
+        logs["heldout_loss"], logs["heldout_loss_ci95"] = float(own.mean()), mean_ci95(own, h.keys[:count])  # by photo
         other, kept = partners_within(h.categories[:count], np.random.default_rng(o.seed), h.keys[:count])
         if kept.any():
             deranged = self.heldout_losses(self.accelerator, controlnet, sketches[other], photos, prompts)
             gains = (deranged - own)[kept]
             logs["conditioning_gain"] = float(gains.mean())
-            logs["conditioning_gain_ci95"] = mean_ci95(gains)
+            logs["conditioning_gain_ci95"] = mean_ci95(gains, np.asarray(h.keys[:count])[kept])
         elif not getattr(self, "_no_gain_said", False) and self.accelerator.is_main_process:  # once, not per validation
             self._no_gain_said = True
             logger.warning("no conditioning gain: none of the %d held-out sketches has one of another photo of its "

@@ -497,7 +497,8 @@ class DreamBoothTask(DiffusionTask):
                                               opts.seed)
         except UserError as err:  # no validation images of this category: the held-out loss is skipped, said
             return no_heldout(err, opts.validation_split)
-        return HeldOut(images, [self.sample_prompts(m["key"], m["category"]) for m in metas])
+        return HeldOut(images, [self.sample_prompts(m["key"], m["category"]) for m in metas],
+                       [m["category"] for m in metas], [m["key"] for m in metas])
 
     def param_groups(self) -> list[dict]:
         """With --train_text_encoder, the text encoders (or their adapters) in a group of their own at diffusers'

@@ -168,6 +168,15 @@ def _heldout_losses(task: DreamBoothTask, model, opts: SequentialOptions, catego
     return losses
 
 
+def _heldout_photos(opts: SequentialOptions, category: str) -> list[str]:
+    """The photo of each of `_heldout_losses`' samples of `category`, in its order (nothing decoded)."""
+    from sketch2real.sketchy import photo_key
+
+    _, metas = load_shard_images(opts.shard_dir, opts.validation_split, category, opts.instance_image_type,
+                                 opts.resolution, opts.num_heldout_samples, opts.seed, in_memory=False)
+    return [photo_key(m["key"]) for m in metas]
+
+
 def _unmeasured_by_base(out: Path, stages: list[str]) -> list[str]:
     """The categories of `stages` the folder's base row has no held-out losses of (all, without a base row)."""
     file = out / "base_metrics.json"
@@ -282,7 +291,9 @@ def run_sequential(opts: SequentialOptions, accelerator) -> int:
         final = rows[-1]["sample_losses"].get(category)
         if after_own is not None and final is not None:
             paired = np.asarray(final, dtype=float) - np.asarray(after_own, dtype=float)  # null (a NaN loss) -> nan
-            forgetting[category], forgetting_ci95[category] = float(paired.mean()), mean_ci95(paired)
+            photos = _heldout_photos(opts, category)  # a photo's sketches are not independent samples: by photo
+            forgetting[category] = float(paired.mean())
+            forgetting_ci95[category] = mean_ci95(paired, photos if len(photos) == len(paired) else None)
     report = {"stages": stages, "categories": list(dict.fromkeys(stages)), "rows": base_row + rows, "forgetting": forgetting,
               "forgetting_ci95": forgetting_ci95}
     if accelerator.is_main_process:

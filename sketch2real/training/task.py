@@ -67,6 +67,13 @@ class HeldOut:
     def __len__(self) -> int:
         return len(self.prompts)
 
+    def photos(self) -> list[str] | None:
+        """Each sample's photo (`sketchy.photo_key` of its key), where keys are known: a photo's ~6
+        sketches are not independent samples, and intervals over them are clustered by it (`metrics.mean_ci95`)."""
+        from sketch2real.sketchy import photo_key
+
+        return [photo_key(k) for k in self.keys] if self.keys else None
+
 
 def no_heldout(err: UserError, split: str) -> None:
     """Said, not silent: a run whose held-out samples cannot be read (an empty validation split: a small release's
@@ -315,7 +322,7 @@ class DiffusionTask:
 
         losses = heldout_denoising_losses(self.predictor(model), self.c.vae, self.objective.unweighted(), self.heldout.images,
                                           self.heldout.prompts, self.opts.seed)
-        return {"heldout_loss": float(losses.mean()), "heldout_loss_ci95": mean_ci95(losses)}
+        return {"heldout_loss": float(losses.mean()), "heldout_loss_ci95": mean_ci95(losses, self.heldout.photos())}
 
     def validation_images(self, model, between=None) -> tuple[list[list], list, list[str | None]]:
         """(mosaic rows, the generated images, the category each asks for): `--num_validation_images` fixed-seed

@@ -215,7 +215,8 @@ class TextualInversionTask(DiffusionTask):
                                               opts.instance_image_type, opts.resolution, opts.num_heldout_samples, opts.seed)
         except UserError as err:
             return no_heldout(err, opts.validation_split)
-        return HeldOut(images, [self.prompt_for(m["category"], i) for i, m in enumerate(metas)])
+        return HeldOut(images, [self.prompt_for(m["category"], i) for i, m in enumerate(metas)],
+                       [m["category"] for m in metas], [m["key"] for m in metas])
 
     def prompt_for(self, category: str, choice: int) -> str:
         templates = STYLE_TEMPLATES if self.opts.learnable_property == "style" else OBJECT_TEMPLATES
