@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from .helpers import (
-    DEEPSPEED_CONFIGS,
     LAUNCHERS,
     REPO,
     SHARP_ADAM,
@@ -1084,15 +1083,34 @@ def test_8bit_adam_and_cached_latents(db_args, tmp_path, tiny_models):
 
 
 def test_deepspeed_zero3_trains_and_consolidates_the_same_weights(db_args, tmp_path, tiny_models):
+    """ZeRO-3 (parameters partitioned across ranks) trains the 1-process run's weights. Into a folder where a LoRA
+    run had finished, it removes that run's weight file once (rank 0). Preempted during a step's validation (its
+    checkpoint saved, no row), the resumed run validates that step first: the rows and mosaics of the run never
+    interrupted."""
     one, zero3 = tmp_path / "one", tmp_path / "zero3"
     common = [*db_args, "--max_train_steps", "3", "--train_text_encoder"]
     run_script("train/dreambooth.py", *common, "--output_dir", one, "--train_batch_size", "2")
-    launch("train/dreambooth.py", *common, "--output_dir", zero3, "--train_batch_size", "1",
-           deepspeed_config="accelerate_configs/deepspeed_zero3.yaml")
+    run_script("train/dreambooth.py", *db_args, "--max_train_steps", "1", "--lora_rank", "2", "--output_dir", zero3)
+    validated = [*common, "--train_batch_size", "1", "--checkpointing_steps", "1", "--validation_steps", "1",
+                 "--num_validation_images", "1", "--validation_inference_steps", "1", "--num_heldout_samples", "2"]
+    launch("train/dreambooth.py", *validated, "--output_dir", zero3, deepspeed_config="accelerate_configs/deepspeed_zero3.yaml")
     assert json.loads((zero3 / "metrics.json").read_text())["distributed_type"] == "DEEPSPEED"
     for part in ("unet", "text_encoder"):
         base = weights(tiny_models.sd / part)
         assert relative_difference(weights(one / part), weights(zero3 / part), base) < 1e-2, part
+    assert not (zero3 / "pytorch_lora_weights.safetensors").exists()
+    rows = lambda out: (out / "validation_log.jsonl").read_text().splitlines()  # noqa: E731
+    assert [json.loads(row)["step"] for row in rows(zero3)] == [1, 2, 3]
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(zero3 / "checkpoint-2", interrupted / "checkpoint-2")
+    shutil.copytree(zero3 / "validation", interrupted / "validation")
+    (interrupted / "validation" / "step-000002.png").unlink()
+    (interrupted / "validation_log.jsonl").write_text(rows(zero3)[0] + "\n")
+    launch("train/dreambooth.py", *validated, "--output_dir", interrupted, "--resume_from_checkpoint", "latest",
+           deepspeed_config="accelerate_configs/deepspeed_zero3.yaml")
+    assert rows(interrupted) == rows(zero3)
+    for step in ("step-000002.png", "step-000003.png"):
+        assert (interrupted / "validation" / step).read_bytes() == (zero3 / "validation" / step).read_bytes()
 
 
 # ---- the configurations users run: bf16 x {1 process, DDP, ZeRO-2, ZeRO-3} -------------------------------------------
@@ -1530,28 +1548,6 @@ def test_a_resumed_run_s_validation_log_lists_each_step_once_and_a_fresh_one_dro
     assert steps(resumed) == [1] and sorted(p.name for p in (resumed / "validation").iterdir()) == ["step-000001.png"]
 
 
-
-def test_under_zero3_a_step_preempted_in_its_validation_is_validated_on_resume_and_an_earlier_lora_is_removed(
-        db_args, tmp_path):
-    """The two behaviours above on 2 processes under ZeRO-3 (parameters partitioned across ranks): the resumed run
-    validates checkpoint-1's step before training on, with the rows and mosaic of the run never interrupted, and the
-    run into a folder where a LoRA run finished removes that run's weight file once (rank 0), without a race."""
-    args = [*db_args, "--max_train_steps", "2", "--checkpointing_steps", "1", "--validation_steps", "1",
-            "--num_validation_images", "1", "--validation_inference_steps", "1", "--num_heldout_samples", "2",
-            "--train_batch_size", "1"]
-    zero3 = dict(deepspeed_config=DEEPSPEED_CONFIGS["zero3"], accelerate_precision=None)
-    straight = tmp_path / "straight"
-    run_script("train/dreambooth.py", *db_args, "--max_train_steps", "1", "--lora_rank", "2", "--output_dir", straight)
-    launch("train/dreambooth.py", *args, "--output_dir", straight, **zero3)
-    assert not (straight / "pytorch_lora_weights.safetensors").exists() and (straight / "unet").is_dir()
-    rows = lambda out: (out / "validation_log.jsonl").read_text().splitlines()  # noqa: E731
-    assert [json.loads(row)["step"] for row in rows(straight)] == [1, 2]
-    interrupted = tmp_path / "interrupted"  # preempted during step 1's validation: its checkpoint saved, no row
-    shutil.copytree(straight / "checkpoint-1", interrupted / "checkpoint-1")
-    launch("train/dreambooth.py", *args, "--output_dir", interrupted, "--resume_from_checkpoint", "latest", **zero3)
-    assert rows(interrupted) == rows(straight)
-    for step in ("step-000001.png", "step-000002.png"):
-        assert (interrupted / "validation" / step).read_bytes() == (straight / "validation" / step).read_bytes()
 
 def test_pivotal_validation_gives_the_pipeline_the_tokens_its_loader_expands_to_the_trained_ones(tiny_models, tmp_path):
     """Pivotal tuning trains `a <s0> <s0>_1 sketch` for `a TOK sketch`; the validation pipeline, with diffusers'

@@ -475,3 +475,33 @@ def zero3_init_disabled(accelerator) -> Iterator[None]:
         yield
     finally:
         plugin.set_deepspeed_weakref()
+
+
+_GATHERED_FOR_THE_BLOCK = -1  # a module id no module has: DeepSpeed releases a parameter no module still uses
+
+
+@contextmanager
+def zero3_embeddings_gathered(accelerator, modules: list) -> Iterator[None]:
+    """Under ZeRO-3, the embedding tables of `modules` (trained text encoders) whole on every rank for the block.
+
+    ZeRO-3 fetches a module's own parameters as the module runs; CLIP's text embeddings read the size of their
+    position table before it runs, an empty partition until a training forward has traced the fetch order: a
+    validation before the first step (a run resumed at a step whose validation a preemption cut) failed with
+    "max_position_embeddings: 0". Gathered alone they were released again by the first encoder pass's hooks, so they
+    are also held in use for the block. The tables are small (CLIP-L's 38M values); a collective: every rank calls
+    it."""
+    plugin = accelerator.state.deepspeed_plugin
+    params = [p for m in modules if m is not None for name, p in m.named_parameters() if "embeddings." in name]
+    if plugin is None or plugin.zero_stage != 3 or not params:
+        yield
+        return
+    from deepspeed import zero
+
+    with zero.GatheredParameters(params):
+        for param in params:  # in use for the block: the forward hooks release a module's parameters after it runs
+            param.ds_active_sub_modules.add(_GATHERED_FOR_THE_BLOCK)
+        try:
+            yield
+        finally:
+            for param in params:
+                param.ds_active_sub_modules.discard(_GATHERED_FOR_THE_BLOCK)

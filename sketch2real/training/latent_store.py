@@ -17,7 +17,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -100,6 +101,24 @@ class _StandsFor:
         return torch.tensor([self.images.stands_for(k) for k in items])
 
 
+class MappedFiles:
+    """Memory-mapped `.npy` block files, at most `limit` open at once (the least recently read closed first). Each
+    open map holds a file descriptor: a style over all of Sketchy reads ~850 latent blocks and ~200 caption blocks,
+    past the usual limit of 1,024 ("Too many open files" dozens of steps into the run)."""
+
+    def __init__(self, limit: int = 64) -> None:
+        self.limit, self.open = limit, OrderedDict()
+
+    def __call__(self, key: Hashable, path: Path) -> np.ndarray:
+        array = self.open.pop(key, None)
+        if array is None:
+            array = np.load(path, mmap_mode="r")
+        self.open[key] = array
+        if len(self.open) > self.limit:
+            self.open.popitem(last=False)  # its map (and descriptor) closes with its last reference
+        return array
+
+
 def deal_missing_blocks(accelerator, blocks: list[int], complete: Callable[[int], bool]) -> tuple[list[int], list[int]]:
     """(the blocks of `blocks` not `complete` on disk, this rank's share of them). Rank 0 looks and tells the others
     (one view of the filesystem for all); the share is round-robin. A collective: every rank calls it."""
@@ -136,7 +155,7 @@ class LatentStore:
         layout = f"{block}|{CHUNK}|{STORE_DTYPE.__name__}" + ("|shared-images" if self.shared else "")
         key = hashlib.sha256(f"{vae_fingerprint(vae)}|{images.identity()}|{layout}".encode())
         self.folder = Path(root) / key.hexdigest()[:24]
-        self._blocks: dict[int, np.ndarray] = {}
+        self._blocks = MappedFiles()
         self.stats = {"folder": str(self.folder), "images": len(images), "unique_images": len(self.members),
                       "blocks_encoded_here": 0, "blocks_reused": 0, "build_seconds": 0.0}
 
@@ -254,9 +273,7 @@ class LatentStore:
                     self.stats["blocks_encoded_here"], self.stats["blocks_reused"])
 
     def _block(self, block: int) -> np.ndarray:
-        if block not in self._blocks:
-            self._blocks[block] = np.load(self._block_file(block), mmap_mode="r")
-        return self._blocks[block]
+        return self._blocks(block, self._block_file(block))
 
     def latents(self, indices: list[int], eps: torch.Tensor) -> torch.Tensor:
         """Scaled latents of `indices` (items) for this step's posterior noise `eps` (as `encode_latents` gives)."""

@@ -35,6 +35,7 @@ from sketch2real.training.accelerator import (
     configure_attention,
     eager_mode,
     trained_state_dict,
+    zero3_embeddings_gathered,
     zero3_init_disabled,
 )
 from sketch2real.training.data import default_num_workers
@@ -304,7 +305,9 @@ class DiffusionTask:
         stop_if_preempted = lambda: preemption.check(accelerator)  # noqa: E731
         stop_if_preempted()
         model.eval()
-        with eager_mode():
+        trained = getattr(accelerator.unwrap_model(model), "text_encoders", None)  # DreamBooth's, when they train
+        encoders = list(trained.encoders.values()) if trained is not None else []
+        with eager_mode(), zero3_embeddings_gathered(accelerator, encoders):
             logs = self.heldout_metrics(model) if self.heldout is not None else {}
             stop_if_preempted()
             if self.opts.num_validation_images:

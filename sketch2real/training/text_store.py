@@ -23,7 +23,7 @@ import torch
 from sketch2real.family import Conditioning
 from sketch2real.io import atomic_path, check_room, human_bytes, write_json
 from sketch2real.training.accelerator import main_process_view
-from sketch2real.training.latent_store import deal_missing_blocks
+from sketch2real.training.latent_store import MappedFiles, deal_missing_blocks
 from sketch2real.training.preemption import preemption
 
 logger = logging.getLogger("sketch2real")
@@ -45,7 +45,7 @@ class TextStore:
         self.folder = Path(root) / f"text-{digest.hexdigest()[:24]}"
         self.fields: int | None = None
         self.dtype: torch.dtype | None = None
-        self._blocks: dict[tuple[int, int], np.ndarray] = {}
+        self._blocks = MappedFiles()
         self.stats = {"folder": str(self.folder), "prompts": len(self.prompts), "blocks_encoded_here": 0,
                       "blocks_reused": 0}
 
@@ -114,9 +114,7 @@ class TextStore:
                     len(missing), self.stats["blocks_encoded_here"], self.stats["blocks_reused"])
 
     def _block(self, block: int, field: int) -> np.ndarray:
-        if (block, field) not in self._blocks:
-            self._blocks[block, field] = np.load(self._file(block, field), mmap_mode="r")
-        return self._blocks[block, field]
+        return self._blocks((block, field), self._file(block, field))
 
     def __call__(self, prompts: list[str], device: torch.device) -> Conditioning:
         """The stored conditioning of a batch's prompts (each one of the store's), on `device`."""
