@@ -802,8 +802,13 @@ def partners_within(groups: Sequence[str], rng: np.random.Generator, sources: Se
     labels = np.asarray(groups)
     origins = np.asarray(sources) if sources is not None else np.arange(len(labels))
     partner, kept = np.arange(len(labels)), np.zeros(len(labels), dtype=bool)
-    for i in range(len(labels)):
-        candidates = np.flatnonzero((labels == labels[i]) & (origins != origins[i]))
+    members: dict = {}  # each group's items, ascending: a group's scan, not the whole set's (quadratic at 55,000)
+    for i, label in enumerate(labels.tolist()):
+        members.setdefault(label, []).append(i)
+    members = {label: np.asarray(items) for label, items in members.items()}
+    for i, label in enumerate(labels.tolist()):
+        group = members[label]
+        candidates = group[origins[group] != origins[i]]
         if len(candidates):
             partner[i], kept[i] = rng.choice(candidates), True
     return partner, kept
