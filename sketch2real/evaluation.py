@@ -349,13 +349,17 @@ def bar_chart(report: dict, out_file: Path) -> None:
 
     sets = list(report["sets"])
     categories = sorted({c for r in report["sets"].values() for c in r["per_category"]})
-    fig, axes = plt.subplots(1, 2, figsize=(max(6, 1.2 * len(categories) * max(1, len(sets)) / 2 + 3), 4))
+    # FID above KID, each as wide as its bars need up to 40 inches: side by side, 125 categories x 8 sets drew a
+    # 60,300 px wide image no viewer opens
+    bars = len(categories) * max(1, len(sets))
+    fig, axes = plt.subplots(2, 1, figsize=(min(40.0, max(6.0, 0.3 * bars + 2)), 9))
     width = 0.8 / max(1, len(sets))
     for axis, metric, title in ((axes[0], "fid", "FID"), (axes[1], "kid", "KID")):
         for i, name in enumerate(sets):
             values = [report["sets"][name]["per_category"].get(c, {}).get(metric) or 0.0 for c in categories]
             axis.bar(np.arange(len(categories)) + i * width, values, width, label=name)
-        axis.set_xticks(np.arange(len(categories)) + width * (len(sets) - 1) / 2, categories, rotation=45, ha="right")
+        axis.set_xticks(np.arange(len(categories)) + width * (len(sets) - 1) / 2, categories, rotation=45, ha="right",
+                        fontsize="small" if len(categories) <= 40 else "xx-small")
         axis.set_title(f"{title} per category (lower is better)")
     axes[0].legend(fontsize="small")
     fig.tight_layout()
