@@ -13,6 +13,9 @@ trap '' USR1
 # shell waits for the launcher's status ("trap ':'" is not inherited, unlike an ignored signal), else it died at once
 # and srun reported 143 while the trainers were still saving.
 trap ':' TERM
+# and torchrun's agent, stopped by it too, gives its ranks 30 s before SIGKILL: less than a checkpoint of a large model
+# takes (the ranks were killed mid-save, the job failed with 143). Slurm's own grace time is the limit.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-3600}
 status=0
 "${PYTHON:-python3}" -m sketch2real.launcher --config_file "$ACCELERATE_CONFIG" --num_machines "${SLURM_NNODES:-1}" \
   --num_processes "${S2R_NUM_PROCESSES:-1}" --machine_rank "${SLURM_NODEID:-0}" \

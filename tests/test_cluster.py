@@ -276,6 +276,19 @@ def test_a_preempted_node_does_not_make_srun_kill_the_others(launcher_status, pr
     assert proc.returncode == srun_sees
 
 
+
+def test_torchrun_gives_ranks_stopped_by_slurm_s_sigterm_the_time_their_checkpoint_takes(tmp_path):
+    """torchrun's agent, given Slurm's SIGTERM, SIGKILLs its ranks 30 s after forwarding it
+    (TORCH_ELASTIC_SHUTDOWN_TIMEOUT): a checkpoint that took longer was cut mid-write and the job failed (143, no
+    requeue; measured on the two-node cluster with a 40 s save). launch_node.sh leaves the limit to Slurm."""
+    fake = tmp_path / "python3"
+    fake.write_text(f"#!/bin/sh\necho $TORCH_ELASTIC_SHUTDOWN_TIMEOUT > {tmp_path}/timeout\n")
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"}
+    subprocess.run(["bash", str(REPO / "slurm/launch_node.sh"), "train/dreambooth.py"], cwd=REPO, check=True,
+                   env={**env, "PYTHON": str(fake), "ACCELERATE_CONFIG": "x.yaml"})
+    assert int((tmp_path / "timeout").read_text()) >= 600
+
 RANK_EXITS = """import os, signal, sys, time
 rank = int(os.environ["RANK"])
 what = sys.argv[1].split(",")[rank]
