@@ -720,7 +720,7 @@ def test_dora_reloads_as_dora_in_plain_diffusers_and_generation(db_args, tmp_pat
     run_script("train/dreambooth.py", *db_args, "--output_dir", out, "--max_train_steps", "6", "--lora_rank", "4",
                "--lora_alpha", "8", "--use_dora", "--learning_rate", "1e-2", "--validation_steps", "6",
                "--num_validation_images", "1", "--validation_inference_steps", "2", "--train_text_encoder",
-               "--text_encoder_lr", "1e-2")
+               "--text_encoder_lr", "1e-2", "--validation_split", "test")  # two photos of cat: a held-out interval
     saved = StableDiffusionPipeline.lora_state_dict(out)[0]
     assert any("lora_magnitude_vector" in k for k in saved)
     expected = _unet_output(_unet_with_saved_adapters(tiny_models.sd, out, r=4, lora_alpha=8, use_dora=True))

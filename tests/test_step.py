@@ -129,14 +129,14 @@ def test_the_heldout_loss_does_not_depend_on_the_training_weighting(tiny_models)
     from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
     from sketch2real.training.diffusion import DenoisingObjective, FlowMatchingObjective
-    from sketch2real.training.task import DiffusionTask
+    from sketch2real.training.task import DiffusionTask, HeldOut
 
     vae = AutoencoderKL.from_pretrained(tiny_models.sd / "vae")
     images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
 
     def heldout(objective) -> float:
         task = SimpleNamespace(predictor=lambda model: lambda noisy, t, prompts: noisy / 2, c=SimpleNamespace(vae=vae),
-                               objective=objective, heldout=SimpleNamespace(images=images, prompts=[""] * 6),
+                               objective=objective, heldout=HeldOut(images, [""] * 6),
                                opts=SimpleNamespace(seed=0))
         return DiffusionTask.heldout_metrics(task, None)["heldout_loss"]
 
