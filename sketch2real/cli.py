@@ -577,6 +577,11 @@ def stopped_after_a_signal(err: BaseException) -> bool:
     return True
 
 
+def _program() -> str:
+    """The script's name, as its one-line errors start."""
+    return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "sketch2real"
+
+
 def run_main(main: Callable[[], Any]) -> None:
     """Run an entry point: a `UserError` becomes one stderr line and exit status 2; after a normal return every rank
     leaves the process group together (`leave_process_group`). A script's own `main` (run as `__main__`) then ends its
@@ -589,7 +594,7 @@ def run_main(main: Callable[[], Any]) -> None:
             if result in (0, None):
                 leave_process_group()
         except UserError as err:
-            prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "sketch2real"
+            prog = _program()
             if not (err.same_on_every_rank and on_other_rank()):
                 print(f"{prog}: error: {one_line(str(err))}", file=sys.stderr)
             sys.exit(EXIT_USAGE)
@@ -600,13 +605,13 @@ def run_main(main: Callable[[], Any]) -> None:
             if not is_full_disk(err) and stopped_after_a_signal(err):
                 from sketch2real.training.preemption import PREEMPTED_EXIT_CODE
 
-                prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "sketch2real"
+                prog = _program()
                 print(f"{prog}: stopped on a preemption signal ({type(err).__name__} after it: {one_line(str(err))})",
                       file=sys.stderr)
                 sys.exit(PREEMPTED_EXIT_CODE)
             if not is_full_disk(err):
                 raise
-            prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "sketch2real"
+            prog = _program()
             where = f" writing {err.filename}" if isinstance(err, OSError) and err.filename else ""
             what = err.strerror if isinstance(err, OSError) and err.strerror else one_line(str(err))
             print(f"{prog}: error: {what}{where}: free space (or raise the quota) and rerun", file=sys.stderr)
