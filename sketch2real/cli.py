@@ -567,13 +567,12 @@ def stopped_after_a_signal(err: BaseException) -> bool:
     collective this rank was in (a barrier after its share of latent caching, class images, generation). The rank
     then stops as preempted, leaving PREEMPTED in --output_dir for the job's requeue (its failure read as a crash
     failed a preempted job). A failure before any signal is the job's own: no requeue would mend it."""
-    from sketch2real.training.preemption import preemption
+    from sketch2real.training.preemption import preemption, write_preempted
 
     output_dir = output_dir_of(sys.argv[1:])
     if not preemption or not output_dir:
         return False
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(output_dir) / "PREEMPTED").write_text(f"stopped on signal {preemption.raised}, then: {one_line(str(err))}\n")
+    write_preempted(output_dir, f"stopped on signal {preemption.raised}, then: {one_line(str(err))}")
     return True
 
 

@@ -813,8 +813,13 @@ def spell_out_tokens(pipe, prompt: str) -> str:
         count = 1
         while f"{token}_{count}" in added:
             count += 1
-        prompt = prompt.replace(token, " ".join(placeholder_tokens(token, count)))
+        prompt = spell_out(prompt, token, count)
     return prompt
+
+
+def spell_out(prompt: str, token: str, num_vectors: int) -> str:
+    """`prompt` with `token` of `num_vectors` rows written as its names (`<t>` -> `<t> <t>_1 ...`)."""
+    return prompt.replace(token, " ".join(placeholder_tokens(token, num_vectors)))
 
 
 def placeholder_tokens(token: str, num_vectors: int) -> list[str]:

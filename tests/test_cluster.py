@@ -222,6 +222,48 @@ def test_the_vae_stays_fp32_under_fp16_unless_it_is_fp16_safe():
     assert vae_dtype(sdxl, torch.bfloat16) == torch.bfloat16 and vae_dtype(sdxl, torch.float32) == torch.float32
 
 
+@pytest.mark.parametrize("autocast", ["fp16 on one process", "off: DeepSpeed's fp16"])
+def test_validation_decodes_in_the_fp32_vae_s_own_dtype_under_fp16(autocast, tiny_models, tmp_path):
+    """Under fp16 SDXL's own VAE sits in fp32 (its activations pass fp16's 65504). Validation's autocast ran its
+    convolutions in fp16 anyway: black (NaN) images. Under DeepSpeed, whose autocast is off, the fp16 denoiser's
+    latents met the fp32 weights: a crash at the first validation, and the run's end lost with it."""
+    import contextlib
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from sketch2real.models import assemble_pipeline, load_sd_components
+    from sketch2real.training.task import DiffusionTask, vae_dtype
+    from sketch2real.training.validation import generate_rows
+
+    c = load_sd_components(tiny_models.sdxl, frozen_dtype=torch.float16)
+    c.vae.to(vae_dtype(c.vae, torch.float16))
+    with torch.no_grad():  # SDXL's VAE's range: decoder activations past fp16's (its GroupNorms take the scale out)
+        c.vae.decoder.conv_in.weight.mul_(1e4)
+        c.vae.decoder.conv_in.bias.mul_(1e4)
+    pipe = assemble_pipeline(c, c.denoiser, c.text_encoder, c.family.validation_scheduler(c.noise_scheduler))
+    found = {}
+
+    def validation_images(model, between):
+        rows = generate_rows(pipe, ["a sketch of a cat"], 1, 0, 64, 2, c.family.pipeline_call_defaults())
+        return rows, rows[0], [None]
+
+    task = SimpleNamespace(opts=SimpleNamespace(num_validation_images=1, resolution=64, output_dir=tmp_path), heldout=None,
+                           c=c, resident_text_encoders=contextlib.nullcontext, validation_images=validation_images,
+                           style_scores=lambda images, categories: found.update(image=np.asarray(images[0])) or {})
+    on_one_process = autocast.startswith("fp16")
+    if not on_one_process:
+        c.denoiser.to(torch.float16)  # what DeepSpeed makes of the prepared model
+    accelerator = SimpleNamespace(
+        num_processes=1, is_main_process=True, trackers=[], state=SimpleNamespace(deepspeed_plugin=None),
+        unwrap_model=lambda m: m,
+        autocast=lambda: torch.autocast("cpu", dtype=torch.float16) if on_one_process else contextlib.nullcontext())
+    DiffusionTask.validate(task, accelerator, c.denoiser, step=1)
+    assert found["image"].std() > 1, "a black (NaN) validation image"
+    assert (tmp_path / "validation" / "step-000001.png").is_file()
+    assert c.vae.decode.__func__ is type(c.vae).decode  # the VAE's own method again after validation
+
+
 def test_a_non_finite_posterior_is_one_line_naming_the_image(tiny_models, shard_dir, tmp_path):
     """A VAE that overflows (here: NaN weights) stops the run before the cache, naming the image; not a NaN loss
     at step 1 that a resume meets again."""

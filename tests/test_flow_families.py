@@ -929,6 +929,21 @@ def test_captions_longer_than_the_text_encoder_reads_are_counted_in_a_warning(ti
         assert (warned == [] if said is None else len(warned) == 1 and said in warned[0] and advice in warned[0]), warned
 
 
+def test_t5_textual_inversion_loads_t5_in_the_weight_dtype(tiny_models):
+    """--enable_t5_ti loaded T5 in fp32 to start its new rows from fp32 embeddings: T5-XXL's 18 GB per process (and a
+    cast copy) where bf16 holds 9. CLIP's small encoders still load in fp32 for theirs."""
+    from types import SimpleNamespace
+
+    from sketch2real.family import family_of
+    from sketch2real.models import load_sd_components
+    from sketch2real.training.textual_inversion import TextualInversionTask
+
+    family = family_of(str(tiny_models.flux))
+    keep = TextualInversionTask.full_precision_components(SimpleNamespace(opts=SimpleNamespace(enable_t5_ti=True)), family)
+    c = load_sd_components(str(tiny_models.flux), frozen_dtype=torch.bfloat16, keep_full_precision=keep)
+    assert [encoder.dtype for encoder in c.text_encoders] == [torch.float32, torch.bfloat16]
+
+
 def test_t5_textual_inversion_checkpoints_and_resumes_exactly(tiny_models, shard_dir, tmp_path):
     """--enable_t5_ti: T5's tied `shared` and `encoder.embed_tokens` hold one placeholder embedding, whose trained rows
     the checkpoint holds once (safetensors refused the two names of one tensor: no checkpoint could be saved, with an

@@ -156,12 +156,11 @@ def spelled_prompt(family: Family, file: Path, prompt: str) -> str:
     Textual Inversion loader to expand it (SD3), as training spelt it; else as it is."""
     if hasattr(pipeline_class(family), "maybe_convert_prompt") or not family.embedding_keys:
         return prompt
-    from sketch2real.family import embedding_file, placeholder_tokens
+    from sketch2real.family import embedding_file, spell_out
 
     key = family.learned_embedding_keys()[0]
     _, token, tensors = embedding_file(str(file), [key])
-    rows = tensors[key].reshape(-1, tensors[key].shape[-1]).shape[0]
-    return prompt.replace(token, " ".join(placeholder_tokens(token, rows))) if rows > 1 else prompt
+    return spell_out(prompt, token, tensors[key].reshape(-1, tensors[key].shape[-1]).shape[0])
 
 
 def front_matter(base: str, trainer: str, tags: list[str]) -> str:

@@ -58,13 +58,17 @@ def mark_preempted(accelerator, output_dir, what: str, then: str = "rerun with -
     """PREEMPTED in `output_dir` (read by slurm/common.sh: requeue the job), written by every process that stops,
     so that it exists before any of them exits (srun may kill the job's other tasks at the first exit); one
     warning line on rank 0."""
-    from pathlib import Path
-
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "PREEMPTED").write_text(f"{what}\n")
+    write_preempted(output_dir, what)
     if accelerator.is_main_process:
         logging.getLogger("sketch2real").warning("preempted: %s; %s", what, then)
+
+
+def write_preempted(output_dir, what: str) -> None:
+    """The PREEMPTED file slurm/common.sh looks for (its line says why), in `output_dir`, made if missing."""
+    from pathlib import Path
+
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(output_dir) / "PREEMPTED").write_text(f"{what}\n")
 
 
 def clear_preempted(output_dir) -> None:

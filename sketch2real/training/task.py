@@ -42,7 +42,7 @@ from sketch2real.training.data import default_num_workers
 from sketch2real.training.diffusion import objective_for
 from sketch2real.training.preemption import preemption
 from sketch2real.training.stream import DiffusionStream, NoisyBatch, StreamSetup
-from sketch2real.training.validation import generate_rows, heldout_denoising_losses, save_mosaic
+from sketch2real.training.validation import decoding_in_vae_dtype, generate_rows, heldout_denoising_losses, save_mosaic
 
 
 def vae_dtype(vae, weight_dtype: torch.dtype) -> torch.dtype:
@@ -311,7 +311,7 @@ class DiffusionTask:
             logs = self.heldout_metrics(model) if self.heldout is not None else {}
             stop_if_preempted()
             if self.opts.num_validation_images:
-                with accelerator.autocast(), self.resident_text_encoders():
+                with accelerator.autocast(), decoding_in_vae_dtype(self.c.vae), self.resident_text_encoders():
                     rows, images, categories = self.validation_images(model, between=stop_if_preempted)
                 if rows:
                     save_mosaic(accelerator, rows, self.opts.resolution, self.opts.output_dir, step)

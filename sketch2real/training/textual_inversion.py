@@ -169,8 +169,9 @@ class TextualInversionTask(DiffusionTask):
             raise UserError(f"--enable_t5_ti: a {family.name} model has no T5 encoder")
 
     def full_precision_components(self, family: Family) -> set[str]:
-        # the new rows start from their encoders' embeddings
-        return set(family.text_encoders[: family.embedding_encoders(self.opts.enable_t5_ti)])
+        # the new rows start from their CLIP encoders' fp32 embeddings; T5's (--enable_t5_ti) from its weight-dtype
+        # ones, as pivotal tuning's: a T5-XXL loaded in fp32 is 18 GB per process, for a row
+        return set(family.text_encoders[: family.embedding_encoders(optional=False)])
 
     def __init__(self, opts: TextualInversionOptions, accelerator, components: SDComponents | None = None):
         super().__init__(opts, accelerator, components)

@@ -3,7 +3,8 @@ comparable across steps and runs (fixed samples, timesteps and noise)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,25 @@ def heldout_denoising_losses(
 
 
 @torch.no_grad()
+@contextmanager
+def decoding_in_vae_dtype(vae) -> Iterator[None]:
+    """The VAE decodes in its own dtype, autocast off, whatever the pipeline hands it. Under fp16 the VAE sits in
+    fp32 (`vae_dtype`: SDXL's own overflows to NaN in fp16), which the validation's autocast would run in fp16 anyway
+    (black images), and under DeepSpeed, whose autocast is off, the fp16 denoiser's latents met its fp32 weights (a
+    crash, and the run's end lost with it)."""
+    decode = vae.decode
+
+    def in_own_dtype(latents: torch.Tensor, *args, **kwargs):
+        with torch.autocast(latents.device.type, enabled=False):
+            return decode(latents.to(vae.dtype), *args, **kwargs)
+
+    vae.decode = in_own_dtype
+    try:
+        yield
+    finally:
+        del vae.decode  # the class's method again
+
+
 def generate_rows(pipeline, prompts: Sequence[str], num_images: int, seed: int, resolution: int,
                   num_inference_steps: int, extra: dict | None = None,
                   between_prompts: Callable[[], None] | None = None) -> list[list[Image.Image]]:
