@@ -15,6 +15,7 @@ import torch
 
 from sketch2real.cli import UserError
 from sketch2real.metrics import ImageSet, _Loader, extract_features, inception, loader_batches, rank_range
+from sketch2real.models import model_identity, weight_files_identity
 from sketch2real.shards import CorruptSample, corrupt_samples
 
 DEFAULT_DINOV2 = "facebook/dinov2-large"  # ViT-L/14, the network of dgm-eval's FD-DINOv2
@@ -109,7 +110,8 @@ def dinov2_extractor(model_name_or_path: str, device: torch.device, batch_size: 
         return extract_processed(images, processor, lambda x: model(pixel_values=x).pooler_output, device, batch_size,
                                  num_workers, rank, world_size, "DINOv2", progress)
 
-    return Extractor("dinov2", {"model": model_name_or_path, "features": "dinov2-cls"}, extract)
+    return Extractor("dinov2", {"model": model_name_or_path, "weights": model_identity(model_name_or_path),
+                                "features": "dinov2-cls"}, extract)
 
 
 def clip_extractor(model_name_or_path: str, device: torch.device, batch_size: int, num_workers: int) -> Extractor:
@@ -131,7 +133,8 @@ def clip_extractor(model_name_or_path: str, device: torch.device, batch_size: in
         return extract_processed(images, processor.image_processor, embed, device, batch_size, num_workers, rank,
                                  world_size, "CLIP", progress)
 
-    return Extractor("clip", {"model": model_name_or_path, "features": "clip-image-normalised"}, extract,
+    return Extractor("clip", {"model": model_name_or_path, "weights": model_identity(model_name_or_path),
+                              "features": "clip-image-normalised"}, extract,
                      {"model": model, "processor": processor, "device": device})
 
 
@@ -302,4 +305,5 @@ def csd_extractor(model_name_or_path: str, device: torch.device, batch_size: int
     def extract(images: ImageSet, rank: int, world_size: int, progress: bool):
         return extract_processed(images, processor, model, device, batch_size, num_workers, rank, world_size, "CSD", progress)
 
-    return Extractor("csd", {"model": model_name_or_path, "features": "csd-style"}, extract)
+    return Extractor("csd", {"model": model_name_or_path, "weights": weight_files_identity(_csd_files(model_name_or_path)[0]),
+                             "features": "csd-style"}, extract)

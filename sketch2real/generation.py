@@ -37,7 +37,7 @@ from sketch2real.io import (
     refuse_other_settings,
     write_jsonl,
 )
-from sketch2real.models import requested_precision
+from sketch2real.models import requested_precision, weight_files_identity
 from sketch2real.shards import CorruptSample, corrupt_samples, open_image
 from sketch2real.sketchy import category_words
 from sketch2real.training.checkpoints import TRAIN_STATE, checkpoint_weights, read_train_state
@@ -166,20 +166,6 @@ CONFIG = "generate_config.json"
 # changed: "weights_data" had a file's size alone, and a config of it compares the weights by path)
 WEIGHTS_DATA = "weights_content"
 SHARDS_DATA = "shards_data"  # and what the shards held (their index's hash)
-_WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".ckpt", ".pth")
-
-
-def _sampled_hash(file: Path, window: int = 1 << 20) -> str:
-    """sha256 of `window` bytes at the start, middle and end of `file` (the whole of a small one): milliseconds for a
-    10 GB checkpoint, and retrained weights differ in each window (a safetensors header alone is the first few KB)."""
-    import hashlib
-
-    digest, size = hashlib.sha256(), file.stat().st_size
-    with open(file, "rb") as f:
-        for start in sorted({0, max(0, size // 2 - window // 2), max(0, size - window)}):
-            f.seek(start)
-            digest.update(f.read(window))
-    return digest.hexdigest()[:16]
 
 
 def weights_identity(path: str) -> str:
@@ -201,9 +187,7 @@ def weights_identity(path: str) -> str:
             held = {k: saved.get(k) for k in keys}
             break
     else:  # not ours (a downloaded or converted model): its weight files
-        files = [where] if where.is_file() else [f for f in sorted(folder.rglob("*")) if f.suffix in _WEIGHT_FILES and
-                                                 not f.relative_to(folder).parts[0].startswith(("checkpoint-", "validation"))]
-        held = {str(f.relative_to(folder)): [f.stat().st_size, _sampled_hash(f)] for f in files}
+        return weight_files_identity(where)
     return hashlib.sha256(json.dumps(held, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -34,6 +34,51 @@ def _in_hub_cache(repo_id: str) -> bool:
     return True
 
 
+_WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".ckpt", ".pth")
+
+
+def _sampled_hash(file: Path, window: int = 1 << 20) -> str:
+    """sha256 of `window` bytes at the start, middle and end of `file` (the whole of a small one): milliseconds for a
+    10 GB checkpoint, and retrained weights differ in each window (a safetensors header alone is the first few KB)."""
+    import hashlib
+
+    digest, size = hashlib.sha256(), file.stat().st_size
+    with open(file, "rb") as f:
+        for start in sorted({0, max(0, size // 2 - window // 2), max(0, size - window)}):
+            f.seek(start)
+            digest.update(f.read(window))
+    return digest.hexdigest()[:16]
+
+
+def weight_files_identity(path: Path) -> str:
+    """What a weight file, or a folder's weight files (its training checkpoints and validation images aside), hold:
+    their names, sizes and a hash of 1 MiB at their start, middle and end (weights trained again keep their size)."""
+    import hashlib
+    import json
+
+    folder = path if path.is_dir() else path.parent
+    files = [path] if path.is_file() else [f for f in sorted(folder.rglob("*")) if f.suffix in _WEIGHT_FILES and
+                                           not f.relative_to(folder).parts[0].startswith(("checkpoint-", "validation"))]
+    held = {str(f.relative_to(folder)): [f.stat().st_size, _sampled_hash(f)] for f in files}
+    return hashlib.sha256(json.dumps(held, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def model_identity(name_or_path: str) -> str:
+    """`weight_files_identity` of a local model, or of the snapshot the hub cache holds for a hub id (another revision
+    downloaded is another); the id as written where no snapshot is cached. Cached features are keyed by it: weights
+    replaced in place, or a relative path run from another folder, are not the features cached before."""
+    if Path(name_or_path).exists():
+        return weight_files_identity(Path(name_or_path))
+    if _is_hub_id(name_or_path):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return weight_files_identity(Path(snapshot_download(name_or_path, local_files_only=True)))
+        except OSError:  # LocalEntryNotFoundError
+            pass
+    return name_or_path
+
+
 def check_model_path(name_or_path: str, what: str = "model") -> None:
     """Fail early, in one line, for a local path that does not exist, or a hub id that offline (HF_HUB_OFFLINE=1,
     as on compute nodes without network) is not in the hub cache."""

@@ -425,6 +425,24 @@ def test_every_metric_with_intervals_per_set_and_category_identical_and_degraded
                "fd_dinov2", "--dinov2_model_name_or_path", tiny_models.dinov2, "--cache_dir", tmp_path / "cache",
                "--no_cache", "--output_dir", tmp_path / "uncached")  # --no_cache wins over a --cache_dir (it read it)
     assert _fid(tmp_path / "uncached")["reference"]["cache_hits"] == {"dinov2": False}
+    # Weights replaced in place (retrained, or another revision downloaded) are not the features cached before: they
+    # were, keyed by the model's path alone (a set against its own copy then scored as far from it)
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "dinov2"
+    shutil.copytree(tiny_models.dinov2, model)
+    fd_dinov2 = {}
+    for run in ("before", "retrained"):
+        run_script("eval/fid.py", "--generated", f"same={tmp_path / 'same'}", "--reference_shards", shard_dir, "--metrics",
+                   "fd_dinov2", "--dinov2_model_name_or_path", model, "--cache_dir", tmp_path / "cache", "--output_dir",
+                   tmp_path / run)
+        fd_dinov2[run] = _fid(tmp_path / run)["sets"]["same"]["fd_dinov2"]
+        assert _fid(tmp_path / run)["reference"]["cache_hits"] == {"dinov2": False}, run
+        weights = load_file(model / "model.safetensors")
+        save_file({k: v * 1.5 if v.is_floating_point() else v for k, v in weights.items()}, model / "model.safetensors")
+    assert abs(fd_dinov2["retrained"]) < 1e-3, fd_dinov2
 
 
 def test_a_set_of_fewer_categories_than_the_reference_is_said(tiny_models, shard_dir, tmp_path):
