@@ -523,7 +523,7 @@ def mean_ci95(values: np.ndarray, clusters: Sequence | None = None) -> list[floa
 
 
 def proportion_ci95(outcomes: np.ndarray) -> list[float]:
-    """Wilson's 95% score interval of the share of 1s among 0/1 outcomes (CLIP accuracy, precision, coverage).
+    """Wilson's 95% score interval of the share of 1s among 0/1 outcomes (CLIP accuracy).
 
     A bootstrap over 0/1 values collapses to [p, p] where every outcome agrees and covers 14-65% of the time at 3-10
     images; Wilson's covers 86-100% there (tests/test_intervals.py computes the exact binomial coverage).

@@ -408,9 +408,11 @@ def test_every_metric_with_intervals_per_set_and_category_identical_and_degraded
     assert all(blurred[m] <= same[m] for m in ("precision", "recall", "coverage"))
     # 32-dim DINOv2 features of fewer than 64 images: no honest FD-DINOv2 interval, and the reason says so
     assert same["fd_dinov2_ci95"] is None and "no honest interval" in same["fd_dinov2_ci95_reason"]
-    for metric in ("cmmd", "precision", "recall", "density", "coverage", "clip_accuracy", "clip_score"):
+    for metric in ("cmmd", "clip_accuracy", "clip_score"):
         low, high = same[f"{metric}_ci95"]
         assert low <= high, metric
+    for metric in ("precision", "recall", "density", "coverage"):  # k-NN balls shared by every image: no interval
+        assert same[f"{metric}_ci95"] is None and "no honest interval" in same[f"{metric}_ci95_reason"], metric
     for category, values in same["per_category"].items():
         assert {"fd_dinov2_ci95", "cmmd_ci95", "precision_ci95", "clip_accuracy_ci95"} <= set(values), category
     assert 0.0 <= same["clip_accuracy"] <= 1.0 and "fid" not in same

@@ -169,7 +169,7 @@ def test_kid_difference_false_positive_rate(d, n, m, shift):
 
 @pytest.mark.parametrize("n", [3, 5, 10, 30])
 def test_share_interval_covers_the_true_share_at_small_counts(n):
-    """CLIP accuracy, precision, recall and coverage are shares of 0/1 outcomes, reported per category from a few
+    """CLIP accuracy is a share of 0/1 outcomes, reported per category from a few
     images. Exact binomial coverage (every count weighted by its probability, no simulation) over true shares from
     0.1 to 0.95: at least 0.85 everywhere and 0.93 on average (a percentile bootstrap of the same outcomes covered
     0.14 at n = 3, p = 0.95: it gives [1, 1] whenever every image is right)."""
