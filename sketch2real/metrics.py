@@ -180,8 +180,8 @@ class _Loader(torch.utils.data.Dataset):
         they are (validation images during training)."""
         if isinstance(source, Image.Image):
             return source.convert("RGB")
-        if isinstance(source, Path):
-            return open_image(source)
+        if isinstance(source, Path):  # pixels as stored, EXIF orientation aside: as pytorch-fid reads a file
+            return open_image(source, upright=False)
         shard_dir, split, key, field = source
         if (shard_dir, split, field) not in self._samples:
             samples = ShardSamples(shard_dir, split, fields=(field,), as_tensor=False)
@@ -879,7 +879,7 @@ def clip_score_of(values: np.ndarray) -> tuple[float, list[float]]:
 
 def _readable_or_none(path: Path) -> Image.Image | None:
     try:
-        return open_image(path)
+        return open_image(path, upright=False)  # as the features read it
     except CorruptSample as err:
         corrupt_samples.record(err)
         return None

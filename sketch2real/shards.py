@@ -376,9 +376,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image(data: bytes, resolution: int | None, as_tensor: bool, where: str = "image") -> Any:
-    """PNG/JPEG bytes -> RGB PIL image, upright by its EXIF orientation and resized to a square `resolution`, or a
-    CHW float tensor in [-1, 1].
+def decode_image(data: bytes, resolution: int | None, as_tensor: bool, where: str = "image", upright: bool = True) -> Any:
+    """PNG/JPEG bytes -> RGB PIL image, upright by its EXIF orientation (unless not `upright`: pixels as stored, as
+    pytorch-fid and clean-fid read them) and resized to a square `resolution`, or a CHW float tensor in [-1, 1].
 
     The one decoder of the project: every failure (empty or truncated bytes, an unknown format, more than
     `MAX_IMAGE_PIXELS` pixels) is a `CorruptSample` naming `where`, never a PIL traceback.
@@ -390,7 +390,8 @@ def decode_image(data: bytes, resolution: int | None, as_tensor: bool, where: st
             if image.width * image.height > MAX_IMAGE_PIXELS:
                 raise CorruptSample(where, f"{image.width}x{image.height} pixels, over the limit of {MAX_IMAGE_PIXELS:,}")
             image.load()
-            ImageOps.exif_transpose(image, in_place=True)  # a phone's photo upright, as diffusers' load_image reads it
+            if upright:  # a phone's photo upright, as diffusers' load_image reads it
+                ImageOps.exif_transpose(image, in_place=True)
             image = to_rgb(image)
     except CorruptSample:
         raise
@@ -407,13 +408,13 @@ def decode_image(data: bytes, resolution: int | None, as_tensor: bool, where: st
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def open_image(path: str | os.PathLike, resolution: int | None = None, as_tensor: bool = False) -> Any:
+def open_image(path: str | os.PathLike, resolution: int | None = None, as_tensor: bool = False, upright: bool = True) -> Any:
     """An image file through `decode_image` (a `CorruptSample` naming the file when it cannot be read)."""
     try:
         data = Path(path).read_bytes()
     except OSError as err:
         raise CorruptSample(str(path), f"{type(err).__name__}: {err.strerror or err}") from None
-    return decode_image(data, resolution, as_tensor, str(path))
+    return decode_image(data, resolution, as_tensor, str(path), upright)
 
 
 def _decode_sample(members: dict[str, bytes], fields: Sequence[str], resolution: int | None, as_tensor: bool,

@@ -24,6 +24,10 @@ def folders(tmp_path_factory, tiny_models):
         dark = (rng.random((64, 64, 3)) * 120).astype("uint8")
         dark[:, :32] = 200
         Image.fromarray(dark).save(root / "b" / f"{i:03d}.png")
+    # and a phone's JPEG, shown turned by its EXIF orientation: pytorch-fid (and clean-fid) read its pixels as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees to show
+    Image.fromarray(dark).save(root / "b" / "phone.jpg", exif=exif)
     return root
 
 
