@@ -33,6 +33,7 @@ from sketch2real.metrics import (
     kid,
     kid_ci95,
     kid_difference,
+    kid_subset_size,
     mean_ci95,
     paired_rows,
     pairing_score,
@@ -155,7 +156,8 @@ def score(generated: np.ndarray, reference: np.ndarray, dims: int, seed: int, re
     fid = fid_from_features(generated, reference)
     result = {"n_generated": len(generated), "n_reference": len(reference), "fid": fid,
               **with_interval("fid", frechet_ci95(generated, reference, seed, resamples, fid)),
-              "kid_mean": kid_mean, "kid_std": kid_std}
+              "kid_mean": kid_mean, "kid_std": kid_std,
+              "kid_subset_size": kid_subset_size(len(generated), len(reference))}  # the std depends on it
     whole = kid_ci95(generated, reference, b_rows=reference_rows)
     if whole is None:
         return {**result, "kid": None, "kid_ci95": None, "kid_ci95_reason": "no interval from fewer than 3 images"}

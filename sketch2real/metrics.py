@@ -483,11 +483,17 @@ def kid_ci95(a: np.ndarray, b: np.ndarray, block: int = KERNEL_BLOCK,
     return jack.value, se, [max(0.0, jack.value - Z95 * se), max(0.0, jack.value + Z95 * se)]
 
 
+def kid_subset_size(len_a: int, len_b: int, subset_size: int = 1000) -> int:
+    """The subsets' size of `kid`: `subset_size`, or half the smaller set where that is smaller (whole-set "subsets"
+    would all be the same draw, and their std 0; torch-fidelity refuses a subset size above a set's)."""
+    n = min(len_a, len_b, subset_size)
+    return n // 2 if n == min(len_a, len_b) and n >= 4 else n
+
+
 def kid(a: np.ndarray, b: np.ndarray, num_subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """Unbiased KID (cubic polynomial kernel MMD², Bińkowski et al. 2018): mean and std over random subsets."""
-    n = min(len(a), len(b), subset_size)
-    if n == min(len(a), len(b)) and n >= 4:
-        n //= 2  # whole-set "subsets" would all be the same draw: halve them so the std means something
+    """Unbiased KID (cubic polynomial kernel MMD², Bińkowski et al. 2018): mean and std over random subsets of
+    `kid_subset_size` images."""
+    n = kid_subset_size(len(a), len(b), subset_size)
     if n < 2:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)

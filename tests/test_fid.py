@@ -282,6 +282,19 @@ def test_rank_zero_scores_only_after_every_collective(monkeypatch, tmp_path):
         assert kinds[4:] == (["score", "clip"] * 3 if rank == 0 else [])
 
 
+def test_kid_s_subset_size_is_recorded_beside_its_std():
+    """kid_std depends on the subsets' size, halved below 1,000 images (0.262 at 150 images against 0.150 with
+    subsets of 100): metrics.json says which, so it compares with another tool's."""
+    from sketch2real.evaluation import score
+
+    rng = np.random.default_rng(0)
+    result = score(rng.normal(size=(20, 8)), rng.normal(size=(30, 8)), dims=8, seed=0, resamples=2)
+    assert result["kid_subset_size"] == 10
+    from sketch2real.metrics import kid_subset_size
+
+    assert kid_subset_size(3000, 2000) == 1000 and kid_subset_size(1000, 5000) == 500 and kid_subset_size(3, 9) == 3
+
+
 @pytest.mark.parametrize("dims, n_a, n_b", [(64, 40, 30), (64, 300, 200), (256, 100, 300), (256, 400, 50)])
 def test_fast_frechet_distance_equals_pytorch_fids(dims, n_a, n_b):
     """Fewer images than dimensions (Gram-matrix path) and more (eigendecomposition path): pytorch-fid's value."""
