@@ -21,6 +21,7 @@ from sketch2real.generation import (
     rank_batches,
     resumable_keys,
     trained_sequence_length,
+    trained_vae,
     weights_data,
     write_image,
     write_mosaics,
@@ -65,13 +66,13 @@ def main() -> int:
     config = {**as_dict(opts), WEIGHTS_DATA: weights_data(opts), SHARDS_DATA: shards_data(opts.shard_dir, opts.split)}
     done = resumable_keys(out, config, items)  # another run's images are refused here, before any model loads
     # the prompts' length the model was trained with (SD3, FLUX: T5's), unless given
-    length = opts.max_sequence_length or trained_sequence_length([opts.pretrained_model_name_or_path, opts.lora,
-                                                                  opts.controlnet, *opts.textual_inversion])
+    trained = [opts.pretrained_model_name_or_path, opts.lora, opts.controlnet, *opts.textual_inversion]
+    length = opts.max_sequence_length or trained_sequence_length(trained)
     pipe = load_generation_pipeline(
         opts.pretrained_model_name_or_path, state.device, dtype_for(opts.mixed_precision), opts.scheduler,
         opts.textual_inversion, opts.lora, opts.lora_scale, opts.controlnet, opts.safety_checker,
         opts.enable_xformers_memory_efficient_attention, opts.torch_compile, opts.revision, (opts.height, opts.width),
-        length,
+        length, opts.pretrained_vae_model_name_or_path or trained_vae(trained),
     )
     settings = {k: getattr(opts, k) for k in ("height", "width", "num_inference_steps", "guidance_scale", "negative_prompt",
                                               "scheduler", "lora_scale")}

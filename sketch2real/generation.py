@@ -276,26 +276,37 @@ def base_of_lora_output(model: str, lora: str) -> tuple[str, str]:
     return base, model
 
 
-def trained_sequence_length(sources: Sequence[str]) -> int | None:
-    """The `--max_sequence_length` the training runs behind `sources` (a model or LoRA output folder, a checkpoint of
-    one, a ControlNet folder, an embeddings file) were given, from their `run_config.json`; None where none gave one.
-    One line when two differ: the prompts' length cannot match both."""
-    lengths: dict[int, str] = {}
+def recorded_by_runs(sources: Sequence[str], key: str, what: str) -> Any:
+    """The option `key` the training runs behind `sources` (a model or LoRA output folder, a checkpoint of one, a
+    ControlNet folder, an embeddings file) were given, from their `run_config.json`; None where none gave one. One
+    line when two differ (`what` names it): the generation cannot match both."""
+    values: dict[str, tuple[Any, str]] = {}
     for source in filter(None, sources):
         if not Path(source).exists():  # a hub id: no run of ours
             continue
         config = run_config_of(Path(source) if Path(source).is_dir() else Path(source).parent)
         try:
-            length = json.loads(config.read_text()).get("max_sequence_length") if config else None
+            value = json.loads(config.read_text()).get(key) if config else None
         except (OSError, ValueError, AttributeError):  # not a training run's record
-            length = None
-        if isinstance(length, int):
-            lengths.setdefault(length, source)
-    if len(lengths) > 1:
-        named = ", ".join(f"{source} {length}" for length, source in lengths.items())
-        raise UserError(f"these were trained with prompts of different lengths ({named} tokens): give "
-                        "--max_sequence_length")
-    return next(iter(lengths), None)
+            value = None
+        if value not in (None, ""):
+            values.setdefault(json.dumps(value), (value, source))
+    if len(values) > 1:
+        named = ", ".join(f"{source}: {value}" for value, source in values.values())
+        raise UserError(f"these were trained with different {what} ({named}): give --{key}")
+    return next(iter(values.values()), (None, ""))[0]
+
+
+def trained_sequence_length(sources: Sequence[str]) -> int | None:
+    """The `--max_sequence_length` the training runs behind `sources` were given (`recorded_by_runs`)."""
+    length = recorded_by_runs(sources, "max_sequence_length", "prompt lengths (tokens)")
+    return length if isinstance(length, int) else None
+
+
+def trained_vae(sources: Sequence[str]) -> str:
+    """The `--pretrained_vae_model_name_or_path` the training runs behind `sources` trained and validated with ("":
+    the model's own VAE): their images drawn with another VAE are not theirs (an SDXL run's fp16-fix VAE)."""
+    return recorded_by_runs(sources, "pretrained_vae_model_name_or_path", "VAEs") or ""
 
 
 def check_recorded_base(base: str, source: Path, folder: str) -> None:
@@ -369,14 +380,14 @@ def load_generation_pipeline(model: str, device: torch.device, dtype: torch.dtyp
                              textual_inversion: Sequence[str] = (), lora: str = "", lora_scale: float = 1.0,
                              controlnet: str = "", safety_checker: bool = False, xformers: bool = False,
                              compile_denoiser: bool = False, revision: str | None = None, sizes: Sequence[int | None] = (),
-                             max_sequence_length: int | None = None):
+                             max_sequence_length: int | None = None, vae: str = ""):
     """A (ControlNet) pipeline of the model's family (SD 1.x/2.x, SDXL, SD3, FLUX.1, FLUX.2 [klein]) with optional TI embeddings and
-    LoRA fused in. `sizes`: the image sides asked for, and `max_sequence_length` the prompts' length, checked against
-    the family before any weight loads."""
+    LoRA fused in, and `vae` (a hub id or folder) in place of the model's own if given. `sizes`: the image sides
+    asked for, and `max_sequence_length` the prompts' length, checked against the family before any weight loads."""
     import diffusers
 
     from sketch2real.family import check_controlnet_class, controlnet_mismatch, family_of, load_textual_inversion
-    from sketch2real.models import check_model_path, enable_xformers, load, load_base_pipeline, load_pipeline
+    from sketch2real.models import check_model_path, enable_xformers, load, load_base_pipeline
 
     model, lora = base_of_lora_output(model, lora)
     for file in textual_inversion:  # before any weight loads
@@ -408,12 +419,12 @@ def load_generation_pipeline(model: str, device: torch.device, dtype: torch.dtyp
         check_controlnet_class(controlnet, family, "--controlnet", model)
     net = load(getattr(diffusers, family.controlnet_class), controlnet, "ControlNet", dtype=dtype) if controlnet else None
     if checkpoint is None:
-        pipe = load_pipeline(family, model, net, safety_checker, dtype=dtype, revision=revision)
+        pipe = load_base_pipeline(family, model, revision, None, vae, dtype, net, safety_checker)
     else:
         from sketch2real.training.dreambooth import set_trained_weights
 
-        pipe = load_base_pipeline(family, model, revision, run.get("variant"), run.get("pretrained_vae_model_name_or_path"),
-                                  dtype, net, safety_checker)
+        pipe = load_base_pipeline(family, model, revision, run.get("variant"),
+                                  vae or run.get("pretrained_vae_model_name_or_path"), dtype, net, safety_checker)
         set_trained_weights(pipe, family, checkpoint_weights(checkpoint))
     mismatch = controlnet_mismatch(net, getattr(pipe, family.denoiser)) if net is not None else ""
     if mismatch:  # it would end in a traceback at the first image
@@ -538,6 +549,9 @@ class GenerateOptions:
     lora: str = option("", help="folder or file of LoRA weights (pytorch_lora_weights.safetensors)")
     lora_scale: float = option(1.0, help="LoRA strength (0: off)", min=0)
     controlnet: str = option("", help="a trained ControlNet folder: each item is conditioned on its sketch")
+    pretrained_vae_model_name_or_path: str = option(
+        "", help="a VAE to draw with in place of the model's (default: the one the trained weights' run used, from its "
+        "run_config.json, e.g. SDXL's fp16-fix)")
     captions: str = option("", help="captions JSONL from infer/caption.py (one image per row)")
     prompt_ids: list[str] = option([], help="only these prompt ids of --captions", affects="selection")
     prompt_template: str = option("", help="template over the samples of --split: {category}, {key}, {caption}")

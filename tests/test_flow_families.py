@@ -904,7 +904,7 @@ def test_generation_reads_the_length_each_trained_part_recorded_and_refuses_two(
     embeds = str(tmp_path / "ti" / "learned_embeds.safetensors")
     assert trained_sequence_length(["org/base-model", str(tmp_path / "lora" / "checkpoint-4"), "", embeds]) == 96
     assert trained_sequence_length([str(tmp_path / "ti"), embeds]) is None
-    with pytest.raises(UserError, match="trained with prompts of different lengths .*lora 96, .*controlnet 128"):
+    with pytest.raises(UserError, match="trained with different prompt lengths .*lora: 96, .*controlnet: 128"):
         trained_sequence_length([str(tmp_path / "lora"), str(tmp_path / "controlnet")])
 
 

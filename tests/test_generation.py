@@ -572,3 +572,41 @@ def test_an_embedding_of_another_family_is_one_line_not_its_tensors_or_a_partial
     with pytest.raises(UserError, match="holds 'clip_g', for an encoder a flux model does not have"):
         load_textual_inversion(flux, str(sd3))
     assert "<s>" not in flux.tokenizer.get_added_vocab()
+
+
+def test_a_lora_output_draws_with_the_vae_its_run_trained_with(tiny_models, shard_dir, tmp_path):
+    """A LoRA trained with --pretrained_vae_model_name_or_path (SDXL's fp16-fix, as the README advises) was drawn by
+    generate.py with its base model's VAE: not the images the card's diffusers lines (vae=...) give. The run's VAE
+    comes from its run_config.json; two runs behind one generation with other VAEs are one line."""
+    import numpy as np
+    import torch
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+    from sketch2real.cli import UserError
+    from sketch2real.generation import trained_vae
+
+    vae = AutoencoderKL.from_pretrained(tiny_models.sd, subfolder="vae")
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(0.3)  # another VAE: brighter images
+    vae.save_pretrained(tmp_path / "vae")
+    out = tmp_path / "lora"
+    run_script("train/dreambooth.py", "--pretrained_model_name_or_path", tiny_models.sd, "--shard_dir", shard_dir,
+               "--instance_category", "cat", "--instance_prompt", "a sks sketch of a cat", "--resolution", "64",
+               "--max_train_steps", "1", "--lora_rank", "4", "--validation_steps", "0", "--checkpointing_steps", "0",
+               "--report_to", "none", "--pretrained_vae_model_name_or_path", tmp_path / "vae", "--output_dir", out)
+    run_script("infer/generate.py", "--pretrained_model_name_or_path", out, "--prompts", "a sks sketch of a cat",
+               "--height", "64", "--width", "64", "--num_inference_steps", "3", "--output_dir", tmp_path / "gen")
+    row = json.loads((tmp_path / "gen" / "index.jsonl").read_text().splitlines()[0])
+    drawn = np.asarray(Image.open(tmp_path / "gen" / row["image"]), dtype=int)
+    settings = {k: row["settings"][k] for k in ("height", "width", "num_inference_steps", "guidance_scale")}
+    for with_vae in (True, False):
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_models.sd, safety_checker=None,
+                                                       **({"vae": AutoencoderKL.from_pretrained(tmp_path / "vae")} if with_vae else {}))
+        pipe.load_lora_weights(out)
+        image = pipe(prompt=row["prompt"], generator=torch.Generator().manual_seed(row["generator_seed"]), **settings).images[0]
+        assert (np.abs(np.asarray(image, dtype=int) - drawn).max() <= 1) == with_vae
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "run_config.json").write_text(json.dumps({"pretrained_vae_model_name_or_path": "org/another-vae"}))
+    with pytest.raises(UserError, match="trained with different VAEs"):
+        trained_vae([str(out), str(other)])
