@@ -1447,7 +1447,8 @@ def test_push_to_hub_fails_before_training_without_login_and_uploads_the_model_w
         assert _files(hub.root / "tester/sketch-lora") == kept and "pytorch_lora_weights.safetensors" in kept
         assert hub.commits == [{"repo": "tester/sketch-lora", "message": "End of training: 2 steps"}]
         card = kept["README.md"].decode()
-        assert "pipe.load_lora_weights('tester/sketch-lora')" in card
+        # offline (HF_HUB_OFFLINE=1) diffusers reads a cached hub LoRA only given its file's name
+        assert "pipe.load_lora_weights('tester/sketch-lora', weight_name='pytorch_lora_weights.safetensors')" in card
         assert "hf download tester/sketch-lora --local-dir sketch-lora" in card and str(out) not in card
 
         hub.refuse_commits = True  # the network goes down during the training

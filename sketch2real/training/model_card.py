@@ -88,7 +88,9 @@ def usage(kind: str, base: str, out: Path, prompt: str, family: Family, repo_id:
     if kind == "pipeline":
         code = [f"pipe = DiffusionPipeline.from_pretrained({source!r})"]
     elif kind == "lora":
-        code.append(f"pipe.load_lora_weights({source!r})")
+        # a hub id read from the cache alone (HF_HUB_OFFLINE=1, as on compute nodes) needs the file's name
+        code.append(f"pipe.load_lora_weights({source!r}, weight_name='pytorch_lora_weights.safetensors')" if repo_id
+                    else f"pipe.load_lora_weights({source!r})")
     elif kind == "controlnet":
         pipeline = pipeline_class(family, controlnet=True).__name__
         imports = [family.controlnet_class, pipeline]
