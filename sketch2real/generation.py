@@ -464,8 +464,32 @@ def load_generation_pipeline(model: str, device: torch.device, dtype: torch.dtyp
     return pipe
 
 
+@contextmanager
+def seeded_posterior_draws(vae, seeds: Sequence[int]) -> Iterator[None]:
+    """A pipeline's own draws from the VAE's posterior (SD3's ControlNet pipeline samples its control image's latents
+    from torch's global RNG, `generator` aside: two runs of one seed differed) from one generator per image, seeded by
+    `seeds`, in the pipeline's batch order (a guidance batch repeats the images): each image a function of its seed."""
+    encode = vae.encode
+
+    def encode_seeded(x: torch.Tensor, *args, **kwargs):
+        encoded = encode(x, *args, **kwargs)
+        posterior = encoded[0] if isinstance(encoded, tuple) else encoded.latent_dist
+        draw = posterior.sample
+        if len(x) % len(seeds) == 0:
+            generators = [torch.Generator().manual_seed(s) for s in seeds] * (len(x) // len(seeds))
+            posterior.sample = lambda generator=None: draw(generator if generator is not None else generators)
+        return encoded
+
+    vae.encode = encode_seeded
+    try:
+        yield
+    finally:
+        del vae.encode  # the class's method again
+
+
 def generate_batch(pipe, batch: list[Item], seed: int, settings: dict, conditioning: list[Image.Image] | None = None):
-    """Images for one batch; image i uses a generator seeded by (seed, key_i) only."""
+    """Images for one batch; image i uses a generator seeded by (seed, key_i) only (and another of them for any draw
+    the pipeline makes from the VAE's posterior: `seeded_posterior_draws`)."""
     generators = [torch.Generator().manual_seed(derive_seed(seed, it.key)) for it in batch]
     from sketch2real.family import family_of_pipeline, spell_out_tokens
 
@@ -478,11 +502,12 @@ def generate_batch(pipe, batch: list[Item], seed: int, settings: dict, condition
         if "negative_prompt" not in inspect.signature(pipe.__call__).parameters:
             raise UserError(f"--negative_prompt: {type(pipe).__name__} takes no negative prompt")
         extra["negative_prompt"] = [negative] * len(batch)
-    return pipe(
-        prompt=[spell_out_tokens(pipe, it.prompt) for it in batch],
-        height=settings["height"], width=settings["width"], num_inference_steps=settings["num_inference_steps"],
-        guidance_scale=settings["guidance_scale"], generator=generators, **extra,
-    ).images
+    with seeded_posterior_draws(pipe.vae, [derive_seed(seed, it.key, "posterior") for it in batch]):
+        return pipe(
+            prompt=[spell_out_tokens(pipe, it.prompt) for it in batch],
+            height=settings["height"], width=settings["width"], num_inference_steps=settings["num_inference_steps"],
+            guidance_scale=settings["guidance_scale"], generator=generators, **extra,
+        ).images
 
 
 def write_image(output_dir: Path, key: str, image: Image.Image) -> None:
