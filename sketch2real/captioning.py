@@ -267,5 +267,5 @@ class CaptionOptions:
             raise UserError("give exactly one of --shard_dir or --image_dir")
         if self.load_in_8bit and self.load_in_4bit:
             raise UserError("--load_in_8bit and --load_in_4bit: give one")
-        check_output_dir(self.output_dir)
+        check_output_dir(self.output_dir, refuse_training_runs=True)
         object.__setattr__(self, "mixed_precision", requested_precision(self.mixed_precision))  # recorded as used (frozen)

@@ -428,11 +428,15 @@ def parse_options(cls: type[T], argv: list[str] | None = None, description: str 
     return cls(**values)
 
 
-def check_output_dir(path: str | os.PathLike, flag: str = "--output_dir") -> Path:
+def check_output_dir(path: str | os.PathLike, flag: str = "--output_dir", not_into: str | os.PathLike = "",
+                     refuse_training_runs: bool = False) -> Path:
     """Create output folder `path` (parents too) and make sure files can be written in it; returns it.
 
     One-line `UserError`s: empty path; the path, or one of its parents, is a file; the folder
-    cannot be created (permissions, read-only file system); or a file cannot be created in it.
+    cannot be created (permissions, read-only file system); or a file cannot be created in it. And, before anything
+    is written there, the folder `not_into` (a training run's base model: a full fine-tune saved into it replaced its
+    weights), or with `refuse_training_runs` a training run's folder (a generation, caption or FID job's metrics.json
+    replaced the run's, which then trained again from its start when resumed).
     Writability is tested by creating and removing a temporary file, since permission bits
     do not stop root (and os.access says yes on a read-only mount).
     """
@@ -441,6 +445,11 @@ def check_output_dir(path: str | os.PathLike, flag: str = "--output_dir") -> Pat
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise UserError(f"{flag} {path} exists and is not a folder")
+    if not_into and out.exists() and Path(not_into).exists() and out.resolve() == Path(not_into).resolve():
+        raise UserError(f"{flag} {path} is the base model's folder: its weights would be replaced; give another folder")
+    if refuse_training_runs and (out / "run_config.json").is_file():
+        raise UserError(f"{flag} {path} holds a training run (run_config.json): this job's metrics.json would replace "
+                        "the run's; give another folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:

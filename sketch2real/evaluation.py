@@ -689,7 +689,7 @@ class EvalOptions:
             raise UserError("give exactly one of --reference_dir or --reference_shards")
         if not self.metrics:
             raise UserError(f"--metrics: none given; choose from {', '.join(METRICS)}")
-        check_output_dir(self.output_dir)
+        check_output_dir(self.output_dir, refuse_training_runs=True)
 
 
 def run_fid(opts: EvalOptions, generated_sets: list[ImageSet], reference: ImageSet, state,

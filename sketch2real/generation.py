@@ -614,7 +614,7 @@ class GenerateOptions:
         """One-line errors for missing values (ranges and choices are checked by `parse_options`)."""
         if not self.pretrained_model_name_or_path or not self.output_dir:
             raise UserError("--pretrained_model_name_or_path and --output_dir are required")
-        check_output_dir(self.output_dir)
+        check_output_dir(self.output_dir, refuse_training_runs=True)
         object.__setattr__(self, "mixed_precision", requested_precision(self.mixed_precision))  # recorded as used (frozen)
 
 

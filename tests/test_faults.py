@@ -750,3 +750,28 @@ def test_an_optimizer_state_of_other_parameter_groups_is_one_line(tmp_path):
 
     with pytest.raises(UserError, match=r"checkpoint-4 holds an optimizer state of other parameter groups .* start over"):
         load_checkpoint(Accelerator(), tmp_path / "checkpoint-4")
+
+
+def test_an_output_folder_that_is_the_base_model_or_a_training_run_is_refused_before_anything_is_written(
+        tiny_models, shard_dir, tmp_path):
+    """--output_dir equal to --pretrained_model_name_or_path: a full DreamBooth replaced the base model's weights in
+    place. A generation into a training run's folder replaced its metrics.json: the run, resumed, trained again from
+    its start. Both one line, exit 2, the folder as it was."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_models.sd, base)
+    before = {p: p.read_bytes() for p in base.rglob("*") if p.is_file()}
+    proc = run_script("train/dreambooth.py", "--pretrained_model_name_or_path", base, "--output_dir", base, "--shard_dir",
+                      shard_dir, "--instance_category", "cat", "--resolution", "32", "--max_train_steps", "1",
+                      "--report_to", "none", check=False)
+    assert proc.returncode == 2 and "is the base model's folder" in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
+    assert {p: p.read_bytes() for p in base.rglob("*") if p.is_file()} == before
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run_config.json").write_text("{}")
+    (run / "metrics.json").write_text('{"trainer": "dreambooth"}')
+    for script, args in (("infer/generate.py", ["--pretrained_model_name_or_path", tiny_models.sd, "--prompts", "a cat"]),
+                         ("eval/fid.py", ["--generated", shard_dir, "--reference_shards", shard_dir])):
+        proc = run_script(script, *args, "--output_dir", run, check=False)
+        assert proc.returncode == 2 and "holds a training run" in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.json", "run_config.json"]
+    assert (run / "metrics.json").read_text() == '{"trainer": "dreambooth"}'

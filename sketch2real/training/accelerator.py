@@ -48,7 +48,8 @@ def make_accelerator(opts, train_batch_size: int | None = None):
     precision = requested_precision(opts.mixed_precision)
     if on_cpu and precision == "fp16":
         raise UserError.on_every_rank("mixed precision fp16 needs a CUDA device; use bf16 or no on CPU")
-    check_output_dir(opts.output_dir)  # every trainer's first use of it: a file or an unwritable folder is one line
+    # every trainer's first use of it: a file, an unwritable folder or the base model's own is one line
+    check_output_dir(opts.output_dir, not_into=getattr(opts, "pretrained_model_name_or_path", ""))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     distributed = world_size > 1
     settings = deepspeed_settings(opts, train_batch_size)
