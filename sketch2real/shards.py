@@ -284,7 +284,13 @@ def load_index(shard_dir: str | os.PathLike, split: str, flag: str = "the split 
     path = Path(shard_dir) / f"{split}.json"
     if not path.is_file():
         raise UserError(f"no shard index {path}: run data_prep/make_shards.py first (or check {flag})")
-    return json.loads(path.read_text())
+    try:
+        index = json.loads(path.read_text())
+    except ValueError as err:  # a write cut short (its writer replaces it atomically: not one of ours), or edited
+        raise UserError(f"shard index {path} is not JSON ({err}): run data_prep/make_shards.py again") from None
+    if not isinstance(index, dict) or not isinstance(index.get("shards"), list):
+        raise UserError(f"{path} is not a shard index of data_prep/make_shards.py (no list of shards): run it again")
+    return index
 
 
 def sample_refs(shard_dir: str | os.PathLike, split: str, categories: Sequence[str] | None = None) -> list[SampleRef]:

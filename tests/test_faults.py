@@ -775,3 +775,22 @@ def test_an_output_folder_that_is_the_base_model_or_a_training_run_is_refused_be
         assert proc.returncode == 2 and "holds a training run" in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
     assert sorted(p.name for p in run.iterdir()) == ["metrics.json", "run_config.json"]
     assert (run / "metrics.json").read_text() == '{"trainer": "dreambooth"}'
+
+
+def test_a_cut_short_index_or_a_deleted_shard_is_one_line(tiny_models, shard_dir, tmp_path):
+    """A half-written {split}.json was a 30-line JSONDecodeError in every script; a shard the index lists but the disk
+    lost, a FileNotFoundError traceback in the trainers."""
+    cut, lost = tmp_path / "cut", tmp_path / "lost"
+    for folder in (cut, lost):
+        shutil.copytree(shard_dir, folder)
+    text = (cut / "train.json").read_text()
+    (cut / "train.json").write_text(text[: len(text) // 2])
+    index = json.loads((lost / "train.json").read_text())
+    (lost / index["shards"][0]["name"]).unlink()
+    for folder, said in ((cut, "is not JSON"), (lost, "is in the shard index but not on disk")):
+        proc = run_script("train/dreambooth.py", "--pretrained_model_name_or_path", tiny_models.sd, "--shard_dir", folder,
+                          "--instance_category", index["shards"][0]["categories"][0], "--resolution", "32",
+                          "--max_train_steps", "1", "--report_to", "none", "--output_dir", tmp_path / f"out-{folder.name}",
+                          check=False)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2 and said in last and "Traceback" not in proc.stderr, proc.stderr[-2000:]

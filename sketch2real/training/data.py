@@ -173,6 +173,10 @@ class LazyImages:
         """What the items are (shards' files as stat'ed, keys in order, field, resolution): a cache's key."""
         samples = self.samples
         shards = sorted({samples.refs[p].shard for p in self.positions})
+        missing = [name for name in shards if not (samples.shard_dir / name).is_file()]
+        if missing:
+            raise UserError(f"{samples.shard_dir / missing[0]} is in the shard index but not on disk ({len(missing)} "
+                            "such): run data_prep/make_shards.py again")
         stats = [f"{name}:{(samples.shard_dir / name).stat().st_size}:{(samples.shard_dir / name).stat().st_mtime_ns}"
                  for name in shards]
         keys = hashlib.sha256("\n".join(samples.where(p) for p in self.positions).encode()).hexdigest()
