@@ -341,6 +341,10 @@ class DreamBoothTask(DiffusionTask):
 
     trainer = "dreambooth"
 
+    def data_source(self) -> tuple[str, list[str]]:
+        o = self.opts
+        return o.instance_data_dir, [o.instance_category] if o.instance_category else []
+
     def refuse(self, family: Family) -> None:
         super().refuse(family)
         if "{category}" in self.opts.class_prompt:  # it was the class images' literal prompt, braces and all

@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -99,6 +100,7 @@ class DiffusionTask:
         family = family.with_max_sequence_length(opts.max_sequence_length)
         family.require(self.trainer)
         self.refuse(family)
+        self.check_data()
         self.weight_dtype = dtype_for(accelerator.mixed_precision)
         with zero3_init_disabled(accelerator):
             self.c = components or load_sd_components(
@@ -118,6 +120,26 @@ class DiffusionTask:
         self.streams: dict[str, DiffusionStream] = {}
 
     # ---- subclasses ---------------------------------------------------------------------------------------------
+    def data_source(self) -> tuple[str, list[str]]:
+        """Where the training images come from: (an image folder, []), or ("", the categories read from --shard_dir;
+        [] for all)."""
+        return "", list(getattr(self.opts, "categories", []) or [])
+
+    def check_data(self) -> None:
+        """The training data's one-line errors (shards, split, a misspelt category, an empty image folder) before any
+        weight loads: they came after the model, minutes for a 12B transformer on every rank."""
+        from sketch2real.shards import sample_refs
+        from sketch2real.training.data import image_files
+
+        folder, categories = self.data_source()
+        if folder:
+            if not Path(folder).is_dir():
+                raise UserError(f"image folder not found: {folder}")
+            if not image_files(folder):
+                raise UserError(f"no images in {folder}")
+        elif getattr(self.opts, "shard_dir", ""):
+            sample_refs(self.opts.shard_dir, self.opts.split, categories or None)
+
     def refuse(self, family: Family) -> None:
         """One line (a `UserError`) for what these options ask that `family` does not have, before any weight loads."""
         if self.accelerator.mixed_precision == "fp16" and not family.fp16:

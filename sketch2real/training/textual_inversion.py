@@ -168,6 +168,9 @@ class TextualInversionTask(DiffusionTask):
         if self.opts.enable_t5_ti and not family.optional_embedding_key:
             raise UserError(f"--enable_t5_ti: a {family.name} model has no T5 encoder")
 
+    def data_source(self) -> tuple[str, list[str]]:
+        return self.opts.train_data_dir, list(self.opts.categories)
+
     def full_precision_components(self, family: Family) -> set[str]:
         # the new rows start from their CLIP encoders' fp32 embeddings; T5's (--enable_t5_ti) from its weight-dtype
         # ones, as pivotal tuning's: a T5-XXL loaded in fp32 is 18 GB per process, for a row
