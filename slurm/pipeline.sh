@@ -17,7 +17,22 @@ cd "$(dirname "$0")/.."
 mkdir -p logs
 DATA=${DATA:-data}
 RUNS=${RUNS:-runs}
-STAGES=${STAGES:-dreambooth dreambooth_sequential textual_inversion controlnet captions}
+ALL_STAGES="dreambooth dreambooth_sequential textual_inversion controlnet captions"
+STAGES=${STAGES:-$ALL_STAGES}
+fail() { echo "pipeline.sh: error: $*" >&2; exit 2; }
+# before any job is submitted: a misspelt stage or config was left out, the chain ran without it (exit 0)
+for stage in $STAGES; do
+  [[ " $ALL_STAGES " == *" $stage "* ]] || fail "STAGES: unknown stage '$stage' (choose from: $ALL_STAGES)"
+done
+if [ -n "${CONFIGS:-}" ]; then
+  [ -d "$CONFIGS" ] || fail "CONFIGS=$CONFIGS is not a folder"
+  CONFIG_JOBS="dreambooth dreambooth_sequential textual_inversion controlnet caption generate fid"
+  for file in "$CONFIGS"/*.yaml "$CONFIGS"/*.yml; do
+    [ -e "$file" ] || continue
+    name=$(basename "$file")
+    [[ " $CONFIG_JOBS " == *" ${name%.yaml} "* ]] || fail "CONFIGS: $file is no job's (give JOB.yaml, JOB one of: $CONFIG_JOBS)"
+  done
+fi
 # MODEL, when set, reaches every job through the environment; unset, each job loads its default (slurm/common.sh)
 export DATA SHARDS="$DATA/shards"
 

@@ -107,6 +107,40 @@ def test_one_meaning_per_variable_stages_models_categories(tmp_path, monkeypatch
     assert _flag(nodes[0], "--model_name_or_path") == "/models/blip2"
 
 
+def test_caption_s_prompts_variable_is_a_list_of_ids(tmp_path, monkeypatch):
+    """PROMPTS="4 5 8" (the study's three prompts) reached caption.py as one argument: every sketch captioned with the
+    literal prompt text "4 5 8", exit 0."""
+    monkeypatch.setenv("PROMPTS", "4 5 8")
+    _, nodes = _two_node_job(tmp_path, "caption.sh", "accelerate_configs/multi_node.yaml")
+    at = nodes[0].index("--prompts")
+    assert nodes[0][at + 1 : at + 4] == ["4", "5", "8"]
+
+
+def test_a_misspelt_stage_or_config_stops_the_pipeline_before_any_job(tmp_path):
+    """STAGES="dreambooth caption" dropped the captions (the stage is `captions`) and a CONFIGS/dreambooth.yml was
+    never read (the jobs ran on the scripts' defaults), each with exit 0: one line, exit 2, nothing submitted."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\necho "$*" >> {tmp_path}/submitted\necho 7\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "dreambooth.yml").write_text("max_train_steps: 10\n")
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RUNS": str(tmp_path / "runs")}
+    for settings, said in (({"STAGES": "dreambooth caption"}, "unknown stage 'caption'"),
+                           ({"CONFIGS": str(configs)}, "dreambooth.yml is no job's"),
+                           ({"CONFIGS": str(tmp_path / "none")}, "is not a folder")):
+        proc = subprocess.run(["bash", "slurm/pipeline.sh"], cwd=REPO, env={**env, **settings}, capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 2 and said in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
+        assert not (tmp_path / "submitted").exists()
+    (configs / "dreambooth.yml").rename(configs / "dreambooth.yaml")
+    proc = subprocess.run(["bash", "slurm/pipeline.sh"], cwd=REPO, env={**env, "CONFIGS": str(configs),
+                                                                       "STAGES": "dreambooth captions"},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and f"--config {configs}/dreambooth.yaml" in (tmp_path / "submitted").read_text()
+
+
 def test_category_all_trains_a_style_over_every_category(tmp_path, monkeypatch):
     """README's "A style over every category": CATEGORY= still meant cat, and --instance_category was always given."""
     monkeypatch.setenv("CATEGORY", "all")
