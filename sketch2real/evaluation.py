@@ -820,6 +820,12 @@ def run_fid(opts: EvalOptions, generated_sets: list[ImageSet], reference: ImageS
                     f"{', '.join(sorted(wanted - held)[:4])}{' ...' if len(wanted - held) > 4 else ''}): its overall "
                     "scores compare it with all of them; --categories scores the ones it has")
             result["warning"] = f"{result['warning']}; {note}" if result.get("warning") else note
+        if held and wanted and held - wanted:  # and the other way: images of categories the reference has none of
+            extra = sorted(held - wanted)
+            note = (f"{sum(c in held - wanted for c in images.categories)} of its images are of categories the "
+                    f"reference has none of ({', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''}): its overall "
+                    "scores count them against the others; --categories scores the ones the reference has")
+            result["warning"] = f"{result['warning']}; {note}" if result.get("warning") else note
         report["sets"][images.name] = {"path": images.path, **result}
     report["corrupt_samples"] = _unreadable(reference, generated_sets, {n: (reference_of[n][0], readable_of[n])
                                                                          for n in reference_of}, sets_of)

@@ -806,8 +806,8 @@ def test_the_training_data_is_checked_before_any_weight_loads(script, data, tiny
     rank). Here the model's weights are unreadable: the data's error comes first, in one line."""
     model = tmp_path / "model"
     shutil.copytree(tiny_models.sd, model)
-    for weights in model.rglob("*.safetensors"):
-        weights.write_bytes(b"not weights")
+    for file in model.rglob("*.safetensors"):
+        file.write_bytes(b"not weights")
     proc = run_script(script, "--pretrained_model_name_or_path", model, "--shard_dir", shard_dir, *data, "--resolution",
                       "32", "--max_train_steps", "1", "--report_to", "none", "--output_dir", tmp_path / "out", check=False)
     last = proc.stderr.strip().splitlines()[-1]

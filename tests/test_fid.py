@@ -475,12 +475,17 @@ def test_a_set_of_fewer_categories_than_the_reference_is_said(tiny_models, shard
     for r in kept:
         shutil.copy(tmp_path / "same" / r["image"], tmp_path / "cats" / r["image"])
     (tmp_path / "cats" / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
-    run_script("eval/fid.py", "--generated", f"cats={tmp_path / 'cats'}", f"same={tmp_path / 'same'}", "--reference_shards",
-               shard_dir, "--reference_field", "photo", "--metrics", "clip_accuracy", "--clip_model_name_or_path",
-               tiny_models.clip, "--no_cache", "--output_dir", tmp_path / "o")
+    # and a set with an image of a category the reference has none of: counted against the others, silently
+    shutil.copytree(tmp_path / "same", tmp_path / "zebra")
+    (tmp_path / "zebra" / "index.jsonl").write_text("".join(json.dumps({**r, "category": "zebra"} if i == 0 else r) + "\n"
+                                                            for i, r in enumerate(rows)))
+    run_script("eval/fid.py", "--generated", f"cats={tmp_path / 'cats'}", f"same={tmp_path / 'same'}",
+               f"zebra={tmp_path / 'zebra'}", "--reference_shards", shard_dir, "--reference_field", "photo", "--metrics",
+               "clip_accuracy", "--clip_model_name_or_path", tiny_models.clip, "--no_cache", "--output_dir", tmp_path / "o")
     sets = _fid(tmp_path / "o")["sets"]
     assert "its images are of 1 of the reference's 5 categories" in sets["cats"]["warning"]
     assert "warning" not in sets["same"]
+    assert "1 of its images are of categories the reference has none of (zebra)" in sets["zebra"]["warning"]
     assert "Warning (cats): its images are of 1" in (tmp_path / "o" / "report.md").read_text()
 
 
