@@ -73,15 +73,20 @@ def resolve_prompts(choice: Sequence[str]) -> dict[str, str]:
     """`best`, `all`, prompt ids, or free text (given the id `custom-N`) -> {id: prompt}."""
     prompts: dict[str, str] = {}
     for n, entry in enumerate(choice or ["best"]):
-        if entry == "best":
+        ids = [i for i in re.split(r"[,\s]+", entry.strip()) if i]
+        if entry.strip().lower() == "best":
             prompts.update({i: PROMPTS[i] for i in BEST})
-        elif entry == "all":
+        elif entry.strip().lower() == "all":
             prompts.update(PROMPTS)
-        elif entry in PROMPTS:
-            prompts[entry] = PROMPTS[entry]
-        elif entry.isdigit():
-            raise UserError.on_every_rank(f"unknown prompt id {entry}; the library has ids 1-{len(PROMPTS)} (or use best, "
-                                          "all, or text)")
+        elif ids and all(i.isdigit() for i in ids):  # "4,5,8" and "4 5 8" (one quoted argument) are ids too
+            for i in ids:
+                if i not in PROMPTS:
+                    raise UserError.on_every_rank(f"unknown prompt id {i}; the library has ids 1-{len(PROMPTS)} (or use "
+                                                  "best, all, or a prompt's words)")
+                prompts[i] = PROMPTS[i]
+        elif len(ids) < 2:  # "Best" or "bset" was captioned with that word as the prompt
+            raise UserError.on_every_rank(f"--prompts {entry!r}: not best, all or a prompt id (1-{len(PROMPTS)}); a prompt "
+                                          "of your own is a sentence of several words")
         else:
             prompts[f"custom-{n}"] = entry
     return prompts

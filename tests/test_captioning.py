@@ -151,8 +151,16 @@ def test_hit_rate_normalises_awkward_names():
 
 
 def test_prompt_library():
+    from sketch2real.cli import UserError
+
     assert list(resolve_prompts(["best"])) == BEST and len(resolve_prompts(["all"])) == 10
     assert resolve_prompts(["3", "describe it"]) == {"3": PROMPTS["3"], "custom-1": "describe it"}
+    # a mistake was a prompt of its own ("Best", "4,5,8" captioned with those words as the prompt, exit 0)
+    assert resolve_prompts(["Best"]) == resolve_prompts(["best"])
+    assert resolve_prompts(["4,5,8"]) == resolve_prompts(["4 5 8"]) == resolve_prompts(["4", "5", "8"])
+    for mistake, said in (("bset", "not best, all or a prompt id"), ("4,55", "unknown prompt id 55")):
+        with pytest.raises(UserError, match=said):
+            resolve_prompts([mistake])
 
 
 @pytest.mark.parametrize(
