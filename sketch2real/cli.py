@@ -201,6 +201,16 @@ def one_line(text: str) -> str:
     return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
 
 
+def error_message(err: BaseException) -> str:
+    """An error's message on one line; one raised in a DataLoader worker by its own words, as it said them (torch
+    re-raises it in the main process with the worker's whole traceback as its message: ~1,500 characters)."""
+    text = str(err)
+    if "Original Traceback (most recent call last)" in text:
+        last = text.strip().splitlines()[-1]  # "sketch2real.cli.UserError: what it said"
+        text = last.split(": ", 1)[1] if last.startswith(f"{type(err).__module__}.{type(err).__name__}: ") else last
+    return one_line(text)
+
+
 class _ParseError(Exception):
     pass
 
@@ -604,7 +614,7 @@ def run_main(main: Callable[[], Any]) -> None:
         except UserError as err:
             prog = _program()
             if not (err.same_on_every_rank and on_other_rank()):
-                print(f"{prog}: error: {one_line(str(err))}", file=sys.stderr)
+                print(f"{prog}: error: {error_message(err)}", file=sys.stderr)
             sys.exit(EXIT_USAGE)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

@@ -811,3 +811,20 @@ def test_a_log_line_written_while_a_progress_bar_runs_is_a_line_of_its_own():
     shown = [line.rsplit("\r", 1)[-1] for line in stream.getvalue().split("\n")]  # what a terminal shows of each line
     assert "corrupt sample shard-0.tar:cat/x (empty): skipped" in shown
     assert [line for line in shown if line.strip()][-1].startswith("100%")  # the bar drawn again, below it
+
+
+def test_a_user_error_raised_in_a_data_loader_worker_is_its_own_line():
+    """torch re-raises a worker's exception with the worker's traceback as its message: the one-line error was ~1,500
+    characters of escaped traceback."""
+    from torch.utils.data._utils import ExceptionWrapper  # what DataLoader's workers send back
+
+    from sketch2real.cli import UserError, error_message
+
+    try:
+        raise UserError("no readable instance image in the shards")
+    except UserError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(UserError) as caught:
+        wrapped.reraise()
+    assert "Traceback" in str(caught.value) and error_message(caught.value) == "no readable instance image in the shards"
+    assert error_message(UserError("a\nb")) == "a\\nb"  # its own line breaks escaped, as before
