@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from sketch2real.cli import as_dict, parse_options, run_main
-from sketch2real.family import family_of_pipeline, native_size
+from sketch2real.family import family_of_pipeline, native_size, spell_out_tokens
 from sketch2real.generation import (
     CONFIG,
     SHARDS_DATA,
@@ -115,7 +115,10 @@ def main() -> int:
         for item, image in zip(batch, images):
             if item.key not in done:
                 write_image(out, item.key, image)
-            rows.append({"key": item.key, "category": item.category, "prompt": item.prompt, "sample_key": item.sample_key,
+            # SD3's pipelines have no TI loader: they got the prompt with its tokens spelt out, which redraws it
+            spelt = spell_out_tokens(pipe, item.prompt)
+            rows.append({"key": item.key, "category": item.category, "prompt": item.prompt,
+                         **({"pipeline_prompt": spelt} if spelt != item.prompt else {}), "sample_key": item.sample_key,
                          "seed": opts.seed, "generator_seed": derive_seed(opts.seed, item.key), "image": str(image_path(out, item.key).relative_to(out)), **model,
                          "settings": settings, **item.extra})
         append_jsonl(part, rows)

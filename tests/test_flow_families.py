@@ -828,6 +828,12 @@ def test_sd3_generation_and_card_spell_out_multi_vector_tokens_as_training_does(
                                               (names["pipe"].tokenizer_2, names["pipe"].text_encoder_2)), rows):
         ids = tokenizer.convert_tokens_to_ids(["<s0>", "<s0>_1"])
         assert torch.equal(encoder.get_input_embeddings().weight[ids], trained)
+    # generate.py's index says what the pipeline got: the README's redraw, pipe(prompt=row['pipeline_prompt'], ...)
+    run_script("infer/generate.py", "--pretrained_model_name_or_path", tiny_models.sd3, "--textual_inversion",
+               tmp_path / "learned_embeds.safetensors", "--prompts", "a <s0> sketch of a cat", "--height", "32", "--width",
+               "32", "--num_inference_steps", "1", "--output_dir", tmp_path / "gen")
+    row = json.loads((tmp_path / "gen" / "index.jsonl").read_text())
+    assert (row["prompt"], row["pipeline_prompt"]) == ("a <s0> sketch of a cat", "a <s0> <s0>_1 sketch of a cat")
 
 
 def test_max_sequence_length_conditions_training_and_validation_and_is_one_line_where_prompts_are_clip_s(
