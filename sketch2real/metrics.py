@@ -101,6 +101,9 @@ def drawn_samples(reference: ImageSet, count: int, seed: int) -> set[str]:
     """`count` of the reference's sample keys drawn without replacement by `seed` alone (a fixed evaluation sample,
     the same in every job that asks: the study scored 100 sketches)."""
     keys = sorted(set(reference.sample_keys) - {""})
+    if not keys:  # a folder of images: no Sketchy samples to draw
+        raise UserError(f"--max_samples {count}: the reference's images name no Sketchy samples (a folder: give "
+                        "--reference_shards, or leave --max_samples out)")
     if count > len(keys):
         raise UserError(f"--max_samples {count}: the reference has {len(keys)} samples")
     return {keys[i] for i in np.random.default_rng(seed).choice(len(keys), count, replace=False)}

@@ -215,6 +215,7 @@ def test_unreadable_image_is_reported_and_skipped(folders, tmp_path):
         (["--generated", "{empty}"], "no images in"),
         (["--dims", "100"], "--dims must be one of"),
         (["--generated", "/no/such/dir"], "image folder not found"),
+        (["--max_samples", "5"], "the reference's images name no Sketchy samples"),  # said "has 0 samples"
     ],
 )
 def test_bad_input(folders, tmp_path, extra, message):
