@@ -123,6 +123,8 @@ class SketchyRelease:
         self.sketch_dir = rendered / "sketch" / sketch_augmentation
         info_beside = rendered == self.root and not (self.root / "info").is_dir()  # ROOT is 256x256/ itself
         self.info_dir = Path(info_dir) if info_dir else (self.root.parent if info_beside else self.root) / "info"
+        if info_dir and self.info_dir.is_file():  # "info/stats.csv": the folder holding it is meant
+            raise UserError(f"--info_dir {info_dir} is a file: give the folder that holds it ({self.info_dir.parent})")
         for needed in (self.photo_dir, self.sketch_dir, self.info_dir):
             if not needed.is_dir():
                 found = sorted(p.name for p in needed.parent.iterdir() if p.is_dir()) if needed.parent.is_dir() else []

@@ -174,6 +174,7 @@ def test_a_mac_s_twin_files_and_a_photo_filed_in_two_categories_change_no_split_
         (["--sketchy_root", "{root}", "--keep_invalid", "blurry"], "unknown invalid list"),
         (["--sketchy_root", "{root}", "--val_fraction", "1.5"], "--val_fraction must be in"),
         (["--sketchy_root", "{root}", "--no_such_flag", "1"], "unrecognized arguments"),
+        (["--sketchy_root", "{root}", "--info_dir", "{root}/info/stats.csv"], "is a file: give the folder that holds it"),
     ],
 )
 def test_build_splits_cli_errors_are_one_line(sketchy_root, tmp_path, args, message):
