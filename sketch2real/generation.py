@@ -376,6 +376,22 @@ def _without_adapter_error_log() -> Iterator[None]:
         peft_logger.removeFilter(keep)
 
 
+def check_lora_folder(lora: str) -> None:
+    """One line, before any weight loads, for a --lora folder that holds something else: a pipeline (a full fine-tune's
+    output) or a Textual Inversion run's embeddings (diffusers' loader said so after the model had loaded)."""
+    from sketch2real.lokr import LOKR_FILE
+
+    folder = Path(lora)
+    if not lora or not folder.is_dir():
+        return
+    if (folder / "model_index.json").is_file():
+        raise UserError(f"--lora {lora} is a pipeline (model_index.json), no LoRA: give it as --pretrained_model_name_or_path")
+    adapters = any(folder.glob("pytorch_lora_weights*.safetensors")) or (folder / LOKR_FILE).is_file()
+    if not adapters and (folder / "learned_embeds.safetensors").is_file():
+        raise UserError(f"--lora {lora} holds Textual Inversion embeddings, no LoRA: give --textual_inversion "
+                        f"{folder / 'learned_embeds.safetensors'}")
+
+
 def load_generation_pipeline(model: str, device: torch.device, dtype: torch.dtype, scheduler: str = "",
                              textual_inversion: Sequence[str] = (), lora: str = "", lora_scale: float = 1.0,
                              controlnet: str = "", safety_checker: bool = False, xformers: bool = False,
@@ -395,6 +411,7 @@ def load_generation_pipeline(model: str, device: torch.device, dtype: torch.dtyp
             raise UserError(f"textual inversion embeddings not found: {file}")
     if lora and not Path(lora).exists():
         raise UserError(f"LoRA weights not found: {lora}")
+    check_lora_folder(lora)
     if lora and (Path(lora) / "learned_embeds.safetensors").is_file():  # pivotal tuning: its tokens beside the LoRA
         textual_inversion = [*textual_inversion, str(Path(lora) / "learned_embeds.safetensors")]
     checkpoint = full_run_checkpoint(model)

@@ -314,10 +314,18 @@ def test_a_lora_of_another_family_is_one_line_before_any_weight_loads(tiny_model
         (["--captions", "/no/captions.jsonl", "--prompt_template", ""], "captions file not found"),
         (["--scheduler", "magic"], "unknown scheduler 'magic'"),
         (["--categories", "unicorn"], "unknown category 'unicorn'"),
+        # another run's output given as a LoRA: diffusers' message, after the model had loaded
+        (["--lora", "{ti_run}"], "holds Textual Inversion embeddings, no LoRA: give --textual_inversion"),
+        (["--lora", "{pipeline}"], "is a pipeline (model_index.json), no LoRA: give it as --pretrained_model_name_or_path"),
     ],
 )
-def test_bad_input(gen_args, tmp_path, extra, message):
-    proc = run_script("infer/generate.py", *gen_args, "--output_dir", tmp_path, *extra, check=False)
+def test_bad_input(gen_args, tmp_path, extra, message, tiny_models):
+    ti_run = tmp_path / "ti_run"
+    ti_run.mkdir()
+    (ti_run / "learned_embeds.safetensors").write_bytes(b"")
+    (ti_run / "run_config.json").write_text("{}")
+    extra = [str(e).replace("{ti_run}", str(ti_run)).replace("{pipeline}", str(tiny_models.sd)) for e in extra]
+    proc = run_script("infer/generate.py", *gen_args, "--output_dir", tmp_path / "out", *extra, check=False)
     assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1], proc.stderr[-1500:]
 
 
