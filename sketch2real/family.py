@@ -616,7 +616,8 @@ def model_index(name_or_path: str, revision: str | None = None) -> dict:
     except (OSError, ValueError):  # a name no file system takes (too long, a NUL): the hub's lookup says so below
         folder = False
     if folder and not local.is_file():  # not a question for the hub
-        what = next((kind for file, kind in (("config.json", "a single model (a ControlNet? give it as --controlnet)"),
+        what = next((kind for file, kind in (("config.json", "a single model (a UNet or a ControlNet: give the pipeline folder it goes with; "
+                                                              "infer/generate.py takes a ControlNet as --controlnet)"),
                                              ("learned_embeds.safetensors", "Textual Inversion embeddings (give them as --textual_inversion, with their base model)"))
                      if (Path(name_or_path) / file).is_file()), "no diffusers pipeline")
         raise UserError(f"{name_or_path} has no model_index.json: {what}, not a pipeline folder")
