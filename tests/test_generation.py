@@ -524,7 +524,7 @@ def test_files_that_are_not_what_a_flag_takes_are_one_line_before_or_instead_of_
     (controlnet / "config.json").write_text("{}")
     cases = [(["--lora", empty], f"cannot load LoRA weights {empty} into"),
              (["--textual_inversion", not_weights], f"cannot load textual inversion embeddings {not_weights} into"),
-             (["--pretrained_model_name_or_path", controlnet], "has no model_index.json: a single model (a ControlNet?")]
+             (["--pretrained_model_name_or_path", controlnet], "has no model_index.json: a single model (a UNet or a ControlNet")]
     for extra, message in cases:
         proc = run_script("infer/generate.py", *gen_args, "--output_dir", tmp_path / "gen", *extra, check=False)
         last = proc.stderr.strip().splitlines()[-1]
