@@ -14,6 +14,7 @@
 #SBATCH --requeue
 #SBATCH --open-mode=append
 set -euo pipefail
+((BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] >= 404)) || set +u
 # shellcheck source=slurm/common.sh
 source "${SKETCH2REAL_HOME:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"
 OUTPUT=${OUTPUT:-runs/captions}
