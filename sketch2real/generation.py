@@ -124,7 +124,15 @@ def items_from_captions(path: str, prompt_ids: Sequence[str] | None, template: s
     return items
 
 
-def items_from_prompts(prompts: Iterable[str]) -> list[Item]:
+def items_from_prompts(prompts: Sequence[str]) -> list[Item]:
+    """One item per prompt; one `.txt` path given is a file of prompts, one a line (its blank lines skipped)."""
+    if len(prompts) == 1 and prompts[0].endswith(".txt"):  # not drawn as its own words
+        path = Path(prompts[0])
+        if not path.is_file():
+            raise UserError(f"--prompts {path}: no such file (a .txt given alone is read as prompts, one a line)")
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts:
+            raise UserError(f"--prompts {path}: the file holds no prompt")
     return [Item(key=f"prompt-{i:04d}", prompt=p) for i, p in enumerate(prompts)]
 
 
@@ -597,7 +605,7 @@ class GenerateOptions:
     captions: str = option("", help="captions JSONL from infer/caption.py (one image per row)")
     prompt_ids: list[str] = option([], help="only these prompt ids of --captions", affects="selection")
     prompt_template: str = option("", help="template over the samples of --split: {category}, {key}, {caption}")
-    prompts: list[str] = option([], help="plain prompts")
+    prompts: list[str] = option([], help="plain prompts, or one .txt file of them (a prompt a line)")
     shard_dir: str = option("", help="shards (for --prompt_template items, mosaics and --controlnet sketches)")
     split: str = option("test", help="split whose samples the template covers")
     categories: list[str] = option([], help="only these categories", affects="selection")
@@ -671,6 +679,8 @@ def build_items(opts: GenerateOptions) -> list[Item]:
         if not opts.shard_dir:
             raise UserError("--prompt_template needs --shard_dir")
         items = items_from_template(opts.prompt_template, opts.shard_dir, opts.split, opts.categories or None)
+        if not items:  # nothing to draw: an empty metrics.json and exit 0 read as a finished job
+            raise UserError(f"split {opts.split!r} of {opts.shard_dir} has no samples to draw (--split)")
     else:
         items = items_from_prompts(opts.prompts)
     of_samples = bool(items) and bool(items[0].sample_key)  # not free prompts

@@ -651,3 +651,32 @@ def test_sd3_controlnet_images_are_a_function_of_their_seed(tiny_models):
     assert all((a == b).all() for a, b in zip(*drawn))
     alone = generate_batch(pipe, batch[1:], 0, settings, sketches[1:])[0]  # in another batch: the same image
     assert np.abs(np.asarray(alone, dtype=int) - drawn[0][1]).max() <= 1
+
+
+def test_a_prompts_file_is_read_a_prompt_a_line_and_an_empty_split_is_one_line(shard_dir, tmp_path):
+    """`--prompts prompts.txt` drew one image of the words "prompts.txt"; a template over a split without samples
+    wrote an empty index and exited 0, as a finished job."""
+    import shutil
+
+    from sketch2real.cli import UserError, parse_options
+    from sketch2real.generation import GenerateOptions, build_items
+
+    common = ["--pretrained_model_name_or_path", "m", "--output_dir", str(tmp_path / "out")]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a sketch of a cat\n\n  a photo of a dog  \n")
+    items = build_items(parse_options(GenerateOptions, [*common, "--prompts", str(prompts)]))
+    assert [it.prompt for it in items] == ["a sketch of a cat", "a photo of a dog"]
+    assert [it.prompt for it in build_items(parse_options(GenerateOptions, [*common, "--prompts", "a cat", "b.txt"]))] \
+        == ["a cat", "b.txt"]  # several given: prompts, as written
+    with pytest.raises(UserError, match="--prompts .*missing.txt: no such file"):
+        build_items(parse_options(GenerateOptions, [*common, "--prompts", str(tmp_path / "missing.txt")]))
+    (tmp_path / "blank.txt").write_text("\n \n")
+    with pytest.raises(UserError, match="blank.txt: the file holds no prompt"):
+        build_items(parse_options(GenerateOptions, [*common, "--prompts", str(tmp_path / "blank.txt")]))
+
+    empty = tmp_path / "shards"
+    shutil.copytree(shard_dir, empty)
+    index = json.loads((empty / "test.json").read_text())
+    (empty / "test.json").write_text(json.dumps({**index, "shards": []}))
+    with pytest.raises(UserError, match=f"split 'test' of {empty} has no samples to draw"):
+        build_items(parse_options(GenerateOptions, [*common, "--shard_dir", str(empty), "--prompt_template", "a {category}"]))
