@@ -438,6 +438,19 @@ def parse_options(cls: type[T], argv: list[str] | None = None, description: str 
     return cls(**values)
 
 
+CREATED_FOLDERS: list[Path] = []  # by `check_output_dir`, removed again while empty when the job ends in a UserError
+
+
+def remove_empty_created_folders() -> None:
+    """Remove the folders `check_output_dir` created that are still empty (deepest first): bad input leaves none."""
+    for folder in CREATED_FOLDERS:
+        try:
+            folder.rmdir()
+        except OSError:  # written to (or another rank's already gone)
+            pass
+    CREATED_FOLDERS.clear()
+
+
 def check_output_dir(path: str | os.PathLike, flag: str = "--output_dir", not_into: str | os.PathLike = "",
                      refuse_training_runs: bool = False) -> Path:
     """Create output folder `path` (parents too) and make sure files can be written in it; returns it.
@@ -460,8 +473,10 @@ def check_output_dir(path: str | os.PathLike, flag: str = "--output_dir", not_in
     if refuse_training_runs and (out / "run_config.json").is_file():
         raise UserError(f"{flag} {path} holds a training run (run_config.json): this job's metrics.json would replace "
                         "the run's; give another folder")
+    missing = [folder for folder in (out, *out.parents) if not folder.exists()]  # the deepest first
     try:
         out.mkdir(parents=True, exist_ok=True)
+        CREATED_FOLDERS.extend(missing)
     except OSError as err:
         reason = "a parent is a file" if isinstance(err, (FileExistsError, NotADirectoryError)) else err.strerror or err
         raise UserError(f"{flag} {path}: cannot create the folder ({reason})") from None
@@ -612,6 +627,7 @@ def run_main(main: Callable[[], Any]) -> None:
             if result in (0, None):
                 leave_process_group()
         except UserError as err:
+            remove_empty_created_folders()
             prog = _program()
             if not (err.same_on_every_rank and on_other_rank()):
                 print(f"{prog}: error: {error_message(err)}", file=sys.stderr)

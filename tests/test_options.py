@@ -520,6 +520,32 @@ def test_script_with_a_file_as_output_dir_exits_2_in_one_line(tmp_path, monkeypa
     assert stop.value.code == 2 and len(lines) == 1 and "--output_dir" in lines[0] and "not a folder" in lines[0], lines
 
 
+@pytest.mark.parametrize("rel, args", [
+    ("train/dreambooth.py", ["--pretrained_model_name_or_path", "no/such-model", "--shard_dir", "s", "--mixed_precision", "no"]),
+    ("infer/generate.py", ["--pretrained_model_name_or_path", "m", "--shard_dir", "no-shards", "--prompt_template", "a {category}"]),
+])
+def test_bad_input_leaves_no_empty_output_dir_and_keeps_one_that_was_there_or_was_written(rel, args, tmp_path, monkeypatch,
+                                                                                         capsys):
+    """The folder is made (and its writability tried) before the slow parts; the user's mistake left it, empty."""
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def fail(output_dir):
+        monkeypatch.setattr(sys, "argv", [rel, *args, "--output_dir", str(output_dir)])
+        with pytest.raises(SystemExit) as stop:
+            run_main(import_script(rel).main)
+        assert stop.value.code == 2 and len(capsys.readouterr().err.splitlines()) == 1
+
+    fail(tmp_path / "new" / "run")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "there").mkdir()
+    fail(tmp_path / "there" / "run")
+    assert (tmp_path / "there").is_dir() and not (tmp_path / "there" / "run").exists()
+    (tmp_path / "kept").mkdir()
+    fail(tmp_path / "kept")
+    assert (tmp_path / "kept").is_dir()
+
+
 def test_trainers_check_the_output_dir_before_anything_else(tmp_path, monkeypatch):
     from sketch2real.training.accelerator import make_accelerator
 
