@@ -13,11 +13,12 @@ import logging
 import re
 import string
 import warnings
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from unittest.mock import patch
 
 import torch
 from PIL import Image
@@ -489,8 +490,7 @@ def load_generation_pipeline(model: str, device: torch.device, dtype: torch.dtyp
     return pipe
 
 
-@contextmanager
-def seeded_posterior_draws(vae, seeds: Sequence[int]) -> Iterator[None]:
+def seeded_posterior_draws(vae, seeds: Sequence[int]) -> AbstractContextManager:
     """A pipeline's own draws from the VAE's posterior (SD3's ControlNet pipeline samples its control image's latents
     from torch's global RNG, `generator` aside: two runs of one seed differed) from one generator per image, seeded by
     `seeds`, in the pipeline's batch order (a guidance batch repeats the images): each image a function of its seed."""
@@ -505,11 +505,7 @@ def seeded_posterior_draws(vae, seeds: Sequence[int]) -> Iterator[None]:
             posterior.sample = lambda generator=None: draw(generator if generator is not None else generators)
         return encoded
 
-    vae.encode = encode_seeded
-    try:
-        yield
-    finally:
-        del vae.encode  # the class's method again
+    return patch.object(vae, "encode", encode_seeded)  # the class's method again after the block
 
 
 def generate_batch(pipe, batch: list[Item], seed: int, settings: dict, conditioning: list[Image.Image] | None = None):

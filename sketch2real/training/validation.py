@@ -3,9 +3,10 @@ comparable across steps and runs (fixed samples, timesteps and noise)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
+from unittest.mock import patch
 
 import numpy as np
 import torch
@@ -51,8 +52,7 @@ def heldout_denoising_losses(
 
 
 @torch.no_grad()
-@contextmanager
-def decoding_in_vae_dtype(vae) -> Iterator[None]:
+def decoding_in_vae_dtype(vae) -> AbstractContextManager:
     """The VAE decodes in its own dtype, autocast off, whatever the pipeline hands it. Under fp16 the VAE sits in
     fp32 (`vae_dtype`: SDXL's own overflows to NaN in fp16), which the validation's autocast would run in fp16 anyway
     (black images), and under DeepSpeed, whose autocast is off, the fp16 denoiser's latents met its fp32 weights (a
@@ -63,11 +63,7 @@ def decoding_in_vae_dtype(vae) -> Iterator[None]:
         with torch.autocast(latents.device.type, enabled=False):
             return decode(latents.to(vae.dtype), *args, **kwargs)
 
-    vae.decode = in_own_dtype
-    try:
-        yield
-    finally:
-        del vae.decode  # the class's method again
+    return patch.object(vae, "decode", in_own_dtype)  # the class's method again after the block
 
 
 def generate_rows(pipeline, prompts: Sequence[str], num_images: int, seed: int, resolution: int,
