@@ -264,14 +264,18 @@ def run_config_of(folder: Path) -> Path | None:
     return None
 
 
+def holds_lora_adapters(folder: Path) -> bool:
+    """Whether a folder holds LoRA weights (diffusers', kohya's/ComfyUI's or LoKr's file), as a LoRA run saves them."""
+    from sketch2real.lokr import LOKR_FILE
+
+    return any(folder.glob("pytorch_lora_weights*.safetensors")) or (folder / LOKR_FILE).is_file()
+
+
 def base_of_lora_output(model: str, lora: str) -> tuple[str, str]:
     """(model, lora) to load, where `model` may be a LoRA training output (LoRA weights and run_config.json, no
     pipeline): its base model with the folder's LoRA, so `MODEL=runs/dreambooth_cat` works for LoRA and full runs alike."""
-    from sketch2real.lokr import LOKR_FILE
-
     folder = Path(model)
-    adapters = (folder / "pytorch_lora_weights.safetensors").is_file() or (folder / LOKR_FILE).is_file()
-    if not adapters or (folder / "model_index.json").is_file():
+    if not holds_lora_adapters(folder) or (folder / "model_index.json").is_file():
         return model, lora
     if lora:
         raise UserError(f"{model} holds LoRA weights, not a pipeline, and --lora is given too: give the base model")
@@ -388,15 +392,12 @@ def _without_adapter_error_log() -> Iterator[None]:
 def check_lora_folder(lora: str) -> None:
     """One line, before any weight loads, for a --lora folder that holds something else: a pipeline (a full fine-tune's
     output) or a Textual Inversion run's embeddings (diffusers' loader said so after the model had loaded)."""
-    from sketch2real.lokr import LOKR_FILE
-
     folder = Path(lora)
     if not lora or not folder.is_dir():
         return
     if (folder / "model_index.json").is_file():
         raise UserError(f"--lora {lora} is a pipeline (model_index.json), no LoRA: give it as --pretrained_model_name_or_path")
-    adapters = any(folder.glob("pytorch_lora_weights*.safetensors")) or (folder / LOKR_FILE).is_file()
-    if not adapters and (folder / "learned_embeds.safetensors").is_file():
+    if not holds_lora_adapters(folder) and (folder / "learned_embeds.safetensors").is_file():
         raise UserError(f"--lora {lora} holds Textual Inversion embeddings, no LoRA: give --textual_inversion "
                         f"{folder / 'learned_embeds.safetensors'}")
 
