@@ -37,14 +37,10 @@ def _read_image(path: Path):
 def _folder_items(folder: str, rank: int, world: int, categories: list[str]) -> list[dict]:
     """This rank's images of `folder` as {key, category, path}, read when their batch comes (all of them decoded
     up front held every image in memory: ~19 GB for Sketchy's 75k sketches)."""
-    from sketch2real.shards import IMAGE_SUFFIXES
+    from sketch2real.shards import image_files
 
     root = Path(folder)
-    if not root.is_dir():
-        raise UserError(f"image folder not found: {folder}")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise UserError(f"no images in {folder}")
+    files = image_files(root, recursive=True)
     if categories:  # a category is an image's folder, as with shards: unknown ones are an error
         present = {p.parent.name for p in files if p.parent != root}
         unknown = [c for c in categories if c not in present]

@@ -19,7 +19,7 @@ from PIL import Image
 
 from sketch2real.cli import UserError
 from sketch2real.io import part_files
-from sketch2real.shards import IMAGE_SUFFIXES, CorruptSample, ShardSamples, corrupt_samples, open_image
+from sketch2real.shards import CorruptSample, ShardSamples, corrupt_samples, image_files, open_image
 
 logger = logging.getLogger("sketch2real")
 VALID_DIMS = (64, 192, 768, 2048)
@@ -87,8 +87,7 @@ def folder_set(folder: str, name: str | None = None) -> ImageSet:
         prompts = [r.get("prompt", "") for r in rows]
     else:
         prompts = None
-        paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES  # .ipynb_checkpoints/ aside
-                       and not any(part.startswith(".") for part in p.relative_to(root).parts))
+        paths = image_files(root, recursive=True)
         categories = [str(p.parent.relative_to(root)) if p.parent != root else "" for p in paths]
         keys = [""] * len(paths)
     if not paths:

@@ -52,6 +52,21 @@ logger = logging.getLogger("sketch2real")
 T = TypeVar("T")
 
 
+def image_files(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
+    """The image files of a folder (`IMAGE_SUFFIXES`, any case; hidden files and folders, such as macOS's `._*`
+    twins or .ipynb_checkpoints/, aside), sorted by path, with its subfolders' if `recursive`; a missing folder or one
+    without images is one line."""
+    root = Path(folder)
+    if not str(folder) or not root.is_dir():
+        raise UserError(f"image folder not found: {folder}")
+    found = root.rglob("*") if recursive else root.iterdir()
+    files = sorted(p for p in found if p.suffix.lower() in IMAGE_SUFFIXES
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if not files:
+        raise UserError(f"no images in {folder} (files {', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
 def shards_data(shard_dir: str, split: str) -> str:
     """The hash of a split's shard index (each shard's key and image fingerprints): what the shards hold, wherever they
     are copied; "" without one."""

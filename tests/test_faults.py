@@ -172,6 +172,28 @@ def test_an_instance_folder_leaves_out_hidden_and_unreadable_files_and_shard_pho
     distinct = {m["key"].rsplit("-", 1)[0] for m in metas}
     assert len(photos) == len(distinct) < len(sketches)
 
+def test_image_folders_leave_out_hidden_files_and_folders_in_captioning_eval_and_training(tmp_path):
+    """Captioning's --image_dir captioned a Mac's `._*` twins (each a corrupt image) and .ipynb_checkpoints/ copies;
+    eval's folder sets and the trainers' instance folders left them out: one listing serves all three now."""
+    from sketch2real.cli import UserError
+    from sketch2real.metrics import folder_set
+    from sketch2real.training.data import load_folder_images
+
+    from .helpers import import_script
+
+    for where in ("cat/a.png", "cat/._a.png", ".ipynb_checkpoints/b.png", "dog/.hidden/c.png", "dog/d.png"):
+        (tmp_path / "set" / where).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "set" / where, format="PNG")
+    captioned = import_script("infer/caption.py")._folder_items(str(tmp_path / "set"), 0, 1, [])
+    assert sorted(Path(it["path"]).relative_to(tmp_path / "set").as_posix() for it in captioned) == ["cat/a.png", "dog/d.png"]
+    assert folder_set(str(tmp_path / "set")).ids == ["cat/a.png", "dog/d.png"]
+    assert len(load_folder_images(str(tmp_path / "set" / "cat"), 8)) == 1
+    (tmp_path / "set" / "cat" / "a.png").unlink()  # the twin alone
+    for read in (lambda f: load_folder_images(str(f), 8), lambda f: folder_set(str(f))):
+        with pytest.raises(UserError, match="no images in"):
+            read(tmp_path / "set" / "cat")
+
+
 def test_trainers_skip_and_count_corrupt_samples_and_resume_exactly(bad_shards, tiny_models, tmp_path):
     """DreamBooth on the bad corpus: runs, reports exactly the corrupt keys, and the substitution is a function of
     the step: a resume across it is bit-identical, and 2 DDP processes agree with 1."""

@@ -6,17 +6,16 @@ import hashlib
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from sketch2real.cli import UserError
 from sketch2real.shards import (
-    IMAGE_SUFFIXES,
     CorruptSample,
     ShardSamples,
     corrupt_samples,
+    image_files,
     open_image,
     read_or_substitute,
 )
@@ -261,12 +260,6 @@ def load_shard_images(shard_dir: str, split: str, category: str | list[str] | No
     return (images[:] if in_memory else images), metas
 
 
-def image_files(folder: str | Path) -> list[Path]:
-    """The image files of a folder (`IMAGE_SUFFIXES`, any case; hidden ones, such as macOS's `._*` twins, aside),
-    sorted by name."""
-    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
-
-
 def load_folder_images(folder: str, resolution: int, num_images: int = 0) -> torch.Tensor:
     """The first `num_images` (default all) readable images in `folder` (sorted by name), resized and
     center-cropped, as [N, 3, R, R] in [-1, 1].
@@ -276,12 +269,7 @@ def load_folder_images(folder: str, resolution: int, num_images: int = 0) -> tor
     """
     from PIL import Image, ImageOps
 
-    path = Path(folder)
-    if not path.is_dir():
-        raise UserError(f"image folder not found: {folder}")
-    files = image_files(path)
-    if not files:
-        raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+    files = image_files(folder)
     images = []
     for file in files:
         try:
