@@ -1513,22 +1513,33 @@ def test_a_resumed_run_s_validation_log_lists_each_step_once_and_a_fresh_one_dro
     """Killed after validating step 2 but before checkpointing it: the resumed run validates steps 2 and 3 again, and
     validation_log.jsonl listed them twice (a plot of it zig-zagged). Preempted during a step's validation, the resumed
     run validates that step first. A run started afresh in the folder drops the earlier run's lines and mosaics (the
-    card showed the last one)."""
+    card showed the last one). TensorBoard's curves too showed the steps after the checkpoint twice."""
     import shutil
 
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     args = [*db_args, "--max_train_steps", "3", "--checkpointing_steps", "1", "--validation_steps", "1",
-            "--num_validation_images", "1", "--validation_inference_steps", "1", "--num_heldout_samples", "2"]
+            "--num_validation_images", "1", "--validation_inference_steps", "1", "--num_heldout_samples", "2",
+            "--report_to", "tensorboard", "--logging_steps", "1"]
     straight = tmp_path / "straight"
     run_script("train/dreambooth.py", *args, "--output_dir", straight)
     steps = lambda out: [json.loads(line)["step"] for line in (out / "validation_log.jsonl").read_text().splitlines()]  # noqa: E731
     assert steps(straight) == [1, 2, 3]
+
+    def logged_steps(out: Path) -> dict[str, list[int]]:
+        events = EventAccumulator(str(out / "logs" / "dreambooth"))
+        events.Reload()
+        return {tag: [e.step for e in events.Scalars(tag)] for tag in ("loss", "heldout_loss")}
+
+    assert logged_steps(straight) == {"loss": [1, 2, 3], "heldout_loss": [1, 2, 3]}
     resumed = tmp_path / "resumed"
     resumed.mkdir()
-    for name in ("checkpoint-1", "validation"):
+    for name in ("checkpoint-1", "validation", "logs"):  # killed after step 3: its events written, checkpoint-1 kept
         shutil.copytree(straight / name, resumed / name)
     shutil.copy(straight / "validation_log.jsonl", resumed)
     run_script("train/dreambooth.py", *args, "--output_dir", resumed, "--resume_from_checkpoint", "latest")
     assert steps(resumed) == [1, 2, 3]
+    assert logged_steps(resumed) == {"loss": [1, 2, 3], "heldout_loss": [1, 2, 3]}  # [1, 2, 3, 2, 3] before
     (resumed / "metrics.json").unlink()  # killed after its last checkpoint and validation, before the final save:
     run_script("train/dreambooth.py", *args, "--output_dir", resumed, "--resume_from_checkpoint", "latest")
     assert steps(resumed) == [1, 2, 3]  # the last step validated again, listed once (twice before)

@@ -100,6 +100,12 @@ def test_each_stage_starts_from_the_last_one_s_folder_with_its_category_s_class_
         "classes", "classes/stage-02-apple"]
     lora = dataclasses.replace(shared, lora_rank=4)  # LoRA stages draw from the base: one folder serves them all
     assert [stage_options(lora, i, c, "prev").class_data_dir for i, c in enumerate(["cat", "apple"])] == ["classes"] * 2
+    # a tracker run per stage, named as wandb takes it: `dreambooth_sequential/cat` was refused by wandb after the
+    # models loaded, and --tracker_project_name put every stage in one run at the same steps
+    assert [first.tracker_project_name, second.tracker_project_name] == [
+        "dreambooth_sequential-stage-01-cat", "dreambooth_sequential-stage-02-apple"]
+    named = dataclasses.replace(opts, tracker_project_name="myexp")
+    assert stage_options(named, 1, "apple", "prev").tracker_project_name == "myexp-stage-02-apple"
     # --max_train_steps, which --steps_per_stage replaces, was ignored silently: refused
     from sketch2real.cli import UserError
 

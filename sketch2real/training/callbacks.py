@@ -104,7 +104,8 @@ class Run:
         return self.averaged.swapped_in() if self.averaged is not None else contextlib.nullcontext()
 
     def learning_rate(self) -> float:
-        """The last step's learning rate: the schedule's, or schedule-free AdamW's own warm-up (its `scheduled_lr`)."""
+        """The learning rate as diffusers' scripts log it: the schedule's after its step (the next step's), or
+        schedule-free AdamW's own warm-up (its `scheduled_lr`, the last step's)."""
         return self.optimizer.param_groups[0].get("scheduled_lr", self.lr_scheduler.get_last_lr()[0])
 
     def mark_timing(self) -> None:

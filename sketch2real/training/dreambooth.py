@@ -246,9 +246,12 @@ class DreamBoothModel(torch.nn.Module):
 
 def missing_class_images(folder: Path, count: int) -> list[int]:
     """Indices i of `class-{i:05d}.png` to generate so that `folder` holds `count` class images."""
-    from sketch2real.training.data import IMAGE_SUFFIXES
+    from sketch2real.shards import image_files
 
-    existing = {p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES} if folder.is_dir() else set()
+    try:
+        existing = {p.name for p in image_files(folder)}  # as training reads them (a Mac's `._*` twins aside)
+    except UserError:  # no folder or no image yet
+        existing = set()
     missing, i = [], 0
     while len(missing) < count - len(existing):
         if f"class-{i:05d}.png" not in existing:

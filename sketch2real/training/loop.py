@@ -227,7 +227,9 @@ def train(task: Task, opts, accelerator, project_name: str, callbacks: list[Call
         out.mkdir(parents=True, exist_ok=True)
         # the options, as resolved here (the precision: config, flag or environment): a --config for a rerun
         write_json(out / "run_config.json", {**as_dict(opts), "mixed_precision": accelerator.mixed_precision})
-        accelerator.init_trackers(opts.tracker_project_name or project_name, config=_tracker_config(opts))
+        # resumed: TensorBoard drops what the killed run logged after its checkpoint (logged again, twice before)
+        purge = {"tensorboard": {"purge_step": step + 1}} if resume is not None else {}
+        accelerator.init_trackers(opts.tracker_project_name or project_name, config=_tracker_config(opts), init_kwargs=purge)
     model.train()  # as after every validation (`from_pretrained` gives eval mode: a compiled graph per mode otherwise)
     if opts.torch_compile:
         task.compile()

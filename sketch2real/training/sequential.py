@@ -132,6 +132,8 @@ def stage_options(opts: SequentialOptions, index: int, category: str, previous: 
         validation_prompt=[p.format(category=words) for p in opts.validation_prompt],
         class_prompt=opts.class_prompt.format(category=words),
         class_data_dir=class_data_dir,
+        # a tracker run per stage (one project name held every stage at the same steps), a name wandb takes (no "/")
+        tracker_project_name=f"{opts.tracker_project_name or 'dreambooth_sequential'}-{stage_dir('', index, category).name}",
     )
 
 
