@@ -3,7 +3,7 @@
 import logging
 from dataclasses import dataclass
 
-from sketch2real.cli import check_output_dir, option, parse_options, run_main
+from sketch2real.cli import check_output_dir, lock_output_dir, option, parse_options, run_main
 from sketch2real.sketchy import (
     DEFAULT_AUGMENTATION,
     INVALID_KINDS,
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     release = SketchyRelease(opts.sketchy_root, opts.photo_augmentation, opts.sketch_augmentation, opts.info_dir or None)
     result = build_splits(release, opts.val_fraction, opts.seed, tuple(opts.keep_invalid), opts.categories or None,
                           opts.strict_testset)
-    check_output_dir(opts.output_dir)
+    lock_output_dir(check_output_dir(opts.output_dir))
     write_splits(result, opts.output_dir)
     warn_absent(result.report)
     print(format_report(result.report), end="")

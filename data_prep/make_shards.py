@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from sketch2real.cli import UserError, check_output_dir, option, parse_options, run_main
+from sketch2real.cli import UserError, check_output_dir, lock_output_dir, option, parse_options, run_main
 from sketch2real.shards import write_shards
 
 
@@ -28,7 +28,7 @@ def check_options(opts: Options) -> Options:
 
 def main(argv: list[str] | None = None) -> None:
     opts = check_options(parse_options(Options, argv))
-    check_output_dir(opts.output_dir)
+    lock_output_dir(check_output_dir(opts.output_dir))
     summary = write_shards(
         opts.splits_dir, opts.sketchy_root, opts.output_dir, opts.splits,
         opts.max_samples_per_shard, opts.max_bytes_per_shard, opts.num_workers,

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from sketch2real.cli import UserError, check_output_dir, option, parse_options, run_main
+from sketch2real.cli import UserError, check_output_dir, lock_output_dir, option, parse_options, run_main
 from sketch2real.synthetic import DEFAULT_CATEGORIES, make_synthetic_sketchy
 
 
@@ -24,7 +24,7 @@ def main() -> None:
     opts = parse_options(Options)
     if opts.test_photos_per_category >= opts.photos_per_category:
         raise UserError("--test_photos_per_category must leave some photos for training")
-    check_output_dir(opts.output_dir)
+    lock_output_dir(check_output_dir(opts.output_dir))
     counts = make_synthetic_sketchy(
         opts.output_dir, opts.categories, opts.photos_per_category, opts.sketches_per_photo,
         opts.test_photos_per_category, opts.resolution, opts.invalid_fraction, opts.seed,

@@ -439,16 +439,57 @@ def parse_options(cls: type[T], argv: list[str] | None = None, description: str 
 
 
 CREATED_FOLDERS: list[Path] = []  # by `check_output_dir`, removed again while empty when the job ends in a UserError
+LOCK_FILE = ".sketch2real.lock"  # `lock_output_dir`'s, in the folder it guards
+HELD_LOCKS: dict[Path, int] = {}  # folder -> the descriptor holding its lock, for this process's run
 
 
 def remove_empty_created_folders() -> None:
-    """Remove the folders `check_output_dir` created that are still empty (deepest first): bad input leaves none."""
+    """Remove the folders `check_output_dir` created that hold nothing but this job's lock (deepest first): bad input
+    leaves none."""
     for folder in CREATED_FOLDERS:
         try:
+            if [p.name for p in folder.iterdir()] == [LOCK_FILE] and folder.resolve() in HELD_LOCKS:
+                (folder / LOCK_FILE).unlink()
             folder.rmdir()
         except OSError:  # written to (or another rank's already gone)
             pass
     CREATED_FOLDERS.clear()
+
+
+def lock_output_dir(folder: str | os.PathLike, flag: str = "--output_dir") -> None:
+    """Hold an exclusive lock on `folder` until `release_output_locks` (at the script's end) or the process ends, a
+    kill included: a second job given the same folder stops in one line, where both ran and mixed their outputs (one
+    job's weights beside another's run_config.json; images of two settings in one index; a save deleting the other's
+    checkpoint in progress). The main process only (a job's ranks share the folder). A file system without locks
+    leaves the folder unguarded, as before."""
+    import fcntl
+    import socket
+
+    key = Path(folder).resolve()
+    if key in HELD_LOCKS:  # this process's own (a script run twice in one process)
+        return
+    fd = os.open(key / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 300).decode(errors="replace").strip() or "a process"
+        os.close(fd)
+        raise UserError(f"{flag} {folder} is in use by another job ({holder}): two jobs writing one folder mix their "
+                        f"outputs; give this one another {flag}, or wait for that one to end") from None
+    except OSError:  # no locks here (ENOLCK, EOPNOTSUPP)
+        os.close(fd)
+        return
+    job = os.environ.get("SLURM_JOB_ID")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}{f', Slurm job {job}' if job else ''}".encode())
+    HELD_LOCKS[key] = fd
+
+
+def release_output_locks() -> None:
+    """Let go of the folders `lock_output_dir` holds (a script's end; run in-process, the next run takes them)."""
+    for fd in HELD_LOCKS.values():
+        os.close(fd)
+    HELD_LOCKS.clear()
 
 
 def check_output_dir(path: str | os.PathLike, flag: str = "--output_dir", not_into: str | os.PathLike = "",
@@ -652,9 +693,13 @@ def run_main(main: Callable[[], Any]) -> None:
             sys.exit(EXIT_FULL_DISK)
         sys.exit(result if isinstance(result, int) else 0)
     except SystemExit as stop:
+        release_output_locks()
         if getattr(main, "__module__", None) != "__main__":
             raise
         exit_now(stop.code)
+    except BaseException:  # a crash: the traceback, the folder free for the next run in this process
+        release_output_locks()
+        raise
 
 
 def as_dict(options: Any) -> dict[str, Any]:

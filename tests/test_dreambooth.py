@@ -254,6 +254,31 @@ def test_the_text_store_gives_back_each_prompts_conditioning_bit_for_bit_and_is_
     assert torch.equal(got.states, expected.states) and torch.equal(got.pooled, expected.pooled)
 
 
+def test_the_text_store_is_keyed_by_the_encoders_weights_not_the_path_as_typed(tiny_models, tmp_path, monkeypatch):
+    """`--pretrained_model_name_or_path model` run from two project folders (other encoders) with one shared
+    --latent_cache_dir: the second run trained on the first one's encodings."""
+    import shutil
+
+    from sketch2real.cli import parse_options
+    from sketch2real.family import family_of
+    from sketch2real.training.dreambooth import DreamBoothOptions, text_store_identity
+
+    for project in ("a", "b"):
+        shutil.copytree(tiny_models.sd, tmp_path / project / "model")
+    encoder = tmp_path / "b" / "model" / "text_encoder" / "model.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(encoder)
+    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in tensors.items()}, encoder)
+    identities = []
+    for project in ("a", "b", "a"):
+        monkeypatch.chdir(tmp_path / project)
+        opts = parse_options(DreamBoothOptions, ["--pretrained_model_name_or_path", "model", "--output_dir", "out",
+                                                 "--shard_dir", "s"])
+        identities.append(text_store_identity(opts, family_of("model"), torch.bfloat16))
+    assert identities[0] != identities[1] and identities[0] == identities[2]
+
+
 def test_a_text_store_that_will_not_fit_its_disk_stops_before_encoding_in_one_line(tmp_path, monkeypatch):
     """FLUX.1's T5 states at 512 tokens are 4 MiB a caption: a whole-dataset captions run's store (~300 GiB) filled
     the disk hours into encoding. Its size is known from one prompt: refused at once where it cannot fit."""

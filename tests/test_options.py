@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import subprocess
 import sys
 import typing
 from functools import cache
@@ -561,6 +562,43 @@ def test_bad_input_leaves_no_empty_output_dir_and_keeps_one_that_was_there_or_wa
     (tmp_path / "kept").mkdir()
     fail(tmp_path / "kept")
     assert (tmp_path / "kept").is_dir()
+
+
+def test_a_second_job_given_a_folder_in_use_stops_in_one_line_and_the_folder_is_free_when_the_first_ends(
+        tmp_path, monkeypatch, capsys):
+    """Two jobs into one --output_dir (a sweep of `sbatch slurm/dreambooth.sh --learning_rate ...`, each the same
+    default folder) both ran: one's weights beside the other's run_config.json, images of two settings in one index,
+    a save deleting the other's checkpoint in progress."""
+    from sketch2real.cli import LOCK_FILE, lock_output_dir
+    from sketch2real.training.accelerator import make_accelerator
+
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from sketch2real.cli import lock_output_dir; "
+                               f"lock_output_dir({str(folder)!r}); print('held', flush=True); sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "SLURM_JOB_ID": "4242"})
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(UserError, match=rf"--output_dir {folder} is in use by another job \(pid {holder.pid} on .*, "
+                                            r"Slurm job 4242\): two jobs writing one folder"):
+            lock_output_dir(folder)
+        opts = parse_options(_db(), ["--pretrained_model_name_or_path", "m", "--output_dir", str(folder),
+                                     "--shard_dir", "s", "--mixed_precision", "no"])
+        with pytest.raises(UserError, match="is in use by another job"):
+            make_accelerator(opts)  # a trainer: before any model loads
+        monkeypatch.setattr(sys, "argv", ["infer/generate.py", "--pretrained_model_name_or_path", "m", "--prompts", "a cat",
+                                          "--output_dir", str(folder)])
+        with pytest.raises(SystemExit) as stop:
+            run_main(import_script("infer/generate.py").main)
+        assert stop.value.code == 2 and "is in use by another job" in capsys.readouterr().err
+    finally:
+        holder.communicate("")  # the first job ends (a kill frees it too: the lock is the process's)
+    make_accelerator(opts)  # free now
+    from sketch2real.cli import release_output_locks
+
+    release_output_locks()
+    assert (folder / LOCK_FILE).is_file()
 
 
 def test_trainers_check_the_output_dir_before_anything_else(tmp_path, monkeypatch):

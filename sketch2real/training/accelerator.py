@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import torch
 
-from sketch2real.cli import UserError, check_output_dir, default_of, log_to_stderr
+from sketch2real.cli import UserError, check_output_dir, default_of, lock_output_dir, log_to_stderr
 
 logger = logging.getLogger("sketch2real")
 T = TypeVar("T")
@@ -188,10 +188,12 @@ def main_process_view(state, look: Callable[[], T]) -> T:
 
 def check_shared_folder(state, folder: str | os.PathLike, flag: str = "--output_dir") -> None:
     """One line on every process when `folder` is not one folder for all of them (node-local disks on a
-    multi-node job): rank 0 leaves a token file there, every rank looks for it. `state`: an Accelerator or a
+    multi-node job): rank 0 leaves a token file there, every rank looks for it; or when another job holds it
+    (`lock_output_dir`). `state`: an Accelerator or a
     PartialState. Checkpoints, PREEMPTED and the outputs assume a folder every rank sees."""
     from accelerate.utils import broadcast_object_list, gather_object
 
+    main_process_view(state, lambda: lock_output_dir(folder, flag))  # and it is this job's alone
     if state.num_processes == 1:
         return
     token = [f".shared-check-{uuid.uuid4().hex}" if state.is_main_process else None]

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from sketch2real.cli import UserError, is_full_disk
+from sketch2real.cli import LOCK_FILE, UserError, is_full_disk
 from sketch2real.io import differences, human_bytes, umask_modes, write_json
 from sketch2real.shards import shards_data
 from sketch2real.training.accelerator import checkpoint_kwargs, is_deepspeed, main_process_view
@@ -369,7 +369,7 @@ def output_files(out: Path) -> dict[str, int]:
     def output(path: Path) -> bool:
         first = path.relative_to(out).parts[0]
         return not (first.startswith("checkpoint-") or first in ("latent_cache", "logs", "validation", "metrics.json",
-                                                                   "README.md", "PREEMPTED") or ".partial" in first)
+                                                                   "README.md", "PREEMPTED", LOCK_FILE) or ".partial" in first)
 
     return {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file() and output(p)}
 

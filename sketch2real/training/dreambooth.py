@@ -26,7 +26,7 @@ from sketch2real.family import (
     placeholder_tokens,
 )
 from sketch2real.io import atomic_path, differences, umask_modes, write_json
-from sketch2real.models import SDComponents, dtype_for, load_base_pipeline, save_pretrained_atomic
+from sketch2real.models import SDComponents, dtype_for, load_base_pipeline, model_identity, save_pretrained_atomic
 from sketch2real.training.accelerator import main_process_view, zero3_init_disabled
 from sketch2real.training.data import load_folder_images, load_shard_images
 from sketch2real.training.diffusion import derive_seed, drops_prompt
@@ -260,6 +260,17 @@ def missing_class_images(folder: Path, count: int) -> list[int]:
     return missing
 
 
+def text_store_identity(opts: DreamBoothOptions, family: Family, dtype: torch.dtype) -> str:
+    """What a text store's conditionings depend on: the text encoders by what the model's files hold (its path as
+    typed was another model run from another folder, or one trained again in place, and a shared
+    --latent_cache_dir served its encodings), the family, dtype, resolution (SDXL's time ids) and prompt length."""
+    identity = "|".join(map(str, (model_identity(opts.pretrained_model_name_or_path), opts.revision, opts.variant,
+                                  family.name, dtype, opts.resolution)))
+    if family.max_sequence_length != FAMILIES[family.name].max_sequence_length:  # T5/Qwen's, given
+        identity += f"|tokens={family.max_sequence_length}"
+    return identity
+
+
 CLASS_CONFIG = "class_config.json"  # the settings a --class_data_dir's images were generated with
 
 
@@ -474,12 +485,9 @@ class DreamBoothTask(DiffusionTask):
         self.text_store: TextStore | None = None
         if not self.sample_prompts.per_category and not self.trains_text:
             extra = [opts.class_prompt] * bool(opts.with_prior_preservation) + [""] * bool(opts.caption_dropout_probability)
-            identity = "|".join(map(str, (opts.pretrained_model_name_or_path, opts.revision, opts.variant, self.family.name,
-                                          self.weight_dtype, opts.resolution)))
-            if self.family.max_sequence_length != FAMILIES[self.family.name].max_sequence_length:  # T5/Qwen's, given
-                identity += f"|tokens={self.family.max_sequence_length}"
             self.text_store = TextStore(opts.latent_cache_dir or Path(opts.output_dir) / "latent_cache",
-                                        [*map(self.sample_prompts, self.keys, self.categories), *extra], identity)
+                                        [*map(self.sample_prompts, self.keys, self.categories), *extra],
+                                        text_store_identity(opts, self.family, self.weight_dtype))
 
     def prepare_data(self, start_step: int) -> None:
         super().prepare_data(start_step)

@@ -11,14 +11,15 @@ import functools
 import logging
 from pathlib import Path
 
-from sketch2real.cli import UserError
+from sketch2real.cli import LOCK_FILE, UserError
 from sketch2real.training.accelerator import main_process_view
 
 logger = logging.getLogger("sketch2real")
 
 # what stays local: resume state and caches, not part of the model (diffusers' scripts push their checkpoints too);
 # huggingface_hub's patterns (fnmatch over the whole path: `*` crosses folders), also a sequential run's stages' own
-LOCAL_ONLY = ("checkpoint-*", "*/checkpoint-*", "latent_cache/*", "*/latent_cache/*", "PREEMPTED", "*/PREEMPTED")
+LOCAL_ONLY = ("checkpoint-*", "*/checkpoint-*", "latent_cache/*", "*/latent_cache/*", "PREEMPTED", "*/PREEMPTED",
+              LOCK_FILE, f"*/{LOCK_FILE}")
 LOGIN_HINT = ("log in with `hf auth login` or set HF_TOKEN; compute nodes without a network: train without "
               "--push_to_hub, then `hf upload REPO OUTPUT_DIR` from a login node")
 
