@@ -660,18 +660,29 @@ def stream_loader(stream: ShardStream, batch_size: int, num_workers: int = 0) ->
     )
 
 
-def _member_offsets(path: Path) -> tuple[dict[str, tuple[int, int]], str]:
-    """{member name: (data offset, size)} of a tar, read up to where it breaks off; and why it did ("" if intact)."""
+FileIdentity = tuple[int, int, int]  # inode, size, mtime: a shard replaced in place (rebuilt) is another
+
+
+def _file_identity(f) -> FileIdentity:
+    st = os.fstat(f.fileno())
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _member_offsets(path: Path) -> tuple[dict[str, tuple[int, int]], str, FileIdentity | None]:
+    """{member name: (data offset, size)} of a tar, read up to where it breaks off; why it did ("" if intact); and the
+    identity of the file read (None if it could not be opened)."""
     offsets: dict[str, tuple[int, int]] = {}
+    identity = None
     try:
-        size = path.stat().st_size
-        with tarfile.open(path, mode="r|") as tar:
-            for info in tar:
-                if info.isfile() and info.offset_data + info.size <= size:
-                    offsets[info.name] = (info.offset_data, info.size)
+        with open(path, "rb") as f:
+            identity = _file_identity(f)
+            with tarfile.open(fileobj=f, mode="r|") as tar:
+                for info in tar:
+                    if info.isfile() and info.offset_data + info.size <= identity[1]:
+                        offsets[info.name] = (info.offset_data, info.size)
     except (tarfile.TarError, OSError, EOFError) as err:
-        return offsets, f"{type(err).__name__}: {err}"
-    return offsets, ""
+        return offsets, f"{type(err).__name__}: {err}", identity
+    return offsets, "", identity
 
 
 class ShardSamples(torch.utils.data.Dataset):
@@ -704,12 +715,16 @@ class ShardSamples(torch.utils.data.Dataset):
     def _member(self, shard: str, name: str, where: str) -> bytes:
         if shard not in self._offsets:
             self._offsets[shard] = _member_offsets(self.shard_dir / shard)
-        offsets, broken = self._offsets[shard]
+        offsets, broken, identity = self._offsets[shard]
         if name not in offsets:
             raise CorruptSample(where, f"{name} missing from the shard ({broken or 'not in the tar'})")
         offset, size = offsets[name]
         try:
             with open(self.shard_dir / shard, "rb") as f:
+                if _file_identity(f) != identity:  # its offsets would read other samples' bytes (decoding fine)
+                    raise UserError(f"{self.shard_dir / shard} was replaced while this job read it "
+                                    f"(data_prep/make_shards.py into {self.shard_dir}?): rerun the job on the new "
+                                    "shards, or build new shards into another folder while jobs read these")
                 f.seek(offset)
                 data = f.read(size)
         except OSError as err:

@@ -144,6 +144,24 @@ def test_truncated_tar_is_skipped_not_fatal(cut, said, shard_dir, tmp_path, capl
     assert 0 < corrupt < total and len(keys) + corrupt == total
 
 
+def test_a_shard_rebuilt_under_a_reading_job_is_one_line_not_other_samples_images(shard_dir, tmp_path):
+    """A reader keeps each shard's member offsets; make_shards.py replacing the shards while a job ran made those
+    offsets read other samples' bytes (a third decoded fine, as another image: a ControlNet trained on them and
+    exited 0)."""
+    folder = tmp_path / "shards"
+    shutil.copytree(shard_dir, folder)
+    samples = ShardSamples(folder, "train", fields=("sketch",), resolution=32)
+    shard = samples.refs[0].shard
+    in_shard = [i for i, ref in enumerate(samples.refs) if ref.shard == shard]
+    first = samples.read(in_shard[0])["sketch"]
+    other = next(ref.shard for ref in samples.refs if ref.shard != shard)
+    shutil.copy(folder / other, folder / "rebuilt.tmp")
+    os.replace(folder / "rebuilt.tmp", folder / shard)  # as make_shards.py writes a shard: whole, then renamed
+    with pytest.raises(UserError, match=f"{folder / shard} was replaced while this job read it"):
+        samples.read(in_shard[1])
+    assert first.shape == (3, 32, 32)
+
+
 def test_rerun_skips_finished_shards_and_rewrites_missing_or_partial(splits_dir, sketchy_root, tmp_path):
     out = tmp_path / "shards"
     first = write_shards(splits_dir, sketchy_root, out, ("train",), max_samples=16, progress=False)
