@@ -14,6 +14,7 @@ config values alike.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import json
@@ -486,8 +487,11 @@ def lock_output_dir(folder: str | os.PathLike, flag: str = "--output_dir") -> No
 
 
 def release_output_locks() -> None:
-    """Let go of the folders `lock_output_dir` holds (a script's end; run in-process, the next run takes them)."""
-    for fd in HELD_LOCKS.values():
+    """Let go of the folders `lock_output_dir` holds (a script's end; run in-process, the next run takes them), and
+    remove the lock files (a killed job's stays, free, until the next job in its folder ends)."""
+    for folder, fd in HELD_LOCKS.items():
+        with contextlib.suppress(OSError):
+            (folder / LOCK_FILE).unlink()
         os.close(fd)
     HELD_LOCKS.clear()
 

@@ -660,12 +660,12 @@ def stream_loader(stream: ShardStream, batch_size: int, num_workers: int = 0) ->
     )
 
 
-FileIdentity = tuple[int, int, int]  # inode, size, mtime: a shard replaced in place (rebuilt) is another
+FileIdentity = tuple[int, int]  # size, mtime: a shard replaced in place (rebuilt) is another (inodes: unstable on FUSE)
 
 
 def _file_identity(f) -> FileIdentity:
     st = os.fstat(f.fileno())
-    return st.st_ino, st.st_size, st.st_mtime_ns
+    return st.st_size, st.st_mtime_ns
 
 
 def _member_offsets(path: Path) -> tuple[dict[str, tuple[int, int]], str, FileIdentity | None]:
@@ -678,7 +678,7 @@ def _member_offsets(path: Path) -> tuple[dict[str, tuple[int, int]], str, FileId
             identity = _file_identity(f)
             with tarfile.open(fileobj=f, mode="r|") as tar:
                 for info in tar:
-                    if info.isfile() and info.offset_data + info.size <= identity[1]:
+                    if info.isfile() and info.offset_data + info.size <= identity[0]:
                         offsets[info.name] = (info.offset_data, info.size)
     except (tarfile.TarError, OSError, EOFError) as err:
         return offsets, f"{type(err).__name__}: {err}", identity

@@ -597,8 +597,9 @@ def test_a_second_job_given_a_folder_in_use_stops_in_one_line_and_the_folder_is_
     make_accelerator(opts)  # free now
     from sketch2real.cli import release_output_locks
 
-    release_output_locks()
     assert (folder / LOCK_FILE).is_file()
+    release_output_locks()  # the script's end
+    assert not (folder / LOCK_FILE).exists()
 
 
 def test_trainers_check_the_output_dir_before_anything_else(tmp_path, monkeypatch):
