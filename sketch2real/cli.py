@@ -461,28 +461,47 @@ def lock_output_dir(folder: str | os.PathLike, flag: str = "--output_dir") -> No
     """Hold an exclusive lock on `folder` until `release_output_locks` (at the script's end) or the process ends, a
     kill included: a second job given the same folder stops in one line, where both ran and mixed their outputs (one
     job's weights beside another's run_config.json; images of two settings in one index; a save deleting the other's
-    checkpoint in progress). The main process only (a job's ranks share the folder). A file system without locks
-    leaves the folder unguarded, as before."""
+    checkpoint in progress). The main process only (a job's ranks share the folder). A file system without locks, or
+    a lock file this user cannot open, leaves the folder unguarded, as before."""
     import fcntl
     import socket
 
     key = Path(folder).resolve()
     if key in HELD_LOCKS:  # this process's own (a script run twice in one process)
         return
-    fd = os.open(key / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 300).decode(errors="replace").strip() or "a process"
+    path = key / LOCK_FILE
+    for _ in range(3):  # a job ending between our open and our lock unlinks the file we locked: take the new one
+        try:  # 0o666: the umask decides, as for the other outputs (a group's shared folder)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:  # another user's, not writable to us: the lock alone
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 300).decode(errors="replace").strip() or "a process"
+            os.close(fd)
+            raise UserError(f"{flag} {folder} is in use by another job ({holder}): two jobs writing one folder mix "
+                            f"their outputs; give this one another {flag}, or wait for that one to end (a job of a "
+                            f"node that died holds it no longer: remove {path})") from None
+        except OSError:  # no locks here (ENOLCK, EOPNOTSUPP; NFS's on a read-only descriptor)
+            os.close(fd)
+            return
+        try:
+            current = os.stat(path).st_ino
+        except OSError:
+            current = None
+        if current == os.fstat(fd).st_ino:
+            break
         os.close(fd)
-        raise UserError(f"{flag} {folder} is in use by another job ({holder}): two jobs writing one folder mix their "
-                        f"outputs; give this one another {flag}, or wait for that one to end") from None
-    except OSError:  # no locks here (ENOLCK, EOPNOTSUPP)
-        os.close(fd)
+    else:
         return
     job = os.environ.get("SLURM_JOB_ID")
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}{f', Slurm job {job}' if job else ''}".encode())
+    with contextlib.suppress(OSError):  # read-only to us: held, unlabelled
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}{f', Slurm job {job}' if job else ''}".encode())
     HELD_LOCKS[key] = fd
 
 

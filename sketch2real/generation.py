@@ -126,14 +126,16 @@ def items_from_captions(path: str, prompt_ids: Sequence[str] | None, template: s
 
 
 def items_from_prompts(prompts: Sequence[str]) -> list[Item]:
-    """One item per prompt; one `.txt` path given is a file of prompts, one a line (its blank lines skipped)."""
-    if len(prompts) == 1 and prompts[0].endswith(".txt"):  # not drawn as its own words
-        path = Path(prompts[0])
-        if not path.is_file():
-            raise UserError(f"--prompts {path}: no such file (a .txt given alone is read as prompts, one a line)")
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not prompts:
-            raise UserError(f"--prompts {path}: the file holds no prompt")
+    """One item per prompt; `.txt` paths (every one given) are files of prompts, one a line, blank lines skipped."""
+    if prompts and all(p.lower().endswith(".txt") for p in prompts):  # not drawn as their own words
+        files, prompts = prompts, []
+        for path in map(Path, files):
+            if not path.is_file():
+                raise UserError(f"--prompts {path}: no such file (.txt files given are read as prompts, one a line)")
+            lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            if not lines:
+                raise UserError(f"--prompts {path}: the file holds no prompt")
+            prompts += lines
     return [Item(key=f"prompt-{i:04d}", prompt=p) for i, p in enumerate(prompts)]
 
 
@@ -602,7 +604,7 @@ class GenerateOptions:
     captions: str = option("", help="captions JSONL from infer/caption.py (one image per row)")
     prompt_ids: list[str] = option([], help="only these prompt ids of --captions", affects="selection")
     prompt_template: str = option("", help="template over the samples of --split: {category}, {key}, {caption}")
-    prompts: list[str] = option([], help="plain prompts, or one .txt file of them (a prompt a line)")
+    prompts: list[str] = option([], help="plain prompts, or .txt files of them (a prompt a line)")
     shard_dir: str = option("", help="shards (for --prompt_template items, mosaics and --controlnet sketches)")
     split: str = option("test", help="split whose samples the template covers")
     categories: list[str] = option([], help="only these categories", affects="selection")

@@ -721,10 +721,8 @@ class ShardSamples(torch.utils.data.Dataset):
         offset, size = offsets[name]
         try:
             with open(self.shard_dir / shard, "rb") as f:
-                if _file_identity(f) != identity:  # its offsets would read other samples' bytes (decoding fine)
-                    raise UserError(f"{self.shard_dir / shard} was replaced while this job read it "
-                                    f"(data_prep/make_shards.py into {self.shard_dir}?): rerun the job on the new "
-                                    "shards, or build new shards into another folder while jobs read these")
+                if _file_identity(f) != identity:  # touched, copied again, or rebuilt (other samples at these offsets)
+                    self._check_unchanged(shard, offsets)
                 f.seek(offset)
                 data = f.read(size)
         except OSError as err:
@@ -732,6 +730,17 @@ class ShardSamples(torch.utils.data.Dataset):
         if len(data) != size:
             raise CorruptSample(where, f"{name} cut short in the shard")
         return data
+
+    def _check_unchanged(self, shard: str, offsets: dict[str, tuple[int, int]]) -> None:
+        """A shard file changed since its offsets were read: the same members at the same places (touched, copied
+        again) reads on; another layout (make_shards.py rebuilt it under this job: its offsets read other samples'
+        bytes, which decoded as other images) is one line."""
+        again = _member_offsets(self.shard_dir / shard)
+        if again[0] != offsets:
+            raise UserError(f"{self.shard_dir / shard} was replaced while this job read it (data_prep/make_shards.py "
+                            f"into {self.shard_dir}?): rerun the job on the new shards, or build new shards into "
+                            "another folder while jobs read these")
+        self._offsets[shard] = again
 
     def where(self, index: int) -> str:
         ref = self.refs[index]

@@ -15,7 +15,7 @@ from .helpers import run_script
 def trained_base(tmp_path_factory):
     from sketch2real.testing.pretrain import PretrainSettings, pretrain_tiny_sd
 
-    settings = PretrainSettings(photos_per_category=24, vae_steps=200, unet_steps=400)
+    settings = PretrainSettings(photos_per_category=24, vae_steps=120, unet_steps=250)
     return pretrain_tiny_sd(tmp_path_factory.mktemp("pretrained") / "tiny-sd-trained", settings, progress=False)
 
 

@@ -601,6 +601,31 @@ def test_a_second_job_given_a_folder_in_use_stops_in_one_line_and_the_folder_is_
     release_output_locks()  # the script's end
     assert not (folder / LOCK_FILE).exists()
 
+    # A job ending between another's open and its lock unlinked the file that one then locked: a third job created
+    # a new one and both ran. The lock is taken on the file that is there.
+    import fcntl
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from sketch2real.cli import lock_output_dir, "
+                               f"release_output_locks; lock_output_dir({str(folder)!r}); print('held', flush=True); "
+                               "sys.stdin.readline(); release_output_locks()"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    flock, calls = fcntl.flock, []
+
+    def the_holder_ends_first(fd, operation):
+        if not calls:
+            holder.communicate("\n")
+        calls.append(fd)
+        return flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", the_holder_ends_first)
+    lock_output_dir(folder)
+    monkeypatch.setattr(fcntl, "flock", flock)
+    third = subprocess.run([sys.executable, "-c", f"from sketch2real.cli import lock_output_dir; lock_output_dir({str(folder)!r})"],
+                           capture_output=True, text=True)
+    assert len(calls) == 2 and "is in use by another job" in third.stderr
+    release_output_locks()
+
 
 def test_trainers_check_the_output_dir_before_anything_else(tmp_path, monkeypatch):
     from sketch2real.training.accelerator import make_accelerator

@@ -159,7 +159,14 @@ def test_a_shard_rebuilt_under_a_reading_job_is_one_line_not_other_samples_image
     os.replace(folder / "rebuilt.tmp", folder / shard)  # as make_shards.py writes a shard: whole, then renamed
     with pytest.raises(UserError, match=f"{folder / shard} was replaced while this job read it"):
         samples.read(in_shard[1])
-    assert first.shape == (3, 32, 32)
+    # the same bytes with another time (touched against a scratch purge, copied without -t): read on
+    shutil.rmtree(folder)
+    shutil.copytree(shard_dir, folder)
+    touched = ShardSamples(folder, "train", fields=("sketch",), resolution=32)
+    before = touched.read(in_shard[0])["sketch"]
+    os.utime(folder / shard, ns=(1, 1))
+    assert torch.equal(touched.read(in_shard[0], ("sketch",))["sketch"], before) and first.shape == before.shape
+    touched.read(in_shard[1])
 
 
 def test_rerun_skips_finished_shards_and_rewrites_missing_or_partial(splits_dir, sketchy_root, tmp_path):
