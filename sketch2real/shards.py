@@ -397,6 +397,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+# What `decode_image`'s pixels are made by, in the keys of caches of them (latents): bumped when its resize, crop or
+# colour conversion changes; Pillow's version beside it (its resampling has changed between releases).
+DECODER_VERSION = f"1|Pillow {Image.__version__}"
+
+
 def decode_image(data: bytes, resolution: int | None, as_tensor: bool, where: str = "image", upright: bool = True) -> Any:
     """PNG/JPEG bytes -> RGB PIL image, upright by its EXIF orientation (unless not `upright`: pixels as stored, as
     pytorch-fid and clean-fid read them) and resized to a square `resolution`, or a CHW float tensor in [-1, 1].

@@ -486,6 +486,11 @@ def test_the_latent_store_is_encoded_once_kept_through_a_signal_and_reused(tiny_
     with torch.no_grad():
         next(other_vae.parameters()).add_(1.0)
     assert LatentStore(tmp_path / "cut", other_vae, images, torch.device("cpu"), block=16).folder != later.folder
+    # pixels made by another decoder (a Pillow whose resampling changed, our resize changed): not these latents
+    import sketch2real.training.data
+
+    monkeypatch.setattr(sketch2real.training.data, "DECODER_VERSION", "2|Pillow 99", raising=False)
+    assert LatentStore(tmp_path / "cut", vae, images, torch.device("cpu"), block=16).folder != later.folder
 
 
 def test_a_latent_store_that_will_not_fit_its_disk_stops_before_encoding(tiny_models, shard_dir, tmp_path, monkeypatch):

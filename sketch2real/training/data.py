@@ -12,6 +12,7 @@ import torch
 
 from sketch2real.cli import UserError
 from sketch2real.shards import (
+    DECODER_VERSION,
     CorruptSample,
     ShardSamples,
     corrupt_samples,
@@ -180,7 +181,7 @@ class LazyImages:
                  for name in shards]
         keys = hashlib.sha256("\n".join(samples.where(p) for p in self.positions).encode()).hexdigest()
         return (f"{samples.shard_dir.resolve()}|{self.field}|{','.join(samples.fields)}|{samples.resolution}|{keys}|"
-                + ",".join(stats))
+                f"{DECODER_VERSION}|" + ",".join(stats))
 
     def where(self, k: int) -> str:
         """`shard:key` of item k (for messages)."""
