@@ -118,6 +118,10 @@ def items_from_captions(path: str, prompt_ids: Sequence[str] | None, template: s
                           sample_key=row["key"], extra={"prompt_id": row["prompt_id"]}))
     if not items:
         raise UserError(f"no captions in {path}" + (f" for prompt ids {sorted(wanted)}" if wanted else ""))
+    empty = sum(not row["caption"].strip() for row in rows if not wanted or str(row.get("prompt_id")) in wanted)
+    if empty:  # a captioner's "" (BLIP-2 gives it to some questions): drawn as written, counted in FID and CLIP score
+        logger.warning("%d captions in %s are empty: their images are drawn from %s", empty, path,
+                       "an empty prompt (unconditional)" if template.strip() == "{caption}" else f"{template!r} without one")
     absent = sorted(wanted - {str(row.get("prompt_id")) for row in rows})
     if absent:  # the others' images only, without a word, before
         raise UserError(f"--prompt_ids {' '.join(absent)}: no captions of {'that id' if len(absent) == 1 else 'those ids'} "

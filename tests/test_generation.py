@@ -684,3 +684,27 @@ def test_a_prompts_file_is_read_a_prompt_a_line_and_an_empty_split_is_one_line(s
     (empty / "test.json").write_text(json.dumps({**index, "shards": []}))
     with pytest.raises(UserError, match=f"split 'test' of {empty} has no samples to draw"):
         build_items(parse_options(GenerateOptions, [*common, "--shard_dir", str(empty), "--prompt_template", "a {category}"]))
+
+
+def test_an_empty_caption_trains_the_template_and_is_said_in_training_and_generation(tmp_path, caplog):
+    """BLIP-2 answers some questions with "": training silently used the template for it while counting the image as
+    captioned, and generation drew it unconditional without a word. Both say so now, and a caption's surrounding
+    spaces (Qwen tokenizes " a cat " apart from "a cat") are dropped by both."""
+    from sketch2real.generation import items_from_captions
+    from sketch2real.training.prompts import SamplePrompts
+
+    path = tmp_path / "captions.jsonl"
+    rows = [("cat/a", " a cat "), ("cat/b", ""), ("dog/c", "  ")]
+    path.write_text("".join(json.dumps({"key": k, "category": k.split("/")[0], "prompt_id": "1", "caption": c}) + "\n"
+                            for k, c in rows))
+    with caplog.at_level("INFO", logger="sketch2real"):
+        prompts = SamplePrompts.load("a sketch of a {category}", str(path))
+        prompts.check_covers(["cat/a", "cat/b", "dog/c"], "instance images")
+    assert [prompts(k, k.split("/")[0]) for k, _ in rows] == ["a cat", "a sketch of a cat", "a sketch of a dog"]
+    assert "2 captions in" in caplog.text and "train with the template" in caplog.text
+    assert "captions for 1 of 3 instance images" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sketch2real"):
+        items = items_from_captions(str(path), None)
+    assert [it.prompt for it in items] == ["a cat", "", ""]
+    assert "2 captions in" in caplog.text and "an empty prompt (unconditional)" in caplog.text

@@ -79,10 +79,17 @@ class SamplePrompts:
         sample's first)."""
         by_key: dict[str, str] = {}
         rows = read_jsonl(captions, required=CAPTION_FIELDS) if captions else []
+        empty = 0
         for row in rows:
             if prompt_id and str(row["prompt_id"]) != prompt_id:
                 continue
-            by_key.setdefault(row["key"], row["caption"])
+            caption = row["caption"].strip()  # as infer/generate.py draws it (Qwen's tokens differ for " a cat ")
+            if not caption:  # a captioner's "": the template, said and counted as such (it counted as captioned)
+                empty += 1
+                continue
+            by_key.setdefault(row["key"], caption)
+        if empty:
+            logger.warning("%d captions in %s are empty: their images train with the template", empty, captions)
         if captions and not by_key:  # a mistyped id trained the template alone, silently
             ids = sorted({str(row.get("prompt_id")) for row in rows})
             raise UserError(f"no captions of --caption_prompt_id {prompt_id} in {captions} (its prompt ids: "
