@@ -108,6 +108,11 @@ def test_two_processes_agree_with_one(ti_args, tmp_path, deepspeed):
     "extra, message",
     [
         (["--placeholder_token", "cat"], "already in the vocabulary"),
+        # CLIP lowercases prompts: <Sketch> trained on all its vectors was drawn with its first one only (and "Cat"
+        # matched every "cat" of every prompt)
+        (["--placeholder_token", "<Sketch>"], "lowercases prompts, so diffusers' loader never finds a token with "
+                                              "capitals; give '<sketch>'"),
+        (["--placeholder_token", "Cat"], "give 'cat'"),
         (["--initializer_token", "qxzvw"], "is not a single token"),
         (["--num_vectors", "0"], "--num_vectors must be at least 1"),
         (["--learnable_property", "texture"], "--learnable_property must be"),

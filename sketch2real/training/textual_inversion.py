@@ -126,6 +126,11 @@ def add_placeholder_tokens(tokenizer, text_encoder, tokens: list[str], initializ
     starting from the mean embedding of the `initializer` words, or with "" from random rows at the embedding's
     spread (seeded; diffusers' pivotal-tuning start). `flag`: the option that named the tokens, for messages."""
     vocab = tokenizer.get_vocab()
+    if tokenizer.tokenize("A") == tokenizer.tokenize("a"):  # CLIP's: prompts are lowercased before added tokens match
+        upper = [t for t in tokens if t != t.lower()]
+        if upper:  # trained as written, then never found in a prompt: drawn with its first vector only, or none
+            raise UserError(f"{flag} {upper[0]!r}: this text encoder's tokenizer lowercases prompts, so diffusers' "
+                            f"loader never finds a token with capitals; give {upper[0].lower()!r}")
     clash = [t for t in tokens if t in vocab or tokenizer.tokenize(t) == [t + "</w>"]]
     if clash:
         raise UserError(f"token {clash[0]!r} is already in the vocabulary; choose another {flag}")
