@@ -1408,6 +1408,14 @@ def test_category_in_validation_prompts_is_filled_in_and_a_class_prompt_naming_i
     assert rows("--instance_prompt", "a sks sketch", "--instance_category", "cat", "--validation_prompt", "a sks sketch",
                 "a Cat in the style of sks", "a photo of a dog", "a caterpillar") == [
         ("a sks sketch", "cat"), ("a Cat in the style of sks", "cat"), ("a photo of a dog", None), ("a caterpillar", None)]
+    # a category whose words end in ")" (no \b after it): its row had no category, so no content accuracy
+    assert rows("--instance_prompt", "a sks sketch", "--instance_category", "car_(sedan)", "--validation_prompt",
+                "a car (sedan) in the style of sks") == [("a car (sedan) in the style of sks", "car_(sedan)")]
+    # pivotal tuning's --token_abstraction "<sks>" was refused: "does not contain --token_abstraction" (diffusers takes it)
+    pivotal = parse_options(DreamBoothOptions, ["--pretrained_model_name_or_path", "m", "--output_dir", "o", "--shard_dir",
+                                                "s", "--instance_prompt", "a <sks> sketch of a cat", "--train_text_encoder_ti",
+                                                "--token_abstraction", "<sks>", "--lora_rank", "4"])
+    pivotal.check()
     with pytest.raises(UserError, match="--validation_prompt 'a {kind}': only {category}"):
         rows("--instance_prompt", "a sks sketch", "--validation_prompt", "a {kind}")
     proc = run_script("train/dreambooth.py", *db_args, "--with_prior_preservation", "--class_prompt", "a sketch of a {category}",

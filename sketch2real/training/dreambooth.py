@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -34,6 +33,7 @@ from sketch2real.training.options import TrainOptions, flags_not_taken
 from sketch2real.training.preemption import preemption
 from sketch2real.training.prompts import (
     SamplePrompts,
+    as_word,
     check_captions_file,
     check_prompt_template,
     check_validation_prompts,
@@ -197,7 +197,7 @@ class DreamBoothOptions(TrainOptions):
                             "is already in the format ComfyUI reads)")
         if self.train_text_encoder_ti and not (self.lora_rank and self.lora_type == "lora"):
             raise UserError("--train_text_encoder_ti trains new tokens together with LoRA adapters: give --lora_rank")
-        if self.train_text_encoder_ti and not re.search(rf"\b{re.escape(self.token_abstraction)}\b", self.instance_prompt):
+        if self.train_text_encoder_ti and not as_word(self.token_abstraction).search(self.instance_prompt):
             raise UserError(f"--train_text_encoder_ti: --instance_prompt {self.instance_prompt!r} does not contain "
                             f"--token_abstraction {self.token_abstraction!r}, which the new tokens stand for")
         if self.lora_type == "lokr" and not self.lora_rank:
@@ -451,7 +451,7 @@ class DreamBoothTask(DiffusionTask):
             self.keys, self.categories = [m["key"] for m in metas], [m["category"] for m in metas]
         logger.info("%d instance images", len(instance_images))
         self.sample_prompts.check_covers(self.keys, "instance images")
-        token = re.compile(rf"\b{re.escape(opts.token_abstraction)}\b")
+        token = as_word(opts.token_abstraction)
         if opts.train_text_encoder_ti and not any(token.search(self.sample_prompts(k, c)) for k, c in
                                                   zip(self.keys, self.categories)):  # the new rows would never train
             raise UserError(f"--train_text_encoder_ti: no prompt of the instance images has --token_abstraction "
@@ -587,7 +587,7 @@ class DreamBoothTask(DiffusionTask):
         Textual Inversion loader expands `<s0>` at generation."""
         if not self.new_tokens:
             return prompt
-        return re.sub(rf"\b{re.escape(self.opts.token_abstraction)}\b", " ".join(self.new_tokens), prompt)
+        return as_word(self.opts.token_abstraction).sub(" ".join(self.new_tokens), prompt)
 
     def denoiser_of(self, model):
         return self.accelerator.unwrap_model(model).denoiser
@@ -614,7 +614,7 @@ class DreamBoothTask(DiffusionTask):
         the rest), not --token_abstraction."""
         if not self.new_tokens:
             return prompt
-        return re.sub(rf"\b{re.escape(self.opts.token_abstraction)}\b", PIVOTAL_TOKEN, prompt)
+        return as_word(self.opts.token_abstraction).sub(PIVOTAL_TOKEN, prompt)
 
     def card_prompt(self) -> str:
         return self.user_prompt(super().card_prompt())

@@ -52,10 +52,15 @@ def validation_rows(prompts: list[str], categories: list[str], fixed: str | None
         if "{category}" in prompt:
             rows += [(fill_category(prompt, c), c) for c in chosen]
             continue
-        named = fixed is not None and (prompt in own or re.search(rf"\b{re.escape(category_words(fixed))}\b", prompt,
-                                                                  re.IGNORECASE))
+        named = fixed is not None and (prompt in own or as_word(category_words(fixed), re.IGNORECASE).search(prompt))
         rows.append((prompt, fixed if named else None))
     return rows
+
+
+def as_word(text: str, flags: int = 0) -> re.Pattern:
+    """`text` where it stands as a word of a prompt: not inside another word, whatever its own ends are (`\\b`
+    missed `<sks>` and "car (sedan)": no boundary beside `>` or `)` before a space)."""
+    return re.compile(rf"(?<!\w){re.escape(text)}(?!\w)", flags)
 
 
 def check_captions_file(path: str, prompt_id: str = "") -> None:
