@@ -1519,6 +1519,15 @@ def test_the_card_s_lines_load_the_run_s_vae_and_call_the_pipeline_as_training_c
     assert "image = pipe(prompt='a sks sketch', guidance_scale=7.0, max_sequence_length=77).images[0]" in sd3 and "vae" not in sd3
     klein = usage("lora", "black-forest-labs/FLUX.2-klein-4B", tmp_path, "a sks sketch", FAMILIES["flux2-klein"], vae="my/vae")
     assert "vae = AutoencoderKLFlux2.from_pretrained('my/vae')" in klein and "import AutoencoderKLFlux2, " in klein
+    # the command line as bash reads it: a prompt with both quotes, a backslash and `$`, a folder with a space
+    import shlex
+
+    prompt = """a "sks" sketch, the cat's $HOME \\ `pwd`"""
+    card = usage("embeddings", "base model", tmp_path / "my run", prompt, FAMILIES["sd"])
+    command = shlex.split(card.split("```bash\n", 1)[1].split("\n```", 1)[0])
+    assert command[command.index("--prompts") + 1] == prompt
+    assert command[command.index("--pretrained_model_name_or_path") + 1] == "base model"
+    assert command[command.index("--textual_inversion") + 1] == str(tmp_path / "my run" / "learned_embeds.safetensors")
 
 
 def test_a_run_of_other_settings_into_a_folder_leaves_no_earlier_weight_file_the_card_or_generation_would_load(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -73,12 +74,14 @@ def usage(kind: str, base: str, out: Path, prompt: str, family: Family, repo_id:
     if repo_id:  # the command reads a local folder: the repository downloaded into one
         out = Path(repo_id.split("/")[-1])
     embeds = str(out / "learned_embeds.safetensors")
-    generate = {"lora": f"--pretrained_model_name_or_path {out}", "lokr": f"--pretrained_model_name_or_path {out}",
-                "embeddings": f"--pretrained_model_name_or_path {base} --textual_inversion {embeds}",
-                "pipeline": f"--pretrained_model_name_or_path {out}",
-                "controlnet": f"--pretrained_model_name_or_path {base} --controlnet {out} --shard_dir SHARDS"}[kind]
-    prompts = f"--prompt_template {prompt!r}" if kind == "controlnet" else f"--prompts {prompt!r}"
-    download = [f"hf download {repo_id} --local-dir {out}"] if repo_id else []
+    # the shell's quoting (a prompt with both quotes, a backslash or `$`, a folder with a space broke Python's repr)
+    q_out, q_base = shlex.quote(str(out)), shlex.quote(str(base))
+    generate = {"lora": f"--pretrained_model_name_or_path {q_out}", "lokr": f"--pretrained_model_name_or_path {q_out}",
+                "embeddings": f"--pretrained_model_name_or_path {q_base} --textual_inversion {shlex.quote(embeds)}",
+                "pipeline": f"--pretrained_model_name_or_path {q_out}",
+                "controlnet": f"--pretrained_model_name_or_path {q_base} --controlnet {q_out} --shard_dir SHARDS"}[kind]
+    prompts = f"--prompt_template {shlex.quote(prompt)}" if kind == "controlnet" else f"--prompts {shlex.quote(prompt)}"
+    download = [f"hf download {repo_id} --local-dir {q_out}"] if repo_id else []
     lines = ["```bash", *download, f"python infer/generate.py {generate} {prompts} --output_dir generated", "```"]
     tokens = kind == "embeddings" or (kind == "lora" and (local / "learned_embeds.safetensors").is_file())
     source = repo_id or str(out)  # diffusers' loaders take a hub id as they take a folder
