@@ -536,7 +536,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         unknown = [f for f in fields if f not in IMAGE_FIELDS]
         if unknown:
             raise UserError(f"unknown field {unknown[0]!r}; choose from {sorted(IMAGE_FIELDS)}")
-        self.shard_dir = Path(shard_dir)
+        self.shard_dir, self.split = Path(shard_dir), split
         self.refs = sample_refs(shard_dir, split, categories)
         if keys is not None:
             wanted = set(keys)
@@ -708,7 +708,7 @@ class ShardSamples(torch.utils.data.Dataset):
         categories: Sequence[str] | None = None,
         as_tensor: bool = True,
     ):
-        self.shard_dir = Path(shard_dir)
+        self.shard_dir, self.split = Path(shard_dir), split
         self.refs = sample_refs(shard_dir, split, categories)
         self.fields, self.resolution, self.as_tensor = tuple(fields), resolution, as_tensor
         self._offsets: dict[str, tuple[dict[str, tuple[int, int]], str]] = {}

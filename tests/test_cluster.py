@@ -486,6 +486,14 @@ def test_the_latent_store_is_encoded_once_kept_through_a_signal_and_reused(tiny_
     with torch.no_grad():
         next(other_vae.parameters()).add_(1.0)
     assert LatentStore(tmp_path / "cut", other_vae, images, torch.device("cpu"), block=16).folder != later.folder
+    # the shards copied to another folder (a node's local disk) with new times: the same store (a requeue encoded it
+    # all again; ranks with their own copies wrote and read blocks in different folders, and crashed)
+    import shutil
+
+    shutil.copytree(shard_dir, tmp_path / "copy")
+    copied = ShardSamples(tmp_path / "copy", "train", fields=("photo",), resolution=32)
+    copied_images = LazyImages(copied, "photo", list(range(len(copied))))
+    assert LatentStore(tmp_path / "cut", vae, copied_images, torch.device("cpu"), block=16).folder == later.folder
     # pixels made by another decoder (a Pillow whose resampling changed, our resize changed): not these latents
     import sketch2real.training.data
 

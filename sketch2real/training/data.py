@@ -17,6 +17,7 @@ from sketch2real.shards import (
     ShardSamples,
     corrupt_samples,
     image_files,
+    load_index,
     open_image,
     read_or_substitute,
 )
@@ -170,18 +171,22 @@ class LazyImages:
         return len(self.positions)
 
     def identity(self) -> str:
-        """What the items are (shards' files as stat'ed, keys in order, field, resolution): a cache's key."""
+        """What the items are (shards by the fingerprints their index gives, keys in order, field, resolution, decoder): a
+        cache's key."""
         samples = self.samples
         shards = sorted({samples.refs[p].shard for p in self.positions})
         missing = [name for name in shards if not (samples.shard_dir / name).is_file()]
         if missing:
             raise UserError(f"{samples.shard_dir / missing[0]} is in the shard index but not on disk ({len(missing)} "
                             "such): run data_prep/make_shards.py again")
-        stats = [f"{name}:{(samples.shard_dir / name).stat().st_size}:{(samples.shard_dir / name).stat().st_mtime_ns}"
-                 for name in shards]
+        # each shard by what its index says it holds: a copy elsewhere (a node's local disk), touched or copied again
+        # is the same store (by path and mtime each requeue encoded it all again, and ranks with their own copies
+        # wrote and looked for blocks in different folders)
+        held = {entry["name"]: entry.get("fingerprint") for entry in load_index(samples.shard_dir, samples.split)["shards"]}
+        stats = [f"{name}:{held.get(name) or (samples.shard_dir / name).stat().st_mtime_ns}" for name in shards]
         keys = hashlib.sha256("\n".join(samples.where(p) for p in self.positions).encode()).hexdigest()
-        return (f"{samples.shard_dir.resolve()}|{self.field}|{','.join(samples.fields)}|{samples.resolution}|{keys}|"
-                f"{DECODER_VERSION}|" + ",".join(stats))
+        return (f"{self.field}|{','.join(samples.fields)}|{samples.resolution}|{keys}|{DECODER_VERSION}|"
+                + ",".join(stats))
 
     def where(self, k: int) -> str:
         """`shard:key` of item k (for messages)."""
