@@ -87,7 +87,11 @@ def main() -> int:
     if opts.controlnet:
         sketches = ShardSamples(opts.shard_dir, opts.split, fields=("sketch",), resolution=settings["height"], as_tensor=False)
         position = {ref.key: i for i, ref in enumerate(sketches.refs)}
-        items = [it for it in items if readable_sketch(sketches, position[it.sample_key])]  # the same list on every rank
+        # each sketch still to draw from decoded once (it was once per item, every start: 21 min a rank at 75k items),
+        # and the same list on every rank (`done` is read from the same folder)
+        todo = {it.sample_key for it in items if it.key not in done}
+        readable = {key for key in todo if readable_sketch(sketches, position[key])}
+        items = [it for it in items if it.sample_key in readable or it.sample_key not in todo]
     batches = [b for b in rank_batches(items, opts.batch_size, state.process_index, state.num_processes)
                if any(it.key not in done for it in b)]
     model = {"model": opts.pretrained_model_name_or_path, "textual_inversion": opts.textual_inversion, "lora": opts.lora,
