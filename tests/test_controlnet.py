@@ -101,7 +101,8 @@ def test_resume_is_exact_with_any_number_of_loader_workers_and_two_processes_agr
     assert relative_difference(a, weights(tmp_path / "ddp"), base) < 1e-2
 
 
-def test_generation_with_controlnet_is_deterministic_across_processes(cn_args, tiny_models, shard_dir, tmp_path):
+def test_generation_with_controlnet_is_deterministic_across_processes(cn_args, tiny_models, shard_dir, tmp_path,
+                                                                       monkeypatch):
     run_script("train/controlnet.py", *cn_args, "--output_dir", tmp_path / "cn", "--max_train_steps", "2", "--categories", "cat")
     gen = ["--pretrained_model_name_or_path", tiny_models.sd, "--controlnet", tmp_path / "cn", "--shard_dir", shard_dir,
            "--split", "test", "--prompt_template", "a photo of a {category}", "--height", "64", "--width", "64",
@@ -113,6 +114,24 @@ def test_generation_with_controlnet_is_deterministic_across_processes(cn_args, t
     assert len(one) == 5 and one == two
     rows = [json.loads(line) for line in (tmp_path / "one" / "index.jsonl").read_text().splitlines()]
     assert all(r["controlnet"] == str(tmp_path / "cn") and r["sample_key"] for r in rows)
+    # each sketch still to draw from is read once before drawing: every item's, at every start, before (21 min a
+    # rank at 75k items, repeated at each requeue)
+    import sys
+
+    from sketch2real.cli import run_main
+
+    from .helpers import import_script
+
+    script = import_script("infer/generate.py")
+    checked = []
+    monkeypatch.setattr(script, "readable_sketch", lambda sketches, i: checked.append(i) or True)
+    for out, extra in ((tmp_path / "one", []), (tmp_path / "four", ["--num_images_per_prompt", "2"])):
+        checked.clear()
+        monkeypatch.setattr(sys, "argv", ["infer/generate.py", *map(str, gen), *extra, "--output_dir", str(out)])
+        with pytest.raises(SystemExit) as stop:
+            run_main(script.main)
+        assert stop.value.code == 0
+        assert len(checked) == (0 if out.name == "one" else 5) == len(set(checked))  # all drawn; 10 images of 5
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
