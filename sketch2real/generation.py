@@ -103,7 +103,7 @@ def items_from_captions(path: str, prompt_ids: Sequence[str] | None, template: s
     check_template(template)
     rows = read_jsonl(path, required=CAPTION_FIELDS)
     wanted = set(prompt_ids or [])
-    items, seen = [], set()
+    items, seen, empty = [], set(), 0
     for row in rows:
         if wanted and str(row.get("prompt_id")) not in wanted:
             continue
@@ -113,12 +113,12 @@ def items_from_captions(path: str, prompt_ids: Sequence[str] | None, template: s
                             "captioning runs joined?): give each (key, prompt_id) once, e.g. another prompt_id per run")
         seen.add(key)
         caption = row["caption"].strip()
+        empty += not caption
         prompt = template.format(caption=caption, category=category_words(row.get("category", "")), key=row["key"])
         items.append(Item(key=key, prompt=prompt, category=row.get("category", ""),
                           sample_key=row["key"], extra={"prompt_id": row["prompt_id"]}))
     if not items:
         raise UserError(f"no captions in {path}" + (f" for prompt ids {sorted(wanted)}" if wanted else ""))
-    empty = sum(not row["caption"].strip() for row in rows if not wanted or str(row.get("prompt_id")) in wanted)
     if empty:  # a captioner's "" (BLIP-2 gives it to some questions): drawn as written, counted in FID and CLIP score
         logger.warning("%d captions in %s are empty: their images are drawn from %s", empty, path,
                        "an empty prompt (unconditional)" if template.strip() == "{caption}" else f"{template!r} without one")
