@@ -382,7 +382,7 @@ def test_a_truncated_newest_checkpoint_falls_back(checkpointed, tmp_path):
     assert proc.stderr.count("is not intact") == 1  # once (the look before the model loads says nothing of it)
 
 
-def test_a_lora_checkpoint_holds_the_step_s_adapters_as_diffusers_loads_them(checkpointed, tiny_models):
+def test_a_lora_checkpoint_holds_the_step_s_adapters_as_diffusers_loads_them(checkpointed, tiny_models, tmp_path):
     """Each checkpoint of a LoRA run holds pytorch_lora_weights.safetensors, as diffusers' DreamBooth LoRA checkpoints
     do: the step's trained adapters (those its training state holds), loaded by plain diffusers and, with the run's
     base found through the run's folder, by generation; the checkpoint still resumes."""
@@ -403,6 +403,12 @@ def test_a_lora_checkpoint_holds_the_step_s_adapters_as_diffusers_loads_them(che
     assert any(not torch.equal(final[k], v) for k, v in StableDiffusionPipeline.lora_state_dict(folder)[0].items())
     assert base_of_lora_output(str(folder), "") == (str(tiny_models.sd), str(folder))
     assert verify_checkpoint(folder) == ""
+    # written after the manifest, and not what a resume reads: a kill while writing it keeps the checkpoint
+    torn = tmp_path / "checkpoint-4"
+    shutil.copytree(folder, torn)
+    copy = torn / "pytorch_lora_weights.safetensors"
+    copy.write_bytes(copy.read_bytes()[:100])
+    assert verify_checkpoint(torn) == ""
 
 
 def test_no_resumable_checkpoint_stops_a_resume_in_one_line(checkpointed, tmp_path):
@@ -506,7 +512,7 @@ def test_a_slower_rank_s_files_are_in_the_manifest_and_the_checkpoint_resumes(ti
     assert "resumed from" in proc.stderr
 
 
-def test_a_full_disk_is_one_line_and_leaves_no_partial_folder(tmp_path):
+def test_a_full_disk_is_one_line_and_leaves_no_partial_folder(tmp_path, monkeypatch):
     """save_state failing with ENOSPC: one line naming the folder and the space (in units that show it: 4 KiB, not
     "0.00 GiB"), `.partial` removed, older kept. The next save that succeeds removes what a kill mid-save left
     (`checkpoint-N.partial`, never resumable: gigabytes each for a full fine-tune)."""
@@ -534,6 +540,19 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_folder(tmp_path):
     assert "no space left in" in message and str(tmp_path) in message and "\n" not in message
     assert re.search(r"about 4\.0 KiB needed, \d+\.\d+ [GMK]iB free", message), message
     assert not (tmp_path / "checkpoint-2.partial").exists() and (tmp_path / "checkpoint-1").is_dir()
+
+    class TorchSaveFails(FullDisk):  # torch.save's C++ writer on a full disk
+        def save_state(self, folder, **kwargs):
+            Path(folder).mkdir(parents=True)
+            raise RuntimeError("basic_ios::clear: iostream error")
+
+    usage = shutil.disk_usage(tmp_path)
+    with monkeypatch.context() as patched:  # less free than the last checkpoint takes: a full disk, whatever it said
+        patched.setattr(shutil, "disk_usage", lambda path: usage._replace(free=100))
+        with pytest.raises(UserError, match=r"no space left in .*about 4\.0 KiB needed, 0\.1 KiB free"):
+            save_checkpoint(TorchSaveFails(), tmp_path, 2, 3, RunFingerprint({}, {}))
+    with pytest.raises(UserError, match=r"failed \(RuntimeError: basic_ios::clear: iostream error\)"):
+        save_checkpoint(TorchSaveFails(), tmp_path, 2, 3, RunFingerprint({}, {}))  # room enough: the error itself
 
     class Saves(FullDisk):
         def save_state(self, folder, **kwargs):

@@ -200,7 +200,9 @@ def verify_checkpoint(folder: Path) -> str:
             unsafe = unsafe_globals(path)
             if unsafe:
                 return f"{name} would run code on load ({', '.join(unsafe[:3])}); refused"
-        elif path.suffix == ".safetensors":
+        elif path.suffix == ".safetensors" and name in listed:
+            # what a resume reads; a file written after the manifest (a LoRA run's copy of its adapters) is not, and
+            # a kill while writing it does not cost the checkpoint
             try:
                 from safetensors import safe_open
 
@@ -469,12 +471,14 @@ def _save_failed(out: Path, partial: Path, step: int, err: BaseException | None)
     needed = max(_folder_bytes(previous[-1][1]) if previous else 0, _folder_bytes(partial))
     shutil.rmtree(partial, ignore_errors=True)
     free = shutil.disk_usage(out).free if out.is_dir() else 0
-    if err is not None and not is_full_disk(err):
+    # torch.save's C++ writer says a full disk as "basic_ios::clear: iostream error": the space left decides too
+    if err is not None and not is_full_disk(err) and free >= needed:
         said = next((line.strip() for line in str(err).splitlines() if line.strip()), "no message")  # may start with "\n"
         return UserError(f"saving checkpoint-{step} in {out} failed ({type(err).__name__}: {said}); "
                          "earlier checkpoints are kept")
     return UserError(f"no space left in {out} to save checkpoint-{step} (about {human_bytes(needed)} needed, "
-                     f"{human_bytes(free)} free): free space or use another --output_dir; earlier checkpoints are kept")
+                     f"{human_bytes(free)} free; the oldest checkpoint goes once the new one is complete): free space, "
+                     "lower --checkpoints_total_limit or use another --output_dir; earlier checkpoints are kept")
 
 
 def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, total_limit: int | None,
