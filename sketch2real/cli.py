@@ -503,6 +503,39 @@ def lock_output_dir(folder: str | os.PathLike, flag: str = "--output_dir") -> No
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}{f', Slurm job {job}' if job else ''}".encode())
     HELD_LOCKS[key] = fd
+    remove_killed_writers_leftovers(key)
+
+
+# What a writer killed mid-write leaves: a pipeline staged by `models.save_pretrained_atomic`, a checkpoint cut short,
+# the temp files of `io.atomic_path` and safetensors' own
+LEFTOVER_FOLDERS = (".pipeline-*", "checkpoint-*.partial")
+LEFTOVER_FILES = (".*.tmp", ".tmp*")
+
+
+def remove_killed_writers_leftovers(folder: Path, depth: int = 3) -> None:
+    """Remove, `depth` folders deep, what writers killed mid-write left in `folder`, once this job holds its lock (no
+    writer of it is alive): a staged pipeline is most of a model, pushed to the hub beside it; a checkpoint's `.partial`
+    is never resumed. Not in latent caches, which `--latent_cache_dir` may share with jobs writing now."""
+    import shutil
+    from fnmatch import fnmatch
+
+    def removed(path: Path) -> None:
+        logging.getLogger("sketch2real").info("removed %s (left by a job killed while writing it)", path)
+
+    for root, folders, files in os.walk(folder):
+        here = Path(root)
+        deep = len(here.relative_to(folder).parts) + 1 >= depth
+        for name in list(folders):
+            if any(fnmatch(name, pattern) for pattern in LEFTOVER_FOLDERS):
+                shutil.rmtree(here / name, ignore_errors=True)
+                removed(here / name)
+            if deep or name == "latent_cache" or not (here / name).is_dir():
+                folders.remove(name)
+        for name in files:
+            if any(fnmatch(name, pattern) for pattern in LEFTOVER_FILES):
+                with contextlib.suppress(OSError):
+                    (here / name).unlink()
+                    removed(here / name)
 
 
 def release_output_locks() -> None:

@@ -1464,10 +1464,19 @@ def test_push_to_hub_fails_before_training_without_login_and_uploads_the_model_w
             assert not (out / "run_config.json").exists() and not (out / "latent_cache").exists()
 
         out = tmp_path / "sketch-lora"
-        run_script("train/dreambooth.py", *lora, "--output_dir", out, "--report_to", "tensorboard",
+        # what a job killed while writing left (most of a staged pipeline; a checkpoint cut short; a temp file): not
+        # pushed, not kept (a quota's gigabytes each)
+        leftovers = [out / ".pipeline-k1ll3d" / "unet" / "diffusion_pytorch_model.safetensors",
+                     out / "checkpoint-7.partial" / "model.safetensors", out / ".pytorch_lora_weights.safetensors.x.tmp"]
+        for path in leftovers:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"half")
+        proc = run_script("train/dreambooth.py", *lora, "--output_dir", out, "--report_to", "tensorboard",
                    "--tracker_project_name", "sketch-style", "--validation_steps", "100", "--num_validation_images", "1",
                    "--validation_inference_steps", "2", env=hub.env())
         local = _files(out)
+        assert not any(path.exists() or path.parent.exists() for path in leftovers[:2]) and not leftovers[2].exists()
+        assert f"removed {out / '.pipeline-k1ll3d'} (left by a job killed while writing it)" in proc.stderr
         assert any(name.startswith("logs/sketch-style/events.out.tfevents") for name in local)  # the hub shows them
         # the final validation's values reach TensorBoard too (they came after the last step's logs were sent), once
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
