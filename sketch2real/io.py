@@ -3,6 +3,7 @@ the data-parallel jobs that add to a folder (captioning, generation): only outpu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -52,6 +53,31 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def link_identical_files(copy: str | os.PathLike, original: str | os.PathLike) -> int:
+    """Make each weights file under `copy` that holds the same bytes as its namesake under `original` a hard link to
+    it (a pipeline saved twice: its frozen components once on disk, each folder still loading alone); returns the
+    bytes freed. Where a link cannot be made (another file system) the copy stays."""
+    import filecmp
+
+    freed = 0
+    for path in sorted(Path(copy).rglob("*.safetensors")):  # written whole and replaced, never edited in place
+        twin = Path(original) / path.relative_to(copy)
+        if not path.is_file() or path.is_symlink() or not twin.is_file() or path.samefile(twin):
+            continue
+        if not filecmp.cmp(path, twin, shallow=False):
+            continue
+        link = path.with_name(f".{path.name}.link.tmp")
+        try:
+            os.link(twin, link)
+            os.replace(link, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(link)
+            continue
+        freed += twin.stat().st_size
+    return freed
 
 
 @contextmanager

@@ -380,6 +380,11 @@ def test_ema_is_the_average_of_every_steps_weights_and_is_what_is_saved(db_args,
     expected = _ema_of([*steps, last], 0.9)
     assert all(torch.allclose(saved[k], expected[k], atol=1e-7, rtol=1e-6) for k in expected)
     assert relative_difference(saved, last, steps[0]) > 0.1  # the average is not the last weights
+    # without_ema/ loads alone, its frozen components stored once: the same files, not copies
+    for name in ("vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        assert (out / "without_ema" / name).samefile(out / name)
+    assert not (out / "without_ema" / "unet" / "diffusion_pytorch_model.safetensors").samefile(out / "unet" /
+                                                                                          "diffusion_pytorch_model.safetensors")
     in_checkpoint = weights(out / "checkpoint-3")
     assert all(torch.allclose(in_checkpoint[f"ema.safetensors:denoiser.{k}"], v, atol=1e-7, rtol=1e-6)
                for k, v in _ema_of(steps, 0.9).items())

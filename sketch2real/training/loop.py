@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import torch
 
 from sketch2real.cli import UserError, as_dict
-from sketch2real.io import write_json
+from sketch2real.io import human_bytes, link_identical_files, write_json
 from sketch2real.training.accelerator import (
     finish_trackers,
     fp32_trained_weights,
@@ -308,14 +308,20 @@ def train(task: Task, opts, accelerator, project_name: str, callbacks: list[Call
         status = callback.before_save(run)
         if status is not None:
             return status
+    trained_folder = averaged.trained_folder if averaged is not None else None
     if averaged is not None:
-        if averaged.trained_folder:  # the trained weights beside, the average where a user loads the model from
-            task.save_final(accelerator, model, out / averaged.trained_folder)
+        if trained_folder:  # the trained weights beside, the average where a user loads the model from
+            task.save_final(accelerator, model, out / trained_folder)
             if accelerator.is_main_process:  # a folder generation takes alone (a LoRA's base model is read from it)
-                shutil.copy2(out / "run_config.json", out / averaged.trained_folder / "run_config.json")
+                shutil.copy2(out / "run_config.json", out / trained_folder / "run_config.json")
         averaged.install()  # for good: the model in memory is the one saved (a sequential stage measures it)
         run.averaged = None
     task.save_final(accelerator, model, out)
+    if trained_folder and accelerator.is_main_process:  # a full pipeline's frozen components (SDXL's: 3.6 GB) once
+        freed = link_identical_files(out / trained_folder, out)
+        if freed:
+            logger.info("%s/ shares the files it holds as %s holds them (hard links: %s not stored twice)",
+                        trained_folder, out, human_bytes(freed))
     for callback in callbacks:
         callback.after_save(run)
     finish_trackers(accelerator)
