@@ -252,6 +252,11 @@ class Family:
         converted = convert_state_dict_to_diffusers(peft_layers)
         return dict(peft_layers) if any(".lora_A." in k or ".lora_B." in k for k in converted) else converted
 
+    def conditioning_resolution(self, resolution: int) -> int | None:
+        """The training resolution `encode` builds into a prompt's conditioning (SDXL's time ids), or None where the
+        conditioning is the text's alone: a text store is encoded again for another resolution only where it differs."""
+        return resolution if self.pooled else None
+
     def encode(self, text_encoders: list, ids: list[torch.Tensor], resolution: int,
                source_size: tuple[int, int] = SKETCHY_SIZE) -> Conditioning:
         """Token ids (one tensor per tokenizer) -> the denoiser's conditioning.
@@ -328,6 +333,9 @@ class FlowMatchingFamily(Family):
     controlnet_class: str = "SD3ControlNetModel"
     controlnet_has_unused_parameters: bool = True  # its last block's text-stream output is dropped (as diffusers' script)
     control_image_argument: str = "control_image"
+
+    def conditioning_resolution(self, resolution: int) -> int | None:
+        return None  # the MM-DiTs' pooled embeddings come without time ids
 
     def generation_kwargs(self, source_size: tuple[int, int] = SKETCHY_SIZE) -> dict:
         return {"max_sequence_length": self.max_sequence_length}

@@ -277,6 +277,12 @@ def test_the_text_store_is_keyed_by_the_encoders_weights_not_the_path_as_typed(t
                                                  "--shard_dir", "s"])
         identities.append(text_store_identity(opts, family_of("model"), torch.bfloat16))
     assert identities[0] != identities[1] and identities[0] == identities[2]
+    # another --resolution encodes again only where the conditioning holds it (SDXL's time ids)
+    for model, differs in ((tiny_models.sd, False), (tiny_models.sdxl, True), (tiny_models.flux, False)):
+        per_resolution = {text_store_identity(parse_options(DreamBoothOptions, [
+            "--pretrained_model_name_or_path", str(model), "--output_dir", "out", "--shard_dir", "s", "--resolution",
+            str(resolution)]), family_of(str(model)), torch.bfloat16) for resolution in (32, 64)}
+        assert len(per_resolution) == (2 if differs else 1), model
 
 
 def test_a_text_store_that_will_not_fit_its_disk_stops_before_encoding_in_one_line(tmp_path, monkeypatch):

@@ -263,9 +263,10 @@ def missing_class_images(folder: Path, count: int) -> list[int]:
 def text_store_identity(opts: DreamBoothOptions, family: Family, dtype: torch.dtype) -> str:
     """What a text store's conditionings depend on: the text encoders by what the model's files hold (its path as
     typed was another model run from another folder, or one trained again in place, and a shared
-    --latent_cache_dir served its encodings), the family, dtype, resolution (SDXL's time ids) and prompt length."""
+    --latent_cache_dir served its encodings), the family, dtype, resolution where the conditioning holds it (SDXL's
+    time ids: FLUX.1's store of a captions run is hundreds of GiB) and prompt length."""
     identity = "|".join(map(str, (model_identity(opts.pretrained_model_name_or_path), opts.revision, opts.variant,
-                                  family.name, dtype, opts.resolution)))
+                                  family.name, dtype, family.conditioning_resolution(opts.resolution))))
     if family.max_sequence_length != FAMILIES[family.name].max_sequence_length:  # T5/Qwen's, given
         identity += f"|tokens={family.max_sequence_length}"
     return identity
