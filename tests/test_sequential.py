@@ -280,3 +280,39 @@ def test_a_first_run_stopped_before_any_stage_leaves_no_base_row_to_a_rerun(tiny
                "--instance_prompt", "a {category} in the style of sks")
     base = json.loads((out / "sequential_report.json").read_text())["rows"][0]
     assert base["name"] == "base" and base["loss"]["cat"] != 123.0 and len(base["sample_losses"]["cat"]) == 2
+
+
+def test_each_category_s_held_out_images_are_encoded_once_for_every_stage_that_measures_them(tiny_models, shard_dir):
+    """After stage k the k categories so far are measured: their held-out images were read and VAE-encoded again at
+    every stage (k² encodes over a run). Once each now, with the losses a fresh encode gives."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    import torch
+
+    from sketch2real.cli import parse_options
+    from sketch2real.models import load_sd_components
+    from sketch2real.training.data import load_shard_images
+    from sketch2real.training.diffusion import DenoisingObjective
+    from sketch2real.training.sequential import SequentialOptions, _heldout_losses
+    from sketch2real.training.validation import heldout_denoising_losses, heldout_latents
+
+    c = load_sd_components(str(tiny_models.sd))
+    objective = DenoisingObjective(c.noise_scheduler)
+    task = SimpleNamespace(c=c, objective=SimpleNamespace(unweighted=lambda: objective),
+                           predictor=lambda model: lambda noisy, timesteps, prompts: noisy * 0.5)
+    opts = parse_options(SequentialOptions, ["--pretrained_model_name_or_path", str(tiny_models.sd), "--shard_dir",
+                                             str(shard_dir), "--output_dir", "unused", "--stages", "cat,apple",
+                                             "--resolution", "32", "--num_heldout_samples", "4"])
+    cache: dict = {}
+    with mock.patch.object(c.vae, "encode", wraps=c.vae.encode) as encode:
+        first = _heldout_losses(task, torch.nn.Linear(1, 1), opts, ["cat"], cache)
+        encoded_once = encode.call_count
+        second = _heldout_losses(task, torch.nn.Linear(1, 1), opts, ["cat", "apple"], cache)
+    assert encoded_once > 0 and encode.call_count == 2 * encoded_once  # apple's, not cat's again
+    assert second["cat"] == first["cat"]
+    images, _ = load_shard_images(str(shard_dir), opts.validation_split, "apple", opts.instance_image_type, 32, 4,
+                                  opts.seed)
+    fresh = heldout_denoising_losses(task.predictor(None), objective, heldout_latents(c.vae, images, opts.seed),
+                                     [""] * len(images), opts.seed)
+    assert second["apple"] == fresh.tolist()

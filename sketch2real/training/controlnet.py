@@ -30,7 +30,7 @@ from sketch2real.training.prompts import (
     fill_category,
 )
 from sketch2real.training.task import DiffusionTask, HeldOut, no_heldout
-from sketch2real.training.validation import heldout_denoising_losses
+from sketch2real.training.validation import heldout_denoising_losses, heldout_latents
 
 logger = logging.getLogger("sketch2real")
 
@@ -180,9 +180,10 @@ class ControlNetTask(DiffusionTask):
         prediction = self.predict(self.c.denoiser, batch, text, controlnet=model, control_image=sketches)
         return self.loss_of(batch, prediction)
 
-    def heldout_losses(self, accelerator, controlnet, sketches: torch.Tensor, photos: torch.Tensor,
+    def heldout_losses(self, accelerator, controlnet, sketches: torch.Tensor, latents: torch.Tensor,
                        prompts: list[str]) -> np.ndarray:
-        """Each held-out photo's denoising loss with `sketches` as the ControlNet's conditioning."""
+        """Each held-out photo's denoising loss (from its `heldout_latents`) with `sketches` as the ControlNet's
+        conditioning."""
         conditioning = self._conditioning(sketches, controlnet)
         position = {"start": 0}
 
@@ -193,7 +194,7 @@ class ControlNetTask(DiffusionTask):
                 return self.family.predict(self.c.denoiser, noisy, timesteps, self.condition(batch_prompts), controlnet,
                                            conditioning[start : start + len(batch_prompts)])
 
-        return heldout_denoising_losses(predict, self.c.vae, self.objective.unweighted(), photos, prompts, self.opts.seed)
+        return heldout_denoising_losses(predict, self.objective.unweighted(), latents, prompts, self.opts.seed)
 
     def heldout_metrics(self, model) -> dict:
         """Held-out loss, and the conditioning gain: each held-out photo's loss with a sketch of another photo of its
@@ -205,12 +206,14 @@ class ControlNetTask(DiffusionTask):
         if not o.num_heldout_samples:
             return logs
         controlnet, count = self.accelerator.unwrap_model(model), min(o.num_heldout_samples, len(h))
-        sketches, photos, prompts = h.conditions[:count], h.images[:count], h.prompts[:count]
-        own = self.heldout_losses(self.accelerator, controlnet, sketches, photos, prompts)
+        if h.latents is None:  # the photos encoded once, for every validation (the photos stay: the mosaics show them)
+            h.latents = heldout_latents(self.c.vae, h.images[:count], o.seed)
+        sketches, latents, prompts = h.conditions[:count], h.latents, h.prompts[:count]
+        own = self.heldout_losses(self.accelerator, controlnet, sketches, latents, prompts)
         logs["heldout_loss"], logs["heldout_loss_ci95"] = float(own.mean()), mean_ci95(own, h.keys[:count])  # by photo
         other, kept = partners_within(h.categories[:count], np.random.default_rng(o.seed), h.keys[:count])
         if kept.any():
-            deranged = self.heldout_losses(self.accelerator, controlnet, sketches[other], photos, prompts)
+            deranged = self.heldout_losses(self.accelerator, controlnet, sketches[other], latents, prompts)
             gains = (deranged - own)[kept]
             logs["conditioning_gain"] = float(gains.mean())
             logs["conditioning_gain_ci95"] = mean_ci95(gains, np.asarray(h.keys[:count])[kept])

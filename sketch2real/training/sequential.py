@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
+import torch
 
 from sketch2real.cli import UserError, option
 from sketch2real.io import write_json
@@ -27,7 +28,7 @@ from sketch2real.training.hub import push_output
 from sketch2real.training.loop import train
 from sketch2real.training.model_card import CARD, front_matter
 from sketch2real.training.preemption import PREEMPTED_EXIT_CODE, clear_preempted, mark_preempted
-from sketch2real.training.validation import heldout_denoising_losses
+from sketch2real.training.validation import heldout_denoising_losses, heldout_latents
 
 logger = logging.getLogger("sketch2real")
 
@@ -155,17 +156,23 @@ def _drop_checkpoints(folder: Path) -> None:
         logger.info("removed %s (its stage is finished)", checkpoint)
 
 
-def _heldout_losses(task: DreamBoothTask, model, opts: SequentialOptions, categories: list[str]) -> dict[str, list[float]]:
-    """Each category's per-sample held-out losses (the same samples, noise and timesteps for every model)."""
+def _heldout_losses(task: DreamBoothTask, model, opts: SequentialOptions, categories: list[str],
+                    latents: dict[str, torch.Tensor]) -> dict[str, list[float]]:
+    """Each category's per-sample held-out losses (the same samples, noise and timesteps for every model). `latents`:
+    each category's held-out latents (on the CPU), read and encoded once for every stage that measures it (the VAE
+    is frozen: after stage k, k categories; decoded and encoded again each time, the measuring grew with k²)."""
     losses = {}
     model.eval()
     with eager_mode():
         for category in categories:
-            images, _ = load_shard_images(opts.shard_dir, opts.validation_split, category, opts.instance_image_type,
-                                          opts.resolution, opts.num_heldout_samples, opts.seed)
+            if category not in latents:
+                images, _ = load_shard_images(opts.shard_dir, opts.validation_split, category, opts.instance_image_type,
+                                              opts.resolution, opts.num_heldout_samples, opts.seed)
+                latents[category] = heldout_latents(task.c.vae, images, opts.seed).cpu()
             prompt = opts.instance_prompt.format(category=category_words(category))
-            losses[category] = heldout_denoising_losses(task.predictor(model), task.c.vae, task.objective.unweighted(), images,
-                                                        [prompt] * len(images), opts.seed).tolist()
+            losses[category] = heldout_denoising_losses(task.predictor(model), task.objective.unweighted(),
+                                                        latents[category], [prompt] * len(latents[category]),
+                                                        opts.seed, device=task.c.vae.device).tolist()
     model.train()
     return losses
 
@@ -186,11 +193,12 @@ def _unmeasured_by_base(out: Path, stages: list[str]) -> list[str]:
     return [category for category in stages if category not in measured]
 
 
-def _measure_base(task: DreamBoothTask, accelerator, opts: SequentialOptions, out: Path, categories: list[str]) -> None:
+def _measure_base(task: DreamBoothTask, accelerator, opts: SequentialOptions, out: Path, categories: list[str],
+                  latents: dict[str, torch.Tensor]) -> None:
     """The base model's held-out losses of `categories` (`task`: the first stage's, before it trains) into the base
     row, beside those it has."""
     task.model.to(accelerator.device)  # `prepare` has not placed it yet (VAE latents are on the device)
-    measured = _heldout_losses(task, task.model, opts, categories)
+    measured = _heldout_losses(task, task.model, opts, categories, latents)
     if accelerator.is_main_process:
         file = out / "base_metrics.json"
         earlier = json.loads(file.read_text())["sample_losses"] if file.is_file() else {}
@@ -248,6 +256,7 @@ def run_sequential(opts: SequentialOptions, accelerator) -> int:
         out.mkdir(parents=True, exist_ok=True)  # the run's stages as they are now: a later rerun continues these
         write_json(out / "run_config.json", dataclasses.asdict(opts))
     rows = []
+    heldout_latents_of: dict[str, torch.Tensor] = {}  # category -> its held-out latents, for every stage's measuring
     previous = opts.pretrained_model_name_or_path
     for index, category in enumerate(stages):
         folder = stage_dir(opts.output_dir, index, category)
@@ -266,17 +275,18 @@ def run_sequential(opts: SequentialOptions, accelerator) -> int:
         missing = main_process_view(accelerator, lambda: _unmeasured_by_base(out, stages))
         if missing and index:  # stages added since the base row was measured: the base model, once more
             _measure_base(DreamBoothTask(stage_options(opts, 0, stages[0], opts.pretrained_model_name_or_path),
-                                         accelerator), accelerator, opts, out, missing)
+                                         accelerator), accelerator, opts, out, missing, heldout_latents_of)
             reset_accelerator(accelerator)
         task = DreamBoothTask(stage_opts, accelerator)
         if missing and not index:
-            _measure_base(task, accelerator, opts, out, missing)
+            _measure_base(task, accelerator, opts, out, missing, heldout_latents_of)
         status = train(task, task.opts, accelerator, f"dreambooth_sequential/{category}")
         if status == PREEMPTED_EXIT_CODE:  # slurm/common.sh looks for PREEMPTED in the job's --output_dir
             mark_preempted(accelerator, out, f"stage {index + 1} ({category}) checkpointed")
         if status != 0:
             return status
-        row = {**_row(f"{index + 1}: {category}", _heldout_losses(task, task.model, opts, stages[: index + 1])),
+        row = {**_row(f"{index + 1}: {category}", _heldout_losses(task, task.model, opts, stages[: index + 1],
+                                                                   heldout_latents_of)),
                "stage": index + 1, "category": category}
         if accelerator.is_main_process:
             write_json(metrics_file, row)

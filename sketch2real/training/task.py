@@ -42,7 +42,13 @@ from sketch2real.training.data import default_num_workers
 from sketch2real.training.diffusion import objective_for
 from sketch2real.training.preemption import preemption
 from sketch2real.training.stream import DiffusionStream, NoisyBatch, StreamSetup
-from sketch2real.training.validation import decoding_in_vae_dtype, generate_rows, heldout_denoising_losses, save_mosaic
+from sketch2real.training.validation import (
+    decoding_in_vae_dtype,
+    generate_rows,
+    heldout_denoising_losses,
+    heldout_latents,
+    save_mosaic,
+)
 
 
 def vae_dtype(vae, weight_dtype: torch.dtype) -> torch.dtype:
@@ -56,14 +62,16 @@ def vae_dtype(vae, weight_dtype: torch.dtype) -> torch.dtype:
 
 @dataclass
 class HeldOut:
-    """Held-out samples of a trainer's validation: images in [-1, 1] with their prompts, and where known their
-    categories, keys and conditioning images (ControlNet's sketches)."""
+    """Held-out samples of a trainer's validation: images in [-1, 1] (until encoded into `latents`, once: the VAE is
+    frozen) with their prompts, and where known their categories, keys and conditioning images (ControlNet's
+    sketches)."""
 
-    images: torch.Tensor
+    images: torch.Tensor | None
     prompts: list[str]
     categories: list[str] | None = None
     keys: list[str] | None = None
     conditions: torch.Tensor | None = None
+    latents: torch.Tensor | None = None  # `validation.heldout_latents` of the images, at the first validation
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -340,8 +348,11 @@ class DiffusionTask:
         """The held-out denoising loss (fixed samples, noise and timesteps: comparable across steps and runs)."""
         from sketch2real.metrics import mean_ci95
 
-        losses = heldout_denoising_losses(self.predictor(model), self.c.vae, self.objective.unweighted(), self.heldout.images,
-                                          self.heldout.prompts, self.opts.seed)
+        heldout = self.heldout
+        if heldout.latents is None:
+            heldout.latents, heldout.images = heldout_latents(self.c.vae, heldout.images, self.opts.seed), None
+        losses = heldout_denoising_losses(self.predictor(model), self.objective.unweighted(), heldout.latents,
+                                          heldout.prompts, self.opts.seed)
         return {"heldout_loss": float(losses.mean()), "heldout_loss_ci95": mean_ci95(losses, self.heldout.photos())}
 
     def validation_images(self, model, between=None) -> tuple[list[list], list, list[str | None]]:

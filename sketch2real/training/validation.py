@@ -25,27 +25,42 @@ def heldout_denoising_loss(
     The noise and timesteps of sample i depend only on (seed, i), so the value is
     comparable between steps, stages and runs on the same held-out images.
     """
-    return float(heldout_denoising_losses(predict, vae, objective, images, prompts, seed, batch_size).mean())
+    latents = heldout_latents(vae, images, seed, batch_size)
+    return float(heldout_denoising_losses(predict, objective, latents, prompts, seed, batch_size).mean())
+
+
+def _heldout_noise(shape: tuple[int, ...], seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
+    """The posterior's noise and the denoising noise of held-out samples of latent `shape`, and the generator the
+    timesteps are drawn from next: sample i's depend only on (seed, i)."""
+    generator = torch.Generator().manual_seed(derive_seed(seed, "heldout"))
+    return torch.randn(shape, generator=generator), torch.randn(shape, generator=generator), generator
+
+
+def heldout_latents(vae, images: torch.Tensor, seed: int = 0, batch_size: int = 8) -> torch.Tensor:
+    """Held-out images' scaled VAE latents (on the VAE's device), their posterior sampled with fixed noise: encoded
+    once for every model a run compares (the VAE is frozen), not again at every validation and stage."""
+    latent_side = images.shape[-1] // (2 ** (len(vae.config.block_out_channels) - 1))
+    eps, _, _ = _heldout_noise((images.shape[0], vae.config.latent_channels, latent_side, latent_side), seed)
+    return torch.cat([encode_latents(vae, images[start:start + batch_size], eps[start:start + batch_size])
+                      for start in range(0, images.shape[0], batch_size)])
 
 
 @torch.no_grad()
 def heldout_denoising_losses(
     predict: Callable[[torch.Tensor, torch.Tensor, list[str]], torch.Tensor],
-    vae, objective: Objective, images: torch.Tensor, prompts: Sequence[str], seed: int = 0, batch_size: int = 8,
+    objective: Objective, latents: torch.Tensor, prompts: Sequence[str], seed: int = 0, batch_size: int = 8,
+    device: torch.device | None = None,
 ) -> np.ndarray:
-    """Each held-out sample's denoising MSE (`heldout_denoising_loss` is their mean): paired across models,
-    so differences between models get intervals from a bootstrap over samples."""
-    generator = torch.Generator().manual_seed(derive_seed(seed, "heldout"))
-    n = images.shape[0]
-    latent_side = images.shape[-1] // (2 ** (len(vae.config.block_out_channels) - 1))
-    shape = (n, vae.config.latent_channels, latent_side, latent_side)
-    eps, noise = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
-    timesteps = objective.draw_timesteps(n, generator)
+    """Each held-out sample's denoising MSE (`heldout_denoising_loss` is their mean) from its `heldout_latents`
+    (moved to `device` a batch at a time): paired across models, so differences between models get intervals from a
+    bootstrap over samples."""
+    _, noise, generator = _heldout_noise(tuple(latents.shape), seed)
+    timesteps = objective.draw_timesteps(latents.shape[0], generator)
     losses = []
-    for start in range(0, n, batch_size):
+    for start in range(0, latents.shape[0], batch_size):
         rows = slice(start, start + batch_size)
-        latents = encode_latents(vae, images[rows], eps[rows])
-        noisy, target = objective.noisy_and_target(latents, noise[rows], timesteps[rows])
+        batch = latents[rows].to(device or latents.device)
+        noisy, target = objective.noisy_and_target(batch, noise[rows], timesteps[rows])
         prediction = predict(noisy, timesteps[rows].to(noisy.device), list(prompts[rows]))
         losses += objective.loss(prediction, target, timesteps[rows]).float().cpu().tolist()
     return np.asarray(losses)
