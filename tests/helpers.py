@@ -427,7 +427,10 @@ def check_model_card_usage(out: Path, shard_dir: Path, tmp_path: Path) -> tuple[
     code = use.split("```python\n", 1)[1].split("\n```", 1)[0]
     folder = tmp_path / "card-reader"
     folder.mkdir()
-    Image.new("RGB", (64, 64), "white").save(folder / "a sketch.png")
+    sketch = Image.new("RGBA", (64, 64), (0, 0, 0, 0))  # black strokes on a transparent page, as drawing apps export
+    for x in range(8, 56):
+        sketch.putpixel((x, 32), (0, 0, 0, 255))
+    sketch.save(folder / "a sketch.png")
     names: dict = {}
     previous = os.getcwd()
     os.chdir(folder)
@@ -435,6 +438,9 @@ def check_model_card_usage(out: Path, shard_dir: Path, tmp_path: Path) -> tuple[
         exec(code, names)  # noqa: S102  (the card's own lines, as a reader pastes them)
     finally:
         os.chdir(previous)
+    if "sketch" in names:  # a ControlNet's condition as it trained: white strokes on black (not a blank white page)
+        condition = names["sketch"].convert("L")
+        assert condition.getpixel((0, 0)) == 0 and condition.getpixel((30, 32)) == 255
     return (opts.prompts or [opts.prompt_template])[0], names
 
 

@@ -68,6 +68,13 @@ class ControlNetOptions(TrainOptions):
         missing = [file for file in self.validation_image if not Path(file).is_file()]
         if missing:
             raise UserError(f"--validation_image {missing[0]}: no such file")
+        from sketch2real.shards import CorruptSample, open_image
+
+        for file in self.validation_image:  # now, not at the first validation (a traceback, steps of training lost)
+            try:
+                open_image(file)
+            except CorruptSample as err:
+                raise UserError(f"--validation_image {file}: {err.reason}") from None
         counts = len(self.validation_image), len(self.validation_prompt)
         if self.validation_image and not (counts[1] and (1 in counts or counts[0] == counts[1])):
             raise UserError(f"--validation_image needs --validation_prompt: one for all images, or one per image "

@@ -109,8 +109,10 @@ def usage(kind: str, base: str, out: Path, prompt: str, family: Family, repo_id:
     condition = f", {family.control_image_argument}=sketch" if kind == "controlnet" else ""
     prompt_line = prompt.format(category="cat") if kind == "controlnet" else prompt
     if kind == "controlnet":  # as it trained (`sketchy.sketch_condition`): a Sketchy sketch is black strokes on white
-        code += ["# the sketch inverted, white strokes on black, as the ControlNet trained on it",
-                 "sketch = ImageOps.invert(load_image('a sketch.png').convert('RGB'))"]
+        code += ["# black strokes on white (a transparent background as the white page), then inverted, white strokes",
+                 "# on black, as the ControlNet trained on it",
+                 "page = load_image('a sketch.png', convert_method=lambda image: image.convert('RGBA'))",
+                 "sketch = ImageOps.invert(Image.alpha_composite(Image.new('RGBA', page.size, 'white'), page).convert('RGB'))"]
     prompt_code = repr(spelled_prompt(family, local / "learned_embeds.safetensors", prompt_line) if tokens else prompt_line)
     # generate.py's guidance and the conditioning training used (SDXL's sizes): the image generate.py draws
     settings = "".join(f", {k}={v!r}" for k, v in family.pipeline_call_defaults().items())
@@ -120,7 +122,7 @@ def usage(kind: str, base: str, out: Path, prompt: str, family: Family, repo_id:
         imports.append(family.vae_class)
         code.insert(0, f"vae = {family.vae_class}.from_pretrained({vae!r})")
     header = [f"from diffusers import {', '.join(sorted(imports))}"]
-    header += ["from diffusers.utils import load_image", "from PIL import ImageOps"] if kind == "controlnet" else []
+    header += ["from diffusers.utils import load_image", "from PIL import Image, ImageOps"] if kind == "controlnet" else []
     if tokens:
         header += embeds_imports
         header += ["from huggingface_hub import hf_hub_download"] if repo_id else []
