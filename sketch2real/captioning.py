@@ -18,6 +18,7 @@ from sketch2real.models import requested_precision
 
 # What readers of a captions file (generation's --captions, training's --captions) need of each row.
 CAPTION_FIELDS = ("key", "prompt_id", "caption")
+CAPTION_TEXT = ("key", "caption")  # strings (a hand-edited null caption crashed the reader)
 
 # The ten prompts of the original study (../shared/seed/STUDY-NOTES.md), with its ids.
 PROMPTS: dict[str, str] = {

@@ -23,7 +23,7 @@ from unittest.mock import patch
 import torch
 from PIL import Image
 
-from sketch2real.captioning import CAPTION_FIELDS
+from sketch2real.captioning import CAPTION_FIELDS, CAPTION_TEXT
 from sketch2real.cli import PRECISION_HELP, UserError, as_dict, check_output_dir, option, options_affecting
 from sketch2real.family import NOISE_SAMPLERS, check_lora_family
 from sketch2real.io import (
@@ -101,7 +101,7 @@ def items_from_captions(path: str, prompt_ids: Sequence[str] | None, template: s
     if not Path(path).is_file():
         raise UserError(f"captions file not found: {path}")
     check_template(template)
-    rows = read_jsonl(path, required=CAPTION_FIELDS)
+    rows = read_jsonl(path, required=CAPTION_FIELDS, text=CAPTION_TEXT)
     wanted = set(prompt_ids or [])
     items, seen, empty = [], set(), 0
     for row in rows:
@@ -136,7 +136,11 @@ def items_from_prompts(prompts: Sequence[str]) -> list[Item]:
         for path in map(Path, files):
             if not path.is_file():
                 raise UserError(f"--prompts {path}: no such file (.txt files given are read as prompts, one a line)")
-            lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            try:  # a BOM an editor put first is not part of the first prompt (it tokenized as three odd tokens)
+                lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+            except UnicodeDecodeError as err:
+                raise UserError(f"--prompts {path}: not UTF-8 text ({err.reason} at byte {err.start}): save it as "
+                                "UTF-8") from None
             if not lines:
                 raise UserError(f"--prompts {path}: the file holds no prompt")
             prompts += lines

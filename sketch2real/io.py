@@ -117,24 +117,32 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
             f.write(json.dumps(strict_json(row), sort_keys=True, allow_nan=False) + "\n")
 
 
-def read_jsonl(path: str | os.PathLike, required: Sequence[str] = ()) -> list[dict]:
-    """Read a JSONL file of objects; a truncated last line (a killed writer) is ignored. Any other line that is not
-    a JSON object, or lacks a key of `required`, is one line naming the file and the line (`UserError`): a corrupt
-    row is not dropped silently."""
-    with open(path) as f:
-        lines = [(number, line.strip()) for number, line in enumerate(f, 1) if line.strip()]
+def read_jsonl(path: str | os.PathLike, required: Sequence[str] = (), text: Sequence[str] = ()) -> list[dict]:
+    """Read a JSONL file of objects (UTF-8, a BOM an editor put first skipped); a last line cut short (a killed
+    writer: no newline after it) is ignored. Any other line that is not a JSON object, lacks a key of `required`, or
+    holds something else than a string under a key of `text`, is one line naming the file and the line
+    (`UserError`): a corrupt row is not dropped silently, nor a hand-edited last one."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            content = f.read()
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}): save it as UTF-8") from None
+    lines = [(number, line.strip()) for number, line in enumerate(content.splitlines(), 1) if line.strip()]
     rows = []
     for index, (number, line) in enumerate(lines):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            if index == len(lines) - 1:
+            if index == len(lines) - 1 and not content.endswith("\n"):
                 continue
             raise UserError(f"{path}, line {number}: not a JSON row ({err.msg})") from None
         missing = [key for key in required if key not in row] if isinstance(row, dict) else None
         if missing is None or missing:
             what = f"no {', '.join(missing)}" if missing else f"a {type(row).__name__}, not an object"
             raise UserError(f"{path}, line {number}: {what} (rows need {', '.join(required) or 'to be objects'})")
+        wrong = next((key for key in text if key in row and not isinstance(row[key], str)), None)
+        if wrong:
+            raise UserError(f"{path}, line {number}: {wrong} is {json.dumps(row[wrong])}, not a string")
         rows.append(row)
     return rows
 

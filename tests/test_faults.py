@@ -610,6 +610,20 @@ def test_a_full_disk_is_one_line_and_a_torn_row_is_cut_before_the_next(tiny_mode
     part.write_text('{"key": "a"}\n{"key": "b", "ima')
     append_jsonl(part, [{"key": "c"}])
     assert read_jsonl(part) == [{"key": "a"}, {"key": "c"}]
+    # a hand-edited file: a last line that ends in its newline was written whole, not torn: said, not dropped; a BOM
+    # is not part of the first row; a caption that is not text is one line (it was an AttributeError)
+    from sketch2real.cli import UserError
+
+    edited = tmp_path / "captions.jsonl"
+    edited.write_bytes('{"key": "a", "prompt_id": 0, "caption": "a cat"}\n{"key": "b", "prompt_id": 0, "caption": "x",}\n'
+                       .encode("utf-8-sig"))
+    with pytest.raises(UserError, match=r"captions.jsonl, line 2: not a JSON row"):
+        read_jsonl(edited)
+    edited.write_bytes('{"key": "a", "prompt_id": 0, "caption": null}\n'.encode("utf-8-sig"))
+    with pytest.raises(UserError, match=r"captions.jsonl, line 1: caption is null, not a string"):
+        read_jsonl(edited, required=("key", "prompt_id", "caption"), text=("key", "caption"))
+    edited.write_bytes('{"key": "a", "prompt_id": 0, "caption": "a cat"}\n'.encode("utf-8-sig"))
+    assert read_jsonl(edited) == [{"key": "a", "prompt_id": 0, "caption": "a cat"}]
 
 
 def test_outputs_respect_the_umask(checkpointed, tmp_path):

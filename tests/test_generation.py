@@ -677,6 +677,13 @@ def test_a_prompts_file_is_read_a_prompt_a_line_and_an_empty_split_is_one_line(s
     (tmp_path / "blank.txt").write_text("\n \n")
     with pytest.raises(UserError, match="blank.txt: the file holds no prompt"):
         build_items(parse_options(GenerateOptions, [*common, "--prompts", str(tmp_path / "blank.txt")]))
+    # Windows editors: a BOM first (it was three odd tokens of the first prompt), CRLF lines; UTF-16 is one line
+    (tmp_path / "notepad.txt").write_bytes("a cat\r\na dog\r\n".encode("utf-8-sig"))
+    assert [it.prompt for it in build_items(parse_options(GenerateOptions, [*common, "--prompts",
+                                                                            str(tmp_path / "notepad.txt")]))] == ["a cat", "a dog"]
+    (tmp_path / "unicode.txt").write_bytes("a cat\n".encode("utf-16"))
+    with pytest.raises(UserError, match="unicode.txt: not UTF-8 text .*: save it as UTF-8"):
+        build_items(parse_options(GenerateOptions, [*common, "--prompts", str(tmp_path / "unicode.txt")]))
 
     empty = tmp_path / "shards"
     shutil.copytree(shard_dir, empty)

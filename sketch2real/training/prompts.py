@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sketch2real.captioning import CAPTION_FIELDS
+from sketch2real.captioning import CAPTION_FIELDS, CAPTION_TEXT
 from sketch2real.cli import UserError
 from sketch2real.io import read_jsonl
 from sketch2real.sketchy import category_words
@@ -83,7 +83,7 @@ class SamplePrompts:
         """`captions`: a JSONL of {key, prompt_id, caption} rows; `prompt_id`: which prompt's captions (default: each
         sample's first)."""
         by_key: dict[str, str] = {}
-        rows = read_jsonl(captions, required=CAPTION_FIELDS) if captions else []
+        rows = read_jsonl(captions, required=CAPTION_FIELDS, text=CAPTION_TEXT) if captions else []
         empty = 0
         for row in rows:
             if prompt_id and str(row["prompt_id"]) != prompt_id:
