@@ -131,6 +131,10 @@ def items_from_captions(path: str, prompt_ids: Sequence[str] | None, template: s
 
 def items_from_prompts(prompts: Sequence[str]) -> list[Item]:
     """One item per prompt; `.txt` paths (every one given) are files of prompts, one a line, blank lines skipped."""
+    given_file = next((p for p in prompts if p.lower().endswith(".txt") and Path(p).is_file()), None)
+    if given_file and not all(p.lower().endswith(".txt") for p in prompts):  # the file's name was drawn
+        raise UserError(f"--prompts {given_file} is a file given beside prompts: give prompt files alone (read a "
+                        "prompt a line), or prompts alone")
     if prompts and all(p.lower().endswith(".txt") for p in prompts):  # not drawn as their own words
         files, prompts = prompts, []
         for path in map(Path, files):

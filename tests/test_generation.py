@@ -672,6 +672,8 @@ def test_a_prompts_file_is_read_a_prompt_a_line_and_an_empty_split_is_one_line(s
         == ["a sketch of a cat", "a photo of a dog", "a sketch of a cow"]
     assert [it.prompt for it in build_items(parse_options(GenerateOptions, [*common, "--prompts", "a cat", "b.txt"]))] \
         == ["a cat", "b.txt"]  # prompts beside: prompts, as written
+    with pytest.raises(UserError, match="prompts.txt is a file given beside prompts"):  # unless it is a file
+        build_items(parse_options(GenerateOptions, [*common, "--prompts", str(prompts), "a dog"]))
     with pytest.raises(UserError, match="--prompts .*missing.txt: no such file"):
         build_items(parse_options(GenerateOptions, [*common, "--prompts", str(tmp_path / "missing.txt")]))
     (tmp_path / "blank.txt").write_text("\n \n")
