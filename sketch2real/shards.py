@@ -386,7 +386,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     and 16-bit greyscale scaled to 8 bits (PIL's own conversion clips it to white)."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if array.max(initial=0) > 255 else 255.0
+        # a 16-bit mode is 16-bit however dark (a near-black one turned mid-grey); "I" holds either kind of values
+        top = 65535.0 if image.mode != "I" or array.max(initial=0) > 255 else 255.0
         image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
@@ -399,7 +400,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 # What `decode_image`'s pixels are made by, in the keys of caches of them (latents): bumped when its resize, crop or
 # colour conversion changes; Pillow's version beside it (its resampling has changed between releases).
-DECODER_VERSION = f"1|Pillow {Image.__version__}"
+DECODER_VERSION = f"2|Pillow {Image.__version__}"
 
 
 def decode_image(data: bytes, resolution: int | None, as_tensor: bool, where: str = "image", upright: bool = True) -> Any:

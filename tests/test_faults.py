@@ -55,6 +55,15 @@ def _sixteen_bit() -> bytes:
     return _png(Image.fromarray(array))
 
 
+def test_sixteen_bit_images_scale_by_their_depth_however_dark():
+    """A 16-bit image whose values all lie below 256 (a near-black scan) was taken for 8-bit values: mid-grey."""
+    from sketch2real.shards import decode_image
+
+    for value, expected in ((32768, 128), (100, 0), (65535, 255)):
+        image = decode_image(_png(Image.fromarray(np.full((8, 8), value, dtype=np.uint16))), None, False, "16-bit")
+        assert image.mode == "RGB" and image.getpixel((0, 0)) == (expected,) * 3, (value, image.getpixel((0, 0)))
+
+
 def _phone_jpeg() -> bytes:
     """A phone's photo: an upright 48 x 32 image (red top-left quarter) stored sideways with EXIF orientation 6."""
     upright = Image.new("RGB", (48, 32), (0, 0, 255))
