@@ -47,23 +47,35 @@ from sketch2real.cli import UserError
 from sketch2real.io import atomic_path, read_jsonl, write_json
 
 IMAGE_FIELDS = {"sketch": "sketch.png", "photo": "photo.jpg"}
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".pgm", ".ppm")  # image files in folders
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".pgm",
+                  ".ppm")  # image files in folders (a GIF's first frame)
 logger = logging.getLogger("sketch2real")
 T = TypeVar("T")
 
 
 def image_files(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
     """The image files of a folder (`IMAGE_SUFFIXES`, any case; hidden files and folders, such as macOS's `._*`
-    twins or .ipynb_checkpoints/, aside), sorted by path, with its subfolders' if `recursive`; a missing folder or one
-    without images is one line."""
+    twins or .ipynb_checkpoints/, aside), sorted by path, with its subfolders' if `recursive` (linked ones too: a
+    category linked in from elsewhere was left out without a word); a missing folder or one without images is one
+    line, other files are counted in the log."""
     root = Path(folder)
     if not str(folder) or not root.is_dir():
         raise UserError(f"image folder not found: {folder}")
-    found = root.rglob("*") if recursive else root.iterdir()
-    files = sorted(p for p in found if p.suffix.lower() in IMAGE_SUFFIXES
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    found, seen = [], set()
+    for here, folders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(here)
+        if real in seen or not recursive and Path(here) != root:  # a link back up the tree is walked once
+            folders.clear()
+            continue
+        seen.add(real)
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        found += [Path(here) / name for name in names if not name.startswith(".")]
+    files = sorted(p for p in found if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise UserError(f"no images in {folder} (files {', '.join(IMAGE_SUFFIXES)})")
+    others = sorted({p.suffix.lower() or "(no suffix)" for p in found if p.suffix.lower() not in IMAGE_SUFFIXES})
+    if others:
+        logger.info("%s: %d file(s) not read as images (%s)", folder, len(found) - len(files), ", ".join(others))
     return files
 
 

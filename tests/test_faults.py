@@ -193,9 +193,16 @@ def test_image_folders_leave_out_hidden_files_and_folders_in_captioning_eval_and
     for where in ("cat/a.png", "cat/._a.png", ".ipynb_checkpoints/b.png", "dog/.hidden/c.png", "dog/d.png"):
         (tmp_path / "set" / where).parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "set" / where, format="PNG")
+    # a category linked in from elsewhere (left out without a word), a GIF (its first frame), a link back up (once)
+    (tmp_path / "elsewhere" / "cow").mkdir(parents=True)
+    Image.new("RGB", (8, 8), (0, 255, 0)).save(tmp_path / "elsewhere" / "cow" / "e.gif", format="GIF")
+    (tmp_path / "set" / "cow").symlink_to(tmp_path / "elsewhere" / "cow", target_is_directory=True)
+    (tmp_path / "elsewhere" / "cow" / "up").symlink_to(tmp_path / "set", target_is_directory=True)
+    listed = ["cat/a.png", "cow/e.gif", "dog/d.png"]
     captioned = import_script("infer/caption.py")._folder_items(str(tmp_path / "set"), 0, 1, [])
-    assert sorted(Path(it["path"]).relative_to(tmp_path / "set").as_posix() for it in captioned) == ["cat/a.png", "dog/d.png"]
-    assert folder_set(str(tmp_path / "set")).ids == ["cat/a.png", "dog/d.png"]
+    assert sorted(Path(it["path"]).relative_to(tmp_path / "set").as_posix() for it in captioned) == listed
+    assert folder_set(str(tmp_path / "set")).ids == listed
+    (tmp_path / "set" / "cow").unlink()
     assert len(load_folder_images(str(tmp_path / "set" / "cat"), 8)) == 1
     (tmp_path / "set" / "cat" / "a.png").unlink()  # the twin alone
     for read in (lambda f: load_folder_images(str(f), 8), lambda f: folder_set(str(f))):
