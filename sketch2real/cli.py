@@ -506,10 +506,11 @@ def lock_output_dir(folder: str | os.PathLike, flag: str = "--output_dir") -> No
     remove_killed_writers_leftovers(key)
 
 
-# What a writer killed mid-write leaves: a pipeline staged by `models.save_pretrained_atomic`, a checkpoint cut short,
-# the temp files of `io.atomic_path` and safetensors' own
-LEFTOVER_FOLDERS = (".pipeline-*", "checkpoint-*.partial")
-LEFTOVER_FILES = (".*.tmp", ".tmp*")
+# What a writer killed mid-write leaves, by the exact names the writers make (a folder given may hold others' files):
+# a pipeline staged by `models.save_pretrained_atomic` (tempfile's 8 random characters), a checkpoint cut short, the
+# temp files of `io.atomic_path` (mkstemp's) and of safetensors (Rust tempfile's 6)
+LEFTOVER_FOLDERS = re.compile(r"\.pipeline-[a-z0-9_]{8}|checkpoint-\d+\.partial")
+LEFTOVER_FILES = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp|\.tmp[A-Za-z0-9]{6}")
 
 
 def remove_killed_writers_leftovers(folder: Path, depth: int = 3) -> None:
@@ -517,7 +518,6 @@ def remove_killed_writers_leftovers(folder: Path, depth: int = 3) -> None:
     writer of it is alive): a staged pipeline is most of a model, pushed to the hub beside it; a checkpoint's `.partial`
     is never resumed. Not in latent caches, which `--latent_cache_dir` may share with jobs writing now."""
     import shutil
-    from fnmatch import fnmatch
 
     def removed(path: Path) -> None:
         logging.getLogger("sketch2real").info("removed %s (left by a job killed while writing it)", path)
@@ -526,13 +526,13 @@ def remove_killed_writers_leftovers(folder: Path, depth: int = 3) -> None:
         here = Path(root)
         deep = len(here.relative_to(folder).parts) + 1 >= depth
         for name in list(folders):
-            if any(fnmatch(name, pattern) for pattern in LEFTOVER_FOLDERS):
+            if LEFTOVER_FOLDERS.fullmatch(name):
                 shutil.rmtree(here / name, ignore_errors=True)
                 removed(here / name)
             if deep or name == "latent_cache" or not (here / name).is_dir():
                 folders.remove(name)
         for name in files:
-            if any(fnmatch(name, pattern) for pattern in LEFTOVER_FILES):
+            if LEFTOVER_FILES.fullmatch(name):
                 with contextlib.suppress(OSError):
                     (here / name).unlink()
                     removed(here / name)

@@ -1477,17 +1477,20 @@ def test_push_to_hub_fails_before_training_without_login_and_uploads_the_model_w
         out = tmp_path / "sketch-lora"
         # what a job killed while writing left (most of a staged pipeline; a checkpoint cut short; a temp file): not
         # pushed, not kept (a quota's gigabytes each)
-        leftovers = [out / ".pipeline-k1ll3d" / "unet" / "diffusion_pytorch_model.safetensors",
-                     out / "checkpoint-7.partial" / "model.safetensors", out / ".pytorch_lora_weights.safetensors.x.tmp"]
-        for path in leftovers:
+        leftovers = [out / ".pipeline-k1ll3d_0" / "unet" / "diffusion_pytorch_model.safetensors",
+                     out / "checkpoint-7.partial" / "model.safetensors",
+                     out / ".pytorch_lora_weights.safetensors.x1b2_c3d.tmp", out / ".tmpA1b2C3"]
+        for path in [*leftovers, out / ".mine.tmp"]:  # (a file by another name is not ours to remove)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(b"half")
         proc = run_script("train/dreambooth.py", *lora, "--output_dir", out, "--report_to", "tensorboard",
                    "--tracker_project_name", "sketch-style", "--validation_steps", "100", "--num_validation_images", "1",
                    "--validation_inference_steps", "2", env=hub.env())
         local = _files(out)
-        assert not any(path.exists() or path.parent.exists() for path in leftovers[:2]) and not leftovers[2].exists()
-        assert f"removed {out / '.pipeline-k1ll3d'} (left by a job killed while writing it)" in proc.stderr
+        assert not any(path.exists() or path.parent.exists() for path in leftovers[:2])
+        assert not any(path.exists() for path in leftovers[2:]) and (out / ".mine.tmp").is_file()
+        assert f"removed {out / '.pipeline-k1ll3d_0'} (left by a job killed while writing it)" in proc.stderr
+        (out / ".mine.tmp").unlink()
         assert any(name.startswith("logs/sketch-style/events.out.tfevents") for name in local)  # the hub shows them
         # the final validation's values reach TensorBoard too (they came after the last step's logs were sent), once
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
