@@ -24,7 +24,9 @@ from pathlib import Path
 from sketch2real.cli import EXIT_USAGE, output_dir_of
 from sketch2real.training.preemption import PREEMPTED_EXIT_CODE
 
-SAID_ITS_OWN = (EXIT_USAGE, PREEMPTED_EXIT_CODE)  # statuses whose trainer printed its own line
+INTERRUPTED = 130  # a script's status after Ctrl-C (`cli.run_main`: its line "interrupted")
+SAID_ITS_OWN = (EXIT_USAGE, PREEMPTED_EXIT_CODE, INTERRUPTED)  # statuses whose trainer printed its own line
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what the ranks save a checkpoint on; Ctrl-C stops them at once
 
 
 def exit_status(code: int) -> int:
@@ -51,15 +53,20 @@ def failure_line(rank: int, code: int) -> str:
 
 
 def main() -> None:
+    import time
+
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = launch_command_parser().parse_args()
+    started = time.time()
     # One process (accelerate's simple launcher): SIGTERM to every process of a Slurm step would end this waiting
-    # parent at once, and the step with it, while the trainer saves its checkpoint: wait for the trainer's own status.
-    # (A handler, not SIG_IGN, which the trainer would inherit; torchrun installs its own for several processes.)
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    # parent at once, and the step with it, while the trainer saves its checkpoint; Ctrl-C, which a terminal sends
+    # to both, ended it in a KeyboardInterrupt traceback before the trainer had stopped: wait for the trainer's own
+    # status. (Handlers, not SIG_IGN, which the trainer would inherit; torchrun installs its own for several processes.)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda signum, frame: None)
     try:
         launch_command(args)
     except subprocess.CalledProcessError as err:  # one process
@@ -74,8 +81,11 @@ def main() -> None:
             print(failure_line(rank, first.exitcode), file=sys.stderr)
         sys.exit(exit_status(code))
     except SignalException as err:  # torchrun's agent itself was signalled, and stopped the ranks with that signal
+        # saved only on a preemption signal, and only by this job (a PREEMPTED an earlier job left says nothing)
         output_dir = output_dir_of(args.training_script_args)
-        preempted = bool(output_dir) and (Path(output_dir) / "PREEMPTED").is_file()
+        marker = Path(output_dir) / "PREEMPTED"
+        preempted = (bool(output_dir) and err.sigval in PREEMPTION_SIGNALS and marker.is_file()
+                     and marker.stat().st_mtime >= started)
         print(f"launcher: stopped by {err.sigval.name}: so were the ranks" + (
             f" (they saved their work: {output_dir}/PREEMPTED)" if preempted else ""), file=sys.stderr)
         sys.exit(PREEMPTED_EXIT_CODE if preempted else exit_status(-err.sigval))

@@ -332,8 +332,15 @@ def test_torchrun_gives_ranks_stopped_by_slurm_s_sigterm_the_time_their_checkpoi
     assert int((tmp_path / "timeout").read_text()) >= 600
 
 RANK_EXITS = """import os, signal, sys, time
-rank = int(os.environ["RANK"])
+rank = int(os.environ.get("RANK", 0))
 what = sys.argv[1].split(",")[rank]
+if what == "ctrlc":  # a script under cli.run_main: Ctrl-C is one line and 130
+    def interrupted(signum, frame):
+        print("ranks.py: interrupted", file=sys.stderr)
+        sys.exit(130)
+    signal.signal(signal.SIGINT, interrupted)
+    open(f"{sys.argv[0]}.{rank}.started", "w").close()
+    time.sleep(600)
 if what == "kill":
     os.kill(os.getpid(), signal.SIGKILL)
 if what == "term75":  # a trainer: SIGTERM is a preemption, PREEMPTED in --output_dir and 75
@@ -407,6 +414,33 @@ def test_a_signalled_launcher_ends_in_one_line_with_the_signal_s_status(tmp_path
     proc.send_signal(signal.SIGTERM)
     stderr = proc.communicate(timeout=120)[1]
     assert proc.returncode == 75 and f"they saved their work: {tmp_path}/PREEMPTED" in stderr, stderr[-3000:]
+    # Ctrl-C stops the ranks at once, saving nothing: 130, and the PREEMPTED an earlier job left is not this one's
+    # (it was exit 75, a requeue, "they saved their work")
+    for started in [tmp_path / f"ranks.py.{rank}.started" for rank in (0, 1)]:
+        started.unlink()
+    proc = _launch_ranks(tmp_path, "wait,wait", run=subprocess.Popen, stderr=subprocess.PIPE)
+    while not all((tmp_path / f"ranks.py.{rank}.started").exists() for rank in (0, 1)) and proc.poll() is None:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130 and "launcher: stopped by SIGINT: so were the ranks" in stderr, stderr[-3000:]
+    assert "saved their work" not in stderr and (tmp_path / "PREEMPTED").is_file()
+
+
+def test_ctrl_c_to_a_one_process_launcher_ends_with_the_script_s_line_and_status(tmp_path):
+    """A terminal's Ctrl-C reaches the launcher and its one process alike: the launcher ended at once in a
+    KeyboardInterrupt traceback of its own (exit 1), before the script had stopped; it waits for the script's 130."""
+    script = tmp_path / "ranks.py"
+    script.write_text(RANK_EXITS)
+    proc = subprocess.Popen([sys.executable, "-m", "sketch2real.launcher", "--cpu", "--num_processes", "1", str(script),
+                             "ctrlc", "--output_dir", str(tmp_path)], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    while not (tmp_path / "ranks.py.0.started").exists() and proc.poll() is None:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)  # the whole foreground group, as a terminal sends it
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == "ranks.py: interrupted"
 
 
 def test_a_rank_s_crash_fails_the_job_where_the_ranks_torchrun_stopped_after_it_left_preempted(tmp_path):
