@@ -80,6 +80,23 @@ def link_identical_files(copy: str | os.PathLike, original: str | os.PathLike) -
     return freed
 
 
+def sort_safetensors_metadata(path: str | os.PathLike) -> None:
+    """Rewrite a safetensors file's header with its metadata keys in sorted order: safetensors' writer orders them by
+    a hash seeded per process, so two runs' files of the same tensors and metadata differed in bytes (the same length:
+    the header is replaced in place of itself, atomically)."""
+    data = Path(path).read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    if not isinstance(header.get("__metadata__"), dict):
+        return
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > size:  # another writer's spelling (escapes): left as it is
+        return
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data[:8] + text + b" " * (size - len(text)) + data[8 + size:])
+
+
 @contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
     """Open a temp file for writing; it replaces `path` only when the block succeeds."""

@@ -54,13 +54,14 @@ def write_lokr(folder: Path, peft_layers: dict[str, torch.Tensor], alpha: float,
     """`folder/pytorch_lokr_weights.safetensors` with kohya's metadata (what LyCORIS writes: its module and settings)."""
     from safetensors.torch import save_file
 
-    from sketch2real.io import atomic_path
+    from sketch2real.io import atomic_path, sort_safetensors_metadata
 
     path = folder / LOKR_FILE
     with atomic_path(path) as tmp:
         save_file(lycoris_layers(peft_layers, alpha, rank, prefix), str(tmp), metadata={
             "format": "pt", "ss_network_module": "lycoris.kohya", "ss_network_dim": str(rank),
             "ss_network_alpha": str(alpha), "ss_network_args": json.dumps({"algo": "lokr", "targets": targets})})
+        sort_safetensors_metadata(tmp)
     return path
 
 

@@ -343,6 +343,8 @@ def _resume_with(args, straight: Path, tmp_path: Path, damage) -> subprocess.Com
     assert "resumed from" in proc.stderr and "checkpoint-2" in proc.stderr.split("resumed from")[1].splitlines()[0]
     a, b = weights(straight), weights(out)
     assert a and all(torch.equal(a[k], b[k]) for k in a)  # fell back, and ended bit-identical to the straight run
+    name = "pytorch_lora_weights.safetensors"  # the file too, byte for byte (its header's metadata in one order)
+    assert (straight / name).read_bytes() == (out / name).read_bytes()
     return proc
 
 
@@ -640,6 +642,27 @@ def test_a_full_disk_is_one_line_and_a_torn_row_is_cut_before_the_next(tiny_mode
         read_jsonl(edited, required=("key", "prompt_id", "caption"), text=("key", "caption"))
     edited.write_bytes('{"key": "a", "prompt_id": 0, "caption": "a cat"}\n'.encode("utf-8-sig"))
     assert read_jsonl(edited) == [{"key": "a", "prompt_id": 0, "caption": "a cat"}]
+
+
+def test_a_safetensors_file_s_bytes_do_not_depend_on_the_process_that_wrote_it(tmp_path):
+    """safetensors orders a header's metadata by a hash seeded per process: the LoRA of a run and of its rerun held the
+    same tensors and metadata in other bytes (a sha256sum check of "bit-identical" failed). Sorted after writing."""
+    import hashlib
+
+    code = ("import sys, numpy; from safetensors.numpy import save_file; from sketch2real.io import "
+            "sort_safetensors_metadata; save_file({'w': numpy.zeros(4, dtype=numpy.float32)}, sys.argv[1], metadata="
+            "{'format': 'pt', 'lora_adapter_metadata': '{\"r\": 4}', 'ss_network_dim': '4', 'ss_network_alpha': '8'}); "
+            "sort_safetensors_metadata(sys.argv[1])")
+    digests = set()
+    for run in range(5):
+        path = tmp_path / f"run{run}.safetensors"
+        subprocess.run([sys.executable, "-c", code, str(path)], check=True, timeout=120)
+        digests.add(hashlib.sha256(path.read_bytes()).hexdigest())
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        assert f.metadata()["ss_network_alpha"] == "8" and f.get_tensor("w").tolist() == [0.0] * 4
+    assert len(digests) == 1
 
 
 def test_outputs_respect_the_umask(checkpointed, tmp_path):

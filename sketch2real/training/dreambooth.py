@@ -24,7 +24,7 @@ from sketch2real.family import (
     pipeline_class,
     placeholder_tokens,
 )
-from sketch2real.io import atomic_path, differences, umask_modes, write_json
+from sketch2real.io import atomic_path, differences, sort_safetensors_metadata, umask_modes, write_json
 from sketch2real.models import SDComponents, dtype_for, load_base_pipeline, model_identity, save_pretrained_atomic
 from sketch2real.training.accelerator import main_process_view, zero3_init_disabled
 from sketch2real.training.data import load_folder_images, load_shard_images
@@ -668,6 +668,7 @@ class DreamBoothTask(DiffusionTask):
                     arguments[metadata_argument] = {k: sorted(v) if isinstance(v, set) else v  # a set's order varies
                                                     for k, v in module.peft_config["default"].to_dict().items()}
                 pipeline_class(self.family).save_lora_weights(out, **arguments, safe_serialization=True)
+                sort_safetensors_metadata(out / "pytorch_lora_weights.safetensors")  # the same bytes run after run
                 umask_modes(out / "pytorch_lora_weights.safetensors")  # diffusers writes it 0600 through a temp file
                 if opts.lora_format == "comfyui":
                     from safetensors.torch import save_file
@@ -678,6 +679,7 @@ class DreamBoothTask(DiffusionTask):
                         save_file({k: v.contiguous() for k, v in kohya.items()}, tmp, metadata={
                             "format": "pt", "ss_network_module": "networks.lora", "ss_network_dim": str(opts.lora_rank),
                             "ss_network_alpha": str(alpha)})
+                        sort_safetensors_metadata(tmp)
             else:
                 save_pipeline(opts, state, out)
 
