@@ -95,7 +95,7 @@ def check_model_path(name_or_path: str, what: str = "model") -> None:
 
 def load(cls: Any, name_or_path: str, what: str = "model", **kwargs: Any) -> Any:
     """`cls.from_pretrained(name_or_path, **kwargs)` with a one-line error for a missing model. A precision is
-    `dtype=` (diffusers >= 0.40 and transformers >= 4.56; diffusers warns at every `torch_dtype=`)."""
+    `dtype=` (diffusers >= 0.40 and transformers >= 5.6; diffusers warns at every `torch_dtype=`)."""
     check_model_path(name_or_path, what)
     try:
         return cls.from_pretrained(name_or_path, **kwargs)

@@ -726,12 +726,18 @@ def test_lora_with_alpha_not_rank_reloads_identically_in_plain_diffusers_and_gen
     pipe = StableDiffusionPipeline.from_pretrained(tiny_models.sd)
     pipe.load_lora_weights(out)
     assert pipe.unet.peft_config["default_0"].lora_alpha == 2.5 and pipe.unet.peft_config["default_0"].r == 4
+    # the metadata holds what the adapters are, in fields an older peft's LoraConfig takes too (a newer peft's whole
+    # config named fields 0.19/0.20 refuse: a TypeError on load), and not the machine's path to the base model
+    from safetensors import safe_open
+
+    with safe_open(out / "pytorch_lora_weights.safetensors", "pt") as f:
+        metadata = {k.removeprefix("unet."): v for k, v in json.loads(f.metadata()["lora_adapter_metadata"]).items()}
+    assert {"r", "lora_alpha", "target_modules", "use_dora"} <= metadata.keys()
+    assert not metadata.keys() & {"kasa_config", "base_model_name_or_path", "peft_version", "runtime_config"}, metadata
     assert (expected - _unet_output(base)).abs().max() > 1e-3  # the adapters do something
     torch.testing.assert_close(_unet_output(pipe.unet), expected, rtol=1e-5, atol=1e-5)
     generation = load_generation_pipeline(str(out), torch.device("cpu"), torch.float32)  # fused, as generate/FID use it
     torch.testing.assert_close(_unet_output(generation.unet), expected, rtol=1e-5, atol=1e-5)
-
-    from safetensors import safe_open
 
     comfyui = out / "pytorch_lora_weights_comfyui.safetensors"
     with safe_open(comfyui, "pt") as f:

@@ -28,7 +28,7 @@ def test_tiny_sd_loads_offline_and_generates(tiny_models):
 
 def test_models_load_in_the_asked_precision_without_a_deprecation_warning(tiny_models):
     """`torch_dtype=` printed diffusers' FutureWarning at every load (each generation and eval process's log); `dtype=`
-    (diffusers >= 0.40, transformers >= 4.56) loads every part in the asked precision without one."""
+    (diffusers >= 0.40, transformers >= 5.6) loads every part in the asked precision without one."""
     import warnings
 
     from sketch2real.captioning import load_captioner

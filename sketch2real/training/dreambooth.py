@@ -260,6 +260,25 @@ def missing_class_images(folder: Path, count: int) -> list[int]:
     return missing
 
 
+# The LoraConfig fields a LoRA file's metadata always holds (diffusers' loader builds `LoraConfig(**metadata)` from
+# them); the others only where they differ from peft's defaults: the whole config named fields an older peft refuses
+# (peft 0.21's kasa_config: a TypeError on load with 0.19/0.20). Not how it was made (a local path, a revision).
+LORA_METADATA_FIELDS = ("r", "lora_alpha", "target_modules", "use_dora", "lora_dropout", "bias", "init_lora_weights",
+                        "rank_pattern", "alpha_pattern")
+LORA_METADATA_LOCAL = ("base_model_name_or_path", "revision", "inference_mode")
+
+
+def lora_file_metadata(config) -> dict:
+    """An adapter's `LoraConfig` as its LoRA file's metadata (`LORA_METADATA_FIELDS`, and what differs from peft's
+    defaults), a set as a sorted list (a set's order varies between runs)."""
+    from peft import LoraConfig
+
+    defaults = LoraConfig().to_dict()
+    kept = {k: v for k, v in config.to_dict().items()
+            if k in LORA_METADATA_FIELDS or (k not in LORA_METADATA_LOCAL and v != defaults.get(k))}
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in kept.items()}
+
+
 def text_store_identity(opts: DreamBoothOptions, family: Family, dtype: torch.dtype) -> str:
     """What a text store's conditionings depend on: the text encoders by what the model's files hold (its path as
     typed was another model run from another folder, or one trained again in place, and a shared
@@ -665,8 +684,7 @@ class DreamBoothTask(DiffusionTask):
                     layers_argument, metadata_argument = self.family.lora_file_arguments(name)
                     arguments[layers_argument] = (self.family.lora_file_layers(layers[name]) if name == self.family.denoiser
                                                   else encoder_lora_file_layers(self.family.lora_file_layers(layers[name])))
-                    arguments[metadata_argument] = {k: sorted(v) if isinstance(v, set) else v  # a set's order varies
-                                                    for k, v in module.peft_config["default"].to_dict().items()}
+                    arguments[metadata_argument] = lora_file_metadata(module.peft_config["default"])
                 pipeline_class(self.family).save_lora_weights(out, **arguments, safe_serialization=True)
                 sort_safetensors_metadata(out / "pytorch_lora_weights.safetensors")  # the same bytes run after run
                 umask_modes(out / "pytorch_lora_weights.safetensors")  # diffusers writes it 0600 through a temp file
