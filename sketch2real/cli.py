@@ -511,12 +511,16 @@ def lock_output_dir(folder: str | os.PathLike, flag: str = "--output_dir") -> No
 # temp files of `io.atomic_path` (mkstemp's) and of safetensors (Rust tempfile's 6)
 LEFTOVER_FOLDERS = re.compile(r"\.pipeline-[a-z0-9_]{8}|checkpoint-\d+\.partial")
 LEFTOVER_FILES = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp|\.tmp[A-Za-z0-9]{6}")
+# The subfolders they are left in, below the locked folder (a sequential run's stages hold the same again; images/ a
+# folder per category); no other: a folder given may hold another job's running folder or a shared cache
+LEFTOVER_PLACES = re.compile(r"without_ema|checkpoint-\d+|images|validation|stage-\d+-.+")
 
 
 def remove_killed_writers_leftovers(folder: Path, depth: int = 3) -> None:
-    """Remove, `depth` folders deep, what writers killed mid-write left in `folder`, once this job holds its lock (no
-    writer of it is alive): a staged pipeline is most of a model, pushed to the hub beside it; a checkpoint's `.partial`
-    is never resumed. Not in latent caches, which `--latent_cache_dir` may share with jobs writing now."""
+    """Remove, `depth` folders deep, what writers killed mid-write left in `folder` and its `LEFTOVER_PLACES`, once this
+    job holds its lock (no writer of it is alive): a staged pipeline is most of a model, pushed to the hub beside it;
+    a checkpoint's `.partial` is never resumed. Not in a subfolder another job holds (its lock file there), nor in any
+    other folder (latent caches: `--latent_cache_dir` may share them with jobs writing now)."""
     import shutil
 
     def removed(path: Path) -> None:
@@ -529,7 +533,8 @@ def remove_killed_writers_leftovers(folder: Path, depth: int = 3) -> None:
             if LEFTOVER_FOLDERS.fullmatch(name):
                 shutil.rmtree(here / name, ignore_errors=True)
                 removed(here / name)
-            if deep or name == "latent_cache" or not (here / name).is_dir():
+            ours = LEFTOVER_PLACES.fullmatch(name) or (here.name == "images" and not name.startswith("."))
+            if deep or not ours or (here / name / LOCK_FILE).exists() or not (here / name).is_dir():
                 folders.remove(name)
         for name in files:
             if LEFTOVER_FILES.fullmatch(name):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -144,13 +145,16 @@ def read_jsonl(path: str | os.PathLike, required: Sequence[str] = (), text: Sequ
             content = f.read()
     except UnicodeDecodeError as err:
         raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}): save it as UTF-8") from None
-    lines = [(number, line.strip()) for number, line in enumerate(content.splitlines(), 1) if line.strip()]
+    # lines end at "\n" alone: str.splitlines() also splits at U+2028 and U+0085, which JSON strings may hold raw
+    lines = [(number, line.strip()) for number, line in enumerate(content.split("\n"), 1) if line.strip()]
     rows = []
     for index, (number, line) in enumerate(lines):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            if index == len(lines) - 1 and not content.endswith("\n"):
+            if index == len(lines) - 1 and not content.endswith("\n"):  # said: an editor's last line ends so too
+                logging.getLogger("sketch2real").warning("%s, line %d: not a JSON row (%s), left out: a write cut short",
+                                                         path, number, err.msg)
                 continue
             raise UserError(f"{path}, line {number}: not a JSON row ({err.msg})") from None
         missing = [key for key in required if key not in row] if isinstance(row, dict) else None

@@ -640,8 +640,8 @@ def test_a_full_disk_is_one_line_and_a_torn_row_is_cut_before_the_next(tiny_mode
     edited.write_bytes('{"key": "a", "prompt_id": 0, "caption": null}\n'.encode("utf-8-sig"))
     with pytest.raises(UserError, match=r"captions.jsonl, line 1: caption is null, not a string"):
         read_jsonl(edited, required=("key", "prompt_id", "caption"), text=("key", "caption"))
-    edited.write_bytes('{"key": "a", "prompt_id": 0, "caption": "a cat"}\n'.encode("utf-8-sig"))
-    assert read_jsonl(edited) == [{"key": "a", "prompt_id": 0, "caption": "a cat"}]
+    edited.write_bytes('{"key": "a", "prompt_id": 0, "caption": "a cat\u2028\u0085"}\n'.encode("utf-8-sig"))
+    assert read_jsonl(edited) == [{"key": "a", "prompt_id": 0, "caption": "a cat\u2028\u0085"}]  # JSON's, not lines
 
 
 def test_a_safetensors_file_s_bytes_do_not_depend_on_the_process_that_wrote_it(tmp_path):

@@ -538,6 +538,27 @@ def test_script_with_a_file_as_output_dir_exits_2_in_one_line(tmp_path, monkeypa
     assert stop.value.code == 2 and len(lines) == 1 and "--output_dir" in lines[0] and "not a folder" in lines[0], lines
 
 
+def test_taking_a_folder_removes_only_what_its_own_killed_writers_left(tmp_path):
+    """The lock's taker removes a staged pipeline, a cut checkpoint and atomic writers' temp files in the folder and the
+    subfolders its writers use; not in a subfolder another job holds (`fid.py --output_dir runs` while runs/db trains:
+    its checkpoint in progress was deleted), nor in any other (a shared latent cache's block being written)."""
+    from sketch2real.cli import LOCK_FILE, lock_output_dir, release_output_locks
+
+    ours = [tmp_path / "checkpoint-3.partial" / "model.safetensors", tmp_path / ".pipeline-ab12cd34" / "unet" / "w",
+            tmp_path / "images" / "cat" / ".n02121808_1-1.png.x1y2z3w4.tmp", tmp_path / "without_ema" / ".tmpA1b2C3"]
+    theirs = [tmp_path / "db" / LOCK_FILE, tmp_path / "db" / "checkpoint-4.partial" / "model.safetensors",
+              tmp_path / "cache" / "key" / ".block-000001.npy.a1b2c3d4.tmp", tmp_path / ".config" / ".tmpA1b2C3"]
+    for path in ours + theirs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    try:
+        lock_output_dir(tmp_path)
+    finally:
+        release_output_locks()
+    assert not any(path.exists() for path in ours) and not (tmp_path / "checkpoint-3.partial").exists()
+    assert all(path.exists() for path in theirs)
+
+
 @pytest.mark.parametrize("rel, args", [
     ("train/dreambooth.py", ["--pretrained_model_name_or_path", "no/such-model", "--shard_dir", "s", "--mixed_precision", "no"]),
     ("infer/generate.py", ["--pretrained_model_name_or_path", "m", "--shard_dir", "no-shards", "--prompt_template", "a {category}"]),
