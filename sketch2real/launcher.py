@@ -16,6 +16,7 @@ end.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -52,6 +53,17 @@ def failure_line(rank: int, code: int) -> str:
     return f"launcher: error: rank {rank} on {host} exited with status {code} (its error is above)"
 
 
+def _interrupt_unless_a_child_runs(signum, frame) -> None:
+    """Ctrl-C: a running script (the terminal signalled it too) ends with its own line and status, which the launcher
+    waits for; with none yet, the launcher ends now. (torchrun's agent installs its own handler once its ranks run.)"""
+    try:  # Linux's list of a thread's children (none listed where the kernel keeps no such list: then wait)
+        listed = [f.read_text().split() for f in Path(f"/proc/{os.getpid()}/task").glob("*/children")]
+    except OSError:
+        return
+    if listed and not any(listed):
+        raise KeyboardInterrupt
+
+
 def main() -> None:
     import time
 
@@ -65,10 +77,13 @@ def main() -> None:
     # parent at once, and the step with it, while the trainer saves its checkpoint; Ctrl-C, which a terminal sends
     # to both, ended it in a KeyboardInterrupt traceback before the trainer had stopped: wait for the trainer's own
     # status. (Handlers, not SIG_IGN, which the trainer would inherit; torchrun installs its own for several processes.)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda signum, frame: None)
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    signal.signal(signal.SIGINT, _interrupt_unless_a_child_runs)
     try:
         launch_command(args)
+    except KeyboardInterrupt:  # before any process started
+        print("launcher: interrupted", file=sys.stderr)
+        sys.exit(exit_status(-signal.SIGINT))
     except subprocess.CalledProcessError as err:  # one process
         if err.returncode not in SAID_ITS_OWN:
             print(failure_line(0, err.returncode), file=sys.stderr)
