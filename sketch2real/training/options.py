@@ -45,7 +45,7 @@ FLAGS_NOT_TAKEN = {
     "repeats": _STEPS + " (repeats only lengthen diffusers' epochs)",
     **dict.fromkeys(("center_crop", "random_flip", "image_interpolation_mode"),
                     "no flips or random crops: shard images are resized to --resolution whole (Sketchy's are "
-                    "square); a folder's (--instance_data_dir, --train_data_dir) are center-cropped to a square"),
+                    "square); a folder of images given instead of shards is center-cropped to a square"),
     "tokenizer_name": "the tokenizers are read from --pretrained_model_name_or_path",
     "hub_token": "log in with `hf auth login` or set HF_TOKEN (a token on the command line is visible on the node)",
     "local_rank": "launch with `accelerate launch` (or slurm/*.sh), which gives each process its rank",
