@@ -286,11 +286,13 @@ def test_category_in_the_validation_prompt_is_each_held_out_sketchs_category(tmp
     """--validation_prompt 'a photo of a {category}' was drawn braces and all: each row's sketch's category now fills
     it in (the prompts taken in turn, as diffusers' script); a misspelt field, or {category} with --validation_image
     (the user's sketches have no category), is refused in one line."""
+    from PIL import Image
+
     from sketch2real.cli import UserError, parse_options
     from sketch2real.training.controlnet import ControlNetOptions, ControlNetTask
     from sketch2real.training.task import HeldOut
 
-    (tmp_path / "s.png").touch()
+    Image.new("RGB", (8, 8), "white").save(tmp_path / "s.png")  # a readable sketch file (unreadable ones: refused)
 
     def prompts(*args: str) -> list[str]:
         opts = parse_options(ControlNetOptions, ["--pretrained_model_name_or_path", "m", "--output_dir", str(tmp_path),

@@ -60,7 +60,7 @@ def test_dreambooth_moves_the_model_toward_its_instance_sketches(trained_base, s
     from sketch2real.metrics import mean_ci95
     from sketch2real.training.data import load_shard_images
     from sketch2real.training.diffusion import DenoisingObjective, tokenize
-    from sketch2real.training.validation import heldout_denoising_losses
+    from sketch2real.training.validation import heldout_denoising_losses, heldout_latents
 
     prompt = "a cat in the style of sks"
     out = tmp_path / "db"
@@ -79,8 +79,8 @@ def test_dreambooth_moves_the_model_toward_its_instance_sketches(trained_base, s
         def predict(noisy, timesteps, prompts):
             return pipe.unet(noisy, timesteps, states.expand(len(prompts), -1, -1)).sample
 
-        return heldout_denoising_losses(predict, pipe.vae, DenoisingObjective(DDPMScheduler.from_config(pipe.scheduler.config)), sketches,
-                                        [prompt] * len(sketches), seed=0)
+        return heldout_denoising_losses(predict, DenoisingObjective(DDPMScheduler.from_config(pipe.scheduler.config)),
+                                        heldout_latents(pipe.vae, sketches, seed=0), [prompt] * len(sketches), seed=0)
 
     base = losses(trained_base)
     change = losses(out) - base
