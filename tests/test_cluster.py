@@ -394,36 +394,31 @@ def test_the_jobs_launcher_ends_with_the_ranks_own_status_and_no_torchrun_traceb
         " (often the out-of-memory killer)" if "SIGKILL" in line else "")] if line else []), proc.stderr[-3000:]
 
 
+def _signal_launched_ranks(tmp_path: Path, ranks: str, signum: int) -> tuple[int, str]:
+    """`_launch_ranks`, then `signum` to the launcher once both ranks run: (its status, its stderr)."""
+    for started in [tmp_path / f"ranks.py.{rank}.started" for rank in (0, 1)]:
+        started.unlink(missing_ok=True)
+    proc = _launch_ranks(tmp_path, ranks, run=subprocess.Popen, stderr=subprocess.PIPE)
+    while not all((tmp_path / f"ranks.py.{rank}.started").exists() for rank in (0, 1)) and proc.poll() is None:
+        time.sleep(0.1)
+    proc.send_signal(signum)
+    stderr = proc.communicate(timeout=120)[1]
+    return proc.returncode, stderr
+
+
 def test_a_signalled_launcher_ends_in_one_line_with_the_signal_s_status(tmp_path):
     """SIGTERM to the launcher (scancel, a node's shutdown): torchrun's agent stops the ranks with it; the launcher ends
     with 128 + 15 and one line, not torchrun's SignalException traceback and status 1."""
-    proc = _launch_ranks(tmp_path, "wait,wait", run=subprocess.Popen, stderr=subprocess.PIPE)
-    started = [tmp_path / f"ranks.py.{rank}.started" for rank in (0, 1)]
-    while not all(f.exists() for f in started) and proc.poll() is None:  # both ranks running: then the signal
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    stderr = proc.communicate(timeout=120)[1]
-    assert proc.returncode == 143 and "Traceback" not in stderr, stderr[-3000:]
+    status, stderr = _signal_launched_ranks(tmp_path, "wait,wait", signal.SIGTERM)
+    assert status == 143 and "Traceback" not in stderr, stderr[-3000:]
     assert "launcher: error: " not in stderr and "launcher: stopped by SIGTERM: so were the ranks" in stderr
     # trainers that took the signal for a preemption (Slurm's SIGTERM) and left PREEMPTED: the job is preempted
-    for started in [tmp_path / f"ranks.py.{rank}.started" for rank in (0, 1)]:
-        started.unlink()
-    proc = _launch_ranks(tmp_path, "term75,term75", run=subprocess.Popen, stderr=subprocess.PIPE)
-    while not all((tmp_path / f"ranks.py.{rank}.started").exists() for rank in (0, 1)) and proc.poll() is None:
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    stderr = proc.communicate(timeout=120)[1]
-    assert proc.returncode == 75 and f"they saved their work: {tmp_path}/PREEMPTED" in stderr, stderr[-3000:]
+    status, stderr = _signal_launched_ranks(tmp_path, "term75,term75", signal.SIGTERM)
+    assert status == 75 and f"they saved their work: {tmp_path}/PREEMPTED" in stderr, stderr[-3000:]
     # Ctrl-C stops the ranks at once, saving nothing: 130, and the PREEMPTED an earlier job left is not this one's
     # (it was exit 75, a requeue, "they saved their work")
-    for started in [tmp_path / f"ranks.py.{rank}.started" for rank in (0, 1)]:
-        started.unlink()
-    proc = _launch_ranks(tmp_path, "wait,wait", run=subprocess.Popen, stderr=subprocess.PIPE)
-    while not all((tmp_path / f"ranks.py.{rank}.started").exists() for rank in (0, 1)) and proc.poll() is None:
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
-    stderr = proc.communicate(timeout=120)[1]
-    assert proc.returncode == 130 and "launcher: stopped by SIGINT: so were the ranks" in stderr, stderr[-3000:]
+    status, stderr = _signal_launched_ranks(tmp_path, "wait,wait", signal.SIGINT)
+    assert status == 130 and "launcher: stopped by SIGINT: so were the ranks" in stderr, stderr[-3000:]
     assert "saved their work" not in stderr and (tmp_path / "PREEMPTED").is_file()
 
 
