@@ -339,7 +339,10 @@ def sample_refs(shard_dir: str | os.PathLike, split: str, categories: Sequence[s
 
 
 _OBJECT_AT = re.compile(r" ?<[^<>]* at 0x[0-9a-fA-F]+>")  # PIL's `<_io.BytesIO object at 0x7f...>`
-MAX_IMAGE_PIXELS = 40_000_000  # 6,300 x 6,300: far above Sketchy's 256 x 256; a decompression bomb stops here
+# 16,000 x 16,000: a 200 MP phone photo (16,320 x 12,240) reads; a decompression bomb (a few KB declaring more) stops
+# here, before its pixels are allocated. Pillow's own limit (89 MP warns, 179 MP refuses) would refuse such photos.
+MAX_IMAGE_PIXELS = 256_000_000
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
 
 class CorruptSample(Exception):
@@ -424,7 +427,7 @@ def decode_image(data: bytes, resolution: int | None, as_tensor: bool, where: st
     """
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the line below decides, in one message
             image = Image.open(io.BytesIO(data))
             if image.width * image.height > MAX_IMAGE_PIXELS:
                 raise CorruptSample(where, f"{image.width}x{image.height} pixels, over the limit of {MAX_IMAGE_PIXELS:,}")

@@ -11,9 +11,11 @@ import re
 import shutil
 import signal
 import subprocess
+import struct
 import sys
 import tarfile
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +35,13 @@ def _png(image: Image.Image) -> bytes:
 
 
 def _bomb() -> bytes:
-    """A small PNG that declares 12,000 x 12,000 pixels (144M, over the limit): a decompression bomb."""
-    return _png(Image.new("1", (12_000, 12_000)))
+    """A PNG of a few bytes that declares 20,000 x 20,000 pixels (400M, over the limit): a decompression bomb."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 20_000, 20_000, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
 
 
 def _transparent_sketch() -> bytes:
@@ -141,6 +148,8 @@ def test_the_one_decoder(bad_shards):
     assert cyan[0] < 100 < cyan[1] and cyan[2] > 100
     phone = decode_image(_phone_jpeg(), None, False)  # upright, as diffusers' load_image reads it (it trained sideways)
     assert phone.size == (48, 32) and np.asarray(phone)[2, 2, 0] > 200 and np.asarray(phone)[29, 45, 2] > 200
+    phone_48_megapixels = decode_image(_png(Image.new("1", (8_000, 6_000), 1)), 64, False)  # refused as corrupt before
+    assert phone_48_megapixels.size == (64, 64) and np.asarray(phone_48_megapixels).min() == 255
     for data, reason in [(b"", "UnidentifiedImageError"), (b"\x89PNG junk", "UnidentifiedImageError"), (_bomb(), "over the limit")]:
         with pytest.raises(CorruptSample, match=reason) as error:
             decode_image(data, 64, True, "shard-0.tar:cat/x")
