@@ -20,6 +20,7 @@ from sketch2real.generation import (
     merge_index,
     rank_batches,
     resumable_keys,
+    trained_on_own_images,
     trained_sequence_length,
     trained_vae,
     weights_data,
@@ -81,6 +82,8 @@ def main() -> int:
         settings["max_sequence_length"] = used
     if opts.guidance_scale is None:
         settings["guidance_scale"] = family_of_pipeline(pipe).guidance_scale
+    if trained_on_own_images(trained):  # SDXL: the time ids of the drawn size, as its folder's images trained
+        settings["own_images"] = True
     for side in ("height", "width"):  # what the index records: the size the images have
         settings[side] = settings[side] or native_size(pipe)
     sketches = None

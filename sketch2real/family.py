@@ -122,6 +122,14 @@ class Family:
     # prompt tokens of its long-prompt encoder (T5, Qwen3), the same at training, validation and generation
     # (`with_max_sequence_length`: --max_sequence_length); None: CLIP encoders only, 77 tokens, not a setting
     max_sequence_length: int | None = None
+    # the original size SDXL's time ids state for a run's prompts and at generation: Sketchy's (256 px sources,
+    # uncropped); None, for a run on a folder of the user's images (`with_own_images`): the drawn size, as diffusers'
+    # pipelines state by default, while each trained image states its own (`crop_geometry`, given to `predict`)
+    source_size: tuple[int, int] | None = SKETCHY_SIZE
+
+    def with_own_images(self, own_images: bool) -> Family:
+        """This family for a run on a folder of the user's images (`source_size`), or on the shards."""
+        return dataclasses.replace(self, source_size=None if own_images else SKETCHY_SIZE)
 
     def with_max_sequence_length(self, length: int | None, flag: str = "--max_sequence_length") -> Family:
         """This family with prompts of `length` tokens in its long-prompt encoder (None: its default, as diffusers'
@@ -163,9 +171,12 @@ class Family:
         """Trained Textual Inversion rows (one tensor per text encoder, in order) as this family's file holds them."""
         return dict(zip(self.learned_embedding_keys(optional=True), rows)) if self.embedding_keys else {token: rows[0]}
 
-    def generation_kwargs(self, source_size: tuple[int, int] = SKETCHY_SIZE) -> dict:
-        """Pipeline call arguments matching training's conditioning (SDXL: the sources' original size, uncropped)."""
-        return {"original_size": source_size, "crops_coords_top_left": (0, 0)} if self.pooled else {}
+    def generation_kwargs(self) -> dict:
+        """Pipeline call arguments matching training's conditioning (SDXL: the sources' original size, uncropped;
+        none for a run on the user's images: the pipeline's own, the drawn size)."""
+        if not self.pooled or self.source_size is None:
+            return {}
+        return {"original_size": self.source_size, "crops_coords_top_left": (0, 0)}
 
     def pipeline_call_defaults(self) -> dict:
         """`generation_kwargs` and generation's default guidance: what validation and the model card's lines call the
@@ -257,13 +268,13 @@ class Family:
         conditioning is the text's alone: a text store is encoded again for another resolution only where it differs."""
         return resolution if self.pooled else None
 
-    def encode(self, text_encoders: list, ids: list[torch.Tensor], resolution: int,
-               source_size: tuple[int, int] = SKETCHY_SIZE) -> Conditioning:
+    def encode(self, text_encoders: list, ids: list[torch.Tensor], resolution: int) -> Conditioning:
         """Token ids (one tensor per tokenizer) -> the denoiser's conditioning.
 
         SD: the encoder's last hidden states. SDXL: the penultimate states of both encoders side by side, the last
         encoder's projected pooled embedding, and time ids saying that images were resized from `source_size`
-        (Sketchy's 256 px) to `resolution`, uncropped; the same ids are given at generation (`generation_kwargs`)."""
+        (Sketchy's 256 px; a user's images: `resolution`) to `resolution`, uncropped; the same ids are given at
+        generation (`generation_kwargs`)."""
         if not self.pooled:
             return Conditioning(text_encoders[0](ids[0])[0])
         states, pooled = [], None
@@ -272,16 +283,20 @@ class Family:
             states.append(output.hidden_states[-2])
             pooled = output[0]  # the last encoder's projected pooled embedding
         batch = ids[0].shape[0]
-        times = device_constant(time_ids, tuple(source_size), (0, 0), (resolution, resolution), device=pooled.device,
+        times = device_constant(time_ids, tuple(self.source_size or (resolution, resolution)), (0, 0),
+                                (resolution, resolution), device=pooled.device,
                                 dtype=pooled.dtype).expand(batch, -1)
         return Conditioning(torch.cat(states, dim=-1), pooled, times)
 
     def predict(self, denoiser, noisy: torch.Tensor, timesteps: torch.Tensor, text: Conditioning, controlnet=None,
-                control_image: torch.Tensor | None = None, guidance: float | None = None) -> torch.Tensor:
+                control_image: torch.Tensor | None = None, guidance: float | None = None,
+                geometry: torch.Tensor | None = None) -> torch.Tensor:
         """The denoiser's prediction for `noisy` at `timesteps` (with a ControlNet and its conditioning image;
-        `guidance`: what a guidance-distilled denoiser, FLUX.1 [dev], is told)."""
+        `guidance`: what a guidance-distilled denoiser, FLUX.1 [dev], is told; `geometry`: each row's image's
+        `crop_geometry`, SDXL's time ids in place of the prompt's, which say Sketchy's 256 px, uncropped)."""
+        time_ids = text.time_ids if geometry is None or text.time_ids is None else geometry.to(text.time_ids)
         kwargs = {"encoder_hidden_states": text.states,
-                  "added_cond_kwargs": {"text_embeds": text.pooled, "time_ids": text.time_ids} if self.pooled else None}
+                  "added_cond_kwargs": {"text_embeds": text.pooled, "time_ids": time_ids} if self.pooled else None}
         if controlnet is not None:
             down, mid = controlnet(noisy, timesteps, controlnet_cond=control_image, return_dict=False, **kwargs)
             kwargs.update(down_block_additional_residuals=down, mid_block_additional_residual=mid)
@@ -337,7 +352,7 @@ class FlowMatchingFamily(Family):
     def conditioning_resolution(self, resolution: int) -> int | None:
         return None  # the MM-DiTs' pooled embeddings come without time ids
 
-    def generation_kwargs(self, source_size: tuple[int, int] = SKETCHY_SIZE) -> dict:
+    def generation_kwargs(self) -> dict:
         return {"max_sequence_length": self.max_sequence_length}
 
     def lora_file_layers(self, peft_layers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -372,8 +387,7 @@ class SD3Family(FlowMatchingFamily):
         # T5's the family's length; the CLIPs' their own 77 whatever it is, as StableDiffusion3Pipeline tokenizes
         return self.max_sequence_length if "T5" in type(tokenizer).__name__ else tokenizer.model_max_length
 
-    def encode(self, text_encoders: list, ids: list[torch.Tensor], resolution: int,
-               source_size: tuple[int, int] = SKETCHY_SIZE) -> Conditioning:
+    def encode(self, text_encoders: list, ids: list[torch.Tensor], resolution: int) -> Conditioning:
         *clips, t5 = text_encoders
         states, pooled = [], []
         for encoder, encoder_ids in zip(clips, ids):
@@ -385,7 +399,8 @@ class SD3Family(FlowMatchingFamily):
         clip_states = torch.nn.functional.pad(clip_states, (0, t5_states.shape[-1] - clip_states.shape[-1]))
         return Conditioning(torch.cat([clip_states, t5_states.to(clip_states.dtype)], dim=-2), torch.cat(pooled, dim=-1))
 
-    def predict(self, denoiser, noisy, timesteps, text, controlnet=None, control_image=None, guidance=None):
+    def predict(self, denoiser, noisy, timesteps, text, controlnet=None, control_image=None, guidance=None,
+                geometry=None):
         kwargs = {"hidden_states": noisy, "timestep": timesteps, "encoder_hidden_states": text.states,
                   "pooled_projections": text.pooled}
         if controlnet is not None:
@@ -432,13 +447,13 @@ class FluxFamily(FlowMatchingFamily):
     def max_length(self, tokenizer) -> int:
         return self.max_sequence_length if "T5" in type(tokenizer).__name__ else tokenizer.model_max_length
 
-    def encode(self, text_encoders: list, ids: list[torch.Tensor], resolution: int,
-               source_size: tuple[int, int] = SKETCHY_SIZE) -> Conditioning:
+    def encode(self, text_encoders: list, ids: list[torch.Tensor], resolution: int) -> Conditioning:
         clip, t5 = text_encoders
         pooled = clip(ids[0], output_hidden_states=False).pooler_output
         return Conditioning(t5(ids[1])[0], pooled)
 
-    def predict(self, denoiser, noisy, timesteps, text, controlnet=None, control_image=None, guidance=None):
+    def predict(self, denoiser, noisy, timesteps, text, controlnet=None, control_image=None, guidance=None,
+                geometry=None):
         from diffusers import FluxPipeline
 
         b, c, h, w = noisy.shape
@@ -493,15 +508,15 @@ class Flux2KleinFamily(FlowMatchingFamily):
                            return_tensors="pt")
         return [torch.stack([tokens.input_ids, tokens.attention_mask], dim=1)]
 
-    def encode(self, text_encoders: list, ids: list[torch.Tensor], resolution: int,
-               source_size: tuple[int, int] = SKETCHY_SIZE) -> Conditioning:
+    def encode(self, text_encoders: list, ids: list[torch.Tensor], resolution: int) -> Conditioning:
         (encoder,), (tokens,) = text_encoders, ids
         language_model = getattr(encoder, "model", encoder)  # the decoder stack: its LM head's logits are not needed
         output = language_model(input_ids=tokens[:, 0], attention_mask=tokens[:, 1], output_hidden_states=True,
                                 use_cache=False)
         return Conditioning(torch.stack([output.hidden_states[k] for k in self.TEXT_LAYERS], dim=2).flatten(2))
 
-    def predict(self, denoiser, noisy, timesteps, text, controlnet=None, control_image=None, guidance=None):
+    def predict(self, denoiser, noisy, timesteps, text, controlnet=None, control_image=None, guidance=None,
+                geometry=None):
         from diffusers import Flux2Pipeline
 
         b, c, h, w = noisy.shape
@@ -683,15 +698,15 @@ class TextEncoders(torch.nn.Module):
     Encoders are held by their pipeline component names (`encoders.text_encoder_2.*`), so trained weights map
     back onto a pipeline by name."""
 
-    def __init__(self, family: Family, encoders: list, resolution: int, source_size: tuple[int, int] = SKETCHY_SIZE):
+    def __init__(self, family: Family, encoders: list, resolution: int):
         super().__init__()
-        self.family, self.resolution, self.source_size = family, resolution, source_size
+        self.family, self.resolution = family, resolution
         self.encoders = torch.nn.ModuleDict(dict(zip(family.text_encoders, encoders)))
         self.register_state_dict_post_hook(_without_tied_aliases)
 
 
     def forward(self, ids: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        return self.family.encode(list(self.encoders.values()), ids, self.resolution, self.source_size).as_tuple()
+        return self.family.encode(list(self.encoders.values()), ids, self.resolution).as_tuple()
 
     def train(self, mode: bool = True) -> TextEncoders:
         """Train mode for the encoders whose weights train; a frozen one (SD3's and FLUX.1's T5 beside trained CLIP

@@ -303,10 +303,10 @@ def base_of_lora_output(model: str, lora: str) -> tuple[str, str]:
     return base, model
 
 
-def recorded_by_runs(sources: Sequence[str], key: str, what: str) -> Any:
-    """The option `key` the training runs behind `sources` (a model or LoRA output folder, a checkpoint of one, a
-    ControlNet folder, an embeddings file) were given, from their `run_config.json`; None where none gave one. One
-    line when two differ (`what` names it): the generation cannot match both."""
+def recorded_values(sources: Sequence[str], key: str) -> dict[str, tuple[Any, str]]:
+    """The values of the option `key` the training runs behind `sources` (a model or LoRA output folder, a checkpoint
+    of one, a ControlNet folder, an embeddings file) were given, from their `run_config.json`, each once (by its JSON)
+    with the first source that gave it; none where no run gave one."""
     values: dict[str, tuple[Any, str]] = {}
     for source in filter(None, sources):
         if not Path(source).exists():  # a hub id: no run of ours
@@ -318,6 +318,13 @@ def recorded_by_runs(sources: Sequence[str], key: str, what: str) -> Any:
             value = None
         if value not in (None, ""):
             values.setdefault(json.dumps(value), (value, source))
+    return values
+
+
+def recorded_by_runs(sources: Sequence[str], key: str, what: str) -> Any:
+    """The option `key` the training runs behind `sources` were given (`recorded_values`); None where none gave one.
+    One line when two differ (`what` names it): the generation cannot match both."""
+    values = recorded_values(sources, key)
     if len(values) > 1:
         named = ", ".join(f"{source}: {value}" for value, source in values.values())
         raise UserError(f"these were trained with different {what} ({named}): give --{key}")
@@ -328,6 +335,13 @@ def trained_sequence_length(sources: Sequence[str]) -> int | None:
     """The `--max_sequence_length` the training runs behind `sources` were given (`recorded_by_runs`)."""
     length = recorded_by_runs(sources, "max_sequence_length", "prompt lengths (tokens)")
     return length if isinstance(length, int) else None
+
+
+def trained_on_own_images(sources: Sequence[str]) -> bool:
+    """Whether a training run behind `sources` trained on a folder of the user's images (`--instance_data_dir`,
+    `--train_data_dir`), not the shards: its SDXL images are drawn with the pipeline's own time ids
+    (`Family.with_own_images`)."""
+    return any(recorded_values(sources, key) for key in ("instance_data_dir", "train_data_dir"))
 
 
 def trained_vae(sources: Sequence[str]) -> str:
@@ -529,7 +543,8 @@ def generate_batch(pipe, batch: list[Item], seed: int, settings: dict, condition
     generators = [torch.Generator().manual_seed(derive_seed(seed, it.key)) for it in batch]
     from sketch2real.family import family_of_pipeline, spell_out_tokens
 
-    family = family_of_pipeline(pipe).with_max_sequence_length(settings.get("max_sequence_length"))
+    family = family_of_pipeline(pipe).with_max_sequence_length(settings.get("max_sequence_length")).with_own_images(
+        settings.get("own_images", False))
     extra = {**family.generation_kwargs(), **({family.control_image_argument: conditioning} if conditioning is not None else {})}
     negative = settings.get("negative_prompt") or None
     if negative:

@@ -1650,3 +1650,47 @@ def test_pivotal_validation_gives_the_pipeline_the_tokens_its_loader_expands_to_
     assert trained == "a <s0> <s0>_1 sketch"
     assert task.pipeline_prompt(pipe, "a TOK sketch") == "a <s0> sketch"
     assert pipe.maybe_convert_prompt(task.pipeline_prompt(pipe, "a TOK sketch"), pipe.tokenizer) == trained
+
+
+def test_sdxl_on_a_folder_states_each_image_s_own_size_and_crop_and_draws_at_the_drawn_size(tiny_models, tmp_path):
+    """SDXL's time ids on the user's own images are each image's (original height, width, crop top, left, target), as
+    diffusers' SDXL DreamBooth script computes them (shorter side resized, center crop); on the shards, Sketchy's
+    256 px. Generation then states the drawn size (the pipeline's default) for a folder run, 256 px for a shard run:
+    validation, the card's line and generate.py."""
+    from PIL import Image
+
+    from sketch2real.cli import parse_options
+    from sketch2real.family import FAMILIES
+    from sketch2real.generation import trained_on_own_images
+    from sketch2real.training.accelerator import make_accelerator
+    from sketch2real.training.dreambooth import DreamBoothOptions, DreamBoothTask
+    from sketch2real.training.model_card import usage
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for name, size in {"a-landscape.png": (96, 64), "b-portrait.png": (48, 120), "c-square.png": (64, 64)}.items():
+        Image.new("RGB", size, (200, 30, 30)).save(folder / name)  # (width, height)
+    opts = parse_options(DreamBoothOptions, [
+        "--pretrained_model_name_or_path", str(tiny_models.sdxl), "--instance_data_dir", str(folder), "--instance_prompt",
+        "a photo of sks", "--output_dir", str(tmp_path / "out"), "--resolution", "32", "--train_batch_size", "3",
+        "--max_train_steps", "1", "--lora_rank", "4", "--report_to", "none", "--num_heldout_samples", "0"])
+    opts.check()
+    task = DreamBoothTask(opts, make_accelerator(opts))
+    seen = []
+    task.c.denoiser.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["added_cond_kwargs"]["time_ids"].clone()), with_kwargs=True)
+    task.prepare_data(0)
+    with torch.no_grad():
+        task.loss(task.model, 0, 0)
+    rows = {tuple(row) for row in seen[0].tolist()}
+    assert rows == {(64, 96, 0, 8, 32, 32), (120, 48, 24, 0, 32, 32), (64, 64, 0, 0, 32, 32)}, rows
+    assert task.family.generation_kwargs() == {}  # validation: the pipeline's own, (32, 32) at 32 px
+    assert "original_size" not in usage("lora", str(tiny_models.sdxl), tmp_path / "out", "a photo of sks", task.family)
+    shards = FAMILIES["sdxl"]
+    assert shards.generation_kwargs() == {"original_size": (256, 256), "crops_coords_top_left": (0, 0)}
+    assert "original_size=(256, 256)" in usage("lora", str(tiny_models.sdxl), tmp_path / "out", "a sks", shards)
+    for key, own in (("instance_data_dir", True), ("train_data_dir", True), ("shard_dir", False)):
+        run = tmp_path / key
+        run.mkdir()
+        (run / "run_config.json").write_text(json.dumps({key: "somewhere"}))
+        assert trained_on_own_images([str(tiny_models.sdxl), str(run)]) == own

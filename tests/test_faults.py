@@ -10,8 +10,8 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import struct
+import subprocess
 import sys
 import tarfile
 import time
@@ -180,11 +180,11 @@ def test_an_instance_folder_leaves_out_hidden_and_unreadable_files_and_shard_pho
         (folder / f"._{name}").write_bytes(b"\x00\x05\x16\x07 resource fork")
     (folder / "b.png").write_bytes(b"")
     (folder / "e.jpg").write_bytes(_phone_jpeg()[:200])  # cut short
-    images = load_folder_images(str(folder), 8)
+    images = load_folder_images(str(folder), 8).pixels
     means = [tuple(round(float(v), 2) for v in image.mean((1, 2))) for image in images]
     assert means == [(1.0, -1.0, -1.0), (-1.0, 1.0, -1.0), (-1.0, -1.0, 1.0)]  # a, c, d: each once
     assert {str(folder / "b.png"), str(folder / "e.jpg")} <= set(corrupt_samples.summary()["keys"])
-    assert len(load_folder_images(str(folder), 8, num_images=2)) == 2
+    assert len(load_folder_images(str(folder), 8, num_images=2).pixels) == 2
     photos, metas = load_shard_images(str(shard_dir), "train", "cat", "photo", 16)
     sketches, _ = load_shard_images(str(shard_dir), "train", "cat", "sketch", 16)
     distinct = {m["key"].rsplit("-", 1)[0] for m in metas}
@@ -212,7 +212,7 @@ def test_image_folders_leave_out_hidden_files_and_folders_in_captioning_eval_and
     assert sorted(Path(it["path"]).relative_to(tmp_path / "set").as_posix() for it in captioned) == listed
     assert folder_set(str(tmp_path / "set")).ids == listed
     (tmp_path / "set" / "cow").unlink()
-    assert len(load_folder_images(str(tmp_path / "set" / "cat"), 8)) == 1
+    assert len(load_folder_images(str(tmp_path / "set" / "cat"), 8).pixels) == 1
     (tmp_path / "set" / "cat" / "a.png").unlink()  # the twin alone
     for read in (lambda f: load_folder_images(str(f), 8), lambda f: folder_set(str(f))):
         with pytest.raises(UserError, match="no images in"):

@@ -6,6 +6,7 @@ import hashlib
 import os
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -266,9 +267,27 @@ def load_shard_images(shard_dir: str, split: str, category: str | list[str] | No
     return (images[:] if in_memory else images), metas
 
 
-def load_folder_images(folder: str, resolution: int, num_images: int = 0) -> torch.Tensor:
+class FolderImages(NamedTuple):
+    """A folder's images as trained on, and where each came from (`crop_geometry`'s rows)."""
+
+    pixels: torch.Tensor  # [N, 3, R, R] in [-1, 1]
+    geometry: torch.Tensor  # [N, 6]
+
+
+def crop_geometry(height: int, width: int, resolution: int) -> tuple[int, int, int, int, int, int]:
+    """(original height, width, crop top, left, target height, width) of an image resized, shorter side to
+    `resolution`, then center-cropped to a square: SDXL's micro-conditioning, computed as diffusers' SDXL scripts do
+    (torchvision's `Resize` then a center crop, the offsets in the resized image)."""
+    short, long = min(height, width), max(height, width)
+    long = int(resolution * long / short)  # torchvision's rounding
+    resized = (resolution, long) if height <= width else (long, resolution)
+    top, left = (max(0, int(round((side - resolution) / 2.0))) for side in resized)
+    return height, width, top, left, resolution, resolution
+
+
+def load_folder_images(folder: str, resolution: int, num_images: int = 0) -> FolderImages:
     """The first `num_images` (default all) readable images in `folder` (sorted by name), resized and
-    center-cropped, as [N, 3, R, R] in [-1, 1].
+    center-cropped, with each one's `crop_geometry`.
 
     A corrupt file is left out, warned about and counted in `corrupt_samples` (the set is held in memory: nothing
     needs a stand-in to stay aligned, and a stand-in would weight its neighbour twice).
@@ -276,17 +295,19 @@ def load_folder_images(folder: str, resolution: int, num_images: int = 0) -> tor
     from PIL import Image, ImageOps
 
     files = image_files(folder)
-    images = []
+    images, geometry = [], []
     for file in files:
         try:
-            image = ImageOps.fit(open_image(file), (resolution, resolution), Image.BICUBIC)
+            image = open_image(file)
         except CorruptSample as err:
             corrupt_samples.record(err, "left out")
             continue
+        geometry.append(crop_geometry(image.height, image.width, resolution))
+        image = ImageOps.fit(image, (resolution, resolution), Image.BICUBIC)
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
         images.append(torch.from_numpy(array).permute(2, 0, 1))
         if len(images) == num_images:
             break
     if not images:
         raise UserError(f"none of the {len(files)} images in {folder} can be read (see the warnings above)")
-    return torch.stack(images)
+    return FolderImages(torch.stack(images), torch.tensor(geometry, dtype=torch.float32))

@@ -238,10 +238,11 @@ class DreamBoothModel(torch.nn.Module):
         self.text_encoders = text_encoders
 
     def forward(self, noisy_latents, timesteps, input_ids: list[torch.Tensor] | None = None,
-                conditioning: Conditioning | None = None):
+                conditioning: Conditioning | None = None, geometry: torch.Tensor | None = None):
         if self.text_encoders is not None:
             conditioning = Conditioning.from_tuple(self.text_encoders(input_ids))
-        return self.family.predict(self.denoiser, noisy_latents, timesteps, conditioning, guidance=self.guidance)
+        return self.family.predict(self.denoiser, noisy_latents, timesteps, conditioning, guidance=self.guidance,
+                                   geometry=geometry)
 
 
 def missing_class_images(folder: Path, count: int) -> list[int]:
@@ -325,9 +326,10 @@ def ensure_class_images(accelerator, opts: DreamBoothOptions) -> None:
     folder = Path(opts.class_data_dir)
     accelerator.wait_for_everyone()
     family = family_of(opts.pretrained_model_name_or_path, opts.revision).with_max_sequence_length(
-        opts.max_sequence_length)
+        opts.max_sequence_length).with_own_images(bool(opts.instance_data_dir))
     # drawn with the conditioning the class rows train with (SDXL: the 256 px sources' size, not the pipeline's own
-    # height x width; SD3: as many T5 tokens): else the prior loss taught "a 256 px source looks like a sharp R px one"
+    # height x width, where the instances are Sketchy's; SD3: as many T5 tokens): else the prior loss taught "a 256 px
+    # source looks like a sharp R px one"
     conditioning = json.loads(json.dumps(family.generation_kwargs()))
     settings = {**class_image_settings(opts), "conditioning": conditioning}
 
@@ -461,8 +463,12 @@ class DreamBoothTask(DiffusionTask):
         # Data: a folder's instance images are held in memory; the shards' are read through the on-disk latent
         # store (encoded once for all ranks, host memory of a batch: a style over all of Sketchy fits).
         self.sample_prompts = SamplePrompts.load(opts.instance_prompt, opts.captions, opts.caption_prompt_id)
+        # A folder's images are conditioned on their own size and crop, as diffusers' SDXL scripts do (the class
+        # images too: drawn at their own size); the shards' on Sketchy's 256 px (the prompt's own)
+        instance_geometry = class_geometry = None
         if opts.instance_data_dir:
-            instance_images = load_folder_images(opts.instance_data_dir, opts.resolution, opts.num_instance_images)
+            instance_images, instance_geometry = load_folder_images(opts.instance_data_dir, opts.resolution,
+                                                                    opts.num_instance_images)
             self.keys, self.categories = [""] * len(instance_images), [""] * len(instance_images)
         else:
             instance_images, metas = load_shard_images(opts.shard_dir, opts.split, opts.instance_category or None,
@@ -483,11 +489,12 @@ class DreamBoothTask(DiffusionTask):
             self.opts = opts = dataclasses.replace(
                 opts, validation_steps=opts.validation_epochs * -(-len(instance_images) // per_step))
             logger.info("--validation_epochs %d: every %d steps", opts.validation_epochs, opts.validation_steps)
-        self.parts = [(self.stream("instance", instance_images), self._instance_prompt, 1.0)]
+        self.parts = [(self.stream("instance", instance_images, geometry=instance_geometry), self._instance_prompt, 1.0)]
         if opts.with_prior_preservation:
             ensure_class_images(accelerator, opts)
-            class_images = load_folder_images(opts.class_data_dir, opts.resolution, opts.num_class_images)
-            self.parts.append((self.stream("class", class_images), lambda _: opts.class_prompt, opts.prior_loss_weight))
+            class_images, class_geometry = load_folder_images(opts.class_data_dir, opts.resolution, opts.num_class_images)
+            self.parts.append((self.stream("class", class_images, geometry=class_geometry if opts.instance_data_dir
+                                           else None), lambda _: opts.class_prompt, opts.prior_loss_weight))
         self.heldout = self._heldout()
         # Prompts one per category (and the class prompt, ""): token ids when the text encoders train, else their
         # conditioning, computed once with the held-out prompts' before the frozen encoders are released. Captions
@@ -573,8 +580,9 @@ class DreamBoothTask(DiffusionTask):
         prompts = [self.row_prompt(stream.name, prompt_of(i), step, micro, i)
                    for (stream, prompt_of, _), batch in zip(self.parts, batches) for i in batch.indices]
         rows = lambda tensors: tensors[0] if len(tensors) == 1 else torch.cat(tensors)  # noqa: E731  no copy for one
+        geometry = None if batches[0].geometry is None else rows([b.geometry for b in batches])
         prediction = model(rows([b.noisy for b in batches]), rows([b.timesteps for b in batches]),
-                           **self.text_inputs(prompts))
+                           **self.text_inputs(prompts), geometry=geometry)
         predictions = prediction.split([len(b.noisy) for b in batches])
         return sum(weight * self.loss_of(b, p) for (_, _, weight), b, p in zip(self.parts, batches, predictions))
 

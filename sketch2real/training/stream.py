@@ -82,12 +82,14 @@ class StreamSetup:
 
 @dataclass
 class NoisyBatch:
-    """This rank's rows of a (step, micro-step): which images, the denoiser's input, its target and timesteps."""
+    """This rank's rows of a (step, micro-step): which images, the denoiser's input, its target and timesteps, and
+    where the stream knows it (a folder's images), each image's `crop_geometry` (else: Sketchy's, uncropped)."""
 
     indices: list[int]
     noisy: torch.Tensor
     target: torch.Tensor
     timesteps: torch.Tensor
+    geometry: torch.Tensor | None = None
 
 
 class DiffusionStream:
@@ -99,9 +101,10 @@ class DiffusionStream:
     DataLoader workers and encoded in the step.
     """
 
-    def __init__(self, name: str, images, setup: StreamSetup, names: list[str] | None = None):
+    def __init__(self, name: str, images, setup: StreamSetup, names: list[str] | None = None,
+                 geometry: torch.Tensor | None = None):
         o, accelerator = setup.opts, setup.accelerator
-        self.name, self.images, self.setup, self.names = name, images, setup, names
+        self.name, self.images, self.setup, self.names, self.geometry = name, images, setup, names, geometry
         self.sampler = GlobalBatchSampler(len(images), o.train_batch_size, accelerator.num_processes,
                                           accelerator.process_index, o.gradient_accumulation_steps, o.seed, name)
         self.posteriors: PosteriorCache | LatentStore | None = None
@@ -151,7 +154,8 @@ class DiffusionStream:
         else:
             latents = encode_latents(s.vae, self.rows(step, micro), draw.latent_eps)
         noisy, target = s.objective.noisy_and_target(latents, draw.noise, draw.timesteps)
-        return NoisyBatch(indices, noisy, target, draw.timesteps.to(noisy.device))
+        geometry = self.geometry[indices].to(noisy.device) if self.geometry is not None else None
+        return NoisyBatch(indices, noisy, target, draw.timesteps.to(noisy.device), geometry)
 
     @property
     def wait_seconds(self) -> float:

@@ -19,7 +19,7 @@ import torch
 
 from sketch2real.cli import UserError
 from sketch2real.device import to_device
-from sketch2real.family import SKETCHY_SIZE, Conditioning, Family, TextEncoders, family_of
+from sketch2real.family import Conditioning, Family, TextEncoders, family_of
 from sketch2real.models import (
     SDComponents,
     assemble_pipeline,
@@ -104,7 +104,7 @@ class DiffusionTask:
         if components is None:
             check_model_path(opts.pretrained_model_name_or_path)
         family = components.family if components else family_of(opts.pretrained_model_name_or_path, opts.revision)
-        family = family.with_max_sequence_length(opts.max_sequence_length)
+        family = family.with_max_sequence_length(opts.max_sequence_length).with_own_images(bool(self.data_source()[0]))
         family.require(self.trainer)
         self.refuse(family)
         self.check_data()
@@ -197,9 +197,11 @@ class DiffusionTask:
         compile_in_place(self.compiled_modules(), self.family.compile_regions, o.torch_compile_mode, o.torch_compile_backend)
 
     # ---- shared pieces ------------------------------------------------------------------------------------------
-    def stream(self, name: str, images, names: list[str] | None = None) -> DiffusionStream:
-        """A data stream of this run over `images` (`names`: for messages about in-memory images)."""
-        self.streams[name] = DiffusionStream(name, images, self.stream_setup, names)
+    def stream(self, name: str, images, names: list[str] | None = None,
+               geometry: torch.Tensor | None = None) -> DiffusionStream:
+        """A data stream of this run over `images` (`names`: for messages about in-memory images; `geometry`: a
+        folder's images' `crop_geometry`)."""
+        self.streams[name] = DiffusionStream(name, images, self.stream_setup, names, geometry)
         return self.streams[name]
 
     def prepare_data(self, start_step: int) -> None:
@@ -219,7 +221,7 @@ class DiffusionTask:
     def predict(self, denoiser, batch: NoisyBatch, text: Conditioning, **control) -> torch.Tensor:
         """The family's denoiser call on a batch (`control`: a ControlNet and its conditioning image)."""
         return self.family.predict(denoiser, batch.noisy, batch.timesteps, text, guidance=self.opts.guidance_scale,
-                                   **control)
+                                   geometry=batch.geometry, **control)
 
     def loss_of(self, batch: NoisyBatch, prediction: torch.Tensor) -> torch.Tensor:
         return self.objective.loss(prediction, batch.target, batch.timesteps).mean()
@@ -258,7 +260,7 @@ class DiffusionTask:
         if text_encoder is not None and isinstance(self.accelerator.unwrap_model(text_encoder), TextEncoders):
             return Conditioning.from_tuple(text_encoder(ids))
         encoders = [text_encoder or self.c.text_encoder, *self.c.text_encoders[1:]]
-        return self.family.encode(encoders, ids, self.opts.resolution, SKETCHY_SIZE)
+        return self.family.encode(encoders, ids, self.opts.resolution)
 
     def release_text_encoders(self, prompts: list[str]) -> None:
         """Encode `prompts` (each alone) with the frozen text encoders, then free the encoders: T5-XXL alone is 4.7B

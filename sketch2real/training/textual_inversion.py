@@ -204,15 +204,16 @@ class TextualInversionTask(DiffusionTask):
         # DDP/DeepSpeed see one module whose only parameters needing grad are the new rows
         self.model = TextEncoders(self.family, c.text_encoders, opts.resolution)
 
+        geometry = None  # shard images: Sketchy's 256 px, the prompt's own (SDXL's time ids)
         if opts.train_data_dir:
-            images = load_folder_images(opts.train_data_dir, opts.resolution, opts.num_instance_images)
+            images, geometry = load_folder_images(opts.train_data_dir, opts.resolution, opts.num_instance_images)
             self.categories = [""] * len(images)
         else:
             images, metas = load_shard_images(opts.shard_dir, opts.split, opts.categories or None, opts.instance_image_type,
                                               opts.resolution, opts.num_instance_images, opts.seed, in_memory=False)
             self.categories = [m["category"] for m in metas]
         logger.info("%d training images", len(images))
-        self.data = self.stream("data", images)
+        self.data = self.stream("data", images, geometry=geometry)
         self.heldout = self._heldout()
 
     def _heldout(self) -> HeldOut | None:
