@@ -263,6 +263,13 @@ class Family:
         converted = convert_state_dict_to_diffusers(peft_layers)
         return dict(peft_layers) if any(".lora_A." in k or ".lora_B." in k for k in converted) else converted
 
+    def lora_adapter_layers(self, file_layers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The denoiser's adapter weights as its pipeline's `lora_state_dict` reads a LoRA file, in peft's names (the
+        inverse of `lora_file_layers`: what `--initial_lora` sets the fresh adapters to)."""
+        from diffusers.utils import convert_unet_state_dict_to_peft
+
+        return convert_unet_state_dict_to_peft(file_layers)
+
     def conditioning_resolution(self, resolution: int) -> int | None:
         """The training resolution `encode` builds into a prompt's conditioning (SDXL's time ids), or None where the
         conditioning is the text's alone: a text store is encoded again for another resolution only where it differs."""
@@ -359,6 +366,11 @@ class FlowMatchingFamily(Family):
         """peft's names, as diffusers' SD3/FLUX scripts write them (FLUX.2's loader reads no other: converted
         names of the double blocks' adapters were dropped on loading, without an error)."""
         return peft_layers
+
+    def lora_adapter_layers(self, file_layers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """peft's names as read (a UNet's conversion renamed FLUX.2's single blocks' `attn.to_out` DoRA magnitudes to
+        `to_out.0`, a module they lack: a DoRA could not be continued)."""
+        return file_layers
 
     def validation_scheduler(self, training_scheduler):
         from diffusers import FlowMatchEulerDiscreteScheduler

@@ -193,6 +193,22 @@ def test_flow_dreambooth_bf16(family, launcher, variant, tiny_models, shard_dir,
         assert prompt == "a sks sketch of a cat" and card["image"].size[0] > 0
 
 
+def test_a_flux2_klein_dora_continues_from_its_folder(tiny_models, shard_dir, tmp_path):
+    """--initial_lora (each sequential stage after the first) sets FLUX.2 [klein]'s DoRA to the saved one, magnitudes
+    of the single blocks' `attn.to_out` included (a UNet's renaming sent them to `to_out.0` and the run was refused)."""
+    from safetensors.torch import load_file
+
+    args = [*db_args(tiny_models.flux2_klein, shard_dir), "--lora_rank", "4", "--use_dora", "--max_train_steps", "1",
+            "--validation_steps", "0", "--checkpointing_steps", "0", "--num_heldout_samples", "0"]
+    run_script("train/dreambooth.py", *args, "--output_dir", tmp_path / "first")
+    run_script("train/dreambooth.py", *args, "--learning_rate", "1e-30", "--initial_lora", tmp_path / "first",
+               "--output_dir", tmp_path / "continued")  # a step that moves nothing: what was loaded is saved
+    saved, continued = (load_file(tmp_path / run / "pytorch_lora_weights.safetensors") for run in ("first", "continued"))
+    assert any("attn.to_out.lora_magnitude_vector" in k for k in saved)
+    assert continued.keys() == saved.keys() and all(torch.allclose(continued[k], saved[k], rtol=1e-6, atol=1e-20)
+                                                    for k in saved)
+
+
 # diffusers' FLUX.1 LoRA script's default targets: the text stream's attention and both feed-forwards too
 FLUX_SCRIPT_LAYERS = ("attn.to_k,attn.to_q,attn.to_v,attn.to_out.0,attn.add_k_proj,attn.add_q_proj,attn.add_v_proj,"
                       "attn.to_add_out,ff.net.0.proj,ff.net.2,ff_context.net.0.proj,ff_context.net.2")

@@ -769,7 +769,7 @@ def load_lora_adapters(family: Family, modules: dict[str, torch.nn.Module], fold
     """Set the (freshly added) LoRA adapters of `modules` (by component: the denoiser, the text encoders) to the weights
     of a saved LoRA folder, as diffusers' scripts resume theirs; one line when they do not fit (another rank, another
     base, text encoder adapters that this run would drop). A text encoder the file has no adapters for starts fresh."""
-    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
     from peft import set_peft_model_state_dict
 
     saved = pipeline_class(family).lora_state_dict(folder)
@@ -783,7 +783,7 @@ def load_lora_adapters(family: Family, modules: dict[str, torch.nn.Module], fold
         if not part and name != family.denoiser:
             logger.info("--initial_lora %s has no %s adapters: they start fresh", folder, name)
             continue
-        state = (convert_unet_state_dict_to_peft(part) if name == family.denoiser else family.encoder_checkpoint_names(
+        state = (family.lora_adapter_layers(part) if name == family.denoiser else family.encoder_checkpoint_names(
                  module, convert_state_dict_to_peft(convert_state_dict_to_diffusers(part)), saving=False))
         if name != family.denoiser:  # diffusers' SDXL script also adapts the unread last layer: untrained, left out
             targets = set(family.text_encoder_lora_targets(name, module))
