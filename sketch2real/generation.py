@@ -470,6 +470,11 @@ def load_generation_pipeline(model: str, device: torch.device, dtype: torch.dtyp
     if scheduler and scheduler not in family.samplers():  # before any weight loads
         raise UserError(f"--scheduler {scheduler} does not fit {family.name} models, trained for another objective "
                         f"(theirs: {', '.join(family.samplers())})")
+    for flag, given, trainer in (("--controlnet", controlnet, "controlnet"),
+                                 ("--textual_inversion", textual_inversion, "textual_inversion")):
+        if given and trainer not in family.trainers:  # a traceback after the model loaded (no pipeline or loader)
+            raise UserError(f"{flag}: {model} is a {family.name} model, which takes no {trainer.replace('_', ' ')} "
+                            f"(its models here: {', '.join(family.trainers)})")
     if controlnet:
         check_controlnet_class(controlnet, family, "--controlnet", model)
     net = load(getattr(diffusers, family.controlnet_class), controlnet, "ControlNet", dtype=dtype) if controlnet else None

@@ -238,6 +238,10 @@ def test_a_controlnet_of_another_model_is_refused_in_one_line_and_one_of_this_mo
     said = "is a FluxControlNetModel \\(a flux ControlNet\\): .* is a sd model, whose ControlNets are ControlNetModel"
     with pytest.raises(UserError, match=f"--controlnet .*{said}"):
         load_generation_pipeline(str(tiny_models.sd), torch.device("cpu"), torch.float32, controlnet=str(tmp_path / "flux"))
+    # a family with no ControlNet (FLUX.2 [klein]): a traceback after the model loaded (no pipeline), and TI (no loader)
+    for flag in ({"controlnet": str(tmp_path / "flux")}, {"textual_inversion": [str(tmp_path / "flux")]}):
+        with pytest.raises(UserError, match=f"--{next(iter(flag))}: .* is a flux2-klein model, which takes no "):
+            load_generation_pipeline(str(tiny_models.flux2_klein), torch.device("cpu"), torch.float32, **flag)
     proc = run_script("train/controlnet.py", *common, "--controlnet_model_name_or_path", tmp_path / "flux",
                       "--output_dir", tmp_path / "refused-flux", check=False)
     assert proc.returncode == 2 and re.search(said, proc.stderr.strip().splitlines()[-1]), proc.stderr[-1500:]
