@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import string
 import warnings
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -40,7 +39,7 @@ from sketch2real.io import (
 )
 from sketch2real.models import requested_precision, weight_files_identity
 from sketch2real.shards import CorruptSample, corrupt_samples, open_image
-from sketch2real.sketchy import category_words
+from sketch2real.sketchy import category_words, check_template
 from sketch2real.training.checkpoints import TRAIN_STATE, checkpoint_weights, read_train_state
 from sketch2real.training.diffusion import derive_seed
 
@@ -60,25 +59,18 @@ class Item:
     extra: dict = field(default_factory=dict)
 
 
-def check_template(template: str, fields: Collection[str] = TEMPLATE_FIELDS) -> None:
-    """A prompt template may use {category}, {key} and {caption} (`fields`); anything else is an error."""
-    try:
-        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-    except ValueError as err:
-        raise UserError(f"bad prompt template {template!r}: {err}") from err
-    if "caption" in names and "caption" not in fields:  # it would be filled with nothing
+def check_generation_template(template: str, fields: Collection[str] = TEMPLATE_FIELDS) -> None:
+    """A generation prompt template may use {category}, {key} and {caption} (`fields`); anything else is one line."""
+    if "caption" not in fields and "{caption}" in template:  # it would be filled with nothing
         raise UserError("the prompt template's {caption} needs --captions (a captions file of infer/caption.py)")
-    unknown = sorted(n for n in names if n not in fields)
-    if unknown:
-        allowed = ", ".join("{" + f + "}" for f in sorted(fields))
-        raise UserError(f"prompt template names unknown field {{{unknown[0]}}}; use {allowed}")
+    check_template(template, fields)
 
 
 def items_from_template(template: str, shard_dir: str, split: str, categories: Sequence[str] | None) -> list[Item]:
     """One item per sample of a split: the template filled with the sample's category."""
     from sketch2real.shards import sample_refs
 
-    check_template(template, TEMPLATE_FIELDS - {"caption"})
+    check_generation_template(template, TEMPLATE_FIELDS - {"caption"})
     return [Item(key=ref.key, prompt=template.format(category=category_words(ref.category), key=ref.key),
                  category=ref.category, sample_key=ref.key) for ref in sample_refs(shard_dir, split, categories)]
 
@@ -100,7 +92,7 @@ def items_from_captions(path: str, prompt_ids: Sequence[str] | None, template: s
     """One item per caption row (key, category, prompt_id, caption) of a captioning JSONL."""
     if not Path(path).is_file():
         raise UserError(f"captions file not found: {path}")
-    check_template(template)
+    check_generation_template(template)
     rows = read_jsonl(path, required=CAPTION_FIELDS, text=CAPTION_TEXT)
     wanted = set(prompt_ids or [])
     items, seen, empty = [], set(), 0

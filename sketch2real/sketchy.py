@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -79,6 +80,24 @@ def sketch_condition(sketch):
 def category_words(category: str) -> str:
     """A folder name as words for prompts: `car_(sedan)` -> `car (sedan)`, `hot-air_balloon` -> `hot-air balloon`."""
     return category.replace("_", " ")
+
+
+def check_template(template: str, fields: Collection[str], flag: str = "--prompt_template") -> None:
+    """One line for a prompt template that fills in something other than `fields` (`{category}`, ...) as they are:
+    a stray brace, an unknown name (`{cat}`), an attribute (`{category.upper}` formatted as "<built-in method ...>"),
+    an index, a conversion or a format spec."""
+    import string
+
+    allowed = ", ".join("{" + f + "}" for f in sorted(fields))
+    try:
+        parts = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                 if name is not None]
+    except ValueError as err:
+        raise UserError(f"{flag} {template!r}: {err} (a literal brace is written {{{{ or }}}})") from err
+    for name, spec, conversion in parts:
+        if name not in fields or spec or conversion:
+            field = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise UserError(f"{flag} {template!r}: {field} cannot be filled in; it can hold {allowed}")
 
 
 def with_article(words: str) -> str:

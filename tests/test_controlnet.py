@@ -312,7 +312,7 @@ def test_category_in_the_validation_prompt_is_each_held_out_sketchs_category(tmp
     assert prompts("--validation_prompt", "a {category}") == ["a cat", "a car (sedan)", "a apple"]
     assert prompts() == ["p0", "p1", "p2"]  # the sketches' own prompts
     assert prompts("--validation_prompt", "a dog", "--validation_image", str(tmp_path / "s.png")) == ["a dog"] * 3
-    with pytest.raises(UserError, match=r"--validation_prompt 'a \{categroy\}': only \{category\} can be filled in"):
+    with pytest.raises(UserError, match=r"--validation_prompt 'a \{categroy\}': \{categroy\} cannot be filled in; it can hold \{category\}"):
         prompts("--validation_prompt", "a {categroy}")
     with pytest.raises(UserError, match="--validation_image images have none"):
         prompts("--validation_prompt", "a {category}", "--validation_image", str(tmp_path / "s.png"))

@@ -1068,7 +1068,7 @@ def test_class_images_are_listed_once_and_split_across_two_processes(db_args, tm
         (["--optimizer", "prodigy", "--learning_rate", "1e-4"], "estimates its step size"),
         (["--use_dora"], "give --lora_rank"),
         (["--lora_alpha", "8"], "--lora_alpha scales LoRA adapters: give --lora_rank"),
-        (["--instance_prompt", "a {kind} sketch"], "only {category} can be filled in"),
+        (["--instance_prompt", "a {kind} sketch"], "{kind} cannot be filled in"),
         (["--instance_data_dir", "/tmp", "--instance_prompt", "a {category}"], "need the shards' categories"),
     ],
 )

@@ -310,7 +310,7 @@ def test_a_lora_of_another_family_is_one_line_before_any_weight_loads(tiny_model
     "extra, message",
     [
         (["--textual_inversion", "/no/embeds.safetensors"], "textual inversion embeddings not found"),
-        (["--prompt_template", "a {colour} {category}"], "unknown field {colour}"),
+        (["--prompt_template", "a {colour} {category}"], "{colour} cannot be filled in"),
         (["--captions", "/no/captions.jsonl", "--prompt_template", ""], "captions file not found"),
         (["--scheduler", "magic"], "unknown scheduler 'magic'"),
         (["--categories", "unicorn"], "unknown category 'unicorn'"),
@@ -717,3 +717,20 @@ def test_an_empty_caption_trains_the_template_and_is_said_in_training_and_genera
         items = items_from_captions(str(path), None)
     assert [it.prompt for it in items] == ["a cat", "", ""]
     assert "2 captions in" in caplog.text and "an empty prompt (unconditional)" in caplog.text
+
+
+def test_training_and_generation_templates_fill_in_their_fields_as_they_are():
+    """One check for both: `{category.upper}` trained "a <built-in method upper of str object at 0x...> sketch" (the
+    training check only tried to format), and generation let `{category!r}` quote the words."""
+    from sketch2real.cli import UserError
+    from sketch2real.generation import check_generation_template
+    from sketch2real.training.prompts import check_prompt_template
+
+    check_prompt_template("a {category} in the style of {{sks}}", "--instance_prompt")
+    check_generation_template("a {caption}, {category} ({key})")
+    for bad in ("a {category.upper} sketch", "a {category[0]}", "a {category!r}", "a {category:>9}", "a {} sketch",
+                "a {cat}", "a {category"):
+        with pytest.raises(UserError, match="--instance_prompt .*(cannot be filled in|a literal brace)"):
+            check_prompt_template(bad, "--instance_prompt")
+        with pytest.raises(UserError, match="--prompt_template "):
+            check_generation_template(bad)

@@ -205,7 +205,7 @@ def test_category_in_the_validation_prompt_is_filled_in_per_category_and_the_car
     assert task().prompt_for("cat", 4) == "a <sketch> of a cat" and task().prompt_for("owl", 1).startswith("a drawing of an owl")
     # an object's token: one row (two rows drew the same prompt), of the run's category where it has one
     assert task("--learnable_property", "object").validation_rows() == [("a photo of a <sketch>", None)]
-    with pytest.raises(UserError, match=r"--validation_prompt 'a \{categroy\}': only \{category\} can be filled in"):
+    with pytest.raises(UserError, match=r"--validation_prompt 'a \{categroy\}': \{categroy\} cannot be filled in; it can hold \{category\}"):
         task("--validation_prompt", "a {categroy}")
     with pytest.raises(UserError, match="--train_data_dir images have none"):
         task("--train_data_dir", str(tmp_path), "--validation_prompt", "a {category}")

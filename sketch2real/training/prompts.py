@@ -11,18 +11,15 @@ from pathlib import Path
 from sketch2real.captioning import CAPTION_FIELDS, CAPTION_TEXT
 from sketch2real.cli import UserError
 from sketch2real.io import read_jsonl
-from sketch2real.sketchy import category_words
+from sketch2real.sketchy import category_words, check_template
 
 logger = logging.getLogger("sketch2real")
 ROW_CATEGORIES = 4  # validation mosaic rows of a prompt naming {category}: one per category, this many at most
 
 
 def check_prompt_template(template: str, flag: str) -> None:
-    """One line for a template that formats with something other than `{category}` (a stray brace, `{cat}`)."""
-    try:
-        template.format(category="x")
-    except (KeyError, IndexError, ValueError) as err:
-        raise UserError(f"{flag} {template!r}: only {{category}} can be filled in ({err!r})") from err
+    """One line for a training prompt that fills in something other than `{category}` (`sketchy.check_template`)."""
+    check_template(template, {"category"}, flag)
 
 
 def check_validation_prompts(prompts: list[str], without: str = "") -> None:
