@@ -82,7 +82,7 @@ def _step_argvs(argv: list[str], folder: Path) -> tuple[dict[str, list[str]], st
 
 def main() -> None:
     argv = sys.argv[1:]
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv or {"-h", "--help"} & set(argv):  # anywhere, as argparse reads it (after flags: "unknown option")
         print(__doc__.strip() + "\n\nusage: prepare.py --data_dir DIR --sketchy_root ROOT [--config FILE] [flags of either step]")
         return
     with tempfile.TemporaryDirectory(prefix="s2r-prepare-") as folder:

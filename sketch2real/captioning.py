@@ -190,7 +190,7 @@ def load_captioner(name_or_path: str, device: torch.device, dtype: torch.dtype, 
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,
-                                                           bnb_4bit_compute_dtype=torch.float16)
+                                                           bnb_4bit_compute_dtype=dtype)  # --mixed_precision's
         kwargs["device_map"] = {"": device}
     cls = Blip2ForConditionalGeneration if family == "blip-2" else LlavaForConditionalGeneration
     model = load(cls, name_or_path, "captioning model", **kwargs)

@@ -331,3 +331,5 @@ def test_prepare_takes_config_and_data_dir_anywhere_and_checks_both_steps_first(
     proc = run_script("data_prep/prepare.py", "--config", config, "--sketchy_root", sketchy_root, "--data_dir",
                       tmp_path / "neg", check=False)
     assert proc.returncode == 2 and f"--seed must be at least 0, got -1 (in config file {config})" in proc.stderr
+    helped = run_script("data_prep/prepare.py", "--data_dir", tmp_path / "help", "--help")  # "unknown option --help"
+    assert "usage: prepare.py --data_dir DIR" in helped.stdout and not (tmp_path / "help").exists()
