@@ -145,7 +145,12 @@ class Family:
         """Generation's `--scheduler` choices that fit the objective it was trained with, and their diffusers classes:
         the noise-prediction samplers, or for a flow-matching family its pipelines' flow-matching Euler (built from
         a flow config, the others sample noise on SD3 and stop FLUX.1 at its first step)."""
-        return FLOW_SAMPLERS if self.training_scheduler == "FlowMatchEulerDiscreteScheduler" else NOISE_SAMPLERS
+        return FLOW_SAMPLERS if self.flow_matching else NOISE_SAMPLERS
+
+    @property
+    def flow_matching(self) -> bool:
+        """Whether it trains by flow matching (velocity, `FlowMatchingObjective`), not denoising (epsilon/v)."""
+        return self.training_scheduler == "FlowMatchEulerDiscreteScheduler"
 
     def require(self, trainer: str) -> None:
         """One line when `trainer` is not built for this family yet."""

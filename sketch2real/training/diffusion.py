@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from sketch2real.family import Family
 
 
 def derive_seed(*parts: object) -> int:
@@ -187,9 +190,10 @@ class FlowMatchingObjective:
         return (weight.float().view(-1, *[1] * (squared.ndim - 1)) * squared).flatten(1).mean(1)
 
 
-def objective_for(scheduler, opts) -> Objective:
-    """The objective of a training scheduler (the family's: `Family.training_scheduler`), configured by `opts`."""
-    if type(scheduler).__name__ == "FlowMatchEulerDiscreteScheduler":
+def objective_for(family: Family, scheduler, opts) -> Objective:
+    """The objective `family` trains with, on its training scheduler (`Family.training_scheduler`), configured by
+    `opts`."""
+    if family.flow_matching:
         return FlowMatchingObjective(scheduler, opts.weighting_scheme, opts.logit_mean, opts.logit_std, opts.mode_scale)
     return DenoisingObjective(scheduler, opts.snr_gamma)
 

@@ -118,7 +118,7 @@ class DiffusionTask:
         cast_denoiser_inputs(self.c.denoiser)
         self.c.vae.requires_grad_(False).to(accelerator.device, vae_dtype(self.c.vae, self.weight_dtype))
         side = opts.resolution // 2 ** (len(self.c.vae.config.block_out_channels) - 1)
-        self.objective = objective_for(self.c.noise_scheduler, opts)
+        self.objective = objective_for(family, self.c.noise_scheduler, opts)
         num_workers = (opts.dataloader_num_workers if opts.dataloader_num_workers is not None
                        else default_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))))
         self.stream_setup = StreamSetup(opts, accelerator, self.c.vae, self.objective,
@@ -148,7 +148,7 @@ class DiffusionTask:
         if self.accelerator.mixed_precision == "fp16" and not family.fp16:
             raise UserError(f"{family.name} models train in bf16, not fp16 (their activations overflow fp16): use "
                             "--mixed_precision bf16")
-        flow = family.training_scheduler == "FlowMatchEulerDiscreteScheduler"  # the objective `objective_for` picks
+        flow = family.flow_matching
         if flow and self.opts.snr_gamma:
             raise UserError(f"--snr_gamma weighs denoising (epsilon/v) losses; {family.name} models train by flow "
                             "matching: use --weighting_scheme")
