@@ -20,7 +20,7 @@ from sketch2real.models import SDComponents, assemble_pipeline, load
 from sketch2real.sketchy import photo_key, sketch_condition
 from sketch2real.training.accelerator import cast_denoiser_inputs
 from sketch2real.training.data import LazyImages
-from sketch2real.training.diffusion import derive_seed, drops_prompt
+from sketch2real.training.diffusion import derive_seed, drops_prompt, vae_scale_factor
 from sketch2real.training.options import TrainOptions
 from sketch2real.training.prompts import (
     SamplePrompts,
@@ -121,7 +121,7 @@ class ControlNetTask(DiffusionTask):
                 raise UserError(f"--controlnet_model_name_or_path {opts.controlnet_model_name_or_path} is not a ControlNet "
                                 f"of {opts.pretrained_model_name_or_path} ({mismatch})")
         else:  # from the denoiser's full-precision weights, before the frozen denoiser is cast to the weight dtype
-            controlnet = init_controlnet(c.denoiser, opts.seed, 2 ** (len(c.vae.config.block_out_channels) - 1),
+            controlnet = init_controlnet(c.denoiser, opts.seed, vae_scale_factor(c.vae),
                                          self.family)
         c.denoiser.requires_grad_(False).to(device, self.weight_dtype)
         for encoder in c.text_encoders:

@@ -57,6 +57,11 @@ def step_noise(
     return StepNoise(torch.stack(eps), torch.stack(noise), torch.cat(timesteps))
 
 
+def vae_scale_factor(vae) -> int:
+    """How many pixels a latent spans per side (8 for every family's VAE), as diffusers' pipelines compute it."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def scaled_latents(vae, raw: torch.Tensor) -> torch.Tensor:
     """Raw VAE latents -> the denoiser's latent space: (z - shift) * scale, the shift being the config's
     `shift_factor` (SD3/FLUX.1's 16-channel VAE; none for SD's). FLUX.2's VAE (`AutoencoderKLFlux2`) normalises by

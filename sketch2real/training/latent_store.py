@@ -29,7 +29,7 @@ from sketch2real.cli import UserError
 from sketch2real.io import atomic_path, check_room, write_json
 from sketch2real.training.accelerator import main_process_view
 from sketch2real.training.data import LazyImages, prefetched
-from sketch2real.training.diffusion import scaled_latents
+from sketch2real.training.diffusion import scaled_latents, vae_scale_factor
 from sketch2real.training.preemption import preemption
 
 logger = logging.getLogger("sketch2real")
@@ -240,7 +240,7 @@ class LatentStore:
         missing_blocks, mine = deal_missing_blocks(accelerator, wanted, lambda b: self._block_file(b).is_file())
         # its size first, not at a full disk (a style over Sketchy's sketches at 1024 px: 13 GiB)
         if missing_blocks and self.images.samples.resolution:
-            side = self.images.samples.resolution // 2 ** (len(self.vae.config.block_out_channels) - 1)
+            side = self.images.samples.resolution // vae_scale_factor(self.vae)
             per_image = 2 * self.vae.config.latent_channels * side * side * np.dtype(STORE_DTYPE).itemsize  # mean, std
             images = sum(min(self.block, len(self.members) - b * self.block) for b in missing_blocks)
             main_process_view(accelerator, lambda: check_room(self.folder, per_image * images, f"the latent store of "

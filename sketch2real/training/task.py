@@ -39,7 +39,7 @@ from sketch2real.training.accelerator import (
     zero3_init_disabled,
 )
 from sketch2real.training.data import default_num_workers
-from sketch2real.training.diffusion import objective_for
+from sketch2real.training.diffusion import objective_for, vae_scale_factor
 from sketch2real.training.preemption import preemption
 from sketch2real.training.stream import DiffusionStream, NoisyBatch, StreamSetup
 from sketch2real.training.validation import (
@@ -117,7 +117,7 @@ class DiffusionTask:
         configure_attention(self.c.denoiser, opts, accelerator.device)
         cast_denoiser_inputs(self.c.denoiser)
         self.c.vae.requires_grad_(False).to(accelerator.device, vae_dtype(self.c.vae, self.weight_dtype))
-        side = opts.resolution // 2 ** (len(self.c.vae.config.block_out_channels) - 1)
+        side = opts.resolution // vae_scale_factor(self.c.vae)
         self.objective = objective_for(family, self.c.noise_scheduler, opts)
         num_workers = (opts.dataloader_num_workers if opts.dataloader_num_workers is not None
                        else default_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))))

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from sketch2real.mosaic import image_grid
-from sketch2real.training.diffusion import Objective, derive_seed, encode_latents
+from sketch2real.training.diffusion import Objective, derive_seed, encode_latents, vae_scale_factor
 
 
 def heldout_denoising_loss(
@@ -39,7 +39,7 @@ def _heldout_noise(shape: tuple[int, ...], seed: int) -> tuple[torch.Tensor, tor
 def heldout_latents(vae, images: torch.Tensor, seed: int = 0, batch_size: int = 8) -> torch.Tensor:
     """Held-out images' scaled VAE latents (on the VAE's device), their posterior sampled with fixed noise: encoded
     once for every model a run compares (the VAE is frozen), not again at every validation and stage."""
-    latent_side = images.shape[-1] // (2 ** (len(vae.config.block_out_channels) - 1))
+    latent_side = images.shape[-1] // vae_scale_factor(vae)
     eps, _, _ = _heldout_noise((images.shape[0], vae.config.latent_channels, latent_side, latent_side), seed)
     return torch.cat([encode_latents(vae, images[start:start + batch_size], eps[start:start + batch_size])
                       for start in range(0, images.shape[0], batch_size)])
