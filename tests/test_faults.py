@@ -409,6 +409,34 @@ def test_a_truncated_newest_checkpoint_falls_back(checkpointed, tmp_path):
     assert proc.stderr.count("is not intact") == 1  # once (the look before the model loads says nothing of it)
 
 
+def test_a_checkpoint_of_renamed_weights_is_refused_not_resumed_from_fresh_adapters(checkpointed, tmp_path):
+    """A version that renamed a module (`DreamBoothModel.unet` to `.denoiser`) resumed an older checkpoint "from step 2"
+    with its LoRA dropped (loading is not strict: fresh adapters, the old optimizer state): one line now, by the names
+    in its model file (a checkpoint from before train_state.json's digest) or by that digest."""
+    from safetensors.torch import load_file, save_file
+
+    args, straight = checkpointed
+    for case in ("older", "digest"):
+        folder = tmp_path / case / "checkpoint-2"
+        shutil.copytree(straight / "checkpoint-2", folder)
+        state = json.loads((folder / "train_state.json").read_text())
+        if case == "older":  # as the version before the rename saved it: no digest, the module's old name
+            del state["trained_weights"]
+            tensors = load_file(folder / "model.safetensors")
+            save_file({k.replace("denoiser.", "unet.", 1): v for k, v in tensors.items()}, folder / "model.safetensors")
+        else:
+            state["trained_weights"] = "0" * 16
+        (folder / "train_state.json").write_text(json.dumps(state))
+        manifest = json.loads((folder / "manifest.json").read_text())
+        (folder / "manifest.json").write_text(json.dumps({**manifest, "files": {
+            name: (folder / name).stat().st_size for name in manifest["files"]}}))
+        proc = run_script("train/dreambooth.py", *args, "--output_dir", folder.parent, "--resume_from_checkpoint",
+                          "latest", check=False)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2 and "holds trained weights named otherwise" in last, proc.stderr[-2000:]
+        assert ("e.g. 'denoiser." in last) == (case == "older") and not (folder.parent / "checkpoint-4").exists()
+
+
 def test_a_lora_checkpoint_holds_the_step_s_adapters_as_diffusers_loads_them(checkpointed, tiny_models, tmp_path):
     """Each checkpoint of a LoRA run holds pytorch_lora_weights.safetensors, as diffusers' DreamBooth LoRA checkpoints
     do: the step's trained adapters (those its training state holds), loaded by plain diffusers and, with the run's

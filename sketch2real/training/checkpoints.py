@@ -510,7 +510,7 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, total
         try:
             umask_modes(partial)  # safetensors' writer makes 0600 files: a group's colleague could not resume them
             write_json(partial / TRAIN_STATE, {"step": step, "fingerprint": fingerprint, "launch": launch_of(accelerator),
-                                               **(state or {})})
+                                               "trained_weights": trained_weights_digest(accelerator), **(state or {})})
             files = {str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()}
             write_json(partial / MANIFEST, {"step": step, "files": files})  # last: its presence means complete
         except OSError as err:
@@ -537,8 +537,49 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, total
     return final
 
 
+def trained_weight_names(accelerator) -> list[list[str]]:
+    """The names of the weights a checkpoint holds, per prepared model in order: its parameters that train
+    (`accelerator._checkpoint_only_trained_weights` leaves out the frozen ones)."""
+    return [[name for name, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad]
+            for model in accelerator._models]
+
+
+def trained_weights_digest(accelerator) -> str:
+    """`trained_weight_names` in 16 hex digits: what train_state.json records to compare at resume."""
+    return hashlib.sha256(json.dumps(trained_weight_names(accelerator)).encode()).hexdigest()[:16]
+
+
+def check_trained_weight_names(accelerator, folder: Path) -> None:
+    """One line where a checkpoint's weights are named otherwise than this version's model names what it trains (a
+    renamed module: loading is not strict, as frozen weights are left out, so they were dropped without a word and
+    training went on from fresh adapters at the checkpoint's step). By the digest train_state.json records, or for
+    a checkpoint without one, by the names in its model files (DeepSpeed's are not read)."""
+    recorded = (read_train_state(folder) or {}).get("trained_weights")
+    if recorded is not None:
+        differ = recorded != trained_weights_digest(accelerator)
+        example = ""
+    else:
+        from safetensors import safe_open
+
+        differ, example = False, ""
+        for i, names in enumerate(trained_weight_names(accelerator)):
+            file = folder / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
+            if not file.is_file():
+                continue
+            with safe_open(str(file), "pt") as f:
+                missing = sorted(set(names) - set(f.keys()))
+            if missing:
+                differ, example = True, f"; e.g. {missing[0]!r} is not in it ({len(missing)} of {len(names)})"
+                break
+    if differ:
+        raise UserError(f"{folder} holds trained weights named otherwise than this version's model names them (saved by "
+                        f"another version{example}): resume it with the version that saved it, or start over in "
+                        "another --output_dir")
+
+
 def load_checkpoint(accelerator, folder: Path) -> int:
     """Restore a verified checkpoint of `save_checkpoint`; returns its step. Frozen weights come from the base model."""
+    check_trained_weight_names(accelerator, folder)
     try:
         accelerator.load_state(str(folder), **checkpoint_kwargs(accelerator, saving=False))
     except ValueError as err:  # torch's optimizer: "... a different number of parameter groups" (or of parameters)
