@@ -19,7 +19,7 @@ from PIL import Image
 
 from sketch2real.cli import UserError
 from sketch2real.io import part_files
-from sketch2real.shards import CorruptSample, ShardSamples, corrupt_samples, image_files, open_image
+from sketch2real.shards import DECODER_VERSION, CorruptSample, ShardSamples, corrupt_samples, image_files, open_image
 
 logger = logging.getLogger("sketch2real")
 VALID_DIMS = (64, 192, 768, 2048)
@@ -152,8 +152,9 @@ def shard_set(shard_dir: str, split: str, field: str, categories: Sequence[str] 
 
 
 def fingerprint(images: ImageSet, settings: dict) -> str:
-    """A key for cached statistics: the exact image contents (or shard rows) and the extraction settings."""
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    """A key for cached statistics: the exact image contents (or shard rows), the extraction settings and the decoder
+    that turns them into pixels (`DECODER_VERSION`: a 16-bit PNG read as 8-bit, EXIF rotation, a Pillow upgrade)."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode() + DECODER_VERSION.encode())
     shard_prints: dict[tuple[str, str], dict] = {}
     for source, image_id in zip(images.sources, images.ids):
         if isinstance(source, Path):

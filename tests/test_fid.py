@@ -111,6 +111,19 @@ def test_reference_cache_hit_and_invalidation(folders, tmp_path):
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
 
 
+def test_cached_statistics_and_probes_are_keyed_by_the_decoder(folders, monkeypatch):
+    """A reference cached by a version that read 16-bit PNGs as 8-bit (or without EXIF rotation) was served to the
+    next version (FID 0.90 cached, 20.34 computed): the key names `shards.DECODER_VERSION` (the probe's key is built
+    from the same fingerprints)."""
+    from sketch2real import metrics
+
+    images = metrics.folder_set(str(folders / "a"))
+    key = metrics.fingerprint(images, {"dims": 64})
+    assert metrics.fingerprint(images, {"dims": 64}) == key
+    monkeypatch.setattr(metrics, "DECODER_VERSION", metrics.DECODER_VERSION + "+another decoder")
+    assert metrics.fingerprint(images, {"dims": 64}) != key
+
+
 def test_generated_folder_against_shards_per_category_two_processes(tiny_models, shard_dir, tmp_path):
     gen = tmp_path / "gen"
     run_script("infer/generate.py", "--pretrained_model_name_or_path", tiny_models.sd, "--shard_dir", shard_dir,
