@@ -937,6 +937,27 @@ def _assert_model_card(out: Path) -> None:
     assert (out / mosaic).is_file() and mosaic == "validation/step-000006.png"
 
 
+def test_class_images_of_a_model_trained_again_in_place_are_another_model_s(tmp_path):
+    """A sequential stage's model retrained in place (a rerun at another learning rate) kept its path, and the class
+    folder its images drew was reused as its prior: the folder records what the weight files hold too."""
+    from sketch2real.cli import parse_options
+    from sketch2real.io import write_json
+    from sketch2real.training.dreambooth import CLASS_CONFIG, DreamBoothOptions, class_image_settings, class_images_problem
+
+    weights_file = tmp_path / "stage-01-cat" / "unet" / "diffusion_pytorch_model.safetensors"
+    weights_file.parent.mkdir(parents=True)
+    weights_file.write_bytes(b"a" * 4096)
+    opts = parse_options(DreamBoothOptions, [
+        "--pretrained_model_name_or_path", str(tmp_path / "stage-01-cat"), "--output_dir", str(tmp_path / "out"),
+        "--shard_dir", "s", "--instance_category", "cat", "--with_prior_preservation", "--class_prompt", "a cat",
+        "--class_data_dir", str(tmp_path / "classes")])
+    (tmp_path / "classes").mkdir()
+    write_json(tmp_path / "classes" / CLASS_CONFIG, class_image_settings(opts))
+    assert class_images_problem(tmp_path / "classes", class_image_settings(opts)) == ""
+    weights_file.write_bytes(b"b" * 4096)  # trained again: the same size, other weights
+    assert "model_weights" in class_images_problem(tmp_path / "classes", class_image_settings(opts))
+
+
 def test_prior_preservation_generates_class_images_once(db_args, tmp_path):
     class_dir = tmp_path / "class"
     args = [*db_args, "--max_train_steps", "2", "--with_prior_preservation", "--class_prompt", "a sketch of a cat",

@@ -298,11 +298,12 @@ CLASS_CONFIG = "class_config.json"  # the settings a --class_data_dir's images w
 def class_image_settings(opts: DreamBoothOptions) -> dict:
     """What a class folder's images depend on (recorded in its `class_config.json` when they are generated): the
     prompt, size, steps, seed, and the model (and revision) and VAE that draw them (a local folder by its absolute
-    path)."""
+    path, and by what its files hold: a sequential stage's model trained again in place drew other images)."""
     model, vae = opts.pretrained_model_name_or_path, opts.pretrained_vae_model_name_or_path or None
     return {**{k: getattr(opts, k) for k in ("class_prompt", "resolution", "class_inference_steps", "seed", "revision")},
             "model": str(Path(model).resolve()) if Path(model).is_dir() else model,
-            "vae": str(Path(vae).resolve()) if vae and Path(vae).is_dir() else vae}
+            "vae": str(Path(vae).resolve()) if vae and Path(vae).is_dir() else vae,
+            "model_weights": model_identity(model), "vae_weights": model_identity(vae) if vae else None}
 
 
 def class_images_problem(folder: Path, settings: dict) -> str:
