@@ -184,11 +184,11 @@ SHARDS_DATA = "shards_data"  # and what the shards held (their index's hash)
 
 
 def weights_identity(path: str) -> str:
-    """What a model, LoRA, ControlNet or embeddings path holds, as a resumed generation compares it: a sketch2real
-    run's record (metrics.json's fingerprint, steps and outputs' sizes; a checkpoint's train_state.json), else its
-    weight files' names, sizes and a hash of 1 MiB at their start, middle and end (weights trained again keep their
-    size: sizes alone let a resume draw the rest with other weights); a hub id (or "") as written. A run trained
-    again in place has another; a copy elsewhere is the same."""
+    """What a model, LoRA, ControlNet or embeddings path holds, as a resumed generation compares it: its weight files'
+    names, sizes and a hash of 1 MiB at their start, middle and end (weights trained again keep their size: sizes
+    alone let a resume draw the rest with other weights), with a sketch2real run's record (metrics.json's fingerprint,
+    steps and outputs' sizes; a checkpoint's train_state.json); a hub id (or "") as written. A run trained again in
+    place has another (the same command on edited images of --instance_data_dir too); a copy elsewhere is the same."""
     import hashlib
 
     where = Path(path) if path else None
@@ -199,7 +199,7 @@ def weights_identity(path: str) -> str:
                          (folder / TRAIN_STATE, ("fingerprint", "step"))):
         saved = read_saved_options(record)
         if saved is not None and saved.get("fingerprint") is not None:
-            held = {k: saved.get(k) for k in keys}
+            held = {k: saved.get(k) for k in keys} | {"weights": weight_files_identity(where)}
             break
     else:  # not ours (a downloaded or converted model): its weight files
         return weight_files_identity(where)

@@ -126,8 +126,8 @@ def test_a_rerun_with_other_settings_is_refused_and_one_with_another_batch_or_li
 
 def test_a_rerun_after_the_model_was_trained_again_in_place_is_refused(tiny_models, tmp_path):
     """A run folder trained again (more steps, other options) at the same path: the rerun kept the old model's images
-    (generated_now 0, no word) and eval scored them. Weights are known by what their path holds: a sketch2real run's
-    record, else its weight files' sizes."""
+    (generated_now 0, no word) and eval scored them. Weights are known by what their path holds: its weight files'
+    sizes and sampled contents, with a sketch2real run's record."""
     import shutil
 
     model, out = tmp_path / "run", tmp_path / "gen"
@@ -149,8 +149,10 @@ def test_a_rerun_after_the_model_was_trained_again_in_place_is_refused(tiny_mode
     config["weights_data"] = {"model": "sizes alone"}  # or by their sizes: by path too
     (out / "generate_config.json").write_text(json.dumps(config))
     assert json.loads(run_script("infer/generate.py", *args).stdout.strip().splitlines()[-1])["generated_now"] == 0
-    # a model that is not sketch2real's, trained again in place: the same files, the same sizes, other weights
+    # trained again in place: the same files, the same sizes, other weights; a sketch2real run's record the same too
+    # (the same command on edited --instance_data_dir images: its fingerprint knows the folder by its path)
     shutil.rmtree(out)
+    (model / "metrics.json").write_text(json.dumps({"fingerprint": {"seed": 0}, "steps": 8, "outputs": {"unet": 1}}))
     run_script("infer/generate.py", *args)
     unet = model / "unet" / "diffusion_pytorch_model.safetensors"
     data = bytearray(unet.read_bytes())
