@@ -86,6 +86,17 @@ def shards_data(shard_dir: str, split: str) -> str:
     return hashlib.sha256(index.read_bytes()).hexdigest()[:16] if index is not None and index.is_file() else ""
 
 
+def image_folder_data(folder: str) -> str:
+    """The hash of an image folder's images (`image_files`: their names and bytes): what a folder of the user's
+    images holds, wherever it is copied; "" without a folder."""
+    if not folder or not Path(folder).is_dir():
+        return ""
+    digest = hashlib.sha256()
+    for file in image_files(folder):
+        digest.update(f"{file.relative_to(folder)}\0{file.stat().st_size}\0".encode() + hashlib.sha256(file.read_bytes()).digest())
+    return digest.hexdigest()[:16]
+
+
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 

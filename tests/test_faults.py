@@ -437,6 +437,28 @@ def test_a_checkpoint_of_renamed_weights_is_refused_not_resumed_from_fresh_adapt
         assert ("e.g. 'denoiser." in last) == (case == "older") and not (folder.parent / "checkpoint-4").exists()
 
 
+def test_a_folder_of_the_user_s_images_is_part_of_the_run_by_what_it_holds(tiny_models, tmp_path):
+    """A checkpoint of a run on --instance_data_dir resumed after the folder's images were edited (known by its path
+    alone), as if the same run; a copy of the folder elsewhere is the same run."""
+    from sketch2real.cli import parse_options
+    from sketch2real.training.checkpoints import run_fingerprint
+    from sketch2real.training.dreambooth import DreamBoothOptions
+
+    def fingerprint(folder: Path):
+        return run_fingerprint(parse_options(DreamBoothOptions, [
+            "--pretrained_model_name_or_path", str(tiny_models.sd), "--instance_data_dir", str(folder),
+            "--instance_prompt", "a sks cat", "--output_dir", str(tmp_path / "out"), "--max_train_steps", "4"]), 1)
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for name, colour in (("a.png", "red"), ("b.png", "blue")):
+        Image.new("RGB", (16, 16), colour).save(folder / name)
+    saved = json.loads(json.dumps(fingerprint(folder)))  # as train_state.json holds it
+    assert fingerprint(shutil.copytree(folder, tmp_path / "copied")).matches(saved)
+    Image.new("RGB", (16, 16), "green").save(folder / "b.png")  # edited in place: the same name and size
+    assert not fingerprint(folder).matches(saved) and "instance_data_dir_data" in fingerprint(folder).differences(saved)
+
+
 def test_a_lora_checkpoint_holds_the_step_s_adapters_as_diffusers_loads_them(checkpointed, tiny_models, tmp_path):
     """Each checkpoint of a LoRA run holds pytorch_lora_weights.safetensors, as diffusers' DreamBooth LoRA checkpoints
     do: the step's trained adapters (those its training state holds), loaded by plain diffusers and, with the run's

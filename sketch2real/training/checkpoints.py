@@ -25,7 +25,7 @@ import torch
 
 from sketch2real.cli import LOCK_FILE, UserError, is_full_disk
 from sketch2real.io import differences, human_bytes, umask_modes, write_json
-from sketch2real.shards import shards_data
+from sketch2real.shards import image_folder_data, shards_data
 from sketch2real.training.accelerator import checkpoint_kwargs, is_deepspeed, main_process_view
 
 logger = logging.getLogger("sketch2real")
@@ -99,6 +99,11 @@ def run_fingerprint(opts, num_processes: int) -> RunFingerprint:
         choices["captions_data"] = defaults["captions_data"] = hashlib.sha256(captions.read_bytes()).hexdigest()[:16]
         # (its own default: a checkpoint saved before it was recorded still resumes)
         by_content["captions"] = ("captions_data", choices["captions"])
+    for flag in ("instance_data_dir", "train_data_dir"):  # a folder of the user's images: edited, another run
+        images = image_folder_data(getattr(opts, flag, "") or "")
+        if images:
+            choices[f"{flag}_data"] = defaults[f"{flag}_data"] = images  # (a checkpoint from before: resumes)
+            by_content[flag] = (f"{flag}_data", choices[flag])
     choices = {k: v for k, v in choices.items() if k not in by_content}
     return RunFingerprint(_normalized(choices), _normalized(defaults), _normalized(by_content))
 
