@@ -217,10 +217,13 @@ def caption_settings(options: Mapping[str, Any]) -> dict[str, Any]:
     settings["prompts"] = resolve_prompts(settings["prompts"])  # `best` and `4 5 8` are the same prompts
     if options.get(SHARDS_DATA):  # the shards by what they hold (their index): copied elsewhere the same, rebuilt not
         settings["shard_dir"] = options[SHARDS_DATA]
+    if options.get(MODEL_DATA):  # the captioner by what its files hold too: replaced in place, another
+        settings[MODEL_DATA] = options[MODEL_DATA]
     return settings
 
 
 SHARDS_DATA = "shards_data"  # caption_config.json's key of the shard index's hash (beside the options)
+MODEL_DATA = "model_content"  # and of the captioner's weight files (`models.model_identity`)
 
 
 def resumable_pairs(output_dir: Path, options: Mapping[str, Any]) -> set[tuple[str, str]]:
@@ -231,8 +234,9 @@ def resumable_pairs(output_dir: Path, options: Mapping[str, Any]) -> set[tuple[s
     done = finished_pairs(output_dir) if output_dir.is_dir() else set()
     if done:
         saved = read_saved_options(output_dir / CONFIG)
-        if saved is not None and SHARDS_DATA not in saved:
-            options = {k: v for k, v in options.items() if k != SHARDS_DATA}
+        for recorded in (SHARDS_DATA, MODEL_DATA):  # a config saved before it was recorded: compared by path
+            if saved is not None and recorded not in saved:
+                options = {k: v for k, v in options.items() if k != recorded}
         check_same_settings(output_dir, CONFIG, options, caption_settings, "captions")
     return done
 

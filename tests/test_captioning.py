@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -92,8 +93,8 @@ def test_a_rerun_with_another_model_is_refused_and_one_with_other_batches_or_cat
     """Captions resume only under the settings that wrote them (caption_config.json): another model or length limit
     stops in one line before any model loads and leaves the folder as it was; another batch size or more categories
     continues and captions only the missing samples. An older run's folder (no config) resumes."""
-    out = tmp_path / "cap"
-    args = ["--model_name_or_path", tiny_models.blip2, *cap_args, "--prompts", "1", "--output_dir", out]
+    out, model = tmp_path / "cap", shutil.copytree(tiny_models.blip2, tmp_path / "blip2")
+    args = ["--model_name_or_path", model, *cap_args, "--prompts", "1", "--output_dir", out]
     run_script("infer/caption.py", *args, "--categories", "cat")
     first = _rows(out)
     assert first and {r["category"] for r in first} == {"cat"}
@@ -101,14 +102,22 @@ def test_a_rerun_with_another_model_is_refused_and_one_with_other_batches_or_cat
     (out / "captions.jsonl").write_text("".join(json.dumps({**r, "caption": "KEPT"}) + "\n" for r in first))
     kept = {name: (out / name).read_bytes() for name in ("captions.jsonl", "caption_config.json")}
     for extra, difference in [
-        (["--model_name_or_path", tiny_models.llava], f"model_name_or_path: '{tiny_models.blip2}' there, '{tiny_models.llava}' now"),
+        (["--model_name_or_path", tiny_models.llava], f"model_name_or_path: '{model}' there, '{tiny_models.llava}' now"),
         (["--max_new_tokens", "7"], "max_new_tokens: 6 there, 7 now"),
         (["--mixed_precision", "bf16"], "mixed_precision: 'no' there, 'bf16' now"),  # other words, beside fp32's
     ]:
         proc = run_script("infer/caption.py", *args, "--categories", "cat", *extra, check=False)
         last = proc.stderr.strip().splitlines()[-1]
-        assert proc.returncode == 2 and f"{out} holds captions of other settings ({difference})" in last, proc.stderr[-1500:]
+        assert proc.returncode == 2 and f"{out} holds captions of other settings (" in last and difference in last, \
+            proc.stderr[-1500:]
         assert "Traceback" not in proc.stderr and all((out / name).read_bytes() == data for name, data in kept.items())
+    # the captioner replaced in place (the same path, files of the same sizes): its captions are another model's
+    weights_file = max(model.rglob("*.safetensors"), key=lambda f: f.stat().st_size)
+    original = weights_file.read_bytes()
+    weights_file.write_bytes(original[:-8] + bytes(8))
+    proc = run_script("infer/caption.py", *args, "--categories", "cat", check=False)
+    assert proc.returncode == 2 and "holds captions of other settings (model_content: " in proc.stderr.strip().splitlines()[-1]
+    weights_file.write_bytes(original)
     run_script("infer/caption.py", *args, "--categories", "cat", "airplane", "--batch_size", "3")
     rows = _rows(out)
     assert {r["key"]: r["caption"] for r in rows if r["category"] == "cat"} == {r["key"]: "KEPT" for r in first}
