@@ -25,6 +25,11 @@ import torch
 from sketch2real.cli import UserError
 from sketch2real.device import device_constant, to_device
 
+# How prompts (and images' sizes) become the denoiser's conditioning: tokenizing, encoding, SDXL's time ids. A run's
+# fingerprint and the text store's key hold it, so a change of meaning is another run, not a silent continuation: bump
+# it with such a change. 2: a user's own images state their own size and crop (SDXL); SD3's --max_sequence_length
+# cuts T5 only.
+CONDITIONING_VERSION = 2
 SKETCHY_SIZE = (256, 256)  # every Sketchy photo and sketch (256x256/): SDXL's original_size
 
 

@@ -459,6 +459,30 @@ def test_a_folder_of_the_user_s_images_is_part_of_the_run_by_what_it_holds(tiny_
     assert not fingerprint(folder).matches(saved) and "instance_data_dir_data" in fingerprint(folder).differences(saved)
 
 
+
+def test_a_change_of_how_prompts_become_conditioning_is_another_run_and_another_text_store(tiny_models, monkeypatch):
+    """A version that changed what a prompt encodes to (SD3's --max_sequence_length cut CLIP too, then T5 only)
+    resumed the older version's checkpoints and served its text store: both hold `CONDITIONING_VERSION` now; a
+    checkpoint from before it was recorded resumes."""
+    import torch
+
+    from sketch2real.cli import parse_options
+    from sketch2real.family import family_of
+    from sketch2real.training import checkpoints, dreambooth
+
+    opts = parse_options(dreambooth.DreamBoothOptions, [
+        "--pretrained_model_name_or_path", str(tiny_models.sd), "--shard_dir", "s", "--instance_category", "cat",
+        "--output_dir", "out"])
+    saved = json.loads(json.dumps(checkpoints.run_fingerprint(opts, 1)))
+    store = dreambooth.text_store_identity(opts, family_of(str(tiny_models.sd)), torch.float32)
+    older = {k: v for k, v in saved.items() if k != "conditioning_version"}
+    assert checkpoints.run_fingerprint(opts, 1).matches(older)
+    for module in (checkpoints, dreambooth):
+        monkeypatch.setattr(module, "CONDITIONING_VERSION", checkpoints.CONDITIONING_VERSION + 1)
+    assert "conditioning_version" in checkpoints.run_fingerprint(opts, 1).differences(saved)
+    assert dreambooth.text_store_identity(opts, family_of(str(tiny_models.sd)), torch.float32) != store
+
+
 def test_a_lora_checkpoint_holds_the_step_s_adapters_as_diffusers_loads_them(checkpointed, tiny_models, tmp_path):
     """Each checkpoint of a LoRA run holds pytorch_lora_weights.safetensors, as diffusers' DreamBooth LoRA checkpoints
     do: the step's trained adapters (those its training state holds), loaded by plain diffusers and, with the run's

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from sketch2real.cli import LOCK_FILE, UserError, is_full_disk
+from sketch2real.family import CONDITIONING_VERSION
 from sketch2real.io import differences, human_bytes, umask_modes, write_json
 from sketch2real.shards import image_folder_data, shards_data
 from sketch2real.training.accelerator import checkpoint_kwargs, is_deepspeed, main_process_view
@@ -99,6 +100,8 @@ def run_fingerprint(opts, num_processes: int) -> RunFingerprint:
         choices["captions_data"] = defaults["captions_data"] = hashlib.sha256(captions.read_bytes()).hexdigest()[:16]
         # (its own default: a checkpoint saved before it was recorded still resumes)
         by_content["captions"] = ("captions_data", choices["captions"])
+    # how prompts become conditioning (its default: a checkpoint from before it was recorded resumes)
+    choices["conditioning_version"] = defaults["conditioning_version"] = CONDITIONING_VERSION
     for flag in ("instance_data_dir", "train_data_dir"):  # a folder of the user's images: edited, another run
         images = image_folder_data(getattr(opts, flag, "") or "")
         if images:

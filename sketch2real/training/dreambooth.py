@@ -14,6 +14,7 @@ import torch
 
 from sketch2real.cli import UserError, default_of, on_other_rank, option
 from sketch2real.family import (
+    CONDITIONING_VERSION,
     FAMILIES,
     Conditioning,
     Family,
@@ -286,7 +287,8 @@ def text_store_identity(opts: DreamBoothOptions, family: Family, dtype: torch.dt
     --latent_cache_dir served its encodings), the family, dtype, resolution where the conditioning holds it (SDXL's
     time ids: FLUX.1's store of a captions run is hundreds of GiB) and prompt length."""
     identity = "|".join(map(str, (model_identity(opts.pretrained_model_name_or_path), opts.revision, opts.variant,
-                                  family.name, dtype, family.conditioning_resolution(opts.resolution))))
+                                  family.name, dtype, family.conditioning_resolution(opts.resolution),
+                                  f"conditioning-{CONDITIONING_VERSION}")))
     if family.max_sequence_length != FAMILIES[family.name].max_sequence_length:  # T5/Qwen's, given
         identity += f"|tokens={family.max_sequence_length}"
     return identity
