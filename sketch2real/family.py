@@ -153,6 +153,12 @@ class Family:
         return FLOW_SAMPLERS if self.flow_matching else NOISE_SAMPLERS
 
     @property
+    def loads_textual_inversion(self) -> bool:
+        """Whether its diffusers pipeline has the Textual Inversion loader (`load_textual_inversion`, whose
+        `maybe_convert_prompt` spells a multi-vector token out in each prompt): SD's, SDXL's, FLUX.1's; not SD3's."""
+        return hasattr(pipeline_class(self), "load_textual_inversion")
+
+    @property
     def flow_matching(self) -> bool:
         """Whether it trains by flow matching (velocity, `FlowMatchingObjective`), not denoising (epsilon/v)."""
         return self.training_scheduler == "FlowMatchEulerDiscreteScheduler"
@@ -812,7 +818,7 @@ def load_textual_inversion(pipe, file: str) -> None:
                         "(one per text encoder)")
     learned = family.learned_embedding_keys(optional=family.optional_embedding_key in tensors)  # T5's rows, if any
     for key, encoder, tokenizer in zip(learned, family.text_encoders, family.tokenizers):
-        if hasattr(pipe, "load_textual_inversion"):
+        if family.loads_textual_inversion:
             pipe.load_textual_inversion(tensors[key], token=token, text_encoder=getattr(pipe, encoder),
                                         tokenizer=getattr(pipe, tokenizer))
         else:  # SD3's pipelines have no loader: the same rows under diffusers' token names (<t>, <t>_1, ...)

@@ -142,7 +142,7 @@ def embedding_lines(family: Family, file: Path, file_code: str) -> tuple[list[st
     keys, token, tensors = embedding_file(str(file), family.learned_embedding_keys(optional=True))
     learned = family.learned_embedding_keys(optional=family.optional_embedding_key in keys)
     lines = [f"embeddings = load_file({file_code})"]
-    if hasattr(pipeline_class(family), "load_textual_inversion"):
+    if family.loads_textual_inversion:
         lines += [f"pipe.load_textual_inversion(embeddings[{key!r}], token={token!r}, text_encoder=pipe.{encoder}, "
                   f"tokenizer=pipe.{tokenizer})" for key, encoder, tokenizer in zip(learned, family.text_encoders, family.tokenizers)]
         return ["from safetensors.torch import load_file"], lines
@@ -161,7 +161,7 @@ def embedding_lines(family: Family, file: Path, file_code: str) -> tuple[list[st
 def spelled_prompt(family: Family, file: Path, prompt: str) -> str:
     """`prompt` with a multi-vector token spelt out (`<s0>` -> `<s0> <s0>_1`) where the family's pipelines have no
     Textual Inversion loader to expand it (SD3), as training spelt it; else as it is."""
-    if hasattr(pipeline_class(family), "maybe_convert_prompt") or not family.embedding_keys:
+    if family.loads_textual_inversion or not family.embedding_keys:
         return prompt
     from sketch2real.family import embedding_file, spell_out
 

@@ -231,11 +231,9 @@ class DiffusionTask:
         (Textual Inversion, pivotal tuning) spelt out for the tokenizers that hold them, as diffusers' loader spells
         them out there, and the prompt as a user writes it for the others (FLUX.1's T5 without its own rows read
         `<t> <t>_1` in training, `<t>` at generation); SD3's pipelines, without a loader, get it spelt out for all."""
-        from sketch2real.family import pipeline_class
-
         spelt = [self.prompt_transform(p) for p in prompts]
         holding = len(getattr(self, "embeddings", ()))  # the first encoders got the new tokens
-        if not holding or not hasattr(pipeline_class(self.family), "maybe_convert_prompt"):
+        if not holding or not self.family.loads_textual_inversion:
             ids = self.family.tokenize(self.c.tokenizers, spelt)
         else:
             written = [self.user_prompt(p) for p in prompts]
