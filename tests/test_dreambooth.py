@@ -1454,7 +1454,9 @@ def test_category_in_validation_prompts_is_filled_in_and_a_class_prompt_naming_i
                                                 "s", "--instance_prompt", "a <sks> sketch of a cat", "--train_text_encoder_ti",
                                                 "--token_abstraction", "<sks>", "--lora_rank", "4"])
     pivotal.check()
-    with pytest.raises(UserError, match="--validation_prompt 'a {kind}': only {category}"):
+    # literal braces are drawn as trained: "a {sks} sketch" (validation drew "a {{sks}} sketch")
+    assert rows("--instance_prompt", "a {{sks}} sketch", "--instance_category", "cat") == [("a {sks} sketch", "cat")]
+    with pytest.raises(UserError, match="--validation_prompt 'a {kind}': {kind} cannot be filled in"):
         rows("--instance_prompt", "a sks sketch", "--validation_prompt", "a {kind}")
     proc = run_script("train/dreambooth.py", *db_args, "--with_prior_preservation", "--class_prompt", "a sketch of a {category}",
                       "--class_data_dir", tmp_path / "class", "--output_dir", tmp_path / "out", check=False)

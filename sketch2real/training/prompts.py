@@ -33,8 +33,9 @@ def check_validation_prompts(prompts: list[str], without: str = "") -> None:
 
 
 def fill_category(prompt: str, category: str) -> str:
-    """`prompt` with `{category}` as the category's words (`car_(sedan)` -> "car (sedan)"); one without, as it is."""
-    return prompt.format(category=category_words(category)) if "{category}" in prompt else prompt
+    """`prompt` (a checked template) with `{category}` as the category's words (`car_(sedan)` -> "car (sedan)") and
+    `{{`/`}}` as the braces they stand for, as training reads the instance prompt (validation drew `a {{sks}}`)."""
+    return prompt.format(category=category_words(category))
 
 
 def validation_rows(prompts: list[str], categories: list[str], fixed: str | None = None,
@@ -50,7 +51,7 @@ def validation_rows(prompts: list[str], categories: list[str], fixed: str | None
             rows += [(fill_category(prompt, c), c) for c in chosen]
             continue
         named = fixed is not None and (prompt in own or as_word(category_words(fixed), re.IGNORECASE).search(prompt))
-        rows.append((prompt, fixed if named else None))
+        rows.append((fill_category(prompt, ""), fixed if named else None))
     return rows
 
 
