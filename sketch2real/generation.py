@@ -171,11 +171,6 @@ def finished_rows(output_dir: Path) -> dict[str, dict]:
     return {r["key"]: r for r in read_with_parts(output_dir, "index") if image_path(output_dir, r["key"]).is_file()}
 
 
-def finished_keys(output_dir: Path) -> set[str]:
-    """Keys with both an index row (merged or in a rank's part file) and an image on disk."""
-    return set(finished_rows(output_dir))
-
-
 CONFIG = "generate_config.json"
 # generate_config.json's key beside the options: what the weights' paths held (named anew when what it records
 # changed: "weights_data" had a file's size alone, and a config of it compares the weights by path)
@@ -231,7 +226,7 @@ def image_settings(options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def resumable_keys(output_dir: Path, options: Mapping[str, Any], items: Sequence[Item]) -> set[str]:
-    """The keys already drawn in `output_dir` (`finished_keys`), provided they were drawn under these settings.
+    """The keys already drawn in `output_dir` (`finished_rows`), provided they were drawn under these settings.
 
     A folder whose generate_config.json has other `image_settings`, or where a drawn key had another prompt (a
     captions file captioned again under the same name), is refused in one line: a resume would keep images of
