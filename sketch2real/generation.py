@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import string
 import warnings
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -61,7 +62,8 @@ class Item:
 
 def check_generation_template(template: str, fields: Collection[str] = TEMPLATE_FIELDS) -> None:
     """A generation prompt template may use {category}, {key} and {caption} (`fields`); anything else is one line."""
-    if "caption" not in fields and "{caption}" in template:  # it would be filled with nothing
+    check_template(template, {*fields, "caption"})  # (a stray brace: one line before the parse below)
+    if "caption" not in fields and any(name == "caption" for _, name, _, _ in string.Formatter().parse(template)):
         raise UserError("the prompt template's {caption} needs --captions (a captions file of infer/caption.py)")
     check_template(template, fields)
 

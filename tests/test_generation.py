@@ -730,6 +730,7 @@ def test_training_and_generation_templates_fill_in_their_fields_as_they_are():
 
     check_prompt_template("a {category} in the style of {{sks}}", "--instance_prompt")
     check_generation_template("a {caption}, {category} ({key})")
+    check_generation_template("a {{caption}} of a {category}", {"category", "key"})  # literal: no --captions needed
     for bad in ("a {category.upper} sketch", "a {category[0]}", "a {category!r}", "a {category:>9}", "a {} sketch",
                 "a {cat}", "a {category"):
         with pytest.raises(UserError, match="--instance_prompt .*(cannot be filled in|a literal brace)"):

@@ -95,6 +95,13 @@ def test_each_stage_starts_from_the_last_one_s_folder_with_its_category_s_class_
     from sketch2real.training.dreambooth import class_image_settings
 
     assert class_image_settings(second)["model"] == str(tmp_path / "stage-01-cat")
+    # a literal brace stays one for the stage's DreamBooth, which fills its prompts again (a KeyError at its validation)
+    from sketch2real.training.prompts import fill_category
+
+    braces = stage_options(dataclasses.replace(opts, instance_prompt="a {category} of {{sks}}",
+                                               validation_prompt=["{{sks}}: a car_(sedan)'s {category}"]), 1, "car_(sedan)", "m")
+    assert [fill_category(p, "car_(sedan)") for p in (braces.instance_prompt, *braces.validation_prompt)] == [
+        "a car (sedan) of {sks}", "{sks}: a car_(sedan)'s car (sedan)"]
     shared = dataclasses.replace(opts, class_prompt="a sketch")
     assert [stage_options(shared, i, c, "base").class_data_dir for i, c in enumerate(["cat", "apple"])] == [
         "classes", "classes/stage-02-apple"]

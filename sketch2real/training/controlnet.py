@@ -276,7 +276,8 @@ class ControlNetTask(DiffusionTask):
         if not o.validation_prompt:
             return h.prompts[:count]
         prompts = [o.validation_prompt[i % len(o.validation_prompt)] for i in range(count)]
-        return prompts if o.validation_image else [fill_category(p, c) for p, c in zip(prompts, h.categories)]
+        categories = [""] * count if o.validation_image else h.categories  # (refused with a --validation_image)
+        return [fill_category(p, c) for p, c in zip(prompts, categories)]
 
     def save_final(self, accelerator, model, out: Path) -> None:
         """A diffusers ControlNet folder in `out` (config.json + diffusion_pytorch_model.safetensors)."""

@@ -38,6 +38,17 @@ def fill_category(prompt: str, category: str) -> str:
     return prompt.format(category=category_words(category))
 
 
+def with_category(template: str, category: str) -> str:
+    """`template` with `{category}` filled in, still a template: its literal braces stay doubled, so a stage's
+    DreamBooth, which fills its prompts again, reads `{{sks}}` as `fill_category` does (once formatted, `{sks}` was
+    a field: a KeyError at the stage's first validation)."""
+    import string
+
+    escape = lambda text: text.replace("{", "{{").replace("}", "}}")  # noqa: E731
+    return "".join(escape(literal) + (escape(category_words(category)) if name == "category" else "")
+                   for literal, name, _, _ in string.Formatter().parse(template))
+
+
 def validation_rows(prompts: list[str], categories: list[str], fixed: str | None = None,
                     own: Sequence[str] = ()) -> list[tuple[str, str | None]]:
     """(prompt, category) of each validation mosaic row: a prompt naming `{category}` gives a row per category of the

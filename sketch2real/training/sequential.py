@@ -28,6 +28,7 @@ from sketch2real.training.hub import push_output
 from sketch2real.training.loop import train
 from sketch2real.training.model_card import CARD, front_matter
 from sketch2real.training.preemption import PREEMPTED_EXIT_CODE, clear_preempted, mark_preempted
+from sketch2real.training.prompts import with_category
 from sketch2real.training.validation import heldout_denoising_losses, heldout_latents
 
 logger = logging.getLogger("sketch2real")
@@ -129,8 +130,8 @@ def stage_options(opts: SequentialOptions, index: int, category: str, previous: 
         opts, **start, output_dir=str(stage_dir(opts.output_dir, index, category)), instance_category=category,
         max_train_steps=opts.steps_per_stage, resume_from_checkpoint="latest",
         push_to_hub=False,  # the run pushes its folder, stages and report, once at the end
-        instance_prompt=opts.instance_prompt.format(category=words),
-        validation_prompt=[p.format(category=words) for p in opts.validation_prompt],
+        instance_prompt=with_category(opts.instance_prompt, category),
+        validation_prompt=[with_category(p, category) for p in opts.validation_prompt],
         class_prompt=opts.class_prompt.format(category=words),
         class_data_dir=class_data_dir,
         # a tracker run per stage (one project name held every stage at the same steps), a name wandb takes (no "/")
