@@ -175,8 +175,9 @@ def finished_rows(output_dir: Path) -> dict[str, dict]:
 
 CONFIG = "generate_config.json"
 # generate_config.json's key beside the options: what the weights' paths held (named anew when what it records
-# changed: "weights_data" had a file's size alone, and a config of it compares the weights by path)
-WEIGHTS_DATA = "weights_content"
+# changes, so that a config of the older record compares the weights by path and a requeued job onto an upgraded
+# checkout goes on: "weights_data" had a file's size alone, "weights_content" a sketch2real run's record alone)
+WEIGHTS_DATA = "weights_identity"
 SHARDS_DATA = "shards_data"  # and what the shards held (their index's hash)
 
 

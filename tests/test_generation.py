@@ -139,13 +139,14 @@ def test_a_rerun_after_the_model_was_trained_again_in_place_is_refused(tiny_mode
     first = _images(out)
     (model / "metrics.json").write_text(json.dumps({"fingerprint": {"seed": 0}, "steps": 8, "outputs": {"unet": 1}}))
     proc = run_script("infer/generate.py", *args, check=False)
-    assert proc.returncode == 2 and "holds images of other settings (weights_content: " in proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "holds images of other settings (weights_identity: " in proc.stderr.strip().splitlines()[-1]
     assert _images(out) == first
     (model / "metrics.json").unlink()  # not a sketch2real run's: its weight files' sizes and sampled contents
     proc = run_script("infer/generate.py", *args, check=False)
-    assert proc.returncode == 2 and "weights_content" in proc.stderr
+    assert proc.returncode == 2 and "weights_identity" in proc.stderr
     config = json.loads((out / "generate_config.json").read_text())
-    del config["weights_content"]  # a config of a version before weights were known by content: compared by path
+    del config["weights_identity"]  # a config of a version before weights were known by content: compared by path
+    config["weights_content"] = {"model": "a run's record alone"}  # the version before: by path too (it was refused)
     config["weights_data"] = {"model": "sizes alone"}  # or by their sizes: by path too
     (out / "generate_config.json").write_text(json.dumps(config))
     assert json.loads(run_script("infer/generate.py", *args).stdout.strip().splitlines()[-1])["generated_now"] == 0
@@ -159,7 +160,7 @@ def test_a_rerun_after_the_model_was_trained_again_in_place_is_refused(tiny_mode
     data[-8:] = bytes(8)  # the last weight's last bytes: another value, the same size
     unet.write_bytes(bytes(data))
     proc = run_script("infer/generate.py", *args, check=False)
-    assert proc.returncode == 2 and "weights_content" in proc.stderr
+    assert proc.returncode == 2 and "weights_identity" in proc.stderr
 
 
 def test_a_rerun_whose_prompts_changed_is_refused(tiny_models, tmp_path):
