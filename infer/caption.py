@@ -19,7 +19,7 @@ from sketch2real.captioning import (
 from sketch2real.captioning import CaptionOptions as Options
 from sketch2real.cli import UserError, as_dict, parse_options, run_main
 from sketch2real.io import append_jsonl, atomic_path, write_json
-from sketch2real.models import check_precision_fits, dtype_for, model_identity
+from sketch2real.models import check_precision_fits, dtype_for, local_model_identity
 from sketch2real.shards import shards_data
 from sketch2real.training.preemption import PREEMPTED_EXIT_CODE, RERUN, clear_preempted, mark_preempted, preemption
 
@@ -96,7 +96,7 @@ def main() -> int:
     check_precision_fits(opts.mixed_precision, state.device)
     out = Path(opts.output_dir)
     config = {**as_dict(opts), SHARDS_DATA: shards_data(opts.shard_dir, opts.split),
-              MODEL_DATA: model_identity(opts.model_name_or_path)}
+              MODEL_DATA: local_model_identity(opts.model_name_or_path)}
     done = resumable_pairs(out, config)  # another run's captions are refused here, before the model loads
     batches = _batches(opts, state.process_index, state.num_processes)  # so are bad categories, folders, shards
     captioner = load_captioner(opts.model_name_or_path, state.device, dtype_for(opts.mixed_precision), opts.load_in_8bit,

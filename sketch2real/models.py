@@ -79,6 +79,13 @@ def model_identity(name_or_path: str) -> str:
     return name_or_path
 
 
+def local_model_identity(name_or_path: str) -> str:
+    """`weight_files_identity` of a local model folder or file; "" for a hub id: a hub snapshot is read from the cache
+    only once downloaded, and a cache shared by jobs gains files (another variant), so an identity of it would differ
+    between a job that downloads the model and its requeue that finds it (the id and revision say which model it is)."""
+    return weight_files_identity(Path(name_or_path)) if name_or_path and Path(name_or_path).exists() else ""
+
+
 def check_model_path(name_or_path: str, what: str = "model") -> None:
     """Fail early, in one line, for a local path that does not exist, or a hub id that offline (HF_HUB_OFFLINE=1,
     as on compute nodes without network) is not in the hub cache."""

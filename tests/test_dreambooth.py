@@ -1,3 +1,4 @@
+import dataclasses
 import importlib.util
 import json
 import os
@@ -956,6 +957,10 @@ def test_class_images_of_a_model_trained_again_in_place_are_another_model_s(tmp_
     assert class_images_problem(tmp_path / "classes", class_image_settings(opts)) == ""
     weights_file.write_bytes(b"b" * 4096)  # trained again: the same size, other weights
     assert "model_weights" in class_images_problem(tmp_path / "classes", class_image_settings(opts))
+    # a hub id by its id and revision alone: its cached snapshot is absent before the job downloads it, and gains
+    # files when another job downloads another variant (the requeue of the same job was refused)
+    hub = dataclasses.replace(opts, pretrained_model_name_or_path="some-org/some-model")
+    assert class_image_settings(hub)["model_weights"] == ""
 
 
 def test_prior_preservation_generates_class_images_once(db_args, tmp_path):

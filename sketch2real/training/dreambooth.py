@@ -26,7 +26,14 @@ from sketch2real.family import (
     placeholder_tokens,
 )
 from sketch2real.io import atomic_path, differences, sort_safetensors_metadata, umask_modes, write_json
-from sketch2real.models import SDComponents, dtype_for, load_base_pipeline, model_identity, save_pretrained_atomic
+from sketch2real.models import (
+    SDComponents,
+    dtype_for,
+    load_base_pipeline,
+    local_model_identity,
+    model_identity,
+    save_pretrained_atomic,
+)
 from sketch2real.training.accelerator import main_process_view, zero3_init_disabled
 from sketch2real.training.data import load_folder_images, load_shard_images
 from sketch2real.training.diffusion import derive_seed, drops_prompt
@@ -305,7 +312,7 @@ def class_image_settings(opts: DreamBoothOptions) -> dict:
     return {**{k: getattr(opts, k) for k in ("class_prompt", "resolution", "class_inference_steps", "seed", "revision")},
             "model": str(Path(model).resolve()) if Path(model).is_dir() else model,
             "vae": str(Path(vae).resolve()) if vae and Path(vae).is_dir() else vae,
-            "model_weights": model_identity(model), "vae_weights": model_identity(vae) if vae else None}
+            "model_weights": local_model_identity(model), "vae_weights": local_model_identity(vae or "")}
 
 
 def class_images_problem(folder: Path, settings: dict) -> str:
