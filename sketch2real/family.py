@@ -159,6 +159,11 @@ class Family:
         return hasattr(pipeline_class(self), "load_textual_inversion")
 
     @property
+    def told_image_sizes(self) -> bool:
+        """Whether its denoiser is told each image's original size and crop (SDXL's time ids)."""
+        return bool(self.pooled)
+
+    @property
     def flow_matching(self) -> bool:
         """Whether it trains by flow matching (velocity, `FlowMatchingObjective`), not denoising (epsilon/v)."""
         return self.training_scheduler == "FlowMatchEulerDiscreteScheduler"
@@ -374,6 +379,10 @@ class FlowMatchingFamily(Family):
 
     def conditioning_resolution(self, resolution: int) -> int | None:
         return None  # the MM-DiTs' pooled embeddings come without time ids
+
+    @property
+    def told_image_sizes(self) -> bool:
+        return False  # (their pooled embeddings come without time ids)
 
     def generation_kwargs(self) -> dict:
         return {"max_sequence_length": self.max_sequence_length}

@@ -460,7 +460,8 @@ def test_a_folder_of_the_user_s_images_is_part_of_the_run_by_what_it_holds(tiny_
 
 
 
-def test_a_change_of_how_prompts_become_conditioning_is_another_run_and_another_text_store(tiny_models, monkeypatch):
+def test_a_change_of_how_prompts_become_conditioning_is_another_run_and_another_text_store(tiny_models, monkeypatch,
+                                                                                           tmp_path):
     """A version that changed what a prompt encodes to (SD3's --max_sequence_length cut CLIP too, then T5 only)
     resumed the older version's checkpoints and served its text store: both hold `CONDITIONING_VERSION` now; a
     checkpoint from before it was recorded resumes."""
@@ -481,6 +482,15 @@ def test_a_change_of_how_prompts_become_conditioning_is_another_run_and_another_
         monkeypatch.setattr(module, "CONDITIONING_VERSION", checkpoints.CONDITIONING_VERSION + 1)
     assert "conditioning_version" in checkpoints.run_fingerprint(opts, 1).differences(saved)
     assert dreambooth.text_store_identity(opts, family_of(str(tiny_models.sd)), torch.float32) != store
+    # SDXL on a folder of photos, told 256 px of each before, each one's size now: its older checkpoints are another run
+    Image.new("RGB", (48, 32), "red").save(tmp_path / "a.png")
+    sdxl = parse_options(dreambooth.DreamBoothOptions, [
+        "--pretrained_model_name_or_path", str(tiny_models.sdxl), "--instance_data_dir", str(tmp_path),
+        "--instance_prompt", "a sks photo", "--output_dir", "out"])
+    saved = json.loads(json.dumps(checkpoints.run_fingerprint(sdxl, 1)))
+    assert checkpoints.run_fingerprint(sdxl, 1).matches(saved)
+    older = {k: v for k, v in saved.items() if k not in ("time_ids", "conditioning_version")}
+    assert "time_ids: (absent) there" in checkpoints.run_fingerprint(sdxl, 1).differences(older)
 
 
 def test_a_lora_checkpoint_holds_the_step_s_adapters_as_diffusers_loads_them(checkpointed, tiny_models, tmp_path):

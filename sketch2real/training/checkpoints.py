@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from sketch2real.cli import LOCK_FILE, UserError, is_full_disk
-from sketch2real.family import CONDITIONING_VERSION
+from sketch2real.family import CONDITIONING_VERSION, family_of
 from sketch2real.io import differences, human_bytes, umask_modes, write_json
 from sketch2real.shards import image_folder_data, shards_data
 from sketch2real.training.accelerator import checkpoint_kwargs, is_deepspeed, main_process_view
@@ -102,6 +102,10 @@ def run_fingerprint(opts, num_processes: int) -> RunFingerprint:
         by_content["captions"] = ("captions_data", choices["captions"])
     # how prompts become conditioning (its default: a checkpoint from before it was recorded resumes)
     choices["conditioning_version"] = defaults["conditioning_version"] = CONDITIONING_VERSION
+    if any(getattr(opts, flag, "") for flag in ("instance_data_dir", "train_data_dir")) and family_of(
+            opts.pretrained_model_name_or_path, getattr(opts, "revision", None)).told_image_sizes:
+        # no default: a checkpoint of a version that told SDXL 256 px of every photo of a folder is another run
+        choices["time_ids"] = "each image's own size and crop"
     for flag in ("instance_data_dir", "train_data_dir"):  # a folder of the user's images: edited, another run
         images = image_folder_data(getattr(opts, flag, "") or "")
         if images:
