@@ -223,7 +223,7 @@ def caption_settings(options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 SHARDS_DATA = "shards_data"  # caption_config.json's key of the shard index's hash (beside the options)
-MODEL_DATA = "model_content"  # and of the captioner's weight files (`models.model_identity`)
+MODEL_DATA = "model_content"  # and of a local captioner's weight files (`models.local_model_identity`)
 
 
 def resumable_pairs(output_dir: Path, options: Mapping[str, Any]) -> set[tuple[str, str]]:

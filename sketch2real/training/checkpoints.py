@@ -551,7 +551,7 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, total
 
 def trained_weight_names(accelerator) -> list[list[str]]:
     """The names of the weights a checkpoint holds, per prepared model in order: its parameters that train
-    (`accelerator._checkpoint_only_trained_weights` leaves out the frozen ones)."""
+    (`training.accelerator._checkpoint_only_trained_weights` leaves out the frozen ones)."""
     return [[name for name, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad]
             for model in getattr(accelerator, "_models", [])]  # (accelerate's list of the prepared models)
 
