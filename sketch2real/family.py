@@ -195,7 +195,7 @@ class Family:
     def generation_kwargs(self) -> dict:
         """Pipeline call arguments matching training's conditioning (SDXL: the sources' original size, uncropped;
         none for a run on the user's images: the pipeline's own, the drawn size)."""
-        if not self.pooled or self.source_size is None:
+        if not self.told_image_sizes or self.source_size is None:
             return {}
         return {"original_size": self.source_size, "crops_coords_top_left": (0, 0)}
 
@@ -294,7 +294,7 @@ class Family:
     def conditioning_resolution(self, resolution: int) -> int | None:
         """The training resolution `encode` builds into a prompt's conditioning (SDXL's time ids), or None where the
         conditioning is the text's alone: a text store is encoded again for another resolution only where it differs."""
-        return resolution if self.pooled else None
+        return resolution if self.told_image_sizes else None
 
     def encode(self, text_encoders: list, ids: list[torch.Tensor], resolution: int) -> Conditioning:
         """Token ids (one tensor per tokenizer) -> the denoiser's conditioning.
@@ -377,12 +377,9 @@ class FlowMatchingFamily(Family):
     controlnet_has_unused_parameters: bool = True  # its last block's text-stream output is dropped (as diffusers' script)
     control_image_argument: str = "control_image"
 
-    def conditioning_resolution(self, resolution: int) -> int | None:
-        return None  # the MM-DiTs' pooled embeddings come without time ids
-
     @property
     def told_image_sizes(self) -> bool:
-        return False  # (their pooled embeddings come without time ids)
+        return False  # the MM-DiTs' pooled embeddings come without time ids
 
     def generation_kwargs(self) -> dict:
         return {"max_sequence_length": self.max_sequence_length}

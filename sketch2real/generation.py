@@ -65,7 +65,6 @@ def check_generation_template(template: str, fields: Collection[str] = TEMPLATE_
     check_template(template, {*fields, "caption"})  # (a stray brace: one line before the parse below)
     if "caption" not in fields and any(name == "caption" for _, name, _, _ in string.Formatter().parse(template)):
         raise UserError("the prompt template's {caption} needs --captions (a captions file of infer/caption.py)")
-    check_template(template, fields)
 
 
 def items_from_template(template: str, shard_dir: str, split: str, categories: Sequence[str] | None) -> list[Item]:
