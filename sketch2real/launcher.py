@@ -64,9 +64,33 @@ def _interrupt_unless_a_child_runs(signum, frame) -> None:
         raise KeyboardInterrupt
 
 
+def _one_process_launcher(args) -> None:
+    """accelerate's one-process launcher, waiting for the trainer whatever the launcher is sent: accelerate 1.16's own
+    takes SIGTERM to end the launcher and stop the trainer, killing it 5 s later, mid-checkpoint (no requeue)."""
+    from accelerate.utils import prepare_simple_launcher_cmd_env
+
+    cmd, env = prepare_simple_launcher_cmd_env(args)
+    process = subprocess.Popen(cmd, env=env)
+    if process.wait() != 0:
+        raise subprocess.CalledProcessError(process.returncode, cmd)
+
+
+def _signalled(sig: signal.Signals, args, started: float) -> None:
+    """The launcher itself was signalled (torchrun's agent stopped the ranks with that signal): exit 75 where it was
+    a preemption signal and the ranks saved their work in this job (a PREEMPTED an earlier job left says nothing)."""
+    output_dir = output_dir_of(args.training_script_args)
+    marker = Path(output_dir) / "PREEMPTED"
+    preempted = (bool(output_dir) and sig in PREEMPTION_SIGNALS and marker.is_file()
+                 and marker.stat().st_mtime >= started)
+    print(f"launcher: stopped by {sig.name}: so were the ranks" + (
+        f" (they saved their work: {output_dir}/PREEMPTED)" if preempted else ""), file=sys.stderr)
+    sys.exit(PREEMPTED_EXIT_CODE if preempted else exit_status(-sig))
+
+
 def main() -> None:
     import time
 
+    import accelerate.commands.launch
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -79,6 +103,7 @@ def main() -> None:
     # status. (Handlers, not SIG_IGN, which the trainer would inherit; torchrun installs its own for several processes.)
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     signal.signal(signal.SIGINT, _interrupt_unless_a_child_runs)
+    accelerate.commands.launch.simple_launcher = _one_process_launcher
     try:
         launch_command(args)
     except KeyboardInterrupt:  # before any process started
@@ -96,14 +121,14 @@ def main() -> None:
             print(failure_line(rank, first.exitcode), file=sys.stderr)
         sys.exit(exit_status(code))
     except SignalException as err:  # torchrun's agent itself was signalled, and stopped the ranks with that signal
-        # saved only on a preemption signal, and only by this job (a PREEMPTED an earlier job left says nothing)
-        output_dir = output_dir_of(args.training_script_args)
-        marker = Path(output_dir) / "PREEMPTED"
-        preempted = (bool(output_dir) and err.sigval in PREEMPTION_SIGNALS and marker.is_file()
-                     and marker.stat().st_mtime >= started)
-        print(f"launcher: stopped by {err.sigval.name}: so were the ranks" + (
-            f" (they saved their work: {output_dir}/PREEMPTED)" if preempted else ""), file=sys.stderr)
-        sys.exit(PREEMPTED_EXIT_CODE if preempted else exit_status(-err.sigval))
+        _signalled(err.sigval, args, started)
+    except SystemExit as stop:  # accelerate >= 1.16 ends the agent's SignalException itself: exit(128 + the signal)
+        if isinstance(stop.__context__, KeyboardInterrupt):  # ours, before any process started (it exits 130 for it)
+            print("launcher: interrupted", file=sys.stderr)
+            raise
+        if isinstance(stop.code, int) and stop.code - 128 in set(signal.Signals):
+            _signalled(signal.Signals(stop.code - 128), args, started)
+        raise
 
 
 if __name__ == "__main__":

@@ -86,6 +86,25 @@ def local_model_identity(name_or_path: str) -> str:
     return weight_files_identity(Path(name_or_path)) if name_or_path and Path(name_or_path).exists() else ""
 
 
+def check_peft_for_text_encoder_adapters() -> None:
+    """One line, before any model loads, where the installed transformers adds adapters to text encoders only with a
+    newer peft than the installed one (transformers 5.25 needs peft 0.22; pip keeps an older peft that meets
+    requirements.txt): its error came after loading, as a traceback."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    try:
+        from transformers.integrations.peft import MIN_PEFT_VERSION
+    except ImportError:
+        return
+    installed = version("peft")
+    if Version(installed) < Version(MIN_PEFT_VERSION):
+        raise UserError(f"--train_text_encoder with LoRA: transformers {version('transformers')} adds the text encoders' "
+                        f"adapters with peft >= {MIN_PEFT_VERSION}, and peft {installed} is installed "
+                        f"(pip install -U 'peft>={MIN_PEFT_VERSION}')")
+
+
 def check_model_path(name_or_path: str, what: str = "model") -> None:
     """Fail early, in one line, for a local path that does not exist, or a hub id that offline (HF_HUB_OFFLINE=1,
     as on compute nodes without network) is not in the hub cache."""

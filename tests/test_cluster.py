@@ -422,6 +422,52 @@ def test_a_signalled_launcher_ends_in_one_line_with_the_signal_s_status(tmp_path
     assert "saved their work" not in stderr and (tmp_path / "PREEMPTED").is_file()
 
 
+@pytest.mark.parametrize("accelerate_version", ["1.15", "1.16"])
+def test_the_launcher_reads_a_signalled_agent_as_accelerate_1_15_and_1_16_end_it(accelerate_version, tmp_path,
+                                                                                  monkeypatch, capsys):
+    """accelerate 1.16 ends a signalled torchrun agent itself (exit 128 + the signal) and a Ctrl-C before any rank
+    started (exit 130), where 1.15 raised them to the launcher: a preempted job exited 143 and was not requeued. Both
+    give the same line and status (accelerate's launch_command stands in, as each version ends)."""
+    import signal as signals
+
+    import accelerate.commands.launch as accelerate_launch
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from sketch2real import launcher
+
+    monkeypatch.setattr(signals, "signal", lambda *args: None)  # the launcher's handlers: not the test process's
+    monkeypatch.setattr(accelerate_launch, "simple_launcher", accelerate_launch.simple_launcher)
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setattr(sys, "argv", ["launcher", "--cpu", "--num_processes", "2", "train.py", "--output_dir", str(out)])
+
+    def ends(error: BaseException, saved: bool) -> tuple[int, str]:
+        def launch_command(args):
+            if saved:  # by the ranks, after the launcher started (a file's time can trail the clock by a tick)
+                (out / "PREEMPTED").touch()
+                os.utime(out / "PREEMPTED", (time.time() + 1, time.time() + 1))
+            if accelerate_version == "1.15":
+                raise error
+            try:  # accelerate 1.16's _run_torchrun
+                raise error
+            except KeyboardInterrupt:
+                sys.exit(130)
+            except SignalException as signalled:
+                sys.exit(128 + signalled.sigval)
+
+        monkeypatch.setattr(accelerate_launch, "launch_command", launch_command)
+        with pytest.raises(SystemExit) as stop:
+            launcher.main()
+        return stop.value.code, capsys.readouterr().err.strip()
+
+    code, said = ends(SignalException("", signals.SIGTERM), saved=True)
+    assert code == 75 and said == f"launcher: stopped by SIGTERM: so were the ranks (they saved their work: {out}/PREEMPTED)"
+    (out / "PREEMPTED").unlink()
+    assert ends(SignalException("", signals.SIGTERM), saved=False) == (143, "launcher: stopped by SIGTERM: so were the ranks")
+    assert ends(SignalException("", signals.SIGINT), saved=False) == (130, "launcher: stopped by SIGINT: so were the ranks")
+    assert ends(KeyboardInterrupt(), saved=False) == (130, "launcher: interrupted")
+
+
 def test_ctrl_c_to_a_one_process_launcher_ends_with_the_script_s_line_and_status(tmp_path):
     """A terminal's Ctrl-C reaches the launcher and its one process alike: the launcher ended at once in a
     KeyboardInterrupt traceback of its own (exit 1), before the script had stopped; it waits for the script's 130."""

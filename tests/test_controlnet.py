@@ -153,9 +153,13 @@ def test_bf16_matrix(launcher, cn_args, tmp_path, tmp_path_factory):
     assert_agrees_within_bf16(weights(one), weights(out), weights(one_fp32), base)
 
 
-def test_controlnet_starts_from_the_full_precision_unet(cn_args, tmp_path):
-    """Not from bf16-rounded weights: the frozen UNet is cast only after the ControlNet is copied from it."""
+def test_controlnet_starts_from_the_full_precision_unet(cn_args, tmp_path, monkeypatch):
+    """Not from bf16-rounded weights: the frozen UNet is cast only after the ControlNet is copied from it. And
+    --enable_xformers_memory_efficient_attention reaches the trained ControlNet (`from_unet` copies no attention
+    processors: it trained with SDPA) as well as the frozen UNet (xformers needs CUDA: its switch is recorded here)."""
+    import dataclasses
 
+    import sketch2real.models
     from sketch2real.models import load_sd_components
     from sketch2real.training.controlnet import ControlNetOptions, ControlNetTask, init_controlnet
 
@@ -167,6 +171,11 @@ def test_controlnet_starts_from_the_full_precision_unet(cn_args, tmp_path):
     expected = init_controlnet(load_sd_components(str(cn_args[1])).denoiser, seed=0).state_dict()
     got = task.model.state_dict()
     assert all(torch.equal(got[k], v) for k, v in expected.items())
+
+    given = []
+    monkeypatch.setattr(sketch2real.models, "enable_xformers", lambda model, device: given.append(type(model).__name__))
+    ControlNetTask(dataclasses.replace(opts, enable_xformers_memory_efficient_attention=True), accelerator)
+    assert given == ["UNet2DConditionModel", "ControlNetModel"]
 
 
 @pytest.mark.parametrize("launcher", ["1", "zero2"])

@@ -344,6 +344,7 @@ def test_prodigy_sets_its_own_step_resumes_exactly_and_sums_its_estimate_under_z
     # CUDA only: here, one line)
     from types import SimpleNamespace
 
+    from sketch2real.cli import UserError
     from sketch2real.training.loop import make_optimizer
     from sketch2real.training.options import TrainOptions
 
@@ -351,6 +352,17 @@ def test_prodigy_sets_its_own_step_resumes_exactly_and_sums_its_estimate_under_z
     sharded = make_optimizer([torch.nn.Parameter(torch.zeros(2))], opts, SimpleNamespace(type="cuda"), 1.0, sharded=True)
     assert sharded.defaults["fsdp_in_use"] and not make_optimizer([torch.nn.Parameter(torch.zeros(2))], opts, torch.device(
         "cpu"), 1.0).defaults["fsdp_in_use"]
+    # ZeRO steps each parameter group on its own, one process or several: each group would get its own estimate
+    # (--train_text_encoder's LoRA: the text encoder's group ended at 0.72 of the denoiser's on a GPU stand-in)
+    # Groups of the same settings (SD 1.x text-encoder adapters) are one there: what one process computes.
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(2))]}, {"params": [torch.nn.Parameter(torch.zeros(2))],
+                                                                  "weight_decay": 1e-3}]
+    with pytest.raises(UserError, match="each of the 2 parameter groups"):
+        make_optimizer(groups, opts, torch.device("cpu"), 1.0, zero=True)
+    assert len(make_optimizer(groups, opts, torch.device("cpu"), 1.0).param_groups) == 2  # one process steps both
+    alike = [{"params": [torch.nn.Parameter(torch.zeros(2))]}, {"params": [torch.nn.Parameter(torch.zeros(2))]}]
+    merged = make_optimizer(alike, opts, torch.device("cpu"), 1.0, zero=True).param_groups
+    assert len(merged) == 1 and len(merged[0]["params"]) == 2
     proc = launch("train/dreambooth.py", *args, "--output_dir", zero2, deepspeed_config="accelerate_configs/"
                   "deepspeed_zero2.yaml", check=False)
     assert proc.returncode != 0 and "under DeepSpeed ZeRO needs CUDA devices" in proc.stderr
@@ -619,7 +631,11 @@ def test_two_process_ddp_matches_one_process(db_args, tmp_path, tiny_models):
     one, two = tmp_path / "one", tmp_path / "two"
     run_script("train/dreambooth.py", *db_args, "--output_dir", one, "--max_train_steps", "4", "--train_batch_size", "2")
     proc = launch("train/dreambooth.py", *db_args, "--output_dir", two, "--max_train_steps", "4", "--train_batch_size", "1")
-    assert json.loads((two / "metrics.json").read_text())["num_processes"] == 2, proc.stderr[-2000:]
+    metrics = json.loads((two / "metrics.json").read_text())
+    assert metrics["num_processes"] == 2, proc.stderr[-2000:]
+    # each process's peak, and the highest as the run's (rank 0's alone before)
+    peaks = metrics["peak_memory_mb_per_process"]
+    assert len(peaks) == 2 and all(p > 0 for p in peaks) and metrics["peak_memory_mb"] == max(peaks)
     base = weights(tiny_models.sd / "unet")
     assert relative_difference(weights(one / "unet"), weights(two / "unet"), base) < 1e-2
 
@@ -1255,6 +1271,25 @@ def test_bf16_matrix(launcher, variant, db_args, tmp_path, tmp_path_factory, tin
             assert any(not torch.equal(te[k], v) for k, v in pipe.text_encoder.state_dict().items())
             class_dir = Path(json.loads((out / "run_config.json").read_text())["class_data_dir"])
             assert sorted(p.name for p in class_dir.glob("*.png")) == ["class-00000.png", "class-00001.png"]
+
+
+def test_a_peft_too_old_for_the_installed_transformers_text_encoder_adapters_is_one_line(tiny_models, shard_dir,
+                                                                                         tmp_path, monkeypatch):
+    """transformers 5.25 adds a text encoder's adapters only with peft >= 0.22, and pip keeps an installed peft 0.21
+    that meets requirements.txt: a traceback from `add_adapter` after loading, before; one line, before loading."""
+    import transformers.integrations.peft
+
+    from sketch2real.cli import UserError
+    from sketch2real.training.dreambooth import DreamBoothOptions, DreamBoothTask
+
+    from .helpers import in_process_accelerator
+
+    monkeypatch.setattr(transformers.integrations.peft, "MIN_PEFT_VERSION", "99.0")
+    opts = DreamBoothOptions(pretrained_model_name_or_path=str(tiny_models.sd), shard_dir=str(shard_dir),
+                             output_dir=str(tmp_path), instance_category="cat", resolution=32, lora_rank=4)
+    DreamBoothTask(opts, in_process_accelerator("bf16"))  # the denoiser's adapters alone: peft's own
+    with pytest.raises(UserError, match=r"transformers .* adds the text encoders' adapters with peft >= 99.0, and peft"):
+        DreamBoothTask(dataclasses.replace(opts, train_text_encoder=True), in_process_accelerator("bf16"))
 
 
 def test_lora_with_train_text_encoder_adapts_the_encoder_and_plain_diffusers_reloads_it_at_its_alpha(db_args, tmp_path,

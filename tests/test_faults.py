@@ -586,7 +586,7 @@ def test_a_checkpoint_of_an_older_version_without_a_new_option_resumes_where_it_
         shutil.copytree(straight / "checkpoint-4", folder)
         state = json.loads((folder / "train_state.json").read_text())
         assert dropped in state["fingerprint"]
-        del state["fingerprint"][dropped]
+        del state["fingerprint"][dropped], state["schedule_steps"]  # its schedule: the step count
         (folder / "train_state.json").write_text(json.dumps(state))
         manifest = json.loads((folder / "manifest.json").read_text())
         manifest["files"]["train_state.json"] = (folder / "train_state.json").stat().st_size
@@ -595,10 +595,28 @@ def test_a_checkpoint_of_an_older_version_without_a_new_option_resumes_where_it_
 
     out = older("upgraded", "text_encoder_lr")  # at its default (None) in this run
     proc = run_script("train/dreambooth.py", *args, "--output_dir", out, "--resume_from_checkpoint", "latest")
-    assert "resumed from" in proc.stderr and (out / "pytorch_lora_weights.safetensors").is_file()
+    assert "resumed from" in proc.stderr
+    a, b = weights(straight), weights(out)  # the run never interrupted, bit for bit
+    assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     out = older("given", "learning_rate")  # the run gives it (1e-3): the old run's value is unknown
     proc = run_script("train/dreambooth.py", *args, "--output_dir", out, "--resume_from_checkpoint", "latest", check=False)
     assert proc.returncode == 2 and "learning_rate: (absent) there, 0.001 now" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_the_schedule_resumes_at_the_steps_it_took_which_fp16_s_skipped_steps_did_not_move(checkpointed, tmp_path):
+    """fp16's loss scaler skips steps with inf gradients, and the schedule with them: a resume fast-forwarded it by
+    the step count, ahead of the run never interrupted. The checkpoint records the schedule's own steps (here one
+    taken as skipped: another learning rate from there on); an older checkpoint without them, the step count (the
+    test of an older version's checkpoint)."""
+    args, straight = checkpointed
+    folder = tmp_path / "skipped" / "checkpoint-4"
+    shutil.copytree(straight / "checkpoint-4", folder)
+    text = (folder / "train_state.json").read_text()
+    assert json.loads(text)["schedule_steps"] == 4  # rewritten in as many bytes: the manifest holds their count
+    (folder / "train_state.json").write_text(text.replace('"schedule_steps": 4', '"schedule_steps": 3'))
+    run_script("train/dreambooth.py", *args, "--output_dir", folder.parent, "--resume_from_checkpoint", "latest")
+    a, skipped = weights(straight), weights(folder.parent)
+    assert not all(torch.equal(a[k], skipped[k]) for k in a)
 
 
 def test_a_slower_rank_s_files_are_in_the_manifest_and_the_checkpoint_resumes(tiny_models, shard_dir, tmp_path,

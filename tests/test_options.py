@@ -262,6 +262,22 @@ def test_a_job_script_s_flags_before_the_user_s_config_give_way_to_it(tmp_path):
         parse_options(_db(), [*script, "--config", str(config)])
 
 
+def test_every_script_leaves_transformers_hub_kernels_off_unless_the_user_turns_them_on(monkeypatch):
+    """transformers 5.25 replaces layers of the text encoders and captioners with kernels downloaded from the Hub
+    unless USE_HUB_KERNELS says no: code fetched at run time on a GPU node with network, results unlike the tested."""
+    import os
+
+    seen = []
+    monkeypatch.setenv("USE_HUB_KERNELS", "")
+    monkeypatch.delenv("USE_HUB_KERNELS")  # restored to absent afterwards
+    for set_by_user in (None, "YES"):
+        if set_by_user:
+            monkeypatch.setenv("USE_HUB_KERNELS", set_by_user)
+        with pytest.raises(SystemExit):
+            run_main(lambda: seen.append(os.environ["USE_HUB_KERNELS"]))
+    assert seen == ["NO", "YES"]
+
+
 def test_bad_config_value_exits_2_with_one_line_naming_option_and_file(tmp_path, monkeypatch, capsys):
     config = tmp_path / "run.yaml"
     config.write_text('max_train_steps: "two"\n')

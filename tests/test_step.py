@@ -226,10 +226,13 @@ def test_a_vae_kept_in_fp32_encodes_half_a_chunk_at_a_time_to_the_same_posterior
 def test_a_step_the_fp16_loss_scaler_skipped_moves_neither_the_schedule_nor_the_average():
     """fp16's GradScaler skips a step with inf/NaN gradients; the schedule (stepped here, not prepared) still advanced
     and the EMA averaged the unchanged weights, where diffusers' prepared scheduler skips it. (fp16 needs CUDA: the
-    accelerator's report of the skip is given here.)"""
+    accelerator's report of the skip is given here.) A fused AdamW (the default on CUDA) skips inside its kernel, and
+    accelerate, seeing its step called, reported none: the real scaler and wrapper, on the CPU."""
     from types import SimpleNamespace
 
     import torch
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
 
     from sketch2real.training.loop import optimizer_step
 
@@ -237,9 +240,26 @@ def test_a_step_the_fp16_loss_scaler_skipped_moves_neither_the_schedule_nor_the_
     optimizer = torch.optim.SGD([weight], lr=1.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
     weight.grad = torch.ones(1)
-    skipped = SimpleNamespace(sync_gradients=True, optimizer_step_was_skipped=True)
+    skipped = SimpleNamespace(sync_gradients=True, optimizer_step_was_skipped=True, scaler=None)
     assert optimizer_step(skipped, optimizer, schedule) is False and schedule.last_epoch == 0
-    taken = SimpleNamespace(sync_gradients=True, optimizer_step_was_skipped=False)
+    taken = SimpleNamespace(sync_gradients=True, optimizer_step_was_skipped=False, scaler=None)
     assert optimizer_step(taken, optimizer, schedule) is True and schedule.last_epoch == 1
-    accumulating = SimpleNamespace(sync_gradients=False, optimizer_step_was_skipped=False)
+    accumulating = SimpleNamespace(sync_gradients=False, optimizer_step_was_skipped=False, scaler=None)
     assert optimizer_step(accumulating, optimizer, schedule) is False and schedule.last_epoch == 1
+
+    Accelerator(cpu=True)  # the state accelerate's wrapper reads
+    for fused in (True, False):
+        weight = torch.nn.Parameter(torch.ones(1))
+        adamw = torch.optim.AdamW([weight], lr=1.0, fused=fused)
+        schedule = torch.optim.lr_scheduler.LambdaLR(adamw, lambda step: 1.0 / (step + 1))
+        scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+        wrapped = AcceleratedOptimizer(adamw, device_placement=False, scaler=scaler)
+        accelerator = type("Accelerator", (), {"sync_gradients": True, "scaler": scaler,
+                                               "optimizer_step_was_skipped": property(lambda _, w=wrapped: w.step_was_skipped)})()
+        scaler.scale(weight.sum() * float("inf")).backward()
+        assert optimizer_step(accelerator, wrapped, schedule) is False and schedule.last_epoch == 0, fused
+        assert weight.item() == 1.0
+        adamw.zero_grad()
+        scaler.scale(weight.sum()).backward()
+        assert optimizer_step(accelerator, wrapped, schedule) is True and schedule.last_epoch == 1, fused
+        assert weight.item() != 1.0

@@ -93,7 +93,8 @@ class Run:
     def _checkpoint(self) -> None:
         save_checkpoint(self.accelerator, self.out, self.step, self.opts.checkpoints_total_limit, self.fingerprint,
                         extra=self.averaged.save if self.averaged is not None else None,
-                        state={"last_loss": self.last_loss})  # a resume at the last step trains nothing: its loss
+                        # a resume at the last step trains nothing: its loss; the schedule's steps (fp16 skips some)
+                        state={"last_loss": self.last_loss, "schedule_steps": self.lr_scheduler.last_epoch})
         with self.evaluation_weights():  # the task's files of the step (TI's embeddings, a LoRA) as a final save's
             self.task.on_checkpoint(self.accelerator, self.model, self.step)
         self.last_checkpoint = self.step
@@ -363,8 +364,11 @@ class RunSummary(Callback):
     corrupt samples, the last validation) and a one-line summary."""
 
     def after_save(self, run: Run) -> None:
+        from accelerate.utils import gather_object
+
         accelerator, task = run.accelerator, run.task
         cache = task.cache_stats()
+        peaks = gather_object([round(peak_memory_mb(accelerator.device), 1)])  # each rank's, in rank order
         # the clock starts after the latent cache and stops at the last read; validation and checkpoints are not in it
         elapsed = ((run.end_time or time.perf_counter()) - run.start_time
                    - (run.paused_at_end if run.end_time else run.paused_seconds))
@@ -388,7 +392,9 @@ class RunSummary(Callback):
             "compiled_graphs": compiled_graphs(),
             "graphs_compiled_after_first_read": compiled_graphs() - run.graphs_at_first_read if run.timed_from else None,
             "cudagraph_skips": cudagraph_skips(),  # reduce-overhead: graphs inductor ran without CUDA graphs
-            "peak_memory_mb": peak_memory_mb(accelerator.device),
+            # the highest of the processes' peaks (rank 0's alone before: another rank's can be the one that does not fit)
+            "peak_memory_mb": max(peaks),
+            "peak_memory_mb_per_process": peaks,
             "cache_peak_memory_mb": run.cache_peak_memory_mb,
             "data_wait_seconds_per_step": task.data_wait_seconds() / steps_done if steps_done else 0.0,
             "num_processes": accelerator.num_processes,

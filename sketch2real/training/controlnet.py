@@ -18,7 +18,7 @@ from sketch2real.cli import UserError, option
 from sketch2real.family import FAMILIES, Family, check_controlnet_class, controlnet_mismatch
 from sketch2real.models import SDComponents, assemble_pipeline, load
 from sketch2real.sketchy import photo_key, sketch_condition
-from sketch2real.training.accelerator import cast_denoiser_inputs
+from sketch2real.training.accelerator import cast_denoiser_inputs, configure_attention
 from sketch2real.training.data import LazyImages
 from sketch2real.training.diffusion import derive_seed, drops_prompt, vae_scale_factor
 from sketch2real.training.options import TrainOptions
@@ -127,6 +127,7 @@ class ControlNetTask(DiffusionTask):
         for encoder in c.text_encoders:
             encoder.requires_grad_(False).to(device, self.weight_dtype)
         controlnet.train()
+        configure_attention(controlnet, opts, device)  # from_unet copies no attention processors: xformers here too
         cast_denoiser_inputs(controlnet)
         if self.family.controlnet_has_unused_parameters and getattr(accelerator, "ddp_handler", None) is not None:
             accelerator.ddp_handler.find_unused_parameters = True  # read when `prepare` wraps it in DDP

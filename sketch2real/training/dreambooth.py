@@ -28,6 +28,7 @@ from sketch2real.family import (
 from sketch2real.io import atomic_path, differences, sort_safetensors_metadata, umask_modes, write_json
 from sketch2real.models import (
     SDComponents,
+    check_peft_for_text_encoder_adapters,
     dtype_for,
     load_base_pipeline,
     local_model_identity,
@@ -407,6 +408,8 @@ class DreamBoothTask(DiffusionTask):
         if self.opts.train_text_encoder and not family.text_encoder_training:
             raise UserError(f"--train_text_encoder is not built for {family.name} models (its text encoder is read "
                             "at inner layers: train the denoiser, or LoRA adapters)")
+        if self.opts.train_text_encoder and self.opts.lora_rank:
+            check_peft_for_text_encoder_adapters()
 
     def full_precision_components(self, family: Family) -> set[str]:
         opts = self.opts  # LoRA: the whole base is frozen (the adapters are added in fp32)

@@ -77,12 +77,13 @@ def effective_learning_rate(opts, num_processes: int) -> float:
 
 
 def make_optimizer(params: list[torch.nn.Parameter] | list[dict], opts, device: torch.device, learning_rate: float,
-                   sharded: bool = False) -> torch.optim.Optimizer:
+                   sharded: bool = False, zero: bool = False) -> torch.optim.Optimizer:
     """AdamW (fused: one kernel for all parameters, on CUDA and CPU), bitsandbytes' 8-bit AdamW, Prodigy, or
     schedule-free AdamW (its own linear warm-up over --lr_warmup_steps; the schedule stays constant).
 
     `sharded`: each process steps only its part of the parameters (ZeRO): Prodigy then sums its step-size estimate
-    over the processes (its `fsdp_in_use`), or each would estimate its own.
+    over the processes (its `fsdp_in_use`), or each would estimate its own. `zero`: under DeepSpeed ZeRO, which steps
+    each parameter group on its own (one process or several).
     """
     if opts.optimizer == "adamw_schedulefree":
         from schedulefree import AdamWScheduleFree
@@ -93,6 +94,14 @@ def make_optimizer(params: list[torch.nn.Parameter] | list[dict], opts, device: 
     if opts.optimizer == "prodigy":
         from prodigyopt import Prodigy
 
+        if zero and params and isinstance(params[0], dict):  # ZeRO-1/2 step each group apart; ZeRO-3 each sub-group
+            params = _one_group_if_alike(params)
+        if zero and len(params) > 1 and isinstance(params[0], dict):
+            raise UserError.on_every_rank(
+                f"--optimizer prodigy estimates one step size for all trained weights, and DeepSpeed ZeRO steps each of "
+                f"the {len(params)} parameter groups here (--train_text_encoder's text encoders, or token rows, at their own "
+                f"settings) on its own, each with its own estimate: use DDP (an accelerate config without DeepSpeed), "
+                f"or AdamW")
         if sharded and device.type != "cuda":  # prodigyopt sums its estimate through a tensor it puts on CUDA
             raise UserError("--optimizer prodigy under DeepSpeed ZeRO needs CUDA devices (prodigyopt sums its "
                             "step-size estimate over the processes on CUDA): use DDP here, or AdamW")
@@ -108,6 +117,15 @@ def make_optimizer(params: list[torch.nn.Parameter] | list[dict], opts, device: 
 
         return bnb.optim.AdamW8bit(params, **kwargs)
     return torch.optim.AdamW(params, fused=device.type in ("cuda", "cpu"), **kwargs)
+
+
+def _one_group_if_alike(groups: list[dict]) -> list[dict]:
+    """Parameter groups of the same settings as one group (SD 1.x text-encoder adapters at the denoiser's): what
+    Prodigy computes on one process, where DeepSpeed ZeRO steps each group apart."""
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in groups]
+    if any(s != settings[0] for s in settings):
+        return groups
+    return [{**settings[0], "params": [p for group in groups for p in group["params"]]}]
 
 
 def check_optimizer_kept(opts, built: type, prepared) -> None:
@@ -165,12 +183,21 @@ def check_same_trainer(out: Path, trainer: str) -> None:
 def optimizer_step(accelerator, optimizer, lr_scheduler) -> bool:
     """The optimizer's step, and the schedule's once per optimizer step; whether the weights moved. A step fp16's
     loss scaler skipped (inf/NaN gradients; DeepSpeed's overflow) moves neither the schedule nor the EMA, as
-    diffusers' prepared scheduler skips it (the scaler reads its scale back every step anyway: no extra host read)."""
+    diffusers' prepared scheduler skips it. A fused optimizer (AdamW's default on CUDA) skips inside its kernel, so
+    accelerate, which sees its step called, reports none: the scaler's scale fell then (it falls on a skip alone),
+    one host read a step in fp16 (an unfused optimizer's skip is the scaler's own host read)."""
+    scaler = accelerator.scaler if accelerator.sync_gradients else None
+    if scaler is not None and not getattr(innermost_optimizer(optimizer), "_step_supports_amp_scaling", False):
+        scaler = None
+    scale = scaler._scale.clone() if scaler is not None else None  # on the device: no wait here
     optimizer.step()
     if not accelerator.sync_gradients or accelerator.optimizer_step_was_skipped:
         return False
+    if scaler is not None and bool(scaler._scale < scale):
+        return False
     lr_scheduler.step()
     return True
+
 
 def train(task: Task, opts, accelerator, project_name: str, callbacks: list[Callback] | None = None) -> int:
     """Run the loop to `opts.max_train_steps` with `callbacks` (default: `default_callbacks()`); returns the process
@@ -187,7 +214,9 @@ def train(task: Task, opts, accelerator, project_name: str, callbacks: list[Call
     learning_rate = effective_learning_rate(opts, accelerator.num_processes)
     groups = task.param_groups()  # a group's own "lr"/"weight_decay" where it has them, else the options'
     params = [p for group in groups for p in group["params"]]
-    optimizer = make_optimizer(groups, opts, accelerator.device, learning_rate, sharded=optimizer_sharded(accelerator))
+    plugin = accelerator.state.deepspeed_plugin
+    optimizer = make_optimizer(groups, opts, accelerator.device, learning_rate, sharded=optimizer_sharded(accelerator),
+                               zero=plugin is not None and plugin.zero_stage >= 1)
     # The schedule is a function of global optimizer steps: stepped here once per optimizer step, not prepared
     # (accelerate would step it once per process and checkpoint that count), and fast-forwarded on resume, so a
     # checkpoint resumes on any number of processes with the same learning rates.
@@ -217,7 +246,8 @@ def train(task: Task, opts, accelerator, project_name: str, callbacks: list[Call
             averaged.load(resume)
         with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": so it is, on purpose
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
-            for _ in range(step):
+            # the steps the schedule took (fp16's skipped steps took none); an older checkpoint's: all of them
+            for _ in range((read_train_state(resume) or {}).get("schedule_steps", step)):
                 lr_scheduler.step()
         logger.info("resumed from %s at step %d", resume, step)
     elif opts.resume_from_checkpoint:

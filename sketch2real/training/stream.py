@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from sketch2real.device import to_device
 from sketch2real.training.data import GlobalBatchSampler, LazyImages, StepLoader, prefetched
 from sketch2real.training.diffusion import Objective, encode_latents, scaled_latents, step_noise
 from sketch2real.training.latent_store import LatentStore, check_finite_posterior, encode_posterior
@@ -154,7 +155,7 @@ class DiffusionStream:
         else:
             latents = encode_latents(s.vae, self.rows(step, micro), draw.latent_eps)
         noisy, target = s.objective.noisy_and_target(latents, draw.noise, draw.timesteps)
-        geometry = self.geometry[indices].to(noisy.device) if self.geometry is not None else None
+        geometry = to_device(self.geometry[indices], noisy.device) if self.geometry is not None else None
         return NoisyBatch(indices, noisy, target, draw.timesteps.to(noisy.device), geometry)
 
     @property

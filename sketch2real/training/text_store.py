@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sketch2real.device import to_device
 from sketch2real.family import Conditioning
 from sketch2real.io import atomic_path, check_room, human_bytes, write_json
 from sketch2real.training.accelerator import main_process_view
@@ -122,5 +123,5 @@ class TextStore:
         tensors = []
         for field in range(self.fields or 0):
             values = torch.from_numpy(np.stack([self._block(r // BLOCK, field)[r % BLOCK] for r in rows]))
-            tensors.append((values.view(self.dtype) if self.dtype in _AS_BITS else values).to(device))
+            tensors.append(to_device(values.view(self.dtype) if self.dtype in _AS_BITS else values, device))
         return Conditioning.from_tuple(tuple(tensors))
