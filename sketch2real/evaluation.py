@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from sketch2real.cli import UserError, check_output_dir, option
-from sketch2real.extractors import DEFAULT_CLIP, DEFAULT_CSD, DEFAULT_DINOV2
+from sketch2real.extractors import BLANK_SPREAD, DEFAULT_CLIP, DEFAULT_CSD, DEFAULT_DINOV2
 from sketch2real.io import atomic_path, write_json
 from sketch2real.metrics import (
     KID_CI95_METHOD,
@@ -39,6 +39,7 @@ from sketch2real.metrics import (
     pairing_score,
     prdc,
     proportion_ci95,
+    prototype_self_similarity,
     prototype_similarity,
     prototype_similarity_ci95,
     reference_kernel_rows,
@@ -238,10 +239,12 @@ def _style_section(report: dict) -> list[str]:
         lines += [f"Sketchiness: a logistic-regression probe on {probe['features']} features ({probe['model']}), fitted on "
                   f"{probe['n_train'] // 2} sketch/photo pairs of split {probe['split']!r} of {probe['shards']}; held-out "
                   f"accuracy {probe['heldout_accuracy']:.3f} ({probe['n_heldout']} images of photos it never saw). Each "
-                  "image's probability of being a sketch; style verdict: the 95% interval of the mean above or below 0.5.", ""]
+                  "image's probability of being a sketch (0 for a blank canvas); style verdict: the 95% interval of the "
+                  "mean above or below 0.5.", ""]
     if "csd" in report["metrics"]:
-        lines += ["CSD (Somepalli et al. 2024): each image's cosine to the reference's style prototype (the normalised "
-                  "mean of its normalised CSD style embeddings); no absolute threshold, compare sets.", ""]
+        lines += [f"CSD (Somepalli et al. 2024): each image's cosine to the style prototype of {report['reference']['name']} "
+                  "(the normalised mean of its normalised CSD style embeddings); the reference's own row is what a new "
+                  "image of its style scores; no absolute threshold, compare sets.", ""]
     lines += ["Content kept: CLIP zero-shot category accuracy; verdict against chance (1 / number of categories).", "",
               f"![style vs content]({STYLE_CHART})", "",
               "| generated set | sketchiness [95% CI] | CSD [95% CI] | CLIP accuracy [95% CI] | sketch style? | content kept? | answer |",
@@ -373,7 +376,7 @@ def bar_chart(report: dict, out_file: Path) -> None:
 METRICS = ("fid", "kid", "fd_dinov2", "cmmd", "prdc", "clip_score", "clip_accuracy", "csd", "sketchiness")
 STYLE_METRICS = {"csd", "sketchiness"}
 STYLE_CHART = "style_content.png"
-NO_PROMPTS = ("its images name no prompt (an index.jsonl from infer/generate.py does: name the run folder or its "
+NO_PROMPTS = ("its images name no prompt, or not all do (an index.jsonl from infer/generate.py does: name the run folder or its "
               "images/)")
 
 
@@ -397,6 +400,8 @@ def style_content_verdict(result: dict, num_classes: int) -> dict:
     answer = "; ".join(says[word] for says, word in zip((style_says, content_says), first) if word in says) or "—"
     if "undecided" in first or "not" in first:
         answer += " (more images would narrow the intervals)"
+    if result.get("blank_images"):
+        answer += f" ({result['blank_images']} blank images, counted as not sketches)"
     return {"style": style, "content": content, "answer": answer, "chance": chance}
 
 
@@ -411,7 +416,8 @@ def style_content_chart(report: dict, out_file: Path) -> list[dict]:
     rows = [("reference: " + report["reference"]["name"], report["reference"], "s")] + [
         (name, r, "o") for name, r in report["sets"].items()]
     axes_keys = [(k, label) for k, label in (("sketchiness", "sketchiness (probe: P(sketch))"),
-                                             ("csd", "CSD style similarity to the reference")) if k in report["metrics"]]
+                                             ("csd", f"CSD style similarity to {report['reference']['name']}"))
+                 if k in report["metrics"]]
     fig, axes = plt.subplots(1, len(axes_keys), figsize=(5.5 * len(axes_keys), 4.5), squeeze=False)
     points = []
     for axis, (key, label) in zip(axes[0], axes_keys):
@@ -462,8 +468,10 @@ def extra_scores(metrics: set[str], features: dict, ref_features: dict, categori
                  style: Style | None = None) -> dict:
     """FD-DINOv2, CMMD, PRDC, CLIP category accuracy, sketchiness and CSD of one set (or one category of it), each with
     its 95% interval: a basic bootstrap over both sets' images for FD-DINOv2 (none where it would not be honest, with
-    the reason), the unbiased MMD² ± 1.96 jackknife standard errors for CMMD, Wilson's interval for shares of 0/1
-    outcomes (CLIP accuracy), Student's t over per-image values for the others; none for PRDC (`PRDC_NO_INTERVAL`)."""
+    the reason), the unbiased MMD² ± 1.96 jackknife standard errors for CMMD, Clopper-Pearson's interval for shares of 0/1
+    outcomes (CLIP accuracy), jackknife Student's t for CSD (`prototype_similarity_ci95`), Student's t over per-image
+    values for the others; none for PRDC (`PRDC_NO_INTERVAL`). A blank canvas (grey spread below `BLANK_SPREAD`) is
+    not a sketch, whatever the probe says of it."""
     result: dict = {}
     if "fd_dinov2" in metrics:
         g, r = features["dinov2"], ref_features["dinov2"]
@@ -496,10 +504,13 @@ def extra_scores(metrics: set[str], features: dict, ref_features: dict, categori
                 "index?): the content it kept cannot be scored"))
     if style is not None and style.probe is not None and len(features[style.probe_features]):
         sketchy = style.probe.probability(features[style.probe_features])
-        result["sketchiness"], result["sketchiness_ci95"] = float(sketchy.mean()), mean_ci95(sketchy)
+        if "pixels" in features:
+            blank = features["pixels"][:, 0] < BLANK_SPREAD
+            sketchy, result["blank_images"] = np.where(blank, 0.0, sketchy), int(blank.sum())
+        result["sketchiness"], result["sketchiness_ci95"] = float(sketchy.mean()), mean_ci95(sketchy, bounds=(0.0, 1.0))
     if style is not None and style.csd_reference is not None and len(features["csd"]):
         result["csd"] = float(prototype_similarity(features["csd"], style.csd_reference).mean())
-        result["csd_ci95"] = prototype_similarity_ci95(features["csd"], style.csd_reference, seed)
+        result["csd_ci95"] = prototype_similarity_ci95(features["csd"], style.csd_reference)
     return result
 
 
@@ -711,6 +722,7 @@ def run_fid(opts: EvalOptions, generated_sets: list[ImageSet], reference: ImageS
         csd_extractor,
         dinov2_extractor,
         inception_extractor,
+        pixel_spread_extractor,
     )
 
     refuse_same_names(generated_sets)  # also for callers that built the sets themselves
@@ -745,6 +757,11 @@ def run_fid(opts: EvalOptions, generated_sets: list[ImageSet], reference: ImageS
     if "csd" in metrics:
         extractors["csd"] = csd_extractor(opts.csd_model_name_or_path or DEFAULT_CSD, state.device, opts.batch_size,
                                           opts.num_workers)
+    if "csd" in metrics and opts.reference_shards and opts.reference_field == "photo":
+        logger.warning("csd: scored against the reference's photos: similarity to the photos' style, not the sketches' "
+                       "(--reference_field sketch)")
+    if "sketchiness" in metrics:
+        extractors["pixels"] = pixel_spread_extractor(opts.batch_size, opts.num_workers)
     cache_dir = None if opts.no_cache else Path(opts.cache_dir) if opts.cache_dir else default_cache_dir()
     reference_of, sets_of, hits, readable_of = {}, {}, {}, {}
     distinct = distinct_images(reference)
@@ -789,13 +806,16 @@ def run_fid(opts: EvalOptions, generated_sets: list[ImageSet], reference: ImageS
             metrics & (STYLE_METRICS | {"clip_accuracy"}), own, own,
             np.asarray(reference.categories, dtype=object)[reference_of[names[0]][1]], class_embeddings, class_names,
             opts.seed, opts.bootstrap_resamples, style))
+        if "csd" in metrics:  # what a new image of its style scores: not its images against a prototype they are in
+            report["reference"]["csd"], report["reference"]["csd_ci95"] = prototype_self_similarity(style.csd_reference)
     reference_rows = None
     if "inception" in extractors:
         ref_features, ref_valid = reference_of["inception"]
         reference_rows = reference_kernel_rows(ref_features[ref_valid])  # shared by every set's KID and difference
     extracted = []
     for index, images in enumerate(generated_sets):
-        result: dict = {"n_generated": len(images)}
+        readable = [sets_of[name][index][1] for name in sets_of]
+        result: dict = {"n_generated": int(readable[0].sum()) if readable else len(images)}  # scored: not unreadable ones
         if "inception" in extractors:
             features, valid = sets_of["inception"][index]
             ref_features, ref_valid = reference_of["inception"]

@@ -1,6 +1,7 @@
 """Feature extractors for evaluation, one interface for all: pytorch-fid's Inception (FID, KID, pairing), DINOv2
 (FD-DINOv2 and PRDC, Stein et al. 2023), CLIP image embeddings (CMMD, Jayasumana et al. 2024; zero-shot
-category accuracy; the sketchiness probe) and CSD style embeddings (Somepalli et al. 2024). Each extracts the
+category accuracy; the sketchiness probe), CSD style embeddings (Somepalli et al. 2024) and each image's grey-level
+spread (blank canvases, which the sketchiness probe alone reads as sketches). Each extracts the
 contiguous part of an ImageSet that belongs to one rank; its `settings` key the feature cache."""
 
 from __future__ import annotations
@@ -94,6 +95,29 @@ def inception_extractor(dims: int, device: torch.device, batch_size: int, num_wo
                                 progress=progress, channels_last=channels_last, clean_resize=clean_resize)
 
     return Extractor("inception", settings, extract)
+
+
+BLANK_SPREAD = 0.02  # grey-level standard deviation (0-1) below which an image is a blank canvas: a sparse sketch's is ~0.15
+
+
+class _GreySpread:
+    """An image processor's interface (`processor(images=image, return_tensors="pt")["pixel_values"]`) giving one
+    number per image: its grey levels' standard deviation, on a 0-1 scale, at its own size."""
+
+    def __call__(self, images, return_tensors: str = "pt") -> dict:
+        grey = np.asarray(images.convert("L"), dtype=np.float64) / 255
+        return {"pixel_values": torch.tensor([[grey.std()]], dtype=torch.float64)}
+
+
+def pixel_spread_extractor(batch_size: int, num_workers: int) -> Extractor:
+    """Each image's grey-level spread (`_GreySpread`), read in loader workers like the networks' inputs: a model that
+    collapsed to blank canvases has none, where the sketchiness probe scored white images above real sketches."""
+
+    def extract(images: ImageSet, rank: int, world_size: int, progress: bool):
+        return extract_processed(images, _GreySpread(), lambda spread: spread, torch.device("cpu"), batch_size,
+                                 num_workers, rank, world_size, "grey spread", progress)
+
+    return Extractor("pixels", {"features": "grey-level-std", "model": "none"}, extract)
 
 
 def dinov2_extractor(model_name_or_path: str, device: torch.device, batch_size: int, num_workers: int) -> Extractor:

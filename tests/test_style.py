@@ -4,6 +4,7 @@ verdicts, on tiny models and the synthetic Sketchy (grey strokes on white vs col
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -35,6 +36,13 @@ def test_folders(shard_dir, tmp_path_factory):
             image.save(folder / f"{i:03d}.png")
             rows.append(json.dumps({"key": f"{i:03d}", "image": f"{i:03d}.png", "category": category}))
         (folder / "index.jsonl").write_text("\n".join(rows) + "\n")
+    blank = root / "blank"  # a model collapsed to white canvases, of the sketches' categories
+    shutil.copytree(root / "sketch", blank)
+    for file in blank.glob("*.png"):
+        Image.new("RGB", Image.open(file).size, "white").save(file)
+    (blank / "999.png").write_bytes(b"not an image")  # unreadable: not scored, so not counted among the images scored
+    with open(blank / "index.jsonl", "a") as index:
+        index.write(json.dumps({"key": "999", "image": "999.png", "category": "cat"}) + "\n")
     return root
 
 
@@ -53,7 +61,8 @@ def test_style_metrics_end_to_end(tiny_models, tiny_csd, shard_dir, test_folders
     from sketch2real.extractors import clip_extractor, csd_extractor
     from sketch2real.metrics import LinearProbe, folder_set, shard_set
 
-    args = ["--generated", f"photos={test_folders / 'photo'}", f"sketches={test_folders / 'sketch'}", "--reference_shards",
+    args = ["--generated", f"photos={test_folders / 'photo'}", f"sketches={test_folders / 'sketch'}",
+            f"blank={test_folders / 'blank'}", "--reference_shards",
             shard_dir, "--reference_split", "val", "--reference_field", "sketch", "--metrics", "sketchiness", "csd",
             "--clip_model_name_or_path", tiny_models.clip, "--csd_model_name_or_path", tiny_csd, "--cache_dir",
             tmp_path / "cache", "--batch_size", "8", "--num_workers", "0"]
@@ -70,6 +79,13 @@ def test_style_metrics_end_to_end(tiny_models, tiny_csd, shard_dir, test_folders
     assert sketches["csd"] > photos["csd"]
     assert report["style_content"]["sketches"]["style"] == "yes"
     assert report["style_content"]["photos"]["style"] == "no (photo-like)"
+    # white canvases are no sketches, whatever the probe says of them (it scored them above the sketches)
+    blank = report["sets"]["blank"]
+    assert blank["blank_images"] == blank["n_generated"] == len(list((test_folders / "blank").glob("*.png"))) - 1 > 0
+    assert blank["sketchiness"] == 0.0
+    assert report["style_content"]["blank"]["style"] == "no (photo-like)"
+    assert f"({blank['n_generated']} blank images, counted as not sketches)" in report["style_content"]["blank"]["answer"]
+    assert "blank_images" not in sketches or sketches["blank_images"] == 0
 
     # metrics.json schema: value and interval per set, per category, and for the reference (the chart's anchor)
     for result in (photos, sketches, report["reference"]):
@@ -80,7 +96,7 @@ def test_style_metrics_end_to_end(tiny_models, tiny_csd, shard_dir, test_folders
     assert categories and set(photos["per_category"]) == categories
     for values in photos["per_category"].values():
         assert {"sketchiness", "sketchiness_ci95", "csd", "csd_ci95", "clip_accuracy", "clip_accuracy_ci95"} <= set(values)
-    assert set(report["style_content"]) == {"photos", "sketches"}
+    assert set(report["style_content"]) == {"photos", "sketches", "blank"}
     assert all({"style", "content", "answer"} <= set(v) for v in report["style_content"].values())
     assert "clip_accuracy" in report["metrics"]  # content kept comes with style
 
@@ -88,8 +104,9 @@ def test_style_metrics_end_to_end(tiny_models, tiny_csd, shard_dir, test_folders
     chart = tmp_path / "one" / "style_content.png"
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and chart.stat().st_size > 5000
     points = report["style_content_chart"]
-    assert len(points) == 2 * 3 and {p["panel"] for p in points} == {"sketchiness", "csd"}
-    assert sorted(p["name"] for p in points if p["panel"] == "csd") == sorted(["photos", "sketches", "reference: val sketches"])
+    assert len(points) == 2 * 4 and {p["panel"] for p in points} == {"sketchiness", "csd"}
+    assert sorted(p["name"] for p in points if p["panel"] == "csd") == sorted(["photos", "sketches", "blank",
+                                                                               "reference: val sketches"])
     text = (tmp_path / "one" / "report.md").read_text()
     assert "did it learn the sketch style, and keep the content?" in text and "style_content.png" in text
     assert "learned the sketch style" in proc.stdout
@@ -300,3 +317,21 @@ def test_clip_accuracy_scores_the_images_that_name_a_category_and_none_of_a_flat
     some = extra_scores({"clip_accuracy"}, {"clip": clip}, {}, np.array(["cat", "", "dog"], dtype=object), classes,
                         ["cat", "dog"], 0, 10)
     assert some["clip_accuracy"] == 1.0 and "clip_accuracy_reason" not in some
+
+
+def test_an_index_where_not_every_image_names_a_prompt_gives_no_prompts(tmp_path):
+    """CLIP score scores each image against its prompt: an index.jsonl without prompts (or missing some) scored its
+    images against the empty prompt, a number (0.0 [0.0, 0.0]) where there is none."""
+    from sketch2real.metrics import folder_set
+
+    for i in range(2):
+        Image.new("RGB", (8, 8), "white").save(tmp_path / f"{i}.png")
+
+    def index(*prompts: str | None) -> list[str] | None:
+        rows = [{"key": str(i), "image": f"{i}.png", "category": "cat", **({"prompt": p} if p is not None else {})}
+                for i, p in enumerate(prompts)]
+        (tmp_path / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return folder_set(str(tmp_path)).prompts
+
+    assert index("a cat", "a sketch of a cat") == ["a cat", "a sketch of a cat"]
+    assert index(None, None) is None and index("a cat", None) is None and index("a cat", "") is None
