@@ -35,6 +35,7 @@ from sketch2real.metrics import (
     kid_difference,
     kid_subset_size,
     mean_ci95,
+    paired_difference,
     paired_rows,
     pairing_score,
     prdc,
@@ -256,6 +257,16 @@ def _style_section(report: dict) -> list[str]:
                      f"{_interval(r.get('csd'), r.get('csd_ci95'), digits=3)} | "
                      f"{_interval(r.get('clip_accuracy'), r.get('clip_accuracy_ci95'), digits=3)} | {v['style']} | "
                      f"{v['content']} | {v['answer']} |")
+    if report.get("style_differences"):
+        lines += ["", "Did one set move the style against another? sketchiness(a) − sketchiness(b) over the items both show "
+                  "(one sample, prompt slot and seed), a Student's t 95% interval clustered by photo, Holm's verdict over "
+                  "the table (the verdicts above say whether a set's images are sketch-like, which a prompt alone can make "
+                  "them).", "", "| a | b | sketchiness(a) − sketchiness(b) [95% CI] | pairs | Holm p | |",
+                  "|---|---|---:|---:|---:|---|"]
+        for d in report["style_differences"]:
+            holm = f"{d['holm_p']:.3g}" if "holm_p" in d else "—"
+            lines.append(f"| {d['a']} | {d['b']} | {_interval(d['sketchiness_difference'], d['sketchiness_difference_ci95'], digits=3)} "
+                         f"| {d['pairs']} | {holm} | {d.get('verdict', 'no interval')} |")
     return lines
 
 
@@ -503,15 +514,55 @@ def extra_scores(metrics: set[str], features: dict, ref_features: dict, categori
                 "none of its images names a category of the reference (a folder without category subfolders or an "
                 "index?): the content it kept cannot be scored"))
     if style is not None and style.probe is not None and len(features[style.probe_features]):
-        sketchy = style.probe.probability(features[style.probe_features])
-        if "pixels" in features:
-            blank = features["pixels"][:, 0] < BLANK_SPREAD
-            sketchy, result["blank_images"] = np.where(blank, 0.0, sketchy), int(blank.sum())
+        sketchy, blank = sketchiness_values(features, style)
+        if blank is not None:
+            result["blank_images"] = int(blank.sum())
         result["sketchiness"], result["sketchiness_ci95"] = float(sketchy.mean()), mean_ci95(sketchy, bounds=(0.0, 1.0))
     if style is not None and style.csd_reference is not None and len(features["csd"]):
         result["csd"] = float(prototype_similarity(features["csd"], style.csd_reference).mean())
         result["csd_ci95"] = prototype_similarity_ci95(features["csd"], style.csd_reference)
     return result
+
+
+def sketchiness_values(features: dict, style: Style) -> tuple[np.ndarray, np.ndarray | None]:
+    """Each image's sketchiness (the probe's probability of "sketch"; 0 for a blank canvas, grey spread below
+    `BLANK_SPREAD`) and which images are blank (None without the grey-spread features)."""
+    sketchy = style.probe.probability(features[style.probe_features])
+    if "pixels" not in features:
+        return sketchy, None
+    blank = features["pixels"][:, 0] < BLANK_SPREAD
+    return np.where(blank, 0.0, sketchy), blank
+
+
+def style_differences(generated_sets: list[ImageSet], sets_of: dict, style: Style) -> list[dict]:
+    """sketchiness(a) − sketchiness(b) for every two generated sets that show the same items (index.jsonl keys: one
+    sample, prompt slot and seed): the mean over the items both show, a Student's t interval clustered by photo (a
+    photo's sketches, and an item's images, are not independent), and a verdict by Holm's over the table. Where the
+    absolute verdict says whether the images are sketch-like, this says whether a model moved them (a base prompted
+    for sketches is sketch-like already)."""
+    scored = []
+    for index, images in enumerate(generated_sets):
+        if images.prompts is None:  # not from index.jsonl: no items to pair
+            continue
+        valid = sets_of[style.probe_features][index][1]
+        values, _ = sketchiness_values({n: sets_of[n][index][0][valid] for n in sets_of}, style)
+        ids = np.asarray(images.ids, dtype=object)[valid]
+        photos = [photo_key(key) if key else item for key, item in zip(np.asarray(images.sample_keys, dtype=object)[valid], ids)]
+        scored.append((images.name, ids, values, np.asarray(photos, dtype=object)))
+    rows = []
+    for i, (a, ids_a, values_a, photos_a) in enumerate(scored):
+        for b, ids_b, values_b, _ in scored[i + 1 :]:
+            rows_a, rows_b = paired_rows(ids_a, ids_b)
+            if len(rows_a) < 2:
+                continue
+            moved = paired_difference(values_a[rows_a], values_b[rows_b], photos_a[rows_a])
+            rows.append({"a": a, "b": b, "pairs": len(rows_a), "sketchiness_difference": moved["difference"],
+                         "sketchiness_difference_ci95": moved["ci95"], "p": moved["p"]})
+    tested = [r for r in rows if r["p"] == r["p"]]
+    for row, adjusted in zip(tested, holm_adjusted([r["p"] for r in tested])):
+        row["holm_p"] = adjusted
+        row["verdict"] = "significant" if adjusted < 0.05 else "not distinguishable"
+    return rows
 
 
 def zero_shot_classifier(clip, class_names: list[str]) -> np.ndarray:
@@ -855,6 +906,8 @@ def run_fid(opts: EvalOptions, generated_sets: list[ImageSet], reference: ImageS
     out = Path(opts.output_dir)
     if style is not None:
         report["style_content"] = {name: style_content_verdict(r, len(class_names)) for name, r in report["sets"].items()}
+        if style.probe is not None:
+            report["style_differences"] = style_differences(generated_sets, sets_of, style)
         report["style_content_chart"] = style_content_chart(report, out / STYLE_CHART)
     write_json(out / "metrics.json", report)
     with atomic_path(out / "report.md") as tmp:

@@ -507,6 +507,22 @@ def kid(a: np.ndarray, b: np.ndarray, num_subsets: int = 100, subset_size: int =
     return float(np.mean(values)), float(np.std(values))
 
 
+def mean_standard_error(values: np.ndarray, clusters: Sequence | None = None) -> tuple[float, float, int]:
+    """The mean of per-item values, its standard error and the degrees of freedom of its Student's t (`mean_ci95`'s;
+    the error is nan below 2 items or 2 clusters)."""
+    values = np.asarray(values, dtype=np.float64)
+    n = len(values)
+    mean = float(values.mean()) if n else float("nan")
+    if clusters is None:
+        return mean, (float(values.std(ddof=1) / np.sqrt(n)) if n >= 2 else float("nan")), n - 1
+    _, group = np.unique(np.asarray(clusters), return_inverse=True)
+    count = int(group.max()) + 1 if n else 0
+    if count < 2:
+        return mean, float("nan"), count - 1
+    sums = np.bincount(group, weights=values - mean)
+    return mean, float(np.sqrt(count / (count - 1) * np.sum(sums ** 2)) / n), count - 1
+
+
 def mean_ci95(values: np.ndarray, clusters: Sequence | None = None,
               bounds: tuple[float, float] = (-np.inf, np.inf)) -> list[float]:
     """Student's t 95% interval of the mean of per-item values (held-out losses, forgetting, sketchiness, CLIP score).
@@ -519,20 +535,25 @@ def mean_ci95(values: np.ndarray, clusters: Sequence | None = None,
     where the values can lie (a probability's [0, 1]): the interval never leaves them."""
     from scipy.stats import t
 
-    values = np.asarray(values, dtype=np.float64)
-    n = len(values)
-    if n < 2:
+    mean, error, df = mean_standard_error(values, clusters)
+    if error != error:
         return [float("nan"), float("nan")]
-    mean = values.mean()
-    if clusters is None:
-        half = t.ppf(0.975, n - 1) * values.std(ddof=1) / np.sqrt(n)
-    else:
-        _, group = np.unique(np.asarray(clusters), return_inverse=True)
-        sums, count = np.bincount(group, weights=values - mean), group.max() + 1
-        if count < 2:
-            return [float("nan"), float("nan")]
-        half = t.ppf(0.975, count - 1) * np.sqrt(count / (count - 1) * np.sum(sums ** 2)) / n
+    half = t.ppf(0.975, df) * error
     return [float(max(mean - half, bounds[0])), float(min(mean + half, bounds[1]))]
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray, clusters: Sequence | None = None) -> dict:
+    """mean(a - b) over paired items (two sets' images of the same items), its Student's t 95% interval and two-sided
+    p-value (clustered as `mean_ci95`): did one set move a per-image score (sketchiness) against the other?"""
+    from scipy.stats import t
+
+    mean, error, df = mean_standard_error(np.asarray(a, np.float64) - np.asarray(b, np.float64), clusters)
+    if error != error:
+        return {"difference": mean, "ci95": None, "p": float("nan")}
+    if error == 0:
+        return {"difference": mean, "ci95": [mean, mean], "p": 0.0 if mean else 1.0}
+    half = t.ppf(0.975, df) * error
+    return {"difference": mean, "ci95": [mean - half, mean + half], "p": float(2 * t.sf(abs(mean) / error, df))}
 
 
 def proportion_ci95(outcomes: np.ndarray) -> list[float]:

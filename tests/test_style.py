@@ -34,7 +34,8 @@ def test_folders(shard_dir, tmp_path_factory):
         rows = []
         for i, (image, category) in enumerate(zip(open_images(images.sources), images.categories)):
             image.save(folder / f"{i:03d}.png")
-            rows.append(json.dumps({"key": f"{i:03d}", "image": f"{i:03d}.png", "category": category}))
+            rows.append(json.dumps({"key": f"{i:03d}", "image": f"{i:03d}.png", "category": category,
+                                    "prompt": f"a {category}"}))
         (folder / "index.jsonl").write_text("\n".join(rows) + "\n")
     blank = root / "blank"  # a model collapsed to white canvases, of the sketches' categories
     shutil.copytree(root / "sketch", blank)
@@ -42,7 +43,7 @@ def test_folders(shard_dir, tmp_path_factory):
         Image.new("RGB", Image.open(file).size, "white").save(file)
     (blank / "999.png").write_bytes(b"not an image")  # unreadable: not scored, so not counted among the images scored
     with open(blank / "index.jsonl", "a") as index:
-        index.write(json.dumps({"key": "999", "image": "999.png", "category": "cat"}) + "\n")
+        index.write(json.dumps({"key": "999", "image": "999.png", "category": "cat", "prompt": "a cat"}) + "\n")
     return root
 
 
@@ -86,6 +87,14 @@ def test_style_metrics_end_to_end(tiny_models, tiny_csd, shard_dir, test_folders
     assert report["style_content"]["blank"]["style"] == "no (photo-like)"
     assert f"({blank['n_generated']} blank images, counted as not sketches)" in report["style_content"]["blank"]["answer"]
     assert "blank_images" not in sketches or sketches["blank_images"] == 0
+    # and whether one set moved the style against another: paired over the items both show (the same keys)
+    moved = {(d["a"], d["b"]): d for d in report["style_differences"]}
+    assert set(moved) == {("photos", "sketches"), ("photos", "blank"), ("sketches", "blank")}
+    photos_sketches = moved[("photos", "sketches")]
+    assert photos_sketches["pairs"] == photos["n_generated"] == sketches["n_generated"]
+    assert photos_sketches["sketchiness_difference"] == pytest.approx(photos["sketchiness"] - sketches["sketchiness"])
+    assert photos_sketches["sketchiness_difference_ci95"][1] < 0 and photos_sketches["verdict"] == "significant"
+    assert moved[("sketches", "blank")]["sketchiness_difference"] == pytest.approx(sketches["sketchiness"])
 
     # metrics.json schema: value and interval per set, per category, and for the reference (the chart's anchor)
     for result in (photos, sketches, report["reference"]):
@@ -109,6 +118,7 @@ def test_style_metrics_end_to_end(tiny_models, tiny_csd, shard_dir, test_folders
                                                                                "reference: val sketches"])
     text = (tmp_path / "one" / "report.md").read_text()
     assert "did it learn the sketch style, and keep the content?" in text and "style_content.png" in text
+    assert f"| photos | sketches | {photos_sketches['sketchiness_difference']:.3f} [" in text
     assert "learned the sketch style" in proc.stdout
 
     # the numbers by hand: CSD = mean cosine to the normalised mean of the normalised reference embeddings;
