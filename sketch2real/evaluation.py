@@ -476,13 +476,14 @@ PRDC_NO_INTERVAL = ("no honest interval: every image's outcome depends on the k-
 
 def extra_scores(metrics: set[str], features: dict, ref_features: dict, categories: np.ndarray,
                  class_embeddings: np.ndarray | None, class_names: list[str], seed: int, resamples: int,
-                 style: Style | None = None) -> dict:
+                 style: Style | None = None, clusters: np.ndarray | None = None) -> dict:
     """FD-DINOv2, CMMD, PRDC, CLIP category accuracy, sketchiness and CSD of one set (or one category of it), each with
     its 95% interval: a basic bootstrap over both sets' images for FD-DINOv2 (none where it would not be honest, with
     the reason), the unbiased MMD² ± 1.96 jackknife standard errors for CMMD, Clopper-Pearson's interval for shares of 0/1
     outcomes (CLIP accuracy), jackknife Student's t for CSD (`prototype_similarity_ci95`), Student's t over per-image
     values for the others; none for PRDC (`PRDC_NO_INTERVAL`). A blank canvas (grey spread below `BLANK_SPREAD`) is
-    not a sketch, whatever the probe says of it."""
+    not a sketch, whatever the probe says of it. `clusters`: each image's photo (`photo_clusters`), whose images
+    sketchiness's interval does not count as independent."""
     result: dict = {}
     if "fd_dinov2" in metrics:
         g, r = features["dinov2"], ref_features["dinov2"]
@@ -517,11 +518,17 @@ def extra_scores(metrics: set[str], features: dict, ref_features: dict, categori
         sketchy, blank = sketchiness_values(features, style)
         if blank is not None:
             result["blank_images"] = int(blank.sum())
-        result["sketchiness"], result["sketchiness_ci95"] = float(sketchy.mean()), mean_ci95(sketchy, bounds=(0.0, 1.0))
+        result["sketchiness"], result["sketchiness_ci95"] = float(sketchy.mean()), mean_ci95(sketchy, clusters, (0.0, 1.0))
     if style is not None and style.csd_reference is not None and len(features["csd"]):
         result["csd"] = float(prototype_similarity(features["csd"], style.csd_reference).mean())
         result["csd_ci95"] = prototype_similarity_ci95(features["csd"], style.csd_reference)
     return result
+
+
+def photo_clusters(images: ImageSet) -> np.ndarray:
+    """Each image's photo (of the sample it names; an image naming none: itself): a photo's sketches, and an item's
+    several images, are not independent observations."""
+    return np.asarray([photo_key(key) if key else f"#{i}" for i, key in enumerate(images.sample_keys)], dtype=object)
 
 
 def sketchiness_values(features: dict, style: Style) -> tuple[np.ndarray, np.ndarray | None]:
@@ -546,9 +553,7 @@ def style_differences(generated_sets: list[ImageSet], sets_of: dict, style: Styl
             continue
         valid = sets_of[style.probe_features][index][1]
         values, _ = sketchiness_values({n: sets_of[n][index][0][valid] for n in sets_of}, style)
-        ids = np.asarray(images.ids, dtype=object)[valid]
-        photos = [photo_key(key) if key else item for key, item in zip(np.asarray(images.sample_keys, dtype=object)[valid], ids)]
-        scored.append((images.name, ids, values, np.asarray(photos, dtype=object)))
+        scored.append((images.name, np.asarray(images.ids, dtype=object)[valid], values, photo_clusters(images)[valid]))
     rows = []
     for i, (a, ids_a, values_a, photos_a) in enumerate(scored):
         for b, ids_b, values_b, _ in scored[i + 1 :]:
@@ -583,12 +588,13 @@ def _scores_beyond_inception(metrics: set[str], images: ImageSet, reference: Ima
     names = [n for n in features if n != "inception"]
     categories = np.asarray(images.categories, dtype=object)
     ref_categories = np.asarray(reference.categories, dtype=object)
+    photos = photo_clusters(images)
 
     def scores(where: np.ndarray, ref_where: np.ndarray) -> dict:
         valid = features[names[0]][1] & where
         return extra_scores(metrics, {n: features[n][0][features[n][1] & where] for n in names},
                             {n: ref_features[n][0][ref_features[n][1] & ref_where] for n in names}, categories[valid],
-                            class_embeddings, class_names, opts.seed, opts.bootstrap_resamples, style)
+                            class_embeddings, class_names, opts.seed, opts.bootstrap_resamples, style, photos[valid])
 
     result = scores(np.ones(len(images), bool), np.ones(len(reference), bool))
     result["per_category"] = {category: scores(categories == category, ref_categories == category)
@@ -856,7 +862,7 @@ def run_fid(opts: EvalOptions, generated_sets: list[ImageSet], reference: ImageS
         report["reference"].update(extra_scores(
             metrics & (STYLE_METRICS | {"clip_accuracy"}), own, own,
             np.asarray(reference.categories, dtype=object)[reference_of[names[0]][1]], class_embeddings, class_names,
-            opts.seed, opts.bootstrap_resamples, style))
+            opts.seed, opts.bootstrap_resamples, style, photo_clusters(reference)[reference_of[names[0]][1]]))
         if "csd" in metrics:  # what a new image of its style scores: not its images against a prototype they are in
             report["reference"]["csd"], report["reference"]["csd_ci95"] = prototype_self_similarity(style.csd_reference)
     reference_rows = None

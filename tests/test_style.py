@@ -131,6 +131,15 @@ def test_style_metrics_end_to_end(tiny_models, tiny_csd, shard_dir, test_folders
     prototype = unit(unit(features_of(reference, csd, state, None)[0]).mean(0))
     clip = clip_extractor(str(tiny_models.clip), state.device, 8, 0)
     saved = LinearProbe.load(tmp_path / "one" / "sketchiness_probe.npz")
+    # the reference's sketches: 3 of each photo, whose sketchiness interval counts a photo once (clustered)
+    from sketch2real.metrics import mean_ci95
+    from sketch2real.sketchy import photo_key
+
+    of_reference = saved.probability(features_of(reference, clip, state, None)[0])
+    photos_of = [photo_key(key) for key in reference.sample_keys]
+    assert len(set(photos_of)) < len(photos_of)
+    assert report["reference"]["sketchiness_ci95"] == pytest.approx(mean_ci95(of_reference, photos_of, (0.0, 1.0)))
+    assert report["reference"]["sketchiness_ci95"] != pytest.approx(mean_ci95(of_reference, None, (0.0, 1.0)))
     for name, images in sets.items():
         style = features_of(images, csd, state, None)[0]
         assert report["sets"][name]["csd"] == pytest.approx(float(np.mean(unit(style) @ prototype)), abs=1e-6)
