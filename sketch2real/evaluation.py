@@ -23,6 +23,8 @@ from sketch2real.metrics import (
     clip_scores,
     cmmd,
     cmmd_ci95,
+    csd_estimate,
+    csd_of_reference,
     fid_from_features,
     fingerprint,
     fit_linear_probe,
@@ -40,9 +42,6 @@ from sketch2real.metrics import (
     pairing_score,
     prdc,
     proportion_ci95,
-    prototype_self_similarity,
-    prototype_similarity,
-    prototype_similarity_ci95,
     reference_kernel_rows,
     shard_set,
     thumbnails,
@@ -387,7 +386,7 @@ def bar_chart(report: dict, out_file: Path) -> None:
 METRICS = ("fid", "kid", "fd_dinov2", "cmmd", "prdc", "clip_score", "clip_accuracy", "csd", "sketchiness")
 STYLE_METRICS = {"csd", "sketchiness"}
 STYLE_CHART = "style_content.png"
-NO_PROMPTS = ("its images name no prompt, or not all do (an index.jsonl from infer/generate.py does: name the run folder or its "
+NO_PROMPTS = ("its images name no prompt (an index.jsonl from infer/generate.py does: name the run folder or its "
               "images/)")
 
 
@@ -480,7 +479,7 @@ def extra_scores(metrics: set[str], features: dict, ref_features: dict, categori
     """FD-DINOv2, CMMD, PRDC, CLIP category accuracy, sketchiness and CSD of one set (or one category of it), each with
     its 95% interval: a basic bootstrap over both sets' images for FD-DINOv2 (none where it would not be honest, with
     the reason), the unbiased MMD² ± 1.96 jackknife standard errors for CMMD, Clopper-Pearson's interval for shares of 0/1
-    outcomes (CLIP accuracy), jackknife Student's t for CSD (`prototype_similarity_ci95`), Student's t over per-image
+    outcomes (CLIP accuracy), jackknife Student's t for CSD (`csd_estimate`), Student's t over per-image
     values for the others; none for PRDC (`PRDC_NO_INTERVAL`). A blank canvas (grey spread below `BLANK_SPREAD`) is
     not a sketch, whatever the probe says of it. `clusters`: each image's photo (`photo_clusters`), whose images
     sketchiness's interval does not count as independent."""
@@ -520,15 +519,16 @@ def extra_scores(metrics: set[str], features: dict, ref_features: dict, categori
             result["blank_images"] = int(blank.sum())
         result["sketchiness"], result["sketchiness_ci95"] = float(sketchy.mean()), mean_ci95(sketchy, clusters, (0.0, 1.0))
     if style is not None and style.csd_reference is not None and len(features["csd"]):
-        result["csd"] = float(prototype_similarity(features["csd"], style.csd_reference).mean())
-        result["csd_ci95"] = prototype_similarity_ci95(features["csd"], style.csd_reference)
+        result.update(csd_estimate(features["csd"], style.csd_reference))
     return result
 
 
 def photo_clusters(images: ImageSet) -> np.ndarray:
-    """Each image's photo (of the sample it names; an image naming none: itself): a photo's sketches, and an item's
-    several images, are not independent observations."""
-    return np.asarray([photo_key(key) if key else f"#{i}" for i, key in enumerate(images.sample_keys)], dtype=object)
+    """Each image's photo (of the sample it names; else its generation item; else itself): a photo's sketches, and
+    an item's several images, are not independent observations."""
+    items = images.items or [""] * len(images)
+    return np.asarray([photo_key(key) if key else (f"item:{item}" if item else f"#{i}")
+                       for i, (key, item) in enumerate(zip(images.sample_keys, items))], dtype=object)
 
 
 def sketchiness_values(features: dict, style: Style) -> tuple[np.ndarray, np.ndarray | None]:
@@ -551,7 +551,7 @@ def style_differences(generated_sets: list[ImageSet], sets_of: dict, style: Styl
     for index, images in enumerate(generated_sets):
         if images.prompts is None:  # not from index.jsonl: no items to pair
             continue
-        valid = sets_of[style.probe_features][index][1]
+        valid = np.logical_and.reduce([sets_of[n][index][1] for n in sets_of])  # read by every extractor
         values, _ = sketchiness_values({n: sets_of[n][index][0][valid] for n in sets_of}, style)
         scored.append((images.name, np.asarray(images.ids, dtype=object)[valid], values, photo_clusters(images)[valid]))
     rows = []
@@ -590,10 +590,14 @@ def _scores_beyond_inception(metrics: set[str], images: ImageSet, reference: Ima
     ref_categories = np.asarray(reference.categories, dtype=object)
     photos = photo_clusters(images)
 
+    # an image scored is one every extractor read: the rows of each extractor's features stay aligned
+    readable = np.logical_and.reduce([features[n][1] for n in names])
+    ref_readable = np.logical_and.reduce([ref_features[n][1] for n in names])
+
     def scores(where: np.ndarray, ref_where: np.ndarray) -> dict:
-        valid = features[names[0]][1] & where
-        return extra_scores(metrics, {n: features[n][0][features[n][1] & where] for n in names},
-                            {n: ref_features[n][0][ref_features[n][1] & ref_where] for n in names}, categories[valid],
+        valid = readable & where
+        return extra_scores(metrics, {n: features[n][0][valid] for n in names},
+                            {n: ref_features[n][0][ref_readable & ref_where] for n in names}, categories[valid],
                             class_embeddings, class_names, opts.seed, opts.bootstrap_resamples, style, photos[valid])
 
     result = scores(np.ones(len(images), bool), np.ones(len(reference), bool))
@@ -798,7 +802,7 @@ def run_fid(opts: EvalOptions, generated_sets: list[ImageSet], reference: ImageS
         load_index(probe_shards, opts.probe_split, "--probe_split")
         pairs = len(probe_images(probe_shards, opts.probe_split, opts.probe_samples, opts.seed)[0])
         check_probe_pairs(pairs, opts.probe_split, probe_shards)
-    no_prompts = [s.name for s in generated_sets if not s.prompts] if "clip_score" in metrics else []
+    no_prompts = [s.name for s in generated_sets if not any(s.prompts or [])] if "clip_score" in metrics else []
     if no_prompts:  # asked for, so never dropped silently: null with its reason in metrics.json
         logger.warning("clip_score: no CLIP score for %s: %s", ", ".join(no_prompts), NO_PROMPTS)
     clip_path = opts.clip_model_name_or_path or DEFAULT_CLIP
@@ -858,13 +862,15 @@ def run_fid(opts: EvalOptions, generated_sets: list[ImageSet], reference: ImageS
             report["sketchiness_probe"] = probe_about
         # the reference itself as an anchor of the style-content chart (the whole set only)
         names = [n for n in reference_of if n != "inception"]
-        own = {n: reference_of[n][0][reference_of[n][1]] for n in names}
+        scored = np.logical_and.reduce([reference_of[n][1] for n in names])  # read by every extractor
+        own = {n: reference_of[n][0][scored] for n in names}
         report["reference"].update(extra_scores(
             metrics & (STYLE_METRICS | {"clip_accuracy"}), own, own,
-            np.asarray(reference.categories, dtype=object)[reference_of[names[0]][1]], class_embeddings, class_names,
-            opts.seed, opts.bootstrap_resamples, style, photo_clusters(reference)[reference_of[names[0]][1]]))
+            np.asarray(reference.categories, dtype=object)[scored], class_embeddings, class_names,
+            opts.seed, opts.bootstrap_resamples, style, photo_clusters(reference)[scored]))
         if "csd" in metrics:  # what a new image of its style scores: not its images against a prototype they are in
-            report["reference"]["csd"], report["reference"]["csd_ci95"] = prototype_self_similarity(style.csd_reference)
+            report["reference"].pop("csd_ci95_reason", None)
+            report["reference"].update(csd_of_reference(style.csd_reference))
     reference_rows = None
     if "inception" in extractors:
         ref_features, ref_valid = reference_of["inception"]
@@ -886,8 +892,10 @@ def run_fid(opts: EvalOptions, generated_sets: list[ImageSet], reference: ImageS
             for category, values in beyond.pop("per_category").items():
                 result.setdefault("per_category", {}).setdefault(category, {}).update(values)
             result.update(beyond)
-        if (opts.clip_model_name_or_path or "clip_score" in metrics) and images.prompts:
-            values = clip_scores(images.sources, images.prompts, clip_path, state.device)
+        prompted = [i for i, prompt in enumerate(images.prompts or []) if prompt]  # not against an empty prompt
+        if (opts.clip_model_name_or_path or "clip_score" in metrics) and prompted:
+            values = clip_scores([images.sources[i] for i in prompted], [images.prompts[i] for i in prompted], clip_path,
+                                 state.device)
             result["clip_score"], result["clip_score_ci95"] = clip_score_of(values)
         elif images.name in no_prompts:
             result.update(clip_score=None, clip_score_ci95=None, clip_score_reason=NO_PROMPTS)

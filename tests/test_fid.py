@@ -282,7 +282,7 @@ def test_rank_zero_scores_only_after_every_collective(monkeypatch, tmp_path):
     monkeypatch.setattr(evaluation, "bar_chart", lambda *a: None)
     from sketch2real.metrics import ImageSet
 
-    sets = [ImageSet(n, [], [], [], [], prompts=["p"]) for n in ("a", "b", "c")]
+    sets = [ImageSet(n, [Path("x.png")], ["x"], [""], [""], prompts=["p"]) for n in ("a", "b", "c")]
     opts = SimpleNamespace(dims=4, cache_dir="", no_cache=True, seed=0, clip_model_name_or_path="clip", output_dir=str(tmp_path),
                            channels_last=False, batch_size=2, num_workers=0, resize=0, metrics=["fid", "kid"],
                            clean_resize=False, dinov2_model_name_or_path="", bootstrap_resamples=10)

@@ -197,50 +197,72 @@ def _unit_rows(rng: np.random.Generator, n: int, spread: float, d: int = 16) -> 
     return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
 
-@pytest.mark.parametrize("n, m", [(5, 300), (20, 15), (100, 300)])
-def test_csd_interval_covers_the_population_similarity(n, m):
-    """CSD: the mean cosine of n generated images to the prototype of m reference images, style embeddings as unit
-    vectors around one direction. The population value (a generated image's expected cosine to the population's
-    prototype) from 200,000 draws; coverage over 300 repetitions in [0.90, 0.99] (the basic bootstrap before: 0.86
-    at 5 images, 0.59 against 5 reference images). Below 5 generated or 10 reference images no interval is given."""
-    from sketch2real.metrics import CSD_MIN_IMAGES, prototype_similarity_ci95
+@pytest.mark.parametrize("d, spread, n, m", [(16, 1.0, 5, 300), (16, 1.0, 100, 300), (64, 1.0, 300, 50), (128, 0.4, 300, 30),
+                                             (768, 0.5, 300, 50)])
+def test_csd_covers_the_population_similarity_or_gives_no_interval(d, spread, n, m):
+    """CSD: n generated images' cosine to the prototype of m reference images, style embeddings as unit vectors
+    around one direction (d dims, spread: how diffuse the style). The population value E g · E r / |E r| from 200,000
+    draws. Over 200 repetitions the estimate is within 0.02 of it on average, and the intervals given (in at least
+    30% of the draws) hold it 0.90-1.00 of the time (conservative where the reference is few images in many dims; the
+    basic bootstrap, before: 0.86 at 5 images, 0.59 against 5 reference images; the plain estimate's jackknife: 0.70
+    at 128 dims against 30 reference images, 0.62 at 64 dims against 50). Where the reference's images do not fix
+    its style direction, no interval, with the reason."""
+    from sketch2real.metrics import csd_estimate
 
-    rng = np.random.default_rng(n + m)
-    population = _unit_rows(rng, 200_000, 1.0)
+    rng = np.random.default_rng(d + n + m)
+    population = _unit_rows(rng, 200_000, spread, d)
     mean = population.mean(0)
-    truth = float(mean @ (mean / np.linalg.norm(mean)))
-    hits = 0
-    for _ in range(REPETITIONS):
-        low, high = prototype_similarity_ci95(_unit_rows(rng, n, 1.0), _unit_rows(rng, m, 1.0))
-        hits += low <= truth <= high
-    print(f"\nCSD interval n={n} m={m}: coverage {hits / REPETITIONS:.3f}")
-    assert 0.90 <= hits / REPETITIONS <= 0.99
+    truth = float(np.linalg.norm(mean))
+    given, hits, values = 0, 0, []
+    for _ in range(200):
+        result = csd_estimate(_unit_rows(rng, n, spread, d), _unit_rows(rng, m, spread, d))
+        if result["csd_ci95"] is not None:
+            values.append(result["csd"])
+            given += 1
+            hits += result["csd_ci95"][0] <= truth <= result["csd_ci95"][1]
+        else:
+            assert "no honest interval" in result["csd_ci95_reason"]
+    print(f"\nCSD d={d} spread={spread} n={n} m={m}: interval given {given / 200:.2f}, coverage {hits / max(given, 1):.3f}, "
+          f"estimate {np.mean(values):.3f} for {truth:.3f}")
+    assert given >= 60 and 0.90 <= hits / given and abs(np.mean(values) - truth) < 0.02
+
+
+def test_csd_gives_no_interval_below_its_minimum_counts_or_where_the_style_is_not_fixed():
+    from sketch2real.metrics import CSD_MIN_IMAGES, csd_estimate
+
+    rng = np.random.default_rng(0)
     few_generated, few_reference = CSD_MIN_IMAGES[0] - 1, CSD_MIN_IMAGES[1] - 1
-    assert np.isnan(prototype_similarity_ci95(_unit_rows(rng, few_generated, 1.0), _unit_rows(rng, m, 1.0))).all()
-    assert np.isnan(prototype_similarity_ci95(_unit_rows(rng, n, 1.0), _unit_rows(rng, few_reference, 1.0))).all()
+    assert csd_estimate(_unit_rows(rng, few_generated, 1.0), _unit_rows(rng, 50, 1.0))["csd_ci95"] is None
+    assert csd_estimate(_unit_rows(rng, 50, 1.0), _unit_rows(rng, few_reference, 1.0))["csd_ci95"] is None
+    diffuse = csd_estimate(_unit_rows(rng, 300, 2.0, 64), _unit_rows(rng, 10, 2.0, 64))  # 10 images, 64 dims
+    assert diffuse["csd_ci95"] is None and "do not fix its style direction" in diffuse["csd_ci95_reason"]
+    same = np.tile(np.eye(4)[0], (12, 1))  # every image one embedding: no spread, the cosine is 1 exactly
+    assert csd_estimate(same, same) == {"csd": pytest.approx(1.0), "csd_ci95": [1.0, 1.0]}
 
 
-@pytest.mark.parametrize("m", [15, 50])
+@pytest.mark.parametrize("m", [30, 100])
 def test_the_reference_s_own_csd_is_what_a_new_image_of_its_style_scores(m):
     """The chart's anchor: the reference scored against its own prototype counted each image in the prototype it was
     scored against (0.49 at 5 images where the population value is 0.24). Its own score now estimates the population
     value (within 0.03 on average) and its interval covers it in [0.90, 0.99] of 300 repetitions."""
-    from sketch2real.metrics import prototype_self_similarity, prototype_similarity
+    from sketch2real.metrics import csd_of_reference, prototype_similarity
 
     rng = np.random.default_rng(m)
     population = _unit_rows(rng, 200_000, 1.0)
     mean = population.mean(0)
     truth = float(np.linalg.norm(mean))
-    values, hits = [], 0
+    values, hits, given = [], 0, 0
     for _ in range(REPETITIONS):
         reference = _unit_rows(rng, m, 1.0)
-        value, (low, high) = prototype_self_similarity(reference)
-        values.append(value)
-        hits += low <= truth <= high
+        result = csd_of_reference(reference)
+        values.append(result["csd"])
+        if result["csd_ci95"] is not None:
+            given += 1
+            hits += result["csd_ci95"][0] <= truth <= result["csd_ci95"][1]
     plain = prototype_similarity(reference, reference).mean()
     print(f"\nreference's own CSD m={m}: mean {np.mean(values):.3f}, truth {truth:.3f}, plain {plain:.3f}, "
-          f"coverage {hits / REPETITIONS:.3f}")
-    assert abs(np.mean(values) - truth) < 0.03 and 0.90 <= hits / REPETITIONS <= 0.99
+          f"interval given {given / REPETITIONS:.2f}, coverage {hits / max(given, 1):.3f}")
+    assert abs(np.mean(values) - truth) < 0.03 and given >= 100 and 0.90 <= hits / given <= 0.99
 
 
 @pytest.mark.parametrize("n", [3, 5, 16])
