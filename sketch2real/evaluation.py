@@ -878,7 +878,8 @@ def run_fid(opts: EvalOptions, generated_sets: list[ImageSet], reference: ImageS
     extracted = []
     for index, images in enumerate(generated_sets):
         readable = [sets_of[name][index][1] for name in sets_of]
-        result: dict = {"n_generated": int(readable[0].sum()) if readable else len(images)}  # scored: not unreadable ones
+        # scored: the images every extractor read
+        result: dict = {"n_generated": int(np.logical_and.reduce(readable).sum()) if readable else len(images)}
         if "inception" in extractors:
             features, valid = sets_of["inception"][index]
             ref_features, ref_valid = reference_of["inception"]
