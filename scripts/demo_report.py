@@ -27,12 +27,29 @@ def _difference(metrics: dict, trained: str, base: str) -> tuple[float, list[flo
     raise SystemExit(f"no {trained} vs {base} comparison in the metrics")
 
 
+def _sketchiness_difference(metrics: dict, trained: str, base: str) -> tuple[float, list[float], str]:
+    """sketchiness(trained) - sketchiness(base) over the items both show, its interval and its job's verdict (Holm's
+    over the job's style table), whichever order the job listed the pair in."""
+    for d in metrics["style_differences"]:
+        if {d["a"], d["b"]} == {trained, base}:
+            sign = 1 if d["a"] == trained else -1
+            low, high = sorted(sign * v for v in d["sketchiness_difference_ci95"])
+            return sign * d["sketchiness_difference"], [low, high], d["verdict"]
+    raise SystemExit(f"no {trained} vs {base} style comparison in the metrics")
+
+
+def _cell(row: dict, key: str) -> str:
+    """`value [low, high]`, or the value alone where no interval is honest (CSD against few reference images)."""
+    interval = row.get(f"{key}_ci95")
+    return f"{row[key]:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else f"{row[key]:.3f}"
+
+
 def main() -> None:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "demo")
     lines = ["# What the demo shows", "",
              "Each effect with a 95% confidence interval; 'significant' when the interval excludes 0, except KID "
-             "differences: their evaluation job's verdict, Holm's over all the pairs of sets it compared (a 5% chance "
-             "of any false 'significant' among them).", ""]
+             "and sketchiness differences: their evaluation job's verdict, Holm's over all the pairs of sets it compared "
+             "(a 5% chance of any false 'significant' among them).", ""]
     pretrain = _load(out / "tiny_models" / "tiny-sd-trained" / "pretrain.json")
     lines += [f"Base model: the tiny SD trained here on a synthetic Sketchy ({pretrain['training_images']} images, "
               f"{pretrain['seconds']:.0f} s): held-out denoising loss {pretrain['heldout_denoising_loss']:.4f} "
@@ -66,6 +83,12 @@ def main() -> None:
         value, (low, high), says = _difference(style_metrics, name, reference)
         lines.append(f"| {what} | KID({name}) − KID({reference}) (< 0: closer) | {value:+.3f} [{low:+.3f}, {high:+.3f}] "
                      f"| {says} |")
+    for name, folder, what in (("dreambooth", "eval_dreambooth", "DreamBooth 'a cat in the style of sks' vs base 'a cat'"),
+                               ("textual_inversion", "eval_textual_inversion", "Textual Inversion vs base"),
+                               ("style_lora", "eval_textual_inversion", "style LoRA (EMA) vs base")):
+        value, (low, high), says = _sketchiness_difference(_load(out / folder / "metrics.json"), name, "base")
+        lines.append(f"| {what}: more sketch-like | sketchiness(trained) − sketchiness(base), paired over the items "
+                     f"| {value:+.3f} [{low:+.3f}, {high:+.3f}] | {says} |")
     sequential = _load(out / "dreambooth_sequential" / "sequential_report.json")
     for category, value in sequential["forgetting"].items():
         low, high = sequential["forgetting_ci95"][category]
@@ -85,8 +108,7 @@ def main() -> None:
                                  ("style_lora_without_ema", style_metrics, "style_lora_without_ema"),
                                  ("base, cat only", cat_metrics, "base"), ("dreambooth (cat)", cat_metrics, "dreambooth")):
         row = metrics["sets"][name]
-        cells = [f"{row[k]:.3f} [{row[f'{k}_ci95'][0]:.3f}, {row[f'{k}_ci95'][1]:.3f}]"
-                 for k in ("sketchiness", "csd", "clip_accuracy")]
+        cells = [_cell(row, k) for k in ("sketchiness", "csd", "clip_accuracy")]
         lines.append(f"| {label} | {' | '.join(cells)} |")
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)

@@ -118,7 +118,9 @@ DEMO_ROWS = {"base (`a {category}`)": (None, "base"),
              "DreamBooth, cat": ("DreamBooth", "dreambooth (cat)")}
 # What the README's prose after the table says -> the report's effect row.
 DEMO_PROSE = {r"EMA vs trained weights: KID (\S+ \[\S+, \S+\])": "the style LoRA's EMA vs its trained weights",
-              r"KID (\S+ \[\S+, \S+\]) against TI's images": "the style LoRA vs Textual Inversion"}
+              r"KID (\S+ \[\S+, \S+\]) against TI's images": "the style LoRA vs Textual Inversion",
+              r"DreamBooth's cat raised it over the base by (\S+ \[\S+, \S+\])": "DreamBooth 'a cat in the style of sks' vs "
+                                                                               "base 'a cat': more sketch-like"}
 
 
 def _estimate(text: str) -> tuple[float, float, float]:
