@@ -704,6 +704,7 @@ def prototype_similarity(generated: np.ndarray, reference: np.ndarray) -> np.nda
 
 CSD_MIN_IMAGES = (5, 10)  # generated, reference: no interval below them
 CSD_DIRECTION_RSE = 0.2  # the reference's style direction, relative standard error above which no interval is honest
+CSD_TOO_FEW = f"no interval below {CSD_MIN_IMAGES[0]} generated or {CSD_MIN_IMAGES[1]} reference images"
 CSD_UNDETERMINED = ("no honest interval: the reference's {m} images do not fix its style direction (their mean's length "
                     "is not known to within 20%; more reference images, or the whole reference rather than a category)")
 
@@ -747,13 +748,12 @@ def csd_estimate(generated: np.ndarray, reference: np.ndarray) -> dict:
     n, m = len(g), len(r)
     plain = float((g @ style_prototype(r)).mean()) if n and m else float("nan")
     if n < CSD_MIN_IMAGES[0] or m < CSD_MIN_IMAGES[1]:
-        return {"csd": plain, "csd_ci95": None, "csd_ci95_reason": f"no interval below {CSD_MIN_IMAGES[0]} generated or "
-                f"{CSD_MIN_IMAGES[1]} reference images"}
+        return {"csd": plain, "csd_ci95": None, "csd_ci95_reason": CSD_TOO_FEW}
     squared, without = _direction_lengths(r)
     if not _direction_determined(squared, without):
         return {"csd": plain, "csd_ci95": None, "csd_ci95_reason": CSD_UNDETERMINED.format(m=m)}
     total, g_mean = r.sum(0), g.mean(0)
-    value = float(g_mean @ total / m / np.sqrt(squared))
+    value = float(np.clip(g_mean @ total / m / np.sqrt(squared), -1.0, 1.0))  # a cosine's expectation
     per_image = g @ total / m / np.sqrt(squared)  # the statistic is their mean: its jackknife is their spread
     reference_left_out = ((total[None] - r) @ g_mean / (m - 1)) / np.sqrt(without)
     var_generated, var_reference = per_image.var(ddof=1) / n, _jackknife_variance(reference_left_out)
@@ -778,7 +778,8 @@ def csd_of_reference(reference: np.ndarray) -> dict:
     squared, without = _direction_lengths(r)
     value = float(np.sqrt(max(squared, 0.0)))
     if m < CSD_MIN_IMAGES[1] or not _direction_determined(squared, without):
-        return {"csd": value, "csd_ci95": None, "csd_ci95_reason": CSD_UNDETERMINED.format(m=m)}
+        return {"csd": value, "csd_ci95": None,
+                "csd_ci95_reason": CSD_TOO_FEW if m < CSD_MIN_IMAGES[1] else CSD_UNDETERMINED.format(m=m)}
     from scipy.stats import t
 
     half = t.ppf(0.975, m - 1) * np.sqrt(_jackknife_variance(np.sqrt(without)))
