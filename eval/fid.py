@@ -41,7 +41,8 @@ def main() -> int:
             for key, label, _, _ in BEYOND_INCEPTION:
                 if result.get(key) is not None:
                     ci = result.get(f"{key}_ci95")
-                    parts.append(f"{label} {result[key]:.4f} " + (f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "(no interval)"))
+                    given = ci and ci[0] == ci[0]  # [nan, nan]: none to be had (one image)
+                    parts.append(f"{label} {result[key]:.4f} " + (f"[{ci[0]:.4f}, {ci[1]:.4f}]" if given else "(no interval)"))
             print(f"{name}: {'  '.join(parts)}  ({result['n_generated']} vs {report['reference']['n']} images; {result['path']})")
             if result.get("warning"):
                 print(f"warning: {result['warning']}")
@@ -56,6 +57,10 @@ def main() -> int:
             low, high = d["kid_difference_ci95"]
             print(f"KID({d['a']}) - KID({d['b']}) x10^3: {1e3 * d['kid_difference']:+.2f} [{1e3 * low:+.2f}, {1e3 * high:+.2f}] "
                   f"{d['verdict']}")
+        for d in report.get("style_differences", []):
+            low, high = d["sketchiness_difference_ci95"] or (float("nan"), float("nan"))
+            print(f"sketchiness({d['a']}) - sketchiness({d['b']}): {d['sketchiness_difference']:+.3f} [{low:+.3f}, "
+                  f"{high:+.3f}] {d.get('verdict', '(no interval)')}")
         print(f"report: {opts.output_dir}/report.md")
     return 0
 

@@ -226,7 +226,7 @@ BEYOND_INCEPTION = (("fd_dinov2", "FD-DINOv2", 1.0, 2), ("cmmd", "CMMD", 1.0, 3)
 def _interval(value, ci, scale: float = 1.0, digits: int = 2) -> str:
     if value is None:
         return "—"
-    if not ci:
+    if not ci or ci[0] != ci[0]:  # none, or [nan, nan]: none to be had (one image)
         return f"{scale * value:.{digits}f}"
     return f"{scale * value:.{digits}f} [{scale * ci[0]:.{digits}f}, {scale * ci[1]:.{digits}f}]"
 

@@ -123,6 +123,7 @@ def test_style_metrics_end_to_end(tiny_models, tiny_csd, shard_dir, test_folders
     assert "did it learn the sketch style, and keep the content?" in text and "style_content.png" in text
     assert f"| photos | sketches | {photos_sketches['sketchiness_difference']:.3f} [" in text
     assert "learned the sketch style" in proc.stdout
+    assert f"sketchiness(photos) - sketchiness(sketches): {photos_sketches['sketchiness_difference']:+.3f} [" in proc.stdout
 
     # the numbers by hand: CSD = mean cosine to the normalised mean of the normalised reference embeddings;
     # sketchiness = mean probability of the saved probe on CLIP features
@@ -371,3 +372,13 @@ def test_clip_score_reads_the_images_that_name_a_prompt_and_an_item_s_images_are
 
     report = evaluation.run_fid(opts, [images], folder_set(str(tmp_path)), PartialState())
     assert scored == [["a cat", "a cat", "a dog"]] and report["sets"][images.name]["clip_score"] is not None
+
+
+def test_an_interval_that_cannot_be_had_is_no_interval_in_the_report():
+    """One image gives a mean no interval ([nan, nan] in the arrays, null in metrics.json): report.md printed
+    "0.50 [nan, nan]"."""
+    from sketch2real.evaluation import _interval
+    from sketch2real.metrics import mean_ci95
+
+    assert _interval(0.5, mean_ci95([0.5])) == "0.50" and _interval(0.5, None) == "0.50"
+    assert _interval(0.5, [0.25, 0.75]) == "0.50 [0.25, 0.75]"
