@@ -100,13 +100,17 @@ def inception_extractor(dims: int, device: torch.device, batch_size: int, num_wo
 BLANK_SPREAD = 0.02  # grey-level standard deviation (0-1) below which an image is a blank canvas: a sparse sketch's is ~0.15
 
 
+def grey_spread(image) -> float:
+    """An image's grey levels' standard deviation, on a 0-1 scale, at its own size (below `BLANK_SPREAD`: blank)."""
+    return float((np.asarray(image.convert("L"), dtype=np.float64) / 255).std())
+
+
 class _GreySpread:
     """An image processor's interface (`processor(images=image, return_tensors="pt")["pixel_values"]`) giving one
-    number per image: its grey levels' standard deviation, on a 0-1 scale, at its own size."""
+    number per image: its `grey_spread`."""
 
     def __call__(self, images, return_tensors: str = "pt") -> dict:
-        grey = np.asarray(images.convert("L"), dtype=np.float64) / 255
-        return {"pixel_values": torch.tensor([[grey.std()]], dtype=torch.float64)}
+        return {"pixel_values": torch.tensor([[grey_spread(images)]], dtype=torch.float64)}
 
 
 def pixel_spread_extractor(batch_size: int, num_workers: int) -> Extractor:

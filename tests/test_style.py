@@ -324,6 +324,9 @@ def test_validation_logs_the_style_arriving(tiny_models, shard_dir, tmp_path):
     features, valid = clip.extract(ImageSet("cells", cells, ids, ["cat"] * len(cells), ids), 0, 1, False)
     assert valid.all()
     probe = LinearProbe.load(out / "sketchiness_probe.npz")
+    from sketch2real.extractors import BLANK_SPREAD, grey_spread
+
+    assert all(grey_spread(cell) >= BLANK_SPREAD for cell in cells)  # no blank canvas among them: the probe's alone
     by_hand = probe.probability(features)
     assert len(set(by_hand.tolist())) == len(cells)  # the cells differ: the mean of all of them is what is checked
     # relative: an untrained model's images sit far from the sketches (probabilities ~1e-20)
@@ -382,3 +385,21 @@ def test_an_interval_that_cannot_be_had_is_no_interval_in_the_report():
 
     assert _interval(0.5, mean_ci95([0.5])) == "0.50" and _interval(0.5, None) == "0.50"
     assert _interval(0.5, [0.25, 0.75]) == "0.50 [0.25, 0.75]"
+
+
+def test_validation_counts_a_blank_canvas_as_no_sketch_as_eval_does():
+    """The training-time monitor reads sketchiness as eval/fid.py does: a blank validation image is no sketch, whatever
+    the probe says (a probe that calls everything a sketch here), and the count is logged."""
+    from sketch2real.extractors import Extractor
+    from sketch2real.metrics import LinearProbe
+    from sketch2real.training.style_monitor import StyleMonitor
+
+    features = lambda images, rank, world, progress: (np.ones((len(images), 2)), np.ones(len(images), bool))  # noqa: E731
+    sure = LinearProbe(mean=np.zeros(2), scale=np.ones(2), weights=np.ones(2), bias=10.0)  # P(sketch) ~ 1
+    monitor = StyleMonitor(Extractor("clip", {}, features), sure, ["cat"], np.eye(2)[:1])
+    strokes = Image.new("RGB", (32, 32), "white")
+    strokes.paste((0, 0, 0), (4, 4, 28, 8))
+    scored = monitor.score([Image.new("RGB", (32, 32), "white"), strokes], ["cat", "cat"])
+    assert scored["validation_blank_images"] == 1
+    assert scored["validation_sketchiness"] == pytest.approx(float(sure.probability(np.ones((1, 2)))[0]) / 2)
+    assert 0.0 <= scored["validation_sketchiness_ci95"][0] and scored["validation_sketchiness_ci95"][1] <= 1.0

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sketch2real.extractors import Extractor
+from sketch2real.extractors import BLANK_SPREAD, Extractor, grey_spread
 from sketch2real.metrics import ImageSet, LinearProbe, mean_ci95, proportion_ci95, zero_shot_correct
 
 
@@ -25,14 +25,19 @@ class StyleMonitor:
     class_embeddings: np.ndarray
 
     def score(self, images: Sequence[Image.Image], categories: Sequence[str | None]) -> dict[str, float]:
-        """`validation_sketchiness`: the images' mean probability of being a sketch; `validation_content_accuracy`:
+        """`validation_sketchiness`: the images' mean probability of being a sketch (0 for a blank canvas, as
+        eval/fid.py counts it; `validation_blank_images` where there are some); `validation_content_accuracy`:
         the fraction classified as their own category, over the images whose category is one of the release's
         (absent when none is); each with its 95% interval over the images (`_ci95`)."""
         ids = [str(i) for i in range(len(images))]
         features, _ = self.clip.extract(ImageSet("validation", list(images), ids, [c or "" for c in categories], ids), 0, 1,
                                         False)
-        sketchiness = self.probe.probability(features)
-        result = {"validation_sketchiness": float(sketchiness.mean()), "validation_sketchiness_ci95": mean_ci95(sketchiness)}
+        blank = np.array([grey_spread(image) < BLANK_SPREAD for image in images], dtype=bool)
+        sketchiness = np.where(blank, 0.0, self.probe.probability(features))
+        result = {"validation_sketchiness": float(sketchiness.mean()),
+                  "validation_sketchiness_ci95": mean_ci95(sketchiness, bounds=(0.0, 1.0))}
+        if blank.any():
+            result["validation_blank_images"] = int(blank.sum())
         known = [i for i, c in enumerate(categories) if c in self.class_names]
         if known:
             correct = zero_shot_correct(features[known], [categories[i] for i in known], self.class_embeddings,
