@@ -242,9 +242,11 @@ def _style_section(report: dict) -> list[str]:
                   "image's probability of being a sketch (0 for a blank canvas); style verdict: the 95% interval of the "
                   "mean above or below 0.5.", ""]
     if "csd" in report["metrics"]:
-        lines += [f"CSD (Somepalli et al. 2024): each image's cosine to the style prototype of {report['reference']['name']} "
-                  "(the normalised mean of its normalised CSD style embeddings); the reference's own row is what a new "
-                  "image of its style scores; no absolute threshold, compare sets.", ""]
+        lines += [f"CSD (Somepalli et al. 2024): the images' expected cosine to the style prototype of "
+                  f"{report['reference']['name']} (the direction of its mean CSD style embedding), estimated as mean(g) · "
+                  "mean(r) / |E r| with |E r| from distinct pairs of its images (the plain mean cosine, biased low by a "
+                  "prototype of few images, where no interval is honest); the reference's own row is what a new image of "
+                  "its style scores; no absolute threshold, compare sets.", ""]
     lines += ["Content kept: CLIP zero-shot category accuracy; verdict against chance (1 / number of categories).", "",
               f"![style vs content]({STYLE_CHART})", "",
               "| generated set | sketchiness [95% CI] | CSD [95% CI] | CLIP accuracy [95% CI] | sketch style? | content kept? | answer |",

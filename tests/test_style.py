@@ -125,7 +125,7 @@ def test_style_metrics_end_to_end(tiny_models, tiny_csd, shard_dir, test_folders
     assert "learned the sketch style" in proc.stdout
     assert f"sketchiness(photos) - sketchiness(sketches): {photos_sketches['sketchiness_difference']:+.3f} [" in proc.stdout
 
-    # the numbers by hand: CSD = mean cosine to the normalised mean of the normalised reference embeddings;
+    # the numbers by hand: CSD = mean(g) . mean(r) / |E r| (or the plain mean cosine to the prototype, see below);
     # sketchiness = mean probability of the saved probe on CLIP features
     state = PartialState()
     reference = shard_set(str(shard_dir), "val", "sketch")
