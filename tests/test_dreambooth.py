@@ -1623,6 +1623,34 @@ def test_the_card_s_lines_load_the_run_s_vae_and_call_the_pipeline_as_training_c
     assert command[command.index("--textual_inversion") + 1] == str(tmp_path / "my run" / "learned_embeds.safetensors")
 
 
+def test_a_stage_s_card_loads_its_full_pipeline_from_the_run_s_repository(tiny_models, tmp_path, monkeypatch):
+    """A sequential full fine-tune's stage is a folder of the run's hub repository: `from_pretrained` reads no
+    subfolder of a repository, so the card downloads that folder and loads it; the command reads it downloaded."""
+    import shlex
+    import shutil
+
+    import huggingface_hub
+
+    from sketch2real.family import FAMILIES
+    from sketch2real.training.model_card import usage
+
+    card = usage("pipeline", "base", tmp_path / "seq" / "stage-02-apple", "a sks sketch of an apple", FAMILIES["sd"],
+                 repo_id="lab/forgetting", subfolder="stage-02-apple")
+    bash = card.split("```bash\n", 1)[1].split("\n```", 1)[0].splitlines()
+    assert bash[0] == "hf download lab/forgetting --include 'stage-02-apple/*' --local-dir forgetting"
+    command = shlex.split(bash[1])
+    assert command[command.index("--pretrained_model_name_or_path") + 1] == "forgetting/stage-02-apple"
+    repository = tmp_path / "repository"  # what the download gives: the repository's folder holding the stage
+    shutil.copytree(tiny_models.sd, repository / "stage-02-apple")
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, allow_patterns: asked.append((repo_id, allow_patterns)) or str(repository))
+    names: dict = {}
+    code = card.split("```python\n", 1)[1].split("\n```", 1)[0]
+    exec("\n".join(line for line in code.splitlines() if not line.startswith("image = pipe(")), names)  # noqa: S102 (but the call)
+    assert asked == [("lab/forgetting", ["stage-02-apple/*"])] and type(names["pipe"]).__name__ == "StableDiffusionPipeline"
+
+
 def test_a_run_of_other_settings_into_a_folder_leaves_no_earlier_weight_file_the_card_or_generation_would_load(
         db_args, tmp_path):
     """A full fine-tune saved where a LoRA run (ComfyUI copy, EMA) had finished kept the LoRA files: the card (titled

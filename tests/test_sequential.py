@@ -156,6 +156,15 @@ def test_sequential_lora_continues_the_same_adapters_stage_after_stage(tiny_mode
     assert pushed == {k: v for k, v in local.items() if "/latent_cache/" not in k} and "sequential_report.md" in pushed
     card = pushed["README.md"].decode()  # what the hub shows of the run: the stages and the forgetting table
     assert card.startswith("---\n") and "`stage-02-apple/`" in card and pushed["sequential_report.md"].decode() in card
+    # each stage's card loads it from the run's repository (its lines named the local folder it trained in)
+    use = pushed["stage-02-apple/README.md"].decode().split("## Use", 1)[1]
+    assert ("pipe.load_lora_weights('lab/forgetting', subfolder='stage-02-apple', "
+            "weight_name='pytorch_lora_weights.safetensors')") in use and str(out) not in use
+    assert "hf download lab/forgetting --include 'stage-02-apple/*' --local-dir forgetting" in use
+    code = use.split("```python\n", 1)[1].split("\n```", 1)[0]
+    names: dict = {}
+    exec(code.replace("'lab/forgetting'", repr(str(hub.root / "lab/forgetting"))), names)  # noqa: S102 (the repository at hand)
+    assert names["pipe"].get_active_adapters() and names["image"].size[0] > 0
     stages = [out / "stage-01-cat", out / "stage-02-apple"]
     assert all((s / "pytorch_lora_weights.safetensors").is_file() for s in stages)
     config = json.loads((stages[1] / "run_config.json").read_text())

@@ -422,13 +422,18 @@ class RunSummary(Callback):
 
 class ModelCard(Callback):
     """`README.md` beside the trained model (`sketch2real.training.model_card`): base, data, settings, metrics with
-    intervals, the last mosaic, how to load it."""
+    intervals, the last mosaic, how to load it. `pushed_as`: (hub repository, folder in it) where another run pushes
+    this one's folder (a sequential run's stage), so the card loads from there."""
+
+    def __init__(self, pushed_as: tuple[str, str] | None = None) -> None:
+        self.pushed_as = pushed_as
 
     def after_save(self, run: Run) -> None:
+        repo_id, subfolder = self.pushed_as or ((hub_repo_id(run.opts), "") if run.opts.push_to_hub else (None, ""))
         if run.accelerator.is_main_process:
             with atomic_open(run.out / CARD) as f:
                 f.write(model_card(run.opts, run.task.trainer, run.summary, run.out, run.task.family,
-                                   run.task.card_prompt(), hub_repo_id(run.opts) if run.opts.push_to_hub else None))
+                                   run.task.card_prompt(), repo_id, subfolder))
 
 
 class PushToHub(Callback):

@@ -65,14 +65,16 @@ def _interval(ci95: Any) -> str:
     return f"[{ci95[0]:.4g}, {ci95[1]:.4g}]"
 
 
-def usage(kind: str, base: str, out: Path, prompt: str, family: Family, repo_id: str | None = None, vae: str = "") -> str:
+def usage(kind: str, base: str, out: Path, prompt: str, family: Family, repo_id: str | None = None, vae: str = "",
+          subfolder: str = "") -> str:
     """How to generate with the result, with a prompt that uses what was trained (`prompt`; ControlNet: its
     template): this project's command, and the lines of plain diffusers (but for LoKr, which diffusers cannot load),
     with the run's other VAE (`vae`) and the call arguments of the family's training conditioning (SDXL's original
-    size, SD3's prompt length). `repo_id`: the hub repository the result is pushed to, which the lines then load from."""
+    size, SD3's prompt length). `repo_id`: the hub repository the result is pushed to, which the lines then load from;
+    `subfolder`: the result's folder in it (a sequential run's stage)."""
     local = out
     if repo_id:  # the command reads a local folder: the repository downloaded into one
-        out = Path(repo_id.split("/")[-1])
+        out = Path(repo_id.split("/")[-1]) / subfolder
     embeds = str(out / "learned_embeds.safetensors")
     # the shell's quoting (a prompt with both quotes, a backslash or `$`, a folder with a space broke Python's repr)
     q_out, q_base = shlex.quote(str(out)), shlex.quote(str(base))
@@ -81,29 +83,37 @@ def usage(kind: str, base: str, out: Path, prompt: str, family: Family, repo_id:
                 "pipeline": f"--pretrained_model_name_or_path {q_out}",
                 "controlnet": f"--pretrained_model_name_or_path {q_base} --controlnet {q_out} --shard_dir SHARDS"}[kind]
     prompts = f"--prompt_template {shlex.quote(prompt)}" if kind == "controlnet" else f"--prompts {shlex.quote(prompt)}"
-    download = [f"hf download {repo_id} --local-dir {q_out}"] if repo_id else []
+    q_root = shlex.quote(repo_id.split("/")[-1]) if repo_id else ""
+    include = f" --include {shlex.quote(subfolder + '/*')}" if subfolder else ""
+    download = [f"hf download {repo_id}{include} --local-dir {q_root}"] if repo_id else []
     lines = ["```bash", *download, f"python infer/generate.py {generate} {prompts} --output_dir generated", "```"]
     tokens = kind == "embeddings" or (kind == "lora" and (local / "learned_embeds.safetensors").is_file())
     source = repo_id or str(out)  # diffusers' loaders take a hub id as they take a folder
+    in_folder = f", subfolder={subfolder!r}" if repo_id and subfolder else ""
     # a base loaded beside the result gets the run's other VAE (a saved pipeline holds it already)
     with_vae = ", vae=vae" if vae and kind != "pipeline" else ""
     imports, code = ["DiffusionPipeline"], [f"pipe = DiffusionPipeline.from_pretrained({base!r}{with_vae})"]
-    if kind == "pipeline":
+    if kind == "pipeline" and in_folder:  # a pipeline loads from no subfolder of a repository: its files, then them
+        imports_hub = ["from huggingface_hub import snapshot_download"]
+        code = [f"folder = snapshot_download({repo_id!r}, allow_patterns=[{subfolder + '/*'!r}])",
+                f"pipe = DiffusionPipeline.from_pretrained(f'{{folder}}/{subfolder}')"]
+    elif kind == "pipeline":
         code = [f"pipe = DiffusionPipeline.from_pretrained({source!r})"]
     elif kind == "lora":
         # a hub id read from the cache alone (HF_HUB_OFFLINE=1, as on compute nodes) needs the file's name
-        code.append(f"pipe.load_lora_weights({source!r}, weight_name='pytorch_lora_weights.safetensors')" if repo_id
-                    else f"pipe.load_lora_weights({source!r})")
+        code.append(f"pipe.load_lora_weights({source!r}{in_folder}, weight_name='pytorch_lora_weights.safetensors')"
+                    if repo_id else f"pipe.load_lora_weights({source!r})")
     elif kind == "controlnet":
         pipeline = pipeline_class(family, controlnet=True).__name__
         imports = [family.controlnet_class, pipeline]
-        code = [f"controlnet = {family.controlnet_class}.from_pretrained({source!r})",
+        code = [f"controlnet = {family.controlnet_class}.from_pretrained({source!r}{in_folder})",
                 f"pipe = {pipeline}.from_pretrained({base!r}, controlnet=controlnet{with_vae})"]
     elif kind != "embeddings":  # LoKr: no diffusers loader reads it
         return "\n".join([*lines, "", f"`{LOKR_FILE}` is in LyCORIS' names: ComfyUI, A1111 and kohya's scripts load it; "
                           "diffusers' `load_lora_weights` reads no LoKr file (the command above merges it as ComfyUI does)."])
     if tokens:  # the trained tokens' rows in each embedding encoder (SDXL: both), as the family's files name them
-        embeds_code = f"hf_hub_download({repo_id!r}, 'learned_embeds.safetensors')" if repo_id else repr(embeds)
+        embeds_code = (f"hf_hub_download({repo_id!r}, 'learned_embeds.safetensors'{in_folder})" if repo_id
+                       else repr(embeds))
         embeds_imports, embeds_lines = embedding_lines(family, local / "learned_embeds.safetensors", embeds_code)
         code += embeds_lines
     condition = f", {family.control_image_argument}=sketch" if kind == "controlnet" else ""
@@ -126,6 +136,8 @@ def usage(kind: str, base: str, out: Path, prompt: str, family: Family, repo_id:
     if tokens:
         header += embeds_imports
         header += ["from huggingface_hub import hf_hub_download"] if repo_id else []
+    if kind == "pipeline" and in_folder:
+        header += imports_hub
     return "\n".join([*lines, "", "```python", *header, "", *code, "```"])
 
 
@@ -180,9 +192,10 @@ def front_matter(base: str, trainer: str, tags: list[str]) -> str:
 
 
 def model_card(opts, trainer: str, summary: dict[str, Any], out: Path, family: Family, prompt: str,
-               repo_id: str | None = None) -> str:
+               repo_id: str | None = None, subfolder: str = "") -> str:
     """The card's markdown (YAML front matter as the hub reads it); `prompt`: one that uses what was trained;
-    `repo_id`: the hub repository it is pushed to (the lines of its use load from there)."""
+    `repo_id`: the hub repository it is pushed to (the lines of its use load from there), `subfolder` its folder there
+    (a sequential run's stage)."""
 
     base, kind = opts.pretrained_model_name_or_path, output_kind(out)
     front = front_matter(base, trainer, (["lora"] + (["dora"] if getattr(opts, "use_dora", False) else []) if kind == "lora"
@@ -207,5 +220,6 @@ def model_card(opts, trainer: str, summary: dict[str, Any], out: Path, family: F
     mosaics = sorted((out / "validation").glob("step-*.png"))
     if mosaics:
         lines += ["", "## Samples (the last validation)", "", f"![validation images]({mosaics[-1].relative_to(out)})"]
-    lines += ["", "## Use", "", usage(kind, base, out, prompt, family, repo_id, opts.pretrained_vae_model_name_or_path), ""]
+    lines += ["", "## Use", "", usage(kind, base, out, prompt, family, repo_id, opts.pretrained_vae_model_name_or_path,
+                                      subfolder), ""]
     return "\n".join(lines)

@@ -21,10 +21,11 @@ from sketch2real.metrics import mean_ci95, verdict
 from sketch2real.shards import sample_refs
 from sketch2real.sketchy import category_words
 from sketch2real.training.accelerator import eager_mode, main_process_view
+from sketch2real.training.callbacks import Callback, ModelCard, default_callbacks
 from sketch2real.training.checkpoints import check_resume, list_checkpoints, options_fingerprint
 from sketch2real.training.data import load_shard_images
 from sketch2real.training.dreambooth import DreamBoothOptions, DreamBoothTask
-from sketch2real.training.hub import push_output
+from sketch2real.training.hub import hub_repo_id, push_output
 from sketch2real.training.loop import train
 from sketch2real.training.model_card import CARD, front_matter
 from sketch2real.training.preemption import PREEMPTED_EXIT_CODE, clear_preempted, mark_preempted
@@ -137,6 +138,16 @@ def stage_options(opts: SequentialOptions, index: int, category: str, previous: 
         # a tracker run per stage (one project name held every stage at the same steps), a name wandb takes (no "/")
         tracker_project_name=f"{opts.tracker_project_name or 'dreambooth_sequential'}-{stage_dir('', index, category).name}",
     )
+
+
+def stage_callbacks(opts: SequentialOptions, folder: Path) -> list[Callback]:
+    """A stage's callbacks: the trainer's, its card loading from the run's hub repository where the run pushes (the
+    stage itself pushes nothing: its card's lines read its local folder otherwise)."""
+    callbacks = default_callbacks()
+    if opts.push_to_hub:
+        callbacks = [ModelCard(pushed_as=(hub_repo_id(opts), folder.name)) if isinstance(c, ModelCard) else c
+                     for c in callbacks]
+    return callbacks
 
 
 def reset_accelerator(accelerator) -> None:
@@ -281,7 +292,7 @@ def run_sequential(opts: SequentialOptions, accelerator) -> int:
         task = DreamBoothTask(stage_opts, accelerator)
         if missing and not index:
             _measure_base(task, accelerator, opts, out, missing, heldout_latents_of)
-        status = train(task, task.opts, accelerator, f"dreambooth_sequential/{category}")
+        status = train(task, task.opts, accelerator, f"dreambooth_sequential/{category}", stage_callbacks(opts, folder))
         if status == PREEMPTED_EXIT_CODE:  # slurm/common.sh looks for PREEMPTED in the job's --output_dir
             mark_preempted(accelerator, out, f"stage {index + 1} ({category}) checkpointed")
         if status != 0:
