@@ -58,9 +58,9 @@ def main() -> int:
             print(f"KID({d['a']}) - KID({d['b']}) x10^3: {1e3 * d['kid_difference']:+.2f} [{1e3 * low:+.2f}, {1e3 * high:+.2f}] "
                   f"{d['verdict']}")
         for d in report.get("style_differences", []):
-            low, high = d["sketchiness_difference_ci95"] or (float("nan"), float("nan"))
-            print(f"sketchiness({d['a']}) - sketchiness({d['b']}): {d['sketchiness_difference']:+.3f} [{low:+.3f}, "
-                  f"{high:+.3f}] {d.get('verdict', '(no interval)')}")
+            ci = d["sketchiness_difference_ci95"]
+            print(f"sketchiness({d['a']}) - sketchiness({d['b']}): {d['sketchiness_difference']:+.3f} "
+                  + (f"[{ci[0]:+.3f}, {ci[1]:+.3f}] {d['verdict']}" if ci else "(no interval)"))
         print(f"report: {opts.output_dir}/report.md")
     return 0
 

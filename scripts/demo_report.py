@@ -41,7 +41,8 @@ def _sketchiness_difference(metrics: dict, trained: str, base: str) -> tuple[flo
 def _cell(row: dict, key: str) -> str:
     """`value [low, high]`, or the value alone where no interval is honest (CSD against few reference images)."""
     interval = row.get(f"{key}_ci95")
-    return f"{row[key]:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else f"{row[key]:.3f}"
+    given = interval and interval[0] is not None and interval[0] == interval[0]  # not null or nan: one to be had
+    return f"{row[key]:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]" if given else f"{row[key]:.3f}"
 
 
 def main() -> None:

@@ -388,7 +388,7 @@ def bar_chart(report: dict, out_file: Path) -> None:
 METRICS = ("fid", "kid", "fd_dinov2", "cmmd", "prdc", "clip_score", "clip_accuracy", "csd", "sketchiness")
 STYLE_METRICS = {"csd", "sketchiness"}
 STYLE_CHART = "style_content.png"
-NO_PROMPTS = ("its images name no prompt (an index.jsonl from infer/generate.py does: name the run folder or its "
+NO_PROMPTS = ("its images name no prompt, or only empty ones (unconditional images: nothing to score; an index.jsonl from infer/generate.py does: name the run folder or its "
               "images/)")
 
 
@@ -526,11 +526,10 @@ def extra_scores(metrics: set[str], features: dict, ref_features: dict, categori
 
 
 def photo_clusters(images: ImageSet) -> np.ndarray:
-    """Each image's photo (of the sample it names; else its generation item; else itself): a photo's sketches, and
-    an item's several images, are not independent observations."""
-    items = images.items or [""] * len(images)
-    return np.asarray([photo_key(key) if key else (f"item:{item}" if item else f"#{i}")
-                       for i, (key, item) in enumerate(zip(images.sample_keys, items))], dtype=object)
+    """Each image's photo (of the sample it names, else itself): a photo's sketches, and the several images of one
+    sample, are not independent observations. Images of a prompt (`--prompts`) are, given the prompts: each draws
+    its own seed (clustered by prompt, one prompt's images were one cluster, and no interval)."""
+    return np.asarray([photo_key(key) if key else f"#{i}" for i, key in enumerate(images.sample_keys)], dtype=object)
 
 
 def sketchiness_values(features: dict, style: Style) -> tuple[np.ndarray, np.ndarray | None]:

@@ -37,7 +37,6 @@ class ImageSet:
     sample_keys: list[str]
     prompts: list[str] | None = None  # the prompt of each generated image (from index.jsonl)
     path: str = ""  # the resolved folder or shard directory, recorded in metrics.json and report.md
-    items: list[str] | None = None  # the generation item each image shows (index.jsonl's key, less a `/<i>` suffix)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -86,17 +85,15 @@ def folder_set(folder: str, name: str | None = None) -> ImageSet:
         categories = [r.get("category", "") for r in rows]
         keys = [r.get("sample_key", "") for r in rows]
         prompts = [r.get("prompt", "") for r in rows]  # "" where none (a captioner's empty caption: unconditional)
-        # the item each image shows: several images of one prompt are keyed <item>/<i> (generation.expand)
-        items = [r["key"].rsplit("/", 1)[0] if "image_index" in r else r["key"] for r in rows]
     else:
-        prompts = items = None
+        prompts = None
         paths = image_files(root, recursive=True)
         categories = [str(p.parent.relative_to(root)) if p.parent != root else "" for p in paths]
         keys = [""] * len(paths)
     if not paths:
         raise UserError(f"no images in {folder}")
     return ImageSet(name or folder_name(root), paths, [str(p.relative_to(root)) for p in paths], categories, keys, prompts,
-                    str(root.resolve()), items)
+                    str(root.resolve()))
 
 
 def drawn_samples(reference: ImageSet, count: int, seed: int) -> set[str]:
@@ -139,7 +136,7 @@ def of_categories(images: ImageSet, categories: Sequence[str]) -> ImageSet:
 def _rows_of(images: ImageSet, rows: list[int]) -> ImageSet:
     pick = lambda values: None if values is None else [values[i] for i in rows]  # noqa: E731
     return ImageSet(images.name, pick(images.sources), pick(images.ids), pick(images.categories), pick(images.sample_keys),
-                    pick(images.prompts), images.path, pick(images.items))
+                    pick(images.prompts), images.path)
 
 
 def shard_set(shard_dir: str, split: str, field: str, categories: Sequence[str] | None = None) -> ImageSet:

@@ -332,3 +332,22 @@ def test_each_category_s_held_out_images_are_encoded_once_for_every_stage_that_m
     fresh = heldout_denoising_losses(task.predictor(None), objective, heldout_latents(c.vae, images, opts.seed),
                                      [""] * len(images), opts.seed)
     assert second["apple"] == fresh.tolist()
+
+
+def test_a_rerun_that_pushes_says_which_finished_stages_cards_load_their_local_folder(tiny_models, shard_dir, tmp_path):
+    """The README's way on clusters without network: train without --push_to_hub, push later. A stage finished by the
+    earlier run keeps its card (its lines load the local folder it trained in); the pushing run says so, by name."""
+    out = tmp_path / "seq"
+    common = ["--pretrained_model_name_or_path", tiny_models.sd, "--shard_dir", shard_dir, "--resolution", "64",
+              "--validation_steps", "0", "--checkpointing_steps", "0", "--report_to", "none", "--num_heldout_samples",
+              "2", "--lora_rank", "4", "--output_dir", out, "--stages", "cat", "--steps_per_stage", "2",
+              "--instance_prompt", "a {category} in the style of sks"]
+    run_script("train/dreambooth_sequential.py", *common)
+    hub = FakeHub(tmp_path / "hub")
+    try:
+        proc = run_script("train/dreambooth_sequential.py", *common, "--push_to_hub", "--hub_model_id", "lab/forgetting",
+                          env=hub.env())
+    finally:
+        hub.close()
+    assert hub.commits == [{"repo": "lab/forgetting", "message": "End of training: 1 stages"}]
+    assert "the cards of stage-01-cat (finished by a run without --push_to_hub) load their stage from its local" in proc.stderr

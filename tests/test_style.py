@@ -351,11 +351,12 @@ def test_clip_accuracy_scores_the_images_that_name_a_category_and_none_of_a_flat
     assert some["clip_accuracy"] == 1.0 and "clip_accuracy_reason" not in some
 
 
-def test_clip_score_reads_the_images_that_name_a_prompt_and_an_item_s_images_are_one_cluster(tmp_path, monkeypatch):
+def test_clip_score_reads_the_images_that_name_a_prompt_and_a_prompt_s_images_are_independent(tmp_path, monkeypatch):
     """infer/generate.py writes "" as the prompt of an unconditional image (a captioner's empty caption): CLIP score
     scores the images that name one (none would be "its images name no prompt"; all, against the empty prompt, a
-    number where there is none). An item's several images (`<key>/<i>`, --num_images_per_prompt) are one cluster of
-    the style intervals, as a photo's sketches are."""
+    number where there is none). The several images of one `--prompts` prompt (`<key>/<i>`, each its own seed) are
+    independent draws given the prompt: clustered together, one prompt's images had no sketchiness interval at all;
+    images of one Sketchy photo are one cluster."""
     import sketch2real.evaluation as evaluation
     from sketch2real.metrics import folder_set
 
@@ -366,7 +367,9 @@ def test_clip_score_reads_the_images_that_name_a_prompt_and_an_item_s_images_are
         rows.append({"key": key, "image": f"{i}.png", "category": "cat", "prompt": prompt, **extra})
     (tmp_path / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     images = folder_set(str(tmp_path))
-    assert list(evaluation.photo_clusters(images)) == ["item:p0", "item:p0", "item:p1", "dog/n1"]
+    clusters = evaluation.photo_clusters(images)
+    assert list(clusters) == ["#0", "#1", "#2", "dog/n1"]
+    assert not np.isnan(evaluation.mean_ci95([0.9, 0.8], clusters[:2])).any()
     scored = []
     monkeypatch.setattr(evaluation, "clip_scores", lambda sources, prompts, *rest: scored.append(prompts) or np.ones(2))
     opts = evaluation.EvalOptions(generated=[str(tmp_path)], reference_dir=str(tmp_path), output_dir=str(tmp_path / "o"),

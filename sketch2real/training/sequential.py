@@ -150,6 +150,17 @@ def stage_callbacks(opts: SequentialOptions, folder: Path) -> list[Callback]:
     return callbacks
 
 
+def _warn_of_local_stage_cards(opts: SequentialOptions, folders: list[Path]) -> None:
+    """Stages an earlier run without --push_to_hub finished wrote cards whose lines load their local folder (a card
+    is written by the run that trains its stage): said before they are pushed, not rewritten."""
+    repo_id = hub_repo_id(opts)
+    local = [f.name for f in folders if (f / CARD).is_file() and repo_id not in (f / CARD).read_text()]
+    if local:
+        logger.warning("the cards of %s (finished by a run without --push_to_hub) load their stage from its local "
+                       "folder, not from %s: their Use lines need the repository's folder instead", ", ".join(local),
+                       repo_id)
+
+
 def reset_accelerator(accelerator) -> None:
     """Forget the previous stage's prepared objects so that the next stage prepares and checkpoints only its own."""
     accelerator.free_memory()
@@ -327,5 +338,7 @@ def run_sequential(opts: SequentialOptions, accelerator) -> int:
         print(format_table(report), end="")
         print(f"sequential report: {out / 'sequential_report.md'}")
     if opts.push_to_hub:
+        if accelerator.is_main_process:
+            _warn_of_local_stage_cards(opts, [stage_dir(opts.output_dir, i, c) for i, c in enumerate(stages)])
         push_output(accelerator, opts, out, f"End of training: {len(stages)} stages")
     return 0
