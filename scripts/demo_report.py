@@ -16,26 +16,18 @@ def _load(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _difference(metrics: dict, trained: str, base: str) -> tuple[float, list[float], str]:
-    """KID(trained) - KID(base), its interval and its job's verdict (Holm's over the job's table), whichever order the
-    job listed the pair in."""
-    for d in metrics["differences"]:
-        if {d["a"], d["b"]} == {trained, base}:
-            sign = 1 if d["a"] == trained else -1
-            low, high = sorted(sign * v for v in d["kid_difference_ci95"])
-            return sign * d["kid_difference"], [low, high], d["verdict"]
-    raise SystemExit(f"no {trained} vs {base} comparison in the metrics")
+DIFFERENCES = {"kid": "differences", "sketchiness": "style_differences"}  # each measure's table in metrics.json
 
 
-def _sketchiness_difference(metrics: dict, trained: str, base: str) -> tuple[float, list[float], str]:
-    """sketchiness(trained) - sketchiness(base) over the items both show, its interval and its job's verdict (Holm's
-    over the job's style table), whichever order the job listed the pair in."""
-    for d in metrics["style_differences"]:
+def _difference(metrics: dict, trained: str, base: str, measure: str = "kid") -> tuple[float, list[float], str]:
+    """measure(trained) - measure(base) (KID, or sketchiness over the items both show), its interval and its job's
+    verdict (Holm's over the job's table), whichever order the job listed the pair in."""
+    for d in metrics[DIFFERENCES[measure]]:
         if {d["a"], d["b"]} == {trained, base}:
             sign = 1 if d["a"] == trained else -1
-            low, high = sorted(sign * v for v in d["sketchiness_difference_ci95"])
-            return sign * d["sketchiness_difference"], [low, high], d["verdict"]
-    raise SystemExit(f"no {trained} vs {base} style comparison in the metrics")
+            low, high = sorted(sign * v for v in d[f"{measure}_difference_ci95"])
+            return sign * d[f"{measure}_difference"], [low, high], d["verdict"]
+    raise SystemExit(f"no {trained} vs {base} {measure} comparison in the metrics")
 
 
 def _cell(row: dict, key: str) -> str:
@@ -87,7 +79,7 @@ def main() -> None:
     for name, folder, what in (("dreambooth", "eval_dreambooth", "DreamBooth 'a cat in the style of sks' vs base 'a cat'"),
                                ("textual_inversion", "eval_textual_inversion", "Textual Inversion vs base"),
                                ("style_lora", "eval_textual_inversion", "style LoRA (EMA) vs base")):
-        value, (low, high), says = _sketchiness_difference(_load(out / folder / "metrics.json"), name, "base")
+        value, (low, high), says = _difference(_load(out / folder / "metrics.json"), name, "base", "sketchiness")
         lines.append(f"| {what}: more sketch-like | sketchiness(trained) − sketchiness(base), paired over the items "
                      f"| {value:+.3f} [{low:+.3f}, {high:+.3f}] | {says} |")
     sequential = _load(out / "dreambooth_sequential" / "sequential_report.json")

@@ -433,6 +433,11 @@ def cubic_kernel_row_sums(x: np.ndarray, y: np.ndarray, skip_diagonal: bool = Fa
     return kernel_row_sums(x, y, cubic_kernel, skip_diagonal, block)
 
 
+def jackknife_variance(left_out: np.ndarray) -> float:
+    """The jackknife variance of a statistic from its values with each item left out in turn: (n-1)/n Σ(θ_i − θ̄)²."""
+    return float((len(left_out) - 1) / len(left_out) * np.sum((left_out - left_out.mean()) ** 2))
+
+
 @dataclass
 class LeaveOneOut:
     """A statistic on whole sets and its values with each image of each set left out in turn (the jackknife)."""
@@ -442,7 +447,7 @@ class LeaveOneOut:
 
     def standard_error(self) -> float:
         """The jackknife standard error over all sets (Efron & Stein: each set's delete-one variances add up)."""
-        variance = sum((len(v) - 1) / len(v) * ((v - v.mean()) ** 2).sum() for v in self.left_out)
+        variance = sum(jackknife_variance(v) for v in self.left_out)
         return float(np.sqrt(variance))
 
 
@@ -716,17 +721,13 @@ def _direction_lengths(unit_rows: np.ndarray) -> tuple[float, np.ndarray]:
     return float(pairs / (m * (m - 1))), without
 
 
-def _jackknife_variance(values: np.ndarray) -> float:
-    return float((len(values) - 1) / len(values) * np.sum((values - values.mean()) ** 2))
-
-
 def _direction_determined(squared: float, without: np.ndarray) -> bool:
     """Whether the reference's mean direction is known: |E x| positive, and its jackknife standard error under
     `CSD_DIRECTION_RSE` of it (a style spread wide in many dimensions needs many images: 50 or more at 64 dims)."""
     if squared <= 0 or (without <= 0).any():
         return False
     lengths = np.sqrt(without)
-    return bool(np.sqrt(_jackknife_variance(lengths)) < CSD_DIRECTION_RSE * np.sqrt(squared))
+    return bool(np.sqrt(jackknife_variance(lengths)) < CSD_DIRECTION_RSE * np.sqrt(squared))
 
 
 def csd_estimate(generated: np.ndarray, reference: np.ndarray) -> dict:
@@ -753,13 +754,13 @@ def csd_estimate(generated: np.ndarray, reference: np.ndarray) -> dict:
     value = float(np.clip(g_mean @ total / m / np.sqrt(squared), -1.0, 1.0))  # a cosine's expectation
     per_image = g @ total / m / np.sqrt(squared)  # the statistic is their mean: its jackknife is their spread
     reference_left_out = ((total[None] - r) @ g_mean / (m - 1)) / np.sqrt(without)
-    var_generated, var_reference = per_image.var(ddof=1) / n, _jackknife_variance(reference_left_out)
+    var_generated, var_reference = per_image.var(ddof=1) / n, jackknife_variance(reference_left_out)
     variance = var_generated + var_reference
     if variance <= 0:
         return {"csd": value, "csd_ci95": [min(max(value, -1.0), 1.0)] * 2}
     df = variance ** 2 / (var_generated ** 2 / (n - 1) + var_reference ** 2 / (m - 1))
     half = t.ppf(0.975, df) * np.sqrt(variance)
-    return {"csd": value, "csd_ci95": [float(min(max(value - half, -1.0), 1.0)), float(min(max(value + half, -1.0), 1.0))]}
+    return {"csd": value, "csd_ci95": [float(v) for v in np.clip([value - half, value + half], -1.0, 1.0)]}
 
 
 def csd_of_reference(reference: np.ndarray) -> dict:
@@ -779,7 +780,7 @@ def csd_of_reference(reference: np.ndarray) -> dict:
                 "csd_ci95_reason": CSD_TOO_FEW if m < CSD_MIN_IMAGES[1] else CSD_UNDETERMINED.format(m=m)}
     from scipy.stats import t
 
-    half = t.ppf(0.975, m - 1) * np.sqrt(_jackknife_variance(np.sqrt(without)))
+    half = t.ppf(0.975, m - 1) * np.sqrt(jackknife_variance(np.sqrt(without)))
     return {"csd": value, "csd_ci95": [float(max(value - half, -1.0)), float(min(value + half, 1.0))]}
 
 
