@@ -94,7 +94,6 @@ def usage(kind: str, base: str, out: Path, prompt: str, family: Family, repo_id:
     with_vae = ", vae=vae" if vae and kind != "pipeline" else ""
     imports, code = ["DiffusionPipeline"], [f"pipe = DiffusionPipeline.from_pretrained({base!r}{with_vae})"]
     if kind == "pipeline" and in_folder:  # a pipeline loads from no subfolder of a repository: its files, then them
-        imports_hub = ["from huggingface_hub import snapshot_download"]
         code = [f"folder = snapshot_download({repo_id!r}, allow_patterns=[{subfolder + '/*'!r}])",
                 f"pipe = DiffusionPipeline.from_pretrained(f'{{folder}}/{subfolder}')"]
     elif kind == "pipeline":
@@ -137,7 +136,7 @@ def usage(kind: str, base: str, out: Path, prompt: str, family: Family, repo_id:
         header += embeds_imports
         header += ["from huggingface_hub import hf_hub_download"] if repo_id else []
     if kind == "pipeline" and in_folder:
-        header += imports_hub
+        header += ["from huggingface_hub import snapshot_download"]
     return "\n".join([*lines, "", "```python", *header, "", *code, "```"])
 
 
